@@ -1,0 +1,3 @@
+from ctsd.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""The `ctsd` command: `serve`, the offline tools, and the bus client commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import msgspec
+
+from ctsd import __version__
+from ctsd.config import resolve_data_dir
+
+LOG_FORMATS = click.Choice(["json", "console"])
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ctsd")
+def main() -> None:
+    """ctsd: exchange connections, their state and the trading app's settings as JSON files,
+    watched and broadcast over a websocket bus."""
+
+
+@main.command()
+@click.option("--data-dir", help="data directory [env CTSD_DATA_DIR, DATA_DIR, DATA_PATH; ./data]")
+@click.option("--host", help="bind address [env CTSD_HOST; settings server.host; 127.0.0.1]")
+@click.option("--port", type=click.IntRange(0, 65535), help="port [env CTSD_PORT; 3587]")
+@click.option(
+    "--log-format", type=LOG_FORMATS, envvar="CTSD_LOG_FORMAT", help="console on a TTY, else json"
+)
+@click.option(
+    "--log-level", type=LOG_LEVELS, envvar="CTSD_LOG_LEVEL", default="info", show_default=True
+)
+def serve(
+    data_dir: str | None, host: str | None, port: int | None, log_format: str | None, log_level: str
+) -> None:
+    """Run the daemon in the foreground (systemd runs it this way)."""
+    from ctsd import app, logs
+
+    logs.setup(log_format, log_level)
+    sys.exit(app.serve(resolve_data_dir(data_dir), host, port))
+
+
+@main.command()
+@click.option("--data-dir", help="data directory to check [default: as for serve]")
+def verify(data_dir: str | None) -> None:
+    """Check every data file offline; print each problem as file:line:column: message."""
+    from ctsd.verify import verify_dir
+
+    directory = resolve_data_dir(data_dir)
+    checked, problems = verify_dir(directory)
+    for problem in problems:
+        click.echo(
+            f"{directory}/{problem.format()}"
+            if problem.file != str(directory)
+            else problem.format()
+        )
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {len(checked)} file(s)", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {len(checked)} file(s) valid in {directory}")
+
+
+@main.command()
+@click.argument("name", required=False)
+def schema(name: str | None) -> None:
+    """Print the JSON Schema of a data file (NAME: connections, settings, ...)."""
+    from ctsd import schema as schemas
+
+    if name is None:
+        click.echo("\n".join(schemas.schema_names()))
+        return
+    try:
+        out = schemas.schema(name)
+    except KeyError:
+        raise click.UsageError(
+            f"no schema {name!r}; one of: {', '.join(schemas.schema_names())}"
+        ) from None
+    click.echo(msgspec.json.format(msgspec.json.encode(out), indent=2).decode())
+
+
+# Client commands (status, conn, watch, export, import, reset) live in ctsd.client.
+try:
+    from ctsd.client import register as _register_client
+
+    _register_client(main)
+except ImportError:  # pragma: no cover - until the client module exists
+    pass

@@ -1,0 +1,54 @@
+"""Where each setting comes from: flag > environment > settings.json > default (CONTRACT §1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctsd.models import Settings
+
+
+def env_data_dir() -> str | None:
+    for name in ("CTSD_DATA_DIR", "DATA_DIR", "DATA_PATH"):
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def resolve_data_dir(flag: str | None) -> Path:
+    return Path(flag or env_data_dir() or "./data").expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+
+def resolve_listen(host_flag: str | None, port_flag: int | None, settings: Settings) -> Listen:
+    host = host_flag or os.environ.get("CTSD_HOST") or settings.server.host
+    port_env = os.environ.get("CTSD_PORT")
+    if port_flag is not None:
+        port = port_flag
+    elif port_env:
+        try:
+            port = int(port_env)
+        except ValueError:
+            raise ValueError(f"CTSD_PORT must be a port number, not {port_env!r}") from None
+    else:
+        port = settings.server.port
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return Listen(host, port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,229 @@
+"""Precise errors for a bad data file: file:line:column, JSON path, and a did-you-mean.
+
+msgspec reports a JSON path (`$[2].is_enabeld`) but no source position, and stdlib `json`
+reports positions only for syntax errors. No maintained library maps a JSON path back to a
+line and column, so `locate()` does it with a small scanner. It runs only when a file is
+already known to be bad, so it is written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from json.decoder import scanstring
+from typing import Any
+
+import msgspec
+
+_WS = " \t\r\n"
+_PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
+_MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
+_UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
+_BYTE = re.compile(r"\(byte (\d+)\)")
+
+
+class FileProblem(msgspec.Struct, frozen=True):
+    """Why a file is invalid, and exactly where."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def format(self) -> str:
+        where = (
+            f" (at {self.path})"
+            if f"`{self.path}`" not in self.message and self.path != "$"
+            else ""
+        )
+        return f"{self.file}:{self.line}:{self.column}: {self.message}{where}"
+
+
+def parse_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for m in _PATH_PART.finditer(path.removeprefix("$")):
+        if m.group(1) is not None:
+            parts.append(int(m.group(1)))
+        else:
+            parts.append(m.group(2) if m.group(2) is not None else m.group(3))
+    return parts
+
+
+def format_path(parts: list[str | int]) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def line_col(text: str, offset: int) -> tuple[int, int]:
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _skip_value(text: str, i: int) -> int:
+    i = _skip_ws(text, i)
+    if i >= len(text):
+        return i
+    c = text[i]
+    if c == '"':
+        return scanstring(text, i + 1)[1]
+    if c in "[{":
+        depth = 0
+        while i < len(text):
+            c = text[i]
+            if c == '"':
+                i = scanstring(text, i + 1)[1]
+                continue
+            if c in "[{":
+                depth += 1
+            elif c in "]}":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return i
+    while i < len(text) and text[i] not in ",]}" + _WS:
+        i += 1
+    return i
+
+
+def _find_key(text: str, i: int, name: str) -> tuple[int, int] | None:
+    """In the object starting at `i`: (offset of the key, offset of its value), or None."""
+    i = _skip_ws(text, i + 1)
+    while i < len(text) and text[i] == '"':
+        key_start = i
+        key, i = scanstring(text, i + 1)
+        i = _skip_ws(text, _skip_ws(text, i) + 1)  # past ':'
+        if key == name:
+            return key_start, i
+        i = _skip_ws(text, _skip_value(text, i))
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+    return None
+
+
+def locate(text: str, parts: list[str | int], *, key: str | None = None) -> int:
+    """Offset of the value at `parts` (or of `key` inside it); best effort on odd input."""
+    i = _skip_ws(text, 0)
+    try:
+        for part in parts:
+            if i >= len(text):
+                return i
+            if isinstance(part, int) and text[i] == "[":
+                i = _skip_ws(text, i + 1)
+                for _ in range(part):
+                    i = _skip_ws(text, _skip_value(text, i))
+                    if i < len(text) and text[i] == ",":
+                        i = _skip_ws(text, i + 1)
+            elif isinstance(part, str) and text[i] == "{":
+                found = _find_key(text, i, part)
+                if found is None:
+                    return i
+                i = found[1]
+            else:
+                return i
+        if key is not None and i < len(text) and text[i] == "{":
+            found = _find_key(text, i, key)
+            if found is not None:
+                return found[0]
+    except (ValueError, IndexError):
+        pass
+    return i
+
+
+def nearest(word: str, choices: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
+    """The field names of the Struct at `parts` of type `root`, for did-you-mean."""
+    info = msgspec.inspect.type_info(root)
+    for part in [*parts, None]:
+        while isinstance(info, msgspec.inspect.UnionType):
+            info = next(
+                (t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)), info
+            )
+            if isinstance(info, msgspec.inspect.UnionType):
+                break
+        if part is None:
+            break
+        if isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        elif isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        elif isinstance(info, msgspec.inspect.StructType):
+            match = [f for f in info.fields if f.encode_name == part]
+            if not match:
+                return []
+            info = match[0].type
+        else:
+            return []
+    if isinstance(info, msgspec.inspect.StructType):
+        return [f.encode_name for f in info.fields]
+    return []
+
+
+def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
+    """A problem for bytes that are not UTF-8 JSON, else None."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = line_col(raw[: e.start].decode("utf-8", "replace"), e.start)
+        return FileProblem(file, line, col, "$", f"not UTF-8: {e.reason}")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = "file is empty" if not text.strip() else f"invalid JSON: {e.msg}"
+        return FileProblem(file, e.lineno, e.colno, "$", msg)
+    except RecursionError:
+        return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
+    return None
+
+
+def from_validation(file: str, raw: bytes, error: str, root: Any) -> FileProblem:
+    """A problem for a msgspec ValidationError message on `raw` decoded as type `root`."""
+    text = raw.decode("utf-8", "replace")
+    m = _MSGSPEC_AT.match(error)
+    msg, path = (m.group("msg"), m.group("path")) if m else (error, "$")
+    parts = parse_path(path)
+    unknown = _UNKNOWN.search(msg)
+    if unknown:
+        key = unknown.group("key")
+        offset = locate(text, parts, key=key)
+        hint = nearest(key, _fields_at(root, parts))
+        msg = f"unknown field `{key}` at `{path}`" + (f"; did you mean `{hint}`?" if hint else "")
+    else:
+        offset = locate(text, parts)
+        msg = msg[0].lower() + msg[1:] if msg else msg
+    line, col = line_col(text, offset)
+    return FileProblem(file, line, col, path, msg)
+
+
+def at_path(file: str, raw: bytes, parts: list[str | int], message: str) -> FileProblem:
+    """A problem found by the daemon's own checks (duplicate id, dangling reference...)."""
+    text = raw.decode("utf-8", "replace")
+    line, col = line_col(text, locate(text, parts))
+    return FileProblem(file, line, col, format_path(parts), message)
+
+
+def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
+    found = syntax_problem(file, raw)
+    if found is not None:
+        return found
+    byte = _BYTE.search(error)
+    text = raw.decode("utf-8", "replace")
+    line, col = line_col(
+        text, len(raw[: int(byte.group(1))].decode("utf-8", "replace")) if byte else 0
+    )
+    return FileProblem(file, line, col, "$", error)

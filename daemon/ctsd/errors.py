@@ -1,0 +1,52 @@
+"""The one error type every input path raises, with the codes of CONTRACT §4."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+ErrorCode = Literal[
+    "invalid_format",
+    "invalid",
+    "not_found",
+    "conflict",
+    "file_invalid",
+    "id_reuse",
+    "unknown_command",
+    "unauthorized",
+    "rate_limited",
+    "too_large",
+    "revision_compacted",
+    "io_error",
+    "internal",
+]
+
+
+class CtsdError(Exception):
+    """A refusal with a stable code, a human message and, where it applies, a JSON path.
+
+    Messages never quote the value of a secret field (see `redact.SECRET_FIELDS`).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        path: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.path = path
+        self.extra = extra or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.path is not None:
+            out["path"] = self.path
+        out.update(self.extra)
+        return out
+
+    def __repr__(self) -> str:
+        return f"CtsdError({self.code!r}, {self.message!r}, path={self.path!r})"

@@ -1,0 +1,239 @@
+"""The data files: names, defaults, and how each is decoded, validated and encoded.
+
+Tables (`connections.json`, `connection-state.json`, the sync log) are arrays of typed records,
+encoded record by record so that a change re-encodes only the records it touched. Documents
+are JSON objects kept exactly as written (key order and unknown keys), validated against
+the typed view of the keys the daemon reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ctsd import diagnose
+from ctsd.diagnose import FileProblem
+from ctsd.models import (
+    Algorithm,
+    Connection,
+    ConnectionDoc,
+    ConnectionState,
+    InstancesDoc,
+    Settings,
+    SyncEvent,
+)
+
+CONNECTIONS = "connections.json"
+STATE = "connection-state.json"
+SYNC_LOG = "connection-sync-log.json"
+SETTINGS = "settings.json"
+ALGORITHMS_DIR = "algorithms"
+MAX_FILE_BYTES = 64 * 1024 * 1024  # far above 10,000 connections (~10 MB)
+
+# Document name (as on the bus) → file, and the typed view it must satisfy.
+DOCUMENTS: dict[str, tuple[str, Any]] = {
+    "settings": (SETTINGS, Settings),
+    "main-indications": ("main-indications.json", dict[str, Any]),
+    "common-indications": ("common-indications.json", dict[str, Any]),
+    "connection": ("connection.json", ConnectionDoc),
+    "instances": ("instances.json", InstancesDoc),
+    "ui-config": ("ui-config.json", dict[str, Any]),
+    "user-settings": ("user-settings.json", dict[str, Any]),
+    "watchlists": ("watchlists.json", dict[str, Any]),
+}
+TABLES: dict[str, Any] = {
+    CONNECTIONS: Connection,
+    STATE: ConnectionState,
+    SYNC_LOG: SyncEvent,
+}
+_ALGO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}$")
+
+
+def default_document(name: str) -> dict[str, Any]:
+    if name == "connection":
+        return msgspec.to_builtins(ConnectionDoc())
+    if name == "instances":
+        return {"instances": [], "lastSaved": None}
+    return {}
+
+
+def algorithm_name_ok(name: str) -> bool:
+    return bool(_ALGO_NAME.match(name)) and ".." not in name
+
+
+def document_file(name: str) -> str:
+    """The file of a document name; raises KeyError for an unknown name."""
+    if name.startswith(f"{ALGORITHMS_DIR}/"):
+        algo = name.split("/", 1)[1]
+        if not algorithm_name_ok(algo):
+            raise KeyError(name)
+        return f"{ALGORITHMS_DIR}/{algo}.json"
+    return DOCUMENTS[name][0]
+
+
+def document_type(name: str) -> Any:
+    return Algorithm if name.startswith(f"{ALGORITHMS_DIR}/") else DOCUMENTS[name][1]
+
+
+def document_name(file: str) -> str | None:
+    """The document name of a file, or None for tables and non-data files."""
+    for name, (f, _) in DOCUMENTS.items():
+        if f == file:
+            return name
+    if file.startswith(f"{ALGORITHMS_DIR}/") and file.endswith(".json"):
+        algo = file[len(ALGORITHMS_DIR) + 1 : -5]
+        return f"{ALGORITHMS_DIR}/{algo}" if algorithm_name_ok(algo) else None
+    return None
+
+
+def is_data_file(file: str) -> bool:
+    return file in TABLES or document_name(file) is not None
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_record(record: msgspec.Struct) -> bytes:
+    """One array element, indented as it sits inside the file's top-level array."""
+    body = msgspec.json.format(_encoder.encode(record), indent=2)
+    return b"  " + body.replace(b"\n", b"\n  ")
+
+
+def table_chunks(fragments: Iterable[bytes]) -> list[bytes]:
+    """The file body for encoded records, as chunks (no join of a 10 MB file on the loop)."""
+    frags = list(fragments)
+    if not frags:
+        return [b"[]\n"]
+    out = [b"[\n"]
+    for frag in frags:
+        out.append(frag)
+        out.append(b",\n")
+    out[-1] = b"\n]\n"
+    return out
+
+
+def encode_document(content: Any) -> bytes:
+    return msgspec.json.format(_encoder.encode(content), indent=2) + b"\n"
+
+
+def encode_table(records: Iterable[msgspec.Struct]) -> bytes:
+    return b"".join(table_chunks(encode_record(r) for r in records))
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invalid(Exception):
+    problem: FileProblem
+
+
+def _too_large(file: str, raw: bytes) -> None:
+    if len(raw) > MAX_FILE_BYTES:
+        raise Invalid(
+            FileProblem(file, 1, 1, "$", f"file is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}")
+        )
+
+
+def decode_table(file: str, raw: bytes) -> list[Any]:
+    """Typed records of a table file; raises Invalid with a precise problem."""
+    _too_large(file, raw)
+    kind = TABLES[file]
+    try:
+        records = msgspec.json.decode(raw, type=list[kind])
+    except msgspec.ValidationError as e:
+        raise Invalid(diagnose.from_validation(file, raw, str(e), list[kind])) from None
+    except msgspec.DecodeError as e:
+        raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
+    key = "id" if kind is not ConnectionState else "connection_id"
+    seen: dict[Any, int] = {}
+    for i, rec in enumerate(records):
+        rid = getattr(rec, key)
+        if rid in seen:
+            raise Invalid(
+                diagnose.at_path(
+                    file, raw, [i, key], f"duplicate {key} {rid!r} (first at $[{seen[rid]}])"
+                )
+            )
+        seen[rid] = i
+        if kind is Connection:
+            problem = connection_settings_problem(rec.connection_settings)
+            if problem:
+                raise Invalid(diagnose.at_path(file, raw, [i, "connection_settings"], problem))
+    if kind is SyncEvent:
+        for i in range(1, len(records)):
+            if records[i].id <= records[i - 1].id:
+                raise Invalid(
+                    diagnose.at_path(file, raw, [i, "id"], "sync-log ids must strictly increase")
+                )
+    return records
+
+
+def connection_settings_problem(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"connection_settings must be a JSON string holding an object: {e.msg}"
+    if not isinstance(value, dict):
+        return "connection_settings must be a JSON string holding an object"
+    if "base_url" in value and not (
+        isinstance(value["base_url"], str) and value["base_url"].startswith(("http://", "https://"))
+    ):
+        return "connection_settings.base_url must be an http:// or https:// URL"
+    return None
+
+
+def validate_document(
+    name: str, content: Any, file: str | None = None, raw: bytes | None = None
+) -> None:
+    """Check a document against its typed view; raises Invalid (positions when `raw` given)."""
+    file = file or document_file(name)
+    raw = raw if raw is not None else encode_document(content)
+    if not isinstance(content, dict):
+        raise Invalid(FileProblem(file, 1, 1, "$", "expected a JSON object"))
+    kind = document_type(name)
+    try:
+        msgspec.convert(content, type=kind, strict=True)
+    except msgspec.ValidationError as e:
+        raise Invalid(diagnose.from_validation(file, raw, str(e), kind)) from None
+
+
+def decode_document(name: str, raw: bytes) -> dict[str, Any]:
+    file = document_file(name)
+    _too_large(file, raw)
+    try:
+        content = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
+    validate_document(name, content, file, raw)
+    return content
+
+
+def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
+    """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid)."""
+    for i, inst in enumerate(instances.get("instances") or []):
+        algo = inst.get("algorithmName")
+        if algo not in algorithms:
+            hint = diagnose.nearest(str(algo), sorted(algorithms))
+            msg = f"algorithmName {algo!r} names no file in algorithms/" + (
+                f"; did you mean {hint!r}?" if hint else ""
+            )
+            raw = raw if raw is not None else encode_document(instances)
+            raise Invalid(diagnose.at_path(file, raw, ["instances", i, "algorithmName"], msg))
+
+
+def decode_file(file: str, raw: bytes) -> Any:
+    """Decode and validate one file's bytes (no cross-file checks); raises Invalid."""
+    if file in TABLES:
+        return decode_table(file, raw)
+    name = document_name(file)
+    if name is None:
+        raise Invalid(FileProblem(file, 1, 1, "$", "not a ctsd data file"))
+    return decode_document(name, raw)

@@ -1,0 +1,72 @@
+"""structlog setup: JSON lines to stdout (journald) or a console renderer on a TTY, plus
+rotated JSON files in DATA/logs/. Every line passes the one redaction processor."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+import structlog
+
+from ctsd import redact
+
+_SHARED: list[structlog.types.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    redact.structlog_processor,
+]
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    renderer: structlog.types.Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        extra: list[structlog.types.Processor] = []
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        extra = [structlog.processors.format_exc_info]
+    return structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *extra,
+            redact.structlog_processor,
+            renderer,
+        ],
+        foreign_pre_chain=_SHARED,
+    )
+
+
+def setup(fmt: str | None = None, level: str = "info") -> None:
+    """Log to stdout; `fmt` None means console on a TTY, else JSON."""
+    fmt = fmt or ("console" if sys.stdout.isatty() else "json")
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    logging.getLogger("websockets").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=True,
+    )
+
+
+def add_file(logs_dir: Path, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+    """Also write JSON lines to DATA/logs/ctsd.log, rotated."""
+    handler = logging.handlers.RotatingFileHandler(
+        logs_dir / "ctsd.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    handler.setFormatter(_formatter("json"))
+    logging.getLogger().addHandler(handler)

@@ -1,0 +1,502 @@
+"""Every kind of change, as an `Op` for `Store.submit`: a function that checks its input,
+applies it to a `Tx` and emits its sync-log events. Ops never touch disk or the network."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+from ctsd import files
+from ctsd.atomic import Stamp
+from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.models import Connection, ConnectionState, TestResult
+from ctsd.redact import SECRET_FIELDS, refuse_placeholders
+from ctsd.store import Op, Tx, mirror_state
+
+READ_ONLY = ("id", "created_at", "updated_at")
+CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
+
+
+def new_connection_id() -> str:
+    return "conn_" + secrets.token_hex(6)
+
+
+def _convert(data: Any, kind: Any, path: str) -> Any:
+    try:
+        return msgspec.convert(data, type=kind, strict=True)
+    except msgspec.ValidationError as e:
+        msg, _, at = str(e).partition(" - at `")
+        sub = at.rstrip("`") if at else "$"
+        raise CtsdError("invalid", _hint(msg, kind), path=path + sub[1:]) from None
+
+
+def _hint(msg: str, kind: Any) -> str:
+    from ctsd import diagnose
+
+    if msg.startswith("Object contains unknown field `") and kind is Connection:
+        key = msg.split("`")[1]
+        near = diagnose.nearest(key, list(CONNECTION_FIELDS))
+        return f"unknown field `{key}`" + (f"; did you mean `{near}`?" if near else "")
+    return msg
+
+
+def _require(tx: Tx, cid: Any, path: str = "$.connection_id") -> Connection:
+    if not isinstance(cid, str):
+        raise CtsdError("invalid", "connection_id must be a string", path=path)
+    conn = tx.connections.get(cid)
+    if conn is None:
+        raise CtsdError("not_found", f"no connection {cid!r}", path=path)
+    return conn
+
+
+def changed_fields(old: msgspec.Struct | None, new: msgspec.Struct | None) -> list[str]:
+    a = msgspec.structs.asdict(old) if old is not None else {}
+    b = msgspec.structs.asdict(new) if new is not None else {}
+    return [k for k in (b or a) if a.get(k) != b.get(k)]
+
+
+def public_values(record: msgspec.Struct, fields: list[str]) -> dict[str, Any]:
+    """The new values of `fields`, secrets left out (`fields` still names them)."""
+    return {k: msgspec.to_builtins(getattr(record, k)) for k in fields if k not in SECRET_FIELDS}
+
+
+def _put_connection(tx: Tx, conn: Connection) -> None:
+    tx.connections.put(conn.id, conn)
+    state = tx.state.get(conn.id)
+    fixed = mirror_state(conn, state, tx.now)
+    if fixed is not state:
+        tx.state.put(conn.id, fixed)
+
+
+def _check_settings(conn: Connection, path: str) -> None:
+    problem = files.connection_settings_problem(conn.connection_settings)
+    if problem:
+        raise CtsdError("invalid", problem, path=f"{path}.connection_settings")
+
+
+# --- connections --------------------------------------------------------------------------
+
+
+def create(data: Any) -> Op:
+    def op(tx: Tx) -> Connection:
+        if not isinstance(data, dict):
+            raise CtsdError("invalid", "connection must be an object", path="$.connection")
+        refuse_placeholders(data, "$.connection")
+        for key in ("created_at", "updated_at"):
+            if key in data:
+                raise CtsdError(
+                    "invalid", f"`{key}` is set by the daemon", path=f"$.connection.{key}"
+                )
+        body = {**data, "created_at": tx.now, "updated_at": tx.now}
+        body.setdefault("id", new_connection_id())
+        conn = _convert(body, Connection, "$.connection")
+        _check_settings(conn, "$.connection")
+        if conn.id in tx.connections:
+            raise CtsdError(
+                "conflict", f"connection {conn.id!r} already exists", path="$.connection.id"
+            )
+        _put_connection(tx, conn)
+        fields = list(CONNECTION_FIELDS)
+        tx.emit("create", conn.id, {"fields": fields, "values": public_values(conn, fields)})
+        return conn
+
+    return op
+
+
+def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
+    if not isinstance(changes, dict):
+        raise CtsdError("invalid", "changes must be an object", path=path)
+    refuse_placeholders(changes, path)
+    for key in READ_ONLY:
+        if key in changes:
+            raise CtsdError("invalid", f"`{key}` cannot be changed", path=f"{path}.{key}")
+    merged = {**msgspec.structs.asdict(conn), **changes}
+    new = _convert(merged, Connection, path)
+    _check_settings(new, path)
+    if changed_fields(conn, new):
+        new = msgspec.structs.replace(new, updated_at=tx.now)
+    return new
+
+
+def _apply_update(tx: Tx, conn: Connection, new: Connection) -> Connection:
+    fields = [f for f in changed_fields(conn, new) if f != "updated_at"]
+    if not fields:
+        return conn
+    _put_connection(tx, new)
+    tx.emit("update", new.id, {"fields": fields, "values": public_values(new, fields)})
+    return new
+
+
+def update(cid: Any, changes: Any) -> Op:
+    def op(tx: Tx) -> Connection:
+        conn = _require(tx, cid)
+        return _apply_update(tx, conn, _updated(tx, conn, changes, "$.changes"))
+
+    return op
+
+
+def batch_update(updates: Any) -> Op:
+    def op(tx: Tx) -> list[Connection]:
+        if not isinstance(updates, list) or not updates:
+            raise CtsdError("invalid", "updates must be a non-empty array", path="$.updates")
+        out = []
+        for i, item in enumerate(updates):
+            path = f"$.updates[{i}]"
+            if not isinstance(item, dict):
+                raise CtsdError("invalid", "each update must be an object", path=path)
+            changes = dict(item)
+            conn = _require(tx, changes.pop("id", None), f"{path}.id")
+            out.append(_apply_update(tx, conn, _updated(tx, conn, changes, path)))
+        return out
+
+    return op
+
+
+def delete(cid: Any) -> Op:
+    def op(tx: Tx) -> dict[str, str]:
+        conn = _require(tx, cid)
+        tx.connections.delete(conn.id)
+        if conn.id in tx.state:
+            tx.state.delete(conn.id)
+        tx.emit("delete", conn.id, {"fields": [], "name": conn.name})
+        return {"deleted": conn.id}
+
+    return op
+
+
+def set_active(cid: Any, active: Any) -> Op:
+    def op(tx: Tx) -> Connection:
+        conn = _require(tx, cid)
+        if not isinstance(active, bool):
+            raise CtsdError("invalid", "active must be true or false", path="$.active")
+        if conn.is_active != active:
+            conn = msgspec.structs.replace(conn, is_active=active, updated_at=tx.now)
+            _put_connection(tx, conn)
+        tx.emit("set_active", conn.id, {"active": active, "timestamp": tx.now})
+        return conn
+
+    return op
+
+
+def set_volume(cid: Any, live: Any = None, preset: Any = None) -> Op:
+    def op(tx: Tx) -> Connection:
+        conn = _require(tx, cid)
+        if live is None and preset is None:
+            raise CtsdError("invalid", "give live, preset or both", path="$")
+        for name, value in (("live", live), ("preset", preset)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            ):
+                raise CtsdError("invalid", f"{name} must be a number > 0", path=f"$.{name}")
+        state = tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
+        state = msgspec.structs.replace(
+            state,
+            volume_factor_live=live if live is not None else state.volume_factor_live,
+            volume_factor_preset=preset if preset is not None else state.volume_factor_preset,
+            updated_at=tx.now,
+        )
+        tx.state.put(conn.id, state)
+        tx.emit(
+            "update_volume",
+            conn.id,
+            {
+                "live": state.volume_factor_live,
+                "preset": state.volume_factor_preset,
+                "timestamp": tx.now,
+            },
+        )
+        return conn
+
+    return op
+
+
+def record_test(cid: str, result: TestResult) -> Op:
+    """A connection test's result; a success counts as a heartbeat and recovers a stale one."""
+
+    def op(tx: Tx) -> TestResult:
+        conn = _require(tx, cid)
+        state = tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
+        changes: dict[str, Any] = {"test_results": result, "updated_at": tx.now}
+        if result.success:
+            changes["last_heartbeat_at"] = result.timestamp
+        recovered = result.success and state.status == "stale"
+        if recovered:
+            changes["status"] = "active"
+        tx.state.put(conn.id, msgspec.structs.replace(state, **changes))
+        tx.emit("test", conn.id, msgspec.to_builtins(result))
+        if recovered:
+            tx.emit("recovered", conn.id, {"reason": "test", "timestamp": tx.now})
+        return result
+
+    return op
+
+
+def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
+    """Sweep transitions: {connection_id: (new status, last heartbeat)} → stale/recovered."""
+
+    def op(tx: Tx) -> int:
+        n = 0
+        for cid, (status, heartbeat) in changes.items():
+            state = tx.state.get(cid)
+            if state is None or state.status == status:
+                continue
+            tx.state.put(
+                cid,
+                msgspec.structs.replace(
+                    state,
+                    status=status,
+                    last_heartbeat_at=heartbeat or state.last_heartbeat_at,
+                    updated_at=tx.now,
+                ),
+            )
+            if status == "stale":
+                tx.emit("stale", cid, {"last_heartbeat_at": heartbeat, "timestamp": tx.now})
+            elif state.status == "stale":
+                tx.emit("recovered", cid, {"reason": "heartbeat", "timestamp": tx.now})
+            n += 1
+        return n
+
+    return op
+
+
+def flush_heartbeats(beats: dict[str, str]) -> Op:
+    """Coalesced heartbeats into connection-state.json: one write, no sync-log entries."""
+
+    def op(tx: Tx) -> int:
+        n = 0
+        for cid, ts in beats.items():
+            state = tx.state.get(cid)
+            if state is not None and state.last_heartbeat_at != ts:
+                tx.state.put(cid, msgspec.structs.replace(state, last_heartbeat_at=ts))
+                n += 1
+        return n
+
+    return op
+
+
+# --- documents ----------------------------------------------------------------------------
+
+
+def check_document(tx: Tx, name: Any, content: Any) -> str:
+    if not isinstance(name, str):
+        raise CtsdError("invalid", "name must be a string", path="$.name")
+    try:
+        file = files.document_file(name)
+    except KeyError:
+        known = ", ".join([*files.DOCUMENTS, "algorithms/NAME"])
+        raise CtsdError(
+            "not_found", f"no document {name!r}; documents: {known}", path="$.name"
+        ) from None
+    if not isinstance(content, dict):
+        raise CtsdError("invalid", "content must be a JSON object", path="$.content")
+    refuse_placeholders(content, "$.content")
+    try:
+        files.validate_document(name, content)
+        if name == "instances":
+            files.check_instance_refs(content, tx.store.algorithm_names(tx.docs), file, None)
+    except Invalid as e:
+        raise CtsdError(
+            "invalid", e.problem.message, path="$.content" + e.problem.path[1:]
+        ) from None
+    return file
+
+
+def set_document(name: Any, content: Any) -> Op:
+    def op(tx: Tx) -> dict[str, Any]:
+        file = check_document(tx, name, content)
+        _put_document(tx, name, file, content)
+        return content
+
+    return op
+
+
+def _put_document(tx: Tx, name: str, file: str, content: dict[str, Any]) -> None:
+    old = tx.docs.get(name) or {}
+    keys = sorted({k for k in {*old, *content} if old.get(k) != content.get(k)})
+    if not keys and name in tx.docs:
+        return
+    tx.docs.put(name, content)
+    tx.emit("document_update", None, {"file": file, "name": name, "keys": keys})
+
+
+# --- hand edits (take a file in as it is on disk) ------------------------------------------
+
+
+def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
+    if file == CONNECTIONS:
+        new = {c.id: c for c in records}
+        for cid, old in list(tx.connections.items()):
+            if cid not in new:
+                tx.connections.delete(cid)
+                if cid in tx.state:
+                    tx.state.delete(cid)
+                tx.emit("delete", cid, {"fields": [], "name": old.name, "file": file})
+        for cid, conn in new.items():
+            old = tx.connections.get(cid)
+            if old is not None and msgspec.structs.asdict(old) == msgspec.structs.asdict(conn):
+                new[cid] = old  # unchanged: keep the object so its encoding is reused
+                continue
+            stamped = msgspec.structs.replace(
+                conn, created_at=conn.created_at or tx.now, updated_at=conn.updated_at or tx.now
+            )
+            new[cid] = stamped
+            state = tx.state.get(cid)
+            fixed = mirror_state(stamped, state, tx.now)
+            if fixed is not state:
+                tx.state.put(cid, fixed)
+            fields = changed_fields(old, stamped) if old else list(CONNECTION_FIELDS)
+            fields = [f for f in fields if f != "updated_at"] or fields
+            tx.emit(
+                "update" if old else "create",
+                cid,
+                {"fields": fields, "values": public_values(stamped, fields), "file": file},
+            )
+        tx.connections.replace(new)
+    elif file == STATE:
+        new_state: dict[str, ConnectionState] = {}
+        for st in records:
+            conn = tx.connections.get(st.connection_id)
+            if conn is None:
+                continue  # state of no connection: ignored, as at start
+            old = tx.state.get(st.connection_id)
+            if old is not None and msgspec.structs.asdict(old) == msgspec.structs.asdict(st):
+                new_state[st.connection_id] = old
+                continue
+            fields = changed_fields(old, st)
+            new_state[st.connection_id] = st
+            tx.emit(
+                "update",
+                st.connection_id,
+                {"fields": fields, "values": public_values(st, fields), "file": file},
+            )
+        for cid, conn in tx.connections.items():
+            if cid not in new_state:
+                new_state[cid] = mirror_state(conn, tx.state.get(cid), tx.now)
+        tx.state.replace(new_state)
+
+
+def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp) -> Op:
+    """The op for a valid hand edit of `file` (already decoded and validated)."""
+
+    def op(tx: Tx) -> None:
+        tx.synced[file] = stamp
+        if file == SYNC_LOG:
+            tx.log_replace = decoded
+            return
+        if file in (CONNECTIONS, STATE):
+            _take_in_table(tx, file, decoded)
+            return
+        name = files.document_name(file)
+        assert name is not None
+        if name == "instances":
+            try:
+                files.check_instance_refs(decoded, tx.store.algorithm_names(tx.docs), file, raw)
+            except Invalid as e:
+                raise CtsdError(
+                    "invalid", e.problem.message, path=e.problem.path, extra={"problem": e.problem}
+                ) from None
+        _put_document(tx, name, file, decoded)
+
+    return op
+
+
+def touch(file: str) -> Op:
+    """Write `file` back from memory (it was deleted by hand)."""
+
+    def op(tx: Tx) -> None:
+        tx.touched.add(file)
+
+    return op
+
+
+# --- whole data set -------------------------------------------------------------------------
+
+
+def import_data(data: Any, mode: Any) -> Op:
+    """`data.import`: the `files` of an export, replacing or merging what is there."""
+
+    def op(tx: Tx) -> dict[str, Any]:
+        if mode not in ("replace", "merge"):
+            raise CtsdError("invalid", 'mode must be "replace" or "merge"', path="$.mode")
+        if not isinstance(data, dict):
+            raise CtsdError("invalid", "data must be an object", path="$.data")
+        content = data.get("files", data)
+        if not isinstance(content, dict):
+            raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
+        refuse_placeholders(content, "$.data.files")
+        imported: list[str] = []
+        for file, value in content.items():
+            path = f"$.data.files.{file}"
+            if file == SYNC_LOG:
+                continue  # history is the daemon's own; an import never rewrites it
+            if file in (CONNECTIONS, STATE):
+                kind = files.TABLES[file]
+                records = _convert(value, list[kind], path)
+                if mode == "merge":
+                    key = "id" if file == CONNECTIONS else "connection_id"
+                    current = {
+                        getattr(r, key): r
+                        for r in (tx.connections if file == CONNECTIONS else tx.state).values()
+                    }
+                    for r in records:
+                        old = current.get(getattr(r, key))
+                        if old is not None and file == CONNECTIONS:
+                            # secrets absent from the import keep their stored values
+                            given = next(v for v in value if v.get("id") == r.id)
+                            keep = {
+                                k: getattr(old, k)
+                                for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
+                                if k not in given
+                            }
+                            r = msgspec.structs.replace(r, **keep)
+                        current[getattr(r, key)] = r
+                    records = list(current.values())
+                seen: set[str] = set()
+                for i, r in enumerate(records):
+                    rid = r.id if file == CONNECTIONS else r.connection_id
+                    if rid in seen:
+                        raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
+                    seen.add(rid)
+                    if file == CONNECTIONS:
+                        _check_settings(r, f"{path}[{i}]")
+                _take_in_table(tx, file, records)
+            else:
+                name = files.document_name(file)
+                if name is None:
+                    raise CtsdError("invalid", f"{file!r} is not a ctsd data file", path=path)
+                doc = (
+                    value
+                    if mode == "replace" or not isinstance(value, dict)
+                    else {**(tx.docs.get(name) or {}), **value}
+                )
+                check_document(tx, name, doc)
+                _put_document(tx, name, files.document_file(name), doc)
+            imported.append(file)
+        tx.emit("import", None, {"mode": mode, "files": imported})
+        return {"imported": imported, "mode": mode}
+
+    return op
+
+
+def reset() -> Op:
+    """`data.reset`: connections and state emptied, documents back to their defaults.
+
+    Algorithm files are the strategy library and are kept; the sync log keeps its history.
+    """
+
+    def op(tx: Tx) -> dict[str, Any]:
+        for cid in list(tx.connections.keys()):
+            tx.connections.delete(cid)
+        for cid in list(tx.state.keys()):
+            tx.state.delete(cid)
+        for name in files.DOCUMENTS:
+            tx.docs.put(name, files.default_document(name))
+        reset_files = [CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())]
+        tx.touched.update(reset_files)
+        tx.emit("reset", None, {"files": reset_files})
+        return {"reset": reset_files}
+
+    return op

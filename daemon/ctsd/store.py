@@ -1,0 +1,627 @@
+"""The store: the one door every change goes through.
+
+    validate → apply (to an overlay) → durable write of the touched files → sync-log events
+    → publish to listeners → answer the caller
+
+Changes arrive as `Op`s (see `ops.py`) from the bus, HTTP, the CLI, the watcher (hand edits),
+the sweeps and the probes. One writer task takes every change queued while the previous
+write was in flight and commits them together (group commit); each caller is answered only
+once its own change is durable. A change that fails validation fails alone; a write that
+fails (disk full, read-only, permissions) fails the group, memory stays as it was and the old
+files are intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from ctsd import files
+from ctsd.atomic import TEMP_PREFIX, ChangedOnDisk, Stamp, ensure_dir, stamp_of, write_files
+from ctsd.diagnose import FileProblem
+from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
+from ctsd.table import Table
+from ctsd.timeutil import now_iso
+
+log = structlog.get_logger("ctsd.store")
+
+Op = Callable[["Tx"], Any]
+EventsListener = Callable[[list[SyncEvent]], None]
+NoticeListener = Callable[[dict[str, Any]], None]
+
+
+class Tx:
+    """One change being applied: overlays on the committed tables plus the events it emits."""
+
+    def __init__(self, store: Store, source: str, parent: Tx | None = None) -> None:
+        self.store = store
+        self.source = source
+        self.now = parent.now if parent else now_iso()
+        self.connections: Table[Connection] = Table(
+            parent.connections if parent else store.connections
+        )
+        self.state: Table[ConnectionState] = Table(parent.state if parent else store.state)
+        self.docs: Table[dict[str, Any]] = Table(parent.docs if parent else store.documents)
+        self.events: list[tuple[str | None, str, dict[str, Any]]] = []
+        self.touched: set[str] = set()  # files to write even without a table change
+        self.synced: dict[str, Stamp | None] = {}  # files whose disk content already is this change
+        self.log_replace: list[SyncEvent] | None = None  # a hand edit of the sync log
+
+    def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
+        self.events.append((connection_id, action, {**data, "source": self.source}))
+
+    def child(self) -> Tx:
+        return Tx(self.store, self.source, self)
+
+    def files(self) -> set[str]:
+        out = set(self.touched)
+        if self.connections.dirty:
+            out.add(CONNECTIONS)
+        if self.state.dirty:
+            out.add(STATE)
+        out.update(files.document_file(name) for name in self.docs.over)
+        if self.events or self.log_replace is not None:
+            out.add(SYNC_LOG)
+        return out
+
+    def merge_into(self, parent: Tx) -> None:
+        self.connections.merge_into(parent.connections)
+        self.state.merge_into(parent.state)
+        self.docs.merge_into(parent.docs)
+        parent.events.extend(self.events)
+        parent.touched |= self.touched
+        parent.synced.update(self.synced)
+        if self.log_replace is not None:
+            parent.log_replace = self.log_replace
+
+
+@dataclass
+class _Pending:
+    op: Op
+    source: str
+    future: asyncio.Future[Any]
+    result: Any = None
+    files: set[str] = field(default_factory=set)
+    events: list[SyncEvent] = field(default_factory=list)
+    first_event: int = 0
+    n_events: int = 0
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.connections: dict[str, Connection] = {}
+        self.state: dict[str, ConnectionState] = {}
+        self.documents: dict[str, dict[str, Any]] = {}
+        self.log: deque[SyncEvent] = deque()
+        self.revision = 0
+        self.settings = Settings()
+        self.problems: dict[str, FileProblem] = {}
+        self.stamps: dict[str, Stamp | None] = {}
+        # Heartbeats live here, in memory at once; a periodic flush writes them (issue 5).
+        self.heartbeats: dict[str, str] = {}
+        self._frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
+        self._log_frags: deque[bytes] = deque()
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.events_listeners: list[EventsListener] = []
+        self.notice_listeners: list[NoticeListener] = []
+        self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
+
+    # --- paths ---------------------------------------------------------------------------
+
+    def path(self, file: str) -> Path:
+        return self.data_dir / file
+
+    def known_files(self) -> list[str]:
+        algos = sorted(
+            f"{files.ALGORITHMS_DIR}/{p.name}"
+            for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json")
+            if files.document_name(f"{files.ALGORITHMS_DIR}/{p.name}")
+        )
+        docs = [f for f, _ in files.DOCUMENTS.values()]
+        # algorithms before documents: instances.json names them
+        return [CONNECTIONS, STATE, SYNC_LOG, *algos, *docs]
+
+    def algorithm_names(self, docs: Table[dict[str, Any]] | None = None) -> set[str]:
+        names = (docs or self.documents).keys()
+        prefix = f"{files.ALGORITHMS_DIR}/"
+        return {n[len(prefix) :] for n in names if n.startswith(prefix)}
+
+    # --- start ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create what is missing (never touching what exists), then load every file."""
+        for sub in ("", files.ALGORITHMS_DIR, "historical", "logs"):
+            d = self.data_dir / sub
+            if d.exists() and not d.is_dir():
+                raise CtsdError("io_error", f"{d} exists and is not a directory")
+            ensure_dir(d)
+        for stale in self.data_dir.glob(f"{TEMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
+        for stale in (self.data_dir / files.ALGORITHMS_DIR).glob(f"{TEMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
+        defaults: list[tuple[Path, bytes]] = []
+        for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
+            p = self.path(file)
+            if not p.exists() and not p.is_symlink():
+                name = files.document_name(file)
+                body = files.encode_document(files.default_document(name)) if name else b"[]\n"
+                defaults.append((p, body))
+        if defaults:
+            write_files(defaults)
+            log.info("created_defaults", files=[p.name for p, _ in defaults])
+        for file in self.known_files():
+            self._load_at_start(file)
+        self._reconcile()
+        self._refresh_settings()
+        log.info(
+            "loaded",
+            connections=len(self.connections),
+            revision=self.revision,
+            invalid=sorted(self.problems),
+        )
+
+    def _read(self, file: str) -> tuple[bytes, Stamp]:
+        p = self.path(file)
+        if p.is_dir():
+            raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
+        with open(p, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size > files.MAX_FILE_BYTES:
+                raise Invalid(
+                    FileProblem(
+                        file,
+                        1,
+                        1,
+                        "$",
+                        f"file is {st.st_size} bytes; the limit is {files.MAX_FILE_BYTES}",
+                    )
+                )
+            return fh.read(), Stamp.of(st)
+
+    def _load_at_start(self, file: str) -> None:
+        try:
+            raw, stamp = self._read(file)
+            decoded = self.decode(file, raw)
+        except Invalid as e:
+            self.problems[file] = e.problem
+            self.stamps[file] = stamp_of(self.path(file))
+            log.error("file_invalid", file=file, problem=e.problem.format())
+            return
+        except OSError as e:
+            self.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
+            log.error("file_invalid", file=file, problem=self.problems[file].format())
+            return
+        self.stamps[file] = stamp
+        if file == CONNECTIONS:
+            self.connections = {c.id: c for c in decoded}
+            self._frags[CONNECTIONS] = {c.id: files.encode_record(c) for c in decoded}
+        elif file == STATE:
+            self.state = {s.connection_id: s for s in decoded}
+            self._frags[STATE] = {s.connection_id: files.encode_record(s) for s in decoded}
+        elif file == SYNC_LOG:
+            self._install_log(decoded)
+        else:
+            name = files.document_name(file)
+            if name == "instances":
+                try:
+                    files.check_instance_refs(decoded, self.algorithm_names(), file, raw)
+                except Invalid as e:
+                    self.problems[file] = e.problem
+                    log.error("file_invalid", file=file, problem=e.problem.format())
+                    return
+            self.documents[name] = decoded
+
+    def decode(self, file: str, raw: bytes) -> Any:
+        return files.decode_file(file, raw)
+
+    def _install_log(self, events: list[SyncEvent]) -> None:
+        self.log = deque(events)
+        self._log_frags = deque(files.encode_record(e) for e in events)
+        if events:
+            self.revision = max(self.revision, events[-1].id)
+
+    def _reconcile(self) -> None:
+        """Cross-file rules on load: state mirrors connections; instances name algorithms."""
+        for cid in [c for c in self.state if c not in self.connections]:
+            log.warning("state_orphan_dropped", connection_id=cid)
+            del self.state[cid]
+            self._frags[STATE].pop(cid, None)
+        for cid, conn in self.connections.items():
+            st = self.state.get(cid)
+            fixed = mirror_state(conn, st, conn.updated_at or now_iso())
+            if fixed is not st:
+                self.state[cid] = fixed
+                self._frags[STATE][cid] = files.encode_record(fixed)
+
+    def _refresh_settings(self) -> None:
+        content = self.documents.get("settings", {})
+        self.settings = msgspec.convert(content, type=Settings)
+
+    # --- the one door ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(), name="ctsd-writer"
+        )
+
+    async def submit(self, op: Op, source: str) -> Any:
+        """Apply `op` through the one door; returns its result once durable."""
+        if self._closing:
+            raise CtsdError("io_error", "the daemon is shutting down")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(op, source, fut))
+        self._wake.set()
+        return await fut
+
+    async def close(self) -> None:
+        """Finish every queued change, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    await self._commit_group(batch)
+                except Exception as e:  # never let the writer die: fail the group, go on
+                    log.exception("commit_failed")
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(CtsdError("internal", f"commit failed: {e}"))
+            if self._closing and not self._pending:
+                return
+
+    def _apply(self, batch: list[_Pending]) -> tuple[Tx, list[_Pending]]:
+        group = Tx(self, "group")
+        ok: list[_Pending] = []
+        for p in batch:
+            tx = Tx(self, p.source, group)
+            try:
+                p.result = p.op(tx)
+                touched = tx.files()
+                blocked = sorted(f for f in touched if f in self.problems and f not in tx.synced)
+                if blocked:
+                    problem = self.problems[blocked[0]]
+                    raise CtsdError(
+                        "file_invalid",
+                        f"{blocked[0]} is invalid on disk ({problem.format()}); fix the file first",
+                        extra={"file": blocked[0]},
+                    )
+            except CtsdError as e:
+                p.future.set_exception(e)
+                continue
+            except Exception as e:
+                log.exception("op_failed", source=p.source)
+                p.future.set_exception(CtsdError("internal", f"{type(e).__name__}: {e}"))
+                continue
+            p.files = touched
+            p.first_event = len(group.events)
+            p.n_events = len(tx.events)
+            tx.merge_into(group)
+            ok.append(p)
+        return group, ok
+
+    async def _commit_group(self, batch: list[_Pending]) -> None:
+        for _attempt in range(4):
+            group, ok = self._apply(batch)
+            if not ok:
+                return
+            dirty = set().union(*(p.files for p in ok))
+            changed = [
+                f
+                for f in sorted(dirty)
+                if f not in group.synced and stamp_of(self.path(f)) != self.stamps.get(f)
+            ]
+            if changed:
+                # A hand edit landed that we have not taken in: take it in first, then retry
+                # the whole group on top of it (or refuse what no longer applies).
+                for f in changed:
+                    await self.ingest(f, _inline=True)
+                batch = [p for p in ok if not p.future.done()]
+                continue
+            try:
+                await self._write_group(group, ok, dirty)
+            except ChangedOnDisk:
+                batch = [p for p in ok if not p.future.done()]
+                continue
+            return
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(
+                    CtsdError("conflict", "the file keeps changing on disk; try again")
+                )
+
+    async def _write_group(self, group: Tx, ok: list[_Pending], dirty: set[str]) -> None:
+        t0 = time.perf_counter()
+        # Revisions and the events of each change (consecutive ids per change).
+        events: list[SyncEvent] = []
+        rev = self.revision
+        for cid, action, data in group.events:
+            rev += 1
+            events.append(
+                SyncEvent(id=rev, connection_id=cid, action=action, data=data, created_at=group.now)
+            )
+        for p in ok:
+            p.events = events[p.first_event : p.first_event + p.n_events]
+
+        new_conns, conn_frags = (
+            group.connections.materialize(
+                self.connections, self._frags[CONNECTIONS], files.encode_record
+            )
+            if group.connections.dirty
+            else (self.connections, self._frags[CONNECTIONS])
+        )
+        new_state, state_frags = (
+            group.state.materialize(self.state, self._frags[STATE], files.encode_record)
+            if group.state.dirty
+            else (self.state, self._frags[STATE])
+        )
+        new_docs = dict(group.docs.items()) if group.docs.dirty else self.documents
+
+        if group.log_replace is not None:
+            log_events = deque(group.log_replace)
+            log_frags = deque(files.encode_record(e) for e in group.log_replace)
+        else:
+            log_events, log_frags = self.log.copy(), self._log_frags.copy()
+        for e in events:
+            log_events.append(e)
+            log_frags.append(files.encode_record(e))
+        limit = self.settings.sync_log_limit
+        if "settings" in group.docs.over and group.docs.get("settings") is not None:
+            limit = msgspec.convert(group.docs.get("settings"), type=Settings).sync_log_limit
+        while len(log_events) > limit:
+            log_events.popleft()
+            log_frags.popleft()
+
+        plan: list[tuple[Path, Any]] = []
+        # A file taken in from disk is already what memory holds: write it only when another
+        # change of the group touched it too.
+        write = [
+            f
+            for f in sorted(dirty)
+            if f not in group.synced or any(p.source != "file" and f in p.files for p in ok)
+        ]
+        for f in write:
+            if f == CONNECTIONS:
+                body: Any = files.table_chunks(conn_frags.values())
+            elif f == STATE:
+                body = files.table_chunks(state_frags.values())
+            elif f == SYNC_LOG:
+                body = files.table_chunks(log_frags)
+            else:
+                content = new_docs.get(files.document_name(f))
+                if content is None:
+                    continue
+                body = files.encode_document(content)
+            plan.append((self.path(f), body))
+        # Data files first, the sync log last: a crash in between loses only unacked events.
+        plan.sort(key=lambda item: item[0].name == SYNC_LOG)
+        expected = {
+            self.path(f): (group.synced[f] if f in group.synced else self.stamps.get(f))
+            for f in write
+        }
+        try:
+            stamps = await anyio.to_thread.run_sync(write_files, plan, expected)
+        except ChangedOnDisk:
+            raise
+        except OSError as e:
+            err = CtsdError(
+                "io_error",
+                f"write failed: {e.strerror or e} ({e.filename or ''}); nothing was changed",
+            )
+            log.error("write_failed", error=str(e), files=sorted(dirty))
+            for p in ok:
+                p.future.set_exception(err)
+            return
+
+        # Durable: install the new state, then publish, then answer.
+        if new_conns is not self.connections:
+            for cid in [c for c in self.heartbeats if c not in new_conns]:
+                del self.heartbeats[cid]
+        self.connections, self._frags[CONNECTIONS] = new_conns, conn_frags
+        self.state, self._frags[STATE] = new_state, state_frags
+        if new_docs is not self.documents:
+            self.documents = new_docs
+            if "settings" in group.docs.over:
+                self._refresh_settings()
+        self.log, self._log_frags = log_events, log_frags
+        if events:
+            self.revision = events[-1].id
+        elif group.log_replace:
+            self.revision = max(self.revision, group.log_replace[-1].id)
+        for f, st in group.synced.items():
+            self.stamps[f] = st
+        for path, st in stamps.items():
+            self.stamps[str(path.relative_to(self.data_dir))] = st
+        for f in list(group.synced):
+            if f in self.problems:
+                problem = self.problems.pop(f)
+                log.info("file_restored", file=f, was=problem.message)
+                self._notice({"notice": "file_restored", "file": f})
+        elapsed = time.perf_counter() - t0
+        for cb in self.on_commit:
+            cb(elapsed, len(ok))
+        for p in ok:
+            if p.events:
+                self._publish(p.events)
+        for p in ok:
+            if not p.future.done():
+                p.future.set_result(p.result)
+
+    def _publish(self, events: list[SyncEvent]) -> None:
+        for listener in self.events_listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("listener_failed")
+
+    def _notice(self, notice: dict[str, Any]) -> None:
+        notice = {"type": "notice", **notice}
+        for listener in self.notice_listeners:
+            try:
+                listener(notice)
+            except Exception:
+                log.exception("listener_failed")
+
+    # --- hand edits and reload -------------------------------------------------------------
+
+    async def ingest(self, file: str, *, _inline: bool = False) -> bool:
+        """Take a file as it now is on disk in through the one door (`source: "file"`).
+
+        Returns True when the content was taken in (or already matched), False when the file
+        is invalid (it is then left exactly as it is, reported, and its writes refused).
+        """
+        from ctsd import ops  # ops builds on the store; imported here to keep the flow one-way
+
+        path = self.path(file)
+        before = stamp_of(path)
+        if before is not None and before == self.stamps.get(file) and file not in self.problems:
+            return True  # our own write, or nothing new
+        if before is None:
+            return await self._restore_deleted(file, _inline=_inline)
+        try:
+            raw, stamp = await anyio.to_thread.run_sync(self._read, file)
+            decoded = self.decode(file, raw)
+            op = ops.take_in(file, decoded, raw, stamp)
+        except Invalid as e:
+            self._mark_invalid(file, e.problem, stamp_of(path))
+            return False
+        except OSError as e:
+            self._mark_invalid(
+                file, FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"), None
+            )
+            return False
+        if _inline:
+            # Called from inside the writer: commit this ingest as its own group, now.
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            await self._commit_group([_Pending(op, "file", fut)])
+            exc = fut.exception() if fut.done() else None
+        else:
+            try:
+                await self.submit(op, "file")
+                exc = None
+            except CtsdError as e:
+                exc = e
+        if isinstance(exc, CtsdError) and exc.code == "invalid":
+            self._mark_invalid(
+                file,
+                exc.extra.get("problem") or FileProblem(file, 1, 1, exc.path or "$", exc.message),
+                stamp,
+            )
+            return False
+        if exc is not None:
+            log.warning("ingest_failed", file=file, error=str(exc))
+            return False
+        return True
+
+    def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
+        if stamp is not None:
+            self.stamps[file] = stamp  # judged as it is now; a later edit changes the stamp
+        if self.problems.get(file) == problem:
+            return
+        self.problems[file] = problem
+        log.error("file_invalid", file=file, problem=problem.format())
+        self._notice(
+            {
+                "notice": "file_invalid",
+                "file": file,
+                "line": problem.line,
+                "column": problem.column,
+                "path": problem.path,
+                "message": problem.message,
+            }
+        )
+
+    async def _restore_deleted(self, file: str, *, _inline: bool) -> bool:
+        """A data file deleted by hand is written back from memory, with a notice."""
+        from ctsd import ops
+
+        if (
+            file.startswith(f"{files.ALGORITHMS_DIR}/")
+            and files.document_name(file) not in self.documents
+        ):
+            return True
+        self.stamps[file] = None
+        self.problems.pop(file, None)
+        op = ops.touch(file)
+        if _inline:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            await self._commit_group([_Pending(op, "file", fut)])
+        else:
+            await self.submit(op, "file")
+        log.warning("file_restored_from_memory", file=file)
+        self._notice(
+            {"notice": "file_restored", "file": file, "reason": "deleted; written back from memory"}
+        )
+        return True
+
+    async def reload_all(self) -> None:
+        """SIGHUP: every data file taken in the same way a hand edit is."""
+        for file in self.known_files():
+            await self.ingest(file)
+
+    # --- read views (for the bus, HTTP, sweeps) ------------------------------------------
+
+    def state_view(self, cid: str) -> ConnectionState | None:
+        st = self.state.get(cid)
+        hb = self.heartbeats.get(cid)
+        if st is not None and hb is not None and hb != st.last_heartbeat_at:
+            st = msgspec.structs.replace(st, last_heartbeat_at=hb)
+        return st
+
+    def state_views(self) -> Iterable[ConnectionState]:
+        for cid in self.state:
+            yield self.state_view(cid)  # type: ignore[misc]
+
+    def oldest_revision(self) -> int:
+        return self.log[0].id if self.log else self.revision + 1
+
+    def events_since(self, since: int) -> list[SyncEvent]:
+        """Retained events with id > since, oldest first (callers check compaction)."""
+        out: list[SyncEvent] = []
+        for event in reversed(self.log):
+            if event.id <= since:
+                break
+            out.append(event)
+        out.reverse()
+        return out
+
+
+def mirror_state(conn: Connection, st: ConnectionState | None, now: str) -> ConnectionState:
+    """The state record of `conn`, with `is_active` mirrored and `status` consistent."""
+    if st is None:
+        return ConnectionState(
+            connection_id=conn.id,
+            is_active=conn.is_active,
+            volume_factor_live=conn.volume_factor,
+            volume_factor_preset=conn.volume_factor,
+            created_at=now,
+            updated_at=now,
+            status="active" if conn.is_enabled and conn.is_active else "inactive",
+        )
+    live = conn.is_enabled and conn.is_active
+    status = st.status if live and st.status != "inactive" else ("active" if live else "inactive")
+    if st.is_active == conn.is_active and st.status == status:
+        return st
+    return msgspec.structs.replace(st, is_active=conn.is_active, status=status, updated_at=now)

@@ -1,0 +1,20 @@
+"""Timestamps as the seeds write them: ISO-8601 UTC with milliseconds and `Z`."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+
+
+def now_iso() -> str:
+    return format_ts(dt.datetime.now(dt.UTC))
+
+
+def format_ts(when: dt.datetime) -> str:
+    when = when.astimezone(dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def parse_ts(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))

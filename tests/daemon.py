@@ -1,0 +1,214 @@
+"""Test harness: the real daemon as a subprocess, readiness read from a real NOTIFY_SOCKET.
+
+Tests poll for conditions with timeouts (`wait_until`); they never sleep blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TOKEN = "test-token-0123456789abcdefghijklmnop"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = ""
+) -> Any:
+    """Poll `cond` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+class NotifySocket:
+    """A datagram socket bound where systemd's would be; collects sd_notify messages."""
+
+    def __init__(self, directory: Path, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"ctsd-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            path = directory / "notify.sock"
+            self.sock.bind(str(path))
+            self.address = str(path)
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.messages
+            self.messages.extend(data.decode().split("\n"))
+
+    def wait_for(self, field: str, timeout: float = 10.0, after: int = 0) -> int:
+        """Wait until `field` (e.g. "READY=1") arrives at index >= after; return its index."""
+
+        def found() -> int | None:
+            msgs = self.poll()
+            for i in range(after, len(msgs)):
+                if msgs[i] == field:
+                    return i + 1
+            return None
+
+        return wait_until(found, timeout, what=f"sd_notify {field}") - 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        token: str | None = TOKEN,
+        abstract_notify: bool = False,
+        args: list[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.token = token
+        self.extra_env = env or {}
+        self.args = args or []
+        self.workdir = Path(tempfile.mkdtemp(prefix="ctsd-test-"))
+        self.notify = NotifySocket(self.workdir, abstract=abstract_notify)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stdout_path = self.workdir / "stdout.log"
+        self.stderr_path = self.workdir / "stderr.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "ctsd", "serve",
+            "--data-dir", str(self.data_dir),
+            "--port", str(self.port),
+            "--log-format", "json",
+            *self.args,
+        ]  # fmt: skip
+
+    def start(self, wait: bool = True, timeout: float = 15.0) -> Daemon:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CTSD_", "NOTIFY_", "WATCHDOG_"))
+        }
+        env.update({"NOTIFY_SOCKET": self.notify.address, "PYTHONUNBUFFERED": "1"})
+        if self.token is not None:
+            env["CTSD_TOKEN"] = self.token
+        env.update(self.extra_env)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=open(self.stdout_path, "ab"),  # noqa: SIM115 - the child owns it
+            stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
+            env=env,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}: {self.stderr()}{self.stdout()[-2000:]}"
+                )
+            return "READY=1" in self.notify.poll()
+
+        wait_until(ready, timeout, what="READY=1")
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit within {timeout}s of {sig}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stdout().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def http(
+        self,
+        path: str,
+        method: str = "GET",
+        token: str | None = "default",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """(status, decoded JSON body or text) for a plain HTTP request."""
+        req = urllib.request.Request(self.url + path, method=method, headers=headers or {})
+        tok = self.token if token == "default" else token
+        if tok:
+            req.add_header("Authorization", f"Bearer {tok}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status, body = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode(errors="replace")
+
+    def close(self) -> None:
+        self.kill()
+        self.notify.close()
