@@ -142,6 +142,17 @@ def _too_large(file: str, raw: bytes) -> None:
         )
 
 
+def _unreadable(file: str, raw: bytes, error: Exception) -> FileProblem:
+    # msgspec raises these (not DecodeError) for invalid UTF-8 inside strings and for nesting
+    # past its depth limit: they must become a file problem, never crash the load.
+    if isinstance(error, UnicodeDecodeError):
+        found = diagnose.syntax_problem(file, raw)
+        if found is not None:
+            return found
+        return FileProblem(file, 1, 1, "$", "not UTF-8")
+    return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
+
+
 def decode_table(file: str, raw: bytes) -> list[Any]:
     """Typed records of a table file; raises Invalid with a precise problem."""
     _too_large(file, raw)
@@ -152,6 +163,8 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
         raise Invalid(diagnose.from_validation(file, raw, str(e), list[kind])) from None
     except msgspec.DecodeError as e:
         raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise Invalid(_unreadable(file, raw, e)) from None
     key = "id" if kind is not ConnectionState else "connection_id"
     seen: dict[Any, int] = {}
     for i, rec in enumerate(records):
@@ -212,6 +225,8 @@ def decode_document(name: str, raw: bytes) -> dict[str, Any]:
         content = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise Invalid(_unreadable(file, raw, e)) from None
     validate_document(name, content, file, raw)
     return content
 
