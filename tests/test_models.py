@@ -1,0 +1,471 @@
+"""The seeds' example JSON loads unchanged; bad files get precise, non-crashing errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ctsd import files
+from ctsd.files import Invalid
+from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc, SyncEvent
+from ctsd.store import Store
+from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts, now_iso, parse_ts
+from tests.daemon import Daemon
+
+# --- the seeds' examples, copied verbatim (test_examples_are_verbatim checks the copy) ------
+
+SEED_CONNECTIONS = """[
+  {
+    "id": "conn_abc123",
+    "user_id": 1,
+    "name": "Bybit Main",
+    "exchange": "bybit",
+    "exchange_id": 2,
+    "api_type": "perpetual_futures",
+    "connection_method": "rest",
+    "connection_library": "rest",
+    "api_key": "...",
+    "api_secret": "...",
+    "api_passphrase": null,
+    "margin_type": "cross",
+    "position_mode": "hedge",
+    "is_testnet": false,
+    "is_enabled": true,
+    "is_live_trade": true,
+    "is_preset_trade": false,
+    "is_active": true,
+    "is_predefined": false,
+    "volume_factor": 1.0,
+    "connection_settings": "{}",
+    "created_at": "2024-01-01T00:00:00.000Z",
+    "updated_at": "2024-01-01T00:00:00.000Z"
+  }
+]"""
+
+SEED_STATE = """[
+  {
+    "connection_id": "conn_abc123",
+    "is_active": true,
+    "volume_factor_live": 1.0,
+    "volume_factor_preset": 1.0,
+    "test_results": {
+      "success": true,
+      "latency": 45,
+      "timestamp": "2024-01-01T00:00:00.000Z"
+    },
+    "last_sync_at": "2024-01-01T00:00:00.000Z",
+    "created_at": "2024-01-01T00:00:00.000Z",
+    "updated_at": "2024-01-01T00:00:00.000Z"
+  }
+]"""
+
+SEED_SYNC_LOG = """[
+  {
+    "id": 1,
+    "connection_id": "conn_abc123",
+    "action": "set_active",
+    "data": { "timestamp": "2024-01-01T00:00:00.000Z" },
+    "created_at": "2024-01-01T00:00:00.000Z"
+  },
+  {
+    "id": 2,
+    "connection_id": "conn_abc123",
+    "action": "update_volume",
+    "data": { "live": 1.5, "preset": 2.0, "timestamp": "2024-01-01T00:01:00.000Z" },
+    "created_at": "2024-01-01T00:01:00.000Z"
+  }
+]"""
+
+SEED_CONNECTION_DOC = """{
+  "projectX": {
+    "apiUrl": "https://api.topstepx.com",
+    "websocketUrl": "wss://rtc.topstepx.com",
+    "username": "your_username",
+    "apiKey": "API key token",
+    "autoConnect": true
+  },
+  "server": {
+    "port": 3587,
+    "corsOrigins": ["http://localhost:5173", "http://localhost:5174"]
+  },
+  "trading": {
+    "defaultCommission": 2.80,
+    "simulationMode": true
+  }
+}"""
+
+SEED_INSTANCES = """{
+  "instances": [
+    {
+      "id": "uuid-1234",
+      "name": "NQ Scalper",
+      "symbol": "NQ",
+      "algorithmName": "Simple-MA-Crossover",
+      "simulationMode": true
+    }
+  ],
+  "lastSaved": "2024-08-02T06:45:00.000Z"
+}"""
+
+# The algorithm instances.json names (the seed gives no example body: a minimal strategy).
+ALGORITHM = '{\n  "name": "Simple-MA-Crossover",\n  "fast": 9,\n  "slow": 21\n}\n'
+
+SEED_FILES = {
+    "connections.json": SEED_CONNECTIONS,
+    "connection-state.json": SEED_STATE,
+    "connection-sync-log.json": SEED_SYNC_LOG,
+    "connection.json": SEED_CONNECTION_DOC,
+    "instances.json": SEED_INSTANCES,
+}
+SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+
+def _json_blocks(text: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"```json\n(.*?)\n```", text, re.S)]
+
+
+def test_examples_are_verbatim() -> None:
+    """Every copied example is exactly a ```json block of a seed document."""
+    if not SEEDS_DIR.is_dir():
+        pytest.skip(f"seed documents not beside the repo ({SEEDS_DIR})")
+    blocks = [b for p in sorted(SEEDS_DIR.glob("*.txt")) for b in _json_blocks(p.read_text())]
+    for name, text in SEED_FILES.items():
+        assert text in blocks, f"{name} example differs from the seed"
+
+
+def test_seed_examples_decode() -> None:
+    conns = files.decode_file("connections.json", SEED_CONNECTIONS.encode())
+    assert [type(c) for c in conns] == [Connection]
+    assert conns[0].id == "conn_abc123" and conns[0].api_passphrase is None
+    assert conns[0].volume_factor == 1.0 and conns[0].is_active is True
+    state = files.decode_file("connection-state.json", SEED_STATE.encode())
+    assert isinstance(state[0], ConnectionState)
+    assert state[0].test_results is not None and state[0].test_results.latency == 45
+    assert state[0].status == "inactive" and state[0].last_heartbeat_at is None  # optional
+    log = files.decode_file("connection-sync-log.json", SEED_SYNC_LOG.encode())
+    assert [type(e) for e in log] == [SyncEvent, SyncEvent]
+    assert [e.id for e in log] == [1, 2]
+    assert log[1].data == {"live": 1.5, "preset": 2.0, "timestamp": "2024-01-01T00:01:00.000Z"}
+    doc = files.decode_file("connection.json", SEED_CONNECTION_DOC.encode())
+    assert doc == msgspec.json.decode(SEED_CONNECTION_DOC)  # kept exactly as written
+    typed = msgspec.convert(doc, ConnectionDoc)
+    assert typed.trading.defaultCommission == 2.8 and typed.server.port == 3587
+    inst = files.decode_file("instances.json", SEED_INSTANCES.encode())
+    assert msgspec.convert(inst, InstancesDoc).instances[0].algorithmName == "Simple-MA-Crossover"
+    files.check_instance_refs(inst, {"Simple-MA-Crossover"}, "instances.json", None)
+    assert files.decode_file("algorithms/Simple-MA-Crossover.json", ALGORITHM.encode())
+
+
+def _write_seed_dir(data: Path) -> dict[str, bytes]:
+    (data / "algorithms").mkdir(parents=True)
+    written = {**SEED_FILES, "algorithms/Simple-MA-Crossover.json": ALGORITHM}
+    for name, text in written.items():
+        (data / name).write_text(text)
+    return {name: (data / name).read_bytes() for name in written}
+
+
+def test_store_loads_seed_dir_without_rewriting(tmp_path: Path) -> None:
+    before = _write_seed_dir(tmp_path)
+    store = Store(tmp_path)
+    store.open()
+    assert store.problems == {}
+    assert list(store.connections) == ["conn_abc123"]
+    assert store.revision == 2
+    assert store.documents["instances"]["instances"][0]["name"] == "NQ Scalper"
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+
+
+def test_daemon_serves_seed_dir_unchanged(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    before = _write_seed_dir(data)
+    d = Daemon(data).start()
+    try:
+        status, body = d.http("/health", token=None)
+        assert status == 200, body
+        assert body["status"] == "ok", body
+        assert body["revision"] == 2
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert {n: (data / n).read_bytes() for n in before} == before
+
+
+# --- validation errors: file:line:column, JSON path, message ---------------------------------
+
+CONN = '{"id": "a", "name": "x", "exchange": "bybit"'
+BAD = [
+    # (id, file, raw, line, column, path, message fragment)
+    (
+        "unknown-key",
+        "connections.json",
+        '[\n  {"id": "a", "name": "x", "exchange": "bybit", "is_enabeld": true}\n]\n',
+        2, 49, "$[0]",
+        "unknown field `is_enabeld` at `$[0]`; did you mean `is_enabled`?",
+    ),
+    (
+        "unknown-key-state",
+        "connection-state.json",
+        '[\n  {\n    "connection_id": "a",\n    "volume_factor_lve": 2\n  }\n]\n',
+        4, 5, "$[0]",
+        "did you mean `volume_factor_live`?",
+    ),
+    (
+        "wrong-type",
+        "connections.json",
+        '[\n  {"id": "a", "name": "x", "exchange": "bybit",\n   "is_enabled": "yes"}\n]\n',
+        3, 18, "$[0].is_enabled",
+        "expected `bool`, got `str`",
+    ),
+    (
+        "duplicate-id",
+        "connections.json",
+        f"[\n  {CONN}}},\n  {CONN}}}\n]\n",
+        3, 10, "$[1].id",
+        "duplicate id 'a' (first at $[0])",
+    ),
+    (
+        "timestamp-without-ms",
+        "connections.json",
+        f'[{CONN}, "created_at": "2024-01-01T00:00:00Z"}}]',
+        1, 62, "$[0].created_at",
+        "matching regex",
+    ),
+    (
+        "timestamp-with-offset",
+        "connection-state.json",
+        '[{"connection_id": "a", "updated_at": "2024-01-01T00:00:00.000+00:00"}]',
+        1, 39, "$[0].updated_at",
+        "matching regex",
+    ),
+    (
+        "volume-factor-zero",
+        "connections.json",
+        f'[{CONN}, "volume_factor": 0}}]',
+        1, 65, "$[0].volume_factor",
+        "> 0",
+    ),
+    (
+        "volume-factor-negative",
+        "connection-state.json",
+        '[{"connection_id": "a", "volume_factor_live": -1.5}]',
+        1, 47, "$[0].volume_factor_live",
+        "> 0",
+    ),
+    (
+        "connection-settings-array",
+        "connections.json",
+        f'[{CONN}, "connection_settings": "[1]"}}]',
+        1, 71, "$[0].connection_settings",
+        "JSON string holding an object",
+    ),
+    (
+        "connection-settings-not-json",
+        "connections.json",
+        f'[{CONN}, "connection_settings": "{{bad"}}]',
+        1, 71, "$[0].connection_settings",
+        "JSON string holding an object",
+    ),
+    (
+        "connection-settings-object-not-string",
+        "connections.json",
+        f'[{CONN}, "connection_settings": {{}}}}]',
+        1, 71, "$[0].connection_settings",
+        "expected `str`, got `object`",
+    ),
+    (
+        "id-pattern",
+        "connections.json",
+        '[{"id": "a b", "name": "x", "exchange": "bybit"}]',
+        1, 9, "$[0].id",
+        "matching regex",
+    ),
+    (
+        "id-too-long",
+        "connections.json",
+        '[{"id": "' + "a" * 65 + '", "name": "x", "exchange": "bybit"}]',
+        1, 9, "$[0].id",
+        "matching regex",
+    ),
+    (
+        "sync-log-ids-decrease",
+        "connection-sync-log.json",
+        '[{"id": 2, "connection_id": null, "action": "reset", "data": {},'
+        ' "created_at": "2024-01-01T00:00:00.000Z"},\n'
+        ' {"id": 1, "connection_id": null, "action": "reset", "data": {},'
+        ' "created_at": "2024-01-01T00:00:00.000Z"}]',
+        2, 9, "$[1].id",
+        "strictly increase",
+    ),
+    (
+        "unknown-action",
+        "connection-sync-log.json",
+        '[{"id": 1, "connection_id": null, "action": "explode", "data": {},'
+        ' "created_at": "2024-01-01T00:00:00.000Z"}]',
+        1, 45, "$[0].action",
+        "invalid enum value 'explode'",
+    ),
+    (
+        "instance-unknown-key",
+        "instances.json",
+        '{"instances": [{"id": "x", "name": "n", "symbol": "NQ", "algoritmName": "A"}]}',
+        1, 57, "$.instances[0]",
+        "did you mean `algorithmName`?",
+    ),
+    (
+        "syntax-trailing-comma",
+        "settings.json",
+        '{\n  "sync_log_limit": 5,\n}\n',
+        3, 1, "$",
+        "invalid JSON",
+    ),
+    (
+        "settings-wrong-type",
+        "settings.json",
+        '{\n  "server": {\n    "port": "3587"\n  }\n}\n',
+        3, 13, "$.server.port",
+        "expected `int`, got `str`",
+    ),
+    (
+        "document-not-object",
+        "ui-config.json",
+        "[1, 2]\n",
+        1, 1, "$",
+        "expected a JSON object",
+    ),
+    (
+        "algorithm-without-name",
+        "algorithms/X.json",
+        '{"fast": 9}',
+        1, 1, "$",
+        "missing required field `name`",
+    ),
+    ("empty-file", "connections.json", "", 1, 1, "$", "file is empty"),
+    ("blank-file", "settings.json", "  \n", 2, 1, "$", "file is empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("file", "raw", "line", "column", "path", "message"),
+    [b[1:] for b in BAD],
+    ids=[b[0] for b in BAD],
+)
+def test_invalid_file_is_located(
+    file: str, raw: str, line: int, column: int, path: str, message: str
+) -> None:
+    with pytest.raises(Invalid) as exc:
+        files.decode_file(file, raw.encode())
+    p = exc.value.problem
+    assert message in p.message, p
+    assert (p.file, p.line, p.column, p.path) == (file, line, column, path), p
+    assert p.format().startswith(f"{file}:{line}:{column}: ")
+
+
+def test_invalid_utf8_is_located() -> None:
+    raw = b'[\n  {"id": "a", "name": "caf\xe9", "exchange": "bybit"}\n]\n'
+    with pytest.raises(Invalid) as exc:
+        files.decode_file("connections.json", raw)
+    p = exc.value.problem
+    assert "not UTF-8" in p.message
+    assert (p.line, p.column) == (2, 27), p  # the bad byte itself
+    with pytest.raises(Invalid) as exc:
+        files.decode_file("ui-config.json", b'{"theme": "\xff"}')
+    assert "not UTF-8" in exc.value.problem.message
+
+
+@pytest.mark.parametrize(
+    ("file", "raw"),
+    [
+        ("connections.json", b"[" * 100_000 + b"]" * 100_000),
+        ("ui-config.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("settings.json", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        (
+            "connection-sync-log.json",
+            b'[{"id": 1, "connection_id": null, "action": "reset", "created_at":'
+            b' "2024-01-01T00:00:00.000Z", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]",
+        ),
+    ],
+    ids=["table", "document", "settings", "sync-log-data"],
+)
+def test_deeply_nested_json_is_an_error_not_a_crash(file: str, raw: bytes) -> None:
+    with pytest.raises(Invalid) as exc:
+        files.decode_file(file, raw)
+    assert exc.value.problem.file == file
+
+
+def test_did_you_mean_for_a_nested_struct() -> None:
+    raw = b'{"projectX": {"apiUrl": "https://x"}, "server": {"prot": 1}}'
+    # connection.json sections keep unknown keys (they are the trading app's), so this loads.
+    assert files.decode_file("connection.json", raw)["server"] == {"prot": 1}
+    raw = b'[{"connection_id": "a", "test_results": {"success": true, "latency": 1,'
+    raw += b' "timestamp": "2024-01-01T00:00:00.000Z", "eror": "x"}}]'
+    with pytest.raises(Invalid) as exc:
+        files.decode_file("connection-state.json", raw)
+    assert "did you mean `error`?" in exc.value.problem.message
+
+
+def test_dangling_algorithm_name(tmp_path: Path) -> None:
+    inst = {"instances": [{"id": "i1", "name": "n", "symbol": "NQ", "algorithmName": "Simple-MA"}]}
+    with pytest.raises(Invalid) as exc:
+        files.check_instance_refs(inst, {"Simple-MA-Crossover"}, "instances.json", None)
+    p = exc.value.problem
+    assert p.path == "$.instances[0].algorithmName"
+    assert "names no file in algorithms/; did you mean 'Simple-MA-Crossover'?" in p.message
+    # At start: instances.json is reported invalid, left as written, the rest loads.
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "instances.json").write_text(SEED_INSTANCES)
+    store = Store(tmp_path)
+    store.open()
+    assert set(store.problems) == {"instances.json"}
+    assert store.problems["instances.json"].path == "$.instances[0].algorithmName"
+    assert (tmp_path / "instances.json").read_text() == SEED_INSTANCES
+
+
+def test_directory_and_oversized_file_at_start(tmp_path: Path) -> None:
+    (tmp_path / "connections.json").mkdir()
+    big = tmp_path / "settings.json"
+    with open(big, "wb") as fh:  # sparse: no real disk used
+        fh.truncate(files.MAX_FILE_BYTES + 1)
+    store = Store(tmp_path)
+    store.open()
+    assert "is a directory" in store.problems["connections.json"].message
+    assert "the limit is" in store.problems["settings.json"].message
+    assert (tmp_path / "connections.json").is_dir()
+    assert big.stat().st_size == files.MAX_FILE_BYTES + 1
+    with pytest.raises(Invalid) as exc:
+        files.decode_file("ui-config.json", b" " * (files.MAX_FILE_BYTES + 1))
+    assert "the limit is" in exc.value.problem.message
+
+
+def test_secret_value_never_in_an_error_message() -> None:
+    canary = "CANARY-SECRET-7f3a9c"
+    for raw in (
+        f'[{CONN}, "api_key": 12, "api_secret": "{canary}", "is_enabeld": 1}}]',
+        f'[{CONN}, "api_secret": ["{canary}"]}}]',
+    ):
+        with pytest.raises(Invalid) as exc:
+            files.decode_file("connections.json", raw.encode())
+        assert canary not in exc.value.problem.format()
+
+
+# --- timestamps -----------------------------------------------------------------------------
+
+
+def test_timestamps_are_utc_with_ms_and_z() -> None:
+    ts = now_iso()
+    assert re.fullmatch(TIMESTAMP_PATTERN, ts), ts
+    paris = dt.timezone(dt.timedelta(hours=2))
+    assert format_ts(dt.datetime(2024, 8, 2, 8, 45, 0, 123456, paris)) == "2024-08-02T06:45:00.123Z"
+    assert parse_ts("2024-08-02T06:45:00.123Z") == dt.datetime(2024, 8, 2, 6, 45, 0, 123000, dt.UTC)
+
+
+def test_encoding_is_two_space_indent_with_trailing_newline() -> None:
+    conns = files.decode_file("connections.json", SEED_CONNECTIONS.encode())
+    body = files.encode_table(conns)
+    assert body.endswith(b"\n]\n") and body.startswith(b'[\n  {\n    "id"')
+    assert msgspec.json.decode(body) == msgspec.json.decode(SEED_CONNECTIONS)
+    assert body == msgspec.json.format(msgspec.json.encode(conns), indent=2) + b"\n"
+    assert files.encode_table([]) == b"[]\n"
