@@ -1,0 +1,500 @@
+"""The store in-process, on real files: every kind of change through the one door."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import stat
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from ctsd import ops
+from ctsd.atomic import TEMP_PREFIX
+from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.models import SyncEvent, TestResult
+from ctsd.store import Store
+
+pytestmark = pytest.mark.anyio
+CANARY = "CANARY-SECRET-7f3a9c"
+
+
+def conn(i: int | str, **extra: Any) -> dict[str, Any]:
+    return {"id": f"c{i}", "name": f"conn {i}", "exchange": "bybit", **extra}
+
+
+@contextlib.asynccontextmanager
+async def opened(data_dir: Path) -> AsyncIterator[Store]:
+    store = Store(data_dir)
+    store.open()
+    store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class Recorder:
+    """Collects what the store publishes: one list per op, and (seconds, changes) per write."""
+
+    def __init__(self, store: Store) -> None:
+        self.messages: list[list[SyncEvent]] = []
+        self.commits: list[int] = []
+        store.events_listeners.append(self.messages.append)
+        store.on_commit.append(lambda _s, n: self.commits.append(n))
+
+    @property
+    def events(self) -> list[SyncEvent]:
+        return [e for m in self.messages for e in m]
+
+
+def disk(data_dir: Path, file: str) -> Any:
+    return msgspec.json.decode((data_dir / file).read_bytes())
+
+
+def by_id(data_dir: Path, file: str = CONNECTIONS) -> dict[str, dict[str, Any]]:
+    key = "id" if file == CONNECTIONS else "connection_id"
+    return {r[key]: r for r in disk(data_dir, file)}
+
+
+def snapshot(data_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(data_dir)): p.read_bytes()
+        for p in data_dir.rglob("*.json")
+        if "logs" not in p.parts
+    }
+
+
+def no_temp_files(data_dir: Path) -> bool:
+    return not list(data_dir.rglob(f"{TEMP_PREFIX}*"))
+
+
+# --- every kind of change ------------------------------------------------------------------
+
+
+async def test_create_update_delete(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        rec = Recorder(store)
+        made = await store.submit(ops.create(conn(1, api_key=CANARY)), "bus")
+        assert made.id == "c1" and made.created_at == made.updated_at
+        on_disk = by_id(data_dir)["c1"]
+        assert on_disk["api_key"] == CANARY and on_disk["name"] == "conn 1"
+        assert by_id(data_dir, STATE)["c1"]["status"] == "inactive"
+        [create] = rec.events
+        assert (create.action, create.connection_id, create.id) == ("create", "c1", 1)
+        assert create.data["source"] == "bus" and "api_key" in create.data["fields"]
+        assert "api_key" not in create.data["values"]
+
+        await store.submit(ops.update("c1", {"name": "renamed", "volume_factor": 2.5}), "cli")
+        assert by_id(data_dir)["c1"]["name"] == "renamed"
+        upd = rec.events[-1]
+        assert upd.action == "update" and sorted(upd.data["fields"]) == ["name", "volume_factor"]
+        assert upd.data["values"] == {"name": "renamed", "volume_factor": 2.5}
+
+        made2 = await store.submit(ops.create(conn("x")), "http")
+        assert made2.id == "cx"
+        generated = await store.submit(ops.create({"name": "n", "exchange": "okx"}), "bus")
+        assert len(generated.id) == 17 and generated.id.startswith("conn_")
+
+        assert await store.submit(ops.delete("c1"), "bus") == {"deleted": "c1"}
+        assert "c1" not in by_id(data_dir) and "c1" not in by_id(data_dir, STATE)
+        assert rec.events[-1].action == "delete"
+        log = disk(data_dir, SYNC_LOG)
+        assert [e["id"] for e in log] == [1, 2, 3, 4, 5] == [e.id for e in rec.events]
+        assert [e["action"] for e in log] == ["create", "update", "create", "create", "delete"]
+
+        for bad, code in [
+            (ops.create(conn("x")), "conflict"),
+            (ops.update("nope", {"name": "a"}), "not_found"),
+            (ops.update("cx", {"is_enabeld": True}), "invalid"),
+            (ops.update("cx", {"volume_factor": 0}), "invalid"),
+            (ops.update("cx", {"id": "other"}), "invalid"),
+            (ops.update("cx", {"connection_settings": "[]"}), "invalid"),
+            (ops.update("cx", {"api_key": "********"}), "invalid"),
+            (ops.create(conn("bad id")), "invalid"),
+            (ops.delete("nope"), "not_found"),
+        ]:
+            before = snapshot(data_dir)
+            with pytest.raises(CtsdError) as exc:
+                await store.submit(bad, "bus")
+            assert exc.value.code == code, exc.value
+            assert snapshot(data_dir) == before
+        assert store.revision == 5
+
+
+async def test_did_you_mean_on_update(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.update("c1", {"is_enabeld": False}), "bus")
+        assert "did you mean `is_enabled`?" in exc.value.message
+
+
+async def test_set_active_set_volume_test_and_heartbeats(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        rec = Recorder(store)
+        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.set_active("c1", True), "bus")
+        assert by_id(data_dir)["c1"]["is_active"] is True
+        st = by_id(data_dir, STATE)["c1"]
+        assert st["is_active"] is True and st["status"] == "active"
+        ev = rec.events[-1]
+        assert ev.action == "set_active" and ev.data["active"] is True
+        assert set(ev.data) == {"active", "timestamp", "source"}
+
+        await store.submit(ops.set_volume("c1", live=1.5, preset=2.0), "bus")
+        st = by_id(data_dir, STATE)["c1"]
+        assert (st["volume_factor_live"], st["volume_factor_preset"]) == (1.5, 2.0)
+        ev = rec.events[-1]
+        assert ev.action == "update_volume"
+        assert (ev.data["live"], ev.data["preset"]) == (1.5, 2.0) and "timestamp" in ev.data
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.set_volume("c1", live=-1), "bus")
+        assert exc.value.code == "invalid" and exc.value.path == "$.live"
+
+        result = TestResult(success=True, latency=12, timestamp="2024-01-01T00:00:00.000Z")
+        await store.submit(ops.record_test("c1", result), "probe")
+        st = by_id(data_dir, STATE)["c1"]
+        assert st["test_results"] == {
+            "success": True,
+            "latency": 12,
+            "timestamp": "2024-01-01T00:00:00.000Z",
+        }
+        assert rec.events[-1].action == "test" and rec.events[-1].data["source"] == "probe"
+
+        rev = store.revision
+        n = await store.submit(ops.flush_heartbeats({"c1": "2024-01-02T00:00:00.000Z"}), "sweep")
+        assert n == 1
+        assert by_id(data_dir, STATE)["c1"]["last_heartbeat_at"] == "2024-01-02T00:00:00.000Z"
+        assert store.revision == rev  # heartbeats write state, not the sync log
+
+        await store.submit(ops.set_status({"c1": ("stale", None)}), "sweep")
+        assert by_id(data_dir, STATE)["c1"]["status"] == "stale"
+        assert rec.events[-1].action == "stale"
+        await store.submit(ops.record_test("c1", result), "probe")
+        assert [e.action for e in rec.messages[-1]] == ["test", "recovered"]
+        assert by_id(data_dir, STATE)["c1"]["status"] == "active"
+
+
+async def test_documents_import_and_reset(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        rec = Recorder(store)
+        await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus")
+        assert disk(data_dir, "ui-config.json") == {"theme": "dark"}
+        ev = rec.events[-1]
+        assert (ev.action, ev.connection_id) == ("document_update", None)
+        assert ev.data["file"] == "ui-config.json" and ev.data["keys"] == ["theme"]
+        await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast", "n": 3}), "bus")
+        assert disk(data_dir, "algorithms/Fast.json") == {"name": "Fast", "n": 3}
+        inst = {"instances": [{"id": "i", "name": "I", "symbol": "NQ", "algorithmName": "Fast"}]}
+        await store.submit(ops.set_document("instances", inst), "bus")
+        dangling = {"instances": [{"id": "i", "name": "I", "symbol": "NQ", "algorithmName": "X"}]}
+        for name, content in [
+            ("instances", dangling),
+            ("settings", {"sync_log_limit": "many"}),
+            ("algorithms/NoName", {"n": 1}),
+            ("connection", {"projectX": {"apiKey": "********"}}),
+        ]:
+            with pytest.raises(CtsdError) as exc:
+                await store.submit(ops.set_document(name, content), "bus")
+            assert exc.value.code == "invalid", (name, exc.value)
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.set_document("nope", {}), "bus")
+        assert exc.value.code == "not_found"
+
+        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.create(conn(2, api_secret=CANARY)), "bus")
+        export = {
+            "files": {
+                CONNECTIONS: [conn(3, created_at="2024-01-01T00:00:00.000Z")],
+                "watchlists.json": {"main": ["NQ"]},
+            }
+        }
+        await store.submit(ops.import_data(export, "merge"), "cli")
+        assert sorted(by_id(data_dir)) == ["c1", "c2", "c3"]
+        assert by_id(data_dir)["c2"]["api_secret"] == CANARY
+        assert disk(data_dir, "watchlists.json") == {"main": ["NQ"]}
+        assert rec.messages[-1][-1].action == "import"
+        await store.submit(ops.import_data(export, "replace"), "cli")
+        assert sorted(by_id(data_dir)) == ["c3"] and sorted(by_id(data_dir, STATE)) == ["c3"]
+        deletes = [e.connection_id for e in rec.messages[-1] if e.action == "delete"]
+        assert sorted(deletes) == ["c1", "c2"]
+
+        rev = store.revision
+        await store.submit(ops.reset(), "bus")
+        assert disk(data_dir, CONNECTIONS) == [] and disk(data_dir, STATE) == []
+        assert disk(data_dir, "ui-config.json") == {} and disk(data_dir, "watchlists.json") == {}
+        assert disk(data_dir, "algorithms/Fast.json")["name"] == "Fast"  # the library stays
+        assert rec.events[-1].action == "reset" and store.revision == rev + 1
+        assert disk(data_dir, SYNC_LOG)[-1]["id"] == rev + 1  # history kept
+
+
+# --- group commit, batches, revisions -----------------------------------------------------
+
+
+async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
+    data_dir: Path,
+) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        rec = Recorder(store)
+        seen_on_disk: list[bool] = []
+
+        async def changer(i: int) -> None:
+            await store.submit(ops.create(conn(f"g{i}", name=f"value {i}")), "bus")
+            # Answered: the change must already be in the file (read before yielding again).
+            seen_on_disk.append(by_id(data_dir).get(f"cg{i}", {}).get("name") == f"value {i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(changer, i)
+        assert seen_on_disk == [True] * 64
+        assert sum(rec.commits) == 64
+        assert len(rec.commits) < 64, rec.commits  # fewer writes than changes
+        ids = [e.id for e in rec.events]
+        assert ids == list(range(2, 66))  # one event per change, consecutive
+        assert len(rec.messages) == 64  # one message per change
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == list(range(1, 66))
+
+
+async def test_a_failing_change_fails_alone_in_its_group(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            changes = {"volume_factor": -1.0} if i % 2 else {"name": f"n{i}"}
+            try:
+                results[i] = await store.submit(ops.update("c1", changes), "bus")
+            except CtsdError as e:
+                results[i] = e.code
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(one, i)
+        assert [results[i] for i in range(1, 10, 2)] == ["invalid"] * 5
+        assert all(results[i].name == f"n{i}" for i in range(0, 10, 2))
+        assert by_id(data_dir)["c1"]["volume_factor"] == 1.0
+
+
+async def test_batch_update_is_all_or_nothing_and_one_write(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        for i in range(3):
+            await store.submit(ops.create(conn(i)), "bus")
+        rec = Recorder(store)
+        before = snapshot(data_dir)
+        bad = [{"id": "c0", "name": "A"}, {"id": "c1", "volume_factor": 0}, {"id": "c2"}]
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.batch_update(bad), "bus")
+        assert exc.value.code == "invalid" and exc.value.path == "$.updates[1].volume_factor"
+        missing = [{"id": "c0", "name": "A"}, {"id": "zz", "name": "B"}]
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.batch_update(missing), "bus")
+        assert exc.value.code == "not_found"
+        assert snapshot(data_dir) == before and rec.commits == [] and store.revision == 3
+        assert store.connections["c0"].name == "conn 0"
+
+        good = [{"id": "c0", "name": "A"}, {"id": "c2", "is_enabled": False}]
+        out = await store.submit(ops.batch_update(good), "bus")
+        assert [c.name for c in out] == ["A", "conn 2"]
+        assert rec.commits == [1]  # one write
+        assert [[e.id for e in m] for m in rec.messages] == [[4, 5]]  # one message, consecutive
+        assert by_id(data_dir)["c0"]["name"] == "A" and not by_id(data_dir)["c2"]["is_enabled"]
+
+
+async def test_revisions_kept_across_trimming_and_restarts(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.set_document("settings", {"sync_log_limit": 5}), "bus")
+        for i in range(12):
+            await store.submit(ops.create(conn(i)), "bus")
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [9, 10, 11, 12, 13]
+        assert store.revision == 13 and store.oldest_revision() == 9
+    async with opened(data_dir) as store:
+        assert store.revision == 13
+        rec = Recorder(store)
+        await store.submit(ops.delete("c0"), "bus")
+        assert [e.id for e in rec.events] == [14]
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [10, 11, 12, 13, 14]
+        # Trim to one entry and restart: the revision still continues, never reused.
+        await store.submit(ops.set_document("settings", {"sync_log_limit": 1}), "bus")
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [15]
+    async with opened(data_dir) as store:
+        await store.submit(ops.delete("c1"), "bus")
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [16]
+
+
+# --- failed writes --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "2m") -> Any:
+    where.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); EFBIG case covers it")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def _assert_refused_and_intact(store: Store, data_dir: Path, expect: str) -> None:
+    before = snapshot(data_dir)
+    memory = (dict(store.connections), dict(store.state), list(store.log), store.revision)
+    with pytest.raises(CtsdError) as exc:
+        await store.submit(ops.update("c0", {"name": "never written " * 10}), "bus")
+    assert exc.value.code == "io_error", exc.value
+    assert expect in exc.value.message, exc.value.message
+    assert snapshot(data_dir) == before
+    assert memory == (dict(store.connections), dict(store.state), list(store.log), store.revision)
+
+
+async def _assert_still_works(store: Store, data_dir: Path) -> None:
+    rev = store.revision
+    await store.submit(ops.update("c0", {"name": "after"}), "bus")
+    assert by_id(data_dir)["c0"]["name"] == "after" and store.revision == rev + 1
+    assert no_temp_files(data_dir)
+
+
+async def test_disk_full_refuses_the_change_and_keeps_the_old_file(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "mnt") as mnt:
+        data_dir = mnt / "data"
+        async with opened(data_dir) as store:
+            for i in range(20):
+                await store.submit(ops.create(conn(i)), "bus")
+            filler = mnt / "filler"
+            with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+                while True:  # fill the tmpfs to the last block
+                    fh.write(b"\0" * 4096)
+            await _assert_refused_and_intact(store, data_dir, "No space left")
+            assert no_temp_files(data_dir)
+            filler.unlink()
+            await _assert_still_works(store, data_dir)
+
+
+async def test_read_only_dir_refuses_the_change(tmp_path: Path) -> None:
+    # Root ignores chmod, so make the filesystem itself read-only.
+    with small_tmpfs(tmp_path / "mnt") as mnt:
+        data_dir = mnt / "data"
+        async with opened(data_dir) as store:
+            await store.submit(ops.create(conn(0)), "bus")
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            try:
+                await _assert_refused_and_intact(store, data_dir, "Read-only")
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+            await _assert_still_works(store, data_dir)
+
+
+async def test_file_too_large_efbig_refuses_the_change(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        for i in range(30):
+            await store.submit(ops.create(conn(i)), "bus")
+        size = (data_dir / CONNECTIONS).stat().st_size
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG in the writer.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))  # the change makes it grow
+        try:
+            await _assert_refused_and_intact(store, data_dir, "too large")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert no_temp_files(data_dir)
+        await _assert_still_works(store, data_dir)
+
+
+# --- files on disk --------------------------------------------------------------------------
+
+
+async def test_modes_and_exact_formatting(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1, api_key=CANARY)), "bus")
+        await store.submit(ops.set_volume("c1", live=2.0), "bus")
+        await store.submit(ops.set_document("ui-config", {"b": [1, {"c": None}], "a": "é"}), "bus")
+        await store.submit(ops.set_document("algorithms/A", {"name": "A"}), "bus")
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for sub in ("algorithms", "logs", "historical"):
+        assert stat.S_IMODE((data_dir / sub).stat().st_mode) == 0o700, sub
+    written = snapshot(data_dir)
+    assert CONNECTIONS in written and "algorithms/A.json" in written and len(written) >= 12
+    for name, raw in written.items():
+        assert stat.S_IMODE((data_dir / name).stat().st_mode) == 0o600, name
+        expected = msgspec.json.format(msgspec.json.encode(msgspec.json.decode(raw)), indent=2)
+        assert raw == expected + b"\n", name
+    assert b'\n  {\n    "id": "c1",\n' in written[CONNECTIONS]
+    assert (
+        written["ui-config.json"]
+        == '{\n  "b": [\n    1,\n    {\n      "c": null\n    }\n  ],\n  "a": "é"\n}\n'.encode()
+    )
+
+
+async def test_secrets_never_in_the_sync_log(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        rec = Recorder(store)
+        await store.submit(ops.create(conn(1, api_key=CANARY + "k", api_secret=CANARY)), "bus")
+        await store.submit(ops.update("c1", {"api_passphrase": CANARY + "p", "name": "x"}), "bus")
+        await store.submit(ops.batch_update([{"id": "c1", "api_secret": CANARY + "s"}]), "bus")
+        await store.submit(
+            ops.import_data({"files": {CONNECTIONS: [conn(1, api_key=CANARY)]}}, "merge"), "cli"
+        )
+        await store.submit(
+            ops.set_document("connection", {"projectX": {"apiKey": CANARY, "username": "u"}}),
+            "bus",
+        )
+    raw = (data_dir / SYNC_LOG).read_bytes()
+    assert CANARY not in raw.decode()
+    assert CANARY in (data_dir / CONNECTIONS).read_text()  # the value itself is stored
+    upd = [e for e in rec.events if e.action == "update"]
+    assert "api_passphrase" in upd[0].data["fields"] and upd[0].data["values"] == {"name": "x"}
+    for e in rec.events:
+        assert not set(e.data.get("values", {})) & {"api_key", "api_secret", "api_passphrase"}
+
+
+# --- a file invalid at start ----------------------------------------------------------------
+
+
+async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700)
+    bad = b'[\n  {"id": "c1", "name": "x", "exchange": "bybit", "is_enabeld": true}\n]\n'
+    (data_dir / CONNECTIONS).write_bytes(bad)
+    async with opened(data_dir) as store:
+        assert "did you mean `is_enabled`?" in store.problems[CONNECTIONS].message
+        assert (data_dir / CONNECTIONS).read_bytes() == bad
+        imp = ops.import_data({"files": {CONNECTIONS: [conn(3)]}}, "replace")
+        for op in (ops.create(conn(2)), ops.reset(), imp):
+            with pytest.raises(CtsdError) as exc:
+                await store.submit(op, "bus")
+            assert exc.value.code == "file_invalid", exc.value
+            assert CONNECTIONS in exc.value.message
+        # Other files still take changes.
+        await store.submit(ops.set_document("ui-config", {"x": 1}), "bus")
+        assert (data_dir / CONNECTIONS).read_bytes() == bad
+        assert not (await store.ingest(CONNECTIONS))  # still invalid: reported, untouched
+        assert (data_dir / CONNECTIONS).read_bytes() == bad
+        # Fixed by hand: taken in, and writes work again.
+        (data_dir / CONNECTIONS).write_bytes(bad.replace(b"enabeld", b"enabled"))
+        assert await store.ingest(CONNECTIONS)
+        assert CONNECTIONS not in store.problems
+        await store.submit(ops.create(conn(2)), "bus")
+        assert sorted(by_id(data_dir)) == ["c1", "c2"]
+
+
+async def test_missing_dir_and_files_are_created(tmp_path: Path) -> None:
+    data_dir = tmp_path / "a" / "b"
+    async with opened(data_dir) as store:
+        assert store.problems == {}
+    assert disk(data_dir, CONNECTIONS) == [] and disk(data_dir, "instances.json") == {
+        "instances": [],
+        "lastSaved": None,
+    }
+    assert os.path.isdir(data_dir / "algorithms")
