@@ -1,0 +1,297 @@
+"""Subscriptions: topic/connection filters, replay, fan-out with back-pressure.
+
+The store calls `Hub.publish(events)` synchronously after each durable change (one call = one
+change = one `events` frame). Each distinct frame is encoded once and the same bytes go to
+every subscriber whose filter selects the same events.
+
+Sending follows `websockets.broadcast()`: a subscriber with nothing queued and a transport
+below its high-water mark gets the frame written directly (no task switch). Otherwise the
+frame waits in the subscriber's own bounded queue, drained by its own task with flow control;
+a queue over `MAX_QUEUE_FRAMES` or `MAX_QUEUE_BYTES` means the client fell behind: it is
+closed with 4008 (it resumes with `since`) and never slows anybody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from ctsd.bus import protocol
+from ctsd.files import STATE
+from ctsd.models import SyncEvent
+from ctsd.redact import mask
+
+if TYPE_CHECKING:
+    from ctsd.store import Store
+
+log = structlog.get_logger("ctsd.bus")
+
+MAX_QUEUE_FRAMES = 1000
+MAX_QUEUE_BYTES = 8 * 1024 * 1024
+REPLAY_CHUNK = 500  # events per replay frame (live frames are one change each)
+PROGRESS_S = 30.0
+CLOSE_LAGGING = 4008
+CUT_CLOSE_TIMEOUT_S = 5.0
+
+T_CONNECTIONS, T_STATE, T_DOCUMENTS, T_SYSTEM = 1, 2, 4, 8
+TOPIC_BITS = {"connections": 1, "state": 2, "documents": 4, "system": 8}
+ALL_TOPICS = 15
+
+_ACTION_TOPICS = {
+    "create": T_CONNECTIONS,
+    "update": T_CONNECTIONS,
+    "delete": T_CONNECTIONS,
+    "set_active": T_CONNECTIONS | T_STATE,
+    "import": T_CONNECTIONS | T_DOCUMENTS,
+    "reset": T_CONNECTIONS | T_DOCUMENTS,
+    "update_volume": T_STATE,
+    "stale": T_STATE,
+    "recovered": T_STATE,
+    "test": T_STATE,
+    "document_update": T_DOCUMENTS,
+}
+
+
+def topics_of(ev: SyncEvent) -> int:
+    bits = _ACTION_TOPICS.get(ev.action, T_CONNECTIONS)
+    if ev.data.get("file") == STATE and ev.action in ("create", "update", "delete"):
+        return T_STATE  # a hand edit of connection-state.json is state, not configuration
+    return bits
+
+
+Key = tuple[int, frozenset[str] | None]
+
+
+def selects(key: Key, bits: int, cid: str | None) -> bool:
+    topics, cids = key
+    if not bits & topics:
+        return False
+    # Changes to no single connection (import, reset, documents) reach filtered subscribers too:
+    # they may affect every connection.
+    return cids is None or cid is None or cid in cids
+
+
+def encode_events(encoded: Iterable[bytes]) -> bytes:
+    return b'{"type":"events","events":[' + b",".join(encoded) + b"]}"
+
+
+def encode_event(ev: SyncEvent) -> bytes:
+    return protocol.encode(mask(msgspec.to_builtins(ev)))
+
+
+class Sub:
+    """One bus connection's subscription."""
+
+    def __init__(self, hub: Hub, conn: ServerConnection, key: Key, replay: list[SyncEvent]):
+        self.hub = hub
+        self.conn = conn
+        self.key = key
+        self.replay = replay
+        self.held = True  # until the subscribe result is on the wire
+        self.queue: deque[bytes] = deque()
+        self.qbytes = 0
+        self.closed = False
+        self.last_sent = time.monotonic()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def release(self) -> None:
+        """The subscribe result is sent: replay, then queued live frames, may flow."""
+        self.held = False
+        self.task = asyncio.get_running_loop().create_task(self._drain(), name="ctsd-sub")
+        self.wake.set()
+
+    def push(self, frame: bytes, now: float) -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        if (
+            not self.held
+            and not self.replay
+            and not self.queue
+            and not conn.paused
+            and conn.protocol.state is State.OPEN
+        ):
+            # Fast path, as websockets.broadcast(): write now, no task switch.
+            try:
+                conn.protocol.send_text(frame)
+                conn.send_data()
+            except Exception:  # closing under us; its handler cleans up
+                return
+            self.last_sent = now
+            self.hub.frames_sent += 1
+            return
+        self.queue.append(frame)
+        self.qbytes += len(frame)
+        if len(self.queue) > MAX_QUEUE_FRAMES or self.qbytes > MAX_QUEUE_BYTES:
+            self.cut()
+        else:
+            self.wake.set()
+
+    async def _drain(self) -> None:
+        try:
+            while not self.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.replay and not self.closed:
+                    chunk, self.replay = self.replay[:REPLAY_CHUNK], self.replay[REPLAY_CHUNK:]
+                    bits = [topics_of(e) for e in chunk]
+                    sel = [
+                        self.hub.event_bytes(e)
+                        for e, b in zip(chunk, bits, strict=True)
+                        if selects(self.key, b, e.connection_id)
+                    ]
+                    if sel:
+                        await self._send(encode_events(sel))
+                while self.queue and not self.closed:
+                    frame = self.queue.popleft()
+                    self.qbytes -= len(frame)
+                    await self._send(frame)
+        except ConnectionClosed:
+            self.closed = True
+
+    async def _send(self, frame: bytes) -> None:
+        await self.conn.send(frame, text=True)  # waits while the client's buffer is full
+        self.last_sent = time.monotonic()
+        self.hub.frames_sent += 1
+
+    def stop(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.replay = []
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def cut(self) -> None:
+        """Fell behind: drop what is queued and close with 4008 (resume with `since`)."""
+        self.hub.remove(self)
+        self.stop()
+        self.hub.lagging_closed += 1
+        log.warning("subscriber_lagging", remote=str(self.conn.remote_address), code=4008)
+        asyncio.get_running_loop().create_task(self._close_lagging())
+
+    async def _close_lagging(self) -> None:
+        try:
+            async with asyncio.timeout(CUT_CLOSE_TIMEOUT_S):
+                await self.conn.close(CLOSE_LAGGING, "subscriber fell behind; resume with since")
+        except TimeoutError:
+            self.conn.transport.abort()
+
+
+class Hub:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.groups: dict[Key, set[Sub]] = {}
+        self.by_conn: dict[ServerConnection, Sub] = {}
+        self.frames_sent = 0
+        self.events_sent = 0
+        self.lagging_closed = 0
+        self._event_cache: dict[int, bytes] = {}
+        self._progress_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.store.events_listeners.append(self.publish)
+        self.store.notice_listeners.append(self.notice)
+        self._progress_task = asyncio.get_running_loop().create_task(
+            self._progress(), name="ctsd-progress"
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.store.events_listeners.remove(self.publish)
+        with contextlib.suppress(ValueError):
+            self.store.notice_listeners.remove(self.notice)
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+        for sub in list(self.by_conn.values()):
+            sub.stop()
+
+    @property
+    def count(self) -> int:
+        return len(self.by_conn)
+
+    def event_bytes(self, ev: SyncEvent) -> bytes:
+        return self._event_cache.get(ev.id) or encode_event(ev)
+
+    # --- subscribe ------------------------------------------------------------------------
+
+    def subscribe(self, conn: ServerConnection, key: Key, since: int | None) -> Sub:
+        """Register and take the replay in one synchronous step (no await): the store calls
+        `publish` on this loop, so no change can fall between the replay and live events."""
+        self.unsubscribe(conn)
+        replay = self.store.events_since(since) if since is not None else []
+        sub = Sub(self, conn, key, replay)
+        self.by_conn[conn] = sub
+        self.groups.setdefault(key, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, conn: ServerConnection) -> None:
+        sub = self.by_conn.get(conn)
+        if sub is not None:
+            self.remove(sub)
+            sub.stop()
+
+    def remove(self, sub: Sub) -> None:
+        if self.by_conn.get(sub.conn) is sub:
+            del self.by_conn[sub.conn]
+        group = self.groups.get(sub.key)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self.groups[sub.key]
+
+    # --- publish --------------------------------------------------------------------------
+
+    def publish(self, events: list[SyncEvent]) -> None:
+        if not self.groups:
+            return
+        now = time.monotonic()
+        encoded = [encode_event(e) for e in events]
+        # Replays started later re-encode from the log; keep only this change's bytes cached.
+        self._event_cache = {e.id: b for e, b in zip(events, encoded, strict=True)}
+        bits = [topics_of(e) for e in events]
+        frames: dict[tuple[int, ...], bytes] = {}
+        everything = tuple(range(len(events)))
+        for key, subs in list(self.groups.items()):
+            if key[0] == ALL_TOPICS and key[1] is None:
+                picked = everything
+            else:
+                picked = tuple(
+                    i for i, e in enumerate(events) if selects(key, bits[i], e.connection_id)
+                )
+            if not picked:
+                continue
+            frame = frames.get(picked)
+            if frame is None:
+                frame = frames[picked] = encode_events(encoded[i] for i in picked)
+            for sub in list(subs):
+                sub.push(frame, now)
+            self.events_sent += len(picked) * len(subs)
+
+    def notice(self, notice: dict[str, Any]) -> None:
+        frame = protocol.encode(mask(notice))
+        now = time.monotonic()
+        for key, subs in list(self.groups.items()):
+            if key[0] & T_SYSTEM:
+                for sub in list(subs):
+                    sub.push(frame, now)
+
+    async def _progress(self) -> None:
+        # Idle subscribers learn the current revision so they can resume from it cheaply.
+        while True:
+            await asyncio.sleep(PROGRESS_S / 6)
+            now = time.monotonic()
+            frame = protocol.encode(protocol.Progress(revision=self.store.revision))
+            for sub in list(self.by_conn.values()):
+                if not sub.held and now - sub.last_sent >= PROGRESS_S:
+                    sub.push(frame, now)

@@ -1,0 +1,84 @@
+"""Rate limits: a token bucket per client (`server.rate_limit`) and a harsher one for failed
+authentication per remote address (guessing tokens must be slow)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ctsd.models import RateLimit
+
+# Failed auth attempts: this many per address within the window, then 429 / auth_invalid.
+AUTH_FAILURES = 10
+AUTH_WINDOW_S = 60.0
+
+
+class Bucket:
+    """`requests` per `window_s`, refilled continuously (no burst at window edges)."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, capacity: float) -> None:
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def take(self, capacity: float, window_s: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(capacity, self.tokens + (now - self.stamp) * capacity / window_s)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Limiter:
+    """One bucket per key (a bus connection, or a remote address for HTTP)."""
+
+    def __init__(self, settings: Callable[[], RateLimit]) -> None:
+        self.settings = settings
+        self.buckets: dict[object, Bucket] = {}
+
+    def allow(self, key: object) -> bool:
+        rl = self.settings()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) > 10_000:
+                self._prune(rl)
+            bucket = self.buckets[key] = Bucket(rl.requests)
+        return bucket.take(rl.requests, rl.window_s)
+
+    def forget(self, key: object) -> None:
+        self.buckets.pop(key, None)
+
+    def _prune(self, rl: RateLimit) -> None:
+        # Drop buckets that have refilled completely: they hold no information.
+        now = time.monotonic()
+        for key, b in list(self.buckets.items()):
+            if b.tokens + (now - b.stamp) * rl.requests / rl.window_s >= rl.requests:
+                del self.buckets[key]
+
+
+class AuthFailures:
+    """Failed authentications per remote address within a sliding window."""
+
+    def __init__(self, limit: int = AUTH_FAILURES, window_s: float = AUTH_WINDOW_S) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.seen: dict[str, list[float]] = {}
+
+    def _recent(self, addr: str) -> list[float]:
+        cutoff = time.monotonic() - self.window_s
+        times = [t for t in self.seen.get(addr, ()) if t > cutoff]
+        if times:
+            self.seen[addr] = times
+        else:
+            self.seen.pop(addr, None)
+        return times
+
+    def blocked(self, addr: str) -> bool:
+        return len(self._recent(addr)) >= self.limit
+
+    def failed(self, addr: str) -> None:
+        self._recent(addr)
+        self.seen.setdefault(addr, []).append(time.monotonic())

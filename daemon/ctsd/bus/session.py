@@ -1,0 +1,203 @@
+"""One bus connection: authentication, then the command loop (CONTRACT §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+
+from ctsd.bus import protocol as p
+from ctsd.bus.commands import HANDLERS, WRITES
+from ctsd.bus.fanout import Sub
+from ctsd.errors import CtsdError
+
+if TYPE_CHECKING:
+    from ctsd.bus.server import Server
+
+log = structlog.get_logger("ctsd.bus")
+
+AUTH_TIMEOUT_S = 10.0
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
+EXEMPT = frozenset({"connections.heartbeat"})  # CONTRACT §2: heartbeats are not rate limited
+
+_decoder = msgspec.json.Decoder()
+
+
+def token_ok(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def bearer(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer` header, '' for a malformed one, else None."""
+    values = headers.get_all("Authorization")
+    if not values:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and len(values) == 1 else ""
+
+
+class Session:
+    def __init__(self, server: Server, conn: ServerConnection) -> None:
+        self.server = server
+        self.app = server.app
+        self.conn = conn
+        self.addr = str(conn.remote_address[0]) if conn.remote_address else "?"
+        self.last_id: int | None = None
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.pending_sub: Sub | None = None
+
+    async def send(self, msg: Any) -> None:
+        await self.conn.send(p.encode(msg), text=True)
+
+    # --- auth -----------------------------------------------------------------------------
+
+    async def _refuse(self, message: str) -> None:
+        self.server.auth_failures.failed(self.addr)
+        self.server.count_error("unauthorized")
+        log.warning("auth_invalid", remote=self.addr, reason=message)
+        await self.send(p.AuthInvalid(message=message))
+        await self.conn.close(CLOSE_POLICY, "authentication failed")
+
+    async def authenticate(self) -> bool:
+        assert self.conn.request is not None
+        header = bearer(self.conn.request.headers)
+        if header is not None:
+            if header and token_ok(header, self.app.token):
+                await self.send(
+                    p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision)
+                )
+                return True
+            await self._refuse("invalid token in the Authorization header")
+            return False
+        await self.send(p.AuthRequired(version=p.PROTOCOL_VERSION))
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT_S):
+                raw = await self.conn.recv()
+        except TimeoutError:
+            await self._refuse(f"no auth message within {AUTH_TIMEOUT_S:g} s")
+            return False
+        try:
+            frame = _decoder.decode(raw)
+            ok = isinstance(frame, dict) and frame.get("type") == "auth"
+            auth = p.parse_args(p.Auth, frame) if ok else None
+        except (msgspec.DecodeError, CtsdError):
+            auth = None
+        if auth is None:
+            await self._refuse('expected {"type": "auth", "token": TOKEN} first')
+            return False
+        if self.server.auth_failures.blocked(self.addr):
+            await self._refuse("too many failed attempts; try again later")
+            return False
+        if not token_ok(auth.token, self.app.token):
+            await self._refuse("invalid token")
+            return False
+        await self.send(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision))
+        return True
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if not await self.authenticate():
+                return
+            self.server.sessions.add(self)
+            async for raw in self.conn:
+                await self.on_frame(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.server.sessions.discard(self)
+            self.server.hub.unsubscribe(self.conn)
+            self.server.limiter.forget(self)
+
+    async def on_frame(self, raw: str | bytes) -> None:
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
+        if size > p.MAX_FRAME_BYTES:
+            err = CtsdError("too_large", f"frame of {size} bytes; the limit is {p.MAX_FRAME_BYTES}")
+            await self.fail(None, err)
+            await self.conn.close(CLOSE_TOO_BIG, "frame too large")
+            return
+        try:
+            frame = _decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            await self.fail(None, CtsdError("invalid_format", f"not JSON: {e}"))
+            return
+        if not isinstance(frame, dict):
+            await self.fail(None, CtsdError("invalid_format", "a frame must be a JSON object"))
+            return
+        msg_id = frame.get("id")
+        if not isinstance(msg_id, int) or isinstance(msg_id, bool):
+            await self.fail(
+                None, CtsdError("invalid_format", "`id` must be an integer", path="$.id")
+            )
+            return
+        if self.last_id is not None and msg_id <= self.last_id:
+            await self.fail(
+                msg_id,
+                CtsdError(
+                    "id_reuse",
+                    f"ids must strictly increase; the last one was {self.last_id}",
+                    path="$.id",
+                ),
+            )
+            return
+        self.last_id = msg_id
+        name = frame.get("type")
+        kind = p.COMMANDS.get(name) if isinstance(name, str) else None
+        if kind is None:
+            await self.fail(
+                msg_id, CtsdError("unknown_command", f"unknown command {name!r}", path="$.type")
+            )
+            return
+        if name not in EXEMPT and not self.server.limiter.allow(self):
+            await self.fail(
+                msg_id, CtsdError("rate_limited", "too many requests; slow down and retry")
+            )
+            return
+        try:
+            args = p.parse_args(kind, frame)
+        except CtsdError as e:
+            await self.fail(msg_id, e)
+            return
+        if name in WRITES:
+            if len(self.inflight) >= MAX_INFLIGHT:
+                await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+            return
+        if self.inflight:  # read-your-writes: this client's earlier changes answer first
+            await asyncio.wait(self.inflight)
+        await self.execute(msg_id, name, args)
+
+    async def execute(self, msg_id: int, name: str, args: Any) -> None:
+        try:
+            try:
+                result = await HANDLERS[name](self, args)
+            except CtsdError as e:
+                await self.fail(msg_id, e)
+                return
+            except Exception as e:
+                log.exception("command_failed", command=name)
+                await self.fail(msg_id, CtsdError("internal", f"{type(e).__name__}: {e}"))
+                return
+            try:
+                await self.send(p.Ok(id=msg_id, result=result))
+            finally:
+                sub, self.pending_sub = self.pending_sub, None
+                if sub is not None and not sub.closed:
+                    sub.release()
+        except ConnectionClosed:
+            pass  # the client left; its change (if any) is durable all the same
+
+    async def fail(self, msg_id: int | None, err: CtsdError) -> None:
+        self.server.count_error(err.code)
+        await self.conn.send(p.encode_fail(msg_id, err), text=True)

@@ -1,0 +1,151 @@
+"""Read views of the store for the bus and HTTP: every record leaves through `redact.mask`.
+
+These read committed memory directly (no door needed for reads); state goes through
+`store.state_view` so in-memory heartbeats show before their periodic flush.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ctsd import __version__, files
+from ctsd.errors import CtsdError
+from ctsd.models import Connection, SyncEvent
+from ctsd.redact import mask
+from ctsd.timeutil import now_iso
+
+if TYPE_CHECKING:
+    from ctsd.app import App
+    from ctsd.store import Store
+
+to_builtins = msgspec.to_builtins
+
+
+def connection(conn: Connection) -> dict[str, Any]:
+    return mask(to_builtins(conn))
+
+
+def connections(
+    store: Store,
+    exchange: str | None = None,
+    enabled: bool | None = None,
+    active: bool | None = None,
+) -> list[dict[str, Any]]:
+    out = []
+    for c in store.connections.values():
+        if exchange is not None and c.exchange != exchange:
+            continue
+        if enabled is not None and c.is_enabled != enabled:
+            continue
+        # CONTRACT §2: "active connections" are the enabled ones with is_active true.
+        if active is not None and (c.is_enabled and c.is_active) != active:
+            continue
+        out.append(connection(c))
+    return out
+
+
+def get_connection(store: Store, cid: str) -> dict[str, Any]:
+    conn = store.connections.get(cid)
+    if conn is None:
+        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+    return connection(conn)
+
+
+def state(store: Store) -> list[dict[str, Any]]:
+    return [mask(to_builtins(s)) for s in store.state_views()]
+
+
+def documents(store: Store) -> dict[str, Any]:
+    return {name: mask(content) for name, content in sorted(store.documents.items())}
+
+
+def document(store: Store, name: str) -> Any:
+    content = store.documents.get(name)
+    if content is None:
+        raise CtsdError("not_found", f"no document {name!r}", path="$.name")
+    return mask(content)
+
+
+def events(evs: list[SyncEvent]) -> list[dict[str, Any]]:
+    # Sync-log data never holds a secret value (ops store only non-secret values); masked
+    # anyway so a future op cannot leak through the edge.
+    return [mask(to_builtins(e)) for e in evs]
+
+
+def check_since(store: Store, since: int) -> None:
+    oldest = store.oldest_revision()
+    if since < oldest - 1:
+        raise CtsdError(
+            "revision_compacted",
+            f"revision {since} is older than the oldest retained entry ({oldest}); "
+            "take a snapshot and subscribe from its revision",
+            path="$.since",
+            extra={"oldest": oldest},
+        )
+
+
+def sync_log(store: Store, since: int, limit: int) -> list[dict[str, Any]]:
+    check_since(store, since)
+    return events(store.events_since(since)[:limit])
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    return {
+        "revision": store.revision,
+        "connections": connections(store),
+        "state": state(store),
+        "documents": documents(store),
+    }
+
+
+def export(store: Store) -> dict[str, Any]:
+    """Every data file as its content, secrets masked (CONTRACT §4 `data.export`)."""
+    out: dict[str, Any] = {
+        files.CONNECTIONS: connections(store),
+        files.STATE: state(store),
+        files.SYNC_LOG: events(list(store.log)),
+    }
+    for name, content in sorted(store.documents.items()):
+        out[files.document_file(name)] = mask(content)
+    return {"version": 1, "exported_at": now_iso(), "revision": store.revision, "files": out}
+
+
+def counts(store: Store) -> dict[str, int]:
+    by_status = {"active": 0, "stale": 0, "inactive": 0}
+    for st in store.state.values():
+        by_status[st.status] = by_status.get(st.status, 0) + 1
+    conns = store.connections.values()
+    return {
+        "connections": len(store.connections),
+        "enabled": sum(1 for c in conns if c.is_enabled),
+        "active": sum(1 for c in conns if c.is_enabled and c.is_active),
+        **{f"status_{k}": v for k, v in by_status.items()},
+    }
+
+
+def projectx_status(app: App) -> dict[str, Any]:
+    try:
+        from ctsd import sweeps
+    except ImportError:
+        return {"available": False, "message": "connection probes are not running"}
+    try:
+        return sweeps.projectx_status(app)
+    except AttributeError:
+        return {"available": False, "message": "connection probes are not running"}
+
+
+def status(app: App) -> dict[str, Any]:
+    store = app.store
+    bus = app.components.get("bus")
+    return {
+        "version": __version__,
+        "revision": store.revision,
+        "uptime_s": round(time.monotonic() - app.started_at, 3),
+        "counts": counts(store),
+        "invalid_files": sorted(store.problems),
+        "bus": bus.stats() if bus is not None else {},
+        "projectx": projectx_status(app),
+    }
