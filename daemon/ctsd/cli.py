@@ -48,13 +48,13 @@ def verify(data_dir: str | None) -> None:
     from ctsd.verify import verify_dir
 
     directory = resolve_data_dir(data_dir)
+    if not directory.is_dir():
+        # A missing dir is not a file problem: a file:1:1 location would only confuse.
+        click.echo(f"ctsd: {directory}: data dir does not exist or is not a directory", err=True)
+        sys.exit(1)
     checked, problems = verify_dir(directory)
     for problem in problems:
-        click.echo(
-            f"{directory}/{problem.format()}"
-            if problem.file != str(directory)
-            else problem.format()
-        )
+        click.echo(f"{directory}/{problem.format()}")
     if problems:
         click.echo(f"{len(problems)} problem(s) in {len(checked)} file(s)", err=True)
         sys.exit(1)

@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -574,6 +575,23 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
     return changes
 
 
+class PositiveFactor(click.ParamType):
+    """A volume factor: a finite number > 0 (FloatRange lets nan and inf through)."""
+
+    name = "number>0"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{short(value)!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{short(value)!r} is not a finite number > 0", param, ctx)
+        return number
+
+
 def secret_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Secrets come from the environment or a prompt without echo; never from argv."""
     for field in reversed(SECRET_CONNECTION_FIELDS):
@@ -735,7 +753,7 @@ def _conn_group(main: click.Group) -> None:
     @click.option("--api-type", help="e.g. perpetual_futures, spot")
     @click.option("--testnet/--mainnet", default=None, help="testnet or the real exchange")
     @click.option("--enabled/--disabled", default=None)
-    @click.option("--volume-factor", type=click.FloatRange(0, min_open=True))
+    @click.option("--volume-factor", type=PositiveFactor())
     @click.option(
         "--settings",
         "settings_json",
@@ -886,7 +904,7 @@ def _conn_group(main: click.Group) -> None:
         "deactivated",
     )
 
-    positive = click.FloatRange(0, min_open=True, max=1e9)
+    positive = PositiveFactor()
 
     @conn.command(**CMD)
     @bus_options

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from ctsd import files
-from ctsd.atomic import Stamp
+from ctsd.atomic import Stamp, stamp_of
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, TestResult
@@ -378,10 +378,18 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
         tx.state.replace(new_state)
 
 
-def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp) -> Op:
+def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp, *, force: bool = False) -> Op:
     """The op for a valid hand edit of `file` (already decoded and validated)."""
 
     def op(tx: Tx) -> None:
+        # Applied a moment after the read: the writer may have written the file since.
+        store = tx.store
+        if not force and store.stamps.get(file) == stamp and file not in store.problems:
+            return  # our own write, read before the writer had recorded its stamp
+        if stamp_of(store.path(file)) != stamp:
+            # Changed again since read (by us or by hand): these bytes are stale and would
+            # undo that change. Refuse; the next look reads the file as it now is.
+            raise CtsdError("conflict", f"{file} changed again while it was being read")
         tx.synced[file] = stamp
         if file == SYNC_LOG:
             tx.log_replace = decoded

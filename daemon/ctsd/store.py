@@ -486,11 +486,13 @@ class Store:
 
     # --- hand edits and reload -------------------------------------------------------------
 
-    async def ingest(self, file: str, *, _inline: bool = False) -> bool:
+    async def ingest(self, file: str, *, _inline: bool = False, report: bool = True) -> bool:
         """Take a file as it now is on disk in through the one door (`source: "file"`).
 
         Returns True when the content was taken in (or already matched), False when the file
         is invalid (it is then left exactly as it is, reported, and its writes refused).
+        `report=False` only looks: an invalid file is neither reported nor marked (the watcher
+        uses it to tell a half-written in-place save from a bad edit).
         """
         from ctsd import ops  # ops builds on the store; imported here to keep the flow one-way
 
@@ -500,17 +502,24 @@ class Store:
             return True  # our own write, or nothing new
         if before is None:
             return await self._restore_deleted(file, _inline=_inline)
+        stamp: Stamp | None = None
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
             decoded = self.decode(file, raw)
             op = ops.take_in(file, decoded, raw, stamp)
         except Invalid as e:
-            self._mark_invalid(file, e.problem, stamp_of(path))
+            # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
+            # version must not pass as already judged).
+            if report:
+                self._mark_invalid(file, e.problem, stamp or stamp_of(path))
             return False
+        except FileNotFoundError:  # deleted between the stat and the open
+            return await self._restore_deleted(file, _inline=_inline)
         except OSError as e:
-            self._mark_invalid(
-                file, FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"), None
-            )
+            if report:
+                self._mark_invalid(
+                    file, FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"), None
+                )
             return False
         if _inline:
             # Called from inside the writer: commit this ingest as its own group, now.
@@ -524,6 +533,8 @@ class Store:
             except CtsdError as e:
                 exc = e
         if isinstance(exc, CtsdError) and exc.code == "invalid":
+            if not report:
+                return False
             self._mark_invalid(
                 file,
                 exc.extra.get("problem") or FileProblem(file, 1, 1, exc.path or "$", exc.message),

@@ -1,0 +1,363 @@
+"""The CLI without a daemon: `verify`, `schema`, argument checking, and no daemon answering.
+
+Every test runs the real `ctsd` console script as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from ctsd import models
+from tests.cli_helpers import CANARY, clean_env, ctsd
+from tests.daemon import free_port
+
+# --- verify ---------------------------------------------------------------------------------
+
+VALID_CONNECTIONS = """[
+  {
+    "id": "conn_abc123",
+    "name": "Bybit Main",
+    "exchange": "bybit",
+    "volume_factor": 1.0,
+    "connection_settings": "{}"
+  }
+]
+"""
+
+
+def where(text: str, needle: str) -> tuple[int, int]:
+    """1-based line and column of the first `needle` in `text`."""
+    offset = text.index(needle)
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def test_verify_valid_dir(tmp_path: Path) -> None:
+    (tmp_path / "connections.json").write_text(VALID_CONNECTIONS)
+    (tmp_path / "settings.json").write_text('{"server": {"port": 4000}, "theme": "dark"}\n')
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "algorithms" / "trend.json").write_text('{"name": "trend", "window": 5}\n')
+    (tmp_path / "instances.json").write_text(
+        '{"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}]}\n'
+    )
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok: 4 file(s) valid")
+
+
+def test_verify_takes_the_data_dir_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "connections.json").write_text("[1")
+    r = ctsd("verify", env=clean_env(CTSD_DATA_DIR=str(tmp_path)))
+    assert r.returncode == 1
+    assert f"{tmp_path}/connections.json:1:" in r.stdout
+
+
+# (file, content, the text where the problem is located, words the message must carry)
+PROBLEMS: list[tuple[str, str, str, list[str]]] = [
+    ("connections.json", '[\n  {"id": "a", "name": "A",, }\n]\n', ", }", ["invalid JSON"]),
+    (
+        "connections.json",
+        '[\n  {"id": "a", "name": "A", "exchange": "x", "is_enabeld": true}\n]\n',
+        '"is_enabeld"',
+        ["unknown field `is_enabeld`", "did you mean `is_enabled`"],
+    ),
+    (
+        "connections.json",
+        '[\n  {"id": "a", "name": "A", "exchange": "x", "volume_factor": "big"}\n]\n',
+        '"big"',
+        ["expected `float`"],
+    ),
+    (
+        "connections.json",
+        '[\n  {"id": "a", "name": "A", "exchange": "x"},\n'
+        '  {"id": "a", "name": "B", "exchange": "y"}\n]\n',
+        '"a", "name": "B"',
+        ["duplicate"],
+    ),
+    ("settings.json", '{"server": {"port": 70000}}\n', "70000", ["65535"]),
+    (
+        "instances.json",
+        '{"instances": [{"id": "i", "name": "n", "symbol": "ES", "algorithmName": "ghost"}]}\n',
+        '"ghost"',
+        ["ghost", "algorithms/"],
+    ),
+    ("ui-config.json", "[1, 2]\n", "[", ["expected a JSON object"]),
+    ("algorithms/no-name.json", '{"window": 3}\n', "{", ["name"]),
+]
+
+
+@pytest.mark.parametrize(("file", "content", "at", "words"), PROBLEMS)
+def test_verify_reports_each_problem_with_its_location(
+    tmp_path: Path, file: str, content: str, at: str, words: list[str]
+) -> None:
+    path = tmp_path / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1, r.stdout
+    line, col = where(content, at)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    assert lines[0].startswith(f"{path}:{line}:{col}: "), (lines[0], line, col)
+    for word in words:
+        assert word in lines[0]
+    assert "1 problem(s)" in r.stderr
+
+
+def test_verify_reports_every_bad_file_not_just_the_first(tmp_path: Path) -> None:
+    (tmp_path / "connections.json").write_text("[")
+    (tmp_path / "watchlists.json").mkdir()
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "algorithms" / "..x.json").write_text("{}")
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1
+    out = r.stdout
+    assert f"{tmp_path}/connections.json:1:" in out
+    assert f"{tmp_path}/watchlists.json:1:1: is a directory" in out
+    assert f"{tmp_path}/algorithms/..x.json:1:1: algorithm file name not allowed" in out
+    assert "3 problem(s)" in r.stderr
+
+
+def test_verify_missing_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    r = ctsd("verify", "--data-dir", str(missing))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.strip() == f"ctsd: {missing}: data dir does not exist or is not a directory"
+    assert not missing.exists(), "verify must not create the data dir"
+
+
+def test_verify_touches_nothing(tmp_path: Path) -> None:
+    bad = '[{"id": "a", "name": "A", "exchange": "x", "api_key": "' + CANARY + '", "oops": 1}]'
+    (tmp_path / "connections.json").write_text(bad)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert (tmp_path / "connections.json").read_text() == bad
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert CANARY not in r.stdout + r.stderr
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def check_schema(node: Any, root: dict[str, Any], path: str = "$") -> int:
+    """Structural JSON Schema check: types, refs resolve, required ⊆ properties. Returns #refs."""
+    refs = 0
+    if isinstance(node, dict):
+        if "$ref" in node:
+            ref = node["$ref"]
+            assert ref.startswith("#/$defs/"), (path, ref)
+            assert ref.removeprefix("#/$defs/") in root.get("$defs", {}), (path, ref)
+            refs += 1
+        if "type" in node:
+            types = node["type"] if isinstance(node["type"], list) else [node["type"]]
+            assert set(types) <= JSON_TYPES, (path, types)
+        if "properties" in node:
+            assert isinstance(node["properties"], dict), path
+            for req in node.get("required", []):
+                assert req in node["properties"], (path, req)
+        for key in ("anyOf", "allOf", "oneOf"):
+            if key in node:
+                assert isinstance(node[key], list) and node[key], (path, key)
+        for k, v in node.items():
+            if k in ("properties", "$defs", "patternProperties") and isinstance(v, dict):
+                # A map of names to schemas: the names are not keywords.
+                for name, sub in v.items():
+                    refs += check_schema(sub, root, f"{path}.{k}.{name}")
+            elif k not in ("const", "enum", "default", "examples"):
+                refs += check_schema(v, root, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            refs += check_schema(v, root, f"{path}[{i}]")
+    return refs
+
+
+def test_schema_lists_every_name() -> None:
+    r = ctsd("schema")
+    assert r.returncode == 0
+    names = r.stdout.split()
+    expected = {"connections", "connection-state", "connection-sync-log", "settings"}
+    expected |= {"connection", "instances", "algorithm", "protocol"}
+    assert set(names) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "connections",
+        "connection-state",
+        "connection-sync-log",
+        "settings",
+        "connection",
+        "instances",
+        "algorithm",
+        "protocol",
+    ],
+)
+def test_schema_is_valid_json_schema(name: str) -> None:
+    r = ctsd("schema", name)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert out["title"]
+    assert check_schema(out, out) > 0
+    try:
+        import jsonschema  # optional: the full meta-schema check where it is installed
+    except ImportError:
+        pass
+    else:
+        jsonschema.Draft202012Validator.check_schema(out)
+
+
+def test_schema_connections_has_exactly_the_connection_fields() -> None:
+    out = json.loads(ctsd("schema", "connections").stdout)
+    conn = out["$defs"]["Connection"]
+    assert list(conn["properties"]) == [f.name for f in msgspec.structs.fields(models.Connection)]
+    assert conn.get("additionalProperties") is False  # unknown keys are an error
+    assert conn["properties"]["id"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
+
+
+def test_schema_accepts_file_names() -> None:
+    by_name = ctsd("schema", "connections").stdout
+    assert ctsd("schema", "connections.json").stdout == by_name
+    algo = json.loads(ctsd("schema", "algorithms/connections.json").stdout)
+    assert algo["title"] == "ctsd algorithm"
+
+
+def test_schema_protocol_names_the_bus_commands() -> None:
+    out = json.loads(ctsd("schema", "protocol").stdout)
+    text = json.dumps(out)
+    for command in ("subscribe", "connections.update", "data.import", "snapshot"):
+        assert command in text
+
+
+def test_schema_unknown_name_is_a_usage_error() -> None:
+    r = ctsd("schema", "nope")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "no schema 'nope'; one of: algorithm," in r.stderr
+
+
+# --- the client without a daemon ------------------------------------------------------------
+
+CLIENT_COMMANDS: list[list[str]] = [
+    ["status"],
+    ["conn", "list"],
+    ["conn", "show", "x"],
+    ["conn", "add", "--name", "n", "--exchange", "e"],
+    ["conn", "set", "x", "name=y"],
+    ["conn", "rm", "x"],
+    ["conn", "enable", "x"],
+    ["conn", "disable", "x"],
+    ["conn", "activate", "x"],
+    ["conn", "deactivate", "x"],
+    ["conn", "volume", "x", "--live", "2"],
+    ["conn", "test", "x"],
+    ["watch"],
+    ["export"],
+    ["reset", "--yes"],
+]
+
+
+@pytest.mark.parametrize("args", CLIENT_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_no_daemon_answering_is_one_clear_line(args: list[str], tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    r = ctsd(*args, env=clean_env(CTSD_PORT=str(port), CTSD_TOKEN="t"), cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == ""
+    assert r.stderr == (
+        f"ctsd: no daemon answering on 127.0.0.1:{port} — "
+        "start it with `ctsd serve` or `systemctl start ctsd`\n"
+    )
+
+
+def test_no_daemon_default_address(tmp_path: Path) -> None:
+    r = ctsd("status", "--port", "3587", cwd=tmp_path)
+    if r.returncode == 3:  # unless a real daemon runs on this machine
+        assert "no daemon answering on 127.0.0.1:3587 — start it with `ctsd serve`" in r.stderr
+
+
+def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> None:
+    env = clean_env(CTSD_PORT=str(free_port()), CTSD_TOKEN="t")
+    r = ctsd("import", str(tmp_path / "missing.json"), env=env)
+    assert r.returncode == 2
+    assert "cannot read" in r.stderr and "missing.json" in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "files": {,\n}')
+    r = ctsd("import", str(bad), env=env)
+    assert r.returncode == 2
+    assert f"{bad}:2:13: not valid JSON" in r.stderr
+    notexport = tmp_path / "list.json"
+    notexport.write_text("[1, 2]")
+    r = ctsd("import", str(notexport), env=env)
+    assert r.returncode == 2
+    assert "is not a ctsd export" in r.stderr
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    r = ctsd("import", str(binary), env=env)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["conn", "set", "x", "novalue"], "expected field=value"),
+        (["conn", "set", "x", "=1"], "expected field=value"),
+        (["conn", "set", "x", "is_enabeld=true"], "did you mean `is_enabled`"),
+        (["conn", "set", "x", "bogus=1"], "unknown field `bogus`"),
+        (["conn", "set", "x", "volume_factor=abc"], "is not a JSON value"),
+        (["conn", "set", "x", "id=y"], "set by the daemon"),
+        (["conn", "set", "x"], "nothing to change"),
+        (["conn", "set", "x", f"api_key={CANARY}"], "not taken from the command line"),
+        (["conn", "set", "x", f"api_secret={CANARY}"], "not taken from the command line"),
+        (["conn", "add", "--exchange", "e"], "Missing option '--name'"),
+        (["conn", "add", "--name", "n", "--exchange", "e", "--settings", "[1]"], "JSON object"),
+        (["conn", "add", "--name", "n", "--exchange", "e", "--volume-factor", "0"], "> 0"),
+        (["conn", "add", "--name", "n", "--exchange", "e", "--api-key-env", "NOPE_X"], "not set"),
+        (["conn", "volume", "x", "--live", "-1"], "--live"),
+        (["conn", "volume", "x", "--preset", "nan"], "--preset"),
+        (["conn", "rm"], "Missing argument"),
+        (["watch", "--since", "-1"], "--since"),
+        (["watch", "--topic", "nope"], "--topic"),
+        (["reset"], "--yes"),
+        (["status", "--port", "70000"], "--port"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    # A port nothing listens on: proves the error comes before any connection is tried.
+    r = ctsd(*args, env=clean_env(CTSD_PORT=str(free_port()), CTSD_TOKEN="t"))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert CANARY not in r.stdout + r.stderr
+
+
+def test_hostile_field_names_are_escaped_and_shortened() -> None:
+    hostile = "\x1b[2J\x1b]0;pwned\x07" + "x" * 5000
+    r = ctsd("conn", "set", "x", f"{hostile}=1", env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 2
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert len(r.stderr) < 2000
+
+
+def test_bad_port_in_environment() -> None:
+    r = ctsd("status", env=clean_env(CTSD_PORT="abc"))
+    assert r.returncode == 2
+    assert "CTSD_PORT must be a port number" in r.stderr
+
+
+def test_help_documents_the_exit_codes() -> None:
+    for args in (["--help"], ["status", "--help"], ["conn", "set", "--help"], ["watch", "-h"]):
+        r = ctsd(*args)
+        assert r.returncode == 0
+        assert "Exit codes:" in r.stdout
+        assert "3  no daemon answering" in r.stdout

@@ -1,0 +1,454 @@
+"""Hand edits against the real daemon process (CONTRACT §3, issue 3).
+
+Every test edits files the way a tool does (atomic rename, in-place truncate + write, vim's
+backup/probe/rename dance, `cp`, `sed -i`, `rm`) and observes only what the outside sees: the
+sync log on disk, the daemon's JSON log lines, `/health`, and the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.daemon import Daemon, wait_until
+
+CONNS = "connections.json"
+LOG = "connection-sync-log.json"
+# The race test sends far more than the default 1,000 bus commands per 15 minutes.
+SETTINGS = {"server": {"rate_limit": {"requests": 1_000_000, "window_s": 900}}}
+
+
+def connection(i: int, **over: Any) -> dict[str, Any]:
+    c = {
+        "id": f"conn_{i:04d}",
+        "name": f"Connection {i}",
+        "exchange": "bybit",
+        "api_key": f"key-{i:04d}-SECRET",
+        "api_secret": f"secret-{i:04d}-SECRET",
+        "volume_factor": 1.0,
+        "is_enabled": True,
+        "created_at": "2024-01-01T00:00:00.000Z",
+        "updated_at": "2024-01-01T00:00:00.000Z",
+    }
+    c.update(over)
+    return c
+
+
+def dump(value: Any) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
+def atomic_save(path: Path, body: bytes) -> None:
+    """What most editors do: write a temp file in the same dir, then rename it over."""
+    tmp = path.with_name(f".{path.name}.edit-{os.getpid()}")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+def seed(data_dir: Path, n: int, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conns = [connection(i) for i in range(n)]
+    (data_dir / CONNS).write_bytes(dump(conns))
+    (data_dir / "settings.json").write_bytes(dump(settings or SETTINGS))
+    return conns
+
+
+def sync_log(d: Daemon) -> list[dict[str, Any]]:
+    # The daemon replaces the file atomically, so a read is always a whole version.
+    return json.loads((d.data_dir / LOG).read_bytes())
+
+
+def events_after(d: Daemon, revision: int) -> list[dict[str, Any]]:
+    return [e for e in sync_log(d) if e["id"] > revision]
+
+
+def revision(d: Daemon) -> int:
+    log = sync_log(d)
+    return log[-1]["id"] if log else 0
+
+
+def log_lines(d: Daemon, event: str) -> list[dict[str, Any]]:
+    return [e for e in d.log_events() if e.get("event") == event]
+
+
+def wait_events(
+    d: Daemon, after: int, pred: Callable[[list[dict[str, Any]]], bool], what: str
+) -> list[dict[str, Any]]:
+    def check() -> list[dict[str, Any]] | None:
+        evs = events_after(d, after)
+        return evs if evs and pred(evs) else None
+
+    return wait_until(check, 5.0, what=what)
+
+
+@pytest.fixture
+def daemon10(data_dir: Path) -> Iterator[Daemon]:
+    seed(data_dir, 10)
+    d = Daemon(data_dir).start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _edit_name(body: bytes, cid: str, name: str) -> bytes:
+    conns = json.loads(body)
+    for c in conns:
+        if c["id"] == cid:
+            c["name"] = name
+    return dump(conns)
+
+
+def assert_one_name_update(d: Daemon, rev: int, cid: str, name: str) -> None:
+    evs = wait_events(d, rev, lambda evs: True, f"the edit of {cid}")
+    assert [(e["connection_id"], e["action"], e["data"]["fields"]) for e in evs] == [
+        (cid, "update", ["name"])
+    ], evs
+    assert evs[0]["data"]["source"] == "file"
+    assert evs[0]["data"]["values"]["name"] == name
+    assert not log_lines(d, "file_invalid"), "a half-written file was judged"
+    assert not log_lines(d, "file_restored_from_memory")
+
+
+# --- the ways a file gets saved -------------------------------------------------------------
+
+
+def test_atomic_rename_save(daemon10: Daemon) -> None:
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    atomic_save(path, _edit_name(path.read_bytes(), "conn_0003", "Renamed"))
+    assert_one_name_update(d, rev, "conn_0003", "Renamed")
+    # The edited file is left exactly as the operator wrote it.
+    assert json.loads(path.read_bytes())[3]["name"] == "Renamed"
+
+
+def test_in_place_truncate_then_chunks_with_pauses(daemon10: Daemon) -> None:
+    """nano/`>`-style: truncate, then write in pieces; the half file must not count."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    body = _edit_name(path.read_bytes(), "conn_0005", "Chunked")
+    pause = threading.Event()  # the writer's pauses between chunks (part of the scenario)
+    with open(path, "r+b") as fh:
+        fh.truncate(0)
+        fh.flush()
+        os.fsync(fh.fileno())
+        pause.wait(0.02)
+        third = len(body) // 3
+        for chunk in (body[:third], body[third : 2 * third], body[2 * third :]):
+            fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())  # the daemon sees every intermediate state
+            pause.wait(0.02)
+    assert_one_name_update(d, rev, "conn_0005", "Chunked")
+
+
+def test_vim_style_save(daemon10: Daemon) -> None:
+    """vim (writebackup, backupcopy=no): swap file, `4913` probe, rename to `~`, write new."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    swap = path.with_name(f".{path.name}.swp")
+    swap.write_bytes(b"b0VIM 9.0" + b"\0" * 4000)
+    body = _edit_name(path.read_bytes(), "conn_0007", "From vim")
+    probe = path.with_name("4913")
+    fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    os.close(fd)
+    probe.unlink()
+    backup = path.with_name(f"{path.name}~")
+    os.rename(path, backup)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    os.write(fd, body)
+    os.fsync(fd)
+    os.close(fd)
+    backup.unlink()
+    swap.unlink()
+    assert_one_name_update(d, rev, "conn_0007", "From vim")
+
+
+def test_cp_over(daemon10: Daemon, tmp_path: Path) -> None:
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    src = tmp_path / "edited.json"
+    src.write_bytes(_edit_name(path.read_bytes(), "conn_0001", "Copied"))
+    ino = path.stat().st_ino
+    subprocess.run(["cp", str(src), str(path)], check=True)
+    assert path.stat().st_ino == ino  # cp writes in place: truncate + write
+    assert_one_name_update(d, rev, "conn_0001", "Copied")
+
+
+def test_sed_in_place(daemon10: Daemon) -> None:
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    subprocess.run(["sed", "-i", 's/"Connection 2"/"Sedded"/', str(path)], check=True)
+    assert_one_name_update(d, rev, "conn_0002", "Sedded")
+
+
+def test_editor_debris_is_ignored(daemon10: Daemon) -> None:
+    d = daemon10
+    rev = revision(d)
+    for name in ("4913", ".connections.json.swp", "connections.json~", ".#connections.json"):
+        (d.data_dir / name).write_text("{not json")
+    (d.data_dir / "logs" / "x.json").write_text("{not json")
+    # A real edit after the debris: once it is in, the debris has been seen (and ignored).
+    path = d.data_dir / CONNS
+    atomic_save(path, _edit_name(path.read_bytes(), "conn_0000", "After debris"))
+    assert_one_name_update(d, rev, "conn_0000", "After debris")
+    _, health = d.http("/health")
+    assert health["status"] == "ok", health
+
+
+def test_one_field_of_1000_connections_is_one_event(data_dir: Path) -> None:
+    seed(data_dir, 1000)
+    d = Daemon(data_dir).start()
+    try:
+        path = data_dir / CONNS
+        rev = revision(d)
+        conns = json.loads(path.read_bytes())
+        conns[617]["volume_factor"] = 2.5
+        atomic_save(path, dump(conns))
+        evs = wait_events(d, rev, lambda evs: True, "the one-field edit")
+        assert [(e["connection_id"], e["action"], e["data"]["fields"]) for e in evs] == [
+            ("conn_0617", "update", ["volume_factor"])
+        ]
+        assert evs[0]["data"]["values"] == {"volume_factor": 2.5}
+        assert evs[0]["data"]["source"] == "file"
+        # Secrets typed in plain text are taken in but never shown.
+        conns[3]["api_secret"] = "new-plain-secret"
+        rev = evs[-1]["id"]
+        atomic_save(path, dump(conns))
+        evs = wait_events(d, rev, lambda evs: True, "the secret edit")
+        assert [e["data"]["fields"] for e in evs] == [["api_secret"]]
+        assert "new-plain-secret" not in json.dumps(evs)
+        assert "new-plain-secret" not in d.stdout()
+    finally:
+        d.close()
+
+
+# --- invalid edits ----------------------------------------------------------------------------
+
+
+class Bus:
+    """A minimal bus client: commands by id, events and notices collected as they come."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.notices: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if msg.get("type") == "result":
+                fut = self.waiting.pop(msg["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif msg.get("type") == "events":
+                self.events.extend(msg["events"])
+            elif msg.get("type") == "notice":
+                self.notices.append(msg)
+            self.changed.set()
+
+    def send(self, kind: str, **args: Any) -> asyncio.Future[dict[str, Any]]:
+        self.next_id += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting[self.next_id] = fut
+        asyncio.ensure_future(self.ws.send(json.dumps({"id": self.next_id, "type": kind, **args})))
+        return fut
+
+    async def call(self, kind: str, **args: Any) -> dict[str, Any]:
+        return await asyncio.wait_for(self.send(kind, **args), 10)
+
+    async def wait_for(self, cond: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
+        async def loop() -> Any:
+            while True:
+                value = cond()
+                if value:
+                    return value
+                self.changed.clear()
+                await self.changed.wait()
+
+        try:
+            return await asyncio.wait_for(loop(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def bus(d: Daemon, subscribe: bool = True) -> AsyncIterator[Bus]:
+    async with connect(
+        d.ws_url, additional_headers={"Authorization": f"Bearer {d.token}"}, max_size=None
+    ) as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "auth_ok", hello
+        b = Bus(ws)
+        b.reader = asyncio.create_task(b._read())
+        try:
+            if subscribe:
+                res = await b.call("subscribe")
+                assert res["success"], res
+            yield b
+        finally:
+            b.reader.cancel()
+
+
+@pytest.mark.anyio
+async def test_invalid_then_fixed(daemon10: Daemon) -> None:
+    d, path = daemon10, daemon10.data_dir / CONNS
+    good = path.read_bytes()
+    async with bus(d) as b:
+        bad = good.replace(b'"is_enabled": true', b'"is_enabeld": true', 1)
+        atomic_save(path, bad)
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid notice",
+        )
+        assert notice["file"] == CONNS
+        assert notice["path"] == "$[0]", notice  # as in the contract's example
+        assert "`is_enabeld`" in notice["message"] and "`is_enabled`" in notice["message"]
+        assert notice["line"] > 1 and notice["column"] >= 1
+        logged = log_lines(d, "file_invalid")
+        assert logged and logged[0]["file"] == CONNS
+        _, health = d.http("/health")
+        assert health["status"] == "degraded" and CONNS in health["checks"]["files"]["invalid"]
+
+        # The last valid content is still served; every write of the file is refused.
+        got = await b.call("connections.get", connection_id="conn_0000")
+        assert got["success"] and got["result"]["name"] == "Connection 0"
+        for kind, args in [
+            ("connections.update", {"connection_id": "conn_0001", "changes": {"name": "x"}}),
+            ("connections.create", {"connection": {"name": "new", "exchange": "bybit"}}),
+            ("connections.delete", {"connection_id": "conn_0002"}),
+            ("connections.set_active", {"connection_id": "conn_0003", "active": True}),
+        ]:
+            res = await b.call(kind, **args)
+            assert not res["success"] and res["error"]["code"] == "file_invalid", (kind, res)
+        status, body = d.http("/api/settings/connections/conn_0004", method="DELETE")
+        assert status == 409 and body["error"]["code"] == "file_invalid", (status, body)
+        # Changes to other files go on.
+        res = await b.call("documents.set", name="ui-config", content={"theme": "dark"})
+        assert res["success"], res
+        # Never overwritten, moved or repaired, also not by SIGHUP.
+        rev = revision(d)
+        d.send_signal(signal.SIGHUP)
+        d.notify.wait_for("RELOADING=1")
+        d.notify.wait_for("READY=1", after=d.notify.messages.index("RELOADING=1"))
+        assert path.read_bytes() == bad
+        assert revision(d) == rev
+        assert len([n for n in b.notices if n["notice"] == "file_invalid"]) == 1
+
+        # Fixed (with one real change): cleared, taken in, writes work again.
+        fixed = json.loads(good)
+        fixed[4]["name"] = "Fixed"
+        atomic_save(path, dump(fixed))
+        restored = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_restored"), None),
+            what="file_restored notice",
+        )
+        assert restored["file"] == CONNS
+        await b.wait_for(
+            lambda: any(e["connection_id"] == "conn_0004" for e in b.events), what="the edit"
+        )
+        ev = next(e for e in b.events if e["connection_id"] == "conn_0004")
+        assert ev["data"]["fields"] == ["name"] and ev["data"]["source"] == "file"
+        _, health = d.http("/health")
+        assert health["status"] == "ok", health
+        res = await b.call(
+            "connections.update", connection_id="conn_0001", changes={"name": "works"}
+        )
+        assert res["success"], res
+        assert log_lines(d, "file_restored")
+
+
+@pytest.mark.anyio
+async def test_half_written_file_is_not_judged_but_a_bad_one_is(daemon10: Daemon) -> None:
+    """An in-place save that stops half way (the editor crashed) is invalid, once quiet."""
+    d, path = daemon10, daemon10.data_dir / CONNS
+    good = path.read_bytes()
+    async with bus(d) as b:
+        with open(path, "r+b") as fh:
+            fh.truncate(0)
+            fh.write(good[: len(good) // 2])
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid",
+        )
+        assert notice["file"] == CONNS
+        assert path.read_bytes() == good[: len(good) // 2]
+        path.write_bytes(good)  # in place again, now whole
+        await b.wait_for(
+            lambda: any(n["notice"] == "file_restored" for n in b.notices), what="restored"
+        )
+        assert len([n for n in b.notices if n["notice"] == "file_invalid"]) == 1
+        assert not b.events  # the same content as before: nothing changed
+
+
+# --- deletion -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_deleted_file_is_written_back(daemon10: Daemon) -> None:
+    d, path = daemon10, daemon10.data_dir / CONNS
+    before = json.loads(path.read_bytes())
+    async with bus(d) as b:
+        path.unlink()
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_restored"), None),
+            what="file_restored",
+        )
+        assert notice["file"] == CONNS
+        wait_until(path.exists, 2, what="connections.json back")
+        assert [c["id"] for c in json.loads(path.read_bytes())] == [c["id"] for c in before]
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert log_lines(d, "file_restored_from_memory")
+        # A document too.
+        (d.data_dir / "watchlists.json").unlink()
+        wait_until((d.data_dir / "watchlists.json").exists, 2, what="watchlists.json back")
+        # Emptying is not deleting: `[]` is taken in as deleting every connection.
+        rev = revision(d)
+        atomic_save(path, b"[]\n")
+        evs = wait_events(d, rev, lambda evs: len(evs) >= 10, "ten deletes")
+        assert sorted(e["action"] for e in evs) == ["delete"] * 10
+        assert path.read_bytes() == b"[]\n"
+        assert not b.events or all(e["action"] == "delete" for e in b.events)
+
+
+def test_rename_dance_is_not_a_deletion(daemon10: Daemon) -> None:
+    """`mv f f.bak; cp f.bak f` with a moment in between: no restore from memory."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    body = _edit_name(path.read_bytes(), "conn_0009", "Danced")
+    aside = path.with_name("connections.json.bak")
+    os.rename(path, aside)
+    threading.Event().wait(0.03)  # the editor's own pause between its two steps
+    path.write_bytes(body)
+    aside.unlink()
+    assert_one_name_update(d, rev, "conn_0009", "Danced")
+
+
+# --- reload and settings --------------------------------------------------------------------
+
+
+def test_sighup_takes_edits_in(daemon10: Daemon) -> None:
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    atomic_save(path, _edit_name(path.read_bytes(), "conn_0006", "Via HUP"))
+    d.send_signal(signal.SIGHUP)
+    d.notify.wait_for("RELOADING=1")
+    assert_one_name_update(d, rev, "conn_0006", "Via HUP")
+
+
+def test_shutil_copyfile_over(daemon10: Daemon, tmp_path: Path) -> None:
+    """shutil.copyfile is another in-place writer (one write call)."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    src = tmp_path / "src.json"
+    src.write_bytes(_edit_name(path.read_bytes(), "conn_0008", "Shutil"))
+    shutil.copyfile(src, path)
+    assert_one_name_update(d, rev, "conn_0008", "Shutil")
