@@ -244,6 +244,7 @@ class Bus:
         self.notices: list[dict[str, Any]] = []
         self.changed = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
+        self.sending: set[asyncio.Future[None]] = set()
 
     async def _read(self) -> None:
         async for raw in self.ws:
@@ -262,7 +263,10 @@ class Bus:
         self.next_id += 1
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut
-        asyncio.ensure_future(self.ws.send(json.dumps({"id": self.next_id, "type": kind, **args})))
+        frame = json.dumps({"id": self.next_id, "type": kind, **args})
+        task = asyncio.ensure_future(self.ws.send(frame))
+        self.sending.add(task)  # keep a reference until sent
+        task.add_done_callback(self.sending.discard)
         return fut
 
     async def call(self, kind: str, **args: Any) -> dict[str, Any]:
