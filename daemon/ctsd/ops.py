@@ -197,6 +197,7 @@ def set_volume(cid: Any, live: Any = None, preset: Any = None) -> Op:
             volume_factor_live=live if live is not None else state.volume_factor_live,
             volume_factor_preset=preset if preset is not None else state.volume_factor_preset,
             updated_at=tx.now,
+            last_sync_at=tx.now,  # this change's event: free here, the state is written anyway
         )
         tx.state.put(conn.id, state)
         tx.emit(
@@ -219,8 +220,14 @@ def record_test(cid: str, result: TestResult) -> Op:
     def op(tx: Tx) -> TestResult:
         conn = _require(tx, cid)
         state = tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
-        changes: dict[str, Any] = {"test_results": result, "updated_at": tx.now}
-        if result.success:
+        changes: dict[str, Any] = {
+            "test_results": result,
+            "updated_at": tx.now,
+            "last_sync_at": tx.now,  # its `test` event; the state is written anyway
+        }
+        if result.success and (
+            state.last_heartbeat_at is None or result.timestamp > state.last_heartbeat_at
+        ):
             changes["last_heartbeat_at"] = result.timestamp
         recovered = result.success and state.status == "stale"
         if recovered:
@@ -235,26 +242,43 @@ def record_test(cid: str, result: TestResult) -> Op:
 
 
 def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
-    """Sweep transitions: {connection_id: (new status, last heartbeat)} → stale/recovered."""
+    """Sweep transitions: {connection_id: (new status, last heartbeat)} → stale/recovered.
+
+    Checked again when applied, since the sweep decided a moment earlier: only an active
+    connection goes stale, and not when a heartbeat newer than the one the sweep saw has
+    arrived since; only a stale one recovers.
+    """
 
     def op(tx: Tx) -> int:
         n = 0
         for cid, (status, heartbeat) in changes.items():
             state = tx.state.get(cid)
-            if state is None or state.status == status:
+            if state is None:
                 continue
+            if status == "stale":
+                latest = tx.store.heartbeats.get(cid)
+                if state.status != "active" or (
+                    latest is not None and (heartbeat is None or latest > heartbeat)
+                ):
+                    continue
+            elif status != "active" or state.status != "stale":
+                continue
+            beat = max(
+                (b for b in (heartbeat, state.last_heartbeat_at) if b is not None), default=None
+            )
             tx.state.put(
                 cid,
                 msgspec.structs.replace(
                     state,
                     status=status,
-                    last_heartbeat_at=heartbeat or state.last_heartbeat_at,
+                    last_heartbeat_at=beat,
                     updated_at=tx.now,
+                    last_sync_at=tx.now,  # the event below; the state is written anyway
                 ),
             )
             if status == "stale":
                 tx.emit("stale", cid, {"last_heartbeat_at": heartbeat, "timestamp": tx.now})
-            elif state.status == "stale":
+            else:
                 tx.emit("recovered", cid, {"reason": "heartbeat", "timestamp": tx.now})
             n += 1
         return n
@@ -262,15 +286,25 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
     return op
 
 
-def flush_heartbeats(beats: dict[str, str]) -> Op:
-    """Coalesced heartbeats into connection-state.json: one write, no sync-log entries."""
+def flush_heartbeats(beats: dict[str, str], synced: dict[str, str] | None = None) -> Op:
+    """Coalesced heartbeats (and `last_sync_at`, see sweeps.py) into connection-state.json:
+    one write, no sync-log entries. Only ever moves a timestamp forward."""
 
     def op(tx: Tx) -> int:
         n = 0
-        for cid, ts in beats.items():
+        for cid in beats.keys() | (synced or {}).keys():
             state = tx.state.get(cid)
-            if state is not None and state.last_heartbeat_at != ts:
-                tx.state.put(cid, msgspec.structs.replace(state, last_heartbeat_at=ts))
+            if state is None:
+                continue
+            changes: dict[str, str] = {}
+            hb = beats.get(cid)
+            if hb is not None and (state.last_heartbeat_at is None or hb > state.last_heartbeat_at):
+                changes["last_heartbeat_at"] = hb
+            ls = (synced or {}).get(cid)
+            if ls is not None and (state.last_sync_at is None or ls > state.last_sync_at):
+                changes["last_sync_at"] = ls
+            if changes:
+                tx.state.put(cid, msgspec.structs.replace(state, **changes))
                 n += 1
         return n
 

@@ -112,6 +112,9 @@ class Store:
         self.stamps: dict[str, Stamp | None] = {}
         # Heartbeats live here, in memory at once; a periodic flush writes them (issue 5).
         self.heartbeats: dict[str, str] = {}
+        # Time of each connection's latest sync-log event, set on commit by the sweeps and
+        # persisted by the same coalesced flush (it is derived data; see sweeps.py).
+        self.last_sync: dict[str, str] = {}
         self._frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
         self._log_frags: deque[bytes] = deque()
         self._pending: list[_Pending] = []
@@ -439,6 +442,8 @@ class Store:
         if new_conns is not self.connections:
             for cid in [c for c in self.heartbeats if c not in new_conns]:
                 del self.heartbeats[cid]
+            for cid in [c for c in self.last_sync if c not in new_conns]:
+                del self.last_sync[cid]
         self.connections, self._frags[CONNECTIONS] = new_conns, conn_frags
         self.state, self._frags[STATE] = new_state, state_frags
         if new_docs is not self.documents:
@@ -596,9 +601,20 @@ class Store:
 
     def state_view(self, cid: str) -> ConnectionState | None:
         st = self.state.get(cid)
+        if st is None:
+            return None
+        # The newer of memory and file wins: a test result or a hand edit may have written a
+        # later heartbeat than the last one held in memory (timestamps compare as strings).
         hb = self.heartbeats.get(cid)
-        if st is not None and hb is not None and hb != st.last_heartbeat_at:
-            st = msgspec.structs.replace(st, last_heartbeat_at=hb)
+        ls = self.last_sync.get(cid)
+        newer_hb = hb is not None and (st.last_heartbeat_at is None or hb > st.last_heartbeat_at)
+        newer_ls = ls is not None and (st.last_sync_at is None or ls > st.last_sync_at)
+        if newer_hb or newer_ls:
+            st = msgspec.structs.replace(
+                st,
+                last_heartbeat_at=hb if newer_hb else st.last_heartbeat_at,
+                last_sync_at=ls if newer_ls else st.last_sync_at,
+            )
         return st
 
     def state_views(self) -> Iterable[ConnectionState]:

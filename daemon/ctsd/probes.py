@@ -1,0 +1,468 @@
+"""Connection tests: one HTTP request to an exchange's public time endpoint, measured.
+
+A test never raises out of here for anything the network or the exchange does: timeouts,
+refused connections, HTTP errors and bodies that are not what the exchange sends all become
+`{"success": false, "error": ...}`. Results of exchange connections go through the one door
+(`ops.record_test`, source `probe`); the Project X result lives in memory only, because
+`connection.json` is the trading app's configuration, not a place for runtime state.
+
+Credentials: exchange tests use public endpoints and send no key at all. The Project X test
+logs in with the `connection.json` credentials (that is what testing it means), and neither
+they nor the session token it gets back ever reach a result, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import msgspec
+import structlog
+
+from ctsd import ops
+from ctsd.errors import CtsdError
+from ctsd.models import Connection, ConnectionDoc, TestResult
+from ctsd.timeutil import now_iso
+
+if TYPE_CHECKING:
+    from ctsd.app import App
+
+log = structlog.get_logger("ctsd.probes")
+
+MAX_CONCURRENT_TESTS = 16  # the issue's bound, shared by on-demand and periodic tests
+USER_AGENT = "ctsd-probe/1"
+
+Check = Callable[[Any], str | None]  # decoded JSON body → None when it is a good answer
+
+
+# --- what a good answer looks like, per exchange ------------------------------------------
+
+
+def _obj(body: Any) -> dict[str, Any] | None:
+    return body if isinstance(body, dict) else None
+
+
+def _check_bybit(body: Any) -> str | None:
+    b = _obj(body)
+    if b is None or "retCode" not in b:
+        return "unexpected answer: not a Bybit response (no retCode)"
+    if b["retCode"] != 0:
+        return f"Bybit error {b['retCode']}: {str(b.get('retMsg', ''))[:200]}"
+    result = b.get("result")
+    if not isinstance(result, dict) or not ("timeSecond" in result or "timeNano" in result):
+        return "unexpected answer: Bybit response without result.timeSecond"
+    return None
+
+
+def _check_binance(body: Any) -> str | None:
+    b = _obj(body)
+    if b is None:
+        return "unexpected answer: not a JSON object"
+    if "code" in b and "serverTime" not in b:
+        return f"Binance error {b['code']}: {str(b.get('msg', ''))[:200]}"
+    if not isinstance(b.get("serverTime"), int):
+        return "unexpected answer: Binance response without serverTime"
+    return None
+
+
+def _check_okx(body: Any) -> str | None:
+    b = _obj(body)
+    if b is None or "code" not in b:
+        return "unexpected answer: not an OKX response (no code)"
+    if str(b["code"]) != "0":
+        return f"OKX error {b['code']}: {str(b.get('msg', ''))[:200]}"
+    data = b.get("data")
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        return "unexpected answer: OKX response without data[0].ts"
+    return None
+
+
+def _check_bingx(body: Any) -> str | None:
+    b = _obj(body)
+    if b is None or "code" not in b:
+        return "unexpected answer: not a BingX response (no code)"
+    if b["code"] != 0:
+        return f"BingX error {b['code']}: {str(b.get('msg', ''))[:200]}"
+    data = b.get("data")
+    if not isinstance(data, dict) or "serverTime" not in data:
+        return "unexpected answer: BingX response without data.serverTime"
+    return None
+
+
+def _check_any(_body: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    live: str  # base URL
+    testnet: str
+    path: str
+    check: Check
+    testnet_headers: dict[str, str] = field(default_factory=dict)
+
+
+BYBIT = Endpoint(
+    "https://api.bybit.com", "https://api-testnet.bybit.com", "/v5/market/time", _check_bybit
+)
+BINANCE_SPOT = Endpoint(
+    "https://api.binance.com", "https://testnet.binance.vision", "/api/v3/time", _check_binance
+)
+BINANCE_USDM = Endpoint(
+    "https://fapi.binance.com",
+    "https://testnet.binancefuture.com",
+    "/fapi/v1/time",
+    _check_binance,
+)
+BINANCE_COINM = Endpoint(
+    "https://dapi.binance.com",
+    "https://testnet.binancefuture.com",
+    "/dapi/v1/time",
+    _check_binance,
+)
+# OKX has no separate testnet host: demo trading is the same host plus this header.
+OKX = Endpoint(
+    "https://www.okx.com",
+    "https://www.okx.com",
+    "/api/v5/public/time",
+    _check_okx,
+    {"x-simulated-trading": "1"},
+)
+BINGX = Endpoint(
+    "https://open-api.bingx.com",
+    "https://open-api-vst.bingx.com",
+    "/openApi/swap/v2/server/time",
+    _check_bingx,
+)
+# Project X (TopstepX) lives in connection.json, not connections.json: its URL comes from
+# `projectX.apiUrl`; this is the default and the path of its key login.
+PROJECTX_DEFAULT_URL = "https://api.topstepx.com"
+PROJECTX_LOGIN_PATH = "/api/Auth/loginKey"
+
+EXCHANGES: dict[str, Endpoint] = {
+    "bybit": BYBIT,
+    "binance": BINANCE_USDM,  # refined by api_type below
+    "okx": OKX,
+    "okex": OKX,
+    "bingx": BINGX,
+}
+_SPOT_TYPES = {"spot", "margin", "cross_margin", "isolated_margin"}
+_COINM_TYPES = {"coin_futures", "coinm", "coin_m", "inverse", "inverse_futures", "delivery"}
+
+
+def endpoint_for(conn: Connection) -> Endpoint | None:
+    exchange = conn.exchange.strip().lower()
+    if exchange.startswith("binance"):
+        api_type = conn.api_type.strip().lower()
+        if api_type in _SPOT_TYPES:
+            return BINANCE_SPOT
+        if api_type in _COINM_TYPES:
+            return BINANCE_COINM
+        return BINANCE_USDM  # perpetual/USDⓈ-M futures, the seed's default api_type
+    return EXCHANGES.get(exchange)
+
+
+@dataclass(frozen=True)
+class Target:
+    method: str
+    url: str
+    headers: dict[str, str]
+    check: Check
+
+
+def _base_url_override(conn: Connection) -> str | None:
+    try:
+        settings = msgspec.json.decode(conn.connection_settings or "{}")
+    except msgspec.DecodeError:
+        return None  # validated on load and on change; a broken value just means "none"
+    base = settings.get("base_url") if isinstance(settings, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
+def target_for(conn: Connection) -> Target | str:
+    """The request that tests `conn`, or why there is none."""
+    endpoint = endpoint_for(conn)
+    override = _base_url_override(conn)
+    if override is not None:
+        if not override.startswith(("http://", "https://")):
+            return "connection_settings.base_url must start with http:// or https://"
+        base = override
+    elif endpoint is None:
+        return (
+            f"no test endpoint known for exchange {conn.exchange!r}; "
+            "set connection_settings.base_url"
+        )
+    else:
+        base = endpoint.testnet if conn.is_testnet else endpoint.live
+    headers = {"accept": "application/json", "user-agent": USER_AGENT}
+    if endpoint is not None and conn.is_testnet:
+        headers.update(endpoint.testnet_headers)
+    # With a base_url for an exchange we know, its path is appended (a gateway or fake of
+    # that exchange); for an unknown exchange the base_url itself is what answers.
+    url = base.rstrip("/") + endpoint.path if endpoint is not None else base
+    return Target("GET", url, headers, endpoint.check if endpoint is not None else _check_any)
+
+
+def display_url(url: str) -> str:
+    """scheme://host[:port]/path: never user info or a query, which may carry secrets."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(invalid URL)"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _host_port(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname}:{port}"
+    except ValueError:
+        return "?"
+
+
+def _failure(error: str) -> TestResult:
+    return TestResult(success=False, latency=None, timestamp=now_iso(), error=error)
+
+
+# --- the prober: one HTTP client, one concurrency bound ------------------------------------
+
+
+class Prober:
+    """Shared by on-demand tests, the periodic sweep and Project X (kept in app.components)."""
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(MAX_CONCURRENT_TESTS)
+        self._client: httpx.AsyncClient | None = None
+        self._client_lock = asyncio.Lock()
+        self.projectx: dict[str, Any] = {"state": "unknown", "last_test": None}
+        self.in_flight = 0
+
+    async def client(self) -> httpx.AsyncClient:
+        async with self._client_lock:
+            if self._client is None:
+                # Building the client loads the CA bundle (tens of ms): off the event loop.
+                self._client = await anyio.to_thread.run_sync(
+                    lambda: httpx.AsyncClient(
+                        limits=httpx.Limits(
+                            max_connections=MAX_CONCURRENT_TESTS * 2,
+                            max_keepalive_connections=MAX_CONCURRENT_TESTS,
+                        ),
+                        follow_redirects=False,
+                    )
+                )
+            return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def request(
+        self,
+        target: Target,
+        timeout: float,
+        json_body: Any = None,
+        scrub: tuple[str, ...] = (),
+    ) -> TestResult:
+        """Run one test request; every failure is a result, never an exception."""
+        async with self.semaphore:
+            self.in_flight += 1
+            try:
+                return await self._request(target, timeout, json_body, scrub)
+            finally:
+                self.in_flight -= 1
+
+    async def _request(
+        self, target: Target, timeout: float, json_body: Any, scrub: tuple[str, ...]
+    ) -> TestResult:
+        shown = display_url(target.url)
+        try:
+            client = await self.client()
+            t0 = time.perf_counter()
+            # httpx timeouts are per phase (connect, each read); the outer one bounds the
+            # whole test, a server trickling bytes included.
+            async with asyncio.timeout(timeout):
+                resp = await client.request(
+                    target.method,
+                    target.url,
+                    headers=target.headers,
+                    json=json_body,
+                    timeout=timeout,
+                )
+                body_raw = resp.content
+            latency = round((time.perf_counter() - t0) * 1000, 2)
+        except (TimeoutError, httpx.TimeoutException):
+            return _failure(f"timed out after {timeout:g} s waiting for {shown}")
+        except httpx.ConnectError as e:
+            cause = _root_cause(e)
+            if isinstance(cause, ConnectionRefusedError) or "refused" in str(e).lower():
+                return _failure(f"connection refused by {_host_port(target.url)}")
+            text = _scrub(str(cause) or str(e), scrub)
+            return _failure(f"cannot connect to {_host_port(target.url)}: {text}")
+        except httpx.HTTPError as e:
+            kind = type(e).__name__
+            return _failure(f"request to {shown} failed ({kind}): {_scrub(str(e), scrub)}")
+        except (OSError, ValueError) as e:  # bad URL, socket trouble outside httpx's mapping
+            return _failure(f"request to {shown} failed: {_scrub(str(e), scrub) or type(e)}")
+        ts = now_iso()
+        if not 200 <= resp.status_code < 300:
+            return TestResult(
+                success=False,
+                latency=latency,
+                timestamp=ts,
+                error=f"HTTP {resp.status_code} {resp.reason_phrase} from {shown}",
+            )
+        try:
+            body = msgspec.json.decode(body_raw) if body_raw else None
+        except msgspec.DecodeError:
+            return TestResult(
+                success=False,
+                latency=latency,
+                timestamp=ts,
+                error=f"unexpected answer from {shown}: not JSON",
+            )
+        problem = target.check(body)
+        if problem is not None:
+            return TestResult(
+                success=False, latency=latency, timestamp=ts, error=_scrub(problem, scrub)
+            )
+        return TestResult(success=True, latency=latency, timestamp=ts)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """httpx wraps the socket error ("All connection attempts failed"); the cause says why."""
+    seen = 0
+    while seen < 10:
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            return e
+        if isinstance(nxt, BaseExceptionGroup) and nxt.exceptions:
+            nxt = nxt.exceptions[0]
+        e, seen = nxt, seen + 1
+    return e
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "********")
+    return text
+
+
+def prober(app: App) -> Prober:
+    p = app.components.get("probes")
+    if p is None:
+        p = app.components["probes"] = Prober()
+    return p
+
+
+def _timeout(app: App) -> float:
+    return float(app.store.settings.test_timeout_s)
+
+
+# --- exchange connections ------------------------------------------------------------------
+
+
+async def run_test(app: App, conn: Connection) -> TestResult:
+    """Test `conn` without recording the result."""
+    target = target_for(conn)
+    if isinstance(target, str):
+        return _failure(target)
+    return await prober(app).request(target, _timeout(app))
+
+
+async def test_connection(app: App, cid: str) -> dict[str, Any]:
+    """`connections.test`: test now, store the result (event `test`), return it."""
+    if not isinstance(cid, str):
+        raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
+    conn = app.store.connections.get(cid)
+    if conn is None:
+        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+    result = await run_test(app, conn)
+    await app.store.submit(ops.record_test(cid, result), "probe")
+    out: dict[str, Any] = msgspec.to_builtins(result)
+    return out
+
+
+# --- Project X (connection.json) ------------------------------------------------------------
+
+
+def projectx_config(app: App) -> ConnectionDoc:
+    doc = app.store.documents.get("connection") or {}
+    try:
+        return msgspec.convert(doc, type=ConnectionDoc)
+    except msgspec.ValidationError:
+        return ConnectionDoc()  # the store only keeps valid content; belt and braces
+
+
+async def test_projectx(app: App) -> dict[str, Any]:
+    """`trading.test_connection`: log in to the Project X API with the server's credentials.
+
+    The result says whether the API answered and accepted the credentials; the session token
+    it returns is dropped at once (this is a test, not a session).
+    """
+    p = prober(app)
+    px = projectx_config(app).projectX
+    base = px.apiUrl or PROJECTX_DEFAULT_URL
+    if not base.startswith(("http://", "https://")):
+        result = _failure("projectX.apiUrl must start with http:// or https://")
+    elif not px.username or not px.apiKey:
+        result = _failure("Project X credentials are not set (projectX.username, apiKey)")
+    else:
+        scrub = (px.apiKey, px.username)
+        target = Target(
+            "POST",
+            base.rstrip("/") + PROJECTX_LOGIN_PATH,
+            {"accept": "application/json", "user-agent": USER_AGENT},
+            lambda body: _check_projectx(body, scrub),
+        )
+        p.projectx["state"] = "testing" if p.projectx["last_test"] is None else p.projectx["state"]
+        result = await p.request(
+            target, _timeout(app), {"userName": px.username, "apiKey": px.apiKey}, scrub
+        )
+    out: dict[str, Any] = msgspec.to_builtins(result)
+    p.projectx["last_test"] = out
+    p.projectx["state"] = "connected" if result.success else "error"
+    log.info(
+        "projectx_test",
+        success=result.success,
+        latency=result.latency,
+        error=result.error,
+        api_url=display_url(base),
+    )
+    return out
+
+
+def _check_projectx(body: Any, scrub: tuple[str, ...]) -> str | None:
+    b = _obj(body)
+    if b is None or "success" not in b:
+        return "unexpected answer: not a Project X response (no success)"
+    if b.get("success") is not True or not b.get("token"):
+        code = b.get("errorCode")
+        message = _scrub(str(b.get("errorMessage") or "")[:200], scrub)
+        return f"Project X refused the login (errorCode {code})" + (
+            f": {message}" if message else ""
+        )
+    return None
+
+
+def projectx_status(app: App) -> dict[str, Any]:
+    """Project X state for `status` and `GET /api/trading/server-status`; no secrets."""
+    px = projectx_config(app).projectX
+    p = prober(app)
+    return {
+        "api_url": display_url(px.apiUrl or PROJECTX_DEFAULT_URL),
+        "auto_connect": px.autoConnect,
+        "credentials_set": bool(px.username and px.apiKey),
+        "state": p.projectx["state"] if px.autoConnect or p.projectx["last_test"] else "off",
+        "last_test": p.projectx["last_test"],
+    }

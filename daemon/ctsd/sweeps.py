@@ -1,0 +1,473 @@
+"""Connection lifecycle: heartbeats, the stale sweep, periodic connection tests, Project X.
+
+Heartbeats are the hot path (the bus target is 20,000/s): `heartbeat()` only sets the time in
+memory (`store.heartbeats`, which `store.state_view` overlays) and marks the connection for
+the next flush; `connection-state.json` gets the coalesced heartbeats every
+`heartbeat_flush_s` in one write through the one door (`ops.flush_heartbeats`), and never a
+sync-log entry. Heartbeats lost in a crash are at most one flush interval old: they are
+runtime data, and the stale sweep gives every connection a full `stale_after_s` of grace from
+daemon start anyway.
+
+The stale sweep must stay cheap at 10,000 connections, so it never scans them: active
+connections sit in a min-heap keyed by the last heartbeat the sweep knew when it pushed them.
+A heartbeat only updates `last_beat` (no heap work); a popped entry whose connection has
+beaten since is pushed back with its new time (a lazy heap). A tick therefore costs the
+entries that came due, not the table. Membership follows committed changes through
+`store.events_listeners`; `import`, `reset` and whole-file hand edits trigger a rescan.
+
+`last_sync_at` (time of a connection's latest sync-log event) is derived data. Setting it
+inside every op would add a `connection-state.json` write to changes that otherwise touch
+only `connections.json` (an `update`, a `set_active` of an unchanged flag), doubling their
+cost. Instead: ops that write the state record anyway (`record_test`, `set_status`,
+`set_volume`) set it for free; for every other event the listener below sets it in memory at
+commit (`store.last_sync`, overlaid by `store.state_view`, so readers see it at once) and the
+coalesced heartbeat flush persists it. A crash loses at most one flush interval of it.
+
+Every setting is read from `app.store.settings` on each iteration, which the store refreshes
+on every committed settings change (bus, hand edit, SIGHUP), so a hand edit of
+`settings.json` changes the sweep's behaviour without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ctsd import ops, probes
+from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS, STATE
+from ctsd.models import SyncEvent
+
+# The bus reaches every lifecycle command through this module.
+from ctsd.probes import projectx_status, test_connection, test_projectx
+
+__all__ = ["heartbeat", "projectx_status", "run", "test_connection", "test_projectx"]
+
+if TYPE_CHECKING:
+    from ctsd.app import App
+
+log = structlog.get_logger("ctsd.sweeps")
+
+MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json applies soon
+PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
+
+
+def iso_at(t: float) -> str:
+    """Epoch seconds → the seeds' timestamp format (cheaper than datetime on the hot path)."""
+    ms = int(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def epoch_of(ts: str | None) -> float:
+    if not ts:
+        return 0.0
+    try:
+        return dt.datetime.fromisoformat(ts).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class Sweeper:
+    """The lifecycle state of every connection; one per app (`app.components["sweeps"]`)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.store = app.store
+        # Stale sweep: live = enabled and is_active; the heap holds (beat time, cid).
+        self.live: set[str] = set()
+        self.last_beat: dict[str, float] = {}
+        self.heap: list[tuple[float, str]] = []
+        self.in_heap: set[str] = set()
+        self.changed: set[str] = set()  # connections touched by commits since the last tick
+        self.rescan = True
+        self.recovering: set[str] = set()
+        # Coalesced flush.
+        self.beats_dirty: set[str] = set()
+        self.sync_dirty: set[str] = set()
+        self.flushing = False
+        # Periodic tests: the enabled connections, each due once per interval, jittered.
+        self.enabled: set[str] = set()
+        self.test_due: dict[str, float] = {}
+        self.test_heap: list[tuple[float, str]] = []
+        self.test_interval: float | None = None
+        self.testing: set[str] = set()
+        self.test_wake = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        # Observability (bench, metrics): tick durations in seconds, flush writes, transitions.
+        self.tick_times: deque[float] = deque(maxlen=4096)
+        self.flush_writes = 0
+        self.stale_count = 0
+        self.recovered_count = 0
+        self.store.events_listeners.append(self._on_events)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def beat(self, cid: str, t: float) -> None:
+        """A heartbeat (already in `store.heartbeats`): O(1), no I/O."""
+        self.last_beat[cid] = t
+        self.beats_dirty.add(cid)
+        if cid in self.live and cid not in self.in_heap:
+            heapq.heappush(self.heap, (t, cid))  # it had gone stale: watch it again
+            self.in_heap.add(cid)
+        st = self.store.state.get(cid)
+        if st is not None and st.status == "stale":
+            self._recover(cid)
+
+    def _on_events(self, events: list[SyncEvent]) -> None:
+        """Committed changes (called synchronously by the store; must not block)."""
+        conns = self.store.connections
+        for e in events:
+            cid = e.connection_id
+            if cid is None:
+                if e.action in ("import", "reset") or e.data.get("file") in (CONNECTIONS, STATE):
+                    self.rescan = True
+                continue
+            self.changed.add(cid)
+            if cid in conns:
+                self.store.last_sync[cid] = e.created_at
+                self.sync_dirty.add(cid)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)  # keep a reference: the loop holds tasks only weakly
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- membership ---------------------------------------------------------------------------
+
+    def _refresh(self, cid: str, now: float) -> None:
+        conn = self.store.connections.get(cid)
+        if conn is None:
+            self.live.discard(cid)
+            self.enabled.discard(cid)
+            self.last_beat.pop(cid, None)
+            self.test_due.pop(cid, None)
+            self.beats_dirty.discard(cid)
+            self.sync_dirty.discard(cid)
+            return
+        if conn.is_enabled and conn.is_active:
+            st = self.store.state_view(cid)
+            hb = epoch_of(st.last_heartbeat_at) if st is not None else 0.0
+            if cid in self.live:
+                last = max(self.last_beat.get(cid, 0.0), hb)
+            else:
+                # Just became active, or the daemon just started: it gets a full
+                # stale_after_s from now (nobody could heartbeat while it was off or down).
+                self.live.add(cid)
+                last = max(hb, now)
+            self.last_beat[cid] = last
+            if cid not in self.in_heap:
+                heapq.heappush(self.heap, (last, cid))
+                self.in_heap.add(cid)
+        else:
+            self.live.discard(cid)  # its heap entry is dropped when popped
+        if conn.is_enabled:
+            if cid not in self.enabled:
+                self.enabled.add(cid)
+                interval = self.store.settings.test_interval_s
+                if interval > 0 and self.test_interval is not None:
+                    self._schedule_test(cid, now + random.uniform(0, interval))
+        else:
+            self.enabled.discard(cid)
+            self.test_due.pop(cid, None)
+
+    def _rescan(self, now: float) -> None:
+        conns = self.store.connections
+        for cid in [c for c in self.live | self.enabled if c not in conns]:
+            self._refresh(cid, now)
+        for cid in conns:
+            self._refresh(cid, now)
+        self.rescan = False
+
+    # --- the stale sweep ----------------------------------------------------------------------
+
+    def tick(self, now: float) -> dict[str, tuple[str, str | None]]:
+        """One sweep: the transitions to `stale` that are due (applied by the caller)."""
+        if self.rescan:
+            self.changed.clear()
+            self._rescan(now)
+        elif self.changed:
+            changed, self.changed = self.changed, set()
+            for cid in changed:
+                self._refresh(cid, now)
+        threshold = now - self.store.settings.stale_after_s
+        heap = self.heap
+        state = self.store.state
+        out: dict[str, tuple[str, str | None]] = {}
+        while heap and heap[0][0] <= threshold:
+            beat, cid = heapq.heappop(heap)
+            self.in_heap.discard(cid)
+            if cid not in self.live:
+                continue
+            last = self.last_beat.get(cid, beat)
+            if last > beat:  # it has beaten since it was pushed
+                heapq.heappush(heap, (last, cid))
+                self.in_heap.add(cid)
+                continue
+            st = state.get(cid)
+            if st is None or st.status != "active":
+                continue  # already stale: a heartbeat or a good test puts it back
+            out[cid] = ("stale", self.store.heartbeats.get(cid) or st.last_heartbeat_at)
+        return out
+
+    async def _apply_stale(self, transitions: dict[str, tuple[str, str | None]]) -> None:
+        try:
+            n = await self.store.submit(ops.set_status(transitions), "sweep")
+        except CtsdError as e:
+            log.warning("stale_sweep_failed", error=e.message, connections=len(transitions))
+            for cid in transitions:  # try again next tick
+                self._watch(cid)
+            return
+        self.stale_count += n
+        if n:
+            log.info("connections_stale", count=n)
+        for cid, (_, hb) in transitions.items():
+            st = self.store.state.get(cid)
+            latest = self.store.heartbeats.get(cid)
+            if st is None:
+                continue
+            if st.status == "stale" and latest is not None and (hb is None or latest > hb):
+                self._recover(cid)  # a heartbeat landed while the write was in flight
+            elif st.status != "stale":
+                self._watch(cid)
+
+    def _watch(self, cid: str) -> None:
+        if cid in self.live and cid not in self.in_heap:
+            heapq.heappush(self.heap, (self.last_beat.get(cid, time.time()), cid))
+            self.in_heap.add(cid)
+
+    def _recover(self, cid: str) -> None:
+        if cid in self.recovering:
+            return
+        self.recovering.add(cid)
+        self.spawn(self._apply_recover(cid), f"ctsd-recover-{cid}")
+
+    async def _apply_recover(self, cid: str) -> None:
+        try:
+            hb = self.store.heartbeats.get(cid)
+            n = await self.store.submit(ops.set_status({cid: ("active", hb)}), "sweep")
+            self.recovered_count += n
+            if n:
+                log.info("connection_recovered", connection_id=cid, reason="heartbeat")
+        except CtsdError as e:
+            log.warning("recover_failed", connection_id=cid, error=e.message)
+        finally:
+            self.recovering.discard(cid)
+
+    # --- the coalesced flush ------------------------------------------------------------------
+
+    def flush_plan(self) -> tuple[dict[str, str], dict[str, str]]:
+        """What the flush would write: only timestamps newer than the committed ones."""
+        state, beats_mem, sync_mem = self.store.state, self.store.heartbeats, self.store.last_sync
+        beats: dict[str, str] = {}
+        synced: dict[str, str] = {}
+        for cid in self.beats_dirty:
+            hb, st = beats_mem.get(cid), state.get(cid)
+            if (
+                hb is not None
+                and st is not None
+                and (st.last_heartbeat_at is None or hb > st.last_heartbeat_at)
+            ):
+                beats[cid] = hb
+        for cid in self.sync_dirty:
+            ls, st = sync_mem.get(cid), state.get(cid)
+            if (
+                ls is not None
+                and st is not None
+                and (st.last_sync_at is None or ls > st.last_sync_at)
+            ):
+                synced[cid] = ls
+        return beats, synced
+
+    async def flush(self) -> int:
+        """One write of every heartbeat and last_sync_at not yet on disk; none if none."""
+        if self.flushing:
+            return 0
+        beats, synced = self.flush_plan()
+        self.beats_dirty, self.sync_dirty = set(), set()
+        if not beats and not synced:
+            return 0
+        self.flushing = True
+        try:
+            n = await self.store.submit(ops.flush_heartbeats(beats, synced), "sweep")
+            self.flush_writes += 1
+            return int(n)
+        except CtsdError as e:
+            # e.g. connection-state.json invalid on disk: keep them for the next flush
+            self.beats_dirty.update(beats)
+            self.sync_dirty.update(synced)
+            log.warning("heartbeat_flush_failed", error=e.message, code=e.code)
+            return 0
+        finally:
+            self.flushing = False
+
+    # --- periodic connection tests ------------------------------------------------------------
+
+    def _schedule_test(self, cid: str, due: float) -> None:
+        self.test_due[cid] = due
+        heapq.heappush(self.test_heap, (due, cid))
+
+    def _reschedule_all(self, interval: float, now: float) -> None:
+        self.test_interval = interval
+        self.test_due.clear()
+        self.test_heap = []
+        if interval > 0:
+            # Spread over one interval so 10,000 connections never fire at once.
+            for cid in self.enabled:
+                self._schedule_test(cid, now + random.uniform(0, interval))
+
+    def due_tests(self, now: float, room: int) -> list[str]:
+        out: list[str] = []
+        heap = self.test_heap
+        while heap and heap[0][0] <= now and len(out) < room:
+            due, cid = heapq.heappop(heap)
+            if self.test_due.get(cid) != due:
+                continue  # superseded or dropped
+            del self.test_due[cid]
+            if cid not in self.enabled:
+                continue
+            if cid in self.testing:
+                self._schedule_test(cid, now + (self.test_interval or 0))
+                continue
+            out.append(cid)
+        return out
+
+    async def _periodic_test(self, cid: str) -> None:
+        self.testing.add(cid)
+        try:
+            conn = self.store.connections.get(cid)
+            if conn is None:
+                return
+            before = self.store.state.get(cid)
+            result = await probes.run_test(self.app, conn)
+            if cid not in self.store.connections:
+                return  # deleted while the request was out
+            await self.store.submit(ops.record_test(cid, result), "probe")
+            was = before.test_results.success if before and before.test_results else None
+            if was != result.success:
+                log.info(
+                    "connection_test",
+                    connection_id=cid,
+                    success=result.success,
+                    latency=result.latency,
+                    error=result.error,
+                )
+        except CtsdError as e:
+            log.warning("connection_test_not_recorded", connection_id=cid, error=e.message)
+        except Exception:  # a test must never take the sweep down
+            log.exception("connection_test_failed", connection_id=cid)
+        finally:
+            self.testing.discard(cid)
+            interval = self.store.settings.test_interval_s
+            if cid in self.enabled and interval > 0 and cid not in self.test_due:
+                jitter = random.uniform(1 - PERIODIC_JITTER, 1 + PERIODIC_JITTER)
+                self._schedule_test(cid, time.time() + interval * jitter)
+            self.test_wake.set()
+
+    # --- the loops ----------------------------------------------------------------------------
+
+    async def sweep_loop(self) -> None:
+        last_flush = time.monotonic()
+        last_sweep = -float("inf")  # the first sweep (learning the connections) runs at once
+        while True:
+            s = self.store.settings
+            mono = time.monotonic()
+            if mono >= last_sweep + s.sweep_interval_s:
+                last_sweep = mono
+                t0 = time.perf_counter()
+                transitions = self.tick(time.time())
+                self.tick_times.append(time.perf_counter() - t0)
+                if transitions:
+                    self.spawn(self._apply_stale(transitions), "ctsd-stale")
+            if mono >= last_flush + s.heartbeat_flush_s:
+                last_flush = mono
+                if not self.flushing:
+                    self.spawn(self.flush(), "ctsd-flush")
+            wake = min(last_sweep + s.sweep_interval_s, last_flush + s.heartbeat_flush_s)
+            await anyio.sleep(min(max(wake - time.monotonic(), 0.0), MAX_IDLE_WAIT_S))
+
+    async def test_loop(self) -> None:
+        while True:
+            interval = self.store.settings.test_interval_s
+            now = time.time()
+            if self.rescan and self.test_interval is None:
+                await anyio.sleep(0.05)  # let the first sweep learn the connections
+                continue
+            if interval != self.test_interval:
+                self._reschedule_all(interval, now)
+            room = probes.MAX_CONCURRENT_TESTS - len(self.testing)
+            if interval > 0 and room > 0:
+                for cid in self.due_tests(now, room):
+                    self.spawn(self._periodic_test(cid), f"ctsd-test-{cid}")
+            wait = MAX_IDLE_WAIT_S
+            if self.test_heap and len(self.testing) < probes.MAX_CONCURRENT_TESTS:
+                wait = min(wait, max(self.test_heap[0][0] - time.time(), 0.0))
+            self.test_wake.clear()
+            with anyio.move_on_after(wait):
+                await self.test_wake.wait()
+
+    async def projectx_loop(self) -> None:
+        """With `projectX.autoConnect`: test at start, every test_interval_s, and at once
+        whenever the Project X settings in connection.json change."""
+        seen: tuple[Any, ...] | None = None
+        next_due = 0.0
+        while True:
+            px = probes.projectx_config(self.app).projectX
+            current = (px.autoConnect, px.apiUrl, px.username, px.apiKey)
+            interval = self.store.settings.test_interval_s
+            if px.autoConnect and (
+                current != seen or (interval > 0 and time.monotonic() >= next_due)
+            ):
+                try:
+                    await probes.test_projectx(self.app)
+                except Exception:  # never let Project X take the sweeps down
+                    log.exception("projectx_test_failed")
+                next_due = time.monotonic() + interval
+            seen = current
+            await anyio.sleep(MAX_IDLE_WAIT_S)
+
+
+def sweeper(app: App) -> Sweeper:
+    sw = app.components.get("sweeps")
+    if sw is None:
+        sw = app.components["sweeps"] = Sweeper(app)
+    return sw
+
+
+def heartbeat(app: App, cid: str) -> str:
+    """`connections.heartbeat`: in memory at once, on disk with the next flush; returns its
+    timestamp. A stale connection is turned back to active (scheduled, not awaited)."""
+    if not isinstance(cid, str):
+        raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
+    store = app.store
+    if cid not in store.connections:
+        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+    t = time.time()
+    ts = iso_at(t)
+    store.heartbeats[cid] = ts
+    sweeper(app).beat(cid, t)
+    return ts
+
+
+async def run(app: App) -> None:
+    """The long-running part: stale sweep + flush, periodic tests, Project X."""
+    sw = sweeper(app)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sw.sweep_loop, name="ctsd-sweep")
+            tg.start_soon(sw.test_loop, name="ctsd-tests")
+            tg.start_soon(sw.projectx_loop, name="ctsd-projectx")
+    finally:
+        for task in list(sw.tasks):
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await probes.prober(app).aclose()

@@ -1,0 +1,380 @@
+"""Connection tests against a fake exchange on 127.0.0.1 (never a real exchange).
+
+In-process: a real `Store` on a tmp dir and a small App-like object; the probe code is the
+daemon's own. `FakeExchange` is shared with the sweep tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ctsd import ops, probes, sweeps
+from ctsd.models import Connection
+from ctsd.store import Store
+from ctsd.timeutil import TIMESTAMP_PATTERN
+from tests.daemon import free_port
+
+pytestmark = pytest.mark.anyio
+
+PX_USER = "trader-joe"
+PX_KEY = "PXKEY-very-secret-0123456789"
+PX_TOKEN = "SESSION-TOKEN-must-not-leak"
+
+
+class FakeExchange:
+    """A fake exchange: the first path segment picks the behaviour, the rest is the exchange
+    path (`http://127.0.0.1:PORT/ok/v5/market/time`)."""
+
+    def __init__(self, slow_s: float = 2.0) -> None:
+        self.slow_s = slow_s
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def base(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}"
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.requests.append((method, h.path, {k.lower(): v for k, v in h.headers.items()}))
+        try:
+            mode, _, rest = h.path.lstrip("/").partition("/")
+            path = "/" + rest
+            length = int(h.headers.get("Content-Length") or 0)
+            body_in = h.rfile.read(length) if length else b""
+            if mode == "slow":
+                time.sleep(self.slow_s)
+                mode = "ok"
+            if mode == "hold":
+                time.sleep(0.3)
+                mode = "ok"
+            if mode == "err500":
+                self._send(h, 500, b'{"error": "boom"}')
+            elif mode == "badjson":
+                self._send(h, 200, b"<html>maintenance</html>")
+            elif mode == "bybiterr":
+                self._send(h, 200, json.dumps({"retCode": 10002, "retMsg": "bad time"}).encode())
+            elif mode == "projectx":
+                creds = json.loads(body_in or b"{}")
+                ok = creds.get("userName") == PX_USER and creds.get("apiKey") == PX_KEY
+                answer = (
+                    {"token": PX_TOKEN, "success": True, "errorCode": 0, "errorMessage": None}
+                    if ok
+                    else {
+                        "token": None,
+                        "success": False,
+                        "errorCode": 3,
+                        # a careless server echoing what it got: must be scrubbed
+                        "errorMessage": f"invalid key {creds.get('apiKey')}",
+                    }
+                )
+                self._send(h, 200, json.dumps(answer).encode())
+            else:
+                self._send(h, 200, json.dumps(self._time_body(path)).encode())
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def _time_body(path: str) -> Any:
+        ms = int(time.time() * 1000)
+        if path == "/v5/market/time":
+            return {"retCode": 0, "retMsg": "OK", "result": {"timeSecond": str(ms // 1000)}}
+        if path == "/api/v5/public/time":
+            return {"code": "0", "msg": "", "data": [{"ts": str(ms)}]}
+        if path == "/openApi/swap/v2/server/time":
+            return {"code": 0, "msg": "", "data": {"serverTime": ms}}
+        return {"serverTime": ms}
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def connection(cid: str, base_url: str | None, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": cid,
+        "name": cid,
+        "exchange": kw.pop("exchange", "bybit"),
+        "is_enabled": kw.pop("is_enabled", True),
+        "is_active": kw.pop("is_active", True),
+        "api_key": "CONNKEY-secret-abcdef123456",
+        "api_secret": "CONNSECRET-zzz",
+        "connection_settings": json.dumps({"base_url": base_url} if base_url else {}),
+        "created_at": "2024-01-01T00:00:00.000Z",
+        "updated_at": "2024-01-01T00:00:00.000Z",
+        **kw,
+    }
+    return body
+
+
+def write_data(data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
+    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeExchange]:
+    f = FakeExchange()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+async def open_app(
+    data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
+) -> SimpleNamespace:
+    write_data(data_dir, conns, settings or {})
+    store = Store(data_dir)
+    store.open()
+    store.start()
+    return SimpleNamespace(store=store, components={}, data_dir=data_dir)
+
+
+@pytest.fixture
+async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    apps: list[SimpleNamespace] = []
+
+    async def make(
+        conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
+    ) -> SimpleNamespace:
+        app = await open_app(tmp_path / f"data{len(apps)}", conns, settings)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        await probes.prober(app).aclose()
+        await app.store.close()
+
+
+def sync_log(app: Any) -> list[dict[str, Any]]:
+    return json.loads((app.data_dir / "connection-sync-log.json").read_text())
+
+
+def state_file(app: Any) -> dict[str, dict[str, Any]]:
+    rows = json.loads((app.data_dir / "connection-state.json").read_text())
+    return {r["connection_id"]: r for r in rows}
+
+
+# --- exchange tests -------------------------------------------------------------------------
+
+
+async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([connection("c1", fake.base("ok"))])
+    before = app.store.revision
+    result = await probes.test_connection(app, "c1")
+    assert result["success"] is True
+    assert "error" not in result
+    assert isinstance(result["latency"], float) and 0 < result["latency"] < 5000
+    assert re.match(TIMESTAMP_PATTERN, result["timestamp"])
+    assert fake.requests[-1][:2] == ("GET", "/ok/v5/market/time")
+    # the key never goes to a public endpoint
+    assert not any("CONNKEY" in v for v in fake.requests[-1][2].values())
+    # stored durably in test_results, event `test` with source probe, counts as a heartbeat
+    st = state_file(app)["c1"]
+    assert st["test_results"] == result
+    assert st["last_heartbeat_at"] == result["timestamp"]
+    events = [e for e in sync_log(app) if e["id"] > before]
+    assert [e["action"] for e in events] == ["test"]
+    assert events[0]["data"]["source"] == "probe" and events[0]["data"]["success"] is True
+    assert st["last_sync_at"] == events[0]["created_at"]
+
+
+async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
+    t0 = time.monotonic()
+    result = await probes.test_connection(app, "c1")
+    elapsed = time.monotonic() - t0
+    assert result["success"] is False
+    assert "timed out after 0.3 s" in result["error"]
+    assert elapsed < 1.5  # the fake answers after 2 s: the timeout cut it short
+    assert state_file(app)["c1"]["test_results"]["success"] is False
+    assert state_file(app)["c1"]["last_heartbeat_at"] is None  # a failure is no heartbeat
+
+
+async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([connection("c1", fake.base("err500"))])
+    result = await probes.test_connection(app, "c1")
+    assert result["success"] is False
+    assert result["error"].startswith("HTTP 500")
+    assert f"127.0.0.1:{fake.port}" in result["error"]
+
+
+async def test_refused_port_is_a_failure(app_factory: Any):
+    port = free_port()  # nothing listens there
+    app = await app_factory([connection("c1", f"http://127.0.0.1:{port}")])
+    result = await probes.test_connection(app, "c1")
+    assert result == {
+        "success": False,
+        "latency": None,
+        "timestamp": result["timestamp"],
+        "error": f"connection refused by 127.0.0.1:{port}",
+    }
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("badjson", "not JSON"), ("bybiterr", "Bybit error 10002: bad time")],
+)
+async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
+    app = await app_factory([connection("c1", fake.base(mode))])
+    result = await probes.test_connection(app, "c1")
+    assert result["success"] is False
+    assert message in result["error"]
+
+
+async def test_unknown_exchange_and_missing_connection(app_factory: Any):
+    app = await app_factory([connection("c1", None, exchange="kraken-pro")])
+    result = await probes.test_connection(app, "c1")
+    assert result["success"] is False
+    assert "no test endpoint known for exchange 'kraken-pro'" in result["error"]
+    with pytest.raises(Exception) as e:
+        await probes.test_connection(app, "nope")
+    assert getattr(e.value, "code", None) == "not_found"
+
+
+async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
+    conns = [connection(f"c{i}", fake.base("hold")) for i in range(40)]
+    app = await app_factory(conns)
+    import anyio
+
+    results: list[dict[str, Any]] = []
+
+    async def one(cid: str) -> None:
+        results.append(await probes.test_connection(app, cid))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(40):
+            tg.start_soon(one, f"c{i}")
+    assert all(r["success"] for r in results) and len(results) == 40
+    assert 1 < fake.max_in_flight <= probes.MAX_CONCURRENT_TESTS
+
+
+def _conn(**kw: Any) -> Connection:
+    base = {"id": "x", "name": "x", "exchange": "bybit"}
+    return Connection(**{**base, **kw})
+
+
+def test_endpoint_table_live_testnet_and_api_type():
+    t = probes.target_for(_conn(exchange="bybit"))
+    assert not isinstance(t, str) and t.url == "https://api.bybit.com/v5/market/time"
+    t = probes.target_for(_conn(exchange="bybit", is_testnet=True))
+    assert not isinstance(t, str) and t.url == "https://api-testnet.bybit.com/v5/market/time"
+    t = probes.target_for(_conn(exchange="binance", api_type="spot"))
+    assert not isinstance(t, str) and t.url == "https://api.binance.com/api/v3/time"
+    t = probes.target_for(_conn(exchange="binance", api_type="perpetual_futures"))
+    assert not isinstance(t, str) and t.url == "https://fapi.binance.com/fapi/v1/time"
+    t = probes.target_for(_conn(exchange="binance", api_type="spot", is_testnet=True))
+    assert not isinstance(t, str) and t.url == "https://testnet.binance.vision/api/v3/time"
+    t = probes.target_for(_conn(exchange="okx"))
+    assert not isinstance(t, str) and t.url == "https://www.okx.com/api/v5/public/time"
+    assert "x-simulated-trading" not in t.headers
+    t = probes.target_for(_conn(exchange="OKX", is_testnet=True))
+    assert not isinstance(t, str) and t.url == "https://www.okx.com/api/v5/public/time"
+    assert t.headers["x-simulated-trading"] == "1"
+    t = probes.target_for(_conn(exchange="bingx"))
+    assert not isinstance(t, str) and t.url.startswith("https://open-api.bingx.com/")
+    bad = probes.target_for(_conn(connection_settings='{"base_url": "ftp://x"}'))
+    assert isinstance(bad, str) and "http://" in bad
+
+
+async def test_okx_testnet_header_reaches_the_server(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)])
+    result = await probes.test_connection(app, "c1")
+    assert result["success"] is True
+    _method, path, headers = fake.requests[-1]
+    assert path == "/ok/api/v5/public/time" and headers["x-simulated-trading"] == "1"
+
+
+def test_display_url_drops_user_info_and_query():
+    assert probes.display_url("http://u:pw@h.example:81/p?k=s") == "http://h.example:81/p"
+
+
+# --- Project X ------------------------------------------------------------------------------
+
+
+async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:
+    app = await app_factory([])
+    doc = {
+        "projectX": {
+            "apiUrl": api_url,
+            "websocketUrl": "wss://rtc.example",
+            "username": PX_USER,
+            "apiKey": key,
+            "autoConnect": True,
+        },
+        "server": {"port": 3587, "corsOrigins": []},
+        "trading": {"defaultCommission": 2.8, "simulationMode": True},
+    }
+    await app.store.submit(ops.set_document("connection", doc), "cli")
+    return app
+
+
+async def test_projectx_login_success_and_no_secret_out(app_factory: Any, fake: FakeExchange):
+    app = await _px_app(app_factory, fake.base("projectx"))
+    result = await sweeps.test_projectx(app)
+    assert result["success"] is True and result["latency"] > 0
+    method, path, _ = fake.requests[-1]
+    assert (method, path) == ("POST", "/projectx/api/Auth/loginKey")
+    status = sweeps.projectx_status(app)
+    assert status["state"] == "connected" and status["credentials_set"] is True
+    assert status["last_test"] == result
+    blob = json.dumps([result, status])
+    for secret in (PX_KEY, PX_TOKEN, PX_USER):
+        assert secret not in blob
+
+
+async def test_projectx_refused_login_is_scrubbed(app_factory: Any, fake: FakeExchange):
+    app = await _px_app(app_factory, fake.base("projectx"), key="WRONG-KEY-secret-987654")
+    result = await sweeps.test_projectx(app)
+    assert result["success"] is False
+    assert "errorCode 3" in result["error"]
+    assert "WRONG-KEY" not in result["error"]  # the server echoed it; we scrub it
+    assert sweeps.projectx_status(app)["state"] == "error"
+
+
+async def test_projectx_unreachable(app_factory: Any):
+    app = await _px_app(app_factory, f"http://127.0.0.1:{free_port()}")
+    result = await sweeps.test_projectx(app)
+    assert result["success"] is False and "connection refused" in result["error"]

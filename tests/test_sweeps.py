@@ -1,0 +1,291 @@
+"""Heartbeats, the stale sweep, periodic tests and live settings, in-process.
+
+A real `Store` on a tmp dir with `sweeps.run(app)` running as in the daemon; writes are
+counted exactly (the store's stamp of connection-state.json changes on every write of it).
+Every wait polls with a deadline; nothing sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ctsd import ops, sweeps
+from ctsd.files import STATE
+from tests.test_probes import FakeExchange, connection, fake, open_app, state_file, sync_log
+
+pytestmark = pytest.mark.anyio
+__all__ = ["fake"]  # the fixture, re-used
+
+FAST = {"sweep_interval_s": 0.05, "heartbeat_flush_s": 0.3, "test_interval_s": 0}
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+class StateWrites:
+    """Counts writes of connection-state.json (each durable write changes its stamp)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.last = store.stamps.get(STATE)
+        self.count = 0
+        store.on_commit.append(self._on_commit)
+
+    def _on_commit(self, _seconds: float, _changes: int) -> None:
+        st = self.store.stamps.get(STATE)
+        if st != self.last:
+            self.last = st
+            self.count += 1
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Any]:
+    """Factory: an app over a fresh data dir with the sweeps running."""
+    stack: list[tuple[Any, anyio.abc.TaskGroup]] = []
+    n = 0
+
+    async def make(conns: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> Any:
+        nonlocal n
+        n += 1
+        app = await open_app(tmp_path / f"d{n}", conns, {**FAST, **(settings or {})})
+        sw = sweeps.sweeper(app)  # what run() uses; created here so tests can look at it
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        tg.start_soon(sweeps.run, app)
+        stack.append((app, tg))
+        await wait_for(lambda: not sw.rescan, 2, "first sweep")
+        return app
+
+    yield make
+    for app, tg in stack:
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        await app.store.close()
+
+
+def status(app: Any, cid: str) -> str:
+    return app.store.state[cid].status
+
+
+def actions(app: Any, cid: str | None = None) -> list[str]:
+    return [e["action"] for e in sync_log(app) if cid is None or e["connection_id"] == cid]
+
+
+async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
+    stale_after, interval = 0.4, 0.05
+    app = await running(
+        [connection("c1", None), connection("idle", None, is_active=False)],
+        {"stale_after_s": stale_after, "sweep_interval_s": interval},
+    )
+    sweeps.heartbeat(app, "c1")
+    t_beat = time.monotonic()
+    assert status(app, "c1") == "active"
+    await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
+    took = time.monotonic() - t_beat
+    # not before stale_after_s, and within stale_after_s + sweep_interval_s (+ write/poll slack)
+    assert stale_after - 0.05 <= took <= stale_after + interval + 0.25, took
+    on_disk = state_file(app)["c1"]
+    assert on_disk["status"] == "stale"
+    stale_events = [e for e in sync_log(app) if e["action"] == "stale"]
+    assert [e["connection_id"] for e in stale_events] == ["c1"]  # the inactive one never
+    assert stale_events[0]["data"]["source"] == "sweep"
+    assert status(app, "idle") == "inactive"
+
+    sweeps.heartbeat(app, "c1")
+    await wait_for(lambda: status(app, "c1") == "active", 2, "c1 recovered")
+    assert actions(app, "c1")[-2:] == ["stale", "recovered"]
+    assert state_file(app)["c1"]["status"] == "active"
+    # and it is watched again: silent once more, it goes stale again
+    await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale again")
+
+
+async def test_successful_test_recovers_a_stale_connection(running: Any, fake: FakeExchange):
+    app = await running([connection("c1", fake.base("ok"))], {"stale_after_s": 0.2})
+    await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
+    result = await sweeps.test_connection(app, "c1")
+    assert result["success"] is True
+    assert status(app, "c1") == "active"
+    assert actions(app, "c1")[-2:] == ["test", "recovered"]
+    # counted as a heartbeat: the sweep gives it a full stale_after_s again
+    await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale again")
+
+
+async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
+    flush = 0.3
+    app = await running(
+        [connection(f"c{i}", None) for i in range(20)],
+        {"heartbeat_flush_s": flush, "stale_after_s": 60},
+    )
+    await wait_for(lambda: "c0" in app.components["sweeps"].live, 2, "first sweep")
+    writes = StateWrites(app.store)
+    rev = app.store.revision
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < 1.5:
+        for i in range(20):
+            sweeps.heartbeat(app, f"c{i}")
+            n += 1
+        await anyio.sleep(0.005)
+    elapsed = time.monotonic() - t0
+    last = app.store.heartbeats["c7"]
+    assert app.store.state_view("c7").last_heartbeat_at == last  # in memory at once
+    await wait_for(lambda: state_file(app)["c7"]["last_heartbeat_at"] == last, 2, "flushed")
+    total = time.monotonic() - t0
+    assert n > 1000
+    assert 1 <= writes.count <= total / flush + 1, (writes.count, n, elapsed)
+    assert app.store.revision == rev  # no sync-log entry per heartbeat
+
+
+async def test_idle_sweeps_write_nothing(running: Any):
+    app = await running([connection(f"c{i}", None) for i in range(50)], {"stale_after_s": 60})
+    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
+    await wait_for(lambda: len(sw.live) == 50, 2, "first sweep")
+    # let the first flush persist whatever start-up produced, then watch an idle stretch
+    await wait_for(lambda: not sw.flush_plan()[0] and not sw.flush_plan()[1], 2, "settled")
+    commits: list[int] = []
+    app.store.on_commit.append(lambda _s, n: commits.append(n))
+    ticks = len(sw.tick_times)
+    await wait_for(lambda: len(sw.tick_times) >= ticks + 15, 5, "15 sweep ticks")
+    await wait_for(lambda: len(sw.tick_times) >= ticks + 20, 5, "20 sweep ticks (3 flushes)")
+    assert commits == []
+
+
+async def test_inactive_and_disabled_read_inactive_and_never_stale(running: Any):
+    app = await running(
+        [connection("a", None), connection("off", None, is_enabled=False)],
+        {"stale_after_s": 0.3},
+    )
+    assert status(app, "off") == "inactive"
+    await app.store.submit(ops.set_active("a", False), "cli")
+    assert status(app, "a") == "inactive"
+    sw = app.components["sweeps"]
+    await wait_for(lambda: len(sw.tick_times) > 20, 5, "sweeps ran past stale_after_s")
+    assert "stale" not in actions(app)
+    # activated again: a full stale_after_s of grace from activation, then stale
+    t0 = time.monotonic()
+    await app.store.submit(ops.set_active("a", True), "cli")
+    assert status(app, "a") == "active"
+    await wait_for(lambda: status(app, "a") == "stale", 3, "a stale")
+    assert time.monotonic() - t0 >= 0.3 - 0.05
+
+
+async def test_settings_hand_edit_applies_live(running: Any):
+    app = await running([connection("c1", None)], {"stale_after_s": 60})
+    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
+    await wait_for(lambda: len(sw.tick_times) > 10, 3, "sweeps running")
+    assert status(app, "c1") == "active"
+    # a hand edit of settings.json, taken in as the watcher/SIGHUP does
+    path = app.data_dir / "settings.json"
+    settings = json.loads(path.read_text())
+    settings["stale_after_s"] = 0.2
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    assert await app.store.ingest("settings.json")
+    assert app.store.settings.stale_after_s == 0.2
+    await wait_for(lambda: status(app, "c1") == "stale", 2, "stale under the new setting")
+
+
+async def test_last_sync_at_follows_events_without_extra_writes(running: Any):
+    app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.2})
+    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
+    await wait_for(lambda: not any(sw.flush_plan()), 2, "settled")
+    await app.store.submit(ops.update("c1", {"name": "renamed"}), "cli")
+    event = sync_log(app)[-1]
+    assert event["action"] == "update"
+    # visible at once in the view, persisted by the next coalesced flush
+    assert app.store.state_view("c1").last_sync_at == event["created_at"]
+    await wait_for(
+        lambda: state_file(app).get("c1", {}).get("last_sync_at") == event["created_at"],
+        2,
+        "persisted",
+    )
+    # ops that write the state anyway set it themselves: no flush needed afterwards
+    await app.store.submit(ops.set_volume("c1", 2.0, 3.0), "cli")
+    event = sync_log(app)[-1]
+    assert event["action"] == "update_volume"
+    assert event["data"]["live"] == 2.0 and event["data"]["preset"] == 3.0
+    assert state_file(app)["c1"]["last_sync_at"] == event["created_at"]
+    assert sw.flush_plan() == ({}, {})
+
+
+async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeExchange):
+    app = await running(
+        [
+            connection("ok", fake.base("ok")),
+            connection("down", fake.base("err500"), is_active=False),
+            connection("off", fake.base("ok"), is_enabled=False),
+        ],
+        {"test_interval_s": 0.3, "stale_after_s": 60},
+    )
+
+    def tested() -> bool:
+        st = app.store.state
+        return st["ok"].test_results is not None and st["down"].test_results is not None
+
+    await wait_for(tested, 5, "periodic tests")
+    assert app.store.state["ok"].test_results.success is True
+    assert app.store.state["down"].test_results.success is False
+    assert "HTTP 500" in app.store.state["down"].test_results.error
+    assert app.store.state["off"].test_results is None
+    count = sum(1 for a in actions(app, "ok") if a == "test")
+    await wait_for(lambda: sum(1 for a in actions(app, "ok") if a == "test") > count, 3, "again")
+    # switched off live: no more tests
+    await app.store.submit(
+        ops.set_document("settings", {**app.store.documents["settings"], "test_interval_s": 0}),
+        "cli",
+    )
+    await wait_for(lambda: not app.components["sweeps"].testing, 3, "in-flight tests done")
+    n = len(actions(app))
+    sw = app.components["sweeps"]
+    ticks = len(sw.tick_times)
+    await wait_for(lambda: len(sw.tick_times) > ticks + 15, 3, "sweeps")
+    assert [a for a in actions(app)[n:] if a == "test"] == []
+
+
+async def test_heartbeat_unknown_connection(running: Any):
+    app = await running([connection("c1", None)])
+    with pytest.raises(Exception) as e:
+        sweeps.heartbeat(app, "ghost")
+    assert getattr(e.value, "code", None) == "not_found"
+
+
+async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange):
+    from tests.test_probes import PX_KEY, PX_USER
+
+    data = tmp_path / "px"
+    data.mkdir()
+    (data / "connection.json").write_text(
+        json.dumps(
+            {
+                "projectX": {
+                    "apiUrl": fake.base("projectx"),
+                    "username": PX_USER,
+                    "apiKey": PX_KEY,
+                    "autoConnect": True,
+                },
+                "server": {"port": 3587},
+                "trading": {"simulationMode": True},
+            }
+        )
+    )
+    app = await open_app(data, [], FAST)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sweeps.run, app)
+        await wait_for(lambda: sweeps.projectx_status(app)["state"] == "connected", 5, "px")
+        tg.cancel_scope.cancel()
+    await app.store.close()
+    assert any(p == "/projectx/api/Auth/loginKey" for _, p, _ in fake.requests)
