@@ -31,7 +31,7 @@ import msgspec
 
 from ctsd import models
 from ctsd.config import resolve_data_dir
-from ctsd.redact import SECRET_FIELDS
+from ctsd.redact import SECRET_FIELDS, is_placeholder
 from ctsd.tokenfile import load_token
 
 DEFAULT_HOST = "127.0.0.1"
@@ -338,7 +338,7 @@ class Bus:
         except BusError as e:
             # A daemon that does not know the optional `source` field refuses it as an unknown
             # argument, before doing anything: send the command again without it.
-            if not (self.send_source and e.code == "invalid" and e.error.get("path") == "$.source"):
+            if not (self.send_source and _refuses_source(e)):
                 raise
             self.send_source = False
             return await self._call(command, timeout, args)
@@ -378,6 +378,13 @@ class Bus:
                 error = frame.get("error")
                 raise BusError(error if isinstance(error, dict) else {"code": "internal"})
             self.pushed.append(frame)
+
+
+def _refuses_source(e: BusError) -> bool:
+    message = str(e.error.get("message", ""))
+    return e.code in ("invalid", "invalid_format") and (
+        e.error.get("path") == "$.source" or "unknown field `source`" in message
+    )
 
 
 def closed_error(target: Target, e: Exception) -> CliError:
@@ -506,12 +513,76 @@ CMD = {"epilog": EXIT_CODES_HELP}
 # --- status ---------------------------------------------------------------------------------
 
 
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or days:
+        parts.append(f"{hours}h")
+    if minutes or hours or days:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return " ".join(parts)
+
+
+def render_status(result: Any, target: Target) -> str:
+    """The daemon's `status` reply as a few readable lines; unknown parts shown as they are."""
+    if not isinstance(result, dict):
+        return f"ctsd daemon on {target.where}: {safe(result)}"
+    rest = dict(result)
+    version = rest.pop("version", "?")
+    lines = [
+        f"ctsd {safe(version)} on {target.where}: up {_duration(rest.pop('uptime_s', None))}, "
+        f"revision {safe(rest.pop('revision', '?'))}"
+    ]
+    counts = rest.pop("counts", None)
+    if isinstance(counts, dict):
+        lines.append(
+            f"connections  {cell(counts.get('connections'))}: {cell(counts.get('enabled'))} "
+            f"enabled, {cell(counts.get('active'))} active (observed: "
+            f"{cell(counts.get('status_active'))} active, {cell(counts.get('status_stale'))} "
+            f"stale, {cell(counts.get('status_inactive'))} inactive)"
+        )
+    if "invalid_files" in rest:
+        invalid = rest.pop("invalid_files") or []
+        lines.append(
+            "files        all valid"
+            if not invalid
+            else f"files        INVALID: {', '.join(safe(f) for f in invalid)} "
+            "(changes to them are refused; `ctsd verify` shows where)"
+        )
+    bus = rest.pop("bus", None)
+    if isinstance(bus, dict):
+        lines.append(
+            f"bus          {cell(bus.get('clients'))} client(s), "
+            f"{cell(bus.get('subscribers'))} subscriber(s), "
+            f"{cell(bus.get('events_sent'))} event(s) sent"
+        )
+    px = rest.pop("projectx", None)
+    if isinstance(px, dict):
+        text = ", ".join(
+            f"{safe(k)} {cell(v)}" for k, v in px.items() if not isinstance(v, dict | list)
+        )
+        lines.append(f"projectx     {text}")
+    if rest:
+        lines.extend(key_values(rest))
+    return "\n".join(lines)
+
+
 def _status_cmd(main: click.Group) -> None:
     @main.command(**CMD)
     @bus_options
     @json_option
     def status(target: Target, as_json: bool) -> None:
-        """A summary of the running daemon: revision, connections, clients, files."""
+        """A summary of the running daemon: revision, connections, clients, files.
+
+        Exits 6 when a data file is invalid on disk (the daemon serves its last valid
+        content and refuses changes to it).
+        """
 
         async def body(bus: Bus) -> Any:
             return await bus.call("status")
@@ -520,11 +591,9 @@ def _status_cmd(main: click.Group) -> None:
         if as_json:
             echo_json(result)
             return
-        click.echo(f"ctsd daemon on {target.where}")
-        if isinstance(result, dict):
-            click.echo("\n".join(key_values(result, 2)))
-        else:
-            click.echo(f"  {safe(result)}")
+        click.echo(render_status(result, target))
+        if isinstance(result, dict) and result.get("invalid_files"):
+            sys.exit(EXIT_CONFLICT)
 
 
 # --- conn -----------------------------------------------------------------------------------
@@ -981,7 +1050,9 @@ TOPICS = click.Choice(["connections", "state", "documents", "system"])
 
 
 def format_event(ev: dict[str, Any]) -> str:
-    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    """One readable line: `#12 TIME update c1 (cli) name="Main" volume_factor=2`."""
+    raw = ev.get("data")
+    data: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
     target = ev.get("connection_id") or data.get("file") or "-"
     parts = [
         f"#{ev.get('id')}",
@@ -989,15 +1060,22 @@ def format_event(ev: dict[str, Any]) -> str:
         safe(ev.get("action", "?")),
         safe(target),
     ]
-    source = data.get("source")
+    source = data.pop("source", None)
     if source:
         parts.append(f"({safe(source)})")
-    detail = {k: v for k, v in data.items() if k not in ("source", "file")}
-    if "fields" in detail and isinstance(detail["fields"], list):
-        parts.append("fields=" + ",".join(safe(f) for f in detail.pop("fields")))
-    if detail:
-        parts.append(short(dump_json(detail), 120))
-    return " ".join(parts)
+    data.pop("file", None)
+    fields = data.pop("fields", None)
+    values = data.pop("values", None)
+    if ev.get("action") == "create" and isinstance(values, dict):
+        # A create lists every field; its name and exchange say which record it is.
+        values = {k: values[k] for k in ("name", "exchange") if k in values}
+    if isinstance(values, dict) and values:
+        parts.append(" ".join(f"{safe(k)}={short(dump_json(v), 40)}" for k, v in values.items()))
+    elif isinstance(fields, list) and fields:
+        parts.append("fields=" + ",".join(safe(f) for f in fields))
+    if data:
+        parts.append(dump_json(data))
+    return short(" ".join(parts), 240)
 
 
 def format_notice(frame: dict[str, Any]) -> str:
@@ -1154,6 +1232,40 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
+def drop_placeholders(obj: Any) -> int:
+    """Remove secret fields that hold the mask (an export never has the real values).
+
+    The daemon refuses a placeholder sent back as a value; leaving the field out keeps the
+    stored secret, which is what restoring an export of the same daemon means.
+    """
+    count = 0
+    if isinstance(obj, dict):
+        for key in [k for k, v in obj.items() if k in SECRET_FIELDS and is_placeholder(v)]:
+            del obj[key]
+            count += 1
+        for v in obj.values():
+            count += drop_placeholders(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            count += drop_placeholders(v)
+    return count
+
+
+def placeholder_paths(obj: Any, path: str) -> list[str]:
+    """JSON paths of secret fields that hold the mask."""
+    out: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in SECRET_FIELDS and is_placeholder(v):
+                out.append(f"{path}.{k}")
+            else:
+                out.extend(placeholder_paths(v, f"{path}.{k}"))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.extend(placeholder_paths(v, f"{path}[{i}]"))
+    return out
+
+
 def _data_cmds(main: click.Group) -> None:
     @main.command(**CMD)
     @bus_options
@@ -1207,6 +1319,29 @@ def _data_cmds(main: click.Group) -> None:
             raise click.BadParameter(
                 f'{safe(file)} is not a ctsd export (expected an object with "files")',
                 param_hint="'FILE'",
+            )
+
+        dropped = 0
+        conns = data["files"].get("connections.json")
+        if merge and isinstance(conns, list):
+            # A merge keeps the stored secrets of a connection whose import leaves them out.
+            dropped = drop_placeholders(conns)
+        masked = placeholder_paths(data["files"], "$.files")
+        if masked:
+            # Anywhere else the daemon would store the absence: the real secret would be lost.
+            more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
+            hint = "" if merge else "; --merge keeps the stored secrets of connections"
+            raise click.BadParameter(
+                f"{safe(file)} holds a masked secret at {safe(masked[0])}{more}: an export "
+                "never carries secrets, and importing it would clear the stored one; put the "
+                f"real value there or remove the field{hint}",
+                param_hint="'FILE'",
+            )
+        if dropped:
+            click.echo(
+                f"ctsd: {dropped} masked secret(s) in {safe(file)} left out: "
+                "the daemon keeps the stored values",
+                err=True,
             )
 
         async def body(bus: Bus) -> Any:
