@@ -1,0 +1,553 @@
+"""`ctsd serve` as a real subprocess: readiness, configuration, start failures, signals,
+the watchdog, invalid files at start, and secrets kept out of every log."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from ctsd import files
+from ctsd.atomic import TEMP_PREFIX
+from ctsd.config import resolve_data_dir
+from tests.daemon import Daemon, NotifySocket, free_port, wait_until
+
+CANARY = "CANARY-SECRET-7f3a9c"
+
+
+class Bare(Daemon):
+    """The daemon without the harness' --data-dir/--port flags (for precedence tests)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "ctsd", "serve", "--log-format", "json", *self.args]
+
+
+def ready_event(d: Daemon) -> dict[str, Any]:
+    return wait_until(
+        lambda: next((e for e in d.log_events() if e.get("event") == "ready"), None),
+        what="ready log event",
+    )
+
+
+def run_to_exit(d: Daemon, timeout: float = 15.0) -> int:
+    d.start(wait=False)
+    assert d.proc is not None
+    return d.proc.wait(timeout)
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    return list(data_dir.rglob(f"{TEMP_PREFIX}*"))
+
+
+def all_files_valid(data_dir: Path) -> None:
+    for name in [
+        files.CONNECTIONS,
+        files.STATE,
+        files.SYNC_LOG,
+        *(f for f, _ in files.DOCUMENTS.values()),
+    ]:
+        files.decode_file(name, (data_dir / name).read_bytes())
+
+
+# --- readiness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_status_and_health(data_dir: Path, abstract: bool) -> None:
+    d = Daemon(data_dir, abstract_notify=abstract)
+    try:
+        d.start()
+        msgs = d.notify.poll()
+        assert "READY=1" in msgs
+        status = [m for m in msgs if m.startswith("STATUS=")]
+        assert status and "0 connections" in status[0], msgs
+        assert f"MAINPID={d.proc.pid}" in msgs  # type: ignore[union-attr]
+        # /health answers once READY=1 was sent: no retry loop needed.
+        code, body = d.http("/health", token=None)
+        assert code == 200 and body["status"] == "ok", body
+        assert ready_event(d)["port"] == d.port
+        assert stat_mode(data_dir) == 0o700
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+def stat_mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+# --- configuration precedence ---------------------------------------------------------------
+
+
+def test_data_dir_precedence_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CTSD_DATA_DIR", "DATA_DIR", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir(None) == tmp_path / "data"
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "p"))
+    assert resolve_data_dir(None) == tmp_path / "p"
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "d"))
+    assert resolve_data_dir(None) == tmp_path / "d"
+    monkeypatch.setenv("CTSD_DATA_DIR", str(tmp_path / "c"))
+    assert resolve_data_dir(None) == tmp_path / "c"
+    assert resolve_data_dir(str(tmp_path / "f")) == tmp_path / "f"
+
+
+def test_data_dir_from_env_and_flag(tmp_path: Path) -> None:
+    # The seeds' own variable names reach the real daemon; the flag beats them.
+    for env, args, used in [
+        ({"DATA_PATH": str(tmp_path / "p")}, [], tmp_path / "p"),
+        ({"DATA_PATH": str(tmp_path / "p"), "DATA_DIR": str(tmp_path / "d")}, [], tmp_path / "d"),
+        (
+            {"CTSD_DATA_DIR": str(tmp_path / "c"), "DATA_DIR": str(tmp_path / "d")},
+            ["--data-dir", str(tmp_path / "f")],
+            tmp_path / "f",
+        ),
+    ]:
+        d = Bare(used, env=env, args=[*args, "--port", str(free_port())])
+        try:
+            d.start()
+            assert ready_event(d)["data_dir"] == str(used)
+            assert (used / files.CONNECTIONS).is_file()
+        finally:
+            d.close()
+    assert not (tmp_path / "c").exists()
+
+
+def test_host_and_port_precedence(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700)
+    p_settings, p_env, p_flag = free_port(), free_port(), free_port()
+    (data_dir / "settings.json").write_text(
+        json.dumps({"server": {"host": "127.0.0.2", "port": p_settings}, "app_key": 1})
+    )
+    cases = [
+        ({}, [], ("127.0.0.2", p_settings)),
+        ({"CTSD_HOST": "127.0.0.3", "CTSD_PORT": str(p_env)}, [], ("127.0.0.3", p_env)),
+        (
+            {"CTSD_HOST": "127.0.0.3", "CTSD_PORT": str(p_env)},
+            ["--host", "127.0.0.1", "--port", str(p_flag)],
+            ("127.0.0.1", p_flag),
+        ),
+    ]
+    for env, args, (host, port) in cases:
+        d = Bare(data_dir, env={"CTSD_DATA_DIR": str(data_dir), **env}, args=args)
+        try:
+            d.start()
+            ev = ready_event(d)
+            assert (ev["host"], ev["port"]) == (host, port)
+            with socket.create_connection((host, port), timeout=5):
+                pass
+            assert not any(e.get("event") == "non_loopback_bind" for e in d.log_events())
+        finally:
+            d.close()
+    # The trading app's own keys in settings.json are kept as written.
+    assert json.loads((data_dir / "settings.json").read_text())["app_key"] == 1
+
+
+def test_non_loopback_host_logs_a_warning(data_dir: Path) -> None:
+    d = Daemon(data_dir, args=["--host", "0.0.0.0"])
+    try:
+        d.start()
+        warn = wait_until(
+            lambda: [e for e in d.log_events() if e.get("event") == "non_loopback_bind"]
+        )
+        assert warn[0]["level"] == "warning" and warn[0]["host"] == "0.0.0.0"
+    finally:
+        d.close()
+
+
+# --- start failures: exit 1, one line on stderr --------------------------------------------
+
+
+def test_second_instance_exits_naming_the_holder(daemon: Daemon) -> None:
+    second = Daemon(daemon.data_dir)
+    try:
+        assert run_to_exit(second) == 1
+        line = one_line(second.stderr())
+        assert f"pid {daemon.proc.pid}" in line, line  # type: ignore[union-attr]
+        assert "READY=1" not in second.notify.poll()
+    finally:
+        second.close()
+    # The holder is unharmed: its pid is still in the lock file and it still answers.
+    assert (daemon.data_dir / ".lock").read_text().strip() == str(daemon.proc.pid)  # type: ignore[union-attr]
+    assert daemon.http("/health", token=None)[0] == 200
+
+
+def test_port_busy_exits_1(data_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        d = Daemon(data_dir, port=busy.getsockname()[1])
+        try:
+            assert run_to_exit(d) == 1
+            line = one_line(d.stderr())
+            assert str(d.port) in line and "listen" in line, line
+        finally:
+            d.close()
+    # The lock was released: a daemon starts on the same dir at once.
+    d2 = Daemon(data_dir)
+    try:
+        d2.start()
+    finally:
+        d2.close()
+
+
+def test_data_dir_unusable_exits_1(tmp_path: Path) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("not a dir")
+    d = Daemon(blocker)
+    try:
+        assert run_to_exit(d) == 1
+        assert "not a directory" in one_line(d.stderr())
+    finally:
+        d.close()
+    assert blocker.read_text() == "not a dir"
+    d = Daemon(blocker / "sub")
+    try:
+        assert run_to_exit(d) == 1
+        one_line(d.stderr())
+    finally:
+        d.close()
+
+
+# --- signals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal(daemon: Daemon, sig: int) -> None:
+    start = time.monotonic()
+    assert daemon.stop(sig, timeout=5) == 0
+    assert time.monotonic() - start < 5
+    msgs = daemon.notify.poll()
+    assert "STOPPING=1" in msgs and msgs.index("STOPPING=1") > msgs.index("READY=1")
+    assert temp_files(daemon.data_dir) == []
+    assert any(e.get("event") == "stopped" for e in daemon.log_events())
+    assert daemon.stderr() == ""
+
+
+def test_sighup_reloads_settings_and_files(daemon: Daemon) -> None:
+    data = daemon.data_dir
+    (data / "settings.json").write_text(json.dumps({"sync_log_limit": 2}))
+    conns = [
+        {"id": f"h{i}", "name": f"hand {i}", "exchange": "bybit", "api_secret": CANARY}
+        for i in range(3)
+    ]
+    (data / "connections.json").write_text(json.dumps(conns))
+    after = len(daemon.notify.poll())
+    daemon.send_signal(signal.SIGHUP)
+    i = daemon.notify.wait_for("RELOADING=1", after=after)
+    daemon.notify.wait_for("READY=1", after=i + 1)
+    # Both files were taken in: three creates (source file), then the log trimmed to 2.
+    log = json.loads((data / files.SYNC_LOG).read_text())
+    assert len(log) == 2, log
+    assert sorted(s["connection_id"] for s in json.loads((data / files.STATE).read_text())) == [
+        "h0",
+        "h1",
+        "h2",
+    ]
+    assert any(e.get("event") == "reloaded" for e in daemon.log_events())
+    assert daemon.http("/health", token=None)[1]["status"] == "ok"
+    assert daemon.proc.poll() is None  # type: ignore[union-attr]
+    assert CANARY not in (data / files.SYNC_LOG).read_text()
+
+
+# --- watchdog -------------------------------------------------------------------------------
+
+
+def _pings(sock: NotifySocket, seconds: float) -> list[float]:
+    """Arrival times of WATCHDOG=1 over `seconds` (observing a window is the point here)."""
+    times: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        before = len(sock.messages)
+        sock.poll()
+        now = time.monotonic()
+        times += [now for m in sock.messages[before:] if m == "WATCHDOG=1"]
+        time.sleep(0.005)
+    return times
+
+
+def test_watchdog_pings_at_half_the_interval_and_stop_when_blocked(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"WATCHDOG_USEC": "200000"})  # pings every 0.1 s
+    try:
+        d.start()
+        pings = _pings(d.notify, 1.0)
+        assert 7 <= len(pings) <= 13, len(pings)
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert sorted(gaps)[len(gaps) // 2] == pytest.approx(0.1, abs=0.04), gaps
+        # A stopped process is a blocked loop as far as systemd can tell: no pings.
+        os.kill(d.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            _pings(d.notify, 0.05)  # drain what was already in flight
+            assert _pings(d.notify, 0.5) == []
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        n = len(d.notify.messages)
+        d.notify.wait_for("WATCHDOG=1", timeout=5, after=n)
+    finally:
+        d.close()
+
+
+def test_no_watchdog_pings_without_watchdog_usec(daemon: Daemon) -> None:
+    assert "WATCHDOG=1" not in daemon.notify.poll()
+    assert _pings(daemon.notify, 0.3) == []
+
+
+# --- invalid file at start ------------------------------------------------------------------
+
+
+def test_invalid_file_at_start_degrades_health_and_is_untouched(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700)
+    bad = b'[\n  {"id": "c1", "name": "x", "exchange": "bybit", "is_enabeld": true}\n]\n'
+    (data_dir / files.CONNECTIONS).write_bytes(bad)
+    st = (data_dir / files.CONNECTIONS).stat()
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        code, body = d.http("/health", token=None)
+        assert code == 200 and body["status"] == "degraded", body
+        problem = body["checks"]["files"]["invalid"][files.CONNECTIONS]
+        assert problem.startswith("connections.json:2:50: ") and "is_enabled" in problem
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert (data_dir / files.CONNECTIONS).read_bytes() == bad
+    assert (data_dir / files.CONNECTIONS).stat().st_ino == st.st_ino
+
+
+# --- the bus (CONTRACT §4) ------------------------------------------------------------------
+
+
+class Bus:
+    """A minimal synchronous bus client: Bearer auth on the upgrade, id'd commands."""
+
+    def __init__(self, d: Daemon) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(
+            d.ws_url,
+            additional_headers={"Authorization": f"Bearer {d.token}"},
+            open_timeout=5,
+            compression=None,
+        ).__enter__()  # closed by close()
+        hello = json.loads(self.ws.recv(timeout=5))
+        assert hello["type"] == "auth_ok", hello
+        self.next_id = 0
+
+    def send(self, kind: str, **args: Any) -> int:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "type": kind, **args}))
+        return self.next_id
+
+    def result(self, timeout: float = 10) -> dict[str, Any]:
+        while True:
+            msg = json.loads(self.ws.recv(timeout=timeout))
+            if msg.get("type") == "result":
+                return msg
+
+    def call(self, kind: str, **args: Any) -> Any:
+        rid = self.send(kind, **args)
+        msg = self.result()
+        assert msg["id"] == rid
+        assert msg["success"], msg
+        return msg["result"]
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700)
+    conn = {
+        "id": "c1",
+        "name": "canary",
+        "exchange": "bybit",
+        "api_key": CANARY + "-key",
+        "api_secret": CANARY,
+        "api_passphrase": CANARY + "-pass",
+    }
+    (data_dir / files.CONNECTIONS).write_text(json.dumps([conn], indent=2))
+    doc = {"projectX": {"username": "u", "apiKey": CANARY, "password": CANARY}}
+    (data_dir / "connection.json").write_text(json.dumps(doc))
+    d = Daemon(data_dir, args=["--log-level", "debug"])
+    try:
+        d.start()
+        bus = Bus(d)
+        got = bus.call("connections.get", connection_id="c1")
+        assert CANARY not in json.dumps(got)
+        bus.call("connections.update", connection_id="c1", changes={"api_secret": CANARY + "2"})
+        bus.call("connections.create", connection={**conn, "id": "c2", "api_key": CANARY})
+        rid = bus.send("connections.update", connection_id="c1", changes={"api_sceret": CANARY})
+        err = bus.result()
+        assert err["id"] == rid and not err["success"]
+        assert CANARY not in json.dumps(err)
+        bus.close()
+        code, listed = d.http("/api/settings/connections")
+        assert code == 200 and CANARY not in json.dumps(listed), listed
+        # An invalid hand edit that quotes the secret next to the error.
+        bad = json.dumps([{**conn, "volume_factor": -1}], indent=2)
+        (data_dir / files.CONNECTIONS).write_text(bad)
+        d.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(e.get("event") == "file_invalid" for e in d.log_events()))
+        assert d.stop() == 0
+    finally:
+        d.close()
+    outputs = {"stdout": d.stdout(), "stderr": d.stderr()}
+    for p in sorted((data_dir / "logs").iterdir()):
+        outputs[p.name] = p.read_text(errors="replace")
+    assert "ready" in outputs["stdout"] and "ctsd.log" in outputs
+    for where, text in outputs.items():
+        assert CANARY not in text, where
+
+
+def _seed_connections(data_dir: Path, n: int) -> None:
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    conns = [{"id": f"c{i}", "name": "start", "exchange": "bybit"} for i in range(n)]
+    (data_dir / files.CONNECTIONS).write_text(json.dumps(conns, indent=2))
+
+
+def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
+    _seed_connections(data_dir, 10)
+    d = Daemon(data_dir).start()
+    try:
+        bus = Bus(d)
+        sent: dict[int, tuple[str, str]] = {}
+        for seq in range(300):
+            cid, name = f"c{seq % 10}", f"s{seq}"
+            sent[bus.send("connections.update", connection_id=cid, changes={"name": name})] = (
+                cid,
+                name,
+            )
+        acked: list[int] = []
+        try:
+            while len(acked) < 300:
+                msg = bus.result(timeout=10)
+                if msg["success"]:
+                    acked.append(msg["id"])
+                if len(acked) == 20:
+                    d.send_signal(signal.SIGTERM)  # mid-burst
+        except Exception:
+            pass  # closed by the shutdown (1001): whatever was acked must be on disk
+        assert d.proc.wait(5) == 0  # type: ignore[union-attr]
+        assert "STOPPING=1" in d.notify.poll()
+    finally:
+        d.close()
+    assert len(acked) >= 20
+    assert temp_files(data_dir) == []
+    all_files_valid(data_dir)
+    on_disk = {c["id"]: c["name"] for c in json.loads((data_dir / files.CONNECTIONS).read_text())}
+    last_acked: dict[str, int] = {}
+    for rid in acked:
+        cid, name = sent[rid]
+        last_acked[cid] = max(last_acked.get(cid, -1), int(name[1:]))
+    for cid, seq in last_acked.items():
+        assert int(on_disk[cid][1:]) >= seq, (cid, on_disk[cid], seq)
+
+
+# --- kill -9 in the middle of a change storm ------------------------------------------------
+
+ROUNDS = 50
+CLIENTS = 4
+PER_CLIENT = 40
+CONNS_PER_CLIENT = 5
+
+
+async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[str, int], int]:
+    """Pipelined updates from CLIENTS clients; SIGKILL once `kill_after` acks arrived.
+
+    Returns, per connection, the highest acknowledged sequence number, and how many acks.
+    """
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    acked: dict[str, int] = {}
+    total = 0
+    killed = asyncio.Event()
+
+    def kill() -> None:
+        if not killed.is_set():
+            killed.set()
+            d.proc.kill()  # type: ignore[union-attr]
+
+    async def client(k: int) -> None:
+        nonlocal total
+        headers = {"Authorization": f"Bearer {d.token}"}
+        async with connect(d.ws_url, additional_headers=headers, compression=None) as ws:
+            hello = json.loads(await ws.recv())
+            assert hello["type"] == "auth_ok", hello
+            targets: dict[int, tuple[str, int]] = {}
+            for seq in range(PER_CLIENT):
+                cid = f"c{k * CONNS_PER_CLIENT + seq % CONNS_PER_CLIENT}"
+                targets[seq + 1] = (cid, seq)
+                cmd = {"id": seq + 1, "type": "connections.update", "connection_id": cid}
+                cmd["changes"] = {"name": f"r{rnd}-{seq}"}
+                await ws.send(json.dumps(cmd))
+            async for frame in ws:
+                msg = json.loads(frame)
+                if msg.get("type") != "result":
+                    continue
+                assert msg["success"], msg
+                cid, seq = targets[msg["id"]]
+                acked[cid] = max(acked.get(cid, -1), seq)
+                total += 1
+                if total >= kill_after:
+                    kill()
+                if len(targets) == msg["id"]:
+                    break
+
+    results = await asyncio.gather(*(client(k) for k in range(CLIENTS)), return_exceptions=True)
+    kill()  # all acked before the chosen moment: kill now
+    for r in results:
+        if isinstance(r, AssertionError):
+            raise r
+    return acked, total
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
+    import asyncio
+    import random
+
+    rng = random.Random(20240802)  # reproducible kill moments
+    _seed_connections(data_dir, CLIENTS * CONNS_PER_CLIENT)
+    mid_storm = 0
+    for rnd in range(ROUNDS):
+        d = Daemon(data_dir)
+        try:
+            d.start()
+            _, health = d.http("/health", token=None)
+            assert health["status"] == "ok", (rnd, health)  # the last kill broke nothing
+            kill_after = rng.randint(0, CLIENTS * PER_CLIENT)
+            acked, n_acked = asyncio.run(_storm(d, rnd, kill_after))
+            d.proc.wait(5)  # type: ignore[union-attr]
+            assert d.proc.returncode == -signal.SIGKILL  # type: ignore[union-attr]
+        finally:
+            d.close()
+        # Straight after the kill: every file is valid JSON and every ack is on disk.
+        all_files_valid(data_dir)
+        names = {c["id"]: c["name"] for c in json.loads((data_dir / files.CONNECTIONS).read_text())}
+        for cid, seq in acked.items():
+            r, s = names[cid][1:].split("-") if names[cid] != "start" else ("-1", "-1")
+            assert (int(r), int(s)) >= (rnd, seq), (rnd, cid, names[cid], seq)
+        log = msgspec.json.decode((data_dir / files.SYNC_LOG).read_bytes())
+        ids = [e["id"] for e in log]
+        assert ids == sorted(set(ids))
+        mid_storm += 0 < n_acked < CLIENTS * PER_CLIENT
+    # Most kills must land with changes both acknowledged and still in flight.
+    assert mid_storm >= ROUNDS // 2, mid_storm
