@@ -289,3 +289,26 @@ async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange
         tg.cancel_scope.cancel()
     await app.store.close()
     assert any(p == "/projectx/api/Auth/loginKey" for _, p, _ in fake.requests)
+
+
+async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
+    """The sweep decides, a heartbeat lands, then the write applies: no false `stale`."""
+    app = await open_app(tmp_path / "d", [connection("c1", None)], {"stale_after_s": 1})
+    try:
+        sw = sweeps.sweeper(app)
+        now = time.time()
+        assert sw.tick(now) == {}  # learns c1, a full stale_after_s from now
+        transitions = sw.tick(now + 2)
+        assert list(transitions) == ["c1"]
+        sweeps.heartbeat(app, "c1")  # arrives before the transition is written
+        await sw._apply_stale(transitions)
+        assert status(app, "c1") == "active"
+        assert "stale" not in actions(app)
+        assert "c1" in sw.in_heap  # still watched
+        # without the heartbeat the same decision does apply
+        transitions = sw.tick(time.time() + 5)
+        assert list(transitions) == ["c1"]
+        await sw._apply_stale(transitions)
+        assert status(app, "c1") == "stale"
+    finally:
+        await app.store.close()
