@@ -312,3 +312,24 @@ async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
         assert status(app, "c1") == "stale"
     finally:
         await app.store.close()
+
+
+async def test_invalid_state_file_holds_the_flush_until_fixed(running: Any):
+    app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.1})
+    sw = app.components["sweeps"]
+    await wait_for(lambda: not any(sw.flush_plan()), 2, "settled")
+    path = app.data_dir / "connection-state.json"
+    good = path.read_text()
+    path.write_text('[{"connection_id": "c1", "is_activ": true}]\n')
+    assert not await app.store.ingest("connection-state.json")
+    ts = sweeps.heartbeat(app, "c1")  # still taken, in memory
+    assert app.store.state_view("c1").last_heartbeat_at == ts
+    ticks = len(sw.tick_times)
+    await wait_for(lambda: len(sw.tick_times) > ticks + 10, 3, "flushes tried")
+    assert '"is_activ"' in path.read_text()  # never overwritten
+    assert sw.flush_plan()[0] == {"c1": ts}  # kept for later
+    path.write_text(good)
+    assert await app.store.ingest("connection-state.json")
+    await wait_for(
+        lambda: state_file(app).get("c1", {}).get("last_heartbeat_at") == ts, 3, "flushed"
+    )

@@ -107,6 +107,7 @@ class Sweeper:
         self.flush_writes = 0
         self.stale_count = 0
         self.recovered_count = 0
+        self._warned: dict[str, str] = {}  # what → last message: a refusal is logged once
         self.store.events_listeners.append(self._on_events)
 
     # --- inputs -------------------------------------------------------------------------------
@@ -223,10 +224,11 @@ class Sweeper:
         try:
             n = await self.store.submit(ops.set_status(transitions), "sweep")
         except CtsdError as e:
-            log.warning("stale_sweep_failed", error=e.message, connections=len(transitions))
+            self._warn("stale_sweep_failed", e, connections=len(transitions))
             for cid in transitions:  # try again next tick
                 self._watch(cid)
             return
+        self._warned.pop("stale_sweep_failed", None)
         self.stale_count += n
         if n:
             log.info("connections_stale", count=n)
@@ -239,6 +241,12 @@ class Sweeper:
                 self._recover(cid)  # a heartbeat landed while the write was in flight
             elif st.status != "stale":
                 self._watch(cid)
+
+    def _warn(self, what: str, e: CtsdError, **kw: Any) -> None:
+        # Retried every tick or flush while, say, a file stays invalid: say it once per cause.
+        if self._warned.get(what) != e.message:
+            self._warned[what] = e.message
+            log.warning(what, error=e.message, code=e.code, **kw)
 
     def _watch(self, cid: str) -> None:
         if cid in self.live and cid not in self.in_heap:
@@ -300,12 +308,13 @@ class Sweeper:
         try:
             n = await self.store.submit(ops.flush_heartbeats(beats, synced), "sweep")
             self.flush_writes += 1
+            self._warned.pop("heartbeat_flush_failed", None)
             return int(n)
         except CtsdError as e:
             # e.g. connection-state.json invalid on disk: keep them for the next flush
             self.beats_dirty.update(beats)
             self.sync_dirty.update(synced)
-            log.warning("heartbeat_flush_failed", error=e.message, code=e.code)
+            self._warn("heartbeat_flush_failed", e)
             return 0
         finally:
             self.flushing = False
