@@ -9,11 +9,12 @@ runtime data, and the stale sweep gives every connection a full `stale_after_s` 
 daemon start anyway.
 
 The stale sweep must stay cheap at 10,000 connections, so it never scans them: active
-connections sit in a min-heap keyed by the last heartbeat the sweep knew when it pushed them.
-A heartbeat only updates `last_beat` (no heap work); a popped entry whose connection has
-beaten since is pushed back with its new time (a lazy heap). A tick therefore costs the
-entries that came due, not the table. Membership follows committed changes through
-`store.events_listeners`; `import`, `reset` and whole-file hand edits trigger a rescan.
+connections sit in a min-heap keyed by the last heartbeat the sweep knew when it pushed them
+(on the monotonic clock, see `monotonic_of`). A heartbeat only updates `last_beat` (no heap
+work); a popped entry whose connection has beaten since is pushed back with its new time (a
+lazy heap). A tick therefore costs the entries that came due, not the table. Membership
+follows committed changes through `store.events_listeners`; `import`, `reset` and whole-file
+hand edits trigger a rescan.
 
 `last_sync_at` (time of a connection's latest sync-log event) is derived data. Setting it
 inside every op would add a `connection-state.json` write to changes that otherwise touch
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import heapq
+import math
 import random
 import time
 from collections import deque
@@ -67,13 +69,26 @@ def iso_at(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
-def epoch_of(ts: str | None) -> float:
+def epoch_of(ts: str | None) -> float | None:
     if not ts:
-        return 0.0
+        return None
     try:
         return dt.datetime.fromisoformat(ts).timestamp()
     except ValueError:
-        return 0.0
+        return None
+
+
+def monotonic_of(ts: str | None) -> float:
+    """A stored wall-clock timestamp on the monotonic clock the sweep runs on (-inf: never).
+
+    The sweep measures silence on `time.monotonic()`, so a wall-clock step (NTP, a VM
+    resumed) never turns every connection stale at once; only timestamps read from the
+    files are converted, at the current offset between the clocks.
+    """
+    wall = epoch_of(ts)
+    if wall is None:
+        return -math.inf
+    return wall - (time.time() - time.monotonic())
 
 
 class Sweeper:
@@ -113,7 +128,7 @@ class Sweeper:
     # --- inputs -------------------------------------------------------------------------------
 
     def beat(self, cid: str, t: float) -> None:
-        """A heartbeat (already in `store.heartbeats`): O(1), no I/O."""
+        """A heartbeat at monotonic time `t` (already in `store.heartbeats`): O(1), no I/O."""
         self.last_beat[cid] = t
         self.beats_dirty.add(cid)
         if cid in self.live and cid not in self.in_heap:
@@ -157,9 +172,9 @@ class Sweeper:
             return
         if conn.is_enabled and conn.is_active:
             st = self.store.state_view(cid)
-            hb = epoch_of(st.last_heartbeat_at) if st is not None else 0.0
+            hb = monotonic_of(st.last_heartbeat_at) if st is not None else -math.inf
             if cid in self.live:
-                last = max(self.last_beat.get(cid, 0.0), hb)
+                last = max(self.last_beat.get(cid, -math.inf), hb)
             else:
                 # Just became active, or the daemon just started: it gets a full
                 # stale_after_s from now (nobody could heartbeat while it was off or down).
@@ -192,7 +207,8 @@ class Sweeper:
     # --- the stale sweep ----------------------------------------------------------------------
 
     def tick(self, now: float) -> dict[str, tuple[str, str | None]]:
-        """One sweep: the transitions to `stale` that are due (applied by the caller)."""
+        """One sweep at monotonic time `now`: the transitions to `stale` that are due (the
+        caller applies them)."""
         if self.rescan:
             self.changed.clear()
             self._rescan(now)
@@ -250,7 +266,7 @@ class Sweeper:
 
     def _watch(self, cid: str) -> None:
         if cid in self.live and cid not in self.in_heap:
-            heapq.heappush(self.heap, (self.last_beat.get(cid, time.time()), cid))
+            heapq.heappush(self.heap, (self.last_beat.get(cid, time.monotonic()), cid))
             self.in_heap.add(cid)
 
     def _recover(self, cid: str) -> None:
@@ -379,7 +395,7 @@ class Sweeper:
             interval = self.store.settings.test_interval_s
             if cid in self.enabled and interval > 0 and cid not in self.test_due:
                 jitter = random.uniform(1 - PERIODIC_JITTER, 1 + PERIODIC_JITTER)
-                self._schedule_test(cid, time.time() + interval * jitter)
+                self._schedule_test(cid, time.monotonic() + interval * jitter)
             self.test_wake.set()
 
     # --- the loops ----------------------------------------------------------------------------
@@ -393,7 +409,7 @@ class Sweeper:
             if mono >= last_sweep + s.sweep_interval_s:
                 last_sweep = mono
                 t0 = time.perf_counter()
-                transitions = self.tick(time.time())
+                transitions = self.tick(mono)
                 self.tick_times.append(time.perf_counter() - t0)
                 if transitions:
                     self.spawn(self._apply_stale(transitions), "ctsd-stale")
@@ -407,7 +423,7 @@ class Sweeper:
     async def test_loop(self) -> None:
         while True:
             interval = self.store.settings.test_interval_s
-            now = time.time()
+            now = time.monotonic()
             if self.rescan and self.test_interval is None:
                 await anyio.sleep(0.05)  # let the first sweep learn the connections
                 continue
@@ -419,7 +435,7 @@ class Sweeper:
                     self.spawn(self._periodic_test(cid), f"ctsd-test-{cid}")
             wait = MAX_IDLE_WAIT_S
             if self.test_heap and len(self.testing) < probes.MAX_CONCURRENT_TESTS:
-                wait = min(wait, max(self.test_heap[0][0] - time.time(), 0.0))
+                wait = min(wait, max(self.test_heap[0][0] - time.monotonic(), 0.0))
             self.test_wake.clear()
             with anyio.move_on_after(wait):
                 await self.test_wake.wait()
@@ -460,10 +476,9 @@ def heartbeat(app: App, cid: str) -> str:
     store = app.store
     if cid not in store.connections:
         raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
-    t = time.time()
-    ts = iso_at(t)
+    ts = iso_at(time.time())
     store.heartbeats[cid] = ts
-    sweeper(app).beat(cid, t)
+    sweeper(app).beat(cid, time.monotonic())
     return ts
 
 
