@@ -7,6 +7,8 @@ thread hop pays for every file of the group.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +44,65 @@ class ChangedOnDisk(Exception):
     def __init__(self, path: Path) -> None:
         super().__init__(str(path))
         self.path = path
+
+
+# renameat2(RENAME_EXCHANGE) swaps two names atomically. The old file comes out under the
+# temp name, so we can check it is still the version we last saw *after* the swap: a hand
+# edit renamed in between our last check and our rename is swapped back, never destroyed.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` atomically; False when this system or filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED or err == errno.ENOENT:
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_Swapped = list[tuple[Path | None, Path, Stamp]]  # (temp or None for a link, path, ours)
+
+
+def _put(tmp: Path, path: Path, ours: Stamp, expected: Stamp | None, swapped: _Swapped) -> None:
+    """Rename `tmp` over `path` unless `path` is no longer `expected` (ChangedOnDisk)."""
+    if expected is None:
+        try:
+            os.link(tmp, path)  # create-if-absent: fails if someone created it meanwhile
+        except FileExistsError:
+            raise ChangedOnDisk(path) from None
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED and e.errno != errno.EPERM:
+                raise
+            os.replace(tmp, path)
+            return
+        swapped.append((None, path, ours))
+        return
+    if not _exchange(tmp, path):
+        os.replace(tmp, path)  # no exchange here: the check above is the best we can do
+        return
+    swapped.append((tmp, path, ours))
+    if Stamp.of(os.lstat(tmp)) != expected:
+        raise ChangedOnDisk(path)
+
+
+def _unswap(swapped: _Swapped) -> None:
+    """Put back what the exchanges displaced (newest first), unless replaced again since."""
+    for tmp, path, ours in reversed(swapped):
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino != ours.ino:
+                continue  # a newer edit superseded both: leave it
+            if tmp is None:
+                os.unlink(path)  # we created it: it was absent before
+            else:
+                _exchange(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,6 +146,7 @@ def write_files(
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
+    swapped: _Swapped = []
     try:
         for path, body in plan:
             tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
@@ -99,9 +161,18 @@ def write_files(
         for path, stamp in (expected or {}).items():
             if stamp_of(path) != stamp:
                 raise ChangedOnDisk(path)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-        temps.clear()
+        try:
+            for tmp, path in temps:
+                if expected is not None and path in expected:
+                    _put(tmp, path, stamps[path], expected[path], swapped)
+                else:
+                    os.replace(tmp, path)
+        except BaseException:
+            _unswap(swapped)  # all or nothing: a group is never half installed
+            raise
+        # Temps that were not renamed away now hold the displaced old files (or ours after
+        # a link): removed below either way.
+        temps = [(tmp, path) for tmp, path in temps if os.path.lexists(tmp)]
         for directory in {path.parent for path, _ in plan}:
             _fsync_dir(directory)
         return stamps

@@ -29,6 +29,7 @@ nothing that changed during the switch is missed.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ RUST_TIMEOUT_MS = 1_000
 SETTLE_S = 0.05  # quiet time before a file that does not parse is called invalid
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
 SETTLE_POLL_S = 0.005
+LOOK_AGAIN = 4  # immediate re-reads of a file that changed while being read
 DELETE_GRACE_S = 0.1  # an editor's delete-then-write is back well within this
 # Poller: while a file's ctime is this recent, equal stat results do not prove equal
 # content (coarse timestamps on network filesystems): compare a content hash too.
@@ -151,10 +153,17 @@ class Watcher:
         if not os.path.lexists(path) and not await _reappears(path, DELETE_GRACE_S):
             await store.ingest(file)  # deleted by hand: written back from memory
             return
-        if await store.ingest(file, report=False):
-            return
-        # Not valid as read: maybe an in-place save between truncate and its last write.
-        # Judge it (and report it) only once it has stopped changing.
+        for _ in range(LOOK_AGAIN):
+            before = _stat_key(path)
+            if await store.ingest(file, report=False):
+                return
+            if _stat_key(path) == before:
+                break
+            # Changed while we looked (the rest of an in-place save, or a write of ours
+            # that made our read stale): look again at once, no settling needed.
+        # Not valid as read and not changing right now: maybe an in-place save paused
+        # between its truncate and its last write. Judge it (and report it) only once it
+        # has stayed quiet for a while.
         await _settle(path)
         await store.ingest(file)
 
@@ -302,6 +311,8 @@ async def _settle(path: Path) -> None:
 
 async def run(app: App) -> None:
     """The watcher component (started by `app._components`)."""
+    # watchfiles logs every batch at info ("1 change detected"), our own writes included.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     watcher = Watcher(app.store)
     app.components["watch"] = watcher
     await watcher.run()

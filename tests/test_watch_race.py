@@ -1,0 +1,133 @@
+"""The lost-update race, against the real daemon: hand edits land while bus changes are in
+flight, 1,000 times. Every hand edit must be taken in (or refused), every acknowledged change
+must be in the sync log, and memory, file and log must agree at the end.
+
+Hand edits here save by rename. The daemon swaps its new file in with
+renameat2(RENAME_EXCHANGE) and checks the file it displaced, so an edit renamed in between its
+last check and its rename is swapped back and taken in (without that, this test loses an
+edit within a few hundred iterations). What no daemon can see is an in-place writer that
+opened the old file before the swap and writes into it afterwards: that write lands in a
+file no longer in the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import Daemon
+from tests.test_watch import CONNS, atomic_save, bus, dump, seed
+
+ITERATIONS = 1000
+
+
+def hand_edit(path: Path, name: str, delay: float, in_place: bool) -> None:
+    """Read-modify-write of one connection's name, the way an operator's editor does."""
+    threading.Event().wait(delay)  # lands anywhere inside the daemon's in-flight write
+    conns = json.loads(path.read_bytes())
+    conns[1]["name"] = name
+    body = dump(conns)
+    if in_place:
+        with open(path, "r+b") as fh:
+            fh.truncate(0)
+            fh.write(body)
+    else:
+        atomic_save(path, body)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_hand_edits_race_bus_changes(data_dir: Path) -> None:
+    seed(data_dir, 20)
+    d = Daemon(data_dir).start()
+    rng = random.Random(3)
+    path = data_dir / CONNS
+    acked: dict[float, int] = {}  # volume set over the bus → iteration
+    refused: list[tuple[int, str]] = []
+    file_first = 0
+    waits: list[float] = []  # iterations where the daemon took the hand edit in before its change
+    try:
+        async with bus(d) as b:
+            for i in range(ITERATIONS):
+                volume = round(1 + (i + 1) / 1000, 3)
+                name = f"hand-{i}"
+                seen = len(b.events)
+                change = b.send(
+                    "connections.update",
+                    connection_id="conn_0000",
+                    changes={"volume_factor": volume},
+                )
+                # Editors that rename (vim, VS Code, sed -i, most others). An in-place writer
+                # that opened the file before the daemon's rename and writes after it writes
+                # into the replaced inode; see the module note.
+                in_place = False
+                await asyncio.to_thread(hand_edit, path, name, rng.uniform(0, 0.004), in_place)
+                res = await asyncio.wait_for(change, 10)
+                if res["success"]:
+                    acked[volume] = i
+                else:
+                    assert res["error"]["code"] in ("conflict", "file_invalid"), res
+                    refused.append((i, res["error"]["code"]))
+                # The hand edit must be taken in: an event of source "file" naming it.
+                t0 = time.perf_counter()
+                await b.wait_for(
+                    lambda name=name, seen=seen: any(
+                        e["connection_id"] == "conn_0001"
+                        and e["data"].get("values", {}).get("name") == name
+                        for e in b.events[seen:]
+                    ),
+                    timeout=5,
+                    what=f"hand edit {i} ({'in place' if in_place else 'rename'}) taken in",
+                )
+                waits.append(time.perf_counter() - t0)
+                kinds = [e["data"]["source"] for e in b.events[seen:] if e["action"] == "update"]
+                if kinds and kinds[0] == "file" and "bus" in kinds:
+                    file_first += 1
+
+            # Every event once, in order, no gap.
+            ids = [e["id"] for e in b.events]
+            assert ids == list(range(ids[0], ids[0] + len(ids))), "gap or duplicate"
+            # Every acknowledged change is in the log with its value.
+            bus_values = {
+                e["data"]["values"]["volume_factor"]
+                for e in b.events
+                if e["data"]["source"] == "bus" and e["connection_id"] == "conn_0000"
+            }
+            assert set(acked) <= bus_values
+            # Replaying the log gives what memory and the file hold.
+            volume_log: Any = 1.0
+            for e in b.events:
+                if e["connection_id"] == "conn_0000" and "volume_factor" in e["data"]["fields"]:
+                    volume_log = e["data"]["values"]["volume_factor"]
+            got = await b.call("connections.get", connection_id="conn_0000")
+            assert got["result"]["volume_factor"] == volume_log
+            got1 = await b.call("connections.get", connection_id="conn_0001")
+            assert got1["result"]["name"] == f"hand-{ITERATIONS - 1}"
+            on_disk = json.loads(path.read_bytes())
+            assert on_disk[0]["volume_factor"] == volume_log
+            assert on_disk[1]["name"] == f"hand-{ITERATIONS - 1}"
+            assert not [n for n in b.notices if n["notice"] == "file_invalid"]
+        print(
+            f"\n{ITERATIONS} iterations: {len(acked)} changes acknowledged, {len(refused)} "
+            f"refused {sorted({c for _, c in refused})}, {file_first} hand edits taken in "
+            f"before the change they raced; wait for the edit p50 "
+            f"{sorted(waits)[len(waits) // 2] * 1e3:.1f} ms, max {max(waits) * 1e3:.1f} ms"
+        )
+        assert len(acked) + len(refused) == ITERATIONS
+    except AssertionError:
+        Path("/tmp/race-daemon.log").write_text(d.stdout())  # the daemon's side of the story
+        for e in b.events[-8:]:
+            print(e["id"], e["connection_id"], e["data"]["source"], e["data"].get("values"))
+        print("on disk:", json.loads(path.read_bytes())[1]["name"], os.stat(path))
+        raise
+    finally:
+        d.close()
+    assert os.path.exists(path)
