@@ -41,14 +41,16 @@ WRITES = frozenset(
 )
 
 
-def _sweeps() -> Any:
+def _sweeps(name: str) -> Any:
+    """A function of the sweeps component (heartbeats, tests), imported when first used."""
     try:
         from ctsd import sweeps
     except ImportError:
-        raise CtsdError(
-            "internal", "connection heartbeats and tests are not available in this build"
-        ) from None
-    return sweeps
+        sweeps = None
+    fn = getattr(sweeps, name, None)
+    if fn is None:
+        raise CtsdError("internal", f"{name} is not available in this build (ctsd.sweeps)")
+    return fn
 
 
 async def _submit(s: Session, op: ops.Op) -> Any:
@@ -135,12 +137,12 @@ async def connections_set_volume(s: Session, a: p.ConnectionsSetVolume) -> Any:
 
 
 async def connections_heartbeat(s: Session, a: p.ConnectionRef) -> Any:
-    ts = _sweeps().heartbeat(s.app, a.connection_id)
+    ts = _sweeps("heartbeat")(s.app, a.connection_id)
     return {"connection_id": a.connection_id, "timestamp": ts}
 
 
 async def connections_test(s: Session, a: p.ConnectionRef) -> Any:
-    result = await _sweeps().test_connection(s.app, a.connection_id)
+    result = await _sweeps("test_connection")(s.app, a.connection_id)
     return msgspec.to_builtins(result)
 
 
@@ -171,7 +173,7 @@ async def data_reset(s: Session, a: p.DataReset) -> Any:
 
 
 async def trading_test_connection(s: Session, a: p.NoArgs) -> Any:
-    result = await _sweeps().test_projectx(s.app)
+    result = await _sweeps("test_projectx")(s.app)
     return mask(msgspec.to_builtins(result))
 
 

@@ -130,11 +130,11 @@ def projectx_status(app: App) -> dict[str, Any]:
     try:
         from ctsd import sweeps
     except ImportError:
-        return {"available": False, "message": "connection probes are not running"}
-    try:
-        return sweeps.projectx_status(app)
-    except AttributeError:
-        return {"available": False, "message": "connection probes are not running"}
+        sweeps = None
+    fn = getattr(sweeps, "projectx_status", None)
+    if fn is None:
+        return {"available": False, "message": "Project X status is not available in this build"}
+    return fn(app)
 
 
 def status(app: App) -> dict[str, Any]:

@@ -1,0 +1,724 @@
+"""The bus (CONTRACT §4) against the real daemon process, with real websockets clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.daemon import TOKEN, Daemon
+
+pytestmark = pytest.mark.anyio
+
+CANARY = "CANARY-SECRET-7f3a9c"
+
+
+def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+@pytest.fixture
+def fast_daemon(data_dir: Path) -> Iterator[Daemon]:
+    """A daemon whose rate limit does not get in the way of 1,000-change tests."""
+    write_settings(data_dir, {"server": {"rate_limit": {"requests": 100000, "window_s": 1}}})
+    d = Daemon(data_dir).start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+class Bus:
+    """A bus client: `call` sends a command and returns its result frame; event, notice and
+    progress frames that arrive meanwhile are kept in `frames`."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.frames: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.results: dict[int, dict[str, Any]] = {}
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        with anyio.fail_after(timeout):
+            raw = await self.ws.recv()
+        assert isinstance(raw, str), "the bus sends text frames"
+        self.raw.append(raw)
+        return json.loads(raw)
+
+    async def send(self, type_: str, **args: Any) -> int:
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": self.next_id, "type": type_, **args}))
+        return self.next_id
+
+    async def result(self, msg_id: int, timeout: float = 10.0) -> dict[str, Any]:
+        while msg_id not in self.results:
+            msg = await self.recv(timeout)
+            if msg.get("type") == "result" and msg.get("id") is not None:
+                self.results[msg["id"]] = msg
+            else:
+                self.frames.append(msg)
+        return self.results.pop(msg_id)
+
+    async def call(self, type_: str, **args: Any) -> dict[str, Any]:
+        return await self.result(await self.send(type_, **args))
+
+    async def ok(self, type_: str, **args: Any) -> Any:
+        reply = await self.call(type_, **args)
+        assert reply["success"] is True, reply
+        return reply["result"]
+
+    async def err(self, type_: str, **args: Any) -> dict[str, Any]:
+        reply = await self.call(type_, **args)
+        assert reply["success"] is False, reply
+        assert set(reply) == {"id", "type", "success", "error"}, reply
+        return reply["error"]
+
+    async def events_until(self, revision: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Every event received (kept frames first) until one with id >= revision arrives."""
+        out: list[dict[str, Any]] = []
+        with anyio.fail_after(timeout):
+            while True:
+                while self.frames:
+                    frame = self.frames.pop(0)
+                    if frame["type"] == "events":
+                        out.extend(frame["events"])
+                if out and out[-1]["id"] >= revision:
+                    return out
+                msg = await self.recv(timeout)
+                if msg.get("type") == "result":
+                    self.results[msg["id"]] = msg
+                else:
+                    self.frames.append(msg)
+
+
+@asynccontextmanager
+async def bus(
+    d: Daemon, *, header: bool = True, token: str = TOKEN, **kw: Any
+) -> AsyncIterator[Bus]:
+    headers = {"Authorization": f"Bearer {token}"} if header else None
+    async with connect(
+        d.ws_url, additional_headers=headers, compression=None, max_size=None, **kw
+    ) as ws:
+        b = Bus(ws)
+        first = await b.recv()
+        if header:
+            assert first["type"] == "auth_ok", first
+        else:
+            assert first == {"type": "auth_required", "version": 1}
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            ok = await b.recv()
+            assert ok["type"] == "auth_ok", ok
+        yield b
+
+
+def conn_body(name: str = "one", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "exchange": "bybit", **kw}
+
+
+async def close_code(b: Bus, timeout: float = 10.0) -> tuple[int | None, list[dict[str, Any]]]:
+    """Read until the server closes; (close code, frames read meanwhile)."""
+    frames = []
+    with anyio.fail_after(timeout):
+        try:
+            while True:
+                frames.append(json.loads(await b.ws.recv()))
+        except ConnectionClosed as e:
+            return (e.rcvd.code if e.rcvd else None), frames
+
+
+# --- auth ----------------------------------------------------------------------------------
+
+
+async def test_auth_header(daemon: Daemon) -> None:
+    async with connect(
+        daemon.ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as ws:
+        first = json.loads(await ws.recv())
+        assert first == {"type": "auth_ok", "version": 1, "revision": 0}
+
+
+async def test_auth_message(daemon: Daemon) -> None:
+    async with bus(daemon, header=False) as b:
+        assert (await b.ok("ping"))["pong"] is True
+
+
+async def test_auth_invalid_token_message(daemon: Daemon) -> None:
+    async with connect(daemon.ws_url) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_required"
+        await ws.send(json.dumps({"type": "auth", "token": "wrong"}))
+        msg = json.loads(await ws.recv())
+        assert msg["type"] == "auth_invalid" and msg["message"]
+        with pytest.raises(ConnectionClosed) as e:
+            await ws.recv()
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+
+
+async def test_auth_invalid_header(daemon: Daemon) -> None:
+    async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer nope"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_invalid"
+        with pytest.raises(ConnectionClosed) as e:
+            await ws.recv()
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+
+
+async def test_auth_first_message_must_be_auth(daemon: Daemon) -> None:
+    async with connect(daemon.ws_url) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"id": 1, "type": "ping"}))
+        assert json.loads(await ws.recv())["type"] == "auth_invalid"
+        with pytest.raises(ConnectionClosed) as e:
+            await ws.recv()
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+
+
+async def test_auth_timeout_10s(daemon: Daemon) -> None:
+    async with connect(daemon.ws_url) as ws:
+        t0 = time.monotonic()
+        assert json.loads(await ws.recv())["type"] == "auth_required"
+        with anyio.fail_after(15):
+            msg = json.loads(await ws.recv())
+        waited = time.monotonic() - t0
+        assert msg["type"] == "auth_invalid"
+        assert 9.0 <= waited <= 13.0, waited
+        with pytest.raises(ConnectionClosed) as e:
+            await ws.recv()
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+
+
+async def test_failed_auth_is_limited_per_address(daemon: Daemon) -> None:
+    for _ in range(10):
+        async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer x"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "auth_invalid"
+    with pytest.raises(InvalidStatus) as e:
+        async with connect(daemon.ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}):
+            pass
+    assert e.value.response.status_code == 429
+    # the right token over HTTP is refused too while the address is blocked
+    assert daemon.http("/api/connections/state")[0] == 429
+
+
+async def test_foreign_origin_refused_before_upgrade(daemon: Daemon) -> None:
+    with pytest.raises(InvalidStatus) as e:
+        async with connect(daemon.ws_url, origin="http://evil.example"):  # type: ignore[arg-type]
+            pass
+    assert e.value.response.status_code == 403
+    assert json.loads(e.value.response.body)["error"]["code"] == "forbidden"
+    # listed origin: fine
+    async with connect(
+        daemon.ws_url,
+        origin="http://localhost:5173",  # type: ignore[arg-type]
+        additional_headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
+
+
+# --- envelope errors -------------------------------------------------------------------------
+
+
+async def test_oversized_frame_refused_and_closed_1009(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        big = json.dumps({"id": 1, "type": "ping", "pad": "x" * (1024 * 1024 + 10)})
+        await b.ws.send(big)
+        reply = await b.recv()
+        assert reply["success"] is False and reply["error"]["code"] == "too_large"
+        code, _ = await close_code(b)
+        assert code == 1009
+
+
+async def test_frame_just_under_limit_is_read(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        err = await b.err("ping", pad="x" * (1024 * 1024 - 100))
+        assert err["code"] == "invalid" and err["path"] == "$"  # unknown argument, not too_large
+
+
+async def test_malformed_json_and_envelope(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ws.send("{not json")
+        reply = await b.recv()
+        assert reply["type"] == "result" and reply["id"] is None
+        assert reply["error"]["code"] == "invalid_format"
+        await b.ws.send("[1, 2]")
+        assert (await b.recv())["error"]["code"] == "invalid_format"
+        await b.ws.send(json.dumps({"type": "ping"}))
+        reply = await b.recv()
+        assert reply["error"] == {
+            "code": "invalid_format",
+            "message": "`id` must be an integer",
+            "path": "$.id",
+        }
+        # the connection is still usable
+        assert (await b.ok("ping"))["pong"] is True
+
+
+async def test_unknown_command(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        err = await b.err("connections.explode")
+        assert err["code"] == "unknown_command" and err["path"] == "$.type"
+
+
+async def test_id_reuse(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ws.send(json.dumps({"id": 5, "type": "ping"}))
+        assert (await b.recv())["success"] is True
+        for again in (5, 3):
+            await b.ws.send(json.dumps({"id": again, "type": "ping"}))
+            reply = await b.recv()
+            assert reply["id"] == again and reply["error"]["code"] == "id_reuse"
+        await b.ws.send(json.dumps({"id": 6, "type": "ping"}))
+        assert (await b.recv())["success"] is True
+
+
+async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        err = await b.err("connections.get")
+        assert err["code"] == "invalid" and "connection_id" in err["message"]
+        err = await b.err("connections.get", connection_id=5)
+        assert err == {
+            "code": "invalid",
+            "message": "Expected `str`, got `int`",
+            "path": "$.connection_id",
+        }
+        err = await b.err("subscribe", topics=["connections", "weather"])
+        assert err["code"] == "invalid" and err["path"] == "$.topics[1]"
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+async def test_connection_commands(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        c = await b.ok("connections.create", connection=conn_body(id="c1", api_key="k" * 20))
+        assert c["id"] == "c1" and c["api_key"] == "…kkkk" and c["api_secret"] is None
+        assert c["created_at"].endswith("Z")
+        gen = await b.ok("connections.create", connection=conn_body("two", exchange="okx"))
+        assert gen["id"].startswith("conn_") and len(gen["id"]) == 17
+
+        err = await b.err("connections.create", connection=conn_body(id="c1"))
+        assert err["code"] == "conflict" and err["path"] == "$.connection.id"
+        err = await b.err("connections.create", connection=conn_body(is_enabeld=True))
+        assert err["code"] == "invalid" and "is_enabled" in err["message"]
+        err = await b.err("connections.create", connection=conn_body(api_secret="********"))
+        assert err["code"] == "invalid" and err["path"] == "$.connection.api_secret"
+
+        assert (await b.ok("connections.get", connection_id="c1"))["name"] == "one"
+        err = await b.err("connections.get", connection_id="nope")
+        assert err["code"] == "not_found" and err["path"] == "$.connection_id"
+
+        assert [x["id"] for x in await b.ok("connections.list")] == ["c1", gen["id"]]
+        assert [x["id"] for x in await b.ok("connections.list", exchange="okx")] == [gen["id"]]
+        assert await b.ok("connections.list", active=True) == []
+
+        upd = await b.ok("connections.update", connection_id="c1", changes={"volume_factor": 2.5})
+        assert upd["volume_factor"] == 2.5
+        err = await b.err("connections.update", connection_id="c1", changes={"volume_factor": -1})
+        assert err["code"] == "invalid" and err["path"] == "$.changes.volume_factor"
+        err = await b.err("connections.update", connection_id="zz", changes={"name": "x"})
+        assert err["code"] == "not_found"
+        err = await b.err("connections.update", connection_id="c1", changes={"id": "c9"})
+        assert err["code"] == "invalid" and err["path"] == "$.changes.id"
+
+        act = await b.ok("connections.set_active", connection_id="c1", active=True)
+        assert act["is_active"] is True
+        assert [x["id"] for x in await b.ok("connections.list", active=True)] == ["c1"]
+        err = await b.err("connections.set_active", connection_id="c1", active="yes")
+        assert err["code"] == "invalid" and err["path"] == "$.active"
+
+        await b.ok("connections.set_volume", connection_id="c1", live=3.0)
+        snap = await b.ok("snapshot")
+        st = {s["connection_id"]: s for s in snap["state"]}["c1"]
+        assert st["volume_factor_live"] == 3.0 and st["status"] == "active"
+        err = await b.err("connections.set_volume", connection_id="c1", live=0)
+        assert err["code"] == "invalid" and err["path"] == "$.live"
+        err = await b.err("connections.set_volume", connection_id="c1")
+        assert err["code"] == "invalid"
+
+        assert await b.ok("connections.delete", connection_id=gen["id"]) == {"deleted": gen["id"]}
+        err = await b.err("connections.delete", connection_id=gen["id"])
+        assert err["code"] == "not_found"
+        assert snap["revision"] >= 4
+        assert set(snap) == {"revision", "connections", "state", "documents"}
+
+
+async def test_batch_update_all_or_nothing_one_frame(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        for i in range(3):
+            await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"b{i}"))
+        await b.ok("subscribe")
+        rev = (await b.ok("ping"))["revision"]
+        err = await b.err(
+            "connections.batch_update",
+            updates=[{"id": "b0", "name": "x"}, {"id": "b1", "volume_factor": 0}],
+        )
+        assert err["code"] == "invalid" and err["path"] == "$.updates[1].volume_factor"
+        assert (await b.ok("connections.get", connection_id="b0"))["name"] == "n0"
+        err = await b.err("connections.batch_update", updates=[{"id": "nope", "name": "x"}])
+        assert err["code"] == "not_found" and err["path"] == "$.updates[0].id"
+        out = await b.ok(
+            "connections.batch_update",
+            updates=[{"id": f"b{i}", "name": f"m{i}"} for i in range(3)],
+        )
+        assert [c["name"] for c in out] == ["m0", "m1", "m2"]
+        events = await b.events_until(rev + 3)
+        assert [e["id"] for e in events] == [rev + 1, rev + 2, rev + 3]
+        frames = [json.loads(r) for r in b.raw if '"type":"events"' in r]
+        assert len(frames[-1]["events"]) == 3, "one change = one events frame"
+        assert all(e["data"]["source"] == "bus" for e in events)
+
+
+async def test_documents_commands(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        names = await b.ok("documents.list")
+        assert "settings" in names and "connection" in names and "watchlists" in names
+        conn_doc = await b.ok("documents.get", name="connection")
+        assert "projectX" in conn_doc
+        err = await b.err("documents.get", name="nope")
+        assert err["code"] == "not_found" and err["path"] == "$.name"
+        content = {"lists": [{"name": "majors", "symbols": ["BTC"]}]}
+        assert await b.ok("documents.set", name="watchlists", content=content) == content
+        assert await b.ok("documents.get", name="watchlists") == content
+        err = await b.err("documents.set", name="settings", content={"sync_log_limit": "many"})
+        assert err["code"] == "invalid" and err["path"] == "$.content.sync_log_limit"
+        err = await b.err("documents.set", name="nope", content={})
+        assert err["code"] == "not_found"
+        algo = {"name": "trend", "params": {"fast": 5}}
+        await b.ok("documents.set", name="algorithms/trend", content=algo)
+        assert "algorithms/trend" in await b.ok("documents.list")
+        inst = {"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "nope"}]}
+        err = await b.err("documents.set", name="instances", content=inst)
+        assert err["code"] == "invalid" and "algorithmName" in err["message"]
+    on_disk = json.loads((daemon.data_dir / "watchlists.json").read_text())
+    assert on_disk == content
+
+
+async def test_sync_log_get_status_export(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        for i in range(5):
+            await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"s{i}"))
+        log = await b.ok("sync_log.get", since=2)
+        assert [e["id"] for e in log] == [3, 4, 5]
+        assert [e["id"] for e in await b.ok("sync_log.get", since=0, limit=2)] == [1, 2]
+        assert log[0]["action"] == "create" and log[0]["connection_id"] == "s2"
+        st = await b.ok("status")
+        assert st["revision"] == 5 and st["counts"]["connections"] == 5
+        assert st["bus"]["clients"] == 1
+        exp = await b.ok("data.export")
+        assert exp["version"] == 1 and exp["revision"] == 5 and exp["exported_at"].endswith("Z")
+        assert len(exp["files"]["connections.json"]) == 5
+        assert "settings.json" in exp["files"] and "connection.json" in exp["files"]
+        err = await b.err("sync_log.get", since=-1)
+        assert err["code"] == "invalid" and err["path"] == "$.since"
+
+
+async def test_import_and_reset(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ok("connections.create", connection=conn_body(id="keep", api_secret=CANARY))
+        exp = await b.ok("data.export")
+        # masked secrets sent back are refused, never stored
+        err = await b.err("data.import", data=exp, mode="replace")
+        assert err["code"] == "invalid" and "api_secret" in err["path"]
+        merged = await b.ok(
+            "data.import",
+            data={"files": {"connections.json": [conn_body("new", id="new")]}},
+            mode="merge",
+        )
+        assert merged["mode"] == "merge"
+        ids = [c["id"] for c in await b.ok("connections.list")]
+        assert ids == ["keep", "new"]
+        err = await b.err("data.import", data={}, mode="sideways")
+        assert err["code"] == "invalid" and err["path"] == "$.mode"
+        err = await b.err("data.reset")
+        assert err["code"] == "invalid" and err["path"] == "$.confirm"
+        await b.ok("data.reset", confirm=True)
+        assert await b.ok("connections.list") == []
+    assert json.loads((daemon.data_dir / "connections.json").read_text()) == []
+
+
+async def test_heartbeat_and_tests(daemon: Daemon) -> None:
+    import ctsd.sweeps as sweeps
+
+    async with bus(daemon) as b:
+        await b.ok("connections.create", connection=conn_body(id="h1"))
+        hb = await b.ok("connections.heartbeat", connection_id="h1")
+        assert hb["connection_id"] == "h1" and hb["timestamp"].endswith("Z")
+        st = {s["connection_id"]: s for s in (await b.ok("snapshot"))["state"]}
+        assert st["h1"]["last_heartbeat_at"] == hb["timestamp"]  # in memory at once
+        err = await b.err("connections.heartbeat", connection_id="nope")
+        assert err["code"] == "not_found"
+        if not hasattr(sweeps, "test_connection"):
+            err = await b.err("connections.test", connection_id="h1")
+            assert err["code"] == "internal" and "test_connection" in err["message"]
+        else:
+            # base_url to a closed port: the test fails fast, and reports so
+            cs = json.dumps({"base_url": "http://127.0.0.1:9"})
+            await b.ok(
+                "connections.update", connection_id="h1", changes={"connection_settings": cs}
+            )
+            res = await b.ok("connections.test", connection_id="h1")
+            assert res["success"] is False and res["timestamp"].endswith("Z")
+            err = await b.err("connections.test", connection_id="nope")
+            assert err["code"] == "not_found"
+        reply = await b.call("trading.test_connection")
+        if not hasattr(sweeps, "test_projectx"):
+            assert reply["error"]["code"] == "internal"
+        else:
+            assert reply["success"] is True and "success" in reply["result"]
+
+
+# --- subscriptions -------------------------------------------------------------------------
+
+
+async def test_subscribe_topics_and_filters(daemon: Daemon) -> None:
+    async with bus(daemon) as w, bus(daemon) as state_only, bus(daemon) as c2_only:
+        await w.ok("connections.create", connection=conn_body(id="c1"))
+        await w.ok("connections.create", connection=conn_body(id="c2"))
+        r = await state_only.ok("subscribe", topics=["state"])
+        assert r == {"revision": 2}
+        await c2_only.ok("subscribe", connection_ids=["c2"])
+        await w.ok("connections.update", connection_id="c1", changes={"name": "x"})  # 3
+        await w.ok("connections.update", connection_id="c2", changes={"name": "y"})  # 4
+        await w.ok("connections.set_volume", connection_id="c2", live=2.0)  # 5
+        await w.ok("documents.set", name="watchlists", content={"a": 1})  # 6
+        await w.ok("connections.set_active", connection_id="c1", active=True)  # 7
+        got = await state_only.events_until(7)
+        assert [(e["id"], e["action"]) for e in got] == [(5, "update_volume"), (7, "set_active")]
+        got = await c2_only.events_until(6)
+        assert [(e["id"], e["action"]) for e in got] == [
+            (4, "update"),
+            (5, "update_volume"),
+            (6, "document_update"),
+        ]
+        # unsubscribe ends it; subscribing again replaces the filter
+        assert await c2_only.ok("unsubscribe") == {"unsubscribed": True}
+        await w.ok("connections.update", connection_id="c2", changes={"name": "z"})  # 8
+        await c2_only.ok("subscribe", topics=["documents"], since=7)
+        await w.ok("documents.set", name="watchlists", content={"a": 2})  # 9
+        got = await c2_only.events_until(9)
+        assert [e["id"] for e in got] == [9]
+
+
+async def test_replay_then_live_no_gap_no_duplicate(fast_daemon: Daemon) -> None:
+    d = fast_daemon
+    n = 1000
+    async with bus(d) as w, bus(d) as late:
+        await w.ok("connections.create", connection=conn_body(id="r1"))
+        base = (await w.ok("ping"))["revision"]
+        done = anyio.Event()
+
+        async def writer() -> None:
+            ids = [await w.send("connections.update", connection_id="r1", changes={"user_id": i})
+                   for i in range(2, n + 2)]  # fmt: skip
+            for i in ids:
+                assert (await w.result(i, timeout=60))["success"] is True
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            # subscribe from an old revision while changes stream in
+            with anyio.fail_after(30):
+                while (await late.ok("ping"))["revision"] < base + n // 3:
+                    await anyio.sleep(0.005)
+            since = base + 10
+            await late.ok("subscribe", since=since)
+            events = await late.events_until(base + n, timeout=60)
+            await done.wait()
+        ids = [e["id"] for e in events]
+        assert ids == list(range(since + 1, base + n + 1)), "gap or duplicate"
+        assert [e["data"]["values"]["user_id"] for e in events] == list(range(12, n + 2))
+
+
+async def test_revision_compacted(data_dir: Path) -> None:
+    write_settings(data_dir, {"sync_log_limit": 20})
+    d = Daemon(data_dir).start()
+    try:
+        async with bus(d) as b:
+            for i in range(30):
+                await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+            err = await b.err("subscribe", since=5)
+            assert err["code"] == "revision_compacted" and err["oldest"] == 11
+            await b.ok("connections.update", connection_id="k0", changes={"name": "q"})
+            # no subscription was made
+            assert (await b.ok("status"))["bus"]["subscribers"] == 0
+            await b.ok("subscribe", since=11)  # oldest - 1: everything still retained
+            events = await b.events_until(31)
+            assert [e["id"] for e in events] == list(range(12, 32))
+            err = await b.err("sync_log.get", since=3)
+            assert err["code"] == "revision_compacted" and err["oldest"] == 12
+        code, body = d.http("/api/sync-log?since=3")
+        assert code == 409 and body["error"]["code"] == "revision_compacted"
+    finally:
+        d.close()
+
+
+async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
+    write_settings(
+        data_dir,
+        {"sync_log_limit": 100, "server": {"rate_limit": {"requests": 100000, "window_s": 1}}},
+    )
+    d = Daemon(data_dir).start()
+    # 3,000 changes of ~3 KB, one frame each: past the server's socket buffer (up to 4 MB
+    # autotuned) plus the 1,000-frame queue.
+    n = 3000
+    pad = "x" * 3000
+    try:
+        async with bus(d) as w:
+            await w.ok("connections.create", connection=conn_body(id="z1"))
+            # The slow client stops reading its socket after one unread frame (max_queue=1),
+            # and its small receive buffer (no autotuning) keeps its kernel from absorbing it.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            sock.connect(("127.0.0.1", d.port))
+            sock.setblocking(False)
+            async with bus(d, max_queue=1, sock=sock) as slow, bus(d) as fast:
+                await slow.ok("subscribe", connection_ids=["z1"])
+                await fast.ok("subscribe", connection_ids=["z1"])
+                rev = (await w.ok("ping"))["revision"]
+
+                async def write() -> None:
+                    # replies read as they come: an unread writer would stall its own changes
+                    ids = []
+                    for i in range(n):
+                        cs = json.dumps({"pad": pad, "i": i})
+                        ids.append(
+                            await w.send(
+                                "connections.update",
+                                connection_id="z1",
+                                changes={"connection_settings": cs},
+                            )
+                        )
+                        while len(ids) > 100:
+                            assert (await w.result(ids.pop(0), timeout=30))["success"] is True
+                    for i in ids:
+                        assert (await w.result(i, timeout=30))["success"] is True
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(write)
+                    got = await fast.events_until(rev + n, timeout=60)
+                want = list(range(rev + 1, rev + n + 1))
+                assert [e["id"] for e in got if e["id"] <= rev + n] == want
+                assert (await w.ok("status"))["bus"]["lagging_closed"] == 1
+                code, _ = await close_code(slow, timeout=30)
+                assert code == 4008
+    finally:
+        d.close()
+
+
+async def test_notice_on_invalid_hand_edit(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ok("subscribe", topics=["system"])
+        (daemon.data_dir / "watchlists.json").write_text('{"a": 1,,}\n')
+        with anyio.fail_after(10):
+            while not b.frames:
+                msg = await b.recv()
+                b.frames.append(msg)
+        notice = b.frames[0]
+        assert notice["type"] == "notice" and notice["notice"] == "file_invalid"
+        assert notice["file"] == "watchlists.json" and notice["line"] == 1
+        assert "revision" not in notice
+
+
+async def test_shutdown_notice_and_1001(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ok("subscribe")
+        daemon.send_signal(15)
+        code, frames = await close_code(b)
+        assert code == 1001
+        assert {"type": "notice", "notice": "shutting_down"} in frames
+    assert daemon.proc is not None and daemon.proc.wait(10) == 0
+
+
+# --- limits --------------------------------------------------------------------------------
+
+
+async def test_rate_limit_heartbeats_exempt(data_dir: Path) -> None:
+    write_settings(data_dir, {"server": {"rate_limit": {"requests": 20, "window_s": 900}}})
+    d = Daemon(data_dir).start()
+    try:
+        async with bus(d) as b:
+            await b.ok("connections.create", connection=conn_body(id="h1"))
+            codes = []
+            for _ in range(25):
+                reply = await b.call("ping")
+                codes.append(reply["success"] or reply["error"]["code"])
+            assert codes[:19] == [True] * 19
+            assert codes[19:] == ["rate_limited"] * 6
+            for _ in range(50):
+                reply = await b.call("connections.heartbeat", connection_id="h1")
+                assert reply["success"] is True, reply
+        # another client has its own budget
+        async with bus(d) as b2:
+            assert (await b2.ok("ping"))["pong"] is True
+    finally:
+        d.close()
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+async def test_canary_secret_never_leaves(daemon: Daemon) -> None:
+    d = daemon
+    key = CANARY + "-key-abcd"
+    async with bus(d) as watcher, bus(d) as b:
+        await watcher.ok("subscribe")
+        await b.ok("connections.create", connection=conn_body(id="cn", api_key=key))
+        await b.ok(
+            "connections.update", connection_id="cn", changes={"api_secret": CANARY, "name": "n2"}
+        )
+        await b.ok(
+            "connections.batch_update", updates=[{"id": "cn", "api_passphrase": CANARY + "p"}]
+        )
+        doc = await b.ok("documents.get", name="connection")
+        doc["projectX"]["apiKey"] = CANARY + "-px"
+        doc["projectX"]["username"] = "trader"
+        assert (await b.ok("documents.set", name="connection", content=doc))["projectX"][
+            "apiKey"
+        ] == "…c-px"
+        await b.ok("connections.set_active", connection_id="cn", active=True)
+        await b.ok(
+            "data.import",
+            data={"files": {"connections.json": [conn_body(id="im", api_secret=CANARY + "i")]}},
+            mode="merge",
+        )
+        c = await b.ok("connections.get", connection_id="cn")
+        assert c["api_key"] == "…abcd" and c["api_secret"] == "********"
+        for cmd in ("snapshot", "data.export", "connections.list", "status", "documents.list"):
+            await b.ok(cmd)
+        await b.ok("sync_log.get")
+        await b.ok("documents.get", name="connection")
+        await b.err("connections.update", connection_id="cn", changes={"api_secret": 5})
+        await watcher.events_until((await b.ok("ping"))["revision"])
+        frames = b.raw + watcher.raw
+        assert len(frames) > 15
+        bodies = [
+            str(d.http(p)[1])
+            for p in (
+                "/api/trading/connection",
+                "/api/trading/server-status",
+                "/api/settings/connections",
+                "/api/settings/connections/cn",
+                "/api/connections/active",
+                "/api/connections/state",
+                "/api/sync-log",
+                "/api/data/connection",
+                "/api/data/export",
+                "/metrics",
+            )
+        ]
+    # what was stored is the real secret (the daemon kept it) ...
+    assert CANARY in (d.data_dir / "connections.json").read_text()
+    # ... and it never left: no frame, no HTTP body, no log line
+    for text in [*frames, *bodies, d.stdout(), d.stderr()]:
+        assert CANARY not in text
+    for log_file in (d.data_dir / "logs").glob("*"):
+        assert CANARY not in log_file.read_text()
+    assert CANARY not in (d.data_dir / "connection-sync-log.json").read_text()
