@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,26 @@ def test_data_dir_unusable_exits_1(tmp_path: Path) -> None:
         one_line(d.stderr())
     finally:
         d.close()
+
+
+def test_read_only_data_dir_exits_1(tmp_path: Path) -> None:
+    # Root ignores chmod: a read-only tmpfs is what an unwritable dir looks like to root.
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        d = Daemon(mnt)
+        try:
+            assert run_to_exit(d) == 1
+            assert "not writable" in one_line(d.stderr())
+        finally:
+            d.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # --- signals --------------------------------------------------------------------------------
@@ -533,6 +554,7 @@ def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
             d.start()
             _, health = d.http("/health", token=None)
             assert health["status"] == "ok", (rnd, health)  # the last kill broke nothing
+            assert temp_files(data_dir) == []  # what the kill left half-written is gone
             kill_after = rng.randint(0, CLIENTS * PER_CLIENT)
             acked, n_acked = asyncio.run(_storm(d, rnd, kill_after))
             d.proc.wait(5)  # type: ignore[union-attr]
