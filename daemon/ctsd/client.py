@@ -99,13 +99,16 @@ _TEXT_FIELDS = frozenset(
 # --- errors ---------------------------------------------------------------------------------
 
 
-class CliError(Exception):
-    """A failure to report as one line on stderr and an exit code."""
+class CliError(click.ClickException):
+    """A failure to report as one line on stderr and an exit code (click shows it)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_REFUSED) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"ctsd: {safe(self.message)}", err=True)
 
 
 class BusError(CliError):
