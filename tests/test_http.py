@@ -1,0 +1,179 @@
+"""Plain HTTP on the bus port (CONTRACT §5) against the real daemon process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, wait_until
+from tests.test_bus import CANARY, bus, conn_body, write_settings
+
+ROUTES = [
+    "/api/trading/connection",
+    "/api/trading/server-status",
+    "/api/settings/connections",
+    "/api/settings/connections/c1",
+    "/api/connections/active",
+    "/api/connections/state",
+    "/api/sync-log",
+    "/api/data/settings",
+    "/api/data/export",
+    "/metrics",
+]
+
+
+async def _seed(d: Daemon) -> None:
+    async with bus(d) as b:
+        await b.ok("connections.create", connection=conn_body(id="c1", api_secret=CANARY))
+        await b.ok("connections.create", connection=conn_body("two", id="c2", exchange="okx"))
+        await b.ok("connections.set_active", connection_id="c1", active=True)
+
+
+def test_health_needs_no_token(daemon: Daemon) -> None:
+    code, body = daemon.http("/health", token=None)
+    assert code == 200
+    assert body["status"] == "ok" and body["revision"] == 0 and "checks" in body
+    assert set(body) >= {"status", "version", "revision", "uptime_s", "checks"}
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_every_route_needs_the_token(daemon: Daemon, path: str) -> None:
+    code, body = daemon.http(path, token=None)
+    assert code == 401 and body["error"]["code"] == "unauthorized"
+    code, body = daemon.http(path, token="wrong")
+    assert code == 401 and body["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.anyio
+async def test_routes_answer(daemon: Daemon) -> None:
+    d = daemon
+    await _seed(d)
+    code, boot = d.http("/api/trading/connection")
+    assert code == 200
+    assert boot["bus_url"] == f"ws://127.0.0.1:{d.port}/ws"
+    assert "connections.update" in boot["capabilities"]["commands"]
+    assert boot["server"]["cors_origins"] == ["http://localhost:5173", "http://localhost:5174"]
+
+    code, st = d.http("/api/trading/server-status")
+    assert code == 200 and st["counts"]["connections"] == 2 and "projectx" in st
+    assert st["bus"]["subscribers"] == 0
+
+    code, conns = d.http("/api/settings/connections")
+    assert code == 200 and [c["id"] for c in conns] == ["c1", "c2"]
+    assert conns[0]["api_secret"] == "********" and conns[1]["api_secret"] is None
+    code, conns = d.http("/api/settings/connections?exchange=okx")
+    assert [c["id"] for c in conns] == ["c2"]
+    code, one = d.http("/api/settings/connections/c1")
+    assert code == 200 and one["id"] == "c1" and one["api_secret"] == "********"
+
+    code, active = d.http("/api/connections/active")
+    assert code == 200 and [c["id"] for c in active] == ["c1"]
+    code, state = d.http("/api/connections/state")
+    assert code == 200 and {s["connection_id"]: s["status"] for s in state} == {
+        "c1": "active",
+        "c2": "inactive",
+    }
+
+    code, log = d.http("/api/sync-log?since=1&limit=1")
+    assert code == 200 and [e["id"] for e in log] == [2]
+    code, log = d.http("/api/sync-log")
+    assert [e["action"] for e in log] == ["create", "create", "set_active"]
+
+    code, doc = d.http("/api/data/connection")
+    assert code == 200 and "projectX" in doc
+    code, exp = d.http("/api/data/export")
+    assert code == 200 and exp["version"] == 1 and exp["revision"] == 3
+    assert len(exp["files"]["connections.json"]) == 2
+
+    code, text = d.http("/metrics")
+    assert code == 200 and isinstance(text, str)
+    assert 'ctsd_connections{status="active"} 1.0' in text
+    assert "ctsd_changes_total 3.0" in text
+    assert "ctsd_write_seconds_count" in text
+    assert "ctsd_bus_clients 0.0" in text
+    for name in ("ctsd_bus_events_sent_total", "ctsd_hand_edits_total", "ctsd_invalid_files"):
+        assert name in text
+
+    for body in (boot, st, conns, one, active, state, log, doc, exp, text):
+        assert CANARY not in json.dumps(body)
+
+
+def test_not_found_and_bad_queries(daemon: Daemon) -> None:
+    code, body = daemon.http("/api/nothing")
+    assert code == 404 and body["error"]["code"] == "not_found"
+    code, body = daemon.http("/api/settings/connections/missing")
+    assert code == 404 and body["error"]["code"] == "not_found"
+    code, body = daemon.http("/api/data/nope")
+    assert code == 404
+    code, body = daemon.http("/api/sync-log?since=abc")
+    assert code == 400 and body["error"]["code"] == "invalid"
+    code, body = daemon.http("/api/sync-log?limit=0")
+    assert code == 400
+
+
+def test_method_not_allowed(daemon: Daemon) -> None:
+    for method, path in [
+        ("POST", "/api/settings/connections"),
+        ("DELETE", "/api/connections/state"),
+        ("PUT", "/api/settings/connections/c1"),
+        ("GET", "/api/data/reset"),
+        ("DELETE", "/api/data/export"),
+        ("POST", "/health"),
+        ("DELETE", "/metrics"),
+    ]:
+        code, body = daemon.http(path, method=method)
+        assert code == 405, (method, path, code, body)
+        assert body["error"]["code"] == "method_not_allowed"
+
+
+def test_foreign_origin_403(daemon: Daemon) -> None:
+    code, body = daemon.http("/api/settings/connections", headers={"Origin": "http://evil.example"})
+    assert code == 403 and body["error"]["code"] == "forbidden"
+    code, _ = daemon.http("/api/settings/connections", headers={"Origin": "http://localhost:5173"})
+    assert code == 200
+
+
+@pytest.mark.anyio
+async def test_delete_connection_and_reset(daemon: Daemon) -> None:
+    d = daemon
+    await _seed(d)
+    async with bus(d) as watcher:
+        await watcher.ok("subscribe")
+        code, body = d.http("/api/settings/connections/c2", method="DELETE")
+        assert code == 200 and body == {"deleted": "c2"}
+        code, body = d.http("/api/settings/connections/c2", method="DELETE")
+        assert code == 404
+        code, body = d.http("/api/data/reset", method="DELETE")
+        assert code == 400 and body["error"]["code"] == "invalid"
+        code, body = d.http("/api/data/reset?confirm=yes", method="DELETE")
+        assert code == 200 and "connections.json" in body["reset"]
+        events = await watcher.events_until(5)
+        assert [(e["action"], e["data"]["source"]) for e in events] == [
+            ("delete", "http"),
+            ("reset", "http"),
+        ]
+    assert json.loads((d.data_dir / "connections.json").read_text()) == []
+
+
+def test_file_invalid_is_409(daemon: Daemon) -> None:
+    (daemon.data_dir / "connections.json").write_text('[{"id": "x",}]\n')
+    wait_until(lambda: daemon.http("/health", token=None)[1]["status"] == "degraded", 10)
+    code, body = daemon.http("/api/data/reset?confirm=yes", method="DELETE")
+    assert code == 409 and body["error"]["code"] == "file_invalid"
+    code, text = daemon.http("/metrics")
+    assert "ctsd_invalid_files 1.0" in text
+    assert 'ctsd_hand_edits_total{result="refused"} 1.0' in text
+
+
+def test_http_rate_limit_429(data_dir: Path) -> None:
+    write_settings(data_dir, {"server": {"rate_limit": {"requests": 5, "window_s": 900}}})
+    d = Daemon(data_dir).start()
+    try:
+        codes = [d.http("/api/connections/state")[0] for _ in range(8)]
+        assert codes == [200] * 5 + [429] * 3
+        assert d.http("/api/connections/state")[1]["error"]["code"] == "rate_limited"
+        assert d.http("/health", token=None)[0] == 200  # health is never limited
+    finally:
+        d.close()
