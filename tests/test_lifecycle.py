@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from ctsd import files
 from ctsd.atomic import TEMP_PREFIX
@@ -83,6 +84,9 @@ def test_ready_status_and_health(data_dir: Path, abstract: bool) -> None:
         assert code == 200 and body["status"] == "ok", body
         assert ready_event(d)["port"] == d.port
         assert stat_mode(data_dir) == 0o700
+        for name in ("connections.json", "settings.json", "logs/ctsd.log"):
+            assert stat_mode(data_dir / name) == 0o600, name
+        assert stat_mode(data_dir / "logs") == 0o700
         assert d.stop() == 0
     finally:
         d.close()
@@ -187,6 +191,28 @@ def test_second_instance_exits_naming_the_holder(daemon: Daemon) -> None:
     # The holder is unharmed: its pid is still in the lock file and it still answers.
     assert (daemon.data_dir / ".lock").read_text().strip() == str(daemon.proc.pid)  # type: ignore[union-attr]
     assert daemon.http("/health", token=None)[0] == 200
+
+
+def test_token_file_made_when_none_is_configured(data_dir: Path) -> None:
+    d = Daemon(data_dir, token=None)
+    try:
+        d.start()
+        token = (data_dir / ".token").read_text().strip()
+        assert len(token) == 43 and stat_mode(data_dir / ".token") == 0o600
+        assert d.http("/api/connections/state", token=token)[0] == 200
+        assert d.http("/api/connections/state", token="wrong")[0] == 401
+        assert token not in d.stdout() + d.stderr()
+    finally:
+        d.close()
+
+
+def test_bad_port_in_env_exits_1(data_dir: Path) -> None:
+    d = Bare(data_dir, env={"CTSD_DATA_DIR": str(data_dir), "CTSD_PORT": "eighty"})
+    try:
+        assert run_to_exit(d) == 1
+        assert "CTSD_PORT" in one_line(d.stderr())
+    finally:
+        d.close()
 
 
 def test_port_busy_exits_1(data_dir: Path) -> None:
@@ -462,8 +488,9 @@ def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
                     acked.append(msg["id"])
                 if len(acked) == 20:
                     d.send_signal(signal.SIGTERM)  # mid-burst
-        except Exception:
-            pass  # closed by the shutdown (1001): whatever was acked must be on disk
+        except ConnectionClosed as e:
+            # Closed by the shutdown: "going away"; whatever was acked must be on disk.
+            assert e.rcvd is not None and e.rcvd.code == 1001, e
         assert d.proc.wait(5) == 0  # type: ignore[union-attr]
         assert "STOPPING=1" in d.notify.poll()
     finally:

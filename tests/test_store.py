@@ -352,9 +352,11 @@ def small_tmpfs(where: Path, size: str = "2m") -> Any:
 async def _assert_refused_and_intact(store: Store, data_dir: Path, expect: str) -> None:
     before = snapshot(data_dir)
     memory = (dict(store.connections), dict(store.state), list(store.log), store.revision)
+    rec = Recorder(store)
     with pytest.raises(CtsdError) as exc:
         await store.submit(ops.update("c0", {"name": "never written " * 10}), "bus")
     assert exc.value.code == "io_error", exc.value
+    assert rec.messages == [] and rec.commits == []  # nobody hears of a change not on disk
     assert expect in exc.value.message, exc.value.message
     assert snapshot(data_dir) == before
     assert memory == (dict(store.connections), dict(store.state), list(store.log), store.revision)
