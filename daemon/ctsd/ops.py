@@ -421,7 +421,7 @@ def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp, *, force: bool = 
     def op(tx: Tx) -> None:
         # Applied a moment after the read: the writer may have written the file since.
         store = tx.store
-        if not force and store.stamps.get(file) == stamp and file not in store.problems:
+        if not force and store.unchanged(file) and file not in store.problems:
             return  # our own write, read before the writer had recorded its stamp
         if stamp_of(store.path(file)) != stamp:
             # Changed again since read (by us or by hand): these bytes are stale and would

@@ -124,6 +124,9 @@ class Store:
         self.events_listeners: list[EventsListener] = []
         self.notice_listeners: list[NoticeListener] = []
         self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
+        # ctime of each file when its stamp was last confirmed: every write moves it and no
+        # tool can set it back (cp -p, rsync -t, touch -r restore mtime). See `unchanged`.
+        self.ctimes: dict[str, int] = {}
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class Store:
             log.error("file_invalid", file=file, problem=self.problems[file].format())
             return
         self.stamps[file] = stamp
+        self._note_ctime(file)
         if file == CONNECTIONS:
             self.connections = {c.id: c for c in decoded}
             self._frags[CONNECTIONS] = {c.id: files.encode_record(c) for c in decoded}
@@ -331,11 +335,7 @@ class Store:
             if not ok:
                 return
             dirty = set().union(*(p.files for p in ok))
-            changed = [
-                f
-                for f in sorted(dirty)
-                if f not in group.synced and stamp_of(self.path(f)) != self.stamps.get(f)
-            ]
+            changed = [f for f in sorted(dirty) if f not in group.synced and not self.unchanged(f)]
             if changed:
                 # A hand edit landed that we have not taken in: take it in first, then retry
                 # the whole group on top of it (or refuse what no longer applies).
@@ -459,6 +459,8 @@ class Store:
             self.stamps[f] = st
         for path, st in stamps.items():
             self.stamps[str(path.relative_to(self.data_dir))] = st
+        for f in {*group.synced, *(str(p.relative_to(self.data_dir)) for p in stamps)}:
+            self._note_ctime(f)
         for f in list(group.synced):
             if f in self.problems:
                 problem = self.problems.pop(f)
@@ -503,7 +505,7 @@ class Store:
 
         path = self.path(file)
         before = stamp_of(path)
-        if before is not None and before == self.stamps.get(file) and file not in self.problems:
+        if before is not None and self.unchanged(file) and file not in self.problems:
             return True  # our own write, or nothing new
         if before is None:
             return await self._restore_deleted(file, _inline=_inline)
@@ -550,6 +552,31 @@ class Store:
             log.warning("ingest_failed", file=file, error=str(exc))
             return False
         return True
+
+    def unchanged(self, file: str) -> bool:
+        """Is `file` on disk still what the store last read or wrote?
+
+        Size, mtime and inode as recorded, and the ctime seen right after: an in-place edit
+        that keeps the size and puts the mtime back still moves the ctime.
+        """
+        try:
+            st = os.stat(self.path(file))
+        except FileNotFoundError:
+            return self.stamps.get(file) is None
+        return Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
+
+    def _note_ctime(self, file: str) -> None:
+        # Called right after a stamp is recorded: the rename of our own write moved the ctime
+        # after the stamp was taken, so note it now (only if the stamp still matches).
+        try:
+            st = os.stat(self.path(file))
+        except OSError:
+            self.ctimes.pop(file, None)
+            return
+        if Stamp.of(st) == self.stamps.get(file):
+            self.ctimes[file] = st.st_ctime_ns
+        else:
+            self.ctimes.pop(file, None)
 
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
         if stamp is not None:
