@@ -446,11 +446,19 @@ def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
         bus.close()
         code, listed = d.http("/api/settings/connections")
         assert code == 200 and CANARY not in json.dumps(listed), listed
-        # An invalid hand edit that quotes the secret next to the error.
-        bad = json.dumps([{**conn, "volume_factor": -1}], indent=2)
+        # Invalid hand edits right at the secrets: a wrong type, and a string cut short.
+        bad = json.dumps([{**conn, "api_secret": {"nested": CANARY}}], indent=2)
         (data_dir / files.CONNECTIONS).write_text(bad)
+        cut = json.dumps(doc).split(CANARY)[0] + CANARY + "\n"
+        (data_dir / "connection.json").write_text(cut)
         d.send_signal(signal.SIGHUP)
-        wait_until(lambda: any(e.get("event") == "file_invalid" for e in d.log_events()))
+
+        def reported() -> set[str]:
+            return {e.get("file") for e in d.log_events() if e.get("event") == "file_invalid"}
+
+        wait_until(lambda: {files.CONNECTIONS, "connection.json"} <= reported())
+        health = d.http("/health", token=None)[1]
+        assert health["status"] == "degraded" and CANARY not in json.dumps(health)
         assert d.stop() == 0
     finally:
         d.close()
