@@ -20,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from ctsd import files
 from ctsd.atomic import TEMP_PREFIX
-from ctsd.config import resolve_data_dir
+from ctsd.config import Listen, resolve_data_dir, resolve_listen
+from ctsd.models import Settings
 from tests.daemon import Daemon, NotifySocket, free_port, wait_until
 
 CANARY = "CANARY-SECRET-7f3a9c"
@@ -99,7 +100,7 @@ def stat_mode(p: Path) -> int:
 # --- configuration precedence ---------------------------------------------------------------
 
 
-def test_data_dir_precedence_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_and_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CTSD_DATA_DIR", "DATA_DIR", "DATA_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -111,6 +112,15 @@ def test_data_dir_precedence_in_process(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("CTSD_DATA_DIR", str(tmp_path / "c"))
     assert resolve_data_dir(None) == tmp_path / "c"
     assert resolve_data_dir(str(tmp_path / "f")) == tmp_path / "f"
+    # host/port defaults (binding 3587 for real could clash with a running ctsd)
+    monkeypatch.delenv("CTSD_HOST", raising=False)
+    monkeypatch.delenv("CTSD_PORT", raising=False)
+    assert resolve_listen(None, None, Settings()) == Listen("127.0.0.1", 3587)
+    from_file = msgspec.convert({"server": {"host": "::1", "port": 4000}}, Settings)
+    assert resolve_listen(None, None, from_file) == Listen("::1", 4000)
+    monkeypatch.setenv("CTSD_PORT", "4001")
+    assert resolve_listen(None, None, from_file) == Listen("::1", 4001)
+    assert resolve_listen("127.0.0.1", 4002, from_file) == Listen("127.0.0.1", 4002)
 
 
 def test_data_dir_from_env_and_flag(tmp_path: Path) -> None:
