@@ -109,8 +109,10 @@ class Session:
             if not await self.authenticate():
                 return
             self.server.sessions.add(self)
-            async for raw in self.conn:
-                await self.on_frame(raw)
+            recv = self.conn.recv
+            while True:
+                # Bytes, not str: msgspec decodes (and checks UTF-8) without a str round trip.
+                await self.on_frame(await recv(decode=False))
         except ConnectionClosed:
             pass
         finally:
@@ -118,8 +120,8 @@ class Session:
             self.server.hub.unsubscribe(self.conn)
             self.server.limiter.forget(self)
 
-    async def on_frame(self, raw: str | bytes) -> None:
-        size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
+    async def on_frame(self, raw: bytes) -> None:
+        size = len(raw)
         if size > p.MAX_FRAME_BYTES:
             err = CtsdError("too_large", f"frame of {size} bytes; the limit is {p.MAX_FRAME_BYTES}")
             await self.fail(None, err)

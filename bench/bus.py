@@ -1,0 +1,462 @@
+"""Bus benchmark: the real daemon against raw `websockets` floors measured in the same run.
+
+    .venv/bin/python bench/bus.py                    # everything, ~1 minute
+    .venv/bin/python bench/bus.py --dir /var/tmp --rounds 30
+
+Starts `ctsd serve` (a subprocess, on a temporary data dir under the current directory or
+`--dir`, so fsync costs what it costs on that disk) and a raw websockets server (another
+subprocess: echo, and `broadcast()` of given bytes to its subscribers). Clients run in this
+process, all on the same 2 cores, as the FINDINGS floors were measured.
+
+  (a) round trip   `ping` on the bus vs the same frame echoed by raw websockets, p50/p99
+  (b) update ack   `connections.update` at 1,000 connections, sequential, p50/p99 — the ack
+                   comes after the durable write; floor: raw echo + one durable write of the
+                   same-size connections.json (ctsd.atomic.write_files) in this process
+  (c) fan-out      one change to 100 and 1,000 subscribers, p50/p99, against raw
+                   `broadcast()` of the very same frame bytes: "trigger → last receipt" is from
+                   sending the command (raw: the trigger message) to the last subscriber
+                   receiving its frame, so ctsd's includes the durable write; "first → last
+                   receipt" is the fan-out itself, the spread between the first and the last
+                   subscriber.
+  (d) heartbeats   `connections.heartbeat` acks per second, 50 clients, 16 in flight each,
+                   for `--seconds`; floor: raw echo of the same frames. Also shows how many
+                   store changes (disk writes) happened meanwhile: heartbeats are in memory
+                   and reach disk only with the periodic coalesced flush.
+
+Targets on 2 cores: (c) last receipt ≤ 1.2 × raw; (d) ≥ 20,000/s. Not a test: numbers depend
+on the machine and on what else runs (the 1-minute load average is printed before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.daemon import TOKEN, Daemon, free_port, wait_until  # noqa: E402
+
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+Row = tuple[str, str, str, str]
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.2f} ms"
+
+
+# --- the raw websockets server (a subprocess: `bench/bus.py --raw-server PORT`) -------------
+
+
+async def raw_server(port: int) -> None:
+    subs: set[ServerConnection] = set()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for msg in ws:
+            if isinstance(msg, str) and msg.startswith("BCAST "):
+                broadcast(subs, msg[6:].encode(), text=True)
+            elif msg == "SUB":
+                subs.add(ws)
+            else:
+                await ws.send(msg)
+        subs.discard(ws)
+
+    async with serve(handler, "127.0.0.1", port, compression=None, max_size=None):
+        print("ready", flush=True)
+        await asyncio.Future()
+
+
+# --- client helpers -----------------------------------------------------------------------
+
+
+async def open_many(url: str, n: int, headers: dict[str, str] | None) -> list[ClientConnection]:
+    out: list[ClientConnection] = []
+    for start in range(0, n, 50):  # batches: the listen backlog is 100
+        batch = await asyncio.gather(
+            *(
+                connect(url, additional_headers=headers, compression=None, max_size=None)
+                for _ in range(start, min(n, start + 50))
+            )
+        )
+        out.extend(batch)
+    return out
+
+
+async def auth_and(ws: ClientConnection, frame: dict[str, Any] | None) -> None:
+    first = json.loads(await ws.recv())
+    assert first["type"] == "auth_ok", first
+    if frame is not None:
+        await ws.send(json.dumps(frame))
+        reply = json.loads(await ws.recv())
+        assert reply.get("success") is True, reply
+
+
+class Call:
+    """Sequential request/reply on one connection (ids increase)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.id = 100
+
+    async def __call__(self, type_: str, **args: Any) -> Any:
+        self.id += 1
+        await self.ws.send(json.dumps({"id": self.id, "type": type_, **args}))
+        while True:
+            msg = json.loads(await self.ws.recv())
+            if msg.get("type") == "result" and msg.get("id") == self.id:
+                if not msg["success"]:
+                    raise RuntimeError(f"{type_}: {msg['error']}")
+                return msg["result"]
+
+
+async def round_trips(
+    send: Callable[[int], Awaitable[None]], ws: ClientConnection, n: int
+) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await send(i)
+        await ws.recv()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class Receivers:
+    """N connections; `await round(trigger)` = (trigger → last receipt, first → last receipt)."""
+
+    def __init__(self, conns: list[ClientConnection], marker: str) -> None:
+        self.conns = conns
+        self.marker = marker
+        self.count = 0
+        self.done: asyncio.Future[float] | None = None
+        self.sample = ""
+        self.first = 0.0
+        self.tasks = [asyncio.create_task(self._loop(ws)) for ws in conns]
+
+    async def _loop(self, ws: ClientConnection) -> None:
+        try:
+            async for msg in ws:
+                if isinstance(msg, str) and msg.startswith(self.marker):
+                    self.sample = msg
+                    self.count += 1
+                    if self.count == 1:
+                        self.first = time.perf_counter()
+                    if self.count == len(self.conns) and self.done and not self.done.done():
+                        self.done.set_result(time.perf_counter())
+        except Exception:
+            pass
+
+    async def round(self, trigger: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+        self.count = 0
+        self.done = asyncio.get_running_loop().create_future()
+        t0 = time.perf_counter()
+        await trigger()
+        last = await asyncio.wait_for(self.done, 60)
+        return last - t0, last - self.first
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ws.close() for ws in self.conns), return_exceptions=True)
+        for t in self.tasks:
+            t.cancel()
+
+
+async def pipelined(
+    conns: list[ClientConnection], frame: Callable[[int, int], str], seconds: float, window: int
+) -> tuple[int, float, int]:
+    """(acks, seconds, failures) with `window` requests in flight on every connection."""
+    stop = time.perf_counter() + seconds
+    total = 0
+    failures = 0
+
+    async def one(k: int, ws: ClientConnection) -> None:
+        nonlocal total, failures
+        next_id = 1_000_000
+        inflight = 0
+        for _ in range(window):
+            next_id += 1
+            await ws.send(frame(k, next_id))
+            inflight += 1
+        while inflight:
+            msg = await ws.recv()
+            inflight -= 1
+            total += 1
+            if '"success":false' in msg:
+                failures += 1
+            if time.perf_counter() < stop:
+                next_id += 1
+                await ws.send(frame(k, next_id))
+                inflight += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(k, ws) for k, ws in enumerate(conns)))
+    return total, time.perf_counter() - t0, failures
+
+
+def connections(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"b{i}",
+            "name": f"Bybit account {i}",
+            "exchange": ("bybit", "binance", "okx")[i % 3],
+            "api_key": f"key-{i:08d}-" + "k" * 40,
+            "api_secret": f"secret-{i:08d}-" + "s" * 56,
+            "connection_settings": '{"recvWindow": 5000}',
+        }
+        for i in range(n)
+    ]
+
+
+def metric(d: Daemon, name: str) -> float:
+    req = urllib.request.Request(d.url + "/metrics", headers=HEADERS)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+async def bench(d: Daemon, raw_url: str, args: argparse.Namespace, base: Path) -> list[Row]:
+    rows: list[Row] = []
+    n_rt = args.round_trips
+
+    # (a) round trip
+    raw = await connect(raw_url, compression=None)
+    frame = '{"id":%d,"type":"ping"}'
+    raw_rt = await round_trips(lambda i: raw.send(frame % i), raw, n_rt)
+    bus = await connect(d.ws_url, additional_headers=HEADERS, compression=None, max_size=None)
+    await auth_and(bus, None)
+    bus_rt = await round_trips(lambda i: bus.send(frame % (i + 1)), bus, n_rt)
+    rows.append(("(a) raw echo round trip", ms(pct(raw_rt, 0.5)), ms(pct(raw_rt, 0.99)), ""))
+    rows.append(
+        (
+            "(a) ctsd ping round trip",
+            ms(pct(bus_rt, 0.5)),
+            ms(pct(bus_rt, 0.99)),
+            f"{pct(bus_rt, 0.5) / pct(raw_rt, 0.5):.2f} × raw",
+        )
+    )
+
+    # (b) update ack at 1,000 connections
+    call = Call(bus)
+    call.id = n_rt + 10
+    conns = connections(args.connections)
+    await call("data.import", data={"files": {"connections.json": conns}}, mode="replace")
+    sys.path.insert(0, str(ROOT / "daemon"))
+    from ctsd import files
+    from ctsd.atomic import write_files
+
+    body = (d.data_dir / "connections.json").read_bytes()
+    floor_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=base))
+    target = floor_dir / "connections.json"
+    write_s = []
+    for _ in range(args.updates):
+        t0 = time.perf_counter()
+        await asyncio.to_thread(write_files, [(target, body)])
+        write_s.append(time.perf_counter() - t0)
+    upd = []
+    for i in range(args.updates):
+        t0 = time.perf_counter()
+        await call(
+            "connections.update", connection_id=f"b{i % len(conns)}", changes={"user_id": i + 2}
+        )
+        upd.append(time.perf_counter() - t0)
+    floor = [w + pct(raw_rt, 0.5) for w in write_s]
+    rows.append(
+        (
+            f"(b) floor: echo + durable write {len(body) // 1024} KB",
+            ms(pct(floor, 0.5)),
+            ms(pct(floor, 0.99)),
+            "",
+        )
+    )
+    rows.append(
+        (
+            f"(b) ctsd connections.update ack @{len(conns)}",
+            ms(pct(upd, 0.5)),
+            ms(pct(upd, 0.99)),
+            f"{pct(upd, 0.5) / pct(floor, 0.5):.2f} × floor",
+        )
+    )
+    del files
+
+    # (c) fan-out
+    for n in args.subscribers:
+        rounds = args.rounds
+        # ctsd subscribers
+        subs = await open_many(d.ws_url, n, HEADERS)
+        await asyncio.gather(
+            *(auth_and(ws, {"id": 1, "type": "subscribe", "connection_ids": ["b1"]}) for ws in subs)
+        )
+        rx = Receivers(subs, '{"type":"events"')
+        k = 0
+
+        async def change() -> None:
+            nonlocal k
+            k += 1
+            call.id += 1
+            await bus.send(
+                json.dumps(
+                    {
+                        "id": call.id,
+                        "type": "connections.update",
+                        "connection_id": "b1",
+                        "changes": {"user_id": 10_000 + k},
+                    }
+                )
+            )
+
+        await rx.round(change)  # warm-up; its frame is the raw floor's payload
+        while True:  # the ack of the warm-up
+            if json.loads(await bus.recv()).get("type") == "result":
+                break
+        payload = rx.sample
+        ctsd_t = []
+        for _ in range(rounds):
+            ctsd_t.append(await rx.round(change))
+            while json.loads(await bus.recv()).get("type") != "result":
+                pass
+        await rx.close()
+
+        # raw subscribers, the same bytes
+        rsubs = await open_many(raw_url, n, None)
+        for ws in rsubs:
+            await ws.send("SUB")
+            await ws.send("x")
+        for ws in rsubs:
+            assert await ws.recv() == "x"  # frames on one socket are handled in order
+        rrx = Receivers(rsubs, '{"type":"events"')
+        bcast = "BCAST " + payload
+
+        async def trigger(msg: str = bcast) -> None:
+            await raw.send(msg)
+
+        await rrx.round(trigger)
+        raw_t = [await rrx.round(trigger) for _ in range(rounds)]
+        await rrx.close()
+        for label, i in (("trigger → last receipt", 0), ("first → last receipt", 1)):
+            r = [t[i] for t in raw_t]
+            c = [t[i] for t in ctsd_t]
+            rows.append(
+                (
+                    f"(c) raw broadcast() to {n}, {label}",
+                    ms(pct(r, 0.5)),
+                    ms(pct(r, 0.99)),
+                    f"{len(payload)} B frame",
+                )
+            )
+            rows.append(
+                (
+                    f"(c) ctsd change to {n} subscribers, {label}",
+                    ms(pct(c, 0.5)),
+                    ms(pct(c, 0.99)),
+                    f"{pct(c, 0.5) / pct(r, 0.5):.2f} × raw p50, "
+                    f"{pct(c, 0.99) / pct(r, 0.99):.2f} × raw p99",
+                )
+            )
+
+    # (d) heartbeats
+    hb = await open_many(d.ws_url, args.clients, HEADERS)
+    await asyncio.gather(*(auth_and(ws, None) for ws in hb))
+    raw_hb = await open_many(raw_url, args.clients, None)
+
+    def hb_frame(k: int, i: int) -> str:
+        return f'{{"id":{i},"type":"connections.heartbeat","connection_id":"b{k}"}}'
+
+    raw_n, raw_s, _ = await pipelined(raw_hb, hb_frame, args.seconds, args.window)
+    rows.append((f"(d) raw echo, {args.clients} clients", f"{raw_n / raw_s:,.0f}/s", "", ""))
+    probe = await Call(hb[0])("connections.heartbeat", connection_id="b0")
+    if "timestamp" not in probe:
+        rows.append(("(d) ctsd heartbeats", "unavailable", "", str(probe)))
+    else:
+        changes0 = metric(d, "ctsd_changes_total")
+        n_ok, secs, failures = await pipelined(hb, hb_frame, args.seconds, args.window)
+        changes = metric(d, "ctsd_changes_total") - changes0
+        rows.append(
+            (
+                f"(d) ctsd heartbeats, {args.clients} clients",
+                f"{n_ok / secs:,.0f}/s",
+                f"{failures} failed",
+                f"{(n_ok / secs) / (raw_n / raw_s):.2f} × raw; {changes:.0f} store "
+                f"changes in {secs:.1f} s",
+            )
+        )
+    await asyncio.gather(*(ws.close() for ws in [*hb, *raw_hb, raw, bus]), return_exceptions=True)
+    shutil.rmtree(floor_dir, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", type=Path, default=Path.cwd(), help="where the data dir goes")
+    ap.add_argument("--round-trips", type=int, default=2000)
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--updates", type=int, default=300)
+    ap.add_argument("--subscribers", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    if args.raw_server:
+        asyncio.run(raw_server(args.raw_server))
+        return
+
+    base = Path(tempfile.mkdtemp(prefix="ctsd-bench-bus-", dir=args.dir))
+    data = base / "data"
+    data.mkdir(mode=0o700)
+    settings = {
+        "server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}},
+        "test_interval_s": 0,  # no periodic exchange probes during the run
+    }
+    (data / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    raw_port = free_port()
+    raw_proc = subprocess.Popen(
+        [sys.executable, __file__, "--raw-server", str(raw_port)], stdout=subprocess.PIPE, text=True
+    )
+    d = Daemon(data, args=["--log-level", "warning"])
+    load0 = os.getloadavg()[0]
+    try:
+        assert raw_proc.stdout is not None and raw_proc.stdout.readline().strip() == "ready"
+        d.start()
+        wait_until(lambda: d.http("/health", token=None)[0] == 200, 10)
+        rows = asyncio.run(bench(d, f"ws://127.0.0.1:{raw_port}", args, base))
+    finally:
+        d.close()
+        raw_proc.terminate()
+        raw_proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    load1 = os.getloadavg()[0]
+    head = ("measure", "p50 / rate", "p99", "ratio / note")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    print(f"\nload average (1 min): {load0:.2f} before, {load1:.2f} after; {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()
