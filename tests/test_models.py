@@ -424,8 +424,10 @@ def test_dangling_algorithm_name(tmp_path: Path) -> None:
     assert (tmp_path / "instances.json").read_text() == SEED_INSTANCES
 
 
-def test_directory_and_oversized_file_at_start(tmp_path: Path) -> None:
+def test_unreadable_files_at_start_are_reported(tmp_path: Path) -> None:
     (tmp_path / "connections.json").mkdir()
+    (tmp_path / "ui-config.json").write_bytes(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    (tmp_path / "watchlists.json").write_bytes(b'{"main": ["\xff"]}')
     big = tmp_path / "settings.json"
     with open(big, "wb") as fh:  # sparse: no real disk used
         fh.truncate(files.MAX_FILE_BYTES + 1)
@@ -433,6 +435,8 @@ def test_directory_and_oversized_file_at_start(tmp_path: Path) -> None:
     store.open()
     assert "is a directory" in store.problems["connections.json"].message
     assert "the limit is" in store.problems["settings.json"].message
+    assert "nested too deeply" in store.problems["ui-config.json"].message
+    assert "not UTF-8" in store.problems["watchlists.json"].message
     assert (tmp_path / "connections.json").is_dir()
     assert big.stat().st_size == files.MAX_FILE_BYTES + 1
     with pytest.raises(Invalid) as exc:
