@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -618,3 +619,40 @@ def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
         mid_storm += 0 < n_acked < CLIENTS * PER_CLIENT
     # Most kills must land with changes both acknowledged and still in flight.
     assert mid_storm >= ROUNDS // 2, mid_storm
+
+
+# --- log format -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_format", [None, "json"], ids=["tty-console", "env-json"])
+def test_log_format_console_on_a_tty_unless_set(data_dir: Path, env_format: str | None) -> None:
+    import pty
+    import subprocess as sp
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSD_", "NOTIFY_"))}
+    env.update({"CTSD_TOKEN": "t" * 32, "PYTHONUNBUFFERED": "1"})
+    if env_format:
+        env["CTSD_LOG_FORMAT"] = env_format
+    cmd = [sys.executable, "-m", "ctsd", "serve", "--data-dir", str(data_dir)]
+    proc = sp.Popen([*cmd, "--port", str(free_port())], stdout=slave, stderr=sp.PIPE, env=env)
+    os.close(slave)
+    out = b""
+    try:
+
+        def saw_ready() -> bool:
+            nonlocal out
+            out += os.read(master, 65536)
+            return b"ready" in out
+
+        wait_until(saw_ready, timeout=15, what="the ready line on the tty")
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+    line = next(ln for ln in out.decode(errors="replace").splitlines() if "ready" in ln)
+    if env_format == "json":
+        assert json.loads(line)["event"] == "ready"
+    else:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the console renderer colours a TTY
+        assert not plain.startswith("{") and "[info     ] ready" in plain, plain
