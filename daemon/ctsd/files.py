@@ -8,6 +8,7 @@ the typed view of the keys the daemon reads.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -189,6 +190,7 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
     return records
 
 
+@functools.lru_cache(maxsize=65_536)  # a pure function of the string; most repeat per file
 def connection_settings_problem(text: str) -> str | None:
     try:
         value = json.loads(text)

@@ -4,6 +4,7 @@ applies it to a `Tx` and emits its sync-log events. Ops never touch disk or the 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, TestResult
 from ctsd.redact import SECRET_FIELDS, refuse_placeholders
 from ctsd.store import Op, Tx, mirror_state
+from ctsd.table import Table
 
 READ_ONLY = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
@@ -362,20 +364,34 @@ def _put_document(tx: Tx, name: str, file: str, content: dict[str, Any]) -> None
 # --- hand edits (take a file in as it is on disk) ------------------------------------------
 
 
+def _flat(table: Table[Any]) -> Mapping[str, Any]:
+    """A read-only view of `table`: the committed dict itself when no layer has changes
+    (a hand edit of 10,000 records must not walk the overlays 10,000 times)."""
+    t: Any = table
+    while isinstance(t, Table):
+        if t.over or t.order is not None:
+            return dict(table.items())
+        t = t.base
+    return t
+
+
 def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
     if file == CONNECTIONS:
         new = {c.id: c for c in records}
-        for cid, old in list(tx.connections.items()):
+        current = _flat(tx.connections)
+        for cid, old in current.items():
             if cid not in new:
                 tx.connections.delete(cid)
                 if cid in tx.state:
                     tx.state.delete(cid)
                 tx.emit("delete", cid, {"fields": [], "name": old.name, "file": file})
+        changed: list[str] = []
         for cid, conn in new.items():
-            old = tx.connections.get(cid)
-            if old is not None and msgspec.structs.asdict(old) == msgspec.structs.asdict(conn):
+            old = current.get(cid)
+            if old is not None and old == conn:  # Struct equality: field by field, in C
                 new[cid] = old  # unchanged: keep the object so its encoding is reused
                 continue
+            changed.append(cid)
             stamped = msgspec.structs.replace(
                 conn, created_at=conn.created_at or tx.now, updated_at=conn.updated_at or tx.now
             )
@@ -391,7 +407,13 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
                 cid,
                 {"fields": fields, "values": public_values(stamped, fields), "file": file},
             )
-        tx.connections.replace(new)
+        if new.keys() == current.keys() and list(new) == list(current):
+            # Same records in the same order (the usual hand edit): overlay only the changed
+            # ones, so the write re-encodes those and nothing is rebuilt.
+            for cid in changed:
+                tx.connections.put(cid, new[cid])
+        else:
+            tx.connections.replace(new)
     elif file == STATE:
         new_state: dict[str, ConnectionState] = {}
         for st in records:
@@ -399,7 +421,7 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
             if conn is None:
                 continue  # state of no connection: ignored, as at start
             old = tx.state.get(st.connection_id)
-            if old is not None and msgspec.structs.asdict(old) == msgspec.structs.asdict(st):
+            if old is not None and old == st:
                 new_state[st.connection_id] = old
                 continue
             fields = changed_fields(old, st)
