@@ -236,6 +236,14 @@ async def test_oversized_frame_refused_and_closed_1009(daemon: Daemon) -> None:
         assert code == 1009
 
 
+async def test_frame_over_hard_cap_closed_1009_unread(daemon: Daemon) -> None:
+    # Over 2 MiB websockets refuses to buffer the frame at all: close 1009, no reply.
+    async with bus(daemon) as b:
+        await b.ws.send(json.dumps({"id": 1, "type": "ping", "pad": "x" * (3 * 1024 * 1024)}))
+        code, frames = await close_code(b)
+        assert code == 1009 and frames == []
+
+
 async def test_frame_just_under_limit_is_read(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         err = await b.err("ping", pad="x" * (1024 * 1024 - 100))
@@ -722,3 +730,22 @@ async def test_canary_secret_never_leaves(daemon: Daemon) -> None:
     for log_file in (d.data_dir / "logs").glob("*"):
         assert CANARY not in log_file.read_text()
     assert CANARY not in (d.data_dir / "connection-sync-log.json").read_text()
+
+
+async def test_progress_to_idle_subscribers(data_dir: Path) -> None:
+    # The 30 s interval shortened to 1 s (CTSD_BUS_PROGRESS_S) so the test takes seconds.
+    d = Daemon(data_dir, env={"CTSD_BUS_PROGRESS_S": "1"}).start()
+    try:
+        async with bus(d) as b, bus(d) as plain:
+            await b.ok("connections.create", connection=conn_body(id="p1"))
+            await b.ok("subscribe", topics=["documents"])
+            t0 = time.monotonic()
+            msg = await b.recv(timeout=5)
+            assert msg == {"type": "progress", "revision": 1}
+            assert time.monotonic() - t0 >= 0.5
+            # a bus connection without a subscription gets none
+            with anyio.move_on_after(1.5):
+                extra = await plain.recv()
+                raise AssertionError(f"unsubscribed client got {extra}")
+    finally:
+        d.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -39,7 +40,9 @@ log = structlog.get_logger("ctsd.bus")
 MAX_QUEUE_FRAMES = 1000
 MAX_QUEUE_BYTES = 8 * 1024 * 1024
 REPLAY_CHUNK = 500  # events per replay frame (live frames are one change each)
-PROGRESS_S = 30.0
+# CONTRACT §4: idle subscribers get `progress` every 30 s. CTSD_BUS_PROGRESS_S shortens it for
+# tests (a 30 s wait per test run is not worth it); nothing else should need to change it.
+PROGRESS_S = float(os.environ.get("CTSD_BUS_PROGRESS_S") or 30.0)
 CLOSE_LAGGING = 4008
 CUT_CLOSE_TIMEOUT_S = 5.0
 

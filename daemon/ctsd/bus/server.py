@@ -33,6 +33,7 @@ HARD_MAX_FRAME_BYTES = 2 * protocol.MAX_FRAME_BYTES
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 CLOSE_TIMEOUT_S = 3.0  # shutdown must fit in the contract's 5 s
+SHUTDOWN_DRAIN_S = 1.0  # in-flight commands get this long to answer before clients are closed
 BUS_PATH = "/ws"
 
 
@@ -100,10 +101,14 @@ class Server:
         await Session(self, conn).run()
 
     async def shutdown(self) -> None:
-        """Tell subscribers, stop accepting, close every client with 1001."""
-        self.hub.notice({"type": "notice", "notice": "shutting_down"})
+        """Stop accepting, let in-flight commands answer, tell subscribers, close with 1001."""
         if self.ws is None:
             return
+        self.ws.server.close()  # no new TCP connections from here on
+        pending = [t for s in self.sessions for t in s.inflight]
+        if pending:
+            await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_S)
+        self.hub.notice({"type": "notice", "notice": "shutting_down"})
         self.ws.close(close_connections=True)  # 1001 going away
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S + 0.5):
