@@ -483,7 +483,7 @@ def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
 
 def _seed_connections(data_dir: Path, n: int) -> None:
     data_dir.mkdir(mode=0o700, exist_ok=True)
-    conns = [{"id": f"c{i}", "name": "start", "exchange": "bybit"} for i in range(n)]
+    conns = [{"id": f"c{i}", "name": "v", "exchange": "bybit"} for i in range(n)]
     (data_dir / files.CONNECTIONS).write_text(json.dumps(conns, indent=2))
 
 
@@ -534,16 +534,19 @@ PER_CLIENT = 40
 CONNS_PER_CLIENT = 5
 
 
-async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[str, int], int]:
-    """Pipelined updates from CLIENTS clients; SIGKILL once `kill_after` acks arrived.
+async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, str], int], int]:
+    """Pipelined changes from CLIENTS clients; SIGKILL once `kill_after` acks arrived.
 
-    Returns, per connection, the highest acknowledged sequence number, and how many acks.
+    Every change carries a value that grows with (round, seq): a name `v<N>` in
+    connections.json, or every fourth one a live volume factor N in connection-state.json
+    (a group then writes both files and the log). Returns the highest acknowledged value per
+    (connection, field), and how many acks arrived.
     """
     import asyncio
 
     from websockets.asyncio.client import connect
 
-    acked: dict[str, int] = {}
+    acked: dict[tuple[str, str], int] = {}
     total = 0
     killed = asyncio.Event()
 
@@ -558,20 +561,25 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[str, int], 
         async with connect(d.ws_url, additional_headers=headers, compression=None) as ws:
             hello = json.loads(await ws.recv())
             assert hello["type"] == "auth_ok", hello
-            targets: dict[int, tuple[str, int]] = {}
+            targets: dict[int, tuple[str, str, int]] = {}
             for seq in range(PER_CLIENT):
                 cid = f"c{k * CONNS_PER_CLIENT + seq % CONNS_PER_CLIENT}"
-                targets[seq + 1] = (cid, seq)
-                cmd = {"id": seq + 1, "type": "connections.update", "connection_id": cid}
-                cmd["changes"] = {"name": f"r{rnd}-{seq}"}
+                value = rnd * 1000 + seq + 1
+                cmd: dict[str, Any] = {"id": seq + 1, "connection_id": cid}
+                if seq % 4 == 3:
+                    cmd.update(type="connections.set_volume", live=float(value))
+                    targets[seq + 1] = (cid, "live", value)
+                else:
+                    cmd.update(type="connections.update", changes={"name": f"v{value}"})
+                    targets[seq + 1] = (cid, "name", value)
                 await ws.send(json.dumps(cmd))
             async for frame in ws:
                 msg = json.loads(frame)
                 if msg.get("type") != "result":
                     continue
                 assert msg["success"], msg
-                cid, seq = targets[msg["id"]]
-                acked[cid] = max(acked.get(cid, -1), seq)
+                cid, field, value = targets[msg["id"]]
+                acked[cid, field] = max(acked.get((cid, field), 0), value)
                 total += 1
                 if total >= kill_after:
                     kill()
@@ -609,10 +617,12 @@ def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
             d.close()
         # Straight after the kill: every file is valid JSON and every ack is on disk.
         all_files_valid(data_dir)
-        names = {c["id"]: c["name"] for c in json.loads((data_dir / files.CONNECTIONS).read_text())}
-        for cid, seq in acked.items():
-            r, s = names[cid][1:].split("-") if names[cid] != "start" else ("-1", "-1")
-            assert (int(r), int(s)) >= (rnd, seq), (rnd, cid, names[cid], seq)
+        conns = json.loads((data_dir / files.CONNECTIONS).read_text())
+        states = json.loads((data_dir / files.STATE).read_text())
+        on_disk = {(c["id"], "name"): int(c["name"].lstrip("v") or 0) for c in conns}
+        on_disk |= {(s["connection_id"], "live"): s["volume_factor_live"] for s in states}
+        for key, value in acked.items():
+            assert on_disk[key] >= value, (rnd, key, on_disk[key], value)
         log = msgspec.json.decode((data_dir / files.SYNC_LOG).read_bytes())
         ids = [e["id"] for e in log]
         assert ids == sorted(set(ids))
