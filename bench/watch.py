@@ -32,11 +32,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from watchfiles import watch
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.daemon import Daemon
+
+from ctsd import files
+from ctsd.models import Connection
 
 STEP_MS, DEBOUNCE_MS = 1, 10  # as in ctsd.watch
 
@@ -63,7 +67,8 @@ def seed(data_dir: Path, n: int) -> bytes:
         }
         for i in range(n)
     ]
-    body = (json.dumps(conns, indent=2) + "\n").encode()
+    # As the daemon writes it (any change rewrites it so): operators edit that file.
+    body = files.encode_table(msgspec.convert(conns, list[Connection]))
     (data_dir / "connections.json").write_bytes(body)
     settings = {
         "server": {"rate_limit": {"requests": 1_000_000, "window_s": 900}},

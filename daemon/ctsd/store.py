@@ -235,6 +235,11 @@ class Store:
             self.documents[name] = decoded
 
     def decode(self, file: str, raw: bytes) -> Any:
+        if file in self._frags:
+            known = self.connections if file == CONNECTIONS else self.state
+            records = _decode_known(file, raw, self._frags[file], known)
+            if records is not None:
+                return records
         return files.decode_file(file, raw)
 
     def _install_log(self, events: list[SyncEvent]) -> None:
@@ -660,6 +665,56 @@ class Store:
             out.append(event)
         out.reverse()
         return out
+
+
+_SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)
+
+
+def _decode_known(
+    file: str, raw: bytes, frags: dict[str, bytes], known: dict[str, Any]
+) -> list[Any] | None:
+    """A table file decoded at the cost of the records that differ from what we wrote.
+
+    A hand edit usually changes a few records of a file we wrote: records whose bytes equal
+    our encoding are reused, only the others are decoded (and validated) one by one. None
+    when the file is not laid out as we write it or anything does not decode: the full
+    decoder then runs and, for an invalid file, reports the exact position.
+    """
+    if not (raw.startswith(b"[\n  {") and raw.endswith(b"}\n]\n")) or not frags:
+        return None
+    kind = files.TABLES[file]
+    parts = raw[2:-3].split(_SPLIT)
+    last = len(parts) - 1
+    ids, ours = list(frags), list(frags.values())
+    key = "connection_id" if kind is ConnectionState else "id"
+    budget = max(16, len(parts) // 8)  # beyond this many new records one full decode is faster
+    out: list[Any] = []
+    j = 0  # our record expected next: follows single inserts and deletes, not just positions
+    for i, part in enumerate(parts):
+        chunk = (b"" if i == 0 else b"  {") + part + (b"" if i == last else b"}")
+        if j < len(ours) and ours[j] == chunk:
+            out.append(known[ids[j]])
+            j += 1
+            continue
+        if j + 1 < len(ours) and ours[j + 1] == chunk:  # ours[j] was deleted
+            out.append(known[ids[j + 1]])
+            j += 2
+            continue
+        budget -= 1
+        if budget < 0:
+            return None
+        try:
+            record = msgspec.json.decode(chunk, type=kind)
+        except msgspec.MsgspecError:
+            return None
+        if kind is Connection and files.connection_settings_problem(record.connection_settings):
+            return None
+        out.append(record)
+        if j < len(ids) and getattr(record, key) == ids[j]:
+            j += 1  # ours[j] edited; else a record inserted before it
+    if len({getattr(r, key) for r in out}) != len(out):
+        return None  # a duplicate id: the full decoder names both places
+    return out
 
 
 def mirror_state(conn: Connection, st: ConnectionState | None, now: str) -> ConnectionState:
