@@ -456,3 +456,22 @@ def test_shutil_copyfile_over(daemon10: Daemon, tmp_path: Path) -> None:
     src.write_bytes(_edit_name(path.read_bytes(), "conn_0008", "Shutil"))
     shutil.copyfile(src, path)
     assert_one_name_update(d, rev, "conn_0008", "Shutil")
+
+
+def test_settings_edited_by_hand_take_effect_live(daemon10: Daemon) -> None:
+    """A hand edit of settings.json goes the same way; the new limit applies at once."""
+    d, path = daemon10, daemon10.data_dir / CONNS
+    settings = json.loads((d.data_dir / "settings.json").read_bytes())
+    settings["sync_log_limit"] = 3
+    atomic_save(d.data_dir / "settings.json", dump(settings))
+    wait_until(
+        lambda: any(e["action"] == "document_update" for e in sync_log(d)), 5, what="taken in"
+    )
+    for i in range(5):
+        rev = revision(d)
+        atomic_save(path, _edit_name(path.read_bytes(), "conn_0000", f"Limit {i}"))
+        wait_events(d, rev, lambda evs: True, f"edit {i}")
+    log = sync_log(d)
+    assert len(log) == 3 and log[-1]["data"]["values"]["name"] == "Limit 4"
+    ids = [e["id"] for e in log]
+    assert ids == sorted(ids) and ids[-1] >= 6  # trimmed, ids never reused

@@ -14,6 +14,7 @@ files are intact.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections import deque
@@ -127,6 +128,12 @@ class Store:
         # ctime of each file when its stamp was last confirmed: every write moves it and no
         # tool can set it back (cp -p, rsync -t, touch -r restore mtime). See `unchanged`.
         self.ctimes: dict[str, int] = {}
+        # Where two writes in a row can share a timestamp (coarse clocks: older kernels, some
+        # network filesystems), equal stat results within a tick prove nothing: there the
+        # store also keeps a digest of each file and compares it while a stamp is that fresh.
+        # Probed at open; on fine-grained timestamps no hashing is done at all.
+        self.coarse_mtime = False
+        self.digests: dict[str, bytes] = {}
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -161,6 +168,7 @@ class Store:
             stale.unlink(missing_ok=True)
         for stale in (self.data_dir / files.ALGORITHMS_DIR).glob(f"{TEMP_PREFIX}*"):
             stale.unlink(missing_ok=True)
+        self.coarse_mtime = _timestamps_coarse(self.data_dir)
         defaults: list[tuple[Path, bytes]] = []
         for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
             p = self.path(file)
@@ -215,6 +223,8 @@ class Store:
             return
         self.stamps[file] = stamp
         self._note_ctime(file)
+        if self.coarse_mtime:
+            self.digests[file] = hashlib.sha1(raw).digest()
         if file == CONNECTIONS:
             self.connections = {c.id: c for c in decoded}
             self._frags[CONNECTIONS] = {c.id: files.encode_record(c) for c in decoded}
@@ -466,6 +476,9 @@ class Store:
             self.stamps[str(path.relative_to(self.data_dir))] = st
         for f in {*group.synced, *(str(p.relative_to(self.data_dir)) for p in stamps)}:
             self._note_ctime(f)
+        if self.coarse_mtime:
+            for path, body in plan:
+                self.digests[str(path.relative_to(self.data_dir))] = _digest_of(body)
         for f in list(group.synced):
             if f in self.problems:
                 problem = self.problems.pop(f)
@@ -556,6 +569,8 @@ class Store:
         if exc is not None:
             log.warning("ingest_failed", file=file, error=str(exc))
             return False
+        if self.coarse_mtime:
+            self.digests[file] = hashlib.sha1(raw).digest()
         return True
 
     def unchanged(self, file: str) -> bool:
@@ -568,7 +583,11 @@ class Store:
             st = os.stat(self.path(file))
         except FileNotFoundError:
             return self.stamps.get(file) is None
-        return Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
+        same = Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
+        if same and self.coarse_mtime and time.time_ns() - st.st_mtime_ns < RACY_NS:
+            digest = self.digests.get(file)
+            same = digest is not None and _file_digest(self.path(file)) == digest
+        return same
 
     def _note_ctime(self, file: str) -> None:
         # Called right after a stamp is recorded: the rename of our own write moved the ctime
@@ -665,6 +684,46 @@ class Store:
             out.append(event)
         out.reverse()
         return out
+
+
+RACY_NS = 50_000_000  # far above a clock tick (1-10 ms): fresher stamps need the digest too
+
+
+def _timestamps_coarse(directory: Path) -> bool:
+    """Can two writes in a row, with a stat between (as we do), share an mtime here?"""
+    probe = directory / f"{TEMP_PREFIX}probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            last = -1
+            for _ in range(20):
+                os.write(fd, b"x")
+                mtime = os.fstat(fd).st_mtime_ns
+                if mtime == last:
+                    return True
+                last = mtime
+        finally:
+            os.close(fd)
+    except OSError:
+        return True  # cannot tell: assume the worst
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _digest_of(body: Any) -> bytes:
+    h = hashlib.sha1()
+    for chunk in [body] if isinstance(body, bytes | bytearray | memoryview) else body:
+        h.update(chunk)
+    return h.digest()
+
+
+def _file_digest(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha1").digest()
+    except OSError:
+        return None
 
 
 _SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)

@@ -167,6 +167,9 @@ class Watcher:
         await _settle(path)
         await store.ingest(file)
 
+    async def _sweep_soon(self) -> None:
+        self.sweep()
+
     def sweep(self) -> None:
         """Look at every data file (start, mode switch): catches what changed unseen."""
         for file in self.store.known_files():
@@ -187,7 +190,6 @@ class Watcher:
                     polling=self.mode.polling,
                     poll_interval_ms=self.mode.poll_interval_ms if self.mode.polling else None,
                 )
-                self.sweep()
                 if self.mode.polling:
                     await self._poll(self.mode.poll_interval_ms / 1000)
                 else:
@@ -197,6 +199,10 @@ class Watcher:
         dirs = [self.data_dir, self.data_dir / files.ALGORITHMS_DIR]
         for d in dirs:
             d.mkdir(mode=0o700, exist_ok=True)
+        # Runs once awatch has set its watch up (it does so before its first wait): anything
+        # changed before that is caught by the sweep, anything after by the watch.
+        assert self._tg is not None
+        self._tg.start_soon(self._sweep_soon)
         async for changes in awatch(
             *dirs,
             watch_filter=DataFilter(self.data_dir),
@@ -214,7 +220,8 @@ class Watcher:
 
     async def _poll(self, interval: float) -> None:
         poller = Poller(self.store)
-        await anyio.to_thread.run_sync(poller.scan)  # baseline; the sweep already looked
+        await anyio.to_thread.run_sync(poller.scan)  # baseline first, then the sweep:
+        self.sweep()  # what changed before the baseline is caught by the sweep
         while not self._restart.is_set():
             with anyio.move_on_after(interval):
                 await self._restart.wait()
