@@ -475,3 +475,34 @@ def test_settings_edited_by_hand_take_effect_live(daemon10: Daemon) -> None:
     assert len(log) == 3 and log[-1]["data"]["values"]["name"] == "Limit 4"
     ids = [e["id"] for e in log]
     assert ids == sorted(ids) and ids[-1] >= 6  # trimmed, ids never reused
+
+
+@pytest.mark.anyio
+async def test_dangling_reference_then_fixed_by_adding_the_algorithm(daemon10: Daemon) -> None:
+    d = daemon10
+    inst = {
+        "instances": [{"id": "i1", "name": "One", "symbol": "BTCUSDT", "algorithmName": "Grid"}],
+        "lastSaved": None,
+    }
+    async with bus(d) as b:
+        atomic_save(d.data_dir / "instances.json", dump(inst))
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid",
+        )
+        assert notice["file"] == "instances.json"
+        assert notice["path"] == "$.instances[0].algorithmName", notice
+        other = {"instances": [], "lastSaved": "2024-01-01T00:00:00.000Z"}
+        res = await b.call("documents.set", name="instances", content=other)
+        assert not res["success"] and res["error"]["code"] == "file_invalid"
+        # Fixed without touching instances.json: the algorithm it names appears.
+        atomic_save(d.data_dir / "algorithms" / "Grid.json", dump({"name": "Grid"}))
+        restored = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_restored"), None),
+            what="file_restored",
+        )
+        assert restored["file"] == "instances.json"
+        _, health = d.http("/health")
+        assert health["status"] == "ok", health
+        got = await b.call("documents.get", name="instances")
+        assert got["result"]["instances"][0]["algorithmName"] == "Grid"

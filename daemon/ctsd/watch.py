@@ -156,6 +156,7 @@ class Watcher:
         for _ in range(LOOK_AGAIN):
             before = _stat_key(path)
             if await store.ingest(file, report=False):
+                self._recheck_dependents(file)
                 return
             if _stat_key(path) == before:
                 break
@@ -166,6 +167,13 @@ class Watcher:
         # has stayed quiet for a while.
         await _settle(path)
         await store.ingest(file)
+
+    def _recheck_dependents(self, file: str) -> None:
+        # instances.json is judged against the algorithm files: one added (or fixed) by hand
+        # may be what makes an invalid instances.json valid, without it being edited again.
+        instances = files.document_file("instances")
+        if file.startswith(f"{files.ALGORITHMS_DIR}/") and instances in self.store.problems:
+            self.notify(instances)
 
     async def _sweep_soon(self) -> None:
         self.sweep()
