@@ -506,3 +506,14 @@ async def test_dangling_reference_then_fixed_by_adding_the_algorithm(daemon10: D
         assert health["status"] == "ok", health
         got = await b.call("documents.get", name="instances")
         assert got["result"]["instances"][0]["algorithmName"] == "Grid"
+
+
+def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
+    d = daemon10
+    algo = d.data_dir / "algorithms" / "Broken.json"
+    atomic_save(algo, b'{"no_name": true}\n')
+    wait_until(lambda: d.http("/health")[1]["status"] == "degraded", 5, what="degraded")
+    assert "algorithms/Broken.json" in d.http("/health")[1]["checks"]["files"]["invalid"]
+    algo.unlink()
+    wait_until(lambda: d.http("/health")[1]["status"] == "ok", 5, what="ok again")
+    assert not algo.exists()  # nothing valid to write back

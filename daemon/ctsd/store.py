@@ -628,6 +628,12 @@ class Store:
             file.startswith(f"{files.ALGORITHMS_DIR}/")
             and files.document_name(file) not in self.documents
         ):
+            # A new algorithm file that never was valid, removed: nothing to restore, and
+            # its problem went with it.
+            self.stamps.pop(file, None)
+            if self.problems.pop(file, None) is not None:
+                log.info("file_restored", file=file, was="removed")
+                self._notice({"notice": "file_restored", "file": file, "reason": "removed"})
             return True
         self.stamps[file] = None
         self.problems.pop(file, None)
