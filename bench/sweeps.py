@@ -249,8 +249,12 @@ async def bench_tick(data_dir: Path) -> dict[str, Any]:
             store.heartbeats[cid] = iso_at(time.time())
             sw.beat(cid, sim)
         t0 = time.perf_counter()
-        out = sw.tick(sim)
+        out = sw.tick(sim, sweeps.TICK_BUDGET)
         loaded.append(time.perf_counter() - t0)
+        while sw.backlog:  # as the daemon's loop does: the rest in further slices
+            t0 = time.perf_counter()
+            out.update(sw.tick(sim, sweeps.TICK_BUDGET))
+            loaded.append(time.perf_counter() - t0)
     sw.beats_dirty.clear()
     return {"first_ms": first * 1e3, "idle": idle, "loaded": loaded, "stale_under_load": len(out)}
 
@@ -277,6 +281,11 @@ def main() -> None:
         ("idle tick p99", f"{pct(tick['idle'], 0.99) * ms:.4f} ms", "≤ 5 ms"),
         ("tick under heartbeats p50", f"{pct(tick['loaded'], 0.5) * ms:.3f} ms", "≤ 5 ms"),
         ("tick under heartbeats p99", f"{pct(tick['loaded'], 0.99) * ms:.3f} ms", "≤ 5 ms"),
+        (
+            "tick under heartbeats max",
+            f"{max(tick['loaded']) * ms:.3f} ms",
+            f"(worst of {len(tick['loaded'])} slices)",
+        ),
         (
             "writes while idle",
             f"{proc['idle_writes']} in {proc['idle_ticks']} ticks",

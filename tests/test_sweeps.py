@@ -333,3 +333,24 @@ async def test_invalid_state_file_holds_the_flush_until_fixed(running: Any):
     await wait_for(
         lambda: state_file(app).get("c1", {}).get("last_heartbeat_at") == ts, 3, "flushed"
     )
+
+
+async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
+    """All learnt at one moment (start, import) → all due at once: slices, none lost."""
+    n = 3000
+    app = await open_app(tmp_path / "d", [connection(f"c{i}", None) for i in range(n)], {})
+    try:
+        sw = sweeps.sweeper(app)
+        now = time.monotonic()
+        sw.tick(now)
+        later = now + app.store.settings.stale_after_s + 1
+        out = sw.tick(later, budget=1000)
+        assert sw.backlog and len(out) == 1000
+        slices = 1
+        while sw.backlog:
+            out.update(sw.tick(later, budget=1000))
+            slices += 1
+        assert slices == 3 and len(out) == n
+        assert sw.tick(later, budget=1000) == {} and not sw.backlog
+    finally:
+        await app.store.close()

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.sweeps")
 
 MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json applies soon
+TICK_BUDGET = 1500  # due heap entries per slice of a tick: about 2 ms of work (bench/sweeps.py)
 PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
 
 
@@ -104,6 +105,7 @@ class Sweeper:
         self.in_heap: set[str] = set()
         self.changed: set[str] = set()  # connections touched by commits since the last tick
         self.rescan = True
+        self.backlog = False  # a budgeted tick stopped with entries still due
         self.recovering: set[str] = set()
         # Coalesced flush.
         self.beats_dirty: set[str] = set()
@@ -206,9 +208,11 @@ class Sweeper:
 
     # --- the stale sweep ----------------------------------------------------------------------
 
-    def tick(self, now: float) -> dict[str, tuple[str, str | None]]:
+    def tick(self, now: float, budget: int | None = None) -> dict[str, tuple[str, str | None]]:
         """One sweep at monotonic time `now`: the transitions to `stale` that are due (the
-        caller applies them)."""
+        caller applies them). With `budget`, at most that many due heap entries are looked at;
+        `self.backlog` then says whether more are due (the caller yields to the loop and
+        calls again with the same `now`)."""
         if self.rescan:
             self.changed.clear()
             self._rescan(now)
@@ -220,7 +224,12 @@ class Sweeper:
         heap = self.heap
         state = self.store.state
         out: dict[str, tuple[str, str | None]] = {}
+        left = budget if budget is not None else -1
         while heap and heap[0][0] <= threshold:
+            if left == 0:
+                self.backlog = True
+                return out
+            left -= 1
             beat, cid = heapq.heappop(heap)
             self.in_heap.discard(cid)
             if cid not in self.live:
@@ -234,6 +243,7 @@ class Sweeper:
             if st is None or st.status != "active":
                 continue  # already stale: a heartbeat or a good test puts it back
             out[cid] = ("stale", self.store.heartbeats.get(cid) or st.last_heartbeat_at)
+        self.backlog = False
         return out
 
     async def _apply_stale(self, transitions: dict[str, tuple[str, str | None]]) -> None:
@@ -409,8 +419,16 @@ class Sweeper:
             if mono >= last_sweep + s.sweep_interval_s:
                 last_sweep = mono
                 t0 = time.perf_counter()
-                transitions = self.tick(mono)
+                transitions = self.tick(mono, TICK_BUDGET)
                 self.tick_times.append(time.perf_counter() - t0)
+                while self.backlog:
+                    # Everything came due at once (all connections learnt at the same moment,
+                    # at start or after an import): finish in slices, never blocking the loop
+                    # (heartbeats, the bus) for more than one slice.
+                    await anyio.sleep(0)
+                    t0 = time.perf_counter()
+                    transitions.update(self.tick(mono, TICK_BUDGET))
+                    self.tick_times.append(time.perf_counter() - t0)
                 if transitions:
                     self.spawn(self._apply_stale(transitions), "ctsd-stale")
             if mono >= last_flush + s.heartbeat_flush_s:
