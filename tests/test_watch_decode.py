@@ -47,6 +47,9 @@ EDITS = {
     "deleted": lambda cs: cs.pop(30),
     "reordered": lambda cs: cs.reverse(),
     "emptied": lambda cs: cs.clear(),
+    "appended": lambda cs: cs.append({**cs[0], "id": "conn_last"}),
+    "prepended": lambda cs: cs.insert(0, {**cs[0], "id": "conn_first"}),
+    "last deleted": lambda cs: cs.pop(),
     "one left": lambda cs: cs.__delitem__(slice(1, None)),
 }
 
@@ -59,7 +62,7 @@ def test_same_records_as_the_full_decoder(name: str) -> None:
     got = _decode_known(files.CONNECTIONS, edited, frags, known)
     if got is not None:  # None only means "use the full decoder"
         assert got == expected
-    if name in ("one field", "first and last", "deleted", "one left"):
+    if name in ("one field", "first and last", "deleted", "one left", "appended", "prepended"):
         assert got is not None, "the common edits must take the fast path"
         reused = sum(1 for r in got if any(r is k for k in known.values()))
         assert reused >= len(got) - 2

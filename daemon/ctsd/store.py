@@ -733,6 +733,7 @@ def _file_digest(path: Path) -> bytes | None:
 
 
 _SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)
+_NEXT = b",\n  {"
 
 
 def _decode_known(
@@ -741,42 +742,51 @@ def _decode_known(
     """A table file decoded at the cost of the records that differ from what we wrote.
 
     A hand edit usually changes a few records of a file we wrote: records whose bytes equal
-    our encoding are reused, only the others are decoded (and validated) one by one. None
-    when the file is not laid out as we write it or anything does not decode: the full
-    decoder then runs and, for an invalid file, reports the exact position.
+    our encoding are reused (compared in place, nothing copied), only the others are decoded
+    and validated one by one. None when the file is not laid out as we write it or anything
+    does not decode: the full decoder then runs and, for an invalid file, reports the exact
+    position.
     """
     if not (raw.startswith(b"[\n  {") and raw.endswith(b"}\n]\n")) or not frags:
         return None
     kind = files.TABLES[file]
-    parts = raw[2:-3].split(_SPLIT)
-    last = len(parts) - 1
-    ids, ours = list(frags), list(frags.values())
     key = "connection_id" if kind is ConnectionState else "id"
-    budget = max(16, len(parts) // 8)  # beyond this many new records one full decode is faster
+    ids, ours = list(frags), list(frags.values())
+    budget = max(16, len(ours) // 8)  # beyond this many new records one full decode is faster
+    end = len(raw) - 3  # where the closing "\n]\n" starts
+
+    def ours_at(k: int, pos: int) -> int:
+        """Where our record k ends if the file holds exactly it at `pos`, else -1."""
+        if k >= len(ours) or not raw.startswith(ours[k], pos):
+            return -1
+        stop = pos + len(ours[k])
+        return stop if stop == end or raw.startswith(_NEXT, stop) else -1
+
     out: list[Any] = []
-    j = 0  # our record expected next: follows single inserts and deletes, not just positions
-    for i, part in enumerate(parts):
-        chunk = (b"" if i == 0 else b"  {") + part + (b"" if i == last else b"}")
-        if j < len(ours) and ours[j] == chunk:
+    pos, j = 2, 0
+    while pos < end:
+        if (stop := ours_at(j, pos)) >= 0:
             out.append(known[ids[j]])
             j += 1
-            continue
-        if j + 1 < len(ours) and ours[j + 1] == chunk:  # ours[j] was deleted
+        elif (stop := ours_at(j + 1, pos)) >= 0:  # our record j was deleted
             out.append(known[ids[j + 1]])
             j += 2
-            continue
-        budget -= 1
-        if budget < 0:
-            return None
-        try:
-            record = msgspec.json.decode(chunk, type=kind)
-        except msgspec.MsgspecError:
-            return None
-        if kind is Connection and files.connection_settings_problem(record.connection_settings):
-            return None
-        out.append(record)
-        if j < len(ids) and getattr(record, key) == ids[j]:
-            j += 1  # ours[j] edited; else a record inserted before it
+        else:  # changed (or inserted): decode it alone
+            budget -= 1
+            if budget < 0:
+                return None
+            split = raw.find(_SPLIT, pos, end)
+            stop = end if split < 0 else split + 1
+            try:
+                record = msgspec.json.decode(raw[pos:stop], type=kind)
+            except msgspec.MsgspecError:
+                return None
+            if kind is Connection and files.connection_settings_problem(record.connection_settings):
+                return None
+            out.append(record)
+            if j < len(ids) and getattr(record, key) == ids[j]:
+                j += 1  # our record j, edited; else one inserted before it
+        pos = stop + 2  # past ",\n" (or past the end)
     if len({getattr(r, key) for r in out}) != len(out):
         return None  # a duplicate id: the full decoder names both places
     return out
