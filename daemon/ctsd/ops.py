@@ -388,7 +388,7 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
         changed: list[str] = []
         for cid, conn in new.items():
             old = current.get(cid)
-            if old is not None and old == conn:  # Struct equality: field by field, in C
+            if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
                 new[cid] = old  # unchanged: keep the object so its encoding is reused
                 continue
             changed.append(cid)
