@@ -224,9 +224,13 @@ async def bench_tick(data_dir: Path) -> dict[str, Any]:
     app.store, app.components = store, {}
     sw = sweeps.sweeper(app)
     now = time.monotonic()  # the sweep's clock
-    t0 = time.perf_counter()
-    sw.tick(now)
-    first = time.perf_counter() - t0
+    first: list[float] = []  # the first sweep learns every connection, in slices
+    while True:
+        t0 = time.perf_counter()
+        sw.tick(now, sweeps.TICK_BUDGET)
+        first.append(time.perf_counter() - t0)
+        if not sw.backlog:
+            break
     ids = list(store.connections)
     n = len(ids)
     idle = []
@@ -256,7 +260,7 @@ async def bench_tick(data_dir: Path) -> dict[str, Any]:
             out.update(sw.tick(sim, sweeps.TICK_BUDGET))
             loaded.append(time.perf_counter() - t0)
     sw.beats_dirty.clear()
-    return {"first_ms": first * 1e3, "idle": idle, "loaded": loaded, "stale_under_load": len(out)}
+    return {"first": first, "idle": idle, "loaded": loaded, "stale_under_load": len(out)}
 
 
 def main() -> None:
@@ -276,7 +280,12 @@ def main() -> None:
         ("cold start to READY, max", f"{max(proc['start_s']):.3f} s", "≤ 1 s"),
         ("RSS after READY", f"{proc['rss_ready_mb']:.1f} MB", "≤ 150 MB"),
         ("RSS after idle sweeps", f"{proc['rss_after_mb']:.1f} MB", "≤ 150 MB"),
-        ("first tick (learns all)", f"{tick['first_ms']:.2f} ms", "(once)"),
+        (
+            "first sweep (learns all): slice max",
+            f"{max(tick['first']) * ms:.2f} ms ({len(tick['first'])} slices, "
+            f"{sum(tick['first']) * ms:.1f} ms in all)",
+            "≤ 5 ms",
+        ),
         ("idle tick p50", f"{pct(tick['idle'], 0.5) * ms:.4f} ms", "≤ 5 ms"),
         ("idle tick p99", f"{pct(tick['idle'], 0.99) * ms:.4f} ms", "≤ 5 ms"),
         ("tick under heartbeats p50", f"{pct(tick['loaded'], 0.5) * ms:.3f} ms", "≤ 5 ms"),

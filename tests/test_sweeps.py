@@ -342,7 +342,12 @@ async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
     try:
         sw = sweeps.sweeper(app)
         now = time.monotonic()
-        sw.tick(now)
+        learn = 1
+        assert sw.tick(now, budget=1000) == {}
+        while sw.backlog:  # learning 3,000 connections: slices of RESCAN_SLICE
+            assert sw.tick(now, budget=1000) == {}
+            learn += 1
+        assert learn == -(-n // sweeps.RESCAN_SLICE) and len(sw.live) == n
         later = now + app.store.settings.stale_after_s + 1
         out = sw.tick(later, budget=1000)
         assert sw.backlog and len(out) == 1000

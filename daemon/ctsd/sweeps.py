@@ -61,6 +61,7 @@ log = structlog.get_logger("ctsd.sweeps")
 
 MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json applies soon
 TICK_BUDGET = 1500  # due heap entries per slice of a tick: about 2 ms of work (bench/sweeps.py)
+RESCAN_SLICE = 1000  # connections learnt per slice (about 3 ms)
 PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
 
 
@@ -105,6 +106,8 @@ class Sweeper:
         self.in_heap: set[str] = set()
         self.changed: set[str] = set()  # connections touched by commits since the last tick
         self.rescan = True
+        self._rescan_todo: list[str] | None = None
+        self._rescan_pos = 0
         self.backlog = False  # a budgeted tick stopped with entries still due
         self.recovering: set[str] = set()
         # Coalesced flush.
@@ -148,6 +151,7 @@ class Sweeper:
             if cid is None:
                 if e.action in ("import", "reset") or e.data.get("file") in (CONNECTIONS, STATE):
                     self.rescan = True
+                    self._rescan_todo = None  # start over: a half-done pass saw the old table
                 continue
             self.changed.add(cid)
             if cid in conns:
@@ -198,13 +202,24 @@ class Sweeper:
             self.enabled.discard(cid)
             self.test_due.pop(cid, None)
 
-    def _rescan(self, now: float) -> None:
-        conns = self.store.connections
-        for cid in [c for c in self.live | self.enabled if c not in conns]:
+    def _rescan(self, now: float, budget: int | None) -> bool:
+        """Learn every connection again (start, import, reset, whole-file edits), `budget`
+        connections per call; True once done."""
+        if self._rescan_todo is None:
+            conns = self.store.connections
+            self.changed.clear()  # everything is looked at anyway
+            gone = [c for c in self.live | self.enabled if c not in conns]
+            self._rescan_todo, self._rescan_pos = [*gone, *conns], 0
+        todo, pos = self._rescan_todo, self._rescan_pos
+        end = len(todo) if budget is None else min(len(todo), pos + budget)
+        for cid in todo[pos:end]:
             self._refresh(cid, now)
-        for cid in conns:
-            self._refresh(cid, now)
+        if end < len(todo):
+            self._rescan_pos = end
+            return False
+        self._rescan_todo = None
         self.rescan = False
+        return True
 
     # --- the stale sweep ----------------------------------------------------------------------
 
@@ -214,8 +229,10 @@ class Sweeper:
         `self.backlog` then says whether more are due (the caller yields to the loop and
         calls again with the same `now`)."""
         if self.rescan:
-            self.changed.clear()
-            self._rescan(now)
+            # Changes committed between slices land in `changed`, handled next tick.
+            if not self._rescan(now, None if budget is None else RESCAN_SLICE):
+                self.backlog = True
+                return {}
         elif self.changed:
             changed, self.changed = self.changed, set()
             for cid in changed:
