@@ -355,7 +355,12 @@ class Store:
                 # A hand edit landed that we have not taken in: take it in first, then retry
                 # the whole group on top of it (or refuse what no longer applies).
                 for f in changed:
-                    await self.ingest(f, _inline=True)
+                    taken = await self.ingest(f, _inline=True, report=False)
+                    if not taken and f not in self.problems:
+                        # Not readable as it is now: maybe an in-place save half way. Judging
+                        # it is the watcher's, once it settles; give the writer a moment and
+                        # look again (after the last attempt the group is refused: conflict).
+                        await asyncio.sleep(INLINE_RETRY_S)
                 batch = [p for p in ok if not p.future.done()]
                 continue
             try:
@@ -692,6 +697,7 @@ class Store:
         return out
 
 
+INLINE_RETRY_S = 0.005
 RACY_NS = 50_000_000  # far above a clock tick (1-10 ms): fresher stamps need the digest too
 
 
