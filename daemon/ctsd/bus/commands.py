@@ -41,8 +41,14 @@ WRITES = frozenset(
 )
 
 
+_sweeps_fns: dict[str, Any] = {}
+
+
 def _sweeps(name: str) -> Any:
     """A function of the sweeps component (heartbeats, tests), imported when first used."""
+    fn = _sweeps_fns.get(name)
+    if fn is not None:
+        return fn
     try:
         from ctsd import sweeps
     except ImportError:
@@ -50,6 +56,7 @@ def _sweeps(name: str) -> Any:
     fn = getattr(sweeps, name, None)
     if fn is None:
         raise CtsdError("internal", f"{name} is not available in this build (ctsd.sweeps)")
+    _sweeps_fns[name] = fn
     return fn
 
 
