@@ -749,3 +749,25 @@ async def test_progress_to_idle_subscribers(data_dir: Path) -> None:
                 raise AssertionError(f"unsubscribed client got {extra}")
     finally:
         d.close()
+
+
+async def test_events_before_the_reply_on_the_same_connection(fast_daemon: Daemon) -> None:
+    async with bus(fast_daemon) as b:
+        await b.ok("connections.create", connection=conn_body(id="o1"))
+        await b.ok("subscribe", since=0)  # a replay in front makes a backlog likelier
+        n = 300
+        for i in range(n):
+            await b.send("connections.update", connection_id="o1", changes={"user_id": i + 2})
+        seen: set[int] = set()
+        replies = 0
+        with anyio.fail_after(30):
+            while replies < n:
+                msg = await b.recv()
+                if msg["type"] == "events":
+                    for e in msg["events"]:
+                        if e["action"] == "update":
+                            seen.add(e["data"]["values"]["user_id"])
+                elif msg["type"] == "result":
+                    assert msg["success"] is True, msg
+                    assert msg["result"]["user_id"] in seen, "reply overtook its event"
+                    replies += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -60,6 +61,12 @@ class Session:
 
     async def send_bytes(self, data: bytes) -> None:
         conn = self.conn
+        sub = self.server.hub.by_conn.get(conn)
+        if sub is not None and not sub.held and (sub.queue or sub.replay):
+            # Behind this client's own event backlog: a reply never overtakes the events of
+            # the change it acknowledges.
+            sub.push(data, time.monotonic())
+            return
         if not conn.paused and conn.protocol.state is State.OPEN and conn.send_in_progress is None:
             # Fast path (as websockets.broadcast()): the client keeps up, write now; this skips
             # send()'s context manager, a measurable share of a heartbeat's cost.
