@@ -161,7 +161,7 @@ async def test_delete_connection_and_reset(daemon: Daemon) -> None:
 
 def test_file_invalid_is_409(daemon: Daemon) -> None:
     (daemon.data_dir / "connections.json").write_text('[{"id": "x",}]\n')
-    wait_until(lambda: daemon.http("/health", token=None)[1]["status"] == "degraded", 10)
+    wait_until(lambda: daemon.http("/health", token=None)[1]["status"] == "degraded", 10, 0.05)
     code, body = daemon.http("/api/data/reset?confirm=yes", method="DELETE")
     assert code == 409 and body["error"]["code"] == "file_invalid"
     code, text = daemon.http("/metrics")
@@ -179,3 +179,15 @@ def test_http_rate_limit_429(data_dir: Path) -> None:
         assert d.http("/health", token=None)[0] == 200  # health is never limited
     finally:
         d.close()
+
+
+def test_metrics_count_hand_edits_taken_in(daemon: Daemon) -> None:
+    (daemon.data_dir / "watchlists.json").write_text('{"lists": []}\n')
+
+    def taken() -> bool:
+        text = daemon.http("/metrics")[1]
+        return 'ctsd_hand_edits_total{result="taken_in"} 1.0' in text
+
+    wait_until(taken, 10, interval=0.05, what="the hand edit counted")
+    code, doc = daemon.http("/api/data/watchlists")
+    assert code == 200 and doc == {"lists": []}
