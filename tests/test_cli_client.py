@@ -639,3 +639,76 @@ def test_changes_are_attributed_to_the_cli(shared: Daemon) -> None:
     add(shared, "src1")
     entry = [e for e in sync_log(shared) if e["connection_id"] == "src1"][-1]
     assert entry["data"]["source"] == "cli"
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def test_rate_limited(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "settings.json").write_text(
+        '{"server": {"rate_limit": {"requests": 1, "window_s": 900}}}\n'
+    )
+    d = Daemon(data).start()
+    try:
+        # `conn list` needs two commands on its one connection: the second is refused.
+        r = cli(d, "conn", "list")
+        assert r.returncode == 7, r.stderr
+        assert r.stderr.startswith("ctsd: rate_limited: ")
+    finally:
+        d.close()
+
+
+def test_failed_auth_attempts_are_limited(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "data").start()
+    try:
+        codes = [cli(d, "status", CTSD_TOKEN=f"wrong-{i}").returncode for i in range(12)]
+        assert codes[0] == 4
+        assert codes[-1] == 7, codes
+        r = cli(d, "status", CTSD_TOKEN="wrong-again")
+        assert r.returncode == 7 and "too many failed attempts" in r.stderr
+    finally:
+        d.close()
+
+
+def test_watch_resumes_after_being_cut_off(tmp_path: Path) -> None:
+    """Closed with 4008 (fell behind), `watch` reconnects with `since` = the last event it
+    printed. A real daemon needs tens of MB through a stopped reader to get there, so a fake
+    bus plays the daemon: it cuts the first subscription off and checks the second's `since`."""
+    from websockets.sync.server import ServerConnection, serve
+
+    subscriptions: list[dict[str, Any]] = []
+
+    def ev(i: int) -> dict[str, Any]:
+        return {"id": i, "connection_id": "c", "action": "update",
+                "data": {"fields": ["name"], "source": "bus"},
+                "created_at": "2024-01-01T00:00:00.000Z"}  # fmt: skip
+
+    def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        assert ws.request.headers["Authorization"] == "Bearer tok"
+        ws.send(json.dumps({"type": "auth_ok", "version": 1, "revision": 10}))
+        cmd = json.loads(ws.recv(10))
+        assert cmd["type"] == "subscribe"
+        subscriptions.append(cmd)
+        ws.send(json.dumps({"id": cmd["id"], "type": "result", "success": True,
+                            "result": {"revision": 10}}))  # fmt: skip
+        if len(subscriptions) == 1:
+            ws.send(json.dumps({"type": "events", "events": [ev(11), ev(12)]}))
+            ws.close(4008, "fell behind")
+        else:
+            since = cmd["since"]
+            ws.send(json.dumps({"type": "events", "events": [ev(since + 1), ev(since + 2)]}))
+            ws.recv(30)  # until the client goes away
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        r = ctsd("watch", "--json", "--since", "10", "-n", "4",
+                 env=clean_env(CTSD_TOKEN="tok", CTSD_PORT=str(port)), timeout=30)  # fmt: skip
+        server.shutdown()
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == [11, 12, 13, 14]
+    assert subscriptions[0]["since"] == 10 and subscriptions[1]["since"] == 12
+    assert r.stderr == "ctsd: fell behind; resuming from the last event printed\n"

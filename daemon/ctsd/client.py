@@ -428,6 +428,12 @@ async def open_bus(target: Target) -> Any:
         )
     except InvalidStatus as e:
         status = e.response.status_code
+        if status == 429:
+            raise CliError(
+                f"rate_limited: the daemon on {target.where} refuses this address for now "
+                "(too many failed attempts); try again later",
+                EXIT_RATE_LIMITED,
+            ) from None
         if status in (401, 403):
             raise CliError(
                 f"not authorized: the daemon on {target.where} answered HTTP {status}", EXIT_AUTH
@@ -459,7 +465,7 @@ async def open_bus(target: Target) -> Any:
         bus.auth_ok = first
         yield bus
     finally:
-        with contextlib.suppress(ConnectionClosed, OSError):
+        with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
             await asyncio.wait_for(ws.close(), 2.0)
 
 
@@ -484,6 +490,12 @@ def run_main(go: Callable[[], Awaitable[T]]) -> T:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`ctsd watch --json | head -n 5`): stop quietly, as a filter
+        # does; stdout goes to /dev/null so the interpreter's final flush cannot complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_OK)
 
 
 # --- options shared by every client command ---------------------------------------------------
