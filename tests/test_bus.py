@@ -771,3 +771,35 @@ async def test_events_before_the_reply_on_the_same_connection(fast_daemon: Daemo
                     assert msg["success"] is True, msg
                     assert msg["result"]["user_id"] in seen, "reply overtook its event"
                     replies += 1
+
+
+async def test_every_server_frame_matches_the_protocol_structs(daemon: Daemon) -> None:
+    import msgspec
+
+    from ctsd.bus import protocol as p
+
+    kinds = {
+        "auth_ok": p.AuthOk,
+        "events": p.Events,
+        "progress": p.Progress,
+        "notice": p.Notice,
+    }
+    async with bus(daemon) as b:
+        await b.ok("subscribe")
+        await b.ok("connections.create", connection=conn_body(id="f1"))
+        await b.err("connections.get", connection_id="nope")
+        await b.err("nope")
+        await b.ok("connections.batch_update", updates=[{"id": "f1", "name": "q"}])
+        await b.ok("snapshot")
+        await b.events_until((await b.ok("ping"))["revision"])
+        frames = b.raw
+    assert {json.loads(f)["type"] for f in frames} == {"auth_ok", "result", "events"}
+    for raw in frames:
+        msg = json.loads(raw)
+        if msg["type"] == "result":
+            kind: Any = p.Ok if msg["success"] else p.Fail
+        else:
+            kind = kinds[msg["type"]]
+        msgspec.json.decode(raw, type=kind)  # raises on a field of the wrong shape
+        fields = {f.encode_name for f in msgspec.structs.fields(kind)}
+        assert set(msg) <= fields | {"type"}, (msg, fields)  # and nothing undeclared

@@ -217,43 +217,36 @@ def parse_args(kind: type[Args], frame: dict[str, Any]) -> Args:
         raise CtsdError("invalid", msg, path=path) from None
 
 
+def _frame_schema(args: dict[str, Any], name: str, with_id: bool) -> dict[str, Any]:
+    """A client frame: the command's argument object plus the envelope (`id`, `type`)."""
+    envelope: dict[str, Any] = {"type": {"const": name}}
+    if with_id:
+        envelope["id"] = {"type": "integer", "description": "strictly increasing per connection"}
+    out = dict(args)
+    out["title"] = name
+    out["properties"] = {**envelope, **args.get("properties", {})}
+    out["required"] = [*envelope, *args.get("required", [])]
+    return out
+
+
 def protocol_schema() -> dict[str, Any]:
-    """JSON Schema of every bus message: commands (with their arguments) and server frames."""
-    commands = {name: kind for name, kind in COMMANDS.items()}
-    kinds = [*commands.values(), Auth, *ServerMessage.__args__]  # type: ignore[attr-defined]
+    """JSON Schema of every bus message: client frames (auth and each command, with its
+    arguments) and every server frame."""
+    server_kinds = list(ServerMessage.__args__)  # type: ignore[attr-defined]
+    kinds = [*COMMANDS.values(), Auth, *server_kinds]
     schemas, components = msgspec.json.schema_components(kinds)
-    command_schemas = {}
-    for name, kind in commands.items():
-        ref = schemas[list(commands).index(name)]
-        command_schemas[name] = {
-            "allOf": [
-                {
-                    "type": "object",
-                    "properties": {"id": {"type": "integer"}, "type": {"const": name}},
-                    "required": ["id", "type"],
-                },
-                ref,
-            ],
-            "description": f"arguments: {kind.__name__}",
-        }
-    server = schemas[len(commands) + 1 :]
+    commands = {
+        name: _frame_schema(components[kind.__name__], name, True)
+        for name, kind in COMMANDS.items()
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "ctsd bus protocol",
         "version": PROTOCOL_VERSION,
         "client": {
-            "auth": {
-                "allOf": [
-                    {
-                        "type": "object",
-                        "properties": {"type": {"const": "auth"}},
-                        "required": ["type"],
-                    },
-                    schemas[len(commands)],
-                ]
-            },
-            "commands": command_schemas,
+            "auth": _frame_schema(components["Auth"], "auth", False),
+            "commands": commands,
         },
-        "server": {"anyOf": server},
+        "server": {"anyOf": schemas[len(COMMANDS) + 1 :]},
         "$defs": components,
     }
