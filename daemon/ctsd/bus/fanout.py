@@ -99,7 +99,11 @@ class Sub:
         self.hub = hub
         self.conn = conn
         self.key = key
-        self.replay = replay
+        # In chunks of REPLAY_CHUNK events, one frame each (a deque: no re-slicing of a long
+        # replay per frame).
+        self.replay: deque[list[SyncEvent]] = deque(
+            replay[i : i + REPLAY_CHUNK] for i in range(0, len(replay), REPLAY_CHUNK)
+        )
         self.held = True  # until the subscribe result is on the wire
         self.queue: deque[bytes] = deque()
         self.qbytes = 0
@@ -147,7 +151,7 @@ class Sub:
                 await self.wake.wait()
                 self.wake.clear()
                 while self.replay and not self.closed:
-                    chunk, self.replay = self.replay[:REPLAY_CHUNK], self.replay[REPLAY_CHUNK:]
+                    chunk = self.replay.popleft()
                     bits = [topics_of(e) for e in chunk]
                     sel = [
                         self.hub.event_bytes(e)
@@ -171,7 +175,7 @@ class Sub:
     def stop(self) -> None:
         self.closed = True
         self.queue.clear()
-        self.replay = []
+        self.replay.clear()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
