@@ -361,3 +361,27 @@ def test_help_documents_the_exit_codes() -> None:
         assert r.returncode == 0
         assert "Exit codes:" in r.stdout
         assert "3  no daemon answering" in r.stdout
+
+
+def test_token_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CTSD_TOKEN > $CREDENTIALS_DIRECTORY > DATA/.token > the systemd unit's token file."""
+    from ctsd.client import Target, read_token
+
+    for name in ("CTSD_TOKEN", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    system = tmp_path / "etc-token"
+    target = Target("127.0.0.1", 3587, data)
+    assert read_token(target, system) is None
+    system.write_text("from-etc\n")
+    assert read_token(target, system) == "from-etc"
+    (data / ".token").write_text("from-data\n")
+    assert read_token(target, system) == "from-data"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "ctsd-token").write_text("from-creds\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert read_token(target, system) == "from-creds"
+    monkeypatch.setenv("CTSD_TOKEN", "from-env")
+    assert read_token(target, system) == "from-env"

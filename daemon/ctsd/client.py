@@ -274,13 +274,24 @@ def resolve_target(data_dir: str | None, host: str | None, port: int | None) -> 
     return Target(chosen_host, port, directory)
 
 
-def read_token(target: Target) -> str | None:
+# Where systemd/ctsd.service loads the token from (LoadCredential=ctsd-token:/etc/ctsd/token):
+# on a server, `ctsd status` as root then works with no CTSD_TOKEN.
+SYSTEM_TOKEN = Path("/etc/ctsd/token")
+
+
+def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
+    """CTSD_TOKEN, $CREDENTIALS_DIRECTORY/ctsd-token, DATA/.token, then the unit's token."""
+    path = target.data_dir / ".token"
     try:
-        return load_token(target.data_dir, create=False)
+        token = load_token(target.data_dir, create=False)
+        if token is None and system_token.is_file():
+            path = system_token
+            token = system_token.read_text().strip() or None
+        return token
     except OSError as e:
-        # Under systemd DATA/.token belongs to the daemon's user.
+        # Under systemd the token files belong to root or the daemon's user.
         fail(
-            f"cannot read the bus token in {target.data_dir}: {e.strerror or e}; "
+            f"cannot read the bus token {path}: {e.strerror or e}; "
             "set CTSD_TOKEN or run as the daemon's user",
             EXIT_AUTH,
         )
@@ -452,7 +463,7 @@ async def open_bus(target: Target) -> Any:
             if not token:
                 fail(
                     "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the "
-                    f"daemon's data dir (looked in {target.data_dir}/.token)",
+                    f"daemon's data dir (looked in {target.data_dir}/.token and {SYSTEM_TOKEN})",
                     EXIT_AUTH,
                 )
             await ws.send(dump_json({"type": "auth", "token": token}))
@@ -911,7 +922,9 @@ def _conn_group(main: click.Group) -> None:
         ask_secrets: bool,
         **kw: Any,
     ) -> None:
-        """Change fields of a connection: `ctsd conn set ID name="Main" volume_factor=2`.
+        """Change fields of a connection (FIELD=VALUE...).
+
+        Example: ctsd conn set conn_abc123 name="Main account" volume_factor=2 is_testnet=false
 
         Values are JSON (true, 2.5, null, "text"); text fields also take plain text.
         Secrets: --api-key-env NAME, ... or --ask-secrets, never on the command line.
@@ -1139,8 +1152,16 @@ def _watch_cmd(main: click.Group) -> None:
         type=click.IntRange(0),
         help="replay every event after revision N first (resume where you stopped)",
     )
-    @click.option("--topic", "topics", type=TOPICS, multiple=True, help="repeatable; default all")
-    @click.option("--connection", "connection_ids", multiple=True, metavar="ID", help="repeatable")
+    @click.option(
+        "--topic", "topics", type=TOPICS, multiple=True, help="only this topic (repeatable)"
+    )
+    @click.option(
+        "--connection",
+        "connection_ids",
+        multiple=True,
+        metavar="ID",
+        help="only this connection's events (repeatable)",
+    )
     @click.option(
         "--json", "as_json", is_flag=True, help="one JSON object per line (events, notices)"
     )
