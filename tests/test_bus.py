@@ -299,6 +299,10 @@ async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
         }
         err = await b.err("subscribe", topics=["connections", "weather"])
         assert err["code"] == "invalid" and err["path"] == "$.topics[1]"
+        err = await b.err("subscribe", since=5)  # revision is 0: not from this daemon
+        assert err["code"] == "invalid" and err["path"] == "$.since"
+        err = await b.err("subscribe", topics=[])
+        assert err["code"] == "invalid" and err["path"] == "$.topics"
 
 
 # --- commands ----------------------------------------------------------------------------
