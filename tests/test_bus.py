@@ -808,3 +808,21 @@ async def test_every_server_frame_matches_the_protocol_structs(daemon: Daemon) -
         msgspec.json.decode(raw, type=kind)  # raises on a field of the wrong shape
         fields = {f.encode_name for f in msgspec.structs.fields(kind)}
         assert set(msg) <= fields | {"type"}, (msg, fields)  # and nothing undeclared
+
+
+async def test_hand_edit_of_state_file_is_topic_state(daemon: Daemon) -> None:
+    async with bus(daemon) as w, bus(daemon) as st, bus(daemon) as conns:
+        await w.ok("connections.create", connection=conn_body(id="e1"))
+        rev = (await st.ok("subscribe", topics=["state"]))["revision"]
+        await conns.ok("subscribe", topics=["connections"])
+        path = daemon.data_dir / "connection-state.json"
+        records = json.loads(path.read_text())
+        records[0]["volume_factor_live"] = 7.5
+        path.write_text(json.dumps(records, indent=2) + "\n")
+        got = await st.events_until(rev + 1)
+        assert got[0]["action"] == "update" and got[0]["data"]["file"] == "connection-state.json"
+        assert got[0]["data"]["source"] == "file"
+        # the connections topic did not get it: the next thing it sees is a later change
+        await w.ok("connections.update", connection_id="e1", changes={"name": "after"})
+        later = await conns.events_until(rev + 2)
+        assert [e["id"] for e in later] == [rev + 2]
