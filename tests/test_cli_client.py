@@ -203,15 +203,15 @@ def test_show_and_list(shared: Daemon) -> None:
 
 def test_hostile_names_do_not_reach_the_terminal_raw(shared: Daemon) -> None:
     evil = "\x1b[2J\x1b]0;owned\x07\u202eevil\x9b31m"
-    add(shared, "evil1")
+    add(shared, "evil1", "--disabled")
     before = revision(shared)
     ok(shared, "conn", "set", "evil1", f"name={evil}")
     for args in (
         ["conn", "list"],
         ["conn", "show", "evil1"],
-        ["watch", "--since", str(before), "-n", "1"],
+        ["watch", "--since", str(before), "-n", "1", "--connection", "evil1"],
         ["conn", "show", "evil1", "--json"],
-        ["watch", "--since", str(before), "-n", "1", "--json"],
+        ["watch", "--since", str(before), "-n", "1", "--json", "--connection", "evil1"],
     ):
         out = ok(shared, *args).stdout
         assert "evil" in out
@@ -409,9 +409,16 @@ def events(lines: list[str]) -> list[dict[str, Any]]:
 
 
 def test_watch_json_since_resumes_without_gap_or_duplicate(shared: Daemon) -> None:
-    add(shared, "w1")
+    # Disabled: no periodic connection test adds events of its own. Other tests' connections
+    # may still log events meanwhile, so the stream is filtered to this connection and
+    # compared with the sync log on disk (written before each command is answered).
+    add(shared, "w1", "--disabled")
     start = revision(shared)
-    tail = Tail(shared, "--json", "--since", str(start))
+
+    def logged(after: int) -> list[int]:
+        return [e["id"] for e in sync_log(shared) if e["connection_id"] == "w1" and e["id"] > after]
+
+    tail = Tail(shared, "--json", "--since", str(start), "--connection", "w1")
     try:
         for i in range(5):
             ok(shared, "conn", "set", "w1", f"volume_factor={i + 2}")
@@ -419,27 +426,38 @@ def test_watch_json_since_resumes_without_gap_or_duplicate(shared: Daemon) -> No
     finally:
         tail.stop()
     ids = [e["id"] for e in first]
-    assert ids == list(range(start + 1, start + 6)), ids
+    assert ids == logged(start), ids
     assert [e["data"]["values"]["volume_factor"] for e in first] == [2, 3, 4, 5, 6]
     # Changes while nobody watches, then resume from the last id seen.
     for i in range(5):
         ok(shared, "conn", "set", "w1", f"name=gap {i}")
-    now = revision(shared)
-    tail = Tail(shared, "--json", "--since", str(ids[-1]))
+    tail = Tail(shared, "--json", "--since", str(ids[-1]), "--connection", "w1")
     try:
-        replayed = events(tail.take(now - ids[-1]))
+        replayed = events(tail.take(5))
         ok(shared, "conn", "set", "w1", "name=live")
         live = events(tail.take(1))
     finally:
         tail.stop()
-    resumed = [e["id"] for e in replayed + live]
-    assert resumed == list(range(ids[-1] + 1, now + 2)), resumed
+    assert [e["data"]["values"]["name"] for e in replayed] == [f"gap {i}" for i in range(5)]
+    assert [e["id"] for e in replayed + live] == logged(ids[-1])
     assert live[0]["data"]["values"] == {"name": "live"}
+
+
+def test_watch_since_replays_everything_in_order(shared: Daemon) -> None:
+    """Unfiltered, --since replays exactly the sync log from there: no gap, no duplicate."""
+    add(shared, "w0", "--disabled")
+    start = revision(shared)
+    for i in range(4):
+        ok(shared, "conn", "set", "w0", f"volume_factor={i + 2}")
+    expected = [e["id"] for e in sync_log(shared) if e["id"] > start]
+    r = ok(shared, "watch", "--json", "--since", str(start), "-n", str(len(expected)))
+    assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == expected
+    assert expected == list(range(start + 1, start + 1 + len(expected)))
 
 
 def test_watch_replay_while_changes_stream(shared: Daemon) -> None:
     """Replay from `since` and live events meet without gap or duplicate."""
-    add(shared, "w2")
+    add(shared, "w2", "--disabled")
     start = revision(shared)
     n = 12
 
@@ -463,18 +481,19 @@ def test_watch_replay_while_changes_stream(shared: Daemon) -> None:
 
 
 def test_watch_count_and_readable_lines(shared: Daemon) -> None:
-    add(shared, "w3")
+    add(shared, "w3", "--disabled")
     start = revision(shared)
     ok(shared, "conn", "set", "w3", "name=Readable", "is_testnet=true")
-    r = ok(shared, "watch", "--since", str(start), "-n", "1")
+    r = ok(shared, "watch", "--since", str(start), "-n", "1", "--connection", "w3")
     line = r.stdout.strip()
-    assert line.startswith(f"#{start + 1} ")
+    first = next(e for e in sync_log(shared) if e["connection_id"] == "w3" and e["id"] > start)
+    assert line.startswith(f"#{first['id']} ")
     assert " update w3 (" in line and 'name="Readable"' in line and "is_testnet=true" in line
 
 
 def test_watch_live_without_since(shared: Daemon) -> None:
-    add(shared, "w4")
-    tail = Tail(shared, "--json")
+    add(shared, "w4", "--disabled")
+    tail = Tail(shared, "--json", "--connection", "w4")
     try:
         # The live tail prints nothing before the first change and says nothing when it is
         # subscribed: make changes until one arrives.
@@ -614,17 +633,32 @@ def test_reset(tmp_path: Path) -> None:
 
 
 def test_file_invalid_on_disk(tmp_path: Path) -> None:
-    """A hand-broken file: status exits 6 naming it; a change to it is refused with 6."""
+    """A hand-broken file: watch shows the notice, status exits 6 naming the file, a change
+    to it is refused with 6; fixing it clears all of that."""
     d = Daemon(tmp_path / "data").start()
+    tail = Tail(d, "--json", "--topic", "system")
+    human = Tail(d, "--topic", "system")
     try:
         add(d, "f1")
+        wait_until(lambda: jout(d, "status")["bus"]["subscribers"] >= 2, 15, interval=0.1)
+        good = (d.data_dir / "connections.json").read_text()
         (d.data_dir / "connections.json").write_text("[oops")
-        wait_until(lambda: cli(d, "status").returncode == 6, 15, interval=0.1)
+        notice = json.loads(tail.take(1)[0])
+        assert notice["type"] == "notice" and notice["notice"] == "file_invalid"
+        assert notice["file"] == "connections.json" and notice["line"] == 1
+        line = human.take(1)[0]
+        assert line.startswith("! file_invalid connections.json:1:"), line
         r = cli(d, "status")
+        assert r.returncode == 6
         assert "INVALID: connections.json" in r.stdout
         r = cli(d, "conn", "set", "f1", "name=x")
         assert r.returncode == 6 and r.stderr.startswith("ctsd: file_invalid: ")
+        (d.data_dir / "connections.json").write_text(good)
+        assert json.loads(tail.take(1)[0])["notice"] == "file_restored"
+        assert ok(d, "status")
     finally:
+        tail.stop()
+        human.stop()
         d.close()
 
 

@@ -30,7 +30,7 @@ import click
 import msgspec
 
 from ctsd import models
-from ctsd.config import resolve_data_dir
+from ctsd.config import is_loopback, resolve_data_dir
 from ctsd.redact import SECRET_FIELDS, is_placeholder
 from ctsd.tokenfile import load_token
 
@@ -426,6 +426,13 @@ async def open_bus(target: Target) -> Any:
 
     token = read_token(target)
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    if token and not is_loopback(target.host):
+        # ws:// is not encrypted: whoever sees the traffic sees the token.
+        click.echo(
+            f"ctsd: warning: the bus token goes unencrypted to {target.where}; "
+            "prefer an SSH tunnel to the daemon's loopback port",
+            err=True,
+        )
     try:
         ws = await connect(
             target.url,
