@@ -517,3 +517,38 @@ def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
     algo.unlink()
     wait_until(lambda: d.http("/health")[1]["status"] == "ok", 5, what="ok again")
     assert not algo.exists()  # nothing valid to write back
+
+
+@pytest.mark.anyio
+async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Daemon) -> None:
+    """An in-place writer opens the file, the daemon renames a change over it, then the writer
+    writes: into the old file, no longer in the directory. It is noticed and saved again."""
+    d, path = daemon10, daemon10.data_dir / CONNS
+    async with bus(d) as b:
+        body = _edit_name(path.read_bytes(), "conn_0005", "Late writer")
+        with open(path, "r+b") as fh:  # opened before the daemon's write
+            res = await b.call(
+                "connections.update", connection_id="conn_0001", changes={"name": "Bus"}
+            )
+            assert res["success"], res
+            assert os.fstat(fh.fileno()).st_ino != path.stat().st_ino  # replaced under us
+            fh.truncate(0)
+            fh.write(body)
+        await b.wait_for(
+            lambda: any(
+                e["data"]["source"] == "file"
+                and e["data"].get("values", {}).get("name") == "Late writer"
+                for e in b.events
+            ),
+            what="the late write taken in",
+        )
+        assert log_lines(d, "late_hand_write_saved_again")
+        # The late write was based on the file before the bus change: taking it in undoes
+        # that change, visibly (an event of source "file"), never silently.
+        undo = [
+            e
+            for e in b.events
+            if e["connection_id"] == "conn_0001" and e["data"]["source"] == "file"
+        ]
+        assert undo and undo[-1]["data"]["values"]["name"] == "Connection 1"
+        assert json.loads(path.read_bytes())[5]["name"] == "Late writer"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,36 @@ def _unswap(swapped: _Swapped) -> None:
                 _exchange(tmp, path)
 
 
+def _written_elsewhere(fd: int) -> bool:
+    """Does another process hold this file open for writing? (A read lease is granted only
+    when none does; Linux, local filesystems. When leases are unavailable: assume not.)"""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def _keep_if_written(
+    tmp: Path, path: Path, old: Stamp, displaced: list[tuple[Path, int, Stamp, Path]]
+) -> None:
+    """Keep the file our swap displaced (now at `tmp`) if a writer still has it open."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if _written_elsewhere(fd):
+            kept = path.with_name(f"{TEMP_PREFIX}old-{path.name}.{os.getpid()}")
+            os.replace(tmp, kept)
+            displaced.append((path, fd, old, kept))
+            return
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -136,6 +167,7 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> Non
 def write_files(
     plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
     expected: dict[Path, Stamp | None] | None = None,
+    displaced: list[tuple[Path, int, Stamp, Path]] | None = None,
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
@@ -143,6 +175,13 @@ def write_files(
     files need no join). When `expected` names a file, its current stamp is checked again just
     before the renames; if any differs, nothing is renamed and `ChangedOnDisk` is raised.
     On any error every temp file is removed and the old files are untouched.
+
+    With `displaced`, a file our swap displaced that another process still holds open for
+    writing (an in-place writer that opened it before the swap) is kept, open and under a
+    temp name: (path, fd, the stamp it had, its temp name). That writer may still write into
+    it; the caller can notice and save the late write again instead of losing it, then
+    closes and unlinks it. (Kept linked, not just open: an open unlinked file makes a
+    read-only remount fail as busy.) Files nobody holds open go as before.
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
@@ -172,6 +211,11 @@ def write_files(
             raise
         # Temps that were not renamed away now hold the displaced old files (or ours after
         # a link): removed below either way.
+        if displaced is not None and expected is not None:
+            for tmp, path, _ours in swapped:
+                old = expected.get(path)
+                if tmp is not None and old is not None:
+                    _keep_if_written(tmp, path, old, displaced)
         temps = [(tmp, path) for tmp, path in temps if os.path.lexists(tmp)]
         for directory in {path.parent for path, _ in plan}:
             _fsync_dir(directory)

@@ -14,6 +14,7 @@ files are intact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -134,6 +135,11 @@ class Store:
         # Probed at open; on fine-grained timestamps no hashing is done at all.
         self.coarse_mtime = False
         self.digests: dict[str, bytes] = {}
+        # The file each of our latest writes replaced, kept open for a while: an in-place
+        # writer that opened it before our rename writes into it afterwards, and that write
+        # must not vanish with it (see `late_writes`). file → [fd, stamp, since, seen, name]
+        self.displaced: dict[str, list[Any]] = {}
+        self._late: list[tuple[str, bytes]] = []
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -297,6 +303,9 @@ class Store:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        for file, item in list(self.displaced.items()):
+            self._late_check(file, item, final=True)
+        self.displaced.clear()
 
     async def _write_loop(self) -> None:
         while True:
@@ -445,7 +454,8 @@ class Store:
             for f in write
         }
         try:
-            stamps = await anyio.to_thread.run_sync(write_files, plan, expected)
+            kept: list[tuple[Path, int, Stamp, Path]] = []
+            stamps = await anyio.to_thread.run_sync(write_files, plan, expected, kept)
         except ChangedOnDisk:
             raise
         except OSError as e:
@@ -481,6 +491,7 @@ class Store:
             self.stamps[str(path.relative_to(self.data_dir))] = st
         for f in {*group.synced, *(str(p.relative_to(self.data_dir)) for p in stamps)}:
             self._note_ctime(f)
+        self._keep_displaced(kept)
         if self.coarse_mtime:
             for path, body in plan:
                 self.digests[str(path.relative_to(self.data_dir))] = _digest_of(body)
@@ -606,6 +617,46 @@ class Store:
             self.ctimes[file] = st.st_ctime_ns
         else:
             self.ctimes.pop(file, None)
+
+    def _keep_displaced(self, kept: list[tuple[Path, int, Stamp, Path]]) -> None:
+        for path, fd, stamp, name in kept:
+            file = str(path.relative_to(self.data_dir))
+            older = self.displaced.pop(file, None)
+            if older is not None:
+                older[4] = None  # its name now holds the newer one
+                self._late_check(file, older, final=True)
+            self.displaced[file] = [fd, stamp, time.monotonic(), stamp, name]
+
+    def late_writes(self, max_age: float) -> list[tuple[str, bytes]]:
+        """Hand writes that landed in a file after our rename had replaced it, once they have
+        stopped changing: (file, content) to be saved again, so they are taken in."""
+        now = time.monotonic()
+        for file, item in list(self.displaced.items()):
+            if self._late_check(file, item, final=now - item[2] > max_age):
+                del self.displaced[file]
+        out, self._late = self._late, []
+        return out
+
+    def _late_check(self, file: str, item: list[Any], final: bool) -> bool:
+        """Look at a displaced file; True when done with it (its fd is then closed)."""
+        fd, stamp, _since, seen, name = item
+        try:
+            st = os.fstat(fd)
+            now = Stamp.of(st)
+            if now != stamp and (now == seen or final):  # written to, and quiet since
+                content = os.pread(fd, st.st_size, 0)
+                log.warning("late_hand_write", file=file, bytes=len(content))
+                self._late.append((file, content))
+                final = True
+            item[3] = now
+        except OSError:
+            final = True
+        if final:
+            os.close(fd)
+            if name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        return final
 
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
         if stamp is not None:
