@@ -34,6 +34,7 @@ PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 CLOSE_TIMEOUT_S = 3.0  # shutdown must fit in the contract's 5 s
 SHUTDOWN_DRAIN_S = 1.0  # in-flight commands get this long to answer before clients are closed
+SHUTDOWN_CLOSE_S = 1.5  # then closing handshakes get this long; the rest are aborted
 BUS_PATH = "/ws"
 
 
@@ -111,7 +112,8 @@ class Server:
         self.hub.notice({"type": "notice", "notice": "shutting_down"})
         self.ws.close(close_connections=True)  # 1001 going away
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S + 0.5):
+            # app.py gives shutdown 4 s in all and still has to finish the store's writes.
+            async with asyncio.timeout(SHUTDOWN_CLOSE_S):
                 await self.ws.wait_closed()
         except TimeoutError:
             # A client that reads nothing cannot complete the closing handshake.
