@@ -617,6 +617,31 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         d.close()
 
 
+def test_import_refuses_masked_document_secrets(tmp_path: Path) -> None:
+    """A document merges shallowly: a masked Project X key cannot be left out safely."""
+    d = Daemon(tmp_path / "data").start()
+    try:
+        doc = json.loads((d.data_dir / "connection.json").read_text())
+        doc["projectX"]["apiKey"] = CANARY + "-px"
+        (d.data_dir / "connection.json").write_text(json.dumps(doc, indent=2) + "\n")
+        backup = tmp_path / "backup.json"
+
+        def exported() -> bool:
+            ok(d, "export", "-o", str(backup))
+            files = json.loads(backup.read_text())["files"]
+            return files["connection.json"]["projectX"]["apiKey"] is not None
+
+        wait_until(exported, 15, interval=0.1, what="the hand edit taken in")
+        assert CANARY not in backup.read_text()
+        for args in ([], ["--merge"]):
+            r = cli(d, "import", str(backup), *args)
+            assert r.returncode == 2, r.stderr
+            assert "$.files.connection.json.projectX.apiKey" in r.stderr
+        assert json.loads((d.data_dir / "connection.json").read_text()) == doc  # untouched
+    finally:
+        d.close()
+
+
 def test_reset(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "data").start()
     try:

@@ -1376,8 +1376,8 @@ def _data_cmds(main: click.Group) -> None:
             hint = "" if merge else "; --merge keeps the stored secrets of connections"
             raise click.BadParameter(
                 f"{safe(file)} holds a masked secret at {safe(masked[0])}{more}: an export "
-                "never carries secrets, and importing it would clear the stored one; put the "
-                f"real value there or remove the field{hint}",
+                "never carries secrets, and importing it as it is would lose the stored one; "
+                f"put the real value there, or leave that file out of the import{hint}",
                 param_hint="'FILE'",
             )
         if dropped:
