@@ -826,3 +826,27 @@ async def test_hand_edit_of_state_file_is_topic_state(daemon: Daemon) -> None:
         await w.ok("connections.update", connection_id="e1", changes={"name": "after"})
         later = await conns.events_until(rev + 2)
         assert [e["id"] for e in later] == [rev + 2]
+
+
+async def test_shutdown_in_time_with_a_client_that_reads_nothing(daemon: Daemon) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    async with bus(daemon, max_queue=1, sock=sock) as deaf:
+        await deaf.ok("subscribe")
+        big = {"lists": ["x" * 1000] * 200}  # ~200 KB events unread: its buffers stay full
+        async with bus(daemon) as w:
+            for i in range(10):
+                await w.ok("documents.set", name="watchlists", content={**big, "i": i})
+                await w.ok("snapshot")
+        # `deaf` has not read a single frame since; its closing handshake cannot complete
+        t0 = time.monotonic()
+        daemon.send_signal(15)
+        assert daemon.proc is not None
+        with anyio.fail_after(10):
+            while daemon.proc.poll() is None:
+                await anyio.sleep(0.05)
+        assert daemon.proc.returncode == 0
+        assert time.monotonic() - t0 < 5.0
+        deaf.ws.transport.abort()  # it would wait 10 s to notice, reading nothing
