@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,3 +213,4 @@ class Daemon:
     def close(self) -> None:
         self.kill()
         self.notify.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
