@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import Daemon, wait_until
 from tests.test_bus import CANARY, bus, conn_body, write_settings
@@ -97,6 +98,10 @@ async def test_routes_answer(daemon: Daemon) -> None:
     assert "ctsd_bus_clients 0.0" in text
     for name in ("ctsd_bus_events_sent_total", "ctsd_hand_edits_total", "ctsd_invalid_files"):
         assert name in text
+    families = {f.name for f in text_string_to_metric_families(text)}  # parses, or raises
+    assert {"ctsd_connections", "ctsd_write_seconds", "ctsd_errors", "ctsd_bus_subscribers"} <= (
+        families
+    )
 
     for body in (boot, st, conns, one, active, state, log, doc, exp, text):
         assert CANARY not in json.dumps(body)
