@@ -850,3 +850,24 @@ async def test_shutdown_in_time_with_a_client_that_reads_nothing(daemon: Daemon)
         assert daemon.proc.returncode == 0
         assert time.monotonic() - t0 < 5.0
         deaf.ws.transport.abort()  # it would wait 10 s to notice, reading nothing
+
+
+async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Daemon) -> None:
+    import ctsd.sweeps as sweeps
+
+    if not hasattr(sweeps, "test_connection"):
+        pytest.skip("ctsd.sweeps.test_connection is not there yet")
+    silent = socket.socket()  # accepts (kernel backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        async with bus(daemon) as b:
+            cs = json.dumps({"base_url": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+            await b.ok("connections.create", connection=conn_body(id="t1", connection_settings=cs))
+            test_id = await b.send("connections.test", connection_id="t1")
+            t0 = time.monotonic()
+            assert (await b.ok("ping"))["pong"] is True
+            assert time.monotonic() - t0 < 1.0
+            assert test_id not in b.results  # the test is still running
+    finally:
+        silent.close()

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ctsd.bus import protocol as p
-from ctsd.bus.commands import HANDLERS, WRITES
+from ctsd.bus.commands import HANDLERS, PROBES, WRITES
 from ctsd.bus.fanout import Sub
 from ctsd.errors import CtsdError
 
@@ -53,7 +53,8 @@ class Session:
         self.conn = conn
         self.addr = str(conn.remote_address[0]) if conn.remote_address else "?"
         self.last_id: int | None = None
-        self.inflight: set[asyncio.Task[None]] = set()
+        self.inflight: set[asyncio.Task[None]] = set()  # changes in flight
+        self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
         self.pending_sub: Sub | None = None
 
     async def send(self, msg: Any) -> None:
@@ -187,12 +188,13 @@ class Session:
         except CtsdError as e:
             await self.fail(msg_id, e)
             return
-        if name in WRITES:
-            if len(self.inflight) >= MAX_INFLIGHT:
-                await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
+        if name in WRITES or name in PROBES:
+            if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
+                await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            tasks = self.inflight if name in WRITES else self.probes
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             return
         if self.inflight:  # read-your-writes: this client's earlier changes answer first
             await asyncio.wait(self.inflight)
