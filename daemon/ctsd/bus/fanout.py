@@ -185,7 +185,9 @@ class Sub:
         self.stop()
         self.hub.lagging_closed += 1
         log.warning("subscriber_lagging", remote=str(self.conn.remote_address), code=4008)
-        asyncio.get_running_loop().create_task(self._close_lagging())
+        task = asyncio.get_running_loop().create_task(self._close_lagging())
+        self.hub.closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.hub.closing.discard)
 
     async def _close_lagging(self) -> None:
         try:
@@ -204,6 +206,7 @@ class Hub:
         self.events_sent = 0
         self.lagging_closed = 0
         self._event_cache: dict[int, bytes] = {}
+        self.closing: set[asyncio.Task[None]] = set()
         self._progress_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
