@@ -194,7 +194,9 @@ class Routes:
             return error_response(e.status, e.code, e.message, headers)
         except CtsdError as e:
             self.server.count_error(e.code)
-            return json_response(STATUS_OF.get(e.code, 500), {"error": e.to_dict()}, extra)
+            body = {"code": e.code, "message": e.message}  # no JSON path: there is no body
+            body.update({k: v for k, v in e.extra.items() if isinstance(v, str | int)})
+            return json_response(STATUS_OF.get(e.code, 500), {"error": body}, extra)
 
     def _route(self, method: str, path: str) -> tuple[Any, Any]:
         if path == "/metrics":
