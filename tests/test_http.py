@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,29 @@ def test_metrics_count_hand_edits_taken_in(daemon: Daemon) -> None:
     wait_until(taken, 10, interval=0.05, what="the hand edit counted")
     code, doc = daemon.http("/api/data/watchlists")
     assert code == 200 and doc == {"lists": []}
+
+
+def test_cors_for_listed_origins(daemon: Daemon) -> None:
+    origin = {"Origin": "http://localhost:5174"}
+    req = urllib.request.Request(
+        daemon.url + "/api/settings/connections", method="OPTIONS", headers=origin
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:  # a preflight carries no token
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5174"
+        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+    req = urllib.request.Request(
+        daemon.url + "/api/connections/state",
+        headers={**origin, "Authorization": f"Bearer {daemon.token}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5174"
+    # no Origin (a script): no CORS headers, still served
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            daemon.url + "/api/connections/state",
+            headers={"Authorization": f"Bearer {daemon.token}"},
+        ),
+        timeout=10,
+    ) as resp:
+        assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
