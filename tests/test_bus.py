@@ -449,6 +449,8 @@ async def test_import_and_reset(daemon: Daemon) -> None:
         assert ids == ["keep", "new"]
         err = await b.err("data.import", data={}, mode="sideways")
         assert err["code"] == "invalid" and err["path"] == "$.mode"
+        err = await b.err("data.import", data={"files": {}})
+        assert err["code"] == "invalid" and "mode" in err["message"]
         err = await b.err("data.reset")
         assert err["code"] == "invalid" and err["path"] == "$.confirm"
         await b.ok("data.reset", confirm=True)

@@ -94,7 +94,7 @@ class DocumentsSet(Args, kw_only=True):
 
 class DataImport(Args, kw_only=True):
     data: dict[str, Any]
-    mode: Literal["replace", "merge"] = "replace"
+    mode: Literal["replace", "merge"]  # required: a default would make replacing too easy
 
 
 class DataReset(Args, kw_only=True):
