@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,9 @@ def _unswap(swapped: _Swapped) -> None:
                 _exchange(tmp, path)
 
 
+_kept_ids = itertools.count()
+
+
 def _written_elsewhere(fd: int) -> bool:
     """Does another process hold this file open for writing? (A read lease is granted only
     when none does; Linux, local filesystems. When leases are unavailable: assume not.)"""
@@ -127,7 +131,7 @@ def _keep_if_written(
         return
     try:
         if _written_elsewhere(fd):
-            kept = path.with_name(f"{TEMP_PREFIX}old-{path.name}.{os.getpid()}")
+            kept = path.with_name(f"{TEMP_PREFIX}old-{path.name}.{os.getpid()}.{next(_kept_ids)}")
             os.replace(tmp, kept)
             displaced.append((path, fd, old, kept))
             return

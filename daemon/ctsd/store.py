@@ -459,6 +459,10 @@ class Store:
         except ChangedOnDisk:
             raise
         except OSError as e:
+            for _path, fd, _stamp, name in kept:  # kept only once renamed: a late failure
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
             err = CtsdError(
                 "io_error",
                 f"write failed: {e.strerror or e} ({e.filename or ''}); nothing was changed",
@@ -623,7 +627,6 @@ class Store:
             file = str(path.relative_to(self.data_dir))
             older = self.displaced.pop(file, None)
             if older is not None:
-                older[4] = None  # its name now holds the newer one
                 self._late_check(file, older, final=True)
             self.displaced[file] = [fd, stamp, time.monotonic(), stamp, name]
 
