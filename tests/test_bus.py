@@ -303,6 +303,17 @@ async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
         assert err["code"] == "invalid" and err["path"] == "$.since"
         err = await b.err("subscribe", topics=[])
         assert err["code"] == "invalid" and err["path"] == "$.topics"
+        # `source` is "bus" or "cli": a client cannot pass its change off as a hand edit.
+        err = await b.err("connections.create", connection=conn_body(), source="file")
+        assert err["code"] == "invalid" and err["path"] == "$.source"
+
+
+async def test_source_attribution(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ok("connections.create", connection=conn_body(id="s1"))
+        await b.ok("connections.update", connection_id="s1", changes={"name": "x"}, source="cli")
+        log = await b.ok("sync_log.get")
+        assert [e["data"]["source"] for e in log if e["connection_id"] == "s1"] == ["bus", "cli"]
 
 
 # --- commands ----------------------------------------------------------------------------

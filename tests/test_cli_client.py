@@ -690,10 +690,6 @@ def test_file_invalid_on_disk(tmp_path: Path) -> None:
 # --- attribution ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bus does not honour the `source` field yet; the CLI sends it and falls back",
-)
 def test_changes_are_attributed_to_the_cli(shared: Daemon) -> None:
     add(shared, "src1")
     entry = [e for e in sync_log(shared) if e["connection_id"] == "src1"][-1]

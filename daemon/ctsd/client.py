@@ -317,7 +317,6 @@ class Bus:
         self.target = target
         self.auth_ok = auth_ok
         self.next_id = 1
-        self.send_source = True
         # Frames that arrived while waiting for a reply (events after subscribe, notices).
         self.pushed: list[dict[str, Any]] = []
 
@@ -347,25 +346,12 @@ class Bus:
         return frame
 
     async def call(self, command: str, timeout: float = COMMAND_TIMEOUT_S, **args: Any) -> Any:
-        try:
-            return await self._call(command, timeout, args)
-        except BusError as e:
-            # A daemon that does not know the optional `source` field refuses it as an unknown
-            # argument, before doing anything: send the command again without it.
-            if not (self.send_source and _refuses_source(e)):
-                raise
-            self.send_source = False
-            return await self._call(command, timeout, args)
-
-    async def _call(self, command: str, timeout: float, args: dict[str, Any]) -> Any:
         from websockets.exceptions import ConnectionClosed
 
         cid = self.next_id
         self.next_id += 1
-        frame: dict[str, Any] = {"id": cid, "type": command, **args}
-        if self.send_source:
-            # The sync log attributes the change to the CLI (CONTRACT §2 sources).
-            frame["source"] = "cli"
+        # `source` attributes the change to the CLI in the sync log (CONTRACT §2 sources).
+        frame: dict[str, Any] = {"id": cid, "type": command, "source": "cli", **args}
         payload = dump_json(frame)
         size = len(payload.encode())
         if size > MAX_FRAME:
@@ -392,13 +378,6 @@ class Bus:
                 error = frame.get("error")
                 raise BusError(error if isinstance(error, dict) else {"code": "internal"})
             self.pushed.append(frame)
-
-
-def _refuses_source(e: BusError) -> bool:
-    message = str(e.error.get("message", ""))
-    return e.code in ("invalid", "invalid_format") and (
-        e.error.get("path") == "$.source" or "unknown field `source`" in message
-    )
 
 
 def closed_error(target: Target, e: Exception) -> CliError:

@@ -1,4 +1,5 @@
-"""What each bus command does. Changes go through the store's one door (`source="bus"`);
+"""What each bus command does. Changes go through the store's one door (source "bus", or
+"cli" when the CLI says so);
 reads come from committed memory through `views` (masked)."""
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from ctsd.bus.session import Session
 
 Handler = Callable[["Session", Any], Awaitable[Any]]
-SOURCE = "bus"
 
 # Commands that change something: they run as their own task so a client can pipeline them
 # (they group-commit); a read waits for the same client's earlier changes (read-your-writes).
@@ -60,8 +60,8 @@ def _sweeps(name: str) -> Any:
     return fn
 
 
-async def _submit(s: Session, op: ops.Op) -> Any:
-    return await s.app.store.submit(op, source=SOURCE)
+async def _submit(s: Session, op: ops.Op, a: p.Args) -> Any:
+    return await s.app.store.submit(op, source=a.source)
 
 
 def _conn_out(result: Any) -> Any:
@@ -127,27 +127,27 @@ async def connections_get(s: Session, a: p.ConnectionRef) -> Any:
 
 
 async def connections_create(s: Session, a: p.ConnectionsCreate) -> Any:
-    return _conn_out(await _submit(s, ops.create(a.connection)))
+    return _conn_out(await _submit(s, ops.create(a.connection), a))
 
 
 async def connections_update(s: Session, a: p.ConnectionsUpdate) -> Any:
-    return _conn_out(await _submit(s, ops.update(a.connection_id, a.changes)))
+    return _conn_out(await _submit(s, ops.update(a.connection_id, a.changes), a))
 
 
 async def connections_delete(s: Session, a: p.ConnectionRef) -> Any:
-    return await _submit(s, ops.delete(a.connection_id))
+    return await _submit(s, ops.delete(a.connection_id), a)
 
 
 async def connections_batch_update(s: Session, a: p.ConnectionsBatchUpdate) -> Any:
-    return [_conn_out(c) for c in await _submit(s, ops.batch_update(a.updates))]
+    return [_conn_out(c) for c in await _submit(s, ops.batch_update(a.updates), a)]
 
 
 async def connections_set_active(s: Session, a: p.ConnectionsSetActive) -> Any:
-    return _conn_out(await _submit(s, ops.set_active(a.connection_id, a.active)))
+    return _conn_out(await _submit(s, ops.set_active(a.connection_id, a.active), a))
 
 
 async def connections_set_volume(s: Session, a: p.ConnectionsSetVolume) -> Any:
-    return _conn_out(await _submit(s, ops.set_volume(a.connection_id, a.live, a.preset)))
+    return _conn_out(await _submit(s, ops.set_volume(a.connection_id, a.live, a.preset), a))
 
 
 async def connections_heartbeat(s: Session, a: p.ConnectionRef) -> Any:
@@ -169,7 +169,7 @@ async def documents_get(s: Session, a: p.DocumentsGet) -> Any:
 
 
 async def documents_set(s: Session, a: p.DocumentsSet) -> Any:
-    return mask(await _submit(s, ops.set_document(a.name, a.content)))
+    return mask(await _submit(s, ops.set_document(a.name, a.content), a))
 
 
 async def data_export(s: Session, a: p.NoArgs) -> Any:
@@ -177,13 +177,13 @@ async def data_export(s: Session, a: p.NoArgs) -> Any:
 
 
 async def data_import(s: Session, a: p.DataImport) -> Any:
-    return await _submit(s, ops.import_data(a.data, a.mode))
+    return await _submit(s, ops.import_data(a.data, a.mode), a)
 
 
 async def data_reset(s: Session, a: p.DataReset) -> Any:
     if a.confirm is not True:
         raise CtsdError("invalid", "data.reset needs confirm: true", path="$.confirm")
-    return await _submit(s, ops.reset())
+    return await _submit(s, ops.reset(), a)
 
 
 async def trading_test_connection(s: Session, a: p.NoArgs) -> Any:

@@ -24,7 +24,12 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Args(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of a command's arguments (everything in the frame but `id` and `type`)."""
+    """Base of a command's arguments (everything in the frame but `id` and `type`).
+
+    `source` says who asks, for the sync log: the CLI sends "cli"; everything else is "bus".
+    """
+
+    source: Literal["bus", "cli"] = "bus"
 
 
 # --- client → server ------------------------------------------------------------------------
