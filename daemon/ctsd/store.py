@@ -318,8 +318,7 @@ class Store:
                 except Exception as e:  # never let the writer die: fail the group, go on
                     log.exception("commit_failed")
                     for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(CtsdError("internal", f"commit failed: {e}"))
+                        _fail(p, CtsdError("internal", f"commit failed: {e}"))
             if self._closing and not self._pending:
                 return
 
@@ -327,6 +326,8 @@ class Store:
         group = Tx(self, "group")
         ok: list[_Pending] = []
         for p in batch:
+            if p.future.done():  # the caller went away before we got to it: skip the change
+                continue
             tx = Tx(self, p.source, group)
             try:
                 p.result = p.op(tx)
@@ -340,11 +341,11 @@ class Store:
                         extra={"file": blocked[0]},
                     )
             except CtsdError as e:
-                p.future.set_exception(e)
+                _fail(p, e)
                 continue
             except Exception as e:
                 log.exception("op_failed", source=p.source)
-                p.future.set_exception(CtsdError("internal", f"{type(e).__name__}: {e}"))
+                _fail(p, CtsdError("internal", f"{type(e).__name__}: {e}"))
                 continue
             p.files = touched
             p.first_event = len(group.events)
@@ -379,10 +380,7 @@ class Store:
                 continue
             return
         for p in batch:
-            if not p.future.done():
-                p.future.set_exception(
-                    CtsdError("conflict", "the file keeps changing on disk; try again")
-                )
+            _fail(p, CtsdError("conflict", "the file keeps changing on disk; try again"))
 
     async def _write_group(self, group: Tx, ok: list[_Pending], dirty: set[str]) -> None:
         t0 = time.perf_counter()
@@ -469,7 +467,7 @@ class Store:
             )
             log.error("write_failed", error=str(e), files=sorted(dirty))
             for p in ok:
-                p.future.set_exception(err)
+                _fail(p, err)
             return
 
         # Durable: install the new state, then publish, then answer.
@@ -531,7 +529,9 @@ class Store:
 
     # --- hand edits and reload -------------------------------------------------------------
 
-    async def ingest(self, file: str, *, _inline: bool = False, report: bool = True) -> bool:
+    async def ingest(
+        self, file: str, *, force: bool = False, _inline: bool = False, report: bool = True
+    ) -> bool:
         """Take a file as it now is on disk in through the one door (`source: "file"`).
 
         Returns True when the content was taken in (or already matched), False when the file
@@ -543,7 +543,7 @@ class Store:
 
         path = self.path(file)
         before = stamp_of(path)
-        if before is not None and self.unchanged(file) and file not in self.problems:
+        if not force and before is not None and self.unchanged(file) and file not in self.problems:
             return True  # our own write, or nothing new
         if before is None:
             return await self._restore_deleted(file, _inline=_inline)
@@ -551,7 +551,7 @@ class Store:
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
             decoded = self.decode(file, raw)
-            op = ops.take_in(file, decoded, raw, stamp)
+            op = ops.take_in(file, decoded, raw, stamp, force=force)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
             # version must not pass as already judged).
@@ -711,7 +711,7 @@ class Store:
     async def reload_all(self) -> None:
         """SIGHUP: every data file taken in the same way a hand edit is."""
         for file in self.known_files():
-            await self.ingest(file)
+            await self.ingest(file, force=True)
 
     # --- read views (for the bus, HTTP, sweeps) ------------------------------------------
 
@@ -749,6 +749,11 @@ class Store:
             out.append(event)
         out.reverse()
         return out
+
+
+def _fail(p: _Pending, err: CtsdError) -> None:
+    if not p.future.done():  # a cancelled caller must not break the group
+        p.future.set_exception(err)
 
 
 INLINE_RETRY_S = 0.005
