@@ -92,6 +92,7 @@ async def _watchdog(app: App, interval: float) -> None:
 
 
 async def _serve(app: App) -> None:
+    from ctsd import sweeps
     from ctsd.bus import server as bus_server
 
     store = app.store
@@ -136,7 +137,11 @@ async def _serve(app: App) -> None:
         app.notifier.send("STOPPING=1", "STATUS=stopping")
         with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
             await bus.shutdown()  # stop accepting; close clients with 1001
+            await sweeps.sweeper(app).flush()  # heartbeats not yet on disk
             await store.close()  # finish in-flight writes
+        watcher = app.components.get("watch")
+        if watcher is not None:
+            watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s
         tg.cancel_scope.cancel()
     log.info("stopped", revision=store.revision)
 
@@ -153,20 +158,9 @@ async def _reload(app: App) -> None:
 
 def _components() -> list[tuple[str, Any]]:
     """Long-running parts attached to the store: (name, async runner(app))."""
-    out: list[tuple[str, Any]] = []
-    try:
-        from ctsd import watch
+    from ctsd import sweeps, watch
 
-        out.append(("watch", watch.run))
-    except ImportError:
-        pass
-    try:
-        from ctsd import sweeps
-
-        out.append(("sweeps", sweeps.run))
-    except ImportError:
-        pass
-    return out
+    return [("watch", watch.run), ("sweeps", sweeps.run)]
 
 
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
