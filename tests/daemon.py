@@ -104,6 +104,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_path = self.workdir / "stdout.log"
         self.stderr_path = self.workdir / "stderr.log"
+        self._closed_output: dict[Path, str] = {}  # what the daemon printed, kept after close()
 
     @property
     def url(self) -> str:
@@ -174,10 +175,15 @@ class Daemon:
             self.proc.wait()
 
     def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+        return self._read(self.stdout_path)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return self._read(self.stderr_path)
+
+    def _read(self, path: Path) -> str:
+        if path in self._closed_output:
+            return self._closed_output[path]
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def log_events(self) -> list[dict[str, Any]]:
         out = []
@@ -213,4 +219,6 @@ class Daemon:
     def close(self) -> None:
         self.kill()
         self.notify.close()
+        for path in (self.stdout_path, self.stderr_path):
+            self._closed_output[path] = self._read(path)
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -266,3 +266,13 @@ async def test_projectx_in_server_status(data_dir: Path, start: Any, fake: FakeE
     assert status["projectx"]["state"] == "connected"
     assert status["projectx"]["credentials_set"] is True
     assert status["projectx"]["last_test"]["success"] is True
+
+
+async def test_sigterm_flushes_heartbeats_not_yet_on_disk(start: Any):
+    # A long flush interval: without the flush at shutdown the heartbeat would be lost.
+    d = start([connection("c0", None)], {**FAST, "heartbeat_flush_s": 3600})
+    async with bus(d) as b:
+        beat = await b.ok("connections.heartbeat", connection_id="c0")
+    assert state(d).get("c0", {}).get("last_heartbeat_at") != beat["timestamp"]
+    assert d.stop() == 0
+    assert state(d)["c0"]["last_heartbeat_at"] == beat["timestamp"]
