@@ -500,3 +500,35 @@ async def test_missing_dir_and_files_are_created(tmp_path: Path) -> None:
         "lastSaved": None,
     }
     assert os.path.isdir(data_dir / "algorithms")
+
+
+async def test_state_survives_connections_invalid_at_start(data_dir: Path) -> None:
+    # State (volume factors, test results) must not be "mirrored away" while connections.json
+    # cannot be read; fixing the file brings the connections back with their state intact.
+    data_dir.mkdir(mode=0o700)
+    good = msgspec.json.format(msgspec.json.encode([conn(1, is_active=True)]), indent=2) + b"\n"
+    (data_dir / CONNECTIONS).write_bytes(good.replace(b'"c1"', b'"c1",,'))
+    state = [{"connection_id": "c1", "is_active": True, "volume_factor_live": 2.5,
+              "volume_factor_preset": 3.5}]  # fmt: skip
+    (data_dir / STATE).write_bytes(msgspec.json.format(msgspec.json.encode(state), indent=2))
+    async with opened(data_dir) as store:
+        assert CONNECTIONS in store.problems
+        assert store.state["c1"].volume_factor_live == 2.5
+        (data_dir / CONNECTIONS).write_bytes(good)
+        assert await store.ingest(CONNECTIONS)
+        st = store.state_view("c1")
+        assert st is not None and (st.volume_factor_live, st.volume_factor_preset) == (2.5, 3.5)
+        await store.submit(ops.set_active("c1", False), "bus")
+    assert by_id(data_dir, STATE)["c1"]["volume_factor_preset"] == 3.5
+
+
+async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")  # not active
+        await store.submit(ops.set_volume("c1", 2.0), "bus")
+        rows = disk(data_dir, STATE)
+        rows[0].update(is_active=True, status="active", volume_factor_preset=4.0)
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        assert await store.ingest(STATE)
+        st = store.state["c1"]
+        assert (st.is_active, st.status, st.volume_factor_preset) == (False, "inactive", 4.0)

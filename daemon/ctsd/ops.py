@@ -407,6 +407,11 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
                 cid,
                 {"fields": fields, "values": public_values(stamped, fields), "file": file},
             )
+        # State kept while connections.json was invalid at start, of no connection now
+        # (checked on the committed sizes first: a full scan per hand edit costs ms at 10k).
+        if len(tx.store.state) > len(tx.store.connections):
+            for cid in [c for c in tx.state if c not in new]:
+                tx.state.delete(cid)
         if new.keys() == current.keys() and list(new) == list(current):
             # Same records in the same order (the usual hand edit): overlay only the changed
             # ones, so the write re-encodes those and nothing is rebuilt.
@@ -416,10 +421,14 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
             tx.connections.replace(new)
     elif file == STATE:
         new_state: dict[str, ConnectionState] = {}
+        # While connections.json is invalid there is nothing to mirror: keep what the file says.
+        mirror = CONNECTIONS not in tx.store.problems
         for st in records:
             conn = tx.connections.get(st.connection_id)
-            if conn is None:
+            if conn is None and mirror:
                 continue  # state of no connection: ignored, as at start
+            if conn is not None:
+                st = mirror_state(conn, st, tx.now)  # is_active and status follow connections
             old = tx.state.get(st.connection_id)
             if old is not None and old == st:
                 new_state[st.connection_id] = old

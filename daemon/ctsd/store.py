@@ -265,7 +265,12 @@ class Store:
             self.revision = max(self.revision, events[-1].id)
 
     def _reconcile(self) -> None:
-        """Cross-file rules on load: state mirrors connections; instances name algorithms."""
+        """Cross-file rules on load: state mirrors connections.
+
+        Only when both files loaded: with connections.json invalid, memory has no connections,
+        and "mirroring" would throw away every state record (volume factors, test results)."""
+        if CONNECTIONS in self.problems or STATE in self.problems:
+            return
         for cid in [c for c in self.state if c not in self.connections]:
             log.warning("state_orphan_dropped", connection_id=cid)
             del self.state[cid]
