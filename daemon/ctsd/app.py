@@ -151,7 +151,10 @@ async def _reload(app: App) -> None:
         "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
     )
     log.info("reloading")
-    await app.store.reload_all()
+    try:
+        await app.store.reload_all()
+    except Exception:  # a failed reload must not take the daemon (and the bus) down
+        log.exception("reload_failed")
     app.notifier.send("READY=1", f"STATUS={app.status_line()}")
     log.info("reloaded", revision=app.store.revision, invalid_files=sorted(app.store.problems))
 

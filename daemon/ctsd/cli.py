@@ -8,6 +8,7 @@ import click
 import msgspec
 
 from ctsd import __version__
+from ctsd.client import register as register_client
 from ctsd.config import resolve_data_dir
 
 LOG_FORMATS = click.Choice(["json", "console"])
@@ -80,9 +81,4 @@ def schema(name: str | None) -> None:
 
 
 # Client commands (status, conn, watch, export, import, reset) live in ctsd.client.
-try:
-    from ctsd.client import register as _register_client
-
-    _register_client(main)
-except ImportError:  # pragma: no cover - until the client module exists
-    pass
+register_client(main)

@@ -136,10 +136,10 @@ class Invalid(Exception):
     problem: FileProblem
 
 
-def _too_large(file: str, raw: bytes) -> None:
-    if len(raw) > MAX_FILE_BYTES:
+def check_size(file: str, size: int) -> None:
+    if size > MAX_FILE_BYTES:
         raise Invalid(
-            FileProblem(file, 1, 1, "$", f"file is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}")
+            FileProblem(file, 1, 1, "$", f"file is {size} bytes; the limit is {MAX_FILE_BYTES}")
         )
 
 
@@ -156,7 +156,7 @@ def _unreadable(file: str, raw: bytes, error: Exception) -> FileProblem:
 
 def decode_table(file: str, raw: bytes) -> list[Any]:
     """Typed records of a table file; raises Invalid with a precise problem."""
-    _too_large(file, raw)
+    check_size(file, len(raw))
     kind = TABLES[file]
     try:
         records = msgspec.json.decode(raw, type=list[kind])
@@ -222,7 +222,7 @@ def validate_document(
 
 def decode_document(name: str, raw: bytes) -> dict[str, Any]:
     file = document_file(name)
-    _too_large(file, raw)
+    check_size(file, len(raw))
     try:
         content = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import msgspec
@@ -17,6 +16,12 @@ SCHEMAS: dict[str, Any] = {
     "connection": models.ConnectionDoc,
     "instances": models.InstancesDoc,
     "algorithm": models.Algorithm,
+    # Free-form documents: any JSON object (the trading app owns their keys).
+    "main-indications": dict[str, Any],
+    "common-indications": dict[str, Any],
+    "ui-config": dict[str, Any],
+    "user-settings": dict[str, Any],
+    "watchlists": dict[str, Any],
 }
 
 
@@ -25,16 +30,12 @@ SCHEMAS: dict[str, Any] = {
 PROTOCOL = "protocol"
 
 
-def _has_protocol() -> bool:
-    return importlib.util.find_spec("ctsd.bus.protocol") is not None
-
-
 def schema_names() -> list[str]:
-    return sorted([*SCHEMAS, PROTOCOL] if _has_protocol() else SCHEMAS)
+    return sorted([*SCHEMAS, PROTOCOL])
 
 
 def schema(name: str) -> dict[str, Any]:
-    if name == PROTOCOL and _has_protocol():
+    if name == PROTOCOL:
         from ctsd.bus.protocol import protocol_schema
 
         return protocol_schema()

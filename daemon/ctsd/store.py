@@ -64,9 +64,6 @@ class Tx:
     def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
         self.events.append((connection_id, action, {**data, "source": self.source}))
 
-    def child(self) -> Tx:
-        return Tx(self.store, self.source, self)
-
     def files(self) -> set[str]:
         out = set(self.touched)
         if self.connections.dirty:
@@ -202,16 +199,7 @@ class Store:
             raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
         with open(p, "rb") as fh:
             st = os.fstat(fh.fileno())
-            if st.st_size > files.MAX_FILE_BYTES:
-                raise Invalid(
-                    FileProblem(
-                        file,
-                        1,
-                        1,
-                        "$",
-                        f"file is {st.st_size} bytes; the limit is {files.MAX_FILE_BYTES}",
-                    )
-                )
+            files.check_size(file, st.st_size)  # before reading: never load a huge file
             return fh.read(), Stamp.of(st)
 
     def _load_at_start(self, file: str) -> None:

@@ -10,11 +10,8 @@ from ctsd.files import Invalid
 
 
 def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
-    """(files checked, problems). A missing file is not a problem: the daemon creates it."""
-    if not data_dir.is_dir():
-        return [], [
-            FileProblem(str(data_dir), 1, 1, "$", "data dir does not exist or is not a directory")
-        ]
+    """(files checked, problems) for an existing dir. A missing file is not a problem: the
+    daemon creates it."""
     algo_dir = data_dir / files.ALGORITHMS_DIR
     algos = (
         sorted(f"{files.ALGORITHMS_DIR}/{p.name}" for p in algo_dir.glob("*.json"))
