@@ -186,6 +186,8 @@ def test_schema_lists_every_name() -> None:
     names = r.stdout.split()
     expected = {"connections", "connection-state", "connection-sync-log", "settings"}
     expected |= {"connection", "instances", "algorithm", "protocol"}
+    expected |= {"main-indications", "common-indications", "ui-config", "user-settings"}
+    expected |= {"watchlists"}
     assert set(names) == expected
 
 

@@ -33,7 +33,7 @@ MASK = "********"
 
 def mask_value(field: str, value: Any) -> Any:
     if value is None or value == "":
-        return value
+        return None  # unset
     if field in SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
         return "…" + value[-4:]
     return MASK
