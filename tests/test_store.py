@@ -532,3 +532,22 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
         assert await store.ingest(STATE)
         st = store.state["c1"]
         assert (st.is_active, st.status, st.volume_factor_preset) == (False, "inactive", 4.0)
+
+
+async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:
+    async with opened(data_dir) as store:
+        for i in range(3):
+            await store.submit(ops.create(conn(i)), "bus")
+        assert store.revision == 3
+        (data_dir / SYNC_LOG).write_bytes(b"[]\n")
+        assert await store.ingest(SYNC_LOG)
+        assert [(e.id, e.action, e.data["file"]) for e in store.log] == [
+            (4, "document_update", SYNC_LOG)
+        ]
+        assert await store.ingest(SYNC_LOG, force=True)  # as SIGHUP: nothing new, no event
+        assert store.revision == 4
+    assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [4]
+    async with opened(data_dir) as store:
+        assert store.revision == 4
+        await store.submit(ops.create(conn(9)), "bus")
+        assert store.revision == 5

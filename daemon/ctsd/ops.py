@@ -460,7 +460,14 @@ def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp, *, force: bool = 
             raise CtsdError("conflict", f"{file} changed again while it was being read")
         tx.synced[file] = stamp
         if file == SYNC_LOG:
+            if decoded == list(store.log):
+                return
+            # History edited by hand (old entries removed, say): a change like any other. It is
+            # logged, so the file is written back with that one entry on top, which keeps the
+            # newest revision on disk: ids are never reused, even after a restart.
             tx.log_replace = decoded
+            tx.touched.add(file)
+            tx.emit("document_update", None, {"file": file, "entries": len(decoded)})
             return
         if file in (CONNECTIONS, STATE):
             _take_in_table(tx, file, decoded)

@@ -423,7 +423,9 @@ class Store:
         write = [
             f
             for f in sorted(dirty)
-            if f not in group.synced or any(p.source != "file" and f in p.files for p in ok)
+            if f not in group.synced
+            or f in group.touched
+            or any(p.source != "file" and f in p.files for p in ok)
         ]
         for f in write:
             if f == CONNECTIONS:
