@@ -551,3 +551,24 @@ async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> No
         assert store.revision == 4
         await store.submit(ops.create(conn(9)), "bus")
         assert store.revision == 5
+
+
+async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
+    # An unused algorithm is removed (and logged); one that instances.json names comes back.
+    algos = data_dir / "algorithms"
+    async with opened(data_dir) as store:
+        for name in ("Used", "Unused"):
+            await store.submit(ops.set_document(f"algorithms/{name}", {"name": name}), "bus")
+        instance = {"id": "i1", "name": "NQ", "symbol": "NQ", "algorithmName": "Used"}
+        await store.submit(ops.set_document("instances", {"instances": [instance]}), "bus")
+        rec = Recorder(store)
+        (algos / "Unused.json").unlink()
+        (algos / "Used.json").unlink()
+        assert await store.ingest("algorithms/Unused.json")
+        assert await store.ingest("algorithms/Used.json")
+        assert "algorithms/Unused" not in store.documents
+        assert [(e.action, e.data["file"], e.data.get("deleted")) for e in rec.events] == [
+            ("document_update", "algorithms/Unused.json", True)
+        ]
+    assert not (algos / "Unused.json").exists()
+    assert msgspec.json.decode((algos / "Used.json").read_bytes()) == {"name": "Used"}

@@ -486,6 +486,25 @@ def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp, *, force: bool = 
     return op
 
 
+def remove_algorithm(file: str) -> Op:
+    """`algorithms/NAME.json` deleted by hand: the algorithm goes, unless an instance uses it."""
+    name = files.document_name(file)
+    algo = file[len(files.ALGORITHMS_DIR) + 1 : -len(".json")]
+
+    def op(tx: Tx) -> None:
+        if name is None or name not in tx.docs:
+            return
+        instances = (tx.docs.get("instances") or {}).get("instances") or []
+        users = [i.get("name") for i in instances if i.get("algorithmName") == algo]
+        if users:
+            raise CtsdError("conflict", f"instances.json names it (instances {users})")
+        tx.docs.delete(name)
+        tx.synced[file] = None  # already gone from disk
+        tx.emit("document_update", None, {"file": file, "name": name, "deleted": True})
+
+    return op
+
+
 def touch(file: str) -> Op:
     """Write `file` back from memory (it was deleted by hand)."""
 

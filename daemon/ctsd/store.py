@@ -561,17 +561,11 @@ class Store:
                     file, FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"), None
                 )
             return False
-        if _inline:
-            # Called from inside the writer: commit this ingest as its own group, now.
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            await self._commit_group([_Pending(op, "file", fut)])
-            exc = fut.exception() if fut.done() else None
-        else:
-            try:
-                await self.submit(op, "file")
-                exc = None
-            except CtsdError as e:
-                exc = e
+        try:
+            await self._submit_here(op, _inline)
+            exc = None
+        except CtsdError as e:
+            exc = e
         if isinstance(exc, CtsdError) and exc.code == "invalid":
             if not report:
                 return False
@@ -689,19 +683,39 @@ class Store:
                 log.info("file_restored", file=file, was="removed")
                 self._notice({"notice": "file_restored", "file": file, "reason": "removed"})
             return True
-        self.stamps[file] = None
-        self.problems.pop(file, None)
-        op = ops.touch(file)
-        if _inline:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            await self._commit_group([_Pending(op, "file", fut)])
-        else:
-            await self.submit(op, "file")
+        reason = "deleted; written back from memory"
+        try:
+            if file.startswith(f"{files.ALGORITHMS_DIR}/"):
+                # algorithms/ is a library of files: deleting one removes that algorithm,
+                # unless instances.json still names it (then it comes back, with a notice).
+                try:
+                    await self._submit_here(ops.remove_algorithm(file), _inline)
+                    self.problems.pop(file, None)
+                    log.info("algorithm_removed", file=file)
+                    return True
+                except CtsdError as e:
+                    if e.code != "conflict":
+                        raise
+                    reason = f"deleted, but {e.message}; written back from memory"
+            self.stamps[file] = None
+            self.problems.pop(file, None)
+            await self._submit_here(ops.touch(file), _inline)
+        except CtsdError as e:
+            log.error("restore_failed", file=file, error=e.message)
+            return False
         log.warning("file_restored_from_memory", file=file)
-        self._notice(
-            {"notice": "file_restored", "file": file, "reason": "deleted; written back from memory"}
-        )
+        self._notice({"notice": "file_restored", "file": file, "reason": reason})
         return True
+
+    async def _submit_here(self, op: Op, inline: bool) -> Any:
+        """Submit with source "file"; from inside the writer (`inline`), commit it now."""
+        if not inline:
+            return await self.submit(op, "file")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._commit_group([_Pending(op, "file", fut)])
+        if not fut.done():
+            raise CtsdError("internal", "inline commit did not answer")
+        return fut.result()
 
     async def reload_all(self) -> None:
         """SIGHUP: every data file taken in the same way a hand edit is."""
