@@ -196,16 +196,57 @@ async def test_auth_timeout_10s(daemon: Daemon) -> None:
         assert e.value.rcvd is not None and e.value.rcvd.code == 1008
 
 
+async def _auth_message(d: Daemon, token: str) -> dict[str, Any]:
+    """The server's answer to an `auth` message carrying `token`."""
+    async with connect(d.ws_url) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_required"
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        return json.loads(await ws.recv())
+
+
 async def test_failed_auth_is_limited_per_address(daemon: Daemon) -> None:
-    for _ in range(10):
+    # Wrong tokens count wherever they are presented: HTTP header, bus header, auth message.
+    for _ in range(4):
+        assert daemon.http("/api/connections/state", token="wrong")[0] == 401
+    for _ in range(3):
         async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer x"}) as ws:
             assert json.loads(await ws.recv())["type"] == "auth_invalid"
+    for _ in range(3):
+        assert (await _auth_message(daemon, "wrong"))["type"] == "auth_invalid"
+    # ten failures: wrong tokens are refused without being checked
     with pytest.raises(InvalidStatus) as e:
-        async with connect(daemon.ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}):
+        async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer x"}):
             pass
     assert e.value.response.status_code == 429
-    # the right token over HTTP is refused too while the address is blocked
-    assert daemon.http("/api/connections/state")[0] == 429
+    assert daemon.http("/api/connections/state", token="wrong")[0] == 429
+    msg = await _auth_message(daemon, "wrong")
+    assert msg["type"] == "auth_invalid" and "too many" in msg["message"]
+    # ... but the right token always passes: the block slows guessing, it locks out no one
+    async with bus(daemon) as b:
+        assert (await b.ok("ping"))["pong"] is True
+    async with bus(daemon, header=False) as b:
+        assert (await b.ok("ping"))["pong"] is True
+    assert daemon.http("/api/connections/state")[0] == 200
+
+
+async def test_token_less_attempts_do_not_lock_out(daemon: Daemon) -> None:
+    # Any web page can make the trader's browser send token-less requests (an <img> to
+    # /api/...); neither they nor bus clients that never present a token may block the address.
+    for _ in range(12):
+        assert daemon.http("/api/connections/state", token=None)[0] == 401
+    for _ in range(12):
+        async with connect(daemon.ws_url) as ws:
+            assert json.loads(await ws.recv())["type"] == "auth_required"
+            await ws.send(json.dumps({"id": 1, "type": "ping"}))  # not an auth message
+            assert json.loads(await ws.recv())["type"] == "auth_invalid"
+    assert daemon.http("/api/connections/state")[0] == 200
+    async with bus(daemon) as b:
+        assert (await b.ok("ping"))["pong"] is True
+    # and they do not count towards the limit for wrong tokens either
+    for _ in range(9):
+        assert daemon.http("/api/connections/state", token="wrong")[0] == 401
+    assert daemon.http("/api/connections/state", token="wrong")[0] == 401
+    assert daemon.http("/api/connections/state", token="wrong")[0] == 429
 
 
 async def test_foreign_origin_refused_before_upgrade(daemon: Daemon) -> None:
@@ -470,8 +511,6 @@ async def test_import_and_reset(daemon: Daemon) -> None:
 
 
 async def test_heartbeat_and_tests(daemon: Daemon) -> None:
-    import ctsd.sweeps as sweeps
-
     async with bus(daemon) as b:
         await b.ok("connections.create", connection=conn_body(id="h1"))
         hb = await b.ok("connections.heartbeat", connection_id="h1")
@@ -480,25 +519,31 @@ async def test_heartbeat_and_tests(daemon: Daemon) -> None:
         assert st["h1"]["last_heartbeat_at"] == hb["timestamp"]  # in memory at once
         err = await b.err("connections.heartbeat", connection_id="nope")
         assert err["code"] == "not_found"
-        if not hasattr(sweeps, "test_connection"):
-            err = await b.err("connections.test", connection_id="h1")
-            assert err["code"] == "internal" and "test_connection" in err["message"]
-        else:
-            # base_url to a closed port: the test fails fast, and reports so
-            cs = json.dumps({"base_url": "http://127.0.0.1:9"})
-            await b.ok(
-                "connections.update", connection_id="h1", changes={"connection_settings": cs}
-            )
-            res = await b.ok("connections.test", connection_id="h1")
-            assert res["success"] is False and res["timestamp"].endswith("Z")
-            err = await b.err("connections.test", connection_id="nope")
-            assert err["code"] == "not_found"
+        # base_url to a closed port: the test fails fast, and reports so
+        cs = json.dumps({"base_url": "http://127.0.0.1:9"})
+        await b.ok("connections.update", connection_id="h1", changes={"connection_settings": cs})
+        res = await b.ok("connections.test", connection_id="h1")
+        assert res["success"] is False and res["timestamp"].endswith("Z")
+        err = await b.err("connections.test", connection_id="nope")
+        assert err["code"] == "not_found"
+        # Project X is not configured here: the command answers (with the probe's verdict)
         reply = await b.call("trading.test_connection")
-        if not hasattr(sweeps, "test_projectx"):
-            assert reply["error"]["code"] == "internal"
-        else:
-            # Project X is not configured here: the command answers (with the probe's verdict)
-            assert reply["success"] is True and isinstance(reply["result"], dict), reply
+        assert reply["success"] is True and isinstance(reply["result"], dict), reply
+        st = await b.ok("status")
+        assert "state" in st["projectx"]  # from ctsd.sweeps, not a fallback
+
+
+def test_bus_calls_sweeps_directly() -> None:
+    """ctsd.sweeps is part of every build: no lazy lookup, no "not available" fallback."""
+    import ctsd.sweeps
+    from ctsd.bus import commands, views
+
+    assert commands.sweeps is ctsd.sweeps and views.sweeps is ctsd.sweeps
+    bus_dir = Path(commands.__file__).parent
+    for path in bus_dir.glob("*.py"):
+        text = path.read_text()
+        assert "not available in this build" not in text, path
+        assert "except ImportError" not in text, path
 
 
 # --- subscriptions -------------------------------------------------------------------------
@@ -582,6 +627,29 @@ async def test_revision_compacted(data_dir: Path) -> None:
             assert err["code"] == "revision_compacted" and err["oldest"] == 12
         code, body = d.http("/api/sync-log?since=3")
         assert code == 409 and body["error"]["code"] == "revision_compacted"
+    finally:
+        d.close()
+
+
+async def test_sync_log_without_since_after_compaction(data_dir: Path) -> None:
+    # Without `since`: the newest `limit` retained entries, oldest first, even once trimmed.
+    write_settings(data_dir, {"sync_log_limit": 20})
+    d = Daemon(data_dir).start()
+    try:
+        async with bus(d) as b:
+            for i in range(30):
+                await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+            assert [e["id"] for e in await b.ok("sync_log.get")] == list(range(11, 31))
+            assert [e["id"] for e in await b.ok("sync_log.get", limit=3)] == [28, 29, 30]
+            assert [e["id"] for e in await b.ok("sync_log.get", limit=50)] == list(range(11, 31))
+            # with `since` nothing changes: compaction is still reported
+            assert (await b.err("sync_log.get", since=3))["code"] == "revision_compacted"
+            assert [e["id"] for e in await b.ok("sync_log.get", since=27)] == [28, 29, 30]
+        code, log = d.http("/api/sync-log")
+        assert code == 200 and [e["id"] for e in log] == list(range(11, 31))
+        code, log = d.http("/api/sync-log?limit=2")
+        assert code == 200 and [e["id"] for e in log] == [29, 30]
+        assert d.http("/api/sync-log?since=3")[0] == 409
     finally:
         d.close()
 

@@ -6,10 +6,12 @@ import json
 import re
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctsd.errors import CtsdError
 from tests.daemon import Daemon, wait_until
 from tests.test_bus import CANARY, bus, conn_body, write_settings
 
@@ -223,3 +225,58 @@ def test_cors_for_listed_origins(daemon: Daemon) -> None:
         timeout=10,
     ) as resp:
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+# CONTRACT §5: the only statuses an HTTP error may have.
+CONTRACT_STATUSES = {400, 401, 403, 404, 405, 409, 429, 503}
+
+
+class _FailingStore:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def state_views(self) -> list[Any]:
+        raise self.exc
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (CtsdError("internal", "a bug"), "internal"),
+        (CtsdError("io_error", "disk gone"), "io_error"),
+        (RuntimeError("an unexpected bug"), "internal"),
+    ],
+)
+async def test_internal_and_io_errors_are_503(exc: Exception, code: str) -> None:
+    from types import SimpleNamespace
+
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    from ctsd.bus.http import Routes
+    from ctsd.bus.ratelimit import AuthFailures
+
+    app = SimpleNamespace(token="tok", store=_FailingStore(exc))
+    server = SimpleNamespace(
+        origin_ok=lambda request: True,
+        remote=lambda conn: "127.0.0.1",
+        auth_failures=AuthFailures(),
+        http_limiter=SimpleNamespace(allow=lambda addr: True),
+        count_error=lambda code: None,
+    )
+    routes = Routes(app, server)  # type: ignore[arg-type]
+    request = Request("/api/connections/state", Headers({"Authorization": "Bearer tok"}))
+    resp = await routes.handle(None, request)  # type: ignore[arg-type]
+    assert resp.status_code == 503
+    assert json.loads(resp.body)["error"]["code"] == code
+
+
+def test_every_error_code_maps_to_a_contract_status() -> None:
+    from ctsd.bus.http import STATUS_OF
+
+    codes = {"invalid_format", "invalid", "not_found", "conflict", "file_invalid", "id_reuse"}
+    codes |= {"unknown_command", "unauthorized", "rate_limited", "too_large"}
+    codes |= {"revision_compacted", "io_error", "internal"}
+    assert codes <= set(STATUS_OF)
+    assert set(STATUS_OF.values()) <= CONTRACT_STATUSES

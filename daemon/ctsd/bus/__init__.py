@@ -19,6 +19,8 @@ are not capped: a snapshot, an export or one change touching 10,000 records is o
 clients should raise their own `max_size`. A subscriber's queue holds at most 1,000 frames or
 8 MiB beyond what its socket buffers take; past that it is closed with 4008 and resumes with
 `since`. Rate limit: `server.rate_limit` per bus connection and per remote address for HTTP
-(heartbeats and `/health` exempt); 10 failed authentications per address per minute block that
-address (429 / auth_invalid) for the rest of the minute. Keepalive pings every 20 s.
+(heartbeats and `/health` exempt). 10 wrong tokens (HTTP header, bus header or `auth` message)
+per address per minute refuse further wrong tokens from that address (429 / auth_invalid) for
+the rest of the minute; a correct token always passes, and requests without a token are not
+counted (any web page can make a browser send those). Keepalive pings every 20 s.
 """

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ctsd import ops
+from ctsd import ops, sweeps
 from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
@@ -39,25 +39,6 @@ WRITES = frozenset(
 )
 # Exchange probes take up to `test_timeout_s`: their own tasks too, but nothing waits for them.
 PROBES = frozenset({"connections.test", "trading.test_connection"})
-
-
-_sweeps_fns: dict[str, Any] = {}
-
-
-def _sweeps(name: str) -> Any:
-    """A function of the sweeps component (heartbeats, tests), imported when first used."""
-    fn = _sweeps_fns.get(name)
-    if fn is not None:
-        return fn
-    try:
-        from ctsd import sweeps
-    except ImportError:
-        sweeps = None
-    fn = getattr(sweeps, name, None)
-    if fn is None:
-        raise CtsdError("internal", f"{name} is not available in this build (ctsd.sweeps)")
-    _sweeps_fns[name] = fn
-    return fn
 
 
 async def _submit(s: Session, op: ops.Op, a: p.Args) -> Any:
@@ -151,12 +132,12 @@ async def connections_set_volume(s: Session, a: p.ConnectionsSetVolume) -> Any:
 
 
 async def connections_heartbeat(s: Session, a: p.ConnectionRef) -> Any:
-    ts = _sweeps("heartbeat")(s.app, a.connection_id)
+    ts = sweeps.heartbeat(s.app, a.connection_id)
     return {"connection_id": a.connection_id, "timestamp": ts}
 
 
 async def connections_test(s: Session, a: p.ConnectionRef) -> Any:
-    result = await _sweeps("test_connection")(s.app, a.connection_id)
+    result = await sweeps.test_connection(s.app, a.connection_id)
     return msgspec.to_builtins(result)
 
 
@@ -187,7 +168,7 @@ async def data_reset(s: Session, a: p.DataReset) -> Any:
 
 
 async def trading_test_connection(s: Session, a: p.NoArgs) -> Any:
-    result = await _sweeps("test_projectx")(s.app)
+    result = await sweeps.test_projectx(s.app)
     return mask(msgspec.to_builtins(result))
 
 

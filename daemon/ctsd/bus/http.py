@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
+import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from ctsd.app import App
     from ctsd.bus.server import Server
 
+log = structlog.get_logger("ctsd.bus")
+
+# CONTRACT §5: HTTP errors are 400, 401, 403, 404, 405, 409, 429 or 503 (no 500: a failure of
+# ours is "unavailable", and a retry may succeed).
 STATUS_OF = {
     "invalid_format": 400,
     "invalid": 400,
@@ -40,7 +45,7 @@ STATUS_OF = {
     "file_invalid": 409,
     "rate_limited": 429,
     "io_error": 503,
-    "internal": 500,
+    "internal": 503,
 }
 
 Query = dict[str, list[str]]
@@ -77,9 +82,14 @@ def _one(query: Query, name: str) -> str | None:
 
 
 def _int(query: Query, name: str, default: int, lo: int, hi: int) -> int:
+    value = _opt_int(query, name, lo, hi)
+    return default if value is None else value
+
+
+def _opt_int(query: Query, name: str, lo: int, hi: int) -> int | None:
     text = _one(query, name)
     if text is None:
-        return default
+        return None
     try:
         value = int(text)
     except ValueError:
@@ -136,7 +146,7 @@ class Routes:
         return views.state(self.app.store)
 
     async def sync_log(self, m: re.Match[str], q: Query, r: Request) -> Any:
-        since = _int(q, "since", 0, 0, 2**63)
+        since = _opt_int(q, "since", 0, 2**63)  # absent: the newest `limit` entries
         limit = _int(q, "limit", 1000, 1, 100_000)
         return views.sync_log(self.app.store, since, limit)
 
@@ -174,12 +184,7 @@ class Routes:
                 return response(204, b"", extra=extra)
             route, match = self._route(request.method, path)
             addr = self.server.remote(conn)
-            given = bearer(request.headers)
-            if self.server.auth_failures.blocked(addr):
-                raise HttpError(429, "rate_limited", "too many failed attempts; try again later")
-            if not given or not token_ok(given, self.app.token):
-                self.server.auth_failures.failed(addr)
-                raise HttpError(401, "unauthorized", "Authorization: Bearer TOKEN required")
+            self._authorize(addr, bearer(request.headers))
             if not self.server.http_limiter.allow(addr):
                 raise HttpError(429, "rate_limited", "too many requests; slow down and retry")
             if route is None:
@@ -196,7 +201,28 @@ class Routes:
             self.server.count_error(e.code)
             body = {"code": e.code, "message": e.message}  # no JSON path: there is no body
             body.update({k: v for k, v in e.extra.items() if isinstance(v, str | int)})
-            return json_response(STATUS_OF.get(e.code, 500), {"error": body}, extra)
+            return json_response(STATUS_OF.get(e.code, 503), {"error": body}, extra)
+        except Exception as e:
+            log.exception("http_route_failed", method=request.method, path=path)
+            self.server.count_error("internal")
+            body = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
+            return json_response(503, {"error": body}, extra)
+
+    def _authorize(self, addr: str, given: str | None) -> None:
+        """Pass a correct token always; count only a token presented and wrong.
+
+        A request without a token is no guess: any web page can make the trader's browser
+        send one (an <img> to /api/...), so counting those would let it lock the trader out.
+        """
+        if given and token_ok(given, self.app.token):
+            return
+        if given is None:
+            raise HttpError(401, "unauthorized", "Authorization: Bearer TOKEN required")
+        failures = self.server.auth_failures
+        if failures.blocked(addr):
+            raise HttpError(429, "rate_limited", "too many failed attempts; try again later")
+        failures.failed(addr)
+        raise HttpError(401, "unauthorized", "invalid token")
 
     def _route(self, method: str, path: str) -> tuple[Any, Any]:
         if path == "/metrics":

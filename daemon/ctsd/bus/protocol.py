@@ -50,7 +50,7 @@ class Subscribe(Args, kw_only=True):
 
 
 class SyncLogGet(Args, kw_only=True):
-    since: NonNegative = 0
+    since: NonNegative | None = None  # None: the newest `limit` retained entries
     limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
 
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from ctsd.models import RateLimit
 
-# Failed auth attempts: this many per address within the window, then 429 / auth_invalid.
+# Wrong tokens: this many per address within the window, then further wrong tokens get
+# 429 / auth_invalid unchecked. Only a presented, wrong token counts; a correct one always passes.
 AUTH_FAILURES = 10
 AUTH_WINDOW_S = 60.0
 

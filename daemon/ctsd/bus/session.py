@@ -79,13 +79,23 @@ class Session:
     # --- auth -----------------------------------------------------------------------------
 
     async def _refuse(self, message: str) -> None:
-        self.server.auth_failures.failed(self.addr)
         self.server.count_error("unauthorized")
         log.warning("auth_invalid", remote=self.addr, reason=message)
         await self.send(p.AuthInvalid(message=message))
         await self.conn.close(CLOSE_POLICY, "authentication failed")
 
+    async def _wrong_token(self, message: str) -> None:
+        """A token was presented and is wrong: the one kind of failure that is counted."""
+        failures = self.server.auth_failures
+        if failures.blocked(self.addr):
+            await self._refuse("too many failed attempts; try again later")
+            return
+        failures.failed(self.addr)
+        await self._refuse(message)
+
     async def authenticate(self) -> bool:
+        """A correct token always passes, even from a blocked address; only a wrong token
+        counts as a failed attempt (no token, a timeout or a malformed first frame do not)."""
         assert self.conn.request is not None
         header = bearer(self.conn.request.headers)
         if header is not None:
@@ -94,7 +104,7 @@ class Session:
                     p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision)
                 )
                 return True
-            await self._refuse("invalid token in the Authorization header")
+            await self._wrong_token("invalid token in the Authorization header")
             return False
         await self.send(p.AuthRequired(version=p.PROTOCOL_VERSION))
         try:
@@ -112,11 +122,8 @@ class Session:
         if auth is None:
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
             return False
-        if self.server.auth_failures.blocked(self.addr):
-            await self._refuse("too many failed attempts; try again later")
-            return False
         if not token_ok(auth.token, self.app.token):
-            await self._refuse("invalid token")
+            await self._wrong_token("invalid token")
             return False
         await self.send(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision))
         return True

@@ -6,12 +6,13 @@ These read committed memory directly (no door needed for reads); state goes thro
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ctsd import __version__, files
+from ctsd import __version__, files, sweeps
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, SyncEvent
 from ctsd.redact import mask
@@ -87,7 +88,13 @@ def check_since(store: Store, since: int) -> None:
         )
 
 
-def sync_log(store: Store, since: int, limit: int) -> list[dict[str, Any]]:
+def sync_log(store: Store, since: int | None, limit: int) -> list[dict[str, Any]]:
+    """Entries after `since` (at most `limit`, oldest first; `revision_compacted` if `since`
+    is too old); without `since`, the newest `limit` retained entries, oldest first."""
+    if since is None:
+        newest = list(itertools.islice(reversed(store.log), limit))
+        newest.reverse()
+        return events(newest)
     check_since(store, since)
     return events(store.events_since(since)[:limit])
 
@@ -126,17 +133,6 @@ def counts(store: Store) -> dict[str, int]:
     }
 
 
-def projectx_status(app: App) -> dict[str, Any]:
-    try:
-        from ctsd import sweeps
-    except ImportError:
-        sweeps = None
-    fn = getattr(sweeps, "projectx_status", None)
-    if fn is None:
-        return {"available": False, "message": "Project X status is not available in this build"}
-    return fn(app)
-
-
 def status(app: App) -> dict[str, Any]:
     store = app.store
     bus = app.components.get("bus")
@@ -147,5 +143,5 @@ def status(app: App) -> dict[str, Any]:
         "counts": counts(store),
         "invalid_files": sorted(store.problems),
         "bus": bus.stats() if bus is not None else {},
-        "projectx": projectx_status(app),
+        "projectx": sweeps.projectx_status(app),
     }
