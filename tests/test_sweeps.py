@@ -359,3 +359,20 @@ async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
         assert sw.tick(later, budget=1000) == {} and not sw.backlog
     finally:
         await app.store.close()
+
+
+async def test_flush_asked_during_a_flush_waits_and_writes_the_rest(running: Any):
+    # Shutdown flushes while a periodic flush may be in flight: it must not return early and
+    # leave the heartbeats that arrived meanwhile only in memory.
+    app = await running(
+        [connection("c0", None), connection("c1", None)], {"heartbeat_flush_s": 3600}
+    )
+    sw = app.components["sweeps"]
+    sweeps.heartbeat(app, "c0")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sw.flush)
+        await anyio.sleep(0)  # the first flush has taken its plan and waits on its write
+        assert sw.flushing
+        beat = sweeps.heartbeat(app, "c1")
+        await sw.flush()
+    assert state_file(app)["c1"]["last_heartbeat_at"] == beat

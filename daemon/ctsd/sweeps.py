@@ -113,7 +113,9 @@ class Sweeper:
         # Coalesced flush.
         self.beats_dirty: set[str] = set()
         self.sync_dirty: set[str] = set()
-        self.flushing = False
+        # One flush at a time; a flush asked for meanwhile (shutdown) waits, then writes what
+        # is left, instead of returning with heartbeats still only in memory.
+        self._flush_lock = anyio.Lock()
         # Periodic tests: the enabled connections, each due once per interval, jittered.
         self.enabled: set[str] = set()
         self.test_due: dict[str, float] = {}
@@ -339,15 +341,20 @@ class Sweeper:
                 synced[cid] = ls
         return beats, synced
 
+    @property
+    def flushing(self) -> bool:
+        return self._flush_lock.locked()
+
     async def flush(self) -> int:
         """One write of every heartbeat and last_sync_at not yet on disk; none if none."""
-        if self.flushing:
-            return 0
+        async with self._flush_lock:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         beats, synced = self.flush_plan()
         self.beats_dirty, self.sync_dirty = set(), set()
         if not beats and not synced:
             return 0
-        self.flushing = True
         try:
             n = await self.store.submit(ops.flush_heartbeats(beats, synced), "sweep")
             self.flush_writes += 1
@@ -359,8 +366,6 @@ class Sweeper:
             self.sync_dirty.update(synced)
             self._warn("heartbeat_flush_failed", e)
             return 0
-        finally:
-            self.flushing = False
 
     # --- periodic connection tests ------------------------------------------------------------
 
