@@ -527,7 +527,7 @@ def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
 @pytest.mark.anyio
 async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Daemon) -> None:
     """An in-place writer opens the file, the daemon renames a change over it, then the writer
-    writes: into the old file, no longer in the directory. It is noticed and saved again."""
+    writes: into the old file, no longer in the directory. It is taken in once closed."""
     d, path = daemon10, daemon10.data_dir / CONNS
     async with bus(d) as b:
         body = _edit_name(path.read_bytes(), "conn_0005", "Late writer")
@@ -547,7 +547,7 @@ async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Da
             ),
             what="the late write taken in",
         )
-        assert log_lines(d, "late_hand_write_saved_again")
+        assert log_lines(d, "late_hand_write_taken_in")
         # The late write was based on the file before the bus change: taking it in undoes
         # that change, visibly (an event of source "file"), never silently.
         undo = [

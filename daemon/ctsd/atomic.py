@@ -107,33 +107,43 @@ def _unswap(swapped: _Swapped) -> None:
                 _exchange(tmp, path)
 
 
+class Displaced(NamedTuple):
+    """A file our swap displaced while another process held it open for writing (an in-place
+    writer that opened it before the swap): kept open, and linked under `kept`, because that
+    writer may still write into it (see `Store.take_in_late`)."""
+
+    path: Path
+    fd: int
+    stamp: Stamp  # what it was when displaced: any other stamp means it was written since
+    kept: Path  # linked, not just open: an open unlinked file makes a ro remount fail busy
+
+
 _kept_ids = itertools.count()
 
 
-def _written_elsewhere(fd: int) -> bool:
+def written_elsewhere(fd: int) -> bool:
     """Does another process hold this file open for writing? (A read lease is granted only
     when none does; Linux, local filesystems. When leases are unavailable: assume not.)"""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
         return e.errno == errno.EAGAIN
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return False
 
 
-def _keep_if_written(
-    tmp: Path, path: Path, old: Stamp, displaced: list[tuple[Path, int, Stamp, Path]]
-) -> None:
+def _keep_if_written(tmp: Path, path: Path, old: Stamp, displaced: list[Displaced]) -> None:
     """Keep the file our swap displaced (now at `tmp`) if a writer still has it open."""
     try:
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        if _written_elsewhere(fd):
+        if written_elsewhere(fd):
             kept = path.with_name(f"{TEMP_PREFIX}old-{path.name}.{os.getpid()}.{next(_kept_ids)}")
             os.replace(tmp, kept)
-            displaced.append((path, fd, old, kept))
+            displaced.append(Displaced(path, fd, old, kept))
             return
     except OSError:
         pass
@@ -171,7 +181,7 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> Non
 def write_files(
     plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
     expected: dict[Path, Stamp | None] | None = None,
-    displaced: list[tuple[Path, int, Stamp, Path]] | None = None,
+    displaced: list[Displaced] | None = None,
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
@@ -180,12 +190,9 @@ def write_files(
     before the renames; if any differs, nothing is renamed and `ChangedOnDisk` is raised.
     On any error every temp file is removed and the old files are untouched.
 
-    With `displaced`, a file our swap displaced that another process still holds open for
-    writing (an in-place writer that opened it before the swap) is kept, open and under a
-    temp name: (path, fd, the stamp it had, its temp name). That writer may still write into
-    it; the caller can notice and save the late write again instead of losing it, then
-    closes and unlinks it. (Kept linked, not just open: an open unlinked file makes a
-    read-only remount fail as busy.) Files nobody holds open go as before.
+    With `displaced`, each file our swap displaced that another process still holds open for
+    writing is appended to it as a `Displaced` (the caller closes and unlinks it); files
+    nobody holds open go as before.
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}

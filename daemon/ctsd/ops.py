@@ -446,19 +446,30 @@ def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
         tx.state.replace(new_state)
 
 
-def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp, *, force: bool = False) -> Op:
-    """The op for a valid hand edit of `file` (already decoded and validated)."""
+def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp | None, *, force: bool = False) -> Op:
+    """The op for a valid hand edit of `file` (already decoded and validated), read from the
+    file when it had `stamp`.
+
+    `stamp=None`: bytes that are not in the file, a late in-place write into the file our
+    rename displaced (`Store.take_in_late`). Taken in as a hand save made now; not marked
+    synced, so the store writes the file from memory like any change (stamp check, swap,
+    fsync), unless a newer save of the file is waiting on disk: that one supersedes it.
+    """
 
     def op(tx: Tx) -> None:
-        # Applied a moment after the read: the writer may have written the file since.
         store = tx.store
-        if not force and store.unchanged(file) and file not in store.problems:
-            return  # our own write, read before the writer had recorded its stamp
-        if stamp_of(store.path(file)) != stamp:
-            # Changed again since read (by us or by hand): these bytes are stale and would
-            # undo that change. Refuse; the next look reads the file as it now is.
-            raise CtsdError("conflict", f"{file} changed again while it was being read")
-        tx.synced[file] = stamp
+        if stamp is None:
+            if not store.unchanged(file):
+                raise CtsdError("conflict", f"{file} was saved again since; that save supersedes")
+        else:
+            # Applied a moment after the read: the writer may have written the file since.
+            if not force and store.unchanged(file) and file not in store.problems:
+                return  # our own write, read before the writer had recorded its stamp
+            if stamp_of(store.path(file)) != stamp:
+                # Changed again since read (by us or by hand): these bytes are stale and would
+                # undo that change. Refuse; the next look reads the file as it now is.
+                raise CtsdError("conflict", f"{file} changed again while it was being read")
+            tx.synced[file] = stamp
         if file == SYNC_LOG:
             if decoded == list(store.log):
                 return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from collections import deque
@@ -29,7 +30,16 @@ import msgspec
 import structlog
 
 from ctsd import files
-from ctsd.atomic import TEMP_PREFIX, ChangedOnDisk, Stamp, ensure_dir, stamp_of, write_files
+from ctsd.atomic import (
+    TEMP_PREFIX,
+    ChangedOnDisk,
+    Displaced,
+    Stamp,
+    ensure_dir,
+    stamp_of,
+    write_files,
+    written_elsewhere,
+)
 from ctsd.diagnose import FileProblem
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
@@ -132,11 +142,9 @@ class Store:
         # Probed at open; on fine-grained timestamps no hashing is done at all.
         self.coarse_mtime = False
         self.digests: dict[str, bytes] = {}
-        # The file each of our latest writes replaced, kept open for a while: an in-place
-        # writer that opened it before our rename writes into it afterwards, and that write
-        # must not vanish with it (see `late_writes`). file → [fd, stamp, since, seen, name]
-        self.displaced: dict[str, list[Any]] = {}
-        self._late: list[tuple[str, bytes]] = []
+        # Files our writes displaced while an in-place writer held them open, and since when
+        # (monotonic): what it writes into them is taken in by `take_in_late`.
+        self.displaced: list[tuple[Displaced, float]] = []
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -291,14 +299,13 @@ class Store:
         return await fut
 
     async def close(self) -> None:
-        """Finish every queued change, then stop the writer."""
+        """Take in late writes now, finish every queued change, then stop the writer."""
+        if self._writer is not None and not self._closing:
+            await self.take_in_late(max_age=0)
         self._closing = True
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        for file, item in list(self.displaced.items()):
-            self._late_check(file, item, final=True)
-        self.displaced.clear()
 
     async def _write_loop(self) -> None:
         while True:
@@ -447,15 +454,13 @@ class Store:
             for f in write
         }
         try:
-            kept: list[tuple[Path, int, Stamp, Path]] = []
+            kept: list[Displaced] = []
             stamps = await anyio.to_thread.run_sync(write_files, plan, expected, kept)
         except ChangedOnDisk:
             raise
         except OSError as e:
-            for _path, fd, _stamp, name in kept:  # kept only once renamed: a late failure
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
+            for d in kept:  # kept only once renamed: a late failure
+                _drop(d)
             err = CtsdError(
                 "io_error",
                 f"write failed: {e.strerror or e} ({e.filename or ''}); nothing was changed",
@@ -488,7 +493,7 @@ class Store:
             self.stamps[str(path.relative_to(self.data_dir))] = st
         for f in {*group.synced, *(str(p.relative_to(self.data_dir)) for p in stamps)}:
             self._note_ctime(f)
-        self._keep_displaced(kept)
+        self.displaced += [(d, time.monotonic()) for d in kept]
         if self.coarse_mtime:
             for path, body in plan:
                 self.digests[str(path.relative_to(self.data_dir))] = _digest_of(body)
@@ -593,7 +598,7 @@ class Store:
         except FileNotFoundError:
             return self.stamps.get(file) is None
         same = Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
-        if same and self.coarse_mtime and time.time_ns() - st.st_mtime_ns < RACY_NS:
+        if same and self.coarse_mtime and time.time_ns() - st.st_mtime_ns < DIGEST_WITHIN_NS:
             digest = self.digests.get(file)
             same = digest is not None and _file_digest(self.path(file)) == digest
         return same
@@ -611,44 +616,84 @@ class Store:
         else:
             self.ctimes.pop(file, None)
 
-    def _keep_displaced(self, kept: list[tuple[Path, int, Stamp, Path]]) -> None:
-        for path, fd, stamp, name in kept:
-            file = str(path.relative_to(self.data_dir))
-            older = self.displaced.pop(file, None)
-            if older is not None:
-                self._late_check(file, older, final=True)
-            self.displaced[file] = [fd, stamp, time.monotonic(), stamp, name]
+    # --- late in-place writes ------------------------------------------------------------
 
-    def late_writes(self, max_age: float) -> list[tuple[str, bytes]]:
-        """Hand writes that landed in a file after our rename had replaced it, once they have
-        stopped changing: (file, content) to be saved again, so they are taken in."""
+    async def take_in_late(self, max_age: float) -> None:
+        """Take in what in-place writers wrote into files our renames had displaced.
+
+        An in-place writer (nano, cp, open("r+")) that opened a file before our rename
+        replaced it writes into the old file, no longer in the directory. `write_files` keeps
+        such a file (`self.displaced`) while that writer holds it open; once the writer has
+        closed it (or after `max_age`, for one that never does), what it wrote is taken in
+        through the door as a hand save made now (`ops.take_in` with no stamp: memory takes
+        it, then the store writes the file). Called by the watcher often, and at close.
+        """
         now = time.monotonic()
-        for file, item in list(self.displaced.items()):
-            if self._late_check(file, item, final=now - item[2] > max_age):
-                del self.displaced[file]
-        out, self._late = self._late, []
-        return out
+        due = [x for x in self.displaced if now - x[1] >= max_age or not written_elsewhere(x[0].fd)]
+        self.displaced = [x for x in self.displaced if x not in due]
+        for d, _since in due:
+            file = str(d.path.relative_to(self.data_dir))
+            try:
+                await self._take_in_displaced(d, file)
+            except Exception as e:  # never lose the watcher over it, nor the bytes
+                log.exception("late_hand_write_failed", file=file)
+                with contextlib.suppress(Exception):
+                    self._keep_late(d, file, "error", None, repr(e))
+            _drop(d)
 
-    def _late_check(self, file: str, item: list[Any], final: bool) -> bool:
-        """Look at a displaced file; True when done with it (its fd is then closed)."""
-        fd, stamp, _since, seen, name = item
+    async def _take_in_displaced(self, d: Displaced, file: str) -> None:
+        from ctsd import ops
+
+        st = os.fstat(d.fd)
+        if Stamp.of(st) == d.stamp:
+            return  # opened for writing, never written
+        if st.st_size > files.MAX_FILE_BYTES:
+            limit = f"file is {st.st_size} bytes; the limit is {files.MAX_FILE_BYTES}"
+            self._keep_late(d, file, "invalid", FileProblem(file, 1, 1, "$", limit))
+            return
+        raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
         try:
-            st = os.fstat(fd)
-            now = Stamp.of(st)
-            if now != stamp and (now == seen or final):  # written to, and quiet since
-                content = os.pread(fd, st.st_size, 0)
-                log.warning("late_hand_write", file=file, bytes=len(content))
-                self._late.append((file, content))
-                final = True
-            item[3] = now
-        except OSError:
-            final = True
-        if final:
-            os.close(fd)
-            if name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
-        return final
+            await self.submit(ops.take_in(file, self.decode(file, raw), raw, None), "file")
+        except Invalid as e:
+            self._keep_late(d, file, "invalid", e.problem)
+        except CtsdError as e:  # superseded (conflict), file_invalid on disk, io_error, ...
+            self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
+        else:
+            log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
+
+    def _keep_late(
+        self, d: Displaced, file: str, why: str, problem: FileProblem | None, msg: str = ""
+    ) -> None:
+        """A late write that is not taken in is never dropped: it is kept next to its file as
+        `<name>.late-<UTC time>`, which the daemon never reads, writes or deletes, and which
+        the operator finds with `ls`. Bytes that do not decode are reported the way an
+        invalid file is (a `file_invalid` notice naming the copy, with line and column), but
+        the data file is valid, so nothing is refused and /health stays ok. The other cases
+        (a newer save superseded it, the file is invalid on disk, a write failed) are logged.
+        """
+        when = now_iso().replace(":", "")
+        for n in itertools.count():
+            kept = d.path.with_name(f"{d.path.name}.late-{when}{f'.{n}' if n else ''}")
+            try:
+                os.link(d.kept, kept)  # no clobbering: never replaces an earlier copy
+                break
+            except FileExistsError:
+                continue
+        name = str(kept.relative_to(self.data_dir))
+        log.warning("late_hand_write_kept", file=file, kept=name, why=why, error=msg or None)
+        if problem is not None:
+            self._notice(
+                {
+                    "notice": "file_invalid",
+                    "file": name,
+                    "line": problem.line,
+                    "column": problem.column,
+                    "path": problem.path,
+                    "message": problem.message,
+                    "reason": f"written into {file} after the daemon had replaced it; "
+                    f"kept as {name}, not taken in",
+                }
+            )
 
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
         if stamp is not None:
@@ -760,13 +805,21 @@ class Store:
         return out
 
 
+def _drop(d: Displaced) -> None:
+    os.close(d.fd)
+    with contextlib.suppress(OSError):
+        os.unlink(d.kept)
+
+
 def _fail(p: _Pending, err: CtsdError) -> None:
     if not p.future.done():  # a cancelled caller must not break the group
         p.future.set_exception(err)
 
 
 INLINE_RETRY_S = 0.005
-RACY_NS = 50_000_000  # far above a clock tick (1-10 ms): fresher stamps need the digest too
+# Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
+# `unchanged` compares the digest too (far above a clock tick of 1-10 ms).
+DIGEST_WITHIN_NS = 50_000_000
 
 
 def _timestamps_coarse(directory: Path) -> bool:

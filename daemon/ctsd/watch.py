@@ -63,12 +63,13 @@ SETTLE_POLL_S = 0.005
 LOOK_AGAIN = 4  # immediate re-reads of a file that changed while being read
 DELETE_GRACE_S = 0.1  # an editor's delete-then-write is back well within this
 # An in-place writer that opened a file before our rename replaced it writes into the old
-# file: looked at this often while it is kept, kept this long (see Store.late_writes).
+# file: checked this often for its writer having closed it, taken anyway after this long
+# (see Store.take_in_late).
 LATE_CHECK_S = 0.05
 LATE_MAX_AGE_S = 2.0
 # Poller: while a file's ctime is this recent, equal stat results do not prove equal
 # content (coarse timestamps on network filesystems): compare a content hash too.
-RACY_NS = 2_000_000_000
+POLL_HASH_WITHIN_NS = 2_000_000_000
 
 _DEBRIS_SUFFIXES = (".swp", ".swx", ".swo", "~", ".tmp", ".bak", ".orig", ".part")
 
@@ -190,27 +191,7 @@ class Watcher:
         while True:
             await anyio.sleep(LATE_CHECK_S)
             if self.store.displaced:
-                for file, content in self.store.late_writes(LATE_MAX_AGE_S):
-                    await anyio.to_thread.run_sync(self._resave, file, content)
-
-    def _resave(self, file: str, content: bytes) -> None:
-        """Save a late in-place write again (as its writer meant to), so it is taken in."""
-        path = self.store.path(file)
-        if not self.store.unchanged(file):
-            # Saved again since (by hand): that newer save supersedes the late write.
-            log.warning("late_hand_write_superseded", file=file)
-            return
-        tmp = path.with_name(f"{TEMP_PREFIX}late-{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # the watcher sees a hand save and takes it in
-        log.warning("late_hand_write_saved_again", file=file, bytes=len(content))
+                await self.store.take_in_late(LATE_MAX_AGE_S)
 
     async def _sweep_soon(self) -> None:
         self.sweep()
@@ -309,7 +290,7 @@ class Poller:
             key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             is_new = self.seen.get(file) != key
             self.seen[file] = key
-            if now - st.st_ctime_ns < RACY_NS:
+            if now - st.st_ctime_ns < POLL_HASH_WITHIN_NS:
                 # Equal stat results within one timestamp tick prove nothing: hash it.
                 digest = _digest(path)
                 if digest is not None and digest != self.digests.get(file):

@@ -1,0 +1,182 @@
+"""Late in-place writes, in process: an in-place writer opened the file before the daemon's
+rename replaced it, and writes into the old file afterwards. What it wrote is taken in through
+the one door (`Store.take_in_late`), never written to the data file by a side door.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ctsd import atomic, ops
+from ctsd.atomic import TEMP_PREFIX
+from ctsd.store import Store
+from ctsd.watch import Watcher
+
+CONNS = "connections.json"
+
+
+@contextlib.asynccontextmanager
+async def _store(tmp_path: Path) -> AsyncIterator[tuple[Store, list[dict[str, Any]]]]:
+    s = Store(tmp_path / "data")
+    s.open()
+    s.start()
+    notices: list[dict[str, Any]] = []
+    s.notice_listeners.append(notices.append)
+    try:
+        for cid in ("c1", "c2"):
+            await s.submit(ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus")
+        yield s, notices
+    finally:
+        await s.close()
+
+
+def _edit(body: bytes, cid: str, **changes: Any) -> bytes:
+    conns = json.loads(body)
+    for c in conns:
+        if c["id"] == cid:
+            c.update(changes)
+    return (json.dumps(conns, indent=2) + "\n").encode()
+
+
+async def _displace(s: Store) -> Any:
+    """An in-place writer opens the file, then a bus change renames a new one over it."""
+    path = s.path(CONNS)
+    fh = open(path, "r+b")  # noqa: SIM115 - the "editor" keeps it open across the change
+    before = fh.read()
+    await s.submit(ops.update("c1", {"name": "Bus"}), "bus")
+    assert s.displaced and os.fstat(fh.fileno()).st_ino != path.stat().st_ino
+    fh.seek(0)
+    fh.truncate(0)
+    return fh, before
+
+
+def _late_copies(s: Store) -> list[Path]:
+    return sorted(s.data_dir.glob(f"{CONNS}.late-*"))
+
+
+@pytest.mark.anyio
+async def test_a_save_landing_while_a_late_write_is_taken_in_is_not_destroyed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The side-door race: the late write is being written back while an operator's rename
+    save lands, just before the rename that would put the late write in place. A write that
+    checks the file and then renames (the old `Watcher._resave`) destroys that save unseen;
+    the store's swap sees it, keeps it, and the late write (older) is kept aside instead."""
+    async with _store(tmp_path) as (s, _notices):
+        path = s.path(CONNS)
+        armed = False
+
+        def land_hand_save(dst: Any) -> None:
+            nonlocal armed
+            if armed and Path(dst) == path:
+                armed = False
+                tmp = path.with_name(".edit.tmp")
+                tmp.write_bytes(_edit(path.read_bytes(), "c1", volume_factor=3.0))
+                os.rename(tmp, path)
+
+        real_replace, real_exchange = os.replace, atomic._exchange
+
+        def replace(src: Any, dst: Any, **kw: Any) -> None:
+            land_hand_save(dst)
+            real_replace(src, dst, **kw)
+
+        def exchange(a: Path, b: Path) -> bool:
+            land_hand_save(b)
+            return real_exchange(a, b)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(atomic, "_exchange", exchange)
+
+        watcher = Watcher(s)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            await anyio.sleep(0.1)  # watching
+            fh, before = await _displace(s)
+            armed = True  # the next rename of connections.json meets the hand save
+            fh.write(_edit(before, "c2", name="Late"))
+            fh.close()
+            for _ in range(200):
+                if s.connections["c1"].volume_factor == 3.0 and _late_copies(s):
+                    break
+                await anyio.sleep(0.02)
+            watcher.stop()
+            tg.cancel_scope.cancel()
+        assert not armed, "the hand save never landed: the test did not hit the window"
+        assert s.connections["c1"].volume_factor == 3.0, "the hand save was destroyed"
+        assert s.connections["c1"].name == "Bus"  # the acknowledged change survived too
+        assert json.loads(path.read_bytes())[0]["volume_factor"] == 3.0
+        # The late write was older than the hand save: not applied, but kept for the operator.
+        assert s.connections["c2"].name == "c2"
+        (copy,) = _late_copies(s)
+        assert json.loads(copy.read_bytes())[1]["name"] == "Late"
+        assert s.unchanged(CONNS) and not s.displaced
+
+
+@pytest.mark.anyio
+async def test_late_write_is_taken_in_through_the_door_once_its_writer_closes(
+    tmp_path: Path,
+) -> None:
+    async with _store(tmp_path) as (s, notices):
+        path = s.path(CONNS)
+        fh, before = await _displace(s)
+        body = _edit(before, "c2", name="Late")
+        fh.write(body[:30])
+        fh.flush()
+        await s.take_in_late(max_age=2.0)
+        assert s.displaced, "taken while its writer still held it open (half written)"
+        fh.write(body[30:])
+        fh.close()
+        await s.take_in_late(max_age=2.0)
+        assert not s.displaced
+        assert s.connections["c2"].name == "Late"
+        # A hand save made now: it replaces, so the bus change it never saw is undone (as
+        # an event of source "file", like any hand edit).
+        assert s.connections["c1"].name == "c1"
+        assert s.log[-1].data["source"] == "file"
+        # Written by the store itself: stamp recorded, nothing left behind.
+        assert json.loads(path.read_bytes())[1]["name"] == "Late"
+        assert s.unchanged(CONNS)
+        assert not list(s.data_dir.glob(f"{TEMP_PREFIX}*")) and not _late_copies(s)
+        assert not notices
+
+
+@pytest.mark.anyio
+async def test_invalid_late_write_is_kept_and_reported_not_dropped(tmp_path: Path) -> None:
+    async with _store(tmp_path) as (s, notices):
+        path = s.path(CONNS)
+        fh, _before = await _displace(s)
+        on_disk = path.read_bytes()
+        fh.write(b'[\n  {"id": "c1",\n')  # the editor crashed half way, say
+        fh.close()
+        await s.take_in_late(max_age=2.0)
+        (copy,) = _late_copies(s)
+        assert copy.read_bytes() == b'[\n  {"id": "c1",\n'
+        (notice,) = notices
+        assert notice["notice"] == "file_invalid" and notice["file"] == copy.name
+        assert notice["line"] >= 1 and notice["message"]
+        assert CONNS in notice["reason"]
+        # The data file is valid and untouched: nothing is refused.
+        assert path.read_bytes() == on_disk and not s.problems
+        await s.submit(ops.update("c2", {"name": "Still works"}), "bus")
+        assert not list(s.data_dir.glob(f"{TEMP_PREFIX}*"))
+
+
+@pytest.mark.anyio
+async def test_late_write_pending_at_close_is_taken_in(tmp_path: Path) -> None:
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s)
+        fh.write(_edit(before, "c2", name="Late"))
+        fh.close()
+        data_dir = s.data_dir
+    assert not list(data_dir.glob(f"{TEMP_PREFIX}*"))
+    again = Store(data_dir)
+    again.open()
+    assert again.connections["c2"].name == "Late"
