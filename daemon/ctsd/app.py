@@ -168,6 +168,9 @@ def _components() -> list[tuple[str, Any]]:
 
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     os.umask(0o077)  # files we create (logs, temp files) are the owner's alone
+    # atomic.written_elsewhere probes with a read lease for an instant; a lease break sends
+    # SIGIO, whose default action would kill the daemon.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     try:
         app, lock = _prepare(data_dir, host, port)
     except StartError as e:
