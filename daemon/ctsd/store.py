@@ -126,6 +126,8 @@ class Store:
         self.last_sync: dict[str, str] = {}
         self._frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
         self._log_frags: deque[bytes] = deque()
+        self._writing: frozenset[str] = frozenset()  # files of the write in flight
+        self._write_done = asyncio.Event()  # set (and replaced) when that write returns
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -453,9 +455,16 @@ class Store:
             self.path(f): (group.synced[f] if f in group.synced else self.stamps.get(f))
             for f in write
         }
+        kept: list[Displaced] = []
+        self._writing = frozenset(write)
         try:
-            kept: list[Displaced] = []
-            stamps = await anyio.to_thread.run_sync(write_files, plan, expected, kept)
+            try:
+                stamps = await anyio.to_thread.run_sync(write_files, plan, expected, kept)
+            finally:
+                # Waiters run only once we yield: after the stamps below are recorded.
+                self._writing = frozenset()
+                self._write_done.set()
+                self._write_done = asyncio.Event()
         except ChangedOnDisk:
             raise
         except OSError as e:
@@ -541,6 +550,11 @@ class Store:
         """
         from ctsd import ops  # ops builds on the store; imported here to keep the flow one-way
 
+        # Our own write of this file is in flight: its stamp is recorded when it returns, so
+        # judging now would take our write for a hand edit (and decode it for nothing). A hand
+        # edit meanwhile is still caught: the writer checks every file before it writes.
+        while file in self._writing and not _inline:
+            await self._write_done.wait()
         path = self.path(file)
         before = stamp_of(path)
         if not force and before is not None and self.unchanged(file) and file not in self.problems:
