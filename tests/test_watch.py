@@ -136,6 +136,9 @@ def test_atomic_rename_save(daemon10: Daemon) -> None:
     assert_one_name_update(d, rev, "conn_0003", "Renamed")
     # The edited file is left exactly as the operator wrote it.
     assert json.loads(path.read_bytes())[3]["name"] == "Renamed"
+    # The admin sees it in the log: which file, how many changes (never values).
+    logged = wait_until(lambda: log_lines(d, "hand_edit_taken_in"), 5, what="log line")
+    assert [(e["file"], e["changes"]) for e in logged] == [(CONNS, 1)]
 
 
 def test_in_place_truncate_then_chunks_with_pauses(daemon10: Daemon) -> None:

@@ -581,8 +581,10 @@ class Store:
                 )
             return False
         try:
-            await self._submit_here(op, _inline)
+            changes = await self._submit_here(_counted(op), _inline)
             exc = None
+            if changes:  # the admin sees every hand edit taken in (never its values)
+                log.info("hand_edit_taken_in", file=file, changes=changes, revision=self.revision)
         except CtsdError as e:
             exc = e
         if isinstance(exc, CtsdError) and exc.code == "invalid":
@@ -823,6 +825,16 @@ def _drop(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
+
+
+def _counted(op: Op) -> Op:
+    """`op`, answering how many sync-log events it emitted."""
+
+    def counted(tx: Tx) -> int:
+        op(tx)
+        return len(tx.events)
+
+    return counted
 
 
 def _fail(p: _Pending, err: CtsdError) -> None:
