@@ -1,0 +1,235 @@
+"""The bus connection (`ws://HOST:PORT/ws`, CONTRACT §4): open, authenticate, call, close.
+
+`run` and `run_main` carry one command's conversation with the daemon and turn every failure
+into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from ctsd.client.errors import (
+    EXIT_AUTH,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_RATE_LIMITED,
+    EXIT_REFUSED,
+    BusError,
+    CliError,
+    FellBehind,
+    fail,
+)
+from ctsd.client.render import dump_json, safe, short
+from ctsd.client.target import SYSTEM_TOKEN, Target, read_token
+from ctsd.config import is_loopback
+
+# The server refuses frames over 1 MiB (CONTRACT §4); checking before sending gives a clear
+# message instead of a closed connection.
+MAX_FRAME = 1024 * 1024
+# Replies (exports, snapshots) may be far larger than what the server accepts from us.
+MAX_REPLY = 512 * 1024 * 1024
+OPEN_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 30.0
+
+
+def no_daemon(target: Target, why: str = "") -> CliError:
+    detail = f" ({why})" if why else ""
+    return CliError(
+        f"no daemon answering on {target.where}{detail} — "
+        "start it with `ctsd serve` or `systemctl start ctsd`",
+        EXIT_NO_DAEMON,
+    )
+
+
+class Bus:
+    """One authenticated bus connection: numbered commands, their replies, pushed frames."""
+
+    def __init__(self, ws: Any, target: Target, auth_ok: dict[str, Any]) -> None:
+        self.ws = ws
+        self.target = target
+        self.auth_ok = auth_ok
+        self.next_id = 1
+        # Frames that arrived while waiting for a reply (events after subscribe, notices).
+        self.pushed: list[dict[str, Any]] = []
+
+    @property
+    def revision(self) -> int | None:
+        rev = self.auth_ok.get("revision")
+        return rev if isinstance(rev, int) else None
+
+    async def recv(self, timeout: float | None) -> dict[str, Any]:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        except TimeoutError:
+            raise CliError(
+                f"the daemon on {self.target.where} did not answer within {timeout:g} s",
+                EXIT_NO_DAEMON,
+            ) from None
+        except ConnectionClosed as e:
+            raise closed_error(self.target, e) from None
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            raise CliError("the daemon sent a frame that is not JSON", EXIT_REFUSED) from None
+        if not isinstance(frame, dict):
+            raise CliError("the daemon sent a frame that is not a JSON object", EXIT_REFUSED)
+        return frame
+
+    async def call(self, command: str, timeout: float = COMMAND_TIMEOUT_S, **args: Any) -> Any:
+        from websockets.exceptions import ConnectionClosed
+
+        cid = self.next_id
+        self.next_id += 1
+        # `source` attributes the change to the CLI in the sync log (CONTRACT §2 sources).
+        frame: dict[str, Any] = {"id": cid, "type": command, "source": "cli", **args}
+        payload = dump_json(frame)
+        size = len(payload.encode())
+        if size > MAX_FRAME:
+            fail(
+                f"too_large: the {command} command is {size:,} bytes; "
+                f"the bus takes at most {MAX_FRAME:,} bytes per message",
+                EXIT_REFUSED,
+            )
+        try:
+            await self.ws.send(payload)
+        except ConnectionClosed as e:
+            raise closed_error(self.target, e) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            frame = await self.recv(max(0.0, deadline - loop.time()))
+            if frame.get("type") == "result" and frame.get("id") == cid:
+                if frame.get("success"):
+                    return frame.get("result")
+                error = frame.get("error")
+                raise BusError(error if isinstance(error, dict) else {"code": "internal"})
+            if frame.get("type") == "result" and frame.get("id") is None:
+                # An envelope the server could not tie to an id (e.g. too_large).
+                error = frame.get("error")
+                raise BusError(error if isinstance(error, dict) else {"code": "internal"})
+            self.pushed.append(frame)
+
+
+def closed_error(target: Target, e: Exception) -> CliError:
+    rcvd = getattr(e, "rcvd", None)
+    code = getattr(rcvd, "code", None)
+    reason = getattr(rcvd, "reason", "") or ""
+    if code == 1008:
+        return CliError(
+            f"not authorized: {safe(reason) or 'the daemon refused the token'}", EXIT_AUTH
+        )
+    if code == 1001:
+        return CliError(f"the daemon on {target.where} is shutting down", EXIT_NO_DAEMON)
+    if code == 1009:
+        return CliError("too_large: the daemon refused a message over its size limit")
+    if code == 4008:
+        return FellBehind("the daemon cut this client off: it fell behind", EXIT_NO_DAEMON)
+    detail = f" (code {code}{': ' + safe(reason) if reason else ''})" if code else ""
+    return CliError(f"the daemon on {target.where} closed the connection{detail}", EXIT_NO_DAEMON)
+
+
+@contextlib.asynccontextmanager
+async def open_bus(target: Target) -> Any:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+    token = read_token(target)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    if token and not is_loopback(target.host):
+        # ws:// is not encrypted: whoever sees the traffic sees the token.
+        click.echo(
+            f"ctsd: warning: the bus token goes unencrypted to {target.where}; "
+            "prefer an SSH tunnel to the daemon's loopback port",
+            err=True,
+        )
+    try:
+        ws = await connect(
+            target.url,
+            additional_headers=headers,
+            compression=None,
+            # The token must never go through an HTTP proxy from the environment.
+            proxy=None,
+            open_timeout=OPEN_TIMEOUT_S,
+            max_size=MAX_REPLY,
+            user_agent_header="ctsd-cli",
+        )
+    except InvalidStatus as e:
+        status = e.response.status_code
+        if status == 429:
+            raise CliError(
+                f"rate_limited: the daemon on {target.where} refuses this address for now "
+                "(too many failed attempts); try again later",
+                EXIT_RATE_LIMITED,
+            ) from None
+        if status in (401, 403):
+            raise CliError(
+                f"not authorized: the daemon on {target.where} answered HTTP {status}", EXIT_AUTH
+            ) from None
+        raise no_daemon(target, f"HTTP {status} on /ws; is this ctsd?") from None
+    except ConnectionRefusedError:
+        raise no_daemon(target) from None
+    except TimeoutError:
+        raise no_daemon(target, "timed out") from None
+    except (OSError, InvalidHandshake) as e:
+        raise no_daemon(target, safe(getattr(e, "strerror", None) or e)) from None
+    try:
+        bus = Bus(ws, target, {})
+        first = await bus.recv(OPEN_TIMEOUT_S * 2)
+        if first.get("type") == "auth_required":
+            if not token:
+                fail(
+                    "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the "
+                    f"daemon's data dir (looked in {target.data_dir}/.token and {SYSTEM_TOKEN})",
+                    EXIT_AUTH,
+                )
+            await ws.send(dump_json({"type": "auth", "token": token}))
+            first = await bus.recv(OPEN_TIMEOUT_S * 2)
+        if first.get("type") == "auth_invalid":
+            message = safe(first.get("message") or "the daemon refused the token")
+            fail(f"not authorized: {message}", EXIT_AUTH)
+        if first.get("type") != "auth_ok":
+            fail(f"unexpected first frame from the daemon: {short(first.get('type'))}")
+        bus.auth_ok = first
+        yield bus
+    finally:
+        with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
+            await asyncio.wait_for(ws.close(), 2.0)
+
+
+T = TypeVar("T")
+
+
+def run(target: Target, body: Callable[[Bus], Awaitable[T]]) -> T:
+    """Run one command's conversation with the daemon; every failure becomes exit + one line."""
+
+    async def go() -> T:
+        async with open_bus(target) as bus:
+            return await body(bus)
+
+    return run_main(go)
+
+
+def run_main(go: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(go())  # type: ignore[arg-type]
+    except CliError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`ctsd watch --json | head -n 5`): stop quietly, as a filter
+        # does; stdout goes to /dev/null so the interpreter's final flush cannot complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_OK)

@@ -1,0 +1,364 @@
+"""`ctsd conn …`: list, show, add, change, remove, switch and test exchange connections."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from ctsd.client.bus import Bus, run
+from ctsd.client.errors import EXIT_TEST_FAILED
+from ctsd.client.fields import (
+    PositiveFactor,
+    parse_assignments,
+    pop_secret_envs,
+    read_secrets,
+    secret_options,
+)
+from ctsd.client.options import CMD, bus_options, json_option
+from ctsd.client.render import cell, echo_json, key_values, safe, short, table
+from ctsd.client.target import Target
+
+# A connection test may take `test_timeout_s` (default 10 s, configurable) on the daemon.
+TEST_TIMEOUT_S = 180.0
+
+
+def _state_of(snapshot: Any, cid: str) -> dict[str, Any] | None:
+    if not isinstance(snapshot, dict):
+        return None
+    for st in snapshot.get("state") or []:
+        if isinstance(st, dict) and st.get("connection_id") == cid:
+            return st
+    return None
+
+
+def _print_connection(conn: Any, state: dict[str, Any] | None = None) -> None:
+    if not isinstance(conn, dict):
+        click.echo(safe(conn))
+        return
+    click.echo("\n".join(key_values(conn)))
+    if state:
+        click.echo("state:")
+        click.echo("\n".join(key_values(state, 2)))
+
+
+def _summary(conn: Any) -> str:
+    if not isinstance(conn, dict):
+        return safe(conn)
+    return f"{safe(conn.get('id'))} ({short(conn.get('name'))}, {short(conn.get('exchange'))})"
+
+
+def register(main: click.Group) -> None:
+    @main.group(**CMD)
+    def conn() -> None:
+        """Exchange connections: list, show, add, change, remove, switch, test."""
+
+    @conn.command("list", **CMD)
+    @bus_options
+    @json_option
+    @click.option("--exchange", help="only this exchange")
+    @click.option("--enabled/--disabled", default=None, help="only enabled / disabled ones")
+    @click.option("--active/--inactive", default=None, help="only active / inactive ones")
+    def list_(
+        target: Target,
+        as_json: bool,
+        exchange: str | None,
+        enabled: bool | None,
+        active: bool | None,
+    ) -> None:
+        """List connections (secrets masked)."""
+        args: dict[str, Any] = {}
+        if exchange is not None:
+            args["exchange"] = exchange
+        if enabled is not None:
+            args["enabled"] = enabled
+        if active is not None:
+            args["active"] = active
+
+        async def body(bus: Bus) -> tuple[Any, Any]:
+            conns = await bus.call("connections.list", **args)
+            snap = None if as_json else await bus.call("snapshot")
+            return conns, snap
+
+        conns, snap = run(target, body)
+        if as_json:
+            echo_json(conns)
+            return
+        rows = []
+        for c in conns or []:
+            st = _state_of(snap, c.get("id")) or {}
+            test = st.get("test_results") or {}
+            last_test = (
+                "-"
+                if not test
+                else ("ok" if test.get("success") else "failed")
+                + (f" {test.get('latency')}ms" if test.get("latency") is not None else "")
+            )
+            rows.append(
+                [
+                    cell(c.get("id")),
+                    cell(c.get("name")),
+                    cell(c.get("exchange")),
+                    cell(c.get("is_enabled")),
+                    cell(c.get("is_active")),
+                    cell(st.get("status")),
+                    cell(c.get("volume_factor")),
+                    cell(c.get("is_testnet")),
+                    last_test,
+                ]
+            )
+        headers = ["ID", "NAME", "EXCHANGE", "ENABLED", "ACTIVE", "STATUS", "VOLUME", "TESTNET"]
+        click.echo(table([*headers, "LAST TEST"], rows))
+        click.echo(f"{len(rows)} connection(s)", err=True)
+
+    @conn.command(**CMD)
+    @bus_options
+    @json_option
+    @click.argument("connection_id")
+    def show(target: Target, as_json: bool, connection_id: str) -> None:
+        """Show one connection and its state (secrets masked)."""
+
+        async def body(bus: Bus) -> tuple[Any, Any]:
+            c = await bus.call("connections.get", connection_id=connection_id)
+            return c, await bus.call("snapshot")
+
+        c, snap = run(target, body)
+        state = _state_of(snap, connection_id)
+        if as_json:
+            echo_json({"connection": c, "state": state})
+            return
+        _print_connection(c, state)
+
+    @conn.command(**CMD)
+    @bus_options
+    @json_option
+    @click.option("--name", required=True, help="display name")
+    @click.option("--exchange", required=True, help="exchange, e.g. binance, bybit")
+    @click.option("--id", "cid", help="connection id [default: conn_ + 12 hex digits]")
+    @click.option("--api-type", help="e.g. perpetual_futures, spot")
+    @click.option("--testnet/--mainnet", default=None, help="testnet or the real exchange")
+    @click.option("--enabled/--disabled", default=None)
+    @click.option("--volume-factor", type=PositiveFactor())
+    @click.option(
+        "--settings",
+        "settings_json",
+        metavar="JSON",
+        help='connection_settings, a JSON object, e.g. \'{"base_url": "http://…"}\'',
+    )
+    @click.argument("assignments", nargs=-1, metavar="[FIELD=VALUE]...")
+    @secret_options
+    def add(
+        target: Target,
+        as_json: bool,
+        name: str,
+        exchange: str,
+        cid: str | None,
+        api_type: str | None,
+        testnet: bool | None,
+        enabled: bool | None,
+        volume_factor: float | None,
+        settings_json: str | None,
+        assignments: tuple[str, ...],
+        ask_secrets: bool,
+        **kw: Any,
+    ) -> None:
+        """Create a connection. Other fields as FIELD=VALUE (JSON values).
+
+        Secrets are read from the environment (--api-key-env NAME, ...) or prompted for
+        without echo (--ask-secrets), never from the command line.
+        """
+        record: dict[str, Any] = parse_assignments(assignments)
+        record.update({"name": name, "exchange": exchange})
+        if cid is not None:
+            record["id"] = cid
+        if api_type is not None:
+            record["api_type"] = api_type
+        if testnet is not None:
+            record["is_testnet"] = testnet
+        if enabled is not None:
+            record["is_enabled"] = enabled
+        if volume_factor is not None:
+            record["volume_factor"] = volume_factor
+        if settings_json is not None:
+            try:
+                parsed = json.loads(settings_json)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise click.BadParameter("must be a JSON object", param_hint="'--settings'")
+            record["connection_settings"] = settings_json
+        record.update(read_secrets(pop_secret_envs(kw), ask_secrets))
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call("connections.create", connection=record)
+
+        created = run(target, body)
+        if as_json:
+            echo_json(created)
+            return
+        click.echo(f"created {_summary(created)}")
+
+    @conn.command("set", **CMD)
+    @bus_options
+    @json_option
+    @click.argument("connection_id")
+    @click.argument("assignments", nargs=-1, metavar="FIELD=VALUE...")
+    @secret_options
+    def set_(
+        target: Target,
+        as_json: bool,
+        connection_id: str,
+        assignments: tuple[str, ...],
+        ask_secrets: bool,
+        **kw: Any,
+    ) -> None:
+        """Change fields of a connection (FIELD=VALUE...).
+
+        Example: ctsd conn set conn_abc123 name="Main account" volume_factor=2 is_testnet=false
+
+        Values are JSON (true, 2.5, null, "text"); text fields also take plain text.
+        Secrets: --api-key-env NAME, ... or --ask-secrets, never on the command line.
+        """
+        changes = parse_assignments(assignments)
+        changes.update(read_secrets(pop_secret_envs(kw), ask_secrets))
+        if not changes:
+            raise click.UsageError("nothing to change: give FIELD=VALUE or a secret option")
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call(
+                "connections.update", connection_id=connection_id, changes=changes
+            )
+
+        updated = run(target, body)
+        if as_json:
+            echo_json(updated)
+            return
+        click.echo(f"updated {_summary(updated)}: {', '.join(sorted(changes))}")
+
+    @conn.command(**CMD)
+    @bus_options
+    @json_option
+    @click.argument("connection_ids", nargs=-1, required=True, metavar="ID...")
+    def rm(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
+        """Delete connections (in order; stops at the first failure)."""
+        done: list[Any] = []
+
+        async def body(bus: Bus) -> None:
+            for cid in connection_ids:
+                done.append(await bus.call("connections.delete", connection_id=cid))
+                if not as_json:
+                    click.echo(f"deleted {safe(cid)}")
+
+        run(target, body)
+        if as_json:
+            echo_json(done)
+
+    def switch(name: str, doc: str, command: str, field: str, value: bool, verb: str) -> None:
+        @conn.command(name, help=doc, **CMD)
+        @bus_options
+        @json_option
+        @click.argument("connection_id")
+        def cmd(target: Target, as_json: bool, connection_id: str) -> None:
+            async def body(bus: Bus) -> Any:
+                if command == "connections.set_active":
+                    return await bus.call(command, connection_id=connection_id, active=value)
+                return await bus.call(command, connection_id=connection_id, changes={field: value})
+
+            result = run(target, body)
+            if as_json:
+                echo_json(result)
+                return
+            click.echo(f"{verb} {_summary(result)}")
+
+    switch("enable", "Enable a connection.", "connections.update", "is_enabled", True, "enabled")
+    switch(
+        "disable", "Disable a connection.", "connections.update", "is_enabled", False, "disabled"
+    )
+    switch(
+        "activate",
+        "Switch a connection active (is_active = true).",
+        "connections.set_active",
+        "is_active",
+        True,
+        "activated",
+    )
+    switch(
+        "deactivate",
+        "Switch a connection inactive (is_active = false).",
+        "connections.set_active",
+        "is_active",
+        False,
+        "deactivated",
+    )
+
+    positive = PositiveFactor()
+
+    @conn.command(**CMD)
+    @bus_options
+    @json_option
+    @click.argument("connection_id")
+    @click.option("--live", type=positive, help="live volume factor")
+    @click.option("--preset", type=positive, help="preset volume factor")
+    def volume(
+        target: Target,
+        as_json: bool,
+        connection_id: str,
+        live: float | None,
+        preset: float | None,
+    ) -> None:
+        """Set the live and/or preset volume factor; without options, show them."""
+        args: dict[str, Any] = {}
+        if live is not None:
+            args["live"] = live
+        if preset is not None:
+            args["preset"] = preset
+
+        async def body(bus: Bus) -> dict[str, Any] | None:
+            if args:
+                await bus.call("connections.set_volume", connection_id=connection_id, **args)
+            else:
+                await bus.call("connections.get", connection_id=connection_id)
+            return _state_of(await bus.call("snapshot"), connection_id)
+
+        state = run(target, body) or {}
+        values = {
+            "connection_id": connection_id,
+            "live": state.get("volume_factor_live"),
+            "preset": state.get("volume_factor_preset"),
+        }
+        if as_json:
+            echo_json(values)
+            return
+        prefix = "set" if args else "volume of"
+        click.echo(
+            f"{prefix} {safe(connection_id)}: live {cell(values['live'])}, "
+            f"preset {cell(values['preset'])}"
+        )
+
+    @conn.command(**CMD)
+    @bus_options
+    @json_option
+    @click.argument("connection_id")
+    def test(target: Target, as_json: bool, connection_id: str) -> None:
+        """Test a connection against its exchange now (exit 9 when the test fails)."""
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call(
+                "connections.test", timeout=TEST_TIMEOUT_S, connection_id=connection_id
+            )
+
+        result = run(target, body)
+        ok = isinstance(result, dict) and bool(result.get("success"))
+        if as_json:
+            echo_json(result)
+        elif ok:
+            latency = result.get("latency")
+            took = f" in {cell(latency)} ms" if latency is not None else ""
+            click.echo(f"ok: {safe(connection_id)} answered{took}")
+        else:
+            error = result.get("error") if isinstance(result, dict) else None
+            click.echo(f"failed: {safe(connection_id)}: {safe(error or 'no answer')}")
+        if not ok:
+            sys.exit(EXIT_TEST_FAILED)

@@ -1,0 +1,181 @@
+"""`ctsd export`, `ctsd import` and `ctsd reset`: the daemon's data as a whole."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ctsd.client.bus import Bus, run
+from ctsd.client.errors import fail
+from ctsd.client.options import CMD, bus_options, json_option
+from ctsd.client.render import dump_json, echo_json, key_values, safe
+from ctsd.client.target import Target
+from ctsd.redact import SECRET_FIELDS, is_placeholder
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600: an export holds the whole configuration."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def drop_placeholders(obj: Any) -> int:
+    """Remove secret fields that hold the mask (an export never has the real values).
+
+    The daemon refuses a placeholder sent back as a value; leaving the field out keeps the
+    stored secret, which is what restoring an export of the same daemon means.
+    """
+    count = 0
+    if isinstance(obj, dict):
+        for key in [k for k, v in obj.items() if k in SECRET_FIELDS and is_placeholder(v)]:
+            del obj[key]
+            count += 1
+        for v in obj.values():
+            count += drop_placeholders(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            count += drop_placeholders(v)
+    return count
+
+
+def placeholder_paths(obj: Any, path: str) -> list[str]:
+    """JSON paths of secret fields that hold the mask."""
+    out: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in SECRET_FIELDS and is_placeholder(v):
+                out.append(f"{path}.{k}")
+            else:
+                out.extend(placeholder_paths(v, f"{path}.{k}"))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.extend(placeholder_paths(v, f"{path}[{i}]"))
+    return out
+
+
+def register(main: click.Group) -> None:
+    @main.command(**CMD)
+    @bus_options
+    @click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="file; - = stdout"
+    )
+    def export(target: Target, output: str | None) -> None:
+        """Export every file of the daemon as one JSON document (secrets masked)."""
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call("data.export")
+
+        result = run(target, body)
+        text = dump_json(result, 2) + "\n"
+        if output is None or output == "-":
+            click.echo(text, nl=False)
+            return
+        try:
+            write_private(Path(output), text)
+        except OSError as e:
+            fail(f"cannot write {safe(output)}: {e.strerror or e}")
+        files = result.get("files") if isinstance(result, dict) else None
+        revision = result.get("revision") if isinstance(result, dict) else None
+        click.echo(
+            f"exported {len(files or {})} file(s) at revision {revision} to {safe(output)}",
+            err=True,
+        )
+
+    @main.command("import", **CMD)
+    @bus_options
+    @json_option
+    @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+    @click.option("--merge", is_flag=True, help="merge into the current data instead of replacing")
+    def import_(target: Target, as_json: bool, file: str, merge: bool) -> None:
+        """Import a `ctsd export` document: replace everything, or --merge into it."""
+        try:
+            raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except OSError as e:
+            raise click.BadParameter(
+                f"cannot read {safe(file)}: {e.strerror or e}", param_hint="'FILE'"
+            ) from None
+        try:
+            data = json.loads(raw)
+        except UnicodeDecodeError:
+            raise click.BadParameter(f"{safe(file)} is not UTF-8", param_hint="'FILE'") from None
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(
+                f"{safe(file)}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}", param_hint="'FILE'"
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            raise click.BadParameter(
+                f'{safe(file)} is not a ctsd export (expected an object with "files")',
+                param_hint="'FILE'",
+            )
+
+        dropped = 0
+        conns = data["files"].get("connections.json")
+        if merge and isinstance(conns, list):
+            # A merge keeps the stored secrets of a connection whose import leaves them out.
+            dropped = drop_placeholders(conns)
+        masked = placeholder_paths(data["files"], "$.files")
+        if masked:
+            # Anywhere else the daemon would store the absence: the real secret would be lost.
+            more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
+            hint = "" if merge else "; --merge keeps the stored secrets of connections"
+            raise click.BadParameter(
+                f"{safe(file)} holds a masked secret at {safe(masked[0])}{more}: an export "
+                "never carries secrets, and importing it as it is would lose the stored one; "
+                f"put the real value there, or leave that file out of the import{hint}",
+                param_hint="'FILE'",
+            )
+        if dropped:
+            click.echo(
+                f"ctsd: {dropped} masked secret(s) in {safe(file)} left out: "
+                "the daemon keeps the stored values",
+                err=True,
+            )
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call("data.import", data=data, mode="merge" if merge else "replace")
+
+        result = run(target, body)
+        if as_json:
+            echo_json(result)
+            return
+        click.echo(f"imported {safe(file)} ({'merge' if merge else 'replace'})")
+        if isinstance(result, dict) and result:
+            click.echo("\n".join(key_values(result, 2)))
+
+    @main.command(**CMD)
+    @bus_options
+    @json_option
+    @click.option("--yes", is_flag=True, help="really reset: every connection and document")
+    def reset(target: Target, as_json: bool, yes: bool) -> None:
+        """Reset all data to the defaults (needs --yes)."""
+        if not yes:
+            raise click.UsageError(
+                "reset deletes every connection and resets every document; "
+                "run `ctsd reset --yes` to do it (`ctsd export -o FILE` first keeps a copy)"
+            )
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call("data.reset", confirm=True)
+
+        result = run(target, body)
+        if as_json:
+            echo_json(result)
+            return
+        click.echo("reset: every connection deleted, every document back to its default")

@@ -1,0 +1,144 @@
+"""Connection fields from the command line: `FIELD=VALUE`, volume factors, secrets.
+
+Secrets are read from the environment or a prompt without echo, never from argv (argv is
+visible in `ps`); they are only ever sent, never printed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+import msgspec
+
+from ctsd import models
+from ctsd.client.render import short
+from ctsd.redact import SECRET_FIELDS
+
+CONNECTION_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in msgspec.structs.fields(models.Connection)
+)
+# Set by the daemon, never by a client.
+READ_ONLY_FIELDS = frozenset({"id", "created_at", "updated_at"})
+SECRET_CONNECTION_FIELDS: tuple[str, ...] = tuple(
+    f for f in CONNECTION_FIELDS if f in SECRET_FIELDS
+)
+# Fields whose type is plain text: `name=My Binance` must not need JSON quotes.
+_TEXT_FIELDS = frozenset(
+    f.name
+    for f in msgspec.inspect.type_info(models.Connection).fields  # type: ignore[attr-defined]
+    if isinstance(f.type, msgspec.inspect.StrType)
+)
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean `{near[0]}`?" if near else ""
+
+
+def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`field=value` arguments → changes; values are JSON, except plain text in text fields."""
+    changes: dict[str, Any] = {}
+    settable = [f for f in CONNECTION_FIELDS if f not in READ_ONLY_FIELDS]
+    for pair in pairs:
+        field, eq, text = pair.partition("=")
+        field = field.strip()
+        if not eq or not field:
+            raise click.BadParameter(
+                f"expected field=value, got {short(pair)!r}", param_hint="'FIELD=VALUE'"
+            )
+        if field in SECRET_CONNECTION_FIELDS:
+            raise click.BadParameter(
+                f"secrets are not taken from the command line (it is visible in `ps`); use "
+                f"--{field.replace('_', '-')}-env NAME or --ask-secrets",
+                param_hint="'FIELD=VALUE'",
+            )
+        if field in READ_ONLY_FIELDS:
+            raise click.BadParameter(
+                f"`{short(field)}` is set by the daemon", param_hint="'FIELD=VALUE'"
+            )
+        if field not in settable:
+            raise click.BadParameter(
+                f"unknown field `{short(field)}`{_did_you_mean(field, settable)}",
+                param_hint="'FIELD=VALUE'",
+            )
+        if field in _TEXT_FIELDS and not text.startswith('"'):
+            value: Any = text
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise click.BadParameter(
+                    f'{field}={short(text)!r} is not a JSON value (e.g. true, 2.5, null, "text")',
+                    param_hint="'FIELD=VALUE'",
+                ) from None
+        changes[field] = value
+    return changes
+
+
+class PositiveFactor(click.ParamType):
+    """A volume factor: a finite number > 0 (FloatRange lets nan and inf through)."""
+
+    name = "number>0"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{short(value)!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{short(value)!r} is not a finite number > 0", param, ctx)
+        return number
+
+
+def secret_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Secrets come from the environment or a prompt without echo; never from argv."""
+    for field in reversed(SECRET_CONNECTION_FIELDS):
+        flag = field.replace("_", "-")
+        func = click.option(
+            f"--{flag}-env",
+            f"{field}_env",
+            metavar="NAME",
+            help=f"read {field} from environment variable NAME",
+        )(func)
+    return click.option(
+        "--ask-secrets",
+        is_flag=True,
+        help="prompt (without echo) for the secrets not given by --*-env; empty = leave unset",
+    )(func)
+
+
+def read_secrets(env_names: dict[str, str | None], ask: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for field in SECRET_CONNECTION_FIELDS:
+        name = env_names.get(f"{field}_env")
+        if name:
+            value = os.environ.get(name)
+            if value is None or value == "":
+                raise click.BadParameter(
+                    f"environment variable {short(name)} is not set",
+                    param_hint=f"'--{field.replace('_', '-')}-env'",
+                )
+            out[field] = value
+        elif ask:
+            value = click.prompt(
+                f"{field} (hidden, empty to skip)",
+                default="",
+                show_default=False,
+                hide_input=True,
+                err=True,
+            )
+            if value:
+                out[field] = value
+    return out
+
+
+def pop_secret_envs(kw: dict[str, Any]) -> dict[str, str | None]:
+    return {f"{f}_env": kw.pop(f"{f}_env", None) for f in SECRET_CONNECTION_FIELDS}

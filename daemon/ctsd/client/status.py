@@ -1,0 +1,97 @@
+"""`ctsd status`: a summary of the running daemon."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ctsd.client.bus import Bus, run
+from ctsd.client.errors import EXIT_CONFLICT
+from ctsd.client.options import CMD, bus_options, json_option
+from ctsd.client.render import cell, echo_json, key_values, safe
+from ctsd.client.target import Target
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or days:
+        parts.append(f"{hours}h")
+    if minutes or hours or days:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return " ".join(parts)
+
+
+def render_status(result: Any, target: Target) -> str:
+    """The daemon's `status` reply as a few readable lines; unknown parts shown as they are."""
+    if not isinstance(result, dict):
+        return f"ctsd daemon on {target.where}: {safe(result)}"
+    rest = dict(result)
+    version = rest.pop("version", "?")
+    lines = [
+        f"ctsd {safe(version)} on {target.where}: up {_duration(rest.pop('uptime_s', None))}, "
+        f"revision {safe(rest.pop('revision', '?'))}"
+    ]
+    counts = rest.pop("counts", None)
+    if isinstance(counts, dict):
+        lines.append(
+            f"connections  {cell(counts.get('connections'))}: {cell(counts.get('enabled'))} "
+            f"enabled, {cell(counts.get('active'))} active (observed: "
+            f"{cell(counts.get('status_active'))} active, {cell(counts.get('status_stale'))} "
+            f"stale, {cell(counts.get('status_inactive'))} inactive)"
+        )
+    if "invalid_files" in rest:
+        invalid = rest.pop("invalid_files") or []
+        lines.append(
+            "files        all valid"
+            if not invalid
+            else f"files        INVALID: {', '.join(safe(f) for f in invalid)} "
+            "(changes to them are refused; `ctsd verify` shows where)"
+        )
+    bus = rest.pop("bus", None)
+    if isinstance(bus, dict):
+        lines.append(
+            f"bus          {cell(bus.get('clients'))} client(s), "
+            f"{cell(bus.get('subscribers'))} subscriber(s), "
+            f"{cell(bus.get('events_sent'))} event(s) sent"
+        )
+    px = rest.pop("projectx", None)
+    if isinstance(px, dict):
+        text = ", ".join(
+            f"{safe(k)} {cell(v)}" for k, v in px.items() if not isinstance(v, dict | list)
+        )
+        lines.append(f"projectx     {text}")
+    if rest:
+        lines.extend(key_values(rest))
+    return "\n".join(lines)
+
+
+def register(main: click.Group) -> None:
+    @main.command(**CMD)
+    @bus_options
+    @json_option
+    def status(target: Target, as_json: bool) -> None:
+        """A summary of the running daemon: revision, connections, clients, files.
+
+        Exits 6 when a data file is invalid on disk (the daemon serves its last valid
+        content and refuses changes to it).
+        """
+
+        async def body(bus: Bus) -> Any:
+            return await bus.call("status")
+
+        result = run(target, body)
+        if as_json:
+            echo_json(result)
+            return
+        click.echo(render_status(result, target))
+        if isinstance(result, dict) and result.get("invalid_files"):
+            sys.exit(EXIT_CONFLICT)

@@ -1,0 +1,98 @@
+"""Where the daemon is (host, port, data dir) and the bus token to reach it with."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ctsd.client.errors import EXIT_AUTH, fail
+from ctsd.config import resolve_data_dir
+from ctsd.tokenfile import load_token
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3587
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}/ws"
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
+    """server.host/port from DATA/settings.json, as the daemon binds them; best effort."""
+    try:
+        raw = json.loads((data_dir / "settings.json").read_bytes())
+        server = raw.get("server") if isinstance(raw, dict) else None
+        if not isinstance(server, dict):
+            return None, None
+        host, port = server.get("host"), server.get("port")
+        return (
+            host if isinstance(host, str) and host else None,
+            port if isinstance(port, int) and not isinstance(port, bool) else None,
+        )
+    except (OSError, ValueError):
+        return None, None
+
+
+def resolve_target(data_dir: str | None, host: str | None, port: int | None) -> Target:
+    """Flag > environment > the data dir's settings.json > default, as `ctsd serve` binds."""
+    directory = resolve_data_dir(data_dir)
+    s_host, s_port = _settings_listen(directory)
+    chosen_host = host or os.environ.get("CTSD_HOST") or s_host or DEFAULT_HOST
+    if port is None:
+        env_port = os.environ.get("CTSD_PORT")
+        if env_port:
+            try:
+                port = int(env_port)
+            except ValueError:
+                raise click.UsageError(
+                    f"CTSD_PORT must be a port number, not {env_port!r}"
+                ) from None
+            if not 0 < port < 65536:
+                raise click.UsageError(f"CTSD_PORT {port} is out of range")
+        else:
+            port = s_port or DEFAULT_PORT
+    # A daemon bound to every address is reached on loopback.
+    if chosen_host in ("0.0.0.0", ""):
+        chosen_host = "127.0.0.1"
+    elif chosen_host == "::":
+        chosen_host = "::1"
+    return Target(chosen_host, port, directory)
+
+
+# Where systemd/ctsd.service loads the token from (LoadCredential=ctsd-token:/etc/ctsd/token):
+# on a server, `ctsd status` as root then works with no CTSD_TOKEN.
+SYSTEM_TOKEN = Path("/etc/ctsd/token")
+
+
+def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
+    """CTSD_TOKEN, $CREDENTIALS_DIRECTORY/ctsd-token, DATA/.token, then the unit's token."""
+    path = target.data_dir / ".token"
+    try:
+        token = load_token(target.data_dir, create=False)
+        if token is None and system_token.is_file():
+            path = system_token
+            token = system_token.read_text().strip() or None
+        return token
+    except OSError as e:
+        # Under systemd the token files belong to root or the daemon's user.
+        fail(
+            f"cannot read the bus token {path}: {e.strerror or e}; "
+            "set CTSD_TOKEN or run as the daemon's user",
+            EXIT_AUTH,
+        )

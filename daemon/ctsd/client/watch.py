@@ -1,0 +1,143 @@
+"""`ctsd watch`: follow the sync log live, resuming without gap after a cut-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from ctsd.client.bus import Bus, open_bus, run_main
+from ctsd.client.errors import EXIT_COMPACTED, BusError, CliError, FellBehind
+from ctsd.client.options import CMD, bus_options
+from ctsd.client.render import dump_json, format_event, format_notice
+from ctsd.client.target import Target
+
+TOPICS = click.Choice(["connections", "state", "documents", "system"])
+
+
+def _compacted_message(since: int, error: dict[str, Any]) -> str:
+    oldest = error.get("oldest")
+    if oldest is None and isinstance(error.get("data"), dict):
+        oldest = error["data"].get("oldest")
+    if isinstance(oldest, int):
+        return (
+            f"revision_compacted: events after revision {since} are no longer kept (the oldest "
+            f"kept is {oldest}); run `ctsd watch --since {oldest - 1}` to replay what is "
+            "kept, or `ctsd export` for the whole current state"
+        )
+    return (
+        f"revision_compacted: events after revision {since} are no longer kept; "
+        "`ctsd export` gives the whole current state"
+    )
+
+
+@dataclass
+class WatchState:
+    last: int | None
+    seen: int = 0
+
+
+def register(main: click.Group) -> None:
+    @main.command(**CMD)
+    @bus_options
+    @click.option(
+        "--since",
+        type=click.IntRange(0),
+        help="replay every event after revision N first (resume where you stopped)",
+    )
+    @click.option(
+        "--topic", "topics", type=TOPICS, multiple=True, help="only this topic (repeatable)"
+    )
+    @click.option(
+        "--connection",
+        "connection_ids",
+        multiple=True,
+        metavar="ID",
+        help="only this connection's events (repeatable)",
+    )
+    @click.option(
+        "--json", "as_json", is_flag=True, help="one JSON object per line (events, notices)"
+    )
+    @click.option("-n", "--count", type=click.IntRange(1), help="exit after N events")
+    def watch(
+        target: Target,
+        since: int | None,
+        topics: tuple[str, ...],
+        connection_ids: tuple[str, ...],
+        as_json: bool,
+        count: int | None,
+    ) -> None:
+        """Follow the sync log live, as the daemon broadcasts it.
+
+        With --json each event is one line (the SyncEvent as in the sync log); notices are
+        lines with "type": "notice". A subscriber that falls behind is cut off by the daemon;
+        watch then resumes from the last event it printed, without gap or duplicate.
+        """
+        st = WatchState(since)
+
+        def emit(frame: dict[str, Any]) -> bool:
+            """Print one pushed frame; True when --count is reached."""
+            kind = frame.get("type")
+            if kind == "events":
+                for ev in frame.get("events") or []:
+                    if not isinstance(ev, dict):
+                        continue
+                    rev = ev.get("id")
+                    # A resumed subscription must not print an event twice.
+                    if isinstance(rev, int) and st.last is not None and rev <= st.last:
+                        continue
+                    click.echo(dump_json(ev) if as_json else format_event(ev))
+                    if isinstance(rev, int):
+                        st.last = rev
+                    st.seen += 1
+                    if count is not None and st.seen >= count:
+                        return True
+            elif kind == "notice":
+                click.echo(dump_json(frame) if as_json else format_notice(frame))
+            return False
+
+        async def subscribe(bus: Bus) -> bool:
+            args: dict[str, Any] = {}
+            if topics:
+                args["topics"] = list(topics)
+            if connection_ids:
+                args["connection_ids"] = list(connection_ids)
+            if st.last is not None:
+                args["since"] = st.last
+            try:
+                result = await bus.call("subscribe", **args)
+            except BusError as e:
+                if e.code == "revision_compacted":
+                    raise CliError(
+                        _compacted_message(st.last or 0, e.error), EXIT_COMPACTED
+                    ) from None
+                raise
+            if st.last is None and isinstance(result, dict):
+                # From here on, resuming after a cut-off must continue from this revision.
+                rev = result.get("revision")
+                st.last = rev if isinstance(rev, int) else None
+            if not as_json and st.seen == 0 and since is None:
+                click.echo(
+                    f"watching {target.where} from revision {st.last} (Ctrl-C stops)", err=True
+                )
+            for frame in bus.pushed:
+                if emit(frame):
+                    return True
+            bus.pushed.clear()
+            while True:
+                if emit(await bus.recv(None)):
+                    return True
+
+        async def go() -> None:
+            while True:
+                try:
+                    async with open_bus(target) as bus:
+                        if await subscribe(bus):
+                            return
+                except FellBehind:
+                    # The daemon dropped us rather than stall the others; a fresh connection
+                    # from the last revision printed loses nothing.
+                    click.echo("ctsd: fell behind; resuming from the last event printed", err=True)
+
+        run_main(go)
