@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from ctsd import intake as intake_mod
 from ctsd import ops
-from ctsd import store as store_mod
 from ctsd.store import Store
 
 
 class _FrozenOs(SimpleNamespace):
-    """`os` for the store module, except that stat of one path answers as within one tick."""
+    """`os` for the intake module, except that stat of one path answers as within one tick."""
 
     def __init__(self, path: Path, frozen: os.stat_result) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ def _conn() -> dict[str, Any]:
 async def test_same_tick_rewrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coarse: bool
 ) -> None:
-    monkeypatch.setattr(store_mod, "_timestamps_coarse", lambda _d: coarse)
+    monkeypatch.setattr(intake_mod, "_timestamps_coarse", lambda _d: coarse)
     s = Store(tmp_path / "data")
     s.open()
     s.start()
@@ -54,7 +54,7 @@ async def test_same_tick_rewrite(
         assert len(edited) == len(body)
         with open(path, "r+b") as fh:  # in place, same size...
             fh.write(edited)
-        monkeypatch.setattr(store_mod, "os", _FrozenOs(path, frozen))  # ...within one tick
+        monkeypatch.setattr(intake_mod, "os", _FrozenOs(path, frozen))  # ...within one tick
         # Only the digest can tell; without it the edit would pass for our own write.
         assert s.unchanged("connections.json") is (not coarse)
     finally:
@@ -65,5 +65,5 @@ async def test_same_tick_rewrite(
 def test_probe_on_this_filesystem(tmp_path: Path) -> None:
     """Two writes in a row with a stat between get distinct mtimes here (multigrain
     timestamps), so the write path pays no hashing; the probe must say so."""
-    assert store_mod._timestamps_coarse(tmp_path) is False
+    assert intake_mod._timestamps_coarse(tmp_path) is False
     assert not list(tmp_path.iterdir())  # the probe file is gone

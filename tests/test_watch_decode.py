@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from ctsd import files
+from ctsd.intake import _decode_known
 from ctsd.models import Connection
-from ctsd.store import _decode_known
 
 N = 60
 
