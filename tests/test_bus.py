@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -952,3 +954,67 @@ async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Da
             assert test_id not in b.results  # the test is still running
     finally:
         silent.close()
+
+
+def _raw_ws(d: Daemon) -> socket.socket:
+    """A websocket opened by hand, so the test sees every frame, pings included, and can
+    leave them unanswered (client libraries answer pings by themselves)."""
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def _read_frame(s: socket.socket) -> tuple[int, bytes] | None:
+    """(opcode, payload) of the next server frame (unmasked), or None at EOF."""
+
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = s.recv(n - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return out
+
+    try:
+        b0, b1 = exactly(2)
+        size = b1 & 0x7F
+        if size == 126:
+            size = int.from_bytes(exactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(exactly(8), "big")
+        return b0 & 0x0F, exactly(size)
+    except (EOFError, ConnectionResetError):
+        return None
+
+
+def test_keepalive_pings_and_a_silent_client_is_dropped(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"CTSD_BUS_PING_S": "0.3"}).start()
+    try:
+        s = _raw_ws(d)
+        opcode, payload = _read_frame(s) or (None, b"")
+        assert opcode == 0x1 and json.loads(payload)["type"] == "auth_ok"
+        t0 = time.monotonic()
+        seen: list[int] = []
+        while (frame := _read_frame(s)) is not None:  # never answer: no pong
+            seen.append(frame[0])
+            if frame[0] == 0x8:  # close
+                assert int.from_bytes(frame[1][:2], "big") == 1011, frame
+                break
+        assert 0x9 in seen, seen  # a ping came
+        # dropped after one interval plus the timeout, not the library's 20 s default
+        assert time.monotonic() - t0 < 3, seen
+        s.close()
+    finally:
+        d.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.bus")
 
 HARD_MAX_FRAME_BYTES = 2 * protocol.MAX_FRAME_BYTES
-PING_INTERVAL_S = 20.0
-PING_TIMEOUT_S = 20.0
+# CONTRACT §4: keepalive pings every 20 s; a client that does not answer within as long again
+# is dropped. CTSD_BUS_PING_S shortens both for tests.
+PING_INTERVAL_S = float(os.environ.get("CTSD_BUS_PING_S") or 20.0)
+PING_TIMEOUT_S = PING_INTERVAL_S
 CLOSE_TIMEOUT_S = 3.0  # shutdown must fit in the contract's 5 s
 SHUTDOWN_DRAIN_S = 1.0  # in-flight commands get this long to answer before clients are closed
 SHUTDOWN_CLOSE_S = 1.5  # then closing handshakes get this long; the rest are aborted
