@@ -17,6 +17,7 @@ from ctsd.models import Connection, ConnectionState, TestResult
 from ctsd.redact import SECRET_FIELDS, refuse_placeholders
 from ctsd.store import Op, Tx, mirror_state
 from ctsd.table import Table
+from ctsd.timeutil import later
 
 READ_ONLY = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
@@ -230,9 +231,7 @@ def record_test(cid: str, result: TestResult) -> Op:
             "updated_at": tx.now,
             "last_sync_at": tx.now,  # its `test` event; the state is written anyway
         }
-        if result.success and (
-            state.last_heartbeat_at is None or result.timestamp > state.last_heartbeat_at
-        ):
+        if result.success and later(result.timestamp, state.last_heartbeat_at):
             changes["last_heartbeat_at"] = result.timestamp
         recovered = result.success and state.status == "stale"
         if recovered:
@@ -262,9 +261,7 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
                 continue
             if status == "stale":
                 latest = tx.store.heartbeats.get(cid)
-                if state.status != "active" or (
-                    latest is not None and (heartbeat is None or latest > heartbeat)
-                ):
+                if state.status != "active" or later(latest, heartbeat):
                     continue
             elif status != "active" or state.status != "stale":
                 continue
@@ -303,10 +300,10 @@ def flush_heartbeats(beats: dict[str, str], synced: dict[str, str] | None = None
                 continue
             changes: dict[str, str] = {}
             hb = beats.get(cid)
-            if hb is not None and (state.last_heartbeat_at is None or hb > state.last_heartbeat_at):
+            if later(hb, state.last_heartbeat_at):
                 changes["last_heartbeat_at"] = hb
             ls = (synced or {}).get(cid)
-            if ls is not None and (state.last_sync_at is None or ls > state.last_sync_at):
+            if later(ls, state.last_sync_at):
                 changes["last_sync_at"] = ls
             if changes:
                 tx.state.put(cid, msgspec.structs.replace(state, **changes))

@@ -36,7 +36,7 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.intake import Intake, _digest_of, _drop
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.table import Table
-from ctsd.timeutil import now_iso
+from ctsd.timeutil import later, now_iso
 
 log = structlog.get_logger("ctsd.store")
 
@@ -426,8 +426,8 @@ class Store(Intake):
         # later heartbeat than the last one held in memory (timestamps compare as strings).
         hb = self.heartbeats.get(cid)
         ls = self.last_sync.get(cid)
-        newer_hb = hb is not None and (st.last_heartbeat_at is None or hb > st.last_heartbeat_at)
-        newer_ls = ls is not None and (st.last_sync_at is None or ls > st.last_sync_at)
+        newer_hb = later(hb, st.last_heartbeat_at)
+        newer_ls = later(ls, st.last_sync_at)
         if newer_hb or newer_ls:
             st = msgspec.structs.replace(
                 st,

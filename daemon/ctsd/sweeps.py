@@ -48,9 +48,12 @@ from ctsd import ops, probes
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE
 from ctsd.models import SyncEvent
-
-# The bus reaches every lifecycle command through this module.
-from ctsd.probes import projectx_status, test_connection, test_projectx
+from ctsd.probes import (  # re-exported: the bus reaches every lifecycle command here
+    projectx_status,
+    test_connection,
+    test_projectx,
+)
+from ctsd.timeutil import later
 
 __all__ = ["heartbeat", "projectx_status", "run", "test_connection", "test_projectx"]
 
@@ -282,7 +285,7 @@ class Sweeper:
             latest = self.store.heartbeats.get(cid)
             if st is None:
                 continue
-            if st.status == "stale" and latest is not None and (hb is None or latest > hb):
+            if st.status == "stale" and later(latest, hb):
                 self._recover(cid)  # a heartbeat landed while the write was in flight
             elif st.status != "stale":
                 self._watch(cid)
@@ -325,20 +328,12 @@ class Sweeper:
         synced: dict[str, str] = {}
         for cid in self.beats_dirty:
             hb, st = beats_mem.get(cid), state.get(cid)
-            if (
-                hb is not None
-                and st is not None
-                and (st.last_heartbeat_at is None or hb > st.last_heartbeat_at)
-            ):
-                beats[cid] = hb
+            if st is not None and later(hb, st.last_heartbeat_at):
+                beats[cid] = hb  # type: ignore[assignment]  # set: later() said so
         for cid in self.sync_dirty:
             ls, st = sync_mem.get(cid), state.get(cid)
-            if (
-                ls is not None
-                and st is not None
-                and (st.last_sync_at is None or ls > st.last_sync_at)
-            ):
-                synced[cid] = ls
+            if st is not None and later(ls, st.last_sync_at):
+                synced[cid] = ls  # type: ignore[assignment]
         return beats, synced
 
     @property

@@ -18,3 +18,9 @@ def format_ts(when: dt.datetime) -> str:
 
 def parse_ts(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def later(ts: str | None, than: str | None) -> bool:
+    """Is `ts` set and later than `than` (unset counts as earliest)? Our timestamps are all
+    the same ISO-8601 UTC form, so they compare as strings."""
+    return ts is not None and (than is None or ts > than)
