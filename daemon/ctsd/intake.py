@@ -84,10 +84,9 @@ class Intake:
             if d.exists() and not d.is_dir():
                 raise CtsdError("io_error", f"{d} exists and is not a directory")
             ensure_dir(d)
-        for stale in self.data_dir.glob(f"{TEMP_PREFIX}*"):
-            stale.unlink(missing_ok=True)
-        for stale in (self.data_dir / files.ALGORITHMS_DIR).glob(f"{TEMP_PREFIX}*"):
-            stale.unlink(missing_ok=True)
+        for d in (self.data_dir, self.data_dir / files.ALGORITHMS_DIR):
+            for stale in d.glob(f"{TEMP_PREFIX}*"):
+                stale.unlink(missing_ok=True)
         self.coarse_mtime = _timestamps_coarse(self.data_dir)
         defaults: list[tuple[Path, bytes]] = []
         for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
@@ -135,7 +134,7 @@ class Intake:
         self.stamps[file] = stamp
         self._note_ctime(file)
         if self.coarse_mtime:
-            self.digests[file] = hashlib.sha1(raw).digest()
+            self.digests[file] = _digest_of(raw)
         if file == CONNECTIONS:
             self.connections = {c.id: c for c in decoded}
             self._frags[CONNECTIONS] = {c.id: files.encode_record(c) for c in decoded}
@@ -253,7 +252,7 @@ class Intake:
             log.warning("ingest_failed", file=file, error=str(exc))
             return False
         if self.coarse_mtime:
-            self.digests[file] = hashlib.sha1(raw).digest()
+            self.digests[file] = _digest_of(raw)
         return True
 
     def unchanged(self, file: str) -> bool:
@@ -292,16 +291,7 @@ class Intake:
             return
         self.problems[file] = problem
         log.error("file_invalid", file=file, problem=problem.format())
-        self._notice(
-            {
-                "notice": "file_invalid",
-                "file": file,
-                "line": problem.line,
-                "column": problem.column,
-                "path": problem.path,
-                "message": problem.message,
-            }
-        )
+        self._notice(_invalid_notice(file, problem))
 
     async def _restore_deleted(self, file: str, *, _inline: bool) -> bool:
         """A data file deleted by hand is written back from memory, with a notice."""
@@ -378,12 +368,9 @@ class Intake:
         st = os.fstat(d.fd)
         if Stamp.of(st) == d.stamp:
             return  # opened for writing, never written
-        if st.st_size > files.MAX_FILE_BYTES:
-            limit = f"file is {st.st_size} bytes; the limit is {files.MAX_FILE_BYTES}"
-            self._keep_late(d, file, "invalid", FileProblem(file, 1, 1, "$", limit))
-            return
-        raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
         try:
+            files.check_size(file, st.st_size)
+            raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
             await self.submit(ops.take_in(file, self.decode(file, raw), raw, None), "file")
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
@@ -413,18 +400,19 @@ class Intake:
         name = str(kept.relative_to(self.data_dir))
         log.warning("late_hand_write_kept", file=file, kept=name, why=why, error=msg or None)
         if problem is not None:
-            self._notice(
-                {
-                    "notice": "file_invalid",
-                    "file": name,
-                    "line": problem.line,
-                    "column": problem.column,
-                    "path": problem.path,
-                    "message": problem.message,
-                    "reason": f"written into {file} after the daemon had replaced it; "
-                    f"kept as {name}, not taken in",
-                }
-            )
+            reason = f"written into {file} after the daemon had replaced it; kept as {name}, "
+            self._notice({**_invalid_notice(name, problem), "reason": reason + "not taken in"})
+
+
+def _invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
+    return {
+        "notice": "file_invalid",
+        "file": file,
+        "line": problem.line,
+        "column": problem.column,
+        "path": problem.path,
+        "message": problem.message,
+    }
 
 
 def _drop(d: Displaced) -> None:
