@@ -376,11 +376,10 @@ class Store(Intake):
             self.revision = events[-1].id
         elif group.log_replace:
             self.revision = max(self.revision, group.log_replace[-1].id)
-        for f, st in group.synced.items():
-            self.stamps[f] = st
-        for path, st in stamps.items():
-            self.stamps[str(path.relative_to(self.data_dir))] = st
-        for f in {*group.synced, *(str(p.relative_to(self.data_dir)) for p in stamps)}:
+        written = {str(path.relative_to(self.data_dir)): st for path, st in stamps.items()}
+        self.stamps.update(group.synced)
+        self.stamps.update(written)
+        for f in {*group.synced, *written}:
             self._note_ctime(f)
         self.displaced += [(d, time.monotonic()) for d in kept]
         if self.coarse_mtime:
