@@ -551,11 +551,15 @@ def import_data(data: Any, mode: Any) -> Op:
                         getattr(r, key): r
                         for r in (tx.connections if file == CONNECTIONS else tx.state).values()
                     }
+                    # as sent, first of each id (records converted from `value`: dicts with ids)
+                    sent: dict[str, Any] = {}
+                    for v in value if file == CONNECTIONS else ():
+                        sent.setdefault(v["id"], v)
                     for r in records:
                         old = current.get(getattr(r, key))
                         if old is not None and file == CONNECTIONS:
                             # secrets absent from the import keep their stored values
-                            given = next(v for v in value if v.get("id") == r.id)
+                            given = sent[r.id]
                             keep = {
                                 k: getattr(old, k)
                                 for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
