@@ -572,3 +572,14 @@ async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
         ]
     assert not (algos / "Unused.json").exists()
     assert msgspec.json.decode((algos / "Used.json").read_bytes()) == {"name": "Used"}
+
+
+@pytest.mark.parametrize("mode", ["replace", "merge"])
+async def test_import_refuses_duplicate_ids_in_either_mode(data_dir: Path, mode: str) -> None:
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        data = {"files": {CONNECTIONS: [conn(2), conn(3), conn(2, name="again")]}}
+        with pytest.raises(CtsdError) as e:
+            await store.submit(ops.import_data(data, mode), "bus")
+        assert e.value.code == "invalid" and e.value.path == f"$.data.files.{CONNECTIONS}[2]"
+        assert list(store.connections) == ["c1"]

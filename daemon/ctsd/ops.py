@@ -545,37 +545,35 @@ def import_data(data: Any, mode: Any) -> Op:
             if file in (CONNECTIONS, STATE):
                 kind = files.TABLES[file]
                 records = _convert(value, list[kind], path)
-                if mode == "merge":
-                    key = "id" if file == CONNECTIONS else "connection_id"
-                    current = {
-                        getattr(r, key): r
-                        for r in (tx.connections if file == CONNECTIONS else tx.state).values()
-                    }
-                    # as sent, first of each id (records converted from `value`: dicts with ids)
-                    sent: dict[str, Any] = {}
-                    for v in value if file == CONNECTIONS else ():
-                        sent.setdefault(v["id"], v)
-                    for r in records:
-                        old = current.get(getattr(r, key))
-                        if old is not None and file == CONNECTIONS:
-                            # secrets absent from the import keep their stored values
-                            given = sent[r.id]
-                            keep = {
-                                k: getattr(old, k)
-                                for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
-                                if k not in given
-                            }
-                            r = msgspec.structs.replace(r, **keep)
-                        current[getattr(r, key)] = r
-                    records = list(current.values())
+                key = "id" if file == CONNECTIONS else "connection_id"
+                # Checked as sent, before any merge (a merge would fold duplicates silently).
                 seen: set[str] = set()
                 for i, r in enumerate(records):
-                    rid = r.id if file == CONNECTIONS else r.connection_id
+                    rid = getattr(r, key)
                     if rid in seen:
                         raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
                     seen.add(rid)
                     if file == CONNECTIONS:
                         _check_settings(r, f"{path}[{i}]")
+                if mode == "merge":
+                    current = {
+                        getattr(r, key): r
+                        for r in (tx.connections if file == CONNECTIONS else tx.state).values()
+                    }
+                    # as sent (records converted from `value`: dicts, ids unique)
+                    sent = {v["id"]: v for v in value} if file == CONNECTIONS else {}
+                    for r in records:
+                        old = current.get(getattr(r, key))
+                        if old is not None and file == CONNECTIONS:
+                            # secrets absent from the import keep their stored values
+                            keep = {
+                                k: getattr(old, k)
+                                for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
+                                if k not in sent[r.id]
+                            }
+                            r = msgspec.structs.replace(r, **keep)
+                        current[getattr(r, key)] = r
+                    records = list(current.values())
                 _take_in_table(tx, file, records)
             else:
                 name = files.document_name(file)
