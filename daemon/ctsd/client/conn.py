@@ -17,7 +17,7 @@ from ctsd.client.fields import (
     read_secrets,
     secret_options,
 )
-from ctsd.client.options import CMD, bus_options, json_option
+from ctsd.client.options import CMD, bus_options, given, json_option
 from ctsd.client.render import cell, echo_json, key_values, safe, short, table
 from ctsd.client.target import Target
 
@@ -69,13 +69,7 @@ def register(main: click.Group) -> None:
         active: bool | None,
     ) -> None:
         """List connections (secrets masked)."""
-        args: dict[str, Any] = {}
-        if exchange is not None:
-            args["exchange"] = exchange
-        if enabled is not None:
-            args["enabled"] = enabled
-        if active is not None:
-            args["active"] = active
+        args = given(exchange=exchange, enabled=enabled, active=active)
 
         async def body(bus: Bus) -> tuple[Any, Any]:
             conns = await bus.call("connections.list", **args)
@@ -309,11 +303,7 @@ def register(main: click.Group) -> None:
         preset: float | None,
     ) -> None:
         """Set the live and/or preset volume factor; without options, show them."""
-        args: dict[str, Any] = {}
-        if live is not None:
-            args["live"] = live
-        if preset is not None:
-            args["preset"] = preset
+        args = given(live=live, preset=preset)
 
         async def body(bus: Bus) -> dict[str, Any] | None:
             if args:

@@ -34,3 +34,8 @@ def bus_options(func: Callable[..., Any]) -> Callable[..., Any]:
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 
 CMD = {"epilog": EXIT_CODES_HELP}
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The command arguments for the options the user gave (left-out ones are None)."""
+    return {k: v for k, v in options.items() if v is not None}
