@@ -18,6 +18,7 @@ import pytest
 
 from ctsd import ops, sweeps
 from ctsd.files import STATE
+from tests.daemon import wait_until_async
 from tests.test_probes import FakeExchange, connection, fake, open_app, state_file, sync_log
 
 pytestmark = pytest.mark.anyio
@@ -27,14 +28,7 @@ FAST = {"sweep_interval_s": 0.05, "heartbeat_flush_s": 0.3, "test_interval_s": 0
 
 
 async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await anyio.sleep(0.01)
+    return await wait_until_async(cond, timeout, what=what)
 
 
 class StateWrites:
