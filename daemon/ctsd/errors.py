@@ -41,12 +41,5 @@ class CtsdError(Exception):
         self.path = path
         self.extra = extra or {}
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.path is not None:
-            out["path"] = self.path
-        out.update(self.extra)
-        return out
-
     def __repr__(self) -> str:
         return f"CtsdError({self.code!r}, {self.message!r}, path={self.path!r})"

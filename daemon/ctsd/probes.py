@@ -244,7 +244,6 @@ class Prober:
         self._client: httpx.AsyncClient | None = None
         self._client_lock = asyncio.Lock()
         self.projectx: dict[str, Any] = {"state": "unknown", "last_test": None}
-        self.in_flight = 0
 
     async def client(self) -> httpx.AsyncClient:
         async with self._client_lock:
@@ -275,11 +274,7 @@ class Prober:
     ) -> TestResult:
         """Run one test request; every failure is a result, never an exception."""
         async with self.semaphore:
-            self.in_flight += 1
-            try:
-                return await self._request(target, timeout, json_body, scrub)
-            finally:
-                self.in_flight -= 1
+            return await self._request(target, timeout, json_body, scrub)
 
     async def _request(
         self, target: Target, timeout: float, json_body: Any, scrub: tuple[str, ...]

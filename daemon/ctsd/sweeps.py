@@ -127,11 +127,8 @@ class Sweeper:
         self.testing: set[str] = set()
         self.test_wake = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
-        # Observability (bench, metrics): tick durations in seconds, flush writes, transitions.
+        # Tick durations in seconds (tests count ticks by them).
         self.tick_times: deque[float] = deque(maxlen=4096)
-        self.flush_writes = 0
-        self.stale_count = 0
-        self.recovered_count = 0
         self._warned: dict[str, str] = {}  # what → last message: a refusal is logged once
         self.store.events_listeners.append(self._on_events)
 
@@ -277,7 +274,6 @@ class Sweeper:
                 self._watch(cid)
             return
         self._warned.pop("stale_sweep_failed", None)
-        self.stale_count += n
         if n:
             log.info("connections_stale", count=n)
         for cid, (_, hb) in transitions.items():
@@ -311,7 +307,6 @@ class Sweeper:
         try:
             hb = self.store.heartbeats.get(cid)
             n = await self.store.submit(ops.set_status({cid: ("active", hb)}), "sweep")
-            self.recovered_count += n
             if n:
                 log.info("connection_recovered", connection_id=cid, reason="heartbeat")
         except CtsdError as e:
@@ -352,7 +347,6 @@ class Sweeper:
             return 0
         try:
             n = await self.store.submit(ops.flush_heartbeats(beats, synced), "sweep")
-            self.flush_writes += 1
             self._warned.pop("heartbeat_flush_failed", None)
             return int(n)
         except CtsdError as e:

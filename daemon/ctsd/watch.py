@@ -119,7 +119,6 @@ class Watcher:
         self._restart = anyio.Event()
         self._stopping = False
         self.mode: WatchSettings | None = None
-        self.batches = 0  # for tests and metrics: batches seen from the backend
 
     def stop(self) -> None:
         """End the watch promptly: watchfiles checks its stop event every `step` ms, while a
@@ -241,7 +240,6 @@ class Watcher:
             force_polling=False,  # our own poller does polling (see the module note)
             ignore_permission_denied=True,
         ):
-            self.batches += 1
             for file in sorted({r for _, p in changes if (r := relative(self.data_dir, p))}):
                 self.notify(file)
 
@@ -255,8 +253,6 @@ class Watcher:
             if self._restart.is_set():
                 return
             changed = await anyio.to_thread.run_sync(poller.scan)
-            if changed:
-                self.batches += 1
             for file in changed:
                 self.notify(file)
 
