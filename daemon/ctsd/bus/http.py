@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 
 from ctsd import __version__, files, ops
 from ctsd.bus import protocol, views
-from ctsd.bus.session import bearer, token_ok
+from ctsd.bus.session import header_token
 from ctsd.errors import CtsdError
 from ctsd.health import health
 
@@ -184,7 +184,7 @@ class Routes:
                 return response(204, b"", extra=extra)
             route, match = self._route(request.method, path)
             addr = self.server.remote(conn)
-            self._authorize(addr, bearer(request.headers))
+            self._authorize(addr, header_token(request.headers, self.app.token))
             if not self.server.http_limiter.allow(addr):
                 raise HttpError(429, "rate_limited", "too many requests; slow down and retry")
             if route is None:
@@ -208,20 +208,18 @@ class Routes:
             body = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
             return json_response(503, {"error": body}, extra)
 
-    def _authorize(self, addr: str, given: str | None) -> None:
+    def _authorize(self, addr: str, token: bool | None) -> None:
         """Pass a correct token always; count only a token presented and wrong.
 
         A request without a token is no guess: any web page can make the trader's browser
         send one (an <img> to /api/...), so counting those would let it lock the trader out.
         """
-        if given and token_ok(given, self.app.token):
+        if token:
             return
-        if given is None:
+        if token is None:
             raise HttpError(401, "unauthorized", "Authorization: Bearer TOKEN required")
-        failures = self.server.auth_failures
-        if failures.blocked(addr):
+        if self.server.auth_failures.wrong_token(addr):
             raise HttpError(429, "rate_limited", "too many failed attempts; try again later")
-        failures.failed(addr)
         raise HttpError(401, "unauthorized", "invalid token")
 
     def _route(self, method: str, path: str) -> tuple[Any, Any]:

@@ -80,6 +80,14 @@ class AuthFailures:
     def blocked(self, addr: str) -> bool:
         return len(self._recent(addr)) >= self.limit
 
+    def wrong_token(self, addr: str) -> bool:
+        """Record a wrong token from `addr`; True when the address was already blocked (a
+        blocked address is refused without counting, so it is let back in on time)."""
+        if self.blocked(addr):
+            return True
+        self.failed(addr)
+        return False
+
     def failed(self, addr: str) -> None:
         self._recent(addr)
         self.seen.setdefault(addr, []).append(time.monotonic())

@@ -22,7 +22,7 @@ from ctsd.bus import protocol
 from ctsd.bus.fanout import Hub
 from ctsd.bus.http import Routes, error_response, response
 from ctsd.bus.ratelimit import AuthFailures, Limiter
-from ctsd.bus.session import Session, bearer, token_ok
+from ctsd.bus.session import Session, header_token
 from ctsd.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
@@ -96,10 +96,9 @@ class Server:
             self.count_error("forbidden")
             log.warning("origin_refused", origin=request.headers.get("Origin"))
             return error_response(403, "forbidden", "origin not allowed")
-        given = bearer(request.headers)
-        wrong = given is not None and not (given and token_ok(given, self.app.token))
         # Only a wrong token is refused here: a correct one always passes, and a client with
         # none may still authenticate with an `auth` message.
+        wrong = header_token(request.headers, self.app.token) is False
         if wrong and self.auth_failures.blocked(self.remote(conn)):
             self.count_error("rate_limited")
             return error_response(429, "rate_limited", "too many failed attempts; try again later")

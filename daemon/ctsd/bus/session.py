@@ -46,6 +46,15 @@ def bearer(headers: Headers) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and len(values) == 1 else ""
 
 
+def header_token(headers: Headers, expected: str) -> bool | None:
+    """The Authorization header against the token: None when there is none, True when it
+    holds the right token, False for a wrong or malformed one (the only counted failure)."""
+    given = bearer(headers)
+    if given is None:
+        return None
+    return bool(given) and token_ok(given, expected)
+
+
 class Session:
     def __init__(self, server: Server, conn: ServerConnection) -> None:
         self.server = server
@@ -86,20 +95,17 @@ class Session:
 
     async def _wrong_token(self, message: str) -> None:
         """A token was presented and is wrong: the one kind of failure that is counted."""
-        failures = self.server.auth_failures
-        if failures.blocked(self.addr):
-            await self._refuse("too many failed attempts; try again later")
-            return
-        failures.failed(self.addr)
+        if self.server.auth_failures.wrong_token(self.addr):
+            message = "too many failed attempts; try again later"
         await self._refuse(message)
 
     async def authenticate(self) -> bool:
         """A correct token always passes, even from a blocked address; only a wrong token
         counts as a failed attempt (no token, a timeout or a malformed first frame do not)."""
         assert self.conn.request is not None
-        header = bearer(self.conn.request.headers)
+        header = header_token(self.conn.request.headers, self.app.token)
         if header is not None:
-            if header and token_ok(header, self.app.token):
+            if header:
                 await self.send(
                     p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision)
                 )
