@@ -453,7 +453,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--updates", type=int, default=300)
     ap.add_argument("--subscribers", type=int, nargs="+", default=[100, 1000])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0)
