@@ -290,7 +290,7 @@ async def test_frame_over_hard_cap_closed_1009_unread(daemon: Daemon) -> None:
 async def test_frame_just_under_limit_is_read(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         err = await b.err("ping", pad="x" * (1024 * 1024 - 100))
-        assert err["code"] == "invalid" and err["path"] == "$"  # unknown argument, not too_large
+        assert err["code"] == "invalid" and err["path"] == "$.pad"  # unknown, not too_large
 
 
 async def test_malformed_json_and_envelope(daemon: Daemon) -> None:
@@ -332,8 +332,26 @@ async def test_id_reuse(daemon: Daemon) -> None:
 
 async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
     async with bus(daemon) as b:
+        # a missing or unknown argument: the path names it; a near miss gets a did-you-mean
         err = await b.err("connections.get")
-        assert err["code"] == "invalid" and "connection_id" in err["message"]
+        assert err == {
+            "code": "invalid",
+            "message": "missing required field `connection_id`",
+            "path": "$.connection_id",
+        }
+        err = await b.err("connections.get", connection_idd="x", connection_id="x")
+        assert err == {
+            "code": "invalid",
+            "message": "unknown field `connection_idd`; did you mean `connection_id`?",
+            "path": "$.connection_idd",
+        }
+        err = await b.err("connections.create", connection={"name": "n", "exchang": "bybit"})
+        assert (
+            err["path"] == "$.connection.exchang" and "did you mean `exchange`?" in err["message"]
+        )
+        await b.ok("connections.create", connection=conn_body(id="bu"))
+        err = await b.err("connections.batch_update", updates=[{"id": "bu", "nmae": "y"}])
+        assert err["path"] == "$.updates[0].nmae" and "did you mean `name`?" in err["message"]
         err = await b.err("connections.get", connection_id=5)
         assert err == {
             "code": "invalid",

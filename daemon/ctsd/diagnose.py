@@ -20,6 +20,7 @@ _WS = " \t\r\n"
 _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
+_MISSING = re.compile(r"missing required field `(?P<key>[^`]+)`")
 _BYTE = re.compile(r"\(byte (\d+)\)")
 
 
@@ -172,6 +173,26 @@ def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
     if isinstance(info, msgspec.inspect.StructType):
         return [f.encode_name for f in info.fields]
     return []
+
+
+def explain(error: str, root: Any) -> tuple[str, str]:
+    """(message, JSON path) for a msgspec ValidationError message on a value of type `root`,
+    for replies: a missing or unknown field's path names that field (msgspec names the object
+    holding it), and an unknown field gets a did-you-mean."""
+    m = _MSGSPEC_AT.match(error)
+    msg, path = (m.group("msg"), m.group("path")) if m else (error, "$")
+    parts = parse_path(path)
+    unknown = _UNKNOWN.search(msg)
+    if unknown:
+        key = unknown.group("key")
+        hint = nearest(key, _fields_at(root, parts))
+        msg = f"unknown field `{key}`" + (f"; did you mean `{hint}`?" if hint else "")
+        return msg, format_path([*parts, key])
+    missing = _MISSING.search(msg)
+    if missing:
+        key = missing.group("key")
+        return f"missing required field `{key}`", format_path([*parts, key])
+    return msg, path
 
 
 def syntax_problem(file: str, raw: bytes) -> FileProblem | None:

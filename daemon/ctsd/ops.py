@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from ctsd import files
+from ctsd import diagnose, files
 from ctsd.atomic import Stamp, stamp_of
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
@@ -31,19 +31,8 @@ def _convert(data: Any, kind: Any, path: str) -> Any:
     try:
         return msgspec.convert(data, type=kind, strict=True)
     except msgspec.ValidationError as e:
-        msg, _, at = str(e).partition(" - at `")
-        sub = at.rstrip("`") if at else "$"
-        raise CtsdError("invalid", _hint(msg, kind), path=path + sub[1:]) from None
-
-
-def _hint(msg: str, kind: Any) -> str:
-    from ctsd import diagnose
-
-    if msg.startswith("Object contains unknown field `") and kind is Connection:
-        key = msg.split("`")[1]
-        near = diagnose.nearest(key, list(CONNECTION_FIELDS))
-        return f"unknown field `{key}`" + (f"; did you mean `{near}`?" if near else "")
-    return msg
+        msg, sub = diagnose.explain(str(e), kind)
+        raise CtsdError("invalid", msg, path=path + sub[1:]) from None
 
 
 def _require(tx: Tx, cid: Any, path: str = "$.connection_id") -> Connection:

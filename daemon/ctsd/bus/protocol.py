@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ctsd import diagnose
 from ctsd.errors import CtsdError
 from ctsd.models import SyncEvent
 
@@ -217,8 +218,7 @@ def parse_args(kind: type[Args], frame: dict[str, Any]) -> Args:
     try:
         return msgspec.convert(body, type=kind, strict=True)
     except msgspec.ValidationError as e:
-        msg, _, at = str(e).partition(" - at `")
-        path = at.rstrip("`") if at else "$"
+        msg, path = diagnose.explain(str(e), kind)
         raise CtsdError("invalid", msg, path=path) from None
 
 
