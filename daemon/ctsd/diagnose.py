@@ -175,23 +175,30 @@ def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
     return []
 
 
-def explain(error: str, root: Any) -> tuple[str, str]:
-    """(message, JSON path) for a msgspec ValidationError message on a value of type `root`,
-    for replies: a missing or unknown field's path names that field (msgspec names the object
-    holding it), and an unknown field gets a did-you-mean."""
+def _parse(error: str, root: Any) -> tuple[str, str, str | None, str]:
+    """A msgspec ValidationError message on a value of type `root`: (message, path of the
+    object it is about, the unknown field's name or None, did-you-mean text or "")."""
     m = _MSGSPEC_AT.match(error)
     msg, path = (m.group("msg"), m.group("path")) if m else (error, "$")
-    parts = parse_path(path)
     unknown = _UNKNOWN.search(msg)
-    if unknown:
-        key = unknown.group("key")
-        hint = nearest(key, _fields_at(root, parts))
-        msg = f"unknown field `{key}`" + (f"; did you mean `{hint}`?" if hint else "")
-        return msg, format_path([*parts, key])
+    if unknown is None:
+        return msg, path, None, ""
+    key = unknown.group("key")
+    hint = nearest(key, _fields_at(root, parse_path(path)))
+    return msg, path, key, f"; did you mean `{hint}`?" if hint else ""
+
+
+def explain(error: str, root: Any) -> tuple[str, str]:
+    """(message, JSON path) of a msgspec ValidationError message, for replies: a missing or
+    unknown field's path names that field (msgspec names the object holding it), and an
+    unknown field gets a did-you-mean."""
+    msg, path, key, hint = _parse(error, root)
+    if key is not None:
+        return f"unknown field `{key}`{hint}", format_path([*parse_path(path), key])
     missing = _MISSING.search(msg)
     if missing:
         key = missing.group("key")
-        return f"missing required field `{key}`", format_path([*parts, key])
+        return f"missing required field `{key}`", format_path([*parse_path(path), key])
     return msg, path
 
 
@@ -215,15 +222,11 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
 def from_validation(file: str, raw: bytes, error: str, root: Any) -> FileProblem:
     """A problem for a msgspec ValidationError message on `raw` decoded as type `root`."""
     text = raw.decode("utf-8", "replace")
-    m = _MSGSPEC_AT.match(error)
-    msg, path = (m.group("msg"), m.group("path")) if m else (error, "$")
+    msg, path, key, hint = _parse(error, root)
     parts = parse_path(path)
-    unknown = _UNKNOWN.search(msg)
-    if unknown:
-        key = unknown.group("key")
+    if key is not None:
         offset = locate(text, parts, key=key)
-        hint = nearest(key, _fields_at(root, parts))
-        msg = f"unknown field `{key}` at `{path}`" + (f"; did you mean `{hint}`?" if hint else "")
+        msg = f"unknown field `{key}` at `{path}`{hint}"
     else:
         offset = locate(text, parts)
         msg = msg[0].lower() + msg[1:] if msg else msg
