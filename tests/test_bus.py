@@ -781,6 +781,16 @@ async def test_rate_limit_heartbeats_exempt(data_dir: Path) -> None:
                 codes.append(reply["success"] or reply["error"]["code"])
             assert codes[:19] == [True] * 19
             assert codes[19:] == ["rate_limited"] * 6
+        # frames refused before naming a command (malformed, unknown) spend the budget too
+        async with bus(d) as b3:
+            for raw in ["{nope", "[]", '{"id": "x"}', '{"id": 1, "type": "nope"}'] * 5:
+                await b3.ws.send(raw)
+                assert (await b3.recv())["error"]["code"] != "rate_limited"
+            await b3.ws.send("{nope")
+            assert (await b3.recv())["error"]["code"] == "rate_limited"
+            reply = await b3.call("ping")
+            assert reply["error"]["code"] == "rate_limited"
+        async with bus(d) as b:
             for _ in range(50):
                 reply = await b.call("connections.heartbeat", connection_id="h1")
                 assert reply["success"] is True, reply

@@ -29,6 +29,7 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
 EXEMPT = frozenset({"connections.heartbeat"})  # CONTRACT §2: heartbeats are not rate limited
+RATE_LIMITED = CtsdError("rate_limited", "too many requests; slow down and retry")
 
 _decoder = msgspec.json.Decoder()
 
@@ -162,19 +163,19 @@ class Session:
         try:
             frame = _decoder.decode(raw)
         except msgspec.DecodeError as e:
-            await self.fail(None, CtsdError("invalid_format", f"not JSON: {e}"))
+            await self.refuse(None, CtsdError("invalid_format", f"not JSON: {e}"))
             return
         if not isinstance(frame, dict):
-            await self.fail(None, CtsdError("invalid_format", "a frame must be a JSON object"))
+            await self.refuse(None, CtsdError("invalid_format", "a frame must be a JSON object"))
             return
         msg_id = frame.get("id")
         if not isinstance(msg_id, int) or isinstance(msg_id, bool):
-            await self.fail(
+            await self.refuse(
                 None, CtsdError("invalid_format", "`id` must be an integer", path="$.id")
             )
             return
         if self.last_id is not None and msg_id <= self.last_id:
-            await self.fail(
+            await self.refuse(
                 msg_id,
                 CtsdError(
                     "id_reuse",
@@ -187,14 +188,12 @@ class Session:
         name = frame.get("type")
         kind = p.COMMANDS.get(name) if isinstance(name, str) else None
         if kind is None:
-            await self.fail(
+            await self.refuse(
                 msg_id, CtsdError("unknown_command", f"unknown command {name!r}", path="$.type")
             )
             return
         if name not in EXEMPT and not self.server.limiter.allow(self):
-            await self.fail(
-                msg_id, CtsdError("rate_limited", "too many requests; slow down and retry")
-            )
+            await self.fail(msg_id, RATE_LIMITED)
             return
         try:
             args = p.parse_args(kind, frame)
@@ -232,6 +231,11 @@ class Session:
                     sub.release()
         except ConnectionClosed:
             pass  # the client left; its change (if any) is durable all the same
+
+    async def refuse(self, msg_id: int | None, err: CtsdError) -> None:
+        """A frame refused before it named a command counts against the rate limit too: a
+        flood of malformed frames must not be answered without limit."""
+        await self.fail(msg_id, err if self.server.limiter.allow(self) else RATE_LIMITED)
 
     async def fail(self, msg_id: int | None, err: CtsdError) -> None:
         self.server.count_error(err.code)
