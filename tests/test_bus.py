@@ -14,10 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.daemon import TOKEN, Daemon
+from tests.daemon import TOKEN, Daemon, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -799,6 +800,43 @@ async def test_rate_limit_heartbeats_exempt(data_dir: Path) -> None:
             assert (await b2.ok("ping"))["pong"] is True
     finally:
         d.close()
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def bus_metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    code, text = d.http("/metrics")
+    assert code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_follow_the_bus(daemon: Daemon) -> None:
+    async with bus(daemon) as sub, bus(daemon) as w:
+        rev = (await sub.ok("subscribe"))["revision"]
+        m0 = bus_metrics(daemon)
+        assert m0[("ctsd_bus_clients", ())] == 2 and m0[("ctsd_bus_subscribers", ())] == 1
+        await w.ok("connections.create", connection=conn_body(id="m1"))
+        await sub.events_until(rev + 1)
+        await w.err("no.such.command")
+        await w.err("connections.get", connection_id="absent")
+        m1 = bus_metrics(daemon)
+
+        def grew(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+            return m1[(name, labels)] - m0.get((name, labels), 0.0)
+
+        assert grew("ctsd_bus_events_sent_total") >= 1
+        assert grew("ctsd_bus_frames_sent_total") >= 1
+        assert grew("ctsd_changes_total") >= 1
+        assert grew("ctsd_write_seconds_count") >= 1
+        assert grew("ctsd_errors_total", (("code", "unknown_command"),)) == 1
+        assert grew("ctsd_errors_total", (("code", "not_found"),)) == 1
+    gone = (("ctsd_bus_clients", ()), ("ctsd_bus_subscribers", ()))
+    wait_until(lambda: all(bus_metrics(daemon)[k] == 0 for k in gone), 5, what="clients gone")
 
 
 # --- secrets -------------------------------------------------------------------------------

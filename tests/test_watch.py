@@ -253,6 +253,7 @@ class Bus:
         self.changed = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
         self.sending: set[asyncio.Future[None]] = set()
+        self.frames: list[list[dict[str, Any]]] = []  # the events of each `events` frame
 
     async def _read(self) -> None:
         async for raw in self.ws:
@@ -263,6 +264,7 @@ class Bus:
                     fut.set_result(msg)
             elif msg.get("type") == "events":
                 self.events.extend(msg["events"])
+                self.frames.append(msg["events"])
             elif msg.get("type") == "notice":
                 self.notices.append(msg)
             self.changed.set()
@@ -311,6 +313,21 @@ async def bus(d: Daemon, subscribe: bool = True) -> AsyncIterator[Bus]:
             yield b
         finally:
             b.reader.cancel()
+
+
+@pytest.mark.anyio
+async def test_one_save_of_several_records_is_one_events_frame(daemon10: Daemon) -> None:
+    d, path = daemon10, daemon10.data_dir / CONNS
+    async with bus(d) as b:
+        body = path.read_bytes()
+        for cid in ("conn_0001", "conn_0004", "conn_0007"):
+            body = _edit_name(body, cid, f"Many {cid}")
+        atomic_save(path, body)
+        await b.wait_for(lambda: len(b.events) >= 3, what="the three edits")
+        assert [sorted(e["connection_id"] for e in f) for f in b.frames] == [
+            ["conn_0001", "conn_0004", "conn_0007"]
+        ]
+        assert {e["action"] for e in b.frames[0]} == {"update"}
 
 
 @pytest.mark.anyio
