@@ -111,6 +111,8 @@ async def test_routes_answer(daemon: Daemon) -> None:
 
 
 def test_not_found_and_bad_queries(daemon: Daemon) -> None:
+    code, body = daemon.http("/ws")  # a plain GET of the bus: JSON, like every route
+    assert code == 400 and body["error"]["code"] == "invalid_format"
     code, body = daemon.http("/api/nothing")
     assert code == 404 and body["error"]["code"] == "not_found"
     code, body = daemon.http("/api/settings/connections/missing")

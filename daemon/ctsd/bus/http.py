@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 
 from ctsd import __version__, files, ops
 from ctsd.bus import protocol, views
-from ctsd.bus.session import header_token
+from ctsd.bus.session import TOO_MANY_FAILURES, header_token
 from ctsd.errors import CtsdError
 from ctsd.health import health
 
@@ -209,17 +209,20 @@ class Routes:
             return json_response(503, {"error": body}, extra)
 
     def _authorize(self, addr: str, token: bool | None) -> None:
-        """Pass a correct token always; count only a token presented and wrong.
+        """Count only a token presented and wrong; a blocked address gets its token checked
+        only when admitted (`AuthFailures.admit`).
 
         A request without a token is no guess: any web page can make the trader's browser
         send one (an <img> to /api/...), so counting those would let it lock the trader out.
         """
-        if token:
-            return
         if token is None:
             raise HttpError(401, "unauthorized", "Authorization: Bearer TOKEN required")
+        if not self.server.auth_failures.admit(addr):
+            raise HttpError(429, "rate_limited", TOO_MANY_FAILURES)
+        if token:
+            return
         if self.server.auth_failures.wrong_token(addr):
-            raise HttpError(429, "rate_limited", "too many failed attempts; try again later")
+            raise HttpError(429, "rate_limited", TOO_MANY_FAILURES)
         raise HttpError(401, "unauthorized", "invalid token")
 
     def _route(self, method: str, path: str) -> tuple[Any, Any]:

@@ -8,10 +8,14 @@ from collections.abc import Callable
 
 from ctsd.models import RateLimit
 
-# Wrong tokens: this many per address within the window, then further wrong tokens get
-# 429 / auth_invalid unchecked. Only a presented, wrong token counts; a correct one always passes.
+# Wrong tokens: this many per address within the window block the address until they age
+# out of it. A blocked address gets one token check per BLOCKED_CHECK_S, right or wrong;
+# other attempts are refused unchecked (and uncounted, so the block ends on time). Guessing
+# is slowed to that pace, and a client with the right token still gets in on a retry. Only
+# a presented, wrong token counts: no token (any web page can send those) never does.
 AUTH_FAILURES = 10
 AUTH_WINDOW_S = 60.0
+BLOCKED_CHECK_S = 1.0
 
 
 class Bucket:
@@ -63,10 +67,17 @@ class Limiter:
 class AuthFailures:
     """Failed authentications per remote address within a sliding window."""
 
-    def __init__(self, limit: int = AUTH_FAILURES, window_s: float = AUTH_WINDOW_S) -> None:
+    def __init__(
+        self,
+        limit: int = AUTH_FAILURES,
+        window_s: float = AUTH_WINDOW_S,
+        check_s: float = BLOCKED_CHECK_S,
+    ) -> None:
         self.limit = limit
         self.window_s = window_s
+        self.check_s = check_s
         self.seen: dict[str, list[float]] = {}
+        self.last_check: dict[str, float] = {}  # blocked addresses only
 
     def _recent(self, addr: str) -> list[float]:
         cutoff = time.monotonic() - self.window_s
@@ -79,6 +90,18 @@ class AuthFailures:
 
     def blocked(self, addr: str) -> bool:
         return len(self._recent(addr)) >= self.limit
+
+    def admit(self, addr: str) -> bool:
+        """May a token presented from `addr` be checked now? Always, unless the address is
+        blocked: then once per `check_s`."""
+        if not self.blocked(addr):
+            self.last_check.pop(addr, None)
+            return True
+        now = time.monotonic()
+        if now - self.last_check.get(addr, -self.check_s) < self.check_s:
+            return False
+        self.last_check[addr] = now
+        return True
 
     def wrong_token(self, addr: str) -> bool:
         """Record a wrong token from `addr`; True when the address was already blocked (a

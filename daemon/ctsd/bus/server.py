@@ -22,7 +22,7 @@ from ctsd.bus import protocol
 from ctsd.bus.fanout import Hub
 from ctsd.bus.http import Routes, error_response, response
 from ctsd.bus.ratelimit import AuthFailures, Limiter
-from ctsd.bus.session import Session, header_token
+from ctsd.bus.session import TOO_MANY_FAILURES, Session, header_token
 from ctsd.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
@@ -91,17 +91,24 @@ class Server:
             return await self.routes.handle(conn, request)
         if request.method != "GET":
             return error_response(405, "method_not_allowed", "the bus upgrades from GET /ws")
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            # A plain GET (a browser, curl): a JSON error as on every route, not websockets'
+            # text/plain 426.
+            self.count_error("invalid_format")
+            return error_response(
+                400, "invalid_format", "/ws is the websocket bus: connect with a websocket client"
+            )
         if not self.origin_ok(request):
             # Refused before the upgrade: a web page must not reach the bus from a browser.
             self.count_error("forbidden")
             log.warning("origin_refused", origin=request.headers.get("Origin"))
             return error_response(403, "forbidden", "origin not allowed")
-        # Only a wrong token is refused here: a correct one always passes, and a client with
-        # none may still authenticate with an `auth` message.
-        wrong = header_token(request.headers, self.app.token) is False
-        if wrong and self.auth_failures.blocked(self.remote(conn)):
+        # A header token from a blocked address is checked only when admitted (once a
+        # second); a client with none may still authenticate with an `auth` message.
+        presented = header_token(request.headers, self.app.token) is not None
+        if presented and not self.auth_failures.admit(self.remote(conn)):
             self.count_error("rate_limited")
-            return error_response(429, "rate_limited", "too many failed attempts; try again later")
+            return error_response(429, "rate_limited", TOO_MANY_FAILURES)
         return None
 
     async def handler(self, conn: ServerConnection) -> None:

@@ -29,6 +29,7 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
 EXEMPT = frozenset({"connections.heartbeat"})  # CONTRACT §2: heartbeats are not rate limited
+TOO_MANY_FAILURES = "too many failed attempts; try again later"
 RATE_LIMITED = CtsdError("rate_limited", "too many requests; slow down and retry")
 
 _decoder = msgspec.json.Decoder()
@@ -97,12 +98,13 @@ class Session:
     async def _wrong_token(self, message: str) -> None:
         """A token was presented and is wrong: the one kind of failure that is counted."""
         if self.server.auth_failures.wrong_token(self.addr):
-            message = "too many failed attempts; try again later"
+            message = TOO_MANY_FAILURES
         await self._refuse(message)
 
     async def authenticate(self) -> bool:
-        """A correct token always passes, even from a blocked address; only a wrong token
-        counts as a failed attempt (no token, a timeout or a malformed first frame do not)."""
+        """Only a wrong token counts as a failed attempt (no token, a timeout or a malformed
+        first frame do not); a blocked address gets a token checked only when admitted
+        (a header token was admitted before the upgrade, in `Server.process_request`)."""
         assert self.conn.request is not None
         header = header_token(self.conn.request.headers, self.app.token)
         if header is not None:
@@ -128,6 +130,9 @@ class Session:
             auth = None
         if auth is None:
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
+            return False
+        if not self.server.auth_failures.admit(self.addr):
+            await self._refuse(TOO_MANY_FAILURES)  # unchecked: right or wrong, not now
             return False
         if not token_ok(auth.token, self.app.token):
             await self._wrong_token("invalid token")
