@@ -745,8 +745,9 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
 
 
 async def test_notice_on_invalid_hand_edit(daemon: Daemon) -> None:
-    async with bus(daemon) as b:
+    async with bus(daemon) as b, bus(daemon) as conns_only, bus(daemon) as w:
         await b.ok("subscribe", topics=["system"])
+        rev = (await conns_only.ok("subscribe", topics=["connections"]))["revision"]
         (daemon.data_dir / "watchlists.json").write_text('{"a": 1,,}\n')
         with anyio.fail_after(10):
             while not b.frames:
@@ -756,6 +757,11 @@ async def test_notice_on_invalid_hand_edit(daemon: Daemon) -> None:
         assert notice["type"] == "notice" and notice["notice"] == "file_invalid"
         assert notice["file"] == "watchlists.json" and notice["line"] == 1
         assert "revision" not in notice
+        # notices are topic `system` only: a change after it reaches the other subscriber
+        # with nothing before it
+        await w.ok("connections.create", connection=conn_body(id="after"))
+        await conns_only.events_until(rev + 1)
+        assert all(json.loads(r)["type"] != "notice" for r in conns_only.raw)
 
 
 async def test_shutdown_notice_and_1001(daemon: Daemon) -> None:
