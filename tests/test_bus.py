@@ -645,6 +645,21 @@ async def test_replay_then_live_no_gap_no_duplicate(fast_daemon: Daemon) -> None
         assert [e["data"]["values"]["user_id"] for e in events] == list(range(12, n + 2))
 
 
+async def test_replay_never_splits_a_change(daemon: Daemon) -> None:
+    """Replay comes in frames of about 500 events, but one change is always one frame."""
+    async with bus(daemon) as w, bus(daemon) as late:
+        conns = [conn_body(f"n{i}", id=f"b{i}") for i in range(600)]
+        await w.ok("data.import", data={"files": {"connections.json": conns}}, mode="replace")
+        since = (await w.ok("ping"))["revision"]
+        updates = [{"id": f"b{i}", "user_id": i + 100} for i in range(600)]  # 600 events
+        await w.ok("connections.batch_update", updates=updates)
+        await w.ok("connections.update", connection_id="b0", changes={"user_id": 7})
+        await late.ok("subscribe", since=since)
+        await late.events_until(since + 601)
+        frames = [m["events"] for m in map(json.loads, late.raw) if m["type"] == "events"]
+        assert [len(f) for f in frames] == [600, 1]
+
+
 async def test_revision_compacted(data_dir: Path) -> None:
     write_settings(data_dir, {"sync_log_limit": 20})
     d = Daemon(data_dir).start()

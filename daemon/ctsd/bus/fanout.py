@@ -41,7 +41,7 @@ log = structlog.get_logger("ctsd.bus")
 
 MAX_QUEUE_FRAMES = 1000
 MAX_QUEUE_BYTES = 8 * 1024 * 1024
-REPLAY_CHUNK = 500  # events per replay frame (live frames are one change each)
+REPLAY_CHUNK = 500  # events per replay frame, about (live frames are one change each)
 # CONTRACT §4: idle subscribers get `progress` every 30 s. CTSD_BUS_PROGRESS_S shortens it for
 # tests (a 30 s wait per test run is not worth it); nothing else should need to change it.
 PROGRESS_S = float(os.environ.get("CTSD_BUS_PROGRESS_S") or 30.0)
@@ -94,6 +94,22 @@ def encode_event(ev: SyncEvent) -> bytes:
     return protocol.encode(mask(msgspec.to_builtins(ev)))
 
 
+def replay_frames(events: list[SyncEvent]) -> deque[list[SyncEvent]]:
+    """A replay in frames of about REPLAY_CHUNK events that never split one change (as live
+    frames do not): the events of one commit share `created_at`, so a frame ends only where
+    it changes."""
+    frames: deque[list[SyncEvent]] = deque()
+    frame: list[SyncEvent] = []
+    for e in events:
+        if len(frame) >= REPLAY_CHUNK and e.created_at != frame[-1].created_at:
+            frames.append(frame)
+            frame = []
+        frame.append(e)
+    if frame:
+        frames.append(frame)
+    return frames
+
+
 def wire_of(payload: bytes) -> bytes:
     """The websocket text frame carrying `payload`, as this server sends it. A server's frames
     are unmasked and compression is off (server.py), so these bytes are the same for every
@@ -109,11 +125,7 @@ class Sub:
         self.hub = hub
         self.conn = conn
         self.key = key
-        # In chunks of REPLAY_CHUNK events, one frame each (a deque: no re-slicing of a long
-        # replay per frame).
-        self.replay: deque[list[SyncEvent]] = deque(
-            replay[i : i + REPLAY_CHUNK] for i in range(0, len(replay), REPLAY_CHUNK)
-        )
+        self.replay = replay_frames(replay)
         self.held = True  # until the subscribe result is on the wire
         self.queue: deque[bytes] = deque()
         self.qbytes = 0
