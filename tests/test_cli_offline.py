@@ -281,6 +281,16 @@ def test_no_daemon_answering_is_one_clear_line(args: list[str], tmp_path: Path) 
     )
 
 
+def test_import_with_no_daemon_answering(tmp_path: Path) -> None:
+    (tmp_path / "export.json").write_text('{"version": 1, "files": {"connections.json": []}}')
+    port = free_port()
+    r = ctsd(
+        "import", "export.json", env=clean_env(CTSD_PORT=str(port), CTSD_TOKEN="t"), cwd=tmp_path
+    )
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith(f"ctsd: no daemon answering on 127.0.0.1:{port} — ")
+
+
 def test_no_daemon_default_address(tmp_path: Path) -> None:
     r = ctsd("status", "--port", "3587", cwd=tmp_path)
     if r.returncode == 3:  # unless a real daemon runs on this machine
