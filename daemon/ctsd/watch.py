@@ -61,7 +61,9 @@ SETTLE_S = 0.05  # quiet time before a file that does not parse is called invali
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
 SETTLE_POLL_S = 0.005
 LOOK_AGAIN = 4  # immediate re-reads of a file that changed while being read
-DELETE_GRACE_S = 0.1  # an editor's delete-then-write is back well within this
+# An editor's delete-then-write (or `mv f f.bak; cp f.bak f`) is back well within this; a
+# deleted file is written back from memory only after it (restoring early would race them).
+DELETE_GRACE_S = 0.25
 # An in-place writer that opened a file before our rename replaced it writes into the old
 # file: checked this often for its writer having closed it, taken anyway after this long
 # (see Store.take_in_late).
