@@ -219,6 +219,15 @@ def run(target: Target, body: Callable[[Bus], Awaitable[T]]) -> T:
     return run_main(go)
 
 
+def run_call(target: Target, command: str, **args: Any) -> Any:
+    """`run` for the common conversation: one command, its result."""
+
+    async def body(bus: Bus) -> Any:
+        return await bus.call(command, **args)
+
+    return run(target, body)
+
+
 def run_main(go: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())  # type: ignore[arg-type]

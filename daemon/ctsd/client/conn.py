@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ctsd.client.bus import Bus, run
+from ctsd.client.bus import Bus, run, run_call
 from ctsd.client.errors import EXIT_TEST_FAILED
 from ctsd.client.fields import (
     PositiveFactor,
@@ -185,10 +185,7 @@ def register(main: click.Group) -> None:
             record["connection_settings"] = settings_json
         record.update(read_secrets(pop_secret_envs(kw), ask_secrets))
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call("connections.create", connection=record)
-
-        created = run(target, body)
+        created = run_call(target, "connections.create", connection=record)
         if as_json:
             echo_json(created)
             return
@@ -220,12 +217,9 @@ def register(main: click.Group) -> None:
         if not changes:
             raise click.UsageError("nothing to change: give FIELD=VALUE or a secret option")
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call(
-                "connections.update", connection_id=connection_id, changes=changes
-            )
-
-        updated = run(target, body)
+        updated = run_call(
+            target, "connections.update", connection_id=connection_id, changes=changes
+        )
         if as_json:
             echo_json(updated)
             return
@@ -255,12 +249,9 @@ def register(main: click.Group) -> None:
         @json_option
         @click.argument("connection_id")
         def cmd(target: Target, as_json: bool, connection_id: str) -> None:
-            async def body(bus: Bus) -> Any:
-                if command == "connections.set_active":
-                    return await bus.call(command, connection_id=connection_id, active=value)
-                return await bus.call(command, connection_id=connection_id, changes={field: value})
-
-            result = run(target, body)
+            active = command == "connections.set_active"
+            args = {"active": value} if active else {"changes": {field: value}}
+            result = run_call(target, command, connection_id=connection_id, **args)
             if as_json:
                 echo_json(result)
                 return
@@ -334,12 +325,9 @@ def register(main: click.Group) -> None:
     def test(target: Target, as_json: bool, connection_id: str) -> None:
         """Test a connection against its exchange now (exit 9 when the test fails)."""
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call(
-                "connections.test", timeout=TEST_TIMEOUT_S, connection_id=connection_id
-            )
-
-        result = run(target, body)
+        result = run_call(
+            target, "connections.test", timeout=TEST_TIMEOUT_S, connection_id=connection_id
+        )
         ok = isinstance(result, dict) and bool(result.get("success"))
         if as_json:
             echo_json(result)

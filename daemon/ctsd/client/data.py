@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ctsd.client.bus import Bus, run
+from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.render import dump_json, echo_json, key_values, safe
@@ -79,10 +79,7 @@ def register(main: click.Group) -> None:
     def export(target: Target, output: str | None) -> None:
         """Export every file of the daemon as one JSON document (secrets masked)."""
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call("data.export")
-
-        result = run(target, body)
+        result = run_call(target, "data.export")
         text = dump_json(result, 2) + "\n"
         if output is None or output == "-":
             click.echo(text, nl=False)
@@ -148,10 +145,7 @@ def register(main: click.Group) -> None:
                 err=True,
             )
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call("data.import", data=data, mode="merge" if merge else "replace")
-
-        result = run(target, body)
+        result = run_call(target, "data.import", data=data, mode="merge" if merge else "replace")
         if as_json:
             echo_json(result)
             return
@@ -171,10 +165,7 @@ def register(main: click.Group) -> None:
                 "run `ctsd reset --yes` to do it (`ctsd export -o FILE` first keeps a copy)"
             )
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call("data.reset", confirm=True)
-
-        result = run(target, body)
+        result = run_call(target, "data.reset", confirm=True)
         if as_json:
             echo_json(result)
             return

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ctsd.client.bus import Bus, run
+from ctsd.client.bus import run_call
 from ctsd.client.errors import EXIT_CONFLICT
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.render import cell, echo_json, key_values, safe
@@ -85,10 +85,7 @@ def register(main: click.Group) -> None:
         content and refuses changes to it).
         """
 
-        async def body(bus: Bus) -> Any:
-            return await bus.call("status")
-
-        result = run(target, body)
+        result = run_call(target, "status")
         if as_json:
             echo_json(result)
             return
