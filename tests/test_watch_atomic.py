@@ -38,29 +38,20 @@ def _no_temps(d: Path) -> bool:
     return not list(d.glob(f"{TEMP_PREFIX}*"))
 
 
-def test_edit_renamed_in_the_window_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("landed", "in_place"), [(b"[2]\n", False), (b"[22]\n", True)], ids=["renamed", "in_place"]
+)
+def test_edit_in_the_window_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, landed: bytes, in_place: bool
 ) -> None:
+    """A hand save (by rename, or in place) between our check and our rename survives."""
     path = tmp_path / "connections.json"
     write_files([(path, b"[1]\n")])
     seen = stamp_of(path)
-    _land_before_exchange(monkeypatch, path, b"[2]\n")
+    _land_before_exchange(monkeypatch, path, landed, in_place=in_place)
     with pytest.raises(ChangedOnDisk):
         write_files([(path, b"[3]\n")], {path: seen})
-    assert path.read_bytes() == b"[2]\n"
-    assert _no_temps(tmp_path)
-
-
-def test_edit_in_place_in_the_window_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "connections.json"
-    write_files([(path, b"[1]\n")])
-    seen = stamp_of(path)
-    _land_before_exchange(monkeypatch, path, b"[22]\n", in_place=True)
-    with pytest.raises(ChangedOnDisk):
-        write_files([(path, b"[3]\n")], {path: seen})
-    assert path.read_bytes() == b"[22]\n"
+    assert path.read_bytes() == landed
     assert _no_temps(tmp_path)
 
 
