@@ -334,9 +334,9 @@ def test_display_url_drops_user_info_and_query():
 # --- Project X ------------------------------------------------------------------------------
 
 
-async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:
-    app = await app_factory([])
-    doc = {
+def px_document(api_url: str, key: str = PX_KEY) -> dict[str, Any]:
+    """connection.json with Project X credentials pointing at `api_url`."""
+    return {
         "projectX": {
             "apiUrl": api_url,
             "websocketUrl": "wss://rtc.example",
@@ -347,6 +347,11 @@ async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:
         "server": {"port": 3587, "corsOrigins": []},
         "trading": {"defaultCommission": 2.8, "simulationMode": True},
     }
+
+
+async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:
+    app = await app_factory([])
+    doc = px_document(api_url, key)
     await app.store.submit(ops.set_document("connection", doc), "cli")
     return app
 

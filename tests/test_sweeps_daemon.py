@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.daemon import TOKEN, Daemon, wait_until
-from tests.test_probes import PX_KEY, PX_TOKEN, PX_USER, FakeExchange, connection, fake
+from tests.test_probes import PX_KEY, PX_TOKEN, FakeExchange, connection, fake, px_document
 
 pytestmark = pytest.mark.anyio
 __all__ = ["fake"]  # the fixture, re-used
@@ -233,21 +233,7 @@ async def test_settings_hand_edit_changes_stale_after(start: Any):
 
 async def test_projectx_in_server_status(data_dir: Path, start: Any, fake: FakeExchange):
     data_dir.mkdir(parents=True, mode=0o700)
-    (data_dir / "connection.json").write_text(
-        json.dumps(
-            {
-                "projectX": {
-                    "apiUrl": fake.base("projectx"),
-                    "websocketUrl": "wss://rtc.example",
-                    "username": PX_USER,
-                    "apiKey": PX_KEY,
-                    "autoConnect": True,
-                },
-                "server": {"port": 3587, "corsOrigins": []},
-                "trading": {"defaultCommission": 2.8, "simulationMode": True},
-            }
-        )
-    )
+    (data_dir / "connection.json").write_text(json.dumps(px_document(fake.base("projectx"))))
     d = start([], FAST)
 
     def connected() -> Any:
