@@ -201,35 +201,31 @@ async def _auth_message(d: Daemon, token: str) -> dict[str, Any]:
         return json.loads(await ws.recv())
 
 
-async def test_failed_auth_is_limited_per_address(daemon: Daemon) -> None:
-    # Wrong tokens count wherever they are presented: HTTP header, bus header, auth message.
-    for _ in range(4):
+async def test_failed_auth_never_locks_out_a_right_token(daemon: Daemon) -> None:
+    # Every local client shares 127.0.0.1: wrong tokens from one process, however many and
+    # wherever presented (HTTP header, bus header, auth message), never make another client's
+    # right token be refused. They are answered and logged in summary.
+    for _ in range(15):
         assert daemon.http("/api/connections/state", token="wrong")[0] == 401
-    for _ in range(3):
+    for _ in range(5):
         async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer x"}) as ws:
             assert json.loads(await ws.recv())["type"] == "auth_invalid"
-    for _ in range(3):
+    for _ in range(5):
         assert (await _auth_message(daemon, "wrong"))["type"] == "auth_invalid"
-    # Ten failures: the address is blocked. It now gets one token check a second, right or
-    # wrong; attempts in between are refused unchecked, so guessing is slowed to that pace.
+    assert daemon.http("/api/connections/state")[0] == 200
     right = {"Authorization": f"Bearer {TOKEN}"}
-    async with connect(daemon.ws_url, additional_headers=right) as ws:  # this second's check
+    async with connect(daemon.ws_url, additional_headers=right) as ws:
         assert json.loads(await ws.recv())["type"] == "auth_ok"
-    assert daemon.http("/api/connections/state")[0] == 429  # right, but not checked now
-    with pytest.raises(InvalidStatus) as e:
-        async with connect(daemon.ws_url, additional_headers=right):
-            pass
-    assert e.value.response.status_code == 429
-    msg = await _auth_message(daemon, TOKEN)
-    assert msg["type"] == "auth_invalid" and "too many" in msg["message"]
-    # ... and the right token gets in again on a retry: the block locks out no one
-    wait_until(lambda: daemon.http("/api/connections/state")[0] == 200, 5, what="a retry")
-    assert daemon.http("/api/connections/state", token="wrong")[0] == 429
+    assert (await _auth_message(daemon, TOKEN))["type"] == "auth_ok"
+    # logged in summary: the first failure of the address at once, then a line a minute
+    lines = [e for e in daemon.log_events() if e.get("event") == "auth_failed"]
+    assert 1 <= len(lines) <= 3 and lines[0]["remote"] == "127.0.0.1"
+    assert "wrong" not in json.dumps(lines)
 
 
-async def test_token_less_attempts_do_not_lock_out(daemon: Daemon) -> None:
+async def test_token_less_attempts_are_answered_and_lock_out_nobody(daemon: Daemon) -> None:
     # Any web page can make the trader's browser send token-less requests (an <img> to
-    # /api/...); neither they nor bus clients that never present a token may block the address.
+    # /api/...): they are refused, and nothing about them slows anybody else.
     for _ in range(12):
         assert daemon.http("/api/connections/state", token=None)[0] == 401
     for _ in range(12):
@@ -240,11 +236,6 @@ async def test_token_less_attempts_do_not_lock_out(daemon: Daemon) -> None:
     assert daemon.http("/api/connections/state")[0] == 200
     async with bus(daemon) as b:
         assert (await b.ok("ping"))["pong"] is True
-    # and they do not count towards the limit for wrong tokens either
-    for _ in range(9):
-        assert daemon.http("/api/connections/state", token="wrong")[0] == 401
-    assert daemon.http("/api/connections/state", token="wrong")[0] == 401
-    assert daemon.http("/api/connections/state", token="wrong")[0] == 429
 
 
 async def test_foreign_origin_refused_before_upgrade(daemon: Daemon) -> None:

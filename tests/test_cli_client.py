@@ -715,14 +715,12 @@ def test_rate_limited(tmp_path: Path) -> None:
         d.close()
 
 
-def test_failed_auth_attempts_are_limited(tmp_path: Path) -> None:
+def test_failed_auth_attempts_lock_out_nobody(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "data").start()
     try:
         codes = [cli(d, "status", CTSD_TOKEN=f"wrong-{i}").returncode for i in range(12)]
-        assert codes[0] == 4
-        assert codes[-1] == 7, codes
-        r = cli(d, "status", CTSD_TOKEN="wrong-again")
-        assert r.returncode == 7 and "too many failed attempts" in r.stderr
+        assert codes == [4] * 12  # each refused as what it is: a wrong token
+        assert cli(d, "status").returncode == 0  # and the right one still gets in at once
     finally:
         d.close()
 

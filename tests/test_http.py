@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctsd.errors import CtsdError
 from tests.daemon import Daemon, wait_until
 from tests.test_bus import CANARY, bus, conn_body, write_settings
 
@@ -126,18 +126,25 @@ def test_not_found_and_bad_queries(daemon: Daemon) -> None:
 
 
 def test_method_not_allowed(daemon: Daemon) -> None:
-    for method, path in [
-        ("POST", "/api/settings/connections"),
-        ("DELETE", "/api/connections/state"),
-        ("PUT", "/api/settings/connections/c1"),
-        ("GET", "/api/data/reset"),
-        ("DELETE", "/api/data/export"),
-        ("POST", "/health"),
-        ("DELETE", "/metrics"),
+    for method, path, allow in [
+        ("DELETE", "/api/settings/connections", "GET, HEAD, POST"),
+        ("POST", "/api/connections/state", "GET, HEAD"),
+        ("GET", "/api/data/reset", "DELETE"),
+        ("POST", "/api/data/export", "GET, HEAD"),
+        ("GET", "/api/data/import", "POST"),
+        ("DELETE", "/api/data/ui-config", "GET, HEAD, POST, PUT"),
+        ("GET", "/api/connections/c1/heartbeat", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
     ]:
-        code, body = daemon.http(path, method=method)
-        assert code == 405, (method, path, code, body)
-        assert body["error"]["code"] == "method_not_allowed"
+        req = urllib.request.Request(
+            daemon.url + path, method=method, headers={"Authorization": f"Bearer {daemon.token}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 405, (method, path)
+        assert json.loads(e.value.read())["error"]["code"] == "method_not_allowed"
+        assert sorted(e.value.headers["Allow"].split(", ")) == allow.split(", "), (method, path)
 
 
 def test_foreign_origin_403(daemon: Daemon) -> None:
@@ -179,14 +186,23 @@ def test_file_invalid_is_409(daemon: Daemon) -> None:
     assert 'ctsd_hand_edits_total{result="refused"} 1.0' in text
 
 
-def test_http_rate_limit_429(data_dir: Path) -> None:
+def test_http_rate_limit_429_per_keep_alive_connection(data_dir: Path) -> None:
+    # Every local client shares 127.0.0.1, so a local client is its keep-alive connection: a
+    # chatty one is limited, the others are not.
     write_settings(data_dir, {"server": {"rate_limit": {"requests": 5, "window_s": 900}}})
     d = Daemon(data_dir).start()
+    auth = {"Authorization": f"Bearer {d.token}"}
     try:
-        codes = [d.http("/api/connections/state")[0] for _ in range(8)]
-        assert codes == [200] * 5 + [429] * 3
-        assert d.http("/api/connections/state")[1]["error"]["code"] == "rate_limited"
-        assert d.http("/health", token=None)[0] == 200  # health is never limited
+        with httpx.Client(base_url=d.url, headers=auth) as chatty:
+            codes = [chatty.get("/api/connections/state").status_code for _ in range(8)]
+            assert codes == [200] * 5 + [429] * 3
+            r = chatty.get("/api/connections/state")
+            assert r.json()["error"]["code"] == "rate_limited" and "x-revision" in r.headers
+            assert chatty.get("/health").status_code == 200  # health is never limited
+            hb = chatty.post("/api/connections/none/heartbeat")  # heartbeats are exempt
+            assert hb.status_code == 404
+            with httpx.Client(base_url=d.url, headers=auth) as other:
+                assert other.get("/api/connections/state").status_code == 200
     finally:
         d.close()
 
@@ -205,13 +221,20 @@ def test_metrics_count_hand_edits_taken_in(daemon: Daemon) -> None:
 
 def test_cors_for_listed_origins(daemon: Daemon) -> None:
     origin = {"Origin": "http://localhost:5174"}
+    preflight = {
+        **origin,
+        "Access-Control-Request-Method": "PUT",
+        "Access-Control-Request-Headers": "authorization, content-type, if-match",
+    }
     req = urllib.request.Request(
-        daemon.url + "/api/settings/connections", method="OPTIONS", headers=origin
+        daemon.url + "/api/settings/connections/c1", method="OPTIONS", headers=preflight
     )
     with urllib.request.urlopen(req, timeout=10) as resp:  # a preflight carries no token
         assert resp.status == 204
         assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5174"
-        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+        allowed = resp.headers["Access-Control-Allow-Headers"].lower()
+        assert {"authorization", "content-type", "if-match"} <= set(allowed.split(", "))
+        assert "PUT" in resp.headers["Access-Control-Allow-Methods"]
     req = urllib.request.Request(
         daemon.url + "/api/connections/state",
         headers={**origin, "Authorization": f"Bearer {daemon.token}"},
@@ -229,56 +252,16 @@ def test_cors_for_listed_origins(daemon: Daemon) -> None:
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
 
 
-# CONTRACT §5: the only statuses an HTTP error may have.
-CONTRACT_STATUSES = {400, 401, 403, 404, 405, 409, 429, 503}
+# The only statuses an HTTP error may have.
+ERROR_STATUSES = {400, 401, 403, 404, 405, 409, 412, 413, 415, 429, 503}
 
 
-class _FailingStore:
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
+def test_every_error_code_maps_to_an_allowed_status() -> None:
+    from typing import get_args
 
-    def state_views(self) -> list[Any]:
-        raise self.exc
+    from ctsd.errors import ErrorCode
+    from ctsd.web.api import STATUS_OF
 
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("exc", "code"),
-    [
-        (CtsdError("internal", "a bug"), "internal"),
-        (CtsdError("io_error", "disk gone"), "io_error"),
-        (RuntimeError("an unexpected bug"), "internal"),
-    ],
-)
-async def test_internal_and_io_errors_are_503(exc: Exception, code: str) -> None:
-    from types import SimpleNamespace
-
-    from websockets.datastructures import Headers
-    from websockets.http11 import Request
-
-    from ctsd.bus.http import Routes
-    from ctsd.bus.ratelimit import AuthFailures
-
-    app = SimpleNamespace(token="tok", store=_FailingStore(exc))
-    server = SimpleNamespace(
-        origin_ok=lambda request: True,
-        remote=lambda conn: "127.0.0.1",
-        auth_failures=AuthFailures(),
-        http_limiter=SimpleNamespace(allow=lambda addr: True),
-        count_error=lambda code: None,
-    )
-    routes = Routes(app, server)  # type: ignore[arg-type]
-    request = Request("/api/connections/state", Headers({"Authorization": "Bearer tok"}))
-    resp = await routes.handle(None, request)  # type: ignore[arg-type]
-    assert resp.status_code == 503
-    assert json.loads(resp.body)["error"]["code"] == code
-
-
-def test_every_error_code_maps_to_a_contract_status() -> None:
-    from ctsd.bus.http import STATUS_OF
-
-    codes = {"invalid_format", "invalid", "not_found", "conflict", "file_invalid", "id_reuse"}
-    codes |= {"unknown_command", "unauthorized", "rate_limited", "too_large"}
-    codes |= {"revision_compacted", "io_error", "internal"}
-    assert codes <= set(STATUS_OF)
-    assert set(STATUS_OF.values()) <= CONTRACT_STATUSES
+    assert set(get_args(ErrorCode)) <= set(STATUS_OF)
+    assert set(STATUS_OF.values()) <= ERROR_STATUSES
+    assert {STATUS_OF[c] for c in ("io_error", "internal")} == {503}

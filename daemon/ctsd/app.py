@@ -93,18 +93,19 @@ async def _watchdog(app: App, interval: float) -> None:
 
 async def _serve(app: App) -> None:
     from ctsd import sweeps
-    from ctsd.bus import server as bus_server
+    from ctsd.web.server import Web
 
     store = app.store
     store.start()
+    web = Web(app)
     try:
-        bus = await bus_server.start(app)
+        await web.start()
     except OSError as e:
         await store.close()
         raise StartError(
             f"cannot listen on {app.listen.host}:{app.listen.port}: {e.strerror or e}"
         ) from None
-    app.components["bus"] = bus
+    app.components["web"] = web
     if not is_loopback(app.listen.host):
         log.warning(
             "non_loopback_bind",
@@ -136,7 +137,7 @@ async def _serve(app: App) -> None:
                 break
         app.notifier.send("STOPPING=1", "STATUS=stopping")
         with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
-            await bus.shutdown()  # stop accepting; close clients with 1001
+            await web.shutdown()  # stop accepting; close bus clients with 1001
             await sweeps.sweeper(app).flush()  # heartbeats not yet on disk
             await store.close()  # finish in-flight writes
         watcher = app.components.get("watch")

@@ -1,4 +1,4 @@
-"""The one error type every input path raises, with the codes of CONTRACT §4."""
+"""The one error type every input path raises, with the error codes of the bus and HTTP."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ ErrorCode = Literal[
     "revision_compacted",
     "io_error",
     "internal",
+    # HTTP only: a failed `If-Match`, and refusals made before any command is named.
+    "precondition_failed",
+    "forbidden",
+    "method_not_allowed",
+    "unsupported_media_type",
 ]
 
 

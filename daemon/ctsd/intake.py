@@ -163,10 +163,21 @@ class Intake:
         return files.decode_file(file, raw)
 
     def _install_log(self, events: list[SyncEvent]) -> None:
+        from ctsd.store import document_key, record_key  # the store imports this module
+
         self.log = deque(events)
         self._log_frags = deque(files.encode_record(e) for e in events)
         if events:
             self.revision = max(self.revision, events[-1].id)
+        for e in events:  # what If-Match compares against, as far as the log remembers
+            if e.connection_id is not None:
+                self.record_revs[record_key(e.connection_id)] = e.id
+            names = [e.data.get("name")] if e.action == "document_update" else []
+            if e.action == "reset":
+                names = [files.document_name(f) for f in e.data.get("files") or []]
+            for name in names:
+                if isinstance(name, str):
+                    self.record_revs[document_key(name)] = e.id
 
     def _reconcile(self) -> None:
         """Cross-file rules on load: state mirrors connections.

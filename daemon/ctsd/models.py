@@ -178,6 +178,13 @@ class ServerSettings(Section, kw_only=True):
         default_factory=lambda: ["http://localhost:5173", "http://localhost:5174"]
     )
     rate_limit: RateLimit = msgspec.field(default_factory=RateLimit)
+    # "token": every request but /health needs the bearer token. "loopback": a request from
+    # this host (loopback peer, loopback Host, no foreign Origin) needs none.
+    auth: Literal["token", "loopback"] = "token"
+    # Open connections (HTTP and bus) and bus connections not yet authenticated; both well
+    # below the unit's LimitNOFILE, so a flood of sockets never starves the daemon's files.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1024
+    max_unauthenticated: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 64
 
 
 class WatchSettings(Section, kw_only=True):

@@ -19,7 +19,7 @@ from ctsd.store import Op, Tx, mirror_state
 from ctsd.table import Table
 from ctsd.timeutil import later
 
-READ_ONLY = ("id", "created_at", "updated_at")
+SERVER_MANAGED = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
 
 
@@ -80,11 +80,8 @@ def create(data: Any) -> Op:
         if not isinstance(data, dict):
             raise CtsdError("invalid", "connection must be an object", path="$.connection")
         refuse_placeholders(data, "$.connection")
-        for key in ("created_at", "updated_at"):
-            if key in data:
-                raise CtsdError(
-                    "invalid", f"`{key}` is set by the daemon", path=f"$.connection.{key}"
-                )
+        # Server-managed: whatever a client sends for these is ignored (a record read back
+        # and sent again as a new one keeps working).
         body = {**data, "created_at": tx.now, "updated_at": tx.now}
         body.setdefault("id", new_connection_id())
         conn = _convert(body, Connection, "$.connection")
@@ -105,9 +102,14 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     if not isinstance(changes, dict):
         raise CtsdError("invalid", "changes must be an object", path=path)
     refuse_placeholders(changes, path)
-    for key in READ_ONLY:
-        if key in changes:
-            raise CtsdError("invalid", f"`{key}` cannot be changed", path=f"{path}.{key}")
+    if "id" in changes and changes["id"] != conn.id:
+        raise CtsdError(
+            "invalid",
+            f"`id` is fixed: this is {conn.id!r}, not {changes['id']!r}",
+            path=f"{path}.id",
+        )
+    # Server-managed fields sent back (a record read and sent whole) are ignored.
+    changes = {k: v for k, v in changes.items() if k not in SERVER_MANAGED}
     merged = {**msgspec.structs.asdict(conn), **changes}
     new = _convert(merged, Connection, path)
     _check_settings(new, path)

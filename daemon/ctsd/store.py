@@ -65,6 +65,13 @@ class Tx:
     def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
         self.events.append((connection_id, action, {**data, "source": self.source}))
 
+    def keys(self) -> list[str]:
+        """The records this change touched, as revision keys (see `Store.record_revs`)."""
+        out = [record_key(cid) for cid in self.connections.over]
+        out += [record_key(cid) for cid in self.state.over if cid not in self.connections.over]
+        out += [document_key(name) for name in self.docs.over]
+        return out
+
     def files(self) -> set[str]:
         out = set(self.touched)
         if self.connections.dirty:
@@ -92,7 +99,9 @@ class _Pending:
     op: Op
     source: str
     future: asyncio.Future[Any]
+    if_match: int | None = None
     result: Any = None
+    keys: list[str] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
     events: list[SyncEvent] = field(default_factory=list)
     first_event: int = 0
@@ -109,6 +118,9 @@ class Store(Intake):
         self.documents: dict[str, dict[str, Any]] = {}
         self.log: deque[SyncEvent] = deque()
         self.revision = 0
+        # The revision of the latest retained event of each record (`record_key`,
+        # `document_key`): what `If-Match` compares against.
+        self.record_revs: dict[str, int] = {}
         self.settings = Settings()
         self.problems: dict[str, FileProblem] = {}
         self.stamps: dict[str, Stamp | None] = {}
@@ -161,12 +173,19 @@ class Store(Intake):
             self._write_loop(), name="ctsd-writer"
         )
 
-    async def submit(self, op: Op, source: str) -> Any:
-        """Apply `op` through the one door; returns its result once durable."""
+    async def submit(
+        self, op: Op, source: str, *, if_match: int | None = None, sync: str | None = None
+    ) -> Any:
+        """Apply `op` through the one door; returns its result once durable.
+
+        `if_match`: refuse (`precondition_failed`) when a record the change touches was
+        changed after that revision. `sync="files"`: answer once the change is in the data
+        files (every change is written to them before it is answered today).
+        """
         if self._closing:
             raise CtsdError("io_error", "the daemon is shutting down")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(op, source, fut))
+        self._pending.append(_Pending(op, source, fut, if_match))
         self._wake.set()
         return await fut
 
@@ -213,6 +232,9 @@ class Store(Intake):
             tx = Tx(self, p.source, group)
             try:
                 p.result = p.op(tx)
+                p.keys = tx.keys()
+                if p.if_match is not None:
+                    self._check_if_match(p.keys, p.if_match)
                 touched = tx.files()
                 blocked = sorted(f for f in touched if f in self.problems and f not in tx.synced)
                 if blocked:
@@ -390,6 +412,7 @@ class Store(Intake):
                 problem = self.problems.pop(f)
                 log.info("file_restored", file=f, was=problem.message)
                 self._notice({"notice": "file_restored", "file": f})
+        self._note_revisions(ok)
         elapsed = time.perf_counter() - t0
         for cb in self.on_commit:
             cb(elapsed, len(ok))
@@ -399,6 +422,28 @@ class Store(Intake):
         for p in ok:
             if not p.future.done():
                 p.future.set_result(p.result)
+
+    def revision_of(self, key: str) -> int:
+        """The revision of the last change of a record; one whose events were trimmed from
+        the log changed at the latest just before the oldest retained one."""
+        rev = self.record_revs.get(key)
+        return rev if rev is not None else self.oldest_revision() - 1
+
+    def _check_if_match(self, keys: list[str], expected: int) -> None:
+        for key in keys:
+            rev = self.revision_of(key)
+            if rev > expected:
+                raise CtsdError(
+                    "precondition_failed",
+                    f"{key[2:]} changed at revision {rev}, after the {expected} given in "
+                    "If-Match; read it again and retry",
+                )
+
+    def _note_revisions(self, ok: list[_Pending]) -> None:
+        for p in ok:
+            if p.events:
+                for key in p.keys:
+                    self.record_revs[key] = p.events[-1].id
 
     def _publish(self, events: list[SyncEvent]) -> None:
         for listener in self.events_listeners:
@@ -451,6 +496,14 @@ class Store(Intake):
             out.append(event)
         out.reverse()
         return out
+
+
+def record_key(cid: str) -> str:
+    return f"c:{cid}"  # a connection and its state record are one resource
+
+
+def document_key(name: str) -> str:
+    return f"d:{name}"
 
 
 def _fail(p: _Pending, err: CtsdError) -> None:

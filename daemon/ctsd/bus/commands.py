@@ -1,10 +1,14 @@
-"""What each bus command does. Changes go through the store's one door (source "bus", or
-"cli" when the CLI says so);
-reads come from committed memory through `views` (masked)."""
+"""What each command does, whoever asks: a bus frame and an HTTP route both end here.
+
+Changes go through the store's one door with the caller's source (`bus`, `cli`, `http`);
+reads come from committed memory through `views` (masked). A handler gets the `Call` (who
+asks, how it wants to be answered) and the command's argument Struct.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -14,16 +18,34 @@ from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
 from ctsd.errors import CtsdError
-from ctsd.models import Connection
+from ctsd.models import Connection, Source
 from ctsd.redact import mask
 
 if TYPE_CHECKING:
+    from ctsd.app import App
     from ctsd.bus.session import Session
 
-Handler = Callable[["Session", Any], Awaitable[Any]]
 
-# Commands that change something: they run as their own task so a client can pipeline them
-# (they group-commit); a read waits for the same client's earlier changes (read-your-writes).
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Who asks and how they want the answer.
+
+    `sync="files"`: answer only once the change is in the data files. `if_match`: refuse with
+    `precondition_failed` when what the change touches moved past that revision (HTTP
+    `If-Match`). `session`: the bus connection, for the commands that only a bus has.
+    """
+
+    app: App
+    source: Source
+    sync: str | None = None
+    if_match: int | None = None
+    session: Session | None = None
+
+
+Handler = Callable[[Call, Any], Awaitable[Any]]
+
+# Commands that change something: on the bus they run as their own task so a client can
+# pipeline them (they group-commit); a read waits for the same client's earlier changes.
 WRITES = frozenset(
     {
         "connections.create",
@@ -41,28 +63,35 @@ WRITES = frozenset(
 PROBES = frozenset({"connections.test", "trading.test_connection"})
 
 
-async def _submit(s: Session, op: ops.Op, a: p.Args) -> Any:
-    return await s.app.store.submit(op, source=a.source)
+async def _submit(c: Call, op: ops.Op) -> Any:
+    return await c.app.store.submit(op, c.source, if_match=c.if_match, sync=c.sync)
 
 
 def _conn_out(result: Any) -> Any:
     return views.connection(result) if isinstance(result, Connection) else result
 
 
-async def ping(s: Session, a: p.NoArgs) -> Any:
-    return {"pong": True, "revision": s.app.store.revision}
+def _session(c: Call) -> Session:
+    if c.session is None:  # a route never maps to these; a bug if it does
+        raise CtsdError("invalid", "this command needs a bus connection")
+    return c.session
 
 
-async def status(s: Session, a: p.NoArgs) -> Any:
-    return views.status(s.app)
+async def ping(c: Call, a: p.NoArgs) -> Any:
+    return {"pong": True, "revision": c.app.store.revision}
 
 
-async def snapshot(s: Session, a: p.NoArgs) -> Any:
-    return views.snapshot(s.app.store)
+async def status(c: Call, a: p.NoArgs) -> Any:
+    return views.status(c.app)
 
 
-async def subscribe(s: Session, a: p.Subscribe) -> Any:
-    store = s.app.store
+async def snapshot(c: Call, a: p.NoArgs) -> Any:
+    return views.snapshot(c.app.store)
+
+
+async def subscribe(c: Call, a: p.Subscribe) -> Any:
+    s = _session(c)
+    store = c.app.store
     if a.since is not None:
         views.check_since(store, a.since)
         if a.since > store.revision:
@@ -82,94 +111,89 @@ async def subscribe(s: Session, a: p.Subscribe) -> Any:
         for t in a.topics:
             topics |= TOPIC_BITS[t]
     cids = frozenset(a.connection_ids) if a.connection_ids is not None else None
-    # Registration and replay happen in this one synchronous step; the result goes out before
-    # any event frame (the subscription is held until then).
-    sub = s.server.hub.subscribe(s.conn, (topics, cids), a.since)
-    s.pending_sub = sub
+    # Registration and the replay's snapshot happen in this one synchronous step, and the
+    # result is queued before any event frame (the replay follows it).
+    s.subscribe((topics, cids), a.since)
     return {"revision": store.revision}
 
 
-async def unsubscribe(s: Session, a: p.NoArgs) -> Any:
-    was = s.conn in s.server.hub.by_conn
-    s.server.hub.unsubscribe(s.conn)
-    return {"unsubscribed": was}
+async def unsubscribe(c: Call, a: p.NoArgs) -> Any:
+    return {"unsubscribed": _session(c).unsubscribe()}
 
 
-async def sync_log_get(s: Session, a: p.SyncLogGet) -> Any:
-    return views.sync_log(s.app.store, a.since, a.limit)
+async def sync_log_get(c: Call, a: p.SyncLogGet) -> Any:
+    return views.sync_log(c.app.store, a.since, a.limit)
 
 
-async def connections_list(s: Session, a: p.ConnectionsList) -> Any:
-    return views.connections(s.app.store, a.exchange, a.enabled, a.active)
+async def connections_list(c: Call, a: p.ConnectionsList) -> Any:
+    return views.connections(c.app.store, a.exchange, a.enabled, a.active)
 
 
-async def connections_get(s: Session, a: p.ConnectionRef) -> Any:
-    return views.get_connection(s.app.store, a.connection_id)
+async def connections_get(c: Call, a: p.ConnectionRef) -> Any:
+    return views.get_connection(c.app.store, a.connection_id)
 
 
-async def connections_create(s: Session, a: p.ConnectionsCreate) -> Any:
-    return _conn_out(await _submit(s, ops.create(a.connection), a))
+async def connections_create(c: Call, a: p.ConnectionsCreate) -> Any:
+    return _conn_out(await _submit(c, ops.create(a.connection)))
 
 
-async def connections_update(s: Session, a: p.ConnectionsUpdate) -> Any:
-    return _conn_out(await _submit(s, ops.update(a.connection_id, a.changes), a))
+async def connections_update(c: Call, a: p.ConnectionsUpdate) -> Any:
+    return _conn_out(await _submit(c, ops.update(a.connection_id, a.changes)))
 
 
-async def connections_delete(s: Session, a: p.ConnectionRef) -> Any:
-    return await _submit(s, ops.delete(a.connection_id), a)
+async def connections_delete(c: Call, a: p.ConnectionRef) -> Any:
+    return await _submit(c, ops.delete(a.connection_id))
 
 
-async def connections_batch_update(s: Session, a: p.ConnectionsBatchUpdate) -> Any:
-    return [_conn_out(c) for c in await _submit(s, ops.batch_update(a.updates), a)]
+async def connections_batch_update(c: Call, a: p.ConnectionsBatchUpdate) -> Any:
+    return [_conn_out(r) for r in await _submit(c, ops.batch_update(a.updates))]
 
 
-async def connections_set_active(s: Session, a: p.ConnectionsSetActive) -> Any:
-    return _conn_out(await _submit(s, ops.set_active(a.connection_id, a.active), a))
+async def connections_set_active(c: Call, a: p.ConnectionsSetActive) -> Any:
+    return _conn_out(await _submit(c, ops.set_active(a.connection_id, a.active)))
 
 
-async def connections_set_volume(s: Session, a: p.ConnectionsSetVolume) -> Any:
-    return _conn_out(await _submit(s, ops.set_volume(a.connection_id, a.live, a.preset), a))
+async def connections_set_volume(c: Call, a: p.ConnectionsSetVolume) -> Any:
+    return _conn_out(await _submit(c, ops.set_volume(a.connection_id, a.live, a.preset)))
 
 
-async def connections_heartbeat(s: Session, a: p.ConnectionRef) -> Any:
-    ts = sweeps.heartbeat(s.app, a.connection_id)
+async def connections_heartbeat(c: Call, a: p.ConnectionRef) -> Any:
+    ts = sweeps.heartbeat(c.app, a.connection_id)
     return {"connection_id": a.connection_id, "timestamp": ts}
 
 
-async def connections_test(s: Session, a: p.ConnectionRef) -> Any:
-    result = await sweeps.test_connection(s.app, a.connection_id)
-    return msgspec.to_builtins(result)
+async def connections_test(c: Call, a: p.ConnectionRef) -> Any:
+    return msgspec.to_builtins(await sweeps.test_connection(c.app, a.connection_id))
 
 
-async def documents_list(s: Session, a: p.NoArgs) -> Any:
-    return sorted(s.app.store.documents)
+async def documents_list(c: Call, a: p.NoArgs) -> Any:
+    return sorted(c.app.store.documents)
 
 
-async def documents_get(s: Session, a: p.DocumentsGet) -> Any:
-    return views.document(s.app.store, a.name)
+async def documents_get(c: Call, a: p.DocumentsGet) -> Any:
+    return views.document(c.app.store, a.name)
 
 
-async def documents_set(s: Session, a: p.DocumentsSet) -> Any:
-    return mask(await _submit(s, ops.set_document(a.name, a.content), a))
+async def documents_set(c: Call, a: p.DocumentsSet) -> Any:
+    return mask(await _submit(c, ops.set_document(a.name, a.content)))
 
 
-async def data_export(s: Session, a: p.NoArgs) -> Any:
-    return views.export(s.app.store)
+async def data_export(c: Call, a: p.NoArgs) -> Any:
+    return views.export(c.app.store)
 
 
-async def data_import(s: Session, a: p.DataImport) -> Any:
-    return await _submit(s, ops.import_data(a.data, a.mode), a)
+async def data_import(c: Call, a: p.DataImport) -> Any:
+    return await _submit(c, ops.import_data(a.data, a.mode))
 
 
-async def data_reset(s: Session, a: p.DataReset) -> Any:
+async def data_reset(c: Call, a: p.DataReset) -> Any:
     if a.confirm is not True:
         raise CtsdError("invalid", "data.reset needs confirm: true", path="$.confirm")
-    return await _submit(s, ops.reset(), a)
+    return await _submit(c, ops.reset())
 
 
-async def trading_test_connection(s: Session, a: p.NoArgs) -> Any:
-    result = await sweeps.test_projectx(s.app)
-    return mask(msgspec.to_builtins(result))
+async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
+    return mask(msgspec.to_builtins(await sweeps.test_projectx(c.app)))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -28,9 +28,12 @@ class Args(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of a command's arguments (everything in the frame but `id` and `type`).
 
     `source` says who asks, for the sync log: the CLI sends "cli"; everything else is "bus".
+    `sync: "files"` asks for the answer only once the change is in the data files (not only
+    durable in the journal), so the caller can read the file right after.
     """
 
     source: Literal["bus", "cli"] = "bus"
+    sync: Literal["files"] | None = None
 
 
 # --- client → server ------------------------------------------------------------------------

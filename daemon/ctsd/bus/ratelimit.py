@@ -1,5 +1,5 @@
-"""Rate limits: a token bucket per client (`server.rate_limit`) and a harsher one for failed
-authentication per remote address (guessing tokens must be slow)."""
+"""Rate limits: a token bucket per client (`server.rate_limit`): per bus connection, per HTTP
+keep-alive connection of a local peer, per address for other peers (`web.guard.rate_key`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import time
 from collections.abc import Callable
 
 from ctsd.models import RateLimit
-
-# Wrong tokens: this many per address within the window block the address until they age
-# out of it. A blocked address gets one token check per BLOCKED_CHECK_S, right or wrong;
-# other attempts are refused unchecked (and uncounted, so the block ends on time). Guessing
-# is slowed to that pace, and a client with the right token still gets in on a retry. Only
-# a presented, wrong token counts: no token (any web page can send those) never does.
-AUTH_FAILURES = 10
-AUTH_WINDOW_S = 60.0
-BLOCKED_CHECK_S = 1.0
 
 
 class Bucket:
@@ -38,7 +29,7 @@ class Bucket:
 
 
 class Limiter:
-    """One bucket per key (a bus connection, or a remote address for HTTP)."""
+    """One bucket per key (a bus connection, an HTTP connection or a remote address)."""
 
     def __init__(self, settings: Callable[[], RateLimit]) -> None:
         self.settings = settings
@@ -62,55 +53,3 @@ class Limiter:
         for key, b in list(self.buckets.items()):
             if b.tokens + (now - b.stamp) * rl.requests / rl.window_s >= rl.requests:
                 del self.buckets[key]
-
-
-class AuthFailures:
-    """Failed authentications per remote address within a sliding window."""
-
-    def __init__(
-        self,
-        limit: int = AUTH_FAILURES,
-        window_s: float = AUTH_WINDOW_S,
-        check_s: float = BLOCKED_CHECK_S,
-    ) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self.check_s = check_s
-        self.seen: dict[str, list[float]] = {}
-        self.last_check: dict[str, float] = {}  # blocked addresses only
-
-    def _recent(self, addr: str) -> list[float]:
-        cutoff = time.monotonic() - self.window_s
-        times = [t for t in self.seen.get(addr, ()) if t > cutoff]
-        if times:
-            self.seen[addr] = times
-        else:
-            self.seen.pop(addr, None)
-        return times
-
-    def blocked(self, addr: str) -> bool:
-        return len(self._recent(addr)) >= self.limit
-
-    def admit(self, addr: str) -> bool:
-        """May a token presented from `addr` be checked now? Always, unless the address is
-        blocked: then once per `check_s`."""
-        if not self.blocked(addr):
-            self.last_check.pop(addr, None)
-            return True
-        now = time.monotonic()
-        if now - self.last_check.get(addr, -self.check_s) < self.check_s:
-            return False
-        self.last_check[addr] = now
-        return True
-
-    def wrong_token(self, addr: str) -> bool:
-        """Record a wrong token from `addr`; True when the address was already blocked (a
-        blocked address is refused without counting, so it is let back in on time)."""
-        if self.blocked(addr):
-            return True
-        self.failed(addr)
-        return False
-
-    def failed(self, addr: str) -> None:
-        self._recent(addr)
-        self.seen.setdefault(addr, []).append(time.monotonic())

@@ -1,29 +1,26 @@
-"""The websockets server on one port: `/ws` for the bus, plain HTTP routes beside it.
+"""The bus endpoint (`/ws`): admission before the upgrade, then one `Session` per connection.
 
-Limits (CONTRACT §4): frames over 1 MiB are answered `too_large` and closed with 1009; frames
-over `HARD_MAX_FRAME_BYTES` (2 MiB) are not even read — websockets closes them with 1009
-itself. Keepalive pings every 20 s. `compression=None`: permessage-deflate roughly triples the
-cost of a broadcast on a local bus (FINDINGS).
+The HTTP server (`ctsd.web.server`) hands every websocket request here as ASGI. Frames over
+1 MiB are answered `too_large` and closed with 1009; frames over `HARD_MAX_FRAME_BYTES` are
+not even read (the websocket protocol closes them with 1009 itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from websockets.asyncio.server import Server as WsServer
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.http11 import Request, Response
 
 from ctsd.bus import protocol
 from ctsd.bus.fanout import Hub
-from ctsd.bus.http import Routes, error_response, response
-from ctsd.bus.ratelimit import AuthFailures, Limiter
-from ctsd.bus.session import TOO_MANY_FAILURES, Session, header_token
-from ctsd.metrics import CONTENT_TYPE, Metrics
+from ctsd.bus.outbox import Outbox
+from ctsd.bus.ratelimit import Limiter
+from ctsd.bus.session import CLOSE_GOING_AWAY, Closed, Session
+from ctsd.errors import CtsdError
+from ctsd.web.guard import Guard
+from ctsd.web.protocols import WIRE
 
 if TYPE_CHECKING:
     from ctsd.app import App
@@ -31,31 +28,27 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.bus")
 
 HARD_MAX_FRAME_BYTES = 2 * protocol.MAX_FRAME_BYTES
-# CONTRACT §4: keepalive pings every 20 s; a client that does not answer within as long again
-# is dropped. CTSD_BUS_PING_S shortens both for tests.
-PING_INTERVAL_S = float(os.environ.get("CTSD_BUS_PING_S") or 20.0)
-PING_TIMEOUT_S = PING_INTERVAL_S
-CLOSE_TIMEOUT_S = 3.0  # shutdown must fit in the contract's 5 s
 SHUTDOWN_DRAIN_S = 1.0  # in-flight commands get this long to answer before clients are closed
-SHUTDOWN_CLOSE_S = 1.5  # then closing handshakes get this long; the rest are aborted
+SHUTDOWN_CLOSE_S = 1.5  # then closing handshakes get this long; the rest are dropped
 BUS_PATH = "/ws"
 
+STATUS_OF_REFUSAL = {"forbidden": 403, "io_error": 503}
 
-class Server:
-    def __init__(self, app: App) -> None:
+
+class Bus:
+    def __init__(self, app: App, guard: Guard) -> None:
         self.app = app
-        self.ws: WsServer | None = None
+        self.guard = guard
         self.hub = Hub(app.store)
         self.sessions: set[Session] = set()
+        self.unauthenticated = 0
         self.errors: collections.Counter[str] = collections.Counter()
-        rate = lambda: app.store.settings.server.rate_limit  # noqa: E731 - read live
-        self.limiter = Limiter(rate)  # per bus connection
-        self.http_limiter = Limiter(rate)  # per remote address
-        self.auth_failures = AuthFailures()
-        self.routes = Routes(app, self)
-        self.metrics = Metrics(app, self.stats)
+        self.frames_sent_closed = 0  # by connections already gone
+        self.limiter = Limiter(lambda: app.store.settings.server.rate_limit)  # read live
+        self.accepting = True
 
-    # --- shared helpers -------------------------------------------------------------------
+    def start(self) -> None:
+        self.hub.start()
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
@@ -64,90 +57,96 @@ class Server:
         return {
             "clients": len(self.sessions),
             "subscribers": self.hub.count,
-            "frames_sent": self.hub.frames_sent,
+            "frames_sent": self.frames_sent_closed + sum(s.outbox.sent for s in self.sessions),
             "events_sent": self.hub.events_sent,
             "lagging_closed": self.hub.lagging_closed,
             "errors": dict(self.errors),
         }
 
-    def origin_ok(self, request: Request) -> bool:
-        """No Origin header (a script, the CLI) is allowed; a browser's must be listed."""
-        origins = request.headers.get_all("Origin")
-        if not origins:
-            return True
-        return len(origins) == 1 and origins[0] in self.app.store.settings.server.cors_origins
+    # --- ASGI ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def remote(conn: ServerConnection) -> str:
-        return str(conn.remote_address[0]) if conn.remote_address else "?"
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        headers = scope["headers"]
+        client = scope.get("client")
+        addr = str(client[0]) if client else "?"
+        server = self.app.store.settings.server
+        try:
+            if scope["path"] != BUS_PATH:
+                raise CtsdError(
+                    "not_found", f"no websocket endpoint {scope['path']}; use {BUS_PATH}"
+                )
+            self.guard.check_host(headers)
+            self.guard.check_origin(headers, server)
+            if not self.accepting:
+                raise CtsdError("io_error", "the daemon is shutting down")
+            if self.unauthenticated >= server.max_unauthenticated:
+                raise CtsdError("io_error", "too many connections waiting to authenticate")
+        except CtsdError as e:
+            self.count_error(e.code)
+            if e.code == "forbidden":
+                log.warning("bus_refused", remote=addr, reason=e.message)
+            await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e)
+            return
+        wire = scope["extensions"][WIRE]
+        header = self.guard.token_state(headers)
+        exempt = header is None and self.guard.loopback_exempt(client, headers, server)
+        await send({"type": "websocket.accept"})
 
-    def metrics_response(self) -> Response:
-        return response(200, self.metrics.render(), CONTENT_TYPE)
+        async def close(code: int, reason: str) -> None:
+            await send({"type": "websocket.close", "code": code, "reason": reason})
 
-    # --- websockets callbacks -------------------------------------------------------------
+        session = Session(self, Outbox(wire, close, addr), receive, addr)
+        self.unauthenticated += 1
+        try:
+            try:
+                ok = await session.authenticate(True if exempt else header)
+            finally:
+                self.unauthenticated -= 1
+            if not ok:
+                return
+            self.sessions.add(session)
+            await session.serve()
+        except Closed:
+            pass
+        finally:
+            self.sessions.discard(session)
+            self.hub.unsubscribe(session.outbox)
+            session.outbox.stop()
+            self.frames_sent_closed += session.outbox.sent
+            self.limiter.forget(session)
 
-    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] != BUS_PATH:
-            return await self.routes.handle(conn, request)
-        if request.method != "GET":
-            return error_response(405, "method_not_allowed", "the bus upgrades from GET /ws")
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
-            # A plain GET (a browser, curl): a JSON error as on every route, not websockets'
-            # text/plain 426.
-            self.count_error("invalid_format")
-            return error_response(
-                400, "invalid_format", "/ws is the websocket bus: connect with a websocket client"
-            )
-        if not self.origin_ok(request):
-            # Refused before the upgrade: a web page must not reach the bus from a browser.
-            self.count_error("forbidden")
-            log.warning("origin_refused", origin=request.headers.get("Origin"))
-            return error_response(403, "forbidden", "origin not allowed")
-        # A header token from a blocked address is checked only when admitted (once a
-        # second); a client with none may still authenticate with an `auth` message.
-        presented = header_token(request.headers, self.app.token) is not None
-        if presented and not self.auth_failures.admit(self.remote(conn)):
-            self.count_error("rate_limited")
-            return error_response(429, "rate_limited", TOO_MANY_FAILURES)
-        return None
-
-    async def handler(self, conn: ServerConnection) -> None:
-        await Session(self, conn).run()
+    # --- shutdown -----------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight commands answer, tell subscribers, close with 1001."""
-        if self.ws is None:
-            return
-        self.ws.server.close()  # no new TCP connections from here on
+        """Let in-flight commands answer, tell subscribers, close everyone with 1001."""
+        self.accepting = False
         pending = [t for s in self.sessions for t in s.inflight]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_S)
         self.hub.notice({"type": "notice", "notice": "shutting_down"})
-        self.ws.close(close_connections=True)  # 1001 going away
-        try:
-            # app.py gives shutdown 4 s in all and still has to finish the store's writes.
-            async with asyncio.timeout(SHUTDOWN_CLOSE_S):
-                await self.ws.wait_closed()
-        except TimeoutError:
-            # A client that reads nothing cannot complete the closing handshake.
-            for conn in list(self.ws.connections):
-                conn.transport.abort()
+        closing = [
+            asyncio.ensure_future(s.outbox.close(CLOSE_GOING_AWAY, "daemon stopping"))
+            for s in list(self.sessions)
+        ]
+        if closing:
+            await asyncio.wait(closing, timeout=SHUTDOWN_CLOSE_S)
         self.hub.close()
 
 
-async def start(app: App) -> Server:
-    server = Server(app)
-    server.ws = await serve(
-        server.handler,
-        app.listen.host,
-        app.listen.port,
-        process_request=server.process_request,
-        compression=None,
-        max_size=HARD_MAX_FRAME_BYTES,
-        ping_interval=PING_INTERVAL_S,
-        ping_timeout=PING_TIMEOUT_S,
-        close_timeout=CLOSE_TIMEOUT_S,
-        server_header=None,
+async def _deny(send: Any, status: int, err: CtsdError) -> None:
+    """Refuse the upgrade with an HTTP response (the ASGI websocket denial extension)."""
+    body = protocol.encode({"error": {"code": err.code, "message": err.message}})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
     )
-    server.hub.start()
-    return server
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -1,174 +1,150 @@
-"""One bus connection: authentication, then the command loop (CONTRACT §4)."""
+"""One bus connection (ASGI websocket at `/ws`): admission, authentication, then commands.
+
+Admission happens before the upgrade is accepted: a foreign `Origin` or a non-loopback `Host`
+gets 403 and a full server 503, as JSON. Then authentication: a right `Authorization` header
+gets `auth_ok` at once; without one the client has `AUTH_TIMEOUT_S` to send
+`{"type": "auth", "token": ...}`. Then one frame is one command; replies, events and notices
+leave through the connection's `Outbox`, in order.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from ctsd.bus import protocol as p
-from ctsd.bus.commands import HANDLERS, PROBES, WRITES
-from ctsd.bus.fanout import Sub
+from ctsd.bus.commands import HANDLERS, PROBES, WRITES, Call
+from ctsd.bus.fanout import Key
+from ctsd.bus.outbox import Outbox, wire_of
 from ctsd.errors import CtsdError
+from ctsd.web.guard import token_ok
 
 if TYPE_CHECKING:
-    from ctsd.bus.server import Server
+    from ctsd.bus.server import Bus
 
 log = structlog.get_logger("ctsd.bus")
 
 AUTH_TIMEOUT_S = 10.0
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
-EXEMPT = frozenset({"connections.heartbeat"})  # CONTRACT §2: heartbeats are not rate limited
-TOO_MANY_FAILURES = "too many failed attempts; try again later"
+EXEMPT = frozenset({"connections.heartbeat"})  # heartbeats are never rate limited
 RATE_LIMITED = CtsdError("rate_limited", "too many requests; slow down and retry")
 
 _decoder = msgspec.json.Decoder()
 
 
-def token_ok(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def bearer(headers: Headers) -> str | None:
-    """The token of an `Authorization: Bearer` header, '' for a malformed one, else None."""
-    values = headers.get_all("Authorization")
-    if not values:
-        return None
-    scheme, _, token = values[0].partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and len(values) == 1 else ""
-
-
-def header_token(headers: Headers, expected: str) -> bool | None:
-    """The Authorization header against the token: None when there is none, True when it
-    holds the right token, False for a wrong or malformed one (the only counted failure)."""
-    given = bearer(headers)
-    if given is None:
-        return None
-    return bool(given) and token_ok(given, expected)
+class Closed(Exception):
+    """The client went away (or we closed it): stop serving this connection."""
 
 
 class Session:
-    def __init__(self, server: Server, conn: ServerConnection) -> None:
-        self.server = server
-        self.app = server.app
-        self.conn = conn
-        self.addr = str(conn.remote_address[0]) if conn.remote_address else "?"
+    def __init__(self, bus: Bus, outbox: Outbox, receive: Any, addr: str) -> None:
+        self.bus = bus
+        self.app = bus.app
+        self.outbox = outbox
+        self._receive = receive
+        self.addr = addr
         self.last_id: int | None = None
         self.inflight: set[asyncio.Task[None]] = set()  # changes in flight
         self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
-        self.pending_sub: Sub | None = None
+        self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
 
-    async def send(self, msg: Any) -> None:
-        await self.send_bytes(p.encode(msg))
+    # --- sending ----------------------------------------------------------------------------
 
-    async def send_bytes(self, data: bytes) -> None:
-        conn = self.conn
-        sub = self.server.hub.by_conn.get(conn)
-        if sub is not None and not sub.held and (sub.queue or sub.replay):
-            # Behind this client's own event backlog: a reply never overtakes the events of
-            # the change it acknowledges.
-            sub.push(data, time.monotonic())
-            return
-        if not conn.paused and conn.protocol.state is State.OPEN and conn.send_in_progress is None:
-            # Fast path (as websockets.broadcast()): the client keeps up, write now; this skips
-            # send()'s context manager, a measurable share of a heartbeat's cost.
-            conn.protocol.send_text(data)
-            conn.send_data()
-            return
-        await conn.send(data, text=True)  # waits while the client's buffer is full
+    def push(self, msg: Any) -> None:
+        self.outbox.push(wire_of(p.encode(msg)))
 
-    # --- auth -----------------------------------------------------------------------------
+    async def reply(self, msg: Any) -> None:
+        """A reply; the client's replies pace how fast we read its frames."""
+        self.push(msg)
+        await self.outbox.drained()
+
+    async def recv(self) -> str | bytes:
+        msg = await self._receive()
+        kind = msg["type"]
+        if kind == "websocket.receive":
+            text = msg.get("text")
+            return text if text is not None else msg.get("bytes") or b""
+        raise Closed(msg.get("code"))
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(self, key: Key, since: int | None) -> None:
+        self._replay = self.bus.hub.subscribe(self.outbox, key, since)
+
+    def unsubscribe(self) -> bool:
+        self._replay = None
+        return self.bus.hub.unsubscribe(self.outbox)
+
+    # --- auth -------------------------------------------------------------------------------
 
     async def _refuse(self, message: str) -> None:
-        self.server.count_error("unauthorized")
+        self.bus.count_error("unauthorized")
         log.warning("auth_invalid", remote=self.addr, reason=message)
-        await self.send(p.AuthInvalid(message=message))
-        await self.conn.close(CLOSE_POLICY, "authentication failed")
+        self.push(p.AuthInvalid(message=message))
+        await self.outbox.close(CLOSE_POLICY, "authentication failed")
 
-    async def _wrong_token(self, message: str) -> None:
-        """A token was presented and is wrong: the one kind of failure that is counted."""
-        if self.server.auth_failures.wrong_token(self.addr):
-            message = TOO_MANY_FAILURES
-        await self._refuse(message)
-
-    async def authenticate(self) -> bool:
-        """Only a wrong token counts as a failed attempt (no token, a timeout or a malformed
-        first frame do not); a blocked address gets a token checked only when admitted
-        (a header token was admitted before the upgrade, in `Server.process_request`)."""
-        assert self.conn.request is not None
-        header = header_token(self.conn.request.headers, self.app.token)
+    async def authenticate(self, header: bool | None) -> bool:
+        """`header`: the Authorization header's verdict (None when there was none)."""
         if header is not None:
             if header:
-                await self.send(
+                await self.reply(
                     p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision)
                 )
                 return True
-            await self._wrong_token("invalid token in the Authorization header")
+            self.bus.guard.auth_log.failed(self.addr, "bus")
+            await self._refuse("invalid token in the Authorization header")
             return False
-        await self.send(p.AuthRequired(version=p.PROTOCOL_VERSION))
+        await self.reply(p.AuthRequired(version=p.PROTOCOL_VERSION))
         try:
             async with asyncio.timeout(AUTH_TIMEOUT_S):
-                raw = await self.conn.recv()
+                raw = await self.recv()
         except TimeoutError:
             await self._refuse(f"no auth message within {AUTH_TIMEOUT_S:g} s")
             return False
         try:
-            frame = _decoder.decode(raw)
+            frame = _decoder.decode(raw) if len(raw) <= p.MAX_FRAME_BYTES else None
             ok = isinstance(frame, dict) and frame.get("type") == "auth"
-            auth = p.parse_args(p.Auth, frame) if ok else None
-        except (msgspec.DecodeError, CtsdError):
+            auth = p.parse_args(p.Auth, frame) if ok else None  # type: ignore[arg-type]
+        except (msgspec.DecodeError, RecursionError, CtsdError):
             auth = None
-        if auth is None:
+        if not isinstance(auth, p.Auth):
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
             return False
-        if not self.server.auth_failures.admit(self.addr):
-            await self._refuse(TOO_MANY_FAILURES)  # unchecked: right or wrong, not now
-            return False
         if not token_ok(auth.token, self.app.token):
-            await self._wrong_token("invalid token")
+            self.bus.guard.auth_log.failed(self.addr, "bus")
+            await self._refuse("invalid token")
             return False
-        await self.send(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision))
+        await self.reply(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision))
         return True
 
-    # --- commands -------------------------------------------------------------------------
+    # --- commands -----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        try:
-            if not await self.authenticate():
-                return
-            self.server.sessions.add(self)
-            recv = self.conn.recv
-            while True:
-                # Bytes, not str: msgspec decodes (and checks UTF-8) without a str round trip.
-                await self.on_frame(await recv(decode=False))
-        except ConnectionClosed:
-            pass
-        finally:
-            self.server.sessions.discard(self)
-            self.server.hub.unsubscribe(self.conn)
-            self.server.limiter.forget(self)
+    async def serve(self) -> None:
+        """Read and answer frames until the client leaves or we close."""
+        while True:
+            await self.on_frame(await self.recv())
 
-    async def on_frame(self, raw: bytes) -> None:
-        size = len(raw)
+    async def on_frame(self, raw: str | bytes) -> None:
+        size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
         if size > p.MAX_FRAME_BYTES:
             err = CtsdError("too_large", f"frame of {size} bytes; the limit is {p.MAX_FRAME_BYTES}")
-            await self.fail(None, err)
-            await self.conn.close(CLOSE_TOO_BIG, "frame too large")
-            return
+            self.fail(None, err)
+            await self.outbox.close(CLOSE_TOO_BIG, "frame too large")
+            raise Closed(CLOSE_TOO_BIG)
         try:
             frame = _decoder.decode(raw)
         except msgspec.DecodeError as e:
             await self.refuse(None, CtsdError("invalid_format", f"not JSON: {e}"))
+            return
+        except RecursionError:
+            await self.refuse(None, CtsdError("invalid_format", "JSON nested too deeply"))
             return
         if not isinstance(frame, dict):
             await self.refuse(None, CtsdError("invalid_format", "a frame must be a JSON object"))
@@ -197,13 +173,13 @@ class Session:
                 msg_id, CtsdError("unknown_command", f"unknown command {name!r}", path="$.type")
             )
             return
-        if name not in EXEMPT and not self.server.limiter.allow(self):
-            await self.fail(msg_id, RATE_LIMITED)
+        if name not in EXEMPT and not self.bus.limiter.allow(self):
+            self.fail(msg_id, RATE_LIMITED)
             return
         try:
             args = p.parse_args(kind, frame)
         except CtsdError as e:
-            await self.fail(msg_id, e)
+            self.fail(msg_id, e)
             return
         if name in WRITES or name in PROBES:
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
@@ -218,30 +194,28 @@ class Session:
         await self.execute(msg_id, name, args)
 
     async def execute(self, msg_id: int, name: str, args: Any) -> None:
+        call = Call(self.app, args.source, sync=args.sync, session=self)
         try:
-            try:
-                result = await HANDLERS[name](self, args)
-            except CtsdError as e:
-                await self.fail(msg_id, e)
-                return
-            except Exception as e:
-                log.exception("command_failed", command=name)
-                await self.fail(msg_id, CtsdError("internal", f"{type(e).__name__}: {e}"))
-                return
-            try:
-                await self.send(p.Ok(id=msg_id, result=result))
-            finally:
-                sub, self.pending_sub = self.pending_sub, None
-                if sub is not None and not sub.closed:
-                    sub.release()
-        except ConnectionClosed:
-            pass  # the client left; its change (if any) is durable all the same
+            result = await HANDLERS[name](call, args)
+        except CtsdError as e:
+            self.fail(msg_id, e)
+            return
+        except Exception as e:
+            log.exception("command_failed", command=name)
+            self.fail(msg_id, CtsdError("internal", f"{type(e).__name__}: {e}"))
+            return
+        self.push(p.Ok(id=msg_id, result=result))
+        replay, self._replay = self._replay, None
+        if replay is not None:  # a subscribe: its replay goes right after its result
+            self.outbox.push_lazy(replay)
+        await self.outbox.drained()
 
     async def refuse(self, msg_id: int | None, err: CtsdError) -> None:
         """A frame refused before it named a command counts against the rate limit too: a
         flood of malformed frames must not be answered without limit."""
-        await self.fail(msg_id, err if self.server.limiter.allow(self) else RATE_LIMITED)
+        self.fail(msg_id, err if self.bus.limiter.allow(self) else RATE_LIMITED)
+        await self.outbox.drained()
 
-    async def fail(self, msg_id: int | None, err: CtsdError) -> None:
-        self.server.count_error(err.code)
-        await self.send_bytes(p.encode_fail(msg_id, err))
+    def fail(self, msg_id: int | None, err: CtsdError) -> None:
+        self.bus.count_error(err.code)
+        self.outbox.push(wire_of(p.encode_fail(msg_id, err)))

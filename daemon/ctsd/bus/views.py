@@ -59,6 +59,13 @@ def state(store: Store) -> list[dict[str, Any]]:
     return [mask(to_builtins(s)) for s in store.state_views()]
 
 
+def state_of(store: Store, cid: str) -> dict[str, Any]:
+    st = store.state_view(cid)
+    if st is None:
+        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+    return mask(to_builtins(st))
+
+
 def documents(store: Store) -> dict[str, Any]:
     return {name: mask(content) for name, content in sorted(store.documents.items())}
 
@@ -135,13 +142,13 @@ def counts(store: Store) -> dict[str, int]:
 
 def status(app: App) -> dict[str, Any]:
     store = app.store
-    bus = app.components.get("bus")
+    web = app.components.get("web")
     return {
         "version": __version__,
         "revision": store.revision,
         "uptime_s": round(time.monotonic() - app.started_at, 3),
         "counts": counts(store),
         "invalid_files": sorted(store.problems),
-        "bus": bus.stats() if bus is not None else {},
+        "bus": web.stats() if web is not None else {},
         "projectx": sweeps.projectx_status(app),
     }

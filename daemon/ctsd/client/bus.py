@@ -167,10 +167,11 @@ async def open_bus(target: Target) -> Any:
         status = e.response.status_code
         if status == 429:
             raise CliError(
-                f"rate_limited: the daemon on {target.where} refuses this address for now "
-                "(too many failed attempts); try again later",
+                f"rate_limited: the daemon on {target.where} asks to slow down; try again later",
                 EXIT_RATE_LIMITED,
             ) from None
+        if status == 503:
+            raise no_daemon(target, "HTTP 503: it is stopping or has too many connections")
         if status in (401, 403):
             raise CliError(
                 f"not authorized: the daemon on {target.where} answered HTTP {status}", EXIT_AUTH

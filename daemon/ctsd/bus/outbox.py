@@ -1,0 +1,155 @@
+"""One bus connection's ordered sender: replies, events, notices and progress frames leave in
+the order they were pushed, each written as soon as the client keeps up.
+
+Frames are websocket frames already framed (`wire_of`): a frame fanned out to many subscribers
+is framed once. A client that keeps up gets each frame written at once, with no task switch
+(as `websockets.broadcast()` does). Otherwise frames wait here, drained by the connection's own
+task as the transport's buffer empties. A client whose queue passes `MAX_QUEUE_FRAMES` or
+`MAX_QUEUE_BYTES` fell behind: it is dropped with close code 4008 (it resumes with `since`)
+and never slows anybody else. A replay is queued as a lazy iterator of frames, produced as
+the client reads them, so a long replay never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+
+import structlog
+from websockets.frames import Frame, Opcode
+
+from ctsd.web.protocols import Wire
+
+log = structlog.get_logger("ctsd.bus")
+
+MAX_QUEUE_FRAMES = 1000
+MAX_QUEUE_BYTES = 8 * 1024 * 1024
+CLOSE_LAGGING = 4008
+CLOSE_TIMEOUT_S = 3.0
+
+
+def wire_of(payload: bytes) -> bytes:
+    """The websocket text frame carrying `payload` as this server sends it (unmasked, no
+    compression): the same bytes for every client."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+Close = Callable[[int, str], Awaitable[None]]
+
+
+class Outbox:
+    def __init__(self, wire: Wire, close: Close, remote: str) -> None:
+        self.wire = wire
+        self._close = close  # the ASGI close of this connection
+        self.remote = remote
+        self.queue: deque[bytes | Iterator[bytes]] = deque()
+        self.qframes = 0  # framed bytes waiting (replays not counted: they are lazy)
+        self.qbytes = 0
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.last_sent = time.monotonic()
+        self.sent = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.on_cut: Callable[[Outbox], None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and self.task is None
+
+    def push(self, framed: bytes) -> None:
+        """Queue (or write now) one framed frame; drop the client if it fell too far behind."""
+        if self.closed:
+            return
+        if self.idle and self.wire.write(framed):
+            self.last_sent = time.monotonic()
+            self.sent += 1
+            return
+        self.queue.append(framed)
+        self.qframes += 1
+        self.qbytes += len(framed)
+        if self.qframes > MAX_QUEUE_FRAMES or self.qbytes > MAX_QUEUE_BYTES:
+            self.cut()
+            return
+        self._start()
+
+    def push_lazy(self, frames: Iterator[bytes]) -> None:
+        """Queue frames produced only when the client is ready for them (a replay)."""
+        if self.closed:
+            return
+        self.queue.append(frames)
+        self._start()
+
+    async def drained(self) -> None:
+        """Wait until nothing is queued (a client's replies pace how fast we read it)."""
+        if not self.idle:
+            await self._drained.wait()
+
+    def _start(self) -> None:
+        if self.task is None:
+            self._drained.clear()
+            self.task = asyncio.get_running_loop().create_task(self._drain(), name="ctsd-outbox")
+
+    async def _drain(self) -> None:
+        wire = self.wire
+        try:
+            while self.queue and not self.closed:
+                item = self.queue[0]
+                if isinstance(item, bytes):
+                    framed: bytes | None = item
+                    self.queue.popleft()
+                    self.qframes -= 1
+                    self.qbytes -= len(item)
+                else:
+                    framed = next(item, None)
+                    if framed is None:
+                        self.queue.popleft()
+                        continue
+                while not wire.write(framed):
+                    if not wire.open:
+                        self.stop()
+                        return
+                    await wire.writable.wait()
+                self.last_sent = time.monotonic()
+                self.sent += 1
+        finally:
+            self.task = None
+            self._drained.set()
+
+    def stop(self) -> None:
+        """Send nothing more (the connection is closing or gone)."""
+        self.closed = True
+        self.queue.clear()
+        self.qframes = self.qbytes = 0
+        self._drained.set()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def cut(self) -> None:
+        """Fell behind: drop what is queued and close with 4008 (resume with `since`)."""
+        self.stop()
+        log.warning("subscriber_lagging", remote=self.remote, code=CLOSE_LAGGING)
+        if self.on_cut is not None:
+            self.on_cut(self)
+        task = asyncio.get_running_loop().create_task(
+            self.close(CLOSE_LAGGING, "subscriber fell behind; resume with since")
+        )
+        _closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_closing.discard)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with `code`; a client that reads nothing cannot take a close frame, so after
+        CLOSE_TIMEOUT_S the connection is dropped."""
+        self.stop()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._close(code, reason)
+        except TimeoutError:
+            self.wire.abort()
+        except Exception:  # already gone
+            pass
+
+
+_closing: set[asyncio.Task[None]] = set()

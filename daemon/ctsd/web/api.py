@@ -1,0 +1,695 @@
+"""The REST API: every route is a thin adapter over the command the bus runs for the same thing.
+
+A route turns its path, query and JSON body into the command's argument Struct, runs the same
+handler as the bus (`ctsd.bus.commands`) with source `http`, and answers its result as JSON.
+The table `ENDPOINTS` is the API: the Starlette routes and the OpenAPI document are both made
+from it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ctsd import __version__, files
+from ctsd.bus import protocol as p
+from ctsd.bus import views
+from ctsd.bus.commands import HANDLERS, Call
+from ctsd.errors import CtsdError
+from ctsd.health import health
+from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
+from ctsd.web import schemas as s
+from ctsd.web.body import MAX_BODY_BYTES, read_json
+
+if TYPE_CHECKING:
+    from ctsd.app import App
+
+# HTTP status of each error code (the bus codes, plus the refusals only HTTP has).
+STATUS_OF: dict[str, int] = {
+    "invalid_format": 400,
+    "invalid": 400,
+    "id_reuse": 400,
+    "unknown_command": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "file_invalid": 409,
+    "revision_compacted": 409,
+    "precondition_failed": 412,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "rate_limited": 429,
+    "io_error": 503,
+    "internal": 503,
+    "unavailable": 503,
+}
+_encoder = msgspec.json.Encoder()
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def error_body(err: CtsdError) -> bytes:
+    return _encoder.encode({"error": p.error_body(err)})
+
+
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def error_response(err: CtsdError, headers: dict[str, str] | None = None) -> Response:
+    return json_response(STATUS_OF.get(err.code, 503), error_body(err), headers)
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    type: Any  # a msgspec type, for parsing and for the document
+    description: str
+    arg: str | None = None  # the argument it fills (default: its name)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    summary: str
+    run: Callable[[Context], Awaitable[Any]]
+    response: Any = None  # msgspec type of the answer (None: no JSON schema, e.g. /metrics)
+    status: int = 200
+    body: Any = None  # msgspec type of the JSON body, or None for no body
+    typed_body: bool = False  # the body is converted to `body` (else the command validates it)
+    queries: tuple[Query, ...] = ()
+    auth: bool = True
+    write: bool = False  # a change: `?sync=files` and `If-Match` apply
+    tag: str = "data"
+    errors: tuple[int, ...] = ()
+    notes: str = ""
+
+
+@dataclass
+class Context:
+    """One request, as the route functions see it."""
+
+    app: App
+    request: Request
+    call: Call
+    path: dict[str, str]
+    query: dict[str, Any]
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int | None = None
+
+    def connection_id(self) -> str:
+        cid = self.path["id"]
+        if not _ID.fullmatch(cid):
+            raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+        return cid
+
+
+async def command(
+    ctx: Context, name: str, args: dict[str, Any], body_arg: str | None = None
+) -> Any:
+    """Run bus command `name` with `args`; a body error's path is given relative to the body."""
+    try:
+        parsed = p.parse_args(p.COMMANDS[name], args)
+        return await HANDLERS[name](ctx.call, parsed)
+    except CtsdError as e:
+        prefix = f"$.{body_arg}" if body_arg else None
+        if (
+            prefix
+            and e.path is not None
+            and (e.path == prefix or e.path.startswith((prefix + ".", prefix + "[")))
+        ):
+            e.path = "$" + e.path[len(prefix) :]
+        raise
+
+
+def _connection_body(ctx: Context) -> dict[str, Any]:
+    if not isinstance(ctx.body, dict):
+        raise CtsdError("invalid", "the body must be a JSON object (a connection)", path="$")
+    return ctx.body
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+async def get_health(ctx: Context) -> Any:
+    return health(ctx.app)
+
+
+async def get_openapi(ctx: Context) -> Any:
+    from ctsd.web.openapi import document
+
+    return document()
+
+
+async def get_metrics(ctx: Context) -> Any:
+    web = ctx.app.components["web"]
+    return Response(web.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def bootstrap(ctx: Context) -> Any:
+    app = ctx.app
+    server = app.store.settings.server
+    host = ctx.request.headers.get("host") or f"{app.listen.host}:{app.listen.port}"
+    return {
+        "version": __version__,
+        "protocol_version": p.PROTOCOL_VERSION,
+        "bus_url": f"ws://{host}/ws",
+        "server": {
+            "host": app.listen.host,
+            "port": app.listen.port,
+            "cors_origins": server.cors_origins,
+            "rate_limit": msgspec.to_builtins(server.rate_limit),
+            "auth": server.auth,
+        },
+        "capabilities": {
+            "commands": sorted(p.COMMANDS),
+            "topics": list(p.TOPICS),
+            "max_frame_bytes": p.MAX_FRAME_BYTES,
+            "max_body_bytes": MAX_BODY_BYTES,
+            "documents": sorted(app.store.documents),
+        },
+    }
+
+
+async def server_status(ctx: Context) -> Any:
+    return await command(ctx, "status", {})
+
+
+async def test_projectx(ctx: Context) -> Any:
+    return await command(ctx, "trading.test_connection", {})
+
+
+async def list_connections(ctx: Context) -> Any:
+    return await command(ctx, "connections.list", ctx.query)
+
+
+async def create_connection(ctx: Context) -> Any:
+    conn = await command(
+        ctx, "connections.create", {"connection": _connection_body(ctx)}, "connection"
+    )
+    ctx.status = 201
+    ctx.headers["Location"] = f"/api/settings/connections/{conn['id']}"
+    return conn
+
+
+async def get_connection(ctx: Context) -> Any:
+    return await command(ctx, "connections.get", {"connection_id": ctx.connection_id()})
+
+
+async def update_connection(ctx: Context) -> Any:
+    cid = ctx.connection_id()
+    return await command(
+        ctx,
+        "connections.update",
+        {"connection_id": cid, "changes": _connection_body(ctx)},
+        "changes",
+    )
+
+
+async def delete_connection(ctx: Context) -> Any:
+    return await command(ctx, "connections.delete", {"connection_id": ctx.connection_id()})
+
+
+async def batch_update(ctx: Context) -> Any:
+    if not isinstance(ctx.body, list):
+        raise CtsdError("invalid", 'the body must be an array of {"id", ...changes}', path="$")
+    return await command(ctx, "connections.batch_update", {"updates": ctx.body}, "updates")
+
+
+async def active_connections(ctx: Context) -> Any:
+    return await command(ctx, "connections.list", {"active": True})
+
+
+async def all_state(ctx: Context) -> Any:
+    return views.state(ctx.app.store)
+
+
+async def one_state(ctx: Context) -> Any:
+    return views.state_of(ctx.app.store, ctx.connection_id())
+
+
+async def set_active(ctx: Context) -> Any:
+    body: s.ActiveBody = ctx.body
+    return await command(
+        ctx, "connections.set_active", {"connection_id": ctx.connection_id(), "active": body.active}
+    )
+
+
+async def set_volume(ctx: Context) -> Any:
+    body: s.VolumeBody = ctx.body
+    args: dict[str, Any] = {"connection_id": ctx.connection_id()}
+    args.update({k: v for k, v in (("live", body.live), ("preset", body.preset)) if v is not None})
+    return await command(ctx, "connections.set_volume", args)
+
+
+async def heartbeat(ctx: Context) -> Any:
+    return await command(ctx, "connections.heartbeat", {"connection_id": ctx.connection_id()})
+
+
+async def test_connection(ctx: Context) -> Any:
+    return await command(ctx, "connections.test", {"connection_id": ctx.connection_id()})
+
+
+async def sync_log(ctx: Context) -> Any:
+    return await command(ctx, "sync_log.get", ctx.query)
+
+
+def _document_name(ctx: Context) -> str:
+    name = ctx.path["name"]
+    try:
+        files.document_file(name)
+    except KeyError:
+        known = ", ".join([*files.DOCUMENTS, "algorithms/NAME"])
+        raise CtsdError(
+            "not_found", f"no document {name!r}; documents: {known}", path="$.name"
+        ) from None
+    return name
+
+
+async def get_document(ctx: Context) -> Any:
+    return await command(ctx, "documents.get", {"name": _document_name(ctx)})
+
+
+async def set_document(ctx: Context) -> Any:
+    return await command(
+        ctx, "documents.set", {"name": _document_name(ctx), "content": ctx.body}, "content"
+    )
+
+
+async def export(ctx: Context) -> Any:
+    return await command(ctx, "data.export", {})
+
+
+async def import_data(ctx: Context) -> Any:
+    if not isinstance(ctx.body, dict):
+        raise CtsdError("invalid", "the body must be an export (a JSON object)", path="$")
+    mode = ctx.query.get("mode", "merge")
+    return await command(ctx, "data.import", {"data": ctx.body, "mode": mode}, "data")
+
+
+async def reset(ctx: Context) -> Any:
+    if ctx.query.get("confirm") != "yes":
+        raise CtsdError("invalid", "DELETE /api/data/reset needs ?confirm=yes", path="$.confirm")
+    return await command(ctx, "data.reset", {"confirm": True})
+
+
+_CONN = "/api/settings/connections"
+_QUERY_FILTERS = (
+    Query("exchange", str, "only connections of this exchange"),
+    Query("enabled", bool, "only enabled (true) or disabled (false) connections"),
+    Query("active", bool, "only active (enabled and is_active) connections, or only the others"),
+)
+_CONN_ERRORS = (400, 404, 409, 412, 413, 415)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "GET",
+        "/health",
+        "Health of the daemon and its data files",
+        get_health,
+        s.Health,
+        auth=False,
+        tag="system",
+    ),
+    Endpoint("GET", "/openapi.json", "This document", get_openapi, dict[str, Any], tag="system"),
+    Endpoint("GET", "/metrics", "Prometheus metrics (text format)", get_metrics, tag="system"),
+    Endpoint(
+        "GET",
+        "/api/trading/connection",
+        "Bootstrap: bus URL, server settings, capabilities",
+        bootstrap,
+        s.Bootstrap,
+        tag="trading",
+    ),
+    Endpoint(
+        "GET",
+        "/api/trading/server-status",
+        "Status: counts, bus, Project X connection",
+        server_status,
+        s.ServerStatus,
+        tag="trading",
+    ),
+    Endpoint(
+        "POST",
+        "/api/trading/test-connection",
+        "Test the Project X connection now",
+        test_projectx,
+        dict[str, Any],
+        tag="trading",
+    ),
+    Endpoint(
+        "GET",
+        _CONN,
+        "All connections (secrets masked)",
+        list_connections,
+        list[Connection],
+        queries=_QUERY_FILTERS,
+        tag="connections",
+    ),
+    Endpoint(
+        "POST",
+        _CONN,
+        "Create a connection (`id` optional)",
+        create_connection,
+        Connection,
+        status=201,
+        body=dict[str, Any],
+        write=True,
+        tag="connections",
+        errors=_CONN_ERRORS,
+        notes="create",
+    ),
+    Endpoint(
+        "POST",
+        _CONN + "/batch",
+        "Update several connections, all or nothing",
+        batch_update,
+        list[Connection],
+        body=list[dict[str, Any]],
+        write=True,
+        tag="connections",
+        errors=_CONN_ERRORS,
+    ),
+    Endpoint(
+        "GET",
+        _CONN + "/{id}",
+        "One connection (secrets masked)",
+        get_connection,
+        Connection,
+        tag="connections",
+        errors=(404,),
+    ),
+    Endpoint(
+        "PUT",
+        _CONN + "/{id}",
+        "Update a connection with the fields given",
+        update_connection,
+        Connection,
+        body=dict[str, Any],
+        write=True,
+        tag="connections",
+        errors=_CONN_ERRORS,
+        notes="update",
+    ),
+    Endpoint(
+        "PATCH",
+        _CONN + "/{id}",
+        "Update a connection with the fields given",
+        update_connection,
+        Connection,
+        body=dict[str, Any],
+        write=True,
+        tag="connections",
+        errors=_CONN_ERRORS,
+        notes="update",
+    ),
+    Endpoint(
+        "DELETE",
+        _CONN + "/{id}",
+        "Delete a connection",
+        delete_connection,
+        s.Deleted,
+        write=True,
+        tag="connections",
+        errors=(404, 409, 412),
+    ),
+    Endpoint(
+        "GET",
+        "/api/connections/active",
+        "Active connections (enabled and is_active)",
+        active_connections,
+        list[Connection],
+        tag="connections",
+    ),
+    Endpoint(
+        "GET",
+        "/api/connections/state",
+        "Runtime state of every connection",
+        all_state,
+        list[ConnectionState],
+        tag="state",
+    ),
+    Endpoint(
+        "GET",
+        "/api/connections/{id}/state",
+        "Runtime state of one connection",
+        one_state,
+        ConnectionState,
+        tag="state",
+        errors=(404,),
+    ),
+    Endpoint(
+        "POST",
+        "/api/connections/{id}/active",
+        "Switch a connection active or inactive",
+        set_active,
+        Connection,
+        body=s.ActiveBody,
+        typed_body=True,
+        write=True,
+        tag="state",
+        errors=_CONN_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/api/connections/{id}/volume",
+        "Set the live and/or preset volume factor",
+        set_volume,
+        Connection,
+        body=s.VolumeBody,
+        typed_body=True,
+        write=True,
+        tag="state",
+        errors=_CONN_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/api/connections/{id}/heartbeat",
+        "Heartbeat (no body; no disk write)",
+        heartbeat,
+        s.Heartbeat,
+        tag="state",
+        errors=(404,),
+    ),
+    Endpoint(
+        "POST",
+        "/api/connections/{id}/test",
+        "Test the connection now",
+        test_connection,
+        TestResult,
+        tag="state",
+        errors=(404,),
+    ),
+    Endpoint(
+        "GET",
+        "/api/sync-log",
+        "Sync-log entries, oldest first",
+        sync_log,
+        list[SyncEvent],
+        queries=(
+            Query("since", int, "entries after this revision (default: the newest `limit`)"),
+            Query("limit", int, "at most this many entries (1-100000, default 1000)"),
+        ),
+        tag="sync log",
+        errors=(400, 409),
+    ),
+    Endpoint(
+        "GET", "/api/data/export", "Every data file, secrets masked", export, s.Export, tag="data"
+    ),
+    Endpoint(
+        "POST",
+        "/api/data/import",
+        "Import an export (merge or replace)",
+        import_data,
+        s.ImportResult,
+        body=s.ImportBody,
+        write=True,
+        queries=(Query("mode", str, "merge (default) or replace"),),
+        tag="data",
+        errors=(400, 409, 412, 413, 415),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/data/reset",
+        "Empty connections and state, documents to defaults",
+        reset,
+        s.ResetResult,
+        write=True,
+        queries=(Query("confirm", str, "must be `yes`"),),
+        tag="data",
+        errors=(400, 409, 412),
+    ),
+    Endpoint(
+        "GET",
+        "/api/data/{name:docname}",
+        "A document",
+        get_document,
+        dict[str, Any],
+        tag="documents",
+        errors=(404,),
+    ),
+    Endpoint(
+        "POST",
+        "/api/data/{name:docname}",
+        "Replace a document",
+        set_document,
+        dict[str, Any],
+        body=dict[str, Any],
+        write=True,
+        tag="documents",
+        errors=(400, 404, 409, 412, 413, 415),
+    ),
+    Endpoint(
+        "PUT",
+        "/api/data/{name:docname}",
+        "Replace a document",
+        set_document,
+        dict[str, Any],
+        body=dict[str, Any],
+        write=True,
+        tag="documents",
+        errors=(400, 404, 409, 412, 413, 415),
+    ),
+)
+
+# Query parameters of writes (and of every route: sync-log and the filters are per route).
+SYNC_QUERY = Query("sync", str, "`files`: answer once the change is in the data files")
+IF_MATCH_HEADER = "If-Match"
+
+
+def _parse_query(ep: Endpoint, request: Request) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    known = {q.name: q for q in ep.queries}
+    for name in request.query_params:
+        if name not in known and not (ep.write and name == "sync"):
+            raise CtsdError("invalid", f"unknown query parameter {name!r}", path=f"$.{name}")
+    for q in ep.queries:
+        values = request.query_params.getlist(q.name)
+        if not values:
+            continue
+        text = values[-1]
+        out[q.arg or q.name] = _convert_query(q, text)
+    return out
+
+
+def _convert_query(q: Query, text: str) -> Any:
+    if q.type is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise CtsdError("invalid", f"?{q.name} must be true or false", path=f"$.{q.name}")
+    if q.type is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise CtsdError(
+                "invalid", f"?{q.name} must be an integer", path=f"$.{q.name}"
+            ) from None
+    return text
+
+
+def _if_match(request: Request) -> int | None:
+    value = request.headers.get(IF_MATCH_HEADER)
+    if value is None:
+        return None
+    tag = value.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    tag = tag.strip('"')
+    if not tag.isdigit():
+        raise CtsdError("invalid", 'If-Match must be a revision in quotes, like "42"', path="$")
+    return int(tag)
+
+
+def _sync(ep: Endpoint, request: Request) -> str | None:
+    value = request.query_params.get("sync")
+    if value is None or not ep.write:
+        return None
+    if value != "files":
+        raise CtsdError("invalid", "?sync must be `files`", path="$.sync")
+    return value
+
+
+def make_route(app: App, path: str, eps: list[Endpoint]) -> Route:
+    """One Starlette route per path, dispatching on the method (so a 405 names every method
+    the path has in `Allow`)."""
+    by_method = {ep.method: ep for ep in eps}
+    if "GET" in by_method:
+        by_method.setdefault("HEAD", by_method["GET"])
+
+    async def endpoint(request: Request) -> Response:
+        ep = by_method[request.method]
+        try:
+            call = Call(
+                app,
+                "http",
+                sync=_sync(ep, request),
+                if_match=_if_match(request) if ep.write else None,
+            )
+            ctx = Context(app, request, call, dict(request.path_params), _parse_query(ep, request))
+            if ep.body is not None:
+                ctx.body = await read_json(request, required=True)
+                if ep.typed_body:
+                    ctx.body = _validate_body(ep.body, ctx.body)
+            else:
+                await read_json(request, required=False)  # size and type limits apply anyway
+            result = await ep.run(ctx)
+        except CtsdError as e:
+            headers = {"Connection": "close"} if e.code == "too_large" else None
+            return error_response(e, headers)
+        if isinstance(result, Response):
+            return result
+        return json_response(ctx.status or ep.status, _encoder.encode(result), ctx.headers)
+
+    return Route(path, endpoint, methods=list(by_method), name=path)
+
+
+def _validate_body(kind: Any, body: Any) -> Any:
+    from ctsd import diagnose
+
+    try:
+        return msgspec.convert(body, kind, strict=True)
+    except msgspec.ValidationError as e:
+        msg, path = diagnose.explain(str(e), kind)
+        raise CtsdError("invalid", msg, path=path) from None
+
+
+def endpoints_by_path() -> dict[str, list[Endpoint]]:
+    """The table grouped by path, in the table's order (specific paths before `{name}`)."""
+    out: dict[str, list[Endpoint]] = {}
+    for ep in ENDPOINTS:
+        out.setdefault(ep.path, []).append(ep)
+    return out
+
+
+class DocName(Convertor[str]):
+    """A document name in a path: anything (algorithms/NAME has a slash) but the names of the
+    data routes beside it, so `POST /api/data/export` is a 405, not a document called export."""
+
+    regex = r"(?!(?:export|import|reset)$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("docname", DocName())
+
+
+def routes(app: App) -> list[Route]:
+    return [make_route(app, path, eps) for path, eps in endpoints_by_path().items()]

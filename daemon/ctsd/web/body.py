@@ -1,0 +1,63 @@
+"""Request bodies: JSON only, at most 1 MiB, read before anything is decoded.
+
+Starlette's own body limit answers in plain text; every error of this API is JSON, and a body
+that is too big closes the connection (the rest of it is never read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+
+from ctsd.errors import CtsdError
+
+MAX_BODY_BYTES = 1024 * 1024
+
+_decoder = msgspec.json.Decoder()
+
+
+class BodyTooLarge(CtsdError):
+    def __init__(self) -> None:
+        super().__init__("too_large", f"request body over {MAX_BODY_BYTES} bytes")
+
+
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json"
+
+
+async def read_json(request: Request, required: bool) -> Any:
+    """The decoded JSON body, or None when there is none and none is required."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise CtsdError("invalid_format", "Content-Length must be a number")
+        if int(length) > MAX_BODY_BYTES:
+            raise BodyTooLarge()
+    has_body = (length is not None and int(length) > 0) or "transfer-encoding" in request.headers
+    if has_body and not _is_json(request.headers.get("content-type")):
+        raise CtsdError(
+            "unsupported_media_type", "request bodies are JSON: send Content-Type: application/json"
+        )
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY_BYTES:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if required:
+            raise CtsdError("invalid", "a JSON body is required", path="$")
+        return None
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise CtsdError("invalid_format", f"body is not JSON: {e}", path="$") from None
+    except RecursionError:
+        raise CtsdError("invalid_format", "body JSON is nested too deeply", path="$") from None

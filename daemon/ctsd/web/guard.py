@@ -1,0 +1,152 @@
+"""Who may talk to the daemon: one policy for every HTTP request and the bus upgrade.
+
+- Host: bound to a loopback address, the daemon answers only requests whose `Host` names a
+  loopback host (a DNS-rebinding page would send its own name).
+- Origin: no `Origin` header (scripts, the CLI, bots) is allowed; a browser's must be listed in
+  `server.cors_origins`, else 403 before anything else happens.
+- Token: `Authorization: Bearer TOKEN`, compared in constant time. A wrong token is answered
+  (401, or `auth_invalid` on the bus) and counted for a summary in the log; it never slows or
+  blocks anybody, because every local client shares 127.0.0.1 and the token (32 random bytes)
+  cannot be guessed anyway.
+- `server.auth: "loopback"` (opt-in, a single-user desktop): a request from a loopback peer,
+  with a loopback Host and no foreign Origin, needs no token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from ctsd.errors import CtsdError
+from ctsd.models import ServerSettings
+
+log = structlog.get_logger("ctsd.web")
+
+AUTH_LOG_EVERY_S = 60.0
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    """Every value of one header (ASGI headers: lower-case names, latin-1 values)."""
+    return [v.decode("latin-1") for k, v in headers if k == name]
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_of(value: str) -> str:
+    """The host part of a Host header (`[::1]:3587` → `::1`, `localhost:80` → `localhost`)."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def bearer(values: list[str]) -> str | None:
+    """The token of one `Authorization: Bearer` header, '' for a malformed one, else None."""
+    if not values:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and len(values) == 1 else ""
+
+
+def token_ok(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclass
+class AuthLog:
+    """Failed token checks, logged in summary: the first from an address at once, then at
+    most one line a minute per address with the count since."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    logged_at: dict[str, float] = field(default_factory=dict)
+    total: int = 0
+
+    def failed(self, addr: str, where: str) -> None:
+        self.total += 1
+        self.counts[addr] = self.counts.get(addr, 0) + 1
+        now = time.monotonic()
+        last = self.logged_at.get(addr)
+        if last is None or now - last >= AUTH_LOG_EVERY_S:
+            log.warning("auth_failed", remote=addr, where=where, failures=self.counts[addr])
+            self.logged_at[addr] = now
+            self.counts[addr] = 0
+            if len(self.logged_at) > 10_000:  # a scan from many addresses: forget the oldest
+                for old in sorted(self.logged_at, key=self.logged_at.__getitem__)[:5_000]:
+                    self.logged_at.pop(old, None)
+                    self.counts.pop(old, None)
+
+
+@dataclass
+class Guard:
+    token: str
+    bound_loopback: bool
+    auth_log: AuthLog = field(default_factory=AuthLog)
+
+    def check_host(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self.bound_loopback:
+            return
+        hosts = header(headers, b"host")
+        if hosts and not (len(hosts) == 1 and is_loopback_host(host_of(hosts[0]))):
+            raise CtsdError(
+                "forbidden", "this daemon answers only requests for a loopback host name"
+            )
+
+    def check_origin(self, headers: list[tuple[bytes, bytes]], server: ServerSettings) -> None:
+        origins = header(headers, b"origin")
+        if origins and not (len(origins) == 1 and origins[0] in server.cors_origins):
+            raise CtsdError("forbidden", "origin not allowed")
+
+    def token_state(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
+        """None when no token is presented, True for the right one, False otherwise."""
+        given = bearer(header(headers, b"authorization"))
+        if given is None:
+            return None
+        return bool(given) and token_ok(given, self.token)
+
+    def loopback_exempt(
+        self,
+        client: tuple[str, int] | None,
+        headers: list[tuple[bytes, bytes]],
+        server: ServerSettings,
+    ) -> bool:
+        """`server.auth: "loopback"`: a local request needs no token (Host and Origin were
+        checked already; the Host must be loopback even when bound elsewhere)."""
+        if server.auth != "loopback" or client is None or not is_loopback_host(client[0]):
+            return False
+        hosts = header(headers, b"host")
+        return len(hosts) == 1 and is_loopback_host(host_of(hosts[0]))
+
+    def require_token(
+        self,
+        client: tuple[str, int] | None,
+        headers: list[tuple[bytes, bytes]],
+        server: ServerSettings,
+    ) -> None:
+        state = self.token_state(headers)
+        if state:
+            return
+        if state is None:
+            if self.loopback_exempt(client, headers, server):
+                return
+            raise CtsdError("unauthorized", "Authorization: Bearer TOKEN required")
+        self.auth_log.failed(client[0] if client else "?", "http")
+        raise CtsdError("unauthorized", "invalid token")
+
+
+def rate_key(client: tuple[str, int] | None) -> object:
+    """The rate-limit key of an HTTP request: the keep-alive connection for a loopback peer
+    (every local client shares the address), the address for others."""
+    if client is None:
+        return "?"
+    return client if is_loopback_host(client[0]) else client[0]

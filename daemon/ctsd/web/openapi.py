@@ -1,0 +1,193 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of every route, made from the route table
+(`ctsd.web.api.ENDPOINTS`) and the msgspec models that validate the requests and shape the
+answers, so the document cannot drift from what the daemon does."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import msgspec
+
+from ctsd import __version__
+from ctsd.web import api
+from ctsd.web import schemas as s
+
+REF = "#/components/schemas/{name}"
+_ERROR_TEXT = {
+    400: "Malformed or invalid input (`invalid_format`, `invalid`)",
+    401: "No token, or a wrong one (`unauthorized`)",
+    403: "Origin or Host not allowed (`forbidden`)",
+    404: "No such record, document or route (`not_found`)",
+    405: "The path has no such method (`method_not_allowed`; see `Allow`)",
+    409: "Refused: `conflict`, `file_invalid` (the file is invalid on disk), `revision_compacted`",
+    412: "`If-Match` failed: what the change touches moved past that revision",
+    413: "Body over 1 MiB (`too_large`)",
+    415: "Body not JSON (`unsupported_media_type`)",
+    429: "Rate limited (`rate_limited`)",
+    503: "`io_error`, `internal` or `unavailable`: nothing was changed; retry later",
+}
+_REVISION_HEADER = {
+    "X-Revision": {
+        "description": "the revision after the request",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def _openapi_path(path: str) -> str:
+    return path.replace("{name:docname}", "{name}")
+
+
+def _parameters(ep: api.Endpoint) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    path = _openapi_path(ep.path)
+    if "{id}" in path:
+        out.append(
+            {
+                "name": "id",
+                "in": "path",
+                "required": True,
+                "description": "a connection id",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            }
+        )
+    if "{name}" in path:
+        out.append(
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "description": "settings, main-indications, common-indications, connection, "
+                "instances, ui-config, user-settings, watchlists, or algorithms/NAME",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        )
+    for q in ep.queries:
+        out.append(
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "description": q.description,
+                "schema": msgspec.json.schema(q.type),
+            }
+        )
+    if ep.write:
+        out.append(
+            {
+                "name": "sync",
+                "in": "query",
+                "required": False,
+                "description": api.SYNC_QUERY.description,
+                "schema": {"type": "string", "enum": ["files"]},
+            }
+        )
+        out.append(
+            {
+                "name": "If-Match",
+                "in": "header",
+                "required": False,
+                "description": 'refuse with 412 if what this changes moved past revision N ("N")',
+                "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]+"?$'},
+            }
+        )
+    return out
+
+
+def _body_schema(ep: api.Endpoint, schema: dict[str, Any]) -> dict[str, Any]:
+    if ep.notes == "create":
+        return {"$ref": REF.format(name="ConnectionInput")}
+    if ep.notes == "update":
+        return {"$ref": REF.format(name="ConnectionChanges")}
+    return schema
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    kinds: list[Any] = [s.ErrorResponse]
+    for ep in api.ENDPOINTS:
+        kinds.append(ep.response if ep.response is not None else str)
+        kinds.append(ep.body if ep.body is not None else str)
+    schemas, components = msgspec.json.schema_components(kinds, ref_template=REF)
+    conn = components["Connection"]
+    create = copy.deepcopy(conn)
+    create["title"] = "ConnectionInput"
+    create["description"] = (
+        "A new connection: `id` is optional (conn_ + 12 hex digits when left out); "
+        "`created_at`/`updated_at` are set by the daemon (sent ones are ignored)."
+    )
+    create["required"] = [k for k in conn.get("required", []) if k != "id"]
+    changes = copy.deepcopy(conn)
+    changes["title"] = "ConnectionChanges"
+    changes["description"] = (
+        "The fields to change; a whole record read back (masked secrets, timestamps and all) "
+        "is valid: a masked secret keeps the stored one, timestamps are ignored, and `id` "
+        "must be the record's own."
+    )
+    changes.pop("required", None)
+    components["ConnectionInput"] = create
+    components["ConnectionChanges"] = changes
+    error_ref = schemas[0]
+    paths: dict[str, dict[str, Any]] = {}
+    for i, ep in enumerate(api.ENDPOINTS):
+        response_schema = schemas[1 + 2 * i] if ep.response is not None else None
+        body_schema = schemas[2 + 2 * i] if ep.body is not None else None
+        op: dict[str, Any] = {
+            "summary": ep.summary,
+            "operationId": f"{ep.method.lower()}_{ep.path}".replace("/", "_").strip("_"),
+            "tags": [ep.tag],
+            "parameters": _parameters(ep),
+        }
+        if ep.auth:
+            op["security"] = [{"bearer": []}]
+        else:
+            op["security"] = []
+        if body_schema is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _body_schema(ep, body_schema)}},
+            }
+        ok: dict[str, Any] = {"description": "OK", "headers": _REVISION_HEADER}
+        if response_schema is not None:
+            ok["content"] = {"application/json": {"schema": response_schema}}
+        else:
+            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        responses: dict[str, Any] = {str(ep.status): ok}
+        if ep.notes == "create":
+            ok["headers"] = {
+                **_REVISION_HEADER,
+                "Location": {"description": "the new record", "schema": {"type": "string"}},
+            }
+        codes = set(ep.errors) | {400, 403, 429, 503}
+        if ep.auth:
+            codes.add(401)
+        if ep.body is not None:
+            codes |= {413, 415}
+        for code in sorted(codes):
+            responses[str(code)] = {
+                "description": _ERROR_TEXT[code],
+                "headers": _REVISION_HEADER,
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        op["responses"] = responses
+        paths.setdefault(_openapi_path(ep.path), {})[ep.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ctsd",
+            "version": __version__,
+            "description": (
+                "The REST API of ctsd: exchange connections, their state, the sync log and "
+                "the trading app's documents. Every change goes through the same door as the "
+                "websocket bus at /ws and is answered once durable. Send "
+                "`Authorization: Bearer TOKEN` (all but /health), JSON bodies up to 1 MiB."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

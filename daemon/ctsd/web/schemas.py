@@ -1,0 +1,93 @@
+"""Shapes only HTTP has: bodies of the per-connection routes and the answers that are not a
+record of the data files. The records themselves (Connection, ConnectionState, SyncEvent,
+TestResult) are the models of `ctsd.models`; `ctsd.web.openapi` builds the API's schemas from
+both."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from ctsd.models import PositiveFactor, Timestamp
+
+
+class ActiveBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    active: bool
+
+
+class VolumeBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    live: PositiveFactor | None = None
+    preset: PositiveFactor | None = None
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    path: str | None = None
+    oldest: int | None = None
+    file: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+
+
+class Deleted(msgspec.Struct, kw_only=True):
+    deleted: str
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    connection_id: str
+    timestamp: Timestamp
+
+
+class ImportResult(msgspec.Struct, kw_only=True):
+    imported: list[str]
+    mode: Literal["replace", "merge"]
+
+
+class ResetResult(msgspec.Struct, kw_only=True):
+    reset: list[str]
+
+
+class Export(msgspec.Struct, kw_only=True):
+    version: int
+    exported_at: Timestamp
+    revision: int
+    files: dict[str, Any]
+
+
+class ImportBody(msgspec.Struct, kw_only=True):
+    """An export of this daemon (`files` is what is imported), or a bare {FILE: CONTENT}."""
+
+    files: dict[str, Any] | None = None
+    version: int | None = None
+    exported_at: str | None = None
+    revision: int | None = None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["ok", "degraded"]
+    version: str
+    revision: int
+    uptime_s: float
+    checks: dict[str, Any]
+
+
+class Bootstrap(msgspec.Struct, kw_only=True):
+    version: str
+    protocol_version: int
+    bus_url: str
+    server: dict[str, Any]
+    capabilities: dict[str, Any]
+
+
+class ServerStatus(msgspec.Struct, kw_only=True):
+    version: str
+    revision: int
+    uptime_s: float
+    counts: dict[str, int]
+    invalid_files: list[str]
+    bus: dict[str, Any]
+    projectx: dict[str, Any]

@@ -1,0 +1,272 @@
+"""The one port: a real HTTP/1.1 server (uvicorn) in the daemon's own event loop, serving the
+REST API (Starlette) and the bus upgrade at `/ws` (the websockets library's own protocol, in
+uvicorn's `websockets-sansio` implementation).
+
+Every HTTP request passes the same door before any route: Host (DNS rebinding) and Origin
+checks → CORS preflight → token → rate limit. Every response carries `X-Revision`. uvicorn's
+signal handling is off: the daemon owns SIGTERM, SIGINT and SIGHUP (and sd_notify).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ctsd.bus.ratelimit import Limiter
+from ctsd.bus.server import BUS_PATH, HARD_MAX_FRAME_BYTES, Bus
+from ctsd.config import is_loopback
+from ctsd.errors import CtsdError
+from ctsd.metrics import Metrics
+from ctsd.web import api
+from ctsd.web.guard import Guard, header, rate_key
+from ctsd.web.protocols import ConnectionLimits, protocol_classes
+
+if TYPE_CHECKING:
+    from ctsd.app import App
+
+log = structlog.get_logger("ctsd.web")
+
+# Keepalive pings on the bus every 20 s; a client that does not answer within as long again is
+# dropped. CTSD_BUS_PING_S shortens both for tests.
+PING_INTERVAL_S = float(os.environ.get("CTSD_BUS_PING_S") or 20.0)
+GRACEFUL_S = 1.0  # open HTTP requests get this long at shutdown (inside the daemon's 5 s)
+EXPOSED = ["X-Revision", "Location", "ETag"]
+ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+NO_RATE_LIMIT = ("/health",)
+
+
+class LiveOrigins(Collection[str]):
+    """`server.cors_origins` as read now (a hand edit of settings.json applies at once)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _current(self) -> list[str]:
+        return self.app.store.settings.server.cors_origins
+
+    def __contains__(self, origin: object) -> bool:
+        return origin != "*" and origin in self._current()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+class JsonCORS(CORSMiddleware):
+    """Starlette's CORS, answering a refused preflight in JSON like every other error."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return Response(status_code=204, headers=dict(response.headers))
+        err = CtsdError("forbidden", response.body.decode() + " (see server.cors_origins)")
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return api.json_response(403, api.error_body(err), headers)
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the daemon handles its own signals
+
+
+class Web:
+    """The server of one daemon: HTTP routes, the bus, and the port they share."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.guard = Guard(app.token, bound_loopback=is_loopback(app.listen.host))
+        self.bus = Bus(app, self.guard)
+        self.limiter = Limiter(lambda: app.store.settings.server.rate_limit)  # per HTTP client
+        self.limits = ConnectionLimits()
+        self.requests = 0
+        self.status_counts: collections.Counter[int] = collections.Counter()
+        self.metrics = Metrics(app, self.stats)
+        starlette = Starlette(
+            routes=api.routes(app),
+            exception_handlers={HTTPException: _http_error, Exception: self._crash},
+        )
+        starlette.router.redirect_slashes = False  # /api/x/ is not /api/x: no redirects
+        self.cors = JsonCORS(
+            starlette,
+            allow_origins=LiveOrigins(app),
+            allow_methods=METHODS,
+            allow_headers=ALLOWED_HEADERS,
+            expose_headers=EXPOSED,
+            max_age=600,
+        )
+        self.server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def stats(self) -> dict[str, Any]:
+        out = self.bus.stats()
+        out["http_requests"] = self.requests
+        out["connections_refused"] = self.limits.refused
+        return out
+
+    # --- ASGI -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self.bus(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.requests += 1
+        store = self.app.store
+
+        async def send_with_revision(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status_counts[message["status"]] += 1
+                headers = message.setdefault("headers", [])
+                headers.append((b"x-revision", str(store.revision).encode()))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+            await send(message)
+
+        headers = scope["headers"]
+        server = store.settings.server
+        path = scope["path"]
+        try:
+            self.guard.check_host(headers)
+            self.guard.check_origin(headers, server)
+            preflight = scope["method"] == "OPTIONS" and header(
+                headers, b"access-control-request-method"
+            )
+            if not preflight:
+                if path != "/health":
+                    self.guard.require_token(scope.get("client"), headers, server)
+                limited = path not in NO_RATE_LIMIT and not _heartbeat(scope)
+                if limited and not self.limiter.allow(rate_key(scope.get("client"))):
+                    raise CtsdError("rate_limited", "too many requests; slow down and retry")
+            if path == BUS_PATH:
+                raise CtsdError(
+                    "invalid_format",
+                    f"{BUS_PATH} is the websocket bus: connect with a websocket client",
+                )
+        except CtsdError as e:
+            self.bus.count_error(e.code)
+            if e.code == "forbidden":
+                log.warning("http_refused", path=path, reason=e.message)
+            extra = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else None
+            await api.error_response(e, extra)(scope, receive, send_with_revision)
+            return
+        await self.cors(scope, receive, send_with_revision)
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("http_route_failed", method=request.method, path=request.url.path)
+        self.bus.count_error("internal")
+        return api.error_response(CtsdError("internal", f"{type(exc).__name__}: {exc}"))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind (OSError when the port is taken) and serve; returns once accepting."""
+        server = self.app.store.settings.server
+        self.limits.max_connections = server.max_connections
+        http_cls, ws_cls = protocol_classes(self.limits)
+        sockets = _bind(self.app.listen.host, self.app.listen.port)
+        config = uvicorn.Config(
+            self,
+            http=http_cls,
+            ws=ws_cls,
+            interface="asgi3",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,  # a local client must not pick its own address
+            server_header=False,
+            ws_max_size=HARD_MAX_FRAME_BYTES,
+            ws_per_message_deflate=False,  # compression triples a broadcast's cost
+            ws_ping_interval=PING_INTERVAL_S,
+            ws_ping_timeout=PING_INTERVAL_S,
+            timeout_graceful_shutdown=GRACEFUL_S,
+        )
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        self.server = _Uvicorn(config)
+        self.bus.start()
+        self._task = asyncio.get_running_loop().create_task(
+            self.server.serve(sockets=sockets), name="ctsd-http"
+        )
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises what failed
+                raise OSError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.005)
+
+    def apply_settings(self) -> None:
+        self.limits.max_connections = self.app.store.settings.server.max_connections
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer what is in flight, close bus clients with 1001."""
+        if self.server is None:
+            return
+        for srv in getattr(self.server, "servers", []):
+            srv.close()  # no new connections from here on
+        await self.bus.shutdown()
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+
+
+def _heartbeat(scope: dict[str, Any]) -> bool:
+    return scope["method"] == "POST" and scope["path"].endswith("/heartbeat")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
+    if exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    elif exc.status_code == 404:
+        message = f"no route {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return api.json_response(
+        exc.status_code, api.error_body(CtsdError(code, message)), dict(exc.headers or {})
+    )
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` names (as asyncio would bind them)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen: set[tuple[Any, ...]] = set()
+    out: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr) in seen or (port == 0 and out):
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError:
+        for sock in out:
+            sock.close()
+        raise
+    return out
