@@ -320,8 +320,8 @@ def check_document(tx: Tx, name: Any, content: Any) -> str:
     if not isinstance(content, dict):
         raise CtsdError("invalid", "content must be a JSON object", path="$.content")
     refuse_placeholders(content, "$.content")
+    _convert(content, files.document_type(name), "$.content")  # names the very field
     try:
-        files.validate_document(name, content)
         if name == "instances":
             files.check_instance_refs(content, tx.store.algorithm_names(tx.docs), file, None)
     except Invalid as e:

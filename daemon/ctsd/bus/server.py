@@ -81,7 +81,11 @@ class Bus:
             self.guard.check_origin(headers, server)
             if not self.accepting:
                 raise CtsdError("io_error", "the daemon is shutting down")
-            if self.unauthenticated >= server.max_unauthenticated:
+            header = self.guard.token_state(headers)
+            exempt = header is None and self.guard.loopback_exempt(client, headers, server)
+            # The cap is for connections that may never authenticate: one that shows the
+            # right token is never refused for them.
+            if not (header or exempt) and self.unauthenticated >= server.max_unauthenticated:
                 raise CtsdError("io_error", "too many connections waiting to authenticate")
         except CtsdError as e:
             self.count_error(e.code)
@@ -90,8 +94,6 @@ class Bus:
             await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e)
             return
         wire = scope["extensions"][WIRE]
-        header = self.guard.token_state(headers)
-        exempt = header is None and self.guard.loopback_exempt(client, headers, server)
         await send({"type": "websocket.accept"})
 
         async def close(code: int, reason: str) -> None:

@@ -29,22 +29,41 @@ def connection(conn: Connection) -> dict[str, Any]:
     return mask(to_builtins(conn))
 
 
+# Each connection's masked JSON, kept while the record object is the same (records are
+# immutable: a change installs a new object). A list of 1,000 connections is then a join of
+# cached bytes instead of 1,000 masks and encodes.
+_masked: dict[str, tuple[Connection, msgspec.Raw]] = {}
+_encode = msgspec.json.Encoder().encode
+
+
+def masked_raw(conn: Connection) -> msgspec.Raw:
+    hit = _masked.get(conn.id)
+    if hit is not None and hit[0] is conn:
+        return hit[1]
+    raw = msgspec.Raw(_encode(connection(conn)))
+    _masked[conn.id] = (conn, raw)
+    return raw
+
+
 def connections(
     store: Store,
     exchange: str | None = None,
     enabled: bool | None = None,
     active: bool | None = None,
-) -> list[dict[str, Any]]:
+) -> list[msgspec.Raw]:
+    if len(_masked) > 2 * len(store.connections) + 64:  # records deleted since: forget them
+        for cid in [c for c in _masked if c not in store.connections]:
+            del _masked[cid]
     out = []
     for c in store.connections.values():
         if exchange is not None and c.exchange != exchange:
             continue
         if enabled is not None and c.is_enabled != enabled:
             continue
-        # CONTRACT §2: "active connections" are the enabled ones with is_active true.
+        # "Active connections" are the enabled ones with is_active true.
         if active is not None and (c.is_enabled and c.is_active) != active:
             continue
-        out.append(connection(c))
+        out.append(masked_raw(c))
     return out
 
 

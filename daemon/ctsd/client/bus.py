@@ -171,7 +171,7 @@ async def open_bus(target: Target) -> Any:
                 EXIT_RATE_LIMITED,
             ) from None
         if status == 503:
-            raise no_daemon(target, "HTTP 503: it is stopping or has too many connections")
+            raise no_daemon(target, "HTTP 503: stopping, or too many connections") from None
         if status in (401, 403):
             raise CliError(
                 f"not authorized: the daemon on {target.where} answered HTTP {status}", EXIT_AUTH

@@ -15,6 +15,7 @@ its httptools and websockets-sansio protocols:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,9 @@ class HeadersTooLarge(Exception):
 
 @dataclass
 class ConnectionLimits:
-    """Read live by every protocol instance (settings may change while running)."""
+    """Read by every protocol instance as it needs them (settings change while running)."""
 
-    max_connections: int = 1024
+    max_connections: Callable[[], int] = lambda: 1024
     header_timeout_s: float = 10.0
     max_url_bytes: int = 8 * 1024
     max_header_bytes: int = 64 * 1024
@@ -90,7 +91,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
+            if len(self.connections) > limits.max_connections():
                 limits.refused += 1
                 transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
                 transport.close()

@@ -44,6 +44,12 @@ log = structlog.get_logger("ctsd.web")
 # dropped. CTSD_BUS_PING_S shortens both for tests.
 PING_INTERVAL_S = float(os.environ.get("CTSD_BUS_PING_S") or 20.0)
 GRACEFUL_S = 1.0  # open HTTP requests get this long at shutdown (inside the daemon's 5 s)
+# The listen backlog, and so how many connections asyncio accepts in one go before the
+# connection cap can close the excess: kept small, so a flood of sockets can take at most
+# this many descriptors beyond the cap.
+BACKLOG = 128
+# A connection must send a request's headers within this; CTSD_HEADER_TIMEOUT_S is for tests.
+HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 EXPOSED = ["X-Revision", "Location", "ETag"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -95,7 +101,10 @@ class Web:
         self.guard = Guard(app.token, bound_loopback=is_loopback(app.listen.host))
         self.bus = Bus(app, self.guard)
         self.limiter = Limiter(lambda: app.store.settings.server.rate_limit)  # per HTTP client
-        self.limits = ConnectionLimits()
+        self.limits = ConnectionLimits(
+            max_connections=lambda: app.store.settings.server.max_connections,
+            header_timeout_s=HEADER_TIMEOUT_S,
+        )
         self.requests = 0
         self.status_counts: collections.Counter[int] = collections.Counter()
         self.metrics = Metrics(app, self.stats)
@@ -181,8 +190,6 @@ class Web:
 
     async def start(self) -> None:
         """Bind (OSError when the port is taken) and serve; returns once accepting."""
-        server = self.app.store.settings.server
-        self.limits.max_connections = server.max_connections
         http_cls, ws_cls = protocol_classes(self.limits)
         sockets = _bind(self.app.listen.host, self.app.listen.port)
         config = uvicorn.Config(
@@ -200,6 +207,7 @@ class Web:
             ws_ping_interval=PING_INTERVAL_S,
             ws_ping_timeout=PING_INTERVAL_S,
             timeout_graceful_shutdown=GRACEFUL_S,
+            backlog=BACKLOG,
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self.server = _Uvicorn(config)
@@ -212,9 +220,6 @@ class Web:
                 self._task.result()  # raises what failed
                 raise OSError("the HTTP server stopped before it started")
             await asyncio.sleep(0.005)
-
-    def apply_settings(self) -> None:
-        self.limits.max_connections = self.app.store.settings.server.max_connections
 
     async def shutdown(self) -> None:
         """Stop accepting, answer what is in flight, close bus clients with 1001."""
@@ -263,7 +268,7 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
-            sock.listen(1024)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in out:

@@ -1,0 +1,488 @@
+"""The REST API's writes and its door, against the real daemon, with a real HTTP client
+(httpx: keep-alive, chunked bodies) and real websockets subscribers."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.daemon import Daemon, wait_until
+from tests.test_bus import CANARY, bus, conn_body, write_settings
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def api(daemon: Daemon) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=daemon.url, headers={"Authorization": f"Bearer {daemon.token}"}, timeout=10
+    ) as client:
+        yield client
+
+
+def on_disk(d: Daemon, file: str) -> Any:
+    return json.loads((d.data_dir / file).read_text())
+
+
+def _error(r: httpx.Response, status: int, code: str, path: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["code"] == code, err
+    if path is not None:
+        assert err.get("path") == path, err
+    return err
+
+
+def test_create_get_update_delete(daemon: Daemon, api: httpx.Client) -> None:
+    r = api.post("/api/settings/connections", json=conn_body(id="c1", api_secret=CANARY))
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == "/api/settings/connections/c1"
+    assert int(r.headers["x-revision"]) == 1
+    created = r.json()
+    assert created["id"] == "c1" and created["api_secret"] == "********"
+    # an id is made when none is given
+    r = api.post("/api/settings/connections", json=conn_body("two"))
+    assert r.status_code == 201 and r.json()["id"].startswith("conn_")
+    assert r.headers["location"].endswith(r.json()["id"])
+
+    r = api.put("/api/settings/connections/c1", json={"name": "renamed"})
+    assert r.status_code == 200 and r.json()["name"] == "renamed"
+    r = api.patch("/api/settings/connections/c1", json={"volume_factor": 2.5})
+    assert r.status_code == 200 and r.json()["volume_factor"] == 2.5
+    assert r.json()["name"] == "renamed"  # PATCH and PUT both change only the fields given
+    assert api.get("/api/settings/connections/c1").json()["volume_factor"] == 2.5
+    stored = {c["id"]: c for c in on_disk(daemon, "connections.json")}
+    assert stored["c1"]["name"] == "renamed" and stored["c1"]["api_secret"] == CANARY
+
+    r = api.delete("/api/settings/connections/c1")
+    assert r.status_code == 200 and r.json() == {"deleted": "c1"}
+    _error(api.get("/api/settings/connections/c1"), 404, "not_found")
+    _error(api.delete("/api/settings/connections/c1"), 404, "not_found")
+    sources = {e["data"]["source"] for e in on_disk(daemon, "connection-sync-log.json")}
+    assert sources == {"http"}
+    assert CANARY not in (daemon.data_dir / "connection-sync-log.json").read_text()
+
+
+def test_server_managed_fields_are_ignored_and_id_is_fixed(api: httpx.Client) -> None:
+    sent = conn_body(id="c1", created_at="2001-01-01T00:00:00.000Z", updated_at="x")
+    r = api.post("/api/settings/connections", json=sent)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["created_at"] != "2001-01-01T00:00:00.000Z"
+    assert created["updated_at"] == created["created_at"]
+    r = api.put(
+        "/api/settings/connections/c1",
+        json={"created_at": "2001-01-01T00:00:00.000Z", "id": "c1", "name": "n2"},
+    )
+    assert r.status_code == 200 and r.json()["created_at"] == created["created_at"]
+    _error(api.put("/api/settings/connections/c1", json={"id": "other"}), 400, "invalid", "$.id")
+
+
+def test_per_connection_routes(daemon: Daemon, api: httpx.Client) -> None:
+    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    r = api.post("/api/connections/c1/active", json={"active": True})
+    assert r.status_code == 200 and r.json()["is_active"] is True
+    assert api.get("/api/connections/c1/state").json()["is_active"] is True
+    assert [c["id"] for c in api.get("/api/connections/active").json()] == ["c1"]
+    r = api.post("/api/connections/c1/volume", json={"live": 2.0})
+    assert r.status_code == 200
+    st = api.get("/api/connections/c1/state").json()
+    assert st["volume_factor_live"] == 2.0 and st["volume_factor_preset"] == 1.0
+    # a heartbeat: no body, answered without a disk write
+    before = (daemon.data_dir / "connection-state.json").stat().st_mtime_ns
+    r = api.post("/api/connections/c1/heartbeat")
+    assert r.status_code == 200 and r.json()["connection_id"] == "c1"
+    assert api.get("/api/connections/c1/state").json()["last_heartbeat_at"] == r.json()["timestamp"]
+    assert (daemon.data_dir / "connection-state.json").stat().st_mtime_ns == before
+    # a test of a connection whose base_url goes nowhere: a failed result, never an error
+    api.put(
+        "/api/settings/connections/c1",
+        json={
+            "connection_settings": json.dumps({"base_url": f"http://127.0.0.1:{_closed_port()}"})
+        },
+    )
+    r = api.post("/api/connections/c1/test")
+    assert r.status_code == 200 and r.json()["success"] is False and r.json()["error"]
+    r = api.post("/api/trading/test-connection")
+    assert r.status_code == 200 and r.json()["success"] is False
+    _error(
+        api.post("/api/connections/c1/active", json={"active": "yes"}), 400, "invalid", "$.active"
+    )
+    _error(
+        api.post("/api/connections/c1/active", json={"active": True, "nope": 1}),
+        400,
+        "invalid",
+        "$.nope",
+    )
+    _error(api.post("/api/connections/c1/volume", json={"live": 0}), 400, "invalid", "$.live")
+    _error(api.post("/api/connections/missing/active", json={"active": True}), 404, "not_found")
+    _error(api.get("/api/connections/missing/state"), 404, "not_found")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_batch_all_or_nothing(daemon: Daemon, api: httpx.Client) -> None:
+    for cid in ("a", "b"):
+        api.post("/api/settings/connections", json=conn_body(id=cid))
+    r = api.post(
+        "/api/settings/connections/batch", json=[{"id": "a", "name": "A"}, {"id": "b", "name": "B"}]
+    )
+    assert r.status_code == 200 and [c["name"] for c in r.json()] == ["A", "B"]
+    rev = int(r.headers["x-revision"])
+    err = _error(
+        api.post(
+            "/api/settings/connections/batch",
+            json=[{"id": "a", "name": "AA"}, {"id": "b", "volume_factor": -1}],
+        ),
+        400,
+        "invalid",
+    )
+    assert err["path"] == "$[1].volume_factor"
+    assert [c["name"] for c in on_disk(daemon, "connections.json")] == ["A", "B"]
+    assert int(api.get("/health").headers["x-revision"]) == rev
+    _error(api.post("/api/settings/connections/batch", json={"id": "a"}), 400, "invalid", "$")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "settings",
+        "main-indications",
+        "common-indications",
+        "connection",
+        "instances",
+        "ui-config",
+        "user-settings",
+        "watchlists",
+        "algorithms/momentum",
+    ],
+)
+def test_documents_post_and_put(daemon: Daemon, api: httpx.Client, name: str) -> None:
+    content = {
+        "settings": {"theme": "dark"},
+        "connection": {"trading": {"simulationMode": False}},
+        "instances": {"instances": [], "lastSaved": None},
+        "algorithms/momentum": {"name": "momentum", "period": 14},
+    }.get(name, {"layout": [1, 2, 3]})
+    for method in ("POST", "PUT"):
+        r = api.request(method, f"/api/data/{name}", json=content)
+        assert r.status_code == 200, (method, r.text)
+        got = api.get(f"/api/data/{name}").json()
+        for key, value in content.items():
+            assert got[key] == value
+    file = "algorithms/momentum.json" if name.startswith("algorithms/") else f"{name}.json"
+    for key, value in content.items():
+        assert on_disk(daemon, file)[key] == value
+
+
+def test_document_errors(daemon: Daemon, api: httpx.Client) -> None:
+    _error(api.post("/api/data/ui-config", json=[1, 2]), 400, "invalid", "$")
+    err = _error(
+        api.post("/api/data/settings", json={"sync_log_limit": "many"}),
+        400,
+        "invalid",
+        "$.sync_log_limit",
+    )
+    assert "int" in err["message"]
+    err = _error(
+        api.post("/api/data/instances", json={"instances": [], "lastSavd": None}), 400, "invalid"
+    )
+    assert "lastSaved" in err["message"] and err["path"] == "$.lastSavd"
+    for bad in ("nope", "..%2F..%2Fetc%2Fpasswd", "algorithms/..", "algorithms/a%00b", "x" * 300):
+        _error(api.get(f"/api/data/{bad}"), 404, "not_found")
+        _error(api.post(f"/api/data/{bad}", json={"name": "x"}), 404, "not_found")
+    assert not (daemon.data_dir / "nope.json").exists()
+
+
+def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -> None:
+    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    api.post("/api/data/ui-config", json={"layout": "wide"})
+    export = api.get("/api/data/export").json()
+    assert export["version"] == 1 and "connections.json" in export["files"]
+    api.post("/api/settings/connections", json=conn_body(id="c2"))
+    r = api.post("/api/data/import?mode=replace", json=export)
+    assert r.status_code == 200 and r.json()["mode"] == "replace"
+    assert [c["id"] for c in on_disk(daemon, "connections.json")] == ["c1"]
+    r = api.post("/api/data/import", json={"files": {"ui-config.json": {"zoom": 2}}})
+    assert r.status_code == 200 and r.json()["mode"] == "merge"  # merge is the default
+    assert on_disk(daemon, "ui-config.json") == {"layout": "wide", "zoom": 2}
+    _error(api.post("/api/data/import?mode=both", json=export), 400, "invalid", "$.mode")
+    _error(api.post("/api/data/import", json=[1]), 400, "invalid", "$")
+
+
+def test_reset_needs_confirm(daemon: Daemon, api: httpx.Client) -> None:
+    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    _error(api.delete("/api/data/reset"), 400, "invalid")
+    _error(api.delete("/api/data/reset?confirm=no"), 400, "invalid")
+    assert api.delete("/api/data/reset?confirm=yes").status_code == 200
+    assert on_disk(daemon, "connections.json") == []
+
+
+def test_every_response_carries_x_revision(daemon: Daemon, api: httpx.Client) -> None:
+    for r in (
+        api.get("/health"),
+        api.get("/api/nope"),
+        api.get("/api/settings/connections", headers={"Authorization": "Bearer wrong"}),
+        api.post("/api/settings/connections", content=b"{", headers=JSON),
+        api.get("/metrics"),
+        api.get("/openapi.json"),
+    ):
+        assert r.headers["x-revision"].isdigit(), r
+        assert r.headers["cache-control"] == "no-store"
+
+
+def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Client) -> None:
+    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    api.post("/api/settings/connections", json=conn_body(id="c2"))
+    r = api.get("/api/settings/connections/c1")
+    seen = r.headers["x-revision"]
+    api.put("/api/settings/connections/c1", json={"name": "by someone else"})
+    err = _error(
+        api.put(
+            "/api/settings/connections/c1", json={"name": "mine"}, headers={"If-Match": f'"{seen}"'}
+        ),
+        412,
+        "precondition_failed",
+    )
+    assert "c1" in err["message"]
+    assert api.get("/api/settings/connections/c1").json()["name"] == "by someone else"
+    # another record did not move: the same If-Match passes there
+    r = api.put(
+        "/api/settings/connections/c2", json={"name": "ok"}, headers={"If-Match": f'"{seen}"'}
+    )
+    assert r.status_code == 200
+    current = r.headers["x-revision"]
+    r = api.put(
+        "/api/settings/connections/c1", json={"name": "mine"}, headers={"If-Match": f'"{current}"'}
+    )
+    assert r.status_code == 200 and r.json()["name"] == "mine"
+    api.post("/api/data/ui-config", json={"a": 1})
+    _error(
+        api.post("/api/data/ui-config", json={"a": 2}, headers={"If-Match": f'"{seen}"'}),
+        412,
+        "precondition_failed",
+    )
+    _error(
+        api.put("/api/settings/connections/c1", json={}, headers={"If-Match": "soon"}),
+        400,
+        "invalid",
+    )
+
+
+def test_sync_files_answers_with_the_change_in_the_file(daemon: Daemon, api: httpx.Client) -> None:
+    r = api.post("/api/settings/connections?sync=files", json=conn_body(id="c1"))
+    assert r.status_code == 201
+    assert [c["id"] for c in on_disk(daemon, "connections.json")] == ["c1"]
+    _error(api.post("/api/data/ui-config?sync=later", json={}), 400, "invalid", "$.sync")
+    _error(api.get("/api/settings/connections?bogus=1"), 400, "invalid", "$.bogus")
+
+
+def test_bodies_bad_input(daemon: Daemon, api: httpx.Client) -> None:
+    url = "/api/settings/connections"
+    _error(api.post(url, content=b'{"name": "x",', headers=JSON), 400, "invalid_format")
+    _error(api.post(url, content=b"\xff\xfe", headers=JSON), 400, "invalid_format")
+    _error(api.post(url), 400, "invalid", "$")  # no body
+    _error(api.post(url, content=b"   ", headers=JSON), 400, "invalid", "$")
+    _error(api.post(url, json=[]), 400, "invalid", "$")
+    _error(api.post(url, json="x"), 400, "invalid", "$")
+    err = _error(
+        api.post(url, json={"name": "n", "exchange": "e", "is_enabeld": True}), 400, "invalid"
+    )
+    assert err["path"] == "$.is_enabeld" and "is_enabled" in err["message"]
+    _error(api.post(url, json={"name": 5, "exchange": "e"}), 400, "invalid", "$.name")
+    _error(
+        api.post(url, content=b'{"name":"n"}', headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    _error(
+        api.post(url, content=b'{"name":"n"}', headers={"Content-Type": ""}),
+        415,
+        "unsupported_media_type",
+    )
+    big = b'{"name": "' + b"x" * (1024 * 1024) + b'", "exchange": "e"}'
+    r = api.post(url, content=big, headers=JSON)
+    _error(r, 413, "too_large")
+    assert r.headers.get("connection") == "close"
+    deep = b"[" * 5000 + b"]" * 5000
+    _error(
+        api.post("/api/data/ui-config", content=b'{"a":' + deep + b"}", headers=JSON),
+        400,
+        "invalid_format",
+    )
+    for cid in ("a b", "x" * 65, "..", "%00"):
+        _error(api.get(f"/api/settings/connections/{cid}"), 404, "not_found")
+    assert on_disk(daemon, "connections.json") == []
+    assert api.get("/health").json()["status"] == "ok"
+
+
+def test_chunked_body_and_keep_alive(daemon: Daemon, api: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "chunked", '
+        yield b'"exchange": "bybit", "id": "ch"}'
+
+    r = api.post("/api/settings/connections", content=chunks(), headers=JSON)
+    assert r.status_code == 201, r.text
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+
+    def too_big() -> Iterator[bytes]:
+        yield b'{"a": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}'
+
+    _error(api.post("/api/data/ui-config", content=too_big(), headers=JSON), 413, "too_large")
+    # one client, many requests: keep-alive works
+    ports = set()
+    with httpx.Client(base_url=daemon.url, headers=api.headers) as one:
+        for _ in range(5):
+            r = one.get("/api/settings/connections", extensions={"trace": None})
+            assert r.status_code == 200
+        ports.add(len(one._transport._pool.connections))  # type: ignore[attr-defined]
+    assert ports == {1}
+
+
+def test_http_writes_are_broadcast_with_source_http(daemon: Daemon, api: httpx.Client) -> None:
+    import anyio
+
+    async def run() -> None:
+        async with bus(daemon) as watcher:
+            await watcher.ok("subscribe")
+            r = api.post("/api/settings/connections", json=conn_body(id="c1"))
+            rev = int(r.headers["x-revision"])
+            events = await watcher.events_until(rev)
+            assert [(e["action"], e["data"]["source"]) for e in events] == [("create", "http")]
+
+    anyio.run(run)
+
+
+def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None:
+    evil = {"Origin": "http://evil.example"}
+    r = api.get("/api/settings/connections", headers=evil)
+    _error(r, 403, "forbidden")
+    assert not any(k.lower().startswith("access-control") for k in r.headers)
+    pre = {
+        **evil,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    r = api.options("/api/data/ui-config", headers=pre)
+    _error(r, 403, "forbidden")
+    assert not any(k.lower().startswith("access-control") for k in r.headers)
+    r = api.post("/api/data/ui-config", json={"x": 1}, headers=evil)
+    _error(r, 403, "forbidden")
+    assert on_disk(daemon, "ui-config.json") == {}
+    # an allowed origin: the preflight names the methods and headers a frontend uses
+    ok = {
+        "Origin": "http://localhost:5173",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization",
+    }
+    r = httpx.options(daemon.url + "/api/data/ui-config", headers=ok)
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    r = api.post("/api/data/ui-config", json={"x": 1}, headers={"Origin": "http://localhost:5173"})
+    assert (
+        r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    )
+    assert "X-Revision" in r.headers["access-control-expose-headers"]
+
+
+def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
+    for host in ("evil.example", "evil.example:3587", "127.0.0.1.nip.io"):
+        r = api.get("/api/settings/connections", headers={"Host": host})
+        _error(r, 403, "forbidden")
+    for host in ("localhost", f"localhost:{daemon.port}", f"127.0.0.1:{daemon.port}", "[::1]:1"):
+        assert api.get("/api/settings/connections", headers={"Host": host}).status_code == 200
+
+
+def test_loopback_auth_is_opt_in(data_dir: Path) -> None:
+    d = Daemon(data_dir).start()
+    try:
+        assert httpx.get(d.url + "/api/settings/connections").status_code == 401
+    finally:
+        d.close()
+    write_settings(data_dir, {"server": {"auth": "loopback"}})
+    d = Daemon(data_dir).start()
+    try:
+        assert httpx.get(d.url + "/api/settings/connections").status_code == 200
+        r = httpx.post(
+            d.url + "/api/data/ui-config",
+            json={"x": 1},
+            headers={"Origin": "http://localhost:5173"},
+        )
+        assert r.status_code == 200
+        # a foreign Origin or a non-loopback Host still gets nothing
+        assert (
+            httpx.get(
+                d.url + "/api/settings/connections", headers={"Origin": "http://evil.example"}
+            ).status_code
+            == 403
+        )
+        assert (
+            httpx.get(
+                d.url + "/api/settings/connections", headers={"Host": "evil.example"}
+            ).status_code
+            == 403
+        )
+        # a wrong token is still wrong
+        r = httpx.get(d.url + "/api/settings/connections", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+
+        import anyio
+        from websockets.asyncio.client import connect
+
+        async def bus_without_token() -> None:
+            async with connect(d.ws_url) as ws:
+                assert json.loads(await ws.recv())["type"] == "auth_ok"
+
+        anyio.run(bus_without_token)
+    finally:
+        d.close()
+
+
+def test_plain_get_of_the_bus_and_unknown_websocket_paths(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    _error(api.get("/ws"), 400, "invalid_format")
+    import anyio
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def run() -> None:
+        with pytest.raises(InvalidStatus) as e:
+            async with connect(daemon.url.replace("http", "ws") + "/elsewhere"):
+                pass
+        assert e.value.response.status_code == 404
+
+    anyio.run(run)
+
+
+def test_openapi_document_lists_every_route(api: httpx.Client) -> None:
+    doc = api.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    assert "/api/settings/connections/{id}" in doc["paths"]
+    assert set(doc["paths"]["/api/data/{name}"]) == {"get", "post", "put"}
+    assert doc["components"]["schemas"]["Connection"]["properties"]["api_key"]
+
+
+def test_health_and_metrics_after_abuse(daemon: Daemon) -> None:
+    # a socket that never sends a request is closed after the header deadline; a busy
+    # daemon keeps serving everyone else meanwhile
+    s = socket.create_connection(("127.0.0.1", daemon.port))
+    try:
+        assert httpx.get(daemon.url + "/health").status_code == 200
+    finally:
+        s.close()
+    wait_until(lambda: httpx.get(daemon.url + "/health").status_code == 200, 5)

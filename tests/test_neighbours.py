@@ -1,0 +1,151 @@
+"""Hostile neighbours on the port: idle sockets, slow headers, unauthenticated floods. Each
+is refused or dropped on time, and never makes another client's work fail."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.daemon import TOKEN, Daemon, wait_until
+from tests.test_bus import bus, conn_body, write_settings
+
+pytestmark = pytest.mark.anyio
+
+
+class LimitedDaemon(Daemon):
+    """The daemon with a small descriptor limit, as a unit's LimitNOFILE= would set."""
+
+    nofile = 512
+
+    def command(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--", *super().command()]
+
+
+async def test_a_flood_of_idle_sockets_never_breaks_a_write(data_dir: Path) -> None:
+    # 1,100 idle sockets against a daemon allowed 512 descriptors: beyond the cap each is
+    # answered 503 and closed at once, so the daemon's own files always have descriptors.
+    write_settings(data_dir, {"server": {"max_connections": 200}})
+    d = LimitedDaemon(data_dir).start()
+    socks: list[socket.socket] = []
+    try:
+        async with bus(d) as b:  # a client connected before the flood...
+            for _ in range(1100):
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
+                except OSError:
+                    break
+            for i in range(20):  # ... keeps making durable changes throughout
+                c = await b.ok("connections.create", connection=conn_body(f"n{i}"))
+                assert c["id"]
+        refused = 0
+        for s in socks[250:300]:  # ... and the late ones were told why
+            s.settimeout(5)
+            try:
+                if s.recv(200).startswith(b"HTTP/1.1 503"):
+                    refused += 1
+            except OSError:
+                pass
+        assert refused == 50
+        for s in socks:
+            s.close()
+        socks.clear()
+        wait_until(lambda: httpx.get(d.url + "/health").status_code == 200, 10)
+        assert "too many open files" not in d.stdout().lower()
+    finally:
+        for s in socks:
+            s.close()
+        d.close()
+
+
+async def test_unauthenticated_bus_connections_are_capped(data_dir: Path) -> None:
+    write_settings(data_dir, {"server": {"max_unauthenticated": 5}})
+    d = Daemon(data_dir).start()
+    try:
+        async with anyio.create_task_group() as tg:
+            waiting = [await connect(d.ws_url) for _ in range(5)]
+            for ws in waiting:
+                assert json.loads(await ws.recv())["type"] == "auth_required"
+            with pytest.raises(InvalidStatus) as e:
+                async with connect(d.ws_url):
+                    pass
+            assert e.value.response.status_code == 503
+            # a client showing the right token is never refused for them
+            async with bus(d) as b:
+                assert (await b.ok("ping"))["pong"] is True
+            for ws in waiting:
+                await ws.close()
+            tg.cancel_scope.cancel()
+
+        async def one_more() -> bool:
+            try:
+                async with connect(d.ws_url) as ws:
+                    return json.loads(await ws.recv())["type"] == "auth_required"
+            except InvalidStatus:
+                return False
+
+        deadline = time.monotonic() + 10
+        while not await one_more():
+            assert time.monotonic() < deadline, "the cap never freed up"
+            await anyio.sleep(0.05)
+    finally:
+        d.close()
+
+
+def test_slow_headers_are_dropped_at_the_deadline(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"CTSD_HEADER_TIMEOUT_S": "1"}).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed by the daemon
+        assert 0.5 <= time.monotonic() - t0 <= 5
+        s.close()
+        idle = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        t0 = time.monotonic()
+        assert idle.recv(100) == b""  # nothing sent at all: dropped too
+        assert time.monotonic() - t0 <= 5
+        idle.close()
+    finally:
+        d.close()
+
+
+def test_huge_headers_and_request_lines_are_refused(daemon: Daemon) -> None:
+    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+    s.sendall(b"X-Junk: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    s.sendall(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+    assert httpx.get(daemon.url + "/health").status_code == 200
+
+
+async def test_deeply_nested_frame_is_an_error_not_a_crash(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        await b.ws.send('{"id": 1, "type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}")
+        reply = json.loads(await b.ws.recv())
+        assert reply["success"] is False
+        assert reply["error"]["code"] in ("invalid_format", "invalid")
+        assert (await b.ok("ping"))["pong"] is True
+    assert "Traceback" not in daemon.stdout()
+
+
+async def test_header_token_client_is_never_refused_by_other_clients_failures(
+    daemon: Daemon,
+) -> None:
+    for _ in range(30):
+        assert daemon.http("/api/connections/state", token="wrong")[0] == 401
+    async with connect(
+        daemon.ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
