@@ -283,6 +283,27 @@ def test_switches(shared: Daemon, command: str, field: str, value: bool) -> None
     assert r.returncode == 5 and "not_found" in r.stderr
 
 
+def test_every_per_connection_command_takes_several_ids(shared: Daemon) -> None:
+    for cid in ("many1", "many2"):
+        add(shared, cid)
+    r = ok(shared, "conn", "activate", "many1", "many2")
+    assert r.stdout.splitlines()[0].startswith("activated many1 (")
+    assert r.stdout.splitlines()[1].startswith("activated many2 (")
+    shown = jout(shared, "conn", "show", "many1", "many2")
+    assert [s["connection"]["is_active"] for s in shown] == [True, True]
+    ok(shared, "conn", "set", "many1", "many2", "volume_factor=2")
+    # a write is answered once it is in the data files: a script reads them on the next line
+    on_disk = {c["id"]: c for c in json.loads((shared.data_dir / "connections.json").read_text())}
+    assert on_disk["many1"]["volume_factor"] == on_disk["many2"]["volume_factor"] == 2
+    vols = jout(shared, "conn", "volume", "many1", "many2", "--live", "3")
+    assert [v["live"] for v in vols] == [3, 3]
+    for command in ("deactivate", "disable", "enable"):
+        assert len(jout(shared, "conn", command, "many1", "many2")) == 2
+    r = cli(shared, "conn", "disable", "many1", "nope-404", "many2")  # stops at the failure
+    assert r.returncode == 5 and r.stdout.startswith("disabled many1")
+    assert jout(shared, "conn", "show", "many2")["connection"]["is_enabled"] is True
+
+
 def test_volume(shared: Daemon) -> None:
     add(shared, "vol1")
     r = ok(shared, "conn", "volume", "vol1", "--live", "2.5", "--preset", "0.5")

@@ -322,7 +322,7 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["conn", "set", "x", "novalue"], "expected field=value"),
+        (["conn", "set", "x", "novalue"], "give FIELD=VALUE"),
         (["conn", "set", "x", "=1"], "expected field=value"),
         (["conn", "set", "x", "is_enabeld=true"], "did you mean `is_enabled`"),
         (["conn", "set", "x", "bogus=1"], "unknown field `bogus`"),

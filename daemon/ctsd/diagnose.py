@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from ctsd.timeutil import ID_PATTERN, TIMESTAMP_PATTERN
+
 _WS = " \t\r\n"
 _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
@@ -175,11 +177,53 @@ def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
     return []
 
 
+# The stdlib decoder's syntax messages, several of which end in a dangling "at" (their position
+# is given separately): said in full, with what usually causes them.
+_SYNTAX = {
+    "Expecting value": "expected a value (string, number, object, array, true, false or null)",
+    "Expecting ',' delimiter": "expected `,` between two items, or the closing bracket",
+    "Expecting ':' delimiter": "expected `:` after the key",
+    "Expecting property name enclosed in double quotes": (
+        "expected a key in double quotes (a comma before `}` is not allowed)"
+    ),
+    "Unterminated string starting at": "this string has no closing quote",
+    "Invalid control character at": (
+        "a raw tab or line break inside a string (a missing closing quote?); write \\t or \\n"
+    ),
+    "Invalid \\escape": 'invalid escape in a string (a backslash must start \\" \\\\ \\/ \\b '
+    "\\f \\n \\r \\t or \\uXXXX)",
+    "Invalid \\uXXXX escape": "invalid \\uXXXX escape (four hex digits are needed)",
+    "Extra data": "more after the end of the JSON value (a second value, or a stray character)",
+}
+# Patterns of the models, in words (msgspec quotes the regex itself, which reads badly).
+_PATTERNS = {
+    TIMESTAMP_PATTERN: "an ISO-8601 UTC timestamp like 2024-01-01T00:00:00.000Z",
+    ID_PATTERN: "an id of 1 to 64 letters, digits, `_` or `-`",
+}
+_REGEX = re.compile(r"`str` matching regex '(?P<rx>(?:[^'\\]|\\.)*)'")
+
+
+def syntax_message(msg: str) -> str:
+    if msg in _SYNTAX:
+        return _SYNTAX[msg]
+    msg = msg.removesuffix(" at")
+    return msg[:1].lower() + msg[1:]
+
+
+def _words_for_patterns(msg: str) -> str:
+    def words(m: re.Match[str]) -> str:
+        rx = m.group("rx").replace("\\\\", "\\")
+        return _PATTERNS.get(rx, m.group(0))
+
+    return _REGEX.sub(words, msg)
+
+
 def _parse(error: str, root: Any) -> tuple[str, str, str | None, str]:
     """A msgspec ValidationError message on a value of type `root`: (message, path of the
     object it is about, the unknown field's name or None, did-you-mean text or "")."""
     m = _MSGSPEC_AT.match(error)
     msg, path = (m.group("msg"), m.group("path")) if m else (error, "$")
+    msg = _words_for_patterns(msg)
     unknown = _UNKNOWN.search(msg)
     if unknown is None:
         return msg, path, None, ""
@@ -212,7 +256,7 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
-        msg = "file is empty" if not text.strip() else f"invalid JSON: {e.msg}"
+        msg = "file is empty" if not text.strip() else f"invalid JSON: {syntax_message(e.msg)}"
         return FileProblem(file, e.lineno, e.colno, "$", msg)
     except RecursionError:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")

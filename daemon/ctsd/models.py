@@ -11,12 +11,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from ctsd.timeutil import TIMESTAMP_PATTERN
+from ctsd.timeutil import ID_PATTERN, TIMESTAMP_PATTERN
 
 Timestamp = Annotated[
     str, msgspec.Meta(pattern=TIMESTAMP_PATTERN, examples=["2024-01-01T00:00:00.000Z"])
 ]
-ConnectionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ConnectionId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 PositiveFactor = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 def now_iso() -> str:

@@ -46,19 +46,7 @@ Handler = Callable[[Call, Any], Awaitable[Any]]
 
 # Commands that change something: on the bus they run as their own task so a client can
 # pipeline them (they group-commit); a read waits for the same client's earlier changes.
-WRITES = frozenset(
-    {
-        "connections.create",
-        "connections.update",
-        "connections.delete",
-        "connections.batch_update",
-        "connections.set_active",
-        "connections.set_volume",
-        "documents.set",
-        "data.import",
-        "data.reset",
-    }
-)
+WRITES = p.WRITE_COMMANDS
 # Exchange probes take up to `test_timeout_s`: their own tasks too, but nothing waits for them.
 PROBES = frozenset({"connections.test", "trading.test_connection"})
 

@@ -138,6 +138,22 @@ COMMANDS: dict[str, type[Args]] = {
 }
 
 
+# Commands that change something (the CLI asks for each to be in the files before the answer).
+WRITE_COMMANDS = frozenset(
+    {
+        "connections.create",
+        "connections.update",
+        "connections.delete",
+        "connections.batch_update",
+        "connections.set_active",
+        "connections.set_volume",
+        "documents.set",
+        "data.import",
+        "data.reset",
+    }
+)
+
+
 # --- server → client ------------------------------------------------------------------------
 
 

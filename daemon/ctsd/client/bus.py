@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ctsd.bus.protocol import WRITE_COMMANDS
 from ctsd.client.errors import (
     EXIT_AUTH,
     EXIT_NO_DAEMON,
@@ -90,8 +91,11 @@ class Bus:
 
         cid = self.next_id
         self.next_id += 1
-        # `source` attributes the change to the CLI in the sync log (CONTRACT §2 sources).
+        # `source` attributes the change to the CLI in the sync log; a change is answered
+        # once it is in the data files, so a script can read the file on its next line.
         frame: dict[str, Any] = {"id": cid, "type": command, "source": "cli", **args}
+        if command in WRITE_COMMANDS:
+            frame["sync"] = "files"
         payload = dump_json(frame)
         size = len(payload.encode())
         if size > MAX_FRAME:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -48,6 +49,32 @@ def _summary(conn: Any) -> str:
     if not isinstance(conn, dict):
         return safe(conn)
     return f"{safe(conn.get('id'))} ({short(conn.get('name'))}, {short(conn.get('exchange'))})"
+
+
+def _each(
+    target: Target,
+    ids: tuple[str, ...],
+    call: Callable[[Bus, str], Awaitable[Any]],
+    show: Callable[[str, Any], None],
+    as_json: bool,
+) -> list[Any]:
+    """Run `call` for each id in order on one bus connection (stopping at the first error);
+    print each result with `show`, or all as JSON (one object for one id, else a list)."""
+    results: list[Any] = []
+
+    async def body(bus: Bus) -> None:
+        for cid in ids:
+            results.append(await call(bus, cid))
+            if not as_json:
+                show(cid, results[-1])
+
+    run(target, body)
+    if as_json:
+        echo_json(results[0] if len(ids) == 1 else results)
+    return results
+
+
+IDS = click.argument("connection_ids", nargs=-1, required=True, metavar="ID...")
 
 
 def register(main: click.Group) -> None:
@@ -110,20 +137,20 @@ def register(main: click.Group) -> None:
     @conn.command(**CMD)
     @bus_options
     @json_option
-    @click.argument("connection_id")
-    def show(target: Target, as_json: bool, connection_id: str) -> None:
-        """Show one connection and its state (secrets masked)."""
+    @IDS
+    def show(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
+        """Show connections and their state (secrets masked)."""
 
-        async def body(bus: Bus) -> tuple[Any, Any]:
-            c = await bus.call("connections.get", connection_id=connection_id)
-            return c, await bus.call("snapshot")
+        async def one(bus: Bus, cid: str) -> Any:
+            c = await bus.call("connections.get", connection_id=cid)
+            return {"connection": c, "state": _state_of(await bus.call("snapshot"), cid)}
 
-        c, snap = run(target, body)
-        state = _state_of(snap, connection_id)
-        if as_json:
-            echo_json({"connection": c, "state": state})
-            return
-        _print_connection(c, state)
+        def show_one(cid: str, r: Any) -> None:
+            if len(connection_ids) > 1:
+                click.echo(f"--- {safe(cid)}")
+            _print_connection(r["connection"], r["state"])
+
+        _each(target, connection_ids, one, show_one, as_json)
 
     @conn.command(**CMD)
     @bus_options
@@ -194,41 +221,45 @@ def register(main: click.Group) -> None:
     @conn.command("set", **CMD)
     @bus_options
     @json_option
-    @click.argument("connection_id")
-    @click.argument("assignments", nargs=-1, metavar="FIELD=VALUE...")
+    @click.argument("words", nargs=-1, required=True, metavar="ID... FIELD=VALUE...")
     @secret_options
     def set_(
         target: Target,
         as_json: bool,
-        connection_id: str,
-        assignments: tuple[str, ...],
+        words: tuple[str, ...],
         ask_secrets: bool,
         **kw: Any,
     ) -> None:
-        """Change fields of a connection (FIELD=VALUE...).
+        """Change fields of connections (the same FIELD=VALUE... on each ID).
 
         Example: ctsd conn set conn_abc123 name="Main account" volume_factor=2 is_testnet=false
 
         Values are JSON (true, 2.5, null, "text"); text fields also take plain text.
         Secrets: --api-key-env NAME, ... or --ask-secrets, never on the command line.
         """
+        ids = tuple(w for w in words if "=" not in w)
+        assignments = tuple(w for w in words if "=" in w)
+        if not ids:
+            raise click.UsageError("give the connection ID(s) to change")
         changes = parse_assignments(assignments)
         changes.update(read_secrets(pop_secret_envs(kw), ask_secrets))
         if not changes:
-            raise click.UsageError("nothing to change: give FIELD=VALUE or a secret option")
+            raise click.UsageError(
+                "nothing to change: give FIELD=VALUE after the ID(s), or a secret option"
+            )
 
-        updated = run_call(
-            target, "connections.update", connection_id=connection_id, changes=changes
-        )
-        if as_json:
-            echo_json(updated)
-            return
-        click.echo(f"updated {_summary(updated)}: {', '.join(sorted(changes))}")
+        async def one(bus: Bus, cid: str) -> Any:
+            return await bus.call("connections.update", connection_id=cid, changes=changes)
+
+        def show_one(_cid: str, updated: Any) -> None:
+            click.echo(f"updated {_summary(updated)}: {', '.join(sorted(changes))}")
+
+        _each(target, ids, one, show_one, as_json)
 
     @conn.command(**CMD)
     @bus_options
     @json_option
-    @click.argument("connection_ids", nargs=-1, required=True, metavar="ID...")
+    @IDS
     def rm(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
         """Delete connections (in order; stops at the first failure)."""
         done: list[Any] = []
@@ -247,23 +278,27 @@ def register(main: click.Group) -> None:
         @conn.command(name, help=doc, **CMD)
         @bus_options
         @json_option
-        @click.argument("connection_id")
-        def cmd(target: Target, as_json: bool, connection_id: str) -> None:
+        @IDS
+        def cmd(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
             active = command == "connections.set_active"
             args = {"active": value} if active else {"changes": {field: value}}
-            result = run_call(target, command, connection_id=connection_id, **args)
-            if as_json:
-                echo_json(result)
-                return
-            click.echo(f"{verb} {_summary(result)}")
 
-    switch("enable", "Enable a connection.", "connections.update", "is_enabled", True, "enabled")
-    switch(
-        "disable", "Disable a connection.", "connections.update", "is_enabled", False, "disabled"
-    )
+            async def one(bus: Bus, cid: str) -> Any:
+                return await bus.call(command, connection_id=cid, **args)
+
+            _each(
+                target,
+                connection_ids,
+                one,
+                lambda _, r: click.echo(f"{verb} {_summary(r)}"),
+                as_json,
+            )
+
+    switch("enable", "Enable connections.", "connections.update", "is_enabled", True, "enabled")
+    switch("disable", "Disable connections.", "connections.update", "is_enabled", False, "disabled")
     switch(
         "activate",
-        "Switch a connection active (is_active = true).",
+        "Switch connections active (is_active = true).",
         "connections.set_active",
         "is_active",
         True,
@@ -271,7 +306,7 @@ def register(main: click.Group) -> None:
     )
     switch(
         "deactivate",
-        "Switch a connection inactive (is_active = false).",
+        "Switch connections inactive (is_active = false).",
         "connections.set_active",
         "is_active",
         False,
@@ -283,60 +318,63 @@ def register(main: click.Group) -> None:
     @conn.command(**CMD)
     @bus_options
     @json_option
-    @click.argument("connection_id")
+    @IDS
     @click.option("--live", type=positive, help="live volume factor")
     @click.option("--preset", type=positive, help="preset volume factor")
     def volume(
         target: Target,
         as_json: bool,
-        connection_id: str,
+        connection_ids: tuple[str, ...],
         live: float | None,
         preset: float | None,
     ) -> None:
         """Set the live and/or preset volume factor; without options, show them."""
         args = given(live=live, preset=preset)
 
-        async def body(bus: Bus) -> dict[str, Any] | None:
+        async def one(bus: Bus, cid: str) -> Any:
             if args:
-                await bus.call("connections.set_volume", connection_id=connection_id, **args)
+                await bus.call("connections.set_volume", connection_id=cid, **args)
             else:
-                await bus.call("connections.get", connection_id=connection_id)
-            return _state_of(await bus.call("snapshot"), connection_id)
+                await bus.call("connections.get", connection_id=cid)
+            state = _state_of(await bus.call("snapshot"), cid) or {}
+            return {
+                "connection_id": cid,
+                "live": state.get("volume_factor_live"),
+                "preset": state.get("volume_factor_preset"),
+            }
 
-        state = run(target, body) or {}
-        values = {
-            "connection_id": connection_id,
-            "live": state.get("volume_factor_live"),
-            "preset": state.get("volume_factor_preset"),
-        }
-        if as_json:
-            echo_json(values)
-            return
-        prefix = "set" if args else "volume of"
-        click.echo(
-            f"{prefix} {safe(connection_id)}: live {cell(values['live'])}, "
-            f"preset {cell(values['preset'])}"
-        )
+        def show_one(cid: str, values: Any) -> None:
+            prefix = "set" if args else "volume of"
+            click.echo(
+                f"{prefix} {safe(cid)}: live {cell(values['live'])}, "
+                f"preset {cell(values['preset'])}"
+            )
+
+        _each(target, connection_ids, one, show_one, as_json)
 
     @conn.command(**CMD)
     @bus_options
     @json_option
-    @click.argument("connection_id")
-    def test(target: Target, as_json: bool, connection_id: str) -> None:
-        """Test a connection against its exchange now (exit 9 when the test fails)."""
+    @IDS
+    def test(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
+        """Test connections against their exchanges now (exit 9 when a test fails)."""
 
-        result = run_call(
-            target, "connections.test", timeout=TEST_TIMEOUT_S, connection_id=connection_id
-        )
-        ok = isinstance(result, dict) and bool(result.get("success"))
-        if as_json:
-            echo_json(result)
-        elif ok:
-            latency = result.get("latency")
-            took = f" in {cell(latency)} ms" if latency is not None else ""
-            click.echo(f"ok: {safe(connection_id)} answered{took}")
-        else:
-            error = result.get("error") if isinstance(result, dict) else None
-            click.echo(f"failed: {safe(connection_id)}: {safe(error or 'no answer')}")
-        if not ok:
+        async def one(bus: Bus, cid: str) -> Any:
+            return await bus.call("connections.test", timeout=TEST_TIMEOUT_S, connection_id=cid)
+
+        def show_one(cid: str, result: Any) -> None:
+            if _passed(result):
+                latency = result.get("latency")
+                took = f" in {cell(latency)} ms" if latency is not None else ""
+                click.echo(f"ok: {safe(cid)} answered{took}")
+            else:
+                error = result.get("error") if isinstance(result, dict) else None
+                click.echo(f"failed: {safe(cid)}: {safe(error or 'no answer')}")
+
+        results = _each(target, connection_ids, one, show_one, as_json)
+        if not all(_passed(r) for r in results):
             sys.exit(EXIT_TEST_FAILED)
+
+
+def _passed(result: Any) -> bool:
+    return isinstance(result, dict) and bool(result.get("success"))
