@@ -45,17 +45,28 @@ def masked_raw(conn: Connection) -> msgspec.Raw:
     return raw
 
 
+# The whole list, kept while the committed table is the same object (a change installs a new
+# one): repeated reads of an unchanged table cost a lookup.
+_lists: dict[tuple[Any, ...], tuple[object, msgspec.Raw]] = {}
+
+
 def connections(
     store: Store,
     exchange: str | None = None,
     enabled: bool | None = None,
     active: bool | None = None,
-) -> list[msgspec.Raw]:
-    if len(_masked) > 2 * len(store.connections) + 64:  # records deleted since: forget them
-        for cid in [c for c in _masked if c not in store.connections]:
+) -> msgspec.Raw:
+    """The connections (masked) as one JSON array, in file order."""
+    table = store.connections
+    key = (exchange, enabled, active)
+    hit = _lists.get(key)
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    if len(_masked) > 2 * len(table) + 64:  # records deleted since: forget them
+        for cid in [c for c in _masked if c not in table]:
             del _masked[cid]
     out = []
-    for c in store.connections.values():
+    for c in table.values():
         if exchange is not None and c.exchange != exchange:
             continue
         if enabled is not None and c.is_enabled != enabled:
@@ -64,7 +75,11 @@ def connections(
         if active is not None and (c.is_enabled and c.is_active) != active:
             continue
         out.append(masked_raw(c))
-    return out
+    raw = msgspec.Raw(_encode(out))
+    if len(_lists) > 64:
+        _lists.clear()
+    _lists[key] = (table, raw)
+    return raw
 
 
 def get_connection(store: Store, cid: str) -> dict[str, Any]:
