@@ -166,7 +166,7 @@ async def test_delete_connection_and_reset(daemon: Daemon) -> None:
         assert code == 404
         code, body = d.http("/api/data/reset", method="DELETE")
         assert code == 400 and body["error"]["code"] == "invalid"
-        code, body = d.http("/api/data/reset?confirm=yes", method="DELETE")
+        code, body = d.http("/api/data/reset?confirm=yes&sync=files", method="DELETE")
         assert code == 200 and "connections.json" in body["reset"]
         events = await watcher.events_until(5)
         assert [(e["action"], e["data"]["source"]) for e in events] == [

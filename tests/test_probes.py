@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
-from ctsd import ops, probes, sweeps
+from ctsd import ops, probes
 from ctsd.models import Connection
+from ctsd.probes import Prober
 from ctsd.store import Store
+from ctsd.sweeps import Sweeper
 from ctsd.timeutil import TIMESTAMP_PATTERN
 from tests.daemon import free_port
 
@@ -164,11 +166,15 @@ def fake() -> Iterator[FakeExchange]:
 async def open_app(
     data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
 ) -> SimpleNamespace:
+    """The daemon's parts over `data_dir`, built as the app builds them (no server)."""
     write_data(data_dir, conns, settings or {})
     store = Store(data_dir)
     store.open()
-    store.start()
-    return SimpleNamespace(store=store, components={}, data_dir=data_dir)
+    await store.start()
+    prober = Prober(store)
+    return SimpleNamespace(
+        store=store, prober=prober, sweeper=Sweeper(store, prober), data_dir=data_dir
+    )
 
 
 @pytest.fixture
@@ -184,15 +190,18 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield make
     for app in apps:
-        await probes.prober(app).aclose()
+        await app.prober.aclose()
         await app.store.close()
 
 
-def sync_log(app: Any) -> list[dict[str, Any]]:
+async def sync_log(app: Any) -> list[dict[str, Any]]:
+    """The sync-log file, once it holds every change made so far."""
+    await app.store.checkpointer.flush()
     return json.loads((app.data_dir / "connection-sync-log.json").read_text())
 
 
-def state_file(app: Any) -> dict[str, dict[str, Any]]:
+async def state_file(app: Any) -> dict[str, dict[str, Any]]:
+    await app.store.checkpointer.flush()
     rows = json.loads((app.data_dir / "connection-state.json").read_text())
     return {r["connection_id"]: r for r in rows}
 
@@ -203,7 +212,7 @@ def state_file(app: Any) -> dict[str, dict[str, Any]]:
 async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: FakeExchange):
     app = await app_factory([connection("c1", fake.base("ok"))])
     before = app.store.revision
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is True
     assert "error" not in result
     assert isinstance(result["latency"], float) and 0 < result["latency"] < 5000
@@ -212,10 +221,10 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
     # the key never goes to a public endpoint
     assert not any("CONNKEY" in v for v in fake.requests[-1][2].values())
     # stored durably in test_results, event `test` with source probe, counts as a heartbeat
-    st = state_file(app)["c1"]
+    st = (await state_file(app))["c1"]
     assert st["test_results"] == result
     assert st["last_heartbeat_at"] == result["timestamp"]
-    events = [e for e in sync_log(app) if e["id"] > before]
+    events = [e for e in await sync_log(app) if e["id"] > before]
     assert [e["action"] for e in events] == ["test"]
     assert events[0]["data"]["source"] == "probe" and events[0]["data"]["success"] is True
     assert st["last_sync_at"] == events[0]["created_at"]
@@ -224,18 +233,18 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
 async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
     app = await app_factory([connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
     t0 = time.monotonic()
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     elapsed = time.monotonic() - t0
     assert result["success"] is False
     assert "timed out after 0.3 s" in result["error"]
     assert elapsed < 1.5  # the fake answers after 2 s: the timeout cut it short
-    assert state_file(app)["c1"]["test_results"]["success"] is False
-    assert state_file(app)["c1"]["last_heartbeat_at"] is None  # a failure is no heartbeat
+    assert (await state_file(app))["c1"]["test_results"]["success"] is False
+    assert (await state_file(app))["c1"]["last_heartbeat_at"] is None  # a failure is no heartbeat
 
 
 async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
     app = await app_factory([connection("c1", fake.base("err500"))])
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert result["error"].startswith("HTTP 500")
     assert f"127.0.0.1:{fake.port}" in result["error"]
@@ -244,7 +253,7 @@ async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
 async def test_refused_port_is_a_failure(app_factory: Any):
     port = free_port()  # nothing listens there
     app = await app_factory([connection("c1", f"http://127.0.0.1:{port}")])
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result == {
         "success": False,
         "latency": None,
@@ -259,18 +268,18 @@ async def test_refused_port_is_a_failure(app_factory: Any):
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
     app = await app_factory([connection("c1", fake.base(mode))])
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert message in result["error"]
 
 
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
     app = await app_factory([connection("c1", None, exchange="kraken-pro")])
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert "no test endpoint known for exchange 'kraken-pro'" in result["error"]
     with pytest.raises(Exception) as e:
-        await probes.test_connection(app, "nope")
+        await app.prober.test_connection("nope")
     assert getattr(e.value, "code", None) == "not_found"
 
 
@@ -282,7 +291,7 @@ async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
     results: list[dict[str, Any]] = []
 
     async def one(cid: str) -> None:
-        results.append(await probes.test_connection(app, cid))
+        results.append(await app.prober.test_connection(cid))
 
     async with anyio.create_task_group() as tg:
         for i in range(40):
@@ -321,7 +330,7 @@ def test_endpoint_table_live_testnet_and_api_type():
 
 async def test_okx_testnet_header_reaches_the_server(app_factory: Any, fake: FakeExchange):
     app = await app_factory([connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)])
-    result = await probes.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is True
     _method, path, headers = fake.requests[-1]
     assert path == "/ok/api/v5/public/time" and headers["x-simulated-trading"] == "1"
@@ -358,11 +367,11 @@ async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:
 
 async def test_projectx_login_success_and_no_secret_out(app_factory: Any, fake: FakeExchange):
     app = await _px_app(app_factory, fake.base("projectx"))
-    result = await sweeps.test_projectx(app)
+    result = await app.prober.test_projectx()
     assert result["success"] is True and result["latency"] > 0
     method, path, _ = fake.requests[-1]
     assert (method, path) == ("POST", "/projectx/api/Auth/loginKey")
-    status = sweeps.projectx_status(app)
+    status = app.prober.projectx_status()
     assert status["state"] == "connected" and status["credentials_set"] is True
     assert status["last_test"] == result
     blob = json.dumps([result, status])
@@ -372,14 +381,14 @@ async def test_projectx_login_success_and_no_secret_out(app_factory: Any, fake: 
 
 async def test_projectx_refused_login_is_scrubbed(app_factory: Any, fake: FakeExchange):
     app = await _px_app(app_factory, fake.base("projectx"), key="WRONG-KEY-secret-987654")
-    result = await sweeps.test_projectx(app)
+    result = await app.prober.test_projectx()
     assert result["success"] is False
     assert "errorCode 3" in result["error"]
     assert "WRONG-KEY" not in result["error"]  # the server echoed it; we scrub it
-    assert sweeps.projectx_status(app)["state"] == "error"
+    assert app.prober.projectx_status()["state"] == "error"
 
 
 async def test_projectx_unreachable(app_factory: Any):
     app = await _px_app(app_factory, f"http://127.0.0.1:{free_port()}")
-    result = await sweeps.test_projectx(app)
+    result = await app.prober.test_projectx()
     assert result["success"] is False and "connection refused" in result["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import stat
@@ -32,9 +33,11 @@ def conn(i: int | str, **extra: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def opened(data_dir: Path) -> AsyncIterator[Store]:
+    """The store on `data_dir`, open for changes (each test asks for its changes to be
+    answered once in the files: `sync="files"`, as the CLI does)."""
     store = Store(data_dir)
     store.open()
-    store.start()
+    await store.start()
     try:
         yield store
     finally:
@@ -82,7 +85,7 @@ def no_temp_files(data_dir: Path) -> bool:
 async def test_create_update_delete(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         rec = Recorder(store)
-        made = await store.submit(ops.create(conn(1, api_key=CANARY)), "bus")
+        made = await store.submit(ops.create(conn(1, api_key=CANARY)), "bus", sync="files")
         assert made.id == "c1" and made.created_at == made.updated_at
         on_disk = by_id(data_dir)["c1"]
         assert on_disk["api_key"] == CANARY and on_disk["name"] == "conn 1"
@@ -92,18 +95,22 @@ async def test_create_update_delete(data_dir: Path) -> None:
         assert create.data["source"] == "bus" and "api_key" in create.data["fields"]
         assert "api_key" not in create.data["values"]
 
-        await store.submit(ops.update("c1", {"name": "renamed", "volume_factor": 2.5}), "cli")
+        await store.submit(
+            ops.update("c1", {"name": "renamed", "volume_factor": 2.5}), "cli", sync="files"
+        )
         assert by_id(data_dir)["c1"]["name"] == "renamed"
         upd = rec.events[-1]
         assert upd.action == "update" and sorted(upd.data["fields"]) == ["name", "volume_factor"]
         assert upd.data["values"] == {"name": "renamed", "volume_factor": 2.5}
 
-        made2 = await store.submit(ops.create(conn("x")), "http")
+        made2 = await store.submit(ops.create(conn("x")), "http", sync="files")
         assert made2.id == "cx"
-        generated = await store.submit(ops.create({"name": "n", "exchange": "okx"}), "bus")
+        generated = await store.submit(
+            ops.create({"name": "n", "exchange": "okx"}), "bus", sync="files"
+        )
         assert len(generated.id) == 17 and generated.id.startswith("conn_")
 
-        assert await store.submit(ops.delete("c1"), "bus") == {"deleted": "c1"}
+        assert await store.submit(ops.delete("c1"), "bus", sync="files") == {"deleted": "c1"}
         assert "c1" not in by_id(data_dir) and "c1" not in by_id(data_dir, STATE)
         assert rec.events[-1].action == "delete"
         log = disk(data_dir, SYNC_LOG)
@@ -123,7 +130,7 @@ async def test_create_update_delete(data_dir: Path) -> None:
         ]:
             before = snapshot(data_dir)
             with pytest.raises(CtsdError) as exc:
-                await store.submit(bad, "bus")
+                await store.submit(bad, "bus", sync="files")
             assert exc.value.code == code, exc.value
             assert snapshot(data_dir) == before
         assert store.revision == 5
@@ -131,17 +138,17 @@ async def test_create_update_delete(data_dir: Path) -> None:
 
 async def test_did_you_mean_on_update(data_dir: Path) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
         with pytest.raises(CtsdError) as exc:
-            await store.submit(ops.update("c1", {"is_enabeld": False}), "bus")
+            await store.submit(ops.update("c1", {"is_enabeld": False}), "bus", sync="files")
         assert "did you mean `is_enabled`?" in exc.value.message
 
 
 async def test_set_active_set_volume_test_and_heartbeats(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         rec = Recorder(store)
-        await store.submit(ops.create(conn(1)), "bus")
-        await store.submit(ops.set_active("c1", True), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        await store.submit(ops.set_active("c1", True), "bus", sync="files")
         assert by_id(data_dir)["c1"]["is_active"] is True
         st = by_id(data_dir, STATE)["c1"]
         assert st["is_active"] is True and st["status"] == "active"
@@ -149,18 +156,18 @@ async def test_set_active_set_volume_test_and_heartbeats(data_dir: Path) -> None
         assert ev.action == "set_active" and ev.data["active"] is True
         assert set(ev.data) == {"active", "timestamp", "source"}
 
-        await store.submit(ops.set_volume("c1", live=1.5, preset=2.0), "bus")
+        await store.submit(ops.set_volume("c1", live=1.5, preset=2.0), "bus", sync="files")
         st = by_id(data_dir, STATE)["c1"]
         assert (st["volume_factor_live"], st["volume_factor_preset"]) == (1.5, 2.0)
         ev = rec.events[-1]
         assert ev.action == "update_volume"
         assert (ev.data["live"], ev.data["preset"]) == (1.5, 2.0) and "timestamp" in ev.data
         with pytest.raises(CtsdError) as exc:
-            await store.submit(ops.set_volume("c1", live=-1), "bus")
+            await store.submit(ops.set_volume("c1", live=-1), "bus", sync="files")
         assert exc.value.code == "invalid" and exc.value.path == "$.live"
 
         result = TestResult(success=True, latency=12, timestamp="2024-01-01T00:00:00.000Z")
-        await store.submit(ops.record_test("c1", result), "probe")
+        await store.submit(ops.record_test("c1", result), "probe", sync="files")
         st = by_id(data_dir, STATE)["c1"]
         assert st["test_results"] == {
             "success": True,
@@ -170,15 +177,17 @@ async def test_set_active_set_volume_test_and_heartbeats(data_dir: Path) -> None
         assert rec.events[-1].action == "test" and rec.events[-1].data["source"] == "probe"
 
         rev = store.revision
-        n = await store.submit(ops.flush_heartbeats({"c1": "2024-01-02T00:00:00.000Z"}), "sweep")
+        n = await store.submit(
+            ops.flush_heartbeats({"c1": "2024-01-02T00:00:00.000Z"}), "sweep", sync="files"
+        )
         assert n == 1
         assert by_id(data_dir, STATE)["c1"]["last_heartbeat_at"] == "2024-01-02T00:00:00.000Z"
         assert store.revision == rev  # heartbeats write state, not the sync log
 
-        await store.submit(ops.set_status({"c1": ("stale", None)}), "sweep")
+        await store.submit(ops.set_status({"c1": ("stale", None)}), "sweep", sync="files")
         assert by_id(data_dir, STATE)["c1"]["status"] == "stale"
         assert rec.events[-1].action == "stale"
-        await store.submit(ops.record_test("c1", result), "probe")
+        await store.submit(ops.record_test("c1", result), "probe", sync="files")
         assert [e.action for e in rec.messages[-1]] == ["test", "recovered"]
         assert by_id(data_dir, STATE)["c1"]["status"] == "active"
 
@@ -186,15 +195,17 @@ async def test_set_active_set_volume_test_and_heartbeats(data_dir: Path) -> None
 async def test_documents_import_and_reset(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         rec = Recorder(store)
-        await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus")
+        await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus", sync="files")
         assert disk(data_dir, "ui-config.json") == {"theme": "dark"}
         ev = rec.events[-1]
         assert (ev.action, ev.connection_id) == ("document_update", None)
         assert ev.data["file"] == "ui-config.json" and ev.data["keys"] == ["theme"]
-        await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast", "n": 3}), "bus")
+        await store.submit(
+            ops.set_document("algorithms/Fast", {"name": "Fast", "n": 3}), "bus", sync="files"
+        )
         assert disk(data_dir, "algorithms/Fast.json") == {"name": "Fast", "n": 3}
         inst = {"instances": [{"id": "i", "name": "I", "symbol": "NQ", "algorithmName": "Fast"}]}
-        await store.submit(ops.set_document("instances", inst), "bus")
+        await store.submit(ops.set_document("instances", inst), "bus", sync="files")
         dangling = {"instances": [{"id": "i", "name": "I", "symbol": "NQ", "algorithmName": "X"}]}
         for name, content in [
             ("instances", dangling),
@@ -203,32 +214,32 @@ async def test_documents_import_and_reset(data_dir: Path) -> None:
             ("connection", {"projectX": {"apiKey": "********"}}),
         ]:
             with pytest.raises(CtsdError) as exc:
-                await store.submit(ops.set_document(name, content), "bus")
+                await store.submit(ops.set_document(name, content), "bus", sync="files")
             assert exc.value.code == "invalid", (name, exc.value)
         with pytest.raises(CtsdError) as exc:
-            await store.submit(ops.set_document("nope", {}), "bus")
+            await store.submit(ops.set_document("nope", {}), "bus", sync="files")
         assert exc.value.code == "not_found"
 
-        await store.submit(ops.create(conn(1)), "bus")
-        await store.submit(ops.create(conn(2, api_secret=CANARY)), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        await store.submit(ops.create(conn(2, api_secret=CANARY)), "bus", sync="files")
         export = {
             "files": {
                 CONNECTIONS: [conn(3, created_at="2024-01-01T00:00:00.000Z")],
                 "watchlists.json": {"main": ["NQ"]},
             }
         }
-        await store.submit(ops.import_data(export, "merge"), "cli")
+        await store.submit(ops.import_data(export, "merge"), "cli", sync="files")
         assert sorted(by_id(data_dir)) == ["c1", "c2", "c3"]
         assert by_id(data_dir)["c2"]["api_secret"] == CANARY
         assert disk(data_dir, "watchlists.json") == {"main": ["NQ"]}
         assert rec.messages[-1][-1].action == "import"
-        await store.submit(ops.import_data(export, "replace"), "cli")
+        await store.submit(ops.import_data(export, "replace"), "cli", sync="files")
         assert sorted(by_id(data_dir)) == ["c3"] and sorted(by_id(data_dir, STATE)) == ["c3"]
         deletes = [e.connection_id for e in rec.messages[-1] if e.action == "delete"]
         assert sorted(deletes) == ["c1", "c2"]
 
         rev = store.revision
-        await store.submit(ops.reset(), "bus")
+        await store.submit(ops.reset(), "bus", sync="files")
         assert disk(data_dir, CONNECTIONS) == [] and disk(data_dir, STATE) == []
         assert disk(data_dir, "ui-config.json") == {} and disk(data_dir, "watchlists.json") == {}
         assert disk(data_dir, "algorithms/Fast.json")["name"] == "Fast"  # the library stays
@@ -243,12 +254,12 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
     data_dir: Path,
 ) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
         rec = Recorder(store)
         seen_on_disk: list[bool] = []
 
         async def changer(i: int) -> None:
-            await store.submit(ops.create(conn(f"g{i}", name=f"value {i}")), "bus")
+            await store.submit(ops.create(conn(f"g{i}", name=f"value {i}")), "bus", sync="files")
             # Answered: the change must already be in the file (read before yielding again).
             seen_on_disk.append(by_id(data_dir).get(f"cg{i}", {}).get("name") == f"value {i}")
 
@@ -266,13 +277,13 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
 
 async def test_a_failing_change_fails_alone_in_its_group(data_dir: Path) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
         results: dict[int, Any] = {}
 
         async def one(i: int) -> None:
             changes = {"volume_factor": -1.0} if i % 2 else {"name": f"n{i}"}
             try:
-                results[i] = await store.submit(ops.update("c1", changes), "bus")
+                results[i] = await store.submit(ops.update("c1", changes), "bus", sync="files")
             except CtsdError as e:
                 results[i] = e.code
 
@@ -287,22 +298,22 @@ async def test_a_failing_change_fails_alone_in_its_group(data_dir: Path) -> None
 async def test_batch_update_is_all_or_nothing_and_one_write(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         for i in range(3):
-            await store.submit(ops.create(conn(i)), "bus")
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
         rec = Recorder(store)
         before = snapshot(data_dir)
         bad = [{"id": "c0", "name": "A"}, {"id": "c1", "volume_factor": 0}, {"id": "c2"}]
         with pytest.raises(CtsdError) as exc:
-            await store.submit(ops.batch_update(bad), "bus")
+            await store.submit(ops.batch_update(bad), "bus", sync="files")
         assert exc.value.code == "invalid" and exc.value.path == "$.updates[1].volume_factor"
         missing = [{"id": "c0", "name": "A"}, {"id": "zz", "name": "B"}]
         with pytest.raises(CtsdError) as exc:
-            await store.submit(ops.batch_update(missing), "bus")
+            await store.submit(ops.batch_update(missing), "bus", sync="files")
         assert exc.value.code == "not_found"
         assert snapshot(data_dir) == before and rec.commits == [] and store.revision == 3
         assert store.connections["c0"].name == "conn 0"
 
         good = [{"id": "c0", "name": "A"}, {"id": "c2", "is_enabled": False}]
-        out = await store.submit(ops.batch_update(good), "bus")
+        out = await store.submit(ops.batch_update(good), "bus", sync="files")
         assert [c.name for c in out] == ["A", "conn 2"]
         assert rec.commits == [1]  # one write
         assert [[e.id for e in m] for m in rec.messages] == [[4, 5]]  # one message, consecutive
@@ -311,22 +322,22 @@ async def test_batch_update_is_all_or_nothing_and_one_write(data_dir: Path) -> N
 
 async def test_revisions_kept_across_trimming_and_restarts(data_dir: Path) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.set_document("settings", {"sync_log_limit": 5}), "bus")
+        await store.submit(ops.set_document("settings", {"sync_log_limit": 5}), "bus", sync="files")
         for i in range(12):
-            await store.submit(ops.create(conn(i)), "bus")
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [9, 10, 11, 12, 13]
         assert store.revision == 13 and store.oldest_revision() == 9
     async with opened(data_dir) as store:
         assert store.revision == 13
         rec = Recorder(store)
-        await store.submit(ops.delete("c0"), "bus")
+        await store.submit(ops.delete("c0"), "bus", sync="files")
         assert [e.id for e in rec.events] == [14]
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [10, 11, 12, 13, 14]
         # Trim to one entry and restart: the revision still continues, never reused.
-        await store.submit(ops.set_document("settings", {"sync_log_limit": 1}), "bus")
+        await store.submit(ops.set_document("settings", {"sync_log_limit": 1}), "bus", sync="files")
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [15]
     async with opened(data_dir) as store:
-        await store.submit(ops.delete("c1"), "bus")
+        await store.submit(ops.delete("c1"), "bus", sync="files")
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [16]
 
 
@@ -350,13 +361,14 @@ def small_tmpfs(where: Path, size: str = "2m") -> Any:
 
 
 async def _assert_refused_and_intact(store: Store, data_dir: Path, expect: str) -> None:
+    """The journal cannot take the change: refused, memory and files as they were."""
     before = snapshot(data_dir)
     memory = (dict(store.connections), dict(store.state), list(store.log), store.revision)
     rec = Recorder(store)
     with pytest.raises(CtsdError) as exc:
         await store.submit(ops.update("c0", {"name": "never written " * 10}), "bus")
     assert exc.value.code == "io_error", exc.value
-    assert rec.messages == [] and rec.commits == []  # nobody hears of a change not on disk
+    assert rec.messages == [] and rec.commits == []  # nobody hears of a change not durable
     assert expect in exc.value.message, exc.value.message
     assert snapshot(data_dir) == before
     assert memory == (dict(store.connections), dict(store.state), list(store.log), store.revision)
@@ -364,55 +376,89 @@ async def _assert_refused_and_intact(store: Store, data_dir: Path, expect: str) 
 
 async def _assert_still_works(store: Store, data_dir: Path) -> None:
     rev = store.revision
-    await store.submit(ops.update("c0", {"name": "after"}), "bus")
+    with anyio.fail_after(10):
+        await store.submit(ops.update("c0", {"name": "after"}), "bus", sync="files")
     assert by_id(data_dir)["c0"]["name"] == "after" and store.revision == rev + 1
     assert no_temp_files(data_dir)
 
 
-async def test_disk_full_refuses_the_change_and_keeps_the_old_file(tmp_path: Path) -> None:
+async def test_disk_full_never_half_writes_and_catches_up(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "mnt") as mnt:
         data_dir = mnt / "data"
         async with opened(data_dir) as store:
             for i in range(20):
-                await store.submit(ops.create(conn(i)), "bus")
+                await store.submit(ops.create(conn(i)), "bus", sync="files")
+            before = snapshot(data_dir)
             filler = mnt / "filler"
             with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
                 while True:  # fill the tmpfs to the last block
                     fh.write(b"\0" * 4096)
-            await _assert_refused_and_intact(store, data_dir, "No space left")
-            assert no_temp_files(data_dir)
+            # The journal's last page may still have room for a small record: then the change
+            # is acknowledged (durable), and a caller waiting for the files learns they cannot
+            # be written; else the change is refused. Either way no file is touched.
+            with pytest.raises(CtsdError) as exc:
+                await store.submit(ops.update("c0", {"name": "full"}), "bus", sync="files")
+            assert exc.value.code == "io_error", exc.value
+            assert "No space left" in exc.value.message
+            assert snapshot(data_dir) == before and no_temp_files(data_dir)
+            acknowledged = store.connections["c0"].name == "full"
             filler.unlink()
             await _assert_still_works(store, data_dir)
+        if acknowledged:
+            assert any(
+                e["data"].get("values") == {"name": "full"} for e in disk(data_dir, SYNC_LOG)
+            )
 
 
-async def test_read_only_dir_refuses_the_change(tmp_path: Path) -> None:
-    # Root ignores chmod, so make the filesystem itself read-only.
-    with small_tmpfs(tmp_path / "mnt") as mnt:
-        data_dir = mnt / "data"
-        async with opened(data_dir) as store:
-            await store.submit(ops.create(conn(0)), "bus")
-            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-            try:
-                await _assert_refused_and_intact(store, data_dir, "Read-only")
-            finally:
-                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
-            await _assert_still_works(store, data_dir)
+async def test_a_journal_that_cannot_take_the_change_refuses_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk answering EIO to the journal's fdatasync (a failing disk; a file-size limit
+    # would hit the test runner's own files too). The append is cut back: nothing remains.
+    from ctsd import journal
 
-
-async def test_file_too_large_efbig_refuses_the_change(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         for i in range(30):
-            await store.submit(ops.create(conn(i)), "bus")
-        size = (data_dir / CONNECTIONS).stat().st_size
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG in the writer.
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))  # the change makes it grow
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        lsn = store.journal.lsn
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(journal.os, "fdatasync", failing)
         try:
-            await _assert_refused_and_intact(store, data_dir, "too large")
+            await _assert_refused_and_intact(store, data_dir, "Input/output error")
+            assert store.journal.lsn == lsn  # no record was added
         finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            monkeypatch.setattr(journal.os, "fdatasync", real)
         assert no_temp_files(data_dir)
         await _assert_still_works(store, data_dir)
+
+
+async def test_a_data_file_that_cannot_be_written_keeps_its_changes_in_the_journal(
+    data_dir: Path,
+) -> None:
+    async with opened(data_dir) as store:
+        for i in range(30):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        before = snapshot(data_dir)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        limit = (data_dir / CONNECTIONS).stat().st_size  # the journal is far smaller
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            done = await store.submit(ops.update("c0", {"name": "grown " * 20}), "bus")
+            assert done.name.startswith("grown")  # acknowledged: durable in the journal
+            with anyio.fail_after(5):
+                while store.status()["checkpoint_lag_s"] < 0.3:  # rounds fail, lag grows
+                    await anyio.sleep(0.05)
+            assert snapshot(data_dir) == before and no_temp_files(data_dir)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        with anyio.fail_after(10):
+            await store.checkpointer.flush()
+        assert by_id(data_dir)["c0"]["name"].startswith("grown")
+        assert store.status()["unwritten_files"] == []
 
 
 # --- files on disk --------------------------------------------------------------------------
@@ -420,10 +466,12 @@ async def test_file_too_large_efbig_refuses_the_change(data_dir: Path) -> None:
 
 async def test_modes_and_exact_formatting(data_dir: Path) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1, api_key=CANARY)), "bus")
-        await store.submit(ops.set_volume("c1", live=2.0), "bus")
-        await store.submit(ops.set_document("ui-config", {"b": [1, {"c": None}], "a": "é"}), "bus")
-        await store.submit(ops.set_document("algorithms/A", {"name": "A"}), "bus")
+        await store.submit(ops.create(conn(1, api_key=CANARY)), "bus", sync="files")
+        await store.submit(ops.set_volume("c1", live=2.0), "bus", sync="files")
+        await store.submit(
+            ops.set_document("ui-config", {"b": [1, {"c": None}], "a": "é"}), "bus", sync="files"
+        )
+        await store.submit(ops.set_document("algorithms/A", {"name": "A"}), "bus", sync="files")
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     for sub in ("algorithms", "logs", "historical"):
         assert stat.S_IMODE((data_dir / sub).stat().st_mode) == 0o700, sub
@@ -443,15 +491,24 @@ async def test_modes_and_exact_formatting(data_dir: Path) -> None:
 async def test_secrets_never_in_the_sync_log(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         rec = Recorder(store)
-        await store.submit(ops.create(conn(1, api_key=CANARY + "k", api_secret=CANARY)), "bus")
-        await store.submit(ops.update("c1", {"api_passphrase": CANARY + "p", "name": "x"}), "bus")
-        await store.submit(ops.batch_update([{"id": "c1", "api_secret": CANARY + "s"}]), "bus")
         await store.submit(
-            ops.import_data({"files": {CONNECTIONS: [conn(1, api_key=CANARY)]}}, "merge"), "cli"
+            ops.create(conn(1, api_key=CANARY + "k", api_secret=CANARY)), "bus", sync="files"
+        )
+        await store.submit(
+            ops.update("c1", {"api_passphrase": CANARY + "p", "name": "x"}), "bus", sync="files"
+        )
+        await store.submit(
+            ops.batch_update([{"id": "c1", "api_secret": CANARY + "s"}]), "bus", sync="files"
+        )
+        await store.submit(
+            ops.import_data({"files": {CONNECTIONS: [conn(1, api_key=CANARY)]}}, "merge"),
+            "cli",
+            sync="files",
         )
         await store.submit(
             ops.set_document("connection", {"projectX": {"apiKey": CANARY, "username": "u"}}),
             "bus",
+            sync="files",
         )
     raw = (data_dir / SYNC_LOG).read_bytes()
     assert CANARY not in raw.decode()
@@ -475,11 +532,11 @@ async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> Non
         imp = ops.import_data({"files": {CONNECTIONS: [conn(3)]}}, "replace")
         for op in (ops.create(conn(2)), ops.reset(), imp):
             with pytest.raises(CtsdError) as exc:
-                await store.submit(op, "bus")
+                await store.submit(op, "bus", sync="files")
             assert exc.value.code == "file_invalid", exc.value
             assert CONNECTIONS in exc.value.message
         # Other files still take changes.
-        await store.submit(ops.set_document("ui-config", {"x": 1}), "bus")
+        await store.submit(ops.set_document("ui-config", {"x": 1}), "bus", sync="files")
         assert (data_dir / CONNECTIONS).read_bytes() == bad
         assert not (await store.ingest(CONNECTIONS))  # still invalid: reported, untouched
         assert (data_dir / CONNECTIONS).read_bytes() == bad
@@ -487,7 +544,7 @@ async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> Non
         (data_dir / CONNECTIONS).write_bytes(bad.replace(b"enabeld", b"enabled"))
         assert await store.ingest(CONNECTIONS)
         assert CONNECTIONS not in store.problems
-        await store.submit(ops.create(conn(2)), "bus")
+        await store.submit(ops.create(conn(2)), "bus", sync="files")
         assert sorted(by_id(data_dir)) == ["c1", "c2"]
 
 
@@ -518,14 +575,14 @@ async def test_state_survives_connections_invalid_at_start(data_dir: Path) -> No
         assert await store.ingest(CONNECTIONS)
         st = store.state_view("c1")
         assert st is not None and (st.volume_factor_live, st.volume_factor_preset) == (2.5, 3.5)
-        await store.submit(ops.set_active("c1", False), "bus")
+        await store.submit(ops.set_active("c1", False), "bus", sync="files")
     assert by_id(data_dir, STATE)["c1"]["volume_factor_preset"] == 3.5
 
 
 async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus")  # not active
-        await store.submit(ops.set_volume("c1", 2.0), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")  # not active
+        await store.submit(ops.set_volume("c1", 2.0), "bus", sync="files")
         rows = disk(data_dir, STATE)
         rows[0].update(is_active=True, status="active", volume_factor_preset=4.0)
         (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
@@ -537,7 +594,7 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         for i in range(3):
-            await store.submit(ops.create(conn(i)), "bus")
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
         assert store.revision == 3
         (data_dir / SYNC_LOG).write_bytes(b"[]\n")
         assert await store.ingest(SYNC_LOG)
@@ -549,7 +606,7 @@ async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> No
     assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [4]
     async with opened(data_dir) as store:
         assert store.revision == 4
-        await store.submit(ops.create(conn(9)), "bus")
+        await store.submit(ops.create(conn(9)), "bus", sync="files")
         assert store.revision == 5
 
 
@@ -558,9 +615,13 @@ async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
     algos = data_dir / "algorithms"
     async with opened(data_dir) as store:
         for name in ("Used", "Unused"):
-            await store.submit(ops.set_document(f"algorithms/{name}", {"name": name}), "bus")
+            await store.submit(
+                ops.set_document(f"algorithms/{name}", {"name": name}), "bus", sync="files"
+            )
         instance = {"id": "i1", "name": "NQ", "symbol": "NQ", "algorithmName": "Used"}
-        await store.submit(ops.set_document("instances", {"instances": [instance]}), "bus")
+        await store.submit(
+            ops.set_document("instances", {"instances": [instance]}), "bus", sync="files"
+        )
         rec = Recorder(store)
         (algos / "Unused.json").unlink()
         (algos / "Used.json").unlink()
@@ -577,9 +638,9 @@ async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
 @pytest.mark.parametrize("mode", ["replace", "merge"])
 async def test_import_refuses_duplicate_ids_in_either_mode(data_dir: Path, mode: str) -> None:
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus")
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
         data = {"files": {CONNECTIONS: [conn(2), conn(3), conn(2, name="again")]}}
         with pytest.raises(CtsdError) as e:
-            await store.submit(ops.import_data(data, mode), "bus")
+            await store.submit(ops.import_data(data, mode), "bus", sync="files")
         assert e.value.code == "invalid" and e.value.path == f"$.data.files.{CONNECTIONS}[2]"
         assert list(store.connections) == ["c1"]

@@ -32,19 +32,14 @@ async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class StateWrites:
-    """Counts writes of connection-state.json (each durable write changes its stamp)."""
+    """Counts writes of connection-state.json by the checkpointer."""
 
     def __init__(self, store: Any) -> None:
-        self.store = store
-        self.last = store.stamps.get(STATE)
         self.count = 0
-        store.on_commit.append(self._on_commit)
+        store.checkpointer.on_write.append(self._on_write)
 
-    def _on_commit(self, _seconds: float, _changes: int) -> None:
-        st = self.store.stamps.get(STATE)
-        if st != self.last:
-            self.last = st
-            self.count += 1
+    def _on_write(self, written: list[str]) -> None:
+        self.count += STATE in written
 
 
 @pytest.fixture
@@ -57,10 +52,10 @@ async def running(tmp_path: Path) -> AsyncIterator[Any]:
         nonlocal n
         n += 1
         app = await open_app(tmp_path / f"d{n}", conns, {**FAST, **(settings or {})})
-        sw = sweeps.sweeper(app)  # what run() uses; created here so tests can look at it
+        sw = app.sweeper  # what run() uses; created here so tests can look at it
         tg = anyio.create_task_group()
         await tg.__aenter__()
-        tg.start_soon(sweeps.run, app)
+        tg.start_soon(app.sweeper.run)
         stack.append((app, tg))
         await wait_for(lambda: not sw.rescan, 2, "first sweep")
         return app
@@ -77,7 +72,8 @@ def status(app: Any, cid: str) -> str:
 
 
 def actions(app: Any, cid: str | None = None) -> list[str]:
-    return [e["action"] for e in sync_log(app) if cid is None or e["connection_id"] == cid]
+    """The actions logged so far (committed memory; the file follows within milliseconds)."""
+    return [e.action for e in app.store.log if cid is None or e.connection_id == cid]
 
 
 async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
@@ -86,24 +82,24 @@ async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
         [connection("c1", None), connection("idle", None, is_active=False)],
         {"stale_after_s": stale_after, "sweep_interval_s": interval},
     )
-    sweeps.heartbeat(app, "c1")
+    app.sweeper.heartbeat("c1")
     t_beat = time.monotonic()
     assert status(app, "c1") == "active"
     await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
     took = time.monotonic() - t_beat
     # not before stale_after_s, and within stale_after_s + sweep_interval_s (+ write/poll slack)
     assert stale_after - 0.05 <= took <= stale_after + interval + 0.25, took
-    on_disk = state_file(app)["c1"]
+    on_disk = (await state_file(app))["c1"]
     assert on_disk["status"] == "stale"
-    stale_events = [e for e in sync_log(app) if e["action"] == "stale"]
+    stale_events = [e for e in await sync_log(app) if e["action"] == "stale"]
     assert [e["connection_id"] for e in stale_events] == ["c1"]  # the inactive one never
     assert stale_events[0]["data"]["source"] == "sweep"
     assert status(app, "idle") == "inactive"
 
-    sweeps.heartbeat(app, "c1")
+    app.sweeper.heartbeat("c1")
     await wait_for(lambda: status(app, "c1") == "active", 2, "c1 recovered")
     assert actions(app, "c1")[-2:] == ["stale", "recovered"]
-    assert state_file(app)["c1"]["status"] == "active"
+    assert (await state_file(app))["c1"]["status"] == "active"
     # and it is watched again: silent once more, it goes stale again
     await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale again")
 
@@ -111,7 +107,7 @@ async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
 async def test_successful_test_recovers_a_stale_connection(running: Any, fake: FakeExchange):
     app = await running([connection("c1", fake.base("ok"))], {"stale_after_s": 0.2})
     await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
-    result = await sweeps.test_connection(app, "c1")
+    result = await app.prober.test_connection("c1")
     assert result["success"] is True
     assert status(app, "c1") == "active"
     assert actions(app, "c1")[-2:] == ["test", "recovered"]
@@ -125,20 +121,21 @@ async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
         [connection(f"c{i}", None) for i in range(20)],
         {"heartbeat_flush_s": flush, "stale_after_s": 60},
     )
-    await wait_for(lambda: "c0" in app.components["sweeps"].live, 2, "first sweep")
+    await wait_for(lambda: "c0" in app.sweeper.live, 2, "first sweep")
     writes = StateWrites(app.store)
     rev = app.store.revision
     t0 = time.monotonic()
     n = 0
     while time.monotonic() - t0 < 1.5:
         for i in range(20):
-            sweeps.heartbeat(app, f"c{i}")
+            app.sweeper.heartbeat(f"c{i}")
             n += 1
         await anyio.sleep(0.005)
     elapsed = time.monotonic() - t0
     last = app.store.heartbeats["c7"]
     assert app.store.state_view("c7").last_heartbeat_at == last  # in memory at once
-    await wait_for(lambda: state_file(app)["c7"]["last_heartbeat_at"] == last, 2, "flushed")
+    await wait_for(lambda: app.store.state["c7"].last_heartbeat_at == last, 2, "flushed")
+    assert (await state_file(app))["c7"]["last_heartbeat_at"] == last
     total = time.monotonic() - t0
     assert n > 1000
     assert 1 <= writes.count <= total / flush + 1, (writes.count, n, elapsed)
@@ -147,10 +144,10 @@ async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
 
 async def test_idle_sweeps_write_nothing(running: Any):
     app = await running([connection(f"c{i}", None) for i in range(50)], {"stale_after_s": 60})
-    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
+    sw = await wait_for(lambda: app.sweeper, 2, "sweeper")
     await wait_for(lambda: len(sw.live) == 50, 2, "first sweep")
     # let the first flush persist whatever start-up produced, then watch an idle stretch
-    await wait_for(lambda: not sw.flush_plan()[0] and not sw.flush_plan()[1], 2, "settled")
+    await wait_for(lambda: not sw.flush_plan(), 2, "settled")
     commits: list[int] = []
     app.store.on_commit.append(lambda _s, n: commits.append(n))
     ticks = len(sw.tick_times)
@@ -167,7 +164,7 @@ async def test_inactive_and_disabled_read_inactive_and_never_stale(running: Any)
     assert status(app, "off") == "inactive"
     await app.store.submit(ops.set_active("a", False), "cli")
     assert status(app, "a") == "inactive"
-    sw = app.components["sweeps"]
+    sw = app.sweeper
     await wait_for(lambda: len(sw.tick_times) > 20, 5, "sweeps ran past stale_after_s")
     assert "stale" not in actions(app)
     # activated again: a full stale_after_s of grace from activation, then stale
@@ -180,7 +177,7 @@ async def test_inactive_and_disabled_read_inactive_and_never_stale(running: Any)
 
 async def test_settings_hand_edit_applies_live(running: Any):
     app = await running([connection("c1", None)], {"stale_after_s": 60})
-    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
+    sw = await wait_for(lambda: app.sweeper, 2, "sweeper")
     await wait_for(lambda: len(sw.tick_times) > 10, 3, "sweeps running")
     assert status(app, "c1") == "active"
     # a hand edit of settings.json, taken in as the watcher/SIGHUP does
@@ -193,27 +190,19 @@ async def test_settings_hand_edit_applies_live(running: Any):
     await wait_for(lambda: status(app, "c1") == "stale", 2, "stale under the new setting")
 
 
-async def test_last_sync_at_follows_events_without_extra_writes(running: Any):
+async def test_last_sync_at_moves_with_the_change_of_its_event(running: Any):
     app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.2})
-    sw = await wait_for(lambda: app.components.get("sweeps"), 2, "sweeper")
-    await wait_for(lambda: not any(sw.flush_plan()), 2, "settled")
-    await app.store.submit(ops.update("c1", {"name": "renamed"}), "cli")
-    event = sync_log(app)[-1]
-    assert event["action"] == "update"
-    # visible at once in the view, persisted by the next coalesced flush
-    assert app.store.state_view("c1").last_sync_at == event["created_at"]
-    await wait_for(
-        lambda: state_file(app).get("c1", {}).get("last_sync_at") == event["created_at"],
-        2,
-        "persisted",
-    )
-    # ops that write the state anyway set it themselves: no flush needed afterwards
+    for op in (ops.update("c1", {"name": "renamed"}), ops.set_active("c1", False)):
+        await app.store.submit(op, "cli")
+        event = app.store.log[-1]
+        # written whole and current: the state record carries its latest event's time
+        assert app.store.state["c1"].last_sync_at == event.created_at
+        assert (await state_file(app))["c1"]["last_sync_at"] == event.created_at
     await app.store.submit(ops.set_volume("c1", 2.0, 3.0), "cli")
-    event = sync_log(app)[-1]
+    event = (await sync_log(app))[-1]
     assert event["action"] == "update_volume"
     assert event["data"]["live"] == 2.0 and event["data"]["preset"] == 3.0
-    assert state_file(app)["c1"]["last_sync_at"] == event["created_at"]
-    assert sw.flush_plan() == ({}, {})
+    assert (await state_file(app))["c1"]["last_sync_at"] == event["created_at"]
 
 
 async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeExchange):
@@ -242,9 +231,9 @@ async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeEx
         ops.set_document("settings", {**app.store.documents["settings"], "test_interval_s": 0}),
         "cli",
     )
-    await wait_for(lambda: not app.components["sweeps"].testing, 3, "in-flight tests done")
+    await wait_for(lambda: not app.sweeper.testing, 3, "in-flight tests done")
     n = len(actions(app))
-    sw = app.components["sweeps"]
+    sw = app.sweeper
     ticks = len(sw.tick_times)
     await wait_for(lambda: len(sw.tick_times) > ticks + 15, 3, "sweeps")
     assert [a for a in actions(app)[n:] if a == "test"] == []
@@ -253,7 +242,7 @@ async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeEx
 async def test_heartbeat_unknown_connection(running: Any):
     app = await running([connection("c1", None)])
     with pytest.raises(Exception) as e:
-        sweeps.heartbeat(app, "ghost")
+        app.sweeper.heartbeat("ghost")
     assert getattr(e.value, "code", None) == "not_found"
 
 
@@ -278,8 +267,8 @@ async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange
     )
     app = await open_app(data, [], FAST)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(sweeps.run, app)
-        await wait_for(lambda: sweeps.projectx_status(app)["state"] == "connected", 5, "px")
+        tg.start_soon(app.sweeper.run)
+        await wait_for(lambda: app.prober.projectx_status()["state"] == "connected", 5, "px")
         tg.cancel_scope.cancel()
     await app.store.close()
     assert any(p == "/projectx/api/Auth/loginKey" for _, p, _ in fake.requests)
@@ -289,12 +278,12 @@ async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
     """The sweep decides, a heartbeat lands, then the write applies: no false `stale`."""
     app = await open_app(tmp_path / "d", [connection("c1", None)], {"stale_after_s": 1})
     try:
-        sw = sweeps.sweeper(app)
+        sw = app.sweeper
         now = time.monotonic()  # the sweep's clock
         assert sw.tick(now) == {}  # learns c1, a full stale_after_s from now
         transitions = sw.tick(now + 2)
         assert list(transitions) == ["c1"]
-        sweeps.heartbeat(app, "c1")  # arrives before the transition is written
+        app.sweeper.heartbeat("c1")  # arrives before the transition is written
         await sw._apply_stale(transitions)
         assert status(app, "c1") == "active"
         assert "stale" not in actions(app)
@@ -310,23 +299,23 @@ async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
 
 async def test_invalid_state_file_holds_the_flush_until_fixed(running: Any):
     app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.1})
-    sw = app.components["sweeps"]
-    await wait_for(lambda: not any(sw.flush_plan()), 2, "settled")
+    sw = app.sweeper
+    await wait_for(lambda: not sw.flush_plan(), 2, "settled")
+    await app.store.checkpointer.flush()
     path = app.data_dir / "connection-state.json"
     good = path.read_text()
     path.write_text('[{"connection_id": "c1", "is_activ": true}]\n')
     assert not await app.store.ingest("connection-state.json")
-    ts = sweeps.heartbeat(app, "c1")  # still taken, in memory
+    ts = app.sweeper.heartbeat("c1")  # still taken, in memory
     assert app.store.state_view("c1").last_heartbeat_at == ts
     ticks = len(sw.tick_times)
     await wait_for(lambda: len(sw.tick_times) > ticks + 10, 3, "flushes tried")
     assert '"is_activ"' in path.read_text()  # never overwritten
-    assert sw.flush_plan()[0] == {"c1": ts}  # kept for later
+    assert sw.flush_plan() == {"c1": ts}  # kept for later
     path.write_text(good)
     assert await app.store.ingest("connection-state.json")
-    await wait_for(
-        lambda: state_file(app).get("c1", {}).get("last_heartbeat_at") == ts, 3, "flushed"
-    )
+    await wait_for(lambda: app.store.state["c1"].last_heartbeat_at == ts, 3, "flushed")
+    assert (await state_file(app))["c1"]["last_heartbeat_at"] == ts
 
 
 async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
@@ -334,7 +323,7 @@ async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
     n = 3000
     app = await open_app(tmp_path / "d", [connection(f"c{i}", None) for i in range(n)], {})
     try:
-        sw = sweeps.sweeper(app)
+        sw = app.sweeper
         now = time.monotonic()
         learn = 1
         assert sw.tick(now, budget=1000) == {}
@@ -361,12 +350,12 @@ async def test_flush_asked_during_a_flush_waits_and_writes_the_rest(running: Any
     app = await running(
         [connection("c0", None), connection("c1", None)], {"heartbeat_flush_s": 3600}
     )
-    sw = app.components["sweeps"]
-    sweeps.heartbeat(app, "c0")
+    sw = app.sweeper
+    app.sweeper.heartbeat("c0")
     async with anyio.create_task_group() as tg:
         tg.start_soon(sw.flush)
         await anyio.sleep(0)  # the first flush has taken its plan and waits on its write
         assert sw.flushing
-        beat = sweeps.heartbeat(app, "c1")
+        beat = app.sweeper.heartbeat("c1")
         await sw.flush()
-    assert state_file(app)["c1"]["last_heartbeat_at"] == beat
+    assert (await state_file(app))["c1"]["last_heartbeat_at"] == beat

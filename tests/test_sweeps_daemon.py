@@ -138,7 +138,7 @@ async def test_stale_and_recovered_over_the_bus(start: Any):
         took = time.monotonic() - t0
         assert 0.6 - 0.1 <= took <= 0.6 + 0.1 + 0.5, took
         assert stale["data"]["source"] == "sweep"
-        assert state(d)["c1"]["status"] == "stale"
+        wait_until(lambda: state(d)["c1"]["status"] == "stale", 5, what="stale on disk")
         await b.ok("connections.heartbeat", connection_id="c1")
         recovered = await b.wait_event("recovered", "c1", timeout=5)
         assert recovered["data"]["reason"] == "heartbeat"
@@ -203,7 +203,7 @@ async def test_connection_test_and_periodic_tests(start: Any, fake: FakeExchange
         assert fake.requests[-1][1] == "/ok/api/v3/time"
         result = await b.ok("connections.test", connection_id="bad")
         assert result["success"] is False and "HTTP 500" in result["error"]
-        assert state(d)["bad"]["test_results"] == result
+        wait_until(lambda: state(d).get("bad", {}).get("test_results") == result, 5, what="disk")
         # periodic tests switched on by a hand edit, live
         n = len(fake.requests)
         edit_settings(d, test_interval_s=0.4)

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from ctsd import intake as intake_mod
+from ctsd import disk as disk_mod
 from ctsd import ops
 from ctsd.store import Store
 
 
 class _FrozenOs(SimpleNamespace):
-    """`os` for the intake module, except that stat of one path answers as within one tick."""
+    """`os` for the disk module, except that stat of one path answers as within one tick."""
 
     def __init__(self, path: Path, frozen: os.stat_result) -> None:
         super().__init__()
@@ -39,22 +39,23 @@ def _conn() -> dict[str, Any]:
 async def test_same_tick_rewrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coarse: bool
 ) -> None:
-    monkeypatch.setattr(intake_mod, "_timestamps_coarse", lambda _d: coarse)
+    monkeypatch.setattr(disk_mod, "timestamps_coarse", lambda _d: coarse)
     s = Store(tmp_path / "data")
     s.open()
-    s.start()
+    await s.start()
     try:
-        await s.submit(ops.create(_conn()), "bus")
+        await s.submit(ops.create(_conn()), "bus", sync="files")
         path = s.path("connections.json")
         assert s.unchanged("connections.json")
-        assert bool(s.digests) is coarse  # no hashing where timestamps are fine-grained
+        digests = [od.digest for od in s.disk.files.values() if od.digest is not None]
+        assert bool(digests) is coarse  # no hashing where timestamps are fine-grained
         frozen = os.stat(path)
         body = path.read_bytes()
         edited = body.replace(b'"One"', b'"Two"')
         assert len(edited) == len(body)
         with open(path, "r+b") as fh:  # in place, same size...
             fh.write(edited)
-        monkeypatch.setattr(intake_mod, "os", _FrozenOs(path, frozen))  # ...within one tick
+        monkeypatch.setattr(disk_mod, "os", _FrozenOs(path, frozen))  # ...within one tick
         # Only the digest can tell; without it the edit would pass for our own write.
         assert s.unchanged("connections.json") is (not coarse)
     finally:
@@ -65,5 +66,5 @@ async def test_same_tick_rewrite(
 def test_probe_on_this_filesystem(tmp_path: Path) -> None:
     """Two writes in a row with a stat between get distinct mtimes here (multigrain
     timestamps), so the write path pays no hashing; the probe must say so."""
-    assert intake_mod._timestamps_coarse(tmp_path) is False
+    assert disk_mod.timestamps_coarse(tmp_path) is False
     assert not list(tmp_path.iterdir())  # the probe file is gone

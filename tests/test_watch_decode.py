@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from ctsd import files
-from ctsd.intake import _decode_known
+from ctsd.disk import decode_known as _decode_known
 from ctsd.models import Connection
 
 N = 60

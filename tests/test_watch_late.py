@@ -1,6 +1,7 @@
 """Late in-place writes, in process: an in-place writer opened the file before the daemon's
 rename replaced it, and writes into the old file afterwards. What it wrote is taken in through
-the one door (`Store.take_in_late`), never written to the data file by a side door.
+the one door (`Store.take_in_late`), merged against what that writer saw, never written to the
+data file by a side door.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ CONNS = "connections.json"
 async def _store(tmp_path: Path) -> AsyncIterator[tuple[Store, list[dict[str, Any]]]]:
     s = Store(tmp_path / "data")
     s.open()
-    s.start()
+    await s.start()
     notices: list[dict[str, Any]] = []
     s.notice_listeners.append(notices.append)
     try:
         for cid in ("c1", "c2"):
-            await s.submit(ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus")
+            await s.submit(
+                ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus", sync="files"
+            )
         yield s, notices
     finally:
         await s.close()
@@ -51,7 +54,7 @@ async def _displace(s: Store) -> Any:
     path = s.path(CONNS)
     fh = open(path, "r+b")  # noqa: SIM115 - the "editor" keeps it open across the change
     before = fh.read()
-    await s.submit(ops.update("c1", {"name": "Bus"}), "bus")
+    await s.submit(ops.update("c1", {"name": "Bus"}), "bus", sync="files")
     assert s.displaced and os.fstat(fh.fileno()).st_ino != path.stat().st_ino
     fh.seek(0)
     fh.truncate(0)
@@ -68,8 +71,9 @@ async def test_a_save_landing_while_a_late_write_is_taken_in_is_not_destroyed(
 ) -> None:
     """The side-door race: the late write is being written back while an operator's rename
     save lands, just before the rename that would put the late write in place. A write that
-    checks the file and then renames (the old `Watcher._resave`) destroys that save unseen;
-    the store's swap sees it, keeps it, and the late write (older) is kept aside instead."""
+    checks the file and then renames destroys that save unseen; the checkpointer's swap sees
+    it, takes it in, and writes everything on top: the save, the late write and the
+    acknowledged change all survive."""
     async with _store(tmp_path) as (s, _notices):
         path = s.path(CONNS)
         armed = False
@@ -104,20 +108,20 @@ async def test_a_save_landing_while_a_late_write_is_taken_in_is_not_destroyed(
             fh.write(_edit(before, "c2", name="Late"))
             fh.close()
             for _ in range(200):
-                if s.connections["c1"].volume_factor == 3.0 and _late_copies(s):
+                if s.connections["c1"].volume_factor == 3.0 and not armed:
                     break
                 await anyio.sleep(0.02)
+            await s.checkpointer.flush()
             watcher.stop()
             tg.cancel_scope.cancel()
         assert not armed, "the hand save never landed: the test did not hit the window"
         assert s.connections["c1"].volume_factor == 3.0, "the hand save was destroyed"
         assert s.connections["c1"].name == "Bus"  # the acknowledged change survived too
-        assert json.loads(path.read_bytes())[0]["volume_factor"] == 3.0
-        # The late write was older than the hand save: not applied, but kept for the operator.
-        assert s.connections["c2"].name == "c2"
-        (copy,) = _late_copies(s)
-        assert json.loads(copy.read_bytes())[1]["name"] == "Late"
-        assert s.unchanged(CONNS) and not s.displaced
+        assert s.connections["c2"].name == "Late"  # and the late write
+        on_disk = json.loads(path.read_bytes())
+        assert (on_disk[0]["volume_factor"], on_disk[0]["name"]) == (3.0, "Bus")
+        assert on_disk[1]["name"] == "Late"
+        assert not _late_copies(s) and s.unchanged(CONNS) and not s.displaced
 
 
 @pytest.mark.anyio
@@ -137,11 +141,11 @@ async def test_late_write_is_taken_in_through_the_door_once_its_writer_closes(
         await s.take_in_late(max_age=2.0)
         assert not s.displaced
         assert s.connections["c2"].name == "Late"
-        # A hand save made now: it replaces, so the bus change it never saw is undone (as
-        # an event of source "file", like any hand edit).
-        assert s.connections["c1"].name == "c1"
-        assert s.log[-1].data["source"] == "file"
+        # Merged against what the writer saw: the bus change it never saw stays.
+        assert s.connections["c1"].name == "Bus"
+        assert s.log[-1].data["source"] == "file" and s.log[-1].connection_id == "c2"
         # Written by the store itself: stamp recorded, nothing left behind.
+        await s.checkpointer.flush()
         assert json.loads(path.read_bytes())[1]["name"] == "Late"
         assert s.unchanged(CONNS)
         assert not list(s.data_dir.glob(f"{TEMP_PREFIX}*")) and not _late_copies(s)

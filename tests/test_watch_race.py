@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, wait_until
 from tests.test_watch import CONNS, atomic_save, bus, dump, seed
 
 ITERATIONS = 1000
@@ -125,9 +125,14 @@ async def test_hand_edits_race_bus_changes(data_dir: Path) -> None:
             assert got["result"]["volume_factor"] == volume_log
             got1 = await b.call("connections.get", connection_id="conn_0001")
             assert got1["result"]["name"] == f"hand-{ITERATIONS - 1}"
-            on_disk = json.loads(path.read_bytes())
-            assert on_disk[0]["volume_factor"] == volume_log
-            assert on_disk[1]["name"] == f"hand-{ITERATIONS - 1}"
+
+            # ... and the file follows within the checkpoint interval
+            def file_caught_up() -> bool:
+                on_disk = json.loads(path.read_bytes())
+                last = f"hand-{ITERATIONS - 1}"
+                return on_disk[0]["volume_factor"] == volume_log and on_disk[1]["name"] == last
+
+            wait_until(file_caught_up, 5, what="the file holding every change")
             assert not [n for n in b.notices if n["notice"] == "file_invalid"]
         late = [e for e in d.log_events() if e.get("event", "").startswith("late_hand_write")]
         print(

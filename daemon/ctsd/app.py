@@ -1,8 +1,9 @@
-"""`ctsd serve`: start-up, readiness, signals and shutdown (CONTRACT §1).
+"""`ctsd serve`: the composition root. Builds every part with what it needs and runs them
+under one task group; start-up, readiness, signals and shutdown.
 
-The flow: data dir → lock → store (load and validate every file) → token → bus (bind) →
-watcher and sweeps → READY. Components attach to the store's listeners; none of them writes
-a file except through `Store.submit`.
+    data dir → lock → store (load every file, replay the journal) → token → prober, sweeper,
+    watcher → web (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed
+    → store closes (every change in the files) → exit
 """
 
 from __future__ import annotations
@@ -11,24 +12,27 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import structlog
 
 from ctsd import __version__, logs
 from ctsd.atomic import ensure_dir
-from ctsd.config import Listen, is_loopback, resolve_listen
+from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
 from ctsd.lock import InstanceLock
 from ctsd.notify import Notifier
+from ctsd.probes import Prober
+from ctsd.services import Services
 from ctsd.store import Store
+from ctsd.sweeps import Sweeper
 from ctsd.tokenfile import load_token
+from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
-SHUTDOWN_GRACE_S = 4.0  # inside the contract's 5 s
+SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
 
 
 class StartError(Exception):
@@ -36,26 +40,20 @@ class StartError(Exception):
 
 
 @dataclass
-class App:
-    """What every component shares: the store, the listen address, the token."""
-
-    data_dir: Path
-    store: Store
-    token: str
-    listen: Listen
+class Daemon:
+    svc: Services
+    watcher: Watcher
     notifier: Notifier
-    started_at: float = field(default_factory=time.monotonic)
-    components: dict[str, Any] = field(default_factory=dict)
 
     def status_line(self) -> str:
-        s = self.store
+        s = self.svc.store
         return (
             f"{len(s.connections)} connections, revision {s.revision}, "
             f"{len(s.problems)} invalid files"
         )
 
 
-def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[App, InstanceLock]:
+def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon, InstanceLock]:
     try:
         if data_dir.exists() and not data_dir.is_dir():
             raise StartError(f"data dir {data_dir} is not a directory")
@@ -81,90 +79,84 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[App, I
     except (OSError, CtsdError, ValueError) as e:
         lock.release()
         raise StartError(f"start failed: {getattr(e, 'message', None) or e}") from None
-    return App(data_dir, store, token, listen, Notifier()), lock
+    prober = Prober(store)
+    sweeper = Sweeper(store, prober)
+    svc = Services(store, sweeper, prober, token, listen, data_dir)
+    return Daemon(svc, Watcher(store), Notifier()), lock
 
 
-async def _watchdog(app: App, interval: float) -> None:
+async def _watchdog(notifier: Notifier, interval: float) -> None:
     # Sent from the event loop itself: a blocked loop stops the pings and systemd notices.
     while True:
-        app.notifier.send("WATCHDOG=1")
+        notifier.send("WATCHDOG=1")
         await anyio.sleep(interval)
 
 
-async def _serve(app: App) -> None:
-    from ctsd import sweeps
+async def _serve(d: Daemon) -> None:
     from ctsd.web.server import Web
 
-    store = app.store
-    store.start()
-    web = Web(app)
+    svc, store = d.svc, d.svc.store
+    await store.start()  # changes replayed from the journal reach the files first
+    web = Web(svc)
     try:
         await web.start()
     except OSError as e:
         await store.close()
         raise StartError(
-            f"cannot listen on {app.listen.host}:{app.listen.port}: {e.strerror or e}"
+            f"cannot listen on {svc.listen.host}:{svc.listen.port}: {e.strerror or e}"
         ) from None
-    app.components["web"] = web
-    if not is_loopback(app.listen.host):
+    if not is_loopback(svc.listen.host):
         log.warning(
             "non_loopback_bind",
-            host=app.listen.host,
+            host=svc.listen.host,
             message="the bus is reachable from other hosts; keep the token secret",
         )
     async with anyio.create_task_group() as tg:
-        for name, runner in _components():
-            tg.start_soon(runner, app, name=f"ctsd-{name}")
-        interval = app.notifier.watchdog_interval()
+        tg.start_soon(d.watcher.run, name="ctsd-watch")
+        tg.start_soon(svc.sweeper.run, name="ctsd-sweeps")
+        interval = d.notifier.watchdog_interval()
         if interval:
-            tg.start_soon(_watchdog, app, interval)
+            tg.start_soon(_watchdog, d.notifier, interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             log.info(
                 "ready",
                 version=__version__,
-                host=app.listen.host,
-                port=app.listen.port,
-                data_dir=str(app.data_dir),
+                host=svc.listen.host,
+                port=svc.listen.port,
+                data_dir=str(svc.data_dir),
                 revision=store.revision,
                 invalid_files=sorted(store.problems),
             )
-            app.notifier.send("READY=1", f"STATUS={app.status_line()}", f"MAINPID={os.getpid()}")
+            d.notifier.send("READY=1", f"STATUS={d.status_line()}", f"MAINPID={os.getpid()}")
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await _reload(app)
+                    await _reload(d)
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 break
-        app.notifier.send("STOPPING=1", "STATUS=stopping")
         with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
             await web.shutdown()  # stop accepting; close bus clients with 1001
-            await sweeps.sweeper(app).flush()  # heartbeats not yet on disk
-            await store.close()  # finish in-flight writes
-        watcher = app.components.get("watch")
-        if watcher is not None:
-            watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s
+            await svc.sweeper.flush()  # heartbeats not yet on disk
+            await store.close()  # finish in-flight changes; every change into the files
+            await svc.prober.aclose()
+        d.notifier.send("STOPPING=1", "STATUS=stopping")
+        d.watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s
         tg.cancel_scope.cancel()
     log.info("stopped", revision=store.revision)
 
 
-async def _reload(app: App) -> None:
-    app.notifier.send(
+async def _reload(d: Daemon) -> None:
+    d.notifier.send(
         "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
     )
     log.info("reloading")
+    store = d.svc.store
     try:
-        await app.store.reload_all()
+        await store.reload_all()
     except Exception:  # a failed reload must not take the daemon (and the bus) down
         log.exception("reload_failed")
-    app.notifier.send("READY=1", f"STATUS={app.status_line()}")
-    log.info("reloaded", revision=app.store.revision, invalid_files=sorted(app.store.problems))
-
-
-def _components() -> list[tuple[str, Any]]:
-    """Long-running parts attached to the store: (name, async runner(app))."""
-    from ctsd import sweeps, watch
-
-    return [("watch", watch.run), ("sweeps", sweeps.run)]
+    d.notifier.send("READY=1", f"STATUS={d.status_line()}")
+    log.info("reloaded", revision=store.revision, invalid_files=sorted(store.problems))
 
 
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
@@ -173,16 +165,16 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     # SIGIO, whose default action would kill the daemon.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
     try:
-        app, lock = _prepare(data_dir, host, port)
+        d, lock = _prepare(data_dir, host, port)
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
     try:
-        anyio.run(_serve, app)
+        anyio.run(_serve, d)
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
     finally:
-        app.notifier.close()
+        d.notifier.close()
         lock.release()
     return 0

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import itertools
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -150,12 +151,25 @@ def _keep_if_written(tmp: Path, path: Path, old: Stamp, displaced: list[Displace
     os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_exclusive_temp(path: Path, readable: bool = False) -> tuple[int, Path]:
+    """A new temp file beside `path`, created here and now: an unpredictable name, never an
+    existing file, never through a symlink someone planted."""
+    access = os.O_RDWR if readable else os.O_WRONLY
+    while True:
+        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(8)}")
+        try:
+            flags = access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(tmp, flags, FILE_MODE), tmp
+        except FileExistsError:
+            continue
 
 
 # sync_file_range(SYNC_FILE_RANGE_WRITE) starts writeback without waiting (Linux; Python's os
@@ -251,7 +265,7 @@ def write_files(
                     _keep_if_written(tmp, path, old, displaced)
         temps = [(tmp, path) for tmp, path in temps if os.path.lexists(tmp)]
         for directory in {path.parent for path, _ in plan}:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return stamps
     finally:
         for tmp, _ in temps:

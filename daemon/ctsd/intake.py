@@ -1,84 +1,73 @@
 """Taking files in from disk: start-up loading, hand edits, SIGHUP, late in-place writes.
 
-The store (store.py) is the one door; this is what reads the data files into it. `Intake` is
-mixed into `Store`, so callers keep `store.open()`, `store.ingest(file)`,
-`store.unchanged(file)`, `store.reload_all()` and `store.take_in_late(max_age)`:
-
-- `open`: create what is missing, load every file, reconcile state with connections;
-- `ingest`: a file as it now is on disk, taken in through the door (`ops.take_in`, source
-  `"file"`), marked invalid (reported, its writes refused) or, deleted, written back;
-- `unchanged`: is a file still what the store last read or wrote (stamp, ctime, and on coarse
-  clocks a digest)? The writer asks it before every write;
-- `take_in_late`: what an in-place writer wrote into a file our rename had displaced;
-- `_decode_known`: a table file decoded at the cost of the records that differ from ours.
-
-It works on the store's memory and stamps and submits through its door (`submit`,
-`_submit_here`, `_notice`); the writer records here what it wrote (`stamps`, `_note_ctime`,
-`digests`, `displaced`).
+Every file comes in through the store's one door (`ops.take_in`, source `"file"`) except at
+start, before the door opens, when `load` fills the committed state directly. A file that does
+not decode is marked invalid (reported, its writes refused, never touched); a file deleted by
+hand is written back from memory (by the checkpointer), except an algorithm, which is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
+import stat
 import time
-from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import msgspec
 import structlog
 
-from ctsd import files
-from ctsd.atomic import (
-    TEMP_PREFIX,
-    Displaced,
-    Stamp,
-    ensure_dir,
-    stamp_of,
-    write_files,
-    written_elsewhere,
-)
+from ctsd import files, ops
+from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
+from ctsd.core import Committed, mirror_state
 from ctsd.diagnose import FileProblem
+from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
-from ctsd.models import Connection, ConnectionState, SyncEvent
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
-    from ctsd.store import Op, Tx
+    from ctsd.store import Store
 
-log = structlog.get_logger("ctsd.store")  # the store's log, as before the split
-
-# Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
-# `unchanged` compares the digest too (far above a clock tick of 1-10 ms).
-DIGEST_WITHIN_NS = 50_000_000
+log = structlog.get_logger("ctsd.store")
 
 
 class Intake:
-    """The store's side that takes files in from disk (see the module docstring)."""
+    def __init__(self, store: Store, disk: Disk) -> None:
+        self.store = store
+        self.disk = disk
+        self.data_dir = disk.data_dir
+        # Files our writes displaced while an in-place writer held them open, since when
+        # (monotonic), and what they held then (what that writer saw): what it writes into
+        # them is taken in by `take_in_late`.
+        self.displaced: list[tuple[Displaced, float, Any]] = []
+        # Set by the store: a deleted file is written back from memory by the checkpointer;
+        # a file taken in that memory now matches needs no write.
+        self.write_back: Callable[[str], None] = lambda _file: None
+        self.written: Callable[[str, int], None] = lambda _file, _lsn: None
 
-    def __init__(self) -> None:
-        # ctime of each file when its stamp was last confirmed: every write moves it and no
-        # tool can set it back (cp -p, rsync -t, touch -r restore mtime). See `unchanged`.
-        self.ctimes: dict[str, int] = {}
-        # Where two writes in a row can share a timestamp (coarse clocks: older kernels, some
-        # network filesystems), equal stat results within a tick prove nothing: there the
-        # store also keeps a digest of each file and compares it while a stamp is that fresh.
-        # Probed at open; on fine-grained timestamps no hashing is done at all.
-        self.coarse_mtime = False
-        self.digests: dict[str, bytes] = {}
-        # Files our writes displaced while an in-place writer held them open, and since when
-        # (monotonic): what it writes into them is taken in by `take_in_late`.
-        self.displaced: list[tuple[Displaced, float]] = []
+    def path(self, file: str) -> Path:
+        return self.data_dir / file
 
-    # --- start ---------------------------------------------------------------------------
+    def known_files(self) -> list[str]:
+        algos = sorted(
+            f"{files.ALGORITHMS_DIR}/{p.name}"
+            for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json")
+            if files.document_name(f"{files.ALGORITHMS_DIR}/{p.name}")
+        )
+        docs = [f for f, _ in files.DOCUMENTS.values()]
+        # algorithms before documents: instances.json names them
+        return [CONNECTIONS, STATE, SYNC_LOG, *algos, *docs]
 
-    def open(self) -> None:
-        """Create what is missing (never touching what exists), then load every file."""
+    # --- start -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create what is missing (never touching what exists)."""
+        from ctsd.atomic import write_files
+
         for sub in ("", files.ALGORITHMS_DIR, "historical", "logs"):
             d = self.data_dir / sub
             if d.exists() and not d.is_dir():
@@ -87,7 +76,7 @@ class Intake:
         for d in (self.data_dir, self.data_dir / files.ALGORITHMS_DIR):
             for stale in d.glob(f"{TEMP_PREFIX}*"):
                 stale.unlink(missing_ok=True)
-        self.coarse_mtime = _timestamps_coarse(self.data_dir)
+        self.disk.probe_clock()
         defaults: list[tuple[Path, bytes]] = []
         for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
             p = self.path(file)
@@ -98,112 +87,109 @@ class Intake:
         if defaults:
             write_files(defaults)
             log.info("created_defaults", files=[p.name for p, _ in defaults])
+
+    def load(self, committed: Committed) -> None:
+        """Read every file into `committed` (before the door opens)."""
         for file in self.known_files():
-            self._load_at_start(file)
-        self._reconcile()
-        self._refresh_settings()
-        log.info(
-            "loaded",
-            connections=len(self.connections),
-            revision=self.revision,
-            invalid=sorted(self.problems),
-        )
+            self._load(file, committed)
+        self._reconcile(committed)
+        committed.refresh_settings()
 
     def _read(self, file: str) -> tuple[bytes, Stamp]:
         p = self.path(file)
         if p.is_dir():
             raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
-        with open(p, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            files.check_size(file, st.st_size)  # before reading: never load a huge file
-            return fh.read(), Stamp.of(st)
-
-    def _load_at_start(self, file: str) -> None:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            raw, stamp = self._read(file)
-            decoded = self.decode(file, raw)
-        except Invalid as e:
-            self.problems[file] = e.problem
-            self.stamps[file] = stamp_of(self.path(file))
-            log.error("file_invalid", file=file, problem=e.problem.format())
-            return
-        except OSError as e:
-            self.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
-            log.error("file_invalid", file=file, problem=self.problems[file].format())
-            return
-        self.stamps[file] = stamp
-        self._note_ctime(file)
-        if self.coarse_mtime:
-            self.digests[file] = _digest_of(raw)
-        if file == CONNECTIONS:
-            self.connections = {c.id: c for c in decoded}
-            self._frags[CONNECTIONS] = {c.id: files.encode_record(c) for c in decoded}
-        elif file == STATE:
-            self.state = {s.connection_id: s for s in decoded}
-            self._frags[STATE] = {s.connection_id: files.encode_record(s) for s in decoded}
-        elif file == SYNC_LOG:
-            self._install_log(decoded)
-        else:
-            name = files.document_name(file)
-            if name == "instances":
-                try:
-                    files.check_instance_refs(decoded, self.algorithm_names(), file, raw)
-                except Invalid as e:
-                    self.problems[file] = e.problem
-                    log.error("file_invalid", file=file, problem=e.problem.format())
-                    return
-            self.documents[name] = decoded
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Invalid(FileProblem(file, 1, 1, "$", "is not a regular file"))
+            files.check_size(file, st.st_size)  # before reading: never load a huge file
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks), Stamp.of(st)
+        finally:
+            os.close(fd)
 
     def decode(self, file: str, raw: bytes) -> Any:
-        if file in self._frags:
-            known = self.connections if file == CONNECTIONS else self.state
-            records = _decode_known(file, raw, self._frags[file], known)
+        od = self.disk.files.get(file)
+        if file in (CONNECTIONS, STATE) and od is not None and od.frags:
+            records = decode_known(file, raw, od.frags, od.content or {})
             if records is not None:
                 return records
         return files.decode_file(file, raw)
 
-    def _install_log(self, events: list[SyncEvent]) -> None:
-        from ctsd.store import document_key, record_key  # the store imports this module
+    def _load(self, file: str, committed: Committed) -> None:
+        try:
+            raw, stamp = self._read(file)
+            decoded = self.decode(file, raw)
+            if files.document_name(file) == "instances":
+                files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
+        except Invalid as e:
+            self.store.problems[file] = e.problem
+            self.disk.record(file, stamp_of(self.path(file)))
+            log.error("file_invalid", file=file, problem=e.problem.format())
+            return
+        except OSError as e:
+            self.store.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
+            log.error("file_invalid", file=file, problem=self.store.problems[file].format())
+            return
+        self._remember(file, decoded, raw, stamp)
+        if file == CONNECTIONS:
+            committed.connections = {c.id: c for c in decoded}
+        elif file == STATE:
+            committed.state = {s.connection_id: s for s in decoded}
+        elif file == SYNC_LOG:
+            committed.load_log(decoded)
+        else:
+            committed.documents[files.document_name(file)] = decoded  # type: ignore[index]
 
-        self.log = deque(events)
-        self._log_frags = deque(files.encode_record(e) for e in events)
-        if events:
-            self.revision = max(self.revision, events[-1].id)
-        for e in events:  # what If-Match compares against, as far as the log remembers
-            if e.connection_id is not None:
-                self.record_revs[record_key(e.connection_id)] = e.id
-            names = [e.data.get("name")] if e.action == "document_update" else []
-            if e.action == "reset":
-                names = [files.document_name(f) for f in e.data.get("files") or []]
-            for name in names:
-                if isinstance(name, str):
-                    self.record_revs[document_key(name)] = e.id
+    def _remember(self, file: str, decoded: Any, raw: bytes, stamp: Stamp) -> None:
+        """The file now holds `decoded` (its bytes `raw`, its stamp `stamp`)."""
+        self.disk.record(file, stamp, raw)
+        od = self.disk.get(file)
+        if file in (CONNECTIONS, STATE):
+            key = "id" if file == CONNECTIONS else "connection_id"
+            before, old_frags = od.content or {}, od.frags
+            od.content = {getattr(r, key): r for r in decoded}
+            frags = {
+                k: (
+                    old_frags[k]
+                    if before.get(k) is r and k in old_frags
+                    else files.encode_record(r)
+                )
+                for k, r in od.content.items()
+            }
+            # Only when the file is laid out exactly as we write it can its records be found
+            # again by their bytes (`decode_known`); else the next hand edit decodes it whole.
+            same = b"".join(files.table_chunks(frags.values())) == raw
+            od.frags = frags if same else {}
+        elif file == SYNC_LOG:
+            od.content = list(decoded)
+        else:
+            od.content = decoded
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, committed: Committed) -> None:
         """Cross-file rules on load: state mirrors connections.
 
         Only when both files loaded: with connections.json invalid, memory has no connections,
         and "mirroring" would throw away every state record (volume factors, test results)."""
-        from ctsd.store import mirror_state  # the store imports this module
-
-        if CONNECTIONS in self.problems or STATE in self.problems:
+        problems = self.store.problems
+        if CONNECTIONS in problems or STATE in problems:
             return
-        for cid in [c for c in self.state if c not in self.connections]:
+        for cid in [c for c in committed.state if c not in committed.connections]:
             log.warning("state_orphan_dropped", connection_id=cid)
-            del self.state[cid]
-            self._frags[STATE].pop(cid, None)
-        for cid, conn in self.connections.items():
-            st = self.state.get(cid)
+            del committed.state[cid]
+        for cid, conn in committed.connections.items():
+            st = committed.state.get(cid)
             fixed = mirror_state(conn, st, conn.updated_at or now_iso())
             if fixed is not st:
-                self.state[cid] = fixed
-                self._frags[STATE][cid] = files.encode_record(fixed)
+                committed.state[cid] = fixed
 
-    # --- hand edits and reload -------------------------------------------------------------
+    # --- hand edits and reload ---------------------------------------------------------------
 
-    async def ingest(
-        self, file: str, *, force: bool = False, _inline: bool = False, report: bool = True
-    ) -> bool:
+    async def ingest(self, file: str, *, force: bool = False, report: bool = True) -> bool:
         """Take a file as it now is on disk in through the one door (`source: "file"`).
 
         Returns True when the content was taken in (or already matched), False when the file
@@ -211,24 +197,24 @@ class Intake:
         `report=False` only looks: an invalid file is neither reported nor marked (the watcher
         uses it to tell a half-written in-place save from a bad edit).
         """
-        from ctsd import ops  # ops builds on the store; imported here to keep the flow one-way
+        async with self.store.file_lock(file):
+            return await self.ingest_locked(file, force=force, report=report)
 
-        # Our own write of this file is in flight: its stamp is recorded when it returns, so
-        # judging now would take our write for a hand edit (and decode it for nothing). A hand
-        # edit meanwhile is still caught: the writer checks every file before it writes.
-        while file in self._writing and not _inline:
-            await self._write_done.wait()
+    async def ingest_locked(self, file: str, *, force: bool = False, report: bool = True) -> bool:
+        """`ingest` for a caller that holds the file's lock (the checkpointer)."""
+        store = self.store
         path = self.path(file)
-        before = stamp_of(path)
-        if not force and before is not None and self.unchanged(file) and file not in self.problems:
+        if not force and file not in store.problems and self.disk.unchanged(file):
             return True  # our own write, or nothing new
-        if before is None:
-            return await self._restore_deleted(file, _inline=_inline)
+        if not os.path.lexists(path):
+            return await self._restore_deleted(file)
         stamp: Stamp | None = None
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
-            decoded = self.decode(file, raw)
-            op = ops.take_in(file, decoded, raw, stamp, force=force)
+            hand = self.decode(file, raw)
+            od = self.disk.files.get(file)
+            base = od.content if od is not None and file not in store.problems else None
+            op = ops.take_in(file, hand, base if base is not None else self._memory(file), raw)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
             # version must not pass as already judged).
@@ -236,111 +222,102 @@ class Intake:
                 self._mark_invalid(file, e.problem, stamp or stamp_of(path))
             return False
         except FileNotFoundError:  # deleted between the stat and the open
-            return await self._restore_deleted(file, _inline=_inline)
+            return await self._restore_deleted(file)
         except OSError as e:
             if report:
-                self._mark_invalid(
-                    file, FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"), None
-                )
+                problem = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
+                self._mark_invalid(file, problem, None)
             return False
         try:
-            changes = await self._submit_here(_counted(op), _inline)
-            exc = None
-            if changes:  # the admin sees every hand edit taken in (never its values)
-                log.info("hand_edit_taken_in", file=file, changes=changes, revision=self.revision)
+            out, lsn = await store.submit_take_in(op)
         except CtsdError as e:
-            exc = e
-        if isinstance(exc, CtsdError) and exc.code == "invalid":
-            if not report:
+            if e.code == "invalid":
+                if report:
+                    problem = e.extra.get("problem") or FileProblem(
+                        file, 1, 1, e.path or "$", e.message
+                    )
+                    self._mark_invalid(file, problem, stamp)
                 return False
-            self._mark_invalid(
-                file,
-                exc.extra.get("problem") or FileProblem(file, 1, 1, exc.path or "$", exc.message),
-                stamp,
+            log.warning("ingest_failed", file=file, error=str(e))
+            return False
+        self._remember(file, hand, raw, stamp)
+        if out.result:  # the admin sees what the hand edit won (field names, never values)
+            log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
+        if out.events:  # ... and every hand edit taken in (never its values)
+            log.info(
+                "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )
-            return False
-        if exc is not None:
-            log.warning("ingest_failed", file=file, error=str(exc))
-            return False
-        if self.coarse_mtime:
-            self.digests[file] = _digest_of(raw)
+        if self._memory(file) == self.disk.get(file).content:
+            self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
+        self._restored(file)
         return True
 
-    def unchanged(self, file: str) -> bool:
-        """Is `file` on disk still what the store last read or wrote?
+    def _memory(self, file: str) -> Any:
+        c = self.store.committed
+        if file == CONNECTIONS:
+            return c.connections
+        if file == STATE:
+            return c.state
+        if file == SYNC_LOG:
+            return list(c.log)
+        return c.documents.get(files.document_name(file) or "")
 
-        Size, mtime and inode as recorded, and the ctime seen right after: an in-place edit
-        that keeps the size and puts the mtime back still moves the ctime.
-        """
-        try:
-            st = os.stat(self.path(file))
-        except FileNotFoundError:
-            return self.stamps.get(file) is None
-        same = Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
-        if same and self.coarse_mtime and time.time_ns() - st.st_mtime_ns < DIGEST_WITHIN_NS:
-            digest = self.digests.get(file)
-            same = digest is not None and _file_digest(self.path(file)) == digest
-        return same
+    def _restored(self, file: str) -> None:
+        problem = self.store.problems.pop(file, None)
+        if problem is not None:
+            log.info("file_restored", file=file, was=problem.message)
+            self.store.notice({"notice": "file_restored", "file": file})
+            if file.startswith(f"{files.ALGORITHMS_DIR}/"):
+                self._recheck_instances()
 
-    def _note_ctime(self, file: str) -> None:
-        # Called right after a stamp is recorded: the rename of our own write moved the ctime
-        # after the stamp was taken, so note it now (only if the stamp still matches).
-        try:
-            st = os.stat(self.path(file))
-        except OSError:
-            self.ctimes.pop(file, None)
-            return
-        if Stamp.of(st) == self.stamps.get(file):
-            self.ctimes[file] = st.st_ctime_ns
-        else:
-            self.ctimes.pop(file, None)
+    def _recheck_instances(self) -> None:
+        # instances.json is judged against the algorithm files: one fixed may make it valid.
+        instances = files.document_file("instances")
+        if instances in self.store.problems:
+            self.store.notice_watcher(instances)
 
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
         if stamp is not None:
-            self.stamps[file] = stamp  # judged as it is now; a later edit changes the stamp
-        if self.problems.get(file) == problem:
+            self.disk.record(file, stamp)  # judged as it is now; a later edit changes the stamp
+        if self.store.problems.get(file) == problem:
             return
-        self.problems[file] = problem
+        self.store.problems[file] = problem
         log.error("file_invalid", file=file, problem=problem.format())
-        self._notice(_invalid_notice(file, problem))
+        self.store.notice(invalid_notice(file, problem))
 
-    async def _restore_deleted(self, file: str, *, _inline: bool) -> bool:
+    async def _restore_deleted(self, file: str) -> bool:
         """A data file deleted by hand is written back from memory, with a notice."""
-        from ctsd import ops
-
-        if (
-            file.startswith(f"{files.ALGORITHMS_DIR}/")
-            and files.document_name(file) not in self.documents
-        ):
+        store = self.store
+        is_algo = file.startswith(f"{files.ALGORITHMS_DIR}/")
+        if is_algo and files.document_name(file) not in store.committed.documents:
             # A new algorithm file that never was valid, removed: nothing to restore, and
             # its problem went with it.
-            self.stamps.pop(file, None)
-            if self.problems.pop(file, None) is not None:
+            self.disk.get(file).stamp = None
+            if store.problems.pop(file, None) is not None:
                 log.info("file_restored", file=file, was="removed")
-                self._notice({"notice": "file_restored", "file": file, "reason": "removed"})
+                store.notice({"notice": "file_restored", "file": file, "reason": "removed"})
             return True
         reason = "deleted; written back from memory"
-        try:
-            if file.startswith(f"{files.ALGORITHMS_DIR}/"):
-                # algorithms/ is a library of files: deleting one removes that algorithm,
-                # unless instances.json still names it (then it comes back, with a notice).
-                try:
-                    await self._submit_here(ops.remove_algorithm(file), _inline)
-                    self.problems.pop(file, None)
-                    log.info("algorithm_removed", file=file)
-                    return True
-                except CtsdError as e:
-                    if e.code != "conflict":
-                        raise
-                    reason = f"deleted, but {e.message}; written back from memory"
-            self.stamps[file] = None
-            self.problems.pop(file, None)
-            await self._submit_here(ops.touch(file), _inline)
-        except CtsdError as e:
-            log.error("restore_failed", file=file, error=e.message)
-            return False
+        if is_algo:
+            # algorithms/ is a library of files: deleting one removes that algorithm, unless
+            # instances.json still names it (then it comes back, with a notice).
+            try:
+                await store.submit_take_in(ops.remove_algorithm(file))
+                self.disk.files.pop(file, None)
+                store.problems.pop(file, None)
+                log.info("algorithm_removed", file=file)
+                return True
+            except CtsdError as e:
+                if e.code != "conflict":
+                    log.error("restore_failed", file=file, error=e.message)
+                    return False
+                reason = f"deleted, but {e.message}; written back from memory"
+        od = self.disk.get(file)
+        od.stamp, od.ctime, od.frags = None, None, {}
+        store.problems.pop(file, None)
+        self.write_back(file)
         log.warning("file_restored_from_memory", file=file)
-        self._notice({"notice": "file_restored", "file": file, "reason": reason})
+        store.notice({"notice": "file_restored", "file": file, "reason": reason})
         return True
 
     async def reload_all(self) -> None:
@@ -348,44 +325,46 @@ class Intake:
         for file in self.known_files():
             await self.ingest(file, force=True)
 
-    # --- late in-place writes ------------------------------------------------------------
+    # --- late in-place writes ----------------------------------------------------------------
 
     async def take_in_late(self, max_age: float) -> None:
         """Take in what in-place writers wrote into files our renames had displaced.
 
         An in-place writer (nano, cp, open("r+")) that opened a file before our rename
-        replaced it writes into the old file, no longer in the directory. `write_files` keeps
-        such a file (`self.displaced`) while that writer holds it open; once the writer has
-        closed it (or after `max_age`, for one that never does), what it wrote is taken in
-        through the door as a hand save made now (`ops.take_in` with no stamp: memory takes
-        it, then the store writes the file). Called by the watcher often, and at close.
+        replaced it writes into the old file, no longer in the directory. The checkpointer
+        keeps such a file (`self.displaced`) while that writer holds it open; once the writer
+        has closed it (or after `max_age`, for one that never does), what it wrote is taken in
+        through the door, merged onto memory against what the writer saw. Called by the
+        watcher often, and at close.
         """
         now = time.monotonic()
         due = [x for x in self.displaced if now - x[1] >= max_age or not written_elsewhere(x[0].fd)]
         self.displaced = [x for x in self.displaced if x not in due]
-        for d, _since in due:
+        for d, _since, base in due:
             file = str(d.path.relative_to(self.data_dir))
             try:
-                await self._take_in_displaced(d, file)
+                await self._take_in_displaced(d, file, base)
             except Exception as e:  # never lose the watcher over it, nor the bytes
                 log.exception("late_hand_write_failed", file=file)
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
-            _drop(d)
+            drop_displaced(d)
 
-    async def _take_in_displaced(self, d: Displaced, file: str) -> None:
-        from ctsd import ops
-
+    async def _take_in_displaced(self, d: Displaced, file: str, base: Any) -> None:
+        """A late in-place write, merged like any hand edit against what its writer saw: what
+        it changed goes on top of memory, nothing the daemon wrote since is undone."""
         st = os.fstat(d.fd)
         if Stamp.of(st) == d.stamp:
             return  # opened for writing, never written
         try:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
-            await self.submit(ops.take_in(file, self.decode(file, raw), raw, None), "file")
+            hand = files.decode_file(file, raw)
+            await self.store.submit_take_in(ops.take_in(file, hand, base, raw))
+            self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
-        except CtsdError as e:  # superseded (conflict), file_invalid on disk, io_error, ...
+        except CtsdError as e:  # file_invalid on disk, io_error, ...
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
         else:
             log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
@@ -398,7 +377,7 @@ class Intake:
         the operator finds with `ls`. Bytes that do not decode are reported the way an
         invalid file is (a `file_invalid` notice naming the copy, with line and column), but
         the data file is valid, so nothing is refused and /health stays ok. The other cases
-        (a newer save superseded it, the file is invalid on disk, a write failed) are logged.
+        (a newer save superseded it, a write failed) are logged.
         """
         when = now_iso().replace(":", "")
         for n in itertools.count():
@@ -412,10 +391,10 @@ class Intake:
         log.warning("late_hand_write_kept", file=file, kept=name, why=why, error=msg or None)
         if problem is not None:
             reason = f"written into {file} after the daemon had replaced it; kept as {name}, "
-            self._notice({**_invalid_notice(name, problem), "reason": reason + "not taken in"})
+            self.store.notice({**invalid_notice(name, problem), "reason": reason + "not taken in"})
 
 
-def _invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
+def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
     return {
         "notice": "file_invalid",
         "file": file,
@@ -426,114 +405,7 @@ def _invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
     }
 
 
-def _drop(d: Displaced) -> None:
+def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
-
-
-def _counted(op: Op) -> Op:
-    """`op`, answering how many sync-log events it emitted."""
-
-    def counted(tx: Tx) -> int:
-        op(tx)
-        return len(tx.events)
-
-    return counted
-
-
-def _timestamps_coarse(directory: Path) -> bool:
-    """Can two writes in a row, with a stat between (as we do), share an mtime here?"""
-    probe = directory / f"{TEMP_PREFIX}probe.{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            last = -1
-            for _ in range(20):
-                os.write(fd, b"x")
-                mtime = os.fstat(fd).st_mtime_ns
-                if mtime == last:
-                    return True
-                last = mtime
-        finally:
-            os.close(fd)
-    except OSError:
-        return True  # cannot tell: assume the worst
-    finally:
-        probe.unlink(missing_ok=True)
-    return False
-
-
-def _digest_of(body: Any) -> bytes:
-    h = hashlib.sha1()
-    for chunk in [body] if isinstance(body, bytes | bytearray | memoryview) else body:
-        h.update(chunk)
-    return h.digest()
-
-
-def _file_digest(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha1").digest()
-    except OSError:
-        return None
-
-
-_SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)
-_NEXT = b",\n  {"
-
-
-def _decode_known(
-    file: str, raw: bytes, frags: dict[str, bytes], known: dict[str, Any]
-) -> list[Any] | None:
-    """A table file decoded at the cost of the records that differ from what we wrote.
-
-    A hand edit usually changes a few records of a file we wrote: records whose bytes equal
-    our encoding are reused (compared in place, nothing copied), only the others are decoded
-    and validated one by one. None when the file is not laid out as we write it or anything
-    does not decode: the full decoder then runs and, for an invalid file, reports the exact
-    position.
-    """
-    if not (raw.startswith(b"[\n  {") and raw.endswith(b"}\n]\n")) or not frags:
-        return None
-    kind = files.TABLES[file]
-    key = "connection_id" if kind is ConnectionState else "id"
-    ids, ours = list(frags), list(frags.values())
-    budget = max(16, len(ours) // 8)  # beyond this many new records one full decode is faster
-    end = len(raw) - 3  # where the closing "\n]\n" starts
-
-    def ours_at(k: int, pos: int) -> int:
-        """Where our record k ends if the file holds exactly it at `pos`, else -1."""
-        if k >= len(ours) or not raw.startswith(ours[k], pos):
-            return -1
-        stop = pos + len(ours[k])
-        return stop if stop == end or raw.startswith(_NEXT, stop) else -1
-
-    out: list[Any] = []
-    pos, j = 2, 0
-    while pos < end:
-        if (stop := ours_at(j, pos)) >= 0:
-            out.append(known[ids[j]])
-            j += 1
-        elif (stop := ours_at(j + 1, pos)) >= 0:  # our record j was deleted
-            out.append(known[ids[j + 1]])
-            j += 2
-        else:  # changed (or inserted): decode it alone
-            budget -= 1
-            if budget < 0:
-                return None
-            split = raw.find(_SPLIT, pos, end)
-            stop = end if split < 0 else split + 1
-            try:
-                record = msgspec.json.decode(raw[pos:stop], type=kind)
-            except msgspec.MsgspecError:
-                return None
-            if kind is Connection and files.connection_settings_problem(record.connection_settings):
-                return None
-            out.append(record)
-            if j < len(ids) and getattr(record, key) == ids[j]:
-                j += 1  # our record j, edited; else one inserted before it
-        pos = stop + 2  # past ",\n" (or past the end)
-    if len({getattr(r, key) for r in out}) != len(out):
-        return None  # a duplicate id: the full decoder names both places
-    return out

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from ctsd.models import SyncEvent
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -27,12 +27,12 @@ WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 class _Live(Collector):
     """Values read from memory at scrape time."""
 
-    def __init__(self, app: App, bus_stats: Callable[[], dict[str, Any]]) -> None:
-        self.app = app
+    def __init__(self, store: Store, bus_stats: Callable[[], dict[str, Any]]) -> None:
+        self.store = store
         self.bus_stats = bus_stats
 
     def collect(self) -> Iterator[Metric]:
-        store = self.app.store
+        store = self.store
         by_status = GaugeMetricFamily(
             "ctsd_connections", "Connections by observed status", labels=["status"]
         )
@@ -45,6 +45,17 @@ class _Live(Collector):
         yield GaugeMetricFamily("ctsd_revision", "Current revision", value=store.revision)
         yield GaugeMetricFamily(
             "ctsd_invalid_files", "Data files invalid on disk", value=len(store.problems)
+        )
+        journal = store.status()
+        yield GaugeMetricFamily(
+            "ctsd_journal_bytes",
+            "Size of the journal (changes not yet cut)",
+            journal["journal_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "ctsd_checkpoint_lag_seconds",
+            "Age of the oldest change not yet in the data files",
+            journal["checkpoint_lag_s"],
         )
         stats = self.bus_stats()
         yield GaugeMetricFamily("ctsd_bus_clients", "Authenticated bus clients", stats["clients"])
@@ -69,7 +80,7 @@ class _Live(Collector):
 
 
 class Metrics:
-    def __init__(self, app: App, bus_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, store: Store, bus_stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.changes = Counter(
             "ctsd_changes", "Changes committed through the store", registry=self.registry
@@ -88,8 +99,7 @@ class Metrics:
         )
         self.hand_edits.labels("taken_in")
         self.hand_edits.labels("refused")
-        self.registry.register(_Live(app, bus_stats))
-        store = app.store
+        self.registry.register(_Live(store, bus_stats))
         store.on_commit.append(self._on_commit)
         store.events_listeners.append(self._on_events)
         store.notice_listeners.append(self._on_notice)

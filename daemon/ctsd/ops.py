@@ -1,5 +1,6 @@
-"""Every kind of change, as an `Op` for `Store.submit`: a function that checks its input,
-applies it to a `Tx` and emits its sync-log events. Ops never touch disk or the network."""
+"""Every kind of change, as an op: a function of a `core.Tx` that checks its input, applies it
+to the Tx's overlays and emits its sync-log events. Pure: no files, no clock (the time is
+`tx.now`), nothing but the Tx."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ from typing import Any
 import msgspec
 
 from ctsd import diagnose, files
-from ctsd.atomic import Stamp, stamp_of
+from ctsd.core import (
+    Op,
+    Tx,
+    changed_fields,
+    changed_keys,
+    merge_document,
+    merge_table,
+    mirror_state,
+)
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, TestResult
 from ctsd.redact import SECRET_FIELDS, refuse_placeholders
-from ctsd.store import Op, Tx, mirror_state
 from ctsd.table import Table
 from ctsd.timeutil import later
+
+__all__ = ["Op"]
 
 SERVER_MANAGED = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
@@ -44,26 +54,43 @@ def _require(tx: Tx, cid: Any, path: str = "$.connection_id") -> Connection:
     return conn
 
 
-def changed_fields(old: msgspec.Struct | None, new: msgspec.Struct | None) -> list[str]:
-    if old is not None and new is not None and type(old) is type(new):
-        # The hot path (every update, twice): compare attributes without building two dicts.
-        return [k for k in old.__struct_fields__ if getattr(old, k) != getattr(new, k)]
-    a = msgspec.structs.asdict(old) if old is not None else {}
-    b = msgspec.structs.asdict(new) if new is not None else {}
-    return [k for k in (b or a) if a.get(k) != b.get(k)]
-
-
 def public_values(record: msgspec.Struct, fields: list[str]) -> dict[str, Any]:
     """The new values of `fields`, secrets left out (`fields` still names them)."""
     return {k: msgspec.to_builtins(getattr(record, k)) for k in fields if k not in SECRET_FIELDS}
 
 
-def _put_connection(tx: Tx, conn: Connection) -> None:
+# --- writing into the overlays (each put says what it set, for the journal) -----------------
+
+
+def put_state(tx: Tx, st: ConnectionState, fields: list[str] | None) -> None:
+    tx.state.put(st.connection_id, st)
+    tx.set_fields("state", st.connection_id, fields)
+
+
+def put_connection(tx: Tx, conn: Connection, fields: list[str] | None) -> None:
+    """Put `conn` (with `fields` changed; None: new or whole) and keep its state mirrored."""
     tx.connections.put(conn.id, conn)
+    tx.set_fields("connections", conn.id, fields)
     state = tx.state.get(conn.id)
     fixed = mirror_state(conn, state, tx.now)
     if fixed is not state:
-        tx.state.put(conn.id, fixed)
+        put_state(tx, fixed, changed_fields(state, fixed) if state is not None else None)
+
+
+def delete_connection(tx: Tx, cid: str) -> None:
+    tx.connections.delete(cid)
+    if cid in tx.state:
+        tx.state.delete(cid)
+
+
+def put_document(tx: Tx, name: str, content: dict[str, Any]) -> list[str]:
+    """Put a document; returns the top-level keys that changed (emits nothing)."""
+    old = tx.docs.get(name)
+    keys = changed_keys(old, content)
+    if keys or old is None:
+        tx.docs.put(name, content)
+        tx.set_fields("documents", name, keys if old is not None else None)
+    return keys
 
 
 def _check_settings(conn: Connection, path: str) -> None:
@@ -90,7 +117,7 @@ def create(data: Any) -> Op:
             raise CtsdError(
                 "conflict", f"connection {conn.id!r} already exists", path="$.connection.id"
             )
-        _put_connection(tx, conn)
+        put_connection(tx, conn, None)
         fields = list(CONNECTION_FIELDS)
         tx.emit("create", conn.id, {"fields": fields, "values": public_values(conn, fields)})
         return conn
@@ -122,7 +149,7 @@ def _apply_update(tx: Tx, conn: Connection, new: Connection) -> Connection:
     fields = [f for f in changed_fields(conn, new) if f != "updated_at"]
     if not fields:
         return conn
-    _put_connection(tx, new)
+    put_connection(tx, new, [*fields, "updated_at"])
     tx.emit("update", new.id, {"fields": fields, "values": public_values(new, fields)})
     return new
 
@@ -155,9 +182,7 @@ def batch_update(updates: Any) -> Op:
 def delete(cid: Any) -> Op:
     def op(tx: Tx) -> dict[str, str]:
         conn = _require(tx, cid)
-        tx.connections.delete(conn.id)
-        if conn.id in tx.state:
-            tx.state.delete(conn.id)
+        delete_connection(tx, conn.id)
         tx.emit("delete", conn.id, {"fields": [], "name": conn.name})
         return {"deleted": conn.id}
 
@@ -171,11 +196,15 @@ def set_active(cid: Any, active: Any) -> Op:
             raise CtsdError("invalid", "active must be true or false", path="$.active")
         if conn.is_active != active:
             conn = msgspec.structs.replace(conn, is_active=active, updated_at=tx.now)
-            _put_connection(tx, conn)
+            put_connection(tx, conn, ["is_active", "updated_at"])
         tx.emit("set_active", conn.id, {"active": active, "timestamp": tx.now})
         return conn
 
     return op
+
+
+def _state_of(tx: Tx, conn: Connection) -> ConnectionState:
+    return tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
 
 
 def set_volume(cid: Any, live: Any = None, preset: Any = None) -> Op:
@@ -188,15 +217,14 @@ def set_volume(cid: Any, live: Any = None, preset: Any = None) -> Op:
                 isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
             ):
                 raise CtsdError("invalid", f"{name} must be a number > 0", path=f"$.{name}")
-        state = tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
+        state = _state_of(tx, conn)
         state = msgspec.structs.replace(
             state,
             volume_factor_live=live if live is not None else state.volume_factor_live,
             volume_factor_preset=preset if preset is not None else state.volume_factor_preset,
             updated_at=tx.now,
-            last_sync_at=tx.now,  # this change's event: free here, the state is written anyway
         )
-        tx.state.put(conn.id, state)
+        put_state(tx, state, ["volume_factor_live", "volume_factor_preset", "updated_at"])
         tx.emit(
             "update_volume",
             conn.id,
@@ -216,18 +244,14 @@ def record_test(cid: str, result: TestResult) -> Op:
 
     def op(tx: Tx) -> TestResult:
         conn = _require(tx, cid)
-        state = tx.state.get(conn.id) or mirror_state(conn, None, tx.now)
-        changes: dict[str, Any] = {
-            "test_results": result,
-            "updated_at": tx.now,
-            "last_sync_at": tx.now,  # its `test` event; the state is written anyway
-        }
+        state = _state_of(tx, conn)
+        changes: dict[str, Any] = {"test_results": result, "updated_at": tx.now}
         if result.success and later(result.timestamp, state.last_heartbeat_at):
             changes["last_heartbeat_at"] = result.timestamp
         recovered = result.success and state.status == "stale"
         if recovered:
             changes["status"] = "active"
-        tx.state.put(conn.id, msgspec.structs.replace(state, **changes))
+        put_state(tx, msgspec.structs.replace(state, **changes), list(changes))
         tx.emit("test", conn.id, msgspec.to_builtins(result))
         if recovered:
             tx.emit("recovered", conn.id, {"reason": "test", "timestamp": tx.now})
@@ -251,7 +275,7 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
             if state is None:
                 continue
             if status == "stale":
-                latest = tx.store.heartbeats.get(cid)
+                latest = tx.ctx.heartbeats.get(cid)
                 if state.status != "active" or later(latest, heartbeat):
                     continue
             elif status != "active" or state.status != "stale":
@@ -259,16 +283,10 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
             beat = max(
                 (b for b in (heartbeat, state.last_heartbeat_at) if b is not None), default=None
             )
-            tx.state.put(
-                cid,
-                msgspec.structs.replace(
-                    state,
-                    status=status,
-                    last_heartbeat_at=beat,
-                    updated_at=tx.now,
-                    last_sync_at=tx.now,  # the event below; the state is written anyway
-                ),
+            new = msgspec.structs.replace(
+                state, status=status, last_heartbeat_at=beat, updated_at=tx.now
             )
+            put_state(tx, new, ["status", "last_heartbeat_at", "updated_at"])
             if status == "stale":
                 tx.emit("stale", cid, {"last_heartbeat_at": heartbeat, "timestamp": tx.now})
             else:
@@ -279,25 +297,18 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
     return op
 
 
-def flush_heartbeats(beats: dict[str, str], synced: dict[str, str] | None = None) -> Op:
-    """Coalesced heartbeats (and `last_sync_at`, see sweeps.py) into connection-state.json:
-    one write, no sync-log entries. Only ever moves a timestamp forward."""
+def flush_heartbeats(beats: Mapping[str, str]) -> Op:
+    """Coalesced heartbeats into connection-state.json: one write, no sync-log entries. Only
+    ever moves a timestamp forward."""
 
     def op(tx: Tx) -> int:
         n = 0
-        for cid in beats.keys() | (synced or {}).keys():
+        for cid, hb in beats.items():
             state = tx.state.get(cid)
-            if state is None:
-                continue
-            changes: dict[str, str] = {}
-            hb = beats.get(cid)
-            if later(hb, state.last_heartbeat_at):
-                changes["last_heartbeat_at"] = hb
-            ls = (synced or {}).get(cid)
-            if later(ls, state.last_sync_at):
-                changes["last_sync_at"] = ls
-            if changes:
-                tx.state.put(cid, msgspec.structs.replace(state, **changes))
+            if state is not None and later(hb, state.last_heartbeat_at):
+                put_state(
+                    tx, msgspec.structs.replace(state, last_heartbeat_at=hb), ["last_heartbeat_at"]
+                )
                 n += 1
         return n
 
@@ -321,35 +332,95 @@ def check_document(tx: Tx, name: Any, content: Any) -> str:
         raise CtsdError("invalid", "content must be a JSON object", path="$.content")
     refuse_placeholders(content, "$.content")
     _convert(content, files.document_type(name), "$.content")  # names the very field
-    try:
-        if name == "instances":
-            files.check_instance_refs(content, tx.store.algorithm_names(tx.docs), file, None)
-    except Invalid as e:
-        raise CtsdError(
-            "invalid", e.problem.message, path="$.content" + e.problem.path[1:]
-        ) from None
+    if name == "instances":
+        try:
+            files.check_instance_refs(content, tx.algorithm_names(), file, None)
+        except Invalid as e:
+            raise CtsdError(
+                "invalid", e.problem.message, path="$.content" + e.problem.path[1:]
+            ) from None
     return file
+
+
+def _emit_document(tx: Tx, name: str, file: str, keys: list[str]) -> None:
+    tx.emit("document_update", None, {"file": file, "name": name, "keys": keys})
 
 
 def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
         file = check_document(tx, name, content)
-        _put_document(tx, name, file, content)
+        existed = name in tx.docs
+        keys = put_document(tx, name, content)
+        if keys or not existed:
+            _emit_document(tx, name, file, keys)
         return content
 
     return op
 
 
-def _put_document(tx: Tx, name: str, file: str, content: dict[str, Any]) -> None:
-    old = tx.docs.get(name) or {}
-    keys = sorted({k for k in {*old, *content} if old.get(k) != content.get(k)})
-    if not keys and name in tx.docs:
-        return
-    tx.docs.put(name, content)
-    tx.emit("document_update", None, {"file": file, "name": name, "keys": keys})
+# --- hand edits (a file taken in as it is on disk) -------------------------------------------
 
 
-# --- hand edits (take a file in as it is on disk) ------------------------------------------
+def _take_in_connections(
+    tx: Tx, file: str, base: Mapping[str, Connection], hand: list[Connection]
+) -> list[tuple[str, list[str]]]:
+    merged = merge_table(base, {c.id: c for c in hand}, _flat(tx.connections))
+    current = _flat(tx.connections)
+    new: dict[str, Connection] = {}
+    for cid, conn in merged.records.items():
+        old = current.get(cid)
+        if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
+            new[cid] = old
+            continue
+        stamped = msgspec.structs.replace(
+            conn, created_at=conn.created_at or tx.now, updated_at=conn.updated_at or tx.now
+        )
+        new[cid] = stamped
+        fields = changed_fields(old, stamped) if old else list(CONNECTION_FIELDS)
+        put_connection(tx, stamped, fields if old else None)
+        shown = [f for f in fields if f != "updated_at"] or fields
+        tx.emit(
+            "update" if old else "create",
+            cid,
+            {"fields": shown, "values": public_values(stamped, shown), "file": file},
+        )
+    for cid, old in current.items():
+        if cid not in new:
+            delete_connection(tx, cid)
+            tx.emit("delete", cid, {"fields": [], "name": old.name, "file": file})
+    if list(new) != [k for k in current if k in new] + [k for k in new if k not in current]:
+        tx.connections.order = list(new)  # the hand edit reordered them
+    return merged.conflicts
+
+
+def _take_in_state(
+    tx: Tx, file: str, base: Mapping[str, ConnectionState], hand: list[ConnectionState]
+) -> list[tuple[str, list[str]]]:
+    current = _flat(tx.state)
+    merged = merge_table(base, {s.connection_id: s for s in hand}, current)
+    # While connections.json is invalid there is nothing to mirror: keep what the file says.
+    mirror = CONNECTIONS not in tx.ctx.invalid_files
+    new: dict[str, ConnectionState] = {}
+    for cid, st in merged.records.items():
+        conn = tx.connections.get(cid)
+        if conn is None and mirror:
+            continue  # state of no connection: ignored, as at start
+        new[cid] = mirror_state(conn, st, tx.now) if conn is not None else st
+    for cid, conn in tx.connections.items():  # a connection always has its state record
+        if cid not in new:
+            new[cid] = mirror_state(conn, current.get(cid), tx.now)
+    for cid, st in new.items():
+        old = current.get(cid)
+        if old is not None and (old is st or old == st):
+            continue
+        fields = changed_fields(old, st)
+        put_state(tx, st, fields if old is not None else None)
+        tx.emit(
+            "update", cid, {"fields": fields, "values": public_values(st, fields), "file": file}
+        )
+    for cid in [c for c in current if c not in new]:
+        tx.state.delete(cid)
+    return merged.conflicts
 
 
 def _flat(table: Table[Any]) -> Mapping[str, Any]:
@@ -363,124 +434,46 @@ def _flat(table: Table[Any]) -> Mapping[str, Any]:
     return t
 
 
-def _take_in_table(tx: Tx, file: str, records: list[Any]) -> None:
-    if file == CONNECTIONS:
-        new = {c.id: c for c in records}
-        current = _flat(tx.connections)
-        for cid, old in current.items():
-            if cid not in new:
-                tx.connections.delete(cid)
-                if cid in tx.state:
-                    tx.state.delete(cid)
-                tx.emit("delete", cid, {"fields": [], "name": old.name, "file": file})
-        changed: list[str] = []
-        for cid, conn in new.items():
-            old = current.get(cid)
-            if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
-                new[cid] = old  # unchanged: keep the object so its encoding is reused
-                continue
-            changed.append(cid)
-            stamped = msgspec.structs.replace(
-                conn, created_at=conn.created_at or tx.now, updated_at=conn.updated_at or tx.now
-            )
-            new[cid] = stamped
-            state = tx.state.get(cid)
-            fixed = mirror_state(stamped, state, tx.now)
-            if fixed is not state:
-                tx.state.put(cid, fixed)
-            fields = changed_fields(old, stamped) if old else list(CONNECTION_FIELDS)
-            fields = [f for f in fields if f != "updated_at"] or fields
-            tx.emit(
-                "update" if old else "create",
-                cid,
-                {"fields": fields, "values": public_values(stamped, fields), "file": file},
-            )
-        # State kept while connections.json was invalid at start, of no connection now
-        # (checked on the committed sizes first: a full scan per hand edit costs ms at 10k).
-        if len(tx.store.state) > len(tx.store.connections):
-            for cid in [c for c in tx.state if c not in new]:
-                tx.state.delete(cid)
-        if new.keys() == current.keys() and list(new) == list(current):
-            # Same records in the same order (the usual hand edit): overlay only the changed
-            # ones, so the write re-encodes those and nothing is rebuilt.
-            for cid in changed:
-                tx.connections.put(cid, new[cid])
-        else:
-            tx.connections.replace(new)
-    elif file == STATE:
-        new_state: dict[str, ConnectionState] = {}
-        # While connections.json is invalid there is nothing to mirror: keep what the file says.
-        mirror = CONNECTIONS not in tx.store.problems
-        for st in records:
-            conn = tx.connections.get(st.connection_id)
-            if conn is None and mirror:
-                continue  # state of no connection: ignored, as at start
-            if conn is not None:
-                st = mirror_state(conn, st, tx.now)  # is_active and status follow connections
-            old = tx.state.get(st.connection_id)
-            if old is not None and old == st:
-                new_state[st.connection_id] = old
-                continue
-            fields = changed_fields(old, st)
-            new_state[st.connection_id] = st
-            tx.emit(
-                "update",
-                st.connection_id,
-                {"fields": fields, "values": public_values(st, fields), "file": file},
-            )
-        for cid, conn in tx.connections.items():
-            if cid not in new_state:
-                new_state[cid] = mirror_state(conn, tx.state.get(cid), tx.now)
-        tx.state.replace(new_state)
+def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
+    """The op for a valid hand edit of `file`: `hand` is what the file holds now (decoded and
+    validated), `base` what it held when the daemon last read or wrote it (records by id, a
+    document, or the sync-log events). Changes still on their way to the file are kept: the
+    hand edit's own changes go on top of them (`core.merge_table`); the conflicts (fields both
+    changed, which the hand edit wins) are the op's result."""
 
-
-def take_in(file: str, decoded: Any, raw: bytes, stamp: Stamp | None, *, force: bool = False) -> Op:
-    """The op for a valid hand edit of `file` (already decoded and validated), read from the
-    file when it had `stamp`.
-
-    `stamp=None`: bytes that are not in the file, a late in-place write into the file our
-    rename displaced (`Store.take_in_late`). Taken in as a hand save made now; not marked
-    synced, so the store writes the file from memory like any change (stamp check, swap,
-    fsync), unless a newer save of the file is waiting on disk: that one supersedes it.
-    """
-
-    def op(tx: Tx) -> None:
-        store = tx.store
-        if stamp is None:
-            if not store.unchanged(file):
-                raise CtsdError("conflict", f"{file} was saved again since; that save supersedes")
-        else:
-            # Applied a moment after the read: the writer may have written the file since.
-            if not force and store.unchanged(file) and file not in store.problems:
-                return  # our own write, read before the writer had recorded its stamp
-            if stamp_of(store.path(file)) != stamp:
-                # Changed again since read (by us or by hand): these bytes are stale and would
-                # undo that change. Refuse; the next look reads the file as it now is.
-                raise CtsdError("conflict", f"{file} changed again while it was being read")
-            tx.synced[file] = stamp
+    def op(tx: Tx) -> list[Any]:
+        tx.takes_in = True
         if file == SYNC_LOG:
-            if decoded == list(store.log):
-                return
-            # History edited by hand (old entries removed, say): a change like any other. It is
-            # logged, so the file is written back with that one entry on top, which keeps the
-            # newest revision on disk: ids are never reused, even after a restart.
-            tx.log_replace = decoded
-            tx.touched.add(file)
-            tx.emit("document_update", None, {"file": file, "entries": len(decoded)})
-            return
-        if file in (CONNECTIONS, STATE):
-            _take_in_table(tx, file, decoded)
-            return
+            was = base if base is not None else list(tx.base.log)
+            if hand == was:
+                return []
+            # History edited by hand (old entries removed, say): a change like any other. Events
+            # the file has not received yet stay. It is logged, so the file is written back
+            # with that one entry on top, which keeps the newest revision on disk: ids are never
+            # reused, even after a restart.
+            seen = was[-1].id if was else 0
+            tx.log_replace = [*hand, *(e for e in tx.base.log if e.id > seen)]
+            tx.emit("document_update", None, {"file": file, "entries": len(hand)})
+            return []
+        if file == CONNECTIONS:
+            return _take_in_connections(tx, file, base or {}, hand)
+        if file == STATE:
+            return _take_in_state(tx, file, base or {}, hand)
         name = files.document_name(file)
         assert name is not None
+        merged = merge_document(base, hand, tx.docs.get(name))
         if name == "instances":
             try:
-                files.check_instance_refs(decoded, tx.store.algorithm_names(tx.docs), file, raw)
+                files.check_instance_refs(merged.records, tx.algorithm_names(), file, raw)
             except Invalid as e:
                 raise CtsdError(
                     "invalid", e.problem.message, path=e.problem.path, extra={"problem": e.problem}
                 ) from None
-        _put_document(tx, name, file, decoded)
+        existed = name in tx.docs
+        keys = put_document(tx, name, merged.records)
+        if keys or not existed:
+            _emit_document(tx, name, file, keys)
+        return merged.conflicts
 
     return op
 
@@ -491,6 +484,7 @@ def remove_algorithm(file: str) -> Op:
     algo = file[len(files.ALGORITHMS_DIR) + 1 : -len(".json")]
 
     def op(tx: Tx) -> None:
+        tx.takes_in = True
         if name is None or name not in tx.docs:
             return
         instances = (tx.docs.get("instances") or {}).get("instances") or []
@@ -498,22 +492,50 @@ def remove_algorithm(file: str) -> Op:
         if users:
             raise CtsdError("conflict", f"instances.json names it (instances {users})")
         tx.docs.delete(name)
-        tx.synced[file] = None  # already gone from disk
         tx.emit("document_update", None, {"file": file, "name": name, "deleted": True})
 
     return op
 
 
-def touch(file: str) -> Op:
-    """Write `file` back from memory (it was deleted by hand)."""
-
-    def op(tx: Tx) -> None:
-        tx.touched.add(file)
-
-    return op
-
-
 # --- whole data set -------------------------------------------------------------------------
+
+
+def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
+    kind = files.TABLES[file]
+    records = _convert(value, list[kind], path)
+    key = "id" if file == CONNECTIONS else "connection_id"
+    # Checked as sent, before any merge (a merge would fold duplicates silently).
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        rid = getattr(r, key)
+        if rid in seen:
+            raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
+        seen.add(rid)
+        if file == CONNECTIONS:
+            _check_settings(r, f"{path}[{i}]")
+    table = tx.connections if file == CONNECTIONS else tx.state
+    current = dict(table.items())
+    if mode == "merge":
+        sent = {v["id"]: v for v in value} if file == CONNECTIONS else {}
+        merged = dict(current)
+        for r in records:
+            old = current.get(getattr(r, key))
+            if old is not None and file == CONNECTIONS:
+                # secrets absent from the import keep their stored values
+                keep = {
+                    k: getattr(old, k)
+                    for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
+                    if k not in sent[r.id]
+                }
+                r = msgspec.structs.replace(r, **keep)
+            merged[getattr(r, key)] = r
+        records = list(merged.values())
+    # An import is a hand edit of the whole file made through the bus: taken in against what
+    # memory holds (nothing pending can be lost: the base is memory itself).
+    if file == CONNECTIONS:
+        _take_in_connections(tx, file, current, records)
+    else:
+        _take_in_state(tx, file, current, records)
 
 
 def import_data(data: Any, mode: Any) -> Op:
@@ -534,38 +556,7 @@ def import_data(data: Any, mode: Any) -> Op:
             if file == SYNC_LOG:
                 continue  # history is the daemon's own; an import never rewrites it
             if file in (CONNECTIONS, STATE):
-                kind = files.TABLES[file]
-                records = _convert(value, list[kind], path)
-                key = "id" if file == CONNECTIONS else "connection_id"
-                # Checked as sent, before any merge (a merge would fold duplicates silently).
-                seen: set[str] = set()
-                for i, r in enumerate(records):
-                    rid = getattr(r, key)
-                    if rid in seen:
-                        raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
-                    seen.add(rid)
-                    if file == CONNECTIONS:
-                        _check_settings(r, f"{path}[{i}]")
-                if mode == "merge":
-                    current = {
-                        getattr(r, key): r
-                        for r in (tx.connections if file == CONNECTIONS else tx.state).values()
-                    }
-                    # as sent (records converted from `value`: dicts, ids unique)
-                    sent = {v["id"]: v for v in value} if file == CONNECTIONS else {}
-                    for r in records:
-                        old = current.get(getattr(r, key))
-                        if old is not None and file == CONNECTIONS:
-                            # secrets absent from the import keep their stored values
-                            keep = {
-                                k: getattr(old, k)
-                                for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
-                                if k not in sent[r.id]
-                            }
-                            r = msgspec.structs.replace(r, **keep)
-                        current[getattr(r, key)] = r
-                    records = list(current.values())
-                _take_in_table(tx, file, records)
+                _import_table(tx, file, value, mode, path)
             else:
                 name = files.document_name(file)
                 if name is None:
@@ -576,7 +567,10 @@ def import_data(data: Any, mode: Any) -> Op:
                     else {**(tx.docs.get(name) or {}), **value}
                 )
                 check_document(tx, name, doc)
-                _put_document(tx, name, files.document_file(name), doc)
+                existed = name in tx.docs
+                keys = put_document(tx, name, doc)
+                if keys or not existed:
+                    _emit_document(tx, name, files.document_file(name), keys)
             imported.append(file)
         tx.emit("import", None, {"mode": mode, "files": imported})
         return {"imported": imported, "mode": mode}
@@ -592,13 +586,14 @@ def reset() -> Op:
 
     def op(tx: Tx) -> dict[str, Any]:
         for cid in list(tx.connections.keys()):
-            tx.connections.delete(cid)
+            delete_connection(tx, cid)
         for cid in list(tx.state.keys()):
             tx.state.delete(cid)
         for name in files.DOCUMENTS:
             tx.docs.put(name, files.default_document(name))
+            tx.set_fields("documents", name, None)
         reset_files = [CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())]
-        tx.touched.update(reset_files)
+        tx.touched.update(reset_files)  # each file is reset, whatever memory held
         tx.emit("reset", None, {"files": reset_files})
         return {"reset": reset_files}
 

@@ -31,7 +31,7 @@ from ctsd.models import Connection, ConnectionDoc, TestResult
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.store import Store
 
 log = structlog.get_logger("ctsd.probes")
 
@@ -237,9 +237,11 @@ def _failure(error: str) -> TestResult:
 
 
 class Prober:
-    """Shared by on-demand tests, the periodic sweep and Project X (kept in app.components)."""
+    """Every connection test: on demand, the periodic sweep's, and Project X's; one HTTP
+    client and one concurrency bound for all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.semaphore = asyncio.Semaphore(MAX_CONCURRENT_TESTS)
         self._client: httpx.AsyncClient | None = None
         self._client_lock = asyncio.Lock()
@@ -332,6 +334,101 @@ class Prober:
             )
         return TestResult(success=True, latency=latency, timestamp=ts)
 
+    def _timeout(self) -> float:
+        return float(self.store.settings.test_timeout_s)
+
+    # --- exchange connections --------------------------------------------------------------
+
+    async def run_test(self, conn: Connection) -> TestResult:
+        """Test `conn` without recording the result."""
+        target = target_for(conn)
+        if isinstance(target, str):
+            return _failure(target)
+        return await self.request(target, self._timeout())
+
+    async def test_connection(self, cid: str) -> dict[str, Any]:
+        """`connections.test`: test now, store the result (event `test`), return it."""
+        if not isinstance(cid, str):
+            raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
+        conn = self.store.connections.get(cid)
+        if conn is None:
+            raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+        result = await self.run_test(conn)
+        await self.store.submit(ops.record_test(cid, result), "probe")
+        out: dict[str, Any] = msgspec.to_builtins(result)
+        return out
+
+    # --- Project X (connection.json) --------------------------------------------------------
+
+    def projectx_config(self) -> ConnectionDoc:
+        doc = self.store.documents.get("connection") or {}
+        try:
+            return msgspec.convert(doc, type=ConnectionDoc)
+        except msgspec.ValidationError:
+            return ConnectionDoc()  # the store only keeps valid content; belt and braces
+
+    async def test_projectx(self) -> dict[str, Any]:
+        """`trading.test_connection`: log in to the Project X API with the server's credentials.
+
+        The result says whether the API answered and accepted the credentials; the session
+        token it returns is dropped at once (this is a test, not a session).
+        """
+        px = self.projectx_config().projectX
+        base = px.apiUrl or PROJECTX_DEFAULT_URL
+        if not base.startswith(("http://", "https://")):
+            result = _failure("projectX.apiUrl must start with http:// or https://")
+        elif not px.username or not px.apiKey:
+            result = _failure("Project X credentials are not set (projectX.username, apiKey)")
+        else:
+            scrub = (px.apiKey, px.username)
+            target = Target(
+                "POST",
+                base.rstrip("/") + PROJECTX_LOGIN_PATH,
+                {"accept": "application/json", "user-agent": USER_AGENT},
+                lambda body: _check_projectx(body, scrub),
+            )
+            if self.projectx["last_test"] is None:
+                self.projectx["state"] = "testing"
+            result = await self.request(
+                target, self._timeout(), {"userName": px.username, "apiKey": px.apiKey}, scrub
+            )
+        out: dict[str, Any] = msgspec.to_builtins(result)
+        self.projectx["last_test"] = out
+        self.projectx["state"] = "connected" if result.success else "error"
+        log.info(
+            "projectx_test",
+            success=result.success,
+            latency=result.latency,
+            error=result.error,
+            api_url=display_url(base),
+        )
+        return out
+
+    def projectx_status(self) -> dict[str, Any]:
+        """Project X state for `status` and `GET /api/trading/server-status`; no secrets."""
+        px = self.projectx_config().projectX
+        tested = self.projectx["last_test"]
+        return {
+            "api_url": display_url(px.apiUrl or PROJECTX_DEFAULT_URL),
+            "auto_connect": px.autoConnect,
+            "credentials_set": bool(px.username and px.apiKey),
+            "state": self.projectx["state"] if px.autoConnect or tested else "off",
+            "last_test": tested,
+        }
+
+
+def _check_projectx(body: Any, scrub: tuple[str, ...]) -> str | None:
+    b = _obj(body)
+    if b is None or "success" not in b:
+        return "unexpected answer: not a Project X response (no success)"
+    if b.get("success") is not True or not b.get("token"):
+        code = b.get("errorCode")
+        message = _scrub(str(b.get("errorMessage") or "")[:200], scrub)
+        return f"Project X refused the login (errorCode {code})" + (
+            f": {message}" if message else ""
+        )
+    return None
+
 
 def _root_cause(e: BaseException) -> BaseException:
     """httpx wraps the socket error ("All connection attempts failed"); the cause says why."""
@@ -351,113 +448,3 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
         if s:
             text = text.replace(s, "********")
     return text
-
-
-def prober(app: App) -> Prober:
-    p = app.components.get("probes")
-    if p is None:
-        p = app.components["probes"] = Prober()
-    return p
-
-
-def _timeout(app: App) -> float:
-    return float(app.store.settings.test_timeout_s)
-
-
-# --- exchange connections ------------------------------------------------------------------
-
-
-async def run_test(app: App, conn: Connection) -> TestResult:
-    """Test `conn` without recording the result."""
-    target = target_for(conn)
-    if isinstance(target, str):
-        return _failure(target)
-    return await prober(app).request(target, _timeout(app))
-
-
-async def test_connection(app: App, cid: str) -> dict[str, Any]:
-    """`connections.test`: test now, store the result (event `test`), return it."""
-    if not isinstance(cid, str):
-        raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
-    conn = app.store.connections.get(cid)
-    if conn is None:
-        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
-    result = await run_test(app, conn)
-    await app.store.submit(ops.record_test(cid, result), "probe")
-    out: dict[str, Any] = msgspec.to_builtins(result)
-    return out
-
-
-# --- Project X (connection.json) ------------------------------------------------------------
-
-
-def projectx_config(app: App) -> ConnectionDoc:
-    doc = app.store.documents.get("connection") or {}
-    try:
-        return msgspec.convert(doc, type=ConnectionDoc)
-    except msgspec.ValidationError:
-        return ConnectionDoc()  # the store only keeps valid content; belt and braces
-
-
-async def test_projectx(app: App) -> dict[str, Any]:
-    """`trading.test_connection`: log in to the Project X API with the server's credentials.
-
-    The result says whether the API answered and accepted the credentials; the session token
-    it returns is dropped at once (this is a test, not a session).
-    """
-    p = prober(app)
-    px = projectx_config(app).projectX
-    base = px.apiUrl or PROJECTX_DEFAULT_URL
-    if not base.startswith(("http://", "https://")):
-        result = _failure("projectX.apiUrl must start with http:// or https://")
-    elif not px.username or not px.apiKey:
-        result = _failure("Project X credentials are not set (projectX.username, apiKey)")
-    else:
-        scrub = (px.apiKey, px.username)
-        target = Target(
-            "POST",
-            base.rstrip("/") + PROJECTX_LOGIN_PATH,
-            {"accept": "application/json", "user-agent": USER_AGENT},
-            lambda body: _check_projectx(body, scrub),
-        )
-        p.projectx["state"] = "testing" if p.projectx["last_test"] is None else p.projectx["state"]
-        result = await p.request(
-            target, _timeout(app), {"userName": px.username, "apiKey": px.apiKey}, scrub
-        )
-    out: dict[str, Any] = msgspec.to_builtins(result)
-    p.projectx["last_test"] = out
-    p.projectx["state"] = "connected" if result.success else "error"
-    log.info(
-        "projectx_test",
-        success=result.success,
-        latency=result.latency,
-        error=result.error,
-        api_url=display_url(base),
-    )
-    return out
-
-
-def _check_projectx(body: Any, scrub: tuple[str, ...]) -> str | None:
-    b = _obj(body)
-    if b is None or "success" not in b:
-        return "unexpected answer: not a Project X response (no success)"
-    if b.get("success") is not True or not b.get("token"):
-        code = b.get("errorCode")
-        message = _scrub(str(b.get("errorMessage") or "")[:200], scrub)
-        return f"Project X refused the login (errorCode {code})" + (
-            f": {message}" if message else ""
-        )
-    return None
-
-
-def projectx_status(app: App) -> dict[str, Any]:
-    """Project X state for `status` and `GET /api/trading/server-status`; no secrets."""
-    px = projectx_config(app).projectX
-    p = prober(app)
-    return {
-        "api_url": display_url(px.apiUrl or PROJECTX_DEFAULT_URL),
-        "auto_connect": px.autoConnect,
-        "credentials_set": bool(px.username and px.apiKey),
-        "state": p.projectx["state"] if px.autoConnect or p.projectx["last_test"] else "off",
-        "last_test": p.projectx["last_test"],
-    }

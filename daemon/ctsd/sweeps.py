@@ -16,15 +16,7 @@ lazy heap). A tick therefore costs the entries that came due, not the table. Mem
 follows committed changes through `store.events_listeners`; `import`, `reset` and whole-file
 hand edits trigger a rescan.
 
-`last_sync_at` (time of a connection's latest sync-log event) is derived data. Setting it
-inside every op would add a `connection-state.json` write to changes that otherwise touch
-only `connections.json` (an `update`, a `set_active` of an unchanged flag), doubling their
-cost. Instead: ops that write the state record anyway (`record_test`, `set_status`,
-`set_volume`) set it for free; for every other event the listener below sets it in memory at
-commit (`store.last_sync`, overlaid by `store.state_view`, so readers see it at once) and the
-coalesced heartbeat flush persists it. A crash loses at most one flush interval of it.
-
-Every setting is read from `app.store.settings` on each iteration, which the store refreshes
+Every setting is read from `store.settings` on each iteration, which the store refreshes
 on every committed settings change (bus, hand edit, SIGHUP), so a hand edit of
 `settings.json` changes the sweep's behaviour without a restart.
 """
@@ -48,17 +40,11 @@ from ctsd import ops, probes
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE
 from ctsd.models import SyncEvent
-from ctsd.probes import (  # re-exported: the bus reaches every lifecycle command here
-    projectx_status,
-    test_connection,
-    test_projectx,
-)
+from ctsd.probes import Prober
 from ctsd.timeutil import later
 
-__all__ = ["heartbeat", "projectx_status", "run", "test_connection", "test_projectx"]
-
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.store import Store
 
 log = structlog.get_logger("ctsd.sweeps")
 
@@ -97,11 +83,12 @@ def monotonic_of(ts: str | None) -> float:
 
 
 class Sweeper:
-    """The lifecycle state of every connection; one per app (`app.components["sweeps"]`)."""
+    """The lifecycle state of every connection: heartbeats, the stale sweep, the flush, and
+    the periodic connection tests."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.store = app.store
+    def __init__(self, store: Store, prober: Prober) -> None:
+        self.store = store
+        self.prober = prober
         # Stale sweep: live = enabled and is_active; the heap holds (beat time, cid).
         self.live: set[str] = set()
         self.last_beat: dict[str, float] = {}
@@ -115,7 +102,6 @@ class Sweeper:
         self.recovering: set[str] = set()
         # Coalesced flush.
         self.beats_dirty: set[str] = set()
-        self.sync_dirty: set[str] = set()
         # One flush at a time; a flush asked for meanwhile (shutdown) waits, then writes what
         # is left, instead of returning with heartbeats still only in memory.
         self._flush_lock = anyio.Lock()
@@ -147,7 +133,6 @@ class Sweeper:
 
     def _on_events(self, events: list[SyncEvent]) -> None:
         """Committed changes (called synchronously by the store; must not block)."""
-        conns = self.store.connections
         for e in events:
             cid = e.connection_id
             if cid is None:
@@ -156,9 +141,6 @@ class Sweeper:
                     self._rescan_todo = None  # start over: a half-done pass saw the old table
                 continue
             self.changed.add(cid)
-            if cid in conns:
-                self.store.last_sync[cid] = e.created_at
-                self.sync_dirty.add(cid)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -176,7 +158,6 @@ class Sweeper:
             self.last_beat.pop(cid, None)
             self.test_due.pop(cid, None)
             self.beats_dirty.discard(cid)
-            self.sync_dirty.discard(cid)
             return
         if conn.is_enabled and conn.is_active:
             st = self.store.state_view(cid)
@@ -316,20 +297,15 @@ class Sweeper:
 
     # --- the coalesced flush ------------------------------------------------------------------
 
-    def flush_plan(self) -> tuple[dict[str, str], dict[str, str]]:
-        """What the flush would write: only timestamps newer than the committed ones."""
-        state, beats_mem, sync_mem = self.store.state, self.store.heartbeats, self.store.last_sync
+    def flush_plan(self) -> dict[str, str]:
+        """What the flush would write: only heartbeats newer than the committed ones."""
+        state, beats_mem = self.store.state, self.store.heartbeats
         beats: dict[str, str] = {}
-        synced: dict[str, str] = {}
         for cid in self.beats_dirty:
             hb, st = beats_mem.get(cid), state.get(cid)
             if st is not None and later(hb, st.last_heartbeat_at):
                 beats[cid] = hb  # type: ignore[assignment]  # set: later() said so
-        for cid in self.sync_dirty:
-            ls, st = sync_mem.get(cid), state.get(cid)
-            if st is not None and later(ls, st.last_sync_at):
-                synced[cid] = ls  # type: ignore[assignment]
-        return beats, synced
+        return beats
 
     @property
     def flushing(self) -> bool:
@@ -341,18 +317,17 @@ class Sweeper:
             return await self._flush()
 
     async def _flush(self) -> int:
-        beats, synced = self.flush_plan()
-        self.beats_dirty, self.sync_dirty = set(), set()
-        if not beats and not synced:
+        beats = self.flush_plan()
+        self.beats_dirty = set()
+        if not beats:
             return 0
         try:
-            n = await self.store.submit(ops.flush_heartbeats(beats, synced), "sweep")
+            n = await self.store.submit(ops.flush_heartbeats(beats), "sweep")
             self._warned.pop("heartbeat_flush_failed", None)
             return int(n)
         except CtsdError as e:
             # e.g. connection-state.json invalid on disk: keep them for the next flush
             self.beats_dirty.update(beats)
-            self.sync_dirty.update(synced)
             self._warn("heartbeat_flush_failed", e)
             return 0
 
@@ -394,7 +369,7 @@ class Sweeper:
             if conn is None:
                 return
             before = self.store.state.get(cid)
-            result = await probes.run_test(self.app, conn)
+            result = await self.prober.run_test(conn)
             if cid not in self.store.connections:
                 return  # deleted while the request was out
             await self.store.submit(ops.record_test(cid, result), "probe")
@@ -475,52 +450,43 @@ class Sweeper:
         seen: tuple[Any, ...] | None = None
         next_due = 0.0
         while True:
-            px = probes.projectx_config(self.app).projectX
+            px = self.prober.projectx_config().projectX
             current = (px.autoConnect, px.apiUrl, px.username, px.apiKey)
             interval = self.store.settings.test_interval_s
             if px.autoConnect and (
                 current != seen or (interval > 0 and time.monotonic() >= next_due)
             ):
                 try:
-                    await probes.test_projectx(self.app)
+                    await self.prober.test_projectx()
                 except Exception:  # never let Project X take the sweeps down
                     log.exception("projectx_test_failed")
                 next_due = time.monotonic() + interval
             seen = current
             await anyio.sleep(MAX_IDLE_WAIT_S)
 
+    # --- heartbeats ---------------------------------------------------------------------------
 
-def sweeper(app: App) -> Sweeper:
-    sw = app.components.get("sweeps")
-    if sw is None:
-        sw = app.components["sweeps"] = Sweeper(app)
-    return sw
+    def heartbeat(self, cid: str) -> str:
+        """`connections.heartbeat`: in memory at once, on disk with the next flush; returns
+        its timestamp. A stale connection is turned back to active (scheduled, not awaited)."""
+        if not isinstance(cid, str):
+            raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
+        if cid not in self.store.connections:
+            raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
+        ts = iso_at(time.time())
+        self.store.heartbeats[cid] = ts
+        self.beat(cid, time.monotonic())
+        return ts
 
+    # --- running ---------------------------------------------------------------------------
 
-def heartbeat(app: App, cid: str) -> str:
-    """`connections.heartbeat`: in memory at once, on disk with the next flush; returns its
-    timestamp. A stale connection is turned back to active (scheduled, not awaited)."""
-    if not isinstance(cid, str):
-        raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
-    store = app.store
-    if cid not in store.connections:
-        raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
-    ts = iso_at(time.time())
-    store.heartbeats[cid] = ts
-    sweeper(app).beat(cid, time.monotonic())
-    return ts
-
-
-async def run(app: App) -> None:
-    """The long-running part: stale sweep + flush, periodic tests, Project X."""
-    sw = sweeper(app)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sw.sweep_loop, name="ctsd-sweep")
-            tg.start_soon(sw.test_loop, name="ctsd-tests")
-            tg.start_soon(sw.projectx_loop, name="ctsd-projectx")
-    finally:
-        for task in list(sw.tasks):
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await probes.prober(app).aclose()
+    async def run(self) -> None:
+        """The long-running part: stale sweep + flush, periodic tests, Project X."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.sweep_loop, name="ctsd-sweep")
+                tg.start_soon(self.test_loop, name="ctsd-tests")
+                tg.start_soon(self.projectx_loop, name="ctsd-projectx")
+        finally:
+            for task in list(self.tasks):
+                task.cancel()

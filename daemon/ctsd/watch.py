@@ -45,7 +45,6 @@ from ctsd.atomic import TEMP_PREFIX
 from ctsd.models import SyncEvent, WatchSettings
 
 if TYPE_CHECKING:
-    from ctsd.app import App
     from ctsd.store import Store
 
 log = structlog.get_logger("ctsd.watch")
@@ -205,7 +204,10 @@ class Watcher:
     # --- backends ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # watchfiles logs every batch at info ("1 change detected"), our own writes included.
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
         self.store.events_listeners.append(self._on_events)
+        self.store.watch_again = self.notify
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._late_loop)
@@ -341,13 +343,4 @@ async def _settle(path: Path) -> None:
             key, quiet_since = current, time.monotonic()
 
 
-async def run(app: App) -> None:
-    """The watcher component (started by `app._components`)."""
-    # watchfiles logs every batch at info ("1 change detected"), our own writes included.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    watcher = Watcher(app.store)
-    app.components["watch"] = watcher
-    await watcher.run()
-
-
-__all__ = ["DataFilter", "Poller", "Watcher", "is_debris", "relative", "run"]
+__all__ = ["DataFilter", "Poller", "Watcher", "is_debris", "relative"]

@@ -11,9 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from ctsd import ops, sweeps
+from ctsd import ops
 from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
@@ -22,8 +20,8 @@ from ctsd.models import Connection, Source
 from ctsd.redact import mask
 
 if TYPE_CHECKING:
-    from ctsd.app import App
     from ctsd.bus.session import Session
+    from ctsd.services import Services
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +33,7 @@ class Call:
     `If-Match`). `session`: the bus connection, for the commands that only a bus has.
     """
 
-    app: App
+    svc: Services
     source: Source
     sync: str | None = None
     if_match: int | None = None
@@ -52,7 +50,7 @@ PROBES = frozenset({"connections.test", "trading.test_connection"})
 
 
 async def _submit(c: Call, op: ops.Op) -> Any:
-    return await c.app.store.submit(op, c.source, if_match=c.if_match, sync=c.sync)
+    return await c.svc.store.submit(op, c.source, if_match=c.if_match, sync=c.sync)
 
 
 def _conn_out(result: Any) -> Any:
@@ -66,20 +64,20 @@ def _session(c: Call) -> Session:
 
 
 async def ping(c: Call, a: p.NoArgs) -> Any:
-    return {"pong": True, "revision": c.app.store.revision}
+    return {"pong": True, "revision": c.svc.store.revision}
 
 
 async def status(c: Call, a: p.NoArgs) -> Any:
-    return views.status(c.app)
+    return views.status(c.svc)
 
 
 async def snapshot(c: Call, a: p.NoArgs) -> Any:
-    return views.snapshot(c.app.store)
+    return views.snapshot(c.svc.store)
 
 
 async def subscribe(c: Call, a: p.Subscribe) -> Any:
     s = _session(c)
-    store = c.app.store
+    store = c.svc.store
     if a.since is not None:
         views.check_since(store, a.since)
         if a.since > store.revision:
@@ -110,15 +108,15 @@ async def unsubscribe(c: Call, a: p.NoArgs) -> Any:
 
 
 async def sync_log_get(c: Call, a: p.SyncLogGet) -> Any:
-    return views.sync_log(c.app.store, a.since, a.limit)
+    return views.sync_log(c.svc.store, a.since, a.limit)
 
 
 async def connections_list(c: Call, a: p.ConnectionsList) -> Any:
-    return views.connections(c.app.store, a.exchange, a.enabled, a.active)
+    return views.connections(c.svc.store, a.exchange, a.enabled, a.active)
 
 
 async def connections_get(c: Call, a: p.ConnectionRef) -> Any:
-    return views.get_connection(c.app.store, a.connection_id)
+    return views.get_connection(c.svc.store, a.connection_id)
 
 
 async def connections_create(c: Call, a: p.ConnectionsCreate) -> Any:
@@ -146,20 +144,20 @@ async def connections_set_volume(c: Call, a: p.ConnectionsSetVolume) -> Any:
 
 
 async def connections_heartbeat(c: Call, a: p.ConnectionRef) -> Any:
-    ts = sweeps.heartbeat(c.app, a.connection_id)
+    ts = c.svc.sweeper.heartbeat(a.connection_id)
     return {"connection_id": a.connection_id, "timestamp": ts}
 
 
 async def connections_test(c: Call, a: p.ConnectionRef) -> Any:
-    return msgspec.to_builtins(await sweeps.test_connection(c.app, a.connection_id))
+    return await c.svc.prober.test_connection(a.connection_id)
 
 
 async def documents_list(c: Call, a: p.NoArgs) -> Any:
-    return sorted(c.app.store.documents)
+    return sorted(c.svc.store.documents)
 
 
 async def documents_get(c: Call, a: p.DocumentsGet) -> Any:
-    return views.document(c.app.store, a.name)
+    return views.document(c.svc.store, a.name)
 
 
 async def documents_set(c: Call, a: p.DocumentsSet) -> Any:
@@ -167,7 +165,7 @@ async def documents_set(c: Call, a: p.DocumentsSet) -> Any:
 
 
 async def data_export(c: Call, a: p.NoArgs) -> Any:
-    return views.export(c.app.store)
+    return views.export(c.svc.store)
 
 
 async def data_import(c: Call, a: p.DataImport) -> Any:
@@ -181,7 +179,7 @@ async def data_reset(c: Call, a: p.DataReset) -> Any:
 
 
 async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
-    return mask(msgspec.to_builtins(await sweeps.test_projectx(c.app)))
+    return mask(await c.svc.prober.test_projectx())
 
 
 HANDLERS: dict[str, Handler] = {

@@ -23,7 +23,7 @@ from ctsd.web.guard import Guard
 from ctsd.web.protocols import WIRE
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.services import Services
 
 log = structlog.get_logger("ctsd.bus")
 
@@ -36,15 +36,15 @@ STATUS_OF_REFUSAL = {"forbidden": 403, "io_error": 503}
 
 
 class Bus:
-    def __init__(self, app: App, guard: Guard) -> None:
-        self.app = app
+    def __init__(self, svc: Services, guard: Guard) -> None:
+        self.svc = svc
         self.guard = guard
-        self.hub = Hub(app.store)
+        self.hub = Hub(svc.store)
         self.sessions: set[Session] = set()
         self.unauthenticated = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.frames_sent_closed = 0  # by connections already gone
-        self.limiter = Limiter(lambda: app.store.settings.server.rate_limit)  # read live
+        self.limiter = Limiter(lambda: svc.store.settings.server.rate_limit)  # read live
         self.accepting = True
 
     def start(self) -> None:
@@ -71,7 +71,7 @@ class Bus:
         headers = scope["headers"]
         client = scope.get("client")
         addr = str(client[0]) if client else "?"
-        server = self.app.store.settings.server
+        server = self.svc.store.settings.server
         try:
             if scope["path"] != BUS_PATH:
                 raise CtsdError(

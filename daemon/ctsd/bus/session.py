@@ -46,7 +46,7 @@ class Closed(Exception):
 class Session:
     def __init__(self, bus: Bus, outbox: Outbox, receive: Any, addr: str) -> None:
         self.bus = bus
-        self.app = bus.app
+        self.svc = bus.svc
         self.outbox = outbox
         self._receive = receive
         self.addr = addr
@@ -95,7 +95,7 @@ class Session:
         if header is not None:
             if header:
                 await self.reply(
-                    p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision)
+                    p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision)
                 )
                 return True
             self.bus.guard.auth_log.failed(self.addr, "bus")
@@ -117,11 +117,11 @@ class Session:
         if not isinstance(auth, p.Auth):
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
             return False
-        if not token_ok(auth.token, self.app.token):
+        if not token_ok(auth.token, self.svc.token):
             self.bus.guard.auth_log.failed(self.addr, "bus")
             await self._refuse("invalid token")
             return False
-        await self.reply(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.app.store.revision))
+        await self.reply(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision))
         return True
 
     # --- commands -----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Session:
         await self.execute(msg_id, name, args)
 
     async def execute(self, msg_id: int, name: str, args: Any) -> None:
-        call = Call(self.app, args.source, sync=args.sync, session=self)
+        call = Call(self.svc, args.source, sync=args.sync, session=self)
         try:
             result = await HANDLERS[name](call, args)
         except CtsdError as e:

@@ -7,19 +7,18 @@ These read committed memory directly (no door needed for reads); state goes thro
 from __future__ import annotations
 
 import itertools
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ctsd import __version__, files, sweeps
+from ctsd import __version__, files
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, SyncEvent
 from ctsd.redact import mask
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.services import Services
     from ctsd.store import Store
 
 to_builtins = msgspec.to_builtins
@@ -45,9 +44,9 @@ def masked_raw(conn: Connection) -> msgspec.Raw:
     return raw
 
 
-# The whole list, kept while the committed table is the same object (a change installs a new
-# one): repeated reads of an unchanged table cost a lookup.
-_lists: dict[tuple[Any, ...], tuple[object, msgspec.Raw]] = {}
+# The whole list, kept while nothing changed (the store's version moves with every change):
+# repeated reads of an unchanged table cost a lookup.
+_lists: dict[tuple[Any, ...], tuple[int, msgspec.Raw]] = {}
 
 
 def connections(
@@ -58,9 +57,9 @@ def connections(
 ) -> msgspec.Raw:
     """The connections (masked) as one JSON array, in file order."""
     table = store.connections
-    key = (exchange, enabled, active)
+    key = (id(store), exchange, enabled, active)
     hit = _lists.get(key)
-    if hit is not None and hit[0] is table:
+    if hit is not None and hit[0] == store.version:
         return hit[1]
     if len(_masked) > 2 * len(table) + 64:  # records deleted since: forget them
         for cid in [c for c in _masked if c not in table]:
@@ -78,7 +77,7 @@ def connections(
     raw = msgspec.Raw(_encode(out))
     if len(_lists) > 64:
         _lists.clear()
-    _lists[key] = (table, raw)
+    _lists[key] = (store.version, raw)
     return raw
 
 
@@ -174,15 +173,15 @@ def counts(store: Store) -> dict[str, int]:
     }
 
 
-def status(app: App) -> dict[str, Any]:
-    store = app.store
-    web = app.components.get("web")
+def status(svc: Services) -> dict[str, Any]:
+    store = svc.store
     return {
         "version": __version__,
         "revision": store.revision,
-        "uptime_s": round(time.monotonic() - app.started_at, 3),
+        "uptime_s": svc.uptime_s,
         "counts": counts(store),
         "invalid_files": sorted(store.problems),
-        "bus": web.stats() if web is not None else {},
-        "projectx": sweeps.projectx_status(app),
+        "store": store.status(),
+        "bus": svc.server_stats(),
+        "projectx": svc.prober.projectx_status(),
     }

@@ -31,7 +31,7 @@ from ctsd.web import schemas as s
 from ctsd.web.body import MAX_BODY_BYTES, read_json
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.services import Services
 
 # HTTP status of each error code (the bus codes, plus the refusals only HTTP has).
 STATUS_OF: dict[str, int] = {
@@ -100,7 +100,7 @@ class Endpoint:
 class Context:
     """One request, as the route functions see it."""
 
-    app: App
+    svc: Services
     request: Request
     call: Call
     path: dict[str, str]
@@ -144,7 +144,7 @@ def _connection_body(ctx: Context) -> dict[str, Any]:
 
 
 async def get_health(ctx: Context) -> Any:
-    return health(ctx.app)
+    return health(ctx.svc)
 
 
 async def get_openapi(ctx: Context) -> Any:
@@ -154,21 +154,20 @@ async def get_openapi(ctx: Context) -> Any:
 
 
 async def get_metrics(ctx: Context) -> Any:
-    web = ctx.app.components["web"]
-    return Response(web.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    return Response(ctx.svc.render_metrics(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def bootstrap(ctx: Context) -> Any:
-    app = ctx.app
-    server = app.store.settings.server
-    host = ctx.request.headers.get("host") or f"{app.listen.host}:{app.listen.port}"
+    svc = ctx.svc
+    server = svc.store.settings.server
+    host = ctx.request.headers.get("host") or f"{svc.listen.host}:{svc.listen.port}"
     return {
         "version": __version__,
         "protocol_version": p.PROTOCOL_VERSION,
         "bus_url": f"ws://{host}/ws",
         "server": {
-            "host": app.listen.host,
-            "port": app.listen.port,
+            "host": svc.listen.host,
+            "port": svc.listen.port,
             "cors_origins": server.cors_origins,
             "rate_limit": msgspec.to_builtins(server.rate_limit),
             "auth": server.auth,
@@ -178,7 +177,7 @@ async def bootstrap(ctx: Context) -> Any:
             "topics": list(p.TOPICS),
             "max_frame_bytes": p.MAX_FRAME_BYTES,
             "max_body_bytes": MAX_BODY_BYTES,
-            "documents": sorted(app.store.documents),
+            "documents": sorted(svc.store.documents),
         },
     }
 
@@ -233,11 +232,11 @@ async def active_connections(ctx: Context) -> Any:
 
 
 async def all_state(ctx: Context) -> Any:
-    return views.state(ctx.app.store)
+    return views.state(ctx.svc.store)
 
 
 async def one_state(ctx: Context) -> Any:
-    return views.state_of(ctx.app.store, ctx.connection_id())
+    return views.state_of(ctx.svc.store, ctx.connection_id())
 
 
 async def set_active(ctx: Context) -> Any:
@@ -573,7 +572,8 @@ def _parse_query(ep: Endpoint, request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {q.name: q for q in ep.queries}
     for name in request.query_params:
-        if name not in known and not (ep.write and name == "sync"):
+        # `sync` is taken by every route that may change something (a no-op where nothing is)
+        if name not in known and not (ep.method != "GET" and name == "sync"):
             raise CtsdError("invalid", f"unknown query parameter {name!r}", path=f"$.{name}")
     for q in ep.queries:
         values = request.query_params.getlist(q.name)
@@ -623,7 +623,7 @@ def _sync(ep: Endpoint, request: Request) -> str | None:
     return value
 
 
-def make_route(app: App, path: str, eps: list[Endpoint]) -> Route:
+def make_route(svc: Services, path: str, eps: list[Endpoint]) -> Route:
     """One Starlette route per path, dispatching on the method (so a 405 names every method
     the path has in `Allow`)."""
     by_method = {ep.method: ep for ep in eps}
@@ -634,12 +634,12 @@ def make_route(app: App, path: str, eps: list[Endpoint]) -> Route:
         ep = by_method[request.method]
         try:
             call = Call(
-                app,
+                svc,
                 "http",
                 sync=_sync(ep, request),
                 if_match=_if_match(request) if ep.write else None,
             )
-            ctx = Context(app, request, call, dict(request.path_params), _parse_query(ep, request))
+            ctx = Context(svc, request, call, dict(request.path_params), _parse_query(ep, request))
             if ep.body is not None:
                 ctx.body = await read_json(request, required=True)
                 if ep.typed_body:
@@ -691,5 +691,5 @@ class DocName(Convertor[str]):
 register_url_convertor("docname", DocName())
 
 
-def routes(app: App) -> list[Route]:
-    return [make_route(app, path, eps) for path, eps in endpoints_by_path().items()]
+def routes(svc: Services) -> list[Route]:
+    return [make_route(svc, path, eps) for path, eps in endpoints_by_path().items()]

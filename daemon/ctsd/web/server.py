@@ -36,7 +36,8 @@ from ctsd.web.guard import Guard, header, rate_key
 from ctsd.web.protocols import ConnectionLimits, protocol_classes
 
 if TYPE_CHECKING:
-    from ctsd.app import App
+    from ctsd.services import Services
+    from ctsd.store import Store
 
 log = structlog.get_logger("ctsd.web")
 
@@ -45,9 +46,9 @@ log = structlog.get_logger("ctsd.web")
 PING_INTERVAL_S = float(os.environ.get("CTSD_BUS_PING_S") or 20.0)
 GRACEFUL_S = 1.0  # open HTTP requests get this long at shutdown (inside the daemon's 5 s)
 # The listen backlog, and so how many connections asyncio accepts in one go before the
-# connection cap can close the excess: kept small, so a flood of sockets can take at most
-# this many descriptors beyond the cap.
-BACKLOG = 128
+# connection cap can close the excess (closes lag accepts by a loop turn or two): kept small,
+# so a flood of sockets takes at most a few times this many descriptors beyond the cap.
+BACKLOG = 64
 # A connection must send a request's headers within this; CTSD_HEADER_TIMEOUT_S is for tests.
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 EXPOSED = ["X-Revision", "Location", "ETag"]
@@ -59,11 +60,11 @@ NO_RATE_LIMIT = ("/health",)
 class LiveOrigins(Collection[str]):
     """`server.cors_origins` as read now (a hand edit of settings.json applies at once)."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def _current(self) -> list[str]:
-        return self.app.store.settings.server.cors_origins
+        return self.store.settings.server.cors_origins
 
     def __contains__(self, origin: object) -> bool:
         return origin != "*" and origin in self._current()
@@ -96,26 +97,29 @@ class _Uvicorn(uvicorn.Server):
 class Web:
     """The server of one daemon: HTTP routes, the bus, and the port they share."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.guard = Guard(app.token, bound_loopback=is_loopback(app.listen.host))
-        self.bus = Bus(app, self.guard)
-        self.limiter = Limiter(lambda: app.store.settings.server.rate_limit)  # per HTTP client
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        store = svc.store
+        self.guard = Guard(svc.token, bound_loopback=is_loopback(svc.listen.host))
+        self.bus = Bus(svc, self.guard)
+        self.limiter = Limiter(lambda: store.settings.server.rate_limit)  # per HTTP client
         self.limits = ConnectionLimits(
-            max_connections=lambda: app.store.settings.server.max_connections,
+            max_connections=lambda: store.settings.server.max_connections,
             header_timeout_s=HEADER_TIMEOUT_S,
         )
         self.requests = 0
         self.status_counts: collections.Counter[int] = collections.Counter()
-        self.metrics = Metrics(app, self.stats)
+        self.metrics = Metrics(store, self.stats)
+        svc.server_stats = self.stats
+        svc.render_metrics = self.metrics.render
         starlette = Starlette(
-            routes=api.routes(app),
+            routes=api.routes(svc),
             exception_handlers={HTTPException: _http_error, Exception: self._crash},
         )
         starlette.router.redirect_slashes = False  # /api/x/ is not /api/x: no redirects
         self.cors = JsonCORS(
             starlette,
-            allow_origins=LiveOrigins(app),
+            allow_origins=LiveOrigins(store),
             allow_methods=METHODS,
             allow_headers=ALLOWED_HEADERS,
             expose_headers=EXPOSED,
@@ -141,7 +145,7 @@ class Web:
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.requests += 1
-        store = self.app.store
+        store = self.svc.store
 
         async def send_with_revision(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -191,7 +195,7 @@ class Web:
     async def start(self) -> None:
         """Bind (OSError when the port is taken) and serve; returns once accepting."""
         http_cls, ws_cls = protocol_classes(self.limits)
-        sockets = _bind(self.app.listen.host, self.app.listen.port)
+        sockets = _bind(self.svc.listen.host, self.svc.listen.port)
         config = uvicorn.Config(
             self,
             http=http_cls,

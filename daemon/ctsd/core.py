@@ -1,0 +1,517 @@
+"""The pure core of a change: committed state in, the change and its events out.
+
+No files, no clock, no event loop, no listeners. A group of ops (see `ops.py`) is applied to
+the committed state `Committed` with `apply_group`, each op on its own overlay (`Tx`) so one
+that fails fails alone; the result is a `Change`: the records it puts, patches and deletes,
+and its sync-log events with their revisions. `Committed.apply` installs a Change — the same
+function for a change made here, one replayed from the journal after a crash, and one that
+another host made. Everything the shell knows and a change may need (the time, which files
+are invalid on disk, the heartbeats held in memory) comes in a `Context`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ctsd import files
+from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
+from ctsd.table import DELETED, Table
+
+# --- the journalled shape of a change -------------------------------------------------------
+
+
+class RecordChange(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One record (or document) a change touched.
+
+    `value` is the record after the change, None when it was deleted. `fields` names what the
+    change set (record fields, or a document's top-level keys): applied on a record that moved
+    meanwhile (a hand edit made while the daemon was down, another host's change), only those
+    are set; None means the whole record.
+    """
+
+    key: str
+    value: Any = None
+    fields: list[str] | None = None
+
+
+class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """What one group of changes did: the unit of the journal (and of the cluster stream)."""
+
+    connections: list[RecordChange] = msgspec.field(default_factory=list)
+    state: list[RecordChange] = msgspec.field(default_factory=list)
+    documents: list[RecordChange] = msgspec.field(default_factory=list)
+    order: list[str] | None = None  # the connections' new order (a hand edit reordered them)
+    events: list[SyncEvent] = msgspec.field(default_factory=list)
+    log: list[SyncEvent] | None = None  # the sync log as edited by hand (before `events`)
+    touched: list[str] = msgspec.field(default_factory=list)  # files written even unchanged
+
+    def files(self) -> set[str]:
+        """The data files this change touches."""
+        out: set[str] = set(self.touched)
+        if self.connections or self.order is not None:
+            out.add(CONNECTIONS)
+        if self.state:
+            out.add(STATE)
+        out.update(files.document_file(rc.key) for rc in self.documents)
+        if self.events or self.log is not None:
+            out.add(SYNC_LOG)
+        return out
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.connections
+            or self.state
+            or self.documents
+            or self.order is not None
+            or self.events
+            or self.log is not None
+            or self.touched
+        )
+
+
+# --- revision keys (what If-Match compares) ------------------------------------------------
+
+
+def record_key(cid: str) -> str:
+    return f"c:{cid}"  # a connection and its state record are one resource
+
+
+def document_key(name: str) -> str:
+    return f"d:{name}"
+
+
+# --- the committed state ---------------------------------------------------------------------
+
+
+class Committed:
+    """What every reader sees: changed only by `apply`, one change at a time."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.state: dict[str, ConnectionState] = {}
+        self.documents: dict[str, dict[str, Any]] = {}
+        self.log: deque[SyncEvent] = deque()
+        self.revision = 0
+        # The revision of the latest event of each record (`record_key`, `document_key`).
+        self.record_revs: dict[str, int] = {}
+        self.settings = Settings()
+        self.version = 0  # moves on every applied change (read caches key on it)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def oldest_revision(self) -> int:
+        return self.log[0].id if self.log else self.revision + 1
+
+    def revision_of(self, key: str) -> int:
+        """The revision of a record's last change; one whose events were trimmed from the log
+        changed at the latest just before the oldest retained one."""
+        rev = self.record_revs.get(key)
+        return rev if rev is not None else self.oldest_revision() - 1
+
+    def events_since(self, since: int) -> list[SyncEvent]:
+        """Retained events with id > since, oldest first (callers check compaction)."""
+        out: list[SyncEvent] = []
+        for event in reversed(self.log):
+            if event.id <= since:
+                break
+            out.append(event)
+        out.reverse()
+        return out
+
+    def algorithm_names(self) -> set[str]:
+        return algorithm_names(self.documents.keys())
+
+    # --- loading (the shell's intake fills these from the files) --------------------------------
+
+    def load_log(self, events: list[SyncEvent]) -> None:
+        self.log = deque(events)
+        if events:
+            self.revision = max(self.revision, events[-1].id)
+        for e in events:
+            self._note_revision(e)
+        self.version += 1
+
+    def refresh_settings(self) -> None:
+        self.settings = msgspec.convert(self.documents.get("settings", {}), type=Settings)
+
+    # --- applying a change ---------------------------------------------------------------------
+
+    def apply(self, change: Change) -> None:
+        """Install `change` (see `RecordChange` for how a moved record is patched)."""
+        _apply_records(self.connections, change.connections, Connection)
+        if change.order is not None:
+            self.connections = _reordered(self.connections, change.order)
+        _apply_records(self.state, change.state, ConnectionState)
+        settings_changed = False
+        for rc in change.documents:
+            settings_changed |= rc.key == "settings"
+            if rc.value is None:
+                self.documents.pop(rc.key, None)
+            else:
+                self.documents[rc.key] = _patch_document(self.documents.get(rc.key), rc)
+        if change.log is not None:
+            self.log = deque(change.log)
+            if change.log:
+                self.revision = max(self.revision, change.log[-1].id)
+        for e in change.events:
+            if e.id > self.revision:
+                self.log.append(e)
+                self.revision = e.id
+                self._note_revision(e)
+        if settings_changed:
+            self.refresh_settings()
+        limit = self.settings.sync_log_limit
+        while len(self.log) > limit:
+            self.log.popleft()
+        self.version += 1
+
+    def _note_revision(self, e: SyncEvent) -> None:
+        if e.connection_id is not None:
+            self.record_revs[record_key(e.connection_id)] = e.id
+        names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
+        if e.action in ("reset", "import"):
+            names = [files.document_name(f) for f in e.data.get("files") or []]
+        for name in names:
+            if isinstance(name, str):
+                self.record_revs[document_key(name)] = e.id
+
+
+def algorithm_names(document_names: Any) -> set[str]:
+    prefix = f"{files.ALGORITHMS_DIR}/"
+    return {n[len(prefix) :] for n in document_names if n.startswith(prefix)}
+
+
+def _apply_records(table: dict[str, Any], changes: list[RecordChange], kind: type[Any]) -> None:
+    for rc in changes:
+        if rc.value is None:
+            table.pop(rc.key, None)
+            continue
+        value = rc.value if isinstance(rc.value, kind) else msgspec.convert(rc.value, kind)
+        current = table.get(rc.key)
+        if rc.fields is not None and current is not None and current is not value:
+            value = msgspec.structs.replace(
+                current, **{f: getattr(value, f) for f in rc.fields if f in kind.__struct_fields__}
+            )
+        table[rc.key] = value
+
+
+def _patch_document(current: dict[str, Any] | None, rc: RecordChange) -> dict[str, Any]:
+    value: dict[str, Any] = rc.value
+    if rc.fields is None or current is None:
+        return value
+    patched = dict(current)
+    for key in rc.fields:
+        if key in value:
+            patched[key] = value[key]
+        else:
+            patched.pop(key, None)
+    return value if patched == value else patched  # keep the new key order when it is the same
+
+
+def _reordered(table: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    out = {k: table[k] for k in order if k in table}
+    out.update((k, v) for k, v in table.items() if k not in out)
+    return out
+
+
+# --- applying ops ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the shell tells the core for one group of changes."""
+
+    now: str
+    invalid_files: frozenset[str] = frozenset()  # invalid on disk: changes to them are refused
+    heartbeats: Mapping[str, str] = field(default_factory=dict)  # held in memory (sweeps)
+
+
+class Tx:
+    """One change being applied: overlays on the committed tables plus the events it emits."""
+
+    def __init__(
+        self, base: Committed, source: str, ctx: Context, parent: Tx | None = None
+    ) -> None:
+        self.base = base
+        self.source = source
+        self.ctx = ctx
+        self.now = ctx.now
+        self.connections: Table[Connection] = Table(
+            parent.connections if parent else base.connections
+        )
+        self.state: Table[ConnectionState] = Table(parent.state if parent else base.state)
+        self.docs: Table[dict[str, Any]] = Table(parent.docs if parent else base.documents)
+        self.events: list[tuple[str | None, str, dict[str, Any]]] = []
+        self.fields: dict[tuple[str, str], list[str] | None] = {}  # (table, key) → what was set
+        self.log_replace: list[SyncEvent] | None = None
+        self.touched: set[str] = set()  # files to write even if no record changed (a reset)
+        # A hand edit being taken in: never refused for files invalid on disk (memory may get
+        # ahead of such a file; the file itself is never written until it is fixed).
+        self.takes_in = False
+
+    def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
+        self.events.append((connection_id, action, {**data, "source": self.source}))
+
+    def set_fields(self, table: str, key: str, fields: list[str] | None) -> None:
+        """Record which fields a put changed (None: the whole record); merged across puts."""
+        if (table, key) in self.fields:
+            prev = self.fields[(table, key)]
+            fields = None if prev is None or fields is None else sorted({*prev, *fields})
+        self.fields[(table, key)] = fields
+
+    def algorithm_names(self) -> set[str]:
+        return algorithm_names(self.docs.keys())
+
+    def files(self) -> set[str]:
+        out: set[str] = set(self.touched)
+        if self.connections.dirty:
+            out.add(CONNECTIONS)
+        if self.state.dirty:
+            out.add(STATE)
+        out.update(files.document_file(name) for name in self.docs.over)
+        if self.events or self.log_replace is not None:
+            out.add(SYNC_LOG)
+        return out
+
+    def keys(self) -> list[str]:
+        """The records this change touched, as revision keys."""
+        out = [record_key(cid) for cid in self.connections.over]
+        out += [record_key(cid) for cid in self.state.over if cid not in self.connections.over]
+        out += [document_key(name) for name in self.docs.over]
+        return out
+
+    def merge_into(self, parent: Tx) -> None:
+        self.connections.merge_into(parent.connections)
+        self.state.merge_into(parent.state)
+        self.docs.merge_into(parent.docs)
+        parent.events.extend(self.events)
+        parent.touched |= self.touched
+        for (table, key), fields in self.fields.items():
+            parent.set_fields(table, key, fields)
+        if self.log_replace is not None:
+            parent.log_replace = self.log_replace
+
+
+Op = Callable[[Tx], Any]
+
+
+@dataclass
+class Outcome:
+    """One op of a group: its result or its refusal, and what it did."""
+
+    result: Any = None
+    error: CtsdError | None = None
+    events: list[SyncEvent] = field(default_factory=list)
+    files: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Request:
+    op: Op
+    source: str
+    if_match: int | None = None
+
+
+def apply_group(
+    base: Committed, requests: list[Request], ctx: Context
+) -> tuple[list[Outcome], Change]:
+    """Apply each request on its own overlay over the ones before it; a refused one (its
+    error in its Outcome) leaves nothing behind. Returns each request's Outcome and the
+    group's Change, revisions assigned (consecutive per request)."""
+    group = Tx(base, "group", ctx)
+    outcomes: list[Outcome] = []
+    rev = base.revision
+    events: list[SyncEvent] = []
+    for req in requests:
+        tx = Tx(base, req.source, ctx, group)
+        out = Outcome()
+        outcomes.append(out)
+        try:
+            out.result = req.op(tx)
+            _note_sync(tx)
+            if req.if_match is not None:
+                _check_if_match(base, tx.keys(), req.if_match)
+            out.files = tx.files()
+            if not tx.takes_in:
+                _check_blocked(out.files, ctx)
+        except CtsdError as e:
+            out.error = e
+            continue
+        except RecursionError:
+            out.error = CtsdError("invalid", "input nested too deeply")
+            continue
+        for cid, action, data in tx.events:
+            rev += 1
+            out.events.append(
+                SyncEvent(id=rev, connection_id=cid, action=action, data=data, created_at=ctx.now)
+            )
+        events.extend(out.events)
+        tx.merge_into(group)
+    return outcomes, _change_of(group, events)
+
+
+def _note_sync(tx: Tx) -> None:
+    """A connection's state record carries the time of its latest event (`last_sync_at`),
+    written with the change that moves it."""
+    for cid, _action, _data in tx.events:
+        if cid is None:
+            continue
+        st = tx.state.get(cid)
+        if st is not None and st.last_sync_at != tx.now:
+            tx.state.put(cid, msgspec.structs.replace(st, last_sync_at=tx.now))
+            tx.set_fields("state", cid, ["last_sync_at"])
+
+
+def _check_if_match(base: Committed, keys: list[str], expected: int) -> None:
+    for key in keys:
+        rev = base.revision_of(key)
+        if rev > expected:
+            raise CtsdError(
+                "precondition_failed",
+                f"{key[2:]} changed at revision {rev}, after the {expected} given in If-Match; "
+                "read it again and retry",
+            )
+
+
+def _check_blocked(touched: set[str], ctx: Context) -> None:
+    blocked = sorted(f for f in touched if f in ctx.invalid_files)
+    if blocked:
+        raise CtsdError(
+            "file_invalid",
+            f"{blocked[0]} is invalid on disk; fix the file first",
+            extra={"file": blocked[0]},
+        )
+
+
+def _change_of(group: Tx, events: list[SyncEvent]) -> Change:
+    def records(table: Table[Any], name: str) -> list[RecordChange]:
+        out = []
+        for key, value in table.over.items():
+            if value is DELETED:
+                out.append(RecordChange(key))
+            else:
+                out.append(RecordChange(key, value, group.fields.get((name, key))))
+        return out
+
+    return Change(
+        connections=records(group.connections, "connections"),
+        state=records(group.state, "state"),
+        documents=records(group.docs, "documents"),
+        order=group.connections.order,
+        events=events,
+        log=group.log_replace,
+        touched=sorted(group.touched),
+    )
+
+
+# --- comparing records -------------------------------------------------------------------------
+
+
+def changed_fields(old: msgspec.Struct | None, new: msgspec.Struct | None) -> list[str]:
+    if old is not None and new is not None and type(old) is type(new):
+        # The hot path (every update): compare attributes without building two dicts.
+        return [k for k in old.__struct_fields__ if getattr(old, k) != getattr(new, k)]
+    a = msgspec.structs.asdict(old) if old is not None else {}
+    b = msgspec.structs.asdict(new) if new is not None else {}
+    return [k for k in (b or a) if a.get(k) != b.get(k)]
+
+
+def changed_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    old = old or {}
+    return sorted({k for k in {*old, *new} if old.get(k) != new.get(k)})
+
+
+def mirror_state(conn: Connection, st: ConnectionState | None, now: str) -> ConnectionState:
+    """The state record of `conn`, with `is_active` mirrored and `status` consistent."""
+    live = conn.is_enabled and conn.is_active
+    if st is None:
+        return ConnectionState(
+            connection_id=conn.id,
+            is_active=conn.is_active,
+            volume_factor_live=conn.volume_factor,
+            volume_factor_preset=conn.volume_factor,
+            created_at=now,
+            updated_at=now,
+            status="active" if live else "inactive",
+        )
+    status = st.status if live and st.status != "inactive" else ("active" if live else "inactive")
+    if st.is_active == conn.is_active and st.status == status:
+        return st
+    return msgspec.structs.replace(st, is_active=conn.is_active, status=status, updated_at=now)
+
+
+# --- hand edits made while changes were still on their way to the file ----------------------
+
+
+@dataclass
+class Merged:
+    """A hand edit merged onto memory: the records, and the fields both sides changed."""
+
+    records: dict[str, Any]
+    conflicts: list[tuple[str, list[str]]]  # (key, fields the hand edit won)
+
+
+def merge_table(
+    base: Mapping[str, Any], hand: Mapping[str, Any], memory: Mapping[str, Any]
+) -> Merged:
+    """Three-way merge of a table file: `base` is what the file held when the daemon last
+    read or wrote it, `hand` what it holds now, `memory` the committed records (base plus the
+    changes not yet written). The hand edit's own changes (per field, against base) go on top
+    of memory; a field both sides changed goes to the hand edit. Order: the hand edit's, then
+    records memory has that the hand edit neither has nor deleted."""
+    out: dict[str, Any] = {}
+    conflicts: list[tuple[str, list[str]]] = []
+    for key, h in hand.items():
+        b, m = base.get(key), memory.get(key)
+        if b is not None and (h is b or h == b):  # untouched by hand: memory's version
+            if m is not None:
+                out[key] = m
+            continue
+        if m is None or b is None or m is b or m == b:  # only the hand edit changed it
+            out[key] = h
+            if b is None and m is not None and m != h:
+                conflicts.append((key, changed_fields(m, h)))
+            continue
+        hand_fields = changed_fields(b, h)
+        mine = set(changed_fields(b, m))
+        both = [f for f in hand_fields if f in mine]
+        out[key] = msgspec.structs.replace(m, **{f: getattr(h, f) for f in hand_fields})
+        if both:
+            conflicts.append((key, both))
+    for key, m in memory.items():
+        if key in out or key in hand:
+            continue
+        b = base.get(key)
+        if b is None:
+            out[key] = m  # created by a change the file has not seen yet
+        elif m is not b and m != b:
+            conflicts.append((key, ["(deleted by hand)"]))  # the hand deletion wins
+    return Merged(out, conflicts)
+
+
+def merge_document(
+    base: Mapping[str, Any] | None, hand: dict[str, Any], memory: Mapping[str, Any] | None
+) -> Merged:
+    """`merge_table` for a document, per top-level key."""
+    base, memory = base or {}, memory or {}
+    if memory == base:
+        return Merged(hand, [])
+    out = dict(hand)
+    hand_keys = set(changed_keys(base, hand))
+    conflicts = [k for k in changed_keys(base, memory) if k in hand_keys]
+    for key in changed_keys(base, memory):
+        if key in hand_keys:
+            continue
+        if key in memory:
+            out[key] = memory[key]
+        else:
+            out.pop(key, None)
+    return Merged(out, [("", conflicts)] if conflicts else [])

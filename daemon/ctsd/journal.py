@@ -1,0 +1,277 @@
+"""The journal, `DATA/.journal`: a change is acknowledged once it is appended here and
+fdatasync'ed, long before the data files are rewritten (the checkpointer does that, coalescing).
+
+    frame   = length (u32, little-endian) · crc32 of the payload (u32) · payload
+    payload = JSON: the first frame is the header {"journal": "ctsd", "version", "base_revision"},
+              every other one a record {"lsn", "change"} (one group of changes: `core.Change`)
+
+The header's `base_revision` is the revision the data files had when this journal was begun;
+files at a lower revision (another dir's journal, a restored backup) are refused. A frame
+that ends the file incomplete or with a wrong checksum is a torn tail: the crash came before
+its fdatasync, so it was never acknowledged, and it is dropped (and logged). A bad frame with
+good data after it is damage, not a torn tail: the daemon refuses to start rather than lose an
+acknowledged change. Once the checkpointer has written every change up to a record into the
+files, `compact` drops those records (the journal never grows without bound).
+
+Blocking on purpose: the store calls these in its journal thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import struct
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from ctsd.atomic import fsync_dir, open_exclusive_temp
+from ctsd.core import Change
+
+NAME = ".journal"
+VERSION = 1
+_FRAME = struct.Struct("<II")
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+
+
+class Header(msgspec.Struct, forbid_unknown_fields=True):
+    journal: str
+    version: int
+    base_revision: int
+
+
+class Record(msgspec.Struct, forbid_unknown_fields=True):
+    lsn: int
+    change: Change
+
+
+class JournalError(Exception):
+    """The journal cannot be used as it is: the daemon must not start (one-line reason)."""
+
+
+@dataclass
+class Recovered:
+    """What `Journal.open` found: the changes to replay, and what it dropped."""
+
+    changes: list[Change]
+    dropped_bytes: int = 0  # a torn tail (never acknowledged)
+    base_revision: int = 0
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_header = msgspec.json.Decoder(Header).decode
+_decode_record = msgspec.json.Decoder(Record).decode
+
+
+def frame(payload: bytes) -> bytes:
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
+    """(offset-after, payload) of each whole frame; the offset where the good frames end;
+    why reading stopped there ('' at the end of the file)."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(raw):
+        if len(raw) - pos < _FRAME.size:
+            return out, pos, "torn"
+        length, crc = _FRAME.unpack_from(raw, pos)
+        start, end = pos + _FRAME.size, pos + _FRAME.size + length
+        if length > MAX_RECORD_BYTES:
+            return out, pos, "damaged" if end < len(raw) else "torn"
+        if end > len(raw):
+            return out, pos, "torn"
+        payload = raw[start:end]
+        if zlib.crc32(payload) != crc:
+            # A wrong checksum on the last frame is a write the crash cut short; anywhere else
+            # the file was damaged after the fact.
+            return out, pos, "torn" if end == len(raw) else "damaged"
+        out.append((end, payload))
+        pos = end
+    return out, pos, ""
+
+
+class Journal:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / NAME
+        self.fd = -1
+        self.end = 0  # where the next frame goes (everything before is good and synced)
+        self.header_end = 0
+        self.lsn = 0  # the last record's
+        self.offsets: deque[tuple[int, int]] = deque()  # (lsn, end offset) of each record
+        self.base_revision = 0
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def open(self, files_revision: int) -> Recovered:
+        """Read what the journal holds (to replay onto the files) and keep it open for appends.
+        Raises JournalError when it cannot be trusted."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self._begin(files_revision)
+            return Recovered([], base_revision=files_revision)
+        except OSError as e:
+            raise JournalError(f"cannot open {self.path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not _is_regular(st.st_mode):
+                raise JournalError(f"{self.path} is not a regular file")
+            raw = os.pread(fd, st.st_size, 0)
+        except OSError as e:
+            os.close(fd)
+            raise JournalError(f"cannot read {self.path}: {e.strerror}") from None
+        except JournalError:
+            os.close(fd)
+            raise
+        self.fd = fd
+        try:
+            return self._recover(raw, files_revision)
+        except JournalError:
+            self.close()
+            raise
+
+    def _recover(self, raw: bytes, files_revision: int) -> Recovered:
+        frames, good_end, stop = _frames(raw)
+        what = f"{self.path} ({len(raw)} bytes)"
+        if stop == "damaged":
+            raise JournalError(
+                f"{what} is damaged at byte {good_end}, with data after it: refusing to start "
+                "rather than lose acknowledged changes; move it aside to start from the data "
+                "files as they are (its changes after that point would be lost)"
+            )
+        if not frames:
+            if raw:  # the header is written whole (temp file, rename): this is something else
+                raise JournalError(
+                    f"{what} is not a ctsd journal; move it aside to start from the data files"
+                )
+            self._begin(files_revision)
+            return Recovered([], base_revision=files_revision)
+        try:
+            header = _decode_header(frames[0][1])
+        except msgspec.MsgspecError:
+            raise JournalError(
+                f"{what} is not a ctsd journal; move it aside to start from the data files"
+            ) from None
+        if header.journal != "ctsd" or header.version != VERSION:
+            raise JournalError(
+                f"{what} is a journal of another kind or version ({header.journal!r} "
+                f"v{header.version}); this ctsd reads v{VERSION}"
+            )
+        if files_revision < header.base_revision:
+            raise JournalError(
+                f"{self.path} begins at revision {header.base_revision} but the data files are "
+                f"at revision {files_revision}: it belongs to other files (a copied or restored "
+                "data dir?); move it aside to start from the files as they are"
+            )
+        changes: list[Change] = []
+        self.base_revision = header.base_revision
+        self.header_end = frames[0][0]
+        for end, payload in frames[1:]:
+            try:
+                rec = _decode_record(payload)
+            except msgspec.MsgspecError as e:
+                raise JournalError(f"{what}: a record does not decode ({e})") from None
+            changes.append(rec.change)
+            self.lsn = rec.lsn
+            self.offsets.append((rec.lsn, end))
+        self.end = good_end
+        dropped = len(raw) - good_end
+        if dropped:
+            os.ftruncate(self.fd, good_end)  # the torn tail was never acknowledged
+            os.fsync(self.fd)
+        return Recovered(changes, dropped, header.base_revision)
+
+    def _begin(self, base_revision: int) -> None:
+        """A new journal holding only its header."""
+        header = frame(_encode(Header("ctsd", VERSION, base_revision)))
+        self._replace(header, len(header))
+        self.offsets.clear()
+        self.base_revision = base_revision
+
+    # --- appending -------------------------------------------------------------------------
+
+    def append(self, change: Change) -> int:
+        """Append one group's change and make it durable; returns its lsn. On any error
+        nothing is left appended (the file is cut back) and the error is raised."""
+        lsn = self.lsn + 1
+        data = frame(_encode(Record(lsn, change)))
+        try:
+            os.pwrite(self.fd, data, self.end)
+            os.fdatasync(self.fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.end)
+            raise
+        self.end += len(data)
+        self.lsn = lsn
+        self.offsets.append((lsn, self.end))
+        return lsn
+
+    # --- compacting ------------------------------------------------------------------------
+
+    def compact(self, upto: int, base_revision: int, carry: Change | None) -> None:
+        """Drop the records up to lsn `upto` (their changes are in the data files, which are
+        at `base_revision`). `carry` holds what those records changed in files the
+        checkpointer could not write (invalid on disk): it is kept, as the new first record."""
+        cut = None
+        while self.offsets and self.offsets[0][0] <= upto:
+            cut = self.offsets.popleft()[1]
+        if cut is None and carry is None:
+            return  # nothing to drop
+        tail_start = cut if cut is not None else self.header_end
+        if tail_start == self.end and carry is None:
+            os.ftruncate(self.fd, self.header_end)  # the usual case: everything is written
+            os.fdatasync(self.fd)
+            self.end = self.header_end
+            return
+        tail = os.pread(self.fd, self.end - tail_start, tail_start)
+        header = frame(_encode(Header("ctsd", VERSION, base_revision)))
+        body = [header]
+        if carry is not None:
+            body.append(frame(_encode(Record(0, carry))))
+        data = b"".join([*body, tail])
+        self._replace(data, len(header))
+        shift = len(data) - len(tail) - tail_start
+        self.offsets = deque((lsn, end + shift) for lsn, end in self.offsets)
+        self.base_revision = base_revision
+
+    def _replace(self, data: bytes, header_end: int) -> None:
+        """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""
+        fd, tmp = open_exclusive_temp(self.path, readable=True)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.path.parent)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fd
+        self.end = len(data)
+        self.header_end = header_end
+
+    @property
+    def pending(self) -> int:
+        """Records not yet compacted away."""
+        return len(self.offsets)
+
+    def size(self) -> int:
+        return self.end
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _is_regular(mode: int) -> bool:
+    return stat.S_ISREG(mode)
