@@ -280,7 +280,9 @@ async def bench(d: Daemon, raw_url: str, args: argparse.Namespace, base: Path) -
     call = Call(bus)
     call.id = n_rt + 10
     conns = connections(args.connections)
-    await call("data.import", data={"files": {"connections.json": conns}}, mode="replace")
+    await call(
+        "data.import", data={"files": {"connections.json": conns}}, mode="replace", sync="files"
+    )
     body = (d.data_dir / CONNECTIONS).read_bytes()
     floor_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=base))
     target = floor_dir / "connections.json"

@@ -189,16 +189,27 @@ def _start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
 
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_IOV_MAX = min(256, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+
+
+# A large file is written back in pieces of this size as it is written (the write waits for
+# each): the disk queue then never holds more than about one piece of it, so a journal append's
+# fdatasync waits behind at most that much (measured here: p99 8.6 ms behind a 14 MB file
+# written at once, 2.2 ms behind 1 MB pieces).
+PACE_BYTES = 1 << 20
+_SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
 def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Write every chunk, in order, with `writev`: a table is one chunk per record, and one
-    `write` per record cost ~2,600 syscalls (6 ms) for a 1,000-connection file."""
+    """Write every chunk, in order, with `writev` (a table is one chunk per record, and one
+    `write` per record cost ~2,600 syscalls (6 ms) for a 1,000-connection file), written back
+    in pieces (`PACE_BYTES`) as it goes."""
     pending = [c for c in chunks if len(c)]
     i = 0
+    written = flushed = 0
     while i < len(pending):
         n = os.writev(fd, pending[i : i + _IOV_MAX])
+        written += n
         while n > 0:  # skip what was written; a partial chunk keeps its unwritten tail
             size = len(pending[i])
             if n >= size:
@@ -207,6 +218,9 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> Non
             else:
                 pending[i] = memoryview(pending[i])[n:]
                 n = 0
+        if written - flushed >= PACE_BYTES and _sync_file_range is not None:
+            _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
+            flushed = written
 
 
 def write_files(

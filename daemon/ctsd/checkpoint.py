@@ -12,7 +12,9 @@ drops the records it covered.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,11 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 
 log = structlog.get_logger("ctsd.store")
 
-COALESCE_S = 0.02  # changes arriving within this of the first share one round of writes
+# Changes arriving within this of the first share one round of writes. Big files stretch it
+# (up to COALESCE_MAX_S, three times the last write's time): fewer rounds of a 10 MB file
+# disturb the journal's appends less, and a change still reaches its file within 100 ms.
+COALESCE_S = 0.03
+COALESCE_MAX_S = 0.07
 RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries again)
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
 
@@ -65,22 +71,34 @@ class Checkpointer:
         self.written: dict[str, int] = {}  # file → lsn it holds everything up to
         self.installed = 0  # lsn of the latest change in memory
         self.cut = 0  # lsn the journal was last cut at
-        # Each table record's encoding, kept while the record object is the same.
-        self.frags: dict[str, dict[str, tuple[Any, bytes]]] = {CONNECTIONS: {}, STATE: {}}
-        self.log_frags: dict[int, bytes] = {}
+        # Each table record's encoding, in the table's order; the keys changed since the last
+        # round are encoded again (a round costs the records that changed, not the table).
+        self.frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
+        self.stale: dict[str, set[str]] = {CONNECTIONS: set(), STATE: set()}
+        self.log_frags: deque[tuple[int, bytes]] = deque()  # the sync log's, by event id
         self.waiters: list[Waiter] = []
         # Files our swaps displaced while an in-place writer held them open, with what they
         # held (the base of what that writer writes into them late): handed to the intake.
         self.on_displaced: Callable[[list[tuple[Displaced, Any]]], None] = lambda _d: None
         self.wake = asyncio.Event()
+        self.last_write_s = 0.0  # how long the last round's write took (in its thread)
+        self.stopping = False
         self.rounds = 0
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
         self.lags: list[float] = []  # seconds from a change in memory to its file written
 
     # --- what changed ------------------------------------------------------------------------
 
-    def changed(self, files_touched: set[str], lsn: int) -> None:
-        """Changes up to `lsn` are in memory (and durable in the journal)."""
+    def changed(self, change: Change, lsn: int) -> None:
+        """A change is in memory (and durable in the journal), as lsn `lsn`."""
+        self.note(change.files(), lsn)
+        self._forget(CONNECTIONS, change.connections, change.order is not None)
+        self._forget(STATE, change.state, False)
+        if change.log is not None:
+            self.log_frags.clear()
+
+    def note(self, files_touched: set[str], lsn: int) -> None:
+        """`files_touched` need writing: they hold less than memory, up to lsn `lsn`."""
         self.installed = max(self.installed, lsn)
         for file in files_touched:
             first, _ = self.dirty.get(file, (lsn, lsn))
@@ -89,9 +107,23 @@ class Checkpointer:
             self.since = time.monotonic()
             self.wake.set()
 
+    def _forget(self, file: str, records: list[RecordChange], reordered: bool) -> None:
+        frags, stale = self.frags[file], self.stale[file]
+        for rc in records:
+            if rc.value is None:
+                frags.pop(rc.key, None)
+                stale.discard(rc.key)
+            else:
+                frags.setdefault(rc.key, b"")  # a new key goes last, as in memory
+                stale.add(rc.key)
+        if reordered:
+            order = self.committed.connections
+            self.frags[file] = {k: frags.get(k, b"") for k in order}
+            stale.update(k for k in order if k not in frags)
+
     def write_back(self, file: str) -> None:
         """Write `file` from memory with the next round (it was deleted by hand)."""
-        self.changed({file}, self.installed)
+        self.note({file}, self.installed)
 
     def mark_written(self, file: str, lsn: int) -> None:
         """`file` holds what memory holds up to `lsn` (a hand edit just taken in)."""
@@ -102,13 +134,19 @@ class Checkpointer:
         self._wake_waiters()
 
     def seed(self) -> None:
-        """At start: the encodings of the records read from the files, for reuse."""
-        for file in (CONNECTIONS, STATE):
+        """At start: the encodings of the records as read from the files, for reuse (all of
+        memory's records are encoded again where memory differs from the file)."""
+        for file, table in (
+            (CONNECTIONS, self.committed.connections),
+            (STATE, self.committed.state),
+        ):
             od = self.disk.files.get(file)
-            if od is None or not od.frags:
-                continue
-            content = od.content or {}
-            self.frags[file] = {k: (content[k], f) for k, f in od.frags.items() if k in content}
+            known = od.frags if od is not None else {}
+            content = od.content if od is not None and od.content else {}
+            self.frags[file] = {k: known.get(k, b"") for k in table}
+            self.stale[file] = {
+                k for k, r in table.items() if k not in known or content.get(k) is not r
+            }
 
     @property
     def lag_s(self) -> float:
@@ -168,11 +206,16 @@ class Checkpointer:
     # --- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        """Rounds as changes come, until `stop` (a round in progress always finishes: a write
+        cancelled half way would leave what the disk holds unknown)."""
+        while not self.stopping:
             await self.wake.wait()
             self.wake.clear()
+            if self.stopping:
+                return
             if self.since is not None:
-                await anyio.sleep(max(0.0, self.since + COALESCE_S - time.monotonic()))
+                wait = min(COALESCE_MAX_S, max(COALESCE_S, 3 * self.last_write_s))
+                await anyio.sleep(max(0.0, self.since + wait - time.monotonic()))
             try:
                 await self.round()
             except Exception:  # never let the checkpointer die: the journal keeps everything
@@ -216,21 +259,25 @@ class Checkpointer:
         """One atomic write of `todo` from memory. None: a hand save slipped in (take it in
         and try again); False: the write failed (tried again later); True: written."""
         upto = self.installed
-        plan: list[tuple[Path, Any]] = []
+        jobs: list[tuple[Path, Any]] = []
         views: dict[str, Any] = {}
         for file in todo:
-            body, view = self._body(file)
-            if body is not None:
-                plan.append((self.disk.path(file), body))
+            job, view = self._job(file)
+            if job is not None:
+                jobs.append((self.disk.path(file), job))
                 views[file] = view
         expected = {self.disk.path(f): self.disk.get(f).stamp for f in views}
         kept: list[Displaced] = []
         started = self.since
+        t0 = time.monotonic()
         try:
-            stamps = await anyio.to_thread.run_sync(write_files, plan, expected, kept)
+            plan, stamps = await anyio.to_thread.run_sync(_render_and_write, jobs, expected, kept)
+            self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
+            self._restale(jobs)
             return None
         except OSError as e:
+            self._restale(jobs)
             log.error("checkpoint_write_failed", error=str(e), files=todo)
             self._fail_waiters(set(todo), e)
             await anyio.sleep(FAILED_RETRY_S)
@@ -241,13 +288,14 @@ class Checkpointer:
             self.on_displaced(
                 [(d, self.disk.get(str(d.path.relative_to(rel))).content) for d in kept]
             )
-        for path, body in plan:
+        for (path, body), (_, job) in zip(plan, jobs, strict=True):
             file = str(path.relative_to(self.disk.data_dir))
             self.disk.record(file, stamps[path], body)
             od = self.disk.get(file)
-            od.content, frags = views[file]
-            if frags is not None:
-                od.frags = frags
+            od.content = views[file]
+            if isinstance(job, _Table):
+                od.frags = job.frags
+                self._keep_encoded(file, job)
         for file in todo:
             last = self.dirty.get(file, (0, 0))[1]
             if last <= upto:
@@ -268,35 +316,51 @@ class Checkpointer:
         self._wake_waiters()
         return True
 
-    def _body(self, file: str) -> tuple[Any, Any]:
-        """The file's bytes from memory (chunks), and what its disk view becomes."""
+    def _job(self, file: str) -> tuple[Any, Any]:
+        """What writing `file` takes (rendered in the write's thread, so a 10,000-record table
+        costs the event loop a few copies, not its encoding) and what its disk view becomes.
+        None when memory has nothing for it (an algorithm removed)."""
         c = self.committed
         if file in (CONNECTIONS, STATE):
             table = c.connections if file == CONNECTIONS else c.state
-            old = self.frags[file]
-            new: dict[str, tuple[Any, bytes]] = {}
-            for key, record in table.items():
-                hit = old.get(key)
-                new[key] = (
-                    hit
-                    if hit is not None and hit[0] is record
-                    else (
-                        record,
-                        files.encode_record(record),
-                    )
-                )
-            self.frags[file] = new
-            encoded = {k: v[1] for k, v in new.items()}
-            return files.table_chunks(encoded.values()), (dict(table), encoded)
+            frags, stale = self.frags[file], self.stale[file]
+            if len(frags) != len(table):  # out of step (never expected): encode it all again
+                frags = self.frags[file] = dict.fromkeys(table, b"")
+                stale.update(table)
+            self.stale[file] = set()
+            todo = [(k, table[k]) for k in stale]
+            return _Table(dict(frags), todo), dict(table)
         if file == SYNC_LOG:
-            events = list(c.log)
-            encoded_log = [self.log_frags.get(e.id) or files.encode_record(e) for e in events]
-            self.log_frags = {e.id: b for e, b in zip(events, encoded_log, strict=True)}
-            return files.table_chunks(encoded_log), (events, None)
+            encoded = self.log_frags
+            while encoded and c.log and encoded[0][0] < c.log[0].id:
+                encoded.popleft()  # trimmed from the log
+            if encoded and (not c.log or encoded[0][0] != c.log[0].id):
+                encoded.clear()  # not the same history (edited by hand): encode it again
+            last = encoded[-1][0] if encoded else 0
+            new = list(itertools.takewhile(lambda e: e.id > last, reversed(c.log)))
+            encoded.extend((e.id, files.encode_record(e)) for e in reversed(new))
+            return files.table_chunks(b for _, b in encoded), list(c.log)
         content = c.documents.get(files.document_name(file) or "")
         if content is None:
             return None, None
-        return files.encode_document(content), (content, None)
+        return files.encode_document(content), content
+
+    def _restale(self, jobs: list[tuple[Path, Any]]) -> None:
+        """A write that did not happen: its records are still to be encoded."""
+        for path, job in jobs:
+            if isinstance(job, _Table):
+                file = str(path.relative_to(self.disk.data_dir))
+                self.stale[file].update(k for k, _ in job.todo)
+
+    def _keep_encoded(self, file: str, job: _Table) -> None:
+        """The encodings the write's thread made, kept for the records not changed since."""
+        table = self.committed.connections if file == CONNECTIONS else self.committed.state
+        frags, stale = self.frags[file], self.stale[file]
+        for key, record in job.todo:
+            if key in frags and table.get(key) is record:
+                frags[key] = job.frags[key]
+            elif key in table:
+                stale.add(key)
 
     # --- cutting the journal -----------------------------------------------------------------
 
@@ -337,11 +401,38 @@ class Checkpointer:
                 change.documents.append(RecordChange(name, new, keys))
         return None if change.empty else change
 
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
     async def close(self) -> None:
         """Everything written (at shutdown): rounds until only invalid files are left."""
         for _ in range(RETRIES):
             if await self.round():
                 return
+
+
+@dataclass
+class _Table:
+    """A table file to write: the encodings known, and the records to encode first."""
+
+    frags: dict[str, bytes]
+    todo: list[tuple[str, Any]]
+
+
+def _render_and_write(
+    jobs: list[tuple[Path, Any]], expected: dict[Path, Any], kept: list[Displaced]
+) -> tuple[list[tuple[Path, Any]], dict[Path, Any]]:
+    """In the write's thread: encode what changed, then write every file atomically."""
+    plan: list[tuple[Path, Any]] = []
+    for path, job in jobs:
+        if isinstance(job, _Table):
+            for key, record in job.todo:
+                job.frags[key] = files.encode_record(record)
+            plan.append((path, files.table_chunks(job.frags.values())))
+        else:
+            plan.append((path, job))
+    return plan, write_files(plan, expected, kept)
 
 
 def _table_diff(on_disk: dict[str, Any], memory: dict[str, Any]) -> list[RecordChange]:

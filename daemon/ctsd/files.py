@@ -9,6 +9,7 @@ the typed view of the keys the daemon reads.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections.abc import Iterable
@@ -108,14 +109,11 @@ def encode_record(record: msgspec.Struct) -> bytes:
 
 
 def table_chunks(fragments: Iterable[bytes]) -> list[bytes]:
-    """The file body for encoded records, as chunks (no join of a 10 MB file on the loop)."""
-    frags = list(fragments)
-    if not frags:
+    """The file body for encoded records, as chunks (no join of a 10 MB file on the loop;
+    the list is built in C: a 10,000-record file must not cost a Python loop per round)."""
+    out = [b"[\n", *itertools.chain.from_iterable(zip(fragments, itertools.repeat(b",\n")))]
+    if len(out) == 1:
         return [b"[]\n"]
-    out = [b"[\n"]
-    for frag in frags:
-        out.append(frag)
-        out.append(b",\n")
     out[-1] = b"\n]\n"
     return out
 

@@ -176,7 +176,7 @@ class Store:
             touched |= change.files()
         self.checkpointer.seed()
         if touched:
-            self.checkpointer.changed(touched, self.journal.lsn)
+            self.checkpointer.note(touched, self.journal.lsn)
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))
         log.info(
             "loaded",
@@ -203,7 +203,8 @@ class Store:
         if self._writer is not None:
             await self._writer
         if self._checkpoints is not None:
-            self._checkpoints.cancel()
+            self.checkpointer.stop()
+            await self._checkpoints
         await self.checkpointer.close()
         self.journal.close()
         self._io.shutdown(wait=True)
@@ -291,7 +292,7 @@ class Store:
         for rc in change.connections:
             if rc.value is None:
                 self.heartbeats.pop(rc.key, None)
-        self.checkpointer.changed(change.files(), lsn)
+        self.checkpointer.changed(change, lsn)
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         loop = asyncio.get_running_loop()

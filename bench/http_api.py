@@ -1,7 +1,7 @@
 """HTTP benchmark: the REST API of the real daemon beside floors measured in the same run.
 
-    .venv/bin/python bench/http.py                   # ~1 minute
-    .venv/bin/python bench/http.py --dir /var/tmp --updates 500
+    .venv/bin/python bench/http_api.py                   # ~1 minute
+    .venv/bin/python bench/http_api.py --dir /var/tmp --updates 500
 
 Starts `ctsd serve` on a temporary data dir under the current directory (or `--dir`) with
 1,000 connections, and a bare Starlette app under uvicorn (a subprocess) that answers one
@@ -21,14 +21,6 @@ printed before and after). Needs `wrk` (Debian: apt-get install wrk) for (b).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's directory comes first on sys.path, where this file would shadow
-# the standard library's `http` module that every HTTP library imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
 import argparse
 import asyncio
 import json
@@ -36,8 +28,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
@@ -53,7 +47,7 @@ Row = tuple[str, str, str, str]
 
 
 def bare_server(port: int, body_file: str) -> None:
-    """A bare Starlette route answering the same bytes (`bench/http.py --bare PORT FILE`)."""
+    """A bare Starlette route answering the same bytes (`bench/http_api.py --bare PORT FILE`)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import Response
