@@ -5,6 +5,7 @@ the project promises, against the running daemon.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,73 @@ def test_document_create_is_201_with_location(openapi_document: dict[str, Any]) 
 def test_document_needs_the_token(target: Target) -> None:
     code, body = target.daemon.http("/openapi.json", token=None)
     assert code == 401 and body["error"]["code"] == "unauthorized"
+
+
+def _query(doc: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
+    params = doc["paths"][path][method]["parameters"]
+    return next(p for p in params if p["in"] == "query" and p["name"] == name)
+
+
+def test_document_states_the_query_rules_the_daemon_applies(
+    target: Target, openapi_document: dict[str, Any]
+) -> None:
+    doc = openapi_document
+    assert set(_query(doc, "/api/data/import", "post", "mode")["schema"]["enum"]) == {
+        "merge",
+        "replace",
+    }
+    confirm = _query(doc, "/api/data/reset", "delete", "confirm")
+    assert confirm["required"] is True and confirm["schema"]["enum"] == ["yes"]
+    limit = _query(doc, "/api/sync-log", "get", "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"]) == (1, 100_000)
+    assert _query(doc, "/api/sync-log", "get", "since")["schema"]["minimum"] == 0
+
+    d = target.daemon
+    for query, code in [
+        ("limit=0", 400),
+        ("limit=1", 200),
+        ("limit=100000", 200),
+        ("limit=100001", 400),
+        ("since=-1", 400),
+        ("since=0", 200),
+    ]:
+        assert d.http(f"/api/sync-log?{query}")[0] == code, query
+    with httpx.Client(base_url=d.url, headers=_auth(d), timeout=10) as client:
+        r = client.post("/api/data/import?mode=other", json={"files": {}})
+        assert r.status_code == 400 and r.json()["error"]["path"] == "$.mode"
+        r = client.delete("/api/data/reset")
+        assert r.status_code == 400 and r.json()["error"]["path"] == "$.confirm"
+
+
+def test_timestamps_a_client_sends_are_ignored_as_documented(
+    target: Target, openapi_document: dict[str, Any]
+) -> None:
+    schemas = openapi_document["components"]["schemas"]
+    for shape in ("ConnectionInput", "ConnectionChanges", "ConnectionBatchItem"):
+        for name in ("created_at", "updated_at"):
+            field = schemas[shape]["properties"][name]
+            assert not {"type", "anyOf", "pattern"} & set(field), (shape, name, field)
+    d = target.daemon
+    with httpx.Client(base_url=d.url, headers=_auth(d), timeout=10) as client:
+        before = client.get("/api/settings/connections/c3").json()
+        r = client.put(
+            "/api/settings/connections/c3",
+            json={"name": "three again", "updated_at": "AAA", "created_at": 5},
+        )
+        assert r.status_code == 200, r.text
+        after = r.json()
+    assert after["name"] == "three again"
+    assert after["created_at"] == before["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", after["updated_at"])
+
+
+def test_batch_items_need_an_id_as_documented(
+    target: Target, openapi_document: dict[str, Any]
+) -> None:
+    body = openapi_document["paths"]["/api/settings/connections/batch"]["post"]["requestBody"]
+    items = body["content"]["application/json"]["schema"]["items"]
+    item = openapi_document["components"]["schemas"][items["$ref"].rsplit("/", 1)[1]]
+    assert item["required"] == ["id"]
+    d = target.daemon
+    r = httpx.post(f"{d.url}/api/settings/connections/batch", json=[{}], headers=_auth(d))
+    assert r.status_code == 400 and r.json()["error"]["path"] == "$[0].id"
