@@ -47,6 +47,7 @@ from tests.daemon import Daemon, free_port
 from tests.test_bus import CANARY, bus, conn_body
 
 FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 50)
+ANSWER_WITHIN_S = 15.0
 
 # The routes of the HTTP API as promised to its users, written out here by hand so the test
 # does not read the daemon's own table: path → methods.
@@ -370,6 +371,8 @@ def test_fuzz(case: Any, target: Target) -> None:
     # rate limit never locks the fuzz out (the settings document is fuzzed like any other, and
     # a write of it resets the limit to its default); a 429 fails the run afterwards.
     response = case.call_and_validate(checks=CHECKS, timeout=60)
+    # The slowest route is a connection test, bounded by test_timeout_s (10 s by default).
+    assert response.elapsed < ANSWER_WITHIN_S, f"{case.method} {case.formatted_path} was slow"
     target.cases += 1
     target.statuses[response.status_code] += 1
     target.by_op[f"{case.method} {case.path}"][response.status_code] += 1
