@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, http_server, wait_until
 
 # The harness token, and a few bytes of the canary that must not leak either.
 SECRET_BITS = (CANARY, "7f3a9c")
@@ -349,14 +349,8 @@ class _Ok(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_exchange() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(_Ok) as origin:
+        yield origin
 
 
 def test_conn_test_success_and_failure(shared: Daemon, fake_exchange: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 from starlette.convertors import Convertor, register_url_convertor
@@ -76,6 +76,7 @@ class Query:
     type: Any  # a msgspec type, for parsing and for the document
     description: str
     arg: str | None = None  # the argument it fills (default: its name)
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,16 @@ async def reset(ctx: Context) -> Any:
     return await command(ctx, "data.reset", {"confirm": True})
 
 
+def _arg_type(args: type[msgspec.Struct], name: str) -> Any:
+    """The type a command gives one of its arguments: a query parameter that fills it is
+    documented as the command checks it."""
+    return next(f.type for f in msgspec.structs.fields(args) if f.name == name)
+
+
+def _base(kind: Any) -> Any:
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
 _CONN = "/api/settings/connections"
 _QUERY_FILTERS = (
     Query("exchange", str, "only connections of this exchange"),
@@ -380,6 +391,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         write=True,
         tag="connections",
         errors=_CONN_ERRORS,
+        notes="batch",
     ),
     Endpoint(
         "GET",
@@ -498,8 +510,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         sync_log,
         list[SyncEvent],
         queries=(
-            Query("since", int, "entries after this revision (default: the newest `limit`)"),
-            Query("limit", int, "at most this many entries (1-100000, default 1000)"),
+            Query(
+                "since", p.NonNegative, "entries after this revision (default: the newest `limit`)"
+            ),
+            Query(
+                "limit",
+                _arg_type(p.SyncLogGet, "limit"),
+                "at most this many entries (1-100000, default 1000)",
+            ),
         ),
         tag="sync log",
         errors=(400, 409),
@@ -515,7 +533,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         s.ImportResult,
         body=s.ImportBody,
         write=True,
-        queries=(Query("mode", str, "merge (default) or replace"),),
+        queries=(Query("mode", _arg_type(p.DataImport, "mode"), "merge (default) or replace"),),
         tag="data",
         errors=(400, 409, 412, 413, 415),
     ),
@@ -526,7 +544,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         reset,
         s.ResetResult,
         write=True,
-        queries=(Query("confirm", str, "must be `yes`"),),
+        queries=(Query("confirm", Literal["yes"], "must be `yes`", required=True),),
         tag="data",
         errors=(400, 409, 412),
     ),
@@ -591,7 +609,7 @@ def _convert_query(q: Query, text: str) -> Any:
         if text.lower() in ("false", "0", "no"):
             return False
         raise CtsdError("invalid", f"?{q.name} must be true or false", path=f"$.{q.name}")
-    if q.type is int:
+    if _base(q.type) is int:  # the command checks the range
         try:
             return int(text)
         except ValueError:

@@ -69,7 +69,7 @@ def _parameters(ep: api.Endpoint) -> list[dict[str, Any]]:
             {
                 "name": q.name,
                 "in": "query",
-                "required": False,
+                "required": q.required,
                 "description": q.description,
                 "schema": msgspec.json.schema(q.type),
             }
@@ -101,6 +101,8 @@ def _body_schema(ep: api.Endpoint, schema: dict[str, Any]) -> dict[str, Any]:
         return {"$ref": REF.format(name="ConnectionInput")}
     if ep.notes == "update":
         return {"$ref": REF.format(name="ConnectionChanges")}
+    if ep.notes == "batch":
+        return {"type": "array", "items": {"$ref": REF.format(name="ConnectionBatchItem")}}
     return schema
 
 
@@ -127,8 +129,18 @@ def document() -> dict[str, Any]:
         "must be the record's own."
     )
     changes.pop("required", None)
+    for shape in (create, changes):
+        for name in ("created_at", "updated_at"):  # any value: the daemon sets them
+            shape["properties"][name] = {
+                "description": "set by the daemon; a value sent is ignored"
+            }
+    batch_item = copy.deepcopy(changes)
+    batch_item["title"] = "ConnectionBatchItem"
+    batch_item["description"] = "The `id` of a connection and the fields to change."
+    batch_item["required"] = ["id"]
     components["ConnectionInput"] = create
     components["ConnectionChanges"] = changes
+    components["ConnectionBatchItem"] = batch_item
     error_ref = schemas[0]
     paths: dict[str, dict[str, Any]] = {}
     for i, ep in enumerate(api.ENDPOINTS):
