@@ -46,7 +46,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.daemon import Daemon, free_port
 from tests.test_bus import CANARY, bus, conn_body
 
-FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 50)
+FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 80)
 ANSWER_WITHIN_S = 15.0
 
 # The routes of the HTTP API as promised to its users, written out here by hand so the test
