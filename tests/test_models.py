@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import files
+from ctsd import files, limits
 from ctsd.files import Invalid
 from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc, SyncEvent
 from ctsd.store import Store
@@ -430,17 +430,19 @@ def test_unreadable_files_at_start_are_reported(tmp_path: Path) -> None:
     (tmp_path / "watchlists.json").write_bytes(b'{"main": ["\xff"]}')
     big = tmp_path / "settings.json"
     with open(big, "wb") as fh:  # sparse: no real disk used
-        fh.truncate(files.MAX_FILE_BYTES + 1)
+        fh.truncate(limits.MAX_FILE_BYTES + 1)
     store = Store(tmp_path)
     store.open()
     assert "is a directory" in store.problems["connections.json"].message
     assert "the limit is" in store.problems["settings.json"].message
-    assert "nested too deeply" in store.problems["ui-config.json"].message
+    deep = store.problems["ui-config.json"]
+    assert f"nested deeper than {limits.MAX_DEPTH} levels" in deep.message
+    assert (deep.line, deep.column) == (1, 7 + limits.MAX_DEPTH - 1)  # the first bracket past it
     assert "not UTF-8" in store.problems["watchlists.json"].message
     assert (tmp_path / "connections.json").is_dir()
-    assert big.stat().st_size == files.MAX_FILE_BYTES + 1
+    assert big.stat().st_size == limits.MAX_FILE_BYTES + 1
     with pytest.raises(Invalid) as exc:
-        files.decode_file("ui-config.json", b" " * (files.MAX_FILE_BYTES + 1))
+        files.decode_file("ui-config.json", b" " * (limits.MAX_FILE_BYTES + 1))
     assert "the limit is" in exc.value.problem.message
 
 
