@@ -475,3 +475,14 @@ def test_encoding_is_two_space_indent_with_trailing_newline() -> None:
     assert msgspec.json.decode(body) == msgspec.json.decode(SEED_CONNECTIONS)
     assert body == msgspec.json.format(msgspec.json.encode(conns), indent=2) + b"\n"
     assert files.encode_table([]) == b"[]\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "abc\n"), ("created_at", "2024-01-01T00:00:00.000Z\n")],
+)
+def test_trailing_newline_is_not_a_match(field: str, value: str) -> None:
+    # `$` in a pattern also matches before a trailing newline: ids and timestamps must not.
+    record = {"id": "abc", "name": "n", "exchange": "bybit", field: value}
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(record, Connection)

@@ -16,7 +16,9 @@ from ctsd.timeutil import TIMESTAMP_PATTERN
 Timestamp = Annotated[
     str, msgspec.Meta(pattern=TIMESTAMP_PATTERN, examples=["2024-01-01T00:00:00.000Z"])
 ]
-ConnectionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# msgspec matches patterns with re.search, where `$` also matches before a trailing newline:
+# `(?!\n)` refuses "id\n" (and reads the same in a JSON Schema's ECMA regex).
+ConnectionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]
 PositiveFactor = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+# `(?!\n)`: `$` alone would also match before a trailing newline (see models.ConnectionId).
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z(?!\n)$"
 
 
 def now_iso() -> str:
