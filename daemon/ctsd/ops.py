@@ -13,14 +13,16 @@ from ctsd import diagnose, files
 from ctsd.atomic import Stamp, stamp_of
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, TestResult
-from ctsd.redact import SECRET_FIELDS, refuse_placeholders
+from ctsd.redact import SETTINGS_STRING_KEY, is_secret_key, mask, restore_placeholders
 from ctsd.store import Op, Tx, mirror_state
 from ctsd.table import Table
 from ctsd.timeutil import later
 
 READ_ONLY = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
+SECRET_CONNECTION_FIELDS = tuple(f for f in CONNECTION_FIELDS if is_secret_key(f))
 
 
 def new_connection_id() -> str:
@@ -54,8 +56,10 @@ def changed_fields(old: msgspec.Struct | None, new: msgspec.Struct | None) -> li
 
 
 def public_values(record: msgspec.Struct, fields: list[str]) -> dict[str, Any]:
-    """The new values of `fields`, secrets left out (`fields` still names them)."""
-    return {k: msgspec.to_builtins(getattr(record, k)) for k in fields if k not in SECRET_FIELDS}
+    """The new values of `fields`, secrets left out (`fields` still names them), and the
+    secrets inside `connection_settings` masked."""
+    values = {k: msgspec.to_builtins(getattr(record, k)) for k in fields if not is_secret_key(k)}
+    return mask(values) if SETTINGS_STRING_KEY in values else values
 
 
 def _put_connection(tx: Tx, conn: Connection) -> None:
@@ -79,13 +83,13 @@ def create(data: Any) -> Op:
     def op(tx: Tx) -> Connection:
         if not isinstance(data, dict):
             raise CtsdError("invalid", "connection must be an object", path="$.connection")
-        refuse_placeholders(data, "$.connection")
+        sent = restore_placeholders(data, None, "$.connection")  # nothing stored: refused
         for key in ("created_at", "updated_at"):
-            if key in data:
+            if key in sent:
                 raise CtsdError(
                     "invalid", f"`{key}` is set by the daemon", path=f"$.connection.{key}"
                 )
-        body = {**data, "created_at": tx.now, "updated_at": tx.now}
+        body = {**sent, "created_at": tx.now, "updated_at": tx.now}
         body.setdefault("id", new_connection_id())
         conn = _convert(body, Connection, "$.connection")
         _check_settings(conn, "$.connection")
@@ -104,7 +108,8 @@ def create(data: Any) -> Op:
 def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     if not isinstance(changes, dict):
         raise CtsdError("invalid", "changes must be an object", path=path)
-    refuse_placeholders(changes, path)
+    # A secret sent back as shown keeps the stored one.
+    changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path)
     for key in READ_ONLY:
         if key in changes:
             raise CtsdError("invalid", f"`{key}` cannot be changed", path=f"{path}.{key}")
@@ -305,7 +310,11 @@ def flush_heartbeats(beats: dict[str, str], synced: dict[str, str] | None = None
 # --- documents ----------------------------------------------------------------------------
 
 
-def check_document(tx: Tx, name: Any, content: Any) -> str:
+def check_document(
+    tx: Tx, name: Any, content: Any, path: str = "$.content"
+) -> tuple[str, dict[str, Any]]:
+    """(file, content to store) for a document sent by a client: checked, with the
+    placeholders of secrets it sends back replaced by the stored secrets."""
     if not isinstance(name, str):
         raise CtsdError("invalid", "name must be a string", path="$.name")
     try:
@@ -316,24 +325,23 @@ def check_document(tx: Tx, name: Any, content: Any) -> str:
             "not_found", f"no document {name!r}; documents: {known}", path="$.name"
         ) from None
     if not isinstance(content, dict):
-        raise CtsdError("invalid", "content must be a JSON object", path="$.content")
-    refuse_placeholders(content, "$.content")
+        raise CtsdError("invalid", "content must be a JSON object", path=path)
+    require_depth(content, path=path)
+    content = restore_placeholders(content, tx.docs.get(name), path)
     try:
         files.validate_document(name, content)
         if name == "instances":
             files.check_instance_refs(content, tx.store.algorithm_names(tx.docs), file, None)
     except Invalid as e:
-        raise CtsdError(
-            "invalid", e.problem.message, path="$.content" + e.problem.path[1:]
-        ) from None
-    return file
+        raise CtsdError("invalid", e.problem.message, path=path + e.problem.path[1:]) from None
+    return file, content
 
 
 def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
-        file = check_document(tx, name, content)
-        _put_document(tx, name, file, content)
-        return content
+        file, doc = check_document(tx, name, content)
+        _put_document(tx, name, file, doc)
+        return doc
 
     return op
 
@@ -525,7 +533,6 @@ def import_data(data: Any, mode: Any) -> Op:
         content = data.get("files", data)
         if not isinstance(content, dict):
             raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
-        refuse_placeholders(content, "$.data.files")
         imported: list[str] = []
         for file, value in content.items():
             path = f"$.data.files.{file}"
@@ -533,6 +540,11 @@ def import_data(data: Any, mode: Any) -> Op:
                 continue  # history is the daemon's own; an import never rewrites it
             if file in (CONNECTIONS, STATE):
                 kind = files.TABLES[file]
+                if file == CONNECTIONS:
+                    # Secrets exported masked come back as placeholders: the stored ones stay
+                    # (matched by id); a placeholder for a connection not stored is invalid.
+                    stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
+                    value = restore_placeholders(value, stored, path)
                 records = _convert(value, list[kind], path)
                 key = "id" if file == CONNECTIONS else "connection_id"
                 # Checked as sent, before any merge (a merge would fold duplicates silently).
@@ -557,7 +569,7 @@ def import_data(data: Any, mode: Any) -> Op:
                             # secrets absent from the import keep their stored values
                             keep = {
                                 k: getattr(old, k)
-                                for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
+                                for k in SECRET_CONNECTION_FIELDS
                                 if k not in sent[r.id]
                             }
                             r = msgspec.structs.replace(r, **keep)
@@ -573,7 +585,7 @@ def import_data(data: Any, mode: Any) -> Op:
                     if mode == "replace" or not isinstance(value, dict)
                     else {**(tx.docs.get(name) or {}), **value}
                 )
-                check_document(tx, name, doc)
+                _file, doc = check_document(tx, name, doc, path)
                 _put_document(tx, name, files.document_file(name), doc)
             imported.append(file)
         tx.emit("import", None, {"mode": mode, "files": imported})
