@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemon import Daemon
+
+# Files the tests write by hand are the operator's, made as systemd's UMask=0077 makes them:
+# the daemon refuses data files other users may read (tests of that set the mode on purpose).
+os.umask(0o077)
 
 
 @pytest.fixture

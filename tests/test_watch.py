@@ -567,7 +567,8 @@ async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Da
             ),
             what="the late write taken in",
         )
-        assert log_lines(d, "late_hand_write_taken_in")
+        # Logged once its submit returns, a moment after subscribers got the event.
+        wait_until(lambda: log_lines(d, "late_hand_write_taken_in"), 5, what="the log line")
         # The late write was based on the file before the bus change: taking it in undoes
         # that change, visibly (an event of source "file"), never silently.
         undo = [

@@ -1,4 +1,4 @@
-"""`/health`: data dir writable, free space, every file valid."""
+"""`/health`: data dir writable and private, free space, every file valid."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ctsd import __version__
+from ctsd.safefile import dir_problems
 
 if TYPE_CHECKING:
     from ctsd.app import App
@@ -26,8 +27,12 @@ def health(app: App) -> dict[str, Any]:
         "ok": not store.problems,
         "invalid": {f: p.format() for f, p in sorted(store.problems.items())},
     }
+    # The dir's mode and its directories (a link, a file where algorithms/ should be):
+    # writes into a broken one fail, and a wide mode shows file names to other users.
+    layout = dir_problems(app.data_dir)
     checks = {
         "data_dir_writable": {"ok": writable},
+        "data_dir": {"ok": not layout, "problems": layout},
         "free_space": {"ok": free >= MIN_FREE_BYTES, "bytes": free},
         "files": files,
     }

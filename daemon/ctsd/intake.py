@@ -32,11 +32,12 @@ import anyio
 import msgspec
 import structlog
 
-from ctsd import files
+from ctsd import files, safefile
 from ctsd.atomic import (
     TEMP_PREFIX,
     Displaced,
     Stamp,
+    create_temp,
     ensure_dir,
     stamp_of,
     write_files,
@@ -46,6 +47,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
+from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -79,11 +81,15 @@ class Intake:
 
     def open(self) -> None:
         """Create what is missing (never touching what exists), then load every file."""
-        for sub in ("", files.ALGORITHMS_DIR, "historical", "logs"):
+        for sub in ("", *SUBDIRS):
             d = self.data_dir / sub
-            if d.exists() and not d.is_dir():
-                raise CtsdError("io_error", f"{d} exists and is not a directory")
+            problem = subdir_problem(d) if sub else None
+            if problem is not None:  # never followed out of the data dir: refuse to start
+                raise CtsdError("io_error", f"{d} {problem}")
             ensure_dir(d)
+        wide = dir_mode_problem(self.data_dir)
+        if wide is not None:  # files stay private (each must be 0600); /health shows it too
+            log.warning("data_dir_mode", data_dir=str(self.data_dir), problem=wide)
         for d in (self.data_dir, self.data_dir / files.ALGORITHMS_DIR):
             for stale in d.glob(f"{TEMP_PREFIX}*"):
                 stale.unlink(missing_ok=True)
@@ -110,13 +116,9 @@ class Intake:
         )
 
     def _read(self, file: str) -> tuple[bytes, Stamp]:
-        p = self.path(file)
-        if p.is_dir():
-            raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
-        with open(p, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            files.check_size(file, st.st_size)  # before reading: never load a huge file
-            return fh.read(), Stamp.of(st)
+        # Never blocks (a FIFO), never follows a link, reads only a private regular file.
+        raw, st = safefile.read_data_file(self.path(file), file)
+        return raw, Stamp.of(st)
 
     def _load_at_start(self, file: str) -> None:
         try:
@@ -220,8 +222,9 @@ class Intake:
             op = ops.take_in(file, decoded, raw, stamp, force=force)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
-            # version must not pass as already judged).
-            if report:
+            # version must not pass as already judged). A lasting problem (a FIFO, a link, a
+            # loose mode) is no half-written save: reported even when only looking.
+            if report or e.lasting:
                 self._mark_invalid(file, e.problem, stamp or stamp_of(path))
             return False
         except FileNotFoundError:  # deleted between the stat and the open
@@ -262,20 +265,20 @@ class Intake:
         that keeps the size and puts the mtime back still moves the ctime.
         """
         try:
-            st = os.stat(self.path(file))
-        except FileNotFoundError:
+            st = os.lstat(self.path(file))  # as stamp_of: a link is judged as the link
+        except (FileNotFoundError, NotADirectoryError):
             return self.stamps.get(file) is None
         same = Stamp.of(st) == self.stamps.get(file) and st.st_ctime_ns == self.ctimes.get(file)
         if same and self.coarse_mtime and time.time_ns() - st.st_mtime_ns < DIGEST_WITHIN_NS:
             digest = self.digests.get(file)
-            same = digest is not None and _file_digest(self.path(file)) == digest
+            same = digest is not None and safefile.digest(self.path(file)) == digest
         return same
 
     def _note_ctime(self, file: str) -> None:
         # Called right after a stamp is recorded: the rename of our own write moved the ctime
         # after the stamp was taken, so note it now (only if the stamp still matches).
         try:
-            st = os.stat(self.path(file))
+            st = os.lstat(self.path(file))
         except OSError:
             self.ctimes.pop(file, None)
             return
@@ -433,9 +436,9 @@ def _counted(op: Op) -> Op:
 
 def _timestamps_coarse(directory: Path) -> bool:
     """Can two writes in a row, with a stat between (as we do), share an mtime here?"""
-    probe = directory / f"{TEMP_PREFIX}probe.{os.getpid()}"
+    probe: Path | None = None
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        probe, fd = create_temp(directory / "probe")
         try:
             last = -1
             for _ in range(20):
@@ -449,7 +452,8 @@ def _timestamps_coarse(directory: Path) -> bool:
     except OSError:
         return True  # cannot tell: assume the worst
     finally:
-        probe.unlink(missing_ok=True)
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return False
 
 
@@ -458,14 +462,6 @@ def _digest_of(body: Any) -> bytes:
     for chunk in [body] if isinstance(body, bytes | bytearray | memoryview) else body:
         h.update(chunk)
     return h.digest()
-
-
-def _file_digest(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha1").digest()
-    except OSError:
-        return None
 
 
 _SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)
@@ -515,8 +511,10 @@ def _decode_known(
             stop = end if split < 0 else split + 1
             try:
                 record = msgspec.json.decode(raw[pos:stop], type=kind)
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
                 return None
+            if files.has_duplicate_keys(raw[pos:stop]):
+                return None  # the full decoder names the key and both places
             if kind is Connection and files.connection_settings_problem(record.connection_settings):
                 return None
             out.append(record)

@@ -84,15 +84,15 @@ def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
     """CTSD_TOKEN, $CREDENTIALS_DIRECTORY/ctsd-token, DATA/.token, then the unit's token."""
     path = target.data_dir / ".token"
     try:
-        token = load_token(target.data_dir, create=False)
+        token = load_token(target.data_dir, create=False, strict=False)
         if token is None and system_token.is_file():
             path = system_token
             token = system_token.read_text().strip() or None
         return token
-    except OSError as e:
+    except (OSError, ValueError) as e:
         # Under systemd the token files belong to root or the daemon's user.
         fail(
-            f"cannot read the bus token {path}: {e.strerror or e}; "
+            f"cannot read the bus token {path}: {getattr(e, 'strerror', None) or e}; "
             "set CTSD_TOKEN or run as the daemon's user",
             EXIT_AUTH,
         )
