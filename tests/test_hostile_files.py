@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +46,6 @@ def verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
     return ctsd("verify", "--data-dir", str(data_dir), timeout=20)
 
 
-@pytest.fixture
-def started(data_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(data_dir)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.close()
-
-
 # --- not a regular file --------------------------------------------------------------------
 
 
@@ -88,8 +77,8 @@ async def test_fifo_at_start_is_invalid_not_a_hang(data_dir: Path) -> None:
         d.close()
 
 
-async def test_fifo_made_while_running_never_blocks_a_write(started: Daemon) -> None:
-    d = started
+async def test_fifo_made_while_running_never_blocks_a_write(daemon: Daemon) -> None:
+    d = daemon
     path = d.data_dir / WATCHLISTS
     async with bus(d) as b:
         await b.ok("documents.set", name="watchlists", content={"x": 1})
@@ -107,9 +96,9 @@ async def test_fifo_made_while_running_never_blocks_a_write(started: Daemon) -> 
 
 
 async def test_symlinked_data_file_is_invalid_and_never_written_through(
-    started: Daemon, tmp_path: Path
+    daemon: Daemon, tmp_path: Path
 ) -> None:
-    d = started
+    d = daemon
     outside = tmp_path / "outside.json"
     outside.write_text('{"main": ["NQ"]}\n')
     before = outside.read_bytes()
@@ -128,19 +117,19 @@ async def test_symlinked_data_file_is_invalid_and_never_written_through(
     assert r.returncode == 1 and "is a symlink" in r.stdout
 
 
-async def test_symlinked_algorithm_file_is_invalid(started: Daemon, tmp_path: Path) -> None:
+async def test_symlinked_algorithm_file_is_invalid(daemon: Daemon, tmp_path: Path) -> None:
     outside = tmp_path / "algo.json"
     outside.write_text('{"name": "ext"}\n')
-    (started.data_dir / "algorithms" / "ext.json").symlink_to(outside)
-    wait_until(lambda: "algorithms/ext.json" in invalid_files(started))
-    async with bus(started) as b:
+    (daemon.data_dir / "algorithms" / "ext.json").symlink_to(outside)
+    wait_until(lambda: "algorithms/ext.json" in invalid_files(daemon))
+    async with bus(daemon) as b:
         err = await b.err("documents.set", name="algorithms/ext", content={"name": "ext"})
         assert err["code"] == "file_invalid", err
     assert outside.read_text() == '{"name": "ext"}\n'
 
 
-async def test_planted_temp_file_link_is_never_followed(started: Daemon, tmp_path: Path) -> None:
-    d = started
+async def test_planted_temp_file_link_is_never_followed(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon
     assert d.proc is not None
     outside = tmp_path / "stolen.json"
     # The temp names an older daemon used (pid-based) and a few guesses: all links out.
@@ -180,8 +169,8 @@ def test_temp_name_taken_by_a_link_is_never_followed(
 # --- permissions -----------------------------------------------------------------------------
 
 
-async def test_data_file_other_users_may_read_is_invalid_until_chmod(started: Daemon) -> None:
-    d = started
+async def test_data_file_other_users_may_read_is_invalid_until_chmod(daemon: Daemon) -> None:
+    d = daemon
     path = d.data_dir / WATCHLISTS
     path.write_text('{"main": ["NQ"]}\n')
     os.chmod(path, 0o644)
@@ -276,8 +265,8 @@ def test_symlinked_log_file_refuses_start(data_dir: Path, tmp_path: Path) -> Non
     assert not outside.exists()
 
 
-async def test_algorithms_replaced_by_a_file_is_io_error(started: Daemon) -> None:
-    d = started
+async def test_algorithms_replaced_by_a_file_is_io_error(daemon: Daemon) -> None:
+    d = daemon
     algos = d.data_dir / "algorithms"
     async with bus(d) as b:
         await b.ok("documents.set", name="algorithms/Fast", content={"name": "Fast"})
@@ -296,13 +285,13 @@ async def test_algorithms_replaced_by_a_file_is_io_error(started: Daemon) -> Non
 # --- names, keys and depth ------------------------------------------------------------------
 
 
-async def test_algorithm_name_with_a_trailing_newline_is_refused(started: Daemon) -> None:
-    async with bus(started) as b:
+async def test_algorithm_name_with_a_trailing_newline_is_refused(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
         err = await b.err("documents.set", name="algorithms/x\n", content={"name": "x"})
         assert err["code"] in ("not_found", "invalid"), err
         err = await b.err("documents.get", name="algorithms/x\n")
         assert err["code"] in ("not_found", "invalid"), err
-    assert os.listdir(started.data_dir / "algorithms") == []
+    assert os.listdir(daemon.data_dir / "algorithms") == []
 
 
 def test_duplicate_keys_are_invalid_at_start_on_edit_and_in_verify(data_dir: Path) -> None:
@@ -332,9 +321,9 @@ def test_duplicate_keys_are_invalid_at_start_on_edit_and_in_verify(data_dir: Pat
     assert f"{data_dir}/{WATCHLISTS}:4:5: duplicate key `a`" in r.stdout
 
 
-async def test_duplicate_key_in_a_hand_edit_of_a_big_table(started: Daemon) -> None:
+async def test_duplicate_key_in_a_hand_edit_of_a_big_table(daemon: Daemon) -> None:
     """The fast path (only changed records decoded) checks the bytes it decodes too."""
-    d = started
+    d = daemon
     async with bus(d) as b:
         for i in range(20):
             await b.ok(
@@ -349,8 +338,8 @@ async def test_duplicate_key_in_a_hand_edit_of_a_big_table(started: Daemon) -> N
     assert "duplicate key `name`" in invalid_files(d)["connections.json"]
 
 
-async def test_deep_document_is_refused_and_the_daemon_keeps_answering(started: Daemon) -> None:
-    d = started
+async def test_deep_document_is_refused_and_the_daemon_keeps_answering(daemon: Daemon) -> None:
+    d = daemon
     deep: Any = []
     for _ in range(600):
         deep = [deep]
@@ -374,15 +363,15 @@ async def test_deep_document_is_refused_and_the_daemon_keeps_answering(started: 
 
 @pytest.mark.parametrize("base_url", ["http://[::1", "http://[::1]:99999/", "http://a\tb/"])
 async def test_connection_test_with_an_unusable_url_is_a_failed_test(
-    started: Daemon, base_url: str
+    daemon: Daemon, base_url: str
 ) -> None:
     settings = json.dumps({"base_url": base_url})
     conn = {"id": "u1", "name": "n", "exchange": "fakex", "connection_settings": settings}
-    async with bus(started) as b:
+    async with bus(daemon) as b:
         await b.ok("connections.create", connection=conn)
         result = await b.ok("connections.test", connection_id="u1")
         assert result["success"] is False and result["error"], result
-    assert not [e for e in started.log_events() if e.get("level") == "error"]
+    assert not [e for e in daemon.log_events() if e.get("level") == "error"]
 
 
 def test_verify_never_hangs_on_a_fifo(tmp_path: Path) -> None:

@@ -147,14 +147,16 @@ def _id_of(item: Any) -> str | int | None:
 
 
 def _pairs(sent: list[Any], stored: Any) -> list[Any]:
-    """The stored counterpart of each sent list item: by `id` when the items carry one (a
-    record moved in an array is still that record), else by position."""
+    """The stored counterpart of each sent list item: by `id` when the items carry one and
+    it names one item on each side (a record moved in an array is still that record), else
+    by position."""
     if not isinstance(stored, list | tuple):
         return [None] * len(sent)
     ids = [_id_of(x) for x in sent]
-    if ids and all(i is not None for i in ids):
+    if ids and None not in ids and len(set(ids)) == len(ids):
         by_id = {_id_of(x): x for x in stored}
-        return [by_id.get(i) for i in ids]
+        if len(by_id) == len(stored) and None not in by_id:
+            return [by_id.get(i) for i in ids]
     return [stored[i] if i < len(stored) else None for i in range(len(sent))]
 
 
