@@ -20,7 +20,7 @@ import pytest
 
 from ctsd import atomic
 from tests.cli_helpers import clean_env, ctsd
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, free_port, wait_until
 from tests.test_bus import bus
 
 pytestmark = pytest.mark.anyio
@@ -380,3 +380,11 @@ def test_verify_never_hangs_on_a_fifo(tmp_path: Path) -> None:
     r = ctsd("verify", "--data-dir", str(tmp_path), env=clean_env(), timeout=20)
     assert r.returncode == 1
     assert f"{tmp_path}/connections.json:1:1: is a FIFO" in r.stdout
+
+
+def test_client_never_hangs_on_a_fifo_settings_file(tmp_path: Path) -> None:
+    # The CLI reads server.host/port from DATA/settings.json, as the daemon binds them.
+    os.mkfifo(tmp_path / "settings.json", 0o600)
+    port = str(free_port())  # nothing listens there
+    r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_PORT=port, CTSD_TOKEN="t"))
+    assert r.returncode == 3 and "no daemon answering" in r.stderr, r.stderr

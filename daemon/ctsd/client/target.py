@@ -11,6 +11,8 @@ import click
 
 from ctsd.client.errors import EXIT_AUTH, fail
 from ctsd.config import resolve_data_dir
+from ctsd.limits import MAX_FILE_BYTES
+from ctsd.safefile import read_text_file
 from ctsd.tokenfile import load_token
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,7 +38,8 @@ class Target:
 def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
     """server.host/port from DATA/settings.json, as the daemon binds them; best effort."""
     try:
-        raw = json.loads((data_dir / "settings.json").read_bytes())
+        # As the daemon reads it: a FIFO or a link there must not hang or mislead the CLI.
+        raw = json.loads(read_text_file(data_dir / "settings.json", MAX_FILE_BYTES)[0])
         server = raw.get("server") if isinstance(raw, dict) else None
         if not isinstance(server, dict):
             return None, None
@@ -45,7 +48,7 @@ def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
             host if isinstance(host, str) and host else None,
             port if isinstance(port, int) and not isinstance(port, bool) else None,
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, None
 
 
