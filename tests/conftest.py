@@ -1,11 +1,35 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.daemon import Daemon
+
+# Files the tests write by hand are the operator's, made as systemd's UMask=0077 makes them:
+# the daemon refuses data files other users may read (tests of that set the mode on purpose).
+os.umask(0o077)
+
+# Property tests (tests/test_fuzz.py): a few hundred examples in the normal run, the same ones
+# every run (derandomized, no example database); CTSD_FUZZ=long runs them long and random.
+settings.register_profile(
+    "ctsd",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("CTSD_FUZZ_EXAMPLES", "20000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("long" if os.environ.get("CTSD_FUZZ") == "long" else "ctsd")
 
 
 @pytest.fixture

@@ -505,8 +505,13 @@ async def test_import_and_reset(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         await b.ok("connections.create", connection=conn_body(id="keep", api_secret=CANARY))
         exp = await b.ok("data.export")
-        # masked secrets sent back are refused, never stored
-        err = await b.err("data.import", data=exp, mode="replace")
+        # an export imports back unchanged: its masked secrets keep the stored ones
+        assert (await b.ok("data.import", data=exp, mode="replace"))["mode"] == "replace"
+        stored = json.loads((daemon.data_dir / "connections.json").read_text())
+        assert [c["api_secret"] for c in stored] == [CANARY]
+        # ... but a placeholder where nothing is stored is refused, naming the field
+        ghost = {"files": {"connections.json": [conn_body(id="ghost", api_secret="********")]}}
+        err = await b.err("data.import", data=ghost, mode="merge")
         assert err["code"] == "invalid" and "api_secret" in err["path"]
         merged = await b.ok(
             "data.import",

@@ -594,14 +594,22 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         ok(d, "export", "-o", str(backup))
         ok(d, "conn", "rm", "i2")
         ok(d, "conn", "set", "i1", "name=changed")
-        # Replace with masked secrets would clear the stored key: refused before sending.
+        # The export's masked secrets come back as placeholders: the stored key is kept,
+        # in a replace as in a merge.
+        for args in ([], ["--merge"]):
+            ok(d, "conn", "set", "i1", "name=changed")
+            ok(d, "import", str(backup), *args)
+            conns = {c["id"]: c for c in jout(d, "conn", "list")}
+            assert set(conns) == {"i1", "i2"}
+            assert conns["i1"]["name"] == "name i1" and conns["i1"]["api_key"] == "…imp1"
+        stored = json.loads((d.data_dir / "connections.json").read_text())
+        assert [c["api_key"] for c in stored if c["id"] == "i1"] == [CANARY + "-imp1"]
+        # A placeholder for a connection with nothing stored: refused, naming the field.
+        ok(d, "conn", "rm", "i1")
         r = cli(d, "import", str(backup))
-        assert r.returncode == 2 and "masked secret" in r.stderr and "--merge" in r.stderr
-        r = ok(d, "import", str(backup), "--merge")
-        assert "left out: the daemon keeps the stored values" in r.stderr
-        conns = {c["id"]: c for c in jout(d, "conn", "list")}
-        assert set(conns) == {"i1", "i2"}
-        assert conns["i1"]["name"] == "name i1" and conns["i1"]["api_key"] == "…imp1"
+        assert r.returncode == 1 and r.stderr.startswith("ctsd: invalid: "), r.stderr
+        assert "api_key" in r.stderr and CANARY not in r.stderr
+        assert [c["id"] for c in jout(d, "conn", "list")] == ["i2"]
         # A replace from a file without secrets.
         plain = json.loads(backup.read_text())
         plain["files"]["connections.json"] = [{"id": "only", "name": "Only", "exchange": "fakex"}]
@@ -632,8 +640,8 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         d.close()
 
 
-def test_import_refuses_masked_document_secrets(tmp_path: Path) -> None:
-    """A document merges shallowly: a masked Project X key cannot be left out safely."""
+def test_import_keeps_masked_document_secrets(tmp_path: Path) -> None:
+    """A masked Project X key imported back keeps the stored key (merge and replace)."""
     d = Daemon(tmp_path / "data").start()
     try:
         doc = json.loads((d.data_dir / "connection.json").read_text())
@@ -649,10 +657,9 @@ def test_import_refuses_masked_document_secrets(tmp_path: Path) -> None:
         wait_until(exported, 15, interval=0.1, what="the hand edit taken in")
         assert CANARY not in backup.read_text()
         for args in ([], ["--merge"]):
-            r = cli(d, "import", str(backup), *args)
-            assert r.returncode == 2, r.stderr
-            assert "$.files.connection.json.projectX.apiKey" in r.stderr
-        assert json.loads((d.data_dir / "connection.json").read_text()) == doc  # untouched
+            ok(d, "import", str(backup), *args)
+            on_disk = json.loads((d.data_dir / "connection.json").read_text())
+            assert on_disk["projectX"]["apiKey"] == CANARY + "-px"
     finally:
         d.close()
 

@@ -224,7 +224,7 @@ def test_schema_connections_has_exactly_the_connection_fields() -> None:
     conn = out["$defs"]["Connection"]
     assert list(conn["properties"]) == [f.name for f in msgspec.structs.fields(models.Connection)]
     assert conn.get("additionalProperties") is False  # unknown keys are an error
-    assert conn["properties"]["id"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
+    assert conn["properties"]["id"]["pattern"] == r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 
 
 def test_schema_accepts_file_names() -> None:

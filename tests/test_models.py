@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import files
+from ctsd import files, limits
 from ctsd.files import Invalid
 from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc, SyncEvent
 from ctsd.store import Store
@@ -444,17 +444,19 @@ def test_unreadable_files_at_start_are_reported(tmp_path: Path) -> None:
     (tmp_path / "watchlists.json").write_bytes(b'{"main": ["\xff"]}')
     big = tmp_path / "settings.json"
     with open(big, "wb") as fh:  # sparse: no real disk used
-        fh.truncate(files.MAX_FILE_BYTES + 1)
+        fh.truncate(limits.MAX_FILE_BYTES + 1)
     store = Store(tmp_path)
     store.open()
     assert "is a directory" in store.problems["connections.json"].message
     assert "the limit is" in store.problems["settings.json"].message
-    assert "nested too deeply" in store.problems["ui-config.json"].message
+    deep = store.problems["ui-config.json"]
+    assert f"nested deeper than {limits.MAX_DEPTH} levels" in deep.message
+    assert (deep.line, deep.column) == (1, 7 + limits.MAX_DEPTH - 1)  # the first bracket past it
     assert "not UTF-8" in store.problems["watchlists.json"].message
     assert (tmp_path / "connections.json").is_dir()
-    assert big.stat().st_size == files.MAX_FILE_BYTES + 1
+    assert big.stat().st_size == limits.MAX_FILE_BYTES + 1
     with pytest.raises(Invalid) as exc:
-        files.decode_file("ui-config.json", b" " * (files.MAX_FILE_BYTES + 1))
+        files.decode_file("ui-config.json", b" " * (limits.MAX_FILE_BYTES + 1))
     assert "the limit is" in exc.value.problem.message
 
 
@@ -487,3 +489,14 @@ def test_encoding_is_two_space_indent_with_trailing_newline() -> None:
     assert msgspec.json.decode(body) == msgspec.json.decode(SEED_CONNECTIONS)
     assert body == msgspec.json.format(msgspec.json.encode(conns), indent=2) + b"\n"
     assert files.encode_table([]) == b"[]\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "abc\n"), ("created_at", "2024-01-01T00:00:00.000Z\n")],
+)
+def test_trailing_newline_is_not_a_match(field: str, value: str) -> None:
+    # `$` in a pattern also matches before a trailing newline: ids and timestamps must not.
+    record = {"id": "abc", "name": "n", "exchange": "bybit", field: value}
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(record, Connection)

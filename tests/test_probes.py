@@ -273,6 +273,20 @@ async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mod
     assert message in result["error"]
 
 
+@pytest.mark.parametrize(
+    "url", ["http://[::1/v5/market/time", "http://[::1]:99999/", "http://a\x00b/", "http://:1/"]
+)
+async def test_unusable_url_is_a_failed_test_never_an_exception(url: str, app_factory: Any):
+    # Past target_for's own URL check too: what the HTTP client raises for a URL it cannot
+    # use (InvalidURL is no httpx.HTTPError; a port out of range comes as an ExceptionGroup).
+    app = await app_factory([])
+    target = probes.Target("GET", url, {}, probes._check_any)
+    result = await app.prober.request(target, 2.0)
+    assert result.success is False and result.error, result
+    why = probes.target_for(_conn(connection_settings=json.dumps({"base_url": url})))
+    assert isinstance(why, str) and "base_url is not a usable URL" in why, why
+
+
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
     app = await app_factory([connection("c1", None, exchange="kraken-pro")])
     result = await app.prober.test_connection("c1")

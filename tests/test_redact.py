@@ -1,12 +1,18 @@
-"""The one masking rule set (CONTRACT §2): set secrets read ********, api_key may show its
-last four characters, unset ones read null, and a placeholder sent back is refused."""
+"""The one masking rule set: which keys are secrets (by pattern, at any depth, inside
+`connection_settings` too), how a set or unset secret reads, and how a placeholder sent back
+keeps the stored secret (or is refused where nothing is stored)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from ctsd import limits
 from ctsd.errors import CtsdError
-from ctsd.redact import MASK, mask, refuse_placeholders
+from ctsd.redact import MASK, is_secret_key, mask, restore_placeholders
+
+CANARY = "CANARY-SECRET-7f3a9c"
 
 
 def test_mask_rules() -> None:
@@ -25,18 +31,160 @@ def test_mask_rules() -> None:
         "extra": None,
     }
     assert mask({"api_key": "short"}) == {"api_key": MASK}  # too short to show a tail
-    nested = {"projectX": {"apiKey": "x" * 20, "password": "p", "username": "u"}}
-    assert mask(nested) == {"projectX": {"apiKey": "…xxxx", "password": MASK, "username": "u"}}
+    nested = {"projectX": {"apiKey": "x" * 20, "password": "p", "apiUrl": "https://x"}}
+    assert mask(nested) == {
+        "projectX": {"apiKey": "…xxxx", "password": MASK, "apiUrl": "https://x"}
+    }
     assert mask([{"token": "t"}]) == [{"token": MASK}]
 
 
-@pytest.mark.parametrize("value", [MASK, "…1234"])
-def test_placeholder_sent_back_is_refused(value: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "api_key", "apiKey", "API-KEY", "x-api-key", "apikey", "api_secret", "secretKey",
+        "client_secret", "password", "db_password", "passwd", "passphrase", "api_passphrase",
+        "token", "apiToken", "accessToken", "refresh_token", "privateKey", "private_key",
+        "private_signing_key", "privkey", "credentials", "credential_id", "Authorization",
+        "accessKey", "username", "userName", "user_name", "pwd",
+    ],
+)  # fmt: skip
+def test_secret_names_by_pattern(name: str) -> None:
+    assert is_secret_key(name)
+    assert mask({"deep": [{"x": {name: CANARY}}]})["deep"][0]["x"][name] in (
+        MASK,
+        "…" + CANARY[-4:],
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["name", "exchange", "apiUrl", "auth", "user_id", "key", "keys", "public_key", "id"],
+)
+def test_other_names_are_not_secrets(name: str) -> None:
+    assert not is_secret_key(name)
+    assert mask({name: "value"}) == {name: "value"}
+
+
+def test_switches_and_objects_under_secret_names() -> None:
+    # A boolean is a switch, not a password; an object under a secret-like name is walked.
+    doc = {"savePassword": True, "tokens": {"btc": {"symbol": "BTC", "apiToken": CANARY}}}
+    assert mask(doc) == {
+        "savePassword": True,
+        "tokens": {"btc": {"symbol": "BTC", "apiToken": MASK}},
+    }
+
+
+def test_secrets_inside_connection_settings_are_masked_in_the_string() -> None:
+    inner = {"base_url": "http://gw", "auth": {"apiToken": CANARY}, "timeout": 5}
+    shown = mask({"connection_settings": json.dumps(inner)})["connection_settings"]
+    assert CANARY not in shown
+    assert json.loads(shown) == {"base_url": "http://gw", "auth": {"apiToken": MASK}, "timeout": 5}
+    plain = '{"base_url": "http://gw"}'
+    assert mask({"connection_settings": plain}) == {"connection_settings": plain}  # as it was
+    # Not JSON: nothing can be said of what it holds, so nothing of it is shown.
+    assert mask({"connection_settings": '{"token": "' + CANARY})["connection_settings"] == MASK
+
+
+def test_mask_never_raises_on_depth() -> None:
+    deep: list = []
+    cur = deep
+    for _ in range(100_000):
+        nxt: list = []
+        cur.append(nxt)
+        cur = nxt
+    cur.append({"secret": CANARY})
+    assert CANARY not in repr_depth_safe(mask(deep))
+
+
+def repr_depth_safe(value: object) -> str:
+    """The strings in a value of any depth (repr would recurse)."""
+    out: list[str] = []
+    work = [value]
+    while work:
+        v = work.pop()
+        if isinstance(v, dict):
+            work.extend(v.values())
+            out.extend(k for k in v if isinstance(k, str))
+        elif isinstance(v, list):
+            work.extend(v)
+        elif isinstance(v, str):
+            out.append(v)
+    return "\n".join(out)
+
+
+# --- placeholders sent back -------------------------------------------------------------------
+
+
+def test_placeholder_sent_back_keeps_the_stored_secret() -> None:
+    stored = {"name": "a", "api_key": "abcdefghijkl1234", "api_secret": CANARY, "n": 1}
+    shown = mask(stored)
+    assert restore_placeholders(shown, stored, "$.changes") == stored
+    # Either form of the api_key placeholder; a real new value replaces; null clears.
+    assert restore_placeholders({"api_key": MASK}, stored)["api_key"] == stored["api_key"]
+    assert restore_placeholders({"api_secret": "new"}, stored) == {"api_secret": "new"}
+    assert restore_placeholders({"api_secret": None}, stored) == {"api_secret": None}
+    sent = {"name": "b"}
+    assert restore_placeholders(sent, stored) is sent  # nothing to restore: as sent
+
+
+def test_placeholder_where_nothing_is_stored_is_invalid() -> None:
+    for stored in (None, {"api_secret": None}, {"api_secret": ""}, {}):
+        with pytest.raises(CtsdError) as e:
+            restore_placeholders({"list": [{"api_secret": MASK}]}, stored, "$.changes")
+        assert e.value.code == "invalid" and e.value.path == "$.changes.list[0].api_secret"
+        assert MASK not in e.value.message
+
+
+def test_tail_placeholder_must_match_the_stored_secret() -> None:
+    stored = {"api_key": "abcdefghijkl1234"}
+    assert restore_placeholders({"api_key": "…1234"}, stored) == stored
     with pytest.raises(CtsdError) as e:
-        refuse_placeholders({"list": [{"api_secret": value}]}, "$.changes")
-    assert e.value.code == "invalid" and e.value.path == "$.changes.list[0].api_secret"
-    assert value not in e.value.message
+        restore_placeholders({"api_key": "…9999"}, stored, "$.c")
+    assert e.value.path == "$.c.api_key" and "1234" not in e.value.message
+
+
+def test_placeholders_in_arrays_follow_the_record_id() -> None:
+    stored = [{"id": "a", "api_secret": "A-" + CANARY}, {"id": "b", "api_secret": "B-" + CANARY}]
+    sent = [{"id": "b", "api_secret": MASK}, {"id": "a", "api_secret": MASK}]
+    assert restore_placeholders(sent, stored) == [stored[1], stored[0]]
+    with pytest.raises(CtsdError) as e:
+        restore_placeholders([{"id": "new", "api_secret": MASK}], stored, "$.files.c")
+    assert e.value.path == "$.files.c[0].api_secret"
+    # Without ids, items pair by position.
+    assert restore_placeholders([{"token": MASK}], [{"token": "t"}]) == [{"token": "t"}]
 
 
 def test_non_secret_fields_may_hold_anything() -> None:
-    refuse_placeholders({"name": MASK, "note": "…1234"})
+    sent = {"name": MASK, "note": "…1234"}
+    assert restore_placeholders(sent, None) is sent
+
+
+def test_connection_settings_placeholders_keep_the_inner_secrets() -> None:
+    stored_text = '{"base_url": "http://gw",  "apiToken": "' + CANARY + '"}'
+    stored = {"connection_settings": stored_text}
+    shown = mask(stored)
+    # Sent back as shown: the stored string, byte for byte.
+    assert restore_placeholders(shown, stored) == stored
+    # Changed elsewhere in the object: the inner secret is kept, the change taken.
+    edited = json.loads(shown["connection_settings"])
+    edited["base_url"] = "http://other"
+    out = restore_placeholders({"connection_settings": json.dumps(edited)}, stored)
+    assert json.loads(out["connection_settings"]) == {
+        "base_url": "http://other",
+        "apiToken": CANARY,
+    }
+    # Nothing stored inside: invalid, naming the inner field.
+    with pytest.raises(CtsdError) as e:
+        restore_placeholders(shown, {"connection_settings": "{}"}, "$.changes")
+    assert e.value.path == "$.changes.connection_settings.apiToken"
+
+
+def test_restore_refuses_a_depth_bomb_cleanly() -> None:
+    bomb: dict = {}
+    cur = bomb
+    for _ in range(50_000):
+        cur["a"] = {}
+        cur = cur["a"]
+    with pytest.raises(CtsdError) as e:
+        restore_placeholders(bomb, None, "$.content")
+    assert e.value.code == "invalid" and str(limits.MAX_MESSAGE_DEPTH) in e.value.message

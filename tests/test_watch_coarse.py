@@ -17,7 +17,7 @@ from ctsd.store import Store
 
 
 class _FrozenOs(SimpleNamespace):
-    """`os` for the disk module, except that stat of one path answers as within one tick."""
+    """`os` for the disk module, except that (l)stat of one path answers as within one tick."""
 
     def __init__(self, path: Path, frozen: os.stat_result) -> None:
         super().__init__()
@@ -28,6 +28,9 @@ class _FrozenOs(SimpleNamespace):
 
     def stat(self, p: Any, *a: Any, **k: Any) -> os.stat_result:
         return self._frozen if Path(p) == self._path else os.stat(p, *a, **k)
+
+    def lstat(self, p: Any, *a: Any, **k: Any) -> os.stat_result:
+        return self._frozen if Path(p) == self._path else os.lstat(p, *a, **k)
 
 
 def _conn() -> dict[str, Any]:

@@ -35,9 +35,11 @@ class Stamp(NamedTuple):
 
 
 def stamp_of(path: Path) -> Stamp | None:
+    """The stamp of whatever is at `path`, never following a link (a link is judged as the
+    link: the daemon does not follow links in its data dir), None when nothing is there."""
     try:
-        return Stamp.of(os.stat(path))
-    except FileNotFoundError:
+        return Stamp.of(os.lstat(path))
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -137,7 +139,7 @@ def written_elsewhere(fd: int) -> bool:
 def _keep_if_written(tmp: Path, path: Path, old: Stamp, displaced: list[Displaced]) -> None:
     """Keep the file our swap displaced (now at `tmp`) if a writer still has it open."""
     try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return
     try:
@@ -159,19 +161,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_exclusive_temp(path: Path, readable: bool = False) -> tuple[int, Path]:
-    """A new temp file beside `path`, created here and now: an unpredictable name, never an
-    existing file, never through a symlink someone planted."""
-    access = os.O_RDWR if readable else os.O_WRONLY
-    while True:
-        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(8)}")
-        try:
-            flags = access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            return os.open(tmp, flags, FILE_MODE), tmp
-        except FileExistsError:
-            continue
-
-
 # sync_file_range(SYNC_FILE_RANGE_WRITE) starts writeback without waiting (Linux; Python's os
 # module lacks it). Started for every file of a group before the first fsync, the disk works
 # on all of them at once and that fsync's journal commit also covers the other files' block
@@ -187,6 +176,24 @@ _SYNC_FILE_RANGE_WRITE = 2
 def _start_writeback(fd: int) -> None:
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
+
+
+# A temp file is always a new file of ours: never one that is there already, never through a
+# link planted at its name (O_EXCL fails on both), and its name cannot be guessed ahead.
+_TEMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
+    """A new file beside `path` (mode 0600), opened for writing (and reading, if asked):
+    (its name, descriptor)."""
+    access = os.O_RDWR if readable else os.O_WRONLY
+    for _ in range(8):
+        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(8)}")
+        try:
+            return tmp, os.open(tmp, access | _TEMP_FLAGS, FILE_MODE)
+        except FileExistsError:
+            continue  # 64 random bits taken: someone is planting names; draw again
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(path.parent))
 
 
 _IOV_MAX = min(256, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
@@ -246,8 +253,7 @@ def write_files(
     try:
         try:
             for path, body in plan:
-                tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+                tmp, fd = create_temp(path)
                 temps.append((tmp, path))
                 fds.append(fd)
                 _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)

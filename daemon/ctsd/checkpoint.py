@@ -54,6 +54,7 @@ class Checkpointer:
         committed: Committed,
         disk: Disk,
         invalid: Callable[[], set[str]],
+        invalid_error: Callable[[str], CtsdError],
         lock: Callable[[str], asyncio.Lock],
         take_in: Callable[[str], Awaitable[bool]],
         compact: Callable[[int, int, Change | None], Awaitable[None]],
@@ -61,6 +62,7 @@ class Checkpointer:
         self.committed = committed
         self.disk = disk
         self.invalid = invalid  # files invalid on disk now: never written
+        self.invalid_error = invalid_error  # what a caller waiting for one is told
         self.lock = lock  # a file's lock, shared with the intake
         self.take_in = take_in  # a hand edit taken in through the door (lock held)
         self.compact = compact  # the journal cut (in the journal's thread)
@@ -170,19 +172,16 @@ class Checkpointer:
             for f in touched
         )
 
-    def _fail_waiters(self, files_failed: set[str], e: OSError) -> None:
-        """Callers waiting for files that cannot be written now learn so (their changes stay
-        durable in the journal and reach the files once the disk allows)."""
-        err = CtsdError(
-            "io_error",
-            f"the change is saved (journal) but the data files cannot be written now: "
-            f"{e.strerror or e}; they follow once the disk allows",
-        )
+    def fail_waiters(self, files_failed: set[str], err: CtsdError) -> None:
+        """Callers waiting for files that cannot be written now learn why (their changes stay
+        durable in the journal and reach the files once that is fixed)."""
         keep = []
         for w in self.waiters:
-            if not w.future.done() and w.files & files_failed:
+            if w.future.done():
+                continue
+            if w.files & files_failed:
                 w.future.set_exception(err)
-            elif not w.future.done():
+            else:
                 keep.append(w)
         self.waiters = keep
 
@@ -228,10 +227,16 @@ class Checkpointer:
         write (but files invalid on disk)."""
         for _attempt in range(RETRIES):
             invalid = self.invalid()
+            for file in invalid & {f for w in self.waiters for f in w.files}:
+                self.fail_waiters({file}, self.invalid_error(file))
             todo = sorted((f for f in self.dirty if f not in invalid), key=_write_order)
             if not todo:
                 break
             async with _Locks(self.lock, todo):
+                # Judged invalid while we waited for a lock (the intake holds it while it
+                # reads): never written, whatever the stamps now say.
+                invalid = self.invalid()
+                todo = [f for f in todo if f not in invalid]
                 edited = [f for f in todo if not self.disk.unchanged(f)]
                 edited = [f for f in edited if self.disk.get(f).stamp is not None]
                 if edited:
@@ -244,7 +249,7 @@ class Checkpointer:
                         await anyio.sleep(COALESCE_S)
                         return False
                     continue
-                outcome = await self._write(todo)
+                outcome = await self._write(todo) if todo else True
             if outcome is not None:
                 break
         else:
@@ -256,8 +261,10 @@ class Checkpointer:
         return not any(f not in invalid for f in self.dirty)
 
     async def _write(self, todo: list[str]) -> bool | None:
-        """One atomic write of `todo` from memory. None: a hand save slipped in (take it in
-        and try again); False: the write failed (tried again later); True: written."""
+        """Write `todo` from memory. None: a hand save slipped in (take it in and try again);
+        False: a file could not be written (the others were; it is tried again later); True:
+        all written. The files go as one group (their writeback overlaps); when the group
+        fails, each is written alone, so one file the disk refuses holds up no other."""
         upto = self.installed
         jobs: list[tuple[Path, Any]] = []
         views: dict[str, Any] = {}
@@ -271,25 +278,25 @@ class Checkpointer:
         started = self.since
         t0 = time.monotonic()
         try:
-            plan, stamps = await anyio.to_thread.run_sync(_render_and_write, jobs, expected, kept)
+            plan, stamps, failed = await anyio.to_thread.run_sync(
+                _render_and_write, jobs, expected, kept
+            )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
             self._restale(jobs)
             return None
-        except OSError as e:
-            self._restale(jobs)
-            log.error("checkpoint_write_failed", error=str(e), files=todo)
-            self._fail_waiters(set(todo), e)
-            await anyio.sleep(FAILED_RETRY_S)
-            self.wake.set()
-            return False
         if kept:
             rel = self.disk.data_dir
             self.on_displaced(
                 [(d, self.disk.get(str(d.path.relative_to(rel))).content) for d in kept]
             )
+        written: list[str] = []
         for (path, body), (_, job) in zip(plan, jobs, strict=True):
             file = str(path.relative_to(self.disk.data_dir))
+            if path in failed:
+                self._restale([(path, job)])
+                continue
+            written.append(file)
             self.disk.record(file, stamps[path], body)
             od = self.disk.get(file)
             od.content = views[file]
@@ -297,6 +304,8 @@ class Checkpointer:
                 od.frags = job.frags
                 self._keep_encoded(file, job)
         for file in todo:
+            if self.disk.path(file) in failed:
+                continue
             last = self.dirty.get(file, (0, 0))[1]
             if last <= upto:
                 self.dirty.pop(file, None)
@@ -304,16 +313,23 @@ class Checkpointer:
                 self.dirty[file] = (upto + 1, last)
             self.written[file] = upto
         self.rounds += 1
-        written = [str(path.relative_to(self.disk.data_dir)) for path, _ in plan]
         for cb in self.on_write:
             cb(written)
-        if started is not None:
+        if started is not None and not failed:
             self.lags.append(time.monotonic() - started)
             del self.lags[:-1000]
         self.since = time.monotonic() if self.dirty else None
+        self._wake_waiters()
+        if failed:
+            for path, e in failed.items():
+                file = str(path.relative_to(self.disk.data_dir))
+                log.error("checkpoint_write_failed", file=file, error=str(e))
+                self.fail_waiters({file}, _cannot_write(e))
+            await anyio.sleep(FAILED_RETRY_S)
+            self.wake.set()
+            return False
         if any(f not in self.invalid() for f in self.dirty):
             self.wake.set()
-        self._wake_waiters()
         return True
 
     def _job(self, file: str) -> tuple[Any, Any]:
@@ -422,8 +438,9 @@ class _Table:
 
 def _render_and_write(
     jobs: list[tuple[Path, Any]], expected: dict[Path, Any], kept: list[Displaced]
-) -> tuple[list[tuple[Path, Any]], dict[Path, Any]]:
-    """In the write's thread: encode what changed, then write every file atomically."""
+) -> tuple[list[tuple[Path, Any]], dict[Path, Any], dict[Path, OSError]]:
+    """In the write's thread: encode what changed, then write the files atomically, as one
+    group, or (when the group fails) one by one: (plan, stamps, the files that failed)."""
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
@@ -432,7 +449,31 @@ def _render_and_write(
             plan.append((path, files.table_chunks(job.frags.values())))
         else:
             plan.append((path, job))
-    return plan, write_files(plan, expected, kept)
+    try:
+        return plan, write_files(plan, expected, kept), {}
+    except ChangedOnDisk:
+        raise
+    except OSError as e:
+        if len(plan) == 1:
+            return plan, {}, {plan[0][0]: e}
+    stamps: dict[Path, Any] = {}
+    failed: dict[Path, OSError] = {}
+    for path, body in plan:
+        try:
+            stamps.update(write_files([(path, body)], {path: expected.get(path)}, kept))
+        except ChangedOnDisk:
+            raise
+        except OSError as e:
+            failed[path] = e
+    return plan, stamps, failed
+
+
+def _cannot_write(e: OSError) -> CtsdError:
+    return CtsdError(
+        "io_error",
+        f"the change is saved (journal) but the data file cannot be written now: "
+        f"{e.strerror or e}; it follows once the disk allows",
+    )
 
 
 def _table_diff(on_disk: dict[str, Any], memory: dict[str, Any]) -> list[RecordChange]:

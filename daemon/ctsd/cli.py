@@ -46,7 +46,7 @@ def serve(
 @click.option("--data-dir", help="data directory to check [default: as for serve]")
 def verify(data_dir: str | None) -> None:
     """Check every data file offline; print each problem as file:line:column: message."""
-    from ctsd.verify import verify_dir
+    from ctsd.verify import NO_POSITION, verify_dir
 
     directory = resolve_data_dir(data_dir)
     if not directory.is_dir():
@@ -55,7 +55,11 @@ def verify(data_dir: str | None) -> None:
         sys.exit(1)
     checked, problems = verify_dir(directory)
     for problem in problems:
-        click.echo(f"{directory}/{problem.format()}")
+        if problem.line == NO_POSITION:  # the dir, or a file as a whole
+            where = directory if problem.file == "." else directory / problem.file
+            click.echo(f"{where}: {problem.message}")
+        else:
+            click.echo(f"{directory}/{problem.format()}")
     if problems:
         click.echo(f"{len(problems)} problem(s) in {len(checked)} file(s)", err=True)
         sys.exit(1)

@@ -424,9 +424,13 @@ def changed_fields(old: msgspec.Struct | None, new: msgspec.Struct | None) -> li
     return [k for k in (b or a) if a.get(k) != b.get(k)]
 
 
+_ABSENT = object()
+
+
 def changed_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The top-level keys whose value differs, a key set to null and an absent one apart."""
     old = old or {}
-    return sorted({k for k in {*old, *new} if old.get(k) != new.get(k)})
+    return sorted({k for k in {*old, *new} if old.get(k, _ABSENT) != new.get(k, _ABSENT)})
 
 
 def mirror_state(conn: Connection, st: ConnectionState | None, now: str) -> ConnectionState:

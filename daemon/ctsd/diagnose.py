@@ -24,6 +24,7 @@ _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
 _MISSING = re.compile(r"missing required field `(?P<key>[^`]+)`")
 _BYTE = re.compile(r"\(byte (\d+)\)")
+_STRUCTURAL = re.compile(r'["\[\]{},:]')
 
 
 class FileProblem(msgspec.Struct, frozen=True):
@@ -295,3 +296,71 @@ def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
         text, len(raw[: int(byte.group(1))].decode("utf-8", "replace")) if byte else 0
     )
     return FileProblem(file, line, col, "$", error)
+
+
+def structure_problem(
+    text: str, max_depth: int, too_deep: str
+) -> tuple[int, list[str | int], str] | None:
+    """The first nesting past `max_depth` (message `too_deep`) or duplicate object key in
+    JSON `text`, as (offset, JSON path, message), or None.
+
+    No decoder reports where either is (msgspec keeps the last of two equal keys, stdlib
+    `json` tells only that its hook saw them), so this walks the text itself, iteratively
+    (nothing recurses, however deep the input). It runs only once a file is known to have
+    such a problem, so it favours clarity over speed; on text that is not JSON it still
+    returns, with whatever it found.
+    """
+    # One frame per open container: [is_object, keys seen (name → offset), the current key
+    # or index, expecting a key next].
+    stack: list[list[Any]] = []
+    i, n = 0, len(text)
+    try:
+        while True:
+            m = _STRUCTURAL.search(text, i)
+            if m is None:
+                return None
+            i = m.start()
+            c = text[i]
+            top = stack[-1] if stack else None
+            if c == '"':
+                value, end = scanstring(text, i + 1)
+                if top is not None and top[0] and top[3]:
+                    first = top[1].get(value)
+                    if first is not None:
+                        line, _col = line_col(text, first)
+                        parts = [f[2] for f in stack[:-1]] + [value]
+                        return i, parts, f"duplicate key `{value}` (first at line {line})"
+                    top[1][value] = i
+                    top[2], top[3] = value, False
+                i = end
+                continue
+            if c in "[{":
+                if len(stack) >= max_depth:
+                    return i, [f[2] for f in stack], too_deep
+                stack.append([c == "{", {}, 0, c == "{"])
+            elif c in "]}":
+                if stack:
+                    stack.pop()
+            elif c == "," and top is not None:
+                if top[0]:
+                    top[3] = True
+                else:
+                    top[2] += 1
+            i += 1
+            if i >= n:
+                return None
+    except (ValueError, IndexError):  # not JSON after all: nothing more to say
+        return None
+
+
+def structure_file_problem(
+    file: str, raw: bytes, max_depth: int, too_deep: str
+) -> FileProblem | None:
+    """`structure_problem` of a file's bytes, located (line, column, JSON path)."""
+    text = raw.decode("utf-8", "replace")
+    found = structure_problem(text, max_depth, too_deep)
+    if found is None:
+        return None
+    offset, parts, message = found
+    line, col = line_col(text, offset)
+    return FileProblem(file, line, col, format_path(parts), message)

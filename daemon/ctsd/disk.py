@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from ctsd import files
-from ctsd.atomic import TEMP_PREFIX, Stamp
+from ctsd import files, safefile
+from ctsd.atomic import Stamp, create_temp
 from ctsd.models import Connection, ConnectionState
 
 # Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
@@ -66,7 +66,7 @@ class Disk:
         od.digest = digest_of(body) if self.coarse_mtime and body is not None else None
         # The ctime seen right after: an in-place edit that keeps size and mtime still moves it.
         try:
-            st = os.stat(self.path(file))
+            st = os.lstat(self.path(file))
         except OSError:
             return
         if Stamp.of(st) == stamp:
@@ -77,13 +77,13 @@ class Disk:
         od = self.files.get(file)
         expected = od.stamp if od else None
         try:
-            st = os.stat(self.path(file))
-        except FileNotFoundError:
+            st = os.lstat(self.path(file))  # as stamp_of: a link is judged as the link
+        except (FileNotFoundError, NotADirectoryError):
             return expected is None
         if od is None or Stamp.of(st) != expected or st.st_ctime_ns != od.ctime:
             return False
         if self.coarse_mtime and time.time_ns() - st.st_mtime_ns < DIGEST_WITHIN_NS:
-            return od.digest is not None and file_digest(self.path(file)) == od.digest
+            return od.digest is not None and safefile.digest(self.path(file)) == od.digest
         return True
 
     def probe_clock(self) -> None:
@@ -92,9 +92,9 @@ class Disk:
 
 def timestamps_coarse(directory: Path) -> bool:
     """Can two writes in a row, with a stat between (as we do), share an mtime here?"""
-    probe = directory / f"{TEMP_PREFIX}probe.{os.getpid()}"
+    probe: Path | None = None
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        probe, fd = create_temp(directory / "probe")
         try:
             last = -1
             for _ in range(20):
@@ -108,7 +108,8 @@ def timestamps_coarse(directory: Path) -> bool:
     except OSError:
         return True  # cannot tell: assume the worst
     finally:
-        probe.unlink(missing_ok=True)
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return False
 
 
@@ -117,14 +118,6 @@ def digest_of(body: Any) -> bytes:
     for chunk in [body] if isinstance(body, bytes | bytearray | memoryview) else body:
         h.update(chunk)
     return h.digest()
-
-
-def file_digest(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha1").digest()
-    except OSError:
-        return None
 
 
 _SPLIT = b"},\n  {"  # between two records as we write them (inside a record lines go deeper)
@@ -174,8 +167,10 @@ def decode_known(
             stop = end if split < 0 else split + 1
             try:
                 record = msgspec.json.decode(raw[pos:stop], type=kind)
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
                 return None
+            if files.has_duplicate_keys(raw[pos:stop]):
+                return None  # the full decoder names the key and both places
             if kind is Connection and files.connection_settings_problem(record.connection_settings):
                 return None
             out.append(record)

@@ -29,7 +29,7 @@ ErrorCode = Literal[
 class CtsdError(Exception):
     """A refusal with a stable code, a human message and, where it applies, a JSON path.
 
-    Messages never quote the value of a secret field (see `redact.SECRET_FIELDS`).
+    Messages never quote the value of a secret field (see `redact.is_secret_key`).
     """
 
     def __init__(

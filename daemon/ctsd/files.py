@@ -18,8 +18,9 @@ from typing import Any
 
 import msgspec
 
-from ctsd import diagnose
+from ctsd import diagnose, limits
 from ctsd.diagnose import FileProblem
+from ctsd.limits import MAX_DEPTH, MAX_FILE_BYTES
 from ctsd.models import (
     Algorithm,
     Connection,
@@ -35,7 +36,6 @@ STATE = "connection-state.json"
 SYNC_LOG = "connection-sync-log.json"
 SETTINGS = "settings.json"
 ALGORITHMS_DIR = "algorithms"
-MAX_FILE_BYTES = 64 * 1024 * 1024  # far above 10,000 connections (~10 MB)
 
 # Document name (as on the bus) → file, and the typed view it must satisfy.
 DOCUMENTS: dict[str, tuple[str, Any]] = {
@@ -53,7 +53,8 @@ TABLES: dict[str, Any] = {
     STATE: ConnectionState,
     SYNC_LOG: SyncEvent,
 }
-_ALGO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}$")
+# Matched with fullmatch: `$` would also match before a trailing newline ("x\n").
+_ALGO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}")
 
 
 def default_document(name: str) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def default_document(name: str) -> dict[str, Any]:
 
 
 def algorithm_name_ok(name: str) -> bool:
-    return bool(_ALGO_NAME.match(name)) and ".." not in name
+    return bool(_ALGO_NAME.fullmatch(name)) and ".." not in name
 
 
 def document_file(name: str) -> str:
@@ -132,6 +133,9 @@ def encode_table(records: Iterable[msgspec.Struct]) -> bytes:
 @dataclass(frozen=True)
 class Invalid(Exception):
     problem: FileProblem
+    # The name holds nothing readable as a data file (a FIFO, a link, loose permissions):
+    # waiting for a writer to finish will not change that, so it is reported at once.
+    lasting: bool = False
 
 
 def check_size(file: str, size: int) -> None:
@@ -139,6 +143,15 @@ def check_size(file: str, size: int) -> None:
         raise Invalid(
             FileProblem(file, 1, 1, "$", f"file is {size} bytes; the limit is {MAX_FILE_BYTES}")
         )
+
+
+_TOO_DEEP = limits.depth_message(MAX_DEPTH)
+
+
+def _structure(file: str, raw: bytes, fallback: str) -> FileProblem:
+    """The located depth or duplicate-key problem of `raw` (`fallback` if none is found)."""
+    found = diagnose.structure_file_problem(file, raw, MAX_DEPTH, _TOO_DEEP)
+    return found or FileProblem(file, 1, 1, "$", fallback)
 
 
 def _unreadable(file: str, raw: bytes, error: Exception) -> FileProblem:
@@ -149,7 +162,45 @@ def _unreadable(file: str, raw: bytes, error: Exception) -> FileProblem:
         if found is not None:
             return found
         return FileProblem(file, 1, 1, "$", "not UTF-8")
-    return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
+    return _structure(file, raw, _TOO_DEEP)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    return d
+
+
+def has_duplicate_keys(raw: bytes | str) -> bool:
+    """Does any object in this JSON text name a key twice? (msgspec keeps the last of the
+    two, other readers the first: the file would mean different things to different tools.)
+    Only the stdlib decoder lets us see an object's pairs; numbers are not converted, which
+    roughly halves its cost."""
+    try:
+        json.loads(
+            raw,
+            object_pairs_hook=_unique_pairs,
+            parse_int=len,
+            parse_float=len,
+            parse_constant=len,
+        )
+    except _DuplicateKey:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON: the decoder that ran first says why
+    return False
+
+
+def check_structure(file: str, raw: bytes, deep: bool) -> None:
+    """Refuse decoded bytes that nest past the limit (`deep`: the decoded value does) or
+    name a key twice in one object; raises Invalid located at the first such place."""
+    if deep or has_duplicate_keys(raw):
+        raise Invalid(_structure(file, raw, "duplicate key or nesting past the limit"))
 
 
 def decode_table(file: str, raw: bytes) -> list[Any]:
@@ -164,6 +215,12 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
         raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise Invalid(_unreadable(file, raw, e)) from None
+    # Only a sync-log entry's `data` is free-form; the other fields are typed and shallow.
+    # It sits two levels down (the array, the record).
+    deep = kind is SyncEvent and any(
+        limits.check_depth(r.data, MAX_DEPTH - 2) is not None for r in records
+    )
+    check_structure(file, raw, deep)
     key = "id" if kind is not ConnectionState else "connection_id"
     seen: dict[Any, int] = {}
     for i, rec in enumerate(records):
@@ -193,9 +250,17 @@ def connection_settings_problem(text: str) -> str | None:
     try:
         value = json.loads(text)
     except ValueError as e:
-        return f"connection_settings must be a JSON string holding an object: {e.msg}"
-    if not isinstance(value, dict):
-        return "connection_settings must be a JSON string holding an object"
+        msg = getattr(e, "msg", None) or "not JSON"
+        return f"connection_settings must be a JSON string holding an object: {msg}"
+    except RecursionError:
+        value = None  # refused below for its depth
+    else:
+        if not isinstance(value, dict):
+            return "connection_settings must be a JSON string holding an object"
+    if value is None or limits.check_depth(value) is not None:
+        return f"connection_settings is {_TOO_DEEP}"
+    if has_duplicate_keys(text):
+        return "connection_settings names a key twice in one object"
     if "base_url" in value and not (
         isinstance(value["base_url"], str) and value["base_url"].startswith(("http://", "https://"))
     ):
@@ -208,9 +273,14 @@ def validate_document(
 ) -> None:
     """Check a document against its typed view; raises Invalid (positions when `raw` given)."""
     file = file or document_file(name)
-    raw = raw if raw is not None else encode_document(content)
     if not isinstance(content, dict):
         raise Invalid(FileProblem(file, 1, 1, "$", "expected a JSON object"))
+    deep = limits.check_depth(content)
+    if deep is not None:  # first: encoding or validating it would recurse that deep
+        if raw is not None:
+            raise Invalid(_structure(file, raw, _TOO_DEEP))
+        raise Invalid(FileProblem(file, 1, 1, deep, _TOO_DEEP))
+    raw = raw if raw is not None else encode_document(content)
     kind = document_type(name)
     try:
         msgspec.convert(content, type=kind, strict=True)
@@ -227,6 +297,7 @@ def decode_document(name: str, raw: bytes) -> dict[str, Any]:
         raise Invalid(diagnose.from_decode_error(file, raw, str(e))) from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise Invalid(_unreadable(file, raw, e)) from None
+    check_structure(file, raw, False)  # duplicate keys; the depth is validate_document's
     validate_document(name, content, file, raw)
     return content
 

@@ -1,4 +1,5 @@
-"""`/health`: data dir writable, free space, every file valid, changes reaching the files."""
+"""`/health`: data dir writable and private, free space, every file valid, changes
+reaching the files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from ctsd import __version__
+from ctsd.safefile import dir_problems
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -31,8 +33,12 @@ def health(svc: Services) -> dict[str, Any]:
     journal = store.status()
     waiting = [f for f in journal["unwritten_files"] if f not in store.problems]
     journal["ok"] = not waiting or journal["checkpoint_lag_s"] < MAX_CHECKPOINT_LAG_S
+    # The dir's mode and its directories (a link, a file where algorithms/ should be):
+    # writes into a broken one fail, and a wide mode shows file names to other users.
+    layout = dir_problems(svc.data_dir)
     checks = {
         "data_dir_writable": {"ok": writable},
+        "data_dir": {"ok": not layout, "problems": layout},
         "free_space": {"ok": free >= MIN_FREE_BYTES, "bytes": free},
         "files": files,
         "checkpoint": journal,

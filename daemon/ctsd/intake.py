@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ctsd import files, ops
+from ctsd import files, ops, safefile
 from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
 from ctsd.core import Committed, mirror_state
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -68,11 +68,15 @@ class Intake:
         """Create what is missing (never touching what exists)."""
         from ctsd.atomic import write_files
 
-        for sub in ("", files.ALGORITHMS_DIR, "historical", "logs"):
+        for sub in ("", *SUBDIRS):
             d = self.data_dir / sub
-            if d.exists() and not d.is_dir():
-                raise CtsdError("io_error", f"{d} exists and is not a directory")
+            problem = subdir_problem(d) if sub else None
+            if problem is not None:  # never followed out of the data dir: refuse to start
+                raise CtsdError("io_error", f"{d} {problem}")
             ensure_dir(d)
+        wide = dir_mode_problem(self.data_dir)
+        if wide is not None:  # files stay private (each must be 0600); /health shows it too
+            log.warning("data_dir_mode", data_dir=str(self.data_dir), problem=wide)
         for d in (self.data_dir, self.data_dir / files.ALGORITHMS_DIR):
             for stale in d.glob(f"{TEMP_PREFIX}*"):
                 stale.unlink(missing_ok=True)
@@ -96,21 +100,9 @@ class Intake:
         committed.refresh_settings()
 
     def _read(self, file: str) -> tuple[bytes, Stamp]:
-        p = self.path(file)
-        if p.is_dir():
-            raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise Invalid(FileProblem(file, 1, 1, "$", "is not a regular file"))
-            files.check_size(file, st.st_size)  # before reading: never load a huge file
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            return b"".join(chunks), Stamp.of(st)
-        finally:
-            os.close(fd)
+        # Never blocks (a FIFO), never follows a link, reads only a private regular file.
+        raw, st = safefile.read_data_file(self.path(file), file)
+        return raw, Stamp.of(st)
 
     def decode(self, file: str, raw: bytes) -> Any:
         od = self.disk.files.get(file)
@@ -217,8 +209,9 @@ class Intake:
             op = ops.take_in(file, hand, base if base is not None else self._memory(file), raw)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
-            # version must not pass as already judged).
-            if report:
+            # version must not pass as already judged). A lasting problem (a FIFO, a link, a
+            # loose mode) is no half-written save: reported even when only looking.
+            if report or e.lasting:
                 self._mark_invalid(file, e.problem, stamp or stamp_of(path))
             return False
         except FileNotFoundError:  # deleted between the stat and the open

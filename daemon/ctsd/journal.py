@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-from ctsd.atomic import fsync_dir, open_exclusive_temp
+from ctsd.atomic import create_temp, fsync_dir
 from ctsd.core import Change
 
 NAME = ".journal"
@@ -242,7 +242,7 @@ class Journal:
 
     def _replace(self, data: bytes, header_end: int) -> None:
         """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""
-        fd, tmp = open_exclusive_temp(self.path, readable=True)
+        tmp, fd = create_temp(self.path, readable=True)
         try:
             os.write(fd, data)
             os.fsync(fd)

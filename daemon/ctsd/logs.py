@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 
 import structlog
 
 from ctsd import redact
+from ctsd.errors import CtsdError
+from ctsd.safefile import kind_problem
 
 _SHARED: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -63,9 +66,34 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     )
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file that is never opened through a link (a `ctsd.log` symlinked out of
+    the data dir must not make the daemon write there) and is created 0600 whatever the
+    umask."""
+
+    def _open(self) -> object:
+        # O_NONBLOCK: a FIFO at the name must not block the open (it is refused below).
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        path = Path(self.baseFilename)
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            reason = kind_problem(os.lstat(path)) if os.path.lexists(path) else None
+            if reason is None:
+                raise
+            raise CtsdError("io_error", f"{path} {reason}") from e
+        reason = kind_problem(os.fstat(fd))
+        if reason is not None:
+            os.close(fd)
+            raise CtsdError("io_error", f"{path} {reason}")
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def add_file(logs_dir: Path, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
-    """Also write JSON lines to DATA/logs/ctsd.log, rotated."""
-    handler = logging.handlers.RotatingFileHandler(
+    """Also write JSON lines to DATA/logs/ctsd.log, rotated. Raises CtsdError naming the path
+    when something other than a regular file sits there (a link, a FIFO: the daemon then
+    refuses to start), OSError when it cannot be opened."""
+    handler = PrivateRotatingFileHandler(
         logs_dir / "ctsd.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
     )
     handler.setFormatter(_formatter("json"))

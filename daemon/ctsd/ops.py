@@ -22,8 +22,9 @@ from ctsd.core import (
 )
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, TestResult
-from ctsd.redact import SECRET_FIELDS, refuse_placeholders
+from ctsd.redact import SETTINGS_STRING_KEY, is_secret_key, mask, restore_placeholders
 from ctsd.table import Table
 from ctsd.timeutil import later
 
@@ -31,6 +32,7 @@ __all__ = ["Op"]
 
 SERVER_MANAGED = ("id", "created_at", "updated_at")
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
+SECRET_CONNECTION_FIELDS = tuple(f for f in CONNECTION_FIELDS if is_secret_key(f))
 
 
 def new_connection_id() -> str:
@@ -55,8 +57,10 @@ def _require(tx: Tx, cid: Any, path: str = "$.connection_id") -> Connection:
 
 
 def public_values(record: msgspec.Struct, fields: list[str]) -> dict[str, Any]:
-    """The new values of `fields`, secrets left out (`fields` still names them)."""
-    return {k: msgspec.to_builtins(getattr(record, k)) for k in fields if k not in SECRET_FIELDS}
+    """The new values of `fields`, secrets left out (`fields` still names them), and the
+    secrets inside `connection_settings` masked."""
+    values = {k: msgspec.to_builtins(getattr(record, k)) for k in fields if not is_secret_key(k)}
+    return mask(values) if SETTINGS_STRING_KEY in values else values
 
 
 # --- writing into the overlays (each put says what it set, for the journal) -----------------
@@ -106,10 +110,10 @@ def create(data: Any) -> Op:
     def op(tx: Tx) -> Connection:
         if not isinstance(data, dict):
             raise CtsdError("invalid", "connection must be an object", path="$.connection")
-        refuse_placeholders(data, "$.connection")
+        sent = restore_placeholders(data, None, "$.connection")  # nothing stored: refused
         # Server-managed: whatever a client sends for these is ignored (a record read back
         # and sent again as a new one keeps working).
-        body = {**data, "created_at": tx.now, "updated_at": tx.now}
+        body = {**sent, "created_at": tx.now, "updated_at": tx.now}
         body.setdefault("id", new_connection_id())
         conn = _convert(body, Connection, "$.connection")
         _check_settings(conn, "$.connection")
@@ -128,7 +132,8 @@ def create(data: Any) -> Op:
 def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     if not isinstance(changes, dict):
         raise CtsdError("invalid", "changes must be an object", path=path)
-    refuse_placeholders(changes, path)
+    # A secret sent back as shown keeps the stored one.
+    changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path)
     if "id" in changes and changes["id"] != conn.id:
         raise CtsdError(
             "invalid",
@@ -318,7 +323,11 @@ def flush_heartbeats(beats: Mapping[str, str]) -> Op:
 # --- documents ----------------------------------------------------------------------------
 
 
-def check_document(tx: Tx, name: Any, content: Any) -> str:
+def check_document(
+    tx: Tx, name: Any, content: Any, path: str = "$.content"
+) -> tuple[str, dict[str, Any]]:
+    """(file, content to store) for a document sent by a client: checked, with the
+    placeholders of secrets it sends back replaced by the stored secrets."""
     if not isinstance(name, str):
         raise CtsdError("invalid", "name must be a string", path="$.name")
     try:
@@ -329,17 +338,16 @@ def check_document(tx: Tx, name: Any, content: Any) -> str:
             "not_found", f"no document {name!r}; documents: {known}", path="$.name"
         ) from None
     if not isinstance(content, dict):
-        raise CtsdError("invalid", "content must be a JSON object", path="$.content")
-    refuse_placeholders(content, "$.content")
-    _convert(content, files.document_type(name), "$.content")  # names the very field
+        raise CtsdError("invalid", "content must be a JSON object", path=path)
+    require_depth(content, path=path)
+    content = restore_placeholders(content, tx.docs.get(name), path)
+    _convert(content, files.document_type(name), path)  # names the very field
     if name == "instances":
         try:
             files.check_instance_refs(content, tx.algorithm_names(), file, None)
         except Invalid as e:
-            raise CtsdError(
-                "invalid", e.problem.message, path="$.content" + e.problem.path[1:]
-            ) from None
-    return file
+            raise CtsdError("invalid", e.problem.message, path=path + e.problem.path[1:]) from None
+    return file, content
 
 
 def _emit_document(tx: Tx, name: str, file: str, keys: list[str]) -> None:
@@ -348,12 +356,12 @@ def _emit_document(tx: Tx, name: str, file: str, keys: list[str]) -> None:
 
 def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
-        file = check_document(tx, name, content)
+        file, doc = check_document(tx, name, content)
         existed = name in tx.docs
-        keys = put_document(tx, name, content)
+        keys = put_document(tx, name, doc)
         if keys or not existed:
             _emit_document(tx, name, file, keys)
-        return content
+        return doc
 
     return op
 
@@ -502,6 +510,11 @@ def remove_algorithm(file: str) -> Op:
 
 def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
     kind = files.TABLES[file]
+    if file == CONNECTIONS:
+        # Secrets exported masked come back as placeholders: the stored ones stay (matched by
+        # id); a placeholder for a connection not stored is invalid.
+        stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
+        value = restore_placeholders(value, stored, path)
     records = _convert(value, list[kind], path)
     key = "id" if file == CONNECTIONS else "connection_id"
     # Checked as sent, before any merge (a merge would fold duplicates silently).
@@ -522,11 +535,7 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
             old = current.get(getattr(r, key))
             if old is not None and file == CONNECTIONS:
                 # secrets absent from the import keep their stored values
-                keep = {
-                    k: getattr(old, k)
-                    for k in SECRET_FIELDS & set(CONNECTION_FIELDS)
-                    if k not in sent[r.id]
-                }
+                keep = {k: getattr(old, k) for k in SECRET_CONNECTION_FIELDS if k not in sent[r.id]}
                 r = msgspec.structs.replace(r, **keep)
             merged[getattr(r, key)] = r
         records = list(merged.values())
@@ -549,7 +558,6 @@ def import_data(data: Any, mode: Any) -> Op:
         content = data.get("files", data)
         if not isinstance(content, dict):
             raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
-        refuse_placeholders(content, "$.data.files")
         imported: list[str] = []
         for file, value in content.items():
             path = f"$.data.files.{file}"
@@ -566,7 +574,7 @@ def import_data(data: Any, mode: Any) -> Op:
                     if mode == "replace" or not isinstance(value, dict)
                     else {**(tx.docs.get(name) or {}), **value}
                 )
-                check_document(tx, name, doc)
+                _file, doc = check_document(tx, name, doc, path)
                 existed = name in tx.docs
                 keys = put_document(tx, name, doc)
                 if keys or not existed:

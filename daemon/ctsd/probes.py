@@ -179,7 +179,7 @@ class Target:
 def _base_url_override(conn: Connection) -> str | None:
     try:
         settings = msgspec.json.decode(conn.connection_settings or "{}")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None  # validated on load and on change; a broken value just means "none"
     base = settings.get("base_url") if isinstance(settings, dict) else None
     return base if isinstance(base, str) and base else None
@@ -192,6 +192,9 @@ def target_for(conn: Connection) -> Target | str:
     if override is not None:
         if not override.startswith(("http://", "https://")):
             return "connection_settings.base_url must start with http:// or https://"
+        problem = _url_problem(override)
+        if problem is not None:
+            return f"connection_settings.base_url is not a usable URL: {problem}"
         base = override
     elif endpoint is None:
         return (
@@ -207,6 +210,20 @@ def target_for(conn: Connection) -> Target | str:
     # that exchange); for an unknown exchange the base_url itself is what answers.
     url = base.rstrip("/") + endpoint.path if endpoint is not None else base
     return Target("GET", url, headers, endpoint.check if endpoint is not None else _check_any)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why no request can be made to `url` (a host, a port in range, characters httpx takes),
+    or None. The reasons quote at most a fragment of the URL, never its user info."""
+    try:
+        parts = urlsplit(url)
+        _port = parts.port  # raises for a port out of range
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        return str(e)
+    if not parts.hostname:
+        return "no host"
+    return None
 
 
 def display_url(url: str) -> str:
@@ -305,11 +322,23 @@ class Prober:
                 return _failure(f"connection refused by {_host_port(target.url)}")
             text = _scrub(str(cause) or str(e), scrub)
             return _failure(f"cannot connect to {_host_port(target.url)}: {text}")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as e:
+            # InvalidURL (an URL httpx cannot parse, e.g. `http://[::1`) and StreamError are
+            # not HTTPErrors: named here so a bad base_url is the test's answer.
             kind = type(e).__name__
             return _failure(f"request to {shown} failed ({kind}): {_scrub(str(e), scrub)}")
         except (OSError, ValueError) as e:  # bad URL, socket trouble outside httpx's mapping
             return _failure(f"request to {shown} failed: {_scrub(str(e), scrub) or type(e)}")
+        except Exception as e:
+            # A test never raises. The network stack may wrap a socket error in an
+            # ExceptionGroup: that is the test's answer. Anything else is the test's failure
+            # too, logged with its traceback (it may be a bug worth reporting).
+            leaf = _leaf(e)
+            if isinstance(leaf, OSError | ValueError):
+                text = _scrub(str(leaf), scrub) or type(leaf).__name__
+                return _failure(f"request to {shown} failed: {text}")
+            log.exception("probe_request_failed", url=shown)
+            return _failure(f"request to {shown} failed ({type(e).__name__})")
         ts = now_iso()
         if not 200 <= resp.status_code < 300:
             return TestResult(
@@ -440,6 +469,15 @@ def _root_cause(e: BaseException) -> BaseException:
         if isinstance(nxt, BaseExceptionGroup) and nxt.exceptions:
             nxt = nxt.exceptions[0]
         e, seen = nxt, seen + 1
+    return e
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    for _ in range(10):
+        if not (isinstance(e, BaseExceptionGroup) and e.exceptions):
+            break
+        e = e.exceptions[0]
     return e
 
 

@@ -1,76 +1,247 @@
-"""Secrets never leave: the one list of secret fields and everything that masks by it.
+"""Secrets never leave: the one definition of a secret and everything that masks by it.
 
-Logs, bus replies and events, HTTP responses, the sync log and exports all mask through
-`mask()`; the log pipeline runs `structlog_processor`. Nothing else decides what a secret is.
+A key is a secret by its name, at any depth of any document (`is_secret_key`). Logs, bus
+replies and events, HTTP responses, the sync log and exports all mask through `mask()`; the
+log pipeline runs `structlog_processor`. Nothing else decides what a secret is.
+
+Shown values: a set secret reads `MASK`; `api_key`-like keys of 12 characters or more may
+show their last four as `"…abcd"`, so an operator can tell keys apart; an unset one (null or
+"") reads null. Booleans are never secrets (`"savePassword": true` is a switch, not a
+password). A secret holding an object is walked instead: its own keys decide.
+
+`connection_settings` is a JSON *string* holding an object: secrets inside it are masked too,
+and the string shown is that object re-serialized with them masked.
+
+A placeholder sent back (`MASK`, or the `"…abcd"` shown for that secret) keeps the stored
+secret: `restore_placeholders(sent, stored, path)` puts the stored values back, or refuses
+with `invalid` where nothing is stored. A placeholder is never stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import re
 from typing import Any
 
-from ctsd.errors import CtsdError
+import msgspec
 
-# Field names (at any depth) whose values are secrets: the Connection keys of seed 000 and the
-# Project X credentials of seed 003's connection.json, plus the bus token.
-SECRET_FIELDS: frozenset[str] = frozenset(
-    {
-        "api_key",
-        "api_secret",
-        "api_passphrase",
-        "apiKey",
-        "apiSecret",
-        "password",
-        "passphrase",
-        "token",
-        "secret",
-    }
-)
-# api_key may show its last four characters so an operator can tell keys apart.
-SHOW_TAIL: frozenset[str] = frozenset({"api_key", "apiKey"})
+from ctsd.errors import CtsdError
+from ctsd.limits import MAX_MESSAGE_DEPTH, require_depth
+
 MASK = "********"
+
+# Names are compared lowercased with everything but letters and digits removed, so that
+# `api_key`, `apiKey`, `API-KEY` and `x-api-key` are one name.
+_SECRET_PART = re.compile(
+    r"secret|passw(?:or)?d|passphrase|token|apikey|accesskey|private\w*key|privkey"
+    r"|credential|authorization"
+)
+# Whole names only: `username` is the login half of the Project X credentials.
+_SECRET_NAMES = frozenset({"username", "pwd", "pass"})
+_SHOW_TAIL = frozenset({"apikey"})  # api_key, apiKey: may show their last four characters
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
+SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
+
+
+def _norm(name: str) -> str:
+    return _NON_ALNUM.sub("", name.lower())
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of the name; names repeat per record
+def is_secret_key(name: str) -> bool:
+    """Is a value under this key a secret, wherever it sits? Case and separators do not
+    matter. Secrets: names containing `secret`, `password`/`passwd`, `passphrase`, `token`,
+    `apikey`, `accesskey`, `private…key`/`privkey`, `credential` or `authorization`, and the
+    names `username`, `pwd` and `pass`."""
+    if not isinstance(name, str):
+        return False
+    n = _norm(name)
+    return n in _SECRET_NAMES or _SECRET_PART.search(n) is not None
 
 
 def mask_value(field: str, value: Any) -> Any:
+    """How the secret `value` of key `field` is shown."""
     if value is None or value == "":
         return None  # unset
-    if field in SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
+    if isinstance(value, bool):
+        return value
+    if _norm(field) in _SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
         return "…" + value[-4:]
     return MASK
 
 
+def _is_container(value: Any) -> bool:
+    return isinstance(value, dict | list | tuple)
+
+
+def _dumps(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _mask_settings_string(text: str) -> str:
+    """`connection_settings` shown: its secrets masked inside the string. A string that is
+    not JSON cannot be looked into, so it is not shown at all."""
+    try:
+        inner = msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return MASK
+    masked = mask(inner)
+    return text if masked == inner else _dumps(masked)
+
+
+def _shown(key: Any, value: Any) -> tuple[Any, bool]:
+    """(what a value under `key` shows as, whether it still needs walking)."""
+    if isinstance(key, str):
+        if key == SETTINGS_STRING_KEY and isinstance(value, str):
+            return _mask_settings_string(value), False
+        if is_secret_key(key) and not isinstance(value, dict):
+            return mask_value(key, value), False
+    return value, _is_container(value)
+
+
 def mask(obj: Any) -> Any:
-    """A copy of a JSON-like value with every secret field masked, at any depth."""
-    if isinstance(obj, Mapping):
-        return {
-            k: (mask_value(k, v) if k in SECRET_FIELDS and not isinstance(v, Mapping) else mask(v))
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list | tuple):
-        return [mask(v) for v in obj]
-    return obj
+    """A copy of a JSON-like value with every secret masked, at any depth.
+
+    Iterative: no input, however deep, makes it raise (the log processor runs it on every
+    line). Tuples come back as lists, as they would encode."""
+    if not _is_container(obj):
+        return obj
+    root: Any = {} if isinstance(obj, dict) else []
+    work = [(obj, root)]  # (source container, its copy to fill)
+    while work:
+        src, dst = work.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for key, value in items:
+            shown, walk = _shown(key if isinstance(src, dict) else None, value)
+            if walk:
+                copy: Any = {} if isinstance(shown, dict) else []
+                work.append((shown, copy))
+                shown = copy
+            if isinstance(dst, dict):
+                dst[key] = shown
+            else:
+                dst.append(shown)
+    return root
 
 
 def is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and (value == MASK or (value.startswith("…") and len(value) == 5))
 
 
-def refuse_placeholders(obj: Any, path: str = "$") -> None:
-    """A masked value sent back must never be stored in place of the real secret."""
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            sub = f"{path}.{k}"
-            if k in SECRET_FIELDS and is_placeholder(v):
-                raise CtsdError(
-                    "invalid",
-                    f"`{k}` holds the masked placeholder, not a secret; send the real value "
-                    "or leave the field out to keep the stored one",
-                    path=sub,
-                )
-            refuse_placeholders(v, sub)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            refuse_placeholders(v, f"{path}[{i}]")
+def _refuse(key: str, path: str, why: str) -> CtsdError:
+    # Never quote a value: the message names the field only.
+    return CtsdError(
+        "invalid",
+        f"`{key}` holds the masked placeholder, not a secret, and {why}; send the real value",
+        path=path,
+    )
+
+
+def _key_part(path: str, key: str) -> str:
+    return f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key) else f"{path}['{key}']"
+
+
+def _id_of(item: Any) -> str | int | None:
+    rid = item.get("id") if isinstance(item, dict) else None
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+
+
+def _pairs(sent: list[Any], stored: Any) -> list[Any]:
+    """The stored counterpart of each sent list item: by `id` when the items carry one and
+    it names one item on each side (a record moved in an array is still that record), else
+    by position."""
+    if not isinstance(stored, list | tuple):
+        return [None] * len(sent)
+    ids = [_id_of(x) for x in sent]
+    if ids and None not in ids and len(set(ids)) == len(ids):
+        by_id = {_id_of(x): x for x in stored}
+        if len(by_id) == len(stored) and None not in by_id:
+            return [by_id.get(i) for i in ids]
+    return [stored[i] if i < len(stored) else None for i in range(len(sent))]
+
+
+def _restore_settings_string(sent: str, stored: Any, path: str) -> str:
+    try:
+        inner = msgspec.json.decode(sent)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return sent  # not JSON: the validation that follows says so
+    old: Any = None
+    if isinstance(stored, str):
+        try:
+            old = msgspec.json.decode(stored)
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            old = None
+    restored = restore_placeholders(inner, old, path)
+    if restored is inner:
+        return sent
+    # Sent back exactly as shown: keep the stored string byte for byte.
+    return stored if isinstance(stored, str) and restored == old else _dumps(restored)
+
+
+def restore_placeholders(sent: Any, stored: Any, path: str = "$") -> Any:
+    """`sent` with every placeholder under a secret key replaced by the secret stored at the
+    same place in `stored` (None: nothing is stored, as for a new record).
+
+    The same place: the same key of the matching object; in arrays, the item with the same
+    `id` (else the same index); inside `connection_settings`, the same key of the stored
+    string's object. A `"…abcd"` placeholder must match the stored secret's last four. Raises
+    `CtsdError("invalid", path=...)` naming the field where nothing (or something else) is
+    stored, and for a value nested deeper than a message may be. Returns `sent` itself when
+    it holds no placeholder; never changes `sent`.
+    """
+    if not _is_container(sent):
+        return sent
+    require_depth(sent, MAX_MESSAGE_DEPTH, path=path)
+    # Iterative, like mask(); containers are copied only on the way to a restored value.
+    out, changed = _restore_walk(sent, stored, path)
+    return out if changed else sent
+
+
+def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
+    # Frames: [source, stored counterpart, path, copy or None, parent frame, key in parent]
+    root: list[Any] = [sent, stored, path, None, None, None]
+    work = [root]
+    while work:
+        frame = work.pop()
+        src, old, where = frame[0], frame[1], frame[2]
+        if isinstance(src, dict):
+            olds: list[Any] = [old.get(k) if isinstance(old, dict) else None for k in src]
+            items = list(src.items())
+        else:
+            olds = _pairs(list(src), old)
+            items = list(enumerate(src))
+        for (key, value), counterpart in zip(items, olds, strict=True):
+            sub = _key_part(where, key) if isinstance(key, str) else f"{where}[{key}]"
+            new = value
+            if isinstance(key, str) and key == SETTINGS_STRING_KEY and isinstance(value, str):
+                new = _restore_settings_string(value, counterpart, sub)
+            elif isinstance(key, str) and is_placeholder(value) and is_secret_key(key):
+                if counterpart is None or counterpart == "" or is_placeholder(counterpart):
+                    raise _refuse(key, sub, "no secret is stored there")
+                if value != MASK and mask_value(key, counterpart) != value:
+                    raise _refuse(key, sub, "it does not match the stored secret")
+                new = counterpart
+            elif _is_container(value):
+                work.append([value, counterpart, sub, None, frame, key])
+                continue
+            if new is not value:
+                _set(frame, key, new)
+    return (root[3], True) if root[3] is not None else (sent, False)
+
+
+def _set(frame: list[Any], key: Any, value: Any) -> None:
+    """Put `value` at `key` of the frame's copy, copying the containers on its way up."""
+    while True:
+        if frame[3] is None:
+            frame[3] = dict(frame[0]) if isinstance(frame[0], dict) else list(frame[0])
+            frame[3][key] = value
+            parent, pkey = frame[4], frame[5]
+            if parent is None:
+                return
+            frame, key, value = parent, pkey, frame[3]
+            continue
+        frame[3][key] = value
+        return
 
 
 def structlog_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class Store:
             self.committed,
             self.disk,
             invalid=lambda: set(self.problems),
+            invalid_error=self._invalid_error,
             lock=self.file_lock,
             take_in=lambda f: self.intake.ingest_locked(f, report=False),
             compact=self._compact,
@@ -285,6 +286,16 @@ class Store:
                 p.future.set_exception(out.error)
             else:
                 p.future.set_result((out, lsn if out.files else None))
+
+    def _invalid_error(self, file: str) -> CtsdError:
+        problem = self.problems.get(file)
+        why = problem.format() if problem is not None else f"{file} is invalid"
+        return CtsdError(
+            "file_invalid",
+            f"the change is saved (journal) but {file} is invalid on disk ({why}); it reaches "
+            "the file once the file is fixed",
+            extra={"file": file},
+        )
 
     def install(self, change: Change, lsn: int) -> None:
         """A journalled change into memory (and onto the checkpointer's list)."""

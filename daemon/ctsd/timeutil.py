@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# `(?!\n)`: msgspec matches patterns with re.search, where `$` alone would also match before
+# a trailing newline ("id\n"); the lookahead reads the same in a JSON Schema's ECMA regex.
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z(?!\n)$"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 
 
 def now_iso() -> str:

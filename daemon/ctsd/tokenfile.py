@@ -7,26 +7,40 @@ import secrets
 from pathlib import Path
 
 from ctsd.atomic import write_files
+from ctsd.errors import CtsdError
+from ctsd.safefile import lstat, read_text_file, token_problem
 
 
-def load_token(data_dir: Path, *, create: bool = True) -> str | None:
+def _read(path: Path) -> str | None:
+    """A token file's content; None when it is absent or empty. Never blocks on a FIFO, never
+    follows a link (NotRegular, an OSError)."""
+    if lstat(path) is None:
+        return None
+    return read_text_file(path)[0].strip() or None
+
+
+def load_token(data_dir: Path, *, create: bool = True, strict: bool = True) -> str | None:
+    """The token, creating DATA/.token when none is configured and `create`.
+
+    `strict` (the daemon): a DATA/.token that other users may read, or that is not a regular
+    file, raises CtsdError with a one-line reason rather than being used.
+    """
     env = os.environ.get("CTSD_TOKEN", "").strip()
     if env:
         return env
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
-        path = Path(creds) / "ctsd-token"
-        if path.is_file():
-            token = path.read_text().strip()
-            if token:
-                return token
-    path = data_dir / ".token"
-    if path.is_file():
-        token = path.read_text().strip()
+        token = _read(Path(creds) / "ctsd-token")
         if token:
             return token
-    if not create:
-        return None
+    path = data_dir / ".token"
+    if strict:
+        problem = token_problem(path)
+        if problem is not None:
+            raise CtsdError("io_error", f"{path} {problem}")
+    token = _read(path)
+    if token or not create:
+        return token
     token = secrets.token_urlsafe(32)
     write_files([(path, token.encode() + b"\n")])
     return token

@@ -1,4 +1,10 @@
-"""`ctsd verify`: check every file of a data dir offline, touching nothing."""
+"""`ctsd verify`: check every file of a data dir offline, touching nothing.
+
+It reports everything the daemon would refuse: files that do not decode or validate, nest too
+deeply or name a key twice, names that hold no regular file (a FIFO, a link, a directory),
+data files other users may read, a token file other users may read, and a data dir (or one
+of its directories) the daemon would not use.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +13,41 @@ from pathlib import Path
 from ctsd import files
 from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
+from ctsd.safefile import dir_problems, lstat, read_data_file, token_problem
+
+# A problem of a directory or of a file as a whole, not at a place in its text.
+NO_POSITION = 0
 
 
 def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
     """(files checked, problems) for an existing dir. A missing file is not a problem: the
     daemon creates it."""
+    layout = dir_problems(data_dir)
+    problems = [
+        FileProblem(name, NO_POSITION, NO_POSITION, "$", reason) for name, reason in layout.items()
+    ]
+    token = token_problem(data_dir / ".token")
+    if token is not None:
+        problems.append(FileProblem(".token", NO_POSITION, NO_POSITION, "$", token))
     algo_dir = data_dir / files.ALGORITHMS_DIR
     algos = (
         sorted(f"{files.ALGORITHMS_DIR}/{p.name}" for p in algo_dir.glob("*.json"))
-        if algo_dir.is_dir()
+        if files.ALGORITHMS_DIR not in layout and algo_dir.is_dir()
         else []
     )
     names = [files.CONNECTIONS, files.STATE, files.SYNC_LOG, *algos]
     names += [f for f, _ in files.DOCUMENTS.values()]
     checked: list[str] = []
-    problems: list[FileProblem] = []
     decoded: dict[str, object] = {}
     for file in names:
         path = data_dir / file
-        if not path.exists():
+        if lstat(path) is None:
             continue
         checked.append(file)
         try:
-            if path.is_dir():
-                raise Invalid(FileProblem(file, 1, 1, "$", "is a directory, expected a JSON file"))
             if file.startswith(f"{files.ALGORITHMS_DIR}/") and files.document_name(file) is None:
                 raise Invalid(FileProblem(file, 1, 1, "$", "algorithm file name not allowed"))
-            raw = path.read_bytes()
+            raw, _st = read_data_file(path, file)
             decoded[file] = files.decode_file(file, raw)
             if file == files.document_file("instances"):
                 known = {f[len(files.ALGORITHMS_DIR) + 1 : -5] for f in algos if f in decoded}

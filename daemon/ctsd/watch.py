@@ -28,7 +28,6 @@ nothing that changed during the switch is missed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -40,7 +39,7 @@ import structlog
 from anyio.abc import TaskGroup
 from watchfiles import Change, awatch
 
-from ctsd import files
+from ctsd import files, safefile
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.models import SyncEvent, WatchSettings
 
@@ -278,8 +277,8 @@ class Poller:
         for file in self._files():
             path = self.store.path(file)
             try:
-                st = os.stat(path)
-            except FileNotFoundError:
+                st = os.lstat(path)  # the daemon never follows links in its data dir
+            except (FileNotFoundError, NotADirectoryError):
                 if self.seen.get(file, ()) is not None:
                     changed.append(file)
                 self.seen[file] = None
@@ -292,7 +291,7 @@ class Poller:
             self.seen[file] = key
             if now - st.st_ctime_ns < POLL_HASH_WITHIN_NS:
                 # Equal stat results within one timestamp tick prove nothing: hash it.
-                digest = _digest(path)
+                digest = safefile.digest(path)
                 if digest is not None and digest != self.digests.get(file):
                     is_new = is_new or file in self.digests
                     self.digests[file] = digest
@@ -301,14 +300,6 @@ class Poller:
             if is_new:
                 changed.append(file)
         return changed
-
-
-def _digest(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha1").digest()
-    except OSError:
-        return None
 
 
 async def _reappears(path: Path, within: float) -> bool:
@@ -322,7 +313,7 @@ async def _reappears(path: Path, within: float) -> bool:
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns, st.st_ino)

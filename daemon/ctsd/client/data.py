@@ -8,7 +8,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -17,7 +16,6 @@ from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.render import dump_json, echo_json, key_values, safe
 from ctsd.client.target import Target
-from ctsd.redact import SECRET_FIELDS, is_placeholder
 
 
 def write_private(path: Path, text: str) -> None:
@@ -34,40 +32,6 @@ def write_private(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def drop_placeholders(obj: Any) -> int:
-    """Remove secret fields that hold the mask (an export never has the real values).
-
-    The daemon refuses a placeholder sent back as a value; leaving the field out keeps the
-    stored secret, which is what restoring an export of the same daemon means.
-    """
-    count = 0
-    if isinstance(obj, dict):
-        for key in [k for k, v in obj.items() if k in SECRET_FIELDS and is_placeholder(v)]:
-            del obj[key]
-            count += 1
-        for v in obj.values():
-            count += drop_placeholders(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            count += drop_placeholders(v)
-    return count
-
-
-def placeholder_paths(obj: Any, path: str) -> list[str]:
-    """JSON paths of secret fields that hold the mask."""
-    out: list[str] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in SECRET_FIELDS and is_placeholder(v):
-                out.append(f"{path}.{k}")
-            else:
-                out.extend(placeholder_paths(v, f"{path}.{k}"))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out.extend(placeholder_paths(v, f"{path}[{i}]"))
-    return out
 
 
 def register(main: click.Group) -> None:
@@ -116,35 +80,19 @@ def register(main: click.Group) -> None:
             raise click.BadParameter(
                 f"{safe(file)}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}", param_hint="'FILE'"
             ) from None
+        except (RecursionError, ValueError):
+            raise click.BadParameter(
+                f"{safe(file)} is nested too deeply or holds a number too long to read",
+                param_hint="'FILE'",
+            ) from None
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             raise click.BadParameter(
                 f'{safe(file)} is not a ctsd export (expected an object with "files")',
                 param_hint="'FILE'",
             )
 
-        dropped = 0
-        conns = data["files"].get("connections.json")
-        if merge and isinstance(conns, list):
-            # A merge keeps the stored secrets of a connection whose import leaves them out.
-            dropped = drop_placeholders(conns)
-        masked = placeholder_paths(data["files"], "$.files")
-        if masked:
-            # Anywhere else the daemon would store the absence: the real secret would be lost.
-            more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
-            hint = "" if merge else "; --merge keeps the stored secrets of connections"
-            raise click.BadParameter(
-                f"{safe(file)} holds a masked secret at {safe(masked[0])}{more}: an export "
-                "never carries secrets, and importing it as it is would lose the stored one; "
-                f"put the real value there, or leave that file out of the import{hint}",
-                param_hint="'FILE'",
-            )
-        if dropped:
-            click.echo(
-                f"ctsd: {dropped} masked secret(s) in {safe(file)} left out: "
-                "the daemon keeps the stored values",
-                err=True,
-            )
-
+        # Secrets come back masked from an export: sent as they are, the daemon keeps the
+        # stored secret for each one (and refuses, naming the field, where none is stored).
         result = run_call(target, "data.import", data=data, mode="merge" if merge else "replace")
         if as_json:
             echo_json(result)

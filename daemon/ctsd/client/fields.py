@@ -18,16 +18,14 @@ import msgspec
 
 from ctsd import models
 from ctsd.client.render import short
-from ctsd.redact import SECRET_FIELDS
+from ctsd.redact import is_secret_key
 
 CONNECTION_FIELDS: tuple[str, ...] = tuple(
     f.name for f in msgspec.structs.fields(models.Connection)
 )
 # Set by the daemon, never by a client.
 READ_ONLY_FIELDS = frozenset({"id", "created_at", "updated_at"})
-SECRET_CONNECTION_FIELDS: tuple[str, ...] = tuple(
-    f for f in CONNECTION_FIELDS if f in SECRET_FIELDS
-)
+SECRET_CONNECTION_FIELDS: tuple[str, ...] = tuple(f for f in CONNECTION_FIELDS if is_secret_key(f))
 # Fields whose type is plain text: `name=My Binance` must not need JSON quotes.
 _TEXT_FIELDS = frozenset(
     f.name

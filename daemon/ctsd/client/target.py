@@ -11,6 +11,8 @@ import click
 
 from ctsd.client.errors import EXIT_AUTH, fail
 from ctsd.config import resolve_data_dir
+from ctsd.limits import MAX_FILE_BYTES
+from ctsd.safefile import read_text_file
 from ctsd.tokenfile import load_token
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,7 +38,8 @@ class Target:
 def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
     """server.host/port from DATA/settings.json, as the daemon binds them; best effort."""
     try:
-        raw = json.loads((data_dir / "settings.json").read_bytes())
+        # As the daemon reads it: a FIFO or a link there must not hang or mislead the CLI.
+        raw = json.loads(read_text_file(data_dir / "settings.json", MAX_FILE_BYTES)[0])
         server = raw.get("server") if isinstance(raw, dict) else None
         if not isinstance(server, dict):
             return None, None
@@ -45,7 +48,7 @@ def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
             host if isinstance(host, str) and host else None,
             port if isinstance(port, int) and not isinstance(port, bool) else None,
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, None
 
 
@@ -84,15 +87,15 @@ def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
     """CTSD_TOKEN, $CREDENTIALS_DIRECTORY/ctsd-token, DATA/.token, then the unit's token."""
     path = target.data_dir / ".token"
     try:
-        token = load_token(target.data_dir, create=False)
+        token = load_token(target.data_dir, create=False, strict=False)
         if token is None and system_token.is_file():
             path = system_token
             token = system_token.read_text().strip() or None
         return token
-    except OSError as e:
+    except (OSError, ValueError) as e:
         # Under systemd the token files belong to root or the daemon's user.
         fail(
-            f"cannot read the bus token {path}: {e.strerror or e}; "
+            f"cannot read the bus token {path}: {getattr(e, 'strerror', None) or e}; "
             "set CTSD_TOKEN or run as the daemon's user",
             EXIT_AUTH,
         )
