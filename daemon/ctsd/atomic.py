@@ -70,6 +70,12 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two names (files or directories) atomically; False when this system or
+    filesystem cannot."""
+    return _exchange(a, b)
+
+
 _Swapped = list[tuple[Path | None, Path, Stamp]]  # (temp or None for a link, path, ours)
 
 
@@ -150,7 +156,7 @@ def _keep_if_written(tmp: Path, path: Path, old: Stamp, displaced: list[Displace
     os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -251,7 +257,7 @@ def write_files(
                     _keep_if_written(tmp, path, old, displaced)
         temps = [(tmp, path) for tmp, path in temps if os.path.lexists(tmp)]
         for directory in {path.parent for path, _ in plan}:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return stamps
     finally:
         for tmp, _ in temps:
