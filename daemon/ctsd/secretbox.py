@@ -209,7 +209,7 @@ def is_encrypted(value: object) -> bool:
 
 def stored_key_id(value: str) -> str | None:
     """The key id of an `enc:v1:KEYID:…` value, None if it is not one."""
-    if value.startswith(V1) and len(value) > len(V1) + 9 and value[len(V1) + 8] == ":":
+    if value.startswith(V1) and len(value) >= len(V1) + 9 and value[len(V1) + 8] == ":":
         kid = value[len(V1) : len(V1) + 8]
         return kid if _KEY_ID.match(kid) else None
     return None
