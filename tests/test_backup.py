@@ -7,15 +7,10 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import random
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +22,8 @@ from ctsd.offline import exclusive
 from ctsd.rekey import rekey_offline
 from ctsd.secretbox import Key
 from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd
+from tests.crash_driver import kill_at_every_step, kill_at_random
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
-
-KILL_CYCLES = int(os.environ.get("CTSD_KILL_CYCLES", "50"))
 
 SYNC_LOG = [
     {"id": 7, "connection_id": "conn_00000", "action": "create", "data": {"fields": ["name"]},
@@ -419,15 +413,6 @@ def check_restore_crash(root: Path, old: dict, new: dict) -> str:
     return outcome
 
 
-def restore_driver(work: Path, archive_path: Path, kill_at: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_driver", "restore", str(work / "data"),
-         str(archive_path), str(kill_at)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=clean_env(), cwd=Path(__file__).parent.parent, start_new_session=True,
-    )  # fmt: skip
-
-
 def fresh(work: Path, base: Path) -> None:
     if work.exists():
         shutil.rmtree(work)
@@ -438,47 +423,20 @@ def fresh(work: Path, base: Path) -> None:
 def test_restore_killed_at_every_step(tmp_path: Path) -> None:
     base, out, old, new = restore_case(tmp_path, 20)
     work = tmp_path / "work"
-    fresh(work, base)
-    p = restore_driver(work, out, 0)
-    stdout, err = p.communicate("go\n", timeout=60)
-    assert p.returncode == 0, err
-    total = int(stdout.split("steps ")[1])
-    assert total > 15
-    outcomes = []
-    for kill_at in range(1, total + 1):
+
+    def prepare() -> list[str]:
         fresh(work, base)
-        p = restore_driver(work, out, kill_at)
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == -signal.SIGKILL, (kill_at, err)
-        outcomes.append(check_restore_crash(work, old, new))
-    assert outcomes[0] == "old" and outcomes[-1] == "new"
-    assert outcomes == sorted(outcomes, key=lambda o: o == "new"), outcomes
+        return ["restore", str(work / "data"), str(out)]
+
+    kill_at_every_step(prepare, clean_env(), lambda: check_restore_crash(work, old, new))
 
 
 def test_restore_killed_at_random_moments(tmp_path: Path) -> None:
     base, out, old, new = restore_case(tmp_path, 2_000)
     work = tmp_path / "work"
 
-    def start() -> subprocess.Popen[str]:
+    def prepare() -> list[str]:
         fresh(work, base)
-        p = restore_driver(work, out, 0)
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        return p
+        return ["restore", str(work / "data"), str(out)]
 
-    p = start()
-    t0 = time.monotonic()
-    p.communicate("go\n", timeout=60)
-    duration = time.monotonic() - t0
-    assert p.returncode == 0
-    rng = random.Random(int(os.environ.get("CTSD_KILL_SEED", "13")))
-    outcomes = {"old": 0, "new": 0}
-    for _ in range(KILL_CYCLES):
-        p = start()
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        time.sleep(rng.uniform(0, duration * 1.1))
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=60)
-        outcomes[check_restore_crash(work, old, new)] += 1
-    assert outcomes["old"] and outcomes["new"], outcomes
+    kill_at_random(prepare, clean_env(), lambda: check_restore_crash(work, old, new), seed=13)

@@ -6,14 +6,9 @@ Real subprocesses throughout; the canary secret is grepped in every output.
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -22,10 +17,9 @@ import pytest
 from ctsd import rekey
 from ctsd.secretbox import Key, parse_key
 from tests.cli_helpers import CANARY, clean_env, ctsd
+from tests.crash_driver import kill_at_every_step, kill_at_random, spawn
 from tests.daemon import Daemon
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
-
-KILL_CYCLES = int(os.environ.get("CTSD_KILL_CYCLES", "50"))
 
 
 def run(*args: str, key: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -281,68 +275,34 @@ def check_after_crash(
     return "new"
 
 
-def driver(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_driver", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env, cwd=Path(__file__).parent.parent, start_new_session=True,
-    )  # fmt: skip
-
-
 def test_rekey_killed_at_every_step(tmp_path: Path) -> None:
     base, key1, key2, expected, before = encrypted_dir(tmp_path, 20)
-    env = clean_env(CTSD_SECRETS_KEY_FILE=str(tmp_path / "k1"))
     work = tmp_path / "work"
-    shutil.copytree(base, work)
-    p = driver("rekey", str(work), str(tmp_path / "k2"), "0", env=env)
-    out, err = p.communicate("go\n", timeout=60)
-    assert p.returncode == 0, err
-    total = int(out.split("steps ")[1])
-    assert total > 10
-    outcomes = []
-    for kill_at in range(1, total + 1):
-        shutil.rmtree(work)
+
+    def prepare() -> list[str]:
+        if work.exists():
+            shutil.rmtree(work)
         shutil.copytree(base, work)
-        p = driver("rekey", str(work), str(tmp_path / "k2"), str(kill_at), env=env)
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == -signal.SIGKILL, (kill_at, err)
-        outcomes.append(check_after_crash(work, key1, key2, expected, before))
-    # Early kills leave the old files, late ones (the intent durable) the new.
-    assert outcomes[0] == "old" and outcomes[-1] == "new"
-    assert outcomes == sorted(outcomes, key=lambda o: o == "new"), outcomes
+        return ["rekey", str(work), str(tmp_path / "k2")]
+
+    env = clean_env(CTSD_SECRETS_KEY_FILE=str(tmp_path / "k1"))
+    kill_at_every_step(prepare, env, lambda: check_after_crash(work, key1, key2, expected, before))
 
 
 def test_rekey_killed_at_random_moments(tmp_path: Path) -> None:
     base, key1, key2, expected, before = encrypted_dir(tmp_path, 2_000)
-    env = clean_env(CTSD_SECRETS_KEY_FILE=str(tmp_path / "k1"))
     work = tmp_path / "work"
 
-    def start() -> subprocess.Popen[str]:
+    def prepare() -> list[str]:
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(base, work)
-        p = driver("rekey", str(work), str(tmp_path / "k2"), "0", env=env)
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        return p
+        return ["rekey", str(work), str(tmp_path / "k2")]
 
-    p = start()
-    t0 = time.monotonic()
-    p.communicate("go\n", timeout=60)
-    duration = time.monotonic() - t0
-    assert p.returncode == 0
-    rng = random.Random(int(os.environ.get("CTSD_KILL_SEED", "11")))
-    outcomes = {"old": 0, "new": 0}
-    for _ in range(KILL_CYCLES):
-        p = start()
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        time.sleep(rng.uniform(0, duration * 1.1))
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=60)
-        outcomes[check_after_crash(work, key1, key2, expected, before)] += 1
-    # Both outcomes occur (otherwise the kill window missed the writes entirely).
-    assert outcomes["old"] and outcomes["new"], outcomes
+    env = clean_env(CTSD_SECRETS_KEY_FILE=str(tmp_path / "k1"))
+    kill_at_random(
+        prepare, env, lambda: check_after_crash(work, key1, key2, expected, before), seed=11
+    )
 
 
 def test_finishing_an_interrupted_rekey_never_overwrites_a_later_edit(tmp_path: Path) -> None:
@@ -353,8 +313,7 @@ def test_finishing_an_interrupted_rekey_never_overwrites_a_later_edit(tmp_path: 
     for kill_at in range(1, 100):
         work = tmp_path / f"w{kill_at}"
         shutil.copytree(base, work)
-        p = driver("rekey", str(work), str(tmp_path / "k2"), str(kill_at), env=env)
-        p.communicate(timeout=60)
+        spawn(["rekey", str(work), str(tmp_path / "k2"), str(kill_at)], env).communicate(timeout=60)
         if (work / rekey.INTENT).exists():
             intent_step = work
             break
