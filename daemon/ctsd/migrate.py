@@ -332,6 +332,8 @@ def to_timestamp(value: Any) -> str:
 def to_json_object_text(value: Any) -> str:
     if isinstance(value, dict):
         return msgspec.json.encode(value).decode()
+    if isinstance(value, list | bool | int | float | decimal.Decimal):  # json/jsonb, not text
+        raise _Bad(f"expected a JSON object, got {_type_name(value)}")
     text = to_text(value)
     try:
         parsed = json.loads(text)
@@ -486,6 +488,7 @@ def _validate(body: dict[str, Any], kind: Any) -> Any:
         return msgspec.convert(body, type=kind, strict=True)
     except msgspec.ValidationError as e:
         msg, path = diagnose.explain(str(e), kind)
+        msg = msg[:1].lower() + msg[1:]
         field_name = diagnose.parse_path(path)[0] if path != "$" else None
         raise _Bad(f"`{field_name}`: {msg}" if field_name else msg) from None
 
