@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -440,3 +441,26 @@ def test_restore_killed_at_random_moments(tmp_path: Path) -> None:
         return ["restore", str(work / "data"), str(out)]
 
     kill_at_random(prepare, clean_env(), lambda: check_restore_crash(work, old, new), seed=13)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_root_keeps_a_service_users_files_theirs(tmp_path: Path) -> None:
+    """Under systemd's DynamicUser= the data dir belongs to the service's user; root running
+    rekey, backup or restore must leave every file that user's, or the daemon cannot read
+    its own files (0600)."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    uid = gid = 65534
+    for p in [data, *data.rglob("*")]:
+        os.lchown(p, uid, gid)
+    out = tmp_path / "b.tar.gz"
+    k1 = tmp_path / "k1"
+    make_key(k1)
+    assert run("secrets", "rekey", "--new-key", str(k1), "--data-dir", str(data)).returncode == 0
+    assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    assert run("restore", str(out), "--data-dir", str(data), key=k1).returncode == 0
+    kept = next(p for p in tmp_path.iterdir() if p.name.startswith("data.before-restore-"))
+    for root in (data, kept):
+        for p in [root, *root.rglob("*")]:
+            st = p.lstat()
+            assert (st.st_uid, st.st_gid) == (uid, gid), p

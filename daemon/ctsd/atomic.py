@@ -205,6 +205,7 @@ def write_files(
     plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
     expected: dict[Path, Stamp | None] | None = None,
     displaced: list[Displaced] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
@@ -216,6 +217,9 @@ def write_files(
     With `displaced`, each file our swap displaced that another process still holds open for
     writing is appended to it as a `Displaced` (the caller closes and unlinks it); files
     nobody holds open go as before.
+
+    With `owner` (uid, gid), every file is given to that owner before it is installed (root
+    writing into a service user's data dir).
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
@@ -228,6 +232,8 @@ def write_files(
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
                 temps.append((tmp, path))
                 fds.append(fd)
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)
                 _start_writeback(fd)
             for fd, (_tmp, path) in zip(fds, temps, strict=True):

@@ -38,7 +38,7 @@ from ctsd.atomic import DIR_MODE, FILE_MODE, exchange, fsync_dir, write_files
 from ctsd.diagnose import FileProblem
 from ctsd.lock import InstanceLock
 from ctsd.models import Timestamp
-from ctsd.offline import exclusive, read_data_files
+from ctsd.offline import exclusive, owner_for, read_data_files
 from ctsd.rekey import finish_pending
 from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places, survey
@@ -438,14 +438,8 @@ def _carry_tree(src: Path, dst: Path, owner: tuple[int, int] | None) -> None:
                 os.link(entry.path, target)
             except OSError:
                 shutil.copy2(entry.path, target)
-
-
-def _owner_of(real: Path) -> tuple[int, int] | None:
-    """Files restored by root into a daemon user's dir must stay the daemon user's."""
-    st = os.stat(real)
-    if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (0, 0):
-        return None
-    return st.st_uid, st.st_gid
+                if owner is not None:
+                    os.chown(target, *owner)
 
 
 def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -> Restored:
@@ -468,7 +462,7 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
     with exclusive(real):
         archive = early or verified()
         tidied = tidy_interrupted_restore(real)
-        owner = _owner_of(real)
+        owner = owner_for(real)
         stamp = _stamp()
         staging = _free_name(real.parent, f"{real.name}.restoring-{stamp}")
         _mkdir(staging, owner)

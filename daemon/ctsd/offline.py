@@ -37,9 +37,22 @@ def exclusive(data_dir: Path) -> Iterator[InstanceLock]:
     except CtsdError as e:
         raise DaemonRunning(e.message) from None
     try:
+        owner = owner_for(data_dir)
+        if owner is not None:
+            os.chown(lock.path, *owner)  # a lock file root made must not lock the daemon out
         yield lock
     finally:
         lock.release()
+
+
+def owner_for(data_dir: Path) -> tuple[int, int] | None:
+    """(uid, gid) to give what we write into `data_dir`, when root works in a service user's
+    dir (systemd's DynamicUser=): files root owns there, mode 0600, the daemon cannot read.
+    None when nothing needs changing."""
+    st = os.stat(data_dir)
+    if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (0, 0):
+        return None
+    return st.st_uid, st.st_gid
 
 
 def data_file_names(data_dir: Path) -> list[str]:

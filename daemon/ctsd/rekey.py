@@ -26,7 +26,7 @@ import msgspec
 from ctsd import files
 from ctsd.atomic import ChangedOnDisk, fsync_dir, stamp_of, write_files
 from ctsd.files import Invalid
-from ctsd.offline import exclusive, read_data_files
+from ctsd.offline import exclusive, owner_for, read_data_files
 from ctsd.secretbox import Key, SecretBox
 from ctsd.secretfields import SECRET_FILES, open_content, seal_content
 from ctsd.timeutil import now_iso
@@ -146,7 +146,7 @@ def finish_pending(data_dir: Path) -> bool:
             )
         plan.append((data_dir / file, new))
     if plan:
-        write_files(plan)
+        write_files(plan, owner=owner_for(data_dir))
     os.unlink(intent_path)
     fsync_dir(data_dir)
     return True
@@ -174,9 +174,10 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
             old_sha256={f: _sha(contents.get(f)) for f in result.files},
             files={f: body.decode() for f, body in result.files.items()},
         )
-        write_files([(data_dir / INTENT, msgspec.json.encode(intent) + b"\n")])
+        owner = owner_for(data_dir)
+        write_files([(data_dir / INTENT, msgspec.json.encode(intent) + b"\n")], owner=owner)
         try:
-            write_files(list(paths.items()), expected=expected)
+            write_files(list(paths.items()), expected=expected, owner=owner)
         except BaseException as e:
             # All or nothing: when every file still holds its old content, drop the intent so
             # it can never apply later (over a hand edit, or as a surprise); else keep it for
