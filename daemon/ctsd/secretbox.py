@@ -218,7 +218,16 @@ def stored_key_id(value: str) -> str | None:
 
 def associated_data(record_id: str, field: str) -> bytes:
     # Record ids and paths never hold a newline (ids are checked; paths quote odd keys).
-    return _AAD_LABEL + record_id.encode() + b"\n" + field.encode()
+    return record_aad(record_id) + field_aad(field)
+
+
+def record_aad(record_id: str) -> bytes:
+    """The record's part of the associated data (computed once per record in a loop)."""
+    return _AAD_LABEL + record_id.encode()
+
+
+def field_aad(field: str) -> bytes:
+    return b"\n" + field.encode()
 
 
 class SecretBox:
@@ -252,19 +261,24 @@ class SecretBox:
         return f"{V1}{self.key.id}:{base64.b64encode(nonce + sealed).decode()}"
 
     def decrypt(self, record_id: str, field: str, stored: str) -> str:
-        # The path every good value takes, kept short (a start decrypts every secret); any
-        # failure falls through to _diagnose, which finds the precise reason.
-        if stored.startswith(V1) and stored[_KID_END : _KID_END + 1] == ":":
-            cipher = self._ciphers.get(stored[len(V1) : _KID_END])
-            if cipher is not None:
-                try:
-                    blob = binascii.a2b_base64(stored[_KID_END + 1 :], strict_mode=True)
-                    return cipher.decrypt(
-                        blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data(record_id, field)
-                    ).decode()
-                except (binascii.Error, InvalidTag, ValueError):
-                    pass  # ValueError: too short for a nonce and a tag; UnicodeDecodeError
-        raise self._diagnose(record_id, field, stored)
+        plain = self.try_decrypt(associated_data(record_id, field), stored)
+        if plain is None:
+            raise self._diagnose(record_id, field, stored)
+        return plain
+
+    def try_decrypt(self, aad: bytes, stored: str) -> str | None:
+        """The plain value, or None when `stored` does not decrypt with `aad` (then `decrypt`
+        says why). The path every good value takes, kept short: a start decrypts them all."""
+        if not stored.startswith(V1):
+            return None
+        cipher = self._ciphers.get(stored[len(V1) : _KID_END])
+        if cipher is None or stored[_KID_END : _KID_END + 1] != ":":
+            return None
+        try:
+            blob = binascii.a2b_base64(stored[_KID_END + 1 :], strict_mode=True)
+            return cipher.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad).decode()
+        except (binascii.Error, InvalidTag, ValueError):
+            return None  # ValueError: too short for a nonce and a tag; UnicodeDecodeError
 
     def decrypts_as(self, stored: str, record_id: str, field: str) -> bool:
         """Does `stored` authenticate as the value of (record_id, field)? (Finds where a

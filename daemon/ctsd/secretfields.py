@@ -20,7 +20,15 @@ import msgspec
 from ctsd import redact
 from ctsd.files import CONNECTIONS, document_file
 from ctsd.models import Connection
-from ctsd.secretbox import SecretBox, SecretError, format_path, is_encrypted, stored_key_id
+from ctsd.secretbox import (
+    SecretBox,
+    SecretError,
+    field_aad,
+    format_path,
+    is_encrypted,
+    record_aad,
+    stored_key_id,
+)
 
 CONNECTION_DOC = document_file("connection")
 SECRET_FILES: tuple[str, ...] = (CONNECTIONS, CONNECTION_DOC)
@@ -37,6 +45,7 @@ def is_secret_field(name: str) -> bool:
 CONNECTION_SECRETS: tuple[str, ...] = tuple(
     f for f in Connection.__struct_fields__ if is_secret_field(f)
 )
+_CONNECTION_SECRET_AADS = tuple((f, field_aad(f)) for f in CONNECTION_SECRETS)
 
 Path = tuple[str | int, ...]
 
@@ -98,16 +107,27 @@ def open_connections(
     `connections.json $[i].field`; such a record keeps the stored value)."""
     out: list[Connection] = []
     failed: list[tuple[SecretError, str]] = []
+    replace = msgspec.structs.replace
     for i, conn in enumerate(conns):
-        changes = {}
-        for name in CONNECTION_SECRETS:
+        changes = None
+        prefix = None
+        for name, tail in _CONNECTION_SECRET_AADS:
             value = getattr(conn, name)
-            if value is not None and value.startswith("enc:"):
+            if value is None or not value.startswith("enc:"):
+                continue
+            if prefix is None:
+                prefix = record_aad(conn.id)
+            plain = box.try_decrypt(prefix + tail, value)
+            if plain is None:
                 try:
-                    changes[name] = box.decrypt(conn.id, name, value)
+                    box.decrypt(conn.id, name, value)  # raises, saying why
                 except SecretError as e:
                     failed.append((e.at(CONNECTIONS, (i, name)), value))
-        out.append(msgspec.structs.replace(conn, **changes) if changes else conn)
+                continue
+            if changes is None:
+                changes = {}
+            changes[name] = plain
+        out.append(replace(conn, **changes) if changes else conn)
     if not failed:
         return out, []
     places = [
