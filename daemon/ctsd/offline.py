@@ -57,17 +57,18 @@ def owner_for(data_dir: Path) -> tuple[int, int] | None:
 
 def data_file_names(data_dir: Path) -> list[str]:
     """The data files present in `data_dir` (tables, documents, `algorithms/*.json`), sorted.
-    Symlinks and anything but regular files are left out: a data file is a plain file."""
+    A symlink counts as the file it points to (the daemon reads through it too); a name that
+    is a directory or a device is left out."""
     names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
     algo_dir = data_dir / files.ALGORITHMS_DIR
-    if algo_dir.is_dir() and not algo_dir.is_symlink():
+    if algo_dir.is_dir():
         names += [f"{files.ALGORITHMS_DIR}/{p.name}" for p in algo_dir.iterdir()]
     out = []
     for name in names:
         if not files.is_data_file(name):
             continue
         try:
-            st = os.lstat(data_dir / name)
+            st = os.stat(data_dir / name)
         except FileNotFoundError:
             continue
         if stat.S_ISREG(st.st_mode):
@@ -81,7 +82,7 @@ def read_data_files(data_dir: Path, names: list[str] | None = None) -> dict[str,
     for name in data_file_names(data_dir) if names is None else names:
         path = data_dir / name
         try:
-            size = os.lstat(path).st_size
+            size = os.stat(path).st_size
         except FileNotFoundError:
             continue
         files.check_size(name, size)

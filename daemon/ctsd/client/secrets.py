@@ -282,7 +282,7 @@ def register(main: click.Group) -> None:
                 f"{', '.join(sorted(result.files))} under key id {new.id} (was {was})"
             )
         click.echo(
-            f"\nNow configure the new key ({new_key}) where the daemon loads its key "
+            f"\nNow configure the new key ({new_key.absolute()}) where the daemon loads its key "
             f"({KEY_FILE_ENV} or the {CREDENTIAL_NAME} credential), then start the daemon. "
             "Keep the old key as long as you keep backups made before now: they need it."
         )
