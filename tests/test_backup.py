@@ -464,3 +464,18 @@ def test_root_keeps_a_service_users_files_theirs(tmp_path: Path) -> None:
         for p in [root, *root.rglob("*")]:
             st = p.lstat()
             assert (st.st_uid, st.st_gid) == (uid, gid), p
+
+
+def test_a_symlinked_data_file_is_backed_up_as_its_content(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    full_dir(data, None)
+    real = tmp_path / "elsewhere.json"
+    real.write_text('{"theme": "linked"}\n')
+    (data / "settings.json").unlink()
+    (data / "settings.json").symlink_to(real)
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out)).returncode == 0
+    with tarfile.open(out) as tar:
+        member = tar.getmember("data/settings.json")
+        assert member.isreg()
+        assert tar.extractfile(member).read() == b'{"theme": "linked"}\n'  # type: ignore[union-attr]
