@@ -73,6 +73,12 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two names (files or directories) atomically; False when this system or
+    filesystem cannot."""
+    return _exchange(a, b)
+
+
 _Swapped = list[tuple[Path | None, Path, Stamp]]  # (temp or None for a link, path, ours)
 
 
@@ -234,6 +240,7 @@ def write_files(
     plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
     expected: dict[Path, Stamp | None] | None = None,
     displaced: list[Displaced] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
@@ -245,6 +252,9 @@ def write_files(
     With `displaced`, each file our swap displaced that another process still holds open for
     writing is appended to it as a `Displaced` (the caller closes and unlinks it); files
     nobody holds open go as before.
+
+    With `owner` (uid, gid), every file is given to that owner before it is installed (root
+    writing into a service user's data dir).
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
@@ -256,6 +266,8 @@ def write_files(
                 tmp, fd = create_temp(path)
                 temps.append((tmp, path))
                 fds.append(fd)
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)
                 _start_writeback(fd)
             for fd, (_tmp, path) in zip(fds, temps, strict=True):

@@ -19,6 +19,29 @@ from ctsd.safefile import dir_problems, lstat, read_data_file, token_problem
 NO_POSITION = 0
 
 
+def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
+    """Problems of a set of data files (relative path → bytes): each file decoded and
+    validated, then the references between them (`instances.json` → `algorithms/`)."""
+    problems: list[FileProblem] = []
+    decoded: dict[str, object] = {}
+    for file, raw in contents.items():
+        try:
+            if file.startswith(f"{files.ALGORITHMS_DIR}/") and files.document_name(file) is None:
+                raise Invalid(FileProblem(file, 1, 1, "$", "algorithm file name not allowed"))
+            decoded[file] = files.decode_file(file, raw)
+        except Invalid as e:
+            problems.append(e.problem)
+    instances = files.document_file("instances")
+    if instances in decoded:
+        prefix = f"{files.ALGORITHMS_DIR}/"
+        algos = {f[len(prefix) : -5] for f in contents if f.startswith(prefix) and f in decoded}
+        try:
+            files.check_instance_refs(decoded[instances], algos, instances, contents[instances])
+        except Invalid as e:
+            problems.append(e.problem)
+    return problems
+
+
 def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
     """(files checked, problems) for an existing dir. A missing file is not a problem: the
     daemon creates it."""
@@ -38,22 +61,20 @@ def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
     names = [files.CONNECTIONS, files.STATE, files.SYNC_LOG, *algos]
     names += [f for f, _ in files.DOCUMENTS.values()]
     checked: list[str] = []
-    decoded: dict[str, object] = {}
+    contents: dict[str, bytes] = {}
     for file in names:
         path = data_dir / file
         if lstat(path) is None:
             continue
         checked.append(file)
         try:
-            if file.startswith(f"{files.ALGORITHMS_DIR}/") and files.document_name(file) is None:
-                raise Invalid(FileProblem(file, 1, 1, "$", "algorithm file name not allowed"))
-            raw, _st = read_data_file(path, file)
-            decoded[file] = files.decode_file(file, raw)
-            if file == files.document_file("instances"):
-                known = {f[len(files.ALGORITHMS_DIR) + 1 : -5] for f in algos if f in decoded}
-                files.check_instance_refs(decoded[file], known, file, raw)
+            # Never blocks (a FIFO), never follows a link, reads only a private regular file.
+            contents[file], _st = read_data_file(path, file)
         except Invalid as e:
             problems.append(e.problem)
         except OSError as e:
             problems.append(FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"))
+    problems += check_contents(contents)
+    order = {f: i for i, f in enumerate(checked)}
+    problems.sort(key=lambda p: order.get(p.file, len(order)))
     return checked, problems

@@ -1,4 +1,5 @@
-"""The client commands of CONTRACT §6: `status`, `conn …`, `watch`, `export`, `import`, `reset`.
+"""The client commands: `status`, `conn …`, `watch`, `export`, `import`, `reset`, and the
+data-dir commands `secrets …`, `backup`, `restore`, `migrate`.
 
 Each command opens one bus connection (`ws://HOST:PORT/ws`, CONTRACT §4), sends its commands
 with `"source": "cli"` so the sync log says the change came from the CLI, prints the reply and
@@ -10,14 +11,16 @@ never printed.
 Modules: `target` (where the daemon is, the token), `errors` (exit codes), `bus` (the
 connection), `render` (escaping, tables, event lines), `options` (shared options), `fields`
 (FIELD=VALUE and secrets), and one module per command group: `status`, `conn`, `watch`,
-`data` (export, import, reset).
+`data` (export, import, reset), `secrets` (the key for secrets at rest), `archive` (backup,
+restore: offline, under the data dir's lock) and `migrate` (from a database, into the
+running daemon).
 """
 
 from __future__ import annotations
 
 import click
 
-from ctsd.client import conn, data, status, watch
+from ctsd.client import archive, conn, data, migrate, secrets, status, watch
 from ctsd.client.bus import Bus, open_bus, run, run_main
 from ctsd.client.errors import (
     EXIT_AUTH,
@@ -70,4 +73,7 @@ def register(main: click.Group) -> None:
     conn.register(main)
     watch.register(main)
     data.register(main)
+    secrets.register(main)
+    archive.register(main)
+    migrate.register(main)
     main.epilog = EXIT_CODES_HELP

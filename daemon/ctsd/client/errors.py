@@ -52,7 +52,8 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"ctsd: {safe(self.message)}", err=True)
+        # Line by line: a message may list several problems, one per line.
+        click.echo("ctsd: " + "\n".join(safe(line) for line in self.message.split("\n")), err=True)
 
 
 class BusError(CliError):

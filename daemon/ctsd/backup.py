@@ -1,0 +1,507 @@
+"""`ctsd backup` and `ctsd restore`: one archive of every data file, and putting one back.
+
+An archive is a gzip-compressed tar: `manifest.json` first (format, time, ctsd version, the
+revision, the key ids its secrets need, and path/size/sha256 of every file), then each data
+file as `data/<path>`, exactly as stored — secrets stay encrypted when a key is set.
+Unpacked by hand (`tar xzf`), `data/` is a data dir.
+
+Reading an archive checks everything before anything is touched: only regular files with
+plain relative names, no duplicates, sizes within limits, the manifest's checksums, and every
+file decoded and validated as the daemon would. A restore then builds the new dir beside the
+data dir and swaps the two names in one atomic step (`renameat2(RENAME_EXCHANGE)`): at every
+instant the data dir path holds the old content or the new. The old dir is kept beside it as
+`DATA.before-restore-TIME`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import msgspec
+
+from ctsd import __version__, files
+from ctsd.atomic import DIR_MODE, FILE_MODE, exchange, fsync_dir, write_files
+from ctsd.diagnose import FileProblem
+from ctsd.lock import InstanceLock
+from ctsd.models import Timestamp
+from ctsd.offline import exclusive, owner_for, read_data_files
+from ctsd.rekey import finish_pending
+from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
+from ctsd.secretfields import SECRET_FILES, secret_places, survey
+from ctsd.timeutil import format_ts
+from ctsd.verify import check_contents
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DATA_PREFIX = "data/"
+MAX_MEMBERS = 10_000
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_TOTAL_BYTES = 512 * 1024 * 1024
+STAGING_MARK = ".restore-staging"  # inside a dir being built; never in a finished one
+# What a restore carries over from the dir it replaces: the host's own, not data.
+CARRIED_FILES = (".token",)
+CARRIED_DIRS = ("logs", "historical")
+
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ManifestFile(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Sha256
+
+
+class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    format: int
+    created_at: Timestamp
+    ctsd_version: str
+    revision: Annotated[int, msgspec.Meta(ge=0)]
+    key_ids: list[str]  # keys the encrypted secrets are under (ids only)
+    files: list[ManifestFile]
+
+
+class ArchiveError(Exception):
+    """The archive cannot be made or restored: one clear message; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    manifest: Manifest
+    contents: dict[str, bytes]
+
+
+# --- what goes in -----------------------------------------------------------------------------
+
+
+def revision_of(contents: dict[str, bytes]) -> int:
+    """The highest sync-log id (0 when there is none)."""
+    raw = contents.get(files.SYNC_LOG)
+    if raw is None:
+        return 0
+    events = files.decode_table(files.SYNC_LOG, raw)
+    return events[-1].id if events else 0
+
+
+def key_ids_of(contents: dict[str, bytes]) -> list[str]:
+    ids: set[str] = set()
+    for file in SECRET_FILES:
+        if file in contents:
+            for place in secret_places(file, msgspec.json.decode(contents[file])):
+                if is_encrypted(place.value):
+                    ids.add(stored_key_id(place.value) or "?")
+    return sorted(ids)
+
+
+def _problems_text(problems: list[FileProblem], limit: int = 5) -> str:
+    lines = [p.format() for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"(and {len(problems) - limit} more)")
+    return "\n  ".join(lines)
+
+
+def make_manifest(contents: dict[str, bytes], revision: int, created: dt.datetime) -> Manifest:
+    return Manifest(
+        format=FORMAT,
+        created_at=format_ts(created),
+        ctsd_version=__version__,
+        revision=revision,
+        key_ids=key_ids_of(contents),
+        files=[
+            ManifestFile(path, len(raw), hashlib.sha256(raw).hexdigest())
+            for path, raw in sorted(contents.items())
+        ],
+    )
+
+
+def write_archive(contents: dict[str, bytes], manifest: Manifest, out: BinaryIO) -> None:
+    """The archive's bytes into `out` (the manifest first, then the files, sorted)."""
+    mtime = int(dt.datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00")).timestamp())
+
+    def add(tar: tarfile.TarFile, name: str, body: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(body)
+        info.mode = FILE_MODE
+        info.mtime = mtime
+        tar.addfile(info, io.BytesIO(body))
+
+    # Level 6: JSON shrinks about tenfold; level 9 costs twice the time for a few percent.
+    with (
+        gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=mtime, filename="") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        add(tar, MANIFEST, msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+        for path in sorted(contents):
+            add(tar, DATA_PREFIX + path, contents[path])
+
+
+def build_archive(
+    contents: dict[str, bytes],
+    revision: int,
+    out_path: Path,
+    *,
+    created: dt.datetime | None = None,
+) -> Manifest:
+    """Write the archive of `contents` (relative path → bytes, as stored) atomically, mode
+    0600: a temp file beside `out_path`, fsync, rename, fsync the dir. Refuses (ArchiveError)
+    a set of files the daemon would not load, since it could never be restored."""
+    problems = check_contents(contents)
+    if problems:
+        raise ArchiveError(
+            f"the data files have problems; fix them first (`ctsd verify`):\n  "
+            f"{_problems_text(problems)}"
+        )
+    manifest = make_manifest(contents, revision, created or dt.datetime.now(dt.UTC))
+    buf = io.BytesIO()  # compressed, a tenth of the data dir: small enough to hold
+    write_archive(contents, manifest, buf)
+    write_files([(out_path, buf.getbuffer())])
+    return manifest
+
+
+def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
+    """`ctsd backup` with no daemon running: the lock is held while the files are read, so
+    no daemon starts in between (DaemonRunning if one runs)."""
+    with exclusive(data_dir):
+        finish_pending(data_dir)
+        contents = read_data_files(data_dir)
+    return build_archive(contents, revision_of(contents), out_path)
+
+
+# --- what comes out ---------------------------------------------------------------------------
+
+
+def _member_name(name: str) -> str:
+    """The member's name if it is a plain relative path, else ArchiveError."""
+    if not name or "\\" in name or "\0" in name:
+        raise ArchiveError(f"member {name!r}: not a plain relative path")
+    if name.startswith("/") or posixpath.isabs(name):
+        raise ArchiveError(f"member {name!r}: absolute path")
+    parts = name.split("/")
+    if ".." in parts:
+        raise ArchiveError(f"member {name!r}: path goes outside the archive (`..`)")
+    if posixpath.normpath(name) != name or "." in parts or "" in parts:
+        raise ArchiveError(f"member {name!r}: not a plain relative path")
+    return name
+
+
+_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+    tarfile.CONTTYPE: "a contiguous file",
+}
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def read_archive(path: Path) -> Archive:
+    """Read and verify a whole archive in memory (bounded); ArchiveError on any problem."""
+    try:
+        size = os.stat(path).st_size
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ArchiveError(f"{path}: not a regular file")
+        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with tar` below
+    except ArchiveError:
+        raise
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ArchiveError(f"{path}: permission denied") from None
+    except _READ_ERRORS:
+        raise ArchiveError(
+            f"{path}: not a ctsd backup (not a tar archive, plain or compressed)"
+        ) from None
+    if size == 0:
+        raise ArchiveError(f"{path}: empty file, not a ctsd backup")
+    manifest_raw: bytes | None = None
+    contents: dict[str, bytes] = {}
+    seen: set[str] = set()
+    total = 0
+    try:
+        with tar:
+            for count, member in enumerate(iter(tar.next, None), 1):
+                if count > MAX_MEMBERS:
+                    raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members")
+                name = _member_name(
+                    member.name.removesuffix("/") if member.isdir() else member.name
+                )
+                if name in seen:
+                    raise ArchiveError(f"member {name!r}: appears twice")
+                seen.add(name)
+                if member.isdir():
+                    if name not in ("data", f"data/{files.ALGORITHMS_DIR}"):
+                        raise ArchiveError(f"member {name!r}: a directory a backup does not hold")
+                    continue
+                if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    kind = _KINDS.get(member.type, f"of type {member.type!r}")
+                    raise ArchiveError(
+                        f"member {name!r}: is {kind}; a backup holds only regular files"
+                    )
+                limit = MAX_MANIFEST_BYTES if name == MANIFEST else files.MAX_FILE_BYTES
+                if member.size > limit:
+                    raise ArchiveError(
+                        f"member {name!r}: {member.size:,} bytes, over the limit of {limit:,}"
+                    )
+                total += member.size
+                if total > MAX_TOTAL_BYTES:
+                    raise ArchiveError(f"{path}: more than {MAX_TOTAL_BYTES:,} bytes unpacked")
+                if name != MANIFEST:
+                    rel = name.removeprefix(DATA_PREFIX)
+                    if not name.startswith(DATA_PREFIX) or not files.is_data_file(rel):
+                        raise ArchiveError(f"member {name!r}: not a ctsd data file")
+                stream = tar.extractfile(member)
+                body = stream.read(member.size + 1) if stream is not None else b""
+                if len(body) != member.size:
+                    raise ArchiveError(f"{path}: truncated inside member {name!r}")
+                if name == MANIFEST:
+                    manifest_raw = body
+                else:
+                    contents[name.removeprefix(DATA_PREFIX)] = body
+    except ArchiveError:
+        raise
+    except _READ_ERRORS as e:
+        raise ArchiveError(f"{path}: truncated or corrupt archive ({type(e).__name__})") from None
+    if manifest_raw is None:
+        raise ArchiveError(f"{path}: no {MANIFEST}: not a ctsd backup")
+    manifest = _decode_manifest(manifest_raw)
+    _check_against_manifest(manifest, contents)
+    problems = check_contents(contents)
+    if problems:
+        raise ArchiveError(
+            f"{path}: holds files the daemon would refuse:\n  {_problems_text(problems)}"
+        )
+    if revision_of(contents) != manifest.revision:
+        raise ArchiveError(
+            f"{MANIFEST}: revision {manifest.revision}, but the sync log in the archive ends "
+            f"at {revision_of(contents)}"
+        )
+    return Archive(manifest, contents)
+
+
+def _decode_manifest(raw: bytes) -> Manifest:
+    try:
+        head = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ArchiveError(f"{MANIFEST}: not valid JSON ({e})") from None
+    if isinstance(head, dict) and isinstance(head.get("format"), int) and head["format"] > FORMAT:
+        raise ArchiveError(
+            f"{MANIFEST}: archive format {head['format']}, made by a newer ctsd; this one reads "
+            f"format {FORMAT}"
+        )
+    try:
+        manifest = msgspec.convert(head, type=Manifest, strict=True)
+    except msgspec.ValidationError as e:
+        raise ArchiveError(f"{MANIFEST}: {e}") from None
+    if manifest.format != FORMAT:
+        raise ArchiveError(f"{MANIFEST}: unknown archive format {manifest.format}")
+    return manifest
+
+
+def _check_against_manifest(manifest: Manifest, contents: dict[str, bytes]) -> None:
+    listed: dict[str, ManifestFile] = {}
+    for entry in manifest.files:
+        if entry.path in listed:
+            raise ArchiveError(f"{MANIFEST}: lists {entry.path!r} twice")
+        listed[entry.path] = entry
+    for missing in sorted(set(listed) - set(contents)):
+        raise ArchiveError(f"{MANIFEST}: lists {missing!r}, which the archive does not hold")
+    for extra in sorted(set(contents) - set(listed)):
+        raise ArchiveError(f"member 'data/{extra}': not listed in {MANIFEST}")
+    for path, raw in contents.items():
+        entry = listed[path]
+        if len(raw) != entry.size:
+            raise ArchiveError(
+                f"data/{path}: {len(raw)} bytes, the manifest says {entry.size}: damaged"
+            )
+        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise ArchiveError(f"data/{path}: checksum does not match the manifest: damaged")
+
+
+def check_secrets(archive: Archive, box: SecretBox) -> None:
+    """Refuse an archive whose secrets the configured key cannot read: restored, the daemon
+    would not start."""
+    decoded = {
+        f: msgspec.json.decode(archive.contents[f]) for f in SECRET_FILES if f in archive.contents
+    }
+    problems = survey(box, decoded).problems
+    if problems:
+        lines = [e.message for e in problems[:5]]
+        if len(problems) > 5:
+            lines.append(f"(and {len(problems) - 5} more)")
+        need = ", ".join(archive.manifest.key_ids) or "none"
+        raise ArchiveError(
+            "the archive's secrets do not decrypt with the configured key "
+            f"({box.key_id or 'none configured'}; the archive needs key id {need}):\n  "
+            + "\n  ".join(lines)
+        )
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restored:
+    manifest: Manifest
+    data_dir: Path
+    kept: Path | None  # the previous content, or None when there was none
+    tidied: list[str]  # what was left of an interrupted restore, and what became of it
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _siblings(real: Path, infix: str) -> list[Path]:
+    prefix = f"{real.name}.{infix}-"
+    return sorted(p for p in real.parent.iterdir() if p.name.startswith(prefix))
+
+
+def _free_name(parent: Path, base: str) -> Path:
+    path = parent / base
+    n = 1
+    while os.path.lexists(path):
+        path = parent / f"{base}.{n}"
+        n += 1
+    return path
+
+
+def tidy_interrupted_restore(real: Path) -> list[str]:
+    """After a restore was killed: a dir still being built is removed; a swapped-out old dir
+    gets its `before-restore` name; the mark left in a swapped-in dir goes. Call with the
+    lock held. Returns what was done, for the operator."""
+    done: list[str] = []
+    for sibling in _siblings(real, "restoring"):
+        if not sibling.is_dir() or sibling.is_symlink():
+            continue
+        if (sibling / STAGING_MARK).exists() or not any(sibling.iterdir()):
+            shutil.rmtree(sibling)
+            done.append(f"removed {sibling} (an interrupted restore's unfinished copy)")
+        else:
+            stamp = sibling.name.rsplit("-", 1)[-1]
+            kept = _free_name(real.parent, f"{real.name}.before-restore-{stamp}")
+            os.rename(sibling, kept)
+            done.append(f"kept the data from before an interrupted restore in {kept}")
+    mark = real / STAGING_MARK
+    if mark.exists():
+        os.unlink(mark)
+        fsync_dir(real)
+    if done:
+        fsync_dir(real.parent)
+    return done
+
+
+def _write_new(path: Path, body: bytes, owner: tuple[int, int] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view) :]
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: Path, owner: tuple[int, int] | None) -> None:
+    path.mkdir(mode=DIR_MODE)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def _carry_tree(src: Path, dst: Path, owner: tuple[int, int] | None) -> None:
+    """Hard-link a non-data tree (logs, caches) into the new dir; copy where a link fails."""
+    if not src.is_dir() or src.is_symlink():
+        return
+    _mkdir(dst, owner)
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _carry_tree(Path(entry.path), target, owner)
+        elif entry.is_file(follow_symlinks=False):
+            try:
+                os.link(entry.path, target)
+            except OSError:
+                shutil.copy2(entry.path, target)
+                if owner is not None:
+                    os.chown(target, *owner)
+
+
+def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -> Restored:
+    """`ctsd restore` with no daemon running (DaemonRunning if one runs): with the lock held
+    throughout, read and verify the whole archive (ArchiveError; with `box`, its secrets must
+    decrypt with that key), then replace the data dir atomically."""
+    real = data_dir.resolve()  # a StateDirectory may be a symlink to the real dir
+
+    def verified() -> Archive:
+        archive = read_archive(archive_path)
+        if box is not None:
+            check_secrets(archive, box)
+        return archive
+
+    # No data dir yet: check the archive before creating one (no daemon can use it yet).
+    early = None if real.exists() else verified()
+    if early is not None:
+        real.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        real.mkdir(mode=DIR_MODE)
+    with exclusive(real):
+        archive = early or verified()
+        tidied = tidy_interrupted_restore(real)
+        owner = owner_for(real)
+        stamp = _stamp()
+        staging = _free_name(real.parent, f"{real.name}.restoring-{stamp}")
+        _mkdir(staging, owner)
+        _write_new(staging / STAGING_MARK, b"", owner)
+        fsync_dir(real.parent)
+        if any(f.startswith(f"{files.ALGORITHMS_DIR}/") for f in archive.contents):
+            _mkdir(staging / files.ALGORITHMS_DIR, owner)
+        for rel, body in sorted(archive.contents.items()):
+            _write_new(staging / rel, body, owner)
+        for name in CARRIED_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                _write_new(staging / name, (real / name).read_bytes(), owner)
+        for name in CARRIED_DIRS:
+            _carry_tree(real / name, staging / name, owner)
+        new_lock = InstanceLock(staging)  # a daemon starting right after the swap must wait
+        new_lock.acquire()
+        try:
+            if owner is not None:
+                os.chown(staging / ".lock", *owner)
+            if (staging / files.ALGORITHMS_DIR).is_dir():
+                fsync_dir(staging / files.ALGORITHMS_DIR)
+            fsync_dir(staging)
+            kept = _free_name(real.parent, f"{real.name}.before-restore-{stamp}")
+            if exchange(staging, real):
+                fsync_dir(real.parent)
+                os.rename(staging, kept)  # now holds the old content
+            else:
+                # No atomic swap on this filesystem: two renames, and a window between them
+                # in which the data dir path is missing (never half-applied).
+                os.rename(real, kept)
+                os.rename(staging, real)
+            os.chmod(kept, DIR_MODE)
+            os.unlink(real / STAGING_MARK)
+            fsync_dir(real)
+            fsync_dir(real.parent)
+        finally:
+            new_lock.release()
+    if {p.name for p in kept.iterdir()} <= {".lock"}:
+        shutil.rmtree(kept)  # there was no data dir before: nothing to keep
+        fsync_dir(real.parent)
+        return Restored(archive.manifest, real, None, tidied)
+    return Restored(archive.manifest, real, kept, tidied)

@@ -1,0 +1,92 @@
+"""What the offline commands share: the instance lock held for a whole command, and reading
+every data file of a dir.
+
+Holding `DATA/.lock` keeps a daemon from starting in the middle of a backup, restore or key
+rotation; finding it held means a daemon is running, and the command refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from ctsd import files
+from ctsd.errors import CtsdError
+from ctsd.lock import InstanceLock
+
+
+class DaemonRunning(Exception):
+    """The instance lock is held: a daemon runs on this data dir."""
+
+
+class NoDataDir(Exception):
+    """The data dir does not exist or is not a directory."""
+
+
+@contextlib.contextmanager
+def exclusive(data_dir: Path) -> Iterator[InstanceLock]:
+    """Hold the data dir's instance lock for the block; DaemonRunning when it is taken."""
+    if not data_dir.is_dir():
+        raise NoDataDir(f"{data_dir}: data dir does not exist or is not a directory")
+    lock = InstanceLock(data_dir)
+    try:
+        lock.acquire()
+    except CtsdError as e:
+        raise DaemonRunning(e.message) from None
+    try:
+        owner = owner_for(data_dir)
+        if owner is not None:
+            os.chown(lock.path, *owner)  # a lock file root made must not lock the daemon out
+        yield lock
+    finally:
+        lock.release()
+
+
+def owner_for(data_dir: Path) -> tuple[int, int] | None:
+    """(uid, gid) to give what we write into `data_dir`, when root works in a service user's
+    dir (systemd's DynamicUser=): files root owns there, mode 0600, the daemon cannot read.
+    None when nothing needs changing."""
+    st = os.stat(data_dir)
+    if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (0, 0):
+        return None
+    return st.st_uid, st.st_gid
+
+
+def data_file_names(data_dir: Path) -> list[str]:
+    """The data files present in `data_dir` (tables, documents, `algorithms/*.json`), sorted.
+    A symlink counts as the file it points to (the daemon reads through it too); a name that
+    is a directory or a device is left out."""
+    names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
+    algo_dir = data_dir / files.ALGORITHMS_DIR
+    if algo_dir.is_dir():
+        names += [f"{files.ALGORITHMS_DIR}/{p.name}" for p in algo_dir.iterdir()]
+    out = []
+    for name in names:
+        if not files.is_data_file(name):
+            continue
+        try:
+            st = os.stat(data_dir / name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append(name)
+    return sorted(out)
+
+
+def read_data_files(data_dir: Path, names: list[str] | None = None) -> dict[str, bytes]:
+    """The bytes of every data file present (or of `names` that exist), by relative path."""
+    out: dict[str, bytes] = {}
+    for name in data_file_names(data_dir) if names is None else names:
+        path = data_dir / name
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            continue
+        files.check_size(name, size)
+        with open(path, "rb") as f:
+            out[name] = f.read(files.MAX_FILE_BYTES + 1)
+        files.check_size(name, len(out[name]))
+    return out

@@ -1,0 +1,481 @@
+"""`ctsd backup` and `ctsd restore`: archives, hostile archives, and restore killed mid-way."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ctsd import backup
+from ctsd.offline import exclusive
+from ctsd.rekey import rekey_offline
+from ctsd.secretbox import Key
+from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd
+from tests.crash_driver import kill_at_every_step, kill_at_random
+from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
+
+SYNC_LOG = [
+    {"id": 7, "connection_id": "conn_00000", "action": "create", "data": {"fields": ["name"]},
+     "created_at": "2024-01-01T00:00:00.000Z"},
+    {"id": 9, "connection_id": None, "action": "document_update",
+     "data": {"file": "settings.json"}, "created_at": "2024-01-01T00:01:00.000Z"},
+]  # fmt: skip
+
+
+def run(*args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = clean_env(**({"CTSD_SECRETS_KEY_FILE": str(key)} if key else {}))
+    r = ctsd(*args, env=env)
+    assert CANARY not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def full_dir(data: Path, key: Key | None, connections: int = 3) -> dict:
+    """A data dir with every kind of file, secrets encrypted under `key`, logs and a token;
+    returns the plain values of the secrets."""
+    write_plain_data(data, connections)
+    plain = plaintexts(data)
+    (data / "connection-sync-log.json").write_text(json.dumps(SYNC_LOG, indent=2) + "\n")
+    (data / "algorithms").mkdir(mode=0o700)
+    (data / "algorithms" / "trend.json").write_text('{"name": "trend", "window": 5}\n')
+    (data / "instances.json").write_text(
+        '{"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}],'
+        ' "lastSaved": null}\n'
+    )
+    (data / "logs").mkdir(mode=0o700)
+    (data / "logs" / "ctsd.log").write_text("a log line\n")
+    (data / ".token").write_text("host-token\n")
+    (data / ".lock").write_text("")
+    if key is not None:
+        rekey_offline(data, None, key)
+    return plain
+
+
+def data_files(data: Path) -> dict[str, bytes]:
+    return {k: v for k, v in snapshot(data).items() if not k.startswith(".") and k != ".token"}
+
+
+Setup = tuple[Path, Path, Key, dict]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    """(data dir with secrets under key 1, key 1's file, key 1, the plain values)."""
+    k1 = tmp_path / "k1"
+    key = make_key(k1)
+    data = tmp_path / "data"
+    return data, k1, key, full_dir(data, key)
+
+
+# --- backup -----------------------------------------------------------------------------------
+
+
+def test_backup_archive_and_manifest(setup: Setup, tmp_path: Path) -> None:
+    data, k1, key, _ = setup
+    out = tmp_path / "b.tar.gz"
+    r = run("backup", "--data-dir", str(data), "-o", str(out), key=k1)
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"backed up 6 file(s) at revision 9 to {out} (secrets encrypted under key id {key.id})"
+        in r.stderr
+    )
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert CANARY.encode() not in gzip.decompress(out.read_bytes())
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        members = {n: tar.extractfile(n).read() for n in names if n != "manifest.json"}  # type: ignore[union-attr]
+    assert names[0] == "manifest.json"
+    on_disk = data_files(data)
+    assert members == {f"data/{k}": v for k, v in on_disk.items()}
+    assert not any(".token" in n or ".lock" in n or "logs" in n for n in names)
+    assert manifest["format"] == 1 and manifest["revision"] == 9
+    assert manifest["key_ids"] == [key.id] and manifest["ctsd_version"]
+    assert dt.datetime.fromisoformat(manifest["created_at"].replace("Z", "+00:00"))
+    assert manifest["files"] == [
+        {"path": k, "size": len(v), "sha256": hashlib.sha256(v).hexdigest()}
+        for k, v in sorted(on_disk.items())
+    ]
+
+
+def test_backup_without_a_key_and_to_stdout(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    full_dir(data, None)
+    r = subprocess.run(
+        [str(CTSD), "backup", "--data-dir", str(data), "-o", "-"],
+        capture_output=True, env=clean_env(), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert b"no encrypted secrets" in r.stderr and CANARY.encode() not in r.stderr
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
+    assert CANARY.encode() not in manifest and json.loads(manifest)["key_ids"] == []
+
+
+def test_backup_refuses_a_data_dir_the_daemon_would_refuse(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    full_dir(data, None)
+    (data / "connections.json").write_text(
+        '[{"id": "a", "name": "a", "exchange": "x", "is_enabeld": true}]'
+    )
+    out = tmp_path / "b.tar.gz"
+    r = run("backup", "--data-dir", str(data), "-o", str(out))
+    assert r.returncode == 1 and "ctsd verify" in r.stderr
+    assert "unknown field `is_enabeld`" in r.stderr and not out.exists()
+    assert list(tmp_path.glob("*.tar.gz*")) == [] and list(tmp_path.glob(".*tmp*")) == []
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+
+def test_restore_round_trip(setup: Setup, tmp_path: Path) -> None:
+    data, k1, key, plain = setup
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    original = data_files(data)
+    (data / "connections.json").write_text("[]\n")
+    (data / "algorithms" / "extra.json").write_text('{"name": "extra"}\n')
+    changed = data_files(data)
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 0, r.stderr
+    assert f"restored 6 file(s) from {out}" in r.stdout and "revision 9" in r.stdout
+    assert data_files(data) == original
+    assert stored_under(data, [key], plain) == {key.id}
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("data.before-restore-")]
+    assert len(kept) == 1 and f"kept as {kept[0]}" in r.stdout
+    assert data_files(kept[0]) == changed
+    assert stat.S_IMODE(kept[0].stat().st_mode) == 0o700
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for f in data.rglob("*.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    # The host's own files come along: the bus token and the logs.
+    assert (data / ".token").read_text() == "host-token\n"
+    assert (data / "logs" / "ctsd.log").read_text() == "a log line\n"
+    assert not (data / backup.STAGING_MARK).exists()
+    assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
+    assert ctsd("verify", "--data-dir", str(data)).returncode == 0
+
+
+def test_restore_into_a_missing_data_dir(setup: Setup, tmp_path: Path) -> None:
+    data, k1, *_ = setup
+    out = tmp_path / "b.tar.gz"
+    run("backup", "--data-dir", str(data), "-o", str(out), key=k1)
+    fresh = tmp_path / "new" / "data"
+    r = run("restore", str(out), "--data-dir", str(fresh), key=k1)
+    assert r.returncode == 0, r.stderr
+    assert data_files(fresh) == data_files(data)
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["data"]
+    assert "kept as" not in r.stdout
+
+
+def test_restore_through_a_symlinked_data_dir(setup: Setup, tmp_path: Path) -> None:
+    """systemd's DynamicUser makes /var/lib/NAME a symlink to /var/lib/private/NAME."""
+    data, k1, *_ = setup
+    out = tmp_path / "b.tar.gz"
+    run("backup", "--data-dir", str(data), "-o", str(out), key=k1)
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    (data / "connections.json").write_text("[]\n")
+    assert run("restore", str(out), "--data-dir", str(link), key=k1).returncode == 0
+    assert link.is_symlink() and link.resolve() == data
+    assert json.loads((data / "connections.json").read_text()) != []
+
+
+def test_restore_refuses_secrets_the_configured_key_cannot_read(
+    setup: Setup, tmp_path: Path
+) -> None:
+    data, k1, key, _ = setup
+    out = tmp_path / "b.tar.gz"
+    run("backup", "--data-dir", str(data), "-o", str(out), key=k1)
+    k2 = tmp_path / "k2"
+    make_key(k2)
+    before = snapshot(data)
+    for configured in (k2, None):
+        r = run("restore", str(out), "--data-dir", str(data), key=configured)
+        assert r.returncode == 1
+        assert (
+            f"the archive needs key id {key.id}" in r.stderr and "nothing was changed" in r.stderr
+        )
+        assert snapshot(data) == before
+    r = run("restore", str(out), "--data-dir", str(data), "--no-secret-check")
+    assert r.returncode == 0, r.stderr
+
+
+# --- hostile archives -------------------------------------------------------------------------
+
+
+def valid_members(data: Path) -> tuple[dict[str, bytes], backup.Manifest]:
+    contents = {k: v for k, v in data_files(data).items()}
+    manifest = backup.make_manifest(contents, 9, dt.datetime.now(dt.UTC))
+    return contents, manifest
+
+
+def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]], compress: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, body in entries:
+            tar.addfile(info, io.BytesIO(body) if body is not None else None)
+    raw = buf.getvalue()
+    return gzip.compress(raw) if compress else raw
+
+
+def reg(name: str, body: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(body)
+    return info, body
+
+
+def special(name: str, kind: bytes, link: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info, None
+
+
+def manifest_bytes(m: backup.Manifest) -> bytes:
+    return msgspec.json.encode(m)
+
+
+def archive(
+    data: Path,
+    edit: Callable[[dict[str, bytes], backup.Manifest], list[tuple[tarfile.TarInfo, bytes | None]]],
+) -> bytes:
+    contents, manifest = valid_members(data)
+    return tar_bytes(edit(contents, manifest))
+
+
+def standard(contents: dict[str, bytes], m: backup.Manifest) -> list:
+    return [reg("manifest.json", manifest_bytes(m))] + [
+        reg(f"data/{k}", v) for k, v in sorted(contents.items())
+    ]
+
+
+def with_extra(*extra: tuple[tarfile.TarInfo, bytes | None]) -> Callable:
+    return lambda c, m: [*standard(c, m), *extra]
+
+
+def with_manifest(change: Callable[[backup.Manifest], backup.Manifest]) -> Callable:
+    return lambda c, m: standard(c, change(m))
+
+
+def tampered_file(c: dict[str, bytes], m: backup.Manifest) -> list:
+    c = dict(c)
+    c["settings.json"] = b'{"theme": "dusk"}\n'  # same size: only the checksum tells
+    return standard(c, m)
+
+
+def bad_data_file(c: dict[str, bytes], m: backup.Manifest) -> list:
+    c = {**c, "settings.json": b'{"server": {"port": "x"}}\n'}
+    return standard(c, backup.make_manifest(c, 9, dt.datetime.now(dt.UTC)))
+
+
+def huge_header(c: dict[str, bytes], m: backup.Manifest) -> list:
+    info = tarfile.TarInfo("data/watchlists.json")
+    info.size = 10**10  # claimed, never written: refused before a byte is read
+    return [*standard(c, m)[:1], (info, None)]
+
+
+def extra(*entries: tuple[tarfile.TarInfo, bytes | None]) -> Callable[[Path], bytes]:
+    return lambda d: archive(d, with_extra(*entries))
+
+
+def edited(edit: Callable) -> Callable[[Path], bytes]:
+    return lambda d: archive(d, edit)
+
+
+def manifest_edit(**changes: object) -> Callable[[Path], bytes]:
+    return edited(with_manifest(lambda m: msgspec.structs.replace(m, **changes)))
+
+
+SYMLINK = special("data/watchlists.json", tarfile.SYMTYPE, "/etc/passwd")
+HARDLINK = special("data/ui-config.json", tarfile.LNKTYPE, "data/settings.json")
+
+# case → (the archive's bytes from a data dir, words the refusal must carry)
+HOSTILE: dict[str, tuple[Callable[[Path], bytes], str]] = {
+    "traversal": (extra(reg("data/../../evil", b"x")), "outside the archive"),
+    "dotdot": (extra(reg("../evil", b"x")), "outside the archive"),
+    "absolute": (extra(reg("/tmp/evil", b"x")), "absolute path"),
+    "symlink": (edited(lambda c, m: [*standard(c, m)[:-1], SYMLINK]), "is a symbolic link"),
+    "hardlink": (extra(HARDLINK), "is a hard link"),
+    "device": (extra(special("data/x", tarfile.CHRTYPE)), "character device"),
+    "fifo": (extra(special("data/x", tarfile.FIFOTYPE)), "FIFO"),
+    "huge": (edited(huge_header), "over the limit"),
+    "duplicate": (edited(lambda c, m: [*standard(c, m), standard(c, m)[1]]), "appears twice"),
+    "unknown file": (extra(reg("data/evil.sh", b"x")), "not a ctsd data file"),
+    "outside data/": (extra(reg("settings.json", b"{}")), "not a ctsd data file"),
+    "directory": (extra(special("etc", tarfile.DIRTYPE)), "a directory"),
+    "checksum": (edited(tampered_file), "does not match the manifest"),
+    "no manifest": (edited(lambda c, m: standard(c, m)[1:]), "no manifest.json"),
+    "not listed": (extra(reg("data/watchlists.json", b"{}\n")), "not listed in manifest.json"),
+    "listed, absent": (
+        edited(lambda c, m: standard(c, m)[:-1]),
+        "which the archive does not hold",
+    ),
+    "newer format": (manifest_edit(format=2), "made by a newer ctsd"),
+    "bad manifest": (
+        edited(lambda c, m: [reg("manifest.json", b"{not json"), *standard(c, m)[1:]]),
+        "manifest.json: not valid JSON",
+    ),
+    "wrong revision": (manifest_edit(revision=3), "revision 3, but the sync log"),
+    "invalid data file": (edited(bad_data_file), "settings.json:1:"),
+    "truncated": (lambda d: backup_bytes(d)[:-40], "truncated or corrupt"),
+    "cut in half": (lambda d: backup_bytes(d)[: len(backup_bytes(d)) // 2], "truncated"),
+    "not an archive": (lambda d: b"just some text\n", "not a ctsd backup"),
+    "empty": (lambda d: b"", "not a ctsd backup"),
+    "plain tar, traversal": (
+        lambda d: tar_bytes([reg("../../evil", b"x")], compress=False),
+        "outside the archive",
+    ),
+}
+
+
+def backup_bytes(data: Path) -> bytes:
+    contents, manifest = valid_members(data)
+    buf = io.BytesIO()
+    backup.write_archive(contents, manifest, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_archives_are_refused_and_nothing_changes(case: str, tmp_path: Path) -> None:
+    make, words = HOSTILE[case]
+    data = tmp_path / "data"
+    full_dir(data, None)
+    path = tmp_path / "hostile.tar.gz"
+    path.write_bytes(make(data))
+    before = snapshot(data)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    r = run("restore", str(path), "--data-dir", str(data))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert words in r.stderr, r.stderr
+    assert "nothing was changed" in r.stderr
+    assert snapshot(data) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert not Path("/tmp/evil").exists()
+
+
+def test_the_archive_round_trips_through_plain_tar(tmp_path: Path) -> None:
+    """An operator may unpack and repack by hand: a plain (uncompressed) tar reads too."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    path = tmp_path / "plain.tar"
+    path.write_bytes(gzip.decompress(backup_bytes(data)))
+    assert run("restore", str(path), "--data-dir", str(tmp_path / "other")).returncode == 0
+    assert data_files(tmp_path / "other") == data_files(data)
+
+
+# --- kill -9 during restore -------------------------------------------------------------------
+
+
+def restore_case(tmp_path: Path, connections: int) -> tuple[Path, Path, dict, dict]:
+    """(base dir, archive, old data files, new data files)."""
+    base = tmp_path / "base"
+    full_dir(base, None, connections)
+    src = tmp_path / "src"
+    full_dir(src, None, connections)
+    conns = json.loads((src / "connections.json").read_text())
+    for c in conns:
+        c["name"] += " restored"
+    (src / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
+    (src / "algorithms" / "new-one.json").write_text('{"name": "new-one"}\n')
+    out = tmp_path / "b.tar.gz"
+    backup.backup_offline(src, out)
+    return base, out, data_files(base), data_files(src)
+
+
+def check_restore_crash(root: Path, old: dict, new: dict) -> str:
+    """The data dir path holds the old content or the new, never a mix or nothing; after
+    tidying, a new one has the old kept beside it and nothing else is left over."""
+    data = root / "data"
+    now = data_files(data)
+    assert now in (old, new), "the data dir holds a mix"
+    outcome = "old" if now == old else "new"
+    with exclusive(data):
+        backup.tidy_interrupted_restore(data)
+    assert not (data / backup.STAGING_MARK).exists()
+    siblings = sorted(p.name for p in root.iterdir() if p.name != "data")
+    if outcome == "old":
+        assert siblings == []
+    else:
+        assert len(siblings) == 1 and siblings[0].startswith("data.before-restore-")
+        assert data_files(root / siblings[0]) == old
+    return outcome
+
+
+def fresh(work: Path, base: Path) -> None:
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    shutil.copytree(base, work / "data")
+
+
+def test_restore_killed_at_every_step(tmp_path: Path) -> None:
+    base, out, old, new = restore_case(tmp_path, 20)
+    work = tmp_path / "work"
+
+    def prepare() -> list[str]:
+        fresh(work, base)
+        return ["restore", str(work / "data"), str(out)]
+
+    kill_at_every_step(prepare, clean_env(), lambda: check_restore_crash(work, old, new))
+
+
+def test_restore_killed_at_random_moments(tmp_path: Path) -> None:
+    base, out, old, new = restore_case(tmp_path, 2_000)
+    work = tmp_path / "work"
+
+    def prepare() -> list[str]:
+        fresh(work, base)
+        return ["restore", str(work / "data"), str(out)]
+
+    kill_at_random(prepare, clean_env(), lambda: check_restore_crash(work, old, new), seed=13)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another user")
+def test_root_keeps_a_service_users_files_theirs(tmp_path: Path) -> None:
+    """Under systemd's DynamicUser= the data dir belongs to the service's user; root running
+    rekey, backup or restore must leave every file that user's, or the daemon cannot read
+    its own files (0600)."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    uid = gid = 65534
+    for p in [data, *data.rglob("*")]:
+        os.lchown(p, uid, gid)
+    out = tmp_path / "b.tar.gz"
+    k1 = tmp_path / "k1"
+    make_key(k1)
+    assert run("secrets", "rekey", "--new-key", str(k1), "--data-dir", str(data)).returncode == 0
+    assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    assert run("restore", str(out), "--data-dir", str(data), key=k1).returncode == 0
+    kept = next(p for p in tmp_path.iterdir() if p.name.startswith("data.before-restore-"))
+    for root in (data, kept):
+        for p in [root, *root.rglob("*")]:
+            st = p.lstat()
+            assert (st.st_uid, st.st_gid) == (uid, gid), p
+
+
+def test_a_symlinked_data_file_is_backed_up_as_its_content(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    full_dir(data, None)
+    real = tmp_path / "elsewhere.json"
+    real.write_text('{"theme": "linked"}\n')
+    (data / "settings.json").unlink()
+    (data / "settings.json").symlink_to(real)
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out)).returncode == 0
+    with tarfile.open(out) as tar:
+        member = tar.getmember("data/settings.json")
+        assert member.isreg()
+        assert tar.extractfile(member).read() == b'{"theme": "linked"}\n'  # type: ignore[union-attr]
