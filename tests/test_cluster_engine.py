@@ -21,6 +21,7 @@ from ctsd.cluster.engine import (
     H_MSG_ID,
     H_SCHEMA,
     SCHEMA_VERSION,
+    ApplyFailed,
     BadMessage,
     Change,
     ClusterEngine,
@@ -165,6 +166,45 @@ async def test_a_retried_publish_is_stored_and_applied_once(cluster: NatsCluster
         assert rec.seqs == [1, 2]
         assert rec.payloads == [b"once", b"next"]
         assert rec.changes[0].msg_id == f"host-a:{local_id}"
+        # the same host after a restart, publishing a group it kept (the stream has moved
+        # on since): found, not stored again, whichever check the stream makes first
+        async with running(a.settings) as (restarted, _):
+            await restarted.catch_up(timeout=10)
+            assert await restarted.publish(b"once", 0, local_id, retry=True) == 1
+        assert rec.seqs == [1, 2]
+
+
+async def test_the_writer_applies_its_own_group_once_others_through_the_stream(
+    cluster: NatsCluster,
+) -> None:
+    async with two_hosts(cluster) as (a, rec_a, b, rec_b):
+        own: list[int] = []
+
+        async def apply_own(seq: int) -> None:
+            own.append(seq)
+
+        for i in range(3):
+            seq = await a.commit(f"g{i}".encode(), a.applied_seq, a.new_local_id(), apply_own)
+            assert a.applied_seq == seq
+        await b.wait_applied(3, timeout=10)
+        await commit(b, b"from b")  # a gets it through its consumer
+        await a.wait_applied(4, timeout=10)
+        await asyncio.sleep(0)
+        # each group applied once on a: its own ones by apply_own (unless the consumer was
+        # first), b's by the consumer; never both, never out of order
+        assert sorted(own + rec_a.seqs) == [1, 2, 3, 4] and 4 in rec_a.seqs
+        assert rec_b.payloads == [b"g0", b"g1", b"g2", b"from b"]
+
+        async def failing(seq: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        with pytest.raises(ApplyFailed, match="own change seq") as info:
+            while True:  # until the own path (not the consumer) gets to apply one
+                await a.commit(b"x", a.applied_seq, a.new_local_id(), failing)
+        failed = info.value.seq
+        assert failed is not None and a.applied_seq == failed - 1
+        assert a.status().stalled == "apply_failed"
+        await b.wait_applied(failed, timeout=10)  # it is in the stream: the other host has it
 
 
 async def test_a_host_behind_gets_conflict_then_writes_after_catching_up(

@@ -31,6 +31,7 @@ import re
 import secrets
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,7 @@ MAX_INFLATED = 256 * 1024 * 1024  # a compressed payload may not inflate past th
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
 DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
 
 State = Literal["connecting", "connected", "disconnected", "unavailable", "stalled", "closed"]
@@ -184,6 +186,7 @@ class Change:
 
 
 ApplyCallback = Callable[[Change], Awaitable[None]]
+OwnApplyCallback = Callable[[int], Awaitable[None]]  # the seq the own group got
 
 
 class EngineStatus(msgspec.Struct, kw_only=True):
@@ -220,8 +223,9 @@ class ClusterEngine:
     """The change stream of one cluster, seen from one host.
 
     Start: `await start()`, `subscribe_from(applied_seq, apply)`, `await catch_up()`.
-    Write: `seq = await publish(group, expected_seq=applied_seq, local_id=...)`, then
-    `await wait_applied(seq)` (the change comes back through `apply` like everyone else's).
+    Write: `seq = await commit(group, expected_seq=applied_seq, local_id=..., apply_own=...)`
+    (or `publish` + `wait_applied`: the change then comes back through `apply` like everyone
+    else's).
     """
 
     def __init__(
@@ -250,6 +254,7 @@ class ClusterEngine:
         self._stalled: Stalled | None = None
         self._resumed = asyncio.Event()
         self._apply: ApplyCallback | None = None
+        self._apply_lock = asyncio.Lock()  # one change applied at a time, in seq order
         self._applied = 0
         self._last_delivered = 0
         self._stream_last: int | None = None
@@ -258,6 +263,7 @@ class ClusterEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._boot = secrets.token_hex(8)
         self._local_ids = itertools.count(1)
+        self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
         self._max_payload = 1024 * 1024
 
     # --- state ------------------------------------------------------------------------------
@@ -495,13 +501,17 @@ class ClusterEngine:
         if down is not None and time.monotonic() - down >= self.settings.publish_timeout_s:
             raise Unavailable(self._reason or "the cluster engine is not connected")
 
-    async def publish(self, payload: bytes, expected_seq: int, local_id: str) -> int:
+    async def publish(
+        self, payload: bytes, expected_seq: int, local_id: str, *, retry: bool = False
+    ) -> int:
         """Append one change group to the stream; returns its stream seq.
 
         `expected_seq` is the seq the group was computed against (`applied_seq` then); the
         stream refuses it with `Conflict` if anything was appended since. `local_id` must
-        never repeat on this host (keep it for retries of the same group: a retried publish
-        is then stored once). Raises Conflict, Unavailable or PublishRefused.
+        never repeat on this host for another group; publishing the same group again with
+        the same id stores it once and returns its seq. Pass `retry=True` when this process
+        cannot know it was published before (a group kept across a restart). Raises
+        Conflict, Unavailable or PublishRefused.
         """
         self.check_writable()
         data, encoding = payload, None
@@ -526,7 +536,10 @@ class ClusterEngine:
             headers[H_ENCODING] = encoding
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout_s
-        maybe_sent = False
+        maybe_sent = retry or msg_id in self._sent_ids
+        self._sent_ids[msg_id] = None
+        if len(self._sent_ids) > SENT_IDS_KEPT:
+            self._sent_ids.popitem(last=False)
         reason = "no answer"
         while True:
             remaining = deadline - loop.time()
@@ -555,10 +568,10 @@ class ClusterEngine:
             except nats.js.errors.APIError as exc:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     # A retry of a group that was stored (its answer lost, or the caller
-                    # publishing it again after a restart) meets its own message at
-                    # expected_seq + 1: a replicated stream checks the sequence before the
-                    # duplicate window, so look.
-                    if await self._is_ours(expected_seq + 1, msg_id):
+                    # publishing it again) meets its own message at expected_seq + 1: a
+                    # replicated stream checks the sequence before the duplicate window, so
+                    # look (only then: it costs a request, and conflicts come in bursts).
+                    if maybe_sent and await self._is_ours(expected_seq + 1, msg_id):
                         self._stream_last = max(self._stream_last or 0, expected_seq + 1)
                         return expected_seq + 1
                     last = _last_seq(exc.description)
@@ -595,6 +608,44 @@ class ClusterEngine:
             if self._state == "unavailable":
                 self._set_state("connected")  # the stream answers again
             return ack.seq
+
+    async def commit(
+        self,
+        payload: bytes,
+        expected_seq: int,
+        local_id: str,
+        apply_own: OwnApplyCallback | None = None,
+        timeout: float | None = 10.0,
+        *,
+        retry: bool = False,
+    ) -> int:
+        """`publish`, then return once this host has applied the group; returns its seq.
+
+        With `apply_own(seq)`, the publishing host applies its own group at once from what it
+        already holds (no wait for the consumer, nothing to decode): the stream took the group
+        right after `expected_seq`, which is the state it was computed against, so it is the
+        next one in order. The consumer then skips it. Without it, the group is applied when
+        the consumer delivers it, as on every other host. If `apply_own` raises, the group is
+        in the stream but not applied here: the engine stalls (ApplyFailed) and it is raised.
+        """
+        seq = await self.publish(payload, expected_seq, local_id, retry=retry)
+        if apply_own is not None:
+            async with self._apply_lock:
+                if self._applied == seq - 1 and self._stalled is None:
+                    try:
+                        await apply_own(seq)
+                    except Exception as exc:
+                        stall = ApplyFailed(
+                            f"applying this host's own change seq {seq} failed: "
+                            f"{type(exc).__name__}: {exc}",
+                            seq=seq,
+                        )
+                        self._stall(stall)
+                        raise stall from exc
+                    self._mark_applied(seq)
+                    return seq
+        await self.wait_applied(seq, timeout)
+        return seq
 
     async def _is_ours(self, seq: int, msg_id: str) -> bool:
         """Is the message at `seq` the one with `msg_id`? (a publish whose answer was lost)"""
@@ -805,27 +856,31 @@ class ClusterEngine:
             return  # not from the stream (nothing else publishes to a fresh inbox)
         seq = meta.sequence.stream
         self._stream_last = max(self._stream_last or 0, seq + meta.num_pending)
-        if seq <= self._applied:
-            return
-        if seq != self._applied + 1:
-            await self._explain_gap(seq)
-        self._last_delivered = seq
-        change = self._validate(msg, seq, meta.timestamp)
-        assert self._apply is not None
-        try:
-            await self._apply(change)
-        except InvalidChange as exc:
-            raise BadMessage(
-                f"message seq {seq} ({change.msg_id}, from host {change.host}) is not a valid "
-                f"change: {exc}; it was not applied",
-                seq=seq,
-            ) from exc
-        except Exception as exc:
-            raise ApplyFailed(
-                f"applying message seq {seq} ({change.msg_id}, from host {change.host}) "
-                f"failed: {type(exc).__name__}: {exc}",
-                seq=seq,
-            ) from exc
+        self._last_delivered = max(self._last_delivered, seq)
+        async with self._apply_lock:
+            if seq <= self._applied:
+                return  # applied already (a restarted consumer, or `commit`'s own apply)
+            if seq != self._applied + 1:
+                await self._explain_gap(seq)
+            change = self._validate(msg, seq, meta.timestamp)
+            assert self._apply is not None
+            try:
+                await self._apply(change)
+            except InvalidChange as exc:
+                raise BadMessage(
+                    f"message seq {seq} ({change.msg_id}, from host {change.host}) is not a "
+                    f"valid change: {exc}; it was not applied",
+                    seq=seq,
+                ) from exc
+            except Exception as exc:
+                raise ApplyFailed(
+                    f"applying message seq {seq} ({change.msg_id}, from host {change.host}) "
+                    f"failed: {type(exc).__name__}: {exc}",
+                    seq=seq,
+                ) from exc
+            self._mark_applied(seq)
+
+    def _mark_applied(self, seq: int) -> None:
         self._applied = seq
         self._wake_waiters()
 
@@ -918,6 +973,7 @@ __all__ = [
     "Conflict",
     "EngineStatus",
     "InvalidChange",
+    "OwnApplyCallback",
     "PublishRefused",
     "Stalled",
     "StreamMismatch",
