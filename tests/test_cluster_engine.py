@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import nats
 import pytest
@@ -503,3 +505,11 @@ async def test_credentials_connect_and_wrong_ones_are_named_never_shown(
             await engine.close()
     shown = repr(logs) + repr(engine.status()) + str(info.value) + repr(good) + str(bad)
     assert CANARY not in shown and "wrong-pw" not in shown
+
+
+def test_the_example_server_config_is_valid() -> None:
+    conf = Path(__file__).resolve().parents[1] / "systemd" / "nats-server.conf.example"
+    res = subprocess.run(
+        [require_nats_server(), "-c", str(conf), "-t"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "is valid" in res.stdout + res.stderr, res
