@@ -15,6 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 import structlog
+from nats.js.api import ObjectMeta
 
 from ctsd.cluster.config import ClusterSettings, Credentials
 from ctsd.cluster.engine import (
@@ -34,6 +35,7 @@ from ctsd.cluster.engine import (
     StreamTrimmed,
     Unavailable,
 )
+from ctsd.cluster.snapshots import SnapshotInvalid, Snapshots
 from tests.daemon import wait_until_async
 from tests.nats_cluster import NatsCluster, require_nats_server
 
@@ -350,6 +352,40 @@ async def test_a_host_behind_a_trimmed_stream_is_told_to_take_a_snapshot(
         c.resume(from_seq=5)  # a snapshot of the state at seq 5 was installed
         assert await c.catch_up(timeout=10) == 6
         assert rec.payloads == [b"g5"]
+
+
+async def test_a_host_behind_a_trimmed_stream_starts_from_the_snapshot(
+    cluster: NatsCluster,
+) -> None:
+    late = await history(cluster, 6, max_msgs=3)
+    async with running(make_settings(cluster, late.name, max_msgs=3), applied=6) as (a, _):
+        await a.catch_up(timeout=10)
+        snapshots = Snapshots(a)
+        assert await snapshots.latest() is None
+        assert await snapshots.put(5, b"state at 5" * 100_000)  # several chunks
+        assert not await snapshots.put(4, b"older")  # a newer one is kept
+    async with running(late, applied=1) as (c, rec):
+        with pytest.raises(StreamTrimmed):
+            await c.catch_up(timeout=10)
+        snap = await Snapshots(c).latest()
+        assert snap is not None and (snap.seq, snap.host) == (5, "host-a")
+        assert snap.data == b"state at 5" * 100_000
+        c.resume(from_seq=snap.seq)  # the store installed it
+        assert await c.catch_up(timeout=10) == 6
+        assert rec.payloads == [b"g5"]
+
+
+async def test_a_snapshot_of_another_schema_is_refused(cluster: NatsCluster) -> None:
+    s = make_settings(cluster)
+    nc = await nats.connect(cluster.urls)
+    store = await nc.jetstream().create_object_store(f"ctsd_{s.name}_snapshots")
+    headers = {H_CLUSTER: s.name, H_SCHEMA: "2", "Ctsd-Seq": "3"}
+    await store.put("latest", b"x", meta=ObjectMeta(name="latest", headers=headers))
+    await nc.close()
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        with pytest.raises(SnapshotInvalid, match="schema version '2'"):
+            await Snapshots(a).latest()
 
 
 async def test_a_host_ahead_of_the_stream_refuses_it(cluster: NatsCluster) -> None:

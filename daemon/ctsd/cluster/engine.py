@@ -487,6 +487,12 @@ class ClusterEngine:
 
     # --- publishing -------------------------------------------------------------------------
 
+    def jetstream(self) -> JetStreamContext:
+        """The JetStream context of the engine's connection (the snapshot bucket uses it)."""
+        if not self._ready.is_set() or self._js is None:
+            raise Unavailable(self._reason or "not connected to the cluster")
+        return self._js
+
     def new_local_id(self) -> str:
         """A local id never used before by this host (random per start + counter)."""
         return f"{self._boot}-{next(self._local_ids)}"
