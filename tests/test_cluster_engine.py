@@ -414,7 +414,9 @@ async def test_a_stream_of_the_same_name_with_other_subjects_is_not_used(
     await nc.jetstream().add_stream(name=s.stream, subjects=[f"other.{s.name}"])
     await nc.close()
     async with running(s) as (a, _):
-        await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")
+        with pytest.raises(StreamMismatch, match="not this cluster's change stream"):
+            await a.catch_up(timeout=10)
+        assert a.status().state == "stalled"
         assert "not this cluster's change stream" in (a.status().reason or "")
 
 

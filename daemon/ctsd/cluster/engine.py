@@ -210,9 +210,7 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if isinstance(exc, nats.errors.NoServersError | OSError) or not text:
-        text = text or type(exc).__name__
+    text = str(exc).strip() or type(exc).__name__
     return text.removeprefix("nats: ")
 
 
@@ -738,7 +736,7 @@ class ClusterEngine:
             return None if deadline is None else max(0.0, deadline - loop.time())
 
         try:
-            await asyncio.wait_for(self._ready.wait(), left())
+            await asyncio.wait_for(self._settled.wait(), left())
         except TimeoutError:
             raise Unavailable(self._reason or "not connected to the cluster") from None
         if self._stalled is not None:
