@@ -105,6 +105,8 @@ class NatsCluster:
     # Client authorization block, e.g. {"user": "u", "password": "p"} or {"token": "t"}.
     auth: dict[str, str] | None = None
     max_payload: int = 8 * 1024 * 1024
+    # Clients learn no other nodes' URLs: a client whose node is down is cut off.
+    no_advertise: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ctsd-nats-")))
     nodes: list[NatsNode] = field(default_factory=list)
 
@@ -157,6 +159,7 @@ class NatsCluster:
                 "  name: ctsd-test",
                 f"  listen: 127.0.0.1:{node.cluster_port}",
                 f"  routes: [{routes}]",
+                f"  no_advertise: {str(self.no_advertise).lower()}",
                 "}",
             ]
         if self.auth:

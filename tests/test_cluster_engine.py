@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 import structlog
@@ -449,10 +450,70 @@ async def test_the_stream_leader_killed_writes_go_on(own_cluster: NatsCluster) -
         index = [n.name for n in own_cluster.nodes].index(leader)
         own_cluster.kill(index)
         await commit(a, b"leader down")  # a new leader is elected meanwhile
-        own_cluster.start_node(index)
+        await asyncio.to_thread(own_cluster.start_node, index)  # the engines run meanwhile
         await commit(a, b"leader back")
         assert rec.payloads == [b"before", b"leader down", b"leader back"]
         assert a.status().state == "connected"
+
+
+async def test_a_host_whose_node_dies_moves_to_another_and_misses_nothing(
+    own_cluster: NatsCluster,
+) -> None:
+    s = make_settings(own_cluster, publish_timeout_s=10.0)
+    only_n1 = msgspec.structs.replace(s, nats_urls=(own_cluster.nodes[0].url,))
+    others = msgspec.structs.replace(
+        s, host_id="host-b", nats_urls=tuple(n.url for n in own_cluster.nodes[1:])
+    )
+    async with running(only_n1) as (a, rec_a), running(others) as (b, rec_b):
+        await a.catch_up(timeout=10)
+        await b.catch_up(timeout=10)
+        await commit(a, b"a1")
+        await b.wait_applied(1, timeout=10)
+        own_cluster.kill(0)  # a's server; a learned the others' URLs from it
+        for i in range(5):
+            await commit(b, f"b{i}".encode())
+        await a.wait_applied(6, timeout=20)  # reconnected elsewhere, consumer made again
+        assert a.status().server != own_cluster.nodes[0].url
+        await commit(a, b"a2")
+        await b.wait_applied(7, timeout=10)
+        expected = [b"a1", *(f"b{i}".encode() for i in range(5)), b"a2"]
+        assert rec_a.payloads == rec_b.payloads == expected
+
+
+@pytest.fixture
+def cut_cluster() -> Iterator[NatsCluster]:
+    """A cluster whose clients learn no other node: a client whose node is down is cut off."""
+    with NatsCluster(3, no_advertise=True) as c:
+        yield c
+
+
+async def test_a_host_cut_off_refuses_writes_then_catches_up_when_healed(
+    cut_cluster: NatsCluster,
+) -> None:
+    s = make_settings(cut_cluster, publish_timeout_s=1.0)
+    only_n1 = msgspec.structs.replace(s, nats_urls=(cut_cluster.nodes[0].url,))
+    others = msgspec.structs.replace(
+        s, host_id="host-b", nats_urls=tuple(n.url for n in cut_cluster.nodes[1:])
+    )
+    async with running(only_n1) as (a, rec_a), running(others) as (b, rec_b):
+        await a.catch_up(timeout=10)
+        await b.catch_up(timeout=10)
+        await commit(a, b"a1")
+        cut_cluster.stop(0)
+        await wait_until_async(lambda: a.state == "disconnected", timeout=10)
+        with pytest.raises(Unavailable):
+            await a.publish(b"while cut", a.applied_seq, a.new_local_id())
+        await b.wait_applied(1, timeout=10)
+        for i in range(3):
+            await commit(b, f"b{i}".encode())
+        assert a.applied_seq == 1 and rec_a.payloads == [b"a1"]  # reads: what it had
+        await asyncio.to_thread(cut_cluster.start_node, 0)
+        await a.wait_applied(4, timeout=20)
+        await wait_until_async(lambda: a.state == "connected", timeout=10)
+        await commit(a, b"a2")
+        await b.wait_applied(5, timeout=10)
+        expected = [b"a1", b"b0", b"b1", b"b2", b"a2"]
+        assert rec_a.payloads == rec_b.payloads == expected
 
 
 async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
@@ -542,7 +603,7 @@ async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: N
         for i in range(3):
             own_cluster.start_node(i, wait=False)
         for i in range(3):
-            own_cluster.wait_node(i)
+            await asyncio.to_thread(own_cluster.wait_node, i)
         await wait_until_async(lambda: a.state == "connected", timeout=20, what="reconnected")
         deadline = time.monotonic() + 20
         while True:  # the stream may need a moment to elect its leader again

@@ -246,7 +246,8 @@ class ClusterEngine:
         self._reason: str | None = "not connected yet"
         self._down_since: float | None = time.monotonic()
         self._last_error: str | None = None
-        self._ready = asyncio.Event()  # connected and the stream ensured
+        self._ready = asyncio.Event()  # connected once and the stream ensured
+        self._connected = asyncio.Event()  # the NATS connection is up right now
         self._settled = asyncio.Event()  # ready, or stalled before it could be
         self._closing = False
         self._stalled: Stalled | None = None
@@ -377,6 +378,7 @@ class ClusterEngine:
                         else {}
                     ),
                 )
+                self._connected.set()
                 break
             except Exception as exc:
                 reason = self._last_error or _describe(exc)
@@ -453,13 +455,19 @@ class ClusterEngine:
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("cluster.slow_consumer", reason=self._last_error)
 
+    async def _connected_and_ready(self) -> None:
+        await self._ready.wait()
+        await self._connected.wait()
+
     async def _on_disconnected(self) -> None:
+        self._connected.clear()
         if not self._closing:
             self._set_state(
                 "disconnected", f"lost the NATS connection: {self._last_error or 'closed'}"
             )
 
     async def _on_reconnected(self) -> None:
+        self._connected.set()
         self._last_error = None
         if self._ready.is_set():
             self._set_state("connected")
@@ -553,9 +561,11 @@ class ClusterEngine:
                     f"{self.settings.publish_timeout_s:g} s: {reason}",
                     outcome_unknown=maybe_sent,
                 )
-            if not self._ready.is_set() or self._js is None:
+            # Never hand a request to a connection that is down: the client would buffer it
+            # and send it after reconnecting, long after this call gave up on it.
+            if not self._ready.is_set() or not self._connected.is_set():
                 try:
-                    await asyncio.wait_for(self._ready.wait(), remaining)
+                    await asyncio.wait_for(self._connected_and_ready(), remaining)
                 except TimeoutError:
                     reason = self._reason or "not connected"
                     continue
