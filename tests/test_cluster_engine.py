@@ -456,19 +456,28 @@ async def test_the_stream_leader_killed_writes_go_on(own_cluster: NatsCluster) -
         assert a.status().state == "connected"
 
 
-async def test_a_host_whose_node_dies_moves_to_another_and_misses_nothing(
-    own_cluster: NatsCluster,
-) -> None:
-    s = make_settings(own_cluster, publish_timeout_s=10.0)
-    only_n1 = msgspec.structs.replace(s, nats_urls=(own_cluster.nodes[0].url,))
+@asynccontextmanager
+async def split_hosts(
+    cluster: NatsCluster, publish_timeout_s: float
+) -> AsyncIterator[tuple[ClusterEngine, Recorder, ClusterEngine, Recorder]]:
+    """host-a given only node n1's URL, host-b the other two; a has committed b"a1"."""
+    s = make_settings(cluster, publish_timeout_s=publish_timeout_s)
+    only_n1 = msgspec.structs.replace(s, nats_urls=(cluster.nodes[0].url,))
     others = msgspec.structs.replace(
-        s, host_id="host-b", nats_urls=tuple(n.url for n in own_cluster.nodes[1:])
+        s, host_id="host-b", nats_urls=tuple(n.url for n in cluster.nodes[1:])
     )
     async with running(only_n1) as (a, rec_a), running(others) as (b, rec_b):
         await a.catch_up(timeout=10)
         await b.catch_up(timeout=10)
         await commit(a, b"a1")
         await b.wait_applied(1, timeout=10)
+        yield a, rec_a, b, rec_b
+
+
+async def test_a_host_whose_node_dies_moves_to_another_and_misses_nothing(
+    own_cluster: NatsCluster,
+) -> None:
+    async with split_hosts(own_cluster, 10.0) as (a, rec_a, b, rec_b):
         own_cluster.kill(0)  # a's server; a learned the others' URLs from it
         for i in range(5):
             await commit(b, f"b{i}".encode())
@@ -490,20 +499,11 @@ def cut_cluster() -> Iterator[NatsCluster]:
 async def test_a_host_cut_off_refuses_writes_then_catches_up_when_healed(
     cut_cluster: NatsCluster,
 ) -> None:
-    s = make_settings(cut_cluster, publish_timeout_s=1.0)
-    only_n1 = msgspec.structs.replace(s, nats_urls=(cut_cluster.nodes[0].url,))
-    others = msgspec.structs.replace(
-        s, host_id="host-b", nats_urls=tuple(n.url for n in cut_cluster.nodes[1:])
-    )
-    async with running(only_n1) as (a, rec_a), running(others) as (b, rec_b):
-        await a.catch_up(timeout=10)
-        await b.catch_up(timeout=10)
-        await commit(a, b"a1")
+    async with split_hosts(cut_cluster, 1.0) as (a, rec_a, b, rec_b):
         cut_cluster.stop(0)
         await wait_until_async(lambda: a.state == "disconnected", timeout=10)
         with pytest.raises(Unavailable):
             await a.publish(b"while cut", a.applied_seq, a.new_local_id())
-        await b.wait_applied(1, timeout=10)
         for i in range(3):
             await commit(b, f"b{i}".encode())
         assert a.applied_seq == 1 and rec_a.payloads == [b"a1"]  # reads: what it had
