@@ -36,19 +36,15 @@ def nats_server_binary() -> str | None:
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "install", "-y", "-qq", "nats-server"], ["apt-get", "update", "-qq"]):
-        subprocess.run(step, env=env, capture_output=True, timeout=600, check=False)
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]  # another install may hold the lock
+    install = [*apt, "install", "-y", "-qq", "nats-server"]
+    for steps in ([install], [[*apt, "update", "-qq"], install]):  # the lists may be old
+        for step in steps:
+            subprocess.run(step, env=env, capture_output=True, timeout=600, check=False)
         found = shutil.which("nats-server")
         if found:
             return found
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "nats-server"],
-        env=env,
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )
-    return shutil.which("nats-server")
+    return None
 
 
 def require_nats_server() -> str:
