@@ -156,7 +156,8 @@ async def test_every_host_applies_every_group_in_stream_order(cluster: NatsClust
             assert [c.host for c in rec.changes] == ["host-a", "host-b"] * 2 + ["host-a"]
         assert [c.own for c in rec_a.changes] == [True, False, True, False, True]
         assert a.status().lag == 0 and b.status().applied_seq == 5
-        assert a.status().state == "connected"
+        assert a.status().state == "connected" and a.status().ok
+        assert msgspec.json.decode(msgspec.json.encode(a.status()))["host_id"] == "host-a"
 
 
 async def test_a_retried_publish_is_stored_and_applied_once(cluster: NatsCluster) -> None:
@@ -595,7 +596,7 @@ async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: N
         assert time.monotonic() - t0 < 2.5
         assert info.value.reason
         await wait_until_async(lambda: a.state == "disconnected", timeout=10, what="down")
-        assert a.status().server is None and a.status().reason
+        assert a.status().server is None and a.status().reason and not a.status().ok
         t0 = time.monotonic()
         with pytest.raises(Unavailable):  # down longer than the timeout: refused at once
             await a.publish(b"still down", a.applied_seq, a.new_local_id())

@@ -203,6 +203,11 @@ class EngineStatus(msgspec.Struct, kw_only=True):
     lag: int | None
     stalled: str | None  # the Stalled kind when state is "stalled"
 
+    @property
+    def ok(self) -> bool:
+        """Healthy: connected and applying (a lag is normal for a moment and not counted)."""
+        return self.state == "connected"
+
 
 def _short(value: object, limit: int = 80) -> str:
     text = repr(value)
