@@ -50,7 +50,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig  
 from tests.nats_cluster import NatsCluster  # noqa: E402
 
 from ctsd.cluster.config import ClusterSettings  # noqa: E402
-from ctsd.cluster.engine import Change, ClusterEngine, Conflict  # noqa: E402
+from ctsd.cluster.engine import ClusterEngine  # noqa: E402
+from ctsd.cluster.errors import Conflict  # noqa: E402
+from ctsd.cluster.messages import Change  # noqa: E402
 
 Row = tuple[str, str, str, str]
 

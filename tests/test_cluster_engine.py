@@ -19,16 +19,10 @@ import structlog
 from nats.js.api import ObjectMeta
 
 from ctsd.cluster.config import ClusterSettings, Credentials
-from ctsd.cluster.engine import (
-    H_CLUSTER,
-    H_HOST,
-    H_MSG_ID,
-    H_SCHEMA,
-    SCHEMA_VERSION,
+from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
-    Change,
-    ClusterEngine,
     Conflict,
     InvalidChange,
     PublishRefused,
@@ -36,6 +30,7 @@ from ctsd.cluster.engine import (
     StreamTrimmed,
     Unavailable,
 )
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION, Change
 from ctsd.cluster.snapshots import SnapshotInvalid, Snapshots
 from tests.daemon import wait_until_async
 from tests.nats_cluster import NatsCluster, require_nats_server

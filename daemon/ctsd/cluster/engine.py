@@ -30,11 +30,8 @@ import itertools
 import re
 import secrets
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Literal
 
 import msgspec
@@ -56,20 +53,23 @@ from nats.js.api import (
     StreamState,
 )
 
+from ctsd.cluster import messages
 from ctsd.cluster.config import ClusterSettings
+from ctsd.cluster.errors import (
+    ApplyFailed,
+    BadMessage,
+    Conflict,
+    InvalidChange,
+    PublishRefused,
+    Stalled,
+    StreamMismatch,
+    StreamTrimmed,
+    Unavailable,
+)
+from ctsd.cluster.messages import SCHEMA_VERSION, Change
 
 log = structlog.get_logger("ctsd.cluster")
 
-SCHEMA_VERSION = "1"
-H_CLUSTER = "Ctsd-Cluster"
-H_SCHEMA = "Ctsd-Schema"
-H_HOST = "Ctsd-Host"
-H_ENCODING = "Ctsd-Encoding"
-H_MSG_ID = "Nats-Msg-Id"
-H_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
-ENCODING_ZLIB = "zlib"
-COMPRESS_ABOVE = 64 * 1024  # big groups (an import) are compressed to stay under max_payload
-MAX_INFLATED = 256 * 1024 * 1024  # a compressed payload may not inflate past this
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
 DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
@@ -79,110 +79,12 @@ ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publ
 State = Literal["connecting", "connected", "disconnected", "unavailable", "stalled", "closed"]
 
 
-# --- errors ---------------------------------------------------------------------------------
-
-
-class ClusterError(Exception):
-    """Base of the engine's errors; `str()` is a complete, secret-free sentence."""
-
-
-class Unavailable(ClusterError):
-    """The engine cannot take the change now (unreachable, no leader, timed out, stalled).
-
-    `outcome_unknown`: a publish request may have reached the stream without an answer; the
-    change may still be applied (it then arrives through the consumer like any other).
-    """
-
-    def __init__(self, reason: str, *, outcome_unknown: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.outcome_unknown = outcome_unknown
-
-
-class Conflict(ClusterError):
-    """The stream has moved past `expected_seq` (another host's change got in first)."""
-
-    def __init__(self, expected_seq: int, last_seq: int | None) -> None:
-        super().__init__(
-            f"the change stream is at seq {last_seq if last_seq is not None else '?'}, "
-            f"not {expected_seq}: another host changed it first"
-        )
-        self.expected_seq = expected_seq
-        self.last_seq = last_seq
-
-
-class PublishRefused(ClusterError):
-    """The stream refused the change for a reason a retry does not cure (too large, denied)."""
-
-
-class Stalled(ClusterError):
-    """This host stopped applying the stream; writes are refused until it is resolved."""
-
-    kind = "stalled"
-
-    def __init__(self, message: str, *, seq: int | None = None) -> None:
-        super().__init__(message)
-        self.seq = seq
-
-
-class StreamTrimmed(Stalled):
-    """The stream no longer holds the messages after `applied_seq`: take a snapshot."""
-
-    kind = "stream_trimmed"
-
-    def __init__(self, applied_seq: int, first_seq: int) -> None:
-        super().__init__(
-            f"the change stream was trimmed past this host: it applied seq {applied_seq}, "
-            f"the stream starts at seq {first_seq}; a snapshot is needed",
-            seq=applied_seq + 1,
-        )
-        self.applied_seq = applied_seq
-        self.first_seq = first_seq
-
-
-class StreamMismatch(Stalled):
-    """The stream does not continue this host's history (deleted and created again?)."""
-
-    kind = "stream_mismatch"
-
-
-class BadMessage(Stalled):
-    """A message that is not a valid change of this cluster and schema; never applied."""
-
-    kind = "bad_message"
-
-
-class ApplyFailed(Stalled):
-    """The apply callback raised for a message; it was not applied."""
-
-    kind = "apply_failed"
-
-
-class InvalidChange(Exception):
-    """Raised by the apply callback for a message it cannot decode or validate."""
-
-
 class _CannotCreate(Exception):
     """Internal: the stream is missing and the servers refused to create it (retried)."""
 
 
 class _Restart(Exception):
     """Internal: drop the consumer and start again from the applied seq."""
-
-
-# --- values ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One change group as delivered from the stream, validated and inflated."""
-
-    seq: int
-    host: str
-    msg_id: str
-    payload: bytes
-    published_at: datetime
-    own: bool  # published by this host
 
 
 ApplyCallback = Callable[[Change], Awaitable[None]]
@@ -207,11 +109,6 @@ class EngineStatus(msgspec.Struct, kw_only=True):
     def ok(self) -> bool:
         """Healthy: connected and applying (a lag is normal for a moment and not counted)."""
         return self.state == "connected"
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _describe(exc: BaseException) -> str:
@@ -265,6 +162,7 @@ class ClusterEngine:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._boot = secrets.token_hex(8)
         self._local_ids = itertools.count(1)
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
@@ -348,9 +246,10 @@ class ClusterEngine:
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._side_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
@@ -531,26 +430,21 @@ class ClusterEngine:
         Conflict, Unavailable or PublishRefused.
         """
         self.check_writable()
-        data, encoding = payload, None
-        if len(payload) > COMPRESS_ABOVE:
-            data, encoding = zlib.compress(payload, 1), ENCODING_ZLIB
+        msg_id = f"{self.settings.host_id}:{local_id}"
+        data, headers = messages.encode(
+            payload,
+            cluster=self.settings.name,
+            host=self.settings.host_id,
+            msg_id=msg_id,
+            expected_seq=expected_seq,
+        )
         limit = self._max_payload - HEADER_ROOM
         if len(data) > limit:
+            compressed = " compressed" if messages.H_ENCODING in headers else ""
             raise PublishRefused(
-                f"the change group is {len(data)} bytes"
-                f"{' compressed' if encoding else ''}; the NATS servers take at most {limit} "
-                "(raise max_payload in the nats-server config)"
+                f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
+                f"most {limit} (raise max_payload in the nats-server config)"
             )
-        msg_id = f"{self.settings.host_id}:{local_id}"
-        headers = {
-            H_CLUSTER: self.settings.name,
-            H_SCHEMA: SCHEMA_VERSION,
-            H_HOST: self.settings.host_id,
-            H_MSG_ID: msg_id,
-            H_EXPECTED_LAST_SEQ: str(expected_seq),
-        }
-        if encoding:
-            headers[H_ENCODING] = encoding
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout_s
         maybe_sent = retry or msg_id in self._sent_ids
@@ -673,7 +567,7 @@ class ClusterEngine:
             msg = await self._js.get_msg(self.stream, seq=seq)
         except (nats.errors.Error, TimeoutError):
             return False
-        return bool(msg.headers and msg.headers.get(H_MSG_ID) == msg_id)
+        return bool(msg.headers and msg.headers.get(messages.H_MSG_ID) == msg_id)
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -845,8 +739,11 @@ class ClusterEngine:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            if consumer is not None and nc.is_connected:
-                asyncio.create_task(self._delete_consumer(consumer))  # noqa: RUF006 - best effort
+            if consumer is not None and nc.is_connected and not self._closing:
+                # Best effort, in the background (the server drops it unused anyway).
+                task = asyncio.create_task(self._delete_consumer(consumer))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
 
     async def _delete_consumer(self, name: str) -> None:
         if self._js is not None:
@@ -881,7 +778,14 @@ class ClusterEngine:
                 return  # applied already (a restarted consumer, or `commit`'s own apply)
             if seq != self._applied + 1:
                 await self._explain_gap(seq)
-            change = self._validate(msg, seq, meta.timestamp)
+            change = messages.decode(
+                msg.headers,
+                msg.data,
+                seq=seq,
+                published_at=meta.timestamp,
+                cluster=self.settings.name,
+                host_id=self.settings.host_id,
+            )
             assert self._apply is not None
             try:
                 await self._apply(change)
@@ -926,76 +830,10 @@ class ClusterEngine:
             reason="deleted from the stream by hand",
         )
 
-    def _validate(self, msg: Msg, seq: int, published_at: datetime) -> Change:
-        headers = msg.headers or {}
-        msg_id = headers.get(H_MSG_ID) or ""
-        host = headers.get(H_HOST) or ""
-        what = f"message seq {seq}" + (f" ({_short(msg_id)})" if msg_id else "")
-        cluster = headers.get(H_CLUSTER)
-        if cluster != self.settings.name:
-            raise BadMessage(
-                f"{what} belongs to cluster {_short(cluster)}, not {self.settings.name!r}; "
-                "it was not applied",
-                seq=seq,
-            )
-        schema = headers.get(H_SCHEMA)
-        if schema != SCHEMA_VERSION:
-            raise BadMessage(
-                f"{what} has schema version {_short(schema)}; this ctsd applies version "
-                f"{SCHEMA_VERSION} only (upgrade it to match the host that wrote it); it was "
-                "not applied",
-                seq=seq,
-            )
-        if not msg_id or not host:
-            raise BadMessage(
-                f"{what} has no {H_MSG_ID} or {H_HOST} header; it was not applied", seq=seq
-            )
-        payload = msg.data
-        encoding = headers.get(H_ENCODING)
-        if encoding == ENCODING_ZLIB:
-            try:
-                inflater = zlib.decompressobj()
-                payload = inflater.decompress(msg.data, MAX_INFLATED)
-                if inflater.unconsumed_tail or not inflater.eof:
-                    raise zlib.error("truncated, or larger than the limit")
-            except zlib.error as exc:
-                raise BadMessage(
-                    f"{what} does not inflate ({exc}); it was not applied", seq=seq
-                ) from None
-        elif encoding is not None:
-            raise BadMessage(
-                f"{what} has unknown encoding {_short(encoding)}; it was not applied", seq=seq
-            )
-        return Change(
-            seq=seq,
-            host=host,
-            msg_id=msg_id,
-            payload=payload,
-            published_at=published_at,
-            own=host == self.settings.host_id,
-        )
-
 
 def _last_seq(description: str | None) -> int | None:
     match = re.search(r"(\d+)\s*$", description or "")
     return int(match.group(1)) if match else None
 
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "ApplyCallback",
-    "ApplyFailed",
-    "BadMessage",
-    "Change",
-    "ClusterEngine",
-    "ClusterError",
-    "Conflict",
-    "EngineStatus",
-    "InvalidChange",
-    "OwnApplyCallback",
-    "PublishRefused",
-    "Stalled",
-    "StreamMismatch",
-    "StreamTrimmed",
-    "Unavailable",
-]
+__all__ = ["ApplyCallback", "ClusterEngine", "EngineStatus", "OwnApplyCallback"]

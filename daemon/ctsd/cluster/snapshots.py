@@ -15,15 +15,9 @@ import nats.js.errors
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 from nats.js.object_store import ObjectStore
 
-from ctsd.cluster.engine import (
-    H_CLUSTER,
-    H_HOST,
-    H_SCHEMA,
-    SCHEMA_VERSION,
-    ClusterEngine,
-    ClusterError,
-    Unavailable,
-)
+from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.errors import ClusterError, Unavailable
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA, SCHEMA_VERSION
 
 H_SEQ = "Ctsd-Seq"
 OBJECT = "latest"
