@@ -75,6 +75,7 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": {"nats_url": ["nats://a"]}}, {}, "nats_url"),
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "replicas": 0}}, {}, "replicas"),
         ({"cluster": ["nats://a"]}, {}, "`$.cluster`"),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 60}}, {}, "too short"),
     ],
 )
 def test_wrong_settings_get_a_clear_error(settings: dict | None, env: dict, message: str) -> None:

@@ -25,6 +25,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CREDS_CREDENTIAL = "ctsd-nats-creds"
 MASK = "********"
+DUPLICATE_WINDOW_S = 120.0  # the stream recognizes a retried publish this long
 
 
 class ClusterConfigError(ValueError):
@@ -133,6 +134,12 @@ def load_cluster_settings(
         raise ClusterConfigError(
             f"{name_from} {name!r} is not a valid cluster name: use 1 to 32 letters, digits, "
             "'_' or '-' (it becomes part of a JetStream stream name and subject)"
+        )
+    if 0 < section.max_age_s < DUPLICATE_WINDOW_S:
+        raise ClusterConfigError(
+            f"cluster.max_age_s {section.max_age_s:g} is too short: use 0 (no age limit) or "
+            f"at least {DUPLICATE_WINDOW_S:g} s, the window in which a retried write is "
+            "recognized"
         )
     host_env = env.get("CTSD_HOST_ID", "").strip()
     host_id = host_env or section.host_id or socket.gethostname()

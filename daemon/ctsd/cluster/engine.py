@@ -54,7 +54,7 @@ from nats.js.api import (
 )
 
 from ctsd.cluster import messages
-from ctsd.cluster.config import ClusterSettings
+from ctsd.cluster.config import DUPLICATE_WINDOW_S, ClusterSettings
 from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
@@ -71,7 +71,6 @@ from ctsd.cluster.messages import SCHEMA_VERSION, Change
 log = structlog.get_logger("ctsd.cluster")
 
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
-DUPLICATE_WINDOW_S = 120.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
