@@ -71,3 +71,25 @@ def test_unit_has_the_contract_keys() -> None:
         "LoadCredential=",
     ):
         assert key in text, key
+
+
+NATS_UNIT = UNIT.with_name("nats-server.service.example")
+
+
+def test_the_nats_server_unit_example_verifies_silently(tmp_path: Path) -> None:
+    from tests.nats_cluster import require_nats_server
+
+    binary = require_nats_server()
+    text = NATS_UNIT.read_text()
+    assert "ExecStart=/usr/sbin/nats-server " in text
+    out = tmp_path / "nats-server.service"
+    out.write_text(text.replace("/usr/sbin/nats-server", binary))
+    res = subprocess.run([TOOL, "verify", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr.strip() == "" and res.stdout.strip() == "", res
+    res = subprocess.run(
+        [TOOL, "security", "--offline=yes", "--threshold=20", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout)
+    assert m and float(m.group(1)) <= 2.0, res.stdout

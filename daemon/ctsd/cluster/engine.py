@@ -1,0 +1,838 @@
+"""The cluster's change stream on NATS JetStream: publish change groups, apply them in order.
+
+One JetStream stream per cluster (`CTSD_<name>`) with one subject (`ctsd.<name>.chg`). Every
+change group is ONE message, so a group is applied whole or not at all. Writes are ordered by
+optimistic concurrency on the whole stream: a host publishes a group with
+`Nats-Expected-Last-Sequence` = the stream sequence its state is at; if another host's group
+got in first, the stream refuses it (`Conflict`), the host applies what it missed and checks
+its change again against the newer state. So every group is computed against exactly the
+state every host will have when it applies it, and revisions agree everywhere.
+(`Nats-Expected-Last-Subject-Sequence` guards one subject per message, and NATS 2.9 has no
+multi-message atomic publish, so per-record subjects could not keep a group whole.)
+
+Every host, the one that published included, applies the stream through one ordered consumer
+(`subscribe_from`): strictly seq after seq, never twice, never with a gap it cannot explain.
+A message it cannot validate, or that the apply callback refuses, stops the applying and
+marks the engine `stalled` (skipping it would make this host's state differ from the others').
+
+Messages carry headers `Ctsd-Cluster`, `Ctsd-Schema`, `Ctsd-Host`, `Nats-Msg-Id`
+(`<host>:<local id>`: the stream drops a retried publish within its duplicate window) and
+`Ctsd-Encoding: zlib` when the payload is compressed. The payload is opaque here: the store's
+encoded change group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamState,
+)
+
+from ctsd.cluster import messages
+from ctsd.cluster.config import DUPLICATE_WINDOW_S, ClusterSettings
+from ctsd.cluster.errors import (
+    ApplyFailed,
+    BadMessage,
+    Conflict,
+    InvalidChange,
+    PublishRefused,
+    Stalled,
+    StreamMismatch,
+    StreamTrimmed,
+    Unavailable,
+)
+from ctsd.cluster.messages import SCHEMA_VERSION, Change
+
+log = structlog.get_logger("ctsd.cluster")
+
+HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+SENT_IDS_KEPT = 4096
+ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
+
+State = Literal["connecting", "connected", "disconnected", "unavailable", "stalled", "closed"]
+
+
+class _CannotCreate(Exception):
+    """Internal: the stream is missing and the servers refused to create it (retried)."""
+
+
+class _Restart(Exception):
+    """Internal: drop the consumer and start again from the applied seq."""
+
+
+ApplyCallback = Callable[[Change], Awaitable[None]]
+OwnApplyCallback = Callable[[int], Awaitable[None]]  # the seq the own group got
+
+
+class EngineStatus(msgspec.Struct, kw_only=True):
+    """What `/health` and `ctsd status` show about the engine."""
+
+    cluster: str
+    host_id: str
+    stream: str
+    state: State
+    reason: str | None
+    server: str | None  # the NATS URL connected to
+    applied_seq: int
+    stream_last_seq: int | None
+    lag: int | None
+    stalled: str | None  # the Stalled kind when state is "stalled"
+
+    @property
+    def ok(self) -> bool:
+        """Healthy: connected and applying (a lag is normal for a moment and not counted)."""
+        return self.state == "connected"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix("nats: ")
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+
+class ClusterEngine:
+    """The change stream of one cluster, seen from one host.
+
+    Start: `await start()`, `subscribe_from(applied_seq, apply)`, `await catch_up()`.
+    Write: `seq = await commit(group, expected_seq=applied_seq, local_id=..., apply_own=...)`
+    (or `publish` + `wait_applied`: the change then comes back through `apply` like everyone
+    else's).
+    """
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        *,
+        connect_timeout_s: float = 2.0,
+        heartbeat_s: float = 1.0,
+        refresh_s: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.stream = settings.stream
+        self.subject = settings.subject
+        self._connect_timeout_s = connect_timeout_s
+        self._heartbeat_s = heartbeat_s
+        self._refresh_s = refresh_s
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._state: State = "connecting"
+        self._reason: str | None = "not connected yet"
+        self._down_since: float | None = time.monotonic()
+        self._last_error: str | None = None
+        self._ready = asyncio.Event()  # connected once and the stream ensured
+        self._connected = asyncio.Event()  # the NATS connection is up right now
+        self._settled = asyncio.Event()  # ready, or stalled before it could be
+        self._closing = False
+        self._stalled: Stalled | None = None
+        self._resumed = asyncio.Event()
+        self._apply: ApplyCallback | None = None
+        self._apply_lock = asyncio.Lock()  # one change applied at a time, in seq order
+        self._applied = 0
+        self._last_delivered = 0
+        self._stream_last: int | None = None
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_ids = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._boot = secrets.token_hex(8)
+        self._local_ids = itertools.count(1)
+        self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
+        self._max_payload = 1024 * 1024
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def applied_seq(self) -> int:
+        """The stream seq up to which every change has been applied on this host."""
+        return self._applied
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def lag(self) -> int | None:
+        if self._stream_last is None:
+            return None
+        return max(0, self._stream_last - self._applied)
+
+    def status(self) -> EngineStatus:
+        server = None
+        if self._nc is not None and self._nc.is_connected and self._nc.connected_url:
+            url = self._nc.connected_url
+            server = f"{url.scheme}://{url.hostname}:{url.port}"
+        return EngineStatus(
+            cluster=self.settings.name,
+            host_id=self.settings.host_id,
+            stream=self.stream,
+            state=self._state,
+            reason=self._reason,
+            server=server,
+            applied_seq=self._applied,
+            stream_last_seq=self._stream_last,
+            lag=self.lag,
+            stalled=self._stalled.kind if self._stalled else None,
+        )
+
+    def _set_state(self, state: State, reason: str | None = None) -> None:
+        if self._state == "closed" or (self._stalled is not None and state != "closed"):
+            return
+        if state in ("disconnected", "unavailable", "connecting"):
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+        else:
+            self._down_since = None
+        if (state, reason) != (self._state, self._reason):
+            level = log.info if state == "connected" else log.warning
+            level("cluster.state", state=state, reason=reason, cluster=self.settings.name)
+        self._state = state
+        self._reason = reason
+
+    def _stall(self, exc: Stalled) -> None:
+        if self._stalled is not None:
+            return
+        log.error("cluster.stalled", kind=exc.kind, reason=str(exc), seq=exc.seq)
+        self._state = "stalled"
+        self._reason = str(exc)
+        self._stalled = exc
+        self._resumed.clear()
+        self._settled.set()
+        self._fail_waiters(exc)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, wait_s: float | None = None) -> bool:
+        """Connect (retrying in the background) and ensure the stream exists.
+
+        Waits up to `wait_s` (default: the connect timeout) for the first connection; returns
+        whether it is ready (False: not connected yet, or stalled). An unreachable engine is
+        not an error here: `state`/`status()` say why, writes get `Unavailable`, and the
+        background task keeps trying.
+        """
+        self._tasks.append(asyncio.create_task(self._connect_loop(), name="cluster-connect"))
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), wait_s or self._connect_timeout_s)
+        return self._ready.is_set()
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = [*self._tasks, *self._side_tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._state = "closed"
+        self._reason = "closed"
+        self._fail_waiters(Unavailable("the cluster engine is closed"))
+
+    async def _connect_loop(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                self._nc = await nats.connect(
+                    servers=list(self.settings.nats_urls),
+                    name=f"ctsd {self.settings.host_id}",
+                    connect_timeout=self._connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    **(
+                        self.settings.credentials.connect_options()
+                        if self.settings.credentials
+                        else {}
+                    ),
+                )
+                self._connected.set()
+                break
+            except Exception as exc:
+                reason = self._last_error or _describe(exc)
+                self._set_state("disconnected", f"cannot connect to NATS: {reason}")
+                self._last_error = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._js = self._nc.jetstream(timeout=ATTEMPT_TIMEOUT_S) if self._nc else None
+        self._max_payload = self._nc.max_payload if self._nc else self._max_payload
+        while not self._closing:
+            try:
+                await self._ensure_stream()
+                break
+            except StreamMismatch as exc:
+                self._stall(exc)
+                return
+            except _CannotCreate as exc:
+                self._set_state("unavailable", str(exc))
+                await asyncio.sleep(1.0)
+            except (nats.errors.Error, TimeoutError) as exc:
+                self._set_state(
+                    "unavailable", f"the JetStream API does not answer: {_describe(exc)}"
+                )
+                await asyncio.sleep(0.25)
+        self._set_state("connected")
+        self._ready.set()
+        self._settled.set()
+
+    async def _ensure_stream(self) -> None:
+        assert self._js is not None
+        s = self.settings
+        wanted = StreamConfig(
+            name=self.stream,
+            description=f"ctsd change stream of cluster {s.name} (schema {SCHEMA_VERSION})",
+            subjects=[self.subject],
+            retention=RetentionPolicy.LIMITS,
+            max_msgs=s.max_msgs,
+            max_bytes=s.max_bytes,
+            max_age=s.max_age_s,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        )
+        try:
+            info = await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                info = await self._js.add_stream(wanted)
+                log.info("cluster.stream_created", stream=self.stream, replicas=s.replicas)
+            except nats.js.errors.BadRequestError as exc:
+                try:  # another host may have created it meanwhile
+                    info = await self._js.stream_info(self.stream)
+                except nats.js.errors.NotFoundError:
+                    raise _CannotCreate(
+                        f"cannot create stream {self.stream} ({s.replicas} replicas, "
+                        f"max_bytes {s.max_bytes}): {exc.description}"
+                    ) from None
+        subjects = info.config.subjects or []
+        if subjects != [self.subject]:
+            raise StreamMismatch(
+                f"stream {self.stream} exists with subjects {subjects}, not [{self.subject!r}]: "
+                "it is not this cluster's change stream"
+            )
+        self._note_stream(info.state)
+
+    def _note_stream(self, state: StreamState) -> None:
+        self._stream_last = max(self._stream_last or 0, state.last_seq)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = _describe(exc)
+        if self._nc is None:  # the first connect is still being tried (it retries forever)
+            self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            log.warning("cluster.slow_consumer", reason=self._last_error)
+
+    async def _connected_and_ready(self) -> None:
+        await self._ready.wait()
+        await self._connected.wait()
+
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+        if not self._closing:
+            self._set_state(
+                "disconnected", f"lost the NATS connection: {self._last_error or 'closed'}"
+            )
+
+    async def _on_reconnected(self) -> None:
+        self._connected.set()
+        self._last_error = None
+        if self._ready.is_set():
+            self._set_state("connected")
+
+    async def _refresh_loop(self) -> None:
+        """Keep stream_last_seq (the lag) fresh and notice a stream that stops answering."""
+        while not self._closing:
+            await asyncio.sleep(self._refresh_s)
+            if not self._ready.is_set() or self._js is None or self._nc is None:
+                continue
+            if not self._nc.is_connected:
+                continue
+            try:
+                info = await self._js.stream_info(self.stream)
+            except (nats.errors.Error, TimeoutError) as exc:
+                self._set_state(
+                    "unavailable", f"stream {self.stream} does not answer: {_describe(exc)}"
+                )
+                continue
+            self._note_stream(info.state)
+            if self._state == "unavailable":
+                self._set_state("connected")
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def jetstream(self) -> JetStreamContext:
+        """The JetStream context of the engine's connection (the snapshot bucket uses it)."""
+        if not self._ready.is_set() or self._js is None:
+            raise Unavailable(self._reason or "not connected to the cluster")
+        return self._js
+
+    def new_local_id(self) -> str:
+        """A local id never used before by this host (random per start + counter)."""
+        return f"{self._boot}-{next(self._local_ids)}"
+
+    def check_writable(self) -> None:
+        """Raise Unavailable now if a write could not go through (for a fast refusal)."""
+        if self._stalled is not None:
+            raise Unavailable(f"this host stopped applying the change stream: {self._stalled}")
+        if self._state == "closed":
+            raise Unavailable("the cluster engine is closed")
+        down = self._down_since
+        if down is not None and time.monotonic() - down >= self.settings.publish_timeout_s:
+            raise Unavailable(self._reason or "the cluster engine is not connected")
+
+    async def publish(
+        self, payload: bytes, expected_seq: int, local_id: str, *, retry: bool = False
+    ) -> int:
+        """Append one change group to the stream; returns its stream seq.
+
+        `expected_seq` is the seq the group was computed against (`applied_seq` then); the
+        stream refuses it with `Conflict` if anything was appended since. `local_id` must
+        never repeat on this host for another group; publishing the same group again with
+        the same id stores it once and returns its seq. Pass `retry=True` when this process
+        cannot know it was published before (a group kept across a restart). Raises
+        Conflict, Unavailable or PublishRefused.
+        """
+        self.check_writable()
+        msg_id = f"{self.settings.host_id}:{local_id}"
+        data, headers = messages.encode(
+            payload,
+            cluster=self.settings.name,
+            host=self.settings.host_id,
+            msg_id=msg_id,
+            expected_seq=expected_seq,
+        )
+        limit = self._max_payload - HEADER_ROOM
+        if len(data) > limit:
+            compressed = " compressed" if messages.H_ENCODING in headers else ""
+            raise PublishRefused(
+                f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
+                f"most {limit} (raise max_payload in the nats-server config)"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.publish_timeout_s
+        maybe_sent = retry or msg_id in self._sent_ids
+        self._sent_ids[msg_id] = None
+        if len(self._sent_ids) > SENT_IDS_KEPT:
+            self._sent_ids.popitem(last=False)
+        reason = "no answer"
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"the change stream did not take the change within "
+                    f"{self.settings.publish_timeout_s:g} s: {reason}",
+                    outcome_unknown=maybe_sent,
+                )
+            # Never hand a request to a connection that is down: the client would buffer it
+            # and send it after reconnecting, long after this call gave up on it.
+            if not self._ready.is_set() or not self._connected.is_set():
+                try:
+                    await asyncio.wait_for(self._connected_and_ready(), remaining)
+                except TimeoutError:
+                    reason = self._reason or "not connected"
+                    continue
+            self.check_writable()
+            assert self._js is not None
+            try:
+                ack = await self._js.publish(
+                    self.subject,
+                    data,
+                    timeout=min(remaining, ATTEMPT_TIMEOUT_S),
+                    stream=self.stream,
+                    headers=dict(headers),
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    # A retry of a group that was stored (its answer lost, or the caller
+                    # publishing it again) meets its own message at expected_seq + 1: a
+                    # replicated stream checks the sequence before the duplicate window, so
+                    # look (only then: it costs a request, and conflicts come in bursts).
+                    if maybe_sent and await self._is_ours(expected_seq + 1, msg_id):
+                        self._stream_last = max(self._stream_last or 0, expected_seq + 1)
+                        return expected_seq + 1
+                    last = _last_seq(exc.description)
+                    if last is not None:
+                        self._stream_last = max(self._stream_last or 0, last)
+                    raise Conflict(expected_seq, last) from None
+                if exc.code == 503 or exc.code is None:
+                    reason = _describe(exc)
+                    await asyncio.sleep(min(0.05, remaining))
+                    continue
+                raise PublishRefused(
+                    f"the change stream refused the change: {exc.description}"
+                ) from None
+            except (nats.errors.TimeoutError, TimeoutError) as exc:
+                maybe_sent = True
+                reason = f"no answer from the stream ({_describe(exc)})"
+                continue
+            except (
+                nats.js.errors.NoStreamResponseError,
+                nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError,
+                nats.errors.StaleConnectionError,
+                nats.errors.OutboundBufferLimitError,
+            ) as exc:
+                reason = (
+                    f"the stream has no leader or the connection is down ({type(exc).__name__})"
+                )
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+                continue
+            if ack.stream != self.stream:
+                raise PublishRefused(f"the change went to stream {ack.stream}, not {self.stream}")
+            self._stream_last = max(self._stream_last or 0, ack.seq)
+            if self._state == "unavailable":
+                self._set_state("connected")  # the stream answers again
+            return ack.seq
+
+    async def commit(
+        self,
+        payload: bytes,
+        expected_seq: int,
+        local_id: str,
+        apply_own: OwnApplyCallback | None = None,
+        timeout: float | None = 10.0,
+        *,
+        retry: bool = False,
+    ) -> int:
+        """`publish`, then return once this host has applied the group; returns its seq.
+
+        With `apply_own(seq)`, the publishing host applies its own group at once from what it
+        already holds (no wait for the consumer, nothing to decode): the stream took the group
+        right after `expected_seq`, which is the state it was computed against, so it is the
+        next one in order. The consumer then skips it. Without it, the group is applied when
+        the consumer delivers it, as on every other host. If `apply_own` raises, the group is
+        in the stream but not applied here: the engine stalls (ApplyFailed) and it is raised.
+        """
+        seq = await self.publish(payload, expected_seq, local_id, retry=retry)
+        if apply_own is not None:
+            async with self._apply_lock:
+                if self._applied == seq - 1 and self._stalled is None:
+                    try:
+                        await apply_own(seq)
+                    except Exception as exc:
+                        stall = ApplyFailed(
+                            f"applying this host's own change seq {seq} failed: "
+                            f"{type(exc).__name__}: {exc}",
+                            seq=seq,
+                        )
+                        self._stall(stall)
+                        raise stall from exc
+                    self._mark_applied(seq)
+                    return seq
+        await self.wait_applied(seq, timeout)
+        return seq
+
+    async def _is_ours(self, seq: int, msg_id: str) -> bool:
+        """Is the message at `seq` the one with `msg_id`? (a publish whose answer was lost)"""
+        assert self._js is not None
+        try:
+            msg = await self._js.get_msg(self.stream, seq=seq)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return bool(msg.headers and msg.headers.get(messages.H_MSG_ID) == msg_id)
+
+    # --- applying ---------------------------------------------------------------------------
+
+    def subscribe_from(self, seq: int, apply: ApplyCallback) -> None:
+        """Apply every message after `seq`, in order, through `apply` (the caller's door).
+
+        `apply(change)` is awaited for one message at a time. It returns normally when the
+        change is applied (durably: the caller records `change.seq` with it, and passes that
+        seq here at the next start). Raising `InvalidChange` (cannot decode/validate) or any
+        other exception stops the applying at that message: the engine turns `stalled`, the
+        message is not counted as applied, and writes are refused; `resume()` retries it.
+        """
+        if self._apply is not None:
+            raise RuntimeError("subscribe_from is called once")
+        self._apply = apply
+        self._applied = seq
+        self._last_delivered = seq
+        self._tasks.append(asyncio.create_task(self._consume_loop(), name="cluster-consume"))
+
+    def resume(self, from_seq: int | None = None) -> None:
+        """Start applying again after a stall (from `from_seq` after a snapshot was installed)."""
+        if from_seq is not None:
+            self._applied = from_seq
+            self._last_delivered = from_seq
+        if self._stalled is None:
+            return
+        log.info("cluster.resumed", applied_seq=self._applied)
+        self._stalled = None
+        self._state = (
+            "connected" if self._nc is not None and self._nc.is_connected else "disconnected"
+        )
+        self._reason = None if self._state == "connected" else "not connected"
+        self._resumed.set()
+
+    async def wait_applied(self, seq: int, timeout: float | None = None) -> None:
+        """Until every change up to `seq` is applied here. Raises Stalled, TimeoutError."""
+        if self._applied >= seq:
+            return
+        if self._stalled is not None:
+            raise self._stalled
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._waiter_ids), future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def _wake_waiters(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self._applied:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    def _fail_waiters(self, exc: Exception) -> None:
+        waiters, self._waiters = self._waiters, []
+        for _, _, future in waiters:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: a waiter that gave up must not warn
+
+    async def catch_up(self, until: int | None = None, timeout: float | None = 30.0) -> int:
+        """Apply everything the stream holds now (or up to `until`); returns the applied seq.
+
+        Called at start, before READY. Raises StreamTrimmed (take a snapshot, then
+        `resume(from_seq=...)`), another Stalled, or Unavailable (not connected, or not caught
+        up within `timeout`).
+        """
+        if self._apply is None:
+            raise RuntimeError("call subscribe_from before catch_up")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        try:
+            await asyncio.wait_for(self._settled.wait(), left())
+        except TimeoutError:
+            raise Unavailable(self._reason or "not connected to the cluster") from None
+        if self._stalled is not None:
+            raise self._stalled
+        if until is None:
+            assert self._js is not None
+            while True:
+                try:
+                    info = await self._js.stream_info(self.stream)
+                    break
+                except (nats.errors.Error, TimeoutError) as exc:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise Unavailable(
+                            f"stream {self.stream} does not answer: {_describe(exc)}"
+                        ) from None
+                    await asyncio.sleep(0.05)
+            self._note_stream(info.state)
+            self._check_history(info.state)
+            until = info.state.last_seq
+        try:
+            await self.wait_applied(until, left())
+        except TimeoutError:
+            raise Unavailable(
+                f"catching up: applied seq {self._applied} of {until} within {timeout:g} s"
+            ) from None
+        return self._applied
+
+    def _check_history(self, state: StreamState) -> None:
+        """Raise (and stall) if the stream cannot continue from this host's applied seq."""
+        applied = self._applied
+        if applied > state.last_seq:
+            exc: Stalled = StreamMismatch(
+                f"this host applied the change stream up to seq {applied}, but stream "
+                f"{self.stream} ends at seq {state.last_seq}: it was deleted or made again, "
+                "or this data dir belongs to another cluster"
+            )
+        elif state.first_seq > applied + 1 and state.last_seq > applied:
+            exc = StreamTrimmed(applied, state.first_seq)
+        else:
+            return
+        self._stall(exc)
+        raise exc
+
+    async def _consume_loop(self) -> None:
+        while not self._closing:
+            await self._ready.wait()
+            if self._stalled is not None:
+                await self._resumed.wait()
+                continue
+            try:
+                await self._consume()
+            except Stalled as exc:
+                self._stall(exc)
+            except _Restart as exc:
+                log.info("cluster.consumer_restart", reason=str(exc), applied_seq=self._applied)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                log.info("cluster.consumer_retry", reason=_describe(exc))
+                await asyncio.sleep(0.1)
+
+    async def _consume(self) -> None:
+        assert self._nc is not None and self._js is not None
+        nc, js = self._nc, self._js
+        info = await js.stream_info(self.stream)
+        self._note_stream(info.state)
+        self._check_history(info.state)
+        # Unbounded here: flow control bounds what the server sends ahead of the applying.
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=0, pending_bytes_limit=0)
+        consumer: str | None = None
+        try:
+            config = ConsumerConfig(
+                deliver_subject=inbox,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._applied + 1,
+                ack_policy=AckPolicy.NONE,
+                max_deliver=1,
+                flow_control=True,
+                idle_heartbeat=self._heartbeat_s,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=max(5.0, 5 * self._heartbeat_s),
+            )
+            consumer = (await js.add_consumer(self.stream, config)).name
+            self._last_delivered = self._applied
+            while not self._closing:
+                try:
+                    msg = await sub.next_msg(timeout=3 * self._heartbeat_s)
+                except nats.errors.TimeoutError:
+                    raise _Restart("no message or heartbeat from the consumer") from None
+                await self._handle(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if consumer is not None and nc.is_connected and not self._closing:
+                # Best effort, in the background (the server drops it unused anyway).
+                task = asyncio.create_task(self._delete_consumer(consumer))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+
+    async def _delete_consumer(self, name: str) -> None:
+        if self._js is not None:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self.stream, name)
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self._nc is not None
+        headers = msg.headers or {}
+        if not msg.data and headers.get("Status") == "100":
+            if msg.reply:  # flow control: everything before it has been applied
+                await self._nc.publish(msg.reply, b"")
+                return
+            stalled_reply = headers.get("Nats-Consumer-Stalled")
+            if stalled_reply:
+                await self._nc.publish(stalled_reply, b"")
+            last = headers.get("Nats-Last-Stream")
+            if last and last.isdigit() and int(last) > self._last_delivered:
+                raise _Restart(
+                    f"the consumer delivered seq {last}, this host saw {self._last_delivered}"
+                )
+            return
+        try:
+            meta = msg.metadata
+        except nats.errors.NotJSMessageError:
+            return  # not from the stream (nothing else publishes to a fresh inbox)
+        seq = meta.sequence.stream
+        self._stream_last = max(self._stream_last or 0, seq + meta.num_pending)
+        self._last_delivered = max(self._last_delivered, seq)
+        async with self._apply_lock:
+            if seq <= self._applied:
+                return  # applied already (a restarted consumer, or `commit`'s own apply)
+            if seq != self._applied + 1:
+                await self._explain_gap(seq)
+            change = messages.decode(
+                msg.headers,
+                msg.data,
+                seq=seq,
+                published_at=meta.timestamp,
+                cluster=self.settings.name,
+                host_id=self.settings.host_id,
+            )
+            assert self._apply is not None
+            try:
+                await self._apply(change)
+            except InvalidChange as exc:
+                raise BadMessage(
+                    f"message seq {seq} ({change.msg_id}, from host {change.host}) is not a "
+                    f"valid change: {exc}; it was not applied",
+                    seq=seq,
+                ) from exc
+            except Exception as exc:
+                raise ApplyFailed(
+                    f"applying message seq {seq} ({change.msg_id}, from host {change.host}) "
+                    f"failed: {type(exc).__name__}: {exc}",
+                    seq=seq,
+                ) from exc
+            self._mark_applied(seq)
+
+    def _mark_applied(self, seq: int) -> None:
+        self._applied = seq
+        self._wake_waiters()
+
+    async def _explain_gap(self, seq: int) -> None:
+        """Messages between the applied seq and `seq` did not arrive: trimmed, deleted or lost?"""
+        assert self._js is not None
+        info = await self._js.stream_info(self.stream)
+        self._note_stream(info.state)
+        if info.state.first_seq > self._applied + 1:
+            raise StreamTrimmed(self._applied, info.state.first_seq)
+        missing = range(self._applied + 1, seq)
+        if len(missing) > 1000:
+            raise _Restart(f"{len(missing)} messages before seq {seq} did not arrive")
+        for s in missing:
+            try:
+                await self._js.get_msg(self.stream, seq=s)
+            except nats.js.errors.NotFoundError:
+                continue
+            raise _Restart(f"seq {s} is in the stream but was not delivered")
+        log.warning(
+            "cluster.deleted_messages_skipped",
+            first=missing.start,
+            last=missing.stop - 1,
+            reason="deleted from the stream by hand",
+        )
+
+
+def _last_seq(description: str | None) -> int | None:
+    match = re.search(r"(\d+)\s*$", description or "")
+    return int(match.group(1)) if match else None
+
+
+__all__ = ["ApplyCallback", "ClusterEngine", "EngineStatus", "OwnApplyCallback"]

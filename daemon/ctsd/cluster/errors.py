@@ -1,0 +1,83 @@
+"""The cluster engine's errors; each `str()` is a complete sentence with no secret in it."""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """Base of the engine's errors; `str()` is a complete, secret-free sentence."""
+
+
+class Unavailable(ClusterError):
+    """The engine cannot take the change now (unreachable, no leader, timed out, stalled).
+
+    `outcome_unknown`: a publish request may have reached the stream without an answer; the
+    change may still be applied (it then arrives through the consumer like any other).
+    """
+
+    def __init__(self, reason: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome_unknown = outcome_unknown
+
+
+class Conflict(ClusterError):
+    """The stream has moved past `expected_seq` (another host's change got in first)."""
+
+    def __init__(self, expected_seq: int, last_seq: int | None) -> None:
+        super().__init__(
+            f"the change stream is at seq {last_seq if last_seq is not None else '?'}, "
+            f"not {expected_seq}: another host changed it first"
+        )
+        self.expected_seq = expected_seq
+        self.last_seq = last_seq
+
+
+class PublishRefused(ClusterError):
+    """The stream refused the change for a reason a retry does not cure (too large, denied)."""
+
+
+class Stalled(ClusterError):
+    """This host stopped applying the stream; writes are refused until it is resolved."""
+
+    kind = "stalled"
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class StreamTrimmed(Stalled):
+    """The stream no longer holds the messages after `applied_seq`: take a snapshot."""
+
+    kind = "stream_trimmed"
+
+    def __init__(self, applied_seq: int, first_seq: int) -> None:
+        super().__init__(
+            f"the change stream was trimmed past this host: it applied seq {applied_seq}, "
+            f"the stream starts at seq {first_seq}; a snapshot is needed",
+            seq=applied_seq + 1,
+        )
+        self.applied_seq = applied_seq
+        self.first_seq = first_seq
+
+
+class StreamMismatch(Stalled):
+    """The stream does not continue this host's history (deleted and created again?)."""
+
+    kind = "stream_mismatch"
+
+
+class BadMessage(Stalled):
+    """A message that is not a valid change of this cluster and schema; never applied."""
+
+    kind = "bad_message"
+
+
+class ApplyFailed(Stalled):
+    """The apply callback raised for a message; it was not applied."""
+
+    kind = "apply_failed"
+
+
+class InvalidChange(Exception):
+    """Raised by the apply callback for a message it cannot decode or validate."""

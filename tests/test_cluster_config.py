@@ -1,0 +1,139 @@
+"""Cluster settings: off unless configured, env over the file, clear errors, no secret shown."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from ctsd.cluster.config import ClusterConfigError, load_cluster_settings
+
+CANARY = "canary-secret-93b1f7"
+
+
+def load(settings: dict | None = None, **env: str):
+    return load_cluster_settings(settings, env)
+
+
+def test_off_unless_urls_are_configured() -> None:
+    assert load() is None
+    assert load({}) is None
+    assert load({"cluster": {}}) is None
+    assert load({"cluster": {"replicas": 1}}) is None
+    assert load(None, CTSD_CLUSTER_NATS_URLS="") is None  # an empty variable is unset
+
+
+def test_settings_json_keys_and_defaults() -> None:
+    s = load({"cluster": {"nats_urls": ["nats://10.0.0.1:4222", "tls://n2:4222"], "name": "desk"}})
+    assert s is not None
+    assert s.nats_urls == ("nats://10.0.0.1:4222", "tls://n2:4222")
+    assert s.name == "desk" and s.host_id == socket.gethostname()
+    assert s.stream == "CTSD_desk" and s.subject == "ctsd.desk.chg"
+    assert (s.replicas, s.publish_timeout_s, s.credentials) == (3, 5.0, None)
+
+
+def test_the_environment_wins_over_settings_json() -> None:
+    s = load(
+        {"cluster": {"nats_urls": ["nats://a:4222"], "name": "file", "host_id": "from-file"}},
+        CTSD_CLUSTER_NATS_URLS="nats://b:4222, nats://c:4222",
+        CTSD_CLUSTER_NAME="env",
+        CTSD_HOST_ID="from-env",
+    )
+    assert s is not None
+    assert (s.nats_urls, s.name, s.host_id) == (
+        ("nats://b:4222", "nats://c:4222"),
+        "env",
+        "from-env",
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "message"),
+    [
+        ({"cluster": {"nats_urls": [], "name": "d"}}, {}, "is an empty list"),
+        ({"cluster": {"nats_urls": ["http://a:4222"], "name": "d"}}, {}, "scheme 'http'"),
+        ({"cluster": {"nats_urls": ["a:4222"], "name": "d"}}, {}, "scheme"),
+        ({"cluster": {"nats_urls": ["nats://"], "name": "d"}}, {}, "names no host"),
+        ({"cluster": {"nats_urls": ["nats://a:99999"], "name": "d"}}, {}, "not a valid URL"),
+        ({"cluster": {"nats_urls": ["nats://a/x"], "name": "d"}}, {}, "has no path"),
+        (
+            None,
+            {"CTSD_CLUSTER_NATS_URLS": "nats://a:4222,", "CTSD_CLUSTER_NAME": "d"},
+            "[1] is empty",
+        ),
+        ({"cluster": {"nats_urls": ["nats://a:4222"]}}, {}, "cluster.name (or CTSD_CLUSTER_NAME)"),
+        (
+            {"cluster": {"nats_urls": ["nats://a"], "name": "my.desk"}},
+            {},
+            "not a valid cluster name",
+        ),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "x" * 33}}, {}, "1 to 32 letters"),
+        ({"cluster": {"name": "d"}}, {}, "no NATS URLs are"),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "host_id": "a b"}}, {}, "host id"),
+        ({"cluster": {"nats_urls": "nats://a", "name": "d"}}, {}, "`$.cluster.nats_urls`"),
+        ({"cluster": {"nats_url": ["nats://a"]}}, {}, "nats_url"),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "replicas": 0}}, {}, "replicas"),
+        ({"cluster": ["nats://a"]}, {}, "`$.cluster`"),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 60}}, {}, "too short"),
+    ],
+)
+def test_wrong_settings_get_a_clear_error(settings: dict | None, env: dict, message: str) -> None:
+    with pytest.raises(ClusterConfigError) as info:
+        load_cluster_settings(settings, env)
+    assert message in str(info.value)
+
+
+def test_credentials_in_a_url_are_refused_and_never_shown() -> None:
+    with pytest.raises(ClusterConfigError) as info:
+        load({"cluster": {"nats_urls": [f"nats://bot:{CANARY}@a:4222"], "name": "d"}})
+    assert "CTSD_CLUSTER_CREDS_FILE" in str(info.value)
+    assert CANARY not in str(info.value) and "a:4222" in str(info.value)
+
+
+BASE = {"cluster": {"nats_urls": ["nats://a:4222"], "name": "desk"}}
+
+
+def test_credentials_user_password_from_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "creds"
+    f.write_text(f"bot:{CANARY}\n")
+    s = load(BASE, CTSD_CLUSTER_CREDS_FILE=str(f))
+    assert s is not None and s.credentials is not None
+    assert s.credentials.connect_options() == {"user": "bot", "password": CANARY}
+    assert CANARY not in repr(s) and CANARY not in str(s.credentials)
+
+
+def test_credentials_token_from_the_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "ctsd-nats-creds").write_text(CANARY + "\n")
+    s = load(BASE, CREDENTIALS_DIRECTORY=str(tmp_path))
+    assert s is not None and s.credentials is not None
+    assert s.credentials.connect_options() == {"token": CANARY}
+    assert s.credentials.source == str(tmp_path / "ctsd-nats-creds")
+    assert CANARY not in repr(s)
+    # no credential file there: no credentials, not an error
+    assert load(BASE, CREDENTIALS_DIRECTORY=str(tmp_path / "none")).credentials is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("", "exactly one line"),
+        (f"a:{CANARY}\nb:c\n", "exactly one line"),
+        (f":{CANARY}", "needs both a user and a password"),
+        (f"-----BEGIN NATS USER JWT-----\n{CANARY}\n", ".creds (JWT) file"),
+        (b"\xff\xfe" + CANARY.encode(), "not UTF-8"),
+    ],
+)
+def test_bad_credentials_files_are_named_not_quoted(
+    tmp_path: Path, content: str | bytes | None, message: str
+) -> None:
+    f = tmp_path / "creds"
+    if isinstance(content, bytes):
+        f.write_bytes(content)
+    elif content is not None:
+        f.write_text(content)
+    with pytest.raises(ClusterConfigError) as info:
+        load(BASE, CTSD_CLUSTER_CREDS_FILE=str(f))
+    assert message in str(info.value) and str(f) in str(info.value)
+    assert CANARY not in str(info.value)

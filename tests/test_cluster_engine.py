@@ -1,0 +1,676 @@
+"""The cluster engine against a real 3-node NATS JetStream cluster (tests/nats_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+import structlog
+from nats.js.api import ObjectMeta
+
+from ctsd.cluster.config import ClusterSettings, Credentials
+from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.errors import (
+    ApplyFailed,
+    BadMessage,
+    Conflict,
+    InvalidChange,
+    PublishRefused,
+    StreamMismatch,
+    StreamTrimmed,
+    Unavailable,
+)
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION, Change
+from ctsd.cluster.snapshots import SnapshotInvalid, Snapshots
+from tests.daemon import wait_until_async
+from tests.nats_cluster import NatsCluster, require_nats_server
+
+pytestmark = pytest.mark.anyio
+
+require_nats_server()
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[NatsCluster]:
+    with NatsCluster(3) as c:
+        yield c
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[NatsCluster]:
+    """A cluster of its own, for tests that kill nodes."""
+    with NatsCluster(3) as c:
+        yield c
+
+
+def make_settings(
+    cluster: NatsCluster, name: str | None = None, host: str = "host-a", **kw: object
+) -> ClusterSettings:
+    return ClusterSettings(
+        nats_urls=tuple(cluster.urls),
+        name=name or f"t{os.getpid()}x{next(_names)}",
+        host_id=host,
+        **{"replicas": cluster.size, "publish_timeout_s": 3.0, **kw},  # type: ignore[arg-type]
+    )
+
+
+class Recorder:
+    """An apply callback that records what it applied; refuses what `refuse` says."""
+
+    def __init__(self, refuse: Callable[[Change], bool] = lambda c: False) -> None:
+        self.changes: list[Change] = []
+        self.refuse = refuse
+
+    async def __call__(self, change: Change) -> None:
+        if self.refuse(change):
+            raise InvalidChange("payload is not a change group")
+        self.changes.append(change)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [c.seq for c in self.changes]
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [c.payload for c in self.changes]
+
+
+@asynccontextmanager
+async def running(
+    settings: ClusterSettings, applied: int = 0, recorder: Recorder | None = None
+) -> AsyncIterator[tuple[ClusterEngine, Recorder]]:
+    engine = ClusterEngine(settings, heartbeat_s=0.5, refresh_s=0.5)
+    rec = recorder or Recorder()
+    try:
+        await engine.start(wait_s=10)
+        engine.subscribe_from(applied, rec)
+        yield engine, rec
+    finally:
+        await engine.close()
+
+
+@asynccontextmanager
+async def two_hosts(
+    cluster: NatsCluster, recorder_a: Recorder | None = None
+) -> AsyncIterator[tuple[ClusterEngine, Recorder, ClusterEngine, Recorder]]:
+    """Hosts `host-a` and `host-b` of one new cluster, both caught up."""
+    s = make_settings(cluster)
+    async with (
+        running(s, recorder=recorder_a) as (a, rec_a),
+        running(make_settings(cluster, s.name, host="host-b")) as (b, rec_b),
+    ):
+        await a.catch_up(timeout=10)
+        await b.catch_up(timeout=10)
+        yield a, rec_a, b, rec_b
+
+
+async def commit(engine: ClusterEngine, payload: bytes) -> int:
+    """What the store does per group: publish against the applied seq, wait until applied."""
+    seq = await engine.publish(payload, engine.applied_seq, engine.new_local_id())
+    await engine.wait_applied(seq, timeout=10)
+    return seq
+
+
+async def raw_publish(cluster: NatsCluster, subject: str, data: bytes, headers: dict) -> int:
+    nc = await nats.connect(cluster.urls)
+    try:
+        ack = await nc.jetstream().publish(subject, data, headers=headers)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+# --- order, dedup, conflicts ------------------------------------------------------------------
+
+
+async def test_every_host_applies_every_group_in_stream_order(cluster: NatsCluster) -> None:
+    async with two_hosts(cluster) as (a, rec_a, b, rec_b):
+        seqs = []
+        for i in range(5):
+            writer = a if i % 2 == 0 else b
+            await writer.wait_applied(max(seqs, default=0), timeout=10)
+            seqs.append(await commit(writer, f"group {i}".encode()))
+        assert seqs == [1, 2, 3, 4, 5]
+        await b.wait_applied(5, timeout=10)
+        await a.wait_applied(5, timeout=10)
+        for rec in (rec_a, rec_b):
+            assert rec.seqs == [1, 2, 3, 4, 5]
+            assert rec.payloads == [f"group {i}".encode() for i in range(5)]
+            assert [c.host for c in rec.changes] == ["host-a", "host-b"] * 2 + ["host-a"]
+        assert [c.own for c in rec_a.changes] == [True, False, True, False, True]
+        assert a.status().lag == 0 and b.status().applied_seq == 5
+        assert a.status().state == "connected" and a.status().ok
+        assert msgspec.json.decode(msgspec.json.encode(a.status()))["host_id"] == "host-a"
+
+
+async def test_a_retried_publish_is_stored_and_applied_once(cluster: NatsCluster) -> None:
+    async with running(make_settings(cluster)) as (a, rec):
+        await a.catch_up(timeout=10)
+        local_id = a.new_local_id()
+        first = await a.publish(b"once", 0, local_id)
+        again = await a.publish(b"once", 0, local_id)  # the ack was "lost": same id, retried
+        assert first == again == 1
+        await a.wait_applied(1, timeout=10)
+        await commit(a, b"next")
+        assert rec.seqs == [1, 2]
+        assert rec.payloads == [b"once", b"next"]
+        assert rec.changes[0].msg_id == f"host-a:{local_id}"
+        # the same host after a restart, publishing a group it kept (the stream has moved
+        # on since): found, not stored again, whichever check the stream makes first
+        async with running(a.settings) as (restarted, _):
+            await restarted.catch_up(timeout=10)
+            assert await restarted.publish(b"once", 0, local_id, retry=True) == 1
+        assert rec.seqs == [1, 2]
+
+
+async def test_the_writer_applies_its_own_group_once_others_through_the_stream(
+    cluster: NatsCluster,
+) -> None:
+    async with two_hosts(cluster) as (a, rec_a, b, rec_b):
+        own: list[int] = []
+
+        async def apply_own(seq: int) -> None:
+            own.append(seq)
+
+        for i in range(3):
+            seq = await a.commit(f"g{i}".encode(), a.applied_seq, a.new_local_id(), apply_own)
+            assert a.applied_seq == seq
+        await b.wait_applied(3, timeout=10)
+        await commit(b, b"from b")  # a gets it through its consumer
+        await a.wait_applied(4, timeout=10)
+        await asyncio.sleep(0)
+        # each group applied once on a: its own ones by apply_own (unless the consumer was
+        # first), b's by the consumer; never both, never out of order
+        assert sorted(own + rec_a.seqs) == [1, 2, 3, 4] and 4 in rec_a.seqs
+        assert rec_b.payloads == [b"g0", b"g1", b"g2", b"from b"]
+
+        async def failing(seq: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        with pytest.raises(ApplyFailed, match="own change seq") as info:
+            while True:  # until the own path (not the consumer) gets to apply one
+                await a.commit(b"x", a.applied_seq, a.new_local_id(), failing)
+        failed = info.value.seq
+        assert failed is not None and a.applied_seq == failed - 1
+        assert a.status().stalled == "apply_failed"
+        await b.wait_applied(failed, timeout=10)  # it is in the stream: the other host has it
+
+
+async def test_a_host_behind_gets_conflict_then_writes_after_catching_up(
+    cluster: NatsCluster,
+) -> None:
+    async with two_hosts(cluster) as (a, _, b, rec_b):
+        assert await a.publish(b"from a", 0, a.new_local_id()) == 1
+        with pytest.raises(Conflict) as info:
+            await b.publish(b"from b, computed at seq 0", 0, b.new_local_id())
+        assert info.value.expected_seq == 0 and info.value.last_seq == 1
+        assert "another host" in str(info.value)
+        await b.wait_applied(1, timeout=10)
+        assert await b.publish(b"from b, computed at seq 1", 1, b.new_local_id()) == 2
+        await b.wait_applied(2, timeout=10)
+        assert rec_b.payloads == [b"from a", b"from b, computed at seq 1"]
+
+
+async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: NatsCluster) -> None:
+    s = make_settings(cluster)
+    engines = [ClusterEngine(make_settings(cluster, s.name, host=f"h{i}")) for i in range(8)]
+    try:
+        for e in engines:
+            assert await e.start(wait_s=10)
+        results = await asyncio.gather(
+            *(e.publish(f"w{i}".encode(), 0, e.new_local_id()) for i, e in enumerate(engines)),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if isinstance(r, int)]
+        conflicts = [r for r in results if isinstance(r, Conflict)]
+        assert wins == [1] and len(conflicts) == 7, results
+    finally:
+        for e in engines:
+            await e.close()
+
+
+# --- validation: nothing invalid is applied, nothing crashes --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expect"),
+    [
+        ({H_CLUSTER: "other", H_SCHEMA: SCHEMA_VERSION}, "belongs to cluster 'other'"),
+        ({H_SCHEMA: "2"}, "schema version '2'"),
+        ({H_SCHEMA: None}, "schema version None"),
+        ({"Ctsd-Encoding": "zlib"}, "does not inflate"),
+        ({"Ctsd-Encoding": "zstd"}, "unknown encoding 'zstd'"),
+        ({H_HOST: None}, "no Nats-Msg-Id or Ctsd-Host header"),
+    ],
+)
+async def test_a_message_of_another_cluster_or_schema_is_refused(
+    cluster: NatsCluster, headers: dict, expect: str
+) -> None:
+    s = make_settings(cluster)
+    async with running(s) as (a, rec):
+        await a.catch_up(timeout=10)
+        await commit(a, b"good")
+        base = {H_CLUSTER: s.name, H_SCHEMA: SCHEMA_VERSION, H_HOST: "intruder", H_MSG_ID: "x:1"}
+        bad = {k: v for k, v in {**base, **headers}.items() if v is not None}
+        seq = await raw_publish(cluster, s.subject, b"not compressed", bad)
+        await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")
+        status = a.status()
+        assert status.stalled == "bad_message" and f"message seq {seq}" in (status.reason or "")
+        assert expect in (status.reason or "")
+        assert "not applied" in (status.reason or "")
+        assert rec.payloads == [b"good"] and a.applied_seq == 1
+        with pytest.raises(Unavailable, match="stopped applying"):
+            await a.publish(b"later", 1, a.new_local_id())
+        with pytest.raises(BadMessage):
+            await a.wait_applied(seq, timeout=5)
+
+
+async def test_a_message_the_callback_refuses_stops_the_applying_until_resumed(
+    cluster: NatsCluster,
+) -> None:
+    refusing = True
+    rec = Recorder(refuse=lambda c: refusing and c.payload == b"garbage")
+    async with two_hosts(cluster, recorder_a=rec) as (a, _, b, rec_b):
+        await commit(b, b"one")
+        await commit(b, b"garbage")
+        await commit(b, b"three")
+        await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")
+        reason = a.status().reason or ""
+        assert "message seq 2" in reason and "host-b" in reason
+        assert "payload is not a change group" in reason
+        assert rec.payloads == [b"one"] and a.applied_seq == 1  # nothing after it either
+        assert rec_b.payloads == [b"one", b"garbage", b"three"]
+        refusing = False  # e.g. this host was upgraded
+        a.resume()
+        assert await a.catch_up(timeout=10) == 3
+        assert rec.payloads == [b"one", b"garbage", b"three"]
+        assert a.status().state == "connected"
+
+
+async def test_a_callback_that_crashes_is_reported_not_fatal(cluster: NatsCluster) -> None:
+    async def explode(change: Change) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with two_hosts(cluster) as (a, _, b, r):
+        a._apply = explode  # the store's apply failing on this host only
+        await commit(b, b"x")
+        await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")
+        assert a.status().stalled == "apply_failed"
+        assert "No space left on device" in (a.status().reason or "")
+        assert a.applied_seq == 0 and r.seqs == [1]
+
+
+# --- catch-up, trimming, history ------------------------------------------------------------
+
+
+async def history(cluster: NatsCluster, groups: int, **kw: object) -> ClusterSettings:
+    """A new cluster whose stream holds `groups` groups b"g0", b"g1", … written by host-a."""
+    s = make_settings(cluster, **kw)
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        for i in range(groups):
+            await commit(a, f"g{i}".encode())
+    return make_settings(cluster, s.name, host="late", **kw)
+
+
+async def test_catch_up_applies_everything_after_the_given_seq(cluster: NatsCluster) -> None:
+    late = await history(cluster, 6)
+    async with running(late, applied=3) as (c, rec):
+        assert await c.catch_up(timeout=10) == 6
+        assert rec.seqs == [4, 5, 6]
+        assert rec.payloads == [b"g3", b"g4", b"g5"]
+        assert c.status().lag == 0
+
+
+async def test_a_host_behind_a_trimmed_stream_is_told_to_take_a_snapshot(
+    cluster: NatsCluster,
+) -> None:
+    late = await history(cluster, 6, max_msgs=3)
+    async with running(late, applied=1) as (c, rec):
+        with pytest.raises(StreamTrimmed) as info:
+            await c.catch_up(timeout=10)
+        assert (info.value.applied_seq, info.value.first_seq) == (1, 4)
+        assert "snapshot" in str(info.value)
+        assert c.status().state == "stalled" and c.status().stalled == "stream_trimmed"
+        with pytest.raises(Unavailable):
+            await c.publish(b"x", 1, c.new_local_id())
+        c.resume(from_seq=5)  # a snapshot of the state at seq 5 was installed
+        assert await c.catch_up(timeout=10) == 6
+        assert rec.payloads == [b"g5"]
+
+
+async def test_a_host_behind_a_trimmed_stream_starts_from_the_snapshot(
+    cluster: NatsCluster,
+) -> None:
+    late = await history(cluster, 6, max_msgs=3)
+    async with running(make_settings(cluster, late.name, max_msgs=3), applied=6) as (a, _):
+        await a.catch_up(timeout=10)
+        snapshots = Snapshots(a)
+        assert await snapshots.latest() is None
+        assert await snapshots.put(5, b"state at 5" * 100_000)  # several chunks
+        assert not await snapshots.put(4, b"older")  # a newer one is kept
+    async with running(late, applied=1) as (c, rec):
+        with pytest.raises(StreamTrimmed):
+            await c.catch_up(timeout=10)
+        snap = await Snapshots(c).latest()
+        assert snap is not None and (snap.seq, snap.host) == (5, "host-a")
+        assert snap.data == b"state at 5" * 100_000
+        c.resume(from_seq=snap.seq)  # the store installed it
+        assert await c.catch_up(timeout=10) == 6
+        assert rec.payloads == [b"g5"]
+
+
+async def test_a_snapshot_of_another_schema_is_refused(cluster: NatsCluster) -> None:
+    s = make_settings(cluster)
+    nc = await nats.connect(cluster.urls)
+    store = await nc.jetstream().create_object_store(f"ctsd_{s.name}_snapshots")
+    headers = {H_CLUSTER: s.name, H_SCHEMA: "2", "Ctsd-Seq": "3"}
+    await store.put("latest", b"x", meta=ObjectMeta(name="latest", headers=headers))
+    await nc.close()
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        with pytest.raises(SnapshotInvalid, match="schema version '2'"):
+            await Snapshots(a).latest()
+
+
+async def test_a_host_ahead_of_the_stream_refuses_it(cluster: NatsCluster) -> None:
+    s = make_settings(cluster)
+    async with running(s, applied=100) as (a, rec):
+        with pytest.raises(StreamMismatch, match="ends at seq 0"):
+            await a.catch_up(timeout=10)
+        assert a.status().stalled == "stream_mismatch" and rec.changes == []
+
+
+async def test_messages_deleted_from_the_stream_by_hand_are_skipped(cluster: NatsCluster) -> None:
+    late = await history(cluster, 3)
+    nc = await nats.connect(cluster.urls)
+    await nc.jetstream().delete_msg(late.stream, 2)
+    await nc.close()
+    async with running(late) as (c, rec):
+        assert await c.catch_up(timeout=10) == 3
+        assert rec.seqs == [1, 3]
+
+
+async def test_a_stream_of_the_same_name_with_other_subjects_is_not_used(
+    cluster: NatsCluster,
+) -> None:
+    s = make_settings(cluster)
+    nc = await nats.connect(cluster.urls)
+    await nc.jetstream().add_stream(name=s.stream, subjects=[f"other.{s.name}"])
+    await nc.close()
+    async with running(s) as (a, _):
+        with pytest.raises(StreamMismatch, match="not this cluster's change stream"):
+            await a.catch_up(timeout=10)
+        assert a.status().state == "stalled"
+        assert "not this cluster's change stream" in (a.status().reason or "")
+
+
+# --- payloads ---------------------------------------------------------------------------------
+
+
+async def test_big_groups_are_compressed_and_too_big_ones_refused(cluster: NatsCluster) -> None:
+    async with running(make_settings(cluster)) as (a, rec):
+        await a.catch_up(timeout=10)
+        big = b'{"id": "conn-0001", "name": "a connection"}\n' * 200_000  # ~9 MB, compresses
+        seq = await commit(a, big)
+        assert rec.changes[-1].seq == seq and rec.changes[-1].payload == big
+        noise = os.urandom(9 * 1024 * 1024)
+        with pytest.raises(PublishRefused, match="max_payload"):
+            await a.publish(noise, a.applied_seq, a.new_local_id())
+        assert zlib.compress(big, 1) != big  # the message really was compressed (header set)
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+async def test_the_stream_leader_killed_writes_go_on(own_cluster: NatsCluster) -> None:
+    s = make_settings(own_cluster, publish_timeout_s=10.0)
+    async with running(s) as (a, rec):
+        await a.catch_up(timeout=10)
+        await commit(a, b"before")
+        nc = await nats.connect(own_cluster.urls)
+        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
+        await nc.close()
+        index = [n.name for n in own_cluster.nodes].index(leader)
+        own_cluster.kill(index)
+        await commit(a, b"leader down")  # a new leader is elected meanwhile
+        await asyncio.to_thread(own_cluster.start_node, index)  # the engines run meanwhile
+        await commit(a, b"leader back")
+        assert rec.payloads == [b"before", b"leader down", b"leader back"]
+        assert a.status().state == "connected"
+
+
+@asynccontextmanager
+async def split_hosts(
+    cluster: NatsCluster, publish_timeout_s: float
+) -> AsyncIterator[tuple[ClusterEngine, Recorder, ClusterEngine, Recorder]]:
+    """host-a given only node n1's URL, host-b the other two; a has committed b"a1"."""
+    s = make_settings(cluster, publish_timeout_s=publish_timeout_s)
+    only_n1 = msgspec.structs.replace(s, nats_urls=(cluster.nodes[0].url,))
+    others = msgspec.structs.replace(
+        s, host_id="host-b", nats_urls=tuple(n.url for n in cluster.nodes[1:])
+    )
+    async with running(only_n1) as (a, rec_a), running(others) as (b, rec_b):
+        await a.catch_up(timeout=10)
+        await b.catch_up(timeout=10)
+        await commit(a, b"a1")
+        await b.wait_applied(1, timeout=10)
+        yield a, rec_a, b, rec_b
+
+
+async def test_a_host_whose_node_dies_moves_to_another_and_misses_nothing(
+    own_cluster: NatsCluster,
+) -> None:
+    async with split_hosts(own_cluster, 10.0) as (a, rec_a, b, rec_b):
+        own_cluster.kill(0)  # a's server; a learned the others' URLs from it
+        for i in range(5):
+            await commit(b, f"b{i}".encode())
+        await a.wait_applied(6, timeout=20)  # reconnected elsewhere, consumer made again
+        assert a.status().server != own_cluster.nodes[0].url
+        await commit(a, b"a2")
+        await b.wait_applied(7, timeout=10)
+        expected = [b"a1", *(f"b{i}".encode() for i in range(5)), b"a2"]
+        assert rec_a.payloads == rec_b.payloads == expected
+
+
+@pytest.fixture
+def cut_cluster() -> Iterator[NatsCluster]:
+    """A cluster whose clients learn no other node: a client whose node is down is cut off."""
+    with NatsCluster(3, no_advertise=True) as c:
+        yield c
+
+
+async def test_a_host_cut_off_refuses_writes_then_catches_up_when_healed(
+    cut_cluster: NatsCluster,
+) -> None:
+    async with split_hosts(cut_cluster, 1.0) as (a, rec_a, b, rec_b):
+        cut_cluster.stop(0)
+        await wait_until_async(lambda: a.state == "disconnected", timeout=10)
+        with pytest.raises(Unavailable):
+            await a.publish(b"while cut", a.applied_seq, a.new_local_id())
+        for i in range(3):
+            await commit(b, f"b{i}".encode())
+        assert a.applied_seq == 1 and rec_a.payloads == [b"a1"]  # reads: what it had
+        await asyncio.to_thread(cut_cluster.start_node, 0)
+        await a.wait_applied(4, timeout=20)
+        await wait_until_async(lambda: a.state == "connected", timeout=10)
+        await commit(a, b"a2")
+        await b.wait_applied(5, timeout=10)
+        expected = [b"a1", b"b0", b"b1", b"b2", b"a2"]
+        assert rec_a.payloads == rec_b.payloads == expected
+
+
+async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
+    own_cluster: NatsCluster,
+) -> None:
+    """A storm of commits from 3 hosts (4 writers each, conflicts retried), the stream leader
+    killed and restarted in the middle: every host applies the same groups in the same order,
+    every acknowledged group exactly once at the seq it was acknowledged with, no gap."""
+    s = make_settings(own_cluster, publish_timeout_s=10.0)
+    recs = [Recorder() for _ in range(3)]
+    engines = [
+        ClusterEngine(make_settings(own_cluster, s.name, host=f"h{i}", publish_timeout_s=10.0))
+        for i in range(3)
+    ]
+    acked: dict[bytes, int] = {}
+    own_applied: dict[int, list[int]] = {i: [] for i in range(3)}
+
+    async def writer(i: int, w: int, count: int) -> None:
+        e = engines[i]
+
+        async def apply_own(seq: int) -> None:
+            own_applied[i].append(seq)
+
+        for k in range(count):
+            payload = f"h{i} w{w} #{k}".encode()
+            while True:
+                try:
+                    seq = await e.commit(
+                        payload, e.applied_seq, e.new_local_id(), apply_own if w % 2 else None
+                    )
+                    break
+                except Conflict as exc:
+                    await e.wait_applied(exc.last_seq or 0, timeout=20)
+            assert payload not in acked
+            acked[payload] = seq
+
+    try:
+        for i, e in enumerate(engines):
+            assert await e.start(wait_s=10)
+            e.subscribe_from(0, recs[i])
+            await e.catch_up(timeout=10)
+        storm = [asyncio.create_task(writer(i, w, 15)) for i in range(3) for w in range(4)]
+        await wait_until_async(lambda: len(acked) >= 40, timeout=30, what="40 acks")
+        nc = await nats.connect(own_cluster.urls)
+        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
+        await nc.close()
+        index = [n.name for n in own_cluster.nodes].index(leader)
+        own_cluster.kill(index)
+        await wait_until_async(lambda: len(acked) >= 100, timeout=60, what="100 acks")
+        own_cluster.start_node(index, wait=False)
+        await asyncio.wait_for(asyncio.gather(*storm), 90)
+        last = max(acked.values())
+        for e in engines:
+            await e.wait_applied(last, timeout=20)
+    finally:
+        for e in engines:
+            await e.close()
+    assert len(acked) == 3 * 4 * 15
+    assert sorted(acked.values()) == list(range(1, last + 1))  # no gap, nothing unacked
+    by_seq = {seq: payload for payload, seq in acked.items()}
+    for i, rec in enumerate(recs):
+        applied = sorted(rec.seqs + own_applied[i])
+        assert applied == list(range(1, last + 1)), f"host h{i}"
+        assert rec.seqs == sorted(rec.seqs)  # in order
+        assert all(c.payload == by_seq[c.seq] for c in rec.changes)
+        assert not set(rec.seqs) & set(own_applied[i])  # never applied twice
+
+
+async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: NatsCluster) -> None:
+    s = make_settings(own_cluster, publish_timeout_s=1.0)
+    async with running(s) as (a, rec):
+        await a.catch_up(timeout=10)
+        await commit(a, b"before")
+        for i in range(3):
+            own_cluster.kill(i)
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await a.publish(b"while down", a.applied_seq, a.new_local_id())
+        assert time.monotonic() - t0 < 2.5
+        assert info.value.reason
+        await wait_until_async(lambda: a.state == "disconnected", timeout=10, what="down")
+        assert a.status().server is None and a.status().reason and not a.status().ok
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable):  # down longer than the timeout: refused at once
+            await a.publish(b"still down", a.applied_seq, a.new_local_id())
+        assert time.monotonic() - t0 < 0.5
+        for i in range(3):
+            own_cluster.start_node(i, wait=False)
+        for i in range(3):
+            await asyncio.to_thread(own_cluster.wait_node, i)
+        await wait_until_async(lambda: a.state == "connected", timeout=20, what="reconnected")
+        deadline = time.monotonic() + 20
+        while True:  # the stream may need a moment to elect its leader again
+            try:
+                await commit(a, b"after")
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+        assert rec.payloads[0] == b"before" and rec.payloads[-1] == b"after"
+        assert b"still down" not in rec.payloads
+
+
+async def test_an_unreachable_engine_at_start_is_a_state_not_a_crash() -> None:
+    s = ClusterSettings(
+        nats_urls=("nats://127.0.0.1:1",), name="nowhere", host_id="h", publish_timeout_s=0.5
+    )
+    engine = ClusterEngine(s, connect_timeout_s=0.5)
+    try:
+        assert await engine.start(wait_s=1.0) is False
+        status = engine.status()
+        assert status.state == "disconnected" and "cannot connect" in (status.reason or "")
+        engine.subscribe_from(0, Recorder())
+        with pytest.raises(Unavailable):
+            await engine.catch_up(timeout=0.5)
+        with pytest.raises(Unavailable):
+            await engine.publish(b"x", 0, engine.new_local_id())
+    finally:
+        await engine.close()
+    assert engine.state == "closed"
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+CANARY = "canary-password-5f2b9c"
+
+
+@pytest.fixture(scope="module")
+def auth_server() -> Iterator[NatsCluster]:
+    with NatsCluster(1, auth={"user": "ctsd", "password": CANARY}) as c:
+        yield c
+
+
+async def test_credentials_connect_and_wrong_ones_are_named_never_shown(
+    auth_server: NatsCluster,
+) -> None:
+    good = Credentials(kind="user_password", source="/creds", user="ctsd", password=CANARY)
+    s = make_settings(auth_server, credentials=good, replicas=1)
+    async with running(s) as (a, rec):
+        assert await a.catch_up(timeout=10) == 0
+        await commit(a, b"ok")
+        assert rec.payloads == [b"ok"]
+    bad = Credentials(kind="user_password", source="/creds", user="ctsd", password="wrong-pw")
+    with structlog.testing.capture_logs() as logs:
+        engine = ClusterEngine(make_settings(auth_server, credentials=bad, replicas=1))
+        try:
+            assert await engine.start(wait_s=1.5) is False
+            await wait_until_async(
+                lambda: "Authorization" in (engine.status().reason or ""), timeout=10
+            )
+            with pytest.raises(Unavailable) as info:
+                await engine.publish(b"x", 0, engine.new_local_id())
+        finally:
+            await engine.close()
+    shown = repr(logs) + repr(engine.status()) + str(info.value) + repr(good) + str(bad)
+    assert CANARY not in shown and "wrong-pw" not in shown
+
+
+def test_the_example_server_config_is_valid() -> None:
+    conf = Path(__file__).resolve().parents[1] / "systemd" / "nats-server.conf.example"
+    res = subprocess.run(
+        [require_nats_server(), "-c", str(conf), "-t"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "is valid" in res.stdout + res.stderr, res
