@@ -37,114 +37,36 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.daemon import TOKEN, Daemon, free_port, wait_until  # noqa: E402
+from common import (
+    HEADERS,
+    Call,
+    Daemon,
+    Row,
+    auth_and,
+    connections,
+    daemon,
+    metric,
+    ms,
+    open_many,
+    pct,
+    print_table,
+    raw_floor,
+)
+from ctsd.atomic import write_files
+from ctsd.files import CONNECTIONS, SYNC_LOG
 
-from ctsd.atomic import write_files  # noqa: E402
-from ctsd.files import CONNECTIONS, SYNC_LOG  # noqa: E402
-
-HEADERS = {"Authorization": f"Bearer {TOKEN}"}
-Row = tuple[str, str, str, str]
 VERDICTS: list[str] = []  # the targets, judged from the rows' own numbers
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-def ms(v: float) -> str:
-    return f"{v * 1000:.2f} ms"
-
-
-# --- the raw websockets server (a subprocess: `bench/bus.py --raw-server PORT`) -------------
-
-
-async def raw_server(port: int) -> None:
-    subs: set[ServerConnection] = set()
-    plan: list[tuple[Path, bytes]] = []  # the files a durable change writes (FILES)
-
-    async def handler(ws: ServerConnection) -> None:
-        async for msg in ws:
-            if isinstance(msg, str) and msg.startswith("BCAST "):
-                broadcast(subs, msg[6:].encode(), text=True)
-            elif isinstance(msg, str) and msg.startswith("WBCAST "):
-                # A bare durable change: write the files (in a worker thread, as the store
-                # does), then broadcast.
-                await asyncio.to_thread(write_files, plan)
-                broadcast(subs, msg[7:].encode(), text=True)
-            elif isinstance(msg, str) and msg.startswith("FILES "):
-                target, *sources = msg.split()[1:]
-                plan[:] = [(Path(target) / Path(f).name, Path(f).read_bytes()) for f in sources]
-                await ws.send("ok")
-            elif msg == "SUB":
-                subs.add(ws)
-            else:
-                await ws.send(msg)
-        subs.discard(ws)
-
-    async with serve(handler, "127.0.0.1", port, compression=None, max_size=None):
-        print("ready", flush=True)
-        await asyncio.Future()
-
-
-# --- client helpers -----------------------------------------------------------------------
-
-
-async def open_many(url: str, n: int, headers: dict[str, str] | None) -> list[ClientConnection]:
-    out: list[ClientConnection] = []
-    for start in range(0, n, 50):  # batches: the listen backlog is 100
-        batch = await asyncio.gather(
-            *(
-                connect(url, additional_headers=headers, compression=None, max_size=None)
-                for _ in range(start, min(n, start + 50))
-            )
-        )
-        out.extend(batch)
-    return out
-
-
-async def auth_and(ws: ClientConnection, frame: dict[str, Any] | None) -> None:
-    first = json.loads(await ws.recv())
-    assert first["type"] == "auth_ok", first
-    if frame is not None:
-        await ws.send(json.dumps(frame))
-        reply = json.loads(await ws.recv())
-        assert reply.get("success") is True, reply
-
-
-class Call:
-    """Sequential request/reply on one connection (ids increase)."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.id = 100
-
-    async def __call__(self, type_: str, **args: Any) -> Any:
-        self.id += 1
-        await self.ws.send(json.dumps({"id": self.id, "type": type_, **args}))
-        while True:
-            msg = json.loads(await self.ws.recv())
-            if msg.get("type") == "result" and msg.get("id") == self.id:
-                if not msg["success"]:
-                    raise RuntimeError(f"{type_}: {msg['error']}")
-                return msg["result"]
 
 
 async def round_trips(
@@ -228,28 +150,6 @@ async def pipelined(
     t0 = time.perf_counter()
     await asyncio.gather(*(one(k, ws) for k, ws in enumerate(conns)))
     return total, time.perf_counter() - t0, failures
-
-
-def connections(n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"b{i}",
-            "name": f"Bybit account {i}",
-            "exchange": ("bybit", "binance", "okx")[i % 3],
-            "api_key": f"key-{i:08d}-" + "k" * 40,
-            "api_secret": f"secret-{i:08d}-" + "s" * 56,
-            "connection_settings": '{"recvWindow": 5000}',
-        }
-        for i in range(n)
-    ]
-
-
-def metric(d: Daemon, name: str) -> float:
-    req = urllib.request.Request(d.url + "/metrics", headers=HEADERS)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else float("nan")
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -424,9 +324,9 @@ async def bench(d: Daemon, raw_url: str, args: argparse.Namespace, base: Path) -
         rows.append(("(d) ctsd heartbeats", "unavailable", "", unavailable))
         VERDICTS.append("(d) heartbeats: unavailable in this build")
     else:
-        changes0 = metric(d, "ctsd_changes_total")
+        changes0 = metric(d.url, "ctsd_changes_total")
         n_ok, secs, failures = await pipelined(hb, hb_frame, args.seconds, args.window)
-        changes = metric(d, "ctsd_changes_total") - changes0
+        changes = metric(d.url, "ctsd_changes_total") - changes0
         rows.append(
             (
                 f"(d) ctsd heartbeats, {args.clients} clients",
@@ -449,7 +349,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=Path.cwd(), help="where the data dir goes")
     ap.add_argument("--round-trips", type=int, default=2000)
     ap.add_argument("--connections", type=int, default=1000)
@@ -460,43 +359,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
-    if args.raw_server:
-        asyncio.run(raw_server(args.raw_server))
-        return
-
-    base = Path(tempfile.mkdtemp(prefix="ctsd-bench-bus-", dir=args.dir))
-    data = base / "data"
-    data.mkdir(mode=0o700)
-    settings = {
-        "server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}},
-        "test_interval_s": 0,  # no periodic exchange probes during the run
-    }
-    (data / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    raw_port = free_port()
-    raw_proc = subprocess.Popen(
-        [sys.executable, __file__, "--raw-server", str(raw_port)], stdout=subprocess.PIPE, text=True
-    )
-    d = Daemon(data, args=["--log-level", "warning"])
     load0 = os.getloadavg()[0]
-    try:
-        assert raw_proc.stdout is not None and raw_proc.stdout.readline().strip() == "ready"
-        d.start()
-        wait_until(lambda: d.http("/health", token=None)[0] == 200, 10)
-        rows = asyncio.run(bench(d, f"ws://127.0.0.1:{raw_port}", args, base))
-    finally:
-        d.close()
-        raw_proc.terminate()
-        raw_proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
-    load1 = os.getloadavg()[0]
-    head = ("measure", "p50 / rate", "p99", "ratio / note")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-    print()
-    for line in VERDICTS:
-        print(line)
-    print(f"\nload average (1 min): {load0:.2f} before, {load1:.2f} after; {os.cpu_count()} cores")
+    with raw_floor() as raw_url, daemon(args.dir) as d:
+        base = Path(tempfile.mkdtemp(prefix="floor-", dir=args.dir))
+        try:
+            rows = asyncio.run(bench(d, raw_url, args, base))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    print_table(rows, VERDICTS, load0)
 
 
 if __name__ == "__main__":

@@ -29,21 +29,28 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.daemon import Daemon, free_port, wait_until  # noqa: E402
-
-from bus import HEADERS, Call, auth_and, connections, ms, pct  # noqa: E402
-
-Row = tuple[str, str, str, str]
+from common import (
+    HEADERS,
+    Call,
+    Daemon,
+    Row,
+    auth_and,
+    connections,
+    daemon,
+    free_port,
+    ms,
+    pct,
+    print_table,
+    wait_until,
+)
 
 
 def bare_server(port: int, body_file: str) -> None:
@@ -143,68 +150,55 @@ def main() -> None:
         bare_server(int(args.bare[0]), args.bare[1])
         return
 
-    base = Path(tempfile.mkdtemp(prefix="ctsd-bench-http-", dir=args.dir))
-    data = base / "data"
-    data.mkdir(mode=0o700)
-    settings = {
-        "server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}},
-        "test_interval_s": 0,
-    }
-    (data / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    d = Daemon(data, args=["--log-level", "warning"])
     bare: subprocess.Popen[bytes] | None = None
     rows: list[Row] = []
     verdicts: list[str] = []
     load0 = os.getloadavg()[0]
-    try:
-        d.start()
-        with httpx.Client(base_url=d.url, headers=HEADERS, timeout=60) as client:
-            body = {"files": {"connections.json": connections(args.connections)}}
-            r = client.post("/api/data/import?mode=replace", json=body)
-            assert r.status_code == 200, r.text
-            listing = client.get("/api/settings/connections").content
-        http_s, bus_s = asyncio.run(update_acks(d, args.connections, args.updates))
-        ratio = pct(http_s, 0.5) / pct(bus_s, 0.5)
-        n = args.connections
-        rows.append((f"(a) bus connections.update ack @{n}", *_p50_p99(bus_s), ""))
-        rows.append((f"(a) HTTP PUT ack @{n}", *_p50_p99(http_s), f"{ratio:.2f} × bus (p50)"))
-        verdicts.append(f"(a) PUT p50 {ratio:.2f} × bus ≤ 1.3: {_met(ratio <= 1.3)}")
+    with daemon(args.dir) as d:
+        base = d.data_dir.parent
+        try:
+            with httpx.Client(base_url=d.url, headers=HEADERS, timeout=60) as client:
+                body = {"files": {"connections.json": connections(args.connections)}}
+                r = client.post("/api/data/import?mode=replace", json=body)
+                assert r.status_code == 200, r.text
+                listing = client.get("/api/settings/connections").content
+            http_s, bus_s = asyncio.run(update_acks(d, args.connections, args.updates))
+            ratio = pct(http_s, 0.5) / pct(bus_s, 0.5)
+            n = args.connections
+            rows.append((f"(a) bus connections.update ack @{n}", *_p50_p99(bus_s), ""))
+            rows.append((f"(a) HTTP PUT ack @{n}", *_p50_p99(http_s), f"{ratio:.2f} × bus (p50)"))
+            verdicts.append(f"(a) PUT p50 {ratio:.2f} × bus ≤ 1.3: {_met(ratio <= 1.3)}")
 
-        if shutil.which("wrk") is None:
-            rows.append(("(b) GET list", "wrk not installed", "", "apt-get install wrk"))
-        else:
-            body_file = base / "listing.json"
-            body_file.write_bytes(listing)
-            port = free_port()
-            bare = subprocess.Popen([sys.executable, __file__, "--bare", str(port), str(body_file)])
-            wait_until(lambda: _up(f"http://127.0.0.1:{port}/api/settings/connections"), 15)
-            bare_rps = wrk(f"http://127.0.0.1:{port}/api/settings/connections", args.seconds, {})
-            ctsd_rps = wrk(d.url + "/api/settings/connections", args.seconds, HEADERS)
-            kb = len(listing) // 1024
-            rows.append((f"(b) bare Starlette route, same {kb} KB", f"{bare_rps:,.0f}/s", "", ""))
-            rows.append(
-                (
-                    f"(b) ctsd GET /api/settings/connections @{args.connections}",
-                    f"{ctsd_rps:,.0f}/s",
-                    "16 clients",
-                    f"{ctsd_rps / bare_rps:.2f} × bare",
+            if shutil.which("wrk") is None:
+                rows.append(("(b) GET list", "wrk not installed", "", "apt-get install wrk"))
+            else:
+                body_file = base / "listing.json"
+                body_file.write_bytes(listing)
+                port = free_port()
+                bare = subprocess.Popen(
+                    [sys.executable, __file__, "--bare", str(port), str(body_file)]
                 )
-            )
-    finally:
-        d.close()
-        if bare is not None:
-            bare.terminate()
-            bare.wait()
-        shutil.rmtree(base, ignore_errors=True)
-    load1 = os.getloadavg()[0]
-    head = ("measure", "p50 / rate", "p99", "ratio / note")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-    print()
-    for line in verdicts:
-        print(line)
-    print(f"\nload average (1 min): {load0:.2f} before, {load1:.2f} after; {os.cpu_count()} cores")
+                url = f"http://127.0.0.1:{port}/api/settings/connections"
+                wait_until(lambda: _up(url), 15)
+                bare_rps = wrk(url, args.seconds, {})
+                ctsd_rps = wrk(d.url + "/api/settings/connections", args.seconds, HEADERS)
+                kb = len(listing) // 1024
+                rows.append(
+                    (f"(b) bare Starlette route, same {kb} KB", f"{bare_rps:,.0f}/s", "", "")
+                )
+                rows.append(
+                    (
+                        f"(b) ctsd GET /api/settings/connections @{args.connections}",
+                        f"{ctsd_rps:,.0f}/s",
+                        "16 clients",
+                        f"{ctsd_rps / bare_rps:.2f} × bare",
+                    )
+                )
+        finally:
+            if bare is not None:
+                bare.terminate()
+                bare.wait()
+    print_table(rows, verdicts, load0)
 
 
 def _p50_p99(values: list[float]) -> tuple[str, str]:

@@ -1,229 +1,263 @@
-"""Store benchmark: one change through the store against the floor of one durable file write.
+"""Store benchmark: a change through the real daemon's one door, beside its floors.
 
-    .venv/bin/python bench/store.py                 # 1,000 and 10,000 connections
-    .venv/bin/python bench/store.py --sizes 1000 --dir /var/tmp
+    .venv/bin/python bench/store.py                        # 1,000 and 10,000 connections
+    .venv/bin/python bench/store.py --sizes 1000 --loop asyncio uvloop --dir /var/tmp
 
-For each size it measures, in the same run and on the same filesystem:
+Starts `ctsd serve` on a fresh data dir (under the current directory or `--dir`, so fsync
+costs what it costs on that disk) holding N connections, and talks to it over the bus.
+Measured in the same run:
 
-  (a) floor   msgspec encode + msgspec.json.format(indent=2) + durable atomic write
-              (temp file, fsync, rename, fsync dir) of the same connections.json, p50/p99
-  (b) change  one `await store.submit(ops.update(...))`, sequential, p50/p99
-  (c) group   durable changes per second with 64 concurrent changers
-  (d) naive   changes per second when each change rewrites the whole file (as (a))
+  floors   raw websockets echo round trip (its own process, as ctsd is), and a bare
+           append + fdatasync of a journal-record-sized write on the same filesystem;
+           "echo + append" adds the two sample by sample
+  (a) ack  `connections.update`, sequential on one connection, p50/p99: the answer comes
+           once the change is journalled (append + fdatasync)
+  (b) rate durable changes/s with 64 clients, one change in flight each, for `--seconds`
+           (group commit: changes queued while an append is in flight share the next one)
+  (c) lag  `connections.update` with `"sync": "files"`: answered once the change is in
+           `connections.json` too, so it bounds ack → in the data file. Measured twice:
+           quiet (sequential), and by a 65th client during (b), i.e. under full load
 
-and prints the ratios (b)/(a) and (c)/(d). Targets at 1,000 connections on 2 cores:
-(b) p50 ≤ 1.5 × (a); (c) ≥ 5,000/s and ≥ 10 × (d). Not a test: numbers depend on the disk
-and on what else runs; run it on a quiet machine.
+`--loop` runs the whole set once per event loop (CTSD_EVENT_LOOP for the daemon).
+Targets on 2 cores: (a) p50 ≤ 0.8 ms and p99 ≤ 2 ms; (b) ≥ 10,000/s; (c) p99 ≤ 100 ms —
+at 1,000 and at 10,000 connections. Hand edit → subscriber is bench/watch.py. Not a test:
+numbers depend on the disk and on what else runs (the load average is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import msgspec
-import structlog
+from websockets.asyncio.client import connect
 
-from ctsd import files, ops
-from ctsd.models import Connection
-from ctsd.store import Store
+from common import (
+    HEADERS,
+    Call,
+    Row,
+    auth_and,
+    connections,
+    daemon,
+    metric,
+    ms,
+    open_many,
+    pct,
+    print_table,
+    raw_floor,
+    timed,
+)
+from ctsd import journal, models, ops
+from ctsd.core import Committed, Context, Request, apply_group
+
+VERDICTS: list[str] = []
 
 
-def make_connections(n: int) -> list[Connection]:
-    """Records shaped like the seed's, about 1 KB each once indented."""
+def record_bytes() -> int:
+    """The size of the journal frame of one `connections.update` of a bench record, made by
+    the daemon's own core and journal encoder, so the floor appends what ctsd appends."""
+    committed = Committed()
     ts = "2024-01-01T00:00:00.000Z"
-    return [
-        Connection(
-            id=f"conn_{i:012x}",
-            name=f"Bybit account {i}",
-            exchange=("bybit", "binance", "okx")[i % 3],
-            exchange_id=i % 3 + 1,
-            api_key=f"key-{i:08d}-" + "k" * 40,
-            api_secret=f"secret-{i:08d}-" + "s" * 56,
-            is_enabled=True,
-            is_live_trade=i % 2 == 0,
-            is_active=i % 4 != 0,
-            volume_factor=1.0 + (i % 10) / 10,
-            connection_settings='{"recvWindow": 5000}',
-            created_at=ts,
-            updated_at=ts,
-        )
-        for i in range(n)
-    ]
+    conn = msgspec.convert(
+        {**connections(1)[0], "created_at": ts, "updated_at": ts}, models.Connection
+    )
+    committed.connections[conn.id] = conn
+    request = Request(ops.update(conn.id, {"user_id": 123_456}), "bus", None)
+    ctx = Context("2026-01-01T00:00:00.000Z", frozenset(), {})
+    _, change = apply_group(committed, [request], ctx)
+    return len(journal.frame(msgspec.json.encode(journal.Record(1, change))))
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def durable_write(path: Path, body: bytes) -> None:
-    """The floor's write, written out by hand: temp → fsync → rename → fsync dir."""
-    tmp = path.with_name(f".bench-tmp-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def append_floor(directory: Path, n: int, size: int) -> list[float]:
+    """Bare append + fdatasync of `size` bytes, on a file that is cut back now and then like
+    the journal is (a growing file: each append also moves its size)."""
+    fd, name = tempfile.mkstemp(prefix="floor-", dir=directory)
+    out = []
     try:
-        view = memoryview(body)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        data = b"x" * size
+        end = 0
+        for i in range(n):
+            if i % 64 == 0:
+                os.ftruncate(fd, 0)
+                os.fdatasync(fd)
+                end = 0
+            t0 = time.perf_counter()
+            os.pwrite(fd, data, end)
+            os.fdatasync(fd)
+            out.append(time.perf_counter() - t0)
+            end += len(data)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def floor(directory: Path, records: list[Connection], iterations: int) -> list[float]:
-    encoder = msgspec.json.Encoder()
-    path = directory / "connections.json"
-    out = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        body = msgspec.json.format(encoder.encode(records), indent=2) + b"\n"
-        durable_write(path, body)
-        out.append(time.perf_counter() - t0)
+        os.unlink(name)
     return out
 
 
-def naive_rate(directory: Path, records: list[Connection], seconds: float) -> float:
-    """One change = change the record in memory, re-encode everything, write it durably."""
-    encoder = msgspec.json.Encoder()
-    path = directory / "connections.json"
-    records = list(records)
-    n = 0
-    end = time.perf_counter() + seconds
-    t0 = time.perf_counter()
-    while time.perf_counter() < end:
-        i = n % len(records)
-        records[i] = msgspec.structs.replace(records[i], name=f"naive {n}")
-        durable_write(path, msgspec.json.format(encoder.encode(records), indent=2) + b"\n")
-        n += 1
-    return n / (time.perf_counter() - t0)
-
-
-def seed_dir(directory: Path, records: list[Connection]) -> None:
-    directory.mkdir(mode=0o700)
-    (directory / files.CONNECTIONS).write_bytes(files.encode_table(records))
-
-
-async def store_bench(
-    directory: Path, records: list[Connection], iterations: int, seconds: float
-) -> tuple[list[float], float, int, int]:
-    store = Store(directory)
-    store.open()
-    store.start()
-    ids = [r.id for r in records]
-    try:
-        # Warm up (first writes create the sync log and fill the page cache).
-        for k in range(20):
-            await store.submit(ops.update(ids[k], {"name": f"warm {k}"}), "bench")
-        single = []
-        for k in range(iterations):
-            t0 = time.perf_counter()
-            await store.submit(ops.update(ids[k % len(ids)], {"name": f"one {k}"}), "bench")
-            single.append(time.perf_counter() - t0)
-
-        writes = 0
-
-        def count(_s: float, _n: int) -> None:
-            nonlocal writes
-            writes += 1
-
-        store.on_commit.append(count)
-        done = 0
-        end = time.perf_counter() + seconds
-
-        async def changer(w: int) -> None:
-            nonlocal done
-            k = 0
-            while time.perf_counter() < end:
-                cid = ids[(w * 7919 + k) % len(ids)]
-                await store.submit(ops.update(cid, {"name": f"w{w} {k}"}), "bench")
-                k += 1
-                done += 1
-
+async def echo_floor(url: str, n: int) -> list[float]:
+    ws = await connect(url, compression=None)
+    out = []
+    for i in range(n):
         t0 = time.perf_counter()
-        await asyncio.gather(*(changer(w) for w in range(64)))
-        rate = done / (time.perf_counter() - t0)
-        return single, rate, done, writes
-    finally:
-        await store.close()
+        await ws.send(f'{{"id":{i},"type":"ping"}}')
+        await ws.recv()
+        out.append(time.perf_counter() - t0)
+    await ws.close()
+    return out
 
 
-def ms(x: float) -> str:
-    return f"{x * 1e3:7.2f}"
+async def measure(
+    d_url: str, raw_url: str, n: int, args: argparse.Namespace, data_dir: Path
+) -> tuple[list[Row], dict[str, float]]:
+    rows: list[Row] = []
+    bus = (await open_many(d_url, 1, HEADERS))[0]
+    await auth_and(bus, None)
+    call = Call(bus)
+    await call(
+        "data.import",
+        data={"files": {"connections.json": connections(n)}},
+        mode="replace",
+        sync="files",
+    )
+    echo = await echo_floor(raw_url, args.updates)
+    size = record_bytes()
+    append = append_floor(data_dir, args.updates, size)
+    floor = [e + a for e, a in zip(echo, append, strict=True)]
+    for k in range(50):  # warm up
+        await call("connections.update", connection_id=f"b{k}", changes={"user_id": k + 2})
+
+    ack = [
+        await timed(
+            call, "connections.update", connection_id=f"b{k % n}", changes={"user_id": k + 3}
+        )
+        for k in range(args.updates)
+    ]
+    quiet_lag = [
+        await timed(
+            call,
+            "connections.update",
+            connection_id=f"b{(k * 7) % n}",
+            changes={"user_id": k + 5},
+            sync="files",
+        )
+        for k in range(args.lag_samples)
+    ]
+
+    clients = await open_many(d_url, 64, HEADERS)
+    await asyncio.gather(*(auth_and(ws, None) for ws in clients))
+    done = 0
+    end = time.perf_counter() + args.seconds
+    loaded_lag: list[float] = []
+
+    async def writer(w: int) -> None:
+        nonlocal done
+        c = Call(clients[w])
+        k = 0
+        while time.perf_counter() < end:
+            cid = f"b{(w * 7919 + k) % n}"
+            await c("connections.update", connection_id=cid, changes={"user_id": w * 100_000 + k})
+            k += 1
+            done += 1
+
+    async def prober() -> None:
+        k = 0
+        while time.perf_counter() < end:
+            loaded_lag.append(
+                await timed(
+                    call,
+                    "connections.update",
+                    connection_id=f"b{(k * 13) % n}",
+                    changes={"user_id": 9_000_000 + k},
+                    sync="files",
+                )
+            )
+            k += 1
+
+    http_url = d_url.replace("ws://", "http://").removesuffix("/ws")
+    commits0 = metric(http_url, "ctsd_write_seconds_count")
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(64)), prober())
+    rate = done / (time.perf_counter() - t0)
+    commits = metric(http_url, "ctsd_write_seconds_count") - commits0
+    await asyncio.gather(*(ws.close() for ws in [*clients, bus]), return_exceptions=True)
+
+    tag = f"@{n:,}"
+    rows += [
+        (f"floor: raw echo round trip {tag}", ms(pct(echo, 0.5)), ms(pct(echo, 0.99)), ""),
+        (
+            f"floor: append+fdatasync {size} B {tag}",
+            ms(pct(append, 0.5)),
+            ms(pct(append, 0.99)),
+            "",
+        ),
+        (f"floor: echo + append {tag}", ms(pct(floor, 0.5)), ms(pct(floor, 0.99)), ""),
+        (
+            f"(a) connections.update ack {tag}",
+            ms(pct(ack, 0.5)),
+            ms(pct(ack, 0.99)),
+            f"{pct(ack, 0.5) / pct(floor, 0.5):.2f}/{pct(ack, 0.99) / pct(floor, 0.99):.2f}"
+            " × echo+append (p50/p99)",
+        ),
+        (
+            f"(b) 64 clients {tag}",
+            f"{rate:,.0f}/s",
+            "",
+            f"{done:,} changes in {commits:,.0f} journal appends",
+        ),
+        (f"(c) sync=files ack, quiet {tag}", ms(pct(quiet_lag, 0.5)), ms(pct(quiet_lag, 0.99)), ""),
+        (
+            f"(c) sync=files ack during (b) {tag}",
+            ms(pct(loaded_lag, 0.5)),
+            ms(pct(loaded_lag, 0.99)),
+            f"{len(loaded_lag)} samples",
+        ),
+    ]
+    figures = {
+        "ack50": pct(ack, 0.5),
+        "ack99": pct(ack, 0.99),
+        "rate": rate,
+        "lag99": max(pct(quiet_lag, 0.99), pct(loaded_lag, 0.99)),
+    }
+    return rows, figures
+
+
+def judge(loop: str, n: int, f: dict[str, float]) -> None:
+    checks = [
+        (f"(a) p50 {f['ack50'] * 1e3:.2f} ms ≤ 0.8", f["ack50"] <= 0.0008),
+        (f"(a) p99 {f['ack99'] * 1e3:.2f} ms ≤ 2", f["ack99"] <= 0.002),
+        (f"(b) {f['rate']:,.0f}/s ≥ 10,000", f["rate"] >= 10_000),
+        (f"(c) p99 {f['lag99'] * 1e3:.1f} ms ≤ 100", f["lag99"] <= 0.1),
+    ]
+    marks = ", ".join(f"{t}: {'met' if ok else 'NOT met'}" for t, ok in checks)
+    VERDICTS.append(f"{loop} @{n:,}: {marks}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in .)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="duration of (c) and (d)")
-    args = ap.parse_args()
-    # The store logs its start (created_defaults, loaded): keep the table readable.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    load_before = os.getloadavg()[0]
-
-    root = Path(tempfile.mkdtemp(prefix="ctsd-bench-", dir=args.dir or os.getcwd()))
-    rows = []
-    try:
-        for n in args.sizes:
-            records = make_connections(n)
-            iterations = 300 if n <= 1000 else 60
-            work = root / f"n{n}"
-            work.mkdir()
-            size = len(files.encode_table(records))
-            a = floor(work, records, iterations)
-            d = naive_rate(work, records, args.seconds)
-            seed_dir(work / "store", records)
-            b, c, done, writes = asyncio.run(
-                store_bench(work / "store", records, iterations, args.seconds)
-            )
-            rows.append((n, size, a, b, c, d, done, writes))
-            shutil.rmtree(work)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-    print(f"ctsd store bench · Python {sys.version.split()[0]} · {os.cpu_count()} CPUs")
-    print(f"filesystem: {os.path.realpath(args.dir or os.getcwd())}")
-    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
-    print()
-    head = (
-        "connections   file MB | (a) floor p50   p99 | (b) change p50   p99 | (b)/(a) |"
-        " (c) 64 changers/s | (d) naive/s | (c)/(d) | writes in (c)"
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(head)
-    print("-" * len(head))
-    for n, size, a, b, c, d, done, writes in rows:
-        print(
-            f"{n:11,d} {size / 1e6:9.2f} |"
-            f"    {ms(pct(a, 0.5))} {ms(pct(a, 0.99))} |"
-            f"     {ms(pct(b, 0.5))} {ms(pct(b, 0.99))} |"
-            f" {pct(b, 0.5) / pct(a, 0.5):7.2f} |"
-            f" {c:17,.0f} | {d:11,.0f} | {c / d:7.1f} |"
-            f" {writes:,} for {done:,} changes"
-        )
-    print()
-    print("times in ms; (b) includes the sync-log write the floor does not have.")
-    if rows and rows[0][0] == 1000:
-        _, _, a, b, c, d, _, _ = rows[0]
-        verdict = [
-            ("(b) p50 <= 1.5 x (a)", pct(b, 0.5) <= 1.5 * pct(a, 0.5)),
-            ("(c) >= 5,000/s", c >= 5000),
-            ("(c) >= 10 x (d)", c >= 10 * d),
-        ]
-        marks = [f"{t}: {'met' if ok else 'MISSED'}" for t, ok in verdict]
-        print("targets at 1,000: " + ", ".join(marks))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--loop", nargs="+", default=["asyncio"], choices=["asyncio", "uvloop"])
+    ap.add_argument("--dir", type=Path, default=Path.cwd(), help="where the data dir goes")
+    ap.add_argument("--updates", type=int, default=1000)
+    ap.add_argument("--lag-samples", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    load0 = os.getloadavg()[0]
+    rows: list[Row] = []
+    with raw_floor() as raw_url:
+        for loop in args.loop:
+            for n in args.sizes:
+                with daemon(args.dir, env={"CTSD_EVENT_LOOP": loop}) as d:
+                    part, figures = asyncio.run(measure(d.ws_url, raw_url, n, args, d.data_dir))
+                    rows += [(f"[{loop}] {r[0]}", *r[1:]) for r in part]
+                    judge(loop, n, figures)
+    print_table(rows, VERDICTS, load0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -159,6 +160,14 @@ async def _reload(d: Daemon) -> None:
     log.info("reloaded", revision=store.revision, invalid_files=sorted(store.problems))
 
 
+def _loop_options() -> dict[str, Any]:
+    """The event loop: asyncio's own unless CTSD_EVENT_LOOP=uvloop (uvloop must be installed)."""
+    choice = os.environ.get("CTSD_EVENT_LOOP", "asyncio")
+    if choice not in ("asyncio", "uvloop"):
+        raise StartError(f"CTSD_EVENT_LOOP={choice!r}: expected asyncio or uvloop")
+    return {"use_uvloop": choice == "uvloop"}
+
+
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     os.umask(0o077)  # files we create (logs, temp files) are the owner's alone
     # atomic.written_elsewhere probes with a read lease for an instant; a lease break sends
@@ -170,7 +179,7 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
     try:
-        anyio.run(_serve, d)
+        anyio.run(_serve, d, backend_options=_loop_options())
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1

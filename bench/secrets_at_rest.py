@@ -1,6 +1,6 @@
 """Benchmark of secrets at rest, key rotation and backups at 10,000 connections.
 
-    .venv/bin/python bench/secrets.py [--connections 10000] [--rounds 15] [--dir DIR]
+    .venv/bin/python bench/secrets_at_rest.py [--connections 10000] [--rounds 15] [--dir DIR]
 
 Every connection has three secrets (api_key 40 chars, api_secret 64, api_passphrase 16).
 Measured in-process, medians of `--rounds` runs:
