@@ -397,3 +397,53 @@ def test_token_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert read_token(target, system) == "from-creds"
     monkeypatch.setenv("CTSD_TOKEN", "from-env")
     assert read_token(target, system) == "from-env"
+
+
+def _journal_with_changes(data_dir: Path, n: int) -> Path:
+    """A real journal (the daemon's own writer) holding `n` change groups not yet in the
+    files, as a daemon killed before its checkpoint leaves it."""
+    from ctsd.core import Committed, Context, Request, apply_group
+    from ctsd.journal import Journal
+    from ctsd.ops import create
+
+    committed = Committed()
+    j = Journal(data_dir)
+    j.open(0)
+    for i in range(n):
+        op = create({"id": f"c{i}", "name": f"C{i}", "exchange": "bybit"})
+        _, change = apply_group(
+            committed, [Request(op, "cli")], Context(f"2026-01-01T00:00:0{i}.000Z")
+        )
+        j.append(change)
+        committed.apply(change)
+    j.close()
+    return data_dir / ".journal"
+
+
+def test_verify_notes_changes_waiting_in_the_journal_and_a_torn_tail(tmp_path: Path) -> None:
+    path = _journal_with_changes(tmp_path, 2)
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{tmp_path}/.journal: 2 change group(s) not yet in the data files" in r.stdout
+    with path.open("ab") as f:
+        f.write(b"\x10\x00\x00\x00abc")  # a frame header a crash cut short
+    size = path.stat().st_size
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a torn tail of 7 bytes" in r.stdout
+    assert path.stat().st_size == size, "verify must not cut the journal"
+
+
+def test_verify_refuses_a_damaged_or_foreign_journal(tmp_path: Path) -> None:
+    path = _journal_with_changes(tmp_path, 3)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside a record with good records after it
+    path.write_bytes(bytes(raw))
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert ".journal" in r.stdout and "damaged at byte" in r.stdout
+
+    path.write_bytes(b"not a journal at all\n")
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "is not a ctsd journal" in r.stdout

@@ -53,7 +53,9 @@ def verify(data_dir: str | None) -> None:
         # A missing dir is not a file problem: a file:1:1 location would only confuse.
         click.echo(f"ctsd: {directory}: data dir does not exist or is not a directory", err=True)
         sys.exit(1)
-    checked, problems = verify_dir(directory)
+    checked, problems, notes = verify_dir(directory)
+    for note in notes:
+        click.echo(f"{directory}/{note}")
     for problem in problems:
         if problem.line == NO_POSITION:  # the dir, or a file as a whole
             where = directory if problem.file == "." else directory / problem.file

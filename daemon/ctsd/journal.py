@@ -95,6 +95,62 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
     return out, pos, ""
 
 
+@dataclass
+class Scan:
+    """What a journal's bytes hold (`scan_journal`), read without changing anything."""
+
+    base_revision: int
+    header_end: int
+    changes: list[Change]
+    offsets: list[tuple[int, int]]  # (lsn, end offset) of each record
+    good_end: int  # where the good frames end; after it, a torn tail
+
+
+def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
+    """Read a journal's bytes: None for an empty one; raises JournalError (one line) for one
+    that cannot be trusted with data files at `files_revision`."""
+    frames, good_end, stop = _frames(raw)
+    what = f"{where} ({len(raw)} bytes)"
+    if stop == "damaged":
+        raise JournalError(
+            f"{what} is damaged at byte {good_end}, with data after it: refusing to start "
+            "rather than lose acknowledged changes; move it aside to start from the data "
+            "files as they are (its changes after that point would be lost)"
+        )
+    if not frames:
+        if raw:  # the header is written whole (temp file, rename): this is something else
+            raise JournalError(
+                f"{what} is not a ctsd journal; move it aside to start from the data files"
+            )
+        return None
+    try:
+        header = _decode_header(frames[0][1])
+    except msgspec.MsgspecError:
+        raise JournalError(
+            f"{what} is not a ctsd journal; move it aside to start from the data files"
+        ) from None
+    if header.journal != "ctsd" or header.version != VERSION:
+        raise JournalError(
+            f"{what} is a journal of another kind or version ({header.journal!r} "
+            f"v{header.version}); this ctsd reads v{VERSION}"
+        )
+    if files_revision < header.base_revision:
+        raise JournalError(
+            f"{where} begins at revision {header.base_revision} but the data files are "
+            f"at revision {files_revision}: it belongs to other files (a copied or restored "
+            "data dir?); move it aside to start from the files as they are"
+        )
+    scan = Scan(header.base_revision, frames[0][0], [], [], good_end)
+    for end, payload in frames[1:]:
+        try:
+            rec = _decode_record(payload)
+        except msgspec.MsgspecError as e:
+            raise JournalError(f"{what}: a record does not decode ({e})") from None
+        scan.changes.append(rec.change)
+        scan.offsets.append((rec.lsn, end))
+    return scan
+
+
 class Journal:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / NAME
@@ -136,55 +192,21 @@ class Journal:
             raise
 
     def _recover(self, raw: bytes, files_revision: int) -> Recovered:
-        frames, good_end, stop = _frames(raw)
-        what = f"{self.path} ({len(raw)} bytes)"
-        if stop == "damaged":
-            raise JournalError(
-                f"{what} is damaged at byte {good_end}, with data after it: refusing to start "
-                "rather than lose acknowledged changes; move it aside to start from the data "
-                "files as they are (its changes after that point would be lost)"
-            )
-        if not frames:
-            if raw:  # the header is written whole (temp file, rename): this is something else
-                raise JournalError(
-                    f"{what} is not a ctsd journal; move it aside to start from the data files"
-                )
+        scan = scan_journal(raw, str(self.path), files_revision)
+        if scan is None:
             self._begin(files_revision)
             return Recovered([], base_revision=files_revision)
-        try:
-            header = _decode_header(frames[0][1])
-        except msgspec.MsgspecError:
-            raise JournalError(
-                f"{what} is not a ctsd journal; move it aside to start from the data files"
-            ) from None
-        if header.journal != "ctsd" or header.version != VERSION:
-            raise JournalError(
-                f"{what} is a journal of another kind or version ({header.journal!r} "
-                f"v{header.version}); this ctsd reads v{VERSION}"
-            )
-        if files_revision < header.base_revision:
-            raise JournalError(
-                f"{self.path} begins at revision {header.base_revision} but the data files are "
-                f"at revision {files_revision}: it belongs to other files (a copied or restored "
-                "data dir?); move it aside to start from the files as they are"
-            )
-        changes: list[Change] = []
-        self.base_revision = header.base_revision
-        self.header_end = frames[0][0]
-        for end, payload in frames[1:]:
-            try:
-                rec = _decode_record(payload)
-            except msgspec.MsgspecError as e:
-                raise JournalError(f"{what}: a record does not decode ({e})") from None
-            changes.append(rec.change)
-            self.lsn = rec.lsn
-            self.offsets.append((rec.lsn, end))
-        self.end = good_end
-        dropped = len(raw) - good_end
+        self.base_revision = scan.base_revision
+        self.header_end = scan.header_end
+        for lsn, end in scan.offsets:
+            self.lsn = lsn
+            self.offsets.append((lsn, end))
+        self.end = scan.good_end
+        dropped = len(raw) - scan.good_end
         if dropped:
-            os.ftruncate(self.fd, good_end)  # the torn tail was never acknowledged
+            os.ftruncate(self.fd, scan.good_end)  # the torn tail was never acknowledged
             os.fsync(self.fd)
-        return Recovered(changes, dropped, header.base_revision)
+        return Recovered(scan.changes, dropped, scan.base_revision)
 
     def _begin(self, base_revision: int) -> None:
         """A new journal holding only its header."""

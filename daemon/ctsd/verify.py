@@ -2,15 +2,19 @@
 
 It reports everything the daemon would refuse: files that do not decode or validate, nest too
 deeply or name a key twice, names that hold no regular file (a FIFO, a link, a directory),
-data files other users may read, a token file other users may read, and a data dir (or one
-of its directories) the daemon would not use.
+data files other users may read, a token file other users may read, a journal it would not
+replay (damaged, of another data dir), and a data dir (or one of its directories) the daemon
+would not use. Changes still in the journal (a daemon stopped by a crash before writing them
+into the files) are not a problem: they are reported as a note, and replayed at the next start.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ctsd import files
+import msgspec
+
+from ctsd import files, journal
 from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
 from ctsd.safefile import dir_problems, lstat, read_data_file, token_problem
@@ -42,9 +46,49 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
     return problems
 
 
-def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
-    """(files checked, problems) for an existing dir. A missing file is not a problem: the
-    daemon creates it."""
+def journal_note(
+    data_dir: Path, contents: dict[str, bytes]
+) -> tuple[str | None, FileProblem | None]:
+    """(a note on what the journal holds, or a problem that keeps the daemon from starting)."""
+    path = data_dir / journal.NAME
+    if lstat(path) is None:
+        return None, None
+    try:
+        raw, _st = read_data_file(path, journal.NAME)
+    except Invalid as e:
+        return None, e.problem
+    except OSError as e:
+        return None, FileProblem(
+            journal.NAME, NO_POSITION, NO_POSITION, "$", f"cannot read: {e.strerror}"
+        )
+    try:
+        log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
+        revision = log[-1]["id"] if log else 0
+    except (msgspec.DecodeError, LookupError, TypeError):
+        revision = 1 << 62  # the sync log is reported on its own: skip the revision check
+    try:
+        scan = journal.scan_journal(raw, journal.NAME, revision)
+    except journal.JournalError as e:
+        return None, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
+    if scan is None or (not scan.changes and scan.good_end == len(raw)):
+        return None, None
+    parts = []
+    if scan.changes:
+        parts.append(
+            f"{len(scan.changes)} change group(s) not yet in the data files; the daemon "
+            "replays them at its next start"
+        )
+    if scan.good_end < len(raw):
+        parts.append(
+            f"a torn tail of {len(raw) - scan.good_end} bytes (a write a crash cut short, "
+            "never acknowledged), dropped at the next start"
+        )
+    return f"{journal.NAME}: " + "; ".join(parts), None
+
+
+def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem], list[str]]:
+    """(files checked, problems, notes) for an existing dir. A missing file is not a problem:
+    the daemon creates it."""
     layout = dir_problems(data_dir)
     problems = [
         FileProblem(name, NO_POSITION, NO_POSITION, "$", reason) for name, reason in layout.items()
@@ -75,6 +119,14 @@ def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem]]:
         except OSError as e:
             problems.append(FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"))
     problems += check_contents(contents)
+    notes: list[str] = []
+    note, problem = journal_note(data_dir, contents)
+    if lstat(data_dir / journal.NAME) is not None:
+        checked.append(journal.NAME)
+    if note is not None:
+        notes.append(note)
+    if problem is not None:
+        problems.append(problem)
     order = {f: i for i, f in enumerate(checked)}
     problems.sort(key=lambda p: order.get(p.file, len(order)))
-    return checked, problems
+    return checked, problems, notes
