@@ -6,7 +6,7 @@
 Starts `ctsd serve` (a subprocess, on a temporary data dir under the current directory or
 `--dir`, so fsync costs what it costs on that disk) and a raw websockets server (another
 subprocess: echo, and `broadcast()` of given bytes to its subscribers). Clients run in this
-process, all on the same 2 cores, as the FINDINGS floors were measured.
+process, all on the same 2 cores, as the floors are measured.
 
   (a) round trip   `ping` on the bus vs the same frame echoed by raw websockets, p50/p99
   (b) update ack   `connections.update` at 1,000 connections, sequential, p50/p99 — the ack

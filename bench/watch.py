@@ -15,7 +15,7 @@ same run, for the same saves:
 
 and prints (e)/(r). A last row repeats the smallest size with in-place saves (truncate, then
 write: cp, nano, shell redirection), where a half-written file may be read first and the
-watcher must wait for it. Target at 1,000 connections: (e) p99 ≤ 15 ms (CONTRACT §3's bound is
+watcher must wait for it. Target at 1,000 connections: (e) p99 ≤ 15 ms (the promised bound is
 100 ms). Not a test: numbers depend on the disk and on what else runs; run it on a quiet
 machine and read the load average printed beside the table.
 """

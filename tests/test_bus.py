@@ -1,4 +1,4 @@
-"""The bus (CONTRACT §4) against the real daemon process, with real websockets clients."""
+"""The bus against the real daemon process, with real websockets clients."""
 
 from __future__ import annotations
 

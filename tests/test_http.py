@@ -1,4 +1,4 @@
-"""Plain HTTP on the bus port (CONTRACT §5) against the real daemon process."""
+"""Plain HTTP on the bus port against the real daemon process."""
 
 from __future__ import annotations
 

@@ -388,7 +388,7 @@ def test_invalid_file_at_start_degrades_health_and_is_untouched(data_dir: Path) 
     assert (data_dir / files.CONNECTIONS).stat().st_ino == st.st_ino
 
 
-# --- the bus (CONTRACT §4) ------------------------------------------------------------------
+# --- the bus ------------------------------------------------------------------------------
 
 
 class Bus:

@@ -1,4 +1,4 @@
-"""Hand edits against the real daemon process (CONTRACT §3, issue 3).
+"""Hand edits against the real daemon process.
 
 Every test edits files the way a tool does (atomic rename, in-place truncate + write, vim's
 backup/probe/rename dance, `cp`, `sed -i`, `rm`) and observes only what the outside sees: the

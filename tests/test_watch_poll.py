@@ -32,7 +32,7 @@ def _polling(on: bool, interval_ms: int = 50) -> dict[str, Any]:
 
 
 def test_polling_takes_in_edits_spaced_like_a_human(data_dir: Path) -> None:
-    """watchfiles' poller missed most edits 125-160 ms apart (FINDINGS); ours must not."""
+    """watchfiles' poller missed most edits 125-160 ms apart; ours must not."""
     seed(data_dir, 10, _polling(True, 100))
     d = Daemon(data_dir).start()
     try:

@@ -1,4 +1,4 @@
-"""Where each setting comes from: flag > environment > settings.json > default (CONTRACT §1)."""
+"""Where each setting comes from: flag > environment > settings.json > default."""
 
 from __future__ import annotations
 

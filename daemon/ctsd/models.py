@@ -163,7 +163,7 @@ class Algorithm(Section, kw_only=True):
     name: Annotated[str, msgspec.Meta(min_length=1)]
 
 
-# --- settings.json: the keys the daemon reads (CONTRACT §2) ---------------------------------
+# --- settings.json: the keys the daemon reads ---------------------------------
 
 
 class RateLimit(Section, kw_only=True):

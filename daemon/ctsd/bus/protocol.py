@@ -1,4 +1,4 @@
-"""Every message on the bus as a msgspec Struct (CONTRACT §4).
+"""Every message on the bus as a msgspec Struct.
 
 Incoming frames are decoded once into an envelope (`id`, `type`) and the command's arguments
 are converted into the command's own Struct, which refuses unknown keys so a typo answers
@@ -17,7 +17,7 @@ from ctsd.errors import CtsdError
 from ctsd.models import SyncEvent
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 1024 * 1024  # CONTRACT §4: a frame over 1 MiB is refused (too_large)
+MAX_FRAME_BYTES = 1024 * 1024  # a frame over 1 MiB is refused (too_large)
 TOPICS = ("connections", "state", "documents", "system")
 
 Topic = Literal["connections", "state", "documents", "system"]

@@ -149,7 +149,7 @@ def snapshot(store: Store) -> dict[str, Any]:
 
 
 def export(store: Store) -> dict[str, Any]:
-    """Every data file as its content, secrets masked (CONTRACT §4 `data.export`)."""
+    """Every data file as its content, secrets masked (`data.export`)."""
     out: dict[str, Any] = {
         files.CONNECTIONS: connections(store),
         files.STATE: state(store),

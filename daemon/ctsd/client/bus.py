@@ -1,4 +1,4 @@
-"""The bus connection (`ws://HOST:PORT/ws`, CONTRACT §4): open, authenticate, call, close.
+"""The bus connection (`ws://HOST:PORT/ws`): open, authenticate, call, close.
 
 `run` and `run_main` carry one command's conversation with the daemon and turn every failure
 into one line on stderr and an exit code.
@@ -32,7 +32,7 @@ from ctsd.client.render import dump_json, safe, short
 from ctsd.client.target import SYSTEM_TOKEN, Target, read_token
 from ctsd.config import is_loopback
 
-# The server refuses frames over 1 MiB (CONTRACT §4); checking before sending gives a clear
+# The server refuses frames over 1 MiB; checking before sending gives a clear
 # message instead of a closed connection.
 MAX_FRAME = 1024 * 1024
 # Replies (exports, snapshots) may be far larger than what the server accepts from us.
