@@ -8,20 +8,21 @@ hand is written back from memory (by the checkpointer), except an algorithm, whi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
 
 from ctsd import files, ops, safefile
 from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
-from ctsd.core import Committed, mirror_state
+from ctsd.core import Committed, Op, Outcome, mirror_state
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
@@ -29,14 +30,31 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.timeutil import now_iso
 
-if TYPE_CHECKING:
-    from ctsd.store import Store
+
+class Door(Protocol):
+    """What the intake uses of the store (`ctsd.store.Store`): its committed state and problems,
+    the per-file lock, notices, and the door a hand edit goes through."""
+
+    committed: Committed
+    problems: dict[str, FileProblem]
+
+    @property
+    def revision(self) -> int: ...
+
+    def file_lock(self, file: str) -> asyncio.Lock: ...
+
+    def notice(self, notice: dict[str, Any]) -> None: ...
+
+    def notice_watcher(self, file: str) -> None: ...
+
+    async def submit_take_in(self, op: Op) -> tuple[Outcome, int | None]: ...
+
 
 log = structlog.get_logger("ctsd.store")
 
 
 class Intake:
-    def __init__(self, store: Store, disk: Disk) -> None:
+    def __init__(self, store: Door, disk: Disk) -> None:
         self.store = store
         self.disk = disk
         self.data_dir = disk.data_dir

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ctsd import ops
 from ctsd.bus import protocol as p
 from ctsd.bus import views
-from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
+from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS, Key
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, Source
 from ctsd.redact import mask
 
 if TYPE_CHECKING:
-    from ctsd.bus.session import Session
     from ctsd.services import Services
+
+
+class Subscriber(Protocol):
+    """The bus connection a (un)subscribe command acts on (`ctsd.bus.session.Session`)."""
+
+    def subscribe(self, key: Key, since: int | None) -> None: ...
+
+    def unsubscribe(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +44,7 @@ class Call:
     source: Source
     sync: str | None = None
     if_match: int | None = None
-    session: Session | None = None
+    session: Subscriber | None = None
 
 
 Handler = Callable[[Call, Any], Awaitable[Any]]
@@ -57,7 +64,7 @@ def _conn_out(result: Any) -> Any:
     return views.connection(result) if isinstance(result, Connection) else result
 
 
-def _session(c: Call) -> Session:
+def _session(c: Call) -> Subscriber:
     if c.session is None:  # a route never maps to these; a bug if it does
         raise CtsdError("invalid", "this command needs a bus connection")
     return c.session

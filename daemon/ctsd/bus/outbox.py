@@ -16,11 +16,10 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 import structlog
 from websockets.frames import Frame, Opcode
-
-from ctsd.web.protocols import Wire
 
 log = structlog.get_logger("ctsd.bus")
 
@@ -28,6 +27,24 @@ MAX_QUEUE_FRAMES = 1000
 MAX_QUEUE_BYTES = 8 * 1024 * 1024
 CLOSE_LAGGING = 4008
 CLOSE_TIMEOUT_S = 3.0
+# The ASGI scope extension under which the HTTP server hands each websocket its `Wire`.
+WIRE = "ctsd.wire"
+
+
+class Wire(Protocol):
+    """What the bus needs of one websocket connection beyond ASGI (`ctsd.web.protocols` makes
+    it): ASGI cannot write a frame framed once for many clients, tell whether a client keeps
+    up, or drop one whose peer stopped reading."""
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def writable(self) -> asyncio.Event: ...
+
+    def write(self, framed: bytes) -> bool: ...
+
+    def abort(self) -> None: ...
 
 
 def wire_of(payload: bytes) -> bytes:

@@ -1,5 +1,5 @@
 """Rate limits: a token bucket per client (`server.rate_limit`): per bus connection, per HTTP
-keep-alive connection of a local peer, per address for other peers (`web.guard.rate_key`)."""
+keep-alive connection of a local peer, per address for other peers (`ctsd.guard.rate_key`)."""
 
 from __future__ import annotations
 

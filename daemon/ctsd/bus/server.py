@@ -15,12 +15,11 @@ import structlog
 
 from ctsd.bus import protocol
 from ctsd.bus.fanout import Hub
-from ctsd.bus.outbox import Outbox
+from ctsd.bus.outbox import WIRE, Outbox
 from ctsd.bus.ratelimit import Limiter
 from ctsd.bus.session import CLOSE_GOING_AWAY, Closed, Session
 from ctsd.errors import CtsdError
-from ctsd.web.guard import Guard
-from ctsd.web.protocols import WIRE
+from ctsd.guard import Guard
 
 if TYPE_CHECKING:
     from ctsd.services import Services

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
 
 from ctsd.bus import protocol as p
 from ctsd.bus.commands import HANDLERS, PROBES, WRITES, Call
-from ctsd.bus.fanout import Key
+from ctsd.bus.fanout import Hub, Key
 from ctsd.bus.outbox import Outbox, wire_of
+from ctsd.bus.ratelimit import Limiter
 from ctsd.errors import CtsdError
-from ctsd.web.guard import token_ok
+from ctsd.guard import Guard, token_ok
 
 if TYPE_CHECKING:
-    from ctsd.bus.server import Bus
+    from ctsd.services import Services
 
 log = structlog.get_logger("ctsd.bus")
 
@@ -43,8 +44,19 @@ class Closed(Exception):
     """The client went away (or we closed it): stop serving this connection."""
 
 
+class BusHost(Protocol):
+    """What a session uses of the bus that serves it (`ctsd.bus.server.Bus`)."""
+
+    svc: Services
+    hub: Hub
+    guard: Guard
+    limiter: Limiter
+
+    def count_error(self, code: str) -> None: ...
+
+
 class Session:
-    def __init__(self, bus: Bus, outbox: Outbox, receive: Any, addr: str) -> None:
+    def __init__(self, bus: BusHost, outbox: Outbox, receive: Any, addr: str) -> None:
         self.bus = bus
         self.svc = bus.svc
         self.outbox = outbox

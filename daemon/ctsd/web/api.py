@@ -8,9 +8,6 @@ from it.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
@@ -27,8 +24,10 @@ from ctsd.errors import CtsdError
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
+from ctsd.web import openapi
 from ctsd.web import schemas as s
 from ctsd.web.body import MAX_BODY_BYTES, read_json
+from ctsd.web.endpoint import Context, Endpoint, Query
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -55,7 +54,6 @@ STATUS_OF: dict[str, int] = {
     "unavailable": 503,
 }
 _encoder = msgspec.json.Encoder()
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def error_body(err: CtsdError) -> bytes:
@@ -68,53 +66,6 @@ def json_response(status: int, body: bytes, headers: dict[str, str] | None = Non
 
 def error_response(err: CtsdError, headers: dict[str, str] | None = None) -> Response:
     return json_response(STATUS_OF.get(err.code, 503), error_body(err), headers)
-
-
-@dataclass(frozen=True)
-class Query:
-    name: str
-    type: Any  # a msgspec type, for parsing and for the document
-    description: str
-    arg: str | None = None  # the argument it fills (default: its name)
-    required: bool = False
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    method: str
-    path: str
-    summary: str
-    run: Callable[[Context], Awaitable[Any]]
-    response: Any = None  # msgspec type of the answer (None: no JSON schema, e.g. /metrics)
-    status: int = 200
-    body: Any = None  # msgspec type of the JSON body, or None for no body
-    typed_body: bool = False  # the body is converted to `body` (else the command validates it)
-    queries: tuple[Query, ...] = ()
-    auth: bool = True
-    write: bool = False  # a change: `?sync=files` and `If-Match` apply
-    tag: str = "data"
-    errors: tuple[int, ...] = ()
-    notes: str = ""
-
-
-@dataclass
-class Context:
-    """One request, as the route functions see it."""
-
-    svc: Services
-    request: Request
-    call: Call
-    path: dict[str, str]
-    query: dict[str, Any]
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int | None = None
-
-    def connection_id(self) -> str:
-        cid = self.path["id"]
-        if not _ID.fullmatch(cid):
-            raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
-        return cid
 
 
 async def command(
@@ -149,9 +100,7 @@ async def get_health(ctx: Context) -> Any:
 
 
 async def get_openapi(ctx: Context) -> Any:
-    from ctsd.web.openapi import document
-
-    return document()
+    return openapi.document(ENDPOINTS)
 
 
 async def get_metrics(ctx: Context) -> Any:
@@ -581,8 +530,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
 )
 
-# Query parameters of writes (and of every route: sync-log and the filters are per route).
-SYNC_QUERY = Query("sync", str, "`files`: answer once the change is in the data files")
 IF_MATCH_HEADER = "If-Match"
 
 

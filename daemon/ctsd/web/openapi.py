@@ -1,6 +1,6 @@
 """`GET /openapi.json`: an OpenAPI 3.1 description of every route, made from the route table
-(`ctsd.web.api.ENDPOINTS`) and the msgspec models that validate the requests and shape the
-answers, so the document cannot drift from what the daemon does."""
+(`ctsd.web.api.ENDPOINTS`, handed to `document`) and the msgspec models that validate the
+requests and shape the answers, so the document cannot drift from what the daemon does."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 
 from ctsd import __version__
-from ctsd.web import api
 from ctsd.web import schemas as s
+from ctsd.web.endpoint import SYNC_QUERY, Endpoint
 
 REF = "#/components/schemas/{name}"
 _ERROR_TEXT = {
@@ -40,7 +40,7 @@ def _openapi_path(path: str) -> str:
     return path.replace("{name:docname}", "{name}")
 
 
-def _parameters(ep: api.Endpoint) -> list[dict[str, Any]]:
+def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     path = _openapi_path(ep.path)
     if "{id}" in path:
@@ -80,7 +80,7 @@ def _parameters(ep: api.Endpoint) -> list[dict[str, Any]]:
                 "name": "sync",
                 "in": "query",
                 "required": False,
-                "description": api.SYNC_QUERY.description,
+                "description": SYNC_QUERY.description,
                 "schema": {"type": "string", "enum": ["files"]},
             }
         )
@@ -96,7 +96,7 @@ def _parameters(ep: api.Endpoint) -> list[dict[str, Any]]:
     return out
 
 
-def _body_schema(ep: api.Endpoint, schema: dict[str, Any]) -> dict[str, Any]:
+def _body_schema(ep: Endpoint, schema: dict[str, Any]) -> dict[str, Any]:
     if ep.notes == "create":
         return {"$ref": REF.format(name="ConnectionInput")}
     if ep.notes == "update":
@@ -107,9 +107,9 @@ def _body_schema(ep: api.Endpoint, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def document() -> dict[str, Any]:
+def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
     kinds: list[Any] = [s.ErrorResponse]
-    for ep in api.ENDPOINTS:
+    for ep in endpoints:
         kinds.append(ep.response if ep.response is not None else str)
         kinds.append(ep.body if ep.body is not None else str)
     schemas, components = msgspec.json.schema_components(kinds, ref_template=REF)
@@ -143,7 +143,7 @@ def document() -> dict[str, Any]:
     components["ConnectionBatchItem"] = batch_item
     error_ref = schemas[0]
     paths: dict[str, dict[str, Any]] = {}
-    for i, ep in enumerate(api.ENDPOINTS):
+    for i, ep in enumerate(endpoints):
         response_schema = schemas[1 + 2 * i] if ep.response is not None else None
         body_schema = schemas[2 + 2 * i] if ep.body is not None else None
         op: dict[str, Any] = {

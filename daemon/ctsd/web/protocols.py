@@ -7,7 +7,7 @@ its httptools and websockets-sansio protocols:
   before it can hold a descriptor), a deadline for a request's headers (uvicorn arms no timer
   until a first response, so an idle or trickling socket would be held forever), and bounds
   on the request line and headers.
-- Websocket: the `Wire` (ASGI extension `ctsd.wire` in the scope) that the bus uses to write
+- Websocket: the bus's `Wire` (an ASGI extension in the scope) that the bus uses to write
   frames it framed once for every subscriber, to see whether a client keeps up, and to drop
   one that does not (ASGI has no way to abort a connection whose peer stopped reading).
 """
@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-WIRE = "ctsd.wire"
+from ctsd.bus.outbox import WIRE
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -47,8 +47,8 @@ class ConnectionLimits:
     refused: int = 0  # connections refused by the cap (metrics)
 
 
-class Wire:
-    """What the bus needs of one websocket connection beyond ASGI (see the module note)."""
+class SocketWire:
+    """The bus's `Wire` over one uvicorn websocket protocol (see the module note)."""
 
     __slots__ = ("_p",)
 
@@ -143,6 +143,6 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)
             if scope is not None:  # None when the handshake itself was refused
-                scope["extensions"][WIRE] = Wire(self)
+                scope["extensions"][WIRE] = SocketWire(self)
 
     return GuardedHttp, WiredWebSocket

@@ -30,9 +30,9 @@ from ctsd.bus.ratelimit import Limiter
 from ctsd.bus.server import BUS_PATH, HARD_MAX_FRAME_BYTES, Bus
 from ctsd.config import is_loopback
 from ctsd.errors import CtsdError
+from ctsd.guard import Guard, header, rate_key
 from ctsd.metrics import Metrics
 from ctsd.web import api
-from ctsd.web.guard import Guard, header, rate_key
 from ctsd.web.protocols import ConnectionLimits, protocol_classes
 
 if TYPE_CHECKING:
