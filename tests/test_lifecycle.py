@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from ctsd import files
 from ctsd.atomic import TEMP_PREFIX
@@ -224,6 +226,39 @@ def test_bad_port_in_env_exits_1(data_dir: Path) -> None:
         assert "CTSD_PORT" in one_line(d.stderr())
     finally:
         d.close()
+
+
+def test_unknown_event_loop_exits_1(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "trio"})
+    try:
+        assert run_to_exit(d) == 1
+        assert "CTSD_EVENT_LOOP" in one_line(d.stderr())
+    finally:
+        d.close()
+
+
+def test_uvloop_serves_bus_http_and_writes(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "uvloop"})
+    try:
+        d.start()
+        auth = {"Authorization": f"Bearer {d.token}"}
+        made = httpx.post(
+            d.url + "/api/settings/connections",
+            json={"name": "on uvloop", "exchange": "binance"},
+            headers=auth,
+        )
+        assert made.status_code == 201, made.text
+        cid = made.json()["id"]
+        with connect(d.ws_url, additional_headers=auth, open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "auth_ok"
+            ws.send(json.dumps({"id": 1, "type": "connections.get", "connection_id": cid}))
+            reply = json.loads(ws.recv(timeout=5))
+            assert reply["result"]["name"] == "on uvloop", reply
+        assert d.stop() == 0
+    finally:
+        d.close()
+    # Stopped by SIGTERM after a checkpoint: the change is in the data file.
+    assert cid in (data_dir / "connections.json").read_text()
 
 
 def test_port_busy_exits_1(data_dir: Path) -> None:
