@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +422,45 @@ def test_invalid_file_at_start_degrades_health_and_is_untouched(data_dir: Path) 
         d.close()
     assert (data_dir / files.CONNECTIONS).read_bytes() == bad
     assert (data_dir / files.CONNECTIONS).stat().st_ino == st.st_ino
+
+
+def _run(data_dir: Path, body: Callable[[Daemon], None] = lambda _d: None) -> None:
+    """Start a daemon on `data_dir`, run `body` with it, stop it cleanly (SIGTERM)."""
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        body(d)
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+def test_invalid_sync_log_at_start_with_a_journal_begun_later(data_dir: Path) -> None:
+    """A journal begun at revision 2 and a sync log broken by hand: the files' revision is
+    unknown, so the journal is not judged by it: the daemon starts, degraded, and leaves the
+    sync log as it is (it used to refuse to start, calling its own journal foreign)."""
+
+    def create_two(d: Daemon) -> None:
+        for name in ("one", "two"):
+            made = httpx.post(
+                d.url + "/api/settings/connections?sync=files",
+                json={"name": name, "exchange": "bybit"},
+                headers={"Authorization": f"Bearer {d.token}"},
+            )
+            assert made.status_code == 201, made.text
+
+    def degraded(d: Daemon) -> None:
+        code, body = d.http("/health", token=None)
+        assert code == 200 and body["status"] == "degraded", body
+        assert files.SYNC_LOG in body["checks"]["files"]["invalid"], body
+
+    _run(data_dir, create_two)
+    (data_dir / ".journal").unlink()
+    _run(data_dir)  # begins a new journal at the files' revision, 2
+    bad = b'[\n  {"id": 1, "connection_id": nul\n'
+    (data_dir / files.SYNC_LOG).write_bytes(bad)
+    _run(data_dir, degraded)
+    assert (data_dir / files.SYNC_LOG).read_bytes() == bad
 
 
 # --- the bus ------------------------------------------------------------------------------

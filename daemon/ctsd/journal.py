@@ -106,9 +106,10 @@ class Scan:
     good_end: int  # where the good frames end; after it, a torn tail
 
 
-def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
+def scan_journal(raw: bytes, where: str, files_revision: int | None) -> Scan | None:
     """Read a journal's bytes: None for an empty one; raises JournalError (one line) for one
-    that cannot be trusted with data files at `files_revision`."""
+    that cannot be trusted with data files at `files_revision` (None: not known, because the
+    sync log is invalid on disk; the journal is then not judged by it)."""
     frames, good_end, stop = _frames(raw)
     what = f"{where} ({len(raw)} bytes)"
     if stop == "damaged":
@@ -134,7 +135,7 @@ def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
             f"{what} is a journal of another kind or version ({header.journal!r} "
             f"v{header.version}); this ctsd reads v{VERSION}"
         )
-    if files_revision < header.base_revision:
+    if files_revision is not None and files_revision < header.base_revision:
         raise JournalError(
             f"{where} begins at revision {header.base_revision} but the data files are "
             f"at revision {files_revision}: it belongs to other files (a copied or restored "
@@ -163,14 +164,13 @@ class Journal:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, files_revision: int) -> Recovered:
+    def open(self, files_revision: int | None) -> Recovered:
         """Read what the journal holds (to replay onto the files) and keep it open for appends.
-        Raises JournalError when it cannot be trusted."""
+        Raises JournalError when it cannot be trusted. `files_revision`: see `scan_journal`."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            self._begin(files_revision)
-            return Recovered([], base_revision=files_revision)
+            return self._begin(files_revision)
         except OSError as e:
             raise JournalError(f"cannot open {self.path}: {e.strerror}") from None
         try:
@@ -191,11 +191,10 @@ class Journal:
             self.close()
             raise
 
-    def _recover(self, raw: bytes, files_revision: int) -> Recovered:
+    def _recover(self, raw: bytes, files_revision: int | None) -> Recovered:
         scan = scan_journal(raw, str(self.path), files_revision)
         if scan is None:
-            self._begin(files_revision)
-            return Recovered([], base_revision=files_revision)
+            return self._begin(files_revision)
         self.base_revision = scan.base_revision
         self.header_end = scan.header_end
         for lsn, end in scan.offsets:
@@ -208,12 +207,14 @@ class Journal:
             os.fsync(self.fd)
         return Recovered(scan.changes, dropped, scan.base_revision)
 
-    def _begin(self, base_revision: int) -> None:
+    def _begin(self, files_revision: int | None) -> Recovered:
         """A new journal holding only its header."""
+        base_revision = files_revision or 0
         header = frame(_encode(Header("ctsd", VERSION, base_revision)))
         self._replace(header, len(header))
         self.offsets.clear()
         self.base_revision = base_revision
+        return Recovered([], base_revision=base_revision)
 
     # --- appending -------------------------------------------------------------------------
 

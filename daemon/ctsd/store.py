@@ -29,6 +29,7 @@ from ctsd.core import Change, Committed, Context, Op, Outcome, Request, apply_gr
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
+from ctsd.files import SYNC_LOG
 from ctsd.intake import Intake
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
@@ -163,8 +164,14 @@ class Store:
         many journalled changes were replayed (they are written before the door opens)."""
         self.intake.prepare()
         self.intake.load(self.committed)
-        sync_log = self.disk.files.get("connection-sync-log.json")
-        files_revision = sync_log.content[-1].id if sync_log and sync_log.content else 0
+        sync_log = self.disk.files.get(SYNC_LOG)
+        files_revision: int | None = (
+            None  # invalid on disk: its revision is not known
+            if SYNC_LOG in self.problems
+            else sync_log.content[-1].id
+            if sync_log and sync_log.content
+            else 0
+        )
         try:
             recovered = self.journal.open(files_revision)
         except JournalError as e:

@@ -63,9 +63,9 @@ def journal_note(
         )
     try:
         log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
-        revision = log[-1]["id"] if log else 0
+        revision: int | None = log[-1]["id"] if log else 0
     except (msgspec.DecodeError, LookupError, TypeError):
-        revision = 1 << 62  # the sync log is reported on its own: skip the revision check
+        revision = None  # the sync log is reported on its own: skip the revision check
     try:
         scan = journal.scan_journal(raw, journal.NAME, revision)
     except journal.JournalError as e:
