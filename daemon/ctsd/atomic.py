@@ -1,7 +1,7 @@
 """Durable atomic writes: temp file in the same dir → fsync → rename → fsync the dir.
 
-Blocking on purpose: the store runs a whole group commit in one worker thread, so one
-thread hop pays for every file of the group.
+Blocking on purpose: the checkpointer runs a whole round in one worker thread, so one thread
+hop pays for every file of the round.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Connection lifecycle: heartbeats, the stale sweep, periodic connection tests, Project X.
 
-Heartbeats are the hot path (the bus target is 20,000/s): `heartbeat()` only sets the time in
+Heartbeats are the hot path (every bot sends them): `heartbeat()` only sets the time in
 memory (`store.heartbeats`, which `store.state_view` overlays) and marks the connection for
 the next flush; `connection-state.json` gets the coalesced heartbeats every
 `heartbeat_flush_s` in one write through the one door (`ops.flush_heartbeats`), and never a

@@ -1,7 +1,8 @@
-"""One bus connection (ASGI websocket at `/ws`): admission, authentication, then commands.
+"""One bus connection (ASGI websocket at `/ws`), once admitted: authentication, then commands.
 
-Admission happens before the upgrade is accepted: a foreign `Origin` or a non-loopback `Host`
-gets 403 and a full server 503, as JSON. Then authentication: a right `Authorization` header
+Admission (`ctsd.bus.server.Bus`) happens before the upgrade is accepted: a foreign `Origin`
+or a non-loopback `Host` gets 403 and a full server 503, as JSON. Then authentication here:
+a right `Authorization` header
 gets `auth_ok` at once; without one the client has `AUTH_TIMEOUT_S` to send
 `{"type": "auth", "token": ...}`. Then one frame is one command; replies, events and notices
 leave through the connection's `Outbox`, in order.

@@ -1,7 +1,8 @@
 """The client commands: `status`, `conn …`, `watch`, `export`, `import`, `reset`, and the
 data-dir commands `secrets …`, `backup`, `restore`, `migrate`.
 
-Each command opens one bus connection (`ws://HOST:PORT/ws`), sends its commands
+Each command that talks to the daemon opens one bus connection (`ws://HOST:PORT/ws`)
+(a data-dir command working offline opens none), sends its commands
 with `"source": "cli"` so the sync log says the change came from the CLI, prints the reply and
 exits with a code from `EXIT_CODES_HELP`. Secrets: the daemon masks every record it returns; the
 only secrets the client ever holds are the ones read for `conn add`/`conn set` (environment
