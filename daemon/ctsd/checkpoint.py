@@ -1,12 +1,13 @@
 """The checkpointer: committed changes into the data files, coalesced, then the journal cut.
 
 A change is durable once journalled; the data files follow within `COALESCE_S`, stretched up
-to `COALESCE_MAX_S` for big files (plus the write itself). Each round writes every file with changes (atomically, as `atomic.write_files`
-does: temp, fsync, swap, fsync the dir), only after checking each is still what the daemon
-last read or wrote: if a hand edit landed, it is taken in first (merged onto memory) and the
-round written on top of it. A file invalid on disk is never written; what memory holds for it
-is carried over in the journal until the file is fixed. Once a round is on disk the journal
-drops the records it covered.
+to `COALESCE_MAX_S` for big files (plus the write itself). Each round writes every file with
+changes (atomically, as `atomic.write_files` does: temp, fsync, swap, fsync the dir), only
+after checking each is still what the daemon last read or wrote: if a hand edit landed, it
+is taken in first (merged onto memory) and the round written on top of it. A file invalid on
+disk is never written; what memory holds for it is carried over in the journal until the
+file is fixed. Once a round is on disk the journal drops the records it covered.
+
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ judge it:
 
 Polling (settings `watch.polling`, for network filesystems where inotify sees nothing) is
 our own: watchfiles' poller compares modification times only, so it misses edits that land
-within one timestamp tick or keep the mtime (`cp -p`, `touch -r`). Ours compares size, mtime, ctime and inode, and while a
-file's ctime is recent (a timestamp granularity could hide a second edit) also a content
-hash. Switching mode in settings.json takes effect at once: the watcher restarts in the new
-mode and re-checks every file, so nothing that changed during the switch is missed.
-"""
+within one timestamp tick or keep the mtime (`cp -p`, `touch -r`). Ours compares size,
+mtime, ctime and inode, and while a file's ctime is recent (a timestamp granularity could
+hide a second edit) also a content hash. Switching mode in settings.json takes effect at
+once: the watcher restarts in the new mode and re-checks every file, so nothing that changed
+during the switch is missed."""
 
 from __future__ import annotations
 
