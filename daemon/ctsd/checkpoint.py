@@ -7,7 +7,6 @@ after checking each is still what the daemon last read or wrote: if a hand edit 
 is taken in first (merged onto memory) and the round written on top of it. A file invalid on
 disk is never written; what memory holds for it is carried over in the journal until the
 file is fixed. Once a round is on disk the journal drops the records it covered.
-
 """
 
 from __future__ import annotations
