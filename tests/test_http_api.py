@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 from collections.abc import Iterator
@@ -402,6 +403,18 @@ def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None
     r = httpx.options(daemon.url + "/api/data/ui-config", headers=ok)
     assert r.status_code == 204
     assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    assert "content-length" not in r.headers and "content-type" not in r.headers
+    # the connection stays open for the request the preflight was for, and nothing is logged
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+    try:
+        for method in ("OPTIONS", "GET"):
+            conn.request(method, "/api/data/ui-config", headers={**ok, **api.headers})
+            reply = conn.getresponse()
+            reply.read()
+            assert reply.status == (204 if method == "OPTIONS" else 200)
+    finally:
+        conn.close()
+    assert not [e for e in daemon.log_events() if e.get("level") == "error"]
     r = api.post("/api/data/ui-config", json={"x": 1}, headers={"Origin": "http://localhost:5173"})
     assert (
         r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"

@@ -81,10 +81,16 @@ class JsonCORS(CORSMiddleware):
 
     def preflight_response(self, request_headers: Any) -> Response:
         response = super().preflight_response(request_headers)
+        # Starlette's preflight answer carries a body ("OK") and its length and type: a 204
+        # must have none (uvicorn refuses it and drops the connection), and a 403 gets ours.
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.lower() not in ("content-length", "content-type")
+        }
         if response.status_code == 200:
-            return Response(status_code=204, headers=dict(response.headers))
+            return Response(status_code=204, headers=headers)
         err = CtsdError("forbidden", response.body.decode() + " (see server.cors_origins)")
-        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         return api.json_response(403, api.error_body(err), headers)
 
 
