@@ -210,10 +210,13 @@ def test_document_errors(daemon: Daemon, api: httpx.Client) -> None:
         api.post("/api/data/instances", json={"instances": [], "lastSavd": None}), 400, "invalid"
     )
     assert "lastSaved" in err["message"] and err["path"] == "$.lastSavd"
-    for bad in ("nope", "..%2F..%2Fetc%2Fpasswd", "algorithms/..", "algorithms/a%00b", "x" * 300):
+    bads = ("nope", "..%2F..%2Fetc%2Fpasswd", "algorithms/..", "algorithms/a%00b", "x" * 300)
+    for bad in (*bads, "algorithms/b%0A", "ui-config%0A"):
         _error(api.get(f"/api/data/{bad}"), 404, "not_found")
         _error(api.post(f"/api/data/{bad}", json={"name": "x"}), 404, "not_found")
     assert not (daemon.data_dir / "nope.json").exists()
+    assert not (daemon.data_dir / "algorithms" / "b.json").exists()
+    assert on_disk(daemon, "ui-config.json") == {}
 
 
 def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -> None:

@@ -644,7 +644,9 @@ class DocName(Convertor[str]):
     """A document name in a path: anything (algorithms/NAME has a slash) but the names of the
     data routes beside it, so `POST /api/data/export` is a 405, not a document called export."""
 
-    regex = r"(?!(?:export|import|reset)$).+"
+    # [\s\S], not `.`: a name ending in a newline must reach the name check whole (with `.`
+    # the route's `$` matched before the newline and `x%0A` became the document `x`).
+    regex = r"(?!(?:export|import|reset)\Z)[\s\S]+"
 
     def convert(self, value: str) -> str:
         return value
