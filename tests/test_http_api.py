@@ -330,11 +330,12 @@ def test_bodies_bad_input(daemon: Daemon, api: httpx.Client) -> None:
     _error(r, 413, "too_large")
     assert r.headers.get("connection") == "close"
     deep = b"[" * 5000 + b"]" * 5000
-    _error(
+    err = _error(
         api.post("/api/data/ui-config", content=b'{"a":' + deep + b"}", headers=JSON),
         400,
         "invalid_format",
     )
+    assert "deeper than 72 levels" in err["message"]  # names the limit
     for cid in ("a b", "x" * 65, "..", "%00"):
         _error(api.get(f"/api/settings/connections/{cid}"), 404, "not_found")
     assert on_disk(daemon, "connections.json") == []

@@ -136,6 +136,7 @@ async def test_deeply_nested_frame_is_an_error_not_a_crash(daemon: Daemon) -> No
         reply = json.loads(await b.ws.recv())
         assert reply["success"] is False
         assert reply["error"]["code"] in ("invalid_format", "invalid")
+        assert "deeper than 72 levels" in reply["error"]["message"], reply  # names the limit
         assert (await b.ok("ping"))["pong"] is True
     assert "Traceback" not in daemon.stdout()
 

@@ -24,6 +24,7 @@ from ctsd.bus.outbox import Outbox, wire_of
 from ctsd.bus.ratelimit import Limiter
 from ctsd.errors import CtsdError
 from ctsd.guard import Guard, token_ok
+from ctsd.limits import MAX_MESSAGE_DEPTH
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -157,7 +158,8 @@ class Session:
             await self.refuse(None, CtsdError("invalid_format", f"not JSON: {e}"))
             return
         except RecursionError:
-            await self.refuse(None, CtsdError("invalid_format", "JSON nested too deeply"))
+            deep = f"frame JSON nested deeper than {MAX_MESSAGE_DEPTH} levels"
+            await self.refuse(None, CtsdError("invalid_format", deep))
             return
         if not isinstance(frame, dict):
             await self.refuse(None, CtsdError("invalid_format", "a frame must be a JSON object"))

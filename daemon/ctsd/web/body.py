@@ -12,6 +12,7 @@ import msgspec
 from starlette.requests import Request
 
 from ctsd.errors import CtsdError
+from ctsd.limits import MAX_MESSAGE_DEPTH
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -60,4 +61,6 @@ async def read_json(request: Request, required: bool) -> Any:
     except msgspec.DecodeError as e:
         raise CtsdError("invalid_format", f"body is not JSON: {e}", path="$") from None
     except RecursionError:
-        raise CtsdError("invalid_format", "body JSON is nested too deeply", path="$") from None
+        raise CtsdError(
+            "invalid_format", f"body JSON nested deeper than {MAX_MESSAGE_DEPTH} levels", path="$"
+        ) from None
