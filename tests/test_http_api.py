@@ -432,6 +432,25 @@ def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
         _error(r, 403, "forbidden")
     for host in ("localhost", f"localhost:{daemon.port}", f"127.0.0.1:{daemon.port}", "[::1]:1"):
         assert api.get("/api/settings/connections", headers={"Host": host}).status_code == 200
+    # the bus upgrade too: refused before the handshake, as JSON
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+        **api.headers,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+    try:
+        conn.putrequest("GET", "/ws", skip_host=True)
+        for k, v in {**upgrade, "Host": "evil.example"}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 403
+        assert json.loads(reply.read())["error"]["code"] == "forbidden"
+    finally:
+        conn.close()
 
 
 def test_loopback_auth_is_opt_in(data_dir: Path) -> None:

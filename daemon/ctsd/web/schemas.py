@@ -89,5 +89,6 @@ class ServerStatus(msgspec.Struct, kw_only=True):
     uptime_s: float
     counts: dict[str, int]
     invalid_files: list[str]
+    store: dict[str, Any]  # the journal and the checkpoint lag
     bus: dict[str, Any]
     projectx: dict[str, Any]
