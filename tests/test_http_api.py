@@ -96,6 +96,30 @@ def test_server_managed_fields_are_ignored_and_id_is_fixed(api: httpx.Client) ->
     _error(api.put("/api/settings/connections/c1", json={"id": "other"}), 400, "invalid", "$.id")
 
 
+def test_a_record_read_and_sent_back_whole_changes_only_what_the_user_changed(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    secrets = {"api_key": "KEY-" + CANARY, "api_secret": "SECRET-" + CANARY}
+    r = api.post("/api/settings/connections", json=conn_body(id="w1", **secrets))
+    assert r.status_code == 201, r.text
+    before = (daemon.data_dir / "connections.json").read_bytes()
+    record = api.get("/api/settings/connections/w1").json()
+    assert CANARY not in json.dumps(record)  # shown masked
+    # sent back untouched: nothing changes, no event, the file keeps its bytes
+    r = api.put("/api/settings/connections/w1", json=record)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Revision"] == "1"
+    assert (daemon.data_dir / "connections.json").read_bytes() == before
+    # one field edited in the read record: only that field changes, the secrets stay
+    r = api.put("/api/settings/connections/w1", json={**record, "name": "renamed"})
+    assert r.status_code == 200 and r.headers["X-Revision"] == "2"
+    event = api.get("/api/sync-log").json()[-1]
+    assert event["action"] == "update" and event["data"]["fields"] == ["name"], event
+    stored = on_disk(daemon, "connections.json")[0]
+    assert stored["name"] == "renamed"
+    assert {k: stored[k] for k in secrets} == secrets
+
+
 def test_per_connection_routes(daemon: Daemon, api: httpx.Client) -> None:
     api.post("/api/settings/connections", json=conn_body(id="c1"))
     r = api.post("/api/connections/c1/active", json={"active": True})
