@@ -42,10 +42,14 @@ class Bus:
         self.notices: list[dict[str, Any]] = []
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next frame, whatever it is (TimeoutError after `timeout` seconds)."""
+        """The next frame, whatever it is (TimeoutError after `timeout` seconds; the server's
+        close as websockets' ConnectionClosed, with its code, which the CLI's `recv` turns
+        into a message)."""
         with anyio.fail_after(timeout):
-            frame = await self.client.recv(None)
-        assert isinstance(self.raw[-1], str), "the bus sends text frames"
+            raw = await self.ws.recv()
+        self.raw.append(raw)
+        assert isinstance(raw, str), "the bus sends text frames"
+        frame = json.loads(raw)
         if frame.get("type") == "events":
             self.events.extend(frame["events"])
             self.event_frames.append(frame["events"])
