@@ -124,3 +124,16 @@ def write_seed_dir(data: Path) -> dict[str, bytes]:
     for name, text in written.items():
         (data / name).write_text(text)
     return {name: (data / name).read_bytes() for name in written}
+
+
+# Seed 003's backup and restore, as its documentation gives them (the seed's daemon needs no
+# token; ours does: the tests add the header).
+SEED_CURL_EXPORT = "curl http://localhost:3587/api/data/export > backup.json"
+SEED_CURL_IMPORT = """curl -X POST -H "Content-Type: application/json" \\
+  -d @backup.json http://localhost:3587/api/data/import"""
+# Seed 000's batch update, a TypeScript call; its argument as the JSON body of the batch route.
+SEED_BATCH = """[
+  { id: "conn1", is_enabled: true },
+  { id: "conn2", volume_factor: 1.5 }
+]"""
+SEED_BATCH_JSON = [{"id": "conn1", "is_enabled": True}, {"id": "conn2", "volume_factor": 1.5}]
