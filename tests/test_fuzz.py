@@ -25,6 +25,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import Invalid
 from ctsd.redact import is_placeholder, is_secret_key, mask, restore_placeholders
 from tests.daemon import Daemon, invalid_files, wait_until
+from tests.datadir import write_settings
 from tests.strategies import (
     SECRET_NAMES,
     extra_keys,
@@ -306,10 +307,8 @@ DAEMON_EXAMPLES = max(10, settings().max_examples // 8)
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
-    data_dir.mkdir(mode=0o700)
     # The examples poll over HTTP: a rate limit that never gets in the way.
-    limit = {"server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}}}
-    (data_dir / "settings.json").write_text(json.dumps(limit) + "\n")
+    write_settings(data_dir, {"server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}}})
     d = Daemon(data_dir)
     try:
         d.start()

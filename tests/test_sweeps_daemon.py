@@ -18,6 +18,7 @@ import pytest
 
 from tests.bus import bus as open_bus
 from tests.daemon import Daemon, wait_until
+from tests.datadir import write_connections, write_settings
 from tests.exchange import PX_KEY, PX_TOKEN, FakeExchange, probe_connection, px_document
 
 pytestmark = pytest.mark.anyio
@@ -29,10 +30,9 @@ def bus(d: Daemon) -> Any:
 
 
 def write(data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (data_dir / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
+    write_connections(data_dir, conns)
     base = {"server": {"rate_limit": {"requests": 1_000_000, "window_s": 1}}}
-    (data_dir / "settings.json").write_text(json.dumps({**base, **settings}, indent=2) + "\n")
+    write_settings(data_dir, {**base, **settings})
 
 
 def state(d: Daemon) -> dict[str, dict[str, Any]]:
