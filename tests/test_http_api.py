@@ -101,7 +101,7 @@ def test_a_record_read_and_sent_back_whole_changes_only_what_the_user_changed(
     daemon: Daemon, api: httpx.Client
 ) -> None:
     secrets = {"api_key": "KEY-" + CANARY, "api_secret": "SECRET-" + CANARY}
-    r = api.post("/api/settings/connections", json=conn_body(id="w1", **secrets))
+    r = api.post("/api/settings/connections", json=connection(id="w1", **secrets))
     assert r.status_code == 201, r.text
     before = (daemon.data_dir / "connections.json").read_bytes()
     record = api.get("/api/settings/connections/w1").json()
