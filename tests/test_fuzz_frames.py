@@ -206,6 +206,16 @@ async def answer(b: Any, frame: str | bytes) -> tuple[dict[str, Any] | None, int
         return result, e.rcvd.code if e.rcvd else None
 
 
+def id_of(frame: str | bytes) -> int | None:
+    """The command id a frame names, if it is a JSON object with an integer id."""
+    try:
+        decoded = json.loads(frame)
+    except (ValueError, RecursionError):
+        return None
+    msg_id = decoded.get("id") if isinstance(decoded, dict) else None
+    return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) else None
+
+
 async def one_frame(d: Daemon, frame: str | bytes) -> None:
     async with bus(d, sync=None) as b:
         result, closed = await answer(b, frame)
@@ -214,6 +224,11 @@ async def one_frame(d: Daemon, frame: str | bytes) -> None:
             if result is not None:  # a reply before the close names why
                 assert result["success"] is False and result["error"]["code"] == "too_large"
             return
+        sent_id = id_of(frame)
+        if sent_id is not None:
+            # answered under the id it named, or refused as a frame the server could not read
+            unread = result["id"] is None and result["error"]["code"] == "invalid_format"
+            assert result["id"] == sent_id or unread, (result, frame[:200])
         if result["success"]:
             decoded = json.loads(frame)
             assert decoded["type"] in READS and POISON not in decoded, (frame[:200], result)
