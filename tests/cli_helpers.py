@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+from tests.daemon import Daemon, wait_until
+from tests.datadir import CANARY
+
 CTSD = Path(sys.executable).with_name("ctsd")
-CANARY = "CANARY-SECRET-7f3a9c"
+__all__ = ["CANARY", "CTSD", "Tail", "clean_env", "ctsd", "env_for"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -42,3 +47,50 @@ def ctsd(
         # No controlling terminal: a prompt reads stdin, as in a pipeline.
         start_new_session=True,
     )
+
+
+def env_for(d: Daemon, **extra: str) -> dict[str, str]:
+    return clean_env(**{"CTSD_TOKEN": d.token or "", "CTSD_PORT": str(d.port), **extra})
+
+
+class Tail:
+    """`ctsd watch` as a subprocess; its stdout lines collected by a thread."""
+
+    def __init__(self, d: Daemon, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(CTSD), "watch", *args],
+            env=env_for(d),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.got: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def take(self, n: int, timeout: float = 15.0) -> list[str]:
+        def enough() -> bool:
+            while True:
+                try:
+                    self.got.append(self.lines.get_nowait())
+                except queue.Empty:
+                    break
+            if self.proc.poll() is not None and len(self.got) < n and self.lines.empty():
+                stderr = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"watch exited {self.proc.returncode}: {stderr}")
+            return len(self.got) >= n
+
+        wait_until(enough, timeout, interval=0.02, what=f"{n} lines from ctsd watch")
+        out, self.got = self.got[:n], self.got[n:]
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.daemon import Daemon
+from tests.exchange import FakeExchange
 
 # Files the tests write by hand are the operator's, made as systemd's UMask=0077 makes them:
 # the daemon refuses data files other users may read (tests of that set the mode on purpose).
@@ -50,3 +51,13 @@ def daemon(data_dir: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeExchange]:
+    """A fake exchange on a free loopback port (`tests.exchange`), closed afterwards."""
+    f = FakeExchange()
+    try:
+        yield f
+    finally:
+        f.close()

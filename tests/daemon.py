@@ -1,6 +1,10 @@
 """Test harness: the real daemon as a subprocess, readiness read from a real NOTIFY_SOCKET.
 
-Tests poll for conditions with timeouts (`wait_until`); they never sleep blindly.
+`with Daemon(data_dir) as d:` starts it and kills it afterwards (the `daemon` fixture gives
+one on a fresh data dir). What the outside sees of it: `d.http(...)`, `d.log_events()`,
+and below, `sync_log`, `revision`, `health`, `invalid_files`, `log_lines`, `wait_events`.
+Its bus: `tests.bus.bus(d)`. Tests poll for conditions with timeouts (`wait_until`); they
+never sleep blindly.
 """
 
 from __future__ import annotations
@@ -255,3 +259,59 @@ class Daemon:
         for path in (self.stdout_path, self.stderr_path):
             self._closed_output[path] = self._read(path)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Daemon:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- what the outside sees of a running daemon ---------------------------------------------
+
+SYNC_LOG = "connection-sync-log.json"
+
+
+def sync_log(d: Daemon) -> list[dict[str, Any]]:
+    """The sync-log file. The daemon replaces it atomically: a read is always a whole version
+    (and a change answered with `sync: files` is in it)."""
+    return json.loads((d.data_dir / SYNC_LOG).read_bytes())
+
+
+def events_after(d: Daemon, revision: int) -> list[dict[str, Any]]:
+    return [e for e in sync_log(d) if e["id"] > revision]
+
+
+def wait_events(
+    d: Daemon, after: int, pred: Callable[[list[dict[str, Any]]], bool], what: str
+) -> list[dict[str, Any]]:
+    """The sync-log events after revision `after`, once there are some and `pred` holds."""
+
+    def check() -> list[dict[str, Any]] | None:
+        evs = events_after(d, after)
+        return evs if evs and pred(evs) else None
+
+    return wait_until(check, 5.0, what=what)
+
+
+def health(d: Daemon) -> dict[str, Any]:
+    status, body = d.http("/health", token=None)
+    assert status == 200, body
+    return body
+
+
+def revision(d: Daemon) -> int:
+    """The daemon's revision now (the sync-log file may be a few milliseconds behind)."""
+    return int(health(d)["revision"])
+
+
+def invalid_files(d: Daemon) -> dict[str, str]:
+    """File → problem, for every data file `/health` reports invalid."""
+    return health(d)["checks"]["files"]["invalid"]
+
+
+def log_lines(d: Daemon, event: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines of one event."""
+    return [e for e in d.log_events() if e.get("event") == event]

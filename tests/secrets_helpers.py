@@ -10,7 +10,7 @@ import msgspec
 
 from ctsd.secretbox import Key, SecretBox, is_encrypted, new_key_text, parse_key, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places
-from tests.cli_helpers import CANARY
+from tests.datadir import CANARY, connection, write_connections
 
 
 def make_key(path: Path) -> Key:
@@ -23,19 +23,18 @@ def write_plain_data(data_dir: Path, connections: int = 3) -> None:
     """A data dir whose secrets are plain text, each value unique and carrying the canary."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     conns = [
-        {
-            "id": f"conn_{i:05d}",
-            "name": f"Conn {i}",
-            "exchange": "bybit",
-            "api_key": f"{CANARY}-key-{i}",
-            "api_secret": f"{CANARY}-secret-{i}",
-            "api_passphrase": f"{CANARY}-pass-{i}" if i % 2 else None,
-            "volume_factor": 1.5,
-            "connection_settings": "{}",
-        }
+        connection(
+            f"conn_{i:05d}",
+            f"Conn {i}",
+            api_key=f"{CANARY}-key-{i}",
+            api_secret=f"{CANARY}-secret-{i}",
+            api_passphrase=f"{CANARY}-pass-{i}" if i % 2 else None,
+            volume_factor=1.5,
+            connection_settings="{}",
+        )
         for i in range(connections)
     ]
-    (data_dir / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
+    write_connections(data_dir, conns)
     doc = {
         "projectX": {"apiUrl": "https://api.topstepx.com", "username": "me",
                      "apiKey": f"{CANARY}-px", "autoConnect": True},

@@ -28,8 +28,9 @@ import anyio
 import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright
 
+from tests.bus import bus
 from tests.daemon import Daemon, http_server, wait_until_async
-from tests.test_bus import bus, write_settings
+from tests.datadir import write_settings
 
 pytestmark = pytest.mark.anyio
 

@@ -7,28 +7,21 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ctsd.bus.protocol import WRITE_COMMANDS
+from tests.bus import bus, close_code
 from tests.daemon import TOKEN, Daemon, wait_until
+from tests.datadir import CANARY, connection, write_settings
 
 pytestmark = pytest.mark.anyio
-
-CANARY = "CANARY-SECRET-7f3a9c"
-
-
-def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 @pytest.fixture
@@ -40,116 +33,6 @@ def fast_daemon(data_dir: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
-
-
-class Bus:
-    """A bus client: `call` sends a command and returns its result frame; event, notice and
-    progress frames that arrive meanwhile are kept in `frames`."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.frames: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.results: dict[int, dict[str, Any]] = {}
-
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            raw = await self.ws.recv()
-        assert isinstance(raw, str), "the bus sends text frames"
-        self.raw.append(raw)
-        return json.loads(raw)
-
-    async def send(self, type_: str, **args: Any) -> int:
-        """Send a command. A change asks to be answered once it is in the data files (as the
-        CLI does), so a test can read them next; `sync=None` gets the journal's answer."""
-        self.next_id += 1
-        if type_ in WRITE_COMMANDS and "sync" not in args:
-            args["sync"] = "files"
-        frame = {
-            "id": self.next_id,
-            "type": type_,
-            **{k: v for k, v in args.items() if v is not None},
-        }
-        await self.ws.send(json.dumps(frame))
-        return self.next_id
-
-    async def result(self, msg_id: int, timeout: float = 10.0) -> dict[str, Any]:
-        while msg_id not in self.results:
-            msg = await self.recv(timeout)
-            if msg.get("type") == "result" and msg.get("id") is not None:
-                self.results[msg["id"]] = msg
-            else:
-                self.frames.append(msg)
-        return self.results.pop(msg_id)
-
-    async def call(self, type_: str, **args: Any) -> dict[str, Any]:
-        return await self.result(await self.send(type_, **args))
-
-    async def ok(self, type_: str, **args: Any) -> Any:
-        reply = await self.call(type_, **args)
-        assert reply["success"] is True, reply
-        return reply["result"]
-
-    async def err(self, type_: str, **args: Any) -> dict[str, Any]:
-        reply = await self.call(type_, **args)
-        assert reply["success"] is False, reply
-        assert set(reply) == {"id", "type", "success", "error"}, reply
-        return reply["error"]
-
-    async def events_until(self, revision: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Every event received (kept frames first) until one with id >= revision arrives."""
-        out: list[dict[str, Any]] = []
-        with anyio.fail_after(timeout):
-            while True:
-                while self.frames:
-                    frame = self.frames.pop(0)
-                    if frame["type"] == "events":
-                        out.extend(frame["events"])
-                if out and out[-1]["id"] >= revision:
-                    return out
-                msg = await self.recv(timeout)
-                if msg.get("type") == "result":
-                    self.results[msg["id"]] = msg
-                else:
-                    self.frames.append(msg)
-
-
-@asynccontextmanager
-async def bus(
-    d: Daemon, *, header: bool = True, token: str = TOKEN, **kw: Any
-) -> AsyncIterator[Bus]:
-    headers = {"Authorization": f"Bearer {token}"} if header else None
-    async with connect(
-        d.ws_url, additional_headers=headers, compression=None, max_size=None, **kw
-    ) as ws:
-        b = Bus(ws)
-        first = await b.recv()
-        if header:
-            assert first["type"] == "auth_ok", first
-        else:
-            assert first == {"type": "auth_required", "version": 1}
-            await ws.send(json.dumps({"type": "auth", "token": token}))
-            ok = await b.recv()
-            assert ok["type"] == "auth_ok", ok
-        yield b
-
-
-def conn_body(name: str = "one", **kw: Any) -> dict[str, Any]:
-    return {"name": name, "exchange": "bybit", **kw}
-
-
-async def close_code(
-    ws: ClientConnection, timeout: float = 10.0
-) -> tuple[int | None, list[dict[str, Any]]]:
-    """Read until the server closes; (close code, frames read meanwhile)."""
-    frames = []
-    with anyio.fail_after(timeout):
-        try:
-            while True:
-                frames.append(json.loads(await ws.recv()))
-        except ConnectionClosed as e:
-            return (e.rcvd.code if e.rcvd else None), frames
 
 
 # --- auth ----------------------------------------------------------------------------------
@@ -350,7 +233,7 @@ async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
         assert (
             err["path"] == "$.connection.exchang" and "did you mean `exchange`?" in err["message"]
         )
-        await b.ok("connections.create", connection=conn_body(id="bu"))
+        await b.ok("connections.create", connection=connection(id="bu"))
         err = await b.err("connections.batch_update", updates=[{"id": "bu", "nmae": "y"}])
         assert err["path"] == "$.updates[0].nmae" and "did you mean `name`?" in err["message"]
         err = await b.err("connections.get", connection_id=5)
@@ -366,13 +249,13 @@ async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
         err = await b.err("subscribe", topics=[])
         assert err["code"] == "invalid" and err["path"] == "$.topics"
         # `source` is "bus" or "cli": a client cannot pass its change off as a hand edit.
-        err = await b.err("connections.create", connection=conn_body(), source="file")
+        err = await b.err("connections.create", connection=connection(), source="file")
         assert err["code"] == "invalid" and err["path"] == "$.source"
 
 
 async def test_source_attribution(daemon: Daemon) -> None:
     async with bus(daemon) as b:
-        await b.ok("connections.create", connection=conn_body(id="s1"))
+        await b.ok("connections.create", connection=connection(id="s1"))
         await b.ok("connections.update", connection_id="s1", changes={"name": "x"}, source="cli")
         log = await b.ok("sync_log.get")
         assert [e["data"]["source"] for e in log if e["connection_id"] == "s1"] == ["bus", "cli"]
@@ -383,17 +266,17 @@ async def test_source_attribution(daemon: Daemon) -> None:
 
 async def test_connection_commands(daemon: Daemon) -> None:
     async with bus(daemon) as b:
-        c = await b.ok("connections.create", connection=conn_body(id="c1", api_key="k" * 20))
+        c = await b.ok("connections.create", connection=connection(id="c1", api_key="k" * 20))
         assert c["id"] == "c1" and c["api_key"] == "…kkkk" and c["api_secret"] is None
         assert c["created_at"].endswith("Z")
-        gen = await b.ok("connections.create", connection=conn_body("two", exchange="okx"))
+        gen = await b.ok("connections.create", connection=connection(name="two", exchange="okx"))
         assert gen["id"].startswith("conn_") and len(gen["id"]) == 17
 
-        err = await b.err("connections.create", connection=conn_body(id="c1"))
+        err = await b.err("connections.create", connection=connection(id="c1"))
         assert err["code"] == "conflict" and err["path"] == "$.connection.id"
-        err = await b.err("connections.create", connection=conn_body(is_enabeld=True))
+        err = await b.err("connections.create", connection=connection(is_enabeld=True))
         assert err["code"] == "invalid" and "is_enabled" in err["message"]
-        err = await b.err("connections.create", connection=conn_body(api_secret="********"))
+        err = await b.err("connections.create", connection=connection(api_secret="********"))
         assert err["code"] == "invalid" and err["path"] == "$.connection.api_secret"
 
         assert (await b.ok("connections.get", connection_id="c1"))["name"] == "one"
@@ -438,7 +321,7 @@ async def test_connection_commands(daemon: Daemon) -> None:
 async def test_batch_update_all_or_nothing_one_frame(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         for i in range(3):
-            await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"b{i}"))
+            await b.ok("connections.create", connection=connection(name=f"n{i}", id=f"b{i}"))
         await b.ok("subscribe")
         rev = (await b.ok("ping"))["revision"]
         err = await b.err(
@@ -489,7 +372,7 @@ async def test_documents_commands(daemon: Daemon) -> None:
 async def test_sync_log_get_status_export(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         for i in range(5):
-            await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"s{i}"))
+            await b.ok("connections.create", connection=connection(name=f"n{i}", id=f"s{i}"))
         log = await b.ok("sync_log.get", since=2)
         assert [e["id"] for e in log] == [3, 4, 5]
         assert [e["id"] for e in await b.ok("sync_log.get", since=0, limit=2)] == [1, 2]
@@ -507,19 +390,19 @@ async def test_sync_log_get_status_export(daemon: Daemon) -> None:
 
 async def test_import_and_reset(daemon: Daemon) -> None:
     async with bus(daemon) as b:
-        await b.ok("connections.create", connection=conn_body(id="keep", api_secret=CANARY))
+        await b.ok("connections.create", connection=connection(id="keep", api_secret=CANARY))
         exp = await b.ok("data.export")
         # an export imports back unchanged: its masked secrets keep the stored ones
         assert (await b.ok("data.import", data=exp, mode="replace"))["mode"] == "replace"
         stored = json.loads((daemon.data_dir / "connections.json").read_text())
         assert [c["api_secret"] for c in stored] == [CANARY]
         # ... but a placeholder where nothing is stored is refused, naming the field
-        ghost = {"files": {"connections.json": [conn_body(id="ghost", api_secret="********")]}}
+        ghost = {"files": {"connections.json": [connection(id="ghost", api_secret="********")]}}
         err = await b.err("data.import", data=ghost, mode="merge")
         assert err["code"] == "invalid" and "api_secret" in err["path"]
         merged = await b.ok(
             "data.import",
-            data={"files": {"connections.json": [conn_body("new", id="new")]}},
+            data={"files": {"connections.json": [connection(name="new", id="new")]}},
             mode="merge",
         )
         assert merged["mode"] == "merge"
@@ -538,7 +421,7 @@ async def test_import_and_reset(daemon: Daemon) -> None:
 
 async def test_heartbeat_and_tests(daemon: Daemon) -> None:
     async with bus(daemon) as b:
-        await b.ok("connections.create", connection=conn_body(id="h1"))
+        await b.ok("connections.create", connection=connection(id="h1"))
         hb = await b.ok("connections.heartbeat", connection_id="h1")
         assert hb["connection_id"] == "h1" and hb["timestamp"].endswith("Z")
         st = {s["connection_id"]: s for s in (await b.ok("snapshot"))["state"]}
@@ -564,8 +447,8 @@ async def test_heartbeat_and_tests(daemon: Daemon) -> None:
 
 async def test_subscribe_topics_and_filters(daemon: Daemon) -> None:
     async with bus(daemon) as w, bus(daemon) as state_only, bus(daemon) as c2_only:
-        await w.ok("connections.create", connection=conn_body(id="c1"))
-        await w.ok("connections.create", connection=conn_body(id="c2"))
+        await w.ok("connections.create", connection=connection(id="c1"))
+        await w.ok("connections.create", connection=connection(id="c2"))
         r = await state_only.ok("subscribe", topics=["state"])
         assert r == {"revision": 2}
         await c2_only.ok("subscribe", connection_ids=["c2"])
@@ -610,7 +493,7 @@ async def test_replay_then_live_no_gap_no_duplicate(fast_daemon: Daemon) -> None
     d = fast_daemon
     n = 1000
     async with bus(d) as w, bus(d) as late:
-        await w.ok("connections.create", connection=conn_body(id="r1"))
+        await w.ok("connections.create", connection=connection(id="r1"))
         base = (await w.ok("ping"))["revision"]
         done = anyio.Event()
 
@@ -639,7 +522,7 @@ async def test_replay_then_live_no_gap_no_duplicate(fast_daemon: Daemon) -> None
 async def test_replay_never_splits_a_change(daemon: Daemon) -> None:
     """Replay comes in frames of about 500 events, but one change is always one frame."""
     async with bus(daemon) as w, bus(daemon) as late:
-        conns = [conn_body(f"n{i}", id=f"b{i}") for i in range(600)]
+        conns = [connection(name=f"n{i}", id=f"b{i}") for i in range(600)]
         await w.ok("data.import", data={"files": {"connections.json": conns}}, mode="replace")
         since = (await w.ok("ping"))["revision"]
         updates = [{"id": f"b{i}", "user_id": i + 100} for i in range(600)]  # 600 events
@@ -657,7 +540,7 @@ async def test_revision_compacted(data_dir: Path) -> None:
     try:
         async with bus(d) as b:
             for i in range(30):
-                await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+                await b.ok("connections.create", connection=connection(name=f"n{i}", id=f"k{i}"))
             err = await b.err("subscribe", since=5)
             assert err["code"] == "revision_compacted" and err["oldest"] == 11
             await b.ok("connections.update", connection_id="k0", changes={"name": "q"})
@@ -681,7 +564,7 @@ async def test_sync_log_without_since_after_compaction(data_dir: Path) -> None:
     try:
         async with bus(d) as b:
             for i in range(30):
-                await b.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+                await b.ok("connections.create", connection=connection(name=f"n{i}", id=f"k{i}"))
             assert [e["id"] for e in await b.ok("sync_log.get")] == list(range(11, 31))
             assert [e["id"] for e in await b.ok("sync_log.get", limit=3)] == [28, 29, 30]
             assert [e["id"] for e in await b.ok("sync_log.get", limit=50)] == list(range(11, 31))
@@ -709,7 +592,7 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
     pad = "x" * 3000
     try:
         async with bus(d) as w:
-            await w.ok("connections.create", connection=conn_body(id="z1"))
+            await w.ok("connections.create", connection=connection(id="z1"))
             # The slow client stops reading its socket after one unread frame (max_queue=1),
             # and its small receive buffer (no autotuning) keeps its kernel from absorbing it.
             sock = socket.socket()
@@ -765,7 +648,7 @@ async def test_notice_on_invalid_hand_edit(daemon: Daemon) -> None:
         assert "revision" not in notice
         # notices are topic `system` only: a change after it reaches the other subscriber
         # with nothing before it
-        await w.ok("connections.create", connection=conn_body(id="after"))
+        await w.ok("connections.create", connection=connection(id="after"))
         await conns_only.events_until(rev + 1)
         assert all(json.loads(r)["type"] != "notice" for r in conns_only.raw)
 
@@ -788,7 +671,7 @@ async def test_rate_limit_heartbeats_exempt(data_dir: Path) -> None:
     d = Daemon(data_dir).start()
     try:
         async with bus(d) as b:
-            await b.ok("connections.create", connection=conn_body(id="h1"))
+            await b.ok("connections.create", connection=connection(id="h1"))
             codes = []
             for _ in range(25):
                 reply = await b.call("ping")
@@ -833,7 +716,7 @@ async def test_metrics_follow_the_bus(daemon: Daemon) -> None:
         rev = (await sub.ok("subscribe"))["revision"]
         m0 = bus_metrics(daemon)
         assert m0[("ctsd_bus_clients", ())] == 2 and m0[("ctsd_bus_subscribers", ())] == 1
-        await w.ok("connections.create", connection=conn_body(id="m1"))
+        await w.ok("connections.create", connection=connection(id="m1"))
         await sub.events_until(rev + 1)
         await w.err("no.such.command")
         await w.err("connections.get", connection_id="absent")
@@ -860,7 +743,7 @@ async def test_canary_secret_never_leaves(daemon: Daemon) -> None:
     key = CANARY + "-key-abcd"
     async with bus(d) as watcher, bus(d) as b:
         await watcher.ok("subscribe")
-        await b.ok("connections.create", connection=conn_body(id="cn", api_key=key))
+        await b.ok("connections.create", connection=connection(id="cn", api_key=key))
         await b.ok(
             "connections.update", connection_id="cn", changes={"api_secret": CANARY, "name": "n2"}
         )
@@ -876,7 +759,7 @@ async def test_canary_secret_never_leaves(daemon: Daemon) -> None:
         await b.ok("connections.set_active", connection_id="cn", active=True)
         await b.ok(
             "data.import",
-            data={"files": {"connections.json": [conn_body(id="im", api_secret=CANARY + "i")]}},
+            data={"files": {"connections.json": [connection(id="im", api_secret=CANARY + "i")]}},
             mode="merge",
         )
         c = await b.ok("connections.get", connection_id="cn")
@@ -919,7 +802,7 @@ async def test_progress_to_idle_subscribers(data_dir: Path) -> None:
     d = Daemon(data_dir, env={"CTSD_BUS_PROGRESS_S": "1"}).start()
     try:
         async with bus(d) as b, bus(d) as plain:
-            await b.ok("connections.create", connection=conn_body(id="p1"))
+            await b.ok("connections.create", connection=connection(id="p1"))
             await b.ok("subscribe", topics=["documents"])
             t0 = time.monotonic()
             msg = await b.recv(timeout=5)
@@ -935,7 +818,7 @@ async def test_progress_to_idle_subscribers(data_dir: Path) -> None:
 
 async def test_events_before_the_reply_on_the_same_connection(fast_daemon: Daemon) -> None:
     async with bus(fast_daemon) as b:
-        await b.ok("connections.create", connection=conn_body(id="o1"))
+        await b.ok("connections.create", connection=connection(id="o1"))
         await b.ok("subscribe", since=0)  # a replay in front makes a backlog likelier
         n = 300
         for i in range(n):
@@ -968,7 +851,7 @@ async def test_every_server_frame_matches_the_protocol_structs(daemon: Daemon) -
     }
     async with bus(daemon) as b:
         await b.ok("subscribe")
-        await b.ok("connections.create", connection=conn_body(id="f1"))
+        await b.ok("connections.create", connection=connection(id="f1"))
         await b.err("connections.get", connection_id="nope")
         await b.err("nope")
         await b.ok("connections.batch_update", updates=[{"id": "f1", "name": "q"}])
@@ -989,7 +872,7 @@ async def test_every_server_frame_matches_the_protocol_structs(daemon: Daemon) -
 
 async def test_hand_edit_of_state_file_is_topic_state(daemon: Daemon) -> None:
     async with bus(daemon) as w, bus(daemon) as st, bus(daemon) as conns:
-        await w.ok("connections.create", connection=conn_body(id="e1"))
+        await w.ok("connections.create", connection=connection(id="e1"))
         rev = (await st.ok("subscribe", topics=["state"]))["revision"]
         await conns.ok("subscribe", topics=["connections"])
         path = daemon.data_dir / "connection-state.json"
@@ -1036,7 +919,7 @@ async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Da
     try:
         async with bus(daemon) as b:
             cs = json.dumps({"base_url": f"http://127.0.0.1:{silent.getsockname()[1]}"})
-            await b.ok("connections.create", connection=conn_body(id="t1", connection_settings=cs))
+            await b.ok("connections.create", connection=connection(id="t1", connection_settings=cs))
             test_id = await b.send("connections.test", connection_id="t1")
             t0 = time.monotonic()
             assert (await b.ok("ping"))["pong"] is True

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd
-from tests.daemon import Daemon, http_server, wait_until
+from tests.cli_helpers import CANARY, Tail, clean_env, ctsd, env_for
+from tests.daemon import Daemon, http_server, sync_log, wait_until
 
 # The harness token, and a few bytes of the canary that must not leak either.
 SECRET_BITS = (CANARY, "7f3a9c")
@@ -33,10 +33,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
-
-
-def env_for(d: Daemon, **extra: str) -> dict[str, str]:
-    return clean_env(**{"CTSD_TOKEN": d.token or "", "CTSD_PORT": str(d.port), **extra})
 
 
 def cli(
@@ -67,10 +63,6 @@ def add(d: Daemon, cid: str, *extra: str, **env: str) -> dict[str, Any]:
 
 def revision(d: Daemon) -> int:
     return int(jout(d, "status")["revision"])
-
-
-def sync_log(d: Daemon) -> list[dict[str, Any]]:
-    return json.loads((d.data_dir / "connection-sync-log.json").read_text())
 
 
 # --- status, auth, token --------------------------------------------------------------------
@@ -371,49 +363,6 @@ def test_conn_test_success_and_failure(shared: Daemon, fake_exchange: str) -> No
 
 
 # --- watch ----------------------------------------------------------------------------------
-
-
-class Tail:
-    """`ctsd watch` as a subprocess; its stdout lines collected by a thread."""
-
-    def __init__(self, d: Daemon, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [str(CTSD), "watch", *args],
-            env=env_for(d),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.got: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def take(self, n: int, timeout: float = 15.0) -> list[str]:
-        def enough() -> bool:
-            while True:
-                try:
-                    self.got.append(self.lines.get_nowait())
-                except queue.Empty:
-                    break
-            if self.proc.poll() is not None and len(self.got) < n and self.lines.empty():
-                stderr = self.proc.stderr.read() if self.proc.stderr else ""
-                raise AssertionError(f"watch exited {self.proc.returncode}: {stderr}")
-            return len(self.got) >= n
-
-        wait_until(enough, timeout, interval=0.02, what=f"{n} lines from ctsd watch")
-        out, self.got = self.got[:n], self.got[n:]
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def events(lines: list[str]) -> list[dict[str, Any]]:

@@ -24,40 +24,20 @@ from ctsd import files, limits
 from ctsd.errors import CtsdError
 from ctsd.files import Invalid
 from ctsd.redact import is_placeholder, is_secret_key, mask, restore_placeholders
-from tests.daemon import Daemon, wait_until
-from tests.test_hostile_files import invalid_files
+from tests.daemon import Daemon, invalid_files, wait_until
+from tests.datadir import write_settings
+from tests.strategies import (
+    SECRET_NAMES,
+    extra_keys,
+    json_objects,
+    json_values,
+    keys,
+    mutate,
+    mutations,
+    scalars,
+)
 
 CANARY = "CANARY-FUZZ"
-
-# --- JSON values -------------------------------------------------------------------------
-
-SECRET_NAMES = [
-    "api_key", "apiKey", "api_secret", "secretKey", "password", "passphrase", "token",
-    "apiToken", "accessToken", "privateKey", "private_key", "credentials", "username",
-    "Authorization", "client_secret",
-]  # fmt: skip
-PLAIN_NAMES = ["name", "id", "theme", "symbols", "base_url", "value", "x", ""]
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-keys = st.sampled_from(PLAIN_NAMES + SECRET_NAMES) | st.text(max_size=10)
-
-
-def json_values(leaves: st.SearchStrategy[Any] = scalars, max_leaves: int = 25) -> Any:
-    return st.recursive(
-        leaves,
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
-        max_leaves=max_leaves,
-    )
-
-
-json_objects = st.dictionaries(keys, json_values(), max_size=6)
-extra_keys = st.dictionaries(st.text(max_size=8).map(lambda k: "x_" + k), json_values(), max_size=3)
 
 # --- valid data files ----------------------------------------------------------------------
 
@@ -180,34 +160,6 @@ def test_valid_files_decode(case: tuple[str, Any]) -> None:
                                   for r in content]  # fmt: skip
     else:
         assert out == content
-
-
-mutations = st.lists(
-    st.tuples(
-        st.sampled_from(["delete", "insert", "replace", "truncate", "duplicate"]),
-        st.integers(min_value=0, max_value=10_000),
-        st.binary(min_size=1, max_size=3)
-        | st.sampled_from([b"{", b"[", b'"', b",", b"\\", b"\xff"]),
-    ),
-    min_size=1,
-    max_size=4,
-)
-
-
-def mutate(raw: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
-    for op, pos, data in ops:
-        pos = pos % (len(raw) + 1)
-        if op == "delete":
-            raw = raw[:pos] + raw[pos + len(data) :]
-        elif op == "insert":
-            raw = raw[:pos] + data + raw[pos:]
-        elif op == "replace":
-            raw = raw[:pos] + data + raw[pos + len(data) :]
-        elif op == "truncate":
-            raw = raw[:pos]
-        else:  # duplicate a slice (repeats keys, records, brackets)
-            raw = raw[:pos] + raw[pos : pos + 40] + raw[pos:]
-    return raw
 
 
 @given(valid_files(), mutations)
@@ -355,10 +307,8 @@ DAEMON_EXAMPLES = max(10, settings().max_examples // 8)
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
-    data_dir.mkdir(mode=0o700)
     # The examples poll over HTTP: a rate limit that never gets in the way.
-    limit = {"server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}}}
-    (data_dir / "settings.json").write_text(json.dumps(limit) + "\n")
+    write_settings(data_dir, {"server": {"rate_limit": {"requests": 10_000_000, "window_s": 1}}})
     d = Daemon(data_dir)
     try:
         d.start()

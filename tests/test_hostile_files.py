@@ -19,23 +19,13 @@ from typing import Any
 import pytest
 
 from ctsd import atomic
+from tests.bus import bus
 from tests.cli_helpers import clean_env, ctsd
-from tests.daemon import Daemon, free_port, wait_until
-from tests.test_bus import bus
+from tests.daemon import Daemon, free_port, health, invalid_files, wait_until
 
 pytestmark = pytest.mark.anyio
 
 WATCHLISTS = "watchlists.json"
-
-
-def health(d: Daemon) -> dict[str, Any]:
-    code, body = d.http("/health", token=None)
-    assert code == 200, body
-    return body
-
-
-def invalid_files(d: Daemon) -> dict[str, str]:
-    return health(d)["checks"]["files"]["invalid"]
 
 
 def notices(d: Daemon, event: str = "file_invalid") -> list[dict[str, Any]]:

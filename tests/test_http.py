@@ -12,8 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.bus import bus
 from tests.daemon import Daemon, wait_until
-from tests.test_bus import CANARY, bus, conn_body, write_settings
+from tests.datadir import CANARY, connection, write_settings
 
 ROUTES = [
     "/api/trading/connection",
@@ -31,8 +32,8 @@ ROUTES = [
 
 async def _seed(d: Daemon) -> None:
     async with bus(d) as b:
-        await b.ok("connections.create", connection=conn_body(id="c1", api_secret=CANARY))
-        await b.ok("connections.create", connection=conn_body("two", id="c2", exchange="okx"))
+        await b.ok("connections.create", connection=connection(id="c1", api_secret=CANARY))
+        await b.ok("connections.create", connection=connection(name="two", id="c2", exchange="okx"))
         await b.ok("connections.set_active", connection_id="c1", active=True)
 
 

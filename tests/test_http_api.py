@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.bus import bus
 from tests.daemon import Daemon, wait_until
-from tests.test_bus import CANARY, bus, conn_body, write_settings
+from tests.datadir import CANARY, connection, write_settings
 
 JSON = {"Content-Type": "application/json"}
 
@@ -52,14 +53,14 @@ def _error(r: httpx.Response, status: int, code: str, path: str | None = None) -
 
 
 def test_create_get_update_delete(daemon: Daemon, api: httpx.Client) -> None:
-    r = api.post("/api/settings/connections", json=conn_body(id="c1", api_secret=CANARY))
+    r = api.post("/api/settings/connections", json=connection(id="c1", api_secret=CANARY))
     assert r.status_code == 201, r.text
     assert r.headers["location"] == "/api/settings/connections/c1"
     assert int(r.headers["x-revision"]) == 1
     created = r.json()
     assert created["id"] == "c1" and created["api_secret"] == "********"
     # an id is made when none is given
-    r = api.post("/api/settings/connections", json=conn_body("two"))
+    r = api.post("/api/settings/connections", json=connection(name="two"))
     assert r.status_code == 201 and r.json()["id"].startswith("conn_")
     assert r.headers["location"].endswith(r.json()["id"])
 
@@ -82,7 +83,7 @@ def test_create_get_update_delete(daemon: Daemon, api: httpx.Client) -> None:
 
 
 def test_server_managed_fields_are_ignored_and_id_is_fixed(api: httpx.Client) -> None:
-    sent = conn_body(id="c1", created_at="2001-01-01T00:00:00.000Z", updated_at="x")
+    sent = connection(id="c1", created_at="2001-01-01T00:00:00.000Z", updated_at="x")
     r = api.post("/api/settings/connections", json=sent)
     assert r.status_code == 201, r.text
     created = r.json()
@@ -100,7 +101,7 @@ def test_a_record_read_and_sent_back_whole_changes_only_what_the_user_changed(
     daemon: Daemon, api: httpx.Client
 ) -> None:
     secrets = {"api_key": "KEY-" + CANARY, "api_secret": "SECRET-" + CANARY}
-    r = api.post("/api/settings/connections", json=conn_body(id="w1", **secrets))
+    r = api.post("/api/settings/connections", json=connection(id="w1", **secrets))
     assert r.status_code == 201, r.text
     before = (daemon.data_dir / "connections.json").read_bytes()
     record = api.get("/api/settings/connections/w1").json()
@@ -121,7 +122,7 @@ def test_a_record_read_and_sent_back_whole_changes_only_what_the_user_changed(
 
 
 def test_per_connection_routes(daemon: Daemon, api: httpx.Client) -> None:
-    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    api.post("/api/settings/connections", json=connection(id="c1"))
     r = api.post("/api/connections/c1/active", json={"active": True})
     assert r.status_code == 200 and r.json()["is_active"] is True
     assert api.get("/api/connections/c1/state").json()["is_active"] is True
@@ -169,7 +170,7 @@ def _closed_port() -> int:
 
 def test_batch_all_or_nothing(daemon: Daemon, api: httpx.Client) -> None:
     for cid in ("a", "b"):
-        api.post("/api/settings/connections", json=conn_body(id=cid))
+        api.post("/api/settings/connections", json=connection(id=cid))
     r = api.post(
         "/api/settings/connections/batch", json=[{"id": "a", "name": "A"}, {"id": "b", "name": "B"}]
     )
@@ -244,11 +245,11 @@ def test_document_errors(daemon: Daemon, api: httpx.Client) -> None:
 
 
 def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -> None:
-    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    api.post("/api/settings/connections", json=connection(id="c1"))
     api.post("/api/data/ui-config", json={"layout": "wide"})
     export = api.get("/api/data/export").json()
     assert export["version"] == 1 and "connections.json" in export["files"]
-    api.post("/api/settings/connections", json=conn_body(id="c2"))
+    api.post("/api/settings/connections", json=connection(id="c2"))
     r = api.post("/api/data/import?mode=replace", json=export)
     assert r.status_code == 200 and r.json()["mode"] == "replace"
     assert [c["id"] for c in on_disk(daemon, "connections.json")] == ["c1"]
@@ -260,7 +261,7 @@ def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -
 
 
 def test_reset_needs_confirm(daemon: Daemon, api: httpx.Client) -> None:
-    api.post("/api/settings/connections", json=conn_body(id="c1"))
+    api.post("/api/settings/connections", json=connection(id="c1"))
     _error(api.delete("/api/data/reset"), 400, "invalid")
     _error(api.delete("/api/data/reset?confirm=no"), 400, "invalid")
     assert api.delete("/api/data/reset?confirm=yes").status_code == 200
@@ -281,8 +282,8 @@ def test_every_response_carries_x_revision(daemon: Daemon, api: httpx.Client) ->
 
 
 def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Client) -> None:
-    api.post("/api/settings/connections", json=conn_body(id="c1"))
-    api.post("/api/settings/connections", json=conn_body(id="c2"))
+    api.post("/api/settings/connections", json=connection(id="c1"))
+    api.post("/api/settings/connections", json=connection(id="c2"))
     r = api.get("/api/settings/connections/c1")
     seen = r.headers["x-revision"]
     api.put("/api/settings/connections/c1", json={"name": "by someone else"})
@@ -319,7 +320,7 @@ def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Clie
 
 
 def test_sync_files_answers_with_the_change_in_the_file(daemon: Daemon, api: httpx.Client) -> None:
-    r = api.post("/api/settings/connections?sync=files", json=conn_body(id="c1"))
+    r = api.post("/api/settings/connections?sync=files", json=connection(id="c1"))
     assert r.status_code == 201
     assert [c["id"] for c in on_disk(daemon, "connections.json")] == ["c1"]
     _error(api.post("/api/data/ui-config?sync=later", json={}), 400, "invalid", "$.sync")
@@ -398,7 +399,7 @@ def test_http_writes_are_broadcast_with_source_http(daemon: Daemon, api: httpx.C
     async def run() -> None:
         async with bus(daemon) as watcher:
             await watcher.ok("subscribe")
-            r = api.post("/api/settings/connections", json=conn_body(id="c1"))
+            r = api.post("/api/settings/connections", json=connection(id="c1"))
             rev = int(r.headers["x-revision"])
             events = await watcher.events_until(rev)
             assert [(e["action"], e["data"]["source"]) for e in events] == [("create", "http")]

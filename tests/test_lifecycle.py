@@ -26,9 +26,9 @@ from ctsd import files
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.config import Listen, resolve_data_dir, resolve_listen
 from ctsd.models import Settings
+from tests.bus import bus
 from tests.daemon import Daemon, NotifySocket, free_port, wait_until
-
-CANARY = "CANARY-SECRET-7f3a9c"
+from tests.datadir import CANARY, connection, write_connections
 
 
 class Bare(Daemon):
@@ -466,45 +466,8 @@ def test_invalid_sync_log_at_start_with_a_journal_begun_later(data_dir: Path) ->
 # --- the bus ------------------------------------------------------------------------------
 
 
-class Bus:
-    """A minimal synchronous bus client: Bearer auth on the upgrade, id'd commands."""
-
-    def __init__(self, d: Daemon) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(
-            d.ws_url,
-            additional_headers={"Authorization": f"Bearer {d.token}"},
-            open_timeout=5,
-            compression=None,
-        ).__enter__()  # closed by close()
-        hello = json.loads(self.ws.recv(timeout=5))
-        assert hello["type"] == "auth_ok", hello
-        self.next_id = 0
-
-    def send(self, kind: str, **args: Any) -> int:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "type": kind, **args}))
-        return self.next_id
-
-    def result(self, timeout: float = 10) -> dict[str, Any]:
-        while True:
-            msg = json.loads(self.ws.recv(timeout=timeout))
-            if msg.get("type") == "result":
-                return msg
-
-    def call(self, kind: str, **args: Any) -> Any:
-        rid = self.send(kind, **args)
-        msg = self.result()
-        assert msg["id"] == rid
-        assert msg["success"], msg
-        return msg["result"]
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
+@pytest.mark.anyio
+async def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
     data_dir.mkdir(mode=0o700)
     conn = {
         "id": "c1",
@@ -520,16 +483,18 @@ def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
     d = Daemon(data_dir, args=["--log-level", "debug"])
     try:
         d.start()
-        bus = Bus(d)
-        got = bus.call("connections.get", connection_id="c1")
-        assert CANARY not in json.dumps(got)
-        bus.call("connections.update", connection_id="c1", changes={"api_secret": CANARY + "2"})
-        bus.call("connections.create", connection={**conn, "id": "c2", "api_key": CANARY})
-        rid = bus.send("connections.update", connection_id="c1", changes={"api_sceret": CANARY})
-        err = bus.result()
-        assert err["id"] == rid and not err["success"]
-        assert CANARY not in json.dumps(err)
-        bus.close()
+        async with bus(d, sync=None) as b:
+            got = await b.ok("connections.get", connection_id="c1")
+            assert CANARY not in json.dumps(got)
+            changes = {"api_secret": CANARY + "2"}
+            await b.ok("connections.update", connection_id="c1", changes=changes)
+            await b.ok("connections.create", connection={**conn, "id": "c2", "api_key": CANARY})
+            rid = await b.send(
+                "connections.update", connection_id="c1", changes={"api_sceret": CANARY}
+            )
+            err = await b.result(rid)
+            assert err["id"] == rid and not err["success"]
+            assert CANARY not in json.dumps(err)
         code, listed = d.http("/api/settings/connections")
         assert code == 200 and CANARY not in json.dumps(listed), listed
         # Invalid hand edits right at the secrets: a wrong type, and a string cut short.
@@ -557,34 +522,33 @@ def test_canary_secret_never_in_any_log(data_dir: Path) -> None:
 
 
 def _seed_connections(data_dir: Path, n: int) -> None:
-    data_dir.mkdir(mode=0o700, exist_ok=True)
-    conns = [{"id": f"c{i}", "name": "v", "exchange": "bybit"} for i in range(n)]
-    (data_dir / files.CONNECTIONS).write_text(json.dumps(conns, indent=2))
+    write_connections(data_dir, [connection(f"c{i}", "v") for i in range(n)])
 
 
-def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
+@pytest.mark.anyio
+async def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
     _seed_connections(data_dir, 10)
     d = Daemon(data_dir).start()
     try:
-        bus = Bus(d)
-        sent: dict[int, tuple[str, str]] = {}
-        for seq in range(300):
-            cid, name = f"c{seq % 10}", f"s{seq}"
-            sent[bus.send("connections.update", connection_id=cid, changes={"name": name})] = (
-                cid,
-                name,
-            )
-        acked: list[int] = []
-        try:
-            while len(acked) < 300:
-                msg = bus.result(timeout=10)
-                if msg["success"]:
-                    acked.append(msg["id"])
-                if len(acked) == 20:
-                    d.send_signal(signal.SIGTERM)  # mid-burst
-        except ConnectionClosed as e:
-            # Closed by the shutdown: "going away"; whatever was acked must be on disk.
-            assert e.rcvd is not None and e.rcvd.code == 1001, e
+        async with bus(d, sync=None) as b:
+            sent: dict[int, tuple[str, str]] = {}
+            for seq in range(300):
+                cid, name = f"c{seq % 10}", f"s{seq}"
+                rid = await b.send("connections.update", connection_id=cid, changes={"name": name})
+                sent[rid] = (cid, name)
+            acked: list[int] = []
+            try:
+                while len(acked) < 300:
+                    msg = await b.recv(timeout=10)
+                    if msg.get("type") != "result":
+                        continue
+                    if msg["success"]:
+                        acked.append(msg["id"])
+                    if len(acked) == 20:
+                        d.send_signal(signal.SIGTERM)  # mid-burst
+            except ConnectionClosed as e:
+                # Closed by the shutdown: "going away"; whatever was acked must be on disk.
+                assert e.rcvd is not None and e.rcvd.code == 1001, e
         assert d.proc.wait(5) == 0  # type: ignore[union-attr]
         assert "STOPPING=1" in d.notify.poll()
     finally:
@@ -619,8 +583,6 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
     """
     import asyncio
 
-    from websockets.asyncio.client import connect
-
     acked: dict[tuple[str, str], int] = {}
     total = 0
     killed = asyncio.Event()
@@ -632,24 +594,22 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
 
     async def client(k: int) -> None:
         nonlocal total
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with connect(d.ws_url, additional_headers=headers, compression=None) as ws:
-            hello = json.loads(await ws.recv())
-            assert hello["type"] == "auth_ok", hello
+        async with bus(d, sync=None) as b:
             targets: dict[int, tuple[str, str, int]] = {}
             for seq in range(PER_CLIENT):
                 cid = f"c{k * CONNS_PER_CLIENT + seq % CONNS_PER_CLIENT}"
                 value = rnd * 1000 + seq + 1
-                cmd: dict[str, Any] = {"id": seq + 1, "connection_id": cid}
                 if seq % 4 == 3:
-                    cmd.update(type="connections.set_volume", live=float(value))
-                    targets[seq + 1] = (cid, "live", value)
+                    rid = await b.send(
+                        "connections.set_volume", connection_id=cid, live=float(value)
+                    )
+                    targets[rid] = (cid, "live", value)
                 else:
-                    cmd.update(type="connections.update", changes={"name": f"v{value}"})
-                    targets[seq + 1] = (cid, "name", value)
-                await ws.send(json.dumps(cmd))
-            async for frame in ws:
-                msg = json.loads(frame)
+                    changes = {"name": f"v{value}"}
+                    rid = await b.send("connections.update", connection_id=cid, changes=changes)
+                    targets[rid] = (cid, "name", value)
+            while True:
+                msg = await b.recv(timeout=60)
                 if msg.get("type") != "result":
                     continue
                 assert msg["success"], msg
@@ -658,7 +618,7 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
                 total += 1
                 if total >= kill_after:
                     kill()
-                if len(targets) == msg["id"]:
+                if max(targets) == msg["id"]:
                     break
 
     results = await asyncio.gather(*(client(k) for k in range(CLIENTS)), return_exceptions=True)

@@ -15,124 +15,25 @@ from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc
 from ctsd.store import Store
 from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts, now_iso, parse_ts
 from tests.daemon import Daemon
-
-# --- the seeds' examples, copied verbatim (test_examples_are_verbatim checks the copy) ------
-
-SEED_CONNECTIONS = """[
-  {
-    "id": "conn_abc123",
-    "user_id": 1,
-    "name": "Bybit Main",
-    "exchange": "bybit",
-    "exchange_id": 2,
-    "api_type": "perpetual_futures",
-    "connection_method": "rest",
-    "connection_library": "rest",
-    "api_key": "...",
-    "api_secret": "...",
-    "api_passphrase": null,
-    "margin_type": "cross",
-    "position_mode": "hedge",
-    "is_testnet": false,
-    "is_enabled": true,
-    "is_live_trade": true,
-    "is_preset_trade": false,
-    "is_active": true,
-    "is_predefined": false,
-    "volume_factor": 1.0,
-    "connection_settings": "{}",
-    "created_at": "2024-01-01T00:00:00.000Z",
-    "updated_at": "2024-01-01T00:00:00.000Z"
-  }
-]"""
-
-SEED_STATE = """[
-  {
-    "connection_id": "conn_abc123",
-    "is_active": true,
-    "volume_factor_live": 1.0,
-    "volume_factor_preset": 1.0,
-    "test_results": {
-      "success": true,
-      "latency": 45,
-      "timestamp": "2024-01-01T00:00:00.000Z"
-    },
-    "last_sync_at": "2024-01-01T00:00:00.000Z",
-    "created_at": "2024-01-01T00:00:00.000Z",
-    "updated_at": "2024-01-01T00:00:00.000Z"
-  }
-]"""
-
-SEED_SYNC_LOG = """[
-  {
-    "id": 1,
-    "connection_id": "conn_abc123",
-    "action": "set_active",
-    "data": { "timestamp": "2024-01-01T00:00:00.000Z" },
-    "created_at": "2024-01-01T00:00:00.000Z"
-  },
-  {
-    "id": 2,
-    "connection_id": "conn_abc123",
-    "action": "update_volume",
-    "data": { "live": 1.5, "preset": 2.0, "timestamp": "2024-01-01T00:01:00.000Z" },
-    "created_at": "2024-01-01T00:01:00.000Z"
-  }
-]"""
-
-SEED_CONNECTION_DOC = """{
-  "projectX": {
-    "apiUrl": "https://api.topstepx.com",
-    "websocketUrl": "wss://rtc.topstepx.com",
-    "username": "your_username",
-    "apiKey": "API key token",
-    "autoConnect": true
-  },
-  "server": {
-    "port": 3587,
-    "corsOrigins": ["http://localhost:5173", "http://localhost:5174"]
-  },
-  "trading": {
-    "defaultCommission": 2.80,
-    "simulationMode": true
-  }
-}"""
-
-SEED_INSTANCES = """{
-  "instances": [
-    {
-      "id": "uuid-1234",
-      "name": "NQ Scalper",
-      "symbol": "NQ",
-      "algorithmName": "Simple-MA-Crossover",
-      "simulationMode": true
-    }
-  ],
-  "lastSaved": "2024-08-02T06:45:00.000Z"
-}"""
-
-# The algorithm instances.json names (the seed gives no example body: a minimal strategy).
-ALGORITHM = '{\n  "name": "Simple-MA-Crossover",\n  "fast": 9,\n  "slow": 21\n}\n'
-
-SEED_FILES = {
-    "connections.json": SEED_CONNECTIONS,
-    "connection-state.json": SEED_STATE,
-    "connection-sync-log.json": SEED_SYNC_LOG,
-    "connection.json": SEED_CONNECTION_DOC,
-    "instances.json": SEED_INSTANCES,
-}
-SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-
-
-def _json_blocks(text: str) -> list[str]:
-    return [m.group(1) for m in re.finditer(r"```json\n(.*?)\n```", text, re.S)]
+from tests.seeds import (
+    ALGORITHM,
+    SEED_CONNECTION_DOC,
+    SEED_CONNECTIONS,
+    SEED_FILES,
+    SEED_INSTANCES,
+    SEED_STATE,
+    SEED_SYNC_LOG,
+    SEEDS_DIR,
+    json_blocks,
+    write_seed_dir,
+)
 
 
 def test_examples_are_verbatim() -> None:
     """Every copied example is exactly a ```json block of a seed document."""
     if not SEEDS_DIR.is_dir():
         pytest.skip(f"seed documents not beside the repo ({SEEDS_DIR})")
-    blocks = [b for p in sorted(SEEDS_DIR.glob("*.txt")) for b in _json_blocks(p.read_text())]
+    blocks = [b for p in sorted(SEEDS_DIR.glob("*.txt")) for b in json_blocks(p.read_text())]
     for name, text in SEED_FILES.items():
         assert text in blocks, f"{name} example differs from the seed"
 
@@ -160,16 +61,8 @@ def test_seed_examples_decode() -> None:
     assert files.decode_file("algorithms/Simple-MA-Crossover.json", ALGORITHM.encode())
 
 
-def _write_seed_dir(data: Path) -> dict[str, bytes]:
-    (data / "algorithms").mkdir(parents=True)
-    written = {**SEED_FILES, "algorithms/Simple-MA-Crossover.json": ALGORITHM}
-    for name, text in written.items():
-        (data / name).write_text(text)
-    return {name: (data / name).read_bytes() for name in written}
-
-
 def test_store_loads_seed_dir_without_rewriting(tmp_path: Path) -> None:
-    before = _write_seed_dir(tmp_path)
+    before = write_seed_dir(tmp_path)
     store = Store(tmp_path)
     store.open()
     assert store.problems == {}
@@ -181,7 +74,7 @@ def test_store_loads_seed_dir_without_rewriting(tmp_path: Path) -> None:
 
 def test_daemon_serves_seed_dir_unchanged(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    before = _write_seed_dir(data)
+    before = write_seed_dir(data)
     d = Daemon(data).start()
     try:
         status, body = d.http("/health", token=None)

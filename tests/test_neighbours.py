@@ -14,8 +14,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.bus import bus
 from tests.daemon import TOKEN, Daemon, wait_until
-from tests.test_bus import bus, conn_body, write_settings
+from tests.datadir import connection, write_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +44,7 @@ async def test_a_flood_of_idle_sockets_never_breaks_a_write(data_dir: Path) -> N
                 except OSError:
                     break
             for i in range(20):  # ... keeps making durable changes throughout
-                c = await b.ok("connections.create", connection=conn_body(f"n{i}"))
+                c = await b.ok("connections.create", connection=connection(name=f"n{i}"))
                 assert c["id"]
         refused = 0
         for s in socks[250:300]:  # ... and the late ones were told why

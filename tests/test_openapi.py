@@ -43,8 +43,9 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from tests.bus import bus
 from tests.daemon import Daemon, free_port
-from tests.test_bus import CANARY, bus, conn_body
+from tests.datadir import CANARY, connection
 
 FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 80)
 ANSWER_WITHIN_S = 15.0
@@ -125,9 +126,11 @@ def _seed_connections(d: Daemon, client: httpx.Client, dead: str) -> None:
     present = {c["id"] for c in client.get("/api/settings/connections").json()}
     settings_ = json.dumps({"base_url": dead})
     bodies = [
-        conn_body("one", id="c1", api_key=CANARY, api_secret=CANARY, connection_settings=settings_),
-        conn_body("two", id="c2", exchange="okx", connection_settings=settings_),
-        conn_body("three", id="c3", is_enabled=False, connection_settings=settings_),
+        connection(
+            name="one", id="c1", api_key=CANARY, api_secret=CANARY, connection_settings=settings_
+        ),
+        connection(name="two", id="c2", exchange="okx", connection_settings=settings_),
+        connection(name="three", id="c3", is_enabled=False, connection_settings=settings_),
     ]
     for body in bodies:
         if body["id"] not in present:

@@ -1,17 +1,15 @@
 """Connection tests against a fake exchange on 127.0.0.1 (never a real exchange).
 
-In-process: a real `Store` on a tmp dir and a small App-like object; the probe code is the
-daemon's own. `FakeExchange` is shared with the sweep tests.
+In-process: a real `Store` on a tmp dir and a small App-like object (`tests.inprocess`); the
+probe code is the daemon's own. The fake exchange is `tests.exchange`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,161 +18,12 @@ import pytest
 
 from ctsd import ops, probes
 from ctsd.models import Connection
-from ctsd.probes import Prober
-from ctsd.store import Store
-from ctsd.sweeps import Sweeper
 from ctsd.timeutil import TIMESTAMP_PATTERN
 from tests.daemon import free_port
+from tests.exchange import PX_KEY, PX_TOKEN, PX_USER, FakeExchange, probe_connection, px_document
+from tests.inprocess import open_app, state_file, sync_log
 
 pytestmark = pytest.mark.anyio
-
-PX_USER = "trader-joe"
-PX_KEY = "PXKEY-very-secret-0123456789"
-PX_TOKEN = "SESSION-TOKEN-must-not-leak"
-
-
-class FakeExchange:
-    """A fake exchange: the first path segment picks the behaviour, the rest is the exchange
-    path (`http://127.0.0.1:PORT/ok/v5/market/time`)."""
-
-    def __init__(self, slow_s: float = 2.0) -> None:
-        self.slow_s = slow_s
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                fake._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                fake._handle(self, "POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def base(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{mode}"
-
-    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
-        with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.requests.append((method, h.path, {k.lower(): v for k, v in h.headers.items()}))
-        try:
-            mode, _, rest = h.path.lstrip("/").partition("/")
-            path = "/" + rest
-            length = int(h.headers.get("Content-Length") or 0)
-            body_in = h.rfile.read(length) if length else b""
-            if mode == "slow":
-                time.sleep(self.slow_s)
-                mode = "ok"
-            if mode == "hold":
-                time.sleep(0.3)
-                mode = "ok"
-            if mode == "err500":
-                self._send(h, 500, b'{"error": "boom"}')
-            elif mode == "badjson":
-                self._send(h, 200, b"<html>maintenance</html>")
-            elif mode == "bybiterr":
-                self._send(h, 200, json.dumps({"retCode": 10002, "retMsg": "bad time"}).encode())
-            elif mode == "projectx":
-                creds = json.loads(body_in or b"{}")
-                ok = creds.get("userName") == PX_USER and creds.get("apiKey") == PX_KEY
-                answer = (
-                    {"token": PX_TOKEN, "success": True, "errorCode": 0, "errorMessage": None}
-                    if ok
-                    else {
-                        "token": None,
-                        "success": False,
-                        "errorCode": 3,
-                        # a careless server echoing what it got: must be scrubbed
-                        "errorMessage": f"invalid key {creds.get('apiKey')}",
-                    }
-                )
-                self._send(h, 200, json.dumps(answer).encode())
-            else:
-                self._send(h, 200, json.dumps(self._time_body(path)).encode())
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-
-    @staticmethod
-    def _time_body(path: str) -> Any:
-        ms = int(time.time() * 1000)
-        if path == "/v5/market/time":
-            return {"retCode": 0, "retMsg": "OK", "result": {"timeSecond": str(ms // 1000)}}
-        if path == "/api/v5/public/time":
-            return {"code": "0", "msg": "", "data": [{"ts": str(ms)}]}
-        if path == "/openApi/swap/v2/server/time":
-            return {"code": 0, "msg": "", "data": {"serverTime": ms}}
-        return {"serverTime": ms}
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def connection(cid: str, base_url: str | None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": cid,
-        "name": cid,
-        "exchange": kw.pop("exchange", "bybit"),
-        "is_enabled": kw.pop("is_enabled", True),
-        "is_active": kw.pop("is_active", True),
-        "api_key": "CONNKEY-secret-abcdef123456",
-        "api_secret": "CONNSECRET-zzz",
-        "connection_settings": json.dumps({"base_url": base_url} if base_url else {}),
-        "created_at": "2024-01-01T00:00:00.000Z",
-        "updated_at": "2024-01-01T00:00:00.000Z",
-        **kw,
-    }
-    return body
-
-
-def write_data(data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
-    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeExchange]:
-    f = FakeExchange()
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-async def open_app(
-    data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
-) -> SimpleNamespace:
-    """The daemon's parts over `data_dir`, built as the app builds them (no server)."""
-    write_data(data_dir, conns, settings or {})
-    store = Store(data_dir)
-    store.open()
-    await store.start()
-    prober = Prober(store)
-    return SimpleNamespace(
-        store=store, prober=prober, sweeper=Sweeper(store, prober), data_dir=data_dir
-    )
 
 
 @pytest.fixture
@@ -194,23 +43,11 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
         await app.store.close()
 
 
-async def sync_log(app: Any) -> list[dict[str, Any]]:
-    """The sync-log file, once it holds every change made so far."""
-    await app.store.checkpointer.flush()
-    return json.loads((app.data_dir / "connection-sync-log.json").read_text())
-
-
-async def state_file(app: Any) -> dict[str, dict[str, Any]]:
-    await app.store.checkpointer.flush()
-    rows = json.loads((app.data_dir / "connection-state.json").read_text())
-    return {r["connection_id"]: r for r in rows}
-
-
 # --- exchange tests -------------------------------------------------------------------------
 
 
 async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: FakeExchange):
-    app = await app_factory([connection("c1", fake.base("ok"))])
+    app = await app_factory([probe_connection("c1", fake.base("ok"))])
     before = app.store.revision
     result = await app.prober.test_connection("c1")
     assert result["success"] is True
@@ -231,7 +68,7 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
 
 
 async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
-    app = await app_factory([connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
+    app = await app_factory([probe_connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
     t0 = time.monotonic()
     result = await app.prober.test_connection("c1")
     elapsed = time.monotonic() - t0
@@ -243,7 +80,7 @@ async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: Fa
 
 
 async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
-    app = await app_factory([connection("c1", fake.base("err500"))])
+    app = await app_factory([probe_connection("c1", fake.base("err500"))])
     result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert result["error"].startswith("HTTP 500")
@@ -252,7 +89,7 @@ async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
 
 async def test_refused_port_is_a_failure(app_factory: Any):
     port = free_port()  # nothing listens there
-    app = await app_factory([connection("c1", f"http://127.0.0.1:{port}")])
+    app = await app_factory([probe_connection("c1", f"http://127.0.0.1:{port}")])
     result = await app.prober.test_connection("c1")
     assert result == {
         "success": False,
@@ -267,7 +104,7 @@ async def test_refused_port_is_a_failure(app_factory: Any):
     [("badjson", "not JSON"), ("bybiterr", "Bybit error 10002: bad time")],
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
-    app = await app_factory([connection("c1", fake.base(mode))])
+    app = await app_factory([probe_connection("c1", fake.base(mode))])
     result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert message in result["error"]
@@ -288,7 +125,7 @@ async def test_unusable_url_is_a_failed_test_never_an_exception(url: str, app_fa
 
 
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
-    app = await app_factory([connection("c1", None, exchange="kraken-pro")])
+    app = await app_factory([probe_connection("c1", None, exchange="kraken-pro")])
     result = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert "no test endpoint known for exchange 'kraken-pro'" in result["error"]
@@ -298,7 +135,7 @@ async def test_unknown_exchange_and_missing_connection(app_factory: Any):
 
 
 async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
-    conns = [connection(f"c{i}", fake.base("hold")) for i in range(40)]
+    conns = [probe_connection(f"c{i}", fake.base("hold")) for i in range(40)]
     app = await app_factory(conns)
     import anyio
 
@@ -343,7 +180,9 @@ def test_endpoint_table_live_testnet_and_api_type():
 
 
 async def test_okx_testnet_header_reaches_the_server(app_factory: Any, fake: FakeExchange):
-    app = await app_factory([connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)])
+    app = await app_factory(
+        [probe_connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)]
+    )
     result = await app.prober.test_connection("c1")
     assert result["success"] is True
     _method, path, headers = fake.requests[-1]
@@ -355,21 +194,6 @@ def test_display_url_drops_user_info_and_query():
 
 
 # --- Project X ------------------------------------------------------------------------------
-
-
-def px_document(api_url: str, key: str = PX_KEY) -> dict[str, Any]:
-    """connection.json with Project X credentials pointing at `api_url`."""
-    return {
-        "projectX": {
-            "apiUrl": api_url,
-            "websocketUrl": "wss://rtc.example",
-            "username": PX_USER,
-            "apiKey": key,
-            "autoConnect": True,
-        },
-        "server": {"port": 3587, "corsOrigins": []},
-        "trading": {"defaultCommission": 2.8, "simulationMode": True},
-    }
 
 
 async def _px_app(app_factory: Any, api_url: str, key: str = PX_KEY) -> Any:

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import ctsd
+from tests.bus import bus
+from tests.cli_helpers import Tail, ctsd, env_for
 from tests.daemon import Daemon, wait_until
-from tests.test_bus import bus
-from tests.test_cli_client import Tail, env_for
 
 pytestmark = pytest.mark.anyio
 

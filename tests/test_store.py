@@ -22,13 +22,13 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent, TestResult
 from ctsd.store import Store
+from tests.datadir import CANARY, connection
 
 pytestmark = pytest.mark.anyio
-CANARY = "CANARY-SECRET-7f3a9c"
 
 
 def conn(i: int | str, **extra: Any) -> dict[str, Any]:
-    return {"id": f"c{i}", "name": f"conn {i}", "exchange": "bybit", **extra}
+    return connection(f"c{i}", **{"name": f"conn {i}", **extra})
 
 
 @contextlib.asynccontextmanager

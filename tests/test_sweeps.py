@@ -19,10 +19,10 @@ import pytest
 from ctsd import ops, sweeps
 from ctsd.files import STATE
 from tests.daemon import wait_until_async
-from tests.test_probes import FakeExchange, connection, fake, open_app, state_file, sync_log
+from tests.exchange import PX_KEY, PX_USER, FakeExchange, probe_connection
+from tests.inprocess import open_app, state_file, sync_log
 
 pytestmark = pytest.mark.anyio
-__all__ = ["fake"]  # the fixture, re-used
 
 FAST = {"sweep_interval_s": 0.05, "heartbeat_flush_s": 0.3, "test_interval_s": 0}
 
@@ -79,7 +79,7 @@ def actions(app: Any, cid: str | None = None) -> list[str]:
 async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
     stale_after, interval = 0.4, 0.05
     app = await running(
-        [connection("c1", None), connection("idle", None, is_active=False)],
+        [probe_connection("c1", None), probe_connection("idle", None, is_active=False)],
         {"stale_after_s": stale_after, "sweep_interval_s": interval},
     )
     app.sweeper.heartbeat("c1")
@@ -105,7 +105,7 @@ async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
 
 
 async def test_successful_test_recovers_a_stale_connection(running: Any, fake: FakeExchange):
-    app = await running([connection("c1", fake.base("ok"))], {"stale_after_s": 0.2})
+    app = await running([probe_connection("c1", fake.base("ok"))], {"stale_after_s": 0.2})
     await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
     result = await app.prober.test_connection("c1")
     assert result["success"] is True
@@ -118,7 +118,7 @@ async def test_successful_test_recovers_a_stale_connection(running: Any, fake: F
 async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
     flush = 0.3
     app = await running(
-        [connection(f"c{i}", None) for i in range(20)],
+        [probe_connection(f"c{i}", None) for i in range(20)],
         {"heartbeat_flush_s": flush, "stale_after_s": 60},
     )
     await wait_for(lambda: "c0" in app.sweeper.live, 2, "first sweep")
@@ -143,7 +143,7 @@ async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
 
 
 async def test_idle_sweeps_write_nothing(running: Any):
-    app = await running([connection(f"c{i}", None) for i in range(50)], {"stale_after_s": 60})
+    app = await running([probe_connection(f"c{i}", None) for i in range(50)], {"stale_after_s": 60})
     sw = await wait_for(lambda: app.sweeper, 2, "sweeper")
     await wait_for(lambda: len(sw.live) == 50, 2, "first sweep")
     # let the first flush persist whatever start-up produced, then watch an idle stretch
@@ -158,7 +158,7 @@ async def test_idle_sweeps_write_nothing(running: Any):
 
 async def test_inactive_and_disabled_read_inactive_and_never_stale(running: Any):
     app = await running(
-        [connection("a", None), connection("off", None, is_enabled=False)],
+        [probe_connection("a", None), probe_connection("off", None, is_enabled=False)],
         {"stale_after_s": 0.3},
     )
     assert status(app, "off") == "inactive"
@@ -176,7 +176,7 @@ async def test_inactive_and_disabled_read_inactive_and_never_stale(running: Any)
 
 
 async def test_settings_hand_edit_applies_live(running: Any):
-    app = await running([connection("c1", None)], {"stale_after_s": 60})
+    app = await running([probe_connection("c1", None)], {"stale_after_s": 60})
     sw = await wait_for(lambda: app.sweeper, 2, "sweeper")
     await wait_for(lambda: len(sw.tick_times) > 10, 3, "sweeps running")
     assert status(app, "c1") == "active"
@@ -191,7 +191,9 @@ async def test_settings_hand_edit_applies_live(running: Any):
 
 
 async def test_last_sync_at_moves_with_the_change_of_its_event(running: Any):
-    app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.2})
+    app = await running(
+        [probe_connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.2}
+    )
     for op in (ops.update("c1", {"name": "renamed"}), ops.set_active("c1", False)):
         await app.store.submit(op, "cli")
         event = app.store.log[-1]
@@ -208,9 +210,9 @@ async def test_last_sync_at_moves_with_the_change_of_its_event(running: Any):
 async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeExchange):
     app = await running(
         [
-            connection("ok", fake.base("ok")),
-            connection("down", fake.base("err500"), is_active=False),
-            connection("off", fake.base("ok"), is_enabled=False),
+            probe_connection("ok", fake.base("ok")),
+            probe_connection("down", fake.base("err500"), is_active=False),
+            probe_connection("off", fake.base("ok"), is_enabled=False),
         ],
         {"test_interval_s": 0.3, "stale_after_s": 60},
     )
@@ -240,15 +242,13 @@ async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeEx
 
 
 async def test_heartbeat_unknown_connection(running: Any):
-    app = await running([connection("c1", None)])
+    app = await running([probe_connection("c1", None)])
     with pytest.raises(Exception) as e:
         app.sweeper.heartbeat("ghost")
     assert getattr(e.value, "code", None) == "not_found"
 
 
 async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange):
-    from tests.test_probes import PX_KEY, PX_USER
-
     data = tmp_path / "px"
     data.mkdir()
     (data / "connection.json").write_text(
@@ -276,7 +276,7 @@ async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange
 
 async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
     """The sweep decides, a heartbeat lands, then the write applies: no false `stale`."""
-    app = await open_app(tmp_path / "d", [connection("c1", None)], {"stale_after_s": 1})
+    app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
     try:
         sw = app.sweeper
         now = time.monotonic()  # the sweep's clock
@@ -298,7 +298,9 @@ async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
 
 
 async def test_invalid_state_file_holds_the_flush_until_fixed(running: Any):
-    app = await running([connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.1})
+    app = await running(
+        [probe_connection("c1", None)], {"stale_after_s": 60, "heartbeat_flush_s": 0.1}
+    )
     sw = app.sweeper
     await wait_for(lambda: not sw.flush_plan(), 2, "settled")
     await app.store.checkpointer.flush()
@@ -321,7 +323,7 @@ async def test_invalid_state_file_holds_the_flush_until_fixed(running: Any):
 async def test_a_burst_of_due_connections_is_swept_in_slices(tmp_path: Path):
     """All learnt at one moment (start, import) → all due at once: slices, none lost."""
     n = 3000
-    app = await open_app(tmp_path / "d", [connection(f"c{i}", None) for i in range(n)], {})
+    app = await open_app(tmp_path / "d", [probe_connection(f"c{i}", None) for i in range(n)], {})
     try:
         sw = app.sweeper
         now = time.monotonic()
@@ -348,7 +350,7 @@ async def test_flush_asked_during_a_flush_waits_and_writes_the_rest(running: Any
     # Shutdown flushes while a periodic flush may be in flight: it must not return early and
     # leave the heartbeats that arrived meanwhile only in memory.
     app = await running(
-        [connection("c0", None), connection("c1", None)], {"heartbeat_flush_s": 3600}
+        [probe_connection("c0", None), probe_connection("c1", None)], {"heartbeat_flush_s": 3600}
     )
     sw = app.sweeper
     app.sweeper.heartbeat("c0")

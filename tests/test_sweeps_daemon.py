@@ -10,79 +10,29 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
-from tests.daemon import TOKEN, Daemon, wait_until
-from tests.test_probes import PX_KEY, PX_TOKEN, FakeExchange, connection, fake, px_document
+from tests.bus import bus as open_bus
+from tests.daemon import Daemon, wait_until
+from tests.datadir import write_connections, write_settings
+from tests.exchange import PX_KEY, PX_TOKEN, FakeExchange, probe_connection, px_document
 
 pytestmark = pytest.mark.anyio
-__all__ = ["fake"]  # the fixture, re-used
 
 
-class Bus:
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            return json.loads(await self.ws.recv())
-
-    async def call(self, type_: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-        self.next_id += 1
-        await self.ws.send(json.dumps({"id": self.next_id, "type": type_, **args}))
-        while True:
-            msg = await self.recv(timeout)
-            if msg.get("type") == "result" and msg.get("id") == self.next_id:
-                return msg
-            if msg.get("type") == "events":
-                self.events.extend(msg["events"])
-
-    async def ok(self, type_: str, **args: Any) -> Any:
-        reply = await self.call(type_, **args)
-        assert reply["success"] is True, reply
-        return reply["result"]
-
-    async def wait_event(self, action: str, cid: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for e in self.events:
-                if e["action"] == action and e["connection_id"] == cid:
-                    return e
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {action} event for {cid}: {self.events[-5:]}")
-            try:
-                msg = await self.recv(left)
-            except TimeoutError:
-                continue
-            if msg.get("type") == "events":
-                self.events.extend(msg["events"])
-
-
-@asynccontextmanager
-async def bus(d: Daemon) -> AsyncIterator[Bus]:
-    async with connect(
-        d.ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, compression=None
-    ) as ws:
-        b = Bus(ws)
-        assert (await b.recv())["type"] == "auth_ok"
-        yield b
+def bus(d: Daemon) -> Any:
+    """The tests' bus; changes are answered by the journal (no `sync`), as a frontend's are."""
+    return open_bus(d, sync=None)
 
 
 def write(data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (data_dir / "connections.json").write_text(json.dumps(conns, indent=2) + "\n")
+    write_connections(data_dir, conns)
     base = {"server": {"rate_limit": {"requests": 1_000_000, "window_s": 1}}}
-    (data_dir / "settings.json").write_text(json.dumps({**base, **settings}, indent=2) + "\n")
+    write_settings(data_dir, {**base, **settings})
 
 
 def state(d: Daemon) -> dict[str, dict[str, Any]]:
@@ -126,7 +76,7 @@ FAST = {"sweep_interval_s": 0.1, "heartbeat_flush_s": 0.5, "test_interval_s": 0}
 
 async def test_stale_and_recovered_over_the_bus(start: Any):
     d = start(
-        [connection("c1", None), connection("off", None, is_active=False)],
+        [probe_connection("c1", None), probe_connection("off", None, is_active=False)],
         {**FAST, "stale_after_s": 0.6},
     )
     async with bus(d) as b:
@@ -151,7 +101,9 @@ async def test_stale_and_recovered_over_the_bus(start: Any):
 
 async def test_heartbeats_over_the_bus_are_coalesced(start: Any):
     flush = 0.5
-    d = start([connection(f"c{i}", None) for i in range(10)], {**FAST, "heartbeat_flush_s": flush})
+    d = start(
+        [probe_connection(f"c{i}", None) for i in range(10)], {**FAST, "heartbeat_flush_s": flush}
+    )
     path = d.data_dir / "connection-state.json"
     async with bus(d) as b:
         await b.ok("connections.heartbeat", connection_id="c0")
@@ -163,16 +115,7 @@ async def test_heartbeats_over_the_bus_are_coalesced(start: Any):
         while time.monotonic() - t0 < 2.0:
             # pipelined: 50 heartbeats per round trip
             for i in range(50):
-                await b.ws.send(
-                    json.dumps(
-                        {
-                            "id": b.next_id + 1 + i,
-                            "type": "connections.heartbeat",
-                            "connection_id": f"c{i % 10}",
-                        }
-                    )
-                )
-            b.next_id += 50
+                await b.send("connections.heartbeat", connection_id=f"c{i % 10}")
             last = await b.ok("connections.heartbeat", connection_id="c3")
             sent += 51
             inodes.add(os.stat(path).st_ino)  # atomic replace: a new inode per write
@@ -191,9 +134,9 @@ async def test_heartbeats_over_the_bus_are_coalesced(start: Any):
 async def test_connection_test_and_periodic_tests(start: Any, fake: FakeExchange):
     d = start(
         [
-            connection("good", fake.base("ok"), exchange="binance", api_type="spot"),
-            connection("bad", fake.base("err500")),
-            connection("off", fake.base("ok"), is_enabled=False),
+            probe_connection("good", fake.base("ok"), exchange="binance", api_type="spot"),
+            probe_connection("bad", fake.base("err500")),
+            probe_connection("off", fake.base("ok"), is_enabled=False),
         ],
         {**FAST, "stale_after_s": 60, "test_timeout_s": 2},
     )
@@ -223,7 +166,7 @@ async def test_connection_test_and_periodic_tests(start: Any, fake: FakeExchange
 
 
 async def test_settings_hand_edit_changes_stale_after(start: Any):
-    d = start([connection("c1", None)], {**FAST, "stale_after_s": 60})
+    d = start([probe_connection("c1", None)], {**FAST, "stale_after_s": 60})
     async with bus(d) as b:
         await b.ok("connections.heartbeat", connection_id="c1")
         await b.ok("subscribe")
@@ -256,7 +199,7 @@ async def test_projectx_in_server_status(data_dir: Path, start: Any, fake: FakeE
 
 async def test_sigterm_flushes_heartbeats_not_yet_on_disk(start: Any):
     # A long flush interval: without the flush at shutdown the heartbeat would be lost.
-    d = start([connection("c0", None)], {**FAST, "heartbeat_flush_s": 3600})
+    d = start([probe_connection("c0", None)], {**FAST, "heartbeat_flush_s": 3600})
     async with bus(d) as b:
         beat = await b.ok("connections.heartbeat", connection_id="c0")
     assert state(d).get("c0", {}).get("last_heartbeat_at") != beat["timestamp"]

@@ -7,95 +7,20 @@ sync log on disk, the daemon's JSON log lines, `/health`, and the bus.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
-from tests.daemon import Daemon, wait_until
-
-CONNS = "connections.json"
-LOG = "connection-sync-log.json"
-# The race test sends far more than the default 1,000 bus commands per 15 minutes; the
-# periodic connection tests (which log `test` events of their own) are off, so the events
-# seen are exactly those of the edits.
-SETTINGS = {
-    "server": {"rate_limit": {"requests": 1_000_000, "window_s": 900}},
-    "test_interval_s": 0,
-}
-
-
-def connection(i: int, **over: Any) -> dict[str, Any]:
-    c = {
-        "id": f"conn_{i:04d}",
-        "name": f"Connection {i}",
-        "exchange": "bybit",
-        "api_key": f"key-{i:04d}-SECRET",
-        "api_secret": f"secret-{i:04d}-SECRET",
-        "volume_factor": 1.0,
-        "is_enabled": True,
-        "created_at": "2024-01-01T00:00:00.000Z",
-        "updated_at": "2024-01-01T00:00:00.000Z",
-    }
-    c.update(over)
-    return c
-
-
-def dump(value: Any) -> bytes:
-    return (json.dumps(value, indent=2) + "\n").encode()
-
-
-def atomic_save(path: Path, body: bytes) -> None:
-    """What most editors do: write a temp file in the same dir, then rename it over."""
-    tmp = path.with_name(f".{path.name}.edit-{os.getpid()}")
-    tmp.write_bytes(body)
-    os.replace(tmp, path)
-
-
-def seed(data_dir: Path, n: int, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conns = [connection(i) for i in range(n)]
-    (data_dir / CONNS).write_bytes(dump(conns))
-    (data_dir / "settings.json").write_bytes(dump(settings or SETTINGS))
-    return conns
-
-
-def sync_log(d: Daemon) -> list[dict[str, Any]]:
-    # The daemon replaces the file atomically, so a read is always a whole version.
-    return json.loads((d.data_dir / LOG).read_bytes())
-
-
-def events_after(d: Daemon, revision: int) -> list[dict[str, Any]]:
-    return [e for e in sync_log(d) if e["id"] > revision]
-
-
-def revision(d: Daemon) -> int:
-    """The daemon's revision now (the sync-log file may be a few milliseconds behind)."""
-    return int(d.http("/health", token=None)[1]["revision"])
-
-
-def log_lines(d: Daemon, event: str) -> list[dict[str, Any]]:
-    return [e for e in d.log_events() if e.get("event") == event]
-
-
-def wait_events(
-    d: Daemon, after: int, pred: Callable[[list[dict[str, Any]]], bool], what: str
-) -> list[dict[str, Any]]:
-    def check() -> list[dict[str, Any]] | None:
-        evs = events_after(d, after)
-        return evs if evs and pred(evs) else None
-
-    return wait_until(check, 5.0, what=what)
+from tests.daemon import Daemon, log_lines, revision, sync_log, wait_events, wait_until
+from tests.datadir import atomic_save, dump
+from tests.handedits import CONNS, assert_one_name_update, bus, edit_name, seed
 
 
 @pytest.fixture
@@ -108,31 +33,12 @@ def daemon10(data_dir: Path) -> Iterator[Daemon]:
         d.close()
 
 
-def _edit_name(body: bytes, cid: str, name: str) -> bytes:
-    conns = json.loads(body)
-    for c in conns:
-        if c["id"] == cid:
-            c["name"] = name
-    return dump(conns)
-
-
-def assert_one_name_update(d: Daemon, rev: int, cid: str, name: str) -> None:
-    evs = wait_events(d, rev, lambda evs: True, f"the edit of {cid}")
-    assert [(e["connection_id"], e["action"], e["data"]["fields"]) for e in evs] == [
-        (cid, "update", ["name"])
-    ], evs
-    assert evs[0]["data"]["source"] == "file"
-    assert evs[0]["data"]["values"]["name"] == name
-    assert not log_lines(d, "file_invalid"), "a half-written file was judged"
-    assert not log_lines(d, "file_restored_from_memory")
-
-
 # --- the ways a file gets saved -------------------------------------------------------------
 
 
 def test_atomic_rename_save(daemon10: Daemon) -> None:
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
-    atomic_save(path, _edit_name(path.read_bytes(), "conn_0003", "Renamed"))
+    atomic_save(path, edit_name(path.read_bytes(), "conn_0003", "Renamed"))
     assert_one_name_update(d, rev, "conn_0003", "Renamed")
     # The edited file is left exactly as the operator wrote it.
     assert json.loads(path.read_bytes())[3]["name"] == "Renamed"
@@ -144,7 +50,7 @@ def test_atomic_rename_save(daemon10: Daemon) -> None:
 def test_in_place_truncate_then_chunks_with_pauses(daemon10: Daemon) -> None:
     """nano/`>`-style: truncate, then write in pieces; the half file must not count."""
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
-    body = _edit_name(path.read_bytes(), "conn_0005", "Chunked")
+    body = edit_name(path.read_bytes(), "conn_0005", "Chunked")
     pause = threading.Event()  # the writer's pauses between chunks (part of the scenario)
     with open(path, "r+b") as fh:
         fh.truncate(0)
@@ -165,7 +71,7 @@ def test_vim_style_save(daemon10: Daemon) -> None:
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
     swap = path.with_name(f".{path.name}.swp")
     swap.write_bytes(b"b0VIM 9.0" + b"\0" * 4000)
-    body = _edit_name(path.read_bytes(), "conn_0007", "From vim")
+    body = edit_name(path.read_bytes(), "conn_0007", "From vim")
     probe = path.with_name("4913")
     fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
     os.close(fd)
@@ -184,7 +90,7 @@ def test_vim_style_save(daemon10: Daemon) -> None:
 def test_cp_over(daemon10: Daemon, tmp_path: Path) -> None:
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
     src = tmp_path / "edited.json"
-    src.write_bytes(_edit_name(path.read_bytes(), "conn_0001", "Copied"))
+    src.write_bytes(edit_name(path.read_bytes(), "conn_0001", "Copied"))
     ino = path.stat().st_ino
     subprocess.run(["cp", str(src), str(path)], check=True)
     assert path.stat().st_ino == ino  # cp writes in place: truncate + write
@@ -205,7 +111,7 @@ def test_editor_debris_is_ignored(daemon10: Daemon) -> None:
     (d.data_dir / "logs" / "x.json").write_text("{not json")
     # A real edit after the debris: once it is in, the debris has been seen (and ignored).
     path = d.data_dir / CONNS
-    atomic_save(path, _edit_name(path.read_bytes(), "conn_0000", "After debris"))
+    atomic_save(path, edit_name(path.read_bytes(), "conn_0000", "After debris"))
     assert_one_name_update(d, rev, "conn_0000", "After debris")
     _, health = d.http("/health")
     assert health["status"] == "ok", health
@@ -241,93 +147,19 @@ def test_one_field_of_1000_connections_is_one_event(data_dir: Path) -> None:
 # --- invalid edits ----------------------------------------------------------------------------
 
 
-class Bus:
-    """A minimal bus client: commands by id, events and notices collected as they come."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.notices: list[dict[str, Any]] = []
-        self.changed = asyncio.Event()
-        self.reader: asyncio.Task[None] | None = None
-        self.sending: set[asyncio.Future[None]] = set()
-        self.frames: list[list[dict[str, Any]]] = []  # the events of each `events` frame
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            msg = json.loads(raw)
-            if msg.get("type") == "result":
-                fut = self.waiting.pop(msg["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif msg.get("type") == "events":
-                self.events.extend(msg["events"])
-                self.frames.append(msg["events"])
-            elif msg.get("type") == "notice":
-                self.notices.append(msg)
-            self.changed.set()
-
-    def send(self, kind: str, **args: Any) -> asyncio.Future[dict[str, Any]]:
-        self.next_id += 1
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.waiting[self.next_id] = fut
-        frame = json.dumps({"id": self.next_id, "type": kind, **args})
-        task = asyncio.ensure_future(self.ws.send(frame))
-        self.sending.add(task)  # keep a reference until sent
-        task.add_done_callback(self.sending.discard)
-        return fut
-
-    async def call(self, kind: str, **args: Any) -> dict[str, Any]:
-        return await asyncio.wait_for(self.send(kind, **args), 10)
-
-    async def wait_for(self, cond: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-        async def loop() -> Any:
-            while True:
-                value = cond()
-                if value:
-                    return value
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            return await asyncio.wait_for(loop(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
-
-
-@contextlib.asynccontextmanager
-async def bus(d: Daemon, subscribe: bool = True) -> AsyncIterator[Bus]:
-    async with connect(
-        d.ws_url, additional_headers={"Authorization": f"Bearer {d.token}"}, max_size=None
-    ) as ws:
-        hello = json.loads(await ws.recv())
-        assert hello["type"] == "auth_ok", hello
-        b = Bus(ws)
-        b.reader = asyncio.create_task(b._read())
-        try:
-            if subscribe:
-                res = await b.call("subscribe")
-                assert res["success"], res
-            yield b
-        finally:
-            b.reader.cancel()
-
-
 @pytest.mark.anyio
 async def test_one_save_of_several_records_is_one_events_frame(daemon10: Daemon) -> None:
     d, path = daemon10, daemon10.data_dir / CONNS
     async with bus(d) as b:
         body = path.read_bytes()
         for cid in ("conn_0001", "conn_0004", "conn_0007"):
-            body = _edit_name(body, cid, f"Many {cid}")
+            body = edit_name(body, cid, f"Many {cid}")
         atomic_save(path, body)
         await b.wait_for(lambda: len(b.events) >= 3, what="the three edits")
-        assert [sorted(e["connection_id"] for e in f) for f in b.frames] == [
+        assert [sorted(e["connection_id"] for e in f) for f in b.event_frames] == [
             ["conn_0001", "conn_0004", "conn_0007"]
         ]
-        assert {e["action"] for e in b.frames[0]} == {"update"}
+        assert {e["action"] for e in b.event_frames[0]} == {"update"}
 
 
 @pytest.mark.anyio
@@ -454,7 +286,7 @@ async def test_deleted_file_is_written_back(daemon10: Daemon) -> None:
 def test_rename_dance_is_not_a_deletion(daemon10: Daemon) -> None:
     """`mv f f.bak; cp f.bak f` with a moment in between: no restore from memory."""
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
-    body = _edit_name(path.read_bytes(), "conn_0009", "Danced")
+    body = edit_name(path.read_bytes(), "conn_0009", "Danced")
     aside = path.with_name("connections.json.bak")
     os.rename(path, aside)
     threading.Event().wait(0.03)  # the editor's own pause between its two steps
@@ -468,7 +300,7 @@ def test_rename_dance_is_not_a_deletion(daemon10: Daemon) -> None:
 
 def test_sighup_takes_edits_in(daemon10: Daemon) -> None:
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
-    atomic_save(path, _edit_name(path.read_bytes(), "conn_0006", "Via HUP"))
+    atomic_save(path, edit_name(path.read_bytes(), "conn_0006", "Via HUP"))
     d.send_signal(signal.SIGHUP)
     d.notify.wait_for("RELOADING=1")
     assert_one_name_update(d, rev, "conn_0006", "Via HUP")
@@ -478,7 +310,7 @@ def test_shutil_copyfile_over(daemon10: Daemon, tmp_path: Path) -> None:
     """shutil.copyfile is another in-place writer (one write call)."""
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
     src = tmp_path / "src.json"
-    src.write_bytes(_edit_name(path.read_bytes(), "conn_0008", "Shutil"))
+    src.write_bytes(edit_name(path.read_bytes(), "conn_0008", "Shutil"))
     shutil.copyfile(src, path)
     assert_one_name_update(d, rev, "conn_0008", "Shutil")
 
@@ -494,7 +326,7 @@ def test_settings_edited_by_hand_take_effect_live(daemon10: Daemon) -> None:
     )
     for i in range(5):
         rev = revision(d)
-        atomic_save(path, _edit_name(path.read_bytes(), "conn_0000", f"Limit {i}"))
+        atomic_save(path, edit_name(path.read_bytes(), "conn_0000", f"Limit {i}"))
         wait_events(d, rev, lambda evs: True, f"edit {i}")
     log = sync_log(d)
     assert len(log) == 3 and log[-1]["data"]["values"]["name"] == "Limit 4"
@@ -551,7 +383,7 @@ async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Da
     against what the writer saw."""
     d, path = daemon10, daemon10.data_dir / CONNS
     async with bus(d) as b:
-        body = _edit_name(path.read_bytes(), "conn_0005", "Late writer")
+        body = edit_name(path.read_bytes(), "conn_0005", "Late writer")
         with open(path, "r+b") as fh:  # opened before the daemon's write
             res = await b.call(
                 "connections.update",

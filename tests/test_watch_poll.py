@@ -12,19 +12,9 @@ from typing import Any
 import pytest
 
 from ctsd import watch
-from tests.daemon import Daemon, wait_until
-from tests.test_watch import (
-    CONNS,
-    SETTINGS,
-    _edit_name,
-    assert_one_name_update,
-    atomic_save,
-    dump,
-    events_after,
-    log_lines,
-    revision,
-    seed,
-)
+from tests.daemon import Daemon, events_after, log_lines, revision, wait_until
+from tests.datadir import atomic_save, dump
+from tests.handedits import CONNS, SETTINGS, assert_one_name_update, edit_name, seed
 
 
 def _polling(on: bool, interval_ms: int = 50) -> dict[str, Any]:
@@ -41,7 +31,7 @@ def test_polling_takes_in_edits_spaced_like_a_human(data_dir: Path) -> None:
         path, rev = data_dir / CONNS, revision(d)
         pause = threading.Event()
         for i in range(10):
-            atomic_save(path, _edit_name(path.read_bytes(), f"conn_{i:04d}", f"Polled {i}"))
+            atomic_save(path, edit_name(path.read_bytes(), f"conn_{i:04d}", f"Polled {i}"))
             pause.wait(0.13)  # the operator's rhythm (part of the scenario)
         wait_until(lambda: len(events_after(d, rev)) >= 10, 5, what="ten polled edits")
         evs = events_after(d, rev)
@@ -107,12 +97,12 @@ def test_switching_polling_on_and_off_live(data_dir: Path) -> None:
             lambda: any(e["polling"] for e in log_lines(d, "watching")), 5, what="polling on"
         )
         path, rev = data_dir / CONNS, revision(d)
-        atomic_save(path, _edit_name(path.read_bytes(), "conn_0002", "While polling"))
+        atomic_save(path, edit_name(path.read_bytes(), "conn_0002", "While polling"))
         assert_one_name_update(d, rev, "conn_0002", "While polling")
         atomic_save(settings, dump(_polling(False)))
         wait_until(lambda: log_lines(d, "watching")[-1]["polling"] is False, 5, what="polling off")
         rev = revision(d)
-        atomic_save(path, _edit_name(path.read_bytes(), "conn_0003", "Inotify again"))
+        atomic_save(path, edit_name(path.read_bytes(), "conn_0003", "Inotify again"))
         assert_one_name_update(d, rev, "conn_0003", "Inotify again")
         assert len(log_lines(d, "watching")) == 3
         assert json.loads(settings.read_bytes())["watch"]["polling"] is False

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon, wait_until
-from tests.test_watch import CONNS, atomic_save, bus, dump, seed
+from tests.datadir import atomic_save, dump
+from tests.handedits import CONNS, bus, seed
 
 ITERATIONS = 1000
 
@@ -74,7 +75,7 @@ async def test_hand_edits_race_bus_changes(data_dir: Path) -> None:
                 volume = round(1 + (i + 1) / 1000, 3)
                 name = f"hand-{i}"
                 seen = len(b.events)
-                change = b.send(
+                change = await b.send(
                     "connections.update",
                     connection_id="conn_0000",
                     changes={"volume_factor": volume},
@@ -84,7 +85,7 @@ async def test_hand_edits_race_bus_changes(data_dir: Path) -> None:
                 in_place, held = i % 4 == 3, i % 8 == 7
                 delay = rng.uniform(0, 0.004)
                 await asyncio.to_thread(hand_edit, path, name, delay, in_place, held)
-                res = await asyncio.wait_for(change, 10)
+                res = await b.result(change, 10)
                 if res["success"]:
                     acked[volume] = i
                 else:

@@ -53,13 +53,25 @@ def no_daemon(target: Target, why: str = "") -> CliError:
 class Bus:
     """One authenticated bus connection: numbered commands, their replies, pushed frames."""
 
-    def __init__(self, ws: Any, target: Target, auth_ok: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        target: Target,
+        auth_ok: dict[str, Any],
+        *,
+        source: str | None = "cli",
+        transcript: list[str | bytes] | None = None,
+    ) -> None:
         self.ws = ws
         self.target = target
         self.auth_ok = auth_ok
         self.next_id = 1
+        # Who the sync log names for this connection's changes; None leaves it to the daemon.
+        self.source = source
         # Frames that arrived while waiting for a reply (events after subscribe, notices).
         self.pushed: list[dict[str, Any]] = []
+        # Every frame received, exactly as it came, when the caller keeps one (tests do).
+        self.transcript = transcript
 
     @property
     def revision(self) -> int | None:
@@ -78,6 +90,8 @@ class Bus:
             ) from None
         except ConnectionClosed as e:
             raise closed_error(self.target, e) from None
+        if self.transcript is not None:
+            self.transcript.append(raw)
         try:
             frame = json.loads(raw)
         except ValueError:
@@ -86,21 +100,27 @@ class Bus:
             raise CliError("the daemon sent a frame that is not a JSON object", EXIT_REFUSED)
         return frame
 
-    async def call(self, command: str, timeout: float = COMMAND_TIMEOUT_S, **args: Any) -> Any:
+    def command(self, command: str, *, sync: str | None = "files", **args: Any) -> dict[str, Any]:
+        """A numbered command frame. `source` attributes the change in the sync log (the CLI's
+        are "cli"); a change asks to be answered once it is in the data files (`sync`), so a
+        script can read the file on its next line."""
+        frame: dict[str, Any] = {"id": self.next_id, "type": command}
+        self.next_id += 1
+        if self.source is not None:
+            frame["source"] = self.source
+        frame.update(args)
+        if command in WRITE_COMMANDS and sync is not None:
+            frame["sync"] = sync
+        return frame
+
+    async def send(self, frame: dict[str, Any]) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        cid = self.next_id
-        self.next_id += 1
-        # `source` attributes the change to the CLI in the sync log; a change is answered
-        # once it is in the data files, so a script can read the file on its next line.
-        frame: dict[str, Any] = {"id": cid, "type": command, "source": "cli", **args}
-        if command in WRITE_COMMANDS:
-            frame["sync"] = "files"
         payload = dump_json(frame)
         size = len(payload.encode())
         if size > MAX_FRAME:
             fail(
-                f"too_large: the {command} command is {size:,} bytes; "
+                f"too_large: the {frame.get('type')} command is {size:,} bytes; "
                 f"the bus takes at most {MAX_FRAME:,} bytes per message",
                 EXIT_REFUSED,
             )
@@ -108,6 +128,11 @@ class Bus:
             await self.ws.send(payload)
         except ConnectionClosed as e:
             raise closed_error(self.target, e) from None
+
+    async def call(self, command: str, timeout: float = COMMAND_TIMEOUT_S, **args: Any) -> Any:
+        frame = self.command(command, **args)
+        cid = frame["id"]
+        await self.send(frame)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -143,12 +168,23 @@ def closed_error(target: Target, e: Exception) -> CliError:
 
 
 @contextlib.asynccontextmanager
-async def open_bus(target: Target) -> Any:
+async def open_bus(
+    target: Target,
+    *,
+    token: str | None = None,
+    auth_header: bool = True,
+    source: str | None = "cli",
+    transcript: list[str | bytes] | None = None,
+    **ws_options: Any,
+) -> Any:
+    """An authenticated `Bus` to `target`. The token is `token`, else found as `read_token`
+    finds it; it goes on the upgrade request, or (`auth_header=False`) in an `auth` message.
+    `ws_options` go to websockets' `connect` (a test's socket or queue size)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-    token = read_token(target)
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    token = token or read_token(target)
+    headers = {"Authorization": f"Bearer {token}"} if token and auth_header else None
     if token and not is_loopback(target.host):
         # ws:// is not encrypted: whoever sees the traffic sees the token.
         click.echo(
@@ -156,17 +192,17 @@ async def open_bus(target: Target) -> Any:
             "prefer an SSH tunnel to the daemon's loopback port",
             err=True,
         )
+    options: dict[str, Any] = {
+        "compression": None,
+        # The token must never go through an HTTP proxy from the environment.
+        "proxy": None,
+        "open_timeout": OPEN_TIMEOUT_S,
+        "max_size": MAX_REPLY,
+        "user_agent_header": "ctsd-cli",
+        **ws_options,
+    }
     try:
-        ws = await connect(
-            target.url,
-            additional_headers=headers,
-            compression=None,
-            # The token must never go through an HTTP proxy from the environment.
-            proxy=None,
-            open_timeout=OPEN_TIMEOUT_S,
-            max_size=MAX_REPLY,
-            user_agent_header="ctsd-cli",
-        )
+        ws = await connect(target.url, additional_headers=headers, **options)
     except InvalidStatus as e:
         status = e.response.status_code
         if status == 429:
@@ -188,7 +224,7 @@ async def open_bus(target: Target) -> Any:
     except (OSError, InvalidHandshake) as e:
         raise no_daemon(target, safe(getattr(e, "strerror", None) or e)) from None
     try:
-        bus = Bus(ws, target, {})
+        bus = Bus(ws, target, {}, source=source, transcript=transcript)
         first = await bus.recv(OPEN_TIMEOUT_S * 2)
         if first.get("type") == "auth_required":
             if not token:

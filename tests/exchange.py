@@ -1,0 +1,149 @@
+"""A fake exchange on 127.0.0.1 for connection tests and Project X logins (never a real one).
+
+Point a connection at it with `connection(..., base_url=fake.base(MODE))`: the first path
+segment picks how it answers (`ok`, `slow`, `hold`, `err500`, `badjson`, `bybiterr`,
+`projectx`), the rest is the exchange's own path.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from tests.datadir import STAMP, connection
+
+PX_USER = "trader-joe"
+PX_KEY = "PXKEY-very-secret-0123456789"
+PX_TOKEN = "SESSION-TOKEN-must-not-leak"
+
+
+class FakeExchange:
+    """A fake exchange: the first path segment picks the behaviour, the rest is the exchange
+    path (`http://127.0.0.1:PORT/ok/v5/market/time`)."""
+
+    def __init__(self, slow_s: float = 2.0) -> None:
+        self.slow_s = slow_s
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def base(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}"
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.requests.append((method, h.path, {k.lower(): v for k, v in h.headers.items()}))
+        try:
+            mode, _, rest = h.path.lstrip("/").partition("/")
+            path = "/" + rest
+            length = int(h.headers.get("Content-Length") or 0)
+            body_in = h.rfile.read(length) if length else b""
+            if mode == "slow":
+                time.sleep(self.slow_s)
+                mode = "ok"
+            if mode == "hold":
+                time.sleep(0.3)
+                mode = "ok"
+            if mode == "err500":
+                self._send(h, 500, b'{"error": "boom"}')
+            elif mode == "badjson":
+                self._send(h, 200, b"<html>maintenance</html>")
+            elif mode == "bybiterr":
+                self._send(h, 200, json.dumps({"retCode": 10002, "retMsg": "bad time"}).encode())
+            elif mode == "projectx":
+                creds = json.loads(body_in or b"{}")
+                ok = creds.get("userName") == PX_USER and creds.get("apiKey") == PX_KEY
+                answer = (
+                    {"token": PX_TOKEN, "success": True, "errorCode": 0, "errorMessage": None}
+                    if ok
+                    else {
+                        "token": None,
+                        "success": False,
+                        "errorCode": 3,
+                        # a careless server echoing what it got: must be scrubbed
+                        "errorMessage": f"invalid key {creds.get('apiKey')}",
+                    }
+                )
+                self._send(h, 200, json.dumps(answer).encode())
+            else:
+                self._send(h, 200, json.dumps(self._time_body(path)).encode())
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def _time_body(path: str) -> Any:
+        ms = int(time.time() * 1000)
+        if path == "/v5/market/time":
+            return {"retCode": 0, "retMsg": "OK", "result": {"timeSecond": str(ms // 1000)}}
+        if path == "/api/v5/public/time":
+            return {"code": "0", "msg": "", "data": [{"ts": str(ms)}]}
+        if path == "/openApi/swap/v2/server/time":
+            return {"code": 0, "msg": "", "data": {"serverTime": ms}}
+        return {"serverTime": ms}
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def probe_connection(cid: str, base_url: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A connection record as the probe and sweep tests want it: enabled and active (the sweeps
+    watch it), with secrets an exchange must never see, stamped, its tests sent to `base_url`
+    (the fake) when given. `fields` win."""
+    record: dict[str, Any] = {
+        "is_enabled": True,
+        "is_active": True,
+        "api_key": "CONNKEY-secret-abcdef123456",
+        "api_secret": "CONNSECRET-zzz",
+        "connection_settings": json.dumps({"base_url": base_url} if base_url else {}),
+        "created_at": STAMP,
+        "updated_at": STAMP,
+    }
+    return connection(cid, **{**record, **fields})
+
+
+def px_document(api_url: str, key: str = PX_KEY) -> dict[str, Any]:
+    """connection.json with Project X credentials pointing at `api_url`."""
+    return {
+        "projectX": {
+            "apiUrl": api_url,
+            "websocketUrl": "wss://rtc.example",
+            "username": PX_USER,
+            "apiKey": key,
+            "autoConnect": True,
+        },
+        "server": {"port": 3587, "corsOrigins": []},
+        "trading": {"defaultCommission": 2.8, "simulationMode": True},
+    }

@@ -1,0 +1,41 @@
+"""The daemon's parts over a data dir, built as the app builds them but without a server or a
+subprocess: for the core tests of the store, probes and sweeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from ctsd.probes import Prober
+from ctsd.store import Store
+from ctsd.sweeps import Sweeper
+from tests.datadir import write_connections, write_settings
+
+
+async def open_app(
+    data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
+) -> SimpleNamespace:
+    """Store, prober and sweeper over `data_dir` holding `conns` and `settings`."""
+    write_connections(data_dir, conns)
+    write_settings(data_dir, settings or {})
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    prober = Prober(store)
+    return SimpleNamespace(
+        store=store, prober=prober, sweeper=Sweeper(store, prober), data_dir=data_dir
+    )
+
+
+async def sync_log(app: Any) -> list[dict[str, Any]]:
+    """The sync-log file, once it holds every change made so far."""
+    await app.store.checkpointer.flush()
+    return json.loads((app.data_dir / "connection-sync-log.json").read_text())
+
+
+async def state_file(app: Any) -> dict[str, dict[str, Any]]:
+    await app.store.checkpointer.flush()
+    rows = json.loads((app.data_dir / "connection-state.json").read_text())
+    return {r["connection_id"]: r for r in rows}
