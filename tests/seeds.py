@@ -1,9 +1,10 @@
 """The seeds' example files and REST requests, copied verbatim (`json_blocks` of the seed
-documents finds the JSON ones; the tests that use them check the copies against the seeds
-when the seed documents are beside the repository)."""
+documents finds the JSON ones; with `CTSD_SEEDS_DIR` naming the folder of the seed documents,
+the tests check the copies against them)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -110,7 +111,7 @@ SEED_FILES = {
     "connection.json": SEED_CONNECTION_DOC,
     "instances.json": SEED_INSTANCES,
 }
-SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+SEEDS_DIR = Path(os.environ.get("CTSD_SEEDS_DIR", "/nonexistent"))
 
 
 def json_blocks(text: str) -> list[str]:
