@@ -174,14 +174,18 @@ class Committed:
         self.version += 1
 
     def _note_revision(self, e: SyncEvent) -> None:
-        if e.connection_id is not None:
-            self.record_revs[record_key(e.connection_id)] = e.id
-        names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
-        if e.action in ("reset", "import"):
-            names = [files.document_name(f) for f in e.data.get("files") or []]
-        for name in names:
-            if isinstance(name, str):
-                self.record_revs[document_key(name)] = e.id
+        for key in event_keys(e):
+            self.record_revs[key] = e.id
+
+
+def event_keys(e: SyncEvent) -> list[str]:
+    """The revision keys of the records an event changed."""
+    keys = [record_key(e.connection_id)] if e.connection_id is not None else []
+    names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
+    if e.action in ("reset", "import"):
+        names = [files.document_name(f) for f in e.data.get("files") or []]
+    keys += [document_key(name) for name in names if isinstance(name, str)]
+    return keys
 
 
 def algorithm_names(document_names: Any) -> set[str]:
@@ -330,6 +334,9 @@ def apply_group(
     outcomes: list[Outcome] = []
     rev = base.revision
     events: list[SyncEvent] = []
+    # Revisions given by the requests before in this group: an If-Match is checked against
+    # them too (two clients that read the same revision may land in one group).
+    group_revs: dict[str, int] = {}
     for req in requests:
         tx = Tx(base, req.source, ctx, group)
         out = Outcome()
@@ -338,7 +345,7 @@ def apply_group(
             out.result = req.op(tx)
             _note_sync(tx)
             if req.if_match is not None:
-                _check_if_match(base, tx.keys(), req.if_match)
+                _check_if_match(base, group_revs, tx.keys(), req.if_match)
             out.files = tx.files()
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)
@@ -354,6 +361,8 @@ def apply_group(
                 SyncEvent(id=rev, connection_id=cid, action=action, data=data, created_at=ctx.now)
             )
         events.extend(out.events)
+        for e in out.events:
+            group_revs.update(dict.fromkeys(event_keys(e), e.id))
         tx.merge_into(group)
     return outcomes, _change_of(group, events)
 
@@ -370,9 +379,11 @@ def _note_sync(tx: Tx) -> None:
             tx.set_fields("state", cid, ["last_sync_at"])
 
 
-def _check_if_match(base: Committed, keys: list[str], expected: int) -> None:
+def _check_if_match(
+    base: Committed, group_revs: dict[str, int], keys: list[str], expected: int
+) -> None:
     for key in keys:
-        rev = base.revision_of(key)
+        rev = group_revs.get(key) or base.revision_of(key)
         if rev > expected:
             raise CtsdError(
                 "precondition_failed",
