@@ -29,6 +29,7 @@ from ctsd.core import (
 )
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import Connection, ConnectionState, TestResult
+from ctsd.redact import MASK
 
 T0 = "2024-01-01T00:00:00.000Z"
 T1 = "2024-01-01T00:00:01.000Z"
@@ -610,3 +611,101 @@ def test_take_in_of_the_unchanged_file_is_no_change() -> None:
     hand = list(c.connections.values())
     (out,), change = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
     assert out.error is None and change.empty
+
+
+# --- secrets sent back as shown, server-managed fields sent back ------------------------------
+
+CANARY_SECRET = "canary-secret-7f3a9c1d"
+CANARY_KEY = "canary-apikey-0123456789"
+
+
+def test_placeholders_sent_back_keep_the_stored_secrets_and_no_event_carries_them() -> None:
+    c = Committed()
+    settings = {"apiKey": "inner-key-000", "region": "eu"}
+    secret_body = body(
+        "conn_s",
+        api_key=CANARY_KEY,
+        api_secret=CANARY_SECRET,
+        connection_settings=msgspec.json.encode(settings).decode(),
+    )
+    ok(run(c, ops.create(secret_body))[0])
+    # The record as a client is shown it (secrets masked), edited in one field, sent back whole.
+    shown = {
+        **msgspec.to_builtins(c.connections["conn_s"]),
+        "api_key": "…" + CANARY_KEY[-4:],
+        "api_secret": MASK,
+        "connection_settings": msgspec.json.encode({**settings, "apiKey": MASK}).decode(),
+        "name": "renamed",
+    }
+    (out,), change = run(c, ops.update("conn_s", shown), now=T2)
+    assert out.error is None
+    conn = c.connections["conn_s"]
+    assert (conn.api_key, conn.api_secret, conn.name) == (CANARY_KEY, CANARY_SECRET, "renamed")
+    assert msgspec.json.decode(conn.connection_settings) == settings  # kept byte for byte
+    (rc,) = change.connections
+    assert sorted(rc.fields or []) == ["name", "updated_at"]  # the secrets did not "change"
+    # No event a client or the sync log sees holds a secret, not even the create's.
+    for e in c.log:
+        text = msgspec.json.encode(e).decode()
+        assert CANARY_SECRET not in text and CANARY_KEY not in text and "inner-key" not in text
+
+
+def test_a_placeholder_where_nothing_or_something_else_is_stored_is_refused() -> None:
+    c = seeded("conn_a")  # no secrets stored
+    before = snapshot(c)
+    (new, upd), change = run(
+        c,
+        ops.create(body("conn_b", api_secret=MASK)),
+        ops.update("conn_a", {"api_secret": MASK}),
+    )
+    for out, path in ((new, "$.connection.api_secret"), (upd, "$.changes.api_secret")):
+        assert out.error is not None and out.error.code == "invalid"
+        assert out.error.path == path and "placeholder" in out.error.message
+    assert change.empty and snapshot(c)[:6] == before[:6]
+    # a "…abcd" tail that is not the stored key's last four is refused too, the secret kept
+    d = Committed()
+    ok(run(d, ops.create(body("conn_k", api_key=CANARY_KEY)))[0])
+    (out,), _ = run(d, ops.update("conn_k", {"api_key": "…zzzz"}))
+    assert out.error is not None and out.error.path == "$.changes.api_key"
+    assert CANARY_KEY not in out.error.message
+    assert d.connections["conn_k"].api_key == CANARY_KEY
+
+
+def test_a_placeholder_in_a_document_keeps_the_stored_secret() -> None:
+    c = Committed()
+    ok(run(c, ops.set_document("ui-config", {"token": CANARY_SECRET, "theme": "dark"}))[0])
+    (out,), change = run(c, ops.set_document("ui-config", {"token": MASK, "theme": "light"}))
+    assert out.error is None
+    assert c.documents["ui-config"] == {"token": CANARY_SECRET, "theme": "light"}
+    (rc,) = change.documents
+    assert rc.fields == ["theme"]
+
+
+def test_server_managed_fields_sent_by_a_client_are_ignored() -> None:
+    c = Committed()
+    forged = body(
+        "conn_a", created_at="1999-01-01T00:00:00.000Z", updated_at="2999-01-01T00:00:00.000Z"
+    )
+    ok(run(c, ops.create(forged), now=T1)[0])
+    assert c.connections["conn_a"].created_at == T1 == c.connections["conn_a"].updated_at
+    # A record read back and sent whole, with stamps of its own: only what differs counts.
+    sent = {
+        **msgspec.to_builtins(c.connections["conn_a"]),
+        "created_at": "1999-01-01T00:00:00.000Z",
+        "updated_at": "1999-01-01T00:00:00.000Z",
+    }
+    (out,), change = run(c, ops.update("conn_a", sent), now=T2)
+    assert out.error is None and change.empty  # nothing the client may set changed
+    (out,), change = run(c, ops.update("conn_a", {**sent, "name": "B"}), now=T3)
+    assert out.error is None
+    conn = c.connections["conn_a"]
+    assert (conn.name, conn.created_at, conn.updated_at) == ("B", T1, T3)
+    assert change.events[0].data["fields"] == ["name"]
+    # the id is not server-managed in an update: it names the record and may not change
+    (out,), _ = run(c, ops.update("conn_a", {"id": "conn_other"}))
+    assert (
+        out.error is not None and out.error.code == "invalid" and out.error.path == "$.changes.id"
+    )
+    # and server-managed fields of the state record are not the client's either
+    (out,), _ = run(c, ops.update("conn_a", {"last_sync_at": T0}))
+    assert out.error is not None and out.error.code == "invalid"
