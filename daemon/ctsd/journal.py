@@ -81,10 +81,10 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
             return out, pos, "torn"
         length, crc = _FRAME.unpack_from(raw, pos)
         start, end = pos + _FRAME.size, pos + _FRAME.size + length
-        if length > MAX_RECORD_BYTES:
-            return out, pos, "damaged" if end < len(raw) else "torn"
-        if end > len(raw):
-            return out, pos, "torn"
+        if length > MAX_RECORD_BYTES or end > len(raw):
+            # Cut short by the crash, or a damaged length that points past the end: then whole
+            # records follow it (a torn write is always the last one).
+            return out, pos, "damaged" if _record_after(raw, pos) else "torn"
         payload = raw[start:end]
         if zlib.crc32(payload) != crc:
             # A wrong checksum on the last frame is a write the crash cut short; anywhere else
@@ -93,6 +93,20 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
         out.append((end, payload))
         pos = end
     return out, pos, ""
+
+
+_RECORD_START = b'{"lsn":'  # how every record's payload begins (JSON strings escape quotes)
+
+
+def _record_after(raw: bytes, pos: int) -> bool:
+    """Does a whole record frame, checksum right, begin after the frame at `pos`?"""
+    q = raw.find(_RECORD_START, pos + _FRAME.size + 1)
+    while q != -1:
+        length, crc = _FRAME.unpack_from(raw, q - _FRAME.size)
+        if q + length <= len(raw) and zlib.crc32(raw[q : q + length]) == crc:
+            return True
+        q = raw.find(_RECORD_START, q + 1)
+    return False
 
 
 @dataclass
