@@ -63,6 +63,16 @@ def record_ends(raw: bytes) -> list[int]:
     return [scan.header_end, *(end for _lsn, end in scan.offsets)]
 
 
+def journal_and_scratch(tmp_path: Path, n: int) -> tuple[list[Change], bytes, list[int], Path]:
+    """A journal of `n` changes: the changes, its bytes, where each frame ends, and an empty
+    data dir to write variants of it into."""
+    chs = changes(n)
+    raw = write_journal(tmp_path / "orig", chs)
+    scratch = tmp_path / "d"
+    scratch.mkdir()
+    return chs, raw, record_ends(raw), scratch
+
+
 def enc(chs: list[Change]) -> list[bytes]:
     return [msgspec.json.encode(c) for c in chs]
 
@@ -88,13 +98,9 @@ def fingerprint(directory: Path) -> dict[str, tuple[str, int, int]]:
 def test_a_tail_torn_at_every_byte_of_the_last_record_is_dropped_and_the_rest_replays(
     tmp_path: Path,
 ) -> None:
-    chs = changes(4)
-    raw = write_journal(tmp_path / "orig", chs)
-    ends = record_ends(raw)
+    chs, raw, ends, d = journal_and_scratch(tmp_path, 4)
     last_start, last_end = ends[-2], ends[-1]
     assert last_end == len(raw) and last_end - last_start > 100
-    d = tmp_path / "d"
-    d.mkdir()
     for cut in range(last_start, last_end + 1):
         (d / journal.NAME).write_bytes(raw[:cut])
         j = Journal(d)
@@ -142,11 +148,7 @@ def refused(data_dir: Path, files_revision: int) -> str:
 def test_a_damaged_record_with_good_ones_after_it_is_refused_at_every_byte(
     tmp_path: Path,
 ) -> None:
-    chs = changes(4)
-    raw = write_journal(tmp_path / "orig", chs)
-    ends = record_ends(raw)
-    d = tmp_path / "d"
-    d.mkdir()
+    _chs, raw, ends, d = journal_and_scratch(tmp_path, 4)
     # Any byte of the second record flipped (its length, checksum or payload): damage, since a
     # good record follows. Every 7th byte keeps the test quick and still hits each part.
     for pos in [*range(ends[1], ends[1] + 8), *range(ends[1] + 8, ends[2], 7)]:
@@ -177,6 +179,27 @@ def test_a_journal_of_files_at_a_later_revision_is_refused_untouched(tmp_path: P
     write_journal(tmp_path, changes(2), base=50)
     message = refused(tmp_path, 49)
     assert "revision 50" in message and "revision 49" in message
+
+
+def test_a_journal_whose_events_the_files_hold_otherwise_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    """Another data dir's journal at a revision these files have passed: its events the
+    files should already hold (written, the journal not yet cut) are other events here."""
+    chs = changes(3)
+    write_journal(tmp_path, chs)
+    ours = journal.event_marks(e for ch in chs for e in ch.events)
+    # The files hold exactly these events (a checkpoint the crash stopped before the cut): fine.
+    j = Journal(tmp_path)
+    assert enc(j.open(3, [e for ch in chs for e in ch.events]).changes) == enc(chs)
+    j.close()
+    theirs = dict(ours)
+    theirs[2] = ("2025-06-01T10:00:00.000Z", "update")
+    assert scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, ours) is not None
+    with pytest.raises(JournalError, match="belongs to other files"):
+        scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, theirs)
+    # Events the files' log no longer holds (trimmed) cannot be compared: no refusal for them.
+    assert scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, {}) is not None
 
 
 def test_an_unreadable_journal_is_refused(tmp_path: Path) -> None:
@@ -340,6 +363,31 @@ def start_refused(data_dir: Path) -> str:
         k: v for k, v in before.items() if k not in own
     }
     return err
+
+
+def test_a_journal_from_another_data_dir_keeps_the_daemon_from_starting(
+    tmp_path: Path,
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for data_dir, names in ((a, ["a1", "a2"]), (b, ["b1", "b2", "b3", "b4"])):
+        seed_dir(data_dir)
+        d = Daemon(data_dir).start()
+        try:
+            asyncio.run(acked_then_killed(d, names))
+        finally:
+            d.close()
+    d = Daemon(b).start()  # b replays its own journal and stops cleanly: b's journal empty
+    try:
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert journal_records(a) and not journal_records(b)
+    # a's journal copied into b, whose files have passed a's revisions: replayed, it would put
+    # a's names into b's files under b's sync log.
+    (b / journal.NAME).write_bytes((a / journal.NAME).read_bytes())
+    err = start_refused(b)
+    assert ".journal" in err and "belongs to other files" in err, err
+    assert names_in_files(b)["conn_0"] == "b4"
 
 
 def test_a_damaged_journal_keeps_the_daemon_from_starting_and_touches_nothing(

@@ -24,6 +24,7 @@ import stat
 import struct
 import zlib
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import msgspec
 
 from ctsd.atomic import create_temp, fsync_dir
 from ctsd.core import Change
+from ctsd.models import SyncEvent
 
 NAME = ".journal"
 VERSION = 1
@@ -120,9 +122,20 @@ class Scan:
     good_end: int  # where the good frames end; after it, a torn tail
 
 
-def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
+EventMark = tuple[str, str]  # (created_at, action): enough to tell two events apart
+
+
+def event_marks(events: Iterable[SyncEvent]) -> dict[int, EventMark]:
+    """The sync log's events as `scan_journal` compares them."""
+    return {e.id: (e.created_at, e.action) for e in events}
+
+
+def scan_journal(
+    raw: bytes, where: str, files_revision: int, files_log: Mapping[int, EventMark] | None = None
+) -> Scan | None:
     """Read a journal's bytes: None for an empty one; raises JournalError (one line) for one
-    that cannot be trusted with data files at `files_revision`."""
+    that cannot be trusted with data files at `files_revision` whose sync log holds
+    `files_log` (`event_marks`)."""
     frames, good_end, stop = _frames(raw)
     what = f"{where} ({len(raw)} bytes)"
     if stop == "damaged":
@@ -155,6 +168,9 @@ def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
             "data dir?); move it aside to start from the files as they are"
         )
     scan = Scan(header.base_revision, frames[0][0], [], [], good_end)
+    # Events the files' sync log should hold already (a checkpoint that the crash stopped
+    # before the journal was cut): a journal of other files holds other events there.
+    written: dict[int, EventMark] = {}
     for end, payload in frames[1:]:
         try:
             rec = _decode_record(payload)
@@ -162,6 +178,17 @@ def scan_journal(raw: bytes, where: str, files_revision: int) -> Scan | None:
             raise JournalError(f"{what}: a record does not decode ({e})") from None
         scan.changes.append(rec.change)
         scan.offsets.append((rec.lsn, end))
+        if rec.change.log is not None:
+            written.clear()  # the history was replaced (edited by hand): compare from here
+        written.update((e.id, (e.created_at, e.action)) for e in rec.change.events)
+    for rev, mark in written.items():
+        theirs = (files_log or {}).get(rev) if rev <= files_revision else None
+        if theirs is not None and theirs != mark:
+            raise JournalError(
+                f"{where} holds revision {rev} as {mark[1]!r} at {mark[0]} but the data files' "
+                f"sync log has {theirs[1]!r} at {theirs[0]}: it belongs to other files (a "
+                "copied or restored data dir?); move it aside to start from the files as they are"
+            )
     return scan
 
 
@@ -177,9 +204,10 @@ class Journal:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, files_revision: int) -> Recovered:
-        """Read what the journal holds (to replay onto the files) and keep it open for appends.
-        Raises JournalError when it cannot be trusted."""
+    def open(self, files_revision: int, files_log: Iterable[SyncEvent] = ()) -> Recovered:
+        """Read what the journal holds (to replay onto the files at `files_revision`, whose
+        sync log holds `files_log`) and keep it open for appends. Raises JournalError when it
+        cannot be trusted."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -200,13 +228,15 @@ class Journal:
             raise
         self.fd = fd
         try:
-            return self._recover(raw, files_revision)
+            return self._recover(raw, files_revision, event_marks(files_log))
         except JournalError:
             self.close()
             raise
 
-    def _recover(self, raw: bytes, files_revision: int) -> Recovered:
-        scan = scan_journal(raw, str(self.path), files_revision)
+    def _recover(
+        self, raw: bytes, files_revision: int, files_log: Mapping[int, EventMark]
+    ) -> Recovered:
+        scan = scan_journal(raw, str(self.path), files_revision, files_log)
         if scan is None:
             self._begin(files_revision)
             return Recovered([], base_revision=files_revision)

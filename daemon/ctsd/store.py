@@ -166,7 +166,7 @@ class Store:
         sync_log = self.disk.files.get("connection-sync-log.json")
         files_revision = sync_log.content[-1].id if sync_log and sync_log.content else 0
         try:
-            recovered = self.journal.open(files_revision)
+            recovered = self.journal.open(files_revision, self.committed.log)
         except JournalError as e:
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:
