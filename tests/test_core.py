@@ -23,9 +23,11 @@ from ctsd.core import (
     Request,
     apply_group,
     document_key,
+    loaded_files,
     merge_document,
     merge_table,
     record_key,
+    replayed,
 )
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import Connection, ConnectionState, TestResult
@@ -611,6 +613,80 @@ def test_take_in_of_the_unchanged_file_is_no_change() -> None:
     hand = list(c.connections.values())
     (out,), change = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
     assert out.error is None and change.empty
+
+
+# --- replaying hand edits -------------------------------------------------------------------
+
+
+def test_records_a_hand_edit_set_in_its_own_file_are_marked_for_the_replay() -> None:
+    c = seeded("conn_a", "conn_b", "conn_c")
+    base = dict(c.connections)
+    hand = [
+        msgspec.structs.replace(base["conn_a"], margin_type="isolated", is_active=True),
+        base["conn_b"],
+    ]  # conn_c deleted by hand
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.set_document("ui-config", {"k": 1}), "bus"),
+    )
+    marks = {rc.key: rc.hand for rc in change.connections}
+    assert marks == {"conn_a": True, "conn_c": True}
+    # the state records it mirrored are another file's: not the hand edit's own
+    assert {rc.key: rc.hand for rc in change.state} == {"conn_a": False, "conn_c": False}
+    assert [rc.hand for rc in change.documents] == [False]
+    # the mark survives the journal's encoding
+    decoded = msgspec.json.decode(msgspec.json.encode(change), type=Change)
+    assert {rc.key: rc.hand for rc in decoded.connections} == marks
+    assert not any(rc.hand for rc in decoded.state)
+    # a bus change to the same record in the same group: no longer the hand edit's alone
+    base = dict(c.connections)
+    hand = [msgspec.structs.replace(base["conn_a"], name="by-hand"), base["conn_b"]]
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.update("conn_a", {"margin_type": "cross"}), "bus"),
+    )
+    assert [(rc.key, rc.hand) for rc in change.connections] == [("conn_a", False)]
+
+
+def test_a_replayed_hand_edit_takes_what_its_file_holds_now() -> None:
+    """The file moved on after the edit was taken in (saved again by hand, the daemon killed
+    before it took that in): replaying the older edit must not undo the newer one."""
+    c = seeded("conn_a", "conn_b")
+    ok(run(c, ops.set_document("ui-config", {"theme": "0", "panel": "0"}))[0])
+    base, doc0 = dict(c.connections), dict(c.documents["ui-config"])
+    hand = [msgspec.structs.replace(base["conn_a"], margin_type="edit-1")]  # conn_b deleted
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.take_in("ui-config.json", {"theme": "1", "panel": "1"}, doc0), "file"),
+        Request(ops.set_volume("conn_a", live=7), "bus"),  # acknowledged with it
+    )
+    # The files as loaded at the restart: edited again by hand since.
+    on_disk = Committed()
+    on_disk.connections = {
+        "conn_a": msgspec.structs.replace(base["conn_a"], margin_type="edit-2"),
+        "conn_b": base["conn_b"],  # back again
+    }
+    on_disk.state = dict(c.state) | {"conn_b": seeded("conn_b").state["conn_b"]}
+    on_disk.documents = {"ui-config": {"theme": "2", "panel": "1"}}
+    replay = loaded_files(on_disk)
+    assert (
+        replay.connections == on_disk.connections and replay.connections is not on_disk.connections
+    )
+    out = replayed(change, on_disk, frozenset())
+    replay.apply(out)
+    assert replay.connections["conn_a"].margin_type == "edit-2"
+    assert "conn_b" in replay.connections and "conn_b" in replay.state  # with its state
+    assert replay.documents["ui-config"] == {"theme": "2", "panel": "1"}
+    assert replay.state["conn_a"].volume_factor_live == 7  # the acknowledged change stays
+    assert [e.id for e in replay.log] == [e.id for e in change.events]  # all logged
+    # a file that did not load is no evidence: the change is replayed as journalled
+    assert replayed(change, on_disk, frozenset({CONNECTIONS, "ui-config.json"})) == change
+    # a change with nothing by hand comes back as it was
+    _, bus_only = run(c, ops.update("conn_a", {"name": "x"}))
+    assert replayed(bus_only, on_disk, frozenset()) is bus_only
 
 
 # --- secrets sent back as shown, server-managed fields sent back ------------------------------

@@ -410,3 +410,57 @@ def test_a_damaged_journal_keeps_the_daemon_from_starting_and_touches_nothing(
     (data_dir / journal.NAME).write_bytes(bytes(bad))
     err = start_refused(data_dir)
     assert ".journal" in err and "damaged at byte" in err and "refusing to start" in err
+
+
+def test_a_hand_save_after_one_taken_in_is_not_undone_by_the_replay(data_dir: Path) -> None:
+    """The daemon took in a hand edit (journalled, the journal not yet cut) and died before it
+    took in the operator's next save of the same file: the replay must not put the older
+    edit back over the newer one (nor anything acknowledged over the file's newer state)."""
+    from ctsd.store import Store
+
+    seed_dir(data_dir)
+    conns_path, ui_path = data_dir / files.CONNECTIONS, data_dir / "ui-config.json"
+
+    def save(path: Path, value: Any) -> None:
+        path.write_text(json.dumps(value, indent=2))
+
+    store = Store(data_dir)
+    store.open()
+    try:
+        c = store.committed
+        ui0, conns0 = dict(c.documents["ui-config"]), dict(c.connections)
+        # Hand edit 1 of each file, taken in (as the daemon's intake does) and journalled.
+        ui1 = {**ui0, "theme": "edit-1", "panel": "edit-1"}
+        conns1 = [
+            msgspec.structs.replace(conns0["conn_0"], margin_type="isolated"),
+            *(v for k, v in conns0.items() if k not in ("conn_0", "conn_2")),  # conn_2 deleted
+        ]
+        requests = [
+            Request(ops.take_in("ui-config.json", ui1, ui0), "file"),
+            Request(ops.take_in(files.CONNECTIONS, conns1, conns0), "file"),
+            Request(ops.update("conn_1", {"name": "acked-bus-change"}), "bus"),
+        ]
+        outcomes, change = apply_group(c, requests, Context("2026-01-01T00:00:00.000Z"))
+        assert all(o.error is None for o in outcomes)
+        store.journal.append(change)
+    finally:
+        store.journal.close()
+    # what the files held then, and the operator's next saves, never taken in
+    save(ui_path, {**ui0, "theme": "edit-2", "panel": "edit-1"})
+    on_disk = json.loads(conns_path.read_text())
+    for rec in on_disk:
+        if rec["id"] == "conn_0":
+            rec["margin_type"] = "cross-again"  # edit 2 changes the same field back
+    save(conns_path, on_disk)  # conn_2 is still in the file: edit 2 kept it
+    d = restart_and_kill_at_ready(data_dir)
+    d.close()
+    ui = json.loads(ui_path.read_text())
+    assert (ui["theme"], ui["panel"]) == ("edit-2", "edit-1")
+    by_id = {r["id"]: r for r in json.loads(conns_path.read_text())}
+    assert by_id["conn_0"]["margin_type"] == "cross-again"
+    assert "conn_2" in by_id  # the newer save has it
+    states = {s["connection_id"] for s in json.loads((data_dir / files.STATE).read_text())}
+    assert states == set(by_id)  # and so has its state record
+    assert by_id["conn_1"]["name"] == "acked-bus-change"  # the acknowledged change is kept
+    log = json.loads((data_dir / files.SYNC_LOG).read_text())
+    assert any(e["data"].get("file") == "ui-config.json" for e in log)  # edit 1 was logged
