@@ -156,10 +156,10 @@ class Ledger:
     next_value: dict[int, int] = field(default_factory=dict)  # writer → its next value
     names: dict[str, int] = field(default_factory=dict)  # connection → highest acked `v<N>`
     lives: dict[str, int] = field(default_factory=dict)  # connection → highest acked live
-    acked_names: list[tuple[str, str]] = field(default_factory=list)  # (connection, name)
-    # (acked_names: of the current cycle; the test clears it before each storm)
+    # (connection, name) of each acked rename of the current cycle (cleared before a storm)
+    acked_names: list[tuple[str, str]] = field(default_factory=list)
     hand: int = 0  # the hand editor's last value on disk (written, fsync'ed, renamed)
-    acks = 0
+    acks: int = 0  # every ack received, all cycles
 
     def connections(self) -> list[dict[str, Any]]:
         return [
