@@ -1,4 +1,4 @@
-"""Run one offline operation in this process, to be killed with SIGKILL part-way (crash tests).
+"""Crash tests' drivers: offline operations killed part-way, and a write storm on a daemon.
 
     python -m tests.crash_driver rekey DATA NEW_KEY_FILE KILL_AT
     python -m tests.crash_driver restore DATA ARCHIVE KILL_AT
@@ -10,10 +10,17 @@ it prints `ready`, waits for a line on stdin, runs, and prints `steps N` (the te
 at a random moment, or counts the steps).
 
 `kill_at_every_step` and `kill_at_random` are the two ways the tests use it.
+
+`storm` is the load of the daemon's kill -9 cycles (tests/test_crash.py): bus writers with
+changes in flight and a hand editor, and the `Ledger` of what was acknowledged (or written by
+hand) before the kill.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import random
 import signal
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +134,135 @@ def kill_at_random(
     # Both outcomes occur, or the kill window missed the writes entirely.
     assert outcomes["old"] and outcomes["new"], outcomes
     return outcomes
+
+
+# --- a write storm on a running daemon, killed part-way ------------------------------------
+
+HAND_DOC = "ui-config.json"  # the hand editor's file (no bus writer touches it)
+
+
+def conn_id(writer: int, k: int) -> str:
+    return f"w{writer}c{k}"
+
+
+@dataclass
+class Ledger:
+    """What the daemon acknowledged (and the hand editor wrote), across kill cycles. Every
+    value grows: a file may hold a newer one (journalled, the ack lost in the kill), never an
+    older one."""
+
+    writers: int
+    conns_per_writer: int
+    next_value: dict[int, int] = field(default_factory=dict)  # writer → its next value
+    names: dict[str, int] = field(default_factory=dict)  # connection → highest acked `v<N>`
+    lives: dict[str, int] = field(default_factory=dict)  # connection → highest acked live
+    # (connection, name) of each acked rename of the current cycle (cleared before a storm)
+    acked_names: list[tuple[str, str]] = field(default_factory=list)
+    hand: int = 0  # the hand editor's last value on disk (written, fsync'ed, renamed)
+    acks: int = 0  # every ack received, all cycles
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [
+            {"id": conn_id(w, k), "name": "v0", "exchange": "bybit", "api_secret": "crash-canary"}
+            for w in range(self.writers)
+            for k in range(self.conns_per_writer)
+        ]
+
+
+async def _writer(url: str, token: str, w: int, ledger: Ledger, window: int) -> None:
+    """Pipelined changes (`window` in flight) on this writer's own connections until the
+    socket dies: a rename (connections.json) or, every third, a live volume factor
+    (connection-state.json); each with a value no change had before."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    sent: dict[int, tuple[str, str, int]] = {}
+    with contextlib.suppress(ConnectionClosed, OSError):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with connect(url, additional_headers=headers, compression=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "auth_ok"
+            msg_id = 0
+
+            async def send_one() -> None:
+                nonlocal msg_id
+                msg_id += 1
+                value = ledger.next_value.get(w, 1)
+                ledger.next_value[w] = value + 1
+                cid = conn_id(w, value % ledger.conns_per_writer)
+                cmd: dict[str, Any] = {"id": msg_id, "connection_id": cid}
+                if value % 3 == 0:
+                    cmd.update(type="connections.set_volume", live=value)
+                    sent[msg_id] = (cid, "live", value)
+                else:
+                    cmd.update(type="connections.update", changes={"name": f"v{value}"})
+                    sent[msg_id] = (cid, "name", value)
+                await ws.send(json.dumps(cmd))
+
+            for _ in range(window):
+                await send_one()
+            async for frame in ws:
+                msg = json.loads(frame)
+                if msg.get("type") != "result":
+                    continue
+                assert msg["success"], msg
+                cid, what, value = sent.pop(msg["id"])
+                ledger.acks += 1
+                if what == "name":
+                    ledger.names[cid] = max(ledger.names.get(cid, 0), value)
+                    ledger.acked_names.append((cid, f"v{value}"))
+                else:
+                    ledger.lives[cid] = max(ledger.lives.get(cid, 0), value)
+                await send_one()
+
+
+async def _hand_editor(data_dir: Path, ledger: Ledger, rng: random.Random) -> None:
+    """Save HAND_DOC by hand every few milliseconds: mostly as editors do (temp file, fsync,
+    rename), every third time in place (truncate and write, as `>` in a shell does)."""
+    path = data_dir / HAND_DOC
+    while True:
+        value = ledger.hand + 1
+        body = json.dumps({"crash_hand": value, "pad": "x" * rng.randrange(0, 2000)}).encode()
+        if value % 3:
+            tmp = path.with_name(f".{HAND_DOC}.edit")
+            with open(tmp, "wb") as f:
+                f.write(body)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(0)
+                f.write(body)
+                os.fsync(f.fileno())
+        ledger.hand = value
+        await asyncio.sleep(rng.uniform(0.002, 0.03))
+
+
+async def storm(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    token: str,
+    data_dir: Path,
+    ledger: Ledger,
+    kill_after_s: float,
+    rng: random.Random,
+    window: int = 8,
+) -> None:
+    """Writers and the hand editor against the daemon `proc`; SIGKILL it after
+    `kill_after_s`, then let the writers drain what the dead socket still delivers."""
+    tasks = [
+        asyncio.create_task(_writer(url, token, w, ledger, window)) for w in range(ledger.writers)
+    ]
+    editor = asyncio.create_task(_hand_editor(data_dir, ledger, rng))
+    await asyncio.sleep(kill_after_s)
+    proc.send_signal(signal.SIGKILL)
+    # The editor's write in progress completes (it is not the one killed); then it stops.
+    editor.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await editor
+    done, _ = await asyncio.wait(tasks, timeout=30)
+    assert len(done) == len(tasks), "a writer hung after the kill"
+    for t in done:
+        t.result()  # a refused change is a failure of the test, not noise
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ class RecordChange(msgspec.Struct, array_like=True, omit_defaults=True):
     `value` is the record after the change, None when it was deleted. `fields` names what the
     change set (record fields, or a document's top-level keys): applied on a record that moved
     meanwhile (a hand edit made while the daemon was down, another host's change), only those
-    are set; None means the whole record.
+    are set; None means the whole record. `hand`: set by a hand edit of its own file taken in
+    (and by nothing else in the group): a replay takes it from the file as it is (`replayed`).
     """
 
     key: str
     value: Any = None
     fields: list[str] | None = None
+    hand: bool = False
 
 
 class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -174,14 +176,18 @@ class Committed:
         self.version += 1
 
     def _note_revision(self, e: SyncEvent) -> None:
-        if e.connection_id is not None:
-            self.record_revs[record_key(e.connection_id)] = e.id
-        names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
-        if e.action in ("reset", "import"):
-            names = [files.document_name(f) for f in e.data.get("files") or []]
-        for name in names:
-            if isinstance(name, str):
-                self.record_revs[document_key(name)] = e.id
+        for key in event_keys(e):
+            self.record_revs[key] = e.id
+
+
+def event_keys(e: SyncEvent) -> list[str]:
+    """The revision keys of the records an event changed."""
+    keys = [record_key(e.connection_id)] if e.connection_id is not None else []
+    names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
+    if e.action in ("reset", "import"):
+        names = [files.document_name(f) for f in e.data.get("files") or []]
+    keys += [document_key(name) for name in names if isinstance(name, str)]
+    return keys
 
 
 def algorithm_names(document_names: Any) -> set[str]:
@@ -253,9 +259,16 @@ class Tx:
         self.fields: dict[tuple[str, str], list[str] | None] = {}  # (table, key) → what was set
         self.log_replace: list[SyncEvent] | None = None
         self.touched: set[str] = set()  # files to write even if no record changed (a reset)
-        # A hand edit being taken in: never refused for files invalid on disk (memory may get
-        # ahead of such a file; the file itself is never written until it is fixed).
-        self.takes_in = False
+        # The file of a hand edit being taken in: never refused for files invalid on disk
+        # (memory may get ahead of such a file; the file itself is never written until fixed).
+        self.taken: str | None = None
+        # (table, key) of the records set by a hand edit of their own file, and by anything else
+        self.by_hand: set[tuple[str, str]] = set()
+        self.by_others: set[tuple[str, str]] = set()
+
+    @property
+    def takes_in(self) -> bool:
+        return self.taken is not None
 
     def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
         self.events.append((connection_id, action, {**data, "source": self.source}))
@@ -289,6 +302,16 @@ class Tx:
         return out
 
     def merge_into(self, parent: Tx) -> None:
+        for table, overlay in (
+            ("connections", self.connections),
+            ("state", self.state),
+            ("documents", self.docs),
+        ):
+            for key in overlay.over:
+                own = self.taken is not None and _file_of(table, key) == self.taken
+                (parent.by_hand if own else parent.by_others).add((table, key))
+        parent.by_hand |= self.by_hand
+        parent.by_others |= self.by_others
         self.connections.merge_into(parent.connections)
         self.state.merge_into(parent.state)
         self.docs.merge_into(parent.docs)
@@ -330,6 +353,9 @@ def apply_group(
     outcomes: list[Outcome] = []
     rev = base.revision
     events: list[SyncEvent] = []
+    # Revisions given by the requests before in this group: an If-Match is checked against
+    # them too (two clients that read the same revision may land in one group).
+    group_revs: dict[str, int] = {}
     for req in requests:
         tx = Tx(base, req.source, ctx, group)
         out = Outcome()
@@ -338,7 +364,7 @@ def apply_group(
             out.result = req.op(tx)
             _note_sync(tx)
             if req.if_match is not None:
-                _check_if_match(base, tx.keys(), req.if_match)
+                _check_if_match(base, group_revs, tx.keys(), req.if_match)
             out.files = tx.files()
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)
@@ -354,6 +380,8 @@ def apply_group(
                 SyncEvent(id=rev, connection_id=cid, action=action, data=data, created_at=ctx.now)
             )
         events.extend(out.events)
+        for e in out.events:
+            group_revs.update(dict.fromkeys(event_keys(e), e.id))
         tx.merge_into(group)
     return outcomes, _change_of(group, events)
 
@@ -370,9 +398,11 @@ def _note_sync(tx: Tx) -> None:
             tx.set_fields("state", cid, ["last_sync_at"])
 
 
-def _check_if_match(base: Committed, keys: list[str], expected: int) -> None:
+def _check_if_match(
+    base: Committed, group_revs: dict[str, int], keys: list[str], expected: int
+) -> None:
     for key in keys:
-        rev = base.revision_of(key)
+        rev = group_revs.get(key) or base.revision_of(key)
         if rev > expected:
             raise CtsdError(
                 "precondition_failed",
@@ -391,14 +421,19 @@ def _check_blocked(touched: set[str], ctx: Context) -> None:
         )
 
 
+def _file_of(table: str, key: str) -> str:
+    return {"connections": CONNECTIONS, "state": STATE}.get(table) or files.document_file(key)
+
+
 def _change_of(group: Tx, events: list[SyncEvent]) -> Change:
     def records(table: Table[Any], name: str) -> list[RecordChange]:
         out = []
         for key, value in table.over.items():
+            hand = (name, key) in group.by_hand and (name, key) not in group.by_others
             if value is DELETED:
-                out.append(RecordChange(key))
+                out.append(RecordChange(key, hand=hand))
             else:
-                out.append(RecordChange(key, value, group.fields.get((name, key))))
+                out.append(RecordChange(key, value, group.fields.get((name, key)), hand))
         return out
 
     return Change(
@@ -410,6 +445,58 @@ def _change_of(group: Tx, events: list[SyncEvent]) -> Change:
         log=group.log_replace,
         touched=sorted(group.touched),
     )
+
+
+# --- replaying the journal ------------------------------------------------------------------
+
+
+def loaded_files(c: Committed) -> Committed:
+    """The records as loaded from the files, kept aside while the journal is replayed."""
+    out = Committed()
+    out.connections, out.state = dict(c.connections), dict(c.state)
+    out.documents = dict(c.documents)
+    return out
+
+
+def replayed(change: Change, on_disk: Committed, invalid: frozenset[str]) -> Change:
+    """`change` as replayed from the journal onto the data files as loaded (`on_disk`; files
+    in `invalid` did not load). A record a hand edit set takes the values its file holds now:
+    since that edit was taken in the file can only have moved on (the daemon writing on top
+    of it, or the operator saving again, not yet taken in when the daemon died), never back,
+    and an older hand edit must not undo a newer one."""
+
+    def as_on_disk(rcs: list[RecordChange], table: str, now: Mapping[str, Any]) -> None:
+        for i, rc in enumerate(rcs):
+            if not rc.hand or _file_of(table, rc.key) in invalid:
+                continue
+            current = now.get(rc.key)
+            if current is None:
+                rcs[i] = RecordChange(rc.key, hand=True)  # deleted by hand since
+            else:
+                fields = rc.fields if rc.value is not None else None
+                rcs[i] = RecordChange(rc.key, current, fields, hand=True)
+
+    tables = (change.connections, change.state, change.documents)
+    if not any(rc.hand for rcs in tables for rc in rcs):
+        return change
+    out = msgspec.structs.replace(
+        change,
+        connections=list(change.connections),
+        state=list(change.state),
+        documents=list(change.documents),
+    )
+    as_on_disk(out.connections, "connections", on_disk.connections)
+    as_on_disk(out.state, "state", on_disk.state)
+    as_on_disk(out.documents, "documents", on_disk.documents)
+    # A connection deleted by hand and back in the file keeps its state record too.
+    back = {rc.key for rc in out.connections if rc.hand and rc.value is not None}
+    out.state = [
+        RecordChange(rc.key, on_disk.state[rc.key])
+        if rc.value is None and rc.key in back and rc.key in on_disk.state
+        else rc
+        for rc in out.state
+    ]
+    return out
 
 
 # --- comparing records -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import stat
 import struct
 import zlib
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import msgspec
 
 from ctsd.atomic import create_temp, fsync_dir
 from ctsd.core import Change
+from ctsd.models import SyncEvent
 
 NAME = ".journal"
 VERSION = 1
@@ -81,10 +83,10 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
             return out, pos, "torn"
         length, crc = _FRAME.unpack_from(raw, pos)
         start, end = pos + _FRAME.size, pos + _FRAME.size + length
-        if length > MAX_RECORD_BYTES:
-            return out, pos, "damaged" if end < len(raw) else "torn"
-        if end > len(raw):
-            return out, pos, "torn"
+        if length > MAX_RECORD_BYTES or end > len(raw):
+            # Cut short by the crash, or a damaged length that points past the end: then whole
+            # records follow it (a torn write is always the last one).
+            return out, pos, "damaged" if _record_after(raw, pos) else "torn"
         payload = raw[start:end]
         if zlib.crc32(payload) != crc:
             # A wrong checksum on the last frame is a write the crash cut short; anywhere else
@@ -93,6 +95,20 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
         out.append((end, payload))
         pos = end
     return out, pos, ""
+
+
+_RECORD_START = b'{"lsn":'  # how every record's payload begins (JSON strings escape quotes)
+
+
+def _record_after(raw: bytes, pos: int) -> bool:
+    """Does a whole record frame, checksum right, begin after the frame at `pos`?"""
+    q = raw.find(_RECORD_START, pos + _FRAME.size + 1)
+    while q != -1:
+        length, crc = _FRAME.unpack_from(raw, q - _FRAME.size)
+        if q + length <= len(raw) and zlib.crc32(raw[q : q + length]) == crc:
+            return True
+        q = raw.find(_RECORD_START, q + 1)
+    return False
 
 
 @dataclass
@@ -106,10 +122,24 @@ class Scan:
     good_end: int  # where the good frames end; after it, a torn tail
 
 
-def scan_journal(raw: bytes, where: str, files_revision: int | None) -> Scan | None:
+EventMark = tuple[str, str]  # (created_at, action): enough to tell two events apart
+
+
+def event_marks(events: Iterable[SyncEvent]) -> dict[int, EventMark]:
+    """The sync log's events as `scan_journal` compares them."""
+    return {e.id: (e.created_at, e.action) for e in events}
+
+
+def scan_journal(
+    raw: bytes,
+    where: str,
+    files_revision: int | None,
+    files_log: Mapping[int, EventMark] | None = None,
+) -> Scan | None:
     """Read a journal's bytes: None for an empty one; raises JournalError (one line) for one
-    that cannot be trusted with data files at `files_revision` (None: not known, because the
-    sync log is invalid on disk; the journal is then not judged by it)."""
+    that cannot be trusted with data files at `files_revision` whose sync log holds
+    `files_log` (`event_marks`). `files_revision` None: not known, because the sync log is
+    invalid on disk; the journal is then not judged by the files."""
     frames, good_end, stop = _frames(raw)
     what = f"{where} ({len(raw)} bytes)"
     if stop == "damaged":
@@ -142,6 +172,9 @@ def scan_journal(raw: bytes, where: str, files_revision: int | None) -> Scan | N
             "data dir?); move it aside to start from the files as they are"
         )
     scan = Scan(header.base_revision, frames[0][0], [], [], good_end)
+    # Events the files' sync log should hold already (a checkpoint that the crash stopped
+    # before the journal was cut): a journal of other files holds other events there.
+    written: dict[int, EventMark] = {}
     for end, payload in frames[1:]:
         try:
             rec = _decode_record(payload)
@@ -149,6 +182,18 @@ def scan_journal(raw: bytes, where: str, files_revision: int | None) -> Scan | N
             raise JournalError(f"{what}: a record does not decode ({e})") from None
         scan.changes.append(rec.change)
         scan.offsets.append((rec.lsn, end))
+        if rec.change.log is not None:
+            written.clear()  # the history was replaced (edited by hand): compare from here
+        written.update((e.id, (e.created_at, e.action)) for e in rec.change.events)
+    for rev, mark in written.items():
+        known = files_revision is not None and rev <= files_revision
+        theirs = (files_log or {}).get(rev) if known else None
+        if theirs is not None and theirs != mark:
+            raise JournalError(
+                f"{where} holds revision {rev} as {mark[1]!r} at {mark[0]} but the data files' "
+                f"sync log has {theirs[1]!r} at {theirs[0]}: it belongs to other files (a "
+                "copied or restored data dir?); move it aside to start from the files as they are"
+            )
     return scan
 
 
@@ -164,9 +209,10 @@ class Journal:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, files_revision: int | None) -> Recovered:
-        """Read what the journal holds (to replay onto the files) and keep it open for appends.
-        Raises JournalError when it cannot be trusted. `files_revision`: see `scan_journal`."""
+    def open(self, files_revision: int | None, files_log: Iterable[SyncEvent] = ()) -> Recovered:
+        """Read what the journal holds (to replay onto the files at `files_revision`, whose
+        sync log holds `files_log`) and keep it open for appends. Raises JournalError when it
+        cannot be trusted."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -186,13 +232,15 @@ class Journal:
             raise
         self.fd = fd
         try:
-            return self._recover(raw, files_revision)
+            return self._recover(raw, files_revision, event_marks(files_log))
         except JournalError:
             self.close()
             raise
 
-    def _recover(self, raw: bytes, files_revision: int | None) -> Recovered:
-        scan = scan_journal(raw, str(self.path), files_revision)
+    def _recover(
+        self, raw: bytes, files_revision: int | None, files_log: Mapping[int, EventMark]
+    ) -> Recovered:
+        scan = scan_journal(raw, str(self.path), files_revision, files_log)
         if scan is None:
             return self._begin(files_revision)
         self.base_revision = scan.base_revision

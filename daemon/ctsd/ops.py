@@ -450,7 +450,7 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
     changed, which the hand edit wins) are the op's result."""
 
     def op(tx: Tx) -> list[Any]:
-        tx.takes_in = True
+        tx.taken = file
         if file == SYNC_LOG:
             was = base if base is not None else list(tx.base.log)
             if hand == was:
@@ -492,7 +492,7 @@ def remove_algorithm(file: str) -> Op:
     algo = file[len(files.ALGORITHMS_DIR) + 1 : -len(".json")]
 
     def op(tx: Tx) -> None:
-        tx.takes_in = True
+        tx.taken = file
         if name is None or name not in tx.docs:
             return
         instances = (tx.docs.get("instances") or {}).get("instances") or []

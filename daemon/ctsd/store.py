@@ -25,7 +25,17 @@ import msgspec
 import structlog
 
 from ctsd.checkpoint import Checkpointer
-from ctsd.core import Change, Committed, Context, Op, Outcome, Request, apply_group
+from ctsd.core import (
+    Change,
+    Committed,
+    Context,
+    Op,
+    Outcome,
+    Request,
+    apply_group,
+    loaded_files,
+    replayed,
+)
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
@@ -173,14 +183,15 @@ class Store:
             else 0
         )
         try:
-            recovered = self.journal.open(files_revision)
+            recovered = self.journal.open(files_revision, self.committed.log)
         except JournalError as e:
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
         touched: set[str] = set()
+        on_disk, invalid = loaded_files(self.committed), frozenset(self.problems)
         for change in recovered.changes:
-            self.committed.apply(change)
+            self.committed.apply(replayed(change, on_disk, invalid))
             touched |= change.files()
         self.checkpointer.seed()
         if touched:

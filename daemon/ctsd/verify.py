@@ -64,10 +64,12 @@ def journal_note(
     try:
         log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
         revision: int | None = log[-1]["id"] if log else 0
+        marks = {e["id"]: (e["created_at"], e["action"]) for e in log}
     except (msgspec.DecodeError, LookupError, TypeError):
-        revision = None  # the sync log is reported on its own: skip the revision check
+        revision = None  # the sync log is reported on its own: skip the revision checks
+        marks = {}
     try:
-        scan = journal.scan_journal(raw, journal.NAME, revision)
+        scan = journal.scan_journal(raw, journal.NAME, revision, marks)
     except journal.JournalError as e:
         return None, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
     if scan is None or (not scan.changes and scan.good_end == len(raw)):

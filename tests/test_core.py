@@ -1,0 +1,787 @@
+"""The pure core (`ctsd.core` with the ops of `ctsd.ops`): committed state and ops in, the
+change, its events and its revisions out — no files, no clock but the one given, no event loop.
+
+Every test here is a plain function: if one ever needs a file or a loop, the core is no
+longer pure.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+import pytest
+
+from ctsd import files, ops
+from ctsd.core import (
+    Change,
+    Committed,
+    Context,
+    Outcome,
+    RecordChange,
+    Request,
+    apply_group,
+    document_key,
+    loaded_files,
+    merge_document,
+    merge_table,
+    record_key,
+    replayed,
+)
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.models import Connection, ConnectionState, TestResult
+from ctsd.redact import MASK
+
+T0 = "2024-01-01T00:00:00.000Z"
+T1 = "2024-01-01T00:00:01.000Z"
+T2 = "2024-01-01T00:00:02.000Z"
+T3 = "2024-01-01T00:00:03.000Z"
+
+
+def body(cid: str, name: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {"id": cid, "name": name or cid, "exchange": "bybit", **kw}
+
+
+def run(
+    c: Committed, *reqs: Request | Any, now: str = T1, invalid: frozenset[str] = frozenset()
+) -> tuple[list[Outcome], Change]:
+    """Apply one group (an op alone counts as a bus request) and install its change."""
+    requests = [r if isinstance(r, Request) else Request(r, "bus") for r in reqs]
+    outcomes, change = apply_group(c, requests, Context(now, invalid))
+    c.apply(change)
+    return outcomes, change
+
+
+def ok(outcomes: list[Outcome]) -> list[Any]:
+    for i, o in enumerate(outcomes):
+        assert o.error is None, (i, o.error)
+    return [o.result for o in outcomes]
+
+
+def probe_result(success: bool, at: str) -> TestResult:
+    return TestResult(success=success, latency=5 if success else None, timestamp=at)
+
+
+def seeded(*ids: str) -> Committed:
+    c = Committed()
+    ok(run(c, *(ops.create(body(cid)) for cid in ids), now=T0)[0])
+    return c
+
+
+def snapshot(c: Committed) -> Any:
+    """Everything a reader of `c` can see, deep-copied."""
+    return copy.deepcopy(
+        (
+            list(c.connections.items()),
+            list(c.state.items()),
+            c.documents,
+            list(c.log),
+            c.revision,
+            c.record_revs,
+            c.settings,
+            c.version,
+        )
+    )
+
+
+def by_key(rcs: list[RecordChange]) -> dict[str, RecordChange]:
+    return {rc.key: rc for rc in rcs}
+
+
+# --- one change: records, events, revisions ---------------------------------------------------
+
+
+def test_a_create_puts_the_record_its_state_and_one_event_stamped_with_the_given_time() -> None:
+    c = Committed()
+    (out,), change = run(c, ops.create(body("conn_a", "A")), now=T1)
+    assert out.error is None and out.result.id == "conn_a"
+    assert [rc.key for rc in change.connections] == ["conn_a"]
+    assert change.connections[0].fields is None  # a new record goes whole
+    (st,) = change.state
+    assert st.key == "conn_a" and st.fields is None
+    assert st.value.last_sync_at == T1  # with the event that moves it, in the same change
+    assert st.value.created_at == T1 and st.value.status == "inactive"
+    (event,) = change.events
+    assert (event.id, event.action, event.connection_id) == (1, "create", "conn_a")
+    assert event.created_at == T1 and event.data["source"] == "bus"
+    assert event.data["values"]["name"] == "A"
+    assert out.events == change.events and out.files == {CONNECTIONS, STATE, SYNC_LOG}
+    assert change.files() == {CONNECTIONS, STATE, SYNC_LOG}
+    # installed: every reader sees it, at revision 1
+    assert c.connections["conn_a"].created_at == T1 == c.connections["conn_a"].updated_at
+    assert c.state["conn_a"].last_sync_at == T1
+    assert (c.revision, c.revision_of(record_key("conn_a")), list(c.log)) == (1, 1, change.events)
+
+
+def test_an_update_journals_only_the_fields_it_changed() -> None:
+    c = seeded("conn_a")
+    _, change = run(c, ops.update("conn_a", {"name": "B", "margin_type": "isolated"}), now=T2)
+    (rc,) = change.connections
+    assert sorted(rc.fields or []) == ["margin_type", "name", "updated_at"]
+    assert rc.value.name == "B" and rc.value.updated_at == T2
+    (event,) = change.events
+    assert event.action == "update" and sorted(event.data["fields"]) == ["margin_type", "name"]
+    assert event.data["values"] == {"name": "B", "margin_type": "isolated"}
+    # the state record only gets the time of the event
+    (st,) = change.state
+    assert st.fields == ["last_sync_at"] and st.value.last_sync_at == T2
+    assert change.files() == {CONNECTIONS, STATE, SYNC_LOG}
+    assert c.connections["conn_a"].created_at == T0  # server-managed, untouched
+
+
+def test_an_update_that_changes_nothing_is_no_change_and_no_revision() -> None:
+    c = seeded("conn_a")
+    before = snapshot(c)
+    (out,), change = apply_group(
+        c, [Request(ops.update("conn_a", {"name": "conn_a"}), "bus")], Context(T2)
+    )
+    assert out.error is None and change.empty and out.events == [] and out.files == set()
+    assert change.files() == set()
+    c.apply(change)
+    assert snapshot(c)[:6] == before[:6]  # records, log, revision all as they were
+
+
+def test_a_delete_removes_the_record_and_its_state_and_logs_the_name() -> None:
+    c = seeded("conn_a", "conn_b")
+    (out,), change = run(c, ops.delete("conn_a"), now=T2)
+    assert out.result == {"deleted": "conn_a"}
+    assert change.connections == [RecordChange("conn_a")]  # value None: deleted
+    assert change.state == [RecordChange("conn_a")]
+    (event,) = change.events
+    assert (event.action, event.connection_id, event.data["name"]) == ("delete", "conn_a", "conn_a")
+    assert list(c.connections) == ["conn_b"] and list(c.state) == ["conn_b"]
+    assert c.revision_of(record_key("conn_a")) == event.id
+
+
+def test_a_volume_change_touches_the_state_file_only_and_moves_last_sync_at() -> None:
+    c = seeded("conn_a")
+    _, change = run(c, ops.set_volume("conn_a", live=2.5), now=T2)
+    assert change.connections == []
+    (st,) = change.state
+    assert st.value.volume_factor_live == 2.5 and st.value.volume_factor_preset == 1.0
+    assert st.value.last_sync_at == T2 and st.value.updated_at == T2
+    assert "last_sync_at" in (st.fields or [])
+    assert [e.action for e in change.events] == ["update_volume"]
+    assert change.files() == {STATE, SYNC_LOG}
+    assert c.state["conn_a"].volume_factor_live == 2.5
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        ops.update("conn_a", {"name": "x"}),
+        ops.set_active("conn_a", True),
+        ops.set_volume("conn_a", preset=3),
+        ops.record_test("conn_a", probe_result(True, T3)),
+    ],
+    ids=["update", "set_active", "set_volume", "test"],
+)
+def test_every_event_on_a_connection_moves_its_last_sync_at_in_the_same_change(op: Any) -> None:
+    c = seeded("conn_a")
+    _, change = run(c, op, now=T3)
+    assert change.events and all(e.connection_id == "conn_a" for e in change.events)
+    (st,) = by_key(change.state).values()
+    assert st.value.last_sync_at == T3  # the state record is written whole and current
+    assert c.state["conn_a"].last_sync_at == T3
+
+
+def test_a_heartbeat_flush_logs_nothing_and_leaves_last_sync_at() -> None:
+    c = seeded("conn_a")
+    rev = c.revision
+    (out,), change = run(c, ops.flush_heartbeats({"conn_a": T2}), now=T3)
+    assert out.result == 1 and change.events == [] and c.revision == rev
+    (st,) = change.state
+    assert st.fields == ["last_heartbeat_at"] and st.value.last_heartbeat_at == T2
+    assert c.state["conn_a"].last_sync_at == T0
+    assert change.files() == {STATE}
+    # never backwards
+    (out,), change = run(c, ops.flush_heartbeats({"conn_a": T1}), now=T3)
+    assert out.result == 0 and change.empty
+
+
+# --- revisions ---------------------------------------------------------------------------------
+
+
+def test_revisions_are_consecutive_across_ops_groups_and_refusals() -> None:
+    c = Committed()
+    seen: list[int] = []
+    groups = [
+        [ops.create(body("conn_a")), ops.create(body("conn_b"))],
+        [ops.update("conn_a", {"name": "a2"}), ops.update("missing", {"name": "x"})],
+        [ops.delete("conn_b"), ops.set_volume("conn_a", live=2), ops.set_active("conn_a", True)],
+        [ops.set_document("ui-config", {"theme": "dark"}), ops.create("not an object")],
+        [ops.record_test("conn_a", probe_result(False, T2))],
+    ]
+    for group in groups:
+        outcomes, change = run(c, *group)
+        for o in outcomes:
+            ids = [e.id for e in o.events]
+            assert ids == list(range(ids[0], ids[0] + len(ids))) if ids else o.error or o.files
+        seen += [e.id for e in change.events]
+    assert seen == list(range(1, len(seen) + 1))  # strictly +1, no gap where an op failed
+    assert [e.id for e in c.log] == seen and c.revision == seen[-1]
+
+
+def test_a_replayed_change_is_not_logged_twice() -> None:
+    """The journal is replayed onto files that may already hold part of it: events the sync
+    log has are skipped, records are set again (the same values)."""
+    c = seeded("conn_a")
+    _, change = run(c, ops.update("conn_a", {"name": "B"}), now=T2)
+    before = snapshot(c)
+    c.apply(change)
+    after = snapshot(c)
+    assert after[:6] == before[:6]  # the same records, log, revision and record revisions
+
+
+# --- If-Match ----------------------------------------------------------------------------------
+
+
+def test_if_match_refuses_a_change_to_a_record_changed_after_the_given_revision() -> None:
+    c = seeded("conn_a", "conn_b")  # revisions 1 and 2
+    ok(run(c, ops.update("conn_a", {"name": "A3"}))[0])  # revision 3
+    before = snapshot(c)
+    (out,), change = run(c, Request(ops.update("conn_a", {"name": "lost"}), "bus", if_match=2))
+    assert out.error is not None and out.error.code == "precondition_failed"
+    assert "conn_a" in out.error.message and "3" in out.error.message
+    assert change.empty and out.events == []
+    assert snapshot(c)[:6] == before[:6]
+    # at the record's own revision (or later) it goes through; another record's revision
+    # does not matter
+    ok(run(c, Request(ops.update("conn_a", {"name": "A4"}), "bus", if_match=3))[0])
+    ok(run(c, Request(ops.update("conn_b", {"name": "B5"}), "bus", if_match=2))[0])
+    assert (c.connections["conn_a"].name, c.connections["conn_b"].name) == ("A4", "B5")
+
+
+def test_if_match_on_a_document() -> None:
+    c = Committed()
+    ok(run(c, ops.set_document("ui-config", {"a": 1}))[0])  # revision 1
+    ok(run(c, ops.set_document("ui-config", {"a": 2}))[0])  # revision 2
+    assert c.revision_of(document_key("ui-config")) == 2
+    (out,), _ = run(c, Request(ops.set_document("ui-config", {"a": 3}), "bus", if_match=1))
+    assert out.error is not None and out.error.code == "precondition_failed"
+    assert c.documents["ui-config"] == {"a": 2}
+
+
+def test_if_match_holds_between_two_changes_of_one_group() -> None:
+    """Two clients read revision N and both send If-Match N: whichever comes second must be
+    refused, also when the group commit puts both in one group (else one overwrites the
+    other's change unseen — the lost update If-Match exists to prevent)."""
+    c = seeded("conn_a")
+    rev = c.revision
+    first = Request(ops.update("conn_a", {"name": "first"}), "bus", if_match=rev)
+    second = Request(ops.update("conn_a", {"name": "second"}), "bus", if_match=rev)
+    (o1, o2), change = run(c, first, second)
+    assert o1.error is None
+    assert o2.error is not None and o2.error.code == "precondition_failed"
+    assert [e.data["values"] for e in change.events] == [{"name": "first"}]
+    assert c.connections["conn_a"].name == "first"
+    # the same holds for a document, and a third request on another record still goes
+    d = Committed()
+    ok(run(d, ops.set_document("ui-config", {"a": 0}))[0])
+    (o1, o2, o3), _ = run(
+        d,
+        Request(ops.set_document("ui-config", {"a": 1}), "bus", if_match=1),
+        Request(ops.set_document("ui-config", {"a": 2}), "bus", if_match=1),
+        Request(ops.set_document("watchlists", {"w": 1}), "bus", if_match=1),
+    )
+    assert o1.error is None and o3.error is None
+    assert o2.error is not None and o2.error.code == "precondition_failed"
+    assert d.documents["ui-config"] == {"a": 1}
+
+
+# --- a group: each op alone --------------------------------------------------------------------
+
+
+def test_a_failing_op_fails_alone_and_the_others_see_each_other() -> None:
+    c = seeded("conn_a")
+    before = c.connections["conn_a"]
+    outcomes, change = run(
+        c,
+        ops.create(body("conn_n", "new")),
+        ops.update("conn_missing", {"name": "x"}),
+        ops.update("conn_n", {"name": "renamed"}),  # sees the create before it in the group
+        ops.create(body("conn_a")),  # exists: conflict
+        ops.update("conn_a", {"volume_factor": -1}),  # invalid
+        ops.set_volume("conn_n", live=4),
+    )
+    codes = [o.error.code if o.error else None for o in outcomes]
+    assert codes == [None, "not_found", None, "conflict", "invalid", None]
+    assert all(o.events == [] and o.files == set() for o in outcomes if o.error)
+    assert c.connections["conn_a"] == before  # the refused ops left nothing behind
+    assert c.connections["conn_n"].name == "renamed"
+    assert c.state["conn_n"].volume_factor_live == 4
+    assert by_key(change.connections)["conn_n"].fields is None  # created in this group: whole
+    assert [e.action for e in change.events] == ["create", "update", "update_volume"]
+
+
+def test_an_op_refused_half_way_leaves_none_of_its_own_puts() -> None:
+    """A batch whose second item is invalid: its first item must not slip into the group."""
+    c = seeded("conn_a", "conn_b")
+    (bad, good), change = run(
+        c,
+        ops.batch_update([{"id": "conn_a", "name": "half"}, {"id": "conn_b", "volume_factor": 0}]),
+        ops.update("conn_b", {"name": "B"}),
+    )
+    assert bad.error is not None and bad.error.code == "invalid"
+    assert bad.error.path is not None and bad.error.path.startswith("$.updates[1]")
+    assert good.error is None
+    assert c.connections["conn_a"].name == "conn_a"
+    assert [rc.key for rc in change.connections] == ["conn_b"]
+    assert [e.connection_id for e in change.events] == ["conn_b"]
+
+
+def test_applying_a_group_changes_nothing_until_the_change_is_installed() -> None:
+    c = seeded("conn_a", "conn_b")
+    ok(run(c, ops.set_document("ui-config", {"a": {"b": 1}}))[0])
+    before = snapshot(c)
+    outcomes, _ = apply_group(
+        c,
+        [
+            Request(ops.update("conn_a", {"name": "X"}), "bus"),
+            Request(ops.delete("conn_b"), "bus"),
+            Request(ops.create(body("conn_c")), "bus"),
+            Request(ops.set_document("ui-config", {"a": {"b": 2}}), "bus"),
+            Request(ops.set_volume("conn_a", live=9), "bus"),
+            Request(ops.reset(), "bus"),
+        ],
+        Context(T2),
+    )
+    ok(outcomes)
+    assert snapshot(c) == before  # the committed state is only ever changed by apply
+
+
+def test_the_same_input_gives_the_same_change() -> None:
+    """No clock, no randomness the caller did not ask for: the change is a function of the
+    committed state, the ops and the context."""
+
+    def once() -> bytes:
+        c = seeded("conn_a", "conn_b")
+        _, change = apply_group(
+            c,
+            [
+                Request(ops.update("conn_a", {"name": "X"}), "bus"),
+                Request(ops.set_volume("conn_b", preset=2), "http"),
+                Request(ops.set_document("watchlists", {"w": [1, 2]}), "cli"),
+            ],
+            Context(T3),
+        )
+        return msgspec.json.encode(change)
+
+    assert once() == once()
+
+
+def test_a_file_invalid_on_disk_refuses_the_changes_that_would_write_it() -> None:
+    c = seeded("conn_a")
+    invalid = frozenset({CONNECTIONS})
+    (upd, vol), change = run(
+        c, ops.update("conn_a", {"name": "x"}), ops.set_volume("conn_a", live=2), invalid=invalid
+    )
+    assert upd.error is not None and upd.error.code == "file_invalid"
+    assert upd.error.extra == {"file": CONNECTIONS}
+    assert vol.error is None  # the state file and the sync log are fine
+    assert change.connections == [] and c.connections["conn_a"].name == "conn_a"
+
+
+# --- documents and settings -------------------------------------------------------------------
+
+
+def test_a_document_journals_the_top_level_keys_that_changed() -> None:
+    c = Committed()
+    (out,), change = run(c, ops.set_document("ui-config", {"a": 1, "b": {"c": 2}}), now=T1)
+    assert out.error is None
+    (rc,) = change.documents
+    assert (rc.key, rc.fields) == ("ui-config", None)  # new: whole
+    assert change.files() == {"ui-config.json", SYNC_LOG}
+    _, change = run(c, ops.set_document("ui-config", {"a": 1, "b": {"c": 3}, "d": None}))
+    (rc,) = change.documents
+    assert rc.fields == ["b", "d"]  # a key set to null is a change too
+    (event,) = change.events
+    assert (event.action, event.connection_id) == ("document_update", None)
+    assert event.data["keys"] == ["b", "d"] and event.data["file"] == "ui-config.json"
+    assert c.revision_of(document_key("ui-config")) == event.id
+    # the same content again: no change at all
+    _, change = run(c, ops.set_document("ui-config", {"a": 1, "b": {"c": 3}, "d": None}))
+    assert change.empty
+
+
+def test_an_invalid_document_is_refused_with_the_field_named() -> None:
+    c = Committed()
+    (out,), change = run(c, ops.set_document("settings", {"sync_log_limit": "many"}))
+    assert out.error is not None and out.error.code == "invalid"
+    assert out.error.path == "$.content.sync_log_limit"
+    (out,), _ = run(c, ops.set_document("no-such-doc", {}))
+    assert out.error is not None and out.error.code == "not_found"
+    assert change.empty and c.documents == {}
+
+
+def test_settings_take_effect_with_the_change_that_sets_them() -> None:
+    c = seeded("conn_a")
+    for i in range(5):
+        ok(run(c, ops.update("conn_a", {"name": f"n{i}"}))[0])  # revisions 2..6
+    ok(run(c, ops.set_document("settings", {"sync_log_limit": 3}))[0])  # revision 7
+    assert c.settings.sync_log_limit == 3
+    assert [e.id for e in c.log] == [5, 6, 7]
+    assert c.oldest_revision() == 5
+    # a record whose last event was trimmed changed at the latest just before the oldest kept
+    assert c.revision_of(document_key("watchlists")) == 4
+    # and the events from before stay readable by id
+    assert [e.id for e in c.events_since(5)] == [6, 7]
+
+
+def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:
+    c = seeded("conn_a")
+    (out,), change = run(c, ops.reset(), now=T2)
+    assert out.error is None
+    assert {CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())} <= set(change.touched)
+    assert change.files() >= set(change.touched) | {SYNC_LOG}
+    assert c.connections == {} and c.state == {}
+    assert c.documents["connection"] == files.default_document("connection")
+    assert [e.action for e in c.log] == ["create", "reset"]  # history stays
+
+
+# --- the journalled form of a change ----------------------------------------------------------
+
+
+def test_a_change_through_the_journal_encoding_installs_the_same_state() -> None:
+    """What a replay installs (the change as decoded from the journal) is what the live
+    daemon installed: records as typed structs, documents, order, events, settings."""
+    live = seeded("conn_a", "conn_b", "conn_c")
+    replay = seeded("conn_a", "conn_b", "conn_c")
+    replay.connections = {k: v for k, v in live.connections.items()}  # the same starting point
+    hand = [live.connections[k] for k in ("conn_c", "conn_a", "conn_b")]  # reordered by hand
+    hand[1] = msgspec.structs.replace(hand[1], margin_type="isolated")
+    base = dict(live.connections)
+    groups = [
+        [ops.update("conn_a", {"name": "A"}), ops.set_volume("conn_b", live=3)],
+        [Request(ops.take_in(CONNECTIONS, hand, base), "file")],
+        [ops.set_document("settings", {"sync_log_limit": 5, "extra": {"k": [1]}})],
+        [ops.delete("conn_c"), ops.create(body("conn_d"))],
+    ]
+    for group in groups:
+        _, change = run(live, *group)
+        decoded = msgspec.json.decode(msgspec.json.encode(change), type=Change)
+        replay.apply(decoded)
+    assert list(replay.connections.items()) == list(live.connections.items())
+    assert list(replay.state.items()) == list(live.state.items())
+    assert replay.documents == live.documents and replay.settings == live.settings
+    assert list(replay.log) == list(live.log) and replay.revision == live.revision
+    assert all(type(v) is Connection for v in replay.connections.values())
+    assert all(type(v) is ConnectionState for v in replay.state.values())
+
+
+def test_a_change_applied_on_a_record_that_moved_sets_only_its_own_fields() -> None:
+    """Replayed onto a record a hand edit changed meanwhile (or another host's change): the
+    fields the change did not set keep the newer values."""
+    c = seeded("conn_a")
+    _, change = run(c, ops.update("conn_a", {"name": "bus"}), now=T2)
+    moved = Committed()
+    moved.connections = {
+        "conn_a": msgspec.structs.replace(c.connections["conn_a"], name="old", margin_type="hand")
+    }
+    moved.state = {"conn_a": msgspec.structs.replace(c.state["conn_a"], volume_factor_live=7.0)}
+    moved.apply(msgspec.json.decode(msgspec.json.encode(change), type=Change))
+    conn, st = moved.connections["conn_a"], moved.state["conn_a"]
+    assert (conn.name, conn.margin_type, conn.updated_at) == ("bus", "hand", T2)
+    assert (st.volume_factor_live, st.last_sync_at) == (7.0, T2)
+
+
+def test_change_files_names_every_file_a_change_writes() -> None:
+    assert Change().files() == set() and Change().empty
+    assert Change(order=["a"]).files() == {CONNECTIONS}
+    assert Change(log=[]).files() == {SYNC_LOG}
+    assert Change(touched=["watchlists.json"]).files() == {"watchlists.json"}
+    assert Change(documents=[RecordChange("algorithms/x", None)]).files() == {"algorithms/x.json"}
+    assert Change(state=[RecordChange("a")]).files() == {STATE}
+    assert not Change(order=[]).empty and not Change(log=[]).empty
+
+
+# --- three-way merges of hand edits -----------------------------------------------------------
+
+
+def conn(cid: str, **kw: Any) -> Connection:
+    return Connection(id=cid, name=cid, exchange="bybit", created_at=T0, updated_at=T0, **kw)
+
+
+def test_merge_table_the_hand_edit_goes_on_top_of_pending_changes() -> None:
+    base = {k: conn(k) for k in ("a", "b", "c", "d", "e")}
+    memory = dict(base)
+    memory["a"] = msgspec.structs.replace(base["a"], name="pending")  # not in the file yet
+    memory["b"] = msgspec.structs.replace(base["b"], volume_factor=2.0)
+    memory["d"] = msgspec.structs.replace(base["d"], name="pending-d")
+    memory["new"] = conn("new")  # created by a change the file has not seen
+    hand = {
+        "a": msgspec.structs.replace(base["a"], margin_type="isolated"),  # another field
+        "b": msgspec.structs.replace(base["b"], volume_factor=3.0),  # the same field
+        # "c" deleted by hand (unchanged in memory); "d" deleted by hand (changed in memory)
+        "e": base["e"],
+        "typed": conn("typed"),  # added by hand
+    }
+    merged = merge_table(base, hand, memory)
+    out = merged.records
+    assert (out["a"].name, out["a"].margin_type) == ("pending", "isolated")  # nothing lost
+    assert out["b"].volume_factor == 3.0  # both touched it: the hand edit wins ...
+    assert ("b", ["volume_factor"]) in merged.conflicts  # ... and it is said
+    assert "c" not in out and "d" not in out  # a deletion by hand is a deletion
+    assert ("d", ["(deleted by hand)"]) in merged.conflicts
+    assert out["e"] is memory["e"] and out["typed"] == hand["typed"]
+    assert out["new"] is memory["new"]
+    assert list(out) == ["a", "b", "e", "typed", "new"]  # the hand edit's order first
+    assert {k for k, _ in merged.conflicts} == {"b", "d"}
+
+
+def test_merge_table_with_nothing_pending_is_the_hand_edit() -> None:
+    base = {k: conn(k) for k in ("a", "b")}
+    hand = {"b": msgspec.structs.replace(base["b"], name="B"), "a": base["a"]}
+    merged = merge_table(base, hand, base)
+    assert merged.records == hand and list(merged.records) == ["b", "a"]
+    assert merged.conflicts == []
+
+
+def test_merge_table_a_record_added_by_both_goes_to_the_hand_edit_and_is_said() -> None:
+    merged = merge_table({}, {"x": conn("x", margin_type="hand")}, {"x": conn("x")})
+    assert merged.records["x"].margin_type == "hand"
+    assert merged.conflicts == [("x", ["margin_type"])]
+
+
+def test_merge_document_per_top_level_key() -> None:
+    base = {"a": 1, "b": 1, "c": 1, "gone": 1}
+    memory = {"a": 2, "b": 2, "c": 1, "gone": 1, "added": True}  # pending: a, b, added
+    hand = {"a": 1, "b": 9, "c": 5}  # hand: b, c, and deleted "gone"
+    merged = merge_document(base, hand, memory)
+    assert merged.records == {"a": 2, "b": 9, "c": 5, "added": True}
+    assert merged.conflicts == [("", ["b"])]
+    # memory deleting a key the hand edit did not touch: deleted
+    merged = merge_document({"k": 1, "x": 1}, {"k": 1, "x": 2}, {"x": 1})
+    assert merged.records == {"x": 2}
+    # nothing pending: exactly the hand edit
+    assert merge_document(base, hand, dict(base)).records == hand
+
+
+def test_take_in_merges_a_hand_save_over_changes_still_on_their_way() -> None:
+    c = seeded("conn_a", "conn_b")
+    file_base = dict(c.connections)  # what the file holds: the changes below are not in it
+    ok(run(c, ops.update("conn_a", {"name": "pending-a"}), ops.update("conn_b", {"name": "pb"}))[0])
+    ok(run(c, ops.set_volume("conn_a", live=5))[0])
+    hand = [
+        msgspec.structs.replace(file_base["conn_a"], margin_type="isolated"),
+        msgspec.structs.replace(file_base["conn_b"], name="typed-b"),
+    ]
+    (out,), change = run(c, Request(ops.take_in(CONNECTIONS, hand, file_base), "file"), now=T3)
+    assert out.error is None
+    assert out.result == [("conn_b", ["name"])]  # the field both changed, for the log
+    a, b = c.connections["conn_a"], c.connections["conn_b"]
+    assert (a.name, a.margin_type) == ("pending-a", "isolated")  # nothing acknowledged lost
+    assert b.name == "typed-b"  # nothing the user typed lost
+    assert c.state["conn_a"].volume_factor_live == 5  # the other file's pending change stays
+    assert {e.data["source"] for e in change.events} == {"file"}
+    fields = {e.connection_id: e.data["fields"] for e in change.events}
+    assert fields == {"conn_a": ["margin_type"], "conn_b": ["name"]}
+    assert all(st.value.last_sync_at == T3 for st in change.state)
+    # what the file says is kept as typed: the hand edit left `updated_at` as it was
+    assert by_key(change.connections)["conn_a"].fields == ["margin_type"]
+
+
+def test_take_in_is_never_refused_for_a_file_invalid_on_disk() -> None:
+    """Taking in the very file that was invalid is how it becomes valid again."""
+    c = seeded("conn_a")
+    hand = [msgspec.structs.replace(c.connections["conn_a"], name="fixed")]
+    (out,), _ = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"),
+        invalid=frozenset({CONNECTIONS, STATE}),
+    )
+    assert out.error is None and c.connections["conn_a"].name == "fixed"
+
+
+def test_take_in_of_a_document_keeps_pending_keys() -> None:
+    c = Committed()
+    ok(run(c, ops.set_document("watchlists", {"a": 1, "b": 1}))[0])
+    base = dict(c.documents["watchlists"])
+    ok(run(c, ops.set_document("watchlists", {"a": 2, "b": 1}))[0])  # pending: a
+    (out,), change = run(
+        c, Request(ops.take_in("watchlists.json", {"a": 1, "b": 7, "c": 0}, base), "file")
+    )
+    assert out.error is None and out.result == []
+    assert c.documents["watchlists"] == {"a": 2, "b": 7, "c": 0}
+    (rc,) = change.documents
+    assert rc.fields == ["b", "c"]
+
+
+def test_take_in_of_the_unchanged_file_is_no_change() -> None:
+    c = seeded("conn_a")
+    hand = list(c.connections.values())
+    (out,), change = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
+    assert out.error is None and change.empty
+
+
+# --- replaying hand edits -------------------------------------------------------------------
+
+
+def test_records_a_hand_edit_set_in_its_own_file_are_marked_for_the_replay() -> None:
+    c = seeded("conn_a", "conn_b", "conn_c")
+    base = dict(c.connections)
+    hand = [
+        msgspec.structs.replace(base["conn_a"], margin_type="isolated", is_active=True),
+        base["conn_b"],
+    ]  # conn_c deleted by hand
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.set_document("ui-config", {"k": 1}), "bus"),
+    )
+    marks = {rc.key: rc.hand for rc in change.connections}
+    assert marks == {"conn_a": True, "conn_c": True}
+    # the state records it mirrored are another file's: not the hand edit's own
+    assert {rc.key: rc.hand for rc in change.state} == {"conn_a": False, "conn_c": False}
+    assert [rc.hand for rc in change.documents] == [False]
+    # the mark survives the journal's encoding
+    decoded = msgspec.json.decode(msgspec.json.encode(change), type=Change)
+    assert {rc.key: rc.hand for rc in decoded.connections} == marks
+    assert not any(rc.hand for rc in decoded.state)
+    # a bus change to the same record in the same group: no longer the hand edit's alone
+    base = dict(c.connections)
+    hand = [msgspec.structs.replace(base["conn_a"], name="by-hand"), base["conn_b"]]
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.update("conn_a", {"margin_type": "cross"}), "bus"),
+    )
+    assert [(rc.key, rc.hand) for rc in change.connections] == [("conn_a", False)]
+
+
+def test_a_replayed_hand_edit_takes_what_its_file_holds_now() -> None:
+    """The file moved on after the edit was taken in (saved again by hand, the daemon killed
+    before it took that in): replaying the older edit must not undo the newer one."""
+    c = seeded("conn_a", "conn_b")
+    ok(run(c, ops.set_document("ui-config", {"theme": "0", "panel": "0"}))[0])
+    base, doc0 = dict(c.connections), dict(c.documents["ui-config"])
+    hand = [msgspec.structs.replace(base["conn_a"], margin_type="edit-1")]  # conn_b deleted
+    _, change = run(
+        c,
+        Request(ops.take_in(CONNECTIONS, hand, base), "file"),
+        Request(ops.take_in("ui-config.json", {"theme": "1", "panel": "1"}, doc0), "file"),
+        Request(ops.set_volume("conn_a", live=7), "bus"),  # acknowledged with it
+    )
+    # The files as loaded at the restart: edited again by hand since.
+    on_disk = Committed()
+    on_disk.connections = {
+        "conn_a": msgspec.structs.replace(base["conn_a"], margin_type="edit-2"),
+        "conn_b": base["conn_b"],  # back again
+    }
+    on_disk.state = dict(c.state) | {"conn_b": seeded("conn_b").state["conn_b"]}
+    on_disk.documents = {"ui-config": {"theme": "2", "panel": "1"}}
+    replay = loaded_files(on_disk)
+    assert (
+        replay.connections == on_disk.connections and replay.connections is not on_disk.connections
+    )
+    out = replayed(change, on_disk, frozenset())
+    replay.apply(out)
+    assert replay.connections["conn_a"].margin_type == "edit-2"
+    assert "conn_b" in replay.connections and "conn_b" in replay.state  # with its state
+    assert replay.documents["ui-config"] == {"theme": "2", "panel": "1"}
+    assert replay.state["conn_a"].volume_factor_live == 7  # the acknowledged change stays
+    assert [e.id for e in replay.log] == [e.id for e in change.events]  # all logged
+    # a file that did not load is no evidence: the change is replayed as journalled
+    assert replayed(change, on_disk, frozenset({CONNECTIONS, "ui-config.json"})) == change
+    # a change with nothing by hand comes back as it was
+    _, bus_only = run(c, ops.update("conn_a", {"name": "x"}))
+    assert replayed(bus_only, on_disk, frozenset()) is bus_only
+
+
+# --- secrets sent back as shown, server-managed fields sent back ------------------------------
+
+CANARY_SECRET = "canary-secret-7f3a9c1d"
+CANARY_KEY = "canary-apikey-0123456789"
+
+
+def test_placeholders_sent_back_keep_the_stored_secrets_and_no_event_carries_them() -> None:
+    c = Committed()
+    settings = {"apiKey": "inner-key-000", "region": "eu"}
+    secret_body = body(
+        "conn_s",
+        api_key=CANARY_KEY,
+        api_secret=CANARY_SECRET,
+        connection_settings=msgspec.json.encode(settings).decode(),
+    )
+    ok(run(c, ops.create(secret_body))[0])
+    # The record as a client is shown it (secrets masked), edited in one field, sent back whole.
+    shown = {
+        **msgspec.to_builtins(c.connections["conn_s"]),
+        "api_key": "…" + CANARY_KEY[-4:],
+        "api_secret": MASK,
+        "connection_settings": msgspec.json.encode({**settings, "apiKey": MASK}).decode(),
+        "name": "renamed",
+    }
+    (out,), change = run(c, ops.update("conn_s", shown), now=T2)
+    assert out.error is None
+    conn = c.connections["conn_s"]
+    assert (conn.api_key, conn.api_secret, conn.name) == (CANARY_KEY, CANARY_SECRET, "renamed")
+    assert msgspec.json.decode(conn.connection_settings) == settings  # kept byte for byte
+    (rc,) = change.connections
+    assert sorted(rc.fields or []) == ["name", "updated_at"]  # the secrets did not "change"
+    # No event a client or the sync log sees holds a secret, not even the create's.
+    for e in c.log:
+        text = msgspec.json.encode(e).decode()
+        assert CANARY_SECRET not in text and CANARY_KEY not in text and "inner-key" not in text
+
+
+def test_a_placeholder_where_nothing_or_something_else_is_stored_is_refused() -> None:
+    c = seeded("conn_a")  # no secrets stored
+    before = snapshot(c)
+    (new, upd), change = run(
+        c,
+        ops.create(body("conn_b", api_secret=MASK)),
+        ops.update("conn_a", {"api_secret": MASK}),
+    )
+    for out, path in ((new, "$.connection.api_secret"), (upd, "$.changes.api_secret")):
+        assert out.error is not None and out.error.code == "invalid"
+        assert out.error.path == path and "placeholder" in out.error.message
+    assert change.empty and snapshot(c)[:6] == before[:6]
+    # a "…abcd" tail that is not the stored key's last four is refused too, the secret kept
+    d = Committed()
+    ok(run(d, ops.create(body("conn_k", api_key=CANARY_KEY)))[0])
+    (out,), _ = run(d, ops.update("conn_k", {"api_key": "…zzzz"}))
+    assert out.error is not None and out.error.path == "$.changes.api_key"
+    assert CANARY_KEY not in out.error.message
+    assert d.connections["conn_k"].api_key == CANARY_KEY
+
+
+def test_a_placeholder_in_a_document_keeps_the_stored_secret() -> None:
+    c = Committed()
+    ok(run(c, ops.set_document("ui-config", {"token": CANARY_SECRET, "theme": "dark"}))[0])
+    (out,), change = run(c, ops.set_document("ui-config", {"token": MASK, "theme": "light"}))
+    assert out.error is None
+    assert c.documents["ui-config"] == {"token": CANARY_SECRET, "theme": "light"}
+    (rc,) = change.documents
+    assert rc.fields == ["theme"]
+
+
+def test_server_managed_fields_sent_by_a_client_are_ignored() -> None:
+    c = Committed()
+    forged = body(
+        "conn_a", created_at="1999-01-01T00:00:00.000Z", updated_at="2999-01-01T00:00:00.000Z"
+    )
+    ok(run(c, ops.create(forged), now=T1)[0])
+    assert c.connections["conn_a"].created_at == T1 == c.connections["conn_a"].updated_at
+    # A record read back and sent whole, with stamps of its own: only what differs counts.
+    sent = {
+        **msgspec.to_builtins(c.connections["conn_a"]),
+        "created_at": "1999-01-01T00:00:00.000Z",
+        "updated_at": "1999-01-01T00:00:00.000Z",
+    }
+    (out,), change = run(c, ops.update("conn_a", sent), now=T2)
+    assert out.error is None and change.empty  # nothing the client may set changed
+    (out,), change = run(c, ops.update("conn_a", {**sent, "name": "B"}), now=T3)
+    assert out.error is None
+    conn = c.connections["conn_a"]
+    assert (conn.name, conn.created_at, conn.updated_at) == ("B", T1, T3)
+    assert change.events[0].data["fields"] == ["name"]
+    # the id is not server-managed in an update: it names the record and may not change
+    (out,), _ = run(c, ops.update("conn_a", {"id": "conn_other"}))
+    assert (
+        out.error is not None and out.error.code == "invalid" and out.error.path == "$.changes.id"
+    )
+    # and server-managed fields of the state record are not the client's either
+    (out,), _ = run(c, ops.update("conn_a", {"last_sync_at": T0}))
+    assert out.error is not None and out.error.code == "invalid"

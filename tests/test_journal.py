@@ -1,0 +1,466 @@
+"""The journal (`DATA/.journal`, `ctsd.journal`): what a crash may leave of it, read back.
+
+The first half drives `Journal` itself: a torn tail cut at every byte offset of the last
+record is dropped and everything before it replays; a damaged record in the middle, a file
+that is no journal, a journal of other files are refused with one clear line, and nothing is
+changed on disk. The second half is the power cut end to end with the real daemon: a change a
+real bus client got its acknowledgement for survives `kill -9` straight after the ack, before
+any checkpoint, and is in the data files by the time the restarted daemon says READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+
+from ctsd import files, journal, ops
+from ctsd.core import Change, Committed, Context, Request, apply_group
+from ctsd.journal import Journal, JournalError, scan_journal
+from tests.daemon import Daemon, wait_until
+
+
+def changes(n: int, first: int = 0) -> list[Change]:
+    """`n` groups of changes as the daemon makes them: a create, then updates of it."""
+    c = Committed()
+    out = []
+    for i in range(n):
+        op = (
+            ops.create({"id": "conn_a", "name": "n0", "exchange": "bybit"})
+            if i == 0
+            else ops.update("conn_a", {"name": f"n{first + i}", "margin_type": "isolated"})
+        )
+        (o,), change = apply_group(
+            c, [Request(op, "bus")], Context(f"2026-01-01T00:00:{i:02}.000Z")
+        )
+        assert o.error is None
+        c.apply(change)
+        out.append(change)
+    return out
+
+
+def write_journal(data_dir: Path, chs: list[Change], base: int = 0) -> bytes:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    j = Journal(data_dir)
+    assert j.open(base).changes == []
+    for ch in chs:
+        j.append(ch)
+    j.close()
+    return (data_dir / journal.NAME).read_bytes()
+
+
+def record_ends(raw: bytes) -> list[int]:
+    scan = scan_journal(raw, "j", 10**9)
+    assert scan is not None
+    return [scan.header_end, *(end for _lsn, end in scan.offsets)]
+
+
+def journal_and_scratch(tmp_path: Path, n: int) -> tuple[list[Change], bytes, list[int], Path]:
+    """A journal of `n` changes: the changes, its bytes, where each frame ends, and an empty
+    data dir to write variants of it into."""
+    chs = changes(n)
+    raw = write_journal(tmp_path / "orig", chs)
+    scratch = tmp_path / "d"
+    scratch.mkdir()
+    return chs, raw, record_ends(raw), scratch
+
+
+def enc(chs: list[Change]) -> list[bytes]:
+    return [msgspec.json.encode(c) for c in chs]
+
+
+def fingerprint(directory: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file under `directory`: (sha256, inode, mtime_ns) — a rewrite changes the inode
+    or the time even when the bytes come out the same."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            out[str(path.relative_to(directory))] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                st.st_ino,
+                st.st_mtime_ns,
+            )
+    return out
+
+
+# --- a torn tail ------------------------------------------------------------------------------
+
+
+def test_a_tail_torn_at_every_byte_of_the_last_record_is_dropped_and_the_rest_replays(
+    tmp_path: Path,
+) -> None:
+    chs, raw, ends, d = journal_and_scratch(tmp_path, 4)
+    last_start, last_end = ends[-2], ends[-1]
+    assert last_end == len(raw) and last_end - last_start > 100
+    for cut in range(last_start, last_end + 1):
+        (d / journal.NAME).write_bytes(raw[:cut])
+        j = Journal(d)
+        got = j.open(0)
+        whole = cut == last_end
+        assert enc(got.changes) == enc(chs if whole else chs[:-1]), cut
+        assert got.dropped_bytes == (0 if whole else cut - last_start), cut
+        # The torn tail is cut off the file, so the next append follows the good records.
+        assert (d / journal.NAME).stat().st_size == (last_end if whole else last_start)
+        j.append(chs[-1])
+        j.close()
+        again = Journal(d)
+        assert enc(again.open(0).changes) == enc(chs if not whole else [*chs, chs[-1]]), cut
+        again.close()
+
+
+def test_a_last_record_with_a_wrong_checksum_is_a_torn_tail(tmp_path: Path) -> None:
+    """A crash may leave the last record whole in length but not in content."""
+    chs = changes(3)
+    raw = bytearray(write_journal(tmp_path, chs))
+    raw[-1] ^= 0x01
+    (tmp_path / journal.NAME).write_bytes(bytes(raw))
+    j = Journal(tmp_path)
+    got = j.open(0)
+    j.close()
+    assert enc(got.changes) == enc(chs[:2]) and got.dropped_bytes > 0
+
+
+# --- damage, strangers: refused, nothing touched ----------------------------------------------
+
+
+def refused(data_dir: Path, files_revision: int) -> str:
+    """Open the journal, expecting a refusal; nothing in the dir may have changed."""
+    before = fingerprint(data_dir)
+    j = Journal(data_dir)
+    with pytest.raises(JournalError) as e:
+        j.open(files_revision)
+    assert j.fd == -1  # not left open
+    assert fingerprint(data_dir) == before, "a refused journal must be left as it was"
+    message = str(e.value)
+    assert "\n" not in message and str(data_dir / journal.NAME) in message
+    return message
+
+
+def test_a_damaged_record_with_good_ones_after_it_is_refused_at_every_byte(
+    tmp_path: Path,
+) -> None:
+    _chs, raw, ends, d = journal_and_scratch(tmp_path, 4)
+    # Any byte of the second record flipped (its length, checksum or payload): damage, since a
+    # good record follows. Every 7th byte keeps the test quick and still hits each part.
+    for pos in [*range(ends[1], ends[1] + 8), *range(ends[1] + 8, ends[2], 7)]:
+        bad = bytearray(raw)
+        bad[pos] ^= 0xFF
+        (d / journal.NAME).write_bytes(bytes(bad))
+        message = refused(d, 0)
+        assert "damaged at byte" in message or "does not decode" in message, (pos, message)
+        assert "refusing to start" in message or "does not decode" in message
+
+
+def test_a_file_that_is_no_journal_is_refused_untouched(tmp_path: Path) -> None:
+    for content in [
+        b"not a journal at all\n",
+        b'[{"id": "conn_a"}]',
+        journal.frame(b'{"journal": "other", "version": 1, "base_revision": 0}'),
+        journal.frame(b'{"journal": "ctsd", "version": 99, "base_revision": 0}'),
+        b"\x00" * 4096,
+    ]:
+        (tmp_path / journal.NAME).write_bytes(content)
+        message = refused(tmp_path, 0)
+        assert "journal" in message, message
+
+
+def test_a_journal_of_files_at_a_later_revision_is_refused_untouched(tmp_path: Path) -> None:
+    """Its changes were made on top of files this data dir does not have (another dir's
+    journal, or data files restored from an older backup)."""
+    write_journal(tmp_path, changes(2), base=50)
+    message = refused(tmp_path, 49)
+    assert "revision 50" in message and "revision 49" in message
+
+
+def test_a_journal_whose_events_the_files_hold_otherwise_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    """Another data dir's journal at a revision these files have passed: its events the
+    files should already hold (written, the journal not yet cut) are other events here."""
+    chs = changes(3)
+    write_journal(tmp_path, chs)
+    ours = journal.event_marks(e for ch in chs for e in ch.events)
+    # The files hold exactly these events (a checkpoint the crash stopped before the cut): fine.
+    j = Journal(tmp_path)
+    assert enc(j.open(3, [e for ch in chs for e in ch.events]).changes) == enc(chs)
+    j.close()
+    theirs = dict(ours)
+    theirs[2] = ("2025-06-01T10:00:00.000Z", "update")
+    assert scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, ours) is not None
+    with pytest.raises(JournalError, match="belongs to other files"):
+        scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, theirs)
+    # Events the files' log no longer holds (trimmed) cannot be compared: no refusal for them.
+    assert scan_journal((tmp_path / journal.NAME).read_bytes(), "j", 3, {}) is not None
+
+
+def test_an_unreadable_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / journal.NAME
+    path.mkdir()
+    assert "cannot open" in refused(tmp_path, 0)
+    path.rmdir()
+    os.mkfifo(path)
+    assert "not a regular file" in refused(tmp_path, 0)
+    path.unlink()
+    path.symlink_to("/etc/hostname")  # never followed: it is not the daemon's journal
+    assert "cannot open" in refused(tmp_path, 0)
+
+
+def test_compact_keeps_what_was_not_checkpointed_and_stays_bounded(tmp_path: Path) -> None:
+    chs = changes(6)
+    write_journal(tmp_path, [])
+    j = Journal(tmp_path)
+    j.open(0)
+    sizes = []
+    for round_ in range(5):
+        for ch in chs:
+            j.append(ch)
+        keep_from = j.lsn - 1  # the last two records are not in the files yet
+        j.compact(keep_from - 1, base_revision=round_, carry=None)
+        sizes.append(j.size())
+        assert j.pending == 2
+    # bounded: each cut leaves the same two records (their lsn may gain a digit)
+    assert max(sizes) - min(sizes) <= 4, sizes
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(4)
+    again.close()
+    assert enc(got.changes) == enc(chs[-2:]) and got.base_revision == 4
+
+
+# --- the power cut, end to end ------------------------------------------------------------------
+
+N_CONNS = 3
+
+
+def seed_dir(data_dir: Path) -> None:
+    """A data dir with N_CONNS connections, written by the daemon itself."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conns = [
+        {"id": f"conn_{i}", "name": f"c{i}", "exchange": "bybit", "api_secret": "canary-9d1e"}
+        for i in range(N_CONNS)
+    ]
+    (data_dir / files.CONNECTIONS).write_text(json.dumps(conns))
+    d = Daemon(data_dir).start()
+    try:
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+async def acked_then_killed(d: Daemon, names: list[str]) -> list[dict[str, Any]]:
+    """Rename conn_0 to each of `names` in turn (no `sync`: answered from the journal), each
+    waiting for its ack; SIGKILL the daemon the instant the last ack arrives. Returns the acks."""
+    acks = []
+    headers = {"Authorization": f"Bearer {d.token}"}
+    async with connect(d.ws_url, additional_headers=headers, compression=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
+        for i, name in enumerate(names, 1):
+            cmd = {"id": i, "type": "connections.update", "connection_id": "conn_0"}
+            await ws.send(json.dumps({**cmd, "changes": {"name": name}}))
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("type") == "result" and msg.get("id") == i:
+                    break
+            assert msg["success"], msg
+            acks.append(msg)
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert d.proc.returncode == -signal.SIGKILL
+    return acks
+
+
+def names_in_files(data_dir: Path) -> dict[str, str]:
+    return {c["id"]: c["name"] for c in json.loads((data_dir / files.CONNECTIONS).read_text())}
+
+
+def journal_records(data_dir: Path) -> list[Change]:
+    scan = scan_journal((data_dir / journal.NAME).read_bytes(), "j", 10**9)
+    return scan.changes if scan is not None else []
+
+
+def restart_and_kill_at_ready(data_dir: Path) -> Daemon:
+    """Start the daemon and SIGKILL it the moment READY=1 arrives: what the files hold then
+    was written before READY, not by a checkpoint a moment later."""
+    d = Daemon(data_dir).start(wait=False)
+
+    def ready() -> bool:
+        assert d.proc is not None and d.proc.poll() is None, d.stderr()
+        return "READY=1" in d.notify.poll()
+
+    wait_until(ready, 15, what="READY=1")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    return d
+
+
+def test_acknowledged_changes_survive_kill_9_right_after_the_ack(data_dir: Path) -> None:
+    seed_dir(data_dir)
+    caught_before_checkpoint = 0
+    for attempt in range(5):
+        names = [f"acked-{attempt}-{k}" for k in range(3)]
+        d = Daemon(data_dir).start()
+        try:
+            asyncio.run(acked_then_killed(d, names))
+        finally:
+            d.close()
+        # The kill came before the checkpointer wrote the file: only the journal has it.
+        in_journal = [rc.value["name"] for ch in journal_records(data_dir) for rc in ch.connections]
+        if names_in_files(data_dir)["conn_0"] != names[-1]:
+            caught_before_checkpoint += 1
+            assert names[-1] in in_journal
+        d = restart_and_kill_at_ready(data_dir)
+        try:
+            on_disk = names_in_files(data_dir)
+            assert on_disk["conn_0"] == names[-1], (attempt, on_disk, d.stdout()[-2000:])
+            log = json.loads((data_dir / files.SYNC_LOG).read_text())
+            logged = [e["data"]["values"]["name"] for e in log if e["action"] == "update"]
+            assert logged[-3:] == names  # each acked change is in the sync log, in order
+            ids = [e["id"] for e in log]
+            assert ids == list(range(ids[0], ids[0] + len(ids)))
+            if names[-1] in in_journal:
+                assert any(e.get("event") == "journal_replayed" for e in d.log_events())
+        finally:
+            d.close()
+    # The point of the test: at least some kills landed before any checkpoint (the coalescing
+    # delay is tens of milliseconds; a kill right after an ack takes far less).
+    assert caught_before_checkpoint >= 3, caught_before_checkpoint
+    # and a clean stop leaves a journal of its header alone
+    d = Daemon(data_dir).start()
+    try:
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert journal_records(data_dir) == []
+    assert names_in_files(data_dir)["conn_0"] == "acked-4-2"
+
+
+def start_refused(data_dir: Path) -> str:
+    """Start the daemon, expecting it to refuse: exit 1, one line on stderr, no READY, and
+    every data file and the journal as they were (its own lock file and logs aside)."""
+    before = fingerprint(data_dir)
+    d = Daemon(data_dir).start(wait=False)
+    try:
+        assert d.proc is not None
+        assert d.proc.wait(15) == 1
+        err = d.stderr().strip()
+        assert "READY=1" not in d.notify.poll()
+    finally:
+        d.close()
+    assert len(err.splitlines()) == 1, err
+    own = {".lock", *(k for k in {*before, *fingerprint(data_dir)} if k.startswith("logs/"))}
+    assert {k: v for k, v in fingerprint(data_dir).items() if k not in own} == {
+        k: v for k, v in before.items() if k not in own
+    }
+    return err
+
+
+def test_a_journal_from_another_data_dir_keeps_the_daemon_from_starting(
+    tmp_path: Path,
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for data_dir, names in ((a, ["a1", "a2"]), (b, ["b1", "b2", "b3", "b4"])):
+        seed_dir(data_dir)
+        d = Daemon(data_dir).start()
+        try:
+            asyncio.run(acked_then_killed(d, names))
+        finally:
+            d.close()
+    d = Daemon(b).start()  # b replays its own journal and stops cleanly: b's journal empty
+    try:
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert journal_records(a) and not journal_records(b)
+    # a's journal copied into b, whose files have passed a's revisions: replayed, it would put
+    # a's names into b's files under b's sync log.
+    (b / journal.NAME).write_bytes((a / journal.NAME).read_bytes())
+    err = start_refused(b)
+    assert ".journal" in err and "belongs to other files" in err, err
+    assert names_in_files(b)["conn_0"] == "b4"
+
+
+def test_a_damaged_journal_keeps_the_daemon_from_starting_and_touches_nothing(
+    data_dir: Path,
+) -> None:
+    seed_dir(data_dir)
+    for _ in range(10):
+        d = Daemon(data_dir).start()
+        try:
+            asyncio.run(acked_then_killed(d, ["x1", "x2", "x3", "x4"]))
+        finally:
+            d.close()
+        if len(journal_records(data_dir)) >= 2:
+            break
+    raw = (data_dir / journal.NAME).read_bytes()
+    ends = record_ends(raw)
+    assert len(ends) >= 3, "no kill left two records in the journal"
+    bad = bytearray(raw)
+    bad[ends[0] + 20] ^= 0xFF  # inside the first record, good ones after it
+    (data_dir / journal.NAME).write_bytes(bytes(bad))
+    err = start_refused(data_dir)
+    assert ".journal" in err and "damaged at byte" in err and "refusing to start" in err
+
+
+def test_a_hand_save_after_one_taken_in_is_not_undone_by_the_replay(data_dir: Path) -> None:
+    """The daemon took in a hand edit (journalled, the journal not yet cut) and died before it
+    took in the operator's next save of the same file: the replay must not put the older
+    edit back over the newer one (nor anything acknowledged over the file's newer state)."""
+    from ctsd.store import Store
+
+    seed_dir(data_dir)
+    conns_path, ui_path = data_dir / files.CONNECTIONS, data_dir / "ui-config.json"
+
+    def save(path: Path, value: Any) -> None:
+        path.write_text(json.dumps(value, indent=2))
+
+    store = Store(data_dir)
+    store.open()
+    try:
+        c = store.committed
+        ui0, conns0 = dict(c.documents["ui-config"]), dict(c.connections)
+        # Hand edit 1 of each file, taken in (as the daemon's intake does) and journalled.
+        ui1 = {**ui0, "theme": "edit-1", "panel": "edit-1"}
+        conns1 = [
+            msgspec.structs.replace(conns0["conn_0"], margin_type="isolated"),
+            *(v for k, v in conns0.items() if k not in ("conn_0", "conn_2")),  # conn_2 deleted
+        ]
+        requests = [
+            Request(ops.take_in("ui-config.json", ui1, ui0), "file"),
+            Request(ops.take_in(files.CONNECTIONS, conns1, conns0), "file"),
+            Request(ops.update("conn_1", {"name": "acked-bus-change"}), "bus"),
+        ]
+        outcomes, change = apply_group(c, requests, Context("2026-01-01T00:00:00.000Z"))
+        assert all(o.error is None for o in outcomes)
+        store.journal.append(change)
+    finally:
+        store.journal.close()
+    # what the files held then, and the operator's next saves, never taken in
+    save(ui_path, {**ui0, "theme": "edit-2", "panel": "edit-1"})
+    on_disk = json.loads(conns_path.read_text())
+    for rec in on_disk:
+        if rec["id"] == "conn_0":
+            rec["margin_type"] = "cross-again"  # edit 2 changes the same field back
+    save(conns_path, on_disk)  # conn_2 is still in the file: edit 2 kept it
+    d = restart_and_kill_at_ready(data_dir)
+    d.close()
+    ui = json.loads(ui_path.read_text())
+    assert (ui["theme"], ui["panel"]) == ("edit-2", "edit-1")
+    by_id = {r["id"]: r for r in json.loads(conns_path.read_text())}
+    assert by_id["conn_0"]["margin_type"] == "cross-again"
+    assert "conn_2" in by_id  # the newer save has it
+    states = {s["connection_id"] for s in json.loads((data_dir / files.STATE).read_text())}
+    assert states == set(by_id)  # and so has its state record
+    assert by_id["conn_1"]["name"] == "acked-bus-change"  # the acknowledged change is kept
+    log = json.loads((data_dir / files.SYNC_LOG).read_text())
+    assert any(e["data"].get("file") == "ui-config.json" for e in log)  # edit 1 was logged
