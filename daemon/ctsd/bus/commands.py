@@ -18,6 +18,7 @@ from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, Source
 from ctsd.redact import mask
+from ctsd.secretbox import KeyFileError, SecretBox, parse_key
 
 if TYPE_CHECKING:
     from ctsd.bus.session import Session
@@ -182,6 +183,22 @@ async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
     return mask(await c.svc.prober.test_projectx())
 
 
+async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
+    """Every secret re-encrypted under a new key, as one change through the door."""
+    store = c.svc.store
+    try:
+        new = parse_key(a.secrets_key.encode(), "the new key")
+    except KeyFileError as e:
+        raise CtsdError("invalid", str(e), path="$.secrets_key") from None
+    if new.id == store.box.key_id:
+        raise CtsdError(
+            "invalid", f"the new key is the key in use (id {new.id})", path="$.secrets_key"
+        )
+    old = store.box.key
+    box = SecretBox(new, also=(old,) if old is not None else ())
+    return await store.rekey(box, c.source)
+
+
 HANDLERS: dict[str, Handler] = {
     "ping": ping,
     "status": status,
@@ -205,6 +222,7 @@ HANDLERS: dict[str, Handler] = {
     "data.export": data_export,
     "data.import": data_import,
     "data.reset": data_reset,
+    "secrets.rekey": secrets_rekey,
     "trading.test_connection": trading_test_connection,
 }
 assert set(HANDLERS) == set(p.COMMANDS), "every protocol command has a handler"

@@ -110,6 +110,12 @@ class DataReset(Args, kw_only=True):
     confirm: bool = False
 
 
+class SecretsRekey(Args, kw_only=True):
+    # The new key as a key file holds it (base64 text): the daemon cannot read the operator's
+    # key file (it runs sandboxed, as its own user). Named like a secret, so never logged.
+    secrets_key: str
+
+
 # Command name → argument Struct. The set of names is the protocol; handlers live in commands.py.
 COMMANDS: dict[str, type[Args]] = {
     "ping": NoArgs,
@@ -135,6 +141,7 @@ COMMANDS: dict[str, type[Args]] = {
     "data.import": DataImport,
     "data.reset": DataReset,
     "trading.test_connection": NoArgs,
+    "secrets.rekey": SecretsRekey,
 }
 
 
@@ -150,6 +157,7 @@ WRITE_COMMANDS = frozenset(
         "documents.set",
         "data.import",
         "data.reset",
+        "secrets.rekey",
     }
 )
 
