@@ -584,30 +584,70 @@ def import_data(data: Any, mode: Any) -> Op:
         content = data.get("files", data)
         if not isinstance(content, dict):
             raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
-        imported: list[str] = []
-        for file, value in content.items():
-            path = f"$.data.files.{file}"
-            if file == SYNC_LOG:
-                continue  # history is the daemon's own; an import never rewrites it
-            if file in (CONNECTIONS, STATE):
-                _import_table(tx, file, value, mode, path)
-            else:
-                name = files.document_name(file)
-                if name is None:
-                    raise CtsdError("invalid", f"{file!r} is not a ctsd data file", path=path)
-                doc = (
-                    value
-                    if mode == "replace" or not isinstance(value, dict)
-                    else {**(tx.docs.get(name) or {}), **value}
-                )
-                _file, doc = check_document(tx, name, doc, path)
-                existed = name in tx.docs
-                keys = put_document(tx, name, doc)
-                if keys or not existed:
-                    _emit_document(tx, name, files.document_file(name), keys)
-            imported.append(file)
+        imported = _import_files(tx, content, mode)
         tx.emit("import", None, {"mode": mode, "files": imported})
         return {"imported": imported, "mode": mode}
+
+    return op
+
+
+def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
+    imported: list[str] = []
+    for file, value in content.items():
+        path = f"$.data.files.{file}"
+        if file == SYNC_LOG:
+            continue  # history is the daemon's own; an import never rewrites it
+        if file in (CONNECTIONS, STATE):
+            _import_table(tx, file, value, mode, path)
+        else:
+            name = files.document_name(file)
+            if name is None:
+                raise CtsdError("invalid", f"{file!r} is not a ctsd data file", path=path)
+            doc = (
+                value
+                if mode == "replace" or not isinstance(value, dict)
+                else {**(tx.docs.get(name) or {}), **value}
+            )
+            _file, doc = check_document(tx, name, doc, path)
+            existed = name in tx.docs
+            keys = put_document(tx, name, doc, path)
+            if keys or not existed:
+                _emit_document(tx, name, files.document_file(name), keys)
+        imported.append(file)
+    return imported
+
+
+def restore(content: dict[str, Any], archive_revision: int) -> Op:
+    """`data.restore`: every data file as a backup archive holds it (decoded), as one change.
+
+    What the archive does not hold goes: connections and state are replaced whole, other
+    documents go back to their defaults, algorithms it lacks are removed. The sync log keeps
+    its history (revisions never go back while the daemon runs): the restore is an `import`
+    event on top of it, naming the archive's revision.
+    """
+
+    def op(tx: Tx) -> dict[str, Any]:
+        for name in list(tx.docs.keys()):
+            file = files.document_file(name)
+            if file in content:
+                continue
+            if name.startswith(f"{files.ALGORITHMS_DIR}/"):
+                tx.docs.delete(name)
+                tx.emit("document_update", None, {"file": file, "name": name, "deleted": True})
+            else:
+                keys = put_document(tx, name, files.default_document(name))
+                if keys:
+                    _emit_document(tx, name, file, keys)
+        tables = {f: content.get(f, []) for f in (CONNECTIONS, STATE)}
+        # algorithms before documents: instances.json names them
+        algos = f"{files.ALGORITHMS_DIR}/"
+        ordered = sorted((f for f in content if f not in tables), key=lambda f: algos not in f)
+        docs = {f: content[f] for f in ordered}
+        imported = _import_files(tx, {**tables, **docs}, "replace")
+        tx.touched.update(imported)
+        data = {"mode": "restore", "files": imported, "archive_revision": archive_revision}
+        tx.emit("import", None, data)
+        return {"restored": imported}
 
     return op
 

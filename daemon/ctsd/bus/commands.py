@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ctsd import ops
+from ctsd import livebackup, ops
 from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
@@ -183,6 +183,15 @@ async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
     return mask(await c.svc.prober.test_projectx())
 
 
+async def data_backup(c: Call, a: p.NoArgs) -> Any:
+    """A consistent archive of the data files, written into the data dir (never sent)."""
+    return await livebackup.backup_running(c.svc.store)
+
+
+async def data_restore(c: Call, a: p.DataRestore) -> Any:
+    return await livebackup.restore_running(c.svc.store, a.file, c.source)
+
+
 async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
     """Every secret re-encrypted under a new key, as one change through the door."""
     store = c.svc.store
@@ -223,6 +232,8 @@ HANDLERS: dict[str, Handler] = {
     "data.import": data_import,
     "data.reset": data_reset,
     "secrets.rekey": secrets_rekey,
+    "data.backup": data_backup,
+    "data.restore": data_restore,
     "trading.test_connection": trading_test_connection,
 }
 assert set(HANDLERS) == set(p.COMMANDS), "every protocol command has a handler"

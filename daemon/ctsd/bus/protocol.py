@@ -110,6 +110,10 @@ class DataReset(Args, kw_only=True):
     confirm: bool = False
 
 
+class DataRestore(Args, kw_only=True):
+    file: str  # a `.restore-*.tar.gz` the CLI put in the data dir
+
+
 class SecretsRekey(Args, kw_only=True):
     # The new key as a key file holds it (base64 text): the daemon cannot read the operator's
     # key file (it runs sandboxed, as its own user). Named like a secret, so never logged.
@@ -142,6 +146,8 @@ COMMANDS: dict[str, type[Args]] = {
     "data.reset": DataReset,
     "trading.test_connection": NoArgs,
     "secrets.rekey": SecretsRekey,
+    "data.backup": NoArgs,
+    "data.restore": DataRestore,
 }
 
 
@@ -158,6 +164,7 @@ WRITE_COMMANDS = frozenset(
         "data.import",
         "data.reset",
         "secrets.rekey",
+        "data.restore",
     }
 )
 

@@ -1,7 +1,8 @@
 """`ctsd secrets init|status|rekey`: the key that encrypts secrets at rest.
 
-`init` makes a key file; `status` and `rekey` work on the data dir offline (`rekey` refuses
-while a daemon holds the data dir's lock). No value, plain or encrypted, is ever printed.
+`init` makes a key file; `status` reads the data dir offline; `rekey` works offline, or
+through the running daemon's door when one holds the data dir. No value, plain or
+encrypted, is ever printed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import msgspec
 
 from ctsd import files
 from ctsd.client.bus import run_call
-from ctsd.client.errors import EXIT_CONFLICT, EXIT_REFUSED, fail
+from ctsd.client.errors import EXIT_REFUSED, fail
 from ctsd.client.render import echo_json, safe
 from ctsd.client.target import resolve_target
 from ctsd.config import is_loopback, resolve_data_dir
@@ -50,14 +51,6 @@ def current_key() -> Key | None:
         return configured_key()
     except KeyFileError as e:
         fail(str(e))
-
-
-def daemon_running(e: DaemonRunning, what: str) -> None:
-    fail(
-        f"{e}; {what} works offline for now: stop the daemon (`systemctl stop ctsd`), run it, "
-        "start the daemon again",
-        EXIT_CONFLICT,
-    )
 
 
 def key_file_warning(path: Path) -> str | None:
