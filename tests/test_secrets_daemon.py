@@ -10,6 +10,8 @@ import base64
 import json
 import random
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,20 @@ def start_fails(data_dir: Path, env: dict[str, str]) -> str:
         return lines[0]
     finally:
         d.close()
+
+
+def http_json(d: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        d.url + path,
+        method=method,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def every_byte(data_dir: Path) -> dict[str, str]:
@@ -124,6 +140,12 @@ async def test_every_door_stores_ciphertext_and_nothing_leaks(
                 changes={"api_key": after[2]["api_key"]},  # another record's ciphertext
             )
             assert err["code"] == "invalid" and err["path"] == "$.changes.api_key"
+            # HTTP.
+            status_code, _ = http_json(
+                d, "PATCH", "/api/settings/connections/conn_00002",
+                {"api_passphrase": f"{CANARY}-http-pass"},
+            )  # fmt: skip
+            assert status_code == 200
             # The CLI.
             r = cli(d, "conn", "set", "b1", "--api-key-env", "K", K=f"{CANARY}-cli-key")
             assert r.returncode == 0, r.stderr
@@ -172,6 +194,7 @@ async def test_every_door_stores_ciphertext_and_nothing_leaks(
     # Every value set above decrypts, under the key, to what was sent.
     expected[("connections.json", (0, "api_secret"))] = f"{CANARY}-new-secret-0"
     expected[("connection.json", ("projectX", "apiKey"))] = f"{CANARY}-px-2"
+    expected[("connections.json", (2, "api_passphrase"))] = f"{CANARY}-http-pass"
     expected[("connections.json", (3, "api_key"))] = f"{CANARY}-cli-key"
     expected[("connections.json", (3, "api_secret"))] = f"{CANARY}-bus-secret"
     expected[("connections.json", (4, "api_key"))] = f"{CANARY}-hand-key"

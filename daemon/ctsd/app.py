@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import structlog
 
-from ctsd import __version__, logs
+from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
@@ -73,6 +73,7 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     except OSError as e:
         raise StartError(f"cannot lock {lock.path}: {e.strerror}") from None
     try:
+        livebackup.tidy(data_dir, max_age=0)
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
         store.open()

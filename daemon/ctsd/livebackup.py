@@ -40,12 +40,14 @@ SUFFIX = ".tar.gz"
 STALE_S = 3600.0  # a handed-over archive the CLI never took (it was killed): removed after this
 
 
-def _tidy(data_dir: Path) -> None:
+def tidy(data_dir: Path, max_age: float = STALE_S) -> None:
+    """Remove handed-over archives older than `max_age` (at start: all of them, since no
+    hand-over survives a restart of the daemon that was part of it)."""
     now = time.time()
     for p in data_dir.iterdir():
         if p.name.startswith((BACKUP_PREFIX, RESTORE_PREFIX)) and p.name.endswith(SUFFIX):
             with contextlib.suppress(OSError):
-                if now - p.lstat().st_mtime > STALE_S:
+                if now - p.lstat().st_mtime >= max_age:
                     p.unlink()
 
 
@@ -72,7 +74,7 @@ async def backup_running(store: Store) -> dict[str, Any]:
     path = store.data_dir / name
 
     def build() -> backup.Manifest:
-        _tidy(store.data_dir)
+        tidy(store.data_dir)
         return backup.build_archive(contents, backup.revision_of(contents), path)
 
     try:
