@@ -28,6 +28,16 @@ from tests.test_secrets_daemon import keyed
 pytestmark = pytest.mark.anyio
 
 
+def backup_while_running(d: Daemon, archive: Path) -> None:
+    try:
+        d.start()
+        r = cli(d, "backup", "-o", str(archive), "--data-dir", str(d.data_dir))
+        assert r.returncode == 0, r.stderr
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
 def leftovers(data_dir: Path) -> list[str]:
     return [p.name for p in data_dir.iterdir() if p.name.startswith((".backup-", ".restore-"))]
 
@@ -149,13 +159,7 @@ async def test_restore_refuses_an_archive_under_another_key(data_dir: Path, tmp_
     other = tmp_path / "other"
     write_plain_data(other, connections=2)
     archive = tmp_path / "a.tar.gz"
-    d = keyed(other, tmp_path / "a")
-    try:
-        d.start()
-        assert cli(d, "backup", "-o", str(archive), "--data-dir", str(other)).returncode == 0
-        assert d.stop() == 0
-    finally:
-        d.close()
+    backup_while_running(keyed(other, tmp_path / "a"), archive)
     d = keyed(data_dir, tmp_path / "b")
     try:
         d.start()
@@ -199,14 +203,7 @@ async def test_kill_9_during_an_online_restore_leaves_old_or_new(
     expected = plaintexts(data_dir)
     key = make_key(tmp_path / "key")
     archive = tmp_path / "b.tar.gz"
-    d = keyed(data_dir, tmp_path / "key")
-    try:
-        d.start()
-        r = cli(d, "backup", "-o", str(archive), "--data-dir", str(data_dir))
-        assert r.returncode == 0, r.stderr
-        assert d.stop() == 0
-    finally:
-        d.close()
+    backup_while_running(keyed(data_dir, tmp_path / "key"), archive)
     rng = random.Random(5)
     outcomes = []
     took = 0.0
