@@ -15,6 +15,7 @@ from ctsd import livebackup, ops
 from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS
+from ctsd.config import is_loopback
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, Source
 from ctsd.redact import mask
@@ -193,7 +194,10 @@ async def data_restore(c: Call, a: p.DataRestore) -> Any:
 
 
 async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
-    """Every secret re-encrypted under a new key, as one change through the door."""
+    """Every secret re-encrypted under a new key, as one change through the door. The key is
+    in the frame, so only from a client on this host (`ws://` is not encrypted)."""
+    if not is_loopback(_session(c).addr):
+        raise CtsdError("invalid", "secrets.rekey is taken only from a client on this host")
     store = c.svc.store
     try:
         new = parse_key(a.secrets_key.encode(), "the new key")
