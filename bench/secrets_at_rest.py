@@ -14,13 +14,18 @@ Measured in-process, medians of `--rounds` runs:
 - (d) `rekey.rekey_contents` (every value decrypted and re-encrypted, files re-encoded);
 - (e) `backup.build_archive` (validate, tar.gz, durable write) and `backup.read_archive`
   (complete verification), in `--dir` (default: a temp dir under the current dir).
+- (f) through a real daemon (in `--dir`), `--acks` sequential `connections.update` acks
+  (answered once journalled), median: a change of `api_secret` and a change of `name`, with a
+  key configured and without one.
 
-Target: (b) ≤ 100 ms at 10,000 connections.
+Targets: (b) ≤ 100 ms at 10,000 connections; (f) a secret change with a key acks within
+1.2 × a non-secret change.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -30,11 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "daemon"))
+sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
+from websockets.asyncio.client import connect  # noqa: E402
+
+from common import HEADERS, Call, auth_and, daemon, timed  # noqa: E402
 from ctsd import backup, files, rekey  # noqa: E402
 from ctsd.models import Connection  # noqa: E402
-from ctsd.secretbox import Key, SecretBox, stored_key_id  # noqa: E402
+from ctsd.secretbox import KEY_FILE_ENV, Key, SecretBox, new_key_text, stored_key_id  # noqa: E402
 from ctsd.secretfields import CONNECTION_SECRETS, open_connections, seal_connection  # noqa: E402
 
 
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--acks", type=int, default=300, help="(f): acks per kind; 0 skips it")
     args = ap.parse_args()
     n, rounds = args.connections, args.rounds
     load_before = os.getloadavg()[0]
@@ -140,10 +149,61 @@ def main() -> None:
         f"{len(sealed_raw) / 1e6:.1f} MB encrypted ({len(plain_raw) / 1e6:.1f} MB plain); "
         f"archive {size / 1e6:.2f} MB"
     )
+    print_rows(rows)
+    if args.acks:
+        acks = asyncio.run(ack_times(args.dir or Path.cwd(), args.acks))
+        ack_rows = [
+            (f"(f) ack, {what} change, {keyed}", f"{value * 1000:9.3f} ms median")
+            for (keyed, what), value in acks.items()
+        ]
+        ratio = acks["key", "secret"] / acks["key", "non-secret"]
+        ack_rows.append(("    secret / non-secret, with a key", f"{ratio:9.2f} x  (target <= 1.2)"))
+        print_rows(ack_rows)
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+
+
+async def ack_times(where: Path, n: int) -> dict[tuple[str, str], float]:
+    """Median ack of a secret and a non-secret `connections.update`, with and without a key
+    (the two kinds interleaved, so drift hits both alike)."""
+    out: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory(dir=where, prefix="bench-acks-") as tmp:
+        key_file = Path(tmp) / "key"
+        key_file.write_bytes(new_key_text())
+        key_file.chmod(0o600)
+        for keyed, env in (("key", {KEY_FILE_ENV: str(key_file)}), ("no key", {})):
+            with daemon(Path(tmp), env) as d:
+                async with connect(d.ws_url, additional_headers=HEADERS, max_size=None) as ws:
+                    await auth_and(ws, None)
+                    call = Call(ws)
+                    conn = {"id": "c1", "name": "n", "exchange": "bybit", "api_secret": "s0"}
+                    await call("connections.create", connection=conn)
+                    secret, plain = [], []
+                    for i in range(n):
+                        secret.append(
+                            await timed(
+                                call,
+                                "connections.update",
+                                connection_id="c1",
+                                changes={"api_secret": f"secret-{i:06d}-" + "s" * 48},
+                            )
+                        )
+                        plain.append(
+                            await timed(
+                                call,
+                                "connections.update",
+                                connection_id="c1",
+                                changes={"name": f"name-{i}"},
+                            )
+                        )
+            out[keyed, "secret"] = statistics.median(secret)
+            out[keyed, "non-secret"] = statistics.median(plain)
+    return out
 
 
 if __name__ == "__main__":

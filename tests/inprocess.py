@@ -9,18 +9,22 @@ from types import SimpleNamespace
 from typing import Any
 
 from ctsd.probes import Prober
+from ctsd.secretbox import SecretBox
 from ctsd.store import Store
 from ctsd.sweeps import Sweeper
 from tests.datadir import write_connections, write_settings
 
 
 async def open_app(
-    data_dir: Path, conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
+    data_dir: Path,
+    conns: list[dict[str, Any]],
+    settings: dict[str, Any] | None = None,
+    box: SecretBox | None = None,
 ) -> SimpleNamespace:
     """Store, prober and sweeper over `data_dir` holding `conns` and `settings`."""
     write_connections(data_dir, conns)
     write_settings(data_dir, settings or {})
-    store = Store(data_dir)
+    store = Store(data_dir, box)
     store.open()
     await store.start()
     prober = Prober(store)

@@ -417,3 +417,26 @@ def test_postgresql_schema_table_and_unknown_columns(pg: Postgres, tmp_path: Pat
         mig.migrate(pg.url(), mig.parse_map(None))
     assert "table connection_state: column(s) `extra`" in str(e.value)
     assert CANARY not in str(e.value) and pg.password not in source.shown
+
+
+def test_a_migration_into_a_keyed_daemon_stores_ciphertext(tmp_path: Path) -> None:
+    """The rows' secrets arrive in plain text through the door and are encrypted before the
+    change is journalled: no data file, journal or output holds one."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    key = make_key(tmp_path / "key")
+    db = sqlite_db(tmp_path / "cts.db", bad=False)
+    d = Daemon(data, env={"CTSD_SECRETS_KEY_FILE": str(tmp_path / "key")}).start()
+    try:
+        r = migrate_into(d, f"sqlite:///{db}")
+        assert r.returncode == 0, r.stderr
+        no_canary_anywhere(d, r.stdout, r.stderr)
+        for p in data.rglob("*"):
+            if p.is_file():
+                assert CANARY.encode() not in p.read_bytes(), p
+        conns = json.loads((data / "connections.json").read_text())
+        stored = [c[f] for c in conns for f in ("api_key", "api_secret") if c.get(f)]
+        assert stored and all(v.startswith(f"enc:v1:{key.id}:") for v in stored)
+        assert d.stop() == 0
+    finally:
+        d.close()

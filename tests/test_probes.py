@@ -18,6 +18,7 @@ import pytest
 
 from ctsd import ops, probes
 from ctsd.models import Connection
+from ctsd.secretbox import SecretBox, is_encrypted, new_key_text, parse_key
 from ctsd.timeutil import TIMESTAMP_PATTERN
 from tests.daemon import free_port
 from tests.exchange import PX_KEY, PX_TOKEN, PX_USER, FakeExchange, probe_connection, px_document
@@ -31,9 +32,11 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
     apps: list[SimpleNamespace] = []
 
     async def make(
-        conns: list[dict[str, Any]], settings: dict[str, Any] | None = None
+        conns: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        box: SecretBox | None = None,
     ) -> SimpleNamespace:
-        app = await open_app(tmp_path / f"data{len(apps)}", conns, settings)
+        app = await open_app(tmp_path / f"data{len(apps)}", conns, settings, box)
         apps.append(app)
         return app
 
@@ -215,6 +218,26 @@ async def test_projectx_login_success_and_no_secret_out(app_factory: Any, fake: 
     blob = json.dumps([result, status])
     for secret in (PX_KEY, PX_TOKEN, PX_USER):
         assert secret not in blob
+
+
+async def test_projectx_login_gets_the_decrypted_credentials(
+    app_factory: Any, fake: FakeExchange, tmp_path: Path
+) -> None:
+    """With a key, memory and the file hold ciphertext; the login request alone gets the
+    plain credentials (the fake accepts only the right ones)."""
+    box = SecretBox(parse_key(new_key_text(), "test key"))
+    app = await app_factory([], None, box)
+    await app.store.submit(
+        ops.set_document("connection", px_document(fake.base("projectx"))), "cli"
+    )
+    stored = app.store.documents["connection"]["projectX"]
+    assert is_encrypted(stored["apiKey"]) and is_encrypted(stored["username"])
+    await app.store.checkpointer.flush()
+    on_disk = (app.data_dir / "connection.json").read_text()
+    assert PX_KEY not in on_disk and PX_USER not in on_disk
+    result = await app.prober.test_projectx()
+    assert result["success"] is True, result
+    assert PX_KEY not in json.dumps([result, app.prober.projectx_status()])
 
 
 async def test_projectx_refused_login_is_scrubbed(app_factory: Any, fake: FakeExchange):

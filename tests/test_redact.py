@@ -188,3 +188,13 @@ def test_restore_refuses_a_depth_bomb_cleanly() -> None:
     with pytest.raises(CtsdError) as e:
         restore_placeholders(bomb, None, "$.content")
     assert e.value.code == "invalid" and str(limits.MAX_MESSAGE_DEPTH) in e.value.message
+
+
+def test_an_encrypted_secret_is_masked_whole() -> None:
+    """Its tail is ciphertext: showing it would tell nothing apart, and a placeholder sent
+    back must be the plain mask."""
+    stored = {"api_key": "enc:v1:0123abcd:" + "A" * 40}
+    assert mask(stored) == {"api_key": MASK}
+    assert restore_placeholders({"api_key": MASK}, stored, "$") == stored
+    with pytest.raises(CtsdError):
+        restore_placeholders({"api_key": "…AAAA"}, stored, "$")

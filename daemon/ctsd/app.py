@@ -19,13 +19,15 @@ from typing import Any
 import anyio
 import structlog
 
-from ctsd import __version__, logs
+from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
 from ctsd.lock import InstanceLock
 from ctsd.notify import Notifier
 from ctsd.probes import Prober
+from ctsd.rekey import RekeyRefused, finish_pending
+from ctsd.secretbox import KeyFileError, SecretBox, configured_key
 from ctsd.services import Services
 from ctsd.store import Store
 from ctsd.sweeps import Sweeper
@@ -71,12 +73,17 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     except OSError as e:
         raise StartError(f"cannot lock {lock.path}: {e.strerror}") from None
     try:
-        store = Store(data_dir)
+        livebackup.tidy(data_dir, max_age=0)
+        box = _secrets_box(data_dir)
+        store = Store(data_dir, box)
         store.open()
         logs.add_file(data_dir / "logs")
         listen = resolve_listen(host, port, store.settings)
         token = load_token(data_dir)
         assert token is not None
+    except StartError:
+        lock.release()
+        raise
     except (OSError, CtsdError, ValueError) as e:
         lock.release()
         raise StartError(f"start failed: {getattr(e, 'message', None) or e}") from None
@@ -84,6 +91,26 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
     return Daemon(svc, Watcher(store), Notifier()), lock
+
+
+def _secrets_box(data_dir: Path) -> SecretBox:
+    """The configured secrets key (plain-text mode without one), and a rekey interrupted
+    offline finished before any file is read. A configured key that cannot be used stops
+    the start: never a daemon that looks healthy and cannot decrypt."""
+    try:
+        key = configured_key()
+    except KeyFileError as e:
+        raise StartError(str(e)) from None
+    try:
+        if finish_pending(data_dir):
+            log.warning("rekey_finished", message="an interrupted rekey was completed")
+    except RekeyRefused as e:
+        raise StartError(e.problems[0]) from None
+    if key is None:
+        log.info("secrets_plain_text", message="no secrets key configured")
+    else:
+        log.info("secrets_encrypted_at_rest", key_id=key.id)
+    return SecretBox(key)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -238,6 +238,8 @@ class Context:
     now: str
     invalid_files: frozenset[str] = frozenset()  # invalid on disk: changes to them are refused
     heartbeats: Mapping[str, str] = field(default_factory=dict)  # held in memory (sweeps)
+    # Puts secrets in their stored form (`sealer.Sealer`); None: stored as sent.
+    sealer: Any = None
 
 
 class Tx:

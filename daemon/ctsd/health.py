@@ -49,5 +49,7 @@ def health(svc: Services) -> dict[str, Any]:
         "version": __version__,
         "revision": store.revision,
         "uptime_s": svc.uptime_s,
+        # Informational (plain text is a supported mode, not a failed check).
+        "secrets": store.secrets_status(),
         "checks": checks,
     }

@@ -25,6 +25,8 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, TestResult
 from ctsd.redact import SETTINGS_STRING_KEY, is_secret_key, mask, restore_placeholders
+from ctsd.sealer import CONNECTION_DOC_NAME
+from ctsd.secretbox import SecretError
 from ctsd.table import Table
 from ctsd.timeutil import later
 
@@ -71,8 +73,24 @@ def put_state(tx: Tx, st: ConnectionState, fields: list[str] | None) -> None:
     tx.set_fields("state", st.connection_id, fields)
 
 
+def seal(tx: Tx, conn: Connection, old: Connection | None, path: str) -> Connection:
+    """`conn` with its secrets in their stored form (encrypted when a key is set). Called
+    before a change is compared with the stored record, so an unchanged secret stays
+    unchanged; a plain value taken in makes the file be written (encrypted) even when no
+    record changed."""
+    sealer = tx.ctx.sealer
+    if sealer is None:
+        return conn
+    sealed, plain = sealer.connection(conn, old, path)
+    if plain:
+        tx.touched.add(CONNECTIONS)
+    return sealed  # type: ignore[no-any-return]
+
+
 def put_connection(tx: Tx, conn: Connection, fields: list[str] | None) -> None:
     """Put `conn` (with `fields` changed; None: new or whole) and keep its state mirrored."""
+    # Every put is sealed (a no-op for what the caller sealed): no path stores a plain secret.
+    conn = seal(tx, conn, tx.connections.get(conn.id), f"$.{conn.id}")
     tx.connections.put(conn.id, conn)
     tx.set_fields("connections", conn.id, fields)
     state = tx.state.get(conn.id)
@@ -87,9 +105,13 @@ def delete_connection(tx: Tx, cid: str) -> None:
         tx.state.delete(cid)
 
 
-def put_document(tx: Tx, name: str, content: dict[str, Any]) -> list[str]:
+def put_document(tx: Tx, name: str, content: dict[str, Any], path: str = "$") -> list[str]:
     """Put a document; returns the top-level keys that changed (emits nothing)."""
     old = tx.docs.get(name)
+    if tx.ctx.sealer is not None:
+        content, plain = tx.ctx.sealer.document(name, content, old, path)
+        if plain:
+            tx.touched.add(files.document_file(name))
     keys = changed_keys(old, content)
     if keys or old is None:
         tx.docs.put(name, content)
@@ -117,6 +139,7 @@ def create(data: Any) -> Op:
         body.setdefault("id", new_connection_id())
         conn = _convert(body, Connection, "$.connection")
         _check_settings(conn, "$.connection")
+        conn = seal(tx, conn, None, "$.connection")
         if conn.id in tx.connections:
             raise CtsdError(
                 "conflict", f"connection {conn.id!r} already exists", path="$.connection.id"
@@ -145,6 +168,7 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     merged = {**msgspec.structs.asdict(conn), **changes}
     new = _convert(merged, Connection, path)
     _check_settings(new, path)
+    new = seal(tx, new, conn, path)
     if changed_fields(conn, new):
         new = msgspec.structs.replace(new, updated_at=tx.now)
     return new
@@ -358,10 +382,10 @@ def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
         file, doc = check_document(tx, name, content)
         existed = name in tx.docs
-        keys = put_document(tx, name, doc)
+        keys = put_document(tx, name, doc, "$.content")
         if keys or not existed:
             _emit_document(tx, name, file, keys)
-        return doc
+        return tx.docs.get(name)
 
     return op
 
@@ -375,8 +399,10 @@ def _take_in_connections(
     merged = merge_table(base, {c.id: c for c in hand}, _flat(tx.connections))
     current = _flat(tx.connections)
     new: dict[str, Connection] = {}
+    at = {c.id: i for i, c in enumerate(hand)}
     for cid, conn in merged.records.items():
         old = current.get(cid)
+        conn = seal(tx, conn, old, f"$[{at.get(cid, 0)}]")
         if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
             new[cid] = old
             continue
@@ -558,30 +584,70 @@ def import_data(data: Any, mode: Any) -> Op:
         content = data.get("files", data)
         if not isinstance(content, dict):
             raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
-        imported: list[str] = []
-        for file, value in content.items():
-            path = f"$.data.files.{file}"
-            if file == SYNC_LOG:
-                continue  # history is the daemon's own; an import never rewrites it
-            if file in (CONNECTIONS, STATE):
-                _import_table(tx, file, value, mode, path)
-            else:
-                name = files.document_name(file)
-                if name is None:
-                    raise CtsdError("invalid", f"{file!r} is not a ctsd data file", path=path)
-                doc = (
-                    value
-                    if mode == "replace" or not isinstance(value, dict)
-                    else {**(tx.docs.get(name) or {}), **value}
-                )
-                _file, doc = check_document(tx, name, doc, path)
-                existed = name in tx.docs
-                keys = put_document(tx, name, doc)
-                if keys or not existed:
-                    _emit_document(tx, name, files.document_file(name), keys)
-            imported.append(file)
+        imported = _import_files(tx, content, mode)
         tx.emit("import", None, {"mode": mode, "files": imported})
         return {"imported": imported, "mode": mode}
+
+    return op
+
+
+def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
+    imported: list[str] = []
+    for file, value in content.items():
+        path = f"$.data.files.{file}"
+        if file == SYNC_LOG:
+            continue  # history is the daemon's own; an import never rewrites it
+        if file in (CONNECTIONS, STATE):
+            _import_table(tx, file, value, mode, path)
+        else:
+            name = files.document_name(file)
+            if name is None:
+                raise CtsdError("invalid", f"{file!r} is not a ctsd data file", path=path)
+            doc = (
+                value
+                if mode == "replace" or not isinstance(value, dict)
+                else {**(tx.docs.get(name) or {}), **value}
+            )
+            _file, doc = check_document(tx, name, doc, path)
+            existed = name in tx.docs
+            keys = put_document(tx, name, doc, path)
+            if keys or not existed:
+                _emit_document(tx, name, files.document_file(name), keys)
+        imported.append(file)
+    return imported
+
+
+def restore(content: dict[str, Any], archive_revision: int) -> Op:
+    """`data.restore`: every data file as a backup archive holds it (decoded), as one change.
+
+    What the archive does not hold goes: connections and state are replaced whole, other
+    documents go back to their defaults, algorithms it lacks are removed. The sync log keeps
+    its history (revisions never go back while the daemon runs): the restore is an `import`
+    event on top of it, naming the archive's revision.
+    """
+
+    def op(tx: Tx) -> dict[str, Any]:
+        for name in list(tx.docs.keys()):
+            file = files.document_file(name)
+            if file in content:
+                continue
+            if name.startswith(f"{files.ALGORITHMS_DIR}/"):
+                tx.docs.delete(name)
+                tx.emit("document_update", None, {"file": file, "name": name, "deleted": True})
+            else:
+                keys = put_document(tx, name, files.default_document(name))
+                if keys:
+                    _emit_document(tx, name, file, keys)
+        tables = {f: content.get(f, []) for f in (CONNECTIONS, STATE)}
+        # algorithms before documents: instances.json names them
+        algos = f"{files.ALGORITHMS_DIR}/"
+        ordered = sorted((f for f in content if f not in tables), key=lambda f: algos not in f)
+        docs = {f: content[f] for f in ordered}
+        imported = _import_files(tx, {**tables, **docs}, "replace")
+        tx.touched.update(imported)
+        data = {"mode": "restore", "files": imported, "archive_revision": archive_revision}
+        tx.emit("import", None, data)
+        return {"restored": imported}
 
     return op
 
@@ -604,5 +670,73 @@ def reset() -> Op:
         tx.touched.update(reset_files)  # each file is reset, whatever memory held
         tx.emit("reset", None, {"files": reset_files})
         return {"reset": reset_files}
+
+    return op
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def rekey(new_box: Any) -> Op:
+    """`secrets.rekey`: every stored secret re-encrypted under `new_box`'s key, as one change.
+
+    Every value is decrypted first (with the key the daemon runs with); one that does not
+    decrypt refuses the whole change, naming each place. The events say which files and
+    fields changed, never a value. Later changes of the same group are sealed under the new
+    key (the group's sealer is switched); the store adopts the key once the change is durable.
+    """
+
+    def op(tx: Tx) -> dict[str, Any]:
+        sealer = tx.ctx.sealer
+        if sealer is None or new_box.key is None:
+            raise CtsdError("invalid", "no key to re-encrypt under")
+        opened: list[Connection] = []
+        problems: list[str] = []
+        for i, conn in enumerate(tx.connections.values()):
+            try:
+                opened.append(sealer.open_connection(conn))
+            except SecretError as e:
+                problems.append(e.at(CONNECTIONS, (i, e.field)).message)
+        doc = tx.docs.get(CONNECTION_DOC_NAME)
+        opened_doc = None
+        if doc is not None:
+            try:
+                opened_doc = sealer.open_document(doc)
+            except SecretError as e:
+                problems.append(e.message)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CtsdError(
+                "invalid",
+                "nothing was re-encrypted: " + "; ".join(problems[:3]) + more,
+                extra={"problems": problems},
+            )
+        sealer.rotate(new_box)
+        changed: set[str] = set()
+        for conn in opened:
+            old = tx.connections.get(conn.id)
+            sealed = seal(tx, conn, None, f"$.{conn.id}")
+            fields = [f for f in changed_fields(old, sealed) if f in SECRET_CONNECTION_FIELDS]
+            if fields:
+                changed.update(fields)
+                put_connection(tx, sealed, fields)
+        if changed:
+            data = {"file": CONNECTIONS, "fields": sorted(changed), "rekey": new_box.key_id}
+            tx.emit("document_update", None, data)
+        if opened_doc is not None:
+            keys = put_document(tx, CONNECTION_DOC_NAME, opened_doc)
+            if keys:
+                file = files.document_file(CONNECTION_DOC_NAME)
+                tx.emit(
+                    "document_update",
+                    None,
+                    {
+                        "file": file,
+                        "name": CONNECTION_DOC_NAME,
+                        "keys": keys,
+                        "rekey": new_box.key_id,
+                    },
+                )
+        return {"key_id": new_box.key_id, "connections": len(opened)}
 
     return op

@@ -28,6 +28,7 @@ import structlog
 from ctsd import ops
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, ConnectionDoc, TestResult
+from ctsd.secretfields import CONNECTION_DOC, open_content
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -389,8 +390,14 @@ class Prober:
 
     # --- Project X (connection.json) --------------------------------------------------------
 
-    def projectx_config(self) -> ConnectionDoc:
+    def projectx_config(self, *, decrypt: bool = False) -> ConnectionDoc:
+        """connection.json as stored; with `decrypt`, its secrets in plain text (only for the
+        login request itself)."""
         doc = self.store.documents.get("connection") or {}
+        if decrypt:
+            doc, problems = open_content(self.store.box, CONNECTION_DOC, doc)
+            if problems:  # checked on the way in; only a key swapped under us gets here
+                raise CtsdError("invalid", problems[0].message)
         try:
             return msgspec.convert(doc, type=ConnectionDoc)
         except msgspec.ValidationError:
@@ -402,7 +409,7 @@ class Prober:
         The result says whether the API answered and accepted the credentials; the session
         token it returns is dropped at once (this is a test, not a session).
         """
-        px = self.projectx_config().projectX
+        px = self.projectx_config(decrypt=True).projectX
         base = px.apiUrl or PROJECTX_DEFAULT_URL
         if not base.startswith(("http://", "https://")):
             result = _failure("projectX.apiUrl must start with http:// or https://")

@@ -65,6 +65,8 @@ def mask_value(field: str, value: Any) -> Any:
         return None  # unset
     if isinstance(value, bool):
         return value
+    if isinstance(value, str) and value.startswith("enc:"):
+        return MASK  # encrypted at rest: its tail is ciphertext, which tells nothing apart
     if _norm(field) in _SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
         return "…" + value[-4:]
     return MASK

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from ctsd import ops
 from ctsd.checkpoint import Checkpointer
 from ctsd.core import (
     Change,
@@ -43,6 +44,8 @@ from ctsd.files import SYNC_LOG
 from ctsd.intake import Intake
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
+from ctsd.sealer import Sealer, secure_loaded
+from ctsd.secretbox import SecretBox
 from ctsd.timeutil import later, now_iso
 
 log = structlog.get_logger("ctsd.store")
@@ -61,8 +64,10 @@ class _Pending:
 class Store:
     """Committed memory, the one door (`submit`), and the parts that move files in and out."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, box: SecretBox | None = None) -> None:
         self.data_dir = data_dir
+        # The secrets key (None inside: plain-text mode); a rekey through the door replaces it.
+        self.box = box if box is not None else SecretBox(None)
         self.committed = Committed()
         self.problems: dict[str, FileProblem] = {}
         # Heartbeats live here, in memory at once; the sweeps' periodic flush writes them.
@@ -167,6 +172,14 @@ class Store:
             "unwritten_files": sorted(cp.dirty),
         }
 
+    def secrets_status(self) -> dict[str, Any]:
+        """Whether secrets are encrypted at rest, and under which key (never the key)."""
+        return {"encrypted": self.box.encrypting, "key_id": self.box.key_id}
+
+    async def rekey(self, new_box: SecretBox, source: str) -> Any:
+        """Every secret re-encrypted under `new_box`'s key: one change through the door."""
+        return await self.submit(ops.rekey(new_box), source, sync="files")
+
     # --- start and stop --------------------------------------------------------------------------
 
     def open(self) -> int:
@@ -193,10 +206,13 @@ class Store:
         for change in recovered.changes:
             self.committed.apply(replayed(change, on_disk, invalid))
             touched |= change.files()
+        # Every stored secret must decrypt; plain ones are encrypted, written before READY.
+        sealed = secure_loaded(self.box, self.committed, set(self.problems))
         self.checkpointer.seed()
         if touched:
-            self.checkpointer.note(touched, self.journal.lsn)
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))
+        if touched | sealed:
+            self.checkpointer.note(touched | sealed, self.journal.lsn)
         log.info(
             "loaded",
             connections=len(self.connections),
@@ -274,7 +290,8 @@ class Store:
 
     async def _commit(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         t0 = time.perf_counter()
-        ctx = Context(now_iso(), frozenset(self.problems), self.heartbeats)
+        sealer = Sealer(self.box)
+        ctx = Context(now_iso(), frozenset(self.problems), self.heartbeats, sealer)
         outcomes, change = apply_group(self.committed, [p.request for p in batch], ctx)
         lsn: int | None = None
         if not change.empty:
@@ -290,6 +307,8 @@ class Store:
                     _fail(p.future, err)
                 return
             self.install(change, lsn)
+            if sealer.rotated is not None:  # a rekey is durable: seal under its key from now on
+                self.box = sealer.rotated
         if lsn is not None:
             elapsed = time.perf_counter() - t0
             for cb in self.on_commit:

@@ -11,20 +11,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ctsd import ops
+from ctsd import livebackup, ops
 from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.fanout import ALL_TOPICS, TOPIC_BITS, Key
+from ctsd.config import is_loopback
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, Source
 from ctsd.redact import mask
+from ctsd.secretbox import KeyFileError, SecretBox, parse_key
 
 if TYPE_CHECKING:
     from ctsd.services import Services
 
 
-class Subscriber(Protocol):
-    """The bus connection a (un)subscribe command acts on (`ctsd.bus.session.Session`)."""
+class BusConnection(Protocol):
+    """The bus connection a bus-only command acts on (`ctsd.bus.session.Session`)."""
+
+    addr: str  # the peer's address
 
     def subscribe(self, key: Key, since: int | None) -> None: ...
 
@@ -44,7 +48,7 @@ class Call:
     source: Source
     sync: str | None = None
     if_match: int | None = None
-    session: Subscriber | None = None
+    session: BusConnection | None = None
 
 
 Handler = Callable[[Call, Any], Awaitable[Any]]
@@ -64,7 +68,7 @@ def _conn_out(result: Any) -> Any:
     return views.connection(result) if isinstance(result, Connection) else result
 
 
-def _session(c: Call) -> Subscriber:
+def _session(c: Call) -> BusConnection:
     if c.session is None:  # a route never maps to these; a bug if it does
         raise CtsdError("invalid", "this command needs a bus connection")
     return c.session
@@ -189,6 +193,34 @@ async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
     return mask(await c.svc.prober.test_projectx())
 
 
+async def data_backup(c: Call, a: p.NoArgs) -> Any:
+    """A consistent archive of the data files, written into the data dir (never sent)."""
+    return await livebackup.backup_running(c.svc.store)
+
+
+async def data_restore(c: Call, a: p.DataRestore) -> Any:
+    return await livebackup.restore_running(c.svc.store, a.file, c.source)
+
+
+async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
+    """Every secret re-encrypted under a new key, as one change through the door. The key is
+    in the frame, so only from a client on this host (`ws://` is not encrypted)."""
+    if not is_loopback(_session(c).addr):
+        raise CtsdError("invalid", "secrets.rekey is taken only from a client on this host")
+    store = c.svc.store
+    try:
+        new = parse_key(a.secrets_key.encode(), "the new key")
+    except KeyFileError as e:
+        raise CtsdError("invalid", str(e), path="$.secrets_key") from None
+    if new.id == store.box.key_id:
+        raise CtsdError(
+            "invalid", f"the new key is the key in use (id {new.id})", path="$.secrets_key"
+        )
+    old = store.box.key
+    box = SecretBox(new, also=(old,) if old is not None else ())
+    return await store.rekey(box, c.source)
+
+
 HANDLERS: dict[str, Handler] = {
     "ping": ping,
     "status": status,
@@ -212,6 +244,9 @@ HANDLERS: dict[str, Handler] = {
     "data.export": data_export,
     "data.import": data_import,
     "data.reset": data_reset,
+    "secrets.rekey": secrets_rekey,
+    "data.backup": data_backup,
+    "data.restore": data_restore,
     "trading.test_connection": trading_test_connection,
 }
 assert set(HANDLERS) == set(p.COMMANDS), "every protocol command has a handler"

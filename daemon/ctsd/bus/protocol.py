@@ -110,6 +110,16 @@ class DataReset(Args, kw_only=True):
     confirm: bool = False
 
 
+class DataRestore(Args, kw_only=True):
+    file: str  # a `.restore-*.tar.gz` the CLI put in the data dir
+
+
+class SecretsRekey(Args, kw_only=True):
+    # The new key as a key file holds it (base64 text): the daemon cannot read the operator's
+    # key file (it runs sandboxed, as its own user). Named like a secret, so never logged.
+    secrets_key: str
+
+
 # Command name → argument Struct. The set of names is the protocol; handlers live in commands.py.
 COMMANDS: dict[str, type[Args]] = {
     "ping": NoArgs,
@@ -135,6 +145,9 @@ COMMANDS: dict[str, type[Args]] = {
     "data.import": DataImport,
     "data.reset": DataReset,
     "trading.test_connection": NoArgs,
+    "secrets.rekey": SecretsRekey,
+    "data.backup": NoArgs,
+    "data.restore": DataRestore,
 }
 
 
@@ -150,6 +163,8 @@ WRITE_COMMANDS = frozenset(
         "documents.set",
         "data.import",
         "data.reset",
+        "secrets.rekey",
+        "data.restore",
     }
 )
 

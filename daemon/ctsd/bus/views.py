@@ -184,4 +184,5 @@ def status(svc: Services) -> dict[str, Any]:
         "store": store.status(),
         "bus": svc.server_stats(),
         "projectx": svc.prober.projectx_status(),
+        "secrets": store.secrets_status(),
     }

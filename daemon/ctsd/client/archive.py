@@ -1,25 +1,36 @@
 """`ctsd backup` and `ctsd restore`: the whole data dir as one archive, and back.
 
-Both work offline for now: they hold the data dir's instance lock throughout, and refuse
-(exit 6) while a daemon holds it.
+With the daemon stopped they hold the data dir's instance lock throughout. With it running
+they go through it: a backup is taken between two commits, a restore is one change through
+its door (see `ctsd.livebackup`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
+import os
+import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
+import msgspec
 
 from ctsd import backup
 from ctsd.backup import ArchiveError
+from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.render import safe
-from ctsd.client.secrets import DATA_DIR_HELP, current_key, daemon_running
+from ctsd.client.secrets import DATA_DIR_HELP, current_key
+from ctsd.client.target import resolve_target
 from ctsd.config import resolve_data_dir
-from ctsd.offline import DaemonRunning, NoDataDir
+from ctsd.livebackup import RESTORE_PREFIX, SUFFIX
+from ctsd.offline import DaemonRunning, NoDataDir, owner_for
 from ctsd.rekey import RekeyRefused
 from ctsd.secretbox import SecretBox
 
@@ -39,7 +50,7 @@ def register(main: click.Group) -> None:
     def backup_(output: str | None, data_dir: str | None) -> None:
         """One archive (tar.gz, mode 0600) of every data file as stored, with a manifest
         (revision, sha256 per file). Secrets stay as they are on disk: encrypted when a key
-        is set. Offline: refuses while the daemon runs."""
+        is set. With the daemon running, it takes the snapshot between two commits."""
         directory = resolve_data_dir(data_dir)
         to_stdout = output == "-"
         if to_stdout and sys.stdout.isatty():
@@ -50,6 +61,7 @@ def register(main: click.Group) -> None:
         try:
             if to_stdout:
                 # Built in a private temp file first: stdout gets a whole archive or nothing.
+                # (With a daemon running, DaemonRunning comes before anything is built.)
                 with tempfile.TemporaryDirectory(prefix="ctsd-backup-") as tmp:
                     tmp_path = Path(tmp) / "backup.tar.gz"
                     manifest = backup.backup_offline(directory, tmp_path)
@@ -61,8 +73,8 @@ def register(main: click.Group) -> None:
                 manifest = backup.backup_offline(directory, path)
         except NoDataDir as e:
             fail(str(e))
-        except DaemonRunning as e:
-            daemon_running(e, "backup")
+        except DaemonRunning:
+            manifest = backup_online(directory, None if to_stdout else path)
         except (ArchiveError, RekeyRefused) as e:
             fail(str(e))
         except OSError as e:
@@ -89,14 +101,16 @@ def register(main: click.Group) -> None:
     )
     def restore(file: Path, data_dir: str | None, no_secret_check: bool) -> None:
         """Replace the data dir with an archive's files, atomically; the old dir is kept as
-        DATA.before-restore-TIME. The archive is verified completely first. Offline: refuses
-        while the daemon runs."""
+        DATA.before-restore-TIME. The archive is verified completely first. With the daemon
+        running, it goes through the daemon's door as one change (its key must decrypt the
+        archive's secrets; --no-secret-check does not apply)."""
         directory = resolve_data_dir(data_dir)
         box = None if no_secret_check else SecretBox(current_key())
         try:
             done = backup.restore_offline(directory, file, box)
-        except DaemonRunning as e:
-            daemon_running(e, "restore")
+        except DaemonRunning:
+            restore_online(directory, file)
+            return
         except (ArchiveError, NoDataDir) as e:
             fail(f"{e}\nnothing was changed")
         except OSError as e:
@@ -113,3 +127,71 @@ def register(main: click.Group) -> None:
             click.echo(line)
         if done.kept is not None:
             click.echo(f"the previous data dir is kept as {done.kept}")
+
+
+def _call(directory: Path, command: str, **args: Any) -> Any:
+    target = resolve_target(str(directory), None, None)
+    return run_call(target, command, **args)
+
+
+def backup_online(directory: Path, path: Path | None) -> backup.Manifest:
+    """The running daemon writes a consistent archive into its data dir (archives never
+    travel over the bus); it is moved to `path` (None: copied to stdout and removed)."""
+    result = _call(directory, "data.backup")
+    made = directory / result["file"]
+    manifest = msgspec.convert(result["manifest"], type=backup.Manifest)
+    try:
+        if path is None:
+            with open(made, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return manifest
+        try:
+            os.replace(made, path)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            part = path.with_name(path.name + ".part")
+            shutil.copyfile(made, part)
+            os.replace(part, path)
+        with contextlib.suppress(OSError):  # the daemon's user made it; the operator keeps it
+            os.chown(path, os.getuid(), os.getgid())
+        os.chmod(path, 0o600)
+        return manifest
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(made)
+
+
+def restore_online(directory: Path, file: Path) -> None:
+    """Verified here first (a clear message before anything moves), handed to the daemon
+    through its data dir, verified there again and applied as one change through its door."""
+    try:
+        archive = backup.read_archive(file)
+    except ArchiveError as e:
+        fail(f"{e}\nnothing was changed")
+    name = f"{RESTORE_PREFIX}{secrets.token_hex(8)}{SUFFIX}"
+    staged = directory / name
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out, open(file, "rb") as src:
+            shutil.copyfileobj(src, out)
+        owner = owner_for(directory)
+        if owner is not None:  # the daemon runs as the data dir's owner
+            os.chown(staged, *owner)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        fail(f"cannot hand the archive to the daemon in {directory}: {e.strerror or e}")
+    try:
+        result = _call(directory, "data.restore", file=name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+    m = archive.manifest
+    click.echo(
+        f"the running daemon restored {len(m.files)} file(s) from {safe(file)} (made "
+        f"{m.created_at} by ctsd {safe(m.ctsd_version)}, revision {m.revision}) as one change, "
+        f"now at revision {safe(result.get('revision'))}"
+    )

@@ -1,11 +1,13 @@
 """`ctsd secrets init|status|rekey`: the key that encrypts secrets at rest.
 
-`init` makes a key file; `status` and `rekey` work on the data dir offline (`rekey` refuses
-while a daemon holds the data dir's lock). No value, plain or encrypted, is ever printed.
+`init` makes a key file; `status` reads the data dir offline; `rekey` works offline, or
+through the running daemon's door when one holds the data dir. No value, plain or
+encrypted, is ever printed.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import stat
@@ -17,9 +19,11 @@ import click
 import msgspec
 
 from ctsd import files
-from ctsd.client.errors import EXIT_CONFLICT, EXIT_REFUSED, fail
+from ctsd.client.bus import run_call
+from ctsd.client.errors import EXIT_REFUSED, fail
 from ctsd.client.render import echo_json, safe
-from ctsd.config import resolve_data_dir
+from ctsd.client.target import resolve_target
+from ctsd.config import is_loopback, resolve_data_dir
 from ctsd.files import Invalid
 from ctsd.offline import DaemonRunning, NoDataDir
 from ctsd.rekey import RekeyRefused, read_intent, rekey_offline
@@ -47,14 +51,6 @@ def current_key() -> Key | None:
         return configured_key()
     except KeyFileError as e:
         fail(str(e))
-
-
-def daemon_running(e: DaemonRunning, what: str) -> None:
-    fail(
-        f"{e}; {what} works offline for now: stop the daemon (`systemctl stop ctsd`), run it, "
-        "start the daemon again",
-        EXIT_CONFLICT,
-    )
 
 
 def key_file_warning(path: Path) -> str | None:
@@ -253,26 +249,27 @@ def register(main: click.Group) -> None:
     )
     @click.option("--data-dir", help=DATA_DIR_HELP)
     def rekey(new_key: Path, data_dir: str | None) -> None:
-        """Offline: re-encrypt every secret under a new key. Every value is decrypted with the
-        configured key first; if one fails, nothing is changed."""
+        """Re-encrypt every secret under a new key, through the running daemon or offline.
+        Every value is decrypted with the key in use first; if one fails, nothing is changed."""
         directory = resolve_data_dir(data_dir)
-        current = current_key()
         try:
             new = load_key_file(new_key)
         except KeyFileError as e:
             fail(str(e))
         try:
-            result = rekey_offline(directory, current, new)
+            result = rekey_offline(directory, current_key(), new)
         except NoDataDir as e:
             fail(str(e))
-        except DaemonRunning as e:
-            daemon_running(e, "rekey")
+        except DaemonRunning:
+            rekey_online(directory, new, new_key)
+            return
         except RekeyRefused as e:
             for line in e.problems:
                 click.echo(f"ctsd: {safe(line)}", err=True)
             fail(f"{len(e.problems)} problem(s): nothing was changed")
         except OSError as e:
             fail(f"cannot rewrite the data files: {e.strerror or e}; nothing was lost")
+        current = current_key()
         was = f"key id {current.id}" if current else "plain text"
         if not result.files:
             click.echo(f"no secret values to re-encrypt in {directory}")
@@ -284,5 +281,32 @@ def register(main: click.Group) -> None:
         click.echo(
             f"\nNow configure the new key ({new_key.absolute()}) where the daemon loads its key "
             f"({KEY_FILE_ENV} or the {CREDENTIAL_NAME} credential), then start the daemon. "
-            "Keep the old key as long as you keep backups made before now: they need it."
+            + KEEP_OLD_KEY
         )
+
+
+KEEP_OLD_KEY = "Keep the old key as long as you keep backups made before now: they need it."
+
+
+def rekey_online(directory: Path, new: Key, new_key: Path) -> None:
+    """The rekey through the running daemon's door: one change, answered once in the files.
+    The key travels over the bus, so only to a daemon on this host (loopback)."""
+    target = resolve_target(str(directory), None, None)
+    if not is_loopback(target.host):
+        fail(
+            f"the daemon listens on {target.host}, not loopback: the key would cross the "
+            "network in clear; run the rekey on the daemon's host",
+            EXIT_REFUSED,
+        )
+    key_text = base64.b64encode(new.material).decode()
+    result = run_call(target, "secrets.rekey", secrets_key=key_text)
+    count = result.get("connections") if isinstance(result, dict) else None
+    click.echo(
+        f"the running daemon re-encrypted every secret under key id {new.id} "
+        f"({safe(count)} connection(s)); it uses the new key from now on"
+    )
+    click.echo(
+        f"\nNow configure the new key ({new_key.absolute()}) where the daemon loads its key "
+        f"({KEY_FILE_ENV} or the {CREDENTIAL_NAME} credential) before the daemon restarts: "
+        "a restart with the old key refuses to start, naming both key ids. " + KEEP_OLD_KEY
+    )

@@ -63,6 +63,13 @@ def render_status(result: Any, target: Target) -> str:
             f"{cell(bus.get('subscribers'))} subscriber(s), "
             f"{cell(bus.get('events_sent'))} event(s) sent"
         )
+    sec = rest.pop("secrets", None)
+    if isinstance(sec, dict):
+        lines.append(
+            f"secrets      encrypted at rest, key id {cell(sec.get('key_id'))}"
+            if sec.get("encrypted")
+            else "secrets      NOT encrypted at rest (no key configured; see `ctsd secrets init`)"
+        )
     px = rest.pop("projectx", None)
     if isinstance(px, dict):
         text = ", ".join(

@@ -67,11 +67,17 @@ class ImportBody(msgspec.Struct, kw_only=True):
     revision: int | None = None
 
 
+class SecretsAtRest(msgspec.Struct, kw_only=True):
+    encrypted: bool  # false: no key configured, secrets stored as plain text
+    key_id: str | None  # 8 hex digits naming the key (never the key itself)
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: Literal["ok", "degraded"]
     version: str
     revision: int
     uptime_s: float
+    secrets: SecretsAtRest
     checks: dict[str, Any]
 
 
@@ -92,3 +98,4 @@ class ServerStatus(msgspec.Struct, kw_only=True):
     store: dict[str, Any]  # the journal and the checkpoint lag
     bus: dict[str, Any]
     projectx: dict[str, Any]
+    secrets: SecretsAtRest

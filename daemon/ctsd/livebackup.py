@@ -1,0 +1,127 @@
+"""Backup and restore while the daemon runs (`data.backup`, `data.restore`).
+
+The archive travels through the data dir, never over the bus: any bus client holds a token
+(the frontends do), and an archive holds every secret as stored — plain text when no key is
+configured. So only whoever can read the data dir (the operator running `ctsd`) gets one:
+
+- backup: every committed change is written to the files, then the files are read while no
+  checkpoint round and no hand-edit take-in can run (all file locks held): the files then
+  hold one revision, between two commits. The archive is written into the data dir as
+  `.backup-…tar.gz` (0600) and the CLI moves it where it was asked to.
+- restore: the CLI puts the archive in the data dir as `.restore-…tar.gz`; the daemon reads
+  and verifies all of it (checksums, every file valid, every secret decrypting with its key)
+  and applies it as one change through the door (subscribers see it; never half-applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from ctsd import backup, files, ops
+from ctsd.backup import ArchiveError
+from ctsd.checkpoint import _Locks
+from ctsd.errors import CtsdError
+from ctsd.offline import data_file_names, read_data_files
+
+if TYPE_CHECKING:
+    from ctsd.store import Store
+
+BACKUP_PREFIX = ".backup-"
+RESTORE_PREFIX = ".restore-"
+SUFFIX = ".tar.gz"
+STALE_S = 3600.0  # a handed-over archive the CLI never took (it was killed): removed after this
+
+
+def tidy(data_dir: Path, max_age: float = STALE_S) -> None:
+    """Remove handed-over archives older than `max_age` (at start: all of them, since no
+    hand-over survives a restart of the daemon that was part of it)."""
+    now = time.time()
+    for p in data_dir.iterdir():
+        if p.name.startswith((BACKUP_PREFIX, RESTORE_PREFIX)) and p.name.endswith(SUFFIX):
+            with contextlib.suppress(OSError):
+                if now - p.lstat().st_mtime >= max_age:
+                    p.unlink()
+
+
+async def snapshot_files(store: Store) -> dict[str, bytes]:
+    """Every data file's bytes at one revision (between two commits)."""
+    if store.problems:
+        bad = sorted(store.problems)
+        raise CtsdError(
+            "file_invalid",
+            f"{bad[0]} is invalid on disk ({store.problems[bad[0]].format()}); a backup would "
+            "not hold what the daemon holds: fix the file first",
+            extra={"file": bad[0]},
+        )
+    await store.checkpointer.flush()
+    names = data_file_names(store.data_dir)
+    async with _Locks(store.file_lock, names):
+        return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
+
+
+async def backup_running(store: Store) -> dict[str, Any]:
+    contents = await snapshot_files(store)
+    name = f"{BACKUP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
+    name += secrets.token_hex(4) + SUFFIX
+    path = store.data_dir / name
+
+    def build() -> backup.Manifest:
+        tidy(store.data_dir)
+        return backup.build_archive(contents, backup.revision_of(contents), path)
+
+    try:
+        manifest = await anyio.to_thread.run_sync(build)
+    except ArchiveError as e:
+        raise CtsdError("file_invalid", str(e)) from None
+    except OSError as e:
+        raise CtsdError("io_error", f"cannot write the backup: {e.strerror or e}") from None
+    return {"file": name, "manifest": msgspec.to_builtins(manifest)}
+
+
+def _restore_path(store: Store, name: str) -> Path:
+    if (
+        not name.startswith(RESTORE_PREFIX)
+        or not name.endswith(SUFFIX)
+        or "/" in name
+        or name in (".", "..")
+    ):
+        raise CtsdError(
+            "invalid", f"file must be a {RESTORE_PREFIX}*{SUFFIX} in the data dir", path="$.file"
+        )
+    return store.data_dir / name
+
+
+async def restore_running(store: Store, name: str, source: str) -> dict[str, Any]:
+    """Verify the archive `name` (in the data dir) completely, then apply it as one change."""
+    path = _restore_path(store, name)
+    try:
+
+        def verified() -> backup.Archive:
+            archive = backup.read_archive(path)
+            backup.check_secrets(archive, store.box)
+            return archive
+
+        try:
+            archive = await anyio.to_thread.run_sync(verified)
+        except ArchiveError as e:
+            raise CtsdError("invalid", f"nothing was restored: {e}") from None
+        contents = {
+            f: msgspec.json.decode(raw)
+            for f, raw in archive.contents.items()
+            if files.is_data_file(f)
+        }
+        result = await store.submit(
+            ops.restore(contents, archive.manifest.revision), source, sync="files"
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return {**result, "revision": store.revision, "archive_revision": archive.manifest.revision}

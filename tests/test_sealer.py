@@ -1,0 +1,70 @@
+"""The change path's sealer: plain secrets encrypted once, unchanged ones kept byte for byte,
+values claiming to be encrypted checked in their own place, and a rotation mid-group."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from ctsd.errors import CtsdError
+from ctsd.models import Connection
+from ctsd.sealer import Sealer
+from ctsd.secretbox import SecretBox, new_key_text, parse_key, stored_key_id
+from tests.cli_helpers import CANARY
+
+
+def box(*also: SecretBox) -> SecretBox:
+    key = parse_key(new_key_text(), "k")
+    return SecretBox(key, also=[b.key for b in also if b.key is not None])
+
+
+def conn(cid: str, **kw: str | None) -> Connection:
+    return Connection(id=cid, name=cid, exchange="bybit", **kw)  # type: ignore[arg-type]
+
+
+def test_plain_is_sealed_and_the_same_value_keeps_its_ciphertext() -> None:
+    s = Sealer(box())
+    first, plain = s.connection(conn("a", api_secret=f"{CANARY}-1"), None)
+    assert plain and first.api_secret is not None and CANARY not in first.api_secret
+    again, plain = Sealer(s.box).connection(conn("a", api_secret=f"{CANARY}-1"), first)
+    assert again.api_secret == first.api_secret and plain  # same value: same bytes, file rewritten
+    changed, _ = Sealer(s.box).connection(conn("a", api_secret=f"{CANARY}-2"), first)
+    assert changed.api_secret != first.api_secret
+    assert s.box.decrypt("a", "api_secret", changed.api_secret) == f"{CANARY}-2"  # type: ignore[arg-type]
+
+
+def test_a_value_from_another_place_or_key_is_refused_naming_the_field() -> None:
+    b = box()
+    a_conn, _ = Sealer(b).connection(conn("a", api_key="k-a"), None)
+    with pytest.raises(CtsdError) as e:
+        Sealer(b).connection(conn("b", api_key=a_conn.api_key), None, "$.changes")
+    assert e.value.path == "$.changes.api_key" and "k-a" not in e.value.message
+    with pytest.raises(CtsdError):
+        Sealer(box()).connection(a_conn, None)  # under a key this sealer does not hold
+
+
+def test_without_a_key_plain_stays_plain() -> None:
+    c = conn("a", api_key="plain-key")
+    assert Sealer(SecretBox(None)).connection(c, None) == (c, False)
+
+
+def test_rotation_reseals_values_under_the_old_key() -> None:
+    old = box()
+    new = box(old)
+    stored, _ = Sealer(old).connection(conn("a", api_key="v"), None)
+    s = Sealer(old)
+    s.rotate(new)
+    resealed, _ = s.connection(msgspec.structs.replace(stored, name="x"), None)
+    assert stored_key_id(resealed.api_key or "") == new.key_id
+    assert new.decrypt("a", "api_key", resealed.api_key or "") == "v"
+
+
+def test_connection_json_secrets_at_any_depth() -> None:
+    b = box()
+    doc = {"projectX": {"username": "me", "apiKey": f"{CANARY}-px", "autoConnect": True}}
+    sealed, plain = Sealer(b).document("connection", doc, None)
+    assert plain and CANARY not in str(sealed) and sealed["projectX"]["autoConnect"] is True
+    same, _ = Sealer(b).document("connection", doc, sealed)
+    assert same == sealed
+    other = {"theme": "dark", "apiToken": f"{CANARY}-ui"}
+    assert Sealer(b).document("ui-config", other, None) == (other, False)
