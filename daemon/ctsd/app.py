@@ -2,8 +2,9 @@
 under one task group; start-up, readiness, signals and shutdown.
 
     data dir → lock → store (load every file, replay the journal) → token → prober, sweeper,
-    watcher → web (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed
-    → store closes (every change in the files) → exit
+    watcher → [cluster mode: connect, apply what the stream holds beyond this host] → web
+    (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed → store
+    closes (every change in the files) → [the cluster connection closes] → exit
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import structlog
 
 from ctsd import __version__, logs
 from ctsd.atomic import ensure_dir
+from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
 from ctsd.lock import InstanceLock
@@ -34,6 +36,9 @@ from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
 SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
+# Cluster mode: how long the start waits to apply what the stream holds before READY; past
+# it the daemon serves its files and refuses writes until it has caught up.
+CATCH_UP_S = float(os.environ.get("CTSD_CLUSTER_CATCH_UP_S") or 60.0)
 
 
 class StartError(Exception):
@@ -45,13 +50,18 @@ class Daemon:
     svc: Services
     watcher: Watcher
     notifier: Notifier
+    cluster: ClusterSettings | None = field(default=None)
 
     def status_line(self) -> str:
         s = self.svc.store
-        return (
+        line = (
             f"{len(s.connections)} connections, revision {s.revision}, "
             f"{len(s.problems)} invalid files"
         )
+        cluster = s.committer_status()
+        if cluster is not None:
+            line += f", cluster {cluster['cluster']} {cluster['state']} (lag {cluster['lag']})"
+        return line
 
 
 def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon, InstanceLock]:
@@ -77,13 +87,47 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         listen = resolve_listen(host, port, store.settings)
         token = load_token(data_dir)
         assert token is not None
+        cluster = load_cluster_settings(store.documents.get("settings"))
+    except ClusterConfigError as e:
+        lock.release()
+        raise StartError(f"cluster settings: {e}") from None
     except (OSError, CtsdError, ValueError) as e:
         lock.release()
         raise StartError(f"start failed: {getattr(e, 'message', None) or e}") from None
     prober = Prober(store)
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
-    return Daemon(svc, Watcher(store), Notifier()), lock
+    return Daemon(svc, Watcher(store), Notifier(), cluster), lock
+
+
+async def _join_cluster(d: Daemon) -> Any:
+    """Cluster mode: commit through the cluster and apply what the stream holds beyond this
+    host before READY. Returns the engine (closed at shutdown)."""
+    from ctsd.cluster.committer import ClusterCommitter
+    from ctsd.cluster.engine import ClusterEngine
+    from ctsd.cluster.errors import ClusterError
+
+    assert d.cluster is not None
+    store = d.svc.store
+    engine = ClusterEngine(d.cluster)
+    committer = ClusterCommitter(store, engine)
+    store.committer = committer
+    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
+    await engine.start()
+    since = committer.subscribe()
+    interval = d.notifier.watchdog_interval()
+    async with anyio.create_task_group() as tg:
+        if interval:
+            tg.start_soon(_watchdog, d.notifier, interval)
+        try:
+            seq = await engine.catch_up(timeout=CATCH_UP_S)
+            log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
+        except ClusterError as e:
+            # Reads and subscriptions are served from the files; writes are refused until the
+            # engine has caught up (it keeps trying in the background).
+            log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
+        tg.cancel_scope.cancel()
+    return engine
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
@@ -98,11 +142,14 @@ async def _serve(d: Daemon) -> None:
 
     svc, store = d.svc, d.svc.store
     await store.start()  # changes replayed from the journal reach the files first
+    engine = await _join_cluster(d) if d.cluster is not None else None
     web = Web(svc)
     try:
         await web.start()
     except OSError as e:
         await store.close()
+        if engine is not None:
+            await engine.close()
         raise StartError(
             f"cannot listen on {svc.listen.host}:{svc.listen.port}: {e.strerror or e}"
         ) from None
@@ -139,6 +186,8 @@ async def _serve(d: Daemon) -> None:
             await web.shutdown()  # stop accepting; close bus clients with 1001
             await svc.sweeper.flush()  # heartbeats not yet on disk
             await store.close()  # finish in-flight changes; every change into the files
+            if engine is not None:
+                await engine.close()
             await svc.prober.aclose()
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s

@@ -184,4 +184,5 @@ def status(svc: Services) -> dict[str, Any]:
         "store": store.status(),
         "bus": svc.server_stats(),
         "projectx": svc.prober.projectx_status(),
+        **({"cluster": c} if (c := store.committer_status()) is not None else {}),
     }
