@@ -116,7 +116,10 @@ class ClusterCommitter:
     async def _commit_shared(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
         store, engine = self.store, self.engine
         first_revision: int | None = None
-        guarded: set[int] = set()  # requests given the first computation's revision
+        # Requests without their own If-Match: after a conflict they carry the revision of
+        # the first computation, and a refusal of that is answered `conflict`.
+        unguarded = {i for i, r in enumerate(requests) if r.if_match is None}
+        guarded: set[int] = set()
         for attempt in itertools.count(1):
             try:
                 engine.check_writable()
@@ -180,7 +183,7 @@ class ClusterCommitter:
                         f"catching up with another host's change: {exc or 'timed out'}"
                     )
                     return failed(requests, unavailable(why)), None
-                guarded = {i for i, r in enumerate(requests) if r.if_match is None}
+                guarded = unguarded
                 requests = [
                     r if r.if_match is not None else Request(r.op, r.source, first_revision)
                     for r in requests

@@ -1,0 +1,273 @@
+"""Cluster mode end to end: three real ctsd daemons (own data dirs and ports) on a real 3-node
+NATS JetStream cluster (tests/nats_cluster.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from tests.daemon import Daemon, wait_until
+from tests.nats_cluster import NatsCluster, require_nats_server
+from tests.test_bus import bus, conn_body
+
+pytestmark = pytest.mark.anyio
+
+require_nats_server()
+
+_names = itertools.count(1)
+LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
+
+
+@pytest.fixture(scope="module")
+def nats() -> Iterator[NatsCluster]:
+    with NatsCluster(3) as c:
+        yield c
+
+
+def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+class Hosts:
+    """Three daemons of one cluster (a fresh cluster name per test: a fresh stream)."""
+
+    def __init__(self, nats: NatsCluster, base: Path, publish_timeout_s: float = 5.0) -> None:
+        self.name = f"t{next(_names)}"
+        self.daemons: list[Daemon] = []
+        for i in range(3):
+            data_dir = base / f"host{i + 1}"
+            write_settings(
+                data_dir,
+                {
+                    "server": {"rate_limit": {"requests": 100000, "window_s": 1}},
+                    "cluster": {"publish_timeout_s": publish_timeout_s},
+                },
+            )
+            env = {
+                "CTSD_CLUSTER_NATS_URLS": ",".join(nats.urls),
+                "CTSD_CLUSTER_NAME": self.name,
+                "CTSD_HOST_ID": f"h{i + 1}",
+            }
+            self.daemons.append(Daemon(data_dir, env=env))
+
+    def start(self) -> Hosts:
+        for d in self.daemons:
+            d.start(timeout=60)
+        return self
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.close()
+
+
+@pytest.fixture
+def hosts(nats: NatsCluster, tmp_path: Path) -> Iterator[Hosts]:
+    h = Hosts(nats, tmp_path).start()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def read(d: Daemon, file: str) -> Any:
+    try:
+        return json.loads((d.data_dir / file).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def shared_state(d: Daemon) -> Any:
+    """connection-state.json without the fields each host keeps for itself."""
+    rows = read(d, STATE)
+    if rows is None:
+        return None
+    return [{k: v for k, v in r.items() if k not in LOCAL_STATE_FIELDS} for r in rows]
+
+
+def shared_files(d: Daemon) -> tuple[Any, Any, Any]:
+    return read(d, CONNECTIONS), shared_state(d), read(d, SYNC_LOG)
+
+
+def revision(d: Daemon) -> int:
+    status, body = d.http("/health")
+    assert status in (200, 503), body
+    return int(body["revision"])
+
+
+def converged(h: Hosts, at_least: int) -> bool:
+    """Every host at the same revision (>= at_least), with the same data files."""
+    files = [shared_files(d) for d in h.daemons]
+    log = files[0][2]
+    if not log or log[-1]["id"] < at_least:
+        return False
+    return all(f == files[0] for f in files[1:])
+
+
+# --- a change made on one host reaches every host -------------------------------------------
+
+
+async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts) -> None:
+    a, b, c = hosts.daemons
+    async with bus(a) as wa, bus(b) as sb, bus(c) as sc:
+        await sb.ok("subscribe")
+        await sc.ok("subscribe")
+        await wa.ok("connections.create", connection=conn_body("alpha", id="c1"))
+        await wa.ok("connections.update", connection_id="c1", changes={"name": "beta"})
+        for sub in (sb, sc):
+            got = await sub.events_until(2)
+            assert [(e["id"], e["action"]) for e in got] == [(1, "create"), (2, "update")]
+            assert all(e["data"]["host"] == "h1" for e in got)
+    wait_until(lambda: converged(hosts, 2), 20, what="the three hosts' files converged")
+    for d in hosts.daemons:
+        (row,) = read(d, CONNECTIONS)
+        assert row["name"] == "beta"
+        assert [e["id"] for e in read(d, SYNC_LOG)] == [1, 2]
+    # /health shows the cluster, the host and the lag
+    status, body = c.http("/health")
+    assert status == 200, body
+    cluster = body["checks"]["cluster"]
+    assert cluster["ok"] is True and cluster["host_id"] == "h3"
+    assert cluster["cluster"] == hosts.name and cluster["state"] == "connected"
+    wait_until(lambda: c.http("/health")[1]["checks"]["cluster"]["lag"] == 0, 10, what="lag 0")
+
+
+async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
+    """Every host writes the same records at once: each write is acknowledged or answered
+    `conflict`; afterwards every host holds the same files and every subscriber saw the same
+    events in the same order, without a gap or a duplicate."""
+    daemons = hosts.daemons
+    async with bus(daemons[0]) as w:
+        for i in range(4):
+            await w.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+    per_host = 40
+    results: dict[str, int] = {}
+    seen: list[list[dict[str, Any]]] = [[], [], []]
+
+    async def writer(host: int) -> None:
+        async with bus(daemons[host]) as b:
+            ids = []
+            for n in range(per_host):
+                changes = {"name": f"h{host}-{n}", "volume_factor": 1.0 + host + n / 100}
+                args = {"connection_id": f"k{n % 4}", "changes": changes, "sync": None}
+                ids.append(await b.send("connections.update", **args))
+            for msg_id in ids:
+                reply = await b.result(msg_id, timeout=60)
+                key = "ok" if reply["success"] else reply["error"]["code"]
+                results[key] = results.get(key, 0) + 1
+
+    async with bus(daemons[0]) as s0, bus(daemons[1]) as s1, bus(daemons[2]) as s2:
+        subs = (s0, s1, s2)
+        for s in subs:
+            await s.ok("subscribe", since=4)
+        async with anyio.create_task_group() as tg:
+            for host in range(3):
+                tg.start_soon(writer, host)
+        assert set(results) <= {"ok", "conflict"}, results
+        assert results.get("ok", 0) >= 1 and sum(results.values()) == 3 * per_host
+        final = 4 + results["ok"]
+        for s, out in zip(subs, seen, strict=True):
+            out.extend(await s.events_until(final, timeout=60))
+    orders = [
+        [(e["id"], e["action"], e["connection_id"], e["data"]["host"]) for e in s] for s in seen
+    ]
+    assert orders[0] == orders[1] == orders[2]
+    assert [o[0] for o in orders[0]] == list(range(5, final + 1))  # no gap, no duplicate
+    wait_until(lambda: converged(hosts, final), 30, what="the three hosts' files converged")
+    names = {r["id"]: r["name"] for r in read(daemons[0], CONNECTIONS)}
+    assert len(names) == 4
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
+    a, _, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body(id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    c.kill()  # SIGKILL
+    async with bus(a) as wa:
+        for i in range(2, 22):
+            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    # READY means caught up: no polling here
+    status, body = c.http("/health")
+    assert body["revision"] == 21, body
+    assert body["checks"]["cluster"]["lag"] == 0, body
+    status, rows = c.http("/api/settings/connections")
+    assert status == 200 and len(rows) == 21, rows
+    events = [e for e in c.log_events() if e.get("event") == "cluster_caught_up"]
+    assert events and events[-1]["applied_seq"] == 21, events
+    wait_until(lambda: converged(hosts, 21), 20, what="converged after the restart")
+
+
+@pytest.fixture
+def own_nats() -> Iterator[NatsCluster]:
+    """A NATS cluster of its own, for a test that stops nodes."""
+    with NatsCluster(3) as c:
+        yield c
+
+
+async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
+    own_nats: NatsCluster, tmp_path: Path
+) -> None:
+    h = Hosts(own_nats, tmp_path, publish_timeout_s=2.0).start()
+    try:
+        a, b, _ = h.daemons
+        async with bus(a) as wa:
+            await wa.ok("connections.create", connection=conn_body(id="c1"))
+        wait_until(lambda: converged(h, 1), 20, what="converged")
+        own_nats.kill(1)
+        own_nats.kill(2)  # one node of three left: no quorum for the stream
+        async with bus(a) as wa, bus(b) as rb:
+            with anyio.fail_after(15):
+                while True:
+                    reply = await wa.call(
+                        "connections.update", connection_id="c1", changes={"name": "x"}
+                    )
+                    if not reply["success"]:
+                        break
+            assert reply["error"]["code"] == "unavailable", reply
+            # refused promptly while it stays down
+            with anyio.fail_after(3):
+                err = await wa.err("connections.update", connection_id="c1", changes={"name": "y"})
+            assert err["code"] == "unavailable", err
+            # reads keep serving, on both hosts
+            rows = await rb.ok("connections.list")
+            assert [r["id"] for r in rows] == ["c1"]
+            assert rows[0]["name"] == "one"
+            wait_until(
+                lambda: a.http("/health")[1]["checks"]["cluster"]["ok"] is False,
+                20,
+                what="/health shows the cluster unavailable",
+            )
+            health = a.http("/health")[1]
+            assert health["checks"]["cluster"]["ok"] is False
+            assert health["checks"]["cluster"]["reason"]
+        own_nats.start_node(1)
+        own_nats.start_node(2)
+        async with bus(a) as wa:
+            with anyio.fail_after(60):
+                while True:
+                    reply = await wa.call(
+                        "connections.update", connection_id="c1", changes={"name": "back"}
+                    )
+                    if reply["success"]:
+                        break
+                    assert reply["error"]["code"] == "unavailable", reply
+                    await anyio.sleep(0.2)
+        wait_until(lambda: converged(h, 2), 30, what="converged after quorum returned")
+        assert read(h.daemons[2], CONNECTIONS)[0]["name"] == "back"
+        wait_until(lambda: a.http("/health")[1]["status"] == "ok", 20, what="healthy again")
+    finally:
+        h.close()
