@@ -271,3 +271,21 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
         wait_until(lambda: a.http("/health")[1]["status"] == "ok", 20, what="healthy again")
     finally:
         h.close()
+
+
+async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
+    a, b, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body("before", id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    rows = read(b, CONNECTIONS)
+    rows[0]["name"] = "edited on host 2"
+    (b.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    wait_until(
+        lambda: (read(c, CONNECTIONS) or [{}])[0].get("name") == "edited on host 2",
+        20,
+        what="the hand edit on host 2 reached host 3's file",
+    )
+    wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
+    (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
+    assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
