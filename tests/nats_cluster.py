@@ -267,7 +267,11 @@ class NatsCluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> NatsCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ is not called: never leave servers behind
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

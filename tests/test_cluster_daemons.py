@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats as nats_client
 import pytest
 
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.daemon import Daemon, wait_until
 from tests.nats_cluster import NatsCluster, require_nats_server
@@ -289,3 +291,44 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
     (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
     assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
+
+
+async def test_a_message_that_does_not_decode_is_never_applied(
+    nats: NatsCluster, hosts: Hosts
+) -> None:
+    """A message of the right cluster that is not a valid change: every host stops applying
+    there (degraded, writes refused), nothing of it reaches a file, no daemon crashes."""
+    a, b, _ = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body(id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    before = [shared_files(d) for d in hosts.daemons]
+    nc = await nats_client.connect(nats.urls)
+    try:
+        headers = {
+            H_CLUSTER: hosts.name,
+            H_SCHEMA: SCHEMA_VERSION,
+            H_HOST: "intruder",
+            H_MSG_ID: "intruder:1",
+        }
+        # Decodes as JSON, but the connection record is not valid: nothing of it may apply.
+        payload = b'{"connections": [["c9", {"id": 5}]]}'
+        await nc.jetstream().publish(f"ctsd.{hosts.name}.chg", payload, headers=headers)
+    finally:
+        await nc.close()
+
+    def stalled(d: Daemon) -> bool:
+        cluster = d.http("/health")[1]["checks"]["cluster"]
+        return cluster["state"] == "stalled" and cluster["stalled"] == "bad_message"
+
+    for d in hosts.daemons:
+        wait_until(lambda d=d: stalled(d), 20, what=f"{d.data_dir.name} stalled")
+        reason = d.http("/health")[1]["checks"]["cluster"]["reason"]
+        assert "seq 2" in reason and "intruder" in reason, reason
+    async with bus(b) as wb:
+        err = await wb.err("connections.update", connection_id="c1", changes={"name": "x"})
+        assert err["code"] == "unavailable", err
+        rows = await wb.ok("connections.list")  # reads go on
+        assert [r["id"] for r in rows] == ["c1"]
+    assert [shared_files(d) for d in hosts.daemons] == before
+    assert all(d.proc is not None and d.proc.poll() is None for d in hosts.daemons)

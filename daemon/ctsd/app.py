@@ -100,9 +100,9 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     return Daemon(svc, Watcher(store), Notifier(), cluster), lock
 
 
-async def _join_cluster(d: Daemon) -> Any:
+async def _join_cluster(d: Daemon) -> None:
     """Cluster mode: commit through the cluster and apply what the stream holds beyond this
-    host before READY. Returns the engine (closed at shutdown)."""
+    host before READY (the store closes the engine at shutdown)."""
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
     from ctsd.cluster.errors import ClusterError
@@ -127,7 +127,6 @@ async def _join_cluster(d: Daemon) -> Any:
             # engine has caught up (it keeps trying in the background).
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
         tg.cancel_scope.cancel()
-    return engine
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
@@ -142,14 +141,13 @@ async def _serve(d: Daemon) -> None:
 
     svc, store = d.svc, d.svc.store
     await store.start()  # changes replayed from the journal reach the files first
-    engine = await _join_cluster(d) if d.cluster is not None else None
+    if d.cluster is not None:
+        await _join_cluster(d)
     web = Web(svc)
     try:
         await web.start()
     except OSError as e:
-        await store.close()
-        if engine is not None:
-            await engine.close()
+        await store.close()  # closes the cluster engine too
         raise StartError(
             f"cannot listen on {svc.listen.host}:{svc.listen.port}: {e.strerror or e}"
         ) from None
@@ -185,9 +183,8 @@ async def _serve(d: Daemon) -> None:
         with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
             await web.shutdown()  # stop accepting; close bus clients with 1001
             await svc.sweeper.flush()  # heartbeats not yet on disk
-            await store.close()  # finish in-flight changes; every change into the files
-            if engine is not None:
-                await engine.close()
+            # Finish in-flight changes, close the cluster engine, every change into the files.
+            await store.close()
             await svc.prober.aclose()
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s

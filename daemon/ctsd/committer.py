@@ -33,6 +33,10 @@ class Committer(Protocol):
         """What /health and `ctsd status` show about the committer (None: nothing)."""
         ...
 
+    async def close(self) -> None:
+        """After the last group was committed, before the last files are written."""
+        ...
+
 
 def failed(requests: list[Request], err: CtsdError) -> list[Outcome]:
     return [Outcome(error=err) for _ in requests]
@@ -61,6 +65,9 @@ class LocalCommitter:
         return outcomes, lsn
 
     def status(self) -> dict[str, Any] | None:
+        return None
+
+    async def close(self) -> None:
         return None
 
 

@@ -214,6 +214,7 @@ class Store:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        await self.committer.close()  # cluster mode: no other host's change comes in after
         if self._checkpoints is not None:
             self.checkpointer.stop()
             await self._checkpoints

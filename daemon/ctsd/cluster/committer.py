@@ -275,6 +275,9 @@ class ClusterCommitter:
             documents.append(RecordChange(rc.key, value, fields))
         return msgspec.structs.replace(change, state=state, documents=documents)
 
+    async def close(self) -> None:
+        await self.engine.close()
+
     # --- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
