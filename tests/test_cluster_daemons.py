@@ -15,6 +15,7 @@ import pytest
 
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from tests.cli_helpers import clean_env, ctsd
 from tests.daemon import Daemon, wait_until
 from tests.nats_cluster import NatsCluster, require_nats_server
 from tests.test_bus import bus, conn_body
@@ -79,6 +80,11 @@ def hosts(nats: NatsCluster, tmp_path: Path) -> Iterator[Hosts]:
         h.close()
 
 
+def cli(d: Daemon, *args: str) -> Any:
+    env = clean_env(CTSD_TOKEN=d.token or "", CTSD_PORT=str(d.port))
+    return ctsd(*args, env=env)
+
+
 def read(d: Daemon, file: str) -> Any:
     try:
         return json.loads((d.data_dir / file).read_text())
@@ -139,6 +145,9 @@ async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts
     assert cluster["ok"] is True and cluster["host_id"] == "h3"
     assert cluster["cluster"] == hosts.name and cluster["state"] == "connected"
     wait_until(lambda: c.http("/health")[1]["checks"]["cluster"]["lag"] == 0, 10, what="lag 0")
+    r = cli(c, "status")
+    assert r.returncode == 0, r.stderr
+    assert f"cluster      {hosts.name} as h3: connected, applied seq 2 of 2 (lag 0)" in r.stdout
 
 
 async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
@@ -244,6 +253,8 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
             with anyio.fail_after(3):
                 err = await wa.err("connections.update", connection_id="c1", changes={"name": "y"})
             assert err["code"] == "unavailable", err
+            r = cli(a, "conn", "set", "c1", "name=z")
+            assert r.returncode == 1 and "unavailable" in r.stderr, (r.returncode, r.stderr)
             # reads keep serving, on both hosts
             rows = await rb.ok("connections.list")
             assert [r["id"] for r in rows] == ["c1"]
