@@ -255,6 +255,11 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
             assert err["code"] == "unavailable", err
             r = cli(a, "conn", "set", "c1", "name=z")
             assert r.returncode == 1 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+            # a hand edit meanwhile: kept in its file, taken in once the cluster is back
+            doc = read(a, "settings.json")
+            (a.data_dir / "settings.json").write_text(
+                json.dumps({**doc, "stale_after_s": 45}, indent=2) + "\n"
+            )
             # reads keep serving, on both hosts
             rows = await rb.ok("connections.list")
             assert [r["id"] for r in rows] == ["c1"]
@@ -279,7 +284,12 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
                         break
                     assert reply["error"]["code"] == "unavailable", reply
                     await anyio.sleep(0.2)
-        wait_until(lambda: converged(h, 2), 30, what="converged after quorum returned")
+        wait_until(
+            lambda: (read(h.daemons[2], "settings.json") or {}).get("stale_after_s") == 45,
+            30,
+            what="the hand edit made without quorum reached host 3",
+        )
+        wait_until(lambda: converged(h, 3), 30, what="converged after quorum returned")
         assert read(h.daemons[2], CONNECTIONS)[0]["name"] == "back"
         wait_until(lambda: a.http("/health")[1]["status"] == "ok", 20, what="healthy again")
     finally:

@@ -23,6 +23,7 @@ own `settings.json` keys `server` and `cluster`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ LOCAL_SOURCES = frozenset({"sweep"})  # heartbeats and the stale sweep stay on t
 LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
 LOCAL_SETTINGS_KEYS = ("server", "cluster")
 MAX_ATTEMPTS = 64  # a group computed again after conflicts; then answered `conflict`
+BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 LSNS_KEPT = 1024
 
 _encode = msgspec.json.Encoder().encode
@@ -69,6 +71,7 @@ class ClusterCommitter:
         self._install = asyncio.Lock()
         self._lsn_of: OrderedDict[int, int] = OrderedDict()  # stream seq → journal lsn
         self.conflicts = 0  # groups computed again after another host's change got in first
+        self._back: asyncio.Task[None] | None = None
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -76,7 +79,28 @@ class ClusterCommitter:
         """Apply the stream from where this host's journal and files are; returns that seq."""
         seq = self.store.journal.last_seq
         self.engine.subscribe_from(seq, self._apply)
+        self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
         return seq
+
+    async def _take_in_when_back(self) -> None:
+        """Hand edits refused while the cluster could not take changes are taken in once it
+        can again (the files differ from what the daemon last read)."""
+        writable = True
+        while True:
+            await asyncio.sleep(BACK_POLL_S)
+            try:
+                self.engine.check_writable()
+                now = self.engine.state == "connected"
+            except Unavailable:
+                now = False
+            if now and not writable:
+                log.info("cluster_back", reason="taking in hand edits made meanwhile")
+                for file in self.store.known_files():
+                    try:
+                        await self.store.ingest(file)
+                    except Exception:  # one file must not keep the others out
+                        log.exception("take_in_failed", file=file)
+            writable = now
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -276,6 +300,10 @@ class ClusterCommitter:
         return msgspec.structs.replace(change, state=state, documents=documents)
 
     async def close(self) -> None:
+        if self._back is not None:
+            self._back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._back
         await self.engine.close()
 
     # --- status ---------------------------------------------------------------------------------
