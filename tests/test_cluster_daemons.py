@@ -411,3 +411,25 @@ async def test_kill_9_during_a_storm_loses_no_acknowledged_change(hosts: Hosts) 
         updates = [e for e in log if e["connection_id"] == cid and e["action"] == "update"]
         assert n <= len(updates) - (cid == "s2-0") <= sent[cid], (cid, n, len(updates))
     assert rows["s2-0"]["name"] == "after"
+
+
+async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None:
+    """A host restarted without its journal applies the stream from its start: what its files
+    already hold is skipped, the rest applied; its sync log stays the same as the others'."""
+    a, _, c = hosts.daemons
+    async with bus(a) as wa:
+        for i in range(5):
+            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+    wait_until(lambda: converged(hosts, 5), 20, what="converged")
+    assert c.stop() == 0
+    (c.data_dir / ".journal").rename(c.data_dir / "journal.aside")
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c0", changes={"name": "later"})
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    health = c.http("/health")[1]
+    assert health["revision"] == 6 and health["checks"]["cluster"]["ok"] is True, health
+    wait_until(lambda: converged(hosts, 6), 20, what="converged")
+    skipped = [e for e in c.log_events() if e.get("event") == "cluster.already_held"]
+    assert len(skipped) == 5, skipped

@@ -242,7 +242,13 @@ class ClusterCommitter:
         change = _validated(change)
         committed = self.store.committed
         if change.events and change.log is None:
-            first = change.events[0].id
+            first, last = change.events[0].id, change.events[-1].id
+            if last <= committed.revision:
+                # The data files already hold it (their sync log has its events, and that
+                # file is written last): a journal that lost its last records, or was moved
+                # aside. Applying it again would fork the sync log.
+                log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
+                return
             if first != committed.revision + 1:
                 raise InvalidChange(
                     f"its first event has revision {first}, but this host is at revision "
