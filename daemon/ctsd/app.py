@@ -38,7 +38,7 @@ log = structlog.get_logger("ctsd.app")
 SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
 # Cluster mode: how long the start waits to apply what the stream holds before READY; past
 # it the daemon serves its files and refuses writes until it has caught up.
-CATCH_UP_S = float(os.environ.get("CTSD_CLUSTER_CATCH_UP_S") or 60.0)
+CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
 
 
 class StartError(Exception):
@@ -88,6 +88,7 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         token = load_token(data_dir)
         assert token is not None
         cluster = load_cluster_settings(store.documents.get("settings"))
+        _catch_up_s()
     except ClusterConfigError as e:
         lock.release()
         raise StartError(f"cluster settings: {e}") from None
@@ -98,6 +99,17 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
     return Daemon(svc, Watcher(store), Notifier(), cluster), lock
+
+
+def _catch_up_s() -> float:
+    raw = os.environ.get("CTSD_CLUSTER_CATCH_UP_S", "").strip()
+    try:
+        value = float(raw) if raw else CATCH_UP_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ClusterConfigError(f"CTSD_CLUSTER_CATCH_UP_S={raw!r}: expected seconds, 0 < s ≤ 3600")
+    return value
 
 
 async def _join_cluster(d: Daemon) -> None:
@@ -120,7 +132,7 @@ async def _join_cluster(d: Daemon) -> None:
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
         try:
-            seq = await engine.catch_up(timeout=CATCH_UP_S)
+            seq = await engine.catch_up(timeout=_catch_up_s())
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused until the
