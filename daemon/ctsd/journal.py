@@ -238,15 +238,17 @@ class Journal:
 
     # --- appending -------------------------------------------------------------------------
 
-    def append(self, change: Change, seq: int | None = None) -> int:
+    def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int:
         """Append one group's change (with its cluster stream seq, if any) and make it
         durable; returns its lsn. On any error nothing is left appended (the file is cut
-        back) and the error is raised."""
+        back) and the error is raised. `sync=False` (a change the cluster's stream already
+        holds durably) leaves the fdatasync to the next synced append or cut."""
         lsn = self.lsn + 1
         data = frame(_encode(Record(lsn, change, seq)))
         try:
             os.pwrite(self.fd, data, self.end)
-            os.fdatasync(self.fd)
+            if sync:
+                os.fdatasync(self.fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.end)

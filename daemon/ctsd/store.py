@@ -18,6 +18,7 @@ through the checkpointer; the files come in through the intake.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -295,9 +296,13 @@ class Store:
         return Context(now_iso(), frozenset(self.problems), self.heartbeats)
 
     async def append(self, change: Change, seq: int | None = None) -> int:
-        """Journal `change` (with its cluster stream seq, if any) durably; its lsn."""
+        """Journal `change` durably; its lsn. With a cluster stream `seq`, the stream's
+        replicas hold it durably already: it is written without an fdatasync of its own (a
+        host that loses it re-applies it from the stream)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io, self.journal.append, change, seq)
+        return await loop.run_in_executor(
+            self._io, functools.partial(self.journal.append, change, seq, sync=seq is None)
+        )
 
     def install(self, change: Change, lsn: int) -> None:
         """A journalled change into memory (and onto the checkpointer's list)."""
