@@ -16,7 +16,7 @@ import pytest
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.cli_helpers import clean_env, ctsd
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, free_port, wait_until
 from tests.nats_cluster import NatsCluster, require_nats_server
 from tests.test_bus import bus, conn_body
 
@@ -433,3 +433,34 @@ async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None
     wait_until(lambda: converged(hosts, 6), 20, what="converged")
     skipped = [e for e in c.log_events() if e.get("event") == "cluster.already_held"]
     assert len(skipped) == 5, skipped
+
+
+async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
+    tmp_path: Path,
+) -> None:
+    """A wrong URL (nothing listens): the daemon becomes READY after the catch-up wait, reads
+    serve from its files, writes answer `unavailable`, /health says why."""
+    data_dir = tmp_path / "alone"
+    write_settings(data_dir, {"cluster": {"publish_timeout_s": 1.0}})
+    env = {
+        "CTSD_CLUSTER_NATS_URLS": f"nats://127.0.0.1:{free_port()}",
+        "CTSD_CLUSTER_NAME": "nowhere",
+        "CTSD_HOST_ID": "h1",
+        "CTSD_CLUSTER_CATCH_UP_S": "2",
+    }
+    d = Daemon(data_dir, env=env).start(timeout=30)
+    try:
+        status, health = d.http("/health")
+        assert health["status"] == "degraded", (status, health)
+        cluster = health["checks"]["cluster"]
+        assert cluster["ok"] is False and "cannot connect to NATS" in cluster["reason"], cluster
+        async with bus(d) as b:
+            err = await b.err("connections.create", connection=conn_body(id="c1"))
+            assert err["code"] == "unavailable", err
+            assert await b.ok("connections.list") == []
+        status, body = d.http("/api/settings/connections")
+        assert status == 200 and body == [], body
+        warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
+        assert warned, d.stdout()[-2000:]
+    finally:
+        d.close()
