@@ -17,7 +17,11 @@ from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.cli_helpers import clean_env, ctsd
 from tests.daemon import Daemon, free_port, wait_until
-from tests.nats_cluster import NatsCluster, require_nats_server
+from tests.nats_cluster import (  # the `nats` fixture
+    NatsCluster,
+    nats_module_cluster,  # noqa: F401
+    require_nats_server,
+)
 from tests.test_bus import bus, conn_body
 
 pytestmark = pytest.mark.anyio
@@ -26,12 +30,6 @@ require_nats_server()
 
 _names = itertools.count(1)
 LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
-
-
-@pytest.fixture(scope="module")
-def nats() -> Iterator[NatsCluster]:
-    with NatsCluster(3) as c:
-        yield c
 
 
 def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:

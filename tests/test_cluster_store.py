@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,19 +20,17 @@ from ctsd.cluster.messages import Change
 from ctsd.errors import CtsdError
 from ctsd.store import Store
 from tests.daemon import wait_until_async
-from tests.nats_cluster import NatsCluster, require_nats_server
+from tests.nats_cluster import (  # the `nats` fixture
+    NatsCluster,
+    nats_module_cluster,  # noqa: F401
+    require_nats_server,
+)
 
 pytestmark = pytest.mark.anyio
 
 require_nats_server()
 
 _names = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def nats() -> Iterator[NatsCluster]:
-    with NatsCluster(3) as c:
-        yield c
 
 
 @asynccontextmanager
