@@ -28,6 +28,15 @@ opaque bytes of `--size`, no store code yet):
                            `apply_own`: the ceiling of the optimistic-concurrency design
                            (target of the full ctsd path: ≥ 5,000 changes/s)
 
+The full ctsd path: three `ctsd serve` daemons (own data dirs and ports) in cluster mode on
+the same NATS cluster, clients on the bus:
+  (g) ctsd A → B           `connections.update` sent to daemon A until the event reaches a
+                           subscriber on daemon B, sequential, p50/p99 and × floor (b)
+                           (targets: p99 ≤ 2 ms and ≤ 3 × floor (b))
+  (h) ctsd changes/s       64 bus clients spread over the 3 daemons, each updating its own
+                           connection for `--seconds`: acknowledged changes/s (target
+                           ≥ 5,000/s), and how many were answered `conflict`
+
 Not a test: numbers depend on the machine and on what else runs (the 1-minute load average
 is printed before and after).
 """
@@ -36,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -43,18 +54,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
+sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
 
 import nats  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig  # noqa: E402
 from tests.nats_cluster import NatsCluster  # noqa: E402
 
+from common import HEADERS, Call, auth_and, daemon, open_many  # noqa: E402
 from ctsd.cluster.config import ClusterSettings  # noqa: E402
 from ctsd.cluster.engine import ClusterEngine  # noqa: E402
 from ctsd.cluster.errors import Conflict  # noqa: E402
 from ctsd.cluster.messages import Change  # noqa: E402
 
 Row = tuple[str, str, str, str]
+FLOOR: dict[str, float] = {}  # floor (b), for the ratios of (g)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -131,6 +144,7 @@ async def floors(cluster: NatsCluster, rounds: int, seconds: float, size: int) -
     rate = done / (time.perf_counter() - t0)
     await pub.close()
     await sub_nc.close()
+    FLOOR["b50"], FLOOR["b99"] = pct(deliveries, 0.5), pct(deliveries, 0.99)
     return [
         lat_row("(a) raw publish → ack", acks),
         lat_row("(b) raw publish → consumer", deliveries, "other connection"),
@@ -264,6 +278,96 @@ async def engine_rate(cluster: NatsCluster, seconds: float, size: int, own: bool
     ]
 
 
+# --- the full ctsd path ----------------------------------------------------------------------
+
+
+async def ctsd_path(cluster: NatsCluster, rounds: int, seconds: float, where: Path) -> list[Row]:
+    with contextlib.ExitStack() as stack:
+        urls = [
+            stack.enter_context(
+                daemon(
+                    where,
+                    {
+                        "CTSD_CLUSTER_NATS_URLS": ",".join(cluster.urls),
+                        "CTSD_CLUSTER_NAME": "bench",
+                        "CTSD_HOST_ID": f"bench-{i + 1}",
+                    },
+                )
+            ).ws_url
+            for i in range(3)
+        ]
+        return await _latency(urls, rounds) + await _rate(urls, seconds)
+
+
+async def _latency(urls: list[str], rounds: int) -> list[Row]:
+    ws_a = (await open_many(urls[0], 1, HEADERS))[0]
+    ws_b = (await open_many(urls[1], 1, HEADERS))[0]
+    await asyncio.gather(auth_and(ws_a, None), auth_and(ws_b, None))
+    a, b = Call(ws_a), Call(ws_b)
+    await a("connections.create", connection={"id": "lat", "name": "lat", "exchange": "bybit"})
+    await b("subscribe", connection_ids=["lat"])
+
+    async def event_at_b() -> float:
+        while True:
+            msg = json.loads(await ws_b.recv())
+            if msg.get("type") == "events":
+                return time.perf_counter()
+
+    out = []
+    for k in range(rounds + 20):
+        t0 = time.perf_counter()
+        seen = asyncio.ensure_future(event_at_b())
+        await a("connections.update", connection_id="lat", changes={"user_id": k + 2})
+        t1 = await asyncio.wait_for(seen, 10)
+        if k >= 20:
+            out.append(t1 - t0)
+    await asyncio.gather(ws_a.close(), ws_b.close())
+    p50, p99 = pct(out, 0.5), pct(out, 0.99)
+    ratio = ""
+    if FLOOR:
+        ratio = f"{p50 / FLOOR['b50']:.2f}/{p99 / FLOOR['b99']:.2f} × floor (b) (p50/p99)"
+    return [lat_row("(g) ctsd update on A → subscriber on B", out, ratio)]
+
+
+async def _rate(urls: list[str], seconds: float) -> list[Row]:
+    clients = []
+    for w in range(64):
+        clients += await open_many(urls[w % 3], 1, HEADERS)
+    await asyncio.gather(*(auth_and(ws, None) for ws in clients))
+    for w, ws in enumerate(clients):
+        conn = {"id": f"r{w}", "name": f"r{w}", "exchange": "bybit"}
+        await Call(ws)("connections.create", connection=conn)
+    counts = {"ok": 0}
+    end = time.perf_counter() + seconds
+
+    async def writer(w: int) -> None:
+        ws, k = clients[w], 1000  # above the ids the set-up calls used
+        while time.perf_counter() < end:
+            k += 1
+            frame = {"id": k, "type": "connections.update", "connection_id": f"r{w}"}
+            await ws.send(json.dumps({**frame, "changes": {"user_id": k + 1}}))
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("type") == "result" and msg.get("id") == k:
+                    break
+            key = "ok" if msg["success"] else msg["error"]["code"]
+            counts[key] = counts.get(key, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(64)))
+    elapsed = time.perf_counter() - t0
+    await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+    refused = ", ".join(f"{v:,} {k}" for k, v in counts.items() if k != "ok") or "none refused"
+    return [
+        (
+            "(h) ctsd 64 clients over 3 daemons",
+            f"{counts['ok'] / elapsed:,.0f}/s",
+            "",
+            f"{counts['ok']:,} acknowledged; {refused}",
+        )
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=300, help="samples per latency (default 300)")
@@ -281,6 +385,7 @@ def main() -> None:
             rows += await engine_latency(cluster, args.rounds, args.size)
             rows += await engine_rate(cluster, args.seconds, args.size, own=True)
             rows += await engine_rate(cluster, args.seconds, args.size, own=False)
+            rows += await ctsd_path(cluster, args.rounds, args.seconds, workdir)
             return rows
 
         rows = asyncio.run(run())

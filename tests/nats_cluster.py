@@ -22,8 +22,11 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from tests.daemon import free_port, wait_until
 
@@ -49,8 +52,6 @@ def nats_server_binary() -> str | None:
 
 def require_nats_server() -> str:
     """The binary, or skip the calling test module (fail instead under CTSD_REQUIRE_NATS)."""
-    import pytest
-
     binary = nats_server_binary()
     if binary:
         return binary
@@ -58,6 +59,13 @@ def require_nats_server() -> str:
         raise RuntimeError(f"nats-server is required here ({REQUIRE_ENV}) and cannot be installed")
     pytest.skip("nats-server is not installed and cannot be installed", allow_module_level=True)
     raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module", name="nats")
+def nats_module_cluster() -> Iterator[NatsCluster]:
+    """A 3-node cluster shared by a test module (import this, ask for `nats`)."""
+    with NatsCluster(3) as c:
+        yield c
 
 
 class NodeExited(AssertionError):
@@ -267,7 +275,11 @@ class NatsCluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> NatsCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ is not called: never leave servers behind
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -2,8 +2,9 @@
 under one task group; start-up, readiness, signals and shutdown.
 
     data dir → lock → store (load every file, replay the journal) → token → prober, sweeper,
-    watcher → web (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed
-    → store closes (every change in the files) → exit
+    watcher → [cluster mode: connect, apply what the stream holds beyond this host] → web
+    (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed → store
+    closes (every change in the files) → [the cluster connection closes] → exit
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import structlog
 
 from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
+from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
 from ctsd.lock import InstanceLock
@@ -36,6 +38,9 @@ from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
 SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
+# Cluster mode: how long the start waits to apply what the stream holds before READY; past
+# it the daemon serves its files and refuses writes until it has caught up.
+CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
 
 
 class StartError(Exception):
@@ -47,13 +52,18 @@ class Daemon:
     svc: Services
     watcher: Watcher
     notifier: Notifier
+    cluster: ClusterSettings | None = field(default=None)
 
     def status_line(self) -> str:
         s = self.svc.store
-        return (
+        line = (
             f"{len(s.connections)} connections, revision {s.revision}, "
             f"{len(s.problems)} invalid files"
         )
+        cluster = s.committer_status()
+        if cluster is not None:
+            line += f", cluster {cluster['cluster']} {cluster['state']} (lag {cluster['lag']})"
+        return line
 
 
 def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon, InstanceLock]:
@@ -81,16 +91,61 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         listen = resolve_listen(host, port, store.settings)
         token = load_token(data_dir)
         assert token is not None
+        cluster = load_cluster_settings(store.documents.get("settings"))
+        _catch_up_s()
     except StartError:
         lock.release()
         raise
+    except ClusterConfigError as e:
+        lock.release()
+        raise StartError(f"cluster settings: {e}") from None
     except (OSError, CtsdError, ValueError) as e:
         lock.release()
         raise StartError(f"start failed: {getattr(e, 'message', None) or e}") from None
     prober = Prober(store)
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
-    return Daemon(svc, Watcher(store), Notifier()), lock
+    return Daemon(svc, Watcher(store), Notifier(), cluster), lock
+
+
+def _catch_up_s() -> float:
+    raw = os.environ.get("CTSD_CLUSTER_CATCH_UP_S", "").strip()
+    try:
+        value = float(raw) if raw else CATCH_UP_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ClusterConfigError(f"CTSD_CLUSTER_CATCH_UP_S={raw!r}: expected seconds, 0 < s ≤ 3600")
+    return value
+
+
+async def _join_cluster(d: Daemon) -> None:
+    """Cluster mode: commit through the cluster and apply what the stream holds beyond this
+    host before READY (the store closes the engine at shutdown)."""
+    from ctsd.cluster.committer import ClusterCommitter
+    from ctsd.cluster.engine import ClusterEngine
+    from ctsd.cluster.errors import ClusterError
+
+    assert d.cluster is not None
+    store = d.svc.store
+    engine = ClusterEngine(d.cluster)
+    committer = ClusterCommitter(store, engine)
+    store.committer = committer
+    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
+    await engine.start()
+    since = committer.subscribe()
+    interval = d.notifier.watchdog_interval()
+    async with anyio.create_task_group() as tg:
+        if interval:
+            tg.start_soon(_watchdog, d.notifier, interval)
+        try:
+            seq = await engine.catch_up(timeout=_catch_up_s())
+            log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
+        except ClusterError as e:
+            # Reads and subscriptions are served from the files; writes are refused until the
+            # engine has caught up (it keeps trying in the background).
+            log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
+        tg.cancel_scope.cancel()
 
 
 def _secrets_box(data_dir: Path) -> SecretBox:
@@ -125,11 +180,13 @@ async def _serve(d: Daemon) -> None:
 
     svc, store = d.svc, d.svc.store
     await store.start()  # changes replayed from the journal reach the files first
+    if d.cluster is not None:
+        await _join_cluster(d)
     web = Web(svc)
     try:
         await web.start()
     except OSError as e:
-        await store.close()
+        await store.close()  # closes the cluster engine too
         raise StartError(
             f"cannot listen on {svc.listen.host}:{svc.listen.port}: {e.strerror or e}"
         ) from None
@@ -165,7 +222,8 @@ async def _serve(d: Daemon) -> None:
         with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
             await web.shutdown()  # stop accepting; close bus clients with 1001
             await svc.sweeper.flush()  # heartbeats not yet on disk
-            await store.close()  # finish in-flight changes; every change into the files
+            # Finish in-flight changes, close the cluster engine, every change into the files.
+            await store.close()
             await svc.prober.aclose()
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s

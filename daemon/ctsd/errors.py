@@ -18,6 +18,7 @@ ErrorCode = Literal[
     "revision_compacted",
     "io_error",
     "internal",
+    "unavailable",  # cluster mode: the cluster cannot take changes now (HTTP 503)
     # HTTP only: a failed `If-Match`, and refusals made before any command is named.
     "precondition_failed",
     "forbidden",

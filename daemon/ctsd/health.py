@@ -43,6 +43,9 @@ def health(svc: Services) -> dict[str, Any]:
         "files": files,
         "checkpoint": journal,
     }
+    cluster = store.committer_status()  # cluster mode: the engine's state and this host's lag
+    if cluster is not None:
+        checks["cluster"] = cluster
     ok = all(c["ok"] for c in checks.values())
     return {
         "status": "ok" if ok else "degraded",

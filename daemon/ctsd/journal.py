@@ -2,8 +2,13 @@
 fdatasync'ed, long before the data files are rewritten (the checkpointer does that, coalescing).
 
     frame   = length (u32, little-endian) · crc32 of the payload (u32) · payload
-    payload = JSON: the first frame is the header {"journal": "ctsd", "version", "base_revision"},
-              every other one a record {"lsn", "change"} (one group of changes: `core.Change`)
+    payload = JSON: the first frame is the header {"journal": "ctsd", "version", "base_revision",
+              "stream_seq"}, every other one a record {"lsn", "change", "seq"} (one group of
+              changes: `core.Change`)
+
+In cluster mode a record also carries `seq`, the cluster stream sequence of its change, and
+the header `stream_seq`, the highest stream sequence the data files already hold: together
+they tell a restarted daemon where to resume applying the stream.
 
 The header's `base_revision` is the revision the data files had when this journal was begun;
 files at a lower revision (another dir's journal, a restored backup) are refused. A frame
@@ -25,7 +30,7 @@ import struct
 import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -40,15 +45,17 @@ _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 
 
-class Header(msgspec.Struct, forbid_unknown_fields=True):
+class Header(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     journal: str
     version: int
     base_revision: int
+    stream_seq: int = 0  # cluster mode: the stream seq the data files hold everything up to
 
 
-class Record(msgspec.Struct, forbid_unknown_fields=True):
+class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     lsn: int
     change: Change
+    seq: int | None = None  # cluster mode: the change's stream seq (None: a local change)
 
 
 class JournalError(Exception):
@@ -62,6 +69,7 @@ class Recovered:
     changes: list[Change]
     dropped_bytes: int = 0  # a torn tail (never acknowledged)
     base_revision: int = 0
+    stream_seq: int = 0  # cluster mode: the highest stream seq the files and journal hold
 
 
 _encode = msgspec.json.Encoder().encode
@@ -120,6 +128,8 @@ class Scan:
     changes: list[Change]
     offsets: list[tuple[int, int]]  # (lsn, end offset) of each record
     good_end: int  # where the good frames end; after it, a torn tail
+    stream_seq: int = 0  # the header's
+    seqs: dict[int, int] = field(default_factory=dict)  # lsn → stream seq (cluster records)
 
 
 EventMark = tuple[str, str]  # (created_at, action): enough to tell two events apart
@@ -171,7 +181,7 @@ def scan_journal(
             f"at revision {files_revision}: it belongs to other files (a copied or restored "
             "data dir?); move it aside to start from the files as they are"
         )
-    scan = Scan(header.base_revision, frames[0][0], [], [], good_end)
+    scan = Scan(header.base_revision, frames[0][0], [], [], good_end, header.stream_seq)
     # Events the files' sync log should hold already (a checkpoint that the crash stopped
     # before the journal was cut): a journal of other files holds other events there.
     written: dict[int, EventMark] = {}
@@ -182,6 +192,8 @@ def scan_journal(
             raise JournalError(f"{what}: a record does not decode ({e})") from None
         scan.changes.append(rec.change)
         scan.offsets.append((rec.lsn, end))
+        if rec.seq is not None:
+            scan.seqs[rec.lsn] = rec.seq
         if rec.change.log is not None:
             written.clear()  # the history was replaced (edited by hand): compare from here
         written.update((e.id, (e.created_at, e.action)) for e in rec.change.events)
@@ -206,6 +218,13 @@ class Journal:
         self.lsn = 0  # the last record's
         self.offsets: deque[tuple[int, int]] = deque()  # (lsn, end offset) of each record
         self.base_revision = 0
+        self.stream_seq = 0  # the header's: what the data files hold of the cluster stream
+        self.seqs: dict[int, int] = {}  # lsn → stream seq of the records kept (cluster mode)
+
+    @property
+    def last_seq(self) -> int:
+        """The highest cluster stream seq this journal and the files it covers hold."""
+        return max(self.stream_seq, max(self.seqs.values(), default=0))
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -244,6 +263,8 @@ class Journal:
         if scan is None:
             return self._begin(files_revision)
         self.base_revision = scan.base_revision
+        self.stream_seq = scan.stream_seq
+        self.seqs = dict(scan.seqs)
         self.header_end = scan.header_end
         for lsn, end in scan.offsets:
             self.lsn = lsn
@@ -253,12 +274,12 @@ class Journal:
         if dropped:
             os.ftruncate(self.fd, scan.good_end)  # the torn tail was never acknowledged
             os.fsync(self.fd)
-        return Recovered(scan.changes, dropped, scan.base_revision)
+        return Recovered(scan.changes, dropped, scan.base_revision, self.last_seq)
 
     def _begin(self, files_revision: int | None) -> Recovered:
         """A new journal holding only its header."""
         base_revision = files_revision or 0
-        header = frame(_encode(Header("ctsd", VERSION, base_revision)))
+        header = frame(_encode(Header("ctsd", VERSION, base_revision, self.stream_seq)))
         self._replace(header, len(header))
         self.offsets.clear()
         self.base_revision = base_revision
@@ -266,14 +287,17 @@ class Journal:
 
     # --- appending -------------------------------------------------------------------------
 
-    def append(self, change: Change) -> int:
-        """Append one group's change and make it durable; returns its lsn. On any error
-        nothing is left appended (the file is cut back) and the error is raised."""
+    def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int:
+        """Append one group's change (with its cluster stream seq, if any) and make it
+        durable; returns its lsn. On any error nothing is left appended (the file is cut
+        back) and the error is raised. `sync=False` (a change the cluster's stream already
+        holds durably) leaves the fdatasync to the next synced append or cut."""
         lsn = self.lsn + 1
-        data = frame(_encode(Record(lsn, change)))
+        data = frame(_encode(Record(lsn, change, seq)))
         try:
             os.pwrite(self.fd, data, self.end)
-            os.fdatasync(self.fd)
+            if sync:
+                os.fdatasync(self.fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.end)
@@ -281,6 +305,8 @@ class Journal:
         self.end += len(data)
         self.lsn = lsn
         self.offsets.append((lsn, self.end))
+        if seq is not None:
+            self.seqs[lsn] = seq
         return lsn
 
     # --- compacting ------------------------------------------------------------------------
@@ -291,17 +317,20 @@ class Journal:
         checkpointer could not write (invalid on disk): it is kept, as the new first record."""
         cut = None
         while self.offsets and self.offsets[0][0] <= upto:
-            cut = self.offsets.popleft()[1]
+            lsn, cut = self.offsets.popleft()
+            seq = self.seqs.pop(lsn, None)
+            if seq is not None:
+                self.stream_seq = max(self.stream_seq, seq)
         if cut is None and carry is None:
             return  # nothing to drop
         tail_start = cut if cut is not None else self.header_end
-        if tail_start == self.end and carry is None:
+        header = frame(_encode(Header("ctsd", VERSION, base_revision, self.stream_seq)))
+        if tail_start == self.end and carry is None and self.stream_seq == 0:
             os.ftruncate(self.fd, self.header_end)  # the usual case: everything is written
             os.fdatasync(self.fd)
             self.end = self.header_end
             return
         tail = os.pread(self.fd, self.end - tail_start, tail_start)
-        header = frame(_encode(Header("ctsd", VERSION, base_revision)))
         body = [header]
         if carry is not None:
             body.append(frame(_encode(Record(0, carry))))

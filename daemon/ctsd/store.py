@@ -1,12 +1,16 @@
 """The store: the one door every change goes through, around the pure core.
 
-    submit(op) → group commit: core.apply_group → journal append + fdatasync → install in
-    memory → publish the events → answer (with `sync: files`, once the files hold it too)
+    submit(op) → group commit (the committer): core.apply_group → journal append + fdatasync
+    → install in memory → publish the events → answer (with `sync: files`, once the files
+    hold it too)
 
 Changes arrive as ops (`ops.py`) from the bus, HTTP, the CLI, the watcher (hand edits), the
 sweeps and the probes. One writer task takes every change queued while the previous append
 was in flight and journals them together (group commit); each caller is answered once its
-own change is durable. A change that fails validation fails alone; an append that fails
+own change is durable. How a group is made durable is the committer's (`committer.py`): the
+journal on one host, the cluster's stream and then the journal in cluster mode, where
+changes other hosts made arrive through `install` and `publish` too. A change that fails
+validation fails alone; an append that fails
 (disk full, read-only) fails the group and memory stays as it was. The data files follow
 through the checkpointer; the files come in through the intake.
 """
@@ -14,6 +18,7 @@ through the checkpointer; the files come in through the intake.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,17 +31,8 @@ import structlog
 
 from ctsd import ops
 from ctsd.checkpoint import Checkpointer
-from ctsd.core import (
-    Change,
-    Committed,
-    Context,
-    Op,
-    Outcome,
-    Request,
-    apply_group,
-    loaded_files,
-    replayed,
-)
+from ctsd.committer import Committer, LocalCommitter
+from ctsd.core import Change, Committed, Context, Op, Outcome, Request, loaded_files, replayed
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
@@ -99,6 +95,8 @@ class Store:
         self.notice_listeners: list[NoticeListener] = []
         self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
         self.watch_again: Callable[[str], None] = lambda _file: None  # set by the watcher
+        # How a group is made durable: the journal here, or the cluster (set by the app).
+        self.committer: Committer = LocalCommitter(self)
 
     # --- reads (committed memory) ----------------------------------------------------------------
 
@@ -180,6 +178,10 @@ class Store:
         """Every secret re-encrypted under `new_box`'s key: one change through the door."""
         return await self.submit(ops.rekey(new_box), source, sync="files")
 
+    def committer_status(self) -> dict[str, Any] | None:
+        """The cluster's part of /health and `status` (None on one host)."""
+        return self.committer.status()
+
     # --- start and stop --------------------------------------------------------------------------
 
     def open(self) -> int:
@@ -237,6 +239,7 @@ class Store:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        await self.committer.close()  # cluster mode: no other host's change comes in after
         if self._checkpoints is not None:
             self.checkpointer.stop()
             await self._checkpoints
@@ -272,7 +275,6 @@ class Store:
         return await fut
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -280,7 +282,7 @@ class Store:
             batch = [p for p in batch if not p.future.done()]  # callers gone: skip
             if batch:
                 try:
-                    await self._commit(batch, loop)
+                    await self._commit(batch)
                 except Exception as e:  # never let the writer die: fail the group, go on
                     log.exception("commit_failed")
                     for p in batch:
@@ -288,34 +290,13 @@ class Store:
             if self._closing and not self._pending:
                 return
 
-    async def _commit(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+    async def _commit(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()
-        sealer = Sealer(self.box)
-        ctx = Context(now_iso(), frozenset(self.problems), self.heartbeats, sealer)
-        outcomes, change = apply_group(self.committed, [p.request for p in batch], ctx)
-        lsn: int | None = None
-        if not change.empty:
-            try:
-                lsn = await loop.run_in_executor(self._io, self.journal.append, change)
-            except OSError as e:
-                err = CtsdError(
-                    "io_error",
-                    f"journal write failed: {e.strerror or e}; nothing was changed",
-                )
-                log.error("journal_append_failed", error=str(e))
-                for p in batch:
-                    _fail(p.future, err)
-                return
-            self.install(change, lsn)
-            if sealer.rotated is not None:  # a rekey is durable: seal under its key from now on
-                self.box = sealer.rotated
+        outcomes, lsn = await self.committer.commit([p.request for p in batch])
         if lsn is not None:
             elapsed = time.perf_counter() - t0
             for cb in self.on_commit:
                 cb(elapsed, sum(1 for o in outcomes if o.error is None))
-        for out in outcomes:
-            if out.events:
-                self.publish(out.events)
         for p, out in zip(batch, outcomes, strict=True):
             if p.future.done():
                 continue
@@ -334,13 +315,31 @@ class Store:
             extra={"file": file},
         )
 
-    def install(self, change: Change, lsn: int) -> None:
-        """A journalled change into memory (and onto the checkpointer's list)."""
+    def context(self) -> Context:
+        """What the core is told for the next group: the time, invalid files, heartbeats, and
+        the sealer that puts secrets in their stored form under the current key."""
+        return Context(now_iso(), frozenset(self.problems), self.heartbeats, Sealer(self.box))
+
+    async def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int:
+        """Journal `change`; its lsn. `sync=False` (a change another host made, which the
+        cluster's stream holds durably and this host acknowledges to nobody): written without
+        an fdatasync of its own; a host that loses it re-applies it from the stream."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._io, functools.partial(self.journal.append, change, seq, sync=sync)
+        )
+
+    def install(self, change: Change, lsn: int, ctx: Context | None = None) -> None:
+        """A journalled change into memory (and onto the checkpointer's list). `ctx`: the
+        context the change was computed in; a rekey in it is durable now, so secrets are
+        sealed under its key from here on."""
         self.committed.apply(change)
         for rc in change.connections:
             if rc.value is None:
                 self.heartbeats.pop(rc.key, None)
         self.checkpointer.changed(change, lsn)
+        if ctx is not None and ctx.sealer is not None and ctx.sealer.rotated is not None:
+            self.box = ctx.sealer.rotated
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         loop = asyncio.get_running_loop()

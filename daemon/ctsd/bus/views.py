@@ -185,4 +185,5 @@ def status(svc: Services) -> dict[str, Any]:
         "bus": svc.server_stats(),
         "projectx": svc.prober.projectx_status(),
         "secrets": store.secrets_status(),
+        **({"cluster": c} if (c := store.committer_status()) is not None else {}),
     }

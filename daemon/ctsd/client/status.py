@@ -70,6 +70,16 @@ def render_status(result: Any, target: Target) -> str:
             if sec.get("encrypted")
             else "secrets      NOT encrypted at rest (no key configured; see `ctsd secrets init`)"
         )
+    cluster = rest.pop("cluster", None)
+    if isinstance(cluster, dict):
+        line = (
+            f"cluster      {cell(cluster.get('cluster'))} as {cell(cluster.get('host_id'))}: "
+            f"{cell(cluster.get('state'))}, applied seq {cell(cluster.get('applied_seq'))} of "
+            f"{cell(cluster.get('stream_last_seq'))} (lag {cell(cluster.get('lag'))})"
+        )
+        if cluster.get("reason"):
+            line += f": {safe(cluster['reason'])}"
+        lines.append(line)
     px = rest.pop("projectx", None)
     if isinstance(px, dict):
         text = ", ".join(

@@ -50,6 +50,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
     StreamState,
 )
 
@@ -391,7 +392,12 @@ class ClusterEngine:
                 )
                 continue
             self._note_stream(info.state)
-            if self._state == "unavailable":
+            # The stream's remaining node may still answer stream info while it has no
+            # quorum: writes then fail, and /health must say so.
+            no_quorum = _no_quorum(info)
+            if no_quorum:
+                self._set_state("unavailable", no_quorum)
+            elif self._state == "unavailable":
                 self._set_state("connected")
 
     # --- publishing -------------------------------------------------------------------------
@@ -454,6 +460,8 @@ class ClusterEngine:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
+                if self._state == "connected":
+                    self._set_state("unavailable", f"the change stream takes no writes: {reason}")
                 raise Unavailable(
                     f"the change stream did not take the change within "
                     f"{self.settings.publish_timeout_s:g} s: {reason}",
@@ -828,6 +836,21 @@ class ClusterEngine:
             last=missing.stop - 1,
             reason="deleted from the stream by hand",
         )
+
+
+def _no_quorum(info: StreamInfo) -> str | None:
+    """Why the stream cannot take writes now, from its cluster info (None: it can)."""
+    cluster = info.cluster
+    if cluster is None:
+        return None  # a single server
+    replicas = cluster.replicas or []
+    if cluster.leader is None:
+        return "the change stream has no leader (too few NATS nodes up)"
+    up = 1 + sum(1 for r in replicas if r.current and not r.offline)
+    total = 1 + len(replicas)
+    if up * 2 <= total:
+        return f"the change stream has {up} of {total} replicas current: no quorum"
+    return None
 
 
 def _last_seq(description: str | None) -> int | None:

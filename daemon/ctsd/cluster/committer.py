@@ -1,0 +1,358 @@
+"""Cluster mode's committer: a group of changes is acknowledged once the cluster's stream has
+it (and this host's journal), and every change any host made is applied here in stream order.
+
+    writer: apply_group on the committed state (at stream seq N) → publish with "expected
+    last seq N" → the stream takes it as N+1 → journal append (with N+1) → install → publish
+    the events → answer
+
+    another host's change: the engine's consumer → decode and validate → keep this host's
+    own fields → journal append (with its seq) → install → publish the events
+
+When another host's change got in first (`Conflict`), the writer waits until it is applied
+here and computes the group again on the new state. A request that touches a record changed
+meanwhile is answered `conflict` (never a silent overwrite): on the second computation each
+request carries the revision of the first as its precondition, the core's If-Match check.
+
+Local to this host and never published: the sweeps' changes (heartbeats flushed to the file,
+`status` turned stale or active). They go to the journal alone and add no sync-log event, so
+the sync log and its revisions stay the same on every host. Of another host's changes this
+host keeps its own `status` and `last_heartbeat_at` (made consistent with `is_active`) and its
+own `settings.json` keys `server` and `cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from ctsd.cluster import messages
+from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.errors import (
+    Conflict,
+    InvalidChange,
+    PublishRefused,
+    Stalled,
+    Unavailable,
+)
+from ctsd.committer import failed, journal_failed
+from ctsd.core import Change, Context, Outcome, RecordChange, Request, apply_group
+from ctsd.errors import CtsdError
+from ctsd.models import Connection, ConnectionState
+
+if TYPE_CHECKING:
+    from ctsd.store import Store
+
+log = structlog.get_logger("ctsd.cluster")
+
+LOCAL_SOURCES = frozenset({"sweep"})  # heartbeats and the stale sweep stay on this host
+LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
+LOCAL_SETTINGS_KEYS = ("server", "cluster")
+MAX_ATTEMPTS = 64  # a group computed again after conflicts; then answered `conflict`
+BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
+LSNS_KEPT = 1024
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Change).decode
+
+
+class ClusterCommitter:
+    def __init__(self, store: Store, engine: ClusterEngine) -> None:
+        self.store = store
+        self.engine = engine
+        self.host = engine.settings.host_id
+        # A journal append and its install happen together: a local change computed on the
+        # committed state must not have another host's change installed under it meanwhile.
+        self._install = asyncio.Lock()
+        self._lsn_of: OrderedDict[int, int] = OrderedDict()  # stream seq → journal lsn
+        self.conflicts = 0  # groups computed again after another host's change got in first
+        self._back: asyncio.Task[None] | None = None
+
+    # --- start ----------------------------------------------------------------------------------
+
+    def subscribe(self) -> int:
+        """Apply the stream from where this host's journal and files are; returns that seq."""
+        seq = self.store.journal.last_seq
+        self.engine.subscribe_from(seq, self._apply)
+        self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
+        return seq
+
+    async def _take_in_when_back(self) -> None:
+        """Hand edits refused while the cluster could not take changes are taken in once it
+        can again (the files differ from what the daemon last read)."""
+        writable = True
+        while True:
+            await asyncio.sleep(BACK_POLL_S)
+            try:
+                self.engine.check_writable()
+                now = self.engine.state == "connected"
+            except Unavailable:
+                now = False
+            if now and not writable:
+                log.info("cluster_back", reason="taking in hand edits made meanwhile")
+                for file in self.store.known_files():
+                    try:
+                        await self.store.ingest(file)
+                    except Exception:  # one file must not keep the others out
+                        log.exception("take_in_failed", file=file)
+            writable = now
+
+    # --- writing --------------------------------------------------------------------------------
+
+    async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        shared = [i for i, r in enumerate(requests) if r.source not in LOCAL_SOURCES]
+        local = [i for i, r in enumerate(requests) if r.source in LOCAL_SOURCES]
+        outcomes: list[Outcome] = [Outcome() for _ in requests]
+        lsns: list[int] = []
+        for part, run in ((shared, self._commit_shared), (local, self._commit_local)):
+            if not part:
+                continue
+            outs, lsn = await run([requests[i] for i in part])
+            for i, out in zip(part, outs, strict=True):
+                outcomes[i] = out
+            if lsn is not None:
+                lsns.append(lsn)
+        return outcomes, max(lsns, default=None)
+
+    async def _commit_local(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        store = self.store
+        async with self._install:
+            ctx = store.context()
+            outcomes, change = apply_group(store.committed, requests, ctx)
+            # This host's own: no sync-log event (the log and its revisions are shared).
+            change.events = []
+            for out in outcomes:
+                out.events = []
+            if change.empty:
+                return outcomes, None
+            try:
+                lsn = await store.append(change)
+            except OSError as e:
+                log.error("journal_append_failed", error=str(e))
+                return failed(requests, journal_failed(e)), None
+            store.install(change, lsn, ctx)
+        return outcomes, lsn
+
+    async def _commit_shared(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        store, engine = self.store, self.engine
+        first_revision: int | None = None
+        # Requests without their own If-Match: after a conflict they carry the revision of
+        # the first computation, and a refusal of that is answered `conflict`.
+        unguarded = {i for i, r in enumerate(requests) if r.if_match is None}
+        guarded: set[int] = set()
+        for attempt in itertools.count(1):
+            try:
+                engine.check_writable()
+            except Unavailable as e:
+                return failed(requests, unavailable(e)), None
+            expected = engine.applied_seq
+            if first_revision is None:
+                first_revision = store.committed.revision
+            ctx = store.context()
+            outcomes, change = apply_group(store.committed, requests, ctx)
+            for i in guarded:
+                err = outcomes[i].error
+                if err is not None and err.code == "precondition_failed":
+                    outcomes[i].error = CtsdError(
+                        "conflict",
+                        "another host changed a record this change touches at the same time; "
+                        "read it again and retry",
+                    )
+            if change.empty:
+                return outcomes, None
+            for event in change.events:
+                event.data["host"] = self.host
+            lsn_box: list[int] = []
+
+            async def apply_own(
+                seq: int,
+                change: Change = change,
+                outcomes: list[Outcome] = outcomes,
+                lsn_box: list[int] = lsn_box,
+                ctx: Context = ctx,
+            ) -> None:
+                # Acknowledged once the stream and this host's journal (fdatasync'ed) hold it.
+                async with self._install:
+                    lsn = await store.append(change, seq)
+                    store.install(change, lsn, ctx)
+                lsn_box.append(lsn)
+                for out in outcomes:
+                    if out.events:
+                        store.publish(out.events)
+
+            try:
+                seq = await engine.commit(
+                    _encode(change),
+                    expected,
+                    engine.new_local_id(),
+                    apply_own,
+                    timeout=engine.settings.publish_timeout_s,
+                )
+            except Conflict as e:
+                self.conflicts += 1
+                if attempt >= MAX_ATTEMPTS:
+                    err = CtsdError(
+                        "conflict",
+                        f"other hosts kept changing the cluster's state ({attempt} attempts); "
+                        "retry",
+                    )
+                    return failed(requests, err), None
+                try:
+                    await engine.wait_applied(
+                        max(e.last_seq or 0, expected + 1), engine.settings.publish_timeout_s
+                    )
+                except (TimeoutError, Stalled) as exc:
+                    why = Unavailable(
+                        f"catching up with another host's change: {exc or 'timed out'}"
+                    )
+                    return failed(requests, unavailable(why)), None
+                guarded = unguarded
+                requests = [
+                    r if r.if_match is not None else Request(r.op, r.source, first_revision)
+                    for r in requests
+                ]
+                continue
+            except Unavailable as e:
+                return failed(requests, unavailable(e)), None
+            except PublishRefused as e:
+                return failed(requests, CtsdError("too_large", str(e))), None
+            except Stalled as e:
+                msg = f"the change is in the cluster's stream but not applied here: {e}"
+                return failed(requests, CtsdError("io_error", msg)), None
+            except TimeoutError:
+                why = Unavailable(
+                    "the change is in the cluster's stream but this host has not applied it yet",
+                    outcome_unknown=True,
+                )
+                return failed(requests, unavailable(why)), None
+            # Not applied by `apply_own`: the consumer applied (and published) it first.
+            lsn = lsn_box[0] if lsn_box else self._lsn_of.get(seq)
+            return outcomes, lsn
+        raise AssertionError("unreachable")
+
+    # --- applying the stream --------------------------------------------------------------------
+
+    async def _apply(self, msg: messages.Change) -> None:
+        """One change of the stream, in order (the engine's consumer calls this)."""
+        try:
+            change = _decode(msg.payload)
+        except msgspec.MsgspecError as e:
+            raise InvalidChange(f"the change does not decode: {e}") from None
+        change = _validated(change)
+        committed = self.store.committed
+        if change.events and change.log is None:
+            first, last = change.events[0].id, change.events[-1].id
+            if last <= committed.revision:
+                # The data files already hold it (their sync log has its events, and that
+                # file is written last): a journal that lost its last records, or was moved
+                # aside. Applying it again would fork the sync log.
+                log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
+                return
+            if first != committed.revision + 1:
+                raise InvalidChange(
+                    f"its first event has revision {first}, but this host is at revision "
+                    f"{committed.revision}: the hosts' sync logs differ"
+                )
+        if not msg.own:
+            change = self._localized(change)
+        async with self._install:
+            # Another host's change is held durably by the stream and acknowledged to nobody
+            # here: no fdatasync of its own. Ours may be answered from this lsn: synced.
+            lsn = await self.store.append(change, msg.seq, sync=msg.own)
+            self.store.install(change, lsn)
+        self._lsn_of[msg.seq] = lsn
+        while len(self._lsn_of) > LSNS_KEPT:
+            self._lsn_of.popitem(last=False)
+        if change.events:
+            self.store.publish(change.events)
+
+    def _localized(self, change: Change) -> Change:
+        """Another host's change with this host's own fields kept as they are here."""
+        c = self.store.committed
+        conns = {rc.key: rc.value for rc in change.connections if rc.value is not None}
+        state: list[RecordChange] = []
+        for rc in change.state:
+            value = rc.value
+            if value is None:
+                state.append(rc)
+                continue
+            cur = c.state.get(rc.key)
+            status = cur.status if cur is not None else value.status
+            beat = cur.last_heartbeat_at if cur is not None else None
+            conn = conns.get(rc.key) or c.connections.get(rc.key)
+            if conn is not None:  # `status` follows `is_active` as on one host
+                live = conn.is_enabled and conn.is_active
+                status = (
+                    status if live and status != "inactive" else ("active" if live else "inactive")
+                )
+            value = msgspec.structs.replace(value, status=status, last_heartbeat_at=beat)
+            fields = rc.fields
+            if fields is not None:
+                fields = [f for f in fields if f not in LOCAL_STATE_FIELDS]
+                if cur is not None and cur.status != status:
+                    fields.append("status")
+            state.append(RecordChange(rc.key, value, fields))
+        documents: list[RecordChange] = []
+        for rc in change.documents:
+            if rc.key != "settings" or rc.value is None:
+                documents.append(rc)
+                continue
+            mine = c.documents.get("settings") or {}
+            value = {k: v for k, v in rc.value.items() if k not in LOCAL_SETTINGS_KEYS}
+            value.update((k, mine[k]) for k in LOCAL_SETTINGS_KEYS if k in mine)
+            fields = rc.fields
+            if fields is not None:
+                fields = [k for k in fields if k not in LOCAL_SETTINGS_KEYS]
+            documents.append(RecordChange(rc.key, value, fields))
+        return msgspec.structs.replace(change, state=state, documents=documents)
+
+    async def close(self) -> None:
+        if self._back is not None:
+            self._back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._back
+        await self.engine.close()
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.engine.status()
+        return {
+            "ok": st.ok,
+            **msgspec.structs.asdict(st),
+            "conflicts": self.conflicts,
+        }
+
+
+def unavailable(e: Unavailable) -> CtsdError:
+    note = (
+        " (it may still have reached the cluster; it then shows up like any other change)"
+        if e.outcome_unknown
+        else ""
+    )
+    return CtsdError("unavailable", f"the cluster cannot take changes now: {e.reason}{note}")
+
+
+def _validated(change: Change) -> Change:
+    """Every record of a change checked and converted before any of it is applied (a change is
+    applied whole or not at all)."""
+    try:
+        connections = [_typed(rc, Connection) for rc in change.connections]
+        state = [_typed(rc, ConnectionState) for rc in change.state]
+    except msgspec.ValidationError as e:
+        raise InvalidChange(f"a record is not valid: {e}") from None
+    for rc in change.documents:
+        if rc.value is not None and not isinstance(rc.value, dict):
+            raise InvalidChange(f"document {rc.key!r} is not a JSON object")
+    return msgspec.structs.replace(change, connections=connections, state=state)
+
+
+def _typed(rc: RecordChange, kind: type[Any]) -> RecordChange:
+    if rc.value is None or isinstance(rc.value, kind):
+        return rc
+    return RecordChange(rc.key, msgspec.convert(rc.value, kind), rc.fields)

@@ -1,0 +1,76 @@
+"""How the store makes a group of changes durable: the committer it was built with.
+
+The store's writer hands each group of requests to its committer, which computes the group
+on the committed state (`core.apply_group`), makes it durable, installs it in memory and
+publishes its events; the writer then answers each caller with its `Outcome`. On one host
+that is `LocalCommitter` (the journal, fdatasync'ed); in cluster mode it is
+`ctsd.cluster.committer.ClusterCommitter` (the cluster's stream first, then the journal).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from ctsd.core import Outcome, Request, apply_group
+from ctsd.errors import CtsdError
+
+if TYPE_CHECKING:
+    from ctsd.store import Store
+
+log = structlog.get_logger("ctsd.store")
+
+
+class Committer(Protocol):
+    async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        """Each request's outcome, and the journal lsn the group got (None: nothing changed
+        or nothing was made durable). Whole-group failures come back as every outcome's
+        error; it never raises for a refusal."""
+        ...
+
+    def status(self) -> dict[str, Any] | None:
+        """What /health and `ctsd status` show about the committer (None: nothing)."""
+        ...
+
+    async def close(self) -> None:
+        """After the last group was committed, before the last files are written."""
+        ...
+
+
+def failed(requests: list[Request], err: CtsdError) -> list[Outcome]:
+    return [Outcome(error=err) for _ in requests]
+
+
+class LocalCommitter:
+    """One host: a group is durable once appended to the journal and fdatasync'ed."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        store = self.store
+        ctx = store.context()
+        outcomes, change = apply_group(store.committed, requests, ctx)
+        lsn: int | None = None
+        if not change.empty:
+            try:
+                lsn = await store.append(change)
+            except OSError as e:
+                log.error("journal_append_failed", error=str(e))
+                return failed(requests, journal_failed(e)), None
+            store.install(change, lsn, ctx)
+        for out in outcomes:
+            if out.events:
+                store.publish(out.events)
+        return outcomes, lsn
+
+    def status(self) -> dict[str, Any] | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def journal_failed(e: OSError) -> CtsdError:
+    return CtsdError("io_error", f"journal write failed: {e.strerror or e}; nothing was changed")

@@ -1,0 +1,464 @@
+"""Cluster mode end to end: three real ctsd daemons (own data dirs and ports) on a real 3-node
+NATS JetStream cluster (tests/nats_cluster.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats as nats_client
+import pytest
+
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from tests.cli_helpers import clean_env, ctsd
+from tests.daemon import Daemon, free_port, wait_until
+from tests.nats_cluster import (  # the `nats` fixture
+    NatsCluster,
+    nats_module_cluster,  # noqa: F401
+    require_nats_server,
+)
+from tests.test_bus import bus, conn_body
+
+pytestmark = pytest.mark.anyio
+
+require_nats_server()
+
+_names = itertools.count(1)
+LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
+
+
+def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+class Hosts:
+    """Three daemons of one cluster (a fresh cluster name per test: a fresh stream)."""
+
+    def __init__(self, nats: NatsCluster, base: Path, publish_timeout_s: float = 5.0) -> None:
+        self.name = f"t{next(_names)}"
+        self.daemons: list[Daemon] = []
+        for i in range(3):
+            data_dir = base / f"host{i + 1}"
+            write_settings(
+                data_dir,
+                {
+                    "server": {"rate_limit": {"requests": 100000, "window_s": 1}},
+                    "cluster": {"publish_timeout_s": publish_timeout_s},
+                },
+            )
+            env = {
+                "CTSD_CLUSTER_NATS_URLS": ",".join(nats.urls),
+                "CTSD_CLUSTER_NAME": self.name,
+                "CTSD_HOST_ID": f"h{i + 1}",
+            }
+            self.daemons.append(Daemon(data_dir, env=env))
+
+    def start(self) -> Hosts:
+        for d in self.daemons:
+            d.start(timeout=60)
+        return self
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.close()
+
+
+@pytest.fixture
+def hosts(nats: NatsCluster, tmp_path: Path) -> Iterator[Hosts]:
+    h = Hosts(nats, tmp_path).start()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def cli(d: Daemon, *args: str) -> Any:
+    env = clean_env(CTSD_TOKEN=d.token or "", CTSD_PORT=str(d.port))
+    return ctsd(*args, env=env)
+
+
+def read(d: Daemon, file: str) -> Any:
+    try:
+        return json.loads((d.data_dir / file).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def shared_state(d: Daemon) -> Any:
+    """connection-state.json without the fields each host keeps for itself."""
+    rows = read(d, STATE)
+    if rows is None:
+        return None
+    return [{k: v for k, v in r.items() if k not in LOCAL_STATE_FIELDS} for r in rows]
+
+
+def shared_files(d: Daemon) -> tuple[Any, Any, Any]:
+    return read(d, CONNECTIONS), shared_state(d), read(d, SYNC_LOG)
+
+
+def revision(d: Daemon) -> int:
+    status, body = d.http("/health")
+    assert status in (200, 503), body
+    return int(body["revision"])
+
+
+def converged(h: Hosts, at_least: int) -> bool:
+    """Every host at the same revision (>= at_least), with the same data files."""
+    files = [shared_files(d) for d in h.daemons]
+    log = files[0][2]
+    if not log or log[-1]["id"] < at_least:
+        return False
+    return all(f == files[0] for f in files[1:])
+
+
+# --- a change made on one host reaches every host -------------------------------------------
+
+
+async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts) -> None:
+    a, b, c = hosts.daemons
+    async with bus(a) as wa, bus(b) as sb, bus(c) as sc:
+        await sb.ok("subscribe")
+        await sc.ok("subscribe")
+        await wa.ok("connections.create", connection=conn_body("alpha", id="c1"))
+        await wa.ok("connections.update", connection_id="c1", changes={"name": "beta"})
+        for sub in (sb, sc):
+            got = await sub.events_until(2)
+            assert [(e["id"], e["action"]) for e in got] == [(1, "create"), (2, "update")]
+            assert all(e["data"]["host"] == "h1" for e in got)
+    wait_until(lambda: converged(hosts, 2), 20, what="the three hosts' files converged")
+    for d in hosts.daemons:
+        (row,) = read(d, CONNECTIONS)
+        assert row["name"] == "beta"
+        assert [e["id"] for e in read(d, SYNC_LOG)] == [1, 2]
+    # /health shows the cluster, the host and the lag
+    status, body = c.http("/health")
+    assert status == 200, body
+    cluster = body["checks"]["cluster"]
+    assert cluster["ok"] is True and cluster["host_id"] == "h3"
+    assert cluster["cluster"] == hosts.name and cluster["state"] == "connected"
+    wait_until(lambda: c.http("/health")[1]["checks"]["cluster"]["lag"] == 0, 10, what="lag 0")
+    r = cli(c, "status")
+    assert r.returncode == 0, r.stderr
+    assert f"cluster      {hosts.name} as h3: connected, applied seq 2 of 2 (lag 0)" in r.stdout
+
+
+async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
+    """Every host writes the same records at once: each write is acknowledged or answered
+    `conflict`; afterwards every host holds the same files and every subscriber saw the same
+    events in the same order, without a gap or a duplicate."""
+    daemons = hosts.daemons
+    async with bus(daemons[0]) as w:
+        for i in range(4):
+            await w.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+    per_host = 40
+    results: dict[str, int] = {}
+    seen: list[list[dict[str, Any]]] = [[], [], []]
+
+    async def writer(host: int) -> None:
+        async with bus(daemons[host]) as b:
+            ids = []
+            for n in range(per_host):
+                changes = {"name": f"h{host}-{n}", "volume_factor": 1.0 + host + n / 100}
+                args = {"connection_id": f"k{n % 4}", "changes": changes, "sync": None}
+                ids.append(await b.send("connections.update", **args))
+            for msg_id in ids:
+                reply = await b.result(msg_id, timeout=60)
+                key = "ok" if reply["success"] else reply["error"]["code"]
+                results[key] = results.get(key, 0) + 1
+
+    async with bus(daemons[0]) as s0, bus(daemons[1]) as s1, bus(daemons[2]) as s2:
+        subs = (s0, s1, s2)
+        for s in subs:
+            await s.ok("subscribe", since=4)
+        async with anyio.create_task_group() as tg:
+            for host in range(3):
+                tg.start_soon(writer, host)
+        assert set(results) <= {"ok", "conflict"}, results
+        assert results.get("ok", 0) >= 1 and sum(results.values()) == 3 * per_host
+        final = 4 + results["ok"]
+        for s, out in zip(subs, seen, strict=True):
+            out.extend(await s.events_until(final, timeout=60))
+    orders = [
+        [(e["id"], e["action"], e["connection_id"], e["data"]["host"]) for e in s] for s in seen
+    ]
+    assert orders[0] == orders[1] == orders[2]
+    assert [o[0] for o in orders[0]] == list(range(5, final + 1))  # no gap, no duplicate
+    wait_until(lambda: converged(hosts, final), 30, what="the three hosts' files converged")
+    names = {r["id"]: r["name"] for r in read(daemons[0], CONNECTIONS)}
+    assert len(names) == 4
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
+    a, _, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body(id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    c.kill()  # SIGKILL
+    async with bus(a) as wa:
+        for i in range(2, 22):
+            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    # READY means caught up: no polling here
+    status, body = c.http("/health")
+    assert body["revision"] == 21, body
+    assert body["checks"]["cluster"]["lag"] == 0, body
+    status, rows = c.http("/api/settings/connections")
+    assert status == 200 and len(rows) == 21, rows
+    events = [e for e in c.log_events() if e.get("event") == "cluster_caught_up"]
+    assert events and events[-1]["applied_seq"] == 21, events
+    wait_until(lambda: converged(hosts, 21), 20, what="converged after the restart")
+
+
+@pytest.fixture
+def own_nats() -> Iterator[NatsCluster]:
+    """A NATS cluster of its own, for a test that stops nodes."""
+    with NatsCluster(3) as c:
+        yield c
+
+
+async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
+    own_nats: NatsCluster, tmp_path: Path
+) -> None:
+    h = Hosts(own_nats, tmp_path, publish_timeout_s=2.0).start()
+    try:
+        a, b, _ = h.daemons
+        async with bus(a) as wa:
+            await wa.ok("connections.create", connection=conn_body(id="c1"))
+        wait_until(lambda: converged(h, 1), 20, what="converged")
+        own_nats.kill(1)
+        own_nats.kill(2)  # one node of three left: no quorum for the stream
+        async with bus(a) as wa, bus(b) as rb:
+            with anyio.fail_after(15):
+                while True:
+                    reply = await wa.call(
+                        "connections.update", connection_id="c1", changes={"name": "x"}
+                    )
+                    if not reply["success"]:
+                        break
+            assert reply["error"]["code"] == "unavailable", reply
+            # refused promptly while it stays down
+            with anyio.fail_after(3):
+                err = await wa.err("connections.update", connection_id="c1", changes={"name": "y"})
+            assert err["code"] == "unavailable", err
+            r = cli(a, "conn", "set", "c1", "name=z")
+            assert r.returncode == 1 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+            # a hand edit meanwhile: kept in its file, taken in once the cluster is back
+            doc = read(a, "settings.json")
+            (a.data_dir / "settings.json").write_text(
+                json.dumps({**doc, "stale_after_s": 45}, indent=2) + "\n"
+            )
+            # reads keep serving, on both hosts
+            rows = await rb.ok("connections.list")
+            assert [r["id"] for r in rows] == ["c1"]
+            assert rows[0]["name"] == "one"
+            wait_until(
+                lambda: a.http("/health")[1]["checks"]["cluster"]["ok"] is False,
+                20,
+                what="/health shows the cluster unavailable",
+            )
+            health = a.http("/health")[1]
+            assert health["checks"]["cluster"]["ok"] is False
+            assert health["checks"]["cluster"]["reason"]
+        own_nats.start_node(1)
+        own_nats.start_node(2)
+        async with bus(a) as wa:
+            with anyio.fail_after(60):
+                while True:
+                    reply = await wa.call(
+                        "connections.update", connection_id="c1", changes={"name": "back"}
+                    )
+                    if reply["success"]:
+                        break
+                    assert reply["error"]["code"] == "unavailable", reply
+                    await anyio.sleep(0.2)
+        wait_until(
+            lambda: (read(h.daemons[2], "settings.json") or {}).get("stale_after_s") == 45,
+            30,
+            what="the hand edit made without quorum reached host 3",
+        )
+        wait_until(lambda: converged(h, 3), 30, what="converged after quorum returned")
+        assert read(h.daemons[2], CONNECTIONS)[0]["name"] == "back"
+        wait_until(lambda: a.http("/health")[1]["status"] == "ok", 20, what="healthy again")
+    finally:
+        h.close()
+
+
+async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
+    a, b, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body("before", id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    rows = read(b, CONNECTIONS)
+    rows[0]["name"] = "edited on host 2"
+    (b.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    wait_until(
+        lambda: (read(c, CONNECTIONS) or [{}])[0].get("name") == "edited on host 2",
+        20,
+        what="the hand edit on host 2 reached host 3's file",
+    )
+    wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
+    (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
+    assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
+
+
+async def test_a_message_that_does_not_decode_is_never_applied(
+    nats: NatsCluster, hosts: Hosts
+) -> None:
+    """A message of the right cluster that is not a valid change: every host stops applying
+    there (degraded, writes refused), nothing of it reaches a file, no daemon crashes."""
+    a, b, _ = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=conn_body(id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    before = [shared_files(d) for d in hosts.daemons]
+    nc = await nats_client.connect(nats.urls)
+    try:
+        headers = {
+            H_CLUSTER: hosts.name,
+            H_SCHEMA: SCHEMA_VERSION,
+            H_HOST: "intruder",
+            H_MSG_ID: "intruder:1",
+        }
+        # Decodes as JSON, but the connection record is not valid: nothing of it may apply.
+        payload = b'{"connections": [["c9", {"id": 5}]]}'
+        await nc.jetstream().publish(f"ctsd.{hosts.name}.chg", payload, headers=headers)
+    finally:
+        await nc.close()
+
+    def stalled(d: Daemon) -> bool:
+        cluster = d.http("/health")[1]["checks"]["cluster"]
+        return cluster["state"] == "stalled" and cluster["stalled"] == "bad_message"
+
+    for d in hosts.daemons:
+        wait_until(lambda d=d: stalled(d), 20, what=f"{d.data_dir.name} stalled")
+        reason = d.http("/health")[1]["checks"]["cluster"]["reason"]
+        assert "seq 2" in reason and "intruder" in reason, reason
+    async with bus(b) as wb:
+        err = await wb.err("connections.update", connection_id="c1", changes={"name": "x"})
+        assert err["code"] == "unavailable", err
+        rows = await wb.ok("connections.list")  # reads go on
+        assert [r["id"] for r in rows] == ["c1"]
+    assert [shared_files(d) for d in hosts.daemons] == before
+    assert all(d.proc is not None and d.proc.poll() is None for d in hosts.daemons)
+
+
+async def test_kill_9_during_a_storm_loses_no_acknowledged_change(hosts: Hosts) -> None:
+    """Writers on all three hosts; host 3 is killed (-9) in the middle and restarted. Every
+    acknowledged change is in every host's files, the sync logs are identical, with no gap and
+    no duplicate."""
+    daemons = hosts.daemons
+    writers_per_host = 4
+    async with bus(daemons[0]) as w:
+        for host in range(3):
+            for k in range(writers_per_host):
+                await w.ok("connections.create", connection=conn_body(id=f"s{host}-{k}"))
+    base = 3 * writers_per_host
+    acked: dict[str, int] = {}
+    sent: dict[str, int] = {}
+    killed = anyio.Event()
+
+    async def writer(host: int, k: int) -> None:
+        cid = f"s{host}-{k}"
+        try:
+            async with bus(daemons[host]) as b:
+                for n in range(1, 31):
+                    sent[cid] = n
+                    reply = await b.call(
+                        "connections.update",
+                        connection_id=cid,
+                        changes={"user_id": 100 + n},  # never the value it has: one event each
+                        sync=None,
+                    )
+                    assert reply["success"], reply
+                    acked[cid] = n
+                    if host == 0 and k == 0 and n == 10:
+                        daemons[2].kill()  # SIGKILL, while the others write on
+                        killed.set()
+        except (OSError, Exception) as e:  # host 3's clients lose their connection
+            if host != 2:
+                raise
+            assert killed.is_set(), e
+
+    async with anyio.create_task_group() as tg:
+        for host in range(3):
+            for k in range(writers_per_host):
+                tg.start_soon(writer, host, k)
+    seen = len(daemons[2].notify.poll())
+    daemons[2].start(wait=False)
+    daemons[2].notify.wait_for("READY=1", timeout=60, after=seen)
+    async with bus(daemons[2]) as b:  # host 3 writes again after its restart
+        await b.ok("connections.update", connection_id="s2-0", changes={"name": "after"})
+    wait_until(lambda: converged(hosts, base + 1), 30, what="converged after the storm")
+    rows = {r["id"]: r for r in read(daemons[0], CONNECTIONS)}
+    log = read(daemons[0], SYNC_LOG)
+    assert [e["id"] for e in log] == list(range(1, len(log) + 1))  # no gap, no duplicate
+    for cid, n in acked.items():
+        # every acknowledged update is there (one sent after it may have landed too)
+        assert n <= rows[cid]["user_id"] - 100 <= sent[cid], (cid, n, rows[cid])
+        updates = [e for e in log if e["connection_id"] == cid and e["action"] == "update"]
+        assert n <= len(updates) - (cid == "s2-0") <= sent[cid], (cid, n, len(updates))
+    assert rows["s2-0"]["name"] == "after"
+
+
+async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None:
+    """A host restarted without its journal applies the stream from its start: what its files
+    already hold is skipped, the rest applied; its sync log stays the same as the others'."""
+    a, _, c = hosts.daemons
+    async with bus(a) as wa:
+        for i in range(5):
+            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+    wait_until(lambda: converged(hosts, 5), 20, what="converged")
+    assert c.stop() == 0
+    (c.data_dir / ".journal").rename(c.data_dir / "journal.aside")
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c0", changes={"name": "later"})
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    health = c.http("/health")[1]
+    assert health["revision"] == 6 and health["checks"]["cluster"]["ok"] is True, health
+    wait_until(lambda: converged(hosts, 6), 20, what="converged")
+    skipped = [e for e in c.log_events() if e.get("event") == "cluster.already_held"]
+    assert len(skipped) == 5, skipped
+
+
+async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
+    tmp_path: Path,
+) -> None:
+    """A wrong URL (nothing listens): the daemon becomes READY after the catch-up wait, reads
+    serve from its files, writes answer `unavailable`, /health says why."""
+    data_dir = tmp_path / "alone"
+    write_settings(data_dir, {"cluster": {"publish_timeout_s": 1.0}})
+    env = {
+        "CTSD_CLUSTER_NATS_URLS": f"nats://127.0.0.1:{free_port()}",
+        "CTSD_CLUSTER_NAME": "nowhere",
+        "CTSD_HOST_ID": "h1",
+        "CTSD_CLUSTER_CATCH_UP_S": "2",
+    }
+    d = Daemon(data_dir, env=env).start(timeout=30)
+    try:
+        status, health = d.http("/health")
+        assert health["status"] == "degraded", (status, health)
+        cluster = health["checks"]["cluster"]
+        assert cluster["ok"] is False and "cannot connect to NATS" in cluster["reason"], cluster
+        async with bus(d) as b:
+            err = await b.err("connections.create", connection=conn_body(id="c1"))
+            assert err["code"] == "unavailable", err
+            assert await b.ok("connections.list") == []
+        status, body = d.http("/api/settings/connections")
+        assert status == 200 and body == [], body
+        warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
+        assert warned, d.stdout()[-2000:]
+    finally:
+        d.close()
