@@ -9,15 +9,13 @@ that is `LocalCommitter` (the journal, fdatasync'ed); in cluster mode it is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 
-from ctsd.core import Outcome, Request, apply_group
+from ctsd.core import Change, Committed, Context, Outcome, Request, apply_group
 from ctsd.errors import CtsdError
-
-if TYPE_CHECKING:
-    from ctsd.store import Store
+from ctsd.models import SyncEvent
 
 log = structlog.get_logger("ctsd.store")
 
@@ -38,6 +36,20 @@ class Committer(Protocol):
         ...
 
 
+class Journalled(Protocol):
+    """What `LocalCommitter` uses of the store (`ctsd.store.Store`)."""
+
+    committed: Committed
+
+    def context(self) -> Context: ...
+
+    async def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int: ...
+
+    def install(self, change: Change, lsn: int, ctx: Context | None = None) -> None: ...
+
+    def publish(self, events: list[SyncEvent]) -> None: ...
+
+
 def failed(requests: list[Request], err: CtsdError) -> list[Outcome]:
     return [Outcome(error=err) for _ in requests]
 
@@ -45,7 +57,7 @@ def failed(requests: list[Request], err: CtsdError) -> list[Outcome]:
 class LocalCommitter:
     """One host: a group is durable once appended to the journal and fdatasync'ed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Journalled) -> None:
         self.store = store
 
     async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
