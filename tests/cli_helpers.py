@@ -94,3 +94,18 @@ class Tail:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+# The canary and its tail: no output of the CLI may carry either.
+SECRET_BITS = (CANARY, "7f3a9c")
+
+
+def cli(
+    d: Daemon, *args: str, input: str | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    r = ctsd(*args, env=env_for(d, **extra), input=input)
+    # Whatever the command, no output of the CLI ever carries the canary secret.
+    for bit in SECRET_BITS:
+        assert bit not in r.stdout and bit not in r.stderr, (args, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r

@@ -10,6 +10,7 @@ import msgspec
 
 from ctsd.secretbox import Key, SecretBox, is_encrypted, new_key_text, parse_key, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places
+from tests.daemon import Daemon
 from tests.datadir import CANARY, connection, write_connections
 
 
@@ -89,3 +90,8 @@ def snapshot(data_dir: Path) -> dict[str, bytes]:
         and p.name != ".lock"
         and p.relative_to(data_dir).parts[0] not in ("logs", "historical")
     }
+
+
+def keyed(data_dir: Path, key_file: Path, **kw: Any) -> Daemon:
+    """A daemon that reads its secrets key from `key_file`."""
+    return Daemon(data_dir, env={"CTSD_SECRETS_KEY_FILE": str(key_file)}, **kw)

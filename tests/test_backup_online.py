@@ -18,12 +18,10 @@ import pytest
 
 from ctsd import backup
 from ctsd.livebackup import RESTORE_PREFIX, SUFFIX
-from tests.cli_helpers import CANARY
+from tests.bus import bus
+from tests.cli_helpers import CANARY, cli
 from tests.daemon import Daemon
-from tests.secrets_helpers import make_key, plaintexts, stored_under, write_plain_data
-from tests.test_bus import bus
-from tests.test_cli_client import cli
-from tests.test_secrets_daemon import keyed
+from tests.secrets_helpers import keyed, make_key, plaintexts, stored_under, write_plain_data
 
 pytestmark = pytest.mark.anyio
 

@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import CANARY, Tail, clean_env, ctsd, env_for
+from tests.cli_helpers import CANARY, Tail, clean_env, cli, ctsd, env_for
 from tests.daemon import Daemon, http_server, sync_log, wait_until
 
 # The harness token, and a few bytes of the canary that must not leak either.
-SECRET_BITS = (CANARY, "7f3a9c")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +32,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
-
-
-def cli(
-    d: Daemon, *args: str, input: str | None = None, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    r = ctsd(*args, env=env_for(d, **extra), input=input)
-    # Whatever the command, no output of the CLI ever carries the canary secret.
-    for bit in SECRET_BITS:
-        assert bit not in r.stdout and bit not in r.stderr, (args, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
 
 
 def ok(d: Daemon, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:

@@ -15,14 +15,15 @@ import pytest
 
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from tests.bus import bus
 from tests.cli_helpers import clean_env, ctsd
 from tests.daemon import Daemon, free_port, wait_until
+from tests.datadir import connection
 from tests.nats_cluster import (  # the `nats` fixture
     NatsCluster,
     nats_module_cluster,  # noqa: F401
     require_nats_server,
 )
-from tests.test_bus import bus, conn_body
 
 pytestmark = pytest.mark.anyio
 
@@ -125,7 +126,7 @@ async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts
     async with bus(a) as wa, bus(b) as sb, bus(c) as sc:
         await sb.ok("subscribe")
         await sc.ok("subscribe")
-        await wa.ok("connections.create", connection=conn_body("alpha", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="alpha", id="c1"))
         await wa.ok("connections.update", connection_id="c1", changes={"name": "beta"})
         for sub in (sb, sc):
             got = await sub.events_until(2)
@@ -155,7 +156,7 @@ async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
     daemons = hosts.daemons
     async with bus(daemons[0]) as w:
         for i in range(4):
-            await w.ok("connections.create", connection=conn_body(f"n{i}", id=f"k{i}"))
+            await w.ok("connections.create", connection=connection(name=f"n{i}", id=f"k{i}"))
     per_host = 40
     results: dict[str, int] = {}
     seen: list[list[dict[str, Any]]] = [[], [], []]
@@ -200,12 +201,12 @@ async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
 async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     a, _, c = hosts.daemons
     async with bus(a) as wa:
-        await wa.ok("connections.create", connection=conn_body(id="c1"))
+        await wa.ok("connections.create", connection=connection(id="c1"))
     wait_until(lambda: converged(hosts, 1), 20, what="converged")
     c.kill()  # SIGKILL
     async with bus(a) as wa:
         for i in range(2, 22):
-            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+            await wa.ok("connections.create", connection=connection(name=f"n{i}", id=f"c{i}"))
     seen = len(c.notify.poll())
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
@@ -234,7 +235,7 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
     try:
         a, b, _ = h.daemons
         async with bus(a) as wa:
-            await wa.ok("connections.create", connection=conn_body(id="c1"))
+            await wa.ok("connections.create", connection=connection(id="c1"))
         wait_until(lambda: converged(h, 1), 20, what="converged")
         own_nats.kill(1)
         own_nats.kill(2)  # one node of three left: no quorum for the stream
@@ -297,7 +298,7 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
 async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     a, b, c = hosts.daemons
     async with bus(a) as wa:
-        await wa.ok("connections.create", connection=conn_body("before", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="before", id="c1"))
     wait_until(lambda: converged(hosts, 1), 20, what="converged")
     rows = read(b, CONNECTIONS)
     rows[0]["name"] = "edited on host 2"
@@ -319,7 +320,7 @@ async def test_a_message_that_does_not_decode_is_never_applied(
     there (degraded, writes refused), nothing of it reaches a file, no daemon crashes."""
     a, b, _ = hosts.daemons
     async with bus(a) as wa:
-        await wa.ok("connections.create", connection=conn_body(id="c1"))
+        await wa.ok("connections.create", connection=connection(id="c1"))
     wait_until(lambda: converged(hosts, 1), 20, what="converged")
     before = [shared_files(d) for d in hosts.daemons]
     nc = await nats_client.connect(nats.urls)
@@ -362,7 +363,7 @@ async def test_kill_9_during_a_storm_loses_no_acknowledged_change(hosts: Hosts) 
     async with bus(daemons[0]) as w:
         for host in range(3):
             for k in range(writers_per_host):
-                await w.ok("connections.create", connection=conn_body(id=f"s{host}-{k}"))
+                await w.ok("connections.create", connection=connection(id=f"s{host}-{k}"))
     base = 3 * writers_per_host
     acked: dict[str, int] = {}
     sent: dict[str, int] = {}
@@ -417,7 +418,7 @@ async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None
     a, _, c = hosts.daemons
     async with bus(a) as wa:
         for i in range(5):
-            await wa.ok("connections.create", connection=conn_body(f"n{i}", id=f"c{i}"))
+            await wa.ok("connections.create", connection=connection(name=f"n{i}", id=f"c{i}"))
     wait_until(lambda: converged(hosts, 5), 20, what="converged")
     assert c.stop() == 0
     (c.data_dir / ".journal").rename(c.data_dir / "journal.aside")
@@ -453,7 +454,7 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
         cluster = health["checks"]["cluster"]
         assert cluster["ok"] is False and "cannot connect to NATS" in cluster["reason"], cluster
         async with bus(d) as b:
-            err = await b.err("connections.create", connection=conn_body(id="c1"))
+            err = await b.err("connections.create", connection=connection(id="c1"))
             assert err["code"] == "unavailable", err
             assert await b.ok("connections.list") == []
         status, body = d.http("/api/settings/connections")

@@ -19,17 +19,12 @@ import anyio
 import pytest
 
 from ctsd.secretbox import Key
-from tests.cli_helpers import CANARY
+from tests.bus import bus
+from tests.cli_helpers import CANARY, cli
 from tests.daemon import Daemon, wait_until
-from tests.secrets_helpers import make_key, plaintexts, stored_under, write_plain_data
-from tests.test_bus import bus
-from tests.test_cli_client import cli
+from tests.secrets_helpers import keyed, make_key, plaintexts, stored_under, write_plain_data
 
 pytestmark = pytest.mark.anyio
-
-
-def keyed(data_dir: Path, key_file: Path, **kw: Any) -> Daemon:
-    return Daemon(data_dir, env={"CTSD_SECRETS_KEY_FILE": str(key_file)}, **kw)
 
 
 def start_and_stop(d: Daemon) -> None:
@@ -454,7 +449,7 @@ async def test_kill_9_during_online_rekey_leaves_one_key(data_dir: Path, tmp_pat
     keys = {n: Key(k.material, k.id, n) for n, k in made.items()}
     current = "a"
     winners = []
-    for _round in range(6):
+    for n in range(6):
         other = "b" if current == "a" else "a"
         d = keyed(data_dir, tmp_path / current)
         try:
@@ -462,8 +457,11 @@ async def test_kill_9_during_online_rekey_leaves_one_key(data_dir: Path, tmp_pat
             async with bus(d) as b:
                 text = base64.b64encode(keys[other].material).decode()
                 t0 = time.monotonic()
-                await b.send("secrets.rekey", secrets_key=text)
-                await anyio.sleep(rng.uniform(0.0, 0.15))
+                msg_id = await b.send("secrets.rekey", secrets_key=text)
+                if n == 5:  # killed once it is answered (durable)
+                    assert (await b.result(msg_id, timeout=60))["success"]
+                elif n > 0:  # killed somewhere in it (round 0: at once, before it is durable)
+                    await anyio.sleep(rng.uniform(0.0, 0.15))
                 d.kill()
                 took = time.monotonic() - t0
         finally:
@@ -471,5 +469,5 @@ async def test_kill_9_during_online_rekey_leaves_one_key(data_dir: Path, tmp_pat
         won = check_one_key_decrypts(data_dir, tmp_path, list(keys.values()), expected)
         winners.append((won == keys[other].id, round(took, 3)))
         current = next(n for n, k in keys.items() if k.id == won)
-    # Both outcomes happened: some kills came before the rekey was durable, some after.
-    assert {w for w, _ in winners} == {True, False}, winners
+    # Both outcomes happened: killed before the rekey was durable, and after.
+    assert winners[0][0] is False and winners[5][0] is True, winners
