@@ -13,7 +13,7 @@ test_http_api and test_http; this module is the seeds' examples as a user would 
 from __future__ import annotations
 
 import json
-import shlex
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,36 +205,17 @@ def test_seed_instances_need_their_algorithm(daemon: Daemon, api: httpx.Client) 
 # --- seed 003: backup → restore with its own curl commands ------------------------------------
 
 
-def curl(client: httpx.Client, command: str, cwd: Path) -> httpx.Response:
-    """Run one of the seed's curl commands with `client` (which adds the token and points at
-    the test daemon instead of localhost:3587): -X, -H, -d (`@FILE` read from `cwd` with
-    newlines dropped, as curl does), and `> FILE` (the body written to `cwd`)."""
-    words = shlex.split(command.replace("\\\n", " "))
-    assert words.pop(0) == "curl"
-    method, headers, body, out, url = None, {}, None, None, None
-    while words:
-        word = words.pop(0)
-        if word == "-X":
-            method = words.pop(0)
-        elif word == "-H":
-            name, _, value = words.pop(0).partition(":")
-            headers[name.strip()] = value.strip()
-        elif word == "-d":
-            data = words.pop(0)
-            raw = (cwd / data[1:]).read_bytes() if data.startswith("@") else data.encode()
-            body = raw.replace(b"\r", b"").replace(b"\n", b"")
-        elif word == ">":
-            out = cwd / words.pop(0)
-        else:
-            assert word.startswith("http://localhost:3587/"), word
-            url = word.removeprefix("http://localhost:3587")
-    assert url is not None
-    r = client.request(
-        method or ("POST" if body is not None else "GET"), url, headers=headers, content=body
+def curl(d: Daemon, command: str, cwd: Path) -> str:
+    """Run one of the seed's curl commands with the real `curl`, through the shell, in `cwd`:
+    as the seed gives it but for the token header and the test daemon's port. Its stdout."""
+    assert command.startswith("curl "), command
+    line = command.replace("curl ", f"curl -sS -H 'Authorization: Bearer {d.token}' ", 1)
+    line = line.replace("http://localhost:3587/", f"http://localhost:{d.port}/")
+    run = subprocess.run(
+        ["bash", "-c", line], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
     )
-    if out is not None:
-        out.write_bytes(r.content)
-    return r
+    assert run.returncode == 0, (line, run.stderr)
+    return run.stdout
 
 
 def export_parts(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -277,18 +258,16 @@ def test_seed_backup_then_restore_round_trip(seed_daemon: Daemon, tmp_path: Path
         r = client.post("/api/data/ui-config?sync=files", json={"theme": "dark", "layout": [1, 2]})
         assert r.status_code == 200, r.text
         on_disk = data_files(d.data_dir)
-        first = curl(client, SEED_CURL_EXPORT, tmp_path)
-        assert first.status_code == 200 and first.headers["content-type"] == "application/json"
-        assert (tmp_path / "backup.json").read_bytes() == first.content
-        rev = int(first.headers["x-revision"])
+        rev = int(client.get("/api/data/export").headers["x-revision"])
+        curl(d, SEED_CURL_EXPORT, tmp_path)
+        backup = (tmp_path / "backup.json").read_bytes()
 
-        restored = curl(client, SEED_CURL_IMPORT, tmp_path)
-        assert restored.status_code == 200, restored.text
-        assert restored.json()["mode"] == "merge"
-        assert int(restored.headers["x-revision"]) == rev + 1
+        restored = json.loads(curl(d, SEED_CURL_IMPORT, tmp_path))
+        assert restored["mode"] == "merge", restored
         second = client.get("/api/data/export")
+        assert int(second.headers["x-revision"]) == rev + 1
 
-    top1, files1 = export_parts(first.content)
+    top1, files1 = export_parts(backup)
     top2, files2 = export_parts(second.content)
     assert set(top1) == set(top2) == {"version", "exported_at", "revision"}
     assert top2["version"] == top1["version"] == 1
@@ -303,7 +282,7 @@ def test_seed_backup_then_restore_round_trip(seed_daemon: Daemon, tmp_path: Path
     assert log2[:-1] == log1 and log2[-1]["action"] == "import", log2[-1]
     assert log2[-1]["id"] == top2["revision"] and log2[-1]["data"]["source"] == "http"
     # the seed's secrets stayed what they were (the export had them masked)
-    assert b"..." not in files1["connections.json"] and b"API key token" not in first.content
+    assert b"..." not in files1["connections.json"] and b"API key token" not in backup
 
     events = wait_until(
         lambda: [e for e in sync_log(d) if e["id"] == top2["revision"]] or None, 5, what="import"
