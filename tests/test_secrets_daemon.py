@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from websockets.asyncio.client import connect
 
 from ctsd.secretbox import Key
 from tests.bus import bus
@@ -387,6 +389,50 @@ async def test_online_rekey_one_change_no_values_and_the_daemon_keeps_working(
     line = start_fails(data_dir, {"CTSD_SECRETS_KEY_FILE": str(tmp_path / "a")})
     assert key_a.id in line and key_b.id in line
     start_and_stop(keyed(data_dir, tmp_path / "b"))
+
+
+def _outward_address() -> str | None:
+    """An address of this host that is not loopback (None: the host has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_online_rekey_refused_from_a_client_not_on_this_host(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The new key travels in the frame and ws:// is not encrypted: a client reaching the
+    daemon over the network is refused, and nothing changes."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this host has no address but loopback")
+    write_plain_data(data_dir, connections=1)
+    make_key(tmp_path / "a")
+    key_b = make_key(tmp_path / "b")
+    d = keyed(data_dir, tmp_path / "a", args=["--host", "0.0.0.0"])
+    try:
+        d.start()
+        before = {f: (data_dir / f).read_bytes() for f in ("connections.json", "connection.json")}
+        async with connect(
+            f"ws://{address}:{d.port}/ws",
+            additional_headers={"Authorization": f"Bearer {d.token}"},
+            open_timeout=5,
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "auth_ok"
+            text = base64.b64encode(key_b.material).decode()
+            await ws.send(json.dumps({"id": 1, "type": "secrets.rekey", "secrets_key": text}))
+            reply = json.loads(await ws.recv())
+        assert reply["success"] is False and reply["error"]["code"] == "invalid", reply
+        assert "on this host" in reply["error"]["message"]
+        assert {f: (data_dir / f).read_bytes() for f in before} == before
+        assert d.http("/health")[1]["secrets"]["key_id"] != key_b.id
+        assert d.stop() == 0
+    finally:
+        d.close()
 
 
 async def test_online_rekey_changes_nothing_when_a_value_does_not_decrypt(
