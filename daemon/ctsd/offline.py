@@ -1,8 +1,9 @@
 """What the offline commands share: the instance lock held for a whole command, and reading
 every data file of a dir.
 
-Holding `DATA/.lock` keeps a daemon from starting in the middle of a backup, restore or key
-rotation; finding it held means a daemon is running, and the command refuses.
+Holding `DATA/.lock` keeps a daemon from starting in the middle of an offline backup, restore
+or key rotation; finding it held means a daemon is running, and the command goes through the
+daemon instead (or refuses, for what only works offline).
 """
 
 from __future__ import annotations

@@ -173,17 +173,17 @@ def register(main: click.Group) -> None:
         click.echo(f"made a secrets key, key id {key.id}, in {path} (mode 0600)\n")
         click.echo(
             SYSTEMD_HELP.format(name=CREDENTIAL_NAME, path=path, env=KEY_FILE_ENV)
-            + "\n\nThen encrypt the secrets already in the data dir (daemon stopped):\n"
-            f"  ctsd secrets rekey --new-key {path}\n"
-            "or let the daemon encrypt each one at its next write."
+            + "\n\nThen restart the daemon with the key configured: it encrypts every plain "
+            "secret before it is ready. Or encrypt them now (through the daemon when it runs):\n"
+            f"  ctsd secrets rekey --new-key {path}"
         )
 
     @secrets.command()
     @click.option("--data-dir", help=DATA_DIR_HELP)
     @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
     def status(data_dir: str | None, as_json: bool) -> None:
-        """Offline: is a key configured, and how is every secret stored? Exit 1 when a value
-        cannot be decrypted, or when a key is set and a value is still plain text."""
+        """Is a key configured, and how is every secret stored (read from the files)? Exit 1
+        when a value cannot be decrypted, or when a key is set and a value is still plain."""
         directory = resolve_data_dir(data_dir)
         if not directory.is_dir():
             fail(f"{directory}: data dir does not exist or is not a directory")
