@@ -114,6 +114,7 @@ def raw_floor() -> Iterator[str]:
 def daemon(where: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     """`ctsd serve` on a fresh data dir under `where` (so fsync costs what it costs on that
     disk), rate limit out of the way and no periodic exchange probes; removed afterwards."""
+    os.umask(0o077)  # data files as the unit makes them (UMask=0077): the daemon refuses wider
     base = Path(tempfile.mkdtemp(prefix="ctsd-bench-", dir=where))
     data = base / "data"
     data.mkdir(mode=0o700)

@@ -264,6 +264,7 @@ async def bench_tick(data_dir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
+    os.umask(0o077)  # data files as the unit makes them (UMask=0077): the daemon refuses wider
     ap = argparse.ArgumentParser()
     ap.add_argument("--connections", type=int, default=10_000)
     ap.add_argument("--starts", type=int, default=5)

@@ -188,6 +188,7 @@ def ms(x: float) -> str:
 
 
 def main() -> None:
+    os.umask(0o077)  # data files as the unit makes them (UMask=0077): the daemon refuses wider
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--edits", type=int, default=200, help="saves per size (10,000: a quarter)")
