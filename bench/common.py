@@ -111,9 +111,13 @@ def raw_floor() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def daemon(where: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def daemon(
+    where: Path, env: dict[str, str] | None = None, files: dict[str, Any] | None = None
+) -> Iterator[Daemon]:
     """`ctsd serve` on a fresh data dir under `where` (so fsync costs what it costs on that
-    disk), rate limit out of the way and no periodic exchange probes; removed afterwards."""
+    disk), rate limit out of the way and no periodic exchange probes; removed afterwards.
+    `files`: data files written before the start (name → JSON value), e.g. a table too big
+    for one bus frame."""
     os.umask(0o077)  # data files as the unit makes them (UMask=0077): the daemon refuses wider
     base = Path(tempfile.mkdtemp(prefix="ctsd-bench-", dir=where))
     data = base / "data"
@@ -123,6 +127,8 @@ def daemon(where: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
         "test_interval_s": 0,
     }
     (data / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    for name, value in (files or {}).items():
+        (data / name).write_text(json.dumps(value, indent=2) + "\n")
     d = Daemon(data, args=["--log-level", "warning"], env=env)
     try:
         d.start()

@@ -118,12 +118,6 @@ async def measure(
     bus = (await open_many(d_url, 1, HEADERS))[0]
     await auth_and(bus, None)
     call = Call(bus)
-    await call(
-        "data.import",
-        data={"files": {"connections.json": connections(n)}},
-        mode="replace",
-        sync="files",
-    )
     echo = await echo_floor(raw_url, args.updates)
     size = record_bytes()
     append = append_floor(data_dir, args.updates, size)
@@ -253,7 +247,8 @@ def main() -> None:
     with raw_floor() as raw_url:
         for loop in args.loop:
             for n in args.sizes:
-                with daemon(args.dir, env={"CTSD_EVENT_LOOP": loop}) as d:
+                table = {"connections.json": connections(n)}
+                with daemon(args.dir, {"CTSD_EVENT_LOOP": loop}, table) as d:
                     part, figures = asyncio.run(measure(d.ws_url, raw_url, n, args, d.data_dir))
                     rows += [(f"[{loop}] {r[0]}", *r[1:]) for r in part]
                     judge(loop, n, figures)
