@@ -13,6 +13,7 @@ test_http_api and test_http; this module is the seeds' examples as a user would 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,6 +210,8 @@ def curl(d: Daemon, command: str, cwd: Path) -> str:
     """Run one of the seed's curl commands with the real `curl`, through the shell, in `cwd`:
     as the seed gives it but for the token header and the test daemon's port. Its stdout."""
     assert command.startswith("curl "), command
+    if shutil.which("curl") is None:  # .ci/run installs it
+        pytest.skip("curl is not installed")
     line = command.replace("curl ", f"curl -sS -H 'Authorization: Bearer {d.token}' ", 1)
     line = line.replace("http://localhost:3587/", f"http://localhost:{d.port}/")
     run = subprocess.run(
