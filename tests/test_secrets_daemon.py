@@ -256,7 +256,7 @@ def plaintexts_of_one() -> dict[tuple[str, Any], str]:
     }
 
 
-def test_a_start_that_cannot_decrypt_exits_1_naming_the_problem(
+def test_a_start_without_its_key_exits_1_and_a_tampered_value_makes_its_file_invalid(
     data_dir: Path, tmp_path: Path
 ) -> None:
     write_plain_data(data_dir, connections=2)
@@ -275,8 +275,8 @@ def test_a_start_that_cannot_decrypt_exits_1_naming_the_problem(
     assert key_a.id in line and key_b.id in line
     line = start_fails(data_dir, {})
     assert "no key is configured" in line
-    # A flipped byte, a cut-short value, a value swapped between two records.
-    rows = json.loads(good)
+    # A flipped byte, a cut-short value, a value swapped between two records: that file is
+    # invalid (file:line:column, JSON path, id), left as it is, and everything else served.
     for damage, expect in [
         (lambda r: r[1].__setitem__("api_secret", _flip(r[1]["api_secret"])), "$[1].api_secret"),
         (lambda r: r[0].__setitem__("api_key", r[0]["api_key"][:30]), "$[0].api_key"),
@@ -284,13 +284,22 @@ def test_a_start_that_cannot_decrypt_exits_1_naming_the_problem(
     ]:
         bad = json.loads(good)
         damage(bad)
-        (data_dir / "connections.json").write_text(json.dumps(bad, indent=2) + "\n")
-        line = start_fails(data_dir, {"CTSD_SECRETS_KEY_FILE": str(tmp_path / "a")})
-        assert "connections.json" in line and expect in line, line
-        assert CANARY not in line and "enc:v1" not in line
+        text = json.dumps(bad, indent=2) + "\n"
+        (data_dir / "connections.json").write_text(text)
+        d = keyed(data_dir, tmp_path / "a")
+        try:
+            d.start()
+            health = d.http("/health")[1]
+            problem = health["checks"]["files"]["invalid"]["connections.json"]
+            assert health["status"] == "degraded" and expect in problem, problem
+            assert problem.startswith("connections.json:") and problem.split(":")[1].isdigit()
+            assert CANARY not in problem and "enc:v1" not in problem
+            assert d.http("/api/data/connection")[0] == 200  # the other files are served
+            assert d.stop() == 0
+        finally:
+            d.close()
         # The file stays exactly as the operator left it.
-        assert json.loads((data_dir / "connections.json").read_text()) == bad
-    assert rows  # the good content, for the reader
+        assert (data_dir / "connections.json").read_text() == text
 
 
 def _flip(value: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-from ctsd import files, ops, safefile
+from ctsd import diagnose, files, ops, safefile
 from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
 from ctsd.core import Committed, Op, Outcome, mirror_state
 from ctsd.diagnose import FileProblem
@@ -28,6 +28,14 @@ from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
+from ctsd.secretbox import SecretBox, is_encrypted
+from ctsd.secretfields import (
+    CONNECTION_SECRETS,
+    SECRET_FILES,
+    open_connections,
+    open_content,
+    secret_places,
+)
 from ctsd.timeutil import now_iso
 
 
@@ -37,6 +45,7 @@ class Door(Protocol):
 
     committed: Committed
     problems: dict[str, FileProblem]
+    box: SecretBox  # the key secrets at rest are stored under
 
     @property
     def revision(self) -> int: ...
@@ -136,6 +145,8 @@ class Intake:
             decoded = self.decode(file, raw)
             if files.document_name(file) == "instances":
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
+            if file in SECRET_FILES:
+                self._check_secrets(file, raw, decoded)
         except Invalid as e:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
@@ -154,6 +165,33 @@ class Intake:
             committed.load_log(decoded)
         else:
             committed.documents[files.document_name(file)] = decoded  # type: ignore[index]
+
+    def _check_secrets(self, file: str, raw: bytes, decoded: Any) -> None:
+        """At start: a stored secret that does not decrypt under the configured key (a flipped
+        byte, a value cut short or moved to another record, a key id of its own) makes its
+        file invalid: reported, left as it is, everything else served. Not when no value of
+        the file decrypts for want of the key: the key itself is wrong or missing, and the
+        start fails on that (`sealer.secure_loaded`)."""
+        box = self.store.box
+        if not box.encrypting:
+            return
+        if file == CONNECTIONS:
+            failed = open_connections(box, decoded)[1]
+            values = [getattr(c, f) for c in decoded for f in CONNECTION_SECRETS]
+        else:
+            failed = open_content(box, file, decoded)[1]
+            values = [p.value for p in secret_places(file, decoded)]
+        if not failed:
+            return
+        readable = sum(1 for v in values if is_encrypted(v)) - len(failed)
+        if readable == 0 and all(e.reason in ("wrong_key", "no_key") for e in failed):
+            return
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        where = f" (id {first.record_id})" if first.record_id != file else ""
+        raise Invalid(
+            diagnose.at_path(file, raw, list(first.path or ()), f"{first.detail}{where}{more}")
+        )
 
     def _remember(self, file: str, decoded: Any, raw: bytes, stamp: Stamp) -> None:
         """The file now holds `decoded` (its bytes `raw`, its stamp `stamp`)."""
