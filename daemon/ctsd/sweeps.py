@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import heapq
 import math
 import random
@@ -57,7 +58,13 @@ PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
 def iso_at(t: float) -> str:
     """Epoch seconds → the seeds' timestamp format (cheaper than datetime on the hot path)."""
     ms = int(t * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(s: int) -> str:
+    # Heartbeats come thousands a second: format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
 
 
 def epoch_of(ts: str | None) -> float | None:
