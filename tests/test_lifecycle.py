@@ -238,14 +238,14 @@ def test_unknown_event_loop_exits_1(data_dir: Path) -> None:
         d.close()
 
 
-def test_uvloop_serves_bus_http_and_writes(data_dir: Path) -> None:
-    d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "uvloop"})
+def test_asyncio_loop_serves_bus_http_and_writes(data_dir: Path) -> None:
+    d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "asyncio"})
     try:
         d.start()
         auth = {"Authorization": f"Bearer {d.token}"}
         made = httpx.post(
             d.url + "/api/settings/connections",
-            json={"name": "on uvloop", "exchange": "binance"},
+            json={"name": "on asyncio", "exchange": "binance"},
             headers=auth,
         )
         assert made.status_code == 201, made.text
@@ -254,7 +254,7 @@ def test_uvloop_serves_bus_http_and_writes(data_dir: Path) -> None:
             assert json.loads(ws.recv(timeout=5))["type"] == "auth_ok"
             ws.send(json.dumps({"id": 1, "type": "connections.get", "connection_id": cid}))
             reply = json.loads(ws.recv(timeout=5))
-            assert reply["result"]["name"] == "on uvloop", reply
+            assert reply["result"]["name"] == "on asyncio", reply
         assert d.stop() == 0
     finally:
         d.close()
