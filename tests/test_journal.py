@@ -129,6 +129,33 @@ def test_a_last_record_with_a_wrong_checksum_is_a_torn_tail(tmp_path: Path) -> N
     assert enc(got.changes) == enc(chs[:2]) and got.dropped_bytes > 0
 
 
+@pytest.mark.parametrize("zeros", [1, 7, 8, 9, 64, 4096])
+def test_a_tail_of_zeros_is_a_torn_tail(tmp_path: Path, zeros: int) -> None:
+    """A file system may leave zeros where a last append's data never reached the disk
+    (after a whole record, or after part of one)."""
+    chs, raw, ends, d = journal_and_scratch(tmp_path, 3)
+    for kept, good in ((len(raw), chs), (ends[-2] + 11, chs[:-1])):
+        (d / journal.NAME).write_bytes(raw[:kept] + b"\0" * zeros)
+        j = Journal(d)
+        got = j.open(0)
+        assert enc(got.changes) == enc(good), (kept, zeros)
+        assert got.dropped_bytes == len(raw[:kept]) + zeros - (
+            ends[-1] if good == chs else ends[-2]
+        )
+        j.append(chs[-1])  # appends go on right after the good records
+        j.close()
+        again = Journal(d)
+        assert enc(again.open(0).changes) == enc([*good, chs[-1]])
+        again.close()
+
+
+def test_zeros_with_a_good_record_after_them_are_damage(tmp_path: Path) -> None:
+    _chs, raw, ends, d = journal_and_scratch(tmp_path, 4)
+    bad = raw[: ends[1]] + b"\0" * (ends[2] - ends[1]) + raw[ends[2] :]
+    (d / journal.NAME).write_bytes(bad)
+    assert "damaged at byte" in refused(d, 0)
+
+
 # --- damage, strangers: refused, nothing touched ----------------------------------------------
 
 

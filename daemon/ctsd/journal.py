@@ -13,10 +13,11 @@ they tell a restarted daemon where to resume applying the stream.
 The header's `base_revision` is the revision the data files had when this journal was begun;
 files at a lower revision (another dir's journal, a restored backup) are refused. A frame
 that ends the file incomplete or with a wrong checksum is a torn tail: the crash came before
-its fdatasync, so it was never acknowledged, and it is dropped (and logged). A bad frame with
-good data after it is damage, not a torn tail: the daemon refuses to start rather than lose an
-acknowledged change. Once the checkpointer has written every change up to a record into the
-files, `compact` drops those records (the journal never grows without bound).
+its fdatasync, so it was never acknowledged, and it is dropped (and logged); so is a tail of
+zeros (a file system may leave those where an append's data never reached the disk). A bad
+frame with good data after it is damage, not a torn tail: the daemon refuses to start rather
+than lose an acknowledged change. Once the checkpointer has written every change up to a
+record into the files, `compact` drops those records (the journal never grows without bound).
 
 Blocking on purpose: the store calls these in its journal thread, one at a time.
 """
@@ -91,16 +92,19 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
             return out, pos, "torn"
         length, crc = _FRAME.unpack_from(raw, pos)
         start, end = pos + _FRAME.size, pos + _FRAME.size + length
-        if length > MAX_RECORD_BYTES or end > len(raw):
-            # Cut short by the crash, or a damaged length that points past the end: then whole
-            # records follow it (a torn write is always the last one).
+        # A frame cut short by the crash, zeros where its bytes never reached the disk (every
+        # payload we write is non-empty, so a zero length is never ours), a damaged length
+        # that points past the end, or a wrong checksum: the crash cut the last write short
+        # unless a whole record follows, which only damage after the fact can leave (a torn
+        # write is always the last one: appends wait for the one before to be durable).
+        if (
+            length == 0
+            or length > MAX_RECORD_BYTES
+            or end > len(raw)
+            or zlib.crc32(raw[start:end]) != crc
+        ):
             return out, pos, "damaged" if _record_after(raw, pos) else "torn"
-        payload = raw[start:end]
-        if zlib.crc32(payload) != crc:
-            # A wrong checksum on the last frame is a write the crash cut short; anywhere else
-            # the file was damaged after the fact.
-            return out, pos, "torn" if end == len(raw) else "damaged"
-        out.append((end, payload))
+        out.append((end, raw[start:end]))
         pos = end
     return out, pos, ""
 
