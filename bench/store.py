@@ -18,7 +18,8 @@ Measured in the same run:
            `connections.json` too, so it bounds ack → in the data file. Measured twice:
            quiet (sequential), and by a 65th client during (b), i.e. under full load
 
-`--loop` runs the whole set once per event loop (CTSD_EVENT_LOOP for the daemon).
+`--loop` runs the whole set once per event loop (CTSD_EVENT_LOOP for the daemon; the
+daemon's own default, uvloop, unless told).
 Targets on 2 cores: (a) p50 ≤ 0.8 ms and p99 ≤ 2 ms; (b) ≥ 10,000/s; (c) p99 ≤ 100 ms —
 at 1,000 and at 10,000 connections. Hand edit → subscriber is bench/watch.py. Not a test:
 numbers depend on the disk and on what else runs (the load average is printed).
@@ -236,7 +237,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--loop", nargs="+", default=["asyncio"], choices=["asyncio", "uvloop"])
+    ap.add_argument("--loop", nargs="+", default=["uvloop"], choices=["asyncio", "uvloop"])
     ap.add_argument("--dir", type=Path, default=Path.cwd(), help="where the data dir goes")
     ap.add_argument("--updates", type=int, default=1000)
     ap.add_argument("--lag-samples", type=int, default=100)
