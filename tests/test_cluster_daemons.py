@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 import nats as nats_client
 import pytest
+from nats.js.api import ObjectMeta
 
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
@@ -41,8 +43,15 @@ def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
 class Hosts:
     """Three daemons of one cluster (a fresh cluster name per test: a fresh stream)."""
 
-    def __init__(self, nats: NatsCluster, base: Path, publish_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        nats: NatsCluster,
+        base: Path,
+        publish_timeout_s: float = 5.0,
+        **cluster: Any,
+    ) -> None:
         self.name = f"t{next(_names)}"
+        self.nats = nats
         self.daemons: list[Daemon] = []
         for i in range(3):
             data_dir = base / f"host{i + 1}"
@@ -50,7 +59,7 @@ class Hosts:
                 data_dir,
                 {
                     "server": {"rate_limit": {"requests": 100000, "window_s": 1}},
-                    "cluster": {"publish_timeout_s": publish_timeout_s},
+                    "cluster": {"publish_timeout_s": publish_timeout_s, **cluster},
                 },
             )
             env = {
@@ -463,3 +472,118 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
         assert warned, d.stdout()[-2000:]
     finally:
         d.close()
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def data_files(d: Daemon) -> dict[str, bytes]:
+    """Every data file's bytes (to show that nothing was written)."""
+    return {
+        str(p.relative_to(d.data_dir)): p.read_bytes()
+        for p in sorted(d.data_dir.rglob("*.json"))
+        if "logs" not in p.parts
+    }
+
+
+def shared_documents(d: Daemon) -> Any:
+    doc = read(d, "settings.json") or {}
+    return {k: v for k, v in doc.items() if k not in ("server", "cluster")}
+
+
+def snapshot_put(h: Hosts, seq: int) -> bool:
+    """A host put a snapshot at `seq` (or later) in the bucket."""
+    return any(
+        e.get("event") == "cluster.snapshot_put" and e["seq"] >= seq
+        for d in h.daemons
+        if d.proc is not None and d.proc.poll() is None
+        for e in d.log_events()
+    )
+
+
+@pytest.fixture
+def short_stream(nats: NatsCluster, tmp_path: Path) -> Iterator[Hosts]:
+    """Three hosts whose stream keeps 4 messages; a snapshot after every 2."""
+    h = Hosts(nats, tmp_path, max_msgs=4, snapshot_every_msgs=2).start()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+async def fall_behind(h: Hosts) -> int:
+    """Host 3 stopped while hosts 1 and 2 make 10 changes (the stream keeps 4) and put a
+    snapshot of the last; returns the revision they end at."""
+    a, b, c = h.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="first", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="second", id="c2"))
+    wait_until(lambda: converged(h, 2), 20, what="converged")
+    assert c.stop() == 0
+    async with bus(a) as wa, bus(b) as wb:
+        for i in range(3, 9):
+            await wa.ok("connections.create", connection=connection(name=f"n{i}", id=f"c{i}"))
+        await wb.ok("connections.update", connection_id="c1", changes={"name": "renamed"})
+        await wb.ok("connections.delete", connection_id="c2")
+        settings = await wb.ok("documents.get", name="settings")
+        await wb.ok("documents.set", name="settings", content={**settings, "stale_after_s": 77})
+        await wa.ok("connections.update", connection_id="c8", changes={"volume_factor": 2.5})
+    final = revision(a)
+    assert final == 12
+    wait_until(lambda: snapshot_put(h, final), 20, what=f"a snapshot at seq {final}")
+    return final
+
+
+async def test_a_host_behind_a_trimmed_stream_starts_from_a_snapshot(short_stream: Hosts) -> None:
+    h = short_stream
+    a, _, c = h.daemons
+    final = await fall_behind(h)
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    # READY means it holds the snapshot and what the stream added after it
+    (installed,) = [e for e in c.log_events() if e.get("event") == "cluster.snapshot_installed"]
+    assert installed["seq"] > 2, installed
+    health = c.http("/health")[1]
+    # (a periodic connection test on any host may add an event meanwhile)
+    assert health["revision"] >= final and health["checks"]["cluster"]["lag"] == 0, health
+    wait_until(lambda: converged(h, final), 20, what="converged after the snapshot")
+    assert shared_documents(c) == shared_documents(a)
+    assert shared_documents(c)["stale_after_s"] == 77
+    assert read(c, "settings.json")["cluster"]["max_msgs"] == 4  # its own keys kept
+    ids = [r["id"] for r in read(c, CONNECTIONS)]
+    assert ids == ["c1", *(f"c{i}" for i in range(3, 9))]
+    # it writes on from there, and the others apply it
+    async with bus(c) as wc:
+        await wc.ok("connections.update", connection_id="c1", changes={"name": "from h3"})
+    wait_until(lambda: converged(h, final + 1), 20, what="converged after a write on host 3")
+
+
+async def test_a_snapshot_that_does_not_validate_stops_the_start(
+    nats: NatsCluster, short_stream: Hosts
+) -> None:
+    """A snapshot this host needs but cannot use (garbage, another schema version): the start
+    fails with a message naming it, and no data file is touched."""
+    h = short_stream
+    c = h.daemons[2]
+    final = await fall_behind(h)
+    before = data_files(c)
+    bucket = f"ctsd_{h.name}_snapshots"
+    for headers, data, says in (
+        ({H_SCHEMA: SCHEMA_VERSION}, b"not a snapshot", "does not inflate"),
+        ({H_SCHEMA: SCHEMA_VERSION}, zlib.compress(b'{"cluster": 5}'), "does not decode"),
+        ({H_SCHEMA: "2"}, b"whatever", "schema version '2'"),
+    ):
+        nc = await nats_client.connect(nats.urls)
+        try:
+            store = await nc.jetstream().object_store(bucket)
+            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(final), **headers}
+            await store.put("latest", data, meta=ObjectMeta(name="latest", headers=tags))
+        finally:
+            await nc.close()
+        c.start(wait=False)
+        assert c.proc is not None
+        assert c.proc.wait(timeout=60) == 1, c.stderr()
+        err = c.stderr().strip().splitlines()[-1]
+        assert bucket in err and says in err, err
+        assert data_files(c) == before
