@@ -587,3 +587,42 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
         err = c.stderr().strip().splitlines()[-1]
         assert bucket in err and says in err, err
         assert data_files(c) == before
+
+
+# --- hand edits made while a daemon was stopped ----------------------------------------------
+
+
+async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> None:
+    """Files edited while host 3 was stopped (and the cluster moved on meanwhile): taken in at
+    its start, merged onto the cluster's state and published like any hand edit."""
+    a, b, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="one", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="two", id="c2"))
+    wait_until(lambda: converged(hosts, 2), 20, what="converged")
+    assert c.stop() == 0
+    rows = read(c, CONNECTIONS)
+    rows[0]["name"] = "edited while stopped"
+    (c.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    doc = read(c, "settings.json")
+    (c.data_dir / "settings.json").write_text(json.dumps({**doc, "stale_after_s": 55}) + "\n")
+    async with bus(b) as wb:  # the cluster moves on meanwhile
+        await wb.ok("connections.update", connection_id="c2", changes={"name": "moved on"})
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    wait_until(lambda: converged(hosts, 5), 20, what="converged with the edits")
+    for d in hosts.daemons:
+        names = {r["id"]: r["name"] for r in read(d, CONNECTIONS)}
+        assert names == {"c1": "edited while stopped", "c2": "moved on"}, d.data_dir
+        assert shared_documents(d)["stale_after_s"] == 55
+    by_file = [e for e in read(a, SYNC_LOG) if e["data"].get("source") == "file"]
+    assert {e["data"]["host"] for e in by_file} == {"h3"} and len(by_file) == 2, by_file
+    # once only: a restart without edits publishes nothing
+    assert c.stop() == 0
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=len(c.notify.poll()))
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c2", changes={"name": "last"})
+    wait_until(lambda: converged(hosts, 6), 20, what="converged after a plain restart")
+    assert len(read(a, SYNC_LOG)) == 6

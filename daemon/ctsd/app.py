@@ -142,6 +142,7 @@ async def _join_cluster(d: Daemon) -> None:
         try:
             seq = await committer.catch_up(timeout=_catch_up_s())
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
+            await committer.take_in_edited()  # hand edits made while it was stopped
         except (SnapshotInvalid, NoSnapshot) as e:
             # Behind what the stream keeps, and no usable snapshot: serving would mean serving
             # a state the cluster left long ago. Nothing of the snapshot was applied.
