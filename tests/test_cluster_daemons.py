@@ -262,7 +262,7 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
                 err = await wa.err("connections.update", connection_id="c1", changes={"name": "y"})
             assert err["code"] == "unavailable", err
             r = cli(a, "conn", "set", "c1", "name=z")
-            assert r.returncode == 1 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+            assert r.returncode == 10 and "unavailable" in r.stderr, (r.returncode, r.stderr)
             # a hand edit meanwhile: kept in its file, taken in once the cluster is back
             doc = read(a, "settings.json")
             (a.data_dir / "settings.json").write_text(
@@ -468,6 +468,12 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
             assert await b.ok("connections.list") == []
         status, body = d.http("/api/settings/connections")
         assert status == 200 and body == [], body
+        # the CLI: its own exit code for `unavailable`, reads go on
+        r = cli(d, "conn", "add", "--name", "x", "--exchange", "binance")
+        assert r.returncode == 10, (r.returncode, r.stdout, r.stderr)
+        assert r.stderr.startswith("ctsd: unavailable: the cluster cannot take changes"), r.stderr
+        r = cli(d, "conn", "list", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
         warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
         assert warned, d.stdout()[-2000:]
     finally:
