@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import urllib.error
+import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -632,3 +634,231 @@ async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> N
         await wa.ok("connections.update", connection_id="c2", changes={"name": "last"})
     wait_until(lambda: converged(hosts, 6), 20, what="converged after a plain restart")
     assert len(read(a, SYNC_LOG)) == 6
+
+
+# --- faults during a write storm -------------------------------------------------------------
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def http_json(d: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        d.url + path,
+        method=method,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Storm:
+    """Writers on every host at once (a bus client and an HTTP client per host, each updating
+    its own connection; hand edits of a document on host 1), subscribers on every host, and
+    a fault (`cut`) and its cure (`heal`) run in the middle of it."""
+
+    UPDATES = 16
+
+    def __init__(self, h: Hosts) -> None:
+        self.h = h
+        self.sent: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.hand_acked = 0
+        self.seen: list[list[dict[str, Any]]] = [[], [], []]
+        self.base = 0
+
+    async def prepare(self) -> None:
+        async with bus(self.h.daemons[0]) as w:
+            for host in range(3):
+                for kind in ("bus", "http"):
+                    await w.ok("connections.create", connection=connection(id=f"{kind}{host}"))
+        self.base = 6
+        wait_until(lambda: converged(self.h, self.base), 20, what="converged before the storm")
+
+    def _answer(self, cid: str, n: int, ok: bool, code: str | None) -> None:
+        if ok:
+            self.acked[cid] = n
+            return
+        # Not acknowledged: the cluster could not take it, or another host got in first
+        assert code in ("unavailable", "conflict"), (cid, n, code)
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    async def _bus_writer(self, host: int, at: dict[int, Hook]) -> None:
+        cid = f"bus{host}"
+        async with bus(self.h.daemons[host]) as b:
+            for n in range(1, self.UPDATES + 1):
+                if host == 0 and n in at:
+                    await at[n]()
+                self.sent[cid] = n
+                reply = await b.call(
+                    "connections.update",
+                    timeout=60,
+                    connection_id=cid,
+                    changes={"user_id": 100 + n},
+                    sync=None,
+                )
+                error = reply.get("error") or {}
+                self._answer(cid, n, reply["success"], error.get("code"))
+
+    async def _http_writer(self, host: int) -> None:
+        cid, d = f"http{host}", self.h.daemons[host]
+        for n in range(1, self.UPDATES + 1):
+            self.sent[cid] = n
+            status, body = await anyio.to_thread.run_sync(
+                http_json, d, "PATCH", f"/api/settings/connections/{cid}", {"user_id": 100 + n}
+            )
+            error = body.get("error") if isinstance(body, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            self._answer(cid, n, status == 200, code or f"HTTP {status}: {body}")
+
+    async def _hand_editor(self) -> None:
+        d = self.h.daemons[0]
+        for n in range(1, 7):
+            tmp = d.data_dir / "watchlists.json.edit"
+            tmp.write_text(json.dumps({"storm": n}) + "\n")
+            tmp.chmod(0o600)
+            tmp.rename(d.data_dir / "watchlists.json")
+
+            def taken(n: int = n) -> bool:
+                status, body = d.http("/api/data/watchlists")
+                return status == 200 and body.get("storm") == n
+
+            await anyio.to_thread.run_sync(lambda: wait_until(taken, 30, what="edit taken in"))
+            self.hand_acked = n
+
+    async def run(self, at: dict[int, Hook]) -> None:
+        daemons = self.h.daemons
+        async with bus(daemons[0]) as s0, bus(daemons[1]) as s1, bus(daemons[2]) as s2:
+            subs = (s0, s1, s2)
+            for s in subs:
+                await s.ok("subscribe", since=self.base)
+            async with anyio.create_task_group() as tg:
+                for host in range(3):
+                    tg.start_soon(self._bus_writer, host, at)
+                    tg.start_soon(self._http_writer, host)
+                tg.start_soon(self._hand_editor)
+            async with bus(daemons[2]) as w:  # one more change, so every host saw the storm
+                await w.ok("connections.update", connection_id="bus2", changes={"name": "end"})
+            final = revision(daemons[2])
+            for s, out in zip(subs, self.seen, strict=True):
+                out.extend(await s.events_until(final, timeout=60))
+        self.check(final)
+
+    def check(self, final: int) -> None:
+        h = self.h
+        wait_until(lambda: converged(h, final), 40, what="converged after the storm")
+        assert self.acked, "nothing was acknowledged"
+        orders = [[(e["id"], e["action"], e["connection_id"]) for e in s] for s in self.seen]
+        assert orders[0] == orders[1] == orders[2]  # the same events, the same order
+        assert [o[0] for o in orders[0]] == list(range(self.base + 1, final + 1))  # no gap
+        rows = {r["id"]: r for r in read(h.daemons[0], CONNECTIONS)}
+        log = read(h.daemons[0], SYNC_LOG)
+        assert [e["id"] for e in log] == list(range(1, len(log) + 1))
+        for cid, n in self.acked.items():
+            # every acknowledged update is there; one sent after it may have landed too
+            assert n <= rows[cid]["user_id"] - 100 <= self.sent[cid], (cid, n, rows[cid])
+            values = [
+                e["data"]["values"]["user_id"]
+                for e in log
+                if e["connection_id"] == cid and "user_id" in e["data"].get("values", {})
+            ]
+            assert values == sorted(set(values)), (cid, values)  # none applied twice
+        for d in h.daemons:
+            assert read(d, "watchlists.json") == {"storm": self.hand_acked}, d.data_dir
+
+
+async def stream_leader(nats: NatsCluster, stream: str) -> int:
+    nc = await nats_client.connect(nats.urls)
+    try:
+        leader = (await nc.jetstream().stream_info(stream)).cluster.leader
+    finally:
+        await nc.close()
+    return [n.name for n in nats.nodes].index(leader)
+
+
+async def test_a_nats_node_killed_during_a_storm_loses_nothing(
+    own_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """The stream's leader node killed (-9) in the middle of writes from all three hosts, and
+    started again while they go on."""
+    h = Hosts(own_nats, tmp_path, publish_timeout_s=10.0).start()
+    try:
+        storm = Storm(h)
+        await storm.prepare()
+        killed: list[int] = []
+
+        async def kill() -> None:
+            killed.append(await stream_leader(own_nats, f"CTSD_{h.name}"))
+            own_nats.kill(killed[0])
+
+        async def restart() -> None:
+            await anyio.to_thread.run_sync(own_nats.start_node, killed[0])
+
+        await storm.run({4: kill, 10: restart})
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def apart_nats() -> Iterator[NatsCluster]:
+    """A NATS cluster whose clients learn no other node's URL: a host given one node's URL
+    is cut off when that node stops."""
+    with NatsCluster(3, no_advertise=True) as c:
+        yield c
+
+
+async def test_a_host_cut_from_the_cluster_during_a_storm_catches_up(
+    apart_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host 3 reaches the cluster only through node n3, which is stopped in the middle of the
+    storm (hosts 1 and 2 use n1 and n2, which keep the quorum) and started again: while cut,
+    host 3 refuses writes with `unavailable`, serves reads and is degraded; healed, it catches
+    up, and nothing acknowledged is lost or doubled."""
+    h = Hosts(apart_nats, tmp_path, publish_timeout_s=2.0)
+    urls = [n.url for n in apart_nats.nodes]
+    for d, mine in zip(h.daemons, (urls[:2], urls[:2], urls[2:]), strict=True):
+        d.extra_env["CTSD_CLUSTER_NATS_URLS"] = ",".join(mine)
+    h.start()
+    try:
+        storm = Storm(h)
+        await storm.prepare()
+        c = h.daemons[2]
+
+        def cluster_ok(d: Daemon) -> bool:
+            return bool(d.http("/health")[1]["checks"]["cluster"]["ok"])
+
+        async def cut() -> None:
+            apart_nats.stop(2)
+            await anyio.to_thread.run_sync(
+                lambda: wait_until(lambda: not cluster_ok(c), 20, what="host 3 degraded")
+            )
+            health = c.http("/health")[1]
+            assert health["status"] == "degraded" and health["checks"]["cluster"]["reason"]
+            async with bus(c) as wc:
+                with anyio.fail_after(10):
+                    while True:  # at once, or after publish_timeout_s
+                        reply = await wc.call(
+                            "connections.update", connection_id="http2", changes={"name": "x"}
+                        )
+                        if not reply["success"]:
+                            break
+                assert reply["error"]["code"] == "unavailable", reply
+                rows = await wc.ok("connections.list")  # reads go on
+                assert len(rows) == 6
+            r = cli(c, "conn", "set", "bus2", "name=y")
+            assert r.returncode == 10 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+
+        async def heal() -> None:
+            await anyio.to_thread.run_sync(apart_nats.start_node, 2)
+            await anyio.to_thread.run_sync(
+                lambda: wait_until(lambda: cluster_ok(c), 30, what="host 3 back")
+            )
+
+        await storm.run({4: cut, 10: heal})
+        assert storm.refused.get("unavailable"), storm.refused  # host 3 did refuse meanwhile
+    finally:
+        h.close()
