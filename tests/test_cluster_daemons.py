@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.bus import bus
 from tests.cli_helpers import clean_env, ctsd
-from tests.daemon import Daemon, free_port, wait_until
+from tests.daemon import Daemon, free_port, http_json, wait_until
 from tests.datadir import connection
 from tests.nats_cluster import (  # the `nats` fixture
     NatsCluster,
@@ -641,20 +639,6 @@ async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> N
 Hook = Callable[[], Awaitable[None]]
 
 
-def http_json(d: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        d.url + path,
-        method=method,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
 class Storm:
     """Writers on every host at once (a bus client and an HTTP client per host, each updating
     its own connection; hand edits of a document on host 1), subscribers on every host, and
@@ -709,7 +693,7 @@ class Storm:
         for n in range(1, self.UPDATES + 1):
             self.sent[cid] = n
             status, body = await anyio.to_thread.run_sync(
-                http_json, d, "PATCH", f"/api/settings/connections/{cid}", {"user_id": 100 + n}
+                http_json, d, "PATCH", f"/api/settings/connections/{cid}", {"user_id": 100 + n}, 30
             )
             error = body.get("error") if isinstance(body, dict) else None
             code = error.get("code") if isinstance(error, dict) else None
