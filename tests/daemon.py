@@ -274,6 +274,23 @@ class Daemon:
 SYNC_LOG = "connection-sync-log.json"
 
 
+def http_json(
+    d: Daemon, method: str, path: str, body: Any, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a request with a JSON body."""
+    req = urllib.request.Request(
+        d.url + path,
+        method=method,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
 def sync_log(d: Daemon) -> list[dict[str, Any]]:
     """The sync-log file. The daemon replaces it atomically: a read is always a whole version
     (and a change answered with `sync: files` is in it)."""

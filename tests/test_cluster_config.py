@@ -33,6 +33,18 @@ def test_settings_json_keys_and_defaults() -> None:
     assert (s.replicas, s.publish_timeout_s, s.credentials) == (3, 5.0, None)
 
 
+def test_snapshots_are_taken_well_within_what_the_stream_keeps() -> None:
+    urls = {"nats_urls": ["nats://a"], "name": "d"}
+    s = load({"cluster": urls})
+    assert s is not None and (s.snapshot_every_msgs, s.snapshot_every_s) == (10_000, 300.0)
+    s = load({"cluster": {**urls, "max_msgs": 1000}})
+    assert s is not None and s.snapshot_every_msgs == 250  # a quarter of what it keeps
+    s = load({"cluster": {**urls, "max_msgs": 1000, "snapshot_every_msgs": 500}})
+    assert s is not None and s.snapshot_every_msgs == 500
+    s = load({"cluster": {**urls, "snapshot_every_s": 30}})
+    assert s is not None and s.snapshot_every_s == 30.0
+
+
 def test_the_environment_wins_over_settings_json() -> None:
     s = load(
         {"cluster": {"nats_urls": ["nats://a:4222"], "name": "file", "host_id": "from-file"}},
@@ -76,6 +88,23 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "replicas": 0}}, {}, "replicas"),
         ({"cluster": ["nats://a"]}, {}, "`$.cluster`"),
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 60}}, {}, "too short"),
+        (
+            {
+                "cluster": {
+                    "nats_urls": ["nats://a"],
+                    "name": "d",
+                    "max_msgs": 10,
+                    "snapshot_every_msgs": 6,
+                }
+            },
+            {},
+            "cluster.snapshot_every_msgs 6 is too large for cluster.max_msgs 10",
+        ),
+        (
+            {"cluster": {"nats_urls": ["nats://a"], "name": "d", "snapshot_every_s": 0}},
+            {},
+            "snapshot_every_s",
+        ),
     ],
 )
 def test_wrong_settings_get_a_clear_error(settings: dict | None, env: dict, message: str) -> None:

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import nats as nats_client
 import pytest
+from nats.js.api import ObjectMeta
 
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.bus import bus
 from tests.cli_helpers import clean_env, ctsd
-from tests.daemon import Daemon, free_port, wait_until
+from tests.daemon import Daemon, free_port, http_json, wait_until
 from tests.datadir import connection
 from tests.nats_cluster import (  # the `nats` fixture
     NatsCluster,
@@ -41,8 +43,15 @@ def write_settings(data_dir: Path, settings: dict[str, Any]) -> None:
 class Hosts:
     """Three daemons of one cluster (a fresh cluster name per test: a fresh stream)."""
 
-    def __init__(self, nats: NatsCluster, base: Path, publish_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        nats: NatsCluster,
+        base: Path,
+        publish_timeout_s: float = 5.0,
+        **cluster: Any,
+    ) -> None:
         self.name = f"t{next(_names)}"
+        self.nats = nats
         self.daemons: list[Daemon] = []
         for i in range(3):
             data_dir = base / f"host{i + 1}"
@@ -50,7 +59,7 @@ class Hosts:
                 data_dir,
                 {
                     "server": {"rate_limit": {"requests": 100000, "window_s": 1}},
-                    "cluster": {"publish_timeout_s": publish_timeout_s},
+                    "cluster": {"publish_timeout_s": publish_timeout_s, **cluster},
                 },
             )
             env = {
@@ -253,7 +262,7 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
                 err = await wa.err("connections.update", connection_id="c1", changes={"name": "y"})
             assert err["code"] == "unavailable", err
             r = cli(a, "conn", "set", "c1", "name=z")
-            assert r.returncode == 1 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+            assert r.returncode == 10 and "unavailable" in r.stderr, (r.returncode, r.stderr)
             # a hand edit meanwhile: kept in its file, taken in once the cluster is back
             doc = read(a, "settings.json")
             (a.data_dir / "settings.json").write_text(
@@ -459,7 +468,381 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
             assert await b.ok("connections.list") == []
         status, body = d.http("/api/settings/connections")
         assert status == 200 and body == [], body
+        # the CLI: its own exit code for `unavailable`, reads go on
+        r = cli(d, "conn", "add", "--name", "x", "--exchange", "binance")
+        assert r.returncode == 10, (r.returncode, r.stdout, r.stderr)
+        assert r.stderr.startswith("ctsd: unavailable: the cluster cannot take changes"), r.stderr
+        r = cli(d, "conn", "list", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
         warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
         assert warned, d.stdout()[-2000:]
     finally:
         d.close()
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def data_files(d: Daemon) -> dict[str, bytes]:
+    """Every data file's bytes (to show that nothing was written)."""
+    return {
+        str(p.relative_to(d.data_dir)): p.read_bytes()
+        for p in sorted(d.data_dir.rglob("*.json"))
+        if "logs" not in p.parts
+    }
+
+
+def shared_documents(d: Daemon) -> Any:
+    doc = read(d, "settings.json") or {}
+    return {k: v for k, v in doc.items() if k not in ("server", "cluster")}
+
+
+def snapshot_put(h: Hosts, seq: int) -> bool:
+    """A host put a snapshot at `seq` (or later) in the bucket."""
+    return any(
+        e.get("event") == "cluster.snapshot_put" and e["seq"] >= seq
+        for d in h.daemons
+        if d.proc is not None and d.proc.poll() is None
+        for e in d.log_events()
+    )
+
+
+@pytest.fixture
+def short_stream(nats: NatsCluster, tmp_path: Path) -> Iterator[Hosts]:
+    """Three hosts whose stream keeps 4 messages; a snapshot after every 2."""
+    h = Hosts(nats, tmp_path, max_msgs=4, snapshot_every_msgs=2).start()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+async def fall_behind(h: Hosts) -> int:
+    """Host 3 stopped while hosts 1 and 2 make 10 changes (the stream keeps 4) and put a
+    snapshot of the last; returns the revision they end at."""
+    a, b, c = h.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="first", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="second", id="c2"))
+    wait_until(lambda: converged(h, 2), 20, what="converged")
+    assert c.stop() == 0
+    async with bus(a) as wa, bus(b) as wb:
+        for i in range(3, 9):
+            await wa.ok("connections.create", connection=connection(name=f"n{i}", id=f"c{i}"))
+        await wb.ok("connections.update", connection_id="c1", changes={"name": "renamed"})
+        await wb.ok("connections.delete", connection_id="c2")
+        settings = await wb.ok("documents.get", name="settings")
+        await wb.ok("documents.set", name="settings", content={**settings, "stale_after_s": 77})
+        await wa.ok("connections.update", connection_id="c8", changes={"volume_factor": 2.5})
+    final = revision(a)
+    assert final == 12
+    wait_until(lambda: snapshot_put(h, final), 20, what=f"a snapshot at seq {final}")
+    return final
+
+
+async def test_a_host_behind_a_trimmed_stream_starts_from_a_snapshot(short_stream: Hosts) -> None:
+    h = short_stream
+    a, _, c = h.daemons
+    final = await fall_behind(h)
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    # READY means it holds the snapshot and what the stream added after it
+    (installed,) = [e for e in c.log_events() if e.get("event") == "cluster.snapshot_installed"]
+    assert installed["seq"] > 2, installed
+    health = c.http("/health")[1]
+    # (a periodic connection test on any host may add an event meanwhile)
+    assert health["revision"] >= final and health["checks"]["cluster"]["lag"] == 0, health
+    wait_until(lambda: converged(h, final), 20, what="converged after the snapshot")
+    assert shared_documents(c) == shared_documents(a)
+    assert shared_documents(c)["stale_after_s"] == 77
+    assert read(c, "settings.json")["cluster"]["max_msgs"] == 4  # its own keys kept
+    ids = [r["id"] for r in read(c, CONNECTIONS)]
+    assert ids == ["c1", *(f"c{i}" for i in range(3, 9))]
+    # it writes on from there, and the others apply it
+    async with bus(c) as wc:
+        await wc.ok("connections.update", connection_id="c1", changes={"name": "from h3"})
+    wait_until(lambda: converged(h, final + 1), 20, what="converged after a write on host 3")
+
+
+async def test_a_snapshot_that_does_not_validate_stops_the_start(
+    nats: NatsCluster, short_stream: Hosts
+) -> None:
+    """A snapshot this host needs but cannot use (garbage, another schema version): the start
+    fails with a message naming it, and no data file is touched."""
+    h = short_stream
+    c = h.daemons[2]
+    final = await fall_behind(h)
+    before = data_files(c)
+    bucket = f"ctsd_{h.name}_snapshots"
+    for headers, data, says in (
+        ({H_SCHEMA: SCHEMA_VERSION}, b"not a snapshot", "does not inflate"),
+        ({H_SCHEMA: SCHEMA_VERSION}, zlib.compress(b'{"cluster": 5}'), "does not decode"),
+        ({H_SCHEMA: "2"}, b"whatever", "schema version '2'"),
+    ):
+        nc = await nats_client.connect(nats.urls)
+        try:
+            store = await nc.jetstream().object_store(bucket)
+            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(final), **headers}
+            await store.put("latest", data, meta=ObjectMeta(name="latest", headers=tags))
+        finally:
+            await nc.close()
+        c.start(wait=False)
+        assert c.proc is not None
+        assert c.proc.wait(timeout=60) == 1, c.stderr()
+        err = c.stderr().strip().splitlines()[-1]
+        assert bucket in err and says in err, err
+        assert data_files(c) == before
+
+
+# --- hand edits made while a daemon was stopped ----------------------------------------------
+
+
+async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> None:
+    """Files edited while host 3 was stopped (and the cluster moved on meanwhile): taken in at
+    its start, merged onto the cluster's state and published like any hand edit."""
+    a, b, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="one", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="two", id="c2"))
+    wait_until(lambda: converged(hosts, 2), 20, what="converged")
+    assert c.stop() == 0
+    rows = read(c, CONNECTIONS)
+    rows[0]["name"] = "edited while stopped"
+    (c.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    doc = read(c, "settings.json")
+    (c.data_dir / "settings.json").write_text(json.dumps({**doc, "stale_after_s": 55}) + "\n")
+    async with bus(b) as wb:  # the cluster moves on meanwhile
+        await wb.ok("connections.update", connection_id="c2", changes={"name": "moved on"})
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    wait_until(lambda: converged(hosts, 5), 20, what="converged with the edits")
+    for d in hosts.daemons:
+        names = {r["id"]: r["name"] for r in read(d, CONNECTIONS)}
+        assert names == {"c1": "edited while stopped", "c2": "moved on"}, d.data_dir
+        assert shared_documents(d)["stale_after_s"] == 55
+    by_file = [e for e in read(a, SYNC_LOG) if e["data"].get("source") == "file"]
+    assert {e["data"]["host"] for e in by_file} == {"h3"} and len(by_file) == 2, by_file
+    # once only: a restart without edits publishes nothing
+    assert c.stop() == 0
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=len(c.notify.poll()))
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c2", changes={"name": "last"})
+    wait_until(lambda: converged(hosts, 6), 20, what="converged after a plain restart")
+    assert len(read(a, SYNC_LOG)) == 6
+
+
+# --- faults during a write storm -------------------------------------------------------------
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class Storm:
+    """Writers on every host at once (a bus client and an HTTP client per host, each updating
+    its own connection; hand edits of a document on host 1), subscribers on every host, and
+    a fault (`cut`) and its cure (`heal`) run in the middle of it."""
+
+    UPDATES = 16
+
+    def __init__(self, h: Hosts) -> None:
+        self.h = h
+        self.sent: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.hand_acked = 0
+        self.seen: list[list[dict[str, Any]]] = [[], [], []]
+        self.base = 0
+
+    async def prepare(self) -> None:
+        async with bus(self.h.daemons[0]) as w:
+            for host in range(3):
+                for kind in ("bus", "http"):
+                    await w.ok("connections.create", connection=connection(id=f"{kind}{host}"))
+        self.base = 6
+        wait_until(lambda: converged(self.h, self.base), 20, what="converged before the storm")
+
+    def _answer(self, cid: str, n: int, ok: bool, code: str | None) -> None:
+        if ok:
+            self.acked[cid] = n
+            return
+        # Not acknowledged: the cluster could not take it, or another host got in first
+        assert code in ("unavailable", "conflict"), (cid, n, code)
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    async def _bus_writer(self, host: int, at: dict[int, Hook]) -> None:
+        cid = f"bus{host}"
+        async with bus(self.h.daemons[host]) as b:
+            for n in range(1, self.UPDATES + 1):
+                if host == 0 and n in at:
+                    await at[n]()
+                self.sent[cid] = n
+                reply = await b.call(
+                    "connections.update",
+                    timeout=60,
+                    connection_id=cid,
+                    changes={"user_id": 100 + n},
+                    sync=None,
+                )
+                error = reply.get("error") or {}
+                self._answer(cid, n, reply["success"], error.get("code"))
+
+    async def _http_writer(self, host: int) -> None:
+        cid, d = f"http{host}", self.h.daemons[host]
+        for n in range(1, self.UPDATES + 1):
+            self.sent[cid] = n
+            status, body = await anyio.to_thread.run_sync(
+                http_json, d, "PATCH", f"/api/settings/connections/{cid}", {"user_id": 100 + n}, 30
+            )
+            error = body.get("error") if isinstance(body, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            self._answer(cid, n, status == 200, code or f"HTTP {status}: {body}")
+
+    async def _hand_editor(self) -> None:
+        d = self.h.daemons[0]
+        for n in range(1, 7):
+            tmp = d.data_dir / "watchlists.json.edit"
+            tmp.write_text(json.dumps({"storm": n}) + "\n")
+            tmp.chmod(0o600)
+            tmp.rename(d.data_dir / "watchlists.json")
+
+            def taken(n: int = n) -> bool:
+                status, body = d.http("/api/data/watchlists")
+                return status == 200 and body.get("storm") == n
+
+            await anyio.to_thread.run_sync(lambda: wait_until(taken, 30, what="edit taken in"))
+            self.hand_acked = n
+
+    async def run(self, at: dict[int, Hook]) -> None:
+        daemons = self.h.daemons
+        async with bus(daemons[0]) as s0, bus(daemons[1]) as s1, bus(daemons[2]) as s2:
+            subs = (s0, s1, s2)
+            for s in subs:
+                await s.ok("subscribe", since=self.base)
+            async with anyio.create_task_group() as tg:
+                for host in range(3):
+                    tg.start_soon(self._bus_writer, host, at)
+                    tg.start_soon(self._http_writer, host)
+                tg.start_soon(self._hand_editor)
+            async with bus(daemons[2]) as w:  # one more change, so every host saw the storm
+                await w.ok("connections.update", connection_id="bus2", changes={"name": "end"})
+            final = revision(daemons[2])
+            for s, out in zip(subs, self.seen, strict=True):
+                out.extend(await s.events_until(final, timeout=60))
+        self.check(final)
+
+    def check(self, final: int) -> None:
+        h = self.h
+        wait_until(lambda: converged(h, final), 40, what="converged after the storm")
+        assert self.acked, "nothing was acknowledged"
+        orders = [[(e["id"], e["action"], e["connection_id"]) for e in s] for s in self.seen]
+        assert orders[0] == orders[1] == orders[2]  # the same events, the same order
+        assert [o[0] for o in orders[0]] == list(range(self.base + 1, final + 1))  # no gap
+        rows = {r["id"]: r for r in read(h.daemons[0], CONNECTIONS)}
+        log = read(h.daemons[0], SYNC_LOG)
+        assert [e["id"] for e in log] == list(range(1, len(log) + 1))
+        for cid, n in self.acked.items():
+            # every acknowledged update is there; one sent after it may have landed too
+            assert n <= rows[cid]["user_id"] - 100 <= self.sent[cid], (cid, n, rows[cid])
+            values = [
+                e["data"]["values"]["user_id"]
+                for e in log
+                if e["connection_id"] == cid and "user_id" in e["data"].get("values", {})
+            ]
+            assert values == sorted(set(values)), (cid, values)  # none applied twice
+        for d in h.daemons:
+            assert read(d, "watchlists.json") == {"storm": self.hand_acked}, d.data_dir
+
+
+async def stream_leader(nats: NatsCluster, stream: str) -> int:
+    nc = await nats_client.connect(nats.urls)
+    try:
+        leader = (await nc.jetstream().stream_info(stream)).cluster.leader
+    finally:
+        await nc.close()
+    return [n.name for n in nats.nodes].index(leader)
+
+
+async def test_a_nats_node_killed_during_a_storm_loses_nothing(
+    own_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """The stream's leader node killed (-9) in the middle of writes from all three hosts, and
+    started again while they go on."""
+    h = Hosts(own_nats, tmp_path, publish_timeout_s=10.0).start()
+    try:
+        storm = Storm(h)
+        await storm.prepare()
+        killed: list[int] = []
+
+        async def kill() -> None:
+            killed.append(await stream_leader(own_nats, f"CTSD_{h.name}"))
+            own_nats.kill(killed[0])
+
+        async def restart() -> None:
+            await anyio.to_thread.run_sync(own_nats.start_node, killed[0])
+
+        await storm.run({4: kill, 10: restart})
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def apart_nats() -> Iterator[NatsCluster]:
+    """A NATS cluster whose clients learn no other node's URL: a host given one node's URL
+    is cut off when that node stops."""
+    with NatsCluster(3, no_advertise=True) as c:
+        yield c
+
+
+async def test_a_host_cut_from_the_cluster_during_a_storm_catches_up(
+    apart_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host 3 reaches the cluster only through node n3, which is stopped in the middle of the
+    storm (hosts 1 and 2 use n1 and n2, which keep the quorum) and started again: while cut,
+    host 3 refuses writes with `unavailable`, serves reads and is degraded; healed, it catches
+    up, and nothing acknowledged is lost or doubled."""
+    h = Hosts(apart_nats, tmp_path, publish_timeout_s=2.0)
+    urls = [n.url for n in apart_nats.nodes]
+    for d, mine in zip(h.daemons, (urls[:2], urls[:2], urls[2:]), strict=True):
+        d.extra_env["CTSD_CLUSTER_NATS_URLS"] = ",".join(mine)
+    h.start()
+    try:
+        storm = Storm(h)
+        await storm.prepare()
+        c = h.daemons[2]
+
+        def cluster_ok(d: Daemon) -> bool:
+            return bool(d.http("/health")[1]["checks"]["cluster"]["ok"])
+
+        async def cut() -> None:
+            apart_nats.stop(2)
+            await anyio.to_thread.run_sync(
+                lambda: wait_until(lambda: not cluster_ok(c), 20, what="host 3 degraded")
+            )
+            health = c.http("/health")[1]
+            assert health["status"] == "degraded" and health["checks"]["cluster"]["reason"]
+            async with bus(c) as wc:
+                with anyio.fail_after(10):
+                    while True:  # at once, or after publish_timeout_s
+                        reply = await wc.call(
+                            "connections.update", connection_id="http2", changes={"name": "x"}
+                        )
+                        if not reply["success"]:
+                            break
+                assert reply["error"]["code"] == "unavailable", reply
+                rows = await wc.ok("connections.list")  # reads go on
+                assert len(rows) == 6
+            r = cli(c, "conn", "set", "bus2", "name=y")
+            assert r.returncode == 10 and "unavailable" in r.stderr, (r.returncode, r.stderr)
+
+        async def heal() -> None:
+            await anyio.to_thread.run_sync(apart_nats.start_node, 2)
+            await anyio.to_thread.run_sync(
+                lambda: wait_until(lambda: cluster_ok(c), 30, what="host 3 back")
+            )
+
+        await storm.run({4: cut, 10: heal})
+        assert storm.refused.get("unavailable"), storm.refused  # host 3 did refuse meanwhile
+    finally:
+        h.close()

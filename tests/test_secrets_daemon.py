@@ -11,8 +11,6 @@ import json
 import random
 import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from websockets.asyncio.client import connect
 from ctsd.secretbox import Key
 from tests.bus import bus
 from tests.cli_helpers import CANARY, cli
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, http_json, wait_until
 from tests.secrets_helpers import keyed, make_key, plaintexts, stored_under, write_plain_data
 
 pytestmark = pytest.mark.anyio
@@ -50,20 +48,6 @@ def start_fails(data_dir: Path, env: dict[str, str]) -> str:
         return lines[0]
     finally:
         d.close()
-
-
-def http_json(d: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        d.url + path,
-        method=method,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def every_byte(data_dir: Path) -> dict[str, str]:

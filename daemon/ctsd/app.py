@@ -124,7 +124,7 @@ async def _join_cluster(d: Daemon) -> None:
     host before READY (the store closes the engine at shutdown)."""
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
-    from ctsd.cluster.errors import ClusterError
+    from ctsd.cluster.errors import ClusterError, NoSnapshot, SnapshotInvalid
 
     assert d.cluster is not None
     store = d.svc.store
@@ -135,17 +135,27 @@ async def _join_cluster(d: Daemon) -> None:
     await engine.start()
     since = committer.subscribe()
     interval = d.notifier.watchdog_interval()
+    refused: str | None = None
     async with anyio.create_task_group() as tg:
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
         try:
-            seq = await engine.catch_up(timeout=_catch_up_s())
+            seq = await committer.catch_up(timeout=_catch_up_s())
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
+            await committer.take_in_edited()  # hand edits made while it was stopped
+        except (SnapshotInvalid, NoSnapshot) as e:
+            # Behind what the stream keeps, and no usable snapshot: serving would mean serving
+            # a state the cluster left long ago. Nothing of the snapshot was applied.
+            refused = f"cluster {d.cluster.name}: {e}"
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused until the
             # engine has caught up (it keeps trying in the background).
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
         tg.cancel_scope.cancel()
+    if refused is not None:
+        await store.close()  # closes the engine; the files stay as they were
+        raise StartError(refused)
+    committer.start_snapshots()
 
 
 def _secrets_box(data_dir: Path) -> SecretBox:

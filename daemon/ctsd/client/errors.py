@@ -19,6 +19,7 @@ EXIT_CONFLICT = 6
 EXIT_RATE_LIMITED = 7
 EXIT_COMPACTED = 8
 EXIT_TEST_FAILED = 9
+EXIT_UNAVAILABLE = 10  # cluster mode: the cluster cannot take changes now; retry later
 
 ERROR_EXIT: dict[str, int] = {
     "unauthorized": EXIT_AUTH,
@@ -27,6 +28,7 @@ ERROR_EXIT: dict[str, int] = {
     "file_invalid": EXIT_CONFLICT,
     "rate_limited": EXIT_RATE_LIMITED,
     "revision_compacted": EXIT_COMPACTED,
+    "unavailable": EXIT_UNAVAILABLE,
 }
 
 EXIT_CODES_HELP = """\b
@@ -40,7 +42,8 @@ Exit codes:
   6  conflict, or a data file is invalid on disk (file_invalid)
   7  rate limited
   8  revision compacted (watch --since too old)
-  9  a connection test ran and failed"""
+  9  a connection test ran and failed
+  10 unavailable: in cluster mode the cluster cannot take changes now"""
 
 
 class CliError(click.ClickException):

@@ -25,21 +25,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from ctsd.cluster import messages
+from ctsd.cluster import messages, shared, stopped
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
+    ClusterError,
     Conflict,
     InvalidChange,
+    NoSnapshot,
     PublishRefused,
     Stalled,
+    StreamTrimmed,
     Unavailable,
 )
+from ctsd.cluster.snapshots import Snapshot, Snapshots
 from ctsd.committer import failed, journal_failed
 from ctsd.core import Change, Context, Outcome, RecordChange, Request, apply_group
 from ctsd.errors import CtsdError
@@ -56,6 +61,9 @@ LOCAL_SETTINGS_KEYS = ("server", "cluster")
 MAX_ATTEMPTS = 64  # a group computed again after conflicts; then answered `conflict`
 BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 LSNS_KEPT = 1024
+SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
+SNAPSHOT_RETRY_S = 5.0  # after a failed one
+KEEP_WAIT_S = 2.0  # at a stop: how long the files may take to hold every change
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
@@ -72,15 +80,48 @@ class ClusterCommitter:
         self._lsn_of: OrderedDict[int, int] = OrderedDict()  # stream seq → journal lsn
         self.conflicts = 0  # groups computed again after another host's change got in first
         self._back: asyncio.Task[None] | None = None
+        self.snapshots = Snapshots(engine)
+        # The stream seq of the last change installed here (what a snapshot is taken at).
+        self._installed_seq = 0
+        self._snapshotted_seq = 0  # the seq of the last snapshot this host put (or found)
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._edited: list[str] = []  # files edited while the daemon was stopped
 
     # --- start ----------------------------------------------------------------------------------
 
     def subscribe(self) -> int:
         """Apply the stream from where this host's journal and files are; returns that seq."""
         seq = self.store.journal.last_seq
+        self._installed_seq = self._snapshotted_seq = seq
+        self._edited = stopped.take_back(self.store, seq)
         self.engine.subscribe_from(seq, self._apply)
         self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
         return seq
+
+    async def catch_up(self, timeout: float) -> int:
+        """Apply what the stream holds beyond this host (from the newest snapshot when the
+        stream was trimmed past it); returns the applied seq. Raises SnapshotInvalid (the
+        snapshot needed cannot be used: nothing of it applied), other ClusterErrors."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            return await self.engine.catch_up(timeout=timeout)
+        except StreamTrimmed as trimmed:
+            await self.start_from_snapshot(trimmed)
+        return await self.engine.catch_up(timeout=max(1.0, deadline - loop.time()))
+
+    async def take_in_edited(self) -> None:
+        """After the catch-up: the files edited while the daemon was stopped, taken in (a
+        file refused now, the cluster out of reach, is taken in once it is back)."""
+        edited, self._edited = self._edited, []
+        for file in edited:
+            if await self.store.ingest(file):
+                log.info("cluster.edited_while_stopped_taken_in", file=file)
+
+    def start_snapshots(self) -> None:
+        """Put a snapshot now and then (after catch-up: a host behind puts none)."""
+        if self._snapshot_task is None:
+            self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="snapshots")
 
     async def _take_in_when_back(self) -> None:
         """Hand edits refused while the cluster could not take changes are taken in once it
@@ -180,6 +221,7 @@ class ClusterCommitter:
                 async with self._install:
                     lsn = await store.append(change, seq)
                     store.install(change, lsn, ctx)
+                    self._installed_seq = seq
                 lsn_box.append(lsn)
                 for out in outcomes:
                     if out.events:
@@ -265,6 +307,7 @@ class ClusterCommitter:
             # here: no fdatasync of its own. Ours may be answered from this lsn: synced.
             lsn = await self.store.append(change, msg.seq, sync=msg.own)
             self.store.install(change, lsn)
+            self._installed_seq = msg.seq
         self._lsn_of[msg.seq] = lsn
         while len(self._lsn_of) > LSNS_KEPT:
             self._lsn_of.popitem(last=False)
@@ -311,12 +354,124 @@ class ClusterCommitter:
             documents.append(RecordChange(rc.key, value, fields))
         return msgspec.structs.replace(change, state=state, documents=documents)
 
+    # --- snapshots ------------------------------------------------------------------------------
+
+    async def start_from_snapshot(self, trimmed: StreamTrimmed) -> None:
+        """The stream no longer holds what this host missed: install the newest snapshot and
+        apply the stream from its seq on. Raises SnapshotInvalid, NoSnapshot (nothing of it
+        applied) or Unavailable."""
+        snap = await self.snapshots.latest()
+        bucket = f"the snapshot bucket {self.snapshots.bucket}"
+        if snap is None:
+            raise NoSnapshot(
+                f"{trimmed}, but {bucket} holds none: start a host that is up to date (it "
+                "puts one within cluster.snapshot_every_s), then this one again"
+            )
+        if snap.seq + 1 < trimmed.first_seq or snap.seq <= trimmed.applied_seq:
+            raise NoSnapshot(
+                f"{trimmed}, but the newest snapshot in {bucket} is at seq {snap.seq}: it "
+                "does not reach the stream (take snapshots more often than the stream forgets: "
+                "cluster.snapshot_every_msgs, cluster.max_msgs)"
+            )
+        await self.install_snapshot(snap)
+        self.engine.resume(from_seq=snap.seq)
+
+    async def install_snapshot(self, snap: Snapshot) -> None:
+        """Replace this host's shared state with the snapshot's, checked whole first, as one
+        change of the stream: journalled with the snapshot's seq, installed, files written by
+        the checkpointer, the sync log's new events published. Raises SnapshotInvalid."""
+        what = (
+            f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
+            f"{shared.shown(snap.host)})"
+        )
+        state = shared.decode(snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what)
+        store = self.store
+        c = store.committed
+        before = c.revision
+        async with self._install:
+            change = self._localized(shared.replacement(c, state))
+            lsn = await store.append(change, snap.seq)
+            store.install(change, lsn)
+            # What If-Match compares: the revisions the new sync log tells.
+            c.record_revs.clear()
+            c.load_log(list(c.log))
+            self._installed_seq = self._snapshotted_seq = snap.seq
+        log.warning(
+            "cluster.snapshot_installed",
+            seq=snap.seq,
+            host=snap.host,
+            connections=len(state.connections),
+            revision=c.revision,
+        )
+        news = [e for e in c.log if e.id > before]
+        if news:
+            store.publish(news)
+
+    async def put_snapshot(self) -> bool:
+        """Put the shared state as of the last change installed here; whether it was stored
+        (not when the bucket holds a newer one). Raises Unavailable."""
+        async with self._install:  # the state and its seq from the same moment
+            seq = self._installed_seq
+            state = shared.capture(self.store.committed, self.engine.settings.name, seq)
+        data = await asyncio.to_thread(shared.encode, state)  # off the event loop
+        stored = await self.snapshots.put(seq, data)
+        self._snapshotted_seq = max(self._snapshotted_seq, seq)
+        if stored:
+            log.info("cluster.snapshot_put", seq=seq, bytes=len(data))
+        return stored
+
+    async def _snapshot_loop(self) -> None:
+        """Snapshots after every `snapshot_every_msgs` changes, or `snapshot_every_s` after the
+        last one when anything changed since; and, should this host fall further behind than
+        the stream keeps while it runs, the newest snapshot installed."""
+        settings = self.engine.settings
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(SNAPSHOT_POLL_S)
+            try:
+                trimmed = self.engine.stalled_by
+                if isinstance(trimmed, StreamTrimmed):
+                    await self.start_from_snapshot(trimmed)
+                    continue
+                news = self._installed_seq - self._snapshotted_seq
+                if news <= 0 or self.engine.state != "connected":
+                    continue
+                if news < settings.snapshot_every_msgs and (
+                    time.monotonic() - last < settings.snapshot_every_s
+                ):
+                    continue
+                await self.put_snapshot()
+                last = time.monotonic()
+            except ClusterError as e:
+                log.warning("cluster.snapshot_failed", reason=str(e))
+                await asyncio.sleep(SNAPSHOT_RETRY_S)
+            except Exception:  # the loop must go on: the next snapshot may work
+                log.exception("cluster.snapshot_failed")
+                await asyncio.sleep(SNAPSHOT_RETRY_S)
+
     async def close(self) -> None:
-        if self._back is not None:
-            self._back.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._back
+        for task in (self._back, self._snapshot_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.engine.close()
+        await self._keep_files()
+
+    async def _keep_files(self) -> None:
+        """At a clean stop: every change into the files, then what they hold kept, so that
+        the next start can tell the files' edits made meanwhile (`stopped`)."""
+        store = self.store
+        try:
+            await asyncio.wait_for(store.checkpointer.flush(), KEEP_WAIT_S)
+        except TimeoutError:
+            return
+        if any(f not in store.problems for f in store.checkpointer.dirty):
+            return
+        try:
+            stopped.keep(store, store.journal.last_seq)
+        except OSError as e:
+            log.warning("cluster.keep_files_failed", reason=e.strerror or str(e))
 
     # --- status ---------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CREDS_CREDENTIAL = "ctsd-nats-creds"
 MASK = "********"
 DUPLICATE_WINDOW_S = 120.0  # the stream recognizes a retried publish this long
+SNAPSHOT_EVERY_MSGS = 10_000
 
 
 class ClusterConfigError(ValueError):
@@ -47,6 +48,11 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How long a write may wait for the engine (a leader election, a reconnect) before
     # it is answered `unavailable`.
     publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    # How often a host puts a snapshot of the shared state in the snapshot bucket: after this
+    # many stream messages (default: the lesser of 10,000 and a quarter of max_msgs, so one
+    # is always there before the stream forgets), and after this many seconds with news.
+    snapshot_every_msgs: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    snapshot_every_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
 
 
 class Credentials(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,6 +88,8 @@ class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = 256 * 1024 * 1024
     max_age_s: float = 0.0
     publish_timeout_s: float = 5.0
+    snapshot_every_msgs: int = 10_000
+    snapshot_every_s: float = 300.0
     credentials: Credentials | None = None
 
     @property
@@ -141,6 +149,15 @@ def load_cluster_settings(
             f"at least {DUPLICATE_WINDOW_S:g} s, the window in which a retried write is "
             "recognized"
         )
+    every = section.snapshot_every_msgs
+    if every is None:
+        every = min(SNAPSHOT_EVERY_MSGS, max(1, section.max_msgs // 4))
+    elif every > section.max_msgs // 2:
+        raise ClusterConfigError(
+            f"cluster.snapshot_every_msgs {every} is too large for cluster.max_msgs "
+            f"{section.max_msgs}: use at most half of it, so that a snapshot is taken well "
+            "before the stream forgets the messages after the previous one"
+        )
     host_env = env.get("CTSD_HOST_ID", "").strip()
     host_id = host_env or section.host_id or socket.gethostname()
     host_from = "CTSD_HOST_ID" if host_env else ("cluster.host_id" if section.host_id else "")
@@ -159,6 +176,8 @@ def load_cluster_settings(
         max_bytes=section.max_bytes,
         max_age_s=section.max_age_s,
         publish_timeout_s=section.publish_timeout_s,
+        snapshot_every_msgs=every,
+        snapshot_every_s=section.snapshot_every_s,
         credentials=load_credentials(env),
     )
 

@@ -180,6 +180,11 @@ class ClusterEngine:
         return self._state
 
     @property
+    def stalled_by(self) -> Stalled | None:
+        """Why this host stopped applying the stream (None: it applies)."""
+        return self._stalled
+
+    @property
     def lag(self) -> int | None:
         if self._stream_last is None:
             return None

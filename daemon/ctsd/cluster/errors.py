@@ -79,5 +79,13 @@ class ApplyFailed(Stalled):
     kind = "apply_failed"
 
 
+class SnapshotInvalid(ClusterError):
+    """The stored snapshot is not one this host can use; `str()` names it and says why."""
+
+
+class NoSnapshot(ClusterError):
+    """The stream was trimmed past this host and no snapshot reaches it."""
+
+
 class InvalidChange(Exception):
     """Raised by the apply callback for a message it cannot decode or validate."""

@@ -92,10 +92,7 @@ def decode(
     encoding = headers.get(H_ENCODING)
     if encoding == ENCODING_ZLIB:
         try:
-            inflater = zlib.decompressobj()
-            payload = inflater.decompress(data, MAX_INFLATED)
-            if inflater.unconsumed_tail or not inflater.eof:
-                raise zlib.error("truncated, or larger than the limit")
+            payload = inflate(data)
         except zlib.error as exc:
             what += f" does not inflate ({exc})"
             raise BadMessage(f"{what}; it was not applied", seq=seq) from None
@@ -111,6 +108,15 @@ def decode(
         published_at=published_at,
         own=host == host_id,
     )
+
+
+def inflate(data: bytes) -> bytes:
+    """zlib-compressed bytes inflated, up to MAX_INFLATED; raises zlib.error."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_INFLATED)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise zlib.error("truncated, or larger than the limit")
+    return out
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -16,15 +16,11 @@ from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 from nats.js.object_store import ObjectStore
 
 from ctsd.cluster.engine import ClusterEngine
-from ctsd.cluster.errors import ClusterError, Unavailable
+from ctsd.cluster.errors import SnapshotInvalid, Unavailable
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA, SCHEMA_VERSION
 
 H_SEQ = "Ctsd-Seq"
 OBJECT = "latest"
-
-
-class SnapshotInvalid(ClusterError):
-    """The stored snapshot is not one this host can use (other cluster or schema, no seq)."""
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,7 +61,10 @@ class Snapshots:
         """
         store = await self._bucket()
         try:
-            current = await self._seq_of_latest(store)
+            try:
+                current = await self._seq_of_latest(store)
+            except SnapshotInvalid:
+                current = None  # one no host can use is replaced
             if current is not None and current >= seq:
                 return False
             settings = self.engine.settings

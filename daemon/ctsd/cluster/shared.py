@@ -1,0 +1,135 @@
+"""The shared state of a cluster host as one value: what a snapshot holds.
+
+`capture` takes the shared part of the committed state as it is at one stream seq (references
+only, on the event loop); `encode` turns it into the snapshot's bytes (JSON, zlib; in a
+thread); `decode` checks a snapshot read back as strictly as the data files are checked at
+start (every table and document through the files' own validation), so a snapshot that does
+not validate is refused whole; `replacement` is the one change that makes a host's shared
+state equal to it (every record put whole, every record it lacks deleted, the sync log
+replaced), which then takes the same way as any change from the stream.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import msgspec
+
+from ctsd import files
+from ctsd.cluster.errors import SnapshotInvalid
+from ctsd.cluster.messages import inflate
+from ctsd.core import Change, Committed, RecordChange, algorithm_names
+from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.models import Connection, ConnectionState, SyncEvent
+
+LOCAL_SETTINGS_KEYS = ("server", "cluster")  # each host's own; never in a snapshot
+
+
+class SharedState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The shared state of a cluster at one stream seq (the tables in file order)."""
+
+    cluster: str
+    seq: int
+    connections: list[Connection]
+    state: list[ConnectionState]
+    documents: dict[str, dict[str, Any]]
+    log: list[SyncEvent]
+
+
+_decode = msgspec.json.Decoder(SharedState).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def capture(c: Committed, cluster: str, seq: int) -> SharedState:
+    """The shared part of `c` (at stream seq `seq`). Copies references only: records and
+    documents are replaced on a change, never changed in place, so it may be encoded later
+    (in a thread) while the committed state moves on."""
+    documents = dict(c.documents)
+    settings = documents.get("settings")
+    if settings is not None:
+        documents["settings"] = {k: v for k, v in settings.items() if k not in LOCAL_SETTINGS_KEYS}
+    return SharedState(
+        cluster=cluster,
+        seq=seq,
+        connections=list(c.connections.values()),
+        state=list(c.state.values()),
+        documents=documents,
+        log=list(c.log),
+    )
+
+
+def encode(state: SharedState) -> bytes:
+    return zlib.compress(_encode(state), 1)
+
+
+def decode(data: bytes, *, cluster: str, seq: int, what: str) -> SharedState:
+    """A snapshot's bytes, checked whole; raises SnapshotInvalid naming `what` and the fault."""
+
+    def invalid(why: str) -> SnapshotInvalid:
+        return SnapshotInvalid(f"{what} is not valid: {why}; nothing of it was applied")
+
+    try:
+        raw = inflate(data)
+    except zlib.error as exc:
+        raise invalid(f"it does not inflate ({exc})") from None
+    try:
+        state = _decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise invalid(f"it does not decode ({exc})") from None
+    except RecursionError:
+        raise invalid("it is nested too deeply") from None
+    if state.cluster != cluster:
+        raise invalid(f"it holds the state of cluster {state.cluster!r}, not {cluster!r}")
+    if state.seq != seq:
+        raise invalid(f"it holds the state at seq {state.seq}, but is tagged seq {seq}")
+    # The checks the data files get at start: ids unique, connection_settings, documents
+    # against their typed views, sync-log ids increasing, instances naming algorithms.
+    try:
+        for file, records in (
+            (CONNECTIONS, state.connections),
+            (STATE, state.state),
+            (SYNC_LOG, state.log),
+        ):
+            files.decode_table(file, files.encode_table(records))
+        for name, content in state.documents.items():
+            try:
+                file = files.document_file(name)
+            except KeyError:
+                raise invalid(f"it holds an unknown document {name[:80]!r}") from None
+            files.validate_document(name, content, file)
+        instances = state.documents.get("instances")
+        if instances is not None:
+            algorithms = algorithm_names(state.documents)
+            files.check_instance_refs(instances, algorithms, files.document_file("instances"), None)
+    except Invalid as exc:
+        raise invalid(exc.problem.format()) from None
+    ids = {c.id for c in state.connections}
+    orphans = [s.connection_id for s in state.state if s.connection_id not in ids]
+    if orphans:
+        raise invalid(f"it holds the state of connection {orphans[0]!r} but not the connection")
+    return state
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A value from a snapshot's tags as shown in a message (foreign input: cut when long)."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def replacement(c: Committed, state: SharedState) -> Change:
+    """The change that makes `c`'s shared part equal `state` (records in its order)."""
+    conns = {x.id: x for x in state.connections}
+    connections = [RecordChange(k) for k in c.connections if k not in conns]
+    connections += [RecordChange(x.id, x) for x in state.connections]
+    # The state table in the snapshot's order: every record out, then in again in order.
+    records = [RecordChange(k) for k in c.state]
+    records += [RecordChange(x.connection_id, x) for x in state.state]
+    documents = [RecordChange(k) for k in c.documents if k not in state.documents]
+    documents += [RecordChange(k, v) for k, v in state.documents.items()]
+    return Change(
+        connections=connections,
+        state=records,
+        documents=documents,
+        order=list(conns),
+        log=list(state.log),
+    )
