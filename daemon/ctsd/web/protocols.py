@@ -109,6 +109,9 @@ class CoalescingTransport:
     def get_write_buffer_size(self) -> int:
         return self._t.get_write_buffer_size() + self._size
 
+    def is_closing(self) -> bool:  # on every write of a fan-out: not through __getattr__
+        return self._t.is_closing()
+
     def close(self) -> None:
         self.flush()
         self._t.close()
