@@ -578,6 +578,45 @@ async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
         assert not set(rec.seqs) & set(own_applied[i])  # never applied twice
 
 
+async def test_a_leader_left_alone_is_not_taken_for_a_quorum(own_cluster: NatsCluster) -> None:
+    """The stream's leader, its two replicas killed, goes on calling them `current` for about
+    ten seconds; the host (connected to that leader, so it sees no disconnect) must say it
+    cannot write well before that, and stay so after a write failed, until they are back."""
+    s = make_settings(own_cluster)
+    async with running(s) as (a, _rec):
+        await a.catch_up(timeout=10)
+        await commit(a, b"before")
+        nc = await nats.connect(own_cluster.urls)
+        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
+        await nc.close()
+        index = [n.name for n in own_cluster.nodes].index(leader)
+    alone = msgspec.structs.replace(s, nats_urls=(own_cluster.urls[index],))
+    async with running(alone) as (a, _rec):
+        await a.catch_up(timeout=10)
+        assert a.status().ok
+        killed_at = time.monotonic()
+        for i in range(3):
+            if i != index:
+                own_cluster.kill(i)
+        await wait_until_async(lambda: not a.status().ok, timeout=20, what="not healthy")
+        assert time.monotonic() - killed_at < 8, "taken for healthy as long as NATS says current"
+        assert "replicas current" in (a.status().reason or ""), a.status()
+        with pytest.raises(Unavailable):
+            await a.publish(b"alone", a.applied_seq, a.new_local_id())
+        until = time.monotonic() + 3  # the leader still calls its replicas current meanwhile
+        while time.monotonic() < until:
+            assert not a.status().ok, a.status()
+            await asyncio.sleep(0.1)
+        for i in range(3):
+            if i != index:
+                own_cluster.start_node(i, wait=False)
+        for i in range(3):
+            if i != index:
+                await asyncio.to_thread(own_cluster.wait_node, i)
+        await wait_until_async(lambda: a.status().ok, timeout=30, what="healthy again")
+        await commit(a, b"after")
+
+
 async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: NatsCluster) -> None:
     s = make_settings(own_cluster, publish_timeout_s=1.0)
     async with running(s) as (a, rec):

@@ -75,6 +75,12 @@ HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
+# A stream leader whose replicas died still calls them `current` for about ten seconds (the
+# NATS servers' own quorum-loss interval); their `active` (time since last heard) tells
+# sooner. Replicas of a healthy stream are heard from every second or two.
+REPLICA_SILENT_S = 5.0
+# After a publish gave up, the stream's own description is not trusted for this long.
+FAILED_HOLD_S = 10.0
 
 State = Literal["connecting", "connected", "disconnected", "unavailable", "stalled", "closed"]
 
@@ -167,6 +173,8 @@ class ClusterEngine:
         self._local_ids = itertools.count(1)
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
         self._max_payload = 1024 * 1024
+        self._check_now = asyncio.Event()  # look at the stream now (after a reconnect)
+        self._write_failed_at = -1e9  # monotonic time a publish last gave up
 
     # --- state ------------------------------------------------------------------------------
 
@@ -379,12 +387,17 @@ class ClusterEngine:
         self._connected.set()
         self._last_error = None
         if self._ready.is_set():
-            self._set_state("connected")
+            # A NATS node answers; whether the stream has a quorum behind it is not known
+            # yet: the stream is looked at now, and only that makes the host healthy again.
+            self._set_state("unavailable", "reconnected to NATS; checking the change stream")
+            self._check_now.set()
 
     async def _refresh_loop(self) -> None:
         """Keep stream_last_seq (the lag) fresh and notice a stream that stops answering."""
         while not self._closing:
-            await asyncio.sleep(self._refresh_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), self._refresh_s)
+            self._check_now.clear()
             if not self._ready.is_set() or self._js is None or self._nc is None:
                 continue
             if not self._nc.is_connected:
@@ -402,8 +415,14 @@ class ClusterEngine:
             no_quorum = _no_quorum(info)
             if no_quorum:
                 self._set_state("unavailable", no_quorum)
-            elif self._state == "unavailable":
+            elif self._state == "unavailable" and not self._failed_lately():
                 self._set_state("connected")
+
+    def _failed_lately(self) -> bool:
+        """Did a publish give up lately? For a while after nodes die, the one left may still
+        describe the stream as it was (replicas current, a leader): a write that failed then
+        outweighs what the stream says; a write that succeeds ends it at once."""
+        return time.monotonic() - self._write_failed_at < FAILED_HOLD_S
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -465,6 +484,7 @@ class ClusterEngine:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
+                self._write_failed_at = time.monotonic()
                 if self._state == "connected":
                     self._set_state("unavailable", f"the change stream takes no writes: {reason}")
                 raise Unavailable(
@@ -851,7 +871,11 @@ def _no_quorum(info: StreamInfo) -> str | None:
     replicas = cluster.replicas or []
     if cluster.leader is None:
         return "the change stream has no leader (too few NATS nodes up)"
-    up = 1 + sum(1 for r in replicas if r.current and not r.offline)
+    up = 1 + sum(
+        1
+        for r in replicas
+        if r.current and not r.offline and (r.active or 0) < REPLICA_SILENT_S * 1e9
+    )
     total = 1 + len(replicas)
     if up * 2 <= total:
         return f"the change stream has {up} of {total} replicas current: no quorum"
