@@ -58,7 +58,6 @@ log = structlog.get_logger("ctsd.cluster")
 LOCAL_SOURCES = frozenset({"sweep"})  # heartbeats and the stale sweep stay on this host
 LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
 LOCAL_SETTINGS_KEYS = ("server", "cluster")
-MAX_ATTEMPTS = 64  # a group computed again after conflicts; then answered `conflict`
 BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 LSNS_KEPT = 1024
 SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
@@ -186,6 +185,10 @@ class ClusterCommitter:
         # the first computation, and a refusal of that is answered `conflict`.
         unguarded = {i for i, r in enumerate(requests) if r.if_match is None}
         guarded: set[int] = set()
+        # A group computed again after each conflict, for up to publish_timeout_s: a host
+        # whose writes keep meeting the other hosts' (they apply their own at once, it must
+        # first receive theirs) gets through once they pause; then it answers `conflict`.
+        give_up = time.monotonic() + engine.settings.publish_timeout_s
         for attempt in itertools.count(1):
             try:
                 engine.check_writable()
@@ -237,11 +240,11 @@ class ClusterCommitter:
                 )
             except Conflict as e:
                 self.conflicts += 1
-                if attempt >= MAX_ATTEMPTS:
+                if time.monotonic() >= give_up:
                     err = CtsdError(
                         "conflict",
-                        f"other hosts kept changing the cluster's state ({attempt} attempts); "
-                        "retry",
+                        f"other hosts kept changing the cluster's state ({attempt} attempts in "
+                        f"{engine.settings.publish_timeout_s:g} s); retry",
                     )
                     return failed(requests, err), None
                 try:
