@@ -221,7 +221,7 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     c.notify.wait_for("READY=1", timeout=60, after=seen)
     # READY means caught up: no polling here
     status, body = c.http("/health")
-    assert body["revision"] == 21, body
+    assert body["revision"] == 21, (body, read(c, SYNC_LOG)[-2:])
     assert body["checks"]["cluster"]["lag"] == 0, body
     status, rows = c.http("/api/settings/connections")
     assert status == 200 and len(rows) == 21, rows
