@@ -127,6 +127,37 @@ def converged(h: Hosts, at_least: int) -> bool:
     return all(f == files[0] for f in files[1:])
 
 
+def wait_converged(h: Hosts, at_least: int, timeout: float, what: str) -> None:
+    """`converged`, or fail saying how the hosts differ."""
+    try:
+        wait_until(lambda: converged(h, at_least), timeout, what=what)
+    except AssertionError:
+        raise AssertionError(f"{what}: not converged at {at_least}: {divergence(h)}") from None
+
+
+def divergence(h: Hosts) -> list[dict[str, Any]]:
+    """Per host: its revision, the last sync-log id in its file, and which shared files
+    differ from host 1's (with the first record that differs)."""
+    files = [shared_files(d) for d in h.daemons]
+    out = []
+    for d, f in zip(h.daemons, files, strict=True):
+        differs = {}
+        for name, mine, first in zip((CONNECTIONS, STATE, SYNC_LOG), f, files[0], strict=True):
+            if mine != first:
+                pairs = zip(mine or [], first or [], strict=False)
+                differs[name] = next(((a, b) for a, b in pairs if a != b), "lengths differ")
+        last = f[2][-1]["id"] if f[2] else None
+        out.append(
+            {
+                "host": str(d.data_dir.name),
+                "revision": revision(d),
+                "file_log": last,
+                "differs": differs,
+            }
+        )
+    return out
+
+
 # --- a change made on one host reaches every host -------------------------------------------
 
 
@@ -734,7 +765,7 @@ class Storm:
 
     def check(self, final: int) -> None:
         h = self.h
-        wait_until(lambda: converged(h, final), 40, what="converged after the storm")
+        wait_converged(h, final, 40, what="converged after the storm")
         assert self.acked, "nothing was acknowledged"
         orders = [[(e["id"], e["action"], e["connection_id"]) for e in s] for s in self.seen]
         assert orders[0] == orders[1] == orders[2]  # the same events, the same order
