@@ -622,6 +622,7 @@ async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: N
     async with running(s) as (a, rec):
         await a.catch_up(timeout=10)
         await commit(a, b"before")
+        outages = a.outages
         for i in range(3):
             own_cluster.kill(i)
         t0 = time.monotonic()
@@ -650,6 +651,7 @@ async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: N
                     raise
         assert rec.payloads[0] == b"before" and rec.payloads[-1] == b"after"
         assert b"still down" not in rec.payloads
+        assert a.outages == outages + 1  # one outage, however many states it went through
 
 
 async def test_an_unreachable_engine_at_start_is_a_state_not_a_crash() -> None:

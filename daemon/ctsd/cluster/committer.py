@@ -124,23 +124,27 @@ class ClusterCommitter:
 
     async def _take_in_when_back(self) -> None:
         """Hand edits refused while the cluster could not take changes are taken in once it
-        can again (the files differ from what the daemon last read)."""
-        writable = True
+        can again (the files differ from what the daemon last read). An outage is noticed by
+        the engine's count of them, so one shorter than a poll is not missed."""
+        engine = self.engine
+        # Not taking writes at the start: edits made until it does are taken in then.
+        seen = engine.outages if engine.state == "connected" else -1
         while True:
             await asyncio.sleep(BACK_POLL_S)
             try:
-                self.engine.check_writable()
-                now = self.engine.state == "connected"
+                engine.check_writable()
+                writable = engine.state == "connected"
             except Unavailable:
-                now = False
-            if now and not writable:
-                log.info("cluster_back", reason="taking in hand edits made meanwhile")
-                for file in self.store.known_files():
-                    try:
-                        await self.store.ingest(file)
-                    except Exception:  # one file must not keep the others out
-                        log.exception("take_in_failed", file=file)
-            writable = now
+                writable = False
+            if not writable or engine.outages == seen:
+                continue
+            seen = engine.outages
+            log.info("cluster_back", reason="taking in hand edits made meanwhile")
+            for file in self.store.known_files():
+                try:
+                    await self.store.ingest(file)
+                except Exception:  # one file must not keep the others out
+                    log.exception("take_in_failed", file=file)
 
     # --- writing --------------------------------------------------------------------------------
 

@@ -175,6 +175,7 @@ class ClusterEngine:
         self._max_payload = 1024 * 1024
         self._check_now = asyncio.Event()  # look at the stream now (after a reconnect)
         self._write_failed_at = -1e9  # monotonic time a publish last gave up
+        self.outages = 0  # times it stopped taking writes (however briefly)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -222,6 +223,7 @@ class ClusterEngine:
         if state in ("disconnected", "unavailable", "connecting"):
             if self._down_since is None:
                 self._down_since = time.monotonic()
+                self.outages += 1
         else:
             self._down_since = None
         if (state, reason) != (self._state, self._reason):
