@@ -10,8 +10,7 @@ its httptools and websockets-sansio protocols:
 - Websocket: the bus's `Wire` (an ASGI extension in the scope) that the bus uses to write
   frames it framed once for every subscriber, to see whether a client keeps up, and to drop
   one that does not (ASGI has no way to abort a connection whose peer stopped reading); and
-  one socket write per event-loop turn for everything a connection sends in that turn
-  (`CoalescingTransport`).
+  the answers to frames read together sent in one socket write (`CoalescingTransport`).
 """
 
 from __future__ import annotations
