@@ -241,6 +241,24 @@ async def test_periodic_tests_for_enabled_connections(running: Any, fake: FakeEx
     assert [a for a in actions(app)[n:] if a == "test"] == []
 
 
+async def test_first_periodic_tests_wait_half_an_interval(running: Any):
+    """After a start and after a create, the first test of each connection is spread over the
+    second half of the interval: a daemon restarted in a loop never sends a burst at once."""
+    interval = 1000.0
+    t0 = time.monotonic()
+    app = await running(
+        [probe_connection(f"c{i}", None) for i in range(50)], {"test_interval_s": interval}
+    )
+    sw = app.sweeper
+    await wait_for(lambda: len(sw.test_due) == 50, 3, "first tests scheduled")
+    due = sorted(sw.test_due.values())
+    assert t0 + interval / 2 <= due[0] and due[-1] <= time.monotonic() + interval
+    t1 = time.monotonic()
+    await app.store.submit(ops.create(probe_connection("new", None)), "cli")
+    await wait_for(lambda: "new" in sw.test_due, 3, "the new one scheduled")
+    assert t1 + interval / 2 <= sw.test_due["new"] <= time.monotonic() + interval
+
+
 async def test_heartbeat_unknown_connection(running: Any):
     app = await running([probe_connection("c1", None)])
     with pytest.raises(Exception) as e:

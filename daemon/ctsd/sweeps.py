@@ -53,6 +53,10 @@ MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json
 TICK_BUDGET = 1000  # due heap entries per slice of a tick: 2-4 ms of work (bench/sweeps.py)
 RESCAN_SLICE = 1000  # connections learnt per slice (about 3 ms)
 PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
+# A connection's first periodic test (after a start, a create, a new interval) lands at
+# interval × [0.5, 1.0]: spread, so 10,000 connections never fire at once, and never right
+# away, so a daemon restarted in a loop does not send the exchanges a burst on every start.
+FIRST_TEST_AFTER = 0.5
 
 
 def iso_at(t: float) -> str:
@@ -187,7 +191,7 @@ class Sweeper:
                 self.enabled.add(cid)
                 interval = self.store.settings.test_interval_s
                 if interval > 0 and self.test_interval is not None:
-                    self._schedule_test(cid, now + random.uniform(0, interval))
+                    self._schedule_first_test(cid, now, interval)
         else:
             self.enabled.discard(cid)
             self.test_due.pop(cid, None)
@@ -344,14 +348,16 @@ class Sweeper:
         self.test_due[cid] = due
         heapq.heappush(self.test_heap, (due, cid))
 
+    def _schedule_first_test(self, cid: str, now: float, interval: float) -> None:
+        self._schedule_test(cid, now + interval * random.uniform(FIRST_TEST_AFTER, 1.0))
+
     def _reschedule_all(self, interval: float, now: float) -> None:
         self.test_interval = interval
         self.test_due.clear()
         self.test_heap = []
         if interval > 0:
-            # Spread over one interval so 10,000 connections never fire at once.
             for cid in self.enabled:
-                self._schedule_test(cid, now + random.uniform(0, interval))
+                self._schedule_first_test(cid, now, interval)
 
     def due_tests(self, now: float, room: int) -> list[str]:
         out: list[str] = []
