@@ -30,7 +30,7 @@ def test_settings_json_keys_and_defaults() -> None:
     assert s.nats_urls == ("nats://10.0.0.1:4222", "tls://n2:4222")
     assert s.name == "desk" and s.host_id == socket.gethostname()
     assert s.stream == "CTSD_desk" and s.subject == "ctsd.desk.chg"
-    assert (s.replicas, s.publish_timeout_s, s.credentials) == (3, 5.0, None)
+    assert (s.replicas, s.publish_timeout_s, s.credentials) == (3, 10.0, None)
 
 
 def test_snapshots_are_taken_well_within_what_the_stream_keeps() -> None:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -121,6 +121,33 @@ async def commit(engine: ClusterEngine, payload: bytes) -> int:
     seq = await engine.publish(payload, engine.applied_seq, engine.new_local_id())
     await engine.wait_applied(seq, timeout=10)
     return seq
+
+
+async def commit_through_faults(
+    engine: ClusterEngine,
+    payload: bytes,
+    apply_own: Callable[[int], Awaitable[None]] | None = None,
+    give_up_s: float = 60.0,
+) -> int:
+    """What a client does through a leader election (which can take nats-server 20 s when
+    the votes split): a write answered `unavailable` is sent again, against the same seq and
+    with the same id, so one that did reach the stream is found there, never stored twice; a
+    write that met another host's is computed again."""
+    local_id = engine.new_local_id()
+    expected = engine.applied_seq
+    retry = False
+    deadline = time.monotonic() + give_up_s
+    while True:
+        try:
+            return await engine.commit(payload, expected, local_id, apply_own, retry=retry)
+        except Conflict as exc:
+            await engine.wait_applied(exc.last_seq or 0, timeout=20)
+            expected = engine.applied_seq
+        except Unavailable as exc:
+            if time.monotonic() > deadline:
+                raise
+            retry = retry or exc.outcome_unknown
+            await asyncio.sleep(0.1)  # a client's back-off before it tries again
 
 
 async def raw_publish(cluster: NatsCluster, subject: str, data: bytes, headers: dict) -> int:
@@ -445,7 +472,7 @@ async def test_the_stream_leader_killed_writes_go_on(own_cluster: NatsCluster) -
         await nc.close()
         index = [n.name for n in own_cluster.nodes].index(leader)
         own_cluster.kill(index)
-        await commit(a, b"leader down")  # a new leader is elected meanwhile
+        await commit_through_faults(a, b"leader down")  # a new leader is elected meanwhile
         await asyncio.to_thread(own_cluster.start_node, index)  # the engines run meanwhile
         await commit(a, b"leader back")
         assert rec.payloads == [b"before", b"leader down", b"leader back"]
@@ -515,9 +542,10 @@ async def test_a_host_cut_off_refuses_writes_then_catches_up_when_healed(
 async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
     own_cluster: NatsCluster,
 ) -> None:
-    """A storm of commits from 3 hosts (4 writers each, conflicts retried), the stream leader
-    killed and restarted in the middle: every host applies the same groups in the same order,
-    every acknowledged group exactly once at the seq it was acknowledged with, no gap."""
+    """A storm of commits from 3 hosts (4 writers each, conflicts and refusals retried), the
+    stream leader killed and restarted in the middle: every host applies the same groups in
+    the same order, every acknowledged group exactly once at the seq it was acknowledged
+    with, no gap."""
     s = make_settings(own_cluster, publish_timeout_s=10.0)
     recs = [Recorder() for _ in range(3)]
     engines = [
@@ -535,14 +563,7 @@ async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
 
         for k in range(count):
             payload = f"h{i} w{w} #{k}".encode()
-            while True:
-                try:
-                    seq = await e.commit(
-                        payload, e.applied_seq, e.new_local_id(), apply_own if w % 2 else None
-                    )
-                    break
-                except Conflict as exc:
-                    await e.wait_applied(exc.last_seq or 0, timeout=20)
+            seq = await commit_through_faults(e, payload, apply_own if w % 2 else None)
             assert payload not in acked
             acked[payload] = seq
 

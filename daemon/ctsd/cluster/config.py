@@ -46,8 +46,10 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
     max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: kept until max_msgs/max_bytes
     # How long a write may wait for the engine (a leader election, a reconnect) before
-    # it is answered `unavailable`.
-    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    # it is answered `unavailable`. nats-server elects a new stream leader after 4-9 s
+    # without one (its raft election timeout), again when the votes split: 10 s covers
+    # the usual election.
+    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
     # How often a host puts a snapshot of the shared state in the snapshot bucket: after this
     # many stream messages (default: the lesser of 10,000 and a quarter of max_msgs, so one
     # is always there before the stream forgets), and after this many seconds with news.
@@ -87,7 +89,7 @@ class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_msgs: int = 1_000_000
     max_bytes: int = 256 * 1024 * 1024
     max_age_s: float = 0.0
-    publish_timeout_s: float = 5.0
+    publish_timeout_s: float = 10.0
     snapshot_every_msgs: int = 10_000
     snapshot_every_s: float = 300.0
     credentials: Credentials | None = None
