@@ -234,6 +234,25 @@ def test_a_replayed_change_is_not_logged_twice() -> None:
     assert after[:6] == before[:6]  # the same records, log, revision and record revisions
 
 
+def test_a_replayed_sync_log_edit_keeps_the_events_logged_after_it() -> None:
+    """A crash after a checkpoint wrote every file but before the journal was cut: the
+    journal replays onto files that hold it all. A hand edit of the sync log in it sets the
+    history back to what the edit left; the events logged after the edit must come back on
+    top of it, not be skipped as already held."""
+    c = seeded("conn_a", "conn_b")
+    kept = list(c.log)[1:]  # the operator removes the oldest entry
+    journal = [run(c, Request(ops.take_in(SYNC_LOG, kept, list(c.log)), "file"), now=T2)[1]]
+    journal.append(run(c, ops.update("conn_a", {"name": "A2"}), now=T3)[1])
+    journal.append(run(c, ops.update("conn_b", {"name": "B2"}), now=T3)[1])
+    files_now = snapshot(c)
+    replay = loaded_files(c)
+    replay.load_log(list(c.log))
+    for change in journal:
+        replay.apply(replayed(change, c, frozenset()))
+    assert [e.id for e in replay.log] == [e.id for e in c.log]
+    assert snapshot(replay)[:5] == files_now[:5]
+
+
 # --- If-Match ----------------------------------------------------------------------------------
 
 

@@ -163,10 +163,15 @@ class Committed:
             self.log = deque(change.log)
             if change.log:
                 self.revision = max(self.revision, change.log[-1].id)
+        # An event the log holds already is skipped (a journal replayed onto files that have
+        # it). Judged by the log, not the revision: a replayed edit of the history sets the
+        # log back, and the events logged after that edit must go on top of it again.
+        last = self.log[-1].id if self.log else 0
         for e in change.events:
-            if e.id > self.revision:
+            if e.id > last:
                 self.log.append(e)
-                self.revision = e.id
+                last = e.id
+                self.revision = max(self.revision, e.id)
                 self._note_revision(e)
         if settings_changed:
             self.refresh_settings()
