@@ -16,7 +16,7 @@ import anyio
 import msgspec
 import pytest
 
-from ctsd import ops
+from ctsd import checkpoint, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
@@ -134,6 +134,22 @@ async def test_create_update_delete(data_dir: Path) -> None:
             assert exc.value.code == code, exc.value
             assert snapshot(data_dir) == before
         assert store.revision == 5
+
+
+async def test_a_caller_waiting_for_the_files_cuts_the_coalescing_short(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds of writes coalesce the changes of a moment; a caller who asked to be answered
+    once in the files (`sync: files`, the CLI) gets the next round at once, also when it
+    comes while the round waits for more changes."""
+    monkeypatch.setattr(checkpoint, "COALESCE_S", 60.0)
+    monkeypatch.setattr(checkpoint, "COALESCE_MAX_S", 60.0)
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")  # durable; the files wait for a round
+        assert store.checkpointer.lag_s >= 0 and "c1" not in by_id(data_dir)
+        with anyio.fail_after(10):
+            await store.submit(ops.create(conn(2)), "cli", sync="files")
+        assert {"c1", "c2"} <= set(by_id(data_dir))
 
 
 async def test_did_you_mean_on_update(data_dir: Path) -> None:

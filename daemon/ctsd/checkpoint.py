@@ -83,6 +83,7 @@ class Checkpointer:
         # held (the base of what that writer writes into them late): handed to the intake.
         self.on_displaced: Callable[[list[tuple[Displaced, Any]]], None] = lambda _d: None
         self.wake = asyncio.Event()
+        self.hurry = asyncio.Event()  # a waiter came: the coalescing wait ends
         self.last_write_s = 0.0  # how long the last round's write took (in its thread)
         self.stopping = False
         self.rounds = 0
@@ -164,6 +165,7 @@ class Checkpointer:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(Waiter(touched, lsn, fut))
         self.wake.set()
+        self.hurry.set()
         await fut
 
     def _covered(self, touched: set[str], lsn: int) -> bool:
@@ -212,9 +214,13 @@ class Checkpointer:
             self.wake.clear()
             if self.stopping:
                 return
-            if self.since is not None:
+            if self.since is not None and not self.waiters:
+                # Coalesce, unless someone waits for the files (`sync: files`, a stop): a
+                # caller that asked for them gets the next round at once.
                 wait = min(COALESCE_MAX_S, max(COALESCE_S, 3 * self.last_write_s))
-                await anyio.sleep(max(0.0, self.since + wait - time.monotonic()))
+                self.hurry.clear()
+                with anyio.move_on_after(max(0.0, self.since + wait - time.monotonic())):
+                    await self.hurry.wait()
             try:
                 await self.round()
             except Exception:  # never let the checkpointer die: the journal keeps everything
