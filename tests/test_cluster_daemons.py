@@ -596,6 +596,52 @@ async def test_a_host_behind_a_trimmed_stream_starts_from_a_snapshot(short_strea
     wait_until(lambda: converged(h, final + 1), 20, what="converged after a write on host 3")
 
 
+async def test_a_running_host_cut_off_past_what_the_stream_keeps_installs_a_snapshot(
+    apart_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host 3 reaches the cluster only through node n3. Cut off while running (n3 stopped),
+    it misses more than the stream keeps; healed, it finds the stream trimmed past it and,
+    still running, installs the newest snapshot and applies the stream from there: the same
+    files as the others, its subscriber told of every revision it missed, and it writes on."""
+    h = Hosts(apart_nats, tmp_path, max_msgs=4, snapshot_every_msgs=2)
+    urls = [n.url for n in apart_nats.nodes]
+    for d, mine in zip(h.daemons, (urls[:2], urls[:2], urls[2:]), strict=True):
+        d.extra_env["CTSD_CLUSTER_NATS_URLS"] = ",".join(mine)
+    h.start()
+    try:
+        a, _, c = h.daemons
+        async with bus(a) as wa:
+            await wa.ok("connections.create", connection=connection(name="first", id="c1"))
+        wait_until(lambda: converged(h, 1), 20, what="converged")
+        async with bus(c) as sub:
+            await sub.ok("subscribe", since=1)
+            apart_nats.stop(2)
+            wait_until(lambda: not c.http("/health")[1]["checks"]["cluster"]["ok"], 20)
+            async with bus(a) as wa:  # (host 2, on a stream this short, may need one too)
+                for i in range(2, 8):
+                    await wa.ok("connections.create", connection=connection(id=f"c{i}"))
+                await wa.ok("connections.update", connection_id="c1", changes={"name": "moved"})
+                await wa.ok("connections.delete", connection_id="c2")
+            final = revision(a)
+            assert final == 9
+            wait_until(lambda: snapshot_put(h, final), 20, what=f"a snapshot at seq {final}")
+            await anyio.to_thread.run_sync(apart_nats.start_node, 2)
+            wait_converged(h, final, 60, "converged through a snapshot")
+            (installed,) = [
+                e for e in c.log_events() if e.get("event") == "cluster.snapshot_installed"
+            ]
+            assert installed["seq"] > 1, installed
+            assert c.proc is not None and c.proc.poll() is None  # never restarted
+            got = await sub.events_until(final)
+            assert [e["id"] for e in got] == list(range(2, final + 1))  # no gap, none twice
+        async with bus(c) as wc:
+            await wc.ok("connections.update", connection_id="c1", changes={"name": "from h3"})
+        wait_converged(h, final + 1, 20, "converged after a write on host 3")
+        assert c.http("/health")[1]["status"] == "ok"
+    finally:
+        h.close()
+
+
 async def test_a_snapshot_that_does_not_validate_stops_the_start(
     nats: NatsCluster, short_stream: Hosts
 ) -> None:

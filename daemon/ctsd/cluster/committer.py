@@ -432,6 +432,10 @@ class ClusterCommitter:
         last one when anything changed since; and, should this host fall further behind than
         the stream keeps while it runs, the newest snapshot installed."""
         settings = self.engine.settings
+        try:
+            await self.snapshots.ensure()
+        except ClusterError as e:  # made when first needed, then
+            log.warning("cluster.snapshot_bucket_not_ready", reason=str(e))
         last = time.monotonic()
         while True:
             await asyncio.sleep(SNAPSHOT_POLL_S)

@@ -37,6 +37,13 @@ class Snapshots:
         self.bucket = f"ctsd_{engine.settings.name}_snapshots"
         self._store: ObjectStore | None = None
 
+    async def ensure(self) -> None:
+        """Find or create the bucket. Done at start, while the NATS nodes are usually all
+        up: creating a replicated bucket needs every replica's node, using it only a quorum,
+        so a bucket first wanted while a node is down could not be made until it is back.
+        Raises Unavailable."""
+        await self._bucket()
+
     async def _bucket(self) -> ObjectStore:
         if self._store is None:
             js = self.engine.jetstream()
