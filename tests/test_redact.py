@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from ctsd import limits
 from ctsd.errors import CtsdError
-from ctsd.redact import MASK, is_secret_key, mask, restore_placeholders
+from ctsd.models import Connection
+from ctsd.redact import (
+    MASK,
+    is_secret_key,
+    mask,
+    mask_record,
+    may_hold_placeholders,
+    restore_placeholders,
+)
 
 CANARY = "CANARY-SECRET-7f3a9c"
 
@@ -198,3 +207,41 @@ def test_an_encrypted_secret_is_masked_whole() -> None:
     assert restore_placeholders({"api_key": MASK}, stored, "$") == stored
     with pytest.raises(CtsdError):
         restore_placeholders({"api_key": "…AAAA"}, stored, "$")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"api_key": "K" * 20, "api_secret": "S" * 30, "api_passphrase": "p"},
+        {"api_key": "short", "api_secret": "", "api_passphrase": None},
+        {"api_key": "enc:v1:abcdefghijklmnop", "api_secret": "enc:v1:zz"},
+        {"connection_settings": json.dumps({"base_url": "http://x", "token": "T" * 16})},
+        {"connection_settings": json.dumps({"nested": {"password": "pw", "n": [1, {"k": 2}]}})},
+        {"connection_settings": "not json at all"},
+        {"connection_settings": "{}"},
+    ],
+)
+def test_a_record_masked_by_its_type_shows_what_the_walk_shows(fields: dict[str, str]) -> None:
+    conn = Connection(id="c1", name="n", exchange="bybit", **fields)
+    assert mask_record(conn) == mask(msgspec.to_builtins(conn))
+
+
+@pytest.mark.parametrize(
+    ("sent", "may"),
+    [
+        ({"name": "x", "user_id": 3, "api_key": "a-real-new-key"}, False),
+        ({}, False),
+        ({"api_key": MASK}, True),
+        ({"api_key": "…abcd"}, True),
+        ({"name": "x", "connection_settings": "{}"}, True),
+        ({"nested": {"api_secret": MASK}}, True),
+        ({"list": [MASK]}, True),
+        ([{"api_key": MASK}], True),
+        ("text", True),
+    ],
+)
+def test_placeholders_are_looked_for_only_where_they_may_be(sent: object, may: bool) -> None:
+    assert may_hold_placeholders(sent) is may
+    if not may:  # nothing the walk would restore
+        assert restore_placeholders(sent, {"api_key": "stored-key-123456"}) is sent

@@ -24,7 +24,13 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, TestResult
-from ctsd.redact import SETTINGS_STRING_KEY, is_secret_key, mask, restore_placeholders
+from ctsd.redact import (
+    SETTINGS_STRING_KEY,
+    is_secret_key,
+    mask,
+    may_hold_placeholders,
+    restore_placeholders,
+)
 from ctsd.sealer import CONNECTION_DOC_NAME
 from ctsd.secretbox import SecretError
 from ctsd.table import Table
@@ -156,7 +162,8 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     if not isinstance(changes, dict):
         raise CtsdError("invalid", "changes must be an object", path=path)
     # A secret sent back as shown keeps the stored one.
-    changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path)
+    if may_hold_placeholders(changes):
+        changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path)
     if "id" in changes and changes["id"] != conn.id:
         raise CtsdError(
             "invalid",

@@ -126,6 +126,34 @@ def mask(obj: Any) -> Any:
     return root
 
 
+@functools.lru_cache(maxsize=64)
+def _secret_fields(kind: type[msgspec.Struct]) -> tuple[str, ...]:
+    return tuple(f for f in kind.__struct_fields__ if is_secret_key(f))
+
+
+def mask_record(record: msgspec.Struct) -> dict[str, Any]:
+    """`mask(msgspec.to_builtins(record))` for a record of scalar fields only (a connection):
+    the secret fields are known from the type, so nothing is walked (a reply to every update
+    shows its record)."""
+    out: dict[str, Any] = msgspec.to_builtins(record)
+    for field in _secret_fields(type(record)):
+        if field in out:
+            out[field] = mask_value(field, out[field])
+    settings = out.get(SETTINGS_STRING_KEY)
+    if isinstance(settings, str):
+        out[SETTINGS_STRING_KEY] = _mask_settings_string(settings)
+    return out
+
+
+def may_hold_placeholders(sent: Any) -> bool:
+    """Could `restore_placeholders` change anything in `sent`? False for an object of plain
+    values none of which is a placeholder (most updates): no need to walk it, nor to build
+    what is stored to compare against."""
+    if not isinstance(sent, dict) or SETTINGS_STRING_KEY in sent:
+        return True
+    return any(_is_container(v) or is_placeholder(v) for v in sent.values())
+
+
 def is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and (value == MASK or (value.startswith("…") and len(value) == 5))
 

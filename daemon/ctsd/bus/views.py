@@ -14,7 +14,7 @@ import msgspec
 from ctsd import __version__, files
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, SyncEvent
-from ctsd.redact import mask
+from ctsd.redact import mask, mask_record
 from ctsd.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ to_builtins = msgspec.to_builtins
 
 
 def connection(conn: Connection) -> dict[str, Any]:
-    return mask(to_builtins(conn))
+    return mask_record(conn)
 
 
 # Each connection's masked JSON, kept while the record object is the same (records are
