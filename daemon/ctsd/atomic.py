@@ -170,9 +170,7 @@ def fsync_dir(path: Path) -> None:
 # sync_file_range(SYNC_FILE_RANGE_WRITE) starts writeback without waiting (Linux; Python's os
 # module lacks it). Started for every file of a group before the first fsync, the disk works
 # on all of them at once and that fsync's journal commit also covers the other files' block
-# allocations. Measured on this ext4: 2.3 → 1.9 ms for an 800 KB + 300 KB pair; the bus's
-# connections.update ack (bench/bus.py (b)) 7.2 → 6.4 ms p50. A hint only: fsync still
-# decides durability.
+# allocations. A hint only: fsync still decides durability.
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -204,8 +202,7 @@ def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
 
 # A large file is written back in pieces of this size as it is written (the write waits for
 # each): the disk queue then never holds more than about one piece of it, so a journal append's
-# fdatasync waits behind at most that much (measured here: p99 8.6 ms behind a 14 MB file
-# written at once, 2.2 ms behind 1 MB pieces).
+# fdatasync waits behind at most that much, not behind a whole 10 MB file.
 PACE_BYTES = 1 << 20
 _SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 

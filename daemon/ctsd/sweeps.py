@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.sweeps")
 
 MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json applies soon
-TICK_BUDGET = 1000  # due heap entries per slice of a tick: 2-4 ms of work (bench/sweeps.py)
-RESCAN_SLICE = 1000  # connections learnt per slice (about 3 ms)
+TICK_BUDGET = 1000  # due heap entries per slice of a tick: a few ms of work (bench/sweeps.py)
+RESCAN_SLICE = 1000  # connections learnt per slice (a few ms)
 PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
 # A connection's first periodic test (after a start, a create, a new interval) lands at
 # interval × [0.5, 1.0]: spread, so 10,000 connections never fire at once, and never right
