@@ -252,9 +252,10 @@ def write_files(
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
-    Each body is bytes or a sequence of chunks (written with one `writev`-like loop, so large
-    files need no join). When `expected` names a file, its current stamp is checked again just
-    before the renames; if any differs, nothing is renamed and `ChangedOnDisk` is raised.
+    Each body is bytes or a sequence of chunks (joined and written in pieces, so a large
+    file is never joined whole). When `expected` names a file, its current stamp is checked
+    again just before the renames; if any differs, nothing is renamed and `ChangedOnDisk` is
+    raised.
     On any error every temp file is removed and the old files are untouched.
 
     With `displaced`, each file our swap displaced that another process still holds open for
