@@ -708,6 +708,27 @@ def test_a_replayed_hand_edit_takes_what_its_file_holds_now() -> None:
     assert replayed(bus_only, on_disk, frozenset()) is bus_only
 
 
+def test_a_replayed_reorder_by_hand_takes_the_order_its_file_holds_now() -> None:
+    """Reordered by hand and taken in, reordered by hand again, the daemon killed before it
+    took that in: the replay must not put the older order back."""
+    c = seeded("conn_a", "conn_b", "conn_c")
+    base = dict(c.connections)
+    hand = [base["conn_c"], base["conn_a"], base["conn_b"]]
+    _, change = run(c, Request(ops.take_in(CONNECTIONS, hand, base), "file"))
+    assert change.order == ["conn_c", "conn_a", "conn_b"] and change.events == []
+    assert any(rc.hand for rc in change.connections)  # says it came from the file
+    assert list(c.connections) == ["conn_c", "conn_a", "conn_b"]
+    on_disk = Committed()
+    on_disk.connections = {k: base[k] for k in ("conn_b", "conn_c", "conn_a")}  # saved again
+    on_disk.state = dict(c.state)
+    replay = loaded_files(on_disk)
+    replay.apply(replayed(change, on_disk, frozenset()))
+    assert list(replay.connections) == ["conn_b", "conn_c", "conn_a"]
+    assert replay.connections == on_disk.connections
+    # a file that did not load is no evidence: the journalled order stands
+    assert replayed(change, on_disk, frozenset({CONNECTIONS})).order == change.order
+
+
 # --- secrets sent back as shown, server-managed fields sent back ------------------------------
 
 CANARY_SECRET = "canary-secret-7f3a9c1d"

@@ -491,3 +491,30 @@ def test_a_hand_save_after_one_taken_in_is_not_undone_by_the_replay(data_dir: Pa
     assert by_id["conn_1"]["name"] == "acked-bus-change"  # the acknowledged change is kept
     log = json.loads((data_dir / files.SYNC_LOG).read_text())
     assert any(e["data"].get("file") == "ui-config.json" for e in log)  # edit 1 was logged
+
+
+def test_a_reorder_by_hand_saved_again_is_not_undone_by_the_replay(data_dir: Path) -> None:
+    """The same for the order of `connections.json`: a reorder taken in and journalled, the
+    operator's next reorder saved but not taken in when the daemon died."""
+    from ctsd.store import Store
+
+    seed_dir(data_dir)
+    conns_path = data_dir / files.CONNECTIONS
+    store = Store(data_dir)
+    store.open()
+    try:
+        c = store.committed
+        conns0 = dict(c.connections)
+        reordered = [conns0[k] for k in ("conn_2", "conn_0", "conn_1")]
+        request = Request(ops.take_in(files.CONNECTIONS, reordered, conns0), "file")
+        (outcome,), change = apply_group(c, [request], Context("2026-01-01T00:00:00.000Z"))
+        assert outcome.error is None and change.order == ["conn_2", "conn_0", "conn_1"]
+        store.journal.append(change)
+    finally:
+        store.journal.close()
+    rows = {r["id"]: r for r in json.loads(conns_path.read_text())}
+    again = [rows[k] for k in ("conn_1", "conn_2", "conn_0")]  # the operator's next save
+    conns_path.write_text(json.dumps(again, indent=2))
+    d = restart_and_kill_at_ready(data_dir)
+    d.close()
+    assert [r["id"] for r in json.loads(conns_path.read_text())] == ["conn_1", "conn_2", "conn_0"]

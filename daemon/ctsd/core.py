@@ -492,6 +492,13 @@ def replayed(change: Change, on_disk: Committed, invalid: frozenset[str]) -> Cha
         state=list(change.state),
         documents=list(change.documents),
     )
+    # A reorder by hand: the order the file holds now, for the same reason.
+    if (
+        change.order is not None
+        and CONNECTIONS not in invalid
+        and any(rc.hand for rc in change.connections)
+    ):
+        out.order = list(on_disk.connections)
     as_on_disk(out.connections, "connections", on_disk.connections)
     as_on_disk(out.state, "state", on_disk.state)
     as_on_disk(out.documents, "documents", on_disk.documents)

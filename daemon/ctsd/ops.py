@@ -431,6 +431,12 @@ def _take_in_connections(
             tx.emit("delete", cid, {"fields": [], "name": old.name, "file": file})
     if list(new) != [k for k in current if k in new] + [k for k in new if k not in current]:
         tx.connections.order = list(new)  # the hand edit reordered them
+        if not tx.connections.over:
+            # A reorder alone: one record put again as it is, so the journalled change says it
+            # came from the file (a replay then takes the order the file holds by then).
+            first = next(iter(new))
+            tx.connections.put(first, new[first])
+            tx.set_fields("connections", first, [])
     return merged.conflicts
 
 
