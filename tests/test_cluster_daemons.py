@@ -686,15 +686,25 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
 # --- hand edits made while a daemon was stopped ----------------------------------------------
 
 
-async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> None:
-    """Files edited while host 3 was stopped (and the cluster moved on meanwhile): taken in at
-    its start, merged onto the cluster's state and published like any hand edit."""
+@pytest.mark.parametrize("how", ["clean stop", "kill -9"])
+async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts, how: str) -> None:
+    """Files edited while host 3 was down (and the cluster moved on meanwhile): taken in at
+    its start, merged onto the cluster's state and published like any hand edit, whether it
+    stopped cleanly or was killed right after a change of its own (maybe not yet in its
+    files: the journal has it, and the edit must neither undo it nor be lost)."""
     a, b, c = hosts.daemons
     async with bus(a) as wa:
         await wa.ok("connections.create", connection=connection(name="one", id="c1"))
         await wa.ok("connections.create", connection=connection(name="two", id="c2"))
     wait_until(lambda: converged(hosts, 2), 20, what="converged")
-    assert c.stop() == 0
+    revisions = 5
+    if how == "clean stop":
+        assert c.stop() == 0
+    else:
+        async with bus(c) as wc:
+            await wc.ok("connections.update", connection_id="c1", changes={"volume_factor": 3})
+        c.kill()
+        revisions += 1
     rows = read(c, CONNECTIONS)
     rows[0]["name"] = "edited while stopped"
     (c.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
@@ -705,21 +715,49 @@ async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts) -> N
     seen = len(c.notify.poll())
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
-    wait_until(lambda: converged(hosts, 5), 20, what="converged with the edits")
+    wait_until(lambda: converged(hosts, revisions), 20, what="converged with the edits")
+    factor = 3 if how == "kill -9" else 1
     for d in hosts.daemons:
-        names = {r["id"]: r["name"] for r in read(d, CONNECTIONS)}
-        assert names == {"c1": "edited while stopped", "c2": "moved on"}, d.data_dir
+        rows = {r["id"]: r for r in read(d, CONNECTIONS)}
+        assert {k: r["name"] for k, r in rows.items()} == {
+            "c1": "edited while stopped",
+            "c2": "moved on",
+        }, d.data_dir
+        assert rows["c1"].get("volume_factor", 1) == factor, d.data_dir
         assert shared_documents(d)["stale_after_s"] == 55
     by_file = [e for e in read(a, SYNC_LOG) if e["data"].get("source") == "file"]
     assert {e["data"]["host"] for e in by_file} == {"h3"} and len(by_file) == 2, by_file
     # once only: a restart without edits publishes nothing
-    assert c.stop() == 0
+    if how == "clean stop":
+        assert c.stop() == 0
+    else:
+        c.kill()
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=len(c.notify.poll()))
     async with bus(a) as wa:
         await wa.ok("connections.update", connection_id="c2", changes={"name": "last"})
-    wait_until(lambda: converged(hosts, 6), 20, what="converged after a plain restart")
-    assert len(read(a, SYNC_LOG)) == 6
+    wait_until(lambda: converged(hosts, revisions + 1), 20, what="converged after a restart")
+    assert len(read(a, SYNC_LOG)) == revisions + 1
+
+
+async def test_a_shared_file_deleted_while_stopped_is_written_again(hosts: Hosts) -> None:
+    """A cluster host's connections.json deleted while it was down: written again from what
+    the daemon last wrote (as a running daemon writes a deleted file again), never taken as
+    "every connection deleted" and published."""
+    a, _, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="one", id="c1"))
+    wait_until(lambda: converged(hosts, 1), 20, what="converged")
+    c.kill()
+    (c.data_dir / CONNECTIONS).unlink()
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    wait_until(lambda: [r["id"] for r in read(c, CONNECTIONS)] == ["c1"], 20, what="rewritten")
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c1", changes={"name": "after"})
+    wait_until(lambda: converged(hosts, 2), 20, what="converged")
+    assert len(read(a, SYNC_LOG)) == 2
 
 
 # --- faults during a write storm -------------------------------------------------------------

@@ -153,8 +153,13 @@ def test_rekey_from_plain_text_then_to_a_new_key(plain_dir: Path, tmp_path: Path
     settings = (plain_dir / "settings.json").read_bytes()
     k1, k2 = tmp_path / "k1", tmp_path / "k2"
     key1, key2 = make_key(k1), make_key(k2)
+    # A cluster host's copies of its files would judge every re-encrypted value a hand edit
+    copies = plain_dir / ".cluster-base"
+    copies.mkdir(mode=0o700)
+    (copies / "connections.json").write_bytes(b"ctsd-base 1 -\n[]\n")
     r = run("secrets", "rekey", "--new-key", str(k1), "--data-dir", str(plain_dir))
     assert r.returncode == 0, r.stderr
+    assert not copies.exists()
     assert (
         "re-encrypted 9 secret value(s) in connection.json, connections.json under key id "
         f"{key1.id} (was plain text)" in r.stdout

@@ -1,10 +1,12 @@
 """`ctsd serve`: the composition root. Builds every part with what it needs and runs them
 under one task group; start-up, readiness, signals and shutdown.
 
-    data dir → lock → store (load every file, replay the journal) → token → prober, sweeper,
-    watcher → [cluster mode: connect, apply what the stream holds beyond this host] → web
-    (bind) → READY … SIGTERM → web closes (bus clients 1001) → heartbeats flushed → store
-    closes (every change in the files) → [the cluster connection closes] → exit
+    data dir → lock → store (load every file, [cluster mode: set edited files back to their
+    copies], replay the journal) → token → prober, sweeper, watcher → [cluster mode: connect,
+    apply what the stream holds beyond this host] → store starts (writes the files; takes in
+    the edited ones) → web (bind) → READY … SIGTERM → web closes (bus clients 1001) →
+    heartbeats flushed → store closes (every change in the files) → [the cluster connection
+    closes] → exit
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from typing import Any
 import anyio
 import structlog
 
-from ctsd import __version__, livebackup, logs
+from ctsd import __version__, bases, livebackup, logs
 from ctsd.atomic import ensure_dir
+from ctsd.bases import Bases
 from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.errors import CtsdError
+from ctsd.files import document_file
 from ctsd.lock import InstanceLock
 from ctsd.notify import Notifier
 from ctsd.probes import Prober
@@ -53,6 +57,7 @@ class Daemon:
     watcher: Watcher
     notifier: Notifier
     cluster: ClusterSettings | None = field(default=None)
+    edited: list[str] = field(default_factory=list)  # cluster mode: edited while it was down
 
     def status_line(self) -> str:
         s = self.svc.store
@@ -86,13 +91,19 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         livebackup.tidy(data_dir, max_age=0)
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
-        store.open()
+        store.load()
+        cluster = load_cluster_settings(store.documents.get("settings"))
+        _catch_up_s()
+        edited: list[str] = []
+        if cluster is not None:
+            edited = store.set_back(Bases(data_dir))  # files edited while it was down
+        elif document_file("settings") not in store.problems:
+            bases.drop(data_dir)  # not a cluster host (any more)
+        store.replay()
         logs.add_file(data_dir / "logs")
         listen = resolve_listen(host, port, store.settings)
         token = load_token(data_dir)
         assert token is not None
-        cluster = load_cluster_settings(store.documents.get("settings"))
-        _catch_up_s()
     except StartError:
         lock.release()
         raise
@@ -105,7 +116,7 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     prober = Prober(store)
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
-    return Daemon(svc, Watcher(store), Notifier(), cluster), lock
+    return Daemon(svc, Watcher(store), Notifier(), cluster, edited), lock
 
 
 def _catch_up_s() -> float:
@@ -129,7 +140,7 @@ async def _join_cluster(d: Daemon) -> None:
     assert d.cluster is not None
     store = d.svc.store
     engine = ClusterEngine(d.cluster)
-    committer = ClusterCommitter(store, engine)
+    committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
     d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
     await engine.start()
@@ -142,7 +153,10 @@ async def _join_cluster(d: Daemon) -> None:
         try:
             seq = await committer.catch_up(timeout=_catch_up_s())
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
-            await committer.take_in_edited()  # hand edits made while it was stopped
+            # The files are written only now: one edited while the daemon was down is taken
+            # in first (the checkpointer's rule), and that must go through the cluster.
+            await store.start()
+            await committer.take_in_edited()
         except (SnapshotInvalid, NoSnapshot) as e:
             # Behind what the stream keeps, and no usable snapshot: serving would mean serving
             # a state the cluster left long ago. Nothing of the snapshot was applied.
@@ -151,6 +165,7 @@ async def _join_cluster(d: Daemon) -> None:
             # Reads and subscriptions are served from the files; writes are refused until the
             # engine has caught up (it keeps trying in the background).
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
+            await store.start()
         tg.cancel_scope.cancel()
     if refused is not None:
         await store.close()  # closes the engine; the files stay as they were
@@ -189,9 +204,10 @@ async def _serve(d: Daemon) -> None:
     from ctsd.web.server import Web
 
     svc, store = d.svc, d.svc.store
-    await store.start()  # changes replayed from the journal reach the files first
-    if d.cluster is not None:
-        await _join_cluster(d)
+    if d.cluster is None:
+        await store.start()  # changes replayed from the journal reach the files first
+    else:
+        await _join_cluster(d)  # starts the store once it has caught up
     web = Web(svc)
     try:
         await web.start()

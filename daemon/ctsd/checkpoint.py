@@ -25,6 +25,7 @@ import structlog
 
 from ctsd import files
 from ctsd.atomic import ChangedOnDisk, Displaced, write_files
+from ctsd.bases import Bases
 from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_keys
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
@@ -89,6 +90,9 @@ class Checkpointer:
         self.rounds = 0
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
         self.lags: list[float] = []  # seconds from a change in memory to its file written
+        # Cluster mode: each shared file's copy, written with it (a hand edit made while the
+        # daemon is down is told apart at its next start).
+        self.bases: Bases | None = None
 
     # --- what changed ------------------------------------------------------------------------
 
@@ -285,7 +289,7 @@ class Checkpointer:
         t0 = time.monotonic()
         try:
             plan, stamps, failed = await anyio.to_thread.run_sync(
-                _render_and_write, jobs, expected, kept
+                _render_and_write, jobs, expected, kept, self.bases
             )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
@@ -443,10 +447,14 @@ class _Table:
 
 
 def _render_and_write(
-    jobs: list[tuple[Path, Any]], expected: dict[Path, Any], kept: list[Displaced]
+    jobs: list[tuple[Path, Any]],
+    expected: dict[Path, Any],
+    kept: list[Displaced],
+    bases: Bases | None,
 ) -> tuple[list[tuple[Path, Any]], dict[Path, Any], dict[Path, OSError]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
-    group, or (when the group fails) one by one: (plan, stamps, the files that failed)."""
+    group, or (when the group fails) one by one, each with its copy in cluster mode: (plan,
+    stamps, the files that failed)."""
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
@@ -455,8 +463,18 @@ def _render_and_write(
             plan.append((path, files.table_chunks(job.frags.values())))
         else:
             plan.append((path, job))
+
+    def write(group: list[tuple[Path, Any]]) -> dict[Path, Any]:
+        if bases is None:
+            return write_files(group, {p: expected.get(p) for p, _ in group}, kept)
+        copies, digests = bases.copies(group)
+        # The copies are renamed first: a file is never ahead of its copy.
+        stamps = write_files(copies + group, {p: expected.get(p) for p, _ in group}, kept)
+        bases.written(digests)
+        return stamps
+
     try:
-        return plan, write_files(plan, expected, kept), {}
+        return plan, write(plan), {}
     except ChangedOnDisk:
         raise
     except OSError as e:
@@ -466,7 +484,7 @@ def _render_and_write(
     failed: dict[Path, OSError] = {}
     for path, body in plan:
         try:
-            stamps.update(write_files([(path, body)], {path: expected.get(path)}, kept))
+            stamps.update(write([(path, body)]))
         except ChangedOnDisk:
             raise
         except OSError as e:

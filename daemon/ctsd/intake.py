@@ -75,6 +75,9 @@ class Intake:
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
         self.written: Callable[[str, int], None] = lambda _file, _lsn: None
+        self.created: set[str] = set()  # files missing at start, created with default content
+        # Cluster mode: a file taken in as it is (no write follows) becomes its copy (`bases`).
+        self.keep_copy: Callable[[str, bytes], None] | None = None
 
     def path(self, file: str) -> Path:
         return self.data_dir / file
@@ -117,6 +120,7 @@ class Intake:
                 defaults.append((p, body))
         if defaults:
             write_files(defaults)
+            self.created = {p.relative_to(self.data_dir).as_posix() for p, _ in defaults}
             log.info("created_defaults", files=[p.name for p, _ in defaults])
 
     def load(self, committed: Committed) -> None:
@@ -157,14 +161,21 @@ class Intake:
             log.error("file_invalid", file=file, problem=self.store.problems[file].format())
             return
         self._remember(file, decoded, raw, stamp)
-        if file == CONNECTIONS:
-            committed.connections = {c.id: c for c in decoded}
-        elif file == STATE:
-            committed.state = {s.connection_id: s for s in decoded}
-        elif file == SYNC_LOG:
-            committed.load_log(decoded)
+        _install(file, decoded, committed)
+
+    def set_back(self, file: str, raw: bytes, committed: Committed, *, edited: bool) -> None:
+        """At start, before the journal replays: memory holds `raw` for `file` (its content
+        as the daemon last wrote it). `edited`: the file was edited meanwhile and stays as it
+        is, `raw` its base, judged changed so that it is taken in through the door; else
+        (deleted meanwhile) it is written again from memory."""
+        decoded = files.decode_file(file, raw)
+        _install(file, decoded, committed)
+        if edited:
+            od = self.disk.get(file)
+            self._remember(file, decoded, raw, od.stamp)
+            od.ctime = None  # judged changed whatever its stamp says
         else:
-            committed.documents[files.document_name(file)] = decoded  # type: ignore[index]
+            self.write_back(file)
 
     def _check_secrets(self, file: str, raw: bytes, decoded: Any) -> None:
         """At start: a stored secret that does not decrypt under the configured key (a flipped
@@ -298,6 +309,8 @@ class Intake:
             )
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
+            if self.keep_copy is not None and file != SYNC_LOG:
+                await anyio.to_thread.run_sync(self.keep_copy, file, raw)
         self._restored(file)
         return True
 
@@ -441,6 +454,17 @@ class Intake:
         if problem is not None:
             reason = f"written into {file} after the daemon had replaced it; kept as {name}, "
             self.store.notice({**invalid_notice(name, problem), "reason": reason + "not taken in"})
+
+
+def _install(file: str, decoded: Any, committed: Committed) -> None:
+    if file == CONNECTIONS:
+        committed.connections = {c.id: c for c in decoded}
+    elif file == STATE:
+        committed.state = {s.connection_id: s for s in decoded}
+    elif file == SYNC_LOG:
+        committed.load_log(decoded)
+    else:
+        committed.documents[files.document_name(file)] = decoded  # type: ignore[index]
 
 
 def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from ctsd import files
+from ctsd import bases, files
 from ctsd.atomic import ChangedOnDisk, fsync_dir, stamp_of, write_files
 from ctsd.files import Invalid
 from ctsd.offline import exclusive, owner_for, read_data_files
@@ -146,6 +146,7 @@ def finish_pending(data_dir: Path) -> bool:
             )
         plan.append((data_dir / file, new))
     if plan:
+        bases.drop(data_dir)  # the files change under a cluster host's copies of them
         write_files(plan, owner=owner_for(data_dir))
     os.unlink(intent_path)
     fsync_dir(data_dir)
@@ -176,6 +177,7 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
         )
         owner = owner_for(data_dir)
         write_files([(data_dir / INTENT, msgspec.json.encode(intent) + b"\n")], owner=owner)
+        bases.drop(data_dir)  # the files change under a cluster host's copies of them
         try:
             write_files(list(paths.items()), expected=expected, owner=owner)
         except BaseException as e:

@@ -30,6 +30,7 @@ import msgspec
 import structlog
 
 from ctsd import ops
+from ctsd.bases import Bases
 from ctsd.checkpoint import Checkpointer
 from ctsd.committer import Committer, LocalCommitter
 from ctsd.core import Change, Committed, Context, Op, Outcome, Request, loaded_files, replayed
@@ -187,8 +188,33 @@ class Store:
     def open(self) -> int:
         """Create what is missing, load every file, replay the journal onto them. Returns how
         many journalled changes were replayed (they are written before the door opens)."""
+        self.load()
+        return self.replay()
+
+    def load(self) -> None:
+        """Create what is missing, load every file (the first half of `open`)."""
         self.intake.prepare()
         self.intake.load(self.committed)
+
+    def set_back(self, bases: Bases) -> list[str]:
+        """Cluster mode, between `load` and `replay`: the shared files edited or deleted while
+        the daemon was down set back to their copies (`bases`); returns the edited ones, to
+        take in once the daemon has caught up with the cluster."""
+        shared = [f for f in self.intake.known_files() if f != SYNC_LOG]
+        judged = bases.judge(shared, self.intake.created, set(self.problems))
+        for file, raw in judged.deleted.items():
+            self.intake.set_back(file, raw, self.committed, edited=False)
+        for file, raw in judged.edited.items():
+            self.intake.set_back(file, raw, self.committed, edited=True)
+        if judged.edited or judged.deleted:
+            self.committed.refresh_settings()
+        self.checkpointer.bases = bases
+        self.intake.keep_copy = bases.keep
+        return sorted(judged.edited)
+
+    def replay(self) -> int:
+        """Replay the journal onto the files as loaded (the second half of `open`); returns
+        how many changes it held."""
         sync_log = self.disk.files.get(SYNC_LOG)
         files_revision: int | None = (
             None  # invalid on disk: its revision is not known
@@ -226,9 +252,11 @@ class Store:
     async def start(self) -> None:
         """Open the door; changes replayed from the journal reach the files first."""
         loop = asyncio.get_running_loop()
+        # The writer first: a file edited while the daemon was down is taken in through it
+        # before the round writes (nothing else comes to the door yet).
+        self._writer = loop.create_task(self._write_loop(), name="ctsd-writer")
         if self.checkpointer.dirty:
             await self.checkpointer.round()
-        self._writer = loop.create_task(self._write_loop(), name="ctsd-writer")
         self._checkpoints = loop.create_task(self.checkpointer.run(), name="ctsd-checkpoint")
 
     async def close(self) -> None:

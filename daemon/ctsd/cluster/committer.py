@@ -27,12 +27,13 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from ctsd.cluster import messages, shared, stopped
+from ctsd.cluster import messages, shared
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
     ClusterError,
@@ -62,14 +63,13 @@ BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 LSNS_KEPT = 1024
 SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
 SNAPSHOT_RETRY_S = 5.0  # after a failed one
-KEEP_WAIT_S = 2.0  # at a stop: how long the files may take to hold every change
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
 
 
 class ClusterCommitter:
-    def __init__(self, store: Store, engine: ClusterEngine) -> None:
+    def __init__(self, store: Store, engine: ClusterEngine, edited: Sequence[str] = ()) -> None:
         self.store = store
         self.engine = engine
         self.host = engine.settings.host_id
@@ -84,7 +84,7 @@ class ClusterCommitter:
         self._installed_seq = 0
         self._snapshotted_seq = 0  # the seq of the last snapshot this host put (or found)
         self._snapshot_task: asyncio.Task[None] | None = None
-        self._edited: list[str] = []  # files edited while the daemon was stopped
+        self._edited = list(edited)  # files edited while the daemon was down (`Store.set_back`)
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -92,7 +92,6 @@ class ClusterCommitter:
         """Apply the stream from where this host's journal and files are; returns that seq."""
         seq = self.store.journal.last_seq
         self._installed_seq = self._snapshotted_seq = seq
-        self._edited = stopped.take_back(self.store, seq)
         self.engine.subscribe_from(seq, self._apply)
         self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
         return seq
@@ -467,22 +466,6 @@ class ClusterCommitter:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.engine.close()
-        await self._keep_files()
-
-    async def _keep_files(self) -> None:
-        """At a clean stop: every change into the files, then what they hold kept, so that
-        the next start can tell the files' edits made meanwhile (`stopped`)."""
-        store = self.store
-        try:
-            await asyncio.wait_for(store.checkpointer.flush(), KEEP_WAIT_S)
-        except TimeoutError:
-            return
-        if any(f not in store.problems for f in store.checkpointer.dirty):
-            return
-        try:
-            stopped.keep(store, store.journal.last_seq)
-        except OSError as e:
-            log.warning("cluster.keep_files_failed", reason=e.strerror or str(e))
 
     # --- status ---------------------------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""Copies of the data files as the daemon last wrote them: how a cluster host tells a hand
+edit made while it was down from its own last write.
+
+On one host the data files are the truth at start: an edit made while the daemon was down is
+simply what it loads. On a cluster host it must become a change like any hand edit, or the
+other hosts never get it, and taking it in needs the version the operator started from. So in
+cluster mode the checkpointer writes each shared file's bytes a second time, to
+`DATA/.cluster-base/<file>`, in the same durable group as the file and renamed just before it.
+At start (after the files are read, before the journal replays onto them) a file whose bytes
+differ from its copy was edited meanwhile, however the daemon stopped (a clean stop, kill -9,
+a power cut): memory and the file's base go back to the copy, the journal replays on top,
+and once the daemon has caught up with the cluster the file is taken in through the one door,
+a three-way merge onto the cluster's state published like any hand edit. A shared file
+deleted meanwhile is written again from its copy, as a running daemon writes a deleted file
+again from memory.
+
+A copy's first line names the digest of the copy before it. A crash between the two renames
+of a round leaves the file one version behind its copy; that digest recognises the daemon's
+own previous write (not an edit). The file is never ahead of its copy: the copy's rename comes
+first and journalling filesystems (ext4, xfs) keep the order of renames across a crash.
+
+The sync log is not copied: it is the cluster's, never edited by hand on a cluster host.
+Without a copy (a file the daemon never wrote in cluster mode) the file is read as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from ctsd import safefile
+from ctsd.atomic import ensure_dir, fsync_dir, write_files
+from ctsd.files import SYNC_LOG, Invalid
+
+log = structlog.get_logger("ctsd.store")
+
+DIR = ".cluster-base"
+_MAGIC = b"ctsd-base 1 "
+_NONE = b"-"
+
+Body = bytes | Sequence[bytes]
+Plan = list[tuple[Path, Body]]
+
+
+@dataclass
+class Judged:
+    """The data files as found at start, against their copies."""
+
+    edited: dict[str, bytes] = field(default_factory=dict)  # file → its copy (the merge base)
+    deleted: dict[str, bytes] = field(default_factory=dict)  # file → its copy (written again)
+
+
+def _chunks(body: Body) -> Sequence[bytes]:
+    return [body] if isinstance(body, bytes | bytearray | memoryview) else body
+
+
+def _digest(body: Body) -> bytes:
+    h = hashlib.sha256()
+    for chunk in _chunks(body):
+        h.update(chunk)
+    return h.digest()
+
+
+def _parse(raw: bytes) -> tuple[bytes | None, bytes] | None:
+    """(digest of the copy before, content) of a copy's bytes; None when it is not one."""
+    head, sep, content = raw.partition(b"\n")
+    if not sep or not head.startswith(_MAGIC):
+        return None
+    prev = head[len(_MAGIC) :]
+    if prev == _NONE:
+        return None, content
+    try:
+        digest = bytes.fromhex(prev.decode("ascii"))
+    except ValueError:
+        return None
+    return (digest, content) if len(digest) == 32 else None
+
+
+class Bases:
+    """The copies of one data dir: written with each checkpoint, judged at start."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.dir = data_dir / DIR
+        self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
+
+    def _copy_path(self, file: str) -> Path:
+        return self.dir / file
+
+    # --- written with each checkpoint (in the checkpointer's thread) --------------------------
+
+    def copies(self, plan: Plan) -> tuple[Plan, dict[str, bytes]]:
+        """The copies to write with `plan` (renamed before it), and their digests, to pass to
+        `written` once the group is on disk."""
+        extra: Plan = []
+        digests: dict[str, bytes] = {}
+        for path, body in plan:
+            file = path.relative_to(self.data_dir).as_posix()
+            if file == SYNC_LOG:
+                continue
+            prev = self._digests.get(file)
+            head = _MAGIC + (prev.hex().encode() if prev is not None else _NONE) + b"\n"
+            target = self._copy_path(file)
+            ensure_dir(target.parent)  # removed by hand: made again, never a failed round
+            extra.append((target, [head, *_chunks(body)]))
+            digests[file] = _digest(body)
+        return extra, digests
+
+    def written(self, digests: dict[str, bytes]) -> None:
+        self._digests.update(digests)
+
+    def keep(self, file: str, raw: bytes) -> None:
+        """`file` as it is now (`raw`, a hand edit taken in that needs no write) becomes its
+        copy (blocking)."""
+        copies, digests = self.copies([(self.data_dir / file, raw)])
+        write_files(copies)
+        self.written(digests)
+
+    # --- at start -----------------------------------------------------------------------------
+
+    def judge(self, shared: list[str], created: set[str], invalid: set[str]) -> Judged:
+        """Each shared file against its copy (blocking: reads every file and copy). `created`:
+        files that were missing (just created with default content); `invalid`: files that do
+        not read as valid (left as they are). A file matching its copy, or the daemon's write
+        before it, gets a fresh copy of what it holds, as does a file with none; edited and
+        deleted files keep theirs (the base of the merge, the content to write again)."""
+        out = Judged()
+        fresh: Plan = []
+        for file in shared:
+            copy = self._read_copy(file)
+            if file in invalid:
+                if copy is not None:
+                    self._digests[file] = _digest(copy[1])
+                continue
+            if copy is not None and file in created:
+                out.deleted[file] = copy[1]
+                self._digests[file] = _digest(copy[1])
+                continue
+            try:
+                raw, _ = safefile.read_data_file(self.data_dir / file, file)
+            except (OSError, Invalid):
+                continue  # the intake reported it
+            if copy is not None and raw != copy[1]:
+                prev, content = copy
+                if prev is None or _digest(raw) != prev:
+                    out.edited[file] = content
+                    self._digests[file] = _digest(content)
+                    continue
+            if copy is None or raw != copy[1]:
+                fresh.append((self.data_dir / file, raw))
+            else:
+                self._digests[file] = _digest(raw)
+        if fresh:
+            extra, digests = self.copies(fresh)
+            write_files(extra)
+            self.written(digests)
+        if out.edited or out.deleted:
+            log.warning(
+                "edited_while_stopped", files=sorted(out.edited), deleted=sorted(out.deleted)
+            )
+        return out
+
+    def _read_copy(self, file: str) -> tuple[bytes | None, bytes] | None:
+        path = self._copy_path(file)
+        try:
+            raw, _ = safefile.read_data_file(path, f"{DIR}/{file}")
+        except FileNotFoundError:
+            return None
+        except (OSError, Invalid) as e:
+            log.warning("base_copy_unreadable", file=file, reason=str(e))
+            return None
+        parsed = _parse(raw)
+        if parsed is None:
+            log.warning("base_copy_unreadable", file=file, reason="not a copy ctsd wrote")
+        return parsed
+
+
+def drop(data_dir: Path) -> None:
+    """Forget every copy (cluster mode off, or the files rewritten by a tool that is not the
+    daemon): the next start reads the files as they are."""
+    path = data_dir / DIR
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+        fsync_dir(data_dir)
