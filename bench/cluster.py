@@ -305,18 +305,23 @@ async def _latency(urls: list[str], rounds: int) -> list[Row]:
     await asyncio.gather(auth_and(ws_a, None), auth_and(ws_b, None))
     a, b = Call(ws_a), Call(ws_b)
     await a("connections.create", connection={"id": "lat", "name": "lat", "exchange": "bybit"})
+    # Subscribed once B has applied the create, and each round waits for its own event (by
+    # revision): a late event of an earlier change must not pass for this round's.
+    start = (await a("ping"))["revision"]
+    while (await b("ping"))["revision"] < start:
+        await asyncio.sleep(0.01)
     await b("subscribe", connection_ids=["lat"])
 
-    async def event_at_b() -> float:
+    async def event_at_b(revision: int) -> float:
         while True:
             msg = json.loads(await ws_b.recv())
-            if msg.get("type") == "events":
+            if msg.get("type") == "events" and any(e["id"] == revision for e in msg["events"]):
                 return time.perf_counter()
 
     out = []
     for k in range(rounds + 20):
         t0 = time.perf_counter()
-        seen = asyncio.ensure_future(event_at_b())
+        seen = asyncio.ensure_future(event_at_b(start + 1 + k))
         await a("connections.update", connection_id="lat", changes={"user_id": k + 2})
         t1 = await asyncio.wait_for(seen, 10)
         if k >= 20:
