@@ -118,6 +118,9 @@ async def test_restore_through_the_door(data_dir: Path, tmp_path: Path) -> None:
                 },
             )
             await b.ok("documents.set", name="ui-config", content={"theme": "light"})
+            algo = {"name": "later", "params": {}}
+            await b.ok("documents.set", name="algorithms/later", content=algo, sync="files")
+            assert (data_dir / "algorithms/later.json").exists()
             # A damaged archive is refused before anything changes.
             bad = tmp_path / "bad.tar.gz"
             blob = bytearray(archive.read_bytes())
@@ -142,6 +145,9 @@ async def test_restore_through_the_door(data_dir: Path, tmp_path: Path) -> None:
             assert sorted(c["id"] for c in conns) == [f"conn_{i:05d}" for i in range(4)]
             assert d.http("/api/data/ui-config")[1] != {"theme": "light"}
             assert CANARY not in json.dumps(events)
+            # An algorithm the archive lacks is removed, its file too (else the next start
+            # would read it back)
+            assert not (data_dir / "algorithms/later.json").exists()
         assert d.stop() == 0
     finally:
         d.close()

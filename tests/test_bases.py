@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from ctsd import bases
+from ctsd import bases, ops
 from ctsd.atomic import ensure_dir, write_files
 from ctsd.bases import Bases
+from ctsd.store import Store
+from tests.datadir import connection
 
 FILE = "connections.json"
 V1 = b'[\n  {"id": "c1"}\n]\n'
@@ -107,12 +110,15 @@ def test_a_copy_that_is_not_one_is_ignored_and_replaced(data_dir: Path, copy: by
     assert judge(data_dir).edited == {FILE: V1}
 
 
-def test_an_invalid_file_is_left_to_the_intake(data_dir: Path) -> None:
+def test_a_file_broken_while_down_is_edited_with_its_copy_as_base(data_dir: Path) -> None:
     b = Bases(data_dir)
     checkpoint(b, data_dir, V1)
     (data_dir / FILE).write_bytes(b"[{")
-    assert judge(data_dir, invalid={FILE}).edited == {}
+    assert judge(data_dir, invalid={FILE}).edited == {FILE: V1}
+    assert (data_dir / FILE).read_bytes() == b"[{"  # left as the operator left it
     assert (data_dir / bases.DIR / FILE).read_bytes().endswith(b"\n" + V1)
+    bases.drop(data_dir)
+    assert judge(data_dir, invalid={FILE}).edited == {}  # no copy: the intake's alone
 
 
 def test_a_hand_edit_taken_in_as_it_is_becomes_the_copy(data_dir: Path) -> None:
@@ -130,3 +136,92 @@ def test_drop_forgets_every_copy(data_dir: Path) -> None:
     assert not (data_dir / bases.DIR).exists()
     (data_dir / FILE).write_bytes(EDIT)
     assert judge(data_dir).edited == {}
+
+
+def test_a_restore_cut_between_its_two_renames_is_no_edit(data_dir: Path) -> None:
+    """A file deleted while down, its restore round then cut after the copy's rename: the
+    default content the start created is the daemon's own write, not an edit."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    (data_dir / FILE).write_bytes(b"[]\n")  # created by the start
+    b = Bases(data_dir)
+    assert b.judge([FILE], {FILE}, set()).deleted == {FILE: V1}
+    copies, _ = b.copies([(data_dir / FILE, V1)])
+    write_files(copies)  # the restore's copy renamed, then the crash
+    judged = judge(data_dir)
+    assert judged.edited == {} and judged.deleted == {}
+
+
+def test_an_algorithm_deleted_while_down_is_an_edit(data_dir: Path) -> None:
+    algo = "algorithms/trend.json"
+    ensure_dir(data_dir / "algorithms")
+    b = Bases(data_dir)
+    group = [(data_dir / algo, b'{"name": "trend"}\n')]
+    copies, digests = b.copies(group)
+    write_files(copies + group)
+    b.written(digests)
+    (data_dir / algo).unlink()
+    assert Bases(data_dir).judge([FILE], set(), set()).edited == {algo: b'{"name": "trend"}\n'}
+    Bases(data_dir).forget(algo)  # removed from memory: its copy goes
+    assert Bases(data_dir).judge([FILE], set(), set()).edited == {}
+
+
+def test_an_algorithm_added_while_down_is_an_edit_once_copies_exist(data_dir: Path) -> None:
+    algo = "algorithms/trend.json"
+    ensure_dir(data_dir / "algorithms")
+    (data_dir / algo).write_bytes(b'{"name": "trend"}\n')
+    (data_dir / FILE).write_bytes(V1)
+    # the first start: every file as it is, and copied
+    assert Bases(data_dir).judge([FILE, algo], set(), set()).edited == {}
+    assert Bases(data_dir).judge([FILE, algo], set(), set()).edited == {}
+    added = "algorithms/fresh.json"
+    (data_dir / added).write_bytes(b'{"name": "fresh"}\n')
+    assert Bases(data_dir).judge([FILE, algo, added], set(), set()).edited == {added: None}
+
+
+# --- with the store (no daemon): what a cluster host's start does with the judged files -----
+
+
+def cluster_store(data_dir: Path) -> tuple[Store, list[str]]:
+    """A store opened as a cluster host opens it: load, set back, replay."""
+    store = Store(data_dir)
+    store.load()
+    edited = store.set_back(Bases(data_dir))
+    store.replay()
+    return store, edited
+
+
+@pytest.mark.anyio
+async def test_state_records_survive_connections_edited_while_down(data_dir: Path) -> None:
+    """connections.json edited while down (a connection taken out): its state record is
+    not mirrored away before the copy sets memory back (the edit is taken in later)."""
+    store, _ = cluster_store(data_dir)
+    await store.start()
+    for cid in ("c1", "c2"):
+        await store.submit(ops.create(connection(cid)), "bus")
+    await store.submit(ops.set_volume("c2", live=2.5), "bus", sync="files")
+    await store.close()
+    rows = json.loads((data_dir / FILE).read_text())
+    (data_dir / FILE).write_text(json.dumps(rows[:1], indent=2) + "\n")
+    store, edited = cluster_store(data_dir)
+    assert edited == [FILE]
+    assert sorted(store.connections) == ["c1", "c2"]
+    st = store.state_view("c2")
+    assert st is not None and st.volume_factor_live == 2.5
+    store.journal.close()
+
+
+@pytest.mark.anyio
+async def test_a_hand_edit_taken_in_becomes_the_copy(data_dir: Path) -> None:
+    """Taken in while running (a write of the file may follow): a start after a kill then
+    finds no edit, whether or not that write happened."""
+    store, _ = cluster_store(data_dir)
+    await store.start()
+    await store.submit(ops.create(connection("c1")), "bus", sync="files")
+    rows = json.loads((data_dir / FILE).read_text())
+    rows[0]["name"] = "by hand"
+    (data_dir / FILE).write_text(json.dumps(rows) + "\n")  # not laid out as the daemon does
+    assert await store.ingest(FILE)
+    await store.close()
+    _, edited = cluster_store(data_dir)
+    assert edited == []

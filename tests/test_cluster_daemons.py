@@ -740,6 +740,68 @@ async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts, how:
     assert len(read(a, SYNC_LOG)) == revisions + 1
 
 
+async def test_a_file_broken_while_stopped_serves_its_last_content_until_fixed(
+    hosts: Hosts,
+) -> None:
+    """connections.json saved half-way while host 3 was down: the host serves what it last
+    wrote (not nothing), applies the cluster's changes on top, leaves the file as it is; once
+    fixed, the edit is taken in and reaches every host."""
+    a, b, c = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="one", id="c1"))
+        await wa.ok("connections.create", connection=connection(name="two", id="c2"))
+    wait_until(lambda: converged(hosts, 2), 20, what="converged")
+    c.kill()
+    rows = read(c, CONNECTIONS)
+    broken = json.dumps(rows, indent=2)[:-20]
+    (c.data_dir / CONNECTIONS).write_text(broken)
+    async with bus(b) as wb:
+        await wb.ok("connections.update", connection_id="c2", changes={"name": "moved on"})
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    status, body = c.http("/api/settings/connections")
+    assert status == 200, body
+    assert {r["id"]: r["name"] for r in body} == {"c1": "one", "c2": "moved on"}
+    assert (c.data_dir / CONNECTIONS).read_text() == broken
+    rows[0]["name"] = "fixed by hand"
+    (c.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    wait_until(lambda: converged(hosts, 4), 20, what="converged with the fixed file")
+    for d in hosts.daemons:
+        names = {r["id"]: r["name"] for r in read(d, CONNECTIONS)}
+        assert names == {"c1": "fixed by hand", "c2": "moved on"}, d.data_dir
+
+
+async def test_algorithms_deleted_or_added_while_stopped_reach_every_host(hosts: Hosts) -> None:
+    """algorithms/ is a library of files: one deleted while host 3 was down is removed from
+    the cluster at its start, one added is added, as while it runs."""
+    a, _, c = hosts.daemons
+    algo = {"name": "trend", "params": {"fast": 5}}
+    async with bus(a) as wa:
+        await wa.ok("documents.set", name="algorithms/trend", content=algo)
+    path = "algorithms/trend.json"
+    wait_until(lambda: all((d.data_dir / path).exists() for d in hosts.daemons), 20, what="algo")
+    c.kill()
+    (c.data_dir / path).unlink()
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    wait_until(
+        lambda: not any((d.data_dir / path).exists() for d in hosts.daemons), 20, what="removed"
+    )
+    async with bus(a) as wa:
+        assert "algorithms/trend" not in await wa.ok("documents.list")
+    # ... and one added meanwhile reaches every host
+    c.kill()
+    added = "algorithms/fresh.json"
+    (c.data_dir / added).write_text(json.dumps({"name": "fresh", "params": {}}) + "\n")
+    (c.data_dir / added).chmod(0o600)
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    wait_until(lambda: all((d.data_dir / added).exists() for d in hosts.daemons), 20, what="added")
+
+
 async def test_a_shared_file_deleted_while_stopped_is_written_again(hosts: Hosts) -> None:
     """A cluster host's connections.json deleted while it was down: written again from what
     the daemon last wrote (as a running daemon writes a deleted file again), never taken as

@@ -8,6 +8,7 @@ import os
 import resource
 import stat
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -566,6 +567,46 @@ async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> Non
         assert CONNECTIONS not in store.problems
         await store.submit(ops.create(conn(2)), "bus", sync="files")
         assert sorted(by_id(data_dir)) == ["c1", "c2"]
+
+
+async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
+    data_dir: Path,
+) -> None:
+    """A change journalled but not yet in connections.json when the daemon died, the file
+    then broken by hand: the change waits in the journal for the fix, and every other file
+    still gets its changes within a checkpoint (not only once that file is fixed)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    store.checkpointer.stop()  # the daemon dies before the next round ...
+    assert store._checkpoints is not None
+    await store._checkpoints
+    await store.submit(ops.update("c1", {"name": "journalled only"}), "bus")
+    store.journal.close()  # ... its journal holding the update
+    assert store._writer is not None
+    store._writer.cancel()
+    store._io.shutdown(wait=True)
+    broken = (data_dir / CONNECTIONS).read_bytes()[:-5]
+    (data_dir / CONNECTIONS).write_bytes(broken)
+    async with opened(data_dir) as store:
+        assert CONNECTIONS in store.problems
+        assert store.connections["c1"].name == "journalled only"
+        ck = store.checkpointer
+        settled = time.monotonic() + checkpoint.COALESCE_MAX_S + 0.3
+        with anyio.fail_after(5):  # the rounds of the start done: nothing else wakes it
+            while (
+                ck.wake.is_set()
+                or any(f != CONNECTIONS for f in ck.dirty)
+                or (time.monotonic() < settled)
+            ):
+                await anyio.sleep(0.01)
+        await store.submit(ops.set_document("ui-config", {"x": 1}), "bus")
+        with anyio.fail_after(5):
+            while disk(data_dir, "ui-config.json") != {"x": 1}:
+                await anyio.sleep(0.01)
+        assert (data_dir / CONNECTIONS).read_bytes() == broken
 
 
 async def test_missing_dir_and_files_are_created(tmp_path: Path) -> None:

@@ -92,16 +92,18 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
         store.load()
+        # This host's own settings, as its file holds them (not a copy set back below).
         cluster = load_cluster_settings(store.documents.get("settings"))
+        listen = resolve_listen(host, port, store.settings)
         _catch_up_s()
         edited: list[str] = []
+        settings_file = document_file("settings")
         if cluster is not None:
             edited = store.set_back(Bases(data_dir))  # files edited while it was down
-        elif document_file("settings") not in store.problems:
+        elif settings_file not in store.problems and settings_file not in store.intake.created:
             bases.drop(data_dir)  # not a cluster host (any more)
         store.replay()
         logs.add_file(data_dir / "logs")
-        listen = resolve_listen(host, port, store.settings)
         token = load_token(data_dir)
         assert token is not None
     except StartError:

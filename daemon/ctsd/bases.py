@@ -25,6 +25,7 @@ Without a copy (a file the daemon never wrote in cluster mode) the file is read 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ import structlog
 
 from ctsd import safefile
 from ctsd.atomic import ensure_dir, fsync_dir, write_files
-from ctsd.files import SYNC_LOG, Invalid
+from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_name
 
 log = structlog.get_logger("ctsd.store")
 
@@ -51,7 +52,8 @@ Plan = list[tuple[Path, Body]]
 class Judged:
     """The data files as found at start, against their copies."""
 
-    edited: dict[str, bytes] = field(default_factory=dict)  # file → its copy (the merge base)
+    # file → its copy, the merge base (None: an algorithm added meanwhile, no base)
+    edited: dict[str, bytes | None] = field(default_factory=dict)
     deleted: dict[str, bytes] = field(default_factory=dict)  # file → its copy (written again)
 
 
@@ -118,39 +120,65 @@ class Bases:
         """`file` as it is now (`raw`, a hand edit taken in that needs no write) becomes its
         copy (blocking)."""
         copies, digests = self.copies([(self.data_dir / file, raw)])
-        write_files(copies)
+        try:
+            write_files(copies)
+        except OSError:
+            self.forget(file)  # no copy rather than a wrong base
+            raise
         self.written(digests)
+
+    def forget(self, file: str) -> None:
+        """No copy of `file` (removed from memory, or its copy could not be kept)."""
+        self._digests.pop(file, None)
+        with contextlib.suppress(OSError):
+            self._copy_path(file).unlink(missing_ok=True)
 
     # --- at start -----------------------------------------------------------------------------
 
     def judge(self, shared: list[str], created: set[str], invalid: set[str]) -> Judged:
         """Each shared file against its copy (blocking: reads every file and copy). `created`:
         files that were missing (just created with default content); `invalid`: files that do
-        not read as valid (left as they are). A file matching its copy, or the daemon's write
-        before it, gets a fresh copy of what it holds, as does a file with none; edited and
-        deleted files keep theirs (the base of the merge, the content to write again)."""
+        not read as valid (edited, when they have a copy: never written until fixed, then
+        taken in). A file matching its copy, or the daemon's write before it, gets a fresh
+        copy of what it holds, as does a file with none; edited and deleted files keep theirs
+        (the base of the merge, the content to write again)."""
         out = Judged()
         fresh: Plan = []
-        for file in shared:
+        # Copies were made at an earlier start (one of connections.json always is): an
+        # algorithm file without one was added while the daemon was down.
+        seeded = self._copy_path(CONNECTIONS).exists()
+        for file in [*shared, *self._algorithm_copies(shared)]:
             copy = self._read_copy(file)
-            if file in invalid:
-                if copy is not None:
-                    self._digests[file] = _digest(copy[1])
-                continue
-            if copy is not None and file in created:
-                out.deleted[file] = copy[1]
+            if copy is not None and file in invalid:
+                # Broken while the daemon was down: memory holds what it last wrote, not
+                # nothing (the stream applies on top); the fixed file is taken in later.
+                out.edited[file] = copy[1]
                 self._digests[file] = _digest(copy[1])
+                continue
+            if file in invalid:
                 continue
             try:
                 raw, _ = safefile.read_data_file(self.data_dir / file, file)
+            except FileNotFoundError:
+                if copy is not None:  # an algorithm deleted meanwhile: taken in as such
+                    out.edited[file] = copy[1]
+                continue
             except (OSError, Invalid):
                 continue  # the intake reported it
+            if copy is not None and file in created:
+                out.deleted[file] = copy[1]
+                # What the file holds now: a round cut before the rewrite is no edit.
+                self._digests[file] = _digest(raw)
+                continue
             if copy is not None and raw != copy[1]:
                 prev, content = copy
                 if prev is None or _digest(raw) != prev:
                     out.edited[file] = content
                     self._digests[file] = _digest(content)
                     continue
+            if copy is None and seeded and file.startswith(f"{ALGORITHMS_DIR}/"):
+                out.edited[file] = None
+                continue
             if copy is None or raw != copy[1]:
                 fresh.append((self.data_dir / file, raw))
             else:
@@ -164,6 +192,12 @@ class Bases:
                 "edited_while_stopped", files=sorted(out.edited), deleted=sorted(out.deleted)
             )
         return out
+
+    def _algorithm_copies(self, known: list[str]) -> list[str]:
+        """The algorithms with a copy but no file (deleted while the daemon was down)."""
+        found = (self.dir / ALGORITHMS_DIR).glob("*.json")
+        names = (f"{ALGORITHMS_DIR}/{p.name}" for p in found)
+        return sorted(f for f in names if f not in known and document_name(f) is not None)
 
     def _read_copy(self, file: str) -> tuple[bytes | None, bytes] | None:
         path = self._copy_path(file)

@@ -24,7 +24,7 @@ import anyio
 import structlog
 
 from ctsd import files
-from ctsd.atomic import ChangedOnDisk, Displaced, write_files
+from ctsd.atomic import ChangedOnDisk, Displaced, fsync_dir, stamp_of, write_files
 from ctsd.bases import Bases
 from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_keys
 from ctsd.disk import Disk
@@ -113,6 +113,17 @@ class Checkpointer:
         if files_touched and self.since is None:
             self.since = time.monotonic()
             self.wake.set()
+
+    def valid_again(self, file: str) -> None:
+        """`file` reads as valid again: what memory holds beyond it is written now."""
+        if file in self.dirty:
+            if self.since is None:
+                self.since = time.monotonic()
+            self.wake.set()
+
+    def _writable_dirty(self) -> bool:
+        invalid = self.invalid()
+        return any(f not in invalid for f in self.dirty)
 
     def _forget(self, file: str, records: list[RecordChange], reordered: bool) -> None:
         frags, stale = self.frags[file], self.stale[file]
@@ -266,6 +277,10 @@ class Checkpointer:
             log.warning("checkpoint_postponed", files=sorted(self.dirty), why="files keep changing")
             self.wake.set()
             return False
+        if not self._writable_dirty():
+            # Only files invalid on disk wait (the journal keeps their changes): the next
+            # change must start a round of its own (`note`).
+            self.since = None
         await self._cut()
         invalid = self.invalid()
         return not any(f not in invalid for f in self.dirty)
@@ -278,18 +293,25 @@ class Checkpointer:
         upto = self.installed
         jobs: list[tuple[Path, Any]] = []
         views: dict[str, Any] = {}
+        gone: list[str] = []
         for file in todo:
             job, view = self._job(file)
             if job is not None:
                 jobs.append((self.disk.path(file), job))
                 views[file] = view
-        expected = {self.disk.path(f): self.disk.get(f).stamp for f in views}
+            elif self.disk.get(file).stamp is not None:
+                # An algorithm removed (another host's hand deletion, a restore): its file
+                # goes too, or the next start would read it back. The round took in any hand
+                # save of it first, so this is the version the daemon knows.
+                gone.append(file)
+        expected = {self.disk.path(f): self.disk.get(f).stamp for f in [*views, *gone]}
         kept: list[Displaced] = []
         started = self.since
         t0 = time.monotonic()
         try:
+            removed = [self.disk.path(f) for f in gone]
             plan, stamps, failed = await anyio.to_thread.run_sync(
-                _render_and_write, jobs, expected, kept, self.bases
+                _render_and_write, jobs, expected, kept, self.bases, removed
             )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
@@ -300,6 +322,11 @@ class Checkpointer:
             self.on_displaced(
                 [(d, self.disk.get(str(d.path.relative_to(rel))).content) for d in kept]
             )
+        for file in gone:
+            if self.disk.path(file) not in failed:
+                self.disk.files.pop(file, None)
+                if self.bases is not None:
+                    self.bases.forget(file)
         written: list[str] = []
         for (path, body), (_, job) in zip(plan, jobs, strict=True):
             file = str(path.relative_to(self.disk.data_dir))
@@ -328,7 +355,7 @@ class Checkpointer:
         if started is not None and not failed:
             self.lags.append(time.monotonic() - started)
             del self.lags[:-1000]
-        self.since = time.monotonic() if self.dirty else None
+        self.since = time.monotonic() if self._writable_dirty() else None
         self._wake_waiters()
         if failed:
             for path, e in failed.items():
@@ -451,10 +478,15 @@ def _render_and_write(
     expected: dict[Path, Any],
     kept: list[Displaced],
     bases: Bases | None,
+    gone: list[Path],
 ) -> tuple[list[tuple[Path, Any]], dict[Path, Any], dict[Path, OSError]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
-    group, or (when the group fails) one by one, each with its copy in cluster mode: (plan,
-    stamps, the files that failed)."""
+    group, or (when the group fails) one by one, each with its copy in cluster mode; remove
+    the files in `gone` (unless changed since: ChangedOnDisk): (plan, stamps, the files that
+    failed)."""
+    for path in gone:
+        if stamp_of(path) != expected.get(path):
+            raise ChangedOnDisk(path)
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
@@ -468,25 +500,35 @@ def _render_and_write(
         if bases is None:
             return write_files(group, {p: expected.get(p) for p, _ in group}, kept)
         copies, digests = bases.copies(group)
-        # The copies are renamed first: a file is never ahead of its copy.
-        stamps = write_files(copies + group, {p: expected.get(p) for p, _ in group}, kept)
+        # The copies are renamed first (a file is never ahead of its copy), and put back
+        # with the files when a hand save slipped in (a copy never gets ahead of its file).
+        checks = {p: stamp_of(p) for p, _ in copies}
+        checks.update((p, expected.get(p)) for p, _ in group)
+        stamps = write_files(copies + group, checks, kept)
         bases.written(digests)
         return stamps
 
+    stamps: dict[Path, Any] = {}
+    failed: dict[Path, OSError] = {}
     try:
-        return plan, write(plan), {}
+        stamps = write(plan)
     except ChangedOnDisk:
         raise
     except OSError as e:
         if len(plan) == 1:
-            return plan, {}, {plan[0][0]: e}
-    stamps: dict[Path, Any] = {}
-    failed: dict[Path, OSError] = {}
-    for path, body in plan:
+            failed[plan[0][0]] = e
+        else:
+            for path, body in plan:
+                try:
+                    stamps.update(write([(path, body)]))
+                except ChangedOnDisk:
+                    raise
+                except OSError as e1:
+                    failed[path] = e1
+    for path in gone:
         try:
-            stamps.update(write([(path, body)]))
-        except ChangedOnDisk:
-            raise
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
         except OSError as e:
             failed[path] = e
     return plan, stamps, failed

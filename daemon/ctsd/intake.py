@@ -75,8 +75,10 @@ class Intake:
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
         self.written: Callable[[str, int], None] = lambda _file, _lsn: None
+        self.valid_again: Callable[[str], None] = lambda _file: None
         self.created: set[str] = set()  # files missing at start, created with default content
-        # Cluster mode: a file taken in as it is (no write follows) becomes its copy (`bases`).
+        # Cluster mode: a file taken in becomes its copy (`bases`): the base of an edit made
+        # while the daemon is down is the version the daemon last knew the file to hold.
         self.keep_copy: Callable[[str, bytes], None] | None = None
 
     def path(self, file: str) -> Path:
@@ -124,10 +126,9 @@ class Intake:
             log.info("created_defaults", files=[p.name for p, _ in defaults])
 
     def load(self, committed: Committed) -> None:
-        """Read every file into `committed` (before the door opens)."""
+        """Read every file into `committed` (before the door opens; `reconcile` follows)."""
         for file in self.known_files():
             self._load(file, committed)
-        self._reconcile(committed)
         committed.refresh_settings()
 
     def _read(self, file: str) -> tuple[bytes, Stamp]:
@@ -163,17 +164,25 @@ class Intake:
         self._remember(file, decoded, raw, stamp)
         _install(file, decoded, committed)
 
-    def set_back(self, file: str, raw: bytes, committed: Committed, *, edited: bool) -> None:
+    def set_back(self, file: str, raw: bytes | None, committed: Committed, *, edited: bool) -> None:
         """At start, before the journal replays: memory holds `raw` for `file` (its content
-        as the daemon last wrote it). `edited`: the file was edited meanwhile and stays as it
-        is, `raw` its base, judged changed so that it is taken in through the door; else
-        (deleted meanwhile) it is written again from memory."""
+        as the daemon last knew it; None: an algorithm added meanwhile, not in memory).
+        `edited`: the file was edited meanwhile and stays as it is, `raw` its base, judged
+        changed so that it is taken in through the door; else (deleted meanwhile) it is
+        written again from memory."""
+        if raw is None:
+            committed.documents.pop(files.document_name(file) or "", None)
+            od = self.disk.get(file)
+            od.content, od.frags, od.ctime = None, {}, None
+            return
         decoded = files.decode_file(file, raw)
         _install(file, decoded, committed)
         if edited:
             od = self.disk.get(file)
-            self._remember(file, decoded, raw, od.stamp)
-            od.ctime = None  # judged changed whatever its stamp says
+            # Judged changed whatever its stamp says; a file gone (an algorithm deleted) is
+            # judged deleted by hand, not "still absent".
+            self._remember(file, decoded, raw, od.stamp or GONE)
+            od.ctime = None
         else:
             self.write_back(file)
 
@@ -229,7 +238,7 @@ class Intake:
         else:
             od.content = decoded
 
-    def _reconcile(self, committed: Committed) -> None:
+    def reconcile(self, committed: Committed) -> None:
         """Cross-file rules on load: state mirrors connections.
 
         Only when both files loaded: with connections.json invalid, memory has no connections,
@@ -271,8 +280,11 @@ class Intake:
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
             hand = self.decode(file, raw)
+            # The base: the file's last valid version (an invalid file keeps it: the version
+            # its fix started from; in cluster mode memory moved on with other hosts' changes
+            # meanwhile, which the fix must not undo). None (never read valid): memory.
             od = self.disk.files.get(file)
-            base = od.content if od is not None and file not in store.problems else None
+            base = od.content if od is not None else None
             op = ops.take_in(file, hand, base if base is not None else self._memory(file), raw)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
@@ -301,6 +313,7 @@ class Intake:
             log.warning("ingest_failed", file=file, error=str(e))
             return False
         self._remember(file, hand, raw, stamp)
+        await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
         if out.events:  # ... and every hand edit taken in (never its values)
@@ -309,10 +322,17 @@ class Intake:
             )
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
-            if self.keep_copy is not None and file != SYNC_LOG:
-                await anyio.to_thread.run_sync(self.keep_copy, file, raw)
         self._restored(file)
         return True
+
+    async def _keep_copy(self, file: str, raw: bytes) -> None:
+        """Cluster mode: the file as just taken in becomes its copy (`bases`)."""
+        if self.keep_copy is None or file == SYNC_LOG:
+            return
+        try:
+            await anyio.to_thread.run_sync(self.keep_copy, file, raw)
+        except OSError as e:
+            log.error("base_copy_failed", file=file, error=e.strerror or str(e))
 
     def _memory(self, file: str) -> Any:
         c = self.store.committed
@@ -327,6 +347,7 @@ class Intake:
     def _restored(self, file: str) -> None:
         problem = self.store.problems.pop(file, None)
         if problem is not None:
+            self.valid_again(file)
             log.info("file_restored", file=file, was=problem.message)
             self.store.notice({"notice": "file_restored", "file": file})
             if file.startswith(f"{files.ALGORITHMS_DIR}/"):
@@ -454,6 +475,9 @@ class Intake:
         if problem is not None:
             reason = f"written into {file} after the daemon had replaced it; kept as {name}, "
             self.store.notice({**invalid_notice(name, problem), "reason": reason + "not taken in"})
+
+
+GONE = Stamp(-1, -1, -1)  # the stamp of a file that was there: it matches no file, nor none
 
 
 def _install(file: str, decoded: Any, committed: Committed) -> None:

@@ -37,7 +37,7 @@ from ctsd.core import Change, Committed, Context, Op, Outcome, Request, loaded_f
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
-from ctsd.files import SYNC_LOG
+from ctsd.files import SYNC_LOG, Invalid
 from ctsd.intake import Intake
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
@@ -85,6 +85,7 @@ class Store:
         )
         self.intake.write_back = self.checkpointer.write_back
         self.intake.written = self.checkpointer.mark_written
+        self.intake.valid_again = self.checkpointer.valid_again
         self.checkpointer.on_displaced = self._displaced
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: list[_Pending] = []
@@ -98,6 +99,7 @@ class Store:
         self.watch_again: Callable[[str], None] = lambda _file: None  # set by the watcher
         # How a group is made durable: the journal here, or the cluster (set by the app).
         self.committer: Committer = LocalCommitter(self)
+        self._on_disk: Committed | None = None  # the files as loaded, when set back since
 
     # --- reads (committed memory) ----------------------------------------------------------------
 
@@ -203,18 +205,28 @@ class Store:
         shared = [f for f in self.intake.known_files() if f != SYNC_LOG]
         judged = bases.judge(shared, self.intake.created, set(self.problems))
         for file, raw in judged.deleted.items():
-            self.intake.set_back(file, raw, self.committed, edited=False)
-        for file, raw in judged.edited.items():
-            self.intake.set_back(file, raw, self.committed, edited=True)
-        if judged.edited or judged.deleted:
-            self.committed.refresh_settings()
+            self._set_back(file, raw, edited=False)
+        # The journal's hand edits replay with what the edited files hold now (as on one
+        # host): a record set by hand since can only have moved on in the file.
+        self._on_disk = loaded_files(self.committed)
+        edited = [f for f, raw in judged.edited.items() if self._set_back(f, raw, edited=True)]
+        self.committed.refresh_settings()
         self.checkpointer.bases = bases
         self.intake.keep_copy = bases.keep
-        return sorted(judged.edited)
+        return sorted(edited)
+
+    def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
+        try:
+            self.intake.set_back(file, raw, self.committed, edited=edited)
+        except Invalid as e:  # a copy this version no longer reads: the file as it is
+            log.warning("base_copy_unreadable", file=file, reason=e.problem.format())
+            return False
+        return True
 
     def replay(self) -> int:
         """Replay the journal onto the files as loaded (the second half of `open`); returns
         how many changes it held."""
+        self.intake.reconcile(self.committed)
         sync_log = self.disk.files.get(SYNC_LOG)
         files_revision: int | None = (
             None  # invalid on disk: its revision is not known
@@ -230,7 +242,7 @@ class Store:
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
         touched: set[str] = set()
-        on_disk, invalid = loaded_files(self.committed), frozenset(self.problems)
+        on_disk, invalid = self._on_disk or loaded_files(self.committed), frozenset(self.problems)
         for change in recovered.changes:
             self.committed.apply(replayed(change, on_disk, invalid))
             touched |= change.files()

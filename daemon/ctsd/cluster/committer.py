@@ -113,7 +113,7 @@ class ClusterCommitter:
         file refused now, the cluster out of reach, is taken in once it is back)."""
         edited, self._edited = self._edited, []
         for file in edited:
-            if await self.store.ingest(file):
+            if await self.store.ingest(file, force=True):  # a deleted algorithm too
                 log.info("cluster.edited_while_stopped_taken_in", file=file)
 
     def start_snapshots(self) -> None:
