@@ -162,7 +162,7 @@ def test_an_algorithm_deleted_while_down_is_an_edit(data_dir: Path) -> None:
     b.written(digests)
     (data_dir / algo).unlink()
     assert Bases(data_dir).judge([FILE], set(), set()).edited == {algo: b'{"name": "trend"}\n'}
-    Bases(data_dir).forget(algo)  # removed from memory: its copy goes
+    Bases(data_dir).forget(data_dir / algo)  # removed from memory: its copy goes
     assert Bases(data_dir).judge([FILE], set(), set()).edited == {}
 
 

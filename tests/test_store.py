@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -607,6 +608,38 @@ async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
             while disk(data_dir, "ui-config.json") != {"x": 1}:
                 await anyio.sleep(0.01)
         assert (data_dir / CONNECTIONS).read_bytes() == broken
+
+
+async def test_a_file_that_cannot_be_taken_in_now_holds_up_no_other_file(
+    data_dir: Path,
+) -> None:
+    """connections.json caught half way through an in-place save (not yet judged: no watcher
+    here) while it has a change to write: it is not written over, and the other files still
+    get theirs at once."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        good = (data_dir / CONNECTIONS).read_bytes()
+        half = good[: len(good) // 2]
+        store.checkpointer.stop()  # the next change must not be written before the save
+        assert store._checkpoints is not None
+        await store._checkpoints
+        await store.submit(ops.update("c1", {"name": "pending"}), "bus")
+        (data_dir / CONNECTIONS).write_bytes(half)
+        store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
+        with anyio.fail_after(5):
+            await store.submit(ops.set_document("ui-config", {"x": 1}), "bus", sync="files")
+        assert disk(data_dir, "ui-config.json") == {"x": 1}
+        assert (data_dir / CONNECTIONS).read_bytes() == half
+        (data_dir / CONNECTIONS).write_bytes(good)  # the save completes: taken in
+        await store.ingest(CONNECTIONS)
+        await store.checkpointer.flush()
+    assert by_id(data_dir)["c1"]["name"] == "pending"
+
+
+async def _restart(store: Store) -> None:
+    store.checkpointer.stopping = False
+    store.checkpointer.wake.set()
+    await store.checkpointer.run()
 
 
 async def test_missing_dir_and_files_are_created(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ async def _join_cluster(d: Daemon) -> None:
             await store.start()
         tg.cancel_scope.cancel()
     if refused is not None:
-        await store.close()  # closes the engine; the files stay as they were
+        await store.abandon()  # closes the engine; the files stay as they were
         raise StartError(refused)
     committer.start_snapshots()
 

@@ -314,6 +314,27 @@ def write_files(
                 os.unlink(tmp)
 
 
+def remove_file(path: Path, expected: Stamp | None) -> None:
+    """Remove `path` if it still is `expected` (ChangedOnDisk if not: nothing removed). It is
+    renamed aside and checked there, so a save that lands in between is put back, not lost."""
+    if stamp_of(path) != expected:
+        raise ChangedOnDisk(path)
+    aside = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(8)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if stamp_of(aside) != expected:
+        try:
+            os.link(aside, path)  # back where it was, unless yet another save is there
+            os.unlink(aside)
+        except FileExistsError:
+            os.rename(aside, path.with_name(f"{path.name}.late-{secrets.token_hex(4)}"))
+        raise ChangedOnDisk(path)
+    os.unlink(aside)
+    fsync_dir(path.parent)
+
+
 def ensure_dir(path: Path) -> None:
     """Create a data directory 0700 (never chmod one that already exists)."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)

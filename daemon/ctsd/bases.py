@@ -123,15 +123,23 @@ class Bases:
         try:
             write_files(copies)
         except OSError:
-            self.forget(file)  # no copy rather than a wrong base
+            self.forget(self.data_dir / file)  # no copy rather than a wrong base
             raise
         self.written(digests)
 
-    def forget(self, file: str) -> None:
-        """No copy of `file` (removed from memory, or its copy could not be kept)."""
-        self._digests.pop(file, None)
+    def copy_of(self, path: Path) -> Path:
+        """The copy's path of the data file at `path`."""
+        return self._copy_path(path.relative_to(self.data_dir).as_posix())
+
+    def forget(self, path: Path) -> None:
+        """No copy of the data file at `path` (gone from memory, or its copy could not be
+        kept): removed durably, so it cannot come back to judge a file by."""
+        copy = self.copy_of(path)
+        self._digests.pop(path.relative_to(self.data_dir).as_posix(), None)
         with contextlib.suppress(OSError):
-            self._copy_path(file).unlink(missing_ok=True)
+            if copy.exists():
+                copy.unlink()
+                fsync_dir(copy.parent)
 
     # --- at start -----------------------------------------------------------------------------
 

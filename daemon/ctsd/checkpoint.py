@@ -24,7 +24,7 @@ import anyio
 import structlog
 
 from ctsd import files
-from ctsd.atomic import ChangedOnDisk, Displaced, fsync_dir, stamp_of, write_files
+from ctsd.atomic import ChangedOnDisk, Displaced, remove_file, stamp_of, write_files
 from ctsd.bases import Bases
 from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_keys
 from ctsd.disk import Disk
@@ -261,15 +261,17 @@ class Checkpointer:
                 edited = [f for f in todo if not self.disk.unchanged(f)]
                 edited = [f for f in edited if self.disk.get(f).stamp is not None]
                 if edited:
-                    # Merged onto memory; the round then writes on top. A file that does not
-                    # read as valid may be an in-place save half way: the watcher judges it
-                    # once it settles; until then the round waits.
-                    taken = [await self.take_in(f) for f in edited]
-                    if not all(taken):
-                        self.wake.set()
-                        await anyio.sleep(COALESCE_S)
+                    # Merged onto memory; the round then writes on top (starting over). One
+                    # not taken in now (an in-place save half way, judged once it settles;
+                    # in cluster mode, the cluster out of reach) is not written over: the
+                    # other files are written, and it is tried again a little later.
+                    refused = [f for f in edited if not await self.take_in(f)]
+                    if len(refused) < len(edited):
+                        continue
+                    todo = [f for f in todo if f not in refused]
+                    asyncio.get_running_loop().call_later(FAILED_RETRY_S, self.wake.set)
+                    if not todo:
                         return False
-                    continue
                 outcome = await self._write(todo) if todo else True
             if outcome is not None:
                 break
@@ -304,6 +306,8 @@ class Checkpointer:
                 # goes too, or the next start would read it back. The round took in any hand
                 # save of it first, so this is the version the daemon knows.
                 gone.append(file)
+            elif self.bases is not None:
+                self.bases.forget(self.disk.path(file))  # deleted by hand: its copy too
         expected = {self.disk.path(f): self.disk.get(f).stamp for f in [*views, *gone]}
         kept: list[Displaced] = []
         started = self.since
@@ -323,10 +327,8 @@ class Checkpointer:
                 [(d, self.disk.get(str(d.path.relative_to(rel))).content) for d in kept]
             )
         for file in gone:
-            if self.disk.path(file) not in failed:
+            if not self.disk.path(file).exists():
                 self.disk.files.pop(file, None)
-                if self.bases is not None:
-                    self.bases.forget(file)
         written: list[str] = []
         for (path, body), (_, job) in zip(plan, jobs, strict=True):
             file = str(path.relative_to(self.disk.data_dir))
@@ -484,9 +486,6 @@ def _render_and_write(
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove
     the files in `gone` (unless changed since: ChangedOnDisk): (plan, stamps, the files that
     failed)."""
-    for path in gone:
-        if stamp_of(path) != expected.get(path):
-            raise ChangedOnDisk(path)
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
@@ -500,11 +499,15 @@ def _render_and_write(
         if bases is None:
             return write_files(group, {p: expected.get(p) for p, _ in group}, kept)
         copies, digests = bases.copies(group)
-        # The copies are renamed first (a file is never ahead of its copy), and put back
-        # with the files when a hand save slipped in (a copy never gets ahead of its file).
+        # A copy is renamed before its file (a file is never ahead of its copy), but after a
+        # file new here (a copy with no file would read as a file deleted by hand); copies
+        # are put back with the files when a hand save slipped in.
         checks = {p: stamp_of(p) for p, _ in copies}
         checks.update((p, expected.get(p)) for p, _ in group)
-        stamps = write_files(copies + group, checks, kept)
+        new = {bases.copy_of(p) for p, _ in group if expected.get(p) is None}
+        before = [c for c in copies if c[0] not in new]
+        after = [c for c in copies if c[0] in new]
+        stamps = write_files(before + group + after, checks, kept)
         bases.written(digests)
         return stamps
 
@@ -527,10 +530,14 @@ def _render_and_write(
                     failed[path] = e1
     for path in gone:
         try:
-            path.unlink(missing_ok=True)
-            fsync_dir(path.parent)
+            remove_file(path, expected.get(path))
+        except ChangedOnDisk:
+            pass  # saved by hand meanwhile: kept, and taken in as the watcher sees it
         except OSError as e:
             failed[path] = e
+        else:
+            if bases is not None:
+                bases.forget(path)
     return plan, stamps, failed
 
 

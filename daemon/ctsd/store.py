@@ -99,7 +99,6 @@ class Store:
         self.watch_again: Callable[[str], None] = lambda _file: None  # set by the watcher
         # How a group is made durable: the journal here, or the cluster (set by the app).
         self.committer: Committer = LocalCommitter(self)
-        self._on_disk: Committed | None = None  # the files as loaded, when set back since
 
     # --- reads (committed memory) ----------------------------------------------------------------
 
@@ -206,9 +205,8 @@ class Store:
         judged = bases.judge(shared, self.intake.created, set(self.problems))
         for file, raw in judged.deleted.items():
             self._set_back(file, raw, edited=False)
-        # The journal's hand edits replay with what the edited files hold now (as on one
-        # host): a record set by hand since can only have moved on in the file.
-        self._on_disk = loaded_files(self.committed)
+        # The journal's hand edits then replay with what the copies hold (what the daemon
+        # knew the file to hold): an edit made since, while it was down, is taken in later.
         edited = [f for f, raw in judged.edited.items() if self._set_back(f, raw, edited=True)]
         self.committed.refresh_settings()
         self.checkpointer.bases = bases
@@ -242,7 +240,7 @@ class Store:
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
         touched: set[str] = set()
-        on_disk, invalid = self._on_disk or loaded_files(self.committed), frozenset(self.problems)
+        on_disk, invalid = loaded_files(self.committed), frozenset(self.problems)
         for change in recovered.changes:
             self.committed.apply(replayed(change, on_disk, invalid))
             touched |= change.files()
@@ -270,6 +268,13 @@ class Store:
         if self.checkpointer.dirty:
             await self.checkpointer.round()
         self._checkpoints = loop.create_task(self.checkpointer.run(), name="ctsd-checkpoint")
+
+    async def abandon(self) -> None:
+        """Close without writing a file (a start refused before the door opened): the journal
+        keeps every change for the next start."""
+        await self.committer.close()
+        self.journal.close()
+        self._io.shutdown(wait=True)
 
     async def close(self) -> None:
         """Take in late writes, finish every queued change, write everything to the files."""
