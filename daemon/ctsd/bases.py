@@ -1,23 +1,26 @@
-"""Copies of the data files as the daemon last wrote them: how a cluster host tells a hand
-edit made while it was down from its own last write.
+"""Copies of the data files as the daemon last knew them to hold: how a cluster host tells a
+hand edit made while it was down from its own last write.
 
 On one host the data files are the truth at start: an edit made while the daemon was down is
 simply what it loads. On a cluster host it must become a change like any hand edit, or the
 other hosts never get it, and taking it in needs the version the operator started from. So in
 cluster mode the checkpointer writes each shared file's bytes a second time, to
-`DATA/.cluster-base/<file>`, in the same durable group as the file and renamed just before it.
-At start (after the files are read, before the journal replays onto them) a file whose bytes
-differ from its copy was edited meanwhile, however the daemon stopped (a clean stop, kill -9,
-a power cut): memory and the file's base go back to the copy, the journal replays on top,
-and once the daemon has caught up with the cluster the file is taken in through the one door,
-a three-way merge onto the cluster's state published like any hand edit. A shared file
-deleted meanwhile is written again from its copy, as a running daemon writes a deleted file
-again from memory.
+`DATA/.cluster-base/<file>`, in the same durable group as the file, and a hand edit taken in
+becomes the copy too. At start (after the files are read, before the journal replays onto
+them) a file whose bytes differ from its copy was edited meanwhile, however the daemon
+stopped (a clean stop, kill -9, a power cut): memory and the file's base go back to the copy,
+the journal replays on top, and once the daemon has caught up with the cluster the file is
+taken in through the one door, a three-way merge onto the cluster's state published like any
+hand edit. A shared file deleted meanwhile is written again from its copy, as a running
+daemon writes a deleted file again from memory; an algorithm file deleted or added meanwhile
+is taken in as such.
 
 A copy's first line names the digest of the copy before it. A crash between the two renames
 of a round leaves the file one version behind its copy; that digest recognises the daemon's
 own previous write (not an edit). The file is never ahead of its copy: the copy's rename comes
-first and journalling filesystems (ext4, xfs) keep the order of renames across a crash.
+first and journalling filesystems (ext4, xfs) keep the order of renames across a crash. Only
+a file new on this host gets its copy after it (a copy without its file would read as a
+deletion made while down).
 
 The sync log is not copied: it is the cluster's, never edited by hand on a cluster host.
 Without a copy (a file the daemon never wrote in cluster mode) the file is read as it is.
@@ -117,8 +120,8 @@ class Bases:
         self._digests.update(digests)
 
     def keep(self, file: str, raw: bytes) -> None:
-        """`file` as it is now (`raw`, a hand edit taken in that needs no write) becomes its
-        copy (blocking)."""
+        """`file` as it is now (`raw`, a hand edit just taken in) becomes its copy
+        (blocking)."""
         copies, digests = self.copies([(self.data_dir / file, raw)])
         try:
             write_files(copies)
