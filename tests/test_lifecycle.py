@@ -705,3 +705,36 @@ def test_log_format_console_on_a_tty_unless_set(data_dir: Path, env_format: str 
     else:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the console renderer colours a TTY
         assert not plain.startswith("{") and "[info     ] ready" in plain, plain
+
+
+@pytest.mark.anyio
+async def test_a_port_change_still_in_the_journal_at_start_is_where_it_binds(
+    data_dir: Path,
+) -> None:
+    """settings.json's port changed through the door, the daemon killed before the file got
+    it: the next start binds where the journal says, not where the file still says."""
+    from ctsd import ops
+    from ctsd.store import Store
+
+    data_dir.mkdir(mode=0o700)
+    old, new = free_port(), free_port()
+    (data_dir / "settings.json").write_text(json.dumps({"server": {"port": old}}))
+    (data_dir / "settings.json").chmod(0o600)
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    store.checkpointer.stop()  # the daemon dies before the next round ...
+    assert store._checkpoints is not None
+    await store._checkpoints
+    await store.submit(ops.set_document("settings", {"server": {"port": new}}), "bus")
+    store.journal.close()  # ... its journal holding the change
+    assert store._writer is not None
+    store._writer.cancel()
+    store._io.shutdown(wait=True)
+    assert json.loads((data_dir / "settings.json").read_text())["server"]["port"] == old
+    d = Bare(data_dir, env={"CTSD_DATA_DIR": str(data_dir)})
+    try:
+        d.start()
+        assert ready_event(d)["port"] == new
+    finally:
+        d.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import resource
 import stat
@@ -20,6 +21,7 @@ import pytest
 
 from ctsd import checkpoint, ops
 from ctsd.atomic import TEMP_PREFIX
+from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent, TestResult
@@ -611,11 +613,12 @@ async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
 
 
 async def test_a_file_that_cannot_be_taken_in_now_holds_up_no_other_file(
-    data_dir: Path,
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """connections.json caught half way through an in-place save (not yet judged: no watcher
     here) while it has a change to write: it is not written over, and the other files still
     get theirs at once."""
+    monkeypatch.setattr(checkpoint, "FAILED_RETRY_S", 30.0)  # only their own rounds write them
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")
         good = (data_dir / CONNECTIONS).read_bytes()
@@ -629,6 +632,11 @@ async def test_a_file_that_cannot_be_taken_in_now_holds_up_no_other_file(
         with anyio.fail_after(5):
             await store.submit(ops.set_document("ui-config", {"x": 1}), "bus", sync="files")
         assert disk(data_dir, "ui-config.json") == {"x": 1}
+        # A change that nobody waits for is not held up either (not until the retry).
+        await store.submit(ops.set_document("watchlists", {"y": 2}), "bus")
+        with anyio.fail_after(5):
+            while disk(data_dir, "watchlists.json") != {"y": 2}:
+                await anyio.sleep(0.01)
         assert (data_dir / CONNECTIONS).read_bytes() == half
         (data_dir / CONNECTIONS).write_bytes(good)  # the save completes: taken in
         await store.ingest(CONNECTIONS)
@@ -640,6 +648,25 @@ async def _restart(store: Store) -> None:
     store.checkpointer.stopping = False
     store.checkpointer.wake.set()
     await store.checkpointer.run()
+
+
+async def test_a_fixed_file_of_a_document_memory_no_longer_has_is_taken_whole(
+    data_dir: Path,
+) -> None:
+    """An algorithm file broken by hand, the algorithm then removed (another host's hand
+    deletion, applied here), the file fixed: the fix is the algorithm again, whole, not
+    only the keys it changed against the version before."""
+    algo = "algorithms/a.json"
+    async with opened(data_dir) as store:
+        content = {"name": "a", "x": 1, "y": 2}
+        await store.submit(ops.set_document("algorithms/a", content), "bus", sync="files")
+        (data_dir / algo).write_bytes(b'{"name": "a", "x": ')
+        assert not await store.ingest(algo)
+        assert algo in store.problems
+        store.install(Change(documents=[RecordChange("algorithms/a")]), store.journal.lsn)
+        (data_dir / algo).write_text(json.dumps({"name": "a", "x": 1, "y": 3}))
+        assert await store.ingest(algo)
+        assert store.documents["algorithms/a"] == {"name": "a", "x": 1, "y": 3}
 
 
 async def test_missing_dir_and_files_are_created(tmp_path: Path) -> None:

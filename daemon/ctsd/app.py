@@ -92,18 +92,21 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
         store.load()
-        # This host's own settings, as its file holds them (not a copy set back below).
-        cluster = load_cluster_settings(store.documents.get("settings"))
-        listen = resolve_listen(host, port, store.settings)
-        _catch_up_s()
+        settings_file, on_file = document_file("settings"), store.settings
         edited: list[str] = []
-        settings_file = document_file("settings")
-        if cluster is not None:
+        if _cluster_on_file(store) is not None:
             edited = store.set_back(Bases(data_dir))  # files edited while it was down
+        store.replay()  # (settings changed through the door before a kill are in the journal)
+        cluster = load_cluster_settings(store.documents.get("settings"))
+        if cluster is not None:
+            store.keep_copies(store.checkpointer.bases or Bases(data_dir))
         elif settings_file not in store.problems and settings_file not in store.intake.created:
             bases.drop(data_dir)  # not a cluster host (any more)
-        store.replay()
+        _catch_up_s()
         logs.add_file(data_dir / "logs")
+        # This host's own address: an edit of settings.json made while a cluster host was down
+        # is taken in before the bind (after the catch-up), so it counts already.
+        listen = resolve_listen(host, port, on_file if settings_file in edited else store.settings)
         token = load_token(data_dir)
         assert token is not None
     except StartError:
@@ -119,6 +122,15 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
     return Daemon(svc, Watcher(store), Notifier(), cluster, edited), lock
+
+
+def _cluster_on_file(store: Store) -> ClusterSettings | None:
+    """Cluster mode as settings.json holds it, before the journal replays (a section the
+    journal fixes or adds is judged after the replay)."""
+    try:
+        return load_cluster_settings(store.documents.get("settings"))
+    except ClusterConfigError:
+        return None
 
 
 def _catch_up_s() -> float:

@@ -107,11 +107,16 @@ class Checkpointer:
     def note(self, files_touched: set[str], lsn: int) -> None:
         """`files_touched` need writing: they hold less than memory, up to lsn `lsn`."""
         self.installed = max(self.installed, lsn)
+        fresh = False
         for file in files_touched:
             first, _ = self.dirty.get(file, (lsn, lsn))
+            fresh = fresh or first == lsn
             self.dirty[file] = (first, lsn)
-        if files_touched and self.since is None:
-            self.since = time.monotonic()
+        if fresh:
+            # A file with nothing waiting before: a round for it (one already waiting, a file
+            # not taken in yet, must not hold it up).
+            if self.since is None:
+                self.since = time.monotonic()
             self.wake.set()
 
     def valid_again(self, file: str) -> None:

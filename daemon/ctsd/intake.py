@@ -282,10 +282,12 @@ class Intake:
             hand = self.decode(file, raw)
             # The base: the file's last valid version (an invalid file keeps it: the version
             # its fix started from; in cluster mode memory moved on with other hosts' changes
-            # meanwhile, which the fix must not undo). None (never read valid): memory.
+            # meanwhile, which the fix must not undo). Memory when the file never read valid,
+            # or memory has no such document (removed meanwhile): the file is taken whole.
             od = self.disk.files.get(file)
-            base = od.content if od is not None else None
-            op = ops.take_in(file, hand, base if base is not None else self._memory(file), raw)
+            memory = self._memory(file)
+            base = od.content if od is not None and memory is not None else None
+            op = ops.take_in(file, hand, base if base is not None else memory, raw)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
             # version must not pass as already judged). A lasting problem (a FIFO, a link, a

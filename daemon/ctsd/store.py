@@ -209,9 +209,13 @@ class Store:
         # knew the file to hold): an edit made since, while it was down, is taken in later.
         edited = [f for f, raw in judged.edited.items() if self._set_back(f, raw, edited=True)]
         self.committed.refresh_settings()
+        self.keep_copies(bases)
+        return sorted(edited)
+
+    def keep_copies(self, bases: Bases) -> None:
+        """Cluster mode: every write and take-in of a shared file keeps its copy."""
         self.checkpointer.bases = bases
         self.intake.keep_copy = bases.keep
-        return sorted(edited)
 
     def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
         try:
