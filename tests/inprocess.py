@@ -43,3 +43,19 @@ async def state_file(app: Any) -> dict[str, dict[str, Any]]:
     await app.store.checkpointer.flush()
     rows = json.loads((app.data_dir / "connection-state.json").read_text())
     return {r["connection_id"]: r for r in rows}
+
+
+async def killed_after(data_dir: Path, op: Any) -> None:
+    """The store on `data_dir` applies `op` and dies before any checkpoint round writes it:
+    the change is in the journal only, as after a kill -9 in that window."""
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    store.checkpointer.stop()  # no further round ...
+    assert store._checkpoints is not None
+    await store._checkpoints
+    await store.submit(op, "bus")
+    store.journal.close()  # ... and the daemon is gone
+    assert store._writer is not None
+    store._writer.cancel()
+    store._io.shutdown(wait=True)

@@ -22,13 +22,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from ctsd import files
+from ctsd import files, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.config import Listen, resolve_data_dir, resolve_listen
 from ctsd.models import Settings
 from tests.bus import bus
 from tests.daemon import Daemon, NotifySocket, free_port, wait_until
 from tests.datadir import CANARY, connection, write_connections
+from tests.inprocess import killed_after
 
 
 class Bare(Daemon):
@@ -713,24 +714,11 @@ async def test_a_port_change_still_in_the_journal_at_start_is_where_it_binds(
 ) -> None:
     """settings.json's port changed through the door, the daemon killed before the file got
     it: the next start binds where the journal says, not where the file still says."""
-    from ctsd import ops
-    from ctsd.store import Store
-
     data_dir.mkdir(mode=0o700)
     old, new = free_port(), free_port()
     (data_dir / "settings.json").write_text(json.dumps({"server": {"port": old}}))
     (data_dir / "settings.json").chmod(0o600)
-    store = Store(data_dir)
-    store.open()
-    await store.start()
-    store.checkpointer.stop()  # the daemon dies before the next round ...
-    assert store._checkpoints is not None
-    await store._checkpoints
-    await store.submit(ops.set_document("settings", {"server": {"port": new}}), "bus")
-    store.journal.close()  # ... its journal holding the change
-    assert store._writer is not None
-    store._writer.cancel()
-    store._io.shutdown(wait=True)
+    await killed_after(data_dir, ops.set_document("settings", {"server": {"port": new}}))
     assert json.loads((data_dir / "settings.json").read_text())["server"]["port"] == old
     d = Bare(data_dir, env={"CTSD_DATA_DIR": str(data_dir)})
     try:

@@ -27,6 +27,7 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent, TestResult
 from ctsd.store import Store
 from tests.datadir import CANARY, connection
+from tests.inprocess import killed_after
 
 pytestmark = pytest.mark.anyio
 
@@ -580,17 +581,7 @@ async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     still gets its changes within a checkpoint (not only once that file is fixed)."""
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")
-    store = Store(data_dir)
-    store.open()
-    await store.start()
-    store.checkpointer.stop()  # the daemon dies before the next round ...
-    assert store._checkpoints is not None
-    await store._checkpoints
-    await store.submit(ops.update("c1", {"name": "journalled only"}), "bus")
-    store.journal.close()  # ... its journal holding the update
-    assert store._writer is not None
-    store._writer.cancel()
-    store._io.shutdown(wait=True)
+    await killed_after(data_dir, ops.update("c1", {"name": "journalled only"}))
     broken = (data_dir / CONNECTIONS).read_bytes()[:-5]
     (data_dir / CONNECTIONS).write_bytes(broken)
     async with opened(data_dir) as store:
