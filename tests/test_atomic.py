@@ -9,7 +9,7 @@ import pytest
 
 from ctsd import atomic
 
-PACE = atomic.PACE_BYTES
+PACE = atomic.PACE_MIN
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,7 @@ PACE = atomic.PACE_BYTES
         [PACE, 0, PACE + 7, 3],
         [10, 3 * PACE + 5, 10],
         [PACE // 3] * 10,
+        [300_000] * 40,  # a 12 MB file: pieces of the largest pace
     ],
 )
 def test_chunks_land_whole_and_in_order(tmp_path: Path, sizes: list[int]) -> None:

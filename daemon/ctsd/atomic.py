@@ -6,6 +6,7 @@ hop pays for every file of the round.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -200,46 +201,46 @@ def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, "no free temp file name", str(path.parent))
 
 
-# A large file is written back in pieces of this size as it is written (the write waits for
-# each): the disk queue then never holds more than about one piece of it, so a journal append's
-# fdatasync waits behind at most that much, not behind a whole 10 MB file.
-PACE_BYTES = 1 << 20
+# A large file is written back in pieces as it is written (the write waits for each): the
+# disk queue then holds about one piece of it, so a journal append's fdatasync waits behind
+# one piece, not behind the whole file. A piece is an eighth of the file within these bounds:
+# small, so an 800 KB table never fills the queue ahead of an append; and few, so a 10 MB one
+# is not hundreds of waits (each write and wait hands the GIL back, and a busy event loop
+# keeps it up to a switch interval before this thread gets it again).
+PACE_MIN = 128 << 10
+PACE_MAX = 1 << 20
+PIECES = 8
 _SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-def _pieces(chunks: Sequence[bytes | bytearray | memoryview]) -> Iterator[bytes | memoryview]:
-    """The chunks joined into pieces of about PACE_BYTES. A table is one chunk per record:
-    one syscall per piece, not per record or per 256 records (each syscall hands the GIL
-    back, and a busy event loop keeps it up to a switch interval before this thread gets it
-    again), and no join of a whole 10 MB file (a join holds the GIL throughout)."""
-    piece: list[bytes | bytearray | memoryview] = []
-    size = 0
-    for chunk in chunks:
-        if len(chunk) >= PACE_BYTES:
-            if piece:
-                yield b"".join(piece)
-                piece, size = [], 0
-            yield memoryview(chunk)
-            continue
-        piece.append(chunk)
-        size += len(chunk)
-        if size >= PACE_BYTES:
-            yield b"".join(piece)
-            piece, size = [], 0
-    if piece:
-        yield b"".join(piece)
+def pace_of(total: int) -> int:
+    return min(PACE_MAX, max(PACE_MIN, total // PIECES))
+
+
+def _pieces(chunks: Sequence[bytes | bytearray | memoryview], pace: int) -> Iterator[bytes]:
+    """The chunks joined into pieces of about `pace` bytes. A table is one chunk per record
+    (tens of thousands): the piece ends are found by bisecting the running sizes, so no
+    Python code runs per chunk, and no whole 10 MB file is joined (a join holds the GIL)."""
+    ends = list(itertools.accumulate(map(len, chunks)))
+    start = 0
+    while start < len(chunks):
+        before = ends[start - 1] if start else 0
+        stop = min(len(chunks), bisect.bisect_left(ends, before + pace, lo=start) + 1)
+        yield b"".join(chunks[start:stop])
+        start = stop
 
 
 def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Write every chunk, in order, in pieces, written back as it goes (`PACE_BYTES`)."""
+    """Write every chunk, in order, in pieces, written back as it goes (`pace_of`)."""
+    pace = pace_of(sum(map(len, chunks)))
     written = flushed = 0
-    for piece in _pieces(chunks):
+    for piece in _pieces(chunks, pace):
         view = memoryview(piece)
         while len(view):
-            n = os.write(fd, view[:PACE_BYTES])
+            n = os.write(fd, view[:pace])
             view = view[n:]
             written += n
-            if written - flushed >= PACE_BYTES and _sync_file_range is not None:
+            if written - flushed >= pace and _sync_file_range is not None:
                 _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
                 flushed = written
 
