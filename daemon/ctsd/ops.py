@@ -158,7 +158,9 @@ def create(data: Any) -> Op:
     return op
 
 
-def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
+def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> tuple[Connection, list[str]]:
+    """`conn` with `changes` applied (sealed, `updated_at` moved if anything changed), and
+    the fields that changed."""
     if not isinstance(changes, dict):
         raise CtsdError("invalid", "changes must be an object", path=path)
     # A secret sent back as shown keeps the stored one.
@@ -176,13 +178,15 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> Connection:
     new = _convert(merged, Connection, path)
     _check_settings(new, path)
     new = seal(tx, new, conn, path)
-    if changed_fields(conn, new):
+    # Server-managed fields were dropped above: `updated_at` is never among these.
+    fields = changed_fields(conn, new)
+    if fields:
         new = msgspec.structs.replace(new, updated_at=tx.now)
-    return new
+    return new, fields
 
 
-def _apply_update(tx: Tx, conn: Connection, new: Connection) -> Connection:
-    fields = [f for f in changed_fields(conn, new) if f != "updated_at"]
+def _apply_update(tx: Tx, conn: Connection, updated: tuple[Connection, list[str]]) -> Connection:
+    new, fields = updated
     if not fields:
         return conn
     put_connection(tx, new, [*fields, "updated_at"])
