@@ -26,11 +26,12 @@ PACE = atomic.PACE_MIN
         [300_000] * 40,  # a 12 MB file: pieces of the largest pace
     ],
 )
-def test_chunks_land_whole_and_in_order(tmp_path: Path, sizes: list[int]) -> None:
+@pytest.mark.parametrize("paced", [True, False])
+def test_chunks_land_whole_and_in_order(tmp_path: Path, sizes: list[int], paced: bool) -> None:
     chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     path = tmp_path / "f.json"
     path.write_bytes(b"old")
-    stamps = atomic.write_files([(path, chunks)])
+    stamps = atomic.write_files([(path, chunks)], paced=paced)
     assert path.read_bytes() == b"".join(chunks)
     assert stamps[path] == atomic.Stamp.of(path.stat())
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left

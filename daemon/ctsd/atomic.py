@@ -230,8 +230,8 @@ def _pieces(chunks: Sequence[bytes | bytearray | memoryview], pace: int) -> Iter
         start = stop
 
 
-def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
-    """Write every chunk, in order, in pieces, written back as it goes (`pace_of`)."""
+def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced: bool) -> None:
+    """Write every chunk, in order, in pieces, written back as it goes if `paced`."""
     pace = pace_of(sum(map(len, chunks)))
     written = flushed = 0
     for piece in _pieces(chunks, pace):
@@ -240,7 +240,7 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> Non
             n = os.write(fd, view[:pace])
             view = view[n:]
             written += n
-            if written - flushed >= pace and _sync_file_range is not None:
+            if paced and written - flushed >= pace and _sync_file_range is not None:
                 _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
                 flushed = written
 
@@ -250,6 +250,7 @@ def write_files(
     expected: dict[Path, Stamp | None] | None = None,
     displaced: list[Displaced] | None = None,
     owner: tuple[int, int] | None = None,
+    paced: bool = True,
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
@@ -265,6 +266,10 @@ def write_files(
 
     With `owner` (uid, gid), every file is given to that owner before it is installed (root
     writing into a service user's data dir).
+
+    `paced`: a large file is written back piece by piece as it is written (`pace_of`);
+    False skips those waits (the caller wants the files on disk sooner rather than journal
+    appends answered sooner).
     """
     temps: list[tuple[Path, Path]] = []
     stamps: dict[Path, Stamp] = {}
@@ -278,7 +283,8 @@ def write_files(
                 fds.append(fd)
                 if owner is not None:
                     os.fchown(fd, *owner)
-                _write_all(fd, [body] if isinstance(body, bytes | bytearray | memoryview) else body)
+                chunks = [body] if isinstance(body, bytes | bytearray | memoryview) else body
+                _write_all(fd, chunks, paced)
                 _start_writeback(fd)
             for fd, (_tmp, path) in zip(fds, temps, strict=True):
                 os.fsync(fd)
