@@ -217,7 +217,9 @@ def pace_of(total: int) -> int:
     return min(PACE_MAX, max(PACE_MIN, total // PIECES))
 
 
-def _pieces(chunks: Sequence[bytes | bytearray | memoryview], pace: int) -> Iterator[bytes]:
+def _pieces(
+    chunks: Sequence[bytes | bytearray | memoryview], pace: int
+) -> Iterator[bytes | bytearray | memoryview]:
     """The chunks joined into pieces of about `pace` bytes. A table is one chunk per record
     (tens of thousands): the piece ends are found by bisecting the running sizes, so no
     Python code runs per chunk, and no whole 10 MB file is joined (a join holds the GIL)."""
@@ -226,7 +228,8 @@ def _pieces(chunks: Sequence[bytes | bytearray | memoryview], pace: int) -> Iter
     while start < len(chunks):
         before = ends[start - 1] if start else 0
         stop = min(len(chunks), bisect.bisect_left(ends, before + pace, lo=start) + 1)
-        yield b"".join(chunks[start:stop])
+        # A chunk that is a piece alone goes as it is (a large document: no copy).
+        yield chunks[start] if stop == start + 1 else b"".join(chunks[start:stop])
         start = stop
 
 
