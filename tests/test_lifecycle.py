@@ -572,10 +572,12 @@ ROUNDS = 50
 CLIENTS = 4
 PER_CLIENT = 40
 CONNS_PER_CLIENT = 5
+WINDOW = 8
 
 
 async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, str], int], int]:
-    """Pipelined changes from CLIENTS clients; SIGKILL once `kill_after` acks arrived.
+    """Pipelined changes from CLIENTS clients (WINDOW each in flight); SIGKILL once
+    `kill_after` acks arrived.
 
     Every change carries a value that grows with (round, seq): a name `v<N>` in
     connections.json, or every fourth one a live volume factor N in connection-state.json
@@ -597,7 +599,8 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
         nonlocal total
         async with bus(d, sync=None) as b:
             targets: dict[int, tuple[str, str, int]] = {}
-            for seq in range(PER_CLIENT):
+
+            async def send(seq: int) -> None:
                 cid = f"c{k * CONNS_PER_CLIENT + seq % CONNS_PER_CLIENT}"
                 value = rnd * 1000 + seq + 1
                 if seq % 4 == 3:
@@ -609,7 +612,14 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
                     changes = {"name": f"v{value}"}
                     rid = await b.send("connections.update", connection_id=cid, changes=changes)
                     targets[rid] = (cid, "name", value)
-            while True:
+
+            # WINDOW changes in flight per client: groups stay large, and a kill after ack N
+            # lands with at most CLIENTS * WINDOW more answered (mid-storm by construction).
+            for seq in range(WINDOW):
+                await send(seq)
+            sent = WINDOW
+            answered = 0
+            while answered < PER_CLIENT:
                 msg = await b.recv(timeout=60)
                 if msg.get("type") != "result":
                     continue
@@ -617,10 +627,12 @@ async def _storm(d: Daemon, rnd: int, kill_after: int) -> tuple[dict[tuple[str, 
                 cid, field, value = targets[msg["id"]]
                 acked[cid, field] = max(acked.get((cid, field), 0), value)
                 total += 1
+                answered += 1
                 if total >= kill_after:
                     kill()
-                if max(targets) == msg["id"]:
-                    break
+                if sent < PER_CLIENT:
+                    await send(sent)
+                    sent += 1
 
     results = await asyncio.gather(*(client(k) for k in range(CLIENTS)), return_exceptions=True)
     kill()  # all acked before the chosen moment: kill now
@@ -667,8 +679,9 @@ def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
         ids = [e["id"] for e in log]
         assert ids == sorted(set(ids))
         mid_storm += 0 < n_acked < CLIENTS * PER_CLIENT
-    # Most kills must land with changes both acknowledged and still in flight.
-    assert mid_storm >= ROUNDS // 2, mid_storm
+    # Most kills must land with changes both acknowledged and still in flight (the window
+    # makes every kill chosen before the last CLIENTS * WINDOW acks one of those).
+    assert mid_storm >= ROUNDS * 3 // 4, mid_storm
 
 
 # --- log format -----------------------------------------------------------------------------
