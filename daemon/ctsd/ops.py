@@ -407,12 +407,15 @@ def set_document(name: Any, content: Any) -> Op:
 def _take_in_connections(
     tx: Tx, file: str, base: Mapping[str, Connection], hand: list[Connection]
 ) -> list[tuple[str, list[str]]]:
-    merged = merge_table(base, {c.id: c for c in hand}, _flat(tx.connections))
     current = _flat(tx.connections)
+    merged = merge_table(base, {c.id: c for c in hand}, current)
     new: dict[str, Connection] = {}
     at = {c.id: i for i, c in enumerate(hand)}
     for cid, conn in merged.records.items():
         old = current.get(cid)
+        if old is conn:  # not edited by hand: memory's record, sealed when it was stored
+            new[cid] = old
+            continue
         conn = seal(tx, conn, old, f"$[{at.get(cid, 0)}]")
         if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
             new[cid] = old
