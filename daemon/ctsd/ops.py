@@ -417,7 +417,7 @@ def _take_in_connections(
             new[cid] = old
             continue
         conn = seal(tx, conn, old, f"$[{at.get(cid, 0)}]")
-        if old is conn or (old is not None and old == conn):  # reused, or equal (in C)
+        if old is not None and old == conn:  # edited back to what memory holds (in C)
             new[cid] = old
             continue
         stamped = msgspec.structs.replace(
