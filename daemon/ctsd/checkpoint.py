@@ -96,7 +96,6 @@ class Checkpointer:
         self.rounds = 0
         self.appends = self.appended = 0  # journal appends and changes since the last round
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
-        self.lags: list[float] = []  # seconds from a change in memory to its file written
         # Cluster mode: each shared file's copy, written with it (a hand edit made while the
         # daemon is down is told apart at its next start).
         self.bases: Bases | None = None
@@ -324,7 +323,6 @@ class Checkpointer:
                 self.bases.forget(self.disk.path(file))  # deleted by hand: its copy too
         expected = {self.disk.path(f): self.disk.get(f).stamp for f in [*views, *gone]}
         kept: list[Displaced] = []
-        started = self.since
         paced = self.appended < BATCHED * max(1, self.appends)
         self.appends = self.appended = 0
         t0 = time.monotonic()
@@ -370,9 +368,6 @@ class Checkpointer:
         self.rounds += 1
         for cb in self.on_write:
             cb(written)
-        if started is not None and not failed:
-            self.lags.append(time.monotonic() - started)
-            del self.lags[:-1000]
         self.since = time.monotonic() if self._writable_dirty() else None
         self._wake_waiters()
         if failed:
