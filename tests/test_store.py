@@ -10,6 +10,7 @@ import os
 import resource
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,6 +156,43 @@ async def test_a_caller_waiting_for_the_files_cuts_the_coalescing_short(
         with anyio.fail_after(10):
             await store.submit(ops.create(conn(2)), "cli", sync="files")
         assert {"c1", "c2"} <= set(by_id(data_dir))
+
+
+async def test_a_change_made_during_a_write_waits_from_when_it_came(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coalescing wait of a change that came while a round was writing runs from when it
+    came, not from the end of that write: under steady load a change reaches its file within
+    the wait plus one write, however long the write before it took."""
+    wait = 0.5
+    monkeypatch.setattr(checkpoint, "COALESCE_S", wait)
+    monkeypatch.setattr(checkpoint, "COALESCE_MAX_S", wait)
+    writing, release = threading.Event(), threading.Event()
+    real = checkpoint._render_and_write
+
+    def slow(*args: Any) -> Any:
+        if not release.is_set():
+            writing.set()
+            release.wait(10)
+        return real(*args)
+
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        monkeypatch.setattr(checkpoint, "_render_and_write", slow)
+        await store.submit(ops.update("c1", {"name": "first"}), "bus")
+        with anyio.fail_after(5):
+            while not writing.is_set():
+                await anyio.sleep(0.005)
+        await store.submit(ops.update("c1", {"name": "during the write"}), "bus")
+        await anyio.sleep(wait + 0.1)  # the write goes on past that change's wait
+        release.set()
+        released = time.monotonic()
+        with anyio.fail_after(5):
+            while by_id(data_dir)["c1"]["name"] != "during the write":
+                await anyio.sleep(0.005)
+        # Its wait was over when the write ended: the next round followed at once (waiting
+        # from the end of the write, it would take `wait` more).
+        assert time.monotonic() - released < 0.7 * wait
 
 
 async def test_did_you_mean_on_update(data_dir: Path) -> None:

@@ -77,6 +77,10 @@ class Checkpointer:
         # and how far the journal may be cut.
         self.dirty: dict[str, tuple[int, int]] = {}
         self.since: float | None = None  # when the oldest unwritten change came (monotonic)
+        # (lsn, when it came) of the changes not yet written, oldest first: after a round the
+        # coalescing wait runs from the oldest left, not from the round's end (a change that
+        # came during a write has been waiting all along).
+        self.arrivals: deque[tuple[int, float]] = deque()
         self.written: dict[str, int] = {}  # file → lsn it holds everything up to
         self.installed = 0  # lsn of the latest change in memory
         self.cut = 0  # lsn the journal was last cut at
@@ -114,6 +118,8 @@ class Checkpointer:
 
     def note(self, files_touched: set[str], lsn: int) -> None:
         """`files_touched` need writing: they hold less than memory, up to lsn `lsn`."""
+        if lsn > self.installed:
+            self.arrivals.append((lsn, time.monotonic()))
         self.installed = max(self.installed, lsn)
         fresh = False
         for file in files_touched:
@@ -137,6 +143,18 @@ class Checkpointer:
     def _writable_dirty(self) -> bool:
         invalid = self.invalid()
         return any(f not in invalid for f in self.dirty)
+
+    def _oldest_waiting(self) -> float | None:
+        """When the oldest change a writable file still lacks came (None: none lacks one)."""
+        invalid = self.invalid()
+        firsts = [first for f, (first, _) in self.dirty.items() if f not in invalid]
+        if not firsts:
+            self.arrivals.clear()
+            return None
+        oldest, arrivals = min(firsts), self.arrivals
+        while len(arrivals) > 1 and arrivals[1][0] <= oldest:
+            arrivals.popleft()
+        return arrivals[0][1] if arrivals else time.monotonic()
 
     def _forget(self, file: str, records: list[RecordChange], reordered: bool) -> None:
         frags, stale = self.frags[file], self.stale[file]
@@ -295,7 +313,7 @@ class Checkpointer:
         if not self._writable_dirty():
             # Only files invalid on disk wait (the journal keeps their changes): the next
             # change must start a round of its own (`note`).
-            self.since = None
+            self.since = self._oldest_waiting()
         await self._cut()
         invalid = self.invalid()
         return not any(f not in invalid for f in self.dirty)
@@ -368,7 +386,7 @@ class Checkpointer:
         self.rounds += 1
         for cb in self.on_write:
             cb(written)
-        self.since = time.monotonic() if self._writable_dirty() else None
+        self.since = self._oldest_waiting()
         self._wake_waiters()
         if failed:
             for path, e in failed.items():
