@@ -318,6 +318,26 @@ async def test_connection_commands(daemon: Daemon) -> None:
         assert set(snap) == {"revision", "connections", "state", "documents"}
 
 
+async def test_pipelined_changes_answer_in_order_then_a_read_sees_them(daemon: Daemon) -> None:
+    """A client may pipeline changes, answered once journalled: each gets its own answer, in
+    the order sent, a refused one its error among them, past the cap of changes in flight
+    too; a read sent after them is answered after them and sees them all."""
+    async with bus(daemon, sync=None) as b:
+        await b.ok("connections.create", connection=connection(id="c1"))
+        sent = []
+        for i in range(300):
+            cid = "nope" if i == 150 else "c1"
+            changes = {"volume_factor": i + 1}
+            sent.append(await b.send("connections.update", connection_id=cid, changes=changes))
+        read = await b.send("connections.get", connection_id="c1")
+        frames = [await b.recv() for _ in range(301)]
+    assert [f["id"] for f in frames] == [*sent, read]
+    assert [f["success"] for f in frames[:300]] == [i != 150 for i in range(300)]
+    assert frames[150]["error"]["code"] == "not_found"
+    assert frames[299]["result"]["volume_factor"] == 300
+    assert frames[300]["result"]["volume_factor"] == 300
+
+
 async def test_batch_update_all_or_nothing_one_frame(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         for i in range(3):

@@ -55,7 +55,6 @@ NoticeListener = Callable[[dict[str, Any]], None]
 class _Pending:
     request: Request
     future: asyncio.Future[Any]
-    sync: str | None = None
 
 
 class Store:
@@ -316,12 +315,19 @@ class Store:
         return await self._submit(Request(op, "file"))
 
     async def _submit(self, request: Request) -> tuple[Outcome, int | None]:
+        return await self.enqueue(request)
+
+    def enqueue(self, request: Request) -> asyncio.Future[tuple[Outcome, int | None]]:
+        """`request` into the next group; its future resolves as `submit` returns (without
+        `sync`): (its Outcome, the lsn of its change), or the refusal. For a caller that
+        answers from a callback: the bus, which has a whole connection of changes in flight
+        and no task to spare for each."""
         if self._closing:
             raise CtsdError("io_error", "the daemon is shutting down")
         fut: asyncio.Future[tuple[Outcome, int | None]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, fut))
         self._wake.set()
-        return await fut
+        return fut
 
     async def _write_loop(self) -> None:
         while True:

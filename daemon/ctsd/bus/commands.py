@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ctsd import livebackup, ops
 from ctsd.bus import protocol as p
@@ -53,19 +53,60 @@ class Call:
 
 Handler = Callable[[Call, Any], Awaitable[Any]]
 
-# Commands that change something: on the bus they run as their own task so a client can
-# pipeline them (they group-commit); a read waits for the same client's earlier changes.
+# Commands that change something: on the bus a client can pipeline them (they group-commit;
+# `WRITE_OPS` are answered from a callback, the others run as a task each); a read waits for
+# the same client's earlier changes.
 WRITES = p.WRITE_COMMANDS
 # Exchange probes take up to `test_timeout_s`: their own tasks too, but nothing waits for them.
 PROBES = frozenset({"connections.test", "trading.test_connection"})
 
 
-async def _submit(c: Call, op: ops.Op) -> Any:
-    return await c.svc.store.submit(op, c.source, if_match=c.if_match, sync=c.sync)
-
-
 def _conn_out(result: Any) -> Any:
     return views.connection(result) if isinstance(result, Connection) else result
+
+
+def _same(result: Any) -> Any:
+    return result
+
+
+def _reset(a: p.DataReset) -> ops.Op:
+    if a.confirm is not True:
+        raise CtsdError("invalid", "data.reset needs confirm: true", path="$.confirm")
+    return ops.reset()
+
+
+class Write(NamedTuple):
+    """A change command: the op its arguments make (may refuse them) and how its result
+    is shown. The bus answers these from a callback when the change is durable (no task per
+    change); a route, or a caller that waits for the files, through `HANDLERS`."""
+
+    op: Callable[[Any], ops.Op]
+    shown: Callable[[Any], Any]
+
+
+WRITE_OPS: dict[str, Write] = {
+    "connections.create": Write(lambda a: ops.create(a.connection), _conn_out),
+    "connections.update": Write(lambda a: ops.update(a.connection_id, a.changes), _conn_out),
+    "connections.delete": Write(lambda a: ops.delete(a.connection_id), _same),
+    "connections.batch_update": Write(
+        lambda a: ops.batch_update(a.updates), lambda r: [_conn_out(x) for x in r]
+    ),
+    "connections.set_active": Write(lambda a: ops.set_active(a.connection_id, a.active), _conn_out),
+    "connections.set_volume": Write(
+        lambda a: ops.set_volume(a.connection_id, a.live, a.preset), _conn_out
+    ),
+    "documents.set": Write(lambda a: ops.set_document(a.name, a.content), mask),
+    "data.import": Write(lambda a: ops.import_data(a.data, a.mode), _same),
+    "data.reset": Write(_reset, _same),
+}
+
+
+def _handler(w: Write) -> Handler:
+    async def handle(c: Call, a: Any) -> Any:
+        op = w.op(a)
+        return w.shown(await c.svc.store.submit(op, c.source, if_match=c.if_match, sync=c.sync))
+
+    return handle
 
 
 def _session(c: Call) -> BusConnection:
@@ -130,30 +171,6 @@ async def connections_get(c: Call, a: p.ConnectionRef) -> Any:
     return views.get_connection(c.svc.store, a.connection_id)
 
 
-async def connections_create(c: Call, a: p.ConnectionsCreate) -> Any:
-    return _conn_out(await _submit(c, ops.create(a.connection)))
-
-
-async def connections_update(c: Call, a: p.ConnectionsUpdate) -> Any:
-    return _conn_out(await _submit(c, ops.update(a.connection_id, a.changes)))
-
-
-async def connections_delete(c: Call, a: p.ConnectionRef) -> Any:
-    return await _submit(c, ops.delete(a.connection_id))
-
-
-async def connections_batch_update(c: Call, a: p.ConnectionsBatchUpdate) -> Any:
-    return [_conn_out(r) for r in await _submit(c, ops.batch_update(a.updates))]
-
-
-async def connections_set_active(c: Call, a: p.ConnectionsSetActive) -> Any:
-    return _conn_out(await _submit(c, ops.set_active(a.connection_id, a.active)))
-
-
-async def connections_set_volume(c: Call, a: p.ConnectionsSetVolume) -> Any:
-    return _conn_out(await _submit(c, ops.set_volume(a.connection_id, a.live, a.preset)))
-
-
 async def connections_heartbeat(c: Call, a: p.ConnectionRef) -> Any:
     ts = c.svc.sweeper.heartbeat(a.connection_id)
     return {"connection_id": a.connection_id, "timestamp": ts}
@@ -171,22 +188,8 @@ async def documents_get(c: Call, a: p.DocumentsGet) -> Any:
     return views.document(c.svc.store, a.name)
 
 
-async def documents_set(c: Call, a: p.DocumentsSet) -> Any:
-    return mask(await _submit(c, ops.set_document(a.name, a.content)))
-
-
 async def data_export(c: Call, a: p.NoArgs) -> Any:
     return views.export(c.svc.store)
-
-
-async def data_import(c: Call, a: p.DataImport) -> Any:
-    return await _submit(c, ops.import_data(a.data, a.mode))
-
-
-async def data_reset(c: Call, a: p.DataReset) -> Any:
-    if a.confirm is not True:
-        raise CtsdError("invalid", "data.reset needs confirm: true", path="$.confirm")
-    return await _submit(c, ops.reset())
 
 
 async def trading_test_connection(c: Call, a: p.NoArgs) -> Any:
@@ -222,6 +225,7 @@ async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
 
 
 HANDLERS: dict[str, Handler] = {
+    **{name: _handler(w) for name, w in WRITE_OPS.items()},
     "ping": ping,
     "status": status,
     "snapshot": snapshot,
@@ -230,20 +234,11 @@ HANDLERS: dict[str, Handler] = {
     "sync_log.get": sync_log_get,
     "connections.list": connections_list,
     "connections.get": connections_get,
-    "connections.create": connections_create,
-    "connections.update": connections_update,
-    "connections.delete": connections_delete,
-    "connections.batch_update": connections_batch_update,
-    "connections.set_active": connections_set_active,
-    "connections.set_volume": connections_set_volume,
     "connections.heartbeat": connections_heartbeat,
     "connections.test": connections_test,
     "documents.list": documents_list,
     "documents.get": documents_get,
-    "documents.set": documents_set,
     "data.export": data_export,
-    "data.import": data_import,
-    "data.reset": data_reset,
     "secrets.rekey": secrets_rekey,
     "data.backup": data_backup,
     "data.restore": data_restore,

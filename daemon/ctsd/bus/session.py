@@ -11,6 +11,7 @@ leave through the connection's `Outbox`, in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,10 +19,11 @@ import msgspec
 import structlog
 
 from ctsd.bus import protocol as p
-from ctsd.bus.commands import HANDLERS, PROBES, WRITES, Call
+from ctsd.bus.commands import HANDLERS, PROBES, WRITE_OPS, WRITES, Call, Write
 from ctsd.bus.fanout import Hub, Key
 from ctsd.bus.outbox import Outbox, wire_of
 from ctsd.bus.ratelimit import Limiter
+from ctsd.core import Request
 from ctsd.errors import CtsdError
 from ctsd.guard import Guard, token_ok
 from ctsd.limits import MAX_MESSAGE_DEPTH
@@ -65,7 +67,7 @@ class Session:
         self._receive = receive
         self.addr = addr
         self.last_id: int | None = None
-        self.inflight: set[asyncio.Task[None]] = set()  # changes in flight
+        self.inflight: set[asyncio.Future[Any]] = set()  # changes in flight
         self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
         self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
 
@@ -199,6 +201,11 @@ class Session:
         if name in WRITES or name in PROBES:
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
+            write = WRITE_OPS.get(name)
+            if write is not None and args.sync is None:
+                await self.outbox.drained()  # its replies pace how fast we read a client
+                self._enqueue(msg_id, name, write, args)
+                return
             task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
             tasks = self.inflight if name in WRITES else self.probes
             tasks.add(task)
@@ -212,18 +219,43 @@ class Session:
         call = Call(self.svc, args.source, sync=args.sync, session=self)
         try:
             result = await HANDLERS[name](call, args)
-        except CtsdError as e:
-            self.fail(msg_id, e)
-            return
         except Exception as e:
-            log.exception("command_failed", command=name)
-            self.fail(msg_id, CtsdError("internal", f"{type(e).__name__}: {e}"))
+            self._failed(msg_id, name, e)
             return
         self.push(p.Ok(id=msg_id, result=result))
         replay, self._replay = self._replay, None
         if replay is not None:  # a subscribe: its replay goes right after its result
             self.outbox.push_lazy(replay)
         await self.outbox.drained()
+
+    def _enqueue(self, msg_id: int, name: str, write: Write, args: Any) -> None:
+        """A change into the store's next group, answered from a callback once durable:
+        no task per change (a client pipelining hundreds of them has that many in flight)."""
+        try:
+            fut = self.svc.store.enqueue(Request(write.op(args), args.source))
+        except CtsdError as e:
+            self.fail(msg_id, e)
+            return
+        fut.add_done_callback(functools.partial(self._written, msg_id, name, write))
+        self.inflight.add(fut)
+        fut.add_done_callback(self.inflight.discard)
+
+    def _written(self, msg_id: int, name: str, write: Write, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        try:
+            outcome, _lsn = fut.result()
+            result = write.shown(outcome.result)
+        except Exception as e:
+            self._failed(msg_id, name, e)
+            return
+        self.push(p.Ok(id=msg_id, result=result))
+
+    def _failed(self, msg_id: int, name: str, e: Exception) -> None:
+        if not isinstance(e, CtsdError):
+            log.error("command_failed", command=name, exc_info=e)
+            e = CtsdError("internal", f"{type(e).__name__}: {e}")
+        self.fail(msg_id, e)
 
     async def refuse(self, msg_id: int | None, err: CtsdError) -> None:
         """A frame refused before it named a command counts against the rate limit too: a
