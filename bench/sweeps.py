@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))
 
 from ctsd import sweeps  # noqa: E402
+from ctsd.probes import Prober  # noqa: E402
 from ctsd.store import Store  # noqa: E402
 from ctsd.sweeps import iso_at  # noqa: E402
 
@@ -220,9 +221,7 @@ def pct(values: list[float], q: float) -> float:
 async def bench_tick(data_dir: Path) -> dict[str, Any]:
     store = Store(data_dir)
     store.open()
-    app: Any = type("App", (), {})()
-    app.store, app.components = store, {}
-    sw = sweeps.sweeper(app)
+    sw = sweeps.Sweeper(store, Prober(store))
     now = time.monotonic()  # the sweep's clock
     first: list[float] = []  # the first sweep learns every connection, in slices
     while True:
