@@ -338,6 +338,41 @@ async def test_pipelined_changes_answer_in_order_then_a_read_sees_them(daemon: D
     assert frames[300]["result"]["volume_factor"] == 300
 
 
+async def test_a_client_pipelining_without_reading_is_paced_not_dropped(
+    fast_daemon: Daemon,
+) -> None:
+    """A client that sends change after change and reads none of the answers for a while
+    (more than its outbox may hold): the daemon stops reading its frames until it reads
+    again; it is not dropped as a subscriber that fell behind would be."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", fast_daemon.port))
+    sock.setblocking(False)
+    n = 8000  # ~5 MB of answers: past the socket's buffers and the outbox's 1,000 frames
+    async with bus(fast_daemon, sync=None, max_queue=1, sock=sock) as b, bus(fast_daemon) as w:
+        await b.ok("connections.create", connection=connection(id="c1"))
+        sent: list[int] = []
+
+        async def send_all() -> None:
+            for i in range(n):
+                changes = {"volume_factor": i + 1, "name": "x" * 200}
+                sent.append(await b.send("connections.update", connection_id="c1", changes=changes))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_all)
+            # The daemon stops taking changes from it (the revision stands still for a while)
+            # long before all are sent: its unread answers hold it up.
+            seen: list[int] = []
+            with anyio.fail_after(30):
+                while len(seen) < 5 or seen[-1] != seen[-5]:
+                    seen.append((await w.ok("ping"))["revision"])
+                    await anyio.sleep(0.1)
+            assert seen[-1] < n
+            answers = [await b.recv() for _ in range(n)]
+    assert [a["id"] for a in answers] == sent
+    assert all(a["success"] for a in answers)
+
+
 async def test_batch_update_all_or_nothing_one_frame(daemon: Daemon) -> None:
     async with bus(daemon) as b:
         for i in range(3):
@@ -930,6 +965,36 @@ async def test_shutdown_in_time_with_a_client_that_reads_nothing(daemon: Daemon)
         assert daemon.proc.returncode == 0
         assert time.monotonic() - t0 < 5.0
         deaf.ws.transport.abort()  # it would wait 10 s to notice, reading nothing
+
+
+async def test_a_stop_still_sends_answers_queued_for_a_slow_reader(daemon: Daemon) -> None:
+    """Changes made durable while their client's outbox is backed up (it reads slowly): at a
+    stop their answers still reach it, ahead of the notice and the close, not dropped."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    async with bus(daemon, sync=None, max_queue=1, sock=sock) as slow:
+        await slow.ok("subscribe")
+        # ~100 KB events (a create shows every field): past the socket's buffers (which
+        # grow to a few MB), into its outbox
+        wide = json.dumps({"note": "x" * 100_000})
+        async with bus(daemon, sync=None) as w:
+            for _ in range(50):
+                await w.ok("connections.create", connection=connection(connection_settings=wide))
+            sent = [
+                await slow.send("connections.create", connection=connection(id=f"s{i}"))
+                for i in range(3)
+            ]
+            with anyio.fail_after(10):  # durable (and answered into the backed-up outbox)
+                while (await w.call("connections.get", connection_id="s2"))["success"] is False:
+                    await anyio.sleep(0.02)
+        daemon.send_signal(15)
+        code, frames = await close_code(slow.ws)
+    assert code == 1001
+    answers = [f for f in frames if f.get("type") == "result"]
+    assert [(f["id"], f["success"]) for f in answers] == [(i, True) for i in sent]
+    assert frames.index(answers[-1]) < frames.index({"type": "notice", "notice": "shutting_down"})
 
 
 async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Daemon) -> None:

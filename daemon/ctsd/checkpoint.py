@@ -35,7 +35,9 @@ log = structlog.get_logger("ctsd.store")
 
 # Changes arriving within this of the first share one round of writes. Big files stretch it
 # (up to COALESCE_MAX_S, three times the last write's time): fewer rounds of a 10 MB file
-# disturb the journal's appends less, and a change still reaches its file within 100 ms.
+# disturb the journal's appends less. The wait runs from the oldest change not yet written,
+# so a change reaches its file within the wait plus a write or two: under steady load with
+# writes as long as the wait, rounds follow one another.
 COALESCE_S = 0.03
 COALESCE_MAX_S = 0.07
 RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries again)

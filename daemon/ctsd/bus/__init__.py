@@ -5,7 +5,8 @@
     session.py   one bus connection: auth (header or first message, 10 s, 1008), envelope
                  checks (ids strictly increase), rate limit, dispatch, replies
     commands.py  what each command does, for the bus and the HTTP routes alike: changes
-                 through `store.submit`, reads from memory through `views`
+                 through the store's door (`WRITE_OPS`: the op and how its result is shown),
+                 reads from memory through `views`
     views.py     masked read views (connections, state, documents, snapshot, export, status)
     fanout.py    subscriptions: filters, replay + live with no gap, one encode per distinct frame
     outbox.py    one connection's ordered sender: direct writes while the client keeps up, a

@@ -54,8 +54,8 @@ class Call:
 Handler = Callable[[Call, Any], Awaitable[Any]]
 
 # Commands that change something: on the bus a client can pipeline them (they group-commit;
-# `WRITE_OPS` are answered from a callback, the others run as a task each); a read waits for
-# the same client's earlier changes.
+# `WRITE_OPS` without `sync` are answered from a callback, the rest run as a task each); a
+# read waits for the same client's earlier changes.
 WRITES = p.WRITE_COMMANDS
 # Exchange probes take up to `test_timeout_s`: their own tasks too, but nothing waits for them.
 PROBES = frozenset({"connections.test", "trading.test_connection"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -123,9 +124,19 @@ class Bus:
     async def shutdown(self) -> None:
         """Let in-flight commands answer, tell subscribers, close everyone with 1001."""
         self.accepting = False
+        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
         pending = [t for s in self.sessions for t in s.inflight]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_S)
+        # A change is answered from a callback: its reply may still wait in a slow client's
+        # outbox, which the close below would drop.
+        sending = [
+            asyncio.ensure_future(s.outbox.drained()) for s in self.sessions if not s.outbox.idle
+        ]
+        if sending:
+            _, late = await asyncio.wait(sending, timeout=max(0.0, deadline - time.monotonic()))
+            for f in late:
+                f.cancel()
         self.hub.notice({"type": "notice", "notice": "shutting_down"})
         closing = [
             asyncio.ensure_future(s.outbox.close(CLOSE_GOING_AWAY, "daemon stopping"))

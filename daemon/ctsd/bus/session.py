@@ -203,7 +203,10 @@ class Session:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
             write = WRITE_OPS.get(name)
             if write is not None and args.sync is None:
-                await self.outbox.drained()  # its replies pace how fast we read a client
+                if self.outbox.qframes >= MAX_INFLIGHT:
+                    # Answered but not yet sent count against the cap too: a client that
+                    # pipelines without reading its replies is paced, not dropped for them.
+                    await self.outbox.drained()
                 self._enqueue(msg_id, name, write, args)
                 return
             task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
@@ -233,8 +236,8 @@ class Session:
         no task per change (a client pipelining hundreds of them has that many in flight)."""
         try:
             fut = self.svc.store.enqueue(Request(write.op(args), args.source))
-        except CtsdError as e:
-            self.fail(msg_id, e)
+        except Exception as e:
+            self._failed(msg_id, name, e)
             return
         fut.add_done_callback(functools.partial(self._written, msg_id, name, write))
         self.inflight.add(fut)
