@@ -950,11 +950,11 @@ async def test_shutdown_in_time_with_a_client_that_reads_nothing(daemon: Daemon)
     sock.setblocking(False)
     async with bus(daemon, max_queue=1, sock=sock) as deaf:
         await deaf.ok("subscribe")
-        big = {"lists": ["x" * 1000] * 200}  # ~200 KB events unread: its buffers stay full
-        async with bus(daemon) as w:
-            for i in range(10):
-                await w.ok("documents.set", name="watchlists", content={**big, "i": i})
-                await w.ok("snapshot")
+        # ~100 KB events (a create shows every field), 5 MB unread: its buffers stay full
+        wide = json.dumps({"note": "x" * 100_000})
+        async with bus(daemon, sync=None) as w:
+            for _ in range(50):
+                await w.ok("connections.create", connection=connection(connection_settings=wide))
         # `deaf` has not read a single frame since; its closing handshake cannot complete
         t0 = time.monotonic()
         daemon.send_signal(15)
