@@ -334,6 +334,41 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == list(range(1, 66))
 
 
+async def test_a_slow_disk_moves_journal_appends_off_the_event_loop(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A quick fdatasync is made on the event loop (handing it to a thread costs more than it
+    # does); once one is slow, appends go to the journal thread for a while, so a stalling
+    # disk never holds reads and heartbeats up for more than one fdatasync.
+    from ctsd import journal
+    from ctsd import store as store_module
+
+    real = os.fdatasync
+    where: list[str] = []
+    slow = [True]
+    async with opened(data_dir) as store:
+        store.checkpointer.stop()  # no compaction of the journal in between
+        assert store._checkpoints is not None
+        await store._checkpoints
+
+        def timed(fd: int) -> None:
+            if fd == store.journal.fd:
+                where.append(threading.current_thread().name)
+                if slow:
+                    slow.pop()
+                    time.sleep(store_module.INLINE_APPEND_MAX_S * 2)
+            real(fd)
+
+        monkeypatch.setattr(journal.os, "fdatasync", timed)
+        for i in range(3):
+            await store.submit(ops.create(conn(i)), "bus")
+        monkeypatch.setattr(journal.os, "fdatasync", real)
+        assert store.journal.lsn == 3
+    loop_thread = threading.current_thread().name
+    assert where[0] == loop_thread
+    assert all(name.startswith("ctsd-journal") for name in where[1:3]), where
+
+
 async def test_a_failing_change_fails_alone_in_its_group(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")

@@ -19,7 +19,8 @@ frame with good data after it is damage, not a torn tail: the daemon refuses to 
 than lose an acknowledged change. Once the checkpointer has written every change up to a
 record into the files, `compact` drops those records (the journal never grows without bound).
 
-Blocking on purpose: the store calls these in its journal thread, one at a time.
+Blocking on purpose: the store calls these one at a time, on its event loop or its journal
+thread (`Store.append`).
 """
 
 from __future__ import annotations

@@ -57,6 +57,12 @@ class _Pending:
     future: asyncio.Future[Any]
 
 
+# An append slower than this (the disk stalls) sends the next ones to the journal thread
+# for a while: see `Store.append`.
+INLINE_APPEND_MAX_S = 0.010
+SLOW_DISK_HOLD_S = 5.0
+
+
 class Store:
     """Committed memory, the one door (`submit`), and the parts that move files in and out."""
 
@@ -71,8 +77,11 @@ class Store:
         self.disk = Disk(data_dir)
         self.intake = Intake(self, self.disk)
         self.journal = Journal(data_dir)
-        # One thread for the journal: appends and cuts happen in order, off the event loop.
+        # One thread for the journal's cuts, and its appends while the disk is slow (`append`):
+        # every journal job happens in order.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ctsd-journal")
+        self._io_jobs = 0  # journal jobs handed to that thread and not yet done
+        self._disk_slow_until = 0.0  # appends go to the thread until then (see `append`)
         self.checkpointer = Checkpointer(
             self.committed,
             self.disk,
@@ -378,11 +387,33 @@ class Store:
     async def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int:
         """Journal `change`; its lsn. `sync=False` (a change another host made, which the
         cluster's stream holds durably and this host acknowledges to nobody): written without
-        an fdatasync of its own; a host that loses it re-applies it from the stream."""
+        an fdatasync of its own; a host that loses it re-applies it from the stream.
+
+        On the event loop while the disk is quick, and nothing else is queued for the journal
+        thread (the order of journal jobs is kept): handing a quick fdatasync to a thread
+        costs more than it, as the thread must win the GIL back from a busy loop before the
+        group can be answered. After a slow one, on the thread for `SLOW_DISK_HOLD_S`."""
+        if not self._io_jobs and time.monotonic() >= self._disk_slow_until:
+            t0 = time.perf_counter()
+            lsn = self.journal.append(change, seq, sync=sync)
+            took = time.perf_counter() - t0
+            if took > INLINE_APPEND_MAX_S:
+                log.warning("journal_append_slow", seconds=round(took, 3))
+                self._disk_slow_until = time.monotonic() + SLOW_DISK_HOLD_S
+            return lsn
+        return await self._on_io(functools.partial(self.journal.append, change, seq, sync=sync))
+
+    async def _on_io(self, job: Callable[[], Any]) -> Any:
+        """`job` on the journal thread. Counted until the thread is done with it, even when
+        the caller is cancelled: no append runs inline while a job may still be running."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._io, functools.partial(self.journal.append, change, seq, sync=sync)
-        )
+        done = self._io.submit(job)
+        self._io_jobs += 1
+        done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._io_done))
+        return await asyncio.wrap_future(done)
+
+    def _io_done(self) -> None:
+        self._io_jobs -= 1
 
     def install(self, change: Change, lsn: int, ctx: Context | None = None) -> None:
         """A journalled change into memory (and onto the checkpointer's list). `ctx`: the
@@ -397,8 +428,7 @@ class Store:
             self.box = ctx.sealer.rotated
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self.journal.compact, upto, base, carry)
+        await self._on_io(functools.partial(self.journal.compact, upto, base, carry))
 
     # --- publishing ------------------------------------------------------------------------------
 
