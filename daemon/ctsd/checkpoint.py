@@ -16,7 +16,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_k
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.models import SyncEvent
 
 log = structlog.get_logger("ctsd.store")
 
@@ -90,7 +91,10 @@ class Checkpointer:
         # round are encoded again (a round costs the records that changed, not the table).
         self.frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
         self.stale: dict[str, set[str]] = {CONNECTIONS: set(), STATE: set()}
-        self.log_frags: deque[tuple[int, bytes]] = deque()  # the sync log's, by event id
+        # The sync log's encodings, oldest first, and the id of the event each one holds.
+        self.log_frags: deque[bytes] = deque()
+        self.log_ids: deque[int] = deque()
+        self.log_gen = 0  # moves each time they are dropped (the log replaced by hand)
         self.waiters: list[Waiter] = []
         # Files our swaps displaced while an in-place writer held them open, with what they
         # held (the base of what that writer writes into them late): handed to the intake.
@@ -116,7 +120,12 @@ class Checkpointer:
         self._forget(CONNECTIONS, change.connections, change.order is not None)
         self._forget(STATE, change.state, False)
         if change.log is not None:
-            self.log_frags.clear()
+            self._forget_log()
+
+    def _forget_log(self) -> None:
+        self.log_frags.clear()
+        self.log_ids.clear()
+        self.log_gen += 1
 
     def note(self, files_touched: set[str], lsn: int) -> None:
         """`files_touched` need writing: they hold less than memory, up to lsn `lsn`."""
@@ -376,6 +385,10 @@ class Checkpointer:
             if isinstance(job, _Table):
                 od.frags = job.frags
                 self._keep_encoded(file, job)
+            elif isinstance(job, _Log) and job.gen == self.log_gen:
+                # Unless the log was replaced meanwhile (`_forget_log`): then encoded anew.
+                self.log_ids.extend(e.id for e in job.todo)
+                self.log_frags.extend(job.encoded)
         for file in todo:
             if self.disk.path(file) in failed:
                 continue
@@ -417,15 +430,16 @@ class Checkpointer:
             todo = [(k, table[k]) for k in stale]
             return _Table(dict(frags), todo), dict(table)
         if file == SYNC_LOG:
-            encoded = self.log_frags
-            while encoded and c.log and encoded[0][0] < c.log[0].id:
-                encoded.popleft()  # trimmed from the log
-            if encoded and (not c.log or encoded[0][0] != c.log[0].id):
-                encoded.clear()  # not the same history (edited by hand): encode it again
-            last = encoded[-1][0] if encoded else 0
+            ids, frags = self.log_ids, self.log_frags
+            while ids and c.log and ids[0] < c.log[0].id:
+                ids.popleft()  # trimmed from the log
+                frags.popleft()
+            if ids and (not c.log or ids[0] != c.log[0].id):
+                self._forget_log()  # not the same history (edited by hand): encode it again
+            last = ids[-1] if ids else 0
             new = list(itertools.takewhile(lambda e: e.id > last, reversed(c.log)))
-            encoded.extend((e.id, files.encode_record(e)) for e in reversed(new))
-            return files.table_chunks(b for _, b in encoded), list(c.log)
+            new.reverse()
+            return _Log(list(frags), new, self.log_gen), list(c.log)
         content = c.documents.get(files.document_name(file) or "")
         if content is None:
             return None, None
@@ -506,6 +520,17 @@ class _Table:
     todo: list[tuple[str, Any]]
 
 
+@dataclass
+class _Log:
+    """The sync log to write: the encodings known (oldest first), and the events after them,
+    to encode first (`gen`: the checkpointer's `log_gen` when the job was made)."""
+
+    known: list[bytes]
+    todo: list[SyncEvent]
+    gen: int
+    encoded: list[bytes] = field(default_factory=list)
+
+
 def _render_and_write(
     jobs: list[tuple[Path, Any]],
     expected: dict[Path, Any],
@@ -524,6 +549,9 @@ def _render_and_write(
             for key, record in job.todo:
                 job.frags[key] = files.encode_record(record)
             plan.append((path, files.table_chunks(job.frags.values())))
+        elif isinstance(job, _Log):
+            job.encoded = [files.encode_record(e) for e in job.todo]
+            plan.append((path, files.table_chunks(itertools.chain(job.known, job.encoded))))
         else:
             plan.append((path, job))
 
