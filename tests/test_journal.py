@@ -241,26 +241,134 @@ def test_an_unreadable_journal_is_refused(tmp_path: Path) -> None:
     assert "cannot open" in refused(tmp_path, 0)
 
 
-def test_compact_keeps_what_was_not_checkpointed_and_stays_bounded(tmp_path: Path) -> None:
+def test_compact_keeps_what_was_not_checkpointed_and_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under a steady stream of changes a cut is one small append; past REWRITE_ABOVE bytes
+    # the journal is rewritten with only what is left.
+    monkeypatch.setattr(journal, "REWRITE_ABOVE", 20_000)
     chs = changes(6)
     write_journal(tmp_path, [])
     j = Journal(tmp_path)
     j.open(0)
-    sizes = []
-    for round_ in range(5):
+    sizes, inodes = [], []
+    for round_ in range(8):
         for ch in chs:
             j.append(ch)
         keep_from = j.lsn - 1  # the last two records are not in the files yet
         j.compact(keep_from - 1, base_revision=round_, carry=None)
         sizes.append(j.size())
+        inodes.append(os.fstat(j.fd).st_ino)
         assert j.pending == 2
-    # bounded: each cut leaves the same two records (their lsn may gain a digit)
-    assert max(sizes) - min(sizes) <= 4, sizes
+        assert j.size() == (tmp_path / journal.NAME).stat().st_size
+    assert sizes[1] > sizes[0] and inodes[1] == inodes[0], "a cut appends"
+    assert len(set(inodes)) > 1, "a journal past REWRITE_ABOVE is rewritten"
+    assert max(sizes) < 20_000 + sizes[0], sizes
     j.close()
     again = Journal(tmp_path)
-    got = again.open(4)
+    got = again.open(7)
     again.close()
-    assert enc(got.changes) == enc(chs[-2:]) and got.base_revision == 4
+    assert enc(got.changes) == enc(chs[-2:]) and got.base_revision == 7
+
+
+def test_a_cut_torn_at_every_byte_replays_either_side_of_it(tmp_path: Path) -> None:
+    # The crash came while the cut was being written: the records it drops are in the files,
+    # so replaying them again gives the same files; the rest replays either way.
+    chs = changes(4)
+    write_journal(tmp_path / "orig", [])
+    j = Journal(tmp_path / "orig")
+    j.open(0)
+    for ch in chs:
+        j.append(ch)
+    before = j.size()
+    j.compact(2, base_revision=0, carry=None)
+    j.close()
+    raw = (tmp_path / "orig" / journal.NAME).read_bytes()
+    assert len(raw) > before
+    d = tmp_path / "d"
+    d.mkdir()
+    for end in range(before, len(raw) + 1):
+        (d / journal.NAME).write_bytes(raw[:end])
+        again = Journal(d)
+        got = again.open(0)
+        again.close()
+        whole = end == len(raw)
+        assert enc(got.changes) == enc(chs[2:] if whole else chs), end
+        assert got.dropped_bytes == (0 if whole else end - before), end
+
+
+def test_a_rewrite_carrying_changes_keeps_them_past_the_cuts_before_it(tmp_path: Path) -> None:
+    chs = changes(5)
+    write_journal(tmp_path, [])
+    j = Journal(tmp_path)
+    j.open(0)
+    for ch in chs[:3]:
+        j.append(ch)
+    j.compact(1, base_revision=0, carry=None)  # a cut frame
+    j.append(chs[3])
+    j.compact(2, base_revision=0, carry=chs[4])  # a rewrite: the carry goes first
+    assert j.pending == 2
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(0)
+    again.close()
+    assert enc(got.changes) == enc([chs[4], chs[2], chs[3]])
+
+
+def test_lsns_go_on_past_a_cut_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A journal whose records a cut dropped all of: the next record still gets a new lsn, so
+    # a later rewrite copies it and no dropped record that had its number.
+    chs = changes(4)
+    write_journal(tmp_path, [])
+    j = Journal(tmp_path)
+    j.open(0)
+    for ch in chs[:2]:
+        j.append(ch)
+    j.stream_seq = 7  # cluster mode: the journal is cut, never emptied
+    j.compact(2, base_revision=0, carry=None)
+    j.close()
+    j = Journal(tmp_path)
+    assert j.open(0).changes == [] and j.lsn == 2
+    assert j.append(chs[2]) == 3
+    monkeypatch.setattr(journal, "REWRITE_ABOVE", 0)
+    j.append(chs[3])
+    j.compact(3, base_revision=0, carry=None)  # a rewrite
+    j.close()
+    j = Journal(tmp_path)
+    got = j.open(0)
+    j.close()
+    assert enc(got.changes) == enc(chs[3:]) and got.stream_seq == 7
+
+
+def test_a_damaged_record_before_a_good_cut_is_refused(tmp_path: Path) -> None:
+    chs = changes(3)
+    write_journal(tmp_path, [])
+    j = Journal(tmp_path)
+    j.open(0)
+    for ch in chs:
+        j.append(ch)
+    ends = [j.header_end, *(end for _lsn, end in j.offsets)]
+    j.compact(1, base_revision=0, carry=None)
+    j.close()
+    raw = bytearray((tmp_path / journal.NAME).read_bytes())
+    raw[ends[2] + 20] ^= 0xFF  # inside the last record; only the cut follows it
+    (tmp_path / journal.NAME).write_bytes(bytes(raw))
+    assert "damaged at byte" in refused(tmp_path, 0)
+
+
+def test_a_journal_of_version_1_is_read(tmp_path: Path) -> None:
+    chs = changes(2)
+    header = journal.frame(b'{"journal":"ctsd","version":1,"base_revision":0}')
+    records = [
+        journal.frame(msgspec.json.encode(journal.Record(i + 1, c))) for i, c in enumerate(chs)
+    ]
+    (tmp_path / journal.NAME).write_bytes(header + b"".join(records))
+    j = Journal(tmp_path)
+    got = j.open(0)
+    j.close()
+    assert enc(got.changes) == enc(chs)
 
 
 # --- the power cut, end to end ------------------------------------------------------------------

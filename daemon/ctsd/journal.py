@@ -4,7 +4,7 @@ fdatasync'ed, long before the data files are rewritten (the checkpointer does th
     frame   = length (u32, little-endian) · crc32 of the payload (u32) · payload
     payload = JSON: the first frame is the header {"journal": "ctsd", "version", "base_revision",
               "stream_seq"}, every other one a record {"lsn", "change", "seq"} (one group of
-              changes: `core.Change`)
+              changes: `core.Change`) or a cut {"cut", "base_revision", "stream_seq"}
 
 In cluster mode a record also carries `seq`, the cluster stream sequence of its change, and
 the header `stream_seq`, the highest stream sequence the data files already hold: together
@@ -17,7 +17,12 @@ its fdatasync, so it was never acknowledged, and it is dropped (and logged); so 
 zeros (a file system may leave those where an append's data never reached the disk). A bad
 frame with good data after it is damage, not a torn tail: the daemon refuses to start rather
 than lose an acknowledged change. Once the checkpointer has written every change up to a
-record into the files, `compact` drops those records (the journal never grows without bound).
+record into the files, `compact` drops those records: it empties the journal back to its
+header when nothing newer is left, and otherwise appends a cut — the records before it up to
+lsn `cut` are in the files and are not replayed — so cutting the journal under a steady
+stream of changes costs one small append, not a rewrite. Past `REWRITE_ABOVE` bytes (or to
+carry changes for files invalid on disk) the journal is rewritten with only what is left:
+it never grows without bound.
 
 Blocking on purpose: the store calls these one at a time, on its event loop or its journal
 thread (`Store.append`).
@@ -42,7 +47,8 @@ from ctsd.core import Change
 from ctsd.models import SyncEvent
 
 NAME = ".journal"
-VERSION = 1
+VERSION = 2  # 2: cuts. A journal of version 1 (no cuts) is read as well.
+READS = (1, 2)
 _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 
@@ -58,6 +64,18 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     lsn: int
     change: Change
     seq: int | None = None  # cluster mode: the change's stream seq (None: a local change)
+
+
+class Cut(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The records before this frame, up to lsn `cut`, are in the data files (at
+    `base_revision`, holding the cluster stream up to `stream_seq`)."""
+
+    cut: int
+    base_revision: int
+    stream_seq: int = 0
+
+
+REWRITE_ABOVE = 16 * 1024 * 1024  # a journal this big is rewritten at its next cut
 
 
 class JournalError(Exception):
@@ -77,6 +95,7 @@ class Recovered:
 _encode = msgspec.json.Encoder().encode
 _decode_header = msgspec.json.Decoder(Header).decode
 _decode_record = msgspec.json.Decoder(Record).decode
+_decode_cut = msgspec.json.Decoder(Cut).decode
 
 
 def frame(payload: bytes) -> bytes:
@@ -110,17 +129,20 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
     return out, pos, ""
 
 
-_RECORD_START = b'{"lsn":'  # how every record's payload begins (JSON strings escape quotes)
+# How every record's and every cut's payload begins (JSON strings escape quotes).
+_RECORD_START = b'{"lsn":'
+_CUT_START = b'{"cut":'
 
 
 def _record_after(raw: bytes, pos: int) -> bool:
-    """Does a whole record frame, checksum right, begin after the frame at `pos`?"""
-    q = raw.find(_RECORD_START, pos + _FRAME.size + 1)
-    while q != -1:
-        length, crc = _FRAME.unpack_from(raw, q - _FRAME.size)
-        if q + length <= len(raw) and zlib.crc32(raw[q : q + length]) == crc:
-            return True
-        q = raw.find(_RECORD_START, q + 1)
+    """Does a whole record or cut frame, checksum right, begin after the frame at `pos`?"""
+    for start in (_RECORD_START, _CUT_START):
+        q = raw.find(start, pos + _FRAME.size + 1)
+        while q != -1:
+            length, crc = _FRAME.unpack_from(raw, q - _FRAME.size)
+            if q + length <= len(raw) and zlib.crc32(raw[q : q + length]) == crc:
+                return True
+            q = raw.find(start, q + 1)
     return False
 
 
@@ -128,13 +150,14 @@ def _record_after(raw: bytes, pos: int) -> bool:
 class Scan:
     """What a journal's bytes hold (`scan_journal`), read without changing anything."""
 
-    base_revision: int
+    base_revision: int  # the header's, or the last cut's
     header_end: int
     changes: list[Change]
     offsets: list[tuple[int, int]]  # (lsn, end offset) of each record
     good_end: int  # where the good frames end; after it, a torn tail
-    stream_seq: int = 0  # the header's
+    stream_seq: int = 0  # the header's, or the last cut's
     seqs: dict[int, int] = field(default_factory=dict)  # lsn → stream seq (cluster records)
+    last_lsn: int = 0  # of every record read, the cut ones too (an lsn is never used twice)
 
 
 EventMark = tuple[str, str]  # (created_at, action): enough to tell two events apart
@@ -175,33 +198,38 @@ def scan_journal(
         raise JournalError(
             f"{what} is not a ctsd journal; move it aside to start from the data files"
         ) from None
-    if header.journal != "ctsd" or header.version != VERSION:
+    if header.journal != "ctsd" or header.version not in READS:
         raise JournalError(
             f"{what} is a journal of another kind or version ({header.journal!r} "
             f"v{header.version}); this ctsd reads v{VERSION}"
         )
-    if files_revision is not None and files_revision < header.base_revision:
-        raise JournalError(
-            f"{where} begins at revision {header.base_revision} but the data files are "
-            f"at revision {files_revision}: it belongs to other files (a copied or restored "
-            "data dir?); move it aside to start from the files as they are"
-        )
     scan = Scan(header.base_revision, frames[0][0], [], [], good_end, header.stream_seq)
-    # Events the files' sync log should hold already (a checkpoint that the crash stopped
-    # before the journal was cut): a journal of other files holds other events there.
-    written: dict[int, EventMark] = {}
     for end, payload in frames[1:]:
         try:
+            if payload.startswith(_CUT_START):
+                _cut(scan, _decode_cut(payload))
+                continue
             rec = _decode_record(payload)
         except msgspec.MsgspecError as e:
             raise JournalError(f"{what}: a record does not decode ({e})") from None
         scan.changes.append(rec.change)
         scan.offsets.append((rec.lsn, end))
+        scan.last_lsn = max(scan.last_lsn, rec.lsn)
         if rec.seq is not None:
             scan.seqs[rec.lsn] = rec.seq
-        if rec.change.log is not None:
+    if files_revision is not None and files_revision < scan.base_revision:
+        raise JournalError(
+            f"{where} begins at revision {scan.base_revision} but the data files are "
+            f"at revision {files_revision}: it belongs to other files (a copied or restored "
+            "data dir?); move it aside to start from the files as they are"
+        )
+    # Events the files' sync log should hold already (a checkpoint that the crash stopped
+    # before the journal was cut): a journal of other files holds other events there.
+    written: dict[int, EventMark] = {}
+    for change in scan.changes:
+        if change.log is not None:
             written.clear()  # the history was replaced (edited by hand): compare from here
-        written.update((e.id, (e.created_at, e.action)) for e in rec.change.events)
+        written.update((e.id, (e.created_at, e.action)) for e in change.events)
     for rev, mark in written.items():
         known = files_revision is not None and rev <= files_revision
         theirs = (files_log or {}).get(rev) if known else None
@@ -212,6 +240,20 @@ def scan_journal(
                 "copied or restored data dir?); move it aside to start from the files as they are"
             )
     return scan
+
+
+def _cut(scan: Scan, cut: Cut) -> None:
+    """A cut read back: the records before it up to its lsn are not replayed."""
+    drop = 0
+    while drop < len(scan.offsets) and scan.offsets[drop][0] <= cut.cut:
+        seq = scan.seqs.pop(scan.offsets[drop][0], None)
+        if seq is not None:
+            scan.stream_seq = max(scan.stream_seq, seq)
+        drop += 1
+    del scan.changes[:drop], scan.offsets[:drop]
+    scan.base_revision = cut.base_revision  # the files' revision then (the latest cut's)
+    scan.last_lsn = max(scan.last_lsn, cut.cut)
+    scan.stream_seq = max(scan.stream_seq, cut.stream_seq)
 
 
 class Journal:
@@ -271,9 +313,8 @@ class Journal:
         self.stream_seq = scan.stream_seq
         self.seqs = dict(scan.seqs)
         self.header_end = scan.header_end
-        for lsn, end in scan.offsets:
-            self.lsn = lsn
-            self.offsets.append((lsn, end))
+        self.offsets.extend(scan.offsets)
+        self.lsn = scan.last_lsn
         self.end = scan.good_end
         dropped = len(raw) - scan.good_end
         if dropped:
@@ -298,7 +339,14 @@ class Journal:
         back) and the error is raised. `sync=False` (a change the cluster's stream already
         holds durably) leaves the fdatasync to the next synced append or cut."""
         lsn = self.lsn + 1
-        data = frame(_encode(Record(lsn, change, seq)))
+        self._append(frame(_encode(Record(lsn, change, seq))), sync)
+        self.lsn = lsn
+        self.offsets.append((lsn, self.end))
+        if seq is not None:
+            self.seqs[lsn] = seq
+        return lsn
+
+    def _append(self, data: bytes, sync: bool) -> None:
         try:
             os.pwrite(self.fd, data, self.end)
             if sync:
@@ -308,42 +356,55 @@ class Journal:
                 os.ftruncate(self.fd, self.end)
             raise
         self.end += len(data)
-        self.lsn = lsn
-        self.offsets.append((lsn, self.end))
-        if seq is not None:
-            self.seqs[lsn] = seq
-        return lsn
 
     # --- compacting ------------------------------------------------------------------------
+
+    def cut_is_cheap(self, carry: Change | None) -> bool:
+        """Will `compact` cost one small write (an emptying or a cut), not a rewrite?"""
+        return carry is None and self.end < REWRITE_ABOVE
 
     def compact(self, upto: int, base_revision: int, carry: Change | None) -> None:
         """Drop the records up to lsn `upto` (their changes are in the data files, which are
         at `base_revision`). `carry` holds what those records changed in files the
         checkpointer could not write (invalid on disk): it is kept, as the new first record."""
-        cut = None
+        dropped = False
         while self.offsets and self.offsets[0][0] <= upto:
-            lsn, cut = self.offsets.popleft()
+            lsn, _end = self.offsets.popleft()
+            dropped = True
             seq = self.seqs.pop(lsn, None)
             if seq is not None:
                 self.stream_seq = max(self.stream_seq, seq)
-        if cut is None and carry is None:
+        if not dropped and carry is None:
             return  # nothing to drop
-        tail_start = cut if cut is not None else self.header_end
-        header = frame(_encode(Header("ctsd", VERSION, base_revision, self.stream_seq)))
-        if tail_start == self.end and carry is None and self.stream_seq == 0:
+        self.base_revision = base_revision
+        if carry is None and not self.offsets and self.stream_seq == 0:
             os.ftruncate(self.fd, self.header_end)  # the usual case: everything is written
             os.fdatasync(self.fd)
             self.end = self.header_end
             return
-        tail = os.pread(self.fd, self.end - tail_start, tail_start)
+        if self.cut_is_cheap(carry):
+            self._append(frame(_encode(Cut(upto, self.base_revision, self.stream_seq))), True)
+            return
+        self._rewrite(carry)
+
+    def _rewrite(self, carry: Change | None) -> None:
+        """The journal again with only the records not dropped (after `carry`, if any)."""
+        live = {end - self.header_end for _lsn, end in self.offsets}  # where each one ends
+        old = os.pread(self.fd, self.end - self.header_end, self.header_end)
+        frames, _, _ = _frames(old)
+        header = frame(_encode(Header("ctsd", VERSION, self.base_revision, self.stream_seq)))
         body = [header]
         if carry is not None:
             body.append(frame(_encode(Record(0, carry))))
-        data = b"".join([*body, tail])
-        self._replace(data, len(header))
-        shift = len(data) - len(tail) - tail_start
-        self.offsets = deque((lsn, end + shift) for lsn, end in self.offsets)
-        self.base_revision = base_revision
+        end = sum(map(len, body))
+        offsets: deque[tuple[int, int]] = deque()
+        for old_end, payload in frames:
+            if old_end in live:  # cuts and the records they dropped are not copied
+                body.append(frame(payload))
+                end += len(body[-1])
+                offsets.append((_decode_record(payload).lsn, end))
+        self._replace(b"".join(body), len(header))
+        self.offsets = offsets
 
     def _replace(self, data: bytes, header_end: int) -> None:
         """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""

@@ -393,15 +393,20 @@ class Store:
         thread (the order of journal jobs is kept): handing a quick fdatasync to a thread
         costs more than it, as the thread must win the GIL back from a busy loop before the
         group can be answered. After a slow one, on the thread for `SLOW_DISK_HOLD_S`."""
-        if not self._io_jobs and time.monotonic() >= self._disk_slow_until:
-            t0 = time.perf_counter()
-            lsn = self.journal.append(change, seq, sync=sync)
-            took = time.perf_counter() - t0
-            if took > INLINE_APPEND_MAX_S:
-                log.warning("journal_append_slow", seconds=round(took, 3))
-                self._disk_slow_until = time.monotonic() + SLOW_DISK_HOLD_S
-            return lsn
-        return await self._on_io(functools.partial(self.journal.append, change, seq, sync=sync))
+        return await self._journal(functools.partial(self.journal.append, change, seq, sync=sync))
+
+    async def _journal(self, job: Callable[[], Any]) -> Any:
+        """A quick journal job (an append, a cut): on the event loop unless the disk was slow
+        lately or the journal thread has work queued (journal jobs keep their order)."""
+        if self._io_jobs or time.monotonic() < self._disk_slow_until:
+            return await self._on_io(job)
+        t0 = time.perf_counter()
+        result = job()
+        took = time.perf_counter() - t0
+        if took > INLINE_APPEND_MAX_S:
+            log.warning("journal_append_slow", seconds=round(took, 3))
+            self._disk_slow_until = time.monotonic() + SLOW_DISK_HOLD_S
+        return result
 
     async def _on_io(self, job: Callable[[], Any]) -> Any:
         """`job` on the journal thread. Counted until the thread is done with it, even when
@@ -428,7 +433,11 @@ class Store:
             self.box = ctx.sealer.rotated
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
-        await self._on_io(functools.partial(self.journal.compact, upto, base, carry))
+        job = functools.partial(self.journal.compact, upto, base, carry)
+        if self.journal.cut_is_cheap(carry):
+            await self._journal(job)
+        else:
+            await self._on_io(job)  # a rewrite of the journal
 
     # --- publishing ------------------------------------------------------------------------------
 
