@@ -57,6 +57,16 @@ def write_journal(data_dir: Path, chs: list[Change], base: int = 0) -> bytes:
     return (data_dir / journal.NAME).read_bytes()
 
 
+def open_with(data_dir: Path, chs: list[Change]) -> Journal:
+    """A new journal on `data_dir` holding `chs`, open for appends."""
+    write_journal(data_dir, [])
+    j = Journal(data_dir)
+    j.open(0)
+    for ch in chs:
+        j.append(ch)
+    return j
+
+
 def record_ends(raw: bytes) -> list[int]:
     scan = scan_journal(raw, "j", 10**9)
     assert scan is not None
@@ -275,11 +285,7 @@ def test_a_cut_torn_at_every_byte_replays_either_side_of_it(tmp_path: Path) -> N
     # The crash came while the cut was being written: the records it drops are in the files,
     # so replaying them again gives the same files; the rest replays either way.
     chs = changes(4)
-    write_journal(tmp_path / "orig", [])
-    j = Journal(tmp_path / "orig")
-    j.open(0)
-    for ch in chs:
-        j.append(ch)
+    j = open_with(tmp_path / "orig", chs)
     before = j.size()
     j.compact(2, base_revision=0, carry=None)
     j.close()
@@ -299,11 +305,7 @@ def test_a_cut_torn_at_every_byte_replays_either_side_of_it(tmp_path: Path) -> N
 
 def test_a_rewrite_carrying_changes_keeps_them_past_the_cuts_before_it(tmp_path: Path) -> None:
     chs = changes(5)
-    write_journal(tmp_path, [])
-    j = Journal(tmp_path)
-    j.open(0)
-    for ch in chs[:3]:
-        j.append(ch)
+    j = open_with(tmp_path, chs[:3])
     j.compact(1, base_revision=0, carry=None)  # a cut frame
     j.append(chs[3])
     j.compact(2, base_revision=0, carry=chs[4])  # a rewrite: the carry goes first
@@ -321,11 +323,7 @@ def test_lsns_go_on_past_a_cut_across_a_restart(
     # A journal whose records a cut dropped all of: the next record still gets a new lsn, so
     # a later rewrite copies it and no dropped record that had its number.
     chs = changes(4)
-    write_journal(tmp_path, [])
-    j = Journal(tmp_path)
-    j.open(0)
-    for ch in chs[:2]:
-        j.append(ch)
+    j = open_with(tmp_path, chs[:2])
     j.stream_seq = 7  # cluster mode: the journal is cut, never emptied
     j.compact(2, base_revision=0, carry=None)
     j.close()
@@ -343,12 +341,7 @@ def test_lsns_go_on_past_a_cut_across_a_restart(
 
 
 def test_a_damaged_record_before_a_good_cut_is_refused(tmp_path: Path) -> None:
-    chs = changes(3)
-    write_journal(tmp_path, [])
-    j = Journal(tmp_path)
-    j.open(0)
-    for ch in chs:
-        j.append(ch)
+    j = open_with(tmp_path, changes(3))
     ends = [j.header_end, *(end for _lsn, end in j.offsets)]
     j.compact(1, base_revision=0, carry=None)
     j.close()
