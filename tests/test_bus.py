@@ -338,6 +338,36 @@ async def test_pipelined_changes_answer_in_order_then_a_read_sees_them(daemon: D
     assert frames[300]["result"]["volume_factor"] == 300
 
 
+async def test_changes_read_ahead_never_overtake_a_read_sent_before_them(
+    daemon: Daemon,
+) -> None:
+    """Changes pipelined around reads: a change the daemon reads while an earlier read still
+    waits (here for a change answered once in the files) is taken after that read, so each
+    read sees exactly the changes sent before it, and every frame is answered in the order
+    sent."""
+    async with bus(daemon, sync=None) as b:
+        await b.ok("connections.create", connection=connection(id="c1"))
+        sent, reads = [], []
+        for round_ in range(4):
+            for i in range(50):
+                changes = {"volume_factor": round_ * 50 + i + 1}
+                sync = "files" if i == 49 else None
+                sent.append(
+                    await b.send(
+                        "connections.update", connection_id="c1", changes=changes, sync=sync
+                    )
+                )
+            reads.append(await b.send("connections.get", connection_id="c1"))
+            sent.append(reads[-1])
+            # The next changes then come in a read of their own, while the daemon still
+            # holds the read back for the change that waits for the files.
+            await anyio.sleep(0.002)
+        frames = [await b.recv() for _ in range(len(sent))]
+    assert [f["id"] for f in frames] == sent
+    by_id = {f["id"]: f for f in frames}
+    assert [by_id[r]["result"]["volume_factor"] for r in reads] == [50, 100, 150, 200]
+
+
 async def test_a_client_pipelining_without_reading_is_paced_not_dropped(
     fast_daemon: Daemon,
 ) -> None:

@@ -46,6 +46,10 @@ class Wire(Protocol):
 
     def abort(self) -> None: ...
 
+    # Set by the connection's session while it serves: called with each text frame read
+    # while nothing waits for the session; True when it took the frame then and there.
+    fast: Callable[[str], bool] | None
+
 
 def wire_of(payload: bytes) -> bytes:
     """The websocket text frame carrying `payload` as this server sends it (unmasked, no

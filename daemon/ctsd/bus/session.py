@@ -70,6 +70,7 @@ class Session:
         self.inflight: set[asyncio.Future[Any]] = set()  # changes in flight
         self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
         self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
+        self._busy = False  # `serve` is handling a frame (a frame read now must wait for it)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -144,8 +145,47 @@ class Session:
 
     async def serve(self) -> None:
         """Read and answer frames until the client leaves or we close."""
-        while True:
-            await self.on_frame(await self.recv())
+        wire = self.outbox.wire
+        wire.fast = self.take_now
+        try:
+            while True:
+                raw = await self.recv()
+                self._busy = True
+                try:
+                    await self.on_frame(raw)
+                finally:
+                    self._busy = False
+        finally:
+            wire.fast = None
+
+    def take_now(self, raw: str) -> bool:
+        """A change frame taken as it is read, with no task switch (the connection calls
+        this for each text frame it reads while nothing is queued for `serve`): True if it
+        was. Only a well-formed change that need not wait qualifies; anything else is left,
+        untouched, to `serve` (False). A pipelining client's changes mostly come this way."""
+        if self._busy or len(raw) > p.MAX_FRAME_BYTES or not raw.isascii():
+            return False
+        try:
+            frame = _decoder.decode(raw)
+        except (msgspec.DecodeError, RecursionError):
+            return False
+        if type(frame) is not dict:
+            return False
+        msg_id, name = frame.get("id"), frame.get("type")
+        if (
+            type(msg_id) is not int
+            or (self.last_id is not None and msg_id <= self.last_id)
+            or not isinstance(name, str)
+            or name not in WRITE_OPS
+            or len(self.inflight) + len(self.probes) >= MAX_INFLIGHT
+            or self.outbox.qframes >= MAX_INFLIGHT
+        ):
+            return False
+        self.last_id = msg_id
+        args = self._admit(msg_id, name, p.COMMANDS[name], frame)
+        if args is not None:
+            self._change(msg_id, name, args)
+        return True
 
     async def on_frame(self, raw: str | bytes) -> None:
         size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
@@ -190,33 +230,45 @@ class Session:
                 msg_id, CtsdError("unknown_command", f"unknown command {name!r}", path="$.type")
             )
             return
-        if name not in EXEMPT and not self.bus.limiter.allow(self):
-            self.fail(msg_id, RATE_LIMITED)
-            return
-        try:
-            args = p.parse_args(kind, frame)
-        except CtsdError as e:
-            self.fail(msg_id, e)
+        args = self._admit(msg_id, name, kind, frame)
+        if args is None:
             return
         if name in WRITES or name in PROBES:
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
-            write = WRITE_OPS.get(name)
-            if write is not None and args.sync is None:
-                if self.outbox.qframes >= MAX_INFLIGHT:
-                    # Answered but not yet sent count against the cap too: a client that
-                    # pipelines without reading its replies is paced, not dropped for them.
-                    await self.outbox.drained()
-                self._enqueue(msg_id, name, write, args)
-                return
-            task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
-            tasks = self.inflight if name in WRITES else self.probes
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            if name in WRITE_OPS and args.sync is None and self.outbox.qframes >= MAX_INFLIGHT:
+                # Answered but not yet sent count against the cap too: a client that
+                # pipelines without reading its replies is paced, not dropped for them.
+                await self.outbox.drained()
+            self._change(msg_id, name, args)
             return
         if self.inflight:  # read-your-writes: this client's earlier changes answer first
             await asyncio.wait(self.inflight)
         await self.execute(msg_id, name, args)
+
+    def _admit(self, msg_id: int, name: str, kind: Any, frame: dict[str, Any]) -> Any:
+        """A command past the checks of its frame: counted by the rate limit, its arguments
+        parsed. None when it was answered already (refused)."""
+        if name not in EXEMPT and not self.bus.limiter.allow(self):
+            self.fail(msg_id, RATE_LIMITED)
+            return None
+        try:
+            return p.parse_args(kind, frame)
+        except CtsdError as e:
+            self.fail(msg_id, e)
+            return None
+
+    def _change(self, msg_id: int, name: str, args: Any) -> None:
+        """A change or probe, admitted, under the cap: into the store's next group (answered
+        from a callback), or as a task of its own (`sync`, probes, the rest)."""
+        write = WRITE_OPS.get(name)
+        if write is not None and args.sync is None:
+            self._enqueue(msg_id, name, write, args)
+            return
+        task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
+        tasks = self.inflight if name in WRITES else self.probes
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def execute(self, msg_id: int, name: str, args: Any) -> None:
         call = Call(self.svc, args.source, sync=args.sync, session=self)

@@ -8,9 +8,10 @@ its httptools and websockets-sansio protocols:
   until a first response, so an idle or trickling socket would be held forever), and bounds
   on the request line and headers.
 - Websocket: the bus's `Wire` (an ASGI extension in the scope) that the bus uses to write
-  frames it framed once for every subscriber, to see whether a client keeps up, and to drop
-  one that does not (ASGI has no way to abort a connection whose peer stopped reading); and
-  the answers to frames read together sent in one socket write (`CoalescingTransport`).
+  frames it framed once for every subscriber, to see whether a client keeps up, to drop
+  one that does not (ASGI has no way to abort a connection whose peer stopped reading), and
+  to take a frame as it is read (`fast`: ASGI has no synchronous receive); and the answers
+  to frames read together sent in one socket write (`CoalescingTransport`).
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ class CoalescingTransport:
 class SocketWire:
     """The bus's `Wire` over one uvicorn websocket protocol (see the module note)."""
 
-    __slots__ = ("_p",)
+    __slots__ = ("_p", "fast")
 
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self._p = protocol
+        self.fast: Callable[[str], bool] | None = None
 
     @property
     def open(self) -> bool:
@@ -216,6 +218,8 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             super().connection_lost(exc)
 
     class WiredWebSocket(WebSocketsSansIOProtocol):
+        wire: SocketWire | None = None
+
         def connection_made(self, transport: Any) -> None:
             backlog = self.queue.qsize  # frames read that the app has not taken yet
             super().connection_made(CoalescingTransport(transport, self.loop, backlog))
@@ -224,6 +228,27 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)
             if scope is not None:  # None when the handshake itself was refused
-                scope["extensions"][WIRE] = SocketWire(self)
+                self.wire = scope["extensions"][WIRE] = SocketWire(self)
+
+        def send_receive_event_to_app(self) -> None:
+            # A frame the bus can take at once skips the ASGI queue and the task switch
+            # (ASGI has no synchronous receive); anything else goes the ASGI way, in order.
+            wire = self.wire
+            fast = wire.fast if wire is not None else None
+            if (
+                fast is not None
+                and self.curr_msg_data_type == "text"
+                and len(self.frames) == 1
+                and not self.close_sent
+                and self.queue.empty()
+            ):
+                try:
+                    text = self.frames[0].decode()
+                except UnicodeDecodeError:
+                    text = None  # refused the ASGI way (close 1007)
+                if text is not None and fast(text):
+                    self.frames = []
+                    return
+            super().send_receive_event_to_app()
 
     return GuardedHttp, WiredWebSocket
