@@ -85,12 +85,15 @@ def is_debris(name: str) -> bool:
 
 
 def relative(data_dir: Path, path: str | Path) -> str | None:
-    """The data file `path` names (relative, '/'-separated), or None for anything else."""
-    try:
-        rel = Path(path).relative_to(data_dir)
-    except ValueError:
+    """The data file `path` names (relative, '/'-separated), or None for anything else.
+    String work, not pathlib: it runs for every event the watch sees, on the event loop (the
+    daemon's own writes make several per checkpoint round), and the paths watchfiles gives
+    are absolute and normal already."""
+    prefix = f"{data_dir}{os.sep}"
+    path = os.fspath(path)
+    if not path.startswith(prefix):
         return None
-    parts = rel.parts
+    parts = [p for p in path[len(prefix) :].split(os.sep) if p and p != "."]
     if not parts or is_debris(parts[-1]):
         return None
     if len(parts) == 1 or (len(parts) == 2 and parts[0] == files.ALGORITHMS_DIR):
