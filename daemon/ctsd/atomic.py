@@ -204,11 +204,12 @@ def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
 # A large file is written back in pieces as it is written (the write waits for each): the
 # disk queue then holds about one piece of it, so a journal append's fdatasync waits behind
 # one piece, not behind the whole file. A piece is an eighth of the file within these bounds:
-# small, so an 800 KB table never fills the queue ahead of an append; and few, so a 10 MB one
-# is not hundreds of waits (each write and wait hands the GIL back, and a busy event loop
-# keeps it up to a switch interval before this thread gets it again).
+# small, so an append (made on the event loop while the disk is quick: `Store.append`) never
+# waits behind more than a quarter megabyte, even while a 14 MB table goes out; and not
+# smaller, so such a table is not hundreds of waits (each write and wait hands the GIL back,
+# and a busy event loop keeps it up to a switch interval before this thread gets it again).
 PACE_MIN = 128 << 10
-PACE_MAX = 1 << 20
+PACE_MAX = 256 << 10
 PIECES = 8
 _SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
