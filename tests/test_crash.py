@@ -41,7 +41,9 @@ SEED = int(os.environ.get("CTSD_CRASH_SEED", "20261204"))
 WRITERS = 3
 CONNS_PER_WRITER = 4
 KILL_WINDOW_S = (0.05, 0.6)  # after the storm starts
-JOURNAL_BOUND = 4 * 1024 * 1024  # a checkpoint's worth of changes, with room to spare
+# Cut by appending until it passes REWRITE_ABOVE, then rewritten: that, and a checkpoint's
+# worth of changes with room to spare.
+JOURNAL_BOUND = journal.REWRITE_ABOVE + 4 * 1024 * 1024
 
 DATA_FILES = [
     files.CONNECTIONS,

@@ -351,8 +351,9 @@ def test_a_damaged_record_before_a_good_cut_is_refused(tmp_path: Path) -> None:
     assert "damaged at byte" in refused(tmp_path, 0)
 
 
-def test_a_journal_of_version_1_is_read(tmp_path: Path) -> None:
-    chs = changes(2)
+def test_a_journal_of_version_1_is_read_and_rewritten_at_its_first_cut(tmp_path: Path) -> None:
+    # An older ctsd reading the journal again must refuse its version, not meet a cut frame.
+    chs = changes(3)
     header = journal.frame(b'{"journal":"ctsd","version":1,"base_revision":0}')
     records = [
         journal.frame(msgspec.json.encode(journal.Record(i + 1, c))) for i, c in enumerate(chs)
@@ -360,8 +361,26 @@ def test_a_journal_of_version_1_is_read(tmp_path: Path) -> None:
     (tmp_path / journal.NAME).write_bytes(header + b"".join(records))
     j = Journal(tmp_path)
     got = j.open(0)
-    j.close()
     assert enc(got.changes) == enc(chs)
+    assert not j.cut_is_cheap(None)
+    j.compact(1, base_revision=0, carry=None)
+    j.close()
+    raw = (tmp_path / journal.NAME).read_bytes()
+    scan = scan_journal(raw, "j", 0)
+    assert scan is not None and scan.version == journal.VERSION
+    assert journal._CUT_START not in raw
+    again = Journal(tmp_path)
+    assert enc(again.open(0).changes) == enc(chs[1:])
+    assert again.cut_is_cheap(None)
+    again.close()
+
+
+def test_a_journal_cut_at_a_later_revision_than_the_files_is_refused(tmp_path: Path) -> None:
+    j = open_with(tmp_path, changes(3))
+    j.compact(1, base_revision=9, carry=None)  # the files were at revision 9 then
+    j.close()
+    message = refused(tmp_path, 5)
+    assert "begins at revision 9" in message and "revision 5" in message
 
 
 # --- the power cut, end to end ------------------------------------------------------------------

@@ -7,11 +7,12 @@ fdatasync'ed, long before the data files are rewritten (the checkpointer does th
               changes: `core.Change`) or a cut {"cut", "base_revision", "stream_seq"}
 
 In cluster mode a record also carries `seq`, the cluster stream sequence of its change, and
-the header `stream_seq`, the highest stream sequence the data files already hold: together
-they tell a restarted daemon where to resume applying the stream.
+the header (or the last cut) `stream_seq`, the highest stream sequence the data files already
+hold: together they tell a restarted daemon where to resume applying the stream.
 
-The header's `base_revision` is the revision the data files had when this journal was begun;
-files at a lower revision (another dir's journal, a restored backup) are refused. A frame
+The header's `base_revision` is the revision the data files had when this journal was begun,
+a cut's the revision they had when it was written; files at a lower revision than the last
+of these (another dir's journal, a restored backup) are refused. A frame
 that ends the file incomplete or with a wrong checksum is a torn tail: the crash came before
 its fdatasync, so it was never acknowledged, and it is dropped (and logged); so is a tail of
 zeros (a file system may leave those where an append's data never reached the disk). A bad
@@ -47,7 +48,7 @@ from ctsd.core import Change
 from ctsd.models import SyncEvent
 
 NAME = ".journal"
-VERSION = 2  # 2: cuts. A journal of version 1 (no cuts) is read as well.
+VERSION = 2  # 2: cuts. A journal of version 1 (no cuts) is read, and rewritten at its first cut.
 READS = (1, 2)
 _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
@@ -156,8 +157,9 @@ class Scan:
     offsets: list[tuple[int, int]]  # (lsn, end offset) of each record
     good_end: int  # where the good frames end; after it, a torn tail
     stream_seq: int = 0  # the header's, or the last cut's
+    version: int = VERSION  # the header's
     seqs: dict[int, int] = field(default_factory=dict)  # lsn → stream seq (cluster records)
-    last_lsn: int = 0  # of every record read, the cut ones too (an lsn is never used twice)
+    last_lsn: int = 0  # of every record read, the cut ones too (no lsn in the file repeats)
 
 
 EventMark = tuple[str, str]  # (created_at, action): enough to tell two events apart
@@ -201,9 +203,11 @@ def scan_journal(
     if header.journal != "ctsd" or header.version not in READS:
         raise JournalError(
             f"{what} is a journal of another kind or version ({header.journal!r} "
-            f"v{header.version}); this ctsd reads v{VERSION}"
+            f"v{header.version}); this ctsd reads v{READS[0]} to v{READS[-1]}"
         )
-    scan = Scan(header.base_revision, frames[0][0], [], [], good_end, header.stream_seq)
+    scan = Scan(
+        header.base_revision, frames[0][0], [], [], good_end, header.stream_seq, header.version
+    )
     for end, payload in frames[1:]:
         try:
             if payload.startswith(_CUT_START):
@@ -262,10 +266,11 @@ class Journal:
         self.fd = -1
         self.end = 0  # where the next frame goes (everything before is good and synced)
         self.header_end = 0
-        self.lsn = 0  # the last record's
+        self.lsn = 0  # the last record's (or cut's: an lsn is never used twice in one file)
         self.offsets: deque[tuple[int, int]] = deque()  # (lsn, end offset) of each record
         self.base_revision = 0
-        self.stream_seq = 0  # the header's: what the data files hold of the cluster stream
+        self.stream_seq = 0  # what the data files hold of the cluster stream (header, cuts)
+        self.version = VERSION  # the header's (a version 1 journal is rewritten at its first cut)
         self.seqs: dict[int, int] = {}  # lsn → stream seq of the records kept (cluster mode)
 
     @property
@@ -311,6 +316,7 @@ class Journal:
             return self._begin(files_revision)
         self.base_revision = scan.base_revision
         self.stream_seq = scan.stream_seq
+        self.version = scan.version
         self.seqs = dict(scan.seqs)
         self.header_end = scan.header_end
         self.offsets.extend(scan.offsets)
@@ -329,6 +335,7 @@ class Journal:
         self._replace(header, len(header))
         self.offsets.clear()
         self.base_revision = base_revision
+        self.version = VERSION
         return Recovered([], base_revision=base_revision)
 
     # --- appending -------------------------------------------------------------------------
@@ -338,8 +345,20 @@ class Journal:
         durable; returns its lsn. On any error nothing is left appended (the file is cut
         back) and the error is raised. `sync=False` (a change the cluster's stream already
         holds durably) leaves the fdatasync to the next synced append or cut."""
+        lsn, data = self.record(change, seq)
+        return self.append_record(lsn, data, seq, sync=sync)
+
+    def record(self, change: Change, seq: int | None = None) -> tuple[int, bytes]:
+        """The next record's lsn and frame (`append_record` writes it): the caller can judge
+        its size before it chooses where to write it."""
         lsn = self.lsn + 1
-        self._append(frame(_encode(Record(lsn, change, seq))), sync)
+        return lsn, frame(_encode(Record(lsn, change, seq)))
+
+    def append_record(self, lsn: int, data: bytes, seq: int | None, *, sync: bool = True) -> int:
+        """`append` of a frame made by `record` (nothing appended since)."""
+        if lsn != self.lsn + 1:
+            raise RuntimeError(f"journal record {lsn} framed out of turn (at {self.lsn})")
+        self._append(data, sync)
         self.lsn = lsn
         self.offsets.append((lsn, self.end))
         if seq is not None:
@@ -361,7 +380,7 @@ class Journal:
 
     def cut_is_cheap(self, carry: Change | None) -> bool:
         """Will `compact` cost one small write (an emptying or a cut), not a rewrite?"""
-        return carry is None and self.end < REWRITE_ABOVE
+        return carry is None and self.end < REWRITE_ABOVE and self.version == VERSION
 
     def compact(self, upto: int, base_revision: int, carry: Change | None) -> None:
         """Drop the records up to lsn `upto` (their changes are in the data files, which are
@@ -382,6 +401,8 @@ class Journal:
             os.fdatasync(self.fd)
             self.end = self.header_end
             return
+        # A cut goes only under a header that says cuts may follow (an older ctsd reading
+        # the journal must refuse its version, not stumble on a frame it cannot read).
         if self.cut_is_cheap(carry):
             self._append(frame(_encode(Cut(upto, self.base_revision, self.stream_seq))), True)
             return
@@ -405,6 +426,7 @@ class Journal:
                 offsets.append((_decode_record(payload).lsn, end))
         self._replace(b"".join(body), len(header))
         self.offsets = offsets
+        self.version = VERSION
 
     def _replace(self, data: bytes, header_end: int) -> None:
         """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""
@@ -418,12 +440,13 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        fsync_dir(self.path.parent)
+        # The new file is the journal from here on, even if the dir's fsync fails below.
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd
         self.end = len(data)
         self.header_end = header_end
+        fsync_dir(self.path.parent)
 
     @property
     def pending(self) -> int:
