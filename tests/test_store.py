@@ -334,39 +334,113 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == list(range(1, 66))
 
 
-async def test_a_slow_disk_moves_journal_appends_off_the_event_loop(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A quick fdatasync is made on the event loop (handing it to a thread costs more than it
-    # does); once one is slow, appends go to the journal thread for a while, so a stalling
-    # disk never holds reads and heartbeats up for more than one fdatasync.
+@contextlib.asynccontextmanager
+async def journal_syncs(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: list[str]
+) -> AsyncIterator[tuple[Store, list[str]]]:
+    """The store, with no checkpoint rounds (no cut of the journal in between), and the
+    thread each fdatasync of its journal ran on, in order. Each entry of `slow` makes the
+    next one stall past INLINE_APPEND_MAX_S: "slow" returns, "fail" then fails (EIO)."""
     from ctsd import journal
     from ctsd import store as store_module
 
     real = os.fdatasync
     where: list[str] = []
-    slow = [True]
     async with opened(data_dir) as store:
-        store.checkpointer.stop()  # no compaction of the journal in between
+        store.checkpointer.stop()
         assert store._checkpoints is not None
         await store._checkpoints
 
-        def timed(fd: int) -> None:
+        def watched(fd: int) -> None:
             if fd == store.journal.fd:
                 where.append(threading.current_thread().name)
                 if slow:
-                    slow.pop()
+                    how = slow.pop(0)
                     time.sleep(store_module.INLINE_APPEND_MAX_S * 2)
+                    if how == "fail":
+                        raise OSError(errno.EIO, "Input/output error")
             real(fd)
 
-        monkeypatch.setattr(journal.os, "fdatasync", timed)
+        monkeypatch.setattr(journal.os, "fdatasync", watched)
+        try:
+            yield store, where
+        finally:
+            monkeypatch.setattr(journal.os, "fdatasync", real)
+
+
+def on_journal_thread(names: list[str]) -> bool:
+    return bool(names) and all(n.startswith("ctsd-journal") for n in names)
+
+
+async def test_a_slow_disk_moves_journal_appends_off_the_event_loop(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A quick fdatasync is made on the event loop (handing it to a thread costs more than it
+    # does); once one is slow, appends go to the journal thread, so a stalling disk never
+    # holds reads and heartbeats up for more than one fdatasync per stall.
+    async with journal_syncs(data_dir, monkeypatch, ["slow"]) as (store, where):
         for i in range(3):
             await store.submit(ops.create(conn(i)), "bus")
-        monkeypatch.setattr(journal.os, "fdatasync", real)
         assert store.journal.lsn == 3
+    assert where[0] == threading.current_thread().name
+    assert on_journal_thread(where[1:3]), where
+
+
+async def test_a_stall_that_ends_in_an_error_counts_as_a_stall(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with journal_syncs(data_dir, monkeypatch, ["fail"]) as (store, where):
+        with pytest.raises(CtsdError) as e:
+            await store.submit(ops.create(conn(0)), "bus")
+        assert e.value.code == "io_error"
+        await store.submit(ops.create(conn(1)), "bus")
+    assert where[0] == threading.current_thread().name and on_journal_thread(where[1:]), where
+
+
+async def test_appends_come_back_to_the_loop_once_the_disk_is_quick_again(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctsd import store as store_module
+
+    monkeypatch.setattr(store_module, "SLOW_DISK_HOLD_S", 0.2)
+    async with journal_syncs(data_dir, monkeypatch, ["slow", "slow"]) as (store, where):
+        await store.submit(ops.create(conn(0)), "bus")  # stalls on the loop
+        await store.submit(ops.create(conn(1)), "bus")  # stalls on the thread: held longer
+        with anyio.fail_after(5):
+            while time.monotonic() < store._disk_slow_until:
+                await anyio.sleep(0.01)
+        await store.submit(ops.create(conn(2)), "bus")
     loop_thread = threading.current_thread().name
-    assert where[0] == loop_thread
-    assert all(name.startswith("ctsd-journal") for name in where[1:3]), where
+    assert where[0] == loop_thread and on_journal_thread(where[1:2]) and where[2] == loop_thread
+
+
+async def test_a_large_record_and_appends_behind_a_thread_job_go_to_the_journal_thread(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctsd import store as store_module
+
+    async with journal_syncs(data_dir, monkeypatch, []) as (store, where):
+        big = {"notes": "x" * (store_module.INLINE_APPEND_MAX_BYTES + 1)}
+        await store.submit(ops.set_document("ui-config", big), "bus")
+        assert on_journal_thread(where) and store._disk_slow_until == 0.0, where
+        # A job on the journal thread (a rewrite of the journal): an append made meanwhile
+        # waits behind it, on that thread, never beside it on the loop.
+        gate, order = threading.Event(), []
+
+        def job() -> None:
+            gate.wait(10)
+            order.append("job")
+
+        running = asyncio.ensure_future(store._on_io(job))
+        change = asyncio.ensure_future(store.submit(ops.create(conn(1)), "bus"))
+        with anyio.fail_after(5):
+            while store._io_jobs < 2:  # the job, and the change's append queued behind it
+                await anyio.sleep(0.01)
+        assert not change.done()
+        gate.set()
+        await running
+        await change
+    assert on_journal_thread(where[1:]) and order == ["job"], where
 
 
 async def test_a_failing_change_fails_alone_in_its_group(data_dir: Path) -> None:

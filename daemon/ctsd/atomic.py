@@ -205,9 +205,10 @@ def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
 # disk queue then holds about one piece of it, so a journal append's fdatasync waits behind
 # one piece, not behind the whole file. A piece is an eighth of the file within these bounds:
 # small, so an append (made on the event loop while the disk is quick: `Store.append`) never
-# waits behind more than a quarter megabyte, even while a 14 MB table goes out; and not
-# smaller, so such a table is not hundreds of waits (each write and wait hands the GIL back,
-# and a busy event loop keeps it up to a switch interval before this thread gets it again).
+# waits behind more than a quarter megabyte, even while a table of many megabytes goes out;
+# and not smaller, so such a table is not hundreds of waits (each write and wait hands the
+# GIL back, and a busy event loop keeps it up to a switch interval before this thread gets
+# it again).
 PACE_MIN = 128 << 10
 PACE_MAX = 256 << 10
 PIECES = 8

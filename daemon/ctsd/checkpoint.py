@@ -75,7 +75,7 @@ class Checkpointer:
         self.invalid_error = invalid_error  # what a caller waiting for one is told
         self.lock = lock  # a file's lock, shared with the intake
         self.take_in = take_in  # a hand edit taken in through the door (lock held)
-        self.compact = compact  # the journal cut (in the journal's thread)
+        self.compact = compact  # the journal cut (`Store._compact`)
         # file → (lsn of its oldest unwritten change, of its newest): what a round must write
         # and how far the journal may be cut.
         self.dirty: dict[str, tuple[int, int]] = {}

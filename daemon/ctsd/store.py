@@ -57,11 +57,15 @@ class _Pending:
     future: asyncio.Future[Any]
 
 
-# An append slower than this (the disk stalls) sends the next ones to the journal thread
-# for a while: see `Store.append`. Well above what an fdatasync takes while our own
-# checkpoint of a large table is being written back (milliseconds), which is no stall.
+# A small journal job slower than this (the disk stalls) sends the next ones to the journal
+# thread, until one there is quick again and at least SLOW_DISK_HOLD_S have passed: see
+# `Store.append`. Well above what an fdatasync takes while our own checkpoint of a large
+# table is being written back (milliseconds), which is no stall.
 INLINE_APPEND_MAX_S = 0.050
 SLOW_DISK_HOLD_S = 5.0
+# A record larger than this (an import, a restore, a large document) is written by the
+# journal thread whatever the disk: its write would hold the event loop up by itself.
+INLINE_APPEND_MAX_BYTES = 256 * 1024
 
 
 class Store:
@@ -78,8 +82,8 @@ class Store:
         self.disk = Disk(data_dir)
         self.intake = Intake(self, self.disk)
         self.journal = Journal(data_dir)
-        # One thread for the journal's cuts, and its appends while the disk is slow (`append`):
-        # every journal job happens in order.
+        # One thread for the journal's rewrites, large records, and its appends and cuts while
+        # the disk is slow (`append`): every journal job happens in order.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ctsd-journal")
         self._io_jobs = 0  # journal jobs handed to that thread and not yet done
         self._disk_slow_until = 0.0  # appends go to the thread until then (see `append`)
@@ -393,8 +397,13 @@ class Store:
         On the event loop while the disk is quick, and nothing else is queued for the journal
         thread (the order of journal jobs is kept): handing a quick fdatasync to a thread
         costs more than it, as the thread must win the GIL back from a busy loop before the
-        group can be answered. After a slow one, on the thread for `SLOW_DISK_HOLD_S`."""
-        return await self._journal(functools.partial(self.journal.append, change, seq, sync=sync))
+        group can be answered. After a slow one, on the thread (`INLINE_APPEND_MAX_S`); a
+        large record always."""
+        lsn, data = self.journal.record(change, seq)
+        job = functools.partial(self.journal.append_record, lsn, data, seq, sync=sync)
+        if len(data) > INLINE_APPEND_MAX_BYTES:
+            return await self._on_io(job, judged=False)
+        return await self._journal(job)
 
     async def _journal(self, job: Callable[[], Any]) -> Any:
         """A quick journal job (an append, a cut): on the event loop unless the disk was slow
@@ -402,18 +411,35 @@ class Store:
         if self._io_jobs or time.monotonic() < self._disk_slow_until:
             return await self._on_io(job)
         t0 = time.perf_counter()
-        result = job()
-        took = time.perf_counter() - t0
-        if took > INLINE_APPEND_MAX_S:
-            log.warning("journal_append_slow", seconds=round(took, 3))
-            self._disk_slow_until = time.monotonic() + SLOW_DISK_HOLD_S
-        return result
+        try:
+            return job()
+        finally:
+            self._judge(time.perf_counter() - t0)
 
-    async def _on_io(self, job: Callable[[], Any]) -> Any:
+    def _judge(self, took: float) -> None:
+        """A small journal job took `took` seconds (raising or not): a stall keeps the next
+        ones off the event loop; a quick one on the thread after the hold lets them back."""
+        if took > INLINE_APPEND_MAX_S:
+            if time.monotonic() >= self._disk_slow_until:
+                log.warning("journal_append_slow", seconds=round(took, 3))
+            self._disk_slow_until = max(self._disk_slow_until, time.monotonic() + SLOW_DISK_HOLD_S)
+
+    async def _on_io(self, job: Callable[[], Any], *, judged: bool = True) -> Any:
         """`job` on the journal thread. Counted until the thread is done with it, even when
-        the caller is cancelled: no append runs inline while a job may still be running."""
+        the caller is cancelled: no append runs inline while a job may still be running.
+        `judged`: its time tells whether the disk stalls (not so for a large record)."""
         loop = asyncio.get_running_loop()
-        done = self._io.submit(job)
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return job()
+            finally:
+                took = time.perf_counter() - t0
+                if judged:
+                    loop.call_soon_threadsafe(self._judge, took)
+
+        done = self._io.submit(timed)
         self._io_jobs += 1
         done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._io_done))
         return await asyncio.wrap_future(done)
@@ -438,7 +464,7 @@ class Store:
         if self.journal.cut_is_cheap(carry):
             await self._journal(job)
         else:
-            await self._on_io(job)  # a rewrite of the journal
+            await self._on_io(job, judged=False)  # a rewrite of the journal
 
     # --- publishing ------------------------------------------------------------------------------
 
