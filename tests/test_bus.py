@@ -149,9 +149,10 @@ async def test_foreign_origin_refused_before_upgrade(daemon: Daemon) -> None:
 # --- envelope errors -------------------------------------------------------------------------
 
 
-async def test_oversized_frame_refused_and_closed_1009(daemon: Daemon) -> None:
+@pytest.mark.parametrize("kind", ["ping", "connections.update"])
+async def test_oversized_frame_refused_and_closed_1009(daemon: Daemon, kind: str) -> None:
     async with bus(daemon) as b:
-        big = json.dumps({"id": 1, "type": "ping", "pad": "x" * (1024 * 1024 + 10)})
+        big = json.dumps({"id": 1, "type": kind, "pad": "x" * (1024 * 1024 + 10)})
         await b.ws.send(big)
         reply = await b.recv()
         assert reply["success"] is False and reply["error"]["code"] == "too_large"
@@ -212,6 +213,31 @@ async def test_id_reuse(daemon: Daemon) -> None:
             assert reply["id"] == again and reply["error"]["code"] == "id_reuse"
         await b.ws.send(json.dumps({"id": 6, "type": "ping"}))
         assert (await b.recv())["success"] is True
+        # A change is held to the same rule (it may be taken as soon as it is read).
+        change = {"type": "connections.update", "connection_id": "nope", "changes": {}}
+        await b.ws.send(json.dumps({"id": 6, **change}))
+        assert (await b.recv())["error"]["code"] == "id_reuse"
+        await b.ws.send(json.dumps({"id": 7, **change}))
+        reply = await b.recv()
+        assert reply["id"] == 7 and reply["error"]["code"] == "not_found"
+
+
+async def test_a_change_frame_with_non_ascii_text_is_taken(daemon: Daemon) -> None:
+    async with bus(daemon, sync=None) as b:
+        await b.ok("connections.create", connection=connection(id="u1"))
+        await b.ws.send(
+            json.dumps(
+                {
+                    "id": 10**6,
+                    "type": "connections.update",
+                    "connection_id": "u1",
+                    "changes": {"name": "Café ☕ 取引"},
+                },
+                ensure_ascii=False,
+            )
+        )
+        reply = await b.recv()
+        assert reply["success"] is True and reply["result"]["name"] == "Café ☕ 取引"
 
 
 async def test_invalid_arguments_name_the_path(daemon: Daemon) -> None:
@@ -763,6 +789,9 @@ async def test_rate_limit_heartbeats_exempt(data_dir: Path) -> None:
                 codes.append(reply["success"] or reply["error"]["code"])
             assert codes[:19] == [True] * 19
             assert codes[19:] == ["rate_limited"] * 6
+            change = {"connection_id": "h1", "changes": {"name": "n"}, "sync": None}
+            reply = await b.call("connections.update", **change)
+            assert reply["error"]["code"] == "rate_limited"
         # frames refused before naming a command (malformed, unknown) spend the budget too
         async with bus(d) as b3:
             for raw in ["{nope", "[]", '{"id": "x"}', '{"id": 1, "type": "nope"}'] * 5:

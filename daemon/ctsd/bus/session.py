@@ -182,9 +182,12 @@ class Session:
         ):
             return False
         self.last_id = msg_id
-        args = self._admit(msg_id, name, p.COMMANDS[name], frame)
-        if args is not None:
-            self._change(msg_id, name, args)
+        try:
+            args = self._admit(msg_id, name, p.COMMANDS[name], frame)
+            if args is not None:
+                self._change(msg_id, name, args)
+        except Exception as e:  # taken: it is answered here, never handed on a second time
+            self._failed(msg_id, name, e)
         return True
 
     async def on_frame(self, raw: str | bytes) -> None:

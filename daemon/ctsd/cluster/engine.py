@@ -125,6 +125,9 @@ def _describe(exc: BaseException) -> str:
 # --- the engine -----------------------------------------------------------------------------
 
 
+YIELD_EVERY = 64  # stream messages applied in a row before the consumer yields the loop
+
+
 class ClusterEngine:
     """The change stream of one cluster, seen from one host.
 
@@ -764,12 +767,18 @@ class ClusterEngine:
             )
             consumer = (await js.add_consumer(self.stream, config)).name
             self._last_delivered = self._applied
+            handled = 0
             while not self._closing:
                 try:
                     msg = await sub.next_msg(timeout=3 * self._heartbeat_s)
                 except nats.errors.TimeoutError:
                     raise _Restart("no message or heartbeat from the consumer") from None
                 await self._handle(msg)
+                handled += 1
+                if handled % YIELD_EVERY == 0:
+                    # A catch-up applies thousands of queued messages, none of which need
+                    # wait for anything: the rest of the daemon gets the loop now and then.
+                    await asyncio.sleep(0)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
