@@ -340,6 +340,34 @@ def test_lsns_go_on_past_a_cut_across_a_restart(
     assert enc(got.changes) == enc(chs[3:]) and got.stream_seq == 7
 
 
+def test_unsynced_records_after_a_bad_frame_are_a_torn_tail(tmp_path: Path) -> None:
+    # Cluster mode: another host's changes are written without an fdatasync of their own, so
+    # after a power cut one may be lost while a later one reached the disk. The stream holds
+    # them: a bad frame followed only by such records is a torn tail, not damage. A synced
+    # record after it (its fdatasync made everything before it durable) is damage still.
+    chs = changes(4)
+    for synced_last in (False, True):
+        d = tmp_path / f"d{int(synced_last)}"
+        j = open_with(d, chs[:1])
+        j.append(chs[1], 5, sync=False)
+        j.append(chs[2], 6, sync=False)
+        if synced_last:
+            j.append(chs[3], 7)
+        ends = [j.header_end, *(end for _lsn, end in j.offsets)]
+        j.close()
+        raw = bytearray((d / journal.NAME).read_bytes())
+        raw[ends[1] + 20] ^= 0xFF  # inside the first unsynced record
+        (d / journal.NAME).write_bytes(bytes(raw))
+        if synced_last:
+            assert "damaged at byte" in refused(d, 0)
+            continue
+        again = Journal(d)
+        got = again.open(0)
+        again.close()
+        assert enc(got.changes) == enc(chs[:1])
+        assert got.dropped_bytes == len(raw) - ends[1]
+
+
 def test_a_damaged_record_before_a_good_cut_is_refused(tmp_path: Path) -> None:
     j = open_with(tmp_path, changes(3))
     ends = [j.header_end, *(end for _lsn, end in j.offsets)]

@@ -10,20 +10,22 @@ In cluster mode a record also carries `seq`, the cluster stream sequence of its 
 the header (or the last cut) `stream_seq`, the highest stream sequence the data files already
 hold: together they tell a restarted daemon where to resume applying the stream.
 
-The header's `base_revision` is the revision the data files had when this journal was begun,
-a cut's the revision they had when it was written; files at a lower revision than the last
-of these (another dir's journal, a restored backup) are refused. A frame
-that ends the file incomplete or with a wrong checksum is a torn tail: the crash came before
-its fdatasync, so it was never acknowledged, and it is dropped (and logged); so is a tail of
-zeros (a file system may leave those where an append's data never reached the disk). A bad
-frame with good data after it is damage, not a torn tail: the daemon refuses to start rather
-than lose an acknowledged change. Once the checkpointer has written every change up to a
-record into the files, `compact` drops those records: it empties the journal back to its
-header when nothing newer is left, and otherwise appends a cut — the records before it up to
-lsn `cut` are in the files and are not replayed — so cutting the journal under a steady
-stream of changes costs one small append, not a rewrite. Past `REWRITE_ABOVE` bytes (or to
-carry changes for files invalid on disk) the journal is rewritten with only what is left:
-it never grows without bound.
+The header's `base_revision` is the revision the data files had when this journal was begun, a
+cut's the revision they had when it was written; files at a lower revision than the last of
+these (another dir's journal, a restored backup) are refused. A frame that ends the file
+incomplete or with a wrong checksum is a torn tail: the crash came before its fdatasync, so it
+was never acknowledged, and it is dropped (and logged); so is a tail of zeros (a file system
+may leave those where an append's data never reached the disk). A bad frame with a synced frame
+after it is damage, not a torn tail: the daemon refuses to start rather than lose an
+acknowledged change. (Records written without an fdatasync, another host's changes in cluster
+mode, may reach the disk out of order: the stream holds them, so only these after a bad frame
+make it a torn tail still.) Once the checkpointer has written every change up to a record into
+the files, `compact` drops those records: it empties the journal back to its header when
+nothing newer is left, and otherwise appends a cut — the records before it up to lsn `cut` are
+in the files and are not replayed — so cutting the journal under a steady stream of changes
+costs one small append, not a rewrite. Past `REWRITE_ABOVE` bytes (or to carry changes for
+files invalid on disk) the journal is rewritten with only what is left: it never grows without
+bound.
 
 Blocking on purpose: the store calls these one at a time, on its event loop or its journal
 thread (`Store.append`).
@@ -65,6 +67,9 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     lsn: int
     change: Change
     seq: int | None = None  # cluster mode: the change's stream seq (None: a local change)
+    # Cluster mode: another host's change, written without an fdatasync of its own (the
+    # stream holds it). Last, so a frame's payload says so in its final bytes.
+    unsynced: bool = False
 
 
 class Cut(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -116,32 +121,40 @@ def _frames(raw: bytes) -> tuple[list[tuple[int, bytes]], int, str]:
         # A frame cut short by the crash, zeros where its bytes never reached the disk (every
         # payload we write is non-empty, so a zero length is never ours), a damaged length
         # that points past the end, or a wrong checksum: the crash cut the last write short
-        # unless a whole record follows, which only damage after the fact can leave (a torn
-        # write is always the last one: appends wait for the one before to be durable).
+        # unless a whole synced frame follows, which only damage after the fact can leave (a
+        # synced append's fdatasync makes everything before it durable too). Records written
+        # without one (`unsynced`: the stream holds them) may reach the disk out of order.
         if (
             length == 0
             or length > MAX_RECORD_BYTES
             or end > len(raw)
             or zlib.crc32(raw[start:end]) != crc
         ):
-            return out, pos, "damaged" if _record_after(raw, pos) else "torn"
+            return out, pos, "damaged" if _synced_after(raw, pos) else "torn"
         out.append((end, raw[start:end]))
         pos = end
     return out, pos, ""
 
 
-# How every record's and every cut's payload begins (JSON strings escape quotes).
+# How every record's and every cut's payload begins (JSON strings escape quotes), and how an
+# unsynced record's ends.
 _RECORD_START = b'{"lsn":'
 _CUT_START = b'{"cut":'
+_UNSYNCED_END = b',"unsynced":true}'
 
 
-def _record_after(raw: bytes, pos: int) -> bool:
-    """Does a whole record or cut frame, checksum right, begin after the frame at `pos`?"""
+def _synced_after(raw: bytes, pos: int) -> bool:
+    """Does a whole synced record or a cut, checksum right, begin after the frame at `pos`?"""
     for start in (_RECORD_START, _CUT_START):
         q = raw.find(start, pos + _FRAME.size + 1)
         while q != -1:
             length, crc = _FRAME.unpack_from(raw, q - _FRAME.size)
-            if q + length <= len(raw) and zlib.crc32(raw[q : q + length]) == crc:
+            payload = raw[q : q + length]
+            if (
+                q + length <= len(raw)
+                and zlib.crc32(payload) == crc
+                and not payload.endswith(_UNSYNCED_END)
+            ):
                 return True
             q = raw.find(start, q + 1)
     return False
@@ -345,14 +358,16 @@ class Journal:
         durable; returns its lsn. On any error nothing is left appended (the file is cut
         back) and the error is raised. `sync=False` (a change the cluster's stream already
         holds durably) leaves the fdatasync to the next synced append or cut."""
-        lsn, data = self.record(change, seq)
+        lsn, data = self.record(change, seq, sync=sync)
         return self.append_record(lsn, data, seq, sync=sync)
 
-    def record(self, change: Change, seq: int | None = None) -> tuple[int, bytes]:
+    def record(
+        self, change: Change, seq: int | None = None, *, sync: bool = True
+    ) -> tuple[int, bytes]:
         """The next record's lsn and frame (`append_record` writes it): the caller can judge
         its size before it chooses where to write it."""
         lsn = self.lsn + 1
-        return lsn, frame(_encode(Record(lsn, change, seq)))
+        return lsn, frame(_encode(Record(lsn, change, seq, unsynced=not sync)))
 
     def append_record(self, lsn: int, data: bytes, seq: int | None, *, sync: bool = True) -> int:
         """`append` of a frame made by `record` (nothing appended since)."""
