@@ -18,6 +18,7 @@ through the checkpointer; the files come in through the intake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -399,7 +400,7 @@ class Store:
         costs more than it, as the thread must win the GIL back from a busy loop before the
         group can be answered. After a slow one, on the thread (`INLINE_APPEND_MAX_S`); a
         large record always."""
-        lsn, data = self.journal.record(change, seq)
+        lsn, data = self.journal.record(change, seq, sync=sync)
         job = functools.partial(self.journal.append_record, lsn, data, seq, sync=sync)
         if len(data) > INLINE_APPEND_MAX_BYTES:
             return await self._on_io(job, judged=False)
@@ -437,7 +438,8 @@ class Store:
             finally:
                 took = time.perf_counter() - t0
                 if judged:
-                    loop.call_soon_threadsafe(self._judge, took)
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nothing to judge
+                        loop.call_soon_threadsafe(self._judge, took)
 
         done = self._io.submit(timed)
         self._io_jobs += 1
