@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import files, limits
+from ctsd import atomic, files, limits
 from ctsd.files import Invalid
 from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc, SyncEvent
 from ctsd.store import Store
@@ -382,6 +382,18 @@ def test_encoding_is_two_space_indent_with_trailing_newline() -> None:
     assert msgspec.json.decode(body) == msgspec.json.decode(SEED_CONNECTIONS)
     assert body == msgspec.json.format(msgspec.json.encode(conns), indent=2) + b"\n"
     assert files.encode_table([]) == b"[]\n"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 500, 5000])
+def test_a_table_body_comes_in_chunks_the_writer_takes_whole(count: int) -> None:
+    # Records of uneven sizes (growing): the records per chunk are guessed from a few.
+    frags = [b"  {" + b"x" * (7 * k % 3001) + b"}" for k in range(count)]
+    chunks = files.table_chunks(frags)
+    assert b"".join(chunks) == b"[\n" + b",\n".join(frags) + b"\n]\n"
+    assert msgspec.json.decode(b"".join(chunks).replace(b"x", b"")) == [{}] * count
+    assert files.CHUNK_BYTES >= atomic.PACE_MAX  # each goes to the disk without a join
+    if count == 5000:  # ~7.5 MB: a few dozen chunks, not one per record
+        assert 10 <= len(chunks) <= 100
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ hop pays for every file of the round.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import errno
@@ -14,7 +13,7 @@ import fcntl
 import itertools
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -219,34 +218,21 @@ def pace_of(total: int) -> int:
     return min(PACE_MAX, max(PACE_MIN, total // PIECES))
 
 
-def _pieces(
-    chunks: Sequence[bytes | bytearray | memoryview], pace: int
-) -> Iterator[bytes | bytearray | memoryview]:
-    """The chunks joined into pieces of about `pace` bytes. A table is one chunk per record
-    (tens of thousands): the piece ends are found by bisecting the running sizes, so no
-    Python code runs per chunk, and no whole 10 MB file is joined (a join holds the GIL)."""
-    ends = list(itertools.accumulate(map(len, chunks)))
-    start = 0
-    while start < len(chunks):
-        before = ends[start - 1] if start else 0
-        stop = min(len(chunks), bisect.bisect_left(ends, before + pace, lo=start) + 1)
-        # A chunk that is a piece alone goes as it is (a large document: no copy).
-        yield chunks[start] if stop == start + 1 else b"".join(chunks[start:stop])
-        start = stop
-
-
 def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced: bool) -> None:
-    """Write every chunk, in order, in pieces, written back as it goes if `paced`."""
+    """Write every chunk, in order, in pieces, written back as it goes if `paced`. (A table
+    comes in chunks of about a piece: `files.table_chunks`.)"""
     pace = pace_of(sum(map(len, chunks)))
+    paced = paced and _sync_file_range is not None
     written = flushed = 0
-    for piece in _pieces(chunks, pace):
-        view = memoryview(piece)
+    for chunk in chunks:
+        view = memoryview(chunk)
         while len(view):
-            n = os.write(fd, view[:pace])
+            n = os.write(fd, view[: pace - (written - flushed)])
             view = view[n:]
             written += n
-            if paced and written - flushed >= pace and _sync_file_range is not None:
-                _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
+            if written - flushed >= pace:
+                if paced:
+                    _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
                 flushed = written
 
 

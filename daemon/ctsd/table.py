@@ -3,7 +3,7 @@ thrown away without copying 10,000 records, and a group of changes can be stacke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
@@ -83,29 +83,3 @@ class Table(Generic[V]):
         if self.order is not None:
             parent.order = self.order
         parent.over.update(self.over)
-
-    def materialize(
-        self, committed: dict[str, V], frags: dict[str, bytes], encode: Callable[[V], bytes]
-    ) -> tuple[dict[str, V], dict[str, bytes]]:
-        """New committed dicts (records, encoded fragments) with this overlay applied.
-
-        Only changed records are encoded; `committed` and `frags` are left untouched so the
-        caller can drop the result if the write fails.
-        """
-        if self.order is not None:
-            records = dict(self.items())
-            new_frags = {
-                k: (encode(v) if k in self.over or k not in frags else frags[k])
-                for k, v in records.items()
-            }
-            return records, new_frags
-        records = committed.copy()
-        new_frags = frags.copy()
-        for key, value in self.over.items():
-            if value is DELETED:
-                records.pop(key, None)
-                new_frags.pop(key, None)
-            else:
-                records[key] = value
-                new_frags[key] = encode(value)
-        return records, new_frags
