@@ -3,6 +3,9 @@ whatever their sizes (small records, empty ones, pieces larger than the write-ba
 
 from __future__ import annotations
 
+import errno
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ PACE = atomic.PACE_MIN
         [10, 3 * PACE + 5, 10],
         [PACE // 3] * 10,
         [300_000] * 40,  # a 12 MB file: pieces of the largest pace
+        [2, *[1400, 2] * 3000],  # a table as it comes: records and separators, many writevs
     ],
 )
 @pytest.mark.parametrize("paced", [True, False])
@@ -35,3 +39,26 @@ def test_chunks_land_whole_and_in_order(tmp_path: Path, sizes: list[int], paced:
     assert path.read_bytes() == b"".join(chunks)
     assert stamps[path] == atomic.Stamp.of(path.stat())
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left
+
+
+def test_a_short_write_is_finished_or_fails_whole(tmp_path: Path) -> None:
+    # Past RLIMIT_FSIZE a writev stops short and the next write fails (EFBIG): the old file
+    # stays, no temp file is left.
+    path = tmp_path / "f.json"
+    path.write_bytes(b"old")
+    chunks = [bytes([i % 251]) * 1400 for i in range(2000)]
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_003, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            atomic.write_files([(path, chunks)], paced=False)
+        assert err.value.errno == errno.EFBIG
+        small = chunks[:500]  # 700 KB: under the limit, written whole
+        atomic.write_files([(tmp_path / "g.json", small)], paced=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == b"old"
+    assert (tmp_path / "g.json").read_bytes() == b"".join(small)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "g.json"]

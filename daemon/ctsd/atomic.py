@@ -212,6 +212,7 @@ PACE_MIN = 128 << 10
 PACE_MAX = 256 << 10
 PIECES = 8
 _SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 def pace_of(total: int) -> int:
@@ -221,8 +222,10 @@ def pace_of(total: int) -> int:
 def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced: bool) -> None:
     """Write every chunk, in order, in pieces, written back as it goes if `paced`. (A table
     comes in chunks of about a piece: `files.table_chunks`.)"""
+    if not paced or _sync_file_range is None:
+        _write_at_once(fd, chunks)
+        return
     pace = pace_of(sum(map(len, chunks)))
-    paced = paced and _sync_file_range is not None
     written = flushed = 0
     for chunk in chunks:
         view = memoryview(chunk)
@@ -231,9 +234,23 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced:
             view = view[n:]
             written += n
             if written - flushed >= pace:
-                if paced:
-                    _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
+                _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
                 flushed = written
+
+
+def _write_at_once(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Every chunk in as few writes as the kernel takes (a writev of up to IOV_MAX chunks).
+    A thread gives the GIL away at each write, and winning it back from a busy event loop
+    can take a whole switch interval: an unpaced 10 MB table must not be fifty writes."""
+    todo = [memoryview(c) for c in chunks if len(c)]
+    while todo:
+        n = os.writev(fd, todo[:_IOV_MAX])
+        while n:
+            if n < len(todo[0]):
+                todo[0] = todo[0][n:]
+                break
+            n -= len(todo[0])
+            del todo[0]
 
 
 def write_files(
