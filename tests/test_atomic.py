@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctsd import atomic
+from ctsd import atomic, files
 
 PACE = atomic.PACE_MIN
 
@@ -39,6 +39,16 @@ def test_chunks_land_whole_and_in_order(tmp_path: Path, sizes: list[int], paced:
     assert path.read_bytes() == b"".join(chunks)
     assert stamps[path] == atomic.Stamp.of(path.stat())
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("paced", [True, False])
+@pytest.mark.parametrize("count", [0, 1, 4000])
+def test_a_body_made_as_it_is_written_lands_whole(tmp_path: Path, count: int, paced: bool) -> None:
+    frags = [b"  {" + b"y" * (k % 1500) + b"}" for k in range(count)]
+    body = files.TableBody(frags)
+    path = tmp_path / "t.json"
+    atomic.write_files([(path, body)], paced=paced)
+    assert path.read_bytes() == b"".join(body)
 
 
 def test_a_short_write_is_finished_or_fails_whole(tmp_path: Path) -> None:

@@ -13,13 +13,25 @@ import fcntl
 import itertools
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 TEMP_PREFIX = ".ctsd-tmp-"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+Chunk = bytes | bytearray | memoryview
+
+
+class Body(Protocol):
+    """A file body whose chunks are made as it is iterated (`files.TableBody`), about
+    `nbytes` long, so a large one need not be held whole."""
+
+    nbytes: int
+
+    def __iter__(self) -> Iterator[bytes]: ...
 
 
 class Stamp(NamedTuple):
@@ -219,13 +231,14 @@ def pace_of(total: int) -> int:
     return min(PACE_MAX, max(PACE_MIN, total // PIECES))
 
 
-def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced: bool) -> None:
-    """Write every chunk, in order, in pieces, written back as it goes if `paced`. (A table
-    comes in chunks of about a piece: `files.table_chunks`.)"""
+def _write_all(fd: int, chunks: Sequence[Chunk] | Body, paced: bool) -> None:
+    """Write every chunk, in order, in pieces, written back as it goes if `paced`. A `Body`
+    (its chunks made as they are iterated) is made a chunk at a time when paced, all first
+    when not (one writev)."""
     if not paced or _sync_file_range is None:
-        _write_at_once(fd, chunks)
+        _write_at_once(fd, list(chunks))
         return
-    pace = pace_of(sum(map(len, chunks)))
+    pace = pace_of(sum(map(len, chunks)) if isinstance(chunks, Sequence) else chunks.nbytes)
     written = flushed = 0
     for chunk in chunks:
         view = memoryview(chunk)
@@ -238,7 +251,7 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview], paced:
                 flushed = written
 
 
-def _write_at_once(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+def _write_at_once(fd: int, chunks: Sequence[Chunk]) -> None:
     """Every chunk in as few writes as the kernel takes (a writev of up to IOV_MAX chunks).
     A thread gives the GIL away at each write, and winning it back from a busy event loop
     can take a whole switch interval: an unpaced 10 MB table must not be fifty writes."""
@@ -254,7 +267,7 @@ def _write_at_once(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) ->
 
 
 def write_files(
-    plan: Sequence[tuple[Path, bytes | Sequence[bytes]]],
+    plan: Sequence[tuple[Path, Chunk | Sequence[Chunk] | Body]],
     expected: dict[Path, Stamp | None] | None = None,
     displaced: list[Displaced] | None = None,
     owner: tuple[int, int] | None = None,
@@ -262,8 +275,8 @@ def write_files(
 ) -> dict[Path, Stamp]:
     """Write every file of `plan` durably and return their new stamps.
 
-    Each body is bytes or a sequence of chunks (joined and written in pieces, so a large
-    file is never joined whole). When `expected` names a file, its current stamp is checked
+    Each body is bytes, a sequence of chunks or a `Body` (chunks made as they are written), so
+    a large file is never joined whole. When `expected` names a file, its current stamp is checked
     again just before the renames; if any differs, nothing is renamed and `ChangedOnDisk` is
     raised.
     On any error every temp file is removed and the old files are untouched.
@@ -291,7 +304,7 @@ def write_files(
                 fds.append(fd)
                 if owner is not None:
                     os.fchown(fd, *owner)
-                chunks = [body] if isinstance(body, bytes | bytearray | memoryview) else body
+                chunks = [body] if isinstance(body, Chunk) else body
                 _write_all(fd, chunks, paced)
                 _start_writeback(fd)
             for fd, (_tmp, path) in zip(fds, temps, strict=True):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from ctsd import safefile
+from ctsd import atomic, safefile
 from ctsd.atomic import ensure_dir, fsync_dir, write_files
 from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_name
 
@@ -47,7 +47,7 @@ DIR = ".cluster-base"
 _MAGIC = b"ctsd-base 1 "
 _NONE = b"-"
 
-Body = bytes | Sequence[bytes]
+Body = bytes | Sequence[bytes] | atomic.Body
 Plan = list[tuple[Path, Body]]
 
 
@@ -61,7 +61,7 @@ class Judged:
 
 
 def _chunks(body: Body) -> Sequence[bytes]:
-    return [body] if isinstance(body, bytes | bytearray | memoryview) else body
+    return [body] if isinstance(body, bytes | bytearray | memoryview) else list(body)
 
 
 def _digest(body: Body) -> bytes:
@@ -112,8 +112,9 @@ class Bases:
             head = _MAGIC + (prev.hex().encode() if prev is not None else _NONE) + b"\n"
             target = self._copy_path(file)
             ensure_dir(target.parent)  # removed by hand: made again, never a failed round
-            extra.append((target, [head, *_chunks(body)]))
-            digests[file] = _digest(body)
+            chunks = _chunks(body)  # made once (a `files.TableBody` joins as it is iterated)
+            extra.append((target, [head, *chunks]))
+            digests[file] = _digest(chunks)
         return extra, digests
 
     def written(self, digests: dict[str, bytes]) -> None:

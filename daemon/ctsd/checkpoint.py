@@ -548,10 +548,10 @@ def _render_and_write(
         if isinstance(job, _Table):
             for key, record in job.todo:
                 job.frags[key] = files.encode_record(record)
-            plan.append((path, files.table_chunks(list(job.frags.values()))))
+            plan.append((path, files.TableBody(list(job.frags.values()))))
         elif isinstance(job, _Log):
             job.encoded = [files.encode_record(e) for e in job.todo]
-            plan.append((path, files.table_chunks(job.known + job.encoded)))
+            plan.append((path, files.TableBody(job.known + job.encoded)))
         else:
             plan.append((path, job))
 

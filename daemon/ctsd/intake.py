@@ -231,7 +231,7 @@ class Intake:
             }
             # Only when the file is laid out exactly as we write it can its records be found
             # again by their bytes (`decode_known`); else the next hand edit decodes it whole.
-            same = b"".join(files.table_chunks(list(frags.values()))) == raw
+            same = b"".join(files.TableBody(list(frags.values()))) == raw
             od.frags = frags if same else {}
         elif file == SYNC_LOG:
             od.content = list(decoded)
