@@ -24,9 +24,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, broadcast, serve
@@ -37,6 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 from tests.daemon import TOKEN, Daemon, free_port, wait_until  # noqa: E402
 
 from ctsd.atomic import write_files  # noqa: E402
+
+T = TypeVar("T")
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 Row = tuple[str, str, str, str]
@@ -93,11 +95,13 @@ async def raw_server(port: int) -> None:
 
 
 @contextlib.contextmanager
-def raw_floor() -> Iterator[str]:
-    """The raw server in its own process while the block runs; yields its ws:// URL."""
+def raw_floor(loop: str = "asyncio") -> Iterator[str]:
+    """The raw server in its own process (on `loop`) while the block runs; yields its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--raw-server", str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--raw-server", str(port), "--loop", loop],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -212,7 +216,18 @@ async def timed(call: Call, type_: str, **args: Any) -> float:
     return time.perf_counter() - t0
 
 
+def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """`main` on a fresh event loop: "uvloop" (the daemon's default) or "asyncio"."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--raw-server", type=int, required=True)
-    asyncio.run(raw_server(ap.parse_args().raw_server))
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    cli = ap.parse_args()
+    run_on(cli.loop, raw_server(cli.raw_server))

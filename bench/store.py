@@ -23,7 +23,8 @@ Measured in the same run:
            lag every other change sees
 
 `--loop` runs the whole set once per event loop (CTSD_EVENT_LOOP for the daemon; the
-daemon's own default, uvloop, unless told).
+daemon's own default, uvloop, unless told); the clients and the raw echo server run on the
+same loop as the daemon they are measured beside.
 Targets on 2 cores: (a) p50 ≤ 0.8 ms and p99 ≤ 2 ms; (b) ≥ 10,000/s; (c) and (d) p99 ≤ 100 ms —
 at 1,000 and at 10,000 connections. Hand edit → subscriber is bench/watch.py. Not a test:
 numbers depend on the disk and on what else runs (the load average is printed).
@@ -57,6 +58,7 @@ from common import (
     pct,
     print_table,
     raw_floor,
+    run_on,
     timed,
 )
 from ctsd import journal, models, ops
@@ -294,12 +296,13 @@ def main() -> None:
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     rows: list[Row] = []
-    with raw_floor() as raw_url:
-        for loop in args.loop:
+    for loop in args.loop:
+        with raw_floor(loop) as raw_url:
             for n in args.sizes:
                 table = {"connections.json": connections(n)}
                 with daemon(args.dir, {"CTSD_EVENT_LOOP": loop}, table) as d:
-                    part, figures = asyncio.run(measure(d.ws_url, raw_url, n, args, d.data_dir))
+                    measured = measure(d.ws_url, raw_url, n, args, d.data_dir)
+                    part, figures = run_on(loop, measured)
                     rows += [(f"[{loop}] {r[0]}", *r[1:]) for r in part]
                     judge(loop, n, figures)
     print_table(rows, VERDICTS, load0)
