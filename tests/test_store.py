@@ -195,6 +195,43 @@ async def test_a_change_made_during_a_write_waits_from_when_it_came(
         assert time.monotonic() - released < 0.7 * wait
 
 
+async def test_a_sync_log_replaced_while_it_is_written_is_written_anew(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync log replaced whole (another host's hand edit of it, in cluster mode, comes
+    in without the file's lock) while a round is writing it: what that round encoded of the
+    old history is not kept for the next rounds, which write the new history as it is."""
+    writing, release = threading.Event(), threading.Event()
+    real = checkpoint._render_and_write
+
+    def slow(*args: Any) -> Any:
+        if not release.is_set():
+            writing.set()
+            release.wait(10)
+        return real(*args)
+
+    async with opened(data_dir) as store:
+        for i in range(4):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        monkeypatch.setattr(checkpoint, "_render_and_write", slow)
+        # A first replacement (the same history): the held round encodes all of it.
+        first = Change(log=list(store.log))
+        store.install(first, await store.append(first))
+        with anyio.fail_after(5):
+            while not writing.is_set():
+                await anyio.sleep(0.005)
+        # The same first entry (so the next round's check of the history's start passes),
+        # one entry dropped, and the newest one different: only the frames' contents differ.
+        old = list(store.log)
+        edited = msgspec.structs.replace(old[-1], data={**old[-1].data, "note": "by hand"})
+        replaced = Change(log=[old[0], *old[2:-1], edited])
+        store.install(replaced, await store.append(replaced))
+        release.set()
+        await store.submit(ops.update("c2", {"name": "after"}), "bus", sync="files")
+        assert disk(data_dir, SYNC_LOG) == msgspec.to_builtins(list(store.log))
+        assert list(store.checkpointer.log_ids) == [e.id for e in store.log]
+
+
 async def test_did_you_mean_on_update(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")
