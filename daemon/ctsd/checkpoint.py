@@ -90,6 +90,10 @@ class Checkpointer:
         # Each table record's encoding, in the table's order; the keys changed since the last
         # round are encoded again (a round costs the records that changed, not the table).
         self.frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
+        # What a round replaced (the old disk views and encodings), freed by the next round's
+        # thread: freeing 10,000 records' worth is a fraction of a millisecond of the event
+        # loop per round, and an ack that comes then waits for it.
+        self.dropped: list[Any] = []
         self.stale: dict[str, set[str]] = {CONNECTIONS: set(), STATE: set()}
         # The sync log's encodings, oldest first, and the id of the event each one holds.
         self.log_frags: deque[bytes] = deque()
@@ -358,7 +362,7 @@ class Checkpointer:
         try:
             removed = [self.disk.path(f) for f in gone]
             plan, stamps, failed = await anyio.to_thread.run_sync(
-                _render_and_write, jobs, expected, kept, self.bases, removed, paced
+                _render_and_write, jobs, expected, kept, self.bases, removed, paced, self.dropped
             )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
@@ -381,8 +385,10 @@ class Checkpointer:
             written.append(file)
             self.disk.record(file, stamps[path], body)
             od = self.disk.get(file)
+            self.dropped.append(od.content)
             od.content = views[file]
             if isinstance(job, _Table):
+                self.dropped.append(od.frags)
                 od.frags = job.frags
                 self._keep_encoded(file, job)
             elif isinstance(job, _Log) and job.gen == self.log_gen:
@@ -538,11 +544,13 @@ def _render_and_write(
     bases: Bases | None,
     gone: list[Path],
     paced: bool,
+    dropped: list[Any],
 ) -> tuple[list[tuple[Path, Any]], dict[Path, Any], dict[Path, OSError]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove
     the files in `gone` (unless changed since: ChangedOnDisk): (plan, stamps, the files that
     failed)."""
+    dropped.clear()  # the last round's leftovers, freed here (`Checkpointer.dropped`)
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
