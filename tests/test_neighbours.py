@@ -118,16 +118,45 @@ def test_slow_headers_are_dropped_at_the_deadline(data_dir: Path) -> None:
         d.close()
 
 
+def refusal(port: int, *parts: bytes) -> tuple[bytes, dict[str, object]]:
+    """What the daemon answers to a request sent as `parts`: (head, JSON body), read until
+    it closes the connection."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for part in parts:
+        s.sendall(part)
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    s.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
 def test_huge_headers_and_request_lines_are_refused(daemon: Daemon) -> None:
-    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-    s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-    s.sendall(b"X-Junk: " + b"a" * 100_000 + b"\r\n\r\n")
-    assert s.recv(100).startswith(b"HTTP/1.1 400")
-    s.close()
-    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-    s.sendall(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    assert s.recv(100).startswith(b"HTTP/1.1 400")
-    s.close()
+    start = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+    head, body = refusal(daemon.port, start, b"X-Junk: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert body["error"] == {"code": "invalid", "message": "headers larger than 65536 bytes"}
+    head, body = refusal(daemon.port, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert "request line longer than" in str(body["error"])
+    assert httpx.get(daemon.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /api/settings/connections/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: r55P\r\n\r\n",
+        b"POST /api/settings/connections HTTP/1.1\r\nContent-Length: 5\r\n"
+        b"Content-Length: 7\r\n\r\n",
+        b"GET /health HTTP/9.9\r\n\r\n",
+        b"\x00\xff\xfe garbage\r\n\r\n",
+    ],
+)
+def test_a_request_the_parser_refuses_gets_a_json_error(daemon: Daemon, request_: bytes) -> None:
+    head, body = refusal(daemon.port, request_)
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert body["error"]["code"] == "invalid" and "malformed HTTP request" in str(body)
     assert httpx.get(daemon.url + "/health").status_code == 200
 
 

@@ -5,8 +5,9 @@ its httptools and websockets-sansio protocols:
 
 - HTTP: a cap on open connections (beyond it a connection gets a 503 and is closed at once,
   before it can hold a descriptor), a deadline for a request's headers (uvicorn arms no timer
-  until a first response, so an idle or trickling socket would be held forever), and bounds
-  on the request line and headers.
+  until a first response, so an idle or trickling socket would be held forever), bounds
+  on the request line and headers, and a JSON error (not uvicorn's plain text) for a request
+  the parser refuses.
 - Websocket: the bus's `Wire` (an ASGI extension in the scope) that the bus uses to write
   frames it framed once for every subscriber, to see whether a client keeps up, to drop
   one that does not (ASGI has no way to abort a connection whose peer stopped reading), and
@@ -17,6 +18,7 @@ its httptools and websockets-sansio protocols:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ _BUSY = (
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
 )
 _BUSY_BODY = b'{"error":{"code":"io_error","message":"too many connections; try again shortly"}}'
+_BAD = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+_MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
 
 
 class HeadersTooLarge(Exception):
@@ -167,6 +171,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
     class GuardedHttp(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _header_bytes = 0
+        _refusal: str | None = None  # why the parser stopped, when a bound stopped it
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -200,18 +205,29 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def on_url(self, url: bytes) -> None:
             self._header_bytes += len(url)
             if self._header_bytes > limits.max_url_bytes:
-                raise HeadersTooLarge("request line too long")
+                self._refusal = f"request line longer than {limits.max_url_bytes} bytes"
+                raise HeadersTooLarge(self._refusal)
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._header_bytes += len(name) + len(value)
             if self._header_bytes > limits.max_header_bytes:
-                raise HeadersTooLarge("headers too large")
+                self._refusal = f"headers larger than {limits.max_header_bytes} bytes"
+                raise HeadersTooLarge(self._refusal)
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the parser refused (uvicorn answers it in plain text): the error
+            every route documents, then the connection closes."""
+            error = {"code": "invalid", "message": self._refusal or _MALFORMED}
+            body = json.dumps({"error": error}).encode()
+            head = [_BAD, *(b"%s: %s\r\n" % h for h in self.server_state.default_headers)]
+            self.transport.write(b"".join([*head, b"content-length: %d\r\n\r\n" % len(body), body]))
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
