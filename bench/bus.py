@@ -6,7 +6,8 @@
 Starts `ctsd serve` (a subprocess, on a temporary data dir under the current directory or
 `--dir`, so fsync costs what it costs on that disk) and a raw websockets server (another
 subprocess: echo, and `broadcast()` of given bytes to its subscribers). Clients run in this
-process, all on the same 2 cores, as the floors are measured.
+process, all on the same 2 cores, as the floors are measured; clients and raw server on
+uvloop, the daemon's default event loop.
 
   (a) round trip   `ping` on the bus vs the same frame echoed by raw websockets, p50/p99
   (b) update ack   `connections.update` at 1,000 connections, sequential, p50/p99 — the ack
@@ -62,6 +63,7 @@ from common import (
     pct,
     print_table,
     raw_floor,
+    run_on,
 )
 from ctsd.atomic import write_files
 from ctsd.files import CONNECTIONS, SYNC_LOG
@@ -360,10 +362,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
-    with raw_floor() as raw_url, daemon(args.dir) as d:
+    # The clients and the raw server run on uvloop, as the daemon does by default.
+    with raw_floor("uvloop") as raw_url, daemon(args.dir) as d:
         base = Path(tempfile.mkdtemp(prefix="floor-", dir=args.dir))
         try:
-            rows = asyncio.run(bench(d, raw_url, args, base))
+            rows = run_on("uvloop", bench(d, raw_url, args, base))
         finally:
             shutil.rmtree(base, ignore_errors=True)
     print_table(rows, VERDICTS, load0)

@@ -23,8 +23,8 @@ Measured in the same run:
            lag every other change sees
 
 `--loop` runs the whole set once per event loop (CTSD_EVENT_LOOP for the daemon; the
-daemon's own default, uvloop, unless told); the clients and the raw echo server run on the
-same loop as the daemon they are measured beside.
+daemon's own default, uvloop, unless told); the clients and the raw echo server (in their
+own processes) run on the same kind of event loop as the daemon they are measured beside.
 Targets on 2 cores: (a) p50 ≤ 0.8 ms and p99 ≤ 2 ms; (b) ≥ 10,000/s; (c) and (d) p99 ≤ 100 ms —
 at 1,000 and at 10,000 connections. Hand edit → subscriber is bench/watch.py. Not a test:
 numbers depend on the disk and on what else runs (the load average is printed).
