@@ -21,13 +21,13 @@ PACE = atomic.PACE_MIN
         [],
         [0, 0],
         [1],
-        [100] * 3000,  # a table: one small chunk per record, past one pace
+        [100] * 3000,  # many small chunks, past one pace and past IOV_MAX
         [PACE - 1, 1, 1],
         [PACE, 0, PACE + 7, 3],
         [10, 3 * PACE + 5, 10],
         [PACE // 3] * 10,
         [300_000] * 40,  # a 12 MB file: pieces of the largest pace
-        [2, *[1400, 2] * 3000],  # a table as it comes: records and separators, many writevs
+        [2, *[1400, 2] * 3000],  # small and large chunks in turn, many writevs
     ],
 )
 @pytest.mark.parametrize("paced", [True, False])
@@ -49,6 +49,56 @@ def test_a_body_made_as_it_is_written_lands_whole(tmp_path: Path, count: int, pa
     path = tmp_path / "t.json"
     atomic.write_files([(path, body)], paced=paced)
     assert path.read_bytes() == b"".join(body)
+
+
+@pytest.mark.parametrize("most", [1000, 1400, 3 * 1400, 1400 * 1024 + 7])
+def test_a_write_the_kernel_takes_short_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int
+) -> None:
+    # A writev may take fewer bytes than it was given (a signal): the rest follows, whether
+    # it stopped inside a chunk or at a chunk's end.
+    real = atomic.os.writev
+    taken: list[int] = []
+
+    def short(fd: int, buffers: list[memoryview]) -> int:
+        room, cut = most, []
+        for b in buffers:
+            if room <= 0:
+                break
+            cut.append(b[:room])
+            room -= len(cut[-1])
+        taken.append(real(fd, cut))
+        return taken[-1]
+
+    monkeypatch.setattr(atomic.os, "writev", short)
+    chunks = [bytes([i % 251]) * 1400 for i in range(3000)]
+    path = tmp_path / "f.json"
+    atomic.write_files([(path, chunks)], paced=False)
+    assert path.read_bytes() == b"".join(chunks)
+    assert all(n <= most for n in taken) and sum(taken) == 1400 * 3000
+
+
+@pytest.mark.skipif(atomic._sync_file_range is None, reason="no sync_file_range here")
+@pytest.mark.parametrize("sizes", [[100] * 30_000, [300_000] * 40, [7, 5 * PACE + 3]])
+def test_a_paced_file_is_written_back_piece_after_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]
+) -> None:
+    real = atomic._sync_file_range
+    ranges: list[tuple[int, int]] = []
+
+    def recorded(fd: int, offset: int, length: int, flags: int) -> int:
+        if flags == atomic._SYNC_FILE_RANGE_WAIT:  # not the closing start of writeback
+            ranges.append((offset, length))
+        return int(real(fd, offset, length, flags))
+
+    monkeypatch.setattr(atomic, "_sync_file_range", recorded)
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    total = sum(sizes)
+    pace = atomic.pace_of(total)
+    atomic.write_files([(tmp_path / "f.json", chunks)], paced=True)
+    # Back to back from the start, each exactly one pace (what is left after the last is
+    # written back with the file's fsync).
+    assert ranges == [(k * pace, pace) for k in range(total // pace)]
 
 
 def test_a_short_write_is_finished_or_fails_whole(tmp_path: Path) -> None:

@@ -15,14 +15,14 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeAlias
 
 TEMP_PREFIX = ".ctsd-tmp-"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
-Chunk = bytes | bytearray | memoryview
+Chunk: TypeAlias = bytes | bytearray | memoryview
 
 
 class Body(Protocol):
@@ -224,7 +224,7 @@ PACE_MIN = 128 << 10
 PACE_MAX = 256 << 10
 PIECES = 8
 _SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 0)
 
 
 def pace_of(total: int) -> int:
@@ -256,14 +256,17 @@ def _write_at_once(fd: int, chunks: Sequence[Chunk]) -> None:
     A thread gives the GIL away at each write, and winning it back from a busy event loop
     can take a whole switch interval: an unpaced 10 MB table must not be fifty writes."""
     todo = [memoryview(c) for c in chunks if len(c)]
-    while todo:
-        n = os.writev(fd, todo[:_IOV_MAX])
+    first = 0
+    while first < len(todo):
+        n = os.writev(fd, todo[first : first + _IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "the write took nothing")
         while n:
-            if n < len(todo[0]):
-                todo[0] = todo[0][n:]
+            if n < len(todo[first]):
+                todo[first] = todo[first][n:]
                 break
-            n -= len(todo[0])
-            del todo[0]
+            n -= len(todo[first])
+            first += 1
 
 
 def write_files(

@@ -47,8 +47,8 @@ DIR = ".cluster-base"
 _MAGIC = b"ctsd-base 1 "
 _NONE = b"-"
 
-Body = bytes | Sequence[bytes] | atomic.Body
-Plan = list[tuple[Path, Body]]
+Content = bytes | Sequence[bytes] | atomic.Body
+Plan = list[tuple[Path, Content]]
 
 
 @dataclass
@@ -60,11 +60,11 @@ class Judged:
     deleted: dict[str, bytes] = field(default_factory=dict)  # file → its copy (written again)
 
 
-def _chunks(body: Body) -> Sequence[bytes]:
-    return [body] if isinstance(body, bytes | bytearray | memoryview) else list(body)
+def _chunks(body: Content) -> Sequence[bytes]:
+    return [body] if isinstance(body, atomic.Chunk) else list(body)
 
 
-def _digest(body: Body) -> bytes:
+def _digest(body: Content) -> bytes:
     h = hashlib.sha256()
     for chunk in _chunks(body):
         h.update(chunk)
@@ -112,7 +112,7 @@ class Bases:
             head = _MAGIC + (prev.hex().encode() if prev is not None else _NONE) + b"\n"
             target = self._copy_path(file)
             ensure_dir(target.parent)  # removed by hand: made again, never a failed round
-            chunks = _chunks(body)  # made once (a `files.TableBody` joins as it is iterated)
+            chunks = _chunks(body)
             extra.append((target, [head, *chunks]))
             digests[file] = _digest(chunks)
         return extra, digests

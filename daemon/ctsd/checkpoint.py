@@ -27,7 +27,7 @@ from ctsd import files
 from ctsd.atomic import ChangedOnDisk, Displaced, remove_file, stamp_of, write_files
 from ctsd.bases import Bases
 from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_keys
-from ctsd.disk import Disk
+from ctsd.disk import Disk, digest_of
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent
@@ -91,8 +91,9 @@ class Checkpointer:
         # round are encoded again (a round costs the records that changed, not the table).
         self.frags: dict[str, dict[str, bytes]] = {CONNECTIONS: {}, STATE: {}}
         # What a round replaced (the old disk views and encodings), freed by the next round's
-        # thread: freeing 10,000 records' worth is a fraction of a millisecond of the event
-        # loop per round, and an ack that comes then waits for it.
+        # thread: freeing 10,000 records' worth takes about a millisecond with the GIL held.
+        # On the event loop every ack that came meanwhile waited for it; in the thread only
+        # one that needs the GIL at that moment does. (Held until then, even when idle.)
         self.dropped: list[Any] = []
         self.stale: dict[str, set[str]] = {CONNECTIONS: set(), STATE: set()}
         # The sync log's encodings, oldest first, and the id of the event each one holds.
@@ -361,8 +362,16 @@ class Checkpointer:
         t0 = time.monotonic()
         try:
             removed = [self.disk.path(f) for f in gone]
-            plan, stamps, failed = await anyio.to_thread.run_sync(
-                _render_and_write, jobs, expected, kept, self.bases, removed, paced, self.dropped
+            stamps, failed, digests = await anyio.to_thread.run_sync(
+                _render_and_write,
+                jobs,
+                expected,
+                kept,
+                self.bases,
+                removed,
+                paced,
+                self.dropped,
+                self.disk.coarse_mtime,
             )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
@@ -377,13 +386,13 @@ class Checkpointer:
             if not self.disk.path(file).exists():
                 self.disk.files.pop(file, None)
         written: list[str] = []
-        for (path, body), (_, job) in zip(plan, jobs, strict=True):
+        for path, job in jobs:
             file = str(path.relative_to(self.disk.data_dir))
             if path in failed:
                 self._restale([(path, job)])
                 continue
             written.append(file)
-            self.disk.record(file, stamps[path], body)
+            self.disk.record(file, stamps[path], digest=digests.get(path))
             od = self.disk.get(file)
             self.dropped.append(od.content)
             od.content = views[file]
@@ -545,23 +554,27 @@ def _render_and_write(
     gone: list[Path],
     paced: bool,
     dropped: list[Any],
-) -> tuple[list[tuple[Path, Any]], dict[Path, Any], dict[Path, OSError]]:
+    coarse: bool,
+) -> tuple[dict[Path, Any], dict[Path, OSError], dict[Path, bytes]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove
-    the files in `gone` (unless changed since: ChangedOnDisk): (plan, stamps, the files that
-    failed)."""
+    the files in `gone` (unless changed since: ChangedOnDisk): (stamps, the files that
+    failed, and on `coarse` clocks the digests of those written: `Disk.record`)."""
     dropped.clear()  # the last round's leftovers, freed here (`Checkpointer.dropped`)
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
             for key, record in job.todo:
                 job.frags[key] = files.encode_record(record)
-            plan.append((path, files.TableBody(list(job.frags.values()))))
+            body: Any = files.TableBody(list(job.frags.values()))
         elif isinstance(job, _Log):
             job.encoded = [files.encode_record(e) for e in job.todo]
-            plan.append((path, files.TableBody(job.known + job.encoded)))
+            body = files.TableBody(job.known + job.encoded)
         else:
-            plan.append((path, job))
+            body = job
+        if bases is not None and isinstance(body, files.TableBody):
+            body = list(body)  # joined once for the file and its copy
+        plan.append((path, body))
 
     def write(group: list[tuple[Path, Any]]) -> dict[Path, Any]:
         if bases is None:
@@ -606,7 +619,8 @@ def _render_and_write(
         else:
             if bases is not None:
                 bases.forget(path)
-    return plan, stamps, failed
+    digests = {p: digest_of(b) for p, b in plan if p in stamps} if coarse else {}
+    return stamps, failed, digests
 
 
 def _cannot_write(e: OSError) -> CtsdError:

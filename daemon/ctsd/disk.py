@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from ctsd import files, safefile
-from ctsd.atomic import Stamp, create_temp
+from ctsd.atomic import Chunk, Stamp, create_temp
 from ctsd.models import Connection, ConnectionState
 
 # Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
@@ -58,12 +58,17 @@ class Disk:
             found = self.files[file] = OnDisk()
         return found
 
-    def record(self, file: str, stamp: Stamp | None, body: Any = None) -> None:
-        """The file now is `stamp` (our own write, or what we just read); `body` its bytes."""
+    def record(
+        self, file: str, stamp: Stamp | None, body: Any = None, *, digest: bytes | None = None
+    ) -> None:
+        """The file now is `stamp` (our own write, or what we just read); `body` its bytes, or
+        `digest` their digest (`digest_of`, made where the bytes were: coarse clocks only)."""
         od = self.get(file)
         od.stamp = stamp
         od.ctime = None
-        od.digest = digest_of(body) if self.coarse_mtime and body is not None else None
+        if digest is None and self.coarse_mtime and body is not None:
+            digest = digest_of(body)
+        od.digest = digest if self.coarse_mtime else None
         # The ctime seen right after: an in-place edit that keeps size and mtime still moves it.
         try:
             st = os.lstat(self.path(file))
@@ -115,7 +120,7 @@ def timestamps_coarse(directory: Path) -> bool:
 
 def digest_of(body: Any) -> bytes:
     h = hashlib.sha1()
-    for chunk in [body] if isinstance(body, bytes | bytearray | memoryview) else body:
+    for chunk in [body] if isinstance(body, Chunk) else body:
         h.update(chunk)
     return h.digest()
 

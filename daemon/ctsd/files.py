@@ -108,20 +108,20 @@ def encode_record(record: msgspec.Struct) -> bytes:
     return b"  " + body.replace(b"\n", b"\n  ")
 
 
-# The size a table file's body is cut into: at least the writer's largest piece
-# (`atomic.PACE_MAX`), so each chunk is written as it is, with no join of its own.
+# About the size a table file's body is made in (`TableBody`): a join this long holds the GIL
+# a fraction of a millisecond; the writer's pieces are about as long (`atomic.PACE_MAX`).
 CHUNK_BYTES = 256 << 10
 _SAMPLE = 16
 
 
 class TableBody:
     """A table file's body: its records' encodings, joined a chunk of about CHUNK_BYTES at a
-    time as it is iterated (written), never whole. Each chunk is one C join of consecutive
-    records with their separators, made when the writer comes to it and dropped once
-    written: the join holds the GIL a fraction of a millisecond, where joining a 10 MB table
-    at once in fresh memory page-faults for tens of milliseconds with the GIL held. The
-    records per chunk come from the size of a few spread over the table: no pass over them
-    all."""
+    time as it is iterated, never whole. Each chunk is one C join of consecutive records
+    with their separators. A paced write makes each when it comes to it and drops it once
+    written (an unpaced one, and a cluster copy, make them all first): a join holds the GIL
+    a fraction of a millisecond, where making a 10 MB table at once in fresh memory
+    page-faults for milliseconds with the GIL held. The records per chunk come from the size
+    of a few spread over the table: no pass over them all."""
 
     __slots__ = ("fragments", "nbytes", "per")
 
@@ -130,7 +130,7 @@ class TableBody:
         n = len(fragments)
         sample = fragments[:: max(1, n // _SAMPLE)]
         mean = sum(map(len, sample)) // max(1, len(sample)) + 2
-        self.per = max(1, CHUNK_BYTES // max(1, mean))
+        self.per = max(1, CHUNK_BYTES // mean)
         self.nbytes = mean * n + 1  # about: paces the writer
 
     def __iter__(self) -> Iterator[bytes]:
