@@ -16,6 +16,7 @@ import pytest
 from nats.js.api import ObjectMeta
 
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION
+from ctsd.cluster.snapshots import SNAPSHOT_SCHEMA
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.bus import bus
 from tests.cli_helpers import clean_env, ctsd
@@ -664,8 +665,8 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
     before = data_files(c)
     bucket = f"ctsd_{h.name}_snapshots"
     for headers, data, says in (
-        ({H_SCHEMA: SCHEMA_VERSION}, b"not a snapshot", "does not inflate"),
-        ({H_SCHEMA: SCHEMA_VERSION}, zlib.compress(b'{"cluster": 5}'), "does not decode"),
+        ({H_SCHEMA: SNAPSHOT_SCHEMA}, b"not a snapshot", "does not inflate"),
+        ({H_SCHEMA: SNAPSHOT_SCHEMA}, zlib.compress(b'{"cluster": 5}'), "does not decode"),
         ({H_SCHEMA: "2"}, b"whatever", "schema version '2'"),
     ):
         nc = await nats_client.connect(nats.urls)

@@ -79,17 +79,101 @@ async def test_same_record_on_two_hosts_one_wins_the_other_gets_conflict(
             asyncio.create_task(y.store.submit(ops.update("c1", {"volume_factor": 3.0}), "bus")),
             asyncio.create_task(y.store.submit(ops.update("c2", {"name": "from y"}), "bus")),
         ]
-        # y published against seq 2, the stream is at 3: y must apply x's change first
-        await wait_until_async(lambda: y.conflicts > 0, 10, what="y's publish refused")
-        assert not any(t.done() for t in on_y)
+        # y's group, computed at seq 2, is in the stream after x's (keyed: the stream takes
+        # it); y answers only once it has applied x's change and checked its own against it.
+        await wait_until_async(
+            lambda: (y.engine.status().stream_last_seq or 0) >= 4, 10, what="y's group published"
+        )
+        assert not any(t.done() for t in on_y) and y.conflicts == 0
         gate.set()
         with pytest.raises(CtsdError) as refused:
             await on_y[0]
         assert refused.value.code == "conflict", refused.value
         assert (await on_y[1]).name == "from y"  # a record nobody else changed goes through
+        assert y.conflicts >= 1
         await x.engine.wait_applied(y.engine.applied_seq, timeout=10)
         for c in (x, y):
             assert c.store.connections["c1"].name == "from x"
             assert c.store.connections["c1"].volume_factor == 1.0  # never silently merged
             assert c.store.connections["c2"].name == "from y"
         assert [e.id for e in x.store.log] == [e.id for e in y.store.log] == [1, 2, 3, 4]
+
+
+async def test_different_records_on_two_hosts_both_go_through_in_stream_order(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Both hosts compute a change on the same state, neither having seen the other's: keyed
+    groups of different records are not refused; both get their revisions in stream order,
+    the same on both hosts."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        gates = {}
+        for c in (x, y):
+            gate = gates[c.host] = asyncio.Event()
+            gate.set()
+
+            async def gated(change: Change, gate: asyncio.Event = gate, apply=c._apply) -> None:
+                if not change.own:
+                    await gate.wait()
+                await apply(change)
+
+            c._apply = gated  # type: ignore[method-assign]
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        for cid in ("c1", "c2"):
+            await x.store.submit(ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(2, timeout=10)
+        for gate in gates.values():
+            gate.clear()  # neither sees the other's change
+        on_x = asyncio.create_task(x.store.submit(ops.update("c1", {"name": "from x"}), "bus"))
+        on_y = asyncio.create_task(y.store.submit(ops.update("c2", {"name": "from y"}), "bus"))
+        await wait_until_async(
+            lambda: min(c.engine.status().stream_last_seq or 0 for c in (x, y)) >= 4,
+            10,
+            what="both groups published",
+        )
+        for gate in gates.values():
+            gate.set()
+        assert (await on_x).name == "from x" and (await on_y).name == "from y"
+        await x.engine.wait_applied(4, timeout=10)
+        await y.engine.wait_applied(4, timeout=10)
+        assert x.conflicts == y.conflicts == 0
+        for c in (x, y):
+            assert c.store.connections["c1"].name == "from x"
+            assert c.store.connections["c2"].name == "from y"
+        logs = [
+            [(e.id, e.connection_id, e.data["stream_seq"]) for e in c.store.log] for c in (x, y)
+        ]
+        assert logs[0] == logs[1] and [e[0] for e in logs[0]] == [1, 2, 3, 4], logs
+        assert [e[2] for e in logs[0]] == [1, 2, 3, 4]
+
+
+async def test_a_host_whose_sync_log_differs_stops_instead_of_going_its_own_way(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A keyed group carries the revisions it was computed with: a host whose log is not the
+    one it was computed on stalls (and refuses writes) rather than applying it on its own
+    terms."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        await x.store.submit(ops.create({"id": "c1", "name": "one", "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(1, timeout=10)
+        y.store.committed.revision += 3  # as if y's log had taken events the others did not
+        await x.store.submit(ops.update("c1", {"name": "from x"}), "bus")
+        await wait_until_async(lambda: y.engine.state == "stalled", 10, what="y stalled")
+        assert "the hosts' sync logs differ" in (y.engine.status().reason or "")
+        assert y.store.connections["c1"].name == "one" and y.engine.applied_seq == 1
+        with pytest.raises(CtsdError) as refused:
+            await y.store.submit(ops.update("c1", {"name": "from y"}), "bus")
+        assert refused.value.code == "unavailable"

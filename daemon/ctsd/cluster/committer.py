@@ -1,17 +1,21 @@
 """Cluster mode's committer: a group of changes is acknowledged once the cluster's stream has
 it (and this host's journal), and every change any host made is applied here in stream order.
 
-    writer: apply_group on the committed state (at stream seq N) → publish with "expected
-    last seq N" → the stream takes it as N+1 → journal append (with N+1) → install → publish
-    the events → answer
+    writer: apply_group on the committed state (at stream seq N) → publish, keyed (with base
+    N) or with "expected last seq N" → the stream takes it as S → once this host has applied
+    up to S - 1: still applies? (keyed) → revisions and stream seq stamped on its events →
+    journal append (with S) → install → publish the events → answer
 
     another host's change: the engine's consumer → decode and validate → keep this host's
-    own fields → journal append (with its seq) → install → publish the events
+    own fields → still applies? (keyed) → stamped → journal append (with its seq) → install
+    → publish the events
 
-When another host's change got in first (`Conflict`), the writer waits until it is applied
-here and computes the group again on the new state. A request that touches a record changed
-meanwhile is answered `conflict` (never a silent overwrite): on the second computation each
-request carries the revision of the first as its precondition, the core's If-Match check.
+When another host's change to the same records got in first (`Conflict` from the stream, or a
+keyed group that no longer applies: `keyed`), the writer waits until it is applied here and
+computes the group again on the new state, with the whole-stream check. A request that touches
+a record changed meanwhile is answered `conflict` (never a silent overwrite): on the second
+computation each request carries the revision of the first as its precondition, the core's
+If-Match check.
 
 Local to this host and never published: the sweeps' changes (heartbeats flushed to the file,
 `status` turned stale or active). They go to the journal alone and add no sync-log event, so
@@ -24,16 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from ctsd.cluster import messages, shared
+from ctsd.cluster import keyed, messages, shared
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
     ClusterError,
@@ -47,7 +52,7 @@ from ctsd.cluster.errors import (
 )
 from ctsd.cluster.snapshots import Snapshot, Snapshots
 from ctsd.committer import failed, journal_failed
-from ctsd.core import Change, Context, Outcome, RecordChange, Request, apply_group
+from ctsd.core import Change, Committed, Context, Outcome, RecordChange, Request, apply_group
 from ctsd.errors import CtsdError
 from ctsd.models import Connection, ConnectionState
 
@@ -60,12 +65,24 @@ LOCAL_SOURCES = frozenset({"sweep"})  # heartbeats and the stale sweep stay on t
 LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
 LOCAL_SETTINGS_KEYS = ("server", "cluster")
 BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
-LSNS_KEPT = 1024
 SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
 SNAPSHOT_RETRY_S = 5.0  # after a failed one
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
+
+
+@dataclass
+class _Own:
+    """A group this host is committing: applied from memory when the stream gets to it."""
+
+    change: Change
+    outcomes: list[Outcome]
+    ctx: Context
+    base: int  # the stream seq it was computed at
+    names: frozenset[str] | None  # keyed: its records' revision keys
+    lsn: int | None = None  # its journal record, once applied
+    superseded: bool = False  # keyed, and another change to its records got in first
 
 
 class ClusterCommitter:
@@ -76,7 +93,7 @@ class ClusterCommitter:
         # A journal append and its install happen together: a local change computed on the
         # committed state must not have another host's change installed under it meanwhile.
         self._install = asyncio.Lock()
-        self._lsn_of: OrderedDict[int, int] = OrderedDict()  # stream seq → journal lsn
+        self._own: dict[str, _Own] = {}  # msg id → this host's group being committed
         self.conflicts = 0  # groups computed again after another host's change got in first
         self._back: asyncio.Task[None] | None = None
         self.snapshots = Snapshots(engine)
@@ -192,6 +209,7 @@ class ClusterCommitter:
         # whose writes keep meeting the other hosts' (they apply their own at once, it must
         # first receive theirs) gets through once they pause; then it answers `conflict`.
         give_up = time.monotonic() + engine.settings.publish_timeout_s
+        may_key = True  # after a keyed group was superseded: the whole-stream check
         for attempt in itertools.count(1):
             try:
                 engine.check_writable()
@@ -214,58 +232,28 @@ class ClusterCommitter:
                 return outcomes, None
             for event in change.events:
                 event.data["host"] = self.host
-            lsn_box: list[int] = []
-
-            async def apply_own(
-                seq: int,
-                change: Change = change,
-                outcomes: list[Outcome] = outcomes,
-                lsn_box: list[int] = lsn_box,
-                ctx: Context = ctx,
-            ) -> None:
-                # Acknowledged once the stream and this host's journal (fdatasync'ed) hold it.
-                async with self._install:
-                    lsn = await store.append(change, seq)
-                    store.install(change, lsn, ctx)
-                    self._installed_seq = seq
-                lsn_box.append(lsn)
-                for out in outcomes:
-                    if out.events:
-                        store.publish(out.events)
-
+            names = keyed.keys(change) if may_key else None
+            own = _Own(change, outcomes, ctx, expected, names)
+            local_id = engine.new_local_id()
+            msg_id = f"{self.host}:{local_id}"
+            self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
                     _encode(change),
                     expected,
-                    engine.new_local_id(),
-                    apply_own,
+                    local_id,
+                    functools.partial(self._apply_own, own),
                     timeout=engine.settings.publish_timeout_s,
+                    keyed=names is not None,
                 )
             except Conflict as e:
-                self.conflicts += 1
-                if time.monotonic() >= give_up:
-                    err = CtsdError(
-                        "conflict",
-                        f"other hosts kept changing the cluster's state ({attempt} attempts in "
-                        f"{engine.settings.publish_timeout_s:g} s); retry",
-                    )
-                    return failed(requests, err), None
-                try:
-                    await engine.wait_applied(
-                        max(e.last_seq or 0, expected + 1), engine.settings.publish_timeout_s
-                    )
-                except (TimeoutError, Stalled) as exc:
-                    why = Unavailable(
-                        f"catching up with another host's change: {exc or 'timed out'}"
-                    )
-                    return failed(requests, unavailable(why)), None
-                guarded = unguarded
-                requests = [
-                    r if r.if_match is not None else Request(r.op, r.source, first_revision)
-                    for r in requests
-                ]
-                continue
+                if own.lsn is not None:  # it was taken after all (its answer had been lost)
+                    return outcomes, own.lsn
+                own.superseded = True
+                await_seq = max(e.last_seq or 0, expected + 1)
             except Unavailable as e:
+                if own.lsn is not None:
+                    return outcomes, own.lsn
                 return failed(requests, unavailable(e)), None
             except PublishRefused as e:
                 return failed(requests, CtsdError("too_large", str(e))), None
@@ -278,47 +266,119 @@ class ClusterCommitter:
                     outcome_unknown=True,
                 )
                 return failed(requests, unavailable(why)), None
-            # Not applied by `apply_own`: the consumer applied (and published) it first.
-            lsn = lsn_box[0] if lsn_box else self._lsn_of.get(seq)
-            return outcomes, lsn
+            else:
+                if not own.superseded:
+                    return outcomes, own.lsn
+                await_seq = seq
+                may_key = False  # the next attempt is sure to get through if nothing else does
+            finally:
+                del self._own[msg_id]
+            # Another host changed something this group was computed on, and got in first.
+            self.conflicts += 1
+            if time.monotonic() >= give_up:
+                err = CtsdError(
+                    "conflict",
+                    f"other hosts kept changing the cluster's state ({attempt} attempts in "
+                    f"{engine.settings.publish_timeout_s:g} s); retry",
+                )
+                return failed(requests, err), None
+            try:
+                await engine.wait_applied(await_seq, engine.settings.publish_timeout_s)
+            except (TimeoutError, Stalled) as exc:
+                why = Unavailable(f"catching up with another host's change: {exc or 'timed out'}")
+                return failed(requests, unavailable(why)), None
+            guarded = unguarded
+            requests = [
+                r if r.if_match is not None else Request(r.op, r.source, first_revision)
+                for r in requests
+            ]
         raise AssertionError("unreachable")
+
+    async def _apply_own(self, own: _Own, seq: int) -> None:
+        """This host's group, applied from memory once the stream got to it (at once after the
+        publish, or when the consumer delivers it): journalled with an fdatasync, since it is
+        acknowledged from here."""
+        store = self.store
+        async with self._install:
+            c = store.committed
+            if own.names is not None and not _still_applies(
+                c, own.change, own.names, own.base, seq
+            ):
+                own.superseded = True
+                self._installed_seq = seq
+                return
+            keyed.stamp(own.change.events, c.revision, seq)
+            own.lsn = await store.append(own.change, seq)
+            store.install(own.change, own.lsn, own.ctx)
+            self._installed_seq = seq
+        for out in own.outcomes:
+            if out.events:
+                store.publish(out.events)
 
     # --- applying the stream --------------------------------------------------------------------
 
     async def _apply(self, msg: messages.Change) -> None:
         """One change of the stream, in order (the engine's consumer calls this)."""
+        own = self._own.get(msg.msg_id) if msg.own else None
+        if own is not None:
+            await self._apply_own(own, msg.seq)
+            return
         try:
             change = _decode(msg.payload)
         except msgspec.MsgspecError as e:
             raise InvalidChange(f"the change does not decode: {e}") from None
         change = _validated(change)
-        committed = self.store.committed
-        if change.events and change.log is None:
-            first, last = change.events[0].id, change.events[-1].id
-            if last <= committed.revision:
-                # The data files already hold it (their sync log has its events, and that
-                # file is written last): a journal that lost its last records, or was moved
-                # aside. Applying it again would fork the sync log.
-                log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
-                return
-            if first != committed.revision + 1:
+        names = None
+        if msg.base is not None:
+            names = keyed.keys(change)
+            if names is None:
                 raise InvalidChange(
-                    f"its first event has revision {first}, but this host is at revision "
-                    f"{committed.revision}: the hosts' sync logs differ"
+                    "it is published as keyed but changes more than the records its events name"
                 )
         if not msg.own:
             change = self._localized(change)
         async with self._install:
-            # Another host's change is held durably by the stream and acknowledged to nobody
-            # here: no fdatasync of its own. Ours may be answered from this lsn: synced.
-            lsn = await self.store.append(change, msg.seq, sync=msg.own)
+            committed = self.store.committed
+            if change.events and change.log is None and self._held(committed, msg, change):
+                return
+            if (
+                names is not None
+                and msg.base is not None
+                and not _still_applies(committed, change, names, msg.base, msg.seq)
+            ):
+                log.debug("cluster.superseded", seq=msg.seq, host=msg.host)
+                self._installed_seq = msg.seq
+                return
+            keyed.stamp(change.events, committed.revision, msg.seq)
+            # Another host's change (or this host's from before a restart) is held durably by
+            # the stream and acknowledged to nobody here: no fdatasync of its own.
+            lsn = await self.store.append(change, msg.seq, sync=False)
             self.store.install(change, lsn)
             self._installed_seq = msg.seq
-        self._lsn_of[msg.seq] = lsn
-        while len(self._lsn_of) > LSNS_KEPT:
-            self._lsn_of.popitem(last=False)
         if change.events:
             self.store.publish(change.events)
+
+    def _held(self, committed: Committed, msg: messages.Change, change: Change) -> bool:
+        """Do the data files hold this change already (a journal that lost its last records,
+        or was moved aside)? Applying it again would fork the sync log."""
+        held = keyed.held_seq(committed.log)
+        if held is not None and msg.seq <= held:
+            log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
+            return True
+        if msg.base is not None:
+            return False  # its revisions are given here
+        # Computed on the state right before it (the whole-stream check): its revisions are
+        # the ones it gets here, unless the sync logs differ.
+        first, last = change.events[0].id, change.events[-1].id
+        if held is None and last <= committed.revision:
+            log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
+            return True  # a schema 1 change: its events carry no stream seq
+        if first != committed.revision + 1:
+            raise InvalidChange(
+                f"its first event has revision {first}, but this host is at revision "
+                f"{committed.revision}: the hosts' sync logs differ"
+            )
+        return False
 
     def _localized(self, change: Change) -> Change:
         """Another host's change with this host's own fields kept as they are here."""
@@ -485,6 +545,16 @@ def unavailable(e: Unavailable) -> CtsdError:
         else ""
     )
     return CtsdError("unavailable", f"the cluster cannot take changes now: {e.reason}{note}")
+
+
+def _still_applies(
+    c: Committed, change: Change, names: frozenset[str], base: int, seq: int
+) -> bool:
+    """`keyed.still_applies` on this host's state (its events not stamped yet: as computed)."""
+    try:
+        return keyed.still_applies(c.log, c.revision, names, base, change.events[0].id, seq)
+    except keyed.LogsDiffer as e:
+        raise InvalidChange(str(e)) from None
 
 
 def _validated(change: Change) -> Change:

@@ -2,13 +2,15 @@
 
 One JetStream stream per cluster (`CTSD_<name>`) with one subject (`ctsd.<name>.chg`). Every
 change group is ONE message, so a group is applied whole or not at all. Writes are ordered by
-optimistic concurrency on the whole stream: a host publishes a group with
-`Nats-Expected-Last-Sequence` = the stream sequence its state is at; if another host's group
-got in first, the stream refuses it (`Conflict`), the host applies what it missed and checks
-its change again against the newer state. So every group is computed against exactly the
-state every host will have when it applies it, and revisions agree everywhere.
-(`Nats-Expected-Last-Subject-Sequence` guards one subject per message, and NATS 2.9 has no
-multi-message atomic publish, so per-record subjects could not keep a group whole.)
+optimistic concurrency. A group that touches more than the records it names (an import, a
+hand edit that reorders) is published with `Nats-Expected-Last-Sequence` = the stream sequence
+its state is at; if another host's group got in first, the stream refuses it (`Conflict`), the
+host applies what it missed and checks its change again against the newer state. A keyed
+group (most: one connection updated) carries that sequence instead, and every host checks it
+against the records changed since, at the same point of the stream (`keyed`): hosts writing
+different records do not refuse each other. (`Nats-Expected-Last-Subject-Sequence` guards one
+subject per message, and NATS 2.9 has no multi-message atomic publish, so per-record subjects
+could not keep a group whole.)
 
 Every host, the one that published included, applies the stream through one ordered consumer
 (`subscribe_from`): strictly seq after seq, never twice, never with a gap it cannot explain.
@@ -452,12 +454,19 @@ class ClusterEngine:
             raise Unavailable(self._reason or "the cluster engine is not connected")
 
     async def publish(
-        self, payload: bytes, expected_seq: int, local_id: str, *, retry: bool = False
+        self,
+        payload: bytes,
+        expected_seq: int,
+        local_id: str,
+        *,
+        retry: bool = False,
+        keyed: bool = False,
     ) -> int:
         """Append one change group to the stream; returns its stream seq.
 
         `expected_seq` is the seq the group was computed against (`applied_seq` then); the
-        stream refuses it with `Conflict` if anything was appended since. `local_id` must
+        stream refuses it with `Conflict` if anything was appended since, unless `keyed`: the
+        message then carries it for the hosts to check (`keyed` module). `local_id` must
         never repeat on this host for another group; publishing the same group again with
         the same id stores it once and returns its seq. Pass `retry=True` when this process
         cannot know it was published before (a group kept across a restart). Raises
@@ -471,6 +480,7 @@ class ClusterEngine:
             host=self.settings.host_id,
             msg_id=msg_id,
             expected_seq=expected_seq,
+            keyed=keyed,
         )
         limit = self._max_payload - HEADER_ROOM
         if len(data) > limit:
@@ -568,17 +578,19 @@ class ClusterEngine:
         timeout: float | None = 10.0,
         *,
         retry: bool = False,
+        keyed: bool = False,
     ) -> int:
         """`publish`, then return once this host has applied the group; returns its seq.
 
         With `apply_own(seq)`, the publishing host applies its own group at once from what it
-        already holds (no wait for the consumer, nothing to decode): the stream took the group
-        right after `expected_seq`, which is the state it was computed against, so it is the
-        next one in order. The consumer then skips it. Without it, the group is applied when
-        the consumer delivers it, as on every other host. If `apply_own` raises, the group is
-        in the stream but not applied here: the engine stalls (ApplyFailed) and it is raised.
+        already holds (no wait for the consumer, nothing to decode) when it is the next one in
+        order here: the stream took it right after `expected_seq` (or, `keyed`, after changes
+        this host has applied already). The consumer then skips it. Otherwise the group is
+        applied when the consumer delivers it, as on every other host. If `apply_own` raises,
+        the group is in the stream but not applied here: the engine stalls (ApplyFailed) and
+        it is raised.
         """
-        seq = await self.publish(payload, expected_seq, local_id, retry=retry)
+        seq = await self.publish(payload, expected_seq, local_id, retry=retry, keyed=keyed)
         if apply_own is not None:
             async with self._apply_lock:
                 if self._applied == seq - 1 and self._stalled is None:

@@ -2,8 +2,13 @@
 
 A message is one change group. Its payload is the store's encoded group (opaque here),
 compressed with zlib when large; its headers say which cluster and schema version it belongs
-to, which host made it, and its id for the stream's duplicate detection. A message that fails
-the check is never applied (`BadMessage` names it).
+to, which host made it, and its id for the stream's duplicate detection; a keyed group
+(`keyed`) says the stream seq it was computed at (`Ctsd-Base`), any other is published with
+the whole-stream check (`Nats-Expected-Last-Sequence`). A message that fails the check is
+never applied (`BadMessage` names it).
+
+Schema 2 added keyed groups. Messages of schema 1 (all checked on the whole stream) are still
+applied; a ctsd that reads schema 1 only refuses schema 2 messages, so upgrade every host.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from datetime import datetime
 
 from ctsd.cluster.errors import BadMessage
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+SCHEMAS_READ = ("1", "2")
 H_CLUSTER = "Ctsd-Cluster"
 H_SCHEMA = "Ctsd-Schema"
 H_HOST = "Ctsd-Host"
 H_ENCODING = "Ctsd-Encoding"
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
+H_BASE = "Ctsd-Base"
 ENCODING_ZLIB = "zlib"
 COMPRESS_ABOVE = 64 * 1024  # big groups (an import) are compressed to stay under max_payload
 MAX_INFLATED = 256 * 1024 * 1024  # a compressed payload may not inflate past this
@@ -37,18 +44,20 @@ class Change:
     payload: bytes
     published_at: datetime
     own: bool  # published by this host
+    base: int | None = None  # a keyed group: the stream seq it was computed at
 
 
 def encode(
-    payload: bytes, *, cluster: str, host: str, msg_id: str, expected_seq: int
+    payload: bytes, *, cluster: str, host: str, msg_id: str, expected_seq: int, keyed: bool = False
 ) -> tuple[bytes, dict[str, str]]:
-    """The message data and headers for one change group."""
+    """The message data and headers for one change group computed at stream seq
+    `expected_seq`; `keyed`: checked by the hosts, not by the stream (`keyed` module)."""
     headers = {
         H_CLUSTER: cluster,
         H_SCHEMA: SCHEMA_VERSION,
         H_HOST: host,
         H_MSG_ID: msg_id,
-        H_EXPECTED_LAST_SEQ: str(expected_seq),
+        H_BASE if keyed else H_EXPECTED_LAST_SEQ: str(expected_seq),
     }
     if len(payload) > COMPRESS_ABOVE:
         headers[H_ENCODING] = ENCODING_ZLIB
@@ -77,17 +86,27 @@ def decode(
             seq=seq,
         )
     schema = headers.get(H_SCHEMA)
-    if schema != SCHEMA_VERSION:
+    if schema not in SCHEMAS_READ:
         raise BadMessage(
-            f"{what} has schema version {_short(schema)}; this ctsd applies version "
-            f"{SCHEMA_VERSION} only (upgrade it to match the host that wrote it); it was "
-            "not applied",
+            f"{what} has schema version {_short(schema)}; this ctsd applies versions "
+            f"{', '.join(SCHEMAS_READ)} only (upgrade it to match the host that wrote it); it "
+            "was not applied",
             seq=seq,
         )
     if not msg_id or not host:
         raise BadMessage(
             f"{what} has no {H_MSG_ID} or {H_HOST} header; it was not applied", seq=seq
         )
+    base: int | None = None
+    if H_BASE in headers:
+        text = headers[H_BASE]
+        base = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
+        if base is None or base >= seq:
+            raise BadMessage(
+                f"{what} has {H_BASE} {_short(text)}: not a stream seq before its own; it was "
+                "not applied",
+                seq=seq,
+            )
     payload = data
     encoding = headers.get(H_ENCODING)
     if encoding == ENCODING_ZLIB:
@@ -107,6 +126,7 @@ def decode(
         payload=payload,
         published_at=published_at,
         own=host == host_id,
+        base=base,
     )
 
 

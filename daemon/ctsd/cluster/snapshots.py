@@ -17,8 +17,9 @@ from nats.js.object_store import ObjectStore
 
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import SnapshotInvalid, Unavailable
-from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA, SCHEMA_VERSION
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA
 
+SNAPSHOT_SCHEMA = "1"  # the snapshot format (the change messages have their own)
 H_SEQ = "Ctsd-Seq"
 OBJECT = "latest"
 
@@ -80,7 +81,7 @@ class Snapshots:
                 description=f"state of cluster {settings.name} at stream seq {seq}",
                 headers={
                     H_CLUSTER: settings.name,
-                    H_SCHEMA: SCHEMA_VERSION,
+                    H_SCHEMA: SNAPSHOT_SCHEMA,
                     H_HOST: settings.host_id,
                     H_SEQ: str(seq),
                 },
@@ -118,10 +119,10 @@ class Snapshots:
             raise SnapshotInvalid(
                 f"{what} belongs to cluster {headers.get(H_CLUSTER)!r}, not {name!r}"
             )
-        if headers.get(H_SCHEMA) != SCHEMA_VERSION:
+        if headers.get(H_SCHEMA) != SNAPSHOT_SCHEMA:
             raise SnapshotInvalid(
                 f"{what} has schema version {headers.get(H_SCHEMA)!r}; this ctsd reads "
-                f"version {SCHEMA_VERSION} only"
+                f"version {SNAPSHOT_SCHEMA} only"
             )
         seq = headers.get(H_SEQ, "")
         if not seq.isdigit():
