@@ -30,7 +30,11 @@ H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 H_BASE = "Ctsd-Base"
 ENCODING_ZLIB = "zlib"
-COMPRESS_ABOVE = 64 * 1024  # big groups (an import) are compressed to stay under max_payload
+# Groups above this are sent compressed (level 1: quick). Nearly all are: a group of a few
+# connection updates is JSON of some KiB, which every NATS node stores and replicates and
+# every host receives, so compressing costs a host less CPU than it saves the servers. A huge
+# group (an import) also stays under max_payload so.
+COMPRESS_ABOVE = 1024
 MAX_INFLATED = 256 * 1024 * 1024  # a compressed payload may not inflate past this
 
 
