@@ -45,7 +45,9 @@ class Journalled(Protocol):
 
     async def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int: ...
 
-    def install(self, change: Change, lsn: int, ctx: Context | None = None) -> None: ...
+    def install(
+        self, change: Change, lsn: int, ctx: Context | None = None, exact: bool = False
+    ) -> None: ...
 
     def publish(self, events: list[SyncEvent]) -> None: ...
 
@@ -63,6 +65,7 @@ class LocalCommitter:
     async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
         store = self.store
         ctx = store.context()
+        version = store.committed.version
         outcomes, change = apply_group(store.committed, requests, ctx)
         lsn: int | None = None
         if not change.empty:
@@ -71,7 +74,7 @@ class LocalCommitter:
             except OSError as e:
                 log.error("journal_append_failed", error=str(e))
                 return failed(requests, journal_failed(e)), None
-            store.install(change, lsn, ctx)
+            store.install(change, lsn, ctx, exact=store.committed.version == version)
         for out in outcomes:
             if out.events:
                 store.publish(out.events)

@@ -146,12 +146,14 @@ class Committed:
 
     # --- applying a change ---------------------------------------------------------------------
 
-    def apply(self, change: Change) -> None:
-        """Install `change` (see `RecordChange` for how a moved record is patched)."""
-        _apply_records(self.connections, change.connections, Connection)
+    def apply(self, change: Change, exact: bool = False) -> None:
+        """Install `change` (see `RecordChange` for how a moved record is patched). `exact`:
+        it was computed on this very state (nothing installed since), so no record moved and
+        its records are taken as they are."""
+        _apply_records(self.connections, change.connections, Connection, exact)
         if change.order is not None:
             self.connections = _reordered(self.connections, change.order)
-        _apply_records(self.state, change.state, ConnectionState)
+        _apply_records(self.state, change.state, ConnectionState, exact)
         settings_changed = False
         for rc in change.documents:
             settings_changed |= rc.key == "settings"
@@ -200,14 +202,17 @@ def algorithm_names(document_names: Any) -> set[str]:
     return {n[len(prefix) :] for n in document_names if n.startswith(prefix)}
 
 
-def _apply_records(table: dict[str, Any], changes: list[RecordChange], kind: type[Any]) -> None:
+def _apply_records(
+    table: dict[str, Any], changes: list[RecordChange], kind: type[Any], exact: bool
+) -> None:
     for rc in changes:
         if rc.value is None:
             table.pop(rc.key, None)
             continue
         value = rc.value if isinstance(rc.value, kind) else msgspec.convert(rc.value, kind)
         current = table.get(rc.key)
-        if rc.fields is not None and current is not None and current is not value:
+        moved = not exact and current is not None and current is not value
+        if rc.fields is not None and moved:
             value = msgspec.structs.replace(
                 current, **{f: getattr(value, f) for f in rc.fields if f in kind.__struct_fields__}
             )
@@ -419,6 +424,8 @@ def _check_if_match(
 
 
 def _check_blocked(touched: set[str], ctx: Context) -> None:
+    if not ctx.invalid_files:
+        return  # the usual case, on every request
     blocked = sorted(f for f in touched if f in ctx.invalid_files)
     if blocked:
         raise CtsdError(

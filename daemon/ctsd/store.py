@@ -449,11 +449,14 @@ class Store:
     def _io_done(self) -> None:
         self._io_jobs -= 1
 
-    def install(self, change: Change, lsn: int, ctx: Context | None = None) -> None:
+    def install(
+        self, change: Change, lsn: int, ctx: Context | None = None, exact: bool = False
+    ) -> None:
         """A journalled change into memory (and onto the checkpointer's list). `ctx`: the
         context the change was computed in; a rekey in it is durable now, so secrets are
-        sealed under its key from here on."""
-        self.committed.apply(change)
+        sealed under its key from here on. `exact`: computed on the state it is installed
+        on (`Committed.apply`)."""
+        self.committed.apply(change, exact)
         for rc in change.connections:
             if rc.value is None:
                 self.heartbeats.pop(rc.key, None)

@@ -81,6 +81,7 @@ class _Own:
     ctx: Context
     base: int  # the stream seq it was computed at
     names: frozenset[str] | None  # keyed: its records' revision keys
+    version: int  # `Committed.version` it was computed on
     lsn: int | None = None  # its journal record, once applied
     superseded: bool = False  # keyed, and another change to its records got in first
 
@@ -183,6 +184,7 @@ class ClusterCommitter:
         store = self.store
         async with self._install:
             ctx = store.context()
+            version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
             # This host's own: no sync-log event (the log and its revisions are shared).
             change.events = []
@@ -195,7 +197,7 @@ class ClusterCommitter:
             except OSError as e:
                 log.error("journal_append_failed", error=str(e))
                 return failed(requests, journal_failed(e)), None
-            store.install(change, lsn, ctx)
+            store.install(change, lsn, ctx, exact=store.committed.version == version)
         return outcomes, lsn
 
     async def _commit_shared(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
@@ -219,6 +221,7 @@ class ClusterCommitter:
             if first_revision is None:
                 first_revision = store.committed.revision
             ctx = store.context()
+            version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
             for i in guarded:
                 err = outcomes[i].error
@@ -233,7 +236,7 @@ class ClusterCommitter:
             for event in change.events:
                 event.data["host"] = self.host
             names = keyed.keys(change) if may_key else None
-            own = _Own(change, outcomes, ctx, expected, names)
+            own = _Own(change, outcomes, ctx, expected, names, version)
             local_id = engine.new_local_id()
             msg_id = f"{self.host}:{local_id}"
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
@@ -309,7 +312,7 @@ class ClusterCommitter:
                 return
             keyed.stamp(own.change.events, c.revision, seq)
             own.lsn = await store.append(own.change, seq)
-            store.install(own.change, own.lsn, own.ctx)
+            store.install(own.change, own.lsn, own.ctx, exact=c.version == own.version)
             self._installed_seq = seq
         for out in own.outcomes:
             if out.events:
