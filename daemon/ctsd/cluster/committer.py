@@ -238,7 +238,7 @@ class ClusterCommitter:
             names = keyed.keys(change) if may_key else None
             own = _Own(change, outcomes, ctx, expected, names, version)
             local_id = engine.new_local_id()
-            msg_id = f"{self.host}:{local_id}"
+            msg_id = engine.msg_id(local_id)
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
@@ -338,9 +338,9 @@ class ClusterCommitter:
                 raise InvalidChange(
                     "it is published as keyed but changes more than the records its events name"
                 )
-        if not msg.own:
-            change = self._localized(change)
         async with self._install:
+            if not msg.own:  # under the lock: a sweep's change to this host's fields is kept
+                change = self._localized(change)
             committed = self.store.committed
             if change.events and change.log is None and self._held(committed, msg, change):
                 return
@@ -356,7 +356,11 @@ class ClusterCommitter:
             # Another host's change (or this host's from before a restart) is held durably by
             # the stream and acknowledged to nobody here: no fdatasync of its own.
             lsn = await self.store.append(change, msg.seq, sync=False)
-            self.store.install(change, lsn)
+            # Another host's: computed on this very state as far as its records go (the
+            # stream's or the keyed check saw to it), this host's own fields put back, so it
+            # is taken as it is. This host's from before a restart is patched on (its sweeps
+            # may have moved the own fields since).
+            self.store.install(change, lsn, exact=not msg.own)
             self._installed_seq = msg.seq
         if change.events:
             self.store.publish(change.events)

@@ -443,6 +443,10 @@ class ClusterEngine:
         """A local id never used before by this host (random per start + counter)."""
         return f"{self._boot}-{next(self._local_ids)}"
 
+    def msg_id(self, local_id: str) -> str:
+        """The stream's message id of this host's group `local_id` (`Nats-Msg-Id`)."""
+        return f"{self.settings.host_id}:{local_id}"
+
     def check_writable(self) -> None:
         """Raise Unavailable now if a write could not go through (for a fast refusal)."""
         if self._stalled is not None:
@@ -473,7 +477,7 @@ class ClusterEngine:
         Conflict, Unavailable or PublishRefused.
         """
         self.check_writable()
-        msg_id = f"{self.settings.host_id}:{local_id}"
+        msg_id = self.msg_id(local_id)
         data, headers = messages.encode(
             payload,
             cluster=self.settings.name,
