@@ -459,7 +459,8 @@ async def test_groups_are_compressed_and_too_big_ones_refused(cluster: NatsClust
         stored = []
         nc = await nats.connect(cluster.urls)
         try:
-            for payload in (big, small, usual):
+            random = os.urandom(4096)  # does not shrink
+            for payload in (big, small, usual, random):
                 seq = await commit(a, payload)
                 assert rec.changes[-1].seq == seq and rec.changes[-1].payload == payload
                 msg = await nc.jetstream().get_msg(s.stream, seq=seq)
@@ -469,6 +470,7 @@ async def test_groups_are_compressed_and_too_big_ones_refused(cluster: NatsClust
         assert stored[0][0] == "zlib" and stored[0][1] < len(big) // 10
         assert stored[1] == (None, len(small))  # not worth it
         assert stored[2][0] == "zlib" and stored[2][1] < len(usual) // 2
+        assert stored[3] == (None, len(random))
         noise = os.urandom(9 * 1024 * 1024)
         with pytest.raises(PublishRefused, match="max_payload"):
             await a.publish(noise, a.applied_seq, a.new_local_id())

@@ -5,8 +5,10 @@ the committed state `Committed` with `apply_group`, each op on its own overlay (
 that fails fails alone; the result is a `Change`: the records it puts, patches and deletes,
 and its sync-log events with their revisions. `Committed.apply` installs a Change — the same
 function for a change made here, one replayed from the journal after a crash, and one that
-another host made. Everything the shell knows and a change may need (the time, which files
-are invalid on disk, the heartbeats held in memory) comes in a `Context`.
+another host made (a change made here on the very state it is installed on is taken as it
+is; the others are patched onto records that may have moved since: `RecordChange`).
+Everything the shell knows and a change may need (the time, which files are invalid on disk,
+the heartbeats held in memory) comes in a `Context`.
 """
 
 from __future__ import annotations

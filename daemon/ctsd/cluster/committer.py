@@ -356,11 +356,9 @@ class ClusterCommitter:
             # Another host's change (or this host's from before a restart) is held durably by
             # the stream and acknowledged to nobody here: no fdatasync of its own.
             lsn = await self.store.append(change, msg.seq, sync=False)
-            # Another host's: computed on this very state as far as its records go (the
-            # stream's or the keyed check saw to it), this host's own fields put back, so it
-            # is taken as it is. This host's from before a restart is patched on (its sweeps
-            # may have moved the own fields since).
-            self.store.install(change, lsn, exact=not msg.own)
+            # Patched on (not `exact`): this host's sweeps may have moved fields of its own
+            # since the change was computed (`status`, and the state's `updated_at` with it).
+            self.store.install(change, lsn)
             self._installed_seq = msg.seq
         if change.events:
             self.store.publish(change.events)

@@ -1,8 +1,9 @@
 """The change stream's message format: headers, payload encoding, and the check on the way in.
 
 A message is one change group. Its payload is the store's encoded group (opaque here),
-compressed with zlib when large; its headers say which cluster and schema version it belongs
-to, which host made it, and its id for the stream's duplicate detection; a keyed group
+compressed with zlib (nearly always: `COMPRESS_ABOVE`); its headers say which cluster and
+schema version it belongs to, which host made it, and its id for the stream's duplicate
+detection; a keyed group
 (`keyed`) says the stream seq it was computed at (`Ctsd-Base`), any other is published with
 the whole-stream check (`Nats-Expected-Last-Sequence`). A message that fails the check is
 never applied (`BadMessage` names it).
@@ -64,8 +65,10 @@ def encode(
         H_BASE if keyed else H_EXPECTED_LAST_SEQ: str(expected_seq),
     }
     if len(payload) > COMPRESS_ABOVE:
-        headers[H_ENCODING] = ENCODING_ZLIB
-        return zlib.compress(payload, 1), headers
+        packed = zlib.compress(payload, 1)
+        if len(packed) < len(payload):  # not for bytes that do not shrink
+            headers[H_ENCODING] = ENCODING_ZLIB
+            return packed, headers
     return payload, headers
 
 
