@@ -140,7 +140,10 @@ async def commit_through_faults(
         try:
             return await engine.commit(payload, expected, local_id, apply_own, retry=retry)
         except Conflict as exc:
-            await engine.wait_applied(exc.last_seq or 0, timeout=20)
+            # Catching up may wait for this host's consumer to be made again on the new
+            # leader: the same election, so the same deadline.
+            left = max(1.0, deadline - time.monotonic())
+            await engine.wait_applied(exc.last_seq or 0, timeout=left)
             expected = engine.applied_seq
         except Unavailable as exc:
             if time.monotonic() > deadline:
