@@ -25,7 +25,9 @@ opaque bytes of `--size`, no store code yet):
                            clients queued as one group (group commit); an expected-sequence
                            conflict is answered by catching up and publishing again. Shows
                            groups/s, conflicts/s and one change's latency, with and without
-                           `apply_own`: the ceiling of the optimistic-concurrency design
+                           `apply_own`: the ceiling of the whole-stream check; third row,
+                           keyed groups (`keyed=True`: no stream check, the hosts check
+                           them): the engine's ceiling for the groups most changes make
                            (target of the full ctsd path: ≥ 5,000 changes/s)
 
 The full ctsd path: three `ctsd serve` daemons (own data dirs and ports) in cluster mode on
@@ -176,11 +178,11 @@ class Host:
         self.engine.subscribe_from(0, self.apply)
         await self.engine.catch_up(timeout=10)
 
-    async def commit(self, payload: bytes, own: bool) -> tuple[int, int]:
+    async def commit(self, payload: bytes, own: bool, keyed: bool = False) -> tuple[int, int]:
         """Publish against the applied state; on conflict catch up and publish again.
 
         Returns (seq, conflicts). `own`: apply the own group at once (`apply_own`), else wait
-        until the consumer delivers it back."""
+        until the consumer delivers it back. `keyed`: no stream check (never a conflict)."""
         conflicts = 0
         while True:
             try:
@@ -189,6 +191,7 @@ class Host:
                     self.engine.applied_seq,
                     self.engine.new_local_id(),
                     self.apply_own if own else None,
+                    keyed=keyed,
                 )
                 return seq, conflicts
             except Conflict as exc:
@@ -221,8 +224,10 @@ async def engine_latency(cluster: NatsCluster, rounds: int, size: int) -> list[R
     return rows
 
 
-async def engine_rate(cluster: NatsCluster, seconds: float, size: int, own: bool) -> list[Row]:
-    name = f"benchrate{int(own)}"
+async def engine_rate(
+    cluster: NatsCluster, seconds: float, size: int, own: bool, keyed: bool = False
+) -> list[Row]:
+    name = f"benchrate{int(own)}{int(keyed)}"
     hosts = [Host(cluster, name, f"host-{i}") for i in range(3)]
     for h in hosts:
         await h.start()
@@ -238,7 +243,7 @@ async def engine_rate(cluster: NatsCluster, seconds: float, size: int, own: bool
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            _, lost = await h.commit(payload * len(batch), own)
+            _, lost = await h.commit(payload * len(batch), own, keyed)
             groups += 1
             conflicts += lost
             for f in batch:
@@ -267,9 +272,10 @@ async def engine_rate(cluster: NatsCluster, seconds: float, size: int, own: bool
     for h in hosts:
         await h.engine.close()
     how = "own applied at once" if own else "own via consumer"
+    kind = "keyed" if keyed else "own" if own else "consumer"
     return [
         (
-            f"(f) changes/s, 64 clients on 3 hosts, {'own' if own else 'consumer'}",
+            f"(f) changes/s, 64 clients on 3 hosts, {kind}",
             f"{done / elapsed:,.0f}/s",
             "",
             f"{groups / elapsed:,.0f} groups/s, {conflicts / elapsed:,.0f} conflicts/s; {how}",
@@ -390,6 +396,7 @@ def main() -> None:
             rows += await engine_latency(cluster, args.rounds, args.size)
             rows += await engine_rate(cluster, args.seconds, args.size, own=True)
             rows += await engine_rate(cluster, args.seconds, args.size, own=False)
+            rows += await engine_rate(cluster, args.seconds, args.size, own=True, keyed=True)
             rows += await ctsd_path(cluster, args.rounds, args.seconds, workdir)
             return rows
 
