@@ -117,7 +117,9 @@ def test_a_tail_torn_at_every_byte_of_the_last_record_is_dropped_and_the_rest_re
         got = j.open(0)
         whole = cut == last_end
         assert enc(got.changes) == enc(chs if whole else chs[:-1]), cut
-        assert got.dropped_bytes == (0 if whole else cut - last_start), cut
+        # (Zeros that end it read as the room ahead, `Journal.grow`: not counted.)
+        torn = len(raw[last_start:cut].rstrip(b"\0"))
+        assert got.dropped_bytes == (0 if whole else torn), cut
         # The torn tail is cut off the file, so the next append follows the good records.
         assert (d / journal.NAME).stat().st_size == (last_end if whole else last_start)
         j.append(chs[-1])
@@ -140,18 +142,18 @@ def test_a_last_record_with_a_wrong_checksum_is_a_torn_tail(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("zeros", [1, 7, 8, 9, 64, 4096])
-def test_a_tail_of_zeros_is_a_torn_tail(tmp_path: Path, zeros: int) -> None:
-    """A file system may leave zeros where a last append's data never reached the disk
-    (after a whole record, or after part of one)."""
+def test_a_tail_of_zeros_ends_the_records(tmp_path: Path, zeros: int) -> None:
+    """Zeros after the records are the room ahead (`Journal.grow`), or what a file system
+    leaves where a last append's data never reached the disk: either way the records end
+    there; part of a record before them is a torn tail."""
     chs, raw, ends, d = journal_and_scratch(tmp_path, 3)
     for kept, good in ((len(raw), chs), (ends[-2] + 11, chs[:-1])):
         (d / journal.NAME).write_bytes(raw[:kept] + b"\0" * zeros)
         j = Journal(d)
         got = j.open(0)
         assert enc(got.changes) == enc(good), (kept, zeros)
-        assert got.dropped_bytes == len(raw[:kept]) + zeros - (
-            ends[-1] if good == chs else ends[-2]
-        )
+        part = raw[ends[-2] : kept].rstrip(b"\0") if good != chs else b""
+        assert got.dropped_bytes == len(part) and (good == chs or part)
         j.append(chs[-1])  # appends go on right after the good records
         j.close()
         again = Journal(d)
@@ -300,7 +302,8 @@ def test_a_cut_torn_at_every_byte_replays_either_side_of_it(tmp_path: Path) -> N
         again.close()
         whole = end == len(raw)
         assert enc(got.changes) == enc(chs[2:] if whole else chs), end
-        assert got.dropped_bytes == (0 if whole else end - before), end
+        torn = len(raw[before:end].rstrip(b"\0"))  # zeros ending it: room ahead
+        assert got.dropped_bytes == (0 if whole else torn), end
 
 
 def test_a_rewrite_carrying_changes_keeps_them_past_the_cuts_before_it(tmp_path: Path) -> None:
@@ -409,6 +412,95 @@ def test_a_journal_cut_at_a_later_revision_than_the_files_is_refused(tmp_path: P
     j.close()
     message = refused(tmp_path, 5)
     assert "begins at revision 9" in message and "revision 5" in message
+
+
+# --- the room ahead ---------------------------------------------------------------------------
+
+
+def test_appends_go_into_the_room_ahead_without_lengthening_the_file(tmp_path: Path) -> None:
+    chs = changes(5)
+    j = open_with(tmp_path, chs[:1])
+    assert j.wants_room()
+    j.grow()
+    size = (tmp_path / journal.NAME).stat().st_size
+    assert size == j.capacity >= j.end + journal.ROOM_STEP // 2 and not j.wants_room()
+    for ch in chs[1:]:
+        j.append(ch)
+    assert (tmp_path / journal.NAME).stat().st_size == size  # overwritten in place
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(0)
+    # The zeros after the records are the room, not a torn tail: kept, and appended into.
+    assert enc(got.changes) == enc(chs) and got.dropped_bytes == 0
+    assert again.capacity == size and again.end < size
+    again.append(chs[0])
+    again.close()
+    assert (tmp_path / journal.NAME).stat().st_size == size
+    third = Journal(tmp_path)
+    assert enc(third.open(0).changes) == enc([*chs, chs[0]])
+    third.close()
+
+
+def test_an_append_torn_in_the_room_is_dropped_and_the_room_kept(tmp_path: Path) -> None:
+    chs = changes(3)
+    j = open_with(tmp_path, chs[:2])
+    j.grow()
+    start = j.end
+    data = journal.frame(b'{"lsn":3,"change":{}}')
+    os.pwrite(j.fd, data[: len(data) // 2], start)  # the crash cut the write short
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(0)
+    assert enc(got.changes) == enc(chs[:2]) and got.dropped_bytes == len(data) // 2
+    assert again.end == start
+    again.append(chs[2])
+    again.close()
+    third = Journal(tmp_path)
+    assert enc(third.open(0).changes) == enc(chs)
+    third.close()
+
+
+def test_an_emptied_journal_keeps_its_room_and_replays_nothing(tmp_path: Path) -> None:
+    chs = changes(3)
+    j = open_with(tmp_path, chs)
+    j.grow()
+    size = (tmp_path / journal.NAME).stat().st_size
+    j.compact(j.lsn, base_revision=3, carry=None)  # everything is in the files
+    assert (tmp_path / journal.NAME).stat().st_size == size and j.pending == 0
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(3)
+    assert got.changes == [] and got.dropped_bytes == 0 and got.base_revision == 3
+    again.close()
+
+
+def test_without_room_an_emptied_journal_is_cut_back_to_its_header(tmp_path: Path) -> None:
+    j = open_with(tmp_path, changes(3))
+    header_end = j.header_end
+    j.compact(j.lsn, base_revision=3, carry=None)
+    assert (tmp_path / journal.NAME).stat().st_size == header_end == j.end
+    j.close()
+
+
+def test_no_room_is_written_on_a_nearly_full_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = open_with(tmp_path, changes(1))
+    free = os.statvfs(tmp_path)
+    monkeypatch.setattr(journal, "ROOM_FREE_MIN", free.f_bavail * free.f_frsize * 2)
+    j.grow()
+    assert (tmp_path / journal.NAME).stat().st_size == j.end == j.capacity
+    j.close()
+
+
+def test_verify_reports_no_torn_tail_for_the_room(tmp_path: Path) -> None:
+    from ctsd.verify import journal_note
+
+    j = open_with(tmp_path, changes(2))
+    j.grow()
+    j.close()
+    note, problem = journal_note(tmp_path, {})
+    assert problem is None and note is not None and "torn" not in note, note
 
 
 # --- the power cut, end to end ------------------------------------------------------------------

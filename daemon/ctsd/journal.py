@@ -27,6 +27,15 @@ costs one small append, not a rewrite. Past `REWRITE_ABOVE` bytes (or to carry c
 files invalid on disk) the journal is rewritten with only what is left: it never grows without
 bound.
 
+Room ahead: an append that makes the file longer must have the file system commit the new
+size with it (an fdatasync of metadata, and on ext4 it then waits for whatever else that
+commit carries: our checkpoint's data files). So the file is kept longer than what it holds:
+`grow` (on a helper thread, ahead of need) writes zeros past the end and syncs them once, and
+the appends then overwrite those zeros in place, each fdatasync flushing only its own bytes,
+as databases keep their logs pre-written. Those zeros read back as the end (never as a torn
+tail), and an emptied journal keeps them: under `EMPTY_CUT_BELOW` bytes of records it is
+emptied by a cut, not cut back to its header.
+
 Blocking on purpose: the store calls these one at a time, on its event loop or its journal
 thread (`Store.append`).
 """
@@ -37,6 +46,7 @@ import contextlib
 import os
 import stat
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -82,6 +92,13 @@ class Cut(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 REWRITE_ABOVE = 16 * 1024 * 1024  # a journal this big is rewritten at its next cut
+# Zeros written past the end at a time (`grow`), once less than half of that is left.
+ROOM_STEP = 2 * 1024 * 1024
+ROOM_FREE_MIN = 16 * ROOM_STEP  # never on a file system with less free than this
+# An emptied journal holding less than this after its header is emptied by a cut (keeping its
+# room ahead); holding more, it is cut back to its header (no start-up reads long runs of
+# records already in the files).
+EMPTY_CUT_BELOW = 1024 * 1024
 
 
 class JournalError(Exception):
@@ -158,6 +175,12 @@ def _synced_after(raw: bytes, pos: int) -> bool:
                 return True
             q = raw.find(start, q + 1)
     return False
+
+
+def torn_bytes(raw: bytes, good_end: int) -> int:
+    """How much of what follows the good frames is a torn tail: the zeros after it are the
+    room ahead (`Journal.grow`), not part of it."""
+    return len(raw[good_end:].rstrip(b"\0"))
 
 
 @dataclass
@@ -278,6 +301,11 @@ class Journal:
         self.path = data_dir / NAME
         self.fd = -1
         self.end = 0  # where the next frame goes (everything before is good and synced)
+        # The file's length: zeros from `end` to here, written and synced ahead (`grow`).
+        self.capacity = 0
+        # Held by `grow` while it writes past `capacity`, and by whatever writes there too or
+        # closes or replaces the file meanwhile (the appends below `capacity` go on).
+        self._room = threading.RLock()
         self.header_end = 0
         self.lsn = 0  # the last record's (or cut's: an lsn is never used twice in one file)
         self.offsets: deque[tuple[int, int]] = deque()  # (lsn, end offset) of each record
@@ -334,11 +362,13 @@ class Journal:
         self.header_end = scan.header_end
         self.offsets.extend(scan.offsets)
         self.lsn = scan.last_lsn
-        self.end = scan.good_end
-        dropped = len(raw) - scan.good_end
+        self.end = self.capacity = scan.good_end
+        dropped = torn_bytes(raw, scan.good_end)
         if dropped:
             os.ftruncate(self.fd, scan.good_end)  # the torn tail was never acknowledged
             os.fsync(self.fd)
+        else:
+            self.capacity = len(raw)  # only the room ahead follows the records: kept
         return Recovered(scan.changes, dropped, scan.base_revision, self.last_seq)
 
     def _begin(self, files_revision: int | None) -> Recovered:
@@ -381,15 +411,46 @@ class Journal:
         return lsn
 
     def _append(self, data: bytes, sync: bool) -> None:
+        if self.end + len(data) <= self.capacity:
+            self._write(data, sync)  # into the room ahead
+            return
+        with self._room:  # past it: never while `grow` writes there
+            self._write(data, sync)
+            self.capacity = max(self.capacity, self.end)
+
+    def _write(self, data: bytes, sync: bool) -> None:
         try:
             os.pwrite(self.fd, data, self.end)
             if sync:
                 os.fdatasync(self.fd)
         except OSError:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), self._room:
                 os.ftruncate(self.fd, self.end)
+                self.capacity = self.end
             raise
         self.end += len(data)
+
+    def wants_room(self) -> bool:
+        """Is the room ahead running out (`grow` should run)?"""
+        return (
+            self.fd >= 0
+            and self.capacity - self.end < ROOM_STEP // 2
+            and self.capacity < REWRITE_ABOVE + ROOM_STEP
+        )
+
+    def grow(self) -> None:
+        """Write `ROOM_STEP` zeros past the file's end and sync them (blocking: the store runs
+        it on a helper thread while appends go on below)."""
+        with self._room:
+            fd, start = self.fd, self.capacity
+            if not self.wants_room():
+                return
+            st = os.fstatvfs(fd)
+            if st.f_bavail * st.f_frsize < ROOM_FREE_MIN:
+                return  # the room would take space the data files need: appends lengthen it
+            written = os.pwrite(fd, bytes(ROOM_STEP), start)
+            os.fdatasync(fd)
+            self.capacity = start + written
 
     # --- compacting ------------------------------------------------------------------------
 
@@ -411,10 +472,16 @@ class Journal:
         if not dropped and carry is None:
             return  # nothing to drop
         self.base_revision = base_revision
-        if carry is None and not self.offsets and self.stream_seq == 0:
-            os.ftruncate(self.fd, self.header_end)  # the usual case: everything is written
-            os.fdatasync(self.fd)
-            self.end = self.header_end
+        emptied = carry is None and not self.offsets and self.stream_seq == 0
+        if emptied and (
+            self.capacity <= self.end  # no room ahead to keep
+            or self.end - self.header_end >= EMPTY_CUT_BELOW
+            or not self.cut_is_cheap(None)
+        ):
+            with self._room:  # everything is written: back to the header
+                os.ftruncate(self.fd, self.header_end)
+                os.fdatasync(self.fd)
+                self.end = self.capacity = self.header_end
             return
         # A cut goes only under a header that says cuts may follow (an older ctsd reading
         # the journal must refuse its version, not stumble on a frame it cannot read).
@@ -456,10 +523,11 @@ class Journal:
                 os.unlink(tmp)
             raise
         # The new file is the journal from here on, even if the dir's fsync fails below.
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = fd
-        self.end = len(data)
+        with self._room:
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = fd
+            self.end = self.capacity = len(data)
         self.header_end = header_end
         fsync_dir(self.path.parent)
 
@@ -472,9 +540,10 @@ class Journal:
         return self.end
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._room:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _is_regular(mode: int) -> bool:

@@ -88,6 +88,7 @@ class Store:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ctsd-journal")
         self._io_jobs = 0  # journal jobs handed to that thread and not yet done
         self._disk_slow_until = 0.0  # appends go to the thread until then (see `append`)
+        self._growing = False  # the journal's room ahead is being written (`_grow_journal`)
         self.checkpointer = Checkpointer(
             self.committed,
             self.disk,
@@ -403,8 +404,26 @@ class Store:
         lsn, data = self.journal.record(change, seq, sync=sync)
         job = functools.partial(self.journal.append_record, lsn, data, seq, sync=sync)
         if len(data) > INLINE_APPEND_MAX_BYTES:
-            return await self._on_io(job, judged=False)
-        return await self._journal(job)
+            lsn = await self._on_io(job, judged=False)
+        else:
+            lsn = await self._journal(job)
+        if self.journal.wants_room() and not self._growing:
+            self._grow_journal()
+        return lsn
+
+    def _grow_journal(self) -> None:
+        """The journal's room ahead written on a helper thread (`Journal.grow`), neither on
+        the event loop nor on the journal thread: the appends go on meanwhile."""
+        self._growing = True
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self._growing = False
+            if not fut.cancelled() and (e := fut.exception()) is not None:
+                # Disk full, say: the appends go on, each lengthening the file as it goes.
+                log.warning("journal_room_not_written", error=str(e))
+
+        fut = asyncio.get_running_loop().run_in_executor(None, self.journal.grow)
+        fut.add_done_callback(done)
 
     async def _journal(self, job: Callable[[], Any]) -> Any:
         """A quick journal job (an append, a cut): on the event loop unless the disk was slow

@@ -72,7 +72,8 @@ def journal_note(
         scan = journal.scan_journal(raw, journal.NAME, revision, marks)
     except journal.JournalError as e:
         return None, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
-    if scan is None or (not scan.changes and scan.good_end == len(raw)):
+    torn = journal.torn_bytes(raw, scan.good_end) if scan is not None else 0
+    if scan is None or (not scan.changes and not torn):
         return None, None
     parts = []
     if scan.changes:
@@ -80,9 +81,9 @@ def journal_note(
             f"{len(scan.changes)} change group(s) not yet in the data files; the daemon "
             "replays them at its next start"
         )
-    if scan.good_end < len(raw):
+    if torn:
         parts.append(
-            f"a torn tail of {len(raw) - scan.good_end} bytes (a write a crash cut short, "
+            f"a torn tail of {torn} bytes (a write a crash cut short, "
             "never acknowledged), dropped at the next start"
         )
     return f"{journal.NAME}: " + "; ".join(parts), None
