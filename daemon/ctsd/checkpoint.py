@@ -49,6 +49,7 @@ RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries
 # ms pacing spares it. A writer alone is answered soonest with pacing.
 BATCHED = 8
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
+YIELD_EVERY = 64  # records a paced round encodes between two hand-backs of the GIL
 
 
 @dataclass
@@ -560,13 +561,26 @@ def _render_and_write(
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove
     the files in `gone` (unless changed since: ChangedOnDisk): (stamps, the files that
     failed, and on `coarse` clocks the digests of those written: `Disk.record`)."""
-    dropped.clear()  # the last round's leftovers, freed here (`Checkpointer.dropped`)
+    # A paced round (a writer alone: `Checkpointer._write`) hands the GIL back between its
+    # steps (`time.sleep(0)`): a thread running Python keeps the GIL until the switch
+    # interval ends, so the event loop, woken by the writer's next change, would wait out
+    # all of the step it came in. Under load (unpaced) the round goes through: each hand-back
+    # would then cost the thread up to a switch interval of a busy loop's, and the files
+    # lagging behind the journal cost more than an answer a fraction of a millisecond later.
+    while dropped:
+        dropped.pop()  # the last round's leftovers (`Checkpointer.dropped`), one at a time
+        if paced:
+            time.sleep(0)
     plan: list[tuple[Path, Any]] = []
     for path, job in jobs:
         if isinstance(job, _Table):
-            for key, record in job.todo:
+            for i, (key, record) in enumerate(job.todo, 1):
                 job.frags[key] = files.encode_record(record)
+                if paced and not i % YIELD_EVERY:
+                    time.sleep(0)
             body: Any = files.TableBody(list(job.frags.values()))
+            if paced:
+                time.sleep(0)
         elif isinstance(job, _Log):
             job.encoded = [files.encode_record(e) for e in job.todo]
             body = files.TableBody(job.known + job.encoded)
