@@ -493,6 +493,84 @@ def test_no_room_is_written_on_a_nearly_full_file_system(
     j.close()
 
 
+def test_appends_during_a_grow_are_never_zeroed_and_past_the_room_they_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(journal, "ROOM_STEP", 4096)
+    monkeypatch.setattr(journal, "ROOM_CHUNK", 4096)
+    chs = changes(12)
+    j = open_with(tmp_path, chs[:1])
+    j.grow()
+    while not j.wants_room():
+        j.append(chs[1])
+    cap = j.capacity
+    inside, release = threading.Event(), threading.Event()
+    real = os.fstatvfs
+
+    def held(fd: int) -> os.statvfs_result:  # grow stops here, holding the room's lock
+        inside.set()
+        assert release.wait(10)
+        return real(fd)
+
+    monkeypatch.setattr(journal.os, "fstatvfs", held)
+    grower = threading.Thread(target=j.grow)
+    grower.start()
+    assert inside.wait(10)
+    written = []
+    size = len(j.record(chs[2])[1])
+    while j.end + size <= cap:  # within the room: no wait for the grow
+        j.append(chs[2])
+        written.append(chs[2])
+    past = threading.Thread(target=lambda: [j.append(ch) for ch in chs[3:]])
+    past.start()
+    past.join(0.3)
+    assert past.is_alive(), "an append past the room waits for the grow under way"
+    release.set()
+    grower.join(10)
+    past.join(10)
+    assert not past.is_alive() and j.capacity > cap
+    j.close()
+    again = Journal(tmp_path)
+    got = again.open(0)
+    again.close()
+    n_first = len(got.changes) - len(written) - len(chs[3:])
+    assert enc(got.changes[n_first:]) == enc([*written, *chs[3:]]) and got.dropped_bytes == 0
+
+
+def test_an_emptied_journal_with_many_bytes_of_cut_records_goes_back_to_its_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "EMPTY_CUT_BELOW", 1)
+    j = open_with(tmp_path, changes(3))
+    j.grow()
+    j.compact(j.lsn, base_revision=3, carry=None)
+    size = (tmp_path / journal.NAME).stat().st_size
+    assert size == j.header_end == j.end == j.capacity
+    j.close()
+
+
+def test_a_rewrite_and_a_failed_append_leave_no_room_counted_that_is_not_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chs = changes(4)
+    j = open_with(tmp_path, chs[:2])
+    j.grow()
+    j.compact(1, base_revision=1, carry=chs[3])  # a carry: rewritten into a new file
+    assert j.capacity == j.end == (tmp_path / journal.NAME).stat().st_size
+    j.grow()
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        j.append(chs[2])
+    assert j.capacity == j.end == (tmp_path / journal.NAME).stat().st_size
+    j.close()
+
+
 def test_verify_reports_no_torn_tail_for_the_room(tmp_path: Path) -> None:
     from ctsd.verify import journal_note
 

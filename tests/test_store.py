@@ -417,6 +417,14 @@ async def test_the_journal_gets_room_ahead_off_the_event_loop(data_dir: Path) ->
 
     async with opened(data_dir) as store:
         j = store.journal
+        where: list[str] = []
+        grow = j.grow
+
+        def watched() -> None:
+            where.append(threading.current_thread().name)
+            grow()
+
+        j.grow = watched  # type: ignore[method-assign]
         await store.submit(ops.create(conn(0)), "bus")
         with anyio.fail_after(10):
             while j.capacity < j.end + journal.ROOM_STEP // 2:
@@ -426,6 +434,8 @@ async def test_the_journal_gets_room_ahead_off_the_event_loop(data_dir: Path) ->
         for i in range(1, 20):
             await store.submit(ops.create(conn(i)), "bus")
         assert (data_dir / journal.NAME).stat().st_size == size
+        loop_thread = threading.current_thread().name
+        assert where and all(t != loop_thread and "journal" not in t for t in where), where
     assert len(disk(data_dir, CONNECTIONS)) == 20
 
 

@@ -14,27 +14,31 @@ The header's `base_revision` is the revision the data files had when this journa
 cut's the revision they had when it was written; files at a lower revision than the last of
 these (another dir's journal, a restored backup) are refused. A frame that ends the file
 incomplete or with a wrong checksum is a torn tail: the crash came before its fdatasync, so it
-was never acknowledged, and it is dropped (and logged); so is a tail of zeros (a file system
-may leave those where an append's data never reached the disk). A bad frame with a synced frame
-after it is damage, not a torn tail: the daemon refuses to start rather than lose an
-acknowledged change. (Records written without an fdatasync, another host's changes in cluster
-mode, may reach the disk out of order: the stream holds them, so only these after a bad frame
-make it a torn tail still.) Once the checkpointer has written every change up to a record into
-the files, `compact` drops those records: it empties the journal back to its header when
-nothing newer is left, and otherwise appends a cut — the records before it up to lsn `cut` are
-in the files and are not replayed — so cutting the journal under a steady stream of changes
-costs one small append, not a rewrite. Past `REWRITE_ABOVE` bytes (or to carry changes for
-files invalid on disk) the journal is rewritten with only what is left: it never grows without
-bound.
+was never acknowledged, and it is dropped (and logged). Zeros after the last frame end the
+records (the room ahead, below, or what a file system leaves where an append's data never
+reached the disk): they are kept, and only what comes before them is a torn tail. A bad
+frame with a synced frame after it is damage, not a torn tail: the daemon refuses to start
+rather than lose an acknowledged change. (Records written without an fdatasync, another
+host's changes in cluster mode, may reach the disk out of order: the stream holds them, so
+only these after a bad frame make it a torn tail still.)
+
+Once the checkpointer has written every change up to a record into the files, `compact`
+drops those records: it appends a cut — the records before it up to lsn `cut` are in the
+files and are not replayed — so cutting the journal under a steady stream of changes costs
+one small append, not a rewrite. With nothing newer left it empties the journal back to its
+header instead when there is no room ahead to keep or `EMPTY_CUT_BELOW` bytes of records are
+behind it. Past `REWRITE_ABOVE` bytes (or to carry changes for files invalid on disk) the
+journal is rewritten with only what is left: it never grows without bound.
 
 Room ahead: an append that makes the file longer must have the file system commit the new
 size with it (an fdatasync of metadata, and on ext4 it then waits for whatever else that
 commit carries: our checkpoint's data files). So the file is kept longer than what it holds:
-`grow` (on a helper thread, ahead of need) writes zeros past the end and syncs them once, and
-the appends then overwrite those zeros in place, each fdatasync flushing only its own bytes,
-as databases keep their logs pre-written. Those zeros read back as the end (never as a torn
-tail), and an emptied journal keeps them: under `EMPTY_CUT_BELOW` bytes of records it is
-emptied by a cut, not cut back to its header.
+`grow` (on a helper thread, ahead of need) writes zeros past the end, `ROOM_CHUNK` at a time,
+each synced once, and the appends then overwrite those zeros in place: their fdatasyncs have
+no new size to commit, as databases keep their logs pre-written. What writes past the room
+(an append, a cut back to the header, a close) waits for the chunk being written, never for
+more. Those zeros read back as the end (never as a torn tail), and an emptied journal keeps
+them (a cut, above).
 
 Blocking on purpose: the store calls these one at a time, on its event loop or its journal
 thread (`Store.append`).
@@ -93,12 +97,13 @@ class Cut(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 REWRITE_ABOVE = 16 * 1024 * 1024  # a journal this big is rewritten at its next cut
 # Zeros written past the end at a time (`grow`), once less than half of that is left.
-ROOM_STEP = 2 * 1024 * 1024
-ROOM_FREE_MIN = 16 * ROOM_STEP  # never on a file system with less free than this
+ROOM_STEP = 1024 * 1024
+ROOM_CHUNK = 256 * 1024  # written and synced at a time: what writes past the room waits for
+ROOM_FREE_MIN = 32 * ROOM_STEP  # never on a file system with less free than this
 # An emptied journal holding less than this after its header is emptied by a cut (keeping its
 # room ahead); holding more, it is cut back to its header (no start-up reads long runs of
 # records already in the files).
-EMPTY_CUT_BELOW = 1024 * 1024
+EMPTY_CUT_BELOW = 4 * ROOM_STEP
 
 
 class JournalError(Exception):
@@ -420,7 +425,9 @@ class Journal:
 
     def _write(self, data: bytes, sync: bool) -> None:
         try:
-            os.pwrite(self.fd, data, self.end)
+            done = 0
+            while done < len(data):  # a short write (the disk filling up) goes on, or raises
+                done += os.pwrite(self.fd, memoryview(data)[done:], self.end + done)
             if sync:
                 os.fdatasync(self.fd)
         except OSError:
@@ -430,27 +437,35 @@ class Journal:
             raise
         self.end += len(data)
 
-    def wants_room(self) -> bool:
-        """Is the room ahead running out (`grow` should run)?"""
+    def wants_room(self, short: int | None = None) -> bool:
+        """Has the room ahead less than `short` bytes (half a step) left: should `grow` run?"""
         return (
             self.fd >= 0
-            and self.capacity - self.end < ROOM_STEP // 2
+            and self.capacity - self.end < (ROOM_STEP // 2 if short is None else short)
             and self.capacity < REWRITE_ABOVE + ROOM_STEP
         )
 
+    def _has_room(self) -> bool:
+        """Is there room ahead to keep, or is `grow` writing some now?"""
+        if self.capacity > self.end or not self._room.acquire(blocking=False):
+            return True
+        self._room.release()
+        return False
+
     def grow(self) -> None:
-        """Write `ROOM_STEP` zeros past the file's end and sync them (blocking: the store runs
-        it on a helper thread while appends go on below)."""
-        with self._room:
-            fd, start = self.fd, self.capacity
-            if not self.wants_room():
-                return
-            st = os.fstatvfs(fd)
-            if st.f_bavail * st.f_frsize < ROOM_FREE_MIN:
-                return  # the room would take space the data files need: appends lengthen it
-            written = os.pwrite(fd, bytes(ROOM_STEP), start)
-            os.fdatasync(fd)
-            self.capacity = start + written
+        """Write `ROOM_STEP` zeros past the file's end, a synced `ROOM_CHUNK` at a time
+        (blocking: the store runs it on a helper thread while appends go on below)."""
+        for _ in range(max(1, ROOM_STEP // max(1, ROOM_CHUNK))):
+            with self._room:  # held for one chunk: an append past the room waits that long
+                fd, start = self.fd, self.capacity
+                if not self.wants_room(short=ROOM_STEP):
+                    return
+                st = os.fstatvfs(fd)
+                if st.f_bavail * st.f_frsize < ROOM_FREE_MIN:
+                    return  # it would take space the data files need: appends lengthen it
+                written = os.pwrite(fd, bytes(min(ROOM_CHUNK, ROOM_STEP)), start)
+                os.fdatasync(fd)
+                self.capacity = start + written
 
     # --- compacting ------------------------------------------------------------------------
 
@@ -474,9 +489,9 @@ class Journal:
         self.base_revision = base_revision
         emptied = carry is None and not self.offsets and self.stream_seq == 0
         if emptied and (
-            self.capacity <= self.end  # no room ahead to keep
-            or self.end - self.header_end >= EMPTY_CUT_BELOW
+            self.end - self.header_end >= EMPTY_CUT_BELOW
             or not self.cut_is_cheap(None)
+            or not self._has_room()
         ):
             with self._room:  # everything is written: back to the header
                 os.ftruncate(self.fd, self.header_end)

@@ -88,7 +88,7 @@ class Store:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ctsd-journal")
         self._io_jobs = 0  # journal jobs handed to that thread and not yet done
         self._disk_slow_until = 0.0  # appends go to the thread until then (see `append`)
-        self._growing = False  # the journal's room ahead is being written (`_grow_journal`)
+        self._growing = False  # the journal's room ahead is being written (`_make_room`)
         self.checkpointer = Checkpointer(
             self.committed,
             self.disk,
@@ -407,13 +407,15 @@ class Store:
             lsn = await self._on_io(job, judged=False)
         else:
             lsn = await self._journal(job)
-        if self.journal.wants_room() and not self._growing:
-            self._grow_journal()
+        self._make_room()
         return lsn
 
-    def _grow_journal(self) -> None:
+    def _make_room(self) -> None:
         """The journal's room ahead written on a helper thread (`Journal.grow`), neither on
-        the event loop nor on the journal thread: the appends go on meanwhile."""
+        the event loop nor on the journal thread, once it runs short (after an append, or a
+        cut back to the header or a rewrite): the appends go on meanwhile."""
+        if self._growing or not self.journal.wants_room():
+            return
         self._growing = True
 
         def done(fut: asyncio.Future[None]) -> None:
@@ -489,6 +491,7 @@ class Store:
             await self._journal(job)
         else:
             await self._on_io(job, judged=False)  # a rewrite of the journal
+        self._make_room()
 
     # --- publishing ------------------------------------------------------------------------------
 
