@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ctsd.files import CONNECTIONS, SYNC_LOG
 from tests.bus import bus, close_code
 from tests.daemon import TOKEN, Daemon, wait_until
 from tests.datadir import CANARY, connection, write_settings
@@ -843,6 +844,15 @@ async def test_metrics_follow_the_bus(daemon: Daemon) -> None:
         assert grew("ctsd_bus_frames_sent_total") >= 1
         assert grew("ctsd_changes_total") >= 1
         assert grew("ctsd_write_seconds_count") >= 1
+        await w.ok("connections.update", connection_id="m1", changes={"name": "x"}, sync="files")
+        m2 = bus_metrics(daemon)
+        size = sum((daemon.data_dir / f).stat().st_size for f in (CONNECTIONS, SYNC_LOG))
+        assert m2[("ctsd_checkpoint_rounds_total", ())] > m0[("ctsd_checkpoint_rounds_total", ())]
+        assert (
+            m2[("ctsd_checkpoint_written_bytes_total", ())]
+            - m0[("ctsd_checkpoint_written_bytes_total", ())]
+            >= size
+        )  # at least the files the update was written to
         assert grew("ctsd_errors_total", (("code", "unknown_command"),)) == 1
         assert grew("ctsd_errors_total", (("code", "not_found"),)) == 1
     gone = (("ctsd_bus_clients", ()), ("ctsd_bus_subscribers", ()))

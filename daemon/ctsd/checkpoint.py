@@ -110,6 +110,7 @@ class Checkpointer:
         self.last_write_s = 0.0  # how long the last round's write took (in its thread)
         self.stopping = False
         self.rounds = 0
+        self.bytes_written = 0  # of the data files the rounds wrote (what the disk took)
         self.appends = self.appended = 0  # journal appends and changes since the last round
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
         # Cluster mode: each shared file's copy, written with it (a hand edit made while the
@@ -393,6 +394,7 @@ class Checkpointer:
                 self._restale([(path, job)])
                 continue
             written.append(file)
+            self.bytes_written += stamps[path].size
             self.disk.record(file, stamps[path], digest=digests.get(path))
             od = self.disk.get(file)
             self.dropped.append(od.content)

@@ -57,6 +57,15 @@ class _Live(Collector):
             "Age of the oldest change not yet in the data files",
             journal["checkpoint_lag_s"],
         )
+        checkpointer = store.checkpointer
+        yield CounterMetricFamily(
+            "ctsd_checkpoint_rounds", "Checkpoint rounds that wrote files", checkpointer.rounds
+        )
+        yield CounterMetricFamily(
+            "ctsd_checkpoint_written_bytes",
+            "Bytes of data files the checkpoint rounds wrote",
+            checkpointer.bytes_written,
+        )
         stats = self.bus_stats()
         yield GaugeMetricFamily("ctsd_bus_clients", "Authenticated bus clients", stats["clients"])
         yield GaugeMetricFamily("ctsd_bus_subscribers", "Bus subscribers", stats["subscribers"])
