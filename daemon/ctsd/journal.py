@@ -47,6 +47,7 @@ thread (`Store.append`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import struct
@@ -427,7 +428,10 @@ class Journal:
         try:
             done = 0
             while done < len(data):  # a short write (the disk filling up) goes on, or raises
-                done += os.pwrite(self.fd, memoryview(data)[done:], self.end + done)
+                n = os.pwrite(self.fd, memoryview(data)[done:], self.end + done)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "the journal write took nothing")
+                done += n
             if sync:
                 os.fdatasync(self.fd)
         except OSError:
