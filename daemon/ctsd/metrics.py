@@ -49,7 +49,7 @@ class _Live(Collector):
         journal = store.status()
         yield GaugeMetricFamily(
             "ctsd_journal_bytes",
-            "Size of the journal (changes not yet cut)",
+            "Bytes the journal holds (its records and cuts; not the room ahead)",
             journal["journal_bytes"],
         )
         yield GaugeMetricFamily(
