@@ -267,7 +267,7 @@ async def _serve(d: Daemon) -> None:
             await store.close()
             await svc.prober.aclose()
         d.notifier.send("STOPPING=1", "STATUS=stopping")
-        d.watcher.stop()  # watchfiles' thread sees this within `step`; a cancel waits ~1 s
+        d.watcher.stop()  # its thread ends within `step`, before the loop does
         tg.cancel_scope.cancel()
     log.info("stopped", revision=store.revision)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 from anyio.abc import TaskGroup
-from watchfiles import Change, awatch
+from watchfiles._rust_notify import RustNotify
 
 from ctsd import files, safefile
 from ctsd.atomic import TEMP_PREFIX
@@ -102,16 +102,6 @@ def relative(data_dir: Path, path: str | Path) -> str | None:
     return None  # logs/, historical/, anything deeper
 
 
-class DataFilter:
-    """watchfiles filter: only data files pass (called on the event loop, so keep it cheap)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-
-    def __call__(self, _change: Change, path: str) -> bool:
-        return relative(self.data_dir, path) is not None
-
-
 class Watcher:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -124,8 +114,8 @@ class Watcher:
         self.mode: WatchSettings | None = None
 
     def stop(self) -> None:
-        """End the watch promptly: watchfiles checks its stop event every `step` ms, while a
-        plain cancel waits for its thread's `rust_timeout`."""
+        """End the watch: its thread sees this within `step` ms and ends (a cancel alone would
+        leave it running, abandoned, until then)."""
         self._stopping = True
         self._restart.set()
 
@@ -195,9 +185,6 @@ class Watcher:
             if self.store.displaced:
                 await self.store.take_in_late(LATE_MAX_AGE_S)
 
-    async def _sweep_soon(self) -> None:
-        self.sweep()
-
     def sweep(self) -> None:
         """Look at every data file (start, mode switch): catches what changed unseen."""
         for file in self.store.known_files():
@@ -231,23 +218,46 @@ class Watcher:
         dirs = [self.data_dir, self.data_dir / files.ALGORITHMS_DIR]
         for d in dirs:
             d.mkdir(mode=0o700, exist_ok=True)
-        # Runs once awatch has set its watch up (it does so before its first wait): anything
-        # changed before that is caught by the sweep, anything after by the watch.
-        assert self._tg is not None
-        self._tg.start_soon(self._sweep_soon)
-        async for changes in awatch(
-            *dirs,
-            watch_filter=DataFilter(self.data_dir),
-            step=STEP_MS,
-            debounce=DEBOUNCE_MS,
-            stop_event=self._restart,
-            rust_timeout=RUST_TIMEOUT_MS,
-            recursive=False,  # logs/ and historical/ churn; only these two dirs hold data
-            force_polling=False,  # our own poller does polling (see the module note)
-            ignore_permission_denied=True,
-        ):
-            for file in sorted({r for _, p in changes if (r := relative(self.data_dir, p))}):
-                self.notify(file)
+        # RustNotify is the engine under watchfiles' `awatch` (documented as its Rust
+        # backend), driven here from one long-lived thread of ours. awatch hands every batch
+        # to the event loop through a fresh worker-thread call and filters it there; the
+        # journal's own appends in this directory make such a batch every few ms under load.
+        # The pump filters in its thread and wakes the loop only for a data file.
+        notify = RustNotify(
+            [str(d) for d in dirs],
+            False,  # debug
+            False,  # force_polling: our own poller does polling (see the module note)
+            0,  # poll_delay_ms, unused without polling
+            False,  # recursive: logs/ and historical/ churn; only these two dirs hold data
+            True,  # ignore_permission_denied
+        )
+        # The watch is set up once RustNotify exists: anything changed before it is caught
+        # by this sweep, anything after by the watch.
+        self.sweep()
+        stop = self._restart
+        try:
+            await anyio.to_thread.run_sync(self._pump, notify, stop, abandon_on_cancel=True)
+        finally:
+            stop.set()  # a pump abandoned by a cancel sees it within `step` and ends
+
+    def _pump(self, notify: RustNotify, stop: anyio.Event) -> None:
+        """The watch thread: RustNotify's batches, data files only, handed to the loop."""
+        try:
+            while True:
+                raw = notify.watch(DEBOUNCE_MS, STEP_MS, RUST_TIMEOUT_MS, stop)
+                if raw == "stop":
+                    return
+                if isinstance(raw, str):  # "timeout" (nothing happened); "signal" (main only)
+                    continue
+                changed = sorted({r for _, p in raw if (r := relative(self.data_dir, p))})
+                if changed:
+                    anyio.from_thread.run_sync(self._notify_all, changed)
+        finally:
+            notify.close()
+
+    def _notify_all(self, changed: list[str]) -> None:
+        for file in changed:
+            self.notify(file)
 
     async def _poll(self, interval: float) -> None:
         poller = Poller(self.store)
@@ -337,4 +347,4 @@ async def _settle(path: Path) -> None:
             key, quiet_since = current, time.monotonic()
 
 
-__all__ = ["DataFilter", "Poller", "Watcher", "is_debris", "relative"]
+__all__ = ["Poller", "Watcher", "is_debris", "relative"]
