@@ -7,6 +7,7 @@ sync log on disk, the daemon's JSON log lines, `/health`, and the bus.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -142,6 +143,36 @@ def test_one_field_of_1000_connections_is_one_event(data_dir: Path) -> None:
         assert "new-plain-secret" not in d.stdout()
     finally:
         d.close()
+
+
+@pytest.mark.anyio
+async def test_hand_edit_under_steady_writes_is_taken_in(daemon10: Daemon) -> None:
+    """Under steady bus writes the watch sees batch after batch of the journal's appends only
+    and stretches its step; a hand edit made then must still come in (as one event, from the
+    file) and the writes must all land."""
+    d, path = daemon10, daemon10.data_dir / CONNS
+    async with bus(d) as b, bus(d, subscribe=False) as writer:
+        stop = False
+
+        async def write() -> int:
+            n = 0
+            while not stop:
+                await writer.ok(
+                    "connections.update", connection_id="conn_0002", changes={"user_id": n + 2}
+                )
+                n += 1
+            return n
+
+        task = asyncio.ensure_future(write())
+        await b.wait_for(lambda: len(b.events) >= 200, timeout=20, what="steady writes")
+        atomic_save(path, edit_name(path.read_bytes(), "conn_0005", "Edited under load"))
+        edit = await b.wait_event("update", "conn_0005", timeout=10)
+        stop = True
+        writes = await task
+    assert edit["data"]["source"] == "file" and edit["data"]["fields"] == ["name"]
+    conns = {c["id"]: c for c in json.loads(path.read_text())}
+    assert conns["conn_0005"]["name"] == "Edited under load"
+    wait_until(lambda: json.loads(path.read_text())[2]["user_id"] == writes + 1, 5)
 
 
 # --- invalid edits ----------------------------------------------------------------------------

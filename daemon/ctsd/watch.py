@@ -53,6 +53,14 @@ log = structlog.get_logger("ctsd.watch")
 # (an upstream issue misbehaves otherwise). step=1 keeps a hand edit's latency to a few ms.
 STEP_MS = 1
 DEBOUNCE_MS = 10
+# The watch thread takes the GIL every step. While the daemon writes steadily (batch after
+# batch of nothing but the journal's appends and our own temp files) that is a GIL hand-off
+# from a busy event loop every millisecond: after BUSY_AFTER such batches in a row, step and
+# debounce are stretched until a batch holds a data file again (or a second passes without
+# events). A hand edit made under steady write load is seen some 10-20 ms later.
+STEP_BUSY_MS = 10
+DEBOUNCE_BUSY_MS = 20
+BUSY_AFTER = 2
 # Wake the watch thread this often even without events, so a mode switch is seen promptly.
 RUST_TIMEOUT_MS = 1_000
 SETTLE_S = 0.05  # quiet time before a file that does not parse is called invalid
@@ -242,16 +250,27 @@ class Watcher:
 
     def _pump(self, notify: RustNotify, stop: anyio.Event) -> None:
         """The watch thread: RustNotify's batches, data files only, handed to the loop."""
+        noise = 0  # batches in a row without a data file in them
         try:
             while True:
-                raw = notify.watch(DEBOUNCE_MS, STEP_MS, RUST_TIMEOUT_MS, stop)
+                busy = noise >= BUSY_AFTER
+                raw = notify.watch(
+                    DEBOUNCE_BUSY_MS if busy else DEBOUNCE_MS,
+                    STEP_BUSY_MS if busy else STEP_MS,
+                    RUST_TIMEOUT_MS,
+                    stop,
+                )
                 if raw == "stop":
                     return
                 if isinstance(raw, str):  # "timeout" (nothing happened); "signal" (main only)
+                    noise = 0
                     continue
                 changed = sorted({r for _, p in raw if (r := relative(self.data_dir, p))})
-                if changed:
-                    anyio.from_thread.run_sync(self._notify_all, changed)
+                if not changed:
+                    noise += 1
+                    continue
+                noise = 0
+                anyio.from_thread.run_sync(self._notify_all, changed)
         finally:
             notify.close()
 
