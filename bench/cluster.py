@@ -5,7 +5,8 @@
 
 Starts a 3-node nats-server JetStream cluster (tests/nats_cluster.py: loopback ports, file
 storage under a temp dir in the current directory or `--dir`) and one stream per part with 3
-replicas. Clients run in this process, on the same 2 cores as the three servers.
+replicas. Clients run in this process, on the same 2 cores as the three servers, on the
+daemon's own event loop (uvloop) unless `--loop asyncio`.
 
 Floors (raw nats-py, no ctsd code):
   (a) publish → ack        one publisher, sequential, p50/p99
@@ -37,7 +38,11 @@ the same NATS cluster, clients on the bus:
                            (targets: p99 ≤ 2 ms and ≤ 3 × floor (b))
   (h) ctsd changes/s       64 bus clients spread over the 3 daemons, each updating its own
                            connection for `--seconds`: acknowledged changes/s (target
-                           ≥ 5,000/s), and how many were answered `conflict`
+                           ≥ 5,000/s), and how many were answered `conflict`. Run twice:
+                           with the websockets library's client, and with a lean one
+                           (bench/leanws.py: prebuilt frames, replies cut by hand) that
+                           leaves more of the 2 cores to the daemons and the servers; each
+                           row says how much of a core the clients took
 
 Not a test: numbers depend on the machine and on what else runs (the 1-minute load average
 is printed before and after).
@@ -53,6 +58,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +68,12 @@ import nats  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig  # noqa: E402
 from tests.nats_cluster import NatsCluster  # noqa: E402
 
-from common import HEADERS, Call, auth_and, daemon, open_many  # noqa: E402
+from common import HEADERS, Call, auth_and, daemon, open_many, run_on  # noqa: E402
 from ctsd.cluster.config import ClusterSettings  # noqa: E402
 from ctsd.cluster.engine import ClusterEngine  # noqa: E402
 from ctsd.cluster.errors import Conflict  # noqa: E402
 from ctsd.cluster.messages import Change  # noqa: E402
+from leanws import LeanClient  # noqa: E402
 
 Row = tuple[str, str, str, str]
 FLOOR: dict[str, float] = {}  # floor (b), for the ratios of (g)
@@ -348,35 +355,61 @@ async def _rate(urls: list[str], seconds: float) -> list[Row]:
     for w, ws in enumerate(clients):
         conn = {"id": f"r{w}", "name": f"r{w}", "exchange": "bybit"}
         await Call(ws)("connections.create", connection=conn)
+
+    async def websockets_client(w: int, k: int) -> str:
+        frame = {"id": k, "type": "connections.update", "connection_id": f"r{w}"}
+        await clients[w].send(json.dumps({**frame, "changes": {"user_id": k + 1}}))
+        while True:
+            msg = json.loads(await clients[w].recv())
+            if msg.get("type") == "result" and msg.get("id") == k:
+                return "ok" if msg["success"] else msg["error"]["code"]
+
+    rows = [await _rate_run("websockets clients", websockets_client, seconds, 1_000)]
+    await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+
+    lean = [await LeanClient.open(urls[w % 3], HEADERS) for w in range(64)]
+    for c in lean:
+        assert (await c.next_frame())["type"] == "auth_ok"
+
+    async def lean_client(w: int, k: int) -> str:
+        msg = await lean[w].call(
+            "connections.update", connection_id=f"r{w}", changes={"user_id": k + 1}
+        )
+        return "ok" if msg["success"] else msg["error"]["code"]
+
+    # Values of their own: an update that repeats an earlier value changes nothing.
+    rows.append(await _rate_run("lean clients", lean_client, seconds, 10_000_000))
+    for c in lean:
+        c.close()
+    return rows
+
+
+async def _rate_run(
+    kind: str, change: Callable[[int, int], Awaitable[str]], seconds: float, first: int
+) -> Row:
+    """64 writers, each `change(writer, value)` in a loop for `seconds`; the load generator's
+    own CPU (this process) is shown too: it shares the 2 cores with what it measures."""
     counts = {"ok": 0}
     end = time.perf_counter() + seconds
 
     async def writer(w: int) -> None:
-        ws, k = clients[w], 1000  # above the ids the set-up calls used
+        k = first
         while time.perf_counter() < end:
             k += 1
-            frame = {"id": k, "type": "connections.update", "connection_id": f"r{w}"}
-            await ws.send(json.dumps({**frame, "changes": {"user_id": k + 1}}))
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg.get("type") == "result" and msg.get("id") == k:
-                    break
-            key = "ok" if msg["success"] else msg["error"]["code"]
+            key = await change(w, k)
             counts[key] = counts.get(key, 0) + 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(writer(w) for w in range(64)))
     elapsed = time.perf_counter() - t0
-    await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
+    load = (time.process_time() - cpu0) / elapsed
     refused = ", ".join(f"{v:,} {k}" for k, v in counts.items() if k != "ok") or "none refused"
-    return [
-        (
-            "(h) ctsd 64 clients over 3 daemons",
-            f"{counts['ok'] / elapsed:,.0f}/s",
-            "",
-            f"{counts['ok']:,} acknowledged; {refused}",
-        )
-    ]
+    return (
+        f"(h) ctsd 64 {kind} over 3 daemons",
+        f"{counts['ok'] / elapsed:,.0f}/s",
+        "",
+        f"{counts['ok']:,} acknowledged; {refused}; the clients took {load:.0%} of a core",
+    )
 
 
 def main() -> None:
@@ -385,6 +418,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each rate run")
     ap.add_argument("--size", type=int, default=512, help="payload bytes per change (512)")
     ap.add_argument("--dir", help="where the servers keep their files (default: cwd)")
+    ap.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="uvloop",
+        help="the clients' event loop (default uvloop, the daemon's own)",
+    )
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="ctsd-bench-nats-", dir=args.dir or os.getcwd()))
@@ -400,11 +439,12 @@ def main() -> None:
             rows += await ctsd_path(cluster, args.rounds, args.seconds, workdir)
             return rows
 
-        rows = asyncio.run(run())
+        rows = run_on(args.loop, run())
     finally:
         cluster.close()
     print(f"ctsd cluster bench · Python {sys.version.split()[0]} · {os.cpu_count()} CPUs")
     print(f"3 nats-server nodes on loopback, stream replicas 3, payload {args.size} B")
+    print(f"clients on {args.loop}")
     print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
     print()
     head = f"{'measure':<46} {'p50 / rate':>12} {'p99':>10}  note"
