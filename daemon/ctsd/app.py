@@ -122,7 +122,9 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     prober = Prober(store)
     sweeper = Sweeper(store, prober)
     svc = Services(store, sweeper, prober, token, listen, data_dir)
-    return Daemon(svc, Watcher(store), Notifier(), cluster, edited), lock
+    watcher = Watcher(store)
+    svc.watch_status = watcher.status
+    return Daemon(svc, watcher, Notifier(), cluster, edited), lock
 
 
 def _cluster_on_file(store: Store) -> ClusterSettings | None:

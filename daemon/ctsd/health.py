@@ -42,6 +42,7 @@ def health(svc: Services) -> dict[str, Any]:
         "free_space": {"ok": free >= MIN_FREE_BYTES, "bytes": free},
         "files": files,
         "checkpoint": journal,
+        "watch": svc.watch_status(),
     }
     cluster = store.committer_status()  # cluster mode: the engine's state and this host's lag
     if cluster is not None:

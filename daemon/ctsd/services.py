@@ -29,6 +29,8 @@ class Services:
     # The server's own numbers (clients, subscribers, errors) and its metrics, once it runs.
     server_stats: Callable[[], dict[str, Any]] = dict
     render_metrics: Callable[[], bytes] = bytes
+    # The watcher's `/health` check (`Watcher.status`), once it runs.
+    watch_status: Callable[[], dict[str, Any]] = lambda: {"ok": True, "mode": "inotify"}
 
     @property
     def uptime_s(self) -> float:

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -63,6 +63,7 @@ DEBOUNCE_BUSY_MS = 20
 BUSY_AFTER = 2
 # Wake the watch thread this often even without events, so a mode switch is seen promptly.
 RUST_TIMEOUT_MS = 1_000
+INOTIFY_RETRY_S = 60.0  # polling in its stead (inotify failed): try it again this often
 SETTLE_S = 0.05  # quiet time before a file that does not parse is called invalid
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
 SETTLE_POLL_S = 0.005
@@ -120,6 +121,9 @@ class Watcher:
         self._restart = anyio.Event()
         self._stopping = False
         self.mode: WatchSettings | None = None
+        # Why inotify is not in use though the settings ask for it (None: it is, or polling
+        # was asked for): the watch polls meanwhile and `/health` says so.
+        self.problem: str | None = None
 
     def stop(self) -> None:
         """End the watch: its thread sees this within `step` ms and ends (a cancel alone would
@@ -218,9 +222,38 @@ class Watcher:
                     poll_interval_ms=self.mode.poll_interval_ms if self.mode.polling else None,
                 )
                 if self.mode.polling:
+                    self.problem = None
                     await self._poll(self.mode.poll_interval_ms / 1000)
-                else:
+                    continue
+                try:
                     await self._inotify()
+                except (OSError, RuntimeError) as e:  # an inotify limit reached, say
+                    await self._poll_instead(e)
+
+    def status(self) -> dict[str, Any]:
+        """The `watch` check of `/health`."""
+        polling = self.problem is not None or (self.mode is not None and self.mode.polling)
+        out: dict[str, Any] = {
+            "ok": self.problem is None,
+            "mode": "polling" if polling else "inotify",
+        }
+        if self.problem is not None:
+            out["problem"] = self.problem
+        return out
+
+    async def _poll_instead(self, error: Exception) -> None:
+        """inotify could not be set up, or failed: hand edits are still taken in, by polling,
+        and inotify is tried again after INOTIFY_RETRY_S (or at once on a mode switch)."""
+        assert self.mode is not None
+        interval_ms = self.mode.poll_interval_ms
+        self.problem = (
+            f"inotify failed ({type(error).__name__}: {error}); polling every {interval_ms} ms "
+            "instead (raise fs.inotify.max_user_instances or max_user_watches, or set "
+            "watch.polling in settings.json)"
+        )
+        log.error("watch_failed", error=str(error), polling_every_ms=interval_ms)
+        with anyio.move_on_after(INOTIFY_RETRY_S):
+            await self._poll(interval_ms / 1000)
 
     async def _inotify(self) -> None:
         dirs = [self.data_dir, self.data_dir / files.ALGORITHMS_DIR]
@@ -241,6 +274,9 @@ class Watcher:
         )
         # The watch is set up once RustNotify exists: anything changed before it is caught
         # by this sweep, anything after by the watch.
+        if self.problem is not None:
+            log.info("watch_restored", mode="inotify")
+            self.problem = None
         self.sweep()
         stop = self._restart
         try:
