@@ -98,7 +98,11 @@ class LeanClient(asyncio.Protocol):
                 return
             status = bytes(buf[: buf.find(b"\r\n")])
             if b" 101 " not in status:
-                self._opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                if not self._opened.done():
+                    self._opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                buf.clear()
+                assert self.transport is not None
+                self.transport.close()
                 return
             del buf[: end + 4]
             self._handshake_done = True

@@ -148,31 +148,40 @@ def test_one_field_of_1000_connections_is_one_event(data_dir: Path) -> None:
 @pytest.mark.anyio
 async def test_hand_edit_under_steady_writes_is_taken_in(daemon10: Daemon) -> None:
     """Under steady bus writes the watch sees batch after batch of the journal's appends only
-    and stretches its step; a hand edit made then must still come in (as one event, from the
-    file) and the writes must all land."""
+    and stretches its step (`/health` shows it); a hand edit made then must still come in (as
+    one event, from the file) and the writes must all land."""
     d, path = daemon10, daemon10.data_dir / CONNS
+    stop = False
+
+    async def write() -> int:
+        n = 0
+        while not stop:
+            await writer.ok(
+                "connections.update", connection_id="conn_0002", changes={"user_id": n + 2}
+            )
+            n += 1
+        return n
+
+    def stretched() -> bool:
+        return d.http("/health", token=None)[1]["checks"]["watch"].get("step_ms") == 10
+
     async with bus(d) as b, bus(d, subscribe=False) as writer:
-        stop = False
-
-        async def write() -> int:
-            n = 0
-            while not stop:
-                await writer.ok(
-                    "connections.update", connection_id="conn_0002", changes={"user_id": n + 2}
-                )
-                n += 1
-            return n
-
         task = asyncio.ensure_future(write())
-        await b.wait_for(lambda: len(b.events) >= 200, timeout=20, what="steady writes")
-        atomic_save(path, edit_name(path.read_bytes(), "conn_0005", "Edited under load"))
-        edit = await b.wait_event("update", "conn_0005", timeout=10)
-        stop = True
-        writes = await task
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not await asyncio.to_thread(stretched):
+                assert asyncio.get_running_loop().time() < deadline, "the step never stretched"
+                await asyncio.sleep(0.01)
+            atomic_save(path, edit_name(path.read_bytes(), "conn_0005", "Edited under load"))
+            edit = await b.wait_event("update", "conn_0005", timeout=10)
+        finally:
+            stop = True
+            writes = await task
     assert edit["data"]["source"] == "file" and edit["data"]["fields"] == ["name"]
     conns = {c["id"]: c for c in json.loads(path.read_text())}
     assert conns["conn_0005"]["name"] == "Edited under load"
-    wait_until(lambda: json.loads(path.read_text())[2]["user_id"] == writes + 1, 5)
+    wait_until(lambda: json.loads(path.read_text())[2].get("user_id") == writes + 1, 5)
+    wait_until(lambda: not stretched(), 5)  # quiet again: back to the 1 ms step
 
 
 # --- invalid edits ----------------------------------------------------------------------------

@@ -8,20 +8,34 @@ import ctypes
 import errno
 import json
 import os
+import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
+import pytest
+
+from ctsd import watch
 from tests.daemon import Daemon, log_lines, sync_log, wait_until
 from tests.datadir import atomic_save
 from tests.handedits import CONNS, edit_name, seed
+from tests.inprocess import open_app
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextmanager
 def inotify_exhausted() -> Iterator[int]:
-    """Every inotify instance this user may have, held (the kernel's per-user limit)."""
+    """Every inotify instance this user may have, held (the kernel's per-user limit), by this
+    process: the suite runs serially, and other processes of the user go without meanwhile."""
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = limit + 256  # EMFILE must come from the inotify limit, not from our open files
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below max_user_instances {limit}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     fds: list[int] = []
     try:
         while len(fds) < 100_000:
@@ -34,6 +48,7 @@ def inotify_exhausted() -> Iterator[int]:
     finally:
         for fd in fds:
             os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def watch_check(d: Daemon) -> dict:
@@ -54,7 +69,8 @@ def test_no_inotify_means_polling_then_inotify_again(data_dir: Path) -> None:
             assert body["status"] == "degraded"
             watch = body["checks"]["watch"]
             assert watch["ok"] is False and watch["mode"] == "polling"
-            assert "inotify" in watch["problem"] and "polling every 300 ms" in watch["problem"]
+            assert "inotify instances or watches are used up" in watch["problem"]
+            assert "polling every 300 ms instead" in watch["problem"]
             # Hand edits still come in, by polling.
             atomic_save(path, edit_name(path.read_bytes(), "conn_0003", "Seen by polling"))
             wait_until(lambda: any(e["data"].get("source") == "file" for e in sync_log(d)), 10)
@@ -69,10 +85,57 @@ def test_no_inotify_means_polling_then_inotify_again(data_dir: Path) -> None:
         atomic_save(data_dir / "settings.json", json.dumps(settings, indent=2).encode() + b"\n")
         wait_until(lambda: log_lines(d, "watch_restored"), 10)
         body = watch_check(d)
-        assert body["checks"]["watch"] == {"ok": True, "mode": "inotify"}
+        assert body["checks"]["watch"] == {"ok": True, "mode": "inotify", "step_ms": 1}
         assert body["status"] == "ok", body
         before = len(sync_log(d))
         atomic_save(path, edit_name(path.read_bytes(), "conn_0004", "Seen by inotify"))
         wait_until(lambda: len(sync_log(d)) > before, 10)
     finally:
         d.close()
+
+
+class _FailingNotify:
+    """watchfiles' RustNotify whose watch breaks after it was set up (its inotify queue
+    overflowed, a watched directory vanished): what the watcher must survive."""
+
+    made = 0
+
+    def __init__(self, *_args: object) -> None:
+        type(self).made += 1
+
+    def watch(self, *_args: object) -> object:
+        raise RuntimeError("error in underlying watcher: boom")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_watch_that_breaks_while_running_polls_until_the_retry(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch, "RustNotify", _FailingNotify)
+    app = await open_app(data_dir, [{"id": "a", "name": "A", "exchange": "bybit"}])
+    watcher = watch.Watcher(app.store)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            with anyio.fail_after(10):
+                while watcher.problem is None:
+                    await anyio.sleep(0.01)
+            assert "boom" in watcher.problem and "polling every 300 ms" in watcher.problem
+            assert watcher.status()["mode"] == "polling"
+            # Polling now, until the retry a minute on: not a loop of new watches.
+            await anyio.sleep(0.5)
+            assert _FailingNotify.made == 1
+            # A hand edit is still taken in.
+            conns = json.loads((data_dir / CONNS).read_text())
+            conns[0]["name"] = "Polled"
+            atomic_save(data_dir / CONNS, json.dumps(conns, indent=2).encode() + b"\n")
+            with anyio.fail_after(10):
+                while app.store.committed.connections["a"].name != "Polled":
+                    await anyio.sleep(0.01)
+            watcher.stop()
+            tg.cancel_scope.cancel()  # as the app does after stop()
+    finally:
+        await app.store.close()

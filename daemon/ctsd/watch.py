@@ -28,6 +28,8 @@ during the switch is missed."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import time
@@ -111,6 +113,27 @@ def relative(data_dir: Path, path: str | Path) -> str | None:
     return None  # logs/, historical/, anything deeper
 
 
+class _PumpStop:
+    """What the watch thread's RustNotify asks every step: stop for a restart of the watcher
+    (a mode switch, the daemon stopping), or because this pump is done with."""
+
+    __slots__ = ("ended", "restart")
+
+    def __init__(self, restart: anyio.Event) -> None:
+        self.restart = restart
+        self.ended = False
+
+    def is_set(self) -> bool:
+        return self.ended or self.restart.is_set()
+
+
+def _is_a_limit(error: Exception) -> bool:
+    """Is this the per-user inotify limit (too many instances, or watches)?"""
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENOSPC):
+        return True
+    return any(f"(os error {n})" in str(error) for n in (errno.EMFILE, errno.ENOSPC))
+
+
 class Watcher:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -124,6 +147,7 @@ class Watcher:
         # Why inotify is not in use though the settings ask for it (None: it is, or polling
         # was asked for): the watch polls meanwhile and `/health` says so.
         self.problem: str | None = None
+        self.step_ms = STEP_MS  # the watch thread's step now (stretched under steady writes)
 
     def stop(self) -> None:
         """End the watch: its thread sees this within `step` ms and ends (a cancel alone would
@@ -231,31 +255,37 @@ class Watcher:
                     await self._poll_instead(e)
 
     def status(self) -> dict[str, Any]:
-        """The `watch` check of `/health`."""
-        polling = self.problem is not None or (self.mode is not None and self.mode.polling)
-        out: dict[str, Any] = {
-            "ok": self.problem is None,
-            "mode": "polling" if polling else "inotify",
-        }
+        """The `watch` check of `/health`: how hand edits are seen, and why not by inotify when
+        the settings ask for it but it failed."""
         if self.problem is not None:
-            out["problem"] = self.problem
-        return out
+            return {"ok": False, "mode": "polling", "problem": self.problem}
+        if self.mode is not None and self.mode.polling:
+            return {"ok": True, "mode": "polling"}
+        return {"ok": True, "mode": "inotify", "step_ms": self.step_ms}
 
     async def _poll_instead(self, error: Exception) -> None:
         """inotify could not be set up, or failed: hand edits are still taken in, by polling,
         and inotify is tried again after INOTIFY_RETRY_S (or at once on a mode switch)."""
         assert self.mode is not None
         interval_ms = self.mode.poll_interval_ms
-        self.problem = (
-            f"inotify failed ({type(error).__name__}: {error}); polling every {interval_ms} ms "
-            "instead (raise fs.inotify.max_user_instances or max_user_watches, or set "
-            "watch.polling in settings.json)"
+        problem = f"inotify failed: {error}"
+        if _is_a_limit(error):
+            problem += (
+                " (this user's inotify instances or watches are used up: raise "
+                "fs.inotify.max_user_instances or fs.inotify.max_user_watches)"
+            )
+        problem += (
+            f"; polling every {interval_ms} ms instead, trying inotify again every "
+            f"{INOTIFY_RETRY_S:g} s"
         )
-        log.error("watch_failed", error=str(error), polling_every_ms=interval_ms)
+        if problem != self.problem:  # once, not at every retry
+            log.error("watch_failed", error=str(error), polling_every_ms=interval_ms)
+        self.problem = problem
         with anyio.move_on_after(INOTIFY_RETRY_S):
             await self._poll(interval_ms / 1000)
 
     async def _inotify(self) -> None:
+        assert self.mode is not None
         dirs = [self.data_dir, self.data_dir / files.ALGORITHMS_DIR]
         for d in dirs:
             d.mkdir(mode=0o700, exist_ok=True)
@@ -268,33 +298,38 @@ class Watcher:
             [str(d) for d in dirs],
             False,  # debug
             False,  # force_polling: our own poller does polling (see the module note)
-            0,  # poll_delay_ms, unused without polling
+            self.mode.poll_interval_ms,  # its own poller's, should it fall back to one
             False,  # recursive: logs/ and historical/ churn; only these two dirs hold data
             True,  # ignore_permission_denied
         )
+        if repr(notify).startswith("RustNotify(Poll("):
+            # A kernel without inotify (ENOSYS): watchfiles falls back to its own poller,
+            # which compares modification times only; ours compares more (module note).
+            notify.close()
+            raise OSError(errno.ENOSYS, "this kernel offers no inotify")
         # The watch is set up once RustNotify exists: anything changed before it is caught
         # by this sweep, anything after by the watch.
         if self.problem is not None:
             log.info("watch_restored", mode="inotify")
             self.problem = None
         self.sweep()
-        stop = self._restart
+        stop = _PumpStop(self._restart)
+        loop = asyncio.get_running_loop()
         try:
-            await anyio.to_thread.run_sync(self._pump, notify, stop, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(self._pump, notify, stop, loop, abandon_on_cancel=True)
         finally:
-            stop.set()  # a pump abandoned by a cancel sees it within `step` and ends
+            stop.ended = True  # a pump abandoned by a cancel sees it within `step` and ends
 
-    def _pump(self, notify: RustNotify, stop: anyio.Event) -> None:
-        """The watch thread: RustNotify's batches, data files only, handed to the loop."""
+    def _pump(self, notify: RustNotify, stop: _PumpStop, loop: asyncio.AbstractEventLoop) -> None:
+        """The watch thread: RustNotify's batches, data files only, handed to the loop (never
+        waiting for it, so the thread always ends within a step of its stop)."""
         noise = 0  # batches in a row without a data file in them
         try:
             while True:
                 busy = noise >= BUSY_AFTER
+                self.step_ms = STEP_BUSY_MS if busy else STEP_MS
                 raw = notify.watch(
-                    DEBOUNCE_BUSY_MS if busy else DEBOUNCE_MS,
-                    STEP_BUSY_MS if busy else STEP_MS,
-                    RUST_TIMEOUT_MS,
-                    stop,
+                    DEBOUNCE_BUSY_MS if busy else DEBOUNCE_MS, self.step_ms, RUST_TIMEOUT_MS, stop
                 )
                 if raw == "stop":
                     return
@@ -306,8 +341,12 @@ class Watcher:
                     noise += 1
                     continue
                 noise = 0
-                anyio.from_thread.run_sync(self._notify_all, changed)
+                try:
+                    loop.call_soon_threadsafe(self._notify_all, changed)
+                except RuntimeError:  # the loop is closed: the daemon is stopping
+                    return
         finally:
+            self.step_ms = STEP_MS
             notify.close()
 
     def _notify_all(self, changed: list[str]) -> None:
