@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "daemon"))
+sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
+
+from tests.daemon import free_port  # noqa: E402
 
 from ctsd import sweeps  # noqa: E402
 from ctsd.probes import Prober  # noqa: E402
@@ -116,12 +118,6 @@ def make_data(data_dir: Path, n: int) -> None:
         ("settings.json", settings),
     ):
         (data_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:

@@ -32,10 +32,37 @@ import anyio
 TOKEN = "test-token-0123456789abcdefghijklmnop"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_LOW, _HIGH = _ephemeral_range()
+# Ports below the ephemeral range when there is room there, else above it; each process
+# starts at its own place and walks on, so two calls (or two test processes) never hand out
+# the same port.
+_PORTS = range(10_000, _LOW) if _LOW - 10_000 >= 5_000 else range(_HIGH + 1, 65_536)
+_next_port = _PORTS.start + (os.getpid() * 7_919) % len(_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, outside the kernel's ephemeral range. A port the kernel picks
+    (bind to 0) is one it also gives outgoing connections: a NATS client or route connecting
+    between this call and the daemon's bind could take it ("Address already in use")."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _next_port
+        _next_port = _PORTS.start + (_next_port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 @contextlib.contextmanager
