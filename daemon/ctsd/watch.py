@@ -97,9 +97,9 @@ def is_debris(name: str) -> bool:
 
 def relative(data_dir: Path, path: str | Path) -> str | None:
     """The data file `path` names (relative, '/'-separated), or None for anything else.
-    String work, not pathlib: it runs for every event the watch sees, on the event loop (the
-    daemon's own writes make several per checkpoint round), and the paths watchfiles gives
-    are absolute and normal already."""
+    String work, not pathlib: it runs for every event the watch sees, holding the GIL (the
+    daemon's own writes make several per checkpoint round, and the journal one per append),
+    and the paths watchfiles gives are absolute and normal already."""
     prefix = f"{data_dir}{os.sep}"
     path = os.fspath(path)
     if not path.startswith(prefix):
