@@ -764,9 +764,36 @@ class ClusterEngine:
         info = await js.stream_info(self.stream)
         self._note_stream(info.state)
         self._check_history(info.state)
+        # Messages are handled in the subscription's own task, one after the other, as they
+        # come (`next_msg` would cost a task, a timer and a uuid per message). This task
+        # watches it: the first error a message raised, or nothing (not even the consumer's
+        # heartbeat) for 3 heartbeats.
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
+        last_seen = loop.time()
+        stopping = False
+        handled = 0
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal last_seen, handled
+            if stopping or failed.done():
+                return  # a new consumer delivers it again, from the applied seq on
+            last_seen = loop.time()
+            try:
+                await self._handle(msg)
+            except Exception as exc:
+                if not failed.done():
+                    failed.set_exception(exc)
+                return
+            handled += 1
+            if handled % YIELD_EVERY == 0:
+                # A catch-up applies thousands of queued messages, none of which need wait
+                # for anything: the rest of the daemon gets the loop now and then.
+                await asyncio.sleep(0)
+
         # Unbounded here: flow control bounds what the server sends ahead of the applying.
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, pending_msgs_limit=0, pending_bytes_limit=0)
+        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
         consumer: str | None = None
         try:
             config = ConsumerConfig(
@@ -781,23 +808,25 @@ class ClusterEngine:
                 num_replicas=1,
                 inactive_threshold=max(5.0, 5 * self._heartbeat_s),
             )
-            consumer = (await js.add_consumer(self.stream, config)).name
             self._last_delivered = self._applied
-            handled = 0
+            last_seen = loop.time()
+            consumer = (await js.add_consumer(self.stream, config)).name
             while not self._closing:
-                try:
-                    msg = await sub.next_msg(timeout=3 * self._heartbeat_s)
-                except nats.errors.TimeoutError:
-                    raise _Restart("no message or heartbeat from the consumer") from None
-                await self._handle(msg)
-                handled += 1
-                if handled % YIELD_EVERY == 0:
-                    # A catch-up applies thousands of queued messages, none of which need
-                    # wait for anything: the rest of the daemon gets the loop now and then.
-                    await asyncio.sleep(0)
+                left = last_seen + 3 * self._heartbeat_s - loop.time()
+                if left <= 0:
+                    raise _Restart("no message or heartbeat from the consumer")
+                done, _ = await asyncio.wait([failed], timeout=left)
+                if done:
+                    failed.result()  # the error a message raised
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            stopping = True
+            if failed.done():
+                failed.exception()  # raised above, or beside the point now (closing)
+            # A message being applied is finished first: cancelling it halfway would leave
+            # the journal and memory apart.
+            async with self._apply_lock:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
             if consumer is not None and nc.is_connected and not self._closing:
                 # Best effort, in the background (the server drops it unused anyway).
                 task = asyncio.create_task(self._delete_consumer(consumer))
