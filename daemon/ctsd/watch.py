@@ -56,13 +56,15 @@ log = structlog.get_logger("ctsd.watch")
 STEP_MS = 1
 DEBOUNCE_MS = 10
 # The watch thread takes the GIL every step. While the daemon writes steadily (batch after
-# batch of nothing but the journal's appends and our own temp files) that is a GIL hand-off
-# from a busy event loop every millisecond: after BUSY_AFTER such batches in a row, step and
-# debounce are stretched until a batch holds a data file again (or a second passes without
-# events). A hand edit made under steady write load is seen some 10-20 ms later.
+# batch of nothing but its own writes: the journal's appends, checkpoint rounds, which show
+# as our temp files beside the data files) that is a GIL hand-off from a busy event loop
+# every millisecond: after BUSY_AFTER such batches in a row, step and debounce are stretched
+# until a batch holds an edit not of ours (or a second passes without events). A hand edit
+# made under steady write load is seen some 10-20 ms later. BUSY_AFTER is well above the
+# few own batches between two hand edits made one right after the other.
 STEP_BUSY_MS = 10
 DEBOUNCE_BUSY_MS = 20
-BUSY_AFTER = 2
+BUSY_AFTER = 8
 # Wake the watch thread this often even without events, so a mode switch is seen promptly.
 RUST_TIMEOUT_MS = 1_000
 INOTIFY_RETRY_S = 60.0  # polling in its stead (inotify failed): try it again this often
@@ -336,13 +338,18 @@ class Watcher:
                 if isinstance(raw, str):  # "timeout" (nothing happened); "signal" (main only)
                     noise = 0
                     continue
-                changed = sorted({r for _, p in raw if (r := relative(self.data_dir, p))})
+                changed: set[str] = set()
+                ours = False  # a checkpoint round (our temp files) is in this batch
+                for _, path in raw:
+                    if name := relative(self.data_dir, path):
+                        changed.add(name)
+                    elif os.path.basename(path).startswith(TEMP_PREFIX):
+                        ours = True
+                noise = noise + 1 if ours or not changed else 0
                 if not changed:
-                    noise += 1
                     continue
-                noise = 0
                 try:
-                    loop.call_soon_threadsafe(self._notify_all, changed)
+                    loop.call_soon_threadsafe(self._notify_all, sorted(changed))
                 except RuntimeError:  # the loop is closed: the daemon is stopping
                     return
         finally:
