@@ -344,6 +344,31 @@ async def test_a_callback_that_crashes_is_reported_not_fatal(cluster: NatsCluste
         assert a.applied_seq == 0 and r.seqs == [1]
 
 
+async def test_an_apply_slower_than_the_heartbeat_window_is_not_silence(
+    cluster: NatsCluster,
+) -> None:
+    """The consumer is given up after 3 heartbeats without a message; the time a message
+    takes to apply does not count. A slow apply that then fails still stalls the host (its
+    error is not lost to a restart), and nothing is applied twice."""
+    calls: list[bytes] = []
+
+    async def slow(change: Change) -> None:
+        calls.append(change.payload)
+        await asyncio.sleep(4 * 0.5)  # 4 heartbeats of running()'s 0.5 s
+        if change.payload == b"bad":
+            raise OSError(5, "Input/output error")
+
+    async with two_hosts(cluster) as (a, _, b, _r):
+        a._apply = slow
+        await commit(b, b"slow")
+        await wait_until_async(lambda: a.applied_seq == 1, timeout=10, what="applied")
+        await commit(b, b"bad")
+        await wait_until_async(lambda: a.state == "stalled", timeout=15, what="stalled")
+        assert a.status().stalled == "apply_failed"
+        assert "Input/output error" in (a.status().reason or "")
+        assert calls == [b"slow", b"bad"] and a.applied_seq == 1
+
+
 # --- catch-up, trimming, history ------------------------------------------------------------
 
 

@@ -325,7 +325,7 @@ class Watcher:
     def _pump(self, notify: RustNotify, stop: _PumpStop, loop: asyncio.AbstractEventLoop) -> None:
         """The watch thread: RustNotify's batches, data files only, handed to the loop (never
         waiting for it, so the thread always ends within a step of its stop)."""
-        noise = 0  # batches in a row without a data file in them
+        noise = 0  # batches in a row of the daemon's own writes only
         try:
             while True:
                 busy = noise >= BUSY_AFTER

@@ -274,8 +274,11 @@ class ClusterEngine:
                 await task
         self._tasks.clear()
         if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+            # Not while a stream message is being applied: closing the connection cancels
+            # the subscription's task that applies it.
+            async with self._apply_lock:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
         self._state = "closed"
         self._reason = "closed"
         self._fail_waiters(Unavailable("the cluster engine is closed"))
@@ -771,20 +774,24 @@ class ClusterEngine:
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
         last_seen = loop.time()
+        busy = False  # a message is being handled: its time is not silence
         stopping = False
         handled = 0
 
         async def on_msg(msg: Msg) -> None:
-            nonlocal last_seen, handled
+            nonlocal last_seen, handled, busy
             if stopping or failed.done():
                 return  # a new consumer delivers it again, from the applied seq on
-            last_seen = loop.time()
+            busy = True
             try:
                 await self._handle(msg)
             except Exception as exc:
                 if not failed.done():
                     failed.set_exception(exc)
                 return
+            finally:
+                busy = False
+                last_seen = loop.time()
             handled += 1
             if handled % YIELD_EVERY == 0:
                 # A catch-up applies thousands of queued messages, none of which need wait
@@ -812,7 +819,8 @@ class ClusterEngine:
             last_seen = loop.time()
             consumer = (await js.add_consumer(self.stream, config)).name
             while not self._closing:
-                left = last_seen + 3 * self._heartbeat_s - loop.time()
+                window = 3 * self._heartbeat_s
+                left = window if busy else last_seen + window - loop.time()
                 if left <= 0:
                     raise _Restart("no message or heartbeat from the consumer")
                 done, _ = await asyncio.wait([failed], timeout=left)
@@ -820,13 +828,16 @@ class ClusterEngine:
                     failed.result()  # the error a message raised
         finally:
             stopping = True
-            if failed.done():
-                failed.exception()  # raised above, or beside the point now (closing)
             # A message being applied is finished first: cancelling it halfway would leave
             # the journal and memory apart.
             async with self._apply_lock:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            error = failed.exception() if failed.done() else None
+            if error is not None and not self._closing:
+                # Raised above, or by the message that was being applied when this consumer
+                # was given up (a restart): that error must not be lost.
+                raise error from None
             if consumer is not None and nc.is_connected and not self._closing:
                 # Best effort, in the background (the server drops it unused anyway).
                 task = asyncio.create_task(self._delete_consumer(consumer))
