@@ -833,16 +833,16 @@ class ClusterEngine:
             async with self._apply_lock:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            error = failed.exception() if failed.done() else None
-            if error is not None and not self._closing:
-                # Raised above, or by the message that was being applied when this consumer
-                # was given up (a restart): that error must not be lost.
-                raise error from None
             if consumer is not None and nc.is_connected and not self._closing:
                 # Best effort, in the background (the server drops it unused anyway).
                 task = asyncio.create_task(self._delete_consumer(consumer))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)
+            error = failed.exception() if failed.done() else None
+            if error is not None and not self._closing:
+                # Raised above, or by the message that was being applied when this consumer
+                # was given up (a restart): that error must not be lost.
+                raise error from None
 
     async def _delete_consumer(self, name: str) -> None:
         if self._js is not None:
