@@ -190,6 +190,95 @@ async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts
     assert f"cluster      {hosts.name} as h3: connected, applied seq 2 of 2 (lag 0)" in r.stdout
 
 
+# --- founding and joining --------------------------------------------------------------------
+
+
+async def test_the_first_host_brings_its_data_and_empty_hosts_join_it(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A single host made the first of a cluster keeps its data, and hosts started on empty
+    data dirs get all of it (connections, documents, the sync log) before READY, not only
+    what changes after they joined."""
+    h = Hosts(nats, tmp_path)
+    with Daemon(h.daemons[0].data_dir) as alone:  # host 1 on its own first
+        async with bus(alone) as w:
+            for cid in ("c1", "c2"):
+                await w.ok("connections.create", connection=connection(id=cid, name=cid))
+            settings = await w.ok("documents.get", name="settings")
+            await w.ok("documents.set", name="settings", content={**settings, "stale_after_s": 61})
+    try:
+        h.start()  # host 1 first: it founds the cluster
+        a, b, c = h.daemons
+        log = read(a, SYNC_LOG)
+        assert [e["id"] for e in log] == [1, 2, 3]
+        for d in h.daemons:
+            assert [r["id"] for r in d.http("/api/settings/connections")[1]] == ["c1", "c2"]
+            assert shared_documents(d)["stale_after_s"] == 61
+            assert read(d, SYNC_LOG) == log
+        founded = [e for e in a.log_events() if e.get("event") == "cluster.founded"]
+        assert len(founded) == 1 and founded[0]["connections"] == 2, founded
+        for d in (b, c):
+            assert [e for e in d.log_events() if e.get("event") == "cluster.joined"]
+        async with bus(b) as wb:
+            await wb.ok("connections.update", connection_id="c2", changes={"name": "from h2"})
+        wait_converged(h, 4, 20, "converged")
+        assert [r["name"] for r in read(c, CONNECTIONS)] == ["c1", "from h2"]
+
+        # The founding state deleted by hand: a host joining now cannot get the cluster's
+        # start, and says so instead of going on without it.
+        name = founded[0]["name"]
+        nc = await nats_client.connect(nats.urls)
+        try:
+            await (await nc.jetstream().object_store(f"ctsd_{h.name}_snapshots")).delete(name)
+        finally:
+            await nc.close()
+        data_dir = tmp_path / "host4"
+        write_settings(data_dir, {})
+        with Daemon(data_dir, env={**a.extra_env, "CTSD_HOST_ID": "h4"}) as d:
+            cluster = d.http("/health")[1]["checks"]["cluster"]
+            assert cluster["state"] == "stalled" and cluster["stalled"] == "bad_message", cluster
+            assert name in cluster["reason"] and "seq 1" in cluster["reason"], cluster
+            assert read(d, CONNECTIONS) == []
+    finally:
+        h.close()
+
+
+async def test_a_host_with_data_of_its_own_does_not_join_a_running_cluster(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """A fourth host whose data dir holds connections the cluster never had: its start fails
+    saying so, and its files stay as they were (neither forked nor lost). Started again on an
+    empty data dir, it joins and holds the cluster's data."""
+    a = hosts.daemons[0]
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(id="c1"))
+    data_dir = tmp_path / "host4"
+    write_settings(data_dir, {"cluster": {"publish_timeout_s": 5.0}})
+    rows = [connection(id="mine", name="only on host 4")]
+    (data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    (data_dir / CONNECTIONS).chmod(0o600)
+    env = {**a.extra_env, "CTSD_HOST_ID": "h4"}
+    d = Daemon(data_dir, env=env)
+    try:
+        before = {p.name: p.read_bytes() for p in data_dir.glob("*.json")}
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(timeout=60) == 1, d.stdout()[-2000:]
+        err = d.stderr().strip().splitlines()[-1]
+        assert "holds 1 connection(s) of its own" in err and hosts.name in err, err
+        assert "move" in err and str(data_dir) in err, err
+        # (the files it lacked were made with their defaults, as on any start)
+        assert {p: data_dir.joinpath(p).read_bytes() for p in before} == before
+        assert read(d, SYNC_LOG) == []
+        aside = tmp_path / "host4.aside"
+        data_dir.rename(aside)
+        write_settings(data_dir, {"cluster": {"publish_timeout_s": 5.0}})
+        d.start(timeout=60)
+        assert [r["id"] for r in d.http("/api/settings/connections")[1]] == ["c1"]
+        assert json.loads((aside / CONNECTIONS).read_text()) == rows
+    finally:
+        d.close()
+
+
 async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
     """Every host writes the same records at once: each write is acknowledged or answered
     `conflict`; afterwards every host holds the same files and every subscriber saw the same
@@ -251,6 +340,8 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     seen = len(c.notify.poll())
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
+    # systemd's start timeout is extended for the catch-up (60 s here, 15 s to spare)
+    assert "EXTEND_TIMEOUT_USEC=75000000" in c.notify.poll()[seen:]
     # READY means caught up: no polling here
     status, body = c.http("/health")
     assert body["revision"] == 21, (body, read(c, SYNC_LOG)[-2:])
@@ -393,6 +484,25 @@ async def test_a_message_that_does_not_decode_is_never_applied(
         assert [r["id"] for r in rows] == ["c1"]
     assert [shared_files(d) for d in hosts.daemons] == before
     assert all(d.proc is not None and d.proc.poll() is None for d in hosts.daemons)
+
+    # The cure the docs give for a message no host can apply: delete it, restart the hosts.
+    # It was the stream's last message: the stream still counts it, nothing delivers it.
+    nc = await nats_client.connect(nats.urls)
+    try:
+        await nc.jetstream().delete_msg(f"CTSD_{hosts.name}", 2)
+    finally:
+        await nc.close()
+    for d in hosts.daemons:
+        d.stop()
+        seen = len(d.notify.poll())
+        d.start(wait=False)
+        d.notify.wait_for("READY=1", timeout=60, after=seen)
+        cluster = d.http("/health")[1]["checks"]["cluster"]
+        assert cluster["state"] == "connected" and cluster["applied_seq"] == 2, cluster
+    async with bus(b) as wb:
+        await wb.ok("connections.update", connection_id="c1", changes={"name": "after"})
+    wait_converged(hosts, 2, 20, what="converged after the delete")
+    assert read(a, CONNECTIONS)[0]["name"] == "after"
 
 
 async def test_kill_9_during_a_storm_loses_no_acknowledged_change(hosts: Hosts) -> None:
@@ -661,7 +771,7 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
     fails with a message naming it, and no data file is touched."""
     h = short_stream
     c = h.daemons[2]
-    final = await fall_behind(h)
+    await fall_behind(h)
     before = data_files(c)
     bucket = f"ctsd_{h.name}_snapshots"
     for headers, data, says in (
@@ -671,8 +781,11 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
     ):
         nc = await nats_client.connect(nats.urls)
         try:
-            store = await nc.jetstream().object_store(bucket)
-            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(final), **headers}
+            js = nc.jetstream()
+            store = await js.object_store(bucket)
+            # at the stream's last seq: no newer one a host could put replaces it
+            last = (await js.stream_info(f"CTSD_{h.name}")).state.last_seq
+            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(last), **headers}
             await store.put("latest", data, meta=ObjectMeta(name="latest", headers=tags))
         finally:
             await nc.close()

@@ -277,7 +277,7 @@ async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: N
     ("headers", "expect"),
     [
         ({H_CLUSTER: "other", H_SCHEMA: SCHEMA_VERSION}, "belongs to cluster 'other'"),
-        ({H_SCHEMA: "3"}, "schema version '3'; this ctsd applies versions 1, 2 only"),
+        ({H_SCHEMA: "4"}, "schema version '4'; this ctsd applies versions 1, 2, 3 only"),
         ({"Ctsd-Base": "7"}, "has Ctsd-Base '7': not a stream seq before its own"),
         ({"Ctsd-Base": "-1"}, "has Ctsd-Base '-1'"),
         ({"Ctsd-Base": "١"}, "has Ctsd-Base"),

@@ -44,8 +44,9 @@ from ctsd.watch import Watcher
 log = structlog.get_logger("ctsd.app")
 SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
 # Cluster mode: how long the start waits to apply what the stream holds before READY; past
-# it the daemon serves its files and refuses writes until it has caught up.
+# it the daemon serves its files and applies the rest in the background.
 CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
+CATCH_UP_MARGIN_S = 15.0  # the start's own work around the catch-up, for EXTEND_TIMEOUT_USEC
 
 
 class StartError(Exception):
@@ -152,14 +153,18 @@ async def _join_cluster(d: Daemon) -> None:
     host before READY (the store closes the engine at shutdown)."""
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
-    from ctsd.cluster.errors import ClusterError, NoSnapshot, SnapshotInvalid
+    from ctsd.cluster.errors import ClusterError, ForeignData, NoSnapshot, SnapshotInvalid
 
     assert d.cluster is not None
     store = d.svc.store
     engine = ClusterEngine(d.cluster)
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
-    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
+    # The catch-up may take longer than the unit's start timeout: systemd is told how long.
+    extend_us = int((_catch_up_s() + CATCH_UP_MARGIN_S) * 1_000_000)
+    d.notifier.send(
+        f"STATUS=catching up with cluster {d.cluster.name}", f"EXTEND_TIMEOUT_USEC={extend_us}"
+    )
     await engine.start()
     since = committer.subscribe()
     interval = d.notifier.watchdog_interval()
@@ -174,13 +179,14 @@ async def _join_cluster(d: Daemon) -> None:
             # in first (the checkpointer's rule), and that must go through the cluster.
             await store.start()
             await committer.take_in_edited()
-        except (SnapshotInvalid, NoSnapshot) as e:
+        except (SnapshotInvalid, NoSnapshot, ForeignData) as e:
             # Behind what the stream keeps, and no usable snapshot: serving would mean serving
-            # a state the cluster left long ago. Nothing of the snapshot was applied.
+            # a state the cluster left long ago. Nothing of the snapshot was applied. Or data
+            # of its own that the cluster does not have: serving it as the cluster's would lie.
             refused = f"cluster {d.cluster.name}: {e}"
         except ClusterError as e:
-            # Reads and subscriptions are served from the files; writes are refused until the
-            # engine has caught up (it keeps trying in the background).
+            # Reads and subscriptions are served from the files; writes are refused while the
+            # engine is out of reach or stalled (it keeps trying in the background).
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
             await store.start()
         tg.cancel_scope.cancel()
@@ -289,8 +295,7 @@ async def _reload(d: Daemon) -> None:
 
 
 def _loop_options() -> dict[str, Any]:
-    """The event loop: uvloop unless CTSD_EVENT_LOOP=asyncio (bench/store.py measures both:
-    uvloop acknowledges a change sooner and takes more of them per second)."""
+    """The event loop: uvloop unless CTSD_EVENT_LOOP=asyncio (bench/store.py measures both)."""
     choice = os.environ.get("CTSD_EVENT_LOOP", "uvloop")
     if choice not in ("asyncio", "uvloop"):
         raise StartError(f"CTSD_EVENT_LOOP={choice!r}: expected asyncio or uvloop")

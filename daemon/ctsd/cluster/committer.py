@@ -41,11 +41,15 @@ import structlog
 from ctsd.cluster import keyed, messages, shared
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
+    BadMessage,
     ClusterError,
     Conflict,
+    ForeignData,
+    FoundingUnavailable,
     InvalidChange,
     NoSnapshot,
     PublishRefused,
+    SnapshotInvalid,
     Stalled,
     StreamTrimmed,
     Unavailable,
@@ -67,6 +71,8 @@ LOCAL_SETTINGS_KEYS = ("server", "cluster")
 BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
 SNAPSHOT_RETRY_S = 5.0  # after a failed one
+FOUNDING_ATTEMPTS = 4  # reads of the founding state before the host stalls on it (retried)
+FOUNDING_RETRY_S = 0.5
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
@@ -103,6 +109,9 @@ class ClusterCommitter:
         self._snapshotted_seq = 0  # the seq of the last snapshot this host put (or found)
         self._snapshot_task: asyncio.Task[None] | None = None
         self._edited = list(edited)  # files edited while the daemon was down (`Store.set_back`)
+        # Has this host applied (or founded) the stream? Until then its first change must
+        # found the cluster, or its data meet the join check (`found`, `_check_join`).
+        self._joined = False
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -110,6 +119,7 @@ class ClusterCommitter:
         """Apply the stream from where this host's journal and files are; returns that seq."""
         seq = self.store.journal.last_seq
         self._installed_seq = self._snapshotted_seq = seq
+        self._joined = seq > 0
         self.engine.subscribe_from(seq, self._apply)
         self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
         return seq
@@ -121,10 +131,70 @@ class ClusterCommitter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            return await self.engine.catch_up(timeout=timeout)
+            seq = await self.engine.catch_up(timeout=timeout)
         except StreamTrimmed as trimmed:
             await self.start_from_snapshot(trimmed)
-        return await self.engine.catch_up(timeout=max(1.0, deadline - loop.time()))
+            seq = await self.engine.catch_up(timeout=max(1.0, deadline - loop.time()))
+        if not self._joined:
+            await self.found()
+            seq = await self.engine.catch_up(timeout=max(1.0, deadline - loop.time()))
+        return seq
+
+    async def found(self) -> None:
+        """Found the cluster, if its stream is empty, this host never applied it and holds
+        data (connections, a sync log, algorithms): its shared state goes to the snapshot
+        bucket, and the stream's first message names it (published with "expected last seq
+        0": of hosts founding at once, one wins). Every host that joins later installs that
+        state first (`_apply_founding`), so the data of the first host reaches every other.
+        An empty host founds nothing: its first change simply starts the stream. Returns
+        too when the stream has a history (founded, or another host got in first): the first
+        message this host applies decides whether it may join (`_check_join`). Called
+        before this host publishes anything. Raises Unavailable."""
+        if self._joined:
+            return
+        engine, store = self.engine, self.store
+        if await engine.stream_last_seq() > 0 or shared.holds_data(store.committed) is None:
+            return
+        local_id = engine.new_local_id()
+        name = f"{messages.FOUNDING_PREFIX}{self.host}-{local_id}"
+        async with self._install:  # the state as of now, which the founding message keeps
+            state = shared.capture(store.committed, engine.settings.name, 1)
+            own = _Own(Change(), [], store.context(), 0, None, store.committed.version)
+        await self.snapshots.put_founding(name, 1, await asyncio.to_thread(shared.encode, state))
+        msg_id = engine.msg_id(local_id)
+        self._own[msg_id] = own
+        try:
+            await engine.commit(
+                _encode(Change()),
+                0,
+                local_id,
+                functools.partial(self._apply_own, own),
+                timeout=engine.settings.publish_timeout_s,
+                founding=name,
+            )
+        except Conflict:
+            # Another host got in first (or this one did, its answer lost: the stream then
+            # names this very object, which must stay). This host joins: its first message
+            # applied decides.
+            with contextlib.suppress(Unavailable):  # unknown: the object is left
+                if await engine.founding_of_stream() != name:
+                    await self.snapshots.forget(name)
+            return
+        except Unavailable as e:
+            if not e.outcome_unknown:  # not in the stream: the next attempt stores its own
+                await self.snapshots.forget(name)
+            raise
+        except TimeoutError:
+            raise Unavailable("the founding message is in the stream but not applied yet") from None
+        finally:
+            del self._own[msg_id]
+        log.info(
+            "cluster.founded",
+            cluster=engine.settings.name,
+            name=name,
+            connections=len(state.connections),
+            revision=store.committed.revision,
+        )
 
     async def take_in_edited(self) -> None:
         """After the catch-up: the files edited while the daemon was stopped, taken in (a
@@ -215,8 +285,18 @@ class ClusterCommitter:
         for attempt in itertools.count(1):
             try:
                 engine.check_writable()
+                await self.found()  # the first change of a host that has not joined yet
+                if not self._joined and shared.holds_data(store.committed) is not None:
+                    # Not before the join check: its data may be what the cluster lacks.
+                    raise Unavailable(
+                        f"this host is joining cluster {engine.settings.name}: it takes "
+                        "writes once it has applied the cluster's history"
+                    )
             except Unavailable as e:
                 return failed(requests, unavailable(e)), None
+            except ClusterError as e:  # the founding message was refused, or not applied
+                why = Unavailable(f"founding cluster {engine.settings.name}: {e}")
+                return failed(requests, unavailable(why)), None
             expected = engine.applied_seq
             if first_revision is None:
                 first_revision = store.committed.revision
@@ -302,6 +382,7 @@ class ClusterCommitter:
         publish, or when the consumer delivers it): journalled with an fdatasync, since it is
         acknowledged from here."""
         store = self.store
+        self._joined = True
         async with self._install:
             c = store.committed
             if own.names is not None and not _still_applies(
@@ -326,6 +407,13 @@ class ClusterCommitter:
         if own is not None:
             await self._apply_own(own, msg.seq)
             return
+        if msg.founding is not None:  # (this host's own too, when it lost track of it)
+            await self._apply_founding(msg)
+            return
+        if not self._joined:
+            if not msg.own:
+                self._check_join()
+            self._joined = True
         try:
             change = _decode(msg.payload)
         except msgspec.MsgspecError as e:
@@ -362,6 +450,76 @@ class ClusterCommitter:
             self._installed_seq = msg.seq
         if change.events:
             self.store.publish(change.events)
+
+    def _check_join(self, founding: shared.SharedState | None = None, by: str = "") -> None:
+        """Before the first change of a stream this host never applied (nor founded): raise
+        ForeignData if the host holds data of its own that the stream does not have (the
+        same data as the `founding` state is no loss)."""
+        c = self.store.committed
+        held = shared.holds_data(c)
+        if held is None or keyed.held_seq(c.log) is not None:
+            return  # nothing, or the files hold the stream's changes (a journal moved aside)
+        if founding is not None and shared.same_data(c, founding):
+            return
+        cluster = self.engine.settings.name
+        raise ForeignData(
+            f"this data dir holds {held} of its own, but cluster {cluster!r} already has a "
+            f"history{f' (founded by host {by})' if by else ''} that this host never applied: "
+            "joining would fork or lose them. Join with an empty data dir (stop ctsd, move "
+            f"{self.store.data_dir} aside, start it again), then bring what the old one held "
+            "in through any host (`ctsd export` from it run alone, `ctsd import --merge`)"
+        )
+
+    async def _apply_founding(self, msg: messages.Change) -> None:
+        """The stream's first message, from the host that founded the cluster: its state is
+        installed here before anything else (nothing of this host's is lost: `_check_join`)."""
+        assert msg.founding is not None
+        held = keyed.held_seq(self.store.committed.log)
+        if held is not None and held >= msg.seq:  # its files are further on (a journal lost)
+            log.info("cluster.already_held", seq=msg.seq, revision=self.store.committed.revision)
+            self._joined = True
+            return
+        await self._install_founding(msg.founding, msg.host)
+
+    async def _retry_founding(self, stalled: FoundingUnavailable) -> None:
+        """The founding state read again: installed (applying goes on), or the verdict it
+        brings (data of this host's own, a founding state that is not valid) made the reason
+        this host stays stalled. Raises FoundingUnavailable (tried again later)."""
+        try:
+            await self._install_founding(stalled.name, stalled.host)
+        except ForeignData as e:
+            self.engine.stall(e)
+            return
+        except InvalidChange as e:
+            self.engine.stall(BadMessage(f"message seq 1 (from host {stalled.host}): {e}", seq=1))
+            return
+        self.engine.resume(from_seq=1)
+
+    async def _install_founding(self, name: str, host: str) -> None:
+        """Read the founding state `name` and install it at seq 1. Raises InvalidChange (it
+        is missing or does not validate), ForeignData, FoundingUnavailable (cannot be read
+        now: the snapshot loop tries again)."""
+        for attempt in itertools.count(1):
+            try:
+                snap = await self.snapshots.founding(name)
+                break
+            except SnapshotInvalid as e:
+                raise InvalidChange(str(e)) from None
+            except Unavailable as e:
+                if attempt >= FOUNDING_ATTEMPTS:
+                    raise FoundingUnavailable(
+                        f"the cluster's founding state {name} cannot be read now ({e}); "
+                        "trying again",
+                        name=name,
+                        host=host,
+                    ) from None
+                await asyncio.sleep(FOUNDING_RETRY_S)
+        if snap.seq != 1:
+            raise InvalidChange(f"{name} holds the state at seq {snap.seq}, not 1")
+        try:
+            await self.install_snapshot(snap, check_join=host)
+        except SnapshotInvalid as e:
+            raise InvalidChange(str(e)) from None
 
     def _held(self, committed: Committed, msg: messages.Change, change: Change) -> bool:
         """Do the data files hold this change already (a journal that lost its last records,
@@ -431,6 +589,8 @@ class ClusterCommitter:
         """The stream no longer holds what this host missed: install the newest snapshot and
         apply the stream from its seq on. Raises SnapshotInvalid, NoSnapshot (nothing of it
         applied) or Unavailable."""
+        if not self._joined:
+            self._check_join()
         snap = await self.snapshots.latest()
         bucket = f"the snapshot bucket {self.snapshots.bucket}"
         if snap is None:
@@ -447,15 +607,18 @@ class ClusterCommitter:
         await self.install_snapshot(snap)
         self.engine.resume(from_seq=snap.seq)
 
-    async def install_snapshot(self, snap: Snapshot) -> None:
+    async def install_snapshot(self, snap: Snapshot, check_join: str = "") -> None:
         """Replace this host's shared state with the snapshot's, checked whole first, as one
         change of the stream: journalled with the snapshot's seq, installed, files written by
-        the checkpointer, the sync log's new events published. Raises SnapshotInvalid."""
+        the checkpointer, the sync log's new events published. Raises SnapshotInvalid, or
+        ForeignData (`check_join`: the founding host, and this host has not joined)."""
         what = (
             f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
             f"{shared.shown(snap.host)})"
         )
         state = shared.decode(snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what)
+        if check_join and not self._joined:
+            self._check_join(state, check_join)
         store = self.store
         c = store.committed
         before = c.revision
@@ -467,8 +630,11 @@ class ClusterCommitter:
             c.record_revs.clear()
             c.load_log(list(c.log))
             self._installed_seq = self._snapshotted_seq = snap.seq
-        log.warning(
-            "cluster.snapshot_installed",
+            self._joined = True
+        # Joining a cluster is the normal start of a new host; installing a snapshot later
+        # means it fell behind what the stream keeps.
+        (log.info if check_join else log.warning)(
+            "cluster.joined" if check_join else "cluster.snapshot_installed",
             seq=snap.seq,
             host=snap.host,
             connections=len(state.connections),
@@ -504,9 +670,12 @@ class ClusterCommitter:
         while True:
             await asyncio.sleep(SNAPSHOT_POLL_S)
             try:
-                trimmed = self.engine.stalled_by
-                if isinstance(trimmed, StreamTrimmed):
-                    await self.start_from_snapshot(trimmed)
+                stalled = self.engine.stalled_by
+                if isinstance(stalled, StreamTrimmed):
+                    await self.start_from_snapshot(stalled)
+                    continue
+                if isinstance(stalled, FoundingUnavailable):
+                    await self._retry_founding(stalled)
                     continue
                 news = self._installed_seq - self._snapshotted_seq
                 if news <= 0 or self.engine.state != "connected":

@@ -75,6 +75,11 @@ log = structlog.get_logger("ctsd.cluster")
 
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+# A retry whose first attempt the stream is still storing (nats-server 2.11 and later; from
+# 2.10.14 the answer is a duplicate ack with seq 0 instead): asked again shortly.
+DUPLICATE_IN_PROCESS = 10158
+IN_PROCESS_WAIT_S = 0.05
+MAX_GAP_LOOKED_AT = 1000  # messages missing from the delivery checked one by one
 SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
 # A stream leader whose replicas died still calls them `current` for about ten seconds (the
@@ -236,6 +241,12 @@ class ClusterEngine:
             level("cluster.state", state=state, reason=reason, cluster=self.settings.name)
         self._state = state
         self._reason = reason
+
+    def stall(self, exc: Stalled) -> None:
+        """Stop applying for `exc` (or say that it is why, when stalled for another reason
+        that turned out to be this one)."""
+        self._stalled = None
+        self._stall(exc)
 
     def _stall(self, exc: Stalled) -> None:
         if self._stalled is not None:
@@ -442,6 +453,28 @@ class ClusterEngine:
             raise Unavailable(self._reason or "not connected to the cluster")
         return self._js
 
+    async def founding_of_stream(self) -> str | None:
+        """The founding object the stream's first message names (None: it names none).
+        Raises Unavailable (also when the stream does not answer)."""
+        js = self.jetstream()
+        try:
+            msg = await js.get_msg(self.stream, seq=1)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"stream {self.stream} does not answer: {_describe(exc)}") from None
+        return (msg.headers or {}).get(messages.H_FOUNDING)
+
+    async def stream_last_seq(self) -> int:
+        """The seq of the stream's last message now (0: empty). Raises Unavailable."""
+        js = self.jetstream()
+        try:
+            info = await js.stream_info(self.stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"stream {self.stream} does not answer: {_describe(exc)}") from None
+        self._note_stream(info.state)
+        return info.state.last_seq
+
     def new_local_id(self) -> str:
         """A local id never used before by this host (random per start + counter)."""
         return f"{self._boot}-{next(self._local_ids)}"
@@ -468,6 +501,7 @@ class ClusterEngine:
         *,
         retry: bool = False,
         keyed: bool = False,
+        founding: str | None = None,
     ) -> int:
         """Append one change group to the stream; returns its stream seq.
 
@@ -476,8 +510,9 @@ class ClusterEngine:
         message then carries it for the hosts to check (`keyed` module). `local_id` must
         never repeat on this host for another group; publishing the same group again with
         the same id stores it once and returns its seq. Pass `retry=True` when this process
-        cannot know it was published before (a group kept across a restart). Raises
-        Conflict, Unavailable or PublishRefused.
+        cannot know it was published before (a group kept across a restart). `founding`: the
+        stream's first message (`messages.H_FOUNDING`). Raises Conflict, Unavailable or
+        PublishRefused.
         """
         self.check_writable()
         msg_id = self.msg_id(local_id)
@@ -488,6 +523,7 @@ class ClusterEngine:
             msg_id=msg_id,
             expected_seq=expected_seq,
             keyed=keyed,
+            founding=founding,
         )
         limit = self._max_payload - HEADER_ROOM
         if len(data) > limit:
@@ -522,7 +558,10 @@ class ClusterEngine:
                 except TimeoutError:
                     reason = self._reason or "not connected"
                     continue
-            self.check_writable()
+            try:
+                self.check_writable()
+            except Unavailable as exc:  # an earlier attempt may have been stored
+                raise Unavailable(str(exc), outcome_unknown=maybe_sent) from None
             assert self._js is not None
             try:
                 ack = await self._js.publish(
@@ -545,9 +584,9 @@ class ClusterEngine:
                     if last is not None:
                         self._stream_last = max(self._stream_last or 0, last)
                     raise Conflict(expected_seq, last) from None
-                if exc.code == 503 or exc.code is None:
+                if exc.code == 503 or exc.code is None or exc.err_code == DUPLICATE_IN_PROCESS:
                     reason = _describe(exc)
-                    await asyncio.sleep(min(0.05, remaining))
+                    await asyncio.sleep(min(IN_PROCESS_WAIT_S, remaining))
                     continue
                 raise PublishRefused(
                     f"the change stream refused the change: {exc.description}"
@@ -569,6 +608,10 @@ class ClusterEngine:
                 )
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
                 continue
+            if ack.duplicate and not ack.seq:  # the first attempt is still being stored
+                reason = "the stream is still storing an earlier attempt"
+                await asyncio.sleep(min(IN_PROCESS_WAIT_S, max(0.0, deadline - loop.time())))
+                continue
             if ack.stream != self.stream:
                 raise PublishRefused(f"the change went to stream {ack.stream}, not {self.stream}")
             self._stream_last = max(self._stream_last or 0, ack.seq)
@@ -586,6 +629,7 @@ class ClusterEngine:
         *,
         retry: bool = False,
         keyed: bool = False,
+        founding: str | None = None,
     ) -> int:
         """`publish`, then return once this host has applied the group; returns its seq.
 
@@ -597,7 +641,9 @@ class ClusterEngine:
         the group is in the stream but not applied here: the engine stalls (ApplyFailed) and
         it is raised.
         """
-        seq = await self.publish(payload, expected_seq, local_id, retry=retry, keyed=keyed)
+        seq = await self.publish(
+            payload, expected_seq, local_id, retry=retry, keyed=keyed, founding=founding
+        )
         if apply_own is not None:
             async with self._apply_lock:
                 if self._applied == seq - 1 and self._stalled is None:
@@ -861,6 +907,8 @@ class ClusterEngine:
                 await self._nc.publish(stalled_reply, b"")
             last = headers.get("Nats-Last-Stream")
             if last and last.isdigit() and int(last) > self._last_delivered:
+                if await self._deleted_up_to(int(last)):
+                    return
                 raise _Restart(
                     f"the consumer delivered seq {last}, this host saw {self._last_delivered}"
                 )
@@ -888,6 +936,8 @@ class ClusterEngine:
             assert self._apply is not None
             try:
                 await self._apply(change)
+            except Stalled:
+                raise  # the callback's own verdict (a host that may not join, say)
             except InvalidChange as exc:
                 raise BadMessage(
                     f"message seq {seq} ({change.msg_id}, from host {change.host}) is not a "
@@ -906,6 +956,36 @@ class ClusterEngine:
         self._applied = seq
         self._wake_waiters()
 
+    async def _deleted_up_to(self, last: int) -> bool:
+        """Were the messages after the last one delivered, up to `last`, deleted (by hand: a
+        message no host could apply)? Then they are skipped: the stream still counts them
+        in its last seq, and the consumer has nothing to deliver."""
+        assert self._js is not None
+        first = self._last_delivered + 1
+        if last - first >= MAX_GAP_LOOKED_AT:
+            return False
+        info = await self._js.stream_info(self.stream)
+        if info.state.first_seq > first:
+            return False  # trimmed, not deleted: the restart finds out (a snapshot)
+        for s in range(first, last + 1):
+            try:
+                await self._js.get_msg(self.stream, seq=s)
+            except nats.js.errors.NotFoundError:
+                continue
+            return False  # there after all: not delivered yet, or lost (restart)
+        async with self._apply_lock:
+            if self._applied != first - 1 or self._last_delivered >= first:
+                return False
+            log.warning(
+                "cluster.deleted_messages_skipped",
+                first=first,
+                last=last,
+                reason="deleted from the stream by hand",
+            )
+            self._last_delivered = last
+            self._mark_applied(last)
+        return True
+
     async def _explain_gap(self, seq: int) -> None:
         """Messages between the applied seq and `seq` did not arrive: trimmed, deleted or lost?"""
         assert self._js is not None
@@ -914,7 +994,7 @@ class ClusterEngine:
         if info.state.first_seq > self._applied + 1:
             raise StreamTrimmed(self._applied, info.state.first_seq)
         missing = range(self._applied + 1, seq)
-        if len(missing) > 1000:
+        if len(missing) > MAX_GAP_LOOKED_AT:
             raise _Restart(f"{len(missing)} messages before seq {seq} did not arrive")
         for s in missing:
             try:

@@ -67,6 +67,26 @@ class StreamMismatch(Stalled):
     kind = "stream_mismatch"
 
 
+class ForeignData(Stalled):
+    """A host that never applied the cluster's stream holds data of its own (connections, a
+    sync log, algorithms) that is not in it: applying the stream over it would fork the
+    hosts, installing the cluster's state would lose it."""
+
+    kind = "foreign_data"
+
+
+class FoundingUnavailable(Stalled):
+    """The founding state the stream's first message names could not be read (yet): tried
+    again now and then (`ClusterCommitter._snapshot_loop`)."""
+
+    kind = "founding_unavailable"
+
+    def __init__(self, message: str, *, name: str, host: str) -> None:
+        super().__init__(message, seq=1)
+        self.name = name
+        self.host = host
+
+
 class BadMessage(Stalled):
     """A message that is not a valid change of this cluster and schema; never applied."""
 

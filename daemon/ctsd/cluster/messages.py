@@ -8,8 +8,13 @@ detection; a keyed group
 the whole-stream check (`Nats-Expected-Last-Sequence`). A message that fails the check is
 never applied (`BadMessage` names it).
 
-Schema 2 added keyed groups. Messages of schema 1 (all checked on the whole stream) are still
-applied; a ctsd that reads schema 1 only refuses schema 2 messages, so upgrade every host.
+The stream's first message founds the cluster (`Ctsd-Founding`): it names the object in the
+snapshot bucket that holds the founding host's shared state, which every other host installs
+before it applies anything else (`ClusterCommitter.found`).
+
+Schema 2 added keyed groups, schema 3 the founding message (only it is tagged 3, so a
+cluster founded before goes on with hosts not yet upgraded). Messages of older schemas are
+still applied; a ctsd that reads older schemas only refuses newer messages.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from datetime import datetime
 from ctsd.cluster.errors import BadMessage
 
 SCHEMA_VERSION = "2"
-SCHEMAS_READ = ("1", "2")
+FOUNDING_SCHEMA = "3"  # the founding message only: older hosts apply every other message
+SCHEMAS_READ = ("1", "2", "3")
 H_CLUSTER = "Ctsd-Cluster"
 H_SCHEMA = "Ctsd-Schema"
 H_HOST = "Ctsd-Host"
@@ -30,6 +36,8 @@ H_ENCODING = "Ctsd-Encoding"
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 H_BASE = "Ctsd-Base"
+H_FOUNDING = "Ctsd-Founding"
+FOUNDING_PREFIX = "founding-"
 ENCODING_ZLIB = "zlib"
 # Groups above this are sent compressed (level 1: quick). Nearly all are: a group of a few
 # connection updates is JSON of some KiB, which every NATS node stores and replicates and
@@ -50,10 +58,18 @@ class Change:
     published_at: datetime
     own: bool  # published by this host
     base: int | None = None  # a keyed group: the stream seq it was computed at
+    founding: str | None = None  # the founding message: its state's object in the bucket
 
 
 def encode(
-    payload: bytes, *, cluster: str, host: str, msg_id: str, expected_seq: int, keyed: bool = False
+    payload: bytes,
+    *,
+    cluster: str,
+    host: str,
+    msg_id: str,
+    expected_seq: int,
+    keyed: bool = False,
+    founding: str | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The message data and headers for one change group computed at stream seq
     `expected_seq`; `keyed`: checked by the hosts, not by the stream (`keyed` module)."""
@@ -64,6 +80,9 @@ def encode(
         H_MSG_ID: msg_id,
         H_BASE if keyed else H_EXPECTED_LAST_SEQ: str(expected_seq),
     }
+    if founding is not None:
+        headers[H_FOUNDING] = founding
+        headers[H_SCHEMA] = FOUNDING_SCHEMA
     if len(payload) > COMPRESS_ABOVE:
         packed = zlib.compress(payload, 1)
         if len(packed) < len(payload):  # not for bytes that do not shrink
@@ -114,6 +133,13 @@ def decode(
                 "not applied",
                 seq=seq,
             )
+    founding = headers.get(H_FOUNDING)
+    if founding is not None and not (seq == 1 and base is None and is_founding_name(founding)):
+        raise BadMessage(
+            f"{what} has {H_FOUNDING} {_short(founding)}: only the stream's first message founds "
+            "the cluster, naming a founding object; it was not applied",
+            seq=seq,
+        )
     payload = data
     encoding = headers.get(H_ENCODING)
     if encoding == ENCODING_ZLIB:
@@ -134,6 +160,17 @@ def decode(
         published_at=published_at,
         own=host == host_id,
         base=base,
+        founding=founding,
+    )
+
+
+def is_founding_name(name: str) -> bool:
+    """An object name a founding message may give (`founding-<host>-<local id>`)."""
+    return (
+        name.startswith(FOUNDING_PREFIX)
+        and len(name) <= 200
+        and name.isascii()
+        and all(ch.isalnum() or ch in "-_." for ch in name)
     )
 
 

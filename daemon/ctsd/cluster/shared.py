@@ -24,6 +24,7 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
 
 LOCAL_SETTINGS_KEYS = ("server", "cluster")  # each host's own; never in a snapshot
+ALGORITHMS_PREFIX = f"{files.ALGORITHMS_DIR}/"
 
 
 class SharedState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -114,6 +115,31 @@ def decode(data: bytes, *, cluster: str, seq: int, what: str) -> SharedState:
 def shown(value: str, limit: int = 80) -> str:
     """A value from a snapshot's tags as shown in a message (foreign input: cut when long)."""
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def holds_data(c: Committed) -> str | None:
+    """What of `c` joining a cluster would lose or fork (None: nothing): connections, sync-log
+    history, algorithms. Documents are not counted: a host joining takes the cluster's."""
+    held = [
+        f"{n} {what}"
+        for n, what in (
+            (len(c.connections), "connection(s)"),
+            (len(c.log), "sync-log event(s)"),
+            (len(c.algorithm_names()), "algorithm(s)"),
+        )
+        if n
+    ]
+    return ", ".join(held) or None
+
+
+def same_data(c: Committed, state: SharedState) -> bool:
+    """Does `c` hold the connections, sync log and algorithms of `state`?"""
+    algorithms = {k: v for k, v in state.documents.items() if k.startswith(ALGORITHMS_PREFIX)}
+    return (
+        list(c.connections.values()) == state.connections
+        and list(c.log) == state.log
+        and {k: v for k, v in c.documents.items() if k.startswith(ALGORITHMS_PREFIX)} == algorithms
+    )
 
 
 def replacement(c: Committed, state: SharedState) -> Change:
