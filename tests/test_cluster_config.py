@@ -89,6 +89,11 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": ["nats://a"]}, {}, "`$.cluster`"),
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 60}}, {}, "too short"),
         (
+            {"cluster": {"nats_urls": ["nats://a"], "name": "d", "publish_timeout_s": 13}},
+            {},
+            "publish_timeout_s",
+        ),
+        (
             {
                 "cluster": {
                     "nats_urls": ["nats://a"],

@@ -48,8 +48,9 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How long a write may wait for the engine (a leader election, a reconnect) before
     # it is answered `unavailable`. nats-server elects a new stream leader after 4-9 s
     # without one (its raft election timeout), again when the votes split: 10 s covers
-    # the usual election.
-    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    # the usual election. At most 12 s: a write may wait about twice this (publish, then
+    # another host's change to catch up with) and the CLI waits 30 s for its answer.
+    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=12)] = 10.0
     # How often a host puts a snapshot of the shared state in the snapshot bucket: after this
     # many stream messages (default: the lesser of 10,000 and a quarter of max_msgs, so one
     # is always there before the stream forgets), and after this many seconds with news.
