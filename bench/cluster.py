@@ -14,8 +14,8 @@ Floors (raw nats-py, no ctsd code):
                            a push consumer (ack none, flow control), sequential, p50/p99
   (c) acked publishes/s    64 concurrent publishers on one connection, for `--seconds`
 
-The engine (ctsd.cluster.engine.ClusterEngine, the store's future transport; payloads are
-opaque bytes of `--size`, no store code yet):
+The engine alone (ctsd.cluster.engine.ClusterEngine, the store's transport; here its
+payloads are opaque bytes of `--size` and no store code runs):
   (d) commit on host A     `ClusterEngine.commit`: publish with the expected sequence, then
                            apply the own group at once (`apply_own`) — and, second row,
                            without it: wait until host A's consumer delivers it back. What

@@ -1,8 +1,8 @@
 """A lean websocket client for load generation: request/reply over one connection.
 
 The benches share two cores with what they measure. The websockets library's client parses
-every frame through its general protocol machinery, so on these machines the load generator
-itself takes a fifth of a core at a few thousand replies a second, CPU the daemons then lack.
+every frame through its general protocol machinery, so the load generator itself takes a
+share of the cores that the daemons then lack (bench/cluster.py prints how much).
 This client does only what a request/reply load needs: the opening handshake, requests sent
 as text frames with a zero mask key (masking by zeros leaves the payload as it is; RFC 6455
 requires a mask, not a random one from a load generator), and unmasked server frames cut by
