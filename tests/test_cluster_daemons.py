@@ -279,6 +279,16 @@ async def test_a_host_with_data_of_its_own_does_not_join_a_running_cluster(
         d.close()
 
 
+async def test_an_online_rekey_on_a_cluster_host_is_refused(hosts: Hosts, tmp_path: Path) -> None:
+    """The other hosts would get values sealed under a key they do not hold: refused, saying
+    how to change the key of a cluster."""
+    a = hosts.daemons[0]
+    key = tmp_path / "new.key"
+    assert ctsd("secrets", "init", "--key-file", str(key), env=clean_env()).returncode == 0
+    r = cli(a, "secrets", "rekey", "--new-key", str(key), "--data-dir", str(a.data_dir))
+    assert r.returncode != 0 and "every host must hold the same secrets key" in r.stderr, r
+
+
 async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
     """Every host writes the same records at once: each write is acknowledged or answered
     `conflict`; afterwards every host holds the same files and every subscriber saw the same

@@ -21,6 +21,8 @@ log = structlog.get_logger("ctsd.store")
 
 
 class Committer(Protocol):
+    shared: bool  # do the changes reach other hosts (cluster mode)?
+
     async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
         """Each request's outcome, and the journal lsn the group got (None: nothing changed
         or nothing was made durable). Whole-group failures come back as every outcome's
@@ -58,6 +60,8 @@ def failed(requests: list[Request], err: CtsdError) -> list[Outcome]:
 
 class LocalCommitter:
     """One host: a group is durable once appended to the journal and fdatasync'ed."""
+
+    shared = False
 
     def __init__(self, store: Journalled) -> None:
         self.store = store

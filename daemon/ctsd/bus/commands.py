@@ -211,6 +211,15 @@ async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
     if not is_loopback(_session(c).addr):
         raise CtsdError("invalid", "secrets.rekey is taken only from a client on this host")
     store = c.svc.store
+    if store.committer.shared:
+        # The other hosts would get values sealed under a key they do not hold, and could
+        # not start on the files they hold with the new one.
+        raise CtsdError(
+            "invalid",
+            "in cluster mode every host must hold the same secrets key: stop every host, run "
+            "`ctsd secrets rekey --new-key FILE --data-dir DIR` on each with the same new key "
+            "file, configure it on each, then start them",
+        )
     try:
         new = parse_key(a.secrets_key.encode(), "the new key")
     except KeyFileError as e:

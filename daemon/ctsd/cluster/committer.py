@@ -93,6 +93,8 @@ class _Own:
 
 
 class ClusterCommitter:
+    shared = True
+
     def __init__(self, store: Store, engine: ClusterEngine, edited: Sequence[str] = ()) -> None:
         self.store = store
         self.engine = engine
