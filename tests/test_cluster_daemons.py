@@ -289,6 +289,33 @@ async def test_an_online_rekey_on_a_cluster_host_is_refused(hosts: Hosts, tmp_pa
     assert r.returncode != 0 and "every host must hold the same secrets key" in r.stderr, r
 
 
+async def test_a_host_with_another_secrets_key_stops_instead_of_storing_what_it_cannot_open(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Hosts 1 and 2 load one secrets key, host 3 another: a connection with a key made on
+    host 1 is never applied on host 3 (it could not decrypt it, and its next start would find
+    its file invalid); host 3 stops applying there and says why."""
+    keys = [tmp_path / "k1", tmp_path / "k2"]
+    for k in keys:
+        assert ctsd("secrets", "init", "--key-file", str(k), env=clean_env()).returncode == 0
+    h = Hosts(nats, tmp_path)
+    for d, k in zip(h.daemons, (keys[0], keys[0], keys[1]), strict=True):
+        d.extra_env["CTSD_SECRETS_KEY_FILE"] = str(k)
+    h.start()
+    try:
+        a, b, c = h.daemons
+        async with bus(a) as wa:
+            await wa.ok("connections.create", connection=connection(id="k1", api_key="AKIA1"))
+        wait_until(lambda: read(b, CONNECTIONS) == read(a, CONNECTIONS), 20, what="on host 2")
+        wait_until(lambda: c.http("/health")[1]["checks"]["cluster"]["state"] == "stalled", 20)
+        reason = c.http("/health")[1]["checks"]["cluster"]["reason"]
+        assert "connection 'k1': api_key is sealed under secrets key" in reason, reason
+        assert "every host of a cluster loads the same secrets key" in reason, reason
+        assert read(c, CONNECTIONS) == []
+    finally:
+        h.close()
+
+
 async def test_concurrent_writers_on_three_hosts_converge(hosts: Hosts) -> None:
     """Every host writes the same records at once: each write is acknowledged or answered
     `conflict`; afterwards every host holds the same files and every subscriber saw the same

@@ -421,6 +421,13 @@ class ClusterCommitter:
         except msgspec.MsgspecError as e:
             raise InvalidChange(f"the change does not decode: {e}") from None
         change = _validated(change)
+        problem = shared.foreign_secret(
+            self.store.box.key_ids,
+            (rc.value for rc in change.connections if rc.value is not None),
+            ((rc.key, rc.value) for rc in change.documents if rc.value is not None),
+        )
+        if problem is not None:
+            raise InvalidChange(f"{problem}: every host of a cluster loads the same secrets key")
         names = None
         if msg.base is not None:
             names = keyed.keys(change)
@@ -619,6 +626,14 @@ class ClusterCommitter:
             f"{shared.shown(snap.host)})"
         )
         state = shared.decode(snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what)
+        problem = shared.foreign_secret(
+            self.store.box.key_ids, state.connections, state.documents.items()
+        )
+        if problem is not None:
+            raise SnapshotInvalid(
+                f"{what} cannot be used here: {problem}: every host of a cluster loads the "
+                "same secrets key"
+            )
         if check_join and not self._joined:
             self._check_join(state, check_join)
         store = self.store

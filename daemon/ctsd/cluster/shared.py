@@ -12,6 +12,7 @@ replaced), which then takes the same way as any change from the stream.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -22,6 +23,8 @@ from ctsd.cluster.messages import inflate
 from ctsd.core import Change, Committed, RecordChange, algorithm_names
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
+from ctsd.secretbox import is_encrypted, stored_key_id
+from ctsd.secretfields import CONNECTION_SECRETS, secret_places
 
 LOCAL_SETTINGS_KEYS = ("server", "cluster")  # each host's own; never in a snapshot
 ALGORITHMS_PREFIX = f"{files.ALGORITHMS_DIR}/"
@@ -130,6 +133,43 @@ def holds_data(c: Committed) -> str | None:
         if n
     ]
     return ", ".join(held) or None
+
+
+def foreign_secret(
+    key_ids: tuple[str, ...],
+    connections: Iterable[Connection],
+    documents: Iterable[tuple[str, Any]],
+) -> str | None:
+    """The first stored secret this host could not open (sealed under a key it does not hold,
+    or plain text where it seals: another host with another key, or none), described; None
+    when every one fits. Every host of a cluster must hold the same key."""
+    held = ", ".join(key_ids) or "none (plain text)"
+
+    def misfit(value: object) -> str | None:
+        if not isinstance(value, str) or value == "":
+            return None
+        if is_encrypted(value):
+            kid = stored_key_id(value)
+            if kid in key_ids:
+                return None
+            return f"is sealed under secrets key {kid or '(unknown)'}; this host's key: {held}"
+        return None if not key_ids else f"is plain text; this host seals under key {held}"
+
+    for conn in connections:
+        for name in CONNECTION_SECRETS:
+            problem = misfit(getattr(conn, name))
+            if problem:
+                return f"connection {conn.id!r}: {name} {problem}"
+    for name, content in documents:
+        try:
+            file = files.document_file(name)
+        except KeyError:
+            continue
+        for place in secret_places(file, content):
+            problem = misfit(place.value)
+            if problem:
+                return f"{file}: {place.field} {problem}"
+    return None
 
 
 def same_data(c: Committed, state: SharedState) -> bool:
