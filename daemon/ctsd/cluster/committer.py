@@ -476,7 +476,8 @@ class ClusterCommitter:
             f"history{f' (founded by host {by})' if by else ''} that this host never applied: "
             "joining would fork or lose them. Join with an empty data dir (stop ctsd, move "
             f"{self.store.data_dir} aside, start it again), then bring what the old one held "
-            "in through any host (`ctsd export` from it run alone, `ctsd import --merge`)"
+            "in through any host (`ctsd export` from a daemon run on it without cluster "
+            "settings, then `ctsd import --merge`)"
         )
 
     async def _apply_founding(self, msg: messages.Change) -> None:
