@@ -6,12 +6,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import msgspec
 import pytest
 
 from ctsd import ops
-from ctsd.cluster import keyed
-from ctsd.core import Change, Committed, Context, Request, apply_group
-from ctsd.models import SyncEvent
+from ctsd.cluster import keyed, shared
+from ctsd.core import Change, Committed, Context, RecordChange, Request, apply_group
+from ctsd.models import Connection, SyncEvent
+from ctsd.secretbox import SecretBox, new_key_text, parse_key
+from ctsd.secretfields import seal_connection
+from tests.datadir import connection
 
 T = "2024-01-01T00:00:00.000Z"
 
@@ -160,3 +164,47 @@ def test_stamp_gives_revisions_in_stream_order_and_held_seq_reads_them_back() ->
         keyed.held_seq([SyncEvent(id=1, connection_id=None, action="reset", data={}, created_at=T)])
         is None
     )
+
+
+# --- secrets across hosts (`shared.foreign_secret`, `shared.same_data`) ----------------------
+
+
+def _box(name: str) -> SecretBox:
+    return SecretBox(parse_key(new_key_text(), name))
+
+
+def test_a_secret_sealed_under_another_hosts_key_is_named() -> None:
+    mine, theirs = _box("mine"), _box("theirs")
+    conn = msgspec.convert(connection("c1", api_key="AKIA1"), Connection)
+    foreign = seal_connection(theirs, conn)
+    problem = shared.foreign_secret(mine.key_ids, [RecordChange("c1", foreign)], [])
+    assert problem is not None and "connection 'c1': api_key is sealed under" in problem
+    assert theirs.key_ids[0] in problem and mine.key_ids[0] in problem
+    # what this host can open, plain text (sealed here), and a change that does not set the
+    # secret (a rename carries the whole record, but only `name` is applied) all pass
+    assert (
+        shared.foreign_secret(mine.key_ids, [RecordChange("c1", seal_connection(mine, conn))], [])
+        is None
+    )
+    assert shared.foreign_secret(mine.key_ids, [RecordChange("c1", conn)], []) is None
+    assert shared.foreign_secret(mine.key_ids, [RecordChange("c1", foreign, ["name"])], []) is None
+    assert shared.foreign_secret(mine.key_ids, [RecordChange("c1", None)], []) is None
+    # a host without a key cannot open a sealed value either
+    assert shared.foreign_secret((), [RecordChange("c1", foreign)], []) is not None
+
+
+def test_the_same_data_sealed_twice_is_the_same_data() -> None:
+    """A host that sealed the founding host's plain data with fresh nonces holds the same
+    data: the join check must not refuse it."""
+    box = _box("k")
+    conn = msgspec.convert(connection("c1", api_key="AKIA1"), Connection)
+    c = Committed()
+    c.connections = {"c1": seal_connection(box, conn)}
+    state = shared.SharedState(
+        cluster="x", seq=1, connections=[seal_connection(box, conn)], state=[], documents={}, log=[]
+    )
+    assert c.connections["c1"].api_key != state.connections[0].api_key  # fresh nonces
+    assert shared.same_data(c, state, box)
+    other = msgspec.structs.replace(conn, api_key="AKIA2")
+    state.connections = [seal_connection(box, other)]
+    assert not shared.same_data(c, state, box)

@@ -422,9 +422,7 @@ class ClusterCommitter:
             raise InvalidChange(f"the change does not decode: {e}") from None
         change = _validated(change)
         problem = shared.foreign_secret(
-            self.store.box.key_ids,
-            (rc.value for rc in change.connections if rc.value is not None),
-            ((rc.key, rc.value) for rc in change.documents if rc.value is not None),
+            self.store.box.key_ids, change.connections, change.documents
         )
         if problem is not None:
             raise InvalidChange(f"{problem}: every host of a cluster loads the same secrets key")
@@ -468,7 +466,7 @@ class ClusterCommitter:
         held = shared.holds_data(c)
         if held is None or keyed.held_seq(c.log) is not None:
             return  # nothing, or the files hold the stream's changes (a journal moved aside)
-        if founding is not None and shared.same_data(c, founding):
+        if founding is not None and shared.same_data(c, founding, self.store.box):
             return
         cluster = self.engine.settings.name
         raise ForeignData(
@@ -628,7 +626,9 @@ class ClusterCommitter:
         )
         state = shared.decode(snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what)
         problem = shared.foreign_secret(
-            self.store.box.key_ids, state.connections, state.documents.items()
+            self.store.box.key_ids,
+            [RecordChange(x.id, x) for x in state.connections],
+            [RecordChange(k, v) for k, v in state.documents.items()],
         )
         if problem is not None:
             raise SnapshotInvalid(

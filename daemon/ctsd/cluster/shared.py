@@ -23,8 +23,8 @@ from ctsd.cluster.messages import inflate
 from ctsd.core import Change, Committed, RecordChange, algorithm_names
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
-from ctsd.secretbox import is_encrypted, stored_key_id
-from ctsd.secretfields import CONNECTION_SECRETS, secret_places
+from ctsd.secretbox import SecretBox, SecretError, is_encrypted, stored_key_id
+from ctsd.secretfields import CONNECTION_SECRETS, open_connection, secret_places
 
 LOCAL_SETTINGS_KEYS = ("server", "cluster")  # each host's own; never in a snapshot
 ALGORITHMS_PREFIX = f"{files.ALGORITHMS_DIR}/"
@@ -137,49 +137,58 @@ def holds_data(c: Committed) -> str | None:
 
 def foreign_secret(
     key_ids: tuple[str, ...],
-    connections: Iterable[Connection],
-    documents: Iterable[tuple[str, Any]],
+    connections: Iterable[RecordChange],
+    documents: Iterable[RecordChange],
 ) -> str | None:
-    """The first stored secret this host could not open (sealed under a key it does not hold,
-    or plain text where it seals: another host with another key, or none), described; None
-    when every one fits. Every host of a cluster must hold the same key."""
+    """The first secret these changes would store that this host cannot open (sealed under a
+    key it does not hold: another host with another key), described; None when there is
+    none. Only what a change sets counts (a patched record's `fields`); plain text is sealed
+    here like any secret that comes in plain. Every host of a cluster holds the same key."""
     held = ", ".join(key_ids) or "none (plain text)"
 
     def misfit(value: object) -> str | None:
-        if not isinstance(value, str) or value == "":
+        if not is_encrypted(value):
             return None
-        if is_encrypted(value):
-            kid = stored_key_id(value)
-            if kid in key_ids:
-                return None
-            return f"is sealed under secrets key {kid or '(unknown)'}; this host's key: {held}"
-        return None if not key_ids else f"is plain text; this host seals under key {held}"
+        kid = stored_key_id(str(value))
+        if kid is not None and kid in key_ids:
+            return None
+        return f"is sealed under secrets key {kid or '(unknown)'}; this host's key: {held}"
 
-    for conn in connections:
+    for rc in connections:
+        if rc.value is None:
+            continue
         for name in CONNECTION_SECRETS:
-            problem = misfit(getattr(conn, name))
-            if problem:
-                return f"connection {conn.id!r}: {name} {problem}"
-    for name, content in documents:
+            if rc.fields is None or name in rc.fields:
+                problem = misfit(getattr(rc.value, name))
+                if problem:
+                    return f"connection {rc.key!r}: {name} {problem}"
+    for rc in documents:
         try:
-            file = files.document_file(name)
+            file = files.document_file(rc.key)
         except KeyError:
             continue
-        for place in secret_places(file, content):
-            problem = misfit(place.value)
-            if problem:
-                return f"{file}: {place.field} {problem}"
+        for place in secret_places(file, rc.value):
+            if rc.fields is None or (place.path and place.path[0] in rc.fields):
+                problem = misfit(place.value)
+                if problem:
+                    return f"{file}: {place.field} {problem}"
     return None
 
 
-def same_data(c: Committed, state: SharedState) -> bool:
-    """Does `c` hold the connections, sync log and algorithms of `state`?"""
+def same_data(c: Committed, state: SharedState, box: SecretBox) -> bool:
+    """Does `c` hold the connections, sync log and algorithms of `state`? Secrets compare
+    opened: the same value sealed twice reads differently (a fresh nonce each time)."""
     algorithms = {k: v for k, v in state.documents.items() if k.startswith(ALGORITHMS_PREFIX)}
-    return (
-        list(c.connections.values()) == state.connections
-        and list(c.log) == state.log
-        and {k: v for k, v in c.documents.items() if k.startswith(ALGORITHMS_PREFIX)} == algorithms
-    )
+    if list(c.log) != state.log or algorithms != {
+        k: v for k, v in c.documents.items() if k.startswith(ALGORITHMS_PREFIX)
+    }:
+        return False
+    try:
+        return [open_connection(box, x) for x in c.connections.values()] == [
+            open_connection(box, x) for x in state.connections
+        ]
+    except SecretError:
+        return False
 
 
 def replacement(c: Committed, state: SharedState) -> Change:
