@@ -186,6 +186,9 @@ class ClusterCommitter:
             if not e.outcome_unknown:  # not in the stream: the next attempt stores its own
                 await self.snapshots.forget(name)
             raise
+        except PublishRefused:
+            await self.snapshots.forget(name)
+            raise
         except TimeoutError:
             raise Unavailable("the founding message is in the stream but not applied yet") from None
         finally:
@@ -690,7 +693,10 @@ class ClusterCommitter:
             try:
                 stalled = self.engine.stalled_by
                 if isinstance(stalled, StreamTrimmed):
-                    await self.start_from_snapshot(stalled)
+                    try:
+                        await self.start_from_snapshot(stalled)
+                    except ForeignData as e:  # the verdict, not a failure to retry
+                        self.engine.stall(e)
                     continue
                 if isinstance(stalled, FoundingUnavailable):
                     await self._retry_founding(stalled)
