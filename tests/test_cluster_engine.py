@@ -285,6 +285,7 @@ async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: N
         ({"Ctsd-Encoding": "zlib"}, "does not inflate"),
         ({"Ctsd-Encoding": "zstd"}, "unknown encoding 'zstd'"),
         ({H_HOST: None}, "no Nats-Msg-Id or Ctsd-Host header"),
+        ({"Ctsd-Founding": "founding-x-1"}, "only the stream's first message founds"),
     ],
 )
 async def test_a_message_of_another_cluster_or_schema_is_refused(
