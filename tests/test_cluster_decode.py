@@ -1,0 +1,78 @@
+"""Another host's change as it comes from the stream: decoded and checked whole, into this
+host's record types, before any of it is applied."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from ctsd.cluster.committer import _decoded
+from ctsd.cluster.errors import InvalidChange
+from ctsd.core import Change, Committed, RecordChange, replayed
+from ctsd.models import Connection, ConnectionState, SyncEvent
+from tests.datadir import connection
+
+
+def _payload(change: Change) -> bytes:
+    return msgspec.json.encode(change)
+
+
+def test_records_come_typed_and_events_whole() -> None:
+    conn = msgspec.convert(connection(id="c1"), Connection)
+    state = msgspec.convert({"connection_id": "c1"}, ConnectionState)
+    event = SyncEvent(
+        id=3,
+        connection_id="c1",
+        action="update",
+        data={"a": 1},
+        created_at="2026-12-05T10:00:00.000Z",
+    )
+    sent = Change(
+        connections=[RecordChange("c1", conn, ["name"])],
+        state=[RecordChange("c1", state)],
+        documents=[RecordChange("settings", {"theme": "dark"}), RecordChange("gone")],
+        order=["c1"],
+        events=[event],
+    )
+    got = _decoded(_payload(sent))
+    assert got == sent
+    assert isinstance(got.connections[0].value, Connection)
+    assert isinstance(got.state[0].value, ConnectionState)
+
+
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (b'{"connections": [["c9", {"id": 5}]]}', "a record is not valid"),
+        (b'{"state": [["c9", {"connection_id": "c9", "is_active": "yes"}]]}', "not valid"),
+        (b'{"documents": [["settings", [1, 2]]]}', "a record is not valid"),
+        (b'{"connections": [["c9"]], "surprise": 1}', "not valid"),
+        (b'{"connections": ', "does not decode"),
+        (b"\xff\xfe", "does not decode"),
+        (b"[]", "not valid"),
+        (b'{"documents": [["d", {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]]}", "deeply"),
+    ],
+)
+def test_a_change_that_is_not_valid_names_why(payload: bytes, says: str) -> None:
+    with pytest.raises(InvalidChange, match=says):
+        _decoded(payload)
+
+
+def test_a_hand_edit_of_another_host_is_not_one_of_this_hosts_files() -> None:
+    """Replayed here after a crash (before this host wrote its files), another host's hand
+    deletion stays a deletion: it must not take the record back from this host's file, which
+    never saw that edit."""
+    sent = Change(connections=[RecordChange("c1", hand=True)])
+    got = _decoded(_payload(sent))
+    assert got.connections == [RecordChange("c1")]
+    on_disk = Committed()
+    on_disk.connections = {"c1": msgspec.convert(connection(id="c1"), Connection)}
+    assert replayed(got, on_disk, frozenset()).connections == [RecordChange("c1")]
+    # (As sent, the journal would have brought c1 back.)
+    assert replayed(sent, on_disk, frozenset()).connections[0].value is not None
+
+
+def test_the_stream_form_has_every_field_of_a_change() -> None:
+    from ctsd.cluster.committer import _TypedChange
+
+    assert _TypedChange.__struct_fields__ == Change.__struct_fields__
