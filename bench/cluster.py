@@ -33,9 +33,12 @@ payloads are opaque bytes of `--size` and no store code runs):
 
 The full ctsd path: three `ctsd serve` daemons (own data dirs and ports) in cluster mode on
 the same NATS cluster, clients on the bus:
+  (g) floor: relays        the same path through three bare relays instead (bench/relay.py:
+                           one process each, a websockets server and nats-py, no ctsd code):
+                           what Python on these libraries costs before ctsd does anything
   (g) ctsd A → B           `connections.update` sent to daemon A until the event reaches a
-                           subscriber on daemon B, sequential, p50/p99 and × floor (b)
-                           (targets: p99 ≤ 2 ms and ≤ 3 × floor (b))
+                           subscriber on daemon B, sequential, p50/p99, × floor (b) and
+                           × the relays (targets: p99 ≤ 2 ms and ≤ 3 × floor (b))
   (h) ctsd changes/s       64 bus clients spread over the 3 daemons, each updating its own
                            connection for `--seconds`: acknowledged changes/s (target
                            ≥ 5,000/s), and how many were answered `conflict`. Run twice:
@@ -55,6 +58,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +71,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
 import nats  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig  # noqa: E402
+from tests.daemon import free_port  # noqa: E402
 from tests.nats_cluster import NatsCluster  # noqa: E402
+from websockets.asyncio.client import ClientConnection  # noqa: E402
 
 from common import HEADERS, Call, auth_and, daemon, open_many, run_on  # noqa: E402
 from ctsd.cluster.config import ClusterSettings  # noqa: E402
@@ -77,7 +83,7 @@ from ctsd.cluster.messages import Change  # noqa: E402
 from leanws import LeanClient  # noqa: E402
 
 Row = tuple[str, str, str, str]
-FLOOR: dict[str, float] = {}  # floor (b), for the ratios of (g)
+FLOOR: dict[str, float] = {}  # floor (b) and the relays, for the ratios of (g)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -302,6 +308,7 @@ async def engine_rate(
 
 
 async def ctsd_path(cluster: NatsCluster, rounds: int, seconds: float, where: Path) -> list[Row]:
+    rows = await relay_floor(cluster, rounds)
     with contextlib.ExitStack() as stack:
         urls = [
             stack.enter_context(
@@ -316,7 +323,66 @@ async def ctsd_path(cluster: NatsCluster, rounds: int, seconds: float, where: Pa
             ).ws_url
             for i in range(3)
         ]
-        return await _latency(urls, rounds) + await _rate(urls, seconds)
+        return rows + await _latency(urls, rounds) + await _rate(urls, seconds)
+
+
+async def relay_floor(cluster: NatsCluster, rounds: int) -> list[Row]:
+    """(g)'s path through three bare relays (bench/relay.py) instead of three daemons."""
+    nc = await nats.connect(cluster.urls)
+    js = nc.jetstream(timeout=5)
+    await js.add_stream(StreamConfig(name="RELAY", subjects=["relay.>"], num_replicas=3))
+    ports = [free_port() for _ in range(3)]
+    relays = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "relay.py"),
+                ",".join(cluster.urls),
+                str(p),
+                "RELAY",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in ports
+    ]
+    try:
+        for r in relays:
+            assert r.stdout is not None and r.stdout.readline().strip() == "ready"
+        ws_a, ws_b = [(await open_many(f"ws://127.0.0.1:{p}", 1, None))[0] for p in ports[:2]]
+        await asyncio.gather(auth_and(ws_a, None), auth_and(ws_b, None))
+        await Call(ws_b)("subscribe")
+        out = await _a_to_b(Call(ws_a), ws_b, 1, rounds)
+        await asyncio.gather(ws_a.close(), ws_b.close())
+    finally:
+        for r in relays:
+            r.kill()
+            r.wait()
+        await js.delete_stream("RELAY")
+        await nc.close()
+    FLOOR["r50"], FLOOR["r99"] = pct(out, 0.5), pct(out, 0.99)
+    return [lat_row("(g) floor: bare relays A → B", out, "websockets + nats-py, no ctsd code")]
+
+
+async def _a_to_b(a: Call, ws_b: ClientConnection, first: int, rounds: int) -> list[float]:
+    """Sequential updates sent through `a` until each one's event (revision `first`, then one
+    more each round) reaches `ws_b`; the first 20 are warm-up."""
+
+    async def event_at_b(revision: int) -> float:
+        while True:
+            msg = json.loads(await ws_b.recv())
+            if msg.get("type") == "events" and any(e["id"] == revision for e in msg["events"]):
+                return time.perf_counter()
+
+    out = []
+    for k in range(rounds + 20):
+        t0 = time.perf_counter()
+        seen = asyncio.ensure_future(event_at_b(first + k))
+        await a("connections.update", connection_id="lat", changes={"user_id": k + 2})
+        t1 = await asyncio.wait_for(seen, 10)
+        if k >= 20:
+            out.append(t1 - t0)
+    return out
 
 
 async def _latency(urls: list[str], rounds: int) -> list[Row]:
@@ -331,27 +397,16 @@ async def _latency(urls: list[str], rounds: int) -> list[Row]:
     while (await b("ping"))["revision"] < start:
         await asyncio.sleep(0.01)
     await b("subscribe", connection_ids=["lat"])
-
-    async def event_at_b(revision: int) -> float:
-        while True:
-            msg = json.loads(await ws_b.recv())
-            if msg.get("type") == "events" and any(e["id"] == revision for e in msg["events"]):
-                return time.perf_counter()
-
-    out = []
-    for k in range(rounds + 20):
-        t0 = time.perf_counter()
-        seen = asyncio.ensure_future(event_at_b(start + 1 + k))
-        await a("connections.update", connection_id="lat", changes={"user_id": k + 2})
-        t1 = await asyncio.wait_for(seen, 10)
-        if k >= 20:
-            out.append(t1 - t0)
+    out = await _a_to_b(a, ws_b, start + 1, rounds)
     await asyncio.gather(ws_a.close(), ws_b.close())
     p50, p99 = pct(out, 0.5), pct(out, 0.99)
-    ratio = ""
-    if FLOOR:
-        ratio = f"{p50 / FLOOR['b50']:.2f}/{p99 / FLOOR['b99']:.2f} × floor (b) (p50/p99)"
-    return [lat_row("(g) ctsd update on A → subscriber on B", out, ratio)]
+    ratios = [
+        f"{p50 / FLOOR[f'{k}50']:.2f}/{p99 / FLOOR[f'{k}99']:.2f} × {name}"
+        for k, name in (("b", "floor (b)"), ("r", "relays"))
+        if f"{k}50" in FLOOR
+    ]
+    note = "; ".join(ratios) + " (p50/p99)" if ratios else ""
+    return [lat_row("(g) ctsd update on A → subscriber on B", out, note)]
 
 
 async def _rate(urls: list[str], seconds: float) -> list[Row]:
