@@ -25,6 +25,7 @@ from tests.datadir import connection
 from tests.nats_cluster import (  # the `nats` fixture
     NatsCluster,
     nats_module_cluster,  # noqa: F401
+    nats_servers,
     require_nats_server,
 )
 
@@ -390,10 +391,11 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     wait_until(lambda: converged(hosts, 21), 20, what="converged after the restart")
 
 
-@pytest.fixture
-def own_nats() -> Iterator[NatsCluster]:
-    """A NATS cluster of its own, for a test that stops nodes."""
-    with NatsCluster(3) as c:
+@pytest.fixture(params=nats_servers())
+def own_nats(request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
+    """A NATS cluster of its own, for a test that stops nodes (on each server release: how
+    the nodes fail over differs between them)."""
+    with NatsCluster(3, binary=request.param) as c:
         yield c
 
 
@@ -1136,11 +1138,11 @@ async def test_a_nats_node_killed_during_a_storm_loses_nothing(
         h.close()
 
 
-@pytest.fixture
-def apart_nats() -> Iterator[NatsCluster]:
+@pytest.fixture(params=nats_servers())
+def apart_nats(request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
     """A NATS cluster whose clients learn no other node's URL: a host given one node's URL
     is cut off when that node stops."""
-    with NatsCluster(3, no_advertise=True) as c:
+    with NatsCluster(3, no_advertise=True, binary=request.param) as c:
         yield c
 
 
