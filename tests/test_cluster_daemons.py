@@ -604,12 +604,16 @@ async def test_kill_9_during_a_storm_loses_no_acknowledged_change(hosts: Hosts) 
 
 async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None:
     """A host restarted without its journal applies the stream from its start: what its files
-    already hold is skipped, the rest applied; its sync log stays the same as the others'."""
+    already hold is skipped, the rest applied; its sync log stays the same as the others'.
+    Skipped too: a sync log edited by hand, which applied again would set the log back."""
     a, _, c = hosts.daemons
     async with bus(a) as wa:
         for i in range(5):
             await wa.ok("connections.create", connection=connection(name=f"n{i}", id=f"c{i}"))
     wait_until(lambda: converged(hosts, 5), 20, what="converged")
+    (a.data_dir / SYNC_LOG).write_text(json.dumps(read(a, SYNC_LOG)[2:], indent=2) + "\n")
+    wait_converged(hosts, 6, 20, what="the sync log edited by hand on host 1")
+    assert [e["id"] for e in read(c, SYNC_LOG)] == [3, 4, 5, 6]
     assert c.stop() == 0
     (c.data_dir / ".journal").rename(c.data_dir / "journal.aside")
     async with bus(a) as wa:
@@ -618,10 +622,29 @@ async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
     health = c.http("/health")[1]
-    assert health["revision"] == 6 and health["checks"]["cluster"]["ok"] is True, health
-    wait_until(lambda: converged(hosts, 6), 20, what="converged")
+    assert health["revision"] == 7 and health["checks"]["cluster"]["ok"] is True, health
+    wait_converged(hosts, 7, 20, what="converged")
     skipped = [e for e in c.log_events() if e.get("event") == "cluster.already_held"]
-    assert len(skipped) == 5, skipped
+    assert len(skipped) == 6, skipped
+    assert [e["id"] for e in read(c, SYNC_LOG)] == [3, 4, 5, 6, 7]
+
+
+async def test_a_reset_keeps_each_hosts_own_settings(hosts: Hosts) -> None:
+    """`server` and `cluster` in settings.json are each host's own: a reset (like a restore or
+    an import: the whole settings document replaced) on host 1 keeps them on every host, host
+    1 included (it would leave the cluster at its next start)."""
+    a, _, _ = hosts.daemons
+    before = [read(d, "settings.json") for d in hosts.daemons]
+    assert all("cluster" in s and "server" in s for s in before)
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(id="c1"))
+        await wa.ok("data.reset", confirm=True)
+    wait_converged(hosts, 2, 20, what="converged after the reset")
+    for d, was in zip(hosts.daemons, before, strict=True):
+        now = read(d, "settings.json")
+        assert {k: now.get(k) for k in ("server", "cluster")} == {
+            k: was[k] for k in ("server", "cluster")
+        }, d.data_dir
 
 
 async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(

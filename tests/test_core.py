@@ -825,3 +825,32 @@ def test_server_managed_fields_sent_by_a_client_are_ignored() -> None:
     # and server-managed fields of the state record are not the client's either
     (out,), _ = run(c, ops.update("conn_a", {"last_sync_at": T0}))
     assert out.error is not None and out.error.code == "invalid"
+
+
+def test_a_hosts_own_settings_keys_change_only_by_a_hand_edit_of_its_file() -> None:
+    """Cluster mode (`Context.own_settings`): a reset, an import or a set of the settings
+    document keeps this host's `server` and `cluster`; a hand edit of settings.json sets
+    them. On one host (no own keys) a reset empties them, as always."""
+    own = ("server", "cluster")
+    mine = {"server": {"port": 4000}, "cluster": {"name": "desk"}, "theme": "dark"}
+
+    def group(*reqs: Request, own_settings: tuple[str, ...] = own) -> Any:
+        c = Committed()
+        c.documents["settings"] = copy.deepcopy(mine)
+        outcomes, change = apply_group(c, list(reqs), Context(T1, own_settings=own_settings))
+        ok(outcomes)
+        c.apply(change)
+        return c.documents["settings"]
+
+    assert group(Request(ops.reset(), "bus")) == {k: mine[k] for k in own}
+    other = {"server": {"port": 1}, "cluster": {"name": "elsewhere"}, "theme": "light"}
+    assert group(Request(ops.set_document("settings", other), "http")) == {
+        **other,
+        **{k: mine[k] for k in own},
+    }
+    files_ = {"settings.json": other}
+    assert group(Request(ops.import_data({"files": files_}, "replace"), "bus"))["server"] == {
+        "port": 4000
+    }
+    assert group(Request(ops.set_document("settings", other), "file")) == other
+    assert group(Request(ops.reset(), "bus"), own_settings=()) == {}

@@ -252,6 +252,9 @@ class Context:
     heartbeats: Mapping[str, str] = field(default_factory=dict)  # held in memory (sweeps)
     # Puts secrets in their stored form (`sealer.Sealer`); None: stored as sent.
     sealer: Any = None
+    # Keys of settings.json that are this host's own (cluster mode): only a hand edit of its
+    # settings.json changes them; a reset, restore, import or set keeps them as they are.
+    own_settings: tuple[str, ...] = ()
 
 
 class Tx:

@@ -113,6 +113,7 @@ def delete_connection(tx: Tx, cid: str) -> None:
 
 def put_document(tx: Tx, name: str, content: dict[str, Any], path: str = "$") -> list[str]:
     """Put a document; returns the top-level keys that changed (emits nothing)."""
+    content = own_settings_kept(tx, name, content)
     old = tx.docs.get(name)
     if tx.ctx.sealer is not None:
         content, plain = tx.ctx.sealer.document(name, content, old, path)
@@ -123,6 +124,18 @@ def put_document(tx: Tx, name: str, content: dict[str, Any], path: str = "$") ->
         tx.docs.put(name, content)
         tx.set_fields("documents", name, keys if old is not None else None)
     return keys
+
+
+def own_settings_kept(tx: Tx, name: str, content: dict[str, Any]) -> dict[str, Any]:
+    """`content` with this host's own settings keys (`Context.own_settings`) as they are, unless
+    it is a hand edit of this host's settings.json."""
+    own = tx.ctx.own_settings
+    if name != "settings" or not own or tx.source == "file":
+        return content
+    old = tx.docs.get(name) or {}
+    kept = {k: v for k, v in content.items() if k not in own}
+    kept.update((k, old[k]) for k in own if k in old)
+    return kept
 
 
 def _check_settings(conn: Connection, path: str) -> None:
@@ -684,7 +697,7 @@ def reset() -> Op:
         for cid in list(tx.state.keys()):
             tx.state.delete(cid)
         for name in files.DOCUMENTS:
-            tx.docs.put(name, files.default_document(name))
+            tx.docs.put(name, own_settings_kept(tx, name, files.default_document(name)))
             tx.set_fields("documents", name, None)
         reset_files = [CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())]
         tx.touched.update(reset_files)  # each file is reset, whatever memory held

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import time
@@ -67,7 +68,6 @@ log = structlog.get_logger("ctsd.cluster")
 
 LOCAL_SOURCES = frozenset({"sweep"})  # heartbeats and the stale sweep stay on this host
 LOCAL_STATE_FIELDS = ("status", "last_heartbeat_at")
-LOCAL_SETTINGS_KEYS = ("server", "cluster")
 BACK_POLL_S = 0.5  # how often it looks whether the cluster takes writes again
 SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
 SNAPSHOT_RETRY_S = 5.0  # after a failed one
@@ -304,7 +304,7 @@ class ClusterCommitter:
             expected = engine.applied_seq
             if first_revision is None:
                 first_revision = store.committed.revision
-            ctx = store.context()
+            ctx = dataclasses.replace(store.context(), own_settings=shared.LOCAL_SETTINGS_KEYS)
             version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
             for i in guarded:
@@ -435,7 +435,7 @@ class ClusterCommitter:
             if not msg.own:  # under the lock: a sweep's change to this host's fields is kept
                 change = self._localized(change)
             committed = self.store.committed
-            if change.events and change.log is None and self._held(committed, msg, change):
+            if self._held(committed, msg, change):
                 return
             if (
                 names is not None
@@ -529,13 +529,15 @@ class ClusterCommitter:
 
     def _held(self, committed: Committed, msg: messages.Change, change: Change) -> bool:
         """Do the data files hold this change already (a journal that lost its last records,
-        or was moved aside)? Applying it again would fork the sync log."""
+        or was moved aside)? Applying it again would fork the sync log, or set it back (a sync
+        log edited by hand). The sync log is written last of a round's files, so the files
+        hold every change up to the newest one it has events of."""
         held = keyed.held_seq(committed.log)
         if held is not None and msg.seq <= held:
             log.info("cluster.already_held", seq=msg.seq, revision=committed.revision)
             return True
-        if msg.base is not None:
-            return False  # its revisions are given here
+        if not change.events or change.log is not None or msg.base is not None:
+            return False  # no events, or their revisions are given here
         # Computed on the state right before it (the whole-stream check): its revisions are
         # the ones it gets here, unless the sync logs differ.
         first, last = change.events[0].id, change.events[-1].id
@@ -581,11 +583,11 @@ class ClusterCommitter:
                 documents.append(rc)
                 continue
             mine = c.documents.get("settings") or {}
-            value = {k: v for k, v in rc.value.items() if k not in LOCAL_SETTINGS_KEYS}
-            value.update((k, mine[k]) for k in LOCAL_SETTINGS_KEYS if k in mine)
+            value = {k: v for k, v in rc.value.items() if k not in shared.LOCAL_SETTINGS_KEYS}
+            value.update((k, mine[k]) for k in shared.LOCAL_SETTINGS_KEYS if k in mine)
             fields = rc.fields
             if fields is not None:
-                fields = [k for k in fields if k not in LOCAL_SETTINGS_KEYS]
+                fields = [k for k in fields if k not in shared.LOCAL_SETTINGS_KEYS]
             documents.append(RecordChange(rc.key, value, fields))
         return msgspec.structs.replace(change, state=state, documents=documents)
 
