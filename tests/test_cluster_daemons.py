@@ -629,6 +629,24 @@ async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None
     assert [e["id"] for e in read(c, SYNC_LOG)] == [3, 4, 5, 6, 7]
 
 
+async def test_a_connection_gone_stale_on_one_host_changes_only_its_local_fields(
+    hosts: Hosts,
+) -> None:
+    """The stale sweep is local (each host judges the bots that heartbeat it): it moves
+    `status` (and the flushed heartbeat) alone; the shared fields (`updated_at`,
+    `last_sync_at`) stay as every host has them."""
+    a, _, _ = hosts.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(id="c1", is_active=True))
+        settings = await wa.ok("documents.get", name="settings")
+        fast = {"sweep_interval_s": 0.1, "heartbeat_flush_s": 0.2, "stale_after_s": 0.5}
+        await wa.ok("documents.set", name="settings", content={**settings, **fast})
+        wait_converged(hosts, 2, 20, what="converged")
+        await wa.ok("connections.heartbeat", connection_id="c1")
+    wait_until(lambda: read(a, STATE)[0]["status"] == "stale", 10, what="stale on host 1")
+    wait_converged(hosts, 2, 10, what="the shared fields of c1's state")
+
+
 async def test_a_reset_keeps_each_hosts_own_settings(hosts: Hosts) -> None:
     """`server` and `cluster` in settings.json are each host's own: a reset (like a restore or
     an import: the whole settings document replaced) on host 1 keeps them on every host, host

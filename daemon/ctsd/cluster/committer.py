@@ -260,10 +260,13 @@ class ClusterCommitter:
             ctx = store.context()
             version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
-            # This host's own: no sync-log event (the log and its revisions are shared).
+            # This host's own: no sync-log event (the log and its revisions are shared), and
+            # of a state record only its own fields (not the shared `updated_at` and
+            # `last_sync_at` that moved with them).
             change.events = []
             for out in outcomes:
                 out.events = []
+            change.state = [_local_part(rc, store.committed) for rc in change.state]
             if change.empty:
                 return outcomes, None
             try:
@@ -740,6 +743,15 @@ def unavailable(e: Unavailable) -> CtsdError:
         else ""
     )
     return CtsdError("unavailable", f"the cluster cannot take changes now: {e.reason}{note}")
+
+
+def _local_part(rc: RecordChange, c: Committed) -> RecordChange:
+    """A sweep's change of a state record, cut to the fields that are this host's own."""
+    current = c.state.get(rc.key)
+    if rc.value is None or current is None:
+        return rc
+    own = {f: getattr(rc.value, f) for f in LOCAL_STATE_FIELDS}
+    return RecordChange(rc.key, msgspec.structs.replace(current, **own), list(LOCAL_STATE_FIELDS))
 
 
 def _still_applies(
