@@ -30,7 +30,7 @@ from ctsd.core import (
     replayed,
 )
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
-from ctsd.models import Connection, ConnectionState, TestResult
+from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
 from ctsd.redact import MASK
 
 T0 = "2024-01-01T00:00:00.000Z"
@@ -854,3 +854,28 @@ def test_a_hosts_own_settings_keys_change_only_by_a_hand_edit_of_its_file() -> N
     }
     assert group(Request(ops.set_document("settings", other), "file")) == other
     assert group(Request(ops.reset(), "bus"), own_settings=()) == {}
+
+
+def test_a_state_replaced_by_a_snapshot_compares_if_match_with_its_log() -> None:
+    """A host's own history (c1 changed at revision 1) replaced by a snapshot's, in which c1
+    changed at revision 90 and the log starts at 60: If-Match compares 90 for c1, and for a
+    record whose events the snapshot's log no longer has, the revision before its oldest.
+    The same when the replacement is replayed from the journal (`Committed.apply`)."""
+
+    def event(rev: int, cid: str) -> SyncEvent:
+        return SyncEvent(id=rev, connection_id=cid, action="update", data={}, created_at=T0)
+
+    c = seeded("c1", "c2")
+    assert (c.revision_of(record_key("c1")), c.revision_of(record_key("c2"))) == (1, 2)
+    snap_log = [event(60, "c9"), event(90, "c1")]
+    change = Change(log=snap_log, replaces=True)
+    decoded = msgspec.json.decode(msgspec.json.encode(change), type=Change)  # as journalled
+    assert decoded.replaces
+    c.apply(decoded)
+    assert c.revision == 90
+    assert c.revision_of(record_key("c1")) == 90
+    assert c.revision_of(record_key("c2")) == 59
+    # A sync log edited by hand is the same history: the revisions it no longer shows stay.
+    h = seeded("c1", "c2")
+    h.apply(Change(log=[event(2, "c2")]))
+    assert h.revision_of(record_key("c1")) == 1

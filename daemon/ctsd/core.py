@@ -55,6 +55,9 @@ class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     events: list[SyncEvent] = msgspec.field(default_factory=list)
     log: list[SyncEvent] | None = None  # the sync log as edited by hand (before `events`)
     touched: list[str] = msgspec.field(default_factory=list)  # files written even unchanged
+    # The whole state replaced by another history's (a cluster snapshot): what If-Match
+    # compares is what its `log` tells, no longer the revisions this host knew.
+    replaces: bool = False
 
     def files(self) -> set[str]:
         """The data files this change touches."""
@@ -167,6 +170,10 @@ class Committed:
             self.log = deque(change.log)
             if change.log:
                 self.revision = max(self.revision, change.log[-1].id)
+            if change.replaces:
+                self.record_revs.clear()
+                for e in change.log:
+                    self._note_revision(e)
         # An event the log holds already is skipped (a journal replayed onto files that have
         # it). Judged by the log, not the revision: a replayed edit of the history sets the
         # log back, and the events logged after that edit must go on top of it again.

@@ -647,9 +647,6 @@ class ClusterCommitter:
             change = self._localized(shared.replacement(c, state))
             lsn = await store.append(change, snap.seq)
             store.install(change, lsn)
-            # What If-Match compares: the revisions the new sync log tells.
-            c.record_revs.clear()
-            c.load_log(list(c.log))
             self._installed_seq = self._snapshotted_seq = snap.seq
             self._joined = True
         # Joining a cluster is the normal start of a new host; installing a snapshot later
@@ -801,6 +798,7 @@ class _TypedChange(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tru
     events: list[SyncEvent] = msgspec.field(default_factory=list)
     log: list[SyncEvent] | None = None
     touched: list[str] = msgspec.field(default_factory=list)
+    replaces: bool = False
 
 
 _decode_typed = msgspec.json.Decoder(_TypedChange).decode
@@ -830,4 +828,5 @@ def _decoded(payload: bytes) -> Change:
         events=t.events,
         log=t.log,
         touched=t.touched,
+        replaces=t.replaces,
     )

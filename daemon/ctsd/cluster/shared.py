@@ -207,4 +207,5 @@ def replacement(c: Committed, state: SharedState) -> Change:
         documents=documents,
         order=list(conns),
         log=list(state.log),
+        replaces=True,
     )
