@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -645,6 +646,49 @@ async def test_a_connection_gone_stale_on_one_host_changes_only_its_local_fields
         await wa.ok("connections.heartbeat", connection_id="c1")
     wait_until(lambda: read(a, STATE)[0]["status"] == "stale", 10, what="stale on host 1")
     wait_converged(hosts, 2, 10, what="the shared fields of c1's state")
+
+
+@pytest.fixture
+def small_nats() -> Iterator[NatsCluster]:
+    """NATS servers that take at most 64 KB in one message."""
+    with NatsCluster(3, max_payload=64 * 1024) as c:
+        yield c
+
+
+async def test_a_hand_edit_too_large_for_the_cluster_is_reported_and_left_as_it_is(
+    small_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A hand edit whose change is more than the NATS servers take in one message: never
+    taken in as it is, however often tried, so it is judged like an invalid edit (the file
+    left as the operator saved it, the reason named, no retry loop), and saved again in a
+    size the cluster takes, it goes through."""
+    h = Hosts(small_nats, tmp_path).start()
+    try:
+        a, b, _ = h.daemons
+        async with bus(a) as wa:
+            await wa.ok("connections.create", connection=connection(id="c1"))
+        wait_converged(h, 1, 20, what="converged")
+        rows = read(b, CONNECTIONS)
+        big = rows + [connection(f"n{i}", name=os.urandom(90).hex()) for i in range(1000)]
+        saved = json.dumps(big, indent=2) + "\n"
+        (b.data_dir / CONNECTIONS).write_text(saved)
+
+        def reported() -> bool:
+            return CONNECTIONS in json.dumps(b.http("/health")[1]["checks"]["files"])
+
+        wait_until(reported, 20, what="the too-large edit reported")
+        problem = json.dumps(b.http("/health")[1]["checks"]["files"])
+        assert "smaller steps" in problem and "max_payload" in problem, problem
+        assert (b.data_dir / CONNECTIONS).read_text() == saved
+        refused = [e for e in b.log_events() if e.get("event") == "file_invalid"]
+        assert len(refused) == 1, refused  # judged once, not retried in a loop
+        assert [r["id"] for r in read(a, CONNECTIONS)] == ["c1"]
+
+        (b.data_dir / CONNECTIONS).write_text(json.dumps(big[:20], indent=2) + "\n")
+        wait_converged(h, 2, 20, what="the smaller edit taken in everywhere")
+        assert len(read(a, CONNECTIONS)) == 20
+    finally:
+        h.close()
 
 
 async def test_a_reset_keeps_each_hosts_own_settings(hosts: Hosts) -> None:

@@ -305,11 +305,17 @@ class Intake:
         try:
             out, lsn = await store.submit_take_in(op)
         except CtsdError as e:
-            if e.code == "invalid":
+            if e.code in ("invalid", "too_large"):
+                # too_large: more than the cluster's stream takes in one message. Not taken in
+                # as it is, however often tried: judged like an invalid edit (left as it is,
+                # reported, tried again once the operator saves it again).
                 if report:
-                    problem = e.extra.get("problem") or FileProblem(
-                        file, 1, 1, e.path or "$", e.message
-                    )
+                    why = e.message
+                    if e.code == "too_large":
+                        why = (
+                            f"more than the cluster takes at once ({why}): save it in smaller steps"
+                        )
+                    problem = e.extra.get("problem") or FileProblem(file, 1, 1, e.path or "$", why)
                     self._mark_invalid(file, problem, stamp)
                 return False
             log.warning("ingest_failed", file=file, error=str(e))
