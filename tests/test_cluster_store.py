@@ -17,6 +17,7 @@ from ctsd.cluster.committer import ClusterCommitter
 from ctsd.cluster.config import ClusterSettings
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.messages import Change
+from ctsd.core import Request
 from ctsd.errors import CtsdError
 from ctsd.store import Store
 from tests.daemon import wait_until_async
@@ -179,3 +180,34 @@ async def test_a_host_whose_sync_log_differs_stops_instead_of_going_its_own_way(
         with pytest.raises(CtsdError) as refused:
             await y.store.submit(ops.update("c1", {"name": "from y"}), "bus")
         assert refused.value.code == "unavailable"
+
+
+@pytest.fixture(scope="module")
+def small_nats() -> Iterator[NatsCluster]:
+    """NATS servers that take at most 64 KB in one message."""
+    with NatsCluster(3, max_payload=64 * 1024) as c:
+        yield c
+
+
+async def test_a_request_too_large_for_one_message_fails_alone(
+    small_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A group more than the servers take in one message: its requests are committed one by
+    one, so the large one (an import) is refused `too_large` and the small one in the same
+    group goes through."""
+    settings = ClusterSettings(
+        nats_urls=tuple(small_nats.urls), name=f"s{os.getpid()}x{next(_names)}", host_id="x"
+    )
+    async with host(tmp_path / "x", settings) as x:
+        x.subscribe()
+        await x.engine.catch_up(timeout=20)
+        rows = [
+            {"id": f"n{i}", "name": os.urandom(90).hex(), "exchange": "bybit"} for i in range(1000)
+        ]
+        big = ops.import_data({"files": {"connections.json": rows}}, "merge")
+        small = ops.create({"id": "small", "name": "small", "exchange": "bybit"})
+        outcomes, lsn = await x.commit([Request(big, "bus"), Request(small, "bus")])
+        assert outcomes[0].error is not None and outcomes[0].error.code == "too_large"
+        assert "max_payload" in outcomes[0].error.message
+        assert outcomes[1].error is None and lsn is not None
+        assert list(x.store.connections) == ["small"]

@@ -305,10 +305,10 @@ class Intake:
         try:
             out, lsn = await store.submit_take_in(op)
         except CtsdError as e:
-            if e.code in ("invalid", "too_large"):
-                # too_large: more than the cluster's stream takes in one message. Not taken in
-                # as it is, however often tried: judged like an invalid edit (left as it is,
-                # reported, tried again once the operator saves it again).
+            if e.code == "invalid" or "max_payload" in e.extra:
+                # More than the cluster's stream takes in one message: not taken in as it is,
+                # however often tried, so judged like an invalid edit (left as it is, reported,
+                # tried again once saved again, or on SIGHUP once the servers take more).
                 if report:
                     why = e.message
                     if e.code == "too_large":

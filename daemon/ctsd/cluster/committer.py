@@ -53,6 +53,7 @@ from ctsd.cluster.errors import (
     SnapshotInvalid,
     Stalled,
     StreamTrimmed,
+    TooLarge,
     Unavailable,
 )
 from ctsd.cluster.snapshots import Snapshot, Snapshots
@@ -160,7 +161,13 @@ class ClusterCommitter:
         name = f"{messages.FOUNDING_PREFIX}{self.host}-{local_id}"
         async with self._install:  # the state as of now, which the founding message keeps
             state = shared.capture(store.committed, engine.settings.name, 1)
-            own = _Own(Change(), [], store.context(), 0, None, store.committed.version)
+            # Its sync log without the stream seqs of an earlier cluster (this host's data
+            # came from one): they would pass here for changes every host holds already.
+            # This host's own log loses them with the founding message.
+            log_here = keyed.unstamped(state.log)
+            founding = Change(log=log_here) if log_here != state.log else Change()
+            state.log = log_here
+            own = _Own(founding, [], store.context(), 0, None, store.committed.version)
         await self.snapshots.put_founding(name, 1, await asyncio.to_thread(shared.encode, state))
         msg_id = engine.msg_id(local_id)
         self._own[msg_id] = own
@@ -345,6 +352,13 @@ class ClusterCommitter:
                 if own.lsn is not None:
                     return outcomes, own.lsn
                 return failed(requests, unavailable(e)), None
+            except TooLarge as e:
+                if len(requests) > 1:
+                    # A group too large for one message: each of its requests alone, so one
+                    # large request (an import, a big hand edit) fails alone.
+                    return await self._commit_each(requests)
+                err = CtsdError("too_large", str(e), extra={"max_payload": e.limit})
+                return failed(requests, err), None
             except PublishRefused as e:
                 return failed(requests, CtsdError("too_large", str(e))), None
             except Stalled as e:
@@ -383,6 +397,16 @@ class ClusterCommitter:
                 for r in requests
             ]
         raise AssertionError("unreachable")
+
+    async def _commit_each(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+        outcomes: list[Outcome] = []
+        lsns: list[int] = []
+        for request in requests:
+            (out,), lsn = await self._commit_shared([request])
+            outcomes.append(out)
+            if lsn is not None:
+                lsns.append(lsn)
+        return outcomes, max(lsns, default=None)
 
     async def _apply_own(self, own: _Own, seq: int) -> None:
         """This host's group, applied from memory once the stream got to it (at once after the

@@ -67,6 +67,7 @@ from ctsd.cluster.errors import (
     Stalled,
     StreamMismatch,
     StreamTrimmed,
+    TooLarge,
     Unavailable,
 )
 from ctsd.cluster.messages import SCHEMA_VERSION, Change
@@ -74,6 +75,7 @@ from ctsd.cluster.messages import SCHEMA_VERSION, Change
 log = structlog.get_logger("ctsd.cluster")
 
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's, until a server said otherwise
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 # A retry whose first attempt the stream is still storing (nats-server 2.11 and later; from
 # 2.10.14 the answer is a duplicate ack with seq 0 instead): asked again shortly.
@@ -182,7 +184,6 @@ class ClusterEngine:
         self._boot = secrets.token_hex(8)
         self._local_ids = itertools.count(1)
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
-        self._max_payload = 1024 * 1024
         self._check_now = asyncio.Event()  # look at the stream now (after a reconnect)
         self._write_failed_at = -1e9  # monotonic time a publish last gave up
         self.outages = 0  # times it stopped taking writes (however briefly)
@@ -325,7 +326,6 @@ class ClusterEngine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self._js = self._nc.jetstream(timeout=ATTEMPT_TIMEOUT_S) if self._nc else None
-        self._max_payload = self._nc.max_payload if self._nc else self._max_payload
         while not self._closing:
             try:
                 await self._ensure_stream()
@@ -525,12 +525,15 @@ class ClusterEngine:
             keyed=keyed,
             founding=founding,
         )
-        limit = self._max_payload - HEADER_ROOM
+        # The servers' limit as of the last (re)connect: raised in their config, it holds once
+        # the connection is made again.
+        limit = (self._nc.max_payload if self._nc else DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
         if len(data) > limit:
             compressed = " compressed" if messages.H_ENCODING in headers else ""
-            raise PublishRefused(
+            raise TooLarge(
                 f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
-                f"most {limit} (raise max_payload in the nats-server config)"
+                f"most {limit} (raise max_payload in the nats-server config)",
+                limit,
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout_s

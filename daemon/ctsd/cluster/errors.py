@@ -36,6 +36,14 @@ class PublishRefused(ClusterError):
     """The stream refused the change for a reason a retry does not cure (too large, denied)."""
 
 
+class TooLarge(PublishRefused):
+    """The change is more than the NATS servers take in one message (their `max_payload`)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class Stalled(ClusterError):
     """This host stopped applying the stream; writes are refused until it is resolved."""
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Reversible
 
+import msgspec
+
 from ctsd.core import Change, event_keys, record_key
 from ctsd.models import SyncEvent
 
@@ -101,6 +103,17 @@ def stamp(events: Iterable[SyncEvent], revision: int, seq: int) -> None:
     for i, e in enumerate(events, start=1):
         e.id = revision + i
         e.data[STREAM_SEQ] = seq
+
+
+def unstamped(log: Iterable[SyncEvent]) -> list[SyncEvent]:
+    """`log` without stream seqs: those of another stream (the data of an earlier cluster, a
+    new one is founded with) mean nothing in this one."""
+    return [
+        msgspec.structs.replace(e, data={k: v for k, v in e.data.items() if k != STREAM_SEQ})
+        if STREAM_SEQ in e.data
+        else e
+        for e in log
+    ]
 
 
 def held_seq(log: Reversible[SyncEvent]) -> int | None:
