@@ -38,8 +38,12 @@ REQUIRE_ENV = "CTSD_REQUIRE_NATS"
 
 
 def nats_server_binary() -> str | None:
-    """The nats-server path; installs the Debian package (root only) when it is missing."""
-    found = shutil.which("nats-server")
+    """The system's nats-server (not the release in this virtualenv, which an activated venv
+    puts first on PATH); installs the Debian package (root only) when it is missing."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    path = os.pathsep.join(d for d in dirs if d and Path(d).resolve() != venv_bin)
+    found = shutil.which("nats-server", path=path)
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -48,7 +52,7 @@ def nats_server_binary() -> str | None:
     for steps in ([install], [[*apt, "update", "-qq"], install]):  # the lists may be old
         for step in steps:
             subprocess.run(step, env=env, capture_output=True, timeout=600, check=False)
-        found = shutil.which("nats-server")
+        found = shutil.which("nats-server", path=path)
         if found:
             return found
     return None
