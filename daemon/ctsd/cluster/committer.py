@@ -786,9 +786,8 @@ def _still_applies(
 
 
 # Another host's change, decoded straight into its record types: every record is checked
-# before any of it is applied (a change is applied whole or not at all), in one pass (a
-# decode into `Change`, whose values are plain, and a conversion after it cost twice as
-# much, on every host, for every change of the cluster).
+# before any of it is applied (a change is applied whole or not at all), in one pass rather
+# than a decode into `Change` (whose values are plain) and a conversion after it.
 
 
 class _ConnectionChange(msgspec.Struct, array_like=True, omit_defaults=True):
