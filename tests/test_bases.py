@@ -129,6 +129,19 @@ def test_a_hand_edit_taken_in_as_it_is_becomes_the_copy(data_dir: Path) -> None:
     assert judge(data_dir).edited == {}
 
 
+def test_a_hand_edit_set_back_while_down_to_the_write_before_it_is_an_edit(
+    data_dir: Path,
+) -> None:
+    """The daemon wrote V1, a hand edit was taken in (its copy), then, while the daemon was
+    down, the operator put V1 back (vim's backup, git): an edit, not the daemon's write."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    (data_dir / FILE).write_bytes(EDIT)
+    b.keep(FILE, EDIT)
+    (data_dir / FILE).write_bytes(V1)
+    assert judge(data_dir).edited == {FILE: EDIT}
+
+
 def test_drop_forgets_every_copy(data_dir: Path) -> None:
     b = Bases(data_dir)
     checkpoint(b, data_dir, V1)

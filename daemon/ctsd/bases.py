@@ -99,16 +99,18 @@ class Bases:
 
     # --- written with each checkpoint (in the checkpointer's thread) --------------------------
 
-    def copies(self, plan: Plan) -> tuple[Plan, dict[str, bytes]]:
+    def copies(self, plan: Plan, *, before_files: bool = True) -> tuple[Plan, dict[str, bytes]]:
         """The copies to write with `plan` (renamed before it), and their digests, to pass to
-        `written` once the group is on disk."""
+        `written` once the group is on disk. `before_files=False`: the files hold `plan`
+        already, so no crash can leave them one version behind their copies, and the copies
+        name no previous version (a file set back to it later is an edit)."""
         extra: Plan = []
         digests: dict[str, bytes] = {}
         for path, body in plan:
             file = path.relative_to(self.data_dir).as_posix()
             if file == SYNC_LOG:
                 continue
-            prev = self._digests.get(file)
+            prev = self._digests.get(file) if before_files else None
             head = _MAGIC + (prev.hex().encode() if prev is not None else _NONE) + b"\n"
             target = self._copy_path(file)
             ensure_dir(target.parent)  # removed by hand: made again, never a failed round
@@ -123,7 +125,7 @@ class Bases:
     def keep(self, file: str, raw: bytes) -> None:
         """`file` as it is now (`raw`, a hand edit just taken in) becomes its copy
         (blocking)."""
-        copies, digests = self.copies([(self.data_dir / file, raw)])
+        copies, digests = self.copies([(self.data_dir / file, raw)], before_files=False)
         try:
             write_files(copies)
         except OSError:
