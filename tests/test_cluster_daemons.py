@@ -1013,6 +1013,48 @@ async def test_hand_edits_made_while_stopped_reach_the_others(hosts: Hosts, how:
     assert len(read(a, SYNC_LOG)) == revisions + 1
 
 
+async def test_a_settings_file_broken_while_stopped_keeps_the_host_in_its_cluster(
+    hosts: Hosts,
+) -> None:
+    """Host 3's cluster settings are in its settings.json alone. Saved broken while it was
+    down, that file cannot say whether the host is in a cluster: its copy does. The host
+    stays in the cluster (no standalone host going its own way), the file stays as it is,
+    and once fixed it is taken in."""
+    a, _, c = hosts.daemons
+    assert c.stop() == 0
+    settings = read(c, "settings.json")
+    env = c.extra_env
+    settings["cluster"] |= {
+        "nats_urls": env.pop("CTSD_CLUSTER_NATS_URLS").split(","),
+        "name": env.pop("CTSD_CLUSTER_NAME"),
+        "host_id": env.pop("CTSD_HOST_ID"),
+    }
+    (c.data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    assert c.http("/health")[1]["checks"]["cluster"]["ok"] is True
+    assert c.stop() == 0
+    broken = json.dumps(settings, indent=2)[:-3] + ",}\n"
+    (c.data_dir / "settings.json").write_text(broken)
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    checks = c.http("/health")[1]["checks"]
+    assert checks["cluster"]["ok"] is True, checks
+    assert "settings.json" in json.dumps(checks["files"]), checks
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(id="c1"))
+    wait_converged(hosts, 1, 20, what="host 3 still in the cluster")
+    assert (c.data_dir / "settings.json").read_text() == broken
+    (c.data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    wait_until(
+        lambda: "settings.json" not in json.dumps(c.http("/health")[1]["checks"]["files"]),
+        20,
+        what="the fixed settings.json taken in",
+    )
+
+
 async def test_a_file_broken_while_stopped_serves_its_last_content_until_fixed(
     hosts: Hosts,
 ) -> None:

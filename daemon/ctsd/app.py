@@ -95,11 +95,20 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         store = Store(data_dir, box)
         store.load()
         settings_file, on_file = document_file("settings"), store.settings
+        file_doc = None if settings_file in store.problems else store.documents.get("settings")
         edited: list[str] = []
-        if _cluster_on_file(store) is not None:
-            edited = store.set_back(Bases(data_dir))  # files edited while it was down
+        copies = Bases(data_dir)
+        # A settings.json broken while the daemon was down cannot say whether this host is in
+        # a cluster: its copy (the cluster host's last valid version) says it, set back below.
+        broken = settings_file in store.problems and copies.has_copy(settings_file)
+        if broken or _cluster_on_file(store) is not None:
+            edited = store.set_back(copies)  # files edited while it was down
         store.replay()  # (settings changed through the door before a kill are in the journal)
-        cluster = load_cluster_settings(store.documents.get("settings"))
+        # This host's own keys as its settings.json holds them: an edit of them made while
+        # it was down counts at this start (as for the listen address below); a broken file
+        # counts as its copy (set back in memory).
+        own = file_doc if settings_file in edited and file_doc is not None else None
+        cluster = load_cluster_settings(own if own is not None else store.documents.get("settings"))
         if cluster is not None:
             store.keep_copies(store.checkpointer.bases or Bases(data_dir))
         elif settings_file not in store.problems and settings_file not in store.intake.created:

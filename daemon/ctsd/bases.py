@@ -133,6 +133,9 @@ class Bases:
             raise
         self.written(digests)
 
+    def has_copy(self, file: str) -> bool:
+        return self._copy_path(file).exists()
+
     def copy_of(self, path: Path) -> Path:
         """The copy's path of the data file at `path`."""
         return self._copy_path(path.relative_to(self.data_dir).as_posix())
