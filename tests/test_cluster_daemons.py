@@ -443,7 +443,13 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
         a, b, _ = h.daemons
         async with bus(a) as wa:
             await wa.ok("connections.create", connection=connection(id="c1"))
-        wait_until(lambda: converged(h, 1), 20, what="converged")
+            await wa.ok("documents.set", name="algorithms/Gone", content={"name": "Gone"})
+        wait_until(lambda: converged(h, 2), 20, what="converged")
+        wait_until(
+            lambda: all((d.data_dir / "algorithms/Gone.json").exists() for d in h.daemons),
+            20,
+            what="the algorithm on every host",
+        )
         own_nats.kill(1)
         own_nats.kill(2)  # one node of three left: no quorum for the stream
         async with bus(a) as wa, bus(b) as rb:
@@ -461,11 +467,12 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
             assert err["code"] == "unavailable", err
             r = cli(a, "conn", "set", "c1", "name=z")
             assert r.returncode == 10 and "unavailable" in r.stderr, (r.returncode, r.stderr)
-            # a hand edit meanwhile: kept in its file, taken in once the cluster is back
+            # hand edits meanwhile: kept in their files, taken in once the cluster is back
             doc = read(a, "settings.json")
             (a.data_dir / "settings.json").write_text(
                 json.dumps({**doc, "stale_after_s": 45}, indent=2) + "\n"
             )
+            (a.data_dir / "algorithms/Gone.json").unlink()
             # reads keep serving, on both hosts
             rows = await rb.ok("connections.list")
             assert [r["id"] for r in rows] == ["c1"]
@@ -495,7 +502,12 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
             30,
             what="the hand edit made without quorum reached host 3",
         )
-        wait_until(lambda: converged(h, 3), 30, what="converged after quorum returned")
+        wait_until(
+            lambda: not any((d.data_dir / "algorithms/Gone.json").exists() for d in h.daemons),
+            30,
+            what="the algorithm deleted by hand without quorum gone from every host",
+        )
+        wait_until(lambda: converged(h, 5), 30, what="converged after quorum returned")
         assert read(h.daemons[2], CONNECTIONS)[0]["name"] == "back"
         wait_until(lambda: a.http("/health")[1]["status"] == "ok", 20, what="healthy again")
     finally:

@@ -85,11 +85,18 @@ class Intake:
         return self.data_dir / file
 
     def known_files(self) -> list[str]:
-        algos = sorted(
+        on_disk = {
             f"{files.ALGORITHMS_DIR}/{p.name}"
             for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json")
             if files.document_name(f"{files.ALGORITHMS_DIR}/{p.name}")
-        )
+        }
+        # And the algorithms memory holds whose file is gone: a deletion by hand not taken in
+        # yet (the cluster out of reach) is looked at again with every other file.
+        held = {
+            files.document_file(f"{files.ALGORITHMS_DIR}/{name}")
+            for name in self.store.committed.algorithm_names()
+        }
+        algos = sorted(on_disk | held)
         docs = [f for f, _ in files.DOCUMENTS.values()]
         # algorithms before documents: instances.json names them
         return [CONNECTIONS, STATE, SYNC_LOG, *algos, *docs]
