@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -211,3 +212,53 @@ async def test_a_request_too_large_for_one_message_fails_alone(
         assert "max_payload" in outcomes[0].error.message
         assert outcomes[1].error is None and lsn is not None
         assert list(x.store.connections) == ["small"]
+
+
+@pytest.fixture
+def own_nats() -> Iterator[NatsCluster]:
+    """A NATS cluster of its own, for a test that stops it."""
+    with NatsCluster(3) as c:
+        yield c
+
+
+async def test_a_late_in_place_write_waits_for_the_cluster_instead_of_being_set_aside(
+    own_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """An in-place writer writes into connections.json after the daemon's rename replaced it,
+    while the cluster cannot take changes: the write is tried again once it can (on one host
+    it is taken in at once), not set aside as `<file>.late-*` for the operator to find."""
+    settings = ClusterSettings(
+        nats_urls=tuple(own_nats.urls),
+        name=f"s{os.getpid()}x{next(_names)}",
+        host_id="x",
+        publish_timeout_s=1.0,
+    )
+    async with host(tmp_path / "x", settings) as x:
+        x.subscribe()
+        await x.engine.catch_up(timeout=20)
+        s = x.store
+        for cid in ("c1", "c2"):
+            conn = {"id": cid, "name": cid, "exchange": "bybit"}
+            await s.submit(ops.create(conn), "bus", sync="files")
+        path = s.path("connections.json")
+        with open(path, "r+b") as fh:  # the "editor" keeps it open across the change
+            rows = json.loads(fh.read())
+            await s.submit(ops.update("c1", {"name": "Bus"}), "bus", sync="files")
+            assert s.displaced
+            for i in range(3):
+                own_nats.stop(i)
+            rows[1]["name"] = "late by hand"
+            fh.seek(0)
+            fh.truncate(0)
+            fh.write((json.dumps(rows, indent=2) + "\n").encode())
+        await s.take_in_late(0)  # the cluster refuses it: kept for later
+        assert s.displaced and not list(s.data_dir.glob("connections.json.late-*"))
+        for i in range(3):
+            own_nats.start_node(i, wait=False)
+
+        async with asyncio.timeout(60):  # the late write taken in once the cluster is back
+            while s.connections["c2"].name != "late by hand":
+                await asyncio.sleep(0.1)
+                await s.take_in_late(0)
+        assert s.connections["c1"].name == "Bus" and not s.displaced
+        assert not list(s.data_dir.glob("connections.json.late-*"))

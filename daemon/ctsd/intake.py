@@ -71,6 +71,7 @@ class Intake:
         # (monotonic), and what they held then (what that writer saw): what it writes into
         # them is taken in by `take_in_late`.
         self.displaced: list[tuple[Displaced, float, Any]] = []
+        self._late_retry_at: dict[int, float] = {}  # id of a Displaced → when to try it again
         # Set by the store: a deleted file is written back from memory by the checkpointer;
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
@@ -425,7 +426,7 @@ class Intake:
 
     # --- late in-place writes ----------------------------------------------------------------
 
-    async def take_in_late(self, max_age: float) -> None:
+    async def take_in_late(self, max_age: float, *, final: bool = False) -> None:
         """Take in what in-place writers wrote into files our renames had displaced.
 
         An in-place writer (nano, cp, open("r+")) that opened a file before our rename
@@ -433,27 +434,40 @@ class Intake:
         keeps such a file (`self.displaced`) while that writer holds it open; once the writer
         has closed it (or after `max_age`, for one that never does), what it wrote is taken in
         through the door, merged onto memory against what the writer saw. Called by the
-        watcher often, and at close.
+        watcher often, and at close (`final`: one the cluster cannot take now is kept aside,
+        not left for later).
         """
         now = time.monotonic()
-        due = [x for x in self.displaced if now - x[1] >= max_age or not written_elsewhere(x[0].fd)]
+        due = [
+            x
+            for x in self.displaced
+            if (final or self._late_retry_at.get(id(x[0]), 0.0) <= now)
+            and (now - x[1] >= max_age or not written_elsewhere(x[0].fd))
+        ]
         self.displaced = [x for x in self.displaced if x not in due]
         for d, _since, base in due:
             file = str(d.path.relative_to(self.data_dir))
             try:
-                await self._take_in_displaced(d, file, base)
+                done = await self._take_in_displaced(d, file, base, final)
             except Exception as e:  # never lose the watcher over it, nor the bytes
                 log.exception("late_hand_write_failed", file=file)
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
-            drop_displaced(d)
+                done = True
+            if done:
+                self._late_retry_at.pop(id(d), None)
+                drop_displaced(d)
+            else:
+                self._late_retry_at[id(d)] = now + LATE_RETRY_S
+                self.displaced.append((d, now, base))
 
-    async def _take_in_displaced(self, d: Displaced, file: str, base: Any) -> None:
+    async def _take_in_displaced(self, d: Displaced, file: str, base: Any, final: bool) -> bool:
         """A late in-place write, merged like any hand edit against what its writer saw: what
-        it changed goes on top of memory, nothing the daemon wrote since is undone."""
+        it changed goes on top of memory, nothing the daemon wrote since is undone. False: the
+        cluster cannot take it now (a single host never says so); it is tried again."""
         st = os.fstat(d.fd)
         if Stamp.of(st) == d.stamp:
-            return  # opened for writing, never written
+            return True  # opened for writing, never written
         try:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
@@ -463,9 +477,13 @@ class Intake:
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
         except CtsdError as e:  # file_invalid on disk, io_error, ...
+            if e.code in ("unavailable", "conflict") and not final:
+                log.debug("late_hand_write_waits", file=file, reason=e.message)
+                return False
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
         else:
             log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
+        return True
 
     def _keep_late(
         self, d: Displaced, file: str, why: str, problem: FileProblem | None, msg: str = ""
@@ -492,6 +510,7 @@ class Intake:
             self.store.notice({**invalid_notice(name, problem), "reason": reason + "not taken in"})
 
 
+LATE_RETRY_S = 0.5  # a late write the cluster could not take: tried again after this
 GONE = Stamp(-1, -1, -1)  # the stamp of a file that was there: it matches no file, nor none
 
 

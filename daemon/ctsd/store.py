@@ -298,7 +298,7 @@ class Store:
     async def close(self) -> None:
         """Take in late writes, finish every queued change, write everything to the files."""
         if self._writer is not None and not self._closing:
-            await self.intake.take_in_late(max_age=0)
+            await self.intake.take_in_late(max_age=0, final=True)
         self._closing = True
         self._wake.set()
         if self._writer is not None:
