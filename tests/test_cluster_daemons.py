@@ -1065,6 +1065,14 @@ async def test_a_settings_file_broken_while_stopped_keeps_the_host_in_its_cluste
         20,
         what="the fixed settings.json taken in",
     )
+    # Deleted while down: written again from its copy, the host still in its cluster.
+    assert c.stop() == 0
+    (c.data_dir / "settings.json").unlink()
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    assert c.http("/health")[1]["checks"]["cluster"]["ok"] is True
+    wait_until(lambda: read(c, "settings.json") == settings, 20, what="settings.json back")
 
 
 async def test_a_file_broken_while_stopped_serves_its_last_content_until_fixed(

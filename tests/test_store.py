@@ -975,3 +975,18 @@ async def test_import_refuses_duplicate_ids_in_either_mode(data_dir: Path, mode:
             await store.submit(ops.import_data(data, mode), "bus", sync="files")
         assert e.value.code == "invalid" and e.value.path == f"$.data.files.{CONNECTIONS}[2]"
         assert list(store.connections) == ["c1"]
+
+
+async def test_sighup_keeps_an_algorithm_whose_file_is_not_written_yet(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set through the door, its file still to come (a round coalescing, or a disk refusing
+    writes): a reload of every file (SIGHUP) takes the missing file for no deletion."""
+    monkeypatch.setattr(checkpoint, "COALESCE_S", 1.0)
+    monkeypatch.setattr(checkpoint, "COALESCE_MAX_S", 1.0)
+    async with opened(data_dir) as store:
+        await store.submit(ops.set_document("algorithms/Fresh", {"name": "Fresh"}), "bus")
+        assert not (data_dir / "algorithms" / "Fresh.json").exists()
+        await store.intake.reload_all()
+        assert "algorithms/Fresh" in store.committed.documents
+    assert (data_dir / "algorithms" / "Fresh.json").exists()  # written at close

@@ -98,9 +98,11 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         file_doc = None if settings_file in store.problems else store.documents.get("settings")
         edited: list[str] = []
         copies = Bases(data_dir)
-        # A settings.json broken while the daemon was down cannot say whether this host is in
-        # a cluster: its copy (the cluster host's last valid version) says it, set back below.
-        broken = settings_file in store.problems and copies.has_copy(settings_file)
+        # A settings.json broken (or deleted) while the daemon was down cannot say whether this
+        # host is in a cluster: its copy (the cluster host's last valid version) says it, set
+        # back below.
+        lost = settings_file in store.problems or settings_file in store.intake.created
+        broken = lost and copies.has_copy(settings_file)
         if broken or _cluster_on_file(store) is not None:
             edited = store.set_back(copies)  # files edited while it was down
         store.replay()  # (settings changed through the door before a kill are in the journal)

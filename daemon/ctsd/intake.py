@@ -72,6 +72,7 @@ class Intake:
         # them is taken in by `take_in_late`.
         self.displaced: list[tuple[Displaced, float, Any]] = []
         self._late_retry_at: dict[int, float] = {}  # id of a Displaced → when to try it again
+        self._late_closed = False  # the last pass (at close) ran: nothing waits any more
         # Set by the store: a deleted file is written back from memory by the checkpointer;
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
@@ -91,12 +92,17 @@ class Intake:
             for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json")
             if files.document_name(f"{files.ALGORITHMS_DIR}/{p.name}")
         }
-        # And the algorithms memory holds whose file is gone: a deletion by hand not taken in
-        # yet (the cluster out of reach) is looked at again with every other file.
-        held = {
-            files.document_file(f"{files.ALGORITHMS_DIR}/{name}")
-            for name in self.store.committed.algorithm_names()
-        }
+        # And the algorithms whose file the daemon saw and is gone now: a deletion by hand not
+        # taken in yet (the cluster out of reach) is looked at again with every other file.
+        # (Not one memory holds that was never written yet.) The poll backend calls this from
+        # its thread: `list` copies the keys at once, under the GIL.
+        held = set()
+        for name in list(self.store.committed.documents):
+            if name.startswith(f"{files.ALGORITHMS_DIR}/"):
+                file = files.document_file(name)
+                od = self.disk.files.get(file)
+                if od is not None and od.stamp is not None:
+                    held.add(file)
         algos = sorted(on_disk | held)
         docs = [f for f, _ in files.DOCUMENTS.values()]
         # algorithms before documents: instances.json names them
@@ -438,6 +444,7 @@ class Intake:
         not left for later).
         """
         now = time.monotonic()
+        self._late_closed |= final
         due = [
             x
             for x in self.displaced
@@ -453,6 +460,10 @@ class Intake:
                 log.exception("late_hand_write_failed", file=file)
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
+                done = True
+            if not done and self._late_closed:  # refused while the daemon was closing
+                with contextlib.suppress(Exception):
+                    self._keep_late(d, file, "unavailable", None, "the daemon stopped first")
                 done = True
             if done:
                 self._late_retry_at.pop(id(d), None)
