@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,55 @@ async def test_a_late_in_place_write_waits_for_the_cluster_instead_of_being_set_
                 await s.take_in_late(0)
         assert s.connections["c1"].name == "Bus" and not s.displaced
         assert not list(s.data_dir.glob("connections.json.late-*"))
+
+
+async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newer_changes(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host x's hand edit reaches the stream, but x, held behind another host's change, gives
+    up waiting and answers `unavailable`. Once x has applied it after all, and host y changed
+    the same field since, taking the file in again must not undo y's change."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(
+            nats_urls=tuple(nats.urls), name=name, host_id=host_id, publish_timeout_s=1.0
+        )
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        # x receives the stream through a gate (before it applies anything: as a host whose
+        # connection is slow, not one stuck applying).
+        gate = asyncio.Event()
+        gate.set()
+        handle = x.engine._handle
+
+        async def gated(msg: Any) -> None:
+            await gate.wait()
+            await handle(msg)
+
+        x.engine._handle = gated  # type: ignore[method-assign]
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        for cid in ("c1", "c2"):
+            conn = {"id": cid, "name": cid, "exchange": "bybit"}
+            await x.store.submit(ops.create(conn), "bus", sync="files")
+        await y.engine.wait_applied(2, timeout=10)
+
+        gate.clear()  # x is held behind y's next change
+        await y.store.submit(ops.update("c2", {"name": "from y"}), "bus")
+        path = x.store.path("connections.json")
+        rows = json.loads(path.read_text())
+        rows[0]["name"] = "by hand"
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        assert not await x.store.ingest("connections.json")  # gave up waiting: unavailable
+        gate.set()
+        await y.engine.wait_applied(4, timeout=10)  # x's edit is in the stream after all
+        assert y.store.connections["c1"].name == "by hand"
+        await y.store.submit(ops.update("c1", {"name": "from y, later"}), "bus")
+        await x.engine.wait_applied(5, timeout=10)
+        await x.store.ingest("connections.json")  # the file still holds the edit
+        await x.engine.wait_applied(y.engine.applied_seq, timeout=10)
+        await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
+        for c in (x, y):
+            assert c.store.connections["c1"].name == "from y, later", c.host

@@ -33,6 +33,11 @@ class Committer(Protocol):
         """What /health and `ctsd status` show about the committer (None: nothing)."""
         ...
 
+    def landed(self, msg_id: str) -> bool:
+        """Did a group answered `unavailable` with an unknown outcome (its `msg_id` in the
+        error's `extra`) get in after all? (Cluster mode only.)"""
+        ...
+
     async def close(self) -> None:
         """After the last group was committed, before the last files are written."""
         ...
@@ -83,6 +88,9 @@ class LocalCommitter:
             if out.events:
                 store.publish(out.events)
         return outcomes, lsn
+
+    def landed(self, msg_id: str) -> bool:
+        return False  # one host: every outcome is known
 
     def status(self) -> dict[str, Any] | None:
         return None

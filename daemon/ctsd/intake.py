@@ -58,6 +58,8 @@ class Door(Protocol):
 
     async def submit_take_in(self, op: Op) -> tuple[Outcome, int | None]: ...
 
+    def landed(self, msg_id: str) -> bool: ...
+
 
 log = structlog.get_logger("ctsd.store")
 
@@ -73,6 +75,9 @@ class Intake:
         self.displaced: list[tuple[Displaced, float, Any]] = []
         self._late_retry_at: dict[int, float] = {}  # id of a Displaced → when to try it again
         self._late_closed = False  # the last pass (at close) ran: nothing waits any more
+        # Cluster mode: a hand edit answered `unavailable` with an unknown outcome, per file:
+        # the group's msg id and the version it took in (decoded, bytes, stamp).
+        self._sent: dict[str, tuple[str, Any, bytes, Stamp | None]] = {}
         # Set by the store: a deleted file is written back from memory by the checkpointer;
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
@@ -286,6 +291,16 @@ class Intake:
         """`ingest` for a caller that holds the file's lock (the checkpointer)."""
         store = self.store
         path = self.path(file)
+        sent = self._sent.get(file)
+        if sent is not None and store.landed(sent[0]):
+            # That edit got in after all (its answer was lost): the version it took in is the
+            # base now. Taken in again against the older one, it would undo what other hosts
+            # changed since.
+            del self._sent[file]
+            _msg_id, hand_sent, raw_sent, stamp_sent = sent
+            if stamp_sent is not None:
+                self._remember(file, hand_sent, raw_sent, stamp_sent)
+                await self._keep_copy(file, raw_sent)
         if not force and file not in store.problems and self.disk.unchanged(file):
             return True  # our own write, or nothing new
         if not os.path.lexists(path):
@@ -332,8 +347,11 @@ class Intake:
                     problem = e.extra.get("problem") or FileProblem(file, 1, 1, e.path or "$", why)
                     self._mark_invalid(file, problem, stamp)
                 return False
+            if "msg_id" in e.extra:
+                self._sent[file] = (e.extra["msg_id"], hand, raw, stamp)
             log.warning("ingest_failed", file=file, error=str(e))
             return False
+        self._sent.pop(file, None)
         self._remember(file, hand, raw, stamp)
         await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)

@@ -195,6 +195,9 @@ class Store:
         """Every secret re-encrypted under `new_box`'s key: one change through the door."""
         return await self.submit(ops.rekey(new_box), source, sync="files")
 
+    def landed(self, msg_id: str) -> bool:
+        return self.committer.landed(msg_id)
+
     def committer_status(self) -> dict[str, Any] | None:
         """The cluster's part of /health and `status` (None on one host)."""
         return self.committer.status()

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ SNAPSHOT_POLL_S = 0.25  # how often it looks whether a snapshot is due
 SNAPSHOT_RETRY_S = 5.0  # after a failed one
 FOUNDING_ATTEMPTS = 4  # reads of the founding state before the host stalls on it (retried)
 FOUNDING_RETRY_S = 0.5
+LANDED_KEPT = 1024  # msg ids `landed` remembers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -103,6 +105,9 @@ class ClusterCommitter:
         # committed state must not have another host's change installed under it meanwhile.
         self._install = asyncio.Lock()
         self._own: dict[str, _Own] = {}  # msg id → this host's group being committed
+        # Msg ids of this host's groups applied here after their commit gave up (an answer
+        # lost): `landed` tells a caller that was answered `unavailable` that it got in.
+        self._landed: OrderedDict[str, None] = OrderedDict()
         self.conflicts = 0  # groups computed again after another host's change got in first
         self._back: asyncio.Task[None] | None = None
         self.snapshots = Snapshots(engine)
@@ -351,7 +356,7 @@ class ClusterCommitter:
             except Unavailable as e:
                 if own.lsn is not None:
                     return outcomes, own.lsn
-                return failed(requests, unavailable(e)), None
+                return failed(requests, unavailable(e, msg_id)), None
             except TooLarge as e:
                 if len(requests) > 1:
                     # A group too large for one message: each of its requests alone, so one
@@ -369,7 +374,7 @@ class ClusterCommitter:
                     "the change is in the cluster's stream but this host has not applied it yet",
                     outcome_unknown=True,
                 )
-                return failed(requests, unavailable(why)), None
+                return failed(requests, unavailable(why, msg_id)), None
             else:
                 if not own.superseded:
                     return outcomes, own.lsn
@@ -463,6 +468,7 @@ class ClusterCommitter:
                 change = self._localized(change)
             committed = self.store.committed
             if self._held(committed, msg, change):
+                self._note_landed(msg)
                 return
             if (
                 names is not None
@@ -480,8 +486,20 @@ class ClusterCommitter:
             # since the change was computed (`status`, and the state's `updated_at` with it).
             self.store.install(change, lsn)
             self._installed_seq = msg.seq
+            self._note_landed(msg)
         if change.events:
             self.store.publish(change.events)
+
+    def _note_landed(self, msg: messages.Change) -> None:
+        if msg.own:
+            self._landed[msg.msg_id] = None
+            if len(self._landed) > LANDED_KEPT:
+                self._landed.popitem(last=False)
+
+    def landed(self, msg_id: str) -> bool:
+        """Has this host's group `msg_id`, answered `unavailable` with an unknown outcome,
+        reached the stream and been applied here since?"""
+        return msg_id in self._landed
 
     def _check_join(self, founding: shared.SharedState | None = None, by: str = "") -> None:
         """Before the first change of a stream this host never applied (nor founded): raise
@@ -757,13 +775,17 @@ class ClusterCommitter:
         }
 
 
-def unavailable(e: Unavailable) -> CtsdError:
+def unavailable(e: Unavailable, msg_id: str | None = None) -> CtsdError:
+    """`msg_id`: the group's, kept (`extra`) when it may have reached the stream after all, so
+    the caller can ask later whether it did (`ClusterCommitter.landed`)."""
     note = (
         " (it may still have reached the cluster; it then shows up like any other change)"
         if e.outcome_unknown
         else ""
     )
-    return CtsdError("unavailable", f"the cluster cannot take changes now: {e.reason}{note}")
+    extra = {"msg_id": msg_id} if e.outcome_unknown and msg_id is not None else None
+    msg = f"the cluster cannot take changes now: {e.reason}{note}"
+    return CtsdError("unavailable", msg, extra=extra)
 
 
 def _local_part(rc: RecordChange, c: Committed) -> RecordChange:
