@@ -607,6 +607,34 @@ async def test_a_host_cut_off_refuses_writes_then_catches_up_when_healed(
         assert rec_a.payloads == rec_b.payloads == expected
 
 
+async def test_a_host_stalled_while_cut_off_takes_writes_once_resumed(
+    cut_cluster: NatsCluster,
+) -> None:
+    """A host cut off for longer than the publish timeout, stalled before it saw the stream
+    answer again (a running host finding the stream trimmed past it as it reconnects), then
+    resumed once a snapshot is installed: it writes at once, not only after another outage."""
+    async with split_hosts(cut_cluster, 1.0) as (a, rec_a, _, _):
+        cut_cluster.stop(0)
+        await wait_until_async(lambda: a.state == "disconnected", timeout=10)
+
+        def refused_at_once() -> bool:
+            try:
+                a.check_writable()
+            except Unavailable:
+                return True
+            return False
+
+        await wait_until_async(refused_at_once, timeout=10)  # down past the publish timeout
+        a.stall(StreamTrimmed(applied_seq=1, first_seq=3))
+        await asyncio.to_thread(cut_cluster.start_node, 0)
+        await wait_until_async(lambda: a.status().server is not None, timeout=20)
+        a.resume()
+        assert a.state == "connected"
+        a.check_writable()
+        await commit(a, b"a2")
+        assert rec_a.payloads == [b"a1", b"a2"]
+
+
 async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
     own_cluster: NatsCluster,
 ) -> None:

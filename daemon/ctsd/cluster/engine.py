@@ -701,10 +701,12 @@ class ClusterEngine:
             return
         log.info("cluster.resumed", applied_seq=self._applied)
         self._stalled = None
-        self._state = (
-            "connected" if self._nc is not None and self._nc.is_connected else "disconnected"
-        )
-        self._reason = None if self._state == "connected" else "not connected"
+        # Through `_set_state`: an outage that began before the stall ends here too (its
+        # start left behind would refuse every write as long down, until the next outage).
+        if self._nc is not None and self._nc.is_connected:
+            self._set_state("connected")
+        else:
+            self._set_state("disconnected", "not connected")
         self._resumed.set()
 
     async def wait_applied(self, seq: int, timeout: float | None = None) -> None:
