@@ -954,10 +954,11 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
         try:
             js = nc.jetstream()
             store = await js.object_store(bucket)
-            # at the stream's last seq: no newer one a host could put replaces it
-            last = (await js.stream_info(f"CTSD_{h.name}")).state.last_seq
-            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(last), **headers}
-            await store.put("latest", data, meta=ObjectMeta(name="latest", headers=tags))
+            # newer than the hosts' (which stop putting: nothing changes now), so it decides
+            seq = (await js.stream_info(f"CTSD_{h.name}")).state.last_seq + 1
+            name = f"snapshot-{seq}-intruder"
+            tags = {H_CLUSTER: h.name, H_HOST: "intruder", "Ctsd-Seq": str(seq), **headers}
+            await store.put(name, data, meta=ObjectMeta(name=name, headers=tags))
         finally:
             await nc.close()
         c.start(wait=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import subprocess
@@ -450,6 +451,78 @@ async def test_a_host_behind_a_trimmed_stream_starts_from_the_snapshot(
         c.resume(from_seq=snap.seq)  # the store installed it
         assert await c.catch_up(timeout=10) == 6
         assert rec.payloads == [b"g5"]
+
+
+async def bucket_messages(cluster: NatsCluster, bucket: str) -> int:
+    nc = await nats.connect(cluster.urls)
+    try:
+        return (await nc.jetstream().stream_info(f"OBJ_{bucket}")).state.messages
+    finally:
+        await nc.close()
+
+
+async def test_hosts_putting_snapshots_at_once_leave_the_newest_alone(
+    cluster: NatsCluster,
+) -> None:
+    """Each put while another host's is under way: the newest snapshot wins whatever the
+    order, and the bucket holds it alone (its 3 chunks and its entry), nothing of the others:
+    a bucket that kept every raced snapshot would fill the servers' disks in the end."""
+    async with two_hosts(cluster) as (a, _, b, _):
+        sa, sb = Snapshots(a), Snapshots(b)
+        await sa.ensure()  # the bucket, made once before the race
+        for seq_a, seq_b in ((3, 4), (6, 5), (8, 8), (9, 12), (14, 13)):
+            put = await asyncio.gather(sa.put(seq_a, b"a" * 300_000), sb.put(seq_b, b"b" * 300_000))
+            assert any(put)
+        snap = await sa.latest()
+        assert snap is not None and snap.seq == 14 and snap.data == b"a" * 300_000
+        assert not await sb.put(14, b"same seq again")
+        assert not await sb.put(13, b"older")
+        assert await bucket_messages(cluster, sa.bucket) == 3 + 1
+
+
+async def test_a_snapshot_removed_while_read_is_unavailable_not_a_hang(
+    cluster: NatsCluster,
+) -> None:
+    """Chunks that stop coming (removed by a newer put, or by hand): the reader gives up in
+    bounded time with `unavailable`, and reads a snapshot put afterwards."""
+    async with running(make_settings(cluster)) as (a, _):
+        await a.catch_up(timeout=10)
+        snapshots = Snapshots(a, timeout_s=0.3)
+        assert await snapshots.put(2, b"x" * 300_000)
+        nc = await nats.connect(cluster.urls)
+        try:
+            chunks = f"$O.{snapshots.bucket}.C.>"
+            await nc.jetstream().purge_stream(f"OBJ_{snapshots.bucket}", subject=chunks)
+        finally:
+            await nc.close()
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="stopped coming"):
+            await snapshots.latest()
+        assert time.monotonic() - started < 5
+        assert await snapshots.put(3, b"y" * 1000)
+        snap = await snapshots.latest()
+        assert snap is not None and (snap.seq, snap.data) == (3, b"y" * 1000)
+
+
+async def test_a_bucket_entry_that_does_not_decode_is_named_then_removed(
+    cluster: NatsCluster,
+) -> None:
+    async with running(make_settings(cluster)) as (a, _):
+        await a.catch_up(timeout=10)
+        snapshots = Snapshots(a)
+        assert await snapshots.put(2, b"good")
+        nc = await nats.connect(cluster.urls)
+        try:
+            name = base64.urlsafe_b64encode(b"snapshot-9-x").decode()
+            await nc.jetstream().publish(f"$O.{snapshots.bucket}.M.{name}", b"{not json")
+        finally:
+            await nc.close()
+        with pytest.raises(SnapshotInvalid, match=r"snapshot-9-x .* is not a valid object entry"):
+            await snapshots.latest()
+        assert await snapshots.put(3, b"newer")  # ... and removed by the next put
+        snap = await snapshots.latest()
+        assert snap is not None and snap.data == b"newer"
+        assert await bucket_messages(cluster, snapshots.bucket) == 1 + 1
 
 
 async def test_a_snapshot_of_another_schema_is_refused(cluster: NatsCluster) -> None:

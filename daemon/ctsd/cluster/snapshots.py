@@ -2,29 +2,43 @@
 
 The stream keeps a bounded history; a host further behind than that (`StreamTrimmed`) starts
 from a snapshot instead: the shared state as of some stream seq, encoded by the store (opaque
-bytes here), then applies the stream from that seq on. Hosts put snapshots now and then; the
-bucket keeps the newest one (object `latest`), tagged with the cluster, schema version, seq
-and host, and checked on the way back like a stream message. The founding host's state is
-kept beside it under a name of its own (`put_founding`), for as long as the cluster lives: the
-stream's first message names it (`messages.H_FOUNDING`).
+bytes here), then applies the stream from that seq on. Hosts put snapshots now and then, each
+as an object of its own (`snapshot-<seq>-<host>`), tagged with the cluster, schema version,
+seq and host, and checked on the way back like a stream message; after a put the older ones
+are removed, so the bucket holds the newest one. (Not one name replaced in place: of two
+hosts putting at once, nats-py's put removes only the chunks of the version it saw when it
+began, so the other's would stay for good, and the slower put could replace a newer snapshot
+with an older one.) The founding host's state is kept beside it under a name of its
+own (`put_founding`), for as long as the cluster lives: the stream's first message names it
+(`messages.H_FOUNDING`).
 """
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import json
 
 import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
-from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
-from nats.js.object_store import ObjectStore
+from nats.js.api import ObjectInfo, ObjectMeta, ObjectStoreConfig, StorageType
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
 
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import SnapshotInvalid, Unavailable
-from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA
+from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA, is_founding_name
 
 SNAPSHOT_SCHEMA = "1"  # the snapshot format (the change messages have their own)
 H_SEQ = "Ctsd-Seq"
-OBJECT = "latest"
+PREFIX = "snapshot-"
+READ_ATTEMPTS = 3  # a snapshot removed while read (a newer one came): the bucket looked at again
 
 log = structlog.get_logger("ctsd.cluster")
 
@@ -38,10 +52,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 class Snapshots:
     """The snapshot bucket of the engine's cluster (`ctsd_<name>_snapshots`)."""
 
-    def __init__(self, engine: ClusterEngine) -> None:
+    def __init__(self, engine: ClusterEngine, timeout_s: float | None = None) -> None:
         self.engine = engine
         self.bucket = f"ctsd_{engine.settings.name}_snapshots"
         self._store: ObjectStore | None = None
+        # How long a listing or a chunk may keep a reader waiting.
+        self._timeout_s = timeout_s or max(5.0, engine.settings.publish_timeout_s)
 
     async def ensure(self) -> None:
         """Find or create the bucket. Done at start, while the NATS nodes are usually all
@@ -68,21 +84,21 @@ class Snapshots:
         return self._store
 
     async def put(self, seq: int, data: bytes) -> bool:
-        """Keep `data` as the snapshot at stream seq `seq`, unless a newer one is kept already.
-
-        Returns whether it was stored. Raises Unavailable.
-        """
+        """Keep `data` as the snapshot at stream seq `seq`, unless a newer one is kept already;
+        then remove the older ones (and any no host can use). Returns whether it was stored.
+        Raises Unavailable."""
         store = await self._bucket()
         try:
-            try:
-                current = await self._seq_of_latest(store)
-            except SnapshotInvalid:
-                current = None  # one no host can use is replaced
-            if current is not None and current >= seq:
+            if any(s >= seq for s, _ in (await self._snapshots(store))[0]):
                 return False
-            await store.put(OBJECT, data, meta=self._meta(OBJECT, seq))
+            name = f"{PREFIX}{seq}-{self.engine.settings.host_id}"
+            await store.put(name, data, meta=self._meta(name, seq))
+            kept, unusable = await self._snapshots(store)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"storing the snapshot at seq {seq}: {exc}") from None
+        newest = max(kept, key=lambda k: (k[0], k[1].name))
+        for info in unusable + [i for _, i in kept if i is not newest[1]]:
+            await self._remove(info)
         return True
 
     async def put_founding(self, name: str, seq: int, data: bytes) -> None:
@@ -104,15 +120,15 @@ class Snapshots:
                 raise SnapshotInvalid(
                     f"the founding state {name} is not in bucket {self.bucket} (deleted by hand?)"
                 )
-            result = await store.get(name)
+            info = await store.get_info(name)
+            data = await self._read(info)
         except nats.js.errors.ObjectNotFoundError:
             raise SnapshotInvalid(
                 f"the founding state {name} is not in bucket {self.bucket}"
             ) from None
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (nats.errors.Error, TimeoutError, _Unread) as exc:
             raise Unavailable(f"reading the founding state {name}: {exc}") from None
-        headers = result.info.headers or {}
-        return Snapshot(seq=seq, host=headers.get(H_HOST, "?"), data=result.data or b"")
+        return Snapshot(seq=seq, host=(info.headers or {}).get(H_HOST, "?"), data=data)
 
     async def forget(self, name: str) -> None:
         """Remove object `name` (a founding state the stream did not take), if it can."""
@@ -135,42 +151,158 @@ class Snapshots:
         )
 
     async def latest(self) -> Snapshot | None:
-        """The newest snapshot, checked; None when there is none. Raises SnapshotInvalid,
-        Unavailable."""
+        """The newest snapshot, checked; None when there is none. Raises SnapshotInvalid (the
+        bucket holds one no host can use, newer ones being put over it), Unavailable."""
         store = await self._bucket()
-        try:
-            seq = await self._seq_of_latest(store)
-            if seq is None:
-                return None
-            result = await store.get(OBJECT)
-        except nats.js.errors.ObjectNotFoundError:
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise Unavailable(f"reading the snapshot: {exc}") from None
-        headers = result.info.headers or {}
-        return Snapshot(seq=seq, host=headers.get(H_HOST, "?"), data=result.data or b"")
+        why = ""
+        for _ in range(READ_ATTEMPTS):
+            try:
+                kept, unusable = await self._snapshots(store)
+                newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
+                for bad in unusable:  # the newest decides (an older one is removed at a put)
+                    seq = _tagged_seq(bad)
+                    if newest is None or seq is None or seq >= newest[0]:
+                        raise SnapshotInvalid(self._fault(bad))
+                if newest is None:
+                    return None
+                seq, info = newest
+                data = await self._read(info)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise Unavailable(f"reading the snapshot: {exc}") from None
+            except _Unread as exc:
+                why = str(exc)  # removed meanwhile, most likely: a newer one was put
+                continue
+            return Snapshot(seq=seq, host=(info.headers or {}).get(H_HOST, "?"), data=data)
+        raise Unavailable(f"reading the snapshot: {why}")
 
-    async def _seq_of_latest(self, store: ObjectStore) -> int | None:
-        return await self._seq_of(store, OBJECT)
+    async def _snapshots(
+        self, store: ObjectStore
+    ) -> tuple[list[tuple[int, ObjectInfo]], list[ObjectInfo]]:
+        """The snapshots in the bucket (founding states aside): those with valid tags, with
+        their seq, and those no host can use."""
+        kept: list[tuple[int, ObjectInfo]] = []
+        unusable: list[ObjectInfo] = []
+        # The entries found by their subjects, not through `ObjectStore.list`: that makes a
+        # consumer, which a cluster whose meta leader is being elected (a node just stopped)
+        # cannot make for seconds, and waits for the end of the listing with no time limit.
+        js = self.engine.jetstream()
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=self.bucket)
+        entries = await js.stream_info(stream, subjects_filter=f"$O.{self.bucket}.M.>")
+        for subject in entries.state.subjects or {}:
+            try:
+                msg = await js.get_last_msg(stream, subject)
+                info = ObjectInfo.from_response(json.loads(msg.data or b""))
+            except nats.js.errors.NotFoundError:
+                continue  # removed meanwhile
+            except (ValueError, TypeError, KeyError):  # not an entry nats-py reads
+                unusable.append(ObjectInfo(name=_name_of(subject), bucket=self.bucket, nuid=""))
+                continue
+            if info.deleted or is_founding_name(info.name):
+                continue
+            try:
+                kept.append((self._checked_seq(info), info))
+            except SnapshotInvalid:
+                unusable.append(info)
+        return kept, unusable
+
+    async def _read(self, info: ObjectInfo) -> bytes:
+        """An object's data, its digest checked. Raises _Unread when its chunks stop coming
+        (removed while read) or do not match. Not `ObjectStore.get`, which waits for chunks
+        with no time limit, and leaves its consumer behind when cancelled."""
+        if not info.size:
+            return b""
+        js = self.engine.jetstream()
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        data = bytearray()
+        try:
+            while len(data) < info.size:
+                try:
+                    msg = await sub.next_msg(timeout=self._timeout_s)
+                except nats.errors.TimeoutError:
+                    raise _Unread(f"object {info.name} stopped coming (removed?)") from None
+                data += msg.data
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        digest = (info.digest or "").partition("=")[2]
+        if (
+            len(data) != info.size
+            or base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode() != digest
+        ):
+            raise _Unread(f"object {info.name} is not whole (removed while read?)")
+        return bytes(data)
+
+    async def _remove(self, info: ObjectInfo) -> None:
+        """An older (or unusable) snapshot removed whole: its meta entry too, not left as a
+        deletion marker (one per snapshot ever put would pile up). Best effort: another host's
+        put removes what this one could not."""
+        js = self.engine.jetstream()
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=self.bucket)
+        name = base64.urlsafe_b64encode(info.name.encode()).decode()
+        try:
+            await js.purge_stream(
+                stream, subject=OBJ_META_PRE_TEMPLATE.format(bucket=self.bucket, obj=name)
+            )
+            if info.nuid:
+                await js.purge_stream(
+                    stream,
+                    subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid),
+                )
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("cluster.snapshot_left", name=info.name, reason=str(exc))
 
     async def _seq_of(self, store: ObjectStore, obj: str) -> int | None:
         try:
             info = await store.get_info(obj)
         except nats.js.errors.ObjectNotFoundError:
             return None
+        return self._checked_seq(info)
+
+    def _checked_seq(self, info: ObjectInfo) -> int:
+        """The seq an object's tags give it. Raises SnapshotInvalid."""
+        fault = self._fault(info)
+        if fault:
+            raise SnapshotInvalid(fault)
+        return int((info.headers or {})[H_SEQ])
+
+    def _fault(self, info: ObjectInfo) -> str:
+        """Why no host can use the object ("" when its tags are right)."""
         headers = info.headers or {}
         name = self.engine.settings.name
-        what = f"the snapshot in bucket {self.bucket}" if obj == OBJECT else f"object {obj}"
+        what = (
+            f"object {info.name}"
+            if is_founding_name(info.name)
+            else f"the snapshot {info.name} in bucket {self.bucket}"
+        )
+        if not info.nuid:
+            return f"{what} is not a valid object entry"
         if headers.get(H_CLUSTER) != name:
-            raise SnapshotInvalid(
-                f"{what} belongs to cluster {headers.get(H_CLUSTER)!r}, not {name!r}"
-            )
+            return f"{what} belongs to cluster {headers.get(H_CLUSTER)!r}, not {name!r}"
         if headers.get(H_SCHEMA) != SNAPSHOT_SCHEMA:
-            raise SnapshotInvalid(
+            return (
                 f"{what} has schema version {headers.get(H_SCHEMA)!r}; this ctsd reads "
                 f"version {SNAPSHOT_SCHEMA} only"
             )
-        seq = headers.get(H_SEQ, "")
-        if not seq.isdigit():
-            raise SnapshotInvalid(f"{what} has no valid {H_SEQ} header")
-        return int(seq)
+        if _tagged_seq(info) is None:
+            return f"{what} has no valid {H_SEQ} header"
+        return ""
+
+
+def _name_of(meta_subject: str) -> str:
+    """The object name an entry's subject encodes (as is when it encodes none)."""
+    token = meta_subject.rpartition(".")[2]
+    try:
+        return base64.urlsafe_b64decode(token).decode()
+    except ValueError:
+        return token
+
+
+def _tagged_seq(info: ObjectInfo) -> int | None:
+    seq = (info.headers or {}).get(H_SEQ, "")
+    return int(seq) if seq.isascii() and seq.isdigit() else None
+
+
+class _Unread(Exception):
+    """An object's data could not be read whole (its chunks removed meanwhile, say)."""
