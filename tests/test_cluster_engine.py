@@ -355,6 +355,23 @@ async def test_a_message_the_callback_refuses_stops_the_applying_until_resumed(
         assert a.status().state == "connected"
 
 
+async def test_a_host_stalled_from_outside_the_consumer_applies_nothing_until_resumed(
+    cluster: NatsCluster,
+) -> None:
+    """A stall raised by a write (its own group failed to apply) or by the committer stops the
+    applying as one the consumer met does: nothing counted as applied under a stall."""
+    async with two_hosts(cluster) as (a, rec_a, b, rec_b):
+        await commit(a, b"a1")
+        a.stall(ApplyFailed("held for the test", seq=a.applied_seq + 1))
+        seq = await commit(b, b"b1")
+        await wait_until_async(lambda: (a.status().stream_last_seq or 0) >= seq, timeout=10)
+        assert a.applied_seq == seq - 1 and rec_a.payloads == [b"a1"]
+        assert a.status().state == "stalled"
+        a.resume()
+        await a.wait_applied(seq, timeout=10)
+        assert rec_a.payloads == rec_b.payloads == [b"a1", b"b1"]
+
+
 async def test_a_callback_that_crashes_is_reported_not_fatal(cluster: NatsCluster) -> None:
     async def explode(change: Change) -> None:
         raise OSError(28, "No space left on device")

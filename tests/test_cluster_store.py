@@ -18,6 +18,7 @@ from ctsd import ops
 from ctsd.cluster.committer import ClusterCommitter
 from ctsd.cluster.config import ClusterSettings
 from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.errors import ApplyFailed
 from ctsd.cluster.messages import Change
 from ctsd.core import Request
 from ctsd.errors import CtsdError
@@ -315,3 +316,33 @@ async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newe
         await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
         for c in (x, y):
             assert c.store.connections["c1"].name == "from y, later", c.host
+
+
+async def test_a_hand_edit_refused_while_the_host_is_stalled_is_taken_in_once_it_resumes(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A stall (the stream trimmed past the host, say) refuses writes like an outage: a file
+    saved meanwhile is taken in when the host applies the stream again, not left on disk
+    until it happens to be saved again."""
+    settings = ClusterSettings(
+        nats_urls=tuple(nats.urls), name=f"s{os.getpid()}x{next(_names)}", host_id="x"
+    )
+    async with host(tmp_path / "x", settings) as x:
+        x.subscribe()
+        await x.engine.catch_up(timeout=20)
+        s = x.store
+        await s.submit(
+            ops.create({"id": "c1", "name": "c1", "exchange": "bybit"}), "bus", sync="files"
+        )
+        x.engine.stall(ApplyFailed("held for the test", seq=x.engine.applied_seq + 1))
+        path = s.path("connections.json")
+        rows = json.loads(path.read_bytes())
+        rows[0]["name"] = "by hand"
+        tmp = path.with_name("connections.json.tmp")
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        os.replace(tmp, path)
+        assert not await s.ingest("connections.json")  # refused: the host is stalled
+        x.engine.resume()
+        async with asyncio.timeout(10):
+            while s.connections["c1"].name != "by hand":
+                await asyncio.sleep(0.05)

@@ -239,7 +239,10 @@ class ClusterCommitter:
                 writable = engine.state == "connected"
             except Unavailable:
                 writable = False
-            if not writable or engine.outages == seen:
+            if not writable:
+                seen = -1  # whatever the count says: an outage it may not know of
+                continue
+            if engine.outages == seen:
                 continue
             seen = engine.outages
             log.info("cluster_back", reason="taking in hand edits made meanwhile")

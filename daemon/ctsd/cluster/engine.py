@@ -253,6 +253,7 @@ class ClusterEngine:
         if self._stalled is not None:
             return
         log.error("cluster.stalled", kind=exc.kind, reason=str(exc), seq=exc.seq)
+        self.outages += 1  # writes stop: hand edits refused meanwhile are taken in after it
         self._state = "stalled"
         self._reason = str(exc)
         self._stalled = exc
@@ -808,6 +809,7 @@ class ClusterEngine:
                 self._stall(exc)
             except _Restart as exc:
                 log.info("cluster.consumer_restart", reason=str(exc), applied_seq=self._applied)
+                await asyncio.sleep(0.1)  # not a busy loop when every new consumer fails
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 log.info("cluster.consumer_retry", reason=_describe(exc))
                 await asyncio.sleep(0.1)
@@ -926,6 +928,8 @@ class ClusterEngine:
         self._stream_last = max(self._stream_last or 0, seq + meta.num_pending)
         self._last_delivered = max(self._last_delivered, seq)
         async with self._apply_lock:
+            if self._stalled is not None:  # stalled from outside the consumer (`commit`, say)
+                raise _Restart(f"stalled: {self._stalled.kind}")
             if seq <= self._applied:
                 return  # applied already (a restarted consumer, or `commit`'s own apply)
             if seq != self._applied + 1:
