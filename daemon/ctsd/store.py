@@ -110,6 +110,9 @@ class Store:
         self._closing = False
         self.events_listeners: list[EventsListener] = []
         self.notice_listeners: list[NoticeListener] = []
+        # The shared state replaced from a cluster snapshot (`replaced`): True when the events
+        # published before do not lead to it (the snapshot's history skips some).
+        self.replaced_listeners: list[Callable[[bool], None]] = []
         self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
         self.watch_again: Callable[[str], None] = lambda _file: None  # set by the watcher
         # How a group is made durable: the journal here, or the cluster (set by the app).
@@ -502,6 +505,13 @@ class Store:
         for listener in self.events_listeners:
             try:
                 listener(events)
+            except Exception:
+                log.exception("listener_failed")
+
+    def replaced(self, gap: bool) -> None:
+        for listener in self.replaced_listeners:
+            try:
+                listener(gap)
             except Exception:
                 log.exception("listener_failed")
 

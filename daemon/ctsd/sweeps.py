@@ -128,6 +128,7 @@ class Sweeper:
         self.tick_times: deque[float] = deque(maxlen=4096)
         self._warned: dict[str, str] = {}  # what → last message: a refusal is logged once
         self.store.events_listeners.append(self._on_events)
+        self.store.replaced_listeners.append(self._on_replaced)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -152,6 +153,12 @@ class Sweeper:
                     self._rescan_todo = None  # start over: a half-done pass saw the old table
                 continue
             self.changed.add(cid)
+
+    def _on_replaced(self, _gap: bool) -> None:
+        """The state replaced from a cluster snapshot: its events need not name every
+        connection that changed."""
+        self.rescan = True
+        self._rescan_todo = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)

@@ -113,6 +113,7 @@ class Hub:
     def start(self) -> None:
         self.store.events_listeners.append(self.publish)
         self.store.notice_listeners.append(self.notice)
+        self.store.replaced_listeners.append(self._replaced)
         self._progress_task = asyncio.get_running_loop().create_task(
             self._progress(), name="ctsd-progress"
         )
@@ -122,6 +123,8 @@ class Hub:
             self.store.events_listeners.remove(self.publish)
         with contextlib.suppress(ValueError):
             self.store.notice_listeners.remove(self.notice)
+        with contextlib.suppress(ValueError):
+            self.store.replaced_listeners.remove(self._replaced)
         if self._progress_task is not None:
             self._progress_task.cancel()
 
@@ -169,6 +172,16 @@ class Hub:
     def _on_cut(self, outbox: Outbox) -> None:
         if self.unsubscribe(outbox):
             self.lagging_closed += 1
+
+    def _replaced(self, gap: bool) -> None:
+        """Events were skipped (a cluster snapshot installed past them): every subscriber is
+        closed with 4008; resuming with `since` it gets `revision_compacted` and takes a
+        snapshot, rather than read a gap as no change."""
+        if not gap:
+            return
+        for outbox in list(self.by_outbox):
+            self.unsubscribe(outbox)  # (not counted as lagging)
+            outbox.cut("this daemon skipped events (a cluster snapshot); resume with since")
 
     # --- publish --------------------------------------------------------------------------
 

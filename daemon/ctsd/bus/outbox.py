@@ -148,15 +148,14 @@ class Outbox:
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
-    def cut(self) -> None:
-        """Fell behind: drop what is queued and close with 4008 (resume with `since`)."""
+    def cut(self, reason: str = "subscriber fell behind; resume with since") -> None:
+        """Fell behind (or the daemon's history was replaced): drop what is queued and close
+        with 4008 (resume with `since`)."""
         self.stop()
-        log.warning("subscriber_lagging", remote=self.remote, code=CLOSE_LAGGING)
+        log.warning("subscriber_cut", remote=self.remote, code=CLOSE_LAGGING, reason=reason)
         if self.on_cut is not None:
             self.on_cut(self)
-        task = asyncio.get_running_loop().create_task(
-            self.close(CLOSE_LAGGING, "subscriber fell behind; resume with since")
-        )
+        task = asyncio.get_running_loop().create_task(self.close(CLOSE_LAGGING, reason))
         _closing.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(_closing.discard)
 

@@ -704,6 +704,10 @@ class ClusterCommitter:
             revision=c.revision,
         )
         news = [e for e in c.log if e.id > before]
+        # Missed events the snapshot's sync log no longer holds (a host cut off for longer than
+        # the stream keeps, which is more than the log keeps): subscribers must not take the
+        # next event for the one after their last.
+        store.replaced(c.revision > before and (not news or news[0].id != before + 1))
         if news:
             store.publish(news)
 
