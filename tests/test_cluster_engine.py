@@ -542,6 +542,31 @@ async def test_a_bucket_entry_that_does_not_decode_is_named_then_removed(
         assert await bucket_messages(cluster, snapshots.bucket) == 1 + 1
 
 
+async def test_a_snapshot_of_a_stream_deleted_and_created_again_is_refused(
+    cluster: NatsCluster,
+) -> None:
+    """The bucket outlives a stream deleted by hand: its snapshots count seqs of that stream,
+    so a host of the new one refuses them (a put on the new stream then removes them)."""
+    s = make_settings(cluster)
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        await commit(a, b"old stream")
+        assert await Snapshots(a).put(1, b"state of the old stream")
+        nc = await nats.connect(cluster.urls)
+        try:
+            await nc.jetstream().delete_stream(a.stream)
+        finally:
+            await nc.close()
+    async with running(s) as (b, _):  # creates the stream again, same name
+        await b.catch_up(timeout=10)
+        snapshots = Snapshots(b)
+        with pytest.raises(SnapshotInvalid, match="created again"):
+            await snapshots.latest()
+        assert await snapshots.put(1, b"state of the new stream")
+        snap = await snapshots.latest()
+        assert snap is not None and snap.data == b"state of the new stream"
+
+
 async def test_a_snapshot_of_another_schema_is_refused(cluster: NatsCluster) -> None:
     s = make_settings(cluster)
     nc = await nats.connect(cluster.urls)

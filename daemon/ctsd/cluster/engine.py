@@ -177,6 +177,9 @@ class ClusterEngine:
         self._applied = 0
         self._last_delivered = 0
         self._stream_last: int | None = None
+        # When the stream was created (NATS's `created`): tells it from an earlier stream of the
+        # same name, deleted and created again, whose snapshots must not be taken for its own.
+        self.stream_created = ""
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -382,6 +385,7 @@ class ClusterEngine:
                 f"stream {self.stream} exists with subjects {subjects}, not [{self.subject!r}]: "
                 "it is not this cluster's change stream"
             )
+        self.stream_created = info.created.isoformat() if info.created else ""
         self._note_stream(info.state)
 
     def _note_stream(self, state: StreamState) -> None:

@@ -37,6 +37,7 @@ from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_SCHEMA, is_founding_name
 
 SNAPSHOT_SCHEMA = "1"  # the snapshot format (the change messages have their own)
 H_SEQ = "Ctsd-Seq"
+H_STREAM = "Ctsd-Stream-Created"  # the stream the seq counts in (`ClusterEngine.stream_created`)
 PREFIX = "snapshot-"
 READ_ATTEMPTS = 3  # a snapshot removed while read (a newer one came): the bucket looked at again
 
@@ -147,6 +148,7 @@ class Snapshots:
                 H_SCHEMA: SNAPSHOT_SCHEMA,
                 H_HOST: settings.host_id,
                 H_SEQ: str(seq),
+                H_STREAM: self.engine.stream_created,
             },
         )
 
@@ -287,6 +289,12 @@ class Snapshots:
             )
         if _tagged_seq(info) is None:
             return f"{what} has no valid {H_SEQ} header"
+        created, ours = headers.get(H_STREAM), self.engine.stream_created
+        if created and ours and created != ours:
+            return (
+                f"{what} counts in stream {self.engine.stream} created {created}, not in the one "
+                f"created {ours} (deleted and created again?): its seq means nothing here"
+            )
         return ""
 
 
