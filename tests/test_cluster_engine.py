@@ -361,7 +361,7 @@ async def test_a_host_stalled_from_outside_the_consumer_applies_nothing_until_re
     """A stall raised by a write (its own group failed to apply) or by the committer stops the
     applying as one the consumer met does: nothing counted as applied under a stall."""
     async with two_hosts(cluster) as (a, rec_a, b, rec_b):
-        await commit(a, b"a1")
+        await b.wait_applied(await commit(a, b"a1"), timeout=10)
         a.stall(ApplyFailed("held for the test", seq=a.applied_seq + 1))
         seq = await commit(b, b"b1")
         await wait_until_async(lambda: (a.status().stream_last_seq or 0) >= seq, timeout=10)
@@ -517,6 +517,15 @@ async def test_a_snapshot_removed_while_read_is_unavailable_not_a_hang(
             await snapshots.latest()
         assert time.monotonic() - started < 5
         assert await snapshots.put(3, b"y" * 1000)
+        snap = await snapshots.latest()
+        assert snap is not None and (snap.seq, snap.data) == (3, b"y" * 1000)
+        # A newer entry whose data are gone (a put that failed once its entry was stored):
+        # read in vain twice, then the next newest is used.
+        store = await a.jetstream().object_store(snapshots.bucket)
+        info = await store.put("snapshot-4-x", b"z" * 1000, meta=snapshots._meta("snapshot-4-x", 4))
+        await a.jetstream().purge_stream(
+            f"OBJ_{snapshots.bucket}", subject=f"$O.{snapshots.bucket}.C.{info.nuid}"
+        )
         snap = await snapshots.latest()
         assert snap is not None and (snap.seq, snap.data) == (3, b"y" * 1000)
 

@@ -330,6 +330,7 @@ async def test_a_hand_edit_refused_while_the_host_is_stalled_is_taken_in_once_it
     async with host(tmp_path / "x", settings) as x:
         x.subscribe()
         await x.engine.catch_up(timeout=20)
+        x.started()
         s = x.store
         await s.submit(
             ops.create({"id": "c1", "name": "c1", "exchange": "bybit"}), "bus", sync="files"

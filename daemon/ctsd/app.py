@@ -204,7 +204,7 @@ async def _join_cluster(d: Daemon) -> None:
     if refused is not None:
         await store.abandon()  # closes the engine; the files stay as they were
         raise StartError(refused)
-    committer.start_snapshots()
+    committer.started()
 
 
 def _secrets_box(data_dir: Path) -> SecretBox:

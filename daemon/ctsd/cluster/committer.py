@@ -128,7 +128,6 @@ class ClusterCommitter:
         self._installed_seq = self._snapshotted_seq = seq
         self._joined = seq > 0
         self.engine.subscribe_from(seq, self._apply)
-        self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
         return seq
 
     async def catch_up(self, timeout: float) -> int:
@@ -220,17 +219,21 @@ class ClusterCommitter:
             if await self.store.ingest(file, force=True):  # a deleted algorithm too
                 log.info("cluster.edited_while_stopped_taken_in", file=file)
 
-    def start_snapshots(self) -> None:
-        """Put a snapshot now and then (after catch-up: a host behind puts none)."""
+    def started(self) -> None:
+        """The start is done (caught up, or given up on for now): put a snapshot now and then
+        (a host behind puts none), and take hand edits refused meanwhile in once the cluster
+        takes writes again (not during the start, whose own order takes them in)."""
         if self._snapshot_task is None:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="snapshots")
+        if self._back is None:
+            self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
 
     async def _take_in_when_back(self) -> None:
         """Hand edits refused while the cluster could not take changes are taken in once it
         can again (the files differ from what the daemon last read). An outage is noticed by
         the engine's count of them, so one shorter than a poll is not missed."""
         engine = self.engine
-        # Not taking writes at the start: edits made until it does are taken in then.
+        # Not taking writes now: edits made until it does are taken in then.
         seen = engine.outages if engine.state == "connected" else -1
         while True:
             await asyncio.sleep(BACK_POLL_S)

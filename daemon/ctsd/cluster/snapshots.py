@@ -93,12 +93,18 @@ class Snapshots:
             if any(s >= seq for s, _ in (await self._snapshots(store))[0]):
                 return False
             name = f"{PREFIX}{seq}-{self.engine.settings.host_id}"
-            await store.put(name, data, meta=self._meta(name, seq))
+            try:
+                await store.put(name, data, meta=self._meta(name, seq))
+            except BaseException:
+                # nats-py removed the chunks, but its entry may have been stored (an answer
+                # lost): an entry pointing at nothing, newest of all, would be read in vain.
+                await self._remove(ObjectInfo(name=name, bucket=self.bucket, nuid=""))
+                raise
             kept, unusable = await self._snapshots(store)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"storing the snapshot at seq {seq}: {exc}") from None
-        newest = max(kept, key=lambda k: (k[0], k[1].name))
-        for info in unusable + [i for _, i in kept if i is not newest[1]]:
+        newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
+        for info in unusable + [i for _, i in kept if newest is None or i is not newest[1]]:
             await self._remove(info)
         return True
 
@@ -157,22 +163,28 @@ class Snapshots:
         bucket holds one no host can use, newer ones being put over it), Unavailable."""
         store = await self._bucket()
         why = ""
-        for _ in range(READ_ATTEMPTS):
+        unread: set[str] = set()  # read in vain twice: its data are gone, the next one is tried
+        tried: set[str] = set()
+        for _ in range(READ_ATTEMPTS + 1):
             try:
                 kept, unusable = await self._snapshots(store)
+                kept = [k for k in kept if k[1].name not in unread]
                 newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
                 for bad in unusable:  # the newest decides (an older one is removed at a put)
                     seq = _tagged_seq(bad)
                     if newest is None or seq is None or seq >= newest[0]:
                         raise SnapshotInvalid(self._fault(bad))
                 if newest is None:
+                    if unread:
+                        break
                     return None
                 seq, info = newest
                 data = await self._read(info)
             except (nats.errors.Error, TimeoutError) as exc:
                 raise Unavailable(f"reading the snapshot: {exc}") from None
             except _Unread as exc:
-                why = str(exc)  # removed meanwhile, most likely: a newer one was put
+                why = str(exc)  # removed meanwhile (a newer one was put), or its data lost
+                (unread if info.name in tried else tried).add(info.name)
                 continue
             return Snapshot(seq=seq, host=(info.headers or {}).get(H_HOST, "?"), data=data)
         raise Unavailable(f"reading the snapshot: {why}")
@@ -196,7 +208,7 @@ class Snapshots:
                 info = ObjectInfo.from_response(json.loads(msg.data or b""))
             except nats.js.errors.NotFoundError:
                 continue  # removed meanwhile
-            except (ValueError, TypeError, KeyError):  # not an entry nats-py reads
+            except (ValueError, TypeError, KeyError, AttributeError):  # not one nats-py reads
                 unusable.append(ObjectInfo(name=_name_of(subject), bucket=self.bucket, nuid=""))
                 continue
             if info.deleted or is_founding_name(info.name):
@@ -309,7 +321,7 @@ def _name_of(meta_subject: str) -> str:
 
 def _tagged_seq(info: ObjectInfo) -> int | None:
     seq = (info.headers or {}).get(H_SEQ, "")
-    return int(seq) if seq.isascii() and seq.isdigit() else None
+    return int(seq) if isinstance(seq, str) and seq.isascii() and seq.isdigit() else None
 
 
 class _Unread(Exception):
