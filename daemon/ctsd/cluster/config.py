@@ -202,37 +202,42 @@ def _check_url(url: str, origin: str, index: int) -> str:
     where = f"{origin}[{index}]"
     if not url:
         raise ClusterConfigError(f"{where} is empty: give a URL like nats://host:4222")
+    shown = _shown(url)  # every message shows this: a URL may hold a password by mistake
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ClusterConfigError(f"{where} {_shown(url)!r} is not a valid URL: {exc}") from None
-    if parts.username is not None or parts.password is not None:
+    except ValueError:  # (its text may quote a piece of a password)
         raise ClusterConfigError(
-            f"{where} {_shown(url)!r} holds credentials: URLs are shown in status and logs, "
+            f"{where} {shown!r} is not a valid URL (a host, and a port from 1 to 65535)"
+        ) from None
+    if "@" in url:
+        raise ClusterConfigError(
+            f"{where} {shown!r} holds credentials: URLs are shown in status and logs, "
             f"so put credentials in CTSD_CLUSTER_CREDS_FILE or the systemd credential "
             f"{CREDS_CREDENTIAL}"
         )
     if parts.scheme not in SCHEMES:
         raise ClusterConfigError(
-            f"{where} {url!r} has scheme {parts.scheme or '(none)'!r}: use one of "
+            f"{where} {shown!r} has scheme {parts.scheme or '(none)'!r}: use one of "
             + ", ".join(f"{s}://" for s in SCHEMES)
         )
     if not parts.hostname:
-        raise ClusterConfigError(f"{where} {url!r} names no host: give nats://host:4222")
+        raise ClusterConfigError(f"{where} {shown!r} names no host: give nats://host:4222")
     if port == 0:
-        raise ClusterConfigError(f"{where} {url!r}: port 0 is not a port")
+        raise ClusterConfigError(f"{where} {shown!r}: port 0 is not a port")
     if parts.scheme in ("nats", "tls") and (parts.path not in ("", "/") or parts.query):
-        raise ClusterConfigError(f"{where} {url!r}: a {parts.scheme}:// URL has no path or query")
+        raise ClusterConfigError(f"{where} {shown!r}: a {parts.scheme}:// URL has no path or query")
     return url
 
 
 def _shown(url: str) -> str:
-    """The URL with any user info masked (for error messages)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    """The URL with everything that may be user info masked (for error messages): up to the
+    last `@`, whatever the scheme or its typos."""
+    if "@" not in url:
         return url
-    return f"{scheme}://{MASK}@{rest.split('@', 1)[1]}"
+    scheme, sep, _ = url.partition("://")
+    head = f"{scheme}://" if sep and "@" not in scheme else ""
+    return f"{head}{MASK}@{url.rsplit('@', 1)[1]}"
 
 
 def credentials_path(env: Mapping[str, str]) -> Path | None:
