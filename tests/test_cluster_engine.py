@@ -576,6 +576,21 @@ async def test_a_snapshot_of_a_stream_deleted_and_created_again_is_refused(
         assert snap is not None and snap.data == b"state of the new stream"
 
 
+async def test_a_snapshot_whose_seq_is_no_number_is_refused_not_a_crash(
+    cluster: NatsCluster,
+) -> None:
+    s = make_settings(cluster)
+    nc = await nats.connect(cluster.urls)
+    store = await nc.jetstream().create_object_store(f"ctsd_{s.name}_snapshots")
+    headers = {H_CLUSTER: s.name, H_SCHEMA: "1", "Ctsd-Seq": "9" * 5000}
+    await store.put("snapshot-9-x", b"x", meta=ObjectMeta(name="snapshot-9-x", headers=headers))
+    await nc.close()
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        with pytest.raises(SnapshotInvalid, match="no valid Ctsd-Seq header"):
+            await Snapshots(a).latest()
+
+
 async def test_a_snapshot_of_another_schema_is_refused(cluster: NatsCluster) -> None:
     s = make_settings(cluster)
     nc = await nats.connect(cluster.urls)

@@ -277,9 +277,10 @@ class Snapshots:
     def _checked_seq(self, info: ObjectInfo) -> int:
         """The seq an object's tags give it. Raises SnapshotInvalid."""
         fault = self._fault(info)
-        if fault:
+        seq = _tagged_seq(info)
+        if fault or seq is None:
             raise SnapshotInvalid(fault)
-        return int((info.headers or {})[H_SEQ])
+        return seq
 
     def _fault(self, info: ObjectInfo) -> str:
         """Why no host can use the object ("" when its tags are right)."""
@@ -321,7 +322,8 @@ def _name_of(meta_subject: str) -> str:
 
 def _tagged_seq(info: ObjectInfo) -> int | None:
     seq = (info.headers or {}).get(H_SEQ, "")
-    return int(seq) if isinstance(seq, str) and seq.isascii() and seq.isdigit() else None
+    ok = isinstance(seq, str) and 0 < len(seq) <= 19 and seq.isascii() and seq.isdigit()
+    return int(seq) if ok else None  # (19 digits: int() refuses thousands)
 
 
 class _Unread(Exception):
