@@ -532,8 +532,18 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"connections": [["c9", {"id": 5}]]}',  # a record not of its type
+        # typed right, but a document the files could not hold (applied, it stopped the
+        # host halfway and, journalled, every start after it)
+        b'{"documents": [["settings", {"sync_log_limit": "x"}, ["sync_log_limit"]]]}',
+    ],
+    ids=["record", "document"],
+)
 async def test_a_message_that_does_not_decode_is_never_applied(
-    nats: NatsCluster, hosts: Hosts
+    nats: NatsCluster, hosts: Hosts, payload: bytes
 ) -> None:
     """A message of the right cluster that is not a valid change: every host stops applying
     there (degraded, writes refused), nothing of it reaches a file, no daemon crashes."""
@@ -550,8 +560,7 @@ async def test_a_message_that_does_not_decode_is_never_applied(
             H_HOST: "intruder",
             H_MSG_ID: "intruder:1",
         }
-        # Decodes as JSON, but the connection record is not valid: nothing of it may apply.
-        payload = b'{"connections": [["c9", {"id": 5}]]}'
+        # Decodes as JSON, but is not a valid change: nothing of it may apply.
         await nc.jetstream().publish(f"ctsd.{hosts.name}.chg", payload, headers=headers)
     finally:
         await nc.close()

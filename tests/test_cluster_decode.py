@@ -8,6 +8,7 @@ import pytest
 
 from ctsd.cluster.committer import _decoded
 from ctsd.cluster.errors import InvalidChange
+from ctsd.cluster.shared import change_problem
 from ctsd.core import Change, Committed, RecordChange, replayed
 from ctsd.models import Connection, ConnectionState, SyncEvent
 from tests.datadir import connection
@@ -76,3 +77,50 @@ def test_the_stream_form_has_every_field_of_a_change() -> None:
     from ctsd.cluster.committer import _TypedChange
 
     assert _TypedChange.__struct_fields__ == Change.__struct_fields__
+
+
+def instance(algorithm: str) -> dict[str, str]:
+    return {"id": "i1", "name": "i", "symbol": "BTCUSDT", "algorithmName": algorithm}
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (Change(documents=[RecordChange("settings", {"sync_log_limit": "x"})]), "sync_log_limit"),
+        (Change(documents=[RecordChange("bogus", {})]), "unknown document 'bogus'"),
+        (
+            Change(
+                connections=[
+                    RecordChange(
+                        "c9",
+                        msgspec.convert(connection(id="c9", connection_settings="[1]"), Connection),
+                    )
+                ]
+            ),
+            "connection 'c9'",
+        ),
+        (
+            Change(documents=[RecordChange("instances", {"instances": [instance("nowhere")]})]),
+            "nowhere",
+        ),
+    ],
+)
+def test_a_change_the_files_could_not_hold_is_named_before_it_applies(
+    change: Change, says: str
+) -> None:
+    """Typed right, yet what the data files refuse at start: named by `change_problem`, which
+    the committer asks before anything of the change is journalled."""
+    problem = change_problem(Committed(), _decoded(_payload(change)))
+    assert problem is not None and says in problem, problem
+
+
+def test_a_change_the_files_can_hold_has_no_problem() -> None:
+    c = Committed()
+    c.documents["algorithms/a1"] = {"name": "a1"}
+    change = Change(
+        documents=[
+            RecordChange("settings", {"sync_log_limit": 50}),
+            RecordChange("instances", {"instances": [instance("a1")]}),
+        ]
+    )
+    assert change_problem(c, _decoded(_payload(change))) is None

@@ -165,7 +165,7 @@ class Committed:
             if rc.value is None:
                 self.documents.pop(rc.key, None)
             else:
-                self.documents[rc.key] = _patch_document(self.documents.get(rc.key), rc)
+                self.documents[rc.key] = patch_document(self.documents.get(rc.key), rc)
         if change.log is not None:
             self.log = deque(change.log)
             if change.log:
@@ -228,7 +228,7 @@ def _apply_records(
         table[rc.key] = value
 
 
-def _patch_document(current: dict[str, Any] | None, rc: RecordChange) -> dict[str, Any]:
+def patch_document(current: dict[str, Any] | None, rc: RecordChange) -> dict[str, Any]:
     value: dict[str, Any] = rc.value
     if rc.fields is None or current is None:
         return value

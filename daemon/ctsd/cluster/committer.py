@@ -476,6 +476,9 @@ class ClusterCommitter:
             if self._held(committed, msg, change):
                 self._note_landed(msg)
                 return
+            problem = shared.change_problem(committed, change)
+            if problem is not None:  # before the journal: nothing of it is applied
+                raise InvalidChange(problem)
             if (
                 names is not None
                 and msg.base is not None

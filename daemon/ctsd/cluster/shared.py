@@ -20,7 +20,7 @@ import msgspec
 from ctsd import files
 from ctsd.cluster.errors import SnapshotInvalid
 from ctsd.cluster.messages import inflate
-from ctsd.core import Change, Committed, RecordChange, algorithm_names
+from ctsd.core import Change, Committed, RecordChange, algorithm_names, patch_document
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
 from ctsd.secretbox import SecretBox, SecretError, is_encrypted, stored_key_id
@@ -209,3 +209,38 @@ def replacement(c: Committed, state: SharedState) -> Change:
         log=list(state.log),
         replaces=True,
     )
+
+
+def change_problem(c: Committed, change: Change) -> str | None:
+    """What in another host's change the data files could not hold, checked as they are at
+    start, on the state it would be applied to; None when nothing. Its records' types are
+    checked by the decode; this is the rest: connection_settings, documents against their
+    typed views (as patched here), instances naming algorithms."""
+    try:
+        for rc in change.connections:
+            if rc.value is not None:
+                problem = files.connection_settings_problem(rc.value.connection_settings)
+                if problem:
+                    return f"connection {rc.key[:80]!r}: {problem}"
+        documents = dict(c.documents)
+        for rc in change.documents:
+            try:
+                file = files.document_file(rc.key)
+            except KeyError:
+                return f"it changes an unknown document {rc.key[:80]!r}"
+            if rc.value is None:
+                documents.pop(rc.key, None)
+                continue
+            documents[rc.key] = patch_document(documents.get(rc.key), rc)
+            files.validate_document(rc.key, documents[rc.key], file)
+        instances = documents.get("instances")
+        if instances is not None and any(
+            rc.key == "instances" or rc.key.startswith(f"{files.ALGORITHMS_DIR}/")
+            for rc in change.documents
+        ):
+            files.check_instance_refs(
+                instances, algorithm_names(documents), files.document_file("instances"), None
+            )
+    except Invalid as exc:
+        return exc.problem.format()
+    return None
