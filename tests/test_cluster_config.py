@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": {"nats_urls": ["nats://"], "name": "d"}}, {}, "names no host"),
         ({"cluster": {"nats_urls": ["nats://a:99999"], "name": "d"}}, {}, "not a valid URL"),
         ({"cluster": {"nats_urls": ["nats://a/x"], "name": "d"}}, {}, "has no path"),
+        ({"cluster": {"nats_urls": ["ws://a/x?y=1"], "name": "d"}}, {}, "query or fragment"),
+        ({"cluster": {"nats_urls": ["nats://a#x"], "name": "d"}}, {}, "query or fragment"),
+        ({"cluster": {"nats_urls": ["nats://a", 4222], "name": "d"}}, {}, "nats_urls[1]`"),
+        # what the servers could not hold (signed 64-bit; the age in nanoseconds)
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_msgs": 2**63}}, {}, "max_msgs"),
+        (
+            {"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_bytes": 2**64 - 1}},
+            {},
+            "max_bytes",
+        ),
+        ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 1e300}}, {}, "max_age"),
         (
             None,
             {"CTSD_CLUSTER_NATS_URLS": "nats://a:4222,", "CTSD_CLUSTER_NAME": "d"},
@@ -118,9 +130,18 @@ def test_wrong_settings_get_a_clear_error(settings: dict | None, env: dict, mess
     assert message in str(info.value)
 
 
+def test_urls_are_trimmed_and_the_largest_limits_pass() -> None:
+    big = {"max_msgs": 2**63 - 1, "max_bytes": 2**63 - 1, "max_age_s": 9e9}
+    s = load({"cluster": {"nats_urls": [" nats://a:4222\n"], "name": "d", **big}})
+    assert s is not None and s.nats_urls == ("nats://a:4222",)
+    assert (s.max_msgs, s.max_bytes, s.max_age_s) == (2**63 - 1, 2**63 - 1, 9e9)
+
+
 @pytest.mark.parametrize(
     "url",
     [
+        f"wss://a:443/nats?auth_token={CANARY}",  # a token in the query
+        f"ws://a:80/x#{CANARY}",
         f"nats://bot:{CANARY}@a:4222",
         f"nats://bot:{CANARY}/x@a:4222",  # a "/" in the password
         f"nats://bot:{CANARY}?#@a:4222",  # "?" and "#" too
@@ -170,6 +191,7 @@ def test_credentials_token_from_the_systemd_credential(tmp_path: Path) -> None:
         (f":{CANARY}", "needs both a user and a password"),
         (f"-----BEGIN NATS USER JWT-----\n{CANARY}\n", ".creds (JWT) file"),
         (b"\xff\xfe" + CANARY.encode(), "not UTF-8"),
+        ("x" * 70_000, "larger than 65536 bytes"),
     ],
 )
 def test_bad_credentials_files_are_named_not_quoted(
@@ -184,3 +206,36 @@ def test_bad_credentials_files_are_named_not_quoted(
         load(BASE, CTSD_CLUSTER_CREDS_FILE=str(f))
     assert message in str(info.value) and str(f) in str(info.value)
     assert CANARY not in str(info.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_user(tmp_path: Path) -> None:
+    f = tmp_path / "creds"
+    f.write_bytes(f"\ufeffbot:{CANARY}\r\n".encode())
+    s = load(BASE, CTSD_CLUSTER_CREDS_FILE=str(f))
+    assert s is not None and s.credentials is not None
+    assert s.credentials.connect_options() == {"user": "bot", "password": CANARY}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "device"])
+def test_a_credentials_path_that_is_no_file_is_refused_without_blocking(
+    tmp_path: Path, kind: str
+) -> None:
+    """A FIFO would block the start for good, /dev/zero never ends: refused, named."""
+    f = tmp_path / "creds"
+    if kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "dir":
+        f.mkdir()
+    else:
+        f = Path("/dev/zero")
+    with pytest.raises(ClusterConfigError) as info:
+        load(BASE, CTSD_CLUSTER_CREDS_FILE=str(f))
+    assert str(f) in str(info.value) and "not a regular file" in str(info.value)
+
+
+def test_a_credentials_symlink_is_followed(tmp_path: Path) -> None:
+    """The operator chose the path: a link to the real file is fine (unlike in the data dir)."""
+    (tmp_path / "real").write_text(CANARY + "\n")
+    (tmp_path / "creds").symlink_to(tmp_path / "real")
+    s = load(BASE, CTSD_CLUSTER_CREDS_FILE=str(tmp_path / "creds"))
+    assert s is not None and s.credentials is not None and s.credentials.token == CANARY

@@ -308,6 +308,9 @@ async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: N
         ({"Ctsd-Encoding": "zlib"}, "does not inflate"),
         ({"Ctsd-Encoding": "zstd"}, "unknown encoding 'zstd'"),
         ({H_HOST: None}, "no Nats-Msg-Id or Ctsd-Host header"),
+        ({H_HOST: "h" * 5000}, "has Ctsd-Host 'hhhh"),  # shown short, in every status
+        ({H_MSG_ID: "x:" + "1" * 5000}, "not a host id and message id"),
+        ({H_HOST: "a b"}, "not a host id and message id"),
         ({"Ctsd-Founding": "founding-x-1"}, "only the stream's first message founds"),
     ],
 )
@@ -325,7 +328,7 @@ async def test_a_message_of_another_cluster_or_schema_is_refused(
         status = a.status()
         assert status.stalled == "bad_message" and f"message seq {seq}" in (status.reason or "")
         assert expect in (status.reason or "")
-        assert "not applied" in (status.reason or "")
+        assert "not applied" in (status.reason or "") and len(status.reason or "") < 500
         assert rec.payloads == [b"good"] and a.applied_seq == 1
         with pytest.raises(Unavailable, match="stopped applying"):
             await a.publish(b"later", 1, a.new_local_id())
@@ -950,18 +953,23 @@ async def test_credentials_connect_and_wrong_ones_are_named_never_shown(
         await commit(a, b"ok")
         assert rec.payloads == [b"ok"]
     bad = Credentials(kind="user_password", source="/creds", user="ctsd", password="wrong-pw")
-    with structlog.testing.capture_logs() as logs:
-        engine = ClusterEngine(make_settings(auth_server, credentials=bad, replicas=1))
-        try:
-            assert await engine.start(wait_s=1.5) is False
-            await wait_until_async(
-                lambda: "Authorization" in (engine.status().reason or ""), timeout=10
-            )
-            with pytest.raises(Unavailable) as info:
-                await engine.publish(b"x", 0, engine.new_local_id())
-        finally:
-            await engine.close()
-    shown = repr(logs) + repr(engine.status()) + str(info.value) + repr(good) + str(bad)
+    shown = repr(good) + str(bad)
+    # wrong credentials name the file they came from; none at all say where they are looked for
+    for creds, hint in ((bad, "from /creds"), (None, "CTSD_CLUSTER_CREDS_FILE")):
+        with structlog.testing.capture_logs() as logs:
+            engine = ClusterEngine(make_settings(auth_server, credentials=creds, replicas=1))
+            try:
+                assert await engine.start(wait_s=1.5) is False
+                await wait_until_async(
+                    lambda e=engine: "Authorization" in (e.status().reason or ""), timeout=10
+                )
+                assert hint in (engine.status().reason or ""), engine.status()
+                with pytest.raises(Unavailable) as info:
+                    await engine.publish(b"x", 0, engine.new_local_id())
+                assert hint in str(info.value)
+            finally:
+                await engine.close()
+        shown += repr(logs) + repr(engine.status()) + str(info.value)
     assert CANARY not in shown and "wrong-pw" not in shown
 
 

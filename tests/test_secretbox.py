@@ -129,6 +129,23 @@ def test_a_configured_key_that_is_missing_is_an_error_not_plain_text(tmp_path: P
     assert "cannot read the secrets key" in str(e.value) and "nope" in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_key_path_that_is_no_key_file_is_refused_without_blocking(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "key"
+    if kind == "fifo":
+        os.mkfifo(path)  # a plain open would wait for a writer for good
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.write_bytes(b"a" * 5000)
+    with pytest.raises(KeyFileError) as e:
+        configured_key({KEY_FILE_ENV: str(path)})
+    assert str(path) in str(e.value)
+    assert ("not a regular file" if kind != "huge" else "larger than") in str(e.value)
+
+
 # --- values -----------------------------------------------------------------------------------
 
 

@@ -216,6 +216,30 @@ def read_text_file(path: Path, limit: int = 64 * 1024) -> tuple[str, os.stat_res
     return raw.decode("utf-8"), st
 
 
+def read_configured_file(path: Path, limit: int) -> bytes:
+    """A small file an operator named (a key, credentials): links are followed, as the
+    operator chose the path, but anything other than a regular file is refused before it is
+    read (a FIFO would block the start for good, /dev/zero would never end). Raises
+    NotRegular (an OSError) for those, OSError as `os.open` does, and ValueError when the file
+    holds more than `limit` bytes."""
+
+    def check(st: os.stat_result) -> None:
+        reason = kind_problem(st)
+        if reason is not None:
+            raise NotRegular(path, f"it {reason.split(',')[0]}, not a regular file")
+
+    check(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        check(os.fstat(fd))  # swapped since the stat
+        raw = read_fd(fd, limit)
+    finally:
+        os.close(fd)
+    if raw is None:
+        raise ValueError(f"it is larger than {limit} bytes")
+    return raw
+
+
 def digest(path: Path) -> bytes | None:
     """SHA-1 of a regular file's content; None for anything else or on error."""
     try:

@@ -31,6 +31,8 @@ from typing import Literal
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ctsd.safefile import read_configured_file
+
 KEY_FILE_ENV = "CTSD_SECRETS_KEY_FILE"
 CREDENTIAL_NAME = "ctsd-secrets-key"
 KEY_BYTES = 32
@@ -162,10 +164,11 @@ def parse_key(raw: bytes, source: str) -> Key:
 def load_key_file(path: Path, label: str | None = None) -> Key:
     source = label or str(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(4097)  # a key file is small; never read a wrong path's huge file
+        raw = read_configured_file(path, 4096)  # a key file is small
     except OSError as e:
         raise KeyFileError(f"cannot read the secrets key {source}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise KeyFileError(f"{source}: not a secrets key: {e}") from None
     return parse_key(raw, source)
 
 

@@ -20,13 +20,18 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ctsd.safefile import read_configured_file
+
 SCHEMES = ("nats", "tls", "ws", "wss")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CREDS_CREDENTIAL = "ctsd-nats-creds"
+CREDS_MAX_BYTES = 64 * 1024  # one line; a wrong path to a huge file is not read whole
 MASK = "********"
 DUPLICATE_WINDOW_S = 120.0  # the stream recognizes a retried publish this long
 SNAPSHOT_EVERY_MSGS = 10_000
+INT64_MAX = 2**63 - 1
+MAX_AGE_S = 9_000_000_000.0  # about 285 years: still a signed 64-bit count of nanoseconds
 
 
 class ClusterConfigError(ValueError):
@@ -42,9 +47,11 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Replicas of the change stream (3 on a 3-node NATS cluster; 1 on a single server).
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 3
     # How much history the stream keeps; a host further behind than this needs a snapshot.
-    max_msgs: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
-    max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
-    max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: kept until max_msgs/max_bytes
+    # (NATS keeps these as signed 64-bit numbers, the age in nanoseconds)
+    max_msgs: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)] = 1_000_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=INT64_MAX)] = 256 * 1024 * 1024
+    # 0: kept until max_msgs/max_bytes
+    max_age_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_AGE_S)] = 0.0
     # How long a write may wait for the engine (a leader election, a reconnect) before
     # it is answered `unavailable`. nats-server elects a new stream leader after 4-9 s
     # without one (its raft election timeout), again when the votes split: 10 s covers
@@ -122,7 +129,7 @@ def load_cluster_settings(
         urls = [u.strip() for u in urls_env.split(",")]
         urls_from = "CTSD_CLUSTER_NATS_URLS"
     else:
-        urls = section.nats_urls
+        urls = None if section.nats_urls is None else [u.strip() for u in section.nats_urls]
         urls_from = "settings.json cluster.nats_urls"
     name = env.get("CTSD_CLUSTER_NAME", "").strip() or section.name
     name_from = "CTSD_CLUSTER_NAME" if env.get("CTSD_CLUSTER_NAME", "").strip() else "cluster.name"
@@ -225,14 +232,24 @@ def _check_url(url: str, origin: str, index: int) -> str:
         raise ClusterConfigError(f"{where} {shown!r} names no host: give nats://host:4222")
     if port == 0:
         raise ClusterConfigError(f"{where} {shown!r}: port 0 is not a port")
-    if parts.scheme in ("nats", "tls") and (parts.path not in ("", "/") or parts.query):
-        raise ClusterConfigError(f"{where} {shown!r}: a {parts.scheme}:// URL has no path or query")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ClusterConfigError(
+            f"{where} {shown!r} has a query or fragment: NATS takes none, and one may hold a "
+            f"token; put credentials in CTSD_CLUSTER_CREDS_FILE or the systemd credential "
+            f"{CREDS_CREDENTIAL}"
+        )
+    if parts.scheme in ("nats", "tls") and parts.path not in ("", "/"):
+        raise ClusterConfigError(f"{where} {shown!r}: a {parts.scheme}:// URL has no path")
     return url
 
 
 def _shown(url: str) -> str:
     """The URL with everything that may be user info masked (for error messages): up to the
-    last `@`, whatever the scheme or its typos."""
+    last `@`, whatever the scheme or its typos, and any query or fragment."""
+    at = url.rfind("@") + 1
+    cut = min((i for i in (url.find("?", at), url.find("#", at)) if i >= 0), default=-1)
+    if cut >= 0:
+        url = url[: cut + 1] + MASK
     if "@" not in url:
         return url
     scheme, sep, _ = url.partition("://")
@@ -263,11 +280,16 @@ def load_credentials(env: Mapping[str, str]) -> Credentials | None:
     if path is None:
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark an editor put in is not part of the user name
+        text = read_configured_file(path, CREDS_MAX_BYTES).decode("utf-8-sig")
     except FileNotFoundError:
         raise ClusterConfigError(f"credentials file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+    except UnicodeDecodeError:
+        raise ClusterConfigError(
+            f"credentials file {str(path)!r} cannot be read: it is not UTF-8 text"
+        ) from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise ClusterConfigError(
             f"credentials file {str(path)!r} cannot be read: {reason}"
         ) from None

@@ -57,7 +57,7 @@ from nats.js.api import (
 )
 
 from ctsd.cluster import messages
-from ctsd.cluster.config import DUPLICATE_WINDOW_S, ClusterSettings
+from ctsd.cluster.config import CREDS_CREDENTIAL, DUPLICATE_WINDOW_S, ClusterSettings
 from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
@@ -324,7 +324,7 @@ class ClusterEngine:
                 self._connected.set()
                 break
             except Exception as exc:
-                reason = self._last_error or _describe(exc)
+                reason = self._last_error or self._with_credentials(_describe(exc))
                 self._set_state("disconnected", f"cannot connect to NATS: {reason}")
                 self._last_error = None
                 await asyncio.sleep(delay)
@@ -388,11 +388,24 @@ class ClusterEngine:
         self.stream_created = info.created.isoformat() if info.created else ""
         self._note_stream(info.state)
 
+    def _with_credentials(self, reason: str) -> str:
+        """An authorization error says which credentials were offered (the file, never its
+        content), or that none were found and where they are looked for."""
+        if "authorization" not in reason.lower():
+            return reason
+        creds = self.settings.credentials
+        if creds is not None:
+            return f"{reason} (with the {creds.kind.replace('_', '/')} from {creds.source})"
+        return (
+            f"{reason} (no credentials were offered: none is configured in "
+            f"CTSD_CLUSTER_CREDS_FILE, nor is there a systemd credential {CREDS_CREDENTIAL})"
+        )
+
     def _note_stream(self, state: StreamState) -> None:
         self._stream_last = max(self._stream_last or 0, state.last_seq)
 
     async def _on_error(self, exc: Exception) -> None:
-        self._last_error = _describe(exc)
+        self._last_error = self._with_credentials(_describe(exc))
         if self._nc is None:  # the first connect is still being tried (it retries forever)
             self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
         if isinstance(exc, nats.errors.SlowConsumerError):

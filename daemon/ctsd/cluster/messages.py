@@ -19,11 +19,13 @@ still applied; a ctsd that reads older schemas only refuses newer messages.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from ctsd.cluster.config import HOST_ID_PATTERN
 from ctsd.cluster.errors import BadMessage
 
 SCHEMA_VERSION = "2"
@@ -123,6 +125,13 @@ def decode(
         raise BadMessage(
             f"{what} has no {H_MSG_ID} or {H_HOST} header; it was not applied", seq=seq
         )
+    # Both are shown in every later message about this change (status, /health, logs).
+    if not re.fullmatch(HOST_ID_PATTERN, host) or not _is_msg_id(msg_id):
+        raise BadMessage(
+            f"{what} has {H_HOST} {_short(host)}: not a host id and message id ctsd writes; "
+            "it was not applied",
+            seq=seq,
+        )
     base: int | None = None
     if H_BASE in headers:
         text = headers[H_BASE]
@@ -162,6 +171,11 @@ def decode(
         base=base,
         founding=founding,
     )
+
+
+def _is_msg_id(msg_id: str) -> bool:
+    """`<host>:<local id>`, as `ClusterEngine.msg_id` makes it: short printable ASCII."""
+    return len(msg_id) <= 200 and msg_id.isascii() and msg_id.isprintable()
 
 
 def is_founding_name(name: str) -> bool:
