@@ -231,6 +231,10 @@ def test_document_errors(daemon: Daemon, api: httpx.Client) -> None:
         "$.sync_log_limit",
     )
     assert "int" in err["message"]
+    # a cluster section the next start would refuse is refused now, its secret not echoed
+    bad_cluster = {"cluster": {"nats_urls": ["wss://a/x?auth_token=canary-77e1"], "name": "d"}}
+    err = _error(api.post("/api/data/settings", json=bad_cluster), 400, "invalid", "$.cluster")
+    assert "cluster.nats_urls[0]" in err["message"] and "canary-77e1" not in err["message"]
     err = _error(
         api.post("/api/data/instances", json={"instances": [], "lastSavd": None}), 400, "invalid"
     )

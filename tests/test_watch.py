@@ -375,6 +375,33 @@ def test_settings_edited_by_hand_take_effect_live(daemon10: Daemon) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_cluster_section_the_next_start_would_refuse_is_refused_now(
+    daemon10: Daemon,
+) -> None:
+    """Cluster settings take effect at the next start: a hand edit that would stop it is
+    reported while the operator is there (and left as written), not at the next restart."""
+    d, path = daemon10, daemon10.data_dir / "settings.json"
+    settings = json.loads(path.read_bytes())
+    settings["cluster"] = {"nats_urls": ["nats://a:4222"], "name": "desk", "max_age_s": 60}
+    async with bus(d) as b:
+        atomic_save(path, dump(settings))
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid notice",
+        )
+        assert notice["file"] == "settings.json" and notice["path"] == "$.cluster", notice
+        assert "cluster.max_age_s 60 is too short" in notice["message"]
+        assert json.loads(path.read_bytes()) == settings
+        settings["cluster"]["max_age_s"] = 600
+        atomic_save(path, dump(settings))
+        await b.wait_for(
+            lambda: any(n["notice"] == "file_restored" for n in b.notices), what="restored"
+        )
+    got = d.http("/api/data/settings")[1]
+    assert got["cluster"]["max_age_s"] == 600
+
+
+@pytest.mark.anyio
 async def test_dangling_reference_then_fixed_by_adding_the_algorithm(daemon10: Daemon) -> None:
     d = daemon10
     inst = {

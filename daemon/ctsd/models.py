@@ -7,7 +7,9 @@ daemon reads them; their other keys belong to the trading app and are kept as wr
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -193,6 +195,145 @@ class WatchSettings(Section, kw_only=True):
     poll_interval_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 300
 
 
+# --- settings.json → cluster: read at start (`ctsd.cluster.config`), checked on every change -
+# A hand edit or a `PUT /api/settings` that would stop the next start is refused now, while
+# the operator is there, not found at the next restart. The environment may override the
+# URLs and the name, so only what the section itself says is checked here.
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NATS_CREDS_CREDENTIAL = "ctsd-nats-creds"
+MASK = "********"
+DUPLICATE_WINDOW_S = 120.0  # the stream recognizes a retried publish this long
+INT64_MAX = 2**63 - 1  # NATS keeps the stream's limits as signed 64-bit numbers,
+MAX_AGE_S = 9_000_000_000.0  # the age in nanoseconds: about 285 years
+
+
+def check_nats_url(url: str, where: str) -> str:
+    """`url` if it is a NATS server URL ctsd connects to; raises ValueError naming `where`
+    and showing the URL with anything that may be a credential masked."""
+    if not url:
+        raise ValueError(f"{where} is empty: give a URL like nats://host:4222")
+    shown = shown_url(url)  # every message shows this: a URL may hold a password by mistake
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # (its text may quote a piece of a password)
+        raise ValueError(
+            f"{where} {shown!r} is not a valid URL (a host, and a port from 1 to 65535)"
+        ) from None
+    put_them = (
+        f"put credentials in CTSD_CLUSTER_CREDS_FILE or the systemd credential "
+        f"{NATS_CREDS_CREDENTIAL}"
+    )
+    if "@" in url:
+        raise ValueError(
+            f"{where} {shown!r} holds credentials: URLs are shown in status and logs, so "
+            + put_them
+        )
+    if parts.scheme not in NATS_SCHEMES:
+        raise ValueError(
+            f"{where} {shown!r} has scheme {parts.scheme or '(none)'!r}: use one of "
+            + ", ".join(f"{s}://" for s in NATS_SCHEMES)
+        )
+    if not parts.hostname:
+        raise ValueError(f"{where} {shown!r} names no host: give nats://host:4222")
+    if port == 0:
+        raise ValueError(f"{where} {shown!r}: port 0 is not a port")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(
+            f"{where} {shown!r} has a query or fragment: NATS takes none, and one may hold a "
+            "token; " + put_them
+        )
+    if parts.scheme in ("nats", "tls") and parts.path not in ("", "/"):
+        raise ValueError(f"{where} {shown!r}: a {parts.scheme}:// URL has no path")
+    return url
+
+
+def shown_url(url: str) -> str:
+    """The URL with everything that may be user info masked (for error messages): up to the
+    last `@`, whatever the scheme or its typos, and any query or fragment."""
+    at = url.rfind("@") + 1
+    cut = min((i for i in (url.find("?", at), url.find("#", at)) if i >= 0), default=-1)
+    if cut >= 0:
+        url = url[: cut + 1] + MASK
+    if "@" not in url:
+        return url
+    scheme, sep, _ = url.partition("://")
+    head = f"{scheme}://" if sep and "@" not in scheme else ""
+    return f"{head}{MASK}@{url.rsplit('@', 1)[1]}"
+
+
+def check_cluster_name(name: str, where: str) -> str:
+    if not re.fullmatch(CLUSTER_NAME_PATTERN, name):
+        raise ValueError(
+            f"{where} {name!r} is not a valid cluster name: use 1 to 32 letters, digits, "
+            "'_' or '-' (it becomes part of a JetStream stream name and subject)"
+        )
+    return name
+
+
+def check_host_id(host_id: str, where: str) -> str:
+    if not re.fullmatch(HOST_ID_PATTERN, host_id):
+        raise ValueError(
+            f"{where} {host_id!r} is not a valid host id: use 1 to 64 letters, digits, "
+            "'_', '.' or '-', starting with a letter or digit"
+        )
+    return host_id
+
+
+class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`settings.json` → `cluster`: every key optional; no URLs means cluster mode is off."""
+
+    nats_urls: list[str] | None = None
+    name: str | None = None
+    host_id: str | None = None
+    # Replicas of the change stream (3 on a 3-node NATS cluster; 1 on a single server).
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 3
+    # How much history the stream keeps; a host further behind than this needs a snapshot.
+    max_msgs: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)] = 1_000_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=INT64_MAX)] = 256 * 1024 * 1024
+    max_age_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_AGE_S)] = 0.0  # 0: no age limit
+    # How long a write may wait for the engine (a leader election, a reconnect) before
+    # it is answered `unavailable`. nats-server elects a new stream leader after 4-9 s
+    # without one (its raft election timeout), again when the votes split: 10 s covers
+    # the usual election. At most 12 s: a write may wait about twice this (publish, then
+    # another host's change to catch up with) and the CLI waits 30 s for its answer.
+    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=12)] = 10.0
+    # How often a host puts a snapshot of the shared state in the snapshot bucket: after this
+    # many stream messages (default: the lesser of 10,000 and a quarter of max_msgs, so one
+    # is always there before the stream forgets), and after this many seconds with news.
+    snapshot_every_msgs: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    snapshot_every_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
+
+    def __post_init__(self) -> None:
+        if self.nats_urls == []:
+            raise ValueError("cluster.nats_urls is an empty list: give at least one nats:// URL")
+        if self.nats_urls is not None:
+            self.nats_urls = [
+                check_nats_url(u.strip(), f"cluster.nats_urls[{i}]")
+                for i, u in enumerate(self.nats_urls)
+            ]
+        if self.name is not None:
+            check_cluster_name(self.name, "cluster.name")
+        if self.host_id is not None:
+            check_host_id(self.host_id, "cluster.host_id")
+        if 0 < self.max_age_s < DUPLICATE_WINDOW_S:
+            raise ValueError(
+                f"cluster.max_age_s {self.max_age_s:g} is too short: use 0 (no age limit) or "
+                f"at least {DUPLICATE_WINDOW_S:g} s, the window in which a retried write is "
+                "recognized"
+            )
+        every = self.snapshot_every_msgs
+        if every is not None and every > self.max_msgs // 2:
+            raise ValueError(
+                f"cluster.snapshot_every_msgs {every} is too large for cluster.max_msgs "
+                f"{self.max_msgs}: use at most half of it, so that a snapshot is taken well "
+                "before the stream forgets the messages after the previous one"
+            )
+
+
 class Settings(Section, kw_only=True):
     """The daemon's view of `settings.json`; every key optional, other keys kept as written."""
 
@@ -204,6 +345,7 @@ class Settings(Section, kw_only=True):
     test_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     test_timeout_s: PositiveSeconds = 10.0
     watch: WatchSettings = msgspec.field(default_factory=WatchSettings)
+    cluster: ClusterSection | None = None
 
 
 JSONObject = dict[str, Any]

@@ -57,7 +57,7 @@ from nats.js.api import (
 )
 
 from ctsd.cluster import messages
-from ctsd.cluster.config import CREDS_CREDENTIAL, DUPLICATE_WINDOW_S, ClusterSettings
+from ctsd.cluster.config import ClusterSettings
 from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
@@ -71,6 +71,7 @@ from ctsd.cluster.errors import (
     Unavailable,
 )
 from ctsd.cluster.messages import SCHEMA_VERSION, Change
+from ctsd.models import DUPLICATE_WINDOW_S, NATS_CREDS_CREDENTIAL
 
 log = structlog.get_logger("ctsd.cluster")
 
@@ -398,7 +399,7 @@ class ClusterEngine:
             return f"{reason} (with the {creds.kind.replace('_', '/')} from {creds.source})"
         return (
             f"{reason} (no credentials were offered: none is configured in "
-            f"CTSD_CLUSTER_CREDS_FILE, nor is there a systemd credential {CREDS_CREDENTIAL})"
+            f"CTSD_CLUSTER_CREDS_FILE, nor is there a systemd credential {NATS_CREDS_CREDENTIAL})"
         )
 
     def _note_stream(self, state: StreamState) -> None:

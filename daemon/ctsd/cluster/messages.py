@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from ctsd.cluster.config import HOST_ID_PATTERN
 from ctsd.cluster.errors import BadMessage
+from ctsd.models import HOST_ID_PATTERN
 
 SCHEMA_VERSION = "2"
 FOUNDING_SCHEMA = "3"  # the founding message only: older hosts apply every other message
