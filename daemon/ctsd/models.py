@@ -266,21 +266,21 @@ def shown_url(url: str) -> str:
 
 
 def check_cluster_name(name: str, where: str) -> str:
-    if not re.fullmatch(CLUSTER_NAME_PATTERN, name):
-        raise ValueError(
-            f"{where} {name!r} is not a valid cluster name: use 1 to 32 letters, digits, "
-            "'_' or '-' (it becomes part of a JetStream stream name and subject)"
-        )
-    return name
+    return _check_id(name, where, CLUSTER_NAME_PATTERN, "cluster name", _NAME_RULE)
 
 
 def check_host_id(host_id: str, where: str) -> str:
-    if not re.fullmatch(HOST_ID_PATTERN, host_id):
-        raise ValueError(
-            f"{where} {host_id!r} is not a valid host id: use 1 to 64 letters, digits, "
-            "'_', '.' or '-', starting with a letter or digit"
-        )
-    return host_id
+    return _check_id(host_id, where, HOST_ID_PATTERN, "host id", _HOST_RULE)
+
+
+_NAME_RULE = "1 to 32 letters, digits, '_' or '-' (it becomes part of a JetStream stream name)"
+_HOST_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def _check_id(value: str, where: str, pattern: str, what: str, rule: str) -> str:
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"{where} {value!r} is not a valid {what}: use {rule}")
+    return value
 
 
 class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
