@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -1021,6 +1022,48 @@ async def test_a_snapshot_that_does_not_validate_stops_the_start(
         err = c.stderr().strip().splitlines()[-1]
         assert bucket in err and says in err, err
         assert data_files(c) == before
+
+
+# A daemon started with a file-size limit (`RLIMIT_FSIZE`, SIGXFSZ ignored as systemd's
+# `LimitFSIZE=` leaves it): a write past it fails with EFBIG, as on a full disk.
+_LIMITED = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+async def test_a_snapshot_the_disk_refuses_stops_the_start_naming_it(short_stream: Hosts) -> None:
+    """Installing the snapshot a host needs fails on its disk: the start stops with one line
+    naming it (no traceback), nothing of it applied; started again with room, it installs it."""
+    h = short_stream
+    a, _, c = h.daemons
+    async with bus(a) as wa:
+        await wa.ok("connections.create", connection=connection(name="first", id="c1"))
+    wait_until(lambda: converged(h, 1), 20, what="converged")
+    assert c.stop() == 0
+    async with bus(a) as wa:  # a state larger than host 3 may write, then the stream trimmed
+        big = {"name": "Big", "notes": "x" * 900_000}
+        await wa.ok("documents.set", name="algorithms/Big", content=big)
+        for i in range(2, 8):
+            await wa.ok("connections.create", connection=connection(id=f"c{i}"))
+    final = revision(a)
+    wait_until(lambda: snapshot_put(h, final), 20, what=f"a snapshot at seq {final}")
+    before = data_files(c)
+    plain = c.command
+    c.command = lambda: [sys.executable, "-c", _LIMITED, str(512 * 1024), *plain()]  # type: ignore[method-assign]
+    c.start(wait=False)
+    assert c.proc is not None
+    assert c.proc.wait(timeout=60) == 1, c.stderr()
+    assert "Traceback" not in c.stderr(), c.stderr()
+    err = c.stderr().strip().splitlines()[-1]
+    assert f"the snapshot at seq {final}" in err and "File too large" in err, err
+    assert "nothing of it was applied" in err
+    assert data_files(c) == before
+    c.command = plain  # type: ignore[method-assign]
+    c.start(timeout=60)
+    wait_converged(h, final, 20, "converged after the snapshot")
+    assert read(c, "algorithms/Big.json") == big
 
 
 # --- hand edits made while a daemon was stopped ----------------------------------------------

@@ -164,7 +164,13 @@ async def _join_cluster(d: Daemon) -> None:
     host before READY (the store closes the engine at shutdown)."""
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
-    from ctsd.cluster.errors import ClusterError, ForeignData, NoSnapshot, SnapshotInvalid
+    from ctsd.cluster.errors import (
+        ClusterError,
+        ForeignData,
+        NoSnapshot,
+        SnapshotInvalid,
+        SnapshotNotInstalled,
+    )
 
     assert d.cluster is not None
     store = d.svc.store
@@ -190,10 +196,11 @@ async def _join_cluster(d: Daemon) -> None:
             # in first (the checkpointer's rule), and that must go through the cluster.
             await store.start()
             await committer.take_in_edited()
-        except (SnapshotInvalid, NoSnapshot, ForeignData) as e:
-            # Behind what the stream keeps, and no usable snapshot: serving would mean serving
-            # a state the cluster left long ago. Nothing of the snapshot was applied. Or data
-            # of its own that the cluster does not have: serving it as the cluster's would lie.
+        except (SnapshotInvalid, NoSnapshot, SnapshotNotInstalled, ForeignData) as e:
+            # Behind what the stream keeps, and no usable snapshot (or none the disk takes):
+            # serving would mean serving a state the cluster left long ago. Nothing of the
+            # snapshot was applied. Or data of its own that the cluster does not have:
+            # serving it as the cluster's would lie.
             refused = f"cluster {d.cluster.name}: {e}"
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused while the

@@ -52,6 +52,7 @@ from ctsd.cluster.errors import (
     NoSnapshot,
     PublishRefused,
     SnapshotInvalid,
+    SnapshotNotInstalled,
     Stalled,
     StreamTrimmed,
     TooLarge,
@@ -649,8 +650,8 @@ class ClusterCommitter:
 
     async def start_from_snapshot(self, trimmed: StreamTrimmed) -> None:
         """The stream no longer holds what this host missed: install the newest snapshot and
-        apply the stream from its seq on. Raises SnapshotInvalid, NoSnapshot (nothing of it
-        applied) or Unavailable."""
+        apply the stream from its seq on. Raises SnapshotInvalid, NoSnapshot, SnapshotNotInstalled
+        (nothing of it applied) or Unavailable."""
         if not self._joined:
             self._check_join()
         snap = await self.snapshots.latest()
@@ -666,7 +667,13 @@ class ClusterCommitter:
                 "does not reach the stream (take snapshots more often than the stream forgets: "
                 "cluster.snapshot_every_msgs, cluster.max_msgs)"
             )
-        await self.install_snapshot(snap)
+        try:
+            await self.install_snapshot(snap)
+        except OSError as e:  # the disk refused it (full, read-only): tried again later
+            raise SnapshotNotInstalled(
+                f"the snapshot at seq {snap.seq} from bucket {self.snapshots.bucket} could not "
+                f"be written here: {e.strerror or e}; nothing of it was applied"
+            ) from None
         self.engine.resume(from_seq=snap.seq)
 
     async def install_snapshot(self, snap: Snapshot, check_join: str = "") -> None:

@@ -111,6 +111,10 @@ class SnapshotInvalid(ClusterError):
     """The stored snapshot is not one this host can use; `str()` names it and says why."""
 
 
+class SnapshotNotInstalled(ClusterError):
+    """The snapshot could not be written here (the disk refused it); nothing of it applied."""
+
+
 class NoSnapshot(ClusterError):
     """The stream was trimmed past this host and no snapshot reaches it."""
 
