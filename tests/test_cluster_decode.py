@@ -6,8 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from ctsd.cluster import shared
 from ctsd.cluster.committer import _decoded
-from ctsd.cluster.errors import InvalidChange
+from ctsd.cluster.errors import InvalidChange, SnapshotTooLarge
 from ctsd.cluster.shared import change_problem
 from ctsd.core import Change, Committed, RecordChange, replayed
 from ctsd.models import Connection, ConnectionState, SyncEvent
@@ -124,3 +125,12 @@ def test_a_change_the_files_can_hold_has_no_problem() -> None:
         ]
     )
     assert change_problem(c, _decoded(_payload(change))) is None
+
+
+def test_a_snapshot_no_host_could_inflate_is_refused_before_it_is_stored() -> None:
+    c = Committed()
+    c.documents["algorithms/a1"] = {"name": "a1", "notes": "x" * 5000}
+    state = shared.capture(c, "desk", 7)
+    assert shared.decode(shared.encode(state), cluster="desk", seq=7, what="it") == state
+    with pytest.raises(SnapshotTooLarge, match=r"at seq 7 is 5,\d+ bytes, more than the 5,000"):
+        shared.encode(state, limit=5000)

@@ -53,6 +53,7 @@ from ctsd.cluster.errors import (
     PublishRefused,
     SnapshotInvalid,
     SnapshotNotInstalled,
+    SnapshotTooLarge,
     Stalled,
     StreamTrimmed,
     TooLarge,
@@ -730,7 +731,11 @@ class ClusterCommitter:
         async with self._install:  # the state and its seq from the same moment
             seq = self._installed_seq
             state = shared.capture(self.store.committed, self.engine.settings.name, seq)
-        data = await asyncio.to_thread(shared.encode, state)  # off the event loop
+        try:
+            data = await asyncio.to_thread(shared.encode, state)  # off the event loop
+        except SnapshotTooLarge:
+            self._snapshotted_seq = max(self._snapshotted_seq, seq)  # again after more news
+            raise
         stored = await self.snapshots.put(seq, data)
         self._snapshotted_seq = max(self._snapshotted_seq, seq)
         if stored:

@@ -111,6 +111,10 @@ class SnapshotInvalid(ClusterError):
     """The stored snapshot is not one this host can use; `str()` names it and says why."""
 
 
+class SnapshotTooLarge(ClusterError):
+    """The shared state is more than a snapshot may hold (`messages.MAX_INFLATED`)."""
+
+
 class SnapshotNotInstalled(ClusterError):
     """The snapshot could not be written here (the disk refused it); nothing of it applied."""
 

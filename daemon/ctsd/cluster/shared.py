@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 
 from ctsd import files
-from ctsd.cluster.errors import SnapshotInvalid
-from ctsd.cluster.messages import inflate
+from ctsd.cluster.errors import SnapshotInvalid, SnapshotTooLarge
+from ctsd.cluster.messages import MAX_INFLATED, inflate
 from ctsd.core import Change, Committed, RecordChange, algorithm_names, patch_document
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.models import Connection, ConnectionState, SyncEvent
@@ -63,8 +63,16 @@ def capture(c: Committed, cluster: str, seq: int) -> SharedState:
     )
 
 
-def encode(state: SharedState) -> bytes:
-    return zlib.compress(_encode(state), 1)
+def encode(state: SharedState, limit: int = MAX_INFLATED) -> bytes:
+    """The snapshot's bytes. Raises SnapshotTooLarge past what a host inflates (`limit`):
+    stored, it would be refused by every host that needs it."""
+    raw = _encode(state)
+    if len(raw) > limit:
+        raise SnapshotTooLarge(
+            f"the shared state at seq {state.seq} is {len(raw):,} bytes, more than the "
+            f"{limit:,} a snapshot may hold: it is not stored"
+        )
+    return zlib.compress(raw, 1)
 
 
 def decode(data: bytes, *, cluster: str, seq: int, what: str) -> SharedState:
