@@ -500,6 +500,27 @@ async def test_hosts_putting_snapshots_at_once_leave_the_newest_alone(
         assert await bucket_messages(cluster, sa.bucket) == 3 + 1
 
 
+async def test_chunks_of_an_upload_cut_short_are_removed_once_old(cluster: NatsCluster) -> None:
+    """A host killed while it put a snapshot leaves chunks no entry names: a later put removes
+    them once they are old enough that no upload can still be under way, and only then."""
+    async with running(make_settings(cluster)) as (a, _):
+        await a.catch_up(timeout=10)
+        snapshots = Snapshots(a)
+        assert await snapshots.put(2, b"x" * 1000)
+        nc = await nats.connect(cluster.urls)
+        try:
+            for _ in range(2):  # an upload cut after two chunks: no entry written
+                await nc.jetstream().publish(f"$O.{snapshots.bucket}.C.cutshort", b"c" * 1000)
+        finally:
+            await nc.close()
+        assert await snapshots.put(3, b"y" * 1000)  # too fresh: may be an upload under way
+        assert await bucket_messages(cluster, snapshots.bucket) == 1 + 1 + 2
+        assert await Snapshots(a, orphan_after_s=0.0).put(4, b"z" * 1000)
+        assert await bucket_messages(cluster, snapshots.bucket) == 1 + 1
+        snap = await snapshots.latest()
+        assert snap is not None and (snap.seq, snap.data) == (4, b"z" * 1000)
+
+
 async def test_a_snapshot_removed_while_read_is_unavailable_not_a_hang(
     cluster: NatsCluster,
 ) -> None:

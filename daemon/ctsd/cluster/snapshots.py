@@ -8,7 +8,8 @@ seq and host, and checked on the way back like a stream message; after a put the
 are removed, so the bucket holds the newest one. (Not one name replaced in place: of two
 hosts putting at once, nats-py's put removes only the chunks of the version it saw when it
 began, so the other's would stay for good, and the slower put could replace a newer snapshot
-with an older one.) The founding host's state is kept beside it under a name of its
+with an older one.) Chunks no entry names (an upload cut short) are removed by a later put
+once they are old. The founding host's state is kept beside it under a name of its
 own (`put_founding`), for as long as the cluster lives: the stream's first message names it
 (`messages.H_FOUNDING`).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
@@ -40,6 +42,10 @@ H_SEQ = "Ctsd-Seq"
 H_STREAM = "Ctsd-Stream-Created"  # the stream the seq counts in (`ClusterEngine.stream_created`)
 PREFIX = "snapshot-"
 READ_ATTEMPTS = 3  # a snapshot removed while read (a newer one came): the bucket looked at again
+# Chunks no entry names are an upload cut short (a host killed while it put one), unless one
+# is under way: an upload's entry is stored after its last chunk, so chunks left this long
+# after their last one are removed (the servers' clocks and ours agree within it).
+ORPHAN_AFTER_S = 600.0
 
 log = structlog.get_logger("ctsd.cluster")
 
@@ -53,8 +59,14 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 class Snapshots:
     """The snapshot bucket of the engine's cluster (`ctsd_<name>_snapshots`)."""
 
-    def __init__(self, engine: ClusterEngine, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        engine: ClusterEngine,
+        timeout_s: float | None = None,
+        orphan_after_s: float = ORPHAN_AFTER_S,
+    ) -> None:
         self.engine = engine
+        self._orphan_after_s = orphan_after_s
         self.bucket = f"ctsd_{engine.settings.name}_snapshots"
         self._store: ObjectStore | None = None
         # How long a listing or a chunk may keep a reader waiting.
@@ -100,12 +112,13 @@ class Snapshots:
                 # lost): an entry pointing at nothing, newest of all, would be read in vain.
                 await self._remove(ObjectInfo(name=name, bucket=self.bucket, nuid=""))
                 raise
-            kept, unusable = await self._snapshots(store)
+            kept, unusable, named = await self._snapshots(store)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"storing the snapshot at seq {seq}: {exc}") from None
         newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
         for info in unusable + [i for _, i in kept if newest is None or i is not newest[1]]:
             await self._remove(info)
+        await self._remove_orphans(named)
         return True
 
     async def put_founding(self, name: str, seq: int, data: bytes) -> None:
@@ -167,7 +180,7 @@ class Snapshots:
         tried: set[str] = set()
         for _ in range(READ_ATTEMPTS + 1):
             try:
-                kept, unusable = await self._snapshots(store)
+                kept, unusable, _ = await self._snapshots(store)
                 kept = [k for k in kept if k[1].name not in unread]
                 newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
                 for bad in unusable:  # the newest decides (an older one is removed at a put)
@@ -191,11 +204,13 @@ class Snapshots:
 
     async def _snapshots(
         self, store: ObjectStore
-    ) -> tuple[list[tuple[int, ObjectInfo]], list[ObjectInfo]]:
+    ) -> tuple[list[tuple[int, ObjectInfo]], list[ObjectInfo], set[str] | None]:
         """The snapshots in the bucket (founding states aside): those with valid tags, with
-        their seq, and those no host can use."""
+        their seq, and those no host can use; and the chunks every entry names (None when an
+        entry did not decode: it may name any)."""
         kept: list[tuple[int, ObjectInfo]] = []
         unusable: list[ObjectInfo] = []
+        named: set[str] | None = set()
         # The entries found by their subjects, not through `ObjectStore.list`: that makes a
         # consumer, which a cluster whose meta leader is being elected (a node just stopped)
         # cannot make for seconds, and waits for the end of the listing with no time limit.
@@ -210,14 +225,41 @@ class Snapshots:
                 continue  # removed meanwhile
             except (ValueError, TypeError, KeyError, AttributeError):  # not one nats-py reads
                 unusable.append(ObjectInfo(name=_name_of(subject), bucket=self.bucket, nuid=""))
+                named = None
                 continue
+            if named is not None and not info.deleted:
+                named.add(info.nuid)
             if info.deleted or is_founding_name(info.name):
                 continue
             try:
                 kept.append((self._checked_seq(info), info))
             except SnapshotInvalid:
                 unusable.append(info)
-        return kept, unusable
+        return kept, unusable, named
+
+    async def _remove_orphans(self, named: set[str] | None) -> None:
+        """Chunks no entry names, their last one older than `orphan_after_s`, removed. Best
+        effort, as `_remove`."""
+        if named is None:
+            return
+        js = self.engine.jetstream()
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=self.bucket)
+        prefix = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj="")
+        try:
+            chunks = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+            for subject in chunks.state.subjects or {}:
+                if subject.removeprefix(prefix) in named:
+                    continue
+                try:
+                    last = await js.get_last_msg(stream, subject)
+                except nats.js.errors.NotFoundError:
+                    continue  # removed meanwhile
+                age = datetime.now(UTC) - (last.time or datetime.now(UTC))
+                if age.total_seconds() >= self._orphan_after_s:
+                    await js.purge_stream(stream, subject=subject)
+                    log.info("cluster.snapshot_chunks_removed", subject=subject)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("cluster.snapshot_chunks_left", reason=str(exc))
 
     async def _read(self, info: ObjectInfo) -> bytes:
         """An object's data, its digest checked. Raises _Unread when its chunks stop coming
