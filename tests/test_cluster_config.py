@@ -130,6 +130,10 @@ def test_wrong_settings_get_a_clear_error(settings: dict | None, env: dict, mess
     assert message in str(info.value)
 
 
+def test_a_host_on_its_own_needs_no_valid_host_id() -> None:
+    assert load(None, CTSD_HOST_ID="not a host id") is None
+
+
 def test_urls_are_trimmed_and_the_largest_limits_pass() -> None:
     big = {"max_msgs": 2**63 - 1, "max_bytes": 2**63 - 1, "max_age_s": 9e9}
     s = load({"cluster": {"nats_urls": [" nats://a:4222\n"], "name": "d", **big}})

@@ -1057,7 +1057,7 @@ async def test_a_snapshot_the_disk_refuses_stops_the_start_naming_it(short_strea
     assert c.proc.wait(timeout=60) == 1, c.stderr()
     assert "Traceback" not in c.stderr(), c.stderr()
     err = c.stderr().strip().splitlines()[-1]
-    assert f"the snapshot at seq {final}" in err and "File too large" in err, err
+    assert f"(seq {final}, from host h" in err and "File too large" in err, err
     assert "nothing of it was applied" in err
     assert data_files(c) == before
     c.command = plain  # type: ignore[method-assign]

@@ -309,8 +309,8 @@ async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: N
         ({"Ctsd-Encoding": "zstd"}, "unknown encoding 'zstd'"),
         ({H_HOST: None}, "no Nats-Msg-Id or Ctsd-Host header"),
         ({H_HOST: "h" * 5000}, "has Ctsd-Host 'hhhh"),  # shown short, in every status
-        ({H_MSG_ID: "x:" + "1" * 5000}, "not a host id and message id"),
-        ({H_HOST: "a b"}, "not a host id and message id"),
+        ({H_MSG_ID: "x:" + "1" * 5000}, "has Nats-Msg-Id 'x:111"),
+        ({H_HOST: "a b"}, "has Ctsd-Host 'a b': not one ctsd writes"),
         ({"Ctsd-Founding": "founding-x-1"}, "only the stream's first message founds"),
     ],
 )

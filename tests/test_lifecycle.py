@@ -239,6 +239,44 @@ def test_unknown_event_loop_exits_1(data_dir: Path) -> None:
         d.close()
 
 
+@pytest.mark.parametrize(
+    ("section", "env", "says"),
+    [
+        # in cluster mode by the file: never a start on its own instead
+        (
+            {"nats_urls": ["nats://127.0.0.1:9"], "name": "d", "max_age_s": 60},
+            {},
+            "cluster.max_age_s 60 is too short",
+        ),
+        # in cluster mode by the environment: never a start under the hostname instead
+        (
+            {"host_id": "h-real", "replicas": 9},
+            {"CTSD_CLUSTER_NATS_URLS": "nats://127.0.0.1:9", "CTSD_CLUSTER_NAME": "d"},
+            "<= 5 (at $.cluster.replicas)",
+        ),
+        ({"nats_url": ["nats://127.0.0.1:9"]}, {}, "nats_url"),
+    ],
+)
+def test_a_cluster_section_that_does_not_load_stops_the_start(
+    data_dir: Path, section: dict[str, Any], env: dict[str, str], says: str
+) -> None:
+    """Which cluster this host is in, and as which host, cannot be read: exit 1 with the
+    file, line, column and fault, the file left as written."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    path = data_dir / "settings.json"
+    path.write_text(json.dumps({"cluster": section}, indent=2) + "\n")
+    path.chmod(0o600)
+    before = path.read_bytes()
+    d = Daemon(data_dir, env=env)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert line.startswith("ctsd: cluster settings: settings.json:") and says in line, line
+        assert path.read_bytes() == before
+    finally:
+        d.close()
+
+
 def test_asyncio_loop_serves_bus_http_and_writes(data_dir: Path) -> None:
     d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "asyncio"})
     try:

@@ -105,11 +105,17 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         broken = lost and copies.has_copy(settings_file)
         if broken or _cluster_on_file(store) is not None:
             edited = store.set_back(copies)  # files edited while it was down
+        broken_set_back = broken and settings_file in edited  # its copy counts at this start
         store.replay()  # (settings changed through the door before a kill are in the journal)
         # This host's own keys as its settings.json holds them: an edit of them made while
         # it was down counts at this start (as for the listen address below); a broken file
         # counts as its copy (set back in memory).
         own = file_doc if settings_file in edited and file_doc is not None else None
+        problem = store.problems.get(settings_file)
+        if problem is not None and problem.path.startswith("$.cluster") and not broken_set_back:
+            # Whether, and as which host, this one is in a cluster cannot be read: never a
+            # start on its own (or under another host id) in its place.
+            raise StartError(f"cluster settings: {problem.format()}")
         cluster = load_cluster_settings(own if own is not None else store.documents.get("settings"))
         if cluster is not None:
             store.keep_copies(store.checkpointer.bases or Bases(data_dir))

@@ -196,7 +196,7 @@ class WatchSettings(Section, kw_only=True):
 
 
 # --- settings.json → cluster: read at start (`ctsd.cluster.config`), checked on every change -
-# A hand edit or a `PUT /api/settings` that would stop the next start is refused now, while
+# A hand edit or a `POST /api/data/settings` that would stop the next start is refused now, while
 # the operator is there, not found at the next restart. The environment may override the
 # URLs and the name, so only what the section itself says is checked here.
 

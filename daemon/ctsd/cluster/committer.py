@@ -110,6 +110,8 @@ class ClusterCommitter:
         # Msg ids of this host's groups applied here after their commit gave up (an answer
         # lost): `landed` tells a caller that was answered `unavailable` that it got in.
         self._landed: OrderedDict[str, None] = OrderedDict()
+        # Why no snapshot can be put (shown in status until one is), e.g. one too large.
+        self.snapshot_problem: str | None = None
         self.conflicts = 0  # groups computed again after another host's change got in first
         self._back: asyncio.Task[None] | None = None
         self.snapshots = Snapshots(engine)
@@ -672,8 +674,9 @@ class ClusterCommitter:
             await self.install_snapshot(snap)
         except OSError as e:  # the disk refused it (full, read-only): tried again later
             raise SnapshotNotInstalled(
-                f"the snapshot at seq {snap.seq} from bucket {self.snapshots.bucket} could not "
-                f"be written here: {e.strerror or e}; nothing of it was applied"
+                f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
+                f"{shared.shown(snap.host)}) could not be written here: {e.strerror or e}; "
+                "nothing of it was applied"
             ) from None
         self.engine.resume(from_seq=snap.seq)
 
@@ -774,6 +777,11 @@ class ClusterCommitter:
                     continue
                 await self.put_snapshot()
                 last = time.monotonic()
+                self.snapshot_problem = None
+            except SnapshotTooLarge as e:  # tried again after as much news as a snapshot
+                last = time.monotonic()
+                self.snapshot_problem = str(e)
+                log.error("cluster.snapshot_failed", reason=str(e))
             except ClusterError as e:
                 log.warning("cluster.snapshot_failed", reason=str(e))
                 await asyncio.sleep(SNAPSHOT_RETRY_S)
@@ -797,6 +805,7 @@ class ClusterCommitter:
             "ok": st.ok,
             **msgspec.structs.asdict(st),
             "conflicts": self.conflicts,
+            **({"snapshot_problem": p} if (p := self.snapshot_problem) is not None else {}),
         }
 
 

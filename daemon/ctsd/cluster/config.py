@@ -107,11 +107,6 @@ def load_cluster_settings(
         else:
             urls = section.nats_urls  # checked with the section
         name = check_cluster_name(name_env, "CTSD_CLUSTER_NAME") if name_env else section.name
-        if host_env:
-            host_id = check_host_id(host_env, "CTSD_HOST_ID")
-        else:
-            where = "the hostname (set cluster.host_id or CTSD_HOST_ID)"
-            host_id = section.host_id or check_host_id(socket.gethostname(), where)
     except ValueError as exc:
         raise ClusterConfigError(str(exc)) from None
     if urls is None:
@@ -127,6 +122,14 @@ def load_cluster_settings(
             "cluster.name (or CTSD_CLUSTER_NAME) is required with NATS URLs: every host of "
             "one cluster uses the same name, and it names the change stream"
         )
+    try:  # (only now: a host on its own needs no host id)
+        if host_env:
+            host_id = check_host_id(host_env, "CTSD_HOST_ID")
+        else:
+            where = "the hostname (set cluster.host_id or CTSD_HOST_ID)"
+            host_id = section.host_id or check_host_id(socket.gethostname(), where)
+    except ValueError as exc:
+        raise ClusterConfigError(str(exc)) from None
     every = section.snapshot_every_msgs
     if every is None:
         every = min(SNAPSHOT_EVERY_MSGS, max(1, section.max_msgs // 4))

@@ -126,12 +126,15 @@ def decode(
             f"{what} has no {H_MSG_ID} or {H_HOST} header; it was not applied", seq=seq
         )
     # Both are shown in every later message about this change (status, /health, logs).
-    if not re.fullmatch(HOST_ID_PATTERN, host) or not _is_msg_id(msg_id):
-        raise BadMessage(
-            f"{what} has {H_HOST} {_short(host)}: not a host id and message id ctsd writes; "
-            "it was not applied",
-            seq=seq,
-        )
+    for header, value, valid in (
+        (H_HOST, host, re.fullmatch(HOST_ID_PATTERN, host)),
+        (H_MSG_ID, msg_id, _is_msg_id(msg_id)),
+    ):
+        if not valid:
+            raise BadMessage(
+                f"{what} has {header} {_short(value)}: not one ctsd writes; it was not applied",
+                seq=seq,
+            )
     base: int | None = None
     if H_BASE in headers:
         text = headers[H_BASE]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 import nats.errors
@@ -102,7 +103,7 @@ class Snapshots:
         Raises Unavailable."""
         store = await self._bucket()
         try:
-            if any(s >= seq for s, _ in (await self._snapshots(store))[0]):
+            if any(s >= seq for s, _ in (await self._snapshots(store)).kept):
                 return False
             name = f"{PREFIX}{seq}-{self.engine.settings.host_id}"
             try:
@@ -112,13 +113,14 @@ class Snapshots:
                 # lost): an entry pointing at nothing, newest of all, would be read in vain.
                 await self._remove(ObjectInfo(name=name, bucket=self.bucket, nuid=""))
                 raise
-            kept, unusable, named = await self._snapshots(store)
+            listing = await self._snapshots(store)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"storing the snapshot at seq {seq}: {exc}") from None
+        kept = listing.kept
         newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
-        for info in unusable + [i for _, i in kept if newest is None or i is not newest[1]]:
+        for info in listing.unusable + [i for _, i in kept if newest is None or i is not newest[1]]:
             await self._remove(info)
-        await self._remove_orphans(named)
+        await self._remove_orphans(listing)
         return True
 
     async def put_founding(self, name: str, seq: int, data: bytes) -> None:
@@ -180,8 +182,9 @@ class Snapshots:
         tried: set[str] = set()
         for _ in range(READ_ATTEMPTS + 1):
             try:
-                kept, unusable, _ = await self._snapshots(store)
-                kept = [k for k in kept if k[1].name not in unread]
+                listing = await self._snapshots(store)
+                kept = [k for k in listing.kept if k[1].name not in unread]
+                unusable = listing.unusable
                 newest = max(kept, key=lambda k: (k[0], k[1].name), default=None)
                 for bad in unusable:  # the newest decides (an older one is removed at a put)
                     seq = _tagged_seq(bad)
@@ -202,15 +205,13 @@ class Snapshots:
             return Snapshot(seq=seq, host=(info.headers or {}).get(H_HOST, "?"), data=data)
         raise Unavailable(f"reading the snapshot: {why}")
 
-    async def _snapshots(
-        self, store: ObjectStore
-    ) -> tuple[list[tuple[int, ObjectInfo]], list[ObjectInfo], set[str] | None]:
-        """The snapshots in the bucket (founding states aside): those with valid tags, with
-        their seq, and those no host can use; and the chunks every entry names (None when an
-        entry did not decode: it may name any)."""
+    async def _snapshots(self, store: ObjectStore) -> _Listing:
+        """The snapshots in the bucket (founding states aside), and what `_remove_orphans`
+        needs."""
         kept: list[tuple[int, ObjectInfo]] = []
         unusable: list[ObjectInfo] = []
         named: set[str] | None = set()
+        newest: datetime | None = None
         # The entries found by their subjects, not through `ObjectStore.list`: that makes a
         # consumer, which a cluster whose meta leader is being elected (a node just stopped)
         # cannot make for seconds, and waits for the end of the listing with no time limit.
@@ -220,6 +221,8 @@ class Snapshots:
         for subject in entries.state.subjects or {}:
             try:
                 msg = await js.get_last_msg(stream, subject)
+                if msg.time is not None and (newest is None or msg.time > newest):
+                    newest = msg.time
                 info = ObjectInfo.from_response(json.loads(msg.data or b""))
             except nats.js.errors.NotFoundError:
                 continue  # removed meanwhile
@@ -235,12 +238,14 @@ class Snapshots:
                 kept.append((self._checked_seq(info), info))
             except SnapshotInvalid:
                 unusable.append(info)
-        return kept, unusable, named
+        return _Listing(kept, unusable, named, newest)
 
-    async def _remove_orphans(self, named: set[str] | None) -> None:
-        """Chunks no entry names, their last one older than `orphan_after_s`, removed. Best
+    async def _remove_orphans(self, listing: _Listing) -> None:
+        """Chunks no entry names, their last one `orphan_after_s` older than the newest entry
+        (just put: the servers' time now, whatever this host's clock says), removed. Best
         effort, as `_remove`."""
-        if named is None:
+        named, now = listing.named, listing.newest
+        if named is None or now is None:
             return
         js = self.engine.jetstream()
         stream = OBJ_STREAM_TEMPLATE.format(bucket=self.bucket)
@@ -254,8 +259,9 @@ class Snapshots:
                     last = await js.get_last_msg(stream, subject)
                 except nats.js.errors.NotFoundError:
                     continue  # removed meanwhile
-                age = datetime.now(UTC) - (last.time or datetime.now(UTC))
-                if age.total_seconds() >= self._orphan_after_s:
+                if last.time is None:
+                    continue
+                if (now - last.time).total_seconds() >= self._orphan_after_s:
                     await js.purge_stream(stream, subject=subject)
                     log.info("cluster.snapshot_chunks_removed", subject=subject)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -366,6 +372,13 @@ def _tagged_seq(info: ObjectInfo) -> int | None:
     seq = (info.headers or {}).get(H_SEQ, "")
     ok = isinstance(seq, str) and 0 < len(seq) <= 19 and seq.isascii() and seq.isdigit()
     return int(seq) if ok else None  # (19 digits: int() refuses thousands)
+
+
+class _Listing(NamedTuple):
+    kept: list[tuple[int, ObjectInfo]]  # the snapshots with valid tags, and their seq
+    unusable: list[ObjectInfo]  # those no host can use
+    named: set[str] | None  # the chunks every entry names (None: an entry did not decode)
+    newest: datetime | None  # the servers' time of the newest entry
 
 
 class _Unread(Exception):
