@@ -606,7 +606,9 @@ async def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> N
 
 # --- kill -9 in the middle of a change storm ------------------------------------------------
 
-ROUNDS = 50
+# Kills per run: 25 in the normal run (tests/test_crash.py kills a storm of its own too);
+# the long run is CTSD_CRASH_CYCLES=1000, as for that one.
+ROUNDS = int(os.environ.get("CTSD_CRASH_CYCLES") or 25)
 CLIENTS = 4
 PER_CLIENT = 40
 CONNS_PER_CLIENT = 5
