@@ -191,6 +191,16 @@ async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts
     r = cli(c, "status")
     assert r.returncode == 0, r.stderr
     assert f"cluster      {hosts.name} as h3: connected, applied seq 2 of 2 (lag 0)" in r.stdout
+    metrics = c.http("/metrics")[1]
+    for line in (
+        "ctsd_cluster_ok 1.0",
+        'ctsd_cluster_state{state="connected"} 1.0',
+        "ctsd_cluster_applied_seq 2.0",
+        "ctsd_cluster_lag 0.0",
+        "ctsd_cluster_conflicts_total 0.0",
+        "ctsd_cluster_snapshot_failing 0.0",
+    ):
+        assert f"\n{line}\n" in metrics, (line, metrics)
 
 
 # --- founding and joining --------------------------------------------------------------------
@@ -799,6 +809,9 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
         assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
         warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
         assert warned, d.stdout()[-2000:]
+        metrics = d.http("/metrics")[1]
+        assert "\nctsd_cluster_ok 0.0\n" in metrics, metrics
+        assert '\nctsd_cluster_state{state="disconnected"} 1.0\n' in metrics, metrics
     finally:
         d.close()
 

@@ -184,6 +184,7 @@ def test_file_invalid_is_409(daemon: Daemon) -> None:
     assert code == 409 and body["error"]["code"] == "file_invalid"
     code, text = daemon.http("/metrics")
     assert "ctsd_invalid_files 1.0" in text
+    assert "ctsd_cluster_" not in text  # one host: no cluster
     assert 'ctsd_hand_edits_total{result="refused"} 1.0' in text
 
 

@@ -86,6 +86,42 @@ class _Live(Collector):
         for code, n in sorted(stats["errors"].items()):
             errors.add_metric([code], n)
         yield errors
+        cluster = store.committer_status()
+        if cluster is not None:
+            yield from _cluster(cluster)
+
+
+def _cluster(st: dict[str, Any]) -> Iterator[Metric]:
+    """Cluster mode: what `/health` says of the cluster, as numbers to alert on."""
+    yield GaugeMetricFamily(
+        "ctsd_cluster_ok", "1 while this host takes writes through the cluster", int(st["ok"])
+    )
+    state = GaugeMetricFamily(
+        "ctsd_cluster_state", "The cluster engine's state (the current one is 1)", labels=["state"]
+    )
+    state.add_metric([st["state"]], 1)
+    yield state
+    yield GaugeMetricFamily(
+        "ctsd_cluster_applied_seq", "The last stream seq applied here", st["applied_seq"]
+    )
+    if st["stream_last_seq"] is not None:
+        yield GaugeMetricFamily(
+            "ctsd_cluster_stream_last_seq", "The stream's last seq", st["stream_last_seq"]
+        )
+    if st["lag"] is not None:
+        yield GaugeMetricFamily(
+            "ctsd_cluster_lag", "Stream messages not applied here yet", st["lag"]
+        )
+    yield CounterMetricFamily(
+        "ctsd_cluster_conflicts",
+        "Changes computed again because another host changed the same records first",
+        st["conflicts"],
+    )
+    yield GaugeMetricFamily(
+        "ctsd_cluster_snapshot_failing",
+        "1 while no snapshot can be put (see snapshot_problem in /health)",
+        int("snapshot_problem" in st),
+    )
 
 
 class Metrics:
