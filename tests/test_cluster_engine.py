@@ -500,6 +500,39 @@ async def test_hosts_putting_snapshots_at_once_leave_the_newest_alone(
         assert await bucket_messages(cluster, sa.bucket) == 3 + 1
 
 
+async def test_a_start_that_did_not_catch_up_in_time_refuses_writes_until_it_has(
+    cluster: NatsCluster,
+) -> None:
+    """The catch-up at start gave up (a long backlog): the host serves on, but it is not
+    `connected` and refuses writes at once until it has applied what the stream held, since
+    a write would wait for all of it before its answer."""
+    s = make_settings(cluster)
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        for i in range(5):
+            await commit(a, f"m{i}".encode())
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def __call__(self, change: Change) -> None:
+            await gate.wait()
+            await super().__call__(change)
+
+    async with running(make_settings(cluster, s.name, host="host-b"), recorder=Slow()) as (b, rec):
+        with pytest.raises(Unavailable, match="applied seq 0 of 5 within"):
+            await b.catch_up(timeout=0.3)
+        st = b.status()
+        assert (st.state, st.ok, st.lag) == ("catching_up", False, 5), st
+        assert "applied seq 0 of 5" in (st.reason or "")
+        with pytest.raises(Unavailable, match="catching up with the change stream"):
+            b.check_writable()
+        gate.set()
+        await wait_until_async(lambda: b.status().ok, timeout=10, what="caught up")
+        assert rec.seqs == [1, 2, 3, 4, 5] and b.status().state == "connected"
+        b.check_writable()
+        await commit(b, b"now")
+
+
 async def test_chunks_of_an_upload_cut_short_are_removed_once_old(cluster: NatsCluster) -> None:
     """A host killed while it put a snapshot leaves chunks no entry names: a later put removes
     them once they are old enough that no upload can still be under way, and only then."""

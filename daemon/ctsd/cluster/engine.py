@@ -92,7 +92,9 @@ REPLICA_SILENT_S = 5.0
 # After a publish gave up, the stream's own description is not trusted for this long.
 FAILED_HOLD_S = 10.0
 
-State = Literal["connecting", "connected", "disconnected", "unavailable", "stalled", "closed"]
+State = Literal[
+    "connecting", "connected", "catching_up", "disconnected", "unavailable", "stalled", "closed"
+]
 
 
 class _CannotCreate(Exception):
@@ -186,6 +188,7 @@ class ClusterEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._boot = secrets.token_hex(8)
+        self._catch_up_target: int | None = None  # see `_behind`
         self._local_ids = itertools.count(1)
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
         self._check_now = asyncio.Event()  # look at the stream now (after a reconnect)
@@ -214,17 +217,27 @@ class ClusterEngine:
             return None
         return max(0, self._stream_last - self._applied)
 
+    def _behind_reason(self) -> str | None:
+        target = self._behind()
+        if target is None:
+            return None
+        return (
+            f"this host is catching up with the change stream: applied seq {self._applied} of "
+            f"{target}; it takes writes once it is there"
+        )
+
     def status(self) -> EngineStatus:
         server = None
         if self._nc is not None and self._nc.is_connected and self._nc.connected_url:
             url = self._nc.connected_url
             server = f"{url.scheme}://{url.hostname}:{url.port}"
+        behind = self._behind_reason() if self._state == "connected" else None
         return EngineStatus(
             cluster=self.settings.name,
             host_id=self.settings.host_id,
             stream=self.stream,
-            state=self._state,
-            reason=self._reason,
+            state="catching_up" if behind else self._state,
+            reason=behind or self._reason,
             server=server,
             applied_seq=self._applied,
             stream_last_seq=self._stream_last,
@@ -508,6 +521,8 @@ class ClusterEngine:
             raise Unavailable(f"this host stopped applying the change stream: {self._stalled}")
         if self._state == "closed":
             raise Unavailable("the cluster engine is closed")
+        if (behind := self._behind_reason()) is not None:
+            raise Unavailable(behind)
         down = self._down_since
         if down is not None and time.monotonic() - down >= self.settings.publish_timeout_s:
             raise Unavailable(self._reason or "the cluster engine is not connected")
@@ -794,6 +809,9 @@ class ClusterEngine:
         try:
             await self.wait_applied(until, left())
         except TimeoutError:
+            # The daemon serves on, its writes refused until it is there (`_behind`): one
+            # published now would wait for the whole backlog to be applied before its answer.
+            self._catch_up_target = until
             raise Unavailable(
                 f"catching up: applied seq {self._applied} of {until} within {timeout:g} s"
             ) from None
@@ -981,7 +999,17 @@ class ClusterEngine:
 
     def _mark_applied(self, seq: int) -> None:
         self._applied = seq
+        if self._catch_up_target is not None:
+            self._behind()
         self._wake_waiters()
+
+    def _behind(self) -> int | None:
+        """The seq a start that timed out catching up must reach before writes (None: there)."""
+        target = self._catch_up_target
+        if target is not None and self._applied >= target:
+            self._catch_up_target = target = None
+            log.info("cluster.caught_up", applied_seq=self._applied)
+        return target
 
     async def _deleted_up_to(self, last: int) -> bool:
         """Were the messages after the last one delivered, up to `last`, deleted (by hand: a
