@@ -533,6 +533,27 @@ async def test_a_start_that_did_not_catch_up_in_time_refuses_writes_until_it_has
         await commit(b, b"now")
 
 
+async def test_two_daemons_with_one_host_id_stop_applying_and_say_so(cluster: NatsCluster) -> None:
+    """A cloned VM keeps its hostname (the default host id): the second daemon's changes would
+    be taken for the first's own. The history a restart applies is no twin; a change the
+    other publishes after this one started is, and nothing of it is applied."""
+    s = make_settings(cluster)
+    async with running(s) as (a, rec_a):
+        await a.catch_up(timeout=10)
+        await commit(a, b"a1")
+        async with running(s) as (twin, rec_twin):  # the same host id
+            await twin.catch_up(timeout=10)
+            assert rec_twin.payloads == [b"a1"] and twin.status().ok  # history: its own
+            await twin.publish(b"t1", twin.applied_seq, twin.new_local_id())
+            await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")
+            st = a.status()
+            assert st.stalled == "duplicate_host" and "message seq 2" in (st.reason or "")
+            assert "two daemons run as one host" in (st.reason or ""), st
+            assert rec_a.payloads == [b"a1"] and a.applied_seq == 1
+            with pytest.raises(Unavailable, match="stopped applying"):
+                a.check_writable()
+
+
 async def test_chunks_of_an_upload_cut_short_are_removed_once_old(cluster: NatsCluster) -> None:
     """A host killed while it put a snapshot leaves chunks no entry names: a later put removes
     them once they are old enough that no upload can still be under way, and only then."""

@@ -62,6 +62,7 @@ from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
     Conflict,
+    DuplicateHost,
     InvalidChange,
     PublishRefused,
     Stalled,
@@ -189,6 +190,8 @@ class ClusterEngine:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._boot = secrets.token_hex(8)
         self._catch_up_target: int | None = None  # see `_behind`
+        # The stream's last seq when this process first saw it (`_check_twin`).
+        self._first_seen_last: int | None = None
         self._local_ids = itertools.count(1)
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # msg ids published lately
         self._check_now = asyncio.Event()  # look at the stream now (after a reconnect)
@@ -400,6 +403,8 @@ class ClusterEngine:
                 "it is not this cluster's change stream"
             )
         self.stream_created = info.created.isoformat() if info.created else ""
+        if self._first_seen_last is None:
+            self._first_seen_last = info.state.last_seq
         self._note_stream(info.state)
 
     def _with_credentials(self, reason: str) -> str:
@@ -893,6 +898,8 @@ class ClusterEngine:
         consumer: str | None = None
         try:
             config = ConsumerConfig(
+                # `nats consumer report CTSD_<name>` shows each host's position by it
+                description=f"ctsd {self.settings.host_id}",
                 deliver_subject=inbox,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=self._applied + 1,
@@ -978,6 +985,7 @@ class ClusterEngine:
                 cluster=self.settings.name,
                 host_id=self.settings.host_id,
             )
+            self._check_twin(change)
             assert self._apply is not None
             try:
                 await self._apply(change)
@@ -996,6 +1004,25 @@ class ClusterEngine:
                     seq=seq,
                 ) from exc
             self._mark_applied(seq)
+
+    def _check_twin(self, change: Change) -> None:
+        """A message with this host's id that this process did not publish, put in the stream
+        after it started (its predecessor on this data dir had stopped by then: the data dir's
+        lock): another daemon runs with the same host id. Taken for this host's own, its
+        changes would skip what makes another host's change local here, and the twin would
+        take this host's: the applying stops (on both) until one gets an id of its own."""
+        first = self._first_seen_last
+        if not change.own or first is None or change.seq <= first:
+            return
+        if change.msg_id.startswith(f"{self.settings.host_id}:{self._boot}-"):
+            return
+        raise DuplicateHost(
+            f"message seq {change.seq} ({messages.short(change.msg_id)}) has this host's id "
+            f"{self.settings.host_id!r} but another daemon published it: two daemons run as "
+            "one host; give each its own (CTSD_HOST_ID or cluster.host_id) and restart them; "
+            "it was not applied",
+            seq=change.seq,
+        )
 
     def _mark_applied(self, seq: int) -> None:
         self._applied = seq

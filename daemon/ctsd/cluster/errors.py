@@ -101,6 +101,12 @@ class BadMessage(Stalled):
     kind = "bad_message"
 
 
+class DuplicateHost(Stalled):
+    """Another daemon publishes with this host's id."""
+
+    kind = "duplicate_host"
+
+
 class ApplyFailed(Stalled):
     """The apply callback raised for a message; it was not applied."""
 

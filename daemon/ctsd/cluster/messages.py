@@ -106,17 +106,17 @@ def decode(
     headers = headers or {}
     msg_id = headers.get(H_MSG_ID) or ""
     host = headers.get(H_HOST) or ""
-    what = f"message seq {seq}" + (f" ({_short(msg_id)})" if msg_id else "")
+    what = f"message seq {seq}" + (f" ({short(msg_id)})" if msg_id else "")
     if headers.get(H_CLUSTER) != cluster:
         raise BadMessage(
-            f"{what} belongs to cluster {_short(headers.get(H_CLUSTER))}, not {cluster!r}; "
+            f"{what} belongs to cluster {short(headers.get(H_CLUSTER))}, not {cluster!r}; "
             "it was not applied",
             seq=seq,
         )
     schema = headers.get(H_SCHEMA)
     if schema not in SCHEMAS_READ:
         raise BadMessage(
-            f"{what} has schema version {_short(schema)}; this ctsd applies versions "
+            f"{what} has schema version {short(schema)}; this ctsd applies versions "
             f"{', '.join(SCHEMAS_READ)} only (upgrade it to match the host that wrote it); it "
             "was not applied",
             seq=seq,
@@ -132,7 +132,7 @@ def decode(
     ):
         if not valid:
             raise BadMessage(
-                f"{what} has {header} {_short(value)}: not one ctsd writes; it was not applied",
+                f"{what} has {header} {short(value)}: not one ctsd writes; it was not applied",
                 seq=seq,
             )
     base: int | None = None
@@ -141,14 +141,14 @@ def decode(
         base = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
         if base is None or base >= seq:
             raise BadMessage(
-                f"{what} has {H_BASE} {_short(text)}: not a stream seq before its own; it was "
+                f"{what} has {H_BASE} {short(text)}: not a stream seq before its own; it was "
                 "not applied",
                 seq=seq,
             )
     founding = headers.get(H_FOUNDING)
     if founding is not None and not (seq == 1 and base is None and is_founding_name(founding)):
         raise BadMessage(
-            f"{what} has {H_FOUNDING} {_short(founding)}: only the stream's first message founds "
+            f"{what} has {H_FOUNDING} {short(founding)}: only the stream's first message founds "
             "the cluster, naming a founding object; it was not applied",
             seq=seq,
         )
@@ -162,7 +162,7 @@ def decode(
             raise BadMessage(f"{what}; it was not applied", seq=seq) from None
     elif encoding is not None:
         raise BadMessage(
-            f"{what} has unknown encoding {_short(encoding)}; it was not applied", seq=seq
+            f"{what} has unknown encoding {short(encoding)}; it was not applied", seq=seq
         )
     return Change(
         seq=seq,
@@ -200,7 +200,7 @@ def inflate(data: bytes) -> bytes:
     return out
 
 
-def _short(value: object, limit: int = 80) -> str:
+def short(value: object, limit: int = 80) -> str:
     """A header value as shown in an error: quoted, and cut when long (it is foreign input)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
