@@ -70,7 +70,8 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": {"nats_urls": ["nats://"], "name": "d"}}, {}, "names no host"),
         ({"cluster": {"nats_urls": ["nats://a:99999"], "name": "d"}}, {}, "not a valid URL"),
         ({"cluster": {"nats_urls": ["nats://a/x"], "name": "d"}}, {}, "has no path"),
-        ({"cluster": {"nats_urls": ["ws://a/x?y=1"], "name": "d"}}, {}, "query or fragment"),
+        ({"cluster": {"nats_urls": ["nats://a?y=1"], "name": "d"}}, {}, "query or fragment"),
+        ({"cluster": {"nats_urls": ["wss://a:443"], "name": "d"}}, {}, "not their websocket"),
         ({"cluster": {"nats_urls": ["nats://a#x"], "name": "d"}}, {}, "query or fragment"),
         ({"cluster": {"nats_urls": ["nats://a", 4222], "name": "d"}}, {}, "nats_urls[1]`"),
         # what the servers could not hold (signed 64-bit; the age in nanoseconds)
@@ -100,6 +101,11 @@ def test_the_environment_wins_over_settings_json() -> None:
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "replicas": 0}}, {}, "replicas"),
         ({"cluster": ["nats://a"]}, {}, "`$.cluster`"),
         ({"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 60}}, {}, "too short"),
+        (
+            {"cluster": {"nats_urls": ["nats://a"], "name": "d", "max_age_s": 500}},
+            {},
+            "cluster.snapshot_every_s 300 is too long for cluster.max_age_s 500",
+        ),
         (
             {"cluster": {"nats_urls": ["nats://a"], "name": "d", "publish_timeout_s": 13}},
             {},

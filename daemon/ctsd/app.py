@@ -180,6 +180,12 @@ async def _join_cluster(d: Daemon) -> None:
 
     assert d.cluster is not None
     store = d.svc.store
+    if store.box.key is None:
+        log.warning(
+            "cluster_secrets_plain_text",
+            message="no secrets key: exchange keys go to every NATS node and every host as "
+            "they are stored, in plain text (configure the same key on every host)",
+        )
     engine = ClusterEngine(d.cluster)
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer

@@ -200,7 +200,8 @@ class WatchSettings(Section, kw_only=True):
 # the operator is there, not found at the next restart. The environment may override the
 # URLs and the name, so only what the section itself says is checked here.
 
-NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+# Not ws:// or wss://: nats-py's websocket transport needs aiohttp, which ctsd does not ship.
+NATS_SCHEMES = ("nats", "tls")
 CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NATS_CREDS_CREDENTIAL = "ctsd-nats-creds"
@@ -236,6 +237,7 @@ def check_nats_url(url: str, where: str) -> str:
         raise ValueError(
             f"{where} {shown!r} has scheme {parts.scheme or '(none)'!r}: use one of "
             + ", ".join(f"{s}://" for s in NATS_SCHEMES)
+            + " (the servers' client port, not their websocket port)"
         )
     if not parts.hostname:
         raise ValueError(f"{where} {shown!r} names no host: give nats://host:4222")
@@ -246,7 +248,7 @@ def check_nats_url(url: str, where: str) -> str:
             f"{where} {shown!r} has a query or fragment: NATS takes none, and one may hold a "
             "token; " + put_them
         )
-    if parts.scheme in ("nats", "tls") and parts.path not in ("", "/"):
+    if parts.path not in ("", "/"):
         raise ValueError(f"{where} {shown!r}: a {parts.scheme}:// URL has no path")
     return url
 
@@ -324,6 +326,13 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"cluster.max_age_s {self.max_age_s:g} is too short: use 0 (no age limit) or "
                 f"at least {DUPLICATE_WINDOW_S:g} s, the window in which a retried write is "
                 "recognized"
+            )
+        if self.max_age_s and self.snapshot_every_s > self.max_age_s / 2:
+            raise ValueError(
+                f"cluster.snapshot_every_s {self.snapshot_every_s:g} is too long for "
+                f"cluster.max_age_s {self.max_age_s:g}: use at most half of it, so that a "
+                "snapshot is taken well before the stream forgets the messages after the "
+                "previous one"
             )
         every = self.snapshot_every_msgs
         if every is not None and every > self.max_msgs // 2:

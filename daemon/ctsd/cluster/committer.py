@@ -110,7 +110,7 @@ class ClusterCommitter:
         # Msg ids of this host's groups applied here after their commit gave up (an answer
         # lost): `landed` tells a caller that was answered `unavailable` that it got in.
         self._landed: OrderedDict[str, None] = OrderedDict()
-        # Why no snapshot can be put (shown in status until one is), e.g. one too large.
+        # Why the last snapshot put failed (shown in status until one succeeds).
         self.snapshot_problem: str | None = None
         self.conflicts = 0  # groups computed again after another host's change got in first
         self._back: asyncio.Task[None] | None = None
@@ -775,12 +775,15 @@ class ClusterCommitter:
                     time.monotonic() - last < settings.snapshot_every_s
                 ):
                     continue
-                await self.put_snapshot()
+                try:
+                    await self.put_snapshot()
+                except ClusterError as e:
+                    self.snapshot_problem = str(e)  # shown until a put succeeds
+                    raise
                 last = time.monotonic()
                 self.snapshot_problem = None
             except SnapshotTooLarge as e:  # tried again after as much news as a snapshot
                 last = time.monotonic()
-                self.snapshot_problem = str(e)
                 log.error("cluster.snapshot_failed", reason=str(e))
             except ClusterError as e:
                 log.warning("cluster.snapshot_failed", reason=str(e))

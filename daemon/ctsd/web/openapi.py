@@ -26,7 +26,11 @@ _ERROR_TEXT = {
     413: "Body over 1 MiB (`too_large`)",
     415: "Body not JSON (`unsupported_media_type`)",
     429: "Rate limited (`rate_limited`)",
-    503: "`io_error`, `internal` or `unavailable`: nothing was changed; retry later",
+    503: (
+        "`io_error`, `internal` or `unavailable`: retry later. Nothing was changed, except "
+        "for an `unavailable` that says the outcome is unknown (cluster mode): that change "
+        "may still reach every host"
+    ),
 }
 _REVISION_HEADER = {
     "X-Revision": {
