@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ctsd.cluster import boots
 from ctsd.cluster.config import ClusterConfigError, load_cluster_settings
 
 CANARY = "canary-secret-93b1f7"
@@ -249,3 +250,17 @@ def test_a_credentials_symlink_is_followed(tmp_path: Path) -> None:
     (tmp_path / "creds").symlink_to(tmp_path / "real")
     s = load(BASE, CTSD_CLUSTER_CREDS_FILE=str(tmp_path / "creds"))
     assert s is not None and s.credentials is not None and s.credentials.token == CANARY
+
+
+def test_a_data_dirs_starts_are_remembered_durably_and_bounded(tmp_path: Path) -> None:
+    assert boots.remember(tmp_path, "a" * 16) == frozenset()
+    assert boots.remember(tmp_path, "b" * 16) == {"a" * 16}
+    path = tmp_path / boots.NAME
+    assert path.stat().st_mode & 0o777 == 0o600
+    for i in range(boots.KEPT + 5):
+        boots.remember(tmp_path, f"{i:016x}")
+    kept = boots.remember(tmp_path, "c" * 16)
+    assert len(kept) == boots.KEPT and f"{boots.KEPT + 4:016x}" in kept
+    path.write_text("[not json")  # unreadable: made again (only the twin check needs it)
+    assert boots.remember(tmp_path, "d" * 16) == frozenset()
+    assert boots.remember(tmp_path, "e" * 16) == {"d" * 16}

@@ -92,12 +92,15 @@ class Recorder:
 
 @asynccontextmanager
 async def running(
-    settings: ClusterSettings, applied: int = 0, recorder: Recorder | None = None
+    settings: ClusterSettings,
+    applied: int = 0,
+    recorder: Recorder | None = None,
+    wait_s: float = 10,
 ) -> AsyncIterator[tuple[ClusterEngine, Recorder]]:
     engine = ClusterEngine(settings, heartbeat_s=0.5, refresh_s=0.5)
     rec = recorder or Recorder()
     try:
-        await engine.start(wait_s=10)
+        await engine.start(wait_s=wait_s)
         engine.subscribe_from(applied, rec)
         yield engine, rec
     finally:
@@ -552,6 +555,68 @@ async def test_two_daemons_with_one_host_id_stop_applying_and_say_so(cluster: Na
             assert rec_a.payloads == [b"a1"] and a.applied_seq == 1
             with pytest.raises(Unavailable, match="stopped applying"):
                 a.check_writable()
+
+
+async def test_a_host_knows_its_earlier_starts_and_applies_a_gone_twins_as_anothers(
+    cluster: NatsCluster,
+) -> None:
+    """A message of this data dir's previous start that lands after this one began (sent as
+    the quorum was lost, stored once it was back) is its own, no twin. A twin's message from
+    before this start (the twin since given an id of its own) is applied as another host's."""
+    s = make_settings(cluster)
+    async with running(s) as (old, _):
+        await old.catch_up(timeout=10)
+        await commit(old, b"old1")
+        async with running(s) as (new, rec_new):
+            new.earlier_boots = frozenset({old.boot})  # as `boots.remember` gives it
+            await new.catch_up(timeout=10)
+            await old.publish(b"late", old.applied_seq, old.new_local_id())
+            await wait_until_async(lambda: new.applied_seq == 2, timeout=10, what="applied")
+            assert new.status().ok and [c.own for c in rec_new.changes] == [True, True]
+    async with running(s) as (again, rec):  # a start that knows nothing of `old`'s boot
+        await again.catch_up(timeout=10)
+        assert rec.payloads == [b"old1", b"late"] and again.status().ok
+        assert [c.own for c in rec.changes] == [False, False]
+
+
+@pytest.fixture
+def one_node(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(1, workdir=tmp_path) as c:
+        yield c
+
+
+async def test_a_start_that_never_reached_the_stream_catches_up_before_writes(
+    one_node: NatsCluster,
+) -> None:
+    """The catch-up at start gave up before it saw the stream (NATS down): once it is back,
+    the backlog it then finds is applied before writes are taken."""
+    one = one_node
+    s = make_settings(one, replicas=1)
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        for i in range(3):
+            await commit(a, f"m{i}".encode())
+    one.kill(0)  # (at once: a clean stop takes seconds)
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def __call__(self, change: Change) -> None:
+            await gate.wait()
+            await super().__call__(change)
+
+    b_settings = make_settings(one, s.name, host="host-b", replicas=1)
+    async with running(b_settings, recorder=Slow(), wait_s=0.1) as (b, rec):
+        with pytest.raises(Unavailable):
+            await b.catch_up(timeout=0.3)
+        await asyncio.to_thread(one.start_node, 0)
+        await wait_until_async(
+            lambda: b.status().state == "catching_up", timeout=20, what="catching up"
+        )
+        with pytest.raises(Unavailable, match="applied seq 0 of 3"):
+            b.check_writable()
+        gate.set()
+        await wait_until_async(lambda: b.status().ok, timeout=10, what="caught up")
+        assert rec.seqs == [1, 2, 3]
 
 
 async def test_chunks_of_an_upload_cut_short_are_removed_once_old(cluster: NatsCluster) -> None:

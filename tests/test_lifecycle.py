@@ -277,6 +277,35 @@ def test_a_cluster_section_that_does_not_load_stops_the_start(
         d.close()
 
 
+def test_a_settings_file_invalid_elsewhere_still_puts_the_host_in_its_cluster(
+    data_dir: Path,
+) -> None:
+    """settings.json invalid at start outside its `cluster` section, no copy to stand for it:
+    the section as written still counts (never a start on this host alone); a file that does
+    not parse and may hold one stops the start."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    path = data_dir / "settings.json"
+    section = {"nats_urls": [f"nats://127.0.0.1:{free_port()}"], "name": "d", "host_id": "h1"}
+    path.write_text(json.dumps({"stale_after_s": -1, "cluster": section}, indent=2) + "\n")
+    path.chmod(0o600)
+    d = Daemon(data_dir, env={"CTSD_CLUSTER_CATCH_UP_S": "0.5"})
+    try:
+        d.start(timeout=30)
+        health = d.http("/health")[1]
+        assert health["checks"]["cluster"]["host_id"] == "h1", health
+        assert "settings.json" in health["checks"]["files"]["invalid"], health
+    finally:
+        d.close()
+    path.write_text('{"cluster": {"nats_urls": ["nats://127.0.0.1:9"], "name": "d"\n')
+    d = Daemon(data_dir)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert "may hold this host's cluster section" in line and "settings.json:" in line, line
+    finally:
+        d.close()
+
+
 def test_asyncio_loop_serves_bus_http_and_writes(data_dir: Path) -> None:
     d = Daemon(data_dir, env={"CTSD_EVENT_LOOP": "asyncio"})
     try:

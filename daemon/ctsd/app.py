@@ -12,6 +12,7 @@ under one task group; start-up, readiness, signals and shutdown.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import sys
@@ -28,12 +29,14 @@ from ctsd.atomic import ensure_dir
 from ctsd.bases import Bases
 from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
+from ctsd.diagnose import FileProblem
 from ctsd.errors import CtsdError
-from ctsd.files import document_file
+from ctsd.files import Invalid, document_file
 from ctsd.lock import InstanceLock
 from ctsd.notify import Notifier
 from ctsd.probes import Prober
 from ctsd.rekey import RekeyRefused, finish_pending
+from ctsd.safefile import read_data_file
 from ctsd.secretbox import KeyFileError, SecretBox, configured_key
 from ctsd.services import Services
 from ctsd.store import Store
@@ -111,12 +114,15 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         # it was down counts at this start (as for the listen address below); a broken file
         # counts as its copy (set back in memory).
         own = file_doc if settings_file in edited and file_doc is not None else None
+        settings_doc = own if own is not None else store.documents.get("settings")
         problem = store.problems.get(settings_file)
-        if problem is not None and problem.path.startswith("$.cluster") and not broken_set_back:
-            # Whether, and as which host, this one is in a cluster cannot be read: never a
-            # start on its own (or under another host id) in its place.
-            raise StartError(f"cluster settings: {problem.format()}")
-        cluster = load_cluster_settings(own if own is not None else store.documents.get("settings"))
+        if problem is not None and not broken_set_back:
+            # Whether, and as which host, this one is in a cluster must still be read: never
+            # a start on its own (or under another host id) in its place.
+            if problem.path == "$.cluster" or problem.path.startswith(("$.cluster.", "$.cluster[")):
+                raise StartError(f"cluster settings: {problem.format()}")
+            settings_doc = _cluster_as_written(store.disk.path(settings_file), problem)
+        cluster = load_cluster_settings(settings_doc)
         if cluster is not None:
             store.keep_copies(store.checkpointer.bases or Bases(data_dir))
         elif settings_file not in store.problems and settings_file not in store.intake.created:
@@ -145,6 +151,25 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     return Daemon(svc, watcher, Notifier(), cluster, edited), lock
 
 
+def _cluster_as_written(path: Path, problem: FileProblem) -> dict[str, Any] | None:
+    """settings.json is invalid at start (elsewhere than in its `cluster` section) and no copy
+    stands for it: that section, as written, still says whether this host is in a cluster.
+    Raises StartError when the file does not parse and may hold one."""
+    try:
+        raw, _ = read_data_file(path, "settings.json")
+        doc = json.loads(raw)
+    except (OSError, Invalid):
+        return None  # gone, or no regular file: nothing in it
+    except ValueError:
+        if b'"cluster"' not in raw:
+            return None
+        raise StartError(
+            f"cluster settings: {problem.format()}: the file may hold this host's cluster "
+            "section; fix it"
+        ) from None
+    return {"cluster": doc["cluster"]} if isinstance(doc, dict) and "cluster" in doc else None
+
+
 def _cluster_on_file(store: Store) -> ClusterSettings | None:
     """Cluster mode as settings.json holds it, before the journal replays (a section the
     journal fixes or adds is judged after the replay)."""
@@ -168,6 +193,7 @@ def _catch_up_s() -> float:
 async def _join_cluster(d: Daemon) -> None:
     """Cluster mode: commit through the cluster and apply what the stream holds beyond this
     host before READY (the store closes the engine at shutdown)."""
+    from ctsd.cluster import boots
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
     from ctsd.cluster.errors import (
@@ -187,6 +213,7 @@ async def _join_cluster(d: Daemon) -> None:
             "they are stored, in plain text (configure the same key on every host)",
         )
     engine = ClusterEngine(d.cluster)
+    engine.earlier_boots = boots.remember(store.data_dir, engine.boot)
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
     # The catch-up may take longer than the unit's start timeout: systemd is told how long.

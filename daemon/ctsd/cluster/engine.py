@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import re
@@ -130,6 +131,11 @@ class EngineStatus(msgspec.Struct, kw_only=True):
         return self.state == "connected"
 
 
+def _is_reset(reason: str) -> bool:
+    """A connection the server closed (as it does right after refusing the credentials)."""
+    return any(s in reason.lower() for s in ("reset by peer", "broken pipe", "unexpected eof"))
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.removeprefix("nats: ")
@@ -170,6 +176,7 @@ class ClusterEngine:
         self._reason: str | None = "not connected yet"
         self._down_since: float | None = time.monotonic()
         self._last_error: str | None = None
+        self._refused: str | None = None  # the servers' last authorization refusal
         self._ready = asyncio.Event()  # connected once and the stream ensured
         self._connected = asyncio.Event()  # the NATS connection is up right now
         self._settled = asyncio.Event()  # ready, or stalled before it could be
@@ -188,8 +195,12 @@ class ClusterEngine:
         self._waiter_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self._boot = secrets.token_hex(8)
+        self.boot = secrets.token_hex(8)  # this process's part of its message ids
+        # The boot ids of the daemons that ran on this data dir before (`boots.remember`):
+        # their messages are this host's own, however late they land (`_check_twin`).
+        self.earlier_boots: frozenset[str] = frozenset()
         self._catch_up_target: int | None = None  # see `_behind`
+        self._catch_up_pending = False  # the start's catch-up never saw the stream
         # The stream's last seq when this process first saw it (`_check_twin`).
         self._first_seen_last: int | None = None
         self._local_ids = itertools.count(1)
@@ -339,9 +350,12 @@ class ClusterEngine:
                     ),
                 )
                 self._connected.set()
+                self._refused = None
                 break
             except Exception as exc:
                 reason = self._last_error or self._with_credentials(_describe(exc))
+                if self._refused is not None and _is_reset(reason):
+                    reason = self._refused  # the server's refusal, not the close that follows
                 self._set_state("disconnected", f"cannot connect to NATS: {reason}")
                 self._last_error = None
                 await asyncio.sleep(delay)
@@ -422,9 +436,16 @@ class ClusterEngine:
 
     def _note_stream(self, state: StreamState) -> None:
         self._stream_last = max(self._stream_last or 0, state.last_seq)
+        if self._catch_up_pending:  # the start gave up before it saw the stream: now it has
+            self._catch_up_pending = False
+            self._catch_up_target = state.last_seq
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = self._with_credentials(_describe(exc))
+        if "authorization" in self._last_error.lower():
+            self._refused = self._last_error
+        elif self._refused is not None and _is_reset(self._last_error):
+            self._last_error = self._refused  # the server's refusal, not the close after it
         if self._nc is None:  # the first connect is still being tried (it retries forever)
             self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -514,7 +535,7 @@ class ClusterEngine:
 
     def new_local_id(self) -> str:
         """A local id never used before by this host (random per start + counter)."""
-        return f"{self._boot}-{next(self._local_ids)}"
+        return f"{self.boot}-{next(self._local_ids)}"
 
     def msg_id(self, local_id: str) -> str:
         """The stream's message id of this host's group `local_id` (`Nats-Msg-Id`)."""
@@ -793,6 +814,7 @@ class ClusterEngine:
         try:
             await asyncio.wait_for(self._settled.wait(), left())
         except TimeoutError:
+            self._catch_up_pending = True  # a backlog may wait once the stream answers
             raise Unavailable(self._reason or "not connected to the cluster") from None
         if self._stalled is not None:
             raise self._stalled
@@ -804,6 +826,7 @@ class ClusterEngine:
                     break
                 except (nats.errors.Error, TimeoutError) as exc:
                     if deadline is not None and loop.time() >= deadline:
+                        self._catch_up_pending = True
                         raise Unavailable(
                             f"stream {self.stream} does not answer: {_describe(exc)}"
                         ) from None
@@ -985,7 +1008,7 @@ class ClusterEngine:
                 cluster=self.settings.name,
                 host_id=self.settings.host_id,
             )
-            self._check_twin(change)
+            change = self._check_twin(change)
             assert self._apply is not None
             try:
                 await self._apply(change)
@@ -1005,17 +1028,23 @@ class ClusterEngine:
                 ) from exc
             self._mark_applied(seq)
 
-    def _check_twin(self, change: Change) -> None:
-        """A message with this host's id that this process did not publish, put in the stream
-        after it started (its predecessor on this data dir had stopped by then: the data dir's
-        lock): another daemon runs with the same host id. Taken for this host's own, its
-        changes would skip what makes another host's change local here, and the twin would
-        take this host's: the applying stops (on both) until one gets an id of its own."""
+    def _check_twin(self, change: Change) -> Change:
+        """A message with this host's id that no daemon on this data dir published (its boot
+        id is not one of theirs), put in the stream after this process started: another
+        daemon runs with the same host id. Taken for this host's own, its changes would skip
+        what makes another host's change local here: the applying stops at it until each has
+        an id of its own. One from before this process started is applied as another
+        host's."""
+        if not change.own:
+            return change
+        boot = change.msg_id.partition(":")[2].rpartition("-")[0]
+        if boot == self.boot or boot in self.earlier_boots:
+            return change
         first = self._first_seen_last
-        if not change.own or first is None or change.seq <= first:
-            return
-        if change.msg_id.startswith(f"{self.settings.host_id}:{self._boot}-"):
-            return
+        if first is None or change.seq <= first:
+            # From before this process started: a twin since gone, or this host's own id
+            # given to another daemon earlier. Applied as another host's change.
+            return dataclasses.replace(change, own=False)
         raise DuplicateHost(
             f"message seq {change.seq} ({messages.short(change.msg_id)}) has this host's id "
             f"{self.settings.host_id!r} but another daemon published it: two daemons run as "
