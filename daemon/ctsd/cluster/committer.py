@@ -769,16 +769,16 @@ class ClusterCommitter:
                     await self._retry_founding(stalled)
                     continue
                 news = self._installed_seq - self._snapshotted_seq
-                if news <= 0 or self.engine.state != "connected":
-                    continue
+                if news <= 0 or self.engine.status().state != "connected":
+                    continue  # (not while catching up either: an old state, and the lock)
                 if news < settings.snapshot_every_msgs and (
                     time.monotonic() - last < settings.snapshot_every_s
                 ):
                     continue
                 try:
                     await self.put_snapshot()
-                except ClusterError as e:
-                    self.snapshot_problem = str(e)  # shown until a put succeeds
+                except Exception as e:
+                    self.snapshot_problem = str(e) or type(e).__name__  # until a put succeeds
                     raise
                 last = time.monotonic()
                 self.snapshot_problem = None

@@ -45,7 +45,7 @@ PREFIX = "snapshot-"
 READ_ATTEMPTS = 3  # a snapshot removed while read (a newer one came): the bucket looked at again
 # Chunks no entry names are an upload cut short (a host killed while it put one), unless one
 # is under way: an upload's entry is stored after its last chunk, so chunks left this long
-# after their last one are removed (the servers' clocks and ours agree within it).
+# after their last one are removed (both times are the servers').
 ORPHAN_AFTER_S = 600.0
 
 log = structlog.get_logger("ctsd.cluster")
