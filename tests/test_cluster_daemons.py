@@ -807,6 +807,8 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
         assert r.stderr.startswith("ctsd: unavailable: the cluster cannot take changes"), r.stderr
         r = cli(d, "conn", "list", "--json")
         assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
+        r = cli(d, "status")  # a script's check: not 0 while the cluster takes no changes
+        assert r.returncode == 10 and "nowhere as h1: disconnected" in r.stdout, r
         warned = [e for e in d.log_events() if e.get("event") == "cluster_not_caught_up"]
         assert warned, d.stdout()[-2000:]
         metrics = d.http("/metrics")[1]

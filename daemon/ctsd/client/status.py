@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ctsd.client.bus import run_call
-from ctsd.client.errors import EXIT_CONFLICT
+from ctsd.client.errors import EXIT_CONFLICT, EXIT_UNAVAILABLE
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.render import cell, echo_json, key_values, safe
 from ctsd.client.target import Target
@@ -77,9 +77,13 @@ def render_status(result: Any, target: Target) -> str:
             f"{cell(cluster.get('state'))}, applied seq {cell(cluster.get('applied_seq'))} of "
             f"{cell(cluster.get('stream_last_seq'))} (lag {cell(cluster.get('lag'))})"
         )
+        if cluster.get("conflicts"):
+            line += f", {cell(cluster['conflicts'])} conflict(s) since start"
         if cluster.get("reason"):
             line += f": {safe(cluster['reason'])}"
         lines.append(line)
+        if cluster.get("snapshot_problem"):
+            lines.append(f"snapshots    cannot put one: {safe(cluster['snapshot_problem'])}")
     px = rest.pop("projectx", None)
     if isinstance(px, dict):
         text = ", ".join(
@@ -99,7 +103,8 @@ def register(main: click.Group) -> None:
         """A summary of the running daemon: revision, connections, clients, files.
 
         Exits 6 when a data file is invalid on disk (the daemon serves its last valid
-        content and refuses changes to it).
+        content and refuses changes to it), else 10 in cluster mode while the cluster
+        cannot take changes (down, catching up, stalled).
         """
 
         result = run_call(target, "status")
@@ -109,3 +114,6 @@ def register(main: click.Group) -> None:
         click.echo(render_status(result, target))
         if isinstance(result, dict) and result.get("invalid_files"):
             sys.exit(EXIT_CONFLICT)
+        cluster = result.get("cluster") if isinstance(result, dict) else None
+        if isinstance(cluster, dict) and cluster.get("ok") is False:
+            sys.exit(EXIT_UNAVAILABLE)
