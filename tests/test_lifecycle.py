@@ -277,17 +277,19 @@ def test_a_cluster_section_that_does_not_load_stops_the_start(
         d.close()
 
 
+@pytest.mark.parametrize("broken_by", ["a value", "its mode"])
 def test_a_settings_file_invalid_elsewhere_still_puts_the_host_in_its_cluster(
-    data_dir: Path,
+    data_dir: Path, broken_by: str
 ) -> None:
-    """settings.json invalid at start outside its `cluster` section, no copy to stand for it:
-    the section as written still counts (never a start on this host alone); a file that does
-    not parse and may hold one stops the start."""
+    """settings.json invalid at start outside its `cluster` section (a bad value, or readable
+    by others), no copy to stand for it: the section as written still counts (never a start
+    on this host alone); a file that does not parse and may hold one stops the start."""
     data_dir.mkdir(mode=0o700, exist_ok=True)
     path = data_dir / "settings.json"
     section = {"nats_urls": [f"nats://127.0.0.1:{free_port()}"], "name": "d", "host_id": "h1"}
-    path.write_text(json.dumps({"stale_after_s": -1, "cluster": section}, indent=2) + "\n")
-    path.chmod(0o600)
+    bad = {"stale_after_s": -1} if broken_by == "a value" else {}
+    path.write_text(json.dumps({**bad, "cluster": section}, indent=2) + "\n")
+    path.chmod(0o600 if broken_by == "a value" else 0o644)
     d = Daemon(data_dir, env={"CTSD_CLUSTER_CATCH_UP_S": "0.5"})
     try:
         d.start(timeout=30)
@@ -297,11 +299,27 @@ def test_a_settings_file_invalid_elsewhere_still_puts_the_host_in_its_cluster(
     finally:
         d.close()
     path.write_text('{"cluster": {"nats_urls": ["nats://127.0.0.1:9"], "name": "d"\n')
+    path.chmod(0o600)
     d = Daemon(data_dir)
     try:
         assert run_to_exit(d) == 1
         line = one_line(d.stderr())
         assert "may hold this host's cluster section" in line and "settings.json:" in line, line
+    finally:
+        d.close()
+
+
+def test_a_start_that_cannot_record_itself_stops_with_one_line(data_dir: Path) -> None:
+    """Cluster mode: the start's boot id is kept before anything is published; when it cannot
+    be (here the name is a directory; a full disk does the same), the start stops."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    (data_dir / ".cluster-boots").mkdir()
+    env = {"CTSD_CLUSTER_NATS_URLS": "nats://127.0.0.1:9", "CTSD_CLUSTER_NAME": "d"}
+    d = Daemon(data_dir, env=env)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert line.startswith("ctsd: cannot write ") and ".cluster-boots" in line, line
     finally:
         d.close()
 

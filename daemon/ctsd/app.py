@@ -156,10 +156,17 @@ def _cluster_as_written(path: Path, problem: FileProblem) -> dict[str, Any] | No
     stands for it: that section, as written, still says whether this host is in a cluster.
     Raises StartError when the file does not parse and may hold one."""
     try:
-        raw, _ = read_data_file(path, "settings.json")
+        raw, _ = read_data_file(path, "settings.json", private=False)  # (its mode: no matter)
         doc = json.loads(raw)
-    except (OSError, Invalid):
-        return None  # gone, or no regular file: nothing in it
+    except FileNotFoundError:
+        return None
+    except (OSError, Invalid):  # no regular file, too large, unreadable: cannot tell
+        if not os.environ.get("CTSD_CLUSTER_NATS_URLS", "").strip():
+            return None  # (nor does anything else say this host is in a cluster)
+        raise StartError(
+            f"cluster settings: {problem.format()}: the file may hold this host's cluster "
+            "section (its host id); fix it"
+        ) from None
     except ValueError:
         if b'"cluster"' not in raw:
             return None
@@ -213,7 +220,11 @@ async def _join_cluster(d: Daemon) -> None:
             "they are stored, in plain text (configure the same key on every host)",
         )
     engine = ClusterEngine(d.cluster)
-    engine.earlier_boots = boots.remember(store.data_dir, engine.boot)
+    try:
+        engine.earlier_boots = boots.remember(store.data_dir, engine.boot)
+    except OSError as e:  # (a full disk, say)
+        await store.abandon()
+        raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
     # The catch-up may take longer than the unit's start timeout: systemd is told how long.

@@ -53,7 +53,7 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_TOTAL_BYTES = 512 * 1024 * 1024
 STAGING_MARK = ".restore-staging"  # inside a dir being built; never in a finished one
 # What a restore carries over from the dir it replaces: the host's own, not data.
-CARRIED_FILES = (".token",)
+CARRIED_FILES = (".token", ".cluster-boots")
 CARRIED_DIRS = ("logs", "historical")
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]

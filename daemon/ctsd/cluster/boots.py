@@ -31,12 +31,13 @@ def remember(data_dir: Path, boot: str) -> frozenset[str]:
     path = data_dir / NAME
     earlier: list[str] = []
     try:
-        raw, _ = read_data_file(path, NAME)
+        raw, _ = read_data_file(path, NAME, private=False)  # (no secret in it)
         earlier = [b for b in msgspec.json.decode(raw, type=list[str]) if _BOOT.fullmatch(b)]
     except FileNotFoundError:
         pass
     except (OSError, Invalid, msgspec.MsgspecError) as e:  # made again: only a twin check
-        log.warning("cluster.boots_unreadable", path=str(path), reason=str(e))
+        reason = e.problem.format() if isinstance(e, Invalid) else str(e)
+        log.warning("cluster.boots_unreadable", path=str(path), reason=reason)
     kept = [*earlier[-(KEPT - 1) :], boot]
     write_files([(path, msgspec.json.format(msgspec.json.encode(kept), indent=2) + b"\n")])
     return frozenset(earlier)

@@ -465,6 +465,7 @@ class ClusterEngine:
     async def _on_reconnected(self) -> None:
         self._connected.set()
         self._last_error = None
+        self._refused = None
         if self._ready.is_set():
             # A NATS node answers; whether the stream has a quorum behind it is not known
             # yet: the stream is looked at now, and only that makes the host healthy again.
