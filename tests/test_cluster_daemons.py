@@ -165,6 +165,12 @@ def divergence(h: Hosts) -> list[dict[str, Any]]:
 # --- a change made on one host reaches every host -------------------------------------------
 
 
+def extensions(messages: list[str]) -> list[float]:
+    """The start-timeout extensions among sd_notify messages, in seconds."""
+    key = "EXTEND_TIMEOUT_USEC="
+    return [int(m.removeprefix(key)) / 1e6 for m in messages if m.startswith(key)]
+
+
 async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts) -> None:
     a, b, c = hosts.daemons
     async with bus(a) as wa, bus(b) as sb, bus(c) as sc:
@@ -195,6 +201,7 @@ async def test_change_on_a_reaches_subscribers_and_files_everywhere(hosts: Hosts
     for line in (
         "ctsd_cluster_ok 1.0",
         'ctsd_cluster_state{state="connected"} 1.0',
+        'ctsd_cluster_state{state="stalled"} 0.0',  # every state, to alert on
         "ctsd_cluster_applied_seq 2.0",
         "ctsd_cluster_lag 0.0",
         "ctsd_cluster_conflicts_total 0.0",
@@ -426,7 +433,7 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
     # systemd's start timeout is extended for the catch-up (60 s here, 15 s to spare)
-    assert "EXTEND_TIMEOUT_USEC=75000000" in c.notify.poll()[seen:]
+    assert 74 <= extensions(c.notify.poll()[seen:])[0] <= 75
     # READY means caught up: no polling here
     status, body = c.http("/health")
     assert body["revision"] == 21, (body, read(c, SYNC_LOG)[-2:])
@@ -791,6 +798,11 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
     }
     d = Daemon(data_dir, env=env).start(timeout=30)
     try:
+        # systemd's start timeout, renewed while the start waited: the wait's end plus 15 s,
+        # then 15 s from each renewal (a renewal replaces the one before)
+        extended = extensions(d.notify.poll())
+        assert len(extended) >= 2 and 15 < extended[0] <= 17, extended
+        assert all(14 <= s <= 17 for s in extended), extended
         status, health = d.http("/health")
         assert health["status"] == "degraded", (status, health)
         cluster = health["checks"]["cluster"]

@@ -50,6 +50,7 @@ SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
 # it the daemon serves its files and applies the rest in the background.
 CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
 CATCH_UP_MARGIN_S = 15.0  # the start's own work around the catch-up, for EXTEND_TIMEOUT_USEC
+EXTEND_EVERY_S = 1.0
 
 
 class StartError(Exception):
@@ -227,20 +228,21 @@ async def _join_cluster(d: Daemon) -> None:
         raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
-    # The catch-up may take longer than the unit's start timeout: systemd is told how long.
-    extend_us = int((_catch_up_s() + CATCH_UP_MARGIN_S) * 1_000_000)
-    d.notifier.send(
-        f"STATUS=catching up with cluster {d.cluster.name}", f"EXTEND_TIMEOUT_USEC={extend_us}"
-    )
-    await engine.start()
-    since = committer.subscribe()
+    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
+    # The catch-up may take longer than the unit's start timeout: systemd is told, until READY.
+    step_ends = [time.monotonic() + _catch_up_s()]
     interval = d.notifier.watchdog_interval()
     refused: str | None = None
     async with anyio.create_task_group() as tg:
+        tg.start_soon(_extend_start, d.notifier, step_ends)
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
+        await engine.start()
+        since = committer.subscribe()
+        step_ends[0] = time.monotonic() + _catch_up_s()
         try:
             seq = await committer.catch_up(timeout=_catch_up_s())
+            step_ends[0] = time.monotonic()  # what is left is bounded by its own timeouts
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
             # The files are written only now: one edited while the daemon was down is taken
             # in first (the checkpointer's rule), and that must go through the cluster.
@@ -256,6 +258,7 @@ async def _join_cluster(d: Daemon) -> None:
             # Reads and subscriptions are served from the files; writes are refused while the
             # engine is out of reach or stalled (it keeps trying in the background).
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
+            step_ends[0] = time.monotonic()
             await store.start()
         tg.cancel_scope.cancel()
     if refused is not None:
@@ -282,6 +285,17 @@ def _secrets_box(data_dir: Path) -> SecretBox:
     else:
         log.info("secrets_encrypted_at_rest", key_id=key.id)
     return SecretBox(key)
+
+
+async def _extend_start(notifier: Notifier, step_ends: list[float]) -> None:
+    """systemd's start timeout kept CATCH_UP_MARGIN_S past the end of the start's current step
+    (`step_ends[0]`: the catch-up's deadline, then now), renewed every EXTEND_EVERY_S: a
+    renewal sets the timeout afresh, so a single one would cut short a step that outlasts
+    it. Each step is bounded by its own timeout; a blocked event loop stops the renewals."""
+    while True:
+        left = max(0.0, step_ends[0] - time.monotonic()) + CATCH_UP_MARGIN_S
+        notifier.send(f"EXTEND_TIMEOUT_USEC={int(left * 1_000_000)}")
+        await anyio.sleep(EXTEND_EVERY_S)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ctsd.models import SyncEvent
+from ctsd.models import CLUSTER_STATES, SyncEvent
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -96,10 +96,13 @@ def _cluster(st: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "ctsd_cluster_ok", "1 while this host takes writes through the cluster", int(st["ok"])
     )
+    # Every state, the current one 1 (the Prometheus enum convention): an alert on
+    # `ctsd_cluster_state{state="stalled"} == 1` has a series to watch before it fires.
     state = GaugeMetricFamily(
         "ctsd_cluster_state", "The cluster engine's state (the current one is 1)", labels=["state"]
     )
-    state.add_metric([st["state"]], 1)
+    for name in CLUSTER_STATES:
+        state.add_metric([name], int(name == st["state"]))
     yield state
     yield GaugeMetricFamily(
         "ctsd_cluster_applied_seq", "The last stream seq applied here", st["applied_seq"]

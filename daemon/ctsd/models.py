@@ -8,7 +8,7 @@ daemon reads them; their other keys belong to the trading app and are kept as wr
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -209,6 +209,12 @@ MASK = "********"
 DUPLICATE_WINDOW_S = 120.0  # the stream recognizes a retried publish this long
 INT64_MAX = 2**63 - 1  # NATS keeps the stream's limits as signed 64-bit numbers,
 MAX_AGE_S = 9_000_000_000.0  # the age in nanoseconds: about 285 years
+
+# The cluster engine's state, as `/health` and `/metrics` show it.
+ClusterState = Literal[
+    "connecting", "connected", "catching_up", "disconnected", "unavailable", "stalled", "closed"
+]
+CLUSTER_STATES: tuple[str, ...] = get_args(ClusterState)
 
 
 def check_nats_url(url: str, where: str) -> str:

@@ -35,7 +35,6 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Literal
 
 import msgspec
 import nats
@@ -74,6 +73,7 @@ from ctsd.cluster.errors import (
 )
 from ctsd.cluster.messages import SCHEMA_VERSION, Change
 from ctsd.models import DUPLICATE_WINDOW_S, NATS_CREDS_CREDENTIAL
+from ctsd.models import ClusterState as State
 
 log = structlog.get_logger("ctsd.cluster")
 
@@ -93,10 +93,6 @@ ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publ
 REPLICA_SILENT_S = 5.0
 # After a publish gave up, the stream's own description is not trusted for this long.
 FAILED_HOLD_S = 10.0
-
-State = Literal[
-    "connecting", "connected", "catching_up", "disconnected", "unavailable", "stalled", "closed"
-]
 
 
 class _CannotCreate(Exception):
