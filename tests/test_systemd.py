@@ -65,6 +65,7 @@ def test_unit_has_the_contract_keys() -> None:
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
+        "StartLimitBurst=",  # a start that cannot succeed is not retried for good
         "StateDirectory=ctsd",
         "UMask=0077",
         "ExecReload=/bin/kill -HUP $MAINPID",
