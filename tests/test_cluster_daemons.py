@@ -263,6 +263,31 @@ async def test_the_first_host_brings_its_data_and_empty_hosts_join_it(
         h.close()
 
 
+async def test_an_empty_host_joins_from_the_newest_snapshot(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A new host joining a cluster with a history installs the newest snapshot and applies
+    the stream from there, not the whole stream from seq 1."""
+    h = Hosts(nats, tmp_path, snapshot_every_msgs=4)
+    a, b, _ = h.daemons
+    try:
+        a.start(timeout=60)
+        async with bus(a) as wa:
+            for i in range(1, 7):
+                await wa.ok("connections.create", connection=connection(id=f"c{i}", name=f"n{i}"))
+            wait_until(lambda: snapshot_put(h, 4), 20, what="a snapshot")
+            await wa.ok("connections.update", connection_id="c1", changes={"name": "after"})
+        b.start(timeout=60)
+        (joined,) = [e for e in b.log_events() if e.get("event") == "cluster.joined"]
+        assert 4 <= joined["seq"] <= 6, joined
+        (caught,) = [e for e in b.log_events() if e.get("event") == "cluster_caught_up"]
+        assert (caught["since"], caught["applied_seq"]) == (joined["seq"], 7), caught
+        wait_until(lambda: shared_files(b) == shared_files(a), 20, what="the same files")
+        assert read(b, CONNECTIONS)[0]["name"] == "after"
+    finally:
+        h.close()
+
+
 async def test_an_old_clusters_data_dir_founds_a_new_cluster(hosts: Hosts, tmp_path: Path) -> None:
     """Host 1's data dir, from an earlier cluster and without its journal, starts under a new
     cluster name and founds it; host 2 joins on an empty data dir. The stream seqs host 1's

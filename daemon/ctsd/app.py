@@ -238,6 +238,7 @@ async def _join_cluster(d: Daemon) -> None:
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
         await engine.start()
+        await committer.start_empty()
         since = committer.subscribe()
         step_ends[0] = time.monotonic() + _catch_up_s()
         try:

@@ -126,6 +126,27 @@ class ClusterCommitter:
 
     # --- start ----------------------------------------------------------------------------------
 
+    async def start_empty(self) -> None:
+        """A host that holds nothing yet and joins a cluster with a history: the newest
+        snapshot installed first, so the stream is applied from its seq on, not from seq 1
+        (a long history would make the first start of a new host slow). Nothing happens when
+        the cluster is out of reach, holds no snapshot the stream reaches, or the snapshot
+        cannot be used: the stream is then applied from its start as before (and a trimmed
+        one is met by `start_from_snapshot`)."""
+        store, engine = self.store, self.engine
+        if store.journal.last_seq or shared.holds_data(store.committed) is not None:
+            return
+        try:
+            first, last = await engine.stream_bounds()
+            snap = await self.snapshots.latest() if last > 0 else None
+            if snap is None or not first - 1 <= snap.seq <= last:
+                return
+            await self.install_snapshot(snap, check_join=snap.host)
+        except (Unavailable, SnapshotInvalid) as e:
+            log.info("cluster.join_from_snapshot_skipped", reason=str(e))
+        except OSError as e:  # the disk refused it: nothing applied, the stream is tried
+            log.warning("cluster.join_from_snapshot_skipped", reason=e.strerror or str(e))
+
     def subscribe(self) -> int:
         """Apply the stream from where this host's journal and files are; returns that seq."""
         seq = self.store.journal.last_seq

@@ -522,13 +522,17 @@ class ClusterEngine:
 
     async def stream_last_seq(self) -> int:
         """The seq of the stream's last message now (0: empty). Raises Unavailable."""
+        return (await self.stream_bounds())[1]
+
+    async def stream_bounds(self) -> tuple[int, int]:
+        """The seqs of the stream's first and last messages now. Raises Unavailable."""
         js = self.jetstream()
         try:
             info = await js.stream_info(self.stream)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"stream {self.stream} does not answer: {_describe(exc)}") from None
         self._note_stream(info.state)
-        return info.state.last_seq
+        return info.state.first_seq, info.state.last_seq
 
     def new_local_id(self) -> str:
         """A local id never used before by this host (random per start + counter)."""
