@@ -11,7 +11,9 @@ daemon's own event loop (uvloop) unless `--loop asyncio`.
 Floors (raw nats-py, no ctsd code):
   (a) publish → ack        one publisher, sequential, p50/p99
   (b) publish → consumer   the time from publish to receipt on another connection through
-                           a push consumer (ack none, flow control), sequential, p50/p99
+                           a push consumer (ack none, flow control), sequential, p50/p99;
+                           second row, with three such consumers (as (g) has, one per
+                           host), timed at one: what the servers' fan-out to 3 costs
   (c) acked publishes/s    64 concurrent publishers on one connection, for `--seconds`
 
 The engine alone (ctsd.cluster.engine.ClusterEngine, the store's transport; here its
@@ -71,6 +73,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
 import nats  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig  # noqa: E402
+from nats.js.client import JetStreamContext  # noqa: E402
 from tests.daemon import free_port  # noqa: E402
 from tests.nats_cluster import NatsCluster  # noqa: E402
 from websockets.asyncio.client import ClientConnection  # noqa: E402
@@ -105,7 +108,6 @@ def lat_row(name: str, values: list[float], note: str = "") -> Row:
 async def floors(cluster: NatsCluster, rounds: int, seconds: float, size: int) -> list[Row]:
     payload = os.urandom(size)
     pub = await nats.connect(cluster.urls)
-    sub_nc = await nats.connect(cluster.urls)
     js = pub.jetstream(timeout=5)
     await js.add_stream(StreamConfig(name="FLOOR", subjects=["floor.>"], num_replicas=3))
     # (a)
@@ -116,41 +118,9 @@ async def floors(cluster: NatsCluster, rounds: int, seconds: float, size: int) -
         t0 = time.perf_counter()
         await js.publish("floor.a", payload)
         acks.append(time.perf_counter() - t0)
-    # (b)
-    got: asyncio.Queue[float] = asyncio.Queue()
-
-    async def on_msg(msg: Msg) -> None:
-        if msg.headers and msg.headers.get("Status") == "100":
-            # The server's flow control (answered, or delivery stalls after a few MB) and its
-            # idle heartbeats: not deliveries.
-            if msg.reply:
-                await msg.respond(b"")
-            return
-        got.put_nowait(time.perf_counter())
-
-    inbox = sub_nc.new_inbox()
-    await sub_nc.subscribe(inbox, cb=on_msg)
-    await sub_nc.jetstream().add_consumer(
-        "FLOOR",
-        ConsumerConfig(
-            deliver_subject=inbox,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.NONE,
-            filter_subject="floor.b",
-            flow_control=True,
-            idle_heartbeat=1.0,
-            mem_storage=True,
-            num_replicas=1,
-        ),
-    )
-    await sub_nc.flush()
-    deliveries = []
-    for i in range(rounds + 20):
-        t0 = time.perf_counter()
-        await js.publish("floor.b", payload)
-        t1 = await asyncio.wait_for(got.get(), 5)
-        if i >= 20:
-            deliveries.append(t1 - t0)
+    # (b), then with as many consumers as (g) has hosts
+    deliveries = await _deliveries(cluster, js, "floor.b", 1, rounds, payload)
+    deliveries3 = await _deliveries(cluster, js, "floor.b3", 3, rounds, payload)
     # (c)
     done = 0
     end = time.perf_counter() + seconds
@@ -165,13 +135,70 @@ async def floors(cluster: NatsCluster, rounds: int, seconds: float, size: int) -
     await asyncio.gather(*(publisher() for _ in range(64)))
     rate = done / (time.perf_counter() - t0)
     await pub.close()
-    await sub_nc.close()
     FLOOR["b50"], FLOOR["b99"] = pct(deliveries, 0.5), pct(deliveries, 0.99)
+    FLOOR["3b50"], FLOOR["3b99"] = pct(deliveries3, 0.5), pct(deliveries3, 0.99)
     return [
         lat_row("(a) raw publish → ack", acks),
         lat_row("(b) raw publish → consumer", deliveries, "other connection"),
+        lat_row(
+            "(b) the same, 3 consumers",
+            deliveries3,
+            "one per connection, as (g) has one per host; timed at one of them",
+        ),
         ("(c) raw acked publishes/s, 64 publishers", f"{rate:,.0f}/s", "", f"{done:,} acks"),
     ]
+
+
+async def _deliveries(
+    cluster: NatsCluster,
+    js: JetStreamContext,
+    subject: str,
+    consumers: int,
+    rounds: int,
+    payload: bytes,
+) -> list[float]:
+    """Sequential publishes to `subject`, each timed until the first of `consumers` push
+    consumers (each on a connection of its own; ack none, flow control) receives it."""
+    got: asyncio.Queue[float] = asyncio.Queue()
+    connections = [await nats.connect(cluster.urls) for _ in range(consumers)]
+    for i, nc in enumerate(connections):
+
+        async def on_msg(msg: Msg, timed: bool = i == 0) -> None:
+            if msg.headers and msg.headers.get("Status") == "100":
+                # The server's flow control (answered, or delivery stalls after a few MB) and
+                # its idle heartbeats: not deliveries.
+                if msg.reply:
+                    await msg.respond(b"")
+                return
+            if timed:
+                got.put_nowait(time.perf_counter())
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_msg)
+        await nc.jetstream().add_consumer(
+            "FLOOR",
+            ConsumerConfig(
+                deliver_subject=inbox,
+                deliver_policy=DeliverPolicy.NEW,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=subject,
+                flow_control=True,
+                idle_heartbeat=1.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        await nc.flush()
+    out = []
+    for i in range(rounds + 20):
+        t0 = time.perf_counter()
+        await js.publish(subject, payload)
+        t1 = await asyncio.wait_for(got.get(), 5)
+        if i >= 20:
+            out.append(t1 - t0)
+    for nc in connections:
+        await nc.close()
+    return out
 
 
 # --- the engine -----------------------------------------------------------------------------
@@ -402,7 +429,7 @@ async def _latency(urls: list[str], rounds: int) -> list[Row]:
     p50, p99 = pct(out, 0.5), pct(out, 0.99)
     ratios = [
         f"{p50 / FLOOR[f'{k}50']:.2f}/{p99 / FLOOR[f'{k}99']:.2f} × {name}"
-        for k, name in (("b", "floor (b)"), ("r", "relays"))
+        for k, name in (("b", "floor (b)"), ("3b", "(b) with 3 consumers"), ("r", "relays"))
         if f"{k}50" in FLOOR
     ]
     note = "; ".join(ratios) + " (p50/p99)" if ratios else ""
