@@ -458,7 +458,7 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
     c.start(wait=False)
     c.notify.wait_for("READY=1", timeout=60, after=seen)
     # systemd's start timeout is extended for the catch-up (60 s here, 15 s to spare)
-    assert 74 <= extensions(c.notify.poll()[seen:])[0] <= 75
+    assert extensions(c.notify.poll()[seen:]) == [75, 15]
     # READY means caught up: no polling here
     status, body = c.http("/health")
     assert body["revision"] == 21, (body, read(c, SYNC_LOG)[-2:])
@@ -823,11 +823,9 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
     }
     d = Daemon(data_dir, env=env).start(timeout=30)
     try:
-        # systemd's start timeout, renewed while the start waited: the wait's end plus 15 s,
-        # then 15 s from each renewal (a renewal replaces the one before)
-        extended = extensions(d.notify.poll())
-        assert len(extended) >= 2 and 15 < extended[0] <= 17, extended
-        assert all(14 <= s <= 17 for s in extended), extended
+        # systemd's start timeout: the catch-up's wait plus 15 s, then 15 s more after it
+        # (for writing the files), however long the wait took
+        assert extensions(d.notify.poll()) == [17, 15]
         status, health = d.http("/health")
         assert health["status"] == "degraded", (status, health)
         cluster = health["checks"]["cluster"]

@@ -49,8 +49,7 @@ SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
 # Cluster mode: how long the start waits to apply what the stream holds before READY; past
 # it the daemon serves its files and applies the rest in the background.
 CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
-CATCH_UP_MARGIN_S = 15.0  # the start's own work around the catch-up, for EXTEND_TIMEOUT_USEC
-EXTEND_EVERY_S = 1.0
+CATCH_UP_MARGIN_S = 15.0  # the start's own work before and after the catch-up (EXTEND_TIMEOUT_USEC)
 
 
 class StartError(Exception):
@@ -228,22 +227,27 @@ async def _join_cluster(d: Daemon) -> None:
         raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
-    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
-    # The catch-up may take longer than the unit's start timeout: systemd is told, until READY.
-    step_ends = [time.monotonic() + _catch_up_s()]
+    # The catch-up may take longer than the unit's start timeout: systemd is told how long,
+    # then, once it is over, how long the rest may take (systemd keeps the later deadline).
+    wait_s = _catch_up_s()
+    deadline = time.monotonic() + wait_s
+    d.notifier.send(
+        f"STATUS=catching up with cluster {d.cluster.name}",
+        f"EXTEND_TIMEOUT_USEC={int((wait_s + CATCH_UP_MARGIN_S) * 1_000_000)}",
+    )
     interval = d.notifier.watchdog_interval()
     refused: str | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_extend_start, d.notifier, step_ends)
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
-        await engine.start()
-        await committer.start_empty()
-        since = committer.subscribe()
-        step_ends[0] = time.monotonic() + _catch_up_s()
+        # Ready or stalled within the wait: an empty host then knows whether it can start
+        # from a snapshot, which the slow first server of a list must not decide.
+        await engine.start(wait_s=wait_s)
         try:
-            seq = await committer.catch_up(timeout=_catch_up_s())
-            step_ends[0] = time.monotonic()  # what is left is bounded by its own timeouts
+            await committer.start_empty()
+            since = committer.subscribe()
+            seq = await committer.catch_up(timeout=max(1.0, deadline - time.monotonic()))
+            _extend_past_catch_up(d.notifier)
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
             # The files are written only now: one edited while the daemon was down is taken
             # in first (the checkpointer's rule), and that must go through the cluster.
@@ -258,8 +262,8 @@ async def _join_cluster(d: Daemon) -> None:
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused while the
             # engine is out of reach or stalled (it keeps trying in the background).
+            _extend_past_catch_up(d.notifier)
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
-            step_ends[0] = time.monotonic()
             await store.start()
         tg.cancel_scope.cancel()
     if refused is not None:
@@ -288,15 +292,10 @@ def _secrets_box(data_dir: Path) -> SecretBox:
     return SecretBox(key)
 
 
-async def _extend_start(notifier: Notifier, step_ends: list[float]) -> None:
-    """systemd's start timeout kept CATCH_UP_MARGIN_S past the end of the start's current step
-    (`step_ends[0]`: the catch-up's deadline, then now), renewed every EXTEND_EVERY_S: a
-    renewal sets the timeout afresh, so a single one would cut short a step that outlasts
-    it. Each step is bounded by its own timeout; a blocked event loop stops the renewals."""
-    while True:
-        left = max(0.0, step_ends[0] - time.monotonic()) + CATCH_UP_MARGIN_S
-        notifier.send(f"EXTEND_TIMEOUT_USEC={int(left * 1_000_000)}")
-        await anyio.sleep(EXTEND_EVERY_S)
+def _extend_past_catch_up(notifier: Notifier) -> None:
+    """What follows the catch-up (the files written, hand edits taken in) gets its own time,
+    however long the catch-up took; a start that hangs after it is still stopped."""
+    notifier.send(f"EXTEND_TIMEOUT_USEC={int(CATCH_UP_MARGIN_S * 1_000_000)}")
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

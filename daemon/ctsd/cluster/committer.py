@@ -129,23 +129,37 @@ class ClusterCommitter:
     async def start_empty(self) -> None:
         """A host that holds nothing yet and joins a cluster with a history: the newest
         snapshot installed first, so the stream is applied from its seq on, not from seq 1
-        (a long history would make the first start of a new host slow). Nothing happens when
-        the cluster is out of reach, holds no snapshot the stream reaches, or the snapshot
-        cannot be used: the stream is then applied from its start as before (and a trimmed
-        one is met by `start_from_snapshot`)."""
+        (a long history would make the first start of a new host slow). When the cluster is
+        out of reach, holds no snapshot the stream reaches, or the snapshot does not validate,
+        nothing is applied and the stream is applied from its start as before (a trimmed one
+        meets `start_from_snapshot`). Raises SnapshotNotInstalled (the disk refused it:
+        nothing of it applied), as the trimmed path does."""
         store, engine = self.store, self.engine
         if store.journal.last_seq or shared.holds_data(store.committed) is not None:
             return
         try:
             first, last = await engine.stream_bounds()
             snap = await self.snapshots.latest() if last > 0 else None
-            if snap is None or not first - 1 <= snap.seq <= last:
-                return
+        except Exception as e:  # (an optimisation only: never a reason to stop the start)
+            _skip_snapshot(e if isinstance(e, ClusterError) else f"{type(e).__name__}: {e}")
+            return
+        if snap is None or not first - 1 <= snap.seq <= last:
+            # No history, or no snapshot put yet: the stream is all there is. One the stream
+            # no longer reaches: the catch-up meets the trimmed stream and says so.
+            return
+        try:
             await self.install_snapshot(snap, check_join=snap.host)
-        except (Unavailable, SnapshotInvalid) as e:
-            log.info("cluster.join_from_snapshot_skipped", reason=str(e))
-        except OSError as e:  # the disk refused it: nothing applied, the stream is tried
-            log.warning("cluster.join_from_snapshot_skipped", reason=e.strerror or str(e))
+        except SnapshotInvalid as e:  # checked whole before any of it was applied
+            _skip_snapshot(e)
+        except OSError as e:
+            raise self._not_installed(snap, e) from None
+
+    def _not_installed(self, snap: Snapshot, e: OSError) -> SnapshotNotInstalled:
+        return SnapshotNotInstalled(
+            f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
+            f"{shared.shown(snap.host)}) could not be written here: {e.strerror or e}; "
+            "nothing of it was applied"
+        )
 
     def subscribe(self) -> int:
         """Apply the stream from where this host's journal and files are; returns that seq."""
@@ -694,11 +708,7 @@ class ClusterCommitter:
         try:
             await self.install_snapshot(snap)
         except OSError as e:  # the disk refused it (full, read-only): tried again later
-            raise SnapshotNotInstalled(
-                f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
-                f"{shared.shown(snap.host)}) could not be written here: {e.strerror or e}; "
-                "nothing of it was applied"
-            ) from None
+            raise self._not_installed(snap, e) from None
         self.engine.resume(from_seq=snap.seq)
 
     async def install_snapshot(self, snap: Snapshot, check_join: str = "") -> None:
@@ -831,6 +841,10 @@ class ClusterCommitter:
             "conflicts": self.conflicts,
             **({"snapshot_problem": p} if (p := self.snapshot_problem) is not None else {}),
         }
+
+
+def _skip_snapshot(why: object) -> None:
+    log.warning("cluster.join_from_snapshot_skipped", reason=str(why), then="the whole stream")
 
 
 def unavailable(e: Unavailable, msg_id: str | None = None) -> CtsdError:
