@@ -86,7 +86,7 @@ from ctsd.cluster.messages import Change  # noqa: E402
 from leanws import LeanClient  # noqa: E402
 
 Row = tuple[str, str, str, str]
-FLOOR: dict[str, float] = {}  # floor (b) and the relays, for the ratios of (g)
+FLOOR: dict[str, float] = {}  # floor (b), alone and with 3 consumers, and the relays: (g)'s ratios
 
 
 def pct(values: list[float], q: float) -> float:
@@ -157,8 +157,8 @@ async def _deliveries(
     rounds: int,
     payload: bytes,
 ) -> list[float]:
-    """Sequential publishes to `subject`, each timed until the first of `consumers` push
-    consumers (each on a connection of its own; ack none, flow control) receives it."""
+    """Sequential publishes to `subject`, each timed until one of `consumers` push consumers
+    (each on a connection of its own; ack none, flow control) receives it."""
     got: asyncio.Queue[float] = asyncio.Queue()
     connections = [await nats.connect(cluster.urls) for _ in range(consumers)]
     for i, nc in enumerate(connections):

@@ -59,13 +59,18 @@ def test_security_exposure_at_most_2(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout
 
 
+def test_a_start_that_cannot_succeed_is_not_retried_for_good() -> None:
+    unit = UNIT.read_text().split("[Service]")[0]  # start limits belong to [Unit]
+    assert re.search(r"^StartLimitIntervalSec=\d+s?$", unit, re.M), unit
+    assert re.search(r"^StartLimitBurst=\d+$", unit, re.M), unit
+
+
 def test_unit_has_the_contract_keys() -> None:
     text = UNIT.read_text()
     for key in (
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
-        "StartLimitBurst=",  # a start that cannot succeed is not retried for good
         "StateDirectory=ctsd",
         "UMask=0077",
         "ExecReload=/bin/kill -HUP $MAINPID",
