@@ -371,6 +371,39 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == list(range(1, 66))
 
 
+async def test_under_load_a_group_waits_to_fill_and_a_lone_writer_never_waits(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctsd import store as store_module
+
+    monkeypatch.setattr(store_module, "GROUP_FILL_S", 30.0)  # any wait would show
+    async with opened(data_dir) as store:
+        rec = Recorder(store)
+
+        def submit(i: int) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(store.submit(ops.create(conn(i)), "bus"))
+
+        with anyio.fail_after(5):  # a lone writer's change goes out at once, alone
+            await submit(1)
+            await submit(2)
+            await asyncio.gather(submit(3), submit(4), submit(5))  # writers at once: one group
+        assert rec.commits == [1, 1, 3]
+        first = submit(6)  # the next group waits for as many as the last one held
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not first.done() and rec.commits == [1, 1, 3]
+        with anyio.fail_after(5):
+            await asyncio.gather(first, submit(7), submit(8))
+        assert rec.commits == [1, 1, 3, 3]
+        monkeypatch.setattr(store_module, "GROUP_FILL_S", 0.05)  # fewer come: it goes after it
+        t0 = time.monotonic()
+        await submit(9)
+        assert time.monotonic() - t0 >= 0.04 and rec.commits == [1, 1, 3, 3, 1]
+        with anyio.fail_after(5):  # and alone, the next one goes at once again
+            await submit(10)
+        assert rec.commits == [1, 1, 3, 3, 1, 1]
+
+
 @contextlib.asynccontextmanager
 async def journal_syncs(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: list[str]

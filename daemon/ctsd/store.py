@@ -52,11 +52,24 @@ EventsListener = Callable[[list[SyncEvent]], None]
 NoticeListener = Callable[[dict[str, Any]], None]
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 @dataclass
 class _Pending:
     request: Request
     future: asyncio.Future[Any]
 
+
+# Group commit under load, as PostgreSQL's commit_delay with commit_siblings: when the last
+# group held several changes, other writers are active, and the next group waits up to
+# GROUP_FILL_S for as many changes as the last one held (their writers, answered, send their
+# next) rather than going out with the first of them. Each group costs a journal append with
+# its fdatasync, and in cluster mode a stream message every host applies: fewer, fuller groups
+# carry more changes per second. A lone writer (a group of one) never waits.
+GROUP_FILL_S = 0.001
 
 # A small journal job slower than this (the disk stalls) sends the next ones to the journal
 # thread, until one there is quick again and at least SLOW_DISK_HOLD_S have passed: see
@@ -105,6 +118,9 @@ class Store:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
+        self._last_group = 0
+        self._filled: asyncio.Future[None] | None = None  # set once the group has filled
+        self._fill_size = 0
         self._writer: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._closing = False
@@ -349,14 +365,20 @@ class Store:
         fut: asyncio.Future[tuple[Outcome, int | None]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, fut))
         self._wake.set()
+        filled = self._filled
+        if filled is not None and len(self._pending) >= self._fill_size and not filled.done():
+            filled.set_result(None)
         return fut
 
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
+            if len(self._pending) < self._last_group and not self._closing:
+                await self._fill(self._last_group)
             self._wake.clear()
             batch, self._pending = self._pending, []
             batch = [p for p in batch if not p.future.done()]  # callers gone: skip
+            self._last_group = len(batch) if len(batch) > 1 else 0
             if batch:
                 try:
                     await self._commit(batch)
@@ -366,6 +388,18 @@ class Store:
                         _fail(p.future, CtsdError("internal", f"commit failed: {e}"))
             if self._closing and not self._pending:
                 return
+
+    async def _fill(self, size: int) -> None:
+        """Until `size` changes are queued, or GROUP_FILL_S has passed."""
+        loop = asyncio.get_running_loop()
+        self._filled = filled = loop.create_future()
+        self._fill_size = size
+        timer = loop.call_later(GROUP_FILL_S, _resolve, filled)
+        try:
+            await filled
+        finally:
+            timer.cancel()
+            self._filled = None
 
     async def _commit(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()
