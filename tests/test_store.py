@@ -377,11 +377,12 @@ async def test_under_load_a_group_waits_to_fill_and_a_lone_writer_never_waits(
     from ctsd import store as store_module
 
     monkeypatch.setattr(store_module, "GROUP_FILL_S", 30.0)  # any wait would show
+    monkeypatch.setattr(store_module, "GROUP_IDLE_S", 60.0)
     async with opened(data_dir) as store:
         rec = Recorder(store)
 
         def submit(i: int) -> asyncio.Future[Any]:
-            return asyncio.ensure_future(store.submit(ops.create(conn(i)), "bus"))
+            return asyncio.ensure_future(submit_to(store, i))
 
         with anyio.fail_after(5):  # a lone writer's change goes out at once, alone
             await submit(1)
@@ -399,9 +400,31 @@ async def test_under_load_a_group_waits_to_fill_and_a_lone_writer_never_waits(
         t0 = time.monotonic()
         await submit(9)
         assert time.monotonic() - t0 >= 0.04 and rec.commits == [1, 1, 3, 3, 1]
-        with anyio.fail_after(5):  # and alone, the next one goes at once again
-            await submit(10)
-        assert rec.commits == [1, 1, 3, 3, 1, 1]
+        monkeypatch.setattr(store_module, "GROUP_FILL_S", 30.0)
+        with anyio.fail_after(5):
+            await submit(10)  # and alone, the next one goes at once again
+            await asyncio.gather(submit(11), submit(12))
+            # after a pause (any, here) the first change does not wait for the last group's
+            monkeypatch.setattr(store_module, "GROUP_IDLE_S", 0.0)
+            await submit(13)
+        assert rec.commits == [1, 1, 3, 3, 1, 1, 2, 1]
+
+    async with opened(data_dir) as store:  # closing ends a group's wait at once
+        rec = Recorder(store)
+        monkeypatch.setattr(store_module, "GROUP_IDLE_S", 60.0)
+        await asyncio.gather(submit_to(store, 14), submit_to(store, 15))
+        waiting = asyncio.ensure_future(submit_to(store, 16))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        with anyio.fail_after(5):
+            await store.close()
+            await waiting
+        assert rec.commits == [2, 1]
+
+
+async def submit_to(store: Store, i: int) -> Any:
+    return await store.submit(ops.create(conn(i)), "bus")
 
 
 @contextlib.asynccontextmanager

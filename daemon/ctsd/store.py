@@ -6,7 +6,8 @@
 
 Changes arrive as ops (`ops.py`) from the bus, HTTP, the CLI, the watcher (hand edits), the
 sweeps and the probes. One writer task takes every change queued while the previous append
-was in flight and journals them together (group commit); each caller is answered once its
+was in flight (under load, after a short wait for more: GROUP_FILL_S) and journals them
+together (group commit); each caller is answered once its
 own change is durable. How a group is made durable is the committer's (`committer.py`): the
 journal on one host, the cluster's stream and then the journal in cluster mode, where
 changes other hosts made arrive through `install` and `publish` too. A change that fails
@@ -68,8 +69,10 @@ class _Pending:
 # GROUP_FILL_S for as many changes as the last one held (their writers, answered, send their
 # next) rather than going out with the first of them. Each group costs a journal append with
 # its fdatasync, and in cluster mode a stream message every host applies: fewer, fuller groups
-# carry more changes per second. A lone writer (a group of one) never waits.
+# carry more changes per second. A lone writer (a group of one) never waits, nor does the
+# first change after GROUP_IDLE_S without any.
 GROUP_FILL_S = 0.001
+GROUP_IDLE_S = 0.010
 
 # A small journal job slower than this (the disk stalls) sends the next ones to the journal
 # thread, until one there is quick again and at least SLOW_DISK_HOLD_S have passed: see
@@ -323,6 +326,8 @@ class Store:
             await self.intake.take_in_late(max_age=0, final=True)
         self._closing = True
         self._wake.set()
+        if self._filled is not None:  # a group filling up goes now: nothing more will come
+            _resolve(self._filled)
         if self._writer is not None:
             await self._writer
         await self.committer.close()  # cluster mode: no other host's change comes in after
@@ -371,9 +376,15 @@ class Store:
         return fut
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        done_at = 0.0  # when the last group was answered
         while True:
             await self._wake.wait()
-            if len(self._pending) < self._last_group and not self._closing:
+            if (
+                len(self._pending) < self._last_group
+                and loop.time() - done_at < GROUP_IDLE_S
+                and not self._closing
+            ):
                 await self._fill(self._last_group)
             self._wake.clear()
             batch, self._pending = self._pending, []
@@ -386,6 +397,7 @@ class Store:
                     log.exception("commit_failed")
                     for p in batch:
                         _fail(p.future, CtsdError("internal", f"commit failed: {e}"))
+                done_at = loop.time()
             if self._closing and not self._pending:
                 return
 
