@@ -371,11 +371,12 @@ async def test_group_commit_answers_each_caller_after_its_change_is_on_disk(
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == list(range(1, 66))
 
 
-async def test_under_load_a_group_waits_to_fill_and_a_lone_writer_never_waits(
+async def test_under_load_a_group_waits_to_fill_and_a_few_writers_never_wait(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ctsd import store as store_module
 
+    monkeypatch.setattr(store_module, "GROUP_FILL_AFTER", 3)
     monkeypatch.setattr(store_module, "GROUP_FILL_S", 30.0)  # any wait would show
     monkeypatch.setattr(store_module, "GROUP_IDLE_S", 60.0)
     async with opened(data_dir) as store:
@@ -386,41 +387,42 @@ async def test_under_load_a_group_waits_to_fill_and_a_lone_writer_never_waits(
 
         with anyio.fail_after(5):  # a lone writer's change goes out at once, alone
             await submit(1)
-            await submit(2)
-            await asyncio.gather(submit(3), submit(4), submit(5))  # writers at once: one group
-        assert rec.commits == [1, 1, 3]
-        first = submit(6)  # the next group waits for as many as the last one held
+            await asyncio.gather(submit(2), submit(3))  # two: one group, no wait after it
+            await submit(4)
+            await asyncio.gather(submit(5), submit(6), submit(7))  # writers at once: one group
+        assert rec.commits == [1, 2, 1, 3]
+        first = submit(8)  # the next group waits for as many as the last one held
         for _ in range(10):
             await asyncio.sleep(0)
-        assert not first.done() and rec.commits == [1, 1, 3]
+        assert not first.done() and rec.commits == [1, 2, 1, 3]
         with anyio.fail_after(5):
-            await asyncio.gather(first, submit(7), submit(8))
-        assert rec.commits == [1, 1, 3, 3]
+            await asyncio.gather(first, submit(9), submit(10))
+        assert rec.commits == [1, 2, 1, 3, 3]
         monkeypatch.setattr(store_module, "GROUP_FILL_S", 0.05)  # fewer come: it goes after it
         t0 = time.monotonic()
-        await submit(9)
-        assert time.monotonic() - t0 >= 0.04 and rec.commits == [1, 1, 3, 3, 1]
+        await submit(11)
+        assert time.monotonic() - t0 >= 0.04 and rec.commits == [1, 2, 1, 3, 3, 1]
         monkeypatch.setattr(store_module, "GROUP_FILL_S", 30.0)
         with anyio.fail_after(5):
-            await submit(10)  # and alone, the next one goes at once again
-            await asyncio.gather(submit(11), submit(12))
+            await submit(12)  # and alone, the next one goes at once again
+            await asyncio.gather(submit(13), submit(14), submit(15))
             # after a pause (any, here) the first change does not wait for the last group's
             monkeypatch.setattr(store_module, "GROUP_IDLE_S", 0.0)
-            await submit(13)
-        assert rec.commits == [1, 1, 3, 3, 1, 1, 2, 1]
+            await submit(16)
+        assert rec.commits == [1, 2, 1, 3, 3, 1, 1, 3, 1]
 
     async with opened(data_dir) as store:  # closing ends a group's wait at once
         rec = Recorder(store)
         monkeypatch.setattr(store_module, "GROUP_IDLE_S", 60.0)
-        await asyncio.gather(submit_to(store, 14), submit_to(store, 15))
-        waiting = asyncio.ensure_future(submit_to(store, 16))
+        await asyncio.gather(*(submit_to(store, i) for i in (17, 18, 19)))
+        waiting = asyncio.ensure_future(submit_to(store, 20))
         for _ in range(10):
             await asyncio.sleep(0)
         assert not waiting.done()
         with anyio.fail_after(5):
             await store.close()
             await waiting
-        assert rec.commits == [2, 1]
+        assert rec.commits == [3, 1]
 
 
 async def submit_to(store: Store, i: int) -> Any:

@@ -65,13 +65,14 @@ class _Pending:
 
 
 # Group commit under load, as PostgreSQL's commit_delay with commit_siblings: when the last
-# group held several changes, other writers are active, and the next group waits up to
-# GROUP_FILL_S for as many changes as the last one held (their writers, answered, send their
-# next) rather than going out with the first of them. Each group costs a journal append with
-# its fdatasync, and in cluster mode a stream message every host applies: fewer, fuller groups
-# carry more changes per second. A lone writer (a group of one) never waits, nor does the
-# first change after GROUP_IDLE_S without any.
-GROUP_FILL_S = 0.001
+# group held GROUP_FILL_AFTER changes or more, many writers are active, and the next group
+# waits up to GROUP_FILL_S for as many changes as the last one held (their writers, answered,
+# send their next) rather than going out with the first of them. Each group costs a journal
+# append with its fdatasync, and in cluster mode a stream message every host applies: fewer,
+# fuller groups carry more changes per second, and under such a load each change waits less
+# in all. A few writers never wait, nor does the first change after GROUP_IDLE_S without any.
+GROUP_FILL_AFTER = 4
+GROUP_FILL_S = 0.002
 GROUP_IDLE_S = 0.010
 
 # A small journal job slower than this (the disk stalls) sends the next ones to the journal
@@ -389,7 +390,7 @@ class Store:
             self._wake.clear()
             batch, self._pending = self._pending, []
             batch = [p for p in batch if not p.future.done()]  # callers gone: skip
-            self._last_group = len(batch) if len(batch) > 1 else 0
+            self._last_group = len(batch) if len(batch) >= GROUP_FILL_AFTER else 0
             if batch:
                 try:
                     await self._commit(batch)
