@@ -39,8 +39,9 @@ the same NATS cluster, clients on the bus:
                            one process each, a websockets server and nats-py, no ctsd code):
                            what Python on these libraries costs before ctsd does anything
   (g) ctsd A → B           `connections.update` sent to daemon A until the event reaches a
-                           subscriber on daemon B, sequential, p50/p99, × floor (b) and
-                           × the relays (targets: p99 ≤ 2 ms and ≤ 3 × floor (b))
+                           subscriber on daemon B, sequential, p50/p99, × floor (b),
+                           × (b) with 3 consumers and × the relays (targets: p99 ≤ 2 ms
+                           and ≤ 3 × floor (b))
   (h) ctsd changes/s       64 bus clients spread over the 3 daemons, each updating its own
                            connection for `--seconds`: acknowledged changes/s (target
                            ≥ 5,000/s), and how many were answered `conflict`. Run twice:
@@ -157,8 +158,9 @@ async def _deliveries(
     rounds: int,
     payload: bytes,
 ) -> list[float]:
-    """Sequential publishes to `subject`, each timed until one of `consumers` push consumers
-    (each on a connection of its own; ack none, flow control) receives it."""
+    """Sequential publishes to `subject`, each timed until the first connection's consumer
+    receives it, with `consumers` push consumers in all (each on a connection of its own; ack
+    none, flow control)."""
     got: asyncio.Queue[float] = asyncio.Queue()
     connections = [await nats.connect(cluster.urls) for _ in range(consumers)]
     for i, nc in enumerate(connections):

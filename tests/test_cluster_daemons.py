@@ -823,8 +823,8 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
     }
     d = Daemon(data_dir, env=env).start(timeout=30)
     try:
-        # systemd's start timeout: the catch-up's wait plus 15 s, then 15 s more after it
-        # (for writing the files), however long the wait took
+        # systemd's start timeout: the catch-up's wait plus 15 s, then at least 15 s past
+        # its end (for writing the files), however long the wait took
         assert extensions(d.notify.poll()) == [17, 15]
         status, health = d.http("/health")
         assert health["status"] == "degraded", (status, health)

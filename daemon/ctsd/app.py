@@ -254,10 +254,10 @@ async def _join_cluster(d: Daemon) -> None:
             await store.start()
             await committer.take_in_edited()
         except (SnapshotInvalid, NoSnapshot, SnapshotNotInstalled, ForeignData) as e:
-            # Behind what the stream keeps, and no usable snapshot (or none the disk takes):
-            # serving would mean serving a state the cluster left long ago. Nothing of the
-            # snapshot was applied. Or data of its own that the cluster does not have:
-            # serving it as the cluster's would lie.
+            # Behind what the stream keeps, and no usable snapshot (or, behind or new, none
+            # the disk takes): serving would mean serving a state the cluster left long ago,
+            # or none at all. Nothing of the snapshot was applied. Or data of its own that
+            # the cluster does not have: serving it as the cluster's would lie.
             refused = f"cluster {d.cluster.name}: {e}"
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused while the
