@@ -227,14 +227,12 @@ async def _join_cluster(d: Daemon) -> None:
         raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None
     committer = ClusterCommitter(store, engine, d.edited)
     store.committer = committer
-    # The catch-up may take longer than the unit's start timeout: systemd is told how long,
-    # then, once it is over, how long the rest may take (systemd keeps the later deadline).
+    # The catch-up may take longer than the unit's start timeout: systemd is told, before
+    # each step, how long it may take.
     wait_s = _catch_up_s()
     deadline = time.monotonic() + wait_s
-    d.notifier.send(
-        f"STATUS=catching up with cluster {d.cluster.name}",
-        f"EXTEND_TIMEOUT_USEC={int((wait_s + CATCH_UP_MARGIN_S) * 1_000_000)}",
-    )
+    d.notifier.send(f"STATUS=catching up with cluster {d.cluster.name}")
+    _extend_start(d.notifier, wait_s)
     interval = d.notifier.watchdog_interval()
     refused: str | None = None
     async with anyio.create_task_group() as tg:
@@ -246,8 +244,10 @@ async def _join_cluster(d: Daemon) -> None:
         try:
             await committer.start_empty()
             since = committer.subscribe()
-            seq = await committer.catch_up(timeout=max(1.0, deadline - time.monotonic()))
-            _extend_past_catch_up(d.notifier)
+            left = max(1.0, deadline - time.monotonic())  # (a snapshot join may have used it)
+            _extend_start(d.notifier, left)
+            seq = await committer.catch_up(timeout=left)
+            _extend_start(d.notifier, 0)  # the files written, hand edits taken in
             log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
             # The files are written only now: one edited while the daemon was down is taken
             # in first (the checkpointer's rule), and that must go through the cluster.
@@ -262,7 +262,7 @@ async def _join_cluster(d: Daemon) -> None:
         except ClusterError as e:
             # Reads and subscriptions are served from the files; writes are refused while the
             # engine is out of reach or stalled (it keeps trying in the background).
-            _extend_past_catch_up(d.notifier)
+            _extend_start(d.notifier, 0)
             log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
             await store.start()
         tg.cancel_scope.cancel()
@@ -292,10 +292,12 @@ def _secrets_box(data_dir: Path) -> SecretBox:
     return SecretBox(key)
 
 
-def _extend_past_catch_up(notifier: Notifier) -> None:
-    """What follows the catch-up (the files written, hand edits taken in) gets its own time,
-    however long the catch-up took; a start that hangs after it is still stopped."""
-    notifier.send(f"EXTEND_TIMEOUT_USEC={int(CATCH_UP_MARGIN_S * 1_000_000)}")
+def _extend_start(notifier: Notifier, seconds: float) -> None:
+    """systemd's start timeout moved to `seconds` from now, plus CATCH_UP_MARGIN_S for the
+    start's own work: sent before each step of a cluster start, with that step's bound.
+    systemd keeps the later of the deadlines it is sent, so none cuts another short, and a
+    start that hangs is still stopped."""
+    notifier.send(f"EXTEND_TIMEOUT_USEC={int((seconds + CATCH_UP_MARGIN_S) * 1_000_000)}")
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
