@@ -7,13 +7,12 @@
 Changes arrive as ops (`ops.py`) from the bus, HTTP, the CLI, the watcher (hand edits), the
 sweeps and the probes. One writer task takes every change queued while the previous append
 was in flight (under load, after a short wait for more: GROUP_FILL_S) and journals them
-together (group commit); each caller is answered once its
-own change is durable. How a group is made durable is the committer's (`committer.py`): the
-journal on one host, the cluster's stream and then the journal in cluster mode, where
-changes other hosts made arrive through `install` and `publish` too. A change that fails
-validation fails alone; an append that fails
-(disk full, read-only) fails the group and memory stays as it was. The data files follow
-through the checkpointer; the files come in through the intake.
+together (group commit); each caller is answered once its own change is durable. How a
+group is made durable is the committer's (`committer.py`): the journal on one host, the
+cluster's stream and then the journal in cluster mode, where changes other hosts made
+arrive through `install` and `publish` too. A change that fails validation fails alone; an
+append that fails (disk full, read-only) fails the group and memory stays as it was. The
+data files follow through the checkpointer; the files come in through the intake.
 """
 
 from __future__ import annotations
