@@ -7,7 +7,7 @@ as the document declares them, malformed input refused with a 4xx, auth enforced
 any answer. Afterwards every data file still decodes, the daemon still answers on HTTP and the
 bus, and a restart serves exactly what it served before.
 
-`CTSD_FUZZ_EXAMPLES` sets the examples per operation (default 50, under a minute); see
+`CTSD_FUZZ_EXAMPLES` sets the examples per operation (default 80, under a minute); see
 README "Development" for the long run.
 """
 
