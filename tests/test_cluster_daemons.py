@@ -473,8 +473,9 @@ async def test_killed_daemon_catches_up_before_ready(hosts: Hosts) -> None:
 
 @pytest.fixture(params=nats_servers())
 def own_nats(request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
-    """A NATS cluster of its own, for a test that stops nodes (on each server release: how
-    the nodes fail over differs between them)."""
+    """A NATS cluster of its own, for a test that stops nodes (on a server release of its
+    own, in turn; on each with CTSD_NATS_EVERY_VERSION=1: how the nodes fail over differs
+    between them)."""
     with NatsCluster(3, binary=request.param) as c:
         yield c
 
