@@ -44,11 +44,11 @@ def body(cid: str, name: str | None = None, **kw: Any) -> dict[str, Any]:
 
 
 def run(
-    c: Committed, *reqs: Request | Any, now: str = T1, invalid: frozenset[str] = frozenset()
+    c: Committed, *reqs: Request | Any, now: str = T1, invalid: dict[str, str] | None = None
 ) -> tuple[list[Outcome], Change]:
     """Apply one group (an op alone counts as a bus request) and install its change."""
     requests = [r if isinstance(r, Request) else Request(r, "bus") for r in reqs]
-    outcomes, change = apply_group(c, requests, Context(now, invalid))
+    outcomes, change = apply_group(c, requests, Context(now, invalid or {}))
     c.apply(change)
     return outcomes, change
 
@@ -392,12 +392,13 @@ def test_the_same_input_gives_the_same_change() -> None:
 
 def test_a_file_invalid_on_disk_refuses_the_changes_that_would_write_it() -> None:
     c = seeded("conn_a")
-    invalid = frozenset({CONNECTIONS})
+    invalid = {CONNECTIONS: f"{CONNECTIONS}:3:1: expected ','"}
     (upd, vol), change = run(
         c, ops.update("conn_a", {"name": "x"}), ops.set_volume("conn_a", live=2), invalid=invalid
     )
     assert upd.error is not None and upd.error.code == "file_invalid"
     assert upd.error.extra == {"file": CONNECTIONS}
+    assert "(connections.json:3:1: expected ',')" in upd.error.message  # says why
     assert vol.error is None  # the state file and the sync log are fine
     assert change.connections == [] and c.connections["conn_a"].name == "conn_a"
 

@@ -77,6 +77,9 @@ async def test_fifo_made_while_running_never_blocks_a_write(daemon: Daemon) -> N
         err = await b.err("documents.set", name="watchlists", content={"x": 2})
         assert err["code"] == "file_invalid" and "FIFO" in err["message"], err
         wait_until(lambda: any(n.get("file") == WATCHLISTS for n in notices(d)))
+        # Once the watcher has seen it too, a write is refused before it is made: still why.
+        err = await b.err("documents.set", name="watchlists", content={"x": 3})
+        assert err["code"] == "file_invalid" and "is a FIFO" in err["message"], err
         # Every other change keeps flowing.
         await b.ok("documents.set", name="ui-config", content={"theme": "dark"})
         await b.ok("connections.create", connection={"id": "c1", "name": "n", "exchange": "x"})

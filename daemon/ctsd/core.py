@@ -255,7 +255,8 @@ class Context:
     """What the shell tells the core for one group of changes."""
 
     now: str
-    invalid_files: frozenset[str] = frozenset()  # invalid on disk: changes to them are refused
+    # Files invalid on disk, each with why: changes that would write them are refused.
+    invalid_files: Mapping[str, str] = field(default_factory=dict)
     heartbeats: Mapping[str, str] = field(default_factory=dict)  # held in memory (sweeps)
     # Puts secrets in their stored form (`sealer.Sealer`); None: stored as sent.
     sealer: Any = None
@@ -440,10 +441,11 @@ def _check_blocked(touched: set[str], ctx: Context) -> None:
         return  # the usual case, on every request
     blocked = sorted(f for f in touched if f in ctx.invalid_files)
     if blocked:
+        file = blocked[0]
         raise CtsdError(
             "file_invalid",
-            f"{blocked[0]} is invalid on disk; fix the file first",
-            extra={"file": blocked[0]},
+            f"{file} is invalid on disk ({ctx.invalid_files[file]}); fix the file first",
+            extra={"file": file},
         )
 
 

@@ -441,7 +441,8 @@ class Store:
     def context(self) -> Context:
         """What the core is told for the next group: the time, invalid files, heartbeats, and
         the sealer that puts secrets in their stored form under the current key."""
-        return Context(now_iso(), frozenset(self.problems), self.heartbeats, Sealer(self.box))
+        invalid = {f: p.format() for f, p in self.problems.items()}
+        return Context(now_iso(), invalid, self.heartbeats, Sealer(self.box))
 
     async def append(self, change: Change, seq: int | None = None, *, sync: bool = True) -> int:
         """Journal `change`; its lsn. `sync=False` (a change another host made, which the
