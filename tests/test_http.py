@@ -106,6 +106,7 @@ async def test_routes_answer(daemon: Daemon) -> None:
     assert {"ctsd_connections", "ctsd_write_seconds", "ctsd_errors", "ctsd_bus_subscribers"} <= (
         families
     )
+    assert 'ctsd_group_fill_wait_seconds_count{filled="false"} 0.0' in text  # no load, no wait
 
     for body in (boot, st, conns, one, active, state, log, doc, exp, text):
         assert CANARY not in json.dumps(body)

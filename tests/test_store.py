@@ -381,6 +381,8 @@ async def test_under_load_a_group_waits_to_fill_and_a_few_writers_never_wait(
     monkeypatch.setattr(store_module, "GROUP_IDLE_S", 60.0)
     async with opened(data_dir) as store:
         rec = Recorder(store)
+        fills: list[tuple[float, bool]] = []  # what /metrics is told of each wait
+        store.on_fill.append(lambda seconds, filled: fills.append((seconds, filled)))
 
         def submit(i: int) -> asyncio.Future[Any]:
             return asyncio.ensure_future(submit_to(store, i))
@@ -410,6 +412,8 @@ async def test_under_load_a_group_waits_to_fill_and_a_few_writers_never_wait(
             monkeypatch.setattr(store_module, "GROUP_IDLE_S", 0.0)
             await submit(16)
         assert rec.commits == [1, 2, 1, 3, 3, 1, 1, 3, 1]
+        assert [filled for _, filled in fills] == [True, False]  # only two groups waited
+        assert fills[1][0] >= 0.04  # the one that went after the whole wait
 
     async with opened(data_dir) as store:  # closing ends a group's wait at once
         rec = Recorder(store)

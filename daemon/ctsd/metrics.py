@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FILL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003)  # GROUP_FILL_S at most
 
 
 class _Live(Collector):
@@ -139,6 +140,15 @@ class Metrics:
             buckets=WRITE_BUCKETS,
             registry=self.registry,
         )
+        self.fill_seconds = Histogram(
+            "ctsd_group_fill_wait_seconds",
+            "Wait of a group commit for more changes, under load only (a lone writer never waits)",
+            ["filled"],
+            buckets=FILL_BUCKETS,
+            registry=self.registry,
+        )
+        for filled in ("true", "false"):  # both series from the start, at 0
+            self.fill_seconds.labels(filled)
         self.hand_edits = Counter(
             "ctsd_hand_edits",
             "Hand edits of data files, taken in or refused as invalid",
@@ -149,6 +159,9 @@ class Metrics:
         self.hand_edits.labels("refused")
         self.registry.register(_Live(store, bus_stats))
         store.on_commit.append(self._on_commit)
+        store.on_fill.append(
+            lambda seconds, filled: self.fill_seconds.labels(str(filled).lower()).observe(seconds)
+        )
         store.events_listeners.append(self._on_events)
         store.notice_listeners.append(self._on_notice)
 

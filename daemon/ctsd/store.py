@@ -133,6 +133,8 @@ class Store:
         # published before do not lead to it (the snapshot's history skips some).
         self.replaced_listeners: list[Callable[[bool], None]] = []
         self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
+        # (seconds, filled): a group waited to fill, for that long, and filled or timed out
+        self.on_fill: list[Callable[[float, bool], None]] = []
         self.watch_again: Callable[[str], None] = lambda _file: None  # set by the watcher
         # How a group is made durable: the journal here, or the cluster (set by the app).
         self.committer: Committer = LocalCommitter(self)
@@ -407,11 +409,14 @@ class Store:
         self._filled = filled = loop.create_future()
         self._fill_size = size
         timer = loop.call_later(GROUP_FILL_S, _resolve, filled)
+        t0 = loop.time()
         try:
             await filled
         finally:
             timer.cancel()
             self._filled = None
+        for cb in self.on_fill:
+            cb(loop.time() - t0, len(self._pending) >= size)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()
