@@ -1116,6 +1116,23 @@ async def test_credentials_connect_and_wrong_ones_are_named_never_shown(
     assert CANARY not in shown and "wrong-pw" not in shown
 
 
+async def test_the_close_after_a_refusal_does_not_hide_it() -> None:
+    """The server refuses the credentials, then closes the connection; each retry may see
+    the close (a reset) as its error: the refusal, the one thing the operator can act on,
+    stays the reason. (The engine is not started: errors come as nats-py reports them.)"""
+    creds = Credentials(kind="user_password", source="/creds", user="ctsd", password="x")
+    settings = ClusterSettings(nats_urls=("nats://127.0.0.1:1",), name="t", host_id="a")
+    engine = ClusterEngine(msgspec.structs.replace(settings, credentials=creds))
+    await engine._on_error(nats.errors.Error("nats: 'Authorization Violation'"))
+    for _ in range(2):
+        await engine._on_error(ConnectionResetError(104, "Connection reset by peer"))
+        assert "'Authorization Violation' (with the user/password from /creds)" in (
+            engine.status().reason or ""
+        ), engine.status()
+    await engine._on_error(OSError(111, "Connect call failed"))  # another error: shown
+    assert "Connect call failed" in (engine.status().reason or "")
+
+
 @pytest.mark.parametrize("binary", SERVERS)
 def test_the_example_server_config_is_valid(binary: str) -> None:
     conf = Path(__file__).resolve().parents[1] / "systemd" / "nats-server.conf.example"
