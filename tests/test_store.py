@@ -916,6 +916,38 @@ async def test_a_file_that_cannot_be_taken_in_now_holds_up_no_other_file(
     assert by_id(data_dir)["c1"]["name"] == "pending"
 
 
+async def test_changes_carried_for_an_invalid_sync_log_keep_their_revisions_for_if_match(
+    data_dir: Path,
+) -> None:
+    """The sync log broken by hand while a change waits to be written to it: across journal
+    cuts and a restart the change is carried in the journal, and once the log is fixed an
+    If-Match older than that change is still refused (its revision is known from the carried
+    log, not guessed from the log's oldest event)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        await store.submit(ops.create(conn(2)), "bus", sync="files")
+        before = (data_dir / SYNC_LOG).read_bytes()
+        store.checkpointer.stop()  # the next change is journalled, not yet written
+        assert store._checkpoints is not None
+        await store._checkpoints
+        await store.submit(ops.update("c1", {"name": "later"}), "bus")
+        assert store.revision == 3
+        (data_dir / SYNC_LOG).write_bytes(b"[")
+        assert not await store.ingest(SYNC_LOG)
+        store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
+        with anyio.fail_after(5):  # connections.json written, then the journal cut
+            while store.checkpointer.cut < store.journal.lsn:
+                await anyio.sleep(0.01)
+    async with opened(data_dir) as store:
+        assert SYNC_LOG in store.problems and store.connections["c1"].name == "later"
+        (data_dir / SYNC_LOG).write_bytes(before)  # fixed, as it was before it broke
+        assert await store.ingest(SYNC_LOG)
+        with pytest.raises(CtsdError) as exc:
+            await store.submit(ops.update("c1", {"name": "stale"}), "bus", if_match=2)
+        assert exc.value.code == "precondition_failed", exc.value
+        assert store.connections["c1"].name == "later"
+
+
 async def _restart(store: Store) -> None:
     store.checkpointer.stopping = False
     store.checkpointer.wake.set()

@@ -512,6 +512,9 @@ class Checkpointer:
                     change.order = list(table)
             elif file == SYNC_LOG:
                 change.log = list(c.log)
+                # Replayed, the log is all that tells which revision each record changed at
+                # (If-Match): its events' revisions are taken from it, as from a loaded log.
+                change.replaces = True
             else:
                 name = files.document_name(file) or ""
                 new = c.documents.get(name)
