@@ -142,6 +142,35 @@ def test_a_hand_edit_set_back_while_down_to_the_write_before_it_is_an_edit(
     assert judge(data_dir).edited == {FILE: EDIT}
 
 
+def test_after_a_clean_stop_the_write_before_the_last_put_back_is_an_edit(
+    data_dir: Path,
+) -> None:
+    """No round was cut (the daemon stopped cleanly): a file one version behind its copy is
+    the operator's (a backup put back), however much it looks like a cut round."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    checkpoint(b, data_dir, V2)
+    b.stopped_cleanly()
+    (data_dir / FILE).write_bytes(V1)
+    assert judge(data_dir).edited == {FILE: V2}
+    assert not (data_dir / bases.DIR / bases.CLEAN).exists()  # it counts at one start
+    assert judge(data_dir).edited == {FILE: V2}  # a start that failed later: still an edit
+    assert (data_dir / FILE).read_bytes() == V1  # never touched
+
+
+def test_the_clean_stop_counts_at_one_start_only(data_dir: Path) -> None:
+    """Once a start has seen the mark, a round a crash cuts is no edit again."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    b.stopped_cleanly()
+    assert judge(data_dir).edited == {}
+    b = Bases(data_dir)
+    b.judge([FILE], set(), set())  # the copies' digests, as a start learns them
+    copies, _ = b.copies([(data_dir / FILE, V2)])
+    write_files(copies)  # the crash came before the file's rename
+    assert judge(data_dir).edited == {}
+
+
 def test_drop_forgets_every_copy(data_dir: Path) -> None:
     b = Bases(data_dir)
     checkpoint(b, data_dir, V1)
@@ -238,3 +267,18 @@ async def test_a_hand_edit_taken_in_becomes_the_copy(data_dir: Path) -> None:
     await store.close()
     _, edited = cluster_store(data_dir)
     assert edited == []
+
+
+@pytest.mark.anyio
+async def test_a_clean_close_marks_the_copies_for_the_next_start(data_dir: Path) -> None:
+    store, _ = cluster_store(data_dir)
+    await store.start()
+    await store.submit(ops.create(connection("c1")), "bus", sync="files")
+    before = (data_dir / FILE).read_bytes()
+    await store.submit(ops.update("c1", {"name": "later"}), "bus", sync="files")
+    await store.close()
+    assert (data_dir / bases.DIR / bases.CLEAN).exists()
+    (data_dir / FILE).write_bytes(before)  # the write before the last, put back meanwhile
+    store, edited = cluster_store(data_dir)
+    assert edited == [FILE] and store.connections["c1"].name == "later"  # taken in later
+    store.journal.close()

@@ -17,10 +17,12 @@ is taken in as such.
 
 A copy's first line names the digest of the copy before it. A crash between the two renames
 of a round leaves the file one version behind its copy; that digest recognises the daemon's
-own previous write (not an edit). The file is never ahead of its copy: the copy's rename comes
-first and journalling filesystems (ext4, xfs) keep the order of renames across a crash. Only
-a file new on this host gets its copy after it (a copy without its file would read as a
-deletion made while down).
+own previous write (not an edit). A clean stop, every round whole, leaves a mark
+(`stopped-cleanly`): after it, a file one version behind is an edit (a backup put back, say),
+and the mark is removed before anything is written again. The file is never ahead of its
+copy: the copy's rename comes first and journalling filesystems (ext4, xfs) keep the order of
+renames across a crash. Only a file new on this host gets its copy after it (a copy without
+its file would read as a deletion made while down).
 
 The sync log is not copied: it is the cluster's, never edited by hand on a cluster host.
 Without a copy (a file the daemon never wrote in cluster mode) the file is read as it is.
@@ -44,6 +46,7 @@ from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_
 log = structlog.get_logger("ctsd.store")
 
 DIR = ".cluster-base"
+CLEAN = "stopped-cleanly"  # in DIR: the daemon stopped with every file at its copy's version
 _MAGIC = b"ctsd-base 1 "
 _NONE = b"-"
 
@@ -133,6 +136,27 @@ class Bases:
             raise
         self.written(digests)
 
+    def stopped_cleanly(self) -> None:
+        """Mark that every shared file holds its copy's version (a clean stop, its last round
+        whole), so the next start takes none for a round a crash cut (blocking)."""
+        ensure_dir(self.dir)
+        write_files([(self.dir / CLEAN, b"")])
+
+    def _stopped_cleanly(self) -> bool:
+        try:
+            return safefile.read_data_file(self.dir / CLEAN, f"{DIR}/{CLEAN}")[0] == b""
+        except FileNotFoundError:
+            return False
+        except (OSError, Invalid) as e:  # not the mark the daemon made: no clean stop
+            log.warning("base_copy_unreadable", file=CLEAN, reason=str(e))
+            return False
+
+    def _unmark(self) -> None:
+        """The clean stop's mark removed, durably, before anything is written again: a round
+        that a crash cuts later must not be taken for an edit."""
+        (self.dir / CLEAN).unlink()
+        fsync_dir(self.dir)
+
     def has_copy(self, file: str) -> bool:
         return self._copy_path(file).exists()
 
@@ -156,11 +180,14 @@ class Bases:
         """Each shared file against its copy (blocking: reads every file and copy). `created`:
         files that were missing (just created with default content); `invalid`: files that do
         not read as valid (edited, when they have a copy: never written until fixed, then
-        taken in). A file matching its copy, or the daemon's write before it, gets a fresh
+        taken in). A file matching its copy, or the daemon's write before it (unless the
+        daemon stopped cleanly), gets a fresh
         copy of what it holds, as does a file with none; edited and deleted files keep theirs
         (the base of the merge, the content to write again)."""
         out = Judged()
         fresh: Plan = []
+        clean = self._stopped_cleanly()  # no round was cut: one version behind is an edit
+        unnamed: Plan = []  # copies to write again naming no previous version
         # Copies were made at an earlier start (one of connections.json always is): an
         # algorithm file without one was added while the daemon was down.
         seeded = self._copy_path(CONNECTIONS).exists()
@@ -189,9 +216,11 @@ class Bases:
                 continue
             if copy is not None and raw != copy[1]:
                 prev, content = copy
-                if prev is None or _digest(raw) != prev:
+                if prev is None or clean or _digest(raw) != prev:
                     out.edited[file] = content
                     self._digests[file] = _digest(content)
+                    if clean and prev is not None:  # an edit still at a start after this one
+                        unnamed.append((self.data_dir / file, content))
                     continue
             if copy is None and seeded and file.startswith(f"{ALGORITHMS_DIR}/"):
                 out.edited[file] = None
@@ -204,6 +233,10 @@ class Bases:
             extra, digests = self.copies(fresh)
             write_files(extra)
             self.written(digests)
+        if unnamed:
+            write_files(self.copies(unnamed, before_files=False)[0])
+        if clean:
+            self._unmark()
         if out.edited or out.deleted:
             log.warning(
                 "edited_while_stopped", files=sorted(out.edited), deleted=sorted(out.deleted)

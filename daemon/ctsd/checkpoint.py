@@ -526,11 +526,13 @@ class Checkpointer:
         self.stopping = True
         self.wake.set()
 
-    async def close(self) -> None:
-        """Everything written (at shutdown): rounds until only invalid files are left."""
+    async def close(self) -> bool:
+        """Everything written (at shutdown): rounds until only invalid files are left;
+        whether that was reached."""
         for _ in range(RETRIES):
             if await self.round():
-                return
+                return True
+        return False
 
 
 @dataclass

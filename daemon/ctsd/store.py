@@ -336,7 +336,13 @@ class Store:
         if self._checkpoints is not None:
             self.checkpointer.stop()
             await self._checkpoints
-        await self.checkpointer.close()
+        whole = await self.checkpointer.close()
+        bases = self.checkpointer.bases
+        if whole and bases is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._io, bases.stopped_cleanly)
+            except OSError as e:  # no mark: the next start is as careful as after a crash
+                log.warning("clean_stop_not_marked", reason=str(e))
         self.journal.close()
         self._io.shutdown(wait=True)
 
