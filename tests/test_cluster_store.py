@@ -22,6 +22,7 @@ from ctsd.cluster.errors import ApplyFailed
 from ctsd.cluster.messages import Change
 from ctsd.core import Request
 from ctsd.errors import CtsdError
+from ctsd.files import CONNECTIONS
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server
@@ -156,6 +157,35 @@ async def test_different_records_on_two_hosts_both_go_through_in_stream_order(
         ]
         assert logs[0] == logs[1] and [e[0] for e in logs[0]] == [1, 2, 3, 4], logs
         assert [e[2] for e in logs[0]] == [1, 2, 3, 4]
+
+
+async def test_another_hosts_change_is_synced_in_the_journal_before_a_file_holds_it(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Another host's change is journalled without an fdatasync of its own (the stream holds
+    it durably). Before a round writes a file holding it, the journal is synced: a power cut
+    must never leave the sync log ahead of the journal, or the next start would take the
+    changes the other files lack for held."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        # Whether the journal held unsynced records as each round's files reached the disk
+        # (before the journal is cut: a cut is synced, but a round may leave it for later).
+        unsynced: list[bool] = []
+        y.store.checkpointer.on_write.append(
+            lambda _files: unsynced.append(y.store.journal.written_unsynced)
+        )
+        await x.store.submit(ops.create({"id": "c1", "name": "one", "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(1, timeout=10)
+        await y.store.checkpointer.flush()
+        assert [c["id"] for c in json.loads((tmp_path / "y" / CONNECTIONS).read_text())] == ["c1"]
+        assert unsynced and not any(unsynced), unsynced
 
 
 async def test_a_host_whose_sync_log_differs_stops_instead_of_going_its_own_way(

@@ -69,6 +69,7 @@ class Checkpointer:
         lock: Callable[[str], asyncio.Lock],
         take_in: Callable[[str], Awaitable[bool]],
         compact: Callable[[int, int, Change | None], Awaitable[None]],
+        sync_journal: Callable[[], None],
     ) -> None:
         self.committed = committed
         self.disk = disk
@@ -77,6 +78,7 @@ class Checkpointer:
         self.lock = lock  # a file's lock, shared with the intake
         self.take_in = take_in  # a hand edit taken in through the door (lock held)
         self.compact = compact  # the journal cut (`Store._compact`)
+        self.sync_journal = sync_journal  # before a round's files (`Journal.sync_written`)
         # file → (lsn of its oldest unwritten change, of its newest): what a round must write
         # and how far the journal may be cut.
         self.dirty: dict[str, tuple[int, int]] = {}
@@ -366,6 +368,7 @@ class Checkpointer:
             removed = [self.disk.path(f) for f in gone]
             stamps, failed, digests = await anyio.to_thread.run_sync(
                 _render_and_write,
+                self.sync_journal,
                 jobs,
                 expected,
                 kept,
@@ -555,6 +558,7 @@ class _Log:
 
 
 def _render_and_write(
+    sync_journal: Callable[[], None],
     jobs: list[tuple[Path, Any]],
     expected: dict[Path, Any],
     kept: list[Displaced],
@@ -567,7 +571,9 @@ def _render_and_write(
     """In the write's thread: encode what changed, then write the files atomically, as one
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove
     the files in `gone` (unless changed since: ChangedOnDisk): (stamps, the files that
-    failed, and on `coarse` clocks the digests of those written: `Disk.record`)."""
+    failed, and on `coarse` clocks the digests of those written: `Disk.record`). The journal
+    first holds durably every change the files will hold (`sync_journal`)."""
+    sync_journal()
     # A paced round (a writer alone: `Checkpointer._write`) hands the GIL back between its
     # steps (`time.sleep(0)`): a thread running Python keeps the GIL until the switch
     # interval ends, so the event loop, woken by the writer's next change, would wait out

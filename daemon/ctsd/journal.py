@@ -307,6 +307,8 @@ class Journal:
         self.path = data_dir / NAME
         self.fd = -1
         self.end = 0  # where the next frame goes (everything before is good and synced)
+        # ... but for records written without an fdatasync since the last (`sync_written`)
+        self.written_unsynced = False
         # The file's length: zeros from `end` to here, written and synced ahead (`grow`).
         self.capacity = 0
         # Held by `grow` while it writes past `capacity`, and by whatever writes there too or
@@ -424,6 +426,19 @@ class Journal:
             self._write(data, sync)
             self.capacity = max(self.capacity, self.end)
 
+    def sync_written(self) -> None:
+        """Make durable the records written without an fdatasync of their own (another
+        host's changes), before a data file may hold what they did: a power cut must never
+        leave a file (the sync log, say) ahead of the journal, or the next start would take
+        the changes the file lacks for held (blocking)."""
+        if self.written_unsynced:
+            self.written_unsynced = False  # before: a record written meanwhile sets it again
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                self.written_unsynced = True
+                raise
+
     def _write(self, data: bytes, sync: bool) -> None:
         try:
             done = 0
@@ -440,6 +455,7 @@ class Journal:
                 self.capacity = self.end
             raise
         self.end += len(data)
+        self.written_unsynced = not sync  # a synced write made everything before it durable
 
     def wants_room(self, short: int | None = None) -> bool:
         """Has the room ahead less than `short` bytes (half a step) left: should `grow` run?"""

@@ -113,6 +113,7 @@ class Store:
             lock=self.file_lock,
             take_in=lambda f: self.intake.ingest_locked(f, report=False),
             compact=self._compact,
+            sync_journal=self.journal.sync_written,
         )
         self.intake.write_back = self.checkpointer.write_back
         self.intake.written = self.checkpointer.mark_written
