@@ -54,6 +54,23 @@ async def host(data_dir: Path, settings: ClusterSettings) -> AsyncIterator[Clust
         await store.close()
 
 
+@asynccontextmanager
+async def two_hosts(
+    nats: NatsCluster, tmp_path: Path
+) -> AsyncIterator[tuple[ClusterCommitter, ClusterCommitter]]:
+    """Hosts x and y of a cluster of their own, each applying the stream, caught up."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        yield x, y
+
+
 async def test_same_record_on_two_hosts_one_wins_the_other_gets_conflict(
     nats: NatsCluster, tmp_path: Path
 ) -> None:
@@ -166,15 +183,7 @@ async def test_another_hosts_change_is_synced_in_the_journal_before_a_file_holds
     it durably). Before a round writes a file holding it, the journal is synced: a power cut
     must never leave the sync log ahead of the journal, or the next start would take the
     changes the other files lack for held."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
-        for c in (x, y):
-            c.subscribe()
-            await c.engine.catch_up(timeout=20)
+    async with two_hosts(nats, tmp_path) as (x, y):
         # Whether the journal held unsynced records as each round's files reached the disk
         # (before the journal is cut: a cut is synced, but a round may leave it for later).
         unsynced: list[bool] = []
@@ -194,15 +203,7 @@ async def test_a_host_whose_sync_log_differs_stops_instead_of_going_its_own_way(
     """A keyed group carries the revisions it was computed with: a host whose log is not the
     one it was computed on stalls (and refuses writes) rather than applying it on its own
     terms."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
-        for c in (x, y):
-            c.subscribe()
-            await c.engine.catch_up(timeout=20)
+    async with two_hosts(nats, tmp_path) as (x, y):
         await x.store.submit(ops.create({"id": "c1", "name": "one", "exchange": "bybit"}), "bus")
         await y.engine.wait_applied(1, timeout=10)
         y.store.committed.revision += 3  # as if y's log had taken events the others did not
