@@ -197,6 +197,51 @@ async def test_another_hosts_change_is_synced_in_the_journal_before_a_file_holds
         assert unsynced and not any(unsynced), unsynced
 
 
+async def test_a_founding_message_its_host_never_applied_is_applied_from_the_stream(
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data dir from an earlier cluster founds a new one; the host dies after the founding
+    message is in the stream, before it applied it. At its next start the stream's seq 1 is
+    applied, and so is every later change: the stream seqs its sync log carried from the
+    earlier cluster never make it take another host's change for one it holds."""
+    async with two_hosts(nats, tmp_path) as (x, y):
+        for cid in ("c1", "c2", "c3"):
+            await x.store.submit(ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(3, timeout=10)
+    old = tmp_path / "x"
+    (old / ".journal").unlink()  # its files hold everything; the journal is of the old cluster
+    new = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=new, host_id=host_id)
+
+    store = Store(old)
+    store.open()
+    await store.start()
+    founder = ClusterCommitter(store, ClusterEngine(settings("x")))
+    store.committer = founder
+    await founder.engine.start()
+    founder.subscribe()
+
+    async def killed(own: object, seq: int) -> None:
+        raise RuntimeError("killed before it applied its own founding message")
+
+    monkeypatch.setattr(founder, "_apply_own", killed)
+    with pytest.raises(Exception, match="killed before"):
+        await founder.found()
+    await store.abandon()  # as kill -9 leaves it: the journal, no file written
+    monkeypatch.undo()
+    async with host(old, settings("x")) as x, host(tmp_path / "z", settings("z")) as z:
+        for c in (x, z):
+            c.subscribe()
+            await c.catch_up(timeout=20)
+        assert z.store.connections.keys() == {"c1", "c2", "c3"}
+        await z.store.submit(ops.update("c1", {"name": "from z"}), "bus")
+        await x.engine.wait_applied(2, timeout=10)
+        assert x.store.connections["c1"].name == "from z"
+        assert [e.id for e in x.store.log] == [e.id for e in z.store.log] == [1, 2, 3, 4]
+
+
 async def test_a_host_whose_sync_log_differs_stops_instead_of_going_its_own_way(
     nats: NatsCluster, tmp_path: Path
 ) -> None:

@@ -203,14 +203,17 @@ class ClusterCommitter:
         local_id = engine.new_local_id()
         name = f"{messages.FOUNDING_PREFIX}{self.host}-{local_id}"
         async with self._install:  # the state as of now, which the founding message keeps
-            state = shared.capture(store.committed, engine.settings.name, 1)
-            # Its sync log without the stream seqs of an earlier cluster (this host's data
+            # The sync log without the stream seqs of an earlier cluster (this host's data
             # came from one): they would pass here for changes every host holds already.
-            # This host's own log loses them with the founding message.
-            log_here = keyed.unstamped(state.log)
-            founding = Change(log=log_here) if log_here != state.log else Change()
-            state.log = log_here
-            own = _Own(founding, [], store.context(), 0, None, store.committed.version)
+            # They go first, durably: a founding message this host does not get to apply
+            # itself (killed, its answer lost) is then applied from the stream at its next
+            # start, not taken for one its files hold by those seqs.
+            log_here = keyed.unstamped(store.committed.log)
+            if log_here != list(store.committed.log):
+                unstamp = Change(log=log_here)
+                store.install(unstamp, await store.append(unstamp))
+            state = shared.capture(store.committed, engine.settings.name, 1)
+            own = _Own(Change(), [], store.context(), 0, None, store.committed.version)
         await self.snapshots.put_founding(name, 1, await asyncio.to_thread(shared.encode, state))
         msg_id = engine.msg_id(local_id)
         self._own[msg_id] = own
