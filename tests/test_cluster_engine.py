@@ -18,6 +18,7 @@ import pytest
 import structlog
 from nats.js.api import ObjectMeta
 
+from ctsd.cluster import engine as engine_module
 from ctsd.cluster.config import ClusterSettings, Credentials
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
@@ -209,6 +210,33 @@ async def test_a_retried_publish_is_stored_and_applied_once(cluster: NatsCluster
             await restarted.catch_up(timeout=10)
             assert await restarted.publish(b"once", 0, local_id, retry=True) == 1
         assert rec.seqs == [1, 2]
+
+
+async def test_a_retry_that_cannot_tell_whether_it_was_stored_is_no_conflict(
+    cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry meets a message after the expected one, and the stream cannot be read to tell
+    whether it is its own (the outage that lost the first answer goes on): the outcome is
+    unknown (`unavailable`), never a `conflict` for a change that may be stored."""
+    # The server's duplicate window short, so the retry meets the sequence check.
+    monkeypatch.setattr(engine_module, "DUPLICATE_WINDOW_S", 0.2)
+    async with running(make_settings(cluster, publish_timeout_s=1.0)) as (a, _):
+        await a.catch_up(timeout=10)
+        local_id = a.new_local_id()
+        assert await a.publish(b"once", 0, local_id) == 1
+        await asyncio.sleep(0.5)  # the window passes (nothing to poll: the server's clock)
+        assert a._js is not None
+
+        async def unreadable(*_args: object, **_kw: object) -> None:
+            raise nats.errors.TimeoutError
+
+        monkeypatch.setattr(a._js, "get_msg", unreadable)  # the server's answer, not ctsd's
+        with pytest.raises(Unavailable) as info:
+            await a.publish(b"once", 0, local_id, retry=True)
+        assert info.value.outcome_unknown, info.value
+        assert "cannot be read now" in str(info.value)
+        with pytest.raises(Conflict):  # a group never sent meets another's: a conflict
+            await a.publish(b"other", 0, a.new_local_id())
 
 
 async def test_a_retry_sent_while_the_first_attempt_is_being_stored_gets_its_seq(

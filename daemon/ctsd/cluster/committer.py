@@ -92,6 +92,7 @@ class _Own:
     base: int  # the stream seq it was computed at
     names: frozenset[str] | None  # keyed: its records' revision keys
     version: int  # `Committed.version` it was computed on
+    msg_id: str = ""  # its message's id in the stream
     lsn: int | None = None  # its journal record, once applied
     superseded: bool = False  # keyed, and another change to its records got in first
 
@@ -213,9 +214,9 @@ class ClusterCommitter:
                 unstamp = Change(log=log_here)
                 store.install(unstamp, await store.append(unstamp))
             state = shared.capture(store.committed, engine.settings.name, 1)
-            own = _Own(Change(), [], store.context(), 0, None, store.committed.version)
+            msg_id = engine.msg_id(local_id)
+            own = _Own(Change(), [], store.context(), 0, None, store.committed.version, msg_id)
         await self.snapshots.put_founding(name, 1, await asyncio.to_thread(shared.encode, state))
-        msg_id = engine.msg_id(local_id)
         self._own[msg_id] = own
         try:
             await engine.commit(
@@ -383,9 +384,9 @@ class ClusterCommitter:
             for event in change.events:
                 event.data["host"] = self.host
             names = keyed.keys(change) if may_key else None
-            own = _Own(change, outcomes, ctx, expected, names, version)
             local_id = engine.new_local_id()
             msg_id = engine.msg_id(local_id)
+            own = _Own(change, outcomes, ctx, expected, names, version, msg_id)
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
@@ -479,6 +480,8 @@ class ClusterCommitter:
             own.lsn = await store.append(own.change, seq)
             store.install(own.change, own.lsn, own.ctx, exact=c.version == own.version)
             self._installed_seq = seq
+            # (its caller may have given up on it meanwhile, answered `unavailable`)
+            self._note_landed(own.msg_id)
         for out in own.outcomes:
             if out.events:
                 store.publish(out.events)
@@ -516,7 +519,8 @@ class ClusterCommitter:
                 change = self._localized(change)
             committed = self.store.committed
             if self._held(committed, msg, change):
-                self._note_landed(msg)
+                if msg.own:
+                    self._note_landed(msg.msg_id)
                 return
             problem = shared.change_problem(committed, change)
             if problem is not None:  # before the journal: nothing of it is applied
@@ -537,15 +541,15 @@ class ClusterCommitter:
             # since the change was computed (`status`, and the state's `updated_at` with it).
             self.store.install(change, lsn)
             self._installed_seq = msg.seq
-            self._note_landed(msg)
+            if msg.own:
+                self._note_landed(msg.msg_id)
         if change.events:
             self.store.publish(change.events)
 
-    def _note_landed(self, msg: messages.Change) -> None:
-        if msg.own:
-            self._landed[msg.msg_id] = None
-            if len(self._landed) > LANDED_KEPT:
-                self._landed.popitem(last=False)
+    def _note_landed(self, msg_id: str) -> None:
+        self._landed[msg_id] = None
+        if len(self._landed) > LANDED_KEPT:
+            self._landed.popitem(last=False)
 
     def landed(self, msg_id: str) -> bool:
         """Has this host's group `msg_id`, answered `unavailable` with an unknown outcome,

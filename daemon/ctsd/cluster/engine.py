@@ -641,7 +641,12 @@ class ClusterEngine:
                     # publishing it again) meets its own message at expected_seq + 1: a
                     # replicated stream checks the sequence before the duplicate window, so
                     # look (only then: it costs a request, and conflicts come in bursts).
-                    if maybe_sent and await self._is_ours(expected_seq + 1, msg_id):
+                    ours = maybe_sent and await self._is_ours(expected_seq + 1, msg_id)
+                    if ours is None:  # cannot tell now: never a conflict it may not be
+                        reason = "whether the stream holds it already cannot be read now"
+                        await asyncio.sleep(min(IN_PROCESS_WAIT_S, remaining))
+                        continue
+                    if ours:
                         self._stream_last = max(self._stream_last or 0, expected_seq + 1)
                         return expected_seq + 1
                     last = _last_seq(exc.description)
@@ -726,13 +731,16 @@ class ClusterEngine:
         await self.wait_applied(seq, timeout)
         return seq
 
-    async def _is_ours(self, seq: int, msg_id: str) -> bool:
-        """Is the message at `seq` the one with `msg_id`? (a publish whose answer was lost)"""
+    async def _is_ours(self, seq: int, msg_id: str) -> bool | None:
+        """Is the message at `seq` the one with `msg_id`? (a publish whose answer was lost)
+        None: it cannot be read now (the same outage that lost the answer, say)."""
         assert self._js is not None
         try:
             msg = await self._js.get_msg(self.stream, seq=seq)
-        except (nats.errors.Error, TimeoutError):
+        except nats.js.errors.NotFoundError:
             return False
+        except (nats.errors.Error, TimeoutError):
+            return None
         return bool(msg.headers and msg.headers.get(messages.H_MSG_ID) == msg_id)
 
     # --- applying ---------------------------------------------------------------------------
