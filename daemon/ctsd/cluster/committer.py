@@ -727,7 +727,10 @@ class ClusterCommitter:
             f"the snapshot in bucket {self.snapshots.bucket} (seq {snap.seq}, from host "
             f"{shared.shown(snap.host)})"
         )
-        state = shared.decode(snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what)
+        # In a thread (inflate, decode and check a whole state): the loop serves meanwhile.
+        state = await asyncio.to_thread(
+            shared.decode, snap.data, cluster=self.engine.settings.name, seq=snap.seq, what=what
+        )
         problem = shared.foreign_secret(
             self.store.box.key_ids,
             [RecordChange(x.id, x) for x in state.connections],
