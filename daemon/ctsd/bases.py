@@ -181,9 +181,9 @@ class Bases:
         files that were missing (just created with default content); `invalid`: files that do
         not read as valid (edited, when they have a copy: never written until fixed, then
         taken in). A file matching its copy, or the daemon's write before it (unless the
-        daemon stopped cleanly), gets a fresh
-        copy of what it holds, as does a file with none; edited and deleted files keep theirs
-        (the base of the merge, the content to write again)."""
+        daemon stopped cleanly), gets a fresh copy of what it holds, as does a file with none;
+        edited and deleted files keep theirs (the base of the merge, the content to write
+        again)."""
         out = Judged()
         fresh: Plan = []
         clean = self._stopped_cleanly()  # no round was cut: one version behind is an edit
