@@ -1066,6 +1066,54 @@ async def test_a_stop_still_sends_answers_queued_for_a_slow_reader(daemon: Daemo
     assert frames.index(answers[-1]) < frames.index({"type": "notice", "notice": "shutting_down"})
 
 
+async def test_commands_sent_once_a_stop_began_are_refused_and_nothing_is_done(
+    daemon: Daemon,
+) -> None:
+    """While a stop drains (here: a slow reader's answers), a command that comes is refused
+    `io_error` (nothing done, safe to retry), never done and left unanswered; a connection
+    still waiting to authenticate is closed with 1001 like the others."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    async with (
+        bus(daemon, sync=None, max_queue=1, sock=sock) as slow,
+        bus(daemon, sync=None) as w,
+        connect(daemon.ws_url) as waiting,  # no token yet
+    ):
+        assert json.loads(await waiting.recv())["type"] == "auth_required"
+        await slow.ok("subscribe")
+        wide = json.dumps({"note": "x" * 100_000})  # backs the slow reader up (as above)
+        for _ in range(50):
+            await w.ok("connections.create", connection=connection(connection_settings=wide))
+        await slow.send("connections.create", connection=connection(id="answered"))
+        daemon.send_signal(15)
+
+        def refused() -> bool:  # the stop has begun: no new connection is taken
+            try:
+                with socket.create_connection(("127.0.0.1", daemon.port), timeout=1) as s:
+                    s.sendall(
+                        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n"
+                    )
+                    return b" 503 " in s.recv(200)
+            except OSError:
+                return True
+
+        wait_until(refused, 5, what="the stop begun")
+        err = await w.err("connections.create", connection=connection(id="late"))
+        assert err["code"] == "io_error" and "nothing was done" in err["message"], err
+        code, _ = await close_code(w.ws)
+        assert code == 1001
+        code, _ = await close_code(waiting)
+        assert code == 1001
+        slow.ws.transport.abort()  # it reads nothing: its answers are another test's
+    assert daemon.proc is not None and daemon.proc.wait(timeout=10) == 0
+    ids = {c["id"] for c in json.loads((daemon.data_dir / CONNECTIONS).read_text())}
+    assert "answered" in ids and "late" not in ids
+
+
 async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Daemon) -> None:
     silent = socket.socket()  # accepts (kernel backlog) and never answers
     silent.bind(("127.0.0.1", 0))

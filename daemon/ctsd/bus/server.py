@@ -40,7 +40,8 @@ class Bus:
         self.svc = svc
         self.guard = guard
         self.hub = Hub(svc.store)
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session] = set()  # authenticated
+        self.connected: set[Session] = set()  # every accepted one (closed with 1001 at a stop)
         self.unauthenticated = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.frames_sent_closed = 0  # by connections already gone
@@ -101,18 +102,20 @@ class Bus:
 
         session = Session(self, Outbox(wire, close, addr), receive, addr)
         self.unauthenticated += 1
+        self.connected.add(session)
         try:
             try:
                 ok = await session.authenticate(True if exempt else header)
             finally:
                 self.unauthenticated -= 1
-            if not ok:
+            if not ok or not self.accepting:  # (authenticated while the daemon stops)
                 return
             self.sessions.add(session)
             await session.serve()
         except Closed:
             pass
         finally:
+            self.connected.discard(session)
             self.sessions.discard(session)
             self.hub.unsubscribe(session.outbox)
             session.outbox.stop()
@@ -122,12 +125,15 @@ class Bus:
     # --- shutdown -----------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Let in-flight commands answer, tell subscribers, close everyone with 1001."""
+        """Take no more commands (each is refused `io_error`, nothing done: safe to retry),
+        let those in flight answer, tell subscribers, close everyone with 1001."""
         self.accepting = False
         deadline = time.monotonic() + SHUTDOWN_DRAIN_S
-        pending = [t for s in self.sessions for t in s.inflight]
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_S)
+        while pending := [t for s in self.sessions for t in s.inflight]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait(pending, timeout=left)
         # A change is answered from a callback: its reply may still wait in a slow client's
         # outbox, which the close below would drop.
         sending = [
@@ -140,7 +146,7 @@ class Bus:
         self.hub.notice({"type": "notice", "notice": "shutting_down"})
         closing = [
             asyncio.ensure_future(s.outbox.close(CLOSE_GOING_AWAY, "daemon stopping"))
-            for s in list(self.sessions)
+            for s in list(self.connected)
         ]
         if closing:
             await asyncio.wait(closing, timeout=SHUTDOWN_CLOSE_S)

@@ -40,6 +40,7 @@ CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
 EXEMPT = frozenset({"connections.heartbeat"})  # heartbeats are never rate limited
 RATE_LIMITED = CtsdError("rate_limited", "too many requests; slow down and retry")
+STOPPING = CtsdError("io_error", "the daemon is stopping: nothing was done; retry once it is back")
 
 _decoder = msgspec.json.Decoder()
 
@@ -243,6 +244,9 @@ class Session:
                 # Answered but not yet sent count against the cap too: a client that
                 # pipelines without reading its replies is paced, not dropped for them.
                 await self.outbox.drained()
+            if not self.bus.accepting:  # the daemon began to stop while it waited
+                self.fail(msg_id, STOPPING)
+                return
             self._change(msg_id, name, args)
             return
         if self.inflight:  # read-your-writes: this client's earlier changes answer first
@@ -252,6 +256,9 @@ class Session:
     def _admit(self, msg_id: int, name: str, kind: Any, frame: dict[str, Any]) -> Any:
         """A command past the checks of its frame: counted by the rate limit, its arguments
         parsed. None when it was answered already (refused)."""
+        if not self.bus.accepting:
+            self.fail(msg_id, STOPPING)
+            return None
         if name not in EXEMPT and not self.bus.limiter.allow(self):
             self.fail(msg_id, RATE_LIMITED)
             return None
