@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import stat
 import subprocess
 import threading
@@ -20,7 +21,7 @@ import anyio
 import msgspec
 import pytest
 
-from ctsd import checkpoint, ops
+from ctsd import checkpoint, files, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
@@ -946,6 +947,31 @@ async def test_changes_carried_for_an_invalid_sync_log_keep_their_revisions_for_
             await store.submit(ops.update("c1", {"name": "stale"}), "bus", if_match=2)
         assert exc.value.code == "precondition_failed", exc.value
         assert store.connections["c1"].name == "later"
+
+
+async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_save(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mv connections.json x.bak; cp x.bak connections.json` while a change waits to be
+    written: a round that finds the file gone does not write it back at once (the copy would
+    then land over it, and the change would pass for undone by hand); the copy is taken in
+    against what the file held, so the change stays and is written on top."""
+    monkeypatch.setattr(files, "DELETE_GRACE_S", 30.0)  # only the round's own retry matters
+    path = data_dir / CONNECTIONS
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        store.checkpointer.stop()  # the next change is journalled, not yet written
+        assert store._checkpoints is not None
+        await store._checkpoints
+        await store.submit(ops.update("c1", {"name": "pending"}), "bus")
+        path.rename(data_dir / "x.bak")
+        assert not await store.checkpointer.round()  # gone: left for now
+        assert not path.exists()
+        shutil.copyfile(data_dir / "x.bak", path)
+        assert await store.checkpointer.round()
+        assert by_id(data_dir)["c1"]["name"] == "pending"
+        assert store.connections["c1"].name == "pending"
+        store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
 
 
 async def _restart(store: Store) -> None:

@@ -55,6 +55,10 @@ TABLES: dict[str, Any] = {
 # Matched with fullmatch: `$` would also match before a trailing newline ("x\n").
 _ALGO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}")
 
+# An editor's delete-then-write (or `mv f f.bak; cp f.bak f`) is back well within this; a
+# deleted file is written back from memory only after it (restoring early would race them).
+DELETE_GRACE_S = 0.25
+
 
 def default_document(name: str) -> dict[str, Any]:
     if name == "connection":

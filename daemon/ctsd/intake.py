@@ -78,6 +78,7 @@ class Intake:
         # Cluster mode: a hand edit answered `unavailable` with an unknown outcome, per file:
         # the group's msg id and the version it took in (decoded, bytes, stamp).
         self._sent: dict[str, tuple[str, Any, bytes, Stamp | None]] = {}
+        self._missing_since: dict[str, float] = {}  # file → when a round first found it gone
         # Set by the store: a deleted file is written back from memory by the checkpointer;
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
@@ -304,7 +305,8 @@ class Intake:
         if not force and file not in store.problems and self.disk.unchanged(file):
             return True  # our own write, or nothing new
         if not os.path.lexists(path):
-            return await self._restore_deleted(file)
+            return await self._gone(file, report)
+        self._missing_since.pop(file, None)
         stamp: Stamp | None = None
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
@@ -325,7 +327,7 @@ class Intake:
                 self._mark_invalid(file, e.problem, stamp or stamp_of(path))
             return False
         except FileNotFoundError:  # deleted between the stat and the open
-            return await self._restore_deleted(file)
+            return await self._gone(file, report)
         except OSError as e:
             if report:
                 problem = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
@@ -407,6 +409,17 @@ class Intake:
         self.store.problems[file] = problem
         log.error("file_invalid", file=file, problem=problem.format())
         self.store.notice(invalid_notice(file, problem))
+
+    async def _gone(self, file: str, report: bool) -> bool:
+        """A data file found missing. For a checkpoint round (`report` False), not before it
+        has been gone for `files.DELETE_GRACE_S`, as the watcher waits: written back at once, an
+        editor's `mv f f.bak; cp f.bak f` would then copy the old version over the one
+        written back, and the changes it held would pass for undone by hand."""
+        now = time.monotonic()
+        if not report and now - self._missing_since.setdefault(file, now) < files.DELETE_GRACE_S:
+            return False  # not taken in now: the round leaves it and comes back
+        self._missing_since.pop(file, None)
+        return await self._restore_deleted(file)
 
     async def _restore_deleted(self, file: str) -> bool:
         """A data file deleted by hand is written back from memory, with a notice."""

@@ -15,7 +15,7 @@ judge it:
   last write: it is judged (and reported invalid) only once it has been quiet for
   `SETTLE_S`.
 - A file that disappears may be an editor's rename dance (`mv f f~; write f`): it is written
-  back from memory only if it is still gone after `DELETE_GRACE_S`.
+  back from memory only if it is still gone after `files.DELETE_GRACE_S`.
 - The daemon's own writes come back as events too; `ingest` recognises them by their stamp.
 
 Polling (settings `watch.polling`, for network filesystems where inotify sees nothing) is
@@ -72,9 +72,6 @@ SETTLE_S = 0.05  # quiet time before a file that does not parse is called invali
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
 SETTLE_POLL_S = 0.005
 LOOK_AGAIN = 4  # immediate re-reads of a file that changed while being read
-# An editor's delete-then-write (or `mv f f.bak; cp f.bak f`) is back well within this; a
-# deleted file is written back from memory only after it (restoring early would race them).
-DELETE_GRACE_S = 0.25
 # An in-place writer that opened a file before our rename replaced it writes into the old
 # file: checked this often for its writer having closed it, taken anyway after this long
 # (see Store.take_in_late).
@@ -192,7 +189,7 @@ class Watcher:
     async def handle(self, file: str) -> None:
         store = self.store
         path = store.path(file)
-        if not os.path.lexists(path) and not await _reappears(path, DELETE_GRACE_S):
+        if not os.path.lexists(path) and not await _reappears(path, files.DELETE_GRACE_S):
             await store.ingest(file)  # deleted by hand: written back from memory
             return
         for _ in range(LOOK_AGAIN):
