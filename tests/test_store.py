@@ -864,7 +864,8 @@ async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")
     await killed_after(data_dir, ops.update("c1", {"name": "journalled only"}))
-    broken = (data_dir / CONNECTIONS).read_bytes()[:-5]
+    good = (data_dir / CONNECTIONS).read_bytes()
+    broken = good[:-5]
     (data_dir / CONNECTIONS).write_bytes(broken)
     async with opened(data_dir) as store:
         assert CONNECTIONS in store.problems
@@ -883,6 +884,15 @@ async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
             while disk(data_dir, "ui-config.json") != {"x": 1}:
                 await anyio.sleep(0.01)
         assert (data_dir / CONNECTIONS).read_bytes() == broken
+        # Fixed as it was (without the change it never got), and a field edited by hand
+        # meanwhile: the journalled change is not taken back, the edit is taken in.
+        fixed = json.loads(good)
+        fixed[0]["exchange"] = "by hand"
+        (data_dir / CONNECTIONS).write_text(json.dumps(fixed, indent=2) + "\n")
+        assert await store.ingest(CONNECTIONS)
+        await store.checkpointer.flush()
+        c1 = by_id(data_dir)["c1"]
+        assert (c1["name"], c1["exchange"]) == ("journalled only", "by hand"), c1
 
 
 async def test_a_file_that_cannot_be_taken_in_now_holds_up_no_other_file(
@@ -972,6 +982,27 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
         assert by_id(data_dir)["c1"]["name"] == "pending"
         assert store.connections["c1"].name == "pending"
         store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
+
+
+async def test_a_sync_log_invalid_at_start_never_gives_an_id_out_twice(data_dir: Path) -> None:
+    """The sync log broken while the daemon was down: the revision goes on from the files'
+    (the journal's last cut), so a hand edit taken in meanwhile gets a new id; once the log
+    is fixed, it holds what the file had and that event on top, none lost or given twice."""
+    async with opened(data_dir) as store:
+        for i in (1, 2, 3):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    good = (data_dir / SYNC_LOG).read_bytes()
+    (data_dir / SYNC_LOG).write_bytes(good[:-3])
+    async with opened(data_dir) as store:
+        assert SYNC_LOG in store.problems and store.revision == 3
+        (data_dir / "watchlists.json").write_text('{"main": ["ES"]}\n')
+        assert await store.ingest("watchlists.json")
+        assert [e.id for e in store.log] == [4]
+        (data_dir / SYNC_LOG).write_bytes(good)  # fixed as it was
+        assert await store.ingest(SYNC_LOG)
+        await store.checkpointer.flush()
+        assert [e.id for e in store.log] == [1, 2, 3, 4, 5]
+        assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 2, 3, 4, 5]
 
 
 async def _restart(store: Store) -> None:

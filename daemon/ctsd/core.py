@@ -14,7 +14,7 @@ the heartbeats held in memory) comes in a `Context`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -532,6 +532,63 @@ def replayed(change: Change, on_disk: Committed, invalid: frozenset[str]) -> Cha
         for rc in out.state
     ]
     return out
+
+
+def replayed_onto(
+    changes: Iterable[Change], invalid: Collection[str]
+) -> dict[str, dict[str, list[str] | None]]:
+    """Per file in `invalid` (it did not load): the records the journal replayed onto memory
+    for it, key → the fields set (None: the whole record, or its removal)."""
+    out: dict[str, dict[str, list[str] | None]] = {}
+    for change in changes:
+        for table, rcs in (
+            ("connections", change.connections),
+            ("state", change.state),
+            ("documents", change.documents),
+        ):
+            for rc in rcs:
+                file = _file_of(table, rc.key)
+                if file not in invalid:
+                    continue
+                keys = out.setdefault(file, {})
+                fields = rc.fields if rc.value is not None else None
+                if rc.key in keys and (keys[rc.key] is None or fields is None):
+                    keys[rc.key] = None
+                else:
+                    keys[rc.key] = sorted({*(keys.get(rc.key) or ()), *(fields or ())}) or None
+    return out
+
+
+def base_of_unread(
+    hand: Any, memory: Any, replayed: Mapping[str, list[str] | None], *, table: bool
+) -> Any:
+    """The base to take in `hand` against, the fix of a file that never read valid since the
+    start: memory, but with what the journal replayed onto it as `hand` holds it. The fix
+    then takes nothing of those fields back (they were acknowledged; the file never got them)
+    and is taken whole elsewhere (memory has nothing else of its own for it). `table`: records
+    by key (connections, state); else a document (its top-level keys)."""
+    if not table:
+        fields = next(iter(replayed.values()), None)  # one document per file
+        if fields is None or not isinstance(hand, dict) or not isinstance(memory, dict):
+            return hand  # set whole by the journal: memory keeps all of it
+        base = dict(memory)
+        for key in fields:
+            if key in hand:
+                base[key] = hand[key]
+            else:
+                base.pop(key, None)
+        return base
+    base = dict(memory)
+    for key, fields in replayed.items():
+        theirs, ours = hand.get(key), memory.get(key)
+        if fields is None or theirs is None or ours is None:
+            if theirs is None:
+                base.pop(key, None)
+            else:
+                base[key] = theirs
+        else:
+            base[key] = msgspec.structs.replace(ours, **{f: getattr(theirs, f) for f in fields})
+    return base
 
 
 # --- comparing records -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import structlog
 
 from ctsd import diagnose, files, ops, safefile
 from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
-from ctsd.core import Committed, Op, Outcome, mirror_state
+from ctsd.core import Committed, Op, Outcome, base_of_unread, mirror_state
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
@@ -46,6 +46,7 @@ class Door(Protocol):
     committed: Committed
     problems: dict[str, FileProblem]
     box: SecretBox  # the key secrets at rest are stored under
+    replayed_onto: dict[str, dict[str, list[str] | None]]  # files invalid at start
 
     @property
     def revision(self) -> int: ...
@@ -313,11 +314,15 @@ class Intake:
             hand = self.decode(file, raw)
             # The base: the file's last valid version (an invalid file keeps it: the version
             # its fix started from; in cluster mode memory moved on with other hosts' changes
-            # meanwhile, which the fix must not undo). Memory when the file never read valid,
-            # or memory has no such document (removed meanwhile): the file is taken whole.
+            # meanwhile, which the fix must not undo). When the file never read valid: memory
+            # with what the journal replayed onto it taken as the file holds it, the rest of
+            # the file taken whole; when memory has no such document (removed meanwhile):
+            # the file whole.
             od = self.disk.files.get(file)
             memory = self._memory(file)
             base = od.content if od is not None and memory is not None else None
+            if base is None and memory is not None:
+                base = self._base_unread(file, hand, memory)
             op = ops.take_in(file, hand, base if base is not None else memory, raw)
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
@@ -375,6 +380,19 @@ class Intake:
             await anyio.to_thread.run_sync(self.keep_copy, file, raw)
         except OSError as e:
             log.error("base_copy_failed", file=file, error=e.strerror or str(e))
+
+    def _base_unread(self, file: str, hand: Any, memory: Any) -> Any:
+        """The base of the fix of a file that never read valid since the start (None: memory,
+        the file taken whole)."""
+        if file == SYNC_LOG:
+            return []  # what the fixed log holds stays; memory's newer events go on top
+        replayed = self.store.replayed_onto.get(file)
+        if not replayed:
+            return None
+        if file in (CONNECTIONS, STATE):  # records by key, as memory holds them
+            key = "id" if file == CONNECTIONS else "connection_id"
+            return base_of_unread({getattr(r, key): r for r in hand}, memory, replayed, table=True)
+        return base_of_unread(hand, memory, replayed, table=False)
 
     def _memory(self, file: str) -> Any:
         c = self.store.committed

@@ -518,7 +518,9 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
             # the file has not received yet stay. It is logged, so the file is written back
             # with that one entry on top, which keeps the newest revision on disk: ids are never
             # reused, even after a restart.
-            seen = was[-1].id if was else 0
+            # (a fix of a log that never read valid comes with `was` empty: what it holds is
+            # what the file has received)
+            seen = max(was[-1].id if was else 0, hand[-1].id if hand else 0)
             tx.log_replace = [*hand, *(e for e in tx.base.log if e.id > seen)]
             tx.emit("document_update", None, {"file": file, "entries": len(hand)})
             return []

@@ -34,7 +34,17 @@ from ctsd import ops
 from ctsd.bases import Bases
 from ctsd.checkpoint import Checkpointer
 from ctsd.committer import Committer, LocalCommitter
-from ctsd.core import Change, Committed, Context, Op, Outcome, Request, loaded_files, replayed
+from ctsd.core import (
+    Change,
+    Committed,
+    Context,
+    Op,
+    Outcome,
+    Request,
+    loaded_files,
+    replayed,
+    replayed_onto,
+)
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
@@ -94,6 +104,9 @@ class Store:
         self.box = box if box is not None else SecretBox(None)
         self.committed = Committed()
         self.problems: dict[str, FileProblem] = {}
+        # Per file invalid at start: what the journal replayed onto memory for it (key →
+        # fields), which its fix must not take back (`core.base_of_unread`).
+        self.replayed_onto: dict[str, dict[str, list[str] | None]] = {}
         # Heartbeats live here, in memory at once; the sweeps' periodic flush writes them.
         self.heartbeats: dict[str, str] = {}
         self.disk = Disk(data_dir)
@@ -288,9 +301,13 @@ class Store:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
         touched: set[str] = set()
         on_disk, invalid = loaded_files(self.committed), frozenset(self.problems)
+        # The files' revision as of the journal's last cut: all there is to go on when the
+        # sync log did not load (its ids are never given out again).
+        self.committed.revision = max(self.committed.revision, recovered.base_revision)
         for change in recovered.changes:
             self.committed.apply(replayed(change, on_disk, invalid))
             touched |= change.files()
+        self.replayed_onto = replayed_onto(recovered.changes, invalid)
         # Every stored secret must decrypt; plain ones are encrypted, written before READY.
         sealed = secure_loaded(self.box, self.committed, set(self.problems))
         self.checkpointer.seed()
