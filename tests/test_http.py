@@ -204,6 +204,9 @@ def test_http_rate_limit_429_per_keep_alive_connection(data_dir: Path) -> None:
             assert chatty.get("/health").status_code == 200  # health is never limited
             hb = chatty.post("/api/connections/none/heartbeat")  # heartbeats are exempt
             assert hb.status_code == 404
+            # ... only they: an algorithm named "heartbeat" is a write like any other
+            algo = chatty.post("/api/data/algorithms/heartbeat", json={"name": "heartbeat"})
+            assert algo.status_code == 429, algo.text
             with httpx.Client(base_url=d.url, headers=auth) as other:
                 assert other.get("/api/connections/state").status_code == 200
     finally:

@@ -321,6 +321,10 @@ def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Clie
         400,
         "invalid",
     )
+    # digits Python reads as such but `int` does not ("²"), and more than any revision has
+    for tag in ('"\xb2"'.encode("latin-1"), b'"' + b"9" * 5000 + b'"'):
+        r = api.put("/api/settings/connections/c1", json={}, headers={"If-Match": tag})
+        _error(r, 400, "invalid")
 
 
 def test_sync_files_answers_with_the_change_in_the_file(daemon: Daemon, api: httpx.Client) -> None:

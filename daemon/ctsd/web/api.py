@@ -574,7 +574,7 @@ def _if_match(request: Request) -> int | None:
     if tag.startswith("W/"):
         tag = tag[2:]
     tag = tag.strip('"')
-    if not tag.isdigit():
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 18:  # (`isdigit` takes "²" too)
         raise CtsdError("invalid", 'If-Match must be a revision in quotes, like "42"', path="$")
     return int(tag)
 

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
@@ -244,8 +245,13 @@ class Web:
                 await self._task
 
 
+_HEARTBEAT = re.compile(r"/api/connections/[^/]+/heartbeat")
+
+
 def _heartbeat(scope: dict[str, Any]) -> bool:
-    return scope["method"] == "POST" and scope["path"].endswith("/heartbeat")
+    """The heartbeat route, exempt from the rate limit; nothing else (a document named
+    `heartbeat` is a write like any other)."""
+    return scope["method"] == "POST" and _HEARTBEAT.fullmatch(scope["path"]) is not None
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
