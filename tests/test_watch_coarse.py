@@ -5,6 +5,7 @@ compares a content digest while a stamp is fresh; elsewhere it hashes nothing.""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from ctsd import disk as disk_mod
 from ctsd import ops
+from ctsd.atomic import Stamp
 from ctsd.store import Store
 
 
@@ -42,7 +44,8 @@ def _conn() -> dict[str, Any]:
 async def test_same_tick_rewrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coarse: bool
 ) -> None:
-    monkeypatch.setattr(disk_mod, "timestamps_coarse", lambda _d: coarse)
+    window = disk_mod.DIGEST_WITHIN_NS if coarse else 0
+    monkeypatch.setattr(disk_mod, "timestamps_coarse", lambda _d: window)
     s = Store(tmp_path / "data")
     s.open()
     await s.start()
@@ -66,8 +69,31 @@ async def test_same_tick_rewrite(
         await s.close()
 
 
+def test_whole_second_mtimes_are_compared_by_digest_for_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where mtimes are whole seconds (ext3, FAT, sshfs), a same-size save in place within
+    the second of the last write keeps every stamp, and its mtime is over 50 ms old when
+    looked at: the digest is still compared then."""
+    d = disk_mod.Disk(tmp_path)
+    d.coarse_mtime = disk_mod.DIGEST_WITHIN_WHOLE_SECONDS_NS
+    path = tmp_path / "connections.json"
+    body = b'[{"id": "One"}]'
+    path.write_bytes(body)
+    second = (time.time_ns() // 10**9 - 1) * 10**9  # a whole second, over a second ago
+    real = list(os.stat(path))
+    real[7:10] = [second // 10**9] * 3
+    ns = {"st_atime_ns": second, "st_mtime_ns": second, "st_ctime_ns": second}
+    frozen = os.stat_result(tuple(real[:10]), ns)
+    monkeypatch.setattr(disk_mod, "os", _FrozenOs(path, frozen))
+    d.record("connections.json", Stamp.of(frozen), body)
+    assert d.unchanged("connections.json")
+    path.write_bytes(body.replace(b"One", b"Two"))  # in place, same size, same second
+    assert not d.unchanged("connections.json")
+
+
 def test_probe_on_this_filesystem(tmp_path: Path) -> None:
     """Two writes in a row with a stat between get distinct mtimes here (multigrain
     timestamps), so the write path pays no hashing; the probe must say so."""
-    assert disk_mod.timestamps_coarse(tmp_path) is False
+    assert disk_mod.timestamps_coarse(tmp_path) == 0
     assert not list(tmp_path.iterdir())  # the probe file is gone

@@ -566,7 +566,7 @@ def _render_and_write(
     gone: list[Path],
     paced: bool,
     dropped: list[Any],
-    coarse: bool,
+    coarse: int,
 ) -> tuple[dict[Path, Any], dict[Path, OSError], dict[Path, bytes]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
     group, or (when the group fails) one by one, each with its copy in cluster mode; remove

@@ -22,8 +22,10 @@ from ctsd.atomic import Chunk, Stamp, create_temp
 from ctsd.models import Connection, ConnectionState
 
 # Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
-# `unchanged` compares the digest too (far above a clock tick of 1-10 ms).
+# `unchanged` compares the digest too: far above a clock tick of 1-10 ms; where mtimes are
+# whole seconds (ext3, FAT's 2 s, sshfs, some NFS servers), above two of them.
 DIGEST_WITHIN_NS = 50_000_000
+DIGEST_WITHIN_WHOLE_SECONDS_NS = 2_500_000_000
 
 
 @dataclass
@@ -46,8 +48,9 @@ class Disk:
         # Where two writes in a row can share a timestamp (coarse clocks: older kernels, some
         # network filesystems), equal stat results within a tick prove nothing: there the
         # daemon also keeps a digest of each file and compares it while a stamp is that fresh.
-        # Probed at open; on fine-grained timestamps no hashing is done at all.
-        self.coarse_mtime = False
+        # Probed at open; on fine-grained timestamps no hashing is done at all. 0 there; else
+        # how long after its mtime a stamp may be shared (ns: `timestamps_coarse`).
+        self.coarse_mtime = 0
 
     def path(self, file: str) -> Path:
         return self.data_dir / file
@@ -87,7 +90,7 @@ class Disk:
             return expected is None
         if od is None or Stamp.of(st) != expected or st.st_ctime_ns != od.ctime:
             return False
-        if self.coarse_mtime and time.time_ns() - st.st_mtime_ns < DIGEST_WITHIN_NS:
+        if self.coarse_mtime and time.time_ns() - st.st_mtime_ns < self.coarse_mtime:
             return od.digest is not None and safefile.digest(self.path(file)) == od.digest
         return True
 
@@ -95,8 +98,9 @@ class Disk:
         self.coarse_mtime = timestamps_coarse(self.data_dir)
 
 
-def timestamps_coarse(directory: Path) -> bool:
-    """Can two writes in a row, with a stat between (as we do), share an mtime here?"""
+def timestamps_coarse(directory: Path) -> int:
+    """Can two writes in a row, with a stat between (as we do), share an mtime here? 0 if
+    not; else how long after its mtime a stamp may still be shared (ns)."""
     probe: Path | None = None
     try:
         probe, fd = create_temp(directory / "probe")
@@ -106,16 +110,17 @@ def timestamps_coarse(directory: Path) -> bool:
                 os.write(fd, b"x")
                 mtime = os.fstat(fd).st_mtime_ns
                 if mtime == last:
-                    return True
+                    whole = mtime % 1_000_000_000 == 0
+                    return DIGEST_WITHIN_WHOLE_SECONDS_NS if whole else DIGEST_WITHIN_NS
                 last = mtime
         finally:
             os.close(fd)
     except OSError:
-        return True  # cannot tell: assume the worst
+        return DIGEST_WITHIN_WHOLE_SECONDS_NS  # cannot tell: assume the worst
     finally:
         if probe is not None:
             probe.unlink(missing_ok=True)
-    return False
+    return 0
 
 
 def digest_of(body: Any) -> bytes:
