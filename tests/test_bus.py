@@ -1114,6 +1114,25 @@ async def test_commands_sent_once_a_stop_began_are_refused_and_nothing_is_done(
     assert "answered" in ids and "late" not in ids
 
 
+async def test_pipelined_changes_are_committed_in_the_order_sent_sync_or_not(
+    daemon: Daemon,
+) -> None:
+    """A change that asks for the files (`sync`) and a plain one right after it, to the same
+    field, without waiting: the later one wins, as sent."""
+    async with bus(daemon, sync=None) as b:
+        await b.ok("connections.create", connection=connection(id="c1"))
+        for i in range(20):
+            first = await b.send(
+                "connections.update", connection_id="c1", changes={"name": f"a{i}"}, sync="files"
+            )
+            second = await b.send(
+                "connections.update", connection_id="c1", changes={"name": f"b{i}"}
+            )
+            replies = [await b.result(first), await b.result(second)]
+            assert all(r["success"] for r in replies), replies
+            assert (await b.ok("connections.get", connection_id="c1"))["name"] == f"b{i}"
+
+
 async def test_a_slow_connection_test_does_not_hold_up_other_commands(daemon: Daemon) -> None:
     silent = socket.socket()  # accepts (kernel backlog) and never answers
     silent.bind(("127.0.0.1", 0))

@@ -375,9 +375,14 @@ class Store:
         after that revision. `sync="files"`: answer once the change is in the data files.
         """
         out, lsn = await self._submit(Request(op, source, if_match))
-        if sync == "files" and lsn is not None:
-            await self.checkpointer.wait_written(out.files, lsn)
+        if sync == "files":
+            await self.in_files(out, lsn)
         return out.result
+
+    async def in_files(self, out: Outcome, lsn: int | None) -> None:
+        """Until a change (as `enqueue` answers it) is in the data files."""
+        if lsn is not None:
+            await self.checkpointer.wait_written(out.files, lsn)
 
     async def submit_take_in(self, op: Op) -> tuple[Outcome, int | None]:
         """A hand edit (source "file"): its outcome and the lsn its change got (None: none)."""

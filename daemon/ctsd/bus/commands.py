@@ -54,8 +54,9 @@ class Call:
 Handler = Callable[[Call, Any], Awaitable[Any]]
 
 # Commands that change something: on the bus a client can pipeline them (they group-commit;
-# `WRITE_OPS` without `sync` are answered from a callback, the rest run as a task each); a
-# read waits for the same client's earlier changes.
+# `WRITE_OPS` go into the store's queue as their frames come, in order, and are answered
+# from a callback, or with `sync` by a task; the rest run as a task each); a read waits for
+# the same client's earlier changes.
 WRITES = p.WRITE_COMMANDS
 # Exchange probes take up to `test_timeout_s`: their own tasks too, but nothing waits for them.
 PROBES = frozenset({"connections.test", "trading.test_connection"})

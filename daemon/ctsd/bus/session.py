@@ -272,7 +272,7 @@ class Session:
         """A change or probe, admitted, under the cap: into the store's next group (answered
         from a callback), or as a task of its own (`sync`, probes, the rest)."""
         write = WRITE_OPS.get(name)
-        if write is not None and args.sync is None:
+        if write is not None:
             self._enqueue(msg_id, name, write, args)
             return
         task = asyncio.get_running_loop().create_task(self.execute(msg_id, name, args))
@@ -294,16 +294,35 @@ class Session:
         await self.outbox.drained()
 
     def _enqueue(self, msg_id: int, name: str, write: Write, args: Any) -> None:
-        """A change into the store's next group, answered from a callback once durable:
-        no task per change (a client pipelining hundreds of them has that many in flight)."""
+        """A change into the store's next group at once, so that none sent after it overtakes
+        it; answered from a callback once durable: no task per change (a client pipelining
+        hundreds of them has that many in flight). With `sync: files`, by a task of its own
+        once the change is in the data files."""
         try:
             fut = self.svc.store.enqueue(Request(write.op(args), args.source))
         except Exception as e:
             self._failed(msg_id, name, e)
             return
-        fut.add_done_callback(functools.partial(self._written, msg_id, name, write))
-        self.inflight.add(fut)
-        fut.add_done_callback(self.inflight.discard)
+        waiting: asyncio.Future[Any] = fut
+        if args.sync is None:
+            fut.add_done_callback(functools.partial(self._written, msg_id, name, write))
+        else:
+            loop = asyncio.get_running_loop()
+            waiting = loop.create_task(self._in_files(msg_id, name, write, fut))
+        self.inflight.add(waiting)
+        waiting.add_done_callback(self.inflight.discard)
+
+    async def _in_files(
+        self, msg_id: int, name: str, write: Write, fut: asyncio.Future[Any]
+    ) -> None:
+        try:
+            outcome, lsn = await fut
+            await self.svc.store.in_files(outcome, lsn)
+            result = write.shown(outcome.result)
+        except Exception as e:
+            self._failed(msg_id, name, e)
+            return
+        self.push(p.Ok(id=msg_id, result=result))
 
     def _written(self, msg_id: int, name: str, write: Write, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
