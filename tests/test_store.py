@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from ctsd import checkpoint, files, ops
-from ctsd.atomic import TEMP_PREFIX
+from ctsd.atomic import TEMP_PREFIX, stamp_of
 from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
@@ -1003,6 +1003,27 @@ async def test_a_sync_log_invalid_at_start_never_gives_an_id_out_twice(data_dir:
         await store.checkpointer.flush()
         assert [e.id for e in store.log] == [1, 2, 3, 4, 5]
         assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 2, 3, 4, 5]
+
+
+def test_files_written_one_by_one_keep_their_stamps_past_one_saved_by_hand(
+    tmp_path: Path,
+) -> None:
+    """The group write failed (one file's directory is a file now), so each file is written
+    alone; one of them was saved by hand meanwhile. The files written before it keep their
+    stamps (else the daemon's own write would come back as a hand edit), the saved one is
+    left for the round to take in, the broken one is reported."""
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "gone" / "c.json"
+    b.write_bytes(b"{}\n")
+    before = stamp_of(b)
+    b.write_bytes(b'{"by": "hand"}\n')
+    (tmp_path / "gone").write_bytes(b"")  # a file where the directory was
+    jobs = [(a, b"[]\n"), (b, b"[1]\n"), (c, b"[]\n")]
+    stamps, failed, _ = checkpoint._render_and_write(
+        lambda: None, jobs, {b: before}, [], None, [], False, [], 0
+    )
+    assert set(stamps) == {a} and stamps[a] == stamp_of(a) and a.read_bytes() == b"[]\n"
+    assert set(failed) == {c}
+    assert b.read_bytes() == b'{"by": "hand"}\n'
 
 
 async def _restart(store: Store) -> None:

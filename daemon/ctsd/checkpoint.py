@@ -391,9 +391,12 @@ class Checkpointer:
             if not self.disk.path(file).exists():
                 self.disk.files.pop(file, None)
         written: list[str] = []
+        # Written one by one after the group failed, a file saved by hand meanwhile: taken in
+        # by the next attempt of the round, then written on top.
+        saved = {p for p, _ in jobs if p not in stamps and p not in failed}
         for path, job in jobs:
             file = str(path.relative_to(self.disk.data_dir))
-            if path in failed:
+            if path in failed or path in saved:
                 self._restale([(path, job)])
                 continue
             written.append(file)
@@ -411,7 +414,7 @@ class Checkpointer:
                 self.log_ids.extend(e.id for e in job.todo)
                 self.log_frags.extend(job.encoded)
         for file in todo:
-            if self.disk.path(file) in failed:
+            if self.disk.path(file) in failed or self.disk.path(file) in saved:
                 continue
             last = self.dirty.get(file, (0, 0))[1]
             if last <= upto:
@@ -432,6 +435,8 @@ class Checkpointer:
             await anyio.sleep(FAILED_RETRY_S)
             self.wake.set()
             return False
+        if saved:
+            return None
         if any(f not in self.invalid() for f in self.dirty):
             self.wake.set()
         return True
@@ -633,7 +638,9 @@ def _render_and_write(
                 try:
                     stamps.update(write([(path, body)]))
                 except ChangedOnDisk:
-                    raise
+                    # Saved by hand meanwhile: in neither result (taken in, then written); the
+                    # files written before it stand, with their stamps.
+                    continue
                 except OSError as e1:
                     failed[path] = e1
     for path in gone:
