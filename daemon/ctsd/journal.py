@@ -517,6 +517,12 @@ class Journal:
                 os.ftruncate(self.fd, self.header_end)
                 os.fdatasync(self.fd)
                 self.end = self.capacity = self.header_end
+            if self.version != VERSION:
+                self._rewrite(None)  # (a header that says cuts may follow)
+            else:
+                # The files' revision now, as a cut: the header's is older, and when the sync
+                # log does not load at the next start it is all there is to go on.
+                self._append(frame(_encode(Cut(upto, self.base_revision, self.stream_seq))), True)
             return
         # A cut goes only under a header that says cuts may follow (an older ctsd reading
         # the journal must refuse its version, not stumble on a frame it cannot read).
