@@ -69,27 +69,31 @@ async def test_same_tick_rewrite(
         await s.close()
 
 
-def test_whole_second_mtimes_are_compared_by_digest_for_seconds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("ago_s", [1, 60])
+def test_whole_second_mtimes_are_compared_by_digest_until_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ago_s: int
 ) -> None:
     """Where mtimes are whole seconds (ext3, FAT, sshfs), a same-size save in place within
     the second of the last write keeps every stamp, and its mtime is over 50 ms old when
-    looked at: the digest is still compared then."""
+    looked at, or a minute (a slow poll): the digest is still compared then."""
     d = disk_mod.Disk(tmp_path)
     d.coarse_mtime = disk_mod.DIGEST_WITHIN_WHOLE_SECONDS_NS
     path = tmp_path / "connections.json"
     body = b'[{"id": "One"}]'
     path.write_bytes(body)
-    second = (time.time_ns() // 10**9 - 1) * 10**9  # a whole second, over a second ago
+    second = (time.time_ns() // 10**9 - ago_s) * 10**9  # a whole second, that long ago
     real = list(os.stat(path))
     real[7:10] = [second // 10**9] * 3
     ns = {"st_atime_ns": second, "st_mtime_ns": second, "st_ctime_ns": second}
     frozen = os.stat_result(tuple(real[:10]), ns)
     monkeypatch.setattr(disk_mod, "os", _FrozenOs(path, frozen))
     d.record("connections.json", Stamp.of(frozen), body)
-    assert d.unchanged("connections.json")
     path.write_bytes(body.replace(b"One", b"Two"))  # in place, same size, same second
     assert not d.unchanged("connections.json")
+    path.write_bytes(body)  # as the daemon wrote it after all
+    assert d.unchanged("connections.json")
+    # A look long enough after the mtime found the same bytes: none can share it from now.
+    assert d.files["connections.json"].verified is (ago_s * 10**9 >= d.coarse_mtime)
 
 
 def test_probe_on_this_filesystem(tmp_path: Path) -> None:

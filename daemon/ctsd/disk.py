@@ -21,8 +21,9 @@ from ctsd import files, safefile
 from ctsd.atomic import Chunk, Stamp, create_temp
 from ctsd.models import Connection, ConnectionState
 
-# Coarse clocks only: a stamp whose mtime is this recent may be shared by a second write, so
-# `unchanged` compares the digest too: far above a clock tick of 1-10 ms; where mtimes are
+# Coarse clocks only: a stamp may be shared by a second write within this of its mtime (the
+# clock's granule, with room), so `unchanged` compares the digest too until a look this long
+# after the mtime found the same bytes: far above a clock tick of 1-10 ms; where mtimes are
 # whole seconds (ext3, FAT's 2 s, sshfs, some NFS servers), above two of them.
 DIGEST_WITHIN_NS = 50_000_000
 DIGEST_WITHIN_WHOLE_SECONDS_NS = 2_500_000_000
@@ -35,6 +36,9 @@ class OnDisk:
     stamp: Stamp | None = None  # None: absent
     ctime: int | None = None  # seen right after the stamp (see `Disk.unchanged`)
     digest: bytes | None = None  # coarse clocks only
+    # Coarse clocks: a look a clock granule or more after the mtime found these bytes, so no
+    # later save can share the stamp (it would get a newer mtime): no more hashing.
+    verified: bool = False
     content: Any = None  # records by key (tables), the events (sync log), or the document
     frags: dict[str, bytes] = field(default_factory=dict)  # tables: each record as in the file
 
@@ -72,6 +76,7 @@ class Disk:
         if digest is None and self.coarse_mtime and body is not None:
             digest = digest_of(body)
         od.digest = digest if self.coarse_mtime else None
+        od.verified = False
         # The ctime seen right after: an in-place edit that keeps size and mtime still moves it.
         try:
             st = os.lstat(self.path(file))
@@ -90,8 +95,16 @@ class Disk:
             return expected is None
         if od is None or Stamp.of(st) != expected or st.st_ctime_ns != od.ctime:
             return False
-        if self.coarse_mtime and time.time_ns() - st.st_mtime_ns < self.coarse_mtime:
-            return od.digest is not None and safefile.digest(self.path(file)) == od.digest
+        if self.coarse_mtime and not od.verified:
+            # A save in place within the mtime's granule may share every stamp: until a look
+            # after that granule found the same bytes, the digest tells (however late the
+            # look: a slow poll, a round long after).
+            age = time.time_ns() - st.st_mtime_ns
+            if od.digest is None:
+                return age >= self.coarse_mtime
+            if safefile.digest(self.path(file)) != od.digest:
+                return False
+            od.verified = age >= self.coarse_mtime
         return True
 
     def probe_clock(self) -> None:
