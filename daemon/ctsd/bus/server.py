@@ -108,7 +108,10 @@ class Bus:
                 ok = await session.authenticate(True if exempt else header)
             finally:
                 self.unauthenticated -= 1
-            if not ok or not self.accepting:  # (authenticated while the daemon stops)
+            if not ok:
+                return
+            if not self.accepting:  # authenticated after the stop began: closed like the rest
+                await session.outbox.close(CLOSE_GOING_AWAY, "daemon stopping")
                 return
             self.sessions.add(session)
             await session.serve()
