@@ -218,6 +218,9 @@ async def test_a_founding_message_its_host_never_applied_is_applied_from_the_str
     store = Store(old)
     store.open()
     await store.start()
+    store.checkpointer.stop()  # no round writes a file before the kill below
+    assert store._checkpoints is not None
+    await store._checkpoints
     founder = ClusterCommitter(store, ClusterEngine(settings("x")))
     store.committer = founder
     await founder.engine.start()
@@ -230,6 +233,8 @@ async def test_a_founding_message_its_host_never_applied_is_applied_from_the_str
     with pytest.raises(Exception, match="killed before"):
         await founder.found()
     await store.abandon()  # as kill -9 leaves it: the journal, no file written
+    assert store._writer is not None
+    store._writer.cancel()
     monkeypatch.undo()
     async with host(old, settings("x")) as x, host(tmp_path / "z", settings("z")) as z:
         for c in (x, z):

@@ -982,6 +982,9 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
         assert by_id(data_dir)["c1"]["name"] == "pending"
         assert store.connections["c1"].name == "pending"
         store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
+        await store.submit(ops.update("c1", {"name": "at the stop"}), "bus")
+        path.unlink()  # deleted right before the stop: its last rounds write it back
+    assert by_id(data_dir)["c1"]["name"] == "at the stop"
 
 
 @pytest.mark.parametrize("emptied", [False, True])

@@ -55,8 +55,9 @@ class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     events: list[SyncEvent] = msgspec.field(default_factory=list)
     log: list[SyncEvent] | None = None  # the sync log as edited by hand (before `events`)
     touched: list[str] = msgspec.field(default_factory=list)  # files written even unchanged
-    # The whole state replaced by another history's (a cluster snapshot): what If-Match
-    # compares is what its `log` tells, no longer the revisions this host knew.
+    # The whole state replaced by another history's (a cluster snapshot), or the sync log
+    # carried in the journal while invalid on disk: what If-Match compares is what its `log`
+    # tells, no longer the revisions known before.
     replaces: bool = False
 
     def files(self) -> set[str]:
@@ -587,7 +588,8 @@ def base_of_unread(
             else:
                 base[key] = theirs
         else:
-            base[key] = msgspec.structs.replace(ours, **{f: getattr(theirs, f) for f in fields})
+            known = [f for f in fields if f in ours.__struct_fields__]  # (a journal of before)
+            base[key] = msgspec.structs.replace(ours, **{f: getattr(theirs, f) for f in known})
     return base
 
 

@@ -80,6 +80,7 @@ class Intake:
         # the group's msg id and the version it took in (decoded, bytes, stamp).
         self._sent: dict[str, tuple[str, Any, bytes, Stamp | None]] = {}
         self._missing_since: dict[str, float] = {}  # file → when a round first found it gone
+        self.closing = False  # the store's last rounds: a file gone is written back at once
         # Set by the store: a deleted file is written back from memory by the checkpointer;
         # a file taken in that memory now matches needs no write.
         self.write_back: Callable[[str], None] = lambda _file: None
@@ -359,6 +360,7 @@ class Intake:
             log.warning("ingest_failed", file=file, error=str(e))
             return False
         self._sent.pop(file, None)
+        self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp)
         await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
@@ -434,7 +436,8 @@ class Intake:
         editor's `mv f f.bak; cp f.bak f` would then copy the old version over the one
         written back, and the changes it held would pass for undone by hand."""
         now = time.monotonic()
-        if not report and now - self._missing_since.setdefault(file, now) < files.DELETE_GRACE_S:
+        since = self._missing_since.setdefault(file, now)
+        if not report and not self.closing and now - since < files.DELETE_GRACE_S:
             return False  # not taken in now: the round leaves it and comes back
         self._missing_since.pop(file, None)
         return await self._restore_deleted(file)

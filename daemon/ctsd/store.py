@@ -354,6 +354,7 @@ class Store:
         if self._checkpoints is not None:
             self.checkpointer.stop()
             await self._checkpoints
+        self.intake.closing = True  # no round comes after these: nothing is left for later
         whole = await self.checkpointer.close()
         bases = self.checkpointer.bases
         if whole and bases is not None:
@@ -444,8 +445,9 @@ class Store:
         finally:
             timer.cancel()
             self._filled = None
-        for cb in self.on_fill:
-            cb(loop.time() - t0, len(self._pending) >= size)
+        for cb in self.on_fill:  # (metrics: never a reason for the writer to stop)
+            with contextlib.suppress(Exception):
+                cb(loop.time() - t0, len(self._pending) >= size)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()
