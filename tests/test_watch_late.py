@@ -184,3 +184,21 @@ async def test_late_write_pending_at_close_is_taken_in(tmp_path: Path) -> None:
     again = Store(data_dir)
     again.open()
     assert again.connections["c2"].name == "Late"
+
+
+def test_a_late_write_left_by_a_daemon_that_died_is_kept_not_deleted(tmp_path: Path) -> None:
+    """The daemon was killed while an editor's in-place write sat in the file its own write
+    had displaced (kept under a temp name until taken in): the next start keeps it beside
+    the data file as a late write is kept, never deletes it with the other temp files."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    left = data_dir / f"{TEMP_PREFIX}old-{CONNS}.4242.0"  # as `atomic` names one
+    left.write_bytes(b'[{"id": "c1", "name": "typed at 3 a.m."}]\n')
+    scrap = data_dir / f"{TEMP_PREFIX}{CONNS}.0123abcd"  # a write of the daemon's, cut
+    scrap.write_bytes(b"[")
+    s = Store(data_dir)
+    s.open()
+    s.journal.close()
+    (kept,) = sorted(data_dir.glob(f"{CONNS}.late-*"))
+    assert kept.read_bytes() == b'[{"id": "c1", "name": "typed at 3 a.m."}]\n'
+    assert not list(data_dir.glob(f"{TEMP_PREFIX}*"))

@@ -133,7 +133,10 @@ class Intake:
             log.warning("data_dir_mode", data_dir=str(self.data_dir), problem=wide)
         for d in (self.data_dir, self.data_dir / files.ALGORITHMS_DIR):
             for stale in d.glob(f"{TEMP_PREFIX}*"):
-                stale.unlink(missing_ok=True)
+                if stale.name.startswith(KEPT_PREFIX):
+                    self._keep_stale_late(stale)
+                else:
+                    stale.unlink(missing_ok=True)
         self.disk.probe_clock()
         defaults: list[tuple[Path, bytes]] = []
         for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
@@ -548,6 +551,24 @@ class Intake:
             log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
         return True
 
+    def _keep_stale_late(self, stale: Path) -> None:
+        """A file the daemon's write displaced while an editor still wrote into it, left by a
+        daemon that stopped before it was taken in: what the editor wrote may be in it, so it
+        is kept as a late write is (`<name>.late-<UTC time>`), never deleted."""
+        name = stale.name.removeprefix(KEPT_PREFIX).rsplit(".", 2)[0]  # (.<pid>.<n>)
+        try:
+            kept = _link_late(stale, stale.with_name(name))
+            stale.unlink()
+        except OSError as e:
+            log.error("late_hand_write_not_kept", file=str(stale), error=str(e))
+            return
+        log.warning(
+            "late_hand_write_kept",
+            file=name,
+            kept=str(kept.relative_to(self.data_dir)),
+            why="the daemon stopped before it was taken in",
+        )
+
     def _keep_late(
         self, d: Displaced, file: str, why: str, problem: FileProblem | None, msg: str = ""
     ) -> None:
@@ -558,14 +579,7 @@ class Intake:
         the data file is valid, so nothing is refused and /health stays ok. The other cases
         (a newer save superseded it, a write failed) are logged.
         """
-        when = now_iso().replace(":", "")
-        for n in itertools.count():
-            kept = d.path.with_name(f"{d.path.name}.late-{when}{f'.{n}' if n else ''}")
-            try:
-                os.link(d.kept, kept)  # no clobbering: never replaces an earlier copy
-                break
-            except FileExistsError:
-                continue
+        kept = _link_late(d.kept, d.path)
         name = str(kept.relative_to(self.data_dir))
         log.warning("late_hand_write_kept", file=file, kept=name, why=why, error=msg or None)
         if problem is not None:
@@ -574,6 +588,23 @@ class Intake:
 
 
 LATE_RETRY_S = 0.5  # a late write the cluster could not take: tried again after this
+KEPT_PREFIX = f"{TEMP_PREFIX}old-"  # a displaced file kept while a writer holds it (`atomic`)
+
+
+def _link_late(source: Path, path: Path) -> Path:
+    """`source` linked as `<path's name>.late-<UTC time>` (`.1`, `.2`, ... after it when
+    taken: no clobbering, never replaces an earlier copy); the name."""
+    when = now_iso().replace(":", "")
+    for n in itertools.count():
+        kept = path.with_name(f"{path.name}.late-{when}{f'.{n}' if n else ''}")
+        try:
+            os.link(source, kept)
+            return kept
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 GONE = Stamp(-1, -1, -1)  # the stamp of a file that was there: it matches no file, nor none
 
 
