@@ -5,6 +5,8 @@ keeps the stored secret (or is refused where nothing is stored)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -245,3 +247,27 @@ def test_placeholders_are_looked_for_only_where_they_may_be(sent: object, may: b
     assert may_hold_placeholders(sent) is may
     if not may:  # nothing the walk would restore
         assert restore_placeholders(sent, {"api_key": "stored-key-123456"}) is sent
+
+
+def test_a_console_traceback_never_shows_the_locals_that_hold_a_secret() -> None:
+    """A logged exception in the console format: its traceback (rich's, when installed,
+    shows every frame's local variables) must not carry what a local held, a request body
+    with its api key, say; the event's own fields are masked as ever."""
+    code = f"""
+import structlog
+from ctsd import logs
+logs.setup("console")
+def login():
+    body = {{"userName": "desk", "apiKey": "{CANARY}"}}
+    raise RuntimeError("the gateway said no")
+try:
+    login()
+except RuntimeError:
+    structlog.get_logger("ctsd.probes").exception("login_failed", api_key="{CANARY}")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    shown = out.stdout + out.stderr
+    assert "login_failed" in shown and "the gateway said no" in shown, shown
+    assert CANARY not in shown, shown

@@ -27,7 +27,11 @@ _SHARED: list[structlog.types.Processor] = [
 def _formatter(fmt: str) -> logging.Formatter:
     renderer: structlog.types.Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        # A plain traceback: rich's (when installed) shows each frame's local variables,
+        # which the redaction never sees (a request body with its api key, say).
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         extra: list[structlog.types.Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer()
