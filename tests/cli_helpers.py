@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.daemon import Daemon, wait_until
 from tests.datadir import CANARY
@@ -109,3 +112,19 @@ def cli(
         assert bit not in r.stdout and bit not in r.stderr, (args, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     return r
+
+
+def through_fifo(fifo: Path, run: Callable[[], Any]) -> bytes:
+    """What `run` (a command given `fifo` as its output) writes into the pipe. The read end
+    is open first, so the command's open does not wait; what it wrote (a pipe buffer's worth
+    at most) is read once it is done: if it never opened the pipe, nothing, never a hang."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        run()
+        out = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 1 << 16):
+                out += chunk
+        return out
+    finally:
+        os.close(fd)

@@ -22,7 +22,7 @@ from ctsd import backup
 from ctsd.offline import exclusive
 from ctsd.rekey import rekey_offline
 from ctsd.secretbox import Key
-from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd
+from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd, through_fifo
 from tests.crash_driver import kill_at_every_step, kill_at_random
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
 
@@ -122,6 +122,29 @@ def test_backup_without_a_key_and_to_stdout(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
         manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
     assert CANARY.encode() not in manifest and json.loads(manifest)["key_ids"] == []
+
+
+def test_backup_to_a_pipe_writes_through_it(tmp_path: Path) -> None:
+    """`-o` naming a pipe (or a device: /dev/null as root) writes into it, as `-`
+    writes to stdout; it is never replaced by a file."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done: list[subprocess.CompletedProcess[bytes]] = []
+    got = through_fifo(
+        fifo,
+        lambda: done.append(
+            subprocess.run(
+                [str(CTSD), "backup", "--data-dir", str(data), "-o", str(fifo)],
+                capture_output=True, env=clean_env(), timeout=60,
+            )
+        ),
+    )  # fmt: skip
+    assert done[0].returncode == 0, done[0].stderr
+    with tarfile.open(fileobj=io.BytesIO(got)) as tar:
+        assert "manifest.json" in tar.getnames()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_backup_refuses_a_data_dir_the_daemon_would_refuse(tmp_path: Path) -> None:

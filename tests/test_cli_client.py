@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import CANARY, Tail, clean_env, cli, ctsd, env_for
+from tests.cli_helpers import CANARY, Tail, clean_env, cli, ctsd, env_for, through_fifo
 from tests.daemon import Daemon, http_server, sync_log, wait_until
 
 # The harness token, and a few bytes of the canary that must not leak either.
@@ -520,6 +520,19 @@ def test_export_stdout_and_file(shared: Daemon, tmp_path: Path) -> None:
     assert json.loads(target.read_text())["files"].keys() == out["files"].keys()
     r = cli(shared, "export", "-o", str(tmp_path / "no" / "such" / "dir.json"))
     assert r.returncode != 0 and "cannot write" in r.stderr
+    # A pipe is written through, never replaced by a file (nor /dev/null, as root)...
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = through_fifo(fifo, lambda: ok(shared, "export", "-o", str(fifo)))
+    assert json.loads(got)["files"].keys() == out["files"].keys()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # ... and a link is refused, neither replaced nor followed.
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    before = target.read_bytes()
+    r = cli(shared, "export", "-o", str(link))
+    assert r.returncode == 1 and "is a link to a file" in r.stderr, r.stderr
+    assert link.is_symlink() and target.read_bytes() == before
 
 
 def test_import_round_trip_and_errors(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 import msgspec
@@ -25,6 +25,7 @@ from ctsd import backup
 from ctsd.backup import ArchiveError
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
+from ctsd.client.outfile import streamed
 from ctsd.client.render import safe
 from ctsd.client.secrets import DATA_DIR_HELP, current_key
 from ctsd.client.target import resolve_target
@@ -58,23 +59,28 @@ def register(main: click.Group) -> None:
         path = Path(output or default_name()).absolute()
         if not to_stdout and path.is_dir():
             path = path / default_name()
+        # A pipe or a device (/dev/null) is written through, as stdout is; never replaced.
+        sink_path = None if to_stdout or not streamed(path) else path
         try:
-            if to_stdout:
-                # Built in a private temp file first: stdout gets a whole archive or nothing.
-                # (With a daemon running, DaemonRunning comes before anything is built.)
-                with tempfile.TemporaryDirectory(prefix="ctsd-backup-") as tmp:
-                    tmp_path = Path(tmp) / "backup.tar.gz"
-                    manifest = backup.backup_offline(directory, tmp_path)
-                    with open(tmp_path, "rb") as f:
-                        while chunk := f.read(1 << 20):
-                            sys.stdout.buffer.write(chunk)
-                    sys.stdout.buffer.flush()
-            else:
-                manifest = backup.backup_offline(directory, path)
+            with contextlib.ExitStack() as stack:
+                sink: BinaryIO | None = sys.stdout.buffer if to_stdout else None
+                if sink_path is not None:
+                    sink = stack.enter_context(open(sink_path, "wb"))
+                try:
+                    if sink is not None:
+                        # Built in a private temp file first: the sink gets a whole archive or
+                        # nothing. (With a daemon running, DaemonRunning comes before anything
+                        # is built.)
+                        with tempfile.TemporaryDirectory(prefix="ctsd-backup-") as tmp:
+                            tmp_path = Path(tmp) / "backup.tar.gz"
+                            manifest = backup.backup_offline(directory, tmp_path)
+                            _copy(tmp_path, sink)
+                    else:
+                        manifest = backup.backup_offline(directory, path)
+                except DaemonRunning:
+                    manifest = backup_online(directory, path, sink)
         except NoDataDir as e:
             fail(str(e))
-        except DaemonRunning:
-            manifest = backup_online(directory, None if to_stdout else path)
         except (ArchiveError, RekeyRefused) as e:
             fail(str(e))
         except OSError as e:
@@ -134,18 +140,22 @@ def _call(directory: Path, command: str, **args: Any) -> Any:
     return run_call(target, command, **args)
 
 
-def backup_online(directory: Path, path: Path | None) -> backup.Manifest:
+def _copy(source: Path, sink: BinaryIO) -> None:
+    with open(source, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sink.write(chunk)
+    sink.flush()
+
+
+def backup_online(directory: Path, path: Path, sink: BinaryIO | None) -> backup.Manifest:
     """The running daemon writes a consistent archive into its data dir (archives never
-    travel over the bus); it is moved to `path` (None: copied to stdout and removed)."""
+    travel over the bus); it is moved to `path` (with a `sink`: copied to it and removed)."""
     result = _call(directory, "data.backup")
     made = directory / result["file"]
     manifest = msgspec.convert(result["manifest"], type=backup.Manifest)
     try:
-        if path is None:
-            with open(made, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+        if sink is not None:
+            _copy(made, sink)
             return manifest
         try:
             os.replace(made, path)

@@ -14,6 +14,7 @@ import click
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
+from ctsd.client.outfile import streamed
 from ctsd.client.render import dump_json, echo_json, key_values, safe
 from ctsd.client.target import Target
 
@@ -49,7 +50,11 @@ def register(main: click.Group) -> None:
             click.echo(text, nl=False)
             return
         try:
-            write_private(Path(output), text)
+            if streamed(Path(output)):
+                with open(output, "w", encoding="utf-8") as f:
+                    f.write(text)
+            else:
+                write_private(Path(output), text)
         except OSError as e:
             fail(f"cannot write {safe(output)}: {e.strerror or e}")
         files = result.get("files") if isinstance(result, dict) else None
