@@ -214,6 +214,16 @@ def test_migrate_errors_are_clear(tmp_path: Path) -> None:
     assert "no connections table" in fails("--from", f"sqlite:///{db}", "--map", "connections=nope")
     assert "--map takes ROLE=TABLE" in fails("--from", f"sqlite:///{db}", "--map", "x=y", code=2)
     assert "not a table name" in fails("--from", f"sqlite:///{db}", "--map", "settings=a;b", code=2)
+    # A secret stored as text that is not UTF-8: refused by row and column, never quoted
+    with sqlite3.connect(db) as c:
+        c.execute(
+            "UPDATE connections SET api_secret = CAST(? AS TEXT) WHERE id = 'conn_lite1'",
+            (secret("s1").encode() + b"\xff",),
+        )
+    err = fails("--from", f"sqlite:///{db}", "--dry-run")
+    assert "conn_lite1" in err and "api_secret" in err and "not UTF-8" in err, err
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE connections SET api_secret = ? WHERE id = 'conn_lite1'", ("s",))
     sqlite3.connect(db).execute(
         "ALTER TABLE connections ADD COLUMN is_enabeld INTEGER"
     ).connection.commit()

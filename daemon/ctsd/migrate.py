@@ -150,6 +150,7 @@ def read_sqlite(source: Source, tables: dict[str, str]) -> dict[str, TableData |
         db = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as e:
         raise MigrateError(f"cannot open {path}: {e}") from None
+    db.text_factory = _sqlite_text
     try:
         out: dict[str, TableData | None] = {}
         for role, table in tables.items():
@@ -178,6 +179,15 @@ def read_sqlite(source: Source, tables: dict[str, str]) -> dict[str, TableData |
         return out
     finally:
         db.close()
+
+
+def _sqlite_text(raw: bytes) -> str | bytes:
+    """TEXT as str. Bytes that are not UTF-8 stay bytes, refused per field (row and column,
+    never the value): sqlite's own decode error quotes the text, an api secret say."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def read_postgresql(source: Source, tables: dict[str, str]) -> dict[str, TableData | None]:
