@@ -236,6 +236,10 @@ def test_set_errors(shared: Daemon) -> None:
     assert r.returncode == 2 and "did you mean `is_enabled`" in r.stderr
     r = cli(shared, "conn", "set", "set3", "volume_factor=")
     assert r.returncode == 2 and "not a JSON value" in r.stderr
+    # Bytes that are not UTF-8, as a shell passes them, and a lone surrogate in JSON
+    for value in ("name=a\udcffb", 'connection_settings="\\ud800"'):
+        r = cli(shared, "conn", "set", "set3", value)
+        assert r.returncode == 2 and "not valid UTF-8" in r.stderr, (value, r.stderr)
     assert jout(shared, "conn", "show", "set3")["connection"]["volume_factor"] == 1.0
 
 

@@ -23,6 +23,7 @@ from ctsd.client.errors import (
     EXIT_OK,
     EXIT_RATE_LIMITED,
     EXIT_REFUSED,
+    EXIT_USAGE,
     BusError,
     CliError,
     FellBehind,
@@ -117,7 +118,12 @@ class Bus:
         from websockets.exceptions import ConnectionClosed
 
         payload = dump_json(frame)
-        size = len(payload.encode())
+        try:
+            size = len(payload.encode())
+        except UnicodeEncodeError:
+            # An argument (or an imported file) holding bytes that are not UTF-8 (the shell
+            # passes them as they are) or a lone surrogate escape (`"\ud800"`).
+            fail("an argument or a file given is not valid UTF-8 text", EXIT_USAGE)
         if size > MAX_FRAME:
             fail(
                 f"too_large: the {frame.get('type')} command is {size:,} bytes; "
