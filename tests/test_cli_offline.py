@@ -132,6 +132,15 @@ def test_verify_missing_dir(tmp_path: Path) -> None:
     assert not missing.exists(), "verify must not create the data dir"
 
 
+@pytest.mark.parametrize("command", [["verify"], ["serve"], ["backup", "-o", "-"]])
+def test_a_home_of_an_unknown_user_is_one_line(command: list[str]) -> None:
+    r = ctsd(*command, "--data-dir", "~no-such-user-here/data")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == (
+        "ctsd: data dir '~no-such-user-here/data': no user's home to put for its ~"
+    )
+
+
 def test_verify_touches_nothing(tmp_path: Path) -> None:
     bad = '[{"id": "a", "name": "A", "exchange": "x", "api_key": "' + CANARY + '", "oops": 1}]'
     (tmp_path / "connections.json").write_text(bad)

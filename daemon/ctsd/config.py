@@ -19,7 +19,12 @@ def env_data_dir() -> str | None:
 
 
 def resolve_data_dir(flag: str | None) -> Path:
-    return Path(flag or env_data_dir() or "./data").expanduser().absolute()
+    """The data dir a command works on (the CLI's: a bad one ends it with one line, exit 1)."""
+    raw = flag or env_data_dir() or "./data"
+    try:
+        return Path(raw).expanduser().absolute()
+    except RuntimeError:  # `~name` of a user this host does not know
+        raise SystemExit(f"ctsd: data dir {raw!r}: no user's home to put for its ~") from None
 
 
 @dataclass(frozen=True)
