@@ -6,6 +6,7 @@ Real subprocesses throughout; the canary secret is grepped in every output.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -143,6 +144,27 @@ def test_status_with_an_unreadable_key_or_no_data_dir(plain_dir: Path, tmp_path:
     assert r.returncode == 1 and f"{bad}: not a secrets key" in r.stderr
     r = run("secrets", "status", "--data-dir", str(tmp_path / "nope"))
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_status_names_a_file_it_cannot_read_and_never_blocks(plain_dir: Path) -> None:
+    """A directory, then a FIFO (a plain open would wait for a writer for good) where
+    connections.json should be, then a rekey's record that is a directory: one line each,
+    exit 1, never a traceback or a hang."""
+    conns = plain_dir / "connections.json"
+    conns.unlink()
+    conns.mkdir()
+    r = run("secrets", "status", "--data-dir", str(plain_dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "connections.json:1:1: is a directory" in r.stdout, r.stdout
+    conns.rmdir()
+    os.mkfifo(conns, 0o600)
+    r = run("secrets", "status", "--data-dir", str(plain_dir))
+    assert r.returncode == 1 and "connections.json:1:1: is a FIFO" in r.stdout, r.stdout
+    conns.unlink()
+    (plain_dir / rekey.INTENT).mkdir()
+    r = run("secrets", "status", "--data-dir", str(plain_dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "is a directory" in r.stderr, r.stderr
 
 
 # --- rekey ------------------------------------------------------------------------------------

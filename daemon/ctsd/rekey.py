@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from ctsd import bases, files
+from ctsd import bases, files, safefile
 from ctsd.atomic import ChangedOnDisk, fsync_dir, stamp_of, write_files
 from ctsd.files import Invalid
 from ctsd.offline import exclusive, owner_for, read_data_files
@@ -100,10 +100,22 @@ def _sha(raw: bytes | None) -> str | None:
 
 
 def _read(path: Path) -> bytes | None:
+    """A file's bytes, None when it is not there. RekeyRefused when it cannot be read (not
+    a regular file, no permission): never blocks on a FIFO, never follows a link."""
     try:
-        return path.read_bytes()
+        fd, _st = safefile.open_regular(path)
     except FileNotFoundError:
         return None
+    except safefile.NotRegular as e:
+        raise RekeyRefused([f"{path} {e.reason}"]) from None
+    except OSError as e:
+        raise RekeyRefused([f"{path}: cannot read: {e.strerror or e}"]) from None
+    try:
+        raw = safefile.read_fd(fd, limit=1 << 40)  # (the intent holds whole files)
+    finally:
+        os.close(fd)
+    assert raw is not None
+    return raw
 
 
 def read_intent(data_dir: Path) -> RekeyIntent | None:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 import msgspec
 
-from ctsd import files
+from ctsd import files, safefile
 from ctsd.client.bus import run_call
 from ctsd.client.errors import EXIT_REFUSED, fail
 from ctsd.client.render import echo_json, safe
@@ -212,17 +212,21 @@ def register(main: click.Group) -> None:
         problems: list[str] = []
         for file in SECRET_FILES:
             raw: bytes | None = None
-            if intent is not None and file in intent.files:
-                raw = intent.files[file].encode()
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    raw = (directory / file).read_bytes()
-            if raw is None:
-                continue
             try:
+                if intent is not None and file in intent.files:
+                    raw = intent.files[file].encode()
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        # Never blocks (a FIFO), never follows a link, bounded in size.
+                        raw, _st = safefile.read_data_file(directory / file, file)
+                if raw is None:
+                    continue
                 files.decode_file(file, raw)
             except Invalid as e:
                 problems.append(e.problem.format())
+                continue
+            except OSError as e:  # (no permission: run it as the daemon's user or root)
+                problems.append(f"{file}: cannot read: {e.strerror or e}")
                 continue
             contents[file] = msgspec.json.decode(raw)
         if intent is not None:
