@@ -573,6 +573,15 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         r = ok(d, "import", str(only))
         assert r.stdout.startswith(f"imported {only} (replace)")
         assert [c["id"] for c in jout(d, "conn", "list")] == ["only"]
+        # A long history (the sync log is most of a large export) is not sent: an import
+        # never rewrites it, and it would not fit in one bus message.
+        logged = plain["files"]["connection-sync-log.json"]
+        history = [dict(e, data={**e.get("data", {}), "pad": "x" * 2000}) for e in logged * 400]
+        files_ = {**plain["files"], "connection-sync-log.json": history}
+        long = tmp_path / "long.json"
+        long.write_text(json.dumps({**plain, "files": files_}))
+        assert long.stat().st_size > 1 << 20
+        ok(d, "import", str(long))
         # From stdin, and a content error the daemon refuses (exit 1, nothing changed).
         plain["files"]["connections.json"] = [{"id": "x", "name": "X", "exchange": "e",
                                                "is_enabeld": True}]  # fmt: skip

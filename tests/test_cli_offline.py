@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from ctsd import models
+from ctsd import limits, models
 from tests.cli_helpers import CANARY, clean_env, ctsd
 from tests.daemon import free_port
 
@@ -326,6 +326,11 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
     r = ctsd("import", str(binary), env=env)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+    huge = tmp_path / "huge.json"  # (sparse: no disk taken)
+    with open(huge, "wb") as f:
+        f.truncate(2 * limits.MAX_FILE_BYTES + 1)
+    r = ctsd("import", str(huge), env=env)
+    assert r.returncode == 2 and "is larger than" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,12 @@ from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.outfile import streamed
 from ctsd.client.render import dump_json, echo_json, key_values, safe
 from ctsd.client.target import Target
+from ctsd.files import SYNC_LOG
+from ctsd.limits import MAX_FILE_BYTES
+
+# What an import can hold: the sync log (at most MAX_FILE_BYTES, not sent) and the rest,
+# which must go in one bus frame; a larger file is no export, never read whole.
+MAX_IMPORT_BYTES = 2 * MAX_FILE_BYTES
 
 
 def write_private(path: Path, text: str) -> None:
@@ -72,11 +78,20 @@ def register(main: click.Group) -> None:
     def import_(target: Target, as_json: bool, file: str, merge: bool) -> None:
         """Import a `ctsd export` document: replace everything, or --merge into it."""
         try:
-            raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+            if file == "-":
+                raw = sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1)
+            else:
+                with open(file, "rb") as f:  # (a pipe or /dev/zero: bounded all the same)
+                    raw = f.read(MAX_IMPORT_BYTES + 1)
         except OSError as e:
             raise click.BadParameter(
                 f"cannot read {safe(file)}: {e.strerror or e}", param_hint="'FILE'"
             ) from None
+        if len(raw) > MAX_IMPORT_BYTES:
+            raise click.BadParameter(
+                f"{safe(file)} is larger than {MAX_IMPORT_BYTES:,} bytes: no export is",
+                param_hint="'FILE'",
+            )
         try:
             data = json.loads(raw)
         except UnicodeDecodeError:
@@ -96,6 +111,9 @@ def register(main: click.Group) -> None:
                 param_hint="'FILE'",
             )
 
+        # The sync log is history, the daemon's own: an import never rewrites it, so it is
+        # not sent (it is most of a large export).
+        data["files"].pop(SYNC_LOG, None)
         # Secrets come back masked from an export: sent as they are, the daemon keeps the
         # stored secret for each one (and refuses, naming the field, where none is stored).
         result = run_call(target, "data.import", data=data, mode="merge" if merge else "replace")
