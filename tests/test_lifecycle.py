@@ -774,7 +774,9 @@ def test_kill_9_during_a_change_storm(data_dir: Path) -> None:
 # --- log format -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("env_format", [None, "json"], ids=["tty-console", "env-json"])
+@pytest.mark.parametrize(
+    "env_format", [None, "json", "JSON"], ids=["tty-console", "env-json", "env-json-upper"]
+)
 def test_log_format_console_on_a_tty_unless_set(data_dir: Path, env_format: str | None) -> None:
     import pty
     import subprocess as sp
@@ -801,7 +803,7 @@ def test_log_format_console_on_a_tty_unless_set(data_dir: Path, env_format: str 
         proc.wait()
         os.close(master)
     line = next(ln for ln in out.decode(errors="replace").splitlines() if "ready" in ln)
-    if env_format == "json":
+    if env_format in ("json", "JSON"):  # (as a unit file may spell it)
         assert json.loads(line)["event"] == "ready"
     else:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the console renderer colours a TTY

@@ -11,7 +11,7 @@ from ctsd import __version__
 from ctsd.client import register as register_client
 from ctsd.config import resolve_data_dir
 
-LOG_FORMATS = click.Choice(["json", "console"])
+LOG_FORMATS = click.Choice(["json", "console"], case_sensitive=False)
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
