@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,16 +116,33 @@ def cli(
 
 
 def through_fifo(fifo: Path, run: Callable[[], Any]) -> bytes:
-    """What `run` (a command given `fifo` as its output) writes into the pipe. The read end
-    is open first, so the command's open does not wait; what it wrote (a pipe buffer's worth
-    at most) is read once it is done: if it never opened the pipe, nothing, never a hang."""
+    """What `run` (a command given `fifo` as its output) writes into the pipe, read while it
+    runs (a pipe holds 64 KiB: a larger output waits for its reader). The read end is open
+    first, so the command's open does not wait; if it never opens the pipe, nothing is read,
+    never a hang."""
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    out = bytearray()
+    done = threading.Event()
+
+    def drain() -> None:
+        while True:
+            finished = done.is_set()  # (read once more after it: nothing is left behind)
+            select.select([fd], [], [], 0.05)
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    out.extend(chunk)
+            except BlockingIOError:
+                pass
+            if finished:
+                return
+            time.sleep(0.005)  # (no writer yet: a FIFO then reads as at its end at once)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
     try:
         run()
-        out = b""
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(fd, 1 << 16):
-                out += chunk
-        return out
     finally:
+        done.set()
+        reader.join(30)
         os.close(fd)
+    return bytes(out)
