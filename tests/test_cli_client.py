@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import queue
+import socket
 import stat
 import subprocess
 import threading
@@ -530,13 +531,21 @@ def test_export_stdout_and_file(shared: Daemon, tmp_path: Path) -> None:
     got = through_fifo(fifo, lambda: ok(shared, "export", "-o", str(fifo)))
     assert json.loads(got)["files"].keys() == out["files"].keys()
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    # ... and a link is refused, neither replaced nor followed.
-    link = tmp_path / "link.json"
+    # ... a link to a file writes that file (the operator's link kept) ...
+    link = tmp_path / "latest.json"
     link.symlink_to(target)
-    before = target.read_bytes()
-    r = cli(shared, "export", "-o", str(link))
-    assert r.returncode == 1 and "is a link to a file" in r.stderr, r.stderr
-    assert link.is_symlink() and target.read_bytes() == before
+    target.write_text("{}")
+    ok(shared, "export", "-o", str(link))
+    assert link.is_symlink()
+    assert json.loads(target.read_text())["files"].keys() == out["files"].keys()
+    # ... /dev/stdout is stdout, and a socket is refused, never replaced.
+    assert json.loads(ok(shared, "export", "-o", "/dev/stdout").stdout)["version"] == 1
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        r = cli(shared, "export", "-o", str(sock_path))
+        assert r.returncode == 1 and "is a socket" in r.stderr, r.stderr
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
 
 
 def test_import_round_trip_and_errors(tmp_path: Path) -> None:

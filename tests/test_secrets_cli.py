@@ -146,6 +146,11 @@ def test_status_with_an_unreadable_key_or_no_data_dir(plain_dir: Path, tmp_path:
     assert r.returncode == 1 and "does not exist" in r.stderr
 
 
+def test_init_under_the_home_of_an_unknown_user_is_one_line() -> None:
+    r = run("secrets", "init", "--key-file", "~no-such-user-here/key")
+    assert r.returncode == 1 and "no user's home to put for its ~" in r.stderr, r.stderr
+
+
 def test_status_names_a_file_it_cannot_read_and_never_blocks(plain_dir: Path) -> None:
     """A directory, then a FIFO (a plain open would wait for a writer for good) where
     connections.json should be, then a rekey's record that is a directory: one line each,

@@ -196,6 +196,7 @@ def test_a_late_write_left_by_a_daemon_that_died_is_kept_not_deleted(tmp_path: P
     left.write_bytes(b'[{"id": "c1", "name": "typed at 3 a.m."}]\n')
     scrap = data_dir / f"{TEMP_PREFIX}{CONNS}.0123abcd"  # a write of the daemon's, cut
     scrap.write_bytes(b"[")
+    (data_dir / f"{TEMP_PREFIX}old-.1.2").write_bytes(b"?")  # no name the daemon makes
     s = Store(data_dir)
     s.open()
     s.journal.close()

@@ -556,6 +556,9 @@ class Intake:
         daemon that stopped before it was taken in: what the editor wrote may be in it, so it
         is kept as a late write is (`<name>.late-<UTC time>`), never deleted."""
         name = stale.name.removeprefix(KEPT_PREFIX).rsplit(".", 2)[0]  # (.<pid>.<n>)
+        if not name or name.startswith("."):  # not a name the daemon makes: a temp file
+            stale.unlink(missing_ok=True)
+            return
         try:
             kept = _link_late(stale, stale.with_name(name))
             stale.unlink()

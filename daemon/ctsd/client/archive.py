@@ -25,7 +25,7 @@ from ctsd import backup
 from ctsd.backup import ArchiveError
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
-from ctsd.client.outfile import streamed
+from ctsd.client.outfile import STDOUT_NAMES, destination
 from ctsd.client.render import safe
 from ctsd.client.secrets import DATA_DIR_HELP, current_key
 from ctsd.client.target import resolve_target
@@ -53,19 +53,21 @@ def register(main: click.Group) -> None:
         (revision, sha256 per file). Secrets stay as they are on disk: encrypted when a key
         is set. With the daemon running, it takes the snapshot between two commits."""
         directory = resolve_data_dir(data_dir)
-        to_stdout = output == "-"
+        named = Path(output or default_name()).absolute()
+        if output not in STDOUT_NAMES and named.is_dir():
+            named = named / default_name()
+        # A pipe or a device (/dev/null) is written through, as stdout is; never replaced.
+        kind, path = destination(output if output in STDOUT_NAMES else str(named))
+        to_stdout = kind == "stdout"
         if to_stdout and sys.stdout.isatty():
             fail("refusing to write an archive to a terminal; use -o FILE or a pipe")
-        path = Path(output or default_name()).absolute()
-        if not to_stdout and path.is_dir():
-            path = path / default_name()
-        # A pipe or a device (/dev/null) is written through, as stdout is; never replaced.
-        sink_path = None if to_stdout or not streamed(path) else path
         try:
             with contextlib.ExitStack() as stack:
                 sink: BinaryIO | None = sys.stdout.buffer if to_stdout else None
-                if sink_path is not None:
-                    sink = stack.enter_context(open(sink_path, "wb"))
+                if kind == "stream":
+                    sink = stack.enter_context(open(path, "wb"))
+                    if os.isatty(sink.fileno()):
+                        fail("refusing to write an archive to a terminal; use -o FILE or a pipe")
                 try:
                     if sink is not None:
                         # Built in a private temp file first: the sink gets a whole archive or

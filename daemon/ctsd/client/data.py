@@ -14,7 +14,7 @@ import click
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
-from ctsd.client.outfile import streamed
+from ctsd.client.outfile import destination
 from ctsd.client.render import dump_json, echo_json, key_values, safe
 from ctsd.client.target import Target
 from ctsd.files import SYNC_LOG
@@ -23,6 +23,17 @@ from ctsd.limits import MAX_FILE_BYTES
 # What an import can hold: the sync log (at most MAX_FILE_BYTES, not sent) and the rest,
 # which must go in one bus frame; a larger file is no export, never read whole.
 MAX_IMPORT_BYTES = 2 * MAX_FILE_BYTES
+
+
+def _read_bounded(file: str) -> bytes | None:
+    """The file's bytes (`-`: stdin); None when it holds more than MAX_IMPORT_BYTES (a
+    regular file that large is not read at all, a pipe or /dev/zero only that far)."""
+    with contextlib.ExitStack() as stack:
+        f = sys.stdin.buffer if file == "-" else stack.enter_context(open(file, "rb"))
+        if file != "-" and os.fstat(f.fileno()).st_size > MAX_IMPORT_BYTES:
+            return None
+        raw = f.read(MAX_IMPORT_BYTES + 1)
+        return raw if len(raw) <= MAX_IMPORT_BYTES else None
 
 
 def write_private(path: Path, text: str) -> None:
@@ -50,17 +61,18 @@ def register(main: click.Group) -> None:
     def export(target: Target, output: str | None) -> None:
         """Export every file of the daemon as one JSON document (secrets masked)."""
 
+        kind, path = destination(output) if output is not None else ("stdout", Path("-"))
         result = run_call(target, "data.export")
         text = dump_json(result, 2) + "\n"
-        if output is None or output == "-":
+        if kind == "stdout":
             click.echo(text, nl=False)
             return
         try:
-            if streamed(Path(output)):
-                with open(output, "w", encoding="utf-8") as f:
+            if kind == "stream":
+                with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
             else:
-                write_private(Path(output), text)
+                write_private(path, text)
         except OSError as e:
             fail(f"cannot write {safe(output)}: {e.strerror or e}")
         files = result.get("files") if isinstance(result, dict) else None
@@ -78,16 +90,12 @@ def register(main: click.Group) -> None:
     def import_(target: Target, as_json: bool, file: str, merge: bool) -> None:
         """Import a `ctsd export` document: replace everything, or --merge into it."""
         try:
-            if file == "-":
-                raw = sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1)
-            else:
-                with open(file, "rb") as f:  # (a pipe or /dev/zero: bounded all the same)
-                    raw = f.read(MAX_IMPORT_BYTES + 1)
+            raw = _read_bounded(file)
         except OSError as e:
             raise click.BadParameter(
                 f"cannot read {safe(file)}: {e.strerror or e}", param_hint="'FILE'"
             ) from None
-        if len(raw) > MAX_IMPORT_BYTES:
+        if raw is None:
             raise click.BadParameter(
                 f"{safe(file)} is larger than {MAX_IMPORT_BYTES:,} bytes: no export is",
                 param_hint="'FILE'",

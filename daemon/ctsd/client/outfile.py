@@ -1,40 +1,52 @@
-"""Where a command's output file goes (`-o`): a regular file is written atomically (a temp
-file renamed over it); a FIFO or a character device (/dev/null, /dev/stdout, a pipe) is
-written through, never replaced; anything else is refused, never replaced."""
+"""Where a command's output file goes (`-o`):
+
+- a regular file, or a name not taken: written atomically (a temp file renamed over it);
+- a link to a regular file (an operator's `latest.json`): its file, written atomically
+  beside it, the link kept;
+- `/dev/stdout` (and `/dev/fd/1`): stdout, as `-` (with `>> FILE` it appends);
+- a FIFO or a character device (a pipe, /dev/null): written through, never replaced;
+- anything else (a directory, a socket, a block device, a link to nothing): refused, never
+  replaced."""
 
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
+from typing import Literal
 
 from ctsd.client.errors import fail
 from ctsd.client.render import safe
 
+Kind = Literal["stdout", "stream", "file"]
 
-def streamed(path: Path) -> bool:
-    """True for a FIFO or a character device (open it and write); False for a regular file
-    or a name not taken (write a temp file and rename it). Fails (exit 1) for a directory, a
-    link to a file, a block device or a socket: a rename would put a file in its place."""
+STDOUT_NAMES = frozenset({"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+
+
+def destination(output: str) -> tuple[Kind, Path]:
+    """How to write `output`, and the path to write (for "file": the file a link names).
+    Fails (exit 1) for what no output may replace."""
+    path = Path(output)
+    if output in STDOUT_NAMES:
+        return "stdout", path
     try:
         link = os.lstat(path)
     except FileNotFoundError:
-        return False
+        return "file", path
     except OSError as e:
-        fail(f"cannot write {safe(path)}: {e.strerror or e}")
+        fail(f"cannot write {safe(output)}: {e.strerror or e}")
     if stat.S_ISREG(link.st_mode):
-        return False
+        return "file", path
     try:
-        st = os.stat(path)  # (/dev/stdout is a link to one)
+        st = os.stat(path)
     except OSError as e:
-        fail(f"cannot write {safe(path)}: {e.strerror or e}")
+        fail(f"cannot write {safe(output)}: {e.strerror or e}")
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-        return True
-    if stat.S_ISLNK(link.st_mode):
-        what = "a link to a file" if stat.S_ISREG(st.st_mode) else "a link"
-    else:
-        what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-    fail(f"{safe(path)} is {what}: give a regular file, -, a pipe or a device")
+        return "stream", path
+    if stat.S_ISREG(st.st_mode):  # a link to a file: that file (the link stays)
+        return "file", path.resolve()
+    what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    fail(f"{safe(output)} is {what}: give a regular file, -, a pipe or a device")
 
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}

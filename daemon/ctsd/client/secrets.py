@@ -159,7 +159,10 @@ def register(main: click.Group) -> None:
     def init(key_file: Path | None) -> None:
         """Make a new secrets key file (32 random bytes as base64, mode 0600)."""
         path = key_file or Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
-        path = path.expanduser().absolute()
+        try:
+            path = path.expanduser().absolute()
+        except RuntimeError:  # `~name` of a user this host does not know
+            fail(f"{safe(path)}: no user's home to put for its ~")
         try:
             key = write_key_file(path)
         except FileExistsError:
