@@ -211,6 +211,46 @@ def test_an_encrypted_secret_is_masked_whole() -> None:
         restore_placeholders({"api_key": "…AAAA"}, stored, "$")
 
 
+def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
+    """`base_url` is no secret by its name, but the password in it is; the user name stays
+    (it tells accounts apart), and so does a URL without a password."""
+    text = {
+        "base_url": f"https://me:{CANARY}@gw.example/v5?x=1",
+        "note": f"failed: ftp://op:p@ss-{CANARY}@files/x and http://only-user@host",
+        "list": [f"wss://a:{CANARY}@b", f"nats://u:{CANARY}/?#@h:4222"],
+        "json": f'{{"url":"http://u:{CANARY}@h","mail":"x@y"}}',
+    }
+    shown = mask(text)
+    assert CANARY not in json.dumps(shown)
+    assert shown["base_url"] == f"https://me:{MASK}@gw.example/v5?x=1"
+    assert shown["note"] == f"failed: ftp://op:{MASK}@files/x and http://only-user@host"
+    assert shown["json"] == f'{{"url":"http://u:{MASK}@h","mail":"x@y"}}'
+
+    inner = {"base_url": f"https://me:{CANARY}@gw", "n": 1}
+    settings = mask({"connection_settings": json.dumps(inner)})["connection_settings"]
+    assert CANARY not in settings and json.loads(settings)["base_url"] == f"https://me:{MASK}@gw"
+
+
+def test_a_url_sent_back_as_shown_keeps_its_password() -> None:
+    stored = {"base_url": f"https://me:{CANARY}@gw/v5", "n": 1}
+    shown = mask(stored)
+    assert may_hold_placeholders(shown)
+    assert restore_placeholders(shown, stored, "$.c") == stored
+    # The URL changed around the masked password, or none is stored: refused, naming it.
+    for sent, held in (
+        ({"base_url": f"https://me:{MASK}@other/v5"}, stored),
+        ({"base_url": f"https://me:{MASK}@gw/v5"}, None),
+        ({"base_url": f"https://me:{MASK}@gw/v5"}, {"base_url": "https://gw/v5"}),
+    ):
+        with pytest.raises(CtsdError) as e:
+            restore_placeholders(sent, held, "$.c")
+        assert e.value.code == "invalid" and e.value.path == "$.c.base_url"
+        assert CANARY not in e.value.message
+    # A new password sent in clear is taken as it is.
+    sent = {"base_url": "https://me:new@gw/v5"}
+    assert restore_placeholders(sent, stored) is sent
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -222,6 +262,7 @@ def test_an_encrypted_secret_is_masked_whole() -> None:
         {"connection_settings": json.dumps({"nested": {"password": "pw", "n": [1, {"k": 2}]}})},
         {"connection_settings": "not json at all"},
         {"connection_settings": "{}"},
+        {"api_type": "see https://me:pw@gw", "margin_type": "wss://a:b@c"},
     ],
 )
 def test_a_record_masked_by_its_type_shows_what_the_walk_shows(fields: dict[str, str]) -> None:

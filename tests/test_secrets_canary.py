@@ -1,5 +1,6 @@
 """Secrets by pattern: canaries under many secret-like names, set through the bus and by hand,
-at the top of a document, nested, inside `connection_settings` and in Project X's section,
+at the top of a document, nested, inside `connection_settings`, in a URL's password and in
+Project X's section,
 never come out of the daemon: not in a log line, the sync log, a bus reply or event, an
 export, an HTTP response, or `ctsd watch --json`. A placeholder sent back keeps them."""
 
@@ -33,11 +34,13 @@ def document_with_secrets(base: int) -> dict[str, Any]:
         "theme": "dark",
         "nested": {"deep": [{"client_secret": canary(base + 1), "label": "x"}]},
         "db": {"Password": canary(base + 2), "passphrase": canary(base + 3)},
+        "feed": f"wss://desk:{canary(base + 4)}@feed.example/v1",  # a URL's password
     }
 
 
 def connection_settings(n: int) -> str:
-    return json.dumps({"base_url": "http://127.0.0.1:9/", "auth": {"accessToken": canary(n)}})
+    auth = {"accessToken": canary(n)}
+    return json.dumps({"base_url": f"http://op:{canary(n + 50)}@127.0.0.1:9/", "auth": auth})
 
 
 def assert_clean(where: str, text: str) -> None:
@@ -151,12 +154,13 @@ async def test_canaries_never_leave(data_dir: Path) -> None:
         on_disk = (data_dir / "connection.json").read_text() + (
             data_dir / "ui-config.json"
         ).read_text()
-        for n in (10, 11, 12, 13, 14, 15, 20, 21, 22, 23):
+        for n in (10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 24):
             assert canary(n) in on_disk, n
         stored = json.loads((data_dir / "connections.json").read_text())
         k1_disk = next(c for c in stored if c["id"] == "k1")
         assert k1_disk["api_secret"] == canary(31)
         assert canary(44) in k1_disk["connection_settings"]
+        assert canary(94) in k1_disk["connection_settings"]  # the URL's password kept
         logged = json.loads((data_dir / "connection-sync-log.json").read_text())
         assert len(logged) >= 8
         seen = [json.loads(line)["id"] for line in tail.take(len(logged))]

@@ -12,9 +12,12 @@ password). A secret holding an object is walked instead: its own keys decide.
 `connection_settings` is a JSON *string* holding an object: secrets inside it are masked too,
 and the string shown is that object re-serialized with them masked.
 
-A placeholder sent back (`MASK`, or the `"…abcd"` shown for that secret) keeps the stored
-secret: `restore_placeholders(sent, stored, path)` puts the stored values back, or refuses
-with `invalid` where nothing is stored. A placeholder is never stored.
+A URL's password is a secret wherever the URL sits (`"base_url": "https://me:pw@host"`, or a
+log message quoting one): it shows as `https://me:********@host`.
+
+A placeholder sent back (`MASK`, the `"…abcd"` shown for that secret, or a URL sent back as
+shown) keeps the stored secret: `restore_placeholders(sent, stored, path)` puts the stored
+values back, or refuses with `invalid` where nothing is stored. A placeholder is never stored.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
 _SHOW_TAIL = frozenset({"apikey"})  # api_key, apiKey: may show their last four characters
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
+# `scheme://user:password@`: the password runs to the last `@` of the URL, as operators type
+# passwords unescaped (`p@ss`, `a/b`); a path holding an `@` may be masked with it, which is
+# the safe side. The user name stays, to tell accounts apart.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:\"']*):[^\s\"']*@")
+_URL_MASKED = f":{MASK}@"
 
 
 def _norm(name: str) -> str:
@@ -72,6 +80,13 @@ def mask_value(field: str, value: Any) -> Any:
     return MASK
 
 
+def mask_url_passwords(text: str) -> str:
+    """`text` with the password of every URL in it masked (the same string when none)."""
+    if "@" not in text or "://" not in text:
+        return text  # the common case, without a regex
+    return _URL_PASSWORD.sub(rf"\1{_URL_MASKED}", text)
+
+
 def _is_container(value: Any) -> bool:
     return isinstance(value, dict | list | tuple)
 
@@ -98,6 +113,8 @@ def _shown(key: Any, value: Any) -> tuple[Any, bool]:
             return _mask_settings_string(value), False
         if is_secret_key(key) and not isinstance(value, dict):
             return mask_value(key, value), False
+    if isinstance(value, str):
+        return mask_url_passwords(value), False
     return value, _is_container(value)
 
 
@@ -136,12 +153,14 @@ def mask_record(record: msgspec.Struct) -> dict[str, Any]:
     the secret fields are known from the type, so nothing is walked (a reply to every update
     shows its record)."""
     out: dict[str, Any] = msgspec.to_builtins(record)
-    for field in _secret_fields(type(record)):
-        if field in out:
-            out[field] = mask_value(field, out[field])
-    settings = out.get(SETTINGS_STRING_KEY)
-    if isinstance(settings, str):
-        out[SETTINGS_STRING_KEY] = _mask_settings_string(settings)
+    secret = _secret_fields(type(record))
+    for field, value in out.items():
+        if field in secret:
+            out[field] = mask_value(field, value)
+        elif field == SETTINGS_STRING_KEY and isinstance(value, str):
+            out[field] = _mask_settings_string(value)
+        elif isinstance(value, str):
+            out[field] = mask_url_passwords(value)
     return out
 
 
@@ -151,11 +170,27 @@ def may_hold_placeholders(sent: Any) -> bool:
     what is stored to compare against."""
     if not isinstance(sent, dict) or SETTINGS_STRING_KEY in sent:
         return True
-    return any(_is_container(v) or is_placeholder(v) for v in sent.values())
+    return any(_is_container(v) or is_placeholder(v) or _holds_masked_url(v) for v in sent.values())
 
 
 def is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and (value == MASK or (value.startswith("…") and len(value) == 5))
+
+
+def _holds_masked_url(value: Any) -> bool:
+    return isinstance(value, str) and _URL_MASKED in value and "://" in value
+
+
+def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
+    """A string holding a URL sent back with its password masked: the stored string, when it
+    shows as exactly that; else refused (the URL changed, so which password it keeps is not
+    known)."""
+    if isinstance(stored, str) and mask_url_passwords(stored) == sent:
+        return stored
+    name = key if isinstance(key, str) else path
+    if not isinstance(stored, str) or _URL_MASKED in stored or mask_url_passwords(stored) == stored:
+        raise _refuse(name, path, "no URL password is stored there")
+    raise _refuse(name, path, "the stored URL is not the one shown")
 
 
 def _refuse(key: str, path: str, why: str) -> CtsdError:
@@ -251,6 +286,8 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
                 if value != MASK and mask_value(key, counterpart) != value:
                     raise _refuse(key, sub, "it does not match the stored secret")
                 new = counterpart
+            elif _holds_masked_url(value):
+                new = _restore_url_passwords(key, value, counterpart, sub)
             elif _is_container(value):
                 work.append([value, counterpart, sub, None, frame, key])
                 continue
