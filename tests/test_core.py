@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from ctsd import files, ops
+from ctsd import core, files, ops
 from ctsd.core import (
     Change,
     Committed,
@@ -447,6 +447,66 @@ def test_settings_take_effect_with_the_change_that_sets_them() -> None:
     assert c.revision_of(document_key("watchlists")) == 4
     # and the events from before stay readable by id
     assert [e.id for e in c.events_since(5)] == [6, 7]
+
+
+def test_the_sync_log_keeps_its_newest_events_within_its_byte_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However large `sync_log_limit` is, the log (so its file) holds no more than
+    LOG_MAX_BYTES of events: a file past the read limit would be invalid at the next start.
+    The same on every replay of the same changes (hosts of a cluster agree on the log)."""
+    monkeypatch.setattr(core, "LOG_MAX_BYTES", 4000)
+    c = seeded("conn_a")
+    ok(run(c, ops.set_document("settings", {"sync_log_limit": 1_000_000}))[0])
+    for i in range(60):
+        ok(run(c, ops.update("conn_a", {"name": f"name-{i}-" + "x" * 100}))[0])
+    assert 0 < c.log_bytes <= 4000 and c.log_bytes == sum(core.event_bytes(e) for e in c.log)
+    assert c.log[-1].id == c.revision and len(c.log) < 60
+    again = Committed()
+    again.load_log(list(c.log))
+    assert again.log_bytes == c.log_bytes
+    # One event larger than the bound is still kept: the newest always is.
+    ok(run(c, ops.update("conn_a", {"name": "y" * 200, "connection_settings": "{}"}))[0])
+    big = {"connection_settings": msgspec.json.encode({"k": "z" * 5000}).decode()}
+    ok(run(c, ops.update("conn_a", big))[0])
+    assert [e.id for e in c.log] == [c.revision]
+
+
+def test_a_change_that_would_make_a_file_too_large_is_refused_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """connections.json and a document stay within CONTENT_MAX_BYTES (the file must be
+    readable at the next start): the request that would pass it is refused `too_large`, the
+    others of its group land, and the count kept across changes is the table's."""
+    monkeypatch.setattr(core, "CONTENT_MAX_BYTES", 7000)
+    c = seeded("conn_a", "conn_b")
+    pad = "p" * 1500
+    outs, _ = run(
+        c,
+        ops.update("conn_a", {"connection_settings": f'{{"a": "{pad}"}}'}),
+        ops.update("conn_b", {"connection_settings": f'{{"b": "{pad}"}}'}),
+        ops.create(body("conn_c", connection_settings=f'{{"c": "{pad}"}}')),
+        ops.create(body("conn_d", connection_settings=f'{{"d": "{pad}"}}')),
+        ops.update("conn_a", {"name": "small again"}),
+    )
+    assert [o.error.code if o.error else None for o in outs] == [
+        None, None, None, "too_large", None
+    ]  # fmt: skip
+    assert "connections.json" in outs[3].error.message and "conn_d" not in c.connections
+    assert c.connections_bytes() == sum(len(msgspec.json.encode(v)) for v in c.connections.values())
+    # Deleting makes room again; the kept count follows the delete.
+    ok(run(c, ops.delete("conn_c"))[0])
+    ok(run(c, ops.create(body("conn_d", connection_settings=f'{{"d": "{pad}"}}')))[0])
+    assert c.connections_bytes() == sum(len(msgspec.json.encode(v)) for v in c.connections.values())
+    # A document: the same limit on its own file.
+    (out,), _ = run(c, ops.set_document("ui-config", {"k": "v" * 7000}))
+    assert out.error is not None and out.error.code == "too_large"
+    assert "ui-config.json" in out.error.message
+    # A hand edit is taken in whatever its size: the file was read.
+    big = Connection(id="conn_x", name="x", exchange="bybit", connection_settings="q" * 9000)
+    hand = [*c.connections.values(), big]
+    (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
+    assert out.error is None and "conn_x" in c.connections
 
 
 def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:

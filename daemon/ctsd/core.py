@@ -23,8 +23,28 @@ import msgspec
 from ctsd import files
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.limits import MAX_FILE_BYTES
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.table import DELETED, Table
+
+# A data file the daemon writes must stay under the limit every read applies, or the next
+# start would find it invalid. Sizes are counted in compact JSON; a quarter of the limit
+# leaves room for the indentation the files are written with.
+# The sync log keeps its newest events within this many bytes, however large
+# `sync_log_limit` is; a change that would make connections.json or a document larger is
+# refused `too_large`.
+LOG_MAX_BYTES = MAX_FILE_BYTES // 4
+CONTENT_MAX_BYTES = MAX_FILE_BYTES // 4
+_encoder = msgspec.json.Encoder()
+
+
+def event_bytes(e: SyncEvent) -> int:
+    return len(_encoder.encode(e))
+
+
+def _bytes_of(value: Any) -> int:
+    return 0 if value is None or value is DELETED else len(_encoder.encode(value))
+
 
 # --- the journalled shape of a change -------------------------------------------------------
 
@@ -107,11 +127,18 @@ class Committed:
         self.state: dict[str, ConnectionState] = {}
         self.documents: dict[str, dict[str, Any]] = {}
         self.log: deque[SyncEvent] = deque()
+        self._log_sizes: deque[int] = deque()  # event_bytes of each event in `log`
+        self.log_bytes = 0
         self.revision = 0
         # The revision of the latest event of each record (`record_key`, `document_key`).
         self.record_revs: dict[str, int] = {}
         self.settings = Settings()
         self.version = 0  # moves on every applied change (read caches key on it)
+        # Compact JSON size of each connection, and their sum, for the dict they were counted
+        # in (`connections_bytes`): counted again whole when the dict was replaced (a load).
+        self._sized: dict[str, Connection] | None = None
+        self._conn_sizes: dict[str, int] = {}
+        self._conn_bytes = 0
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -137,10 +164,27 @@ class Committed:
     def algorithm_names(self) -> set[str]:
         return algorithm_names(self.documents.keys())
 
+    def connections_bytes(self) -> int:
+        """connections.json's records in compact JSON: counted once, then kept by `apply`."""
+        if self._sized is not self.connections:
+            self._conn_sizes = {k: _bytes_of(v) for k, v in self.connections.items()}
+            self._conn_bytes = sum(self._conn_sizes.values())
+            self._sized = self.connections
+        return self._conn_bytes
+
+    def connection_bytes(self, cid: str) -> int:
+        self.connections_bytes()
+        return self._conn_sizes.get(cid, 0)
+
     # --- loading (the shell's intake fills these from the files) --------------------------------
 
-    def load_log(self, events: list[SyncEvent]) -> None:
+    def _set_log(self, events: Iterable[SyncEvent]) -> None:
         self.log = deque(events)
+        self._log_sizes = deque(event_bytes(e) for e in self.log)
+        self.log_bytes = sum(self._log_sizes)
+
+    def load_log(self, events: list[SyncEvent]) -> None:
+        self._set_log(events)
         if events:
             self.revision = max(self.revision, events[-1].id)
         for e in events:
@@ -157,8 +201,17 @@ class Committed:
         it was computed on this very state (nothing installed since), so no record moved and
         its records are taken as they are."""
         _apply_records(self.connections, change.connections, Connection, exact)
+        if self._sized is self.connections:
+            for rc in change.connections:
+                size = _bytes_of(self.connections.get(rc.key))
+                self._conn_bytes += size - self._conn_sizes.pop(rc.key, 0)
+                if size:
+                    self._conn_sizes[rc.key] = size
         if change.order is not None:
-            self.connections = _reordered(self.connections, change.order)
+            reordered = _reordered(self.connections, change.order)
+            if self._sized is self.connections:
+                self._sized = reordered  # the same records: the sizes hold
+            self.connections = reordered
         _apply_records(self.state, change.state, ConnectionState, exact)
         settings_changed = False
         for rc in change.documents:
@@ -168,7 +221,7 @@ class Committed:
             else:
                 self.documents[rc.key] = patch_document(self.documents.get(rc.key), rc)
         if change.log is not None:
-            self.log = deque(change.log)
+            self._set_log(change.log)
             if change.log:
                 self.revision = max(self.revision, change.log[-1].id)
             if change.replaces:
@@ -182,14 +235,18 @@ class Committed:
         for e in change.events:
             if e.id > last:
                 self.log.append(e)
+                size = event_bytes(e)
+                self._log_sizes.append(size)
+                self.log_bytes += size
                 last = e.id
                 self.revision = max(self.revision, e.id)
                 self._note_revision(e)
         if settings_changed:
             self.refresh_settings()
         limit = self.settings.sync_log_limit
-        while len(self.log) > limit:
+        while len(self.log) > limit or (self.log_bytes > LOG_MAX_BYTES and len(self.log) > 1):
             self.log.popleft()
+            self.log_bytes -= self._log_sizes.popleft()
         self.version += 1
 
     def _note_revision(self, e: SyncEvent) -> None:
@@ -382,6 +439,7 @@ def apply_group(
     # Revisions given by the requests before in this group: an If-Match is checked against
     # them too (two clients that read the same revision may land in one group).
     group_revs: dict[str, int] = {}
+    sizes = _Sizes(base)
     for req in requests:
         tx = Tx(base, req.source, ctx, group)
         out = Outcome()
@@ -394,6 +452,7 @@ def apply_group(
             out.files = tx.files()
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)
+                sizes.check(tx)  # a hand edit is taken in as large as it is: it was read
         except CtsdError as e:
             out.error = e
             continue
@@ -410,6 +469,41 @@ def apply_group(
             group_revs.update(dict.fromkeys(event_keys(e), e.id))
         tx.merge_into(group)
     return outcomes, _change_of(group, events)
+
+
+class _Sizes:
+    """connections.json's size as a group's requests change it, and the check that refuses
+    a request that would take it, or a document, past CONTENT_MAX_BYTES."""
+
+    def __init__(self, base: Committed) -> None:
+        self.base = base
+        self.total: int | None = None  # counted at the first request that changes a record
+        self.sizes: dict[str, int] = {}  # the group's records, as the requests left them
+
+    def check(self, tx: Tx) -> None:
+        if tx.connections.over:
+            if self.total is None:
+                self.total = self.base.connections_bytes()
+            now = {k: _bytes_of(v) for k, v in tx.connections.over.items()}
+            total = self.total + sum(
+                size - self.sizes.get(k, self.base.connection_bytes(k)) for k, size in now.items()
+            )
+            if total > CONTENT_MAX_BYTES:
+                raise _too_large(CONNECTIONS, total)
+            self.total = total
+            self.sizes.update(now)
+        for name, content in tx.docs.over.items():
+            size = _bytes_of(content)
+            if size > CONTENT_MAX_BYTES:
+                raise _too_large(files.document_file(name), size)
+
+
+def _too_large(file: str, size: int) -> CtsdError:
+    return CtsdError(
+        "too_large",
+        f"{file} would hold {size} bytes of JSON; the limit is {CONTENT_MAX_BYTES}: nothing "
+        "was changed",
+    )
 
 
 def _note_sync(tx: Tx) -> None:
