@@ -256,6 +256,16 @@ def test_cors_for_listed_origins(daemon: Daemon) -> None:
         timeout=10,
     ) as resp:
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+    # Refused before the routes (a wrong token): the frontend can still read why.
+    r = httpx.get(
+        daemon.url + "/api/connections/state", headers={**origin, "Authorization": "Bearer no"}
+    )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5174"
+    assert "X-Revision" in r.headers["Access-Control-Expose-Headers"]
+    assert r.headers["Vary"] == "Origin" and r.headers["WWW-Authenticate"] == "Bearer"
+    r = httpx.get(daemon.url + "/api/connections/state", headers={"Authorization": "Bearer no"})
+    assert r.status_code == 401 and "Access-Control-Allow-Origin" not in r.headers
 
 
 # The only statuses an HTTP error may have.

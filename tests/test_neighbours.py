@@ -118,6 +118,36 @@ def test_slow_headers_are_dropped_at_the_deadline(data_dir: Path) -> None:
         d.close()
 
 
+async def test_a_body_that_never_ends_is_dropped_at_its_deadline(data_dir: Path) -> None:
+    """A body promised and never sent, to a route that reads it, or after a quick 401 that
+    did not: each connection is closed once the body's deadline passes (else enough of them
+    hold every slot of the cap), and a bus connection, whose upgrade has no body, is not."""
+    d = Daemon(data_dir, env={"CTSD_BODY_TIMEOUT_S": "1"}).start()
+    try:
+        head = b"Host: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+        async with bus(d) as b:
+            opened = time.monotonic()
+            for request_line, auth in (
+                (b"POST /api/data/ui-config HTTP/1.1\r\n", f"Authorization: Bearer {TOKEN}"),
+                (b"POST /api/data/ui-config HTTP/1.1\r\n", "Authorization: Bearer wrong"),
+            ):
+                s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+                s.sendall(request_line + head + auth.encode() + b"\r\n\r\n" + b'{"a": ')
+                t0 = time.monotonic()
+                got = b""
+                while chunk := s.recv(65536):  # an answer maybe (the 401), then the close
+                    got += chunk
+                assert 0.5 <= time.monotonic() - t0 <= 5, got
+                s.close()
+            # The bus connection opened before the first deadline outlived both of them.
+            assert time.monotonic() - opened > 1.5
+            assert (await b.ok("ping"))["pong"] is True
+        assert "http_route_failed" not in d.stdout()  # a client gone is not the daemon's fault
+        assert httpx.get(d.url + "/health").status_code == 200
+    finally:
+        d.close()
+
+
 def refusal(port: int, *parts: bytes) -> tuple[bytes, dict[str, object]]:
     """What the daemon answers to a request sent as `parts`: (head, JSON body), read until
     it closes the connection."""
@@ -156,6 +186,7 @@ def test_huge_headers_and_request_lines_are_refused(daemon: Daemon) -> None:
 def test_a_request_the_parser_refuses_gets_a_json_error(daemon: Daemon, request_: bytes) -> None:
     head, body = refusal(daemon.port, request_)
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert b"\r\nx-revision: " in head  # as every answer
     assert body["error"]["code"] == "invalid" and "malformed HTTP request" in str(body)
     assert httpx.get(daemon.url + "/health").status_code == 200
 

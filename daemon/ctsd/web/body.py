@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ctsd.errors import CtsdError
 from ctsd.limits import MAX_MESSAGE_DEPTH
@@ -46,11 +46,16 @@ async def read_json(request: Request, required: bool) -> Any:
         )
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY_BYTES:
-            raise BodyTooLarge()
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > MAX_BODY_BYTES:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Gone (or dropped at the body's deadline) before its body ended: nothing was done,
+        # and no one reads the answer; not a fault of the daemon's.
+        raise CtsdError("invalid_format", "the connection closed before the body ended") from None
     raw = b"".join(chunks)
     if not raw.strip():
         if required:

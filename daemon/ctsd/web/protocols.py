@@ -4,8 +4,10 @@ uvicorn takes protocol classes as configuration (`Config(http=..., ws=...)`); th
 its httptools and websockets-sansio protocols:
 
 - HTTP: a cap on open connections (beyond it a connection gets a 503 and is closed at once,
-  before it can hold a descriptor), a deadline for a request's headers (uvicorn arms no timer
-  until a first response, so an idle or trickling socket would be held forever), bounds
+  before it can hold a descriptor), a deadline for a request's headers and one for its body
+  (uvicorn arms no timer until a first response, nor while a body trickles in, so an idle
+  or trickling socket would be held forever, and enough of them would lock every new
+  client out), bounds
   on the request line and headers, and a JSON error (not uvicorn's plain text) for a request
   the parser refuses.
 - Websocket: the bus's `Wire` (an ASGI extension in the scope) that the bus uses to write
@@ -31,10 +33,14 @@ from ctsd.bus.outbox import WIRE
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+    b"connection: close\r\ncache-control: no-store\r\nx-revision: %d\r\n"
+    b"content-length: %d\r\n\r\n%s"
 )
 _BUSY_BODY = b'{"error":{"code":"io_error","message":"too many connections; try again shortly"}}'
-_BAD = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+_BAD = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"cache-control: no-store\r\nx-revision: %d\r\n"
+)
 _MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
 
 
@@ -48,9 +54,11 @@ class ConnectionLimits:
 
     max_connections: Callable[[], int] = lambda: 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body
     max_url_bytes: int = 8 * 1024
     max_header_bytes: int = 64 * 1024
     refused: int = 0  # connections refused by the cap (metrics)
+    revision: Callable[[], int] = lambda: 0  # the X-Revision every answer carries
 
 
 # Beyond this many bytes waiting, a write goes out at once: the transport's own high-water
@@ -177,14 +185,15 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections():
                 limits.refused += 1
-                transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+                transport.write(_BUSY % (limits.revision(), len(_BUSY_BODY), _BUSY_BODY))
                 transport.close()
                 return
             self._arm()
 
-        def _arm(self) -> None:
+        def _arm(self, timeout_s: float | None = None) -> None:
             self._disarm()
-            self._deadline = self.loop.call_later(limits.header_timeout_s, self._too_slow)
+            wait = limits.header_timeout_s if timeout_s is None else timeout_s
+            self._deadline = self.loop.call_later(wait, self._too_slow)
 
         def _disarm(self) -> None:
             if self._deadline is not None:
@@ -219,13 +228,24 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            if not (self.parser.should_upgrade() and self._should_upgrade()):
+                # Until the body's end (at once when it has none): even after an answer sent
+                # without reading it (a 401), the rest of it is still read off the socket.
+                self._arm(limits.body_timeout_s)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
 
         def send_400_response(self, msg: str) -> None:
             """A request the parser refused (uvicorn answers it in plain text): the error
             every route documents, then the connection closes."""
             error = {"code": "invalid", "message": self._refusal or _MALFORMED}
             body = json.dumps({"error": error}).encode()
-            head = [_BAD, *(b"%s: %s\r\n" % h for h in self.server_state.default_headers)]
+            head = [
+                _BAD % limits.revision(),
+                *(b"%s: %s\r\n" % h for h in self.server_state.default_headers),
+            ]
             self.transport.write(b"".join([*head, b"content-length: %d\r\n\r\n" % len(body), body]))
             self.transport.close()
 

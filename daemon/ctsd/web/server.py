@@ -50,8 +50,10 @@ GRACEFUL_S = 1.0  # open HTTP requests get this long at shutdown (inside the dae
 # connection cap can close the excess (closes lag accepts by a loop turn or two): kept small,
 # so a flood of sockets takes at most a few times this many descriptors beyond the cap.
 BACKLOG = 64
-# A connection must send a request's headers within this; CTSD_HEADER_TIMEOUT_S is for tests.
+# A connection must send a request's headers within this, and then its body within the
+# next; CTSD_HEADER_TIMEOUT_S and CTSD_BODY_TIMEOUT_S are for tests.
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
+BODY_TIMEOUT_S = float(os.environ.get("CTSD_BODY_TIMEOUT_S") or 30.0)
 EXPOSED = ["X-Revision", "Location", "ETag"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -113,6 +115,8 @@ class Web:
         self.limits = ConnectionLimits(
             max_connections=lambda: store.settings.server.max_connections,
             header_timeout_s=HEADER_TIMEOUT_S,
+            body_timeout_s=BODY_TIMEOUT_S,
+            revision=lambda: store.revision,
         )
         self.requests = 0
         self.status_counts: collections.Counter[int] = collections.Counter()
@@ -187,15 +191,30 @@ class Web:
             self.bus.count_error(e.code)
             if e.code == "forbidden":
                 log.warning("http_refused", path=path, reason=e.message)
-            extra = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else None
-            await api.error_response(e, extra)(scope, receive, send_with_revision)
+            extra = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else {}
+            extra.update(self._cors_headers(headers))
+            await api.error_response(e, extra or None)(scope, receive, send_with_revision)
             return
         await self.cors(scope, receive, send_with_revision)
+
+    def _cors_headers(self, headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+        """What the CORS layer adds to an answer for an allowed origin, for the answers the
+        checks before it give (a 401, a 429): without them a browser frontend cannot read
+        why it was refused, and takes the daemon for down."""
+        origins = header(headers, b"origin")
+        if len(origins) != 1 or origins[0] not in self.cors.allow_origins:
+            return {}
+        return {
+            "Access-Control-Allow-Origin": origins[0],
+            "Access-Control-Expose-Headers": ", ".join(EXPOSED),
+            "Vary": "Origin",
+        }
 
     async def _crash(self, request: Request, exc: Exception) -> Response:
         log.exception("http_route_failed", method=request.method, path=request.url.path)
         self.bus.count_error("internal")
-        return api.error_response(CtsdError("internal", f"{type(exc).__name__}: {exc}"))
+        # What failed is in the daemon's log: an exception's text may quote what it was given.
+        return api.error_response(CtsdError("internal", "internal error; see the daemon's log"))
 
     # --- lifecycle --------------------------------------------------------------------------
 
