@@ -222,6 +222,23 @@ def test_documents_post_and_put(daemon: Daemon, api: httpx.Client, name: str) ->
         assert on_disk(daemon, file)[key] == value
 
 
+def test_project_x_credentials_never_follow_a_moved_api_url(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    """The document read back with `projectX.apiUrl` pointed elsewhere: the placeholders do
+    not keep the credentials (the login test would send them there); sent again, they do."""
+    px = {"apiUrl": "https://api.topstepx.com", "username": "desk", "apiKey": "K" * 20}
+    assert api.post("/api/data/connection", json={"projectX": px}).status_code == 200
+    shown = api.get("/api/data/connection").json()
+    assert shown["projectX"]["apiKey"] == "…KKKK"
+    shown["projectX"]["apiUrl"] = "http://127.0.0.1:9"
+    err = _error(api.post("/api/data/connection", json=shown), 400, "invalid")
+    assert err["path"].startswith("$.projectX.") and "apiUrl" in err["message"]
+    assert on_disk(daemon, "connection.json")["projectX"]["apiUrl"] == px["apiUrl"]
+    shown["projectX"].update(username="desk", apiKey="N" * 20)
+    assert api.post("/api/data/connection", json=shown).status_code == 200
+
+
 def test_document_errors(daemon: Daemon, api: httpx.Client) -> None:
     _error(api.post("/api/data/ui-config", json=[1, 2]), 400, "invalid", "$")
     err = _error(

@@ -4,6 +4,7 @@ keeps the stored secret (or is refused where nothing is stored)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -178,16 +179,59 @@ def test_connection_settings_placeholders_keep_the_inner_secrets() -> None:
     assert restore_placeholders(shown, stored) == stored
     # Changed elsewhere in the object: the inner secret is kept, the change taken.
     edited = json.loads(shown["connection_settings"])
-    edited["base_url"] = "http://other"
+    edited["timeout"] = 5
     out = restore_placeholders({"connection_settings": json.dumps(edited)}, stored)
     assert json.loads(out["connection_settings"]) == {
-        "base_url": "http://other",
+        "base_url": "http://gw",
         "apiToken": CANARY,
+        "timeout": 5,
     }
+    # The URL beside it changed: the secret must be sent again (it is kept only for the
+    # address it was given for).
+    edited["base_url"] = "http://other"
+    with pytest.raises(CtsdError) as e:
+        restore_placeholders({"connection_settings": json.dumps(edited)}, stored, "$.c")
+    assert e.value.path == "$.c.connection_settings.apiToken" and "base_url" in e.value.message
     # Nothing stored inside: invalid, naming the inner field.
     with pytest.raises(CtsdError) as e:
         restore_placeholders(shown, {"connection_settings": "{}"}, "$.changes")
     assert e.value.path == "$.changes.connection_settings.apiToken"
+
+
+def test_a_secret_is_kept_only_for_the_address_it_was_given_for() -> None:
+    """Project X's credentials sent back as placeholders with `apiUrl` pointed elsewhere (or
+    set where the default was used, or removed) are refused: the daemon would log in there
+    with them. Other sections, and a URL's own masked password, are judged the same way."""
+    stored = {
+        "projectX": {"apiUrl": "https://api.topstepx.com", "username": "me", "apiKey": CANARY},
+        "other": {"url": "https://x", "token": "T" * 16},
+    }
+    shown = mask(stored)
+    assert restore_placeholders(shown, stored) == stored  # as read: kept
+    for url in ("http://attacker:9000", None):
+        sent = copy.deepcopy(shown)
+        sent["projectX"]["apiUrl"] = url
+        with pytest.raises(CtsdError) as e:
+            restore_placeholders(sent, stored, "$.content")
+        assert e.value.path.startswith("$.content.projectX.") and "apiUrl" in e.value.message
+        assert CANARY not in e.value.message
+    sent = copy.deepcopy(shown)
+    del sent["projectX"]["apiUrl"]  # the default URL from now on: a move too
+    with pytest.raises(CtsdError):
+        restore_placeholders(sent, stored)
+    # Sent again with the new URL: taken as sent.
+    sent = copy.deepcopy(shown)
+    sent["projectX"].update(apiUrl="https://new", username="me", apiKey="new-key")
+    assert restore_placeholders(sent, stored)["projectX"]["apiKey"] == "new-key"
+    # Deeper: a URL moved around a nested object refuses the placeholders inside it.
+    nested = {"gw": {"url": "https://a", "auth": {"password": "pw"}}}
+    sent = {"gw": {"url": "https://b", "auth": {"password": MASK}}}
+    with pytest.raises(CtsdError):
+        restore_placeholders(sent, nested)
+    # A URL password masked, with another URL beside it moved: refused too.
+    both = {"api": "https://a", "proxy": "http://u:pw@proxy"}
+    with pytest.raises(CtsdError):
+        restore_placeholders({"api": "https://b", "proxy": f"http://u:{MASK}@proxy"}, both)
 
 
 def test_restore_refuses_a_depth_bomb_cleanly() -> None:

@@ -193,6 +193,9 @@ def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
     raise _refuse(name, path, "the stored URL is not the one shown")
 
 
+_MOVED = "the URL `%s` beside it changed (a secret is kept only for the address it was given for)"
+
+
 def _refuse(key: str, path: str, why: str) -> CtsdError:
     # Never quote a value: the message names the field only.
     return CtsdError(
@@ -262,16 +265,44 @@ def restore_placeholders(sent: Any, stored: Any, path: str = "$") -> Any:
     return out if changed else sent
 
 
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and _URL_START.match(value) is not None
+
+
+def _moved_url(sent: dict[Any, Any], stored: Any) -> str | None:
+    """The key of a URL beside the secrets of `sent` that is not the stored one (changed,
+    added or removed), or None. A secret sent back as a placeholder is kept only for the
+    address it was given for: else a client holding the token, not the secret, could point
+    `projectX.apiUrl` at its own server and have the daemon log in there with it."""
+    if not isinstance(stored, dict):
+        return None  # nothing stored: every placeholder is refused anyway
+    for key in {*sent, *stored}:
+        if not isinstance(key, str) or is_secret_key(key):
+            continue
+        now, was = sent.get(key), stored.get(key)
+        if (_is_url(now) or _is_url(was)) and (
+            not (_is_url(now) and _is_url(was))
+            or mask_url_passwords(now) != mask_url_passwords(was)
+        ):
+            return key
+    return None
+
+
 def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
-    # Frames: [source, stored counterpart, path, copy or None, parent frame, key in parent]
-    root: list[Any] = [sent, stored, path, None, None, None]
+    # Frames: [source, stored counterpart, path, copy or None, parent frame, key in parent,
+    # the key of a URL that moved in this object or one around it]
+    root: list[Any] = [sent, stored, path, None, None, None, None]
     work = [root]
     while work:
         frame = work.pop()
-        src, old, where = frame[0], frame[1], frame[2]
+        src, old, where, moved = frame[0], frame[1], frame[2], frame[6]
         if isinstance(src, dict):
             olds: list[Any] = [old.get(k) if isinstance(old, dict) else None for k in src]
             items = list(src.items())
+            moved = moved or _moved_url(src, old)
         else:
             olds = _pairs(list(src), old)
             items = list(enumerate(src))
@@ -285,11 +316,15 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
                     raise _refuse(key, sub, "no secret is stored there")
                 if value != MASK and mask_value(key, counterpart) != value:
                     raise _refuse(key, sub, "it does not match the stored secret")
+                if moved is not None:
+                    raise _refuse(key, sub, _MOVED % moved)
                 new = counterpart
             elif _holds_masked_url(value):
+                if moved is not None and moved != key:
+                    raise _refuse(key if isinstance(key, str) else sub, sub, _MOVED % moved)
                 new = _restore_url_passwords(key, value, counterpart, sub)
             elif _is_container(value):
-                work.append([value, counterpart, sub, None, frame, key])
+                work.append([value, counterpart, sub, None, frame, key, moved])
                 continue
             if new is not value:
                 _set(frame, key, new)
