@@ -509,6 +509,22 @@ def test_a_change_that_would_make_a_file_too_large_is_refused_alone(
     assert out.error is None and "conn_x" in c.connections
 
 
+def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> None:
+    c = seeded()
+    inst = {"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}]}
+    files_sent = {"instances.json": inst, "algorithms/trend.json": {"name": "trend"}}
+    (out,), _ = run(c, ops.import_data({"files": files_sent}, "merge"))
+    assert out.error is None, out.error
+    assert c.documents["instances"]["instances"][0]["algorithmName"] == "trend"
+
+
+@pytest.mark.parametrize("sent_id", [None, ""])
+def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
+    c = seeded()
+    (conn,) = ok(run(c, ops.create(body("x", id=sent_id)))[0])
+    assert conn.id and conn.id in c.connections
+
+
 def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:
     c = seeded("conn_a")
     (out,), change = run(c, ops.reset(), now=T2)

@@ -177,6 +177,20 @@ BAD = [
         "JSON string holding an object",
     ),
     (
+        "connection-settings-nan",  # json.loads takes it; what reads it back does not
+        "connections.json",
+        f'[{CONN}, "connection_settings": "{{\\"x\\": NaN}}"}}]',
+        1, 71, "$[0].connection_settings",
+        "JSON string holding an object",
+    ),
+    (
+        "connection-settings-number-out-of-range",
+        "connections.json",
+        f'[{CONN}, "connection_settings": "{{\\"x\\": 1e999}}"}}]',
+        1, 71, "$[0].connection_settings",
+        "Number out of range",
+    ),
+    (
         "connection-settings-object-not-string",
         "connections.json",
         f'[{CONN}, "connection_settings": {{}}}}]',

@@ -296,6 +296,10 @@ def connection_settings_problem(text: str) -> str | None:
         return f"connection_settings is {_TOO_DEEP}"
     if has_duplicate_keys(text):
         return "connection_settings names a key twice in one object"
+    try:  # what reads it back (masking, probes) decodes strictly: no NaN, no 1e999
+        msgspec.json.decode(text)
+    except msgspec.DecodeError as e:
+        return f"connection_settings must be a JSON string holding an object: {e}"
     if "base_url" in value and not (
         isinstance(value["base_url"], str) and value["base_url"].startswith(("http://", "https://"))
     ):

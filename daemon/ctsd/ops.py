@@ -155,7 +155,8 @@ def create(data: Any) -> Op:
         # Server-managed: whatever a client sends for these is ignored (a record read back
         # and sent again as a new one keeps working).
         body = {**sent, "created_at": tx.now, "updated_at": tx.now}
-        body.setdefault("id", new_connection_id())
+        if body.get("id") in (None, ""):  # a form's empty id field: one is made, as if absent
+            body["id"] = new_connection_id()
         conn = _convert(body, Connection, "$.connection")
         _check_settings(conn, "$.connection")
         conn = seal(tx, conn, None, "$.connection")
@@ -628,7 +629,10 @@ def import_data(data: Any, mode: Any) -> Op:
 
 def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
     imported: list[str] = []
-    for file, value in content.items():
+    algos = f"{files.ALGORITHMS_DIR}/"
+    # Algorithms first, whatever the order sent: instances.json is checked against them.
+    for file in sorted(content, key=lambda f: not f.startswith(algos)):
+        value = content[file]
         path = f"$.data.files.{file}"
         if file == SYNC_LOG:
             continue  # history is the daemon's own; an import never rewrites it
@@ -674,10 +678,7 @@ def restore(content: dict[str, Any], archive_revision: int) -> Op:
                 if keys:
                     _emit_document(tx, name, file, keys)
         tables = {f: content.get(f, []) for f in (CONNECTIONS, STATE)}
-        # algorithms before documents: instances.json names them
-        algos = f"{files.ALGORITHMS_DIR}/"
-        ordered = sorted((f for f in content if f not in tables), key=lambda f: algos not in f)
-        docs = {f: content[f] for f in ordered}
+        docs = {f: value for f, value in content.items() if f not in tables}
         imported = _import_files(tx, {**tables, **docs}, "replace")
         tx.touched.update(imported)
         data = {"mode": "restore", "files": imported, "archive_revision": archive_revision}
