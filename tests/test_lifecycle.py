@@ -194,6 +194,26 @@ def test_non_loopback_host_logs_a_warning(data_dir: Path) -> None:
 # --- start failures: exit 1, one line on stderr --------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("env", "args", "named"),
+    [
+        ({}, ["--host", "192.168..1"], "--host"),
+        ({"CTSD_HOST": "."}, [], "CTSD_HOST"),
+        ({}, ["--host", "no such host.invalid"], "--host"),
+    ],
+)
+def test_a_host_that_is_no_address_is_one_line(
+    data_dir: Path, env: dict[str, str], args: list[str], named: str
+) -> None:
+    d = Daemon(data_dir, env=env, args=args)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert named in line and "is not an IP address or a host name" in line, line
+    finally:
+        d.close()
+
+
 def test_second_instance_exits_naming_the_holder(daemon: Daemon) -> None:
     second = Daemon(daemon.data_dir)
     try:
@@ -418,6 +438,34 @@ def test_stop_signal(daemon: Daemon, sig: int) -> None:
     assert temp_files(daemon.data_dir) == []
     assert any(e.get("event") == "stopped" for e in daemon.log_events())
     assert daemon.stderr() == ""
+
+
+def test_signals_before_ready_and_while_stopping_never_cut_the_daemon_short(
+    data_dir: Path,
+) -> None:
+    """A SIGHUP while starting (the cluster out of reach holds it there) is no reason to end
+    the process; Ctrl-Cs sent while it stops never interrupt the last writes: exit 0, no
+    traceback."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    section = {"nats_urls": [f"nats://127.0.0.1:{free_port()}"], "name": "d", "host_id": "h1"}
+    (data_dir / "settings.json").write_text(json.dumps({"cluster": section}) + "\n")
+    d = Daemon(data_dir, env={"CTSD_CLUSTER_CATCH_UP_S": "1.5"})
+    try:
+        d.start(wait=False)
+        assert d.proc is not None
+        status = "STATUS=catching up with cluster d"
+        wait_until(lambda: status in d.notify.poll(), 20, what="the catch-up")
+        d.send_signal(signal.SIGHUP)
+        d.wait_ready(timeout=30)
+        d.send_signal(signal.SIGTERM)
+        while d.proc.poll() is None:  # one Ctrl-C after another until it has ended
+            d.send_signal(signal.SIGINT)
+            time.sleep(0.002)  # the pace of the keystrokes, not a wait for a state
+        assert d.proc.returncode == 0, d.stderr()
+        assert d.stderr() == ""
+        assert any(e.get("event") == "stopped" for e in d.log_events())
+    finally:
+        d.close()
 
 
 def test_sighup_reloads_settings_and_files(daemon: Daemon) -> None:

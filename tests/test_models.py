@@ -11,7 +11,14 @@ import pytest
 
 from ctsd import files, limits
 from ctsd.files import Invalid
-from ctsd.models import Connection, ConnectionDoc, ConnectionState, InstancesDoc, SyncEvent
+from ctsd.models import (
+    Connection,
+    ConnectionDoc,
+    ConnectionState,
+    InstancesDoc,
+    Settings,
+    SyncEvent,
+)
 from ctsd.store import Store
 from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts, now_iso, parse_ts
 from tests.daemon import Daemon
@@ -422,3 +429,35 @@ def test_trailing_newline_is_not_a_match(field: str, value: str) -> None:
     record = {"id": "abc", "name": "n", "exchange": "bybit", field: value}
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(record, Connection)
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"server": {"host": "192.168..1"}}, "server.host '192.168..1' is not an IP address"),
+        ({"server": {"host": ""}}, "server.host '' is not an IP address"),
+        ({"server": {"cors_origins": ["http://localhost:5173/"]}}, "no trailing slash"),
+        ({"server": {"cors_origins": ["localhost:5173"]}}, "is not an origin"),
+        ({"server": {"cors_origins": ["*"]}}, "is not an origin"),
+        ({"server": {"cors_origins": ["null"]}}, "is not an origin"),
+        ({"sweep_interval_s": 1e-300}, ">= 0.01"),
+        ({"heartbeat_flush_s": 0.001}, ">= 0.01"),
+        ({"stale_after_s": 0.01}, ">= 0.1"),
+        ({"test_interval_s": 0.01}, "use 0 (no periodic tests) or at least 0.1 s"),
+        ({"test_timeout_s": 500}, "<= 120"),
+    ],
+)
+def test_settings_a_daemon_cannot_run_with_are_refused(settings: dict, says: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=re.escape(says)):
+        msgspec.convert(settings, Settings)
+
+
+def test_settings_a_daemon_can_run_with_are_taken() -> None:
+    ok = {
+        "server": {"host": "::1", "cors_origins": ["app://desk", "http://[::1]:8080"]},
+        "test_interval_s": 0,
+        "sweep_interval_s": 0.05,
+    }
+    assert msgspec.convert(ok, Settings).server.host == "::1"
+    for host in ("0.0.0.0", "localhost", "trading-1.desk.lan", "trading-1.desk.lan."):
+        msgspec.convert({"server": {"host": host}}, Settings)

@@ -11,12 +11,15 @@ under one task group; start-up, readiness, signals and shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import resource
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,11 +321,10 @@ async def _serve(d: Daemon) -> None:
     web = Web(svc)
     try:
         await web.start()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a name the resolver cannot even encode
         await store.close()  # closes the cluster engine too
-        raise StartError(
-            f"cannot listen on {svc.listen.host}:{svc.listen.port}: {e.strerror or e}"
-        ) from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise StartError(f"cannot listen on {svc.listen.host}:{svc.listen.port}: {why}") from None
     if not is_loopback(svc.listen.host):
         log.warning(
             "non_loopback_bind",
@@ -352,16 +354,26 @@ async def _serve(d: Daemon) -> None:
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 break
-        with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
-            await web.shutdown()  # stop accepting; close bus clients with 1001
-            await svc.sweeper.flush()  # heartbeats not yet on disk
-            # Finish in-flight changes, close the cluster engine, every change into the files.
-            await store.close()
-            await svc.prober.aclose()
+            # Still received while stopping, never left to their default actions: a second
+            # Ctrl-C would interrupt the last writes, a SIGHUP would end the process.
+            tg.start_soon(_while_stopping, signals)
+            with anyio.move_on_after(SHUTDOWN_GRACE_S, shield=True):
+                await web.shutdown()  # stop accepting; close bus clients with 1001
+                await svc.sweeper.flush()  # heartbeats not yet on disk
+                # Finish in-flight changes, close the cluster engine, every change to the files.
+                await store.close()
+                await svc.prober.aclose()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the process ends now
+            signal.signal(signum, signal.SIG_IGN)
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # its thread ends within `step`, before the loop does
         tg.cancel_scope.cancel()
     log.info("stopped", revision=store.revision)
+
+
+async def _while_stopping(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.info("already_stopping", signal=signal.Signals(signum).name)
 
 
 async def _reload(d: Daemon) -> None:
@@ -395,12 +407,27 @@ def _loop_options() -> dict[str, Any]:
 GC_YOUNG = 10_000
 
 
+def _raise_open_file_limit() -> None:
+    """The soft open-file limit up to the hard one (a shell's 1,024 is far below what
+    `server.max_connections` may ask for; the unit sets both): connections beyond what it
+    leaves room for are refused (`web.server.connection_budget`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # (1 << 20: the usual nr_open)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # (a hard limit above nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     os.umask(0o077)  # files we create (logs, temp files) are the owner's alone
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
     # atomic.written_elsewhere probes with a read lease for an instant; a lease break sends
     # SIGIO, whose default action would kill the daemon.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
+    # A reload asked for before READY (logrotate, say) is no reason to end the process, which
+    # is SIGHUP's default action: ignored until the daemon handles it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _raise_open_file_limit()
     try:
         d, lock = _prepare(data_dir, host, port)
     except StartError as e:
@@ -411,6 +438,9 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before READY: what was written is crash-safe as ever
+        print("ctsd: interrupted while starting", file=sys.stderr)
+        return 0
     finally:
         d.notifier.close()
         lock.release()

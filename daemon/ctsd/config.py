@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctsd.models import Settings
+from ctsd.models import Settings, check_listen_host
 
 
 def env_data_dir() -> str | None:
@@ -34,7 +34,12 @@ class Listen:
 
 
 def resolve_listen(host_flag: str | None, port_flag: int | None, settings: Settings) -> Listen:
-    host = host_flag or os.environ.get("CTSD_HOST") or settings.server.host
+    if host_flag:
+        host = check_listen_host(host_flag, "--host")
+    elif os.environ.get("CTSD_HOST"):
+        host = check_listen_host(os.environ["CTSD_HOST"], "CTSD_HOST")
+    else:
+        host = settings.server.host  # checked with the settings
     port_env = os.environ.get("CTSD_PORT")
     if port_flag is not None:
         port = port_flag

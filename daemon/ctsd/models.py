@@ -7,6 +7,8 @@ daemon reads them; their other keys belong to the trading app and are kept as wr
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -173,6 +175,36 @@ class RateLimit(Section, kw_only=True):
     window_s: PositiveSeconds = 900.0
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@]+")
+
+
+def check_listen_host(host: str, where: str) -> str:
+    """`host` if the daemon can bind it: an IP address or a host name (checked here, as the
+    resolver's own errors on a name like `a..b` are not the OSError a start reports)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return host
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{where} {host!r} is not an IP address or a host name (letters, digits and '-' "
+            "between dots)"
+        )
+    return host
+
+
+def _check_origin(origin: str, where: str) -> None:
+    """What a browser sends as `Origin`: `scheme://host[:port]` with no path (no trailing
+    slash). Anything else would never match, and browsers would get 403 with no clue why;
+    `null` is what sandboxed pages of any site send, so it is no frontend's own."""
+    if not _ORIGIN.fullmatch(origin):
+        raise ValueError(
+            f"{where} {origin!r} is not an origin: scheme://host[:port] with no path and no "
+            "trailing slash (e.g. http://localhost:5173)"
+        )
+
+
 class ServerSettings(Section, kw_only=True):
     host: str = "127.0.0.1"
     port: Port = 3587
@@ -187,6 +219,11 @@ class ServerSettings(Section, kw_only=True):
     # below the unit's LimitNOFILE, so a flood of sockets never starves the daemon's files.
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1024
     max_unauthenticated: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 64
+
+    def __post_init__(self) -> None:
+        check_listen_host(self.host, "server.host")
+        for i, origin in enumerate(self.cors_origins):
+            _check_origin(origin, f"server.cors_origins[{i}]")
 
 
 class WatchSettings(Section, kw_only=True):
@@ -349,18 +386,31 @@ class ClusterSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
 
 
+MIN_TEST_INTERVAL_S = 0.1
+
+
 class Settings(Section, kw_only=True):
     """The daemon's view of `settings.json`; every key optional, other keys kept as written."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     sync_log_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
-    heartbeat_flush_s: PositiveSeconds = 5.0
-    stale_after_s: PositiveSeconds = 30.0
-    sweep_interval_s: PositiveSeconds = 1.0
-    test_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
-    test_timeout_s: PositiveSeconds = 10.0
+    # Floors: a loop run as fast as the machine goes (1e-300 s) would take a whole core,
+    # flip connections between stale and active, or probe exchanges into a ban.
+    heartbeat_flush_s: Annotated[float, msgspec.Meta(ge=0.01)] = 5.0
+    stale_after_s: Annotated[float, msgspec.Meta(ge=0.1)] = 30.0
+    sweep_interval_s: Annotated[float, msgspec.Meta(ge=0.01)] = 1.0
+    test_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0  # 0: no periodic tests
+    # Within what `ctsd conn test` waits for its answer.
+    test_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     watch: WatchSettings = msgspec.field(default_factory=WatchSettings)
     cluster: ClusterSection | None = None
+
+    def __post_init__(self) -> None:
+        if 0 < self.test_interval_s < MIN_TEST_INTERVAL_S:
+            raise ValueError(
+                f"test_interval_s {self.test_interval_s:g} is too short: use 0 (no periodic "
+                f"tests) or at least {MIN_TEST_INTERVAL_S:g} s"
+            )
 
 
 JSONObject = dict[str, Any]

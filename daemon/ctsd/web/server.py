@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import socket
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,20 @@ GRACEFUL_S = 1.0  # open HTTP requests get this long at shutdown (inside the dae
 # connection cap can close the excess (closes lag accepts by a loop turn or two): kept small,
 # so a flood of sockets takes at most a few times this many descriptors beyond the cap.
 BACKLOG = 64
+# Descriptors kept for the daemon's own work (journal, data files, logs, watcher, probes, the
+# cluster's sockets, and the accepts beyond the cap that are closed a loop turn later):
+# `server.max_connections` never takes these, whatever it says.
+FD_RESERVE = 4 * BACKLOG
+
+
+def connection_budget() -> int:
+    """How many connections the descriptor limit leaves room for (see FD_RESERVE)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(16, soft - FD_RESERVE)
+
+
 # A connection must send a request's headers within this, and then its body within the
 # next; CTSD_HEADER_TIMEOUT_S and CTSD_BODY_TIMEOUT_S are for tests.
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
@@ -112,8 +127,18 @@ class Web:
         self.guard = Guard(svc.token, bound_loopback=is_loopback(svc.listen.host))
         self.bus = Bus(svc, self.guard)
         self.limiter = Limiter(lambda: store.settings.server.rate_limit)  # per HTTP client
+        budget = connection_budget()
+        wanted = store.settings.server.max_connections
+        if wanted > budget:
+            log.warning(
+                "max_connections_above_descriptor_limit",
+                max_connections=wanted,
+                allowed=budget,
+                message="the open-file limit (LimitNOFILE=) leaves room for fewer connections; "
+                "the daemon's own files keep theirs",
+            )
         self.limits = ConnectionLimits(
-            max_connections=lambda: store.settings.server.max_connections,
+            max_connections=lambda: min(store.settings.server.max_connections, budget),
             header_timeout_s=HEADER_TIMEOUT_S,
             body_timeout_s=BODY_TIMEOUT_S,
             revision=lambda: store.revision,
