@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import select
+import shutil
+import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.daemon import Daemon, wait_until
 from tests.datadir import CANARY
 
 CTSD = Path(sys.executable).with_name("ctsd")
-__all__ = ["CANARY", "CTSD", "Tail", "clean_env", "ctsd", "env_for"]
+__all__ = ["CANARY", "CTSD", "Tail", "clean_env", "closed", "ctsd", "env_for", "without_dac"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -39,9 +44,10 @@ def ctsd(
     input: str | None = None,
     timeout: float = 60.0,
     cwd: Path | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(CTSD), *args],
+        [*prefix, str(CTSD), *args],
         env=env if env is not None else clean_env(),
         input=input if input is not None else "",
         capture_output=True,
@@ -51,6 +57,30 @@ def ctsd(
         # No controlling terminal: a prompt reads stdin, as in a pipeline.
         start_new_session=True,
     )
+
+
+def without_dac() -> tuple[str, ...]:
+    """The prefix that runs a command as this user but without reading or entering every
+    directory: root (CI's user) does that by CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, which
+    setpriv drops, so a test of a directory closed to the user is a real test under root."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv: directory permissions are not enforced")
+    caps = "-dac_override,-dac_read_search"
+    return (setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--")
+
+
+@contextlib.contextmanager
+def closed(path: Path, mode: int = 0o000) -> Iterator[Path]:
+    """`path` with `mode` for the block (run the command through `without_dac()`)."""
+    before = stat.S_IMODE(path.stat().st_mode)
+    path.chmod(mode)
+    try:
+        yield path
+    finally:
+        path.chmod(before)
 
 
 def env_for(d: Daemon, **extra: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ reset data or need special settings start their own.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -759,3 +760,22 @@ def test_watch_resumes_after_being_cut_off(tmp_path: Path) -> None:
     assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == [11, 12, 13, 14]
     assert subscriptions[0]["since"] == 10 and subscriptions[1]["since"] == 12
     assert r.stderr == "ctsd: fell behind; resuming from the last event printed\n"
+
+
+def test_a_frame_nested_too_deeply_is_one_line() -> None:
+    """A frame json cannot read for its depth (RecursionError, not ValueError) was a
+    traceback; a fake bus plays the daemon that sends it."""
+    from websockets.sync.server import ServerConnection, serve
+
+    def handler(ws: ServerConnection) -> None:
+        ws.send("[" * 100_000)
+        with contextlib.suppress(Exception):
+            ws.recv(10)  # until the client goes away
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        r = ctsd("status", env=clean_env(CTSD_TOKEN="tok", CTSD_PORT=str(port)), timeout=30)
+        server.shutdown()
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == "ctsd: the daemon sent a frame nested too deeply\n"

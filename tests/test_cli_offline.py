@@ -6,6 +6,9 @@ Every test runs the real `ctsd` console script as a subprocess.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import msgspec
 import pytest
 
 from ctsd import limits, models
-from tests.cli_helpers import CANARY, clean_env, ctsd
+from tests.cli_helpers import CANARY, clean_env, closed, ctsd, without_dac
 from tests.daemon import free_port
 
 # --- verify ---------------------------------------------------------------------------------
@@ -139,6 +142,42 @@ def test_a_home_of_an_unknown_user_is_one_line(command: list[str]) -> None:
     assert r.stderr.strip() == (
         "ctsd: data dir '~no-such-user-here/data': no user's home to put for its ~"
     )
+
+
+@pytest.mark.parametrize(
+    "command", [["verify"], ["secrets", "status"], ["backup", "-o", "out.tar.gz"]]
+)
+@pytest.mark.parametrize("closed_one", ["parent", "dir"])
+def test_a_data_dir_this_user_cannot_enter_is_one_line(
+    command: list[str], closed_one: str, tmp_path: Path
+) -> None:
+    """Path.is_dir() raises EACCES on Python 3.11 (a parent we cannot search); a dir we
+    cannot enter failed later, on a file in it: tracebacks, or a line naming another file."""
+    data = tmp_path / "parent" / "data"
+    data.mkdir(parents=True, mode=0o700)
+    (data / "connections.json").write_text("[]\n")
+    (data / "connections.json").chmod(0o600)
+    with closed(data.parent if closed_one == "parent" else data):
+        r = ctsd(*command, "--data-dir", str(data), cwd=tmp_path, prefix=without_dac())
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"ctsd: cannot access {data}: Permission denied\n"
+    assert not (tmp_path / "out.tar.gz").exists()
+
+
+def test_backup_of_a_data_dir_it_cannot_lock_names_the_lock(tmp_path: Path) -> None:
+    """A read-only data dir (no .lock can be made) was reported as the archive not written."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    with closed(data, 0o500):
+        r = ctsd(
+            "backup", "-o", "out.tar.gz", "--data-dir", str(data), cwd=tmp_path,
+            prefix=without_dac(),
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == (
+        f"ctsd: backup failed: {data}/.lock: Permission denied; nothing was written\n"
+    )
+    assert not (tmp_path / "out.tar.gz").exists()
 
 
 def test_verify_touches_nothing(tmp_path: Path) -> None:
@@ -356,6 +395,9 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         (["watch", "--topic", "nope"], "--topic"),
         (["reset"], "--yes"),
         (["status", "--port", "70000"], "--port"),
+        # Thousands deep: json's RecursionError was a traceback.
+        (["conn", "set", "x", "exchange_id=" + "[" * 5000], "is nested too deeply"),
+        (["conn", "add", "--name", "n", "--exchange", "e", "--settings", "[" * 5000], "deeply"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
@@ -379,6 +421,73 @@ def test_bad_port_in_environment() -> None:
     r = ctsd("status", env=clean_env(CTSD_PORT="abc"))
     assert r.returncode == 2
     assert "CTSD_PORT must be a port number" in r.stderr
+
+
+@pytest.mark.parametrize("port", [70000, -1, 0])
+def test_a_bad_port_in_settings_is_one_line(port: int, tmp_path: Path) -> None:
+    """server.port out of range in DATA/settings.json was a traceback from the URL parser."""
+    (tmp_path / "settings.json").write_text(json.dumps({"server": {"port": port}}))
+    r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (
+        f"ctsd: {tmp_path}/settings.json server.port {port} is out of range (1-65535)\n"
+    )
+    # A port given on the command line is used: the settings' one does not matter then.
+    free = free_port()
+    r = ctsd("status", "--data-dir", str(tmp_path), "--port", str(free),
+             env=clean_env(CTSD_TOKEN="t"))  # fmt: skip
+    assert r.returncode == 3 and f"no daemon answering on 127.0.0.1:{free}" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        # (idna refuses them: an empty label, one over 63 characters)
+        ("192.168..1", "cannot connect to 192.168..1:{port}: "),
+        ("a" * 64, f"cannot connect to {'a' * 64}:{{port}}: "),
+        ("127.0.0.1/x", "--host: '127.0.0.1/x' is not a host name or IP address"),
+        ("127.0.0.1?x", "--host: '127.0.0.1?x' is not a host name or IP address"),
+        ("user@127.0.0.1", "--host: 'user@127.0.0.1' is not a host name or IP address"),
+        ("[::1", "--host: '[::1' is not a host name or IP address"),
+        ("[[::1]]", "--host: '[::1]' is not a host name or IP address"),
+        ("a b", "--host: 'a b' is not a host name or IP address"),
+    ],
+)
+def test_a_bad_host_is_one_line(host: str, message: str) -> None:
+    """A host no URL can carry was a ValueError traceback; one that held a `/` or a `?` sent
+    the token to port 80 (`ws://127.0.0.1/x:3587/ws`)."""
+    port = free_port()
+    r = ctsd("status", "--host", host, "--port", str(port), env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("ctsd: " + message.format(port=port)), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # (not even the unencrypted-token warning)
+
+
+def test_a_bad_host_names_where_it_came_from(tmp_path: Path) -> None:
+    r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_TOKEN="t", CTSD_HOST="a/b"))
+    assert (
+        r.returncode == 2
+        and r.stderr == "ctsd: CTSD_HOST: 'a/b' is not a host name or IP address\n"
+    )
+    (tmp_path / "settings.json").write_text('{"server": {"host": "x?y"}}')
+    r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (
+        f"ctsd: {tmp_path}/settings.json server.host: 'x?y' is not a host name or IP address\n"
+    )
+
+
+@pytest.mark.parametrize("host", ["[::1]", "::1"])
+def test_an_ipv6_host_in_brackets_or_not(host: str, tmp_path: Path) -> None:
+    """`--host [::1]` came out as ws://[[::1]]:PORT/ws, a ValueError traceback."""
+    port = free_port()
+    r = ctsd("status", "--host", host, "--port", str(port), env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith(f"ctsd: no daemon answering on ::1:{port}"), r.stderr
+    # In settings.json too, as an operator may write it.
+    (tmp_path / "settings.json").write_text(json.dumps({"server": {"host": host, "port": port}}))
+    r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_TOKEN="t"))
+    assert r.returncode == 3 and f"on ::1:{port}" in r.stderr, r.stderr
 
 
 def test_help_documents_the_exit_codes() -> None:
@@ -411,6 +520,63 @@ def test_token_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert read_token(target, system) == "from-creds"
     monkeypatch.setenv("CTSD_TOKEN", "from-env")
     assert read_token(target, system) == "from-env"
+
+
+def test_a_system_token_dir_this_user_cannot_enter_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/etc/ctsd closed to this user: is_file() on its token raises EACCES, and the line
+    named DATA/.token, a file that was not the problem."""
+    from ctsd.client import EXIT_AUTH, CliError, Target, read_token
+
+    for name in ("CTSD_TOKEN", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "token").write_text("from-etc\n")
+    if os.geteuid() == 0:  # in this process: its capabilities cannot be dropped
+        pytest.skip("root reads any directory")
+    with closed(etc), pytest.raises(CliError) as caught:
+        read_token(Target("127.0.0.1", 3587, data), etc / "token")
+    assert caught.value.exit_code == EXIT_AUTH
+    assert caught.value.message.startswith(
+        f"cannot read the bus token {etc}/token: Permission denied; set CTSD_TOKEN"
+    )
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("CTSD_LOG_LEVEL", "verbose", "debug, info, warning, error"),
+        ("CTSD_LOG_FORMAT", "xml", "json, console"),
+    ],
+)
+def test_serve_with_a_bad_log_setting_in_the_environment(
+    name: str, value: str, accepted: str, tmp_path: Path
+) -> None:
+    """A start failure: exit 1 and one line naming the variable, before anything starts;
+    click's usage block and exit 2 are for a bad flag."""
+    data = tmp_path / "data"
+    r = subprocess.run(
+        [sys.executable, "-m", "ctsd", "serve", "--data-dir", str(data), "--port", "0"],
+        env=clean_env(**{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+    )
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"ctsd: {name}='{value}' is not one of: {accepted}\n"
+    assert r.stdout == "" and not data.exists()
+    flag = "--" + name.removeprefix("CTSD_").lower().replace("_", "-")
+    r = ctsd("serve", "--data-dir", str(data), flag, value)
+    assert r.returncode == 2 and f"Invalid value for '{flag}'" in r.stderr, r.stderr
+    assert not data.exists()
 
 
 def _journal_with_changes(data_dir: Path, n: int) -> Path:

@@ -17,25 +17,28 @@ import pytest
 
 from ctsd import rekey
 from ctsd.secretbox import Key, parse_key
-from tests.cli_helpers import CANARY, clean_env, ctsd
+from tests.cli_helpers import CANARY, clean_env, closed, ctsd, without_dac
 from tests.crash_driver import kill_at_every_step, kill_at_random, spawn
 from tests.daemon import Daemon
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
 
 
-def run(*args: str, key: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, key: Path | None = None, prefix: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
     if key is not None:
         env["CTSD_SECRETS_KEY_FILE"] = str(key)
-    r = ctsd(*args, env=clean_env(**env))
+    r = ctsd(*args, env=clean_env(**env), prefix=prefix)
     assert CANARY not in r.stdout + r.stderr, r.stdout + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
 
 def rekey_to(
-    key: Path, data_dir: Path, current: Path | None = None
+    key: Path, data_dir: Path, current: Path | None = None, prefix: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    return run("secrets", "rekey", "--new-key", str(key), "--data-dir", str(data_dir), key=current)
+    args = ("secrets", "rekey", "--new-key", str(key), "--data-dir", str(data_dir))
+    return run(*args, key=current, prefix=prefix)
 
 
 @pytest.fixture
@@ -249,6 +252,23 @@ def test_rekey_refuses_bad_input(plain_dir: Path, tmp_path: Path) -> None:
     assert snapshot(plain_dir) == before
     r = run("secrets", "rekey", "--new-key", str(k1), "--data-dir", str(tmp_path / "none"))
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("closed_one", ["parent", "dir"])
+def test_a_data_dir_this_user_cannot_enter_is_one_line(closed_one: str, tmp_path: Path) -> None:
+    """status: Path.is_dir() raised EACCES (a parent we cannot search), or a file in the dir
+    was named; rekey: "cannot rewrite the data files", or a lock it could not take read as a
+    daemon running, and the rekey went looking for it on the bus."""
+    data = tmp_path / "parent" / "data"
+    write_plain_data(data)
+    k1 = tmp_path / "k1"
+    make_key(k1)
+    with closed(data.parent if closed_one == "parent" else data):
+        status = run("secrets", "status", "--data-dir", str(data), prefix=without_dac())
+        rekeyed = rekey_to(k1, data, prefix=without_dac())
+    for r in (status, rekeyed):
+        assert r.returncode == 1, r.stderr
+        assert r.stderr == f"ctsd: cannot access {data}: Permission denied\n"
 
 
 def test_with_a_daemon_running_the_files_are_never_touched_behind_its_back(

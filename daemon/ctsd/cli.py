@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -9,6 +10,7 @@ import msgspec
 
 from ctsd import __version__
 from ctsd.client import register as register_client
+from ctsd.client.render import short
 from ctsd.config import resolve_data_dir
 
 LOG_FORMATS = click.Choice(["json", "console"], case_sensitive=False)
@@ -26,32 +28,57 @@ def main() -> None:
 @click.option("--data-dir", help="data directory [env CTSD_DATA_DIR, DATA_DIR, DATA_PATH; ./data]")
 @click.option("--host", help="bind address [env CTSD_HOST; settings server.host; 127.0.0.1]")
 @click.option("--port", type=click.IntRange(0, 65535), help="port [env CTSD_PORT; 3587]")
+# The environment is read here, not by click: a bad value there is a start failure (exit 1,
+# one line), where click would print a usage block and exit 2 as for a bad flag.
 @click.option(
-    "--log-format", type=LOG_FORMATS, envvar="CTSD_LOG_FORMAT", help="console on a TTY, else json"
+    "--log-format", type=LOG_FORMATS, help="[env CTSD_LOG_FORMAT; console on a TTY, else json]"
 )
-@click.option(
-    "--log-level", type=LOG_LEVELS, envvar="CTSD_LOG_LEVEL", default="info", show_default=True
-)
+@click.option("--log-level", type=LOG_LEVELS, help="[env CTSD_LOG_LEVEL; info]")
 def serve(
-    data_dir: str | None, host: str | None, port: int | None, log_format: str | None, log_level: str
+    data_dir: str | None,
+    host: str | None,
+    port: int | None,
+    log_format: str | None,
+    log_level: str | None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way)."""
     from ctsd import app, logs
 
+    log_format = log_format or _choice_from_env("CTSD_LOG_FORMAT", LOG_FORMATS)
+    log_level = log_level or _choice_from_env("CTSD_LOG_LEVEL", LOG_LEVELS) or "info"
     logs.setup(log_format, log_level)
     sys.exit(app.serve(resolve_data_dir(data_dir), host, port))
+
+
+def _choice_from_env(name: str, choice: click.Choice) -> str | None:
+    """The environment variable `name` as one of `choice` (None when unset or empty, as
+    click took it); otherwise exit 1 with one line naming the variable and what it takes."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    for accepted in choice.choices:
+        if value.lower() == str(accepted).lower():
+            return str(accepted)
+    click.echo(
+        f"ctsd: {name}={short(value)!r} is not one of: {', '.join(map(str, choice.choices))}",
+        err=True,
+    )
+    sys.exit(1)
 
 
 @main.command()
 @click.option("--data-dir", help="data directory to check [default: as for serve]")
 def verify(data_dir: str | None) -> None:
     """Check every data file offline; print each problem as file:line:column: message."""
+    from ctsd.offline import NoDataDir, check_data_dir
     from ctsd.verify import NO_POSITION, verify_dir
 
     directory = resolve_data_dir(data_dir)
-    if not directory.is_dir():
-        # A missing dir is not a file problem: a file:1:1 location would only confuse.
-        click.echo(f"ctsd: {directory}: data dir does not exist or is not a directory", err=True)
+    try:
+        check_data_dir(directory)
+    except NoDataDir as e:
+        # A missing or closed dir is not a file problem: a file:1:1 location would confuse.
+        click.echo(f"ctsd: {e}", err=True)
         sys.exit(1)
     checked, problems, notes = verify_dir(directory)
     for note in notes:

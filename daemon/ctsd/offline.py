@@ -24,14 +24,30 @@ class DaemonRunning(Exception):
 
 
 class NoDataDir(Exception):
-    """The data dir does not exist or is not a directory."""
+    """The data dir does not exist, is not a directory, or this user cannot enter it."""
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """NoDataDir, with a one-line reason, unless `data_dir` is a directory this user may
+    enter. (Path.is_dir() lets EACCES through on Python 3.11: a traceback.)"""
+    st: os.stat_result | None
+    try:
+        st = os.stat(data_dir)
+        if stat.S_ISDIR(st.st_mode):
+            # Search permission on the dir itself: without it every file in it fails later.
+            os.stat(os.path.join(data_dir, "."))
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise NoDataDir(f"cannot access {data_dir}: {e.strerror or e}") from None
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise NoDataDir(f"{data_dir}: data dir does not exist or is not a directory")
 
 
 @contextlib.contextmanager
 def exclusive(data_dir: Path) -> Iterator[InstanceLock]:
     """Hold the data dir's instance lock for the block; DaemonRunning when it is taken."""
-    if not data_dir.is_dir():
-        raise NoDataDir(f"{data_dir}: data dir does not exist or is not a directory")
+    check_data_dir(data_dir)
     lock = InstanceLock(data_dir)
     try:
         lock.acquire()

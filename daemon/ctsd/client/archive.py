@@ -86,7 +86,7 @@ def register(main: click.Group) -> None:
         except (ArchiveError, RekeyRefused) as e:
             fail(str(e))
         except OSError as e:
-            fail(f"cannot write {safe(path)}: {e.strerror or e}")
+            fail(_backup_error(e, path))
         where = "stdout" if to_stdout else safe(path)
         keys = (
             f"secrets encrypted under key id {', '.join(manifest.key_ids)}"
@@ -135,6 +135,15 @@ def register(main: click.Group) -> None:
             click.echo(line)
         if done.kept is not None:
             click.echo(f"the previous data dir is kept as {done.kept}")
+
+
+def _backup_error(e: OSError, path: Path) -> str:
+    """The line for a backup's OSError, naming the file it was about: a data dir's lock or
+    data file it could not open was reported as the archive it could not write."""
+    name = e.filename
+    if name is None or Path(os.fsdecode(name)) == path:
+        return f"cannot write {safe(path)}: {e.strerror or e}"
+    return f"backup failed: {safe(os.fsdecode(name))}: {e.strerror or e}; nothing was written"
 
 
 def _call(directory: Path, command: str, **args: Any) -> Any:

@@ -95,6 +95,8 @@ class Bus:
             self.transcript.append(raw)
         try:
             frame = json.loads(raw)
+        except RecursionError:  # (json's own limit: a frame nested thousands deep)
+            raise CliError("the daemon sent a frame nested too deeply", EXIT_REFUSED) from None
         except ValueError:
             raise CliError("the daemon sent a frame that is not JSON", EXIT_REFUSED) from None
         if not isinstance(frame, dict):
@@ -173,6 +175,25 @@ def closed_error(target: Target, e: Exception) -> CliError:
     return CliError(f"the daemon on {target.where} closed the connection{detail}", EXIT_NO_DAEMON)
 
 
+def bad_address(target: Target, e: Exception) -> CliError:
+    # Nothing was sent: a usage error, as a bad --port is.
+    return CliError(f"cannot connect to {target.where}: {safe(e)}", EXIT_USAGE)
+
+
+def check_address(target: Target) -> None:
+    """A host or port no URL can carry fails here, as one line, before the token warning:
+    websockets raised ValueError or InvalidURI, and asyncio's resolver a UnicodeError (a
+    ValueError) for a host idna cannot encode (`192.168..1`)."""
+    from websockets.exceptions import InvalidURI
+    from websockets.uri import parse_uri
+
+    try:
+        parse_uri(target.url)
+        target.host.encode("idna")
+    except (ValueError, InvalidURI) as e:
+        raise bad_address(target, e) from None
+
+
 @contextlib.asynccontextmanager
 async def open_bus(
     target: Target,
@@ -187,8 +208,14 @@ async def open_bus(
     finds it; it goes on the upgrade request, or (`auth_header=False`) in an `auth` message.
     `ws_options` go to websockets' `connect` (a test's socket or queue size)."""
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+    from websockets.exceptions import (
+        ConnectionClosed,
+        InvalidHandshake,
+        InvalidStatus,
+        InvalidURI,
+    )
 
+    check_address(target)
     token = token or read_token(target)
     headers = {"Authorization": f"Bearer {token}"} if token and auth_header else None
     if token and not is_loopback(target.host):
@@ -229,6 +256,8 @@ async def open_bus(
         raise no_daemon(target, "timed out") from None
     except (OSError, InvalidHandshake) as e:
         raise no_daemon(target, safe(getattr(e, "strerror", None) or e)) from None
+    except (ValueError, InvalidURI) as e:  # (what check_address did not foresee)
+        raise bad_address(target, e) from None
     try:
         bus = Bus(ws, target, {}, source=source, transcript=transcript)
         first = await bus.recv(OPEN_TIMEOUT_S * 2)

@@ -205,6 +205,10 @@ def register(main: click.Group) -> None:
         if settings_json is not None:
             try:
                 parsed = json.loads(settings_json)
+            except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
+                raise click.BadParameter(
+                    "is nested too deeply", param_hint="'--settings'"
+                ) from None
             except ValueError:
                 parsed = None
             if not isinstance(parsed, dict):

@@ -70,6 +70,10 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
         else:
             try:
                 value = json.loads(text)
+            except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
+                raise click.BadParameter(
+                    f"{field}={short(text)!r} is nested too deeply", param_hint="'FIELD=VALUE'"
+                ) from None
             except ValueError:
                 raise click.BadParameter(
                     f'{field}={short(text)!r} is not a JSON value (e.g. true, 2.5, null, "text")',

@@ -25,7 +25,7 @@ from ctsd.client.render import echo_json, safe
 from ctsd.client.target import resolve_target
 from ctsd.config import is_loopback, resolve_data_dir
 from ctsd.files import Invalid
-from ctsd.offline import DaemonRunning, NoDataDir
+from ctsd.offline import DaemonRunning, NoDataDir, check_data_dir
 from ctsd.rekey import RekeyRefused, read_intent, rekey_offline
 from ctsd.secretbox import (
     CREDENTIAL_NAME,
@@ -188,8 +188,10 @@ def register(main: click.Group) -> None:
         """Is a key configured, and how is every secret stored (read from the files)? Exit 1
         when a value cannot be decrypted, or when a key is set and a value is still plain."""
         directory = resolve_data_dir(data_dir)
-        if not directory.is_dir():
-            fail(f"{directory}: data dir does not exist or is not a directory")
+        try:
+            check_data_dir(directory)
+        except NoDataDir as e:
+            fail(str(e))
         key = current_key()
         box = SecretBox(key)
         lines: list[str] = []

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from ctsd.client.errors import EXIT_AUTH, fail
+from ctsd.client.errors import EXIT_AUTH, EXIT_USAGE, fail
+from ctsd.client.render import short
 from ctsd.config import resolve_data_dir
 from ctsd.limits import MAX_FILE_BYTES
 from ctsd.safefile import read_text_file
@@ -56,7 +57,7 @@ def resolve_target(data_dir: str | None, host: str | None, port: int | None) -> 
     """Flag > environment > the data dir's settings.json > default, as `ctsd serve` binds."""
     directory = resolve_data_dir(data_dir)
     s_host, s_port = _settings_listen(directory)
-    chosen_host = host or os.environ.get("CTSD_HOST") or s_host or DEFAULT_HOST
+    chosen_host = _checked_host(*_pick_host(host, s_host, directory))
     if port is None:
         env_port = os.environ.get("CTSD_PORT")
         if env_port:
@@ -69,13 +70,53 @@ def resolve_target(data_dir: str | None, host: str | None, port: int | None) -> 
             if not 0 < port < 65536:
                 raise click.UsageError(f"CTSD_PORT {port} is out of range")
         else:
-            port = s_port or DEFAULT_PORT
+            port = _settings_port(directory, s_port)
     # A daemon bound to every address is reached on loopback.
-    if chosen_host in ("0.0.0.0", ""):
+    if chosen_host == "0.0.0.0":
         chosen_host = "127.0.0.1"
     elif chosen_host == "::":
         chosen_host = "::1"
     return Target(chosen_host, port, directory)
+
+
+# Characters that would make `ws://HOST:PORT/ws` name another port, a path or a user: with
+# `--host 127.0.0.1/x` the token went to port 80.
+_NOT_IN_A_HOST = frozenset("/?#@[]\\")
+
+
+def _pick_host(host: str | None, s_host: str | None, directory: Path) -> tuple[str, str]:
+    """(host, where it came from): flag > environment > settings.json > default."""
+    env_host = os.environ.get("CTSD_HOST")
+    if host:
+        return host, "--host"
+    if env_host:
+        return env_host, "CTSD_HOST"
+    if s_host:
+        return s_host, f"{directory}/settings.json server.host"
+    return DEFAULT_HOST, "the default host"
+
+
+def _checked_host(host: str, source: str) -> str:
+    """`host` without the brackets of an IPv6 literal (`[::1]`: Target.url adds its own), or
+    a one-line usage error naming where it came from."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in _NOT_IN_A_HOST or not c.isprintable() or c.isspace() for c in host):
+        fail(f"{source}: {short(host)!r} is not a host name or IP address", EXIT_USAGE)
+    return host
+
+
+def _settings_port(directory: Path, port: int | None) -> int:
+    """The settings' server.port, range-checked as CTSD_PORT is (the daemon would refuse to
+    start with it; without the check it came out as a traceback from the URL parser)."""
+    if port is None:
+        return DEFAULT_PORT
+    if not 0 < port < 65536:
+        fail(
+            f"{directory}/settings.json server.port {port} is out of range (1-65535)",
+            EXIT_USAGE,
+        )
+    return port
 
 
 # Where systemd/ctsd.service loads the token from (LoadCredential=ctsd-token:/etc/ctsd/token):
@@ -88,10 +129,11 @@ def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
     path = target.data_dir / ".token"
     try:
         token = load_token(target.data_dir, create=False, strict=False)
-        if token is None and system_token.is_file():
-            path = system_token
-            token = system_token.read_text().strip() or None
-        return token
+        if token is not None:
+            return token
+        # Named before is_file(): a /etc/ctsd this user cannot enter makes it raise EACCES.
+        path = system_token
+        return (system_token.read_text().strip() or None) if system_token.is_file() else None
     except (OSError, ValueError) as e:
         # Under systemd the token files belong to root or the daemon's user.
         fail(
