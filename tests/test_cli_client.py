@@ -103,8 +103,18 @@ def test_token_and_port_from_the_data_dir(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         token = (data / ".token").read_text().strip()
         assert token not in r.stdout + r.stderr
+        # settings.json's port changed by hand: the next start listens there, this daemon
+        # still where it started, and the CLI finds it there.
+        (data / "settings.json").write_text(json.dumps({"server": {"port": 1}}) + "\n")
+        wait_until(lambda: d.http("/api/data/settings", token=token)[1]["server"]["port"] == 1)
+        r = ctsd("status", "--data-dir", str(data), env=clean_env())
+        assert r.returncode == 0, r.stderr
+        assert f"127.0.0.1:{d.port}" in r.stdout
     finally:
         d.close()
+    # Once it has stopped, settings.json says where the next one will be.
+    r = ctsd("status", "--data-dir", str(data), env=clean_env())
+    assert r.returncode == 3 and "127.0.0.1:1" in r.stderr, r.stderr
 
 
 # --- conn: add, show, list ------------------------------------------------------------------

@@ -224,7 +224,8 @@ def test_second_instance_exits_naming_the_holder(daemon: Daemon) -> None:
     finally:
         second.close()
     # The holder is unharmed: its pid is still in the lock file and it still answers.
-    assert (daemon.data_dir / ".lock").read_text().strip() == str(daemon.proc.pid)  # type: ignore[union-attr]
+    held = (daemon.data_dir / ".lock").read_text().splitlines()
+    assert held == [str(daemon.proc.pid), f"127.0.0.1 {daemon.port}"]  # type: ignore[union-attr]
     assert daemon.http("/health", token=None)[0] == 200
 
 

@@ -66,6 +66,7 @@ class Daemon:
     notifier: Notifier
     cluster: ClusterSettings | None = field(default=None)
     edited: list[str] = field(default_factory=list)  # cluster mode: edited while it was down
+    lock: InstanceLock | None = None
 
     def status_line(self) -> str:
         s = self.svc.store
@@ -325,6 +326,8 @@ async def _serve(d: Daemon) -> None:
         await store.close()  # closes the cluster engine too
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise StartError(f"cannot listen on {svc.listen.host}:{svc.listen.port}: {why}") from None
+    if d.lock is not None:
+        d.lock.note_listen(svc.listen.host, web.port)
     if not is_loopback(svc.listen.host):
         log.warning(
             "non_loopback_bind",
@@ -433,6 +436,7 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
+    d.lock = lock
     try:
         anyio.run(_serve, d, backend_options=_loop_options())
     except StartError as e:

@@ -13,6 +13,7 @@ from ctsd.client.errors import EXIT_AUTH, EXIT_USAGE, fail
 from ctsd.client.render import short
 from ctsd.config import resolve_data_dir
 from ctsd.limits import MAX_FILE_BYTES
+from ctsd.lock import running_listen
 from ctsd.safefile import read_text_file
 from ctsd.tokenfile import load_token
 
@@ -54,9 +55,12 @@ def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
 
 
 def resolve_target(data_dir: str | None, host: str | None, port: int | None) -> Target:
-    """Flag > environment > the data dir's settings.json > default, as `ctsd serve` binds."""
+    """Flag > environment > where the data dir's running daemon listens > its settings.json
+    > default, as `ctsd serve` binds (settings.json changed since the daemon started names
+    where the next start will listen, not where this one does)."""
     directory = resolve_data_dir(data_dir)
-    s_host, s_port = _settings_listen(directory)
+    running = running_listen(directory)
+    s_host, s_port = running if running is not None else _settings_listen(directory)
     chosen_host = _checked_host(*_pick_host(host, s_host, directory))
     if port is None:
         env_port = os.environ.get("CTSD_PORT")

@@ -162,6 +162,7 @@ class Web:
             max_age=600,
         )
         self.server: _Uvicorn | None = None
+        self.port = svc.listen.port  # the port bound, once started
         self._task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
@@ -247,6 +248,7 @@ class Web:
         """Bind (OSError when the port is taken) and serve; returns once accepting."""
         http_cls, ws_cls = protocol_classes(self.limits)
         sockets = _bind(self.svc.listen.host, self.svc.listen.port)
+        self.port = sockets[0].getsockname()[1]  # (the one the system chose for port 0)
         config = uvicorn.Config(
             self,
             http=http_cls,
