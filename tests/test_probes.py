@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pytest
 
 from ctsd import ops, probes
@@ -125,6 +126,25 @@ async def test_unusable_url_is_a_failed_test_never_an_exception(url: str, app_fa
     assert result.success is False and result.error, result
     why = probes.target_for(_conn(connection_settings=json.dumps({"base_url": url})))
     assert isinstance(why, str) and "base_url is not a usable URL" in why, why
+
+
+@pytest.mark.parametrize(
+    "userinfo",
+    ["admin:s3cr3tPart/rest", "admin:s3cr3tPart?x", "admin:s3cr3tPart", "s3cr3tPart:pw"],
+)
+async def test_a_password_in_base_url_never_comes_back_in_a_result(
+    userinfo: str, app_factory: Any
+) -> None:
+    """A password typed with a `/` in it reads as a port to the URL parser, whose message
+    quoted it; a refused or failed request names the host: neither text may hold any part
+    of the user info, in the result, the event or the sync log."""
+    url = f"http://{userinfo}@127.0.0.1:{free_port()}"
+    app = await app_factory([probe_connection("c1", url)])
+    result = await app.prober.test_connection("c1")
+    assert result["success"] is False and result["error"], result
+    logged = json.dumps(msgspec.to_builtins(list(app.store.committed.log)))
+    for text in (json.dumps(result), logged):
+        assert "s3cr3tPart" not in text, text
 
 
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):

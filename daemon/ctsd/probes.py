@@ -14,6 +14,7 @@ they nor the session token it gets back ever reach a result, a log line or an er
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,12 +217,22 @@ def target_for(conn: Connection) -> Target | str:
 def _url_problem(url: str) -> str | None:
     """Why no request can be made to `url` (a host, a port in range, characters httpx takes),
     or None. The reasons quote at most a fragment of the URL, never its user info."""
+    # The parsers' own messages quote the URL: a password typed with a `/` in it reads as a
+    # port ("could not be cast to integer value as 'pass'"), so none is passed on.
     try:
         parts = urlsplit(url)
         _port = parts.port  # raises for a port out of range
+    except ValueError as e:
+        if "port" in str(e).lower():
+            return (
+                "its port is not a number from 0 to 65535 (in a user name or password, "
+                "write /, ?, # and @ percent-encoded)"
+            )
+        return "it does not parse as a URL"
+    try:
         httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as e:
-        return str(e)
+    except httpx.InvalidURL:
+        return "it holds characters a URL may not (spaces, control characters)"
     if not parts.hostname:
         return "no host"
     return None
@@ -374,7 +385,7 @@ class Prober:
         target = target_for(conn)
         if isinstance(target, str):
             return _failure(target)
-        return await self.request(target, self._timeout())
+        return await self.request(target, self._timeout(), scrub=_userinfo_parts(target.url))
 
     async def test_connection(self, cid: str) -> dict[str, Any]:
         """`connections.test`: test now, store the result (event `test`), return it."""
@@ -486,6 +497,18 @@ def _leaf(e: BaseException) -> BaseException:
             break
         e = e.exceptions[0]
     return e
+
+
+def _userinfo_parts(url: str) -> tuple[str, ...]:
+    """What may be a user name or password in `url` (before its last `@`), whole and in the
+    pieces a parser might quote (split at `:`, `/`, `?`, `#`): scrubbed from any error text
+    the request's failure brings back."""
+    rest = url.split("://", 1)[-1]
+    if "@" not in rest:
+        return ()
+    info = rest.rsplit("@", 1)[0]
+    pieces = {info, *(x for x in re.split(r"[:/?#]", info) if len(x) >= 3)}
+    return tuple(sorted(pieces, key=len, reverse=True))  # longest first: no half-scrubs
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -425,10 +425,10 @@ class Store:
             if batch:
                 try:
                     await self._commit(batch)
-                except Exception as e:  # never let the writer die: fail the group, go on
+                except Exception:  # never let the writer die: fail the group, go on
                     log.exception("commit_failed")
                     for p in batch:
-                        _fail(p.future, CtsdError("internal", f"commit failed: {e}"))
+                        _fail(p.future, CtsdError("internal", "commit failed; see the log"))
                 done_at = loop.time()
             if self._closing and not self._pending:
                 return

@@ -338,7 +338,8 @@ class Session:
     def _failed(self, msg_id: int, name: str, e: Exception) -> None:
         if not isinstance(e, CtsdError):
             log.error("command_failed", command=name, exc_info=e)
-            e = CtsdError("internal", f"{type(e).__name__}: {e}")
+            # The detail is in the log: an exception's text may quote what it was given.
+            e = CtsdError("internal", "internal error; see the daemon's log")
         self.fail(msg_id, e)
 
     async def refuse(self, msg_id: int | None, err: CtsdError) -> None:
