@@ -584,6 +584,19 @@ async def test_subscribe_topics_and_filters(daemon: Daemon) -> None:
         await w.ok("documents.set", name="watchlists", content={"a": 2})  # 9
         got = await c2_only.events_until(9)
         assert [e["id"] for e in got] == [9]
+        # What changes a state record reaches the state topic too: a create or delete (the
+        # record made or removed), an update of what the state mirrors, a reset.
+        await w.ok("connections.update", connection_id="c1", changes={"is_enabled": False})
+        await w.ok("connections.create", connection=connection(id="c3"))  # 11
+        await w.ok("connections.delete", connection_id="c3")  # 12
+        await w.ok("data.reset", confirm=True)  # 13
+        got = await state_only.events_until(13)
+        assert [(e["id"], e["action"]) for e in got] == [
+            (10, "update"),
+            (11, "create"),
+            (12, "delete"),
+            (13, "reset"),
+        ]
 
 
 async def test_live_frames_of_every_length_arrive_whole(daemon: Daemon) -> None:

@@ -36,13 +36,15 @@ T_CONNECTIONS, T_STATE, T_DOCUMENTS, T_SYSTEM = 1, 2, 4, 8
 TOPIC_BITS = {"connections": 1, "state": 2, "documents": 4, "system": 8}
 ALL_TOPICS = 15
 
+# An event reaches every topic whose records its change touched: a create or delete makes or
+# removes the state record too, an import or a reset may change every table.
 _ACTION_TOPICS = {
-    "create": T_CONNECTIONS,
+    "create": T_CONNECTIONS | T_STATE,
     "update": T_CONNECTIONS,
-    "delete": T_CONNECTIONS,
+    "delete": T_CONNECTIONS | T_STATE,
     "set_active": T_CONNECTIONS | T_STATE,
-    "import": T_CONNECTIONS | T_DOCUMENTS,
-    "reset": T_CONNECTIONS | T_DOCUMENTS,
+    "import": T_CONNECTIONS | T_STATE | T_DOCUMENTS,
+    "reset": T_CONNECTIONS | T_STATE | T_DOCUMENTS,
     "update_volume": T_STATE,
     "stale": T_STATE,
     "recovered": T_STATE,
@@ -51,10 +53,19 @@ _ACTION_TOPICS = {
 }
 
 
+# The fields of a connection its state record mirrors (`core.mirror_state`): an update of
+# one of them changes the state record in the same change.
+_MIRRORED = ("is_active", "is_enabled")
+
+
 def topics_of(ev: SyncEvent) -> int:
     bits = _ACTION_TOPICS.get(ev.action, T_CONNECTIONS)
     if ev.data.get("file") == STATE and ev.action in ("create", "update", "delete"):
         return T_STATE  # a hand edit of connection-state.json is state, not configuration
+    if ev.action == "update":
+        fields = ev.data.get("fields")
+        if isinstance(fields, list) and any(f in fields for f in _MIRRORED):
+            bits |= T_STATE
     return bits
 
 
