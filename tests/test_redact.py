@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import msgspec
 import pytest
@@ -20,6 +21,7 @@ from ctsd.redact import (
     is_secret_key,
     mask,
     mask_record,
+    mask_url_passwords,
     may_hold_placeholders,
     restore_placeholders,
 )
@@ -273,6 +275,23 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
     inner = {"base_url": f"https://me:{CANARY}@gw", "n": 1}
     settings = mask({"connection_settings": json.dumps(inner)})["connection_settings"]
     assert CANARY not in settings and json.loads(settings)["base_url"] == f"https://me:{MASK}@gw"
+
+
+def test_a_path_with_an_at_sign_is_no_password() -> None:
+    for text in ("http://localhost:5173/@vite/client", "https://host:443/@user/x@y"):
+        assert mask_url_passwords(text) == text
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    ["x" * 400_000 + " @ ://", "a://b:" * 80_000 + " @", "/" + "a" * 400_000 + "@://"],
+)
+def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
+    """Masking runs on every string of every log line and answer (an unauthenticated
+    request's path is logged): a pattern that backtracks took seconds on these."""
+    started = time.perf_counter()
+    mask({"path": crafted})
+    assert time.perf_counter() - started < 1.0  # one pass: a few ms; quadratic: a minute
 
 
 def test_a_url_sent_back_as_shown_keeps_its_password() -> None:

@@ -44,11 +44,10 @@ _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
 _SHOW_TAIL = frozenset({"apikey"})  # api_key, apiKey: may show their last four characters
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
-# `scheme://user:password@`: the password runs to the last `@` of the URL, as operators type
-# passwords unescaped (`p@ss`, `a/b`); a path holding an `@` may be masked with it, which is
-# the safe side. The user name stays, to tell accounts apart.
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:\"']*):[^\s\"']*@")
 _URL_MASKED = f":{MASK}@"
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+_URL_END = re.compile(r"[\s\"']")  # where a URL written in text ends
+_NOT_IN_USER = frozenset("/?#@")
 
 
 def _norm(name: str) -> str:
@@ -81,10 +80,46 @@ def mask_value(field: str, value: Any) -> Any:
 
 
 def mask_url_passwords(text: str) -> str:
-    """`text` with the password of every URL in it masked (the same string when none)."""
+    """`text` with the password of every URL in it masked (the same string when none):
+    `scheme://user:password@host` shows as `scheme://user:********@host`.
+
+    The password runs to the last `@` of the URL, as operators type passwords unescaped
+    (`p@ss`, `a/b`); the user name stays, to tell accounts apart. `host:port/path@x` (a path
+    holding an `@`) is no password. One pass over the text, each part looked at once: it
+    runs on every string of every log line and answer, and a regex that backtracks would
+    let a long crafted string hold the event loop for seconds."""
     if "@" not in text or "://" not in text:
-        return text  # the common case, without a regex
-    return _URL_PASSWORD.sub(rf"\1{_URL_MASKED}", text)
+        return text  # the common case
+    out: list[str] = []
+    done = 0
+    i = text.find("://")
+    while i != -1:
+        nxt = text.find("://", i + 3)
+        limit = len(text) if nxt == -1 else nxt
+        stop = _URL_END.search(text, i + 3, limit)
+        end = limit if stop is None else stop.start()
+        at = text.rfind("@", i + 3, end)
+        colon = text.find(":", i + 3, at) if at != -1 else -1
+        if colon != -1 and _has_scheme(text, i) and _NOT_IN_USER.isdisjoint(text[i + 3 : colon]):
+            secret = text[colon + 1 : at]
+            slash = secret.find("/")
+            if not (slash > 0 and secret[:slash].isdigit()):  # not `host:port/path@…`
+                out.append(text[done : colon + 1])
+                out.append(MASK)
+                done = at
+        i = nxt
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _has_scheme(text: str, i: int) -> bool:
+    """Does a scheme (a letter, then letters, digits, `+`, `.` or `-`) end at `i`?"""
+    s = i
+    while s > 0 and i - s < 32 and text[s - 1] in _SCHEME_CHARS:
+        s -= 1
+    while s < i and not text[s].isalpha():
+        s += 1
+    return s < i and text[s].isascii()
 
 
 def _is_container(value: Any) -> bool:
