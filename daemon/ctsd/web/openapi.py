@@ -94,7 +94,7 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
                 "in": "header",
                 "required": False,
                 "description": 'refuse with 412 if what this changes moved past revision N ("N")',
-                "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]+"?$'},
+                "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$'},
             }
         )
     return out
@@ -121,10 +121,16 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
     create = copy.deepcopy(conn)
     create["title"] = "ConnectionInput"
     create["description"] = (
-        "A new connection: `id` is optional (conn_ + 12 hex digits when left out); "
+        "A new connection: `id` is optional (conn_ + 12 hex digits when left out, null or "
+        "empty); "
         "`created_at`/`updated_at` are set by the daemon (sent ones are ignored)."
     )
     create["required"] = [k for k in conn.get("required", []) if k != "id"]
+    # A form's empty id field (null or "") is an id left out: one is made.
+    create["properties"]["id"] = {
+        "anyOf": [conn["properties"]["id"], {"type": "null"}, {"const": ""}],
+        "description": "left out, null or empty: conn_ + 12 hex digits",
+    }
     changes = copy.deepcopy(conn)
     changes["title"] = "ConnectionChanges"
     changes["description"] = (
