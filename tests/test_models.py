@@ -11,11 +11,13 @@ import pytest
 
 from ctsd import files, limits
 from ctsd.files import Invalid
+from ctsd.guard import allowed_origins
 from ctsd.models import (
     Connection,
     ConnectionDoc,
     ConnectionState,
     InstancesDoc,
+    ServerSettings,
     Settings,
     SyncEvent,
 )
@@ -182,20 +184,6 @@ BAD = [
         f'[{CONN}, "connection_settings": "{{bad"}}]',
         1, 71, "$[0].connection_settings",
         "JSON string holding an object",
-    ),
-    (
-        "connection-settings-nan",  # json.loads takes it; what reads it back does not
-        "connections.json",
-        f'[{CONN}, "connection_settings": "{{\\"x\\": NaN}}"}}]',
-        1, 71, "$[0].connection_settings",
-        "JSON string holding an object",
-    ),
-    (
-        "connection-settings-number-out-of-range",
-        "connections.json",
-        f'[{CONN}, "connection_settings": "{{\\"x\\": 1e999}}"}}]',
-        1, 71, "$[0].connection_settings",
-        "Number out of range",
     ),
     (
         "connection-settings-object-not-string",
@@ -436,15 +424,11 @@ def test_trailing_newline_is_not_a_match(field: str, value: str) -> None:
     [
         ({"server": {"host": "192.168..1"}}, "server.host '192.168..1' is not an IP address"),
         ({"server": {"host": ""}}, "server.host '' is not an IP address"),
-        ({"server": {"cors_origins": ["http://localhost:5173/"]}}, "no trailing slash"),
-        ({"server": {"cors_origins": ["localhost:5173"]}}, "is not an origin"),
-        ({"server": {"cors_origins": ["*"]}}, "is not an origin"),
-        ({"server": {"cors_origins": ["null"]}}, "is not an origin"),
-        ({"sweep_interval_s": 1e-300}, ">= 0.01"),
-        ({"heartbeat_flush_s": 0.001}, ">= 0.01"),
-        ({"stale_after_s": 0.01}, ">= 0.1"),
-        ({"test_interval_s": 0.01}, "use 0 (no periodic tests) or at least 0.1 s"),
-        ({"test_timeout_s": 500}, "<= 120"),
+        ({"server": {"host": "a b"}}, "server.host 'a b' is not an IP address"),
+        ({"sweep_interval_s": 1e-300}, ">= 0.001"),
+        ({"heartbeat_flush_s": 0.0001}, ">= 0.001"),
+        ({"stale_after_s": 0}, ">= 0.001"),
+        ({"test_interval_s": 1e-9}, "use 0 (no periodic tests) or at least 0.001 s"),
     ],
 )
 def test_settings_a_daemon_cannot_run_with_are_refused(settings: dict, says: str) -> None:
@@ -453,11 +437,22 @@ def test_settings_a_daemon_cannot_run_with_are_refused(settings: dict, says: str
 
 
 def test_settings_a_daemon_can_run_with_are_taken() -> None:
+    """Beyond what cannot work at all, what an earlier version took is taken still: a file
+    refused at start would put every setting back to its default."""
     ok = {
-        "server": {"host": "::1", "cors_origins": ["app://desk", "http://[::1]:8080"]},
+        "server": {"host": "::1", "cors_origins": ["null", "*", "http://localhost:5173/"]},
         "test_interval_s": 0,
         "sweep_interval_s": 0.05,
+        "stale_after_s": 0.05,
+        "test_timeout_s": 300,
     }
     assert msgspec.convert(ok, Settings).server.host == "::1"
-    for host in ("0.0.0.0", "localhost", "trading-1.desk.lan", "trading-1.desk.lan."):
+    for host in ("0.0.0.0", "localhost", "trading-1.desk.lan", "trading-1.desk.lan.", "ctsd_gw"):
         msgspec.convert({"server": {"host": host}}, Settings)
+
+
+def test_cors_origins_let_in_what_browsers_send_and_never_null() -> None:
+    server = msgspec.convert(
+        {"cors_origins": ["http://localhost:5173/", "null", "*", "app://desk"]}, ServerSettings
+    )
+    assert allowed_origins(server) == {"http://localhost:5173", "app://desk"}

@@ -147,6 +147,11 @@ async def test_a_password_in_base_url_never_comes_back_in_a_result(
         assert "s3cr3tPart" not in text, text
 
 
+async def test_a_test_waits_at_most_what_its_callers_wait(app_factory: Any) -> None:
+    app = await app_factory([], {"test_timeout_s": 300})
+    assert app.prober._timeout() == probes.MAX_TEST_TIMEOUT_S == 120
+
+
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
     app = await app_factory([probe_connection("c1", None, exchange="kraken-pro")])
     result = await app.prober.test_connection("c1")

@@ -30,6 +30,21 @@ log = structlog.get_logger("ctsd.web")
 AUTH_LOG_EVERY_S = 60.0
 
 
+_ORIGINS: tuple[list[str], frozenset[str]] | None = None  # (the list read, what it allows)
+
+
+def allowed_origins(server: ServerSettings) -> frozenset[str]:
+    """The origins `server.cors_origins` lets in. An entry with a trailing slash
+    (`http://localhost:5173/`) is the origin without it: browsers send none. `*` and `null`
+    let nothing in: `null` is what sandboxed pages of any site send, no frontend's own."""
+    global _ORIGINS
+    listed = server.cors_origins
+    if _ORIGINS is None or _ORIGINS[0] is not listed:  # once per settings change
+        usable = {o.rstrip("/") for o in listed} - {"*", "null", ""}
+        _ORIGINS = (listed, frozenset(usable))
+    return _ORIGINS[1]
+
+
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
     """Every value of one header (ASGI headers: lower-case names, latin-1 values)."""
     return [v.decode("latin-1") for k, v in headers if k == name]
@@ -104,7 +119,7 @@ class Guard:
 
     def check_origin(self, headers: list[tuple[bytes, bytes]], server: ServerSettings) -> None:
         origins = header(headers, b"origin")
-        if origins and not (len(origins) == 1 and origins[0] in server.cors_origins):
+        if origins and not (len(origins) == 1 and origins[0] in allowed_origins(server)):
             raise CtsdError("forbidden", "origin not allowed")
 
     def token_state(self, headers: list[tuple[bytes, bytes]]) -> bool | None:

@@ -146,6 +146,9 @@ BINGX = Endpoint(
 # `projectX.apiUrl`; this is the default and the path of its key login.
 PROJECTX_DEFAULT_URL = "https://api.topstepx.com"
 PROJECTX_LOGIN_PATH = "/api/Auth/loginKey"
+# A test waits at most this, whatever test_timeout_s says: within what `ctsd conn test` (and a
+# bus client's patience) waits for its answer.
+MAX_TEST_TIMEOUT_S = 120.0
 
 EXCHANGES: dict[str, Endpoint] = {
     "bybit": BYBIT,
@@ -376,7 +379,7 @@ class Prober:
         return TestResult(success=True, latency=latency, timestamp=ts)
 
     def _timeout(self) -> float:
-        return float(self.store.settings.test_timeout_s)
+        return min(float(self.store.settings.test_timeout_s), MAX_TEST_TIMEOUT_S)
 
     # --- exchange connections --------------------------------------------------------------
 

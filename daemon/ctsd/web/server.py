@@ -32,7 +32,7 @@ from ctsd.bus.ratelimit import Limiter
 from ctsd.bus.server import BUS_PATH, HARD_MAX_FRAME_BYTES, Bus
 from ctsd.config import is_loopback
 from ctsd.errors import CtsdError
-from ctsd.guard import Guard, header, rate_key
+from ctsd.guard import Guard, allowed_origins, header, rate_key
 from ctsd.metrics import Metrics
 from ctsd.web import api
 from ctsd.web.protocols import ConnectionLimits, protocol_classes
@@ -76,16 +76,17 @@ NO_RATE_LIMIT = ("/health",)
 
 
 class LiveOrigins(Collection[str]):
-    """`server.cors_origins` as read now (a hand edit of settings.json applies at once)."""
+    """`server.cors_origins` as read now (a hand edit of settings.json applies at once), as
+    `guard.allowed_origins` takes them."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _current(self) -> list[str]:
-        return self.store.settings.server.cors_origins
+    def _current(self) -> frozenset[str]:
+        return allowed_origins(self.store.settings.server)
 
     def __contains__(self, origin: object) -> bool:
-        return origin != "*" and origin in self._current()
+        return origin in self._current()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._current())
