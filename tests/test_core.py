@@ -507,6 +507,44 @@ def test_a_change_that_would_make_a_file_too_large_is_refused_alone(
     hand = [*c.connections.values(), big]
     (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
     assert out.error is None and "conn_x" in c.connections
+    # Past the bound now: what makes it smaller is taken, what makes it larger is not.
+    (out,), _ = run(c, ops.update("conn_a", {"name": "a" * 150}))
+    assert out.error is not None and out.error.code == "too_large"
+    ok(run(c, ops.update("conn_a", {"name": "a"}))[0])
+    ok(run(c, ops.delete("conn_x"))[0])
+
+
+def test_a_document_written_larger_than_the_read_limit_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small as compact JSON, huge indented: values 60 levels down are written with 120
+    spaces each."""
+    monkeypatch.setattr(core, "MAX_FILE_BYTES", 10_000)
+    c = seeded()
+    deep: Any = [0] * 100
+    for _ in range(60):
+        deep = [deep]
+    (out,), _ = run(c, ops.set_document("ui-config", {"deep": deep}))
+    assert out.error is not None and out.error.code == "too_large", out.error
+    assert "as written (indented)" in out.error.message
+    ok(run(c, ops.set_document("ui-config", {"flat": [0] * 100}))[0])
+
+
+@pytest.mark.parametrize("settings", ['{"x": NaN}', '{"x": Infinity}', '{"x": 1e999}'])
+def test_connection_settings_the_readers_cannot_decode_are_refused_at_the_door(
+    settings: str,
+) -> None:
+    """Taken by json.loads, refused by what reads it back (masking showed the whole field as
+    ********, and the record read back was refused). A file holding one still loads."""
+    c = seeded("conn_a")
+    for op in (ops.create(body("conn_b", connection_settings=settings)),
+               ops.update("conn_a", {"connection_settings": settings})):  # fmt: skip
+        (out,), _ = run(c, op)
+        assert out.error is not None and out.error.code == "invalid", out.error
+        assert out.error.path.endswith(".connection_settings")
+    rows = [{"id": "a", "name": "a", "exchange": "x", "connection_settings": settings}]
+    loaded = files.decode_file(CONNECTIONS, msgspec.json.encode(rows))
+    assert loaded[0].connection_settings == settings
 
 
 def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> None:

@@ -23,7 +23,7 @@ import msgspec
 from ctsd import files
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
-from ctsd.limits import MAX_FILE_BYTES
+from ctsd.limits import MAX_DEPTH, MAX_FILE_BYTES
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.table import DELETED, Table
 
@@ -473,7 +473,9 @@ def apply_group(
 
 class _Sizes:
     """connections.json's size as a group's requests change it, and the check that refuses
-    a request that would take it, or a document, past CONTENT_MAX_BYTES."""
+    a request that would take it, or a document, past what the daemon reads back. A change
+    that makes a file already past it smaller (a delete) is taken: the file got there by a
+    hand edit, taken in as it was, or an earlier version."""
 
     def __init__(self, base: Committed) -> None:
         self.base = base
@@ -488,21 +490,37 @@ class _Sizes:
             total = self.total + sum(
                 size - self.sizes.get(k, self.base.connection_bytes(k)) for k, size in now.items()
             )
-            if total > CONTENT_MAX_BYTES:
-                raise _too_large(CONNECTIONS, total)
+            if total > CONTENT_MAX_BYTES and total > self.total:
+                raise _too_large(CONNECTIONS, f"{total} bytes of JSON", CONTENT_MAX_BYTES)
             self.total = total
             self.sizes.update(now)
         for name, content in tx.docs.over.items():
-            size = _bytes_of(content)
-            if size > CONTENT_MAX_BYTES:
-                raise _too_large(files.document_file(name), size)
+            self._check_document(name, content)
+
+    def _check_document(self, name: str, content: Any) -> None:
+        size = _bytes_of(content)
+        over: tuple[str, int] | None = None
+        if size > CONTENT_MAX_BYTES:
+            over = f"{size} bytes of JSON", CONTENT_MAX_BYTES
+        elif size * INDENT_WORST > MAX_FILE_BYTES:
+            # Deep nesting indents each value by up to twice its depth: a 1 MB document of
+            # zeros 64 levels down is written as 68 MB. Only then is the file encoded here.
+            written = len(files.encode_document(content))
+            if written > MAX_FILE_BYTES:
+                over = f"{written} bytes as written (indented)", MAX_FILE_BYTES
+        if over is not None and size > _bytes_of(self.base.documents.get(name)):
+            raise _too_large(files.document_file(name), *over)
 
 
-def _too_large(file: str, size: int) -> CtsdError:
+# How much larger than its compact JSON a document can be once indented (2 spaces a level,
+# MAX_DEPTH levels, a newline per value).
+INDENT_WORST = 2 * MAX_DEPTH + 2
+
+
+def _too_large(file: str, what: str, limit: int) -> CtsdError:
     return CtsdError(
         "too_large",
-        f"{file} would hold {size} bytes of JSON; the limit is {CONTENT_MAX_BYTES}: nothing "
-        "was changed",
+        f"{file} would be {what}; the limit is {limit}: nothing was changed",
     )
 
 

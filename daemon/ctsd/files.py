@@ -281,7 +281,11 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
 
 
 @functools.lru_cache(maxsize=65_536)  # a pure function of the string; most repeat per file
-def connection_settings_problem(text: str) -> str | None:
+def connection_settings_problem(text: str, strict: bool = False) -> str | None:
+    """Why `text` is no `connection_settings` value, or None. `strict` (a change sent
+    through a door): also what the daemon's own readers (masking, probes) cannot decode,
+    NaN, Infinity, 1e999. A file holding one (an earlier version stored them) still loads:
+    refusing it would leave every connection unserved."""
     try:
         value = json.loads(text)
     except ValueError as e:
@@ -296,10 +300,11 @@ def connection_settings_problem(text: str) -> str | None:
         return f"connection_settings is {_TOO_DEEP}"
     if has_duplicate_keys(text):
         return "connection_settings names a key twice in one object"
-    try:  # what reads it back (masking, probes) decodes strictly: no NaN, no 1e999
-        msgspec.json.decode(text)
-    except msgspec.DecodeError as e:
-        return f"connection_settings must be a JSON string holding an object: {e}"
+    if strict:
+        try:
+            msgspec.json.decode(text)
+        except msgspec.DecodeError as e:
+            return f"connection_settings must be a JSON string holding an object: {e}"
     if "base_url" in value and not (
         isinstance(value["base_url"], str) and value["base_url"].startswith(("http://", "https://"))
     ):

@@ -139,7 +139,7 @@ def own_settings_kept(tx: Tx, name: str, content: dict[str, Any]) -> dict[str, A
 
 
 def _check_settings(conn: Connection, path: str) -> None:
-    problem = files.connection_settings_problem(conn.connection_settings)
+    problem = files.connection_settings_problem(conn.connection_settings, strict=True)
     if problem:
         raise CtsdError("invalid", problem, path=f"{path}.connection_settings")
 
