@@ -459,10 +459,16 @@ def test_signals_before_ready_and_while_stopping_never_cut_the_daemon_short(
         d.send_signal(signal.SIGHUP)
         d.wait_ready(timeout=30)
         d.send_signal(signal.SIGTERM)
-        while d.proc.poll() is None:  # one Ctrl-C after another until it has ended
+
+        def one_came_while_stopping() -> bool:  # one Ctrl-C after another until one did
+            if d.proc is None or d.proc.poll() is not None:
+                return True
             d.send_signal(signal.SIGINT)
-            time.sleep(0.002)  # the pace of the keystrokes, not a wait for a state
-        assert d.proc.returncode == 0, d.stderr()
+            return any(e.get("event") == "already_stopping" for e in d.log_events())
+
+        wait_until(one_came_while_stopping, 10, what="a Ctrl-C while stopping")
+        assert d.proc.wait(10) == 0, d.stderr()
+        assert any(e.get("event") == "already_stopping" for e in d.log_events())
         assert d.stderr() == ""
         assert any(e.get("event") == "stopped" for e in d.log_events())
     finally:

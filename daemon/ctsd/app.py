@@ -366,12 +366,17 @@ async def _serve(d: Daemon) -> None:
                 # Finish in-flight changes, close the cluster engine, every change to the files.
                 await store.close()
                 await svc.prober.aclose()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the process ends now
+        # Leaving the receiver put the default actions back (the loop's way): ignored from
+        # here, as the process ends. (A signal in the few statements between still acts.)
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # its thread ends within `step`, before the loop does
         tg.cancel_scope.cancel()
     log.info("stopped", revision=store.revision)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def _while_stopping(signals: AsyncIterator[int]) -> None:
@@ -436,6 +441,9 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # (Ctrl-C while the files are read and the journal replayed)
+        print("ctsd: interrupted while starting", file=sys.stderr)
+        return 0
     d.lock = lock
     try:
         anyio.run(_serve, d, backend_options=_loop_options())
