@@ -6,7 +6,6 @@ Every test runs the real `ctsd` console script as a subprocess.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -522,28 +521,35 @@ def test_token_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert read_token(target, system) == "from-env"
 
 
-def test_a_system_token_dir_this_user_cannot_enter_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_system_token_dir_this_user_cannot_enter_is_named(tmp_path: Path) -> None:
     """/etc/ctsd closed to this user: is_file() on its token raises EACCES, and the line
-    named DATA/.token, a file that was not the problem."""
-    from ctsd.client import EXIT_AUTH, CliError, Target, read_token
-
-    for name in ("CTSD_TOKEN", "CREDENTIALS_DIRECTORY"):
-        monkeypatch.delenv(name, raising=False)
+    named DATA/.token, a file that was not the problem. (In a process of its own, run
+    without root's reading of every directory.)"""
     data = tmp_path / "data"
     data.mkdir()
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "token").write_text("from-etc\n")
-    if os.geteuid() == 0:  # in this process: its capabilities cannot be dropped
-        pytest.skip("root reads any directory")
-    with closed(etc), pytest.raises(CliError) as caught:
-        read_token(Target("127.0.0.1", 3587, data), etc / "token")
-    assert caught.value.exit_code == EXIT_AUTH
-    assert caught.value.message.startswith(
-        f"cannot read the bus token {etc}/token: Permission denied; set CTSD_TOKEN"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from ctsd.client import CliError, Target, read_token\n"
+        "try:\n"
+        f"    target = Target('127.0.0.1', 3587, Path({str(data)!r}))\n"
+        f"    read_token(target, Path({str(etc)!r}) / 'token')\n"
+        "except CliError as e:\n"
+        "    print(e.exit_code, e.message)\n"
     )
+    with closed(etc):
+        r = subprocess.run(
+            [*without_dac(), sys.executable, "-c", code],
+            env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    from ctsd.client import EXIT_AUTH
+
+    assert r.stdout.startswith(
+        f"{EXIT_AUTH} cannot read the bus token {etc}/token: Permission denied; set CTSD_TOKEN"
+    ), r.stdout + r.stderr
 
 
 # --- serve ------------------------------------------------------------------------------------
