@@ -6,8 +6,11 @@ is framed once. A client that keeps up gets each frame written at once, with no 
 (as `websockets.broadcast()` does). Otherwise frames wait here, drained by the connection's own
 task as the transport's buffer empties. A client whose queue passes `MAX_QUEUE_FRAMES` or
 `MAX_QUEUE_BYTES` fell behind: it is dropped with close code 4008 (it resumes with `since`)
-and never slows anybody else. A replay is queued as a lazy iterator of frames, produced as
-the client reads them, so a long replay never sits in memory at once.
+and never slows anybody else. Replies count as frames but not as bytes: the session paces
+them (it reads a client's next frame once they are on their way), so a large one (a
+snapshot, an export) never drops the client that asked for it. A replay is queued as a
+lazy iterator of frames, produced as the client reads them, so a long replay never sits in
+memory at once.
 """
 
 from __future__ import annotations
@@ -60,14 +63,23 @@ def wire_of(payload: bytes) -> bytes:
 Close = Callable[[int, str], Awaitable[None]]
 
 
+class _Reply:
+    """A queued reply (`Outbox.push_reply`): not counted against MAX_QUEUE_BYTES."""
+
+    __slots__ = ("framed",)
+
+    def __init__(self, framed: bytes) -> None:
+        self.framed = framed
+
+
 class Outbox:
     def __init__(self, wire: Wire, close: Close, remote: str) -> None:
         self.wire = wire
         self._close = close  # the ASGI close of this connection
         self.remote = remote
-        self.queue: deque[bytes | Iterator[bytes]] = deque()
-        self.qframes = 0  # framed bytes waiting (replays not counted: they are lazy)
-        self.qbytes = 0
+        self.queue: deque[bytes | _Reply | Iterator[bytes]] = deque()
+        self.qframes = 0  # frames waiting (replays not counted: they are lazy)
+        self.qbytes = 0  # bytes of the events, notices and progress frames waiting
         self.task: asyncio.Task[None] | None = None
         self.closed = False
         self.last_sent = time.monotonic()
@@ -94,6 +106,18 @@ class Outbox:
         if self.qframes > MAX_QUEUE_FRAMES or self.qbytes > MAX_QUEUE_BYTES:
             self.cut()
             return
+        self._start()
+
+    def push_reply(self, framed: bytes) -> None:
+        """Queue (or write now) a reply to this client's command."""
+        if self.closed:
+            return
+        if self.idle and self.wire.write(framed):
+            self.last_sent = time.monotonic()
+            self.sent += 1
+            return
+        self.queue.append(_Reply(framed))
+        self.qframes += 1
         self._start()
 
     def push_lazy(self, frames: Iterator[bytes]) -> None:
@@ -123,6 +147,10 @@ class Outbox:
                     self.queue.popleft()
                     self.qframes -= 1
                     self.qbytes -= len(item)
+                elif isinstance(item, _Reply):
+                    framed = item.framed
+                    self.queue.popleft()
+                    self.qframes -= 1
                 else:
                     framed = next(item, None)
                     if framed is None:

@@ -76,7 +76,7 @@ class Session:
     # --- sending ----------------------------------------------------------------------------
 
     def push(self, msg: Any) -> None:
-        self.outbox.push(wire_of(p.encode(msg)))
+        self.outbox.push_reply(wire_of(p.encode(msg)))
 
     async def reply(self, msg: Any) -> None:
         """A reply; the client's replies pace how fast we read its frames."""
@@ -235,12 +235,14 @@ class Session:
             )
             return
         args = self._admit(msg_id, name, kind, frame)
-        if args is None:
+        if args is None:  # refused (rate limited, say): paced like any other answer
+            if self.outbox.qframes >= MAX_INFLIGHT:
+                await self.outbox.drained()
             return
         if name in WRITES or name in PROBES:
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
-            if name in WRITE_OPS and args.sync is None and self.outbox.qframes >= MAX_INFLIGHT:
+            if name in WRITE_OPS and self.outbox.qframes >= MAX_INFLIGHT:
                 # Answered but not yet sent count against the cap too: a client that
                 # pipelines without reading its replies is paced, not dropped for them.
                 await self.outbox.drained()
@@ -350,4 +352,4 @@ class Session:
 
     def fail(self, msg_id: int | None, err: CtsdError) -> None:
         self.bus.count_error(err.code)
-        self.outbox.push(wire_of(p.encode_fail(msg_id, err)))
+        self.outbox.push_reply(wire_of(p.encode_fail(msg_id, err)))
