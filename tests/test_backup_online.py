@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from ctsd import backup
-from ctsd.livebackup import RESTORE_PREFIX, SUFFIX
+from ctsd.livebackup import MAX_WAITING, RESTORE_PREFIX, SUFFIX
 from tests.bus import bus
 from tests.cli_helpers import CANARY, cli
 from tests.daemon import Daemon
@@ -246,3 +246,16 @@ async def test_kill_9_during_an_online_restore_leaves_old_or_new(
             assert stored_under(data_dir, [key], expected) == {key.id}
     # killed before the restore could commit, and after it did: both outcomes were seen
     assert outcomes[1] is False and outcomes[6] is True, (outcomes, took)
+
+
+async def test_backups_asked_for_in_a_loop_never_fill_the_disk(daemon: Daemon) -> None:
+    """Any token holder may ask for a backup over the bus; each is a copy of every file left
+    in the data dir for its CLI to take. At most MAX_WAITING wait: then `rate_limited`."""
+    async with bus(daemon) as b:
+        made = [await b.ok("data.backup") for _ in range(MAX_WAITING)]
+        assert len({m["file"] for m in made}) == MAX_WAITING
+        err = await b.err("data.backup")
+        assert err["code"] == "rate_limited" and "wait in the data dir" in err["message"]
+        assert len([n for n in leftovers(daemon.data_dir) if n.startswith(".backup-")]) == 4
+        (daemon.data_dir / made[0]["file"]).unlink()  # taken by its CLI
+        assert (await b.ok("data.backup"))["file"]

@@ -15,6 +15,7 @@ configured. So only whoever can read the data dir (the operator running `ctsd`) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -38,6 +39,11 @@ BACKUP_PREFIX = ".backup-"
 RESTORE_PREFIX = ".restore-"
 SUFFIX = ".tar.gz"
 STALE_S = 3600.0  # a handed-over archive the CLI never took (it was killed): removed after this
+# Archives waiting for their CLI to take them: any token holder may ask for a backup, and
+# each is a copy of every file left in the data dir for up to STALE_S; unbounded, asking in
+# a loop would fill the disk (and then every write fails). One is made at a time.
+MAX_WAITING = 4
+_one_at_a_time: asyncio.Lock | None = None
 
 
 def tidy(data_dir: Path, max_age: float = STALE_S) -> None:
@@ -67,14 +73,36 @@ async def snapshot_files(store: Store) -> dict[str, bytes]:
         return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
 
 
+def waiting_backups(data_dir: Path) -> int:
+    return sum(
+        1
+        for p in data_dir.iterdir()
+        if p.name.startswith(BACKUP_PREFIX) and p.name.endswith(SUFFIX)
+    )
+
+
 async def backup_running(store: Store) -> dict[str, Any]:
+    global _one_at_a_time
+    if _one_at_a_time is None:
+        _one_at_a_time = asyncio.Lock()
+    async with _one_at_a_time:
+        await anyio.to_thread.run_sync(tidy, store.data_dir)
+        if await anyio.to_thread.run_sync(waiting_backups, store.data_dir) >= MAX_WAITING:
+            raise CtsdError(
+                "rate_limited",
+                f"{MAX_WAITING} backups already wait in the data dir for the commands that "
+                "asked for them; try again once they are taken (or in an hour)",
+            )
+        return await _backup(store)
+
+
+async def _backup(store: Store) -> dict[str, Any]:
     contents = await snapshot_files(store)
     name = f"{BACKUP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
     name += secrets.token_hex(4) + SUFFIX
     path = store.data_dir / name
 
     def build() -> backup.Manifest:
-        tidy(store.data_dir)
         return backup.build_archive(contents, backup.revision_of(contents), path)
 
     try:
