@@ -253,6 +253,21 @@ def test_a_replayed_sync_log_edit_keeps_the_events_logged_after_it() -> None:
     assert snapshot(replay)[:5] == files_now[:5]
 
 
+def test_a_sync_log_edited_to_an_id_past_the_revision_is_refused() -> None:
+    """Ids are the daemon's to give: a made-up one past its revision would make the next
+    change's event older than the log's newest, sent to subscribers but left out of the log."""
+    c = seeded("conn_a")
+    forged = [*c.log, SyncEvent(id=999_999, connection_id=None, action="reset", data={},
+                                created_at=T1)]  # fmt: skip
+    raw = files.encode_table(forged)
+    (out,), change = run(c, Request(ops.take_in(SYNC_LOG, forged, list(c.log), raw), "file"))
+    assert out.error is not None and out.error.code == "invalid"
+    assert "999999 is past the daemon's revision 1" in out.error.message
+    assert out.error.path == "$[1].id" and change.empty and c.revision == 1
+    (out,), _ = run(c, ops.update("conn_a", {"name": "next"}))
+    assert out.events[0].id == 2 and c.log[-1].id == 2
+
+
 # --- If-Match ----------------------------------------------------------------------------------
 
 

@@ -381,3 +381,24 @@ def test_client_never_hangs_on_a_fifo_settings_file(tmp_path: Path) -> None:
     port = str(free_port())  # nothing listens there
     r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_PORT=port, CTSD_TOKEN="t"))
     assert r.returncode == 3 and "no daemon answering" in r.stderr, r.stderr
+
+
+async def test_a_sync_log_id_written_past_the_revision_is_invalid_not_taken(
+    daemon: Daemon,
+) -> None:
+    """The operator's file stays as written, reported invalid where the id is; the daemon
+    goes on giving ids after its own revision."""
+    path = daemon.data_dir / "connection-sync-log.json"
+    async with bus(daemon) as b:
+        await b.ok("connections.create", connection={"id": "c1", "name": "n", "exchange": "x"})
+        wait_until(lambda: json.loads(path.read_text()))  # the event reached the file
+        log = json.loads(path.read_text())
+        log.append({**log[-1], "id": 999_999})
+        edited = json.dumps(log, indent=2) + "\n"
+        path.write_text(edited)
+        wait_until(lambda: "connection-sync-log.json" in invalid_files(daemon))
+        problem = invalid_files(daemon)["connection-sync-log.json"]
+        assert "999999 is past the daemon's revision" in problem and "$[1].id" in problem
+        assert path.read_text() == edited
+        r = await b.ok("ping")
+        assert r["revision"] == log[0]["id"]

@@ -521,6 +521,19 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
             # reused, even after a restart.
             # (a fix of a log that never read valid comes with `was` empty: what it holds is
             # what the file has received)
+            if hand and hand[-1].id > tx.base.revision:
+                # Ids are the daemon's to give: one past its revision would make the next
+                # change's event older than the log's newest (kept from the log, sent to
+                # subscribers all the same, and a resume would replay the made-up one).
+                why = (
+                    f"id {hand[-1].id} is past the daemon's revision {tx.base.revision}: "
+                    "sync-log ids are given by the daemon, never written by hand"
+                )
+                raw_ = raw if raw is not None else files.encode_table(hand)
+                problem = diagnose.at_path(file, raw_, [len(hand) - 1, "id"], why)
+                raise CtsdError(
+                    "invalid", problem.message, path=problem.path, extra={"problem": problem}
+                )
             seen = max(was[-1].id if was else 0, hand[-1].id if hand else 0)
             tx.log_replace = [*hand, *(e for e in tx.base.log if e.id > seen)]
             tx.emit("document_update", None, {"file": file, "entries": len(hand)})
