@@ -130,7 +130,14 @@ async def test_unusable_url_is_a_failed_test_never_an_exception(url: str, app_fa
 
 @pytest.mark.parametrize(
     "userinfo",
-    ["admin:s3cr3tPart/rest", "admin:s3cr3tPart?x", "admin:s3cr3tPart", "s3cr3tPart:pw"],
+    [
+        "admin:s3cr3tPart/rest",
+        "admin:s3cr3tPart?x",
+        "admin:s3cr3tPart",
+        "s3cr3tPart:pw",
+        "admin:2024/s3cr3tPart",  # read as host admin, port 2024, path /s3cr3tPart@…
+        "admin:p@ss/s3cr3tPart",
+    ],
 )
 async def test_a_password_in_base_url_never_comes_back_in_a_result(
     userinfo: str, app_factory: Any
@@ -145,6 +152,17 @@ async def test_a_password_in_base_url_never_comes_back_in_a_result(
     logged = json.dumps(msgspec.to_builtins(list(app.store.committed.log)))
     for text in (json.dumps(result), logged):
         assert "s3cr3tPart" not in text, text
+
+
+async def test_a_password_read_as_a_path_never_comes_back_either(
+    app_factory: Any, fake: FakeExchange
+) -> None:
+    """`https://user:2024/pw@host` reads as host `user`, port 2024 and a path holding the
+    password: a server there answering 404 had the path quoted back in the result."""
+    app = await app_factory([probe_connection("c1", fake.base("ok") + "/s3cr3tPart@gw")])
+    result = await app.prober.test_connection("c1")
+    assert result["success"] is False and "percent-encoded" in result["error"], result
+    assert "s3cr3tPart" not in json.dumps(result)
 
 
 async def test_a_test_waits_at_most_what_its_callers_wait(app_factory: Any) -> None:

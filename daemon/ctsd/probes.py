@@ -227,11 +227,13 @@ def _url_problem(url: str) -> str | None:
         _port = parts.port  # raises for a port out of range
     except ValueError as e:
         if "port" in str(e).lower():
-            return (
-                "its port is not a number from 0 to 65535 (in a user name or password, "
-                "write /, ?, # and @ percent-encoded)"
-            )
+            return "its port is not a number from 0 to 65535; or " + _ESCAPE
         return "it does not parse as a URL"
+    if "@" in parts.path + parts.query + parts.fragment:
+        # `https://admin:2024/Spring@host`: a password typed with a `/` (or `?`, `#`) in it,
+        # which the parser reads as host `admin`, port 2024 and a path: every message would
+        # name that host, port and path, the password's pieces.
+        return _ESCAPE
     try:
         httpx.URL(url)
     except httpx.InvalidURL:
@@ -239,6 +241,12 @@ def _url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "no host"
     return None
+
+
+_ESCAPE = (
+    "an @ after the host: in a user name or password, write /, ?, # and @ percent-encoded "
+    "(%2F, %3F, %23, %40)"
+)
 
 
 def display_url(url: str) -> str:

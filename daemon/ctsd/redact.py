@@ -46,8 +46,8 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
 _URL_MASKED = f":{MASK}@"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
-_URL_END = re.compile(r"[\s\"']")  # where a URL written in text ends
-_NOT_IN_USER = frozenset("/?#@")
+_TOKEN = re.compile(r"[^\s\"']+")  # a URL written in text runs to a space or a quote
+_USER_END = re.compile(r"[:/?#@]")
 
 
 def _norm(name: str) -> str:
@@ -83,43 +83,43 @@ def mask_url_passwords(text: str) -> str:
     """`text` with the password of every URL in it masked (the same string when none):
     `scheme://user:password@host` shows as `scheme://user:********@host`.
 
-    The password runs to the last `@` of the URL, as operators type passwords unescaped
-    (`p@ss`, `a/b`); the user name stays, to tell accounts apart. `host:port/path@x` (a path
-    holding an `@`) is no password. One pass over the text, each part looked at once: it
-    runs on every string of every log line and answer, and a regex that backtracks would
-    let a long crafted string hold the event loop for seconds."""
+    The password runs to the last `@` of the URL's token (up to a space or a quote), as
+    operators type passwords unescaped (`p@ss`, `a/b`, even `a://b`); the user name stays,
+    to tell accounts apart. Always on the safe side: a path holding an `@`
+    (`http://host:5173/@vite/x`) is masked as if it were one. One pass over the text, each
+    token looked at once: this runs on every string of every log line and answer, and a
+    pattern that backtracks would let a long crafted string hold the event loop."""
     if "@" not in text or "://" not in text:
         return text  # the common case
     out: list[str] = []
     done = 0
-    i = text.find("://")
-    while i != -1:
-        nxt = text.find("://", i + 3)
-        limit = len(text) if nxt == -1 else nxt
-        stop = _URL_END.search(text, i + 3, limit)
-        end = limit if stop is None else stop.start()
-        at = text.rfind("@", i + 3, end)
-        colon = text.find(":", i + 3, at) if at != -1 else -1
-        if colon != -1 and _has_scheme(text, i) and _NOT_IN_USER.isdisjoint(text[i + 3 : colon]):
-            secret = text[colon + 1 : at]
-            slash = secret.find("/")
-            if not (slash > 0 and secret[:slash].isdigit()):  # not `host:port/path@…`
-                out.append(text[done : colon + 1])
+    for token in _TOKEN.finditer(text):
+        start, end = token.span()
+        at = text.rfind("@", start, end)
+        i = text.find("://", start, at) if at != -1 else -1
+        while i != -1:
+            # The user name runs to the first of `:/?#@` (a user name holds none of them):
+            # each scan stops before the next `://`, so no text is scanned twice.
+            stop = _USER_END.search(text, i + 3, at)
+            if stop is not None and stop.group() == ":" and _has_scheme(text, start, i):
+                out.append(text[done : stop.start() + 1])
                 out.append(MASK)
                 done = at
-        i = nxt
+                break
+            i = text.find("://", i + 3, at)  # a URL inside this one's path or query, say
     out.append(text[done:])
     return "".join(out)
 
 
-def _has_scheme(text: str, i: int) -> bool:
-    """Does a scheme (a letter, then letters, digits, `+`, `.` or `-`) end at `i`?"""
+def _has_scheme(text: str, start: int, i: int) -> bool:
+    """Does a scheme (an ASCII letter, then letters, digits, `+`, `.` or `-`) end at `i`?
+    (The scans back stop at a `:` or `/`, so they never cover the same text twice.)"""
     s = i
-    while s > 0 and i - s < 32 and text[s - 1] in _SCHEME_CHARS:
+    while s > start and text[s - 1] in _SCHEME_CHARS:
         s -= 1
-    while s < i and not text[s].isalpha():
+    while s < i and not (text[s].isascii() and text[s].isalpha()):
         s += 1
-    return s < i and text[s].isascii()
+    return s < i
 
 
 def _is_container(value: Any) -> bool:
