@@ -553,7 +553,7 @@ def convert_connections(table: TableData, m: Migration) -> None:
         for name in CONNECTION_SECRETS:
             if is_placeholder(body.get(name)):
                 raise _Bad(f"`{name}`: holds the masked placeholder, not a secret")
-        problem = files.connection_settings_problem(conn.connection_settings)
+        problem = files.connection_settings_problem(conn.connection_settings, strict=True)
         if problem:
             raise _Bad(f"`connection_settings`: {problem}")
 

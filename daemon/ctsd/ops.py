@@ -138,8 +138,11 @@ def own_settings_kept(tx: Tx, name: str, content: dict[str, Any]) -> dict[str, A
     return kept
 
 
-def _check_settings(conn: Connection, path: str) -> None:
-    problem = files.connection_settings_problem(conn.connection_settings, strict=True)
+def _check_settings(conn: Connection, path: str, before: Connection | None = None) -> None:
+    """connection_settings as a door takes it: strictly when it is new or changed (a value
+    loaded from a file, which an earlier version may have stored, never blocks the record)."""
+    unchanged = before is not None and before.connection_settings == conn.connection_settings
+    problem = files.connection_settings_problem(conn.connection_settings, strict=not unchanged)
     if problem:
         raise CtsdError("invalid", problem, path=f"{path}.connection_settings")
 
@@ -190,7 +193,7 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> tuple[Connect
     changes = {k: v for k, v in changes.items() if k not in SERVER_MANAGED}
     merged = {**msgspec.structs.asdict(conn), **changes}
     new = _convert(merged, Connection, path)
-    _check_settings(new, path)
+    _check_settings(new, path, conn)
     new = seal(tx, new, conn, path)
     # Server-managed fields were dropped above: `updated_at` is never among these.
     fields = changed_fields(conn, new)
@@ -600,7 +603,7 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
             raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
         seen.add(rid)
         if file == CONNECTIONS:
-            _check_settings(r, f"{path}[{i}]")
+            _check_settings(r, f"{path}[{i}]", tx.connections.get(rid))
     table = tx.connections if file == CONNECTIONS else tx.state
     current = dict(table.items())
     if mode == "merge":

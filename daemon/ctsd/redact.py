@@ -264,6 +264,8 @@ def _pairs(sent: list[Any], stored: Any) -> list[Any]:
 
 
 def _restore_settings_string(sent: str, stored: Any, path: str) -> str:
+    if sent == MASK and isinstance(stored, str) and _mask_settings_string(stored) == MASK:
+        return stored  # shown whole as the mask (it does not decode): sent back as shown
     try:
         inner = msgspec.json.decode(sent)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
