@@ -543,6 +543,10 @@ def test_a_document_written_larger_than_the_read_limit_is_refused(
     assert out.error is not None and out.error.code == "too_large", out.error
     assert "as written (indented)" in out.error.message
     ok(run(c, ops.set_document("ui-config", {"flat": [0] * 100}))[0])
+    # Smaller than the document before it as compact JSON, but larger as written: refused.
+    ok(run(c, ops.set_document("ui-config", {"flat": "f" * 3000}))[0])
+    (out,), _ = run(c, ops.set_document("ui-config", {"deep": deep}))
+    assert out.error is not None and out.error.code == "too_large", out.error
 
 
 @pytest.mark.parametrize("settings", ['{"x": NaN}', '{"x": Infinity}', '{"x": 1e999}'])

@@ -499,17 +499,19 @@ class _Sizes:
 
     def _check_document(self, name: str, content: Any) -> None:
         size = _bytes_of(content)
-        over: tuple[str, int] | None = None
-        if size > CONTENT_MAX_BYTES:
-            over = f"{size} bytes of JSON", CONTENT_MAX_BYTES
-        elif size * INDENT_WORST > MAX_FILE_BYTES:
+        before = self.base.documents.get(name)
+        if size > CONTENT_MAX_BYTES and size > _bytes_of(before):
+            raise _too_large(files.document_file(name), f"{size} bytes of JSON", CONTENT_MAX_BYTES)
+        if size * INDENT_WORST > MAX_FILE_BYTES:
             # Deep nesting indents each value by up to twice its depth: a 1 MB document of
-            # zeros 64 levels down is written as 68 MB. Only then is the file encoded here.
+            # zeros 64 levels down is written as 68 MB. Only then is the file encoded here,
+            # and judged against the file as written before it.
             written = len(files.encode_document(content))
-            if written > MAX_FILE_BYTES:
-                over = f"{written} bytes as written (indented)", MAX_FILE_BYTES
-        if over is not None and size > _bytes_of(self.base.documents.get(name)):
-            raise _too_large(files.document_file(name), *over)
+            if written > MAX_FILE_BYTES and (
+                before is None or written > len(files.encode_document(before))
+            ):
+                what = f"{written} bytes as written (indented)"
+                raise _too_large(files.document_file(name), what, MAX_FILE_BYTES)
 
 
 # How much larger than its compact JSON a document can be once indented (2 spaces a level,
