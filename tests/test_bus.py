@@ -433,6 +433,38 @@ async def test_a_client_pipelining_without_reading_is_paced_not_dropped(
     assert all(a["success"] for a in answers)
 
 
+async def test_large_changes_pipelined_without_reading_are_paced_one_at_a_time(
+    daemon: Daemon,
+) -> None:
+    """Each `documents.set` of ~0.5 MB is answered with the document (as large): a client
+    sending them without reading must not make the daemon hold its answers without bound.
+    A large change waits until every change before it is answered and sent."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    n = 30  # ~15 MB of answers, against 8 MiB a lagging subscriber may have waiting
+    async with bus(daemon, max_queue=1, sock=sock) as b, bus(daemon) as w:
+        start = (await w.ok("ping"))["revision"]
+        sent: list[int] = []
+
+        async def send_all() -> None:
+            for i in range(n):
+                doc = {"i": i, "blob": "d" * 500_000}
+                sent.append(await b.send("documents.set", name="ui-config", content=doc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_all)
+            seen: list[int] = []
+            with anyio.fail_after(30):  # the revision stands still: b's answers hold it up
+                while len(seen) < 5 or seen[-1] != seen[-5]:
+                    seen.append((await w.ok("ping"))["revision"])
+                    await anyio.sleep(0.1)
+            assert seen[-1] - start < n
+            answers = [await b.recv() for _ in range(n)]
+    assert [a["id"] for a in answers] == sent and all(a["success"] for a in answers)
+
+
 async def test_large_replies_asked_back_to_back_never_drop_the_client(daemon: Daemon) -> None:
     """Two snapshots of about 9 MB asked for without reading: the second waits behind the
     first, past the 8 MiB a subscriber that falls behind may have waiting; it is a reply,

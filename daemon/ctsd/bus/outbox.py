@@ -80,6 +80,7 @@ class Outbox:
         self.queue: deque[bytes | _Reply | Iterator[bytes]] = deque()
         self.qframes = 0  # frames waiting (replays not counted: they are lazy)
         self.qbytes = 0  # bytes of the events, notices and progress frames waiting
+        self.rbytes = 0  # bytes of the replies waiting (the session paces on them)
         self.task: asyncio.Task[None] | None = None
         self.closed = False
         self.last_sent = time.monotonic()
@@ -118,6 +119,7 @@ class Outbox:
             return
         self.queue.append(_Reply(framed))
         self.qframes += 1
+        self.rbytes += len(framed)
         self._start()
 
     def push_lazy(self, frames: Iterator[bytes]) -> None:
@@ -151,6 +153,7 @@ class Outbox:
                     framed = item.framed
                     self.queue.popleft()
                     self.qframes -= 1
+                    self.rbytes -= len(framed)
                 else:
                     framed = next(item, None)
                     if framed is None:

@@ -21,7 +21,7 @@ import structlog
 from ctsd.bus import protocol as p
 from ctsd.bus.commands import HANDLERS, PROBES, WRITE_OPS, WRITES, Call, Write
 from ctsd.bus.fanout import Hub, Key
-from ctsd.bus.outbox import Outbox, wire_of
+from ctsd.bus.outbox import MAX_QUEUE_BYTES, Outbox, wire_of
 from ctsd.bus.ratelimit import Limiter
 from ctsd.core import Request
 from ctsd.errors import CtsdError
@@ -38,6 +38,10 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
+# A change frame larger than this (a document, whose answer is as large) waits until every
+# change before it is answered and sent: however a client pipelines, the answers waiting for
+# it stay within MAX_INFLIGHT small ones and one large one.
+BIG_FRAME_BYTES = 64 * 1024
 EXEMPT = frozenset({"connections.heartbeat"})  # heartbeats are never rate limited
 RATE_LIMITED = CtsdError("rate_limited", "too many requests; slow down and retry")
 STOPPING = CtsdError("io_error", "the daemon is stopping: nothing was done; retry once it is back")
@@ -164,7 +168,7 @@ class Session:
         this for each text frame it reads while nothing is queued for `serve`): True if it
         was. Only a well-formed change that need not wait qualifies; anything else is left,
         untouched, to `serve` (False). A pipelining client's changes mostly come this way."""
-        if self._busy or len(raw) > p.MAX_FRAME_BYTES or not raw.isascii():
+        if self._busy or len(raw) > BIG_FRAME_BYTES or not raw.isascii():
             return False
         try:
             frame = _decoder.decode(raw)
@@ -179,7 +183,7 @@ class Session:
             or not isinstance(name, str)
             or name not in WRITE_OPS
             or len(self.inflight) + len(self.probes) >= MAX_INFLIGHT
-            or self.outbox.qframes >= MAX_INFLIGHT
+            or self._answers_wait()
         ):
             return False
         self.last_id = msg_id
@@ -236,13 +240,15 @@ class Session:
             return
         args = self._admit(msg_id, name, kind, frame)
         if args is None:  # refused (rate limited, say): paced like any other answer
-            if self.outbox.qframes >= MAX_INFLIGHT:
+            if self._answers_wait():
                 await self.outbox.drained()
             return
         if name in WRITES or name in PROBES:
+            if size > BIG_FRAME_BYTES and self.inflight:
+                await asyncio.wait(self.inflight)
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
-            if name in WRITE_OPS and self.outbox.qframes >= MAX_INFLIGHT:
+            if self._answers_wait() or size > BIG_FRAME_BYTES:
                 # Answered but not yet sent count against the cap too: a client that
                 # pipelines without reading its replies is paced, not dropped for them.
                 await self.outbox.drained()
@@ -254,6 +260,10 @@ class Session:
         if self.inflight:  # read-your-writes: this client's earlier changes answer first
             await asyncio.wait(self.inflight)
         await self.execute(msg_id, name, args)
+
+    def _answers_wait(self) -> bool:
+        """Do enough answers wait for this client to read that its next frame must wait?"""
+        return self.outbox.qframes >= MAX_INFLIGHT or self.outbox.rbytes >= MAX_QUEUE_BYTES
 
     def _admit(self, msg_id: int, name: str, kind: Any, frame: dict[str, Any]) -> Any:
         """A command past the checks of its frame: counted by the rate limit, its arguments
