@@ -5,6 +5,7 @@ door that subscribers see; secrets stay encrypted throughout."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import stat
@@ -17,7 +18,7 @@ import msgspec
 import pytest
 
 from ctsd import backup
-from ctsd.livebackup import MAX_WAITING, RESTORE_PREFIX, SUFFIX
+from ctsd.livebackup import MAX_WAITING, RESTORE_PREFIX, SUFFIX, TAKEN_WITHIN_S
 from tests.bus import bus
 from tests.cli_helpers import CANARY, cli
 from tests.daemon import Daemon
@@ -259,3 +260,9 @@ async def test_backups_asked_for_in_a_loop_never_fill_the_disk(daemon: Daemon) -
         assert len([n for n in leftovers(daemon.data_dir) if n.startswith(".backup-")]) == 4
         (daemon.data_dir / made[0]["file"]).unlink()  # taken by its CLI
         assert (await b.ok("data.backup"))["file"]
+        # Left uncollected past a minute, they make room (never hold a backup off long).
+        old = time.time() - TAKEN_WITHIN_S - 1
+        for name in leftovers(daemon.data_dir):
+            os.utime(daemon.data_dir / name, (old, old))
+        assert (await b.ok("data.backup"))["file"]
+        assert len(leftovers(daemon.data_dir)) == 1

@@ -20,6 +20,7 @@ import contextlib
 import os
 import secrets
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +42,12 @@ SUFFIX = ".tar.gz"
 STALE_S = 3600.0  # a handed-over archive the CLI never took (it was killed): removed after this
 # Archives waiting for their CLI to take them: any token holder may ask for a backup, and
 # each is a copy of every file left in the data dir for up to STALE_S; unbounded, asking in
-# a loop would fill the disk (and then every write fails). One is made at a time.
+# a loop would fill the disk (and then every write fails). One is made at a time. At the
+# cap, those older than TAKEN_WITHIN_S (a CLI moves its archive at once) are removed first,
+# so uncollected ones never hold the operator's backup off for long.
 MAX_WAITING = 4
-_one_at_a_time: asyncio.Lock | None = None
+TAKEN_WITHIN_S = 60.0
+_locks: weakref.WeakKeyDictionary[Store, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def tidy(data_dir: Path, max_age: float = STALE_S) -> None:
@@ -74,24 +78,27 @@ async def snapshot_files(store: Store) -> dict[str, bytes]:
 
 
 def waiting_backups(data_dir: Path) -> int:
-    return sum(
-        1
+    """Uncollected archives, once the stale ones are removed (and, at the cap, those older
+    than TAKEN_WITHIN_S)."""
+    tidy(data_dir)
+    waiting = [
+        p
         for p in data_dir.iterdir()
         if p.name.startswith(BACKUP_PREFIX) and p.name.endswith(SUFFIX)
-    )
+    ]
+    if len(waiting) >= MAX_WAITING:
+        tidy(data_dir, TAKEN_WITHIN_S)
+        waiting = [p for p in waiting if p.exists()]
+    return len(waiting)
 
 
 async def backup_running(store: Store) -> dict[str, Any]:
-    global _one_at_a_time
-    if _one_at_a_time is None:
-        _one_at_a_time = asyncio.Lock()
-    async with _one_at_a_time:
-        await anyio.to_thread.run_sync(tidy, store.data_dir)
+    async with _locks.setdefault(store, asyncio.Lock()):
         if await anyio.to_thread.run_sync(waiting_backups, store.data_dir) >= MAX_WAITING:
             raise CtsdError(
                 "rate_limited",
-                f"{MAX_WAITING} backups already wait in the data dir for the commands that "
-                "asked for them; try again once they are taken (or in an hour)",
+                f"{MAX_WAITING} backups made in the last {TAKEN_WITHIN_S:g} s still wait in the "
+                "data dir for the commands that asked for them; try again shortly",
             )
         return await _backup(store)
 
