@@ -67,6 +67,7 @@ class Daemon:
     cluster: ClusterSettings | None = field(default=None)
     edited: list[str] = field(default_factory=list)  # cluster mode: edited while it was down
     lock: InstanceLock | None = None
+    stopping: bool = False  # a stop signal was taken
 
     def status_line(self) -> str:
         s = self.svc.store
@@ -356,6 +357,7 @@ async def _serve(d: Daemon) -> None:
                     await _reload(d)
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
+                d.stopping = True
                 break
             # Still received while stopping, never left to their default actions: a second
             # Ctrl-C would interrupt the last writes, a SIGHUP would end the process.
@@ -450,8 +452,12 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     except StartError as e:
         print(f"ctsd: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before READY: what was written is crash-safe as ever
-        print("ctsd: interrupted while starting", file=sys.stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C before READY: what was written is crash-safe as ever. After the stop began,
+        # one that came as the signal receiver closed (its default action back for a moment):
+        # everything is written by then.
+        if not d.stopping:
+            print("ctsd: interrupted while starting", file=sys.stderr)
         return 0
     finally:
         d.notifier.close()
