@@ -452,7 +452,6 @@ def test_settings_a_daemon_can_run_with_are_taken() -> None:
 
 
 def test_cors_origins_let_in_what_browsers_send_and_never_null() -> None:
-    server = msgspec.convert(
-        {"cors_origins": ["http://localhost:5173/", "null", "*", "app://desk"]}, ServerSettings
-    )
-    assert allowed_origins(server) == {"http://localhost:5173", "app://desk"}
+    entries = ["http://localhost:5173/", "null", "*", "app://desk", "HTTP://Host:8080", "h/x"]
+    server = msgspec.convert({"cors_origins": entries}, ServerSettings)
+    assert allowed_origins(server) == {"http://localhost:5173", "app://desk", "http://host:8080"}

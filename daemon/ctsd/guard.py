@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,15 +35,29 @@ _ORIGINS: tuple[list[str], frozenset[str]] | None = None  # (the list read, what
 
 
 def allowed_origins(server: ServerSettings) -> frozenset[str]:
-    """The origins `server.cors_origins` lets in. An entry with a trailing slash
-    (`http://localhost:5173/`) is the origin without it: browsers send none. `*` and `null`
-    let nothing in: `null` is what sandboxed pages of any site send, no frontend's own."""
+    """The origins `server.cors_origins` lets in, as browsers send them: an entry with a
+    trailing slash (`http://localhost:5173/`) or in capitals is the origin without it, in
+    lower case. `*` and `null` let nothing in: `null` is what sandboxed pages of any site
+    send, no frontend's own. An entry that can never match (a path, no scheme) is logged."""
     global _ORIGINS
     listed = server.cors_origins
     if _ORIGINS is None or _ORIGINS[0] is not listed:  # once per settings change
-        usable = {o.rstrip("/") for o in listed} - {"*", "null", ""}
+        usable = set()
+        for entry in listed:
+            origin = entry.rstrip("/").lower()
+            if _ORIGIN.fullmatch(origin):
+                usable.add(origin)
+            else:
+                log.warning(
+                    "cors_origin_never_matches",
+                    origin=entry,
+                    message="an origin is scheme://host[:port], as a browser sends it",
+                )
         _ORIGINS = (listed, frozenset(usable))
     return _ORIGINS[1]
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:

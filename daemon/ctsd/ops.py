@@ -530,7 +530,8 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
                 # subscribers all the same, and a resume would replay the made-up one).
                 why = (
                     f"id {hand[-1].id} is past the daemon's revision {tx.base.revision}: "
-                    "sync-log ids are given by the daemon, never written by hand"
+                    "sync-log ids are given by the daemon, never written by hand (a log the "
+                    "daemon started without, its journal moved aside, is taken at a restart)"
                 )
                 raw_ = raw if raw is not None else files.encode_table(hand)
                 problem = diagnose.at_path(file, raw_, [len(hand) - 1, "id"], why)
