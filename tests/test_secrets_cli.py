@@ -19,7 +19,7 @@ from ctsd import rekey
 from ctsd.secretbox import Key, parse_key
 from tests.cli_helpers import CANARY, clean_env, closed, ctsd, without_dac
 from tests.crash_driver import kill_at_every_step, kill_at_random, spawn
-from tests.daemon import Daemon
+from tests.daemon import Daemon, free_port
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
 
 
@@ -275,8 +275,8 @@ def test_with_a_daemon_running_the_files_are_never_touched_behind_its_back(
     plain_dir: Path, tmp_path: Path
 ) -> None:
     """rekey, backup and restore go through a running daemon (tests/test_secrets_daemon.py,
-    tests/test_backup_online.py); one the CLI cannot reach (here: not on the port the CLI
-    looks at) is exit 3, and nothing was done offline."""
+    tests/test_backup_online.py); one the CLI cannot reach (here: CTSD_PORT names another
+    port) is exit 3, and nothing was done offline."""
     k1 = tmp_path / "k1"
     make_key(k1)
     archive = tmp_path / "b.tar.gz"
@@ -289,7 +289,7 @@ def test_with_a_daemon_running_the_files_are_never_touched_behind_its_back(
             ("backup", "-o", str(tmp_path / "other.tar.gz")),
             ("restore", str(archive)),
         ):
-            r = run(*args, "--data-dir", str(plain_dir))
+            r = run(*args, "--data-dir", str(plain_dir), CTSD_PORT=str(free_port()))
             assert r.returncode == 3, (args, r.stderr)
             assert "no daemon answering" in r.stderr, r.stderr
         assert snapshot(plain_dir) == before
