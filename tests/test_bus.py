@@ -1090,10 +1090,10 @@ async def test_shutdown_in_time_with_a_client_that_reads_nothing(daemon: Daemon)
     sock.setblocking(False)
     async with bus(daemon, max_queue=1, sock=sock) as deaf:
         await deaf.ok("subscribe")
-        # ~100 KB events (a create shows every field), 5 MB unread: its buffers stay full
-        wide = json.dumps({"note": "x" * 100_000})
+        # ~60 KB events (a create shows every field), 5 MB unread: its buffers stay full
+        wide = json.dumps({"note": "x" * 60_000})
         async with bus(daemon, sync=None) as w:
-            for _ in range(50):
+            for _ in range(85):
                 await w.ok("connections.create", connection=connection(connection_settings=wide))
         # `deaf` has not read a single frame since; its closing handshake cannot complete
         t0 = time.monotonic()
@@ -1116,11 +1116,11 @@ async def test_a_stop_still_sends_answers_queued_for_a_slow_reader(daemon: Daemo
     sock.setblocking(False)
     async with bus(daemon, sync=None, max_queue=1, sock=sock) as slow:
         await slow.ok("subscribe")
-        # ~100 KB events (a create shows every field): past the socket's buffers (which
+        # ~60 KB events (a create shows every field): past the socket's buffers (which
         # grow to a few MB), into its outbox
-        wide = json.dumps({"note": "x" * 100_000})
+        wide = json.dumps({"note": "x" * 60_000})
         async with bus(daemon, sync=None) as w:
-            for _ in range(50):
+            for _ in range(85):
                 await w.ok("connections.create", connection=connection(connection_settings=wide))
             sent = [
                 await slow.send("connections.create", connection=connection(id=f"s{i}"))
@@ -1154,8 +1154,8 @@ async def test_commands_sent_once_a_stop_began_are_refused_and_nothing_is_done(
     ):
         assert json.loads(await waiting.recv())["type"] == "auth_required"
         await slow.ok("subscribe")
-        wide = json.dumps({"note": "x" * 100_000})  # backs the slow reader up (as above)
-        for _ in range(50):
+        wide = json.dumps({"note": "x" * 60_000})  # backs the slow reader up (as above)
+        for _ in range(85):
             await w.ok("connections.create", connection=connection(connection_settings=wide))
         await slow.send("connections.create", connection=connection(id="answered"))
         daemon.send_signal(15)

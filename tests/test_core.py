@@ -576,6 +576,19 @@ def test_connection_settings_the_readers_cannot_decode_are_refused_at_the_door(
     assert c.connections["a"].connection_settings == settings
 
 
+def test_answers_stay_as_small_as_their_requests_allow() -> None:
+    """Every answer and event about a connection holds its settings, and a batch is answered
+    with each record it names: settings over 64 KiB, or a record named twice in a batch, are
+    refused (a 100-byte request answered with megabytes)."""
+    c = seeded("conn_a")
+    big = msgspec.json.encode({"k": "v" * files.MAX_SETTINGS_CHARS}).decode()
+    (out,), _ = run(c, ops.update("conn_a", {"connection_settings": big}))
+    assert out.error is not None and "the limit is 65536" in out.error.message
+    (out,), _ = run(c, ops.batch_update([{"id": "conn_a", "name": "x"}] * 3))
+    assert out.error is not None and out.error.path == "$.updates[1]"
+    assert "twice in one batch" in out.error.message
+
+
 def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> None:
     c = seeded()
     inst = {"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}]}

@@ -256,6 +256,12 @@ def test_cors_for_listed_origins(daemon: Daemon) -> None:
         timeout=10,
     ) as resp:
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+    # An origin sent in capitals is the same origin.
+    r = httpx.get(
+        daemon.url + "/api/connections/state",
+        headers={"Origin": "HTTP://LOCALHOST:5174", "Authorization": f"Bearer {daemon.token}"},
+    )
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"]
     # Refused before the routes (a wrong token): the frontend can still read why.
     r = httpx.get(
         daemon.url + "/api/connections/state", headers={**origin, "Authorization": "Bearer no"}

@@ -165,6 +165,11 @@ async def test_a_password_read_as_a_path_never_comes_back_either(
     assert "s3cr3tPart" not in json.dumps(result)
 
 
+def test_an_at_in_the_query_is_no_password() -> None:
+    assert probes._url_problem("https://gw.example/api?user=me@x.example") is None
+    assert "percent-encoded" in str(probes._url_problem("https://admin:2024/pw@gw.example"))
+
+
 async def test_a_test_waits_at_most_what_its_callers_wait(app_factory: Any) -> None:
     app = await app_factory([], {"test_timeout_s": 300})
     assert app.prober._timeout() == probes.MAX_TEST_TIMEOUT_S == 120

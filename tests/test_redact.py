@@ -270,7 +270,8 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
     assert CANARY not in json.dumps(shown)
     assert shown["base_url"] == f"https://me:{MASK}@gw.example/v5?x=1"
     assert shown["note"] == f"failed: ftp://op:{MASK}@files/x and http://only-user@host"
-    assert shown["json"] == f'{{"url":"http://u:{MASK}@h","mail":"x@y"}}'
+    # JSON text quoting two addresses: masked to the last @ (the safe side).
+    assert shown["json"] == f'{{"url":"http://u:{MASK}@y"}}'
 
     inner = {"base_url": f"https://me:{CANARY}@gw", "n": 1}
     settings = mask({"connection_settings": json.dumps(inner)})["connection_settings"]
@@ -283,7 +284,11 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
         # A password with digits then `/`, or `://`, in it; a URL in another's query.
         ("https://admin:2024/Spring@api.example.com", f"https://admin:{MASK}@api.example.com"),
         ("postgres://u:abc://def@h/db", f"postgres://u:{MASK}@h/db"),
-        ("https://h/?next=http://u:pw@x", f"https://h/?next=http://u:{MASK}@x"),
+        ("https://h/?next=http://u:pw@x", f"https://h/?next=http:{MASK}@x"),
+        # A user name with an @ (an email login) or a /, a password with a quote.
+        ("smtp://me@mail.example:pw@smtp.example", f"smtp://me@mail.example:{MASK}@smtp.example"),
+        ("https://DOM/user:pw@host", f"https://DOM/user:{MASK}@host"),
+        ('https://me:Tr0ub"4dor@gw/v5', f"https://me:{MASK}@gw/v5"),
         ("x" + "1" * 40 + "://u:pw@h", "x" + "1" * 40 + f"://u:{MASK}@h"),
         # On the safe side: a path holding an @ after a port is masked too.
         ("http://localhost:5173/@vite/client", f"http://localhost:{MASK}@vite/client"),

@@ -454,8 +454,8 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
         return 1
     except KeyboardInterrupt:
         # Ctrl-C before READY: what was written is crash-safe as ever. After the stop began,
-        # one that came as the signal receiver closed (its default action back for a moment):
-        # everything is written by then.
+        # one that came as the signal receiver closed (its default action back for a moment),
+        # once the stop's last writes were done (or cut short by its grace, as they would be).
         if not d.stopping:
             print("ctsd: interrupted while starting", file=sys.stderr)
         return 0

@@ -298,16 +298,16 @@ class Checkpointer:
         """Write every file with changes, then cut the journal. True when nothing is left to
         write (but files invalid on disk)."""
         for _attempt in range(RETRIES):
-            invalid = self.invalid()
-            for file in invalid & {f for w in self.waiters for f in w.files}:
-                self.fail_waiters({file}, self.invalid_error(file))
+            invalid = self._invalid_failing_waiters()
             todo = sorted((f for f in self.dirty if f not in invalid), key=_write_order)
             if not todo:
                 break
             async with _Locks(self.lock, todo):
                 # Judged invalid while we waited for a lock (the intake holds it while it
-                # reads): never written, whatever the stamps now say.
-                invalid = self.invalid()
+                # reads): never written, whatever the stamps now say; a `sync: files`
+                # change waiting for it is answered now, as at the top of the round (else
+                # it waited until another file changed).
+                invalid = self._invalid_failing_waiters()
                 todo = [f for f in todo if f not in invalid]
                 edited = [f for f in todo if not self.disk.unchanged(f)]
                 edited = [f for f in edited if self.disk.get(f).stamp is not None]
@@ -337,6 +337,13 @@ class Checkpointer:
         await self._cut()
         invalid = self.invalid()
         return not any(f not in invalid for f in self.dirty)
+
+    def _invalid_failing_waiters(self) -> set[str]:
+        """The files invalid on disk now, every change waiting for one of them answered."""
+        invalid = self.invalid()
+        for file in invalid & {f for w in self.waiters for f in w.files}:
+            self.fail_waiters({file}, self.invalid_error(file))
+        return invalid
 
     async def _write(self, todo: list[str]) -> bool | None:
         """Write `todo` from memory. None: a hand save slipped in (take it in and try again);

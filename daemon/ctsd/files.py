@@ -280,6 +280,9 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
     return records
 
 
+MAX_SETTINGS_CHARS = 64 * 1024  # a connection's settings as a door takes them
+
+
 @functools.lru_cache(maxsize=65_536)  # a pure function of the string; most repeat per file
 def connection_settings_problem(text: str, strict: bool = False) -> str | None:
     """Why `text` is no `connection_settings` value, or None. `strict` (a change sent
@@ -301,6 +304,11 @@ def connection_settings_problem(text: str, strict: bool = False) -> str | None:
     if has_duplicate_keys(text):
         return "connection_settings names a key twice in one object"
     if strict:
+        if len(text) > MAX_SETTINGS_CHARS:
+            return (
+                f"connection_settings is {len(text)} characters; the limit is "
+                f"{MAX_SETTINGS_CHARS} (every answer and event about the connection holds it)"
+            )
         try:
             msgspec.json.decode(text)
         except msgspec.DecodeError as e:

@@ -134,7 +134,7 @@ class Guard:
 
     def check_origin(self, headers: list[tuple[bytes, bytes]], server: ServerSettings) -> None:
         origins = header(headers, b"origin")
-        if origins and not (len(origins) == 1 and origins[0] in allowed_origins(server)):
+        if origins and not (len(origins) == 1 and origins[0].lower() in allowed_origins(server)):
             raise CtsdError("forbidden", "origin not allowed")
 
     def token_state(self, headers: list[tuple[bytes, bytes]]) -> bool | None:

@@ -50,12 +50,16 @@ TAKEN_WITHIN_S = 60.0
 _locks: weakref.WeakKeyDictionary[Store, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
-def tidy(data_dir: Path, max_age: float = STALE_S) -> None:
+def tidy(
+    data_dir: Path,
+    max_age: float = STALE_S,
+    prefixes: tuple[str, ...] = (BACKUP_PREFIX, RESTORE_PREFIX),
+) -> None:
     """Remove handed-over archives older than `max_age` (at start: all of them, since no
     hand-over survives a restart of the daemon that was part of it)."""
     now = time.time()
     for p in data_dir.iterdir():
-        if p.name.startswith((BACKUP_PREFIX, RESTORE_PREFIX)) and p.name.endswith(SUFFIX):
+        if p.name.startswith(prefixes) and p.name.endswith(SUFFIX):
             with contextlib.suppress(OSError):
                 if now - p.lstat().st_mtime >= max_age:
                     p.unlink()
@@ -87,7 +91,7 @@ def waiting_backups(data_dir: Path) -> int:
         if p.name.startswith(BACKUP_PREFIX) and p.name.endswith(SUFFIX)
     ]
     if len(waiting) >= MAX_WAITING:
-        tidy(data_dir, TAKEN_WITHIN_S)
+        tidy(data_dir, TAKEN_WITHIN_S, (BACKUP_PREFIX,))  # (a restore handed over stays)
         waiting = [p for p in waiting if p.exists()]
     return len(waiting)
 

@@ -229,7 +229,8 @@ def _url_problem(url: str) -> str | None:
         if "port" in str(e).lower():
             return "its port is not a number from 0 to 65535; or " + _ESCAPE
         return "it does not parse as a URL"
-    if "@" in parts.path + parts.query + parts.fragment:
+    rest = url.split("://", 1)[-1]
+    if "@" in parts.path + parts.query + parts.fragment and ":" in rest[: rest.rfind("@")]:
         # `https://admin:2024/Spring@host`: a password typed with a `/` (or `?`, `#`) in it,
         # which the parser reads as host `admin`, port 2024 and a path: every message would
         # name that host, port and path, the password's pieces.

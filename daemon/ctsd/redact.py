@@ -46,8 +46,7 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
 _URL_MASKED = f":{MASK}@"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
-_TOKEN = re.compile(r"[^\s\"']+")  # a URL written in text runs to a space or a quote
-_USER_END = re.compile(r"[:/?#@]")
+_TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
 
 
 def _norm(name: str) -> str:
@@ -83,12 +82,13 @@ def mask_url_passwords(text: str) -> str:
     """`text` with the password of every URL in it masked (the same string when none):
     `scheme://user:password@host` shows as `scheme://user:********@host`.
 
-    The password runs to the last `@` of the URL's token (up to a space or a quote), as
-    operators type passwords unescaped (`p@ss`, `a/b`, even `a://b`); the user name stays,
-    to tell accounts apart. Always on the safe side: a path holding an `@`
-    (`http://host:5173/@vite/x`) is masked as if it were one. One pass over the text, each
-    token looked at once: this runs on every string of every log line and answer, and a
-    pattern that backtracks would let a long crafted string hold the event loop."""
+    Within a token (text up to a space), what runs from the first `:` after a URL's `://` to
+    the token's last `@` is masked: operators type passwords unescaped (`p@ss`, `a/b`,
+    `a"b`, even `a://b`), and user names with an `@` (an email login) or a `/` (a domain).
+    Always on the safe side: a port followed by a path holding an `@`
+    (`http://host:5173/@vite/x`) is masked as if it were a password. One pass over the
+    text: this runs on every string of every log line and answer, and a pattern that
+    backtracks would let a long crafted string hold the event loop."""
     if "@" not in text or "://" not in text:
         return text  # the common case
     out: list[str] = []
@@ -97,16 +97,13 @@ def mask_url_passwords(text: str) -> str:
         start, end = token.span()
         at = text.rfind("@", start, end)
         i = text.find("://", start, at) if at != -1 else -1
-        while i != -1:
-            # The user name runs to the first of `:/?#@` (a user name holds none of them):
-            # each scan stops before the next `://`, so no text is scanned twice.
-            stop = _USER_END.search(text, i + 3, at)
-            if stop is not None and stop.group() == ":" and _has_scheme(text, start, i):
-                out.append(text[done : stop.start() + 1])
-                out.append(MASK)
-                done = at
-                break
-            i = text.find("://", i + 3, at)  # a URL inside this one's path or query, say
+        while i != -1 and not _has_scheme(text, start, i):
+            i = text.find("://", i + 3, at)
+        colon = text.find(":", i + 3, at) if i != -1 else -1
+        if colon != -1:
+            out.append(text[done : colon + 1])
+            out.append(MASK)
+            done = at
     out.append(text[done:])
     return "".join(out)
 

@@ -174,7 +174,7 @@ class Outbox:
         """Send nothing more (the connection is closing or gone)."""
         self.closed = True
         self.queue.clear()
-        self.qframes = self.qbytes = 0
+        self.qframes = self.qbytes = self.rbytes = 0
         self._drained.set()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()

@@ -86,7 +86,7 @@ class LiveOrigins(Collection[str]):
         return allowed_origins(self.store.settings.server)
 
     def __contains__(self, origin: object) -> bool:
-        return origin in self._current()
+        return isinstance(origin, str) and origin.lower() in self._current()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._current())
