@@ -587,6 +587,8 @@ def test_answers_stay_as_small_as_their_requests_allow() -> None:
     (out,), _ = run(c, ops.batch_update([{"id": "conn_a", "name": "x"}] * 3))
     assert out.error is not None and out.error.path == "$.updates[1]"
     assert "twice in one batch" in out.error.message
+    (out,), _ = run(c, ops.batch_update([{"id": {"x": 1}}, {"id": ["a"]}]))  # never a crash
+    assert out.error is not None and out.error.code in ("invalid", "not_found")
 
 
 def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> None:

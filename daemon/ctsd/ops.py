@@ -224,18 +224,20 @@ def batch_update(updates: Any) -> Op:
         if not isinstance(updates, list) or not updates:
             raise CtsdError("invalid", "updates must be a non-empty array", path="$.updates")
         out = []
-        seen: set[Any] = set()
+        seen: set[str] = set()
         for i, item in enumerate(updates):
             path = f"$.updates[{i}]"
             if not isinstance(item, dict):
                 raise CtsdError("invalid", "each update must be an object", path=path)
             changes = dict(item)
             cid = changes.pop("id", None)
-            if isinstance(cid, str) and cid in seen:
-                # Once per record: each is answered with the whole record, and a batch
-                # naming one thousands of times would be answered with as many copies.
-                raise CtsdError("invalid", f"connection {cid!r} twice in one batch", path=path)
-            seen.add(cid)
+            if isinstance(cid, str):  # (any other id is refused by `_require` below)
+                if cid in seen:
+                    # Once per record: each is answered with the whole record, and a batch
+                    # naming one thousands of times would be answered with as many copies.
+                    why = f"connection {cid!r} twice in one batch"
+                    raise CtsdError("invalid", why, path=path)
+                seen.add(cid)
             conn = _require(tx, cid, f"{path}.id")
             out.append(_apply_update(tx, conn, _updated(tx, conn, changes, path)))
         return out
