@@ -233,6 +233,27 @@ async def test_a_sync_log_replaced_while_it_is_written_is_written_anew(
         assert list(store.checkpointer.log_ids) == [e.id for e in store.log]
 
 
+async def test_a_file_saved_while_the_defaults_are_made_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing file is created only if still absent: the operator's save that lands between
+    the look and the default is read, never replaced."""
+    data_dir = tmp_path / "data"
+    mine = [connection("hand", name="saved by hand")]
+    real_link = os.link
+
+    def link(src: Any, dst: Any) -> None:
+        if Path(dst).name == CONNECTIONS:
+            Path(dst).write_text(json.dumps(mine))  # the save, just before the default
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    async with opened(data_dir) as store:
+        assert json.loads((data_dir / CONNECTIONS).read_text()) == mine
+        assert list(store.connections) == ["hand"]
+        assert CONNECTIONS not in store.intake.created and STATE in store.intake.created
+
+
 async def test_did_you_mean_on_update(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")

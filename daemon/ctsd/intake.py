@@ -120,7 +120,7 @@ class Intake:
 
     def prepare(self) -> None:
         """Create what is missing (never touching what exists)."""
-        from ctsd.atomic import write_files
+        from ctsd.atomic import ChangedOnDisk, write_files
 
         for sub in ("", *SUBDIRS):
             d = self.data_dir / sub
@@ -145,10 +145,16 @@ class Intake:
                 name = files.document_name(file)
                 body = files.encode_document(files.default_document(name)) if name else b"[]\n"
                 defaults.append((p, body))
-        if defaults:
-            write_files(defaults)
-            self.created = {p.relative_to(self.data_dir).as_posix() for p, _ in defaults}
-            log.info("created_defaults", files=[p.name for p, _ in defaults])
+        created: list[Path] = []
+        for p, body in defaults:
+            try:  # created only if still absent: a file the operator saves meanwhile is kept
+                write_files([(p, body)], expected={p: None})
+            except ChangedOnDisk:
+                continue  # read like any other at the load that follows
+            created.append(p)
+        if created:
+            self.created = {p.relative_to(self.data_dir).as_posix() for p in created}
+            log.info("created_defaults", files=[p.name for p in created])
 
     def load(self, committed: Committed) -> None:
         """Read every file into `committed` (before the door opens; `reconcile` follows)."""
