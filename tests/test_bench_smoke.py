@@ -18,6 +18,9 @@ import pytest
 from tests.nats_cluster import require_nats_server
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+# Alone: the cluster benchmark's servers time out their API requests (5 s) on cores shared
+# with another test worker.
+pytestmark = pytest.mark.serial
 
 # script → (its arguments, a line of its table)
 RUNS: dict[str, tuple[str, str]] = {

@@ -57,6 +57,7 @@ def watch_check(d: Daemon) -> dict:
     return body
 
 
+@pytest.mark.serial  # every inotify instance of this user: any other daemon would poll
 def test_no_inotify_means_polling_then_inotify_again(data_dir: Path) -> None:
     seed(data_dir, 10)
     path = data_dir / CONNS
