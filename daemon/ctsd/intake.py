@@ -145,16 +145,21 @@ class Intake:
                 name = files.document_name(file)
                 body = files.encode_document(files.default_document(name)) if name else b"[]\n"
                 defaults.append((p, body))
-        created: list[Path] = []
-        for p, body in defaults:
-            try:  # created only if still absent: a file the operator saves meanwhile is kept
-                write_files([(p, body)], expected={p: None})
-            except ChangedOnDisk:
-                continue  # read like any other at the load that follows
-            created.append(p)
-        if created:
-            self.created = {p.relative_to(self.data_dir).as_posix() for p in created}
-            log.info("created_defaults", files=[p.name for p in created])
+        # All or none (a start that failed halfway would leave defaults the next start takes
+        # for the operator's), and each only if still absent: a file the operator saves
+        # meanwhile is kept, and read like any other at the load that follows.
+        while defaults:
+            try:
+                write_files(defaults, expected={p: None for p, _ in defaults})
+            except ChangedOnDisk as e:
+                left = [(p, body) for p, body in defaults if p != e.path]
+                if len(left) == len(defaults):
+                    raise
+                defaults = left
+                continue
+            self.created = {p.relative_to(self.data_dir).as_posix() for p, _ in defaults}
+            log.info("created_defaults", files=[p.name for p, _ in defaults])
+            break
 
     def load(self, committed: Committed) -> None:
         """Read every file into `committed` (before the door opens; `reconcile` follows)."""
