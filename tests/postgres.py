@@ -46,16 +46,12 @@ def _install() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "postgresql is not installed and this user cannot install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    r = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "postgresql"], capture_output=True, text=True,
-        env=env, timeout=600,
-    )  # fmt: skip
-    if r.returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
-        r = subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "postgresql"], capture_output=True, text=True,
-            env=env, timeout=600,
-        )  # fmt: skip
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]  # another test worker may hold the lock
+    install = [*apt, "install", "-y", "-qq", "postgresql"]
+    r = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0:  # the package lists may be old
+        subprocess.run([*apt, "update", "-qq"], capture_output=True, env=env, timeout=600)
+        r = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     return None if r.returncode == 0 else f"apt-get install postgresql failed: {r.stderr[-500:]}"
 
 

@@ -56,7 +56,8 @@ def _install_chromium() -> str | None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return f"{CHROMIUM} is missing (install the `chromium` package)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]  # another test worker may hold the lock
+    for cmd in ([*apt, "update", "-qq"], [*apt, "install", "-y", "-qq", "chromium"]):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if run.returncode != 0:
             return f"`{' '.join(cmd)}` failed: {run.stderr.strip()[-500:]}"

@@ -334,6 +334,7 @@ def test_survey_counts_without_values() -> None:
     assert CANARY not in repr(found)
 
 
+@pytest.mark.serial  # timed on a core of its own, not one shared with another test worker
 def test_decrypt_10k_connections_is_fast_enough() -> None:
     """A loose guard (the bench measures it properly): 30,000 values well under a second."""
     import time
