@@ -38,15 +38,17 @@ settings.load_profile("long" if os.environ.get("CTSD_FUZZ") == "long" else "ctsd
 # of the server releases (`nats_servers()`), taken in turn by the tests' names, so that both
 # releases meet faults and the suite keeps to its time; CTSD_NATS_EVERY_VERSION=1 runs each
 # on every one.
-# They also run alone (`serial`, after the other tests' workers): a second worker on the
-# same cores stretched a restarted node's way back past its 30 s wait.
 FAULT_FIXTURES = frozenset({"own_cluster", "own_nats", "apart_nats"})
+# They, and the tests that stop a node of a cluster on one release, run alone (`serial`,
+# after the other tests' workers): a second worker on the same cores stretched a restarted
+# node's way back past its 30 s wait.
+SERIAL_FIXTURES = FAULT_FIXTURES | {"cut_cluster"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` picks by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if FAULT_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SERIAL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.serial)
     if os.environ.get("CTSD_NATS_EVERY_VERSION"):
         return
