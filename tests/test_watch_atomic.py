@@ -93,3 +93,33 @@ def test_unchanged_file_is_replaced(tmp_path: Path) -> None:
     write_files([(new, b"{}\n")], {new: None})
     assert new.read_bytes() == b"{}\n" and oct(new.stat().st_mode & 0o777) == "0o600"
     assert _no_temps(tmp_path)
+
+
+def test_an_in_place_write_ended_just_before_the_look_for_writers_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-place writer that opened the file before our swap, and wrote and closed it
+    after the swap's check but before the look for writers: its write is in the displaced
+    file, which is kept for the take-in, not removed with the temp files."""
+    path = tmp_path / "connections.json"
+    write_files([(path, b"[1]\n")])
+    seen = stamp_of(path)
+    real = atomic.written_elsewhere
+
+    def look(fd: int) -> bool:
+        if not getattr(look, "done", False):
+            look.done = True  # type: ignore[attr-defined]
+            with open(os.readlink(f"/proc/self/fd/{fd}"), "r+b") as fh:  # the write, the close
+                fh.truncate(0)
+                fh.write(b"[22, 22]\n")
+        return real(fd)
+
+    monkeypatch.setattr(atomic, "written_elsewhere", look)
+    kept: list[atomic.Displaced] = []
+    write_files([(path, b"[3]\n")], {path: seen}, kept)
+    assert path.read_bytes() == b"[3]\n"
+    assert [os.pread(d.fd, 100, 0) for d in kept] == [b"[22, 22]\n"]
+    for d in kept:
+        os.close(d.fd)
+        d.kept.unlink()
+    assert _no_temps(tmp_path)

@@ -155,13 +155,16 @@ def written_elsewhere(fd: int) -> bool:
 
 
 def _keep_if_written(tmp: Path, path: Path, old: Stamp, displaced: list[Displaced]) -> None:
-    """Keep the file our swap displaced (now at `tmp`) if a writer still has it open."""
+    """Keep the file our swap displaced (now at `tmp`) if a writer still has it open, or
+    wrote into it since the swap's check: one that wrote and closed in between, a moment
+    before this look, would otherwise lose its write with the temp file."""
     try:
         fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        if written_elsewhere(fd):
+        # (In this order: once no writer holds it, none can write into it any more.)
+        if written_elsewhere(fd) or Stamp.of(os.fstat(fd)) != old:
             kept = path.with_name(f"{TEMP_PREFIX}old-{path.name}.{os.getpid()}.{next(_kept_ids)}")
             os.replace(tmp, kept)
             displaced.append(Displaced(path, fd, old, kept))
