@@ -112,11 +112,13 @@ def test_an_in_place_write_ended_just_before_the_look_for_writers_is_kept(
             with open(os.readlink(f"/proc/self/fd/{fd}"), "r+b") as fh:  # the write, the close
                 fh.truncate(0)
                 fh.write(b"[22, 22]\n")
+            look.closed = not real(fd)  # type: ignore[attr-defined]
         return real(fd)
 
     monkeypatch.setattr(atomic, "written_elsewhere", look)
     kept: list[atomic.Displaced] = []
     write_files([(path, b"[3]\n")], {path: seen}, kept)
+    assert look.closed  # type: ignore[attr-defined]  # kept for its write, not for a writer
     assert path.read_bytes() == b"[3]\n"
     assert [os.pread(d.fd, 100, 0) for d in kept] == [b"[22, 22]\n"]
     for d in kept:

@@ -130,8 +130,9 @@ def _unswap(swapped: _Swapped) -> None:
 
 class Displaced(NamedTuple):
     """A file our swap displaced while another process held it open for writing (an in-place
-    writer that opened it before the swap): kept open, and linked under `kept`, because that
-    writer may still write into it (see `Store.take_in_late`)."""
+    writer that opened it before the swap), or had just written into it: kept open, and
+    linked under `kept`, because that writer may still write into it, or has (see
+    `Store.take_in_late`)."""
 
     path: Path
     fd: int
@@ -288,8 +289,8 @@ def write_files(
     On any error every temp file is removed and the old files are untouched.
 
     With `displaced`, each file our swap displaced that another process still holds open for
-    writing is appended to it as a `Displaced` (the caller closes and unlinks it); files
-    nobody holds open go as before.
+    writing, or wrote into since the swap's check, is appended to it as a `Displaced` (the
+    caller closes and unlinks it); the others go as before.
 
     With `owner` (uid, gid), every file is given to that owner before it is installed (root
     writing into a service user's data dir).

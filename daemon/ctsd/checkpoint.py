@@ -104,8 +104,9 @@ class Checkpointer:
         self.log_ids: deque[int] = deque()
         self.log_gen = 0  # moves each time they are dropped (the log replaced by hand)
         self.waiters: list[Waiter] = []
-        # Files our swaps displaced while an in-place writer held them open, with what they
-        # held (the base of what that writer writes into them late): handed to the intake.
+        # Files our swaps displaced while an in-place writer held them open (or had just
+        # written into them), with what they held (the base of what that writer writes into
+        # them late): handed to the intake.
         self.on_displaced: Callable[[list[tuple[Displaced, Any]]], None] = lambda _d: None
         self.wake = asyncio.Event()
         self.hurry = asyncio.Event()  # a waiter came: the coalescing wait ends

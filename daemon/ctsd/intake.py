@@ -70,9 +70,9 @@ class Intake:
         self.store = store
         self.disk = disk
         self.data_dir = disk.data_dir
-        # Files our writes displaced while an in-place writer held them open, since when
-        # (monotonic), and what they held then (what that writer saw): what it writes into
-        # them is taken in by `take_in_late`.
+        # Files our writes displaced while an in-place writer held them open (or had just
+        # written into them), since when (monotonic), and what they held then (what that
+        # writer saw): what it writes into them is taken in by `take_in_late`.
         self.displaced: list[tuple[Displaced, float, Any]] = []
         self._late_retry_at: dict[int, float] = {}  # id of a Displaced → when to try it again
         self._late_closed = False  # the last pass (at close) ran: nothing waits any more
