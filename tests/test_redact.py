@@ -45,10 +45,9 @@ def test_mask_rules() -> None:
         "extra": None,
     }
     assert mask({"api_key": "short"}) == {"api_key": MASK}  # too short to show a tail
+    # Only a connection's api_key shows a tail: the Project X credentials show as set.
     nested = {"projectX": {"apiKey": "x" * 20, "password": "p", "apiUrl": "https://x"}}
-    assert mask(nested) == {
-        "projectX": {"apiKey": "…xxxx", "password": MASK, "apiUrl": "https://x"}
-    }
+    assert mask(nested) == {"projectX": {"apiKey": MASK, "password": MASK, "apiUrl": "https://x"}}
     assert mask([{"token": "t"}]) == [{"token": MASK}]
 
 
@@ -155,6 +154,9 @@ def test_tail_placeholder_must_match_the_stored_secret() -> None:
     with pytest.raises(CtsdError) as e:
         restore_placeholders({"api_key": "…9999"}, stored, "$.c")
     assert e.value.path == "$.c.api_key" and "1234" not in e.value.message
+    # A document's key shows no tail now; one a client read before still keeps its secret.
+    doc = {"projectX": {"apiKey": "abcdefghijkl1234"}}
+    assert restore_placeholders({"projectX": {"apiKey": "…1234"}}, doc) == doc
 
 
 def test_placeholders_in_arrays_follow_the_record_id() -> None:
