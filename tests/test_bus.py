@@ -61,6 +61,18 @@ async def test_auth_invalid_token_message(daemon: Daemon) -> None:
         assert await close_code(ws) == (1008, [])
 
 
+async def test_an_authorization_of_another_scheme_leaves_auth_to_the_first_frame(
+    daemon: Daemon,
+) -> None:
+    """A proxy's Basic login presents no bearer token: the client still authenticates with
+    its `auth` frame."""
+    basic = {"Authorization": "Basic dXNlcjpwdw=="}
+    async with connect(daemon.ws_url, additional_headers=basic) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_required"
+        await ws.send(json.dumps({"type": "auth", "token": TOKEN}))
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
+
+
 async def test_auth_invalid_header(daemon: Daemon) -> None:
     async with connect(daemon.ws_url, additional_headers={"Authorization": "Bearer nope"}) as ws:
         assert json.loads(await ws.recv())["type"] == "auth_invalid"

@@ -480,7 +480,16 @@ def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
     for host in ("evil.example", "evil.example:3587", "127.0.0.1.nip.io"):
         r = api.get("/api/settings/connections", headers={"Host": host})
         _error(r, 403, "forbidden")
-    for host in ("localhost", f"localhost:{daemon.port}", f"127.0.0.1:{daemon.port}", "[::1]:1"):
+    # (host names are case-insensitive; `localhost.` is the same name, fully qualified)
+    for host in (
+        "localhost",
+        f"localhost:{daemon.port}",
+        f"127.0.0.1:{daemon.port}",
+        "[::1]:1",
+        f"LOCALHOST:{daemon.port}",
+        "Localhost",
+        f"localhost.:{daemon.port}",
+    ):
         assert api.get("/api/settings/connections", headers={"Host": host}).status_code == 200
     # the bus upgrade too: refused before the handshake, as JSON
     upgrade = {

@@ -66,6 +66,8 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
 
 
 def is_loopback_host(host: str) -> bool:
+    # Host names are case-insensitive, and `localhost.` (fully qualified) is localhost too.
+    host = host.lower().removesuffix(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -82,11 +84,15 @@ def host_of(value: str) -> str:
 
 
 def bearer(values: list[str]) -> str | None:
-    """The token of one `Authorization: Bearer` header, '' for a malformed one, else None."""
-    if not values:
+    """The token of one `Authorization: Bearer` header, '' for a malformed one, None when no
+    bearer token is presented (no header, or one of another scheme: a proxy's Basic login
+    leaves the bus's `auth` frame to the client)."""
+    schemes = [v.partition(" ")[0].lower() for v in values]
+    if "bearer" not in schemes:
         return None
-    scheme, _, token = values[0].partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and len(values) == 1 else ""
+    if len(values) > 1:
+        return ""
+    return values[0].partition(" ")[2].strip()
 
 
 def token_ok(given: str, expected: str) -> bool:
