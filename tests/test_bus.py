@@ -173,6 +173,30 @@ async def test_oversized_frame_refused_and_closed_1009(daemon: Daemon, kind: str
         assert code == 1009
 
 
+async def test_oversized_frame_answered_behind_a_backlog(daemon: Daemon) -> None:
+    """A subscriber whose events back up (it reads slowly) still gets the `too_large` answer,
+    after the events queued ahead of it, then the close 1009."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    async with bus(daemon, sync=None, max_queue=1, sock=sock) as slow:
+        await slow.ok("subscribe")
+        wide = json.dumps({"note": "x" * 60_000})  # ~60 KB events: past the socket's buffers
+        async with bus(daemon, sync=None) as w:
+            for i in range(85):
+                await w.ok(
+                    "connections.create",
+                    connection=connection(id=f"w{i}", connection_settings=wide),
+                )
+        await slow.ws.send(json.dumps({"id": 7, "type": "ping", "pad": "x" * (1024 * 1024 + 10)}))
+        code, frames = await close_code(slow.ws)
+    assert code == 1009
+    created = [e["connection_id"] for f in frames if f.get("type") == "events" for e in f["events"]]
+    assert created[-1] == "w84", created[-3:]  # every event queued ahead of it went out
+    assert frames[-1]["success"] is False and frames[-1]["error"]["code"] == "too_large"
+
+
 async def test_frame_over_hard_cap_closed_1009_unread(daemon: Daemon) -> None:
     # Over 2 MiB websockets refuses to buffer the frame at all: close 1009, no reply.
     async with bus(daemon) as b:

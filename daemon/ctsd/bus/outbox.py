@@ -82,7 +82,8 @@ class Outbox:
         self.qbytes = 0  # bytes of the events, notices and progress frames waiting
         self.rbytes = 0  # bytes of the replies waiting (the session paces on them)
         self.task: asyncio.Task[None] | None = None
-        self.closed = False
+        self.closed = False  # nothing more is sent
+        self.sealed = False  # closing: what is queued goes out, nothing pushed from now on
         self.last_sent = time.monotonic()
         self.sent = 0
         self._drained = asyncio.Event()
@@ -95,7 +96,7 @@ class Outbox:
 
     def push(self, framed: bytes) -> None:
         """Queue (or write now) one framed frame; drop the client if it fell too far behind."""
-        if self.closed:
+        if self.closed or self.sealed:
             return
         if self.idle and self.wire.write(framed):
             self.last_sent = time.monotonic()
@@ -111,7 +112,7 @@ class Outbox:
 
     def push_reply(self, framed: bytes) -> None:
         """Queue (or write now) a reply to this client's command."""
-        if self.closed:
+        if self.closed or self.sealed:
             return
         if self.idle and self.wire.write(framed):
             self.last_sent = time.monotonic()
@@ -124,7 +125,7 @@ class Outbox:
 
     def push_lazy(self, frames: Iterator[bytes]) -> None:
         """Queue frames produced only when the client is ready for them (a replay)."""
-        if self.closed:
+        if self.closed or self.sealed:
             return
         self.queue.append(frames)
         self._start()
@@ -186,21 +187,30 @@ class Outbox:
         log.warning("subscriber_cut", remote=self.remote, code=CLOSE_LAGGING, reason=reason)
         if self.on_cut is not None:
             self.on_cut(self)
-        task = asyncio.get_running_loop().create_task(self.close(CLOSE_LAGGING, reason))
+        self.close_soon(CLOSE_LAGGING, reason)
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """`close`, in a task of its own (from code that cannot wait for it)."""
+        task = asyncio.get_running_loop().create_task(self.close(code, reason))
         _closing.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(_closing.discard)
 
     async def close(self, code: int, reason: str) -> None:
-        """Close with `code`; a client that reads nothing cannot take a close frame, so after
-        CLOSE_TIMEOUT_S the connection is dropped."""
-        self.stop()
+        """Close with `code` once what is queued went out: the answer or notice pushed just
+        before it (`too_large`, `shutting_down`) reaches a client with a backlog too. Nothing
+        pushed from now on is sent. A client that reads nothing cannot take it, nor a close
+        frame, so after CLOSE_TIMEOUT_S the connection is dropped."""
+        self.sealed = True
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.drained()
+                self.stop()
                 await self._close(code, reason)
         except TimeoutError:
+            self.stop()
             self.wire.abort()
         except Exception:  # already gone
-            pass
+            self.stop()
 
 
 _closing: set[asyncio.Task[None]] = set()
