@@ -33,6 +33,7 @@ SHUTDOWN_CLOSE_S = 1.5  # then closing handshakes get this long; the rest are dr
 BUS_PATH = "/ws"
 
 STATUS_OF_REFUSAL = {"forbidden": 403, "io_error": 503}
+EVICTED_LOG_EVERY_S = 60.0
 
 
 class Bus:
@@ -42,7 +43,12 @@ class Bus:
         self.hub = Hub(svc.store)
         self.sessions: set[Session] = set()  # authenticated
         self.connected: set[Session] = set()  # every accepted one (closed with 1001 at a stop)
-        self.unauthenticated = 0
+        # Connections waiting to send their `auth` frame, oldest first: at the cap the oldest
+        # makes room for the newest. Refusing the newest instead would let one local process
+        # holding the cap lock every frame-authenticating client (a browser) out.
+        self.waiting: dict[Session, None] = {}
+        self.evicted = 0  # since the last log line about it
+        self.evicted_logged_at = -EVICTED_LOG_EVERY_S
         self.errors: collections.Counter[str] = collections.Counter()
         self.frames_sent_closed = 0  # by connections already gone
         self.limiter = Limiter(lambda: svc.store.settings.server.rate_limit)  # read live
@@ -84,15 +90,11 @@ class Bus:
                 raise CtsdError("io_error", "the daemon is shutting down")
             header = self.guard.token_state(headers)
             exempt = header is None and self.guard.loopback_exempt(client, headers, server)
-            # The cap is for connections that may never authenticate: one that shows the
-            # right token is never refused for them.
-            if not (header or exempt) and self.unauthenticated >= server.max_unauthenticated:
-                raise CtsdError("io_error", "too many connections waiting to authenticate")
         except CtsdError as e:
             self.count_error(e.code)
             if e.code == "forbidden":
                 log.warning("bus_refused", remote=addr, reason=e.message)
-            await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e)
+            await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e, self.svc.store.revision)
             return
         wire = scope["extensions"][WIRE]
         await send({"type": "websocket.accept"})
@@ -101,13 +103,14 @@ class Bus:
             await send({"type": "websocket.close", "code": code, "reason": reason})
 
         session = Session(self, Outbox(wire, close, addr), receive, addr)
-        self.unauthenticated += 1
         self.connected.add(session)
+        if header is None and not exempt:
+            self._wait(session, server.max_unauthenticated)
         try:
             try:
                 ok = await session.authenticate(True if exempt else header)
             finally:
-                self.unauthenticated -= 1
+                self.waiting.pop(session, None)
             if not ok:
                 return
             if not self.accepting:  # authenticated after the stop began: closed like the rest
@@ -124,6 +127,25 @@ class Bus:
             session.outbox.stop()
             self.frames_sent_closed += session.outbox.sent
             self.limiter.forget(session)
+
+    def _wait(self, session: Session, cap: int) -> None:
+        """`session` waits for its `auth` frame; past the cap the longest waiting is closed."""
+        while len(self.waiting) >= cap:
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.evict()
+            self.evicted += 1
+            now = time.monotonic()
+            if now - self.evicted_logged_at >= EVICTED_LOG_EVERY_S:
+                log.warning(
+                    "bus_waiting_evicted",
+                    cap=cap,
+                    evicted=self.evicted,
+                    reason="too many connections waiting to authenticate: the oldest closed",
+                )
+                self.evicted_logged_at = now
+                self.evicted = 0
+        self.waiting[session] = None
 
     # --- shutdown -----------------------------------------------------------------------------
 
@@ -156,8 +178,9 @@ class Bus:
         self.hub.close()
 
 
-async def _deny(send: Any, status: int, err: CtsdError) -> None:
-    """Refuse the upgrade with an HTTP response (the ASGI websocket denial extension)."""
+async def _deny(send: Any, status: int, err: CtsdError, revision: int) -> None:
+    """Refuse the upgrade with an HTTP response (the ASGI websocket denial extension), which
+    carries `X-Revision` as every HTTP response does."""
     body = protocol.encode({"error": {"code": err.code, "message": err.message}})
     await send(
         {
@@ -167,6 +190,7 @@ async def _deny(send: Any, status: int, err: CtsdError) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
+                (b"x-revision", str(revision).encode()),
             ],
         }
     )

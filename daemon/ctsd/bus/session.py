@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.bus")
 
 AUTH_TIMEOUT_S = 10.0
+EVICTED = "too many connections are waiting to authenticate; this one waited longest: reconnect"
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
@@ -76,6 +77,7 @@ class Session:
         self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
         self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
         self._busy = False  # `serve` is handling a frame (a frame read now must wait for it)
+        self._evicted = False  # closed while waiting to authenticate (`evict`)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -112,6 +114,14 @@ class Session:
         self.push(p.AuthInvalid(message=message))
         await self.outbox.close(CLOSE_POLICY, "authentication failed")
 
+    def evict(self) -> None:
+        """Closed while waiting for its `auth` frame, to make room for a newer connection
+        (the bus's cap on connections waiting to authenticate)."""
+        self._evicted = True
+        self.bus.count_error("unauthorized")
+        self.push(p.AuthInvalid(message=EVICTED))
+        self.outbox.close_soon(CLOSE_POLICY, "authentication failed")
+
     async def authenticate(self, header: bool | None) -> bool:
         """`header`: the Authorization header's verdict (None when there was none)."""
         if header is not None:
@@ -128,7 +138,11 @@ class Session:
             async with asyncio.timeout(AUTH_TIMEOUT_S):
                 raw = await self.recv()
         except TimeoutError:
+            if self._evicted:
+                return False
             await self._refuse(f"no auth message within {AUTH_TIMEOUT_S:g} s")
+            return False
+        if self._evicted:  # (its auth frame came too late)
             return False
         try:
             frame = _decoder.decode(raw) if len(raw) <= p.MAX_FRAME_BYTES else None
