@@ -584,8 +584,14 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
         # typed right, but a document the files could not hold (applied, it stopped the
         # host halfway and, journalled, every start after it)
         b'{"documents": [["settings", {"sync_log_limit": "x"}, ["sync_log_limit"]]]}',
+        # a "file to write" out of the data dir (here keep.txt beside the data files): taken
+        # for a file deleted by hand, it was deleted (the token, any file the daemon may delete)
+        b'{"touched": ["../keep.txt"]}',
+        # a sync log claiming a later seq: every host skipped the next changes as held
+        b'{"log": [{"id": 1, "connection_id": "c1", "action": "create", "data": {"stream_seq":'
+        b' 1000000}, "created_at": "2026-12-06T10:00:00.000Z"}]}',
     ],
-    ids=["record", "document"],
+    ids=["record", "document", "file", "seq"],
 )
 async def test_a_message_that_does_not_decode_is_never_applied(
     nats: NatsCluster, hosts: Hosts, payload: bytes
@@ -597,18 +603,10 @@ async def test_a_message_that_does_not_decode_is_never_applied(
         await wa.ok("connections.create", connection=connection(id="c1"))
     wait_until(lambda: converged(hosts, 1), 20, what="converged")
     before = [shared_files(d) for d in hosts.daemons]
-    nc = await nats_client.connect(nats.urls)
-    try:
-        headers = {
-            H_CLUSTER: hosts.name,
-            H_SCHEMA: SCHEMA_VERSION,
-            H_HOST: "intruder",
-            H_MSG_ID: "intruder:1",
-        }
-        # Decodes as JSON, but is not a valid change: nothing of it may apply.
-        await nc.jetstream().publish(f"ctsd.{hosts.name}.chg", payload, headers=headers)
-    finally:
-        await nc.close()
+    for d in hosts.daemons:
+        (d.data_dir / "keep.txt").write_text("the operator's\n")
+    # Decodes as JSON, but is not a valid change: nothing of it may apply.
+    await publish_raw(nats, hosts, payload)
 
     def stalled(d: Daemon) -> bool:
         cluster = d.http("/health")[1]["checks"]["cluster"]
@@ -624,6 +622,7 @@ async def test_a_message_that_does_not_decode_is_never_applied(
         rows = await wb.ok("connections.list")  # reads go on
         assert [r["id"] for r in rows] == ["c1"]
     assert [shared_files(d) for d in hosts.daemons] == before
+    assert all((d.data_dir / "keep.txt").exists() for d in hosts.daemons)
     assert all(d.proc is not None and d.proc.poll() is None for d in hosts.daemons)
 
     # The cure the docs give for a message no host can apply: delete it, restart the hosts.
@@ -792,6 +791,21 @@ async def test_a_hand_edit_too_large_for_the_cluster_is_reported_and_left_as_it_
         h.close()
 
 
+async def publish_raw(nats: NatsCluster, hosts: Hosts, payload: bytes) -> None:
+    """`payload` published to the hosts' stream as a change of a host "intruder"."""
+    nc = await nats_client.connect(nats.urls)
+    try:
+        headers = {
+            H_CLUSTER: hosts.name,
+            H_SCHEMA: SCHEMA_VERSION,
+            H_HOST: "intruder",
+            H_MSG_ID: "intruder:1",
+        }
+        await nc.jetstream().publish(f"ctsd.{hosts.name}.chg", payload, headers=headers)
+    finally:
+        await nc.close()
+
+
 async def test_a_reset_keeps_each_hosts_own_settings(hosts: Hosts) -> None:
     """`server` and `cluster` in settings.json are each host's own: a reset (like a restore or
     an import: the whole settings document replaced) on host 1 keeps them on every host, host
@@ -808,6 +822,21 @@ async def test_a_reset_keeps_each_hosts_own_settings(hosts: Hosts) -> None:
         assert {k: now.get(k) for k in ("server", "cluster")} == {
             k: was[k] for k in ("server", "cluster")
         }, d.data_dir
+    # The settings document deleted by another host: its shared keys go, each host's own stay.
+    async with bus(a) as wa:
+        settings = await wa.ok("documents.get", name="settings")
+        await wa.ok("documents.set", name="settings", content={**settings, "stale_after_s": 61})
+    wait_converged(hosts, 3, 20, what="converged after the settings")
+    assert all(read(d, "settings.json")["stale_after_s"] == 61 for d in hosts.daemons)
+    await publish_raw(hosts.nats, hosts, b'{"documents": [["settings"]]}')
+    for d, was in zip(hosts.daemons, before, strict=True):
+        wait_until(
+            lambda d=d, was=was: (
+                read(d, "settings.json") == {k: was[k] for k in ("server", "cluster")}
+            ),
+            20,
+            what=f"{d.data_dir.name}'s settings.json holding only its own keys",
+        )
 
 
 async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(

@@ -3,6 +3,9 @@ host's record types, before any of it is applied."""
 
 from __future__ import annotations
 
+import re
+import zlib
+
 import msgspec
 import pytest
 
@@ -111,8 +114,71 @@ def test_a_change_the_files_could_not_hold_is_named_before_it_applies(
 ) -> None:
     """Typed right, yet what the data files refuse at start: named by `change_problem`, which
     the committer asks before anything of the change is journalled."""
-    problem = change_problem(Committed(), _decoded(_payload(change)))
+    problem = change_problem(Committed(), _decoded(_payload(change)), 1)
     assert problem is not None and says in problem, problem
+
+
+def event(eid: int, **data: object) -> SyncEvent:
+    return SyncEvent(
+        id=eid,
+        connection_id="c1",
+        action="update",
+        data=dict(data),
+        created_at="2026-12-06T10:00:00.000Z",
+    )
+
+
+def deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        # a name out of the data dir: written or "deleted by hand" there, it reached the token
+        (Change(touched=["../.token"]), "'../.token' as a file to write, which is no data file"),
+        (Change(touched=["/etc/passwd"]), "'/etc/passwd'"),
+        (Change(touched=["notes.txt"]), "'notes.txt'"),
+        (
+            Change(
+                connections=[RecordChange("c1", msgspec.convert(connection(id="c2"), Connection))]
+            ),
+            "connection 'c1' holds a record of id 'c2'",
+        ),
+        (
+            Change(state=[RecordChange("c1", ConnectionState(connection_id="c2"))]),
+            "the state of 'c1' is a record of connection 'c2'",
+        ),
+        (Change(log=[event(5), event(3)]), r"log\[1\]: sync-log ids must strictly increase"),
+        (Change(log=[event(5), event(5)]), "strictly increase"),
+        # past this message's seq: every host would skip the stream's next changes as held
+        (Change(log=[event(1, stream_seq=10**9)]), r"log\[0\]: stream_seq 1000000000 is no seq"),
+        (Change(log=[event(1, stream_seq="7")]), "stream_seq 7 is no seq of this stream up to 7"),
+        (Change(log=[event(1, stream_seq=True)]), "stream_seq True"),
+        (Change(log=[event(1, stream_seq=0)]), "stream_seq 0"),
+        (Change(log=[event(1, x=deep(63))]), r"log\[0\]: data nested deeper than 62"),
+        (Change(events=[event(1, x=deep(63))]), r"events\[0\]: data nested deeper than 62"),
+    ],
+)
+def test_a_change_unlike_what_the_files_hold_is_named_before_it_applies(
+    change: Change, says: str
+) -> None:
+    """What the files' own checks refuse at start, or what would steer this host wrong: a
+    file name, a record under another's id, a sync log out of order or past the stream."""
+    problem = change_problem(Committed(), _decoded(_payload(change)), 7)
+    assert problem is not None and re.search(says, problem), problem
+
+
+def test_a_log_of_this_stream_up_to_the_change_has_no_problem() -> None:
+    change = Change(
+        log=[event(1), event(2, stream_seq=3), event(4, stream_seq=7)],
+        events=[event(9, stream_seq=99, x=deep(61))],  # (its id and seq are given on applying)
+        touched=["connections.json", "algorithms/a1.json", "settings.json"],
+    )
+    assert change_problem(Committed(), _decoded(_payload(change)), 7) is None
 
 
 def test_a_change_the_files_can_hold_has_no_problem() -> None:
@@ -124,7 +190,7 @@ def test_a_change_the_files_can_hold_has_no_problem() -> None:
             RecordChange("instances", {"instances": [instance("a1")]}),
         ]
     )
-    assert change_problem(c, _decoded(_payload(change))) is None
+    assert change_problem(c, _decoded(_payload(change)), 1) is None
 
 
 def test_a_snapshot_no_host_could_inflate_is_refused_before_it_is_stored() -> None:
@@ -134,3 +200,13 @@ def test_a_snapshot_no_host_could_inflate_is_refused_before_it_is_stored() -> No
     assert shared.decode(shared.encode(state), cluster="desk", seq=7, what="it") == state
     with pytest.raises(SnapshotTooLarge, match=r"at seq 7 is 5,\d+ bytes, more than the 5,000"):
         shared.encode(state, limit=5000)
+
+
+def test_a_compressed_message_is_inflated_whole_and_alone() -> None:
+    from ctsd.cluster.messages import inflate
+
+    packed = zlib.compress(b'{"touched": []}')
+    assert inflate(packed) == b'{"touched": []}'
+    for bad in (packed[:-3], packed + b"junk", b"junk"):
+        with pytest.raises(zlib.error):
+            inflate(bad)

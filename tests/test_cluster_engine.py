@@ -342,6 +342,8 @@ async def test_of_many_concurrent_writers_at_one_seq_exactly_one_wins(cluster: N
         ({H_HOST: "h" * 5000}, "has Ctsd-Host 'hhhh"),  # shown short, in every status
         ({H_MSG_ID: "x:" + "1" * 5000}, "has Nats-Msg-Id 'x:111"),
         ({H_HOST: "a b"}, "has Ctsd-Host 'a b': not one ctsd writes"),
+        # another host's id: its dedup and "has it landed" are by host
+        ({H_MSG_ID: "other:1"}, "has Nats-Msg-Id 'other:1': not one ctsd writes"),
         ({"Ctsd-Founding": "founding-x-1"}, "only the stream's first message founds"),
     ],
 )
@@ -352,7 +354,12 @@ async def test_a_message_of_another_cluster_or_schema_is_refused(
     async with running(s) as (a, rec):
         await a.catch_up(timeout=10)
         await commit(a, b"good")
-        base = {H_CLUSTER: s.name, H_SCHEMA: SCHEMA_VERSION, H_HOST: "intruder", H_MSG_ID: "x:1"}
+        base = {
+            H_CLUSTER: s.name,
+            H_SCHEMA: SCHEMA_VERSION,
+            H_HOST: "intruder",
+            H_MSG_ID: "intruder:1",
+        }
         bad = {k: v for k, v in {**base, **headers}.items() if v is not None}
         seq = await raw_publish(cluster, s.subject, b"not compressed", bad)
         await wait_until_async(lambda: a.state == "stalled", timeout=10, what="stalled")

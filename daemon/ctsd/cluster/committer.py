@@ -413,8 +413,8 @@ class ClusterCommitter:
                     return await self._commit_each(requests)
                 err = CtsdError("too_large", str(e), extra={"max_payload": e.limit})
                 return failed(requests, err), None
-            except PublishRefused as e:
-                return failed(requests, CtsdError("too_large", str(e))), None
+            except PublishRefused as e:  # (nothing stored: a retry does not cure it)
+                return failed(requests, CtsdError("io_error", str(e))), None
             except Stalled as e:
                 msg = f"the change is in the cluster's stream but not applied here: {e}"
                 return failed(requests, CtsdError("io_error", msg)), None
@@ -522,7 +522,7 @@ class ClusterCommitter:
                 if msg.own:
                     self._note_landed(msg.msg_id)
                 return
-            problem = shared.change_problem(committed, change)
+            problem = shared.change_problem(committed, change, msg.seq)
             if problem is not None:  # before the journal: nothing of it is applied
                 raise InvalidChange(problem)
             if (
@@ -678,14 +678,20 @@ class ClusterCommitter:
                     fields.append("status")
             state.append(RecordChange(rc.key, value, fields))
         documents: list[RecordChange] = []
+        mine = c.documents.get("settings") or {}
+        local = {k: mine[k] for k in shared.LOCAL_SETTINGS_KEYS if k in mine}
         for rc in change.documents:
-            if rc.key != "settings" or rc.value is None:
+            if rc.key != "settings" or (rc.value is None and not local):
                 documents.append(rc)
                 continue
-            mine = c.documents.get("settings") or {}
-            value = {k: v for k, v in rc.value.items() if k not in shared.LOCAL_SETTINGS_KEYS}
-            value.update((k, mine[k]) for k in shared.LOCAL_SETTINGS_KEYS if k in mine)
-            fields = rc.fields
+            # Another host's settings with this host's own keys; its deletion of the file (a
+            # snapshot without one too) deletes the shared keys only: this host's cluster and
+            # server keys stay, or it would run on its own at its next start.
+            value = {
+                k: v for k, v in (rc.value or {}).items() if k not in shared.LOCAL_SETTINGS_KEYS
+            }
+            value.update(local)
+            fields = rc.fields if rc.value is not None else None
             if fields is not None:
                 fields = [k for k in fields if k not in shared.LOCAL_SETTINGS_KEYS]
             documents.append(RecordChange(rc.key, value, fields))

@@ -398,7 +398,7 @@ class ClusterEngine:
             try:
                 info = await self._js.add_stream(wanted)
                 log.info("cluster.stream_created", stream=self.stream, replicas=s.replicas)
-            except nats.js.errors.BadRequestError as exc:
+            except nats.js.errors.APIError as exc:  # (400, or 500: replicas past the nodes)
                 try:  # another host may have created it meanwhile
                     info = await self._js.stream_info(self.stream)
                 except nats.js.errors.NotFoundError:

@@ -128,7 +128,7 @@ def decode(
     # Both are shown in every later message about this change (status, /health, logs).
     for header, value, valid in (
         (H_HOST, host, re.fullmatch(HOST_ID_PATTERN, host)),
-        (H_MSG_ID, msg_id, _is_msg_id(msg_id)),
+        (H_MSG_ID, msg_id, _is_msg_id(msg_id) and msg_id.startswith(f"{host}:")),
     ):
         if not valid:
             raise BadMessage(
@@ -177,7 +177,7 @@ def decode(
 
 
 def _is_msg_id(msg_id: str) -> bool:
-    """`<host>:<local id>`, as `ClusterEngine.msg_id` makes it: short printable ASCII."""
+    """Short printable ASCII (`<host>:<local id>`, as `ClusterEngine.msg_id` makes it)."""
     return len(msg_id) <= 200 and msg_id.isascii() and msg_id.isprintable()
 
 
@@ -197,6 +197,8 @@ def inflate(data: bytes) -> bytes:
     out = inflater.decompress(data, MAX_INFLATED)
     if inflater.unconsumed_tail or not inflater.eof:
         raise zlib.error("truncated, or larger than the limit")
+    if inflater.unused_data:  # (what ctsd compresses ends with its stream)
+        raise zlib.error("bytes after the compressed data")
     return out
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import msgspec
 
-from ctsd import files
+from ctsd import files, limits
 from ctsd.cluster.errors import SnapshotInvalid, SnapshotTooLarge
+from ctsd.cluster.keyed import STREAM_SEQ
 from ctsd.cluster.messages import MAX_INFLATED, inflate
 from ctsd.core import Change, Committed, RecordChange, algorithm_names, patch_document
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.limits import MAX_DEPTH
 from ctsd.models import Connection, ConnectionState, SyncEvent
 from ctsd.secretbox import SecretBox, SecretError, is_encrypted, stored_key_id
 from ctsd.secretfields import CONNECTION_SECRETS, open_connection, secret_places
@@ -219,11 +221,29 @@ def replacement(c: Committed, state: SharedState) -> Change:
     )
 
 
-def change_problem(c: Committed, change: Change) -> str | None:
-    """What in another host's change the data files could not hold, checked as they are at
-    start, on the state it would be applied to; None when nothing. Its records' types are
-    checked by the decode; this is the rest: connection_settings, documents against their
-    typed views (as patched here), instances naming algorithms."""
+def change_problem(c: Committed, change: Change, seq: int) -> str | None:
+    """What in another host's change (stream seq `seq`) the data files could not hold,
+    checked as they are at start, on the state it would be applied to; None when nothing.
+    Its records' types are checked by the decode; this is the rest: files it names, records
+    under their own ids, connection_settings, the sync log's order, depth and stream seqs,
+    documents against their typed views (as patched here), instances naming algorithms."""
+    for name in change.touched:
+        if not files.is_data_file(name):  # (a name out of the data dir, `../.token`, above all)
+            return f"it names {name[:80]!r} as a file to write, which is no data file"
+    for rc in change.connections:
+        if rc.value is not None and rc.value.id != rc.key:
+            return f"connection {rc.key[:80]!r} holds a record of id {rc.value.id[:80]!r}"
+    for rc in change.state:
+        if rc.value is not None and rc.value.connection_id != rc.key:
+            return (
+                f"the state of {rc.key[:80]!r} is a record of connection "
+                f"{rc.value.connection_id[:80]!r}"
+            )
+    problem = _events_problem("events", change.events, seq, ordered=False)
+    if problem is None and change.log is not None:
+        problem = _events_problem("log", change.log, seq, ordered=True)
+    if problem is not None:
+        return problem
     try:
         for rc in change.connections:
             if rc.value is not None:
@@ -251,4 +271,20 @@ def change_problem(c: Committed, change: Change) -> str | None:
             )
     except Invalid as exc:
         return exc.problem.format()
+    return None
+
+
+def _events_problem(what: str, events: list[SyncEvent], seq: int, ordered: bool) -> str | None:
+    """Sync-log entries as the sync-log file holds them: `data` within the depth limit, ids
+    strictly increasing, and no stream seq past the change's own (`held_seq` reads it: one
+    past it would make this host skip the stream's next changes as held already) — the last
+    two for a log put whole (`ordered`): events get their ids and seq when applied."""
+    for i, e in enumerate(events):
+        if limits.check_depth(e.data, MAX_DEPTH - 2) is not None:
+            return f"{what}[{i}]: data {limits.depth_message(MAX_DEPTH - 2)}"
+        if ordered and i and e.id <= events[i - 1].id:
+            return f"{what}[{i}]: sync-log ids must strictly increase"
+        at = e.data.get(STREAM_SEQ, 1) if ordered else 1
+        if type(at) is not int or not 0 < at <= seq:
+            return f"{what}[{i}]: {STREAM_SEQ} {str(at)[:40]} is no seq of this stream up to {seq}"
     return None
