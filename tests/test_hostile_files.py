@@ -351,6 +351,21 @@ async def test_deep_document_is_refused_and_the_daemon_keeps_answering(daemon: D
     assert r.returncode == 1 and "nested deeper than 64 levels" in r.stdout
 
 
+async def test_a_number_too_long_to_read_is_invalid_not_a_crash(daemon: Daemon) -> None:
+    """Past int()'s digit limit the stdlib decoder that locates problems raised ValueError,
+    which no reader of a file caught (the intake's judging, verify)."""
+    d = daemon
+    doc = '{\n  "lists": {"a": [' + "9" * 5000 + "]}\n}\n"
+    (d.data_dir / WATCHLISTS).write_text(doc)
+    wait_until(lambda: WATCHLISTS in invalid_files(d), what="the hand edit judged")
+    assert invalid_files(d)[WATCHLISTS].startswith(f"{WATCHLISTS}:2:19: number out of range")
+    assert (d.data_dir / WATCHLISTS).read_text() == doc
+    async with bus(d) as b:
+        await b.ok("documents.get", name="watchlists")
+    r = verify(d.data_dir)
+    assert r.returncode == 1 and f"{WATCHLISTS}:2:19: number out of range" in r.stdout, r
+
+
 # --- probes ----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import sys
 from json.decoder import scanstring
 from typing import Any
 
@@ -20,6 +21,8 @@ from ctsd.timeutil import ID_PATTERN, TIMESTAMP_PATTERN
 
 _WS = " \t\r\n"
 _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
+# An integer longer than int() converts from text (where the stdlib decoder gives up).
+_LONG_INT = re.compile(rf"-?\d{{{sys.get_int_max_str_digits() + 1},}}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
 _MISSING = re.compile(r"missing required field `(?P<key>[^`]+)`")
@@ -261,6 +264,10 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         return FileProblem(file, e.lineno, e.colno, "$", msg)
     except RecursionError:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
+    except ValueError:  # an integer past int()'s digit limit, which neither decoder holds
+        long = _LONG_INT.search(text)
+        line, col = line_col(text, long.start() if long else 0)
+        return FileProblem(file, line, col, "$", "number out of range")
     return None
 
 
