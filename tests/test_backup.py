@@ -147,6 +147,20 @@ def test_backup_to_a_pipe_writes_through_it(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_an_output_in_the_data_dir_is_refused(tmp_path: Path) -> None:
+    """`-o` naming a data file (or the journal, the token; also through a link, or any new
+    name there) would replace the daemon's own file with an archive or an export."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    (tmp_path / "latest.tar.gz").symlink_to(data / "connections.json")
+    for out in ("connections.json", ".journal", "new.tar.gz", "../latest.tar.gz"):
+        for cmd in ("backup", "export"):
+            r = run(cmd, "--data-dir", str(data), "-o", str(data / out))
+            assert r.returncode == 1 and "is in the data dir" in r.stderr, (cmd, out, r.stderr)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
 def test_backup_refuses_a_data_dir_the_daemon_would_refuse(tmp_path: Path) -> None:
     data = tmp_path / "data"
     full_dir(data, None)

@@ -57,7 +57,7 @@ def register(main: click.Group) -> None:
         if output not in STDOUT_NAMES and named.is_dir():
             named = named / default_name()
         # A pipe or a device (/dev/null) is written through, as stdout is; never replaced.
-        kind, path = destination(output if output in STDOUT_NAMES else str(named))
+        kind, path = destination(output if output in STDOUT_NAMES else str(named), directory)
         to_stdout = kind == "stdout"
         if to_stdout and sys.stdout.isatty():
             fail("refusing to write an archive to a terminal; use -o FILE or a pipe")

@@ -61,7 +61,9 @@ def register(main: click.Group) -> None:
     def export(target: Target, output: str | None) -> None:
         """Export every file of the daemon as one JSON document (secrets masked)."""
 
-        kind, path = destination(output) if output is not None else ("stdout", Path("-"))
+        kind, path = (
+            destination(output, target.data_dir) if output is not None else ("stdout", Path("-"))
+        )
         result = run_call(target, "data.export")
         text = dump_json(result, 2) + "\n"
         if kind == "stdout":

@@ -6,7 +6,9 @@
 - `/dev/stdout` (and `/dev/fd/1`): stdout, as `-` (with `>> FILE` it appends);
 - a FIFO or a character device (a pipe, /dev/null): written through, never replaced;
 - anything else (a directory, a socket, a block device, a link to nothing): refused, never
-  replaced."""
+  replaced;
+- anything in the data dir (also through a link): refused, so an archive or an export can
+  never replace a data file, the journal or the token."""
 
 from __future__ import annotations
 
@@ -23,12 +25,17 @@ Kind = Literal["stdout", "stream", "file"]
 STDOUT_NAMES = frozenset({"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
 
 
-def destination(output: str) -> tuple[Kind, Path]:
+def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
     """How to write `output`, and the path to write (for "file": the file a link names).
     Fails (exit 1) for what no output may replace."""
     path = Path(output)
     if output in STDOUT_NAMES:
         return "stdout", path
+    if path.resolve().is_relative_to(data_dir.resolve()):
+        fail(
+            f"{safe(output)} is in the data dir {safe(data_dir)}: write it elsewhere (it "
+            "could replace the daemon's own files)"
+        )
     try:
         link = os.lstat(path)
     except FileNotFoundError:
