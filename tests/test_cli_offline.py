@@ -606,6 +606,40 @@ def _journal_with_changes(data_dir: Path, n: int) -> Path:
     return data_dir / ".journal"
 
 
+def test_backup_and_rekey_refuse_changes_still_only_in_the_journal(tmp_path: Path) -> None:
+    """The data files alone miss what a crash left in the journal: a backup of them would
+    lose acknowledged changes, a rekey leave them under the old key for the replay. Both
+    refuse, change nothing, and say what to do; a file too large is a clear refusal too."""
+    from tests.secrets_helpers import make_key
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    _journal_with_changes(data, 1)
+
+    def files() -> dict[str, bytes]:  # (the lock file left out: taking it writes a pid)
+        return {p.name: p.read_bytes() for p in data.iterdir() if p.name != ".lock"}
+
+    before = files()
+    out = tmp_path / "b.tar.gz"
+    key = tmp_path / "new.key"
+    make_key(key)
+    for args in (("backup", "-o", str(out)), ("secrets", "rekey", "--new-key", str(key))):
+        r = ctsd(*args, "--data-dir", str(data))
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert "1 acknowledged change group(s) not yet in the data files" in r.stderr, r.stderr
+        assert "start the daemon once" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert files() == before
+    (data / ".journal").unlink()
+    with (data / "connections.json").open("wb") as f:
+        f.truncate(limits.MAX_FILE_BYTES + 1)
+    (data / "connections.json").chmod(0o600)
+    for args in (("backup", "-o", str(out)), ("secrets", "rekey", "--new-key", str(key))):
+        r = ctsd(*args, "--data-dir", str(data))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "connections.json:1:1: file is 67108865 bytes; the limit is" in r.stderr, r.stderr
+
+
 def test_verify_notes_changes_waiting_in_the_journal_and_a_torn_tail(tmp_path: Path) -> None:
     path = _journal_with_changes(tmp_path, 2)
     r = ctsd("verify", "--data-dir", str(tmp_path))

@@ -43,7 +43,7 @@ from ctsd.rekey import finish_pending
 from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places, survey
 from ctsd.timeutil import format_ts
-from ctsd.verify import check_contents
+from ctsd.verify import check_contents, unwritten
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -176,7 +176,13 @@ def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
     no daemon starts in between (DaemonRunning if one runs)."""
     with exclusive(data_dir):
         finish_pending(data_dir)
-        contents = read_data_files(data_dir)
+        try:
+            contents = read_data_files(data_dir)
+        except files.Invalid as e:  # (too large)
+            raise ArchiveError(f"{e.problem.format()}: fix it first (`ctsd verify`)") from None
+        why = unwritten(data_dir, contents, "a backup")
+        if why is not None:  # the files alone would miss acknowledged changes
+            raise ArchiveError(why)
     return build_archive(contents, revision_of(contents), out_path)
 
 

@@ -30,6 +30,7 @@ from ctsd.offline import exclusive, owner_for, read_data_files
 from ctsd.secretbox import Key, SecretBox
 from ctsd.secretfields import SECRET_FILES, open_content, seal_content
 from ctsd.timeutil import now_iso
+from ctsd.verify import unwritten
 
 INTENT = ".rekey-pending"
 
@@ -173,7 +174,16 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
         )
     with exclusive(data_dir):
         finish_pending(data_dir)
-        contents = read_data_files(data_dir, [f for f in SECRET_FILES])
+        try:
+            contents = read_data_files(data_dir, [f for f in SECRET_FILES])
+            log = read_data_files(data_dir, [files.SYNC_LOG])
+        except Invalid as e:  # (too large)
+            raise RekeyRefused([f"{e.problem.format()}: fix it first (ctsd verify)"]) from None
+        # A change still only in the journal, replayed at the next start, would bring back
+        # secrets sealed under the old key.
+        why = unwritten(data_dir, log, "a rekey")
+        if why is not None:
+            raise RekeyRefused([why])
         # Values already under the new key (a repeated run) decrypt too.
         old = SecretBox(current, also=[new])
         result = rekey_contents(contents, old, new)

@@ -46,20 +46,23 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
     return problems
 
 
-def journal_note(
+def journal_state(
     data_dir: Path, contents: dict[str, bytes]
-) -> tuple[str | None, FileProblem | None]:
-    """(a note on what the journal holds, or a problem that keeps the daemon from starting)."""
+) -> tuple[int, int, FileProblem | None]:
+    """(change groups in the journal not yet in the data files, bytes of a torn tail, or a
+    problem that keeps the daemon from starting) for the data files' `contents`."""
     path = data_dir / journal.NAME
     if lstat(path) is None:
-        return None, None
+        return 0, 0, None
     try:
         raw, _st = read_data_file(path, journal.NAME)
     except Invalid as e:
-        return None, e.problem
+        return 0, 0, e.problem
     except OSError as e:
-        return None, FileProblem(
-            journal.NAME, NO_POSITION, NO_POSITION, "$", f"cannot read: {e.strerror}"
+        return (
+            0,
+            0,
+            FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", f"cannot read: {e.strerror}"),
         )
     try:
         log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
@@ -71,14 +74,21 @@ def journal_note(
     try:
         scan = journal.scan_journal(raw, journal.NAME, revision, marks)
     except journal.JournalError as e:
-        return None, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
-    torn = journal.torn_bytes(raw, scan.good_end) if scan is not None else 0
-    if scan is None or (not scan.changes and not torn):
-        return None, None
+        return 0, 0, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
+    if scan is None:
+        return 0, 0, None
+    return len(scan.changes), journal.torn_bytes(raw, scan.good_end), None
+
+
+def journal_note(
+    data_dir: Path, contents: dict[str, bytes]
+) -> tuple[str | None, FileProblem | None]:
+    """(a note on what the journal holds, or a problem that keeps the daemon from starting)."""
+    pending, torn, problem = journal_state(data_dir, contents)
     parts = []
-    if scan.changes:
+    if pending:
         parts.append(
-            f"{len(scan.changes)} change group(s) not yet in the data files; the daemon "
+            f"{pending} change group(s) not yet in the data files; the daemon "
             "replays them at its next start"
         )
     if torn:
@@ -86,7 +96,23 @@ def journal_note(
             f"a torn tail of {torn} bytes (a write a crash cut short, "
             "never acknowledged), dropped at the next start"
         )
-    return f"{journal.NAME}: " + "; ".join(parts), None
+    return (f"{journal.NAME}: " + "; ".join(parts) if parts else None), problem
+
+
+def unwritten(data_dir: Path, contents: dict[str, bytes], what: str) -> str | None:
+    """Why `what` (an offline command that reads the data files) cannot go on from them
+    alone: acknowledged changes still only in the journal (a daemon stopped by a crash before
+    writing them), or a journal the daemon would not replay. None when it can."""
+    pending, _torn, problem = journal_state(data_dir, contents)
+    if problem is not None:
+        return f"{problem.format()}: fix it (ctsd verify) before {what}"
+    if pending:
+        return (
+            f"{journal.NAME} holds {pending} acknowledged change group(s) not yet in the data "
+            f"files: start the daemon once (it writes them at start), then {what} again, or "
+            f"run {what} while it runs"
+        )
+    return None
 
 
 def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem], list[str]]:
