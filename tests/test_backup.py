@@ -503,16 +503,22 @@ def test_root_keeps_a_service_users_files_theirs(tmp_path: Path) -> None:
             assert (st.st_uid, st.st_gid) == (uid, gid), p
 
 
-def test_a_symlinked_data_file_is_backed_up_as_its_content(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_a_data_file_the_daemon_would_not_read_is_refused(tmp_path: Path, kind: str) -> None:
+    """A link (the daemon does not follow links in its data dir) or a FIFO (it would never
+    be waited on) where a data file belongs: the daemon would refuse the dir, so the backup
+    does, never following the link nor hanging on the FIFO, nor leaving the file out."""
     data = tmp_path / "data"
     full_dir(data, None)
-    real = tmp_path / "elsewhere.json"
-    real.write_text('{"theme": "linked"}\n')
     (data / "settings.json").unlink()
-    (data / "settings.json").symlink_to(real)
+    if kind == "link":
+        real = tmp_path / "elsewhere.json"
+        real.write_text('{"theme": "linked"}\n')
+        (data / "settings.json").symlink_to(real)
+    else:
+        os.mkfifo(data / "settings.json", 0o600)
     out = tmp_path / "b.tar.gz"
-    assert run("backup", "--data-dir", str(data), "-o", str(out)).returncode == 0
-    with tarfile.open(out) as tar:
-        member = tar.getmember("data/settings.json")
-        assert member.isreg()
-        assert tar.extractfile(member).read() == b'{"theme": "linked"}\n'  # type: ignore[union-attr]
+    r = run("backup", "--data-dir", str(data), "-o", str(out))
+    assert r.returncode == 1 and "settings.json:1:1: " in r.stderr, r.stderr
+    assert ("symlink" if kind == "link" else "FIFO") in r.stderr, r.stderr
+    assert not out.exists()

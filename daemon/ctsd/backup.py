@@ -178,7 +178,7 @@ def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
         finish_pending(data_dir)
         try:
             contents = read_data_files(data_dir)
-        except files.Invalid as e:  # (too large)
+        except files.Invalid as e:  # (no private regular file, too large)
             raise ArchiveError(f"{e.problem.format()}: fix it first (`ctsd verify`)") from None
         why = unwritten(data_dir, contents, "a backup")
         if why is not None:  # the files alone would miss acknowledged changes

@@ -78,7 +78,14 @@ async def snapshot_files(store: Store) -> dict[str, bytes]:
     await store.checkpointer.flush()
     names = data_file_names(store.data_dir)
     async with _Locks(store.file_lock, names):
-        return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
+        try:
+            return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
+        except files.Invalid as e:  # (made a link or a FIFO since the last look)
+            raise CtsdError(
+                "file_invalid",
+                f"{e.problem.format()}: a backup would not hold what the daemon holds",
+                extra={"file": e.problem.file},
+            ) from None
 
 
 def waiting_backups(data_dir: Path) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ctsd import files
 from ctsd.errors import CtsdError
 from ctsd.lock import InstanceLock
+from ctsd.safefile import read_data_file
 
 
 class DaemonRunning(Exception):
@@ -73,9 +74,9 @@ def owner_for(data_dir: Path) -> tuple[int, int] | None:
 
 
 def data_file_names(data_dir: Path) -> list[str]:
-    """The data files present in `data_dir` (tables, documents, `algorithms/*.json`), sorted.
-    A symlink counts as the file it points to (the daemon reads through it too); a name that
-    is a directory or a device is left out."""
+    """The data files present in `data_dir` (tables, documents, `algorithms/*.json`), sorted:
+    every name that holds something but a directory (`read_data_files` refuses what the
+    daemon would: a link, a FIFO, a device, a file other users may read)."""
     names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
     algo_dir = data_dir / files.ALGORITHMS_DIR
     if algo_dir.is_dir():
@@ -85,25 +86,22 @@ def data_file_names(data_dir: Path) -> list[str]:
         if not files.is_data_file(name):
             continue
         try:
-            st = os.stat(data_dir / name)
+            st = os.lstat(data_dir / name)
         except FileNotFoundError:
             continue
-        if stat.S_ISREG(st.st_mode):
+        if not stat.S_ISDIR(st.st_mode):
             out.append(name)
     return sorted(out)
 
 
 def read_data_files(data_dir: Path, names: list[str] | None = None) -> dict[str, bytes]:
-    """The bytes of every data file present (or of `names` that exist), by relative path."""
+    """The bytes of every data file present (or of `names` that exist), by relative path.
+    Read as the daemon reads them: raises files.Invalid for a name holding no private regular
+    file (a link is never followed, a FIFO never waited on) or one over the size limit."""
     out: dict[str, bytes] = {}
     for name in data_file_names(data_dir) if names is None else names:
-        path = data_dir / name
         try:
-            size = os.stat(path).st_size
+            out[name], _st = read_data_file(data_dir / name, name)
         except FileNotFoundError:
             continue
-        files.check_size(name, size)
-        with open(path, "rb") as f:
-            out[name] = f.read(files.MAX_FILE_BYTES + 1)
-        files.check_size(name, len(out[name]))
     return out

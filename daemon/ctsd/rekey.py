@@ -174,10 +174,12 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
         )
     with exclusive(data_dir):
         finish_pending(data_dir)
+        # Stamps first: a save landing after them, even before the read, is never replaced.
+        stamps = {f: stamp_of(data_dir / f) for f in SECRET_FILES}
         try:
             contents = read_data_files(data_dir, [f for f in SECRET_FILES])
             log = read_data_files(data_dir, [files.SYNC_LOG])
-        except Invalid as e:  # (too large)
+        except Invalid as e:  # (no private regular file, too large)
             raise RekeyRefused([f"{e.problem.format()}: fix it first (ctsd verify)"]) from None
         # A change still only in the journal, replayed at the next start, would bring back
         # secrets sealed under the old key.
@@ -190,7 +192,7 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
         if not result.files:
             return result
         paths = {data_dir / f: body for f, body in result.files.items()}
-        expected = {p: stamp_of(p) for p in paths}
+        expected = {data_dir / f: stamps[f] for f in result.files}
         intent = RekeyIntent(
             created_at=now_iso(),
             new_key_id=new.id,
