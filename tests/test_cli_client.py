@@ -78,6 +78,22 @@ def test_wrong_token_is_refused(shared: Daemon) -> None:
     assert "wrong-token" not in r.stderr
 
 
+def test_a_token_no_header_can_carry_is_named_never_shown(shared: Daemon, tmp_path: Path) -> None:
+    """A token file with a second line (an old token kept below), or a pasted line break:
+    exit 4 naming where it came from; the websocket library's error would have printed the
+    whole header, token included."""
+    (tmp_path / ".token").write_text("SecretTok1\n# old: SecretTok0\n")
+    (tmp_path / ".token").chmod(0o600)
+    env = clean_env(CTSD_PORT=str(shared.port))
+    r = ctsd("status", "--data-dir", str(tmp_path), env=env)
+    assert r.returncode == 4, r.stderr
+    assert f"the bus token in {tmp_path / '.token'} holds" in r.stderr, r.stderr
+    assert "SecretTok" not in r.stdout + r.stderr
+    r = ctsd("status", env=env_for(shared, CTSD_TOKEN="SecretTok1\nSecretTok0"))
+    assert r.returncode == 4 and "the bus token in CTSD_TOKEN holds" in r.stderr, r.stderr
+    assert "SecretTok" not in r.stdout + r.stderr
+
+
 def test_no_token_anywhere(shared: Daemon, tmp_path: Path) -> None:
     env = clean_env(CTSD_PORT=str(shared.port))
     r = ctsd("conn", "list", "--data-dir", str(tmp_path), env=env)

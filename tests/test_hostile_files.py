@@ -200,6 +200,22 @@ def test_loose_token_file_refuses_start(data_dir: Path) -> None:
     assert r.returncode == 1 and f"{token}: is mode 0644" in r.stdout, r.stdout
 
 
+def test_a_token_of_two_lines_refuses_start_without_showing_it(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700)
+    token = data_dir / ".token"
+    token.write_text("SecretTok1\n# old: SecretTok0\n")
+    os.chmod(token, 0o600)
+    d = Daemon(data_dir, token=None)
+    try:
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(15) == 1
+        err = d.stderr()
+        assert f"the bus token in {token} holds a space, a line break" in err, err
+        assert "SecretTok" not in err + d.stdout()
+    finally:
+        d.close()
+
+
 def test_wide_data_dir_is_warned_and_shown(data_dir: Path) -> None:
     data_dir.mkdir()
     os.chmod(data_dir, 0o755)

@@ -19,6 +19,22 @@ def _read(path: Path) -> str | None:
     return read_text_file(path)[0].strip() or None
 
 
+class BadToken(ValueError):
+    """A token that cannot travel in a header; the message names its source only."""
+
+
+def checked(token: str, source: str) -> str:
+    """`token` if it can travel in a header; else ValueError naming its source, never its
+    value (a second line of an edited token file, a pasted line break: a client's header
+    library would print it back in its error)."""
+    if not all("!" <= ch <= "~" for ch in token):
+        raise BadToken(
+            f"the bus token in {source} holds a space, a line break or a character outside "
+            "printable ASCII: a token is one line of letters, digits and punctuation"
+        )
+    return token
+
+
 def load_token(data_dir: Path, *, create: bool = True, strict: bool = True) -> str | None:
     """The token, creating DATA/.token when none is configured and `create`.
 
@@ -27,12 +43,12 @@ def load_token(data_dir: Path, *, create: bool = True, strict: bool = True) -> s
     """
     env = os.environ.get("CTSD_TOKEN", "").strip()
     if env:
-        return env
+        return checked(env, "CTSD_TOKEN")
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
         token = _read(Path(creds) / "ctsd-token")
         if token:
-            return token
+            return checked(token, str(Path(creds) / "ctsd-token"))
     path = data_dir / ".token"
     if strict:
         problem = token_problem(path)
@@ -40,7 +56,7 @@ def load_token(data_dir: Path, *, create: bool = True, strict: bool = True) -> s
             raise CtsdError("io_error", f"{path} {problem}")
     token = _read(path)
     if token or not create:
-        return token
+        return checked(token, str(path)) if token else None
     token = secrets.token_urlsafe(32)
     write_files([(path, token.encode() + b"\n")])
     return token

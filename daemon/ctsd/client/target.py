@@ -15,7 +15,7 @@ from ctsd.config import resolve_data_dir
 from ctsd.limits import MAX_FILE_BYTES
 from ctsd.lock import running_listen
 from ctsd.safefile import read_text_file
-from ctsd.tokenfile import load_token
+from ctsd.tokenfile import BadToken, checked, load_token
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3587
@@ -137,7 +137,10 @@ def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
             return token
         # Named before is_file(): a /etc/ctsd this user cannot enter makes it raise EACCES.
         path = system_token
-        return (system_token.read_text().strip() or None) if system_token.is_file() else None
+        token = system_token.read_text().strip() if system_token.is_file() else None
+        return checked(token, str(system_token)) if token else None
+    except BadToken as e:
+        fail(str(e), EXIT_AUTH)
     except (OSError, ValueError) as e:
         # Under systemd the token files belong to root or the daemon's user.
         fail(
