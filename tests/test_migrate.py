@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -210,6 +211,7 @@ def test_migrate_errors_are_clear(tmp_path: Path) -> None:
         return r.stderr
 
     assert "unsupported database URL scheme 'mysql'" in fails("--from", "mysql://x/y")
+    assert "not a PostgreSQL URL" in fails("--from", "postgresql://u:pw@[::1/db", "--dry-run")
     assert "four slashes" in fails("--from", "sqlite:///no/such.db")
     assert "no connections table" in fails("--from", f"sqlite:///{db}", "--map", "connections=nope")
     assert "--map takes ROLE=TABLE" in fails("--from", f"sqlite:///{db}", "--map", "x=y", code=2)
@@ -230,6 +232,16 @@ def test_migrate_errors_are_clear(tmp_path: Path) -> None:
     err = fails("--from", f"sqlite:///{db}")
     assert "`is_enabeld` (did you mean `is_enabled`?)" in err
     assert "not fields of a Connection" in err
+
+
+def test_a_dry_run_reads_the_data_files_as_the_daemon_does(tmp_path: Path) -> None:
+    """A FIFO where a data file belongs: named, never waited on (the dry run hung on it)."""
+    db = sqlite_db(tmp_path / "cts.db", bad=False)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.mkfifo(data / "settings.json", 0o600)
+    r = ctsd("migrate", "--from", f"sqlite:///{db}", "--dry-run", "--data-dir", str(data))
+    assert r.returncode == 1 and "settings.json:1:1: " in r.stderr and "FIFO" in r.stderr, r
 
 
 def test_map_reads_other_table_names(tmp_path: Path) -> None:

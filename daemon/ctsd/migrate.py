@@ -99,7 +99,10 @@ def parse_url(url: str) -> Source:
         path = Path(rest).absolute()
         return Source("sqlite", str(path), f"sqlite:///{rest}")
     if scheme in ("postgresql", "postgres"):
-        return Source("postgresql", url, shown_url(url))
+        try:
+            return Source("postgresql", url, shown_url(url))
+        except ValueError as e:  # (urlsplit: `[::1` with no `]`, a port that is no number)
+            raise MigrateError(f"not a PostgreSQL URL ({e}): postgresql://USER@HOST/DB") from None
     raise MigrateError(
         f"unsupported database URL scheme {scheme or '(none)'!r}: "
         "use sqlite:///PATH or postgresql://USER@HOST/DB"

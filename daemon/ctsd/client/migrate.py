@@ -23,6 +23,7 @@ from ctsd.client.render import safe
 from ctsd.client.target import Target
 from ctsd.files import CONNECTIONS, SETTINGS, STATE, Invalid
 from ctsd.migrate import Change, MigrateError, Migration, migrate, parse_map, plan
+from ctsd.safefile import read_data_file
 from ctsd.secretbox import KeyFileError, SecretBox, SecretError, configured_key, is_encrypted
 
 # A part's JSON stays well under the bus's message limit (the frame adds its envelope).
@@ -33,10 +34,12 @@ def read_current(data_dir: Path) -> dict[str, Any]:
     """The data dir's connections, state and settings, decoded (missing files: empty)."""
     out: dict[str, Any] = {}
     for file in (CONNECTIONS, STATE, SETTINGS):
-        try:
-            raw = (data_dir / file).read_bytes()
+        try:  # as the daemon reads it: never a FIFO waited on, a link followed, a huge file
+            raw, _st = read_data_file(data_dir / file, file, private=False)
         except FileNotFoundError:
             continue
+        except Invalid as e:
+            fail(f"{data_dir}/{e.problem.format()}: fix it first (`ctsd verify`)")
         except OSError as e:
             fail(f"cannot read {data_dir / file}: {e.strerror or e}")
         try:
