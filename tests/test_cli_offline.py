@@ -125,6 +125,17 @@ def test_verify_reports_every_bad_file_not_just_the_first(tmp_path: Path) -> Non
     assert "3 problem(s)" in r.stderr
 
 
+def test_verify_never_prints_a_terminal_escape_from_the_data(tmp_path: Path) -> None:
+    """A key (or an algorithm's file name) holding escape sequences is shown escaped: printed
+    raw it would retitle or clear the operator's terminal."""
+    key = "\x1b]0;PWNED\x07\x1b[2J"
+    (tmp_path / "connections.json").write_text(json.dumps([{"id": "c1", key: 1}]))
+    (tmp_path / "connections.json").chmod(0o600)
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "\x1b" not in r.stdout + r.stderr, r.stdout
+    assert "unknown field `\\x1b]0;PWNED\\x07\\x1b[2J`" in r.stdout, r.stdout
+
+
 def test_verify_missing_dir(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     r = ctsd("verify", "--data-dir", str(missing))

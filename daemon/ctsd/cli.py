@@ -10,7 +10,7 @@ import msgspec
 
 from ctsd import __version__
 from ctsd.client import register as register_client
-from ctsd.client.render import short
+from ctsd.client.render import safe, short
 from ctsd.config import resolve_data_dir
 
 LOG_FORMATS = click.Choice(["json", "console"], case_sensitive=False)
@@ -81,14 +81,15 @@ def verify(data_dir: str | None) -> None:
         click.echo(f"ctsd: {e}", err=True)
         sys.exit(1)
     checked, problems, notes = verify_dir(directory)
+    # (safe: a key or a file name in a data dir may carry a terminal's escape sequences)
     for note in notes:
-        click.echo(f"{directory}/{note}")
+        click.echo(safe(f"{directory}/{note}"))
     for problem in problems:
         if problem.line == NO_POSITION:  # the dir, or a file as a whole
             where = directory if problem.file == "." else directory / problem.file
-            click.echo(f"{where}: {problem.message}")
+            click.echo(safe(f"{where}: {problem.message}"))
         else:
-            click.echo(f"{directory}/{problem.format()}")
+            click.echo(safe(f"{directory}/{problem.format()}"))
     if problems:
         click.echo(f"{len(problems)} problem(s) in {len(checked)} file(s)", err=True)
         sys.exit(1)
