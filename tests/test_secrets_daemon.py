@@ -300,7 +300,8 @@ async def test_a_tampered_hand_edit_while_running_is_refused_and_kept(
     try:
         d.start()
         rows = json.loads((data_dir / "connections.json").read_text())
-        rows[0]["api_secret"] = _flip(rows[0]["api_secret"])
+        sealed0 = rows[0]["api_secret"]
+        rows[0]["api_secret"] = _flip(sealed0)
         rows[1]["name"] = "edited"
         text = json.dumps(rows, indent=2) + "\n"
         (data_dir / "connections.json").write_text(text)
@@ -314,6 +315,18 @@ async def test_a_tampered_hand_edit_while_running_is_refused_and_kept(
         # Everything else is served; the file is left as written; memory keeps its value.
         code, conns = d.http("/api/settings/connections")
         assert code == 200 and [c["name"] for c in conns] == ["Conn 0", "Conn 1"]
+        assert (data_dir / "connections.json").read_text() == text
+        # A sealed value pasted from another record (it is bound to its record and field):
+        # refused at its line and column, not at 1:1.
+        rows = json.loads((data_dir / "connections.json").read_text())
+        rows[0]["api_secret"] = rows[1]["api_secret"] = sealed0
+        text = json.dumps(rows, indent=2) + "\n"
+        (data_dir / "connections.json").write_text(text)
+        line = text.splitlines().index(f'    "api_secret": "{rows[1]["api_secret"]}",') + 1
+        problem = wait_until(
+            lambda: (reported() or "").startswith(f"connections.json:{line}:"),
+            what=f"the pasted value reported at line {line}",
+        )
         assert (data_dir / "connections.json").read_text() == text
         assert d.stop() == 0
     finally:

@@ -366,7 +366,7 @@ class Intake:
                         why = (
                             f"more than the cluster takes at once ({why}): save it in smaller steps"
                         )
-                    problem = e.extra.get("problem") or FileProblem(file, 1, 1, e.path or "$", why)
+                    problem = e.extra.get("problem") or _placed(file, raw, hand, e.path, why)
                     self._mark_invalid(file, problem, stamp)
                 return False
             if "msg_id" in e.extra:
@@ -648,3 +648,18 @@ def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
+
+
+def _placed(file: str, raw: bytes, hand: Any, path: str | None, message: str) -> FileProblem:
+    """A refusal of the door (a secret that does not decrypt here, a placeholder with nothing
+    stored) at its line and column in the file: the door names a table's record by its id
+    (`$.ID.field`), the file by its index."""
+    if not path:
+        return FileProblem(file, 1, 1, "$", message)
+    parts = diagnose.parse_path(path)
+    if file in files.TABLES and parts and isinstance(hand, list):
+        key = "connection_id" if file == STATE else "id"
+        ids = [getattr(r, key, None) for r in hand]
+        if parts[0] in ids:
+            parts = [ids.index(parts[0]), *parts[1:]]
+    return diagnose.at_path(file, raw, parts, message)
