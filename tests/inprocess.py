@@ -45,16 +45,17 @@ async def state_file(app: Any) -> dict[str, dict[str, Any]]:
     return {r["connection_id"]: r for r in rows}
 
 
-async def killed_after(data_dir: Path, op: Any) -> None:
-    """The store on `data_dir` applies `op` and dies before any checkpoint round writes it:
-    the change is in the journal only, as after a kill -9 in that window."""
+async def killed_after(data_dir: Path, *ops: Any) -> None:
+    """The store on `data_dir` applies `ops` and dies before any checkpoint round writes
+    them: the changes are in the journal only, as after a kill -9 in that window."""
     store = Store(data_dir)
     store.open()
     await store.start()
     store.checkpointer.stop()  # no further round ...
     assert store._checkpoints is not None
     await store._checkpoints
-    await store.submit(op, "bus")
+    for op in ops:
+        await store.submit(op, "bus")
     store.journal.close()  # ... and the daemon is gone
     assert store._writer is not None
     store._writer.cancel()

@@ -878,6 +878,32 @@ async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> Non
         assert sorted(by_id(data_dir)) == ["c1", "c2"]
 
 
+async def test_a_record_deleted_by_hand_while_down_is_not_brought_back_by_the_replay(
+    data_dir: Path,
+) -> None:
+    """An update journalled but not yet in the file when the daemon died, its record then
+    deleted by hand before the start: the deletion is the newer edit. Replayed, the update
+    brought the whole record back (and wrote it into the file)."""
+    async with opened(data_dir) as store:
+        for i in (1, 2):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        await store.submit(ops.set_document("algorithms/a1", {"name": "a1"}), "bus", sync="files")
+    await killed_after(
+        data_dir,
+        ops.update("c1", {"name": "journalled only"}),
+        ops.set_document("algorithms/a1", {"name": "a1", "x": 2}),
+    )
+    rows = [r for r in disk(data_dir, CONNECTIONS) if r["id"] != "c1"]
+    (data_dir / CONNECTIONS).write_bytes(msgspec.json.encode(rows))
+    (data_dir / "algorithms" / "a1.json").unlink()
+    async with opened(data_dir) as store:
+        assert list(store.connections) == ["c2"] and list(store.state) == ["c2"]
+        assert "algorithms/a1" not in store.documents
+        assert [e.action for e in store.committed.log][-2:] == ["update", "document_update"]
+    assert [r["id"] for r in disk(data_dir, CONNECTIONS)] == ["c2"]
+    assert not (data_dir / "algorithms" / "a1.json").exists()
+
+
 async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     data_dir: Path,
 ) -> None:

@@ -601,12 +601,20 @@ def loaded_files(c: Committed) -> Committed:
     return out
 
 
-def replayed(change: Change, on_disk: Committed, invalid: frozenset[str]) -> Change:
+def replayed(
+    change: Change, on_disk: Committed, invalid: frozenset[str], now: Committed | None = None
+) -> Change:
     """`change` as replayed from the journal onto the data files as loaded (`on_disk`; files
-    in `invalid` did not load). A record a hand edit set takes the values its file holds now:
-    since that edit was taken in the file can only have moved on (the daemon writing on top
-    of it, or the operator saving again, not yet taken in when the daemon died), never back,
-    and an older hand edit must not undo a newer one."""
+    in `invalid` did not load), `now` the state the replay reached (the changes before it
+    applied). A record a hand edit set takes the values its file holds now: since that edit
+    was taken in the file can only have moved on (the daemon writing on top of it, or the
+    operator saving again, not yet taken in when the daemon died), never back, and an older
+    hand edit must not undo a newer one. A patch of fields of a record `now` lacks is
+    dropped: the record was in its file (no change before it made it) and was deleted by
+    hand while the daemon was down, after the patch; applied, it brought the whole record
+    back."""
+    if now is not None:
+        change = _without_deleted(change, now, invalid)
 
     def as_on_disk(rcs: list[RecordChange], table: str, now: Mapping[str, Any]) -> None:
         for i, rc in enumerate(rcs):
@@ -647,6 +655,32 @@ def replayed(change: Change, on_disk: Committed, invalid: frozenset[str]) -> Cha
         for rc in out.state
     ]
     return out
+
+
+def _without_deleted(change: Change, now: Committed, invalid: frozenset[str]) -> Change:
+    def kept(rcs: list[RecordChange], table: str, have: Mapping[str, Any]) -> list[RecordChange]:
+        return [
+            rc
+            for rc in rcs
+            if rc.hand
+            or rc.value is None
+            or rc.fields is None
+            or rc.key in have
+            or _file_of(table, rc.key) in invalid
+        ]
+
+    connections = kept(change.connections, "connections", now.connections)
+    state = kept(change.state, "state", now.state)
+    documents = kept(change.documents, "documents", now.documents)
+    if (len(connections), len(state), len(documents)) == (
+        len(change.connections),
+        len(change.state),
+        len(change.documents),
+    ):
+        return change
+    return msgspec.structs.replace(
+        change, connections=connections, state=state, documents=documents
+    )
 
 
 def replayed_onto(

@@ -305,7 +305,7 @@ class Store:
         # sync log did not load (its ids are never given out again).
         self.committed.revision = max(self.committed.revision, recovered.base_revision)
         for change in recovered.changes:
-            self.committed.apply(replayed(change, on_disk, invalid))
+            self.committed.apply(replayed(change, on_disk, invalid, self.committed))
             touched |= change.files()
         self.replayed_onto = replayed_onto(recovered.changes, invalid)
         # Every stored secret must decrypt; plain ones are encrypted, written before READY.
