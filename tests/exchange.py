@@ -7,6 +7,7 @@ segment picks how it answers (`ok`, `slow`, `hold`, `err500`, `badjson`, `bybite
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -73,6 +74,13 @@ class FakeExchange:
                 self._send(h, 200, b"<html>maintenance</html>")
             elif mode == "bybiterr":
                 self._send(h, 200, json.dumps({"retCode": 10002, "retMsg": "bad time"}).encode())
+            elif mode == "deep":  # past msgspec's nesting limit
+                self._send(h, 200, b"[" * 5000 + b"]" * 5000)
+            elif mode == "longcode":  # an error code a server may make as long as it likes
+                self._send(h, 200, json.dumps({"retCode": "9" * 200_000}).encode())
+            elif mode == "bomb":  # 48 KB on the wire, 50 MB inflated
+                bomb = gzip.compress(b" " * 50_000_000, 9)
+                self._send(h, 200, bomb, {"Content-Encoding": "gzip"})
             elif mode == "projectx":
                 creds = json.loads(body_in or b"{}")
                 ok = creds.get("userName") == PX_USER and creds.get("apiKey") == PX_KEY
@@ -106,8 +114,12 @@ class FakeExchange:
         return {"serverTime": ms}
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()

@@ -105,13 +105,19 @@ async def test_refused_port_is_a_failure(app_factory: Any):
 
 @pytest.mark.parametrize(
     ("mode", "message"),
-    [("badjson", "not JSON"), ("bybiterr", "Bybit error 10002: bad time")],
+    [
+        ("badjson", "not JSON"),
+        ("bybiterr", "Bybit error 10002: bad time"),
+        ("deep", "not JSON"),  # (a RecursionError escaped: the test answered `internal`)
+        ("longcode", "Bybit error 9999"),  # kept short: it is stored, logged and broadcast
+        ("bomb", "is longer than 262,144 bytes"),  # never inflated into memory whole
+    ],
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
     app = await app_factory([probe_connection("c1", fake.base(mode))])
     result = await app.prober.test_connection("c1")
     assert result["success"] is False
-    assert message in result["error"]
+    assert message in result["error"] and len(result["error"]) <= 300
 
 
 @pytest.mark.parametrize(

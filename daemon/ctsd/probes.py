@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.probes")
 
 MAX_CONCURRENT_TESTS = 16  # the issue's bound, shared by on-demand and periodic tests
+# An answer is read up to this (decompressed): the endpoints tested answer a few hundred
+# bytes; a hostile or broken server must not fill memory (gzip inflates 1000-fold).
+MAX_ANSWER_BYTES = 256 * 1024
+MAX_ERROR_CHARS = 300  # of a test's error: it is stored, logged in the sync log, broadcast
 USER_AGENT = "ctsd-probe/1"
 
 Check = Callable[[Any], str | None]  # decoded JSON body → None when it is a good answer
@@ -328,18 +332,22 @@ class Prober:
             t0 = time.perf_counter()
             # httpx timeouts are per phase (connect, each read); the outer one bounds the
             # whole test, a server trickling bytes included.
-            async with asyncio.timeout(timeout):
-                resp = await client.request(
+            async with (
+                asyncio.timeout(timeout),
+                client.stream(
                     target.method,
                     target.url,
                     headers=target.headers,
                     json=json_body,
                     timeout=timeout,
-                )
-                body_raw = resp.content
+                ) as resp,
+            ):
+                body_raw = await _bounded(resp)
             latency = round((time.perf_counter() - t0) * 1000, 2)
         except (TimeoutError, httpx.TimeoutException):
             return _failure(f"timed out after {timeout:g} s waiting for {shown}")
+        except _TooLong:
+            return _failure(f"the answer from {shown} is longer than {MAX_ANSWER_BYTES:,} bytes")
         except httpx.ConnectError as e:
             cause = _root_cause(e)
             if isinstance(cause, ConnectionRefusedError) or "refused" in str(e).lower():
@@ -373,7 +381,7 @@ class Prober:
             )
         try:
             body = msgspec.json.decode(body_raw) if body_raw else None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past msgspec's depth limit)
             return TestResult(
                 success=False,
                 latency=latency,
@@ -382,9 +390,11 @@ class Prober:
             )
         problem = target.check(body)
         if problem is not None:
-            return TestResult(
-                success=False, latency=latency, timestamp=ts, error=_scrub(problem, scrub)
-            )
+            # (an error code is the server's to choose: as long as it likes)
+            error = _scrub(problem, scrub)
+            if len(error) > MAX_ERROR_CHARS:
+                error = error[: MAX_ERROR_CHARS - 1] + "…"
+            return TestResult(success=False, latency=latency, timestamp=ts, error=error)
         return TestResult(success=True, latency=latency, timestamp=ts)
 
     def _timeout(self) -> float:
@@ -487,6 +497,22 @@ def _check_projectx(body: Any, scrub: tuple[str, ...]) -> str | None:
             f": {message}" if message else ""
         )
     return None
+
+
+class _TooLong(Exception):
+    pass
+
+
+async def _bounded(resp: httpx.Response) -> bytes:
+    """The answer's body (decompressed), read up to MAX_ANSWER_BYTES; _TooLong past it."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise _TooLong
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _root_cause(e: BaseException) -> BaseException:
