@@ -80,7 +80,11 @@ async def test_every_door_stores_ciphertext_and_nothing_leaks(
         assert on_disk_is_encrypted(data_dir)
         assert stored_under(data_dir, [key], expected) == {key.id}
         code, health = d.http("/health")
-        assert code == 200 and health["secrets"] == {"encrypted": True, "key_id": key.id}
+        assert code == 200 and health["checks"]["secrets"] == {
+            "ok": True,
+            "encrypted": True,
+            "key_id": key.id,
+        }
         async with bus(d) as b:
             await b.ok("subscribe")
             # The bus: a new connection, a changed secret, Project X credentials.
@@ -338,7 +342,11 @@ async def test_without_a_key_health_and_status_say_not_encrypted(data_dir: Path)
     d = Daemon(data_dir)
     try:
         d.start()
-        assert d.http("/health")[1]["secrets"] == {"encrypted": False, "key_id": None}
+        assert d.http("/health")[1]["checks"]["secrets"] == {
+            "ok": True,
+            "encrypted": False,
+            "key_id": None,
+        }
         r = cli(d, "status")
         assert "NOT encrypted at rest" in r.stdout
         assert d.stop() == 0
@@ -382,7 +390,7 @@ async def test_online_rekey_one_change_no_values_and_the_daemon_keeps_working(
                 connection_id="conn_00002",
                 changes={"api_key": f"{CANARY}-after"},
             )
-            assert d.http("/health")[1]["secrets"]["key_id"] == key_b.id
+            assert d.http("/health")[1]["checks"]["secrets"]["key_id"] == key_b.id
             # The same key again, or a bad one: refused, nothing changed.
             again = rekey_cli(d, tmp_path / "b")
             assert again.returncode != 0 and "key in use" in again.stderr
@@ -435,7 +443,7 @@ async def test_online_rekey_refused_from_a_client_not_on_this_host(
         assert reply["success"] is False and reply["error"]["code"] == "invalid", reply
         assert "on this host" in reply["error"]["message"]
         assert {f: (data_dir / f).read_bytes() for f in before} == before
-        assert d.http("/health")[1]["secrets"]["key_id"] != key_b.id
+        assert d.http("/health")[1]["checks"]["secrets"]["key_id"] != key_b.id
         assert d.stop() == 0
     finally:
         d.close()

@@ -43,6 +43,8 @@ def health(svc: Services) -> dict[str, Any]:
         "files": files,
         "checkpoint": journal,
         "watch": svc.watch_status(),
+        # Informational: plain text is a supported mode, not a failed check.
+        "secrets": {"ok": True, **store.secrets_status()},
     }
     cluster = store.committer_status()  # cluster mode: the engine's state and this host's lag
     if cluster is not None:
@@ -53,7 +55,5 @@ def health(svc: Services) -> dict[str, Any]:
         "version": __version__,
         "revision": store.revision,
         "uptime_s": svc.uptime_s,
-        # Informational (plain text is a supported mode, not a failed check).
-        "secrets": store.secrets_status(),
         "checks": checks,
     }

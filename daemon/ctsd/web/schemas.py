@@ -77,7 +77,8 @@ class Health(msgspec.Struct, kw_only=True):
     version: str
     revision: int
     uptime_s: float
-    secrets: SecretsAtRest
+    # Each {"ok": bool, ...}; `secrets` {"ok": true, "encrypted", "key_id"} (8 hex digits
+    # naming the key, never the key; plain text is a supported mode, not a failed check).
     checks: dict[str, Any]
 
 
