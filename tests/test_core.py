@@ -15,6 +15,7 @@ import pytest
 
 from ctsd import core, files, ops
 from ctsd.core import (
+    STREAM_SEQ,
     Change,
     Committed,
     Context,
@@ -266,6 +267,23 @@ def test_a_sync_log_edited_to_an_id_past_the_revision_is_refused() -> None:
     assert out.error.path == "$[1].id" and change.empty and c.revision == 1
     (out,), _ = run(c, ops.update("conn_a", {"name": "next"}))
     assert out.events[0].id == 2 and c.log[-1].id == 2
+
+
+def test_a_sync_log_edited_by_hand_keeps_the_stream_seqs_the_daemon_gave() -> None:
+    """In cluster mode `stream_seq` tells which changes the files hold: one written by hand
+    (past the stream, say) made the host skip the stream's next changes as held already.
+    The edit's entries keep the daemon's (none where it gave none); the rest of it goes in."""
+    c = seeded("conn_a", "conn_b")
+    for e, seq in zip(c.log, (5, 6), strict=True):
+        e.data[STREAM_SEQ] = seq
+    edited = [
+        msgspec.structs.replace(c.log[0], data={**c.log[0].data, STREAM_SEQ: 10**9}),
+        msgspec.structs.replace(c.log[1], data={"note": "by hand"}),
+    ]
+    (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, edited, list(c.log)), "file"))
+    assert out.error is None
+    assert [e.data.get(STREAM_SEQ) for e in c.log][:2] == [5, 6]
+    assert c.log[1].data == {"note": "by hand", STREAM_SEQ: 6}
 
 
 # --- If-Match ----------------------------------------------------------------------------------

@@ -105,6 +105,10 @@ class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
         )
 
 
+# In cluster mode, in an event's data: the stream seq of the change that added it (given by
+# the daemon that applies it; `cluster.keyed`).
+STREAM_SEQ = "stream_seq"
+
 # --- revision keys (what If-Match compares) ------------------------------------------------
 
 

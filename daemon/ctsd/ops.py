@@ -5,13 +5,14 @@ to the Tx's overlays and emits its sync-log events. Pure: no files, no clock (th
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
 
 from ctsd import diagnose, files
 from ctsd.core import (
+    STREAM_SEQ,
     Op,
     Tx,
     changed_fields,
@@ -23,7 +24,7 @@ from ctsd.core import (
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
-from ctsd.models import Connection, ConnectionState, TestResult
+from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
 from ctsd.redact import (
     SETTINGS_STRING_KEY,
     is_secret_key,
@@ -514,6 +515,23 @@ def _flat(table: Table[Any]) -> Mapping[str, Any]:
     return t
 
 
+def _daemon_seqs(hand: list[SyncEvent], log: Iterable[SyncEvent]) -> list[SyncEvent]:
+    """A sync log edited by hand, each entry with the stream seq the daemon gave it (none
+    where it gave none): in cluster mode it tells which changes the files hold, and one set
+    by hand past the stream's made this host skip the next changes as held already."""
+    given = {e.id: e.data.get(STREAM_SEQ) for e in log}
+    out = []
+    for e in hand:
+        seq = given.get(e.id)
+        if e.data.get(STREAM_SEQ) != seq:
+            data = {k: v for k, v in e.data.items() if k != STREAM_SEQ}
+            if seq is not None:
+                data[STREAM_SEQ] = seq
+            e = msgspec.structs.replace(e, data=data)
+        out.append(e)
+    return out
+
+
 def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
     """The op for a valid hand edit of `file`: `hand` is what the file holds now (decoded and
     validated), `base` what it held when the daemon last read or wrote it (records by id, a
@@ -548,7 +566,8 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
                     "invalid", problem.message, path=problem.path, extra={"problem": problem}
                 )
             seen = max(was[-1].id if was else 0, hand[-1].id if hand else 0)
-            tx.log_replace = [*hand, *(e for e in tx.base.log if e.id > seen)]
+            newer = [e for e in tx.base.log if e.id > seen]
+            tx.log_replace = [*_daemon_seqs(hand, tx.base.log), *newer]
             tx.emit("document_update", None, {"file": file, "entries": len(hand)})
             return []
         if file == CONNECTIONS:

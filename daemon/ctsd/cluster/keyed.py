@@ -27,10 +27,8 @@ from collections.abc import Iterable, Reversible
 
 import msgspec
 
-from ctsd.core import Change, event_keys, record_key
+from ctsd.core import STREAM_SEQ, Change, event_keys, record_key
 from ctsd.models import SyncEvent
-
-STREAM_SEQ = "stream_seq"  # in an event's data: the stream seq of the change that added it
 
 
 class LogsDiffer(Exception):

@@ -19,9 +19,15 @@ import msgspec
 
 from ctsd import files, limits
 from ctsd.cluster.errors import SnapshotInvalid, SnapshotTooLarge
-from ctsd.cluster.keyed import STREAM_SEQ
 from ctsd.cluster.messages import MAX_INFLATED, inflate
-from ctsd.core import Change, Committed, RecordChange, algorithm_names, patch_document
+from ctsd.core import (
+    STREAM_SEQ,
+    Change,
+    Committed,
+    RecordChange,
+    algorithm_names,
+    patch_document,
+)
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import MAX_DEPTH
 from ctsd.models import Connection, ConnectionState, SyncEvent
