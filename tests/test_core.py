@@ -618,6 +618,23 @@ def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> Non
     assert c.documents["instances"]["instances"][0]["algorithmName"] == "trend"
 
 
+@pytest.mark.parametrize("mode", ["merge", "replace"])
+def test_an_import_sorted_by_name_keeps_the_state_of_the_connections_it_creates(
+    mode: str,
+) -> None:
+    """`jq -S` (or sort_keys) puts connection-state.json before connections.json: the state
+    of a connection the import creates was dropped, its volumes and test results lost."""
+    c = seeded()
+    conn = body("conn_x", id="conn_x")
+    state = {"connection_id": "conn_x", "volume_factor_live": 2.5, "volume_factor_preset": 3.0}
+    sent = {"connection-state.json": [state], "connections.json": [conn]}
+    assert list(sent) == sorted(sent)
+    (out,), _ = run(c, ops.import_data({"files": sent}, mode))
+    assert out.error is None, out.error
+    got = c.state["conn_x"]
+    assert (got.volume_factor_live, got.volume_factor_preset) == (2.5, 3.0)
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

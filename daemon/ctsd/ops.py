@@ -675,8 +675,14 @@ def import_data(data: Any, mode: Any) -> Op:
 def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
     imported: list[str] = []
     algos = f"{files.ALGORITHMS_DIR}/"
-    # Algorithms first, whatever the order sent: instances.json is checked against them.
-    for file in sorted(content, key=lambda f: not f.startswith(algos)):
+
+    # Whatever the order sent (`jq -S` puts connection-state.json before connections.json):
+    # algorithms first, instances.json is checked against them; connections before their
+    # state, which is kept only for a connection that exists.
+    def rank(f: str) -> int:
+        return 0 if f.startswith(algos) else 1 if f == CONNECTIONS else 2
+
+    for file in sorted(content, key=rank):
         value = content[file]
         path = f"$.data.files.{file}"
         if file == SYNC_LOG:
