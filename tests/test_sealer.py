@@ -68,3 +68,28 @@ def test_connection_json_secrets_at_any_depth() -> None:
     assert same == sealed
     other = {"theme": "dark", "apiToken": f"{CANARY}-ui"}
     assert Sealer(b).document("ui-config", other, None) == (other, False)
+
+
+def test_a_refused_rekey_leaves_the_rest_of_its_group_under_the_old_key() -> None:
+    """A rekey refused (here: connections.json invalid on disk) rotated the group's sealer
+    all the same: a document set after it in the same group was sealed under the new key,
+    which the store never adopts, and the next start could not decrypt it."""
+    from ctsd import ops
+    from ctsd.core import Committed, Context, Request, apply_group
+
+    old = box()
+    new = box(old)
+    sealer = Sealer(old)
+    ctx = Context("2026-12-06T10:00:00.000Z", {"connections.json": "invalid"}, sealer=sealer)
+    doc = {"projectX": {"apiUrl": "https://px", "username": "u", "apiKey": f"{CANARY}-px"}}
+    requests = [
+        Request(ops.rekey(new), "cli"),
+        Request(ops.set_document("connection", doc), "bus"),
+    ]
+    c = Committed()
+    c.connections["a"], _ = Sealer(old).connection(conn("a", api_key="v"), None)
+    (refused, stored), change = apply_group(c, requests, ctx)
+    assert refused.error is not None and refused.error.code == "file_invalid"
+    assert stored.error is None and sealer.rotated is None
+    (rc,) = change.documents
+    assert stored_key_id(rc.value["projectX"]["apiKey"]) == old.key_id

@@ -444,10 +444,12 @@ def apply_group(
     # them too (two clients that read the same revision may land in one group).
     group_revs: dict[str, int] = {}
     sizes = _Sizes(base)
+    sealer = ctx.sealer
     for req in requests:
         tx = Tx(base, req.source, ctx, group)
         out = Outcome()
         outcomes.append(out)
+        keys = sealer.keys() if sealer is not None else None
         try:
             out.result = req.op(tx)
             _note_sync(tx)
@@ -457,11 +459,12 @@ def apply_group(
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)
                 sizes.check(tx)  # a hand edit is taken in as large as it is: it was read
-        except CtsdError as e:
-            out.error = e
-            continue
-        except RecursionError:
-            out.error = CtsdError("invalid", "input nested too deeply")
+        except (CtsdError, RecursionError) as e:
+            out.error = (
+                e if isinstance(e, CtsdError) else CtsdError("invalid", "input nested too deeply")
+            )
+            if sealer is not None and keys is not None:  # (a refused rekey rotated nothing)
+                sealer.restore(keys)
             continue
         for cid, action, data in tx.events:
             rev += 1

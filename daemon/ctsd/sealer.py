@@ -138,6 +138,16 @@ class Sealer:
         self.box = self.rotated = box
         self._made.clear()
 
+    def keys(self) -> tuple[SecretBox, SecretBox | None]:
+        """The key in use, to set back (`restore`) when a request that rotated it is refused:
+        the group's later requests must not seal under a key the store will not adopt."""
+        return self.box, self.rotated
+
+    def restore(self, keys: tuple[SecretBox, SecretBox | None]) -> None:
+        if (self.box, self.rotated) != keys:
+            self.box, self.rotated = keys
+            self._made.clear()
+
     # --- reading -------------------------------------------------------------------------
 
     def open_connection(self, conn: Connection) -> Connection:
