@@ -92,6 +92,9 @@ def test_a_token_no_header_can_carry_is_named_never_shown(shared: Daemon, tmp_pa
     r = ctsd("status", env=env_for(shared, CTSD_TOKEN="SecretTok1\nSecretTok0"))
     assert r.returncode == 4 and "the bus token in CTSD_TOKEN holds" in r.stderr, r.stderr
     assert "SecretTok" not in r.stdout + r.stderr
+    # one of printable text, a space in it too, goes (to be refused as wrong: exit 4)
+    r = ctsd("status", env=env_for(shared, CTSD_TOKEN="Secret Tok1"))
+    assert r.returncode == 4 and r.stderr.startswith("ctsd: not authorized"), r.stderr
 
 
 def test_no_token_anywhere(shared: Daemon, tmp_path: Path) -> None:
