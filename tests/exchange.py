@@ -78,6 +78,9 @@ class FakeExchange:
                 self._send(h, 200, b"[" * 5000 + b"]" * 5000)
             elif mode == "longcode":  # an error code a server may make as long as it likes
                 self._send(h, 200, json.dumps({"retCode": "9" * 200_000}).encode())
+            elif mode == "gzip":  # a good answer, compressed (inflated by the prober itself)
+                body = gzip.compress(json.dumps(self._time_body(path)).encode())
+                self._send(h, 200, body, {"Content-Encoding": "gzip"})
             elif mode == "bomb":  # 48 KB on the wire, 50 MB inflated
                 bomb = gzip.compress(b" " * 50_000_000, 9)
                 self._send(h, 200, bomb, {"Content-Encoding": "gzip"})

@@ -71,6 +71,13 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
     assert st["last_sync_at"] == events[0]["created_at"]
 
 
+async def test_a_compressed_answer_is_read(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([probe_connection("c1", fake.base("gzip"))])
+    result = await app.prober.test_connection("c1")
+    assert result["success"] is True, result
+    assert fake.requests[-1][2]["accept-encoding"] == "gzip"
+
+
 async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
     t0 = time.monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -274,8 +275,12 @@ def _host_port(url: str) -> str:
         return "?"
 
 
-def _failure(error: str) -> TestResult:
-    return TestResult(success=False, latency=None, timestamp=now_iso(), error=error)
+def _failure(error: str, latency: float | None = None) -> TestResult:
+    """A failed test; its error cut to MAX_ERROR_CHARS (what a server chooses, an error code
+    or a reason phrase, may be as long as it likes)."""
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[: MAX_ERROR_CHARS - 1] + "…"
+    return TestResult(success=False, latency=latency, timestamp=now_iso(), error=error)
 
 
 # --- the prober: one HTTP client, one concurrency bound ------------------------------------
@@ -337,17 +342,21 @@ class Prober:
                 client.stream(
                     target.method,
                     target.url,
-                    headers=target.headers,
+                    # (gzip only: the body is inflated here, bounded, not by httpx)
+                    headers={**target.headers, "Accept-Encoding": "gzip"},
                     json=json_body,
                     timeout=timeout,
                 ) as resp,
             ):
-                body_raw = await _bounded(resp)
+                ok = 200 <= resp.status_code < 300  # (a refusal's body is never read)
+                body_raw = await _bounded(resp) if ok else b""
             latency = round((time.perf_counter() - t0) * 1000, 2)
         except (TimeoutError, httpx.TimeoutException):
             return _failure(f"timed out after {timeout:g} s waiting for {shown}")
         except _TooLong:
             return _failure(f"the answer from {shown} is longer than {MAX_ANSWER_BYTES:,} bytes")
+        except _Unreadable as e:
+            return _failure(f"unexpected answer from {shown}: {e}")
         except httpx.ConnectError as e:
             cause = _root_cause(e)
             if isinstance(cause, ConnectionRefusedError) or "refused" in str(e).lower():
@@ -371,31 +380,16 @@ class Prober:
                 return _failure(f"request to {shown} failed: {text}")
             log.exception("probe_request_failed", url=shown)
             return _failure(f"request to {shown} failed ({type(e).__name__})")
-        ts = now_iso()
-        if not 200 <= resp.status_code < 300:
-            return TestResult(
-                success=False,
-                latency=latency,
-                timestamp=ts,
-                error=f"HTTP {resp.status_code} {resp.reason_phrase} from {shown}",
-            )
+        if not ok:
+            return _failure(f"HTTP {resp.status_code} {resp.reason_phrase} from {shown}", latency)
         try:
             body = msgspec.json.decode(body_raw) if body_raw else None
         except (msgspec.DecodeError, RecursionError):  # (nested past msgspec's depth limit)
-            return TestResult(
-                success=False,
-                latency=latency,
-                timestamp=ts,
-                error=f"unexpected answer from {shown}: not JSON",
-            )
+            return _failure(f"unexpected answer from {shown}: not JSON", latency)
         problem = target.check(body)
         if problem is not None:
-            # (an error code is the server's to choose: as long as it likes)
-            error = _scrub(problem, scrub)
-            if len(error) > MAX_ERROR_CHARS:
-                error = error[: MAX_ERROR_CHARS - 1] + "…"
-            return TestResult(success=False, latency=latency, timestamp=ts, error=error)
-        return TestResult(success=True, latency=latency, timestamp=ts)
+            return _failure(_scrub(problem, scrub), latency)
+        return TestResult(success=True, latency=latency, timestamp=now_iso())
 
     def _timeout(self) -> float:
         return min(float(self.store.settings.test_timeout_s), MAX_TEST_TIMEOUT_S)
@@ -503,16 +497,33 @@ class _TooLong(Exception):
     pass
 
 
+class _Unreadable(Exception):
+    pass
+
+
 async def _bounded(resp: httpx.Response) -> bytes:
-    """The answer's body (decompressed), read up to MAX_ANSWER_BYTES; _TooLong past it."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise _TooLong
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The answer's body, inflated here, up to MAX_ANSWER_BYTES; _TooLong past it. httpx would
+    inflate each chunk whole first (a 64 KiB gzip chunk can hold 64 MB), so the raw bytes are
+    read and inflated with a bound."""
+    encoding = resp.headers.get("content-encoding", "").strip().lower()
+    inflater = None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # (a gzip or a zlib header)
+    elif encoding not in ("", "identity"):
+        raise _Unreadable(f"content encoding {encoding[:40]!r}")
+    out = bytearray()
+    try:
+        async for chunk in resp.aiter_raw():
+            if inflater is not None:
+                chunk = inflater.decompress(chunk, MAX_ANSWER_BYTES + 1 - len(out))
+                if inflater.unconsumed_tail:
+                    raise _TooLong
+            out += chunk
+            if len(out) > MAX_ANSWER_BYTES:
+                raise _TooLong
+    except zlib.error as e:
+        raise _Unreadable(f"does not inflate ({e})") from None
+    return bytes(out)
 
 
 def _root_cause(e: BaseException) -> BaseException:
