@@ -133,6 +133,8 @@ class Bus:
         while len(self.waiting) >= cap:
             oldest = next(iter(self.waiting))
             del self.waiting[oldest]
+            if oldest.authenticated:
+                continue  # its auth_ok is on its way: it waits no more
             oldest.evict()
             self.evicted += 1
             now = time.monotonic()

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ctsd.bus")
 
 AUTH_TIMEOUT_S = 10.0
-EVICTED = "too many connections are waiting to authenticate; this one waited longest: reconnect"
+CLOSE_TRY_AGAIN = 1013  # (RFC 6455: try again later)
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
@@ -78,6 +78,7 @@ class Session:
         self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
         self._busy = False  # `serve` is handling a frame (a frame read now must wait for it)
         self._evicted = False  # closed while waiting to authenticate (`evict`)
+        self.authenticated = False  # its auth_ok is on its way: no longer one that waits
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -116,11 +117,10 @@ class Session:
 
     def evict(self) -> None:
         """Closed while waiting for its `auth` frame, to make room for a newer connection
-        (the bus's cap on connections waiting to authenticate)."""
+        (the bus's cap on connections waiting to authenticate). Not `auth_invalid`: its token
+        may be right; 1013 tells the client to connect again."""
         self._evicted = True
-        self.bus.count_error("unauthorized")
-        self.push(p.AuthInvalid(message=EVICTED))
-        self.outbox.close_soon(CLOSE_POLICY, "authentication failed")
+        self.outbox.close_soon(CLOSE_TRY_AGAIN, "too many connections waiting to authenticate")
 
     async def authenticate(self, header: bool | None) -> bool:
         """`header`: the Authorization header's verdict (None when there was none)."""
@@ -157,6 +157,7 @@ class Session:
             self.bus.guard.auth_log.failed(self.addr, "bus")
             await self._refuse("invalid token")
             return False
+        self.authenticated = True  # (never evicted while its auth_ok goes out)
         await self.reply(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision))
         return True
 
