@@ -503,7 +503,7 @@ def test_root_keeps_a_service_users_files_theirs(tmp_path: Path) -> None:
             assert (st.st_uid, st.st_gid) == (uid, gid), p
 
 
-@pytest.mark.parametrize("kind", ["link", "fifo"])
+@pytest.mark.parametrize("kind", ["link", "fifo", "directory"])
 def test_a_data_file_the_daemon_would_not_read_is_refused(tmp_path: Path, kind: str) -> None:
     """A link (the daemon does not follow links in its data dir) or a FIFO (it would never
     be waited on) where a data file belongs: the daemon would refuse the dir, so the backup
@@ -515,10 +515,12 @@ def test_a_data_file_the_daemon_would_not_read_is_refused(tmp_path: Path, kind: 
         real = tmp_path / "elsewhere.json"
         real.write_text('{"theme": "linked"}\n')
         (data / "settings.json").symlink_to(real)
-    else:
+    elif kind == "fifo":
         os.mkfifo(data / "settings.json", 0o600)
+    else:
+        (data / "settings.json").mkdir()
     out = tmp_path / "b.tar.gz"
     r = run("backup", "--data-dir", str(data), "-o", str(out))
     assert r.returncode == 1 and "settings.json:1:1: " in r.stderr, r.stderr
-    assert ("symlink" if kind == "link" else "FIFO") in r.stderr, r.stderr
+    assert {"link": "symlink", "fifo": "FIFO", "directory": "directory"}[kind] in r.stderr
     assert not out.exists()

@@ -75,8 +75,8 @@ def owner_for(data_dir: Path) -> tuple[int, int] | None:
 
 def data_file_names(data_dir: Path) -> list[str]:
     """The data files present in `data_dir` (tables, documents, `algorithms/*.json`), sorted:
-    every name that holds something but a directory (`read_data_files` refuses what the
-    daemon would: a link, a FIFO, a device, a file other users may read)."""
+    every name that holds something (`read_data_files` refuses what the daemon would: a
+    directory, a link, a FIFO, a device, a file other users may read)."""
     names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
     algo_dir = data_dir / files.ALGORITHMS_DIR
     if algo_dir.is_dir():
@@ -85,11 +85,7 @@ def data_file_names(data_dir: Path) -> list[str]:
     for name in names:
         if not files.is_data_file(name):
             continue
-        try:
-            st = os.lstat(data_dir / name)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISDIR(st.st_mode):
+        if os.path.lexists(data_dir / name):
             out.append(name)
     return sorted(out)
 
