@@ -41,8 +41,9 @@ _SECRET_PART = re.compile(
 )
 # Whole names only: `username` is the login half of the Project X credentials.
 _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
-# A connection's `api_key` may show its last four characters (which key is this?); every
-# other secret, the Project X `apiKey` of connection.json included, shows only as set.
+# A connection record's `api_key` may show its last four characters (which key is this?):
+# `mask_record` only. Every other secret, the Project X `apiKey` of connection.json or a key
+# named api_key in a document included, shows only as set.
 SHOW_TAIL = "api_key"
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
@@ -67,15 +68,15 @@ def is_secret_key(name: str) -> bool:
     return n in _SECRET_NAMES or _SECRET_PART.search(n) is not None
 
 
-def mask_value(field: str, value: Any) -> Any:
-    """How the secret `value` of key `field` is shown."""
+def mask_value(field: str, value: Any, *, record: bool = False) -> Any:
+    """How the secret `value` of key `field` is shown (`record`: a field of a connection)."""
     if value is None or value == "":
         return None  # unset
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.startswith("enc:"):
         return MASK  # encrypted at rest: its tail is ciphertext, which tells nothing apart
-    if field == SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
+    if record and field == SHOW_TAIL and isinstance(value, str) and len(value) >= 12:
         return "…" + value[-4:]
     return MASK
 
@@ -190,7 +191,7 @@ def mask_record(record: msgspec.Struct) -> dict[str, Any]:
     secret = _secret_fields(type(record))
     for field, value in out.items():
         if field in secret:
-            out[field] = mask_value(field, value)
+            out[field] = mask_value(field, value, record=True)
         elif field == SETTINGS_STRING_KEY and isinstance(value, str):
             out[field] = _mask_settings_string(value)
         elif isinstance(value, str):
@@ -351,7 +352,7 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
                 if counterpart is None or counterpart == "" or is_placeholder(counterpart):
                     raise _refuse(key, sub, "no secret is stored there")
                 # (a tail read when more than a connection's api_key showed one still matches)
-                if value != MASK and mask_value(SHOW_TAIL, counterpart) != value:
+                if value != MASK and mask_value(SHOW_TAIL, counterpart, record=True) != value:
                     raise _refuse(key, sub, "it does not match the stored secret")
                 if moved is not None:
                     raise _refuse(key, sub, _MOVED % moved)
