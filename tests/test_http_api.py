@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,44 @@ def test_every_response_carries_x_revision(daemon: Daemon, api: httpx.Client) ->
     ):
         assert r.headers["x-revision"].isdigit(), r
         assert r.headers["cache-control"] == "no-store"
+
+
+def test_a_writes_x_revision_is_its_own_change_even_when_others_commit_meanwhile(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    """`?sync=files` answers once the files hold the change; other writes commit meanwhile.
+    X-Revision was the daemon's revision when the answer started: later than the write, so an
+    If-Match with it passed over a change made to the record in between."""
+    api.post("/api/settings/connections", json=connection(id="c1"))
+    api.post("/api/settings/connections", json=connection(id="c2"))
+    stop = threading.Event()
+
+    def others() -> None:
+        with httpx.Client(base_url=daemon.url, headers=api.headers, timeout=10) as other:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                other.put("/api/settings/connections/c2", json={"name": f"other {i}"})
+
+    worker = threading.Thread(target=others)
+    worker.start()
+    try:
+        revisions = []
+        for i in range(20):
+            r = api.put("/api/settings/connections/c1?sync=files", json={"name": f"mine {i}"})
+            assert r.status_code == 200, r.text
+            revisions.append((f"mine {i}", int(r.headers["x-revision"])))
+    finally:
+        stop.set()
+        worker.join()
+    log = api.get("/api/sync-log?limit=1000").json()
+    events = log["events"] if isinstance(log, dict) else log
+    mine = {
+        e["data"]["values"]["name"]: e["id"]
+        for e in events
+        if e["connection_id"] == "c1" and "name" in e["data"].get("values", {})
+    }
+    assert [(name, mine[name]) for name, _ in revisions] == revisions
 
 
 def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Client) -> None:

@@ -375,10 +375,18 @@ class Store:
         `if_match`: refuse (`precondition_failed`) when a record the change touches changed
         after that revision. `sync="files"`: answer once the change is in the data files.
         """
+        return (await self.submit_answer(op, source, if_match=if_match, sync=sync))[0]
+
+    async def submit_answer(
+        self, op: Op, source: str, *, if_match: int | None = None, sync: str | None = None
+    ) -> tuple[Any, int | None]:
+        """`submit`, and the revision its change reached (its last event's; None: it made
+        none): the revision after this request, which later groups may have moved past by
+        the time it is answered (`X-Revision`, which an `If-Match` then gives back)."""
         out, lsn = await self._submit(Request(op, source, if_match))
         if sync == "files":
             await self.in_files(out, lsn)
-        return out.result
+        return out.result, (out.events[-1].id if out.events else None)
 
     async def in_files(self, out: Outcome, lsn: int | None) -> None:
         """Until a change (as `enqueue` answers it) is in the data files."""

@@ -35,7 +35,7 @@ class BusConnection(Protocol):
     def unsubscribe(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """Who asks and how they want the answer.
 
@@ -49,6 +49,7 @@ class Call:
     sync: str | None = None
     if_match: int | None = None
     session: BusConnection | None = None
+    revision: int | None = None  # set by a change: the revision right after it
 
 
 Handler = Callable[[Call, Any], Awaitable[Any]]
@@ -105,7 +106,11 @@ WRITE_OPS: dict[str, Write] = {
 def _handler(w: Write) -> Handler:
     async def handle(c: Call, a: Any) -> Any:
         op = w.op(a)
-        return w.shown(await c.svc.store.submit(op, c.source, if_match=c.if_match, sync=c.sync))
+        store = c.svc.store
+        result, c.revision = await store.submit_answer(
+            op, c.source, if_match=c.if_match, sync=c.sync
+        )
+        return w.shown(result)
 
     return handle
 

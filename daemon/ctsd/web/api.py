@@ -531,6 +531,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 IF_MATCH_HEADER = "If-Match"
+# The ASGI scope key under which a change's route leaves the revision right after it.
+REVISION_SCOPE = "ctsd.revision"
 
 
 def _parse_query(ep: Endpoint, request: Request) -> dict[str, Any]:
@@ -612,6 +614,8 @@ def make_route(svc: Services, path: str, eps: list[Endpoint]) -> Route:
             else:
                 await read_json(request, required=False)  # size and type limits apply anyway
             result = await ep.run(ctx)
+            if call.revision is not None:  # X-Revision: this change's, not a later one's
+                request.scope[REVISION_SCOPE] = call.revision
         except CtsdError as e:
             headers = {"Connection": "close"} if e.code == "too_large" else None
             return error_response(e, headers)

@@ -189,7 +189,8 @@ class Web:
             if message["type"] == "http.response.start":
                 self.status_counts[message["status"]] += 1
                 headers = message.setdefault("headers", [])
-                headers.append((b"x-revision", str(store.revision).encode()))
+                revision = scope.get(api.REVISION_SCOPE, store.revision)
+                headers.append((b"x-revision", str(revision).encode()))
                 if not any(k.lower() == b"cache-control" for k, _ in headers):
                     headers.append((b"cache-control", b"no-store"))
             await send(message)
