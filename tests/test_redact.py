@@ -162,6 +162,15 @@ def test_tail_placeholder_must_match_the_stored_secret() -> None:
     assert restore_placeholders({"projectX": {"apiKey": "…1234"}}, doc) == doc
 
 
+def test_a_secret_stored_empty_and_sent_back_null_stays_as_stored() -> None:
+    """ "" and null both read as unset (an export shows null): sent back, nothing changes."""
+    stored = [{"id": "a", "api_passphrase": "", "api_key": "k"}]
+    sent = [{"id": "a", "api_passphrase": None, "api_key": None}]
+    assert restore_placeholders(sent, stored) == [
+        {"id": "a", "api_passphrase": "", "api_key": None}  # (a set one sent null is unset)
+    ]
+
+
 def test_placeholders_in_arrays_follow_the_record_id() -> None:
     stored = [{"id": "a", "api_secret": "A-" + CANARY}, {"id": "b", "api_secret": "B-" + CANARY}]
     sent = [{"id": "b", "api_secret": MASK}, {"id": "a", "api_secret": MASK}]

@@ -348,6 +348,8 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
             new = value
             if isinstance(key, str) and key == SETTINGS_STRING_KEY and isinstance(value, str):
                 new = _restore_settings_string(value, counterpart, sub)
+            elif value is None and counterpart == "" and is_secret_key(key):
+                new = counterpart  # unset both ways (shown null): an export imports back as is
             elif isinstance(key, str) and is_placeholder(value) and is_secret_key(key):
                 if counterpart is None or counterpart == "" or is_placeholder(counterpart):
                     raise _refuse(key, sub, "no secret is stored there")
