@@ -81,6 +81,10 @@ class FakeExchange:
             elif mode == "gzip":  # a good answer, compressed (inflated by the prober itself)
                 body = gzip.compress(json.dumps(self._time_body(path)).encode())
                 self._send(h, 200, body, {"Content-Encoding": "gzip"})
+            elif mode in ("gziptrail", "gzipcut"):  # more after its end; cut short
+                body = gzip.compress(json.dumps(self._time_body(path)).encode())
+                body = body + b"x" * 1000 if mode == "gziptrail" else body[: len(body) // 2]
+                self._send(h, 200, body, {"Content-Encoding": "gzip"})
             elif mode == "bomb":  # 48 KB on the wire, 50 MB inflated
                 bomb = gzip.compress(b" " * 50_000_000, 9)
                 self._send(h, 200, bomb, {"Content-Encoding": "gzip"})

@@ -118,6 +118,8 @@ async def test_refused_port_is_a_failure(app_factory: Any):
         ("deep", "not JSON"),  # (a RecursionError escaped: the test answered `internal`)
         ("longcode", "Bybit error 9999"),  # kept short: it is stored, logged and broadcast
         ("bomb", "is longer than 262,144 bytes"),  # never inflated into memory whole
+        ("gziptrail", "bytes after the compressed data"),  # (never read on without bound)
+        ("gzipcut", "the compressed data ends early"),
     ],
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):

@@ -512,17 +512,27 @@ async def _bounded(resp: httpx.Response) -> bytes:
     elif encoding not in ("", "identity"):
         raise _Unreadable(f"content encoding {encoding[:40]!r}")
     out = bytearray()
+    raw = 0  # bytes read: bounded too (empty deflate blocks inflate to nothing)
     try:
         async for chunk in resp.aiter_raw():
+            raw += len(chunk)
+            if raw > MAX_ANSWER_BYTES:
+                raise _TooLong
             if inflater is not None:
+                if inflater.eof:
+                    raise _Unreadable("bytes after the compressed data")
                 chunk = inflater.decompress(chunk, MAX_ANSWER_BYTES + 1 - len(out))
                 if inflater.unconsumed_tail:
                     raise _TooLong
+                if inflater.unused_data:
+                    raise _Unreadable("bytes after the compressed data")
             out += chunk
             if len(out) > MAX_ANSWER_BYTES:
                 raise _TooLong
     except zlib.error as e:
         raise _Unreadable(f"does not inflate ({e})") from None
+    if inflater is not None and not inflater.eof:
+        raise _Unreadable("the compressed data ends early")
     return bytes(out)
 
 
