@@ -157,13 +157,19 @@ def test_tail_placeholder_must_match_the_stored_secret() -> None:
     with pytest.raises(CtsdError) as e:
         restore_placeholders({"api_key": "…9999"}, stored, "$.c")
     assert e.value.path == "$.c.api_key" and "1234" not in e.value.message
-    # A document's key shows no tail now; one a client read before still keeps its secret.
+    # Only api_key ever shows a tail: for another secret, a tail sent would let a client
+    # guess its last four (answered "matches" or not), so it is refused whatever it holds.
     doc = {"projectX": {"apiKey": "abcdefghijkl1234"}}
-    assert restore_placeholders({"projectX": {"apiKey": "…1234"}}, doc) == doc
+    for tail in ("…1234", "…9999"):
+        with pytest.raises(CtsdError):
+            restore_placeholders({"projectX": {"apiKey": tail}}, doc)
 
 
 def test_a_secret_stored_empty_and_sent_back_null_stays_as_stored() -> None:
-    """ "" and null both read as unset (an export shows null): sent back, nothing changes."""
+    """Empty and null both read as unset (an export shows null): sent back, nothing changes
+    (an update of that field alone is walked for it too)."""
+    assert may_hold_placeholders({"api_passphrase": None})
+    assert not may_hold_placeholders({"name": None})
     stored = [{"id": "a", "api_passphrase": "", "api_key": "k"}]
     sent = [{"id": "a", "api_passphrase": None, "api_key": None}]
     assert restore_placeholders(sent, stored) == [

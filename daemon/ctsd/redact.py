@@ -205,7 +205,13 @@ def may_hold_placeholders(sent: Any) -> bool:
     what is stored to compare against."""
     if not isinstance(sent, dict) or SETTINGS_STRING_KEY in sent:
         return True
-    return any(_is_container(v) or is_placeholder(v) or _holds_masked_url(v) for v in sent.values())
+    return any(
+        _is_container(v)
+        or is_placeholder(v)
+        or _holds_masked_url(v)
+        or (v is None and is_secret_key(k))  # (null for a secret stored "": kept)
+        for k, v in sent.items()
+    )
 
 
 def is_placeholder(value: Any) -> bool:
@@ -353,8 +359,11 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
             elif isinstance(key, str) and is_placeholder(value) and is_secret_key(key):
                 if counterpart is None or counterpart == "" or is_placeholder(counterpart):
                     raise _refuse(key, sub, "no secret is stored there")
-                # (a tail read when more than a connection's api_key showed one still matches)
-                if value != MASK and mask_value(SHOW_TAIL, counterpart, record=True) != value:
+                # A tail is only ever shown for api_key: for another secret it would be a way
+                # to guess its last four, answered "matches" or not.
+                if value != MASK and (
+                    key != SHOW_TAIL or mask_value(SHOW_TAIL, counterpart, record=True) != value
+                ):
                     raise _refuse(key, sub, "it does not match the stored secret")
                 if moved is not None:
                     raise _refuse(key, sub, _MOVED % moved)
