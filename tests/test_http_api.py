@@ -313,11 +313,11 @@ def test_a_writes_x_revision_is_its_own_change_even_when_others_commit_meanwhile
     api.post("/api/settings/connections", json=connection(id="c2"))
     stop = threading.Event()
 
-    def others() -> None:
+    def others() -> None:  # (at most 300: far inside the rate limit and the kept log)
         with httpx.Client(base_url=daemon.url, headers=api.headers, timeout=10) as other:
-            i = 0
-            while not stop.is_set():
-                i += 1
+            for i in range(300):
+                if stop.is_set():
+                    break
                 other.put("/api/settings/connections/c2", json={"name": f"other {i}"})
 
     worker = threading.Thread(target=others)
