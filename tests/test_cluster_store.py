@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -174,6 +175,33 @@ async def test_different_records_on_two_hosts_both_go_through_in_stream_order(
         ]
         assert logs[0] == logs[1] and [e[0] for e in logs[0]] == [1, 2, 3, 4], logs
         assert [e[2] for e in logs[0]] == [1, 2, 3, 4]
+
+
+async def test_a_large_change_of_another_host_is_decoded_off_the_event_loop(
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import of thousands of records reaches the other host: decoded and checked on a
+    thread (the loop serves meanwhile), applied in the stream's order all the same."""
+    from ctsd.cluster import committer
+
+    threads: list[str] = []
+    decoded = committer._decoded
+
+    def watched(payload: bytes) -> Any:
+        threads.append(threading.current_thread().name)
+        return decoded(payload)
+
+    monkeypatch.setattr(committer, "_decoded", watched)
+    monkeypatch.setattr(committer, "DECODE_ON_THREAD_BYTES", 10_000)
+    async with two_hosts(nats, tmp_path) as (x, y):
+        big = [{"id": f"c{i}", "name": f"n{i}", "exchange": "bybit"} for i in range(200)]
+        await x.store.submit(ops.import_data({"files": {CONNECTIONS: big}}, "merge"), "bus")
+        await x.store.submit(ops.update("c1", {"name": "small, after"}), "bus")
+        await y.engine.wait_applied(2, timeout=10)
+        assert len(y.store.connections) == 200
+        assert y.store.connections["c1"].name == "small, after"
+    main = threading.main_thread().name
+    assert threads[0] != main and threads[-1] == main, threads  # large on a thread, small not
 
 
 async def test_another_hosts_change_is_synced_in_the_journal_before_a_file_holds_it(

@@ -78,6 +78,10 @@ SNAPSHOT_RETRY_S = 5.0  # after a failed one
 FOUNDING_ATTEMPTS = 4  # reads of the founding state before the host stalls on it (retried)
 FOUNDING_RETRY_S = 0.5
 LANDED_KEPT = 1024  # msg ids `landed` remembers
+# Another host's change this large is decoded and checked on a thread (an import of
+# thousands of records takes long enough to hold up every client of this host meanwhile);
+# the stream's order holds: the consumer waits for it.
+DECODE_ON_THREAD_BYTES = 1024 * 1024
 
 _encode = msgspec.json.Encoder().encode
 
@@ -501,7 +505,10 @@ class ClusterCommitter:
             if not msg.own:
                 self._check_join()
             self._joined = True
-        change = _decoded(msg.payload)
+        if len(msg.payload) > DECODE_ON_THREAD_BYTES:
+            change = await asyncio.to_thread(_decoded, msg.payload)
+        else:
+            change = _decoded(msg.payload)
         problem = shared.foreign_secret(
             self.store.box.key_ids, change.connections, change.documents
         )
