@@ -140,3 +140,39 @@ async def test_a_watch_that_breaks_while_running_polls_until_the_retry(
             tg.cancel_scope.cancel()  # as the app does after stop()
     finally:
         await app.store.close()
+
+
+@pytest.mark.anyio
+async def test_a_name_that_is_not_utf8_does_not_stop_inotify(data_dir: Path) -> None:
+    """watchfiles fails for good on a path it cannot make a string of (an editor's debris
+    with a Latin-1 name, say): the watch is made again at once, not replaced by a minute of
+    polling (`/health` degraded); a hand edit saved right after it is taken in."""
+    app = await open_app(data_dir, [{"id": "a", "name": "A", "exchange": "bybit"}])
+    watcher = watch.Watcher(app.store)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            # The watch is live once a hand edit is taken in through it.
+            conns = json.loads((data_dir / CONNS).read_text())
+            conns[0]["name"] = "Before"
+            atomic_save(data_dir / CONNS, json.dumps(conns, indent=2).encode() + b"\n")
+            with anyio.fail_after(10):
+                while app.store.committed.connections["a"].name != "Before":
+                    await anyio.sleep(0.01)
+            fd = os.open(bytes(data_dir) + b"/\xff.swp", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            with anyio.fail_after(10):
+                while not watcher._undecodable:  # the watch failed on the name ...
+                    await anyio.sleep(0.01)
+            conns = json.loads((data_dir / CONNS).read_text())
+            conns[0]["name"] = "Seen"
+            atomic_save(data_dir / CONNS, json.dumps(conns, indent=2).encode() + b"\n")
+            with anyio.fail_after(10):
+                while app.store.committed.connections["a"].name != "Seen":
+                    await anyio.sleep(0.01)
+            # ... and went on with inotify
+            assert watcher.problem is None and watcher.status()["mode"] == "inotify"
+            watcher.stop()
+            tg.cancel_scope.cancel()
+    finally:
+        await app.store.close()

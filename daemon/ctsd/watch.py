@@ -68,6 +68,9 @@ BUSY_AFTER = 8
 # Wake the watch thread this often even without events, so a mode switch is seen promptly.
 RUST_TIMEOUT_MS = 1_000
 INOTIFY_RETRY_S = 60.0  # polling in its stead (inotify failed): try it again this often
+# RustNotify fails for good on a name that is not UTF-8 (an editor's debris, say): it is made
+# again at once, this many times a minute at most, then polling stands in as for a failure.
+UNDECODABLE_PER_MIN = 20
 SETTLE_S = 0.05  # quiet time before a file that does not parse is called invalid
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
 SETTLE_POLL_S = 0.005
@@ -147,6 +150,7 @@ class Watcher:
         # was asked for): the watch polls meanwhile and `/health` says so.
         self.problem: str | None = None
         self.step_ms = STEP_MS  # the watch thread's step now (stretched under steady writes)
+        self._undecodable: list[float] = []  # when a name not UTF-8 failed the watch
 
     def stop(self) -> None:
         """End the watch: its thread sees this within `step` ms and ends (a cancel alone would
@@ -250,8 +254,21 @@ class Watcher:
                     continue
                 try:
                     await self._inotify()
-                except (OSError, RuntimeError) as e:  # an inotify limit reached, say
+                except RuntimeError as e:
+                    if _undecodable(e) and self._again_after_undecodable(e):
+                        continue  # a new watch, its sweep taking in what the batch held
                     await self._poll_instead(e)
+                except OSError as e:  # an inotify limit reached, say
+                    await self._poll_instead(e)
+
+    def _again_after_undecodable(self, error: RuntimeError) -> bool:
+        """A name in the data dir that is not UTF-8 failed the watch: watch again at once
+        (True), unless it happened UNDECODABLE_PER_MIN times in the last minute."""
+        now = time.monotonic()
+        self._undecodable = [t for t in self._undecodable if now - t < 60.0] + [now]
+        if len(self._undecodable) == 1:
+            log.warning("watch_name_not_utf8", error=str(error), action="watching again")
+        return len(self._undecodable) <= UNDECODABLE_PER_MIN
 
     def status(self) -> dict[str, Any]:
         """The `watch` check of `/health`: how hand edits are seen, and why not by inotify when
@@ -446,3 +463,8 @@ async def _settle(path: Path) -> None:
 
 
 __all__ = ["Poller", "Watcher", "is_debris", "relative"]
+
+
+def _undecodable(error: RuntimeError) -> bool:
+    """watchfiles' error for a path it cannot make a string of."""
+    return "Unable to decode path" in str(error)
