@@ -308,8 +308,10 @@ def test_a_writes_x_revision_is_its_own_change_even_when_others_commit_meanwhile
 ) -> None:
     """`?sync=files` answers once the files hold the change; other writes commit meanwhile.
     X-Revision was the daemon's revision when the answer started: later than the write, so an
-    If-Match with it passed over a change made to the record in between."""
-    api.post("/api/settings/connections", json=connection(id="c1"))
+    If-Match with it passed over a change made to the record in between. A connection test
+    is a change too (its result is stored): the same holds for it."""
+    # (nothing listens on port 1: the test fails at once, and its result is stored)
+    api.post("/api/settings/connections", json=connection(id="c1", base_url="http://127.0.0.1:1"))
     api.post("/api/settings/connections", json=connection(id="c2"))
     stop = threading.Event()
 
@@ -323,11 +325,14 @@ def test_a_writes_x_revision_is_its_own_change_even_when_others_commit_meanwhile
     worker = threading.Thread(target=others)
     worker.start()
     try:
-        revisions = []
+        revisions, tests = [], []
         for i in range(20):
             r = api.put("/api/settings/connections/c1?sync=files", json={"name": f"mine {i}"})
             assert r.status_code == 200, r.text
             revisions.append((f"mine {i}", int(r.headers["x-revision"])))
+            r = api.post("/api/connections/c1/test")
+            assert r.status_code == 200, r.text
+            tests.append((r.json()["timestamp"], int(r.headers["x-revision"])))
     finally:
         stop.set()
         worker.join()
@@ -339,6 +344,8 @@ def test_a_writes_x_revision_is_its_own_change_even_when_others_commit_meanwhile
         if e["connection_id"] == "c1" and "name" in e["data"].get("values", {})
     }
     assert [(name, mine[name]) for name, _ in revisions] == revisions
+    tested = {e["data"]["timestamp"]: e["id"] for e in events if e["action"] == "test"}
+    assert [(ts, tested[ts]) for ts, _ in tests] == tests
 
 
 def test_if_match_refuses_a_stale_write_with_412(daemon: Daemon, api: httpx.Client) -> None:

@@ -53,7 +53,7 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
 async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("ok"))])
     before = app.store.revision
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is True
     assert "error" not in result
     assert isinstance(result["latency"], float) and 0 < result["latency"] < 5000
@@ -73,7 +73,7 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
 
 async def test_a_compressed_answer_is_read(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("gzip"))])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is True, result
     assert fake.requests[-1][2]["accept-encoding"] == "gzip"
 
@@ -81,7 +81,7 @@ async def test_a_compressed_answer_is_read(app_factory: Any, fake: FakeExchange)
 async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
     t0 = time.monotonic()
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     elapsed = time.monotonic() - t0
     assert result["success"] is False
     assert "timed out after 0.3 s" in result["error"]
@@ -92,7 +92,7 @@ async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: Fa
 
 async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("err500"))])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert result["error"].startswith("HTTP 500")
     assert f"127.0.0.1:{fake.port}" in result["error"]
@@ -101,7 +101,7 @@ async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
 async def test_refused_port_is_a_failure(app_factory: Any):
     port = free_port()  # nothing listens there
     app = await app_factory([probe_connection("c1", f"http://127.0.0.1:{port}")])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result == {
         "success": False,
         "latency": None,
@@ -124,7 +124,7 @@ async def test_refused_port_is_a_failure(app_factory: Any):
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
     app = await app_factory([probe_connection("c1", fake.base(mode))])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert message in result["error"] and len(result["error"]) <= 300
 
@@ -162,7 +162,7 @@ async def test_a_password_in_base_url_never_comes_back_in_a_result(
     of the user info, in the result, the event or the sync log."""
     url = f"http://{userinfo}@127.0.0.1:{free_port()}"
     app = await app_factory([probe_connection("c1", url)])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is False and result["error"], result
     logged = json.dumps(msgspec.to_builtins(list(app.store.committed.log)))
     for text in (json.dumps(result), logged):
@@ -175,7 +175,7 @@ async def test_a_password_read_as_a_path_never_comes_back_either(
     """`https://user:2024/pw@host` reads as host `user`, port 2024 and a path holding the
     password: a server there answering 404 had the path quoted back in the result."""
     app = await app_factory([probe_connection("c1", fake.base("ok") + "/s3cr3tPart@gw")])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is False and "percent-encoded" in result["error"], result
     assert "s3cr3tPart" not in json.dumps(result)
 
@@ -192,7 +192,7 @@ async def test_a_test_waits_at_most_what_its_callers_wait(app_factory: Any) -> N
 
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
     app = await app_factory([probe_connection("c1", None, exchange="kraken-pro")])
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is False
     assert "no test endpoint known for exchange 'kraken-pro'" in result["error"]
     with pytest.raises(Exception) as e:
@@ -208,7 +208,7 @@ async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
     results: list[dict[str, Any]] = []
 
     async def one(cid: str) -> None:
-        results.append(await app.prober.test_connection(cid))
+        results.append((await app.prober.test_connection(cid))[0])
 
     async with anyio.create_task_group() as tg:
         for i in range(40):
@@ -249,7 +249,7 @@ async def test_okx_testnet_header_reaches_the_server(app_factory: Any, fake: Fak
     app = await app_factory(
         [probe_connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)]
     )
-    result = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1")
     assert result["success"] is True
     _method, path, headers = fake.requests[-1]
     assert path == "/ok/api/v5/public/time" and headers["x-simulated-trading"] == "1"

@@ -146,7 +146,8 @@ def _restore_path(store: Store, name: str) -> Path:
 
 
 async def restore_running(store: Store, name: str, source: str) -> dict[str, Any]:
-    """Verify the archive `name` (in the data dir) completely, then apply it as one change."""
+    """Verify the archive `name` (in the data dir) completely, then apply it as one change;
+    `revision` in the answer is the revision right after it."""
     path = _restore_path(store, name)
     try:
 
@@ -164,10 +165,10 @@ async def restore_running(store: Store, name: str, source: str) -> dict[str, Any
             for f, raw in archive.contents.items()
             if files.is_data_file(f)
         }
-        result = await store.submit(
+        result, revision = await store.submit_answer(
             ops.restore(contents, archive.manifest.revision), source, sync="files"
         )
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    return {**result, "revision": store.revision, "archive_revision": archive.manifest.revision}
+    return {**result, "revision": revision, "archive_revision": archive.manifest.revision}

@@ -403,17 +403,18 @@ class Prober:
             return _failure(target)
         return await self.request(target, self._timeout(), scrub=_userinfo_parts(target.url))
 
-    async def test_connection(self, cid: str) -> dict[str, Any]:
-        """`connections.test`: test now, store the result (event `test`), return it."""
+    async def test_connection(self, cid: str) -> tuple[dict[str, Any], int]:
+        """`connections.test`: test now, store the result (event `test`); return it and the
+        revision right after it."""
         if not isinstance(cid, str):
             raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
         conn = self.store.connections.get(cid)
         if conn is None:
             raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
         result = await self.run_test(conn)
-        await self.store.submit(ops.record_test(cid, result), "probe")
+        _, revision = await self.store.submit_answer(ops.record_test(cid, result), "probe")
         out: dict[str, Any] = msgspec.to_builtins(result)
-        return out
+        return out, revision
 
     # --- Project X (connection.json) --------------------------------------------------------
 

@@ -229,9 +229,10 @@ class Store:
         """Whether secrets are encrypted at rest, and under which key (never the key)."""
         return {"encrypted": self.box.encrypting, "key_id": self.box.key_id}
 
-    async def rekey(self, new_box: SecretBox, source: str) -> Any:
-        """Every secret re-encrypted under `new_box`'s key: one change through the door."""
-        return await self.submit(ops.rekey(new_box), source, sync="files")
+    async def rekey(self, new_box: SecretBox, source: str) -> tuple[Any, int]:
+        """Every secret re-encrypted under `new_box`'s key: one change through the door (its
+        answer, and the revision right after it)."""
+        return await self.submit_answer(ops.rekey(new_box), source, sync="files")
 
     def landed(self, msg_id: str) -> bool:
         return self.committer.landed(msg_id)

@@ -183,7 +183,8 @@ async def connections_heartbeat(c: Call, a: p.ConnectionRef) -> Any:
 
 
 async def connections_test(c: Call, a: p.ConnectionRef) -> Any:
-    return await c.svc.prober.test_connection(a.connection_id)
+    result, c.revision = await c.svc.prober.test_connection(a.connection_id)
+    return result
 
 
 async def documents_list(c: Call, a: p.NoArgs) -> Any:
@@ -208,7 +209,9 @@ async def data_backup(c: Call, a: p.NoArgs) -> Any:
 
 
 async def data_restore(c: Call, a: p.DataRestore) -> Any:
-    return await livebackup.restore_running(c.svc.store, a.file, c.source)
+    result = await livebackup.restore_running(c.svc.store, a.file, c.source)
+    c.revision = result["revision"]
+    return result
 
 
 async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
@@ -236,7 +239,8 @@ async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
         )
     old = store.box.key
     box = SecretBox(new, also=(old,) if old is not None else ())
-    return await store.rekey(box, c.source)
+    result, c.revision = await store.rekey(box, c.source)
+    return result
 
 
 HANDLERS: dict[str, Handler] = {
