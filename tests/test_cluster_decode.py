@@ -3,15 +3,18 @@ host's record types, before any of it is applied."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import zlib
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
-from ctsd.cluster import shared
+from ctsd.cluster import messages, shared
 from ctsd.cluster.committer import _decoded
-from ctsd.cluster.errors import InvalidChange, SnapshotTooLarge
+from ctsd.cluster.errors import BadMessage, InvalidChange, SnapshotTooLarge
+from ctsd.cluster.messages import inflate
 from ctsd.cluster.shared import change_problem
 from ctsd.core import Change, Committed, RecordChange, replayed
 from ctsd.models import Connection, ConnectionState, SyncEvent
@@ -203,10 +206,57 @@ def test_a_snapshot_no_host_could_inflate_is_refused_before_it_is_stored() -> No
 
 
 def test_a_compressed_message_is_inflated_whole_and_alone() -> None:
-    from ctsd.cluster.messages import inflate
-
     packed = zlib.compress(b'{"touched": []}')
     assert inflate(packed) == b'{"touched": []}'
     for bad in (packed[:-3], packed + b"junk", b"junk"):
         with pytest.raises(zlib.error):
             inflate(bad)
+
+
+def _message(payload: bytes) -> messages.Change:
+    return messages.Change(
+        seq=9,
+        host="h2",
+        msg_id="h2:1",
+        payload=payload,
+        published_at=datetime.now(UTC),
+        own=False,
+        compressed=True,
+    )
+
+
+async def _inflated_and_ticks(payload: bytes) -> tuple[bytes, int]:
+    """The message inflated, and how often another task ran on the loop meanwhile."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # (started)
+    ticks = 0
+    try:
+        change = await messages.inflated(_message(payload))
+    finally:
+        task.cancel()
+    return change.payload, ticks
+
+
+@pytest.mark.anyio
+async def test_a_large_or_hostile_compressed_message_is_inflated_off_the_event_loop() -> None:
+    """The first MiB inflates on the loop (nearly every change: no thread hop); the rest on
+    a thread, so a 256 MB bomb of a few hundred KB holds no client of the host meanwhile."""
+    small = b'{"touched": []}' * 100
+    assert await _inflated_and_ticks(zlib.compress(small)) == (small, 0)
+    large = b'{"touched": []}' * 200_000  # 3 MB
+    got, ticks = await _inflated_and_ticks(zlib.compress(large))
+    assert got == large and ticks > 0
+    bomb = zlib.compress(b"\0" * (messages.MAX_INFLATED + 1))
+    with pytest.raises(BadMessage, match=r"seq 9 \('h2:1'\) does not inflate \(truncated, or larg"):
+        await _inflated_and_ticks(bomb)
+    for bad, why in ((large[:-3], "header"), (zlib.compress(large) + b"x", "bytes after")):
+        with pytest.raises(BadMessage, match=why):
+            await messages.inflated(_message(bad))

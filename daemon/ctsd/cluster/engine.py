@@ -1017,7 +1017,7 @@ class ClusterEngine:
                 cluster=self.settings.name,
                 host_id=self.settings.host_id,
             )
-            change = self._check_twin(change)
+            change = await messages.inflated(self._check_twin(change))
             assert self._apply is not None
             try:
                 await self._apply(change)

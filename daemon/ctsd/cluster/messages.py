@@ -19,6 +19,8 @@ still applied; a ctsd that reads older schemas only refuses newer messages.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import zlib
 from collections.abc import Mapping
@@ -47,11 +49,15 @@ ENCODING_ZLIB = "zlib"
 # group (an import) also stays under max_payload so.
 COMPRESS_ABOVE = 1024
 MAX_INFLATED = 256 * 1024 * 1024  # a compressed payload may not inflate past this
+# Inflated on the event loop up to this (nearly every change: no thread hop), the rest on a
+# worker thread: a huge change, or a small bomb, never holds every client of the host.
+INFLATE_ON_LOOP_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change group as delivered from the stream, checked and inflated."""
+    """One change group as delivered from the stream, checked (`decode`), then inflated
+    (`inflated`)."""
 
     seq: int
     host: str
@@ -61,6 +67,7 @@ class Change:
     own: bool  # published by this host
     base: int | None = None  # a keyed group: the stream seq it was computed at
     founding: str | None = None  # the founding message: its state's object in the bucket
+    compressed: bool = False  # `payload` is still zlib-compressed
 
 
 def encode(
@@ -102,7 +109,8 @@ def decode(
     cluster: str,
     host_id: str,
 ) -> Change:
-    """Check a message of the stream and inflate it; raises BadMessage naming it."""
+    """Check a message of the stream (its payload as it came); raises BadMessage naming
+    it."""
     headers = headers or {}
     msg_id = headers.get(H_MSG_ID) or ""
     host = headers.get(H_HOST) or ""
@@ -152,15 +160,8 @@ def decode(
             "the cluster, naming a founding object; it was not applied",
             seq=seq,
         )
-    payload = data
     encoding = headers.get(H_ENCODING)
-    if encoding == ENCODING_ZLIB:
-        try:
-            payload = inflate(data)
-        except zlib.error as exc:
-            what += f" does not inflate ({exc})"
-            raise BadMessage(f"{what}; it was not applied", seq=seq) from None
-    elif encoding is not None:
+    if encoding is not None and encoding != ENCODING_ZLIB:
         raise BadMessage(
             f"{what} has unknown encoding {short(encoding)}; it was not applied", seq=seq
         )
@@ -168,12 +169,33 @@ def decode(
         seq=seq,
         host=host,
         msg_id=msg_id,
-        payload=payload,
+        payload=data,
         published_at=published_at,
         own=host == host_id,
         base=base,
         founding=founding,
+        compressed=encoding == ENCODING_ZLIB,
     )
+
+
+async def inflated(change: Change) -> Change:
+    """`change` with its payload inflated; raises BadMessage naming it."""
+    if not change.compressed:
+        return change
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(change.payload, INFLATE_ON_LOOP_BYTES)
+        if inflater.eof:
+            out = _inflate(inflater, b"", out)
+        else:
+            out = await asyncio.to_thread(_inflate, inflater, inflater.unconsumed_tail, out)
+    except zlib.error as exc:
+        raise BadMessage(
+            f"message seq {change.seq} ({short(change.msg_id)}) does not inflate ({exc}); it "
+            "was not applied",
+            seq=change.seq,
+        ) from None
+    return dataclasses.replace(change, payload=out, compressed=False)
 
 
 def _is_msg_id(msg_id: str) -> bool:
@@ -193,11 +215,16 @@ def is_founding_name(name: str) -> bool:
 
 def inflate(data: bytes) -> bytes:
     """zlib-compressed bytes inflated, up to MAX_INFLATED; raises zlib.error."""
-    inflater = zlib.decompressobj()
-    out = inflater.decompress(data, MAX_INFLATED)
-    if inflater.unconsumed_tail or not inflater.eof:
+    return _inflate(zlib.decompressobj(), data, b"")
+
+
+def _inflate(inflater: zlib._Decompress, data: bytes, out: bytes) -> bytes:
+    """The rest of `inflater`'s stream: `data` its input left, `out` what it gave so far."""
+    out += inflater.decompress(data, MAX_INFLATED - len(out))
+    if not inflater.eof:
         raise zlib.error("truncated, or larger than the limit")
-    if inflater.unused_data:  # (what ctsd compresses ends with its stream)
+    # (what ctsd compresses ends with its stream; bytes after it may stay in the tail)
+    if inflater.unused_data or inflater.unconsumed_tail:
         raise zlib.error("bytes after the compressed data")
     return out
 
