@@ -432,6 +432,47 @@ async def test_dangling_reference_then_fixed_by_adding_the_algorithm(daemon10: D
         assert got["result"]["instances"][0]["algorithmName"] == "Grid"
 
 
+@pytest.mark.anyio
+async def test_state_saved_before_its_connection_is_kept_and_taken_in_with_it(
+    daemon10: Daemon,
+) -> None:
+    """`cp backup/*.json data/` copies connection-state.json first (it sorts first): its record
+    of a connection not yet in connections.json is a dangling reference, reported, and the
+    file left as saved (it was dropped, and the next write put a default record over the
+    operator's volumes); once connections.json has the connection, the state is taken in."""
+    d = daemon10
+    state_path, conns_path = d.data_dir / "connection-state.json", d.data_dir / CONNS
+    state = d.http("/api/connections/state")[1]
+    new = dict(state[0], connection_id="conn_0042", volume_factor_live=7.5)
+    state.append(new)
+    saved = dump(state)
+    async with bus(d) as b:
+        atomic_save(state_path, saved)
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid",
+        )
+        assert notice["file"] == "connection-state.json" and notice["line"] > 1, notice
+        assert notice["path"] == f"$[{len(state) - 1}].connection_id", notice["message"]
+        assert "'conn_0042' names no connection" in notice["message"], notice
+        assert "; did you mean 'conn_00" in notice["message"], notice
+        await b.call("connections.heartbeat", connection_id="conn_0001")
+        d.send_signal(signal.SIGHUP)  # (the heartbeat's flush is refused: the file stays)
+        wait_until(lambda: d.http("/health")[1]["status"] == "degraded", 5, what="degraded")
+        assert state_path.read_bytes() == saved
+        conns = json.loads(conns_path.read_bytes())
+        conns.append(dict(conns[0], id="conn_0042", name="Restored"))
+        atomic_save(conns_path, dump(conns))
+        restored = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_restored"), None),
+            what="file_restored",
+        )
+        assert restored["file"] == "connection-state.json"
+    _, got = d.http("/api/connections/conn_0042/state")
+    assert got["volume_factor_live"] == 7.5, got
+    wait_until(lambda: d.http("/health")[1]["status"] == "ok", 5, what="ok again")
+
+
 def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
     d = daemon10
     algo = d.data_dir / "algorithms" / "Broken.json"

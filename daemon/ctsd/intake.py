@@ -386,6 +386,8 @@ class Intake:
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
+        if file == CONNECTIONS and STATE in store.problems:
+            store.notice_watcher(STATE)  # its records may name no connection no longer
         return True
 
     async def _keep_copy(self, file: str, raw: bytes) -> None:

@@ -474,6 +474,21 @@ def _take_in_connections(
     return merged.conflicts
 
 
+def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
+    """A state record the hand edit added (or changed) for no connection: a dangling
+    reference, so the edit is invalid. Dropped, the record (an operator's volumes, say) would
+    be gone from the file at the next write: when state is saved before connections.json (`cp
+    backup/*.json`: it sorts first), the file is judged again once connections.json is in."""
+    at = next(i for i, s in enumerate(hand) if s.connection_id == cid)
+    hint = diagnose.nearest(cid, sorted(_flat(tx.connections)))
+    raise CtsdError(
+        "invalid",
+        f"connection_id {cid!r} names no connection in {CONNECTIONS}"
+        + (f"; did you mean {hint!r}?" if hint else ""),
+        path=f"$[{at}].connection_id",
+    )
+
+
 def _take_in_state(
     tx: Tx, file: str, base: Mapping[str, ConnectionState], hand: list[ConnectionState]
 ) -> list[tuple[str, list[str]]]:
@@ -485,7 +500,7 @@ def _take_in_state(
     for cid, st in merged.records.items():
         conn = tx.connections.get(cid)
         if conn is None and mirror:
-            continue  # state of no connection: ignored, as at start
+            _orphan(tx, hand, cid)
         new[cid] = mirror_state(conn, st, tx.now) if conn is not None else st
     for cid, conn in tx.connections.items():  # a connection always has its state record
         if cid not in new:
