@@ -337,6 +337,58 @@ async def test_a_tampered_hand_edit_while_running_is_refused_and_kept(
         d.close()
 
 
+async def test_a_masked_value_pasted_by_hand_keeps_the_stored_secret(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A record copied from an export or an answer into the file carries placeholders
+    (`"********"`, `"…abcd"`): as at the door they keep the stored secrets (stored as typed,
+    they replaced them), and the file is written back with them; where nothing is stored,
+    the edit is invalid at its line."""
+    write_plain_data(data_dir, connections=2)
+    expected = plaintexts(data_dir)
+    key = make_key(tmp_path / "key")
+    d = keyed(data_dir, tmp_path / "key")
+    try:
+        d.start()
+        rows = json.loads((data_dir / "connections.json").read_text())
+        shown = d.http("/api/settings/connections/conn_00000")[1]
+        rows[0].update(name="pasted", api_key=shown["api_key"], api_secret="********")
+        (data_dir / "connections.json").write_text(json.dumps(rows, indent=2) + "\n")
+        doc = json.loads((data_dir / "connection.json").read_text())
+        doc["projectX"].update(apiKey="********", autoConnect=False)
+        (data_dir / "connection.json").write_text(json.dumps(doc, indent=2) + "\n")
+        wait_until(
+            lambda: (
+                d.http("/api/settings/connections/conn_00000")[1]["name"] == "pasted"
+                and d.http("/api/data/connection")[1]["projectX"]["autoConnect"] is False
+            ),
+            what="both edits taken in",
+        )
+
+        def written_back() -> bool:
+            files = ("connections.json", "connection.json")
+            return "********" not in "".join((data_dir / f).read_text() for f in files)
+
+        wait_until(written_back, what="the files written back with the stored secrets")
+        assert stored_under(data_dir, [key], expected) == {key.id}
+        # A placeholder where nothing is stored: refused at its line, the file kept.
+        rows = json.loads((data_dir / "connections.json").read_text())
+        rows.append(dict(rows[1], id="conn_new", api_secret="********"))
+        text = json.dumps(rows, indent=2) + "\n"
+        (data_dir / "connections.json").write_text(text)
+        line = len(text[: text.index('"conn_new"')].splitlines())
+        problem = wait_until(
+            lambda: d.http("/health")[1]["checks"]["files"]["invalid"].get("connections.json"),
+            what="connections.json reported invalid",
+        )
+        assert problem.startswith("connections.json:") and "no secret is stored" in problem
+        assert int(problem.split(":")[1]) > line, problem
+        assert (data_dir / "connections.json").read_text() == text
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
 async def test_without_a_key_health_and_status_say_not_encrypted(data_dir: Path) -> None:
     write_plain_data(data_dir, connections=1)
     d = Daemon(data_dir)

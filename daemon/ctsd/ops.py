@@ -443,7 +443,8 @@ def _take_in_connections(
         if old is conn:  # not edited by hand: memory's record, sealed when it was stored
             new[cid] = old
             continue
-        conn = seal(tx, conn, old, f"$[{at.get(cid, 0)}]")
+        path = f"$[{at.get(cid, 0)}]"
+        conn = seal(tx, _hand_placeholders(tx, file, conn, old, path), old, path)
         if old is not None and old == conn:  # edited back to what memory holds (in C)
             new[cid] = old
             continue
@@ -472,6 +473,22 @@ def _take_in_connections(
             tx.connections.put(first, new[first])
             tx.set_fields("connections", first, [])
     return merged.conflicts
+
+
+def _hand_placeholders(
+    tx: Tx, file: str, conn: Connection, old: Connection | None, path: str
+) -> Connection:
+    """A masked value pasted into the file by hand (a record copied from an export or an
+    answer) keeps the stored secret, as it does at the door; one where nothing is stored is
+    invalid. Stored as typed, it replaced the secret. The file is written back with it."""
+    sent = msgspec.structs.asdict(conn)
+    if not may_hold_placeholders(sent):
+        return conn
+    restored = restore_placeholders(sent, msgspec.structs.asdict(old) if old else None, path)
+    if restored is sent:
+        return conn
+    tx.touched.add(file)
+    return _convert(restored, Connection, path)
 
 
 def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
@@ -591,7 +608,12 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
             return _take_in_state(tx, file, base or {}, hand)
         name = files.document_name(file)
         assert name is not None
-        merged = merge_document(base, hand, tx.docs.get(name))
+        content = hand
+        if may_hold_placeholders(content):  # (as for a connection: `_hand_placeholders`)
+            content = restore_placeholders(hand, tx.docs.get(name), "$")
+            if content is not hand:
+                tx.touched.add(file)
+        merged = merge_document(base, content, tx.docs.get(name))
         if name == "instances":
             try:
                 files.check_instance_refs(merged.records, tx.algorithm_names(), file, raw)
