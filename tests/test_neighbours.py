@@ -110,6 +110,47 @@ async def test_unauthenticated_bus_connections_are_capped(data_dir: Path) -> Non
         d.close()
 
 
+def test_a_client_that_stops_reading_is_dropped_once_its_answers_stall(data_dir: Path) -> None:
+    """Answers pipelined (no token needed: /health) and never read fill the buffers; the
+    daemon waited for them to drain for ever, holding the socket and its slot under the
+    connection cap, so enough such sockets locked every client out. Dropped after the stall
+    (1 s here), the socket is reset: it never gets most of what it asked for."""
+    d = Daemon(data_dir, env={"CTSD_WRITE_STALL_S": "1"}).start()
+    try:
+        one = len(httpx.get(d.url + "/health").content)
+        n = 60_000  # answers of many MB: far more than the kernel's buffers hold
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", d.port))
+        s.settimeout(3)
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        try:
+            s.sendall(request * n)  # until the daemon, stuck writing, stops reading
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+        (dropped,) = wait_until(
+            lambda: [e for e in d.log_events() if e.get("event") == "connection_dropped"],
+            10,
+            what="the connection dropped",
+        )
+        host, port = s.getsockname()
+        assert dropped["peer"] == f"{host}:{port}" and dropped["unsent_bytes"] > 0
+        t0 = time.monotonic()
+        got = 0
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(1 << 16):
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert got < n * one // 2, (got, n * one)  # (`one`: an answer's body alone)
+        assert time.monotonic() - t0 < 8
+        s.close()
+        assert httpx.get(d.url + "/health").status_code == 200
+    finally:
+        d.close()
+
+
 def test_slow_headers_are_dropped_at_the_deadline(data_dir: Path) -> None:
     d = Daemon(data_dir, env={"CTSD_HEADER_TIMEOUT_S": "1"}).start()
     try:

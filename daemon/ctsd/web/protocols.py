@@ -25,11 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
 from ctsd.bus.outbox import WIRE
+
+log = structlog.get_logger("ctsd.web")
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -57,6 +60,7 @@ class ConnectionLimits:
     body_timeout_s: float = 30.0  # from the end of the headers to the end of the body
     max_url_bytes: int = 8 * 1024
     max_header_bytes: int = 64 * 1024
+    write_stall_s: float = 30.0  # a buffer over its high-water mark not drained for this long
     refused: int = 0  # connections refused by the cap (metrics)
     revision: Callable[[], int] = lambda: 0  # the X-Revision every answer carries
 
@@ -173,10 +177,58 @@ class SocketWire:
         self._p.transport.abort()
 
 
+def _drop_if_stuck(transport: Any) -> None:
+    """After a close: a close waits until the buffer has gone out, which it never does when
+    the peer stopped reading; such a connection is dropped."""
+    if transport.get_write_buffer_size():
+        transport.abort()
+
+
 def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
     """The (http, ws) protocol classes for one server, bound to its limits."""
 
-    class GuardedHttp(HttpToolsProtocol):
+    class WriteStall:
+        """A peer that stops reading (answers pipelined, a snapshot asked for, and never
+        read): once the buffer is over its high-water mark, the connection is dropped if it
+        has not drained within `write_stall_s`. Else the socket and its slot under the
+        connection cap were held until the daemon stopped; uvicorn's timers only close, and
+        a close waits for the buffer to drain. (A mixin of both protocols, before their
+        uvicorn base.)"""
+
+        loop: asyncio.AbstractEventLoop
+        transport: Any
+        _stall: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            super().pause_writing()  # type: ignore[misc]
+            if self._stall is None:
+                self._stall = self.loop.call_later(limits.write_stall_s, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()  # type: ignore[misc]
+            self._unstall()
+
+        def _stalled(self) -> None:
+            self._stall = None
+            peer = self.transport.get_extra_info("peername")
+            log.warning(
+                "connection_dropped",
+                reason=f"it read nothing of its answers for {limits.write_stall_s:g} s",
+                peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+                unsent_bytes=self.transport.get_write_buffer_size(),
+            )
+            self.transport.abort()
+
+        def _unstall(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._unstall()
+            super().connection_lost(exc)  # type: ignore[misc]
+
+    class GuardedHttp(WriteStall, HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _refusal: str | None = None  # why the parser stopped, when a bound stopped it
@@ -204,6 +256,12 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._deadline = None
             if not self.transport.is_closing():
                 self.transport.close()
+                _drop_if_stuck(self.transport)
+
+        def timeout_keep_alive_handler(self) -> None:
+            super().timeout_keep_alive_handler()
+            if self.transport.is_closing():
+                _drop_if_stuck(self.transport)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -253,8 +311,13 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._disarm()
             super().connection_lost(exc)
 
-    class WiredWebSocket(WebSocketsSansIOProtocol):
+    class WiredWebSocket(WriteStall, WebSocketsSansIOProtocol):
         wire: SocketWire | None = None
+
+        def keepalive_timeout(self) -> None:
+            super().keepalive_timeout()
+            if self.transport.is_closing():
+                _drop_if_stuck(self.transport)
 
         def connection_made(self, transport: Any) -> None:
             backlog = self.queue.qsize  # frames read that the app has not taken yet

@@ -66,9 +66,11 @@ def connection_budget() -> int:
 
 
 # A connection must send a request's headers within this, and then its body within the
-# next; CTSD_HEADER_TIMEOUT_S and CTSD_BODY_TIMEOUT_S are for tests.
+# next, and read what it is sent (see `protocols`); CTSD_HEADER_TIMEOUT_S,
+# CTSD_BODY_TIMEOUT_S and CTSD_WRITE_STALL_S are for tests.
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 BODY_TIMEOUT_S = float(os.environ.get("CTSD_BODY_TIMEOUT_S") or 30.0)
+WRITE_STALL_S = float(os.environ.get("CTSD_WRITE_STALL_S") or 30.0)
 EXPOSED = ["X-Revision", "Location", "ETag"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -142,6 +144,7 @@ class Web:
             max_connections=lambda: min(store.settings.server.max_connections, budget),
             header_timeout_s=HEADER_TIMEOUT_S,
             body_timeout_s=BODY_TIMEOUT_S,
+            write_stall_s=WRITE_STALL_S,
             revision=lambda: store.revision,
         )
         self.requests = 0
