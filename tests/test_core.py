@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from ctsd import core, files, ops
+from ctsd.cluster import shared
 from ctsd.core import (
     STREAM_SEQ,
     Change,
@@ -1023,10 +1024,17 @@ def test_server_managed_fields_sent_by_a_client_are_ignored() -> None:
 
 def test_a_hosts_own_settings_keys_change_only_by_a_hand_edit_of_its_file() -> None:
     """Cluster mode (`Context.own_settings`): a reset, an import or a set of the settings
-    document keeps this host's `server` and `cluster`; a hand edit of settings.json sets
-    them. On one host (no own keys) a reset empties them, as always."""
-    own = ("server", "cluster")
-    mine = {"server": {"port": 4000}, "cluster": {"name": "desk"}, "theme": "dark"}
+    document keeps this host's `server`, `cluster` and `watch` (a data dir on NFS polls,
+    the others need not); a hand edit of settings.json sets them. On one host (no own keys)
+    a reset empties them, as always."""
+    own = shared.LOCAL_SETTINGS_KEYS
+    mine = {
+        "server": {"port": 4000},
+        "cluster": {"name": "desk"},
+        "watch": {"polling": True},
+        "theme": "dark",
+    }
+    assert set(own) == {"server", "cluster", "watch"}
 
     def group(*reqs: Request, own_settings: tuple[str, ...] = own) -> Any:
         c = Committed()

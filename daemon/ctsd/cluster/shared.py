@@ -34,7 +34,9 @@ from ctsd.models import Connection, ConnectionState, SyncEvent
 from ctsd.secretbox import SecretBox, SecretError, is_encrypted, stored_key_id
 from ctsd.secretfields import CONNECTION_SECRETS, open_connection, secret_places
 
-LOCAL_SETTINGS_KEYS = ("server", "cluster")  # each host's own; never in a snapshot
+# Each host's own (its bind address, its cluster settings, how it watches its own data dir,
+# which may be on NFS); never in a snapshot.
+LOCAL_SETTINGS_KEYS = ("server", "cluster", "watch")
 ALGORITHMS_PREFIX = f"{files.ALGORITHMS_DIR}/"
 
 
