@@ -13,10 +13,10 @@ import pytest
 
 from ctsd.cluster import messages, shared
 from ctsd.cluster.committer import _decoded
-from ctsd.cluster.errors import BadMessage, InvalidChange, SnapshotTooLarge
+from ctsd.cluster.errors import BadMessage, InvalidChange, SnapshotInvalid, SnapshotTooLarge
 from ctsd.cluster.messages import inflate
 from ctsd.cluster.shared import change_problem
-from ctsd.core import Change, Committed, RecordChange, replayed
+from ctsd.core import STREAM_SEQ, Change, Committed, RecordChange, replayed
 from ctsd.models import Connection, ConnectionState, SyncEvent
 from tests.datadir import connection
 
@@ -203,6 +203,29 @@ def test_a_snapshot_no_host_could_inflate_is_refused_before_it_is_stored() -> No
     assert shared.decode(shared.encode(state), cluster="desk", seq=7, what="it") == state
     with pytest.raises(SnapshotTooLarge, match=r"at seq 7 is 5,\d+ bytes, more than the 5,000"):
         shared.encode(state, limit=5000)
+
+
+def test_a_snapshot_whose_log_claims_a_later_stream_seq_is_refused() -> None:
+    """A host installing it would skip the stream's next changes as held already."""
+    c = Committed()
+    for rev, at in ((1, 3), (2, 7)):
+        c.log.append(
+            SyncEvent(
+                id=rev,
+                connection_id=None,
+                action="document_update",
+                data={STREAM_SEQ: at},
+                created_at="2026-12-06T10:00:00.000Z",
+            )
+        )
+    packed = shared.encode(shared.capture(c, "desk", 7))
+    assert shared.decode(packed, cluster="desk", seq=7, what="it").log == list(c.log)
+    c.log[-1].data[STREAM_SEQ] = 8
+    packed = shared.encode(shared.capture(c, "desk", 7))
+    with pytest.raises(
+        SnapshotInvalid, match=r"log\[1\]: stream_seq 8 is no seq of this stream up"
+    ):
+        shared.decode(packed, cluster="desk", seq=7, what="it")
 
 
 def test_a_compressed_message_is_inflated_whole_and_alone() -> None:

@@ -130,6 +130,11 @@ def decode(data: bytes, *, cluster: str, seq: int, what: str) -> SharedState:
     orphans = [s.connection_id for s in state.state if s.connection_id not in ids]
     if orphans:
         raise invalid(f"it holds the state of connection {orphans[0]!r} but not the connection")
+    # As for a message's log: a stream seq past the snapshot's own would have the host skip
+    # the stream's next changes as held already.
+    problem = _events_problem("log", state.log, seq, ordered=True)
+    if problem is not None:
+        raise invalid(problem)
     return state
 
 
