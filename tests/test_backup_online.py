@@ -156,6 +156,14 @@ async def test_restore_through_the_door(data_dir: Path, tmp_path: Path) -> None:
     assert stored_under(data_dir, [key], expected) == {key.id}
 
 
+async def test_restore_of_a_name_that_is_no_restore_archive_is_invalid(daemon: Daemon) -> None:
+    async with bus(daemon) as b:
+        for name in ("../x.tar.gz", ".restore-\0.tar.gz", ".restore-x.zip", ".restore-/x.tar.gz"):
+            err = await b.err("data.restore", file=name)
+            assert err["code"] == "invalid" and err["path"] == "$.file", (name, err)
+    assert "command_failed" not in daemon.stdout()
+
+
 async def test_restore_refuses_an_archive_under_another_key(data_dir: Path, tmp_path: Path) -> None:
     """Made under key A, restored into a daemon running with key B: refused, nothing changed."""
     write_plain_data(data_dir, connections=2)

@@ -137,6 +137,7 @@ def _restore_path(store: Store, name: str) -> Path:
         not name.startswith(RESTORE_PREFIX)
         or not name.endswith(SUFFIX)
         or "/" in name
+        or "\0" in name  # (the OS refuses it: ValueError, not OSError)
         or name in (".", "..")
     ):
         raise CtsdError(
