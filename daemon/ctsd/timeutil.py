@@ -6,7 +6,13 @@ import datetime as dt
 
 # `(?!\n)`: msgspec matches patterns with re.search, where `$` alone would also match before
 # a trailing newline ("id\n"); the lookahead reads the same in a JSON Schema's ECMA regex.
-TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z(?!\n)$"
+# ASCII digits in their ranges (Python's `\d` takes any script's digits): timestamps compare
+# as strings (`later`), and "٢٠٢٤-…" or month 13 sorted after every real one, so a record
+# holding one never took a heartbeat again.
+TIMESTAMP_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3}Z(?!\n)$"
+)
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 
 
