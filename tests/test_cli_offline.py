@@ -408,6 +408,11 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         # Thousands deep: json's RecursionError was a traceback.
         (["conn", "set", "x", "exchange_id=" + "[" * 5000], "is nested too deeply"),
         (["conn", "add", "--name", "n", "--exchange", "e", "--settings", "[" * 5000], "deeply"),
+        # `--data-dir "$DIR"` with DIR unset: not ./data (a fresh token, a restore into it)
+        (["serve", "--data-dir", ""], "--data-dir is empty"),
+        (["restore", "x.tar.gz", "--data-dir", ""], "--data-dir is empty"),
+        (["status", "--data-dir", " "], "--data-dir is empty"),
+        (["status", "--host", ""], "'' is not a host name"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
@@ -417,6 +422,20 @@ def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert CANARY not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["backup", "-o", "/tmp/" + "x" * 300],  # (a name longer than the system takes)
+        ["migrate", "--dry-run", "--from", "sqlite:////tmp/" + "x" * 300],
+    ],
+    ids=["backup", "migrate"],
+)
+def test_a_path_the_system_refuses_is_one_line(args: list[str], tmp_path: Path) -> None:
+    r = ctsd(*args, "--data-dir", str(tmp_path / "data"), env=clean_env())
+    assert r.returncode == 1 and "File name too long" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_hostile_field_names_are_escaped_and_shortened() -> None:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from ctsd.models import Settings, check_listen_host
 
 
@@ -20,6 +22,10 @@ def env_data_dir() -> str | None:
 
 def resolve_data_dir(flag: str | None) -> Path:
     """The data dir a command works on (the CLI's: a bad one ends it with one line, exit 1)."""
+    if flag is not None and not flag.strip():
+        # `--data-dir "$DIR"` with DIR unset: not the default dir (a fresh token, a restore
+        # into ./data), a usage error.
+        raise click.UsageError("--data-dir is empty (an unset variable?)")
     raw = flag or env_data_dir() or "./data"
     try:
         return Path(raw).expanduser().absolute()
@@ -34,7 +40,7 @@ class Listen:
 
 
 def resolve_listen(host_flag: str | None, port_flag: int | None, settings: Settings) -> Listen:
-    if host_flag:
+    if host_flag is not None:
         host = check_listen_host(host_flag, "--host")
     elif os.environ.get("CTSD_HOST"):
         host = check_listen_host(os.environ["CTSD_HOST"], "CTSD_HOST")

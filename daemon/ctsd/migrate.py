@@ -141,7 +141,11 @@ def _key_column(role: str) -> str:
 
 def read_sqlite(source: Source, tables: dict[str, str]) -> dict[str, TableData | None]:
     path = Path(source.target)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as e:  # (a name too long, a directory not searchable)
+        raise MigrateError(f"cannot read {path}: {e.strerror or e}") from None
+    if not is_file:
         hint = (
             f"; for an absolute path write sqlite:///{path} with four slashes"
             if not source.shown.startswith("sqlite:////")

@@ -54,8 +54,11 @@ def register(main: click.Group) -> None:
         is set. With the daemon running, it takes the snapshot between two commits."""
         directory = resolve_data_dir(data_dir)
         named = Path(output or default_name()).absolute()
-        if output not in STDOUT_NAMES and named.is_dir():
-            named = named / default_name()
+        try:
+            if output not in STDOUT_NAMES and named.is_dir():
+                named = named / default_name()
+        except OSError as e:  # (a name too long, a directory not searchable)
+            fail(f"cannot write the archive to {output}: {e.strerror or e}")
         # A pipe or a device (/dev/null) is written through, as stdout is; never replaced.
         kind, path = destination(output if output in STDOUT_NAMES else str(named), directory)
         to_stdout = kind == "stdout"

@@ -91,7 +91,7 @@ _NOT_IN_A_HOST = frozenset("/?#@[]\\")
 def _pick_host(host: str | None, s_host: str | None, directory: Path) -> tuple[str, str]:
     """(host, where it came from): flag > environment > settings.json > default."""
     env_host = os.environ.get("CTSD_HOST")
-    if host:
+    if host is not None:  # (an empty one is refused, not taken for none)
         return host, "--host"
     if env_host:
         return env_host, "CTSD_HOST"
