@@ -883,3 +883,28 @@ async def test_a_port_change_still_in_the_journal_at_start_is_where_it_binds(
         assert ready_event(d)["port"] == new
     finally:
         d.close()
+
+
+def test_a_log_file_that_cannot_be_written_costs_one_warning_a_minute(tmp_path: Path) -> None:
+    """The data disk full (here: the log file's stream on /dev/full): the lines still reach
+    stdout, as JSON; logging's default printed a traceback block on stderr for every line,
+    just as the daemon logs its failing writes."""
+    script = f"""
+import logging, structlog
+from pathlib import Path
+from ctsd import logs
+logs.setup("json", "info")
+logs.add_file(Path({str(tmp_path)!r}))
+kind = logs.PrivateRotatingFileHandler
+(handler,) = [h for h in logging.getLogger().handlers if isinstance(h, kind)]
+handler.stream = open("/dev/full", "w")
+for i in range(3):
+    structlog.get_logger("ctsd.store").error("commit_failed", n=i)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["n"] for e in lines if e["event"] == "commit_failed"] == [0, 1, 2]
+    (warning,) = [e for e in lines if e["event"].startswith("log_file_write_failed")]
+    assert "ctsd.log: No space left on device" in warning["event"], warning
+    assert warning["level"] == "warning" and warning["logger"] == "ctsd.logs"

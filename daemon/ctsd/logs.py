@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 from pathlib import Path
 
 import structlog
@@ -74,6 +75,32 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """A rotating log file that is never opened through a link (a `ctsd.log` symlinked out of
     the data dir must not make the daemon write there) and is created 0600 whatever the
     umask."""
+
+    WARN_EVERY_S = 60.0
+    _warned_at: float | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """The data disk full or read-only: the record still went to stdout. logging's own
+        printed a traceback block on stderr for each one, breaking the JSON lines just as the
+        daemon logs its failing writes; instead one warning a minute goes to the others."""
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY_S:
+            return
+        self._warned_at = now
+        error = sys.exc_info()[1]
+        reason = (getattr(error, "strerror", None) or str(error)) if error else "unknown"
+        warning = logging.LogRecord(
+            "ctsd.logs",
+            logging.WARNING,
+            __file__,
+            0,
+            "log_file_write_failed: %s: %s (lines are dropped from it until it can be written)",
+            (self.baseFilename, reason),
+            None,
+        )
+        for handler in logging.getLogger().handlers:
+            if handler is not self:
+                handler.handle(warning)
 
     def _open(self) -> object:
         # O_NONBLOCK: a FIFO at the name must not block the open (it is refused below).
