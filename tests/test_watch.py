@@ -473,6 +473,27 @@ async def test_state_saved_before_its_connection_is_kept_and_taken_in_with_it(
     wait_until(lambda: d.http("/health")[1]["status"] == "ok", 5, what="ok again")
 
 
+def test_the_algorithms_dir_replaced_is_watched_again(daemon10: Daemon) -> None:
+    """`mv algorithms algorithms.old; mkdir algorithms; cp ...`: the watch went with the old
+    dir, and nothing in the new one was seen until a restart."""
+    d = daemon10
+    algorithms = d.data_dir / "algorithms"
+    atomic_save(algorithms / "Grid.json", dump({"name": "Grid"}))
+    wait_until(lambda: d.http("/api/data/algorithms/Grid")[0] == 200, 10, what="Grid")
+    algorithms.rename(d.data_dir / "algorithms.old")
+    algorithms.mkdir(mode=0o700)
+    atomic_save(algorithms / "Grid.json", dump({"name": "Grid", "levels": 3}))
+    atomic_save(algorithms / "Mean.json", dump({"name": "Mean"}))
+
+    def taken_in() -> bool:
+        return d.http("/api/data/algorithms/Mean")[0] == 200 and (
+            d.http("/api/data/algorithms/Grid")[1].get("levels") == 3
+        )
+
+    wait_until(taken_in, 10, what="both files of the new dir taken in")
+    assert d.http("/health")[1]["status"] == "ok"
+
+
 def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
     d = daemon10
     algo = d.data_dir / "algorithms" / "Broken.json"

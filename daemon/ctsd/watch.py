@@ -340,6 +340,10 @@ class Watcher:
         """The watch thread: RustNotify's batches, data files only, handed to the loop (never
         waiting for it, so the thread always ends within a step of its stop)."""
         noise = 0  # batches in a row of the daemon's own writes only
+        # The algorithms dir itself moved, deleted or made (`mv algorithms x; mkdir
+        # algorithms`, an untar): its watch went with the old one, so nothing in the new one
+        # would be seen. The watch is made again (its sweep takes in what changed).
+        algorithms_dir = os.path.join(self.data_dir, files.ALGORITHMS_DIR)
         try:
             while True:
                 busy = noise >= BUSY_AFTER
@@ -359,6 +363,9 @@ class Watcher:
                         changed.add(name)
                     elif os.path.basename(path).startswith(TEMP_PREFIX):
                         ours = True
+                    elif path == algorithms_dir:
+                        log.info("watch_again", reason=f"{files.ALGORITHMS_DIR}/ was replaced")
+                        loop.call_soon_threadsafe(stop.restart.set)
                 noise = noise + 1 if ours or not changed else 0
                 if not changed:
                     continue
