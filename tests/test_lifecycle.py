@@ -475,6 +475,37 @@ def test_signals_before_ready_and_while_stopping_never_cut_the_daemon_short(
         d.close()
 
 
+def test_sigterm_while_starting_stops_at_once_with_exit_0(data_dir: Path) -> None:
+    """`systemctl stop` while the start waits for the cluster (out of reach here): SIGTERM's
+    default action killed the process; it now stops as Ctrl-C does, exit 0."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    section = {"nats_urls": [f"nats://127.0.0.1:{free_port()}"], "name": "d", "host_id": "h1"}
+    (data_dir / "settings.json").write_text(json.dumps({"cluster": section}) + "\n")
+    d = Daemon(data_dir, env={"CTSD_CLUSTER_CATCH_UP_S": "60"})
+    try:
+        d.start(wait=False)
+        assert d.proc is not None
+        status = "STATUS=catching up with cluster d"
+        wait_until(lambda: status in d.notify.poll(), 20, what="the catch-up")
+        d.send_signal(signal.SIGTERM)
+        assert d.proc.wait(5) == 0, d.stderr()
+        assert d.stderr() == "ctsd: interrupted while starting\n"
+    finally:
+        d.close()
+
+
+def test_a_stray_sigusr1_is_logged_not_fatal(daemon: Daemon) -> None:
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        daemon.send_signal(sig)
+
+    def logged() -> set[str]:
+        return {e["signal"] for e in daemon.log_events() if e.get("event") == "signal_ignored"}
+
+    wait_until(lambda: logged() == {"SIGUSR1", "SIGUSR2"}, 5, what="both logged")
+    assert daemon.http("/health")[0] == 200
+    assert daemon.stop() == 0
+
+
 def test_sighup_reloads_settings_and_files(daemon: Daemon) -> None:
     data = daemon.data_dir
     (data / "settings.json").write_text(json.dumps({"sync_log_limit": 2}))

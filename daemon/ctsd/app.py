@@ -297,6 +297,9 @@ def _secrets_box(data_dir: Path) -> SecretBox:
     return SecretBox(key)
 
 
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _extend_start(notifier: Notifier, seconds: float) -> None:
     """systemd's start timeout moved to `seconds` from now, plus CATCH_UP_MARGIN_S for the
     start's own work: sent before each step of a cluster start, with that step's bound.
@@ -341,7 +344,9 @@ async def _serve(d: Daemon) -> None:
         interval = d.notifier.watchdog_interval()
         if interval:
             tg.start_soon(_watchdog, d.notifier, interval)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with anyio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS
+        ) as signals:
             log.info(
                 "ready",
                 version=__version__,
@@ -355,6 +360,13 @@ async def _serve(d: Daemon) -> None:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await _reload(d)
+                    continue
+                if signum in IGNORED_SIGNALS:
+                    log.warning(
+                        "signal_ignored",
+                        signal=signal.Signals(signum).name,
+                        hint="SIGHUP reloads, SIGTERM stops",
+                    )
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 d.stopping = True
@@ -437,6 +449,14 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     # A reload asked for before READY (logrotate, say) is no reason to end the process, which
     # is SIGHUP's default action: ignored until the daemon handles it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGTERM before READY (a `systemctl stop` during a cluster catch-up): the way Ctrl-C
+    # stops, exit 0, not killed by its default action. The running daemon's receiver takes
+    # it over at READY.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A stray SIGUSR1/2 (a logrotate script written for another daemon) killed the daemon by
+    # default: ignored, and logged once it runs.
+    for ignored in IGNORED_SIGNALS:
+        signal.signal(ignored, signal.SIG_IGN)
     _raise_open_file_limit()
     try:
         d, lock = _prepare(data_dir, host, port)
