@@ -188,6 +188,24 @@ def test_every_event_on_a_connection_moves_its_last_sync_at_in_the_same_change(o
     assert c.state["conn_a"].last_sync_at == T3
 
 
+@pytest.mark.parametrize("local_status", [False, True], ids=["one host", "cluster"])
+def test_a_successful_test_recovers_a_stale_connection(local_status: bool) -> None:
+    """In cluster mode the stale it recovers from was this host's own (its sweep's, with no
+    event): the `recovered` event would reach every host's log and subscribers, for a
+    connection active where its bot heartbeats. The status moves all the same."""
+    c = seeded("conn_a")
+    c.state["conn_a"] = msgspec.structs.replace(c.state["conn_a"], status="stale")
+    op = ops.record_test("conn_a", probe_result(True, T3))
+    outcomes, change = apply_group(
+        c, [Request(op, "probe")], Context(T3, local_status=local_status)
+    )
+    ok(outcomes)
+    c.apply(change)
+    actions = [e.action for e in change.events]
+    assert actions == (["test"] if local_status else ["test", "recovered"])
+    assert c.state["conn_a"].status == "active"
+
+
 def test_a_heartbeat_flush_logs_nothing_and_leaves_last_sync_at() -> None:
     c = seeded("conn_a")
     rev = c.revision

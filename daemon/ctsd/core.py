@@ -325,6 +325,10 @@ class Context:
     # Keys of settings.json that are this host's own (cluster mode): only a hand edit of its
     # settings.json changes them; a reset, restore, import or set keeps them as they are.
     own_settings: tuple[str, ...] = ()
+    # A connection's `status` is this host's own (cluster mode): stale and back on its own
+    # sweep, with no event in the shared sync log; a change the hosts share moves it without
+    # one too.
+    local_status: bool = False
 
 
 class Tx:

@@ -320,7 +320,9 @@ def record_test(cid: str, result: TestResult) -> Op:
             changes["status"] = "active"
         put_state(tx, msgspec.structs.replace(state, **changes), list(changes))
         tx.emit("test", conn.id, msgspec.to_builtins(result))
-        if recovered:
+        if recovered and not tx.ctx.local_status:
+            # (in cluster mode the stale it recovers from was this host's alone: every host
+            # would get the event, for a connection active where it is heartbeated)
             tx.emit("recovered", conn.id, {"reason": "test", "timestamp": tx.now})
         return result
 

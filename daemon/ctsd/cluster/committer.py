@@ -372,7 +372,9 @@ class ClusterCommitter:
             expected = engine.applied_seq
             if first_revision is None:
                 first_revision = store.committed.revision
-            ctx = dataclasses.replace(store.context(), own_settings=shared.LOCAL_SETTINGS_KEYS)
+            ctx = dataclasses.replace(
+                store.context(), own_settings=shared.LOCAL_SETTINGS_KEYS, local_status=True
+            )
             version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
             for i in guarded:
