@@ -767,6 +767,49 @@ async def test_a_journal_that_cannot_take_the_change_refuses_it(
         await _assert_still_works(store, data_dir)
 
 
+async def test_a_hand_edit_the_journal_could_not_take_is_taken_in_once_it_can(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk answering EIO to the journal as a hand edit comes in: refused, and nothing
+    brought it back until the file was saved again (the daemon served the old content,
+    /health ok). It is tried again, /health saying so meanwhile."""
+    from ctsd.watch import Watcher
+
+    async with opened(data_dir) as store:
+        for i in range(3):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        watcher = Watcher(store)
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            monkeypatch.setattr(journal.os, "fdatasync", failing)
+            try:
+                rows = json.loads((data_dir / CONNECTIONS).read_bytes())
+                rows[0]["name"] = "by hand"
+                tmp = data_dir / "edit.tmp"
+                tmp.write_bytes(files.encode_table(rows))
+                tmp.chmod(0o600)
+                tmp.rename(data_dir / CONNECTIONS)
+                with anyio.fail_after(10):  # the watcher's own two looks, both refused
+                    while store.intake.failed.get(CONNECTIONS, (0, 0))[1] < 4:
+                        await anyio.sleep(0.02)
+                status = watcher.status()
+                assert not status["ok"] and CONNECTIONS in status["problem"], status
+                assert store.connections["c0"].name != "by hand"
+            finally:
+                monkeypatch.setattr(journal.os, "fdatasync", real)
+            with anyio.fail_after(10):  # the next try (2 s later) takes it in
+                while store.connections["c0"].name != "by hand":
+                    await anyio.sleep(0.02)
+            assert store.intake.failed == {} and watcher.status()["ok"]
+            watcher.stop()
+            tg.cancel_scope.cancel()
+
+
 async def test_a_data_file_that_cannot_be_written_keeps_its_changes_in_the_journal(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -90,6 +91,11 @@ class Intake:
         # Cluster mode: a file taken in becomes its copy (`bases`): the base of an edit made
         # while the daemon is down is the version the daemon last knew the file to hold.
         self.keep_copy: Callable[[str, bytes], None] | None = None
+        # Hand edits the door could not take in, for a reason other than the edit (the journal
+        # failing to append, the cluster out of reach or too busy to answer in time): file →
+        # (when to try again, the wait after that). Nothing else brings them back until the
+        # file is saved again (`due_again`).
+        self.failed: dict[str, tuple[float, float]] = {}
 
     def path(self, file: str) -> Path:
         return self.data_dir / file
@@ -319,6 +325,7 @@ class Intake:
                 self._remember(file, hand_sent, raw_sent, stamp_sent)
                 await self._keep_copy(file, raw_sent)
         if not force and file not in store.problems and self.disk.unchanged(file):
+            self.failed.pop(file, None)  # (saved back as it was)
             return True  # our own write, or nothing new
         if not os.path.lexists(path):
             return await self._gone(file, report)
@@ -371,8 +378,11 @@ class Intake:
                 return False
             if "msg_id" in e.extra:
                 self._sent[file] = (e.extra["msg_id"], hand, raw, stamp)
-            log.warning("ingest_failed", file=file, error=str(e))
+            wait = min(self.failed.get(file, (0.0, RETRY_FIRST_S))[1], RETRY_MAX_S)
+            self.failed[file] = (time.monotonic() + wait, wait * 2)
+            log.warning("ingest_failed", file=file, error=str(e), retry_in_s=wait)
             return False
+        self.failed.pop(file, None)
         self._sent.pop(file, None)
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp)
@@ -437,7 +447,16 @@ class Intake:
         if instances in self.store.problems:
             self.store.notice_watcher(instances)
 
+    def due_again(self) -> list[str]:
+        """The failed hand edits whose next try is due (the watcher looks at them again)."""
+        now = time.monotonic()
+        due = [f for f, (at, _) in self.failed.items() if at <= now]
+        for f in due:  # not again while this try runs: its failure sets the next
+            self.failed[f] = (math.inf, self.failed[f][1])
+        return due
+
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
+        self.failed.pop(file, None)  # (judged: what the edit holds is the problem now)
         if stamp is not None:
             self.disk.record(file, stamp)  # judged as it is now; a later edit changes the stamp
         if self.store.problems.get(file) == problem:
@@ -604,6 +623,7 @@ class Intake:
 
 
 LATE_RETRY_S = 0.5  # a late write the cluster could not take: tried again after this
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a hand edit the door could not take (`failed`)
 KEPT_PREFIX = f"{TEMP_PREFIX}old-"  # a displaced file kept while a writer holds it (`atomic`)
 
 

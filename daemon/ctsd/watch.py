@@ -223,6 +223,8 @@ class Watcher:
             await anyio.sleep(LATE_CHECK_S)
             if self.store.displaced:
                 await self.store.take_in_late(LATE_MAX_AGE_S)
+            for file in self.store.intake.due_again():  # (hand edits the door could not take)
+                self.notify(file)
 
     def sweep(self) -> None:
         """Look at every data file (start, mode switch): catches what changed unseen."""
@@ -275,6 +277,12 @@ class Watcher:
         the settings ask for it but it failed."""
         if self.problem is not None:
             return {"ok": False, "mode": "polling", "problem": self.problem}
+        if failed := sorted(self.store.intake.failed):
+            return {
+                "ok": False,
+                "mode": "polling" if self.mode is not None and self.mode.polling else "inotify",
+                "problem": "hand edits not taken in yet, tried again: " + ", ".join(failed),
+            }
         if self.mode is not None and self.mode.polling:
             return {"ok": True, "mode": "polling"}
         return {"ok": True, "mode": "inotify", "step_ms": self.step_ms}
