@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import sys
 from json.decoder import scanstring
@@ -198,7 +199,14 @@ _SYNTAX = {
     "\\f \\n \\r \\t or \\uXXXX)",
     "Invalid \\uXXXX escape": "invalid \\uXXXX escape (four hex digits are needed)",
     "Extra data": "more after the end of the JSON value (a second value, or a stray character)",
+    "Unexpected UTF-8 BOM (decode using utf-8-sig)": (
+        "the file starts with a byte-order mark (BOM): save it as UTF-8 without one"
+    ),
 }
+# A JSON string or number, to find the number out of range or the half of a surrogate pair
+# that msgspec refuses but the stdlib decoder (which locates syntax errors) takes.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|(-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)')
+_ESCAPE_U = re.compile(r"\\(\\|u([0-9a-fA-F]{4}))")
 # Patterns of the models, in words (msgspec quotes the regex itself, which reads badly).
 _PATTERNS = {
     TIMESTAMP_PATTERN: "an ISO-8601 UTC timestamp like 2024-01-01T00:00:00.000Z",
@@ -293,10 +301,59 @@ def at_path(file: str, raw: bytes, parts: list[str | int], message: str) -> File
     return FileProblem(file, line, col, format_path(parts), message)
 
 
+def value_problem(text: str) -> tuple[int, str] | None:
+    """(offset, message) of the first number msgspec cannot hold, or the first half of a
+    UTF-16 surrogate pair written alone (`"\\ud83d"`: half an emoji, as some JavaScript
+    makes it), in JSON `text` the stdlib decoder took; None if none."""
+    for m in _TOKEN.finditer(text):
+        number = m.group(1)
+        if number is None:
+            found = _lone_surrogate(m.group(0))
+            if found is not None:
+                return m.start() + found[0], found[1]
+            continue
+        # (integers of any size are held; the >4300-digit ones `syntax_problem` catches)
+        if (m.group(2) or m.group(3)) and math.isinf(float(number)):
+            return m.start(), f"number out of range: {number[:40]}"
+    return None
+
+
+def _lone_surrogate(string: str) -> tuple[int, str] | None:
+    pending: tuple[int, str, int] | None = None  # a high half waiting for its low half
+    for m in _ESCAPE_U.finditer(string):
+        unit = m.group(2)
+        code = int(unit, 16) if unit else None
+        if pending is not None and (
+            code is None or not 0xDC00 <= code <= 0xDFFF or m.start() != pending[2]
+        ):
+            break
+        if code is not None and 0xD800 <= code <= 0xDBFF:
+            pending = (m.start(), unit, m.end())
+            continue
+        if pending is not None:
+            pending = None  # a whole pair
+            continue
+        if code is not None and 0xDC00 <= code <= 0xDFFF:
+            return m.start(), _half(unit)
+    return (pending[0], _half(pending[1])) if pending is not None else None
+
+
+def _half(unit: str) -> str:
+    return (
+        f"\\u{unit} is half of a UTF-16 surrogate pair, written alone (a character such as "
+        "an emoji cut in two): remove it or write the whole pair"
+    )
+
+
 def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
     found = syntax_problem(file, raw)
     if found is not None:
         return found
+    text = raw.decode("utf-8", "replace")
+    value = value_problem(text)
+    if value is not None:
+        line, col = line_col(text, value[0])
+        return FileProblem(file, line, col, "$", value[1])
     byte = _BYTE.search(error)
     text = raw.decode("utf-8", "replace")
     line, col = line_col(
