@@ -263,8 +263,8 @@ BAD = [
     ("blank-file", "settings.json", "  \n", 2, 1, "$", "file is empty"),
     # Taken by the stdlib decoder that locates syntax errors, refused by msgspec: were 1:1
     # ("Number out of range - at `$[...]`", "Input data was truncated").
-    ("document-number-out-of-range", "settings.json", '{\n  "a": "1e999",\n  "stale_after_s": 1e999}',
-     3, 20, "$", "number out of range: 1e999"),
+    ("document-number-out-of-range", "settings.json",
+     '{\n  "a": "1e999",\n  "stale_after_s": 1e999}', 3, 20, "$", "number out of range: 1e999"),
     ("lone-surrogate", "ui-config.json", '{\n  "a": "ok \\ud83d\\ude00",\n  "b": "x\\ud83dy"}',
      3, 10, "$", "\\ud83d is half of a UTF-16 surrogate pair, written alone"),
     ("lone-low-surrogate", "connections.json", f'[{CONN}, "name": "\\\\ud83d \\ude00"}}]',
