@@ -277,6 +277,23 @@ def test_document_says_what_needs_the_token(openapi_document: dict[str, Any]) ->
                 assert "401" in op["responses"], (method, path)
 
 
+def test_document_names_operations_for_code_generators_and_the_real_429s(
+    openapi_document: dict[str, Any],
+) -> None:
+    """operationIds are identifiers (they held the route's `{name:docname}`), and only the
+    routes the rate limit counts say 429 (not /health, not a heartbeat)."""
+    ops = [
+        (path, method, op)
+        for path, methods in openapi_document["paths"].items()
+        for method, op in methods.items()
+    ]
+    ids = [op["operationId"] for _, _, op in ops]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", i) for i in ids), ids
+    exempt = {(p, m) for p, m, op in ops if "429" not in op["responses"]}
+    assert exempt == {("/health", "get"), ("/api/connections/{id}/heartbeat", "post")}
+
+
 def test_document_create_is_201_with_location(openapi_document: dict[str, Any]) -> None:
     created = openapi_document["paths"]["/api/settings/connections"]["post"]["responses"]["201"]
     assert "Location" in created["headers"]

@@ -3,10 +3,24 @@ keep-alive connection of a local peer, per address for other peers (`ctsd.guard.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 from ctsd.models import RateLimit
+
+# The HTTP requests the limit does not count: /health, and heartbeats (a POST to a
+# connection's heartbeat; a document named `heartbeat` is a write like any other). The
+# pattern takes a route's template (`{id}`) as well as a request's path, for the OpenAPI
+# document.
+_HEARTBEAT = re.compile(r"/api/connections/[^/]+/heartbeat")
+
+
+def http_limited(method: str, path: str) -> bool:
+    """Does an HTTP request count against `server.rate_limit`?"""
+    if path == "/health":
+        return False
+    return not (method == "POST" and _HEARTBEAT.fullmatch(path) is not None)
 
 
 class Bucket:

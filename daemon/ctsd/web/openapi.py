@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from typing import Any
 
 import msgspec
 
 from ctsd import __version__
+from ctsd.bus.ratelimit import http_limited
 from ctsd.web import schemas as s
 from ctsd.web.endpoint import SYNC_QUERY, Endpoint
 
@@ -158,7 +160,10 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
         body_schema = schemas[2 + 2 * i] if ep.body is not None else None
         op: dict[str, Any] = {
             "summary": ep.summary,
-            "operationId": f"{ep.method.lower()}_{ep.path}".replace("/", "_").strip("_"),
+            # (from the path as documented: `{name}`, not the route's `{name:docname}`)
+            "operationId": re.sub(
+                r"[^A-Za-z0-9]+", "_", f"{ep.method.lower()}_{_openapi_path(ep.path)}"
+            ).strip("_"),
             "tags": [ep.tag],
             "parameters": _parameters(ep),
         }
@@ -182,7 +187,9 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
                 **_REVISION_HEADER,
                 "Location": {"description": "the new record", "schema": {"type": "string"}},
             }
-        codes = set(ep.errors) | {400, 403, 429, 503}
+        codes = set(ep.errors) | {400, 403, 503}
+        if http_limited(ep.method, ep.path):
+            codes.add(429)
         if ep.auth:
             codes.add(401)
         if ep.body is not None:

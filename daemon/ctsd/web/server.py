@@ -14,7 +14,6 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import resource
 import socket
 from collections.abc import Collection, Iterator
@@ -28,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ctsd.bus.ratelimit import Limiter
+from ctsd.bus.ratelimit import Limiter, http_limited
 from ctsd.bus.server import BUS_PATH, HARD_MAX_FRAME_BYTES, Bus
 from ctsd.config import is_loopback
 from ctsd.errors import CtsdError
@@ -71,10 +70,9 @@ def connection_budget() -> int:
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 BODY_TIMEOUT_S = float(os.environ.get("CTSD_BODY_TIMEOUT_S") or 30.0)
 WRITE_STALL_S = float(os.environ.get("CTSD_WRITE_STALL_S") or 30.0)
-EXPOSED = ["X-Revision", "Location", "ETag"]
+EXPOSED = ["X-Revision", "Location"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-NO_RATE_LIMIT = ("/health",)
 
 
 class LiveOrigins(Collection[str]):
@@ -210,7 +208,7 @@ class Web:
             if not preflight:
                 if path != "/health":
                     self.guard.require_token(scope.get("client"), headers, server)
-                limited = path not in NO_RATE_LIMIT and not _heartbeat(scope)
+                limited = http_limited(scope["method"], path)
                 if limited and not self.limiter.allow(rate_key(scope.get("client"))):
                     raise CtsdError("rate_limited", "too many requests; slow down and retry")
             if path == BUS_PATH:
@@ -294,15 +292,6 @@ class Web:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
-
-
-_HEARTBEAT = re.compile(r"/api/connections/[^/]+/heartbeat")
-
-
-def _heartbeat(scope: dict[str, Any]) -> bool:
-    """The heartbeat route, exempt from the rate limit; nothing else (a document named
-    `heartbeat` is a write like any other)."""
-    return scope["method"] == "POST" and _HEARTBEAT.fullmatch(scope["path"]) is not None
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
