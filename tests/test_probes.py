@@ -316,3 +316,16 @@ async def test_projectx_unreachable(app_factory: Any):
     app = await _px_app(app_factory, f"http://127.0.0.1:{free_port()}")
     result = await app.prober.test_projectx()
     assert result["success"] is False and "connection refused" in result["error"]
+
+
+def test_a_short_secret_is_masked_where_it_stands_alone_a_long_one_anywhere() -> None:
+    """A Project X user name `me` turned "Name or service not known" into "Na******** or
+    service not known"; a key is masked wherever it appears, inside other text too."""
+    from ctsd.probes import _scrub
+
+    error = "[Errno -2] Name or service not known (user me, me:x)"
+    assert _scrub(error, ("me",)) == (
+        "[Errno -2] Name or service not known (user ********, ********:x)"
+    )
+    key = "CANARY-SECRET-px-key"
+    assert _scrub(f"bad key={key}123;{key}", (key, "me")) == "bad key=********123;********"

@@ -559,6 +559,9 @@ def _leaf(e: BaseException) -> BaseException:
     return e
 
 
+SCRUB_ANYWHERE_LEN = 6
+
+
 def _userinfo_parts(url: str) -> tuple[str, ...]:
     """What may be a user name or password in `url` (before its last `@`), whole and in the
     pieces a parser might quote (split at `:`, `/`, `?`, `#`): scrubbed from any error text
@@ -572,7 +575,12 @@ def _userinfo_parts(url: str) -> tuple[str, ...]:
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` with each of `secrets` masked: anywhere when it is long enough not to be a
+    piece of ordinary words; a short one (a user name `me`) only standing alone, or "Name or
+    service not known" read "Na******** or service not known"."""
     for s in secrets:
-        if s:
+        if len(s) >= SCRUB_ANYWHERE_LEN:
             text = text.replace(s, "********")
+        elif s:
+            text = re.sub(rf"(?<![^\W_]){re.escape(s)}(?![^\W_])", "********", text)
     return text
