@@ -121,7 +121,7 @@ def test_verify_reports_every_bad_file_not_just_the_first(tmp_path: Path) -> Non
     out = r.stdout
     assert f"{tmp_path}/connections.json:1:" in out
     assert f"{tmp_path}/watchlists.json:1:1: is a directory" in out
-    assert f"{tmp_path}/algorithms/..x.json:1:1: algorithm file name not allowed" in out
+    assert f"{tmp_path}/algorithms/..x.json:1:1: algorithm file name not allowed" in out, out
     assert "3 problem(s)" in r.stderr
 
 

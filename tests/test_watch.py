@@ -494,6 +494,26 @@ def test_the_algorithms_dir_replaced_is_watched_again(daemon10: Daemon) -> None:
     assert d.http("/health")[1]["status"] == "ok"
 
 
+def test_an_algorithm_file_of_a_name_not_allowed_is_said_to_be_ignored(daemon10: Daemon) -> None:
+    """`Mean Reversion (v2).json` was ignored without a word: an instance naming it was then
+    refused as naming no file, the file right there."""
+    d = daemon10
+    atomic_save(d.data_dir / "algorithms" / "Mean (v2).json", dump({"name": "Mean (v2)"}))
+    atomic_save(d.data_dir / "algorithms" / ".#Grid.json", b"emacs lock\n")  # not said
+
+    def ignored() -> list[str]:
+        return [e["file"] for e in d.log_events() if e.get("event") == "algorithm_file_ignored"]
+
+    wait_until(ignored, 5, what="the file said to be ignored")
+    atomic_save(d.data_dir / "algorithms" / "Mean (v2).json", dump({"name": "again"}))
+    d.send_signal(signal.SIGHUP)  # (lists the dir again: said once all the same)
+    wait_until(lambda: any(e.get("event") == "reloaded" for e in d.log_events()), 10)
+    assert ignored() == ["algorithms/Mean (v2).json"]
+    assert "allowed" in next(
+        e["reason"] for e in d.log_events() if e.get("event") == "algorithm_file_ignored"
+    )
+
+
 def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
     d = daemon10
     algo = d.data_dir / "algorithms" / "Broken.json"

@@ -54,6 +54,10 @@ TABLES: dict[str, Any] = {
 }
 # Matched with fullmatch: `$` would also match before a trailing newline ("x\n").
 _ALGO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}")
+ALGORITHM_NAME_RULE = (
+    "algorithm file name not allowed, so the daemon ignores the file: a name is up to 128 "
+    "ASCII letters, digits, spaces, `.`, `_` or `-`, starting with a letter or digit"
+)
 
 # An editor's delete-then-write (or `mv f f.bak; cp f.bak f`) is back well within this; a
 # deleted file is written back from memory only after it (restoring early would race them).

@@ -96,16 +96,21 @@ class Intake:
         # (when to try again, the wait after that). Nothing else brings them back until the
         # file is saved again (`due_again`).
         self.failed: dict[str, tuple[float, float]] = {}
+        self._misnamed: set[str] = set()  # algorithm files ignored for their name (logged)
 
     def path(self, file: str) -> Path:
         return self.data_dir / file
 
     def known_files(self) -> list[str]:
-        on_disk = {
-            f"{files.ALGORITHMS_DIR}/{p.name}"
-            for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json")
-            if files.document_name(f"{files.ALGORITHMS_DIR}/{p.name}")
-        }
+        on_disk = set()
+        for p in (self.data_dir / files.ALGORITHMS_DIR).glob("*.json"):
+            file = f"{files.ALGORITHMS_DIR}/{p.name}"
+            if files.document_name(file):
+                on_disk.add(file)
+            elif file not in self._misnamed and not p.name.startswith((".", "#")):
+                # an operator's `Mean (v2).json` (not an editor's lock file): said, once
+                self._misnamed.add(file)
+                log.warning("algorithm_file_ignored", file=file, reason=files.ALGORITHM_NAME_RULE)
         # And the algorithms whose file the daemon saw and is gone now: a deletion by hand not
         # taken in yet (the cluster out of reach) is looked at again with every other file.
         # (Not one memory holds that was never written yet.) The poll backend calls this from

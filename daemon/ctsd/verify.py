@@ -31,7 +31,7 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
     for file, raw in contents.items():
         try:
             if file.startswith(f"{files.ALGORITHMS_DIR}/") and files.document_name(file) is None:
-                raise Invalid(FileProblem(file, 1, 1, "$", "algorithm file name not allowed"))
+                raise Invalid(FileProblem(file, 1, 1, "$", files.ALGORITHM_NAME_RULE))
             decoded[file] = files.decode_file(file, raw)
         except Invalid as e:
             problems.append(e.problem)

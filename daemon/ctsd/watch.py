@@ -374,6 +374,9 @@ class Watcher:
                     elif path == algorithms_dir:
                         log.info("watch_again", reason=f"{files.ALGORITHMS_DIR}/ was replaced")
                         loop.call_soon_threadsafe(stop.restart.set)
+                    elif path.startswith(algorithms_dir) and path.endswith(".json"):
+                        # a name no algorithm may have: logged (once) by the listing
+                        loop.call_soon_threadsafe(self.store.known_files)
                 noise = noise + 1 if ours or not changed else 0
                 if not changed:
                     continue
