@@ -220,6 +220,35 @@ def test_a_journal_of_files_at_a_later_revision_is_refused_untouched(tmp_path: P
     assert "revision 50" in message and "revision 49" in message
 
 
+def test_a_sync_log_shortened_by_hand_is_no_journal_of_other_files(tmp_path: Path) -> None:
+    """The sync log emptied (or cut) by hand while the daemon was stopped: its journal holds
+    nothing to replay, and the revision goes on from it (ids are never given twice); the
+    start was refused as for another dir's journal. The same while it ran, the edit taken in
+    (the journal holds the edited history) and a crash before it was written. Not a journal
+    of a cluster host (whose sync log is the cluster's) nor one with other changes."""
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    write_journal(a, [], base=50)
+    j = Journal(a)
+    assert j.open(0).base_revision == 50
+    j.close()
+    c0 = Committed()
+    first = changes(1)
+    c0.apply(first[0])
+    take_in = Request(ops.take_in(files.SYNC_LOG, [], list(c0.log)), "file")
+    edit = apply_group(c0, [take_in], Context("2026-01-01T00:01:00.000Z"))[1]
+    assert edit.log == []
+    write_journal(b, [*first, edit], base=50)
+    j = Journal(b)
+    assert enc(j.open(0).changes) == enc([*first, edit])
+    j.close()
+    c.mkdir()
+    header = journal.Header("ctsd", journal.VERSION, 50, 7)  # (a cluster host's)
+    (c / journal.NAME).write_bytes(journal.frame(journal._encode(header)))
+    assert "revision 50" in refused(c, 0)
+    write_journal(d, changes(2), base=50)
+    assert "revision 50" in refused(d, 0)
+
+
 def test_a_journal_whose_events_the_files_hold_otherwise_is_refused_untouched(
     tmp_path: Path,
 ) -> None:

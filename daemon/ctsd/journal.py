@@ -263,7 +263,15 @@ def scan_journal(
         scan.last_lsn = max(scan.last_lsn, rec.lsn)
         if rec.seq is not None:
             scan.seqs[rec.lsn] = rec.seq
-    if files_revision is not None and files_revision < scan.base_revision:
+    # A journal of other files (a copied data dir) begins past the files' revision; so does
+    # this one when the sync log was shortened by hand: while the daemon was stopped (nothing
+    # to replay: the revision goes on from the journal's), or while it ran, taken in (the
+    # journal holds the edited history) and cut short by a crash before it was written. Not
+    # in cluster mode, whose sync log is the cluster's.
+    by_hand = not (scan.stream_seq or scan.seqs) and (
+        not scan.changes or any(c.log is not None for c in scan.changes)
+    )
+    if files_revision is not None and files_revision < scan.base_revision and not by_hand:
         raise JournalError(
             f"{where} begins at revision {scan.base_revision} but the data files are "
             f"at revision {files_revision}: it belongs to other files (a copied or restored "
