@@ -556,6 +556,31 @@ def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
         assert json.loads(reply.read())["error"]["code"] == "forbidden"
     finally:
         conn.close()
+    # an upgrade websockets itself refuses (no key; another version): JSON too, not text
+    for drop, extra in (("Sec-WebSocket-Key", {}), ("", {"Sec-WebSocket-Version": "8"})):
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+        try:
+            conn.putrequest("GET", "/ws", skip_host=True)
+            headers = {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+                **extra,
+                "Authorization": api.headers["Authorization"],
+                "Host": "localhost",
+            }
+            for k, v in headers.items():
+                if k != drop:
+                    conn.putheader(k, v)
+            conn.endheaders()
+            reply = conn.getresponse()
+            assert reply.status == 400 and reply.getheader("X-Revision", "").isdigit()
+            assert reply.getheader("Content-Type") == "application/json"
+            error = json.loads(reply.read())["error"]
+            assert error["code"] == "invalid" and "Sec-WebSocket" in error["message"], error
+        finally:
+            conn.close()
 
 
 def test_loopback_auth_is_opt_in(data_dir: Path) -> None:

@@ -20,6 +20,7 @@ its httptools and websockets-sansio protocols:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from ctsd.bus.outbox import WIRE
@@ -177,6 +180,23 @@ class SocketWire:
         self._p.transport.abort()
 
 
+def _as_json_refusal(response: Response, revision: int) -> Response:
+    """A handshake websockets refuses (no Sec-WebSocket-Key, another version), answered as
+    every other refusal is: a JSON error with X-Revision, not websockets' plain text."""
+    message = response.body.decode("utf-8", "replace").strip()
+    body = json.dumps({"error": {"code": "invalid", "message": message}}).encode()
+    headers = Headers(
+        (k, v)
+        for k, v in response.headers.raw_items()
+        if k.lower() not in ("content-type", "content-length")
+    )
+    headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"
+    headers["X-Revision"] = str(revision)
+    return dataclasses.replace(response, headers=headers, body=body)
+
+
 def _drop_if_stuck(transport: Any) -> None:
     """After a close: a close waits until the buffer has gone out, which it never does when
     the peer stopped reading; such a connection is dropped."""
@@ -313,6 +333,18 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
     class WiredWebSocket(WriteStall, WebSocketsSansIOProtocol):
         wire: SocketWire | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            accept = self.conn.accept
+
+            def accept_or_refuse(request: Request) -> Response:
+                response = accept(request)
+                if response.status_code == 101:
+                    return response
+                return _as_json_refusal(response, limits.revision())
+
+            self.conn.accept = accept_or_refuse  # type: ignore[method-assign]
 
         def keepalive_timeout(self) -> None:
             super().keepalive_timeout()
