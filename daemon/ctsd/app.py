@@ -11,6 +11,7 @@ under one task group; start-up, readiness, signals and shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -357,9 +358,14 @@ async def _serve(d: Daemon) -> None:
                 invalid_files=sorted(store.problems),
             )
             d.notifier.send("READY=1", f"STATUS={d.status_line()}", f"MAINPID={os.getpid()}")
+            reloading: asyncio.Task[None] | None = None
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await _reload(d)
+                    # In its own task: a SIGTERM that comes meanwhile is not held up by it.
+                    if reloading is not None and not reloading.done():
+                        log.info("reload_already_running")
+                    else:
+                        reloading = asyncio.create_task(_reload(d), name="ctsd-reload")
                     continue
                 if signum in IGNORED_SIGNALS:
                     log.warning(
@@ -370,6 +376,11 @@ async def _serve(d: Daemon) -> None:
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name)
                 d.stopping = True
+                if reloading is not None and not reloading.done():
+                    # (a take-in cut short is taken in again by the stop's last round)
+                    reloading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reloading
                 break
             # Still received while stopping, never left to their default actions: a second
             # Ctrl-C would interrupt the last writes, a SIGHUP would end the process.

@@ -624,9 +624,15 @@ class Store:
         return await self.intake.ingest(file, force=force, report=report)
 
     async def reload_all(self) -> None:
-        """SIGHUP: every file taken in as a hand edit is, and what that changed written."""
+        """SIGHUP: every file taken in as a hand edit is, and what that changed written (for
+        up to RELOAD_WRITE_S: a file waiting for the cluster, out of reach, is written once
+        it is back; the reload is done all the same)."""
         await self.intake.reload_all()
-        await self.checkpointer.flush()
+        try:
+            async with asyncio.timeout(RELOAD_WRITE_S):
+                await self.checkpointer.flush()
+        except TimeoutError:
+            log.warning("reload_files_pending", files=sorted(self.checkpointer.dirty))
 
     def unchanged(self, file: str) -> bool:
         return self.disk.unchanged(file)
@@ -641,6 +647,9 @@ class Store:
     def _displaced(self, kept: list[Any]) -> None:
         now = time.monotonic()
         self.intake.displaced += [(d, now, base) for d, base in kept]
+
+
+RELOAD_WRITE_S = 5.0
 
 
 def _fail(fut: asyncio.Future[Any], err: CtsdError) -> None:
