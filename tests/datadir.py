@@ -3,10 +3,14 @@ make them. The one connection factory of the suite is `connection`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 # A secret value tests plant and then grep every output (frames, bodies, logs, files) for.
 CANARY = "CANARY-SECRET-7f3a9c"
@@ -65,3 +69,19 @@ def atomic_save(path: Path, body: bytes) -> None:
     tmp = path.with_name(f".{path.name}.edit-{os.getpid()}")
     tmp.write_bytes(body)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "2m") -> Any:
+    where.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); EFBIG case covers it")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

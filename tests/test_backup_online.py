@@ -22,6 +22,7 @@ from ctsd.livebackup import MAX_WAITING, RESTORE_PREFIX, SUFFIX, TAKEN_WITHIN_S
 from tests.bus import bus
 from tests.cli_helpers import CANARY, cli
 from tests.daemon import Daemon
+from tests.datadir import small_tmpfs
 from tests.secrets_helpers import keyed, make_key, plaintexts, stored_under, write_plain_data
 
 pytestmark = pytest.mark.anyio
@@ -35,6 +36,32 @@ def backup_while_running(d: Daemon, archive: Path) -> None:
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_a_backup_to_another_filesystem_that_fills_up_leaves_nothing(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The archive is copied out of the data dir: it was copied by `shutil` with the umask's
+    mode (0644, every secret as stored readable meanwhile) and a failed copy left its part
+    behind; now a new 0600 file, removed when the copy fails."""
+    write_plain_data(data_dir, connections=3)
+    noise = data_dir / "ui-config.json"  # an archive far over the 16 KiB there is room for
+    noise.write_text(json.dumps({"noise": os.urandom(60_000).hex()}) + "\n")
+    noise.chmod(0o600)
+    d = Daemon(data_dir)
+    with small_tmpfs(tmp_path / "mnt", size="16k") as mnt:
+        try:
+            d.start()
+            r = cli(d, "backup", "-o", str(mnt / "b.tar.gz"), "--data-dir", str(data_dir))
+            assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+            assert list(mnt.iterdir()) == []
+            assert leftovers(data_dir) == []
+            r = cli(d, "backup", "-o", str(tmp_path / "b.tar.gz"), "--data-dir", str(data_dir))
+            assert r.returncode == 0, r.stderr
+            assert stat.S_IMODE((tmp_path / "b.tar.gz").stat().st_mode) == 0o600
+            assert d.stop() == 0
+        finally:
+            d.close()
 
 
 def leftovers(data_dir: Path) -> list[str]:

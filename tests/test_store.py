@@ -10,7 +10,6 @@ import os
 import resource
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent, TestResult
 from ctsd.store import Store
-from tests.datadir import CANARY, connection
+from tests.datadir import CANARY, connection, small_tmpfs
 from tests.inprocess import killed_after
 
 pytestmark = pytest.mark.anyio
@@ -671,22 +670,6 @@ async def test_revisions_kept_across_trimming_and_restarts(data_dir: Path) -> No
 
 
 # --- failed writes --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "2m") -> Any:
-    where.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); EFBIG case covers it")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 async def _assert_refused_and_intact(store: Store, data_dir: Path, expect: str) -> None:

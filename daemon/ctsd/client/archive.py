@@ -13,6 +13,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ import click
 import msgspec
 
 from ctsd import backup
+from ctsd.atomic import create_temp, fsync_dir
 from ctsd.backup import ArchiveError
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
@@ -79,7 +81,8 @@ def register(main: click.Group) -> None:
                         with tempfile.TemporaryDirectory(prefix="ctsd-backup-") as tmp:
                             tmp_path = Path(tmp) / "backup.tar.gz"
                             manifest = backup.backup_offline(directory, tmp_path)
-                            _copy(tmp_path, sink)
+                            with open(tmp_path, "rb") as built:
+                                _copy(built, sink)
                     else:
                         manifest = backup.backup_offline(directory, path)
                 except DaemonRunning:
@@ -154,34 +157,45 @@ def _call(directory: Path, command: str, **args: Any) -> Any:
     return run_call(target, command, **args)
 
 
-def _copy(source: Path, sink: BinaryIO) -> None:
-    with open(source, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sink.write(chunk)
+def _copy(source: BinaryIO, sink: BinaryIO) -> None:
+    while chunk := source.read(1 << 20):
+        sink.write(chunk)
     sink.flush()
 
 
 def backup_online(directory: Path, path: Path, sink: BinaryIO | None) -> backup.Manifest:
     """The running daemon writes a consistent archive into its data dir (archives never
-    travel over the bus); it is moved to `path` (with a `sink`: copied to it and removed)."""
+    travel over the bus); it is copied to `path` (or a `sink`) and removed.
+
+    Copied, never moved or chowned: in the daemon's dir its user could have put a link
+    there (a root CLI would then move it out and chmod what it names), and a copy to
+    another filesystem through `shutil` was made with the umask's mode (0644) and left
+    behind when it failed. The copy is a new 0600 file beside `path`, renamed over it once
+    whole."""
     result = _call(directory, "data.backup")
     made = directory / result["file"]
     manifest = msgspec.convert(result["manifest"], type=backup.Manifest)
     try:
-        if sink is not None:
-            _copy(made, sink)
-            return manifest
-        try:
-            os.replace(made, path)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
+        # (O_NONBLOCK: a FIFO there must not hang the open; it is refused just below)
+        fd = os.open(made, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(made))
+            os.set_blocking(fd, True)
+            if sink is not None:
+                _copy(src, sink)
+                return manifest
+            tmp, out_fd = create_temp(path)
+            try:
+                with os.fdopen(out_fd, "wb") as out:
+                    _copy(src, out)
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
                 raise
-            part = path.with_name(path.name + ".part")
-            shutil.copyfile(made, part)
-            os.replace(part, path)
-        with contextlib.suppress(OSError):  # the daemon's user made it; the operator keeps it
-            os.chown(path, os.getuid(), os.getgid())
-        os.chmod(path, 0o600)
+            fsync_dir(path.parent)
         return manifest
     finally:
         with contextlib.suppress(OSError):
