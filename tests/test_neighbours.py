@@ -4,7 +4,9 @@ is refused or dropped on time, and never makes another client's work fail."""
 from __future__ import annotations
 
 import json
+import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from websockets.asyncio.client import connect
 
 from tests.bus import bus, close_code
 from tests.daemon import TOKEN, Daemon, wait_until
-from tests.datadir import connection, write_settings
+from tests.datadir import connection, write_connections, write_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -147,6 +149,42 @@ def test_a_client_that_stops_reading_is_dropped_once_its_answers_stall(data_dir:
         assert time.monotonic() - t0 < 8
         s.close()
         assert httpx.get(d.url + "/health").status_code == 200
+    finally:
+        d.close()
+
+
+def test_a_large_answer_read_slowly_is_not_cut_at_keep_alive(data_dir: Path) -> None:
+    """uvicorn arms its keep-alive close (5 s) once the answer is handed over, not sent: a
+    large answer read slowly is still going out then, and must not be cut."""
+    pad = json.dumps({"note": "x" * 500})
+    write_connections(
+        data_dir, [connection(f"c{i:05d}", connection_settings=pad) for i in range(6000)]
+    )
+    d = Daemon(data_dir, env={"CTSD_WRITE_STALL_S": "1"}).start()
+    try:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", d.port))
+        s.sendall(
+            b"GET /api/settings/connections HTTP/1.1\r\nHost: localhost\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        s.settimeout(10)
+        head, body, t0 = b"", b"", time.monotonic()
+        pause = threading.Event()  # (the client's own pace: part of the scenario)
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        head, _, body = head.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            chunk = s.recv(1 << 16)
+            assert chunk, f"cut after {len(body)} of {length} bytes"
+            body += chunk
+            if len(body) // (512 << 10) != (len(body) - len(chunk)) // (512 << 10):
+                pause.wait(0.5)  # half a second after each 512 KiB
+        assert time.monotonic() - t0 > 5, head  # (past uvicorn's keep-alive)
+        assert len(json.loads(body)) == 6000
+        s.close()
     finally:
         d.close()
 

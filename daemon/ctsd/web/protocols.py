@@ -20,8 +20,12 @@ its httptools and websockets-sansio protocols:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -197,11 +201,17 @@ def _as_json_refusal(response: Response, revision: int) -> Response:
     return dataclasses.replace(response, headers=headers, body=body)
 
 
-def _drop_if_stuck(transport: Any) -> None:
-    """After a close: a close waits until the buffer has gone out, which it never does when
-    the peer stopped reading; such a connection is dropped."""
-    if transport.get_write_buffer_size():
-        transport.abort()
+def _unsent(transport: Any) -> int:
+    """Bytes not yet taken by the peer: the transport's buffer and the socket's send queue.
+    The buffer alone shows no progress while a slow reader empties a send queue of megabytes
+    (the loop refills it only once a third of it is free)."""
+    unsent = int(transport.get_write_buffer_size())
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent += struct.unpack("i", queued)[0]
+    return unsent
 
 
 def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
@@ -209,43 +219,55 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
     class WriteStall:
         """A peer that stops reading (answers pipelined, a snapshot asked for, and never
-        read): once the buffer is over its high-water mark, the connection is dropped if it
-        has not drained within `write_stall_s`. Else the socket and its slot under the
-        connection cap were held until the daemon stopped; uvicorn's timers only close, and
-        a close waits for the buffer to drain. (A mixin of both protocols, before their
-        uvicorn base.)"""
+        read): from the moment its buffer is over the high-water mark, or a close waits for
+        the buffer to go out (uvicorn's keep-alive, ping and our deadlines only close, and a
+        close waits for ever on a peer that reads nothing), the buffer is looked at every
+        `write_stall_s`: a peer that read nothing of it since the last look is dropped. Else
+        the socket and its slot under the connection cap were held until the daemon
+        stopped. A slow peer that reads is never dropped. (A mixin of both protocols, before
+        their uvicorn base.)"""
 
         loop: asyncio.AbstractEventLoop
         transport: Any
         _stall: asyncio.TimerHandle | None = None
+        _unsent = 0  # the buffer at the last look
+        _drained = False  # resume_writing since the last look
+
+        def watch_writes(self) -> None:
+            if self._stall is None and self.transport.get_write_buffer_size():
+                self._unsent = _unsent(self.transport)
+                self._drained = False
+                self._stall = self.loop.call_later(limits.write_stall_s, self._look)
 
         def pause_writing(self) -> None:
             super().pause_writing()  # type: ignore[misc]
-            if self._stall is None:
-                self._stall = self.loop.call_later(limits.write_stall_s, self._stalled)
+            self.watch_writes()
 
         def resume_writing(self) -> None:
             super().resume_writing()  # type: ignore[misc]
-            self._unstall()
+            self._drained = True
 
-        def _stalled(self) -> None:
+        def _look(self) -> None:
             self._stall = None
+            if not self.transport.get_write_buffer_size():
+                return
+            unsent = _unsent(self.transport)
+            if self._drained or unsent < self._unsent:  # it reads: look again later
+                self.watch_writes()
+                return
             peer = self.transport.get_extra_info("peername")
             log.warning(
                 "connection_dropped",
                 reason=f"it read nothing of its answers for {limits.write_stall_s:g} s",
                 peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
-                unsent_bytes=self.transport.get_write_buffer_size(),
+                unsent_bytes=unsent,
             )
             self.transport.abort()
 
-        def _unstall(self) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._unstall()
             super().connection_lost(exc)  # type: ignore[misc]
 
     class GuardedHttp(WriteStall, HttpToolsProtocol):
@@ -276,12 +298,12 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._deadline = None
             if not self.transport.is_closing():
                 self.transport.close()
-                _drop_if_stuck(self.transport)
+                self.watch_writes()
 
         def timeout_keep_alive_handler(self) -> None:
             super().timeout_keep_alive_handler()
             if self.transport.is_closing():
-                _drop_if_stuck(self.transport)
+                self.watch_writes()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -349,7 +371,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def keepalive_timeout(self) -> None:
             super().keepalive_timeout()
             if self.transport.is_closing():
-                _drop_if_stuck(self.transport)
+                self.watch_writes()
 
         def connection_made(self, transport: Any) -> None:
             backlog = self.queue.qsize  # frames read that the app has not taken yet
