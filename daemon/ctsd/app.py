@@ -393,7 +393,7 @@ async def _serve(d: Daemon) -> None:
                 await svc.prober.aclose()
         # Leaving the receiver put the default actions back (the loop's way): ignored from
         # here, as the process ends. (A signal in the few statements between still acts.)
-        for signum in _STOP_SIGNALS:
+        for signum in (*_STOP_SIGNALS, *IGNORED_SIGNALS):
             signal.signal(signum, signal.SIG_IGN)
         d.notifier.send("STOPPING=1", "STATUS=stopping")
         d.watcher.stop()  # its thread ends within `step`, before the loop does

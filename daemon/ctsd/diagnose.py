@@ -206,6 +206,7 @@ _SYNTAX = {
 # A JSON string or number, to find the number out of range or the half of a surrogate pair
 # that msgspec refuses but the stdlib decoder (which locates syntax errors) takes.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|(-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)')
+_VALUE_ERRORS = re.compile(r"out of range|truncated|surrogate", re.IGNORECASE)
 _ESCAPE_U = re.compile(r"\\(\\|u([0-9a-fA-F]{4}))")
 # Patterns of the models, in words (msgspec quotes the regex itself, which reads badly).
 _PATTERNS = {
@@ -350,12 +351,12 @@ def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
     if found is not None:
         return found
     text = raw.decode("utf-8", "replace")
-    value = value_problem(text)
+    # (only for what msgspec refuses and the stdlib decoder took: not for its NaN, say)
+    value = value_problem(text) if _VALUE_ERRORS.search(error) else None
     if value is not None:
         line, col = line_col(text, value[0])
         return FileProblem(file, line, col, "$", value[1])
     byte = _BYTE.search(error)
-    text = raw.decode("utf-8", "replace")
     line, col = line_col(
         text, len(raw[: int(byte.group(1))].decode("utf-8", "replace")) if byte else 0
     )

@@ -333,6 +333,7 @@ class Intake:
             self.failed.pop(file, None)  # (saved back as it was)
             return True  # our own write, or nothing new
         if not os.path.lexists(path):
+            self.failed.pop(file, None)  # (judged as a file deleted now)
             return await self._gone(file, report)
         self._missing_since.pop(file, None)
         stamp: Stamp | None = None
@@ -383,6 +384,8 @@ class Intake:
                 return False
             if "msg_id" in e.extra:
                 self._sent[file] = (e.extra["msg_id"], hand, raw, stamp)
+            if not report:  # (the watcher's first look: its second, reported, counts)
+                return False
             wait = min(self.failed.get(file, (0.0, RETRY_FIRST_S))[1], RETRY_MAX_S)
             self.failed[file] = (time.monotonic() + wait, wait * 2)
             log.warning("ingest_failed", file=file, error=str(e), retry_in_s=wait)

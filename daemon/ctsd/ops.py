@@ -494,8 +494,8 @@ def _hand_placeholders(
 
 
 def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
-    """A state record the hand edit added (or changed) for no connection: a dangling
-    reference, so the edit is invalid. Dropped, the record (an operator's volumes, say) would
+    """A state record the hand edit added for no connection: a dangling reference, so the
+    edit is invalid. Dropped, the record (an operator's volumes, say) would
     be gone from the file at the next write: when state is saved before connections.json (`cp
     backup/*.json`: it sorts first), the file is judged again once connections.json is in."""
     at = next(i for i, s in enumerate(hand) if s.connection_id == cid)
@@ -519,6 +519,8 @@ def _take_in_state(
     for cid, st in merged.records.items():
         conn = tx.connections.get(cid)
         if conn is None and mirror:
+            if cid in base:  # its connection deleted meanwhile: the state goes with it
+                continue
             _orphan(tx, hand, cid)
         new[cid] = mirror_state(conn, st, tx.now) if conn is not None else st
     for cid, conn in tx.connections.items():  # a connection always has its state record

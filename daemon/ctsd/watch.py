@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -365,6 +367,7 @@ class Watcher:
                     noise = 0
                     continue
                 changed: set[str] = set()
+                later: list[Callable[[], Any]] = []  # for the loop, with the batch
                 ours = False  # a checkpoint round (our temp files) is in this batch
                 for _, path in raw:
                     if name := relative(self.data_dir, path):
@@ -373,15 +376,16 @@ class Watcher:
                         ours = True
                     elif path == algorithms_dir:
                         log.info("watch_again", reason=f"{files.ALGORITHMS_DIR}/ was replaced")
-                        loop.call_soon_threadsafe(stop.restart.set)
+                        later.append(stop.restart.set)
                     elif path.startswith(algorithms_dir) and path.endswith(".json"):
                         # a name no algorithm may have: logged (once) by the listing
-                        loop.call_soon_threadsafe(self.store.known_files)
+                        later.append(self.store.known_files)
                 noise = noise + 1 if ours or not changed else 0
-                if not changed:
-                    continue
+                if changed:
+                    later.append(functools.partial(self._notify_all, sorted(changed)))
                 try:
-                    loop.call_soon_threadsafe(self._notify_all, sorted(changed))
+                    for call in later:
+                        loop.call_soon_threadsafe(call)
                 except RuntimeError:  # the loop is closed: the daemon is stopping
                     return
         finally:
