@@ -241,6 +241,10 @@ def test_a_sync_log_shortened_by_hand_is_no_journal_of_other_files(tmp_path: Pat
     j = Journal(b)
     assert enc(j.open(0).changes) == enc([*first, edit])
     j.close()
+    # ... but not when the files' log holds what the edit did not (another dir's files)
+    other = {3: ("2025-06-01T10:00:00.000Z", "update")}
+    with pytest.raises(JournalError, match="revision 50"):
+        scan_journal((b / journal.NAME).read_bytes(), "j", 3, other)
     c.mkdir()
     header = journal.Header("ctsd", journal.VERSION, 50, 7)  # (a cluster host's)
     (c / journal.NAME).write_bytes(journal.frame(journal._encode(header)))

@@ -268,8 +268,11 @@ def scan_journal(
     # to replay: the revision goes on from the journal's), or while it ran, taken in (the
     # journal holds the edited history) and cut short by a crash before it was written. Not
     # in cluster mode, whose sync log is the cluster's.
+    edited = next((c.log for c in scan.changes if c.log is not None), None)
     by_hand = not (scan.stream_seq or scan.seqs) and (
-        not scan.changes or any(c.log is not None for c in scan.changes)
+        not scan.changes
+        # (the files' log as the operator left it: every entry of it one of the edited log's)
+        or (edited is not None and (files_log or {}).items() <= event_marks(edited).items())
     )
     if files_revision is not None and files_revision < scan.base_revision and not by_hand:
         raise JournalError(
