@@ -514,6 +514,26 @@ def test_an_algorithm_file_of_a_name_not_allowed_is_said_to_be_ignored(daemon10:
     )
 
 
+def test_a_hand_edit_beside_a_masked_looking_value_it_did_not_touch_is_taken_in(
+    data_dir: Path,
+) -> None:
+    """A UI setting that reads like a secret and holds what a placeholder looks like
+    (`"passwordMask": "********"`): only what an edit changes is looked at for pasted
+    placeholders, so an edit of another key is taken in (it was refused, "no secret is
+    stored there", on every save)."""
+    seed(data_dir, 1)
+    ui = data_dir / "ui-config.json"
+    ui.write_text(json.dumps({"passwordMask": "********", "theme": "dark"}) + "\n")
+    ui.chmod(0o600)
+    d = Daemon(data_dir).start()
+    try:
+        atomic_save(ui, dump({"passwordMask": "********", "theme": "light"}))
+        wait_until(lambda: d.http("/api/data/ui-config")[1].get("theme") == "light", 5)
+        assert d.http("/health")[1]["status"] == "ok"
+    finally:
+        d.close()
+
+
 def test_invalid_new_algorithm_removed_clears_health(daemon10: Daemon) -> None:
     d = daemon10
     algo = d.data_dir / "algorithms" / "Broken.json"

@@ -446,7 +446,8 @@ def _take_in_connections(
             new[cid] = old
             continue
         path = f"$[{at.get(cid, 0)}]"
-        conn = seal(tx, _hand_placeholders(tx, file, conn, old, path), old, path)
+        edited = changed_fields(base.get(cid), conn) if cid in base else None
+        conn = seal(tx, _hand_placeholders(tx, file, conn, old, edited, path), old, path)
         if old is not None and old == conn:  # edited back to what memory holds (in C)
             new[cid] = old
             continue
@@ -478,19 +479,30 @@ def _take_in_connections(
 
 
 def _hand_placeholders(
-    tx: Tx, file: str, conn: Connection, old: Connection | None, path: str
+    tx: Tx,
+    file: str,
+    conn: Connection,
+    old: Connection | None,
+    edited: list[str] | None,
+    path: str,
 ) -> Connection:
     """A masked value pasted into the file by hand (a record copied from an export or an
     answer) keeps the stored secret, as it does at the door; one where nothing is stored is
-    invalid. Stored as typed, it replaced the secret. The file is written back with it."""
-    sent = msgspec.structs.asdict(conn)
-    if not may_hold_placeholders(sent):
+    invalid. Stored as typed, it replaced the secret. The file is written back with it.
+    Only the fields the edit changed (`edited`; None: all, a new record) are looked at: a
+    value the file held already is no paste."""
+    whole = msgspec.structs.asdict(conn)
+    sent = whole if edited is None else {f: whole[f] for f in edited}
+    if not sent or not may_hold_placeholders(sent):
         return conn
-    restored = restore_placeholders(sent, msgspec.structs.asdict(old) if old else None, path)
+    stored = msgspec.structs.asdict(old) if old else None
+    if stored is not None and edited is not None:
+        stored = {f: stored[f] for f in edited}
+    restored = restore_placeholders(sent, stored, path)
     if restored is sent:
         return conn
     tx.touched.add(file)
-    return _convert(restored, Connection, path)
+    return _convert({**whole, **restored}, Connection, path)
 
 
 def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
@@ -613,10 +625,14 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
         name = files.document_name(file)
         assert name is not None
         content = hand
-        if may_hold_placeholders(content):  # (as for a connection: `_hand_placeholders`)
-            content = restore_placeholders(hand, tx.docs.get(name), "$")
-            if content is not hand:
+        # As for a connection (`_hand_placeholders`), in the keys the edit changed.
+        edited = {k: hand[k] for k in changed_keys(base, hand) if k in hand}
+        if edited and may_hold_placeholders(edited):
+            stored = tx.docs.get(name) or {}
+            restored = restore_placeholders(edited, {k: stored.get(k) for k in edited}, "$")
+            if restored is not edited:
                 tx.touched.add(file)
+                content = {**hand, **restored}
         merged = merge_document(base, content, tx.docs.get(name))
         if name == "instances":
             try:
