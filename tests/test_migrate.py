@@ -428,6 +428,21 @@ def test_postgresql_connection_errors_never_show_the_password(pg: Postgres) -> N
     assert r.returncode == 1 and "cannot connect" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://bob:{CANARY}%zz@127.0.0.1:1/x",  # libpq quotes the token it cannot read
+        f"postgresql://bob@127.0.0.1:1/x?password={CANARY}%zz",
+        f"postgresql://bob:{CANARY}%00@127.0.0.1:1/x",
+    ],
+    ids=["userinfo", "query", "nul"],
+)
+def test_a_password_the_url_parser_refuses_is_never_shown(url: str) -> None:
+    r = ctsd("migrate", "--from", url, "--dry-run")
+    assert r.returncode == 1 and "cannot connect to postgresql://bob" in r.stderr, r.stderr
+    assert CANARY not in r.stdout + r.stderr
+
+
 def test_postgresql_schema_table_and_unknown_columns(pg: Postgres, tmp_path: Path) -> None:
     pg_rows(pg, "CREATE SCHEMA IF NOT EXISTS legacy; DROP TABLE IF EXISTS legacy.conns;"
                 " CREATE TABLE legacy.conns AS SELECT * FROM connections WHERE id = 'conn_pg1';"

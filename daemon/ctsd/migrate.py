@@ -85,6 +85,22 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _url_secrets(url: str) -> list[str]:
+    """The password of `url` (in its user info or query), as written and decoded, longest
+    first: what a message quoting the URL's parts must not show."""
+    parts = urllib.parse.urlsplit(url)
+    found: set[str] = set()
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    if ":" in userinfo:
+        found.add(userinfo.split(":", 1)[1])
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if urllib.parse.unquote(key).lower() in ("password", "sslpassword"):
+            found.add(value)
+    found |= {urllib.parse.unquote(x) for x in found}
+    return sorted((x for x in found if x), key=len, reverse=True)
+
+
 def parse_url(url: str) -> Source:
     """`sqlite:///relative/path`, `sqlite:////absolute/path`, `postgresql://…`."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -204,8 +220,12 @@ def read_postgresql(source: Source, tables: dict[str, str]) -> dict[str, TableDa
     try:
         conn = psycopg.connect(source.target, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as e:
-        # psycopg's messages name host, port, user and database, never the password.
-        raise MigrateError(f"cannot connect to {source.shown}: {_pg_message(e)}") from None
+        # psycopg's messages name host, port, user and database; libpq's URL parser quotes
+        # the token it cannot read, the password too ("invalid percent-encoded token").
+        message = _pg_message(e)
+        for secret in _url_secrets(source.target):
+            message = message.replace(secret, "***")
+        raise MigrateError(f"cannot connect to {source.shown}: {message}") from None
     try:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
