@@ -205,6 +205,26 @@ def test_restore_round_trip(setup: Setup, tmp_path: Path) -> None:
     assert ctsd("verify", "--data-dir", str(data)).returncode == 0
 
 
+def test_restore_never_follows_a_link_the_daemons_user_planted(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """A restore runs as root in a dir the daemon's user owns: its `.token` linked to a file
+    of root's was copied into the new dir. Refused, nothing changed, no staging copy left."""
+    data, k1, *_ = setup
+    out = tmp_path / "b.tar.gz"
+    run("backup", "--data-dir", str(data), "-o", str(out), key=k1)
+    secret = tmp_path / "roots-secret"
+    secret.write_text("root only\n")
+    (data / ".token").unlink()
+    (data / ".token").symlink_to(secret)
+    before = data_files(data)
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 1 and ".token" in r.stderr and "nothing was changed" in r.stderr
+    assert data_files(data) == before and (data / ".token").is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
+    assert "root only" not in r.stdout + r.stderr
+
+
 def test_restore_into_a_missing_data_dir(setup: Setup, tmp_path: Path) -> None:
     data, k1, *_ = setup
     out = tmp_path / "b.tar.gz"

@@ -15,7 +15,6 @@ instant the data dir path holds the old content or the new. The old dir is kept 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gzip
 import hashlib
@@ -40,6 +39,7 @@ from ctsd.lock import InstanceLock
 from ctsd.models import Timestamp
 from ctsd.offline import exclusive, owner_for, read_data_files
 from ctsd.rekey import finish_pending
+from ctsd.safefile import read_data_file
 from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places, survey
 from ctsd.timeutil import format_ts
@@ -448,6 +448,19 @@ def _carry_tree(src: Path, dst: Path, owner: tuple[int, int] | None) -> None:
                     os.chown(target, *owner)
 
 
+def _carried(real: Path, name: str) -> bytes | None:
+    """A file of the data dir the restore keeps (the token, the boot ids), None if missing.
+    Read as the daemon reads its files: a link is never followed, a FIFO never waited on (a
+    restore runs as root in a dir the daemon's user owns: a `.token` linked to /etc/shadow
+    was copied into the new dir)."""
+    try:
+        return read_data_file(real / name, name, private=False)[0]
+    except FileNotFoundError:
+        return None
+    except files.Invalid as e:
+        raise ArchiveError(f"{real / name}: {e.problem.message}; move it aside") from None
+
+
 def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -> Restored:
     """`ctsd restore` with no daemon running (DaemonRunning if one runs): with the lock held
     throughout, read and verify the whole archive (ArchiveError; with `box`, its secrets must
@@ -472,17 +485,22 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
         stamp = _stamp()
         staging = _free_name(real.parent, f"{real.name}.restoring-{stamp}")
         _mkdir(staging, owner)
-        _write_new(staging / STAGING_MARK, b"", owner)
-        fsync_dir(real.parent)
-        if any(f.startswith(f"{files.ALGORITHMS_DIR}/") for f in archive.contents):
-            _mkdir(staging / files.ALGORITHMS_DIR, owner)
-        for rel, body in sorted(archive.contents.items()):
-            _write_new(staging / rel, body, owner)
-        for name in CARRIED_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                _write_new(staging / name, (real / name).read_bytes(), owner)
-        for name in CARRIED_DIRS:
-            _carry_tree(real / name, staging / name, owner)
+        try:
+            _write_new(staging / STAGING_MARK, b"", owner)
+            fsync_dir(real.parent)
+            if any(f.startswith(f"{files.ALGORITHMS_DIR}/") for f in archive.contents):
+                _mkdir(staging / files.ALGORITHMS_DIR, owner)
+            for rel, body in sorted(archive.contents.items()):
+                _write_new(staging / rel, body, owner)
+            for name in CARRIED_FILES:
+                if (body := _carried(real, name)) is not None:
+                    _write_new(staging / name, body, owner)
+            for name in CARRIED_DIRS:
+                _carry_tree(real / name, staging / name, owner)
+        except BaseException:
+            # (a disk filling up: the copy of the whole data dir must not stay behind)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         new_lock = InstanceLock(staging)  # a daemon starting right after the swap must wait
         new_lock.acquire()
         try:

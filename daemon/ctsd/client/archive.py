@@ -215,9 +215,10 @@ def restore_online(directory: Path, file: Path) -> None:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out, open(file, "rb") as src:
             shutil.copyfileobj(src, out)
-        owner = owner_for(directory)
-        if owner is not None:  # the daemon runs as the data dir's owner
-            os.chown(staged, *owner)
+            owner = owner_for(directory)
+            if owner is not None:  # the daemon runs as the data dir's owner
+                # (by descriptor: the name, in the daemon's dir, may be a link by now)
+                os.fchown(out.fileno(), *owner)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(staged)
