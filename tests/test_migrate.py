@@ -8,12 +8,14 @@ log lines, its sync log and its export.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import os
 import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,6 +201,26 @@ def test_dry_run_compares_secrets_through_the_encryption(tmp_path: Path) -> None
     r = ctsd(*args)  # no key: the stored secrets cannot be compared, so they count as changes
     assert "  update conn_lite1: api_key, api_secret\n" in r.stdout
     assert CANARY not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("convert", "value", "says"),
+    [
+        (mig.to_timestamp, "9999-12-31T23:00:00-05:00", "out of range"),  # no UTC time
+        (mig.to_object, "[" * 5000, "nested too deeply"),
+        (mig.to_json_object_text, '{"a":' * 5000, "nested too deeply"),
+        (mig.to_object, "[NaN]", "holding NaN"),  # (the files are strict JSON)
+        (mig.settings_value, float("inf"), "not finite"),
+        (mig.settings_value, decimal.Decimal("NaN"), "not finite"),
+        (mig.settings_value, '{"limit": Infinity}', "holding Infinity"),
+    ],
+)
+def test_odd_values_are_bad_rows_not_tracebacks(convert: Any, value: Any, says: str) -> None:
+    """Each was an OverflowError, RecursionError or a non-finite number in a frame: none of
+    them a bad row, so --skip-bad could not skip it."""
+    with pytest.raises(mig._Bad, match=says):
+        convert(value)
+    assert mig.settings_value("plain words") == "plain words"
 
 
 def test_migrate_errors_are_clear(tmp_path: Path) -> None:

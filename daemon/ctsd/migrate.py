@@ -363,7 +363,10 @@ def to_timestamp(value: Any) -> str:
         raise _Bad(f"expected a timestamp, got {_type_name(value)}")
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return format_ts(when)
+    try:
+        return format_ts(when)
+    except OverflowError:  # (year 9999 west of UTC, year 1 east of it: no UTC time)
+        raise _Bad("expected a timestamp, got one out of range") from None
 
 
 def to_json_object_text(value: Any) -> str:
@@ -372,10 +375,7 @@ def to_json_object_text(value: Any) -> str:
     if isinstance(value, list | bool | int | float | decimal.Decimal):  # json/jsonb, not text
         raise _Bad(f"expected a JSON object, got {_type_name(value)}")
     text = to_text(value)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        raise _Bad("expected a JSON object, got text that is not JSON") from None
+    parsed = _json(text, "a JSON object")
     if not isinstance(parsed, dict):
         raise _Bad(f"expected a JSON object, got {_type_name(parsed)}")
     return text
@@ -384,11 +384,21 @@ def to_json_object_text(value: Any) -> str:
 def to_object(value: Any) -> Any:
     if isinstance(value, dict | list):
         return value
-    text = to_text(value)
+    return _json(to_text(value), "JSON")
+
+
+def _json(text: str, what: str) -> Any:
+    """`text` decoded as JSON, finite numbers only (the files are strict JSON)."""
+
+    def refuse(constant: str) -> Any:
+        raise _Bad(f"expected {what}, got text holding {constant}")
+
     try:
-        return json.loads(text)
-    except ValueError:
-        raise _Bad("expected JSON, got text that is not JSON") from None
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise _Bad(f"expected {what}, got JSON nested too deeply") from None
+    except ValueError:  # (an integer past the digit limit too)
+        raise _Bad(f"expected {what}, got text that is not JSON") from None
 
 
 def _unwrap(t: Any) -> Any:
@@ -635,15 +645,19 @@ def convert_settings(table: TableData, m: Migration) -> None:
 def settings_value(raw: Any) -> Any:
     """A settings value: JSON from json/jsonb as it is, text holding JSON parsed, other text
     kept as a string, numbers as numbers."""
+    if isinstance(raw, float | decimal.Decimal) and not math.isfinite(raw):
+        raise _Bad("expected a value, got a number that is not finite")
     if raw is None or isinstance(raw, bool | int | float | dict | list):
         return raw
     if isinstance(raw, decimal.Decimal):
         return int(raw) if raw == int(raw) else float(raw)
     text = to_text(raw)
     try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        return _json(text, "a value")
+    except _Bad as e:
+        if "not JSON" in str(e):
+            return text  # (plain text kept as a string)
+        raise
 
 
 def convert(data: dict[str, TableData | None]) -> Migration:
