@@ -395,7 +395,21 @@ HOSTILE: dict[str, tuple[Callable[[Path], bytes], str]] = {
         lambda d: tar_bytes([reg("../../evil", b"x")], compress=False),
         "outside the archive",
     ),
+    # a pax header claiming 100 MB, zeros: 100 KB packed; tarfile read it whole, before any
+    # member was looked at (and gigabytes as readily)
+    "pax header bomb": (lambda d: pax_bomb(100 << 20), "a tar header or member claims more"),
 }
+
+
+def pax_bomb(size: int) -> bytes:
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, size
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as out:
+        out.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+        for _ in range(size >> 20):
+            out.write(bytes(1 << 20))
+    return buf.getvalue()
 
 
 def backup_bytes(data: Path) -> bytes:

@@ -15,6 +15,7 @@ instant the data dir path holds the old content or the new. The old dir is kept 
 
 from __future__ import annotations
 
+import bz2
 import datetime as dt
 import gzip
 import hashlib
@@ -212,7 +213,64 @@ _KINDS = {
     tarfile.GNUTYPE_SPARSE: "a sparse file",
     tarfile.CONTTYPE: "a contiguous file",
 }
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, MemoryError)
+
+
+class _CappedReads:
+    """An archive's unpacked bytes, no read larger than `cap`: tarfile reads a pax or GNU
+    long-name header whole, of the size the header claims (gigabytes), before any member is
+    looked at; no read of a backup's is larger than a member may be."""
+
+    def __init__(self, path: Path, inner: BinaryIO, raw: BinaryIO, cap: int) -> None:
+        self.path, self.inner, self.raw, self.cap = path, inner, raw, cap
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self.cap:
+            raise ArchiveError(
+                f"{self.path}: a tar header or member claims more than {self.cap:,} bytes"
+            )
+        return self.inner.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    def close(self) -> None:  # (tarfile leaves a file object it was given open)
+        self.inner.close()
+        self.raw.close()
+
+    def __enter__(self) -> _CappedReads:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _open_tar(path: Path) -> tuple[tarfile.TarFile, _CappedReads]:
+    """The archive at `path` (plain, gzip, xz or bzip2), unpacked here so that its reads are
+    capped (`_CappedReads`)."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed with the tar
+    try:
+        magic = raw.read(6)
+        raw.seek(0)
+        inner: BinaryIO = raw
+        if magic.startswith(b"\x1f\x8b"):
+            inner = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            inner = lzma.LZMAFile(raw)  # type: ignore[assignment]  # noqa: SIM115
+        elif magic.startswith(b"BZh"):
+            inner = bz2.BZ2File(raw)  # type: ignore[assignment]
+        capped = _CappedReads(path, inner, raw, files.MAX_FILE_BYTES + tarfile.BLOCKSIZE)
+        try:
+            return tarfile.open(fileobj=capped, mode="r:"), capped  # type: ignore[call-overload]
+        except BaseException:
+            inner.close()
+            raise
+    except BaseException:
+        raw.close()
+        raise
 
 
 def read_archive(path: Path) -> Archive:
@@ -221,7 +279,7 @@ def read_archive(path: Path) -> Archive:
         size = os.stat(path).st_size
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ArchiveError(f"{path}: not a regular file")
-        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with tar` below
+        tar, capped = _open_tar(path)
     except ArchiveError:
         raise
     except FileNotFoundError:
@@ -239,7 +297,7 @@ def read_archive(path: Path) -> Archive:
     seen: set[str] = set()
     total = 0
     try:
-        with tar:
+        with capped, tar:
             for count, member in enumerate(iter(tar.next, None), 1):
                 if count > MAX_MEMBERS:
                     raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members")
