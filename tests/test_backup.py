@@ -225,6 +225,29 @@ def test_restore_never_follows_a_link_the_daemons_user_planted(
     assert "root only" not in r.stdout + r.stderr
 
 
+def test_restore_of_an_older_archive_never_gives_an_id_twice(setup: Setup, tmp_path: Path) -> None:
+    """The data dir went on past the archive's revision: restored, its revision went back,
+    and the next changes got ids a subscriber had seen (resuming `since` one of them, it
+    missed them silently). The revision now goes on, one `import` event on top."""
+    data, k1, *_ = setup
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    log_path = data / "connection-sync-log.json"
+    log = json.loads(log_path.read_text())
+    last = log[-1]
+    log += [dict(last, id=last["id"] + i) for i in (1, 2, 3)]  # (later changes)
+    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 0, r.stderr
+    assert f"goes on from the data dir's: {last['id'] + 4}" in r.stdout, r.stdout
+    restored = json.loads(log_path.read_text())
+    assert [e["id"] for e in restored[-2:]] == [last["id"], last["id"] + 4]
+    event = restored[-1]
+    assert event["action"] == "import" and event["connection_id"] is None
+    assert event["data"]["mode"] == "restore" and event["data"]["archive_revision"] == last["id"]
+    assert ctsd("verify", "--data-dir", str(data)).returncode == 0
+
+
 def test_restore_into_a_missing_data_dir(setup: Setup, tmp_path: Path) -> None:
     data, k1, *_ = setup
     out = tmp_path / "b.tar.gz"

@@ -16,6 +16,7 @@ instant the data dir path holds the old content or the new. The old dir is kept 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
@@ -33,11 +34,11 @@ from typing import Annotated, BinaryIO
 
 import msgspec
 
-from ctsd import __version__, files
+from ctsd import __version__, files, journal
 from ctsd.atomic import DIR_MODE, FILE_MODE, exchange, fsync_dir, write_files
 from ctsd.diagnose import FileProblem
 from ctsd.lock import InstanceLock
-from ctsd.models import Timestamp
+from ctsd.models import SyncEvent, Timestamp
 from ctsd.offline import exclusive, owner_for, read_data_files
 from ctsd.rekey import finish_pending
 from ctsd.safefile import read_data_file
@@ -424,6 +425,48 @@ class Restored:
     data_dir: Path
     kept: Path | None  # the previous content, or None when there was none
     tidied: list[str]  # what was left of an interrupted restore, and what became of it
+    revision: int = 0  # the restored dir's: the archive's, or on from the data dir's
+
+
+def revision_before(data_dir: Path) -> int:
+    """The highest revision a data dir gave out: its sync log's, or its journal's (0 when
+    neither reads)."""
+    revision = 0
+    with contextlib.suppress(OSError, files.Invalid):
+        raw, _st = read_data_file(data_dir / files.SYNC_LOG, files.SYNC_LOG)
+        revision = revision_of({files.SYNC_LOG: raw})
+    with contextlib.suppress(OSError, files.Invalid, journal.JournalError):
+        raw, _st = read_data_file(data_dir / journal.NAME, journal.NAME)
+        scan = journal.scan_journal(raw, journal.NAME, None)
+        ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
+        revision = max(revision, scan.base_revision, *ids)
+    return revision
+
+
+def _going_on(contents: dict[str, bytes], before: int, revision: int) -> dict[str, bytes]:
+    """The archive's files with the sync log going on from the revision the data dir had
+    given out (`before`): ids are never given twice, so a subscriber resuming from one of
+    the old ids cannot miss the events after it. One `import` event (mode `restore`) on top
+    of the archive's log, as a restore through the daemon makes."""
+    if before <= revision:
+        return contents
+    log = list(files.decode_table(files.SYNC_LOG, contents[files.SYNC_LOG]))
+    data = {
+        "mode": "restore",
+        "files": sorted(contents),
+        "archive_revision": revision,
+        "source": "cli",
+    }
+    log.append(
+        SyncEvent(
+            id=before + 1,
+            connection_id=None,
+            action="import",
+            data=data,
+            created_at=format_ts(dt.datetime.now(dt.UTC)),
+        )
+    )
+    return {**contents, files.SYNC_LOG: files.encode_table(log)}
 
 
 def _stamp() -> str:
@@ -539,6 +582,7 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
     with exclusive(real):
         archive = early or verified()
         tidied = tidy_interrupted_restore(real)
+        before = revision_before(real)
         owner = owner_for(real)
         stamp = _stamp()
         staging = _free_name(real.parent, f"{real.name}.restoring-{stamp}")
@@ -548,7 +592,8 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
             fsync_dir(real.parent)
             if any(f.startswith(f"{files.ALGORITHMS_DIR}/") for f in archive.contents):
                 _mkdir(staging / files.ALGORITHMS_DIR, owner)
-            for rel, body in sorted(archive.contents.items()):
+            contents = _going_on(archive.contents, before, archive.manifest.revision)
+            for rel, body in sorted(contents.items()):
                 _write_new(staging / rel, body, owner)
             for name in CARRIED_FILES:
                 if (body := _carried(real, name)) is not None:
@@ -585,5 +630,5 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
     if {p.name for p in kept.iterdir()} <= {".lock"}:
         shutil.rmtree(kept)  # there was no data dir before: nothing to keep
         fsync_dir(real.parent)
-        return Restored(archive.manifest, real, None, tidied)
-    return Restored(archive.manifest, real, kept, tidied)
+        return Restored(archive.manifest, real, None, tidied, revision_of(contents))
+    return Restored(archive.manifest, real, kept, tidied, revision_of(contents))

@@ -137,6 +137,11 @@ def register(main: click.Group) -> None:
             f"restored {len(m.files)} file(s) from {safe(file)} (made {m.created_at} by ctsd "
             f"{safe(m.ctsd_version)}, revision {m.revision}) into {done.data_dir}"
         )
+        if done.revision > m.revision:
+            click.echo(
+                f"the revision goes on from the data dir's: {done.revision} (an import event "
+                "on top of the archive's sync log; ids are never given twice)"
+            )
         for line in done.tidied:
             click.echo(line)
         if done.kept is not None:
