@@ -152,7 +152,17 @@ def register(main: click.Group) -> None:
         async def body(bus: Bus) -> list[Any]:
             results = []
             for part in parts:
-                results.append(await bus.call("data.import", data=part, mode="merge"))
+                try:
+                    results.append(await bus.call("data.import", data=part, mode="merge"))
+                except BaseException:
+                    if results:  # each part is a change of its own: the first ones are in
+                        click.echo(
+                            f"parts 1 to {len(results)} of {len(parts)} were imported, the "
+                            "rest was not: run the same migrate again to finish (a merge: "
+                            "what is in already is found unchanged)",
+                            err=True,
+                        )
+                    raise
             return results
 
         run(target, body)
