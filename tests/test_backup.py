@@ -248,6 +248,24 @@ def test_restore_of_an_older_archive_never_gives_an_id_twice(setup: Setup, tmp_p
     assert ctsd("verify", "--data-dir", str(data)).returncode == 0
 
 
+def test_an_archive_without_a_sync_log_restores_onto_a_dir_that_had_one(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """(A backup of the seeds' files before ctsd ran holds no sync log.) The import event
+    that carries the revision on makes the sync log; it was a KeyError."""
+    data, k1, *_ = setup
+    bare = tmp_path / "bare"
+    bare.mkdir(mode=0o700)
+    for name in ("connections.json", "settings.json"):
+        shutil.copy2(data / name, bare / name)
+    out = tmp_path / "bare.tar.gz"
+    assert run("backup", "--data-dir", str(bare), "-o", str(out), key=k1).returncode == 0
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    (event,) = json.loads((data / "connection-sync-log.json").read_text())
+    assert event["action"] == "import" and event["data"]["archive_revision"] == 0
+
+
 def test_restore_into_a_missing_data_dir(setup: Setup, tmp_path: Path) -> None:
     data, k1, *_ = setup
     out = tmp_path / "b.tar.gz"

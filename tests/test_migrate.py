@@ -213,6 +213,8 @@ def test_dry_run_compares_secrets_through_the_encryption(tmp_path: Path) -> None
         (mig.settings_value, float("inf"), "not finite"),
         (mig.settings_value, decimal.Decimal("NaN"), "not finite"),
         (mig.settings_value, '{"limit": Infinity}', "holding Infinity"),
+        (mig.to_object, "[1e400]", "holding 1e400"),  # (json makes it inf, no constant)
+        (mig.settings_value, {"limit": [float("inf")]}, "not finite"),  # (jsonb, parsed)
     ],
 )
 def test_odd_values_are_bad_rows_not_tracebacks(convert: Any, value: Any, says: str) -> None:
@@ -221,6 +223,7 @@ def test_odd_values_are_bad_rows_not_tracebacks(convert: Any, value: Any, says: 
     with pytest.raises(mig._Bad, match=says):
         convert(value)
     assert mig.settings_value("plain words") == "plain words"
+    assert mig.settings_value("NaN") == "NaN"  # (a word: text that is not JSON stays text)
 
 
 def test_migrate_errors_are_clear(tmp_path: Path) -> None:
@@ -462,6 +465,14 @@ def test_postgresql_connection_errors_never_show_the_password(pg: Postgres) -> N
 def test_a_password_the_url_parser_refuses_is_never_shown(url: str) -> None:
     r = ctsd("migrate", "--from", url, "--dry-run")
     assert r.returncode == 1 and "cannot connect to postgresql://bob" in r.stderr, r.stderr
+    assert CANARY not in r.stdout + r.stderr
+
+
+def test_a_raw_at_sign_in_the_password_is_refused_before_anything_shows_it() -> None:
+    """libpq splits the user info at the first `@`: the rest of the password was shown as
+    the host it could not resolve."""
+    r = ctsd("migrate", "--from", f"postgresql://bob:Pa@{CANARY}@127.0.0.1:1/x", "--dry-run")
+    assert r.returncode == 1 and "write an @ in the user or password as %40" in r.stderr
     assert CANARY not in r.stdout + r.stderr
 
 

@@ -359,13 +359,14 @@ async def _serve(d: Daemon) -> None:
             )
             d.notifier.send("READY=1", f"STATUS={d.status_line()}", f"MAINPID={os.getpid()}")
             reloading: asyncio.Task[None] | None = None
+            again = [False]  # a SIGHUP during a reload: one more pass after it
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     # In its own task: a SIGTERM that comes meanwhile is not held up by it.
                     if reloading is not None and not reloading.done():
-                        log.info("reload_already_running")
+                        again[0] = True
                     else:
-                        reloading = asyncio.create_task(_reload(d), name="ctsd-reload")
+                        reloading = asyncio.create_task(_reloads(d, again), name="ctsd-reload")
                     continue
                 if signum in IGNORED_SIGNALS:
                     log.warning(
@@ -407,6 +408,16 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 async def _while_stopping(signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         log.info("already_stopping", signal=signal.Signals(signum).name)
+
+
+async def _reloads(d: Daemon, again: list[bool]) -> None:
+    """A reload, and one more for each SIGHUP that came during the last (edits made and
+    signalled meanwhile are read again)."""
+    while True:
+        again[0] = False
+        await _reload(d)
+        if not again[0]:
+            return
 
 
 async def _reload(d: Daemon) -> None:

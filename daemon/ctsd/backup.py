@@ -53,6 +53,8 @@ DATA_PREFIX = "data/"
 MAX_MEMBERS = 10_000
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_TOTAL_BYTES = 512 * 1024 * 1024
+# All an archive may unpack to: its members, its manifest, and a header block or two each.
+MAX_READ_BYTES = MAX_TOTAL_BYTES + MAX_MANIFEST_BYTES + MAX_MEMBERS * 4 * tarfile.BLOCKSIZE
 STAGING_MARK = ".restore-staging"  # inside a dir being built; never in a finished one
 # What a restore carries over from the dir it replaces: the host's own, not data.
 CARRIED_FILES = (".token", ".cluster-boots")
@@ -214,7 +216,15 @@ _KINDS = {
     tarfile.GNUTYPE_SPARSE: "a sparse file",
     tarfile.CONTTYPE: "a contiguous file",
 }
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, MemoryError)
+_READ_ERRORS = (
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    MemoryError,
+    RecursionError,  # (a chain of hundreds of pax headers)
+)
 
 
 class _CappedReads:
@@ -224,12 +234,16 @@ class _CappedReads:
 
     def __init__(self, path: Path, inner: BinaryIO, raw: BinaryIO, cap: int) -> None:
         self.path, self.inner, self.raw, self.cap = path, inner, raw, cap
+        self.total = 0  # bytes read in all: headers count too (tarfile keeps them)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0 or size > self.cap:
             raise ArchiveError(
                 f"{self.path}: a tar header or member claims more than {self.cap:,} bytes"
             )
+        self.total += size
+        if self.total > MAX_READ_BYTES:
+            raise ArchiveError(f"{self.path}: more than {MAX_READ_BYTES:,} bytes unpacked")
         return self.inner.read(size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -300,6 +314,7 @@ def read_archive(path: Path) -> Archive:
     try:
         with capped, tar:
             for count, member in enumerate(iter(tar.next, None), 1):
+                tar.members.clear()  # (each keeps its pax headers: not held past its turn)
                 if count > MAX_MEMBERS:
                     raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members")
                 name = _member_name(
@@ -438,8 +453,9 @@ def revision_before(data_dir: Path) -> int:
     with contextlib.suppress(OSError, files.Invalid, journal.JournalError):
         raw, _st = read_data_file(data_dir / journal.NAME, journal.NAME)
         scan = journal.scan_journal(raw, journal.NAME, None)
-        ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
-        revision = max(revision, scan.base_revision, *ids)
+        if scan is not None:  # (None: an empty file)
+            ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
+            revision = max(revision, scan.base_revision, *ids)
     return revision
 
 
@@ -450,7 +466,7 @@ def _going_on(contents: dict[str, bytes], before: int, revision: int) -> dict[st
     of the archive's log, as a restore through the daemon makes."""
     if before <= revision:
         return contents
-    log = list(files.decode_table(files.SYNC_LOG, contents[files.SYNC_LOG]))
+    log = list(files.decode_table(files.SYNC_LOG, contents.get(files.SYNC_LOG, b"[]")))
     data = {
         "mode": "restore",
         "files": sorted(contents),

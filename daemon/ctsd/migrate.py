@@ -115,6 +115,13 @@ def parse_url(url: str) -> Source:
         path = Path(rest).absolute()
         return Source("sqlite", str(path), f"sqlite:///{rest}")
     if scheme in ("postgresql", "postgres"):
+        netloc = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
+        if netloc.count("@") > 1:
+            # libpq takes the user info up to the first `@`, urlsplit up to the last: the
+            # rest of the password would be shown as a host name in libpq's error.
+            raise MigrateError(
+                "more than one @ before the host: write an @ in the user or password as %40"
+            )
         try:
             return Source("postgresql", url, shown_url(url))
         except ValueError as e:  # (urlsplit: `[::1` with no `]`, a port that is no number)
@@ -381,9 +388,23 @@ def to_json_object_text(value: Any) -> str:
     return text
 
 
+def _finite_only(value: Any, what: str) -> Any:
+    """`value` (JSON decoded by the database driver) if it holds no NaN or infinity."""
+    work = [value]
+    while work:
+        item = work.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise _Bad(f"expected {what}, got a number that is not finite")
+        if isinstance(item, dict):
+            work.extend(item.values())
+        elif isinstance(item, list):
+            work.extend(item)
+    return value
+
+
 def to_object(value: Any) -> Any:
     if isinstance(value, dict | list):
-        return value
+        return _finite_only(value, "JSON")
     return _json(to_text(value), "JSON")
 
 
@@ -393,8 +414,14 @@ def _json(text: str, what: str) -> Any:
     def refuse(constant: str) -> Any:
         raise _Bad(f"expected {what}, got text holding {constant}")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # (1e400)
+            refuse(number[:40])
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except RecursionError:
         raise _Bad(f"expected {what}, got JSON nested too deeply") from None
     except ValueError:  # (an integer past the digit limit too)
@@ -648,10 +675,12 @@ def settings_value(raw: Any) -> Any:
     if isinstance(raw, float | decimal.Decimal) and not math.isfinite(raw):
         raise _Bad("expected a value, got a number that is not finite")
     if raw is None or isinstance(raw, bool | int | float | dict | list):
-        return raw
+        return _finite_only(raw, "a value")
     if isinstance(raw, decimal.Decimal):
         return int(raw) if raw == int(raw) else float(raw)
     text = to_text(raw)
+    if text.strip() in ("NaN", "Infinity", "-Infinity"):
+        return text  # (a word, kept as a string like any text that is not JSON)
     try:
         return _json(text, "a value")
     except _Bad as e:
