@@ -360,9 +360,13 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
                 if counterpart is None or counterpart == "" or is_placeholder(counterpart):
                     raise _refuse(key, sub, "no secret is stored there")
                 # A tail is only ever shown for api_key: for another secret it would be a way
-                # to guess its last four, answered "matches" or not.
+                # to guess its last four, answered "matches" or not. A value encrypted since
+                # (a key configured after an export) shows none: any tail keeps it, as
+                # "********" does, which tells nothing of it either.
+                encrypted = isinstance(counterpart, str) and counterpart.startswith("enc:")
                 if value != MASK and (
-                    key != SHOW_TAIL or mask_value(SHOW_TAIL, counterpart, record=True) != value
+                    key != SHOW_TAIL
+                    or (not encrypted and mask_value(SHOW_TAIL, counterpart, record=True) != value)
                 ):
                     raise _refuse(key, sub, "it does not match the stored secret")
                 if moved is not None:
