@@ -581,6 +581,19 @@ def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
             assert error["code"] == "invalid" and "Sec-WebSocket" in error["message"], error
         finally:
             conn.close()
+    # one its parser refuses before that (a header line over 8 KiB: a big cookie): JSON too
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as raw:
+        raw.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nCookie: " + b"c" * 9000 + b"\r\n\r\n"
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and b"\r\nx-revision: " in head, head
+    assert json.loads(body)["error"]["code"] == "invalid", body
 
 
 def test_loopback_auth_is_opt_in(data_dir: Path) -> None:

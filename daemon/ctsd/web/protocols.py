@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import http
 import json
 import struct
 import termios
@@ -201,6 +202,26 @@ def _as_json_refusal(response: Response, revision: int) -> Response:
     return dataclasses.replace(response, headers=headers, body=body)
 
 
+_TOO_LARGE = {414: "its request line is too long", 431: "its headers are too large"}
+
+
+def _refusal_bytes(status: int, revision: int) -> bytes:
+    """A refused handshake the parser could not read, whole (status line to body)."""
+    why = _TOO_LARGE.get(status, "the request does not parse")
+    body = json.dumps(
+        {"error": {"code": "invalid", "message": f"not a websocket handshake: {why}"}}
+    ).encode()
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        status, reason = 400, "Bad Request"
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\ncache-control: no-store\r\n"
+        f"x-revision: {revision}\r\n\r\n"
+    ).encode() + body
+
+
 def _unsent(transport: Any) -> int:
     """Bytes not yet taken by the peer: the transport's buffer and the socket's send queue.
     The buffer alone shows no progress while a slow reader empties a send queue of megabytes
@@ -367,6 +388,19 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
                 return _as_json_refusal(response, limits.revision())
 
             self.conn.accept = accept_or_refuse  # type: ignore[method-assign]
+
+        def handle_handshake_exception(self) -> None:
+            """A handshake websockets' parser refused (a header line over 8 KiB, a big
+            Cookie say, or over 128 headers): its 414/431, or uvicorn's 400, as the JSON
+            error every refusal is, with X-Revision, not plain text."""
+            self.handshake_complete = True
+            self.close_sent = True
+            queued = b"".join(self.conn.data_to_send())
+            status = 400
+            if queued.startswith(b"HTTP/1.1 ") and queued[9:12].isdigit():
+                status = int(queued[9:12])
+            self.transport.write(_refusal_bytes(status, limits.revision()))
+            self.transport.close()
 
         def keepalive_timeout(self) -> None:
             super().keepalive_timeout()
