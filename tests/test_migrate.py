@@ -213,7 +213,8 @@ def test_dry_run_compares_secrets_through_the_encryption(tmp_path: Path) -> None
         (mig.settings_value, float("inf"), "not finite"),
         (mig.settings_value, decimal.Decimal("NaN"), "not finite"),
         (mig.settings_value, '{"limit": Infinity}', "holding Infinity"),
-        (mig.to_object, "[1e400]", "holding 1e400"),  # (json makes it inf, no constant)
+        (mig.to_object, "[1e400]", "holding a number out of range"),  # (json: inf)
+        (mig.to_json_object_text, {"x": float("inf")}, "not finite"),  # (jsonb: was null)
         (mig.settings_value, {"limit": [float("inf")]}, "not finite"),  # (jsonb, parsed)
     ],
 )
@@ -468,12 +469,32 @@ def test_a_password_the_url_parser_refuses_is_never_shown(url: str) -> None:
     assert CANARY not in r.stdout + r.stderr
 
 
-def test_a_raw_at_sign_in_the_password_is_refused_before_anything_shows_it() -> None:
-    """libpq splits the user info at the first `@`: the rest of the password was shown as
-    the host it could not resolve."""
-    r = ctsd("migrate", "--from", f"postgresql://bob:Pa@{CANARY}@127.0.0.1:1/x", "--dry-run")
-    assert r.returncode == 1 and "write an @ in the user or password as %40" in r.stderr
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://bob:Pa@{CANARY}@127.0.0.1:1/x",  # libpq: user info to the first @
+        f"postgresql://127.0.0.1:1?password=Pa@{CANARY}",  # ... past the ?
+        f"postgresql://bob:Pa#{CANARY}@127.0.0.1:1/x",  # urlsplit: the rest is a fragment
+        f"postgresql://bob:Pa/{CANARY}@127.0.0.1:1/x",  # ... a path, shown whole
+    ],
+    ids=["two @", "@ after ?", "#", "/"],
+)
+def test_a_password_the_parsers_would_split_differently_is_refused_unshown(url: str) -> None:
+    """libpq and urlsplit read another user info from these: the password was shown, as
+    the host libpq could not resolve or in the URL shown whole."""
+    r = ctsd("migrate", "--from", url, "--dry-run")
+    assert r.returncode == 1 and "percent-encoded (@ as %40" in r.stderr, r.stderr
     assert CANARY not in r.stdout + r.stderr
+
+
+def test_urls_the_parsers_agree_on_are_taken() -> None:
+    for url in (
+        "postgresql://user:pw@host/db?options=a@b",
+        "postgresql://user@[::1]:5432/db",
+        "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://u:p@h1:5432,h2:5433/db",
+    ):
+        assert mig.parse_url(url).kind == "postgresql"
 
 
 def test_postgresql_schema_table_and_unknown_columns(pg: Postgres, tmp_path: Path) -> None:

@@ -85,6 +85,22 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _userinfo_ambiguous(url: str) -> bool:
+    """Would libpq read another user info (user and password) from `url` than urlsplit, or
+    put an `@` in the database name? libpq takes the user info up to the first `@` before a
+    `/` (past `?` and `#`); urlsplit up to the last `@` before a `/`, `?` or `#`. Where they
+    differ, the password is not masked in what is shown (libpq names part of it as the
+    host it could not reach, `shown_url` shows it whole)."""
+    rest = url.split("://", 1)[-1]
+    slash = rest.find("/")
+    at = rest.find("@")
+    theirs = rest[:at] if at >= 0 and (slash < 0 or at < slash) else None
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    ours = netloc.rsplit("@", 1)[0] if "@" in netloc else None
+    path = rest[slash:].split("?", 1)[0] if slash >= 0 else ""
+    return theirs != ours or "@" in path
+
+
 def _url_secrets(url: str) -> list[str]:
     """The password of `url` (in its user info or query), as written and decoded, longest
     first: what a message quoting the URL's parts must not show."""
@@ -115,12 +131,10 @@ def parse_url(url: str) -> Source:
         path = Path(rest).absolute()
         return Source("sqlite", str(path), f"sqlite:///{rest}")
     if scheme in ("postgresql", "postgres"):
-        netloc = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
-        if netloc.count("@") > 1:
-            # libpq takes the user info up to the first `@`, urlsplit up to the last: the
-            # rest of the password would be shown as a host name in libpq's error.
+        if _userinfo_ambiguous(url):
             raise MigrateError(
-                "more than one @ before the host: write an @ in the user or password as %40"
+                "the user, password or database name holds a raw @, ?, # or /: write them "
+                "percent-encoded (@ as %40, ? as %3F, # as %23, / as %2F)"
             )
         try:
             return Source("postgresql", url, shown_url(url))
@@ -377,8 +391,8 @@ def to_timestamp(value: Any) -> str:
 
 
 def to_json_object_text(value: Any) -> str:
-    if isinstance(value, dict):
-        return msgspec.json.encode(value).decode()
+    if isinstance(value, dict):  # (msgspec would write a NaN or infinity as null)
+        return msgspec.json.encode(_finite_only(value, "a JSON object")).decode()
     if isinstance(value, list | bool | int | float | decimal.Decimal):  # json/jsonb, not text
         raise _Bad(f"expected a JSON object, got {_type_name(value)}")
     text = to_text(value)
@@ -417,7 +431,7 @@ def _json(text: str, what: str) -> Any:
     def finite(number: str) -> float:
         value = float(number)
         if not math.isfinite(value):  # (1e400)
-            refuse(number[:40])
+            refuse("a number out of range")
         return value
 
     try:
