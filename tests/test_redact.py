@@ -153,10 +153,25 @@ def test_placeholder_where_nothing_is_stored_is_invalid() -> None:
 
 def test_tail_placeholder_must_match_the_stored_secret() -> None:
     stored = {"api_key": "abcdefghijkl1234"}
-    assert restore_placeholders({"api_key": "…1234"}, stored) == stored
+    assert restore_placeholders({"api_key": "…1234"}, stored, records=True) == stored
+    assert restore_placeholders([{"api_key": "…1234"}], [stored], records=True) == [stored]
     with pytest.raises(CtsdError) as e:
-        restore_placeholders({"api_key": "…9999"}, stored, "$.c")
+        restore_placeholders({"api_key": "…9999"}, stored, "$.c", records=True)
     assert e.value.path == "$.c.api_key" and "1234" not in e.value.message
+    # Only a connection record's own api_key shows a tail: one deeper (a document's, one in
+    # connection_settings) shows "********", so a tail there is refused, right or wrong,
+    # else it answered a guess of its last four.
+    for sent, where in (
+        ({"broker": {"api_key": "…1234"}}, {"broker": stored}),
+        ({"api_key": "…1234"}, stored),  # (a document: not a record)
+        (
+            {"connection_settings": '{"api_key": "…1234"}'},
+            {"connection_settings": '{"api_key": "abcdefghijkl1234"}'},
+        ),
+    ):
+        records = "connection_settings" in sent
+        with pytest.raises(CtsdError, match="does not match"):
+            restore_placeholders(sent, where, records=records)
     # Only api_key ever shows a tail: for another secret, a tail sent would let a client
     # guess its last four (answered "matches" or not), so it is refused whatever it holds.
     doc = {"projectX": {"apiKey": "abcdefghijkl1234"}}
@@ -167,7 +182,7 @@ def test_tail_placeholder_must_match_the_stored_secret() -> None:
     # export imports back. Any tail keeps it, as "********" does: no guessing oracle.
     sealed = {"api_key": "enc:v1:k1:AAAAciphertext"}
     for tail in ("…1234", "…9999"):
-        assert restore_placeholders({"api_key": tail}, sealed) == sealed
+        assert restore_placeholders({"api_key": tail}, sealed, records=True) == sealed
 
 
 def test_a_secret_stored_empty_and_sent_back_null_stays_as_stored() -> None:
@@ -278,7 +293,7 @@ def test_an_encrypted_secret_is_masked_whole() -> None:
     stored = {"api_key": "enc:v1:0123abcd:" + "A" * 40}
     assert mask(stored) == {"api_key": MASK}
     assert restore_placeholders({"api_key": MASK}, stored, "$") == stored
-    assert restore_placeholders({"api_key": "…AAAA"}, stored, "$") == stored
+    assert restore_placeholders({"api_key": "…AAAA"}, stored, "$", records=True) == stored
 
 
 def test_a_url_password_is_masked_wherever_the_url_sits() -> None:

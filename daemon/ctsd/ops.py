@@ -183,7 +183,7 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> tuple[Connect
         raise CtsdError("invalid", "changes must be an object", path=path)
     # A secret sent back as shown keeps the stored one.
     if may_hold_placeholders(changes):
-        changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path)
+        changes = restore_placeholders(changes, msgspec.structs.asdict(conn), path, records=True)
     if "id" in changes and changes["id"] != conn.id:
         raise CtsdError(
             "invalid",
@@ -498,7 +498,7 @@ def _hand_placeholders(
     stored = msgspec.structs.asdict(old) if old else None
     if stored is not None and edited is not None:
         stored = {f: stored[f] for f in edited}
-    restored = restore_placeholders(sent, stored, path)
+    restored = restore_placeholders(sent, stored, path, records=True)
     if restored is sent:
         return conn
     tx.touched.add(file)
@@ -678,7 +678,7 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
         # Secrets exported masked come back as placeholders: the stored ones stay (matched by
         # id); a placeholder for a connection not stored is invalid.
         stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
-        value = restore_placeholders(value, stored, path)
+        value = restore_placeholders(value, stored, path, records=True)
     records = _convert(value, list[kind], path)
     key = "id" if file == CONNECTIONS else "connection_id"
     # Checked as sent, before any merge (a merge would fold duplicates silently).

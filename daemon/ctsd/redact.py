@@ -289,7 +289,7 @@ def _restore_settings_string(sent: str, stored: Any, path: str) -> str:
     return stored if isinstance(stored, str) and restored == old else _dumps(restored)
 
 
-def restore_placeholders(sent: Any, stored: Any, path: str = "$") -> Any:
+def restore_placeholders(sent: Any, stored: Any, path: str = "$", *, records: bool = False) -> Any:
     """`sent` with every placeholder under a secret key replaced by the secret stored at the
     same place in `stored` (None: nothing is stored, as for a new record).
 
@@ -304,7 +304,7 @@ def restore_placeholders(sent: Any, stored: Any, path: str = "$") -> Any:
         return sent
     require_depth(sent, MAX_MESSAGE_DEPTH, path=path)
     # Iterative, like mask(); containers are copied only on the way to a restored value.
-    out, changed = _restore_walk(sent, stored, path)
+    out, changed = _restore_walk(sent, stored, path, records)
     return out if changed else sent
 
 
@@ -334,7 +334,7 @@ def _moved_url(sent: dict[Any, Any], stored: Any) -> str | None:
     return None
 
 
-def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
+def _restore_walk(sent: Any, stored: Any, path: str, records: bool) -> tuple[Any, bool]:
     # Frames: [source, stored counterpart, path, copy or None, parent frame, key in parent,
     # the key of a URL that moved in this object or one around it]
     root: list[Any] = [sent, stored, path, None, None, None, None]
@@ -363,9 +363,18 @@ def _restore_walk(sent: Any, stored: Any, path: str) -> tuple[Any, bool]:
                 # to guess its last four, answered "matches" or not. A value encrypted since
                 # (a key configured after an export) shows none: any tail keeps it, as
                 # "********" does, which tells nothing of it either.
+                # Only a connection record's own `api_key` shows one (`records`: `sent` is
+                # such a record, or a list of them), never one deeper (a document's, one in
+                # `connection_settings`), where a tail answered "matches" or not would be
+                # the same oracle.
+                parent = frame[4]
+                at_record = records and (
+                    parent is None or (parent[4] is None and isinstance(parent[0], list))
+                )
                 encrypted = isinstance(counterpart, str) and counterpart.startswith("enc:")
                 if value != MASK and (
                     key != SHOW_TAIL
+                    or not at_record
                     or (not encrypted and mask_value(SHOW_TAIL, counterpart, record=True) != value)
                 ):
                     raise _refuse(key, sub, "it does not match the stored secret")
