@@ -438,8 +438,20 @@ HOSTILE: dict[str, tuple[Callable[[Path], bytes], str]] = {
     ),
     # a pax header claiming 100 MB, zeros: 100 KB packed; tarfile read it whole, before any
     # member was looked at (and gigabytes as readily)
-    "pax header bomb": (lambda d: pax_bomb(100 << 20), "a tar header or member claims more"),
+    "pax header bomb": (lambda d: pax_bomb(100 << 20), "an extended tar header of"),
+    # one of tiny records, kept and copied into every member after it: a GB, seconds each
+    "global pax header": (lambda d: global_pax(), "a global pax header"),
 }
+
+
+def global_pax() -> bytes:
+    buf = io.BytesIO()
+    records = {f"k{i}": "v" for i in range(1000)}  # (written as a global header)
+    with tarfile.open(
+        fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT, pax_headers=records
+    ) as tar:
+        tar.addfile(tarfile.TarInfo("manifest.json"), io.BytesIO(b""))
+    return buf.getvalue()
 
 
 def pax_bomb(size: int) -> bytes:

@@ -263,6 +263,31 @@ class _CappedReads:
         self.close()
 
 
+MAX_EXTENDED_HEADER = 64 * 1024  # a pax or GNU long-name header (a long name needs little)
+
+
+class _Headers(tarfile.TarInfo):
+    """tarfile's reading of a member's header, refusing the extended headers no backup needs:
+    a global pax header (tarfile keeps it for the whole read and copies it into every member
+    after it: one of tiny records cost a gigabyte and seconds per member), and a pax or
+    long-name header over MAX_EXTENDED_HEADER."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.XGLTYPE:
+            raise ArchiveError("a global pax header: not a ctsd backup")
+        extended = (
+            tarfile.XHDTYPE,
+            tarfile.SOLARIS_XHDTYPE,
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+        )
+        if self.type in extended and self.size > MAX_EXTENDED_HEADER:
+            raise ArchiveError(
+                f"an extended tar header of {self.size:,} bytes (over {MAX_EXTENDED_HEADER:,})"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+
+
 def _open_tar(path: Path) -> tuple[tarfile.TarFile, _CappedReads]:
     """The archive at `path` (plain, gzip, xz or bzip2), unpacked here so that its reads are
     capped (`_CappedReads`)."""
@@ -279,7 +304,8 @@ def _open_tar(path: Path) -> tuple[tarfile.TarFile, _CappedReads]:
             inner = bz2.BZ2File(raw)  # type: ignore[assignment]
         capped = _CappedReads(path, inner, raw, files.MAX_FILE_BYTES + tarfile.BLOCKSIZE)
         try:
-            return tarfile.open(fileobj=capped, mode="r:"), capped  # type: ignore[call-overload]
+            tar = tarfile.open(fileobj=capped, mode="r:", tarinfo=_Headers)  # noqa: SIM115
+            return tar, capped
         except BaseException:
             inner.close()
             raise
