@@ -18,6 +18,7 @@ import pytest
 
 from ctsd import ops, sweeps
 from ctsd.files import STATE
+from ctsd.models import TestResult
 from tests.daemon import wait_until_async
 from tests.exchange import PX_KEY, PX_USER, FakeExchange, probe_connection
 from tests.inprocess import open_app, state_file, sync_log
@@ -257,6 +258,34 @@ async def test_first_periodic_tests_wait_half_an_interval(running: Any):
     await app.store.submit(ops.create(probe_connection("new", None)), "cli")
     await wait_for(lambda: "new" in sw.test_due, 3, "the new one scheduled")
     assert t1 + interval / 2 <= sw.test_due["new"] <= time.monotonic() + interval
+
+
+async def test_a_recent_test_postpones_the_periodic_one(tmp_path: Path):
+    """A connection tested less than half an interval ago (a test asked for on the bus, or
+    another cluster host's periodic one: results are shared) is not tested again when its
+    own turn comes: its next test is an interval after that one. An old result, none, or one
+    dated in the future (a clock ahead) does not hold the test off."""
+    interval = 1000.0
+    names = ("fresh", "old", "future", "never")
+    app = await open_app(
+        tmp_path, [probe_connection(c, None) for c in names], {"test_interval_s": interval}
+    )
+    try:
+        wall = time.time()
+        for cid, ago in (("fresh", 100), ("old", 600), ("future", -100)):
+            result = TestResult(success=True, latency=1, timestamp=sweeps.iso_at(wall - ago))
+            await app.store.submit(ops.record_test(cid, result), "probe")
+        sw = app.sweeper
+        now = time.monotonic()
+        sw.tick(now)  # learns the connections
+        sw._reschedule_all(interval, now)
+        for cid in names:
+            sw._schedule_test(cid, now)
+        assert sorted(sw.due_tests(now, 10)) == ["future", "never", "old"]
+        last = now - 100
+        assert last + 0.9 * interval - 1 <= sw.test_due["fresh"] <= last + 1.1 * interval + 1
+    finally:
+        await app.store.close()
 
 
 async def test_heartbeat_unknown_connection(running: Any):

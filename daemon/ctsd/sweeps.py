@@ -379,8 +379,29 @@ class Sweeper:
             if cid in self.testing:
                 self._schedule_test(cid, now + (self.test_interval or 0))
                 continue
+            later_due = self._after_last_test(cid, now)
+            if later_due is not None:
+                self._schedule_test(cid, later_due)
+                continue
             out.append(cid)
         return out
+
+    def _after_last_test(self, cid: str, now: float) -> float | None:
+        """When the connection was tested less than an interval ago (a test asked for on the
+        bus or HTTP, or, in a cluster, another host's periodic one: results are shared), its
+        next periodic test is due an interval after that one, not now: each connection is
+        tested about once per interval however many hosts run it. None: test it now."""
+        st = self.store.state.get(cid)
+        interval = self.test_interval or 0
+        if st is None or st.test_results is None or interval <= 0:
+            return None
+        last = monotonic_of(st.test_results.timestamp)
+        # Within half an interval: this host's own last test (an interval × [0.9, 1.1] ago)
+        # is never taken for a recent one. A timestamp in the future (a clock ahead, a hand
+        # edit) must not hold tests off.
+        if not now - interval / 2 < last <= now:
+            return None
+        return last + interval * random.uniform(1 - PERIODIC_JITTER, 1 + PERIODIC_JITTER)
 
     async def _periodic_test(self, cid: str) -> None:
         self.testing.add(cid)
