@@ -297,6 +297,20 @@ class NatsCluster:
                 node.proc.wait(timeout=5)
         node.proc = None
 
+    def reload(self, i: int, timeout: float = 15.0) -> None:
+        """Write node i's config again (after a change of this object's fields) and have the
+        running server reload it (SIGHUP), as an operator does; returns once it has."""
+        node = self.nodes[i]
+        assert node.proc is not None and node.proc.poll() is None
+        done = node.log.read_text().count("Reloaded server configuration")
+        node.conf.write_text(self._config(node))
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: node.log.read_text().count("Reloaded server configuration") > done,
+            timeout,
+            what=f"{node.name} reloaded its config",
+        )
+
     def tail(self, i: int, lines: int = 20) -> str:
         try:
             return "\n".join(self.nodes[i].log.read_text().splitlines()[-lines:])

@@ -1091,6 +1091,36 @@ async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: N
         assert a.outages == outages + 1  # one outage, however many states it went through
 
 
+async def test_a_connection_the_client_gave_up_is_made_again(one_node: NatsCluster) -> None:
+    """nats-py gives a connection up for good, reconnecting no more, after some errors from
+    the server. Here: a message over a max_payload lowered (and reloaded) since the connection
+    was made, which makes the server drop it. The engine connects again, learns the new limit
+    (that group is refused, never sent again to be dropped again) and goes on."""
+    c = one_node
+    async with running(make_settings(c, replicas=1)) as (a, rec):
+        await a.catch_up(timeout=10)
+        await commit(a, b"before")
+        snapshots = Snapshots(a)
+        assert await snapshots.put(1, b"snapshot at 1")
+        c.max_payload = 4096
+        await asyncio.to_thread(c.reload, 0)
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises((PublishRefused, Unavailable)) as info:
+                await a.publish(os.urandom(20_000), a.applied_seq, a.new_local_id())
+            assert "at most" in str(info.value), info.value  # the new limit, learnt
+            await wait_until_async(lambda: a.state == "connected", timeout=15)
+        assert any(e["event"] == "cluster.connection_closed" for e in logs), logs
+        seq = await commit(a, b"after")
+        assert rec.payloads == [b"before", b"after"]
+        assert await snapshots.put(seq, b"snapshot after")  # the bucket's handle made anew
+        snap = await snapshots.latest()
+        assert snap is not None and snap.data == b"snapshot after"
+        with pytest.raises(PublishRefused, match="at most"):  # TooLarge, before sending
+            await a.publish(os.urandom(20_000), a.applied_seq, a.new_local_id())
+        await commit(a, b"last")
+        assert rec.payloads == [b"before", b"after", b"last"]
+
+
 async def test_an_unreachable_engine_at_start_is_a_state_not_a_crash() -> None:
     s = ClusterSettings(
         nats_urls=("nats://127.0.0.1:1",), name="nowhere", host_id="h", publish_timeout_s=0.5

@@ -339,6 +339,7 @@ class ClusterEngine:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
                     **(
                         self.settings.credentials.connect_options()
                         if self.settings.credentials
@@ -457,6 +458,21 @@ class ClusterEngine:
             self._set_state(
                 "disconnected", f"lost the NATS connection: {self._last_error or 'closed'}"
             )
+
+    async def _on_closed(self) -> None:
+        """nats-py gives a connection up for good, reconnecting no more, after some errors
+        from the server: a message over a max_payload lowered since the connection was made,
+        an expired JWT, an unknown protocol error. The daemon is long-running: it connects
+        again (to the config's URLs, reading the credentials again), and applies the stream
+        from where it was."""
+        if self._closing:
+            return
+        self._connected.clear()
+        reason = self._last_error or "closed by the client"
+        log.warning("cluster.connection_closed", reason=reason, then="connecting again")
+        self._set_state("disconnected", f"the NATS connection was closed ({reason}); connecting")
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._connect_loop(), name="cluster-connect"))
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
@@ -586,19 +602,10 @@ class ClusterEngine:
             keyed=keyed,
             founding=founding,
         )
-        # The servers' limit as of the last (re)connect: raised in their config, it holds once
-        # the connection is made again.
-        limit = (self._nc.max_payload if self._nc else DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
-        if len(data) > limit:
-            compressed = " compressed" if messages.H_ENCODING in headers else ""
-            raise TooLarge(
-                f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
-                f"most {limit} (raise max_payload in the nats-server config)",
-                limit,
-            )
+        maybe_sent = retry or msg_id in self._sent_ids
+        self._check_size(data, headers, maybe_sent)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout_s
-        maybe_sent = retry or msg_id in self._sent_ids
         self._sent_ids[msg_id] = None
         if len(self._sent_ids) > SENT_IDS_KEPT:
             self._sent_ids.popitem(last=False)
@@ -626,6 +633,9 @@ class ClusterEngine:
                 self.check_writable()
             except Unavailable as exc:  # an earlier attempt may have been stored
                 raise Unavailable(str(exc), outcome_unknown=maybe_sent) from None
+            # Again: a connection made since may have brought a lower limit (one over it
+            # would make the server drop the connection).
+            self._check_size(data, headers, maybe_sent)
             assert self._js is not None
             try:
                 ack = await self._js.publish(
@@ -687,6 +697,21 @@ class ClusterEngine:
             if self._state == "unavailable":
                 self._set_state("connected")  # the stream answers again
             return ack.seq
+
+    def _check_size(self, data: bytes, headers: dict[str, str], maybe_sent: bool) -> None:
+        """Raise TooLarge past the servers' limit as of the last (re)connect: raised in their
+        config, it holds once the connection is made again."""
+        limit = (self._nc.max_payload if self._nc else DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+        if len(data) <= limit:
+            return
+        compressed = " compressed" if messages.H_ENCODING in headers else ""
+        why = (
+            f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
+            f"most {limit} (raise max_payload in the nats-server config)"
+        )
+        if maybe_sent:  # an earlier attempt, under a higher limit, may be stored
+            raise Unavailable(why, outcome_unknown=True)
+        raise TooLarge(why, limit)
 
     async def commit(
         self,
@@ -872,7 +897,7 @@ class ClusterEngine:
 
     async def _consume_loop(self) -> None:
         while not self._closing:
-            await self._ready.wait()
+            await self._connected_and_ready()  # not a retry every 0.1 s while it is down
             if self._stalled is not None:
                 await self._resumed.wait()
                 continue

@@ -26,6 +26,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo, ObjectMeta, ObjectStoreConfig, StorageType
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
@@ -70,6 +71,7 @@ class Snapshots:
         self._orphan_after_s = orphan_after_s
         self.bucket = f"ctsd_{engine.settings.name}_snapshots"
         self._store: ObjectStore | None = None
+        self._store_js: JetStreamContext | None = None  # the context `_store` was made on
         # How long a listing or a chunk may keep a reader waiting.
         self._timeout_s = timeout_s or max(5.0, engine.settings.publish_timeout_s)
 
@@ -81,8 +83,9 @@ class Snapshots:
         await self._bucket()
 
     async def _bucket(self) -> ObjectStore:
-        if self._store is None:
-            js = self.engine.jetstream()
+        js = self.engine.jetstream()
+        # A connection the client gave up for good is made anew: so is the bucket's handle.
+        if self._store is None or self._store_js is not js:
             config = ObjectStoreConfig(
                 description=f"ctsd snapshots of cluster {self.engine.settings.name}",
                 storage=StorageType.FILE,
@@ -95,6 +98,7 @@ class Snapshots:
                     self._store = await js.create_object_store(self.bucket, config=config)
             except (nats.errors.Error, TimeoutError) as exc:
                 raise Unavailable(f"snapshot bucket {self.bucket}: {exc}") from None
+            self._store_js = js
         return self._store
 
     async def put(self, seq: int, data: bytes) -> bool:
