@@ -648,6 +648,26 @@ async def test_heartbeat_and_tests(daemon: Daemon) -> None:
         assert "state" in st["projectx"]  # from ctsd.sweeps, not a fallback
 
 
+async def test_a_test_pipelined_after_a_change_sees_it(daemon: Daemon) -> None:
+    """A connection test reads the record: sent right after this client's create (not
+    waiting for its answer), it runs once the create is in, as a read does. A large
+    document goes first, so the group's journal record is written on a thread and the
+    create is not in yet when the test comes."""
+    async with bus(daemon) as b:
+        doc = await b.send("documents.set", name="watchlists", content={"pad": "x" * 400_000})
+        cs = json.dumps({"base_url": "http://127.0.0.1:9"})
+        created = await b.send(
+            "connections.create", connection=connection(id="pt1", connection_settings=cs)
+        )
+        tested = await b.send("connections.test", connection_id="pt1")
+        for msg_id in (doc, created):
+            r = await b.result(msg_id)
+            assert r["success"] is True, r
+        reply = await b.result(tested)
+        # the test of the created record: its base_url is a closed port
+        assert reply["success"] is True and reply["result"]["success"] is False, reply
+
+
 # --- subscriptions -------------------------------------------------------------------------
 
 

@@ -259,7 +259,8 @@ class Session:
                 await self.outbox.drained()
             return
         if name in WRITES or name in PROBES:
-            if size > BIG_FRAME_BYTES and self.inflight:
+            if (size > BIG_FRAME_BYTES or name in PROBES) and self.inflight:
+                # A test reads the record, as a read does: this client's changes go in first.
                 await asyncio.wait(self.inflight)
             if len(self.inflight) + len(self.probes) >= MAX_INFLIGHT:
                 await asyncio.wait(self.inflight | self.probes, return_when=asyncio.FIRST_COMPLETED)
