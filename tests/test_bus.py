@@ -87,6 +87,17 @@ async def test_auth_first_message_must_be_auth(daemon: Daemon) -> None:
         assert await close_code(ws) == (1008, [])
 
 
+async def test_an_auth_frame_over_the_limit_is_too_large_not_a_wrong_token(daemon: Daemon) -> None:
+    """The frame limit holds before auth too, with its own answer and close code (1009 says
+    "send smaller frames"; 1008 would say "fix the token")."""
+    async with connect(daemon.ws_url, max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "auth", "token": "x" * (1024 * 1024 + 10)}))
+        code, frames = await close_code(ws)
+        assert code == 1009 and len(frames) == 1, (code, frames)
+        assert frames[0]["success"] is False and frames[0]["error"]["code"] == "too_large"
+
+
 async def test_auth_timeout_10s(daemon: Daemon) -> None:
     async with connect(daemon.ws_url) as ws:
         t0 = time.monotonic()

@@ -50,6 +50,10 @@ STOPPING = CtsdError("io_error", "the daemon is stopping: nothing was done; retr
 _decoder = msgspec.json.Decoder()
 
 
+def _frame_size(raw: str | bytes) -> int:
+    return len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
+
+
 class Closed(Exception):
     """The client went away (or we closed it): stop serving this connection."""
 
@@ -144,8 +148,10 @@ class Session:
             return False
         if self._evicted:  # (its auth frame came too late)
             return False
+        if await self._too_large(_frame_size(raw)):  # the limit of every frame, and its code
+            return False
         try:
-            frame = _decoder.decode(raw) if len(raw) <= p.MAX_FRAME_BYTES else None
+            frame = _decoder.decode(raw)
             ok = isinstance(frame, dict) and frame.get("type") == "auth"
             auth = p.parse_args(p.Auth, frame) if ok else None  # type: ignore[arg-type]
         except (msgspec.DecodeError, RecursionError, CtsdError):
@@ -210,12 +216,18 @@ class Session:
             self._failed(msg_id, name, e)
         return True
 
+    async def _too_large(self, size: int) -> bool:
+        """A frame over the limit is answered `too_large` and the connection closed."""
+        if size <= p.MAX_FRAME_BYTES:
+            return False
+        err = CtsdError("too_large", f"frame of {size} bytes; the limit is {p.MAX_FRAME_BYTES}")
+        self.fail(None, err)
+        await self.outbox.close(CLOSE_TOO_BIG, "frame too large")
+        return True
+
     async def on_frame(self, raw: str | bytes) -> None:
-        size = len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
-        if size > p.MAX_FRAME_BYTES:
-            err = CtsdError("too_large", f"frame of {size} bytes; the limit is {p.MAX_FRAME_BYTES}")
-            self.fail(None, err)
-            await self.outbox.close(CLOSE_TOO_BIG, "frame too large")
+        size = _frame_size(raw)
+        if await self._too_large(size):
             raise Closed(CLOSE_TOO_BIG)
         try:
             frame = _decoder.decode(raw)
