@@ -282,6 +282,35 @@ def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -
     _error(api.post("/api/data/import", json=[1]), 400, "invalid", "$")
 
 
+def test_an_export_over_a_mib_imports_back(daemon: Daemon, api: httpx.Client) -> None:
+    """The seed's backup and restore (export, then POST it to import) with an export larger
+    than other bodies may be (its sync log, never imported, is most of it at a few hundred
+    connections); an import over its own limit is refused from its Content-Length, unread."""
+    pad = json.dumps({"note": "x" * 60_000})
+    for i in range(12):
+        r = api.post(
+            "/api/settings/connections", json=connection(id=f"big{i}", connection_settings=pad)
+        )
+        assert r.status_code == 201, r.text
+    exported = api.get("/api/data/export").content
+    assert len(exported) > 1024 * 1024
+    api.delete("/api/settings/connections/big0")
+    r = api.post("/api/data/import?mode=replace", content=exported, headers=JSON)
+    assert r.status_code == 200, r.text
+    assert on_disk(daemon, "connections.json") == json.loads(exported)["files"]["connections.json"]
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/api/data/import")
+        for name, value in {**api.headers, **JSON}.items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(64 * 1024 * 1024 + 1))
+        conn.endheaders()
+        res = conn.getresponse()
+        assert res.status == 413 and json.loads(res.read())["error"]["code"] == "too_large"
+    finally:
+        conn.close()
+
+
 def test_reset_needs_confirm(daemon: Daemon, api: httpx.Client) -> None:
     api.post("/api/settings/connections", json=connection(id="c1"))
     _error(api.delete("/api/data/reset"), 400, "invalid")

@@ -26,7 +26,7 @@ from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
 from ctsd.web import openapi
 from ctsd.web import schemas as s
-from ctsd.web.body import MAX_BODY_BYTES, read_json
+from ctsd.web.body import MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES, read_json
 from ctsd.web.endpoint import Context, Endpoint, Query
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ async def bootstrap(ctx: Context) -> Any:
             "topics": list(p.TOPICS),
             "max_frame_bytes": p.MAX_FRAME_BYTES,
             "max_body_bytes": MAX_BODY_BYTES,
+            "max_import_body_bytes": MAX_IMPORT_BODY_BYTES,
             "documents": sorted(svc.store.documents),
         },
     }
@@ -481,6 +482,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         import_data,
         s.ImportResult,
         body=s.ImportBody,
+        max_body=MAX_IMPORT_BODY_BYTES,
         write=True,
         queries=(Query("mode", _arg_type(p.DataImport, "mode"), "merge (default) or replace"),),
         tag="data",
@@ -608,7 +610,7 @@ def make_route(svc: Services, path: str, eps: list[Endpoint]) -> Route:
             )
             ctx = Context(svc, request, call, dict(request.path_params), _parse_query(ep, request))
             if ep.body is not None:
-                ctx.body = await read_json(request, required=True)
+                ctx.body = await read_json(request, required=True, limit=ep.max_body)
                 if ep.typed_body:
                     ctx.body = _validate_body(ep.body, ctx.body)
             else:

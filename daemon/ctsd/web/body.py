@@ -1,4 +1,5 @@
-"""Request bodies: JSON only, at most 1 MiB, read before anything is decoded.
+"""Request bodies: JSON only, at most 1 MiB (an import: 64 MiB), read before anything is
+decoded.
 
 Starlette's own body limit answers in plain text; every error of this API is JSON, and a body
 that is too big closes the connection (the rest of it is never read).
@@ -15,13 +16,16 @@ from ctsd.errors import CtsdError
 from ctsd.limits import MAX_MESSAGE_DEPTH
 
 MAX_BODY_BYTES = 1024 * 1024
+# An export imports back unchanged: its sync log alone (never imported, but sent) is most of
+# 1 MiB at a few hundred connections. The data files it carries are read up to 16 MiB each.
+MAX_IMPORT_BODY_BYTES = 64 * 1024 * 1024
 
 _decoder = msgspec.json.Decoder()
 
 
 class BodyTooLarge(CtsdError):
-    def __init__(self) -> None:
-        super().__init__("too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    def __init__(self, limit: int) -> None:
+        super().__init__("too_large", f"request body over {limit} bytes")
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -31,14 +35,15 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json"
 
 
-async def read_json(request: Request, required: bool) -> Any:
-    """The decoded JSON body, or None when there is none and none is required."""
+async def read_json(request: Request, required: bool, limit: int = MAX_BODY_BYTES) -> Any:
+    """The decoded JSON body (at most `limit` bytes), or None when there is none and none is
+    required."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise CtsdError("invalid_format", "Content-Length must be a number")
-        if int(length) > MAX_BODY_BYTES:
-            raise BodyTooLarge()
+        if int(length) > limit:
+            raise BodyTooLarge(limit)
     has_body = (length is not None and int(length) > 0) or "transfer-encoding" in request.headers
     if has_body and not _is_json(request.headers.get("content-type")):
         raise CtsdError(
@@ -49,8 +54,8 @@ async def read_json(request: Request, required: bool) -> Any:
     try:
         async for chunk in request.stream():
             total += len(chunk)
-            if total > MAX_BODY_BYTES:
-                raise BodyTooLarge()
+            if total > limit:
+                raise BodyTooLarge(limit)
             chunks.append(chunk)
     except ClientDisconnect:
         # Gone (or dropped at the body's deadline) before its body ended: nothing was done,

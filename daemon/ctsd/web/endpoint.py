@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from ctsd.bus.commands import Call
 from ctsd.errors import CtsdError
+from ctsd.web.body import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -37,6 +38,7 @@ class Endpoint:
     response: Any = None  # msgspec type of the answer (None: no JSON schema, e.g. /metrics)
     status: int = 200
     body: Any = None  # msgspec type of the JSON body, or None for no body
+    max_body: int = MAX_BODY_BYTES
     typed_body: bool = False  # the body is converted to `body` (else the command validates it)
     queries: tuple[Query, ...] = ()
     auth: bool = True

@@ -25,7 +25,6 @@ _ERROR_TEXT = {
     405: "The path has no such method (`method_not_allowed`; see `Allow`)",
     409: "Refused: `conflict`, `file_invalid` (the file is invalid on disk), `revision_compacted`",
     412: "`If-Match` failed: what the change touches moved past that revision",
-    413: "Body over 1 MiB (`too_large`)",
     415: "Body not JSON (`unsupported_media_type`)",
     429: "Rate limited (`rate_limited`)",
     503: (
@@ -196,7 +195,11 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
             codes |= {413, 415}
         for code in sorted(codes):
             responses[str(code)] = {
-                "description": _ERROR_TEXT[code],
+                "description": (
+                    f"Body over {ep.max_body // (1024 * 1024)} MiB (`too_large`)"
+                    if code == 413
+                    else _ERROR_TEXT[code]
+                ),
                 "headers": _REVISION_HEADER,
                 "content": {"application/json": {"schema": error_ref}},
             }
@@ -211,7 +214,8 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
                 "The REST API of ctsd: exchange connections, their state, the sync log and "
                 "the trading app's documents. Every change goes through the same door as the "
                 "websocket bus at /ws and is answered once durable. Send "
-                "`Authorization: Bearer TOKEN` (all but /health), JSON bodies up to 1 MiB."
+                "`Authorization: Bearer TOKEN` (all but /health), JSON bodies up to 1 MiB (an "
+                "import: 64 MiB)."
             ),
         },
         "paths": paths,
