@@ -423,6 +423,15 @@ def test_sync_files_answers_with_the_change_in_the_file(daemon: Daemon, api: htt
     r = api.post("/api/settings/connections?sync=files", json=connection(id="c1"))
     assert r.status_code == 201
     assert [c["id"] for c in on_disk(daemon, "connections.json")] == ["c1"]
+    # a test stores its result: with ?sync=files, it is in connection-state.json (nothing
+    # listens on port 9: the test fails at once)
+    cs = json.dumps({"base_url": "http://127.0.0.1:9"})
+    api.put("/api/settings/connections/c1", json={"connection_settings": cs})
+    for _ in range(3):
+        r = api.post("/api/connections/c1/test?sync=files")
+        assert r.status_code == 200, r.text
+        (state,) = on_disk(daemon, "connection-state.json")
+        assert state["test_results"]["timestamp"] == r.json()["timestamp"], state
     _error(api.post("/api/data/ui-config?sync=later", json={}), 400, "invalid", "$.sync")
     _error(api.get("/api/settings/connections?bogus=1"), 400, "invalid", "$.bogus")
 

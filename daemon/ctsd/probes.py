@@ -403,16 +403,20 @@ class Prober:
             return _failure(target)
         return await self.request(target, self._timeout(), scrub=_userinfo_parts(target.url))
 
-    async def test_connection(self, cid: str) -> tuple[dict[str, Any], int]:
-        """`connections.test`: test now, store the result (event `test`); return it and the
-        revision right after it."""
+    async def test_connection(
+        self, cid: str, sync: str | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """`connections.test`: test now, store the result (event `test`; with `sync="files"`
+        answered once it is in the files); return it and the revision right after it."""
         if not isinstance(cid, str):
             raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
         conn = self.store.connections.get(cid)
         if conn is None:
             raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
         result = await self.run_test(conn)
-        _, revision = await self.store.submit_answer(ops.record_test(cid, result), "probe")
+        _, revision = await self.store.submit_answer(
+            ops.record_test(cid, result), "probe", sync=sync
+        )
         out: dict[str, Any] = msgspec.to_builtins(result)
         return out, revision
 

@@ -450,6 +450,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Test the connection now",
         test_connection,
         TestResult,
+        stores=True,
         tag="state",
         errors=(404,),
     ),
@@ -585,7 +586,7 @@ def _if_match(request: Request) -> int | None:
 
 def _sync(ep: Endpoint, request: Request) -> str | None:
     value = request.query_params.get("sync")
-    if value is None or not ep.write:
+    if value is None or not (ep.write or ep.stores):
         return None
     if value != "files":
         raise CtsdError("invalid", "?sync must be `files`", path="$.sync")

@@ -43,6 +43,7 @@ class Endpoint:
     queries: tuple[Query, ...] = ()
     auth: bool = True
     write: bool = False  # a change: `?sync=files` and `If-Match` apply
+    stores: bool = False  # stores a result (a test): `?sync=files` applies, `If-Match` not
     tag: str = "data"
     errors: tuple[int, ...] = ()
     notes: str = ""

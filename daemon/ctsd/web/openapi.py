@@ -79,7 +79,7 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
                 "schema": msgspec.json.schema(q.type),
             }
         )
-    if ep.write:
+    if ep.write or ep.stores:
         out.append(
             {
                 "name": "sync",
@@ -89,6 +89,7 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
                 "schema": {"type": "string", "enum": ["files"]},
             }
         )
+    if ep.write:
         out.append(
             {
                 "name": "If-Match",
