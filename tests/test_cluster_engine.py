@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -16,7 +17,7 @@ import msgspec
 import nats
 import pytest
 import structlog
-from nats.js.api import ObjectMeta
+from nats.js.api import ObjectMeta, StreamInfo
 
 from ctsd.cluster import engine as engine_module
 from ctsd.cluster.config import ClusterSettings, Credentials
@@ -1052,6 +1053,46 @@ async def test_a_leader_left_alone_is_not_taken_for_a_quorum(own_cluster: NatsCl
         # was unknown): the next one is computed on what the stream holds, as the store's is.
         await a.catch_up(timeout=30)
         await commit(a, b"after")
+
+
+async def test_a_description_without_a_leader_is_not_taken_for_another_stream(
+    cluster: NatsCluster,
+) -> None:
+    """When two of three nodes die, the one left answers a description of the stream without
+    a leader, from its own copy: behind what the host applied if it had fallen behind (seen
+    in a run that paused one node: "applied up to seq 6, but the stream ends at seq 2"). That
+    is no other stream, nor a trimmed one: the host waits for a leader, never stalled (which
+    lasts until a restart). The answer is the real server's, made as such a node's is."""
+    async with running(make_settings(cluster)) as (a, rec):
+        await a.catch_up(timeout=10)
+        for i in range(3):
+            await commit(a, f"c{i}".encode())
+        js = a._js
+        assert js is not None
+        described = js.stream_info
+
+        async def left_behind(*args: object, **kw: object) -> StreamInfo:
+            info = await described(*args, **kw)  # type: ignore[arg-type]
+            assert info.cluster is not None
+            return dataclasses.replace(
+                info,
+                cluster=dataclasses.replace(info.cluster, leader=None),
+                state=dataclasses.replace(info.state, first_seq=2, last_seq=1),
+            )
+
+        js.stream_info = left_behind  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Unavailable, match="no leader"):
+                await a.catch_up(timeout=1.0)
+            with pytest.raises(Unavailable, match="no leader"):
+                await a.stream_bounds()
+            await wait_until_async(lambda: "no leader" in (a.status().reason or ""), timeout=5)
+            assert a.stalled_by is None
+        finally:
+            js.stream_info = described  # type: ignore[method-assign]
+        assert await a.catch_up(timeout=10) == 3
+        await commit(a, b"after")
+        assert a.stalled_by is None and rec.payloads == [b"c0", b"c1", b"c2", b"after"]
 
 
 async def test_all_nodes_down_writes_are_unavailable_then_recover(own_cluster: NatsCluster) -> None:

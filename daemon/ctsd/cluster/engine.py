@@ -84,6 +84,7 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequ
 # 2.10.14 the answer is a duplicate ack with seq 0 instead): asked again shortly.
 DUPLICATE_IN_PROCESS = 10158
 IN_PROCESS_WAIT_S = 0.05
+NO_LEADER = "the change stream has no leader (too few NATS nodes up)"
 MAX_GAP_LOOKED_AT = 1000  # messages missing from the delivery checked one by one
 SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
@@ -101,6 +102,11 @@ class _CannotCreate(Exception):
 
 class _Restart(Exception):
     """Internal: drop the consumer and start again from the applied seq."""
+
+
+class _NoLeader(_Restart):
+    """Internal: the stream was described by a member that has no leader: from its own copy,
+    which may be behind (it was, when the others died). Nothing is judged by it."""
 
 
 ApplyCallback = Callable[[Change], Awaitable[None]]
@@ -414,9 +420,8 @@ class ClusterEngine:
                 "it is not this cluster's change stream"
             )
         self.stream_created = info.created.isoformat() if info.created else ""
-        if self._first_seen_last is None:
-            self._first_seen_last = info.state.last_seq
-        self._note_stream(info.state)
+        if _from_leader(info):  # (else `_stream_info` notes it once a leader describes it)
+            self._note_stream(info.state)
 
     def _with_credentials(self, reason: str) -> str:
         """An authorization error says which credentials were offered (the file, never its
@@ -432,6 +437,8 @@ class ClusterEngine:
         )
 
     def _note_stream(self, state: StreamState) -> None:
+        if self._first_seen_last is None:
+            self._first_seen_last = state.last_seq
         self._stream_last = max(self._stream_last or 0, state.last_seq)
         if self._catch_up_pending:  # the start gave up before it saw the stream: now it has
             self._catch_up_pending = False
@@ -501,7 +508,8 @@ class ClusterEngine:
                     "unavailable", f"stream {self.stream} does not answer: {_describe(exc)}"
                 )
                 continue
-            self._note_stream(info.state)
+            if _from_leader(info):
+                self._note_stream(info.state)
             # The stream's remaining node may still answer stream info while it has no
             # quorum: writes then fail, and /health must say so.
             no_quorum = _no_quorum(info)
@@ -542,12 +550,11 @@ class ClusterEngine:
 
     async def stream_bounds(self) -> tuple[int, int]:
         """The seqs of the stream's first and last messages now. Raises Unavailable."""
-        js = self.jetstream()
+        self.jetstream()  # (Unavailable before the first connection)
         try:
-            info = await js.stream_info(self.stream)
-        except (nats.errors.Error, TimeoutError) as exc:
+            info = await self._stream_info()
+        except (nats.errors.Error, TimeoutError, _NoLeader) as exc:
             raise Unavailable(f"stream {self.stream} does not answer: {_describe(exc)}") from None
-        self._note_stream(info.state)
         return info.state.first_seq, info.state.last_seq
 
     def new_local_id(self) -> str:
@@ -855,18 +862,18 @@ class ClusterEngine:
         if until is None:
             assert self._js is not None
             while True:
+                applied = self._applied
                 try:
-                    info = await self._js.stream_info(self.stream)
+                    info = await self._stream_info()
                     break
-                except (nats.errors.Error, TimeoutError) as exc:
+                except (nats.errors.Error, TimeoutError, _NoLeader) as exc:
                     if deadline is not None and loop.time() >= deadline:
                         self._catch_up_pending = True
                         raise Unavailable(
                             f"stream {self.stream} does not answer: {_describe(exc)}"
                         ) from None
-                    await asyncio.sleep(0.05)
-            self._note_stream(info.state)
-            self._check_history(info.state)
+                    await asyncio.sleep(0.25 if isinstance(exc, _NoLeader) else 0.05)
+            self._check_history(info.state, applied)
             until = info.state.last_seq
         try:
             await self.wait_applied(until, left())
@@ -879,9 +886,19 @@ class ClusterEngine:
             ) from None
         return self._applied
 
-    def _check_history(self, state: StreamState) -> None:
-        """Raise (and stall) if the stream cannot continue from this host's applied seq."""
-        applied = self._applied
+    async def _stream_info(self) -> StreamInfo:
+        """The stream's description, noted, from its leader (or a single server); raises
+        _NoLeader for one from a member without a leader."""
+        assert self._js is not None
+        info = await self._js.stream_info(self.stream)
+        if not _from_leader(info):
+            raise _NoLeader(NO_LEADER)
+        self._note_stream(info.state)
+        return info
+
+    def _check_history(self, state: StreamState, applied: int) -> None:
+        """Raise (and stall) if the stream cannot continue from `applied`, this host's applied
+        seq when the description was asked for."""
         if applied > state.last_seq:
             exc: Stalled = StreamMismatch(
                 f"this host applied the change stream up to seq {applied}, but stream "
@@ -905,6 +922,8 @@ class ClusterEngine:
                 await self._consume()
             except Stalled as exc:
                 self._stall(exc)
+            except _NoLeader:  # (the state says so: no log line twice a second)
+                await asyncio.sleep(0.5)
             except _Restart as exc:
                 log.info("cluster.consumer_restart", reason=str(exc), applied_seq=self._applied)
                 await asyncio.sleep(0.1)  # not a busy loop when every new consumer fails
@@ -915,9 +934,9 @@ class ClusterEngine:
     async def _consume(self) -> None:
         assert self._nc is not None and self._js is not None
         nc, js = self._nc, self._js
-        info = await js.stream_info(self.stream)
-        self._note_stream(info.state)
-        self._check_history(info.state)
+        applied = self._applied  # before the request: own groups may be applied meanwhile
+        info = await self._stream_info()
+        self._check_history(info.state, applied)
         # Messages are handled in the subscription's own task, one after the other, as they
         # come (`next_msg` would cost a task, a timer and a uuid per message). This task
         # watches it: the first error a message raised, or nothing (not even the consumer's
@@ -1109,7 +1128,7 @@ class ClusterEngine:
         first = self._last_delivered + 1
         if last - first >= MAX_GAP_LOOKED_AT:
             return False
-        info = await self._js.stream_info(self.stream)
+        info = await self._stream_info()
         if info.state.first_seq > first:
             return False  # trimmed, not deleted: the restart finds out (a snapshot)
         for s in range(first, last + 1):
@@ -1134,8 +1153,7 @@ class ClusterEngine:
     async def _explain_gap(self, seq: int) -> None:
         """Messages between the applied seq and `seq` did not arrive: trimmed, deleted or lost?"""
         assert self._js is not None
-        info = await self._js.stream_info(self.stream)
-        self._note_stream(info.state)
+        info = await self._stream_info()
         if info.state.first_seq > self._applied + 1:
             raise StreamTrimmed(self._applied, info.state.first_seq)
         missing = range(self._applied + 1, seq)
@@ -1155,6 +1173,12 @@ class ClusterEngine:
         )
 
 
+def _from_leader(info: StreamInfo) -> bool:
+    """Is this description the stream's own (its leader's, or a single server's)? A member
+    left without a leader answers from its own copy, which may be behind."""
+    return info.cluster is None or info.cluster.leader is not None
+
+
 def _no_quorum(info: StreamInfo) -> str | None:
     """Why the stream cannot take writes now, from its cluster info (None: it can)."""
     cluster = info.cluster
@@ -1162,7 +1186,7 @@ def _no_quorum(info: StreamInfo) -> str | None:
         return None  # a single server
     replicas = cluster.replicas or []
     if cluster.leader is None:
-        return "the change stream has no leader (too few NATS nodes up)"
+        return NO_LEADER
     up = 1 + sum(
         1
         for r in replicas
