@@ -456,3 +456,59 @@ async def test_a_hand_edit_refused_while_the_host_is_stalled_is_taken_in_once_it
         async with asyncio.timeout(10):
             while s.connections["c1"].name != "by hand":
                 await asyncio.sleep(0.05)
+
+
+async def test_a_change_answered_with_an_unknown_outcome_is_known_to_land_later(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host x's change is in the stream, but x stalls before applying it (applying y's change
+    before it failed): answered with its msg id. Once x applies again, `landed` says it got
+    in (a hand edit's take-in asks before taking the file in again), however many changes x
+    makes next."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def settings(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+        gate = asyncio.Event()
+        gate.set()
+        held: list[Change] = []
+        fail = [False]
+        apply = x._apply
+
+        async def gated(change: Change) -> None:
+            held.append(change)
+            await gate.wait()
+            if fail[0]:
+                fail[0] = False
+                raise OSError(28, "No space left on device")
+            await apply(change)
+
+        x._apply = gated  # type: ignore[method-assign]
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        await x.store.submit(ops.create({"id": "c1", "name": "one", "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(1, timeout=10)
+        gate.clear()
+        held.clear()
+        await y.store.submit(ops.create({"id": "c2", "name": "two", "exchange": "bybit"}), "bus")
+        await wait_until_async(lambda: held, 10, what="x holding y's change")
+        mine = asyncio.create_task(x.store.submit(ops.update("c1", {"name": "from x"}), "bus"))
+        await wait_until_async(
+            lambda: (x.engine.status().stream_last_seq or 0) >= 3, 10, what="x's change sent"
+        )
+        fail[0] = True
+        gate.set()
+        with pytest.raises(CtsdError) as info:
+            await mine
+        assert "msg_id" in info.value.extra, info.value
+        msg_id = info.value.extra["msg_id"]
+        assert x.engine.stalled_by is not None and not x.landed(msg_id)
+        x.engine.resume()  # (the disk has room again)
+        await wait_until_async(lambda: x.store.connections["c1"].name == "from x", 10)
+        assert x.landed(msg_id)
+        for i in range(1100):  # more than it remembers of its own changes
+            await x.store.submit(ops.update("c1", {"volume_factor": 1.0 + i / 1000}), "bus")
+        assert x.landed(msg_id)

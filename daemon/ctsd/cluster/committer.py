@@ -112,9 +112,10 @@ class ClusterCommitter:
         # committed state must not have another host's change installed under it meanwhile.
         self._install = asyncio.Lock()
         self._own: dict[str, _Own] = {}  # msg id → this host's group being committed
-        # Msg ids of this host's groups applied here after their commit gave up (an answer
-        # lost): `landed` tells a caller that was answered `unavailable` that it got in.
-        self._landed: OrderedDict[str, None] = OrderedDict()
+        # Msg ids of this host's groups answered with an unknown outcome (an answer lost, a
+        # stall), and whether each has been applied here since: `landed` tells that caller
+        # that it got in. Only those: the host's every group would push them out.
+        self._asked: OrderedDict[str, bool] = OrderedDict()
         # Why the last snapshot put failed (shown in status until one succeeds).
         self.snapshot_problem: str | None = None
         self.conflicts = 0  # groups computed again after another host's change got in first
@@ -411,7 +412,7 @@ class ClusterCommitter:
             except Unavailable as e:
                 if own.lsn is not None:
                     return outcomes, own.lsn
-                return failed(requests, unavailable(e, msg_id)), None
+                return failed(requests, self._unknown(unavailable(e, msg_id), msg_id)), None
             except TooLarge as e:
                 if len(requests) > 1:
                     # A group too large for one message: each of its requests alone, so one
@@ -423,14 +424,27 @@ class ClusterCommitter:
                 return failed(requests, CtsdError("io_error", str(e))), None
             except Stalled as e:
                 msg = f"the change is in the cluster's stream but not applied here: {e}"
-                return failed(requests, CtsdError("io_error", msg)), None
+                err = CtsdError("io_error", msg, extra={"msg_id": msg_id})
+                return failed(requests, self._unknown(err, msg_id)), None
             except TimeoutError:
+                if own.lsn is not None:  # applied here as the wait gave up
+                    return outcomes, own.lsn
                 why = Unavailable(
                     "the change is in the cluster's stream but this host has not applied it yet",
                     outcome_unknown=True,
                 )
-                return failed(requests, unavailable(why, msg_id)), None
+                return failed(requests, self._unknown(unavailable(why, msg_id), msg_id)), None
             else:
+                if own.lsn is None and not own.superseded:
+                    # Passed over here by a snapshot installed meanwhile: whether the other
+                    # hosts applied it (then the snapshot holds it) or found it superseded
+                    # is not known here. Never a success for what may exist nowhere.
+                    why = Unavailable(
+                        "the change is in the cluster's stream, but this host took a snapshot "
+                        "past it before applying it",
+                        outcome_unknown=True,
+                    )
+                    return failed(requests, unavailable(why, msg_id)), None  # (never lands)
                 if not own.superseded:
                     return outcomes, own.lsn
                 await_seq = seq
@@ -555,15 +569,22 @@ class ClusterCommitter:
         if change.events:
             self.store.publish(change.events)
 
+    def _unknown(self, err: CtsdError, msg_id: str) -> CtsdError:
+        """`err`, the answer to a group whose outcome is unknown: `landed` answers for it."""
+        if "msg_id" in err.extra:
+            self._asked[msg_id] = False
+            if len(self._asked) > LANDED_KEPT:
+                self._asked.popitem(last=False)
+        return err
+
     def _note_landed(self, msg_id: str) -> None:
-        self._landed[msg_id] = None
-        if len(self._landed) > LANDED_KEPT:
-            self._landed.popitem(last=False)
+        if msg_id in self._asked:
+            self._asked[msg_id] = True
 
     def landed(self, msg_id: str) -> bool:
-        """Has this host's group `msg_id`, answered `unavailable` with an unknown outcome,
-        reached the stream and been applied here since?"""
-        return msg_id in self._landed
+        """Has this host's group `msg_id`, answered with an unknown outcome, reached the stream
+        and been applied here since?"""
+        return self._asked.get(msg_id, False)
 
     def _check_join(self, founding: shared.SharedState | None = None, by: str = "") -> None:
         """Before the first change of a stream this host never applied (nor founded): raise
