@@ -1137,6 +1137,8 @@ class ClusterEngine:
             except nats.js.errors.NotFoundError:
                 continue
             return False  # there after all: not delivered yet, or lost (restart)
+        if await self._trimmed_past(first):  # meanwhile: not found since trimmed
+            return False
         async with self._apply_lock:
             if self._applied != first - 1 or self._last_delivered >= first:
                 return False
@@ -1149,6 +1151,11 @@ class ClusterEngine:
             self._last_delivered = last
             self._mark_applied(last)
         return True
+
+    async def _trimmed_past(self, seq: int) -> bool:
+        """Does the stream start after `seq` now? (Messages looked up one by one and not
+        found were trimmed, then, not deleted by hand: a restart finds out, a snapshot.)"""
+        return (await self._stream_info()).state.first_seq > seq
 
     async def _explain_gap(self, seq: int) -> None:
         """Messages between the applied seq and `seq` did not arrive: trimmed, deleted or lost?"""
@@ -1165,6 +1172,8 @@ class ClusterEngine:
             except nats.js.errors.NotFoundError:
                 continue
             raise _Restart(f"seq {s} is in the stream but was not delivered")
+        if await self._trimmed_past(self._applied + 1):  # meanwhile: not found since trimmed
+            raise _Restart("the stream was trimmed while the gap was looked at")
         log.warning(
             "cluster.deleted_messages_skipped",
             first=missing.start,
