@@ -465,6 +465,48 @@ async def history(cluster: NatsCluster, groups: int, **kw: object) -> ClusterSet
     return make_settings(cluster, s.name, host="late", **kw)
 
 
+async def test_a_host_far_behind_refuses_writes_until_it_has_caught_up(
+    cluster: NatsCluster,
+) -> None:
+    """A host that finds itself far behind the stream while running (back from a partition,
+    a slow disk) refuses writes at once, as a start that did not catch up does: one published
+    now would wait for the whole backlog and be answered `unavailable` as it lands."""
+    gate = asyncio.Event()
+
+    class Held(Recorder):
+        async def __call__(self, change: Change) -> None:
+            await gate.wait()
+            await super().__call__(change)
+
+    s = make_settings(cluster)
+    b_engine = ClusterEngine(
+        make_settings(cluster, s.name, host="host-b"), heartbeat_s=0.5, refresh_s=0.2, far_behind=5
+    )
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        try:
+            await b_engine.start(wait_s=10)
+            b_engine.subscribe_from(0, Held())
+            for i in range(8):
+                await commit(a, f"a{i}".encode())
+            await wait_until_async(
+                lambda: b_engine.status().state == "catching_up",
+                timeout=10,
+                what="b finding itself far behind",
+            )
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match="catching up"):
+                await b_engine.publish(b"b", b_engine.applied_seq, b_engine.new_local_id())
+            assert time.monotonic() - t0 < 0.5  # at once, nothing sent
+            gate.set()
+            await b_engine.wait_applied(8, timeout=10)
+            await commit(b_engine, b"b after")
+            assert b_engine.status().state == "connected"
+        finally:
+            gate.set()
+            await b_engine.close()
+
+
 async def test_catch_up_applies_everything_after_the_given_seq(cluster: NatsCluster) -> None:
     late = await history(cluster, 6)
     async with running(late, applied=3) as (c, rec):

@@ -85,6 +85,9 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequ
 DUPLICATE_IN_PROCESS = 10158
 IN_PROCESS_WAIT_S = 0.05
 NO_LEADER = "the change stream has no leader (too few NATS nodes up)"
+# Messages a host may be behind the stream and still take writes (each waits for them to be
+# applied, well within publish_timeout_s); further behind, it refuses them at once.
+FAR_BEHIND = 10_000
 MAX_GAP_LOOKED_AT = 1000  # messages missing from the delivery checked one by one
 SENT_IDS_KEPT = 4096
 ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publish_timeout_s
@@ -165,8 +168,10 @@ class ClusterEngine:
         connect_timeout_s: float = 2.0,
         heartbeat_s: float = 1.0,
         refresh_s: float = 2.0,
+        far_behind: int = FAR_BEHIND,
     ) -> None:
         self.settings = settings
+        self._far_behind = far_behind
         self.stream = settings.stream
         self.subject = settings.subject
         self._connect_timeout_s = connect_timeout_s
@@ -442,6 +447,15 @@ class ClusterEngine:
         self._stream_last = max(self._stream_last or 0, state.last_seq)
         if self._catch_up_pending:  # the start gave up before it saw the stream: now it has
             self._catch_up_pending = False
+            self._catch_up_target = state.last_seq
+        elif (
+            self._catch_up_target is None
+            and self._apply is not None
+            and state.last_seq - self._applied > self._far_behind
+        ):
+            # Far behind (back from a partition, a snapshot installed, a slow host): a write
+            # now would wait for the whole backlog, and be answered `unavailable` as it
+            # lands. Refused at once, as after a start, until the backlog is applied.
             self._catch_up_target = state.last_seq
 
     async def _on_error(self, exc: Exception) -> None:
@@ -1113,7 +1127,8 @@ class ClusterEngine:
         self._wake_waiters()
 
     def _behind(self) -> int | None:
-        """The seq a start that timed out catching up must reach before writes (None: there)."""
+        """The seq a start that timed out catching up, or a host found far behind, must reach
+        before writes (None: there)."""
         target = self._catch_up_target
         if target is not None and self._applied >= target:
             self._catch_up_target = target = None
