@@ -438,6 +438,27 @@ def test_a_path_the_system_refuses_is_one_line(args: list[str], tmp_path: Path) 
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "-o", "LOOP"],
+        ["backup", "-o", "LOOP"],
+        ["backup", "-o", "x.tgz", "--data-dir", "LOOP"],
+        ["restore", "x.tgz", "--data-dir", "LOOP"],
+    ],
+)
+def test_a_symlink_loop_is_one_line(args: list[str], tmp_path: Path) -> None:
+    """Python 3.11's `Path.resolve` raises RuntimeError on a loop, which was a traceback."""
+    (tmp_path / "l1").symlink_to("l2")
+    (tmp_path / "l2").symlink_to("l1")
+    args = [str(tmp_path / "l1") if a == "LOOP" else a for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(tmp_path / "data")]
+    r = ctsd(*args, env=clean_env(CTSD_PORT=str(free_port()), CTSD_TOKEN="t"), cwd=tmp_path)
+    assert r.returncode == 1 and "symbolic links" in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_hostile_field_names_are_escaped_and_shortened() -> None:
     hostile = "\x1b[2J\x1b]0;pwned\x07" + "x" * 5000
     r = ctsd("conn", "set", "x", f"{hostile}=1", env=clean_env(CTSD_TOKEN="t"))

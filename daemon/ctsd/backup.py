@@ -39,9 +39,9 @@ from ctsd.atomic import DIR_MODE, FILE_MODE, exchange, fsync_dir, write_files
 from ctsd.diagnose import FileProblem
 from ctsd.lock import InstanceLock
 from ctsd.models import SyncEvent, Timestamp
-from ctsd.offline import exclusive, owner_for, read_data_files
+from ctsd.offline import NoDataDir, exclusive, owner_for, read_data_files
 from ctsd.rekey import finish_pending
-from ctsd.safefile import read_data_file
+from ctsd.safefile import read_data_file, resolved
 from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
 from ctsd.secretfields import SECRET_FILES, secret_places, survey
 from ctsd.timeutil import format_ts
@@ -608,7 +608,10 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
     """`ctsd restore` with no daemon running (DaemonRunning if one runs): with the lock held
     throughout, read and verify the whole archive (ArchiveError; with `box`, its secrets must
     decrypt with that key), then replace the data dir atomically."""
-    real = data_dir.resolve()  # a StateDirectory may be a symlink to the real dir
+    try:
+        real = resolved(data_dir)  # a StateDirectory may be a symlink to the real dir
+    except OSError as e:
+        raise NoDataDir(f"{data_dir}: {e.strerror}") from None
 
     def verified() -> Archive:
         archive = read_archive(archive_path)

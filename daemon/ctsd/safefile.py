@@ -253,3 +253,12 @@ def digest(path: Path) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def resolved(path: Path) -> Path:
+    """`path.resolve()`, a symlink loop raised as OSError (ELOOP), as Python 3.13 raises it:
+    3.11 and 3.12 raise RuntimeError, which no OSError handler catches."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None

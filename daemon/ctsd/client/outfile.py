@@ -19,6 +19,7 @@ from typing import Literal
 
 from ctsd.client.errors import fail
 from ctsd.client.render import safe
+from ctsd.safefile import resolved
 
 Kind = Literal["stdout", "stream", "file"]
 
@@ -31,7 +32,11 @@ def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
     path = Path(output)
     if output in STDOUT_NAMES:
         return "stdout", path
-    if path.resolve().is_relative_to(data_dir.resolve()):
+    try:
+        inside = resolved(path).is_relative_to(resolved(data_dir))
+    except OSError as e:
+        fail(f"cannot write {safe(output)}: {e.strerror or e} ({safe(e.filename or '')})")
+    if inside:
         fail(
             f"{safe(output)} is in the data dir {safe(data_dir)}: write it elsewhere (it "
             "could replace the daemon's own files)"
@@ -51,7 +56,7 @@ def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
         return "stream", path
     if stat.S_ISREG(st.st_mode):  # a link to a file: that file (the link stays)
-        return "file", path.resolve()
+        return "file", resolved(path)
     what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
     fail(f"{safe(output)} is {what}: give a regular file, -, a pipe or a device")
 
