@@ -380,6 +380,10 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         f.truncate(2 * limits.MAX_FILE_BYTES + 1)
     r = ctsd("import", str(huge), env=env)
     assert r.returncode == 2 and "is larger than" in r.stderr, r.stderr
+    nan = tmp_path / "nan.json"  # json takes it; the daemon would not
+    nan.write_text('{"files": {"ui-config.json": {"zoom": NaN}}}')
+    r = ctsd("import", str(nan), env=env)
+    assert r.returncode == 2 and "NaN is not a JSON number" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(
@@ -408,6 +412,10 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         # Thousands deep: json's RecursionError was a traceback.
         (["conn", "set", "x", "exchange_id=" + "[" * 5000], "is nested too deeply"),
         (["conn", "add", "--name", "n", "--exchange", "e", "--settings", "[" * 5000], "deeply"),
+        # json takes these, and sent them on as no JSON (the daemon named a byte of the frame)
+        (["conn", "set", "x", "volume_factor=1e999"], "1e999 is out of range"),
+        (["conn", "set", "x", "is_enabled=NaN"], "NaN is not a JSON number"),
+        (["conn", "add", "--name", "n", "--exchange", "e", "user_id=-Infinity"], "-Infinity"),
         # `--data-dir "$DIR"` with DIR unset: not ./data (a fresh token, a restore into it)
         (["serve", "--data-dir", ""], "--data-dir is empty"),
         (["restore", "x.tar.gz", "--data-dir", ""], "--data-dir is empty"),

@@ -15,7 +15,7 @@ from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.outfile import destination
-from ctsd.client.render import dump_json, echo_json, key_values, safe
+from ctsd.client.render import dump_json, echo_json, key_values, load_json, safe
 from ctsd.client.target import Target
 from ctsd.files import SYNC_LOG
 from ctsd.limits import MAX_FILE_BYTES
@@ -103,16 +103,20 @@ def register(main: click.Group) -> None:
                 param_hint="'FILE'",
             )
         try:
-            data = json.loads(raw)
+            data = load_json(raw)
         except UnicodeDecodeError:
             raise click.BadParameter(f"{safe(file)} is not UTF-8", param_hint="'FILE'") from None
         except json.JSONDecodeError as e:
             raise click.BadParameter(
                 f"{safe(file)}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}", param_hint="'FILE'"
             ) from None
-        except (RecursionError, ValueError):
+        except RecursionError:
             raise click.BadParameter(
-                f"{safe(file)} is nested too deeply or holds a number too long to read",
+                f"{safe(file)} is nested too deeply", param_hint="'FILE'"
+            ) from None
+        except ValueError as e:  # NaN, Infinity, 1e999, or an integer too long to read
+            raise click.BadParameter(
+                f"{safe(file)} holds a number that is no JSON or too long to read: {e}",
                 param_hint="'FILE'",
             ) from None
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):

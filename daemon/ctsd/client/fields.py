@@ -17,7 +17,7 @@ import click
 import msgspec
 
 from ctsd import models
-from ctsd.client.render import short
+from ctsd.client.render import load_json, short
 from ctsd.redact import is_secret_key
 
 CONNECTION_FIELDS: tuple[str, ...] = tuple(
@@ -69,14 +69,16 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
             value: Any = text
         else:
             try:
-                value = json.loads(text)
+                value = load_json(text)
             except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
                 raise click.BadParameter(
                     f"{field}={short(text)!r} is nested too deeply", param_hint="'FIELD=VALUE'"
                 ) from None
-            except ValueError:
+            except ValueError as e:
+                why = "" if isinstance(e, json.JSONDecodeError) else f" ({e})"
                 raise click.BadParameter(
-                    f'{field}={short(text)!r} is not a JSON value (e.g. true, 2.5, null, "text")',
+                    f"{field}={short(text)!r} is not a JSON value{why} "
+                    '(e.g. true, 2.5, null, "text")',
                     param_hint="'FIELD=VALUE'",
                 ) from None
         changes[field] = value

@@ -7,6 +7,7 @@ Everything the daemon sends may carry text typed by another client: it goes thro
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -133,3 +134,21 @@ def format_notice(frame: dict[str, Any]) -> str:
     if rest:
         text += " " + short(dump_json(rest), 120)
     return text
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def load_json(text: str | bytes) -> Any:
+    """`json.loads` as strict as the daemon: NaN, Infinity and numbers past a double's range
+    are refused (ValueError). json takes them, and `json.dumps` then sends them as text that
+    is no JSON, refused by the daemon with a byte offset in a frame the user never saw."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
