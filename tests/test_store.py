@@ -26,6 +26,7 @@ from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent, TestResult
+from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.datadir import CANARY, connection, small_tmpfs
 from tests.inprocess import killed_after
@@ -884,6 +885,39 @@ async def test_secrets_never_in_the_sync_log(data_dir: Path) -> None:
 
 
 # --- a file invalid at start ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "with a key"])
+async def test_a_placeholder_pasted_while_stopped_is_invalid_at_start(
+    data_dir: Path, sealed: bool
+) -> None:
+    """A record pasted from an export while the daemon was stopped carries placeholders: no
+    secret, and nothing holds the one each stood for. The file is invalid at its line and
+    column, left as it is; taken as it was, "********" was stored (with a key: sealed) in
+    place of the secret. Project X's credentials in connection.json alike."""
+    data_dir.mkdir(mode=0o700)
+    pasted = (
+        b'[\n  {"id": "c1", "name": "x", "exchange": "bybit",\n'
+        b'   "api_key": "\xe2\x80\xa6abcd", "api_secret": "********"}\n]\n'
+    )
+    (data_dir / CONNECTIONS).write_bytes(pasted)
+    doc = b'{"projectX": {"userName": "me", "apiKey": "********"}}\n'
+    (data_dir / "connection.json").write_bytes(doc)
+    box = SecretBox(parse_key(new_key_text(), "test key") if sealed else None)
+    store = Store(data_dir, box)
+    store.open()
+    await store.start()
+    try:
+        problem = store.problems[CONNECTIONS]
+        assert (problem.line, problem.path) == (3, "$[0].api_key"), problem
+        assert "placeholder" in problem.message and "real value" in problem.message, problem
+        problem = store.problems["connection.json"]
+        assert problem.path == "$.projectX.apiKey" and problem.line == 1, problem
+        assert store.connections == {}
+    finally:
+        await store.close()
+    assert (data_dir / CONNECTIONS).read_bytes() == pasted
+    assert (data_dir / "connection.json").read_bytes() == doc
 
 
 async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import structlog
 
 from ctsd import diagnose, files, ops, safefile
@@ -28,6 +29,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
+from ctsd.redact import is_placeholder
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.secretbox import SecretBox, is_encrypted
 from ctsd.secretfields import (
@@ -199,6 +201,7 @@ class Intake:
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
             if file in SECRET_FILES:
                 self._check_secrets(file, raw, decoded)
+                _check_placeholders(file, raw, decoded)
         except Invalid as e:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
@@ -678,6 +681,25 @@ def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
+
+
+def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
+    """At start: a masked placeholder as a secret's value (a record pasted from an export or
+    an answer while the daemon was stopped) is no secret, and nothing holds the one it stood
+    for (a running daemon puts the stored one back): the file is invalid, left as it is.
+    Taken as it was, the placeholder was stored (and sealed) in place of the secret."""
+    content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
+    for place in secret_places(file, content):
+        if is_placeholder(place.value):
+            raise Invalid(
+                diagnose.at_path(
+                    file,
+                    raw,
+                    list(place.path),
+                    f"`{place.field}` holds the masked placeholder, not a secret (pasted from "
+                    "an export or an answer?): put the real value back",
+                )
+            )
 
 
 def _placed(file: str, raw: bytes, hand: Any, path: str | None, message: str) -> FileProblem:
