@@ -1104,6 +1104,36 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
     assert by_id(data_dir)["c1"]["name"] == "at the stop"
 
 
+async def test_an_invalid_file_with_changes_waiting_deleted_is_written_back_at_once(
+    data_dir: Path,
+) -> None:
+    """connection-state.json invalid (a loose mode) while a hand edit of connections.json
+    gives it a record to hold; then deleted: it is written back from memory at once, not
+    whenever some later change happens to wake the writer (a kill meanwhile lost it)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        state = data_dir / STATE
+        state.chmod(0o644)
+        assert not await store.ingest(STATE)
+        assert STATE in store.problems
+        (data_dir / CONNECTIONS).write_text(json.dumps([*disk(data_dir, CONNECTIONS), conn(2)]))
+        assert await store.ingest(CONNECTIONS)
+        assert "c2" in store.state
+        await store.submit(ops.set_document("ui-config", {"zoom": 2}), "bus", sync="files")
+        deadline = time.monotonic() + 5
+        while store.checkpointer.wake.is_set():  # its rounds done: nothing else wakes it
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        state.unlink()
+        assert await store.ingest(STATE)
+        deadline = time.monotonic() + 3
+        while not state.exists():
+            assert time.monotonic() < deadline, "not written back"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        assert set(by_id(data_dir, STATE)) == {"c1", "c2"}
+
+
 @pytest.mark.parametrize("emptied", [False, True])
 async def test_a_sync_log_invalid_at_start_never_gives_an_id_out_twice(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch, emptied: bool

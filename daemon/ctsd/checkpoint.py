@@ -192,8 +192,10 @@ class Checkpointer:
             stale.update(k for k in order if k not in frags)
 
     def write_back(self, file: str) -> None:
-        """Write `file` from memory with the next round (it was deleted by hand)."""
+        """Write `file` from memory with the next round (it was deleted by hand): woken also
+        when changes wait for it already (held back while it was invalid)."""
         self.note({file}, self.installed)
+        self.valid_again(file)
 
     def mark_written(self, file: str, lsn: int) -> None:
         """`file` holds what memory holds up to `lsn` (a hand edit just taken in)."""
