@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from ctsd import limits, models
-from tests.cli_helpers import CANARY, clean_env, closed, ctsd, without_dac
+from tests.cli_helpers import CANARY, CTSD, clean_env, closed, ctsd, without_dac
 from tests.daemon import free_port
 
 # --- verify ---------------------------------------------------------------------------------
@@ -465,6 +465,21 @@ def test_a_symlink_loop_is_one_line(args: list[str], tmp_path: Path) -> None:
     r = ctsd(*args, env=clean_env(CTSD_PORT=str(free_port()), CTSD_TOKEN="t"), cwd=tmp_path)
     assert r.returncode == 1 and "symbolic links" in r.stderr, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["schema", "protocol"], ["--help"], ["verify", "--data-dir", "DATA"]]
+)
+def test_output_that_cannot_be_written_is_one_line(args: list[str], tmp_path: Path) -> None:
+    """stdout on a full disk (`ctsd export > /mnt/full/backup.json`): one line, exit 1."""
+    (tmp_path / "connections.json").write_text(VALID_CONNECTIONS)
+    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [str(CTSD), *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr == "ctsd: cannot write the output: No space left on device\n", r.stderr
 
 
 def test_hostile_field_names_are_escaped_and_shortened() -> None:

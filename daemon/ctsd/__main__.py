@@ -1,3 +1,3 @@
-from ctsd.cli import main
+from ctsd.cli import run
 
-main()
+run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -116,3 +117,24 @@ def schema(name: str | None) -> None:
 
 # Client commands (status, conn, watch, export, import, reset) live in ctsd.client.
 register_client(main)
+
+
+def run() -> None:
+    """The `ctsd` script: `main`, with a write to stdout that fails (a full disk, an I/O
+    error: `ctsd export > /mnt/full/backup.json`) one line and exit 1, not a traceback. click
+    itself handles only a closed pipe."""
+    code: int | str | None = 0
+    try:
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        sys.stdout.flush()  # (what is still buffered fails here, not at exit)
+    except OSError as e:
+        where = e.filename if e.filename else "the output"
+        click.echo(f"ctsd: cannot write {safe(str(where))}: {e.strerror or e}", err=True)
+        code = 1
+    # Bytes that could not be written are not flushed again at exit.
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
