@@ -298,6 +298,23 @@ def test_connection_json_places_and_their_bindings() -> None:
     assert CANARY not in repr(list(places.values()))
 
 
+def test_a_list_under_a_secrets_name_is_a_list_of_secrets() -> None:
+    """`"backupApiKeys": [...]` shows masked whole: each of its strings is sealed at rest,
+    rekeyed and counted too (it stayed plain on disk, unreported)."""
+    doc = {"projectX": {"apiKey": "k", "backupApiKeys": [CANARY, "", {"token": "t"}, 7]}}
+    places = {p.field: p.value for p in secret_places("connection.json", doc)}
+    assert places == {
+        "projectX.apiKey": "k",
+        "projectX.backupApiKeys[0]": CANARY,
+        "projectX.backupApiKeys[2].token": "t",
+        "projectX.backupApiKeys[3]": 7,
+    }
+    box = SecretBox(key())
+    sealed, count = seal_content(box, "connection.json", doc)
+    assert count == 3 and CANARY not in msgspec.json.encode(sealed).decode()
+    assert open_content(box, "connection.json", sealed) == (doc, [])
+
+
 def test_seal_and_open_connection_json() -> None:
     box = SecretBox(key())
     sealed, count = seal_content(box, "connection.json", CONNECTION_DOC)

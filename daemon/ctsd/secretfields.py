@@ -157,17 +157,25 @@ def secret_places(file: str, content: Any) -> Iterator[Place]:
         yield from _document_places(file, content, ())
 
 
-def _document_places(file: str, obj: Any, path: Path) -> Iterator[Place]:
+def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False) -> Iterator[Place]:
+    """`secret_list`: `obj` is a list under a secret's name (`"backupApiKeys": [...]`): each
+    of its values is a secret, as masking shows it (the list whole)."""
     if isinstance(obj, dict):
         for key, value in obj.items():
             sub = (*path, key)
             if isinstance(value, dict | list):
-                yield from _document_places(file, value, sub)
+                yield from _document_places(
+                    file, value, sub, isinstance(value, list) and is_secret_field(key)
+                )
             elif is_secret_field(key) and value not in (None, ""):
                 yield Place(file, sub, file, document_field(sub), value)
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
-            yield from _document_places(file, value, (*path, i))
+            sub = (*path, i)
+            if isinstance(value, dict | list):
+                yield from _document_places(file, value, sub)
+            elif secret_list and value not in (None, ""):
+                yield Place(file, sub, file, document_field(sub), value)
 
 
 def set_paths(obj: Any, changes: Sequence[tuple[Path, Any]]) -> Any:
