@@ -236,8 +236,12 @@ def test_migrate_errors_are_clear(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr and CANARY not in r.stdout + r.stderr
         return r.stderr
 
-    assert "unsupported database URL scheme 'mysql'" in fails("--from", "mysql://x/y")
-    assert "not a PostgreSQL URL" in fails("--from", "postgresql://u:pw@[::1/db", "--dry-run")
+    # A URL that is no URL is a bad argument: exit 2, nothing tried
+    assert "unsupported database URL scheme 'mysql'" in fails("--from", "mysql://x/y", code=2)
+    pw = f"host=db user=me password={CANARY}:x dbname=c"  # (before its colon: no scheme)
+    assert "not a database URL" in fails("--from", pw, "--dry-run", code=2)
+    bad_pg = ("--from", "postgresql://u:pw@[::1/db", "--dry-run")
+    assert "not a PostgreSQL URL" in fails(*bad_pg, code=2)
     assert "four slashes" in fails("--from", "sqlite:///no/such.db")
     assert "no connections table" in fails("--from", f"sqlite:///{db}", "--map", "connections=nope")
     assert "--map takes ROLE=TABLE" in fails("--from", f"sqlite:///{db}", "--map", "x=y", code=2)
@@ -483,7 +487,7 @@ def test_a_password_the_parsers_would_split_differently_is_refused_unshown(url: 
     """libpq and urlsplit read another user info from these: the password was shown, as
     the host libpq could not resolve or in the URL shown whole."""
     r = ctsd("migrate", "--from", url, "--dry-run")
-    assert r.returncode == 1 and "percent-encoded (@ as %40" in r.stderr, r.stderr
+    assert r.returncode == 2 and "percent-encoded (@ as %40" in r.stderr, r.stderr
     assert CANARY not in r.stdout + r.stderr
 
 

@@ -140,8 +140,15 @@ def parse_url(url: str) -> Source:
             return Source("postgresql", url, shown_url(url))
         except ValueError as e:  # (urlsplit: `[::1` with no `]`, a port that is no number)
             raise MigrateError(f"not a PostgreSQL URL ({e}): postgresql://USER@HOST/DB") from None
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]{0,31}", scheme):
+        # Not a scheme (a libpq "host=… password=…" string, say): never quoted, as what
+        # comes before its first colon may be a password.
+        raise MigrateError(
+            "not a database URL (a libpq key=value string is not taken either): "
+            "use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
     raise MigrateError(
-        f"unsupported database URL scheme {scheme or '(none)'!r}: "
+        f"unsupported database URL scheme {scheme!r}: "
         "use sqlite:///PATH or postgresql://USER@HOST/DB"
     )
 

@@ -22,7 +22,15 @@ from ctsd.client.options import CMD, bus_options
 from ctsd.client.render import safe
 from ctsd.client.target import Target
 from ctsd.files import CONNECTIONS, SETTINGS, STATE, Invalid
-from ctsd.migrate import Change, MigrateError, Migration, migrate, parse_map, plan
+from ctsd.migrate import (
+    Change,
+    MigrateError,
+    Migration,
+    migrate,
+    parse_map,
+    parse_url,
+    plan,
+)
 from ctsd.safefile import read_data_file
 from ctsd.secretbox import KeyFileError, SecretBox, SecretError, configured_key, is_encrypted
 
@@ -112,6 +120,7 @@ def register(main: click.Group) -> None:
         bad, unless --skip-bad. The import goes through the running daemon (merge)."""
         try:
             tables = parse_map(mapping)
+            parse_url(url)  # a bad URL is a bad argument too: nothing is tried
         except MigrateError as e:
             fail(str(e), EXIT_USAGE)
         try:
