@@ -6,6 +6,7 @@ Every test runs the real `ctsd` console script as a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,18 @@ def test_backup_of_a_data_dir_it_cannot_lock_names_the_lock(tmp_path: Path) -> N
         f"ctsd: backup failed: {data}/.lock: Permission denied; nothing was written\n"
     )
     assert not (tmp_path / "out.tar.gz").exists()
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_lock_that_is_no_file_is_named(command: str, tmp_path: Path) -> None:
+    """A FIFO at DATA/.lock: the tools named the archive ("Invalid argument"), not it."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.mkfifo(data / ".lock")
+    args = ["-o", "out.tar.gz"] if command == "backup" else ["out.tar.gz"]
+    r = ctsd(command, *args, "--data-dir", str(data), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert f"{data}/.lock" in r.stderr and "not a regular file" in r.stderr, r.stderr
 
 
 def test_verify_touches_nothing(tmp_path: Path) -> None:

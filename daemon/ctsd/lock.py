@@ -5,6 +5,7 @@ only at the next start)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -23,8 +24,13 @@ class InstanceLock:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a FIFO planted at the name)
+                raise OSError(errno.EINVAL, "not a regular file: remove it", str(self.path))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):
+                os.close(fd)
+                raise
             head = os.read(fd, 32).decode(errors="replace").split("\n", 1)[0]
             holder = head.strip() or "unknown"
             os.close(fd)
