@@ -425,14 +425,15 @@ def test_placeholders_are_looked_for_only_where_they_may_be(sent: object, may: b
 def test_a_console_traceback_never_shows_the_locals_that_hold_a_secret() -> None:
     """A logged exception in the console format: its traceback (rich's, when installed,
     shows every frame's local variables) must not carry what a local held, a request body
-    with its api key, say; the event's own fields are masked as ever."""
+    with its api key, say; the event's own fields, and a URL password in the exception's
+    text, are masked as in the JSON format."""
     code = f"""
 import structlog
 from ctsd import logs
 logs.setup("console")
 def login():
     body = {{"userName": "desk", "apiKey": "{CANARY}"}}
-    raise RuntimeError("the gateway said no")
+    raise RuntimeError("the gateway https://desk:{CANARY}@gw.example/login said no")
 try:
     login()
 except RuntimeError:
@@ -442,5 +443,5 @@ except RuntimeError:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     shown = out.stdout + out.stderr
-    assert "login_failed" in shown and "the gateway said no" in shown, shown
-    assert CANARY not in shown, shown
+    assert "login_failed" in shown and "the gateway https://desk:" in shown, shown
+    assert CANARY not in shown, shown  # (the exception's own text is masked too)

@@ -33,14 +33,14 @@ def _formatter(fmt: str) -> logging.Formatter:
         renderer = structlog.dev.ConsoleRenderer(
             colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
-        extra: list[structlog.types.Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer()
-        extra = [structlog.processors.format_exc_info]
     return structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *extra,
+            # The traceback as text before the redaction, in both formats: the console
+            # renderer formatted it after, so a URL password in an exception went out.
+            structlog.processors.format_exc_info,
             redact.structlog_processor,
             renderer,
         ],
