@@ -20,7 +20,7 @@ import anyio
 import msgspec
 import pytest
 
-from ctsd import checkpoint, files, journal, ops
+from ctsd import checkpoint, files, intake, journal, ops
 from ctsd.atomic import TEMP_PREFIX, stamp_of
 from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
@@ -1236,6 +1236,22 @@ async def test_state_survives_connections_invalid_at_start(data_dir: Path) -> No
         assert st is not None and (st.volume_factor_live, st.volume_factor_preset) == (2.5, 3.5)
         await store.submit(ops.set_active("c1", False), "bus", sync="files")
     assert by_id(data_dir, STATE)["c1"]["volume_factor_preset"] == 3.5
+
+
+async def test_a_large_hand_edit_is_decoded_off_the_loop_and_taken_in(data_dir: Path) -> None:
+    """Megabytes of JSON are decoded on a thread (the loop serves meanwhile): taken in all
+    the same, connections.json's records and a document."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        big = {"layout": ["x" * 1000] * 2000}  # 2 MB
+        (data_dir / "ui-config.json").write_text(json.dumps(big))
+        assert await store.ingest("ui-config.json")
+        assert store.documents["ui-config"] == big
+        many = [conn(i, connection_settings=json.dumps({"n": "y" * 600})) for i in range(2000)]
+        (data_dir / CONNECTIONS).write_text(json.dumps(many))
+        assert (data_dir / CONNECTIONS).stat().st_size > intake.DECODE_ON_THREAD_BYTES
+        assert await store.ingest(CONNECTIONS)
+        assert len(store.connections) == 2000 and store.log[-1].data["source"] == "file"
 
 
 async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> None:

@@ -41,6 +41,8 @@ from ctsd.secretfields import (
 )
 from ctsd.timeutil import now_iso
 
+DECODE_ON_THREAD_BYTES = 1024 * 1024
+
 
 class Door(Protocol):
     """What the intake uses of the store (`ctsd.store.Store`): its committed state and problems,
@@ -342,7 +344,13 @@ class Intake:
         stamp: Stamp | None = None
         try:
             raw, stamp = await anyio.to_thread.run_sync(self._read, file)
-            hand = self.decode(file, raw)
+            if len(raw) > DECODE_ON_THREAD_BYTES:
+                # Megabytes of JSON take seconds to decode and check: the loop (the bus,
+                # the watchdog's pings) goes on meanwhile. The file's lock is held, so
+                # nothing changes what `decode` reads of it.
+                hand = await anyio.to_thread.run_sync(self.decode, file, raw)
+            else:
+                hand = self.decode(file, raw)
             # The base: the file's last valid version (an invalid file keeps it: the version
             # its fix started from; in cluster mode memory moved on with other hosts' changes
             # meanwhile, which the fix must not undo). When the file never read valid: memory
