@@ -1182,6 +1182,33 @@ def test_files_written_one_by_one_keep_their_stamps_past_one_saved_by_hand(
     assert b.read_bytes() == b'{"by": "hand"}\n'
 
 
+async def test_a_file_put_back_by_hand_as_it_is_written_back_is_no_busy_loop(
+    data_dir: Path,
+) -> None:
+    """A deleted file about to be written back from memory is put back by hand first (`cp
+    backup/x.json .`): the round cannot create it, and gives up for now; it tries again a
+    little later (the watcher takes the copy in meanwhile), not at once, round after round
+    of fsync'd writes and warnings."""
+    path = data_dir / "ui-config.json"
+    async with opened(data_dir) as store:
+        await store.submit(ops.set_document("ui-config", {"zoom": 1}), "bus", sync="files")
+        store.checkpointer.stop()
+        assert store._checkpoints is not None
+        await store._checkpoints
+        saved = path.read_bytes()
+        path.unlink()
+        assert await store.ingest("ui-config.json")  # deleted: to be written back
+        path.write_bytes(saved)
+        path.chmod(0o600)
+        store.checkpointer.wake.clear()
+        assert not await store.checkpointer.round()
+        assert not store.checkpointer.wake.is_set()  # later, not at once
+        store._checkpoints = asyncio.get_running_loop().create_task(_restart(store))
+        assert await store.ingest("ui-config.json")  # (the watcher's take-in)
+        await store.submit(ops.set_document("ui-config", {"zoom": 2}), "bus", sync="files")
+        assert json.loads(path.read_text()) == {"zoom": 2}
+
+
 async def _restart(store: Store) -> None:
     store.checkpointer.stopping = False
     store.checkpointer.wake.set()

@@ -331,7 +331,10 @@ class Checkpointer:
                 break
         else:
             log.warning("checkpoint_postponed", files=sorted(self.dirty), why="files keep changing")
-            self.wake.set()
+            # A little later, not at once: a file put back by hand as it was to be written
+            # back stays in the way until the watcher takes it in (round after round of
+            # fsync'd writes and warnings, else).
+            asyncio.get_running_loop().call_later(FAILED_RETRY_S, self.wake.set)
             return False
         if not self._writable_dirty():
             # Only files invalid on disk wait (the journal keeps their changes): the next
