@@ -1281,6 +1281,30 @@ async def test_a_large_hand_edit_is_decoded_off_the_loop_and_taken_in(data_dir: 
         assert len(store.connections) == 2000 and store.log[-1].data["source"] == "file"
 
 
+async def test_a_chmod_while_a_hand_edit_goes_through_the_door_is_seen(data_dir: Path) -> None:
+    """The file was read private; a chmod lands before the edit is recorded (its journal
+    append under way): the mode seen with the bytes is what is recorded, so the file is
+    judged again, and refused as readable by others (it passed for unchanged: never
+    reported while others could read it)."""
+    path = data_dir / "watchlists.json"
+    async with opened(data_dir) as store:
+        path.write_text('{"es": ["ESZ6"]}')
+        path.chmod(0o600)
+        door = store.submit_take_in
+
+        async def chmod_meanwhile(op: Any) -> Any:
+            path.chmod(0o644)
+            return await door(op)
+
+        store.submit_take_in = chmod_meanwhile  # type: ignore[method-assign]
+        assert await store.ingest("watchlists.json")
+        store.submit_take_in = door  # type: ignore[method-assign]
+        assert store.documents["watchlists"] == {"es": ["ESZ6"]}
+        assert not store.unchanged("watchlists.json")
+        assert not await store.ingest("watchlists.json")
+        assert "watchlists.json" in store.problems, store.problems
+
+
 async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         await store.submit(ops.create(conn(1)), "bus", sync="files")  # not active

@@ -66,17 +66,26 @@ class Disk:
         return found
 
     def record(
-        self, file: str, stamp: Stamp | None, body: Any = None, *, digest: bytes | None = None
+        self,
+        file: str,
+        stamp: Stamp | None,
+        body: Any = None,
+        *,
+        digest: bytes | None = None,
+        ctime: int | None = None,
     ) -> None:
         """The file now is `stamp` (our own write, or what we just read); `body` its bytes, or
-        `digest` their digest (`digest_of`, made where the bytes were: coarse clocks only)."""
+        `digest` their digest (`digest_of`, made where the bytes were: coarse clocks only);
+        `ctime` the one its bytes were read under (else the one seen now)."""
         od = self.get(file)
         od.stamp = stamp
-        od.ctime = None
+        od.ctime = ctime
         if digest is None and self.coarse_mtime and body is not None:
             digest = digest_of(body)
         od.digest = digest if self.coarse_mtime else None
         od.verified = False
+        if ctime is not None:
+            return
         # The ctime seen right after: an in-place edit that keeps size and mtime still moves it.
         try:
             st = os.lstat(self.path(file))

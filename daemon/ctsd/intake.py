@@ -182,10 +182,11 @@ class Intake:
             self._load(file, committed)
         committed.refresh_settings()
 
-    def _read(self, file: str) -> tuple[bytes, Stamp]:
-        # Never blocks (a FIFO), never follows a link, reads only a private regular file.
+    def _read(self, file: str) -> tuple[bytes, Stamp, int]:
+        """The file's bytes, stamp and ctime as read. Never blocks (a FIFO), never follows a
+        link, reads only a private regular file."""
         raw, st = safefile.read_data_file(self.path(file), file)
-        return raw, Stamp.of(st)
+        return raw, Stamp.of(st), st.st_ctime_ns
 
     def decode(self, file: str, raw: bytes) -> Any:
         od = self.disk.files.get(file)
@@ -197,7 +198,7 @@ class Intake:
 
     def _load(self, file: str, committed: Committed) -> None:
         try:
-            raw, stamp = self._read(file)
+            raw, stamp, ctime = self._read(file)
             decoded = self.decode(file, raw)
             if files.document_name(file) == "instances":
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
@@ -213,7 +214,7 @@ class Intake:
             self.store.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
             log.error("file_invalid", file=file, problem=self.store.problems[file].format())
             return
-        self._remember(file, decoded, raw, stamp)
+        self._remember(file, decoded, raw, stamp, ctime)
         _install(file, decoded, committed)
 
     def set_back(self, file: str, raw: bytes | None, committed: Committed, *, edited: bool) -> None:
@@ -265,9 +266,12 @@ class Intake:
             diagnose.at_path(file, raw, list(first.path or ()), f"{first.detail}{where}{more}")
         )
 
-    def _remember(self, file: str, decoded: Any, raw: bytes, stamp: Stamp) -> None:
-        """The file now holds `decoded` (its bytes `raw`, its stamp `stamp`)."""
-        self.disk.record(file, stamp, raw)
+    def _remember(
+        self, file: str, decoded: Any, raw: bytes, stamp: Stamp, ctime: int | None = None
+    ) -> None:
+        """The file now holds `decoded` (its bytes `raw`, its stamp `stamp`; `ctime`: as it
+        was read, so a chmod since, while the edit went through the door, is seen)."""
+        self.disk.record(file, stamp, raw, ctime=ctime)
         od = self.disk.get(file)
         if file in (CONNECTIONS, STATE):
             key = "id" if file == CONNECTIONS else "connection_id"
@@ -343,7 +347,7 @@ class Intake:
         self._missing_since.pop(file, None)
         stamp: Stamp | None = None
         try:
-            raw, stamp = await anyio.to_thread.run_sync(self._read, file)
+            raw, stamp, ctime = await anyio.to_thread.run_sync(self._read, file)
             if len(raw) > DECODE_ON_THREAD_BYTES:
                 # Megabytes of JSON take seconds to decode and check: the loop (the bus,
                 # the watchdog's pings) goes on meanwhile. The file's lock is held, so
@@ -404,7 +408,7 @@ class Intake:
         self.failed.pop(file, None)
         self._sent.pop(file, None)
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
-        self._remember(file, hand, raw, stamp)
+        self._remember(file, hand, raw, stamp, ctime)
         await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
