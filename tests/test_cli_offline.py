@@ -495,6 +495,19 @@ def test_output_that_cannot_be_written_is_one_line(args: list[str], tmp_path: Pa
     assert r.stderr == "ctsd: cannot write the output: No space left on device\n", r.stderr
 
 
+def test_a_command_run_with_stdout_closed_is_no_traceback(tmp_path: Path) -> None:
+    """From cron or a supervisor, `ctsd … >&-`: Python has no sys.stdout at all."""
+    (tmp_path / "connections.json").write_text(VALID_CONNECTIONS)
+    r = subprocess.run(
+        [str(CTSD), "verify", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_hostile_field_names_are_escaped_and_shortened() -> None:
     hostile = "\x1b[2J\x1b]0;pwned\x07" + "x" * 5000
     r = ctsd("conn", "set", "x", f"{hostile}=1", env=clean_env(CTSD_TOKEN="t"))

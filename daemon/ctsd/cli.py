@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 
@@ -119,6 +120,10 @@ def schema(name: str | None) -> None:
 register_client(main)
 
 
+# Errors of a write to a file that is no longer there to take it: the output (stdout).
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 def run() -> None:
     """The `ctsd` script: `main`, with a write to stdout that fails (a full disk, an I/O
     error: `ctsd export > /mnt/full/backup.json`) one line and exit 1, not a traceback. click
@@ -129,12 +134,17 @@ def run() -> None:
             main()
         except SystemExit as e:
             code = e.code
-        sys.stdout.flush()  # (what is still buffered fails here, not at exit)
+        if sys.stdout is not None:  # (None: started with stdout closed)
+            sys.stdout.flush()  # what is still buffered fails here, not at exit
     except OSError as e:
-        where = e.filename if e.filename else "the output"
-        click.echo(f"ctsd: cannot write {safe(str(where))}: {e.strerror or e}", err=True)
+        if e.errno in _WRITE_ERRORS and not e.filename:
+            click.echo(f"ctsd: cannot write the output: {e.strerror}", err=True)
+        else:  # (each command names its own paths: one that escaped is shown as it is)
+            where = f"{safe(str(e.filename))}: " if e.filename else ""
+            click.echo(f"ctsd: {where}{e.strerror or e}", err=True)
         code = 1
-    # Bytes that could not be written are not flushed again at exit.
-    with contextlib.suppress(OSError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if sys.stdout is not None:
+        # Bytes that could not be written are not flushed again at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
