@@ -179,6 +179,10 @@ class ClusterEngine:
         self._refresh_s = refresh_s
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._connecting = False
+        # The last connection was closed for a message over max_payload: the attempt it
+        # cut short was not stored (the server refuses such a message whole).
+        self._payload_refused = False
         self._state: State = "connecting"
         self._reason: str | None = "not connected yet"
         self._down_since: float | None = time.monotonic()
@@ -336,6 +340,7 @@ class ClusterEngine:
 
     async def _connect_loop(self) -> None:
         delay = 0.1
+        self._connecting = True  # (errors meanwhile are the state's reason: `_on_error`)
         while not self._closing:
             try:
                 self._nc = await nats.connect(
@@ -359,6 +364,7 @@ class ClusterEngine:
                 )
                 self._connected.set()
                 self._refused = None
+                self._connecting = False
                 break
             except Exception as exc:
                 reason = self._last_error or self._with_credentials(_describe(exc))
@@ -464,7 +470,7 @@ class ClusterEngine:
             self._refused = self._last_error
         elif self._refused is not None and _is_reset(self._last_error):
             self._last_error = self._refused  # the server's refusal, not the close after it
-        if self._nc is None:  # the first connect is still being tried (it retries forever)
+        if self._connecting:  # a connection is being made (nats.connect retries forever)
             self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("cluster.slow_consumer", reason=self._last_error)
@@ -489,7 +495,10 @@ class ClusterEngine:
         if self._closing:
             return
         self._connected.clear()
-        reason = self._last_error or "closed by the client"
+        # The server's error that closed it (not passed to error_cb), else the last one seen.
+        last = self._nc.last_error if self._nc is not None else None
+        reason = _describe(last) if last is not None else self._last_error or "closed"
+        self._payload_refused = "maximum payload" in reason.lower()
         log.warning("cluster.connection_closed", reason=reason, then="connecting again")
         self._set_state("disconnected", f"the NATS connection was closed ({reason}); connecting")
         self._tasks = [t for t in self._tasks if not t.done()]
@@ -730,7 +739,7 @@ class ClusterEngine:
             f"the change group is {len(data)} bytes{compressed}; the NATS servers take at "
             f"most {limit} (raise max_payload in the nats-server config)"
         )
-        if maybe_sent:  # an earlier attempt, under a higher limit, may be stored
+        if maybe_sent and not self._payload_refused:  # an earlier attempt may be stored
             raise Unavailable(why, outcome_unknown=True)
         raise TooLarge(why, limit)
 
