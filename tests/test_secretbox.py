@@ -302,17 +302,23 @@ def test_a_list_under_a_secrets_name_is_a_list_of_secrets() -> None:
     """`"backupApiKeys": [...]` shows masked whole: each of its strings is sealed at rest,
     rekeyed and counted too (it stayed plain on disk, unreported)."""
     doc = {"projectX": {"apiKey": "k", "backupApiKeys": [CANARY, "", {"token": "t"}, 7]}}
-    places = {p.field: p.value for p in secret_places("connection.json", doc)}
+    places = {p.path: (p.field, p.value) for p in secret_places("connection.json", doc)}
     assert places == {
-        "projectX.apiKey": "k",
-        "projectX.backupApiKeys[0]": CANARY,
-        "projectX.backupApiKeys[2].token": "t",
-        "projectX.backupApiKeys[3]": 7,
+        ("projectX", "apiKey"): ("projectX.apiKey", "k"),
+        ("projectX", "backupApiKeys", 0): ("projectX.backupApiKeys", CANARY),
+        ("projectX", "backupApiKeys", 2, "token"): ("projectX.backupApiKeys[2].token", "t"),
+        ("projectX", "backupApiKeys", 3): ("projectX.backupApiKeys", 7),
     }
     box = SecretBox(key())
     sealed, count = seal_content(box, "connection.json", doc)
     assert count == 3 and CANARY not in msgspec.json.encode(sealed).decode()
     assert open_content(box, "connection.json", sealed) == (doc, [])
+    # one removed by hand: the others still open (bound to the list, not their index)
+    keys = {"projectX": {"backupApiKeys": ["one", "two", "three"]}}
+    sealed, _ = seal_content(box, "connection.json", keys)
+    del sealed["projectX"]["backupApiKeys"][0]
+    opened, errors = open_content(box, "connection.json", sealed)
+    assert errors == [] and opened == {"projectX": {"backupApiKeys": ["two", "three"]}}
 
 
 def test_seal_and_open_connection_json() -> None:

@@ -159,7 +159,8 @@ def secret_places(file: str, content: Any) -> Iterator[Place]:
 
 def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False) -> Iterator[Place]:
     """`secret_list`: `obj` is a list under a secret's name (`"backupApiKeys": [...]`): each
-    of its values is a secret, as masking shows it (the list whole)."""
+    of its values is a secret, as masking shows it (the list whole), bound to the list, not
+    its index (removing one by hand must not make the ones after it fail to decrypt)."""
     if isinstance(obj, dict):
         for key, value in obj.items():
             sub = (*path, key)
@@ -175,7 +176,7 @@ def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False)
             if isinstance(value, dict | list):
                 yield from _document_places(file, value, sub)
             elif secret_list and value not in (None, ""):
-                yield Place(file, sub, file, document_field(sub), value)
+                yield Place(file, sub, file, document_field(path), value)
 
 
 def set_paths(obj: Any, changes: Sequence[tuple[Path, Any]]) -> Any:
