@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from ctsd.client.bus import Bus
+from ctsd.client.target import Target
 from tests.cli_helpers import CANARY, Tail, clean_env, cli, ctsd, env_for, through_fifo
 from tests.daemon import Daemon, http_server, sync_log, wait_until
 
@@ -379,6 +381,15 @@ def test_conn_test_success_and_failure(shared: Daemon, fake_exchange: str) -> No
     r = cli(shared, "conn", "test", "t-bad")
     assert r.returncode == 9
     assert r.stdout.startswith("failed: t-bad: ")
+    # its result is in connection-state.json as the command ends (as every change's)
+    states = json.loads((shared.data_dir / "connection-state.json").read_text())
+    (state,) = [s for s in states if s["connection_id"] == "t-bad"]
+    assert state["test_results"]["success"] is False, state
+    # ... because it asks for it (the files follow within milliseconds anyway)
+    frame = Bus(None, Target("127.0.0.1", 1, shared.data_dir), {}).command(
+        "connections.test", connection_id="t-bad"
+    )
+    assert frame["sync"] == "files"
     r = cli(shared, "conn", "test", "t-bad", "--json")
     assert r.returncode == 9 and json.loads(r.stdout)["success"] is False
     r = cli(shared, "conn", "test", "nope-404")

@@ -41,6 +41,10 @@ MAX_REPLY = 512 * 1024 * 1024
 OPEN_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 30.0
 
+# What the CLI asks to be in the files before the answer: every change, and a connection
+# test (its result is stored in connection-state.json).
+SYNCED = WRITE_COMMANDS | {"connections.test"}
+
 
 def no_daemon(target: Target, why: str = "") -> CliError:
     detail = f" ({why})" if why else ""
@@ -112,7 +116,7 @@ class Bus:
         if self.source is not None:
             frame["source"] = self.source
         frame.update(args)
-        if command in WRITE_COMMANDS and sync is not None:
+        if command in SYNCED and sync is not None:
             frame["sync"] = sync
         return frame
 
