@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 
@@ -67,6 +68,10 @@ async def read_json(request: Request, required: bool, limit: int = MAX_BODY_BYTE
             raise CtsdError("invalid", "a JSON body is required", path="$")
         return None
     try:
+        if len(raw) > MAX_BODY_BYTES:
+            # An import of tens of megabytes takes a second to decode: the loop (the bus,
+            # the watchdog's pings) goes on meanwhile.
+            return await anyio.to_thread.run_sync(_decoder.decode, raw)
         return _decoder.decode(raw)
     except msgspec.DecodeError as e:
         raise CtsdError("invalid_format", f"body is not JSON: {e}", path="$") from None
