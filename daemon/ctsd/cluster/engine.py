@@ -470,7 +470,7 @@ class ClusterEngine:
             self._refused = self._last_error
         elif self._refused is not None and _is_reset(self._last_error):
             self._last_error = self._refused  # the server's refusal, not the close after it
-        if self._connecting:  # a connection is being made (nats.connect retries forever)
+        if self._nc is None or self._connecting:  # being made (nats.connect retries forever)
             self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("cluster.slow_consumer", reason=self._last_error)
