@@ -487,11 +487,10 @@ class ClusterEngine:
             )
 
     async def _on_closed(self) -> None:
-        """nats-py gives a connection up for good, reconnecting no more, after some errors
-        from the server: a message over a max_payload lowered since the connection was made,
-        an expired JWT, an unknown protocol error. The daemon is long-running: it connects
-        again (to the config's URLs, reading the credentials again), and applies the stream
-        from where it was."""
+        """nats-py gives a connection up for good, reconnecting no more, after an error the
+        server sends before closing it (a message over a max_payload lowered since the
+        connection was made, say). The daemon is long-running: it connects again (to the
+        config's URLs, with its credentials), and applies the stream from where it was."""
         if self._closing:
             return
         self._connected.clear()
