@@ -491,7 +491,7 @@ class ClusterEngine:
         server sends before closing it (a message over a max_payload lowered since the
         connection was made, say). The daemon is long-running: it connects again (to the
         config's URLs, with its credentials), and applies the stream from where it was."""
-        if self._closing:
+        if self._closing or self._connecting:  # (one connection is made at a time)
             return
         self._connected.clear()
         # The server's error that closed it (not passed to error_cb), else the last one seen.
