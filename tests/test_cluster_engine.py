@@ -9,9 +9,11 @@ import itertools
 import os
 import subprocess
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -531,6 +533,39 @@ async def test_a_host_behind_a_trimmed_stream_is_told_to_take_a_snapshot(
         c.resume(from_seq=5)  # a snapshot of the state at seq 5 was installed
         assert await c.catch_up(timeout=10) == 6
         assert rec.payloads == [b"g5"]
+
+
+async def test_a_snapshot_installed_while_the_consumer_looks_at_the_stream_is_judged_from(
+    cluster: NatsCluster,
+) -> None:
+    """The consumer asked for the stream's description with the applied seq from before a
+    snapshot was installed; its answer comes after the `resume`: judged from the old seq,
+    it stalled the engine again as trimmed past (it must look again from the new one)."""
+    late = await history(cluster, 6, max_msgs=3)
+    engine = ClusterEngine(late, heartbeat_s=0.5, refresh_s=0.5)
+    real, held, asked = engine._stream_info, asyncio.Event(), asyncio.Event()
+
+    async def consumer_held() -> Any:
+        info = await real()
+        if not asked.is_set() and "_consume" in {f.name for f in traceback.extract_stack()}:
+            asked.set()
+            await held.wait()
+        return info
+
+    engine._stream_info = consumer_held  # type: ignore[method-assign]
+    rec = Recorder()
+    try:
+        await engine.start(wait_s=10)
+        engine.subscribe_from(1, rec)
+        await asyncio.wait_for(asked.wait(), 10)
+        with pytest.raises(StreamTrimmed):
+            await engine.catch_up(timeout=10)
+        engine.resume(from_seq=5)  # a snapshot of the state at seq 5 was installed
+        held.set()
+        assert await engine.catch_up(timeout=10) == 6
+        assert rec.payloads == [b"g5"] and engine.status().state == "connected"
+    finally:
+        await engine.close()
 
 
 async def test_a_host_behind_a_trimmed_stream_starts_from_the_snapshot(

@@ -194,6 +194,7 @@ class ClusterEngine:
         self._closing = False
         self._stalled: Stalled | None = None
         self._resumed = asyncio.Event()
+        self._resumes = 0  # how often `resume` set the applied seq (a snapshot installed)
         self._apply: ApplyCallback | None = None
         self._apply_lock = asyncio.Lock()  # one change applied at a time, in seq order
         self._applied = 0
@@ -820,6 +821,7 @@ class ClusterEngine:
         if from_seq is not None:
             self._applied = from_seq
             self._last_delivered = from_seq
+            self._resumes += 1
         if self._stalled is None:
             return
         log.info("cluster.resumed", applied_seq=self._applied)
@@ -957,7 +959,10 @@ class ClusterEngine:
         assert self._nc is not None and self._js is not None
         nc, js = self._nc, self._js
         applied = self._applied  # before the request: own groups may be applied meanwhile
+        resumes = self._resumes
         info = await self._stream_info()
+        if self._resumes != resumes:
+            return  # a snapshot installed meanwhile moved the applied seq: judge from there
         self._check_history(info.state, applied)
         # Messages are handled in the subscription's own task, one after the other, as they
         # come (`next_msg` would cost a task, a timer and a uuid per message). This task
