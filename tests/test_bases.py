@@ -1,4 +1,4 @@
-"""The copies a cluster host keeps of its files, judged at start (no daemon: files only)."""
+"""The copies the daemon keeps of its files, judged at start (no daemon: files only)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctsd import bases, ops
-from ctsd.atomic import ensure_dir, write_files
+from ctsd.atomic import TEMP_PREFIX, ensure_dir, write_files
 from ctsd.bases import Bases
 from ctsd.store import Store
 from tests.datadir import connection
@@ -152,7 +152,10 @@ def test_after_a_clean_stop_the_write_before_the_last_put_back_is_an_edit(
     checkpoint(b, data_dir, V2)
     b.stopped_cleanly()
     (data_dir / FILE).write_bytes(V1)
-    assert judge(data_dir).edited == {FILE: V2}
+    b = Bases(data_dir)
+    assert b.judge([FILE], set(), set()).edited == {FILE: V2}
+    assert judge(data_dir).edited == {FILE: V2}  # a start refused after judging: the same
+    b.unmark()  # the store's first write
     assert not (data_dir / bases.DIR / bases.CLEAN).exists()  # it counts at one start
     assert judge(data_dir).edited == {FILE: V2}  # a start that failed later: still an edit
     assert (data_dir / FILE).read_bytes() == V1  # never touched
@@ -166,6 +169,7 @@ def test_the_clean_stop_counts_at_one_start_only(data_dir: Path) -> None:
     assert judge(data_dir).edited == {}
     b = Bases(data_dir)
     b.judge([FILE], set(), set())  # the copies' digests, as a start learns them
+    b.unmark()  # ... and the store's first write
     copies, _ = b.copies([(data_dir / FILE, V2)])
     write_files(copies)  # the crash came before the file's rename
     assert judge(data_dir).edited == {}
@@ -221,11 +225,11 @@ def test_an_algorithm_added_while_down_is_an_edit_once_copies_exist(data_dir: Pa
     assert Bases(data_dir).judge([FILE, algo, added], set(), set()).edited == {added: None}
 
 
-# --- with the store (no daemon): what a cluster host's start does with the judged files -----
+# --- with the store (no daemon): what a start does with the judged files ---------------------
 
 
-def cluster_store(data_dir: Path) -> tuple[Store, list[str]]:
-    """A store opened as a cluster host opens it: load, set back, replay."""
+def opened_store(data_dir: Path) -> tuple[Store, list[str]]:
+    """A store opened as the daemon opens it: load, set back, replay."""
     store = Store(data_dir)
     store.load()
     edited = store.set_back(Bases(data_dir))
@@ -237,7 +241,7 @@ def cluster_store(data_dir: Path) -> tuple[Store, list[str]]:
 async def test_state_records_survive_connections_edited_while_down(data_dir: Path) -> None:
     """connections.json edited while down (a connection taken out): its state record is
     not mirrored away before the copy sets memory back (the edit is taken in later)."""
-    store, _ = cluster_store(data_dir)
+    store, _ = opened_store(data_dir)
     await store.start()
     for cid in ("c1", "c2"):
         await store.submit(ops.create(connection(cid)), "bus")
@@ -245,7 +249,7 @@ async def test_state_records_survive_connections_edited_while_down(data_dir: Pat
     await store.close()
     rows = json.loads((data_dir / FILE).read_text())
     (data_dir / FILE).write_text(json.dumps(rows[:1], indent=2) + "\n")
-    store, edited = cluster_store(data_dir)
+    store, edited = opened_store(data_dir)
     assert edited == [FILE]
     assert sorted(store.connections) == ["c1", "c2"]
     st = store.state_view("c2")
@@ -257,7 +261,7 @@ async def test_state_records_survive_connections_edited_while_down(data_dir: Pat
 async def test_a_hand_edit_taken_in_becomes_the_copy(data_dir: Path) -> None:
     """Taken in while running (a write of the file may follow): a start after a kill then
     finds no edit, whether or not that write happened."""
-    store, _ = cluster_store(data_dir)
+    store, _ = opened_store(data_dir)
     await store.start()
     await store.submit(ops.create(connection("c1")), "bus", sync="files")
     rows = json.loads((data_dir / FILE).read_text())
@@ -265,13 +269,13 @@ async def test_a_hand_edit_taken_in_becomes_the_copy(data_dir: Path) -> None:
     (data_dir / FILE).write_text(json.dumps(rows) + "\n")  # not laid out as the daemon does
     assert await store.ingest(FILE)
     await store.close()
-    _, edited = cluster_store(data_dir)
+    _, edited = opened_store(data_dir)
     assert edited == []
 
 
 @pytest.mark.anyio
 async def test_a_clean_close_marks_the_copies_for_the_next_start(data_dir: Path) -> None:
-    store, _ = cluster_store(data_dir)
+    store, _ = opened_store(data_dir)
     await store.start()
     await store.submit(ops.create(connection("c1")), "bus", sync="files")
     before = (data_dir / FILE).read_bytes()
@@ -279,6 +283,20 @@ async def test_a_clean_close_marks_the_copies_for_the_next_start(data_dir: Path)
     await store.close()
     assert (data_dir / bases.DIR / bases.CLEAN).exists()
     (data_dir / FILE).write_bytes(before)  # the write before the last, put back meanwhile
-    store, edited = cluster_store(data_dir)
+    store, edited = opened_store(data_dir)
     assert edited == [FILE] and store.connections["c1"].name == "later"  # taken in later
     store.journal.close()
+
+
+def test_copies_of_an_earlier_version_are_adopted_and_cut_writes_tidied(data_dir: Path) -> None:
+    """Copies kept under the directory's old name (when only cluster hosts kept them) still
+    judge the files; what a crash cut short among them is removed at start."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    (data_dir / bases.DIR).rename(data_dir / bases.LEGACY_DIR)
+    temp = data_dir / bases.LEGACY_DIR / f"{TEMP_PREFIX}{FILE}.0123"
+    temp.write_bytes(b"half")
+    (data_dir / FILE).write_bytes(EDIT)
+    assert judge(data_dir).edited == {FILE: V1}
+    assert not (data_dir / bases.LEGACY_DIR).exists()
+    assert not (data_dir / bases.DIR / temp.name).exists()

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from ctsd import files
+from ctsd import bases, files
 from ctsd.bus import protocol as p
 from ctsd.bus.server import HARD_MAX_FRAME_BYTES
 from ctsd.errors import ErrorCode
@@ -87,11 +87,11 @@ def frame_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def data_files(d: Daemon) -> dict[str, bytes]:
-    """Every data file, by name (the token and the daemon's logs aside)."""
+    """Every data file, by name (the token, the daemon's logs and its copies aside)."""
     return {
         str(f.relative_to(d.data_dir)): f.read_bytes()
         for f in sorted(d.data_dir.rglob("*.json"))
-        if f.is_file() and "logs" not in f.relative_to(d.data_dir).parts
+        if f.is_file() and f.relative_to(d.data_dir).parts[0] not in ("logs", bases.DIR)
     }
 
 

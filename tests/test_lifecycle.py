@@ -635,6 +635,39 @@ def test_invalid_sync_log_at_start_with_a_journal_begun_later(data_dir: Path) ->
     assert (data_dir / files.SYNC_LOG).read_bytes() == bad
 
 
+@pytest.mark.anyio
+async def test_an_edit_made_while_stopped_is_a_change_a_resuming_bot_sees(data_dir: Path) -> None:
+    """connections.json edited while the daemon is down (a name changed, the masked
+    placeholder pasted for the key): the next start takes it in through the door before
+    READY, logged with source "file" and broadcast, so a bot resuming with `since` sees it,
+    and the key stays as stored."""
+    write_connections(data_dir, [connection("c1", name="before", api_key=CANARY)])
+    _run(data_dir)
+    since = max((e["id"] for e in json.loads((data_dir / files.SYNC_LOG).read_text())), default=0)
+    rows = json.loads((data_dir / files.CONNECTIONS).read_text())
+    rows[0].update(name="edited while down", api_key="********")
+    (data_dir / files.CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        async with bus(d) as b:
+            await b.ok("subscribe", since=since)
+            event = await b.wait_event("update", "c1")
+            assert event["id"] == since + 1 and event["data"]["source"] == "file", event
+            assert event["data"]["values"]["name"] == "edited while down", event
+        wait_until(
+            lambda: CANARY in (data_dir / files.CONNECTIONS).read_text(),
+            what="the stored key written back over the placeholder",
+        )
+        assert d.stop() == 0
+        assert CANARY not in d.stdout() + d.stderr() + "".join(map(str, b.raw))
+    finally:
+        d.close()
+    _run(data_dir)  # taken in once: no event at the next start
+    log = json.loads((data_dir / files.SYNC_LOG).read_text())
+    assert [e["id"] for e in log if e["id"] > since] == [since + 1]
+
+
 # --- the bus ------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import rekey
+from ctsd import bases, rekey
 from ctsd.secretbox import Key, parse_key
 from tests.cli_helpers import CANARY, clean_env, closed, ctsd, without_dac
 from tests.crash_driver import kill_at_every_step, kill_at_random, spawn
@@ -183,8 +183,8 @@ def test_rekey_from_plain_text_then_to_a_new_key(plain_dir: Path, tmp_path: Path
     settings = (plain_dir / "settings.json").read_bytes()
     k1, k2 = tmp_path / "k1", tmp_path / "k2"
     key1, key2 = make_key(k1), make_key(k2)
-    # A cluster host's copies of its files would judge every re-encrypted value a hand edit
-    copies = plain_dir / ".cluster-base"
+    # The daemon's copies of its files would judge every re-encrypted value a hand edit
+    copies = plain_dir / bases.DIR
     copies.mkdir(mode=0o700)
     (copies / "connections.json").write_bytes(b"ctsd-base 1 -\n[]\n")
     r = run("secrets", "rekey", "--new-key", str(k1), "--data-dir", str(plain_dir))

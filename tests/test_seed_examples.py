@@ -23,6 +23,7 @@ import httpx
 import msgspec
 import pytest
 
+from ctsd import bases
 from tests.daemon import Daemon, sync_log, wait_until
 from tests.datadir import connection
 from tests.seeds import (
@@ -235,7 +236,7 @@ def data_files(data_dir: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(data_dir)): p.read_bytes()
         for p in sorted(data_dir.rglob("*.json"))
-        if "logs" not in p.relative_to(data_dir).parts
+        if p.relative_to(data_dir).parts[0] not in ("logs", bases.DIR)
     }
 
 

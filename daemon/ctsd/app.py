@@ -1,10 +1,10 @@
 """`ctsd serve`: the composition root. Builds every part with what it needs and runs them
 under one task group; start-up, readiness, signals and shutdown.
 
-    data dir → lock → store (load every file, [cluster mode: set edited files back to their
-    copies], replay the journal) → token → prober, sweeper, watcher → [cluster mode: connect,
-    apply what the stream holds beyond this host] → store starts (writes the files; takes in
-    the edited ones) → web (bind) → READY … SIGTERM → web closes (bus clients 1001) →
+    data dir → lock → store (load every file, set files edited while the daemon was down back
+    to their copies, replay the journal) → token → prober, sweeper, watcher → [cluster mode:
+    connect, apply what the stream holds beyond this host] → store starts (writes the files;
+    takes in the edited ones) → web (bind) → READY … SIGTERM → web closes (bus clients 1001) →
     heartbeats flushed → store closes (every change in the files) → [the cluster connection
     closes] → exit
 """
@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
-from ctsd import __version__, bases, livebackup, logs
+from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
 from ctsd.bases import Bases
 from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
@@ -66,7 +66,7 @@ class Daemon:
     watcher: Watcher
     notifier: Notifier
     cluster: ClusterSettings | None = field(default=None)
-    edited: list[str] = field(default_factory=list)  # cluster mode: edited while it was down
+    edited: list[str] = field(default_factory=list)  # files edited while it was down
     lock: InstanceLock | None = None
     stopping: bool = False  # a stop signal was taken
 
@@ -102,18 +102,15 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         livebackup.tidy(data_dir, max_age=0)
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
-        store.load()
+        copies = Bases(data_dir)
+        store.load(copies)
         settings_file, on_file = document_file("settings"), store.settings
         file_doc = None if settings_file in store.problems else store.documents.get("settings")
-        edited: list[str] = []
-        copies = Bases(data_dir)
         # A settings.json broken (or deleted) while the daemon was down cannot say whether this
-        # host is in a cluster: its copy (the cluster host's last valid version) says it, set
-        # back below.
+        # host is in a cluster: its copy (the last valid version) says it, set back here.
         lost = settings_file in store.problems or settings_file in store.intake.created
         broken = lost and copies.has_copy(settings_file)
-        if broken or _cluster_on_file(store) is not None:
-            edited = store.set_back(copies)  # files edited while it was down
+        edited = store.set_back(copies)  # files edited while it was down
         broken_set_back = broken and settings_file in edited  # its copy counts at this start
         store.replay()  # (settings changed through the door before a kill are in the journal)
         # This host's own keys as its settings.json holds them: an edit of them made while
@@ -129,10 +126,6 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
                 raise StartError(f"cluster settings: {problem.format()}")
             settings_doc = _cluster_as_written(store.disk.path(settings_file), problem)
         cluster = load_cluster_settings(settings_doc)
-        if cluster is not None:
-            store.keep_copies(store.checkpointer.bases or Bases(data_dir))
-        elif settings_file not in store.problems and settings_file not in store.intake.created:
-            bases.drop(data_dir)  # not a cluster host (any more)
         _catch_up_s()
         logs.add_file(data_dir / "logs")
         # This host's own address: an edit of settings.json made while a cluster host was down
@@ -231,7 +224,7 @@ async def _join_cluster(d: Daemon) -> None:
     except OSError as e:  # (a full disk, say)
         await store.abandon()
         raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None
-    committer = ClusterCommitter(store, engine, d.edited)
+    committer = ClusterCommitter(store, engine)
     store.committer = committer
     # The catch-up may take longer than the unit's start timeout: systemd is told, before
     # each step, how long it may take.
@@ -258,7 +251,7 @@ async def _join_cluster(d: Daemon) -> None:
             # The files are written only now: one edited while the daemon was down is taken
             # in first (the checkpointer's rule), and that must go through the cluster.
             await store.start()
-            await committer.take_in_edited()
+            await store.take_in_edited(d.edited)
         except (SnapshotInvalid, NoSnapshot, SnapshotNotInstalled, ForeignData) as e:
             # Behind what the stream keeps, and no usable snapshot (or, behind or new, none
             # the disk takes): serving would mean serving a state the cluster left long ago,
@@ -322,6 +315,7 @@ async def _serve(d: Daemon) -> None:
     svc, store = d.svc, d.svc.store
     if d.cluster is None:
         await store.start()  # changes replayed from the journal reach the files first
+        await store.take_in_edited(d.edited)
     else:
         await _join_cluster(d)  # starts the store once it has caught up
     web = Web(svc)

@@ -1,19 +1,19 @@
-"""Copies of the data files as the daemon last knew them to hold: how a cluster host tells a
-hand edit made while it was down from its own last write.
+"""Copies of the data files as the daemon last knew them to hold: how a start tells a hand
+edit made while the daemon was down from its own last write.
 
-On one host the data files are the truth at start: an edit made while the daemon was down is
-simply what it loads. On a cluster host it must become a change like any hand edit, or the
-other hosts never get it, and taking it in needs the version the operator started from. So in
-cluster mode the checkpointer writes each shared file's bytes a second time, to
-`DATA/.cluster-base/<file>`, in the same durable group as the file, and a hand edit taken in
+An edit made while the daemon was down must become a change like any hand edit: logged in
+the sync log and broadcast (a bot resuming with `since` must see it), and on a cluster host
+published, or the other hosts never get it. Taking it in needs the version the operator
+started from. So the checkpointer writes each data file's bytes a second time, to
+`DATA/.bases/<file>`, in the same durable group as the file, and a hand edit taken in
 becomes the copy too. At start (after the files are read, before the journal replays onto
 them) a file whose bytes differ from its copy was edited meanwhile, however the daemon
 stopped (a clean stop, kill -9, a power cut): memory and the file's base go back to the copy,
-the journal replays on top, and once the daemon has caught up with the cluster the file is
-taken in through the one door, a three-way merge onto the cluster's state published like any
-hand edit. A shared file deleted meanwhile is written again from its copy, as a running
-daemon writes a deleted file again from memory; an algorithm file deleted or added meanwhile
-is taken in as such.
+the journal replays on top, and once the store has started (in cluster mode, caught up with
+the cluster) the file is taken in through the one door, a three-way merge as for any hand
+edit. A file deleted meanwhile is written again from its copy, as a running daemon writes a
+deleted file again from memory; an algorithm file deleted or added meanwhile is taken in as
+such. A file broken meanwhile is served as its copy holds it until it is fixed.
 
 A copy's first line names the digest of the copy before it. A crash between the two renames
 of a round leaves the file one version behind its copy; that digest recognises the daemon's
@@ -21,17 +21,19 @@ own previous write (not an edit). A clean stop, every round whole, leaves a mark
 (`stopped-cleanly`): after it, a file one version behind is an edit (a backup put back, say),
 and the mark is removed before anything is written again. The file is never ahead of its
 copy: the copy's rename comes first and journalling filesystems (ext4, xfs) keep the order of
-renames across a crash. Only a file new on this host gets its copy after it (a copy without
-its file would read as a deletion made while down).
+renames across a crash. Only a file new here gets its copy after it (a copy without its file
+would read as a deletion made while down).
 
-The sync log is not copied: it is the cluster's, never edited by hand on a cluster host.
-Without a copy (a file the daemon never wrote in cluster mode) the file is read as it is.
+The sync log is not copied: its ids are the daemon's, and a log trimmed while the daemon was
+down goes on from the journal's revision. Without a copy (a data dir from a version that kept
+none, or after `ctsd rekey` rewrote the files) the file is read as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +47,8 @@ from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_
 
 log = structlog.get_logger("ctsd.store")
 
-DIR = ".cluster-base"
+DIR = ".bases"
+LEGACY_DIR = ".cluster-base"  # its name while only cluster hosts kept copies: adopted at start
 CLEAN = "stopped-cleanly"  # in DIR: the daemon stopped with every file at its copy's version
 _MAGIC = b"ctsd-base 1 "
 _NONE = b"-"
@@ -96,6 +99,11 @@ class Bases:
         self.data_dir = data_dir
         self.dir = data_dir / DIR
         self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
+        self._marked = False  # judged after a clean stop: the mark is still there (`unmark`)
+        legacy = data_dir / LEGACY_DIR
+        if not self.dir.exists() and legacy.is_dir() and not legacy.is_symlink():
+            os.rename(legacy, self.dir)  # (blocking: made at start, before the files load)
+            fsync_dir(data_dir)
 
     def _copy_path(self, file: str) -> Path:
         return self.dir / file
@@ -137,7 +145,7 @@ class Bases:
         self.written(digests)
 
     def stopped_cleanly(self) -> None:
-        """Mark that every shared file holds its copy's version (a clean stop, its last round
+        """Mark that every data file holds its copy's version (a clean stop, its last round
         whole), so the next start takes none for a round a crash cut (blocking)."""
         ensure_dir(self.dir)
         write_files([(self.dir / CLEAN, b"")])
@@ -151,11 +159,14 @@ class Bases:
             log.warning("base_copy_unreadable", file=CLEAN, reason=str(e))
             return False
 
-    def _unmark(self) -> None:
-        """The clean stop's mark removed, durably, before anything is written again: a round
-        that a crash cuts later must not be taken for an edit."""
-        (self.dir / CLEAN).unlink()
-        fsync_dir(self.dir)
+    def unmark(self) -> None:
+        """The clean stop's mark (if a start judged by it) removed, durably, before anything
+        is written again: a round that a crash cuts later must not be taken for an edit. Not
+        at `judge`: a start refused after it leaves the data dir as it found it."""
+        if self._marked:
+            (self.dir / CLEAN).unlink(missing_ok=True)
+            fsync_dir(self.dir)
+            self._marked = False
 
     def has_copy(self, file: str) -> bool:
         return self._copy_path(file).exists()
@@ -176,22 +187,25 @@ class Bases:
 
     # --- at start -----------------------------------------------------------------------------
 
-    def judge(self, shared: list[str], created: set[str], invalid: set[str]) -> Judged:
-        """Each shared file against its copy (blocking: reads every file and copy). `created`:
-        files that were missing (just created with default content); `invalid`: files that do
-        not read as valid (edited, when they have a copy: never written until fixed, then
-        taken in). A file matching its copy, or the daemon's write before it (unless the
-        daemon stopped cleanly), gets a fresh copy of what it holds, as does a file with none;
-        edited and deleted files keep theirs (the base of the merge, the content to write
-        again)."""
+    def judge(self, names: list[str], created: set[str], invalid: set[str]) -> Judged:
+        """Each data file (`names`: the sync log aside) against its copy (blocking: reads
+        every file and copy). `created`: files that were missing (just created with default
+        content); `invalid`: files that do not read as valid (edited, when they have a copy:
+        never written until fixed, then taken in). A file matching its copy, or the daemon's
+        write before it (unless the daemon stopped cleanly), gets a fresh copy of what it
+        holds, as does a file with none; edited and deleted files keep theirs (the base of
+        the merge, the content to write again)."""
         out = Judged()
+        for d in (self.dir, self.dir / ALGORITHMS_DIR):  # a write a crash cut left behind
+            for stale in d.glob(f"{atomic.TEMP_PREFIX}*"):
+                stale.unlink(missing_ok=True)
         fresh: Plan = []
         clean = self._stopped_cleanly()  # no round was cut: one version behind is an edit
         unnamed: Plan = []  # copies to write again naming no previous version
         # Copies were made at an earlier start (one of connections.json always is): an
         # algorithm file without one was added while the daemon was down.
         seeded = self._copy_path(CONNECTIONS).exists()
-        for file in [*shared, *self._algorithm_copies(shared)]:
+        for file in [*names, *self._algorithm_copies(names)]:
             copy = self._read_copy(file)
             if copy is not None and file in invalid:
                 # Broken while the daemon was down: memory holds what it last wrote, not
@@ -235,8 +249,7 @@ class Bases:
             self.written(digests)
         if unnamed:
             write_files(self.copies(unnamed, before_files=False)[0])
-        if clean:
-            self._unmark()
+        self._marked = clean
         if out.edited or out.deleted:
             log.warning(
                 "edited_while_stopped", files=sorted(out.edited), deleted=sorted(out.deleted)
@@ -265,9 +278,9 @@ class Bases:
 
 
 def drop(data_dir: Path) -> None:
-    """Forget every copy (cluster mode off, or the files rewritten by a tool that is not the
-    daemon): the next start reads the files as they are."""
-    path = data_dir / DIR
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-        fsync_dir(data_dir)
+    """Forget every copy (the files rewritten by a tool that is not the daemon): the next
+    start reads the files as they are."""
+    for path in (data_dir / DIR, data_dir / LEGACY_DIR):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            fsync_dir(data_dir)

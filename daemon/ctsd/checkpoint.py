@@ -116,8 +116,8 @@ class Checkpointer:
         self.bytes_written = 0  # of the data files the rounds wrote (what the disk took)
         self.appends = self.appended = 0  # journal appends and changes since the last round
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
-        # Cluster mode: each shared file's copy, written with it (a hand edit made while the
-        # daemon is down is told apart at its next start).
+        # Each file's copy (the sync log's aside), written with it: a hand edit made while
+        # the daemon is down is told apart at its next start (None: a store with no copies).
         self.bases: Bases | None = None
 
     # --- what changed ------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def _render_and_write(
     coarse: int,
 ) -> tuple[dict[Path, Any], dict[Path, OSError], dict[Path, bytes]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
-    group, or (when the group fails) one by one, each with its copy in cluster mode; remove
+    group, or (when the group fails) one by one, each with its copy (`bases`); remove
     the files in `gone` (unless changed since: ChangedOnDisk): (stamps, the files that
     failed, and on `coarse` clocks the digests of those written: `Disk.record`). The journal
     first holds durably every change the files will hold (`sync_journal`)."""

@@ -92,8 +92,8 @@ class Intake:
         self.written: Callable[[str, int], None] = lambda _file, _lsn: None
         self.valid_again: Callable[[str], None] = lambda _file: None
         self.created: set[str] = set()  # files missing at start, created with default content
-        # Cluster mode: a file taken in becomes its copy (`bases`): the base of an edit made
-        # while the daemon is down is the version the daemon last knew the file to hold.
+        # A file taken in becomes its copy (`bases`): the base of an edit made while the
+        # daemon is down is the version the daemon last knew the file to hold.
         self.keep_copy: Callable[[str, bytes], None] | None = None
         # Hand edits the door could not take in, for a reason other than the edit (the journal
         # failing to append, the cluster out of reach or too busy to answer in time): file →
@@ -176,10 +176,12 @@ class Intake:
             log.info("created_defaults", files=[p.name for p, _ in defaults])
             break
 
-    def load(self, committed: Committed) -> None:
-        """Read every file into `committed` (before the door opens; `reconcile` follows)."""
+    def load(self, committed: Committed, has_copy: Callable[[str], bool]) -> None:
+        """Read every file into `committed` (before the door opens; `reconcile` follows).
+        `has_copy`: does the file have a copy (`bases`) to take an edit made while the daemon
+        was down in against?"""
         for file in self.known_files():
-            self._load(file, committed)
+            self._load(file, committed, has_copy(file))
         committed.refresh_settings()
 
     def _read(self, file: str) -> tuple[bytes, Stamp, int]:
@@ -196,7 +198,7 @@ class Intake:
                 return records
         return files.decode_file(file, raw)
 
-    def _load(self, file: str, committed: Committed) -> None:
+    def _load(self, file: str, committed: Committed, has_copy: bool) -> None:
         try:
             raw, stamp, ctime = self._read(file)
             decoded = self.decode(file, raw)
@@ -204,7 +206,8 @@ class Intake:
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
             if file in SECRET_FILES:
                 self._check_secrets(file, raw, decoded)
-                _check_placeholders(file, raw, decoded)
+                if not has_copy:  # (with one, the take-in puts the stored secret back)
+                    _check_placeholders(file, raw, decoded)
         except Invalid as e:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
@@ -240,11 +243,11 @@ class Intake:
             self.write_back(file)
 
     def _check_secrets(self, file: str, raw: bytes, decoded: Any) -> None:
-        """At start: a stored secret that does not decrypt under the configured key (a flipped
-        byte, a value cut short or moved to another record, a key id of its own) makes its
-        file invalid: reported, left as it is, everything else served. Not when no value of
-        the file decrypts for want of the key: the key itself is wrong or missing, and the
-        start fails on that (`sealer.secure_loaded`)."""
+        """At start (and for a refused hand edit): a stored secret that does not decrypt under
+        the configured key (a flipped byte, a value cut short or moved to another record, a
+        key id of its own) makes its file invalid: reported, left as it is, everything else
+        served. Not when no value of the file decrypts for want of the key: the key itself is
+        wrong or missing, and the start fails on that (`sealer.secure_loaded`)."""
         box = self.store.box
         if not box.encrypting:
             return
@@ -265,6 +268,16 @@ class Intake:
         raise Invalid(
             diagnose.at_path(file, raw, list(first.path or ()), f"{first.detail}{where}{more}")
         )
+
+    def _explained(self, file: str, raw: bytes, hand: Any, problem: FileProblem) -> FileProblem:
+        """A hand edit refused for a stored secret that does not decrypt: reported as a start
+        reports it (a value swapped from another record is named as such)."""
+        try:
+            self._check_secrets(file, raw, hand)
+        except Invalid as e:
+            if e.problem.path == problem.path:
+                return e.problem
+        return problem
 
     def _remember(
         self, file: str, decoded: Any, raw: bytes, stamp: Stamp, ctime: int | None = None
@@ -395,7 +408,7 @@ class Intake:
                             f"more than the cluster takes at once ({why}): save it in smaller steps"
                         )
                     problem = e.extra.get("problem") or _placed(file, raw, hand, e.path, why)
-                    self._mark_invalid(file, problem, stamp)
+                    self._mark_invalid(file, self._explained(file, raw, hand, problem), stamp)
                 return False
             if "msg_id" in e.extra:
                 self._sent[file] = (e.extra["msg_id"], hand, raw, stamp)
@@ -424,7 +437,7 @@ class Intake:
         return True
 
     async def _keep_copy(self, file: str, raw: bytes) -> None:
-        """Cluster mode: the file as just taken in becomes its copy (`bases`)."""
+        """The file as just taken in becomes its copy (`bases`)."""
         if self.keep_copy is None or file == SYNC_LOG:
             return
         try:
@@ -696,10 +709,11 @@ def drop_displaced(d: Displaced) -> None:
 
 
 def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
-    """At start: a masked placeholder as a secret's value (a record pasted from an export or
-    an answer while the daemon was stopped) is no secret, and nothing holds the one it stood
-    for (a running daemon puts the stored one back): the file is invalid, left as it is.
-    Taken as it was, the placeholder was stored (and sealed) in place of the secret."""
+    """At start, a file with no copy: a masked placeholder as a secret's value (a record
+    pasted from an export or an answer while the daemon was stopped) is no secret, and
+    nothing holds the one it stood for (a running daemon, or a file with a copy, puts the
+    stored one back): the file is invalid, left as it is. Taken as it was, the placeholder
+    was stored (and sealed) in place of the secret."""
     content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
     for place in secret_places(file, content):
         if is_placeholder(place.value):

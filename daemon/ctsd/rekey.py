@@ -159,7 +159,7 @@ def finish_pending(data_dir: Path) -> bool:
             )
         plan.append((data_dir / file, new))
     if plan:
-        bases.drop(data_dir)  # the files change under a cluster host's copies of them
+        bases.drop(data_dir)  # the files change under the daemon's copies of them
         write_files(plan, owner=owner_for(data_dir))
     os.unlink(intent_path)
     fsync_dir(data_dir)
@@ -201,7 +201,7 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
         )
         owner = owner_for(data_dir)
         write_files([(data_dir / INTENT, msgspec.json.encode(intent) + b"\n")], owner=owner)
-        bases.drop(data_dir)  # the files change under a cluster host's copies of them
+        bases.drop(data_dir)  # the files change under the daemon's copies of them
         try:
             write_files(list(paths.items()), expected=expected, owner=owner)
         except BaseException as e:

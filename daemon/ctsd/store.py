@@ -244,35 +244,34 @@ class Store:
     # --- start and stop --------------------------------------------------------------------------
 
     def open(self) -> int:
-        """Create what is missing, load every file, replay the journal onto them. Returns how
-        many journalled changes were replayed (they are written before the door opens)."""
+        """Create what is missing, load every file, replay the journal onto them (no copies:
+        files edited while down are read as they are). Returns how many journalled changes
+        were replayed (they are written before the door opens)."""
         self.load()
         return self.replay()
 
-    def load(self) -> None:
-        """Create what is missing, load every file (the first half of `open`)."""
+    def load(self, bases: Bases | None = None) -> None:
+        """Create what is missing, load every file (the first half of `open`; `bases`: the
+        copies `set_back` judges the files by next)."""
         self.intake.prepare()
-        self.intake.load(self.committed)
+        self.intake.load(self.committed, bases.has_copy if bases is not None else lambda _f: False)
 
     def set_back(self, bases: Bases) -> list[str]:
-        """Cluster mode, between `load` and `replay`: the shared files edited or deleted while
-        the daemon was down set back to their copies (`bases`); returns the edited ones, to
-        take in once the daemon has caught up with the cluster."""
-        shared = [f for f in self.intake.known_files() if f != SYNC_LOG]
-        judged = bases.judge(shared, self.intake.created, set(self.problems))
+        """Between `load` and `replay`: the files edited or deleted while the daemon was down
+        set back to their copies (`bases`); returns the edited ones, to take in once the
+        store has started (`take_in_edited`; in cluster mode, caught up with the cluster)."""
+        names = [f for f in self.intake.known_files() if f != SYNC_LOG]
+        judged = bases.judge(names, self.intake.created, set(self.problems))
         for file, raw in judged.deleted.items():
             self._set_back(file, raw, edited=False)
         # The journal's hand edits then replay with what the copies hold (what the daemon
         # knew the file to hold): an edit made since, while it was down, is taken in later.
         edited = [f for f, raw in judged.edited.items() if self._set_back(f, raw, edited=True)]
         self.committed.refresh_settings()
-        self.keep_copies(bases)
-        return sorted(edited)
-
-    def keep_copies(self, bases: Bases) -> None:
-        """Cluster mode: every write and take-in of a shared file keeps its copy."""
+        # From here every write and take-in of a file (the sync log aside) keeps its copy.
         self.checkpointer.bases = bases
         self.intake.keep_copy = bases.keep
+        return sorted(edited)
 
     def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
         try:
@@ -327,6 +326,8 @@ class Store:
     async def start(self) -> None:
         """Open the door; changes replayed from the journal reach the files first."""
         loop = asyncio.get_running_loop()
+        if self.checkpointer.bases is not None:
+            self.checkpointer.bases.unmark()  # before the first write
         # The writer first: a file edited while the daemon was down is taken in through it
         # before the round writes (nothing else comes to the door yet).
         self._writer = loop.create_task(self._write_loop(), name="ctsd-writer")
@@ -622,6 +623,14 @@ class Store:
 
     async def ingest(self, file: str, *, force: bool = False, report: bool = True) -> bool:
         return await self.intake.ingest(file, force=force, report=report)
+
+    async def take_in_edited(self, edited: list[str]) -> None:
+        """Once the store has started (in cluster mode, caught up): the files edited while
+        the daemon was down (`set_back`) taken in through the door, logged and broadcast (a
+        file refused now stays as it is, reported, and is taken in once fixed)."""
+        for file in edited:
+            if await self.ingest(file, force=True):  # a deleted algorithm too
+                log.info("edited_while_stopped_taken_in", file=file)
 
     async def reload_all(self) -> None:
         """SIGHUP: every file taken in as a hand edit is, and what that changed written (for

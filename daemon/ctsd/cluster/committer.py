@@ -104,7 +104,7 @@ class _Own:
 class ClusterCommitter:
     shared = True
 
-    def __init__(self, store: Store, engine: ClusterEngine, edited: Sequence[str] = ()) -> None:
+    def __init__(self, store: Store, engine: ClusterEngine) -> None:
         self.store = store
         self.engine = engine
         self.host = engine.settings.host_id
@@ -125,7 +125,6 @@ class ClusterCommitter:
         self._installed_seq = 0
         self._snapshotted_seq = 0  # the seq of the last snapshot this host put (or found)
         self._snapshot_task: asyncio.Task[None] | None = None
-        self._edited = list(edited)  # files edited while the daemon was down (`Store.set_back`)
         # Has this host applied (or founded) the stream? Until then its first change must
         # found the cluster, or its data meet the join check (`found`, `_check_join`).
         self._joined = False
@@ -258,14 +257,6 @@ class ClusterCommitter:
             connections=len(state.connections),
             revision=store.committed.revision,
         )
-
-    async def take_in_edited(self) -> None:
-        """After the catch-up: the files edited while the daemon was stopped, taken in (a
-        file refused now, the cluster out of reach, is taken in once it is back)."""
-        edited, self._edited = self._edited, []
-        for file in edited:
-            if await self.store.ingest(file, force=True):  # a deleted algorithm too
-                log.info("cluster.edited_while_stopped_taken_in", file=file)
 
     def started(self) -> None:
         """The start is done (caught up, or given up on for now): put a snapshot now and then
