@@ -256,6 +256,32 @@ def test_set_secret_from_environment(shared: Daemon) -> None:
     assert out["api_secret"] == "********"
 
 
+def test_a_secret_inside_connection_settings_never_comes_from_argv(shared: Daemon) -> None:
+    """`--settings` or `connection_settings=` holding a secret (a passphrase, a token) is
+    refused before anything is sent: argv shows in `ps`. `--settings-env NAME` takes it."""
+    settings = json.dumps({"base_url": "http://127.0.0.1:9", "auth": {"Pass_Phrase": CANARY}})
+    for args in (
+        ["conn", "add", "--id", "argv1", "--name", "a", "--exchange", "x", "--settings", settings],
+        ["conn", "set", "argv1", f"connection_settings={settings}"],
+    ):
+        r = cli(shared, *args)
+        assert r.returncode == 2 and "`auth.Pass_Phrase` holds a secret" in r.stderr, r.stderr
+        assert "--settings-env" in r.stderr
+    assert cli(shared, "conn", "show", "argv1").returncode == 5  # nothing was sent
+    created = add(shared, "argv1", "--settings-env", "S", S=settings)
+    assert CANARY not in created["connection_settings"]
+    on_disk = json.loads((shared.data_dir / "connections.json").read_text())
+    stored = next(c for c in on_disk if c["id"] == "argv1")
+    assert json.loads(stored["connection_settings"])["auth"]["Pass_Phrase"] == CANARY
+    no_secret = json.dumps({"base_url": "http://127.0.0.1:8"})
+    out = jout(shared, "conn", "set", "argv1", "--settings-env", "S", S=no_secret)
+    assert json.loads(out["connection_settings"]) == {"base_url": "http://127.0.0.1:8"}
+    r = cli(shared, "conn", "set", "argv1", "connection_settings={}", "--settings-env", "S", S="{}")
+    assert r.returncode == 2 and "given twice" in r.stderr
+    r = cli(shared, "conn", "set", "argv1", "--settings-env", "S", S="[1]")
+    assert r.returncode == 2 and "must be a JSON object" in r.stderr
+
+
 def test_set_errors(shared: Daemon) -> None:
     add(shared, "set3")
     r = cli(shared, "conn", "set", "set3", "volume_factor=-1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +15,9 @@ from ctsd.client.fields import (
     parse_assignments,
     pop_secret_envs,
     read_secrets,
+    refuse_argv_secret,
     secret_options,
+    settings_object,
 )
 from ctsd.client.options import CMD, bus_options, given, json_option
 from ctsd.client.render import cell, echo_json, key_values, safe, short, table
@@ -203,18 +204,9 @@ def register(main: click.Group) -> None:
         if volume_factor is not None:
             record["volume_factor"] = volume_factor
         if settings_json is not None:
-            try:
-                parsed = json.loads(settings_json)
-            except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
-                raise click.BadParameter(
-                    "is nested too deeply", param_hint="'--settings'"
-                ) from None
-            except ValueError:
-                parsed = None
-            if not isinstance(parsed, dict):
-                raise click.BadParameter("must be a JSON object", param_hint="'--settings'")
-            record["connection_settings"] = settings_json
-        record.update(read_secrets(pop_secret_envs(kw), ask_secrets))
+            record["connection_settings"] = settings_object(settings_json, "'--settings'")
+            refuse_argv_secret(settings_json, "'--settings'")
+        record.update(read_secrets(pop_secret_envs(kw), ask_secrets, given=record))
 
         created = run_call(target, "connections.create", connection=record)
         if as_json:
@@ -246,7 +238,7 @@ def register(main: click.Group) -> None:
         if not ids:
             raise click.UsageError("give the connection ID(s) to change")
         changes = parse_assignments(assignments)
-        changes.update(read_secrets(pop_secret_envs(kw), ask_secrets))
+        changes.update(read_secrets(pop_secret_envs(kw), ask_secrets, given=changes))
         if not changes:
             raise click.UsageError(
                 "nothing to change: give FIELD=VALUE after the ID(s), or a secret option"

@@ -39,6 +39,40 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean `{near[0]}`?" if near else ""
 
 
+def nested_secret(value: Any, depth: int = 0) -> str | None:
+    """The first key holding a secret inside `value` (a JSON object or array, or the JSON
+    text of one: `connection_settings` is stored as text), as `a.b`; else None."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return None  # not JSON: refused as such later, or plain text
+    if depth > 64:
+        return None  # (the daemon refuses what nests deeper)
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    else:
+        items = enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        if isinstance(key, str) and is_secret_key(key) and inner not in (None, ""):
+            return key
+        found = nested_secret(inner, depth + 1)
+        if found is not None:
+            return f"{key}.{found}"
+    return None
+
+
+def refuse_argv_secret(value: Any, param_hint: str) -> None:
+    """Secrets inside a value given on the command line are refused: it shows in `ps`."""
+    found = nested_secret(value)
+    if found is not None:
+        raise click.BadParameter(
+            f"`{short(found)}` holds a secret, and secrets are not taken from the command "
+            "line (it is visible in `ps`); give connection_settings with --settings-env NAME",
+            param_hint=param_hint,
+        )
+
+
 def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
     """`field=value` arguments → changes; values are JSON, except plain text in text fields."""
     changes: dict[str, Any] = {}
@@ -81,6 +115,7 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
                     '(e.g. true, 2.5, null, "text")',
                     param_hint="'FIELD=VALUE'",
                 ) from None
+        refuse_argv_secret(value, "'FIELD=VALUE'")
         changes[field] = value
     return changes
 
@@ -112,6 +147,12 @@ def secret_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="NAME",
             help=f"read {field} from environment variable NAME",
         )(func)
+    func = click.option(
+        "--settings-env",
+        "settings_env",
+        metavar="NAME",
+        help="read connection_settings (a JSON object) from environment variable NAME",
+    )(func)
     return click.option(
         "--ask-secrets",
         is_flag=True,
@@ -119,8 +160,37 @@ def secret_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
-def read_secrets(env_names: dict[str, str | None], ask: bool) -> dict[str, str]:
+def settings_object(text: str, param_hint: str) -> str:
+    """`connection_settings` as given (JSON text): it must be a JSON object."""
+    try:
+        parsed = load_json(text)
+    except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
+        raise click.BadParameter("is nested too deeply", param_hint=param_hint) from None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=param_hint)
+    return text
+
+
+def read_secrets(
+    env_names: dict[str, str | None], ask: bool, given: dict[str, Any]
+) -> dict[str, str]:
+    """The secrets (and connection_settings) the environment or the prompt give. `given`:
+    the fields the command line gave already (connection_settings from both is refused)."""
     out: dict[str, str] = {}
+    name = env_names.get("settings_env")
+    if name:
+        if "connection_settings" in given:
+            raise click.UsageError(
+                "connection_settings given twice: on the command line and with --settings-env"
+            )
+        value = os.environ.get(name)
+        if not value:
+            raise click.BadParameter(
+                f"environment variable {short(name)} is not set", param_hint="'--settings-env'"
+            )
+        out["connection_settings"] = settings_object(value, "'--settings-env'")
     for field in SECRET_CONNECTION_FIELDS:
         name = env_names.get(f"{field}_env")
         if name:
@@ -145,4 +215,4 @@ def read_secrets(env_names: dict[str, str | None], ask: bool) -> dict[str, str]:
 
 
 def pop_secret_envs(kw: dict[str, Any]) -> dict[str, str | None]:
-    return {f"{f}_env": kw.pop(f"{f}_env", None) for f in SECRET_CONNECTION_FIELDS}
+    return {f"{f}_env": kw.pop(f"{f}_env", None) for f in (*SECRET_CONNECTION_FIELDS, "settings")}
