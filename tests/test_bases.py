@@ -231,8 +231,9 @@ def test_an_algorithm_added_while_down_is_an_edit_once_copies_exist(data_dir: Pa
 def opened_store(data_dir: Path) -> tuple[Store, list[str]]:
     """A store opened as the daemon opens it: load, set back, replay."""
     store = Store(data_dir)
-    store.load()
-    edited = store.set_back(Bases(data_dir))
+    copies = Bases(data_dir)
+    store.load(copies)
+    edited = store.set_back(copies)
     store.replay()
     return store, edited
 
@@ -300,3 +301,24 @@ def test_copies_of_an_earlier_version_are_adopted_and_cut_writes_tidied(data_dir
     assert judge(data_dir).edited == {FILE: V1}
     assert not (data_dir / bases.LEGACY_DIR).exists()
     assert not (data_dir / bases.DIR / temp.name).exists()
+
+
+@pytest.mark.anyio
+async def test_a_file_deleted_while_down_is_written_again_from_its_copy_at_once(
+    data_dir: Path,
+) -> None:
+    """Never from its defaults first: a start refused after that (or a kill) must not leave
+    an empty connections.json that the next start takes for an edit deleting everything."""
+    store, _ = opened_store(data_dir)
+    await store.start()
+    await store.submit(ops.create(connection("c1")), "bus", sync="files")
+    await store.close()
+    written = (data_dir / FILE).read_bytes()
+    (data_dir / FILE).unlink()
+    store = Store(data_dir)
+    store.load(Bases(data_dir))  # a start refused right after this
+    store.journal.close()
+    assert (data_dir / FILE).read_bytes() == written
+    store, edited = opened_store(data_dir)
+    assert edited == [] and list(store.connections) == ["c1"]
+    store.journal.close()

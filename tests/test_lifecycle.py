@@ -330,6 +330,45 @@ def test_a_settings_file_invalid_elsewhere_still_puts_the_host_in_its_cluster(
         d.close()
 
 
+def test_a_settings_file_broken_while_stopped_counts_as_its_copy_unless_it_names_a_cluster(
+    data_dir: Path,
+) -> None:
+    """settings.json broken while the daemon was down (a bad value): served as its copy
+    holds it, the listen address too, until fixed; but one that names a cluster section its
+    copy does not have stops the start (never a start on this host alone in its place)."""
+    data_dir.mkdir(mode=0o700)
+    path = data_dir / "settings.json"
+    kept_port, new_port = free_port(), free_port()
+    path.write_text(json.dumps({"server": {"port": kept_port}}) + "\n")
+    env = {"CTSD_DATA_DIR": str(data_dir)}
+    d = Bare(data_dir, env=env)
+    try:
+        d.start()
+        assert ready_event(d)["port"] == kept_port
+        assert d.stop() == 0
+    finally:
+        d.close()
+    path.write_text(json.dumps({"server": {"port": new_port}, "stale_after_s": -1}) + "\n")
+    d = Bare(data_dir, env=env)
+    try:
+        d.start()
+        assert ready_event(d)["port"] == kept_port
+        d.port = kept_port
+        health = d.http("/health", token=None)[1]
+        assert "settings.json" in health["checks"]["files"]["invalid"], health
+    finally:
+        d.close()
+    section = {"nats_urls": ["nats://127.0.0.1:9"], "name": "d", "host_id": "h1"}
+    path.write_text(json.dumps({"stale_after_s": -1, "cluster": section}) + "\n")
+    d = Bare(data_dir, env=env)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert "not the one this host last ran with" in line and "settings.json:" in line, line
+    finally:
+        d.close()
+
+
 def test_a_start_that_cannot_record_itself_stops_with_one_line(data_dir: Path) -> None:
     """Cluster mode: the start's boot id is kept before anything is published; when it cannot
     be (here the name is a directory; a full disk does the same), the start stops."""

@@ -119,18 +119,21 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         own = file_doc if settings_file in edited and file_doc is not None else None
         settings_doc = own if own is not None else store.documents.get("settings")
         problem = store.problems.get(settings_file)
-        if problem is not None and not broken_set_back:
+        if problem is not None:
             # Whether, and as which host, this one is in a cluster must still be read: never
             # a start on its own (or under another host id) in its place.
             if problem.path == "$.cluster" or problem.path.startswith(("$.cluster.", "$.cluster[")):
                 raise StartError(f"cluster settings: {problem.format()}")
-            settings_doc = _cluster_as_written(store.disk.path(settings_file), problem)
+            kept = settings_doc if broken_set_back else None
+            settings_doc = _cluster_as_written(store.disk.path(settings_file), problem, kept)
         cluster = load_cluster_settings(settings_doc)
         _catch_up_s()
         logs.add_file(data_dir / "logs")
         # This host's own address: an edit of settings.json made while a cluster host was down
-        # is taken in before the bind (after the catch-up), so it counts already.
-        listen = resolve_listen(host, port, on_file if settings_file in edited else store.settings)
+        # is taken in before the bind (after the catch-up), so it counts already; a broken
+        # file counts as its copy.
+        valid_edit = settings_file in edited and settings_file not in store.problems
+        listen = resolve_listen(host, port, on_file if valid_edit else store.settings)
         token = load_token(data_dir)
         assert token is not None
     except StartError:
@@ -150,39 +153,39 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     return Daemon(svc, watcher, Notifier(), cluster, edited), lock
 
 
-def _cluster_as_written(path: Path, problem: FileProblem) -> dict[str, Any] | None:
-    """settings.json is invalid at start (elsewhere than in its `cluster` section) and no copy
-    stands for it: that section, as written, still says whether this host is in a cluster.
-    Raises StartError when the file does not parse and may hold one."""
+def _cluster_as_written(
+    path: Path, problem: FileProblem, kept: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """settings.json is invalid at start (elsewhere than in its `cluster` section): that
+    section, as written, still says whether this host is in a cluster. `kept`: the settings
+    its copy holds (set back in memory), which count unless the file says otherwise. Raises
+    StartError when the file may say otherwise, or says so: fix the file."""
+    may_hold = StartError(
+        f"cluster settings: {problem.format()}: the file may hold this host's cluster section "
+        "(its host id); fix it"
+    )
     try:
         raw, _ = read_data_file(path, "settings.json", private=False)  # (its mode: no matter)
         doc = json.loads(raw)
     except FileNotFoundError:
-        return None
+        return kept
     except (OSError, Invalid):  # no regular file, too large, unreadable: cannot tell
-        if not os.environ.get("CTSD_CLUSTER_NATS_URLS", "").strip():
-            return None  # (nor does anything else say this host is in a cluster)
-        raise StartError(
-            f"cluster settings: {problem.format()}: the file may hold this host's cluster "
-            "section (its host id); fix it"
-        ) from None
+        if kept is not None or not os.environ.get("CTSD_CLUSTER_NATS_URLS", "").strip():
+            return kept  # (nor does anything else say this host is in a cluster)
+        raise may_hold from None
     except ValueError:
-        if b'"cluster"' not in raw:
-            return None
+        if b'"cluster"' not in raw or (kept is not None and "cluster" in kept):
+            return kept  # no cluster section to read, or its copy's to count
+        raise may_hold from None
+    written = doc.get("cluster") if isinstance(doc, dict) else None
+    if kept is None:
+        return {"cluster": written} if written is not None else None
+    if written != kept.get("cluster"):
         raise StartError(
-            f"cluster settings: {problem.format()}: the file may hold this host's cluster "
-            "section; fix it"
-        ) from None
-    return {"cluster": doc["cluster"]} if isinstance(doc, dict) and "cluster" in doc else None
-
-
-def _cluster_on_file(store: Store) -> ClusterSettings | None:
-    """Cluster mode as settings.json holds it, before the journal replays (a section the
-    journal fixes or adds is judged after the replay)."""
-    try:
-        return load_cluster_settings(store.documents.get("settings"))
-    except ClusterConfigError:
-        return None
+            f"cluster settings: {problem.format()}: the file's cluster section is not the one "
+            "this host last ran with; fix the file"
+        )
+    return kept
 
 
 def _catch_up_s() -> float:

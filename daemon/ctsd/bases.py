@@ -41,7 +41,7 @@ from pathlib import Path
 
 import structlog
 
-from ctsd import atomic, safefile
+from ctsd import atomic, files, safefile
 from ctsd.atomic import ensure_dir, fsync_dir, write_files
 from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_name
 
@@ -100,9 +100,13 @@ class Bases:
         self.dir = data_dir / DIR
         self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
         self._marked = False  # judged after a clean stop: the mark is still there (`unmark`)
+        # (blocking: made at start, before the files load). Only a version that kept copies
+        # under the old name writes there, and this one renames it away: it is the newer.
         legacy = data_dir / LEGACY_DIR
-        if not self.dir.exists() and legacy.is_dir() and not legacy.is_symlink():
-            os.rename(legacy, self.dir)  # (blocking: made at start, before the files load)
+        if legacy.is_dir() and not legacy.is_symlink():
+            if self.dir.is_dir() and not self.dir.is_symlink():
+                shutil.rmtree(self.dir)
+            os.rename(legacy, self.dir)
             fsync_dir(data_dir)
 
     def _copy_path(self, file: str) -> Path:
@@ -170,6 +174,19 @@ class Bases:
 
     def has_copy(self, file: str) -> bool:
         return self._copy_path(file).exists()
+
+    def content(self, file: str) -> bytes | None:
+        """What `file` held as the daemon last knew it, when its copy reads as valid (a file
+        deleted while the daemon was down is written again from it)."""
+        copy = self._read_copy(file)
+        if copy is None:
+            return None
+        try:
+            files.decode_file(file, copy[1])
+        except Invalid as e:  # (a copy this version no longer reads)
+            log.warning("base_copy_unreadable", file=file, reason=e.problem.format())
+            return None
+        return copy[1]
 
     def copy_of(self, path: Path) -> Path:
         """The copy's path of the data file at `path`."""

@@ -133,8 +133,11 @@ class Intake:
 
     # --- start -------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Create what is missing (never touching what exists)."""
+    def prepare(self, copy_of: Callable[[str], bytes | None] = lambda _file: None) -> None:
+        """Create what is missing (never touching what exists): a file deleted while the
+        daemon was down is written again from its copy (`copy_of`: its bytes, if usable),
+        as a running daemon writes a deleted file again from memory; the others get their
+        defaults."""
         from ctsd.atomic import ChangedOnDisk, write_files
 
         for sub in ("", *SUBDIRS):
@@ -154,11 +157,17 @@ class Intake:
                     stale.unlink(missing_ok=True)
         self.disk.probe_clock()
         defaults: list[tuple[Path, bytes]] = []
+        copied: set[str] = set()
         for file in [CONNECTIONS, STATE, SYNC_LOG, *(f for f, _ in files.DOCUMENTS.values())]:
             p = self.path(file)
             if not p.exists() and not p.is_symlink():
-                name = files.document_name(file)
-                body = files.encode_document(files.default_document(name)) if name else b"[]\n"
+                body = copy_of(file)
+                if body is not None:
+                    copied.add(file)
+                else:
+                    name = files.document_name(file)
+                    default = files.default_document(name) if name else None
+                    body = files.encode_document(default) if name else b"[]\n"
                 defaults.append((p, body))
         # All or none (a start that failed halfway would leave defaults the next start takes
         # for the operator's), and each only if still absent: a file the operator saves
@@ -172,16 +181,18 @@ class Intake:
                     raise
                 defaults = left
                 continue
-            self.created = {p.relative_to(self.data_dir).as_posix() for p, _ in defaults}
-            log.info("created_defaults", files=[p.name for p, _ in defaults])
+            written = {p.relative_to(self.data_dir).as_posix() for p, _ in defaults}
+            self.created = written - copied
+            if self.created:
+                log.info("created_defaults", files=sorted(self.created))
+            if written & copied:
+                log.warning("deleted_while_stopped_written_again", files=sorted(written & copied))
             break
 
-    def load(self, committed: Committed, has_copy: Callable[[str], bool]) -> None:
-        """Read every file into `committed` (before the door opens; `reconcile` follows).
-        `has_copy`: does the file have a copy (`bases`) to take an edit made while the daemon
-        was down in against?"""
+    def load(self, committed: Committed) -> None:
+        """Read every file into `committed` (before the door opens; `reconcile` follows)."""
         for file in self.known_files():
-            self._load(file, committed, has_copy(file))
+            self._load(file, committed)
         committed.refresh_settings()
 
     def _read(self, file: str) -> tuple[bytes, Stamp, int]:
@@ -198,7 +209,7 @@ class Intake:
                 return records
         return files.decode_file(file, raw)
 
-    def _load(self, file: str, committed: Committed, has_copy: bool) -> None:
+    def _load(self, file: str, committed: Committed) -> None:
         try:
             raw, stamp, ctime = self._read(file)
             decoded = self.decode(file, raw)
@@ -206,8 +217,7 @@ class Intake:
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
             if file in SECRET_FILES:
                 self._check_secrets(file, raw, decoded)
-                if not has_copy:  # (with one, the take-in puts the stored secret back)
-                    _check_placeholders(file, raw, decoded)
+                _check_placeholders(file, raw, decoded)
         except Invalid as e:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
@@ -709,11 +719,11 @@ def drop_displaced(d: Displaced) -> None:
 
 
 def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
-    """At start, a file with no copy: a masked placeholder as a secret's value (a record
-    pasted from an export or an answer while the daemon was stopped) is no secret, and
-    nothing holds the one it stood for (a running daemon, or a file with a copy, puts the
-    stored one back): the file is invalid, left as it is. Taken as it was, the placeholder
-    was stored (and sealed) in place of the secret."""
+    """At start: a masked placeholder as a secret's value (a record pasted from an export or
+    an answer while the daemon was stopped) is no secret: the file is invalid as it is, left
+    as it is (taken as it was, the placeholder was stored and sealed in place of the
+    secret). With a copy of the file, the start then takes it in against the copy, as a
+    running daemon does: the stored secret is put back and the report cleared."""
     content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
     for place in secret_places(file, content):
         if is_placeholder(place.value):

@@ -252,9 +252,10 @@ class Store:
 
     def load(self, bases: Bases | None = None) -> None:
         """Create what is missing, load every file (the first half of `open`; `bases`: the
-        copies `set_back` judges the files by next)."""
-        self.intake.prepare()
-        self.intake.load(self.committed, bases.has_copy if bases is not None else lambda _f: False)
+        copies a file deleted while the daemon was down is written again from, and that
+        `set_back` judges the files by next)."""
+        self.intake.prepare(bases.content if bases is not None else lambda _file: None)
+        self.intake.load(self.committed)
 
     def set_back(self, bases: Bases) -> list[str]:
         """Between `load` and `replay`: the files edited or deleted while the daemon was down
