@@ -52,6 +52,15 @@ def run_to_exit(d: Daemon, timeout: float = 15.0) -> int:
     return d.proc.wait(timeout)
 
 
+def refused_start(d: Daemon) -> str:
+    """Run `d` until it exits 1; the one line it wrote on stderr (it is closed after)."""
+    try:
+        assert run_to_exit(d) == 1
+        return one_line(d.stderr())
+    finally:
+        d.close()
+
+
 def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, text
@@ -321,13 +330,8 @@ def test_a_settings_file_invalid_elsewhere_still_puts_the_host_in_its_cluster(
         d.close()
     path.write_text('{"cluster": {"nats_urls": ["nats://127.0.0.1:9"], "name": "d"\n')
     path.chmod(0o600)
-    d = Daemon(data_dir)
-    try:
-        assert run_to_exit(d) == 1
-        line = one_line(d.stderr())
-        assert "may hold this host's cluster section" in line and "settings.json:" in line, line
-    finally:
-        d.close()
+    line = refused_start(Daemon(data_dir))
+    assert "may hold this host's cluster section" in line and "settings.json:" in line, line
 
 
 def test_a_settings_file_broken_while_stopped_counts_as_its_copy_unless_it_names_a_cluster(
@@ -360,13 +364,8 @@ def test_a_settings_file_broken_while_stopped_counts_as_its_copy_unless_it_names
         d.close()
     section = {"nats_urls": ["nats://127.0.0.1:9"], "name": "d", "host_id": "h1"}
     path.write_text(json.dumps({"stale_after_s": -1, "cluster": section}) + "\n")
-    d = Bare(data_dir, env=env)
-    try:
-        assert run_to_exit(d) == 1
-        line = one_line(d.stderr())
-        assert "not the one this host last ran with" in line and "settings.json:" in line, line
-    finally:
-        d.close()
+    line = refused_start(Bare(data_dir, env=env))
+    assert "not the one this host last ran with" in line and "settings.json:" in line, line
 
 
 def test_a_start_that_cannot_record_itself_stops_with_one_line(data_dir: Path) -> None:
