@@ -754,6 +754,24 @@ def test_verify_notes_changes_waiting_in_the_journal_and_a_torn_tail(tmp_path: P
     assert path.stat().st_size == size, "verify must not cut the journal"
 
 
+def test_a_journal_larger_than_a_data_file_may_be_is_still_read_offline(tmp_path: Path) -> None:
+    """The daemon reads its journal whole at start, whatever its size: so do verify and the
+    restore (whose revision goes on from the journal's, never giving an id twice). A link
+    in its place is named."""
+    from ctsd.backup import revision_before
+
+    path = _journal_with_changes(tmp_path, 2)
+    os.truncate(path, limits.MAX_FILE_BYTES + 4096)  # zeros ahead, as the daemon keeps room
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{tmp_path}/.journal: 2 change group(s) not yet in the data files" in r.stdout
+    assert revision_before(tmp_path) == 2
+    path.rename(tmp_path / "elsewhere")
+    path.symlink_to(tmp_path / "elsewhere")
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "is a symbolic link" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_verify_refuses_a_damaged_or_foreign_journal(tmp_path: Path) -> None:
     path = _journal_with_changes(tmp_path, 3)
     raw = bytearray(path.read_bytes())

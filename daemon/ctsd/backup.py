@@ -476,9 +476,9 @@ def revision_before(data_dir: Path) -> int:
     with contextlib.suppress(OSError, files.Invalid):
         raw, _st = read_data_file(data_dir / files.SYNC_LOG, files.SYNC_LOG)
         revision = revision_of({files.SYNC_LOG: raw})
-    with contextlib.suppress(OSError, files.Invalid, journal.JournalError):
-        raw, _st = read_data_file(data_dir / journal.NAME, journal.NAME)
-        scan = journal.scan_journal(raw, journal.NAME, None)
+    with contextlib.suppress(journal.JournalError):
+        raw = journal.read_journal(data_dir / journal.NAME)
+        scan = journal.scan_journal(raw, journal.NAME, None) if raw is not None else None
         if scan is not None:  # (None: an empty file)
             ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
             revision = max(revision, scan.base_revision, *ids)

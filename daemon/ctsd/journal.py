@@ -212,6 +212,29 @@ def event_marks(events: Iterable[SyncEvent]) -> dict[int, EventMark]:
     return {e.id: (e.created_at, e.action) for e in events}
 
 
+def read_journal(path: Path) -> bytes | None:
+    """The bytes of the journal at `path` (None: there is none), for the offline tools: read
+    whole, whatever its size, as the daemon reads it at start (a data file's size limit is
+    no journal's). Raises JournalError when it is no regular file or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise JournalError(f"{path} is a symbolic link, not the daemon's journal") from None
+        raise JournalError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not _is_regular(st.st_mode):
+            raise JournalError(f"{path} is not a regular file")
+        return os.pread(fd, st.st_size, 0)
+    except OSError as e:
+        raise JournalError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def scan_journal(
     raw: bytes,
     where: str,

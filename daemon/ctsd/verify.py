@@ -51,19 +51,12 @@ def journal_state(
 ) -> tuple[int, int, FileProblem | None]:
     """(change groups in the journal not yet in the data files, bytes of a torn tail, or a
     problem that keeps the daemon from starting) for the data files' `contents`."""
-    path = data_dir / journal.NAME
-    if lstat(path) is None:
-        return 0, 0, None
     try:
-        raw, _st = read_data_file(path, journal.NAME)
-    except Invalid as e:
-        return 0, 0, e.problem
-    except OSError as e:
-        return (
-            0,
-            0,
-            FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", f"cannot read: {e.strerror}"),
-        )
+        raw = journal.read_journal(data_dir / journal.NAME)
+    except journal.JournalError as e:
+        return 0, 0, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
+    if raw is None:
+        return 0, 0, None
     try:
         log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
         revision: int | None = log[-1]["id"] if log else 0
