@@ -273,13 +273,30 @@ def test_a_secret_inside_connection_settings_never_comes_from_argv(shared: Daemo
     on_disk = json.loads((shared.data_dir / "connections.json").read_text())
     stored = next(c for c in on_disk if c["id"] == "argv1")
     assert json.loads(stored["connection_settings"])["auth"]["Pass_Phrase"] == CANARY
+    # What the daemon shows as no secret is no secret here: a boolean, an object under a
+    # secret-looking key, a placeholder sent back as shown (the stored
+    # secret kept).
+    harmless = {**json.loads(settings), "auth": {"Pass_Phrase": "********"}}
+    harmless.update(savePassword=True, credentials={})
+    ok(shared, "conn", "set", "argv1", f"connection_settings={json.dumps(harmless)}")
     no_secret = json.dumps({"base_url": "http://127.0.0.1:8"})
     out = jout(shared, "conn", "set", "argv1", "--settings-env", "S", S=no_secret)
     assert json.loads(out["connection_settings"]) == {"base_url": "http://127.0.0.1:8"}
     r = cli(shared, "conn", "set", "argv1", "connection_settings={}", "--settings-env", "S", S="{}")
     assert r.returncode == 2 and "given twice" in r.stderr
+    r = cli(shared, "conn", "add", "--id", "a2", "--name", "a", "--exchange", "x",
+            "--settings", "{}", "connection_settings={}")  # fmt: skip
+    assert r.returncode == 2 and "given twice" in r.stderr
     r = cli(shared, "conn", "set", "argv1", "--settings-env", "S", S="[1]")
     assert r.returncode == 2 and "must be a JSON object" in r.stderr
+    # A password in a URL is a secret too; text that is no JSON is not echoed (cli() checks
+    # every output for the canary).
+    for value in (
+        json.dumps({"base_url": f"https://u:{CANARY}@127.0.0.1:9"}),
+        '{"passphrase": "' + CANARY + '",',
+    ):
+        r = cli(shared, "conn", "set", "argv1", f"connection_settings={value}")
+        assert r.returncode == 2, r.stderr
 
 
 def test_set_errors(shared: Daemon) -> None:

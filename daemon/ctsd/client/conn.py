@@ -204,6 +204,10 @@ def register(main: click.Group) -> None:
         if volume_factor is not None:
             record["volume_factor"] = volume_factor
         if settings_json is not None:
+            if "connection_settings" in record:
+                raise click.UsageError(
+                    "connection_settings given twice: by --settings and as FIELD=VALUE"
+                )
             record["connection_settings"] = settings_object(settings_json, "'--settings'")
             refuse_argv_secret(settings_json, "'--settings'")
         record.update(read_secrets(pop_secret_envs(kw), ask_secrets, given=record))

@@ -6,6 +6,7 @@ visible in `ps`); they are only ever sent, never printed.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -18,7 +19,7 @@ import msgspec
 
 from ctsd import models
 from ctsd.client.render import load_json, short
-from ctsd.redact import is_secret_key
+from ctsd.redact import is_placeholder, is_secret_key, mask_url_passwords
 
 CONNECTION_FIELDS: tuple[str, ...] = tuple(
     f.name for f in msgspec.structs.fields(models.Connection)
@@ -39,26 +40,34 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean `{near[0]}`?" if near else ""
 
 
-def nested_secret(value: Any, depth: int = 0) -> str | None:
-    """The first key holding a secret inside `value` (a JSON object or array, or the JSON
-    text of one: `connection_settings` is stored as text), as `a.b`; else None."""
+def nested_secret(value: Any) -> str | None:
+    """Where a secret sits inside `value` (a JSON value, or the JSON text of one, as
+    `connection_settings` is given), by the rules the daemon masks by (`redact`): a value
+    under a secret key (not a boolean, an empty value or a placeholder sent back as shown),
+    or a password in a URL. Its path (`a.b`, `[0]`; `$` for the value itself), or None."""
     if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
-        try:
+        with contextlib.suppress(ValueError, RecursionError):  # not JSON: plain text
             value = json.loads(value)
-        except (ValueError, RecursionError):
-            return None  # not JSON: refused as such later, or plain text
-    if depth > 64:
-        return None  # (the daemon refuses what nests deeper)
-    if isinstance(value, dict):
-        items: Iterable[tuple[Any, Any]] = value.items()
-    else:
-        items = enumerate(value) if isinstance(value, list) else ()
-    for key, inner in items:
-        if isinstance(key, str) and is_secret_key(key) and inner not in (None, ""):
-            return key
-        found = nested_secret(inner, depth + 1)
-        if found is not None:
-            return f"{key}.{found}"
+    work: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while work:
+        item, path, depth = work.pop()
+        if isinstance(item, str):
+            if mask_url_passwords(item) != item:
+                return path or "$"
+            continue
+        if depth > 64:
+            continue  # (the daemon refuses what nests deeper)
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                at = f"{path}.{key}" if path else str(key)
+                if is_secret_key(key) and not isinstance(inner, dict):
+                    unset = inner in (None, "", []) or isinstance(inner, bool)
+                    if not unset and not is_placeholder(inner):
+                        return at
+                    continue
+                work.append((inner, at, depth + 1))
+        elif isinstance(item, list):
+            work += [(inner, f"{path}[{i}]", depth + 1) for i, inner in enumerate(item)]
     return None
 
 
@@ -102,19 +111,22 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, Any]:
         if field in _TEXT_FIELDS and not text.startswith('"'):
             value: Any = text
         else:
+            # (connection_settings' text is not echoed: it may hold a secret)
+            shown = "…" if field == "connection_settings" else repr(short(text))
             try:
                 value = load_json(text)
             except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
                 raise click.BadParameter(
-                    f"{field}={short(text)!r} is nested too deeply", param_hint="'FIELD=VALUE'"
+                    f"{field}={shown} is nested too deeply", param_hint="'FIELD=VALUE'"
                 ) from None
             except ValueError as e:
                 why = "" if isinstance(e, json.JSONDecodeError) else f" ({e})"
                 raise click.BadParameter(
-                    f"{field}={short(text)!r} is not a JSON value{why} "
-                    '(e.g. true, 2.5, null, "text")',
+                    f'{field}={shown} is not a JSON value{why} (e.g. true, 2.5, null, "text")',
                     param_hint="'FIELD=VALUE'",
                 ) from None
+        if field == "connection_settings" and isinstance(value, str):
+            settings_object(value, "'FIELD=VALUE'")  # (refused here, before it is sent)
         refuse_argv_secret(value, "'FIELD=VALUE'")
         changes[field] = value
     return changes
@@ -162,6 +174,10 @@ def secret_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def settings_object(text: str, param_hint: str) -> str:
     """`connection_settings` as given (JSON text): it must be a JSON object."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # (a lone surrogate: bytes a shell passed that are no UTF-8)
+        raise click.BadParameter("is not valid UTF-8 text", param_hint=param_hint) from None
     try:
         parsed = load_json(text)
     except RecursionError:  # (`[[[[…` thousands deep: json's own limit, as for import)
