@@ -756,9 +756,9 @@ def test_verify_notes_changes_waiting_in_the_journal_and_a_torn_tail(tmp_path: P
 
 def test_a_journal_larger_than_a_data_file_may_be_is_still_read_offline(tmp_path: Path) -> None:
     """The daemon reads its journal whole at start, whatever its size: so do verify and the
-    restore (whose revision goes on from the journal's, never giving an id twice). A link
-    in its place is named."""
-    from ctsd.backup import revision_before
+    restore (whose revision goes on from the journal's, never giving an id twice). A loose
+    mode, a link or a FIFO in its place is named (a FIFO never waited on)."""
+    from ctsd.backup import ArchiveError, revision_before
 
     path = _journal_with_changes(tmp_path, 2)
     os.truncate(path, limits.MAX_FILE_BYTES + 4096)  # zeros ahead, as the daemon keeps room
@@ -766,10 +766,19 @@ def test_a_journal_larger_than_a_data_file_may_be_is_still_read_offline(tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{tmp_path}/.journal: 2 change group(s) not yet in the data files" in r.stdout
     assert revision_before(tmp_path) == 2
+    path.chmod(0o644)  # (it holds what the data files hold)
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "lets other users read it" in r.stdout, r.stdout + r.stderr
     path.rename(tmp_path / "elsewhere")
     path.symlink_to(tmp_path / "elsewhere")
     r = ctsd("verify", "--data-dir", str(tmp_path))
-    assert r.returncode == 1 and "is a symbolic link" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 1 and ".journal is a symlink" in r.stdout, r.stdout + r.stderr
+    path.unlink()
+    os.mkfifo(path)  # never opened: reading it would wait for a writer forever
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and ".journal is a FIFO" in r.stdout, r.stdout + r.stderr
+    with pytest.raises(ArchiveError, match=r"is a FIFO.*move .* aside"):
+        revision_before(tmp_path)  # (the restore stops: ids could be given twice)
 
 
 def test_verify_refuses_a_damaged_or_foreign_journal(tmp_path: Path) -> None:

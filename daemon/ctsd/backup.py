@@ -471,17 +471,24 @@ class Restored:
 
 def revision_before(data_dir: Path) -> int:
     """The highest revision a data dir gave out: its sync log's, or its journal's (0 when
-    neither reads)."""
+    neither is there). Raises ArchiveError when the journal is there but cannot be read:
+    the revision is then unknown, and ids its subscribers saw could be given again."""
     revision = 0
     with contextlib.suppress(OSError, files.Invalid):
         raw, _st = read_data_file(data_dir / files.SYNC_LOG, files.SYNC_LOG)
         revision = revision_of({files.SYNC_LOG: raw})
-    with contextlib.suppress(journal.JournalError):
-        raw = journal.read_journal(data_dir / journal.NAME)
-        scan = journal.scan_journal(raw, journal.NAME, None) if raw is not None else None
-        if scan is not None:  # (None: an empty file)
-            ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
-            revision = max(revision, scan.base_revision, *ids)
+    try:
+        read = journal.read_journal(data_dir / journal.NAME)
+        scan = journal.scan_journal(read[0], journal.NAME, None) if read is not None else None
+    except journal.JournalError as e:
+        raise ArchiveError(
+            f"{e}: the data dir's revision is unknown, and the restore could give ids again "
+            f"that subscribers have seen; fix it, or move {data_dir / journal.NAME} aside "
+            "(ids then go on from the sync log's)"
+        ) from None
+    if scan is not None:  # (None: an empty file)
+        ids = [e.id for c in scan.changes for e in [*c.events, *(c.log or [])]]
+        revision = max(revision, scan.base_revision, *ids)
     return revision
 
 

@@ -51,6 +51,7 @@ import errno
 import os
 import stat
 import struct
+import sys
 import threading
 import zlib
 from collections import deque
@@ -63,6 +64,7 @@ import msgspec
 from ctsd.atomic import create_temp, fsync_dir
 from ctsd.core import Change
 from ctsd.models import SyncEvent
+from ctsd.safefile import NotRegular, open_regular, read_fd
 
 NAME = ".journal"
 VERSION = 2  # 2: cuts. A journal of version 1 (no cuts) is read, and rewritten at its first cut.
@@ -212,27 +214,27 @@ def event_marks(events: Iterable[SyncEvent]) -> dict[int, EventMark]:
     return {e.id: (e.created_at, e.action) for e in events}
 
 
-def read_journal(path: Path) -> bytes | None:
-    """The bytes of the journal at `path` (None: there is none), for the offline tools: read
-    whole, whatever its size, as the daemon reads it at start (a data file's size limit is
-    no journal's). Raises JournalError when it is no regular file or cannot be read."""
+def read_journal(path: Path) -> tuple[bytes, os.stat_result] | None:
+    """The bytes of the journal at `path` and the `fstat` they were read under (None: there
+    is none), for the offline tools: read whole, whatever its size, as the daemon reads it
+    at start (a data file's size limit is no journal's); never following a link, never
+    blocking on a FIFO. Raises JournalError when it is no regular file or cannot be read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd, st = open_regular(path)
     except FileNotFoundError:
         return None
+    except NotRegular as e:
+        raise JournalError(f"{path} {e.reason}") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise JournalError(f"{path} is a symbolic link, not the daemon's journal") from None
         raise JournalError(f"cannot open {path}: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if not _is_regular(st.st_mode):
-            raise JournalError(f"{path} is not a regular file")
-        return os.pread(fd, st.st_size, 0)
+        raw = read_fd(fd, limit=sys.maxsize)
     except OSError as e:
         raise JournalError(f"cannot read {path}: {e.strerror}") from None
     finally:
         os.close(fd)
+    assert raw is not None
+    return raw, st
 
 
 def scan_journal(

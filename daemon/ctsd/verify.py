@@ -17,7 +17,7 @@ import msgspec
 from ctsd import files, journal
 from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
-from ctsd.safefile import dir_problems, lstat, read_data_file, token_problem
+from ctsd.safefile import dir_problems, lstat, mode_problem, read_data_file, token_problem
 
 # A problem of a directory or of a file as a whole, not at a place in its text.
 NO_POSITION = 0
@@ -52,11 +52,15 @@ def journal_state(
     """(change groups in the journal not yet in the data files, bytes of a torn tail, or a
     problem that keeps the daemon from starting) for the data files' `contents`."""
     try:
-        raw = journal.read_journal(data_dir / journal.NAME)
+        read = journal.read_journal(data_dir / journal.NAME)
     except journal.JournalError as e:
         return 0, 0, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
-    if raw is None:
+    if read is None:
         return 0, 0, None
+    raw, st = read
+    loose = mode_problem(st, data_dir / journal.NAME)  # (it holds what the data files hold)
+    if loose is not None:
+        return 0, 0, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", loose)
     try:
         log = msgspec.json.decode(contents.get(files.SYNC_LOG, b"[]"))
         revision: int | None = log[-1]["id"] if log else 0
