@@ -9,7 +9,7 @@ import pytest
 
 from ctsd import bases, ops
 from ctsd.atomic import TEMP_PREFIX, ensure_dir, write_files
-from ctsd.bases import Bases
+from ctsd.bases import Bases, CopyUnusable
 from ctsd.store import Store
 from tests.datadir import connection
 
@@ -322,3 +322,17 @@ async def test_a_file_deleted_while_down_is_written_again_from_its_copy_at_once(
     store, edited = opened_store(data_dir)
     assert edited == [] and list(store.connections) == ["c1"]
     store.journal.close()
+
+
+def test_a_file_deleted_while_down_whose_copy_cannot_be_used_stops_the_start(
+    data_dir: Path,
+) -> None:
+    """Neither its defaults (an edit emptying it, for the next start) nor a guess: the start
+    stops, naming the copy and what to do, and writes nothing."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    (data_dir / FILE).unlink()
+    (data_dir / bases.DIR / FILE).chmod(0o644)
+    with pytest.raises(CopyUnusable, match=r"deleted while .* lets other users read it.*put"):
+        Store(data_dir).load(Bases(data_dir))
+    assert not (data_dir / FILE).exists()

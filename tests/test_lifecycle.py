@@ -704,6 +704,12 @@ async def test_an_edit_made_while_stopped_is_a_change_a_resuming_bot_sees(data_d
     _run(data_dir)  # taken in once: no event at the next start
     log = json.loads((data_dir / files.SYNC_LOG).read_text())
     assert [e["id"] for e in log if e["id"] > since] == [since + 1]
+    # Deleted meanwhile, and its copy unusable: the start stops, saying what to do.
+    (data_dir / files.CONNECTIONS).unlink()
+    (data_dir / ".bases" / files.CONNECTIONS).write_text("[]\n")
+    line = refused_start(Daemon(data_dir))
+    assert "connections.json was deleted while the daemon was down" in line, line
+    assert not (data_dir / files.CONNECTIONS).exists()
 
 
 # --- the bus ------------------------------------------------------------------------------

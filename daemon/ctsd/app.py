@@ -30,7 +30,7 @@ import structlog
 
 from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
-from ctsd.bases import Bases
+from ctsd.bases import Bases, CopyUnusable
 from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.diagnose import FileProblem
@@ -142,6 +142,9 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     except ClusterConfigError as e:
         lock.release()
         raise StartError(f"cluster settings: {e}") from None
+    except CopyUnusable as e:
+        lock.release()
+        raise StartError(str(e)) from None
     except (OSError, CtsdError, ValueError) as e:
         lock.release()
         raise StartError(f"start failed: {getattr(e, 'message', None) or e}") from None
@@ -177,7 +180,9 @@ def _cluster_as_written(
         if b'"cluster"' not in raw or (kept is not None and "cluster" in kept):
             return kept  # no cluster section to read, or its copy's to count
         raise may_hold from None
-    written = doc.get("cluster") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        return kept  # (it names no section: its copy counts, as for one that does not parse)
+    written = doc.get("cluster")
     if kept is None:
         return {"cluster": written} if written is not None else None
     if written != kept.get("cluster"):

@@ -92,6 +92,16 @@ def _parse(raw: bytes) -> tuple[bytes | None, bytes] | None:
     return (digest, content) if len(digest) == 32 else None
 
 
+class CopyUnusable(Exception):
+    """A file deleted while the daemon was down has a copy that cannot be used."""
+
+    def __init__(self, file: str, why: str) -> None:
+        super().__init__(
+            f"{file} was deleted while the daemon was down, and its copy {DIR}/{file} cannot "
+            f"be used ({why}): put {file} back, or remove the copy to start with its defaults"
+        )
+
+
 class Bases:
     """The copies of one data dir: written with each checkpoint, judged at start."""
 
@@ -176,17 +186,22 @@ class Bases:
         return self._copy_path(file).exists()
 
     def content(self, file: str) -> bytes | None:
-        """What `file` held as the daemon last knew it, when its copy reads as valid (a file
-        deleted while the daemon was down is written again from it)."""
-        copy = self._read_copy(file)
-        if copy is None:
+        """What `file` held as the daemon last knew it (a file deleted while the daemon was
+        down is written again from it); None when it has no copy. Raises CopyUnusable when
+        the copy is there but cannot be used: its defaults in its place would be taken for
+        an edit emptying it, or start a cluster host on its own."""
+        if not self.has_copy(file):
             return None
         try:
-            files.decode_file(file, copy[1])
-        except Invalid as e:  # (a copy this version no longer reads)
-            log.warning("base_copy_unreadable", file=file, reason=e.problem.format())
-            return None
-        return copy[1]
+            raw, _ = safefile.read_data_file(self._copy_path(file), f"{DIR}/{file}")
+            parsed = _parse(raw)
+            if parsed is None:
+                raise CopyUnusable(file, "not a copy ctsd wrote")
+            files.decode_file(file, parsed[1])
+        except (OSError, Invalid) as e:
+            why = e.problem.message if isinstance(e, Invalid) else e.strerror or str(e)
+            raise CopyUnusable(file, why) from None
+        return parsed[1]
 
     def copy_of(self, path: Path) -> Path:
         """The copy's path of the data file at `path`."""
