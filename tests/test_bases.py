@@ -336,3 +336,25 @@ def test_a_file_deleted_while_down_whose_copy_cannot_be_used_stops_the_start(
     with pytest.raises(CopyUnusable, match=r"deleted while .* lets other users read it.*put"):
         Store(data_dir).load(Bases(data_dir))
     assert not (data_dir / FILE).exists()
+
+
+def test_one_host_puts_copies_aside_and_writes_them_after_the_files(data_dir: Path) -> None:
+    """`later` (one host, the tables): a round removes the file's copy durably before writing
+    the file (a copy older than its file would read as an edit), and the copy follows once
+    idle, naming no previous version; a hand edit taken in meanwhile is not overwritten."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    b.later = True
+    assert b.later_for(data_dir / FILE) and not b.later_for(data_dir / "settings.json")
+    b.put_aside([data_dir / FILE])
+    assert not (data_dir / bases.DIR / FILE).exists()
+    write_files([(data_dir / FILE, V2)])
+    b.left([(data_dir / FILE, V2)])
+    assert judge(data_dir).edited == {}  # no copy: read as it is
+    b.catch_up()
+    assert (data_dir / bases.DIR / FILE).read_bytes() == b"ctsd-base 1 -\n" + V2
+    assert b.pending == {} and judge(data_dir).edited == {}
+    b.left([(data_dir / FILE, V1)])
+    b.keep(FILE, EDIT)  # taken in: the copy is the hand edit's, the left one is dropped
+    b.catch_up()
+    assert (data_dir / bases.DIR / FILE).read_bytes().endswith(b"\n" + EDIT)

@@ -704,6 +704,29 @@ async def test_an_edit_made_while_stopped_is_a_change_a_resuming_bot_sees(data_d
     _run(data_dir)  # taken in once: no event at the next start
     log = json.loads((data_dir / files.SYNC_LOG).read_text())
     assert [e["id"] for e in log if e["id"] > since] == [since + 1]
+    # Killed (-9) once idle: the copies follow the files as soon as the daemon is idle, so an
+    # edit made after the kill is taken in as well.
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        patched = httpx.patch(
+            d.url + "/api/settings/connections/c1?sync=files",
+            json={"name": "n2"},
+            headers={"Authorization": f"Bearer {d.token}"},
+        )
+        assert patched.status_code == 200, patched.text
+        copy = data_dir / ".bases" / files.CONNECTIONS
+        wait_until(lambda: copy.exists() and '"n2"' in copy.read_text(), what="the copy")
+        d.kill()
+    finally:
+        d.close()
+    rows = json.loads((data_dir / files.CONNECTIONS).read_text())
+    rows[0]["name"] = "after the kill"
+    (data_dir / files.CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    _run(data_dir)
+    log = json.loads((data_dir / files.SYNC_LOG).read_text())
+    assert log[-1]["data"]["values"]["name"] == "after the kill", log[-1]
+    assert log[-1]["data"]["source"] == "file", log[-1]
     # Deleted meanwhile, and its copy unusable: the start stops, saying what to do.
     (data_dir / files.CONNECTIONS).unlink()
     (data_dir / ".bases" / files.CONNECTIONS).write_text("[]\n")

@@ -127,6 +127,7 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
             kept = settings_doc if broken_set_back else None
             settings_doc = _cluster_as_written(store.disk.path(settings_file), problem, kept)
         cluster = load_cluster_settings(settings_doc)
+        copies.later = cluster is None  # (`Bases.later`)
         _catch_up_s()
         logs.add_file(data_dir / "logs")
         # This host's own address: an edit of settings.json made while a cluster host was down

@@ -5,15 +5,19 @@ An edit made while the daemon was down must become a change like any hand edit: 
 the sync log and broadcast (a bot resuming with `since` must see it), and on a cluster host
 published, or the other hosts never get it. Taking it in needs the version the operator
 started from. So the checkpointer writes each data file's bytes a second time, to
-`DATA/.bases/<file>`, in the same durable group as the file, and a hand edit taken in
-becomes the copy too. At start (after the files are read, before the journal replays onto
-them) a file whose bytes differ from its copy was edited meanwhile, however the daemon
-stopped (a clean stop, kill -9, a power cut): memory and the file's base go back to the copy,
-the journal replays on top, and once the store has started (in cluster mode, caught up with
-the cluster) the file is taken in through the one door, a three-way merge as for any hand
-edit. A file deleted meanwhile is written again from its copy, as a running daemon writes a
-deleted file again from memory; an algorithm file deleted or added meanwhile is taken in as
-such. A file broken meanwhile is served as its copy holds it until it is fixed.
+`DATA/.bases/<file>`, and a hand edit taken in becomes the copy too: in cluster mode in the
+same durable group as the file; on one host so too, but for the tables (connections and
+their state, large and written change after change), whose copies follow once the daemon is
+idle (`later`: the round removes the copy first, so no copy is ever older than its file; a
+table left without one for now is read as it is at start). At start (after the files are
+read, before the journal replays onto them) a file whose bytes differ from its copy was
+edited meanwhile, however the daemon stopped (a clean stop, kill -9, a power cut): memory
+and the file's base go back to the copy, the journal replays on top, and once the store has
+started (in cluster mode, caught up with the cluster) the file is taken in through the one
+door, a three-way merge as for any hand edit. A file deleted meanwhile is written again from
+its copy, as a running daemon writes a deleted file again from memory; an algorithm file
+deleted or added meanwhile is taken in as such. A file broken meanwhile is served as its
+copy holds it until it is fixed.
 
 A copy's first line names the digest of the copy before it. A crash between the two renames
 of a round leaves the file one version behind its copy; that digest recognises the daemon's
@@ -43,7 +47,7 @@ import structlog
 
 from ctsd import atomic, files, safefile
 from ctsd.atomic import ensure_dir, fsync_dir, write_files
-from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, Invalid, document_name
+from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, TABLES, Invalid, document_name
 
 log = structlog.get_logger("ctsd.store")
 
@@ -110,6 +114,12 @@ class Bases:
         self.dir = data_dir / DIR
         self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
         self._marked = False  # judged after a clean stop: the mark is still there (`unmark`)
+        # On one host the copies follow the files once the checkpointer is idle (`put_aside`,
+        # `catch_up`), not in each round: a second copy of every file a round writes would
+        # double the disk's work while changes stream in. A cluster host keeps them in the
+        # round: a file read as it is at start (no copy) would differ from the cluster's.
+        self.later = False
+        self.pending: dict[str, tuple[Path, Content]] = {}  # file → what it holds, uncopied
         # (blocking: made at start, before the files load). Only a version that kept copies
         # under the old name writes there, and this one renames it away: it is the newer.
         legacy = data_dir / LEGACY_DIR
@@ -147,9 +157,53 @@ class Bases:
     def written(self, digests: dict[str, bytes]) -> None:
         self._digests.update(digests)
 
+    # --- one host: the copies after the files (in the checkpointer's thread) ------------------
+
+    def later_for(self, path: Path) -> bool:
+        """Does the copy of the file at `path` follow once idle? On one host, a table's (the
+        large files written change after change); the others' (small, and an algorithm
+        file without a copy reads as one added by hand) go with their files."""
+        return self.later and path.relative_to(self.data_dir).as_posix() in TABLES
+
+    def put_aside(self, paths: Sequence[Path]) -> None:
+        """Before a round writes the files at `paths` without their copies: the copies they
+        have are removed, durably, so that no copy is ever older than its file (the next
+        start would take the daemon's own newer write for an edit). Until `catch_up` writes
+        them again, an edit made while the daemon is down is read as it is."""
+        dirs: set[Path] = set()
+        for path in paths:
+            copy = self.copy_of(path)
+            if os.path.lexists(copy):
+                copy.unlink()
+                dirs.add(copy.parent)
+        for d in dirs:
+            fsync_dir(d)
+
+    def left(self, plan: Plan) -> None:
+        """The files of `plan` are written, their copies not yet (`catch_up` writes them)."""
+        for path, body in plan:
+            file = path.relative_to(self.data_dir).as_posix()
+            if file != SYNC_LOG:
+                self.pending[file] = (path, body)
+                self._digests[file] = _digest(body)
+
+    def catch_up(self) -> None:
+        """The copies `left` for later, written (blocking; the checkpointer holds the files'
+        locks): after their files, so they name no previous version."""
+        todo = dict(self.pending)
+        if not todo:
+            return
+        copies, digests = self.copies(list(todo.values()), before_files=False)
+        write_files(copies)
+        self.written(digests)
+        for file, item in todo.items():
+            if self.pending.get(file) is item:  # (not written again meanwhile)
+                del self.pending[file]
+
     def keep(self, file: str, raw: bytes) -> None:
         """`file` as it is now (`raw`, a hand edit just taken in) becomes its copy
         (blocking)."""
+        self.pending.pop(file, None)  # (under the file's lock, as `catch_up` runs)
         copies, digests = self.copies([(self.data_dir / file, raw)], before_files=False)
         try:
             write_files(copies)
@@ -160,7 +214,9 @@ class Bases:
 
     def stopped_cleanly(self) -> None:
         """Mark that every data file holds its copy's version (a clean stop, its last round
-        whole), so the next start takes none for a round a crash cut (blocking)."""
+        whole; the copies left for later written first), so the next start takes none for a
+        round a crash cut (blocking)."""
+        self.catch_up()
         ensure_dir(self.dir)
         write_files([(self.dir / CLEAN, b"")])
 
@@ -212,6 +268,7 @@ class Bases:
         kept): removed durably, so it cannot come back to judge a file by."""
         copy = self.copy_of(path)
         self._digests.pop(path.relative_to(self.data_dir).as_posix(), None)
+        self.pending.pop(path.relative_to(self.data_dir).as_posix(), None)
         with contextlib.suppress(OSError):
             if copy.exists():
                 copy.unlink()

@@ -48,6 +48,10 @@ RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries
 # disk sooner (a bounded journal, `sync: files` answered sooner) is worth more than the few
 # ms pacing spares it. A writer alone is answered soonest with pacing.
 BATCHED = 8
+# One host: the files' copies are written once no round came for this long (`Bases.later`):
+# a steady stream of changes, or a client waiting for the files change after change, never
+# waits behind them.
+COPY_IDLE_S = 1.0
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
 YIELD_EVERY = 64  # records a paced round encodes between two hand-backs of the GIL
 
@@ -279,6 +283,12 @@ class Checkpointer:
         """Rounds as changes come, until `stop` (a round in progress always finishes: a write
         cancelled half way would leave what the disk holds unknown)."""
         while not self.stopping:
+            if self.bases is not None and self.bases.pending and not self.wake.is_set():
+                with anyio.move_on_after(COPY_IDLE_S):
+                    await self.wake.wait()
+                if not self.wake.is_set():
+                    await self._catch_up_copies(self.bases)
+                    continue
             await self.wake.wait()
             self.wake.clear()
             if self.stopping:
@@ -296,6 +306,17 @@ class Checkpointer:
                 log.exception("checkpoint_failed")
                 await anyio.sleep(FAILED_RETRY_S)
                 self.wake.set()
+
+    async def _catch_up_copies(self, bases: Bases) -> None:
+        """Idle for COPY_IDLE_S (one host): the copies of the files the rounds wrote, written
+        after them. Copies that cannot be written are left out until their files are written
+        again (meanwhile an edit of those made while the daemon is down is read as it is)."""
+        async with _Locks(self.lock, list(bases.pending)):
+            try:
+                await anyio.to_thread.run_sync(bases.catch_up)
+            except Exception:  # never let the checkpointer die
+                log.exception("base_copy_failed", files=sorted(bases.pending))
+                bases.pending.clear()
 
     async def round(self) -> bool:
         """Write every file with changes, then cut the journal. True when nothing is left to
@@ -627,7 +648,10 @@ def _render_and_write(
     def write(group: list[tuple[Path, Any]]) -> dict[Path, Any]:
         if bases is None:
             return write_files(group, {p: expected.get(p) for p, _ in group}, kept, paced=paced)
-        copies, digests = bases.copies(group)
+        # The tables' copies on one host follow once idle (`Bases.later`): put aside first.
+        later = [(p, b) for p, b in group if bases.later_for(p)]
+        bases.put_aside([p for p, _ in later])
+        copies, digests = bases.copies([(p, b) for p, b in group if not bases.later_for(p)])
         # A copy is renamed before its file (a file is never ahead of its copy), but after a
         # file new here (a copy with no file would read as a file deleted by hand); copies
         # are put back with the files when a hand save slipped in.
@@ -638,6 +662,7 @@ def _render_and_write(
         after = [c for c in copies if c[0] in new]
         stamps = write_files(before + group + after, checks, kept, paced=paced)
         bases.written(digests)
+        bases.left(later)
         return stamps
 
     stamps: dict[Path, Any] = {}

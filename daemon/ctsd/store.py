@@ -360,9 +360,11 @@ class Store:
         self.intake.closing = True  # no round comes after these: nothing is left for later
         whole = await self.checkpointer.close()
         bases = self.checkpointer.bases
-        if whole and bases is not None:
+        if bases is not None:
+            # The copies left for later written, and (every file written) the clean stop's mark.
+            last = bases.stopped_cleanly if whole else bases.catch_up
             try:
-                await asyncio.get_running_loop().run_in_executor(self._io, bases.stopped_cleanly)
+                await asyncio.get_running_loop().run_in_executor(self._io, last)
             except OSError as e:  # no mark: the next start is as careful as after a crash
                 log.warning("clean_stop_not_marked", reason=str(e))
         self.journal.close()
