@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from ctsd import bases, ops
@@ -358,3 +360,65 @@ def test_one_host_puts_copies_aside_and_writes_them_after_the_files(data_dir: Pa
     b.keep(FILE, EDIT)  # taken in: the copy is the hand edit's, the left one is dropped
     b.catch_up()
     assert (data_dir / bases.DIR / FILE).read_bytes().endswith(b"\n" + EDIT)
+
+
+def test_a_removal_not_made_durable_is_synced_by_the_next_round(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy's removal done, its directory's sync failed (the round fails): the retry finds
+    no copy, and must still sync the directory before its file is written, or a power cut
+    could bring the old copy back beside the newer file (read as an edit: a lost update)."""
+    b = Bases(data_dir)
+    checkpoint(b, data_dir, V1)
+    synced: list[Path] = []
+
+    def fsync_dir(d: Path) -> None:
+        synced.append(d)
+        if len(synced) == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(bases, "fsync_dir", fsync_dir)
+    with pytest.raises(OSError):
+        b.put_aside([data_dir / FILE])
+    assert not (data_dir / bases.DIR / FILE).exists()
+    b.put_aside([data_dir / FILE])
+    assert synced == [data_dir / bases.DIR] * 2
+
+
+def test_an_algorithm_added_while_down_is_seen_when_a_table_has_no_copy(data_dir: Path) -> None:
+    """Whether copies were made before is told by settings.json's (a table's may be put
+    aside): an algorithm file without a copy is then one added while the daemon was down."""
+    for name in (FILE, "settings.json"):
+        (data_dir / name).write_bytes(b"{}\n" if name == "settings.json" else V1)
+    names = [FILE, "settings.json"]
+    Bases(data_dir).judge(names, set(), set())  # the copies a first start makes
+    Bases(data_dir).put_aside([data_dir / FILE])
+    ensure_dir(data_dir / "algorithms")
+    (data_dir / "algorithms" / "grid.json").write_bytes(b"{}\n")
+    judged = Bases(data_dir).judge([*names, "algorithms/grid.json"], set(), set())
+    assert judged.edited == {"algorithms/grid.json": None}
+
+
+@pytest.mark.anyio
+async def test_a_table_left_alone_gets_its_copy_while_the_other_streams(data_dir: Path) -> None:
+    """One host: connection-state.json written change after change (volumes, periodic tests
+    of many connections) never holds up connections.json's copy, written once that file was
+    left alone for COPY_IDLE_S; the streaming table keeps none meanwhile."""
+    store, _ = opened_store(data_dir)
+    assert store.checkpointer.bases is not None
+    store.checkpointer.bases.later = True
+    await store.start()
+    await store.submit(ops.create(connection("c1")), "bus", sync="files")
+    await store.submit(ops.update("c1", {"name": "renamed"}), "bus", sync="files")
+    copy, state_copy = (data_dir / bases.DIR / f for f in (FILE, "connection-state.json"))
+    deadline = time.monotonic() + 10
+    n = 0
+    while not (copy.exists() and b'"renamed"' in copy.read_bytes()):
+        assert time.monotonic() < deadline, "connections.json's copy never followed"
+        n += 1
+        await store.submit(ops.set_volume("c1", live=1 + n / 1000), "bus", sync="files")
+        assert not state_copy.exists()  # (written just now: put aside)
+        await anyio.sleep(0.05)
+    assert n >= 10  # it came after COPY_IDLE_S, not at once
+    await store.close()
+    assert b"1.0" in state_copy.read_bytes()  # a clean stop writes every copy

@@ -7,8 +7,8 @@ published, or the other hosts never get it. Taking it in needs the version the o
 started from. So the checkpointer writes each data file's bytes a second time, to
 `DATA/.bases/<file>`, and a hand edit taken in becomes the copy too: in cluster mode in the
 same durable group as the file; on one host so too, but for the tables (connections and
-their state, large and written change after change), whose copies follow once the daemon is
-idle (`later`: the round removes the copy first, so no copy is ever older than its file; a
+their state, large and written change after change), whose copies follow once the table is
+left alone (`later`: the round removes the copy first, so no copy is ever older than its file; a
 table left without one for now is read as it is at start). At start (after the files are
 read, before the journal replays onto them) a file whose bytes differ from its copy was
 edited meanwhile, however the daemon stopped (a clean stop, kill -9, a power cut): memory
@@ -26,7 +26,9 @@ own previous write (not an edit). A clean stop, every round whole, leaves a mark
 and the mark is removed before anything is written again. The file is never ahead of its
 copy: the copy's rename comes first and journalling filesystems (ext4, xfs) keep the order of
 renames across a crash. Only a file new here gets its copy after it (a copy without its file
-would read as a deletion made while down).
+would read as a deletion made while down), and a table on one host (`later`): its copy is
+removed, durably, before the file is written, and written after it, naming no previous
+version.
 
 The sync log is not copied: its ids are the daemon's, and a log trimmed while the daemon was
 down goes on from the journal's revision. Without a copy (a data dir from a version that kept
@@ -39,6 +41,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +50,15 @@ import structlog
 
 from ctsd import atomic, files, safefile
 from ctsd.atomic import ensure_dir, fsync_dir, write_files
-from ctsd.files import ALGORITHMS_DIR, CONNECTIONS, SYNC_LOG, TABLES, Invalid, document_name
+from ctsd.files import (
+    ALGORITHMS_DIR,
+    CONNECTIONS,
+    SETTINGS,
+    SYNC_LOG,
+    TABLES,
+    Invalid,
+    document_name,
+)
 
 log = structlog.get_logger("ctsd.store")
 
@@ -114,12 +125,15 @@ class Bases:
         self.dir = data_dir / DIR
         self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
         self._marked = False  # judged after a clean stop: the mark is still there (`unmark`)
-        # On one host the copies follow the files once the checkpointer is idle (`put_aside`,
-        # `catch_up`), not in each round: a second copy of every file a round writes would
-        # double the disk's work while changes stream in. A cluster host keeps them in the
-        # round: a file read as it is at start (no copy) would differ from the cluster's.
+        # On one host the tables' copies follow their files once these are left alone
+        # (`put_aside`, `catch_up`), not in each round: a second copy of every large file a
+        # round writes would double the disk's work while changes stream in. A cluster host
+        # keeps them in the round: a file read as it is at start (no copy) would differ from
+        # the cluster's.
         self.later = False
-        self.pending: dict[str, tuple[Path, Content]] = {}  # file → what it holds, uncopied
+        # file → (its path, what it holds, when it was written: monotonic), its copy not yet
+        self.pending: dict[str, tuple[Path, Content, float]] = {}
+        self._unsynced: set[Path] = set()  # copies' dirs with a removal not yet made durable
         # (blocking: made at start, before the files load). Only a version that kept copies
         # under the old name writes there, and this one renames it away: it is the newer.
         legacy = data_dir / LEGACY_DIR
@@ -160,9 +174,9 @@ class Bases:
     # --- one host: the copies after the files (in the checkpointer's thread) ------------------
 
     def later_for(self, path: Path) -> bool:
-        """Does the copy of the file at `path` follow once idle? On one host, a table's (the
-        large files written change after change); the others' (small, and an algorithm
-        file without a copy reads as one added by hand) go with their files."""
+        """Does the copy of the file at `path` follow once the file is idle? On one host, a
+        table's (the large files written change after change); the others' (small, and an
+        algorithm file without a copy reads as one added by hand) go with their files."""
         return self.later and path.relative_to(self.data_dir).as_posix() in TABLES
 
     def put_aside(self, paths: Sequence[Path]) -> None:
@@ -170,30 +184,31 @@ class Bases:
         have are removed, durably, so that no copy is ever older than its file (the next
         start would take the daemon's own newer write for an edit). Until `catch_up` writes
         them again, an edit made while the daemon is down is read as it is."""
-        dirs: set[Path] = set()
         for path in paths:
             copy = self.copy_of(path)
             if os.path.lexists(copy):
+                self._unsynced.add(copy.parent)  # (until synced: a retry must sync it too)
                 copy.unlink()
-                dirs.add(copy.parent)
-        for d in dirs:
+        for d in sorted(self._unsynced):
             fsync_dir(d)
+            self._unsynced.discard(d)
 
     def left(self, plan: Plan) -> None:
         """The files of `plan` are written, their copies not yet (`catch_up` writes them)."""
+        now = time.monotonic()
         for path, body in plan:
             file = path.relative_to(self.data_dir).as_posix()
             if file != SYNC_LOG:
-                self.pending[file] = (path, body)
+                self.pending[file] = (path, body, now)
                 self._digests[file] = _digest(body)
 
-    def catch_up(self) -> None:
-        """The copies `left` for later, written (blocking; the checkpointer holds the files'
-        locks): after their files, so they name no previous version."""
-        todo = dict(self.pending)
+    def catch_up(self, names: Sequence[str] | None = None) -> None:
+        """The copies `left` for later (of `names`, else all), written (blocking; the
+        checkpointer holds the files' locks): after their files, naming no previous version."""
+        todo = {f: self.pending[f] for f in (names or list(self.pending)) if f in self.pending}
         if not todo:
             return
-        copies, digests = self.copies(list(todo.values()), before_files=False)
+        copies, digests = self.copies([(p, b) for p, b, _ in todo.values()], before_files=False)
         write_files(copies)
         self.written(digests)
         for file, item in todo.items():
@@ -291,9 +306,9 @@ class Bases:
         fresh: Plan = []
         clean = self._stopped_cleanly()  # no round was cut: one version behind is an edit
         unnamed: Plan = []  # copies to write again naming no previous version
-        # Copies were made at an earlier start (one of connections.json always is): an
-        # algorithm file without one was added while the daemon was down.
-        seeded = self._copy_path(CONNECTIONS).exists()
+        # Copies were made at an earlier start (one of settings.json always is; a table's
+        # may be put aside): an algorithm file without one was added while the daemon was down.
+        seeded = any(self._copy_path(f).exists() for f in (SETTINGS, CONNECTIONS))
         for file in [*names, *self._algorithm_copies(names)]:
             copy = self._read_copy(file)
             if copy is not None and file in invalid:

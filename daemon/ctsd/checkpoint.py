@@ -48,10 +48,11 @@ RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries
 # disk sooner (a bounded journal, `sync: files` answered sooner) is worth more than the few
 # ms pacing spares it. A writer alone is answered soonest with pacing.
 BATCHED = 8
-# One host: the files' copies are written once no round came for this long (`Bases.later`):
-# a steady stream of changes, or a client waiting for the files change after change, never
-# waits behind them.
+# One host: a table's copy is written once the table was not written for this long
+# (`Bases.later`): a steady stream of changes, or a client waiting for the files change after
+# change, never waits behind them.
 COPY_IDLE_S = 1.0
+COPY_RETRY_S = 10.0  # after a failed write of copies
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
 YIELD_EVERY = 64  # records a paced round encodes between two hand-backs of the GIL
 
@@ -123,6 +124,7 @@ class Checkpointer:
         # Each file's copy (the sync log's aside), written with it: a hand edit made while
         # the daemon is down is told apart at its next start (None: a store with no copies).
         self.bases: Bases | None = None
+        self._copies_retry_at = 0.0  # (monotonic) after a failed write of the tables' copies
 
     # --- what changed ------------------------------------------------------------------------
 
@@ -283,12 +285,8 @@ class Checkpointer:
         """Rounds as changes come, until `stop` (a round in progress always finishes: a write
         cancelled half way would leave what the disk holds unknown)."""
         while not self.stopping:
-            if self.bases is not None and self.bases.pending and not self.wake.is_set():
-                with anyio.move_on_after(COPY_IDLE_S):
-                    await self.wake.wait()
-                if not self.wake.is_set():
-                    await self._catch_up_copies(self.bases)
-                    continue
+            if await self._copies_due():
+                continue
             await self.wake.wait()
             self.wake.clear()
             if self.stopping:
@@ -307,16 +305,34 @@ class Checkpointer:
                 await anyio.sleep(FAILED_RETRY_S)
                 self.wake.set()
 
-    async def _catch_up_copies(self, bases: Bases) -> None:
-        """Idle for COPY_IDLE_S (one host): the copies of the files the rounds wrote, written
-        after them. Copies that cannot be written are left out until their files are written
-        again (meanwhile an edit of those made while the daemon is down is read as it is)."""
-        async with _Locks(self.lock, list(bases.pending)):
+    async def _copies_due(self) -> bool:
+        """One host: the copies of the tables the rounds wrote (`Bases.later`), each written
+        once its file was not written for COPY_IDLE_S (a table written change after change
+        keeps none meanwhile; the other goes on being copied). True: look again (copies
+        written or tried, or the next one due); False: a round is waiting. A failed try is
+        tried again COPY_RETRY_S later."""
+        bases = self.bases
+        if bases is None or not bases.pending or self.stopping:
+            return False
+        now = time.monotonic()
+        due = {
+            f: max(t + COPY_IDLE_S, self._copies_retry_at) for f, (*_, t) in bases.pending.items()
+        }
+        ready = [f for f, at in due.items() if at <= now]
+        if not ready:
+            if self.wake.is_set():
+                return False
+            with anyio.move_on_after(min(due.values()) - now):
+                await self.wake.wait()
+            return not self.wake.is_set()
+        async with _Locks(self.lock, ready):
             try:
-                await anyio.to_thread.run_sync(bases.catch_up)
-            except Exception:  # never let the checkpointer die
-                log.exception("base_copy_failed", files=sorted(bases.pending))
-                bases.pending.clear()
+                await anyio.to_thread.run_sync(bases.catch_up, ready)
+            except Exception:  # never let the checkpointer die (meanwhile an edit of those
+                # files made while the daemon is down would be read as it is)
+                log.exception("base_copy_failed", files=sorted(ready))
+                self._copies_retry_at = time.monotonic() + COPY_RETRY_S
+        return True
 
     async def round(self) -> bool:
         """Write every file with changes, then cut the journal. True when nothing is left to
