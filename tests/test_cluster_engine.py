@@ -223,7 +223,9 @@ async def test_a_retry_that_cannot_tell_whether_it_was_stored_is_no_conflict(
     unknown (`unavailable`), never a `conflict` for a change that may be stored."""
     # The server's duplicate window short, so the retry meets the sequence check.
     monkeypatch.setattr(engine_module, "DUPLICATE_WINDOW_S", 0.2)
-    async with running(make_settings(cluster, publish_timeout_s=1.0)) as (a, _):
+    # (a publish timeout a slow disk leaves room in: the retry must meet the check first,
+    # not time out, another unknown outcome; the test waits it out once, below)
+    async with running(make_settings(cluster, publish_timeout_s=3.0)) as (a, _):
         await a.catch_up(timeout=10)
         local_id = a.new_local_id()
         assert await a.publish(b"once", 0, local_id) == 1

@@ -704,7 +704,7 @@ async def test_an_edit_made_while_stopped_is_a_change_a_resuming_bot_sees(data_d
     _run(data_dir)  # taken in once: no event at the next start
     log = json.loads((data_dir / files.SYNC_LOG).read_text())
     assert [e["id"] for e in log if e["id"] > since] == [since + 1]
-    # Killed (-9) once idle: the copies follow the files as soon as the daemon is idle, so an
+    # Killed (-9) once connections.json was left alone a second: its copy follows then, so an
     # edit made after the kill is taken in as well.
     d = Daemon(data_dir)
     try:

@@ -185,6 +185,7 @@ class Bases:
         start would take the daemon's own newer write for an edit). Until `catch_up` writes
         them again, an edit made while the daemon is down is read as it is."""
         for path in paths:
+            self.pending.pop(path.relative_to(self.data_dir).as_posix(), None)  # (older)
             copy = self.copy_of(path)
             if os.path.lexists(copy):
                 self._unsynced.add(copy.parent)  # (until synced: a retry must sync it too)
@@ -205,7 +206,8 @@ class Bases:
     def catch_up(self, names: Sequence[str] | None = None) -> None:
         """The copies `left` for later (of `names`, else all), written (blocking; the
         checkpointer holds the files' locks): after their files, naming no previous version."""
-        todo = {f: self.pending[f] for f in (names or list(self.pending)) if f in self.pending}
+        found = ((f, self.pending.get(f)) for f in (names or list(self.pending)))
+        todo = {f: item for f, item in found if item is not None}
         if not todo:
             return
         copies, digests = self.copies([(p, b) for p, b, _ in todo.values()], before_files=False)
@@ -285,9 +287,12 @@ class Bases:
         self._digests.pop(path.relative_to(self.data_dir).as_posix(), None)
         self.pending.pop(path.relative_to(self.data_dir).as_posix(), None)
         with contextlib.suppress(OSError):
-            if copy.exists():
+            if os.path.lexists(copy):
+                self._unsynced.add(copy.parent)  # (until synced: the next `put_aside` syncs it)
                 copy.unlink()
+            if copy.parent in self._unsynced:
                 fsync_dir(copy.parent)
+                self._unsynced.discard(copy.parent)
 
     # --- at start -----------------------------------------------------------------------------
 
