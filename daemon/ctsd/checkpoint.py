@@ -315,8 +315,8 @@ class Checkpointer:
         if bases is None or not bases.pending or self.stopping:
             return False
         now = time.monotonic()
-        # (a copy of the intake's `keep` may drop an entry meanwhile: a snapshot of them) A
-        # table a round is about to write again is left to it.
+        # (Read as a snapshot: the intake's `keep` may drop an entry meanwhile.) A table a
+        # round is about to write again is left to that round.
         due = {
             f: max(t + COPY_IDLE_S, self._copies_retry_at)
             for f, (*_, t) in list(bases.pending.items())
