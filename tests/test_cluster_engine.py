@@ -223,9 +223,7 @@ async def test_a_retry_that_cannot_tell_whether_it_was_stored_is_no_conflict(
     unknown (`unavailable`), never a `conflict` for a change that may be stored."""
     # The server's duplicate window short, so the retry meets the sequence check.
     monkeypatch.setattr(engine_module, "DUPLICATE_WINDOW_S", 0.2)
-    # (a publish timeout a slow disk leaves room in: the retry must meet the check first,
-    # not time out, another unknown outcome; the test waits it out once, below)
-    async with running(make_settings(cluster, publish_timeout_s=3.0)) as (a, _):
+    async with running(make_settings(cluster, publish_timeout_s=1.0)) as (a, _):
         await a.catch_up(timeout=10)
         local_id = a.new_local_id()
         assert await a.publish(b"once", 0, local_id) == 1
@@ -236,10 +234,17 @@ async def test_a_retry_that_cannot_tell_whether_it_was_stored_is_no_conflict(
             raise nats.errors.TimeoutError
 
         monkeypatch.setattr(a._js, "get_msg", unreadable)  # the server's answer, not ctsd's
-        with pytest.raises(Unavailable) as info:
-            await a.publish(b"once", 0, local_id, retry=True)
-        assert info.value.outcome_unknown, info.value
-        assert "cannot be read now" in str(info.value)
+        deadline = time.monotonic() + 30
+        while True:
+            with pytest.raises(Unavailable) as info:
+                await a.publish(b"once", 0, local_id, retry=True)
+            assert info.value.outcome_unknown, info.value
+            if "cannot be read now" in str(info.value):
+                break
+            # An overloaded machine's cluster may not answer the retry in time at all: another
+            # unknown outcome, not the one this test is about. Again, once it answers.
+            assert time.monotonic() < deadline, str(info.value)
+            await asyncio.sleep(0.2)
         with pytest.raises(Conflict):  # a group never sent meets another's: a conflict
             await a.publish(b"other", 0, a.new_local_id())
 
