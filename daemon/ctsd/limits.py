@@ -39,19 +39,36 @@ def _children(value: Any) -> Any:
     return value.items() if isinstance(value, dict) else enumerate(value)
 
 
+_CONTAINERS = (dict, list, tuple)
+_FAST_UP_TO = 256  # `_within` recurses once per level: far below the interpreter's limit
+
+
+def _within(value: Any, limit: int) -> bool:
+    """Is no array or object in `value` (a container, level 1) nested deeper than `limit`?
+    Several times quicker than the walk below, which keeps the path as it goes."""
+    if limit < 1:
+        return False
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, _CONTAINERS) and not _within(child, limit - 1):
+            return False
+    return True
+
+
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> str | None:
     """The JSON path (`$.a[0].b`) of the first array or object nested deeper than `limit`
     levels (the outermost container is level 1), or None when `value` is within it."""
-    if not isinstance(value, dict | list | tuple):
+    if not isinstance(value, _CONTAINERS):
         return None
     if limit < 1:
         return "$"
+    if limit <= _FAST_UP_TO and _within(value, limit):
+        return None  # (the common case, without building the path as it goes)
     # Depth-first with an explicit stack of iterators: the stack is the path.
     stack = [iter(_children(value))]
     keys: list[Any] = []
     while stack:
         for key, child in stack[-1]:
-            if isinstance(child, dict | list | tuple):
+            if isinstance(child, _CONTAINERS):
                 if len(stack) >= limit:
                     return format_path([*keys, key])
                 stack.append(iter(_children(child)))
