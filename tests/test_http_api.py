@@ -432,6 +432,9 @@ def test_sync_files_answers_with_the_change_in_the_file(daemon: Daemon, api: htt
         assert r.status_code == 200, r.text
         (state,) = on_disk(daemon, "connection-state.json")
         assert state["test_results"]["timestamp"] == r.json()["timestamp"], state
+    # logged as a change made over HTTP (the periodic tests' source is `probe`)
+    last = on_disk(daemon, "connection-sync-log.json")[-1]
+    assert (last["action"], last["data"]["source"]) == ("test", "http"), last
     _error(api.post("/api/data/ui-config?sync=later", json={}), 400, "invalid", "$.sync")
     _error(api.get("/api/settings/connections?bogus=1"), 400, "invalid", "$.bogus")
 

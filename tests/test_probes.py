@@ -53,7 +53,7 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[Any]:
 async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("ok"))])
     before = app.store.revision
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "http")
     assert result["success"] is True
     assert "error" not in result
     assert isinstance(result["latency"], float) and 0 < result["latency"] < 5000
@@ -61,19 +61,20 @@ async def test_success_measures_latency_and_is_stored(app_factory: Any, fake: Fa
     assert fake.requests[-1][:2] == ("GET", "/ok/v5/market/time")
     # the key never goes to a public endpoint
     assert not any("CONNKEY" in v for v in fake.requests[-1][2].values())
-    # stored durably in test_results, event `test` with source probe, counts as a heartbeat
+    # stored durably in test_results, event `test` with the source of who asked (the periodic
+    # tests' is `probe`), counts as a heartbeat
     st = (await state_file(app))["c1"]
     assert st["test_results"] == result
     assert st["last_heartbeat_at"] == result["timestamp"]
     events = [e for e in await sync_log(app) if e["id"] > before]
     assert [e["action"] for e in events] == ["test"]
-    assert events[0]["data"]["source"] == "probe" and events[0]["data"]["success"] is True
+    assert events[0]["data"]["source"] == "http" and events[0]["data"]["success"] is True
     assert st["last_sync_at"] == events[0]["created_at"]
 
 
 async def test_a_compressed_answer_is_read(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("gzip"))])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is True, result
     assert fake.requests[-1][2]["accept-encoding"] == "gzip"
 
@@ -81,7 +82,7 @@ async def test_a_compressed_answer_is_read(app_factory: Any, fake: FakeExchange)
 async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("slow"))], {"test_timeout_s": 0.3})
     t0 = time.monotonic()
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     elapsed = time.monotonic() - t0
     assert result["success"] is False
     assert "timed out after 0.3 s" in result["error"]
@@ -92,7 +93,7 @@ async def test_slow_answer_past_timeout_fails_cleanly(app_factory: Any, fake: Fa
 
 async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
     app = await app_factory([probe_connection("c1", fake.base("err500"))])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is False
     assert result["error"].startswith("HTTP 500")
     assert f"127.0.0.1:{fake.port}" in result["error"]
@@ -101,7 +102,7 @@ async def test_http_500_is_a_failure(app_factory: Any, fake: FakeExchange):
 async def test_refused_port_is_a_failure(app_factory: Any):
     port = free_port()  # nothing listens there
     app = await app_factory([probe_connection("c1", f"http://127.0.0.1:{port}")])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result == {
         "success": False,
         "latency": None,
@@ -124,7 +125,7 @@ async def test_refused_port_is_a_failure(app_factory: Any):
 )
 async def test_bad_bodies_are_failures(app_factory: Any, fake: FakeExchange, mode, message):
     app = await app_factory([probe_connection("c1", fake.base(mode))])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is False
     assert message in result["error"] and len(result["error"]) <= 300
 
@@ -162,7 +163,7 @@ async def test_a_password_in_base_url_never_comes_back_in_a_result(
     of the user info, in the result, the event or the sync log."""
     url = f"http://{userinfo}@127.0.0.1:{free_port()}"
     app = await app_factory([probe_connection("c1", url)])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is False and result["error"], result
     logged = json.dumps(msgspec.to_builtins(list(app.store.committed.log)))
     for text in (json.dumps(result), logged):
@@ -175,7 +176,7 @@ async def test_a_password_read_as_a_path_never_comes_back_either(
     """`https://user:2024/pw@host` reads as host `user`, port 2024 and a path holding the
     password: a server there answering 404 had the path quoted back in the result."""
     app = await app_factory([probe_connection("c1", fake.base("ok") + "/s3cr3tPart@gw")])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is False and "percent-encoded" in result["error"], result
     assert "s3cr3tPart" not in json.dumps(result)
 
@@ -192,11 +193,11 @@ async def test_a_test_waits_at_most_what_its_callers_wait(app_factory: Any) -> N
 
 async def test_unknown_exchange_and_missing_connection(app_factory: Any):
     app = await app_factory([probe_connection("c1", None, exchange="kraken-pro")])
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is False
     assert "no test endpoint known for exchange 'kraken-pro'" in result["error"]
     with pytest.raises(Exception) as e:
-        await app.prober.test_connection("nope")
+        await app.prober.test_connection("nope", "bus")
     assert getattr(e.value, "code", None) == "not_found"
 
 
@@ -208,7 +209,7 @@ async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
     results: list[dict[str, Any]] = []
 
     async def one(cid: str) -> None:
-        results.append((await app.prober.test_connection(cid))[0])
+        results.append((await app.prober.test_connection(cid, "bus"))[0])
 
     async with anyio.create_task_group() as tg:
         for i in range(40):
@@ -249,7 +250,7 @@ async def test_okx_testnet_header_reaches_the_server(app_factory: Any, fake: Fak
     app = await app_factory(
         [probe_connection("c1", fake.base("ok"), exchange="okx", is_testnet=True)]
     )
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is True
     _method, path, headers = fake.requests[-1]
     assert path == "/ok/api/v5/public/time" and headers["x-simulated-trading"] == "1"

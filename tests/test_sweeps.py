@@ -108,7 +108,7 @@ async def test_stale_within_bound_then_recovered_by_heartbeat(running: Any):
 async def test_successful_test_recovers_a_stale_connection(running: Any, fake: FakeExchange):
     app = await running([probe_connection("c1", fake.base("ok"))], {"stale_after_s": 0.2})
     await wait_for(lambda: status(app, "c1") == "stale", 3, "c1 stale")
-    result, _ = await app.prober.test_connection("c1")
+    result, _ = await app.prober.test_connection("c1", "bus")
     assert result["success"] is True
     assert status(app, "c1") == "active"
     assert actions(app, "c1")[-2:] == ["test", "recovered"]

@@ -29,7 +29,7 @@ import structlog
 
 from ctsd import ops
 from ctsd.errors import CtsdError
-from ctsd.models import Connection, ConnectionDoc, TestResult
+from ctsd.models import Connection, ConnectionDoc, Source, TestResult
 from ctsd.secretfields import CONNECTION_DOC, open_content
 from ctsd.timeutil import now_iso
 
@@ -404,10 +404,11 @@ class Prober:
         return await self.request(target, self._timeout(), scrub=_userinfo_parts(target.url))
 
     async def test_connection(
-        self, cid: str, sync: str | None = None
+        self, cid: str, source: Source, sync: str | None = None
     ) -> tuple[dict[str, Any], int]:
-        """`connections.test`: test now, store the result (event `test`; with `sync="files"`
-        answered once it is in the files); return it and the revision right after it."""
+        """`connections.test`: test now, store the result (event `test` with the `source` of
+        who asked: the periodic tests are `probe`; with `sync="files"` answered once it is in
+        the files); return it and the revision right after it."""
         if not isinstance(cid, str):
             raise CtsdError("invalid", "connection_id must be a string", path="$.connection_id")
         conn = self.store.connections.get(cid)
@@ -415,7 +416,7 @@ class Prober:
             raise CtsdError("not_found", f"no connection {cid!r}", path="$.connection_id")
         result = await self.run_test(conn)
         _, revision = await self.store.submit_answer(
-            ops.record_test(cid, result), "probe", sync=sync
+            ops.record_test(cid, result), source, sync=sync
         )
         out: dict[str, Any] = msgspec.to_builtins(result)
         return out, revision

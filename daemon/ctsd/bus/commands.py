@@ -183,7 +183,7 @@ async def connections_heartbeat(c: Call, a: p.ConnectionRef) -> Any:
 
 
 async def connections_test(c: Call, a: p.ConnectionRef) -> Any:
-    result, c.revision = await c.svc.prober.test_connection(a.connection_id, c.sync)
+    result, c.revision = await c.svc.prober.test_connection(a.connection_id, c.source, c.sync)
     return result
 
 
