@@ -202,8 +202,12 @@ class Web:
         try:
             self.guard.check_host(headers)
             self.guard.check_origin(headers, server)
-            preflight = scope["method"] == "OPTIONS" and header(
-                headers, b"access-control-request-method"
+            # A preflight as the CORS layer takes it (an origin too): anything else is a request
+            # like any, token and rate limit first.
+            preflight = (
+                scope["method"] == "OPTIONS"
+                and header(headers, b"access-control-request-method")
+                and header(headers, b"origin")
             )
             if not preflight:
                 if path != "/health":
