@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from ctsd import files, limits
+from ctsd import files, limits, ops
+from ctsd.core import Committed, Context, Request, apply_group
 from ctsd.files import Invalid
 from ctsd.guard import allowed_origins
 from ctsd.models import (
@@ -330,6 +332,29 @@ def test_did_you_mean_for_a_nested_struct() -> None:
     with pytest.raises(Invalid) as exc:
         files.decode_file("connection-state.json", raw)
     assert "did you mean `error`?" in exc.value.problem.message
+
+
+def test_an_instance_id_given_twice_is_invalid_where_instances_come_in() -> None:
+    inst = {"id": "i1", "name": "n", "symbol": "NQ", "algorithmName": "trend"}
+    doc = {"instances": [inst, {**inst, "id": "i2"}, {**inst, "name": "again"}]}
+    raw = json.dumps(doc, indent=2).encode()
+    with pytest.raises(Invalid) as exc:
+        files.check_instance_refs(doc, {"trend"}, "instances.json", raw)
+    p = exc.value.problem
+    assert p.path == "$.instances[2].id" and p.line > 1  # located in the file
+    assert p.message == "duplicate id 'i1' (first at $.instances[0])"
+    files.check_instance_refs({"instances": doc["instances"][:2]}, {"trend"}, "instances.json", raw)
+    # through the door: refused, naming the place
+    c = Committed()
+    ctx = Context(now_iso(), {})
+    (out,), change = apply_group(
+        c, [Request(ops.set_document("algorithms/trend", inst), "bus")], ctx
+    )
+    assert out.error is None
+    c.apply(change)
+    (out,), change = apply_group(c, [Request(ops.set_document("instances", doc), "bus")], ctx)
+    assert out.error is not None and out.error.code == "invalid" and change.empty
+    assert out.error.path == "$.content.instances[2].id", out.error
 
 
 def test_dangling_algorithm_name(tmp_path: Path) -> None:

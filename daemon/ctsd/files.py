@@ -359,8 +359,17 @@ def decode_document(name: str, raw: bytes) -> dict[str, Any]:
 
 
 def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
-    """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid)."""
+    """Each instance's `id` once, and its `algorithmName` naming a file in `algorithms/` (a
+    dangling reference is invalid), as every path that takes instances in checks them."""
+    seen: dict[Any, int] = {}
     for i, inst in enumerate(instances.get("instances") or []):
+        iid = inst.get("id")
+        if isinstance(iid, str) and iid in seen:
+            msg = f"duplicate id {iid!r} (first at $.instances[{seen[iid]}])"
+            raw = raw if raw is not None else encode_document(instances)
+            raise Invalid(diagnose.at_path(file, raw, ["instances", i, "id"], msg))
+        if isinstance(iid, str):
+            seen[iid] = i
         algo = inst.get("algorithmName")
         if algo not in algorithms:
             hint = diagnose.nearest(str(algo), sorted(algorithms))
