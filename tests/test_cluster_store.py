@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from ctsd import ops
 from ctsd.cluster.committer import ClusterCommitter
@@ -56,16 +58,26 @@ async def host(data_dir: Path, settings: ClusterSettings) -> AsyncIterator[Clust
 
 
 @asynccontextmanager
+async def new_hosts(
+    nats: NatsCluster, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[ClusterCommitter, ClusterCommitter]]:
+    """Hosts x and y of a cluster of their own (`settings`: more of its ClusterSettings),
+    started, not applying the stream yet: a test may gate one first."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def of(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id, **settings)
+
+    async with host(tmp_path / "x", of("x")) as x, host(tmp_path / "y", of("y")) as y:
+        yield x, y
+
+
+@asynccontextmanager
 async def two_hosts(
     nats: NatsCluster, tmp_path: Path
 ) -> AsyncIterator[tuple[ClusterCommitter, ClusterCommitter]]:
     """Hosts x and y of a cluster of their own, each applying the stream, caught up."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+    async with new_hosts(nats, tmp_path) as (x, y):
         for c in (x, y):
             c.subscribe()
             await c.engine.catch_up(timeout=20)
@@ -75,12 +87,7 @@ async def two_hosts(
 async def test_same_record_on_two_hosts_one_wins_the_other_gets_conflict(
     nats: NatsCluster, tmp_path: Path
 ) -> None:
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+    async with new_hosts(nats, tmp_path) as (x, y):
         # Host y applies the stream through a gate, so it can be held behind host x.
         gate = asyncio.Event()
         gate.set()
@@ -130,12 +137,7 @@ async def test_different_records_on_two_hosts_both_go_through_in_stream_order(
     """Both hosts compute a change on the same state, neither having seen the other's: keyed
     groups of different records are not refused; both get their revisions in stream order,
     the same on both hosts."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+    async with new_hosts(nats, tmp_path) as (x, y):
         gates = {}
         for c in (x, y):
             gate = gates[c.host] = asyncio.Event()
@@ -381,14 +383,7 @@ async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newe
     """Host x's hand edit reaches the stream, but x, held behind another host's change, gives
     up waiting and answers `unavailable`. Once x has applied it after all, and host y changed
     the same field since, taking the file in again must not undo y's change."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(
-            nats_urls=tuple(nats.urls), name=name, host_id=host_id, publish_timeout_s=1.0
-        )
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+    async with new_hosts(nats, tmp_path, publish_timeout_s=1.0) as (x, y):
         # x receives the stream through a gate (before it applies anything: as a host whose
         # connection is slow, not one stuck applying).
         gate = asyncio.Event()
@@ -465,12 +460,7 @@ async def test_a_change_answered_with_an_unknown_outcome_is_known_to_land_later(
     before it failed): answered with its msg id. Once x applies again, `landed` says it got
     in (a hand edit's take-in asks before taking the file in again), however many changes x
     makes next."""
-    name = f"s{os.getpid()}x{next(_names)}"
-
-    def settings(host_id: str) -> ClusterSettings:
-        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
-
-    async with host(tmp_path / "x", settings("x")) as x, host(tmp_path / "y", settings("y")) as y:
+    async with new_hosts(nats, tmp_path) as (x, y):
         gate = asyncio.Event()
         gate.set()
         held: list[Change] = []
@@ -512,3 +502,84 @@ async def test_a_change_answered_with_an_unknown_outcome_is_known_to_land_later(
         for i in range(1100):  # more than it remembers of its own changes
             await x.store.submit(ops.update("c1", {"volume_factor": 1.0 + i / 1000}), "bus")
         assert x.landed(msg_id)
+
+
+async def test_a_change_applied_just_as_its_wait_gives_up_is_answered_as_done(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """Host x's change is in the stream behind y's, which x holds back, so x waits to apply
+    it in order; the wait times out just as x applies it after all (here: the timeout comes
+    right after). It is x's and applied: the answer is success, not `unavailable`. While x
+    still holds y's change back when the wait gives up, the answer says the outcome is
+    unknown and gives the msg id, which `landed` answers for once x has applied it."""
+    async with new_hosts(nats, tmp_path) as (x, y):
+        gate = asyncio.Event()
+        gate.set()
+        held: list[Msg] = []
+        handle = x.engine._handle
+
+        async def gated(msg: Msg) -> None:
+            # Held before the engine takes it up (as a message still on its way would be):
+            # x's own commit is not held up behind it, as by one being applied.
+            if msg.data:
+                held.append(msg)
+                await gate.wait()
+            await handle(msg)
+
+        x.engine._handle = gated  # type: ignore[method-assign]
+        wait_applied = x.engine.wait_applied
+        late = [False]  # the wait for x's own change: let it apply, then time out anyway
+
+        async def gives_up(seq: int, timeout: float | None = None) -> None:
+            if late[0]:
+                late[0] = False
+                gate.set()
+                await wait_applied(seq, 10)
+                raise TimeoutError
+            await wait_applied(seq, timeout)
+
+        x.engine.wait_applied = gives_up  # type: ignore[method-assign]
+        try:
+            await _gave_up_and_unknown(x, y, gate, held, late)
+        finally:
+            gate.set()  # (a failure must not leave x's applying held at the close)
+
+
+async def _gave_up_and_unknown(
+    x: ClusterCommitter,
+    y: ClusterCommitter,
+    gate: asyncio.Event,
+    held: list[Msg],
+    late: list[bool],
+) -> None:
+    for c in (x, y):
+        c.subscribe()
+        await c.engine.catch_up(timeout=20)
+    await x.store.submit(ops.create({"id": "c1", "name": "one", "exchange": "bybit"}), "bus")
+    await y.engine.wait_applied(1, timeout=10)
+
+    async def behind_y(change: dict[str, Any], arm: bool) -> asyncio.Task[Any]:
+        """x's update of c1 committed while x holds y's create of `change` back."""
+        gate.clear()
+        held.clear()
+        await y.store.submit(ops.create(change), "bus")
+        await wait_until_async(lambda: held, 10, what="x holding y's change")
+        late[0] = arm
+        return asyncio.create_task(
+            x.store.submit(ops.update("c1", {"name": change["name"]}), "bus")
+        )
+
+    done = await behind_y({"id": "c2", "name": "two", "exchange": "bybit"}, arm=True)
+    assert (await asyncio.wait_for(done, 20)).name == "two"
+    assert x.store.connections["c1"].name == "two" and not late[0]
+
+    x.engine.settings = msgspec.structs.replace(x.engine.settings, publish_timeout_s=0.5)
+    unknown = await behind_y({"id": "c3", "name": "three", "exchange": "bybit"}, arm=False)
+    with pytest.raises(CtsdError) as info:
+        await asyncio.wait_for(unknown, 20)
+    assert info.value.code == "unavailable" and "msg_id" in info.value.extra, info.value
+    msg_id = info.value.extra["msg_id"]
+    assert not x.landed(msg_id)
+    gate.set()
+    await wait_until_async(lambda: x.store.connections["c1"].name == "three", 10)
+    assert x.landed(msg_id)
