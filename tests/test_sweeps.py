@@ -7,6 +7,7 @@ Every wait polls with a deadline; nothing sleeps blindly.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ import pytest
 from ctsd import ops, sweeps
 from ctsd.files import STATE
 from ctsd.models import TestResult
+from ctsd.timeutil import format_ts
 from tests.daemon import wait_until_async
 from tests.exchange import PX_KEY, PX_USER, FakeExchange, probe_connection
 from tests.inprocess import open_app, state_file, sync_log
@@ -319,6 +321,22 @@ async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange
         tg.cancel_scope.cancel()
     await app.store.close()
     assert any(p == "/projectx/api/Auth/loginKey" for _, p, _ in fake.requests)
+
+
+async def test_a_heartbeat_stamped_later_than_now_does_not_hold_off_stale(tmp_path: Path):
+    """A stored heartbeat an hour ahead of the clock (it stepped back since, or a hand edit)
+    counts as now: the connection still goes stale after stale_after_s of silence."""
+    app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
+    try:
+        sw = app.sweeper
+        ahead = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        app.store.heartbeats["c1"] = format_ts(ahead)
+        now = time.monotonic()
+        assert sweeps.monotonic_of(format_ts(ahead)) <= time.monotonic()
+        assert sw.tick(now) == {}  # learns c1
+        assert list(sw.tick(now + 2)) == ["c1"]
+    finally:
+        await app.store.close()
 
 
 async def test_stale_decision_yields_to_a_newer_heartbeat(tmp_path: Path):
