@@ -367,6 +367,29 @@ async def test_deep_document_is_refused_and_the_daemon_keeps_answering(daemon: D
     assert r.returncode == 1 and "nested deeper than 64 levels" in r.stdout
 
 
+def test_settings_nested_past_what_json_reads_is_invalid_at_start_not_a_crash(
+    data_dir: Path,
+) -> None:
+    """settings.json invalid at start is read once more for its cluster section: nested
+    thousands deep (past what Python's json reads), that read crashed the start."""
+    data_dir.mkdir(mode=0o700)
+    settings = data_dir / "settings.json"
+    settings.write_text('{"ui": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    d = Daemon(data_dir)
+    try:
+        d.start(timeout=15)
+        assert "nested deeper than 64 levels" in invalid_files(d)["settings.json"]
+        assert d.stop() == 0
+    finally:
+        d.close()
+    # One that may hold the cluster section: the start is refused in one line, never a
+    # traceback (a start on its own in a cluster host's place would be worse).
+    settings.write_text('{"cluster": {}, "ui": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    r = ctsd("serve", "--data-dir", str(data_dir), "--port", str(free_port()), env=clean_env())
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "may hold this host's cluster section" in r.stderr and r.stderr.count("\n") == 1
+
+
 async def test_a_number_too_long_to_read_is_invalid_not_a_crash(daemon: Daemon) -> None:
     """Past int()'s digit limit the stdlib decoder that locates problems raised ValueError,
     which no reader of a file caught (the intake's judging, verify)."""

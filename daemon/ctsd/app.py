@@ -177,7 +177,7 @@ def _cluster_as_written(
         if kept is not None or not os.environ.get("CTSD_CLUSTER_NATS_URLS", "").strip():
             return kept  # (nor does anything else say this host is in a cluster)
         raise may_hold from None
-    except ValueError:
+    except (ValueError, RecursionError):  # (not JSON, or nested past what json can read)
         if b'"cluster"' not in raw or (kept is not None and "cluster" in kept):
             return kept  # no cluster section to read, or its copy's to count
         raise may_hold from None
