@@ -243,37 +243,44 @@ async def _join_cluster(d: Daemon) -> None:
     _extend_start(d.notifier, wait_s)
     interval = d.notifier.watchdog_interval()
     refused: str | None = None
-    async with anyio.create_task_group() as tg:
-        if interval:
-            tg.start_soon(_watchdog, d.notifier, interval)
-        # Ready or stalled within the wait: an empty host then knows whether it can start
-        # from a snapshot, which the slow first server of a list must not decide.
-        await engine.start(wait_s=wait_s)
-        try:
-            await committer.start_empty()
-            since = committer.subscribe()
-            left = max(1.0, deadline - time.monotonic())  # (a snapshot join may have used it)
-            _extend_start(d.notifier, left)
-            seq = await committer.catch_up(timeout=left)
-            _extend_start(d.notifier, 0)  # the files written, hand edits taken in
-            log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
-            # The files are written only now: one edited while the daemon was down is taken
-            # in first (the checkpointer's rule), and that must go through the cluster.
-            await store.start()
-            await store.take_in_edited(d.edited)
-        except (SnapshotInvalid, NoSnapshot, SnapshotNotInstalled, ForeignData) as e:
-            # Behind what the stream keeps, and no usable snapshot (or, behind or new, none
-            # the disk takes): serving would mean serving a state the cluster left long ago,
-            # or none at all. Nothing of the snapshot was applied. Or data of its own that
-            # the cluster does not have: serving it as the cluster's would lie.
-            refused = f"cluster {d.cluster.name}: {e}"
-        except ClusterError as e:
-            # Reads and subscriptions are served from the files; writes are refused while the
-            # engine is out of reach or stalled (it keeps trying in the background).
-            _extend_start(d.notifier, 0)
-            log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
-            await store.start()
-        tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            if interval:
+                tg.start_soon(_watchdog, d.notifier, interval)
+            # Ready or stalled within the wait: an empty host then knows whether it can start
+            # from a snapshot, which the slow first server of a list must not decide.
+            await engine.start(wait_s=wait_s)
+            try:
+                await committer.start_empty()
+                since = committer.subscribe()
+                left = max(1.0, deadline - time.monotonic())  # (a snapshot join may have used it)
+                _extend_start(d.notifier, left)
+                seq = await committer.catch_up(timeout=left)
+                _extend_start(d.notifier, 0)  # the files written, hand edits taken in
+                log.info("cluster_caught_up", cluster=d.cluster.name, since=since, applied_seq=seq)
+                # The files are written only now: one edited while the daemon was down is taken
+                # in first (the checkpointer's rule), and that must go through the cluster.
+                await store.start()
+                await store.take_in_edited(d.edited)
+            except (SnapshotInvalid, NoSnapshot, SnapshotNotInstalled, ForeignData) as e:
+                # Behind what the stream keeps, and no usable snapshot (or, behind or new, none
+                # the disk takes): serving would mean serving a state the cluster left long ago,
+                # or none at all. Nothing of the snapshot was applied. Or data of its own that
+                # the cluster does not have: serving it as the cluster's would lie.
+                refused = f"cluster {d.cluster.name}: {e}"
+            except ClusterError as e:
+                # Reads and subscriptions are served from the files; writes are refused while the
+                # engine is out of reach or stalled (it keeps trying in the background).
+                _extend_start(d.notifier, 0)
+                log.warning("cluster_not_caught_up", cluster=d.cluster.name, reason=str(e))
+                await store.start()
+            tg.cancel_scope.cancel()
+    except ExceptionGroup as group:
+        # The task group's wrapping of one failure (an OSError of a full disk, say) taken
+        # off: the start reports it in one line, as on one host, not as a traceback.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     if refused is not None:
         await store.abandon()  # closes the engine; the files stay as they were
         raise StartError(refused)
