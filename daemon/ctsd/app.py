@@ -276,11 +276,19 @@ async def _join_cluster(d: Daemon) -> None:
                 await store.start()
             tg.cancel_scope.cancel()
     except ExceptionGroup as group:
-        # The task group's wrapping of one failure (an OSError of a full disk, say) taken
-        # off: the start reports it in one line, as on one host, not as a traceback.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        # One failure, taken out of the task group's wrapping: an OSError (a full disk, say)
+        # stops the start in one line naming it, never a traceback; anything else is a bug,
+        # shown as itself.
+        if len(group.exceptions) != 1:
+            raise
+        exc = group.exceptions[0]
+        if isinstance(exc, OSError):
+            await store.abandon()  # closes the engine; the files stay as they were
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise StartError(
+                f"cluster {d.cluster.name}: catching up failed: {where}{exc.strerror or exc}"
+            ) from None
+        raise exc from None
     if refused is not None:
         await store.abandon()  # closes the engine; the files stay as they were
         raise StartError(refused)
