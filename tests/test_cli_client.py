@@ -273,10 +273,11 @@ def test_a_secret_inside_connection_settings_never_comes_from_argv(shared: Daemo
     on_disk = json.loads((shared.data_dir / "connections.json").read_text())
     stored = next(c for c in on_disk if c["id"] == "argv1")
     assert json.loads(stored["connection_settings"])["auth"]["Pass_Phrase"] == CANARY
-    # What the daemon shows as no secret is no secret here: a boolean, a number, an object
-    # under a secret-looking key, a placeholder sent back as shown (the stored secret kept).
+    # What the daemon shows as no secret is no secret here: a boolean, an object under a
+    # secret-looking key, a placeholder sent back as shown (the stored
+    # secret kept).
     harmless = {**json.loads(settings), "auth": {"Pass_Phrase": "********"}}
-    harmless.update(savePassword=True, maxTokens=5, credentials={})
+    harmless.update(savePassword=True, credentials={})
     ok(shared, "conn", "set", "argv1", f"connection_settings={json.dumps(harmless)}")
     no_secret = json.dumps({"base_url": "http://127.0.0.1:8"})
     out = jout(shared, "conn", "set", "argv1", "--settings-env", "S", S=no_secret)

@@ -6,10 +6,8 @@ log pipeline runs `structlog_processor`. Nothing else decides what a secret is.
 
 Shown values: a set secret reads `MASK`; `api_key`-like keys of 12 characters or more may
 show their last four as `"…abcd"`, so an operator can tell keys apart; an unset one (null or
-"") reads null. Booleans and numbers are never secrets: a switch, a count or a limit
-(`"savePassword": true`, `"maxTokens": 5`) is no password, and is stored unencrypted too
-(`secretfields` seals strings). A secret holding an object is walked instead: its own keys
-decide.
+"") reads null. Booleans are never secrets (`"savePassword": true` is a switch, not a
+password). A secret holding an object is walked instead: its own keys decide.
 
 `connection_settings` is a JSON *string* holding an object: secrets inside it are masked too,
 and the string shown is that object re-serialized with them masked.
@@ -74,8 +72,8 @@ def mask_value(field: str, value: Any, *, record: bool = False) -> Any:
     """How the secret `value` of key `field` is shown (`record`: a field of a connection)."""
     if value is None or value == "":
         return None  # unset
-    if isinstance(value, bool | int | float):
-        return value  # (never a secret: see the module's docstring)
+    if isinstance(value, bool):
+        return value
     if isinstance(value, str) and value.startswith("enc:"):
         return MASK  # encrypted at rest: its tail is ciphertext, which tells nothing apart
     if record and field == SHOW_TAIL and isinstance(value, str) and len(value) >= 12:

@@ -43,8 +43,8 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 def nested_secret(value: Any) -> str | None:
     """Where a secret sits inside `value` (a JSON value, or the JSON text of one, as
     `connection_settings` is given), by the rules the daemon masks by (`redact`): a value
-    under a secret key (not a boolean or number, an empty value or a placeholder sent back as
-    shown), or a password in a URL. Its path (`a.b`, `[0]`; `$` for the value itself), or None."""
+    under a secret key (not a boolean, an empty value or a placeholder sent back as shown),
+    or a password in a URL. Its path (`a.b`, `[0]`; `$` for the value itself), or None."""
     if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
         with contextlib.suppress(ValueError, RecursionError):  # not JSON: plain text
             value = json.loads(value)
@@ -61,8 +61,8 @@ def nested_secret(value: Any) -> str | None:
             for key, inner in item.items():
                 at = f"{path}.{key}" if path else str(key)
                 if is_secret_key(key) and not isinstance(inner, dict):
-                    shown = inner in (None, "", []) or isinstance(inner, bool | int | float)
-                    if not shown and not is_placeholder(inner):
+                    unset = inner in (None, "", []) or isinstance(inner, bool)
+                    if not unset and not is_placeholder(inner):
                         return at
                     continue
                 work.append((inner, at, depth + 1))
