@@ -88,6 +88,10 @@ def test_switches_and_objects_under_secret_names() -> None:
         "savePassword": True,
         "tokens": {"btc": {"symbol": "BTC", "apiToken": MASK}},
     }
+    # A number is no switch: a passphrase of digits written as a JSON number is one.
+    assert mask({"passphrase": 123456, "maxTokens": 5}) == {"passphrase": MASK, "maxTokens": MASK}
+    shown = mask({"connection_settings": '{"passphrase": 123456}'})["connection_settings"]
+    assert "123456" not in shown
 
 
 def test_secrets_inside_connection_settings_are_masked_in_the_string() -> None:
