@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import files, limits, ops
+from ctsd import files, limits, ops, verify
 from ctsd.core import Committed, Context, Request, apply_group
 from ctsd.files import Invalid
 from ctsd.guard import allowed_origins
@@ -334,16 +334,16 @@ def test_did_you_mean_for_a_nested_struct() -> None:
     assert "did you mean `error`?" in exc.value.problem.message
 
 
-def test_an_instance_id_given_twice_is_invalid_where_instances_come_in() -> None:
+def test_an_instance_id_given_twice_is_an_invalid_edit(tmp_path: Path) -> None:
     inst = {"id": "i1", "name": "n", "symbol": "NQ", "algorithmName": "trend"}
     doc = {"instances": [inst, {**inst, "id": "i2"}, {**inst, "name": "again"}]}
     raw = json.dumps(doc, indent=2).encode()
     with pytest.raises(Invalid) as exc:
-        files.check_instance_refs(doc, {"trend"}, "instances.json", raw)
+        files.check_instance_ids(doc, "instances.json", raw)
     p = exc.value.problem
     assert p.path == "$.instances[2].id" and p.line > 1  # located in the file
     assert p.message == "duplicate id 'i1' (first at $.instances[0])"
-    files.check_instance_refs({"instances": doc["instances"][:2]}, {"trend"}, "instances.json", raw)
+    files.check_instance_ids({"instances": doc["instances"][:2]}, "instances.json", raw)
     # through the door: refused, naming the place
     c = Committed()
     ctx = Context(now_iso(), {})
@@ -355,6 +355,18 @@ def test_an_instance_id_given_twice_is_invalid_where_instances_come_in() -> None
     (out,), change = apply_group(c, [Request(ops.set_document("instances", doc), "bus")], ctx)
     assert out.error is not None and out.error.code == "invalid" and change.empty
     assert out.error.path == "$.content.instances[2].id", out.error
+    # A file that holds one from before (the rule is new) still loads at start; `verify`
+    # names it.
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "algorithms" / "trend.json").write_text('{"name": "trend"}\n')
+    (tmp_path / "instances.json").write_text(raw.decode() + "\n")
+    store = Store(tmp_path)
+    store.open()
+    assert not store.problems and store.documents["instances"] == doc
+    problems = verify.check_contents(
+        {"instances.json": raw, "algorithms/trend.json": b'{"name": "trend"}\n'}
+    )
+    assert [(p.file, p.path) for p in problems] == [("instances.json", "$.instances[2].id")]
 
 
 def test_dangling_algorithm_name(tmp_path: Path) -> None:

@@ -433,6 +433,23 @@ async def test_dangling_reference_then_fixed_by_adding_the_algorithm(daemon10: D
 
 
 @pytest.mark.anyio
+async def test_a_hand_edit_giving_an_instance_id_twice_is_invalid(daemon10: Daemon) -> None:
+    d = daemon10
+    one = {"id": "i1", "name": "One", "symbol": "BTCUSDT", "algorithmName": "Grid"}
+    async with bus(d) as b:
+        await b.ok("documents.set", name="algorithms/Grid", content={"name": "Grid"})
+        inst = {"instances": [one, {**one, "name": "Two"}], "lastSaved": None}
+        atomic_save(d.data_dir / "instances.json", dump(inst))
+        notice = await b.wait_for(
+            lambda: next((n for n in b.notices if n["notice"] == "file_invalid"), None),
+            what="file_invalid",
+        )
+        assert (notice["file"], notice["path"]) == ("instances.json", "$.instances[1].id")
+        assert "duplicate id 'i1' (first at $.instances[0])" in notice["message"], notice
+        assert json.loads((d.data_dir / "instances.json").read_text()) == inst  # as left
+
+
+@pytest.mark.anyio
 async def test_state_saved_before_its_connection_is_kept_and_taken_in_with_it(
     daemon10: Daemon,
 ) -> None:

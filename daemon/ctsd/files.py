@@ -358,18 +358,25 @@ def decode_document(name: str, raw: bytes) -> dict[str, Any]:
     return content
 
 
-def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
-    """Each instance's `id` once, and its `algorithmName` naming a file in `algorithms/` (a
-    dangling reference is invalid), as every path that takes instances in checks them."""
-    seen: dict[Any, int] = {}
+def check_instance_ids(instances: Any, file: str, raw: bytes | None) -> None:
+    """Each instance's `id` once: an edit (a hand edit, `documents.set`, `verify`) that gives
+    one twice is invalid. Not judged at load or in what another cluster host made: a file
+    or a stream written before this rule must not stop a start or stall a host."""
+    seen: dict[str, int] = {}
     for i, inst in enumerate(instances.get("instances") or []):
         iid = inst.get("id")
-        if isinstance(iid, str) and iid in seen:
+        if not isinstance(iid, str):
+            continue
+        if iid in seen:
             msg = f"duplicate id {iid!r} (first at $.instances[{seen[iid]}])"
             raw = raw if raw is not None else encode_document(instances)
             raise Invalid(diagnose.at_path(file, raw, ["instances", i, "id"], msg))
-        if isinstance(iid, str):
-            seen[iid] = i
+        seen[iid] = i
+
+
+def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
+    """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid)."""
+    for i, inst in enumerate(instances.get("instances") or []):
         algo = inst.get("algorithmName")
         if algo not in algorithms:
             hint = diagnose.nearest(str(algo), sorted(algorithms))

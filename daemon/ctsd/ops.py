@@ -408,6 +408,7 @@ def check_document(
     _convert(content, files.document_type(name), path)  # names the very field
     if name == "instances":
         try:
+            files.check_instance_ids(content, file, None)
             files.check_instance_refs(content, tx.algorithm_names(), file, None)
         except Invalid as e:
             raise CtsdError("invalid", e.problem.message, path=path + e.problem.path[1:]) from None
@@ -636,6 +637,7 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
         merged = merge_document(base, content, tx.docs.get(name))
         if name == "instances":
             try:
+                files.check_instance_ids(merged.records, file, raw)
                 files.check_instance_refs(merged.records, tx.algorithm_names(), file, raw)
             except Invalid as e:
                 raise CtsdError(

@@ -39,10 +39,16 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
     if instances in decoded:
         prefix = f"{files.ALGORITHMS_DIR}/"
         algos = {f[len(prefix) : -5] for f in contents if f.startswith(prefix) and f in decoded}
-        try:
-            files.check_instance_refs(decoded[instances], algos, instances, contents[instances])
-        except Invalid as e:
-            problems.append(e.problem)
+        for check in (
+            lambda: files.check_instance_ids(decoded[instances], instances, contents[instances]),
+            lambda: files.check_instance_refs(
+                decoded[instances], algos, instances, contents[instances]
+            ),
+        ):
+            try:
+                check()
+            except Invalid as e:
+                problems.append(e.problem)
     return problems
 
 
