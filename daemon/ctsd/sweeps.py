@@ -86,8 +86,8 @@ def monotonic_of(ts: str | None) -> float:
     The sweep measures silence on `time.monotonic()`, so a wall-clock step (NTP, a VM
     resumed) never turns every connection stale at once; only timestamps read from the
     files are converted, at the current offset between the clocks. One later than now (the
-    clock stepped back since it was written, or a hand edit) counts as now: it must not hold
-    off `stale` (or the next periodic test) by the length of the step.
+    clock stepped back since it was written, or a hand edit) counts as now: a heartbeat must
+    not hold off `stale` by the length of the step.
     """
     wall = epoch_of(ts)
     if wall is None:
