@@ -80,20 +80,21 @@ def epoch_of(ts: str | None) -> float | None:
         return None
 
 
-def monotonic_of(ts: str | None) -> float:
+def monotonic_of(ts: str | None, *, clamp: bool = True) -> float:
     """A stored wall-clock timestamp on the monotonic clock the sweep runs on (-inf: never).
 
     The sweep measures silence on `time.monotonic()`, so a wall-clock step (NTP, a VM
     resumed) never turns every connection stale at once; only timestamps read from the
     files are converted, at the current offset between the clocks. One later than now (the
-    clock stepped back since it was written, or a hand edit) counts as now: a heartbeat must
-    not hold off `stale` by the length of the step.
+    clock stepped back since it was written, or a hand edit) counts as now (`clamp`): a
+    heartbeat must not hold off `stale` by the length of the step.
     """
     wall = epoch_of(ts)
     if wall is None:
         return -math.inf
     mono = time.monotonic()
-    return min(wall - (time.time() - mono), mono)
+    at = wall - (time.time() - mono)
+    return min(at, mono) if clamp else at
 
 
 class Sweeper:
@@ -398,7 +399,7 @@ class Sweeper:
         interval = self.test_interval or 0
         if st is None or st.test_results is None or interval <= 0:
             return None
-        last = monotonic_of(st.test_results.timestamp)
+        last = monotonic_of(st.test_results.timestamp, clamp=False)
         # Within half an interval: this host's own last test (an interval × [0.9, 1.1] ago)
         # is never taken for a recent one. A timestamp in the future (a clock ahead, a hand
         # edit) must not hold tests off.
