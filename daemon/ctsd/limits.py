@@ -15,9 +15,9 @@ One definition of each, so that every door refuses the same thing with the same 
 
 `check_depth(value, limit)` works on any decoded JSON value (dicts, lists, tuples, scalars);
 no input, however deep, can make it raise (its quick pass recurses at most 256 levels, past
-any limit a door uses; the walk that finds the path is iterative). It answers the JSON path of the first
-container nested past `limit`, or None. `require_depth` raises the `CtsdError` a door
-answers with.
+any limit a door uses; the walk that finds the path is iterative). It answers the JSON path
+of the first container nested past `limit`, or None. `require_depth` raises the `CtsdError`
+a door answers with.
 """
 
 from __future__ import annotations
