@@ -19,8 +19,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ctsd.files import CONNECTIONS, SYNC_LOG
 from tests.bus import bus, close_code
-from tests.daemon import TOKEN, Daemon, wait_until
+from tests.daemon import TOKEN, Daemon, wait_until, wait_until_async
 from tests.datadir import CANARY, connection, write_settings
+from tests.exchange import FakeExchange
 
 pytestmark = pytest.mark.anyio
 
@@ -336,6 +337,32 @@ async def test_source_attribution(daemon: Daemon) -> None:
 
 
 # --- commands ----------------------------------------------------------------------------
+
+
+async def test_a_test_asked_for_by_a_client_that_left_is_cancelled(daemon: Daemon) -> None:
+    """An exchange test is cut when its bus connection ends: nobody waits for its answer,
+    and a client that asks for many and leaves must not queue them ahead of everyone."""
+    fake = FakeExchange(slow_s=1.0)
+    try:
+        async with bus(daemon) as b:
+            for cid, mode in (("slow", "slow"), ("quick", "ok")):
+                cs = json.dumps({"base_url": fake.base(mode)})
+                await b.ok(
+                    "connections.create", connection=connection(id=cid, connection_settings=cs)
+                )
+        async with bus(daemon) as b:
+            await b.send("connections.test", connection_id="slow")
+            await wait_until_async(lambda: fake.in_flight == 1, 5, what="the slow test under way")
+        wait_until(lambda: fake.in_flight == 0, what="the exchange answered the slow test")
+        async with bus(daemon) as b:
+            # Had the slow test gone on, its answer (sent first) was recorded first.
+            assert (await b.ok("connections.test", connection_id="quick"))["success"] is True
+            tested = [
+                e["connection_id"] for e in await b.ok("sync_log.get") if e["action"] == "test"
+            ]
+        assert tested == ["quick"], tested
+    finally:
+        fake.close()
 
 
 async def test_connection_commands(daemon: Daemon) -> None:

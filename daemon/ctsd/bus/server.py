@@ -123,6 +123,11 @@ class Bus:
         finally:
             self.connected.discard(session)
             self.sessions.discard(session)
+            # Exchange tests nobody waits for any more: never left queued behind the prober's
+            # limit (a client that asks for hundreds and leaves, again and again, would hold
+            # up every periodic test). A change is never cut: it answers from the store.
+            for probe in session.probes:
+                probe.cancel()
             self.hub.unsubscribe(session.outbox)
             session.outbox.stop()
             self.frames_sent_closed += session.outbox.sent
