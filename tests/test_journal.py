@@ -11,6 +11,7 @@ any checkpoint, and is in the data files by the time the restarted daemon says R
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from ctsd import files, journal, ops
+from ctsd import atomic, files, journal, ops
 from ctsd.core import Change, Committed, Context, Request, apply_group
 from ctsd.journal import Journal, JournalError, scan_journal
 from tests.daemon import Daemon, wait_until
@@ -614,6 +615,42 @@ def test_a_rewrite_and_a_failed_append_leave_no_room_counted_that_is_not_there(
         j.append(chs[2])
     assert j.capacity == j.end == (tmp_path / journal.NAME).stat().st_size
     j.close()
+
+
+def test_a_rewrite_the_disk_cuts_short_keeps_the_whole_old_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk filling up takes only part of a rewrite (a short write, then ENOSPC): the
+    rewrite fails and the old journal stays, every record in it; never a shorter journal
+    that drops acknowledged changes as a torn tail at the next start."""
+    chs = changes(4)
+    j = open_with(tmp_path, chs[:3])
+    before = (tmp_path / journal.NAME).read_bytes()
+    real = atomic.os.writev
+    calls = 0
+
+    def filling(fd: int, buffers: list[Any]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # part of it, as the kernel does when the space runs out midway
+            return real(fd, [bytes(buffers[0])[: len(buffers[0]) // 2]])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short(fd: int, data: Any) -> int:  # (the same for a plain write)
+        return filling(fd, [data])
+
+    monkeypatch.setattr(atomic.os, "writev", filling)
+    monkeypatch.setattr(atomic.os, "write", short)
+    with pytest.raises(OSError):
+        j.compact(1, base_revision=0, carry=chs[3])  # a carry: rewritten into a new file
+    monkeypatch.undo()
+    assert calls == 2
+    assert (tmp_path / journal.NAME).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name != journal.NAME]  # no temp left
+    j.close()
+    again = Journal(tmp_path)
+    assert enc(again.open(0).changes) == enc(chs[:3])
+    again.close()
 
 
 def test_verify_reports_no_torn_tail_for_the_room(tmp_path: Path) -> None:

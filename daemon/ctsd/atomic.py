@@ -255,6 +255,12 @@ def _write_all(fd: int, chunks: Sequence[Chunk] | Body, paced: bool) -> None:
                 flushed = written
 
 
+def write_all(fd: int, data: Chunk) -> None:
+    """All of `data`: a write cut short (a disk filling up) goes on with the rest, and one
+    that can take no more raises (ENOSPC), never a file silently shorter."""
+    _write_at_once(fd, [data])
+
+
 def _write_at_once(fd: int, chunks: Sequence[Chunk]) -> None:
     """Every chunk in as few writes as the kernel takes (a writev of up to IOV_MAX chunks).
     A thread gives the GIL away at each write, and winning it back from a busy event loop

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import msgspec
 
-from ctsd.atomic import create_temp, fsync_dir
+from ctsd.atomic import create_temp, fsync_dir, write_all
 from ctsd.core import Change
 from ctsd.models import SyncEvent
 from ctsd.safefile import NotRegular, open_regular, read_fd
@@ -591,7 +591,7 @@ class Journal:
         """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""
         tmp, fd = create_temp(self.path, readable=True)
         try:
-            os.write(fd, data)
+            write_all(fd, data)  # (a short write would have cut acknowledged records)
             os.fsync(fd)
             os.replace(tmp, self.path)
         except BaseException:

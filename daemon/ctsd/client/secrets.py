@@ -19,6 +19,7 @@ import click
 import msgspec
 
 from ctsd import files, safefile
+from ctsd.atomic import write_all
 from ctsd.client.bus import run_call
 from ctsd.client.errors import EXIT_REFUSED, fail
 from ctsd.client.render import echo_json, safe
@@ -67,7 +68,7 @@ def write_key_file(path: Path) -> Key:
     text = new_key_text()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text)
+        write_all(fd, text)
         os.fsync(fd)
     finally:
         os.close(fd)
