@@ -4,6 +4,7 @@ door that subscribers see; secrets stay encrypted throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -17,11 +18,12 @@ import anyio
 import msgspec
 import pytest
 
-from ctsd import backup
+from ctsd import backup, files, livebackup, ops
 from ctsd.livebackup import MAX_WAITING, RESTORE_PREFIX, SUFFIX, TAKEN_WITHIN_S
+from ctsd.store import Store
 from tests.bus import bus
 from tests.cli_helpers import CANARY, cli
-from tests.daemon import Daemon
+from tests.daemon import Daemon, wait_until_async
 from tests.datadir import small_tmpfs
 from tests.secrets_helpers import keyed, make_key, plaintexts, stored_under, write_plain_data
 
@@ -122,6 +124,41 @@ async def test_backup_under_load_is_one_revision(data_dir: Path, tmp_path: Path)
             assert CANARY.encode() not in member
         assert CANARY.encode() not in raw
     assert revisions == sorted(revisions) and revisions[-1] > revisions[0]
+
+
+async def test_a_backup_waits_until_the_files_hold_one_revision(tmp_path: Path) -> None:
+    """A round writes memory as it is when it writes: a change that came while it waited for
+    its locks is in the files it picked (the sync log) and not yet in the others it touched
+    (connections, state). A backup released by that round must not read the files then."""
+    store = Store(tmp_path / "data")
+    store.open()
+    await store.start()
+    try:
+        c1 = {"id": "c1", "name": "one", "exchange": "bybit"}
+        await store.submit(ops.create(c1), "bus", sync="files")
+        lock = store.file_lock(files.document_file("ui-config"))
+        await lock.acquire()
+        try:
+            await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus")
+            await wait_until_async(
+                lambda: bool(getattr(lock, "_waiters", None)), 5, what="the round at the lock"
+            )
+            backup = asyncio.create_task(livebackup.snapshot_files(store))
+            await store.submit(ops.update("c1", {"name": "two"}), "bus")
+            # As after a slow fdatasync: the journal's jobs go to its thread for a while, so
+            # the round's cut after its write lets other tasks run (the backup, here).
+            store._disk_slow_until = time.monotonic() + 60
+        finally:
+            lock.release()
+        contents = await asyncio.wait_for(backup, 10)
+    finally:
+        await store.close()
+    log = json.loads(contents["connection-sync-log.json"])
+    (conn,) = json.loads(contents["connections.json"])
+    actions = [e["action"] for e in log]
+    assert actions[:2] == ["create", "document_update"], actions
+    # one revision: the update's event and its record both, or neither
+    assert (conn["name"] == "two") == ("update" in actions), (conn, actions)
 
 
 async def test_restore_through_the_door(data_dir: Path, tmp_path: Path) -> None:

@@ -273,6 +273,16 @@ class Checkpointer:
                 keep.append(w)
         self.waiters = keep
 
+    def consistent(self) -> bool:
+        """Do the files hold one revision? A round renders memory as it is when it writes,
+        so a change that came while it waited for its locks is in the files it writes (its
+        sync-log event, say) but not yet in another file it touched that the round had not
+        picked (a state record): until that file's round, the files disagree. (Files invalid
+        on disk aside.)"""
+        top = max(self.written.values(), default=0)
+        invalid = self.invalid()
+        return all(first > top for f, (first, _) in self.dirty.items() if f not in invalid)
+
     async def flush(self) -> None:
         """Until every change in memory is in the files (but those of files invalid on disk)."""
         waiting = {f for f in self.dirty if f not in self.invalid()}

@@ -65,6 +65,9 @@ def tidy(
                     p.unlink()
 
 
+SNAPSHOT_ATTEMPTS = 20  # flushes a backup waits through for the files to hold one revision
+
+
 async def snapshot_files(store: Store) -> dict[str, bytes]:
     """Every data file's bytes at one revision (between two commits)."""
     if store.problems:
@@ -75,17 +78,26 @@ async def snapshot_files(store: Store) -> dict[str, bytes]:
             "not hold what the daemon holds: fix the file first",
             extra={"file": bad[0]},
         )
-    await store.checkpointer.flush()
-    names = data_file_names(store.data_dir)
-    async with _Locks(store.file_lock, names):
-        try:
-            return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
-        except files.Invalid as e:  # (made a link or a FIFO since the last look)
-            raise CtsdError(
-                "file_invalid",
-                f"{e.problem.format()}: a backup would not hold what the daemon holds",
-                extra={"file": e.problem.file},
-            ) from None
+    for _ in range(SNAPSHOT_ATTEMPTS):
+        await store.checkpointer.flush()
+        names = data_file_names(store.data_dir)
+        async with _Locks(store.file_lock, names):
+            # (no round writes while the locks are held: what is consistent now stays so)
+            if not store.checkpointer.consistent():
+                continue  # a change came as the last round waited: its next round first
+            try:
+                return await anyio.to_thread.run_sync(read_data_files, store.data_dir, names)
+            except files.Invalid as e:  # (made a link or a FIFO since the last look)
+                raise CtsdError(
+                    "file_invalid",
+                    f"{e.problem.format()}: a backup would not hold what the daemon holds",
+                    extra={"file": e.problem.file},
+                ) from None
+    raise CtsdError(
+        "io_error",
+        f"the data files were between two revisions at each of {SNAPSHOT_ATTEMPTS} looks "
+        "(changes keep coming as they are written); retry",
+    )
 
 
 def waiting_backups(data_dir: Path) -> int:
