@@ -538,6 +538,29 @@ def check_restore_crash(root: Path, old: dict, new: dict) -> str:
     return outcome
 
 
+def test_a_restore_killed_between_its_two_renames_keeps_the_daemon_from_an_empty_start(
+    tmp_path: Path,
+) -> None:
+    """On a filesystem without an atomic swap a restore renames the data dir away, then the
+    new one in: killed between the two, the data dir path is missing. A start then must not
+    make an empty data dir and serve it; the restore run again puts things right."""
+    data = tmp_path / "data"
+    old = full_dir(data, None)
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out)).returncode == 0
+    # The state such a kill leaves: the old dir under its kept name, the new one unfinished.
+    os.rename(data, tmp_path / "data.before-restore-20261206T000000Z")
+    staging = tmp_path / "data.restoring-20261206T000000Z"
+    shutil.copytree(tmp_path / "data.before-restore-20261206T000000Z", staging)
+    (staging / backup.STAGING_MARK).write_bytes(b"")
+    r = run("serve", "--data-dir", str(data), "--port", "1")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "is missing and an interrupted restore left data.restoring-" in r.stderr
+    assert not data.exists()
+    assert run("restore", str(out), "--data-dir", str(data)).returncode == 0
+    assert plaintexts(data) == old
+
+
 def fresh(work: Path, base: Path) -> None:
     if work.exists():
         shutil.rmtree(work)

@@ -30,6 +30,7 @@ import structlog
 
 from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
+from ctsd.backup import interrupted_swap
 from ctsd.bases import Bases, CopyUnusable
 from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
 from ctsd.config import is_loopback, resolve_listen
@@ -86,6 +87,8 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     try:
         if data_dir.exists() and not data_dir.is_dir():
             raise StartError(f"data dir {data_dir} is not a directory")
+        if (why := interrupted_swap(data_dir)) is not None:
+            raise StartError(why)
         ensure_dir(data_dir)
         if not os.access(data_dir, os.W_OK | os.X_OK):
             raise StartError(f"data dir {data_dir} is not writable")

@@ -536,6 +536,25 @@ def _free_name(parent: Path, base: str) -> Path:
     return path
 
 
+def interrupted_swap(real: Path) -> str | None:
+    """Why `real` (the data dir) must not be made anew: it is missing and an interrupted
+    restore left its dirs beside it (on a filesystem without an atomic swap, a kill between
+    the two renames leaves the data dir path missing); a start would serve an empty one."""
+    if os.path.lexists(real):
+        return None
+    try:
+        left = [p.name for p in _siblings(real, "restoring") if p.is_dir()]
+    except OSError:  # (no parent dir to list: nothing was left there)
+        return None
+    if not left:
+        return None
+    return (
+        f"data dir {real} is missing and an interrupted restore left {', '.join(left)} beside "
+        "it: run the restore again (it tidies up), or move the data you want back to "
+        f"{real} yourself"
+    )
+
+
 def tidy_interrupted_restore(real: Path) -> list[str]:
     """After a restore was killed: a dir still being built is removed; a swapped-out old dir
     gets its `before-restore` name; the mark left in a swapped-in dir goes. Call with the
