@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ctsd.atomic import fsync_dir
 from ctsd.client.bus import run_call
 from ctsd.client.errors import fail
 from ctsd.client.options import CMD, bus_options, json_option
@@ -50,6 +51,7 @@ def write_private(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(directory)  # the rename too survives a power cut (an export is a backup)
 
 
 def register(main: click.Group) -> None:
