@@ -35,10 +35,10 @@ class LimitedDaemon(Daemon):
 async def test_a_flood_of_idle_sockets_never_breaks_a_write(
     data_dir: Path, cap: int | None
 ) -> None:
-    # 1,100 idle sockets against a daemon allowed 512 descriptors: beyond the cap each is
-    # answered 503 and closed at once, so the daemon's own files always have descriptors.
-    # The default cap (1,024) is more than the limit leaves room for: the daemon's own share
-    # of descriptors is kept all the same.
+    # 1,100 idle sockets against a daemon allowed 512 descriptors: at the cap each new one
+    # closes the oldest that never showed the token (told why: a 503), so the daemon's own
+    # files always have descriptors. The default cap (1,024) is more than the limit leaves
+    # room for: the daemon's own share of descriptors is kept all the same.
     if cap is not None:
         write_settings(data_dir, {"server": {"max_connections": cap}})
     d = LimitedDaemon(data_dir).start()
@@ -53,15 +53,18 @@ async def test_a_flood_of_idle_sockets_never_breaks_a_write(
             for i in range(20):  # ... keeps making durable changes throughout
                 c = await b.ok("connections.create", connection=connection(name=f"n{i}"))
                 assert c["id"]
-        refused = 0
-        for s in socks[450:500]:  # ... and the late ones were told why
+        told = 0
+        for s in socks[:50]:  # ... and the first ones made room, and were told why
             s.settimeout(5)
             try:
                 if s.recv(200).startswith(b"HTTP/1.1 503"):
-                    refused += 1
+                    told += 1
             except OSError:
                 pass
-        assert refused == 50
+        assert told == 50
+        socks[-1].setblocking(False)  # the newest is still open, waiting for its request
+        with pytest.raises(BlockingIOError):
+            socks[-1].recv(200)
         for s in socks:
             s.close()
         socks.clear()
@@ -74,6 +77,52 @@ async def test_a_flood_of_idle_sockets_never_breaks_a_write(
     finally:
         for s in socks:
             s.close()
+        d.close()
+
+
+async def test_sockets_without_the_token_never_keep_a_client_with_it_out(data_dir: Path) -> None:
+    """Every slot under the cap held by connections that never showed the token (idle
+    sockets, a bus connection that never authenticates, kept-alive /health clients): a client
+    with the token still gets in, each time, as the oldest of them makes room. Only once every
+    slot has shown the token is a new connection refused."""
+    write_settings(data_dir, {"server": {"max_connections": 10, "max_unauthenticated": 50}})
+    d = Daemon(data_dir).start()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    idle: list[socket.socket] = []
+    clients: list[httpx.Client] = []
+    try:
+        async with bus(d) as b:  # authenticated: holds its slot throughout
+            idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(5)]
+            waiting = [await connect(d.ws_url) for _ in range(2)]
+            for ws in waiting:
+                assert json.loads(await ws.recv())["type"] == "auth_required"
+            monitors = [httpx.Client(base_url=d.url, timeout=5) for _ in range(2)]
+            for m in monitors:
+                assert m.get("/health").status_code == 200  # kept alive, no token
+            # 10 open: the cap. Nine clients with the token come, and stay.
+            for _ in range(9):
+                clients.append(httpx.Client(base_url=d.url, headers=auth, timeout=5))
+                assert clients[-1].get("/api/settings/connections").status_code == 200
+            for s in idle:  # oldest first: the idle sockets were told why...
+                assert s.recv(200).startswith(b"HTTP/1.1 503")
+            for ws in waiting:  # ... the bus connections to try again later...
+                assert (await close_code(ws))[0] == 1013
+            # ... and the monitors' idle keep-alive connections closed, as a timeout would.
+            # Every slot has shown the token now: a new connection is refused.
+            r = monitors[0].get("/health")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "io_error"
+            for c in clients:  # nobody with the token lost a connection
+                assert c.get("/api/settings/connections").status_code == 200
+            assert (await b.ok("ping"))["pong"] is True
+            stats = (await b.ok("status"))["bus"]
+            assert stats["connections_evicted"] == 9, stats
+            for m in monitors:
+                m.close()
+    finally:
+        for s in idle:
+            s.close()
+        for c in clients:
+            c.close()
         d.close()
 
 

@@ -34,6 +34,11 @@ CLOSE_TIMEOUT_S = 3.0
 WIRE = "ctsd.wire"
 
 
+# The ASGI scope extension (HTTP and websocket) to call once a request or bus session showed
+# a right token: from then on its connection is never closed to make room at the cap.
+TRUST = "ctsd.trust"
+
+
 class Wire(Protocol):
     """What the bus needs of one websocket connection beyond ASGI (`ctsd.web.protocols` makes
     it): ASGI cannot write a frame framed once for many clients, tell whether a client keeps

@@ -16,7 +16,7 @@ import structlog
 
 from ctsd.bus import protocol
 from ctsd.bus.fanout import Hub
-from ctsd.bus.outbox import WIRE, Outbox
+from ctsd.bus.outbox import TRUST, WIRE, Outbox
 from ctsd.bus.ratelimit import Limiter
 from ctsd.bus.session import CLOSE_GOING_AWAY, Closed, Session
 from ctsd.errors import CtsdError
@@ -113,6 +113,7 @@ class Bus:
                 self.waiting.pop(session, None)
             if not ok:
                 return
+            scope["extensions"][TRUST]()
             if not self.accepting:  # authenticated after the stop began: closed like the rest
                 await session.outbox.close(CLOSE_GOING_AWAY, "daemon stopping")
                 return

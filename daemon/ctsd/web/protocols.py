@@ -3,8 +3,12 @@
 uvicorn takes protocol classes as configuration (`Config(http=..., ws=...)`); these subclass
 its httptools and websockets-sansio protocols:
 
-- HTTP: a cap on open connections (beyond it a connection gets a 503 and is closed at once,
-  before it can hold a descriptor), a deadline for a request's headers and one for its body
+- Both: a cap on open connections. At the cap the oldest connection that has not shown a
+  right token (an HTTP request that passed the token check, a bus session that
+  authenticated) is closed to make room, so idle or unauthenticated sockets never keep a
+  client with the token out; only when every open connection has shown one is the newest
+  answered 503 and closed at once, before it can hold a descriptor.
+- HTTP: a deadline for a request's headers and one for its body
   (uvicorn arms no timer until a first response, nor while a body trickles in, so an idle
   or trickling socket would be held forever, and enough of them would lock every new
   client out), bounds
@@ -28,7 +32,7 @@ import json
 import struct
 import termios
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -38,7 +42,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ctsd.bus.outbox import WIRE
+from ctsd.bus.outbox import TRUST, WIRE
+from ctsd.bus.session import CLOSE_TRY_AGAIN
 
 log = structlog.get_logger("ctsd.web")
 
@@ -70,6 +75,9 @@ class ConnectionLimits:
     max_header_bytes: int = 64 * 1024
     write_stall_s: float = 30.0  # a buffer over its high-water mark not drained for this long
     refused: int = 0  # connections refused by the cap (metrics)
+    evicted: int = 0  # connections closed to make room for a newer one (metrics)
+    # Connections that have not shown a right token, oldest first: who makes room at the cap.
+    unproven: dict[Any, None] = field(default_factory=dict)
     revision: Callable[[], int] = lambda: 0  # the X-Revision every answer carries
 
 
@@ -291,19 +299,61 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
                 self._stall = None
             super().connection_lost(exc)  # type: ignore[misc]
 
-    class GuardedHttp(WriteStall, HttpToolsProtocol):
+    class Admitted:
+        """Its place under the connection cap (a mixin of both protocols, before their base)."""
+
+        def admit(self) -> None:
+            limits.unproven[self] = None
+
+        def trust(self) -> None:
+            limits.unproven.pop(self, None)
+
+        def make_room(self) -> bool:
+            """At the cap: close the oldest connection that has not shown a right token.
+            False when every open one has."""
+            for victim in limits.unproven:  # oldest first
+                del limits.unproven[victim]
+                limits.evicted += 1
+                victim.evict()
+                return True
+            return False
+
+        def evict(self) -> None:
+            raise NotImplementedError
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.trust()
+            super().connection_lost(exc)  # type: ignore[misc]
+
+    class GuardedHttp(Admitted, WriteStall, HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _refusal: str | None = None  # why the parser stopped, when a bound stopped it
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections():
+            if len(self.connections) > limits.max_connections() and not self.make_room():
                 limits.refused += 1
                 transport.write(_BUSY % (limits.revision(), len(_BUSY_BODY), _BUSY_BODY))
                 transport.close()
                 return
+            self.admit()
             self._arm()
+
+        def evict(self) -> None:
+            """Made room for a newer connection: a request under way is answered first (then
+            the connection closes); one that never had an answer is told why; an idle
+            kept-alive one just closes, as a keep-alive timeout would close it."""
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+                return
+            if self.transport.is_closing():
+                return
+            if cycle is None:
+                self.transport.write(_BUSY % (limits.revision(), len(_BUSY_BODY), _BUSY_BODY))
+            self.transport.close()
+            self.watch_writes()
 
         def _arm(self, timeout_s: float | None = None) -> None:
             self._disarm()
@@ -328,6 +378,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope["extensions"] = {TRUST: self.trust}
             self._header_bytes = 0
             if self._deadline is None:
                 self._arm()  # a next request on a kept-alive connection gets its own deadline
@@ -358,6 +409,10 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._disarm()
             super().on_message_complete()
 
+        def handle_websocket_upgrade(self) -> None:
+            self.trust()  # the websocket protocol takes its place
+            super().handle_websocket_upgrade()
+
         def send_400_response(self, msg: str) -> None:
             """A request the parser refused (uvicorn answers it in plain text): the error
             every route documents, then the connection closes."""
@@ -374,7 +429,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._disarm()
             super().connection_lost(exc)
 
-    class WiredWebSocket(WriteStall, WebSocketsSansIOProtocol):
+    class WiredWebSocket(Admitted, WriteStall, WebSocketsSansIOProtocol):
         wire: SocketWire | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -410,12 +465,25 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def connection_made(self, transport: Any) -> None:
             backlog = self.queue.qsize  # frames read that the app has not taken yet
             super().connection_made(CoalescingTransport(transport, self.loop, backlog))
+            self.admit()  # until its bus session authenticates
+
+        def evict(self) -> None:
+            """Made room for a newer connection: told to connect again (1013), then closed."""
+            if self.close_sent or self.transport.is_closing():
+                return
+            if self.conn.state is State.OPEN:
+                self.conn.send_close(CLOSE_TRY_AGAIN, "too many connections; connect again shortly")
+                self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+            self.watch_writes()
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)
             if scope is not None:  # None when the handshake itself was refused
                 self.wire = scope["extensions"][WIRE] = SocketWire(self)
+                scope["extensions"][TRUST] = self.trust
 
         def send_receive_event_to_app(self) -> None:
             # A frame the bus can take at once skips the ASGI queue and the task switch

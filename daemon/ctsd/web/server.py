@@ -27,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ctsd.bus.outbox import TRUST
 from ctsd.bus.ratelimit import Limiter, http_limited
 from ctsd.bus.server import BUS_PATH, HARD_MAX_FRAME_BYTES, Bus
 from ctsd.config import is_loopback
@@ -171,6 +172,7 @@ class Web:
         out = self.bus.stats()
         out["http_requests"] = self.requests
         out["connections_refused"] = self.limits.refused
+        out["connections_evicted"] = self.limits.evicted
         return out
 
     # --- ASGI -------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class Web:
             if not preflight:
                 if path != "/health":
                     self.guard.require_token(scope.get("client"), headers, server)
+                    scope["extensions"][TRUST]()
                 limited = http_limited(scope["method"], path)
                 if limited and not self.limiter.allow(rate_key(scope.get("client"))):
                     raise CtsdError("rate_limited", "too many requests; slow down and retry")
