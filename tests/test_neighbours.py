@@ -14,6 +14,7 @@ import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 from tests.bus import bus, close_code
 from tests.daemon import TOKEN, Daemon, wait_until
@@ -158,6 +159,55 @@ async def test_unauthenticated_bus_connections_are_capped(data_dir: Path) -> Non
         evicted = [e for e in d.log_events() if e.get("event") == "bus_waiting_evicted"]
         assert len(evicted) == 1 and evicted[0]["cap"] == 5, evicted  # at most one a minute
     finally:
+        d.close()
+
+
+def _rx_queue(port: int, peer_port: int) -> int | None:
+    """Bytes in the receive queue of the daemon's end of a loopback connection."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == peer_port:
+            return int(f[4].split(":")[1], 16)
+    return None
+
+
+def _rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def test_a_ping_flood_from_a_peer_that_reads_nothing_holds_no_memory(data_dir: Path) -> None:
+    """200,000 pings (26 MB) on a bus connection that never authenticates and never reads:
+    every one answered, the pongs piled up in the daemon until the write stall dropped the
+    connection. Now they go unanswered once the peer's buffer is full."""
+    d = Daemon(data_dir).start()
+    s = socket.socket()
+    try:
+        assert d.proc is not None
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", d.port))
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        before = _rss_bytes(d.proc.pid)
+        pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 5000
+        for _ in range(40):
+            s.sendall(pings)
+        # every ping read by the daemon (nothing left in its receive queue)
+        peer = s.getsockname()[1]
+        wait_until(lambda: _rx_queue(d.port, peer) == 0, 10)
+        grown = _rss_bytes(d.proc.pid) - before
+        assert grown < 8 * 1024 * 1024, f"the daemon grew by {grown / 2**20:.1f} MiB"
+        assert httpx.get(d.url + "/health").status_code == 200
+    finally:
+        s.close()
         d.close()
 
 

@@ -57,6 +57,7 @@ _BAD = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"cache-control: no-store\r\nx-revision: %d\r\n"
 )
+_PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
 _MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
 
 
@@ -456,6 +457,19 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
                 status = int(queued[9:12])
             self.transport.write(_refusal_bytes(status, limits.revision()))
             self.transport.close()
+
+        def handle_ping(self) -> None:
+            """A ping is answered only while the peer reads what it is sent: a client flooding
+            pings and reading nothing grew the buffer of pongs without bound until the write
+            stall dropped it. RFC 6455 (5.5.3) lets a pong answer only the latest ping; these
+            go unanswered while the buffer is over its high-water mark. What else the
+            protocol queued (the echo of a close read in the same chunk) still goes out."""
+            if self.writable.is_set():
+                super().handle_ping()
+                return
+            rest = [chunk for chunk in self.conn.data_to_send() if chunk[:1] != _PONG]
+            if rest:
+                self.transport.write(b"".join(rest))
 
         def keepalive_timeout(self) -> None:
             super().keepalive_timeout()
