@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import gzip
 import hashlib
@@ -24,6 +25,7 @@ from ctsd.rekey import rekey_offline
 from ctsd.secretbox import Key
 from tests.cli_helpers import CANARY, CTSD, clean_env, ctsd, through_fifo
 from tests.crash_driver import kill_at_every_step, kill_at_random
+from tests.datadir import connection, write_connections
 from tests.secrets_helpers import make_key, plaintexts, snapshot, stored_under, write_plain_data
 
 SYNC_LOG = [
@@ -122,6 +124,33 @@ def test_backup_without_a_key_and_to_stdout(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
         manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
     assert CANARY.encode() not in manifest and json.loads(manifest)["key_ids"] == []
+
+
+def test_a_backup_killed_while_its_reader_stalls_leaves_no_temp_file(tmp_path: Path) -> None:
+    """The archive for a pipe was built in a temp dir under $TMPDIR and copied: killed
+    mid-copy (its reader stalled, an operator's kill -9), the temp dir and the archive of the
+    secrets in it stayed. Built in memory now."""
+    data = tmp_path / "data"
+    write_connections(
+        data,  # incompressible names: an archive far larger than a pipe holds
+        [connection(f"c{i}", name=base64.b64encode(os.urandom(90)).decode()) for i in range(1500)],
+    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen(
+        [str(CTSD), "backup", "--data-dir", str(data), "-o", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=clean_env(TMPDIR=str(tmp)),
+    )  # fmt: skip
+    try:
+        assert p.stdout is not None
+        assert p.stdout.read(1)  # the copy has begun; the pipe is full again at once
+        assert p.poll() is None
+        p.kill()
+        p.wait(10)
+    finally:
+        p.kill()
+        p.wait()
+    assert list(tmp.iterdir()) == []
 
 
 def test_backup_to_a_pipe_writes_through_it(tmp_path: Path) -> None:

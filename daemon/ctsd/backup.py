@@ -152,16 +152,12 @@ def write_archive(contents: dict[str, bytes], manifest: Manifest, out: BinaryIO)
             add(tar, DATA_PREFIX + path, contents[path])
 
 
-def build_archive(
-    contents: dict[str, bytes],
-    revision: int,
-    out_path: Path,
-    *,
-    created: dt.datetime | None = None,
-) -> Manifest:
-    """Write the archive of `contents` (relative path → bytes, as stored) atomically, mode
-    0600: a temp file beside `out_path`, fsync, rename, fsync the dir. Refuses (ArchiveError)
-    a set of files the daemon would not load, since it could never be restored."""
+def archive_of(
+    contents: dict[str, bytes], revision: int, *, created: dt.datetime | None = None
+) -> tuple[Manifest, bytes]:
+    """The archive of `contents` (relative path → bytes, as stored), in memory (compressed, a
+    tenth of the data dir: small enough to hold). Refuses (ArchiveError) a set of files the
+    daemon would not load, since it could never be restored."""
     problems = check_contents(contents)
     if problems:
         raise ArchiveError(
@@ -169,15 +165,28 @@ def build_archive(
             f"{_problems_text(problems)}"
         )
     manifest = make_manifest(contents, revision, created or dt.datetime.now(dt.UTC))
-    buf = io.BytesIO()  # compressed, a tenth of the data dir: small enough to hold
+    buf = io.BytesIO()
     write_archive(contents, manifest, buf)
-    write_files([(out_path, buf.getbuffer())])
+    return manifest, buf.getvalue()
+
+
+def build_archive(
+    contents: dict[str, bytes],
+    revision: int,
+    out_path: Path,
+    *,
+    created: dt.datetime | None = None,
+) -> Manifest:
+    """Write the archive of `contents` (see `archive_of`) atomically, mode 0600: a temp file
+    beside `out_path`, fsync, rename, fsync the dir."""
+    manifest, body = archive_of(contents, revision, created=created)
+    write_files([(out_path, body)])
     return manifest
 
 
-def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
-    """`ctsd backup` with no daemon running: the lock is held while the files are read, so
-    no daemon starts in between (DaemonRunning if one runs)."""
+def archive_offline(data_dir: Path) -> tuple[Manifest, bytes]:
+    """The archive of the data dir with no daemon running, in memory: the lock is held while
+    the files are read, so no daemon starts in between (DaemonRunning if one runs)."""
     with exclusive(data_dir):
         finish_pending(data_dir)
         try:
@@ -187,7 +196,14 @@ def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
         why = unwritten(data_dir, contents, "a backup")
         if why is not None:  # the files alone would miss acknowledged changes
             raise ArchiveError(why)
-    return build_archive(contents, revision_of(contents), out_path)
+    return archive_of(contents, revision_of(contents))
+
+
+def backup_offline(data_dir: Path, out_path: Path) -> Manifest:
+    """`ctsd backup -o FILE` with no daemon running (see `archive_offline`)."""
+    manifest, body = archive_offline(data_dir)
+    write_files([(out_path, body)])
+    return manifest
 
 
 # --- what comes out ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import secrets
 import shutil
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,14 +74,12 @@ def register(main: click.Group) -> None:
                         fail("refusing to write an archive to a terminal; use -o FILE or a pipe")
                 try:
                     if sink is not None:
-                        # Built in a private temp file first: the sink gets a whole archive or
-                        # nothing. (With a daemon running, DaemonRunning comes before anything
-                        # is built.)
-                        with tempfile.TemporaryDirectory(prefix="ctsd-backup-") as tmp:
-                            tmp_path = Path(tmp) / "backup.tar.gz"
-                            manifest = backup.backup_offline(directory, tmp_path)
-                            with open(tmp_path, "rb") as built:
-                                _copy(built, sink)
+                        # Built whole in memory first: the sink gets a whole archive or
+                        # nothing, and no temp file is left behind by a kill mid-copy. (With
+                        # a daemon running, DaemonRunning comes before anything is built.)
+                        manifest, body = backup.archive_offline(directory)
+                        sink.write(body)
+                        sink.flush()
                     else:
                         manifest = backup.backup_offline(directory, path)
                 except DaemonRunning:
