@@ -63,9 +63,10 @@ async def test_a_flood_of_idle_sockets_never_breaks_a_write(
             except OSError:
                 pass
         assert told == 50
-        socks[-1].setblocking(False)  # the newest is still open, waiting for its request
-        with pytest.raises(BlockingIOError):
-            socks[-1].recv(200)
+        # the newest is still open: its request is answered
+        socks[-1].sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        socks[-1].settimeout(10)
+        assert socks[-1].recv(200).startswith(b"HTTP/1.1 200")
         for s in socks:
             s.close()
         socks.clear()
@@ -87,7 +88,7 @@ async def test_sockets_without_the_token_never_keep_a_client_with_it_out(data_di
     with the token still gets in, each time, as the oldest of them makes room. Only once every
     slot has shown the token is a new connection refused."""
     write_settings(data_dir, {"server": {"max_connections": 10, "max_unauthenticated": 50}})
-    d = Daemon(data_dir).start()
+    d = Daemon(data_dir, env={"CTSD_HEADER_TIMEOUT_S": "120"}).start()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     idle: list[socket.socket] = []
     clients: list[httpx.Client] = []
@@ -101,9 +102,10 @@ async def test_sockets_without_the_token_never_keep_a_client_with_it_out(data_di
             for m in monitors:
                 assert m.get("/health").status_code == 200  # kept alive, no token
             # 10 open: the cap. Nine clients with the token come, and stay.
-            for _ in range(9):
+            for i in range(9):  # (the first a monitor that sends the token to /health)
                 clients.append(httpx.Client(base_url=d.url, headers=auth, timeout=5))
-                assert clients[-1].get("/api/settings/connections").status_code == 200
+                path = "/health" if i == 0 else "/api/settings/connections"
+                assert clients[-1].get(path).status_code == 200
             for s in idle:  # oldest first: the idle sockets were told why...
                 assert s.recv(200).startswith(b"HTTP/1.1 503")
             for ws in waiting:  # ... the bus connections to try again later...
@@ -116,7 +118,8 @@ async def test_sockets_without_the_token_never_keep_a_client_with_it_out(data_di
                 assert c.get("/api/settings/connections").status_code == 200
             assert (await b.ok("ping"))["pong"] is True
             stats = (await b.ok("status"))["bus"]
-            assert stats["connections_evicted"] == 9, stats
+            # 9, unless a monitor's keep-alive ran out first (5 s: a slow runner)
+            assert 7 <= stats["connections_evicted"] <= 9, stats
             for m in monitors:
                 m.close()
     finally:
@@ -124,6 +127,51 @@ async def test_sockets_without_the_token_never_keep_a_client_with_it_out(data_di
             s.close()
         for c in clients:
             c.close()
+        d.close()
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def _ping_flood(d: Daemon, upgrade: bytes = _UPGRADE + b"\r\n") -> tuple[socket.socket, bytes]:
+    """A bus connection that sends 200,000 pings (26 MB) and reads nothing: far more pongs
+    than the kernel's buffers hold. The socket and the last ping's payload."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", d.port))
+    s.sendall(upgrade)
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # (no frame may come before the answer)
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    for k in range(200):  # all read: the daemon never stops reading pings
+        payloads = [f"{k:06d}{i:06d}".encode().ljust(125, b".") for i in range(1000)]
+        s.sendall(b"".join(Frame(Opcode.PING, p).serialize(mask=True) for p in payloads))
+    return s, payloads[-1]
+
+
+def test_a_connection_that_reads_nothing_makes_room_at_once(data_dir: Path) -> None:
+    """The oldest connection without the token, stuck (its answers never read), is
+    dropped the moment a newer one needs its slot: closing it gracefully would hold its
+    descriptor until the write stall (30 s), one over the cap for each such victim."""
+    write_settings(data_dir, {"server": {"max_connections": 2}})
+    d = Daemon(data_dir).start()
+    try:
+        stuck, _ = _ping_flood(d)  # its buffer full (a pong at least), no token
+        peer = stuck.getsockname()[1]
+        with httpx.Client(base_url=d.url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            assert c.get("/api/settings/connections").status_code == 200
+            assert c.get("/health").status_code == 200  # 2 open: the cap
+            with httpx.Client(base_url=d.url) as other:
+                assert other.get("/health").status_code == 200  # it took the stuck one's
+            # the daemon closed its end (the kernel may still try to send what it holds)
+            wait_until(lambda: (_daemon_end(d.port, peer) or (0,))[0] != ESTABLISHED, 5)
+        stuck.close()
+    finally:
         d.close()
 
 
@@ -162,13 +210,17 @@ async def test_unauthenticated_bus_connections_are_capped(data_dir: Path) -> Non
         d.close()
 
 
-def _rx_queue(port: int, peer_port: int) -> int | None:
-    """Bytes in the receive queue of the daemon's end of a loopback connection."""
+def _daemon_end(port: int, peer_port: int) -> tuple[int, int] | None:
+    """(TCP state, bytes in the receive queue) of the daemon's end of a loopback connection;
+    None once it is gone."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
         if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == peer_port:
-            return int(f[4].split(":")[1], 16)
+            return int(f[3], 16), int(f[4].split(":")[1], 16)
     return None
+
+
+ESTABLISHED = 1  # (in /proc/net/tcp)
 
 
 def _rss_bytes(pid: int) -> int:
@@ -184,30 +236,44 @@ def test_a_ping_flood_from_a_peer_that_reads_nothing_holds_no_memory(data_dir: P
     s = socket.socket()
     try:
         assert d.proc is not None
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.settimeout(10)
-        s.connect(("127.0.0.1", d.port))
-        s.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)
-        assert head.startswith(b"HTTP/1.1 101"), head
         before = _rss_bytes(d.proc.pid)
-        pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 5000
-        for _ in range(40):
-            s.sendall(pings)
+        s, _ = _ping_flood(d)
         # every ping read by the daemon (nothing left in its receive queue)
         peer = s.getsockname()[1]
-        wait_until(lambda: _rx_queue(d.port, peer) == 0, 10)
+        wait_until(lambda: (_daemon_end(d.port, peer) or (0, 1))[1] == 0, 10)
         grown = _rss_bytes(d.proc.pid) - before
         assert grown < 8 * 1024 * 1024, f"the daemon grew by {grown / 2**20:.1f} MiB"
         assert httpx.get(d.url + "/health").status_code == 200
     finally:
         s.close()
+        d.close()
+
+
+def test_the_latest_ping_is_answered_once_the_peer_reads_again(data_dir: Path) -> None:
+    """Pings read while the peer's buffer is full go unanswered, but for the latest, which is
+    answered once the peer has read its buffer down (RFC 6455: a pong may answer only the
+    latest ping, but that one must be answered)."""
+    d = Daemon(data_dir).start()
+    try:
+        auth = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+        s, last = _ping_flood(d, _UPGRADE + auth)  # authenticated: no auth timeout
+        s.settimeout(10)
+        stream = s.makefile("rb")
+        pongs = 0
+        while True:  # reads everything; the latest ping's pong comes last
+            b0, b1 = stream.read(2)
+            size = b1 & 0x7F
+            if size == 126:
+                size = int.from_bytes(stream.read(2), "big")
+            elif size == 127:
+                size = int.from_bytes(stream.read(8), "big")
+            payload = stream.read(size)
+            if b0 & 0x0F == 0xA:
+                pongs += 1
+                if payload == last:
+                    break
+        assert pongs < 100_000  # the flood was not answered ping for ping
+    finally:
         d.close()
 
 

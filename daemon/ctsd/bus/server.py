@@ -97,6 +97,9 @@ class Bus:
             await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e, self.svc.store.revision)
             return
         wire = scope["extensions"][WIRE]
+        trust = scope["extensions"][TRUST]
+        if header or exempt:
+            trust()  # not closed to make room while its accept and auth_ok go out
         await send({"type": "websocket.accept"})
 
         async def close(code: int, reason: str) -> None:
@@ -108,12 +111,11 @@ class Bus:
             self._wait(session, server.max_unauthenticated)
         try:
             try:
-                ok = await session.authenticate(True if exempt else header)
+                ok = await session.authenticate(True if exempt else header, trust)
             finally:
                 self.waiting.pop(session, None)
             if not ok:
                 return
-            scope["extensions"][TRUST]()
             if not self.accepting:  # authenticated after the stop began: closed like the rest
                 await session.outbox.close(CLOSE_GOING_AWAY, "daemon stopping")
                 return

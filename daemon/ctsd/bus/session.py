@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -126,8 +126,9 @@ class Session:
         self._evicted = True
         self.outbox.close_soon(CLOSE_TRY_AGAIN, "too many connections waiting to authenticate")
 
-    async def authenticate(self, header: bool | None) -> bool:
-        """`header`: the Authorization header's verdict (None when there was none)."""
+    async def authenticate(self, header: bool | None, trusted: Callable[[], None]) -> bool:
+        """`header`: the Authorization header's verdict (None when there was none);
+        `trusted` is called once a right token is shown."""
         if header is not None:
             if header:
                 await self.reply(
@@ -164,6 +165,7 @@ class Session:
             await self._refuse("invalid token")
             return False
         self.authenticated = True  # (never evicted while its auth_ok goes out)
+        trusted()
         await self.reply(p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision))
         return True
 

@@ -310,7 +310,8 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             limits.unproven.pop(self, None)
 
         def make_room(self) -> bool:
-            """At the cap: close the oldest connection that has not shown a right token.
+            """At the cap: close the oldest connection that has not shown a right token, at
+            once (it leaves `connections` within the loop's turn: the count stays at the cap).
             False when every open one has."""
             for victim in limits.unproven:  # oldest first
                 del limits.unproven[victim]
@@ -321,6 +322,14 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
         def evict(self) -> None:
             raise NotImplementedError
+
+        def close_now(self) -> None:
+            """Closed with what was just written if that went out whole, else dropped: a
+            victim must free its slot now, not once a peer that reads nothing drains it."""
+            if self.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+                self.transport.abort()  # type: ignore[attr-defined]
+            else:
+                self.transport.close()  # type: ignore[attr-defined]
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.trust()
@@ -342,19 +351,17 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self._arm()
 
         def evict(self) -> None:
-            """Made room for a newer connection: a request under way is answered first (then
-            the connection closes); one that never had an answer is told why; an idle
-            kept-alive one just closes, as a keep-alive timeout would close it."""
+            """Made room for a newer connection: one that never had an answer is told why
+            (503); an idle kept-alive one just closes, as a keep-alive timeout would close it;
+            one with a request under way, or already on its way out, is dropped."""
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                cycle.keep_alive = False
-                return
-            if self.transport.is_closing():
+            idle = cycle is None or cycle.response_complete
+            if not idle or self.transport.is_closing() or self.transport.get_write_buffer_size():
+                self.transport.abort()
                 return
             if cycle is None:
                 self.transport.write(_BUSY % (limits.revision(), len(_BUSY_BODY), _BUSY_BODY))
-            self.transport.close()
-            self.watch_writes()
+            self.close_now()
 
         def _arm(self, timeout_s: float | None = None) -> None:
             self._disarm()
@@ -432,6 +439,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
 
     class WiredWebSocket(Admitted, WriteStall, WebSocketsSansIOProtocol):
         wire: SocketWire | None = None
+        _owed_pong: bytes | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -462,14 +470,26 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             """A ping is answered only while the peer reads what it is sent: a client flooding
             pings and reading nothing grew the buffer of pongs without bound until the write
             stall dropped it. RFC 6455 (5.5.3) lets a pong answer only the latest ping; these
-            go unanswered while the buffer is over its high-water mark. What else the
-            protocol queued (the echo of a close read in the same chunk) still goes out."""
+            go unanswered while the buffer is over its high-water mark, but for the latest,
+            answered when the peer has read it down. What else the protocol queued (the echo
+            of a close read in the same chunk) still goes out."""
             if self.writable.is_set():
                 super().handle_ping()
                 return
-            rest = [chunk for chunk in self.conn.data_to_send() if chunk[:1] != _PONG]
+            rest = []
+            for chunk in self.conn.data_to_send():
+                if chunk[:1] == _PONG:
+                    self._owed_pong = chunk  # the latest: sent once the peer reads again
+                else:
+                    rest.append(chunk)
             if rest:
                 self.transport.write(b"".join(rest))
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            owed, self._owed_pong = self._owed_pong, None
+            if owed is not None and self.conn.state is State.OPEN and not self.close_sent:
+                self.transport.write(owed)
 
         def keepalive_timeout(self) -> None:
             super().keepalive_timeout()
@@ -482,15 +502,22 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self.admit()  # until its bus session authenticates
 
         def evict(self) -> None:
-            """Made room for a newer connection: told to connect again (1013), then closed."""
-            if self.close_sent or self.transport.is_closing():
+            """Made room for a newer connection: told to connect again (1013), then closed;
+            dropped when it cannot be told (not yet accepted, closing, not reading)."""
+            t = self.transport
+            if (
+                self.conn.state is not State.OPEN
+                or self.close_sent
+                or t.is_closing()
+                or t.get_write_buffer_size()
+            ):
+                t.abort()
                 return
-            if self.conn.state is State.OPEN:
-                self.conn.send_close(CLOSE_TRY_AGAIN, "too many connections; connect again shortly")
-                self.transport.write(b"".join(self.conn.data_to_send()))
+            self.conn.send_close(CLOSE_TRY_AGAIN, "too many connections; connect again shortly")
+            t.write(b"".join(self.conn.data_to_send()))
+            t.flush()  # (not held back for frames read ahead: it goes now or never)
             self.close_sent = True
-            self.transport.close()
-            self.watch_writes()
+            self.close_now()
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
