@@ -479,6 +479,33 @@ def test_bodies_bad_input(daemon: Daemon, api: httpx.Client) -> None:
     assert api.get("/health").json()["status"] == "ok"
 
 
+def test_hostile_numbers_and_nesting_are_clear_errors(daemon: Daemon, api: httpx.Client) -> None:
+    # A body deeper than a message may be, on a route whose body holds no record that checks
+    # it (1,000 levels decoded, then a crash deeper still): refused as the limit says.
+    deep = b"[" * 100 + b"]" * 100
+    err = _error(
+        api.post("/api/connections/x/active", content=b'{"active":' + deep + b"}", headers=JSON),
+        400,
+        "invalid_format",
+    )
+    assert "deeper than 72 levels" in err["message"]
+    # A Content-Length of 5,000 digits: Python reads no such number (was a 503 `internal`).
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        s.sendall(
+            b"POST /api/data/ui-config HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            b"application/json\r\nAuthorization: Bearer " + daemon.token.encode() + b"\r\n"
+            b"Content-Length: " + b"0" * 4998 + b"2\r\n\r\n{}"
+        )
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b'"invalid_format"' in answer
+    # A rate limit the bucket's float arithmetic cannot hold: refused, never stored (stored,
+    # every request after it was a 500 until the file was edited by hand).
+    huge = {"server": {"rate_limit": {"requests": 10**400, "window_s": 1}}}
+    _error(api.post("/api/data/settings", json=huge), 400, "invalid")
+    assert api.get("/api/settings/connections").status_code == 200
+
+
 def test_chunked_body_and_keep_alive(daemon: Daemon, api: httpx.Client) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"name": "chunked", '

@@ -171,7 +171,8 @@ class Algorithm(Section, kw_only=True):
 
 
 class RateLimit(Section, kw_only=True):
-    requests: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # (bounded: the bucket's arithmetic is in floats, which a number of 309 digits overflows)
+    requests: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] = 1000
     window_s: PositiveSeconds = 900.0
 
 

@@ -14,7 +14,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from ctsd.errors import CtsdError
-from ctsd.limits import MAX_MESSAGE_DEPTH
+from ctsd.limits import MAX_MESSAGE_DEPTH, require_depth
 
 MAX_BODY_BYTES = 1024 * 1024
 # An export imports back unchanged: its sync log alone (never imported, but sent) is most of
@@ -36,12 +36,21 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json"
 
 
+def _decoded(raw: bytes) -> Any:
+    """The body decoded, no deeper than a message may be (every route, not only those whose
+    records check it: the limit the error names is the one kept)."""
+    value = _decoder.decode(raw)
+    require_depth(value, MAX_MESSAGE_DEPTH, code="invalid_format")
+    return value
+
+
 async def read_json(request: Request, required: bool, limit: int = MAX_BODY_BYTES) -> Any:
     """The decoded JSON body (at most `limit` bytes), or None when there is none and none is
     required."""
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        # (and of a sane length: Python refuses to read a number of over 4,300 digits)
+        if not length.isdigit() or len(length) > 20:
             raise CtsdError("invalid_format", "Content-Length must be a number")
         if int(length) > limit:
             raise BodyTooLarge(limit)
@@ -71,8 +80,8 @@ async def read_json(request: Request, required: bool, limit: int = MAX_BODY_BYTE
         if len(raw) > MAX_BODY_BYTES:
             # An import of tens of megabytes takes a second to decode: the loop (the bus,
             # the watchdog's pings) goes on meanwhile.
-            return await anyio.to_thread.run_sync(_decoder.decode, raw)
-        return _decoder.decode(raw)
+            return await anyio.to_thread.run_sync(_decoded, raw)
+        return _decoded(raw)
     except msgspec.DecodeError as e:
         raise CtsdError("invalid_format", f"body is not JSON: {e}", path="$") from None
     except RecursionError:
