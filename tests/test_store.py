@@ -29,7 +29,7 @@ from ctsd.models import SyncEvent, TestResult
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.datadir import CANARY, connection, small_tmpfs
-from tests.inprocess import killed_after
+from tests.inprocess import killed_after, loaded_with_copies, then_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -970,6 +970,37 @@ async def test_a_record_deleted_by_hand_while_down_is_not_brought_back_by_the_re
         assert [e.action for e in store.committed.log][-2:] == ["update", "document_update"]
     assert [r["id"] for r in disk(data_dir, CONNECTIONS)] == ["c2"]
     assert not (data_dir / "algorithms" / "a1.json").exists()
+
+
+async def test_a_placeholder_pasted_by_hand_never_replaces_the_secret_after_a_kill(
+    data_dir: Path,
+) -> None:
+    """A masked value pasted into the file is taken in keeping the stored secret, but the
+    file holds the placeholder until the round writes it back. Killed in that window, the
+    start set memory back to the file's copy, kept of the paste as it was: the journal's
+    take-in patched only the fields it changed, and the placeholder was stored as the
+    secret (a review found it)."""
+    secret = CANARY + "-secret"
+    store, _ = loaded_with_copies(data_dir)
+    await store.start()
+    await store.submit(ops.create(conn(1, api_secret=secret)), "bus", sync="files")
+    await store.close()  # (the copies written)
+    async with then_killed(data_dir, copies=True) as store:
+        rows = disk(data_dir, CONNECTIONS)
+        rows[0].update(name="pasted", api_secret="********")
+        (data_dir / CONNECTIONS).write_bytes(msgspec.json.encode(rows))
+        assert await store.intake.ingest(CONNECTIONS)
+        assert store.connections["c1"].api_secret == secret
+    store, edited = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.take_in_edited(edited)
+        assert store.connections["c1"].name == "pasted"
+        assert store.connections["c1"].api_secret == secret
+        await store.checkpointer.flush()
+    finally:
+        await store.close()
+    assert disk(data_dir, CONNECTIONS)[0]["api_secret"] == secret
 
 
 async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(

@@ -360,7 +360,7 @@ class Intake:
             _msg_id, hand_sent, raw_sent, stamp_sent = sent
             if stamp_sent is not None:
                 self._remember(file, hand_sent, raw_sent, stamp_sent)
-                await self._keep_copy(file, raw_sent)
+                await self._keep_copy(file, raw_sent, hand_sent)
         if not force and file not in store.problems and self.disk.unchanged(file):
             self.failed.pop(file, None)  # (saved back as it was)
             return True  # our own write, or nothing new
@@ -432,7 +432,7 @@ class Intake:
         self._sent.pop(file, None)
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp, ctime)
-        await self._keep_copy(file, raw)
+        await self._keep_copy(file, raw, hand)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
         if out.events:  # ... and every hand edit taken in (never its values)
@@ -446,9 +446,15 @@ class Intake:
             store.notice_watcher(STATE)  # its records may name no connection no longer
         return True
 
-    async def _keep_copy(self, file: str, raw: bytes) -> None:
-        """The file as just taken in becomes its copy (`bases`)."""
+    async def _keep_copy(self, file: str, raw: bytes, hand: Any) -> None:
+        """The file as just taken in becomes its copy (`bases`). Not while it holds a masked
+        placeholder the door put the stored secret back for: at a start after a crash before
+        the round rewrote the file, the copy is what memory is set back to before the journal
+        replays (which patches only the fields the edit changed, not the secret), so the
+        placeholder would be stored. The round's own copy follows."""
         if self.keep_copy is None or file == SYNC_LOG:
+            return
+        if file in SECRET_FILES and _placeholder_in(file, hand) is not None:
             return
         try:
             await anyio.to_thread.run_sync(self.keep_copy, file, raw)
@@ -724,18 +730,24 @@ def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
     as it is (taken as it was, the placeholder was stored and sealed in place of the
     secret). With a copy of the file, the start then takes it in against the copy, as a
     running daemon does: the stored secret is put back and the report cleared."""
-    content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
-    for place in secret_places(file, content):
-        if is_placeholder(place.value):
-            raise Invalid(
-                diagnose.at_path(
-                    file,
-                    raw,
-                    list(place.path),
-                    f"`{place.field}` holds the masked placeholder, not a secret (pasted from "
-                    "an export or an answer?): put the real value back",
-                )
+    place = _placeholder_in(file, decoded)
+    if place is not None:
+        raise Invalid(
+            diagnose.at_path(
+                file,
+                raw,
+                list(place.path),
+                f"`{place.field}` holds the masked placeholder, not a secret (pasted from "
+                "an export or an answer?): put the real value back",
             )
+        )
+
+
+def _placeholder_in(file: str, decoded: Any) -> Any:
+    """The first secret's place in `decoded` (the file as read) that holds a masked
+    placeholder, or None."""
+    content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
+    return next((p for p in secret_places(file, content) if is_placeholder(p.value)), None)
 
 
 def _placed(file: str, raw: bytes, hand: Any, path: str | None, message: str) -> FileProblem:
