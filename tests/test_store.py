@@ -972,6 +972,27 @@ async def test_a_record_deleted_by_hand_while_down_is_not_brought_back_by_the_re
     assert not (data_dir / "algorithms" / "a1.json").exists()
 
 
+async def test_a_write_that_changes_nothing_answers_the_revision_it_saw(data_dir: Path) -> None:
+    """A write that changes nothing (a Save with no edits) is answered with the revision its
+    answer shows, not whatever the store reached when it was sent: a later one (a change in
+    the same group, after it) given back as If-Match would pass over that change (a review
+    found it)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        start = store.revision
+        same = ops.update("c1", {"name": "conn 1"})
+        other = ops.update("c1", {"name": "renamed"})
+        (_, noop), (_, changed) = await asyncio.gather(
+            store.submit_answer(same, "http"), store.submit_answer(other, "bus")
+        )
+        assert (noop, changed) == (start, start + 1)
+        (_, changed), (_, noop) = await asyncio.gather(
+            store.submit_answer(ops.update("c1", {"name": "again"}), "bus"),
+            store.submit_answer(ops.update("c1", {"name": "again"}), "http"),
+        )
+        assert (changed, noop) == (start + 2, start + 2)
+
+
 async def test_a_placeholder_pasted_by_hand_never_replaces_the_secret_after_a_kill(
     data_dir: Path,
 ) -> None:

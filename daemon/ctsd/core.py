@@ -425,6 +425,10 @@ class Outcome:
     error: CtsdError | None = None
     events: list[SyncEvent] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
+    # The revision it was applied at (the events of the requests before it in its group
+    # included): what its answer shows when it made no event. (In cluster mode the group's
+    # events may be stamped later still: then it is lower, never higher, than the truth.)
+    seen: int = 0
 
 
 @dataclass
@@ -451,7 +455,7 @@ def apply_group(
     sealer = ctx.sealer
     for req in requests:
         tx = Tx(base, req.source, ctx, group)
-        out = Outcome()
+        out = Outcome(seen=rev)
         outcomes.append(out)
         keys = sealer.keys() if sealer is not None else None
         try:

@@ -384,14 +384,15 @@ class Store:
 
     async def submit_answer(
         self, op: Op, source: str, *, if_match: int | None = None, sync: str | None = None
-    ) -> tuple[Any, int | None]:
-        """`submit`, and the revision its change reached (its last event's; None: it made
-        none): the revision after this request, which later groups may have moved past by
-        the time it is answered (`X-Revision`, which an `If-Match` then gives back)."""
+    ) -> tuple[Any, int]:
+        """`submit`, and the revision its change reached (its last event's; when it made
+        none, the one it was applied at): the revision of its answer, which later groups may
+        have moved past by the time it is answered (`X-Revision`, which an `If-Match` then
+        gives back: a later revision would pass over a change its answer never showed)."""
         out, lsn = await self._submit(Request(op, source, if_match))
         if sync == "files":
             await self.in_files(out, lsn)
-        return out.result, (out.events[-1].id if out.events else None)
+        return out.result, (out.events[-1].id if out.events else out.seen)
 
     async def in_files(self, out: Outcome, lsn: int | None) -> None:
         """Until a change (as `enqueue` answers it) is in the data files."""
