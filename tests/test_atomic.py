@@ -122,3 +122,29 @@ def test_a_short_write_is_finished_or_fails_whole(tmp_path: Path) -> None:
     assert path.read_bytes() == b"old"
     assert (tmp_path / "g.json").read_bytes() == b"".join(small)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "g.json"]
+
+
+def test_a_file_renamed_away_between_the_check_and_the_swap_is_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's save under way (`mv f f~`, then a new f) between the last check and the
+    swap: the swap finds no file, and the write was put there at once, so the editor then
+    wrote its buffer into the daemon's file (and the deletion's grace was skipped). Now a
+    change on disk, judged as one; nothing is put there behind the editor's back."""
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    expected = atomic.stamp_of(path)
+    real = atomic.stamp_of
+
+    def then_renamed(p: Path) -> atomic.Stamp | None:  # the editor moves in right after it
+        stamp = real(p)
+        if p == path and path.exists():
+            path.rename(tmp_path / "f.json~")
+        return stamp
+
+    monkeypatch.setattr(atomic, "stamp_of", then_renamed)
+    with pytest.raises(atomic.ChangedOnDisk):
+        atomic.write_files([(path, b"new")], expected={path: expected})
+    assert not path.exists()
+    assert (tmp_path / "f.json~").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json~"]  # no temp file left

@@ -74,21 +74,25 @@ _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY}
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap `a` and `b` atomically; False when this system or filesystem cannot."""
+    """Swap `a` and `b` atomically; False when this system or filesystem cannot
+    (FileNotFoundError when one of them is gone)."""
     if _renameat2 is None:
         return False
     if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in _UNSUPPORTED or err == errno.ENOENT:
+    if err in _UNSUPPORTED:
         return False
     raise OSError(err, os.strerror(err), str(b))
 
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap two names (files or directories) atomically; False when this system or
-    filesystem cannot."""
-    return _exchange(a, b)
+    filesystem cannot, or one of them is gone."""
+    try:
+        return _exchange(a, b)
+    except FileNotFoundError:
+        return False
 
 
 _Swapped = list[tuple[Path | None, Path, Stamp]]  # (temp or None for a link, path, ours)
@@ -108,7 +112,14 @@ def _put(tmp: Path, path: Path, ours: Stamp, expected: Stamp | None, swapped: _S
             return
         swapped.append((None, path, ours))
         return
-    if not _exchange(tmp, path):
+    try:
+        exchanged = _exchange(tmp, path)
+    except FileNotFoundError:
+        # Gone since the check (an editor's save under way: `mv f f~`, then a new f): a
+        # change on disk, judged as one (a deletion's grace, a new file taken in); put back
+        # now, the editor would then write its buffer into the daemon's file.
+        raise ChangedOnDisk(path) from None
+    if not exchanged:
         os.replace(tmp, path)  # no exchange here: the check above is the best we can do
         return
     swapped.append((tmp, path, ours))
