@@ -7,6 +7,7 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -154,6 +155,27 @@ def test_foreign_origin_403(daemon: Daemon) -> None:
     assert code == 403 and body["error"]["code"] == "forbidden"
     code, _ = daemon.http("/api/settings/connections", headers={"Origin": "http://localhost:5173"})
     assert code == 200
+
+
+def test_refusals_in_a_loop_are_logged_in_summary(daemon: Daemon) -> None:
+    """Any web page can make the trader's browser send requests in a loop: each refusal
+    was a log line with the path (up to 8 KiB), and a few thousand rotated the log away. Now
+    one line a minute per reason and path, and at most 60 a minute in all."""
+    evil = {"Origin": "http://evil.example"}
+    with httpx.Client(base_url=daemon.url, headers=evil) as page:
+        for _ in range(50):
+            assert page.get("/api/data/ui-config").status_code == 403
+        for i in range(100):
+            assert page.get(f"/api/scan/{i}/{'x' * 4000}").status_code == 403
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in daemon.log_events() if e.get("event") == "http_refused"]
+
+    wait_until(lambda: len(refused()) >= 60, 10)
+    lines = refused()
+    assert len(lines) == 60, len(lines)
+    assert lines[0]["path"] == "/api/data/ui-config" and lines[0]["count"] == 1
+    assert all(len(e["path"]) <= 200 for e in lines)
 
 
 @pytest.mark.anyio

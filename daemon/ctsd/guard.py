@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -28,7 +29,8 @@ from ctsd.models import ServerSettings
 
 log = structlog.get_logger("ctsd.web")
 
-AUTH_LOG_EVERY_S = 60.0
+SUMMARY_EVERY_S = 60.0  # a repeated warning's key logged at most this often
+SUMMARY_BURST = 60  # and at most so many lines of one warning a minute in all
 
 
 _ORIGINS: tuple[list[str], frozenset[str]] | None = None  # (the list read, what it allows)
@@ -100,34 +102,55 @@ def token_ok(given: str, expected: str) -> bool:
 
 
 @dataclass
-class AuthLog:
-    """Failed token checks, logged in summary: the first from an address at once, then at
-    most one line a minute per address with the count since."""
+class SummaryLog:
+    """A warning a client can repeat in a loop (a wrong token, a web page's requests from a
+    foreign origin, a scan), logged in summary, else it would flood the log and push the
+    real lines out: each key's first at once, then at most one line a minute per key with
+    its count since; and at most SUMMARY_BURST lines a minute in all (a scan of ever new
+    keys), the lines left out counted in the next one."""
 
+    event: str
+    count_field: str = "count"
     counts: dict[str, int] = field(default_factory=dict)
     logged_at: dict[str, float] = field(default_factory=dict)
     total: int = 0
+    _window: float = -SUMMARY_EVERY_S
+    _lines: int = 0
+    _left_out: int = 0
 
-    def failed(self, addr: str, where: str) -> None:
+    def note(self, key: str, **fields: Any) -> None:
         self.total += 1
-        self.counts[addr] = self.counts.get(addr, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + 1
         now = time.monotonic()
-        last = self.logged_at.get(addr)
-        if last is None or now - last >= AUTH_LOG_EVERY_S:
-            log.warning("auth_failed", remote=addr, where=where, failures=self.counts[addr])
-            self.logged_at[addr] = now
-            self.counts[addr] = 0
-            if len(self.logged_at) > 10_000:  # a scan from many addresses: forget the oldest
-                for old in sorted(self.logged_at, key=self.logged_at.__getitem__)[:5_000]:
-                    self.logged_at.pop(old, None)
-                    self.counts.pop(old, None)
+        last = self.logged_at.get(key)
+        if last is not None and now - last < SUMMARY_EVERY_S:
+            return
+        if now - self._window >= SUMMARY_EVERY_S:
+            self._window, self._lines = now, 0
+        if self._lines >= SUMMARY_BURST:
+            self._left_out += 1
+            return
+        self._lines += 1
+        if self._left_out:
+            fields["left_out_before"] = self._left_out
+            self._left_out = 0
+        log.warning(self.event, **fields, **{self.count_field: self.counts[key]})
+        self.logged_at[key] = now
+        self.counts[key] = 0
+        if len(self.logged_at) > 10_000:  # a scan from many addresses: forget the oldest
+            for old in sorted(self.logged_at, key=self.logged_at.__getitem__)[:5_000]:
+                self.logged_at.pop(old, None)
+                self.counts.pop(old, None)
 
 
 @dataclass
 class Guard:
     token: str
     bound_loopback: bool
-    auth_log: AuthLog = field(default_factory=AuthLog)
+    # Failed token checks by address; refusals (Host, Origin) by reason and path.
+    auth_log: SummaryLog = field(default_factory=lambda: SummaryLog("auth_failed", "failures"))
+    http_refused: SummaryLog = field(default_factory=lambda: SummaryLog("http_refused"))
+    bus_refused: SummaryLog = field(default_factory=lambda: SummaryLog("bus_refused"))
 
     def check_host(self, headers: list[tuple[bytes, bytes]]) -> None:
         if not self.bound_loopback:
@@ -176,7 +199,8 @@ class Guard:
             if self.loopback_exempt(client, headers, server):
                 return
             raise CtsdError("unauthorized", "Authorization: Bearer TOKEN required")
-        self.auth_log.failed(client[0] if client else "?", "http")
+        addr = client[0] if client else "?"
+        self.auth_log.note(addr, remote=addr, where="http")
         raise CtsdError("unauthorized", "invalid token")
 
 

@@ -93,7 +93,7 @@ class Bus:
         except CtsdError as e:
             self.count_error(e.code)
             if e.code == "forbidden":
-                log.warning("bus_refused", remote=addr, reason=e.message)
+                self.guard.bus_refused.note(e.message, remote=addr, reason=e.message)
             await _deny(send, STATUS_OF_REFUSAL.get(e.code, 404), e, self.svc.store.revision)
             return
         wire = scope["extensions"][WIRE]

@@ -135,7 +135,7 @@ class Session:
                     p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision)
                 )
                 return True
-            self.bus.guard.auth_log.failed(self.addr, "bus")
+            self.bus.guard.auth_log.note(self.addr, remote=self.addr, where="bus")
             await self._refuse("invalid token in the Authorization header")
             return False
         await self.reply(p.AuthRequired(version=p.PROTOCOL_VERSION))
@@ -161,7 +161,7 @@ class Session:
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
             return False
         if not token_ok(auth.token, self.svc.token):
-            self.bus.guard.auth_log.failed(self.addr, "bus")
+            self.bus.guard.auth_log.note(self.addr, remote=self.addr, where="bus")
             await self._refuse("invalid token")
             return False
         self.authenticated = True  # (never evicted while its auth_ok goes out)

@@ -228,7 +228,8 @@ class Web:
         except CtsdError as e:
             self.bus.count_error(e.code)
             if e.code == "forbidden":
-                log.warning("http_refused", path=path, reason=e.message)
+                shown = path[:200]  # (a request line may be 8 KiB)
+                self.guard.http_refused.note(f"{e.message} {shown}", path=shown, reason=e.message)
             extra = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else {}
             extra.update(self._cors_headers(headers))
             await api.error_response(e, extra or None)(scope, receive, send_with_revision)
