@@ -126,6 +126,13 @@ def test_not_found_and_bad_queries(daemon: Daemon) -> None:
     assert code == 400 and body["error"]["code"] == "invalid"
     code, body = daemon.http("/api/sync-log?limit=0")
     assert code == 400
+    # ?sync on a route that stores nothing: `files` holds at once, anything else is refused
+    for method, path in (
+        ("GET", "/api/settings/connections"),
+        ("POST", "/api/connections/x/heartbeat"),
+    ):
+        code, body = daemon.http(f"{path}?sync=whenever", method=method)
+        assert code == 400 and body["error"]["path"] == "$.sync", body
 
 
 def test_method_not_allowed(daemon: Daemon) -> None:
