@@ -179,6 +179,50 @@ async def test_different_records_on_two_hosts_both_go_through_in_stream_order(
         assert [e[2] for e in logs[0]] == [1, 2, 3, 4]
 
 
+async def test_a_write_that_changes_nothing_answers_the_revision_its_answer_shows(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """y's group (a change of c1, then a write of c2 that changes nothing) is computed before
+    y has applied x's change of c2: its answer shows c2 without x's change, so it is answered
+    with the revision the group was computed at. Given the revision after x's (as the group's
+    events are stamped once x's change is applied), an If-Match passed over x's change (a
+    review found it)."""
+    async with new_hosts(nats, tmp_path) as (x, y):
+        gate = asyncio.Event()
+        gate.set()
+        apply = y._apply
+
+        async def gated(change: Change) -> None:
+            if not change.own:
+                await gate.wait()
+            await apply(change)
+
+        y._apply = gated  # type: ignore[method-assign]
+        for c in (x, y):
+            c.subscribe()
+            await c.engine.catch_up(timeout=20)
+        for cid in ("c1", "c2"):
+            await x.store.submit(ops.create({"id": cid, "name": cid, "exchange": "bybit"}), "bus")
+        await y.engine.wait_applied(2, timeout=10)
+        gate.clear()  # y does not see what x does next
+        await x.store.submit(ops.update("c2", {"name": "from x"}), "bus")  # revision 3
+        on_y = asyncio.gather(
+            y.store.submit_answer(ops.update("c1", {"name": "from y"}), "bus"),
+            y.store.submit_answer(ops.update("c2", {"name": "c2"}), "http"),  # changes nothing
+        )
+        await wait_until_async(
+            lambda: (y.engine.status().stream_last_seq or 0) >= 4, 10, what="y's group published"
+        )
+        gate.set()
+        (_, changed), (shown, noop) = await on_y
+        assert shown.name == "c2" and changed == 4
+        assert noop == 2, noop  # (3 is x's change, which its answer does not show)
+        with pytest.raises(CtsdError) as refused:  # so an If-Match on it sees x's change
+            await y.store.submit(ops.update("c2", {"name": "over x"}), "http", if_match=noop)
+        assert refused.value.code == "precondition_failed"
+        assert y.store.connections["c2"].name == "from x"
+
+
 async def test_a_large_change_of_another_host_is_decoded_off_the_event_loop(
     nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctsd.guard import SummaryLog
 from tests.bus import bus
 from tests.daemon import Daemon, wait_until
 from tests.datadir import CANARY, connection, write_settings
@@ -126,13 +127,12 @@ def test_not_found_and_bad_queries(daemon: Daemon) -> None:
     assert code == 400 and body["error"]["code"] == "invalid"
     code, body = daemon.http("/api/sync-log?limit=0")
     assert code == 400
-    # ?sync on a route that stores nothing: `files` holds at once, anything else is refused
-    for method, path in (
-        ("GET", "/api/settings/connections"),
-        ("POST", "/api/connections/x/heartbeat"),
-    ):
-        code, body = daemon.http(f"{path}?sync=whenever", method=method)
-        assert code == 400 and body["error"]["path"] == "$.sync", body
+    # ?sync on a write that stores nothing (a heartbeat): `files` holds at once, anything
+    # else is refused (it was ignored); a read takes none
+    code, body = daemon.http("/api/connections/x/heartbeat?sync=whenever", method="POST")
+    assert code == 400 and body["error"]["path"] == "$.sync", body
+    code, body = daemon.http("/api/settings/connections?sync=files")
+    assert code == 400 and "unknown query parameter" in body["error"]["message"], body
 
 
 def test_method_not_allowed(daemon: Daemon) -> None:
@@ -183,6 +183,16 @@ def test_refusals_in_a_loop_are_logged_in_summary(daemon: Daemon) -> None:
     assert len(lines) == 60, len(lines)
     assert lines[0]["path"] == "/api/data/ui-config" and lines[0]["count"] == 1
     assert all(len(e["path"]) <= 200 for e in lines)
+
+
+def test_a_summary_log_stays_small_under_a_scan() -> None:
+    """Keys never logged (past the 60 lines a minute) kept a count each: a scan of ever new
+    paths grew the daemon's memory without bound."""
+    summary = SummaryLog("http_refused")
+    for i in range(30_000):
+        summary.note(f"origin not allowed /scan/{i}", path=f"/scan/{i}")
+    assert len(summary.counts) <= 10_000 and len(summary.logged_at) <= 10_000
+    assert summary.total == 30_000
 
 
 @pytest.mark.anyio

@@ -236,6 +236,10 @@ def test_a_ping_flood_from_a_peer_that_reads_nothing_holds_no_memory(data_dir: P
     s = socket.socket()
     try:
         assert d.proc is not None
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as warm:
+            warm.sendall(_UPGRADE + b"\r\n")  # what a first bus connection costs, first
+            assert warm.recv(12) == b"HTTP/1.1 101"
+        assert httpx.get(d.url + "/health").status_code == 200
         before = _rss_bytes(d.proc.pid)
         s, _ = _ping_flood(d)
         # every ping read by the daemon (nothing left in its receive queue)

@@ -426,8 +426,8 @@ class Outcome:
     events: list[SyncEvent] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
     # The revision it was applied at (the events of the requests before it in its group
-    # included): what its answer shows when it made no event. (In cluster mode the group's
-    # events may be stamped later still: then it is lower, never higher, than the truth.)
+    # included): what its answer shows when it made no event. (In cluster mode, when other
+    # hosts' changes landed before the group, its base: see ClusterCommitter._apply_own.)
     seen: int = 0
 
 

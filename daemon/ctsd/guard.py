@@ -107,7 +107,7 @@ class SummaryLog:
     foreign origin, a scan), logged in summary, else it would flood the log and push the
     real lines out: each key's first at once, then at most one line a minute per key with
     its count since; and at most SUMMARY_BURST lines a minute in all (a scan of ever new
-    keys), the lines left out counted in the next one."""
+    keys), what they would have counted told by the next one (`left_out_before`)."""
 
     event: str
     count_field: str = "count"
@@ -120,24 +120,25 @@ class SummaryLog:
 
     def note(self, key: str, **fields: Any) -> None:
         self.total += 1
-        self.counts[key] = self.counts.get(key, 0) + 1
         now = time.monotonic()
         last = self.logged_at.get(key)
         if last is not None and now - last < SUMMARY_EVERY_S:
+            self.counts[key] = self.counts.get(key, 0) + 1  # (only a key with a line counts)
             return
         if now - self._window >= SUMMARY_EVERY_S:
             self._window, self._lines = now, 0
         if self._lines >= SUMMARY_BURST:
-            self._left_out += 1
+            # This one and its key's since its last line, counted in the next line instead
+            # (the key keeps nothing: memory stays bounded by the keys with a line)
+            self._left_out += 1 + self.counts.pop(key, 0)
             return
         self._lines += 1
         if self._left_out:
             fields["left_out_before"] = self._left_out
             self._left_out = 0
-        log.warning(self.event, **fields, **{self.count_field: self.counts[key]})
+        log.warning(self.event, **fields, **{self.count_field: self.counts.pop(key, 0) + 1})
         self.logged_at[key] = now
-        self.counts[key] = 0
-        if len(self.logged_at) > 10_000:  # a scan from many addresses: forget the oldest
+        if len(self.logged_at) > 10_000:  # a scan of many keys: forget the oldest
             for old in sorted(self.logged_at, key=self.logged_at.__getitem__)[:5_000]:
                 self.logged_at.pop(old, None)
                 self.counts.pop(old, None)

@@ -29,7 +29,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
-from ctsd.redact import is_placeholder
+from ctsd.redact import MASK, is_placeholder
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.secretbox import SecretBox, is_encrypted
 from ctsd.secretfields import (
@@ -360,7 +360,7 @@ class Intake:
             _msg_id, hand_sent, raw_sent, stamp_sent = sent
             if stamp_sent is not None:
                 self._remember(file, hand_sent, raw_sent, stamp_sent)
-                await self._keep_copy(file, raw_sent, hand_sent)
+                await self._keep_copy(file, raw_sent)
         if not force and file not in store.problems and self.disk.unchanged(file):
             self.failed.pop(file, None)  # (saved back as it was)
             return True  # our own write, or nothing new
@@ -432,7 +432,7 @@ class Intake:
         self._sent.pop(file, None)
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp, ctime)
-        await self._keep_copy(file, raw, hand)
+        await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
         if out.events:  # ... and every hand edit taken in (never its values)
@@ -446,15 +446,16 @@ class Intake:
             store.notice_watcher(STATE)  # its records may name no connection no longer
         return True
 
-    async def _keep_copy(self, file: str, raw: bytes, hand: Any) -> None:
-        """The file as just taken in becomes its copy (`bases`). Not while it holds a masked
-        placeholder the door put the stored secret back for: at a start after a crash before
-        the round rewrote the file, the copy is what memory is set back to before the journal
-        replays (which patches only the fields the edit changed, not the secret), so the
-        placeholder would be stored. The round's own copy follows."""
+    async def _keep_copy(self, file: str, raw: bytes) -> None:
+        """The file as just taken in becomes its copy (`bases`). Not while it may hold a
+        masked placeholder (or a URL's masked password) the door put the stored secret back
+        for: at a start after a crash before the round rewrote the file, the copy is what
+        memory is set back to before the journal replays (which patches only the fields the
+        edit changed, not the secret), so the placeholder would be stored. The round's own
+        copy follows. (Judged on the bytes: quick for a large file, and never too lenient.)"""
         if self.keep_copy is None or file == SYNC_LOG:
             return
-        if file in SECRET_FILES and _placeholder_in(file, hand) is not None:
+        if file in SECRET_FILES and any(mark in raw for mark in _MASK_MARKS):
             return
         try:
             await anyio.to_thread.run_sync(self.keep_copy, file, raw)
@@ -722,6 +723,11 @@ def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
+
+
+# In a file's bytes, what every masked placeholder holds: the mask, or the ellipsis of a
+# key's last four (as UTF-8, or escaped as JSON may write it).
+_MASK_MARKS = (MASK.encode(), "…".encode(), b"\\u2026")
 
 
 def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:

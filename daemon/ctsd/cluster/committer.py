@@ -487,6 +487,13 @@ class ClusterCommitter:
                 own.superseded = True
                 self._installed_seq = seq
                 return
+            base = own.outcomes[0].seen if own.outcomes else c.revision  # computed at
+            if c.revision != base:
+                # Other hosts' changes landed since the group was computed: an answer without
+                # events shows the state at `base`, which the revisions after it may not be.
+                for out in own.outcomes:
+                    if not out.events:
+                        out.seen = base
             keyed.stamp(own.change.events, c.revision, seq)
             own.lsn = await store.append(own.change, seq)
             store.install(own.change, own.lsn, own.ctx, exact=c.version == own.version)

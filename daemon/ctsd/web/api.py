@@ -586,9 +586,9 @@ def _if_match(request: Request) -> int | None:
 
 def _sync(ep: Endpoint, request: Request) -> str | None:
     value = request.query_params.get("sync")
-    if value is None:
+    if value is None or ep.method == "GET":  # (a read takes none: an unknown parameter)
         return None
-    if value != "files":  # (on every route: a value it ignored passed for one it took)
+    if value != "files":  # (a value it ignored passed for one it took)
         raise CtsdError("invalid", "?sync must be `files`", path="$.sync")
     return value if ep.write or ep.stores else None  # (storing nothing: nothing to wait for)
 
