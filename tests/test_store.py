@@ -1156,6 +1156,49 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
     assert by_id(data_dir)["c1"]["name"] == "at the stop"
 
 
+async def test_a_file_gone_while_the_watcher_looks_gets_the_grace_of_an_editors_save(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mv connections.json x.bak` right as the watcher starts looking at the file, then a
+    bus change, then `cp x.bak connections.json`: the watcher found the file gone after its
+    first check and wrote it back once it had settled (50 ms), not after the deletion's
+    grace; the copy then landed over the written-back file and the bus change passed for
+    undone by hand. Now a file gone as it is looked at gets the grace like any deletion."""
+    from ctsd import watch
+
+    monkeypatch.setattr(files, "DELETE_GRACE_S", 5.0)  # the copy comes well within it
+    path = data_dir / CONNECTIONS
+    real = watch._stat_key
+    moved = False
+
+    def then_moved(p: Path) -> tuple[int, int, int] | None:  # the editor moves in after it
+        nonlocal moved
+        key = real(p)
+        if p == path and not moved:
+            moved = True
+            path.rename(data_dir / "x.bak")
+        return key
+
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        monkeypatch.setattr(watch, "_stat_key", then_moved)
+        watcher = watch.Watcher(store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.handle, CONNECTIONS)
+            with anyio.fail_after(5):
+                while not moved:
+                    await anyio.sleep(0.005)
+            await store.submit(ops.update("c1", {"name": "pending"}), "bus")
+            with anyio.move_on_after(0.5):  # the write-back of old came after ~50 ms
+                while not path.exists():
+                    await anyio.sleep(0.005)
+            shutil.copyfile(data_dir / "x.bak", path)
+            await store.ingest(CONNECTIONS)  # as the watcher does on the copy's event
+        assert store.connections["c1"].name == "pending"
+        await store.checkpointer.flush()
+    assert by_id(data_dir)["c1"]["name"] == "pending"
+
+
 async def test_an_invalid_file_with_changes_waiting_deleted_is_written_back_at_once(
     data_dir: Path,
 ) -> None:

@@ -195,23 +195,33 @@ class Watcher:
     async def handle(self, file: str) -> None:
         store = self.store
         path = store.path(file)
-        if not os.path.lexists(path) and not await _reappears(path, files.DELETE_GRACE_S):
-            await store.ingest(file)  # deleted by hand: written back from memory
-            return
-        for _ in range(LOOK_AGAIN):
-            before = _stat_key(path)
-            if await store.ingest(file, report=False):
-                self._recheck_dependents(file)
+        while not await self._deleted(file, path):
+            for _ in range(LOOK_AGAIN):
+                before = _stat_key(path)
+                if await store.ingest(file, report=False):
+                    self._recheck_dependents(file)
+                    return
+                if _stat_key(path) == before:
+                    break
+                # Changed while we looked (the rest of an in-place save, or a write of ours
+                # that made our read stale): look again at once, no settling needed.
+            # Not valid as read and not changing right now: maybe an in-place save paused
+            # between its truncate and its last write. Judge it (and report it) only once it
+            # has stayed quiet for a while.
+            await _settle(path)
+            if os.path.lexists(path):
+                await store.ingest(file)
                 return
-            if _stat_key(path) == before:
-                break
-            # Changed while we looked (the rest of an in-place save, or a write of ours
-            # that made our read stale): look again at once, no settling needed.
-        # Not valid as read and not changing right now: maybe an in-place save paused
-        # between its truncate and its last write. Judge it (and report it) only once it
-        # has stayed quiet for a while.
-        await _settle(path)
-        await store.ingest(file)
+            # Gone as we looked (an editor's `mv f f~` under way): a deletion like any other,
+            # judged after the grace, and a file back by then looked at anew.
+
+    async def _deleted(self, file: str, path: Path) -> bool:
+        """Is `file` deleted by hand: gone, and still gone after `files.DELETE_GRACE_S` (not
+        an editor's rename dance)? Then it is written back from memory."""
+        if os.path.lexists(path) or await _reappears(path, files.DELETE_GRACE_S):
+            return False
+        await self.store.ingest(file)
+        return True
 
     def _recheck_dependents(self, file: str) -> None:
         # instances.json is judged against the algorithm files: one added (or fixed) by hand
