@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import structlog.testing
 
 from ctsd import checkpoint, files, intake, journal, ops
 from ctsd.atomic import TEMP_PREFIX, stamp_of
@@ -1156,6 +1157,48 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
     assert by_id(data_dir)["c1"]["name"] == "at the stop"
 
 
+async def test_algorithms_swapped_for_a_link_is_neither_written_nor_read_through(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """algorithms/ replaced by a symlink while the daemon runs (a start refuses one): a
+    change of an algorithm was written through it, out of the data dir, and a hand edit read
+    through it. Now the write fails as a refusing disk does (the change waits in the
+    journal), the read is refused naming the link, and both follow once it is a directory.
+    The retries (twice a second) log the fault once, and its end."""
+    algo = "algorithms/Fast.json"
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            await _through_a_link(data_dir, tmp_path, store, algo)
+    events = [e["event"] for e in logs if e["event"].startswith("checkpoint_write")]
+    assert events == ["checkpoint_write_failed", "checkpoint_write_recovered"], events
+
+
+async def _through_a_link(data_dir: Path, tmp_path: Path, store: Store, algo: str) -> None:
+    await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast"}), "bus", sync="files")
+    before = (data_dir / algo).read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    (data_dir / "algorithms").rename(elsewhere)
+    (data_dir / "algorithms").symlink_to(elsewhere)
+    with pytest.raises(CtsdError) as exc:
+        await store.submit(
+            ops.set_document("algorithms/Fast", {"name": "Fast", "n": 2}), "bus", sync="files"
+        )
+    assert exc.value.code == "io_error" and "algorithms/ is a symlink" in exc.value.message
+    with anyio.fail_after(10):
+        while store.checkpointer.failing[algo][2] < 3:  # retried, logged once
+            await anyio.sleep(0.05)
+    assert (elsewhere / "Fast.json").read_bytes() == before
+    (elsewhere / "Fast.json").write_text('{"name": "Fast", "by_hand": true}')  # through it
+    assert not await store.ingest(algo)
+    assert "algorithms/ is a symlink" in store.problems[algo].format()
+    assert store.documents["algorithms/Fast"] == {"name": "Fast", "n": 2}  # (journalled)
+    (data_dir / "algorithms").unlink()
+    elsewhere.rename(data_dir / "algorithms")
+    assert await store.ingest(algo)
+    await store.checkpointer.flush()
+    assert disk(data_dir, algo) == {"name": "Fast", "n": 2, "by_hand": True}
+
+
 async def test_a_file_gone_while_the_watcher_looks_gets_the_grace_of_an_editors_save(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1259,18 +1302,17 @@ async def test_a_sync_log_invalid_at_start_never_gives_an_id_out_twice(
 def test_files_written_one_by_one_keep_their_stamps_past_one_saved_by_hand(
     tmp_path: Path,
 ) -> None:
-    """The group write failed (one file's directory is a file now), so each file is written
-    alone; one of them was saved by hand meanwhile. The files written before it keep their
-    stamps (else the daemon's own write would come back as a hand edit), the saved one is
-    left for the round to take in, the broken one is reported."""
-    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "gone" / "c.json"
+    """The group write failed (one file's name is too long for the filesystem), so each
+    file is written alone; one of them was saved by hand meanwhile. The files written before
+    it keep their stamps (else the daemon's own write would come back as a hand edit), the
+    saved one is left for the round to take in, the broken one is reported."""
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / f"{'c' * 300}.json"
     b.write_bytes(b"{}\n")
     before = stamp_of(b)
     b.write_bytes(b'{"by": "hand"}\n')
-    (tmp_path / "gone").write_bytes(b"")  # a file where the directory was
     jobs = [(a, b"[]\n"), (b, b"[1]\n"), (c, b"[]\n")]
     stamps, failed, _ = checkpoint._render_and_write(
-        lambda: None, jobs, {b: before}, [], None, [], False, [], 0
+        lambda: None, jobs, {b: before}, [], None, [], False, [], 0, tmp_path
     )
     assert set(stamps) == {a} and stamps[a] == stamp_of(a) and a.read_bytes() == b"[]\n"
     assert set(failed) == {c}

@@ -12,6 +12,7 @@ file is fixed. Once a round is on disk the journal drops the records it covered.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from ctsd.disk import Disk, digest_of
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.models import SyncEvent
+from ctsd.safefile import subdir_problem
 
 log = structlog.get_logger("ctsd.store")
 
@@ -54,6 +56,7 @@ BATCHED = 8
 COPY_IDLE_S = 1.0
 COPY_RETRY_S = 10.0  # after a failed write of copies
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
+FAILED_LOG_EVERY_S = 60.0  # a lasting write failure's log line, again
 YIELD_EVERY = 64  # records a paced round encodes between two hand-backs of the GIL
 
 
@@ -118,6 +121,10 @@ class Checkpointer:
         self.last_write_s = 0.0  # how long the last round's write took (in its thread)
         self.stopping = False
         self.rounds = 0
+        # Files whose writes keep failing: (the error last logged, when, attempts since). A
+        # lasting fault (disk full, algorithms/ made a link) is logged when it starts or
+        # changes and once a minute while it lasts, not at every retry.
+        self.failing: dict[str, tuple[str, float, int]] = {}
         self.bytes_written = 0  # of the data files the rounds wrote (what the disk took)
         self.appends = self.appended = 0  # journal appends and changes since the last round
         self.on_write: list[Callable[[list[str]], None]] = []  # the files of each write
@@ -441,6 +448,7 @@ class Checkpointer:
                 paced,
                 self.dropped,
                 self.disk.coarse_mtime,
+                self.disk.data_dir,
             )
             self.last_write_s = time.monotonic() - t0
         except ChangedOnDisk:
@@ -464,6 +472,8 @@ class Checkpointer:
                 self._restale([(path, job)])
                 continue
             written.append(file)
+            if (failing := self.failing.pop(file, None)) is not None:
+                log.info("checkpoint_write_recovered", file=file, attempts=failing[2])
             self.bytes_written += stamps[path].size
             self.disk.record(file, stamps[path], digest=digests.get(path))
             od = self.disk.get(file)
@@ -494,7 +504,7 @@ class Checkpointer:
         if failed:
             for path, e in failed.items():
                 file = str(path.relative_to(self.disk.data_dir))
-                log.error("checkpoint_write_failed", file=file, error=str(e))
+                self._log_failed(file, str(e))
                 self.fail_waiters({file}, _cannot_write(e))
             await anyio.sleep(FAILED_RETRY_S)
             self.wake.set()
@@ -504,6 +514,15 @@ class Checkpointer:
         if any(f not in self.invalid() for f in self.dirty):
             self.wake.set()
         return True
+
+    def _log_failed(self, file: str, error: str) -> None:
+        now = time.monotonic()
+        last, at, attempts = self.failing.get(file, ("", 0.0, 0))
+        if error == last and now - at < FAILED_LOG_EVERY_S:
+            self.failing[file] = (last, at, attempts + 1)
+            return
+        log.error("checkpoint_write_failed", file=file, error=error, attempts=attempts + 1)
+        self.failing[file] = (error, now, attempts + 1)
 
     def _job(self, file: str) -> tuple[Any, Any]:
         """What writing `file` takes (rendered in the write's thread, so a 10,000-record table
@@ -639,6 +658,7 @@ def _render_and_write(
     paced: bool,
     dropped: list[Any],
     coarse: int,
+    data_dir: Path,
 ) -> tuple[dict[Path, Any], dict[Path, OSError], dict[Path, bytes]]:
     """In the write's thread: encode what changed, then write the files atomically, as one
     group, or (when the group fails) one by one, each with its copy (`bases`); remove
@@ -696,9 +716,11 @@ def _render_and_write(
         return stamps
 
     stamps: dict[Path, Any] = {}
-    failed: dict[Path, OSError] = {}
+    failed = _linked_away(data_dir, [p for p, _ in plan] + gone)
+    plan = [(p, b) for p, b in plan if p not in failed]
+    gone = [p for p in gone if p not in failed]
     try:
-        stamps = write(plan)
+        stamps = write(plan) if plan else {}
     except ChangedOnDisk:
         raise
     except OSError as e:
@@ -726,6 +748,18 @@ def _render_and_write(
                 bases.forget(path)
     digests = {p: digest_of(b) for p, b in plan if p in stamps} if coarse else {}
     return stamps, failed, digests
+
+
+def _linked_away(data_dir: Path, paths: list[Path]) -> dict[Path, OSError]:
+    """The data files in a directory of the data dir (`algorithms/`) swapped for a link or a
+    file since the start: never written or removed through it (a write would land outside
+    the data dir). They wait in the journal, failing as a refusing disk does, until the
+    directory is one again (/health names it)."""
+    out: dict[Path, OSError] = {}
+    for path in paths:
+        if path.parent != data_dir and (problem := subdir_problem(path.parent)):
+            out[path] = OSError(errno.ELOOP, f"{path.parent.name}/ {problem}")
+    return out
 
 
 def _cannot_write(e: OSError) -> CtsdError:

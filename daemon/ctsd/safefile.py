@@ -185,7 +185,11 @@ def read_data_file(path: Path, file: str, *, private: bool = True) -> tuple[byte
     Raises `files.Invalid` (with `lasting=True`: waiting will not change it) when the name
     holds no regular file, when `private` and group or others may read or change it, or
     when it is larger than the limit; OSError when it cannot be read (FileNotFoundError when
-    it is gone)."""
+    it is gone). A file in one of the data dir's directories (`algorithms/`) is not read
+    through that directory once it was swapped for a link: no open follows it out."""
+    if "/" in file and (problem := subdir_problem(path.parent)) is not None:
+        why = f"{path.parent.name}/ {problem}"
+        raise Invalid(FileProblem(file, 1, 1, "$", why), lasting=True)
     try:
         fd, st = open_regular(path)
     except NotRegular as e:
