@@ -654,6 +654,46 @@ def test_an_import_sorted_by_name_keeps_the_state_of_the_connections_it_creates(
     assert (got.volume_factor_live, got.volume_factor_preset) == (2.5, 3.0)
 
 
+def test_a_merge_import_lays_a_partial_record_over_the_stored_one() -> None:
+    """A merge import of `{"id", "name"}` replaced the whole record: `created_at` became
+    now, `is_active` false, a state record lost its test results. Now what it leaves out
+    keeps its stored value, as in an update; replace mode still replaces."""
+    c = seeded("m1")
+    ok(run(c, ops.set_active("m1", True), ops.update("m1", {"api_key": "k" * 16}))[0])
+    ok(run(c, ops.record_test("m1", probe_result(True, T1)))[0])
+    created = c.connections["m1"].created_at
+    sent = {
+        CONNECTIONS: [{"id": "m1", "name": "M3", "exchange": "bybit"}],
+        STATE: [{"connection_id": "m1", "volume_factor_live": 2.0}],
+    }
+    (out,), change = run(c, ops.import_data({"files": sent}, "merge"), now=T2)
+    assert out.error is None, out.error
+    conn, state = c.connections["m1"], c.state["m1"]
+    assert (conn.name, conn.created_at, conn.is_active, conn.api_key) == (
+        "M3",
+        created,
+        True,
+        "k" * 16,
+    )
+    assert state.volume_factor_live == 2.0 and state.test_results
+    fields = [(e.data["file"], e.data["fields"]) for e in change.events if e.action == "update"]
+    assert fields == [(CONNECTIONS, ["name"]), (STATE, ["volume_factor_live"])], fields
+    (out,), _ = run(c, ops.import_data({"files": sent}, "replace"), now=T2)
+    assert out.error is None and not c.connections["m1"].is_active
+
+
+def test_an_import_error_names_the_place_in_what_was_sent() -> None:
+    """The bare form ({FILE: CONTENT}) was reported at `$.data.files.FILE`, a place not in
+    it; an export's fields without `files` were taken for file names."""
+    c = seeded()
+    (out,), _ = run(c, ops.import_data({"nope.json": {}}, "merge"))
+    assert out.error is not None and out.error.path == "$.data.nope.json", out.error.path
+    (out,), _ = run(c, ops.import_data({"version": 1}, "merge"))
+    assert out.error is not None and out.error.path == "$.data.files", out.error.path
+    (out,), _ = run(c, ops.import_data({"files": {"nope.json": {}}}, "merge"))
+    assert out.error is not None and out.error.path == "$.data.files.nope.json"
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()
@@ -1073,7 +1113,8 @@ def test_a_hosts_own_settings_keys_change_only_by_a_hand_edit_of_its_file() -> N
         "port": 4000
     }
     assert group(Request(ops.set_document("settings", other), "file")) == other
-    assert group(Request(ops.reset(), "bus"), own_settings=()) == {}
+    # One host too: the daemon's own configuration is kept, the trading app's keys reset.
+    assert group(Request(ops.reset(), "bus"), own_settings=()) == {k: mine[k] for k in own}
 
 
 def test_a_state_replaced_by_a_snapshot_compares_if_match_with_its_log() -> None:

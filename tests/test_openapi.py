@@ -294,6 +294,17 @@ def test_document_names_operations_for_code_generators_and_the_real_429s(
     assert exempt == {("/health", "get"), ("/api/connections/{id}/heartbeat", "post")}
 
 
+def test_every_route_that_stores_says_409() -> None:
+    """A route that stores anything answers 409 `file_invalid` while the file it would write
+    is invalid on disk (a connection test stores its result in connection-state.json)."""
+    from ctsd.web.api import ENDPOINTS
+
+    silent = [
+        (e.method, e.path) for e in ENDPOINTS if (e.write or e.stores) and 409 not in e.errors
+    ]
+    assert silent == []
+
+
 def test_document_create_is_201_with_location(openapi_document: dict[str, Any]) -> None:
     created = openapi_document["paths"]["/api/settings/connections"]["post"]["responses"]["201"]
     assert "Location" in created["headers"]

@@ -24,7 +24,7 @@ from ctsd.core import (
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
-from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
+from ctsd.models import Connection, ConnectionState, Settings, SyncEvent, TestResult
 from ctsd.redact import (
     SETTINGS_STRING_KEY,
     is_secret_key,
@@ -676,13 +676,18 @@ def remove_algorithm(file: str) -> Op:
 
 def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
     kind = files.TABLES[file]
+    key = "id" if file == CONNECTIONS else "connection_id"
+    table = tx.connections if file == CONNECTIONS else tx.state
     if file == CONNECTIONS:
         # Secrets exported masked come back as placeholders: the stored ones stay (matched by
         # id); a placeholder for a connection not stored is invalid.
         stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
         value = restore_placeholders(value, stored, path, records=True)
+    if mode == "merge" and isinstance(value, list):
+        # A record sent for one stored is laid over it, as an update is: the fields it leaves
+        # out (its secrets, `created_at`, test results) keep their stored values.
+        value = [_laid_over(table, key, v) for v in value]
     records = _convert(value, list[kind], path)
-    key = "id" if file == CONNECTIONS else "connection_id"
     # Checked as sent, before any merge (a merge would fold duplicates silently).
     seen: set[str] = set()
     for i, r in enumerate(records):
@@ -692,18 +697,10 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
         seen.add(rid)
         if file == CONNECTIONS:
             _check_settings(r, f"{path}[{i}]", tx.connections.get(rid))
-    table = tx.connections if file == CONNECTIONS else tx.state
     current = dict(table.items())
     if mode == "merge":
-        sent = {v["id"]: v for v in value} if file == CONNECTIONS else {}
         merged = dict(current)
-        for r in records:
-            old = current.get(getattr(r, key))
-            if old is not None and file == CONNECTIONS:
-                # secrets absent from the import keep their stored values
-                keep = {k: getattr(old, k) for k in SECRET_CONNECTION_FIELDS if k not in sent[r.id]}
-                r = msgspec.structs.replace(r, **keep)
-            merged[getattr(r, key)] = r
+        merged.update((getattr(r, key), r) for r in records)
         records = list(merged.values())
     # An import is a hand edit of the whole file made through the bus: taken in against what
     # memory holds (nothing pending can be lost: the base is memory itself).
@@ -711,6 +708,12 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
         _take_in_connections(tx, file, current, records)
     else:
         _take_in_state(tx, file, current, records)
+
+
+def _laid_over(table: Table[Any], key: str, sent: Any) -> Any:
+    rid = sent.get(key) if isinstance(sent, dict) else None
+    old = table.get(rid) if isinstance(rid, str) else None
+    return sent if old is None else {**msgspec.to_builtins(old), **sent}
 
 
 def import_data(data: Any, mode: Any) -> Op:
@@ -721,17 +724,27 @@ def import_data(data: Any, mode: Any) -> Op:
             raise CtsdError("invalid", 'mode must be "replace" or "merge"', path="$.mode")
         if not isinstance(data, dict):
             raise CtsdError("invalid", "data must be an object", path="$.data")
-        content = data.get("files", data)
+        # An export ({"files": {FILE: CONTENT}, "version", ...}) or its bare `files`.
+        export = "files" in data or not _EXPORT_KEYS.isdisjoint(data)
+        content = data.get("files") if export else data
+        where = "$.data.files" if export else "$.data"
         if not isinstance(content, dict):
-            raise CtsdError("invalid", "data.files must be an object", path="$.data.files")
-        imported = _import_files(tx, content, mode)
+            raise CtsdError(
+                "invalid",
+                "an export's `files` must be an object: {FILE: CONTENT, ...}",
+                path=where,
+            )
+        imported = _import_files(tx, content, mode, where)
         tx.emit("import", None, {"mode": mode, "files": imported})
         return {"imported": imported, "mode": mode}
 
     return op
 
 
-def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
+_EXPORT_KEYS = frozenset({"version", "exported_at", "revision"})  # an export's, beside `files`
+
+
+def _import_files(tx: Tx, content: dict[str, Any], mode: str, where: str) -> list[str]:
     imported: list[str] = []
     algos = f"{files.ALGORITHMS_DIR}/"
 
@@ -743,7 +756,7 @@ def _import_files(tx: Tx, content: dict[str, Any], mode: str) -> list[str]:
 
     for file in sorted(content, key=rank):
         value = content[file]
-        path = f"$.data.files.{file}"
+        path = f"{where}.{file}"
         if file == SYNC_LOG:
             continue  # history is the daemon's own; an import never rewrites it
         if file in (CONNECTIONS, STATE):
@@ -789,7 +802,7 @@ def restore(content: dict[str, Any], archive_revision: int) -> Op:
                     _emit_document(tx, name, file, keys)
         tables = {f: content.get(f, []) for f in (CONNECTIONS, STATE)}
         docs = {f: value for f, value in content.items() if f not in tables}
-        imported = _import_files(tx, {**tables, **docs}, "replace")
+        imported = _import_files(tx, {**tables, **docs}, "replace", "$.data.files")
         tx.touched.update(imported)
         data = {"mode": "restore", "files": imported, "archive_revision": archive_revision}
         tx.emit("import", None, data)
@@ -802,6 +815,9 @@ def reset() -> Op:
     """`data.reset`: connections and state emptied, documents back to their defaults.
 
     Algorithm files are the strategy library and are kept; the sync log keeps its history.
+    So is the daemon's own configuration in settings.json (`Settings`: its bind address,
+    origins, auth, intervals): a reset of the trading data that locked out the frontend
+    asking for it, or moved the daemon's port at its next start, would be no reset of data.
     """
 
     def op(tx: Tx) -> dict[str, Any]:
@@ -810,7 +826,11 @@ def reset() -> Op:
         for cid in list(tx.state.keys()):
             tx.state.delete(cid)
         for name in files.DOCUMENTS:
-            tx.docs.put(name, own_settings_kept(tx, name, files.default_document(name)))
+            content = files.default_document(name)
+            if name == "settings":
+                old = tx.docs.get(name) or {}
+                content.update((k, old[k]) for k in Settings.__struct_fields__ if k in old)
+            tx.docs.put(name, content)
             tx.set_fields("documents", name, None)
         reset_files = [CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())]
         tx.touched.update(reset_files)  # each file is reset, whatever memory held

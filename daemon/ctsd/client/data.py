@@ -156,4 +156,7 @@ def register(main: click.Group) -> None:
         if as_json:
             echo_json(result)
             return
-        click.echo("reset: every connection deleted, every document back to its default")
+        click.echo(
+            "reset: every connection deleted, every document back to its default "
+            "(the daemon's own settings kept)"
+        )

@@ -452,7 +452,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         TestResult,
         stores=True,
         tag="state",
-        errors=(404,),
+        errors=(404, 409),  # 409: connection-state.json, where the result goes, is invalid
     ),
     Endpoint(
         "GET",
