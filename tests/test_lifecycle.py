@@ -532,6 +532,40 @@ def test_sigterm_while_starting_stops_at_once_with_exit_0(data_dir: Path) -> Non
         d.close()
 
 
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_signals_in_the_first_half_second_are_handled(data_dir: Path, how: str) -> None:
+    """A SIGHUP (logrotate) or SIGTERM in the half second the daemon's modules take to
+    import ended the process by their default action (systemd counts death by SIGHUP as a
+    clean exit: no restart). Now they are handled before anything heavy is imported, under
+    `python -m ctsd` and the installed `ctsd` script alike: ignored, and a stop with exit 0."""
+    import subprocess as sp
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSD_", "NOTIFY_"))}
+    env["CTSD_TOKEN"] = "t" * 32
+    script = Path(sys.executable).parent / "ctsd"
+    cmd = [str(script)] if how == "script" else [sys.executable, "-m", "ctsd"]
+    args = ["serve", "--data-dir", str(data_dir), "--port", str(free_port())]
+    proc = sp.Popen([*cmd, *args], stdout=sp.DEVNULL, stderr=sp.PIPE, env=env)
+    try:
+
+        def handled() -> bool:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            ignored = next(ln for ln in status.splitlines() if ln.startswith("SigIgn:"))
+            return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+        wait_until(handled, 15, interval=0.001, what="SIGHUP ignored")
+        loaded = "msgspec" in Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not loaded, "the handlers came only after the daemon's modules were imported"
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def test_a_stray_sigusr1_is_logged_not_fatal(daemon: Daemon) -> None:
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         daemon.send_signal(sig)

@@ -1,3 +1,3 @@
-from ctsd.cli import run
+from ctsd.launch import run
 
 run()
