@@ -491,6 +491,23 @@ def test_a_password_the_parsers_would_split_differently_is_refused_unshown(url: 
     assert CANARY not in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////tmp/\udcff.db",  # the byte 0xff as typed (not UTF-8)
+        f"postgresql://bob\udcff:{CANARY}@127.0.0.1:1/x",
+        f"postgresql://%ff:{CANARY}@127.0.0.1:1/x",
+        f"postgresql://bob:{CANARY}@127.0.0.1:1/%ff",
+    ],
+    ids=["sqlite-byte", "pg-byte", "pg-user-escape", "pg-db-escape"],
+)
+def test_a_url_that_is_not_utf8_is_a_usage_error(url: str) -> None:
+    """Such a URL crashed the drivers with a traceback (UnicodeEncodeError/DecodeError)."""
+    r = ctsd("migrate", "--from", url, "--dry-run")
+    assert r.returncode == 2 and "the database URL is not UTF-8" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and CANARY not in r.stdout + r.stderr
+
+
 def test_urls_the_parsers_agree_on_are_taken() -> None:
     for url in (
         "postgresql://user:pw@host/db?options=a@b",

@@ -119,6 +119,7 @@ def _url_secrets(url: str) -> list[str]:
 
 def parse_url(url: str) -> Source:
     """`sqlite:///relative/path`, `sqlite:////absolute/path`, `postgresql://…`."""
+    _check_utf8(url)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         if not url.startswith("sqlite:///"):
@@ -151,6 +152,19 @@ def parse_url(url: str) -> Source:
         f"unsupported database URL scheme {scheme!r}: "
         "use sqlite:///PATH or postgresql://USER@HOST/DB"
     )
+
+
+def _check_utf8(url: str) -> None:
+    """A URL whose bytes, or whose percent-encoded parts, are not UTF-8 (an argument typed in
+    another encoding, a `%ff`): no driver takes it (they raised a traceback); never quoted,
+    as it may hold a password."""
+    try:
+        url.encode()
+        urllib.parse.unquote(url, errors="strict")
+    except UnicodeError:
+        raise MigrateError(
+            "the database URL is not UTF-8 (as typed, or once its %XX escapes are decoded)"
+        ) from None
 
 
 def parse_map(text: str | None) -> dict[str, str]:
