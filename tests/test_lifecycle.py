@@ -1070,6 +1070,29 @@ for i in range(3):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e["n"] for e in lines if e["event"] == "commit_failed"] == [0, 1, 2]
-    (warning,) = [e for e in lines if e["event"].startswith("log_file_write_failed")]
+    (warning,) = [e for e in lines if e["event"].startswith("log_write_failed")]
     assert "ctsd.log: No space left on device" in warning["event"], warning
     assert warning["level"] == "warning" and warning["logger"] == "ctsd.logs"
+
+
+def test_a_stdout_that_cannot_be_written_costs_one_warning_a_minute(tmp_path: Path) -> None:
+    """stdout a pipe whose reader is gone (`ctsd serve | head`; here: /dev/full): every line
+    printed a traceback block on stderr. Now the lines still reach the log file, and it says
+    once why stdout has none."""
+    script = f"""
+import logging, structlog
+from pathlib import Path
+from ctsd import logs
+logs.setup("json", "info")
+logs.add_file(Path({str(tmp_path)!r}))
+(handler,) = [h for h in logging.getLogger().handlers if isinstance(h, logs.StdoutHandler)]
+handler.stream = open("/dev/full", "w")
+for i in range(3):
+    structlog.get_logger("ctsd.store").error("commit_failed", n=i)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = [json.loads(line) for line in (tmp_path / "ctsd.log").read_text().splitlines()]
+    assert [e["n"] for e in lines if e["event"] == "commit_failed"] == [0, 1, 2]
+    (warning,) = [e for e in lines if e["event"].startswith("log_write_failed")]
+    assert "stdout: No space left on device" in warning["event"], warning

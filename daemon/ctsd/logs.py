@@ -57,7 +57,7 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = StdoutHandler(sys.stdout)
     handler.setFormatter(_formatter(fmt))
     root.addHandler(handler)
     root.setLevel(numeric)
@@ -71,18 +71,19 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     )
 
 
-class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating log file that is never opened through a link (a `ctsd.log` symlinked out of
-    the data dir must not make the daemon write there) and is created 0600 whatever the
-    umask."""
+class _WarnsOnFailure(logging.Handler):
+    """A log destination that cannot be written (the data disk full, stdout a closed pipe:
+    `ctsd serve | head`): logging's own `handleError` printed a traceback block on stderr
+    for every record, breaking the JSON lines just as the daemon logs what fails; instead
+    one warning a minute goes to the other destinations."""
 
     WARN_EVERY_S = 60.0
     _warned_at: float | None = None
 
+    def destination(self) -> str:
+        raise NotImplementedError
+
     def handleError(self, record: logging.LogRecord) -> None:
-        """The data disk full or read-only: the record still went to stdout. logging's own
-        printed a traceback block on stderr for each one, breaking the JSON lines just as the
-        daemon logs its failing writes; instead one warning a minute goes to the others."""
         now = time.monotonic()
         if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY_S:
             return
@@ -94,13 +95,27 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
             logging.WARNING,
             __file__,
             0,
-            "log_file_write_failed: %s: %s (lines are dropped from it until it can be written)",
-            (self.baseFilename, reason),
+            "log_write_failed: %s: %s (lines are dropped from it until it can be written)",
+            (self.destination(), reason),
             None,
         )
         for handler in logging.getLogger().handlers:
             if handler is not self:
                 handler.handle(warning)
+
+
+class StdoutHandler(_WarnsOnFailure, logging.StreamHandler):
+    def destination(self) -> str:
+        return "stdout"
+
+
+class PrivateRotatingFileHandler(_WarnsOnFailure, logging.handlers.RotatingFileHandler):
+    """A rotating log file that is never opened through a link (a `ctsd.log` symlinked out of
+    the data dir must not make the daemon write there) and is created 0600 whatever the
+    umask."""
+
+    def destination(self) -> str:
+        return self.baseFilename
 
     def _open(self) -> object:
         # O_NONBLOCK: a FIFO at the name must not block the open (it is refused below).
