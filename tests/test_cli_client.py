@@ -164,6 +164,13 @@ def test_add_with_prompted_secrets(shared: Daemon) -> None:
     assert shown["api_key"] == "…abcd"
     assert shown["api_secret"] is None  # an empty answer leaves it unset
     assert shown["api_passphrase"] == "********"
+    # Input that ends before the last answer: nothing sent, a usage error (was "Aborted!",
+    # exit 1, and getpass's warning that the input may be echoed).
+    r = cli(shared, "conn", "add", "--id", "prompt2", "--name", "p", "--exchange", "fakex",
+            "--ask-secrets", input=f"{CANARY}-abcd\n")  # fmt: skip
+    assert r.returncode == 2 and "no answer for api_secret" in r.stderr, r.stderr
+    assert "echoed" not in r.stderr
+    assert cli(shared, "conn", "show", "prompt2").returncode == 5  # not found
 
 
 def test_add_generates_an_id_and_types_options(shared: Daemon) -> None:

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -218,16 +219,30 @@ def read_secrets(
                 )
             out[field] = value
         elif ask:
-            value = click.prompt(
-                f"{field} (hidden, empty to skip)",
-                default="",
-                show_default=False,
-                hide_input=True,
-                err=True,
-            )
+            value = _ask_secret(field)
             if value:
                 out[field] = value
     return out
+
+
+def _ask_secret(field: str) -> str:
+    """One secret read from the terminal without echo, or from stdin when it is none (piped
+    in: nothing is echoed there, and getpass would warn that it may be); stdin ending first
+    is a usage error (exit 2: nothing was sent), not click's "Aborted!" and exit 1."""
+    try:
+        return str(
+            click.prompt(
+                f"{field} (hidden, empty to skip)",
+                default="",
+                show_default=False,
+                hide_input=sys.stdin.isatty(),
+                err=True,
+            )
+        )
+    except click.Abort:
+        raise click.UsageError(
+            f"--ask-secrets: no answer for {field} (the input ended); nothing was sent"
+        ) from None
 
 
 def pop_secret_envs(kw: dict[str, Any]) -> dict[str, str | None]:
