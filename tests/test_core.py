@@ -334,6 +334,24 @@ def test_if_match_on_a_document() -> None:
     assert c.documents["ui-config"] == {"a": 2}
 
 
+def test_an_import_moves_the_revision_of_what_it_changed_only() -> None:
+    """An import that leaves a document as it was (an export imported back) moved its
+    revision all the same: an If-Match read before it failed with 412 for no change. Each
+    record and document an import changes has its own event; the import's names them all."""
+    c = Committed()
+    ok(run(c, ops.set_document("ui-config", {"a": 1}), ops.set_document("watchlists", {"w": 1}))[0])
+    read_at = c.revision
+    sent = {"ui-config.json": {"a": 1}, "watchlists.json": {"w": 2}}
+    ok(run(c, ops.import_data({"files": sent}, "merge"))[0])
+    assert c.revision_of(document_key("ui-config")) < read_at < c.revision
+    assert c.revision_of(document_key("watchlists")) > read_at
+    ok(run(c, Request(ops.set_document("ui-config", {"a": 3}), "bus", if_match=read_at))[0])
+    (out,), _ = run(c, Request(ops.set_document("watchlists", {"w": 3}), "bus", if_match=read_at))
+    assert out.error is not None and out.error.code == "precondition_failed"
+    ok(run(c, ops.reset())[0])
+    assert c.revision_of(document_key("ui-config")) == c.revision  # a reset changes all
+
+
 def test_if_match_holds_between_two_changes_of_one_group() -> None:
     """Two clients read revision N and both send If-Match N: whichever comes second must be
     refused, also when the group commit puts both in one group (else one overwrites the
@@ -692,6 +710,9 @@ def test_an_import_error_names_the_place_in_what_was_sent() -> None:
     assert out.error is not None and out.error.path == "$.data.files", out.error.path
     (out,), _ = run(c, ops.import_data({"files": {"nope.json": {}}}, "merge"))
     assert out.error is not None and out.error.path == "$.data.files.nope.json"
+    for key, value in (("revision", {}), ("version", "1"), ("exported_at", 5), ("revision", True)):
+        (out,), _ = run(c, ops.import_data({"files": {}, key: value}, "merge"))
+        assert out.error is not None and out.error.path == f"$.data.{key}", (key, out.error)
 
 
 @pytest.mark.parametrize("sent_id", [None, ""])

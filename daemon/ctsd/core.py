@@ -262,7 +262,7 @@ def event_keys(e: SyncEvent) -> list[str]:
     """The revision keys of the records an event changed."""
     keys = [record_key(e.connection_id)] if e.connection_id is not None else []
     names: list[Any] = [e.data.get("name")] if e.action == "document_update" else []
-    if e.action in ("reset", "import"):
+    if e.action == "reset":  # (an import logs each record and document it changed as well)
         names = [files.document_name(f) for f in e.data.get("files") or []]
     keys += [document_key(name) for name in names if isinstance(name, str)]
     return keys

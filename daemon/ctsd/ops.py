@@ -725,9 +725,14 @@ def import_data(data: Any, mode: Any) -> Op:
         if not isinstance(data, dict):
             raise CtsdError("invalid", "data must be an object", path="$.data")
         # An export ({"files": {FILE: CONTENT}, "version", ...}) or its bare `files`.
-        export = "files" in data or not _EXPORT_KEYS.isdisjoint(data)
+        export = "files" in data or not _EXPORT_KEYS.keys().isdisjoint(data)
         content = data.get("files") if export else data
         where = "$.data.files" if export else "$.data"
+        for key, kind in _EXPORT_KEYS.items():  # (not used: but of the type an export has)
+            value = data.get(key) if export else None
+            if value is not None and type(value) is not kind:
+                what = "an integer" if kind is int else "a string"
+                raise CtsdError("invalid", f"an export's `{key}` is {what}", path=f"$.data.{key}")
         if not isinstance(content, dict):
             raise CtsdError(
                 "invalid",
@@ -741,7 +746,7 @@ def import_data(data: Any, mode: Any) -> Op:
     return op
 
 
-_EXPORT_KEYS = frozenset({"version", "exported_at", "revision"})  # an export's, beside `files`
+_EXPORT_KEYS = {"version": int, "exported_at": str, "revision": int}  # beside `files`
 
 
 def _import_files(tx: Tx, content: dict[str, Any], mode: str, where: str) -> list[str]:

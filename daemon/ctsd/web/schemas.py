@@ -61,7 +61,7 @@ class Export(msgspec.Struct, kw_only=True):
 class ImportBody(msgspec.Struct, kw_only=True):
     """An export of this daemon (`files` is what is imported), or a bare {FILE: CONTENT}."""
 
-    files: dict[str, Any] | None = None
+    files: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET  # absent in the bare form, never null
     version: int | None = None
     exported_at: str | None = None
     revision: int | None = None
