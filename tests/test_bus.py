@@ -139,6 +139,8 @@ async def test_failed_auth_never_locks_out_a_right_token(daemon: Daemon) -> None
     lines = [e for e in daemon.log_events() if e.get("event") == "auth_failed"]
     assert 1 <= len(lines) <= 3 and lines[0]["remote"] == "127.0.0.1"
     assert "wrong" not in json.dumps(lines)
+    # (each refusal on the bus also logged a line of its own: `auth_invalid`, 10 here)
+    assert not [e for e in daemon.log_events() if e.get("event") == "auth_invalid"]
 
 
 async def test_token_less_attempts_are_answered_and_lock_out_nobody(daemon: Daemon) -> None:
@@ -154,6 +156,8 @@ async def test_token_less_attempts_are_answered_and_lock_out_nobody(daemon: Daem
     assert daemon.http("/api/connections/state")[0] == 200
     async with bus(daemon) as b:
         assert (await b.ok("ping"))["pong"] is True
+    events = [e.get("event") for e in daemon.log_events()]
+    assert "auth_invalid" not in events and 1 <= events.count("auth_failed") <= 3, events
 
 
 async def test_foreign_origin_refused_before_upgrade(daemon: Daemon) -> None:

@@ -115,7 +115,9 @@ class Session:
 
     async def _refuse(self, message: str) -> None:
         self.bus.count_error("unauthorized")
-        log.warning("auth_invalid", remote=self.addr, reason=message)
+        # In summary (a line per address a minute at most): any local process can fail in a
+        # loop, and a line each would push the real ones out of the rotated logs.
+        self.bus.guard.auth_log.note(self.addr, remote=self.addr, where="bus", reason=message)
         self.push(p.AuthInvalid(message=message))
         await self.outbox.close(CLOSE_POLICY, "authentication failed")
 
@@ -135,7 +137,6 @@ class Session:
                     p.AuthOk(version=p.PROTOCOL_VERSION, revision=self.svc.store.revision)
                 )
                 return True
-            self.bus.guard.auth_log.note(self.addr, remote=self.addr, where="bus")
             await self._refuse("invalid token in the Authorization header")
             return False
         await self.reply(p.AuthRequired(version=p.PROTOCOL_VERSION))
@@ -161,7 +162,6 @@ class Session:
             await self._refuse('expected {"type": "auth", "token": TOKEN} first')
             return False
         if not token_ok(auth.token, self.svc.token):
-            self.bus.guard.auth_log.note(self.addr, remote=self.addr, where="bus")
             await self._refuse("invalid token")
             return False
         self.authenticated = True  # (never evicted while its auth_ok goes out)
