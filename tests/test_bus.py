@@ -1365,6 +1365,31 @@ def _read_frame(s: socket.socket) -> tuple[int, bytes] | None:
         return None
 
 
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """One final frame as a client sends it (masked), payload under 126 bytes."""
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+def test_text_frames_that_are_not_utf8_close_1007_and_are_logged_in_summary(
+    daemon: Daemon,
+) -> None:
+    """Each one logged an error with a traceback (uvicorn's), which any peer can repeat."""
+    for _ in range(12):
+        s = _raw_ws(daemon)
+        try:
+            assert (_read_frame(s) or (None,))[0] == 0x1  # auth_ok
+            s.sendall(_client_frame(0x1, b'{"id": 1, "type": "ping", "x": "\xff"}'))
+            while (frame := _read_frame(s)) is not None and frame[0] != 0x8:
+                pass
+            assert frame is not None and int.from_bytes(frame[1][:2], "big") == 1007, frame
+        finally:
+            s.close()
+    lines = [e for e in daemon.log_events() if "utf" in json.dumps(e).lower()]
+    assert 1 <= len(lines) <= 3 and all(e["event"] == "bus_frame_not_utf8" for e in lines), lines
+
+
 def test_keepalive_pings_and_a_silent_client_is_dropped(data_dir: Path) -> None:
     d = Daemon(data_dir, env={"CTSD_BUS_PING_S": "0.3"}).start()
     try:

@@ -44,6 +44,7 @@ from websockets.protocol import State
 
 from ctsd.bus.outbox import TRUST, WIRE
 from ctsd.bus.session import CLOSE_TRY_AGAIN
+from ctsd.guard import SummaryLog
 
 log = structlog.get_logger("ctsd.web")
 
@@ -58,6 +59,7 @@ _BAD = (
     b"cache-control: no-store\r\nx-revision: %d\r\n"
 )
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
+_NOT_UTF8 = SummaryLog("bus_frame_not_utf8")  # (closed 1007; a line per peer a minute)
 _MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
 
 
@@ -529,22 +531,30 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def send_receive_event_to_app(self) -> None:
             # A frame the bus can take at once skips the ASGI queue and the task switch
             # (ASGI has no synchronous receive); anything else goes the ASGI way, in order.
+            # Text is decoded here, once, for both: uvicorn's own path logged each frame
+            # that is not UTF-8 as an error with a traceback, which any peer, token or not,
+            # could repeat. Past the decode, what it does for text, as it does it.
+            if self.curr_msg_data_type != "text" or self.close_sent:
+                super().send_receive_event_to_app()
+                return
+            single = len(self.frames) == 1
+            data = self.frames[0] if single else b"".join(self.frames)
+            self.frames = []
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                peer = self.client[0] if self.client else "?"
+                _NOT_UTF8.note(peer, remote=peer)
+                self.conn.send_close(1007, "a text frame that is not UTF-8")
+                self.handle_parser_exception()
+                return
             wire = self.wire
             fast = wire.fast if wire is not None else None
-            if (
-                fast is not None
-                and self.curr_msg_data_type == "text"
-                and len(self.frames) == 1
-                and not self.close_sent
-                and self.queue.empty()
-            ):
-                try:
-                    text = self.frames[0].decode()
-                except UnicodeDecodeError:
-                    text = None  # refused the ASGI way (close 1007)
-                if text is not None and fast(text):
-                    self.frames = []
-                    return
-            super().send_receive_event_to_app()
+            if fast is not None and single and self.queue.empty() and fast(text):
+                return
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
 
     return GuardedHttp, WiredWebSocket
