@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ctsd.bus.outbox import CLOSE_TIMEOUT_S
 from ctsd.files import CONNECTIONS, SYNC_LOG
 from tests.bus import bus, close_code
 from tests.daemon import TOKEN, Daemon, wait_until, wait_until_async
@@ -908,6 +909,9 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
                 want = list(range(rev + 1, rev + n + 1))
                 assert [e["id"] for e in got if e["id"] <= rev + n] == want
                 assert (await w.ok("status"))["bus"]["lagging_closed"] == 1
+                # Still not reading past the close's own timeout: the close waited for the
+                # backlog to drain, then dropped the connection (1006, no hint to resume).
+                await anyio.sleep(CLOSE_TIMEOUT_S + 0.5)
                 code, _ = await close_code(slow.ws, timeout=30)
                 assert code == 4008
     finally:

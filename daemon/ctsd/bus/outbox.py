@@ -54,6 +54,8 @@ class Wire(Protocol):
 
     def abort(self) -> None: ...
 
+    def close_behind(self, code: int, reason: str) -> None: ...
+
     # Set by the connection's session while it serves: called with each text frame read
     # while nothing waits for the session; True when it took the frame then and there.
     fast: Callable[[str], bool] | None
@@ -192,7 +194,8 @@ class Outbox:
         log.warning("subscriber_cut", remote=self.remote, code=CLOSE_LAGGING, reason=reason)
         if self.on_cut is not None:
             self.on_cut(self)
-        self.close_soon(CLOSE_LAGGING, reason)
+        self.sealed = True
+        self.wire.close_behind(CLOSE_LAGGING, reason)  # (it is behind: never waits for it)
 
     def close_soon(self, code: int, reason: str) -> None:
         """`close`, in a task of its own (from code that cannot wait for it)."""

@@ -195,6 +195,23 @@ class SocketWire:
         """Drop the connection now (its peer stopped reading: a close frame cannot reach it)."""
         self._p.transport.abort()
 
+    def close_behind(self, code: int, reason: str) -> None:
+        """Close with `code` now, behind what the transport holds: ASGI's close waits until
+        that drained, so a peer that had stopped reading got no close frame at all, only an
+        abort (1006) once the wait gave up, and a subscriber cut for falling behind could not
+        tell it may resume (4008). It reads its backlog, then the close; one that never reads
+        is dropped by the write-stall check. Mirrors uvicorn's close, without the wait."""
+        p = self._p
+        if not self.open:
+            return
+        p.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        p.conn.send_close(code, reason)
+        p.transport.write(b"".join(p.conn.data_to_send()))
+        p.transport.flush()  # (not held back for frames read ahead)
+        p.close_sent = True
+        p.transport.close()
+        p.watch_writes()
+
 
 def _as_json_refusal(response: Response, revision: int) -> Response:
     """A handshake websockets refuses (no Sec-WebSocket-Key, another version), answered as
