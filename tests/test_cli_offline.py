@@ -582,11 +582,11 @@ def test_an_ipv6_host_in_brackets_or_not(host: str, tmp_path: Path) -> None:
     port = free_port()
     r = ctsd("status", "--host", host, "--port", str(port), env=clean_env(CTSD_TOKEN="t"))
     assert r.returncode == 3, r.stderr
-    assert r.stderr.startswith(f"ctsd: no daemon answering on ::1:{port}"), r.stderr
+    assert r.stderr.startswith(f"ctsd: no daemon answering on [::1]:{port}"), r.stderr
     # In settings.json too, as an operator may write it.
     (tmp_path / "settings.json").write_text(json.dumps({"server": {"host": host, "port": port}}))
     r = ctsd("status", "--data-dir", str(tmp_path), env=clean_env(CTSD_TOKEN="t"))
-    assert r.returncode == 3 and f"on ::1:{port}" in r.stderr, r.stderr
+    assert r.returncode == 3 and f"on [::1]:{port}" in r.stderr, r.stderr
 
 
 def test_help_documents_the_exit_codes() -> None:
@@ -794,3 +794,25 @@ def test_verify_refuses_a_damaged_or_foreign_journal(tmp_path: Path) -> None:
     r = ctsd("verify", "--data-dir", str(tmp_path))
     assert r.returncode == 1
     assert "is not a ctsd journal" in r.stdout
+
+
+def test_table_cells_show_whole_floats_short() -> None:
+    """`conn volume c1 --live 1e308` printed a 309-digit number in `conn list`."""
+    from ctsd.client.render import cell
+
+    assert [cell(v) for v in (1.0, 2.5, 1e308, -1e20, None, True)] == [
+        "1",
+        "2.5",
+        "1e+308",
+        "-1e+20",
+        "-",
+        "yes",
+    ]
+
+
+def test_an_ipv6_target_is_shown_bracketed() -> None:
+    from ctsd.client.target import Target
+
+    t = Target("::1", 3587, Path("."))
+    assert (t.where, t.url) == ("[::1]:3587", "ws://[::1]:3587/ws")
+    assert Target("127.0.0.1", 1, Path(".")).where == "127.0.0.1:1"

@@ -29,12 +29,12 @@ class Target:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}/ws"
+        return f"ws://{self.where}/ws"
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6: [::1]:3587
+        return f"{host}:{self.port}"
 
 
 def _settings_listen(data_dir: Path) -> tuple[str | None, int | None]:
