@@ -94,6 +94,9 @@ def test_a_token_no_header_can_carry_is_named_never_shown(shared: Daemon, tmp_pa
     r = ctsd("status", env=env_for(shared, CTSD_TOKEN="SecretTok1\nSecretTok0"))
     assert r.returncode == 4 and "the bus token in CTSD_TOKEN holds" in r.stderr, r.stderr
     assert "SecretTok" not in r.stdout + r.stderr
+    r = ctsd("status", env=env_for(shared, CTSD_TOKEN="SecretTok" * 11_000))
+    assert r.returncode == 4 and "is 99000 characters; a token is at most" in r.stderr, r.stderr
+    assert "SecretTok" not in r.stdout + r.stderr
     # one of printable text, a space in it too, goes (to be refused as wrong: exit 4)
     r = ctsd("status", env=env_for(shared, CTSD_TOKEN="Secret Tok1"))
     assert r.returncode == 4 and r.stderr.startswith("ctsd: not authorized"), r.stderr

@@ -19,6 +19,9 @@ def _read(path: Path) -> str | None:
     return read_text_file(path)[0].strip() or None
 
 
+MAX_TOKEN_CHARS = 4096
+
+
 class BadToken(ValueError):
     """A token that cannot travel in a header; the message names its source only."""
 
@@ -27,6 +30,11 @@ def checked(token: str, source: str) -> str:
     """`token` if it can travel in a header; else ValueError naming its source, never its
     value (a second line of an edited token file, a pasted line break: a client's header
     library would print it back in its error)."""
+    if len(token) > MAX_TOKEN_CHARS:  # (a file pasted in whole, say)
+        raise BadToken(
+            f"the bus token in {source} is {len(token)} characters; a token is at most "
+            f"{MAX_TOKEN_CHARS} (it travels in a header)"
+        )
     # (what every HTTP client sends in a header: printable ASCII; httpx refuses Latin-1)
     if not all(" " <= ch <= "~" for ch in token):
         raise BadToken(
