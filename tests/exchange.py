@@ -59,7 +59,7 @@ class FakeExchange:
             self.requests.append((method, h.path, {k.lower(): v for k, v in h.headers.items()}))
         try:
             mode, _, rest = h.path.lstrip("/").partition("/")
-            path = "/" + rest
+            path = "/" + rest.split("?", 1)[0]
             length = int(h.headers.get("Content-Length") or 0)
             body_in = h.rfile.read(length) if length else b""
             if mode == "slow":
@@ -88,8 +88,11 @@ class FakeExchange:
             elif mode == "bomb":  # 48 KB on the wire, 50 MB inflated
                 bomb = gzip.compress(b" " * 50_000_000, 9)
                 self._send(h, 200, bomb, {"Content-Encoding": "gzip"})
-            elif mode == "projectx":
+            elif mode == "empty":  # a 2xx with no body at all
+                self._send(h, 200, b"")
+            elif mode in ("projectx", "projectxpad"):
                 creds = json.loads(body_in or b"{}")
+                pad = "x" * 192 if mode == "projectxpad" else ""  # the key across a 200 cut
                 ok = creds.get("userName") == PX_USER and creds.get("apiKey") == PX_KEY
                 answer = (
                     {"token": PX_TOKEN, "success": True, "errorCode": 0, "errorMessage": None}
@@ -99,7 +102,7 @@ class FakeExchange:
                         "success": False,
                         "errorCode": 3,
                         # a careless server echoing what it got: must be scrubbed
-                        "errorMessage": f"invalid key {creds.get('apiKey')}",
+                        "errorMessage": f"invalid key {pad}{creds.get('apiKey')}",
                     }
                 )
                 self._send(h, 200, json.dumps(answer).encode())

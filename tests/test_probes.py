@@ -218,6 +218,55 @@ async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
     assert 1 < fake.max_in_flight <= probes.MAX_CONCURRENT_TESTS
 
 
+async def test_a_test_waits_for_a_slot_within_its_own_timeout(app_factory: Any, fake: FakeExchange):
+    """Behind 32 tests of an exchange that never answers, a test of a healthy one waited for
+    slots as long as they took (twice `test_timeout_s` here), and then ran its own."""
+    import socket
+
+    import anyio
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # connections accepted by the kernel, never answered
+    try:
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        conns = [probe_connection(f"h{i}", hung) for i in range(32)]
+        app = await app_factory(
+            [*conns, probe_connection("ok", fake.base("ok"))], {"test_timeout_s": 1}
+        )
+        took: list[float] = []
+        results: dict[str, Any] = {}
+
+        async def one(cid: str) -> None:
+            t0 = time.monotonic()
+            results[cid] = await app.prober.run_test(app.store.connections[cid])
+            took.append(time.monotonic() - t0)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(one, f"h{i}")
+            await anyio.sleep(0)
+            tg.start_soon(one, "ok")
+        assert max(took) < 1.6, sorted(took)[-3:]
+        assert "test slots stayed busy for 1 s" in (results["ok"].error or ""), results["ok"]
+    finally:
+        silent.close()
+
+
+async def test_a_base_url_query_stays_after_the_path(app_factory: Any, fake: FakeExchange):
+    """`…/gw?k=v` was asked for as `/gw?k=v/v5/market/time`: the path ended in the query."""
+    app = await app_factory([probe_connection("q", fake.base("ok") + "?api_key=QUERYSECRET1")])
+    result = await app.prober.run_test(app.store.connections["q"])
+    assert result.success, result
+    assert fake.requests[-1][1] == "/ok/v5/market/time?api_key=QUERYSECRET1"
+
+
+async def test_an_empty_2xx_is_no_answer(app_factory: Any, fake: FakeExchange):
+    app = await app_factory([probe_connection("e", fake.base("empty"), exchange="kraken-pro")])
+    result = await app.prober.run_test(app.store.connections["e"])
+    assert not result.success and "an empty body" in (result.error or ""), result
+
+
 def _conn(**kw: Any) -> Connection:
     base = {"id": "x", "name": "x", "exchange": "bybit"}
     return Connection(**{**base, **kw})
@@ -311,6 +360,25 @@ async def test_projectx_refused_login_is_scrubbed(app_factory: Any, fake: FakeEx
     assert "errorCode 3" in result["error"]
     assert "WRONG-KEY" not in result["error"]  # the server echoed it; we scrub it
     assert app.prober.projectx_status()["state"] == "error"
+
+
+async def test_projectx_secrets_never_come_back_cut_or_in_the_url(
+    app_factory: Any, fake: FakeExchange
+) -> None:
+    """The server's message was cut to 200 characters before the key was scrubbed from it,
+    so a key across the cut came back in part; a password in apiUrl came back in the
+    parser's message (read as a port)."""
+    app = await _px_app(app_factory, fake.base("projectxpad"), key="WRONG-KEY-secret-987654")
+    result = await app.prober.test_projectx()
+    assert not result["success"] and "WRONG-KE" not in result["error"], result
+    for url in (
+        "http://deskuser:Spr1ngPw/x@127.0.0.1:1",
+        "http://deskuser:20/Spr1ngPw@127.0.0.1:1",
+    ):
+        app = await _px_app(app_factory, url)
+        result = await app.prober.test_projectx()
+        assert not result["success"], result
+        assert "Spr1ngPw" not in json.dumps(result) and "deskuser" not in json.dumps(result)
 
 
 async def test_projectx_unreachable(app_factory: Any):

@@ -203,6 +203,9 @@ def test_each_malformed_value_has_its_own_reason() -> None:
     for reason, values in cases.items():
         for value in values:
             assert reason_of(box, "c", "api_key", value).reason == reason, value
+    # A plain secret that starts with `enc:`: none of it shown (its next 8 characters were)
+    e = reason_of(box, "c", "api_key", f"enc:{CANARY}")
+    assert e.reason == "bad_format" and CANARY[:4] not in str(e), str(e)
 
 
 def test_no_key_configured_names_the_missing_key() -> None:

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -102,8 +102,8 @@ def _check_bingx(body: Any) -> str | None:
     return None
 
 
-def _check_any(_body: Any) -> str | None:
-    return None
+def _check_any(body: Any) -> str | None:
+    return "unexpected answer: an empty body, not JSON" if body is None else None
 
 
 @dataclass(frozen=True)
@@ -218,8 +218,15 @@ def target_for(conn: Connection) -> Target | str:
         headers.update(endpoint.testnet_headers)
     # With a base_url for an exchange we know, its path is appended (a gateway or fake of
     # that exchange); for an unknown exchange the base_url itself is what answers.
-    url = base.rstrip("/") + endpoint.path if endpoint is not None else base
+    url = _joined(base, endpoint.path) if endpoint is not None else base
     return Target("GET", url, headers, endpoint.check if endpoint is not None else _check_any)
+
+
+def _joined(base: str, path: str) -> str:
+    """`path` after `base`'s own path, before its query (`…/gw?k=v` + `/v5/market/time` is
+    `…/gw/v5/market/time?k=v`, not a query ending in the path)."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
 
 
 def _url_problem(url: str) -> str | None:
@@ -324,12 +331,27 @@ class Prober:
         json_body: Any = None,
         scrub: tuple[str, ...] = (),
     ) -> TestResult:
-        """Run one test request; every failure is a result, never an exception."""
-        async with self.semaphore:
-            return await self._request(target, timeout, json_body, scrub)
+        """Run one test request; every failure is a result, never an exception. `timeout`
+        bounds the whole test, its wait for one of the slots included: behind tests of an
+        exchange that never answers, a test took many times `test_timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.semaphore.acquire()
+        except TimeoutError:
+            return _failure(
+                f"not tested: all {MAX_CONCURRENT_TESTS} test slots stayed busy for "
+                f"{timeout:g} s (tests of exchanges that do not answer?)"
+            )
+        try:
+            left = max(0.001, deadline - loop.time())
+            return await self._request(target, left, json_body, scrub, timeout)
+        finally:
+            self.semaphore.release()
 
     async def _request(
-        self, target: Target, timeout: float, json_body: Any, scrub: tuple[str, ...]
+        self, target: Target, timeout: float, json_body: Any, scrub: tuple[str, ...], total: float
     ) -> TestResult:
         shown = display_url(target.url)
         try:
@@ -352,7 +374,7 @@ class Prober:
                 body_raw = await _bounded(resp) if ok else b""
             latency = round((time.perf_counter() - t0) * 1000, 2)
         except (TimeoutError, httpx.TimeoutException):
-            return _failure(f"timed out after {timeout:g} s waiting for {shown}")
+            return _failure(f"timed out after {total:g} s waiting for {shown}")
         except _TooLong:
             return _failure(f"the answer from {shown} is longer than {MAX_ANSWER_BYTES:,} bytes")
         except _Unreadable as e:
@@ -444,15 +466,18 @@ class Prober:
         """
         px = self.projectx_config(decrypt=True).projectX
         base = px.apiUrl or PROJECTX_DEFAULT_URL
+        problem = _url_problem(base)
         if not base.startswith(("http://", "https://")):
             result = _failure("projectX.apiUrl must start with http:// or https://")
+        elif problem is not None:
+            result = _failure(f"projectX.apiUrl is not a usable URL: {problem}")
         elif not px.username or not px.apiKey:
             result = _failure("Project X credentials are not set (projectX.username, apiKey)")
         else:
-            scrub = (px.apiKey, px.username)
+            scrub = (px.apiKey, px.username, *_userinfo_parts(base))
             target = Target(
                 "POST",
-                base.rstrip("/") + PROJECTX_LOGIN_PATH,
+                _joined(base, PROJECTX_LOGIN_PATH),
                 {"accept": "application/json", "user-agent": USER_AGENT},
                 lambda body: _check_projectx(body, scrub),
             )
@@ -492,7 +517,7 @@ def _check_projectx(body: Any, scrub: tuple[str, ...]) -> str | None:
         return "unexpected answer: not a Project X response (no success)"
     if b.get("success") is not True or not b.get("token"):
         code = b.get("errorCode")
-        message = _scrub(str(b.get("errorMessage") or "")[:200], scrub)
+        message = _scrub(str(b.get("errorMessage") or ""), scrub)[:200]  # (a cut one, whole)
         return f"Project X refused the login (errorCode {code})" + (
             f": {message}" if message else ""
         )
