@@ -303,8 +303,7 @@ class SecretBox:
             # show its next characters (in /health, notices, logs, answers).
             return fail(
                 "bad_format",
-                "starts with `enc:` but is not `enc:v1:KEYID:DATA` (a version this ctsd "
-                "reads)",
+                "starts with `enc:` but is not `enc:v1:KEYID:DATA` (a version this ctsd reads)",
             )
         kid = stored_key_id(stored)
         if kid is None:
