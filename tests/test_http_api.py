@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -710,6 +712,11 @@ def test_loopback_auth_is_opt_in(data_dir: Path) -> None:
         async def bus_without_token() -> None:
             async with connect(d.ws_url) as ws:
                 assert json.loads(await ws.recv())["type"] == "auth_ok"
+                # ... but not a re-key, which a page could make to a key only it knows
+                key = base64.b64encode(os.urandom(32)).decode()
+                await ws.send(json.dumps({"id": 1, "type": "secrets.rekey", "secrets_key": key}))
+                reply = json.loads(await ws.recv())
+                assert reply["error"]["code"] == "unauthorized", reply
 
         anyio.run(bus_without_token)
     finally:

@@ -1157,6 +1157,38 @@ async def test_a_round_leaves_a_file_just_deleted_to_the_grace_of_an_editors_sav
     assert by_id(data_dir)["c1"]["name"] == "at the stop"
 
 
+async def test_a_rekey_is_refused_while_a_file_of_secrets_is_invalid(data_dir: Path) -> None:
+    """connections.json invalid at start (a tampered value, say): memory holds none of its
+    records, so a re-key answered success and left its secrets under the old key, which a
+    restart with the new one then refused. Now refused until the file is fixed."""
+    old_box = SecretBox(parse_key(new_key_text(), "old"))
+    new_box = SecretBox(parse_key(new_key_text(), "new"), also=(old_box.key,))
+    store = Store(data_dir, old_box)
+    store.open()
+    await store.start()
+    try:
+        await store.submit(ops.create(conn(1, api_key=CANARY)), "bus", sync="files")
+    finally:
+        await store.close()
+    good = (data_dir / CONNECTIONS).read_bytes()
+    (data_dir / CONNECTIONS).write_bytes(good.replace(b"enc:v1:", b"enc:v9:", 1))
+    store = Store(data_dir, old_box)
+    store.open()
+    await store.start()
+    try:
+        assert CONNECTIONS in store.problems and not store.connections
+        with pytest.raises(CtsdError) as exc:
+            await store.rekey(new_box, "cli")
+        assert exc.value.code == "file_invalid" and CONNECTIONS in exc.value.message
+        assert store.box is old_box
+        (data_dir / CONNECTIONS).write_bytes(good)
+        assert await store.ingest(CONNECTIONS)
+        await store.rekey(new_box, "cli")
+        assert new_box.key.id in (data_dir / CONNECTIONS).read_text()
+    finally:
+        await store.close()
+
+
 async def test_algorithms_swapped_for_a_link_is_neither_written_nor_read_through(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -54,6 +54,7 @@ from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.sealer import Sealer, secure_loaded
 from ctsd.secretbox import SecretBox
+from ctsd.secretfields import SECRET_FILES
 from ctsd.timeutil import later, now_iso
 
 log = structlog.get_logger("ctsd.store")
@@ -231,7 +232,17 @@ class Store:
 
     async def rekey(self, new_box: SecretBox, source: str) -> tuple[Any, int]:
         """Every secret re-encrypted under `new_box`'s key: one change through the door (its
-        answer, and the revision right after it)."""
+        answer, and the revision right after it). Refused while a file holding secrets is
+        invalid on disk: memory does not hold what it holds, so its secrets would stay under
+        the old key, and a restart with the new one would refuse them."""
+        for file in SECRET_FILES:
+            if (problem := self.problems.get(file)) is not None:
+                raise CtsdError(
+                    "file_invalid",
+                    f"{file} is invalid on disk ({problem.format()}): its secrets cannot be "
+                    "re-encrypted; fix it, then re-key",
+                    extra={"file": file},
+                )
         return await self.submit_answer(ops.rekey(new_box), source, sync="files")
 
     def landed(self, msg_id: str) -> bool:

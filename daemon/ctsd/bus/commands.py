@@ -217,8 +217,14 @@ async def data_restore(c: Call, a: p.DataRestore) -> Any:
 async def secrets_rekey(c: Call, a: p.SecretsRekey) -> Any:
     """Every secret re-encrypted under a new key, as one change through the door. The key is
     in the frame, so only from a client on this host (`ws://` is not encrypted)."""
-    if not is_loopback(_session(c).addr):
+    session = _session(c)
+    if not is_loopback(session.addr):
         raise CtsdError("invalid", "secrets.rekey is taken only from a client on this host")
+    if session.tokenless:
+        # server.auth "loopback" lets a browser page of an allowed origin in without the
+        # token: a re-key to a key only that page knows would leave the data unreadable at
+        # the next start. The operator's CLI always shows the token.
+        raise CtsdError("unauthorized", "secrets.rekey needs the bus token, also in loopback mode")
     store = c.svc.store
     if store.committer.shared:
         # The other hosts would get values sealed under a key they do not hold, and could

@@ -106,6 +106,7 @@ class Bus:
             await send({"type": "websocket.close", "code": code, "reason": reason})
 
         session = Session(self, Outbox(wire, close, addr), receive, addr)
+        session.tokenless = exempt  # (server.auth "loopback": what it may do, it does unproven)
         self.connected.add(session)
         if header is None and not exempt:
             self._wait(session, server.max_unauthenticated)

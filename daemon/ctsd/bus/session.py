@@ -83,6 +83,7 @@ class Session:
         self._busy = False  # `serve` is handling a frame (a frame read now must wait for it)
         self._evicted = False  # closed while waiting to authenticate (`evict`)
         self.authenticated = False  # its auth_ok is on its way: no longer one that waits
+        self.tokenless = False  # let in without the token (server.auth "loopback")
 
     # --- sending ----------------------------------------------------------------------------
 
