@@ -121,6 +121,7 @@ class Checkpointer:
         self.last_write_s = 0.0  # how long the last round's write took (in its thread)
         self.stopping = False
         self.rounds = 0
+        self.force_cut = False  # the next round cuts the journal even with nothing to drop
         # Files whose writes keep failing: (the error last logged, when, attempts since). A
         # lasting fault (disk full, algorithms/ made a link) is logged when it starts or
         # changes and once a minute while it lasts, not at every retry.
@@ -580,8 +581,9 @@ class Checkpointer:
         waiting = [first for f, (first, _) in self.dirty.items() if f not in invalid]
         upto = min(waiting) - 1 if waiting else self.installed
         stuck = sorted(f for f in self.dirty if f in invalid)
-        if upto <= self.cut and not stuck:
+        if upto <= self.cut and not stuck and not self.force_cut:
             return
+        self.force_cut = False
         carry = self._carry(stuck) if stuck else None
         sync_log = self.disk.files.get(SYNC_LOG)
         base = sync_log.content[-1].id if sync_log is not None and sync_log.content else 0

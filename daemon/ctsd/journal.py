@@ -345,6 +345,10 @@ class Journal:
         self.end = 0  # where the next frame goes (everything before is good and synced)
         # ... but for records written without an fdatasync since the last (`sync_written`)
         self.written_unsynced = False
+        # The next `compact` leaves none of the records it drops in the file (a truncate or
+        # a rewrite, never a cut appended after them): their bytes hold what must go, the
+        # secrets under a key just retired.
+        self.scrub_pending = False
         # The file's length: zeros from `end` to here, written and synced ahead (`grow`).
         self.capacity = 0
         # Held by `grow` while it writes past `capacity`, and by whatever writes there too or
@@ -533,6 +537,7 @@ class Journal:
         """Drop the records up to lsn `upto` (their changes are in the data files, which are
         at `base_revision`). `carry` holds what those records changed in files the
         checkpointer could not write (invalid on disk): it is kept, as the new first record."""
+        scrub, self.scrub_pending = self.scrub_pending, False
         dropped = False
         while self.offsets and self.offsets[0][0] <= upto:
             lsn, _end = self.offsets.popleft()
@@ -540,12 +545,13 @@ class Journal:
             seq = self.seqs.pop(lsn, None)
             if seq is not None:
                 self.stream_seq = max(self.stream_seq, seq)
-        if not dropped and carry is None:
+        if not dropped and carry is None and not scrub:
             return  # nothing to drop
         self.base_revision = base_revision
         emptied = carry is None and not self.offsets and self.stream_seq == 0
         if emptied and (
-            self.end - self.header_end >= EMPTY_CUT_BELOW
+            scrub
+            or self.end - self.header_end >= EMPTY_CUT_BELOW
             or not self.cut_is_cheap(None)
             or not self._has_room()
         ):
@@ -562,7 +568,7 @@ class Journal:
             return
         # A cut goes only under a header that says cuts may follow (an older ctsd reading
         # the journal must refuse its version, not stumble on a frame it cannot read).
-        if self.cut_is_cheap(carry):
+        if self.cut_is_cheap(carry) and not scrub:
             self._append(frame(_encode(Cut(upto, self.base_revision, self.stream_seq))), True)
             return
         self._rewrite(carry)

@@ -243,7 +243,12 @@ class Store:
                     "re-encrypted; fix it, then re-key",
                     extra={"file": file},
                 )
-        return await self.submit_answer(ops.rekey(new_box), source, sync="files")
+        answer = await self.submit_answer(ops.rekey(new_box), source, sync="files")
+        # The journal's records from before hold values under the old key (or plain): gone
+        # from the file at the next cut, which is now.
+        self.journal.scrub_pending = self.checkpointer.force_cut = True
+        self.checkpointer.wake.set()
+        return answer
 
     def landed(self, msg_id: str) -> bool:
         return self.committer.landed(msg_id)
@@ -601,7 +606,7 @@ class Store:
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         job = functools.partial(self.journal.compact, upto, base, carry)
-        if self.journal.cut_is_cheap(carry):
+        if self.journal.cut_is_cheap(carry) and not self.journal.scrub_pending:
             await self._journal(job)
         else:
             await self._on_io(job, judged=False)  # a rewrite of the journal
