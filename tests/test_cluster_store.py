@@ -110,6 +110,9 @@ async def test_same_record_on_two_hosts_one_wins_the_other_gets_conflict(
         on_y = [
             asyncio.create_task(y.store.submit(ops.update("c1", {"volume_factor": 3.0}), "bus")),
             asyncio.create_task(y.store.submit(ops.update("c2", {"name": "from y"}), "bus")),
+            # A second change of c2 in the same group: computed again after the conflict, it
+            # was refused `conflict` for the first one's revision, this host's own change.
+            asyncio.create_task(y.store.submit(ops.update("c2", {"volume_factor": 2.0}), "bus")),
         ]
         # y's group, computed at seq 2, is in the stream after x's (keyed: the stream takes
         # it); y answers only once it has applied x's change and checked its own against it.
@@ -122,13 +125,15 @@ async def test_same_record_on_two_hosts_one_wins_the_other_gets_conflict(
             await on_y[0]
         assert refused.value.code == "conflict", refused.value
         assert (await on_y[1]).name == "from y"  # a record nobody else changed goes through
+        assert (await on_y[2]).volume_factor == 2.0
         assert y.conflicts >= 1
         await x.engine.wait_applied(y.engine.applied_seq, timeout=10)
         for c in (x, y):
             assert c.store.connections["c1"].name == "from x"
             assert c.store.connections["c1"].volume_factor == 1.0  # never silently merged
             assert c.store.connections["c2"].name == "from y"
-        assert [e.id for e in x.store.log] == [e.id for e in y.store.log] == [1, 2, 3, 4]
+            assert c.store.connections["c2"].volume_factor == 2.0
+        assert [e.id for e in x.store.log] == [e.id for e in y.store.log] == [1, 2, 3, 4, 5]
 
 
 async def test_different_records_on_two_hosts_both_go_through_in_stream_order(

@@ -436,6 +436,10 @@ class Request:
     op: Op
     source: str
     if_match: int | None = None
+    # `if_match` is compared with what the group started from only, not with what the
+    # requests before it in the group changed: a cluster host's recomputation guards each
+    # request against other hosts' changes, and its own earlier requests are no such change.
+    against_base: bool = False
 
 
 def apply_group(
@@ -462,7 +466,8 @@ def apply_group(
             out.result = req.op(tx)
             _note_sync(tx)
             if req.if_match is not None:
-                _check_if_match(base, group_revs, tx.keys(), req.if_match)
+                revs = {} if req.against_base else group_revs
+                _check_if_match(base, revs, tx.keys(), req.if_match)
             out.files = tx.files()
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)

@@ -458,7 +458,9 @@ class ClusterCommitter:
                 return failed(requests, unavailable(why)), None
             guarded = unguarded
             requests = [
-                r if r.if_match is not None else Request(r.op, r.source, first_revision)
+                r
+                if r.if_match is not None
+                else Request(r.op, r.source, first_revision, against_base=True)
                 for r in requests
             ]
         raise AssertionError("unreachable")
