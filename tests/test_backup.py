@@ -234,6 +234,21 @@ def test_restore_round_trip(setup: Setup, tmp_path: Path) -> None:
     assert ctsd("verify", "--data-dir", str(data)).returncode == 0
 
 
+def test_an_offline_restore_of_a_cluster_host_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """Restored with the daemon stopped, a cluster host held files no other host has, and
+    its next start refused them (data of its own the cluster lacks). Refused, pointing to a
+    restore through the running daemon; nothing changed."""
+    data, k1, _key, _plain = setup
+    out = tmp_path / "b.tar.gz"
+    assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    (data / ".cluster-boots").write_text("")
+    before = data_files(data)
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 1 and "is a cluster host's" in r.stderr, r.stderr
+    assert "nothing was changed" in r.stderr and data_files(data) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("data.")] == []
+
+
 def test_restore_never_follows_a_link_the_daemons_user_planted(
     setup: Setup, tmp_path: Path
 ) -> None:

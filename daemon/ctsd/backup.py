@@ -667,6 +667,13 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
         real.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         real.mkdir(mode=DIR_MODE)
     with exclusive(real):
+        if (real / files.CLUSTER_BOOTS).exists():
+            # Its files would be ones no other host has, its next start refused them as data
+            # of its own the cluster lacks: the running daemon publishes a restore instead.
+            raise ArchiveError(
+                f"{data_dir} is a cluster host's (it holds {files.CLUSTER_BOOTS}): restore through "
+                "its running daemon (`ctsd restore` with it running), which restores every host"
+            )
         archive = early or verified()
         tidied = tidy_interrupted_restore(real)
         before = revision_before(real)

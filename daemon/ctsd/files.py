@@ -35,6 +35,7 @@ STATE = "connection-state.json"
 SYNC_LOG = "connection-sync-log.json"
 SETTINGS = "settings.json"
 ALGORITHMS_DIR = "algorithms"
+CLUSTER_BOOTS = ".cluster-boots"  # a cluster host's starts (`cluster.boots`): its mark too
 
 # Document name (as on the bus) → file, and the typed view it must satisfy.
 DOCUMENTS: dict[str, tuple[str, Any]] = {

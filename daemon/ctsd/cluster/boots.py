@@ -16,10 +16,10 @@ import msgspec
 import structlog
 
 from ctsd.atomic import write_files
-from ctsd.files import Invalid
+from ctsd.files import CLUSTER_BOOTS, Invalid
 from ctsd.safefile import read_data_file
 
-NAME = ".cluster-boots"
+NAME = CLUSTER_BOOTS
 KEPT = 64  # starts remembered (a message older than that many starts is history anyway)
 _BOOT = re.compile(r"[0-9a-f]{16}")
 
