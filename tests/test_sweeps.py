@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from ctsd import ops, sweeps
@@ -335,6 +336,60 @@ async def test_a_heartbeat_stamped_later_than_now_does_not_hold_off_stale(tmp_pa
         assert sweeps.monotonic_of(format_ts(ahead)) <= time.monotonic()
         assert sw.tick(now) == {}  # learns c1
         assert list(sw.tick(now + 2)) == ["c1"]
+    finally:
+        await app.store.close()
+
+
+async def test_a_stored_heartbeat_in_the_future_is_replaced_and_holds_nothing_off(
+    tmp_path: Path,
+) -> None:
+    """last_heartbeat_at set a month ahead by hand: every event of the connection (a volume
+    set, a test) took it as now again, so it never went stale while they came; and each real
+    heartbeat was older than it, so none reached the file or the reads."""
+    app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
+    try:
+        sw = app.sweeper
+        ahead = format_ts(dt.datetime.now(dt.UTC) + dt.timedelta(days=30))
+        rows = [msgspec.to_builtins(app.store.state["c1"])]
+        rows[0]["last_heartbeat_at"] = ahead
+        (app.data_dir / STATE).write_text(json.dumps(rows))
+        assert await app.store.ingest(STATE)
+        assert app.store.state["c1"].last_heartbeat_at == ahead
+        assert sw.tick(time.monotonic()) == {}  # learns c1
+        gone_stale = False
+        with anyio.fail_after(5):
+            while not gone_stale:  # events keep coming, no heartbeat
+                await app.store.submit(ops.set_volume("c1", live=2.0 + time.time() % 1), "bus")
+                transitions = sw.tick(time.monotonic())
+                if transitions:
+                    await sw._apply_stale(transitions)
+                    gone_stale = status(app, "c1") == "stale"
+                await anyio.sleep(0.1)
+        sw.heartbeat("c1")  # a real one replaces the month-ahead stamp
+        beat = app.store.heartbeats["c1"]
+        assert app.store.state_view("c1").last_heartbeat_at == beat  # type: ignore[union-attr]
+        assert sw.flush_plan() == {"c1": beat}
+    finally:
+        await app.store.close()
+
+
+async def test_the_stale_event_names_the_heartbeat_the_state_keeps(tmp_path: Path):
+    """The event named the heartbeat held in memory, the state record the later one a test
+    had stamped: they disagreed."""
+    app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
+    try:
+        sw = app.sweeper
+        now = time.monotonic()
+        assert sw.tick(now) == {}
+        sw.heartbeat("c1")
+        ok = TestResult(success=True, latency=1.0, timestamp=format_ts(dt.datetime.now(dt.UTC)))
+        await app.store.submit(ops.record_test("c1", ok), "probe")
+        transitions = sw.tick(now + 5)
+        assert list(transitions) == ["c1"]
+        await sw._apply_stale(transitions)
+        (event,) = [e for e in app.store.log if e.action == "stale"]
+        kept = app.store.state["c1"].last_heartbeat_at
+        assert event.data["last_heartbeat_at"] == kept == ok.timestamp, (event.data, kept)
     finally:
         await app.store.close()
 

@@ -35,7 +35,7 @@ from ctsd.redact import (
 from ctsd.sealer import CONNECTION_DOC_NAME
 from ctsd.secretbox import SecretError
 from ctsd.table import Table
-from ctsd.timeutil import later
+from ctsd.timeutil import beat_after
 
 __all__ = ["Op"]
 
@@ -313,7 +313,7 @@ def record_test(cid: str, result: TestResult) -> Op:
         conn = _require(tx, cid)
         state = _state_of(tx, conn)
         changes: dict[str, Any] = {"test_results": result, "updated_at": tx.now}
-        if result.success and later(result.timestamp, state.last_heartbeat_at):
+        if result.success and beat_after(result.timestamp, state.last_heartbeat_at, tx.now):
             changes["last_heartbeat_at"] = result.timestamp
         recovered = result.success and state.status == "stale"
         if recovered:
@@ -345,19 +345,18 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
                 continue
             if status == "stale":
                 latest = tx.ctx.heartbeats.get(cid)
-                if state.status != "active" or later(latest, heartbeat):
+                if state.status != "active" or beat_after(latest, heartbeat, tx.now):
                     continue
             elif status != "active" or state.status != "stale":
                 continue
-            beat = max(
-                (b for b in (heartbeat, state.last_heartbeat_at) if b is not None), default=None
-            )
+            stored = state.last_heartbeat_at
+            beat = heartbeat if beat_after(heartbeat, stored, tx.now) else stored
             new = msgspec.structs.replace(
                 state, status=status, last_heartbeat_at=beat, updated_at=tx.now
             )
             put_state(tx, new, ["status", "last_heartbeat_at", "updated_at"])
             if status == "stale":
-                tx.emit("stale", cid, {"last_heartbeat_at": heartbeat, "timestamp": tx.now})
+                tx.emit("stale", cid, {"last_heartbeat_at": beat, "timestamp": tx.now})
             else:
                 tx.emit("recovered", cid, {"reason": "heartbeat", "timestamp": tx.now})
             n += 1
@@ -374,7 +373,7 @@ def flush_heartbeats(beats: Mapping[str, str]) -> Op:
         n = 0
         for cid, hb in beats.items():
             state = tx.state.get(cid)
-            if state is not None and later(hb, state.last_heartbeat_at):
+            if state is not None and beat_after(hb, state.last_heartbeat_at, tx.now):
                 put_state(
                     tx, msgspec.structs.replace(state, last_heartbeat_at=hb), ["last_heartbeat_at"]
                 )

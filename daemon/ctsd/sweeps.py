@@ -42,7 +42,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE
 from ctsd.models import SyncEvent
 from ctsd.probes import Prober
-from ctsd.timeutil import later
+from ctsd.timeutil import beat_after, now_iso
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -183,14 +183,18 @@ class Sweeper:
             return
         if conn.is_enabled and conn.is_active:
             st = self.store.state_view(cid)
-            hb = monotonic_of(st.last_heartbeat_at) if st is not None else -math.inf
+            hb = monotonic_of(st.last_heartbeat_at, clamp=False) if st is not None else -math.inf
             if cid in self.live:
-                last = max(self.last_beat.get(cid, -math.inf), hb)
+                # One stamped after now (a hand edit, the clock stepped back) is no beat: taken
+                # as now at every event, it held `stale` off for as long as events came.
+                last = self.last_beat.get(cid, -math.inf)
+                if hb <= now:
+                    last = max(last, hb)
             else:
                 # Just became active, or the daemon just started: it gets a full
                 # stale_after_s from now (nobody could heartbeat while it was off or down).
                 self.live.add(cid)
-                last = max(hb, now)
+                last = now
             self.last_beat[cid] = last
             if cid not in self.in_heap:
                 heapq.heappush(self.heap, (last, cid))
@@ -284,7 +288,7 @@ class Sweeper:
             latest = self.store.heartbeats.get(cid)
             if st is None:
                 continue
-            if st.status == "stale" and later(latest, hb):
+            if st.status == "stale" and beat_after(latest, hb, now_iso()):
                 self._recover(cid)  # a heartbeat landed while the write was in flight
             elif st.status != "stale":
                 self._watch(cid)
@@ -323,10 +327,11 @@ class Sweeper:
         """What the flush would write: only heartbeats newer than the committed ones."""
         state, beats_mem = self.store.state, self.store.heartbeats
         beats: dict[str, str] = {}
+        now = now_iso()
         for cid in self.beats_dirty:
             hb, st = beats_mem.get(cid), state.get(cid)
-            if st is not None and later(hb, st.last_heartbeat_at):
-                beats[cid] = hb  # type: ignore[assignment]  # set: later() said so
+            if hb is not None and st is not None and beat_after(hb, st.last_heartbeat_at, now):
+                beats[cid] = hb
         return beats
 
     @property

@@ -33,3 +33,10 @@ def later(ts: str | None, than: str | None) -> bool:
     """Is `ts` set and later than `than` (unset counts as earliest)? Our timestamps are all
     the same ISO-8601 UTC form, so they compare as strings."""
     return ts is not None and (than is None or ts > than)
+
+
+def beat_after(ts: str | None, than: str | None, now: str) -> bool:
+    """`later`, for heartbeats: one stamped after `now` (the clock stepped back since, or a
+    hand edit) counts as the earliest, so a real heartbeat replaces it: else it held every
+    later one off the file and `stale` off the connection until the clock got there."""
+    return ts is not None and (than is None or ts > than or than > now)
