@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import structlog.testing
 
 from ctsd import ops, sweeps
 from ctsd.files import STATE
@@ -390,6 +391,37 @@ async def test_the_stale_event_names_the_heartbeat_the_state_keeps(tmp_path: Pat
         (event,) = [e for e in app.store.log if e.action == "stale"]
         kept = app.store.state["c1"].last_heartbeat_at
         assert event.data["last_heartbeat_at"] == kept == ok.timestamp, (event.data, kept)
+    finally:
+        await app.store.close()
+
+
+async def test_a_recovery_refused_while_the_state_file_is_invalid_comes_once_it_is_fixed(
+    tmp_path: Path,
+) -> None:
+    """connection-state.json invalid: each heartbeat of a stale connection logged its own
+    `recover_failed` (a line per beat of every bot), and once the file was fixed the
+    connection stayed stale, as no heartbeat came again."""
+    app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
+    try:
+        sw = app.sweeper
+        now = time.monotonic()
+        assert sw.tick(now) == {}
+        await sw._apply_stale(sw.tick(now + 5))
+        assert status(app, "c1") == "stale"
+        good = json.dumps([msgspec.to_builtins(app.store.state["c1"])])
+        (app.data_dir / STATE).write_text("[{")
+        assert not await app.store.ingest(STATE)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(5):
+                sw.heartbeat("c1")
+                await wait_until_async(lambda: not sw.recovering, 5)
+        assert "c1" in sw.recover_again and status(app, "c1") == "stale"
+        assert [e["event"] for e in logs].count("recover_failed") == 1, logs
+        (app.data_dir / STATE).write_text(good)
+        assert await app.store.ingest(STATE)
+        sw.tick(time.monotonic())  # no heartbeat since: the tick tries again
+        await wait_until_async(lambda: status(app, "c1") == "active", 5, what="recovered")
+        assert not sw.recover_again
     finally:
         await app.store.close()
 

@@ -115,6 +115,9 @@ class Sweeper:
         self._rescan_pos = 0
         self.backlog = False  # a budgeted tick stopped with entries still due
         self.recovering: set[str] = set()
+        # Recoveries refused (connection-state.json invalid on disk, say): tried again at the
+        # ticks once the file is valid, not only at a heartbeat that may not come again.
+        self.recover_again: set[str] = set()
         # Coalesced flush.
         self.beats_dirty: set[str] = set()
         # One flush at a time; a flush asked for meanwhile (shutdown) waits, then writes what
@@ -246,6 +249,9 @@ class Sweeper:
             changed, self.changed = self.changed, set()
             for cid in changed:
                 self._refresh(cid, now)
+        if self.recover_again and STATE not in self.store.problems:
+            for cid in list(self.recover_again):
+                self._recover(cid)
         threshold = now - self.store.settings.stale_after_s
         heap = self.heap
         state = self.store.state
@@ -317,7 +323,12 @@ class Sweeper:
             if n:
                 log.info("connection_recovered", connection_id=cid, reason="heartbeat")
         except CtsdError as e:
-            log.warning("recover_failed", connection_id=cid, error=e.message)
+            self.recover_again.add(cid)
+            self._warn("recover_failed", e, connection_id=cid)  # (once per cause, not per beat)
+        else:
+            self.recover_again.discard(cid)
+            if not self.recover_again:
+                self._warned.pop("recover_failed", None)
         finally:
             self.recovering.discard(cid)
 
