@@ -911,6 +911,9 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
                 assert (await w.ok("status"))["bus"]["lagging_closed"] == 1
                 # Still not reading past the close's own timeout: the close waited for the
                 # backlog to drain, then dropped the connection (1006, no hint to resume).
+                # And it sends meanwhile (a keepalive ping, a command): a socket closed with
+                # that unread is reset, backlog and close lost.
+                await slow.ws.send(json.dumps({"id": 10**9, "type": "ping"}))
                 await anyio.sleep(CLOSE_TIMEOUT_S + 0.5)
                 code, _ = await close_code(slow.ws, timeout=30)
                 assert code == 4008

@@ -59,6 +59,7 @@ _BAD = (
     b"cache-control: no-store\r\nx-revision: %d\r\n"
 )
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
+CLOSE_BEHIND_S = 60.0  # a cut subscriber's backlog and close, read out, or the socket closed
 _NOT_UTF8 = SummaryLog("bus_frame_not_utf8")  # (closed 1007; a line per peer a minute)
 _MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
 
@@ -200,7 +201,10 @@ class SocketWire:
         that drained, so a peer that had stopped reading got no close frame at all, only an
         abort (1006) once the wait gave up, and a subscriber cut for falling behind could not
         tell it may resume (4008). It reads its backlog, then the close; one that never reads
-        is dropped by the write-stall check. Mirrors uvicorn's close, without the wait."""
+        is dropped by the write-stall check. Mirrors uvicorn's close, without the wait: the
+        connection is read on (what comes is dropped) until the peer's close answers ours, as
+        a socket closed with unread bytes in it is reset, its backlog and our close lost
+        (a lagging peer's keepalive ping would do), or until CLOSE_BEHIND_S."""
         p = self._p
         if not self.open:
             return
@@ -209,7 +213,10 @@ class SocketWire:
         p.transport.write(b"".join(p.conn.data_to_send()))
         p.transport.flush()  # (not held back for frames read ahead)
         p.close_sent = True
-        p.transport.close()
+        if p.read_paused:
+            p.read_paused = False
+            p.transport.resume_reading()
+        p.close_timer = p.loop.call_later(CLOSE_BEHIND_S, p.transport.close)
         p.watch_writes()
 
 
