@@ -345,10 +345,10 @@ class Journal:
         self.end = 0  # where the next frame goes (everything before is good and synced)
         # ... but for records written without an fdatasync since the last (`sync_written`)
         self.written_unsynced = False
-        # The next `compact` leaves none of the records it drops in the file (a truncate or
-        # a rewrite, never a cut appended after them): their bytes hold what must go, the
-        # secrets under a key just retired.
-        self.scrub_pending = False
+        # The first `compact` that drops every record up to this lsn leaves none of them in
+        # the file (a truncate or a rewrite, never a cut appended after them): their bytes
+        # hold what must go, the secrets under a key just retired. Kept until one has.
+        self.scrub_through: int | None = None
         # The file's length: zeros from `end` to here, written and synced ahead (`grow`).
         self.capacity = 0
         # Held by `grow` while it writes past `capacity`, and by whatever writes there too or
@@ -537,7 +537,9 @@ class Journal:
         """Drop the records up to lsn `upto` (their changes are in the data files, which are
         at `base_revision`). `carry` holds what those records changed in files the
         checkpointer could not write (invalid on disk): it is kept, as the new first record."""
-        scrub, self.scrub_pending = self.scrub_pending, False
+        # (Only once everything up to it is in the files: a record still needed, or a carried
+        # one at the head, is never dropped by it.)
+        scrub = self.scrub_through is not None and upto >= self.scrub_through
         dropped = False
         while self.offsets and self.offsets[0][0] <= upto:
             lsn, _end = self.offsets.popleft()
@@ -559,6 +561,8 @@ class Journal:
                 os.ftruncate(self.fd, self.header_end)
                 os.fdatasync(self.fd)
                 self.end = self.capacity = self.header_end
+            if scrub:
+                self.scrub_through = None
             if self.version != VERSION:
                 self._rewrite(None)  # (a header that says cuts may follow)
             else:
@@ -572,6 +576,8 @@ class Journal:
             self._append(frame(_encode(Cut(upto, self.base_revision, self.stream_seq))), True)
             return
         self._rewrite(carry)
+        if scrub:
+            self.scrub_through = None
 
     def _rewrite(self, carry: Change | None) -> None:
         """The journal again with only the records not dropped (after `carry`, if any)."""

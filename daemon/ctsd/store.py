@@ -243,12 +243,15 @@ class Store:
                     "re-encrypted; fix it, then re-key",
                     extra={"file": file},
                 )
-        answer = await self.submit_answer(ops.rekey(new_box), source, sync="files")
-        # The journal's records from before hold values under the old key (or plain): gone
-        # from the file at the next cut, which is now.
-        self.journal.scrub_pending = self.checkpointer.force_cut = True
-        self.checkpointer.wake.set()
-        return answer
+        try:
+            return await self.submit_answer(ops.rekey(new_box), source, sync="files")
+        finally:
+            # The journal's records from before hold values under the old key (or plain):
+            # gone from the file at the first cut past the re-key, asked for now. (Also when
+            # its answer failed: it may be journalled all the same.)
+            self.journal.scrub_through = self.journal.lsn
+            self.checkpointer.force_cut = True
+            self.checkpointer.wake.set()
 
     def landed(self, msg_id: str) -> bool:
         return self.committer.landed(msg_id)
@@ -606,7 +609,7 @@ class Store:
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         job = functools.partial(self.journal.compact, upto, base, carry)
-        if self.journal.cut_is_cheap(carry) and not self.journal.scrub_pending:
+        if self.journal.cut_is_cheap(carry) and self.journal.scrub_through is None:
             await self._journal(job)
         else:
             await self._on_io(job, judged=False)  # a rewrite of the journal
