@@ -545,25 +545,30 @@ def test_signals_in_the_first_half_second_are_handled(data_dir: Path, how: str) 
     script = Path(sys.executable).parent / "ctsd"
     cmd = [str(script)] if how == "script" else [sys.executable, "-m", "ctsd"]
     args = ["serve", "--data-dir", str(data_dir), "--port", str(free_port())]
-    proc = sp.Popen([*cmd, *args], stdout=sp.DEVNULL, stderr=sp.PIPE, env=env)
-    try:
 
-        def handled() -> bool:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            ignored = next(ln for ln in status.splitlines() if ln.startswith("SigIgn:"))
-            return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    def attempt() -> bool:
+        """Were the handlers seen before the daemon's modules loaded? (The signals came
+        either way, each stop exit 0.) A slow poll may look only after they loaded."""
+        proc = sp.Popen([*cmd, *args], stdout=sp.DEVNULL, stderr=sp.DEVNULL, env=env)
+        try:
 
-        wait_until(handled, 15, interval=0.001, what="SIGHUP ignored")
-        loaded = "msgspec" in Path(f"/proc/{proc.pid}/maps").read_text()
-        proc.send_signal(signal.SIGHUP)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-        assert not loaded, "the handlers came only after the daemon's modules were imported"
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+            def handled() -> bool:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                ignored = next(ln for ln in status.splitlines() if ln.startswith("SigIgn:"))
+                return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+            wait_until(handled, 15, interval=0.001, what="SIGHUP ignored")
+            loaded = "msgspec" in Path(f"/proc/{proc.pid}/maps").read_text()
+            proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            return not loaded
+        finally:
+            proc.kill()
+            proc.wait()
+
+    # Without the early handlers no attempt can see them first; with them, nearly all do.
+    assert any(attempt() for _ in range(5)), "the handlers came only after the imports"
 
 
 def test_a_stray_sigusr1_is_logged_not_fatal(daemon: Daemon) -> None:

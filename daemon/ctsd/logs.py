@@ -84,6 +84,9 @@ class _WarnsOnFailure(logging.Handler):
         raise NotImplementedError
 
     def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)  # a bug (a record that does not format): shown
+            return
         now = time.monotonic()
         if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY_S:
             return

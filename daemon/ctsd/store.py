@@ -55,7 +55,7 @@ from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.sealer import Sealer, secure_loaded
 from ctsd.secretbox import SecretBox
 from ctsd.secretfields import SECRET_FILES
-from ctsd.timeutil import beat_after, now_iso
+from ctsd.timeutil import beat_after, later, now_iso
 
 log = structlog.get_logger("ctsd.store")
 
@@ -202,7 +202,8 @@ class Store:
         if st is None:
             return None
         hb = self.heartbeats.get(cid)
-        if hb is not None and beat_after(hb, st.last_heartbeat_at, now_iso()):
+        stored = st.last_heartbeat_at
+        if hb is not None and (later(hb, stored) or beat_after(hb, stored, now_iso())):
             st = msgspec.structs.replace(st, last_heartbeat_at=hb)
         return st
 
