@@ -918,3 +918,20 @@ def test_a_reorder_by_hand_saved_again_is_not_undone_by_the_replay(data_dir: Pat
     d = restart_and_kill_at_ready(data_dir)
     d.close()
     assert [r["id"] for r in json.loads(conns_path.read_text())] == ["conn_1", "conn_2", "conn_0"]
+
+
+def test_a_scrub_waits_for_the_first_cut_past_its_record(tmp_path: Path) -> None:
+    """After a re-key the journal's earlier records must go from the file, not only be cut
+    away. A cut short of the re-key's record used the request up (its records then stayed
+    for good); the scrub now comes with the first cut that drops everything up to it."""
+    j = open_with(tmp_path, changes(4))
+    names = [f'"n{i}"'.encode() for i in range(4)]  # each record's own name
+    j.scrub_through = 3
+    j.compact(2, 2, None)  # short of it: a cut appended, records 1-2 still in the file
+    raw = (tmp_path / journal.NAME).read_bytes()
+    assert j.scrub_through == 3 and all(n in raw for n in names)
+    j.compact(3, 3, None)  # past it: records 1-3 gone from the file, 4 kept
+    raw = (tmp_path / journal.NAME).read_bytes()
+    assert j.scrub_through is None
+    assert not any(n in raw for n in names[:3]) and names[3] in raw
+    j.close()
