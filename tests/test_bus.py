@@ -247,6 +247,11 @@ async def test_malformed_json_and_envelope(daemon: Daemon) -> None:
             "message": "`id` must be an integer",
             "path": "$.id",
         }
+        # JSON with a number out of range: answered with its id
+        await b.ws.send('{"id": 7, "type": "connections.update", "fields": {"x": 1e999}}')
+        reply = await b.recv()
+        assert reply["id"] == 7 and reply["error"]["code"] == "invalid_format"
+        assert "out of range" in reply["error"]["message"]
         # the connection is still usable
         assert (await b.ok("ping"))["pong"] is True
 

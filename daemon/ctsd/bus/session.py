@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -234,6 +235,9 @@ class Session:
             raise Closed(CLOSE_TOO_BIG)
         try:
             frame = _decoder.decode(raw)
+        except msgspec.ValidationError as e:  # JSON, with a number no float holds (1e999)
+            await self.refuse(_id_of(raw), CtsdError("invalid_format", str(e)))
+            return
         except msgspec.DecodeError as e:
             await self.refuse(None, CtsdError("invalid_format", f"not JSON: {e}"))
             return
@@ -394,3 +398,14 @@ class Session:
     def fail(self, msg_id: int | None, err: CtsdError) -> None:
         self.bus.count_error(err.code)
         self.outbox.push_reply(wire_of(p.encode_fail(msg_id, err)))
+
+
+def _id_of(raw: str | bytes) -> int | None:
+    """The integer `id` of a frame msgspec refused for a number out of its range (1e999), so
+    the answer reaches its caller: the standard library reads that number as infinity."""
+    try:
+        frame = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    msg_id = frame.get("id") if isinstance(frame, dict) else None
+    return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) else None
