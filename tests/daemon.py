@@ -165,6 +165,7 @@ class Daemon:
         self.args = args or []
         self.workdir = Path(tempfile.mkdtemp(prefix="ctsd-test-"))
         self.notify = NotifySocket(self.workdir, abstract=abstract_notify)
+        self._ready_after = 0  # the notify messages before the last start
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_path = self.workdir / "stdout.log"
         self.stderr_path = self.workdir / "stderr.log"
@@ -197,6 +198,7 @@ class Daemon:
         if self.token is not None:
             env["CTSD_TOKEN"] = self.token
         env.update(self.extra_env)
+        self._ready_after = len(self.notify.poll())  # (a restart: not the last run's READY)
         self.proc = subprocess.Popen(
             self.command(),
             stdout=open(self.stdout_path, "ab"),  # noqa: SIM115 - the child owns it
@@ -214,7 +216,7 @@ class Daemon:
                 raise AssertionError(
                     f"daemon exited {self.proc.returncode}: {self.stderr()}{self.stdout()[-2000:]}"
                 )
-            return "READY=1" in self.notify.poll()
+            return "READY=1" in self.notify.poll()[self._ready_after :]
 
         wait_until(ready, timeout, what="READY=1")
 

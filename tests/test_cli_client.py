@@ -603,6 +603,38 @@ def test_watch_daemon_going_away(tmp_path: Path) -> None:
         d.close()
 
 
+def test_watch_retry_resumes_across_a_restart_and_a_kill(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "data").start()
+    tail = Tail(d, "--json", "--retry")
+    try:
+        wait_until(lambda: jout(d, "status")["bus"]["subscribers"] >= 1, 15, interval=0.1)
+        add(d, "r1")
+        (first,) = (json.loads(line) for line in tail.take(1))
+        assert first["connection_id"] == "r1"
+        d.stop()
+        # Made while no daemon runs: taken in at the next start, an event watch must not miss.
+        conns = json.loads((d.data_dir / "connections.json").read_text())
+        (d.data_dir / "connections.json").write_text(json.dumps([*conns, {**conns[0], "id": "r2"}]))
+        d.start()
+        wait_until(lambda: jout(d, "status")["bus"]["subscribers"] >= 1, 15, interval=0.1)
+        d.kill()  # (1006: no close frame)
+        d.start()
+        add(d, "r3")
+        lines = [json.loads(line) for line in tail.take(3)]
+        assert lines[0] == {"type": "notice", "notice": "shutting_down"}
+        events = lines[1:]
+        assert [e["connection_id"] for e in events] == ["r2", "r3"]
+        assert [e["id"] for e in events] == [first["id"] + 1, first["id"] + 2]
+        assert tail.proc.poll() is None
+    finally:
+        tail.stop()
+        d.close()
+    assert tail.proc.stderr is not None
+    err = tail.proc.stderr.read()
+    assert "shutting down; reconnecting (Ctrl-C stops)" in err
+    assert "closed the connection; reconnecting" in err and f"resuming after {first['id']}" in err
+
+
 # --- export / import / reset ----------------------------------------------------------------
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from ctsd.client.bus import Bus, open_bus, run_main
-from ctsd.client.errors import EXIT_COMPACTED, BusError, CliError, FellBehind
+from ctsd.client.errors import EXIT_COMPACTED, EXIT_NO_DAEMON, BusError, CliError, FellBehind
 from ctsd.client.options import CMD, bus_options
 from ctsd.client.render import dump_json, format_event, format_notice
 from ctsd.client.target import Target
 
 TOPICS = click.Choice(["connections", "state", "documents", "system"])
+RETRY_FIRST_S = 0.25  # --retry: the first wait before connecting again, doubled up to
+RETRY_MAX_S = 2.0  # this (a restart takes a few seconds; a daemon gone for long, one try / 2 s)
 
 
 def _compacted_message(since: int, error: dict[str, Any]) -> str:
@@ -60,6 +63,12 @@ def register(main: click.Group) -> None:
         "--json", "as_json", is_flag=True, help="one JSON object per line (events, notices)"
     )
     @click.option("-n", "--count", type=click.IntRange(1), help="exit after N events")
+    @click.option(
+        "--retry",
+        is_flag=True,
+        help="when the daemon stops or the connection is lost, keep trying to reconnect and "
+        "resume (until Ctrl-C)",
+    )
     def watch(
         target: Target,
         since: int | None,
@@ -67,12 +76,15 @@ def register(main: click.Group) -> None:
         connection_ids: tuple[str, ...],
         as_json: bool,
         count: int | None,
+        retry: bool,
     ) -> None:
         """Follow the sync log live, as the daemon broadcasts it.
 
         With --json each event is one line (the SyncEvent as in the sync log); notices are
         lines with "type": "notice". A subscriber that falls behind is cut off by the daemon;
-        watch then resumes from the last event it printed, without gap or duplicate.
+        watch then resumes from the last event it printed, without gap or duplicate. With
+        --retry it does the same after the daemon stopped (a restart) or the connection was
+        lost, once the daemon answers again.
         """
         st = WatchState(since)
 
@@ -130,14 +142,28 @@ def register(main: click.Group) -> None:
                     return True
 
         async def go() -> None:
+            wait = 0.0  # --retry: > 0 while the daemon is out of reach
             while True:
                 try:
                     async with open_bus(target) as bus:
+                        if wait:
+                            after = "" if st.last is None else f"; resuming after {st.last}"
+                            click.echo(f"ctsd: connected{after}", err=True)
+                            wait = 0.0
                         if await subscribe(bus):
                             return
                 except FellBehind:
                     # The daemon dropped us rather than stall the others; a fresh connection
                     # from the last revision printed loses nothing.
                     click.echo("ctsd: fell behind; resuming from the last event printed", err=True)
+                except CliError as e:
+                    # Gone (stopping, killed, unreachable): resumed from the last event
+                    # printed once it answers. A refusal (a token, a compacted revision) ends.
+                    if not retry or e.exit_code != EXIT_NO_DAEMON:
+                        raise
+                    if not wait:
+                        click.echo(f"ctsd: {e.message}; reconnecting (Ctrl-C stops)", err=True)
+                    wait = min(max(wait * 2, RETRY_FIRST_S), RETRY_MAX_S)
+                    await asyncio.sleep(wait)
 
         run_main(go)
