@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.bus import bus as open_bus
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, http_json, wait_until
 from tests.datadir import write_connections, write_settings
 from tests.exchange import PX_KEY, PX_TOKEN, FakeExchange, probe_connection, px_document
 
@@ -163,6 +164,23 @@ async def test_connection_test_and_periodic_tests(start: Any, fake: FakeExchange
         assert status is not None
         wait_until(lambda: time.monotonic() - time_off > 1.5, 3)
         assert len(fake.requests) == n, "tests ran after test_interval_s was set to 0"
+
+
+async def test_a_connection_test_cut_by_a_stop_is_answered_503_json(start: Any, fake: FakeExchange):
+    # The exchange answers later than the daemon waits for open requests at a stop.
+    fake.slow_s = 5.0
+    d = start([probe_connection("slow", fake.base("slow"))], {**FAST, "test_timeout_s": 10})
+    answer: list[tuple[int, Any]] = []
+    asking = threading.Thread(
+        target=lambda: answer.append(http_json(d, "POST", "/api/connections/slow/test", None))
+    )
+    asking.start()
+    wait_until(lambda: fake.in_flight == 1, 10, what="the test at the exchange")
+    assert d.stop() == 0
+    asking.join(10)
+    status, body = answer[0]
+    assert status == 503 and body["error"]["code"] == "io_error", answer
+    assert "stopped before this request finished" in body["error"]["message"]
 
 
 async def test_settings_hand_edit_changes_stale_after(start: Any):

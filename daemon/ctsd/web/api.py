@@ -8,6 +8,7 @@ from it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
@@ -54,6 +55,10 @@ STATUS_OF: dict[str, int] = {
     "unavailable": 503,
 }
 _encoder = msgspec.json.Encoder()
+CUT_AT_STOP = (
+    "the daemon stopped before this request finished: a connection test's result was not "
+    "stored; a change may or may not have been (read it again once the daemon is back)"
+)
 
 
 def error_body(err: CtsdError) -> bytes:
@@ -622,6 +627,14 @@ def make_route(svc: Services, path: str, eps: list[Endpoint]) -> Route:
         except CtsdError as e:
             headers = {"Connection": "close"} if e.code == "too_large" else None
             return error_response(e, headers)
+        except asyncio.CancelledError:
+            # The HTTP server cancels what still runs when the daemon's stop grace ends (a
+            # connection test waiting on a slow exchange): its caller gets this JSON answer,
+            # not the server's plain-text 500. Only that one cancellation is taken back.
+            task = asyncio.current_task()
+            if task is None or task.uncancel() > 0:
+                raise
+            return error_response(CtsdError("io_error", CUT_AT_STOP))
         if isinstance(result, Response):
             return result
         return json_response(ctx.status or ep.status, _encoder.encode(result), ctx.headers)
