@@ -518,6 +518,13 @@ async def test_quorum_lost_refuses_writes_keeps_reads_then_recovers(
                 json.dumps({**doc, "stale_after_s": 45}, indent=2) + "\n"
             )
             (a.data_dir / "algorithms/Gone.json").unlink()
+            # ... but one of host 2's own settings keys alone is taken in at once
+            own = read(b, "settings.json")
+            own["server"]["rate_limit"]["requests"] += 1
+            (b.data_dir / "settings.json").write_text(json.dumps(own, indent=2) + "\n")
+            wait_until(
+                lambda: b.http("/api/data/settings")[1] == own, 20, what="host 2's own key in"
+            )
             # reads keep serving, on both hosts
             rows = await rb.ok("connections.list")
             assert [r["id"] for r in rows] == ["c1"]
@@ -575,6 +582,17 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
     (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
     assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
+    # A hand edit of host 2's own settings keys alone stays there: no event in the shared log.
+    settings = read(b, "settings.json")
+    settings["server"]["rate_limit"]["requests"] += 1
+    (b.data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    wait_until(
+        lambda: b.http("/api/data/settings")[1] == settings, 20, what="host 2's edit taken in"
+    )
+    async with bus(a) as wa:
+        await wa.ok("connections.update", connection_id="c1", changes={"name": "after"})
+    wait_converged(hosts, 3, 20, what="converged after the settings edit")
+    assert [(e["id"], e["connection_id"]) for e in read(a, SYNC_LOG)][-1] == (3, "c1")
 
 
 @pytest.mark.parametrize(

@@ -304,19 +304,27 @@ class ClusterCommitter:
         for part, run in ((shared, self._commit_shared), (local, self._commit_local)):
             if not part:
                 continue
-            outs, lsn = await run([requests[i] for i in part])
+            done = await run([requests[i] for i in part])
+            assert done is not None
+            outs, lsn = done
             for i, out in zip(part, outs, strict=True):
                 outcomes[i] = out
             if lsn is not None:
                 lsns.append(lsn)
         return outcomes, max(lsns, default=None)
 
-    async def _commit_local(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
+    async def _commit_local(
+        self, requests: list[Request], own_settings_only: bool = False
+    ) -> tuple[list[Outcome], int | None] | None:
+        """Kept on this host, never published. `own_settings_only`: only if the group changes
+        nothing but this host's own settings keys (else None: it is published after all)."""
         store = self.store
         async with self._install:
             ctx = store.context()
             version = store.committed.version
             outcomes, change = apply_group(store.committed, requests, ctx)
+            if own_settings_only and not _own_settings_only(change):
+                return None
             # This host's own: no sync-log event (the log and its revisions are shared), and
             # of a state record only its own fields (not the shared `updated_at` and
             # `last_sync_at` that moved with them).
@@ -336,6 +344,13 @@ class ClusterCommitter:
 
     async def _commit_shared(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
         store, engine = self.store, self.engine
+        if all(r.source == "file" for r in requests):
+            # A hand edit of this host's `server`, `cluster` or `watch` keys alone: nothing the
+            # other hosts take, so no event in the shared sync log; taken in with the cluster
+            # out of reach too (a `cluster` key fixed by hand).
+            done = await self._commit_local(requests, own_settings_only=True)
+            if done is not None:
+                return done
         first_revision: int | None = None
         # Requests without their own If-Match: after a conflict they carry the revision of
         # the first computation, and a refusal of that is answered `conflict`.
@@ -913,6 +928,21 @@ def _local_part(rc: RecordChange, c: Committed) -> RecordChange:
         return rc
     own = {f: getattr(rc.value, f) for f in LOCAL_STATE_FIELDS}
     return RecordChange(rc.key, msgspec.structs.replace(current, **own), list(LOCAL_STATE_FIELDS))
+
+
+def _own_settings_only(change: Change) -> bool:
+    """True if `change` sets nothing but keys of settings.json that are this host's own."""
+    if change.connections or change.state or change.order is not None or change.log is not None:
+        return False
+    if change.touched or change.replaces or len(change.documents) != 1:
+        return False
+    (rc,) = change.documents
+    return (
+        rc.key == "settings"
+        and rc.value is not None
+        and rc.fields is not None
+        and all(k in shared.LOCAL_SETTINGS_KEYS for k in rc.fields)
+    )
 
 
 def _still_applies(
