@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from ctsd import ops, probes
+from ctsd.errors import CtsdError
 from ctsd.models import Connection
 from ctsd.secretbox import SecretBox, is_encrypted, new_key_text, parse_key
 from ctsd.timeutil import TIMESTAMP_PATTERN
@@ -220,7 +221,9 @@ async def test_at_most_16_tests_at_once(app_factory: Any, fake: FakeExchange):
 
 async def test_a_test_waits_for_a_slot_within_its_own_timeout(app_factory: Any, fake: FakeExchange):
     """Behind 32 tests of an exchange that never answers, a test of a healthy one waited for
-    slots as long as they took (twice `test_timeout_s` here), and then ran its own."""
+    slots as long as they took (twice `test_timeout_s` here), and then ran its own. Now it
+    gives up within its own timeout, `rate_limited`, and records nothing: no failed result
+    that would pass for the exchange's."""
     import socket
 
     import anyio
@@ -239,7 +242,10 @@ async def test_a_test_waits_for_a_slot_within_its_own_timeout(app_factory: Any, 
 
         async def one(cid: str) -> None:
             t0 = time.monotonic()
-            results[cid] = await app.prober.run_test(app.store.connections[cid])
+            try:
+                results[cid] = await app.prober.test_connection(cid, "bus")
+            except CtsdError as e:
+                results[cid] = e
             took.append(time.monotonic() - t0)
 
         async with anyio.create_task_group() as tg:
@@ -248,7 +254,11 @@ async def test_a_test_waits_for_a_slot_within_its_own_timeout(app_factory: Any, 
             await anyio.sleep(0)
             tg.start_soon(one, "ok")
         assert max(took) < 1.6, sorted(took)[-3:]
-        assert "test slots stayed busy for 1 s" in (results["ok"].error or ""), results["ok"]
+        err = results["ok"]
+        assert isinstance(err, CtsdError) and err.code == "rate_limited", err
+        assert "test slots stayed busy for 1 s" in err.message
+        assert app.store.state["ok"].test_results is None  # nothing recorded
+        assert all(results[f"h{i}"][0]["success"] is False for i in range(16)), results
     finally:
         silent.close()
 

@@ -331,19 +331,23 @@ class Prober:
         json_body: Any = None,
         scrub: tuple[str, ...] = (),
     ) -> TestResult:
-        """Run one test request; every failure is a result, never an exception. `timeout`
-        bounds the whole test, its wait for one of the slots included: behind tests of an
-        exchange that never answers, a test took many times `test_timeout_s`."""
+        """Run one test request; every failure of the exchange is a result, never an
+        exception. `timeout` bounds the whole test, its wait for one of the slots included:
+        behind tests of an exchange that never answers, a test took many times
+        `test_timeout_s`. No slot within it: `rate_limited`, since nothing was tested (a
+        failed result stored would pass for the exchange's)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             async with asyncio.timeout_at(deadline):
                 await self.semaphore.acquire()
         except TimeoutError:
-            return _failure(
+            raise CtsdError(
+                "rate_limited",
                 f"not tested: all {MAX_CONCURRENT_TESTS} test slots stayed busy for "
-                f"{timeout:g} s (tests of exchanges that do not answer?)"
-            )
+                f"{timeout:g} s (tests of exchanges that do not answer?); nothing was "
+                "recorded, retry later",
+            ) from None
         try:
             left = max(0.001, deadline - loop.time())
             return await self._request(target, left, json_body, scrub, timeout)
@@ -481,11 +485,16 @@ class Prober:
                 {"accept": "application/json", "user-agent": USER_AGENT},
                 lambda body: _check_projectx(body, scrub),
             )
+            was = self.projectx["state"]
             if self.projectx["last_test"] is None:
                 self.projectx["state"] = "testing"
-            result = await self.request(
-                target, self._timeout(), {"userName": px.username, "apiKey": px.apiKey}, scrub
-            )
+            try:
+                result = await self.request(
+                    target, self._timeout(), {"userName": px.username, "apiKey": px.apiKey}, scrub
+                )
+            except CtsdError:  # not tested
+                self.projectx["state"] = was
+                raise
         out: dict[str, Any] = msgspec.to_builtins(result)
         self.projectx["last_test"] = out
         self.projectx["state"] = "connected" if result.success else "error"
