@@ -89,6 +89,18 @@ PROBLEMS: list[tuple[str, str, str, list[str]]] = [
         '"ghost"',
         ["ghost", "algorithms/"],
     ),
+    (
+        "connections.json",
+        '[\n  {"id": "a", "name": "A", "exchange": "x", "api_key": "enc:v1:0123abcd:%%"}\n]\n',
+        '"enc:v1',
+        ["api_key", "not base64", "(id a)"],
+    ),
+    (
+        "connection.json",
+        '{"projectX": {"username": "u", "apiKey": "enc:v2:whatever"}}\n',
+        '"enc:v2',
+        ["apiKey", "`enc:v1:KEYID:DATA`"],
+    ),
     ("ui-config.json", "[1, 2]\n", "[", ["expected a JSON object"]),
     ("algorithms/no-name.json", '{"window": 3}\n', "{", ["name"]),
 ]

@@ -219,6 +219,36 @@ def stored_key_id(value: str) -> str | None:
     return None
 
 
+def form_problem(stored: str) -> tuple[Reason, str] | None:
+    """Why a stored `enc:` value is no encrypted value under any key, by its form alone (what
+    `ctsd verify` checks without the key); None if it may be one."""
+    if not stored.startswith(V1):
+        # Nothing of it quoted: a plain secret that happens to start with `enc:` would show
+        # its next characters (in /health, notices, logs, answers).
+        return (
+            "bad_format",
+            "starts with `enc:` but is not `enc:v1:KEYID:DATA` (a version this ctsd reads)",
+        )
+    if stored_key_id(stored) is None:
+        return "bad_format", "starts with `enc:v1:` but has no 8-hex-digit key id"
+    data = stored[_KID_END + 1 :]
+    if not _B64.match(data):
+        return "not_base64", "its data is not base64"
+    if len(data) % 4:
+        return "truncated", "its data is cut short (base64 length is not a multiple of 4)"
+    try:
+        blob = binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        return "not_base64", "its data is not base64"
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        return (
+            "truncated",
+            f"its data is cut short: {len(blob)} bytes, an encrypted value has at least "
+            f"{NONCE_BYTES + TAG_BYTES}",
+        )
+    return None
+
+
 def associated_data(record_id: str, field: str) -> bytes:
     # Record ids and paths never hold a newline (ids are checked; paths quote odd keys).
     return record_aad(record_id) + field_aad(field)
@@ -298,16 +328,11 @@ class SecretBox:
         def fail(reason: Reason, detail: str) -> SecretError:
             return SecretError(reason, detail, record_id, field)
 
-        if not stored.startswith(V1):
-            # Nothing of it quoted: a plain secret that happens to start with `enc:` would
-            # show its next characters (in /health, notices, logs, answers).
-            return fail(
-                "bad_format",
-                "starts with `enc:` but is not `enc:v1:KEYID:DATA` (a version this ctsd reads)",
-            )
+        bad = form_problem(stored)
+        if bad is not None:
+            return fail(*bad)
         kid = stored_key_id(stored)
-        if kid is None:
-            return fail("bad_format", "starts with `enc:v1:` but has no 8-hex-digit key id")
+        assert kid is not None  # (its form is right)
         if kid not in self._ciphers:
             if not self._ciphers:
                 return fail(
@@ -319,21 +344,7 @@ class SecretBox:
             return fail(
                 "wrong_key", f"is encrypted under key id {kid}; the configured key is {have}"
             )
-        data = stored[_KID_END + 1 :]
-        if not _B64.match(data):
-            return fail("not_base64", "its data is not base64")
-        if len(data) % 4:
-            return fail("truncated", "its data is cut short (base64 length is not a multiple of 4)")
-        try:
-            blob = binascii.a2b_base64(data, strict_mode=True)
-        except binascii.Error:
-            return fail("not_base64", "its data is not base64")
-        if len(blob) < NONCE_BYTES + TAG_BYTES:
-            return fail(
-                "truncated",
-                f"its data is cut short: {len(blob)} bytes, an encrypted value has at least "
-                f"{NONCE_BYTES + TAG_BYTES}",
-            )
+        blob = binascii.a2b_base64(stored[_KID_END + 1 :], strict_mode=True)
         try:
             plain = self._ciphers[kid].decrypt(
                 blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data(record_id, field)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import msgspec
 
-from ctsd import files, journal
+from ctsd import diagnose, files, journal
 from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
 from ctsd.safefile import dir_problems, lstat, mode_problem, read_data_file, token_problem
+from ctsd.secretbox import form_problem, is_encrypted
+from ctsd.secretfields import CONNECTION_DOC, secret_places
 
 # A problem of a directory or of a file as a whole, not at a place in its text.
 NO_POSITION = 0
@@ -35,6 +37,9 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             decoded[file] = files.decode_file(file, raw)
         except Invalid as e:
             problems.append(e.problem)
+    for file in (files.CONNECTIONS, CONNECTION_DOC):
+        if file in decoded:
+            problems += _secret_forms(file, contents[file])
     instances = files.document_file("instances")
     if instances in decoded:
         prefix = f"{files.ALGORITHMS_DIR}/"
@@ -50,6 +55,19 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             except Invalid as e:
                 problems.append(e.problem)
     return problems
+
+
+def _secret_forms(file: str, raw: bytes) -> list[FileProblem]:
+    """Stored secrets no key could decrypt, by their form (without the key, whether the others
+    decrypt is not known here; the daemon refuses the file, or its start, if one does not)."""
+    out: list[FileProblem] = []
+    for place in secret_places(file, msgspec.json.decode(raw)):
+        bad = form_problem(place.value) if is_encrypted(place.value) else None
+        if bad is not None:
+            where = f" (id {place.record_id})" if place.record_id != file else ""
+            message = f"{place.field}: {bad[1]}{where}"
+            out.append(diagnose.at_path(file, raw, list(place.path), message))
+    return out
 
 
 def journal_state(
