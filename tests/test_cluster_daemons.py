@@ -582,12 +582,19 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
     (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
     assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
-    # A hand edit of host 2's own settings keys alone stays there: no event in the shared log.
+    # A hand edit of host 2's own settings keys alone stays there: no event in the shared log,
+    # and its watcher switches to polling as asked.
     settings = read(b, "settings.json")
     settings["server"]["rate_limit"]["requests"] += 1
+    settings["watch"] = {"polling": True}
     (b.data_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     wait_until(
         lambda: b.http("/api/data/settings")[1] == settings, 20, what="host 2's edit taken in"
+    )
+    wait_until(
+        lambda: b.http("/health")[1]["checks"]["watch"]["mode"] == "polling",
+        10,
+        what="host 2 polling",
     )
     async with bus(a) as wa:
         await wa.ok("connections.update", connection_id="c1", changes={"name": "after"})

@@ -25,7 +25,7 @@ from ctsd.cluster.errors import ApplyFailed
 from ctsd.cluster.messages import Change
 from ctsd.core import Request
 from ctsd.errors import CtsdError
-from ctsd.files import CONNECTIONS
+from ctsd.files import CONNECTIONS, SETTINGS
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server
@@ -374,6 +374,25 @@ async def test_a_request_too_large_for_one_message_fails_alone(
         assert "max_payload" in outcomes[0].error.message
         assert outcomes[1].error is None and lsn is not None
         assert list(x.store.connections) == ["small"]
+
+
+async def test_a_hand_edit_of_own_settings_keys_stays_local_in_a_group_with_shared_changes(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """A hand edit of a host's own settings keys stays on the host (no event in the shared
+    sync log) even when a bus change of a connection came in the same group."""
+    async with two_hosts(nats, tmp_path) as (x, y):
+        base = x.store.documents.get("settings") or {}
+        hand = {**base, "server": {"rate_limit": {"requests": 7, "window_s": 1}}}
+        edit = ops.take_in(SETTINGS, hand, base, json.dumps(hand).encode())
+        create = ops.create({"id": "c1", "name": "one", "exchange": "bybit"})
+        outcomes, _ = await x.commit([Request(edit, "file", file=SETTINGS), Request(create, "bus")])
+        assert [o.error for o in outcomes] == [None, None]
+        assert x.store.settings.server.rate_limit.requests == 7
+        assert [(e.id, e.connection_id) for e in x.store.log] == [(1, "c1")]
+        await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
+        assert [(e.id, e.connection_id) for e in y.store.log] == [(1, "c1")]
+        assert "server" not in (y.store.documents.get("settings") or {})
 
 
 @pytest.fixture

@@ -1467,9 +1467,9 @@ async def test_a_chmod_while_a_hand_edit_goes_through_the_door_is_seen(data_dir:
         path.chmod(0o600)
         door = store.submit_take_in
 
-        async def chmod_meanwhile(op: Any) -> Any:
+        async def chmod_meanwhile(op: Any, file: str) -> Any:
             path.chmod(0o644)
-            return await door(op)
+            return await door(op, file)
 
         store.submit_take_in = chmod_meanwhile  # type: ignore[method-assign]
         assert await store.ingest("watchlists.json")

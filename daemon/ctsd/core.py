@@ -440,6 +440,7 @@ class Request:
     # requests before it in the group changed: a cluster host's recomputation guards each
     # request against other hosts' changes, and its own earlier requests are no such change.
     against_base: bool = False
+    file: str | None = None  # a hand edit's file (source "file"), when it comes from one
 
 
 def apply_group(

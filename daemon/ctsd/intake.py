@@ -405,7 +405,7 @@ class Intake:
                 self._mark_invalid(file, problem, None)
             return False
         try:
-            out, lsn = await store.submit_take_in(op)
+            out, lsn = await store.submit_take_in(op, file)
         except CtsdError as e:
             if e.code == "invalid" or "max_payload" in e.extra:
                 # More than the cluster's stream takes in one message: not taken in as it is,
@@ -435,7 +435,7 @@ class Intake:
         await self._keep_copy(file, raw)
         if out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
-        if out.events:  # ... and every hand edit taken in (never its values)
+        if out.files:  # ... and every hand edit taken in (never its values)
             log.info(
                 "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )
@@ -547,7 +547,7 @@ class Intake:
             # algorithms/ is a library of files: deleting one removes that algorithm, unless
             # instances.json still names it (then it comes back, with a notice).
             try:
-                await store.submit_take_in(ops.remove_algorithm(file))
+                await store.submit_take_in(ops.remove_algorithm(file), file)
                 self.disk.files.pop(file, None)
                 store.problems.pop(file, None)
                 log.info("algorithm_removed", file=file)
@@ -623,7 +623,7 @@ class Intake:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
             hand = files.decode_file(file, raw)
-            await self.store.submit_take_in(ops.take_in(file, hand, base, raw))
+            await self.store.submit_take_in(ops.take_in(file, hand, base, raw), file)
             self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)

@@ -147,6 +147,9 @@ class Store:
         # The shared state replaced from a cluster snapshot (`replaced`): True when the events
         # published before do not lead to it (the snapshot's history skips some).
         self.replaced_listeners: list[Callable[[bool], None]] = []
+        # The settings document installed anew (by any change: one with no event too, as a
+        # cluster host's edit of its own keys): the watcher may switch its mode.
+        self.settings_listeners: list[Callable[[], None]] = []
         self.on_commit: list[Callable[[float, int], None]] = []  # (seconds, changes): metrics
         # (seconds, filled): a group waited to fill, for that long, and filled or timed out
         self.on_fill: list[Callable[[float, bool], None]] = []
@@ -419,9 +422,10 @@ class Store:
         if lsn is not None:
             await self.checkpointer.wait_written(out.files, lsn)
 
-    async def submit_take_in(self, op: Op) -> tuple[Outcome, int | None]:
-        """A hand edit (source "file"): its outcome and the lsn its change got (None: none)."""
-        return await self._submit(Request(op, "file"))
+    async def submit_take_in(self, op: Op, file: str) -> tuple[Outcome, int | None]:
+        """A hand edit of `file` (source "file"): its outcome and the lsn its change got
+        (None: none)."""
+        return await self._submit(Request(op, "file", file=file))
 
     async def _submit(self, request: Request) -> tuple[Outcome, int | None]:
         return await self.enqueue(request)
@@ -607,6 +611,12 @@ class Store:
         self.checkpointer.changed(change, lsn)
         if ctx is not None and ctx.sealer is not None and ctx.sealer.rotated is not None:
             self.box = ctx.sealer.rotated
+        if any(rc.key == "settings" for rc in change.documents):
+            for listener in self.settings_listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("listener_failed")
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         job = functools.partial(self.journal.compact, upto, base, carry)

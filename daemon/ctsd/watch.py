@@ -45,7 +45,7 @@ from watchfiles._rust_notify import RustNotify
 
 from ctsd import files, safefile
 from ctsd.atomic import TEMP_PREFIX
-from ctsd.models import SyncEvent, WatchSettings
+from ctsd.models import WatchSettings
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -162,10 +162,9 @@ class Watcher:
 
     # --- settings ----------------------------------------------------------------------------
 
-    def _on_events(self, events: list[SyncEvent]) -> None:
+    def _on_settings(self) -> None:
         # A change to settings.json (hand edit, bus, SIGHUP) may switch the watch mode.
-        touched = any(e.data.get("file") == files.SETTINGS for e in events)
-        if touched and self.store.settings.watch != self.mode:
+        if self.store.settings.watch != self.mode:
             self._restart.set()
 
     # --- dispatch ----------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class Watcher:
     async def run(self) -> None:
         # watchfiles logs every batch at info ("1 change detected"), our own writes included.
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
-        self.store.events_listeners.append(self._on_events)
+        self.store.settings_listeners.append(self._on_settings)
         self.store.watch_again = self.notify
         async with anyio.create_task_group() as tg:
             self._tg = tg

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from ctsd import files
 from ctsd.cluster import keyed, messages, shared
 from ctsd.cluster.engine import ClusterEngine
 from ctsd.cluster.errors import (
@@ -297,10 +298,25 @@ class ClusterCommitter:
     # --- writing --------------------------------------------------------------------------------
 
     async def commit(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
-        shared = [i for i, r in enumerate(requests) if r.source not in LOCAL_SOURCES]
-        local = [i for i, r in enumerate(requests) if r.source in LOCAL_SOURCES]
         outcomes: list[Outcome] = [Outcome() for _ in requests]
         lsns: list[int] = []
+        kept: set[int] = set()
+        for i, r in enumerate(requests):
+            if r.file == files.SETTINGS:
+                # A hand edit of this host's `server`, `cluster` or `watch` keys alone: nothing
+                # the other hosts take, so no event in the shared sync log; taken in with the
+                # cluster out of reach too (a `cluster` key fixed by hand). Alone, whatever
+                # else came in the same group.
+                done = await self._commit_local([r], own_settings_only=True)
+                if done is not None:
+                    (outcomes[i],), lsn = done
+                    kept.add(i)
+                    if lsn is not None:
+                        lsns.append(lsn)
+        shared = [
+            i for i, r in enumerate(requests) if r.source not in LOCAL_SOURCES and i not in kept
+        ]
+        local = [i for i, r in enumerate(requests) if r.source in LOCAL_SOURCES]
         for part, run in ((shared, self._commit_shared), (local, self._commit_local)):
             if not part:
                 continue
@@ -344,13 +360,6 @@ class ClusterCommitter:
 
     async def _commit_shared(self, requests: list[Request]) -> tuple[list[Outcome], int | None]:
         store, engine = self.store, self.engine
-        if all(r.source == "file" for r in requests):
-            # A hand edit of this host's `server`, `cluster` or `watch` keys alone: nothing the
-            # other hosts take, so no event in the shared sync log; taken in with the cluster
-            # out of reach too (a `cluster` key fixed by hand).
-            done = await self._commit_local(requests, own_settings_only=True)
-            if done is not None:
-                return done
         first_revision: int | None = None
         # Requests without their own If-Match: after a conflict they carry the revision of
         # the first computation, and a refusal of that is answered `conflict`.
