@@ -632,6 +632,9 @@ def test_watch_retry_resumes_across_a_restart_and_a_kill(tmp_path: Path) -> None
     assert tail.proc.stderr is not None
     err = tail.proc.stderr.read()
     assert "shutting down; reconnecting (Ctrl-C stops)" in err
+    # Before a first connection nothing is retried: a wrong port is told at once.
+    r = cli(d, "watch", "--retry")
+    assert r.returncode == 3 and "no daemon answering" in r.stderr, (r.returncode, r.stderr)
     assert "closed the connection; reconnecting" in err and f"resuming after {first['id']}" in err
 
 

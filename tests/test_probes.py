@@ -343,6 +343,23 @@ async def test_projectx_login_success_and_no_secret_out(app_factory: Any, fake: 
         assert secret not in blob
 
 
+async def test_projectx_test_without_a_free_slot_leaves_its_state(
+    app_factory: Any, fake: FakeExchange
+):
+    app = await _px_app(app_factory, fake.base("projectx"))
+    await app.store.submit(ops.set_document("settings", {"test_timeout_s": 0.2}), "cli")
+    for _ in range(probes.MAX_CONCURRENT_TESTS):  # every slot taken
+        await app.prober.semaphore.acquire()
+    with pytest.raises(CtsdError) as e:
+        await app.prober.test_projectx()
+    assert e.value.code == "rate_limited"
+    assert app.prober.projectx_status()["state"] == "unknown"  # not "testing", never tested
+    for _ in range(probes.MAX_CONCURRENT_TESTS):
+        app.prober.semaphore.release()
+    assert (await app.prober.test_projectx())["success"] is True
+    assert app.prober.projectx_status()["state"] == "connected"
+
+
 async def test_projectx_login_gets_the_decrypted_credentials(
     app_factory: Any, fake: FakeExchange, tmp_path: Path
 ) -> None:

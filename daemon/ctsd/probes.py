@@ -303,6 +303,7 @@ class Prober:
         self._client: httpx.AsyncClient | None = None
         self._client_lock = asyncio.Lock()
         self.projectx: dict[str, Any] = {"state": "unknown", "last_test": None}
+        self._px_testing = 0  # Project X tests under way (the first one shows "testing")
 
     async def client(self) -> httpx.AsyncClient:
         async with self._client_lock:
@@ -485,16 +486,19 @@ class Prober:
                 {"accept": "application/json", "user-agent": USER_AGENT},
                 lambda body: _check_projectx(body, scrub),
             )
-            was = self.projectx["state"]
             if self.projectx["last_test"] is None:
                 self.projectx["state"] = "testing"
+            self._px_testing += 1
             try:
                 result = await self.request(
                     target, self._timeout(), {"userName": px.username, "apiKey": px.apiKey}, scrub
                 )
-            except CtsdError:  # not tested
-                self.projectx["state"] = was
+            except CtsdError:  # not tested (no slot)
+                if self.projectx["last_test"] is None and self._px_testing == 1:
+                    self.projectx["state"] = "unknown"
                 raise
+            finally:
+                self._px_testing -= 1
         out: dict[str, Any] = msgspec.to_builtins(result)
         self.projectx["last_test"] = out
         self.projectx["state"] = "connected" if result.success else "error"

@@ -161,6 +161,9 @@ class Bus:
             self.pushed.append(frame)
 
 
+_WARNED: set[str] = set()  # the targets told that the token goes unencrypted
+
+
 def closed_error(target: Target, e: Exception) -> CliError:
     rcvd = getattr(e, "rcvd", None)
     code = getattr(rcvd, "code", None)
@@ -222,8 +225,10 @@ async def open_bus(
     check_address(target)
     token = token or read_token(target)
     headers = {"Authorization": f"Bearer {token}"} if token and auth_header else None
-    if token and not is_loopback(target.host):
-        # ws:// is not encrypted: whoever sees the traffic sees the token.
+    if token and not is_loopback(target.host) and target.where not in _WARNED:
+        # ws:// is not encrypted: whoever sees the traffic sees the token. (Once: `watch
+        # --retry` connects again and again.)
+        _WARNED.add(target.where)
         click.echo(
             f"ctsd: warning: the bus token goes unencrypted to {target.where}; "
             "prefer an SSH tunnel to the daemon's loopback port",

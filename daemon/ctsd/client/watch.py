@@ -143,12 +143,14 @@ def register(main: click.Group) -> None:
 
         async def go() -> None:
             wait = 0.0  # --retry: > 0 while the daemon is out of reach
+            connected = False  # --retry takes over once watch has been connected
             while True:
                 try:
                     async with open_bus(target) as bus:
+                        connected = True
                         if wait:
                             after = "" if st.last is None else f"; resuming after {st.last}"
-                            click.echo(f"ctsd: connected{after}", err=True)
+                            click.echo(f"ctsd: connected again{after}", err=True)
                             wait = 0.0
                         if await subscribe(bus):
                             return
@@ -158,8 +160,10 @@ def register(main: click.Group) -> None:
                     click.echo("ctsd: fell behind; resuming from the last event printed", err=True)
                 except CliError as e:
                     # Gone (stopping, killed, unreachable): resumed from the last event
-                    # printed once it answers. A refusal (a token, a compacted revision) ends.
-                    if not retry or e.exit_code != EXIT_NO_DAEMON:
+                    # printed once it answers. A refusal (a token, a compacted revision) ends,
+                    # as does any failure before the first connection (a wrong port, a host
+                    # that is no ctsd: told at once, not retried forever).
+                    if not retry or not connected or e.exit_code != EXIT_NO_DAEMON:
                         raise
                     if not wait:
                         click.echo(f"ctsd: {e.message}; reconnecting (Ctrl-C stops)", err=True)

@@ -56,8 +56,8 @@ STATUS_OF: dict[str, int] = {
 }
 _encoder = msgspec.json.Encoder()
 CUT_AT_STOP = (
-    "the daemon stopped before this request finished: a connection test's result was not "
-    "stored; a change may or may not have been (read it again once the daemon is back)"
+    "the daemon stopped before this request finished: a change it made may or may not have "
+    "been stored (read it again once the daemon is back); a connection test's result was not"
 )
 
 
