@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,31 @@ async def test_late_write_pending_at_close_is_taken_in(tmp_path: Path) -> None:
     again = Store(data_dir)
     again.open()
     assert again.connections["c2"].name == "Late"
+
+
+@pytest.mark.anyio
+async def test_a_late_write_taken_in_survives_a_crash_before_the_file_is_written(
+    tmp_path: Path,
+) -> None:
+    """Taken in (journalled, published, its displaced file removed), then killed before a
+    round wrote it into the data file: the next start replays it from the journal. It was
+    journalled as a hand edit of the data file, which a replay takes from that file, where it
+    never was: gone without a trace."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s)
+        fh.write(_edit(before, "c2", name="Late"))
+        fh.close()
+        s.checkpointer.stop()  # no round after this: the kill comes first
+        await s.checkpointer.flush()
+        await s.take_in_late(max_age=2.0)
+        assert s.connections["c2"].name == "Late" and not s.displaced
+        crashed = tmp_path / "crashed"
+        shutil.copytree(s.data_dir, crashed)  # what a kill -9 leaves
+    assert json.loads((crashed / CONNS).read_bytes())[1]["name"] == "c2"
+    again = Store(crashed)
+    again.open()
+    assert again.connections["c2"].name == "Late"
+    assert again.connections["c1"].name == "Bus"
 
 
 def test_a_late_write_left_by_a_daemon_that_died_is_kept_not_deleted(tmp_path: Path) -> None:

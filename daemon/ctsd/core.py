@@ -353,6 +353,10 @@ class Tx:
         # The file of a hand edit being taken in: never refused for files invalid on disk
         # (memory may get ahead of such a file; the file itself is never written until fixed).
         self.taken: str | None = None
+        # False for a late write taken in (written into a file a round had displaced): the
+        # data file does not hold it until a round writes it, so its records are not `hand`
+        # (a replay after a crash must take them from the journal, not from the file).
+        self.on_disk = True
         # (table, key) of the records set by a hand edit of their own file, and by anything else
         self.by_hand: set[tuple[str, str]] = set()
         self.by_others: set[tuple[str, str]] = set()
@@ -399,7 +403,7 @@ class Tx:
             ("documents", self.docs),
         ):
             for key in overlay.over:
-                own = self.taken is not None and _file_of(table, key) == self.taken
+                own = self.taken is not None and self.on_disk and _file_of(table, key) == self.taken
                 (parent.by_hand if own else parent.by_others).add((table, key))
         parent.by_hand |= self.by_hand
         parent.by_others |= self.by_others

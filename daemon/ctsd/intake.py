@@ -623,7 +623,7 @@ class Intake:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
             hand = files.decode_file(file, raw)
-            await self.store.submit_take_in(ops.take_in(file, hand, base, raw), file)
+            await self.store.submit_take_in(ops.take_in(file, hand, base, raw, late=True), file)
             self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)

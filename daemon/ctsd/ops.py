@@ -580,15 +580,17 @@ def _daemon_seqs(hand: list[SyncEvent], log: Iterable[SyncEvent]) -> list[SyncEv
     return out
 
 
-def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None) -> Op:
+def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None, *, late: bool = False) -> Op:
     """The op for a valid hand edit of `file`: `hand` is what the file holds now (decoded and
     validated), `base` what it held when the daemon last read or wrote it (records by id, a
     document, or the sync-log events). Changes still on their way to the file are kept: the
     hand edit's own changes go on top of them (`core.merge_table`); the conflicts (fields both
-    changed, which the hand edit wins) are the op's result."""
+    changed, which the hand edit wins) are the op's result. `late`: written into a file a
+    round had displaced, not in the data file (`Tx.on_disk`)."""
 
     def op(tx: Tx) -> list[Any]:
         tx.taken = file
+        tx.on_disk = not late
         if file == SYNC_LOG:
             was = base if base is not None else list(tx.base.log)
             if hand == was:
