@@ -601,3 +601,20 @@ async def test_in_place_write_into_the_file_we_replaced_is_not_lost(daemon10: Da
         assert got["result"]["name"] == "Bus"
         # in memory at once, in the file with the next checkpoint
         wait_until(lambda: json.loads(path.read_bytes())[5]["name"] == "Late writer", 5)
+
+
+def test_a_hand_edit_holding_an_ellipsis_is_taken_in_once_not_at_every_start(
+    daemon10: Daemon,
+) -> None:
+    """An ellipsis is also what a masked secret shows: the file's copy was never kept for a
+    file holding one anywhere (a name "Main… (spot)"), so every start took that edit in again
+    as made while the daemon was down, one more event each time."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    atomic_save(path, edit_name(path.read_bytes(), "conn_0003", "Main… (spot)"))
+    assert_one_name_update(d, rev, "conn_0003", "Main… (spot)")
+    after = revision(d)
+    for _ in range(2):
+        assert d.stop() == 0
+        d.start()
+        assert revision(d) == after, sync_log(d)[-2:]
+    assert not log_lines(d, "edited_while_stopped_taken_in")

@@ -452,10 +452,17 @@ class Intake:
         for: at a start after a crash before the round rewrote the file, the copy is what
         memory is set back to before the journal replays (which patches only the fields the
         edit changed, not the secret), so the placeholder would be stored. The round's own
-        copy follows. (Judged on the bytes: quick for a large file, and never too lenient.)"""
+        copy follows: memory differs from the file. (Judged on the bytes first: quick for a
+        large file. Memory the same as the file means no placeholder was put back, an
+        ellipsis in a name, say: then no round follows, and a copy not kept here made every
+        start take the edit in again.)"""
         if self.keep_copy is None or file == SYNC_LOG:
             return
-        if file in SECRET_FILES and any(mark in raw for mark in _MASK_MARKS):
+        if (
+            file in SECRET_FILES
+            and any(mark in raw for mark in _MASK_MARKS)
+            and self._memory(file) != self.disk.get(file).content
+        ):
             return
         try:
             await anyio.to_thread.run_sync(self.keep_copy, file, raw)
