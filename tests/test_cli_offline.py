@@ -101,6 +101,12 @@ PROBLEMS: list[tuple[str, str, str, list[str]]] = [
         '"enc:v2',
         ["apiKey", "`enc:v1:KEYID:DATA`"],
     ),
+    (
+        "connections.json",
+        '[\n  {"id": "a", "name": "A", "exchange": "x", "api_secret": "********"}\n]\n',
+        '"********"',
+        ["`api_secret` holds the masked placeholder"],
+    ),
     ("ui-config.json", "[1, 2]\n", "[", ["expected a JSON object"]),
     ("algorithms/no-name.json", '{"window": 3}\n', "{", ["name"]),
 ]

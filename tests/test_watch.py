@@ -618,3 +618,20 @@ def test_a_hand_edit_holding_an_ellipsis_is_taken_in_once_not_at_every_start(
         d.start()
         assert revision(d) == after, sync_log(d)[-2:]
     assert not log_lines(d, "edited_while_stopped_taken_in")
+
+
+def test_a_settings_key_close_to_one_of_the_daemons_is_named_in_the_log(
+    daemon10: Daemon,
+) -> None:
+    """Kept (the trading app's own keys are), but the daemon never reads it: a typo would
+    leave the setting at its default without a word."""
+    d, path = daemon10, daemon10.data_dir / "settings.json"
+    settings = json.loads(path.read_text())
+    settings.update(stale_after=5, theme="dark", server={"prot": 3600})
+    atomic_save(path, dump(settings))
+    logged = wait_until(lambda: log_lines(d, "settings_key_unknown"), 10, what="the warning")
+    assert {(e["key"], e["did_you_mean"]) for e in logged} == {
+        ("stale_after", "stale_after_s"),
+        ("server.prot", "server.port"),
+    }
+    assert json.loads(path.read_text())["theme"] == "dark"  # left as written

@@ -8,6 +8,7 @@ the typed view of the keys the daemon reads.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -26,8 +27,10 @@ from ctsd.models import (
     ConnectionDoc,
     ConnectionState,
     InstancesDoc,
+    ServerSettings,
     Settings,
     SyncEvent,
+    WatchSettings,
 )
 
 CONNECTIONS = "connections.json"
@@ -396,3 +399,25 @@ def decode_file(file: str, raw: bytes) -> Any:
     if name is None:
         raise Invalid(FileProblem(file, 1, 1, "$", "not a ctsd data file"))
     return decode_document(name, raw)
+
+
+def settings_typos(content: Any) -> list[tuple[str, str]]:
+    """Keys of settings.json close to one of the daemon's but not it (`server.prot`,
+    `stale_after`), as (key, the daemon's key): kept, as every key the daemon does not read
+    is (the trading app's own), but the daemon never reads them. Only close matches: the
+    app's keys are no typos."""
+    if not isinstance(content, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    sections: list[tuple[str, Any, Any]] = [("", content, Settings)]
+    for name, kind in (("server", ServerSettings), ("watch", WatchSettings)):
+        if isinstance(content.get(name), dict):
+            sections.append((f"{name}.", content[name], kind))
+    for prefix, table, kind in sections:
+        known = list(kind.__struct_fields__)
+        for key in table:
+            if isinstance(key, str) and key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+                if close:
+                    out.append((prefix + key, prefix + close[0]))
+    return out

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import msgspec
 import structlog
 
 from ctsd import diagnose, files, ops, safefile
@@ -29,12 +28,13 @@ from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
-from ctsd.redact import MASK, is_placeholder
+from ctsd.redact import MASK
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.secretbox import SecretBox, is_encrypted
 from ctsd.secretfields import (
     CONNECTION_SECRETS,
     SECRET_FILES,
+    check_placeholders,
     open_connections,
     open_content,
     secret_places,
@@ -217,7 +217,7 @@ class Intake:
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
             if file in SECRET_FILES:
                 self._check_secrets(file, raw, decoded)
-                _check_placeholders(file, raw, decoded)
+                check_placeholders(file, raw, decoded)
         except Invalid as e:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
@@ -227,6 +227,8 @@ class Intake:
             self.store.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
             log.error("file_invalid", file=file, problem=self.store.problems[file].format())
             return
+        if file == files.SETTINGS:
+            _warn_typos(decoded)
         self._remember(file, decoded, raw, stamp, ctime)
         _install(file, decoded, committed)
 
@@ -439,6 +441,8 @@ class Intake:
             log.info(
                 "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )
+            if file == files.SETTINGS:
+                _warn_typos(hand)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -726,6 +730,11 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
     }
 
 
+def _warn_typos(settings: Any) -> None:
+    for key, meant in files.settings_typos(settings):
+        log.warning("settings_key_unknown", file=files.SETTINGS, key=key, did_you_mean=meant)
+
+
 def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
@@ -735,32 +744,6 @@ def drop_displaced(d: Displaced) -> None:
 # In a file's bytes, what every masked placeholder holds: the mask, or the ellipsis of a
 # key's last four (as UTF-8, or escaped as JSON may write it).
 _MASK_MARKS = (MASK.encode(), "…".encode(), b"\\u2026")
-
-
-def _check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
-    """At start: a masked placeholder as a secret's value (a record pasted from an export or
-    an answer while the daemon was stopped) is no secret: the file is invalid as it is, left
-    as it is (taken as it was, the placeholder was stored and sealed in place of the
-    secret). With a copy of the file, the start then takes it in against the copy, as a
-    running daemon does: the stored secret is put back and the report cleared."""
-    place = _placeholder_in(file, decoded)
-    if place is not None:
-        raise Invalid(
-            diagnose.at_path(
-                file,
-                raw,
-                list(place.path),
-                f"`{place.field}` holds the masked placeholder, not a secret (pasted from "
-                "an export or an answer?): put the real value back",
-            )
-        )
-
-
-def _placeholder_in(file: str, decoded: Any) -> Any:
-    """The first secret's place in `decoded` (the file as read) that holds a masked
-    placeholder, or None."""
-    content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
-    return next((p for p in secret_places(file, content) if is_placeholder(p.value)), None)
 
 
 def _placed(file: str, raw: bytes, hand: Any, path: str | None, message: str) -> FileProblem:

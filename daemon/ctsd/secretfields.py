@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from ctsd import redact
-from ctsd.files import CONNECTIONS, document_file
+from ctsd import diagnose, redact
+from ctsd.files import CONNECTIONS, Invalid, document_file
 from ctsd.models import Connection
 from ctsd.secretbox import (
     SecretBox,
@@ -299,3 +299,30 @@ def survey(box: SecretBox, contents: dict[str, Any]) -> Survey:
             if is_encrypted(p.value) and p.path not in bad:
                 out.readable[stored_key_id(p.value) or "?"] += 1
     return out
+
+
+def check_placeholders(file: str, raw: bytes, decoded: Any) -> None:
+    """At start (and in `ctsd verify`, a backup, a restore): a masked placeholder as a
+    secret's value (a record pasted from an export or an answer while the daemon was
+    stopped) is no secret: the file is invalid as it is, left as it is (taken as it was, the
+    placeholder was stored and sealed in place of the secret). With a copy of the file, the
+    start then takes it in against the copy, as a running daemon does: the stored secret is
+    put back and the report cleared."""
+    place = placeholder_in(file, decoded)
+    if place is not None:
+        raise Invalid(
+            diagnose.at_path(
+                file,
+                raw,
+                list(place.path),
+                f"`{place.field}` holds the masked placeholder, not a secret (pasted from "
+                "an export or an answer?): put the real value back",
+            )
+        )
+
+
+def placeholder_in(file: str, decoded: Any) -> Any:
+    """The first secret's place in `decoded` (the file as read) that holds a masked
+    placeholder, or None."""
+    content = msgspec.to_builtins(decoded) if file == CONNECTIONS else decoded
+    return next((p for p in secret_places(file, content) if redact.is_placeholder(p.value)), None)

@@ -19,7 +19,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
 from ctsd.safefile import dir_problems, lstat, mode_problem, read_data_file, token_problem
 from ctsd.secretbox import form_problem, is_encrypted
-from ctsd.secretfields import CONNECTION_DOC, secret_places
+from ctsd.secretfields import CONNECTION_DOC, check_placeholders, secret_places
 
 # A problem of a directory or of a file as a whole, not at a place in its text.
 NO_POSITION = 0
@@ -39,6 +39,10 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             problems.append(e.problem)
     for file in (files.CONNECTIONS, CONNECTION_DOC):
         if file in decoded:
+            try:  # (what the start refuses, though a running daemon takes it in a hand edit)
+                check_placeholders(file, contents[file], decoded[file])
+            except Invalid as e:
+                problems.append(e.problem)
             problems += _secret_forms(file, contents[file])
     instances = files.document_file("instances")
     if instances in decoded:

@@ -149,7 +149,9 @@ def register(main: click.Group) -> None:
         if not yes:
             raise click.UsageError(
                 "reset deletes every connection and resets every document; "
-                "run `ctsd reset --yes` to do it (`ctsd export -o FILE` first keeps a copy)"
+                "run `ctsd reset --yes` to do it (`ctsd backup` first keeps a copy you can "
+                "`ctsd restore`, secrets included: an export's are masked, so it cannot bring "
+                "back a connection's keys once they are gone)"
             )
 
         result = run_call(target, "data.reset", confirm=True)
