@@ -54,7 +54,7 @@ def render_status(result: Any, target: Target) -> str:
             "files        all valid"
             if not invalid
             else f"files        INVALID: {', '.join(safe(f) for f in invalid)} "
-            "(changes to them are refused; `ctsd verify` shows where)"
+            "(changes to them are refused; /health and the daemon's log show where)"
         )
     bus = rest.pop("bus", None)
     if isinstance(bus, dict):
