@@ -1560,3 +1560,50 @@ async def test_sighup_keeps_an_algorithm_whose_file_is_not_written_yet(
         await store.intake.reload_all()
         assert "algorithms/Fresh" in store.committed.documents
     assert (data_dir / "algorithms" / "Fresh.json").exists()  # written at close
+
+
+async def test_a_hand_edit_taken_in_before_a_crash_is_not_taken_in_again_over_later_changes(
+    tmp_path: Path,
+) -> None:
+    """Killed between a hand edit's journal append and its copy (`Intake._keep_copy`), with
+    a later change of the same key acknowledged in between: the next start took the file in
+    again against the old copy, as an edit made while down; the edit won over the
+    acknowledged change (lost) and was logged twice. The journal now knows the bytes it took
+    in: the file is loaded as it is, the change replays on top."""
+    data_dir, name, file = tmp_path / "data", "main-indications", "main-indications.json"
+    crashed = tmp_path / "crashed"
+    store, _ = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.submit(ops.set_document(name, {"a": 1, "b": 1}), "bus", sync="files")
+        release = threading.Event()
+        keep = store.intake.keep_copy
+        assert keep is not None
+
+        def keep_late(f: str, raw: bytes) -> None:
+            if f == file:
+                release.wait(10)  # the copy not yet written when the power goes
+                shutil.copytree(data_dir, crashed)
+            keep(f, raw)
+
+        store.intake.keep_copy = keep_late
+        (data_dir / file).write_text(json.dumps({"a": 2, "b": 1}, indent=2) + "\n")
+        ingest = asyncio.create_task(store.ingest(file))
+        with anyio.fail_after(10):
+            while store.revision < 2:  # the hand edit journalled and published
+                await asyncio.sleep(0.001)
+        await store.submit(ops.set_document(name, {"a": 3, "b": 1}), "bus")  # acknowledged
+        release.set()
+        await ingest
+    finally:
+        await store.close()
+    again, edited = loaded_with_copies(crashed)
+    await again.start()
+    try:
+        await again.take_in_edited(edited)
+        assert again.documents[name] == {"a": 3, "b": 1}
+        assert [e.id for e in again.log] == [1, 2, 3]  # the hand edit logged once
+        await again.checkpointer.flush()
+        assert json.loads((crashed / file).read_text()) == {"a": 3, "b": 1}
+    finally:
+        await again.close()

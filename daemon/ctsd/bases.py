@@ -79,6 +79,9 @@ class Judged:
     # file → its copy, the merge base (None: an algorithm added meanwhile, no base)
     edited: dict[str, bytes | None] = field(default_factory=dict)
     deleted: dict[str, bytes] = field(default_factory=dict)  # file → its copy (written again)
+    # An edited file → SHA-256 (hex) of what it holds: the journal may have taken it in
+    # already (`Change.taken`: a crash came before its copy was kept).
+    found: dict[str, str] = field(default_factory=dict)
 
 
 def _chunks(body: Content) -> Sequence[bytes]:
@@ -341,6 +344,7 @@ class Bases:
                 prev, content = copy
                 if prev is None or clean or _digest(raw) != prev:
                     out.edited[file] = content
+                    out.found[file] = hashlib.sha256(raw).hexdigest()
                     self._digests[file] = _digest(content)
                     if clean and prev is not None:  # an edit still at a start after this one
                         unnamed.append((self.data_dir / file, content))

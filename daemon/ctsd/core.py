@@ -79,6 +79,10 @@ class Change(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     # carried in the journal while invalid on disk: what If-Match compares is what its `log`
     # tells, no longer the revisions known before.
     replaces: bool = False
+    # file → SHA-256 (hex) of the bytes a hand edit of it was taken in from: a start that
+    # finds the file holding exactly these bytes knows it was taken in, whatever its copy
+    # says (a crash before the copy was kept). Journal only, never published.
+    taken: dict[str, str] = msgspec.field(default_factory=dict)
 
     def files(self) -> set[str]:
         """The data files this change touches."""
@@ -353,6 +357,7 @@ class Tx:
         # The file of a hand edit being taken in: never refused for files invalid on disk
         # (memory may get ahead of such a file; the file itself is never written until fixed).
         self.taken: str | None = None
+        self.taken_digests: dict[str, str] = {}  # `Change.taken`
         # False for a late write taken in (written into a file a round had displaced): the
         # data file does not hold it until a round writes it, so its records are not `hand`
         # (a replay after a crash must take them from the journal, not from the file).
@@ -407,6 +412,7 @@ class Tx:
                 (parent.by_hand if own else parent.by_others).add((table, key))
         parent.by_hand |= self.by_hand
         parent.by_others |= self.by_others
+        parent.taken_digests.update(self.taken_digests)
         self.connections.merge_into(parent.connections)
         self.state.merge_into(parent.state)
         self.docs.merge_into(parent.docs)
@@ -612,6 +618,7 @@ def _change_of(group: Tx, events: list[SyncEvent]) -> Change:
         events=events,
         log=group.log_replace,
         touched=sorted(group.touched),
+        taken=group.taken_digests,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -209,9 +210,12 @@ class Intake:
                 return records
         return files.decode_file(file, raw)
 
-    def _load(self, file: str, committed: Committed) -> None:
+    def _load(self, file: str, committed: Committed, digest: str | None = None) -> bool:
+        """`file` into `committed`; with `digest`, only if its bytes still have it."""
         try:
             raw, stamp, ctime = self._read(file)
+            if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+                return False
             decoded = self.decode(file, raw)
             if files.document_name(file) == "instances":
                 files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
@@ -222,15 +226,25 @@ class Intake:
             self.store.problems[file] = e.problem
             self.disk.record(file, stamp_of(self.path(file)))
             log.error("file_invalid", file=file, problem=e.problem.format())
-            return
+            return False
         except OSError as e:
             self.store.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
             log.error("file_invalid", file=file, problem=self.store.problems[file].format())
-            return
+            return False
         if file == files.SETTINGS:
             _warn_typos(decoded)
         self._remember(file, decoded, raw, stamp, ctime)
         _install(file, decoded, committed)
+        return True
+
+    def load_as_found(self, file: str, committed: Committed, digest: str) -> bool:
+        """At start, before the journal replays: a file set back to its copy (`set_back`)
+        that holds the bytes of a hand edit the journal took in (`Change.taken`: the daemon
+        died before the copy was kept) is loaded as it is instead, no edit made while the
+        daemon was down: the replay then takes that hand edit from it, and the changes
+        after it on top. (Taken in again against the old copy, the edit won over those
+        acknowledged changes, and was logged twice.) False: it changed again meanwhile."""
+        return self._load(file, committed, digest)
 
     def set_back(self, file: str, raw: bytes | None, committed: Committed, *, edited: bool) -> None:
         """At start, before the journal replays: memory holds `raw` for `file` (its content

@@ -4,6 +4,7 @@ to the Tx's overlays and emits its sync-log events. Pure: no files, no clock (th
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -591,6 +592,8 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None, *, late: 
     def op(tx: Tx) -> list[Any]:
         tx.taken = file
         tx.on_disk = not late
+        if raw is not None and not late:
+            tx.taken_digests[file] = hashlib.sha256(raw).hexdigest()
         if file == SYNC_LOG:
             was = base if base is not None else list(tx.base.log)
             if hand == was:

@@ -147,6 +147,10 @@ class Store:
         # The shared state replaced from a cluster snapshot (`replaced`): True when the events
         # published before do not lead to it (the snapshot's history skips some).
         self.replaced_listeners: list[Callable[[bool], None]] = []
+        # At start: files edited while down (`set_back`) → the digest of what they hold, and
+        # those found to hold a hand edit the journal took in already (`replay`).
+        self._found: dict[str, str] = {}
+        self.not_edited: set[str] = set()
         # The settings document installed anew (by any change: one with no event too, as a
         # cluster host's edit of its own keys): the watcher may switch its mode.
         self.settings_listeners: list[Callable[[], None]] = []
@@ -291,6 +295,7 @@ class Store:
         # The journal's hand edits then replay with what the copies hold (what the daemon
         # knew the file to hold): an edit made since, while it was down, is taken in later.
         edited = [f for f, raw in judged.edited.items() if self._set_back(f, raw, edited=True)]
+        self._found = {f: judged.found[f] for f in edited if f in judged.found}
         self.committed.refresh_settings()
         # From here every write and take-in of a file (the sync log aside) keeps its copy.
         self.checkpointer.bases = bases
@@ -323,6 +328,17 @@ class Store:
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
+        taken: dict[str, str] = {}  # file → the digest of its last hand edit taken in
+        for change in recovered.changes:
+            taken.update(change.taken)
+        for file, digest in self._found.items():
+            if taken.get(file) == digest and self.intake.load_as_found(
+                file, self.committed, digest
+            ):
+                self.not_edited.add(file)
+                log.warning("hand_edit_taken_in_before_a_crash", file=file)
+        if self.not_edited:
+            self.intake.reconcile(self.committed)  # (a file loaded again)
         touched: set[str] = set()
         on_disk, invalid = loaded_files(self.committed), frozenset(self.problems)
         # The files' revision as of the journal's last cut: all there is to go on when the
@@ -663,6 +679,8 @@ class Store:
         the daemon was down (`set_back`) taken in through the door, logged and broadcast (a
         file refused now stays as it is, reported, and is taken in once fixed)."""
         for file in edited:
+            if file in self.not_edited:  # taken in before a crash (`replay`)
+                continue
             if await self.ingest(file, force=True):  # a deleted algorithm too
                 log.info("edited_while_stopped_taken_in", file=file)
 

@@ -412,7 +412,9 @@ class ClusterCommitter:
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
-                    _encode(change),
+                    # (`taken` stays in this host's journal: the other hosts' files are
+                    # not the ones it names)
+                    _encode(msgspec.structs.replace(change, taken={})),
                     expected,
                     local_id,
                     functools.partial(self._apply_own, own),
