@@ -1562,48 +1562,140 @@ async def test_sighup_keeps_an_algorithm_whose_file_is_not_written_yet(
     assert (data_dir / "algorithms" / "Fresh.json").exists()  # written at close
 
 
-async def test_a_hand_edit_taken_in_before_a_crash_is_not_taken_in_again_over_later_changes(
-    tmp_path: Path,
+async def _crash_while_keeping_the_copy(
+    store: Store, file: str, body: dict[str, Any], later: Any, crashed: Path
 ) -> None:
-    """Killed between a hand edit's journal append and its copy (`Intake._keep_copy`), with
-    a later change of the same key acknowledged in between: the next start took the file in
-    again against the old copy, as an edit made while down; the edit won over the
-    acknowledged change (lost) and was logged twice. The journal now knows the bytes it took
-    in: the file is loaded as it is, the change replays on top."""
-    data_dir, name, file = tmp_path / "data", "main-indications", "main-indications.json"
-    crashed = tmp_path / "crashed"
+    """`body` saved to `file` by hand and taken in; the power goes while its copy is being
+    kept (`Intake._keep_copy`), after `later()` ran: `crashed` is what the disk holds."""
+    release = threading.Event()
+    keep = store.intake.keep_copy
+    assert keep is not None
+
+    def keep_late(f: str, raw: bytes) -> None:
+        if f == file:
+            release.wait(10)
+            shutil.copytree(store.data_dir, crashed)
+        keep(f, raw)
+
+    store.intake.keep_copy = keep_late
+    rev = store.revision
+    (store.data_dir / file).write_text(json.dumps(body, indent=2) + "\n")
+    ingest = asyncio.create_task(store.ingest(file))
+    with anyio.fail_after(10):
+        while store.revision == rev:  # the hand edit journalled and published
+            await asyncio.sleep(0.001)
+    await later()
+    release.set()
+    await ingest
+
+
+@pytest.mark.parametrize("name", ["main-indications", "algorithms/X"])
+async def test_a_hand_edit_taken_in_before_a_crash_is_not_taken_in_again_over_later_changes(
+    tmp_path: Path, name: str
+) -> None:
+    """Killed between a hand edit's journal append and its copy, with a later change of the
+    same key acknowledged in between: the next start took the file in again against the old
+    copy (or, for an algorithm added by hand, no copy), as an edit made while down; the edit
+    won over the acknowledged change (lost) and was logged twice. The journal now knows the
+    bytes it took in and the copy it took them against: the file is loaded as it is, the
+    change replays on top."""
+    data_dir, crashed = tmp_path / "data", tmp_path / "crashed"
+    file = files.document_file(name)
     store, _ = loaded_with_copies(data_dir)
     await store.start()
     try:
-        await store.submit(ops.set_document(name, {"a": 1, "b": 1}), "bus", sync="files")
-        release = threading.Event()
-        keep = store.intake.keep_copy
-        assert keep is not None
+        await store.submit(ops.set_document("ui-config", {"x": 1}), "bus", sync="files")
+        if not name.startswith("algorithms/"):
+            await store.submit(ops.set_document(name, {"a": 1, "name": "X"}), "bus", sync="files")
 
-        def keep_late(f: str, raw: bytes) -> None:
-            if f == file:
-                release.wait(10)  # the copy not yet written when the power goes
-                shutil.copytree(data_dir, crashed)
-            keep(f, raw)
+        async def acknowledged() -> None:
+            await store.submit(ops.set_document(name, {"a": 3, "name": "X"}), "bus")
 
-        store.intake.keep_copy = keep_late
-        (data_dir / file).write_text(json.dumps({"a": 2, "b": 1}, indent=2) + "\n")
-        ingest = asyncio.create_task(store.ingest(file))
-        with anyio.fail_after(10):
-            while store.revision < 2:  # the hand edit journalled and published
-                await asyncio.sleep(0.001)
-        await store.submit(ops.set_document(name, {"a": 3, "b": 1}), "bus")  # acknowledged
-        release.set()
-        await ingest
+        await _crash_while_keeping_the_copy(
+            store, file, {"a": 2, "name": "X"}, acknowledged, crashed
+        )
+        events = [e.id for e in store.log]
     finally:
         await store.close()
     again, edited = loaded_with_copies(crashed)
     await again.start()
     try:
         await again.take_in_edited(edited)
-        assert again.documents[name] == {"a": 3, "b": 1}
-        assert [e.id for e in again.log] == [1, 2, 3]  # the hand edit logged once
+        assert again.documents[name] == {"a": 3, "name": "X"}
+        assert [e.id for e in again.log] == events  # the hand edit logged once
         await again.checkpointer.flush()
-        assert json.loads((crashed / file).read_text()) == {"a": 3, "b": 1}
+        assert json.loads((crashed / file).read_text()) == {"a": 3, "name": "X"}
+    finally:
+        await again.close()
+
+
+async def test_a_hand_edit_whose_placeholders_were_put_back_is_taken_in_again_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Masked values pasted back (an export's) are replaced by the stored secrets, so memory
+    is not the file: after a kill before the round rewrote it, the file must be taken in
+    again against its copy (the secrets put back once more), never loaded as it is."""
+    data_dir, crashed = tmp_path / "data", tmp_path / "crashed"
+    settings = json.dumps({"password": "hunter2", "url": "https://me:pw9@host/x"})
+    store, _ = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.submit(ops.create(conn(1, connection_settings=settings)), "bus", sync="files")
+        await store.checkpointer.flush()
+        store.checkpointer.stop()  # the kill comes before the next round
+        assert store._checkpoints is not None
+        await store._checkpoints
+        rows = json.loads((data_dir / CONNECTIONS).read_bytes())
+        rows[0]["name"] = "renamed"
+        rows[0]["connection_settings"] = json.dumps(
+            {"password": "********", "url": "https://me:********@host/x"}
+        )
+        (data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+        assert await store.ingest(CONNECTIONS)
+        assert store.connections["c1"].connection_settings == settings
+        shutil.copytree(data_dir, crashed)
+    finally:
+        await store.close()
+    again, edited = loaded_with_copies(crashed)
+    await again.start()
+    try:
+        await again.take_in_edited(edited)
+        assert again.connections["c1"].name == "renamed"
+        assert again.connections["c1"].connection_settings == settings
+    finally:
+        await again.close()
+
+
+async def test_a_hand_edit_put_back_while_down_is_taken_in_though_the_journal_took_it_before(
+    tmp_path: Path,
+) -> None:
+    """The journal still holds an old take-in of the same bytes (its cut held back, by a
+    file whose write keeps failing, say) whose copy was kept and since moved on: bytes alone
+    would pass the operator's `git checkout` of that version for no edit, and drop it."""
+    data_dir, crashed = tmp_path / "data", tmp_path / "crashed"
+    name, file = "main-indications", "main-indications.json"
+    store, _ = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.submit(ops.set_document(name, {"a": 1}), "bus", sync="files")
+
+        async def no_cut(*_args: Any, **_kw: Any) -> None:
+            pass
+
+        store.checkpointer.compact = no_cut  # type: ignore[method-assign]
+        saved = (json.dumps({"a": 2}, indent=2) + "\n").encode()
+        (data_dir / file).write_bytes(saved)
+        assert await store.ingest(file)
+        for a in (3, 4):
+            await store.submit(ops.set_document(name, {"a": a}), "bus", sync="files")
+        shutil.copytree(data_dir, crashed)
+    finally:
+        await store.close()
+    (crashed / file).write_bytes(saved)  # while down: the version saved then, put back
+    again, edited = loaded_with_copies(crashed)
+    await again.start()
+    try:
+        await again.take_in_edited(edited)
+        assert again.documents[name] == {"a": 2}
     finally:
         await again.close()

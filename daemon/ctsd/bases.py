@@ -79,8 +79,9 @@ class Judged:
     # file → its copy, the merge base (None: an algorithm added meanwhile, no base)
     edited: dict[str, bytes | None] = field(default_factory=dict)
     deleted: dict[str, bytes] = field(default_factory=dict)  # file → its copy (written again)
-    # An edited file → SHA-256 (hex) of what it holds: the journal may have taken it in
-    # already (`Change.taken`: a crash came before its copy was kept).
+    # An edited file → "FILE:COPY", the SHA-256 (hex) of what it holds and of its copy ("" for
+    # none): the journal may have taken it in against that copy already (`Change.taken`: a
+    # crash came before the copy was kept).
     found: dict[str, str] = field(default_factory=dict)
 
 
@@ -220,6 +221,11 @@ class Bases:
             if self.pending.get(file) is item:  # (not written again meanwhile)
                 del self.pending[file]
 
+    def copy_digest(self, file: str) -> str:
+        """The SHA-256 (hex) of `file`'s copy on disk, "" for none (`Change.taken`)."""
+        digest = self._digests.get(file)
+        return digest.hex() if digest is not None else ""
+
     def keep(self, file: str, raw: bytes) -> None:
         """`file` as it is now (`raw`, a hand edit just taken in) becomes its copy
         (blocking)."""
@@ -344,13 +350,14 @@ class Bases:
                 prev, content = copy
                 if prev is None or clean or _digest(raw) != prev:
                     out.edited[file] = content
-                    out.found[file] = hashlib.sha256(raw).hexdigest()
+                    out.found[file] = f"{hashlib.sha256(raw).hexdigest()}:{_digest(content).hex()}"
                     self._digests[file] = _digest(content)
                     if clean and prev is not None:  # an edit still at a start after this one
                         unnamed.append((self.data_dir / file, content))
                     continue
             if copy is None and seeded and file.startswith(f"{ALGORITHMS_DIR}/"):
                 out.edited[file] = None
+                out.found[file] = f"{hashlib.sha256(raw).hexdigest()}:"
                 continue
             if copy is None or raw != copy[1]:
                 fresh.append((self.data_dir / file, raw))

@@ -29,7 +29,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
-from ctsd.redact import MASK
+from ctsd.redact import bytes_may_hold_placeholder
 from ctsd.safefile import SUBDIRS, dir_mode_problem, subdir_problem
 from ctsd.secretbox import SecretBox, is_encrypted
 from ctsd.secretfields import (
@@ -96,6 +96,7 @@ class Intake:
         # A file taken in becomes its copy (`bases`): the base of an edit made while the
         # daemon is down is the version the daemon last knew the file to hold.
         self.keep_copy: Callable[[str, bytes], None] | None = None
+        self.copy_digest: Callable[[str], str] = lambda _file: ""  # (`Bases.copy_digest`)
         # Hand edits the door could not take in, for a reason other than the edit (the journal
         # failing to append, the cluster out of reach or too busy to answer in time): file →
         # (when to try again, the wait after that). Nothing else brings them back until the
@@ -214,7 +215,7 @@ class Intake:
         """`file` into `committed`; with `digest`, only if its bytes still have it."""
         try:
             raw, stamp, ctime = self._read(file)
-            if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+            if digest is not None and hashlib.sha256(raw).hexdigest() != digest.split(":")[0]:
                 return False
             decoded = self.decode(file, raw)
             if files.document_name(file) == "instances":
@@ -405,7 +406,9 @@ class Intake:
             base = od.content if od is not None and memory is not None else None
             if base is None and memory is not None:
                 base = self._base_unread(file, hand, memory)
-            op = ops.take_in(file, hand, base if base is not None else memory, raw)
+            op = ops.take_in(
+                file, hand, base if base is not None else memory, raw, copy=self.copy_digest(file)
+            )
         except Invalid as e:
             # Judged as read: record the stamp of the bytes decoded, not a later stat (a newer
             # version must not pass as already judged). A lasting problem (a FIFO, a link, a
@@ -478,7 +481,7 @@ class Intake:
             return
         if (
             file in SECRET_FILES
-            and any(mark in raw for mark in _MASK_MARKS)
+            and bytes_may_hold_placeholder(raw)
             and self._memory(file) != self.disk.get(file).content
         ):
             return
@@ -753,11 +756,6 @@ def drop_displaced(d: Displaced) -> None:
     os.close(d.fd)
     with contextlib.suppress(OSError):
         os.unlink(d.kept)
-
-
-# In a file's bytes, what every masked placeholder holds: the mask, or the ellipsis of a
-# key's last four (as UTF-8, or escaped as JSON may write it).
-_MASK_MARKS = (MASK.encode(), "…".encode(), b"\\u2026")
 
 
 def _placed(file: str, raw: bytes, hand: Any, path: str | None, message: str) -> FileProblem:

@@ -28,6 +28,7 @@ from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent, TestResult
 from ctsd.redact import (
     SETTINGS_STRING_KEY,
+    bytes_may_hold_placeholder,
     is_secret_key,
     mask,
     may_hold_placeholders,
@@ -41,6 +42,7 @@ from ctsd.timeutil import beat_after
 __all__ = ["Op"]
 
 SERVER_MANAGED = ("id", "created_at", "updated_at")
+CONNECTION_DOC = files.document_file(CONNECTION_DOC_NAME)
 CONNECTION_FIELDS = tuple(f.encode_name for f in msgspec.structs.fields(Connection))
 SECRET_CONNECTION_FIELDS = tuple(f for f in CONNECTION_FIELDS if is_secret_key(f))
 
@@ -581,19 +583,28 @@ def _daemon_seqs(hand: list[SyncEvent], log: Iterable[SyncEvent]) -> list[SyncEv
     return out
 
 
-def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None, *, late: bool = False) -> Op:
+def take_in(
+    file: str,
+    hand: Any,
+    base: Any,
+    raw: bytes | None = None,
+    *,
+    late: bool = False,
+    copy: str = "",
+) -> Op:
     """The op for a valid hand edit of `file`: `hand` is what the file holds now (decoded and
     validated), `base` what it held when the daemon last read or wrote it (records by id, a
     document, or the sync-log events). Changes still on their way to the file are kept: the
     hand edit's own changes go on top of them (`core.merge_table`); the conflicts (fields both
     changed, which the hand edit wins) are the op's result. `late`: written into a file a
-    round had displaced, not in the data file (`Tx.on_disk`)."""
+    round had displaced, not in the data file (`Tx.on_disk`). `copy`: the digest (hex) of the
+    file's copy the edit is merged against ("" for none), for `Change.taken`."""
 
     def op(tx: Tx) -> list[Any]:
         tx.taken = file
         tx.on_disk = not late
-        if raw is not None and not late:
-            tx.taken_digests[file] = hashlib.sha256(raw).hexdigest()
+        if raw is not None and not late and not _placeholders_put_back(file, raw):
+            tx.taken_digests[file] = f"{hashlib.sha256(raw).hexdigest()}:{copy}"
         if file == SYNC_LOG:
             was = base if base is not None else list(tx.base.log)
             if hand == was:
@@ -654,6 +665,12 @@ def take_in(file: str, hand: Any, base: Any, raw: bytes | None = None, *, late: 
         return merged.conflicts
 
     return op
+
+
+def _placeholders_put_back(file: str, raw: bytes) -> bool:
+    """May the door have put stored secrets back for placeholders in these bytes? Then memory
+    is not what the file holds, and a start must never load the file as it is."""
+    return file in (CONNECTIONS, CONNECTION_DOC) and bytes_may_hold_placeholder(raw)
 
 
 def remove_algorithm(file: str) -> Op:

@@ -411,3 +411,13 @@ def _set(frame: list[Any], key: Any, value: Any) -> None:
 def structlog_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """Mask secret fields anywhere in a log event (keys of the event and nested values)."""
     return mask(event_dict)
+
+
+# In a file's bytes, what every masked placeholder holds: the mask, or the ellipsis of a
+# key's last four (as UTF-8, or escaped as JSON may write it).
+_MASK_MARKS = (MASK.encode(), "…".encode(), b"\\u2026")
+
+
+def bytes_may_hold_placeholder(raw: bytes) -> bool:
+    """Might these bytes of a file hold a masked placeholder? (Quick, never too lenient.)"""
+    return any(mark in raw for mark in _MASK_MARKS)

@@ -48,7 +48,7 @@ from ctsd.core import (
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
-from ctsd.files import SYNC_LOG, Invalid
+from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
 from ctsd.intake import Intake
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
@@ -300,6 +300,7 @@ class Store:
         # From here every write and take-in of a file (the sync log aside) keeps its copy.
         self.checkpointer.bases = bases
         self.intake.keep_copy = bases.keep
+        self.intake.copy_digest = bases.copy_digest
         return sorted(edited)
 
     def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
@@ -331,7 +332,9 @@ class Store:
         taken: dict[str, str] = {}  # file → the digest of its last hand edit taken in
         for change in recovered.changes:
             taken.update(change.taken)
-        for file, digest in self._found.items():
+        # (algorithms first: instances.json is checked against them)
+        found = sorted(self._found.items(), key=lambda f: not f[0].startswith(ALGORITHMS_DIR))
+        for file, digest in found:
             if taken.get(file) == digest and self.intake.load_as_found(
                 file, self.committed, digest
             ):
