@@ -1562,6 +1562,19 @@ async def test_sighup_keeps_an_algorithm_whose_file_is_not_written_yet(
     assert (data_dir / "algorithms" / "Fresh.json").exists()  # written at close
 
 
+@contextlib.asynccontextmanager
+async def restarted(data_dir: Path) -> AsyncIterator[Store]:
+    """The store started again on `data_dir` as the daemon starts (its copies judged, the
+    files edited while down taken in)."""
+    store, edited = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.take_in_edited(edited)
+        yield store
+    finally:
+        await store.close()
+
+
 async def _crash_while_keeping_the_copy(
     store: Store, file: str, body: dict[str, Any], later: Any, crashed: Path
 ) -> None:
@@ -1617,16 +1630,11 @@ async def test_a_hand_edit_taken_in_before_a_crash_is_not_taken_in_again_over_la
         events = [e.id for e in store.log]
     finally:
         await store.close()
-    again, edited = loaded_with_copies(crashed)
-    await again.start()
-    try:
-        await again.take_in_edited(edited)
+    async with restarted(crashed) as again:
         assert again.documents[name] == {"a": 3, "name": "X"}
         assert [e.id for e in again.log] == events  # the hand edit logged once
         await again.checkpointer.flush()
         assert json.loads((crashed / file).read_text()) == {"a": 3, "name": "X"}
-    finally:
-        await again.close()
 
 
 async def test_a_hand_edit_whose_placeholders_were_put_back_is_taken_in_again_after_a_crash(
@@ -1656,14 +1664,9 @@ async def test_a_hand_edit_whose_placeholders_were_put_back_is_taken_in_again_af
         shutil.copytree(data_dir, crashed)
     finally:
         await store.close()
-    again, edited = loaded_with_copies(crashed)
-    await again.start()
-    try:
-        await again.take_in_edited(edited)
+    async with restarted(crashed) as again:
         assert again.connections["c1"].name == "renamed"
         assert again.connections["c1"].connection_settings == settings
-    finally:
-        await again.close()
 
 
 async def test_a_hand_edit_put_back_while_down_is_taken_in_though_the_journal_took_it_before(
@@ -1692,10 +1695,5 @@ async def test_a_hand_edit_put_back_while_down_is_taken_in_though_the_journal_to
     finally:
         await store.close()
     (crashed / file).write_bytes(saved)  # while down: the version saved then, put back
-    again, edited = loaded_with_copies(crashed)
-    await again.start()
-    try:
-        await again.take_in_edited(edited)
+    async with restarted(crashed) as again:
         assert again.documents[name] == {"a": 2}
-    finally:
-        await again.close()
