@@ -1003,6 +1003,8 @@ class _TypedChange(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tru
     log: list[SyncEvent] | None = None
     touched: list[str] = msgspec.field(default_factory=list)
     replaces: bool = False
+    # (never published: a host's own journal only; dropped if another host sent one)
+    taken: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 _decode_typed = msgspec.json.Decoder(_TypedChange).decode
