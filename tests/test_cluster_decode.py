@@ -17,6 +17,7 @@ from ctsd.cluster.errors import BadMessage, InvalidChange, SnapshotInvalid, Snap
 from ctsd.cluster.messages import inflate
 from ctsd.cluster.shared import change_problem
 from ctsd.core import STREAM_SEQ, Change, Committed, RecordChange, replayed
+from ctsd.files import CONNECTIONS
 from ctsd.models import Connection, ConnectionState, SyncEvent
 from tests.datadir import connection
 
@@ -78,6 +79,14 @@ def test_a_hand_edit_of_another_host_is_not_one_of_this_hosts_files() -> None:
     assert replayed(got, on_disk, frozenset()).connections == [RecordChange("c1")]
     # (As sent, the journal would have brought c1 back.)
     assert replayed(sent, on_disk, frozenset()).connections[0].value is not None
+
+
+def test_a_hand_edits_digests_are_kept_for_the_host_that_took_it_in_only() -> None:
+    """`taken` names the bytes of the publishing host's file: kept when that host applies
+    its own change from the stream, dropped on every other host."""
+    sent = Change(connections=[RecordChange("c1", hand=True)], taken={CONNECTIONS: "ab:cd"})
+    assert _decoded(_payload(sent), own=True).taken == {CONNECTIONS: "ab:cd"}
+    assert _decoded(_payload(sent)).taken == {}
 
 
 def test_the_stream_form_has_every_field_of_a_change() -> None:

@@ -4,9 +4,11 @@ change one record at once, made deterministic by holding back one host's applyin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from ctsd import ops
+from ctsd.cluster import boots
 from ctsd.cluster.committer import ClusterCommitter
 from ctsd.cluster.config import ClusterSettings
 from ctsd.cluster.engine import ClusterEngine
@@ -28,6 +31,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, SETTINGS
 from ctsd.store import Store
 from tests.daemon import wait_until_async
+from tests.inprocess import loaded_with_copies
 from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server
 
 pytestmark = pytest.mark.anyio
@@ -238,9 +242,9 @@ async def test_a_large_change_of_another_host_is_decoded_off_the_event_loop(
     threads: list[str] = []
     decoded = committer._decoded
 
-    def watched(payload: bytes) -> Any:
+    def watched(payload: bytes, own: bool) -> Any:
         threads.append(threading.current_thread().name)
-        return decoded(payload)
+        return decoded(payload, own)
 
     monkeypatch.setattr(committer, "_decoded", watched)
     monkeypatch.setattr(committer, "DECODE_ON_THREAD_BYTES", 10_000)
@@ -488,6 +492,74 @@ async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newe
         await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
         for c in (x, y):
             assert c.store.connections["c1"].name == "from y, later", c.host
+
+
+@asynccontextmanager
+async def started_as_the_daemon_starts(
+    data_dir: Path, settings: ClusterSettings
+) -> AsyncIterator[ClusterCommitter]:
+    """A host started as `ctsd serve` starts one: copies judged, the journal replayed, the
+    stream caught up with, then the files edited while it was down taken in."""
+    store, edited = loaded_with_copies(data_dir)
+    engine = ClusterEngine(settings)
+    engine.earlier_boots = boots.remember(data_dir, engine.boot)
+    committer = ClusterCommitter(store, engine)
+    store.committer = committer
+    await engine.start()
+    try:
+        committer.subscribe()
+        await committer.catch_up(timeout=20)
+        await store.start()
+        await store.take_in_edited(edited)
+        yield committer
+    finally:
+        await store.close()
+
+
+async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at_the_start(
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host x publishes a hand edit and dies before it applies it (nothing of it in its
+    journal, its file's copy the old one); host y then changes the same field. At x's next
+    start the stream brings the edit back: the file, still as the operator left it, is not
+    an edit made while x was down, and taking it in again would undo y's change."""
+    name = f"s{os.getpid()}x{next(_names)}"
+
+    def of(host_id: str) -> ClusterSettings:
+        return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
+
+    crashed = tmp_path / "x-crashed"
+    async with host(tmp_path / "y", of("y")) as y:
+        y.subscribe()
+        await y.catch_up(timeout=20)
+        async with started_as_the_daemon_starts(tmp_path / "x", of("x")) as x:
+            conn = {"id": "c1", "name": "c1", "exchange": "bybit"}
+            await x.store.submit(ops.create(conn), "bus", sync="files")
+            await wait_until_async(lambda: (tmp_path / "x/.bases/connections.json").exists(), 10)
+
+            async def killed(own: object, seq: int) -> None:
+                shutil.copytree(x.store.data_dir, crashed)  # the disk as kill -9 leaves it
+                raise RuntimeError("killed before it applied its own hand edit")
+
+            monkeypatch.setattr(x, "_apply_own", killed)
+            path = x.store.path("connections.json")
+            rows = json.loads(path.read_text())
+            rows[0]["name"] = "by hand"
+            path.write_text(json.dumps(rows, indent=2) + "\n")
+            with contextlib.suppress(Exception):
+                await x.store.ingest("connections.json")
+            assert crashed.exists()
+            await y.engine.wait_applied(2, timeout=10)
+            assert y.store.connections["c1"].name == "by hand"
+            await y.store.submit(ops.update("c1", {"name": "from y, later"}), "bus")
+        monkeypatch.undo()
+        async with started_as_the_daemon_starts(crashed, of("x")) as x2:
+            last = await x2.engine.stream_last_seq()
+            for c in (x2, y):
+                await c.engine.wait_applied(last, timeout=10)
+            for c in (x2, y):
+                assert c.store.connections["c1"].name == "from y, later", c.host
+            assert [e.id for e in x2.store.log] == [e.id for e in y.store.log]
 
 
 async def test_a_hand_edit_refused_while_the_host_is_stalled_is_taken_in_once_it_resumes(

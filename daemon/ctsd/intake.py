@@ -247,6 +247,27 @@ class Intake:
         acknowledged changes, and was logged twice.) False: it changed again meanwhile."""
         return self._load(file, committed, digest)
 
+    def known_as_found(self, file: str, digest: str) -> bool:
+        """In cluster mode, at start: the file set back to its copy (`set_back`) holds the
+        bytes of this host's own hand edit (`Change.taken`) that the stream brought back
+        (memory has it from there, merged as it was taken in): the daemon knows the file to
+        hold them, and they become its copy, so neither the start nor a round takes them in
+        again. False: it changed again meanwhile."""
+        try:
+            raw, stamp, ctime = self._read(file)
+            if hashlib.sha256(raw).hexdigest() != digest.split(":")[0]:
+                return False
+            decoded = self.decode(file, raw)
+        except (Invalid, OSError):
+            return False
+        self._remember(file, decoded, raw, stamp, ctime)
+        if self.keep_copy is not None:
+            try:
+                self.keep_copy(file, raw)
+            except OSError as e:  # the journal's record (`taken`) covers the next start
+                log.error("base_copy_failed", file=file, error=e.strerror or str(e))
+        return True
+
     def set_back(self, file: str, raw: bytes | None, committed: Committed, *, edited: bool) -> None:
         """At start, before the journal replays: memory holds `raw` for `file` (its content
         as the daemon last knew it; None: an algorithm added meanwhile, not in memory).

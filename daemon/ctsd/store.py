@@ -677,6 +677,18 @@ class Store:
     async def ingest(self, file: str, *, force: bool = False, report: bool = True) -> bool:
         return await self.intake.ingest(file, force=force, report=report)
 
+    def taken_in_before_a_crash(self, taken: dict[str, str]) -> None:
+        """In cluster mode, as the catch-up at start applies this host's own change from the
+        stream (the daemon died after it published it, before its journal had it): a hand
+        edit it took in (`Change.taken`) whose file still holds the bytes it was taken in
+        from, beside the same copy, is no edit made while the daemon was down (as `replay`
+        finds from the journal on one host). Taken in again against the old copy, the edit
+        would win over the changes other hosts made after it."""
+        for file, digest in taken.items():
+            if self._found.get(file) == digest and self.intake.known_as_found(file, digest):
+                self.not_edited.add(file)
+                log.warning("hand_edit_taken_in_before_a_crash", file=file)
+
     async def take_in_edited(self, edited: list[str]) -> None:
         """Once the store has started (in cluster mode, caught up): the files edited while
         the daemon was down (`set_back`) taken in through the door, logged and broadcast (a
@@ -686,6 +698,7 @@ class Store:
                 continue
             if await self.ingest(file, force=True):  # a deleted algorithm too
                 log.info("edited_while_stopped_taken_in", file=file)
+        self._found = {}
 
     async def reload_all(self) -> None:
         """SIGHUP: every file taken in as a hand edit is, and what that changed written (for

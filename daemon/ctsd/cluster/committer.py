@@ -412,9 +412,9 @@ class ClusterCommitter:
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
-                    # (`taken` stays in this host's journal: the other hosts' files are
-                    # not the ones it names)
-                    _encode(msgspec.structs.replace(change, taken={})),
+                    # (`taken` goes too, for this host should it die before it journals the
+                    # group: the other hosts drop it, their files are not the ones it names)
+                    _encode(change),
                     expected,
                     local_id,
                     functools.partial(self._apply_own, own),
@@ -548,9 +548,9 @@ class ClusterCommitter:
                 self._check_join()
             self._joined = True
         if len(msg.payload) > DECODE_ON_THREAD_BYTES:
-            change = await asyncio.to_thread(_decoded, msg.payload)
+            change = await asyncio.to_thread(_decoded, msg.payload, msg.own)
         else:
-            change = _decoded(msg.payload)
+            change = _decoded(msg.payload, msg.own)
         problem = shared.foreign_secret(
             self.store.box.key_ids, change.connections, change.documents
         )
@@ -592,6 +592,7 @@ class ClusterCommitter:
             self._installed_seq = msg.seq
             if msg.own:
                 self._note_landed(msg.msg_id)
+                self.store.taken_in_before_a_crash(change.taken)
         if change.events:
             self.store.publish(change.events)
 
@@ -1003,15 +1004,16 @@ class _TypedChange(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tru
     log: list[SyncEvent] | None = None
     touched: list[str] = msgspec.field(default_factory=list)
     replaces: bool = False
-    # (never published: a host's own journal only; dropped if another host sent one)
+    # (kept for this host's own changes only: the other hosts' files are not the ones it names)
     taken: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 _decode_typed = msgspec.json.Decoder(_TypedChange).decode
 
 
-def _decoded(payload: bytes) -> Change:
-    """A change of the stream, checked whole; raises InvalidChange naming the fault."""
+def _decoded(payload: bytes, own: bool = False) -> Change:
+    """A change of the stream, checked whole; raises InvalidChange naming the fault. `own`:
+    published by this host (its `taken` is kept)."""
     try:
         t = _decode_typed(payload)
     except msgspec.ValidationError as e:
@@ -1035,4 +1037,5 @@ def _decoded(payload: bytes) -> Change:
         log=t.log,
         touched=t.touched,
         replaces=t.replaces,
+        taken=t.taken if own else {},
     )
