@@ -29,6 +29,7 @@ from ctsd.cluster.messages import Change
 from ctsd.core import Request
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, SETTINGS
+from ctsd.metrics import Metrics
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.inprocess import loaded_with_copies
@@ -397,6 +398,36 @@ async def test_a_hand_edit_of_own_settings_keys_stays_local_in_a_group_with_shar
         await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
         assert [(e.id, e.connection_id) for e in y.store.log] == [(1, "c1")]
         assert "server" not in (y.store.documents.get("settings") or {})
+
+
+async def test_a_hosts_metrics_count_its_own_hand_edits_those_that_stay_local_too(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """`ctsd_hand_edits_total{result="taken_in"}` counts the hand edits taken in on its own
+    host: one of its own settings keys (no event), one of a shared file; not another
+    host's, which comes as events."""
+    async with two_hosts(nats, tmp_path) as (x, y):
+        counted = {c.host: Metrics(c.store, dict) for c in (x, y)}
+
+        def taken_in(c: ClusterCommitter) -> float:
+            family = counted[c.host].hand_edits.collect()[0]
+            [n] = [
+                s.value
+                for s in family.samples
+                if s.name.endswith("_total") and s.labels == {"result": "taken_in"}
+            ]
+            return n
+
+        path = x.store.path(SETTINGS)
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "watch": {"polling": True}}, indent=2) + "\n")
+        assert await x.store.ingest(SETTINGS)
+        path = x.store.path(CONNECTIONS)
+        path.write_text(json.dumps([{"id": "c1", "name": "c1", "exchange": "bybit"}]) + "\n")
+        assert await x.store.ingest(CONNECTIONS)
+        await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
+        assert "c1" in y.store.connections
+        assert (taken_in(x), taken_in(y)) == (2, 0)
 
 
 @pytest.fixture

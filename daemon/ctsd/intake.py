@@ -481,6 +481,7 @@ class Intake:
             )
             if file == files.SETTINGS:
                 _warn_typos(hand)
+            store.taken_in(file)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -683,6 +684,7 @@ class Intake:
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
         else:
             log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
+            self.store.taken_in(file)
         return True
 
     def _keep_stale_late(self, stale: Path) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ctsd.models import CLUSTER_STATES, SyncEvent
+from ctsd.models import CLUSTER_STATES
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -162,17 +162,12 @@ class Metrics:
         store.on_fill.append(
             lambda seconds, filled: self.fill_seconds.labels(str(filled).lower()).observe(seconds)
         )
-        store.events_listeners.append(self._on_events)
+        store.hand_edit_listeners.append(lambda _file: self.hand_edits.labels("taken_in").inc())
         store.notice_listeners.append(self._on_notice)
 
     def _on_commit(self, seconds: float, changes: int) -> None:
         self.write_seconds.observe(seconds)
         self.changes.inc(changes)
-
-    def _on_events(self, events: list[SyncEvent]) -> None:
-        # One call = one change; a hand edit taken in is a change whose source is "file".
-        if events and events[0].data.get("source") == "file":
-            self.hand_edits.labels("taken_in").inc()
 
     def _on_notice(self, notice: dict[str, Any]) -> None:
         if notice.get("notice") == "file_invalid":

@@ -144,6 +144,9 @@ class Store:
         self._closing = False
         self.events_listeners: list[EventsListener] = []
         self.notice_listeners: list[NoticeListener] = []
+        # A hand edit of this host's taken in (its file): also one that makes no event (a
+        # cluster host's own settings keys) or comes to the other hosts as their events.
+        self.hand_edit_listeners: list[Callable[[str], None]] = []
         # The shared state replaced from a cluster snapshot (`replaced`): True when the events
         # published before do not lead to it (the snapshot's history skips some).
         self.replaced_listeners: list[Callable[[bool], None]] = []
@@ -676,6 +679,11 @@ class Store:
 
     async def ingest(self, file: str, *, force: bool = False, report: bool = True) -> bool:
         return await self.intake.ingest(file, force=force, report=report)
+
+    def taken_in(self, file: str) -> None:
+        """A hand edit of `file` was taken in here (for the listeners: the metrics)."""
+        for listener in self.hand_edit_listeners:
+            listener(file)
 
     def taken_in_before_a_crash(self, taken: dict[str, str]) -> None:
         """In cluster mode, as the catch-up at start applies this host's own change from the
