@@ -362,6 +362,23 @@ def test_restore_refuses_secrets_the_configured_key_cannot_read(
     assert r.returncode == 0, r.stderr
 
 
+def test_an_offline_restore_of_plain_secrets_into_a_keyed_dir_encrypts_them(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """A backup made without a key, restored where a key is configured: the secrets are
+    encrypted as they are written, not left in plain text until the daemon's next start."""
+    data, k1, key, plain = setup
+    unkeyed = tmp_path / "unkeyed"
+    full_dir(unkeyed, None)
+    out = tmp_path / "plain.tar.gz"
+    assert run("backup", "--data-dir", str(unkeyed), "-o", str(out)).returncode == 0
+    r = run("restore", str(out), "--data-dir", str(data), key=k1)
+    assert r.returncode == 0, r.stderr
+    assert stored_under(data, [key], plain) == {key.id}
+    assert f"plain-text secret(s) under the configured key ({key.id})" in r.stdout
+    assert run("verify", "--data-dir", str(data), key=k1).returncode == 0
+
+
 # --- hostile archives -------------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ from ctsd.offline import NoDataDir, exclusive, owner_for, read_data_files
 from ctsd.rekey import finish_pending
 from ctsd.safefile import read_data_file, resolved
 from ctsd.secretbox import SecretBox, is_encrypted, stored_key_id
-from ctsd.secretfields import SECRET_FILES, secret_places, survey
+from ctsd.secretfields import SECRET_FILES, seal_content, secret_places, survey
 from ctsd.timeutil import format_ts
 from ctsd.verify import check_contents, unwritten
 
@@ -483,6 +483,7 @@ class Restored:
     kept: Path | None  # the previous content, or None when there was none
     tidied: list[str]  # what was left of an interrupted restore, and what became of it
     revision: int = 0  # the restored dir's: the archive's, or on from the data dir's
+    sealed: int = 0  # the archive's plain-text secrets encrypted under the configured key
 
 
 def revision_before(data_dir: Path) -> int:
@@ -532,6 +533,21 @@ def _going_on(contents: dict[str, bytes], before: int, revision: int) -> dict[st
         )
     )
     return {**contents, files.SYNC_LOG: files.encode_table(log)}
+
+
+def _sealed(contents: dict[str, bytes], box: SecretBox | None) -> tuple[dict[str, bytes], int]:
+    """The archive's plain-text secrets encrypted under the configured key, as the daemon's
+    next start would encrypt them (so a keyed data dir never holds them in plain text until
+    then); how many were."""
+    if box is None or not box.encrypting:
+        return contents, 0
+    out, total = dict(contents), 0
+    for file in SECRET_FILES:
+        if file in contents:
+            sealed, count = seal_content(box, file, msgspec.json.decode(contents[file]))
+            if count:
+                out[file], total = files.encode_document(sealed), total + count
+    return out, total
 
 
 def _stamp() -> str:
@@ -704,6 +720,7 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
             if any(f.startswith(f"{files.ALGORITHMS_DIR}/") for f in archive.contents):
                 _mkdir(staging / files.ALGORITHMS_DIR, owner)
             contents = _going_on(archive.contents, before, archive.manifest.revision)
+            contents, sealed = _sealed(contents, box)
             for rel, body in sorted(contents.items()):
                 _write_new(staging / rel, body, owner)
             for name in CARRIED_FILES:
@@ -738,8 +755,9 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
             fsync_dir(real.parent)
         finally:
             new_lock.release()
+    previous: Path | None = kept
     if {p.name for p in kept.iterdir()} <= {".lock"}:
         shutil.rmtree(kept)  # there was no data dir before: nothing to keep
         fsync_dir(real.parent)
-        return Restored(archive.manifest, real, None, tidied, revision_of(contents))
-    return Restored(archive.manifest, real, kept, tidied, revision_of(contents))
+        previous = None
+    return Restored(archive.manifest, real, previous, tidied, revision_of(contents), sealed)

@@ -139,6 +139,11 @@ def register(main: click.Group) -> None:
                 f"the revision goes on from the data dir's: {done.revision} (an import event "
                 "on top of the archive's sync log; ids are never given twice)"
             )
+        if done.sealed:
+            click.echo(
+                f"encrypted the archive's {done.sealed} plain-text secret(s) under the "
+                f"configured key ({box.key_id if box else ''})"
+            )
         for line in done.tidied:
             click.echo(line)
         if done.kept is not None:
