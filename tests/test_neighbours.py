@@ -76,6 +76,18 @@ async def test_a_flood_of_idle_sockets_never_breaks_a_write(
             e for e in d.log_events() if e.get("event") == "max_connections_above_descriptor_limit"
         ]
         assert bool(above) == (cap is None), above
+        if cap is not None:  # set above the limit by hand while running: the warning then
+            write_settings(data_dir, {"server": {"max_connections": 2000}})
+
+            def warned() -> list[dict]:
+                return [
+                    e
+                    for e in d.log_events()
+                    if e.get("event") == "max_connections_above_descriptor_limit"
+                ]
+
+            [warning] = wait_until(warned, 10, what="the warning")
+            assert warning["max_connections"] == 2000
     finally:
         for s in socks:
             s.close()

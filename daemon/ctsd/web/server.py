@@ -130,15 +130,23 @@ class Web:
         self.bus = Bus(svc, self.guard)
         self.limiter = Limiter(lambda: store.settings.server.rate_limit)  # per HTTP client
         budget = connection_budget()
-        wanted = store.settings.server.max_connections
-        if wanted > budget:
-            log.warning(
-                "max_connections_above_descriptor_limit",
-                max_connections=wanted,
-                allowed=budget,
-                message="the open-file limit (LimitNOFILE=) leaves room for fewer connections; "
-                "the daemon's own files keep theirs",
-            )
+        warned = 0  # the value last warned about (a settings change that keeps it: no repeat)
+
+        def check_budget() -> None:
+            nonlocal warned
+            wanted = store.settings.server.max_connections
+            if wanted > budget and wanted != warned:
+                log.warning(
+                    "max_connections_above_descriptor_limit",
+                    max_connections=wanted,
+                    allowed=budget,
+                    message="the open-file limit (LimitNOFILE=) leaves room for fewer "
+                    "connections; the daemon's own files keep theirs",
+                )
+            warned = wanted if wanted > budget else 0
+
+        check_budget()
+        store.settings_listeners.append(check_budget)  # (a hand edit while running too)
         self.limits = ConnectionLimits(
             max_connections=lambda: min(store.settings.server.max_connections, budget),
             header_timeout_s=HEADER_TIMEOUT_S,
