@@ -532,6 +532,30 @@ def test_sigterm_while_starting_stops_at_once_with_exit_0(data_dir: Path) -> Non
         d.close()
 
 
+def test_sigterm_while_the_command_line_is_read_stops_with_exit_0(data_dir: Path) -> None:
+    """A SIGTERM after the modules loaded, while click reads the command line (before
+    `serve` runs): click took the interrupt for a Ctrl-C at a prompt, printed "Aborted!" and
+    exited 1, a failure to systemd. It stops as any SIGTERM before READY does, exit 0. (The
+    signal is sent from the group's callback, which click runs inside that window.)"""
+    script = f"""
+import os, signal, sys, time
+sys.argv = ["ctsd", "serve", "--data-dir", {str(data_dir)!r}, "--port", "{free_port()}"]
+from ctsd import cli, launch
+
+def stopped_here() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+cli.main.callback = stopped_here
+launch.run()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSD_", "NOTIFY_"))}
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert (r.returncode, r.stderr) == (0, "ctsd: interrupted while starting\n")
+
+
 @pytest.mark.parametrize("how", ["module", "script"])
 def test_signals_in_the_first_half_second_are_handled(data_dir: Path, how: str) -> None:
     """A SIGHUP (logrotate) or SIGTERM in the half second the daemon's modules take to

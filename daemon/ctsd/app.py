@@ -496,6 +496,7 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     # stops, exit 0, not killed by its default action. The running daemon's receiver takes
     # it over at READY.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (`launch` set its own)
     # A stray SIGUSR1/2 (a logrotate script written for another daemon) killed the daemon by
     # default: ignored, and logged once it runs.
     for ignored in IGNORED_SIGNALS:
