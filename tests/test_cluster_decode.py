@@ -164,17 +164,6 @@ def deep(levels: int) -> object:
             Change(state=[RecordChange("c1", ConnectionState(connection_id="c2"))]),
             "the state of 'c1' is a record of connection 'c2'",
         ),
-        (
-            Change(state=[RecordChange("c1", ConnectionState(connection_id="c1"))]),
-            "the state of connection 'c1', which does not exist",
-        ),
-        (
-            Change(
-                connections=[RecordChange("c1")],
-                state=[RecordChange("c1", ConnectionState(connection_id="c1"))],
-            ),
-            "the state of connection 'c1', which does not exist",
-        ),
         (Change(log=[event(5), event(3)]), r"log\[1\]: sync-log ids must strictly increase"),
         (Change(log=[event(5), event(5)]), "strictly increase"),
         # past this message's seq: every host would skip the stream's next changes as held
@@ -211,15 +200,8 @@ def test_a_change_the_files_can_hold_has_no_problem() -> None:
         documents=[
             RecordChange("settings", {"sync_log_limit": 50}),
             RecordChange("instances", {"instances": [instance("a1")]}),
-        ],
-        # the state of a connection that exists, and of one the change creates
-        connections=[RecordChange("c2", msgspec.convert(connection(id="c2"), Connection))],
-        state=[
-            RecordChange("c1", ConnectionState(connection_id="c1")),
-            RecordChange("c2", ConnectionState(connection_id="c2")),
-        ],
+        ]
     )
-    c.connections["c1"] = msgspec.convert(connection(id="c1"), Connection)
     assert change_problem(c, _decoded(_payload(change)), 1) is None
 
 

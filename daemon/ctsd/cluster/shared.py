@@ -252,13 +252,6 @@ def change_problem(c: Committed, change: Change, seq: int) -> str | None:
                 f"the state of {rc.key[:80]!r} is a record of connection "
                 f"{rc.value.connection_id[:80]!r}"
             )
-    # State mirrors connections (as a start makes it: `Intake.reconcile`): a state record
-    # set for a connection the change leaves nowhere would be served, and dropped from every
-    # host's files at its next start.
-    after = {rc.key: rc.value for rc in change.connections}
-    for rc in change.state:
-        if rc.value is not None and after.get(rc.key, c.connections.get(rc.key)) is None:
-            return f"it sets the state of connection {rc.key[:80]!r}, which does not exist"
     problem = _events_problem("events", change.events, seq, ordered=False)
     if problem is None and change.log is not None:
         problem = _events_problem("log", change.log, seq, ordered=True)
