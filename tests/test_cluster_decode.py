@@ -81,12 +81,27 @@ def test_a_hand_edit_of_another_host_is_not_one_of_this_hosts_files() -> None:
     assert replayed(sent, on_disk, frozenset()).connections[0].value is not None
 
 
-def test_a_hand_edits_digests_are_kept_for_the_host_that_took_it_in_only() -> None:
-    """`taken` names the bytes of the publishing host's file: kept when that host applies
-    its own change from the stream, dropped on every other host."""
+def test_a_hand_edits_tags_go_in_a_header_for_the_host_that_took_it_in_only() -> None:
+    """`taken` names the publishing host's files: never in the payload (an older host would
+    refuse a field it does not know), in a header that only that host reads back; a header
+    not as ctsd writes it counts as none."""
+    tag = "ab" * 32
+    data, headers = messages.encode(
+        b"{}", cluster="c", host="h1", msg_id="h1:x-1", expected_seq=0, taken={CONNECTIONS: tag}
+    )
+
+    def read(host_id: str, header: str | None = None) -> messages.Change:
+        sent = {**headers, messages.H_TAKEN: header} if header is not None else headers
+        return messages.decode(
+            sent, data, seq=1, published_at=datetime.now(UTC), cluster="c", host_id=host_id
+        )
+
+    assert read("h1").taken == {CONNECTIONS: tag}
+    assert read("h2").taken == {}
+    for hostile in ("[1]", "{", '{"a": "not a tag"}', '{"a": 1}', "x" * 100_000):
+        assert read("h1", hostile).taken == {}
     sent = Change(connections=[RecordChange("c1", hand=True)], taken={CONNECTIONS: "ab:cd"})
-    assert _decoded(_payload(sent), own=True).taken == {CONNECTIONS: "ab:cd"}
-    assert _decoded(_payload(sent)).taken == {}
+    assert _decoded(_payload(sent)).taken == {}  # (sent by no ctsd of this version)
 
 
 def test_the_stream_form_has_every_field_of_a_change() -> None:

@@ -243,9 +243,9 @@ async def test_a_large_change_of_another_host_is_decoded_off_the_event_loop(
     threads: list[str] = []
     decoded = committer._decoded
 
-    def watched(payload: bytes, own: bool) -> Any:
+    def watched(payload: bytes) -> Any:
         threads.append(threading.current_thread().name)
-        return decoded(payload, own)
+        return decoded(payload)
 
     monkeypatch.setattr(committer, "_decoded", watched)
     monkeypatch.setattr(committer, "DECODE_ON_THREAD_BYTES", 10_000)
@@ -547,13 +547,15 @@ async def started_as_the_daemon_starts(
         await store.close()
 
 
+@pytest.mark.parametrize("again", [False, True], ids=["left as it was", "saved again"])
 async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at_the_start(
-    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, again: bool
 ) -> None:
     """Host x publishes a hand edit and dies before it applies it (nothing of it in its
     journal, its file's copy the old one); host y then changes the same field. At x's next
     start the stream brings the edit back: the file, still as the operator left it, is not
-    an edit made while x was down, and taking it in again would undo y's change."""
+    an edit made while x was down, and taking it in again would undo y's change. Saved again
+    while x was down, it is one, taken in over y's."""
     name = f"s{os.getpid()}x{next(_names)}"
 
     def of(host_id: str) -> ClusterSettings:
@@ -584,12 +586,18 @@ async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at
             assert y.store.connections["c1"].name == "by hand"
             await y.store.submit(ops.update("c1", {"name": "from y, later"}), "bus")
         monkeypatch.undo()
+        if again:
+            path = crashed / "connections.json"
+            rows = json.loads(path.read_text())
+            rows[0]["name"] = "by hand, again"
+            path.write_text(json.dumps(rows, indent=2) + "\n")
         async with started_as_the_daemon_starts(crashed, of("x")) as x2:
             last = await x2.engine.stream_last_seq()
             for c in (x2, y):
                 await c.engine.wait_applied(last, timeout=10)
             for c in (x2, y):
-                assert c.store.connections["c1"].name == "from y, later", c.host
+                want = "by hand, again" if again else "from y, later"
+                assert c.store.connections["c1"].name == want, c.host
             assert [e.id for e in x2.store.log] == [e.id for e in y.store.log]
 
 

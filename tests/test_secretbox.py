@@ -7,6 +7,7 @@ secret is checked against every error message.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -376,3 +377,13 @@ def test_decrypt_10k_connections_is_fast_enough() -> None:
     start = time.perf_counter()
     _, errors = open_connections(box, rows)
     assert errors == [] and time.perf_counter() - start < 1.0
+
+
+def test_a_tag_is_keyed_when_a_key_is_configured() -> None:
+    """What leaves the host in place of a digest of a file's bytes: a hash under the key, so
+    a guess at a secret typed in plain text cannot be checked without it."""
+    one, two = (Key.from_material(bytes([n]) * 32, "test") for n in (1, 2))
+    plain = SecretBox(None).tag("abc")
+    assert plain == hashlib.sha256(b"abc").hexdigest()
+    tags = {SecretBox(one).tag("abc"), SecretBox(two).tag("abc"), plain}
+    assert len(tags) == 3 and SecretBox(one).tag("abc") == SecretBox(one).tag("abc")

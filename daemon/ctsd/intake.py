@@ -247,23 +247,30 @@ class Intake:
         acknowledged changes, and was logged twice.) False: it changed again meanwhile."""
         return self._load(file, committed, digest)
 
-    def known_as_found(self, file: str, digest: str) -> bool:
+    async def known_as_found(self, file: str, digest: str) -> bool:
         """In cluster mode, at start: the file set back to its copy (`set_back`) holds the
         bytes of this host's own hand edit (`Change.taken`) that the stream brought back
-        (memory has it from there, merged as it was taken in): the daemon knows the file to
+        (memory gets it from there, merged as it was taken in): the daemon knows the file to
         hold them, and they become its copy, so neither the start nor a round takes them in
         again. False: it changed again meanwhile."""
-        try:
+
+        def read() -> tuple[bytes, Stamp, int, Any] | None:
             raw, stamp, ctime = self._read(file)
             if hashlib.sha256(raw).hexdigest() != digest.split(":")[0]:
-                return False
-            decoded = self.decode(file, raw)
+                return None
+            return raw, stamp, ctime, files.decode_file(file, raw)
+
+        try:
+            found = await anyio.to_thread.run_sync(read)
         except (Invalid, OSError):
             return False
+        if found is None:
+            return False
+        raw, stamp, ctime, decoded = found
         self._remember(file, decoded, raw, stamp, ctime)
         if self.keep_copy is not None:
             try:
-                self.keep_copy(file, raw)
+                await anyio.to_thread.run_sync(self.keep_copy, file, raw)
             except OSError as e:  # the journal's record (`taken`) covers the next start
                 log.error("base_copy_failed", file=file, error=e.strerror or str(e))
         return True
@@ -601,6 +608,7 @@ class Intake:
                 self.disk.files.pop(file, None)
                 store.problems.pop(file, None)
                 log.info("algorithm_removed", file=file)
+                store.taken_in(file)
                 return True
             except CtsdError as e:
                 if e.code != "conflict":

@@ -46,6 +46,7 @@ _HEX = re.compile(rb"^[0-9A-Fa-f]{64}$")
 _KID_END = len(V1) + 8  # where the key id ends in `enc:v1:KEYID:DATA`
 _KEY_ID_LABEL = b"ctsd secrets key id v1"
 _AAD_LABEL = b"ctsd-secret/v1\n"
+_TAG_LABEL = b"ctsd-tag/v1\n"
 
 Reason = Literal[
     "no_key", "wrong_key", "bad_format", "not_base64", "truncated", "tampered", "moved"
@@ -312,6 +313,16 @@ class SecretBox:
             return cipher.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad).decode()
         except (binascii.Error, InvalidTag, ValueError):
             return None  # ValueError: too short for a nonce and a tag; UnicodeDecodeError
+
+    def tag(self, text: str) -> str:
+        """A keyed hash of `text` (hex): what a digest of a file's bytes becomes before it
+        leaves the host (a hand edit's, `messages.H_TAKEN`). A plain hash of bytes holding a
+        secret typed in plain text would let anyone who sees it try guesses offline; under
+        the key, only the hosts that hold it can. Without a key the secrets themselves go
+        out in plain text: a plain hash then."""
+        if self.key is None:
+            return hashlib.sha256(text.encode()).hexdigest()
+        return hmac.new(self.key.material, _TAG_LABEL + text.encode(), hashlib.sha256).hexdigest()
 
     def decrypts_as(self, stored: str, record_id: str, field: str) -> bool:
         """Does `stored` authenticate as the value of (record_id, field)? (Finds where a

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -685,17 +686,24 @@ class Store:
         for listener in self.hand_edit_listeners:
             listener(file)
 
-    def taken_in_before_a_crash(self, taken: dict[str, str]) -> None:
+    async def taken_in_before_a_crash(self, tags: Mapping[str, str]) -> dict[str, str]:
         """In cluster mode, as the catch-up at start applies this host's own change from the
         stream (the daemon died after it published it, before its journal had it): a hand
-        edit it took in (`Change.taken`) whose file still holds the bytes it was taken in
-        from, beside the same copy, is no edit made while the daemon was down (as `replay`
-        finds from the journal on one host). Taken in again against the old copy, the edit
-        would win over the changes other hosts made after it."""
-        for file, digest in taken.items():
-            if self._found.get(file) == digest and self.intake.known_as_found(file, digest):
+        edit it took in (`tags`: `Change.taken` as published, `SecretBox.tag`) whose file
+        still holds the bytes it was taken in from, beside the same copy, is no edit made
+        while the daemon was down (as `replay` finds from the journal on one host). Taken in
+        again against the old copy, the edit would win over the changes other hosts made
+        after it. Returns those files' digests, for the change's journal record."""
+        out: dict[str, str] = {}
+        for file, tag in tags.items():
+            digest = self._found.get(file)
+            if digest is None or not hmac.compare_digest(self.box.tag(digest), tag):
+                continue
+            if await self.intake.known_as_found(file, digest):
                 self.not_edited.add(file)
+                out[file] = digest
                 log.warning("hand_edit_taken_in_before_a_crash", file=file)
+        return out
 
     async def take_in_edited(self, edited: list[str]) -> None:
         """Once the store has started (in cluster mode, caught up): the files edited while

@@ -412,14 +412,15 @@ class ClusterCommitter:
             self._own[msg_id] = own  # the consumer applies it from here if it gets there first
             try:
                 seq = await engine.commit(
-                    # (`taken` goes too, for this host should it die before it journals the
-                    # group: the other hosts drop it, their files are not the ones it names)
-                    _encode(change),
+                    # `taken` names this host's files: not in the payload, but as tags in a
+                    # header, for this host should it die before it journals the group
+                    _encode(msgspec.structs.replace(change, taken={})),
                     expected,
                     local_id,
                     functools.partial(self._apply_own, own),
                     timeout=engine.settings.publish_timeout_s,
                     keyed=names is not None,
+                    taken={f: store.box.tag(d) for f, d in change.taken.items()},
                 )
             except Conflict as e:
                 if own.lsn is not None:  # it was taken after all (its answer had been lost)
@@ -548,9 +549,9 @@ class ClusterCommitter:
                 self._check_join()
             self._joined = True
         if len(msg.payload) > DECODE_ON_THREAD_BYTES:
-            change = await asyncio.to_thread(_decoded, msg.payload, msg.own)
+            change = await asyncio.to_thread(_decoded, msg.payload)
         else:
-            change = _decoded(msg.payload, msg.own)
+            change = _decoded(msg.payload)
         problem = shared.foreign_secret(
             self.store.box.key_ids, change.connections, change.documents
         )
@@ -583,6 +584,8 @@ class ClusterCommitter:
                 self._installed_seq = msg.seq
                 return
             keyed.stamp(change.events, committed.revision, msg.seq)
+            if msg.taken:  # (this host's, from before a crash: its journal gets them back)
+                change.taken = await self.store.taken_in_before_a_crash(msg.taken)
             # Another host's change (or this host's from before a restart) is held durably by
             # the stream and acknowledged to nobody here: no fdatasync of its own.
             lsn = await self.store.append(change, msg.seq, sync=False)
@@ -592,7 +595,6 @@ class ClusterCommitter:
             self._installed_seq = msg.seq
             if msg.own:
                 self._note_landed(msg.msg_id)
-                self.store.taken_in_before_a_crash(change.taken)
         if change.events:
             self.store.publish(change.events)
 
@@ -1004,16 +1006,15 @@ class _TypedChange(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tru
     log: list[SyncEvent] | None = None
     touched: list[str] = msgspec.field(default_factory=list)
     replaces: bool = False
-    # (kept for this host's own changes only: the other hosts' files are not the ones it names)
+    # (never in the payload: a host's own journal only, `messages.H_TAKEN`; dropped if sent)
     taken: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 _decode_typed = msgspec.json.Decoder(_TypedChange).decode
 
 
-def _decoded(payload: bytes, own: bool = False) -> Change:
-    """A change of the stream, checked whole; raises InvalidChange naming the fault. `own`:
-    published by this host (its `taken` is kept)."""
+def _decoded(payload: bytes) -> Change:
+    """A change of the stream, checked whole; raises InvalidChange naming the fault."""
     try:
         t = _decode_typed(payload)
     except msgspec.ValidationError as e:
@@ -1037,5 +1038,4 @@ def _decoded(payload: bytes, own: bool = False) -> Change:
         log=t.log,
         touched=t.touched,
         replaces=t.replaces,
-        taken=t.taken if own else {},
     )

@@ -34,7 +34,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 import nats
@@ -609,6 +609,7 @@ class ClusterEngine:
         retry: bool = False,
         keyed: bool = False,
         founding: str | None = None,
+        taken: Mapping[str, str] | None = None,
     ) -> int:
         """Append one change group to the stream; returns its stream seq.
 
@@ -618,8 +619,8 @@ class ClusterEngine:
         never repeat on this host for another group; publishing the same group again with
         the same id stores it once and returns its seq. Pass `retry=True` when this process
         cannot know it was published before (a group kept across a restart). `founding`: the
-        stream's first message (`messages.H_FOUNDING`). Raises Conflict, Unavailable or
-        PublishRefused.
+        stream's first message (`messages.H_FOUNDING`). `taken`: the tags of the hand edits it
+        took in (`messages.H_TAKEN`). Raises Conflict, Unavailable or PublishRefused.
         """
         self.check_writable()
         msg_id = self.msg_id(local_id)
@@ -631,6 +632,7 @@ class ClusterEngine:
             expected_seq=expected_seq,
             keyed=keyed,
             founding=founding,
+            taken=taken,
         )
         maybe_sent = retry or msg_id in self._sent_ids
         self._check_size(data, headers, maybe_sent)
@@ -754,6 +756,7 @@ class ClusterEngine:
         retry: bool = False,
         keyed: bool = False,
         founding: str | None = None,
+        taken: Mapping[str, str] | None = None,
     ) -> int:
         """`publish`, then return once this host has applied the group; returns its seq.
 
@@ -766,7 +769,13 @@ class ClusterEngine:
         it is raised.
         """
         seq = await self.publish(
-            payload, expected_seq, local_id, retry=retry, keyed=keyed, founding=founding
+            payload,
+            expected_seq,
+            local_id,
+            retry=retry,
+            keyed=keyed,
+            founding=founding,
+            taken=taken,
         )
         if apply_own is not None:
             async with self._apply_lock:
@@ -1124,7 +1133,7 @@ class ClusterEngine:
         if first is None or change.seq <= first:
             # From before this process started: a twin since gone, or this host's own id
             # given to another daemon earlier. Applied as another host's change.
-            return dataclasses.replace(change, own=False)
+            return dataclasses.replace(change, own=False, taken={})
         raise DuplicateHost(
             f"message seq {change.seq} ({messages.short(change.msg_id)}) has this host's id "
             f"{self.settings.host_id!r} but another daemon published it: two daemons run as "

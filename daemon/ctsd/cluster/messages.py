@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from ctsd.cluster.errors import BadMessage
@@ -41,6 +42,11 @@ H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 H_BASE = "Ctsd-Base"
 H_FOUNDING = "Ctsd-Founding"
+# The tags of the hand edits a group took in (`Change.taken`, one keyed hash each), as a JSON
+# object: for the host that published it only, so out of the payload (the other hosts, and
+# older ones, never look at it).
+H_TAKEN = "Ctsd-Taken"
+_TAG = re.compile(r"[0-9a-f]{64}")
 FOUNDING_PREFIX = "founding-"
 ENCODING_ZLIB = "zlib"
 # Groups above this are sent compressed (level 1: quick). Nearly all are: a group of a few
@@ -68,6 +74,7 @@ class Change:
     base: int | None = None  # a keyed group: the stream seq it was computed at
     founding: str | None = None  # the founding message: its state's object in the bucket
     compressed: bool = False  # `payload` is still zlib-compressed
+    taken: Mapping[str, str] = field(default_factory=dict)  # file → tag (`H_TAKEN`)
 
 
 def encode(
@@ -79,6 +86,7 @@ def encode(
     expected_seq: int,
     keyed: bool = False,
     founding: str | None = None,
+    taken: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The message data and headers for one change group computed at stream seq
     `expected_seq`; `keyed`: checked by the hosts, not by the stream (`keyed` module)."""
@@ -92,6 +100,8 @@ def encode(
     if founding is not None:
         headers[H_FOUNDING] = founding
         headers[H_SCHEMA] = FOUNDING_SCHEMA
+    if taken:
+        headers[H_TAKEN] = json.dumps(dict(taken), ensure_ascii=True, separators=(",", ":"))
     if len(payload) > COMPRESS_ABOVE:
         packed = zlib.compress(payload, 1)
         if len(packed) < len(payload):  # not for bytes that do not shrink
@@ -175,7 +185,26 @@ def decode(
         base=base,
         founding=founding,
         compressed=encoding == ENCODING_ZLIB,
+        taken=_taken(headers.get(H_TAKEN)) if host == host_id else {},
     )
+
+
+def _taken(text: str | None) -> dict[str, str]:
+    """`H_TAKEN` as this host wrote it; anything else counts as none (it only spares a take-in
+    that would happen anyway)."""
+    if not text or len(text) > 64 * 1024:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {
+        f: t
+        for f, t in value.items()
+        if isinstance(f, str) and isinstance(t, str) and _TAG.fullmatch(t)
+    }
 
 
 async def inflated(change: Change) -> Change:
