@@ -26,6 +26,7 @@ from ctsd.atomic import TEMP_PREFIX, stamp_of
 from ctsd.core import Change, RecordChange
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
+from ctsd.metrics import Metrics
 from ctsd.models import SyncEvent, TestResult
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
@@ -852,6 +853,23 @@ async def test_modes_and_exact_formatting(data_dir: Path) -> None:
         written["ui-config.json"]
         == '{\n  "b": [\n    1,\n    {\n      "c": null\n    }\n  ],\n  "a": "é"\n}\n'.encode()
     )
+
+
+async def test_every_hand_edit_taken_in_is_counted_an_algorithm_deleted_too(
+    data_dir: Path,
+) -> None:
+    """`ctsd_hand_edits_total{result="taken_in"}`: a save and a deletion by hand."""
+    async with opened(data_dir) as store:
+        metrics = Metrics(store, dict)
+        await store.submit(ops.set_document("algorithms/A", {"name": "A"}), "bus", sync="files")
+        (data_dir / "ui-config.json").write_text('{"theme": "dark"}\n')
+        assert await store.ingest("ui-config.json")
+        (data_dir / "algorithms" / "A.json").unlink()
+        assert await store.ingest("algorithms/A.json")
+        assert "algorithms/A" not in store.documents
+        [family] = metrics.hand_edits.collect()
+        counted = {s.labels["result"]: s.value for s in family.samples if s.name.endswith("total")}
+        assert counted == {"taken_in": 2, "refused": 0}
 
 
 async def test_secrets_never_in_the_sync_log(data_dir: Path) -> None:
