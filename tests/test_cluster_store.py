@@ -50,8 +50,7 @@ def nats_cluster(request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
 
 @asynccontextmanager
 async def host(data_dir: Path, settings: ClusterSettings) -> AsyncIterator[ClusterCommitter]:
-    store = Store(data_dir)
-    store.open()
+    store, _ = loaded_with_copies(data_dir)  # (copies kept, as the daemon keeps them)
     await store.start()
     committer = ClusterCommitter(store, ClusterEngine(settings))
     store.committer = committer
@@ -480,12 +479,15 @@ async def test_a_late_in_place_write_waits_for_the_cluster_instead_of_being_set_
         assert not list(s.data_dir.glob("connections.json.late-*"))
 
 
+@pytest.mark.parametrize("crash", [False, True], ids=["running", "killed, then started"])
 async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newer_changes(
-    nats: NatsCluster, tmp_path: Path
+    nats: NatsCluster, tmp_path: Path, crash: bool
 ) -> None:
     """Host x's hand edit reaches the stream, but x, held behind another host's change, gives
     up waiting and answers `unavailable`. Once x has applied it after all, and host y changed
-    the same field since, taking the file in again must not undo y's change."""
+    the same field since, taking the file in again must not undo y's change: while x runs,
+    nor at its next start when it was killed before a round wrote the file (the journal
+    record the stream's copy of the edit got names the bytes it was taken in from)."""
     async with new_hosts(nats, tmp_path, publish_timeout_s=1.0) as (x, y):
         # x receives the stream through a gate (before it applies anything: as a host whose
         # connection is slow, not one stuck applying).
@@ -513,11 +515,23 @@ async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newe
         rows[0]["name"] = "by hand"
         path.write_text(json.dumps(rows, indent=2) + "\n")
         assert not await x.store.ingest("connections.json")  # gave up waiting: unavailable
+        if crash:
+            x.store.checkpointer.stop()  # no round takes the file in before the kill
+            assert x.store._checkpoints is not None
+            await x.store._checkpoints
         gate.set()
         await y.engine.wait_applied(4, timeout=10)  # x's edit is in the stream after all
         assert y.store.connections["c1"].name == "by hand"
         await y.store.submit(ops.update("c1", {"name": "from y, later"}), "bus")
         await x.engine.wait_applied(5, timeout=10)
+        if crash:
+            crashed = tmp_path / "x-crashed"
+            shutil.copytree(x.store.data_dir, crashed)  # the disk as kill -9 leaves it
+            async with started_as_the_daemon_starts(crashed, x.engine.settings) as x2:
+                await x2.engine.wait_applied(5, timeout=10)
+                assert x2.store.connections["c1"].name == "from y, later"
+                assert x2.store.revision == y.store.revision
+            return
         await x.store.ingest("connections.json")  # the file still holds the edit
         await x.engine.wait_applied(y.engine.applied_seq, timeout=10)
         await y.engine.wait_applied(x.engine.applied_seq, timeout=10)

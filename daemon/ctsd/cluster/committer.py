@@ -117,6 +117,9 @@ class ClusterCommitter:
         # stall), and whether each has been applied here since: `landed` tells that caller
         # that it got in. Only those: the host's every group would push them out.
         self._asked: OrderedDict[str, bool] = OrderedDict()
+        # ... and of those that took hand edits in, their `Change.taken` (for the journal
+        # record the group gets when the stream brings it here).
+        self._asked_taken: dict[str, dict[str, str]] = {}
         # Why the last snapshot put failed (shown in status until one succeeds).
         self.snapshot_problem: str | None = None
         self.conflicts = 0  # groups computed again after another host's change got in first
@@ -430,7 +433,7 @@ class ClusterCommitter:
             except Unavailable as e:
                 if own.lsn is not None:
                     return outcomes, own.lsn
-                return failed(requests, self._unknown(unavailable(e, msg_id), msg_id)), None
+                return failed(requests, self._unknown(unavailable(e, msg_id), msg_id, change)), None
             except TooLarge as e:
                 if len(requests) > 1:
                     # A group too large for one message: each of its requests alone, so one
@@ -443,7 +446,7 @@ class ClusterCommitter:
             except Stalled as e:
                 msg = f"the change is in the cluster's stream but not applied here: {e}"
                 err = CtsdError("io_error", msg, extra={"msg_id": msg_id})
-                return failed(requests, self._unknown(err, msg_id)), None
+                return failed(requests, self._unknown(err, msg_id, change)), None
             except TimeoutError:
                 if own.lsn is not None:  # applied here as the wait gave up
                     return outcomes, own.lsn
@@ -451,7 +454,8 @@ class ClusterCommitter:
                     "the change is in the cluster's stream but this host has not applied it yet",
                     outcome_unknown=True,
                 )
-                return failed(requests, self._unknown(unavailable(why, msg_id), msg_id)), None
+                err = self._unknown(unavailable(why, msg_id), msg_id, change)
+                return failed(requests, err), None
             else:
                 if own.lsn is None and not own.superseded:
                     # Passed over here by a snapshot installed meanwhile: whether the other
@@ -584,8 +588,11 @@ class ClusterCommitter:
                 self._installed_seq = msg.seq
                 return
             keyed.stamp(change.events, committed.revision, msg.seq)
-            if msg.taken:  # (this host's, from before a crash: its journal gets them back)
-                change.taken = await self.store.taken_in_before_a_crash(msg.taken)
+            if msg.own:  # its hand edits' digests for the journal (`Change.taken`)
+                taken = self._asked_taken.pop(msg.msg_id, None)
+                if taken is None and msg.taken:  # from before a crash: known by their tags
+                    taken = await self.store.taken_in_before_a_crash(msg.taken)
+                change.taken = taken or {}
             # Another host's change (or this host's from before a restart) is held durably by
             # the stream and acknowledged to nobody here: no fdatasync of its own.
             lsn = await self.store.append(change, msg.seq, sync=False)
@@ -598,12 +605,15 @@ class ClusterCommitter:
         if change.events:
             self.store.publish(change.events)
 
-    def _unknown(self, err: CtsdError, msg_id: str) -> CtsdError:
+    def _unknown(self, err: CtsdError, msg_id: str, change: Change) -> CtsdError:
         """`err`, the answer to a group whose outcome is unknown: `landed` answers for it."""
         if "msg_id" in err.extra:
             self._asked[msg_id] = False
+            if change.taken:
+                self._asked_taken[msg_id] = change.taken
             if len(self._asked) > LANDED_KEPT:
-                self._asked.popitem(last=False)
+                gone, _ = self._asked.popitem(last=False)
+                self._asked_taken.pop(gone, None)
         return err
 
     def _note_landed(self, msg_id: str) -> None:
