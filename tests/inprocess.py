@@ -48,11 +48,11 @@ async def state_file(app: Any) -> dict[str, dict[str, Any]]:
     return {r["connection_id"]: r for r in rows}
 
 
-def loaded_with_copies(data_dir: Path) -> tuple[Store, list[str]]:
+def loaded_with_copies(data_dir: Path, box: SecretBox | None = None) -> tuple[Store, list[str]]:
     """The store on `data_dir` opened as the daemon opens it, with the copies of its files
     (`Bases`): the files edited while it was down set back to them. The store and those
     files (for `take_in_edited`, once started)."""
-    store = Store(data_dir)
+    store = Store(data_dir, box)
     copies = Bases(data_dir)
     store.load(copies)
     edited = store.set_back(copies)

@@ -98,8 +98,17 @@ def test_a_hand_edits_tags_go_in_a_header_for_the_host_that_took_it_in_only() ->
 
     assert read("h1").taken == {CONNECTIONS: tag}
     assert read("h2").taken == {}
-    for hostile in ("[1]", "{", '{"a": "not a tag"}', '{"a": 1}', "x" * 100_000):
-        assert read("h1", hostile).taken == {}
+    hostile = ["[1]", "{", '{"a": "not a tag"}', '{"a": 1}', "[" * 500, "x" * 100_000]
+    for text in hostile:
+        assert read("h1", text).taken == {}
+    # Many files (a checkout of the algorithms dir in one group): as many as fit the room
+    # kept for the headers, the others left out.
+    many = {f"algorithms/a{i:02}.json": tag for i in range(20)}
+    _, headers = messages.encode(
+        b"{}", cluster="c", host="h1", msg_id="h1:x-1", expected_seq=0, taken=many
+    )
+    assert 0 < len(headers[messages.H_TAKEN]) <= messages.TAKEN_MAX_BYTES
+    assert 0 < len(read("h1", headers[messages.H_TAKEN]).taken) < len(many)
     sent = Change(connections=[RecordChange("c1", hand=True)], taken={CONNECTIONS: "ab:cd"})
     assert _decoded(_payload(sent)).taken == {}  # (sent by no ctsd of this version)
 

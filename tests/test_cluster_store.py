@@ -30,6 +30,7 @@ from ctsd.core import Request
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, SETTINGS
 from ctsd.metrics import Metrics
+from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.inprocess import loaded_with_copies
@@ -541,11 +542,11 @@ async def test_a_hand_edit_whose_answer_was_lost_is_not_taken_in_again_over_newe
 
 @asynccontextmanager
 async def started_as_the_daemon_starts(
-    data_dir: Path, settings: ClusterSettings
+    data_dir: Path, settings: ClusterSettings, box: SecretBox | None = None
 ) -> AsyncIterator[ClusterCommitter]:
     """A host started as `ctsd serve` starts one: copies judged, the journal replayed, the
     stream caught up with, then the files edited while it was down taken in."""
-    store, edited = loaded_with_copies(data_dir)
+    store, edited = loaded_with_copies(data_dir, box)
     engine = ClusterEngine(settings)
     engine.earlier_boots = boots.remember(data_dir, engine.boot)
     committer = ClusterCommitter(store, engine)
@@ -561,9 +562,13 @@ async def started_as_the_daemon_starts(
         await store.close()
 
 
-@pytest.mark.parametrize("again", [False, True], ids=["left as it was", "saved again"])
+@pytest.mark.parametrize(
+    ("again", "keyed"),
+    [(False, False), (False, True), (True, False)],
+    ids=["left as it was", "left as it was, secrets key", "saved again"],
+)
 async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at_the_start(
-    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, again: bool
+    nats: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, again: bool, keyed: bool
 ) -> None:
     """Host x publishes a hand edit and dies before it applies it (nothing of it in its
     journal, its file's copy the old one); host y then changes the same field. At x's next
@@ -576,10 +581,11 @@ async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at
         return ClusterSettings(nats_urls=tuple(nats.urls), name=name, host_id=host_id)
 
     crashed = tmp_path / "x-crashed"
+    box = SecretBox(parse_key(new_key_text(), "test")) if keyed else None
     async with host(tmp_path / "y", of("y")) as y:
         y.subscribe()
         await y.catch_up(timeout=20)
-        async with started_as_the_daemon_starts(tmp_path / "x", of("x")) as x:
+        async with started_as_the_daemon_starts(tmp_path / "x", of("x"), box) as x:
             conn = {"id": "c1", "name": "c1", "exchange": "bybit"}
             await x.store.submit(ops.create(conn), "bus", sync="files")
             await wait_until_async(lambda: (tmp_path / "x/.bases/connections.json").exists(), 10)
@@ -605,7 +611,7 @@ async def test_a_hand_edit_in_the_stream_before_a_crash_is_not_taken_in_again_at
             rows = json.loads(path.read_text())
             rows[0]["name"] = "by hand, again"
             path.write_text(json.dumps(rows, indent=2) + "\n")
-        async with started_as_the_daemon_starts(crashed, of("x")) as x2:
+        async with started_as_the_daemon_starts(crashed, of("x"), box) as x2:
             last = await x2.engine.stream_last_seq()
             for c in (x2, y):
                 await c.engine.wait_applied(last, timeout=10)

@@ -373,6 +373,10 @@ class Store:
     async def start(self) -> None:
         """Open the door; changes replayed from the journal reach the files first."""
         loop = asyncio.get_running_loop()
+        # What the files edited while down hold is judged before any round runs (`replay`; in
+        # cluster mode the catch-up, `taken_in_before_a_crash`): from here, a file that
+        # changes under the rounds is taken in as any hand edit.
+        self._found = {}
         if self.checkpointer.bases is not None:
             self.checkpointer.bases.unmark()  # before the first write
         # The writer first: a file edited while the daemon was down is taken in through it
@@ -714,7 +718,6 @@ class Store:
                 continue
             if await self.ingest(file, force=True):  # a deleted algorithm too
                 log.info("edited_while_stopped_taken_in", file=file)
-        self._found = {}
 
     async def reload_all(self) -> None:
         """SIGHUP: every file taken in as a hand edit is, and what that changed written (for

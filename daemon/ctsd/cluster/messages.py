@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
+
 from ctsd.cluster.errors import BadMessage
 from ctsd.models import HOST_ID_PATTERN
 
@@ -44,8 +46,11 @@ H_BASE = "Ctsd-Base"
 H_FOUNDING = "Ctsd-Founding"
 # The tags of the hand edits a group took in (`Change.taken`, one keyed hash each), as a JSON
 # object: for the host that published it only, so out of the payload (the other hosts, and
-# older ones, never look at it).
+# older ones, never look at it). At most TAKEN_MAX_BYTES, so that the headers stay within
+# the room the engine keeps for them (`engine.HEADER_ROOM`): the files past it are left out
+# (a tag only spares a take-in after a crash).
 H_TAKEN = "Ctsd-Taken"
+TAKEN_MAX_BYTES = 512
 _TAG = re.compile(r"[0-9a-f]{64}")
 FOUNDING_PREFIX = "founding-"
 ENCODING_ZLIB = "zlib"
@@ -101,7 +106,12 @@ def encode(
         headers[H_FOUNDING] = founding
         headers[H_SCHEMA] = FOUNDING_SCHEMA
     if taken:
-        headers[H_TAKEN] = json.dumps(dict(taken), ensure_ascii=True, separators=(",", ":"))
+        kept: dict[str, str] = {}
+        for file, tag in sorted(taken.items()):
+            if len(_taken_text({**kept, file: tag})) <= TAKEN_MAX_BYTES:
+                kept[file] = tag
+        if kept:
+            headers[H_TAKEN] = _taken_text(kept)
     if len(payload) > COMPRESS_ABOVE:
         packed = zlib.compress(payload, 1)
         if len(packed) < len(payload):  # not for bytes that do not shrink
@@ -189,22 +199,20 @@ def decode(
     )
 
 
+def _taken_text(taken: Mapping[str, str]) -> str:
+    return json.dumps(dict(taken), ensure_ascii=True, separators=(",", ":"))
+
+
 def _taken(text: str | None) -> dict[str, str]:
     """`H_TAKEN` as this host wrote it; anything else counts as none (it only spares a take-in
     that would happen anyway)."""
-    if not text or len(text) > 64 * 1024:
+    if not text or len(text) > TAKEN_MAX_BYTES:
         return {}
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = msgspec.json.decode(text, type=dict[str, str])
+    except msgspec.MsgspecError:
         return {}
-    if not isinstance(value, dict):
-        return {}
-    return {
-        f: t
-        for f, t in value.items()
-        if isinstance(f, str) and isinstance(t, str) and _TAG.fullmatch(t)
-    }
+    return {f: t for f, t in value.items() if _TAG.fullmatch(t)}
 
 
 async def inflated(change: Change) -> Change:
