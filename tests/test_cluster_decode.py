@@ -13,6 +13,7 @@ import pytest
 
 from ctsd.cluster import messages, shared
 from ctsd.cluster.committer import _decoded
+from ctsd.cluster.engine import HEADER_ROOM
 from ctsd.cluster.errors import BadMessage, InvalidChange, SnapshotInvalid, SnapshotTooLarge
 from ctsd.cluster.messages import inflate
 from ctsd.cluster.shared import change_problem
@@ -108,7 +109,36 @@ def test_a_hand_edits_tags_go_in_a_header_for_the_host_that_took_it_in_only() ->
         b"{}", cluster="c", host="h1", msg_id="h1:x-1", expected_seq=0, taken=many
     )
     assert 0 < len(headers[messages.H_TAKEN]) <= messages.TAKEN_MAX_BYTES
-    assert 0 < len(read("h1", headers[messages.H_TAKEN]).taken) < len(many)
+    kept = read("h1", headers[messages.H_TAKEN]).taken
+    assert 0 < len(kept) < len(many)
+    # ... the shared tables first: an algorithm's edit taken in again costs least
+    _, headers = messages.encode(
+        b"{}",
+        cluster="c",
+        host="h1",
+        msg_id="h1:x-1",
+        expected_seq=0,
+        taken={**many, CONNECTIONS: tag},
+    )
+    assert CONNECTIONS in read("h1", headers[messages.H_TAKEN]).taken
+
+
+def test_the_headers_fit_the_room_the_engine_keeps_for_them() -> None:
+    """Every header at the largest value its checks allow, as nats-py puts them on the wire
+    (with the `Nats-Expected-Stream` it adds): within `HEADER_ROOM`, which `_check_size`
+    keeps of `max_payload` (past it the server drops the connection)."""
+    host = "h" * 64
+    _, headers = messages.encode(
+        b"x" * 4096,
+        cluster="c" * 32,
+        host=host,
+        msg_id=f"{host}:{'b' * 16}-{10**20 - 1}",
+        expected_seq=10**20 - 1,
+        taken={f"algorithms/{'a' * 100}{i}.json": "ab" * 32 for i in range(50)},
+    )
+    headers["Nats-Expected-Stream"] = "CTSD_" + "c" * 32
+    wire = len("NATS/1.0\r\n") + sum(len(f"{k}: {v}\r\n") for k, v in headers.items()) + 2
+    assert wire <= HEADER_ROOM, wire
     sent = Change(connections=[RecordChange("c1", hand=True)], taken={CONNECTIONS: "ab:cd"})
     assert _decoded(_payload(sent)).taken == {}  # (sent by no ctsd of this version)
 

@@ -31,6 +31,7 @@ from datetime import datetime
 import msgspec
 
 from ctsd.cluster.errors import BadMessage
+from ctsd.files import ALGORITHMS_DIR
 from ctsd.models import HOST_ID_PATTERN
 
 SCHEMA_VERSION = "2"
@@ -107,7 +108,10 @@ def encode(
         headers[H_SCHEMA] = FOUNDING_SCHEMA
     if taken:
         kept: dict[str, str] = {}
-        for file, tag in sorted(taken.items()):
+        # (the shared tables first: an algorithm's edit taken in again costs least)
+        for file, tag in sorted(
+            taken.items(), key=lambda ft: (ft[0].startswith(f"{ALGORITHMS_DIR}/"), ft[0])
+        ):
             if len(_taken_text({**kept, file: tag})) <= TAKEN_MAX_BYTES:
                 kept[file] = tag
         if kept:
@@ -210,7 +214,7 @@ def _taken(text: str | None) -> dict[str, str]:
         return {}
     try:
         value = msgspec.json.decode(text, type=dict[str, str])
-    except msgspec.MsgspecError:
+    except ValueError:  # (msgspec's errors, and a lone surrogate's UnicodeEncodeError)
         return {}
     return {f: t for f, t in value.items() if _TAG.fullmatch(t)}
 
