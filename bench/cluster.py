@@ -42,6 +42,10 @@ the same NATS cluster, clients on the bus:
                            subscriber on daemon B, sequential, p50/p99, × floor (b),
                            × (b) with 3 consumers and × the relays (targets: p99 ≤ 2 ms
                            and ≤ 3 × floor (b))
+                           Under each (g) row, what the 2 cores did meanwhile: CPU per
+                           round of each part (relays or daemons, servers, this client
+                           process) and the cores busy on average. The closer to 2, the
+                           more a round waits for a core rather than for code.
   (h) ctsd changes/s       64 bus clients spread over the 3 daemons, each updating its own
                            connection for `--seconds`: acknowledged changes/s (target
                            ≥ 5,000/s), and how many were answered `conflict`. Run twice:
@@ -87,6 +91,7 @@ from ctsd.cluster.messages import Change  # noqa: E402
 from leanws import LeanClient  # noqa: E402
 
 Row = tuple[str, str, str, str]
+WARM_UP = 20  # (g)'s first rounds, not kept
 FLOOR: dict[str, float] = {}  # floor (b), alone and with 3 consumers, and the relays: (g)'s ratios
 
 
@@ -339,7 +344,7 @@ async def engine_rate(
 async def ctsd_path(cluster: NatsCluster, rounds: int, seconds: float, where: Path) -> list[Row]:
     rows = await relay_floor(cluster, rounds)
     with contextlib.ExitStack() as stack:
-        urls = [
+        daemons = [
             stack.enter_context(
                 daemon(
                     where,
@@ -349,10 +354,42 @@ async def ctsd_path(cluster: NatsCluster, rounds: int, seconds: float, where: Pa
                         "CTSD_HOST_ID": f"bench-{i + 1}",
                     },
                 )
-            ).ws_url
+            )
             for i in range(3)
         ]
-        return rows + await _latency(urls, rounds) + await _rate(urls, seconds)
+        urls = [d.ws_url for d in daemons]
+        parts = {
+            "daemons": [d.proc.pid for d in daemons if d.proc is not None],
+            "servers": server_pids(cluster),
+        }
+        return rows + await _latency(urls, rounds, parts) + await _rate(urls, seconds)
+
+
+def server_pids(cluster: NatsCluster) -> list[int]:
+    return [n.proc.pid for n in cluster.nodes if n.proc is not None]
+
+
+def cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def busy(
+    timed: Awaitable[list[float]], parts: dict[str, list[int]], rounds: int
+) -> tuple[list[float], str]:
+    """`timed`'s samples, and what the 2 cores did meanwhile: each part's CPU per round (its
+    processes' user + system time; "client": this process) and the cores busy on average. A
+    sequential latency run that keeps the cores busy measures queueing as much as code."""
+    parts = {**parts, "client": [os.getpid()]}
+    before = {k: sum(map(cpu_s, pids)) for k, pids in parts.items()}
+    t0 = time.perf_counter()
+    out = await timed
+    wall = time.perf_counter() - t0
+    used = {k: sum(map(cpu_s, pids)) - before[k] for k, pids in parts.items()}
+    per = ", ".join(f"{k} {v / rounds * 1e3:.2f}" for k, v in used.items())
+    return out, f"CPU ms per round: {per}; {sum(used.values()) / wall:.1f} cores busy"
 
 
 async def relay_floor(cluster: NatsCluster, rounds: int) -> list[Row]:
@@ -381,7 +418,11 @@ async def relay_floor(cluster: NatsCluster, rounds: int) -> list[Row]:
         ws_a, ws_b = [(await open_many(f"ws://127.0.0.1:{p}", 1, None))[0] for p in ports[:2]]
         await asyncio.gather(auth_and(ws_a, None), auth_and(ws_b, None))
         await Call(ws_b)("subscribe")
-        out = await _a_to_b(Call(ws_a), ws_b, 1, rounds)
+        out, cores = await busy(
+            _a_to_b(Call(ws_a), ws_b, 1, rounds),
+            {"relays": [r.pid for r in relays], "servers": server_pids(cluster)},
+            rounds + WARM_UP,
+        )
         await asyncio.gather(ws_a.close(), ws_b.close())
     finally:
         for r in relays:
@@ -390,12 +431,15 @@ async def relay_floor(cluster: NatsCluster, rounds: int) -> list[Row]:
         await js.delete_stream("RELAY")
         await nc.close()
     FLOOR["r50"], FLOOR["r99"] = pct(out, 0.5), pct(out, 0.99)
-    return [lat_row("(g) floor: bare relays A → B", out, "websockets + nats-py, no ctsd code")]
+    return [
+        lat_row("(g) floor: bare relays A → B", out, "websockets + nats-py, no ctsd code"),
+        ("    the cores meanwhile", "", "", cores),
+    ]
 
 
 async def _a_to_b(a: Call, ws_b: ClientConnection, first: int, rounds: int) -> list[float]:
     """Sequential updates sent through `a` until each one's event (revision `first`, then one
-    more each round) reaches `ws_b`; the first 20 are warm-up."""
+    more each round) reaches `ws_b`; the first WARM_UP are not kept."""
 
     async def event_at_b(revision: int) -> float:
         while True:
@@ -404,17 +448,17 @@ async def _a_to_b(a: Call, ws_b: ClientConnection, first: int, rounds: int) -> l
                 return time.perf_counter()
 
     out = []
-    for k in range(rounds + 20):
+    for k in range(rounds + WARM_UP):
         t0 = time.perf_counter()
         seen = asyncio.ensure_future(event_at_b(first + k))
         await a("connections.update", connection_id="lat", changes={"user_id": k + 2})
         t1 = await asyncio.wait_for(seen, 10)
-        if k >= 20:
+        if k >= WARM_UP:
             out.append(t1 - t0)
     return out
 
 
-async def _latency(urls: list[str], rounds: int) -> list[Row]:
+async def _latency(urls: list[str], rounds: int, parts: dict[str, list[int]]) -> list[Row]:
     ws_a = (await open_many(urls[0], 1, HEADERS))[0]
     ws_b = (await open_many(urls[1], 1, HEADERS))[0]
     await asyncio.gather(auth_and(ws_a, None), auth_and(ws_b, None))
@@ -426,7 +470,7 @@ async def _latency(urls: list[str], rounds: int) -> list[Row]:
     while (await b("ping"))["revision"] < start:
         await asyncio.sleep(0.01)
     await b("subscribe", connection_ids=["lat"])
-    out = await _a_to_b(a, ws_b, start + 1, rounds)
+    out, cores = await busy(_a_to_b(a, ws_b, start + 1, rounds), parts, rounds + WARM_UP)
     await asyncio.gather(ws_a.close(), ws_b.close())
     p50, p99 = pct(out, 0.5), pct(out, 0.99)
     ratios = [
@@ -435,7 +479,10 @@ async def _latency(urls: list[str], rounds: int) -> list[Row]:
         if f"{k}50" in FLOOR
     ]
     note = "; ".join(ratios) + " (p50/p99)" if ratios else ""
-    return [lat_row("(g) ctsd update on A → subscriber on B", out, note)]
+    return [
+        lat_row("(g) ctsd update on A → subscriber on B", out, note),
+        ("    the cores meanwhile", "", "", cores),
+    ]
 
 
 async def _rate(urls: list[str], seconds: float) -> list[Row]:
