@@ -90,6 +90,9 @@ class FakeExchange:
                 self._send(h, 200, bomb, {"Content-Encoding": "gzip"})
             elif mode == "empty":  # a 2xx with no body at all
                 self._send(h, 200, b"")
+            elif mode == "projectxreason":  # a refusal whose reason phrase echoes the key
+                creds = json.loads(body_in or b"{}")
+                self._send(h, 401, b"{}", reason=f"Unauthorized key {creds.get('apiKey')}")
             elif mode in ("projectx", "projectxpad"):
                 creds = json.loads(body_in or b"{}")
                 pad = "x" * 192 if mode == "projectxpad" else ""  # the key across a 200 cut
@@ -125,9 +128,13 @@ class FakeExchange:
 
     @staticmethod
     def _send(
-        h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
-        h.send_response(status)
+        h.send_response(status, reason)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         h.send_header("Content-Type", "application/json")

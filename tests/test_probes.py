@@ -389,6 +389,16 @@ async def test_projectx_refused_login_is_scrubbed(app_factory: Any, fake: FakeEx
     assert app.prober.projectx_status()["state"] == "error"
 
 
+async def test_projectx_refusal_whose_reason_phrase_echoes_the_key_is_scrubbed(
+    app_factory: Any, fake: FakeExchange
+) -> None:
+    app = await _px_app(app_factory, fake.base("projectxreason"), key="WRONG-KEY-secret-987654")
+    result = await app.prober.test_projectx()
+    assert result["success"] is False and "HTTP 401 Unauthorized key" in result["error"]
+    assert "WRONG-KEY" not in json.dumps(result), result
+    assert "WRONG-KEY" not in json.dumps(app.prober.projectx_status()), result
+
+
 async def test_projectx_secrets_never_come_back_cut_or_in_the_url(
     app_factory: Any, fake: FakeExchange
 ) -> None:

@@ -77,6 +77,15 @@ async def test_canaries_never_leave(data_dir: Path) -> None:
                 connection_id="k1",
                 changes={"connection_settings": connection_settings(33), "name": "k2"},
             )
+            # Settings that hold a URL with a password: one refused (its error quotes the
+            # value), one taken (the bootstrap route shows the CORS origins).
+            settings = await b.ok("documents.get", name="settings")
+            server = settings.get("server", {})
+            bad = {**settings, "server": {**server, "host": f"https://u:{canary(60)}@h"}}
+            assert (await b.err("documents.set", name="settings", content=bad))["code"] == "invalid"
+            origins = [f"https://u:{canary(61)}@desk.example"]
+            good = {**settings, "server": {**server, "cors_origins": origins}}
+            await b.ok("documents.set", name="settings", content=good)
             # By hand while running: a document and connections.json.
             (data_dir / "user-settings.json").write_text(
                 json.dumps(document_with_secrets(40)) + "\n"

@@ -47,6 +47,7 @@ from ctsd.services import Services
 from ctsd.store import Store
 from ctsd.sweeps import Sweeper
 from ctsd.tokenfile import load_token
+from ctsd.urlmask import mask_url_passwords
 from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
@@ -58,7 +59,11 @@ CATCH_UP_MARGIN_S = 15.0  # the start's own work before and after the catch-up (
 
 
 class StartError(Exception):
-    """Start failed: the daemon exits 1 with this one-line reason on stderr."""
+    """Start failed: the daemon exits 1 with this one-line reason on stderr (a URL's password
+    in it masked: it may quote a setting, or an environment variable, as typed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_url_passwords(message))
 
 
 @dataclass

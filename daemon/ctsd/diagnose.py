@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from ctsd.timeutil import ID_PATTERN, TIMESTAMP_PATTERN
+from ctsd.urlmask import mask_url_passwords
 
 _WS = " \t\r\n"
 _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
@@ -39,6 +40,11 @@ class FileProblem(msgspec.Struct, frozen=True):
     column: int
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        # It may quote a value as typed (a host, a name that names nothing): a URL's
+        # password in it never leaves (`/health`, `ctsd verify`, the answers that name it).
+        msgspec.structs.force_setattr(self, "message", mask_url_passwords(self.message))
 
     def format(self) -> str:
         where = (

@@ -62,7 +62,9 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.getLogger("websockets").setLevel(max(numeric, logging.WARNING))
-    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+    # (their debug lines carry whole requests and answers: headers, bodies' bytes)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -37,7 +37,7 @@ import msgspec.inspect as mi
 from ctsd import diagnose, files
 from ctsd.files import CONNECTIONS, SETTINGS, STATE, Invalid
 from ctsd.models import Connection, ConnectionState
-from ctsd.redact import is_placeholder
+from ctsd.redact import is_placeholder, mask_url_passwords
 from ctsd.secretfields import CONNECTION_SECRETS
 from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts
 
@@ -525,6 +525,10 @@ class BadRow:
     table: str
     key: str  # "row 3 (id 'conn_x')", "key 'theme'"
     message: str
+
+    def __post_init__(self) -> None:
+        # (it may quote a value as the database holds it: a URL's password never shows)
+        object.__setattr__(self, "message", mask_url_passwords(self.message))
 
     def format(self) -> str:
         return f"{self.table} {self.key}: {self.message}"

@@ -27,10 +27,8 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent, TestResult
 from ctsd.redact import (
-    SETTINGS_STRING_KEY,
     bytes_may_hold_placeholder,
     is_secret_key,
-    mask,
     may_hold_placeholders,
     restore_placeholders,
 )
@@ -69,10 +67,9 @@ def _require(tx: Tx, cid: Any, path: str = "$.connection_id") -> Connection:
 
 
 def public_values(record: msgspec.Struct, fields: list[str]) -> dict[str, Any]:
-    """The new values of `fields`, secrets left out (`fields` still names them), and the
-    secrets inside `connection_settings` masked."""
-    values = {k: msgspec.to_builtins(getattr(record, k)) for k in fields if not is_secret_key(k)}
-    return mask(values) if SETTINGS_STRING_KEY in values else values
+    """The new values of `fields`, secrets left out (`fields` still names them; the event
+    masks the rest, `Tx.emit`)."""
+    return {k: msgspec.to_builtins(getattr(record, k)) for k in fields if not is_secret_key(k)}
 
 
 # --- writing into the overlays (each put says what it set, for the journal) -----------------

@@ -383,7 +383,7 @@ class Prober:
         except _TooLong:
             return _failure(f"the answer from {shown} is longer than {MAX_ANSWER_BYTES:,} bytes")
         except _Unreadable as e:
-            return _failure(f"unexpected answer from {shown}: {e}")
+            return _failure(f"unexpected answer from {shown}: {_scrub(str(e), scrub)}")
         except httpx.ConnectError as e:
             cause = _root_cause(e)
             if isinstance(cause, ConnectionRefusedError) or "refused" in str(e).lower():
@@ -408,7 +408,9 @@ class Prober:
             log.exception("probe_request_failed", url=shown)
             return _failure(f"request to {shown} failed ({type(e).__name__})")
         if not ok:
-            return _failure(f"HTTP {resp.status_code} {resp.reason_phrase} from {shown}", latency)
+            # (the reason phrase is the server's text: it may echo what was sent)
+            reason = _scrub(resp.reason_phrase, scrub)
+            return _failure(f"HTTP {resp.status_code} {reason} from {shown}", latency)
         try:
             body = msgspec.json.decode(body_raw) if body_raw else None
         except (msgspec.DecodeError, RecursionError):  # (nested past msgspec's depth limit)

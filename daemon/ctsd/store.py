@@ -357,6 +357,13 @@ class Store:
         self.replayed_onto = replayed_onto(recovered.changes, invalid)
         # Every stored secret must decrypt; plain ones are encrypted, written before READY.
         sealed = secure_loaded(self.box, self.committed, set(self.problems))
+        if self.box.encrypting and self.journal.end > self.journal.header_end:
+            # Its bytes (records the cuts after them dropped included) may hold secrets in
+            # plain text, or under a key retired offline: written before this key was set.
+            # Gone from the file at the first cut, which the first round makes.
+            self.journal.scrub_through = self.journal.lsn
+            self.checkpointer.force_cut = True
+            self.checkpointer.wake.set()
         self.checkpointer.seed()
         if touched:
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))

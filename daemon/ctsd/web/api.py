@@ -25,6 +25,7 @@ from ctsd.errors import CtsdError
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
+from ctsd.redact import mask
 from ctsd.web import openapi
 from ctsd.web import schemas as s
 from ctsd.web.body import MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES, read_json
@@ -116,26 +117,29 @@ async def bootstrap(ctx: Context) -> Any:
     svc = ctx.svc
     server = svc.store.settings.server
     host = ctx.request.headers.get("host") or f"{svc.listen.host}:{svc.listen.port}"
-    return {
-        "version": __version__,
-        "protocol_version": p.PROTOCOL_VERSION,
-        "bus_url": f"ws://{host}/ws",
-        "server": {
-            "host": svc.listen.host,
-            "port": svc.listen.port,
-            "cors_origins": server.cors_origins,
-            "rate_limit": msgspec.to_builtins(server.rate_limit),
-            "auth": server.auth,
-        },
-        "capabilities": {
-            "commands": sorted(p.COMMANDS),
-            "topics": list(p.TOPICS),
-            "max_frame_bytes": p.MAX_FRAME_BYTES,
-            "max_body_bytes": MAX_BODY_BYTES,
-            "max_import_body_bytes": MAX_IMPORT_BODY_BYTES,
-            "documents": sorted(svc.store.documents),
-        },
-    }
+    # (settings as typed: a CORS origin written with a password shows it masked)
+    return mask(
+        {
+            "version": __version__,
+            "protocol_version": p.PROTOCOL_VERSION,
+            "bus_url": f"ws://{host}/ws",
+            "server": {
+                "host": svc.listen.host,
+                "port": svc.listen.port,
+                "cors_origins": server.cors_origins,
+                "rate_limit": msgspec.to_builtins(server.rate_limit),
+                "auth": server.auth,
+            },
+            "capabilities": {
+                "commands": sorted(p.COMMANDS),
+                "topics": list(p.TOPICS),
+                "max_frame_bytes": p.MAX_FRAME_BYTES,
+                "max_body_bytes": MAX_BODY_BYTES,
+                "max_import_body_bytes": MAX_IMPORT_BODY_BYTES,
+                "documents": sorted(svc.store.documents),
+            },
+        }
+    )
 
 
 async def server_status(ctx: Context) -> Any:

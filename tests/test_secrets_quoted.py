@@ -1,0 +1,112 @@
+"""Secrets in the places a value is quoted or kept as typed, not under a secret's name: an
+error message quoting what was sent, the sync log's copy of a name, the journal's bytes from
+before a key was set, the logs of the HTTP client (no daemon: the store and its parts)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from ctsd import logs, ops
+from ctsd.app import StartError
+from ctsd.atomic import ensure_dir
+from ctsd.errors import CtsdError
+from ctsd.journal import NAME as JOURNAL
+from ctsd.migrate import BadRow
+from ctsd.secretbox import SecretBox, new_key_text, parse_key
+from ctsd.store import Store
+from tests.daemon import wait_until_async
+from tests.inprocess import open_app, sync_log
+
+pytestmark = pytest.mark.anyio
+
+CANARY = "CANARY-QUOTED-5f3a9c"
+URL = f"https://desk:{CANARY}@gw.example"
+
+
+def test_a_message_quoting_a_url_never_carries_its_password() -> None:
+    """Every error type whose message may quote a value as typed: the answers (`CtsdError`),
+    a bad row of a migration, a start refused for a setting or an environment variable."""
+    for text in (
+        CtsdError("invalid", f"server.host {URL!r} is not an IP address").message,
+        str(CtsdError("invalid", f"algorithmName {URL!r} names no file")),
+        BadRow("settings", "row 1 (key 'server')", f"server.host {URL!r} is bad").format(),
+        str(StartError(f"start failed: CTSD_HOST {URL!r} is not an IP address")),
+    ):
+        assert CANARY not in text and "https://desk:********@gw.example" in text, text
+
+
+async def test_a_file_invalid_for_a_value_it_quotes_never_shows_its_password(
+    data_dir: Path,
+) -> None:
+    """An invalid hand edit is reported with the value that makes it so: in /health, `ctsd
+    verify`, the answers that refuse a write for it, all from the problem's text."""
+    ensure_dir(data_dir)
+    (data_dir / "settings.json").write_text(json.dumps({"server": {"host": URL}}, indent=1) + "\n")
+    store = Store(data_dir)
+    store.open()
+    try:
+        problem = store.problems["settings.json"]
+        assert problem.line == 2 and "server.host" in problem.format()
+        assert CANARY not in problem.format() and CANARY not in problem.message
+    finally:
+        store.journal.close()
+
+
+async def test_the_sync_log_never_keeps_a_url_password_typed_in_a_name(data_dir: Path) -> None:
+    """The answers and events sent mask by field; the sync log keeps the event's data as
+    made: a name holding a URL with its password (a rename, a delete, a hand edit) must be
+    masked there too, and so everywhere the event goes."""
+    ensure_dir(data_dir)
+    app = await open_app(data_dir, [{"id": "c1", "name": "one", "exchange": "bybit"}])
+    try:
+        await app.store.submit(ops.update("c1", {"name": f"gw {URL}"}), "bus")
+        await app.store.submit(ops.delete("c1"), "bus")
+        logged = json.dumps(await sync_log(app))
+        assert "desk:********@gw.example" in logged
+        assert CANARY not in logged and CANARY not in json.dumps([e.data for e in app.store.log])
+    finally:
+        await app.store.close()
+
+
+async def test_a_key_set_after_secrets_were_journalled_in_plain_text_scrubs_the_journal(
+    data_dir: Path,
+) -> None:
+    """A start with a key encrypts the plain secrets of the files; the journal's bytes from
+    before (records cut long ago included) held them too, and must go as well."""
+    ensure_dir(data_dir)
+    app = await open_app(data_dir, [])
+    conn = {"id": "c1", "name": "one", "exchange": "bybit", "api_secret": CANARY}
+    await app.store.submit(ops.create(conn), "bus", sync="files")
+    await app.store.submit(ops.update("c1", {"name": "two"}), "bus", sync="files")
+    await app.store.close()
+    journal = data_dir / JOURNAL
+    assert CANARY.encode() in journal.read_bytes()  # (cut, not yet overwritten)
+    store = Store(data_dir, SecretBox(parse_key(new_key_text(), "k")))
+    store.open()
+    await store.start()
+    try:
+        await wait_until_async(
+            lambda: CANARY.encode() not in journal.read_bytes(), what="the journal scrubbed"
+        )
+        await store.submit(ops.update("c1", {"name": "three"}), "bus")
+        assert store.connections["c1"].name == "three"
+    finally:
+        await store.close()
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+
+
+def test_the_http_clients_debug_lines_stay_off_at_debug_level() -> None:
+    """httpcore logs whole answers' headers at debug level (a Project X server may echo the
+    key in one): held at warning, as httpx and websockets are."""
+    logs.setup("json", "debug")
+    try:
+        for name in ("httpx", "httpcore", "websockets"):
+            assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
+    finally:
+        logs.setup("json", "info")
