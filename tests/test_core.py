@@ -352,6 +352,26 @@ def test_an_import_moves_the_revision_of_what_it_changed_only() -> None:
     assert c.revision_of(document_key("ui-config")) == c.revision  # a reset changes all
 
 
+def test_if_match_never_refuses_a_record_created_under_an_id_made_for_it() -> None:
+    """An If-Match older than the kept log finds every record changed at the oldest kept
+    revision minus one (it cannot know better): but a connection created under an id the
+    daemon made for it did not exist before, so nothing of it changed after any revision. A
+    create naming its id may name one deleted after it, and is still checked."""
+    c = seeded("conn_a")
+    ok(run(c, ops.set_document("settings", {"sync_log_limit": 2}))[0])
+    for i in range(3):
+        ok(run(c, ops.update("conn_a", {"name": f"n{i}"}))[0])
+    assert c.oldest_revision() > 3
+    fresh = {"name": "fresh", "exchange": "bybit"}
+    (made,) = ok(run(c, Request(ops.create(fresh), "bus", if_match=1))[0])
+    assert made.id in c.connections
+    named = {"id": "conn_named", "name": "named", "exchange": "bybit"}
+    (out,), _ = run(c, Request(ops.create(named), "bus", if_match=1))
+    assert out.error is not None and out.error.code == "precondition_failed"
+    (out,), _ = run(c, Request(ops.update("conn_a", {"name": "x"}), "bus", if_match=1))
+    assert out.error is not None and out.error.code == "precondition_failed"
+
+
 def test_if_match_holds_between_two_changes_of_one_group() -> None:
     """Two clients read revision N and both send If-Match N: whichever comes second must be
     refused, also when the group commit puts both in one group (else one overwrites the

@@ -366,6 +366,9 @@ class Tx:
         # (table, key) of the records set by a hand edit of their own file, and by anything else
         self.by_hand: set[tuple[str, str]] = set()
         self.by_others: set[tuple[str, str]] = set()
+        # Keys of records created under an id made here: none had it before, so an If-Match
+        # (however old) cannot find it changed (`_check_if_match`).
+        self.made: set[str] = set()
 
     @property
     def takes_in(self) -> bool:
@@ -415,6 +418,7 @@ class Tx:
                 (parent.by_hand if own else parent.by_others).add((table, key))
         parent.by_hand |= self.by_hand
         parent.by_others |= self.by_others
+        parent.made |= self.made
         parent.taken_digests.update(self.taken_digests)
         self.connections.merge_into(parent.connections)
         self.state.merge_into(parent.state)
@@ -481,7 +485,7 @@ def apply_group(
             _note_sync(tx)
             if req.if_match is not None:
                 revs = {} if req.against_base else group_revs
-                _check_if_match(base, revs, tx.keys(), req.if_match)
+                _check_if_match(base, revs, tx.keys(), req.if_match, tx.made)
             out.files = tx.files()
             if not tx.takes_in:
                 _check_blocked(out.files, ctx)
@@ -573,9 +577,11 @@ def _note_sync(tx: Tx) -> None:
 
 
 def _check_if_match(
-    base: Committed, group_revs: dict[str, int], keys: list[str], expected: int
+    base: Committed, group_revs: dict[str, int], keys: list[str], expected: int, made: set[str]
 ) -> None:
     for key in keys:
+        if key in made:
+            continue
         rev = group_revs.get(key) or base.revision_of(key)
         if rev > expected:
             raise CtsdError(

@@ -21,6 +21,7 @@ from ctsd.core import (
     merge_document,
     merge_table,
     mirror_state,
+    record_key,
 )
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
@@ -161,6 +162,7 @@ def create(data: Any) -> Op:
         body = {**sent, "created_at": tx.now, "updated_at": tx.now}
         if body.get("id") in (None, ""):  # a form's empty id field: one is made, as if absent
             body["id"] = new_connection_id()
+            tx.made.add(record_key(body["id"]))
         conn = _convert(body, Connection, "$.connection")
         _check_settings(conn, "$.connection")
         conn = seal(tx, conn, None, "$.connection")
