@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ctsd.bus.fanout import PROGRESS_S, PROGRESS_SLACK_S, progress_wait
 from ctsd.bus.outbox import CLOSE_TIMEOUT_S
 from ctsd.files import CONNECTIONS, SYNC_LOG
 from tests.bus import bus, close_code
@@ -1119,6 +1120,16 @@ async def test_progress_to_idle_subscribers(data_dir: Path) -> None:
                 raise AssertionError(f"unsubscribed client got {extra}")
     finally:
         d.close()
+
+
+def test_progress_wakes_when_the_first_idle_subscriber_is_due() -> None:
+    """`progress` every PROGRESS_S to an idle subscriber: the loop sleeps until the first is
+    due, not a fixed step (which sent it up to a step late), and never less than the slack
+    it serves those due together within."""
+    now = 1000.0
+    assert progress_wait(now, []) == PROGRESS_S
+    assert progress_wait(now, [now - PROGRESS_S + 3.0, now - 1.0]) == pytest.approx(3.0)
+    assert progress_wait(now, [now - PROGRESS_S - 5.0]) == PROGRESS_SLACK_S  # overdue
 
 
 async def test_events_before_the_reply_on_the_same_connection(fast_daemon: Daemon) -> None:

@@ -31,6 +31,10 @@ REPLAY_CHUNK = 500  # events per replay frame, about (live frames are one change
 # Idle subscribers get `progress` every 30 s. CTSD_BUS_PROGRESS_S shortens it for tests (a 30 s
 # wait per test run is not worth it); nothing else should need to change it.
 PROGRESS_S = float(os.environ.get("CTSD_BUS_PROGRESS_S") or 30.0)
+# The progress loop wakes when the next subscriber is due, but at most this often: those due
+# within it are served together (a frame at most this late), and a thousand subscribers
+# due at a thousand moments cost a few scans a second, not a thousand.
+PROGRESS_SLACK_S = min(0.25, PROGRESS_S / 10)
 
 T_CONNECTIONS, T_STATE, T_DOCUMENTS, T_SYSTEM = 1, 2, 4, 8
 TOPIC_BITS = {"connections": 1, "state": 2, "documents": 4, "system": 8}
@@ -231,9 +235,18 @@ class Hub:
     async def _progress(self) -> None:
         # Idle subscribers learn the current revision so they can resume from it cheaply.
         while True:
-            await asyncio.sleep(PROGRESS_S / 6)
+            sent = (sub.outbox.last_sent for sub in self.by_outbox.values())
+            await asyncio.sleep(progress_wait(time.monotonic(), sent))
             now = time.monotonic()
             framed = wire_of(protocol.encode(protocol.Progress(revision=self.store.revision)))
             for sub in list(self.by_outbox.values()):
-                if now - sub.outbox.last_sent >= PROGRESS_S:
+                if now - sub.outbox.last_sent >= PROGRESS_S - PROGRESS_SLACK_S:
                     sub.outbox.push(framed)
+
+
+def progress_wait(now: float, last_sent: Iterable[float]) -> float:
+    """How long the progress loop sleeps: until the first subscriber is due (PROGRESS_S after
+    the last frame it was sent), at least PROGRESS_SLACK_S. One that subscribes meanwhile is
+    due later than any wake this computes, so none is ever served late."""
+    due = min((t + PROGRESS_S for t in last_sent), default=now + PROGRESS_S)
+    return max(PROGRESS_SLACK_S, due - now)
