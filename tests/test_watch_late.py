@@ -50,15 +50,17 @@ def _edit(body: bytes, cid: str, **changes: Any) -> bytes:
     return (json.dumps(conns, indent=2) + "\n").encode()
 
 
-async def _displace(s: Store) -> Any:
-    """An in-place writer opens the file, then a bus change renames a new one over it."""
+async def _displace(s: Store, *, truncate: bool = True) -> Any:
+    """An in-place writer opens the file, then a bus change renames a new one over it; the
+    writer then truncates it to write it again (unless not `truncate`: not yet)."""
     path = s.path(CONNS)
     fh = open(path, "r+b")  # noqa: SIM115 - the "editor" keeps it open across the change
     before = fh.read()
     await s.submit(ops.update("c1", {"name": "Bus"}), "bus", sync="files")
     assert s.displaced and os.fstat(fh.fileno()).st_ino != path.stat().st_ino
-    fh.seek(0)
-    fh.truncate(0)
+    if truncate:
+        fh.seek(0)
+        fh.truncate(0)
     return fh, before
 
 
@@ -151,6 +153,53 @@ async def test_late_write_is_taken_in_through_the_door_once_its_writer_closes(
         assert s.unchanged(CONNS)
         assert not list(s.data_dir.glob(f"{TEMP_PREFIX}*")) and not _late_copies(s)
         assert not notices
+
+
+@pytest.mark.anyio
+async def test_a_writer_that_holds_the_file_open_past_the_wait_still_gets_its_writes_in(
+    tmp_path: Path,
+) -> None:
+    """A script opened the file, read it, then asked its user (the daemon replaced the file
+    meanwhile) and wrote long after: the displaced file was given up after the wait and its
+    write went into a file nobody could find. Held open, it is watched on: what is written
+    while it is held is taken in once quiet, and what comes after too, each against what
+    its writer last saw."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s, truncate=False)
+        await s.take_in_late(max_age=0.0)  # long past the wait, nothing written
+        assert s.displaced, "given up while its writer still held it"
+        first = _edit(before, "c2", name="Late")
+        fh.seek(0)
+        fh.truncate(0)
+        fh.write(first)
+        fh.flush()
+        await s.take_in_late(max_age=0.0)  # written since the last look: waited for
+        assert s.connections["c2"].name == "c2"
+        await s.take_in_late(max_age=0.0)  # quiet since: taken in, still watched
+        assert s.connections["c2"].name == "Late" and s.displaced
+        fh.seek(0)
+        fh.truncate(0)
+        fh.write(_edit(first, "c2", volume_factor=2.0))
+        fh.close()
+        await s.take_in_late(max_age=0.0)
+        assert (s.connections["c2"].name, s.connections["c2"].volume_factor) == ("Late", 2.0)
+        assert s.connections["c1"].name == "Bus" and not s.displaced and not _late_copies(s)
+
+
+@pytest.mark.anyio
+async def test_a_file_still_held_open_when_the_daemon_stops_is_kept_aside(tmp_path: Path) -> None:
+    """Stopping, the daemon cannot wait for a writer that holds a displaced file open: the
+    file is kept beside its data file (`.late-`), where what the writer writes after lands."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s, truncate=False)
+        data_dir = s.data_dir
+    (copy,) = sorted(data_dir.glob(f"{CONNS}.late-*"))
+    fh.seek(0)
+    fh.truncate(0)
+    fh.write(_edit(before, "c2", name="After the stop"))
+    fh.close()
+    assert json.loads(copy.read_bytes())[1]["name"] == "After the stop"
+    assert not list(data_dir.glob(f"{TEMP_PREFIX}*"))
 
 
 @pytest.mark.anyio

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,9 +78,8 @@ class Intake:
         self.disk = disk
         self.data_dir = disk.data_dir
         # Files our writes displaced while an in-place writer held them open (or had just
-        # written into them), since when (monotonic), and what they held then (what that
-        # writer saw): what it writes into them is taken in by `take_in_late`.
-        self.displaced: list[tuple[Displaced, float, Any]] = []
+        # written into them): what it writes into them is taken in by `take_in_late`.
+        self.displaced: list[Late] = []
         self._late_retry_at: dict[int, float] = {}  # id of a Displaced → when to try it again
         self._late_closed = False  # the last pass (at close) ran: nothing waits any more
         # Cluster mode: a hand edit answered `unavailable` with an unknown outcome, per file:
@@ -341,10 +341,9 @@ class Intake:
         was read, so a chmod since, while the edit went through the door, is seen)."""
         self.disk.record(file, stamp, raw, ctime=ctime)
         od = self.disk.get(file)
+        before, old_frags = od.content or {}, od.frags
+        od.content = as_base(file, decoded)
         if file in (CONNECTIONS, STATE):
-            key = "id" if file == CONNECTIONS else "connection_id"
-            before, old_frags = od.content or {}, od.frags
-            od.content = {getattr(r, key): r for r in decoded}
             frags = {
                 k: (
                     old_frags[k]
@@ -357,10 +356,6 @@ class Intake:
             # again by their bytes (`decode_known`); else the next hand edit decodes it whole.
             same = b"".join(files.TableBody(list(frags.values()))) == raw
             od.frags = frags if same else {}
-        elif file == SYNC_LOG:
-            od.content = list(decoded)
-        else:
-            od.content = decoded
 
     def reconcile(self, committed: Committed) -> None:
         """Cross-file rules on load: state mirrors connections.
@@ -636,47 +631,78 @@ class Intake:
         An in-place writer (nano, cp, open("r+")) that opened a file before our rename
         replaced it writes into the old file, no longer in the directory. The checkpointer
         keeps such a file (`self.displaced`) while that writer holds it open; once the writer
-        has closed it (or after `max_age`, for one that never does), what it wrote is taken in
-        through the door, merged onto memory against what the writer saw. Called by the
-        watcher often, and at close (`final`: one the cluster cannot take now is kept aside,
-        not left for later).
+        has closed it, what it wrote is taken in through the door, merged onto memory
+        against what the writer saw. One whose writer keeps it open is taken in once nothing
+        was written into it for `max_age` (a script that wrote and waits), and watched again
+        after: its writer may write more (a script that read it, then asked its user). Still
+        held after LATE_HELD_MAX_S, or when the daemon stops (`final`), it is kept beside
+        its file as `<name>.late-<time>`, where what its writer writes from then on lands:
+        never in a file nobody can find. Called by the watcher often, and at close (`final`:
+        one the cluster cannot take now is kept aside, not left for later).
         """
         now = time.monotonic()
         self._late_closed |= final
-        due = [
-            x
-            for x in self.displaced
-            if (final or self._late_retry_at.get(id(x[0]), 0.0) <= now)
-            and (now - x[1] >= max_age or not written_elsewhere(x[0].fd))
-        ]
+        due = [x for x in self.displaced if self._late_due(x, now, max_age, final)]
         self.displaced = [x for x in self.displaced if x not in due]
-        for d, _since, base in due:
+        for x in due:
+            d = x.d
             file = str(d.path.relative_to(self.data_dir))
             try:
-                done = await self._take_in_displaced(d, file, base, final)
+                done, seen = await self._take_in_displaced(d, file, x.base, final)
             except Exception as e:  # never lose the watcher over it, nor the bytes
                 log.exception("late_hand_write_failed", file=file)
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
-                done = True
+                done, seen = True, KEPT_ASIDE
             if not done and self._late_closed:  # refused while the daemon was closing
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "unavailable", None, "the daemon stopped first")
-                done = True
-            if done:
-                self._late_retry_at.pop(id(d), None)
-                drop_displaced(d)
-            else:
+                done, seen = True, KEPT_ASIDE
+            if not done:
                 self._late_retry_at[id(d)] = now + LATE_RETRY_S
-                self.displaced.append((d, now, base))
+                x.since = now
+                self.displaced.append(x)
+                continue
+            self._late_retry_at.pop(id(d), None)
+            if seen is not KEPT_ASIDE and written_elsewhere(d.fd):
+                if not final and now - x.first < LATE_HELD_MAX_S:
+                    stamp = Stamp.of(os.fstat(d.fd))  # what it holds now: its writer's view
+                    base = x.base if seen is None else seen
+                    self.displaced.append(Late(d._replace(stamp=stamp), base, now, x.first, stamp))
+                    continue
+                with contextlib.suppress(Exception):
+                    self._keep_late(d, file, "held", None, "still open for writing elsewhere")
+            drop_displaced(d)
 
-    async def _take_in_displaced(self, d: Displaced, file: str, base: Any, final: bool) -> bool:
+    def _late_due(self, x: Late, now: float, max_age: float, final: bool) -> bool:
+        """Is it time to look at what a displaced file holds? At once when its writer has
+        closed it; with the writer still holding it, once nothing was written into it for
+        `max_age` (each look that finds it written since starts the wait again)."""
+        if final:
+            return True
+        if self._late_retry_at.get(id(x.d), 0.0) > now:
+            return False
+        if not written_elsewhere(x.d.fd):
+            return True
+        if now - x.since < max_age:
+            return False
+        stamp = Stamp.of(os.fstat(x.d.fd))
+        if stamp != x.looked:  # still being written: wait until it is quiet
+            x.looked, x.since = stamp, now
+            return False
+        return True
+
+    async def _take_in_displaced(
+        self, d: Displaced, file: str, base: Any, final: bool
+    ) -> tuple[bool, Any]:
         """A late in-place write, merged like any hand edit against what its writer saw: what
-        it changed goes on top of memory, nothing the daemon wrote since is undone. False: the
-        cluster cannot take it now (a single host never says so); it is tried again."""
+        it changed goes on top of memory, nothing the daemon wrote since is undone. (False,
+        None): the cluster cannot take it now (a single host never says so); it is tried
+        again. Else (True, what it held, decoded: what its writer now sees), or (True, None)
+        when nothing was written into it, or (True, KEPT_ASIDE) when it was kept aside."""
         st = os.fstat(d.fd)
         if Stamp.of(st) == d.stamp:
-            return True  # opened for writing, never written
+            return True, None  # opened for writing, not written
         try:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
@@ -685,15 +711,16 @@ class Intake:
             self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
+            return True, KEPT_ASIDE
         except CtsdError as e:  # file_invalid on disk, io_error, ...
             if e.code in ("unavailable", "conflict") and not final:
                 log.debug("late_hand_write_waits", file=file, reason=e.message)
-                return False
+                return False, None
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
-        else:
-            log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
-            self.store.taken_in(file)
-        return True
+            return True, KEPT_ASIDE
+        log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
+        self.store.taken_in(file)
+        return True, as_base(file, hand)
 
     def _keep_stale_late(self, stale: Path) -> None:
         """A file the daemon's write displaced while an editor still wrote into it, left by a
@@ -735,6 +762,23 @@ class Intake:
 
 
 LATE_RETRY_S = 0.5  # a late write the cluster could not take: tried again after this
+# A displaced file its writer holds open this long is kept aside (`take_in_late`): a process
+# that never closes it keeps no file of the daemon's open for ever.
+LATE_HELD_MAX_S = 600.0
+KEPT_ASIDE = object()  # `_take_in_displaced`: linked beside its file as `<name>.late-<time>`
+
+
+@dataclass(eq=False)
+class Late:
+    """A file our write displaced, whose writer may still write into it (`take_in_late`)."""
+
+    d: Displaced
+    base: Any  # what its writer saw: what it writes is merged against it
+    since: float  # displaced, or looked at (monotonic): its quiet time counts from here
+    first: float  # displaced: held open past LATE_HELD_MAX_S from here, it is kept aside
+    looked: Stamp  # at the last look
+
+
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a hand edit the door could not take (`failed`)
 KEPT_PREFIX = f"{TEMP_PREFIX}old-"  # a displaced file kept while a writer holds it (`atomic`)
 
@@ -781,6 +825,15 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
 def _warn_typos(settings: Any) -> None:
     for key, meant in files.settings_typos(settings):
         log.warning("settings_key_unknown", file=files.SETTINGS, key=key, did_you_mean=meant)
+
+
+def as_base(file: str, decoded: Any) -> Any:
+    """A file's decoded content as a merge takes it for a base (`Disk` keeps it so): a
+    table's records by key, the sync log's events, a document as it is."""
+    if file in (CONNECTIONS, STATE):
+        key = "id" if file == CONNECTIONS else "connection_id"
+        return {getattr(r, key): r for r in decoded}
+    return list(decoded) if file == SYNC_LOG else decoded
 
 
 def drop_displaced(d: Displaced) -> None:

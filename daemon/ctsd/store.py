@@ -50,7 +50,7 @@ from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk
 from ctsd.errors import CtsdError
 from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
-from ctsd.intake import Intake
+from ctsd.intake import Intake, Late
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.sealer import Sealer, secure_loaded
@@ -749,7 +749,7 @@ class Store:
 
     def _displaced(self, kept: list[Any]) -> None:
         now = time.monotonic()
-        self.intake.displaced += [(d, now, base) for d, base in kept]
+        self.intake.displaced += [Late(d, base, now, now, d.stamp) for d, base in kept]
 
 
 RELOAD_WRITE_S = 5.0
