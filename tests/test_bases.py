@@ -307,6 +307,34 @@ async def test_an_edit_found_at_start_is_judged_against_a_crash_until_the_store_
 
 
 @pytest.mark.anyio
+async def test_an_algorithm_deleted_while_down_with_the_instances_that_named_it_goes(
+    data_dir: Path,
+) -> None:
+    """Deleted, and instances.json edited to stop naming it, both while the daemon was
+    down: taken in algorithm first, the deletion met the old instances.json, was refused,
+    and the file came back from memory."""
+    store, _ = opened_store(data_dir)
+    await store.start()
+    await store.submit(ops.set_document("algorithms/foo", {"name": "foo", "period": 14}), "bus")
+    inst = {"instances": [{"id": "i1", "name": "one", "symbol": "BTC", "algorithmName": "foo"}]}
+    await store.submit(ops.set_document("instances", inst), "bus", sync="files")
+    await store.close()
+    (data_dir / "instances.json").write_text(json.dumps({"instances": []}, indent=2) + "\n")
+    (data_dir / "algorithms" / "foo.json").unlink()
+    store, edited = opened_store(data_dir)
+    assert sorted(edited) == ["algorithms/foo.json", "instances.json"]
+    await store.start()
+    try:
+        await store.take_in_edited(edited)
+        await store.checkpointer.flush()
+        assert "algorithms/foo" not in store.documents
+        assert store.documents["instances"]["instances"] == []
+        assert not (data_dir / "algorithms" / "foo.json").exists()
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
 async def test_a_clean_close_marks_the_copies_for_the_next_start(data_dir: Path) -> None:
     store, _ = opened_store(data_dir)
     await store.start()

@@ -719,8 +719,14 @@ class Store:
     async def take_in_edited(self, edited: list[str]) -> None:
         """Once the store has started (in cluster mode, caught up): the files edited while
         the daemon was down (`set_back`) taken in through the door, logged and broadcast (a
-        file refused now stays as it is, reported, and is taken in once fixed)."""
-        for file in edited:
+        file refused now stays as it is, reported, and is taken in once fixed). An algorithm
+        deleted goes last: instances.json, edited too, may have stopped naming it (while it
+        names it, the deletion is refused and the file written back)."""
+
+        def deleted_algorithm(file: str) -> bool:
+            return file.startswith(f"{ALGORITHMS_DIR}/") and not self.path(file).exists()
+
+        for file in sorted(edited, key=deleted_algorithm):  # (stable: the others in order)
             if file in self.not_edited:  # taken in before a crash (`replay`)
                 continue
             if await self.ingest(file, force=True):  # a deleted algorithm too
