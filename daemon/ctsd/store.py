@@ -51,7 +51,8 @@ from ctsd.disk import Disk
 from ctsd.errors import CtsdError
 from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
 from ctsd.intake import Intake, Late
-from ctsd.journal import Journal, JournalError
+from ctsd.journal import NAME as JOURNAL_NAME
+from ctsd.journal import Journal, JournalError, read_journal, scan_journal
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.sealer import Sealer, secure_loaded
 from ctsd.secretbox import SecretBox
@@ -293,7 +294,9 @@ class Store:
         set back to their copies (`bases`); returns the edited ones, to take in once the
         store has started (`take_in_edited`; in cluster mode, caught up with the cluster)."""
         names = [f for f in self.intake.known_files() if f != SYNC_LOG]
-        judged = bases.judge(names, self.intake.created, set(self.problems))
+        judged = bases.judge(
+            names, self.intake.created, set(self.problems), self._journalled_files()
+        )
         for file, raw in judged.deleted.items():
             self._set_back(file, raw, edited=False)
         # The journal's hand edits then replay with what the copies hold (what the daemon
@@ -306,6 +309,16 @@ class Store:
         self.intake.keep_copy = bases.keep
         self.intake.copy_digest = bases.copy_digest
         return sorted(edited)
+
+    def _journalled_files(self) -> set[str] | None:
+        """The data files the journal's changes not yet cut touch (None: it does not read;
+        `replay` reports why)."""
+        try:
+            read = read_journal(self.journal.path)
+            scan = scan_journal(read[0], JOURNAL_NAME, None) if read is not None else None
+        except JournalError:
+            return None
+        return set().union(*(c.files() for c in scan.changes)) if scan is not None else set()
 
     def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
         try:
