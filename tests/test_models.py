@@ -146,6 +146,13 @@ BAD = [
         "invalid JSON: a raw tab or line break inside a string (a missing closing quote?)",
     ),
     (
+        "raw-nul-in-string",
+        "ui-config.json",
+        '{"a": "x\0y"}',
+        1, 9, "$",
+        "invalid JSON: control character U+0000 in a string; write \\u0000",
+    ),
+    (
         "timestamp-without-ms",
         "connections.json",
         f'[{CONN}, "created_at": "2024-01-01T00:00:00Z"}}]',

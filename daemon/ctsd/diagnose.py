@@ -276,6 +276,10 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         json.loads(text)
     except json.JSONDecodeError as e:
         msg = "file is empty" if not text.strip() else f"invalid JSON: {syntax_message(e.msg)}"
+        ch = text[e.pos] if e.msg == "Invalid control character at" else "\n"
+        if ch not in "\t\n\r":  # (a NUL, say: no tab nor line break to blame)
+            code = ord(ch)
+            msg = f"invalid JSON: control character U+{code:04X} in a string; write \\u{code:04x}"
         return FileProblem(file, e.lineno, e.colno, "$", msg)
     except RecursionError:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
