@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from ctsd import atomic, ops
+from ctsd import atomic, intake, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.store import Store
 from ctsd.watch import Watcher
@@ -184,6 +184,56 @@ async def test_a_writer_that_holds_the_file_open_past_the_wait_still_gets_its_wr
         await s.take_in_late(max_age=0.0)
         assert (s.connections["c2"].name, s.connections["c2"].volume_factor) == ("Late", 2.0)
         assert s.connections["c1"].name == "Bus" and not s.displaced and not _late_copies(s)
+
+
+@pytest.mark.anyio
+async def test_a_write_landing_while_the_last_one_is_taken_in_is_seen_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watched on after a take-in, the file's stamp was read again after it: a write landing
+    during the take-in became part of what "taken in" meant, and was dropped unseen."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s, truncate=False)
+        first = _edit(before, "c2", name="Late")
+        fh.seek(0)
+        fh.truncate(0)
+        fh.write(first)
+        fh.flush()
+        second = _edit(first, "c2", volume_factor=2.0)
+        real = s.submit_take_in
+
+        async def write_meanwhile(op: Any, file: str) -> Any:
+            out = await real(op, file)
+            monkeypatch.setattr(s, "submit_take_in", real)
+            fh.seek(0)
+            fh.truncate(0)
+            fh.write(second)
+            fh.flush()
+            return out
+
+        monkeypatch.setattr(s, "submit_take_in", write_meanwhile)
+        await s.take_in_late(max_age=0.0)  # written since displaced: waits for quiet
+        await s.take_in_late(max_age=0.0)  # taken in; the second write lands meanwhile
+        assert s.connections["c2"].name == "Late" and s.displaced
+        fh.close()
+        await s.take_in_late(max_age=0.0)
+        assert s.connections["c2"].volume_factor == 2.0 and not s.displaced
+
+
+@pytest.mark.anyio
+async def test_a_writer_that_never_stops_writing_is_kept_aside_after_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write restarts the quiet wait: a writer that never stops would hold the file's
+    watch for ever, past the limit meant to end it."""
+    monkeypatch.setattr(intake, "LATE_HELD_MAX_S", 0.0)
+    async with _store(tmp_path) as (s, _notices):
+        fh, _before = await _displace(s, truncate=False)
+        fh.write(b" ")
+        fh.flush()
+        await s.take_in_late(max_age=0.0)
+        assert not s.displaced and len(_late_copies(s)) == 1
+        fh.close()
 
 
 @pytest.mark.anyio

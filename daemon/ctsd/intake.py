@@ -648,12 +648,12 @@ class Intake:
             d = x.d
             file = str(d.path.relative_to(self.data_dir))
             try:
-                done, seen = await self._take_in_displaced(d, file, x.base, final)
+                done, seen, read_at = await self._take_in_displaced(d, file, x.base, final)
             except Exception as e:  # never lose the watcher over it, nor the bytes
                 log.exception("late_hand_write_failed", file=file)
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
-                done, seen = True, KEPT_ASIDE
+                done, seen, read_at = True, KEPT_ASIDE, d.stamp
             if not done and self._late_closed:  # refused while the daemon was closing
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "unavailable", None, "the daemon stopped first")
@@ -665,10 +665,13 @@ class Intake:
                 continue
             self._late_retry_at.pop(id(d), None)
             if seen is not KEPT_ASIDE and written_elsewhere(d.fd):
-                if not final and now - x.first < LATE_HELD_MAX_S:
-                    stamp = Stamp.of(os.fstat(d.fd))  # what it holds now: its writer's view
+                if not self._late_closed and now - x.first < LATE_HELD_MAX_S:
+                    # Watched on from what was read (a write since then is seen as one), its
+                    # writer's view now what it wrote.
                     base = x.base if seen is None else seen
-                    self.displaced.append(Late(d._replace(stamp=stamp), base, now, x.first, stamp))
+                    self.displaced.append(
+                        Late(d._replace(stamp=read_at), base, now, x.first, read_at)
+                    )
                     continue
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "held", None, "still open for writing elsewhere")
@@ -678,7 +681,7 @@ class Intake:
         """Is it time to look at what a displaced file holds? At once when its writer has
         closed it; with the writer still holding it, once nothing was written into it for
         `max_age` (each look that finds it written since starts the wait again)."""
-        if final:
+        if final or now - x.first >= LATE_HELD_MAX_S:  # (then kept aside if still held)
             return True
         if self._late_retry_at.get(id(x.d), 0.0) > now:
             return False
@@ -694,15 +697,17 @@ class Intake:
 
     async def _take_in_displaced(
         self, d: Displaced, file: str, base: Any, final: bool
-    ) -> tuple[bool, Any]:
+    ) -> tuple[bool, Any, Stamp]:
         """A late in-place write, merged like any hand edit against what its writer saw: what
-        it changed goes on top of memory, nothing the daemon wrote since is undone. (False,
-        None): the cluster cannot take it now (a single host never says so); it is tried
-        again. Else (True, what it held, decoded: what its writer now sees), or (True, None)
-        when nothing was written into it, or (True, KEPT_ASIDE) when it was kept aside."""
+        it changed goes on top of memory, nothing the daemon wrote since is undone. Returns
+        (done, seen, the stamp it was read under). Not done: the cluster cannot take it now
+        (a single host never says so); it is tried again. `seen`: what it held, decoded (what
+        its writer now sees); None when nothing was written into it; KEPT_ASIDE when it was
+        kept aside."""
         st = os.fstat(d.fd)
-        if Stamp.of(st) == d.stamp:
-            return True, None  # opened for writing, not written
+        stamp = Stamp.of(st)
+        if stamp == d.stamp:
+            return True, None, stamp  # opened for writing, not written
         try:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
@@ -711,16 +716,16 @@ class Intake:
             self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
-            return True, KEPT_ASIDE
+            return True, KEPT_ASIDE, stamp
         except CtsdError as e:  # file_invalid on disk, io_error, ...
             if e.code in ("unavailable", "conflict") and not final:
                 log.debug("late_hand_write_waits", file=file, reason=e.message)
-                return False, None
+                return False, None, stamp
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
-            return True, KEPT_ASIDE
+            return True, KEPT_ASIDE, stamp
         log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
         self.store.taken_in(file)
-        return True, as_base(file, hand)
+        return True, as_base(file, hand), stamp
 
     def _keep_stale_late(self, stale: Path) -> None:
         """A file the daemon's write displaced while an editor still wrote into it, left by a
