@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from ctsd import bases, ops
+from ctsd import atomic, bases, ops
 from ctsd import checkpoint as checkpoints
 from ctsd.atomic import TEMP_PREFIX, ensure_dir, write_files
 from ctsd.bases import Bases, CopyUnusable
+from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.datadir import connection
@@ -381,6 +384,57 @@ async def test_a_document_put_back_while_down_after_a_kill_is_an_edit(
         assert again.log[-1].action == "document_update" and again.log[-1].data["source"] == "file"
     finally:
         await again.close()
+
+
+@pytest.mark.anyio
+async def test_a_crash_between_the_renames_of_the_start_sealing_write_is_no_edit(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start with a key writes the plain secrets back encrypted, a write with no
+    change behind it: killed between its copy's rename and its file's, the file holds the
+    plain version the copy names as the one before. A write the journal does not hold would
+    pass for an edit (no round could have been cut, the journal says): so it holds it."""
+    store, _ = opened_store(data_dir)
+    await store.start()
+    doc = {"projectX": {"apiUrl": "https://px.example", "apiKey": "PLAIN-KEY-123456"}}
+    await store.submit(ops.set_document("connection", doc), "bus", sync="files")
+    await store.close()
+    crashed = tmp_path / "crashed"
+    target = data_dir / "connection.json"
+    real_replace, real_exchange = os.replace, atomic._exchange
+
+    def killed_at(dst: Any) -> None:
+        if Path(dst) == target and not crashed.exists():
+            shutil.copytree(data_dir, crashed)  # what a kill -9 now leaves
+            raise OSError("killed")
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        killed_at(dst)
+        real_replace(src, dst, **kw)
+
+    def exchange(a: Path, b: Path) -> bool:
+        killed_at(b)
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(atomic, "_exchange", exchange)
+    box = SecretBox(parse_key(new_key_text(), "k"))
+    store = Store(data_dir, box)
+    copies = Bases(data_dir)
+    store.load(copies)
+    store.set_back(copies)
+    store.replay()
+    await store.start()
+    await wait_until_async(crashed.exists, what="the sealing write")
+    monkeypatch.undo()
+    await store.close()
+    assert b"PLAIN-KEY-123456" in (crashed / "connection.json").read_bytes()
+    again = Store(crashed, box)
+    copies = Bases(crashed)
+    again.load(copies)
+    assert again.set_back(copies) == []
+    again.replay()
+    again.journal.close()
 
 
 @pytest.mark.anyio

@@ -16,6 +16,7 @@ from ctsd.atomic import ensure_dir
 from ctsd.errors import CtsdError
 from ctsd.journal import NAME as JOURNAL
 from ctsd.migrate import BadRow
+from ctsd.rekey import rekey_offline
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.daemon import wait_until_async
@@ -99,6 +100,32 @@ async def test_a_key_set_after_secrets_were_journalled_in_plain_text_scrubs_the_
     for path in data_dir.rglob("*"):
         if path.is_file():
             assert CANARY.encode() not in path.read_bytes(), path
+
+
+async def test_an_offline_rekey_leaves_no_old_secret_in_the_journal_after_the_start(
+    data_dir: Path,
+) -> None:
+    """`ctsd secrets rekey` with the daemon stopped refuses a journal with changes not yet in
+    the files: every record of it is cut, and none was replayed at the next start, which
+    scrubbed only past the last of them."""
+    ensure_dir(data_dir)
+    app = await open_app(data_dir, [])
+    conn = {"id": "c1", "name": "one", "exchange": "bybit", "api_secret": CANARY}
+    await app.store.submit(ops.create(conn), "bus", sync="files")
+    await app.store.close()
+    journal = data_dir / JOURNAL
+    assert CANARY.encode() in journal.read_bytes()
+    key = parse_key(new_key_text(), "k")
+    rekey_offline(data_dir, None, key)
+    store = Store(data_dir, SecretBox(key))
+    store.open()
+    await store.start()
+    try:
+        await wait_until_async(
+            lambda: CANARY.encode() not in journal.read_bytes(), what="the journal scrubbed"
+        )
+    finally:
+        await store.close()
 
 
 def test_the_http_clients_debug_lines_stay_off_at_debug_level() -> None:

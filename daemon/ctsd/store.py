@@ -373,10 +373,17 @@ class Store:
         if self.box.encrypting and self.journal.end > self.journal.header_end:
             # Its bytes (records the cuts after them dropped included) may hold secrets in
             # plain text, or under a key retired offline: written before this key was set.
-            # Gone from the file at the first cut, which the first round makes.
-            self.journal.scrub_through = self.journal.lsn
+            # Gone from the file at the first cut past its live records (those replayed, in
+            # memory now), which the first round makes: at once when there are none.
+            live = self.journal.offsets
+            self.journal.scrub_through = live[-1][0] if live else 0
             self.checkpointer.force_cut = True
             self.checkpointer.wake.set()
+        if sealed and (change := self.checkpointer.memory_change(sorted(sealed))) is not None:
+            # Journalled, as every change a round writes is: a start after a crash between
+            # this write's two renames (copy, then file) must not take the file's plain
+            # version for a hand edit (`Bases.judge`).
+            self.journal.append(change)
         self.checkpointer.seed()
         if touched:
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))
