@@ -85,3 +85,22 @@ def small_tmpfs(where: Path, size: str = "2m") -> Any:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def before_each_rename(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
+    """`hook(destination)` runs before each rename the daemon's writes make (`os.replace`, and
+    `atomic`'s swap): a test lands a hand save, or a kill, at that exact point."""
+    from ctsd import atomic
+
+    real_replace, real_exchange = os.replace, atomic._exchange
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        hook(Path(dst))
+        real_replace(src, dst, **kw)
+
+    def exchange(a: Path, b: Path) -> bool:
+        hook(Path(b))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(atomic, "_exchange", exchange)

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
-from ctsd import atomic, bases, ops
+from ctsd import bases, ops
 from ctsd import checkpoint as checkpoints
 from ctsd.atomic import TEMP_PREFIX, ensure_dir, write_files
 from ctsd.bases import Bases, CopyUnusable
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.daemon import wait_until_async
-from tests.datadir import connection
+from tests.datadir import before_each_rename, connection
 
 FILE = "connections.json"
 V1 = b'[\n  {"id": "c1"}\n]\n'
@@ -401,23 +399,13 @@ async def test_a_crash_between_the_renames_of_the_start_sealing_write_is_no_edit
     await store.close()
     crashed = tmp_path / "crashed"
     target = data_dir / "connection.json"
-    real_replace, real_exchange = os.replace, atomic._exchange
 
-    def killed_at(dst: Any) -> None:
-        if Path(dst) == target and not crashed.exists():
+    def killed_at(dst: Path) -> None:
+        if dst == target and not crashed.exists():
             shutil.copytree(data_dir, crashed)  # what a kill -9 now leaves
             raise OSError("killed")
 
-    def replace(src: Any, dst: Any, **kw: Any) -> None:
-        killed_at(dst)
-        real_replace(src, dst, **kw)
-
-    def exchange(a: Path, b: Path) -> bool:
-        killed_at(b)
-        return real_exchange(a, b)
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(atomic, "_exchange", exchange)
+    before_each_rename(monkeypatch, killed_at)
     box = SecretBox(parse_key(new_key_text(), "k"))
     store = Store(data_dir, box)
     copies = Bases(data_dir)

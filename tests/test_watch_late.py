@@ -17,10 +17,11 @@ from typing import Any
 import anyio
 import pytest
 
-from ctsd import atomic, intake, ops
+from ctsd import intake, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.store import Store
 from ctsd.watch import Watcher
+from tests.datadir import before_each_rename
 
 CONNS = "connections.json"
 
@@ -89,18 +90,7 @@ async def test_a_save_landing_while_a_late_write_is_taken_in_is_not_destroyed(
                 tmp.write_bytes(_edit(path.read_bytes(), "c1", volume_factor=3.0))
                 os.rename(tmp, path)
 
-        real_replace, real_exchange = os.replace, atomic._exchange
-
-        def replace(src: Any, dst: Any, **kw: Any) -> None:
-            land_hand_save(dst)
-            real_replace(src, dst, **kw)
-
-        def exchange(a: Path, b: Path) -> bool:
-            land_hand_save(b)
-            return real_exchange(a, b)
-
-        monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(atomic, "_exchange", exchange)
+        before_each_rename(monkeypatch, land_hand_save)
 
         watcher = Watcher(s)
         async with anyio.create_task_group() as tg:
