@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -9,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from ctsd.bus import fanout
 from ctsd.bus.fanout import PROGRESS_S, PROGRESS_SLACK_S, progress_wait
 from ctsd.bus.outbox import CLOSE_TIMEOUT_S
 from ctsd.files import CONNECTIONS, SYNC_LOG
@@ -1130,6 +1133,30 @@ def test_progress_wakes_when_the_first_idle_subscriber_is_due() -> None:
     assert progress_wait(now, []) == PROGRESS_S
     assert progress_wait(now, [now - PROGRESS_S + 3.0, now - 1.0]) == pytest.approx(3.0)
     assert progress_wait(now, [now - PROGRESS_S - 5.0]) == PROGRESS_SLACK_S  # overdue
+
+
+async def test_a_client_that_reads_nothing_gets_one_progress_per_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stalled client's last frame sent never moves: due again at every wake of the loop,
+    it was queued a progress four times a second, filling its queue to the cut."""
+    monkeypatch.setattr(fanout, "PROGRESS_S", 0.5)
+    monkeypatch.setattr(fanout, "PROGRESS_SLACK_S", 0.05)
+
+    class Stalled:
+        last_sent = time.monotonic() - 1.0  # overdue, and never sent anything again
+        pushed = 0
+
+        def push(self, framed: bytes) -> None:
+            self.pushed += 1
+
+    hub = fanout.Hub(SimpleNamespace(revision=7))  # type: ignore[arg-type]
+    stalled = Stalled()
+    hub.by_outbox[stalled] = fanout.Sub(stalled, (fanout.ALL_TOPICS, None))  # type: ignore[index, arg-type]
+    task = asyncio.get_running_loop().create_task(hub._progress())
+    await anyio.sleep(1.2)  # due at once, then every 0.5 s: 3 at most
+    task.cancel()
+    assert 1 <= stalled.pushed <= 3, stalled.pushed
 
 
 async def test_events_before_the_reply_on_the_same_connection(fast_daemon: Daemon) -> None:

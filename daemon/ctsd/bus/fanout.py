@@ -113,6 +113,12 @@ class Sub:
 
     outbox: Outbox
     key: Key
+    progress_at: float = 0.0  # when `progress` was last queued for it (monotonic)
+
+    def quiet_since(self) -> float:
+        """Its last frame sent, or progress queued: a client that reads nothing (its frames
+        queued, none sent) gets one progress per period, not one per wake of the loop."""
+        return max(self.outbox.last_sent, self.progress_at)
 
 
 class Hub:
@@ -235,18 +241,19 @@ class Hub:
     async def _progress(self) -> None:
         # Idle subscribers learn the current revision so they can resume from it cheaply.
         while True:
-            sent = (sub.outbox.last_sent for sub in self.by_outbox.values())
-            await asyncio.sleep(progress_wait(time.monotonic(), sent))
+            quiet = (sub.quiet_since() for sub in self.by_outbox.values())
+            await asyncio.sleep(progress_wait(time.monotonic(), quiet))
             now = time.monotonic()
             framed = wire_of(protocol.encode(protocol.Progress(revision=self.store.revision)))
             for sub in list(self.by_outbox.values()):
-                if now - sub.outbox.last_sent >= PROGRESS_S - PROGRESS_SLACK_S:
+                if now - sub.quiet_since() >= PROGRESS_S - PROGRESS_SLACK_S:
+                    sub.progress_at = now
                     sub.outbox.push(framed)
 
 
-def progress_wait(now: float, last_sent: Iterable[float]) -> float:
+def progress_wait(now: float, quiet_since: Iterable[float]) -> float:
     """How long the progress loop sleeps: until the first subscriber is due (PROGRESS_S after
-    the last frame it was sent), at least PROGRESS_SLACK_S. One that subscribes meanwhile is
-    due later than any wake this computes, so none is ever served late."""
-    due = min((t + PROGRESS_S for t in last_sent), default=now + PROGRESS_S)
+    its last frame, `Sub.quiet_since`), at least PROGRESS_SLACK_S. One that subscribes
+    meanwhile is due later than any wake this computes, so none is ever served late."""
+    due = min((t + PROGRESS_S for t in quiet_since), default=now + PROGRESS_S)
     return max(PROGRESS_SLACK_S, due - now)
