@@ -1505,9 +1505,13 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
         rows = disk(data_dir, STATE)
         rows[0].update(is_active=True, status="active", volume_factor_preset=4.0)
         (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
-        assert await store.ingest(STATE)
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
         st = store.state["c1"]
         assert (st.is_active, st.status, st.volume_factor_preset) == (False, "inactive", 4.0)
+        # ... and the admin is told which edit was not kept, and where to make it
+        (told,) = [e for e in logs if e["event"] == "state_is_active_not_kept"]
+        assert told["connections"] == ["c1"] and CONNECTIONS in told["why"]
 
 
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:

@@ -484,6 +484,8 @@ class Intake:
             if file == files.SETTINGS:
                 _warn_typos(hand)
             store.taken_in(file)
+        if file == STATE:
+            _warn_mirrored(hand, store.committed.state)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -825,6 +827,23 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
         "path": problem.path,
         "message": problem.message,
     }
+
+
+def _warn_mirrored(hand: list[Any], state: dict[str, Any]) -> None:
+    """A state edited by hand keeps every field but `is_active`, which is mirrored from
+    connections.json: one set otherwise there is not kept, and the admin is told where."""
+    moved = [
+        s.connection_id
+        for s in hand
+        if (now := state.get(s.connection_id)) is not None and now.is_active != s.is_active
+    ]
+    if moved:
+        log.warning(
+            "state_is_active_not_kept",
+            file=STATE,
+            connections=moved[:20],
+            why=f"is_active is set in {CONNECTIONS} (its `is_active`) and mirrored here",
+        )
 
 
 def _warn_typos(settings: Any) -> None:
