@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -18,6 +19,7 @@ from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
 from tests.daemon import wait_until_async
 from tests.datadir import before_each_rename, connection
+from tests.inprocess import then_killed
 
 FILE = "connections.json"
 V1 = b'[\n  {"id": "c1"}\n]\n'
@@ -423,6 +425,79 @@ async def test_a_crash_between_the_renames_of_the_start_sealing_write_is_no_edit
     assert again.set_back(copies) == []
     again.replay()
     again.journal.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("keyed", [False, True], ids=["no key", "secrets sealed at start"])
+async def test_replayed_changes_stay_in_the_journal_until_their_file_is_written(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool
+) -> None:
+    """The changes a start replays were noted at the journal's last lsn as their files'
+    first: a first round that could not write one (disk full) then cut them all, and a kill
+    before the retry lost them (with secrets sealed at start, one replayed change was
+    enough: its record came after them)."""
+    store, _ = opened_store(data_dir)
+    await store.start()
+    doc = {"projectX": {"apiUrl": "https://px.example", "apiKey": "PLAIN-KEY-123456"}}
+    await store.submit(ops.set_document("connection", doc), "bus", sync="files")
+    await store.submit(ops.set_document("ui-config", {"theme": "light"}), "bus", sync="files")
+    await store.close()
+    async with then_killed(data_dir, copies=True) as s:
+        await s.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus")
+        await s.submit(ops.set_document("ui-config", {"theme": "dark", "font": "big"}), "bus")
+    target = data_dir / "ui-config.json"
+
+    def disk_full(dst: Path) -> None:
+        if dst == target:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    before_each_rename(monkeypatch, disk_full)
+    box = SecretBox(parse_key(new_key_text(), "k")) if keyed else None
+    store = Store(data_dir, box)
+    copies = Bases(data_dir)
+    store.load(copies)
+    store.set_back(copies)
+    store.replay()
+    await store.start()  # its first round cannot write ui-config.json
+    crashed = tmp_path / "crashed"
+    shutil.copytree(data_dir, crashed)  # killed now
+    monkeypatch.undo()
+    await store.close()
+    assert json.loads((crashed / "ui-config.json").read_text()) == {"theme": "light"}
+    again = Store(crashed, box)
+    again.open()
+    try:
+        assert again.documents["ui-config"] == {"theme": "dark", "font": "big"}
+    finally:
+        again.journal.close()
+
+
+@pytest.mark.anyio
+async def test_a_start_refused_after_sealing_leaves_a_journal_a_trimmed_sync_log_still_takes(
+    data_dir: Path,
+) -> None:
+    """The secrets sealed at start were journalled as the files were read: a start refused
+    before the door opened (its port taken) left that record, a change with no event, and a
+    sync log emptied by hand then made the journal look like another data dir's."""
+    store, _ = opened_store(data_dir)
+    await store.start()
+    conn = connection("c1", name="one")
+    await store.submit(ops.create({**conn, "api_secret": "PLAIN-SECRET-1"}), "bus", sync="files")
+    await store.submit(ops.update("c1", {"name": "two"}), "bus", sync="files")
+    await store.close()
+    box = SecretBox(parse_key(new_key_text(), "k"))
+    refused = Store(data_dir, box)
+    refused.open()
+    await refused.abandon()
+    (data_dir / "connection-sync-log.json").write_text("[]\n")
+    again = Store(data_dir, box)
+    again.open()
+    await again.start()
+    try:
+        await again.submit(ops.update("c1", {"name": "three"}), "bus")
+        assert again.revision == 3  # ids are never given out again
+    finally:
+        await again.close()
 
 
 @pytest.mark.anyio

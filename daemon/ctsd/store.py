@@ -155,6 +155,7 @@ class Store:
         # At start: files edited while down (`set_back`) → the digest of what they hold, and
         # those found to hold a hand edit the journal took in already (`replay`).
         self._found: dict[str, str] = {}
+        self._sealed: set[str] = set()  # files whose plain secrets `replay` sealed in memory
         self.not_edited: set[str] = set()
         # The settings document installed anew (by any change: one with no event too, as a
         # cluster host's edit of its own keys): the watcher may switch its mode.
@@ -379,16 +380,14 @@ class Store:
             self.journal.scrub_through = live[-1][0] if live else 0
             self.checkpointer.force_cut = True
             self.checkpointer.wake.set()
-        if sealed and (change := self.checkpointer.memory_change(sorted(sealed))) is not None:
-            # Journalled, as every change a round writes is: a start after a crash between
-            # this write's two renames (copy, then file) must not take the file's plain
-            # version for a hand edit (`Bases.judge`).
-            self.journal.append(change)
+        self._sealed = sealed  # journalled and written once the store starts
         self.checkpointer.seed()
         if touched:
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))
-        if touched | sealed:
-            self.checkpointer.note(touched | sealed, self.journal.lsn)
+            # From the first replayed record on: a cut must keep every one of them until
+            # their files are written (a round that fails to write one cuts nothing of it).
+            self.checkpointer.note(touched, self.journal.offsets[0][0])
+            self.checkpointer.note(touched, self.journal.lsn)
         log.info(
             "loaded",
             connections=len(self.connections),
@@ -409,6 +408,13 @@ class Store:
         # The writer first: a file edited while the daemon was down is taken in through it
         # before the round writes (nothing else comes to the door yet).
         self._writer = loop.create_task(self._write_loop(), name="ctsd-writer")
+        sealed, self._sealed = self._sealed, set()
+        if sealed and (change := self.checkpointer.memory_change(sorted(sealed))) is not None:
+            # The secrets sealed at start, journalled as every change a round writes is: a
+            # start after a kill between this write's two renames (copy, then file) must not
+            # take the file's plain version for a hand edit (`Bases.judge`). Only now: a
+            # start refused before this leaves no record behind, the files as they were.
+            self.checkpointer.note(sealed, await self.append(change))
         if self.checkpointer.dirty:
             await self.checkpointer.round()
         self._checkpoints = loop.create_task(self.checkpointer.run(), name="ctsd-checkpoint")
