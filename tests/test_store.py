@@ -1514,6 +1514,21 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
         assert told["connections"] == ["c1"] and CONNECTIONS in told["why"]
 
 
+async def test_a_state_edit_of_another_field_logs_no_is_active_put_back(data_dir: Path) -> None:
+    """Memory ahead of the file (an activation not written yet) is no edit of is_active."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        store.checkpointer.stop()  # what follows stays in memory
+        await store.submit(ops.set_active("c1", True), "bus")
+        rows = disk(data_dir, STATE)
+        rows[0].update(volume_factor_preset=4.0)
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
+        assert store.state["c1"].volume_factor_preset == 4.0
+        assert not [e for e in logs if e["event"] == "state_is_active_not_kept"]
+
+
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         for i in range(3):

@@ -19,6 +19,7 @@ import pytest
 
 from ctsd import intake, ops
 from ctsd.atomic import TEMP_PREFIX
+from ctsd.errors import CtsdError
 from ctsd.store import Store
 from ctsd.watch import Watcher
 from tests.datadir import before_each_rename
@@ -223,6 +224,30 @@ async def test_a_writer_that_never_stops_writing_is_kept_aside_after_the_limit(
         fh.flush()
         await s.take_in_late(max_age=0.0)
         assert not s.displaced and len(_late_copies(s)) == 1
+        fh.close()
+
+
+@pytest.mark.anyio
+async def test_a_late_write_the_cluster_cannot_take_is_kept_aside_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit, one the door refuses `unavailable` (a cluster out of reach) was tried
+    again at every pass of the watcher, never kept aside."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s)
+        fh.write(_edit(before, "c2", name="Late"))
+        fh.flush()
+        tried: list[str] = []
+
+        async def unavailable(op: Any, file: str) -> Any:
+            tried.append(file)
+            raise CtsdError("unavailable", "the cluster is out of reach")
+
+        monkeypatch.setattr(s, "submit_take_in", unavailable)
+        monkeypatch.setattr(intake, "LATE_HELD_MAX_S", 0.0)
+        for _ in range(5):  # watcher passes, well within LATE_RETRY_S
+            await s.take_in_late(max_age=2.0)
+        assert len(tried) == 1 and not s.displaced and len(_late_copies(s)) == 1
         fh.close()
 
 

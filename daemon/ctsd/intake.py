@@ -485,7 +485,7 @@ class Intake:
                 _warn_typos(hand)
             store.taken_in(file)
         if file == STATE:
-            _warn_mirrored(hand, store.committed.state)
+            _warn_mirrored(hand, base, store.committed.state)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -656,9 +656,11 @@ class Intake:
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
                 done, seen, read_at = True, KEPT_ASIDE, d.stamp
-            if not done and self._late_closed:  # refused while the daemon was closing
+            if not done and (self._late_closed or now - x.first >= LATE_HELD_MAX_S):
+                # Refused while the daemon was closing, or still after the limit: kept aside.
                 with contextlib.suppress(Exception):
-                    self._keep_late(d, file, "unavailable", None, "the daemon stopped first")
+                    why = "the daemon stopped first" if self._late_closed else "held too long"
+                    self._keep_late(d, file, "unavailable", None, why)
                 done, seen = True, KEPT_ASIDE
             if not done:
                 self._late_retry_at[id(d)] = now + LATE_RETRY_S
@@ -683,10 +685,12 @@ class Intake:
         """Is it time to look at what a displaced file holds? At once when its writer has
         closed it; with the writer still holding it, once nothing was written into it for
         `max_age` (each look that finds it written since starts the wait again)."""
-        if final or now - x.first >= LATE_HELD_MAX_S:  # (then kept aside if still held)
+        if final:
             return True
         if self._late_retry_at.get(id(x.d), 0.0) > now:
             return False
+        if now - x.first >= LATE_HELD_MAX_S:  # (then kept aside if still held)
+            return True
         if not written_elsewhere(x.d.fd):
             return True
         if now - x.since < max_age:
@@ -829,13 +833,18 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
     }
 
 
-def _warn_mirrored(hand: list[Any], state: dict[str, Any]) -> None:
+def _warn_mirrored(hand: list[Any], base: Any, state: dict[str, Any]) -> None:
     """A state edited by hand keeps every field but `is_active`, which is mirrored from
-    connections.json: one set otherwise there is not kept, and the admin is told where."""
+    connections.json: one the edit changed (from `base`, what the file held) that is not
+    kept is logged, with where to make it."""
+    was = base if isinstance(base, dict) else {}
     moved = [
         s.connection_id
         for s in hand
-        if (now := state.get(s.connection_id)) is not None and now.is_active != s.is_active
+        if (before := was.get(s.connection_id)) is not None
+        and before.is_active != s.is_active
+        and (now := state.get(s.connection_id)) is not None
+        and now.is_active != s.is_active
     ]
     if moved:
         log.warning(
