@@ -25,7 +25,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.limits import MAX_DEPTH, MAX_FILE_BYTES
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
-from ctsd.redact import mask
+from ctsd.redact import mask_if_needed
 from ctsd.table import DELETED, Table
 
 # A data file the daemon writes must stay under the limit every read applies, or the next
@@ -377,7 +377,7 @@ class Tx:
     def emit(self, action: str, connection_id: str | None, data: dict[str, Any]) -> None:
         # Masked here, once, for the sync log and every copy of the event (a name or a test
         # error may quote a URL with its password; `connection_settings` holds secrets).
-        self.events.append((connection_id, action, {**mask(data), "source": self.source}))
+        self.events.append((connection_id, action, {**mask_if_needed(data), "source": self.source}))
 
     def set_fields(self, table: str, key: str, fields: list[str] | None) -> None:
         """Record which fields a put changed (None: the whole record); merged across puts."""

@@ -135,6 +135,38 @@ def mask(obj: Any) -> Any:
     return root
 
 
+def mask_if_needed(obj: dict[str, Any]) -> dict[str, Any]:
+    """`mask(obj)`, or `obj` itself when nothing in it can need masking (`_plain`): a look
+    without a copy, for the data of every event made (most are field names and numbers:
+    masking them copied everything to change nothing)."""
+    return obj if _plain(obj, 0) else mask(obj)
+
+
+_SCALAR_TYPES = frozenset({int, float, bool, type(None)})
+
+
+def _plain(node: Any, depth: int) -> bool:
+    """No secret's name, no `connection_settings`, no string that may hold a URL, nothing but
+    JSON's own types, at most 32 deep (deeper: not looked at, masked)."""
+    values = node
+    if type(node) is dict:
+        for key in node:
+            if key == SETTINGS_STRING_KEY or is_secret_key(key):
+                return False
+        values = node.values()
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if "://" in value:
+                return False
+        elif kind is dict or kind is list or kind is tuple:
+            if depth >= 32 or not _plain(value, depth + 1):
+                return False
+        elif kind not in _SCALAR_TYPES:
+            return False
+    return True
+
+
 @functools.lru_cache(maxsize=64)
 def _secret_fields(kind: type[msgspec.Struct]) -> tuple[str, ...]:
     return tuple(f for f in kind.__struct_fields__ if is_secret_key(f))
