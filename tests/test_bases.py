@@ -79,23 +79,6 @@ def test_a_round_cut_between_its_two_renames_is_no_edit(data_dir: Path) -> None:
     assert (data_dir / bases.DIR / FILE).read_bytes().endswith(b"\n" + V1)
 
 
-def test_the_write_before_is_an_edit_when_the_journal_holds_no_change_to_the_file(
-    data_dir: Path,
-) -> None:
-    """A cut round leaves its change in the journal (cut only after both renames): with the
-    journal holding changes to the file, the write before is the cut round's; with none,
-    every round was cut after its file was written, so the file was put back by hand."""
-    b = Bases(data_dir)
-    checkpoint(b, data_dir, V1)
-    checkpoint(b, data_dir, V2)
-    (data_dir / FILE).write_bytes(V1)  # the write before, put back
-    assert Bases(data_dir).judge([FILE], set(), set(), {FILE}).edited == {}
-    checkpoint(b, data_dir, V2)
-    (data_dir / FILE).write_bytes(V1)
-    assert FILE in Bases(data_dir).judge([FILE], set(), set(), set()).edited
-    assert FILE in Bases(data_dir).judge([FILE], set(), set(), {"other.json"}).edited
-
-
 def test_an_edit_after_a_cut_round_is_still_an_edit(data_dir: Path) -> None:
     b = Bases(data_dir)
     checkpoint(b, data_dir, V1)
@@ -357,43 +340,13 @@ async def test_an_algorithm_deleted_while_down_with_the_instances_that_named_it_
 
 
 @pytest.mark.anyio
-async def test_a_document_put_back_while_down_after_a_kill_is_an_edit(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    """Killed (no clean stop), then the operator puts a document back to its version before
-    the last change: the file holds the daemon's write before its copy, which a round cut
-    between its two renames leaves too. But the journal was cut past that change: no round
-    was cut, so it is an edit, logged and broadcast (else memory and the file held the old
-    version while the sync log still said the last change was the newest)."""
-    store, _ = opened_store(data_dir)
-    await store.start()
-    await store.submit(ops.set_document("ui-config", {"theme": "light"}), "bus", sync="files")
-    before = (data_dir / "ui-config.json").read_bytes()
-    await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus", sync="files")
-    crashed = tmp_path / "crashed"
-    await wait_until_async(lambda: not store.journal.pending, what="the journal cut")
-    shutil.copytree(data_dir, crashed)  # what a kill -9 leaves
-    await store.close()
-    (crashed / "ui-config.json").write_bytes(before)
-    again, edited = opened_store(crashed)
-    assert edited == ["ui-config.json"]
-    await again.start()
-    try:
-        await again.take_in_edited(edited)
-        assert again.documents["ui-config"] == {"theme": "light"}
-        assert again.log[-1].action == "document_update" and again.log[-1].data["source"] == "file"
-    finally:
-        await again.close()
-
-
-@pytest.mark.anyio
 async def test_a_crash_between_the_renames_of_the_start_sealing_write_is_no_edit(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first start with a key writes the plain secrets back encrypted, a write with no
-    change behind it: killed between its copy's rename and its file's, the file holds the
-    plain version the copy names as the one before. A write the journal does not hold would
-    pass for an edit (no round could have been cut, the journal says): so it holds it."""
+    change in the journal behind it: killed between its copy's rename and its file's, the
+    file holds the plain version the copy names as the one before, which is the daemon's
+    own write cut short, no hand edit."""
     store, _ = opened_store(data_dir)
     await store.start()
     doc = {"projectX": {"apiUrl": "https://px.example", "apiKey": "PLAIN-KEY-123456"}}
@@ -476,9 +429,9 @@ async def test_replayed_changes_stay_in_the_journal_until_their_file_is_written(
 async def test_a_start_refused_after_sealing_leaves_a_journal_a_trimmed_sync_log_still_takes(
     data_dir: Path,
 ) -> None:
-    """The secrets sealed at start were journalled as the files were read: a start refused
-    before the door opened (its port taken) left that record, a change with no event, and a
-    sync log emptied by hand then made the journal look like another data dir's."""
+    """A start with a key refused before the door opened (its port taken) leaves the journal
+    as it found it: a sync log emptied by hand after it is taken as any such edit (a record
+    of the sealing left behind made the journal look like another data dir's)."""
     store, _ = opened_store(data_dir)
     await store.start()
     conn = connection("c1", name="one")

@@ -305,23 +305,14 @@ class Bases:
 
     # --- at start -----------------------------------------------------------------------------
 
-    def judge(
-        self,
-        names: list[str],
-        created: set[str],
-        invalid: set[str],
-        journalled: set[str] | None = None,
-    ) -> Judged:
+    def judge(self, names: list[str], created: set[str], invalid: set[str]) -> Judged:
         """Each data file (`names`: the sync log aside) against its copy (blocking: reads
         every file and copy). `created`: files that were missing (just created with default
         content); `invalid`: files that do not read as valid (edited, when they have a copy:
         never written until fixed, then taken in). A file matching its copy, or the daemon's
-        write before it (a round cut between its two renames), gets a fresh copy of what it
+        write before it (unless the daemon stopped cleanly), gets a fresh copy of what it
         holds, as does a file with none; edited and deleted files keep theirs (the base of
-        the merge, the content to write again). The write before is an edit when no round
-        can have been cut: the daemon stopped cleanly, or the journal holds no change to the
-        file (`journalled`: the files its records not yet cut touch; None: not known), so
-        the round that wrote its copy was cut after it wrote the file too."""
+        the merge, the content to write again)."""
         out = Judged()
         for d in (self.dir, self.dir / ALGORITHMS_DIR):  # a write a crash cut left behind
             for stale in d.glob(f"{atomic.TEMP_PREFIX}*"):
@@ -357,12 +348,11 @@ class Bases:
                 continue
             if copy is not None and raw != copy[1]:
                 prev, content = copy
-                settled = clean or (journalled is not None and file not in journalled)
-                if prev is None or settled or _digest(raw) != prev:
+                if prev is None or clean or _digest(raw) != prev:
                     out.edited[file] = content
                     out.found[file] = f"{hashlib.sha256(raw).hexdigest()}:{_digest(content).hex()}"
                     self._digests[file] = _digest(content)
-                    if settled and prev is not None:  # an edit still at a start after this one
+                    if clean and prev is not None:  # an edit still at a start after this one
                         unnamed.append((self.data_dir / file, content))
                     continue
             if copy is None and seeded and file.startswith(f"{ALGORITHMS_DIR}/"):

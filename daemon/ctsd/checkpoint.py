@@ -584,15 +584,14 @@ class Checkpointer:
         if upto <= self.cut and not stuck and not self.force_cut:
             return
         self.force_cut = False
-        carry = self.memory_change(stuck) if stuck else None
+        carry = self._carry(stuck) if stuck else None
         sync_log = self.disk.files.get(SYNC_LOG)
         base = sync_log.content[-1].id if sync_log is not None and sync_log.content else 0
         await self.compact(upto, base, carry)
         self.cut = upto
 
-    def memory_change(self, stuck: list[str]) -> Change | None:
-        """What memory holds beyond the files in `stuck` (invalid on disk: carried over by a
-        cut; sealed at start), as one change."""
+    def _carry(self, stuck: list[str]) -> Change | None:
+        """What memory holds beyond the files in `stuck` (invalid on disk), as one change."""
         c = self.committed
         change = Change()
         for file in stuck:

@@ -51,8 +51,7 @@ from ctsd.disk import Disk
 from ctsd.errors import CtsdError
 from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
 from ctsd.intake import Intake, Late
-from ctsd.journal import NAME as JOURNAL_NAME
-from ctsd.journal import Journal, JournalError, read_journal, scan_journal
+from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.sealer import Sealer, secure_loaded
 from ctsd.secretbox import SecretBox
@@ -155,7 +154,6 @@ class Store:
         # At start: files edited while down (`set_back`) → the digest of what they hold, and
         # those found to hold a hand edit the journal took in already (`replay`).
         self._found: dict[str, str] = {}
-        self._sealed: set[str] = set()  # files whose plain secrets `replay` sealed in memory
         self.not_edited: set[str] = set()
         # The settings document installed anew (by any change: one with no event too, as a
         # cluster host's edit of its own keys): the watcher may switch its mode.
@@ -295,9 +293,7 @@ class Store:
         set back to their copies (`bases`); returns the edited ones, to take in once the
         store has started (`take_in_edited`; in cluster mode, caught up with the cluster)."""
         names = [f for f in self.intake.known_files() if f != SYNC_LOG]
-        judged = bases.judge(
-            names, self.intake.created, set(self.problems), self._journalled_files()
-        )
+        judged = bases.judge(names, self.intake.created, set(self.problems))
         for file, raw in judged.deleted.items():
             self._set_back(file, raw, edited=False)
         # The journal's hand edits then replay with what the copies hold (what the daemon
@@ -310,16 +306,6 @@ class Store:
         self.intake.keep_copy = bases.keep
         self.intake.copy_digest = bases.copy_digest
         return sorted(edited)
-
-    def _journalled_files(self) -> set[str] | None:
-        """The data files the journal's changes not yet cut touch (None: it does not read;
-        `replay` reports why)."""
-        try:
-            read = read_journal(self.journal.path)
-            scan = scan_journal(read[0], JOURNAL_NAME, None) if read is not None else None
-        except JournalError:
-            return None
-        return set().union(*(c.files() for c in scan.changes)) if scan is not None else set()
 
     def _set_back(self, file: str, raw: bytes | None, *, edited: bool) -> bool:
         try:
@@ -380,14 +366,14 @@ class Store:
             self.journal.scrub_through = live[-1][0] if live else 0
             self.checkpointer.force_cut = True
             self.checkpointer.wake.set()
-        self._sealed = sealed  # journalled and written once the store starts
         self.checkpointer.seed()
         if touched:
             log.warning("journal_replayed", changes=len(recovered.changes), files=sorted(touched))
             # From the first replayed record on: a cut must keep every one of them until
             # their files are written (a round that fails to write one cuts nothing of it).
             self.checkpointer.note(touched, self.journal.offsets[0][0])
-            self.checkpointer.note(touched, self.journal.lsn)
+        if touched | sealed:
+            self.checkpointer.note(touched | sealed, self.journal.lsn)
         log.info(
             "loaded",
             connections=len(self.connections),
@@ -408,13 +394,6 @@ class Store:
         # The writer first: a file edited while the daemon was down is taken in through it
         # before the round writes (nothing else comes to the door yet).
         self._writer = loop.create_task(self._write_loop(), name="ctsd-writer")
-        sealed, self._sealed = self._sealed, set()
-        if sealed and (change := self.checkpointer.memory_change(sorted(sealed))) is not None:
-            # The secrets sealed at start, journalled as every change a round writes is: a
-            # start after a kill between this write's two renames (copy, then file) must not
-            # take the file's plain version for a hand edit (`Bases.judge`). Only now: a
-            # start refused before this leaves no record behind, the files as they were.
-            self.checkpointer.note(sealed, await self.append(change))
         if self.checkpointer.dirty:
             await self.checkpointer.round()
         self._checkpoints = loop.create_task(self.checkpointer.run(), name="ctsd-checkpoint")
