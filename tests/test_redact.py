@@ -464,3 +464,10 @@ def test_mask_if_needed_masks_what_mask_masks(data: dict[str, Any]) -> None:
     shown = mask_if_needed(data)
     assert msgspec.json.encode(shown) == msgspec.json.encode(mask(data))
     assert CANARY not in json.dumps(shown)
+
+
+def test_mask_if_needed_looks_into_any_mapping_at_the_top() -> None:
+    from collections import OrderedDict
+
+    data = OrderedDict(name="x", api_secret=CANARY)
+    assert CANARY not in json.dumps(mask_if_needed(data))

@@ -1514,6 +1514,27 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
         assert told["connections"] == ["c1"] and CONNECTIONS in told["why"]
 
 
+async def test_is_active_put_back_is_logged_for_a_state_file_invalid_since_the_start(
+    data_dir: Path,
+) -> None:
+    """With no version of the file read since the start, whatever it holds is the edit."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")  # not active
+    rows = disk(data_dir, STATE)
+    (data_dir / STATE).write_text("[ this is not json")
+    async with opened(data_dir) as store:
+        assert STATE in store.problems
+        rows[0].update(is_active=True, status="active", volume_factor_preset=4.0)
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
+        assert (store.state["c1"].is_active, store.state["c1"].volume_factor_preset) == (
+            False,
+            4.0,
+        )
+        assert [e for e in logs if e["event"] == "state_is_active_not_kept"]
+
+
 async def test_a_state_edit_of_another_field_logs_no_is_active_put_back(data_dir: Path) -> None:
     """Memory ahead of the file (an activation not written yet) is no edit of is_active."""
     async with opened(data_dir) as store:

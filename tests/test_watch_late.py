@@ -252,6 +252,30 @@ async def test_a_late_write_the_cluster_cannot_take_is_kept_aside_at_the_limit(
 
 
 @pytest.mark.anyio
+async def test_a_late_write_closed_after_the_limit_is_tried_again_not_kept_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is for a writer that still holds the file: one closed since, refused once
+    (a cluster briefly out of reach), is tried again and taken in."""
+    async with _store(tmp_path) as (s, _notices):
+        fh, before = await _displace(s)
+        fh.write(_edit(before, "c2", name="Late"))
+        fh.close()
+        real = s.submit_take_in
+
+        async def once_unavailable(op: Any, file: str) -> Any:
+            monkeypatch.setattr(s, "submit_take_in", real)
+            raise CtsdError("unavailable", "the cluster is out of reach")
+
+        monkeypatch.setattr(s, "submit_take_in", once_unavailable)
+        monkeypatch.setattr(intake, "LATE_HELD_MAX_S", 0.0)
+        monkeypatch.setattr(intake, "LATE_RETRY_S", 0.0)
+        for _ in range(3):
+            await s.take_in_late(max_age=2.0)
+        assert s.connections["c2"].name == "Late" and not _late_copies(s)
+
+
+@pytest.mark.anyio
 async def test_a_file_still_held_open_when_the_daemon_stops_is_kept_aside(tmp_path: Path) -> None:
     """Stopping, the daemon cannot wait for a writer that holds a displaced file open: the
     file is kept beside its data file (`.late-`), where what the writer writes after lands."""

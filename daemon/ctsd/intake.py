@@ -656,11 +656,12 @@ class Intake:
                 with contextlib.suppress(Exception):
                     self._keep_late(d, file, "error", None, repr(e))
                 done, seen, read_at = True, KEPT_ASIDE, d.stamp
-            if not done and (self._late_closed or now - x.first >= LATE_HELD_MAX_S):
-                # Refused while the daemon was closing, or still after the limit: kept aside.
+            held_too_long = now - x.first >= LATE_HELD_MAX_S and written_elsewhere(d.fd)
+            if not done and (self._late_closed or held_too_long):
+                # Refused while the daemon was closing, or still held open after the limit.
                 with contextlib.suppress(Exception):
                     why = "the daemon stopped first" if self._late_closed else "held too long"
-                    self._keep_late(d, file, "unavailable", None, why)
+                    self._keep_late(d, file, "not taken in", None, why)
                 done, seen = True, KEPT_ASIDE
             if not done:
                 self._late_retry_at[id(d)] = now + LATE_RETRY_S
@@ -837,14 +838,18 @@ def _warn_mirrored(hand: list[Any], base: Any, state: dict[str, Any]) -> None:
     """A state edited by hand keeps every field but `is_active`, which is mirrored from
     connections.json: one the edit changed (from `base`, what the file held) that is not
     kept is logged, with where to make it."""
-    was = base if isinstance(base, dict) else {}
+    was = base if isinstance(base, dict) else {}  # (none: a file unread since the start)
+
+    def edited(s: Any) -> bool:
+        before = was.get(s.connection_id)
+        return before is None or before.is_active != s.is_active
+
     moved = [
         s.connection_id
         for s in hand
-        if (before := was.get(s.connection_id)) is not None
-        and before.is_active != s.is_active
-        and (now := state.get(s.connection_id)) is not None
+        if (now := state.get(s.connection_id)) is not None
         and now.is_active != s.is_active
+        and edited(s)
     ]
     if moved:
         log.warning(

@@ -149,7 +149,7 @@ def _plain(node: Any, depth: int) -> bool:
     """No secret's name, no `connection_settings`, no string that may hold a URL, nothing but
     JSON's own types, at most 32 deep (deeper: not looked at, masked)."""
     values = node
-    if type(node) is dict:
+    if isinstance(node, dict):  # (one nested deeper is a dict exactly, or masked below)
         for key in node:
             if key == SETTINGS_STRING_KEY or is_secret_key(key):
                 return False
