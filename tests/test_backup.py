@@ -465,6 +465,47 @@ def manifest_edit(**changes: object) -> Callable[[Path], bytes]:
     return edited(with_manifest(lambda m: msgspec.structs.replace(m, **changes)))
 
 
+def sparse(pax: dict[str, str]) -> Callable:
+    def edit(c: dict[str, bytes], m: backup.Manifest) -> list:
+        members = standard(c, m)
+        members[1][0].pax_headers = pax
+        return members
+
+    return edit
+
+
+def sparse_10(entries: int) -> Callable:
+    def edit(c: dict[str, bytes], m: backup.Manifest) -> list:
+        body = (f"{entries}\n" + "0\n" * (2 * entries)).encode()
+        body += bytes(-len(body) % tarfile.BLOCKSIZE)
+        info, _ = reg("data/settings.json", body)
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+        return [standard(c, m)[0], (info, body)]
+
+    return edit
+
+
+def long_pax_number(c: dict[str, bytes], m: backup.Manifest) -> list:
+    """A pax record whose length field has more digits than int() converts."""
+    record = b"9" * 4301 + b" path=x\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    pad = bytes(-len(record) % tarfile.BLOCKSIZE)
+    raw = header.tobuf(format=tarfile.USTAR_FORMAT) + record + pad
+    return [(_Raw(raw), None)]
+
+
+class _Raw(tarfile.TarInfo):
+    """Bytes written as they are, in place of a member (a header tarfile would not make)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__("raw")
+        self.raw = raw
+
+    def tobuf(self, *_args: object, **_kw: object) -> bytes:
+        return self.raw
+
+
 SYMLINK = special("data/watchlists.json", tarfile.SYMTYPE, "/etc/passwd")
 HARDLINK = special("data/ui-config.json", tarfile.LNKTYPE, "data/settings.json")
 
@@ -509,6 +550,16 @@ HOSTILE: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "pax header bomb": (lambda d: pax_bomb(100 << 20), "an extended tar header of"),
     # one of tiny records, kept and copied into every member after it: a GB, seconds each
     "global pax header": (lambda d: global_pax(), "a global pax header"),
+    # numbers tarfile cannot read (ValueError, once a traceback)
+    "bad sparse map": (edited(sparse({"GNU.sparse.map": "x,y"})), "a sparse file"),
+    "bad sparse size": (edited(sparse({"GNU.sparse.size": "zz"})), "a sparse file"),
+    # a sparse map of any length, read whole as the header is: 8 KB took 436 MB
+    "sparse 1.0 map": (edited(sparse_10(200_000)), "a sparse file"),
+    "deep manifest": (
+        edited(lambda c, m: [reg("manifest.json", b"[" * 200_000 + b"]" * 200_000)]),
+        "manifest.json: nested too deeply",
+    ),
+    "pax number too long": (edited(long_pax_number), "not a ctsd backup"),
 }
 
 

@@ -30,7 +30,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import msgspec
 
@@ -240,6 +240,7 @@ _READ_ERRORS = (
     lzma.LZMAError,
     MemoryError,
     RecursionError,  # (a chain of hundreds of pax headers)
+    ValueError,  # (a pax number that is none, or of more digits than int() takes)
 )
 
 
@@ -302,6 +303,19 @@ class _Headers(tarfile.TarInfo):
                 f"an extended tar header of {self.size:,} bytes (over {MAX_EXTENDED_HEADER:,})"
             )
         return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+
+    # A sparse member in pax form: tarfile reads its map, of any length, into memory as the
+    # header is read (a few KB of archive cost hundreds of MB), and takes its "real size" for
+    # the member's. No backup holds one: refused before any of it is read.
+    def _proc_gnusparse_00(self, *_args: Any) -> None:
+        raise ArchiveError("a sparse file: not a ctsd backup")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], *args: Any) -> None:
+        if any(key.startswith("GNU.sparse.") for key in pax_headers):
+            raise ArchiveError("a sparse file: not a ctsd backup")
+        super()._apply_pax_info(pax_headers, *args)  # type: ignore[misc]
 
 
 def _open_tar(path: Path) -> tuple[tarfile.TarFile, _CappedReads]:
@@ -420,6 +434,8 @@ def _decode_manifest(raw: bytes) -> Manifest:
         head = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise ArchiveError(f"{MANIFEST}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArchiveError(f"{MANIFEST}: nested too deeply") from None
     if isinstance(head, dict) and isinstance(head.get("format"), int) and head["format"] > FORMAT:
         raise ArchiveError(
             f"{MANIFEST}: archive format {head['format']}, made by a newer ctsd; this one reads "
