@@ -331,3 +331,28 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def stream_leader(cluster: NatsCluster, stream: str, timeout: float = 60.0) -> int:
+    """The index of the node that leads `stream` now. Asked again while the servers do not
+    answer in time (busy with a storm of writes on loaded cores, or electing a leader)."""
+    import nats  # (the servers' own client: only the cluster tests need it)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    nc = await nats.connect(cluster.urls)
+    try:
+        while True:
+            try:
+                info = await nc.jetstream(timeout=5).stream_info(stream)
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if loop.time() > deadline:
+                    raise
+                continue
+            if info.cluster is not None and info.cluster.leader:
+                return [n.name for n in cluster.nodes].index(info.cluster.leader)
+            if loop.time() > deadline:
+                raise AssertionError(f"stream {stream} has no leader after {timeout:g} s")
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()

@@ -29,6 +29,7 @@ from tests.nats_cluster import (  # the `nats` fixture
     nats_module_cluster,  # noqa: F401
     nats_servers,
     require_nats_server,
+    stream_leader,
 )
 
 pytestmark = pytest.mark.anyio
@@ -1491,15 +1492,6 @@ class Storm:
             assert values == sorted(set(values)), (cid, values)  # none applied twice
         for d in h.daemons:
             assert read(d, "watchlists.json") == {"storm": self.hand_acked}, d.data_dir
-
-
-async def stream_leader(nats: NatsCluster, stream: str) -> int:
-    nc = await nats_client.connect(nats.urls)
-    try:
-        leader = (await nc.jetstream().stream_info(stream)).cluster.leader
-    finally:
-        await nc.close()
-    return [n.name for n in nats.nodes].index(leader)
 
 
 async def test_a_nats_node_killed_during_a_storm_loses_nothing(

@@ -37,7 +37,7 @@ from ctsd.cluster.errors import (
 from ctsd.cluster.messages import H_CLUSTER, H_HOST, H_MSG_ID, H_SCHEMA, SCHEMA_VERSION, Change
 from ctsd.cluster.snapshots import SnapshotInvalid, Snapshots
 from tests.daemon import wait_until_async
-from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server
+from tests.nats_cluster import NatsCluster, nats_servers, require_nats_server, stream_leader
 
 pytestmark = pytest.mark.anyio
 
@@ -937,10 +937,7 @@ async def test_the_stream_leader_killed_writes_go_on(own_cluster: NatsCluster) -
     async with running(s) as (a, rec):
         await a.catch_up(timeout=10)
         await commit(a, b"before")
-        nc = await nats.connect(own_cluster.urls)
-        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
-        await nc.close()
-        index = [n.name for n in own_cluster.nodes].index(leader)
+        index = await stream_leader(own_cluster, s.stream)
         own_cluster.kill(index)
         await commit_through_faults(a, b"leader down")  # a new leader is elected meanwhile
         await asyncio.to_thread(own_cluster.start_node, index)  # the engines run meanwhile
@@ -1072,10 +1069,7 @@ async def test_three_hosts_writing_at_once_converge_through_a_leader_kill(
             await e.catch_up(timeout=10)
         storm = [asyncio.create_task(writer(i, w, 15)) for i in range(3) for w in range(4)]
         await wait_until_async(lambda: len(acked) >= 40, timeout=30, what="40 acks")
-        nc = await nats.connect(own_cluster.urls)
-        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
-        await nc.close()
-        index = [n.name for n in own_cluster.nodes].index(leader)
+        index = await stream_leader(own_cluster, s.stream)
         own_cluster.kill(index)
         await wait_until_async(lambda: len(acked) >= 100, timeout=60, what="100 acks")
         own_cluster.start_node(index, wait=False)
@@ -1105,10 +1099,7 @@ async def test_a_leader_left_alone_is_not_taken_for_a_quorum(own_cluster: NatsCl
     async with running(s) as (a, _rec):
         await a.catch_up(timeout=10)
         await commit(a, b"before")
-        nc = await nats.connect(own_cluster.urls)
-        leader = (await nc.jetstream().stream_info(s.stream)).cluster.leader
-        await nc.close()
-        index = [n.name for n in own_cluster.nodes].index(leader)
+        index = await stream_leader(own_cluster, s.stream)
     alone = msgspec.structs.replace(s, nats_urls=(own_cluster.urls[index],))
     async with running(alone) as (a, _rec):
         await a.catch_up(timeout=10)
