@@ -341,6 +341,14 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
         ("x" + "1" * 40 + "://u:pw@h", "x" + "1" * 40 + f"://u:{MASK}@h"),
         # On the safe side: a path holding an @ after a port is masked too.
         ("http://localhost:5173/@vite/client", f"http://localhost:{MASK}@vite/client"),
+        # A password with a space: masked on to the last @ of its line before another URL.
+        ("'nats://u:pa ss@h:4222' is bad", f"'nats://u:{MASK}@h:4222' is bad"),
+        ("nats://u:a b@c d@h x", f"nats://u:{MASK}@h x"),
+        ("nats://u:pa ss, nats://v:w@h", f"nats://u:pa ss, nats://v:{MASK}@h"),
+        ("nats://u:pa ss\nmail x@y", "nats://u:pa ss\nmail x@y"),
+        # A port, with or without a path, before a later @: no password.
+        ("nats://h:4222 down, ask ops@desk", "nats://h:4222 down, ask ops@desk"),
+        ("GET http://h:5173/x?y for bob@desk", "GET http://h:5173/x?y for bob@desk"),
         # No password: as written.
         ("http://only-user@host/x", "http://only-user@host/x"),
         ("mail me at a@b.c, see https://x.example/", "mail me at a@b.c, see https://x.example/"),
@@ -358,6 +366,8 @@ def test_url_passwords_are_masked_on_the_safe_side(text: str, shown: str) -> Non
         "/" + "a" * 400_000 + "@://",
         ("://" + "x" * 100) * 3_000 + "@",
         "h://" + "a" * 300_000 + "://@",
+        "h://u:x " * 50_000 + "@",
+        "h://u:x @ " * 40_000,
     ],
 )
 def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:

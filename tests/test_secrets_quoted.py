@@ -26,27 +26,31 @@ pytestmark = pytest.mark.anyio
 
 CANARY = "CANARY-QUOTED-5f3a9c"
 URL = f"https://desk:{CANARY}@gw.example"
+# A password with a space is no valid URL, but one typed so is quoted as typed all the same.
+URLS = pytest.mark.parametrize("url", [URL, f"https://desk:{CANARY} 2@gw.example"])
 
 
-def test_a_message_quoting_a_url_never_carries_its_password() -> None:
+@URLS
+def test_a_message_quoting_a_url_never_carries_its_password(url: str) -> None:
     """Every error type whose message may quote a value as typed: the answers (`CtsdError`),
     a bad row of a migration, a start refused for a setting or an environment variable."""
     for text in (
-        CtsdError("invalid", f"server.host {URL!r} is not an IP address").message,
-        str(CtsdError("invalid", f"algorithmName {URL!r} names no file")),
-        BadRow("settings", "row 1 (key 'server')", f"server.host {URL!r} is bad").format(),
-        str(StartError(f"start failed: CTSD_HOST {URL!r} is not an IP address")),
+        CtsdError("invalid", f"server.host {url!r} is not an IP address").message,
+        str(CtsdError("invalid", f"algorithmName {url!r} names no file")),
+        BadRow("settings", "row 1 (key 'server')", f"server.host {url!r} is bad").format(),
+        str(StartError(f"start failed: CTSD_HOST {url!r} is not an IP address")),
     ):
         assert CANARY not in text and "https://desk:********@gw.example" in text, text
 
 
+@URLS
 async def test_a_file_invalid_for_a_value_it_quotes_never_shows_its_password(
-    data_dir: Path,
+    data_dir: Path, url: str
 ) -> None:
     """An invalid hand edit is reported with the value that makes it so: in /health, `ctsd
     verify`, the answers that refuse a write for it, all from the problem's text."""
     ensure_dir(data_dir)
-    (data_dir / "settings.json").write_text(json.dumps({"server": {"host": URL}}, indent=1) + "\n")
+    (data_dir / "settings.json").write_text(json.dumps({"server": {"host": url}}, indent=1) + "\n")
     store = Store(data_dir)
     store.open()
     try:

@@ -9,6 +9,7 @@ import re
 MASK = "********"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 _TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
+_PORT = re.compile(r"\d*(?:[/?#]|$)")  # what follows `host:` (tried up to a token's end)
 
 
 def mask_url_passwords(text: str) -> str:
@@ -18,25 +19,46 @@ def mask_url_passwords(text: str) -> str:
     Within a token (text up to a space), what runs from the first `:` after a URL's `://` to
     the token's last `@` is masked: operators type passwords unescaped (`p@ss`, `a/b`,
     `a"b`, even `a://b`), and user names with an `@` (an email login) or a `/` (a domain).
-    Always on the safe side: a port followed by a path holding an `@`
-    (`http://host:5173/@vite/x`) is masked as if it were a password. One pass over the
-    text: this runs on every string of every log line and answer, and a pattern that
-    backtracks would let a long crafted string hold the event loop."""
+    A token with no `@` after that `:`, and no port there, is a password with a space in
+    it: masked on to the last `@` on its line before the next `://`. Always on the safe
+    side: a port followed by a path holding an `@` (`http://host:5173/@vite/x`) is masked
+    as if it were a password. One pass over the text: this runs on every string of every
+    log line and answer, and a pattern that backtracks would let a long crafted string
+    hold the event loop."""
     if "@" not in text or "://" not in text:
         return text  # the common case
     out: list[str] = []
     done = 0
+    ahead: dict[str, int] = {}  # the next of each needle found so far: each scan resumes
+
+    def next_at(needle: str, pos: int) -> int:
+        found = ahead.get(needle)
+        if found is None or -1 < found < pos:
+            found = ahead[needle] = text.find(needle, pos)
+        return len(text) if found == -1 else found
+
     for token in _TOKEN.finditer(text):
-        start, end = token.span()
+        start, end = max(token.start(), done), token.end()
+        if start >= end:
+            continue  # (within a password with a space, masked already)
         at = text.rfind("@", start, end)
-        i = text.find("://", start, at) if at != -1 else -1
+        stop = end if at == -1 else at
+        i = text.find("://", start, stop)
         while i != -1 and not _has_scheme(text, start, i):
-            i = text.find("://", i + 3, at)
-        colon = text.find(":", i + 3, at) if i != -1 else -1
-        if colon != -1:
-            out.append(text[done : colon + 1])
-            out.append(MASK)
-            done = at
+            i = text.find("://", i + 3, stop)
+        colon = text.find(":", i + 3, stop) if i != -1 else -1
+        if colon == -1:
+            continue
+        if at == -1:  # a password with a space, unless a port follows the `:`
+            if _PORT.match(text, colon + 1, end):
+                continue
+            limit = min(next_at("\n", end), next_at("://", end))
+            if next_at("@", end) >= limit:
+                continue
+            at = text.rfind("@", end, limit)
+        out.append(text[done : colon + 1])
+        out.append(MASK)
+        done = at
     out.append(text[done:])
     return "".join(out)
 
