@@ -18,9 +18,10 @@ from ctsd.journal import NAME as JOURNAL
 from ctsd.migrate import BadRow
 from ctsd.rekey import rekey_offline
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
+from ctsd.secretfields import CONNECTION_DOC, open_content
 from ctsd.store import Store
 from tests.daemon import wait_until_async
-from tests.inprocess import open_app, sync_log
+from tests.inprocess import killed_after, open_app, sync_log
 
 pytestmark = pytest.mark.anyio
 
@@ -130,6 +131,36 @@ async def test_an_offline_rekey_leaves_no_old_secret_in_the_journal_after_the_st
         )
     finally:
         await store.close()
+
+
+async def test_a_key_set_while_connection_json_is_invalid_leaves_no_plain_secret_in_the_journal(
+    data_dir: Path,
+) -> None:
+    """A change to `connection.json` journalled in plain text, and the file made invalid by
+    hand before it reached it: the start with a key cannot write it, so the journal carries
+    the change on; the rewrite that scrubs the journal must carry it sealed."""
+    ensure_dir(data_dir)
+    doc = {"projectX": {"username": "me", "apiKey": CANARY}}
+    await killed_after(data_dir, ops.set_document("connection", doc))
+    journal = data_dir / JOURNAL
+    assert CANARY.encode() in journal.read_bytes()
+    broken = b'{"projectX": {"apiKey": "typed by hand",\n'
+    (data_dir / "connection.json").write_bytes(broken)
+    box = SecretBox(parse_key(new_key_text(), "k"))
+    store = Store(data_dir, box)
+    store.open()
+    await store.start()
+    try:
+        assert "connection.json" in store.problems
+        await wait_until_async(lambda: store.journal.scrub_through is None, what="a scrub")
+        assert CANARY.encode() not in journal.read_bytes()
+        kept = store.committed.documents["connection"]
+        assert kept["projectX"]["apiKey"] != CANARY
+        assert open_content(box, CONNECTION_DOC, kept)[0]["projectX"]["apiKey"] == CANARY
+    finally:
+        await store.close()
+    assert (data_dir / "connection.json").read_bytes() == broken  # as the operator left it
+    assert CANARY.encode() not in journal.read_bytes()
 
 
 def test_the_http_clients_debug_lines_stay_off_at_debug_level() -> None:

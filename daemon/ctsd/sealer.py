@@ -193,7 +193,9 @@ def secure_loaded(box: SecretBox, committed: Any, invalid: set[str]) -> set[str]
     if count:
         touched.add(CONNECTIONS)
         log.warning("secrets_encrypted", file=CONNECTIONS, values=count)
-    if doc is not None and CONNECTION_DOC not in invalid:
+    # Sealed in memory even when the file is invalid on disk (what the journal gave it):
+    # the journal carries it on until the file is fixed, and must not carry it in plain text.
+    if doc is not None:
         sealed_doc, n = seal_content(box, CONNECTION_DOC, doc)
         if n:
             committed.documents[CONNECTION_DOC_NAME] = sealed_doc
