@@ -1569,6 +1569,31 @@ async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> No
         assert store.revision == 5
 
 
+@pytest.mark.parametrize("huge", [2**53, 10**400])
+async def test_a_sync_log_id_past_what_clients_can_hold_is_invalid_at_start(
+    data_dir: Path, huge: int
+) -> None:
+    """Ids are revisions every client must hold exactly (a dashboard's JavaScript number): a
+    file written by hand while the daemon was stopped with one past 2**53 - 1 is invalid,
+    left as written, and the daemon goes on writing (revisions too long for If-Match, the
+    metrics' floats and the journal's encoder broke every write)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+    log = disk(data_dir, SYNC_LOG)
+    edited = json.dumps([*log, {**log[-1], "id": huge}]).encode()
+    (data_dir / SYNC_LOG).write_bytes(edited)
+    async with opened(data_dir) as store:
+        problem = store.problems[SYNC_LOG].format()
+        assert "$[1].id" in problem and "9007199254740991" in problem, problem
+        with pytest.raises(CtsdError, match=r"sync-log\.json is invalid on disk"):
+            await store.submit(ops.create(conn(2)), "bus")
+        assert (data_dir / SYNC_LOG).read_bytes() == edited
+        (data_dir / SYNC_LOG).write_bytes(json.dumps(log).encode())  # fixed
+        assert await store.ingest(SYNC_LOG)
+        await store.submit(ops.create(conn(2)), "bus")
+        assert [e.id for e in store.log] == [1, 2, 3]  # (2: the fix taken in)
+
+
 async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
     # An unused algorithm is removed (and logged); one that instances.json names comes back.
     algos = data_dir / "algorithms"

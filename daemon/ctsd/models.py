@@ -101,10 +101,15 @@ Action = Literal[
 Source = Literal["bus", "http", "cli", "file", "sweep", "probe"]
 
 
+# The largest revision: every client must hold one exactly, a dashboard's JavaScript number
+# too (a sync log written by hand with a larger id is invalid, not a revision to go on from).
+MAX_REVISION = 2**53 - 1
+
+
 class SyncEvent(Record, kw_only=True):
     """One sync-log entry; `id` is the revision (seed 000, `connection-sync-log.json`)."""
 
-    id: Annotated[int, msgspec.Meta(ge=1)]
+    id: Annotated[int, msgspec.Meta(ge=1, le=MAX_REVISION)]
     connection_id: str | None
     action: Action
     data: dict[str, Any]
