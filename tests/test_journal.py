@@ -252,6 +252,10 @@ def test_a_sync_log_shortened_by_hand_is_no_journal_of_other_files(tmp_path: Pat
     assert "revision 50" in refused(c, 0)
     write_journal(d, changes(2), base=50)
     assert "revision 50" in refused(d, 0)
+    # ... unless the files' log is there and empty (emptied by hand: it tells no revision)
+    j = Journal(d)
+    assert enc(j.open(0, log_emptied=True).changes) == enc(changes(2))
+    j.close()
 
 
 def test_a_journal_whose_events_the_files_hold_otherwise_is_refused_untouched(
@@ -661,6 +665,22 @@ def test_verify_reports_no_torn_tail_for_the_room(tmp_path: Path) -> None:
     j.close()
     note, problem = journal_note(tmp_path, {})
     assert problem is None and note is not None and "torn" not in note, note
+
+
+def test_verify_judges_a_journal_past_the_files_as_a_start_does(tmp_path: Path) -> None:
+    """Changes from revision 50 on: another dir's, by a sync log at 3 or a missing one (the
+    files removed), but replayed after one emptied by hand."""
+    from ctsd.verify import journal_note
+
+    write_journal(tmp_path, changes(2), base=50)
+    for contents in (
+        {},
+        {files.SYNC_LOG: json.dumps([{"id": 3, "created_at": "x", "action": "create"}]).encode()},
+    ):
+        _note, problem = journal_note(tmp_path, contents)
+        assert problem is not None and "belongs to other files" in problem.message, contents
+    note, problem = journal_note(tmp_path, {files.SYNC_LOG: b"[]"})
+    assert problem is None and note is not None and "2 change group(s)" in note, note
 
 
 # --- the power cut, end to end ------------------------------------------------------------------

@@ -1594,6 +1594,30 @@ async def test_a_sync_log_id_past_what_clients_can_hold_is_invalid_at_start(
         assert [e.id for e in store.log] == [1, 2, 3]  # (2: the fix taken in)
 
 
+async def test_sync_log_emptied_after_a_kill_replays_the_journal_and_keeps_the_revision(
+    data_dir: Path,
+) -> None:
+    """Emptied while the daemon was down after a kill -9 that left an acknowledged change in
+    the journal alone: the change is replayed and the revision goes on (the start was refused
+    as for another data dir's journal, and moving it aside lost the change and gave its ids
+    out again). A sync log that is missing (the files removed) is no such edit: refused."""
+    async with opened(data_dir) as store:
+        for i in range(2):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    await killed_after(data_dir, ops.create(conn(2)))
+    (data_dir / SYNC_LOG).write_bytes(b"[]\n")
+    async with opened(data_dir) as store:
+        assert sorted(store.connections) == ["c0", "c1", "c2"] and store.revision == 3
+        await store.submit(ops.create(conn(3)), "bus", sync="files")
+        assert [(e.id, e.connection_id) for e in store.log] == [(3, "c2"), (4, "c3")]
+    await killed_after(data_dir, ops.create(conn(4)))
+    (data_dir / SYNC_LOG).unlink()
+    store = Store(data_dir)
+    with pytest.raises(CtsdError, match="belongs to other files"):
+        store.open()
+    store.journal.close()
+
+
 async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:
     # An unused algorithm is removed (and logged); one that instances.json names comes back.
     algos = data_dir / "algorithms"

@@ -242,11 +242,14 @@ def scan_journal(
     where: str,
     files_revision: int | None,
     files_log: Mapping[int, EventMark] | None = None,
+    *,
+    log_emptied: bool = False,
 ) -> Scan | None:
     """Read a journal's bytes: None for an empty one; raises JournalError (one line) for one
     that cannot be trusted with data files at `files_revision` whose sync log holds
     `files_log` (`event_marks`). `files_revision` None: not known, because the sync log is
-    invalid on disk; the journal is then not judged by the files."""
+    invalid on disk; the journal is then not judged by the files. `log_emptied`: the sync log
+    is there and holds nothing (emptied by hand: it tells no revision either)."""
     frames, good_end, stop = _frames(raw)
     what = f"{where} ({len(raw)} bytes)"
     if stop == "damaged":
@@ -290,12 +293,14 @@ def scan_journal(
             scan.seqs[rec.lsn] = rec.seq
     # A journal of other files (a copied data dir) begins past the files' revision; so does
     # this one when the sync log was shortened by hand: while the daemon was stopped (nothing
-    # to replay: the revision goes on from the journal's), or while it ran, taken in (the
-    # journal holds the edited history) and cut short by a crash before it was written. Not
-    # in cluster mode, whose sync log is the cluster's.
+    # to replay: the revision goes on from the journal's; or emptied, after a crash that left
+    # changes to replay), or while it ran, taken in (the journal holds the edited history)
+    # and cut short by a crash before it was written. Not in cluster mode, whose sync log is
+    # the cluster's.
     edited = next((c.log for c in scan.changes if c.log is not None), None)
     by_hand = not (scan.stream_seq or scan.seqs) and (
         not scan.changes
+        or log_emptied
         # (the files' log as the operator left it: every entry of it one of the edited log's)
         or (edited is not None and (files_log or {}).items() <= event_marks(edited).items())
     )
@@ -303,7 +308,9 @@ def scan_journal(
         raise JournalError(
             f"{where} begins at revision {scan.base_revision} but the data files are "
             f"at revision {files_revision}: it belongs to other files (a copied or restored "
-            "data dir?); move it aside to start from the files as they are"
+            "data dir?), or the sync log's newest entries were removed by hand (put them "
+            f"back, or empty the log: the journal's {len(scan.changes)} change(s) are then "
+            "replayed); else move it aside to start from the files as they are, without them"
         )
     # Events the files' sync log should hold already (a checkpoint that the crash stopped
     # before the journal was cut): a journal of other files holds other events there.
@@ -369,10 +376,16 @@ class Journal:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, files_revision: int | None, files_log: Iterable[SyncEvent] = ()) -> Recovered:
+    def open(
+        self,
+        files_revision: int | None,
+        files_log: Iterable[SyncEvent] = (),
+        *,
+        log_emptied: bool = False,
+    ) -> Recovered:
         """Read what the journal holds (to replay onto the files at `files_revision`, whose
-        sync log holds `files_log`) and keep it open for appends. Raises JournalError when it
-        cannot be trusted."""
+        sync log holds `files_log`; `log_emptied`: see `scan_journal`) and keep it open for
+        appends. Raises JournalError when it cannot be trusted."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -392,15 +405,19 @@ class Journal:
             raise
         self.fd = fd
         try:
-            return self._recover(raw, files_revision, event_marks(files_log))
+            return self._recover(raw, files_revision, event_marks(files_log), log_emptied)
         except JournalError:
             self.close()
             raise
 
     def _recover(
-        self, raw: bytes, files_revision: int | None, files_log: Mapping[int, EventMark]
+        self,
+        raw: bytes,
+        files_revision: int | None,
+        files_log: Mapping[int, EventMark],
+        log_emptied: bool,
     ) -> Recovered:
-        scan = scan_journal(raw, str(self.path), files_revision, files_log)
+        scan = scan_journal(raw, str(self.path), files_revision, files_log, log_emptied=log_emptied)
         if scan is None:
             return self._begin(files_revision)
         self.base_revision = scan.base_revision

@@ -327,8 +327,11 @@ class Store:
             if sync_log and sync_log.content
             else 0
         )
+        # (one created at this start, missing, is no log emptied by hand: the files were
+        # removed, and the journal may be another's)
+        emptied = files_revision == 0 and SYNC_LOG not in self.intake.created
         try:
-            recovered = self.journal.open(files_revision, self.committed.log)
+            recovered = self.journal.open(files_revision, self.committed.log, log_emptied=emptied)
         except JournalError as e:
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:

@@ -97,7 +97,8 @@ def journal_state(
         revision = None  # the sync log is reported on its own: skip the revision checks
         marks = {}
     try:
-        scan = journal.scan_journal(raw, journal.NAME, revision, marks)
+        emptied = revision == 0 and files.SYNC_LOG in contents  # (as the daemon judges it)
+        scan = journal.scan_journal(raw, journal.NAME, revision, marks, log_emptied=emptied)
     except journal.JournalError as e:
         return 0, 0, FileProblem(journal.NAME, NO_POSITION, NO_POSITION, "$", str(e))
     if scan is None:
