@@ -291,18 +291,63 @@ def test_a_sync_log_edited_to_an_id_past_the_revision_is_refused() -> None:
 def test_a_sync_log_edited_by_hand_keeps_the_stream_seqs_the_daemon_gave() -> None:
     """In cluster mode `stream_seq` tells which changes the files hold: one written by hand
     (past the stream, say) made the host skip the stream's next changes as held already.
-    The edit's entries keep the daemon's (none where it gave none); the rest of it goes in."""
-    c = seeded("conn_a", "conn_b")
-    for e, seq in zip(c.log, (5, 6), strict=True):
+    The edit's entries keep the daemon's (none where it gave none)."""
+    c = seeded("conn_a", "conn_b", "conn_c")
+    for e, seq in zip(c.log, (5, 6, 7), strict=True):
         e.data[STREAM_SEQ] = seq
     edited = [
-        msgspec.structs.replace(c.log[0], data={**c.log[0].data, STREAM_SEQ: 10**9}),
-        msgspec.structs.replace(c.log[1], data={"note": "by hand"}),
+        msgspec.structs.replace(c.log[1], data={**c.log[1].data, STREAM_SEQ: 10**9}),
+        msgspec.structs.replace(
+            c.log[2], data={k: v for k, v in c.log[2].data.items() if k != STREAM_SEQ}
+        ),
     ]
     (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, edited, list(c.log)), "file"))
     assert out.error is None
-    assert [e.data.get(STREAM_SEQ) for e in c.log][:2] == [5, 6]
-    assert c.log[1].data == {"note": "by hand", STREAM_SEQ: 6}
+    assert [(e.id, e.data.get(STREAM_SEQ)) for e in c.log][:2] == [(2, 6), (3, 7)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "says", "path"),
+    [
+        (
+            lambda log: [log[0], *log[2:]],
+            "entries between ids 1 and 4 were removed (id 2)",
+            "$[1]",
+        ),
+        (lambda log: log[:3], "the newest entries (after id 3, up to 4) were removed", "$[2]"),
+        (
+            lambda log: [*log[:2], msgspec.structs.replace(log[2], action="delete"), log[3]],
+            "entry id 3 is not the event the daemon logged as 3",
+            "$[2]",
+        ),
+    ],
+)
+def test_a_sync_log_edited_by_hand_may_lose_its_oldest_entries_only(
+    edit: Any, says: str, path: str
+) -> None:
+    """A bot resuming after an entry removed from the middle or the newest end (or changed)
+    would miss it, or misread it, without a word: refused, the file left invalid where."""
+    c = seeded("conn_a", "conn_b", "conn_c", "conn_d")
+    before = list(c.log)
+    (out,), change = run(c, Request(ops.take_in(SYNC_LOG, edit(before), before), "file"))
+    assert out.error is not None and says in out.error.message, out.error
+    assert out.error.path == path
+    assert change.empty and list(c.log) == before
+    for trimmed in (before[2:], []):  # the oldest removed, or all: taken in
+        (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, trimmed, list(c.log)), "file"))
+        assert out.error is None
+        assert c.log[-1].action == "document_update"
+        assert c.log[-1].data["entries"] == len(trimmed)
+
+
+def test_a_sync_log_trimmed_by_hand_counts_the_entries_still_on_their_way_to_the_file() -> None:
+    """`entries` is how many the log holds after the edit: with the events the file had not
+    received yet, which stay."""
+    c = seeded("conn_a", "conn_b", "conn_c", "conn_d")
+    log = list(c.log)
+    (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, log[1:3], log[:3]), "file"))
+    assert out.error is None and [e.id for e in c.log] == [2, 3, 4, 5]
+    assert c.log[-1].data["entries"] == 3
 
 
 # --- If-Match ----------------------------------------------------------------------------------

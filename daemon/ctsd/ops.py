@@ -565,6 +565,43 @@ def _flat(table: Table[Any]) -> Mapping[str, Any]:
     return t
 
 
+def _history_rewritten(
+    hand: list[SyncEvent], was: list[SyncEvent], log: Iterable[SyncEvent]
+) -> tuple[int, str] | None:
+    """Why a sync log edited by hand is more than its oldest entries removed (or all of
+    them), with the index of the entry to point at; None when it is no more. A bot resuming
+    after an entry removed from the middle or the newest end, or changed, would miss or
+    misread a change without a word. Entries older than memory's
+    log (trimmed there, not yet in the file) cannot be judged and are let be."""
+    if not hand:
+        return None
+    mine = {e.id: e for e in log}
+    if was and hand[-1].id < was[-1].id:
+        return len(hand) - 1, (
+            f"the newest entries (after id {hand[-1].id}, up to {was[-1].id}) were removed "
+            "(or the file was saved from an editor that read it before they came): only the "
+            "oldest entries of the sync log may be removed by hand; the newest are the bots' "
+            "history"
+        )
+    ids = {e.id for e in hand}
+    for i, e in enumerate(hand):
+        ours = mine.get(e.id)
+        if ours is not None and ours != e:
+            return i, (
+                f"entry id {e.id} is not the event the daemon logged as {e.id}: sync-log "
+                "entries are history, never changed by hand (only the oldest may be removed)"
+            )
+    gone = [i for i in mine if hand[0].id < i < hand[-1].id and i not in ids]
+    if gone:
+        return next(i for i, e in enumerate(hand) if e.id > gone[0]), (
+            f"entries between ids {hand[0].id} and {hand[-1].id} were removed (id {gone[0]}"
+            f"{f' and {len(gone) - 1} more' if len(gone) > 1 else ''}): only the oldest "
+            "entries of the sync log may be removed by hand; a bot resuming before them "
+            "would miss them without a word"
+        )
+    return None
+
+
 def _daemon_seqs(hand: list[SyncEvent], log: Iterable[SyncEvent]) -> list[SyncEvent]:
     """A sync log edited by hand, each entry with the stream seq the daemon gave it (none
     where it gave none): in cluster mode it tells which changes the files hold, and one set
@@ -628,10 +665,19 @@ def take_in(
                 raise CtsdError(
                     "invalid", problem.message, path=problem.path, extra={"problem": problem}
                 )
-            seen = max(was[-1].id if was else 0, hand[-1].id if hand else 0)
+            kept = _daemon_seqs(hand, tx.base.log)
+            wrong = _history_rewritten(kept, was, tx.base.log)
+            if wrong is not None:
+                at, why = wrong
+                raw_ = raw if raw is not None else files.encode_table(kept)
+                problem = diagnose.at_path(file, raw_, [at], why)
+                raise CtsdError(
+                    "invalid", problem.message, path=problem.path, extra={"problem": problem}
+                )
+            seen = max(was[-1].id if was else 0, kept[-1].id if kept else 0)
             newer = [e for e in tx.base.log if e.id > seen]
-            tx.log_replace = [*_daemon_seqs(hand, tx.base.log), *newer]
-            tx.emit("document_update", None, {"file": file, "entries": len(hand)})
+            tx.log_replace = [*kept, *newer]
+            tx.emit("document_update", None, {"file": file, "entries": len(tx.log_replace)})
             return []
         if file == CONNECTIONS:
             return _take_in_connections(tx, file, base or {}, hand)
