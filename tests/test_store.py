@@ -1550,6 +1550,26 @@ async def test_a_state_edit_of_another_field_logs_no_is_active_put_back(data_dir
         assert not [e for e in logs if e["event"] == "state_is_active_not_kept"]
 
 
+async def test_a_state_record_removed_by_hand_is_written_back(data_dir: Path) -> None:
+    """Every connection has its state record: one removed by hand from the file is put back
+    there (logged), not kept in memory alone, so a restart still has its volumes."""
+    async with opened(data_dir) as store:
+        for i in (1, 2):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+        await store.submit(ops.set_volume("c1", live=9, preset=4), "bus", sync="files")
+        rows = [r for r in disk(data_dir, STATE) if r["connection_id"] != "c1"]
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
+        (back,) = [e for e in logs if e["event"] == "state_record_put_back"]
+        assert back["connections"] == ["c1"]
+        await store.checkpointer.flush()
+        assert by_id(data_dir, STATE)["c1"]["volume_factor_live"] == 9
+    async with opened(data_dir) as store:
+        assert store.state["c1"].volume_factor_live == 9
+        assert store.state["c1"].volume_factor_preset == 4
+
+
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:
     async with opened(data_dir) as store:
         for i in range(3):

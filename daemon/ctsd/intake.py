@@ -486,6 +486,7 @@ class Intake:
             store.taken_in(file)
         if file == STATE:
             _warn_mirrored(hand, base, store.committed.state)
+            _warn_put_back(hand, store.committed.connections)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -857,6 +858,20 @@ def _warn_mirrored(hand: list[Any], base: Any, state: dict[str, Any]) -> None:
             file=STATE,
             connections=moved[:20],
             why=f"is_active is set in {CONNECTIONS} (its `is_active`) and mirrored here",
+        )
+
+
+def _warn_put_back(hand: list[Any], connections: dict[str, Any]) -> None:
+    """A connection's state record removed by hand is put back (every connection has one):
+    logged, with where to remove a connection."""
+    named = {s.connection_id for s in hand}
+    back = [cid for cid in connections if cid not in named]
+    if back:
+        log.warning(
+            "state_record_put_back",
+            file=STATE,
+            connections=back[:20],
+            why=f"every connection has its state record; remove the connection in {CONNECTIONS}",
         )
 
 

@@ -540,6 +540,7 @@ def _take_in_state(
     for cid, conn in tx.connections.items():  # a connection always has its state record
         if cid not in new:
             new[cid] = mirror_state(conn, current.get(cid), tx.now)
+            tx.touched.add(file)  # (the file gets it back, even when memory keeps it as is)
     for cid, st in new.items():
         old = current.get(cid)
         if old is not None and (old is st or old == st):
