@@ -485,8 +485,7 @@ class Intake:
                 _warn_typos(hand)
             store.taken_in(file)
         if file == STATE:
-            _warn_mirrored(hand, base, store.committed.state)
-            _warn_put_back(hand, store.committed.connections)
+            _warn_state_not_kept(hand, base, store.committed)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
         self._restored(file)
@@ -835,10 +834,10 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
     }
 
 
-def _warn_mirrored(hand: list[Any], base: Any, state: dict[str, Any]) -> None:
-    """A state edited by hand keeps every field but `is_active`, which is mirrored from
-    connections.json: one the edit changed (from `base`, what the file held) that is not
-    kept is logged, with where to make it."""
+def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> None:
+    """What a state edited by hand asked for and did not get is logged, with where to make
+    it: `is_active` changed (from `base`, what the file held), which is mirrored from
+    connections.json; a connection's record removed, which every connection has."""
     was = base if isinstance(base, dict) else {}  # (none: a file unread since the start)
 
     def edited(s: Any) -> bool:
@@ -848,31 +847,21 @@ def _warn_mirrored(hand: list[Any], base: Any, state: dict[str, Any]) -> None:
     moved = [
         s.connection_id
         for s in hand
-        if (now := state.get(s.connection_id)) is not None
+        if (now := committed.state.get(s.connection_id)) is not None
         and now.is_active != s.is_active
         and edited(s)
     ]
-    if moved:
-        log.warning(
-            "state_is_active_not_kept",
-            file=STATE,
-            connections=moved[:20],
-            why=f"is_active is set in {CONNECTIONS} (its `is_active`) and mirrored here",
-        )
-
-
-def _warn_put_back(hand: list[Any], connections: dict[str, Any]) -> None:
-    """A connection's state record removed by hand is put back (every connection has one):
-    logged, with where to remove a connection."""
     named = {s.connection_id for s in hand}
-    back = [cid for cid in connections if cid not in named]
-    if back:
-        log.warning(
+    for event, cids, why in (
+        ("state_is_active_not_kept", moved, "its `is_active` there is mirrored here"),
+        (
             "state_record_put_back",
-            file=STATE,
-            connections=back[:20],
-            why=f"every connection has its state record; remove the connection in {CONNECTIONS}",
-        )
+            [c for c in committed.connections if c not in named],
+            "every connection has its state record; remove the connection there",
+        ),
+    ):
+        if cids:
+            log.warning(event, file=STATE, connections=cids[:20], why=f"{CONNECTIONS}: {why}")
 
 
 def _warn_typos(settings: Any) -> None:
