@@ -649,6 +649,19 @@ def test_a_change_that_would_make_a_file_too_large_is_refused_alone(
     ok(run(c, ops.delete("conn_x"))[0])
 
 
+def test_a_connection_added_by_hand_is_logged_as_a_whole_record_as_one_made_by_a_command() -> None:
+    """A create's `values` are the new record, `updated_at` with `created_at` (an update's
+    leaves it out: it is the event's own time)."""
+    c = seeded("conn_a")
+    (made,), _ = run(c, ops.create({"id": "conn_b", "name": "b", "exchange": "okx"}))
+    hand = [*c.connections.values(), Connection(id="conn_c", name="c", exchange="okx")]
+    (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
+    by_command, by_hand = made.events[0].data, out.events[0].data
+    assert by_hand["fields"] == by_command["fields"] and "updated_at" in by_hand["fields"]
+    assert by_hand["values"].keys() == by_command["values"].keys()
+    assert by_hand["values"]["updated_at"] == c.connections["conn_c"].updated_at
+
+
 def test_a_document_written_larger_than_the_read_limit_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -459,7 +459,8 @@ def _take_in_connections(
         new[cid] = stamped
         fields = changed_fields(old, stamped) if old else list(CONNECTION_FIELDS)
         put_connection(tx, stamped, fields if old else None)
-        shown = [f for f in fields if f != "updated_at"] or fields
+        # (an update's `updated_at` is the event's `created_at`; a create shows the record)
+        shown = ([f for f in fields if f != "updated_at"] or fields) if old else fields
         tx.emit(
             "update" if old else "create",
             cid,
