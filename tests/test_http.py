@@ -123,8 +123,11 @@ def test_not_found_and_bad_queries(daemon: Daemon) -> None:
     assert code == 404 and body["error"]["code"] == "not_found"
     code, body = daemon.http("/api/data/nope")
     assert code == 404
-    code, body = daemon.http("/api/sync-log?since=abc")
-    assert code == 400 and body["error"]["code"] == "invalid"
+    # (numbers as a URL writes them: `int` would take an Arabic-Indic 3, "1_0", "+5", " 5")
+    for since in ("abc", "%D9%A3", "1_0", "%2B5", "%205", "9" * 19):
+        code, body = daemon.http(f"/api/sync-log?since={since}")
+        assert code == 400 and body["error"]["code"] == "invalid", (since, body)
+        assert body["error"]["message"] == "?since must be an integer (up to 18 digits)", body
     code, body = daemon.http("/api/sync-log?limit=0")
     assert code == 400
     # ?sync on a write that stores nothing (a heartbeat): `files` holds at once, anything

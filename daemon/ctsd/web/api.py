@@ -9,6 +9,7 @@ from it.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
@@ -571,13 +572,16 @@ def _convert_query(q: Query, text: str) -> Any:
             return False
         raise CtsdError("invalid", f"?{q.name} must be true or false", path=f"$.{q.name}")
     if _base(q.type) is int:  # the command checks the range
-        try:
-            return int(text)
-        except ValueError:
+        # As written in a URL: ASCII digits (`int` takes "٣", "1_0", "+5" and spaces too).
+        if _QUERY_INT.fullmatch(text) is None:
             raise CtsdError(
-                "invalid", f"?{q.name} must be an integer", path=f"$.{q.name}"
-            ) from None
+                "invalid", f"?{q.name} must be an integer (up to 18 digits)", path=f"$.{q.name}"
+            )
+        return int(text)
     return text
+
+
+_QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 def _if_match(request: Request) -> int | None:
