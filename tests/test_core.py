@@ -791,6 +791,13 @@ def test_an_import_error_names_the_place_in_what_was_sent() -> None:
     for key, value in (("revision", {}), ("version", "1"), ("exported_at", 5), ("revision", True)):
         (out,), _ = run(c, ops.import_data({"files": {}, key: value}, "merge"))
         assert out.error is not None and out.error.path == f"$.data.{key}", (key, out.error)
+    # A state record for no connection: where it was sent, not where a merge put it.
+    c = seeded("conn_a", "conn_b")
+    for mode in ("merge", "replace"):
+        sent = {STATE: [{"connection_id": "conn_a"}, {"connection_id": "conn_z"}]}
+        (out,), _ = run(c, ops.import_data({"files": sent}, mode))
+        assert out.error is not None and "'conn_z' names no connection" in out.error.message
+        assert out.error.path == f"$.data.files.{STATE}[1].connection_id", (mode, out.error)
 
 
 @pytest.mark.parametrize("sent_id", [None, ""])

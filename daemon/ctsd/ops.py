@@ -508,7 +508,7 @@ def _hand_placeholders(
     return _convert({**whole, **restored}, Connection, path)
 
 
-def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
+def _orphan(tx: Tx, hand: list[ConnectionState], cid: str, where: str = "$") -> None:
     """A state record the hand edit added for no connection: a dangling reference, so the
     edit is invalid. Dropped, the record (an operator's volumes, say) would
     be gone from the file at the next write: when state is saved before connections.json (`cp
@@ -519,7 +519,7 @@ def _orphan(tx: Tx, hand: list[ConnectionState], cid: str) -> None:
         "invalid",
         f"connection_id {cid!r} names no connection in {CONNECTIONS}"
         + (f"; did you mean {hint!r}?" if hint else ""),
-        path=f"$[{at}].connection_id",
+        path=f"{where}[{at}].connection_id",
     )
 
 
@@ -765,6 +765,8 @@ def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
         seen.add(rid)
         if file == CONNECTIONS:
             _check_settings(r, f"{path}[{i}]", tx.connections.get(rid))
+        elif rid not in tx.connections and CONNECTIONS not in tx.ctx.invalid_files:
+            _orphan(tx, records, rid, path)  # (named where it was sent, not in the merge)
     current = dict(table.items())
     if mode == "merge":
         merged = dict(current)
