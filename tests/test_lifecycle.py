@@ -107,6 +107,38 @@ def test_ready_status_and_health(data_dir: Path, abstract: bool) -> None:
         d.close()
 
 
+def test_status_follows_the_revision_and_the_invalid_files(data_dir: Path) -> None:
+    """`systemctl status` shows STATUS=: brought up to date as changes come and files turn
+    invalid, not only at READY and after a reload."""
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        seen = len(d.notify.poll())
+        write_connections(data_dir, [connection("c1", "v")])  # (a change: taken in)
+        d.notify.wait_for("STATUS=1 connections, revision 1, 0 invalid files", after=seen)
+        (data_dir / "ui-config.json").write_text("{")
+        d.notify.wait_for("STATUS=1 connections, revision 1, 1 invalid files", after=seen)
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+def test_what_the_load_finds_is_in_the_log_file_too(data_dir: Path) -> None:
+    """An invalid file found at start is reported where it is in DATA/logs/ctsd.log as well
+    as on the console (the file was opened only after the load)."""
+    write_connections(data_dir, [connection("c1", "v")])
+    (data_dir / "ui-config.json").write_text('{"a": 1,}')
+    d = Daemon(data_dir)
+    try:
+        d.start()
+        lines = (data_dir / "logs" / "ctsd.log").read_text().splitlines()
+        (found,) = [json.loads(x) for x in lines if '"file_invalid"' in x]
+        assert found["file"] == "ui-config.json" and "ui-config.json:1:" in found["problem"]
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
 def stat_mode(p: Path) -> int:
     return p.stat().st_mode & 0o777
 

@@ -41,7 +41,7 @@ from ctsd.lock import InstanceLock
 from ctsd.notify import Notifier
 from ctsd.probes import Prober
 from ctsd.rekey import RekeyRefused, finish_pending
-from ctsd.safefile import read_data_file
+from ctsd.safefile import read_data_file, subdir_problem
 from ctsd.secretbox import KeyFileError, SecretBox, configured_key
 from ctsd.services import Services
 from ctsd.store import Store
@@ -52,6 +52,7 @@ from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
 SHUTDOWN_GRACE_S = 4.0  # inside the 5 s a stop may take
+STATUS_EVERY_S = 2.0  # how often systemd's STATUS= is brought up to date, when it changed
 # Cluster mode: how long the start waits to apply what the stream holds before READY; past
 # it the daemon serves its files and applies the rest in the background.
 CATCH_UP_S = 60.0  # CTSD_CLUSTER_CATCH_UP_S overrides it
@@ -107,6 +108,13 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     except OSError as e:
         raise StartError(f"cannot lock {lock.path}: {e.strerror}") from None
     try:
+        # Before anything is read: what the load finds (invalid files, edits made while the
+        # daemon was down) is in the log file too, not only on the console.
+        logs_dir = data_dir / "logs"
+        if (problem := subdir_problem(logs_dir)) is not None:
+            raise StartError(f"{logs_dir} {problem}")
+        ensure_dir(logs_dir)
+        logs.add_file(logs_dir)
         livebackup.tidy(data_dir, max_age=0)
         box = _secrets_box(data_dir)
         store = Store(data_dir, box)
@@ -137,7 +145,6 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         cluster = load_cluster_settings(settings_doc)
         copies.later = cluster is None  # (`Bases.later`)
         _catch_up_s()
-        logs.add_file(data_dir / "logs")
         # This host's own address: an edit of settings.json made while a cluster host was down
         # is taken in before the bind (after the catch-up), so it counts already; a broken
         # file counts as its copy.
@@ -334,6 +341,18 @@ def _extend_start(notifier: Notifier, seconds: float) -> None:
     notifier.send(f"EXTEND_TIMEOUT_USEC={int((seconds + CATCH_UP_MARGIN_S) * 1_000_000)}")
 
 
+async def _status(d: Daemon) -> None:
+    """systemd's STATUS= (what `systemctl status` shows) kept current: the revision and the
+    invalid files move on between READY and the next reload."""
+    last = d.status_line()
+    while not d.stopping:
+        await anyio.sleep(STATUS_EVERY_S)
+        line = d.status_line()
+        if line != last and not d.stopping:
+            d.notifier.send(f"STATUS={line}")
+            last = line
+
+
 async def _watchdog(notifier: Notifier, interval: float) -> None:
     # Sent from the event loop itself: a blocked loop stops the pings and systemd notices.
     while True:
@@ -384,6 +403,8 @@ async def _serve(d: Daemon) -> None:
                 invalid_files=sorted(store.problems),
             )
             d.notifier.send("READY=1", f"STATUS={d.status_line()}", f"MAINPID={os.getpid()}")
+            if d.notifier.enabled:
+                tg.start_soon(_status, d, name="ctsd-status")
             reloading: asyncio.Task[None] | None = None
             again = [False]  # a SIGHUP during a reload: one more pass after it
             async for signum in signals:

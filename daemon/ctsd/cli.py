@@ -29,7 +29,11 @@ def main() -> None:
 @main.command()
 @click.option("--data-dir", help="data directory [env CTSD_DATA_DIR, DATA_DIR, DATA_PATH; ./data]")
 @click.option("--host", help="bind address [env CTSD_HOST; settings server.host; 127.0.0.1]")
-@click.option("--port", type=click.IntRange(0, 65535), help="port [env CTSD_PORT; 3587]")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    help="port [env CTSD_PORT; settings server.port; 3587]",
+)
 # The environment is read here, not by click: a bad value there is a start failure (exit 1,
 # one line), where click would print a usage block and exit 2 as for a bad flag.
 @click.option(
