@@ -143,6 +143,7 @@ async def test_failed_auth_never_locks_out_a_right_token(daemon: Daemon) -> None
     # logged in summary: the first failure of the address at once, then a line a minute
     lines = [e for e in daemon.log_events() if e.get("event") == "auth_failed"]
     assert 1 <= len(lines) <= 3 and lines[0]["remote"] == "127.0.0.1"
+    assert (lines[0]["where"], lines[0]["reason"]) == ("http", "invalid token"), lines[0]
     assert "wrong" not in json.dumps(lines)
     # (each refusal on the bus also logged a line of its own: `auth_invalid`, 10 here)
     assert not [e for e in daemon.log_events() if e.get("event") == "auth_invalid"]

@@ -27,7 +27,7 @@ from ctsd.atomic import TEMP_PREFIX
 from ctsd.config import Listen, resolve_data_dir, resolve_listen
 from ctsd.models import Settings
 from tests.bus import bus
-from tests.daemon import Daemon, NotifySocket, free_port, wait_until
+from tests.daemon import Daemon, NotifySocket, free_port, invalid_files, wait_until
 from tests.datadir import CANARY, connection, write_connections
 from tests.inprocess import killed_after
 
@@ -121,6 +121,16 @@ def test_status_follows_the_revision_and_the_invalid_files(data_dir: Path) -> No
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_a_reload_says_where_each_file_still_invalid_is_broken(daemon: Daemon) -> None:
+    (daemon.data_dir / "ui-config.json").write_text('{"a": 1,}')
+    wait_until(lambda: "ui-config.json" in invalid_files(daemon), what="the file reported")
+    seen = len(daemon.notify.poll())
+    daemon.send_signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY=1", after=seen)
+    (done,) = [e for e in daemon.log_events() if e.get("event") == "reloaded"]
+    assert done["invalid_files"]["ui-config.json"].startswith("ui-config.json:1:"), done
 
 
 def test_what_the_load_finds_is_in_the_log_file_too(data_dir: Path) -> None:

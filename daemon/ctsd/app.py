@@ -478,7 +478,9 @@ async def _reload(d: Daemon) -> None:
     except Exception:  # a failed reload must not take the daemon (and the bus) down
         log.exception("reload_failed")
     d.notifier.send("READY=1", f"STATUS={d.status_line()}")
-    log.info("reloaded", revision=store.revision, invalid_files=sorted(store.problems))
+    # (each with where it is broken: a file still invalid logged no new file_invalid line)
+    problems = {f: p.format() for f, p in sorted(store.problems.items())}
+    log.info("reloaded", revision=store.revision, invalid_files=problems)
 
 
 def _loop_options() -> dict[str, Any]:

@@ -201,8 +201,9 @@ class Guard:
                 return
             raise CtsdError("unauthorized", "Authorization: Bearer TOKEN required")
         addr = client[0] if client else "?"
-        self.auth_log.note(addr, remote=addr, where="http")
-        raise CtsdError("unauthorized", "invalid token")
+        why = "invalid token"
+        self.auth_log.note(addr, remote=addr, where="http", reason=why)  # (as the bus's)
+        raise CtsdError("unauthorized", why)
 
 
 def rate_key(client: tuple[str, int] | None) -> object:
