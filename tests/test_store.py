@@ -1512,6 +1512,18 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
         # ... and the admin is told which edit was not kept, and where to make it
         (told,) = [e for e in logs if e["event"] == "state_is_active_not_kept"]
         assert told["connections"] == ["c1"] and CONNECTIONS in told["why"]
+        (told,) = [e for e in logs if e["event"] == "state_status_not_kept"]
+        assert told["connections"] == ["c1"] and "heartbeats" in told["why"]
+        # `status` alone, on a connection that is not live: not kept, said so
+        rows = disk(data_dir, STATE)
+        rows[0].update(status="stale")
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
+        assert store.state["c1"].status == "inactive"
+        assert [e["event"] for e in logs if e["event"].startswith("state_")] == [
+            "state_status_not_kept"
+        ]
 
 
 async def test_is_active_put_back_is_logged_for_a_state_file_invalid_since_the_start(

@@ -836,24 +836,34 @@ def invalid_notice(file: str, problem: FileProblem) -> dict[str, Any]:
 
 def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> None:
     """What a state edited by hand asked for and did not get is logged, with where to make
-    it: `is_active` changed (from `base`, what the file held), which is mirrored from
+    it: `is_active` or `status` changed (from `base`, what the file held), which follow
     connections.json; a connection's record removed, which every connection has."""
     was = base if isinstance(base, dict) else {}  # (none: a file unread since the start)
 
-    def edited(s: Any) -> bool:
-        before = was.get(s.connection_id)
-        return before is None or before.is_active != s.is_active
+    def not_kept(field: str) -> list[str]:
+        return [
+            s.connection_id
+            for s in hand
+            if (now := committed.state.get(s.connection_id)) is not None
+            and getattr(now, field) != getattr(s, field)
+            and (
+                (before := was.get(s.connection_id)) is None
+                or getattr(before, field) != getattr(s, field)
+            )
+        ]
 
-    moved = [
-        s.connection_id
-        for s in hand
-        if (now := committed.state.get(s.connection_id)) is not None
-        and now.is_active != s.is_active
-        and edited(s)
-    ]
     named = {s.connection_id for s in hand}
     for event, cids, why in (
-        ("state_is_active_not_kept", moved, "its `is_active` there is mirrored here"),
+        (
+            "state_is_active_not_kept",
+            not_kept("is_active"),
+            "its `is_active` there is mirrored here",
+        ),
+        (
+            "state_status_not_kept",
+            not_kept("status"),
+            "`status` follows its `is_active` and `is_enabled` there, then the heartbeats",
+        ),
         (
             "state_record_put_back",
             [c for c in committed.connections if c not in named],
