@@ -16,8 +16,14 @@ class Notifier:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
+        self._full = False  # the last send found the receiver's queue full (said once)
         if self.address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: it is sent from the event loop, and a receiver that reads nothing
+            # (its queue is 10 datagrams deep by default, net.unix.max_dgram_qlen) would
+            # otherwise hold the loop, and with it the bus and HTTP, until it read.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @property
     def enabled(self) -> bool:
@@ -28,8 +34,14 @@ class Notifier:
             return
         try:
             self._sock.sendto("\n".join(fields).encode(), self.address)
+        except BlockingIOError:  # dropped: the receiver is not reading (said once a while)
+            if not self._full:
+                log.warning("sd_notify_dropped", fields=[f.split("=")[0] for f in fields])
+            self._full = True
+            return
         except OSError as e:  # systemd gone or socket misconfigured: log, never crash
             log.warning("sd_notify_failed", error=str(e))
+        self._full = False
 
     def watchdog_interval(self) -> float | None:
         """Half of $WATCHDOG_USEC in seconds, when the watchdog is meant for this process."""

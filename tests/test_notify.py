@@ -1,0 +1,40 @@
+"""sd_notify from the event loop: a receiver that reads nothing never holds the daemon."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import structlog
+
+from ctsd.notify import Notifier
+
+
+def test_a_receiver_that_reads_nothing_never_blocks_a_send(tmp_path: Path) -> None:
+    """Its queue fills after a few datagrams (net.unix.max_dgram_qlen, 10 by default): the
+    sends after that are dropped, said once, where a blocking send held the event loop (the
+    bus and HTTP with it) for as long as nobody read."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    notifier = Notifier(str(tmp_path / "notify.sock"))
+    done = threading.Event()
+
+    def send_many() -> None:
+        for i in range(200):
+            notifier.send(f"STATUS=revision {i}")
+        done.set()
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            threading.Thread(target=send_many, daemon=True).start()
+            assert done.wait(10), "a send blocked on a receiver that reads nothing"
+        dropped = [e for e in logs if e["event"] == "sd_notify_dropped"]
+        assert len(dropped) == 1 and dropped[0]["fields"] == ["STATUS"], logs
+        assert receiver.recv(100) == b"STATUS=revision 0"  # (the first ones were delivered)
+        notifier.send("READY=1")  # room again: sent, and a later drop is said again
+        while receiver.recv(100) != b"READY=1":
+            pass
+    finally:
+        notifier.close()
+        receiver.close()
