@@ -10,6 +10,7 @@ MASK = "********"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 _TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
 _PORT = re.compile(r"\d*(?:[/?#]|$)")  # what follows `host:` (tried up to a token's end)
+_NOT_USER = re.compile(r"[/?#\[\]]")  # before a `:` that is no user's: a path, an IPv6 host
 
 
 def mask_url_passwords(text: str) -> str:
@@ -19,8 +20,9 @@ def mask_url_passwords(text: str) -> str:
     Within a token (text up to a space), what runs from the first `:` after a URL's `://` to
     the token's last `@` is masked: operators type passwords unescaped (`p@ss`, `a/b`,
     `a"b`, even `a://b`), and user names with an `@` (an email login) or a `/` (a domain).
-    A token with no `@` after that `:`, and no port there, is a password with a space in
-    it: masked on to the last `@` on its line before the next `://`. Always on the safe
+    A token with no `@` after that `:` (no port after it, no path or IPv6 host before it) is
+    a password with a space in it: masked on to the last `@` on its line before the next
+    `://`. Always on the safe
     side: a port followed by a path holding an `@` (`http://host:5173/@vite/x`) is masked
     as if it were a password. One pass over the text: this runs on every string of every
     log line and answer, and a pattern that backtracks would let a long crafted string
@@ -49,8 +51,8 @@ def mask_url_passwords(text: str) -> str:
         colon = text.find(":", i + 3, stop) if i != -1 else -1
         if colon == -1:
             continue
-        if at == -1:  # a password with a space, unless a port follows the `:`
-            if _PORT.match(text, colon + 1, end):
+        if at == -1:  # a password with a space, unless the `:` is a port's or in a path
+            if _PORT.match(text, colon + 1, end) or _NOT_USER.search(text, i + 3, colon):
                 continue
             limit = min(next_at("\n", end), next_at("://", end))
             if next_at("@", end) >= limit:
