@@ -1577,9 +1577,50 @@ async def test_a_state_record_removed_by_hand_is_written_back(data_dir: Path) ->
         assert back["connections"] == ["c1"]
         await store.checkpointer.flush()
         assert by_id(data_dir, STATE)["c1"]["volume_factor_live"] == 9
+        # A connection whose record the file has not received yet: no removal, not said so
+        store.checkpointer.stop()  # (what follows stays in memory)
+        await store.submit(ops.create(conn(3)), "bus")
+        rows = disk(data_dir, STATE)
+        rows[-1].update(volume_factor_preset=3.0)  # (c2's)
+        (data_dir / STATE).write_bytes(msgspec.json.encode(rows))
+        with structlog.testing.capture_logs() as logs:
+            assert await store.ingest(STATE)
+        assert store.state["c2"].volume_factor_preset == 3.0 and "c3" in store.state
+        assert not [e for e in logs if e["event"] == "state_record_put_back"], logs
     async with opened(data_dir) as store:
         assert store.state["c1"].volume_factor_live == 9
         assert store.state["c1"].volume_factor_preset == 4
+
+
+async def test_a_backup_copied_over_a_running_daemon_keeps_its_history_and_its_writes(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """`cp backup/*.json DATA/`: the backup's older sync log is no trim of the history; it is
+    written back whole (logged), not left invalid (which held every change after it), and
+    the other files are taken in as the edits they are."""
+    backup = tmp_path / "backup"
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        backup.mkdir()
+        for p in data_dir.glob("*.json"):
+            (backup / p.name).write_bytes(p.read_bytes())
+        await store.submit(ops.create(conn(2)), "bus", sync="files")
+        for p in sorted(backup.glob("*.json")):  # (as cp copies them: by name)
+            (data_dir / p.name).write_bytes(p.read_bytes())
+        with structlog.testing.capture_logs() as logs:
+            for file in (STATE, SYNC_LOG, CONNECTIONS):
+                assert await store.ingest(file), file
+        (kept,) = [e for e in logs if e["event"] == "sync_log_edit_not_kept"]
+        assert "after id 1, up to 2" in kept["why"], kept
+        assert SYNC_LOG not in store.problems and sorted(store.connections) == ["c1"]
+        await store.submit(ops.create(conn(3)), "bus", sync="files")
+        log = disk(data_dir, SYNC_LOG)
+        assert [(e["id"], e["action"], e["connection_id"]) for e in log] == [
+            (1, "create", "c1"),
+            (2, "create", "c2"),
+            (3, "delete", "c2"),
+            (4, "create", "c3"),
+        ]
 
 
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:
@@ -1644,10 +1685,12 @@ async def test_sync_log_emptied_after_a_kill_replays_the_journal_and_keeps_the_r
         assert [(e.id, e.connection_id) for e in store.log] == [(3, "c2"), (4, "c3")]
     await killed_after(data_dir, ops.create(conn(4)))
     (data_dir / SYNC_LOG).unlink()
-    store = Store(data_dir)
-    with pytest.raises(CtsdError, match="belongs to other files"):
-        store.open()
-    store.journal.close()
+    for _ in range(2):  # (and again: the refused start left no log of its making behind)
+        store = Store(data_dir)
+        with pytest.raises(CtsdError, match="belongs to other files"):
+            store.open()
+        store.journal.close()
+        assert not (data_dir / SYNC_LOG).exists()
 
 
 async def test_algorithm_file_deleted_by_hand(data_dir: Path) -> None:

@@ -475,9 +475,12 @@ class Intake:
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp, ctime)
         await self._keep_copy(file, raw)
-        if out.result:  # the admin sees what the hand edit won (field names, never values)
+        put_back = file == SYNC_LOG and bool(out.result)  # (history is never rewritten)
+        if put_back:
+            log.warning("sync_log_edit_not_kept", file=file, why=out.result[0])
+        elif out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
-        if out.files:  # ... and every hand edit taken in (never its values)
+        if out.files and not put_back:  # ... and every hand edit taken in (never its values)
             log.info(
                 "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )
@@ -866,7 +869,8 @@ def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> No
         ),
         (
             "state_record_put_back",
-            [c for c in committed.connections if c not in named],
+            # (of those the file held: one it has not received yet is no removal)
+            [c for c in committed.connections if c not in named and c in was],
             "every connection has its state record; remove the connection there",
         ),
     ):

@@ -298,19 +298,26 @@ def scan_journal(
     # and cut short by a crash before it was written. Not in cluster mode, whose sync log is
     # the cluster's.
     edited = next((c.log for c in scan.changes if c.log is not None), None)
-    by_hand = not (scan.stream_seq or scan.seqs) and (
+    one_host = not (scan.stream_seq or scan.seqs)
+    by_hand = one_host and (
         not scan.changes
         or log_emptied
         # (the files' log as the operator left it: every entry of it one of the edited log's)
         or (edited is not None and (files_log or {}).items() <= event_marks(edited).items())
     )
     if files_revision is not None and files_revision < scan.base_revision and not by_hand:
+        # (on one host, this dir's own journal after the log's newest entries were removed
+        # by hand: emptied, the log tells no revision, and the journal is replayed)
+        own = (
+            "; if it is this dir's own and the sync log's newest entries were removed by hand, "
+            f"put them back or empty the log (its {len(scan.changes)} change(s) are then "
+            "replayed)"
+        )
         raise JournalError(
             f"{where} begins at revision {scan.base_revision} but the data files are "
             f"at revision {files_revision}: it belongs to other files (a copied or restored "
-            "data dir?), or the sync log's newest entries were removed by hand (put them "
-            f"back, or empty the log: the journal's {len(scan.changes)} change(s) are then "
-            "replayed); else move it aside to start from the files as they are, without them"
+            f"data dir?){own if one_host else ''}; else move it aside to start from the files "
+            "as they are, without the changes it holds"
         )
     # Events the files' sync log should hold already (a checkpoint that the crash stopped
     # before the journal was cut): a journal of other files holds other events there.

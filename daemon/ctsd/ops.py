@@ -569,37 +569,31 @@ def _flat(table: Table[Any]) -> Mapping[str, Any]:
 
 def _history_rewritten(
     hand: list[SyncEvent], was: list[SyncEvent], log: Iterable[SyncEvent]
-) -> tuple[int, str] | None:
+) -> str | None:
     """Why a sync log edited by hand is more than its oldest entries removed (or all of
-    them), with the index of the entry to point at; None when it is no more. A bot resuming
-    after an entry removed from the middle or the newest end, or changed, would miss or
-    misread a change without a word. Entries older than memory's
-    log (trimmed there, not yet in the file) cannot be judged and are let be."""
+    them); None when it is no more. A bot resuming after an entry removed from the middle or
+    the newest end, or changed, would miss or misread a change without a word. Entries
+    older than memory's log (trimmed there, not yet in the file) cannot be judged."""
     if not hand:
         return None
-    mine = {e.id: e for e in log}
+    only = "only the oldest entries of the sync log may be removed by hand"
     if was and hand[-1].id < was[-1].id:
-        return len(hand) - 1, (
-            f"the newest entries (after id {hand[-1].id}, up to {was[-1].id}) were removed "
-            "(or the file was saved from an editor that read it before they came): only the "
-            "oldest entries of the sync log may be removed by hand; the newest are the bots' "
-            "history"
+        return (
+            f"its newest entries (after id {hand[-1].id}, up to {was[-1].id}) were gone: an "
+            f"older copy saved over it (a backup, an editor's buffer)? {only}"
         )
-    ids = {e.id for e in hand}
-    for i, e in enumerate(hand):
+    mine = {e.id: e for e in log}
+    for e in hand:
         ours = mine.get(e.id)
         if ours is not None and ours != e:
-            return i, (
-                f"entry id {e.id} is not the event the daemon logged as {e.id}: sync-log "
-                "entries are history, never changed by hand (only the oldest may be removed)"
-            )
+            return f"entry id {e.id} was not the event logged as {e.id}: {only}, never changed"
+    ids = {e.id for e in hand}
     gone = [i for i in mine if hand[0].id < i < hand[-1].id and i not in ids]
     if gone:
-        return next(i for i, e in enumerate(hand) if e.id > gone[0]), (
-            f"entries between ids {hand[0].id} and {hand[-1].id} were removed (id {gone[0]}"
-            f"{f' and {len(gone) - 1} more' if len(gone) > 1 else ''}): only the oldest "
-            "entries of the sync log may be removed by hand; a bot resuming before them "
-            "would miss them without a word"
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        return (
+            f"entries between ids {hand[0].id} and {hand[-1].id} were gone (id {gone[0]}{more}): "
+            f"{only}; a bot resuming before them would miss them without a word"
         )
     return None
 
@@ -668,18 +662,19 @@ def take_in(
                     "invalid", problem.message, path=problem.path, extra={"problem": problem}
                 )
             kept = _daemon_seqs(hand, tx.base.log)
-            wrong = _history_rewritten(kept, was, tx.base.log)
-            if wrong is not None:
-                at, why = wrong
-                raw_ = raw if raw is not None else files.encode_table(kept)
-                problem = diagnose.at_path(file, raw_, [at], why)
-                raise CtsdError(
-                    "invalid", problem.message, path=problem.path, extra={"problem": problem}
-                )
+            why = _history_rewritten(kept, was, tx.base.log)
+            if why is not None:
+                # Not taken: the history stays whole and the file gets it back (a backup's
+                # older log copied over it, an editor's stale copy saved), said in the log.
+                # Refused instead, the file would stay invalid and every change with it.
+                tx.touched.add(file)
+                return [why]
             seen = max(was[-1].id if was else 0, kept[-1].id if kept else 0)
             newer = [e for e in tx.base.log if e.id > seen]
             tx.log_replace = [*kept, *newer]
-            tx.emit("document_update", None, {"file": file, "entries": len(tx.log_replace)})
+            # (what it holds after the edit, as its limit leaves it: this event takes a place)
+            entries = min(len(tx.log_replace), tx.base.settings.sync_log_limit - 1)
+            tx.emit("document_update", None, {"file": file, "entries": entries})
             return []
         if file == CONNECTIONS:
             return _take_in_connections(tx, file, base or {}, hand)

@@ -333,6 +333,10 @@ class Store:
         try:
             recovered = self.journal.open(files_revision, self.committed.log, log_emptied=emptied)
         except JournalError as e:
+            if SYNC_LOG in self.intake.created:  # made by this start: left, the next one
+                # (systemd's restart a moment later) would take it for a log emptied by hand
+                with contextlib.suppress(OSError):
+                    self.disk.path(SYNC_LOG).unlink()
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)
