@@ -342,10 +342,12 @@ def test_a_sync_log_trimmed_by_hand_counts_the_entries_still_on_their_way_to_the
     (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, log[1:3], log[:3]), "file"))
     assert out.error is None and [e.id for e in c.log] == [2, 3, 4, 5]
     assert c.log[-1].data["entries"] == 3
-    # ... and as its limit leaves it (this event takes a place)
+    # ... and as its limit leaves it (this event takes a place): the file held 3, memory
+    # holds 2 more; the edit keeps 2 of the file's, so 4 before the limit
     ok(run(c, ops.set_document("settings", {"sync_log_limit": 3}))[0])
-    log = list(c.log)
-    (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, log[1:], log), "file"))
+    file = list(c.log)  # (3 entries)
+    ok(run(c, ops.update("conn_a", {"name": "x"}), ops.update("conn_a", {"name": "y"}))[0])
+    (out,), _ = run(c, Request(ops.take_in(SYNC_LOG, file[1:], file), "file"))
     assert out.error is None and len(c.log) == 3 and c.log[-1].data["entries"] == 2
 
 

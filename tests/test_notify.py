@@ -32,8 +32,17 @@ def test_a_receiver_that_reads_nothing_never_blocks_a_send(tmp_path: Path) -> No
         dropped = [e for e in logs if e["event"] == "sd_notify_dropped"]
         assert len(dropped) == 1 and dropped[0]["fields"] == ["STATUS"], logs
         assert receiver.recv(100) == b"STATUS=revision 0"  # (the first ones were delivered)
-        notifier.send("READY=1")  # room again: sent, and a later drop is said again
-        while receiver.recv(100) != b"READY=1":
+        assert notifier.send("STATUS=room again")  # (one place free)
+        # A state change systemd acts on waits a moment for room: sent once there is some...
+        threading.Timer(0.2, lambda: receiver.recv(100)).start()
+        with structlog.testing.capture_logs() as logs:
+            assert notifier.send("READY=1", "STATUS=ready")
+        assert not logs
+        # ... and, the receiver still reading nothing, dropped after that moment, said so
+        with structlog.testing.capture_logs() as logs:
+            assert not notifier.send("STOPPING=1")
+        assert [e["fields"] for e in logs if e["event"] == "sd_notify_dropped"] == [["STOPPING"]]
+        while receiver.recv(100) != b"READY=1\nSTATUS=ready":
             pass
     finally:
         notifier.close()

@@ -1529,10 +1529,12 @@ async def test_state_hand_edit_cannot_contradict_connections(data_dir: Path) -> 
 async def test_is_active_put_back_is_logged_for_a_state_file_invalid_since_the_start(
     data_dir: Path,
 ) -> None:
-    """With no version of the file read since the start, whatever it holds is the edit."""
+    """With no version of the file read since the start, whatever it holds is the edit: a
+    record it lacks too."""
     async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1)), "bus", sync="files")  # not active
-    rows = disk(data_dir, STATE)
+        for i in (1, 2):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")  # not active
+    rows = disk(data_dir, STATE)[:1]  # (c2's left out)
     (data_dir / STATE).write_text("[ this is not json")
     async with opened(data_dir) as store:
         assert STATE in store.problems
@@ -1545,6 +1547,8 @@ async def test_is_active_put_back_is_logged_for_a_state_file_invalid_since_the_s
             4.0,
         )
         assert [e for e in logs if e["event"] == "state_is_active_not_kept"]
+        (back,) = [e for e in logs if e["event"] == "state_record_put_back"]
+        assert back["connections"] == ["c2"] and "c2" in store.state
 
 
 async def test_a_state_edit_of_another_field_logs_no_is_active_put_back(data_dir: Path) -> None:
@@ -1621,6 +1625,26 @@ async def test_a_backup_copied_over_a_running_daemon_keeps_its_history_and_its_w
             (3, "delete", "c2"),
             (4, "create", "c3"),
         ]
+
+
+async def test_a_sync_log_put_back_then_a_kill_before_the_write_starts_again(
+    data_dir: Path,
+) -> None:
+    """The put-back is journalled as the history it keeps: killed before the round wrote it,
+    the next start finds the older log on disk and replays the whole one onto it (it took
+    the journal for another dir's, and refused every start after)."""
+    async with opened(data_dir) as store:
+        for i in (1, 2):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    older = json.dumps(disk(data_dir, SYNC_LOG)[:1]).encode()
+    async with then_killed(data_dir) as store:
+        (data_dir / SYNC_LOG).write_bytes(older)
+        assert await store.ingest(SYNC_LOG)
+        assert [e.id for e in store.log] == [1, 2]
+    assert (data_dir / SYNC_LOG).read_bytes() == older  # (the round never came)
+    async with opened(data_dir) as store:
+        assert [e.id for e in store.log] == [1, 2] and store.revision == 2
+    assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 2]
 
 
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:

@@ -16,10 +16,12 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 
 from ctsd import intake, ops
 from ctsd.atomic import TEMP_PREFIX
 from ctsd.errors import CtsdError
+from ctsd.files import SYNC_LOG
 from ctsd.store import Store
 from ctsd.watch import Watcher
 from tests.datadir import before_each_rename
@@ -310,6 +312,33 @@ async def test_invalid_late_write_is_kept_and_reported_not_dropped(tmp_path: Pat
         assert path.read_bytes() == on_disk and not s.problems
         await s.submit(ops.update("c2", {"name": "Still works"}), "bus")
         assert not list(s.data_dir.glob(f"{TEMP_PREFIX}*"))
+
+
+@pytest.mark.anyio
+async def test_a_late_write_that_rewrites_the_sync_log_history_is_kept_aside(
+    tmp_path: Path,
+) -> None:
+    """Not taken (only the oldest entries may go), and not dropped either: kept beside the
+    log as any late write that is not taken in, said why; the history stays whole."""
+    async with _store(tmp_path) as (s, _notices):
+        path = s.path(SYNC_LOG)
+        fh = open(path, "r+b")  # noqa: SIM115 - the "editor" keeps it open across the change
+        before = json.loads(fh.read())
+        await s.submit(ops.update("c1", {"name": "Bus"}), "bus", sync="files")
+        assert s.displaced
+        written = json.dumps(before[:1]).encode()  # its newest entry removed
+        fh.seek(0)
+        fh.truncate(0)
+        fh.write(written)
+        fh.close()
+        with structlog.testing.capture_logs() as logs:
+            await s.take_in_late(max_age=2.0)
+        (copy,) = sorted(s.data_dir.glob(f"{SYNC_LOG}.late-*"))
+        assert copy.read_bytes() == written
+        (kept,) = [e for e in logs if e["event"] == "late_hand_write_kept"]
+        assert kept["why"] == "sync_log_edit_not_kept" and "were gone" in kept["error"], kept
+        assert not [e for e in logs if e["event"] == "late_hand_write_taken_in"]
+        assert [e.id for e in s.log] == [1, 2, 3]
 
 
 @pytest.mark.anyio

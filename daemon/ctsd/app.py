@@ -348,9 +348,8 @@ async def _status(d: Daemon) -> None:
     while not d.stopping:
         await anyio.sleep(STATUS_EVERY_S)
         line = d.status_line()
-        if line != last and not d.stopping:
-            d.notifier.send(f"STATUS={line}")
-            last = line
+        if line != last and not d.stopping and d.notifier.send(f"STATUS={line}"):
+            last = line  # (one dropped is sent again at the next look)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -722,7 +722,8 @@ class Intake:
             files.check_size(file, st.st_size)
             raw = await anyio.to_thread.run_sync(os.pread, d.fd, st.st_size, 0)
             hand = files.decode_file(file, raw)
-            await self.store.submit_take_in(ops.take_in(file, hand, base, raw, late=True), file)
+            op = ops.take_in(file, hand, base, raw, late=True)
+            out, _lsn = await self.store.submit_take_in(op, file)
             self.write_back(file)  # the late bytes are in memory, not in the file
         except Invalid as e:
             self._keep_late(d, file, "invalid", e.problem)
@@ -732,6 +733,9 @@ class Intake:
                 log.debug("late_hand_write_waits", file=file, reason=e.message)
                 return False, None, stamp
             self._keep_late(d, file, e.code, e.extra.get("problem"), e.message)
+            return True, KEPT_ASIDE, stamp
+        if file == SYNC_LOG and out.result:  # an edit of the history: not taken, kept aside
+            self._keep_late(d, file, "sync_log_edit_not_kept", None, out.result[0])
             return True, KEPT_ASIDE, stamp
         log.warning("late_hand_write_taken_in", file=file, bytes=len(raw))
         self.store.taken_in(file)
@@ -841,7 +845,8 @@ def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> No
     """What a state edited by hand asked for and did not get is logged, with where to make
     it: `is_active` or `status` changed (from `base`, what the file held), which follow
     connections.json; a connection's record removed, which every connection has."""
-    was = base if isinstance(base, dict) else {}  # (none: a file unread since the start)
+    read = isinstance(base, dict)
+    was = base if read else {}  # (none: a file unread since the start)
 
     def not_kept(field: str) -> list[str]:
         return [
@@ -869,8 +874,9 @@ def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> No
         ),
         (
             "state_record_put_back",
-            # (of those the file held: one it has not received yet is no removal)
-            [c for c in committed.connections if c not in named and c in was],
+            # (of those the file held: one it has not received yet is no removal; of a file
+            # unread since the start, whatever it lacks)
+            [c for c in committed.connections if c not in named and (c in was or not read)],
             "every connection has its state record; remove the connection there",
         ),
     ):

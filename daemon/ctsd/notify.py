@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import structlog
 
 log = structlog.get_logger("ctsd.notify")
+STATE_TRIES_S = 1.0  # how long a state change waits for room in a full queue (the loop too)
 
 
 class Notifier:
@@ -29,19 +31,32 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def send(self, *fields: str) -> None:
+    def send(self, *fields: str) -> bool:
+        """Whether it was sent. A state change (READY, RELOADING, STOPPING: systemd acts on
+        it) is tried again for up to STATE_TRIES_S while the receiver's queue is full; a
+        WATCHDOG ping or a STATUS line is dropped at once, the loop must not wait for it."""
         if self._sock is None:
-            return
-        try:
-            self._sock.sendto("\n".join(fields).encode(), self.address)
-        except BlockingIOError:  # dropped: the receiver is not reading (said once a while)
-            if not self._full:
-                log.warning("sd_notify_dropped", fields=[f.split("=")[0] for f in fields])
-            self._full = True
-            return
-        except OSError as e:  # systemd gone or socket misconfigured: log, never crash
-            log.warning("sd_notify_failed", error=str(e))
-        self._full = False
+            return False
+        data = "\n".join(fields).encode()
+        names = [f.split("=")[0] for f in fields]
+        state = not {"WATCHDOG", "STATUS"}.issuperset(names)
+        give_up = time.monotonic() + (STATE_TRIES_S if state else 0.0)
+        while True:
+            try:
+                self._sock.sendto(data, self.address)
+            except BlockingIOError:  # the receiver is not reading
+                if time.monotonic() < give_up:
+                    time.sleep(0.01)
+                    continue
+                if state or not self._full:  # (a ping or a status: said once until one goes)
+                    log.warning("sd_notify_dropped", fields=names)
+                self._full = True
+                return False
+            except OSError as e:  # systemd gone or socket misconfigured: log, never crash
+                log.warning("sd_notify_failed", error=str(e))
+                return False
+            self._full = False
+            return True
 
     def watchdog_interval(self) -> float | None:
         """Half of $WATCHDOG_USEC in seconds, when the watchdog is meant for this process."""

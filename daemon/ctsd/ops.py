@@ -667,7 +667,9 @@ def take_in(
                 # Not taken: the history stays whole and the file gets it back (a backup's
                 # older log copied over it, an editor's stale copy saved), said in the log.
                 # Refused instead, the file would stay invalid and every change with it.
-                tx.touched.add(file)
+                # Journalled as the history it keeps: after a crash before the write, the
+                # older log on disk is one a hand edit shortened, not another dir's.
+                tx.log_replace = list(tx.base.log)
                 return [why]
             seen = max(was[-1].id if was else 0, kept[-1].id if kept else 0)
             newer = [e for e in tx.base.log if e.id > seen]

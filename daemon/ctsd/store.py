@@ -335,8 +335,10 @@ class Store:
         except JournalError as e:
             if SYNC_LOG in self.intake.created:  # made by this start: left, the next one
                 # (systemd's restart a moment later) would take it for a log emptied by hand
+                made = self.disk.path(SYNC_LOG)
                 with contextlib.suppress(OSError):
-                    self.disk.path(SYNC_LOG).unlink()
+                    if made.read_bytes() == b"[]\n":  # (not one saved since: that one stays)
+                        made.unlink()
             raise CtsdError("io_error", str(e)) from None
         if recovered.dropped_bytes:
             log.warning("journal_torn_tail_dropped", bytes=recovered.dropped_bytes)

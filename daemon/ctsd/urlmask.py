@@ -10,7 +10,7 @@ MASK = "********"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 _TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
 _PORT = re.compile(r"\d*(?:[/?#]|$)")  # what follows `host:` (tried up to a token's end)
-_NOT_USER = re.compile(r"[/?#\[\]]")  # before a `:` that is no user's: a path, an IPv6 host
+_NOT_USER = re.compile(r"[\[\]]")  # before a `:` that is no user's: an IPv6 host
 
 
 def mask_url_passwords(text: str) -> str:
@@ -20,9 +20,9 @@ def mask_url_passwords(text: str) -> str:
     Within a token (text up to a space), what runs from the first `:` after a URL's `://` to
     the token's last `@` is masked: operators type passwords unescaped (`p@ss`, `a/b`,
     `a"b`, even `a://b`), and user names with an `@` (an email login) or a `/` (a domain).
-    A token with no `@` after that `:` (no port after it, no path or IPv6 host before it) is
-    a password with a space in it: masked on to the last `@` on its line before the next
-    `://`. Always on the safe
+    A token with no `@` after that `:` (no port after it, not in an IPv6 host) is a password
+    with a space in it: masked on to the last `@` on its line before the next `://` (a path
+    holding a `:` before a later `@` is masked too: the safe side). Always on the safe
     side: a port followed by a path holding an `@` (`http://host:5173/@vite/x`) is masked
     as if it were a password. One pass over the text: this runs on every string of every
     log line and answer, and a pattern that backtracks would let a long crafted string
