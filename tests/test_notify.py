@@ -47,3 +47,25 @@ def test_a_receiver_that_reads_nothing_never_blocks_a_send(tmp_path: Path) -> No
     finally:
         notifier.close()
         receiver.close()
+
+
+def test_only_a_full_queue_is_worth_sending_again(tmp_path: Path) -> None:
+    """`full` tells a dropped status line (sent again at the next look) from a socket that
+    is gone (logged each time it is tried: once per change, not every look)."""
+    notifier = Notifier(str(tmp_path / "nobody.sock"))
+    try:
+        assert not notifier.send("STATUS=x") and not notifier.full
+    finally:
+        notifier.close()
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    notifier = Notifier(str(tmp_path / "notify.sock"))
+    try:
+        while notifier.send("STATUS=filling"):
+            pass
+        assert notifier.full
+        receiver.recv(100)
+        assert notifier.send("STATUS=room") and not notifier.full
+    finally:
+        notifier.close()
+        receiver.close()

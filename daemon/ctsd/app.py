@@ -348,8 +348,12 @@ async def _status(d: Daemon) -> None:
     while not d.stopping:
         await anyio.sleep(STATUS_EVERY_S)
         line = d.status_line()
-        if line != last and not d.stopping and d.notifier.send(f"STATUS={line}"):
-            last = line  # (one dropped is sent again at the next look)
+        if (
+            line != last
+            and not d.stopping
+            and (d.notifier.send(f"STATUS={line}") or not d.notifier.full)
+        ):
+            last = line  # (one dropped for a full queue is sent again at the next look)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -478,6 +478,7 @@ class Intake:
         put_back = file == SYNC_LOG and bool(out.result)  # (history is never rewritten)
         if put_back:
             log.warning("sync_log_edit_not_kept", file=file, why=out.result[0])
+            self.write_back(file)  # memory's whole history, with the next round
         elif out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
         if out.files and not put_back:  # ... and every hand edit taken in (never its values)

@@ -31,6 +31,11 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
+    @property
+    def full(self) -> bool:
+        """The last send found the receiver's queue full (worth sending again later)."""
+        return self._full
+
     def send(self, *fields: str) -> bool:
         """Whether it was sent. A state change (READY, RELOADING, STOPPING: systemd acts on
         it) is tried again for up to STATE_TRIES_S while the receiver's queue is full; a

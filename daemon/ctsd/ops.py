@@ -664,12 +664,13 @@ def take_in(
             kept = _daemon_seqs(hand, tx.base.log)
             why = _history_rewritten(kept, was, tx.base.log)
             if why is not None:
-                # Not taken: the history stays whole and the file gets it back (a backup's
-                # older log copied over it, an editor's stale copy saved), said in the log.
-                # Refused instead, the file would stay invalid and every change with it.
-                # Journalled as the history it keeps: after a crash before the write, the
-                # older log on disk is one a hand edit shortened, not another dir's.
-                tx.log_replace = list(tx.base.log)
+                # Not taken: memory keeps the whole history, and the intake has the file
+                # written back from it (a backup's older log copied over it, an editor's
+                # stale copy saved), said in the log. Refused instead, the file would stay
+                # invalid and every change with it. Nothing changed: nothing to journal (in
+                # cluster mode nothing to publish either: a whole log may pass what a
+                # message takes).
+                tx.taken_digests.pop(file, None)
                 return [why]
             seen = max(was[-1].id if was else 0, kept[-1].id if kept else 0)
             newer = [e for e in tx.base.log if e.id > seen]
