@@ -1616,6 +1616,8 @@ async def test_a_backup_copied_over_a_running_daemon_keeps_its_history_and_its_w
                 assert await store.ingest(file), file
         (kept,) = [e for e in logs if e["event"] == "sync_log_edit_not_kept"]
         assert "after id 1, up to 2" in kept["why"], kept
+        taken = [e["file"] for e in logs if e["event"] == "hand_edit_taken_in"]
+        assert SYNC_LOG not in taken, taken
         assert SYNC_LOG not in store.problems and sorted(store.connections) == ["c1"]
         await store.submit(ops.create(conn(3)), "bus", sync="files")
         log = disk(data_dir, SYNC_LOG)
