@@ -129,7 +129,11 @@ def test_a_reload_says_where_each_file_still_invalid_is_broken(daemon: Daemon) -
     seen = len(daemon.notify.poll())
     daemon.send_signal(signal.SIGHUP)
     daemon.notify.wait_for("READY=1", after=seen)
-    (done,) = [e for e in daemon.log_events() if e.get("event") == "reloaded"]
+
+    def reloaded() -> list[dict[str, Any]]:  # (logged just after READY=1 is sent)
+        return [e for e in daemon.log_events() if e.get("event") == "reloaded"]
+
+    (done,) = wait_until(reloaded, what="the reloaded line")
     assert done["invalid_files"]["ui-config.json"].startswith("ui-config.json:1:"), done
 
 

@@ -480,10 +480,11 @@ async def _reload(d: Daemon) -> None:
         await store.reload_all()
     except Exception:  # a failed reload must not take the daemon (and the bus) down
         log.exception("reload_failed")
-    d.notifier.send("READY=1", f"STATUS={d.status_line()}")
     # (each with where it is broken: a file still invalid logged no new file_invalid line)
     problems = {f: p.format() for f, p in sorted(store.problems.items())}
     log.info("reloaded", revision=store.revision, invalid_files=problems)
+    # Logged first, as `ready` is at the start: whoever acts on READY=1 finds the line.
+    d.notifier.send("READY=1", f"STATUS={d.status_line()}")
 
 
 def _loop_options() -> dict[str, Any]:
