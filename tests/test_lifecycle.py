@@ -130,7 +130,7 @@ def test_a_reload_says_where_each_file_still_invalid_is_broken(daemon: Daemon) -
     daemon.send_signal(signal.SIGHUP)
     daemon.notify.wait_for("READY=1", after=seen)
 
-    def reloaded() -> list[dict[str, Any]]:  # (logged just after READY=1 is sent)
+    def reloaded() -> list[dict[str, Any]]:  # (logged before READY=1: waited for all the same)
         return [e for e in daemon.log_events() if e.get("event") == "reloaded"]
 
     (done,) = wait_until(reloaded, what="the reloaded line")

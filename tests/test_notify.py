@@ -66,6 +66,12 @@ def test_only_a_full_queue_is_worth_sending_again(tmp_path: Path) -> None:
         assert notifier.full
         receiver.recv(100)
         assert notifier.send("STATUS=room") and not notifier.full
+        while notifier.send("STATUS=filling"):
+            pass
+        assert notifier.full
+        receiver.close()  # full, then gone: no longer worth sending again
+        (tmp_path / "notify.sock").unlink()
+        assert not notifier.send("STATUS=x") and not notifier.full
     finally:
         notifier.close()
         receiver.close()

@@ -30,7 +30,7 @@ from ctsd.metrics import Metrics
 from ctsd.models import SyncEvent, TestResult
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
-from tests.datadir import CANARY, connection, small_tmpfs
+from tests.datadir import CANARY, connection, small_tmpfs, write_settings
 from tests.inprocess import killed_after, loaded_with_copies, then_killed
 
 pytestmark = pytest.mark.anyio
@@ -1629,25 +1629,31 @@ async def test_a_backup_copied_over_a_running_daemon_keeps_its_history_and_its_w
         ]
 
 
-async def test_a_sync_log_put_back_then_a_kill_before_the_write_starts_again(
-    data_dir: Path,
+@pytest.mark.parametrize("limit", [1000, 3])
+async def test_a_sync_log_put_back_then_a_kill_before_the_write_keeps_the_history(
+    data_dir: Path, limit: int
 ) -> None:
-    """The put-back changes nothing in memory and journals nothing: killed before the round
-    wrote the log back, the next start finds the older log as a log shortened by hand while
-    it was down, and goes on from the journal's revision (no id given twice)."""
+    """The put-back is journalled as the history it keeps: killed before the round wrote it
+    (and after another change, journalled only), the next start replays it onto the older
+    log on disk, which reads as a log edited by hand, not as another dir's. `limit` 3: memory
+    trimmed past the older log's first entries (a backup's) since."""
+    write_settings(data_dir, {"sync_log_limit": limit})
     async with opened(data_dir) as store:
-        for i in (1, 2):
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        older = (data_dir / SYNC_LOG).read_bytes()
+        for i in (2, 3, 4):
             await store.submit(ops.create(conn(i)), "bus", sync="files")
-    older = json.dumps(disk(data_dir, SYNC_LOG)[:1]).encode()
+        kept = [e.id for e in store.log]
     async with then_killed(data_dir) as store:
         (data_dir / SYNC_LOG).write_bytes(older)
         assert await store.ingest(SYNC_LOG)
-        assert [e.id for e in store.log] == [1, 2]
+        assert [e.id for e in store.log] == kept
+        await store.submit(ops.create(conn(5)), "bus")  # (in the journal alone)
     assert (data_dir / SYNC_LOG).read_bytes() == older  # (the round never came)
     async with opened(data_dir) as store:
-        assert store.revision == 2
-        await store.submit(ops.create(conn(3)), "bus", sync="files")
-    assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 3]
+        assert [e.id for e in store.log] == [*kept, 5][-min(limit, 5) :]
+        assert store.revision == 5 and "c5" in store.connections
+    assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [*kept, 5][-min(limit, 5) :]
 
 
 async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> None:

@@ -481,7 +481,7 @@ class Intake:
             self.write_back(file)  # memory's whole history, with the next round
         elif out.result:  # the admin sees what the hand edit won (field names, never values)
             log.warning("hand_edit_won_over_pending_changes", file=file, conflicts=out.result)
-        if out.files:  # ... and every hand edit taken in (never its values; a put-back has none)
+        if out.files and not put_back:  # ... and every hand edit taken in (never its values)
             log.info(
                 "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )

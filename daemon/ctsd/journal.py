@@ -300,10 +300,7 @@ def scan_journal(
     edited = next((c.log for c in scan.changes if c.log is not None), None)
     one_host = not (scan.stream_seq or scan.seqs)
     by_hand = one_host and (
-        not scan.changes
-        or log_emptied
-        # (the files' log as the operator left it: every entry of it one of the edited log's)
-        or (edited is not None and (files_log or {}).items() <= event_marks(edited).items())
+        not scan.changes or log_emptied or (edited is not None and _holds(edited, files_log))
     )
     if files_revision is not None and files_revision < scan.base_revision and not by_hand:
         # (on one host, this dir's own journal after the log's newest entries were removed
@@ -350,6 +347,18 @@ def _cut(scan: Scan, cut: Cut) -> None:
     scan.base_revision = cut.base_revision  # the files' revision then (the latest cut's)
     scan.last_lsn = max(scan.last_lsn, cut.cut)
     scan.stream_seq = max(scan.stream_seq, cut.stream_seq)
+
+
+def _holds(edited: list[SyncEvent], files_log: Mapping[int, EventMark] | None) -> bool:
+    """Is the files' log one the operator left, as the journal's edited log says: every entry
+    of it one of the edited log's, but those older than all of them (a backup's, copied over
+    a log trimmed since by its limit, that the daemon wrote back whole)?"""
+    marks = event_marks(edited)
+    first = min(marks, default=None)
+    return all(
+        (first is not None and rev < first) or marks.get(rev) == mark
+        for rev, mark in (files_log or {}).items()
+    )
 
 
 class Journal:

@@ -59,6 +59,7 @@ class Notifier:
                 return False
             except OSError as e:  # systemd gone or socket misconfigured: log, never crash
                 log.warning("sd_notify_failed", error=str(e))
+                self._full = False  # (not worth sending again: it would fail the same way)
                 return False
             self._full = False
             return True

@@ -664,13 +664,17 @@ def take_in(
             kept = _daemon_seqs(hand, tx.base.log)
             why = _history_rewritten(kept, was, tx.base.log)
             if why is not None:
-                # Not taken: memory keeps the whole history, and the intake has the file
-                # written back from it (a backup's older log copied over it, an editor's
-                # stale copy saved), said in the log. Refused instead, the file would stay
-                # invalid and every change with it. Nothing changed: nothing to journal (in
-                # cluster mode nothing to publish either: a whole log may pass what a
-                # message takes).
+                # Not taken: memory keeps the whole history and the file gets it back (a
+                # backup's older log copied over it, an editor's stale copy saved), said in
+                # the log. Refused instead, the file would stay invalid and every change with
+                # it. On one host journalled as the history it keeps: killed before the
+                # write, the next start replays it onto the older log (which then reads as
+                # a log edited by hand, not another dir's). In cluster mode nothing is
+                # published (the hosts hold that history; a whole log may pass what a
+                # message takes): the intake has the file written back from memory.
                 tx.taken_digests.pop(file, None)
+                if not tx.ctx.local_status:  # (one host)
+                    tx.log_replace = list(tx.base.log)
                 return [why]
             seen = max(was[-1].id if was else 0, kept[-1].id if kept else 0)
             newer = [e for e in tx.base.log if e.id > seen]
