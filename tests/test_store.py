@@ -23,7 +23,8 @@ import structlog.testing
 
 from ctsd import checkpoint, files, intake, journal, ops
 from ctsd.atomic import TEMP_PREFIX, stamp_of
-from ctsd.core import Change, RecordChange
+from ctsd.bus import views
+from ctsd.core import Change, Committed, RecordChange
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from ctsd.metrics import Metrics
@@ -1673,6 +1674,58 @@ async def test_sync_log_emptied_by_hand_keeps_the_revision(data_dir: Path) -> No
         assert store.revision == 4
         await store.submit(ops.create(conn(9)), "bus", sync="files")
         assert store.revision == 5
+
+
+async def test_entries_removed_from_the_middle_while_stopped_make_a_resume_before_them_refused(
+    data_dir: Path,
+) -> None:
+    """The sync log has no copy, so entries removed from its middle while the daemon was
+    stopped cannot be put back: a resume from before the gap is refused (the bot takes a
+    snapshot) rather than handed the history with a change missing, and the records whose
+    last event sits before it are not vouched for by If-Match."""
+    async with opened(data_dir) as store:
+        for i in range(1, 5):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    log = disk(data_dir, SYNC_LOG)
+    (data_dir / SYNC_LOG).write_text(json.dumps([log[0], *log[2:]]))  # id 2 gone
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            (gap,) = [e for e in logs if e["event"] == "sync_log_gap"]
+            assert gap["oldest_resumable"] == 3, gap
+            assert store.oldest_revision() == 3
+            with pytest.raises(CtsdError) as refused:
+                views.check_since(store, 1)
+            assert refused.value.code == "revision_compacted" and refused.value.extra == {
+                "oldest": 3
+            }
+            views.check_since(store, 2)
+            assert [e.id for e in store.events_since(2)] == [3, 4]
+            assert store.committed.revision_of("c:c1") == 2  # (its event 1 is before the gap)
+            assert store.committed.revision_of("c:c4") == 4
+            await store.submit(ops.create(conn(5)), "bus", sync="files")
+            assert store.oldest_revision() == 3
+    assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 3, 4, 5]  # as the operator left it
+
+
+def test_a_gap_in_the_log_is_forgotten_once_trimmed_past() -> None:
+    c = Committed()
+
+    def ev(i: int) -> SyncEvent:
+        return SyncEvent(
+            id=i,
+            action="create",
+            connection_id=f"c{i}",
+            data={},
+            created_at="2026-01-01T00:00:00.000Z",
+        )
+
+    c.load_log([ev(i) for i in (1, 2, 5, 6)])
+    assert (c.whole_from, c.oldest_revision()) == (5, 5)
+    c.settings.sync_log_limit = 2
+    c.apply(Change(events=[ev(7)]))
+    assert [e.id for e in c.log] == [6, 7] and c.oldest_revision() == 6
+    c.apply(Change(events=[ev(9)]))  # (a gap)
+    assert c.oldest_revision() == 9
 
 
 @pytest.mark.parametrize("huge", [2**53, 10**400])

@@ -13,6 +13,7 @@ the heartbeats held in memory) comes in a `Context`.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class Committed:
         self.log: deque[SyncEvent] = deque()
         self._log_sizes: deque[int] = deque()  # event_bytes of each event in `log`
         self.log_bytes = 0
+        # The id from which the log is a whole history: an id missing before it (entries
+        # removed from the middle by hand while the daemon was down; a running daemon puts
+        # such an edit back) means the entries before it cannot serve a resume.
+        self.whole_from = 0
         self.revision = 0
         # The revision of the latest event of each record (`record_key`, `document_key`).
         self.record_revs: dict[str, int] = {}
@@ -152,13 +157,16 @@ class Committed:
     # --- reads ---------------------------------------------------------------------------------
 
     def oldest_revision(self) -> int:
-        return self.log[0].id if self.log else self.revision + 1
+        """The oldest retained revision a resume can start after (minus one): the log's first
+        entry, or the first after its last gap."""
+        return max(self.log[0].id, self.whole_from) if self.log else self.revision + 1
 
     def revision_of(self, key: str) -> int:
         """The revision of a record's last change; one whose events were trimmed from the log
-        changed at the latest just before the oldest retained one."""
+        (or sit before a gap in it, so a later change may be missing) changed at the latest
+        just before the oldest retained one."""
         rev = self.record_revs.get(key)
-        return rev if rev is not None else self.oldest_revision() - 1
+        return rev if rev is not None and rev >= self.whole_from else self.oldest_revision() - 1
 
     def events_since(self, since: int) -> list[SyncEvent]:
         """Retained events with id > since, oldest first (callers check compaction)."""
@@ -191,6 +199,10 @@ class Committed:
         self.log = deque(events)
         self._log_sizes = deque(event_bytes(e) for e in self.log)
         self.log_bytes = sum(self._log_sizes)
+        self.whole_from = 0
+        for before, e in itertools.pairwise(self.log):
+            if e.id != before.id + 1:
+                self.whole_from = e.id
 
     def load_log(self, events: list[SyncEvent]) -> None:
         self._set_log(events)
@@ -243,6 +255,8 @@ class Committed:
         last = self.log[-1].id if self.log else 0
         for e in change.events:
             if e.id > last:
+                if self.log and e.id != last + 1:
+                    self.whole_from = e.id
                 self.log.append(e)
                 size = event_bytes(e)
                 self._log_sizes.append(size)

@@ -383,6 +383,15 @@ class Store:
             self.checkpointer.note(touched, self.journal.offsets[0][0])
         if touched | sealed:
             self.checkpointer.note(touched | sealed, self.journal.lsn)
+        c = self.committed
+        if c.log and c.whole_from > c.log[0].id:
+            log.warning(
+                "sync_log_gap",
+                oldest_resumable=c.whole_from,
+                reason=f"ids are missing before {c.whole_from} in {SYNC_LOG} (removed by hand "
+                "while the daemon was down?): a bot resuming from an earlier revision gets "
+                "revision_compacted and takes a snapshot",
+            )
         log.info(
             "loaded",
             connections=len(self.connections),
