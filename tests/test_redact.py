@@ -25,7 +25,7 @@ from ctsd.redact import (
     mask,
     mask_if_needed,
     mask_record,
-    mask_url_passwords,
+    mask_url_secrets,
     may_hold_placeholders,
     restore_placeholders,
 )
@@ -354,13 +354,24 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
         ("http://[::1]:8080/x failed; ops@desk", "http://[::1]:8080/x failed; ops@desk"),
         ("https://DOM/user:pa ss@host", f"https://DOM/user:{MASK}@host"),
         ("GET http://h/a:b 404, ask bob@desk", f"GET http://h/a:{MASK}@desk"),
+        # Query parameters named as secrets, in the fragment too, and percent-encoded names;
+        # a value ends at a quote (a URL quoted in JSON text).
+        ("https://api.x/v1?apiKey=s3&x=1", f"https://api.x/v1?apiKey={MASK}&x=1"),
+        ("wss://x:9443/ws?listenKey=s3", f"wss://x:9443/ws?listenKey={MASK}"),
+        ("https://h/cb#access_token=s3&state=7", f"https://h/cb#access_token={MASK}&state=7"),
+        ("https://h/?a=1;api%5Fkey=s3", f"https://h/?a=1;api%5Fkey={MASK}"),
+        ('{"u":"https://h/?sig=s3","n":1}', f'{{"u":"https://h/?sig={MASK}","n":1}}'),
+        ("https://u:pw@h/?token=s3", f"https://u:{MASK}@h/?token={MASK}"),
+        ("https://h/?next=https://g/?code=s3", f"https://h/?next=https://g/?code={MASK}"),
+        ("https://h/?token=&x=1 /x?token=s3", "https://h/?token=&x=1 /x?token=s3"),
+        ("https://h/?monkey=1&token", f"https://h/?monkey={MASK}&token"),
         # No password: as written.
         ("http://only-user@host/x", "http://only-user@host/x"),
         ("mail me at a@b.c, see https://x.example/", "mail me at a@b.c, see https://x.example/"),
     ],
 )
-def test_url_passwords_are_masked_on_the_safe_side(text: str, shown: str) -> None:
-    assert mask_url_passwords(text) == shown
+def test_url_secrets_are_masked_on_the_safe_side(text: str, shown: str) -> None:
+    assert mask_url_secrets(text) == shown
 
 
 @pytest.mark.parametrize(
@@ -373,6 +384,9 @@ def test_url_passwords_are_masked_on_the_safe_side(text: str, shown: str) -> Non
         "h://" + "a" * 300_000 + "://@",
         "h://u:x " * 50_000 + "@",
         "h://u:x @ " * 40_000,
+        "h://x?" + "a" * 400_000 + "=",
+        "h://x" + "?a=" * 130_000,
+        "h://x?" + "&" * 400_000,
     ],
 )
 def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
@@ -388,6 +402,13 @@ def test_a_url_sent_back_as_shown_keeps_its_password() -> None:
     shown = mask(stored)
     assert may_hold_placeholders(shown)
     assert restore_placeholders(shown, stored, "$.c") == stored
+    # A secret query value likewise; the URL changed around it: refused.
+    stored = {"hook": f"https://h/x?api_key={CANARY}&ch=1"}
+    shown = mask(stored)
+    assert CANARY not in json.dumps(shown) and may_hold_placeholders(shown)
+    assert restore_placeholders(shown, stored, "$.c") == stored
+    with pytest.raises(CtsdError):
+        restore_placeholders({"hook": f"https://h/x?api_key={MASK}&ch=2"}, stored, "$.c")
     # The URL changed around the masked password, or none is stored: refused, naming it.
     for sent, held in (
         ({"base_url": f"https://me:{MASK}@other/v5"}, stored),

@@ -1,6 +1,6 @@
 """Secrets by pattern: canaries under many secret-like names, set through the bus and by hand,
-at the top of a document, nested, inside `connection_settings`, in a URL's password and in
-Project X's section,
+at the top of a document, nested, inside `connection_settings`, in a URL's password and query,
+and in Project X's section,
 never come out of the daemon: not in a log line, the sync log, a bus reply or event, an
 export, an HTTP response, or `ctsd watch --json`. A placeholder sent back keeps them."""
 
@@ -35,6 +35,7 @@ def document_with_secrets(base: int) -> dict[str, Any]:
         "nested": {"deep": [{"client_secret": canary(base + 1), "label": "x"}]},
         "db": {"Password": canary(base + 2), "passphrase": canary(base + 3)},
         "feed": f"wss://desk:{canary(base + 4)}@feed.example/v1",  # a URL's password
+        "hook": f"https://hooks.example/x?channel=ops&api_key={canary(base + 9)}",  # its query
     }
 
 

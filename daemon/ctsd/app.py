@@ -47,7 +47,7 @@ from ctsd.services import Services
 from ctsd.store import Store
 from ctsd.sweeps import Sweeper
 from ctsd.tokenfile import load_token
-from ctsd.urlmask import mask_url_passwords
+from ctsd.urlmask import mask_url_secrets
 from ctsd.watch import Watcher
 
 log = structlog.get_logger("ctsd.app")
@@ -64,7 +64,7 @@ class StartError(Exception):
     in it masked: it may quote a setting, or an environment variable, as typed)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(mask_url_passwords(message))
+        super().__init__(mask_url_secrets(message))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from ctsd.timeutil import ID_PATTERN, TIMESTAMP_PATTERN
-from ctsd.urlmask import mask_url_passwords
+from ctsd.urlmask import mask_url_secrets
 
 _WS = " \t\r\n"
 _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
@@ -44,7 +44,7 @@ class FileProblem(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         # It may quote a value as typed (a host, a name that names nothing): a URL's
         # password in it never leaves (`/health`, `ctsd verify`, the answers that name it).
-        msgspec.structs.force_setattr(self, "message", mask_url_passwords(self.message))
+        msgspec.structs.force_setattr(self, "message", mask_url_secrets(self.message))
 
     def format(self) -> str:
         where = (

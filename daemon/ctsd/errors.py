@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ctsd.urlmask import mask_url_passwords
+from ctsd.urlmask import mask_url_secrets
 
 ErrorCode = Literal[
     "invalid_format",
@@ -32,7 +32,7 @@ ErrorCode = Literal[
 class CtsdError(Exception):
     """A refusal with a stable code, a human message and, where it applies, a JSON path.
 
-    Messages never quote the value of a secret field (see `redact.is_secret_key`). One
+    Messages never quote the value of a secret field (see `secretnames.is_secret_key`). One
     that quotes a value sent (an invalid host, a name that names nothing) shows any URL's
     password in it masked: wherever the message goes, it never carries one.
     """
@@ -45,7 +45,7 @@ class CtsdError(Exception):
         path: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        message = mask_url_passwords(message)
+        message = mask_url_secrets(message)
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message

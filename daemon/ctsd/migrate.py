@@ -37,7 +37,7 @@ import msgspec.inspect as mi
 from ctsd import diagnose, files
 from ctsd.files import CONNECTIONS, SETTINGS, STATE, Invalid
 from ctsd.models import Connection, ConnectionState
-from ctsd.redact import is_placeholder, mask_url_passwords
+from ctsd.redact import is_placeholder, mask_url_secrets
 from ctsd.secretfields import CONNECTION_SECRETS
 from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts
 
@@ -528,7 +528,7 @@ class BadRow:
 
     def __post_init__(self) -> None:
         # (it may quote a value as the database holds it: a URL's password never shows)
-        object.__setattr__(self, "message", mask_url_passwords(self.message))
+        object.__setattr__(self, "message", mask_url_secrets(self.message))
 
     def format(self) -> str:
         return f"{self.table} {self.key}: {self.message}"

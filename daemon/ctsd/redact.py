@@ -1,8 +1,8 @@
-"""Secrets never leave: the one definition of a secret and everything that masks by it.
+"""Secrets never leave: everything that masks by the one definition of a secret.
 
-A key is a secret by its name, at any depth of any document (`is_secret_key`). Logs, bus
-replies and events, HTTP responses, the sync log and exports all mask through `mask()`; the
-log pipeline runs `structlog_processor`. Nothing else decides what a secret is.
+A key is a secret by its name, at any depth of any document (`secretnames.is_secret_key`).
+Logs, bus replies and events, HTTP responses, the sync log and exports all mask through
+`mask()`; the log pipeline runs `structlog_processor`. Nothing else decides what a secret is.
 
 Shown values: a set secret reads `MASK`; `api_key`-like keys of 12 characters or more may
 show their last four as `"…abcd"`, so an operator can tell keys apart; an unset one (null or
@@ -13,7 +13,8 @@ password). A secret holding an object is walked instead: its own keys decide.
 and the string shown is that object re-serialized with them masked.
 
 A URL's password is a secret wherever the URL sits (`"base_url": "https://me:pw@host"`, or a
-log message quoting one): it shows as `https://me:********@host`.
+log message quoting one): it shows as `https://me:********@host`; so are its query values
+named as secrets (`?api_key=********`, `urlmask`).
 
 A placeholder sent back (`MASK`, the `"…abcd"` shown for that secret, or a URL sent back as
 shown) keeps the stored secret: `restore_placeholders(sent, stored, path)` puts the stored
@@ -30,40 +31,16 @@ import msgspec
 
 from ctsd.errors import CtsdError
 from ctsd.limits import MAX_MESSAGE_DEPTH, require_depth
+from ctsd.secretnames import is_secret_key as is_secret_key
 from ctsd.urlmask import MASK as MASK  # (below `errors`, which masks every message by it)
-from ctsd.urlmask import mask_url_passwords as mask_url_passwords
+from ctsd.urlmask import mask_url_secrets as mask_url_secrets
 
-# Names are compared lowercased with everything but letters and digits removed, so that
-# `api_key`, `apiKey`, `API-KEY` and `x-api-key` are one name.
-_SECRET_PART = re.compile(
-    r"secret|passw(?:or)?d|passphrase|token|apikey|accesskey|private\w*key|privkey"
-    r"|credential|authorization"
-)
-# Whole names only: `username` is the login half of the Project X credentials.
-_SECRET_NAMES = frozenset({"username", "pwd", "pass"})
 # A connection record's `api_key` may show its last four characters (which key is this?):
 # `mask_record` only. Every other secret, the Project X `apiKey` of connection.json or a key
 # named api_key in a document included, shows only as set.
 SHOW_TAIL = "api_key"
-_NON_ALNUM = re.compile(r"[^a-z0-9]")
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
-_URL_MASKED = f":{MASK}@"
-
-
-def _norm(name: str) -> str:
-    return _NON_ALNUM.sub("", name.lower())
-
-
-@functools.lru_cache(maxsize=4096)  # a pure function of the name; names repeat per record
-def is_secret_key(name: str) -> bool:
-    """Is a value under this key a secret, wherever it sits? Case and separators do not
-    matter. Secrets: names containing `secret`, `password`/`passwd`, `passphrase`, `token`,
-    `apikey`, `accesskey`, `private…key`/`privkey`, `credential` or `authorization`, and the
-    names `username`, `pwd` and `pass`."""
-    if not isinstance(name, str):
-        return False
-    n = _norm(name)
-    return n in _SECRET_NAMES or _SECRET_PART.search(n) is not None
+_URL_MASKED = MASK  # (in a URL: a password or a query value masked)
 
 
 def mask_value(field: str, value: Any, *, record: bool = False) -> Any:
@@ -106,7 +83,7 @@ def _shown(key: Any, value: Any) -> tuple[Any, bool]:
         if is_secret_key(key) and not isinstance(value, dict):
             return mask_value(key, value), False
     if isinstance(value, str):
-        return mask_url_passwords(value), False
+        return mask_url_secrets(value), False
     return value, _is_container(value)
 
 
@@ -184,7 +161,7 @@ def mask_record(record: msgspec.Struct) -> dict[str, Any]:
         elif field == SETTINGS_STRING_KEY and isinstance(value, str):
             out[field] = _mask_settings_string(value)
         elif isinstance(value, str):
-            out[field] = mask_url_passwords(value)
+            out[field] = mask_url_secrets(value)
     return out
 
 
@@ -215,10 +192,10 @@ def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
     """A string holding a URL sent back with its password masked: the stored string, when it
     shows as exactly that; else refused (the URL changed, so which password it keeps is not
     known)."""
-    if isinstance(stored, str) and mask_url_passwords(stored) == sent:
+    if isinstance(stored, str) and mask_url_secrets(stored) == sent:
         return stored
     name = key if isinstance(key, str) else path
-    if not isinstance(stored, str) or _URL_MASKED in stored or mask_url_passwords(stored) == stored:
+    if not isinstance(stored, str) or _URL_MASKED in stored or mask_url_secrets(stored) == stored:
         raise _refuse(name, path, "no URL password is stored there")
     raise _refuse(name, path, "the stored URL is not the one shown")
 
@@ -316,8 +293,7 @@ def _moved_url(sent: dict[Any, Any], stored: Any) -> str | None:
             continue
         now, was = sent.get(key), stored.get(key)
         if (_is_url(now) or _is_url(was)) and (
-            not (_is_url(now) and _is_url(was))
-            or mask_url_passwords(now) != mask_url_passwords(was)
+            not (_is_url(now) and _is_url(was)) or mask_url_secrets(now) != mask_url_secrets(was)
         ):
             return key
     return None

@@ -11,7 +11,7 @@ file (start, hand edits, SIGHUP, the writer's check, `ctsd verify`, the token) g
   since the lstat does not block the open, a symlink is not followed (ELOOP);
 - then `fstat` of the descriptor: only a regular file is read, and only up to a size limit.
 
-Data files may hold secrets (see `redact.is_secret_key`: any document may), so a data file
+Data files may hold secrets (see `secretnames.is_secret_key`: any document may), so a data file
 readable or writable by group or others is refused too (`mode_problem`).
 """
 

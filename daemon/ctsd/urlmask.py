@@ -1,33 +1,46 @@
-"""A URL's password masked wherever the URL sits in a text (`redact` masks by it, and
-`errors` every error message: one quoting a value an operator typed may quote a URL).
-Below `errors`, which `redact` imports."""
+"""A URL's secrets masked wherever the URL sits in a text: its password, and the values of
+its query parameters named as secrets (`redact` masks by it, and `errors` every error
+message: one quoting a value an operator typed may quote a URL). Below `errors`, which
+`redact` imports."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
+
+from ctsd.secretnames import is_secret_param
 
 MASK = "********"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 _TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
 _PORT = re.compile(r"\d*(?:[/?#]|$)")  # what follows `host:` (tried up to a token's end)
 _NOT_USER = re.compile(r"[\[\]]")  # before a `:` that is no user's: an IPv6 host
+_PARAM = re.compile(r"[?&;#]([^=&;#?]*)=([^&;#?\"'<>()\[\]{}]*)")  # `name=value` of a query
 
 
-def mask_url_passwords(text: str) -> str:
-    """`text` with the password of every URL in it masked (the same string when none):
-    `scheme://user:password@host` shows as `scheme://user:********@host`.
+def mask_url_secrets(text: str) -> str:
+    """`text` with the secrets of every URL in it masked (the same string when none):
+    `scheme://user:password@host/p?token=abc` shows as
+    `scheme://user:********@host/p?token=********`.
 
-    Within a token (text up to a space), what runs from the first `:` after a URL's `://` to
-    the token's last `@` is masked: operators type passwords unescaped (`p@ss`, `a/b`,
-    `a"b`, even `a://b`), and user names with an `@` (an email login) or a `/` (a domain).
-    A token with no `@` after that `:` (no port after it, not in an IPv6 host) is a password
-    with a space in it: masked on to the last `@` on its line before the next `://` (a path
-    holding a `:` before a later `@` is masked too: the safe side). Always on the safe
-    side: a port followed by a path holding an `@` (`http://host:5173/@vite/x`) is masked
-    as if it were a password. One pass over the text: this runs on every string of every
-    log line and answer, and a pattern that backtracks would let a long crafted string
-    hold the event loop."""
-    if "@" not in text or "://" not in text:
+    Passwords: within a token (text up to a space), what runs from the first `:` after a
+    URL's `://` to the token's last `@` is masked: operators type passwords unescaped
+    (`p@ss`, `a/b`, `a"b`, even `a://b`), and user names with an `@` (an email login) or a
+    `/` (a domain). A token with no `@` after that `:` (no port after it, not in an IPv6
+    host) is a password with a space in it: masked on to the last `@` on its line before the
+    next `://` (a path holding a `:` before a later `@` is masked too: the safe side). Always
+    on the safe side: a port followed by a path holding an `@` (`http://host:5173/@vite/x`)
+    is masked as if it were a password. A user name alone (`https://desk@host`) is shown: it
+    tells accounts apart.
+
+    Query: after the host, the value of every parameter whose name is a secret's
+    (`secretnames.is_secret_param`: `token`, `access_token`, `api_key`, `key`, `signature`...)
+    is masked, up to the next `&`, `;` or `#` (or a quote or bracket: the end of a URL quoted
+    in a text), in the fragment too (`#access_token=`).
+
+    One pass over the text: this runs on every string of every log line and answer, and a
+    pattern that backtracks would let a long crafted string hold the event loop."""
+    if "://" not in text or ("@" not in text and "=" not in text):
         return text  # the common case
     out: list[str] = []
     done = 0
@@ -48,21 +61,35 @@ def mask_url_passwords(text: str) -> str:
         i = text.find("://", start, stop)
         while i != -1 and not _has_scheme(text, start, i):
             i = text.find("://", i + 3, stop)
-        colon = text.find(":", i + 3, stop) if i != -1 else -1
-        if colon == -1:
+        if i == -1:
             continue
-        if at == -1:  # a password with a space, unless the `:` is a port's or in a path
-            if _PORT.match(text, colon + 1, end) or _NOT_USER.search(text, i + 3, colon):
-                continue
+        spans: list[tuple[int, int]] = []  # what to mask, in order
+        colon = text.find(":", i + 3, stop)
+        if colon != -1 and at != -1:
+            spans.append((colon + 1, at))
+        elif colon != -1 and not (
+            _PORT.match(text, colon + 1, end) or _NOT_USER.search(text, i + 3, colon)
+        ):  # a password with a space (the `:` is no port's, nor in an IPv6 host)
             limit = min(next_at("\n", end), next_at("://", end))
-            if next_at("@", end) >= limit:
-                continue
-            at = text.rfind("@", end, limit)
-        out.append(text[done : colon + 1])
-        out.append(MASK)
-        done = at
+            if next_at("@", end) < limit:
+                spans.append((colon + 1, text.rfind("@", end, limit)))
+        host = spans[-1][1] if spans else max(at, i + 3)
+        if host < end:
+            query = min(_find(text, "?", host, end), _find(text, "#", host, end))
+            for m in _PARAM.finditer(text, query, end):
+                if m.end(2) > m.start(2) and is_secret_param(unquote(m.group(1))):
+                    spans.append((m.start(2), m.end(2)))
+        for a, b in spans:
+            out.append(text[done:a])
+            out.append(MASK)
+            done = b
     out.append(text[done:])
     return "".join(out)
+
+
+def _find(text: str, needle: str, start: int, end: int) -> int:
+    found = text.find(needle, start, end)
+    return end if found == -1 else found
 
 
 def _has_scheme(text: str, start: int, i: int) -> bool:

@@ -20,7 +20,7 @@ import msgspec
 
 from ctsd import models
 from ctsd.client.render import load_json, short
-from ctsd.redact import is_placeholder, is_secret_key, mask_url_passwords
+from ctsd.redact import is_placeholder, is_secret_key, mask_url_secrets
 
 CONNECTION_FIELDS: tuple[str, ...] = tuple(
     f.name for f in msgspec.structs.fields(models.Connection)
@@ -53,7 +53,7 @@ def nested_secret(value: Any) -> str | None:
     while work:
         item, path, depth = work.pop()
         if isinstance(item, str):
-            if mask_url_passwords(item) != item:
+            if mask_url_secrets(item) != item:
                 return path or "$"
             continue
         if depth > 64:
