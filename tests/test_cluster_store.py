@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog.testing
 from nats.aio.msg import Msg
 
 from ctsd import ops
@@ -28,7 +29,7 @@ from ctsd.cluster.errors import ApplyFailed
 from ctsd.cluster.messages import Change
 from ctsd.core import Request
 from ctsd.errors import CtsdError
-from ctsd.files import CONNECTIONS, SETTINGS
+from ctsd.files import CONNECTIONS, SETTINGS, SYNC_LOG
 from ctsd.metrics import Metrics
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
@@ -428,6 +429,32 @@ async def test_a_hosts_metrics_count_its_own_hand_edits_those_that_stay_local_to
         await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
         assert "c1" in y.store.connections
         assert (taken_in(x), taken_in(y)) == (2, 0)
+
+
+async def test_a_sync_log_edit_of_the_history_on_a_cluster_host_is_put_back_unpublished(
+    nats: NatsCluster, tmp_path: Path
+) -> None:
+    """An entry removed from the middle of the shared sync log by hand on host x is no trim:
+    not taken, said in the log, and the file written back from memory with the whole
+    history; nothing goes to the stream (every host holds that history already)."""
+    async with two_hosts(nats, tmp_path) as (x, y):
+        for i in (1, 2, 3):
+            conn = {"id": f"c{i}", "name": f"c{i}", "exchange": "bybit"}
+            await x.store.submit(ops.create(conn), "bus", sync="files")
+        await y.engine.wait_applied(x.engine.applied_seq, timeout=10)
+        last = await x.engine.stream_last_seq()
+        path = x.store.path(SYNC_LOG)
+        whole = json.loads(path.read_text())
+        path.write_text(json.dumps([whole[0], whole[2]], indent=2) + "\n")
+        with structlog.testing.capture_logs() as logs:
+            assert await x.store.ingest(SYNC_LOG)
+            await x.store.checkpointer.flush()
+        (kept,) = [e for e in logs if e["event"] == "sync_log_edit_not_kept"]
+        assert "2" in kept["why"], kept
+        assert [e["id"] for e in json.loads(path.read_text())] == [1, 2, 3]
+        assert [e.id for e in x.store.log] == [e.id for e in y.store.log] == [1, 2, 3]
+        assert await x.engine.stream_last_seq() == last
+        assert SYNC_LOG not in x.store.problems
 
 
 @pytest.fixture

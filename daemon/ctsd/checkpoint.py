@@ -206,9 +206,12 @@ class Checkpointer:
             stale.update(k for k in order if k not in frags)
 
     def write_back(self, file: str) -> None:
-        """Write `file` from memory with the next round (it was deleted by hand): woken also
-        when changes wait for it already (held back while it was invalid)."""
+        """Write `file` from memory with the next round (it was deleted by hand, or holds an
+        edit not taken): woken also when changes wait for it already (held back while it was
+        invalid). It no longer holds what memory holds, so `flush` and a `sync: files` waiter
+        of the latest change wait for that round."""
         self.note({file}, self.installed)
+        self.written[file] = min(self.written.get(file, 0), self.installed - 1)
         self.valid_again(file)
 
     def mark_written(self, file: str, lsn: int) -> None:
