@@ -355,16 +355,27 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
         ("https://DOM/user:pa ss@host", f"https://DOM/user:{MASK}@host"),
         ("GET http://h/a:b 404, ask bob@desk", f"GET http://h/a:{MASK}@desk"),
         # Query parameters named as secrets, in the fragment too, and percent-encoded names;
-        # a value ends at a quote (a URL quoted in JSON text).
+        # a value ends at a quote after its first character (a URL quoted in JSON text).
         ("https://api.x/v1?apiKey=s3&x=1", f"https://api.x/v1?apiKey={MASK}&x=1"),
         ("wss://x:9443/ws?listenKey=s3", f"wss://x:9443/ws?listenKey={MASK}"),
         ("https://h/cb#access_token=s3&state=7", f"https://h/cb#access_token={MASK}&state=7"),
         ("https://h/?a=1;api%5Fkey=s3", f"https://h/?a=1;api%5Fkey={MASK}"),
         ('{"u":"https://h/?sig=s3","n":1}', f'{{"u":"https://h/?sig={MASK}","n":1}}'),
+        ("https://h/x?token=(s3)&y=[1]", f"https://h/x?token={MASK}&y=[1]"),
+        (
+            "https://s3.x/o?X-Amz-Credential=a&X-Amz-Signature=s3",
+            f"https://s3.x/o?X-Amz-Credential={MASK}&X-Amz-Signature={MASK}",
+        ),
         ("https://u:pw@h/?token=s3", f"https://u:{MASK}@h/?token={MASK}"),
-        ("https://h/?next=https://g/?code=s3", f"https://h/?next=https://g/?code={MASK}"),
+        ("https://h/?next=https://g/?sig=s3", f"https://h/?next=https://g/?sig={MASK}"),
+        # An @ in the query (an email), before a secret; with a port, the span to it masked.
+        ("https://h/v1?user=me@x.com&api_key=s3", f"https://h/v1?user=me@x.com&api_key={MASK}"),
+        ("https://h:8080/v1?u=me@x.com&token=s3", f"https://h:{MASK}@x.com&token={MASK}"),
+        # A password with a space, then a query.
+        ("https://d:p w@gw/x?token=s3 ok", f"https://d:{MASK}@gw/x?token={MASK} ok"),
+        # Not secrets: an empty value, a path's query with no URL, names that only end in key.
         ("https://h/?token=&x=1 /x?token=s3", "https://h/?token=&x=1 /x?token=s3"),
-        ("https://h/?monkey=1&token", f"https://h/?monkey={MASK}&token"),
+        ("https://h/bars?sortKey=time&code=US", "https://h/bars?sortKey=time&code=US"),
         # No password: as written.
         ("http://only-user@host/x", "http://only-user@host/x"),
         ("mail me at a@b.c, see https://x.example/", "mail me at a@b.c, see https://x.example/"),
@@ -387,6 +398,8 @@ def test_url_secrets_are_masked_on_the_safe_side(text: str, shown: str) -> None:
         "h://x?" + "a" * 400_000 + "=",
         "h://x" + "?a=" * 130_000,
         "h://x?" + "&" * 400_000,
+        "https://h/?" + "private" * 60_000 + "=1",  # a name judged in one pass too
+        "https://h/?" + "=" * 400_000,
     ],
 )
 def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
@@ -395,6 +408,21 @@ def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
     started = time.perf_counter()
     mask({"path": crafted})
     assert time.perf_counter() - started < 1.0  # one pass: a few ms; quadratic: a minute
+
+
+def test_text_with_a_mask_beside_a_url_is_no_url_sent_back_masked() -> None:
+    """Eight asterisks beside a link (a rating, a markdown rule) are text, not a masked URL
+    secret sent back: stored as sent."""
+    sent = {"notes": f"rating {MASK} https://example.com/?q=1", "n": f"https://h/?a={MASK}x"}
+    assert restore_placeholders(sent, None, "$.d") == sent
+
+
+def test_hostile_names_are_not_kept_in_the_names_cache() -> None:
+    from ctsd import secretnames
+
+    before = secretnames._judged.cache_info().currsize
+    assert not is_secret_key("x" * 10_000) and is_secret_key("x" * 10_000 + "token")
+    assert secretnames._judged.cache_info().currsize == before
 
 
 def test_a_url_sent_back_as_shown_keeps_its_password() -> None:

@@ -33,6 +33,7 @@ from ctsd.errors import CtsdError
 from ctsd.limits import MAX_MESSAGE_DEPTH, require_depth
 from ctsd.secretnames import is_secret_key as is_secret_key
 from ctsd.urlmask import MASK as MASK  # (below `errors`, which masks every message by it)
+from ctsd.urlmask import holds_masked_url
 from ctsd.urlmask import mask_url_secrets as mask_url_secrets
 
 # A connection record's `api_key` may show its last four characters (which key is this?):
@@ -40,7 +41,6 @@ from ctsd.urlmask import mask_url_secrets as mask_url_secrets
 # named api_key in a document included, shows only as set.
 SHOW_TAIL = "api_key"
 SETTINGS_STRING_KEY = "connection_settings"  # a JSON string holding an object
-_URL_MASKED = MASK  # (in a URL: a password or a query value masked)
 
 
 def mask_value(field: str, value: Any, *, record: bool = False) -> Any:
@@ -185,7 +185,7 @@ def is_placeholder(value: Any) -> bool:
 
 
 def _holds_masked_url(value: Any) -> bool:
-    return isinstance(value, str) and _URL_MASKED in value and "://" in value
+    return isinstance(value, str) and holds_masked_url(value)
 
 
 def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
@@ -195,7 +195,11 @@ def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
     if isinstance(stored, str) and mask_url_secrets(stored) == sent:
         return stored
     name = key if isinstance(key, str) else path
-    if not isinstance(stored, str) or _URL_MASKED in stored or mask_url_secrets(stored) == stored:
+    if (
+        not isinstance(stored, str)
+        or holds_masked_url(stored)
+        or mask_url_secrets(stored) == stored
+    ):
         raise _refuse(name, path, "no URL password is stored there")
     raise _refuse(name, path, "the stored URL is not the one shown")
 

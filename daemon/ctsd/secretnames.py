@@ -8,17 +8,22 @@ import functools
 import re
 
 # Names are compared lowercased with everything but letters and digits removed, so that
-# `api_key`, `apiKey`, `API-KEY` and `x-api-key` are one name.
-_SECRET_PART = re.compile(
-    r"secret|passw(?:or)?d|passphrase|token|apikey|accesskey|private\w*key|privkey"
-    r"|credential|authorization"
-)
+# `api_key`, `apiKey`, `API-KEY` and `x-api-key` are one name. (Literal parts, and
+# `private…key` checked by hand: a name is judged in one pass however long it is.)
+_SECRET_PARTS = (
+    "secret", "password", "passwd", "passphrase", "token", "apikey", "accesskey", "privkey",
+    "credential", "authorization",
+)  # fmt: skip
 # Whole names only: `username` is the login half of the Project X credentials.
 _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
 # Query parameters only: names that carry a credential in a URL (`?key=` of many HTTP APIs,
-# an exchange's `listenKey`, a request's `signature`), but mean other things as a document's
-# key (a setting's `key`, a `hotkey`).
-_QUERY_NAMES = frozenset({"sig", "signature", "auth", "code"})
+# an exchange's `listenKey`, a signed URL's `X-Amz-Signature`), but may mean other things as
+# a document's key.
+_QUERY_NAMES = frozenset(
+    {"key", "sig", "sign", "auth", "jwt", "sid", "session", "sessionid", "listenkey"}
+)
+_QUERY_PARTS = ("signature", "hmac")
+_CACHED_UP_TO = 128  # longer names (hostile ones) are judged without being cached
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 
 
@@ -26,7 +31,6 @@ def _norm(name: str) -> str:
     return _NON_ALNUM.sub("", name.lower())
 
 
-@functools.lru_cache(maxsize=4096)  # a pure function of the name; names repeat per record
 def is_secret_key(name: str) -> bool:
     """Is a value under this key a secret, wherever it sits? Case and separators do not
     matter. Secrets: names containing `secret`, `password`/`passwd`, `passphrase`, `token`,
@@ -34,12 +38,26 @@ def is_secret_key(name: str) -> bool:
     names `username`, `pwd` and `pass`."""
     if not isinstance(name, str):
         return False
-    n = _norm(name)
-    return n in _SECRET_NAMES or _SECRET_PART.search(n) is not None
+    return _judged(name) if len(name) <= _CACHED_UP_TO else _judge(_norm(name))
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of the name; names repeat per record
+def _judged(name: str) -> bool:
+    return _judge(_norm(name))
+
+
+def _judge(n: str) -> bool:
+    if n in _SECRET_NAMES or any(part in n for part in _SECRET_PARTS):
+        return True
+    private = n.find("private")
+    return private != -1 and n.find("key", private + 7) != -1
 
 
 def is_secret_param(name: str) -> bool:
-    """Is a URL query parameter of this name a secret? A secret key's name, one ending in
-    `key`, or `sig`, `signature`, `auth` or `code` (an OAuth code)."""
+    """Is a URL query parameter of this name a secret? A secret key's name, or `key`, `sig`,
+    `sign`, `auth`, `jwt`, `sid`, `session`, `sessionid`, `listenKey`, or one containing
+    `signature` or `hmac`."""
+    if is_secret_key(name):
+        return True
     n = _norm(name)
-    return is_secret_key(name) or n.endswith("key") or n in _QUERY_NAMES
+    return n in _QUERY_NAMES or any(part in n for part in _QUERY_PARTS)

@@ -15,7 +15,10 @@ _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 _TOKEN = re.compile(r"\S+")  # a URL written in text runs to a space (a password may hold quotes)
 _PORT = re.compile(r"\d*(?:[/?#]|$)")  # what follows `host:` (tried up to a token's end)
 _NOT_USER = re.compile(r"[\[\]]")  # before a `:` that is no user's: an IPv6 host
-_PARAM = re.compile(r"[?&;#]([^=&;#?]*)=([^&;#?\"'<>()\[\]{}]*)")  # `name=value` of a query
+# `name=value` of a query: the value runs to the next parameter, or to a quote or `<>` after
+# its first character (the end of a URL quoted in a text).
+_PARAM = re.compile(r"[?&;#]([^=&;#?\s]*)=([^&;#?\s][^&;#?\s\"'<>]*)?")
+_MASKED_PARAM = re.compile(r"[?&;#][^=&;#?\s]*=\*{8}(?:[&;#?\s\"'<>]|$)")
 
 
 def mask_url_secrets(text: str) -> str:
@@ -33,10 +36,12 @@ def mask_url_secrets(text: str) -> str:
     is masked as if it were a password. A user name alone (`https://desk@host`) is shown: it
     tells accounts apart.
 
-    Query: after the host, the value of every parameter whose name is a secret's
-    (`secretnames.is_secret_param`: `token`, `access_token`, `api_key`, `key`, `signature`...)
-    is masked, up to the next `&`, `;` or `#` (or a quote or bracket: the end of a URL quoted
-    in a text), in the fragment too (`#access_token=`).
+    Query: the value of every parameter whose name is a secret's
+    (`secretnames.is_secret_param`: `token`, `access_token`, `api_key`, `key`,
+    `X-Amz-Signature`...) is masked, up to the next `&`, `;`, `#` or `?` (a URL in a
+    parameter: its own are looked at too), or a quote or `<>` (the end of a URL quoted in a
+    text), in the fragment too (`#access_token=`). After a masked password, parameters are
+    looked for from its @ on.
 
     One pass over the text: this runs on every string of every log line and answer, and a
     pattern that backtracks would let a long crafted string hold the event loop."""
@@ -64,6 +69,7 @@ def mask_url_secrets(text: str) -> str:
         if i == -1:
             continue
         spans: list[tuple[int, int]] = []  # what to mask, in order
+        params_to = end
         colon = text.find(":", i + 3, stop)
         if colon != -1 and at != -1:
             spans.append((colon + 1, at))
@@ -72,19 +78,29 @@ def mask_url_secrets(text: str) -> str:
         ):  # a password with a space (the `:` is no port's, nor in an IPv6 host)
             limit = min(next_at("\n", end), next_at("://", end))
             if next_at("@", end) < limit:
-                spans.append((colon + 1, text.rfind("@", end, limit)))
-        host = spans[-1][1] if spans else max(at, i + 3)
-        if host < end:
-            query = min(_find(text, "?", host, end), _find(text, "#", host, end))
-            for m in _PARAM.finditer(text, query, end):
-                if m.end(2) > m.start(2) and is_secret_param(unquote(m.group(1))):
-                    spans.append((m.start(2), m.end(2)))
+                at = text.rfind("@", end, limit)
+                spans.append((colon + 1, at))
+                params_to = _TOKEN.match(text, at).end()  # type: ignore[union-attr]
+        if spans:
+            # The query may have begun in what was masked (a `?` in a password, an @ in the
+            # query): its parameters are looked for from the @ on.
+            params_from = spans[-1][1]
+        else:
+            params_from = min(_find(text, "?", i + 3, end), _find(text, "#", i + 3, end))
+        for m in _PARAM.finditer(text, params_from, params_to):
+            if m.group(2) and is_secret_param(unquote(m.group(1))):
+                spans.append((m.start(2), m.end(2)))
         for a, b in spans:
             out.append(text[done:a])
             out.append(MASK)
             done = b
     out.append(text[done:])
     return "".join(out)
+
+
+def holds_masked_url(text: str) -> bool:
+    """Does `text` hold a URL as `mask_url_secrets` shows it, a secret of it masked?"""
+    return "://" in text and (f":{MASK}@" in text or _MASKED_PARAM.search(text) is not None)
 
 
 def _find(text: str, needle: str, start: int, end: int) -> int:
