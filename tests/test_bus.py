@@ -645,6 +645,13 @@ async def test_sync_log_get_status_export(daemon: Daemon) -> None:
         assert "settings.json" in exp["files"] and "connection.json" in exp["files"]
         err = await b.err("sync_log.get", since=-1)
         assert err["code"] == "invalid" and err["path"] == "$.since"
+        # A `since` ahead of the revision (another data dir's): refused, not answered with
+        # nothing (a poller would skip what comes until the revision passes it).
+        assert await b.ok("sync_log.get", since=5) == []
+        err = await b.err("sync_log.get", since=6)
+        assert err["code"] == "invalid" and "ahead of the current revision 5" in err["message"]
+        code, body = daemon.http("/api/sync-log?since=6")
+        assert code == 400 and body["error"]["code"] == "invalid", body
 
 
 async def test_import_and_reset(daemon: Daemon) -> None:

@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import structlog.testing
 
-from ctsd import checkpoint, files, intake, journal, ops
+from ctsd import backup, checkpoint, files, intake, journal, ops
 from ctsd.atomic import TEMP_PREFIX, stamp_of
 from ctsd.bus import views
 from ctsd.core import Change, Committed, RecordChange
@@ -1705,6 +1705,49 @@ async def test_entries_removed_from_the_middle_while_stopped_make_a_resume_befor
             await store.submit(ops.create(conn(5)), "bus", sync="files")
             assert store.oldest_revision() == 3
     assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 3, 4, 5]  # as the operator left it
+
+
+async def test_the_newest_entries_removed_while_stopped_make_a_resume_before_them_refused(
+    data_dir: Path,
+) -> None:
+    """The newest entries removed by hand while stopped: the revision goes on from the
+    journal's, and a resume from the log's last id would miss the changes removed (their ids
+    are not given again); refused, as for a gap."""
+    async with opened(data_dir) as store:
+        for i in range(1, 5):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    log = disk(data_dir, SYNC_LOG)
+    (data_dir / SYNC_LOG).write_text(json.dumps(log[:2]))  # 3 and 4 gone
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            assert [e["oldest_resumable"] for e in logs if e["event"] == "sync_log_gap"] == [5]
+            assert store.revision == 4 and store.oldest_revision() == 5
+            with pytest.raises(CtsdError, match="not all kept"):
+                views.check_since(store, 2)
+            views.check_since(store, 4)
+            assert store.committed.revision_of("c:c1") == 4
+            await store.submit(ops.create(conn(5)), "bus", sync="files")
+            assert store.oldest_revision() == 5 and [e.id for e in store.events_since(4)] == [5]
+
+
+async def test_a_restore_of_an_older_archive_leaves_a_gap_it_explains(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """`ctsd restore` of an older archive (while stopped) puts one `import` event past the
+    revision given out: a gap on purpose, not reported as an edit."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        archive = {p.name: p.read_bytes() for p in data_dir.glob("*.json")}
+        for i in (2, 3):
+            await store.submit(ops.create(conn(i)), "bus", sync="files")
+    contents = backup._going_on(archive, 3, 1)
+    for name, raw in contents.items():
+        (data_dir / name).write_bytes(raw)
+    (data_dir / journal.NAME).unlink()
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            assert [e.id for e in store.log] == [1, 4] and store.oldest_revision() == 4
+    assert not [e for e in logs if e["event"] == "sync_log_gap"]
 
 
 def test_a_gap_in_the_log_is_forgotten_once_trimmed_past() -> None:

@@ -140,8 +140,9 @@ class Committed:
         self._log_sizes: deque[int] = deque()  # event_bytes of each event in `log`
         self.log_bytes = 0
         # The id from which the log is a whole history: an id missing before it (entries
-        # removed from the middle by hand while the daemon was down; a running daemon puts
-        # such an edit back) means the entries before it cannot serve a resume.
+        # removed from the middle by hand while the daemon was down, as a running daemon
+        # puts such an edit back; a CLI restore of an older archive) means the entries
+        # before it cannot serve a resume.
         self.whole_from = 0
         self.revision = 0
         # The revision of the latest event of each record (`record_key`, `document_key`).
@@ -158,15 +159,25 @@ class Committed:
 
     def oldest_revision(self) -> int:
         """The oldest retained revision a resume can start after (minus one): the log's first
-        entry, or the first after its last gap."""
-        return max(self.log[0].id, self.whole_from) if self.log else self.revision + 1
+        entry, or the first after its last gap (`_whole_from`)."""
+        return max(self.log[0].id, self._whole_from()) if self.log else self.revision + 1
+
+    def _whole_from(self) -> int:
+        """The id from which the log holds every change up to the revision: past the last gap
+        in it, or past the revision when its newest entries are missing (removed by hand
+        while the daemon was down: the revision went on from the journal's)."""
+        if self.log and self.log[-1].id < self.revision:
+            return self.revision + 1
+        return self.whole_from
 
     def revision_of(self, key: str) -> int:
         """The revision of a record's last change; one whose events were trimmed from the log
         (or sit before a gap in it, so a later change may be missing) changed at the latest
         just before the oldest retained one."""
         rev = self.record_revs.get(key)
-        return rev if rev is not None and rev >= self.whole_from else self.oldest_revision() - 1
+        if rev is not None and rev >= self._whole_from():
+            return rev
+        return self.oldest_revision() - 1
 
     def events_since(self, since: int) -> list[SyncEvent]:
         """Retained events with id > since, oldest first (callers check compaction)."""

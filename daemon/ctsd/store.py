@@ -22,7 +22,7 @@ import contextlib
 import functools
 import hmac
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,13 +384,14 @@ class Store:
         if touched | sealed:
             self.checkpointer.note(touched | sealed, self.journal.lsn)
         c = self.committed
-        if c.log and c.whole_from > c.log[0].id:
+        oldest = c.oldest_revision()
+        if c.log and oldest > c.log[0].id and not _restored_at(c.log, oldest):
             log.warning(
                 "sync_log_gap",
-                oldest_resumable=c.whole_from,
-                reason=f"ids are missing before {c.whole_from} in {SYNC_LOG} (removed by hand "
-                "while the daemon was down?): a bot resuming from an earlier revision gets "
-                "revision_compacted and takes a snapshot",
+                oldest_resumable=oldest,
+                reason=f"ids are missing before {oldest} in {SYNC_LOG} (entries "
+                "removed by hand while the daemon was down?): a bot resuming from an earlier "
+                "revision gets revision_compacted and takes a snapshot",
             )
         log.info(
             "loaded",
@@ -782,6 +783,15 @@ class Store:
 
 
 RELOAD_WRITE_S = 5.0
+
+
+def _restored_at(log: Sequence[SyncEvent], first: int) -> bool:
+    """Is entry `first`, the first after a gap, the `import` event of a restore? A CLI restore
+    of an older archive leaves that gap on purpose (`backup`: ids are never given twice)."""
+    for e in reversed(log):
+        if e.id <= first:
+            return e.id == first and e.action == "import" and e.data.get("mode") == "restore"
+    return False
 
 
 def _fail(fut: asyncio.Future[Any], err: CtsdError) -> None:

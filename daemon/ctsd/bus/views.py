@@ -117,14 +117,24 @@ def events(evs: list[SyncEvent]) -> list[dict[str, Any]]:
 
 
 def check_since(store: Store, since: int) -> None:
+    """Can the events after `since` be given, all of them? (`subscribe`, `sync_log.get`)"""
     oldest = store.oldest_revision()
     if since < oldest - 1:
         raise CtsdError(
             "revision_compacted",
-            f"revision {since} is older than the oldest retained entry ({oldest}); "
-            "take a snapshot and subscribe from its revision",
+            f"the events after revision {since} are not all kept (the sync log holds every "
+            f"change from revision {oldest} on); take a snapshot and subscribe from its "
+            "revision",
             path="$.since",
             extra={"oldest": oldest},
+        )
+    if since > store.revision:
+        # Revisions are never reused: a `since` from the future came from another data dir
+        # (answered with nothing, its poller would skip what comes until it passes `since`).
+        raise CtsdError(
+            "invalid",
+            f"since {since} is ahead of the current revision {store.revision}",
+            path="$.since",
         )
 
 
