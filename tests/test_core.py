@@ -1148,6 +1148,25 @@ def test_a_placeholder_where_nothing_or_something_else_is_stored_is_refused() ->
     assert d.connections["conn_k"].api_key == CANARY_KEY
 
 
+@pytest.mark.parametrize(
+    "slipped", ["******** ", "*******", "**********", " …abcd", "...abcd", "…abc", "…", "****"]
+)
+def test_a_placeholder_copied_with_a_slip_is_refused_never_stored(slipped: str) -> None:
+    """A placeholder copied with a slip (a space, a star too many, `...` for `…`) was stored
+    as the secret, replacing the real one, and still read masked: the loss did not show."""
+    d = Committed()
+    ok(run(d, ops.create(body("conn_k", api_key=CANARY_KEY, api_secret=CANARY_KEY)))[0])
+    for field in ("api_key", "api_secret"):
+        (out,), change = run(d, ops.update("conn_k", {field: slipped}))
+        assert out.error is not None and out.error.code == "invalid", (field, out)
+        assert out.error.path == f"$.changes.{field}" and "slip" in out.error.message
+        assert change.empty
+    (out,), _ = run(d, ops.create(body("conn_n", api_secret=slipped)))
+    assert out.error is not None and out.error.path == "$.connection.api_secret"
+    assert d.connections["conn_k"].api_key == CANARY_KEY
+    assert d.connections["conn_k"].api_secret == CANARY_KEY
+
+
 def test_a_placeholder_in_a_document_keeps_the_stored_secret() -> None:
     c = Committed()
     ok(run(c, ops.set_document("ui-config", {"token": CANARY_SECRET, "theme": "dark"}))[0])

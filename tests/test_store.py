@@ -1044,6 +1044,32 @@ async def test_a_placeholder_pasted_by_hand_never_replaces_the_secret_after_a_ki
     assert disk(data_dir, CONNECTIONS)[0]["api_secret"] == secret
 
 
+async def test_a_placeholder_copied_by_hand_with_a_slip_leaves_the_file_invalid(
+    data_dir: Path,
+) -> None:
+    """`sed` putting `"******** "` (a space too many) in place of a sealed secret: not taken
+    as the new secret; the file is invalid where it is, the stored secret kept."""
+    box = SecretBox(parse_key(new_key_text(), "test key"))
+    secret = CANARY + "-secret"
+    store = Store(data_dir, box)
+    store.open()
+    await store.start()
+    try:
+        await store.submit(ops.create(conn(1, api_secret=secret)), "bus", sync="files")
+        sealed = store.connections["c1"].api_secret
+        assert sealed is not None and sealed.startswith("enc:")
+        rows = disk(data_dir, CONNECTIONS)
+        rows[0].update(name="edited", api_secret="******** ")
+        (data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+        assert not await store.ingest(CONNECTIONS)
+        problem = store.problems[CONNECTIONS]
+        assert problem.path == "$[0].api_secret" and "slip" in problem.message, problem
+        assert store.connections["c1"].api_secret == sealed
+        assert store.connections["c1"].name == "conn 1"  # (nothing of the edit taken)
+    finally:
+        await store.close()
+
+
 async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     data_dir: Path,
 ) -> None:

@@ -174,6 +174,7 @@ def may_hold_placeholders(sent: Any) -> bool:
     return any(
         _is_container(v)
         or is_placeholder(v)
+        or is_slipped_placeholder(v)
         or _holds_masked_url(v)
         or (v is None and is_secret_key(k))  # (null for a secret stored "": kept)
         for k, v in sent.items()
@@ -182,6 +183,22 @@ def may_hold_placeholders(sent: Any) -> bool:
 
 def is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and (value == MASK or (value.startswith("…") and len(value) == 5))
+
+
+def is_slipped_placeholder(value: Any) -> bool:
+    """A value that reads as a placeholder copied with a slip: a space around it, a star too
+    many or too few, `...` typed for `…`, a tail cut short. Stored as a secret, it would
+    replace the real one and still read masked, so the loss would not show."""
+    if not isinstance(value, str) or is_placeholder(value) or len(value) > 64:
+        return False
+    s = value.strip()
+    if len(s) >= 3 and s.count("*") == len(s):
+        return True
+    for lead in ("…", "..."):
+        rest = s[len(lead) :]
+        if s.startswith(lead) and len(rest) <= 4 and (not rest or rest.isalnum()):
+            return True
+    return False
 
 
 def _holds_masked_url(value: Any) -> bool:
@@ -350,6 +367,14 @@ def _restore_walk(sent: Any, stored: Any, path: str, records: bool) -> tuple[Any
                 if moved is not None:
                     raise _refuse(key, sub, _MOVED % moved)
                 new = counterpart
+            elif isinstance(key, str) and is_slipped_placeholder(value) and is_secret_key(key):
+                raise CtsdError(
+                    "invalid",
+                    f"`{key}` reads as the masked placeholder copied with a slip (a space, a "
+                    "star too many, `...` for `…`), not as a secret: send `********` exactly to "
+                    "keep the stored secret, or the real value",
+                    path=sub,
+                )
             elif _holds_masked_url(value):
                 if moved is not None and moved != key:
                     raise _refuse(key if isinstance(key, str) else sub, sub, _MOVED % moved)
