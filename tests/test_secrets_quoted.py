@@ -44,7 +44,15 @@ def test_a_message_quoting_a_url_never_carries_its_password(url: str) -> None:
         assert CANARY not in text and "https://desk:********@gw.example" in text, text
 
 
-@URLS
+@pytest.mark.parametrize(
+    "url",
+    [
+        URL,
+        f"https://desk:{CANARY} 2@gw.example",
+        f"desk:{CANARY}@gw",  # no scheme: a user and password typed as a host all the same
+        f"//desk:{CANARY}@h..x",
+    ],
+)
 async def test_a_file_invalid_for_a_value_it_quotes_never_shows_its_password(
     data_dir: Path, url: str
 ) -> None:

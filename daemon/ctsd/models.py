@@ -196,7 +196,8 @@ def check_listen_host(host: str, where: str) -> str:
     except UnicodeError:
         ok = False
     if not ok or any(c in _NOT_IN_A_HOST or not c.isprintable() for c in host):
-        raise ValueError(f"{where} {host!r} is not an IP address or a host name")
+        # (shown as a URL is: one typed with a user and password must not echo them)
+        raise ValueError(f"{where} {shown_url(host)!r} is not an IP address or a host name")
     return host
 
 
