@@ -311,6 +311,35 @@ def test_document_create_is_201_with_location(openapi_document: dict[str, Any]) 
     assert "X-Revision" in created["headers"]
 
 
+def test_the_codes_a_body_or_method_slip_gets_are_documented_on_every_route(
+    target: Target, openapi_document: dict[str, Any]
+) -> None:
+    """A body not JSON, or too large, sent to a route that takes none, and a method the path
+    lacks, are answered 415, 413 and 405: each operation lists them (a generated client or a
+    contract check took them for undocumented)."""
+    import httpx
+
+    d = target.daemon
+    auth = {"Authorization": f"Bearer {d.token}"}
+    cases = [
+        ("post", "/api/connections/{id}/heartbeat", "/api/connections/x/heartbeat", "x", 415),
+        ("get", "/api/settings/connections", "/api/settings/connections", "x" * (2 << 20), 413),
+        ("put", "/api/data/{name}", "/api/data/ui-config", None, 405),
+    ]
+    for method, templ, path, body, status in cases:
+        got = httpx.request(
+            "DELETE" if status == 405 else method.upper(),
+            d.url + path,
+            content=body,
+            headers={**auth, "Content-Type": "text/plain"},
+        ).status_code
+        assert got == status, (path, got)
+        assert str(status) in openapi_document["paths"][templ][method]["responses"], templ
+    for ops_ in openapi_document["paths"].values():
+        for op in ops_.values():
+            assert {"405", "413", "415"} <= set(op["responses"]), op["operationId"]
+
+
 def test_document_needs_the_token(target: Target) -> None:
     code, body = target.daemon.http("/openapi.json", token=None)
     assert code == 401 and body["error"]["code"] == "unauthorized"

@@ -187,13 +187,13 @@ def document(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
                 **_REVISION_HEADER,
                 "Location": {"description": "the new record", "schema": {"type": "string"}},
             }
-        codes = set(ep.errors) | {400, 403, 503}
+        # 405: another method on the path; 413/415: a body too large or not JSON, sent
+        # where one is taken or not (it is read and judged either way).
+        codes = set(ep.errors) | {400, 403, 405, 413, 415, 503}
         if http_limited(ep.method, ep.path):
             codes.add(429)
         if ep.auth:
             codes.add(401)
-        if ep.body is not None:
-            codes |= {413, 415}
         for code in sorted(codes):
             responses[str(code)] = {
                 "description": (
