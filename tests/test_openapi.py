@@ -340,6 +340,15 @@ def test_the_codes_a_body_or_method_slip_gets_are_documented_on_every_route(
             assert {"405", "413", "415"} <= set(op["responses"]), op["operationId"]
 
 
+def test_document_says_sync_on_a_heartbeat_is_taken_and_changes_nothing(
+    openapi_document: dict[str, Any],
+) -> None:
+    """A client sending `?sync=files` with every write gets it taken on a heartbeat too
+    (answered at once): the document lists it there, and says it writes nothing at once."""
+    beat = _query(openapi_document, "/api/connections/{id}/heartbeat", "post", "sync")
+    assert "heartbeat_flush_s" in beat["description"]
+
+
 def test_document_needs_the_token(target: Target) -> None:
     code, body = target.daemon.http("/openapi.json", token=None)
     assert code == 401 and body["error"]["code"] == "unauthorized"

@@ -79,13 +79,19 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
                 "schema": msgspec.json.schema(q.type),
             }
         )
-    if ep.write or ep.stores:
+    if ep.method != "GET":
+        # (taken by every route that may write, so a client may send it with each; a no-op
+        # where nothing reaches the files at once)
         out.append(
             {
                 "name": "sync",
                 "in": "query",
                 "required": False,
-                "description": SYNC_QUERY.description,
+                "description": SYNC_QUERY.description
+                if ep.write or ep.stores
+                else "`files` is taken and changes nothing: this route writes nothing to the "
+                "data files at once (a heartbeat reaches connection-state.json every "
+                "`heartbeat_flush_s`)",
                 "schema": {"type": "string", "enum": ["files"]},
             }
         )
