@@ -111,6 +111,27 @@ BAD = [
         "unknown field `is_enabeld` at `$[0]`; did you mean `is_enabled`?",
     ),
     (
+        "unknown-key-case",  # another case or separators: the field so spelled, not `exchange`
+        "connections.json",
+        '[\n  {"id": "a", "name": "x", "exchange": "bybit", "exchangeId": "b"}\n]\n',
+        2, 49, "$[0]",
+        "unknown field `exchangeId` at `$[0]`; did you mean `exchange_id`?",
+    ),
+    (
+        "unknown-key-upper",
+        "connections.json",
+        '[\n  {"id": "a", "name": "x", "exchange": "bybit", "API_KEY": "k"}\n]\n',
+        2, 49, "$[0]",
+        "unknown field `API_KEY` at `$[0]`; did you mean `api_key`?",
+    ),
+    (
+        "enum-typo",  # which words are taken, and the one most likely meant
+        "settings.json",
+        '{\n  "server": {"auth": "loopbak"}\n}\n',
+        2, 22, "$.server.auth",
+        "invalid enum value 'loopbak' (one of `loopback`, `token`); did you mean `loopback`?",
+    ),
+    (
         "unknown-key-state",
         "connection-state.json",
         '[\n  {\n    "connection_id": "a",\n    "volume_factor_lve": 2\n  }\n]\n',

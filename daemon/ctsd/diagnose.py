@@ -27,6 +27,7 @@ _PATH_PART = re.compile(r"\[(\d+)\]|\.([^.\[]+)|\['((?:[^'\\]|\\.)*)'\]")
 _LONG_INT = re.compile(rf"-?\d{{{sys.get_int_max_str_digits() + 1},}}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?) - at `(?P<path>\$[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
+_ENUM = re.compile(r"Invalid enum value '(?P<value>.*)'$", re.S)
 _MISSING = re.compile(r"missing required field `(?P<key>[^`]+)`")
 _BYTE = re.compile(r"\(byte (\d+)\)")
 _STRUCTURAL = re.compile(r'["\[\]{},:]')
@@ -156,12 +157,42 @@ def locate(text: str, parts: list[str | int], *, key: str | None = None) -> int:
 
 
 def nearest(word: str, choices: list[str]) -> str | None:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return close[0] if close else None
+    """The choice `word` was most likely meant to be: the same name in another case or with
+    other separators (`exchangeId`, `API_KEY` for `exchange_id`, `api_key`), else the
+    closest spelling. None when none is close (or the word is too long to be a slip)."""
+    if len(word) > 256:
+        return None
+    norm = {_fold(c): c for c in reversed(choices)}  # (the first of equal folds wins)
+    if (same := norm.get(_fold(word))) is not None:
+        return same
+    close = difflib.get_close_matches(_fold(word), list(norm), n=1, cutoff=0.6)
+    return norm[close[0]] if close else None
+
+
+def _fold(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
     """The field names of the Struct at `parts` of type `root`, for did-you-mean."""
+    info = _type_at(root, parts)
+    if isinstance(info, msgspec.inspect.StructType):
+        return [f.encode_name for f in info.fields]
+    return []
+
+
+def _values_at(root: Any, parts: list[str | int]) -> list[str]:
+    """The values the field at `parts` of type `root` takes, when they are a list of words."""
+    info = _type_at(root, parts)
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return [str(v) for v in info.values]
+    if isinstance(info, msgspec.inspect.EnumType):
+        return [str(m.value) for m in info.cls]
+    return []
+
+
+def _type_at(root: Any, parts: list[str | int]) -> Any:
+    """The type info at `parts` of type `root` (None: the path leaves what the type says)."""
     info = msgspec.inspect.type_info(root)
     for part in [*parts, None]:
         while isinstance(info, msgspec.inspect.UnionType):
@@ -179,13 +210,11 @@ def _fields_at(root: Any, parts: list[str | int]) -> list[str]:
         elif isinstance(info, msgspec.inspect.StructType):
             match = [f for f in info.fields if f.encode_name == part]
             if not match:
-                return []
+                return None
             info = match[0].type
         else:
-            return []
-    if isinstance(info, msgspec.inspect.StructType):
-        return [f.encode_name for f in info.fields]
-    return []
+            return None
+    return info
 
 
 # The stdlib decoder's syntax messages, several of which end in a dangling "at" (their position
@@ -245,6 +274,12 @@ def _parse(error: str, root: Any) -> tuple[str, str, str | None, str]:
     msg = _words_for_patterns(msg)
     unknown = _UNKNOWN.search(msg)
     if unknown is None:
+        enum = _ENUM.match(msg)
+        values = _values_at(root, parse_path(path)) if enum else []
+        if values:  # (which values are taken, and the one most likely meant)
+            msg += " (one of " + ", ".join(f"`{v}`" for v in values) + ")"
+            hint = nearest(enum.group("value"), values) if enum else None
+            return msg, path, None, f"; did you mean `{hint}`?" if hint else ""
         return msg, path, None, ""
     key = unknown.group("key")
     hint = nearest(key, _fields_at(root, parse_path(path)))
@@ -254,7 +289,7 @@ def _parse(error: str, root: Any) -> tuple[str, str, str | None, str]:
 def explain(error: str, root: Any) -> tuple[str, str]:
     """(message, JSON path) of a msgspec ValidationError message, for replies: a missing or
     unknown field's path names that field (msgspec names the object holding it), and an
-    unknown field gets a did-you-mean."""
+    unknown field or a value not among a field's words gets a did-you-mean."""
     msg, path, key, hint = _parse(error, root)
     if key is not None:
         return f"unknown field `{key}`{hint}", format_path([*parse_path(path), key])
@@ -262,7 +297,7 @@ def explain(error: str, root: Any) -> tuple[str, str]:
     if missing:
         key = missing.group("key")
         return f"missing required field `{key}`", format_path([*parse_path(path), key])
-    return msg, path
+    return msg + hint, path
 
 
 def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
@@ -300,7 +335,7 @@ def from_validation(file: str, raw: bytes, error: str, root: Any) -> FileProblem
         msg = f"unknown field `{key}` at `{path}`{hint}"
     else:
         offset = locate(text, parts)
-        msg = msg[0].lower() + msg[1:] if msg else msg
+        msg = (msg[0].lower() + msg[1:] if msg else msg) + hint
     line, col = line_col(text, offset)
     return FileProblem(file, line, col, path, msg)
 
