@@ -640,7 +640,8 @@ def test_a_change_that_would_make_a_file_too_large_is_refused_alone(
     assert out.error is not None and out.error.code == "too_large"
     assert "ui-config.json" in out.error.message
     # A hand edit is taken in whatever its size: the file was read.
-    big = Connection(id="conn_x", name="x", exchange="bybit", connection_settings="q" * 9000)
+    settings = msgspec.json.encode({"q": "q" * files.MAX_SETTINGS_CHARS}).decode()
+    big = Connection(id="conn_x", name="x", exchange="bybit", connection_settings=settings)
     hand = [*c.connections.values(), big]
     (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
     assert out.error is None and "conn_x" in c.connections
@@ -709,6 +710,15 @@ def test_connection_settings_the_readers_cannot_decode_are_refused_at_the_door(
     assert c.connections["a"].connection_settings == settings
     ok(run(c, ops.import_data({"files": {CONNECTIONS: [shown]}}, "merge"))[0])
     assert c.connections["a"].connection_settings == settings
+    # By hand: brought in, refused as by the other doors (the file stays invalid); kept
+    # where the record held it already and another field changed.
+    fresh = Connection(id="conn_h", name="h", exchange="x", connection_settings=settings)
+    hand = [*c.connections.values(), fresh]
+    (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))
+    assert out.error is not None and out.error.path == "$[2].connection_settings", out.error
+    hand = [*(r if r.id != "a" else msgspec.structs.replace(r, name="b") for r in hand[:2])]
+    ok(run(c, Request(ops.take_in(CONNECTIONS, hand, dict(c.connections)), "file"))[0])
+    assert c.connections["a"].name == "b"
 
 
 def test_answers_stay_as_small_as_their_requests_allow() -> None:

@@ -292,11 +292,12 @@ MAX_SETTINGS_CHARS = 64 * 1024  # a connection's settings as a door takes them
 
 
 @functools.lru_cache(maxsize=65_536)  # a pure function of the string; most repeat per file
-def connection_settings_problem(text: str, strict: bool = False) -> str | None:
+def connection_settings_problem(text: str, strict: bool = False, sized: bool = True) -> str | None:
     """Why `text` is no `connection_settings` value, or None. `strict` (a change sent
     through a door): also what the daemon's own readers (masking, probes) cannot decode,
-    NaN, Infinity, 1e999. A file holding one (an earlier version stored them) still loads:
-    refusing it would leave every connection unserved."""
+    NaN, Infinity, 1e999, and (`sized`: not a hand edit, whose file was read whatever its
+    size) a value over MAX_SETTINGS_CHARS. A file holding one (an earlier version stored
+    them) still loads: refusing it would leave every connection unserved."""
     try:
         value = json.loads(text)
     except ValueError as e:
@@ -312,7 +313,7 @@ def connection_settings_problem(text: str, strict: bool = False) -> str | None:
     if has_duplicate_keys(text):
         return "connection_settings names a key twice in one object"
     if strict:
-        if len(text) > MAX_SETTINGS_CHARS:
+        if sized and len(text) > MAX_SETTINGS_CHARS:
             return (
                 f"connection_settings is {len(text)} characters; the limit is "
                 f"{MAX_SETTINGS_CHARS} (every answer and event about the connection holds it)"

@@ -140,11 +140,16 @@ def own_settings_kept(tx: Tx, name: str, content: dict[str, Any]) -> dict[str, A
     return kept
 
 
-def _check_settings(conn: Connection, path: str, before: Connection | None = None) -> None:
+def _check_settings(
+    conn: Connection, path: str, before: Connection | None = None, *, by_hand: bool = False
+) -> None:
     """connection_settings as a door takes it: strictly when it is new or changed (a value
-    loaded from a file, which an earlier version may have stored, never blocks the record)."""
+    loaded from a file, which an earlier version may have stored, never blocks the record);
+    by hand whatever its size (the file was read)."""
     unchanged = before is not None and before.connection_settings == conn.connection_settings
-    problem = files.connection_settings_problem(conn.connection_settings, strict=not unchanged)
+    problem = files.connection_settings_problem(
+        conn.connection_settings, strict=not unchanged, sized=not by_hand
+    )
     if problem:
         raise CtsdError("invalid", problem, path=f"{path}.connection_settings")
 
@@ -449,7 +454,9 @@ def _take_in_connections(
             continue
         path = f"$[{at.get(cid, 0)}]"
         edited = changed_fields(base.get(cid), conn) if cid in base else None
-        conn = seal(tx, _hand_placeholders(tx, file, conn, old, edited, path), old, path)
+        conn = _hand_placeholders(tx, file, conn, old, edited, path)
+        _check_settings(conn, path, old, by_hand=True)  # (NaN: as the other doors refuse it)
+        conn = seal(tx, conn, old, path)
         if old is not None and old == conn:  # edited back to what memory holds (in C)
             new[cid] = old
             continue
