@@ -266,7 +266,30 @@ BAD = [
         "settings.json",
         '{\n  "sync_log_limit": 5,\n}\n',
         3, 1, "$",
-        "invalid JSON",
+        "invalid JSON: expected a key in double quotes (a comma before `}` is not allowed)",
+    ),
+    (
+        "syntax-trailing-comma-in-array",
+        "connections.json",
+        f"[\n  {CONN}}},\n]\n",
+        3, 1, "$",
+        "invalid JSON: expected a value (string, number, object, array, true, false or null) "
+        "(a comma before `]` is not allowed)",
+    ),
+    (
+        "syntax-double-comma",  # not blamed on a `}` that is not there
+        "settings.json",
+        '{\n  "sync_log_limit": 5,,\n  "x": 1\n}\n',
+        2, 23, "$",
+        "invalid JSON: expected a key in double quotes (two commas in a row?)",
+    ),
+    (
+        "syntax-cut-short",
+        "connections.json",
+        f"[\n  {CONN}",
+        2, 47, "$",
+        "invalid JSON: expected `,` between two items, or the closing bracket (the file ends "
+        "here: cut short?)",
     ),
     (
         "settings-wrong-type",

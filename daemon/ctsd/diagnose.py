@@ -223,9 +223,7 @@ _SYNTAX = {
     "Expecting value": "expected a value (string, number, object, array, true, false or null)",
     "Expecting ',' delimiter": "expected `,` between two items, or the closing bracket",
     "Expecting ':' delimiter": "expected `:` after the key",
-    "Expecting property name enclosed in double quotes": (
-        "expected a key in double quotes (a comma before `}` is not allowed)"
-    ),
+    "Expecting property name enclosed in double quotes": "expected a key in double quotes",
     "Unterminated string starting at": "this string has no closing quote",
     "Invalid control character at": (
         "a raw tab or line break inside a string (a missing closing quote?); write \\t or \\n"
@@ -251,11 +249,31 @@ _PATTERNS = {
 _REGEX = re.compile(r"`str` matching regex '(?P<rx>(?:[^'\\]|\\.)*)'")
 
 
-def syntax_message(msg: str) -> str:
-    if msg in _SYNTAX:
-        return _SYNTAX[msg]
-    msg = msg.removesuffix(" at")
-    return msg[:1].lower() + msg[1:]
+# What most likely caused a syntax error, by the character found where one was expected.
+_CAUSES = {
+    "}": " (a comma before `}` is not allowed)",
+    "]": " (a comma before `]` is not allowed)",
+    ",": " (two commas in a row?)",
+    "": " (the file ends here: cut short?)",
+}
+
+
+def syntax_message(msg: str, text: str = "", pos: int = 0) -> str:
+    """The stdlib decoder's message `msg` for `text` failing at `pos`, said in full, with
+    its likely cause where the character found there tells it."""
+    said = _SYNTAX.get(msg)
+    if said is None:
+        msg = msg.removesuffix(" at")
+        return msg[:1].lower() + msg[1:]
+    if msg.startswith("Expecting"):
+        found = text[pos:].lstrip()[:1]
+        cause = _CAUSES.get(found, "")
+        if msg == "Expecting ',' delimiter" and found:
+            cause = ""  # (a bracket or a comma there would not have failed)
+        elif msg == "Expecting value" and found == "}":
+            cause = " (a key with no value?)"
+        said += cause
+    return said
 
 
 def _words_for_patterns(msg: str) -> str:
@@ -310,7 +328,11 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
-        msg = "file is empty" if not text.strip() else f"invalid JSON: {syntax_message(e.msg)}"
+        msg = (
+            "file is empty"
+            if not text.strip()
+            else f"invalid JSON: {syntax_message(e.msg, text, e.pos)}"
+        )
         ch = text[e.pos] if e.msg == "Invalid control character at" else "\n"
         if ch not in "\t\n\r":  # (a NUL, say: no tab nor line break to blame)
             code = ord(ch)
