@@ -33,6 +33,20 @@ def test_plain_is_sealed_and_the_same_value_keeps_its_ciphertext() -> None:
     assert s.box.decrypt("a", "api_secret", changed.api_secret) == f"{CANARY}-2"  # type: ignore[arg-type]
 
 
+def test_the_same_secret_encrypted_again_keeps_the_stored_ciphertext() -> None:
+    """A file saved from a buffer read before a rekey (or a value encrypted again by hand)
+    holds another ciphertext of the same secret: no change, so no event tells the bots
+    their key changed. Another secret is a change."""
+    b = box()
+    first, _ = Sealer(b).connection(conn("a", api_key=f"{CANARY}-1"), None)
+    other = b.encrypt("a", "api_key", f"{CANARY}-1")
+    assert other != first.api_key
+    again, plain = Sealer(b).connection(conn("a", api_key=other), first)
+    assert again.api_key == first.api_key and not plain
+    changed, _ = Sealer(b).connection(conn("a", api_key=b.encrypt("a", "api_key", "x")), first)
+    assert changed.api_key != first.api_key
+
+
 def test_a_value_from_another_place_or_key_is_refused_naming_the_field() -> None:
     b = box()
     a_conn, _ = Sealer(b).connection(conn("a", api_key="k-a"), None)

@@ -69,12 +69,20 @@ class Sealer:
             return new
         if is_encrypted(new):
             try:
-                self.box.decrypt(record_id, field, new)
+                plain = self.box.decrypt(record_id, field, new)
             except SecretError as e:
                 raise CtsdError("invalid", f"`{field}` {e.detail}", path=where) from None
-            if self.box.encrypting and not new.startswith(f"enc:v1:{self.box.key_id}:"):
+            current = f"enc:v1:{self.box.key_id}:"
+            if self.box.encrypting and not new.startswith(current):
                 # under a key kept for reading only (during a rekey): stored under the new one
-                return self._encrypt(record_id, field, self.box.decrypt(record_id, field, new))
+                return self._encrypt(record_id, field, plain)
+            if (
+                is_encrypted(old)
+                and (old.startswith(current) or not self.box.encrypting)
+                and self.box.try_decrypt(associated_data(record_id, field), old) == plain
+            ):
+                return old  # the same secret encrypted again (a file from before a rekey):
+                # no change, no event telling bots their key changed
             return new
         if not self.box.encrypting:
             return new
