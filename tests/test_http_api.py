@@ -284,6 +284,33 @@ def test_export_import_round_trip_and_modes(daemon: Daemon, api: httpx.Client) -
     _error(api.post("/api/data/import", json=[1]), 400, "invalid", "$")
 
 
+def test_an_export_imports_back_after_its_connection_was_deleted_its_secrets_unset(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    """The seeds' backup and restore: the export holds secrets masked, and the connection
+    was deleted since. The whole import was refused for its placeholders, so nothing came
+    back; now the rest comes back, those secrets unset and named, never a placeholder."""
+    keys = {"api_key": "KEY-" + CANARY, "api_secret": "SECRET-" + CANARY}
+    api.post("/api/settings/connections", json=connection(id="k1", **keys))
+    api.post("/api/settings/connections", json=connection(id="k2", **keys))
+    api.post("/api/data/ui-config", json={"theme": "backed-up"})
+    export = api.get("/api/data/export").json()
+    api.delete("/api/settings/connections/k1")
+    api.post("/api/data/ui-config", json={"theme": "changed-later"})
+    r = api.post("/api/data/import?mode=replace", json=export)
+    assert r.status_code == 200, r.text
+    assert r.json()["secrets_unset"] == [
+        "$.data.files.connections.json[0].api_key",
+        "$.data.files.connections.json[0].api_secret",
+    ]
+    rows = {c["id"]: c for c in on_disk(daemon, "connections.json")}
+    assert (rows["k1"]["api_key"], rows["k1"]["api_secret"]) == (None, None)
+    assert {k: rows["k2"][k] for k in keys} == keys  # (stored: kept)
+    assert on_disk(daemon, "ui-config.json") == {"theme": "backed-up"}
+    # An update naming a placeholder where nothing is stored is still refused.
+    _error(api.put("/api/settings/connections/k1", json={"api_key": "********"}), 400, "invalid")
+
+
 def test_an_export_over_a_mib_imports_back(daemon: Daemon, api: httpx.Client) -> None:
     """The seed's backup and restore (export, then POST it to import) with an export larger
     than other bodies may be (its sync log, never imported, is most of it at a few hundred

@@ -394,10 +394,11 @@ def flush_heartbeats(beats: Mapping[str, str]) -> Op:
 
 
 def check_document(
-    tx: Tx, name: Any, content: Any, path: str = "$.content"
+    tx: Tx, name: Any, content: Any, path: str = "$.content", unset: list[str] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """(file, content to store) for a document sent by a client: checked, with the
-    placeholders of secrets it sends back replaced by the stored secrets."""
+    placeholders of secrets it sends back replaced by the stored secrets (`unset`: see
+    `restore_placeholders`)."""
     if not isinstance(name, str):
         raise CtsdError("invalid", "name must be a string", path="$.name")
     try:
@@ -410,7 +411,7 @@ def check_document(
     if not isinstance(content, dict):
         raise CtsdError("invalid", "content must be a JSON object", path=path)
     require_depth(content, path=path)
-    content = restore_placeholders(content, tx.docs.get(name), path)
+    content = restore_placeholders(content, tx.docs.get(name), path, unset=unset)
     _convert(content, files.document_type(name), path)  # names the very field
     if name == "instances":
         try:
@@ -751,15 +752,18 @@ def remove_algorithm(file: str) -> Op:
 # --- whole data set -------------------------------------------------------------------------
 
 
-def _import_table(tx: Tx, file: str, value: Any, mode: str, path: str) -> None:
+def _import_table(
+    tx: Tx, file: str, value: Any, mode: str, path: str, unset: list[str] | None
+) -> None:
     kind = files.TABLES[file]
     key = "id" if file == CONNECTIONS else "connection_id"
     table = tx.connections if file == CONNECTIONS else tx.state
     if file == CONNECTIONS:
         # Secrets exported masked come back as placeholders: the stored ones stay (matched by
-        # id); a placeholder for a connection not stored is invalid.
+        # id); one for a connection not stored (deleted, reset since) is imported unset and
+        # named in the answer: the rest of the export still comes back.
         stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
-        value = restore_placeholders(value, stored, path, records=True)
+        value = restore_placeholders(value, stored, path, records=True, unset=unset)
     if mode == "merge" and isinstance(value, list):
         # A record sent for one stored is laid over it, as an update is: the fields it leaves
         # out (its secrets, `created_at`, test results) keep their stored values.
@@ -818,9 +822,11 @@ def import_data(data: Any, mode: Any) -> Op:
                 "an export's `files` must be an object: {FILE: CONTENT, ...}",
                 path=where,
             )
-        imported = _import_files(tx, content, mode, where)
+        unset: list[str] = []
+        imported = _import_files(tx, content, mode, where, unset)
         tx.emit("import", None, {"mode": mode, "files": imported})
-        return {"imported": imported, "mode": mode}
+        # (the secrets an export held masked where nothing is stored: to be set again)
+        return {"imported": imported, "mode": mode, "secrets_unset": unset}
 
     return op
 
@@ -828,7 +834,10 @@ def import_data(data: Any, mode: Any) -> Op:
 _EXPORT_KEYS = {"version": int, "exported_at": str, "revision": int}  # beside `files`
 
 
-def _import_files(tx: Tx, content: dict[str, Any], mode: str, where: str) -> list[str]:
+def _import_files(
+    tx: Tx, content: dict[str, Any], mode: str, where: str, unset: list[str] | None = None
+) -> list[str]:
+    """`content`'s files into memory; `unset`: see `restore_placeholders` (None: refused)."""
     imported: list[str] = []
     algos = f"{files.ALGORITHMS_DIR}/"
 
@@ -844,7 +853,7 @@ def _import_files(tx: Tx, content: dict[str, Any], mode: str, where: str) -> lis
         if file == SYNC_LOG:
             continue  # history is the daemon's own; an import never rewrites it
         if file in (CONNECTIONS, STATE):
-            _import_table(tx, file, value, mode, path)
+            _import_table(tx, file, value, mode, path, unset)
         else:
             name = files.document_name(file)
             if name is None:
@@ -854,7 +863,7 @@ def _import_files(tx: Tx, content: dict[str, Any], mode: str, where: str) -> lis
                 if mode == "replace" or not isinstance(value, dict)
                 else {**(tx.docs.get(name) or {}), **value}
             )
-            _file, doc = check_document(tx, name, doc, path)
+            _file, doc = check_document(tx, name, doc, path, unset)
             existed = name in tx.docs
             keys = put_document(tx, name, doc, path)
             if keys or not existed:

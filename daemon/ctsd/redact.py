@@ -256,7 +256,9 @@ def _pairs(sent: list[Any], stored: Any) -> list[Any]:
     return [stored[i] if i < len(stored) else None for i in range(len(sent))]
 
 
-def _restore_settings_string(sent: str, stored: Any, path: str) -> str:
+def _restore_settings_string(
+    sent: str, stored: Any, path: str, unset: list[str] | None = None
+) -> str:
     if sent == MASK and isinstance(stored, str) and _mask_settings_string(stored) == MASK:
         return stored  # shown whole as the mask (it does not decode): sent back as shown
     try:
@@ -269,16 +271,25 @@ def _restore_settings_string(sent: str, stored: Any, path: str) -> str:
             old = msgspec.json.decode(stored)
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             old = None
-    restored = restore_placeholders(inner, old, path)
+    restored = restore_placeholders(inner, old, path, unset=unset)
     if restored is inner:
         return sent
     # Sent back exactly as shown: keep the stored string byte for byte.
     return stored if isinstance(stored, str) and restored == old else _dumps(restored)
 
 
-def restore_placeholders(sent: Any, stored: Any, path: str = "$", *, records: bool = False) -> Any:
+def restore_placeholders(
+    sent: Any,
+    stored: Any,
+    path: str = "$",
+    *,
+    records: bool = False,
+    unset: list[str] | None = None,
+) -> Any:
     """`sent` with every placeholder under a secret key replaced by the secret stored at the
-    same place in `stored` (None: nothing is stored, as for a new record).
+    same place in `stored` (None: nothing is stored, as for a new record). `unset` (an
+    import): a placeholder where nothing is stored becomes null (unset) and its path is
+    added to the list, instead of refusing the whole.
 
     The same place: the same key of the matching object; in arrays, the item with the same
     `id` (else the same index); inside `connection_settings`, the same key of the stored
@@ -291,7 +302,7 @@ def restore_placeholders(sent: Any, stored: Any, path: str = "$", *, records: bo
         return sent
     require_depth(sent, MAX_MESSAGE_DEPTH, path=path)
     # Iterative, like mask(); containers are copied only on the way to a restored value.
-    out, changed = _restore_walk(sent, stored, path, records)
+    out, changed = _restore_walk(sent, stored, path, records, unset)
     return out if changed else sent
 
 
@@ -320,7 +331,9 @@ def _moved_url(sent: dict[Any, Any], stored: Any) -> str | None:
     return None
 
 
-def _restore_walk(sent: Any, stored: Any, path: str, records: bool) -> tuple[Any, bool]:
+def _restore_walk(
+    sent: Any, stored: Any, path: str, records: bool, unset: list[str] | None
+) -> tuple[Any, bool]:
     # Frames: [source, stored counterpart, path, copy or None, parent frame, key in parent,
     # the key of a URL that moved in this object or one around it]
     root: list[Any] = [sent, stored, path, None, None, None, None]
@@ -339,12 +352,16 @@ def _restore_walk(sent: Any, stored: Any, path: str, records: bool) -> tuple[Any
             sub = _key_part(where, key) if isinstance(key, str) else f"{where}[{key}]"
             new = value
             if isinstance(key, str) and key == SETTINGS_STRING_KEY and isinstance(value, str):
-                new = _restore_settings_string(value, counterpart, sub)
+                new = _restore_settings_string(value, counterpart, sub, unset)
             elif value is None and counterpart == "" and is_secret_key(key):
                 new = counterpart  # unset both ways (shown null): an export imports back as is
             elif isinstance(key, str) and is_placeholder(value) and is_secret_key(key):
                 if counterpart is None or counterpart == "" or is_placeholder(counterpart):
-                    raise _refuse(key, sub, "no secret is stored there")
+                    if unset is None:
+                        raise _refuse(key, sub, "no secret is stored there")
+                    unset.append(sub)
+                    _set(frame, key, None)
+                    continue
                 # A tail is only ever shown for api_key: for another secret it would be a way
                 # to guess its last four, answered "matches" or not. A value encrypted since
                 # (a key configured after an export) shows none: any tail keeps it, as

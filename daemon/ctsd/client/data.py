@@ -131,7 +131,7 @@ def register(main: click.Group) -> None:
         # not sent (it is most of a large export).
         data["files"].pop(SYNC_LOG, None)
         # Secrets come back masked from an export: sent as they are, the daemon keeps the
-        # stored secret for each one (and refuses, naming the field, where none is stored).
+        # stored secret for each one (and imports unset, naming it, one where none is).
         result = run_call(target, "data.import", data=data, mode="merge" if merge else "replace")
         if as_json:
             echo_json(result)
@@ -139,6 +139,13 @@ def register(main: click.Group) -> None:
         click.echo(f"imported {safe(file)} ({'merge' if merge else 'replace'})")
         if isinstance(result, dict) and result:
             click.echo("\n".join(key_values(result, 2)))
+        unset = result.get("secrets_unset") if isinstance(result, dict) else None
+        if unset:
+            click.echo(
+                f"ctsd: {len(unset)} secret(s) held masked in the export, none stored: imported "
+                "unset, set them again: " + ", ".join(safe(str(u)) for u in unset),
+                err=True,
+            )
 
     @main.command(**CMD)
     @bus_options

@@ -45,6 +45,9 @@ class Heartbeat(msgspec.Struct, kw_only=True):
 class ImportResult(msgspec.Struct, kw_only=True):
     imported: list[str]
     mode: Literal["replace", "merge"]
+    # Secrets the export held masked where nothing is stored (a connection deleted since):
+    # imported unset, to be set again. JSON paths into the request.
+    secrets_unset: list[str]
 
 
 class ResetResult(msgspec.Struct, kw_only=True):
