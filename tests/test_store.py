@@ -1797,6 +1797,23 @@ def test_a_gap_in_the_log_is_forgotten_once_trimmed_past() -> None:
     assert c.oldest_revision() == 9
 
 
+async def test_origins_only_in_the_seeds_connection_json_are_named(data_dir: Path) -> None:
+    """Seed 003 keeps browser origins in connection.json; ctsd reads settings.json's. One
+    listed only there is named at start and when either file changes, not let in."""
+    async with opened(data_dir) as store:
+        doc = dict(store.documents["connection"])
+        doc["server"] = {**doc.get("server", {}), "corsOrigins": ["http://localhost:3000"]}
+        with structlog.testing.capture_logs() as logs:
+            await store.submit(ops.set_document("connection", doc), "http", sync="files")
+        (named,) = [e for e in logs if e["event"] == "cors_origins_not_read"]
+        assert named["origins"] == ["http://localhost:3000"], named
+        assert "http://localhost:3000" not in store.settings.server.cors_origins
+        with structlog.testing.capture_logs() as logs:
+            cors = {"cors_origins": ["http://localhost:3000/"]}
+            await store.submit(ops.set_document("settings", {"server": cors}), "http")
+        assert not [e for e in logs if e["event"] == "cors_origins_not_read"]
+
+
 @pytest.mark.parametrize("huge", [2**53, 10**400])
 async def test_a_sync_log_id_past_what_clients_can_hold_is_invalid_at_start(
     data_dir: Path, huge: int

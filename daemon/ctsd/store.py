@@ -384,6 +384,7 @@ class Store:
         if touched | sealed:
             self.checkpointer.note(touched | sealed, self.journal.lsn)
         c = self.committed
+        _warn_seed_origins(c)
         oldest = c.oldest_revision()
         if c.log and oldest > c.log[0].id and not _restored_at(c.log, oldest):
             log.warning(
@@ -669,6 +670,8 @@ class Store:
         self.checkpointer.changed(change, lsn)
         if ctx is not None and ctx.sealer is not None and ctx.sealer.rotated is not None:
             self.box = ctx.sealer.rotated
+        if any(rc.key in ("settings", "connection") for rc in change.documents):
+            _warn_seed_origins(self.committed)
         if any(rc.key == "settings" for rc in change.documents):
             for listener in self.settings_listeners:
                 try:
@@ -783,6 +786,24 @@ class Store:
 
 
 RELOAD_WRITE_S = 5.0
+
+
+def _warn_seed_origins(c: Committed) -> None:
+    """Seed 003 keeps browser origins in connection.json (`server.corsOrigins`); ctsd lets
+    in those of settings.json (`server.cors_origins`) only, so that emptying that list shuts
+    browsers out whatever the app's file holds. Origins listed only in connection.json are
+    named, or a frontend set up as the seed says meets a 403 with no word why."""
+    server = (c.documents.get("connection") or {}).get("server")
+    seed = server.get("corsOrigins") if isinstance(server, dict) else None
+    allowed = {o.rstrip("/").lower() for o in c.settings.server.cors_origins}
+    left = [o for o in seed or () if isinstance(o, str) and o.rstrip("/").lower() not in allowed]
+    if left:
+        log.warning(
+            "cors_origins_not_read",
+            file="connection.json",
+            origins=left[:20],
+            why="browsers are let in by settings.json server.cors_origins: add them there",
+        )
 
 
 def _restored_at(log: Sequence[SyncEvent], first: int) -> bool:
