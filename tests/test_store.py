@@ -1070,6 +1070,29 @@ async def test_a_placeholder_copied_by_hand_with_a_slip_leaves_the_file_invalid(
         await store.close()
 
 
+async def test_a_connection_renamed_by_hand_is_told_its_secrets_stay_with_the_old_id(
+    data_dir: Path,
+) -> None:
+    """Secrets are bound to the id they were encrypted for: an id changed by hand leaves them
+    undecryptable. The refusal says so, naming the old id (it read "altered or cut short")."""
+    box = SecretBox(parse_key(new_key_text(), "test key"))
+    store = Store(data_dir, box)
+    store.open()
+    await store.start()
+    try:
+        await store.submit(ops.create(conn(4, api_key=CANARY + "-k4")), "bus", sync="files")
+        rows = disk(data_dir, CONNECTIONS)
+        rows[0]["id"] = "c4-bingx"
+        (data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+        assert not await store.ingest(CONNECTIONS)
+        problem = store.problems[CONNECTIONS]
+        assert problem.path == "$[0].api_key", problem
+        assert "connection c4's secret" in problem.message and "renamed c4" in problem.message
+        assert CANARY not in problem.message and list(store.connections) == ["c4"]
+    finally:
+        await store.close()
+
+
 async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     data_dir: Path,
 ) -> None:

@@ -331,8 +331,34 @@ class Intake:
             self._check_secrets(file, raw, hand)
         except Invalid as e:
             if e.problem.path == problem.path:
-                return e.problem
+                return self._renamed(file, raw, hand, e.problem) or e.problem
         return problem
+
+    def _renamed(
+        self, file: str, raw: bytes, hand: Any, problem: FileProblem
+    ) -> FileProblem | None:
+        """`problem` (a secret of the edit that does not decrypt) said plainly when it is the
+        secret of a connection the same edit removed: its id was changed by hand, and a
+        secret decrypts only under the id it was written for."""
+        parts = diagnose.parse_path(problem.path)
+        if file != CONNECTIONS or len(parts) != 2 or not isinstance(parts[0], int):
+            return None
+        index, field = parts
+        conn = hand[index] if isinstance(hand, list) and index < len(hand) else None
+        value = getattr(conn, str(field), None)
+        if conn is None or conn.id in self.store.connections or not isinstance(value, str):
+            return None
+        ids = {c.id for c in hand}
+        gone = [k for k in self.store.connections if k not in ids][:1000]
+        was = next((k for k in gone if self.store.box.decrypts_as(value, k, str(field))), None)
+        if was is None:
+            return None
+        why = (
+            f"`{field}` is connection {was}'s secret, and this edit renamed {was} to {conn.id}: "
+            "a secret decrypts only under the id it was written for; rename it back, or put "
+            "the secret in again as plain text (it is encrypted anew)"
+        )
+        return diagnose.at_path(file, raw, parts, why)
 
     def _remember(
         self, file: str, decoded: Any, raw: bytes, stamp: Stamp, ctime: int | None = None
