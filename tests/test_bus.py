@@ -662,10 +662,12 @@ async def test_import_and_reset(daemon: Daemon) -> None:
         assert (await b.ok("data.import", data=exp, mode="replace"))["mode"] == "replace"
         stored = json.loads((daemon.data_dir / "connections.json").read_text())
         assert [c["api_secret"] for c in stored] == [CANARY]
-        # ... but a placeholder where nothing is stored is refused, naming the field
+        # ... and a placeholder where nothing is stored is imported unset, named
         ghost = {"files": {"connections.json": [connection(id="ghost", api_secret="********")]}}
-        err = await b.err("data.import", data=ghost, mode="merge")
-        assert err["code"] == "invalid" and "api_secret" in err["path"]
+        done = await b.ok("data.import", data=ghost, mode="merge")
+        assert done["secrets_unset"] == ["$.data.files.connections.json[0].api_secret"]
+        stored = json.loads((daemon.data_dir / "connections.json").read_text())
+        assert [c["api_secret"] for c in stored if c["id"] == "ghost"] == [None]
         merged = await b.ok(
             "data.import",
             data={"files": {"connections.json": [connection(name="new", id="new")]}},
@@ -673,7 +675,7 @@ async def test_import_and_reset(daemon: Daemon) -> None:
         )
         assert merged["mode"] == "merge"
         ids = [c["id"] for c in await b.ok("connections.list")]
-        assert ids == ["keep", "new"]
+        assert ids == ["keep", "ghost", "new"]
         err = await b.err("data.import", data={}, mode="sideways")
         assert err["code"] == "invalid" and err["path"] == "$.mode"
         err = await b.err("data.import", data={"files": {}})

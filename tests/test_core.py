@@ -8,6 +8,7 @@ longer pure.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import msgspec
@@ -788,6 +789,30 @@ def test_a_merge_import_lays_a_partial_record_over_the_stored_one() -> None:
     assert fields == [(CONNECTIONS, ["name"]), (STATE, ["volume_factor_live"])], fields
     (out,), _ = run(c, ops.import_data({"files": sent}, "replace"), now=T2)
     assert out.error is None and not c.connections["m1"].is_active
+
+
+@pytest.mark.parametrize("mode", ["merge", "replace"])
+def test_an_import_of_masked_secrets_where_none_is_stored_unsets_and_names_them(
+    mode: str,
+) -> None:
+    """An export moved to a daemon that has none of its secrets: they come in unset (never
+    as the placeholder), a masked URL password as the URL without it, each named."""
+    settings = json.dumps({"proxy": f"http://u:{MASK}@proxy:8080", "token": MASK})
+    rows = [{**body("conn_x", api_key="…abcd", connection_settings=settings)}]
+    c = Committed()
+    (out,), _ = run(c, ops.import_data({"files": {CONNECTIONS: rows}}, mode))
+    assert out.error is None, out.error
+    assert sorted(out.result["secrets_unset"]) == [
+        "$.data.files.connections.json[0].api_key",
+        "$.data.files.connections.json[0].connection_settings.proxy",
+        "$.data.files.connections.json[0].connection_settings.token",
+    ]
+    stored = c.connections["conn_x"]
+    assert stored.api_key is None
+    assert json.loads(stored.connection_settings or "") == {
+        "proxy": "http://u@proxy:8080",
+        "token": None,
+    }
 
 
 def test_an_import_error_names_the_place_in_what_was_sent() -> None:

@@ -300,8 +300,8 @@ def test_an_export_imports_back_after_its_connection_was_deleted_its_secrets_uns
     r = api.post("/api/data/import?mode=replace", json=export)
     assert r.status_code == 200, r.text
     assert r.json()["secrets_unset"] == [
-        "$.data.files.connections.json[0].api_key",
-        "$.data.files.connections.json[0].api_secret",
+        "$.files.connections.json[0].api_key",
+        "$.files.connections.json[0].api_secret",
     ]
     rows = {c["id"]: c for c in on_disk(daemon, "connections.json")}
     assert (rows["k1"]["api_key"], rows["k1"]["api_secret"]) == (None, None)

@@ -417,6 +417,16 @@ def test_text_with_a_mask_beside_a_url_is_no_url_sent_back_masked() -> None:
     assert restore_placeholders(sent, None, "$.d") == sent
 
 
+def test_a_stored_value_that_reads_as_a_slipped_placeholder_is_kept_not_refused() -> None:
+    """`"****"` stored under a secret's name by an earlier version: sent back as it is (beside
+    an edit of its sibling), it is no slip of the one shown; another such value is."""
+    stored = {"auth": {"password": "****", "host": "a"}}
+    sent = {"auth": {"password": "****", "host": "b"}}
+    assert restore_placeholders(sent, stored, "$") == sent
+    with pytest.raises(CtsdError):
+        restore_placeholders({"auth": {"password": "*****", "host": "b"}}, stored, "$")
+
+
 def test_hostile_names_are_not_kept_in_the_names_cache() -> None:
     from ctsd import secretnames
 

@@ -45,6 +45,12 @@ def test_the_same_secret_encrypted_again_keeps_the_stored_ciphertext() -> None:
     assert again.api_key == first.api_key and not plain
     changed, _ = Sealer(b).connection(conn("a", api_key=b.encrypt("a", "api_key", "x")), first)
     assert changed.api_key != first.api_key
+    # After a rekey: a buffer read before it holds the value under the old key (kept for
+    # reading), memory under the new one; the same secret: memory's ciphertext is kept.
+    newer = box(b)
+    stored, _ = Sealer(newer).connection(conn("a", api_key=f"{CANARY}-1"), None)
+    again, _ = Sealer(newer).connection(conn("a", api_key=first.api_key), stored)
+    assert again.api_key == stored.api_key
 
 
 def test_a_value_from_another_place_or_key_is_refused_naming_the_field() -> None:

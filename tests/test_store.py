@@ -940,6 +940,23 @@ async def test_a_placeholder_pasted_while_stopped_is_invalid_at_start(
     assert (data_dir / "connection.json").read_bytes() == doc
 
 
+async def test_a_placeholder_with_a_slip_pasted_while_stopped_is_invalid_at_start(
+    data_dir: Path,
+) -> None:
+    """`sed` while the service is down, putting `"******** "` where the secret was: the start
+    reports it, the file left as it is (it was loaded and stored as the secret)."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1, api_secret=CANARY)), "bus", sync="files")
+    rows = disk(data_dir, CONNECTIONS)
+    rows[0]["api_secret"] = "******** "
+    pasted = (json.dumps(rows, indent=2) + "\n").encode()
+    (data_dir / CONNECTIONS).write_bytes(pasted)
+    async with opened(data_dir) as store:
+        problem = store.problems[CONNECTIONS]
+        assert problem.path == "$[0].api_secret" and "slip" in problem.message, problem
+    assert (data_dir / CONNECTIONS).read_bytes() == pasted
+
+
 async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> None:
     data_dir.mkdir(mode=0o700)
     bad = b'[\n  {"id": "c1", "name": "x", "exchange": "bybit", "is_enabeld": true}\n]\n'

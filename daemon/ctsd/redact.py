@@ -205,10 +205,13 @@ def _holds_masked_url(value: Any) -> bool:
     return isinstance(value, str) and holds_masked_url(value)
 
 
-def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
+def _restore_url_passwords(
+    key: Any, sent: str, stored: Any, path: str, unset: list[str] | None
+) -> str:
     """A string holding a URL sent back with its password masked: the stored string, when it
     shows as exactly that; else refused (the URL changed, so which password it keeps is not
-    known)."""
+    known). Where none is stored and `unset` is given (an import): the URL without what was
+    masked, its path added to `unset`."""
     if isinstance(stored, str) and mask_url_secrets(stored) == sent:
         return stored
     name = key if isinstance(key, str) else path
@@ -217,6 +220,9 @@ def _restore_url_passwords(key: Any, sent: str, stored: Any, path: str) -> str:
         or holds_masked_url(stored)
         or mask_url_secrets(stored) == stored
     ):
+        if unset is not None:
+            unset.append(path)
+            return sent.replace(f":{MASK}@", "@").replace(f"={MASK}", "=")
         raise _refuse(name, path, "no URL password is stored there")
     raise _refuse(name, path, "the stored URL is not the one shown")
 
@@ -384,7 +390,12 @@ def _restore_walk(
                 if moved is not None:
                     raise _refuse(key, sub, _MOVED % moved)
                 new = counterpart
-            elif isinstance(key, str) and is_slipped_placeholder(value) and is_secret_key(key):
+            elif (
+                isinstance(key, str)
+                and is_slipped_placeholder(value)
+                and value != counterpart  # (stored so by an earlier version: kept)
+                and is_secret_key(key)
+            ):
                 raise CtsdError(
                     "invalid",
                     f"`{key}` reads as the masked placeholder copied with a slip (a space, a "
@@ -395,7 +406,7 @@ def _restore_walk(
             elif _holds_masked_url(value):
                 if moved is not None and moved != key:
                     raise _refuse(key if isinstance(key, str) else sub, sub, _MOVED % moved)
-                new = _restore_url_passwords(key, value, counterpart, sub)
+                new = _restore_url_passwords(key, value, counterpart, sub, unset)
             elif _is_container(value):
                 work.append([value, counterpart, sub, None, frame, key, moved])
                 continue

@@ -73,16 +73,16 @@ class Sealer:
             except SecretError as e:
                 raise CtsdError("invalid", f"`{field}` {e.detail}", path=where) from None
             current = f"enc:v1:{self.box.key_id}:"
-            if self.box.encrypting and not new.startswith(current):
-                # under a key kept for reading only (during a rekey): stored under the new one
-                return self._encrypt(record_id, field, plain)
             if (
                 is_encrypted(old)
                 and (old.startswith(current) or not self.box.encrypting)
                 and self.box.try_decrypt(associated_data(record_id, field), old) == plain
             ):
-                return old  # the same secret encrypted again (a file from before a rekey):
-                # no change, no event telling bots their key changed
+                return old  # the same secret encrypted again (a buffer read before a rekey,
+                # saved after it): no change, no event telling bots their key changed
+            if self.box.encrypting and not new.startswith(current):
+                # under a key kept for reading only (during a rekey): stored under the new one
+                return self._encrypt(record_id, field, plain)
             return new
         if not self.box.encrypting:
             return new

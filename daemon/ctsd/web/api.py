@@ -256,7 +256,10 @@ async def import_data(ctx: Context) -> Any:
     if not isinstance(ctx.body, dict):
         raise CtsdError("invalid", "the body must be an export (a JSON object)", path="$")
     mode = ctx.query.get("mode", "merge")
-    return await command(ctx, "data.import", {"data": ctx.body, "mode": mode}, "data")
+    out = await command(ctx, "data.import", {"data": ctx.body, "mode": mode}, "data")
+    # (paths into the body, as an error's are)
+    out["secrets_unset"] = ["$" + u.removeprefix("$.data") for u in out["secrets_unset"]]
+    return out
 
 
 async def reset(ctx: Context) -> Any:
