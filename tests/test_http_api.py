@@ -626,8 +626,26 @@ def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None
     assert "X-Revision" in r.headers["access-control-expose-headers"]
 
 
+def test_a_host_header_is_a_host_and_a_port_only() -> None:
+    """What the bootstrap echoes into `bus_url` (bound beyond loopback, no Host check), and
+    what the loopback check reads: a host and a port, nothing riding along."""
+    from ctsd.guard import host_of, well_formed_host
+
+    for ok, host in (("localhost", "localhost:80"), ("::1", "[::1]:3587"), ("a.b", "a.b")):
+        assert well_formed_host(host) and host_of(host) == ok, host
+    for bad in ("localhost:80@evil.com", "localhost:1/x?y", "h:1:2", "", "a b", "[::1"):
+        assert not well_formed_host(bad) and host_of(bad) == bad, bad
+
+
 def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:
-    for host in ("evil.example", "evil.example:3587", "127.0.0.1.nip.io"):
+    # (and a loopback name with more riding along: a user, a path, a query)
+    for host in (
+        "evil.example",
+        "evil.example:3587",
+        "127.0.0.1.nip.io",
+        f"localhost:{daemon.port}@evil.example",
+        f"localhost:{daemon.port}/x?y",
+    ):
         r = api.get("/api/settings/connections", headers={"Host": host})
         _error(r, 403, "forbidden")
     # (host names are case-insensitive; `localhost.` is the same name, fully qualified)

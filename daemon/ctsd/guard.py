@@ -78,11 +78,23 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+# A Host header as RFC 9110 has it: a name or an IP literal, and a port (nothing else: no
+# user, path or query riding along, `localhost:80@evil.com`).
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?")
+
+
 def host_of(value: str) -> str:
-    """The host part of a Host header (`[::1]:3587` → `::1`, `localhost:80` → `localhost`)."""
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    """The host part of a Host header (`[::1]:3587` → `::1`, `localhost:80` → `localhost`); a
+    malformed header as it is (no host's name, so never taken for loopback)."""
+    m = _HOST_HEADER.fullmatch(value)
+    if m is None:
+        return value
+    host = m.group(1)
+    return host[1:-1] if host.startswith("[") else host
+
+
+def well_formed_host(value: str) -> bool:
+    return _HOST_HEADER.fullmatch(value) is not None
 
 
 def bearer(values: list[str]) -> str | None:

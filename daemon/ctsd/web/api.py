@@ -23,6 +23,7 @@ from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.commands import HANDLERS, Call
 from ctsd.errors import CtsdError
+from ctsd.guard import well_formed_host
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
@@ -117,7 +118,10 @@ async def get_metrics(ctx: Context) -> Any:
 async def bootstrap(ctx: Context) -> Any:
     svc = ctx.svc
     server = svc.store.settings.server
-    host = ctx.request.headers.get("host") or f"{svc.listen.host}:{svc.listen.port}"
+    host = ctx.request.headers.get("host", "")
+    if not well_formed_host(host):  # (echoed into a URL: only a host and a port)
+        listen = svc.listen.host
+        host = f"[{listen}]:{svc.listen.port}" if ":" in listen else f"{listen}:{svc.listen.port}"
     # (settings as typed: a CORS origin written with a password shows it masked)
     return mask(
         {
