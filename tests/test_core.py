@@ -1184,7 +1184,7 @@ def test_a_placeholder_where_nothing_or_something_else_is_stored_is_refused() ->
 
 
 @pytest.mark.parametrize(
-    "slipped", ["******** ", "*******", "**********", " …abcd", "...abcd", "…abc", "…", "****"]
+    "slipped", ["******** ", "*******", "**********", " …abcd", "...abcd", "…abc", "…a", "****"]
 )
 def test_a_placeholder_copied_with_a_slip_is_refused_never_stored(slipped: str) -> None:
     """A placeholder copied with a slip (a space, a star too many, `...` for `…`) was stored

@@ -187,16 +187,18 @@ def is_placeholder(value: Any) -> bool:
 
 def is_slipped_placeholder(value: Any) -> bool:
     """A value that reads as a placeholder copied with a slip: a space around it, a star too
-    many or too few, `...` typed for `…`, a tail cut short. Stored as a secret, it would
-    replace the real one and still read masked, so the loss would not show."""
+    many or too few, `...` typed for `…` before the tail, a tail cut short. Stored as a
+    secret, it would replace the real one and still read masked, so the loss would not
+    show."""
     if not isinstance(value, str) or is_placeholder(value) or len(value) > 64:
         return False
     s = value.strip()
     if len(s) >= 3 and s.count("*") == len(s):
         return True
+    # (`...` alone is no slip: seed 000's example record holds it as "a key goes here")
     for lead in ("…", "..."):
         rest = s[len(lead) :]
-        if s.startswith(lead) and len(rest) <= 4 and (not rest or rest.isalnum()):
+        if s.startswith(lead) and 0 < len(rest) <= 4 and rest.isalnum():
             return True
     return False
 
