@@ -1110,34 +1110,6 @@ async def test_a_connection_renamed_by_hand_is_told_its_secrets_stay_with_the_ol
         await store.close()
 
 
-async def test_a_stale_editor_copy_saved_whole_names_the_change_it_sets_back(
-    data_dir: Path,
-) -> None:
-    """The operator opens connections.json; a bot then changes c2; the operator saves the
-    copy with only c1 renamed. Taken in as saved (the file is the operator's), but the bot's
-    change it undid is named in the log, not lost without a word. An up-to-date edit is
-    not."""
-    async with opened(data_dir) as store:
-        for i in (1, 2):
-            await store.submit(ops.create(conn(i)), "bus", sync="files")
-        buffer = disk(data_dir, CONNECTIONS)
-        await store.submit(ops.update("c2", {"volume_factor": 7.7}), "http", sync="files")
-        buffer[0]["name"] = "renamed"
-        with structlog.testing.capture_logs() as logs:
-            (data_dir / CONNECTIONS).write_text(json.dumps(buffer, indent=2) + "\n")
-            assert await store.ingest(CONNECTIONS)
-        (warned,) = [e for e in logs if e["event"] == "hand_edit_set_back"]
-        assert warned["fields"] == {"c2": ["volume_factor"]}, warned
-        assert store.connections["c1"].name == "renamed"
-        assert store.connections["c2"].volume_factor == 1.0  # (as saved)
-        fresh = disk(data_dir, CONNECTIONS)
-        fresh[1]["name"] = "up to date"
-        with structlog.testing.capture_logs() as logs:
-            (data_dir / CONNECTIONS).write_text(json.dumps(fresh, indent=2) + "\n")
-            assert await store.ingest(CONNECTIONS)
-        assert not [e for e in logs if e["event"] == "hand_edit_set_back"]
-
-
 async def test_changes_waiting_for_an_invalid_file_hold_up_no_other_file(
     data_dir: Path,
 ) -> None:

@@ -481,15 +481,13 @@ class Checkpointer:
             self.bytes_written += stamps[path].size
             self.disk.record(file, stamps[path], digest=digests.get(path))
             od = self.disk.get(file)
+            self.dropped.append(od.content)
+            od.content = views[file]
             if isinstance(job, _Table):
-                od.moved_on(views[file])  # (the version before kept a while: `OnDisk.older`)
                 self.dropped.append(od.frags)
                 od.frags = job.frags
                 self._keep_encoded(file, job)
-            else:
-                self.dropped.append(od.content)
-                od.content = views[file]
-            if isinstance(job, _Log) and job.gen == self.log_gen:
+            elif isinstance(job, _Log) and job.gen == self.log_gen:
                 # Unless the log was replaced meanwhile (`_forget_log`): then encoded anew.
                 self.log_ids.extend(e.id for e in job.todo)
                 self.log_frags.extend(job.encoded)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,6 @@ DIGEST_WITHIN_NS = 50_000_000
 DIGEST_WITHIN_WHOLE_SECONDS_NS = 2_500_000_000
 
 
-OLDER_KEPT = 8  # a table's versions before the current one kept (`OnDisk.older`)
-
-
 @dataclass
 class OnDisk:
     """One file as the daemon last read or wrote it."""
@@ -45,15 +41,6 @@ class OnDisk:
     verified: bool = False
     content: Any = None  # records by key (tables), the events (sync log), or the document
     frags: dict[str, bytes] = field(default_factory=dict)  # tables: each record as in the file
-    # Tables: the contents before `content`, newest last (an editor's copy may be one of them:
-    # `intake` names what a save of it sets back). The records are memory's own: no copies.
-    older: deque[Any] = field(default_factory=lambda: deque(maxlen=OLDER_KEPT))
-
-    def moved_on(self, content: Any) -> None:
-        """The file holds `content` now (the one it held is kept among `older`)."""
-        if self.content is not None and self.content is not content:
-            self.older.append(self.content)
-        self.content = content
 
 
 class Disk:

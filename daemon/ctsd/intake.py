@@ -15,7 +15,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ import structlog
 
 from ctsd import diagnose, files, ops, safefile
 from ctsd.atomic import TEMP_PREFIX, Displaced, Stamp, ensure_dir, stamp_of, written_elsewhere
-from ctsd.core import Committed, Op, Outcome, base_of_unread, changed_fields, mirror_state
+from ctsd.core import Committed, Op, Outcome, base_of_unread, mirror_state
 from ctsd.diagnose import FileProblem
 from ctsd.disk import Disk, decode_known
 from ctsd.errors import CtsdError
@@ -368,10 +368,7 @@ class Intake:
         self.disk.record(file, stamp, raw, ctime=ctime)
         od = self.disk.get(file)
         before, old_frags = od.content or {}, od.frags
-        if file in (CONNECTIONS, STATE):
-            od.moved_on(as_base(file, decoded))
-        else:
-            od.content = as_base(file, decoded)
+        od.content = as_base(file, decoded)
         if file in (CONNECTIONS, STATE):
             frags = {
                 k: (
@@ -475,8 +472,6 @@ class Intake:
                 problem = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
                 self._mark_invalid(file, problem, None)
             return False
-        # (judged before the take-in adds its own events to the sync log)
-        set_back = _set_back(file, base, hand, od.older, store.committed) if od else {}
         try:
             out, lsn = await store.submit_take_in(op, file)
         except CtsdError as e:
@@ -503,15 +498,6 @@ class Intake:
             return False
         self.failed.pop(file, None)
         self._sent.pop(file, None)
-        if set_back:
-            log.warning(
-                "hand_edit_set_back",
-                file=file,
-                fields=dict(list(set_back.items())[:20]),
-                why="the save holds older values of fields a client changed since: an "
-                "editor's copy read before that change? Taken in as saved; set them again "
-                "if that was not meant",
-            )
         self.store.replayed_onto.pop(file, None)  # its base from here on: what it holds now
         self._remember(file, hand, raw, stamp, ctime)
         await self._keep_copy(file, raw)
@@ -923,44 +909,6 @@ def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> No
     ):
         if cids:
             log.warning(event, file=STATE, connections=cids[:20], why=f"{CONNECTIONS}: {why}")
-
-
-def _set_back(
-    file: str, base: Any, hand: Any, older: Iterable[Any], committed: Committed
-) -> dict[str, list[str]]:
-    """The fields (by record) a save sets back to what an earlier version of the file held,
-    over a change made since by a client (not by hand): likely an editor's copy read before
-    that change, saved whole. Taken in all the same (the file is the operator's), but named,
-    so the change it undid is not lost without a word. (Field names, never values.)"""
-    if file not in (CONNECTIONS, STATE) or not isinstance(base, dict):
-        return {}
-    if not isinstance(hand, list):
-        return {}
-    key = "id" if file == CONNECTIONS else "connection_id"
-    edited = {getattr(r, key): r for r in hand}
-    set_back: dict[str, list[str]] = {}
-    for version in reversed(list(older)):
-        for rid, now in edited.items():
-            was, then = base.get(rid), version.get(rid)
-            if was is None or then is None or now == was:
-                continue
-            for f in changed_fields(was, now):
-                if f in ("updated_at", "last_sync_at") or f in set_back.get(rid, ()):
-                    continue
-                if getattr(now, f) == getattr(then, f) != getattr(was, f) and (
-                    _changed_by_a_client(committed, rid, f)
-                ):
-                    set_back.setdefault(rid, []).append(f)
-    return set_back
-
-
-def _changed_by_a_client(committed: Committed, cid: str, field: str) -> bool:
-    """Was `field` of connection `cid` last changed by a client (bus, HTTP, CLI, a sweep),
-    not by hand, as far as the sync log tells (its newest 1,000 entries)?"""
-    for e in itertools.islice(reversed(committed.log), 1000):
-        if e.connection_id == cid and field in e.data.get("fields", ()):
-            return e.data.get("source") != "file"
-    return False
 
 
 def _warn_typos(settings: Any) -> None:
