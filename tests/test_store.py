@@ -940,21 +940,38 @@ async def test_a_placeholder_pasted_while_stopped_is_invalid_at_start(
     assert (data_dir / "connection.json").read_bytes() == doc
 
 
-async def test_a_placeholder_with_a_slip_pasted_while_stopped_is_invalid_at_start(
+async def test_a_placeholder_with_a_slip_pasted_while_stopped_is_refused_at_start(
     data_dir: Path,
 ) -> None:
-    """`sed` while the service is down, putting `"******** "` where the secret was: the start
-    reports it, the file left as it is (it was loaded and stored as the secret)."""
-    async with opened(data_dir) as store:
-        await store.submit(ops.create(conn(1, api_secret=CANARY)), "bus", sync="files")
+    """`sed` while the service is down, putting `"******** "` where the secret was: judged
+    against the file's copy by the door, it is refused (the file left as it is) and the
+    stored secret kept. A value that reads so but was stored by an earlier version (file and
+    copy alike) still loads: an upgrade must not leave the connections unserved."""
+    store, _ = loaded_with_copies(data_dir)
+    await store.start()
+    await store.submit(ops.create(conn(1, api_secret=CANARY)), "bus", sync="files")
+    await store.close()
     rows = disk(data_dir, CONNECTIONS)
     rows[0]["api_secret"] = "******** "
     pasted = (json.dumps(rows, indent=2) + "\n").encode()
     (data_dir / CONNECTIONS).write_bytes(pasted)
-    async with opened(data_dir) as store:
+    store, edited = loaded_with_copies(data_dir)
+    await store.start()
+    try:
+        await store.take_in_edited(edited)
         problem = store.problems[CONNECTIONS]
         assert problem.path == "$[0].api_secret" and "slip" in problem.message, problem
+        assert store.connections["c1"].api_secret == CANARY
+    finally:
+        await store.close()
     assert (data_dir / CONNECTIONS).read_bytes() == pasted
+    older = data_dir.parent / "older"  # a data dir an earlier version wrote (no copies)
+    older.mkdir(mode=0o700)
+    stored = [{**connection(id="c2"), "api_passphrase": " *******"}]
+    (older / CONNECTIONS).write_text(json.dumps(stored, indent=2) + "\n")
+    async with opened(older) as store:
+        assert CONNECTIONS not in store.problems
+        assert store.connections["c2"].api_passphrase == " *******"
 
 
 async def test_file_invalid_at_start_is_never_overwritten(data_dir: Path) -> None:

@@ -37,7 +37,7 @@ import msgspec.inspect as mi
 from ctsd import diagnose, files
 from ctsd.files import CONNECTIONS, SETTINGS, STATE, Invalid
 from ctsd.models import Connection, ConnectionState
-from ctsd.redact import is_placeholder, is_slipped_placeholder, mask_url_secrets
+from ctsd.redact import is_placeholder, mask_url_secrets
 from ctsd.secretfields import CONNECTION_SECRETS
 from ctsd.timeutil import TIMESTAMP_PATTERN, format_ts
 
@@ -654,7 +654,7 @@ def _convert_records(
 def convert_connections(table: TableData, m: Migration) -> None:
     def check(conn: Connection, body: dict[str, Any]) -> None:
         for name in CONNECTION_SECRETS:
-            if is_placeholder(body.get(name)) or is_slipped_placeholder(body.get(name)):
+            if is_placeholder(body.get(name)):
                 raise _Bad(f"`{name}`: holds the masked placeholder, not a secret")
         problem = files.connection_settings_problem(conn.connection_settings, strict=True)
         if problem:
