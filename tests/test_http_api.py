@@ -631,10 +631,24 @@ def test_a_host_header_is_a_host_and_a_port_only() -> None:
     what the loopback check reads: a host and a port, nothing riding along."""
     from ctsd.guard import host_of, well_formed_host
 
-    for ok, host in (("localhost", "localhost:80"), ("::1", "[::1]:3587"), ("a.b", "a.b")):
+    for ok, host in (
+        ("localhost", "localhost:80"),
+        ("localhost", "localhost:"),  # (an empty port, as RFC 3986 allows)
+        ("::1", "[::1]:3587"),
+        ("a.b", "a.b"),
+    ):
         assert well_formed_host(host) and host_of(host) == ok, host
-    for bad in ("localhost:80@evil.com", "localhost:1/x?y", "h:1:2", "", "a b", "[::1"):
-        assert not well_formed_host(bad) and host_of(bad) == bad, bad
+    for bad in (
+        "localhost:80@evil.com",
+        "evil.com:80@a.localhost",  # (not a loopback name for ending in one)
+        "evil.com/x.localhost",
+        "localhost:1/x?y",
+        "h:1:2",
+        "",
+        "a b",
+        "[::1",
+    ):
+        assert not well_formed_host(bad) and host_of(bad) == "", bad
 
 
 def test_dns_rebinding_host_refused(daemon: Daemon, api: httpx.Client) -> None:

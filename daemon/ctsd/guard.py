@@ -80,15 +80,15 @@ def is_loopback_host(host: str) -> bool:
 
 # A Host header as RFC 9110 has it: a name or an IP literal, and a port (nothing else: no
 # user, path or query riding along, `localhost:80@evil.com`).
-_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?")
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
 
 
 def host_of(value: str) -> str:
-    """The host part of a Host header (`[::1]:3587` → `::1`, `localhost:80` → `localhost`); a
-    malformed header as it is (no host's name, so never taken for loopback)."""
+    """The host part of a Host header (`[::1]:3587` → `::1`, `localhost:80` → `localhost`); ""
+    for a malformed one (no host, so never taken for loopback)."""
     m = _HOST_HEADER.fullmatch(value)
     if m is None:
-        return value
+        return ""
     host = m.group(1)
     return host[1:-1] if host.startswith("[") else host
 

@@ -204,11 +204,6 @@ class Store:
     def oldest_revision(self) -> int:
         return self.committed.oldest_revision()
 
-    @property
-    def clustered(self) -> bool:
-        """Does this store share its changes with other hosts (cluster mode)?"""
-        return not isinstance(self.committer, LocalCommitter)
-
     def events_since(self, since: int) -> list[SyncEvent]:
         return self.committed.events_since(since)
 

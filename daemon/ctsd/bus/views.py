@@ -116,9 +116,8 @@ def events(evs: list[SyncEvent]) -> list[dict[str, Any]]:
     return [mask(to_builtins(e)) for e in evs]
 
 
-def check_since(store: Store, since: int, *, ahead_ok: bool = False) -> None:
-    """Can the events after `since` be given, all of them? (`subscribe`, `sync_log.get`;
-    `ahead_ok`: a `since` past this host's revision is answered with what there is)"""
+def check_since(store: Store, since: int) -> None:
+    """Can the events after `since` be given, all of them? (`subscribe`, `sync_log.get`)"""
     oldest = store.oldest_revision()
     if since < oldest - 1:
         raise CtsdError(
@@ -129,9 +128,10 @@ def check_since(store: Store, since: int, *, ahead_ok: bool = False) -> None:
             path="$.since",
             extra={"oldest": oldest},
         )
-    if since > store.revision and not ahead_ok:
+    if since > store.revision:
         # Revisions are never reused: a `since` from the future came from another data dir
-        # (answered with nothing, its poller would skip what comes until it passes `since`).
+        # (answered with nothing, its poller would skip what comes until it passes `since`;
+        # in cluster mode, or a host a few changes behind another: it retries).
         raise CtsdError(
             "invalid",
             f"since {since} is ahead of the current revision {store.revision}",
@@ -146,9 +146,7 @@ def sync_log(store: Store, since: int | None, limit: int) -> list[dict[str, Any]
         newest = list(itertools.islice(reversed(store.log), limit))
         newest.reverse()
         return events(newest)
-    # (in cluster mode a poller moved to a host a few changes behind the one it read from
-    # is ahead of it for a moment: answered with nothing yet, as that host catches up)
-    check_since(store, since, ahead_ok=store.clustered)
+    check_since(store, since)
     return events(store.events_since(since)[:limit])
 
 
