@@ -4,7 +4,6 @@ URL's query parameter are judged by it (`redact` masks documents and records by 
 
 from __future__ import annotations
 
-import functools
 import re
 
 # Names are compared lowercased with everything but letters and digits removed, so that
@@ -38,12 +37,17 @@ def is_secret_key(name: str) -> bool:
     names `username`, `pwd` and `pass`."""
     if not isinstance(name, str):
         return False
-    return _judged(name) if len(name) <= _CACHED_UP_TO else _judge(_norm(name))
+    judged = _JUDGED.get(name)  # (names repeat per record: this runs on every key masked)
+    if judged is not None:
+        return judged
+    judged = _judge(_norm(name))
+    if len(name) <= _CACHED_UP_TO and len(_JUDGED) < _CACHE_SIZE:  # (hostile ones: not kept)
+        _JUDGED[name] = judged
+    return judged
 
 
-@functools.lru_cache(maxsize=4096)  # a pure function of the name; names repeat per record
-def _judged(name: str) -> bool:
-    return _judge(_norm(name))
+_JUDGED: dict[str, bool] = {}
+_CACHE_SIZE = 4096
 
 
 def _judge(n: str) -> bool:
