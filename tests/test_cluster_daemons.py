@@ -755,6 +755,18 @@ async def test_journal_moved_aside_resumes_without_forking(hosts: Hosts) -> None
     skipped = [e for e in c.log_events() if e.get("event") == "cluster.already_held"]
     assert len(skipped) == 6, skipped
     assert [e["id"] for e in read(c, SYNC_LOG)] == [3, 4, 5, 6, 7]
+    # The data dir keeps which stream it applied: restarted with one of another stream (this
+    # one deleted and made again, say), it applies nothing of this one from its seq on.
+    kept = read(c, ".cluster-stream")
+    assert kept["stream"] == f"CTSD_{hosts.name}" and kept["created"], kept
+    assert c.stop() == 0
+    other = {**kept, "created": "2020-01-02T03:04:05+00:00"}
+    (c.data_dir / ".cluster-stream").write_text(json.dumps(other))
+    seen = len(c.notify.poll())
+    c.start(wait=False)
+    c.notify.wait_for("READY=1", timeout=60, after=seen)
+    check = c.http("/health")[1]["checks"]["cluster"]
+    assert check["ok"] is False and check["stalled"] == "stream_mismatch", check
 
 
 async def test_a_connection_gone_stale_on_one_host_changes_only_its_local_fields(

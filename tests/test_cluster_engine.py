@@ -22,8 +22,9 @@ import structlog
 from nats.js.api import ObjectMeta, StreamInfo
 
 from ctsd.cluster import engine as engine_module
+from ctsd.cluster import streamid
 from ctsd.cluster.config import ClusterSettings, Credentials
-from ctsd.cluster.engine import ClusterEngine
+from ctsd.cluster.engine import ClusterEngine, StreamId
 from ctsd.cluster.errors import (
     ApplyFailed,
     BadMessage,
@@ -100,8 +101,12 @@ async def running(
     applied: int = 0,
     recorder: Recorder | None = None,
     wait_s: float = 10,
+    **attrs: Any,
 ) -> AsyncIterator[tuple[ClusterEngine, Recorder]]:
+    """`attrs`: set on the engine before it starts (what the app sets: `data_stream`...)."""
     engine = ClusterEngine(settings, heartbeat_s=0.5, refresh_s=0.5)
+    for name, value in attrs.items():
+        setattr(engine, name, value)
     rec = recorder or Recorder()
     try:
         await engine.start(wait_s=wait_s)
@@ -873,6 +878,47 @@ async def test_a_host_ahead_of_the_stream_refuses_it(cluster: NatsCluster) -> No
         with pytest.raises(StreamMismatch, match="ends at seq 0"):
             await a.catch_up(timeout=10)
         assert a.status().stalled == "stream_mismatch" and rec.changes == []
+
+
+async def test_a_data_dir_of_another_stream_never_applies_a_longer_one(
+    cluster: NatsCluster,
+) -> None:
+    """A data dir that applied another cluster's stream, or this stream before it was deleted
+    and made again, up to a seq the configured stream has passed: continuing from that seq
+    would fork the hosts. Refused, nothing applied; the stream a host applies is kept before
+    any of it, and the same stream is applied on."""
+    late = await history(cluster, 3)
+    for known in (
+        StreamId("CTSD_another", "2026-01-02T03:04:05+00:00"),
+        StreamId(late.stream, "2020-01-02T03:04:05+00:00"),
+    ):
+        async with running(late, applied=1, data_stream=known) as (a, rec):
+            with pytest.raises(StreamMismatch, match="belongs to another cluster") as e:
+                await a.catch_up(timeout=10)
+            assert known.stream in str(e.value) and a.stream_created in str(e.value)
+            assert a.status().stalled == "stream_mismatch" and rec.changes == []
+    kept: list[StreamId] = []
+    async with running(late, keep_stream_id=kept.append) as (a, rec):
+        assert await a.catch_up(timeout=10) == 3
+        assert kept == [StreamId(late.stream, a.stream_created)] and a.stream_created
+    async with running(late, applied=3, data_stream=kept[0], keep_stream_id=kept.append) as (
+        b,
+        _,
+    ):
+        assert await b.catch_up(timeout=10) == 3 and len(kept) == 1
+    # An older ctsd's data dir says nothing: the stream it applies is kept from now on.
+    async with running(late, applied=2, keep_stream_id=kept.append) as (c, rec):
+        assert await c.catch_up(timeout=10) == 3 and rec.seqs == [3]
+        assert kept[1:] == kept[:1]
+
+
+def test_the_stream_of_a_data_dir_is_kept_on_disk(tmp_path: Path) -> None:
+    assert streamid.read(tmp_path) is None
+    sid = StreamId("CTSD_desk", "2026-01-02T03:04:05+00:00")
+    streamid.write(tmp_path, sid)
+    assert streamid.read(tmp_path) == sid
+    (tmp_path / streamid.NAME).write_text("{not json")
+    assert streamid.read(tmp_path) is None  # (logged: only the check is lost)
 
 
 async def test_messages_deleted_from_the_stream_by_hand_are_skipped(cluster: NatsCluster) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -223,7 +224,7 @@ def _catch_up_s() -> float:
 async def _join_cluster(d: Daemon) -> None:
     """Cluster mode: commit through the cluster and apply what the stream holds beyond this
     host before READY (the store closes the engine at shutdown)."""
-    from ctsd.cluster import boots
+    from ctsd.cluster import boots, streamid
     from ctsd.cluster.committer import ClusterCommitter
     from ctsd.cluster.engine import ClusterEngine
     from ctsd.cluster.errors import (
@@ -245,6 +246,8 @@ async def _join_cluster(d: Daemon) -> None:
     engine = ClusterEngine(d.cluster)
     try:
         engine.earlier_boots = boots.remember(store.data_dir, engine.boot)
+        engine.data_stream = streamid.read(store.data_dir)
+        engine.keep_stream_id = functools.partial(streamid.write, store.data_dir)
     except OSError as e:  # (a full disk, say)
         await store.abandon()
         raise StartError(f"cannot write {store.data_dir / boots.NAME}: {e.strerror or e}") from None

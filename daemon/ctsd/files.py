@@ -39,6 +39,7 @@ SYNC_LOG = "connection-sync-log.json"
 SETTINGS = "settings.json"
 ALGORITHMS_DIR = "algorithms"
 CLUSTER_BOOTS = ".cluster-boots"  # a cluster host's starts (`cluster.boots`): its mark too
+CLUSTER_STREAM = ".cluster-stream"  # the stream its seqs count in (`cluster.streamid`)
 
 # Document name (as on the bus) → file, and the typed view it must satisfy.
 DOCUMENTS: dict[str, tuple[str, Any]] = {

@@ -77,6 +77,17 @@ from ctsd.models import ClusterState as State
 
 log = structlog.get_logger("ctsd.cluster")
 
+
+class StreamId(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which stream a data dir's applied seqs count in (kept by `cluster.streamid`)."""
+
+    stream: str  # CTSD_<cluster name>
+    created: str  # NATS's creation time of the stream, ISO 8601 ("" when it gave none)
+
+    def shown(self) -> str:
+        return f"{self.stream} (created {self.created or 'at an unknown time'})"
+
+
 HEADER_ROOM = 1024  # bytes of max_payload kept for the headers
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's, until a server said otherwise
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
@@ -211,6 +222,11 @@ class ClusterEngine:
         # The boot ids of the daemons that ran on this data dir before (`boots.remember`):
         # their messages are this host's own, however late they land (`_check_twin`).
         self.earlier_boots: frozenset[str] = frozenset()
+        # The stream this data dir applied (`streamid`, set by the app): another stream is
+        # never applied from this host's seq on; `keep_stream_id` makes the one it applies
+        # durable before it applies any of it.
+        self.data_stream: StreamId | None = None
+        self.keep_stream_id: Callable[[StreamId], None] | None = None
         self._catch_up_target: int | None = None  # see `_behind`
         self._catch_up_pending = False  # the start's catch-up never saw the stream
         # The stream's last seq when this process first saw it (`_check_twin`).
@@ -932,8 +948,15 @@ class ClusterEngine:
     def _check_history(self, state: StreamState, applied: int) -> None:
         """Raise (and stall) if the stream cannot continue from `applied`, this host's applied
         seq when the description was asked for."""
-        if applied > state.last_seq:
+        ours, known = StreamId(self.stream, self.stream_created), self.data_stream
+        if applied > 0 and known is not None and not _same_stream(known, ours):
             exc: Stalled = StreamMismatch(
+                f"this host applied stream {known.shown()} up to seq {applied}, not stream "
+                f"{ours.shown()}: this data dir belongs to another cluster, or the stream was "
+                "deleted and made again"
+            )
+        elif applied > state.last_seq:
+            exc = StreamMismatch(
                 f"this host applied the change stream up to seq {applied}, but stream "
                 f"{self.stream} ends at seq {state.last_seq}: it was deleted or made again, "
                 "or this data dir belongs to another cluster"
@@ -941,9 +964,20 @@ class ClusterEngine:
         elif state.first_seq > applied + 1 and state.last_seq > applied:
             exc = StreamTrimmed(applied, state.first_seq)
         else:
+            if known != ours:
+                self._keep_stream(ours)
             return
         self._stall(exc)
         raise exc
+
+    def _keep_stream(self, sid: StreamId) -> None:
+        if self.keep_stream_id is not None:
+            try:
+                self.keep_stream_id(sid)
+            except OSError as e:  # (a full disk: only the check is lost meanwhile; tried again)
+                log.warning("cluster.stream_id_not_kept", reason=e.strerror or str(e))
+                return
+        self.data_stream = sid
 
     async def _consume_loop(self) -> None:
         while not self._closing:
@@ -1250,3 +1284,8 @@ def _last_seq(description: str | None) -> int | None:
 
 
 __all__ = ["ApplyCallback", "ClusterEngine", "EngineStatus", "OwnApplyCallback"]
+
+
+def _same_stream(a: StreamId, b: StreamId) -> bool:
+    """The same stream: its name, and its creation time where both know it."""
+    return a.stream == b.stream and (not a.created or not b.created or a.created == b.created)
