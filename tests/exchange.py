@@ -90,6 +90,11 @@ class FakeExchange:
                 self._send(h, 200, bomb, {"Content-Encoding": "gzip"})
             elif mode == "empty":  # a 2xx with no body at all
                 self._send(h, 200, b"")
+            elif mode == "echo":  # a careless server quoting the request, query and all
+                body = {"retCode": 10003, "retMsg": f"invalid api key in {h.path}"}
+                self._send(h, 200, json.dumps(body).encode())
+            elif mode == "echo401":  # the same in its reason phrase
+                self._send(h, 401, b"{}", reason=f"bad key {h.path}")
             elif mode == "projectxreason":  # a refusal whose reason phrase echoes the key
                 creds = json.loads(body_in or b"{}")
                 self._send(h, 401, b"{}", reason=f"Unauthorized key {creds.get('apiKey')}")

@@ -418,6 +418,22 @@ async def test_projectx_secrets_never_come_back_cut_or_in_the_url(
         assert "Spr1ngPw" not in json.dumps(result) and "deskuser" not in json.dumps(result)
 
 
+@pytest.mark.parametrize("mode", ["echo", "echo401"])
+async def test_a_secret_in_the_test_urls_query_never_comes_back(
+    app_factory: Any, fake: FakeExchange, mode: str
+) -> None:
+    """A base_url carrying a key in its query (`?api_key=`), tested against a server that
+    quotes the request's path in its error: the key came back in the result, and so in the
+    state, the sync log, every export and the log."""
+    key = "CANARY-query-key-4711"
+    url = f"{fake.base(mode)}?api_key={key}&signature=CANARY-sig%2B5"
+    app = await app_factory([probe_connection("c1", url)])
+    result, _ = await app.prober.test_connection("c1", "bus")
+    assert not result["success"] and "/v5/market/time" in result["error"], result
+    shown = json.dumps(result) + msgspec.json.encode(app.store.state["c1"]).decode()
+    assert "CANARY" not in shown, shown
+
+
 async def test_projectx_unreachable(app_factory: Any):
     app = await _px_app(app_factory, f"http://127.0.0.1:{free_port()}")
     result = await app.prober.test_projectx()

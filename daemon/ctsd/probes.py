@@ -32,6 +32,7 @@ from ctsd.errors import CtsdError
 from ctsd.models import Connection, ConnectionDoc, Source, TestResult
 from ctsd.secretfields import CONNECTION_DOC, open_content
 from ctsd.timeutil import now_iso
+from ctsd.urlmask import query_secrets
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -430,7 +431,7 @@ class Prober:
         target = target_for(conn)
         if isinstance(target, str):
             return _failure(target)
-        return await self.request(target, self._timeout(), scrub=_userinfo_parts(target.url))
+        return await self.request(target, self._timeout(), scrub=_url_secrets(target.url))
 
     async def test_connection(
         self, cid: str, source: Source, sync: str | None = None
@@ -481,7 +482,7 @@ class Prober:
         elif not px.username or not px.apiKey:
             result = _failure("Project X credentials are not set (projectX.username, apiKey)")
         else:
-            scrub = (px.apiKey, px.username, *_userinfo_parts(base))
+            scrub = (px.apiKey, px.username, *_url_secrets(base))
             target = Target(
                 "POST",
                 _joined(base, PROJECTX_LOGIN_PATH),
@@ -607,15 +608,16 @@ def _leaf(e: BaseException) -> BaseException:
 SCRUB_ANYWHERE_LEN = 6
 
 
-def _userinfo_parts(url: str) -> tuple[str, ...]:
+def _url_secrets(url: str) -> tuple[str, ...]:
     """What may be a user name or password in `url` (before its last `@`), whole and in the
-    pieces a parser might quote (split at `:`, `/`, `?`, `#`): scrubbed from any error text
-    the request's failure brings back."""
+    pieces a parser might quote (split at `:`, `/`, `?`, `#`), and the values of its query
+    parameters named as secrets (`?api_key=`): scrubbed from any error text the request
+    brings back (a server may echo the path it was asked for)."""
+    pieces = set(query_secrets(url))
     rest = url.split("://", 1)[-1]
-    if "@" not in rest:
-        return ()
-    info = rest.rsplit("@", 1)[0]
-    pieces = {info, *(x for x in re.split(r"[:/?#]", info) if len(x) >= 3)}
+    if "@" in rest:
+        info = rest.rsplit("@", 1)[0]
+        pieces |= {info, *(x for x in re.split(r"[:/?#]", info) if len(x) >= 3)}
     return tuple(sorted(pieces, key=len, reverse=True))  # longest first: no half-scrubs
 
 

@@ -103,6 +103,18 @@ def holds_masked_url(text: str) -> bool:
     return "://" in text and (f":{MASK}@" in text or _MASKED_PARAM.search(text) is not None)
 
 
+def query_secrets(url: str) -> list[str]:
+    """The values of `url`'s query and fragment parameters named as secrets, as written and
+    decoded: what a server's error text may quote back of a request made to it (the probes
+    scrub them, as they scrub the URL's password)."""
+    start = min(_find(url, "?", 0, len(url)), _find(url, "#", 0, len(url)))
+    found: list[str] = []
+    for m in _PARAM.finditer(url, start):
+        if m.group(2) and is_secret_param(unquote(m.group(1))):
+            found += {m.group(2), unquote(m.group(2))}
+    return found
+
+
 def _find(text: str, needle: str, start: int, end: int) -> int:
     found = text.find(needle, start, end)
     return end if found == -1 else found
