@@ -38,6 +38,7 @@ AUTH_TIMEOUT_S = 10.0
 CLOSE_TRY_AGAIN = 1013  # (RFC 6455: try again later)
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+MAX_ID = 2**53 - 1  # the largest integer every JSON client (JavaScript's numbers) holds exactly
 CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 256  # pipelined changes per client before we stop reading its frames
 # A change frame larger than this (a document, whose answer is as large) waits until every
@@ -254,6 +255,10 @@ class Session:
                 None, CtsdError("invalid_format", "`id` must be an integer", path="$.id")
             )
             return
+        if abs(msg_id) > MAX_ID:  # (a browser reads it rounded; and no later id could pass it)
+            why = f"`id` must be an integer from -{MAX_ID} to {MAX_ID}"
+            await self.refuse(None, CtsdError("invalid_format", why, path="$.id"))
+            return
         if self.last_id is not None and msg_id <= self.last_id:
             await self.refuse(
                 msg_id,
@@ -266,7 +271,11 @@ class Session:
             return
         self.last_id = msg_id
         name = frame.get("type")
-        kind = p.COMMANDS.get(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            why = "`type` must name a command (a string)"
+            await self.refuse(msg_id, CtsdError("invalid_format", why, path="$.type"))
+            return
+        kind = p.COMMANDS.get(name)
         if kind is None:
             await self.refuse(
                 msg_id, CtsdError("unknown_command", f"unknown command {name!r}", path="$.type")

@@ -43,7 +43,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from ctsd.bus.outbox import TRUST, WIRE
-from ctsd.bus.session import CLOSE_TRY_AGAIN
+from ctsd.bus.protocol import MAX_FRAME_BYTES, encode_fail
+from ctsd.bus.session import CLOSE_TOO_BIG, CLOSE_TRY_AGAIN
+from ctsd.errors import CtsdError
 from ctsd.guard import SummaryLog
 
 log = structlog.get_logger("ctsd.web")
@@ -57,6 +59,10 @@ _BUSY_BODY = b'{"error":{"code":"io_error","message":"too many connections; try 
 _BAD = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"cache-control: no-store\r\nx-revision: %d\r\n"
+)
+# The answer to a frame the websocket protocol refused unread (past `ws_max_size`).
+_FRAME_TOO_LARGE = encode_fail(
+    None, CtsdError("too_large", f"frame larger than {MAX_FRAME_BYTES} bytes, the limit")
 )
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
 CLOSE_BEHIND_S = 60.0  # a cut subscriber's backlog and close, read out, or the socket closed
@@ -474,10 +480,21 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             def accept_or_refuse(request: Request) -> Response:
                 response = accept(request)
                 if response.status_code == 101:
+                    response.headers["X-Revision"] = str(limits.revision())  # as every answer
                     return response
                 return _as_json_refusal(response, limits.revision())
 
             self.conn.accept = accept_or_refuse  # type: ignore[method-assign]
+            fail = self.conn.fail
+
+            def fail_saying_why(code: int, reason: str = "") -> None:
+                # A frame over the hard limit is refused by the protocol unread: its client is
+                # told `too_large` first, as for one under that limit, then the 1009 close.
+                if code == CLOSE_TOO_BIG and self.conn.state is State.OPEN:
+                    self.conn.send_text(_FRAME_TOO_LARGE)
+                fail(code, reason)
+
+            self.conn.fail = fail_saying_why  # type: ignore[method-assign]
 
         def handle_handshake_exception(self) -> None:
             """A handshake websockets' parser refused (a header line over 8 KiB, a big
