@@ -369,9 +369,20 @@ def test_every_per_connection_command_takes_several_ids(shared: Daemon) -> None:
     assert [v["live"] for v in vols] == [3, 3]
     for command in ("deactivate", "disable", "enable"):
         assert len(jout(shared, "conn", command, "many1", "many2")) == 2
-    r = cli(shared, "conn", "disable", "many1", "nope-404", "many2")  # stops at the failure
-    assert r.returncode == 5 and r.stdout.startswith("disabled many1")
-    assert jout(shared, "conn", "show", "many2")["connection"]["is_enabled"] is True
+    # A mistyped id among several changes none of them (it changed those before it, and the
+    # --json output then said nothing of them).
+    for command in ("disable", "deactivate"):
+        r = cli(shared, "conn", command, "many1", "nope-404", "many2")
+        assert r.returncode == 5 and r.stdout == "" and "nope-404" in r.stderr, r
+    r = cli(shared, "conn", "set", "many1", "nope-404", "many2", "volume_factor=4", "--json")
+    assert r.returncode == 5 and r.stdout == "", r
+    assert cli(shared, "conn", "volume", "many1", "nope-404", "--live", "5").returncode == 5
+    shown = [s["connection"] for s in jout(shared, "conn", "show", "many1", "many2")]
+    assert [(c["is_enabled"], c["is_active"], c["volume_factor"]) for c in shown] == [
+        (True, False, 2),
+        (True, False, 2),
+    ]
+    assert [v["live"] for v in jout(shared, "conn", "volume", "many1", "many2")] == [3, 3]
 
 
 def test_volume(shared: Daemon) -> None:

@@ -58,21 +58,57 @@ def _each(
     call: Callable[[Bus, str], Awaitable[Any]],
     show: Callable[[str, Any], None],
     as_json: bool,
+    check_first: bool = False,
 ) -> list[Any]:
     """Run `call` for each id in order on one bus connection (stopping at the first error);
-    print each result with `show`, or all as JSON (one object for one id, else a list)."""
+    print each result with `show`, or all as JSON (one object for one id, else a list; on
+    an error, the list of what was done before it). `check_first`: every id is looked up
+    before anything is changed, so a mistyped one changes nothing (the daemon has no batch
+    of these commands)."""
     results: list[Any] = []
 
     async def body(bus: Bus) -> None:
-        for cid in ids:
-            results.append(await call(bus, cid))
-            if not as_json:
-                show(cid, results[-1])
+        if check_first and len(ids) > 1:
+            for cid in ids:
+                await bus.call("connections.get", connection_id=cid)
+        try:
+            for cid in ids:
+                results.append(await call(bus, cid))
+                if not as_json:
+                    show(cid, results[-1])
+        except BaseException:
+            if as_json and results:
+                echo_json(results)  # a script learns what was changed before the error
+            raise
 
     run(target, body)
     if as_json:
         echo_json(results[0] if len(ids) == 1 else results)
     return results
+
+
+def _update_all(
+    target: Target,
+    ids: tuple[str, ...],
+    changes: dict[str, Any],
+    show: Callable[[Any], None],
+    as_json: bool,
+) -> None:
+    """The same `changes` on every id, all or nothing: one `connections.batch_update` (one
+    id: `connections.update`, whose refusals name `$.connection_id`)."""
+
+    async def body(bus: Bus) -> Any:
+        if len(ids) == 1:
+            return [await bus.call("connections.update", connection_id=ids[0], changes=changes)]
+        updates = [{**changes, "id": cid} for cid in ids]
+        return await bus.call("connections.batch_update", updates=updates)
+
+    results = run(target, body)
+    if as_json:
+        echo_json(results[0] if len(ids) == 1 else results)
+        return
+    for r in results:
+        show(r)
 
 
 IDS = click.argument("connection_ids", nargs=-1, required=True, metavar="ID...")
@@ -248,13 +284,10 @@ def register(main: click.Group) -> None:
                 "nothing to change: give FIELD=VALUE after the ID(s), or a secret option"
             )
 
-        async def one(bus: Bus, cid: str) -> Any:
-            return await bus.call("connections.update", connection_id=cid, changes=changes)
-
-        def show_one(_cid: str, updated: Any) -> None:
+        def show_one(updated: Any) -> None:
             click.echo(f"updated {_summary(updated)}: {', '.join(sorted(changes))}")
 
-        _each(target, ids, one, show_one, as_json)
+        _update_all(target, tuple(dict.fromkeys(ids)), changes, show_one, as_json)
 
     @conn.command(**CMD)
     @bus_options
@@ -280,18 +313,22 @@ def register(main: click.Group) -> None:
         @json_option
         @IDS
         def cmd(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
-            active = command == "connections.set_active"
-            args = {"active": value} if active else {"changes": {field: value}}
+            ids = tuple(dict.fromkeys(connection_ids))
+            if command == "connections.update":
+                show = lambda r: click.echo(f"{verb} {_summary(r)}")  # noqa: E731
+                _update_all(target, ids, {field: value}, show, as_json)
+                return
 
             async def one(bus: Bus, cid: str) -> Any:
-                return await bus.call(command, connection_id=cid, **args)
+                return await bus.call(command, connection_id=cid, active=value)
 
             _each(
                 target,
-                connection_ids,
+                ids,
                 one,
                 lambda _, r: click.echo(f"{verb} {_summary(r)}"),
                 as_json,
+                check_first=True,
             )
 
     switch("enable", "Enable connections.", "connections.update", "is_enabled", True, "enabled")
@@ -350,7 +387,7 @@ def register(main: click.Group) -> None:
                 f"preset {cell(values['preset'])}"
             )
 
-        _each(target, connection_ids, one, show_one, as_json)
+        _each(target, tuple(dict.fromkeys(connection_ids)), one, show_one, as_json, bool(args))
 
     @conn.command(**CMD)
     @bus_options
