@@ -575,13 +575,20 @@ async def test_hand_edit_on_one_host_reaches_the_others(hosts: Hosts) -> None:
     wait_until(lambda: converged(hosts, 1), 20, what="converged")
     rows = read(b, CONNECTIONS)
     rows[0]["name"] = "edited on host 2"
-    (b.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=2) + "\n")
+    rows[0]["volume_factor"] = 3  # (an int: the daemons write 3.0; and another indent)
+    (b.data_dir / CONNECTIONS).write_text(json.dumps(rows, indent=4) + "\n")
     wait_until(
         lambda: (read(c, CONNECTIONS) or [{}])[0].get("name") == "edited on host 2",
         20,
         what="the hand edit on host 2 reached host 3's file",
     )
     wait_until(lambda: converged(hosts, 2), 20, what="converged after the hand edit")
+    # The same bytes on every host: host 2 writes the edit back as the others wrote it.
+    wait_until(
+        lambda: len({(d.data_dir / CONNECTIONS).read_bytes() for d in hosts.daemons}) == 1,
+        20,
+        what="connections.json byte for byte the same on every host",
+    )
     (event,) = [e for e in read(a, SYNC_LOG) if e["id"] == 2]
     assert event["data"]["host"] == "h2" and event["data"]["source"] == "file", event
     # A hand edit of host 2's own settings keys alone stays there: no event in the shared log,

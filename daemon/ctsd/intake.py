@@ -518,6 +518,10 @@ class Intake:
             _warn_state_not_kept(hand, base, store.committed)
         if self._memory(file) == self.disk.get(file).content:
             self.written(file, lsn or 0)  # memory is what the file holds: nothing to write
+        if store.committer.shared and not put_back and not self._as_written(file, raw):
+            # Every host holds the same bytes: the others wrote this edit as the daemon
+            # writes (`3` as `3.0`, its indent); this host does too, with the next round.
+            self.write_back(file)
         self._restored(file)
         if file == CONNECTIONS and STATE in store.problems:
             store.notice_watcher(STATE)  # its records may name no connection no longer
@@ -558,6 +562,15 @@ class Intake:
             key = "id" if file == CONNECTIONS else "connection_id"
             return base_of_unread({getattr(r, key): r for r in hand}, memory, replayed, table=True)
         return base_of_unread(hand, memory, replayed, table=False)
+
+    def _as_written(self, file: str, raw: bytes) -> bool:
+        """Are `raw` the bytes the daemon writes for `file` from memory?"""
+        memory = self._memory(file)
+        if memory is None or file == SYNC_LOG:
+            return True
+        if file in (CONNECTIONS, STATE):
+            return raw == files.encode_table(memory.values())
+        return raw == files.encode_document(memory)
 
     def _memory(self, file: str) -> Any:
         c = self.store.committed
