@@ -443,6 +443,8 @@ async def test_online_rekey_one_change_no_values_and_the_daemon_keeps_working(
                 changes={"api_key": f"{CANARY}-after"},
             )
             assert d.http("/health")[1]["checks"]["secrets"]["key_id"] == key_b.id
+            (line,) = [e for e in d.log_events() if e.get("event") == "secrets_rekeyed"]
+            assert (line["key_id"], line["was"]) == (key_b.id, key_a.id), line
             # The same key again, or a bad one: refused, nothing changed.
             again = rekey_cli(d, tmp_path / "b")
             assert again.returncode != 0 and "key in use" in again.stderr

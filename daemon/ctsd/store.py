@@ -255,8 +255,12 @@ class Store:
                     "re-encrypted; fix it, then re-key",
                     extra={"file": file},
                 )
+        was = self.box.key_id
         try:
-            return await self.submit_answer(ops.rekey(new_box), source, sync="files")
+            answer = await self.submit_answer(ops.rekey(new_box), source, sync="files")
+            # The admin reading the log sees the key switch (the sync log has it too).
+            log.warning("secrets_rekeyed", key_id=new_box.key_id, was=was, source=source)
+            return answer
         finally:
             # The journal's records from before hold values under the old key (or plain):
             # gone from the file at the first cut past the re-key, asked for now. (Also when
