@@ -198,7 +198,8 @@ def register(main: click.Group) -> None:
         lines: list[str] = []
         if key is None:
             lines.append(
-                "key: none configured — secrets are stored in plain text "
+                "key: none configured — the daemon stores new secrets in plain text and "
+                "cannot open encrypted ones; how each is stored now is below "
                 f"(set {KEY_FILE_ENV}, or load the credential {CREDENTIAL_NAME}; "
                 "`ctsd secrets init` makes a key)"
             )
