@@ -414,6 +414,32 @@ def test_a_settings_file_broken_while_stopped_counts_as_its_copy_unless_it_names
     assert "not the one this host last ran with" in line and "settings.json:" in line, line
 
 
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"CTSD_CLUSTER_NATS_URLS": "http://127.0.0.1:4222", "CTSD_CLUSTER_NAME": "d"},
+            "has scheme 'http'",
+        ),
+        ({"CTSD_CLUSTER_NATS_URLS": "nats://127.0.0.1:4222", "CTSD_HOST_ID": "a b"}, "HOST_ID"),
+        ({"CTSD_HOST": "a b"}, "CTSD_HOST"),  # (the port is given as --port)
+    ],
+)
+def test_a_mistyped_setting_of_the_environment_leaves_the_data_dir_as_it_was(
+    data_dir: Path, env: dict[str, str], says: str
+) -> None:
+    """Refused before the data dir is touched: the default files were made first."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    d = Daemon(data_dir, env=env)
+    try:
+        assert run_to_exit(d) == 1
+        line = one_line(d.stderr())
+        assert line.startswith("ctsd: ") and says in line, line
+        assert list(data_dir.iterdir()) == []
+    finally:
+        d.close()
+
+
 def test_a_start_that_cannot_record_itself_stops_with_one_line(data_dir: Path) -> None:
     """Cluster mode: the start's boot id is kept before anything is published; when it cannot
     be (here the name is a directory; a full disk does the same), the start stops."""

@@ -33,12 +33,18 @@ from ctsd import __version__, livebackup, logs
 from ctsd.atomic import ensure_dir
 from ctsd.backup import interrupted_swap
 from ctsd.bases import Bases, CopyUnusable
-from ctsd.cluster.config import ClusterConfigError, ClusterSettings, load_cluster_settings
+from ctsd.cluster.config import (
+    ClusterConfigError,
+    ClusterSettings,
+    env_settings,
+    load_cluster_settings,
+)
 from ctsd.config import is_loopback, resolve_listen
 from ctsd.diagnose import FileProblem
 from ctsd.errors import CtsdError
 from ctsd.files import Invalid, document_file
 from ctsd.lock import InstanceLock
+from ctsd.models import Settings
 from ctsd.notify import Notifier
 from ctsd.probes import Prober
 from ctsd.rekey import RekeyRefused, finish_pending
@@ -91,6 +97,15 @@ class Daemon:
 
 
 def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon, InstanceLock]:
+    # What the command line and the environment say, checked before the data dir is touched:
+    # a mistyped port or NATS URL leaves it as it was (no default files made first).
+    try:
+        resolve_listen(host, port, Settings())
+        env_settings()
+    except ClusterConfigError as e:
+        raise StartError(f"cluster settings: {e}") from None
+    except ValueError as e:
+        raise StartError(f"start failed: {e}") from None
     try:
         if data_dir.exists() and not data_dir.is_dir():
             raise StartError(f"data dir {data_dir} is not a directory")

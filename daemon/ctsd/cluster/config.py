@@ -84,6 +84,32 @@ class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
         return f"ctsd.{self.name}.chg"
 
 
+def env_settings(
+    env: Mapping[str, str] | None = None,
+) -> tuple[list[str] | None, str | None, str | None]:
+    """The NATS URLs, cluster name and host id the environment sets (None: unset), checked
+    (the host id only with the URLs: a host on its own needs none). Called alone before the
+    data dir is read, so a mistyped one leaves it as it was. Raises ClusterConfigError
+    naming the variable."""
+    env = os.environ if env is None else env
+    urls = env.get("CTSD_CLUSTER_NATS_URLS", "").strip()
+    name = env.get("CTSD_CLUSTER_NAME", "").strip()
+    host = env.get("CTSD_HOST_ID", "").strip()
+    try:
+        return (
+            [
+                check_nats_url(u.strip(), f"CTSD_CLUSTER_NATS_URLS[{i}]")
+                for i, u in enumerate(urls.split(","))
+            ]
+            if urls
+            else None,
+            check_cluster_name(name, "CTSD_CLUSTER_NAME") if name else None,
+            (check_host_id(host, "CTSD_HOST_ID") if urls else host) if host else None,
+        )
+    except ValueError as exc:
+        raise ClusterConfigError(str(exc)) from None
+
+
 def load_cluster_settings(
     settings: Mapping[str, Any] | None,
     env: Mapping[str, str] | None = None,
@@ -93,22 +119,10 @@ def load_cluster_settings(
     `settings` is the parsed `settings.json` object (or None). Raises ClusterConfigError with a
     message naming the setting (never a credential's value).
     """
-    env = os.environ if env is None else env
     section = _section(settings)
-    urls_env = env.get("CTSD_CLUSTER_NATS_URLS", "").strip()
-    name_env = env.get("CTSD_CLUSTER_NAME", "").strip()
-    host_env = env.get("CTSD_HOST_ID", "").strip()
-    try:
-        if urls_env:
-            urls = [
-                check_nats_url(u.strip(), f"CTSD_CLUSTER_NATS_URLS[{i}]")
-                for i, u in enumerate(urls_env.split(","))
-            ]
-        else:
-            urls = section.nats_urls  # checked with the section
-        name = check_cluster_name(name_env, "CTSD_CLUSTER_NAME") if name_env else section.name
-    except ValueError as exc:
-        raise ClusterConfigError(str(exc)) from None
+    urls_env, name_env, host_env = env_settings(env)
+    urls = urls_env or section.nats_urls  # (the section's checked with it)
+    name = name_env or section.name
     if urls is None:
         if name is not None:
             raise ClusterConfigError(
@@ -123,10 +137,10 @@ def load_cluster_settings(
             "one cluster uses the same name, and it names the change stream"
         )
     try:  # (only now: a host on its own needs no host id)
+        where = "the hostname (set cluster.host_id or CTSD_HOST_ID)"
         if host_env:
             host_id = check_host_id(host_env, "CTSD_HOST_ID")
         else:
-            where = "the hostname (set cluster.host_id or CTSD_HOST_ID)"
             host_id = section.host_id or check_host_id(socket.gethostname(), where)
     except ValueError as exc:
         raise ClusterConfigError(str(exc)) from None
