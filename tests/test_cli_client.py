@@ -410,6 +410,11 @@ def test_rm(shared: Daemon) -> None:
     r = cli(shared, "conn", "rm", "rm1")
     assert r.returncode == 5 and "not_found" in r.stderr
     assert "rm1" not in {c["id"] for c in jout(shared, "conn", "list")}
+    # A mistyped id among several deletes none of them.
+    add(shared, "rm3")
+    r = cli(shared, "conn", "rm", "rm3", "rm-nope")
+    assert r.returncode == 5 and r.stdout == "" and "rm-nope" in r.stderr, r
+    assert jout(shared, "conn", "rm", "rm3") == [{"deleted": "rm3"}]
 
 
 # --- conn test against a local fake exchange -------------------------------------------------

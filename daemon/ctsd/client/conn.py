@@ -59,10 +59,12 @@ def _each(
     show: Callable[[str, Any], None],
     as_json: bool,
     check_first: bool = False,
+    listed: bool = False,
 ) -> list[Any]:
     """Run `call` for each id in order on one bus connection (stopping at the first error);
-    print each result with `show`, or all as JSON (one object for one id, else a list; on
-    an error, the list of what was done before it). `check_first`: every id is looked up
+    print each result with `show`, or all as JSON (one object for one id unless `listed`,
+    else a list; on an error, the list of what was done before it). `check_first`: every id
+    is looked up
     before anything is changed, so a mistyped one changes nothing (the daemon has no batch
     of these commands)."""
     results: list[Any] = []
@@ -83,7 +85,7 @@ def _each(
 
     run(target, body)
     if as_json:
-        echo_json(results[0] if len(ids) == 1 else results)
+        echo_json(results[0] if len(ids) == 1 and not listed else results)
     return results
 
 
@@ -294,18 +296,16 @@ def register(main: click.Group) -> None:
     @json_option
     @IDS
     def rm(target: Target, as_json: bool, connection_ids: tuple[str, ...]) -> None:
-        """Delete connections (in order; stops at the first failure)."""
-        done: list[Any] = []
+        """Delete connections (every ID looked up first: a mistyped one deletes none)."""
+        ids = tuple(dict.fromkeys(connection_ids))
 
-        async def body(bus: Bus) -> None:
-            for cid in connection_ids:
-                done.append(await bus.call("connections.delete", connection_id=cid))
-                if not as_json:
-                    click.echo(f"deleted {safe(cid)}")
+        async def one(bus: Bus, cid: str) -> Any:
+            return await bus.call("connections.delete", connection_id=cid)
 
-        run(target, body)
-        if as_json:
-            echo_json(done)
+        def show(cid: str, _deleted: Any) -> None:
+            click.echo(f"deleted {safe(cid)}")
+
+        _each(target, ids, one, show, as_json, check_first=True, listed=True)
 
     def switch(name: str, doc: str, command: str, field: str, value: bool, verb: str) -> None:
         @conn.command(name, help=doc, **CMD)
