@@ -368,6 +368,14 @@ def test_a_url_password_is_masked_wherever_the_url_sits() -> None:
         ),
         ("https://u:pw@h/?token=s3", f"https://u:{MASK}@h/?token={MASK}"),
         ("https://h/?next=https://g/?sig=s3", f"https://h/?next=https://g/?sig={MASK}"),
+        # A URL with a secret, percent-encoded in a parameter (a login's redirect): masked
+        # whole; one with none is shown.
+        ("https://h/?next=https%3A%2F%2Fu%3Apw%40g%2F&x=1", f"https://h/?next={MASK}&x=1"),
+        ("https://h/?r=https%253A%252F%252Fg%252F%253Ftoken%253Ds3", f"https://h/?r={MASK}"),
+        (
+            "https://h/?next=https%3A%2F%2Fg%2Fx%3Fa%3D1",
+            "https://h/?next=https%3A%2F%2Fg%2Fx%3Fa%3D1",
+        ),
         # An @ in the query (an email), before a secret; with a port, the span to it masked.
         ("https://h/v1?user=me@x.com&api_key=s3", f"https://h/v1?user=me@x.com&api_key={MASK}"),
         ("https://h:8080/v1?u=me@x.com&token=s3", f"https://h:{MASK}@x.com&token={MASK}"),
@@ -400,6 +408,8 @@ def test_url_secrets_are_masked_on_the_safe_side(text: str, shown: str) -> None:
         "h://x?" + "&" * 400_000,
         "https://h/?" + "private" * 60_000 + "=1",  # a name judged in one pass too
         "https://h/?" + "=" * 400_000,
+        "https://h/?n=" + "%" * 400_000 + "://",
+        "https://h/?" + "n=%25://u:x%40&" * 30_000,
     ],
 )
 def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
@@ -408,6 +418,13 @@ def test_masking_a_crafted_string_takes_one_pass(crafted: str) -> None:
     started = time.perf_counter()
     mask({"path": crafted})
     assert time.perf_counter() - started < 1.0  # one pass: a few ms; quadratic: a minute
+
+
+def test_a_url_holding_an_encoded_secret_sent_back_as_shown_keeps_it() -> None:
+    stored = {"notes": "see https://h/?next=https%3A%2F%2Fu%3Apw%40g%2F&x=1"}
+    shown = mask(stored)
+    assert "pw" not in json.dumps(shown)
+    assert restore_placeholders(shown, stored, "$.d") == stored
 
 
 def test_text_with_a_mask_beside_a_url_is_no_url_sent_back_masked() -> None:

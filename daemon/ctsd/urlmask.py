@@ -39,8 +39,9 @@ def mask_url_secrets(text: str) -> str:
     Query: the value of every parameter whose name is a secret's
     (`secretnames.is_secret_param`: `token`, `access_token`, `api_key`, `key`,
     `X-Amz-Signature`...) is masked, up to the next `&`, `;`, `#` or `?` (a URL in a
-    parameter: its own are looked at too), or a quote or `<>` (the end of a URL quoted in a
-    text), in the fragment too (`#access_token=`). After a masked password, parameters are
+    parameter: its own are looked at too; a percent-encoded one holding a secret is masked
+    whole), or a quote or `<>` (the end of a URL quoted in a text), in the fragment too
+    (`#access_token=`). After a masked password, parameters are
     looked for from its @ on.
 
     One pass over the text: this runs on every string of every log line and answer, and a
@@ -88,7 +89,7 @@ def mask_url_secrets(text: str) -> str:
         else:
             params_from = min(_find(text, "?", i + 3, end), _find(text, "#", i + 3, end))
         for m in _PARAM.finditer(text, params_from, params_to):
-            if m.group(2) and is_secret_param(unquote(m.group(1))):
+            if m.group(2) and _secret_param(m.group(1), m.group(2)):
                 spans.append((m.start(2), m.end(2)))
         for a, b in spans:
             out.append(text[done:a])
@@ -110,9 +111,25 @@ def query_secrets(url: str) -> list[str]:
     start = min(_find(url, "?", 0, len(url)), _find(url, "#", 0, len(url)))
     found: list[str] = []
     for m in _PARAM.finditer(url, start):
-        if m.group(2) and is_secret_param(unquote(m.group(1))):
+        if m.group(2) and _secret_param(m.group(1), m.group(2)):
             found += {m.group(2), unquote(m.group(2))}
     return found
+
+
+def _secret_param(name: str, value: str) -> bool:
+    """A query parameter's value is masked whole when its name is a secret's, or when it is
+    a percent-encoded URL holding a secret (`?next=https%3A%2F%2Fu%3Apw%40h`): decoded, it
+    is masked like any URL (each level of encoding a third as long: shallow recursion)."""
+    return is_secret_param(unquote(name)) or _hides_secret(value)
+
+
+def _hides_secret(value: str) -> bool:
+    inner = unquote(value) if "%" in value else value
+    if inner == value:
+        return False
+    if "://" in inner:
+        return mask_url_secrets(inner) != inner
+    return _hides_secret(inner)  # (encoded more than once)
 
 
 def _find(text: str, needle: str, start: int, end: int) -> int:
