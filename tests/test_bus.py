@@ -254,9 +254,11 @@ async def test_malformed_json_and_envelope(daemon: Daemon) -> None:
             "message": "`id` must be an integer",
             "path": "$.id",
         }
-        await b.ws.send(json.dumps({"id": 2**70, "type": "ping"}))
-        reply = await b.recv()
-        assert reply["error"]["code"] == "invalid_format" and reply["error"]["path"] == "$.id"
+        for kind in ("ping", "connections.delete"):  # (a change is taken as it is read)
+            await b.ws.send(json.dumps({"id": 2**60, "type": kind, "connection_id": "x"}))
+            reply = await b.recv()
+            assert reply["error"]["code"] == "invalid_format", reply
+            assert reply["error"]["path"] == "$.id", reply
         for i, typ in enumerate(({}, {"type": None}, {"type": ["ping"]}), -3):  # (ids < 1)
             await b.ws.send(json.dumps({"id": i, **typ}))
             reply = await b.recv()

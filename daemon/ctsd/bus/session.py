@@ -205,6 +205,7 @@ class Session:
         msg_id, name = frame.get("id"), frame.get("type")
         if (
             type(msg_id) is not int
+            or abs(msg_id) > MAX_ID  # (refused by `serve`)
             or (self.last_id is not None and msg_id <= self.last_id)
             or not isinstance(name, str)
             or name not in WRITE_OPS
