@@ -912,6 +912,34 @@ async def test_a_data_dir_of_another_stream_never_applies_a_longer_one(
         assert kept[1:] == kept[:1]
 
 
+async def test_a_stream_made_again_while_a_host_runs_is_not_applied(cluster: NatsCluster) -> None:
+    """The stream deleted and made again (same name) while a host runs, and longer than what
+    the host applied by the time it looks again: it applies none of it."""
+    s = make_settings(cluster)
+    async with running(s, keep_stream_id=lambda _sid: None) as (a, rec):
+        await a.catch_up(timeout=10)
+        for i in range(2):
+            await commit(a, f"g{i}".encode())
+        nc = await nats.connect(cluster.urls)
+        js = nc.jetstream()
+        config = (await js.stream_info(s.stream)).config
+        await js.delete_stream(s.stream)
+        await js.add_stream(config)
+        for n in range(1, 5):
+            headers = {
+                H_CLUSTER: s.name,
+                H_SCHEMA: SCHEMA_VERSION,
+                H_HOST: "host-z",
+                H_MSG_ID: f"host-z:{n}",
+            }
+            await js.publish(s.subject, f"new{n}".encode(), headers=headers)
+        await nc.close()
+        await wait_until_async(lambda: a.state == "stalled", timeout=15, what="stalled")
+        assert a.status().stalled == "stream_mismatch", a.status()
+        assert "made again" in (a.status().reason or "")
+        assert rec.payloads == [b"g0", b"g1"]
+
+
 def test_the_stream_of_a_data_dir_is_kept_on_disk(tmp_path: Path) -> None:
     assert streamid.read(tmp_path) is None
     sid = StreamId("CTSD_desk", "2026-01-02T03:04:05+00:00")

@@ -942,6 +942,8 @@ class ClusterEngine:
         info = await self._js.stream_info(self.stream)
         if not _from_leader(info):
             raise _NoLeader(NO_LEADER)
+        if info.created:  # (the stream may have been deleted and made again meanwhile)
+            self.stream_created = info.created.isoformat()
         self._note_stream(info.state)
         return info
 
