@@ -383,6 +383,9 @@ def test_every_per_connection_command_takes_several_ids(shared: Daemon) -> None:
         (True, False, 2),
     ]
     assert [v["live"] for v in jout(shared, "conn", "volume", "many1", "many2")] == [3, 3]
+    # An id given twice is changed once; the output is a list, as for several ids.
+    assert len(jout(shared, "conn", "set", "many1", "many1", "volume_factor=2")) == 1
+    assert len(jout(shared, "conn", "activate", "many1", "many1")) == 1
 
 
 def test_volume(shared: Daemon) -> None:

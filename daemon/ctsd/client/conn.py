@@ -95,9 +95,11 @@ def _update_all(
     changes: dict[str, Any],
     show: Callable[[Any], None],
     as_json: bool,
+    listed: bool = False,
 ) -> None:
     """The same `changes` on every id, all or nothing: one `connections.batch_update` (one
-    id: `connections.update`, whose refusals name `$.connection_id`)."""
+    id: `connections.update`, whose refusals name `$.connection_id`). JSON: one object for
+    one id unless `listed` (several given, the same one twice say), else a list."""
 
     async def body(bus: Bus) -> Any:
         if len(ids) == 1:
@@ -107,7 +109,7 @@ def _update_all(
 
     results = run(target, body)
     if as_json:
-        echo_json(results[0] if len(ids) == 1 else results)
+        echo_json(results[0] if len(ids) == 1 and not listed else results)
         return
     for r in results:
         show(r)
@@ -289,7 +291,9 @@ def register(main: click.Group) -> None:
         def show_one(updated: Any) -> None:
             click.echo(f"updated {_summary(updated)}: {', '.join(sorted(changes))}")
 
-        _update_all(target, tuple(dict.fromkeys(ids)), changes, show_one, as_json)
+        _update_all(
+            target, tuple(dict.fromkeys(ids)), changes, show_one, as_json, listed=len(ids) > 1
+        )
 
     @conn.command(**CMD)
     @bus_options
@@ -316,7 +320,8 @@ def register(main: click.Group) -> None:
             ids = tuple(dict.fromkeys(connection_ids))
             if command == "connections.update":
                 show = lambda r: click.echo(f"{verb} {_summary(r)}")  # noqa: E731
-                _update_all(target, ids, {field: value}, show, as_json)
+                several = len(connection_ids) > 1
+                _update_all(target, ids, {field: value}, show, as_json, listed=several)
                 return
 
             async def one(bus: Bus, cid: str) -> Any:
@@ -329,6 +334,7 @@ def register(main: click.Group) -> None:
                 lambda _, r: click.echo(f"{verb} {_summary(r)}"),
                 as_json,
                 check_first=True,
+                listed=len(connection_ids) > 1,
             )
 
     switch("enable", "Enable connections.", "connections.update", "is_enabled", True, "enabled")
@@ -387,7 +393,9 @@ def register(main: click.Group) -> None:
                 f"preset {cell(values['preset'])}"
             )
 
-        _each(target, tuple(dict.fromkeys(connection_ids)), one, show_one, as_json, bool(args))
+        ids = tuple(dict.fromkeys(connection_ids))
+        several = len(connection_ids) > 1
+        _each(target, ids, one, show_one, as_json, check_first=bool(args), listed=several)
 
     @conn.command(**CMD)
     @bus_options
