@@ -119,6 +119,7 @@ def load_cluster_settings(
     `settings` is the parsed `settings.json` object (or None). Raises ClusterConfigError with a
     message naming the setting (never a credential's value).
     """
+    env = os.environ if env is None else env
     section = _section(settings)
     urls_env, name_env, host_env = env_settings(env)
     urls = urls_env or section.nats_urls  # (the section's checked with it)
