@@ -18,10 +18,16 @@ _NOT_USER = re.compile(r"[\[\]]")  # before a `:` that is no user's: an IPv6 hos
 # `name=value` of a query: the value runs to the next parameter, or to a quote or `<>` after
 # its first character (the end of a URL quoted in a text).
 _PARAM = re.compile(r"[?&;#]([^=&;#?\s]*)=([^&;#?\s][^&;#?\s\"'<>]*)?")
+MAX_DECODES = 3  # percent-decodings of a parameter's value looked through, nested ones in all
 _MASKED_PARAM = re.compile(r"[?&;#][^=&;#?\s]*=\*{8}(?:[&;#?\s\"'<>]|$)")
 
 
 def mask_url_secrets(text: str) -> str:
+    """`text` with the secrets of every URL in it masked (`_masked`)."""
+    return _masked(text, 0)
+
+
+def _masked(text: str, decoded: int) -> str:
     """`text` with the secrets of every URL in it masked (the same string when none):
     `scheme://user:password@host/p?token=abc` shows as
     `scheme://user:********@host/p?token=********`.
@@ -89,7 +95,7 @@ def mask_url_secrets(text: str) -> str:
         else:
             params_from = min(_find(text, "?", i + 3, end), _find(text, "#", i + 3, end))
         for m in _PARAM.finditer(text, params_from, params_to):
-            if m.group(2) and _secret_param(m.group(1), m.group(2)):
+            if m.group(2) and _secret_param(m.group(1), m.group(2), decoded):
                 spans.append((m.start(2), m.end(2)))
         for a, b in spans:
             out.append(text[done:a])
@@ -116,20 +122,23 @@ def query_secrets(url: str) -> list[str]:
     return found
 
 
-def _secret_param(name: str, value: str) -> bool:
+def _secret_param(name: str, value: str, decoded: int = 0) -> bool:
     """A query parameter's value is masked whole when its name is a secret's, or when it is
     a percent-encoded URL holding a secret (`?next=https%3A%2F%2Fu%3Apw%40h`): decoded, it
-    is masked like any URL (each level of encoding a third as long: shallow recursion)."""
-    return is_secret_param(unquote(name)) or _hides_secret(value)
+    is masked like any URL. `decoded`: how often the text it sits in was decoded already."""
+    return is_secret_param(unquote(name)) or _hides_secret(value, decoded)
 
 
-def _hides_secret(value: str) -> bool:
-    inner = unquote(value) if "%" in value else value
-    if inner == value:
-        return False
-    if "://" in inner:
-        return mask_url_secrets(inner) != inner
-    return _hides_secret(inner)  # (encoded more than once)
+def _hides_secret(value: str, decoded: int) -> bool:
+    """Decoded at most `MAX_DECODES` times in all, nested URLs included: `%25` repeated
+    shrinks by only two characters a pass, so decoding until nothing changes would take
+    as many passes (each over the whole value) as it is long."""
+    inner = value
+    while "%" in inner and decoded < MAX_DECODES:
+        inner, decoded = unquote(inner), decoded + 1
+        if "://" in inner:
+            return _masked(inner, decoded) != inner
+    return False
 
 
 def _find(text: str, needle: str, start: int, end: int) -> int:
