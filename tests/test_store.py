@@ -1790,6 +1790,35 @@ async def test_entries_removed_from_the_middle_while_stopped_make_a_resume_befor
     assert [e["id"] for e in disk(data_dir, SYNC_LOG)] == [1, 3, 4, 5]  # as the operator left it
 
 
+async def test_sync_log_entries_of_an_older_ctsd_holding_a_secret_are_masked_at_start(
+    data_dir: Path,
+) -> None:
+    """An older ctsd did not mask a URL's secret query value in events (`?api_key=`): its
+    entries are masked at the next start and the file written again (ids and the rest kept);
+    a log with nothing to mask is left as it is."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+        await store.submit(ops.create(conn(2)), "bus", sync="files")
+    log = disk(data_dir, SYNC_LOG)
+    log[1]["data"]["name"] = "https://h/x?api_key=OLD-SECRET-99"  # as an older ctsd wrote it
+    (data_dir / SYNC_LOG).write_text(json.dumps(log, indent=2) + "\n")
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            await store.checkpointer.flush()
+            (masked,) = [e for e in logs if e["event"] == "sync_log_secrets_masked"]
+            assert masked["entries"] == 1
+    text = (data_dir / SYNC_LOG).read_text()
+    assert "OLD-SECRET-99" not in text and "api_key=********" in text
+    assert [e["id"] for e in json.loads(text)] == [1, 2]
+    assert json.loads(text)[0] == log[0]
+    before = (data_dir / SYNC_LOG).stat().st_mtime_ns
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir):
+            pass
+    assert not [e for e in logs if e["event"] == "sync_log_secrets_masked"]
+    assert (data_dir / SYNC_LOG).stat().st_mtime_ns == before
+
+
 async def test_the_newest_entries_removed_while_stopped_make_a_resume_before_them_refused(
     data_dir: Path,
 ) -> None:

@@ -53,6 +53,7 @@ from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
 from ctsd.intake import Intake, Late
 from ctsd.journal import Journal, JournalError
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
+from ctsd.redact import mask_if_needed
 from ctsd.sealer import Sealer, secure_loaded
 from ctsd.secretbox import SecretBox
 from ctsd.secretfields import SECRET_FILES
@@ -370,6 +371,7 @@ class Store:
         self.replayed_onto = replayed_onto(recovered.changes, invalid)
         # Every stored secret must decrypt; plain ones are encrypted, written before READY.
         sealed = secure_loaded(self.box, self.committed, set(self.problems))
+        sealed |= _masked_log(self.committed)
         if self.box.encrypting and self.journal.end > self.journal.header_end:
             # Its bytes (records the cuts after them dropped included) may hold secrets in
             # plain text, or under a key retired offline: written before this key was set.
@@ -790,6 +792,21 @@ class Store:
 
 
 RELOAD_WRITE_S = 5.0
+
+
+def _masked_log(c: Committed) -> set[str]:
+    """Sync-log entries an older ctsd wrote holding what this one masks (a URL's `?api_key=`
+    value): masked as an event is now (ids and all else kept); the file to write again."""
+    masked = 0
+    for i, event in enumerate(c.log):
+        data = mask_if_needed(event.data) if isinstance(event.data, dict) else event.data
+        if data is not event.data and data != event.data:
+            c.log[i] = msgspec.structs.replace(event, data=data)
+            masked += 1
+    if not masked:
+        return set()
+    log.warning("sync_log_secrets_masked", entries=masked, file=SYNC_LOG)
+    return {SYNC_LOG}
 
 
 def _warn_seed_origins(c: Committed) -> None:
