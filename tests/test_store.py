@@ -1313,6 +1313,35 @@ async def test_algorithms_swapped_for_a_link_is_neither_written_nor_read_through
     assert events == ["checkpoint_write_failed", "checkpoint_write_recovered"], events
 
 
+async def test_algorithms_replaced_by_a_file_deletes_no_algorithm(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """algorithms/ moved away with a file put in its place: its algorithms are out of reach,
+    not deleted by hand. A change made meanwhile waits in the journal and is written once the
+    directory is back; the old files coming back do not undo it."""
+    algo = "algorithms/Fast.json"
+    async with opened(data_dir) as store:
+        recorder = Recorder(store)
+        await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast", "p": 1}), "bus")
+        await store.checkpointer.flush()
+        elsewhere = tmp_path / "algs"
+        (data_dir / "algorithms").rename(elsewhere)
+        (data_dir / "algorithms").write_text("not a directory\n")
+        assert not await store.ingest(algo)  # as the watcher looks
+        await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast", "p": 2}), "bus")
+        # What must not happen (the rounds taking the file for deleted once its grace is
+        # over) has no event to wait for: the grace and a few rounds' retries are waited out.
+        await anyio.sleep(files.DELETE_GRACE_S + 3 * checkpoint.FAILED_RETRY_S)
+        assert not await store.ingest(algo)
+        assert store.documents["algorithms/Fast"] == {"name": "Fast", "p": 2}
+        (data_dir / "algorithms").unlink()
+        elsewhere.rename(data_dir / "algorithms")
+        assert await store.ingest(algo)
+        await store.checkpointer.flush()
+    assert disk(data_dir, algo) == {"name": "Fast", "p": 2}
+    assert not [e for e in recorder.events if e.data.get("deleted")], recorder.events
+
+
 async def _through_a_link(data_dir: Path, tmp_path: Path, store: Store, algo: str) -> None:
     await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast"}), "bus", sync="files")
     before = (data_dir / algo).read_bytes()

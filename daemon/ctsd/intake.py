@@ -624,6 +624,13 @@ class Intake:
         has been gone for `files.DELETE_GRACE_S`, as the watcher waits: written back at once, an
         editor's `mv f f.bak; cp f.bak f` would then copy the old version over the one
         written back, and the changes it held would pass for undone by hand."""
+        if file.startswith(f"{files.ALGORITHMS_DIR}/") and subdir_problem(
+            self.path(files.ALGORITHMS_DIR)
+        ):
+            # algorithms/ replaced by a file or a link: its files are out of reach, not
+            # deleted (nothing is read or written through it; a change of one waits).
+            self._missing_since.pop(file, None)
+            return False
         now = time.monotonic()
         since = self._missing_since.setdefault(file, now)
         if not report and not self.closing and now - since < files.DELETE_GRACE_S:
