@@ -174,6 +174,13 @@ BAD = [
         "invalid JSON: control character U+0000 in a string; write \\u0000",
     ),
     (
+        "nan-where-a-number-goes",
+        "connection-state.json",
+        '[{"connection_id": "a",\n  "volume_factor_live": NaN}]',
+        2, 25, "$",
+        "invalid JSON: NaN is not a JSON value (strict JSON: write a number or null)",
+    ),
+    (
         "timestamp-without-ms",
         "connections.json",
         f'[{CONN}, "created_at": "2024-01-01T00:00:00Z"}}]',

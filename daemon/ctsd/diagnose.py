@@ -239,6 +239,7 @@ _SYNTAX = {
 # A JSON string or number, to find the number out of range or the half of a surrogate pair
 # that msgspec refuses but the stdlib decoder (which locates syntax errors) takes.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|(-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)')
+_CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)')  # (strings skipped)
 _VALUE_ERRORS = re.compile(r"out of range|truncated|surrogate", re.IGNORECASE)
 _ESCAPE_U = re.compile(r"\\(\\|u([0-9a-fA-F]{4}))")
 # Patterns of the models, in words (msgspec quotes the regex itself, which reads badly).
@@ -325,8 +326,9 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
     except UnicodeDecodeError as e:
         line, col = line_col(raw[: e.start].decode("utf-8", "replace"), e.start)
         return FileProblem(file, line, col, "$", f"not UTF-8: {e.reason}")
+    constants: list[str] = []
     try:
-        json.loads(text)
+        json.loads(text, parse_constant=constants.append)  # (NaN, Infinity: no JSON values)
     except json.JSONDecodeError as e:
         msg = (
             "file is empty"
@@ -344,6 +346,12 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         long = _LONG_INT.search(text)
         line, col = line_col(text, long.start() if long else 0)
         return FileProblem(file, line, col, "$", "number out of range")
+    if constants:
+        at = next((m for m in _CONSTANT.finditer(text) if m.group(1)), None)
+        line, col = line_col(text, at.start() if at else 0)
+        word = at.group(1) if at else constants[0]
+        why = f"invalid JSON: {word} is not a JSON value (strict JSON: write a number or null)"
+        return FileProblem(file, line, col, "$", why)
     return None
 
 
