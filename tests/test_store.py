@@ -1328,10 +1328,13 @@ async def test_algorithms_replaced_by_a_file_deletes_no_algorithm(
         (data_dir / "algorithms").rename(elsewhere)
         (data_dir / "algorithms").write_text("not a directory\n")
         assert not await store.ingest(algo)  # as the watcher looks
-        await store.submit(ops.set_document("algorithms/Fast", {"name": "Fast", "p": 2}), "bus")
-        # What must not happen (the rounds taking the file for deleted once its grace is
-        # over) has no event to wait for: the grace and a few rounds' retries are waited out.
-        await anyio.sleep(files.DELETE_GRACE_S + 3 * checkpoint.FAILED_RETRY_S)
+        with pytest.raises(CtsdError) as exc:  # answered as a refusing disk's write
+            change = ops.set_document("algorithms/Fast", {"name": "Fast", "p": 2})
+            await store.submit(change, "bus", sync="files")
+        assert exc.value.code == "io_error" and "not a directory" in exc.value.message
+        with anyio.fail_after(10):  # retried past the grace a deleted file gets, logged once
+            while store.checkpointer.failing[algo][2] < 3:
+                await anyio.sleep(0.05)
         assert not await store.ingest(algo)
         assert store.documents["algorithms/Fast"] == {"name": "Fast", "p": 2}
         (data_dir / "algorithms").unlink()

@@ -376,6 +376,10 @@ class Checkpointer:
                 todo = [f for f in todo if f not in invalid]
                 edited = [f for f in todo if not self.disk.unchanged(f)]
                 edited = [f for f in edited if self.disk.get(f).stamp is not None]
+                # A file whose directory was swapped for a file is out of reach, not edited:
+                # its write fails as a refusing disk's does (`_linked_away`).
+                away = _linked_away(self.disk.data_dir, [self.disk.path(f) for f in edited])
+                edited = [f for f in edited if self.disk.path(f) not in away]
                 if edited:
                     # Merged onto memory; the round then writes on top (starting over). One
                     # not taken in now (an in-place save half way, judged once it settles;
