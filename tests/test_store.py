@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import structlog.testing
 
-from ctsd import backup, checkpoint, files, intake, journal, ops
+from ctsd import backup, checkpoint, core, files, intake, journal, ops
 from ctsd.atomic import TEMP_PREFIX, stamp_of
 from ctsd.bus import views
 from ctsd.core import Change, Committed, RecordChange
@@ -1841,6 +1841,7 @@ async def test_sync_log_entries_of_an_older_ctsd_holding_a_secret_are_masked_at_
             assert masked["entries"] == 1
     text = (data_dir / SYNC_LOG).read_text()
     assert "OLD-SECRET-99" not in text and "api_key=********" in text
+    assert store.committed.log_bytes == sum(core.event_bytes(e) for e in store.committed.log)
     assert [e["id"] for e in json.loads(text)] == [1, 2]
     assert json.loads(text)[0] == log[0]
     before = (data_dir / SYNC_LOG).stat().st_mtime_ns

@@ -215,6 +215,13 @@ class Committed:
             if e.id != before.id + 1:
                 self.whole_from = e.id
 
+    def replace_log(self, events: list[SyncEvent]) -> None:
+        """The log's entries as they are now: the same ids in the same order (a start's
+        masking of what an older version wrote), their sizes kept in step."""
+        self.log = deque(events)
+        self._log_sizes = deque(event_bytes(e) for e in self.log)
+        self.log_bytes = sum(self._log_sizes)
+
     def load_log(self, events: list[SyncEvent]) -> None:
         self._set_log(events)
         if events:

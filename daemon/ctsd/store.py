@@ -797,14 +797,15 @@ RELOAD_WRITE_S = 5.0
 def _masked_log(c: Committed) -> set[str]:
     """Sync-log entries an older ctsd wrote holding what this one masks (a URL's `?api_key=`
     value): masked as an event is now (ids and all else kept); the file to write again."""
-    masked = 0
-    for i, event in enumerate(c.log):
+    masked, events = 0, list(c.log)
+    for i, event in enumerate(events):
         data = mask_if_needed(event.data) if isinstance(event.data, dict) else event.data
         if data is not event.data and data != event.data:
-            c.log[i] = msgspec.structs.replace(event, data=data)
+            events[i] = msgspec.structs.replace(event, data=data)
             masked += 1
     if not masked:
         return set()
+    c.replace_log(events)
     log.warning("sync_log_secrets_masked", entries=masked, file=SYNC_LOG)
     return {SYNC_LOG}
 
