@@ -181,6 +181,13 @@ BAD = [
         "invalid JSON: NaN is not a JSON value (strict JSON: write a number or null)",
     ),
     (
+        "out-of-range-before-nan",
+        "ui-config.json",
+        '{"a": 1e999,\n "b": NaN}',
+        1, 7, "$",
+        "number out of range: 1e999",
+    ),
+    (
         "timestamp-without-ms",
         "connections.json",
         f'[{CONN}, "created_at": "2024-01-01T00:00:00Z"}}]',

@@ -348,6 +348,9 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         return FileProblem(file, line, col, "$", "number out of range")
     if constants:
         at = next((m for m in _CONSTANT.finditer(text) if m.group(1)), None)
+        before = value_problem(text)
+        if at is not None and before is not None and before[0] < at.start():
+            return None  # a number out of range before it: named first (`from_decode_error`)
         line, col = line_col(text, at.start() if at else 0)
         word = at.group(1) if at else constants[0]
         why = f"invalid JSON: {word} is not a JSON value (strict JSON: write a number or null)"
