@@ -177,14 +177,14 @@ BAD = [
         "nan-where-a-number-goes",
         "connection-state.json",
         '[{"connection_id": "a",\n  "volume_factor_live": NaN}]',
-        2, 25, "$",
+        2, 25, "$[0].volume_factor_live",
         "invalid JSON: NaN is not a JSON value (strict JSON: write a number or null)",
     ),
     (
         "out-of-range-before-nan",
         "ui-config.json",
         '{"a": 1e999,\n "b": NaN}',
-        1, 7, "$",
+        1, 7, "$.a",
         "number out of range: 1e999",
     ),
     (
@@ -329,13 +329,16 @@ BAD = [
     ("empty-file", "connections.json", "", 1, 1, "$", "file is empty"),
     ("blank-file", "settings.json", "  \n", 2, 1, "$", "file is empty"),
     # Taken by the stdlib decoder that locates syntax errors, refused by msgspec: were 1:1
-    # ("Number out of range - at `$[...]`", "Input data was truncated").
+    # ("Number out of range - at `$[...]`", "Input data was truncated"), then had no path.
     ("document-number-out-of-range", "settings.json",
-     '{\n  "a": "1e999",\n  "stale_after_s": 1e999}', 3, 20, "$", "number out of range: 1e999"),
+     '{\n  "a": "1e999",\n  "stale_after_s": 1e999}', 3, 20, "$.stale_after_s",
+     "number out of range: 1e999"),
     ("lone-surrogate", "ui-config.json", '{\n  "a": "ok \\ud83d\\ude00",\n  "b": "x\\ud83dy"}',
-     3, 10, "$", "\\ud83d is half of a UTF-16 surrogate pair, written alone"),
+     3, 10, "$.b", "\\ud83d is half of a UTF-16 surrogate pair, written alone"),
     ("lone-low-surrogate", "connections.json", f'[{CONN}, "name": "\\\\ud83d \\ude00"}}]',
-     1, 65, "$", "\\ude00 is half of a UTF-16 surrogate pair"),
+     1, 65, "$[0].name", "\\ude00 is half of a UTF-16 surrogate pair"),
+    ("number-past-int-digit-limit", "ui-config.json", '{"x": [1,\n ' + "9" * 5000 + "]}",
+     2, 2, "$.x[1]", "number out of range"),
     ("bom", "ui-config.json", "\ufeff{}", 1, 1, "$", "starts with a byte-order mark (BOM)"),
 ]  # fmt: skip
 

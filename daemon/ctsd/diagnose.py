@@ -344,18 +344,22 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
     except ValueError:  # an integer past int()'s digit limit, which neither decoder holds
         long = _LONG_INT.search(text)
-        line, col = line_col(text, long.start() if long else 0)
-        return FileProblem(file, line, col, "$", "number out of range")
+        return _at_offset(file, text, long.start() if long else 0, "number out of range")
     if constants:
         at = next((m for m in _CONSTANT.finditer(text) if m.group(1)), None)
         before = value_problem(text)
         if at is not None and before is not None and before[0] < at.start():
             return None  # a number out of range before it: named first (`from_decode_error`)
-        line, col = line_col(text, at.start() if at else 0)
         word = at.group(1) if at else constants[0]
         why = f"invalid JSON: {word} is not a JSON value (strict JSON: write a number or null)"
-        return FileProblem(file, line, col, "$", why)
+        return _at_offset(file, text, at.start() if at else 0, why)
     return None
+
+
+def _at_offset(file: str, text: str, offset: int, message: str) -> FileProblem:
+    """A problem with a value at `offset` of JSON `text` the stdlib decoder took."""
+    line, col = line_col(text, offset)
+    return FileProblem(file, line, col, format_path(path_at(text, offset)), message)
 
 
 def from_validation(file: str, raw: bytes, error: str, root: Any) -> FileProblem:
@@ -432,8 +436,7 @@ def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
     # (only for what msgspec refuses and the stdlib decoder took: not for its NaN, say)
     value = value_problem(text) if _VALUE_ERRORS.search(error) else None
     if value is not None:
-        line, col = line_col(text, value[0])
-        return FileProblem(file, line, col, "$", value[1])
+        return _at_offset(file, text, value[0], value[1])
     byte = _BYTE.search(error)
     line, col = line_col(
         text, len(raw[: int(byte.group(1))].decode("utf-8", "replace")) if byte else 0
@@ -441,11 +444,19 @@ def from_decode_error(file: str, raw: bytes, error: str) -> FileProblem:
     return FileProblem(file, line, col, "$", error)
 
 
+def path_at(text: str, offset: int) -> list[str | int]:
+    """The JSON path of the value at `offset` in JSON `text` (a number msgspec refused, say:
+    its errors name no path before they can hold the value)."""
+    found = structure_problem(text, until=offset)
+    return found[1] if found is not None else []
+
+
 def structure_problem(
-    text: str, max_depth: int, too_deep: str
+    text: str, max_depth: int = 0, too_deep: str = "", *, until: int = -1
 ) -> tuple[int, list[str | int], str] | None:
     """The first nesting past `max_depth` (message `too_deep`) or duplicate object key in
-    JSON `text`, as (offset, JSON path, message), or None.
+    JSON `text`, as (offset, JSON path, message), or None. With `until`, no problem is looked
+    for: the path where `text` reaches that offset comes back (message "").
 
     No decoder reports where either is (msgspec keeps the last of two equal keys, stdlib
     `json` tells only that its hook saw them), so this walks the text itself, iteratively
@@ -460,16 +471,20 @@ def structure_problem(
     try:
         while True:
             m = _STRUCTURAL.search(text, i)
+            i = m.start() if m is not None else n
+            if 0 <= until < i:
+                return until, [f[2] for f in stack], ""
             if m is None:
                 return None
-            i = m.start()
             c = text[i]
             top = stack[-1] if stack else None
             if c == '"':
                 value, end = scanstring(text, i + 1)
+                if until >= 0 and until < end:  # (inside this string)
+                    return until, [f[2] for f in stack], ""
                 if top is not None and top[0] and top[3]:
                     first = top[1].get(value)
-                    if first is not None:
+                    if first is not None and until < 0:
                         line, _col = line_col(text, first)
                         parts = [f[2] for f in stack[:-1]] + [value]
                         return i, parts, f"duplicate key `{value}` (first at line {line})"
@@ -478,7 +493,7 @@ def structure_problem(
                 i = end
                 continue
             if c in "[{":
-                if len(stack) >= max_depth:
+                if until < 0 and len(stack) >= max_depth:
                     return i, [f[2] for f in stack], too_deep
                 stack.append([c == "{", {}, 0, c == "{"])
             elif c in "]}":
