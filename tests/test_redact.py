@@ -68,7 +68,8 @@ def test_mask_rules() -> None:
     [
         "api_key", "apiKey", "API-KEY", "x-api-key", "apikey", "api_secret", "secretKey",
         "client_secret", "password", "db_password", "passwd", "passphrase", "api_passphrase",
-        "token", "apiToken", "accessToken", "refresh_token", "privateKey", "private_key",
+        "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "token2",
+        "apiTokenValue", "AUTHTOKEN", "privateKey", "private_key",
         "private_signing_key", "privkey", "credentials", "credential_id", "Authorization",
         "accessKey", "username", "userName", "user_name", "pwd",
     ],
@@ -80,11 +81,22 @@ def test_secret_names_by_pattern(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["name", "exchange", "apiUrl", "auth", "user_id", "key", "keys", "public_key", "id"],
-)
+    [
+        "name", "exchange", "apiUrl", "auth", "user_id", "key", "keys", "public_key", "id",
+        # A trading app's coins and their figures: `token` is a secret only as the last word.
+        "tokens", "maxTokens", "tokenLogoSize", "tokenAddress", "token_type", "TOKENS",
+    ],
+)  # fmt: skip
 def test_other_names_are_not_secrets(name: str) -> None:
     assert not is_secret_key(name)
     assert mask({name: "value"}) == {name: "value"}
+
+
+def test_a_watchlist_of_tokens_shows_and_exports_whole() -> None:
+    """A watchlist's `tokens` (coins) showed as "********" and an export imported back
+    lost them: `token` was a secret anywhere in a name."""
+    doc = {"lists": [{"name": "DeFi", "tokens": ["UNI", "AAVE"]}], "maxTokens": 100}
+    assert mask(doc) == doc
 
 
 def test_switches_and_objects_under_secret_names() -> None:
@@ -95,7 +107,7 @@ def test_switches_and_objects_under_secret_names() -> None:
         "tokens": {"btc": {"symbol": "BTC", "apiToken": MASK}},
     }
     # A number is no switch: a passphrase of digits written as a JSON number is one.
-    assert mask({"passphrase": 123456, "maxTokens": 5}) == {"passphrase": MASK, "maxTokens": MASK}
+    assert mask({"passphrase": 123456, "apiToken": 5}) == {"passphrase": MASK, "apiToken": MASK}
     shown = mask({"connection_settings": '{"passphrase": 123456}'})["connection_settings"]
     assert "123456" not in shown
 
