@@ -60,6 +60,15 @@ async def test_auth_message(daemon: Daemon) -> None:
         assert (await b.ok("ping"))["pong"] is True
 
 
+async def test_the_token_as_read_from_its_file_is_taken(daemon: Daemon) -> None:
+    """`fs.readFileSync(".token", "utf8")` keeps the file's newline: HTTP's header took it
+    (trimmed), the bus's auth frame did not."""
+    async with connect(daemon.ws_url) as ws:
+        assert json.loads(await ws.recv())["type"] == "auth_required"
+        await ws.send(json.dumps({"type": "auth", "token": TOKEN + "\n"}))
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
+
+
 async def test_auth_invalid_token_message(daemon: Daemon) -> None:
     async with connect(daemon.ws_url) as ws:
         assert json.loads(await ws.recv())["type"] == "auth_required"

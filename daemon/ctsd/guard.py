@@ -110,7 +110,8 @@ def bearer(values: list[str]) -> str | None:
 
 
 def token_ok(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # (A token has no spaces: one read from its file keeps the newline, as clients read it.)
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
 @dataclass
