@@ -601,6 +601,19 @@ def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None
     }
     r = httpx.options(daemon.url + "/api/data/ui-config", headers=ok)
     assert r.status_code == 204
+    # the headers HTTP libraries add (axios, jQuery, a no-cache fetch) and HEAD pass too
+    extra = {**ok, "Access-Control-Request-Headers": "x-requested-with, cache-control, pragma"}
+    r2 = httpx.options(daemon.url + "/api/data/ui-config", headers=extra)
+    assert r2.status_code == 204, r2.text
+    assert "x-requested-with" in r2.headers["access-control-allow-headers"].lower()
+    head = {**ok, "Access-Control-Request-Method": "HEAD"}
+    assert httpx.options(daemon.url + "/api/data/ui-config", headers=head).status_code == 204
+    # a method no route has is refused as the method, not sent to the origins setting
+    trace = {**ok, "Access-Control-Request-Method": "TRACE"}
+    r2 = httpx.options(daemon.url + "/api/data/ui-config", headers=trace)
+    _error(r2, 403, "forbidden")
+    assert "method" in r2.json()["error"]["message"]
+    assert "cors_origins" not in r2.json()["error"]["message"]
     # without an origin it is no preflight: the token is asked for as on any request
     no_origin = {k: v for k, v in ok.items() if k != "Origin"}
     _error(

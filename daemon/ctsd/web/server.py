@@ -72,8 +72,10 @@ HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 BODY_TIMEOUT_S = float(os.environ.get("CTSD_BODY_TIMEOUT_S") or 30.0)
 WRITE_STALL_S = float(os.environ.get("CTSD_WRITE_STALL_S") or 30.0)
 EXPOSED = ["X-Revision", "Location"]
-ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-Match"]
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Any header an allowed origin's page asks for (`X-Requested-With`, `Cache-Control`: what
+# HTTP libraries add): the token, not a header list, is what guards a route.
+ALLOWED_HEADERS = ["*"]
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class LiveOrigins(Collection[str]):
@@ -110,7 +112,10 @@ class JsonCORS(CORSMiddleware):
         }
         if response.status_code == 200:
             return Response(status_code=204, headers=headers)
-        err = CtsdError("forbidden", response.body.decode() + " (see server.cors_origins)")
+        said = response.body.decode()  # ("Disallowed CORS origin, method")
+        if "origin" in said:
+            said += " (see server.cors_origins)"
+        err = CtsdError("forbidden", said)
         return api.json_response(403, api.error_body(err), headers)
 
 
