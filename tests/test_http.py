@@ -243,6 +243,8 @@ def test_http_rate_limit_429_per_keep_alive_connection(data_dir: Path) -> None:
             assert codes == [200] * 5 + [429] * 3
             r = chatty.get("/api/connections/state")
             assert r.json()["error"]["code"] == "rate_limited" and "x-revision" in r.headers
+            # when to retry: one request's refill, 900 s / 5 = 180 s, in whole seconds
+            assert 170 <= int(r.headers["retry-after"]) <= 180, r.headers
             assert chatty.get("/health").status_code == 200  # health is never limited
             hb = chatty.post("/api/connections/none/heartbeat")  # heartbeats are exempt
             assert hb.status_code == 404

@@ -58,6 +58,16 @@ class Limiter:
             bucket = self.buckets[key] = Bucket(rl.requests)
         return bucket.take(rl.requests, rl.window_s)
 
+    def wait_s(self, key: object) -> float:
+        """How long until `key` may send again (0 when it may now)."""
+        rl = self.settings()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            return 0.0
+        now = time.monotonic()
+        tokens = min(rl.requests, bucket.tokens + (now - bucket.stamp) * rl.requests / rl.window_s)
+        return max(0.0, (1.0 - tokens) * rl.window_s / rl.requests)
+
     def forget(self, key: object) -> None:
         self.buckets.pop(key, None)
 

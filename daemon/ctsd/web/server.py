@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import resource
 import socket
@@ -214,6 +215,7 @@ class Web:
         headers = scope["headers"]
         server = store.settings.server
         path = scope["path"]
+        extra: dict[str, str] = {}  # headers of a refusal
         try:
             self.guard.check_host(headers)
             self.guard.check_origin(headers, server)
@@ -231,7 +233,9 @@ class Web:
                 elif self.guard.token_state(headers):  # a monitor that sends it
                     scope["extensions"][TRUST]()
                 limited = http_limited(scope["method"], path)
-                if limited and not self.limiter.allow(rate_key(scope.get("client"))):
+                key = rate_key(scope.get("client"))
+                if limited and not self.limiter.allow(key):
+                    extra["Retry-After"] = str(math.ceil(self.limiter.wait_s(key)) or 1)
                     raise CtsdError("rate_limited", "too many requests; slow down and retry")
             if path == BUS_PATH:
                 raise CtsdError(
@@ -243,7 +247,8 @@ class Web:
             if e.code == "forbidden":
                 shown = path[:200]  # (a request line may be 8 KiB)
                 self.guard.http_refused.note(f"{e.message} {shown}", path=shown, reason=e.message)
-            extra = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else {}
+            if e.code == "unauthorized":
+                extra["WWW-Authenticate"] = "Bearer"
             extra.update(self._cors_headers(headers))
             await api.error_response(e, extra or None)(scope, receive, send_with_revision)
             return
