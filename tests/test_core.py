@@ -737,6 +737,16 @@ def test_answers_stay_as_small_as_their_requests_allow() -> None:
     assert out.error is not None and out.error.code in ("invalid", "not_found")
 
 
+def test_an_empty_batch_changes_nothing_and_is_answered_empty() -> None:
+    """A frontend's "save all" with nothing edited sends []: it was refused as invalid."""
+    c = seeded("conn_a")
+    (out,), change = run(c, ops.batch_update([]))
+    assert out.error is None and out.result == []
+    assert not change.events
+    (out,), _ = run(c, ops.batch_update({"id": "conn_a"}))
+    assert out.error is not None and out.error.message == "updates must be an array"
+
+
 def test_an_import_takes_algorithms_before_the_instances_that_name_them() -> None:
     c = seeded()
     inst = {"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}]}

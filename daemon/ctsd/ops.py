@@ -229,8 +229,9 @@ def update(cid: Any, changes: Any) -> Op:
 
 def batch_update(updates: Any) -> Op:
     def op(tx: Tx) -> list[Connection]:
-        if not isinstance(updates, list) or not updates:
-            raise CtsdError("invalid", "updates must be a non-empty array", path="$.updates")
+        # (An empty one is a "save all" with nothing changed: answered [], nothing written.)
+        if not isinstance(updates, list):
+            raise CtsdError("invalid", "updates must be an array", path="$.updates")
         out = []
         seen: set[str] = set()
         for i, item in enumerate(updates):
