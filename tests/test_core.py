@@ -854,6 +854,19 @@ def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     assert conn.id and conn.id in c.connections
 
 
+def test_a_client_replacing_settings_keeps_the_daemons_own_keys_it_leaves_out() -> None:
+    """A frontend saving `{"defaultLeverage": 20}` wiped `server` (its auth: the frontend
+    was locked out at once; its port: moved at the next start)."""
+    c = seeded()
+    own = {"server": {"auth": "loopback", "port": 3600}, "stale_after_s": 60}
+    ok(run(c, ops.set_document("settings", {**own, "defaultLeverage": 10}))[0])
+    (doc,) = ok(run(c, ops.set_document("settings", {"defaultLeverage": 20}))[0])
+    assert doc == {**own, "defaultLeverage": 20}
+    # sent, they are replaced: `{}` is the defaults
+    (doc,) = ok(run(c, ops.set_document("settings", {"server": {}, "stale_after_s": 60}))[0])
+    assert doc == {"server": {}, "stale_after_s": 60}
+
+
 def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:
     c = seeded("conn_a")
     (out,), change = run(c, ops.reset(), now=T2)

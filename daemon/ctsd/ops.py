@@ -427,9 +427,21 @@ def _emit_document(tx: Tx, name: str, file: str, keys: list[str]) -> None:
     tx.emit("document_update", None, {"file": file, "name": name, "keys": keys})
 
 
+def daemon_settings_kept(tx: Tx, content: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as a client replaces it, with the daemon's own keys (`Settings`: its bind
+    address, origins, auth, intervals) that it leaves out kept: a frontend saving the app's
+    settings must not move the port at the next start or lock itself out (`"server": {}`
+    sends the defaults back)."""
+    old = tx.docs.get("settings") or {}
+    missing = [k for k in Settings.__struct_fields__ if k in old and k not in content]
+    return {**content, **{k: old[k] for k in missing}} if missing else content
+
+
 def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
         file, doc = check_document(tx, name, content)
+        if name == "settings" and tx.source != "file":
+            doc = daemon_settings_kept(tx, doc)
         existed = name in tx.docs
         keys = put_document(tx, name, doc, "$.content")
         if keys or not existed:
@@ -922,8 +934,7 @@ def reset() -> Op:
         for name in files.DOCUMENTS:
             content = files.default_document(name)
             if name == "settings":
-                old = tx.docs.get(name) or {}
-                content.update((k, old[k]) for k in Settings.__struct_fields__ if k in old)
+                content = daemon_settings_kept(tx, content)
             tx.docs.put(name, content)
             tx.set_fields("documents", name, None)
         reset_files = [CONNECTIONS, STATE, *(f for f, _ in files.DOCUMENTS.values())]
