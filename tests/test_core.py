@@ -867,6 +867,26 @@ def test_a_client_replacing_settings_keeps_the_daemons_own_keys_it_leaves_out() 
     assert doc == {"server": {}, "stale_after_s": 60}
 
 
+def test_instances_saved_by_a_client_are_stamped_when_they_change() -> None:
+    """`instances.json` is `{"instances": [...], "lastSaved": ts}`: a client's save (seed 003
+    sends none) left the file without `lastSaved`."""
+    c = seeded()
+    algo = {"name": "trend"}
+    ok(run(c, ops.set_document("algorithms/trend", algo))[0])
+    inst = {"instances": [{"id": "i1", "name": "x", "symbol": "ES", "algorithmName": "trend"}]}
+    (doc,) = ok(run(c, ops.set_document("instances", inst), now=T1)[0])
+    assert doc == {**inst, "lastSaved": T1}
+    # the same instances again: no change, no event
+    (doc,), change = run(c, ops.set_document("instances", {**inst, "lastSaved": None}), now=T2)
+    assert doc.result == {**inst, "lastSaved": T1} and not change.events
+    moved = {"instances": [{**inst["instances"][0], "symbol": "NQ"}]}
+    (doc,) = ok(run(c, ops.set_document("instances", moved), now=T2)[0])
+    assert doc["lastSaved"] == T2
+    # one the client sends is kept (seed 003's app stamps its own)
+    (doc,) = ok(run(c, ops.set_document("instances", {**inst, "lastSaved": T1}), now=T2)[0])
+    assert doc["lastSaved"] == T1
+
+
 def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:
     c = seeded("conn_a")
     (out,), change = run(c, ops.reset(), now=T2)

@@ -211,7 +211,7 @@ def test_documents_post_and_put(daemon: Daemon, api: httpx.Client, name: str) ->
     content = {
         "settings": {"theme": "dark"},
         "connection": {"trading": {"simulationMode": False}},
-        "instances": {"instances": [], "lastSaved": None},
+        "instances": {"instances": [], "lastSaved": "2024-08-02T06:45:00.000Z"},
         "algorithms/momentum": {"name": "momentum", "period": 14},
     }.get(name, {"layout": [1, 2, 3]})
     for method in ("POST", "PUT"):

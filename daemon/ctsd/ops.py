@@ -437,11 +437,25 @@ def daemon_settings_kept(tx: Tx, content: dict[str, Any]) -> dict[str, Any]:
     return {**content, **{k: old[k] for k in missing}} if missing else content
 
 
+def instances_stamped(tx: Tx, content: dict[str, Any]) -> dict[str, Any]:
+    """`instances` as a client saves it, with a `lastSaved` (the file's
+    `{"instances": [...], "lastSaved": ts}`): the one it sends, else now when its instances
+    changed, else the one stored (a save of the same instances is no change)."""
+    if content.get("lastSaved") is not None:
+        return content
+    old = tx.docs.get("instances") or {}
+    changed = content.get("instances") != old.get("instances")
+    stamp = tx.now if changed or old.get("lastSaved") is None else old["lastSaved"]
+    return {**content, "lastSaved": stamp}
+
+
 def set_document(name: Any, content: Any) -> Op:
     def op(tx: Tx) -> dict[str, Any]:
         file, doc = check_document(tx, name, content)
         if name == "settings" and tx.source != "file":
             doc = daemon_settings_kept(tx, doc)
+        elif name == "instances":
+            doc = instances_stamped(tx, doc)
         existed = name in tx.docs
         keys = put_document(tx, name, doc, "$.content")
         if keys or not existed:
