@@ -800,15 +800,18 @@ async def test_live_frames_of_every_length_arrive_whole(daemon: Daemon) -> None:
     """Live events are framed once and written straight to each subscriber: frames with a
     16-bit and a 64-bit length field (and the 7-bit `progress`, tested below) must parse."""
     async with bus(daemon) as w, bus(daemon) as s1, bus(daemon) as s2:
-        rev = (await s1.ok("subscribe", topics=["documents"]))["revision"]
-        await s2.ok("subscribe", topics=["documents"])
-        # `keys` (the keys changed) of ~16 KB and ~180 KB; one event each
-        for doc, n in (("watchlists", 2_000), ("ui-config", 20_000)):
-            await w.ok("documents.set", name=doc, content={f"k{i}": i for i in range(n)})
+        rev = (await s1.ok("subscribe", topics=["connections"]))["revision"]
+        await s2.ok("subscribe", topics=["connections"])
+        # a connection's settings (an event carries them): frames of ~16 KB and over 64 KiB
+        for cid, n in (("f16", 16_000), ("f64", 65_400)):
+            settings = json.dumps({"pad": "x" * n})
+            conn = {"id": cid, "name": cid, "exchange": "bybit", "connection_settings": settings}
+            await w.ok("connections.create", connection=conn)
             rev += 1
             for sub in (s1, s2):
                 (ev,) = await sub.events_until(rev)
-                assert ev["action"] == "document_update" and len(ev["data"]["keys"]) == n
+                assert ev["action"] == "create" and ev["connection_id"] == cid
+                assert ev["data"]["values"]["connection_settings"] == settings
 
 
 async def test_replay_then_live_no_gap_no_duplicate(fast_daemon: Daemon) -> None:

@@ -423,8 +423,29 @@ def check_document(
     return file, content
 
 
+# The keys a `document_update` names, at most: a document of 9,000 keys replaced made an
+# 80 KB sync-log entry, and the log (rewritten with every change) tens of MiB.
+KEYS_SHOWN = 100
+KEYS_SHOWN_CHARS = 4096
+
+
+def shown_keys(keys: list[str]) -> dict[str, Any]:
+    """`keys` for an event's data: all of them, or the first that fit with `keys_truncated`
+    and `keys_count` (then read the document to know the rest)."""
+    shown: list[str] = []
+    chars = 0
+    for key in keys[:KEYS_SHOWN]:
+        chars += len(key)
+        if chars > KEYS_SHOWN_CHARS:
+            break
+        shown.append(key)
+    if len(shown) == len(keys):
+        return {"keys": keys}
+    return {"keys": shown, "keys_truncated": True, "keys_count": len(keys)}
+
+
 def _emit_document(tx: Tx, name: str, file: str, keys: list[str]) -> None:
-    tx.emit("document_update", None, {"file": file, "name": name, "keys": keys})
+    tx.emit("document_update", None, {"file": file, "name": name, **shown_keys(keys)})
 
 
 def daemon_settings_kept(tx: Tx, content: dict[str, Any]) -> dict[str, Any]:
@@ -1018,7 +1039,7 @@ def rekey(new_box: Any) -> Op:
                     {
                         "file": file,
                         "name": CONNECTION_DOC_NAME,
-                        "keys": keys,
+                        **shown_keys(keys),
                         "rekey": new_box.key_id,
                     },
                 )
