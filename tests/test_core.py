@@ -891,15 +891,15 @@ def test_a_document_of_thousands_of_keys_makes_a_small_event() -> None:
     """Every changed key was named: 9,000 keys made an 80 KB sync-log entry, the log (which
     every change rewrites) tens of MiB."""
     c = seeded()
-    (doc,), change = run(c, ops.set_document("ui-config", {f"k{j}": j for j in range(9000)}))
+    _, change = run(c, ops.set_document("ui-config", {f"k{j}": j for j in range(9000)}))
     (event,) = change.events
     assert event.data["keys"] == sorted(f"k{j}" for j in range(9000))[: ops.KEYS_SHOWN]
     assert event.data["keys_truncated"] is True and event.data["keys_count"] == 9000
     long_keys = {"x" * 3000: 1, "y" * 3000: 2}
-    (doc,), change = run(c, ops.set_document("watchlists", long_keys))
+    _, change = run(c, ops.set_document("watchlists", long_keys))
     assert change.events[0].data["keys"] == ["x" * 3000]
     assert change.events[0].data["keys_count"] == 2
-    (doc,), change = run(c, ops.set_document("watchlists", {**long_keys, "a": 1}))
+    _, change = run(c, ops.set_document("watchlists", {**long_keys, "a": 1}))
     assert change.events[0].data["keys"] == ["a"]
     assert "keys_truncated" not in change.events[0].data
 
