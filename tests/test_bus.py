@@ -774,6 +774,11 @@ async def test_subscribe_topics_and_filters(daemon: Daemon) -> None:
             (5, "update_volume"),
             (6, "document_update"),
         ]
+        # a filter is held as long as its subscription: bounded (40,000 ids held 7 MB)
+        err = await c2_only.err("subscribe", connection_ids=[f"c{i}" for i in range(1001)])
+        assert err["code"] == "invalid" and err["path"] == "$.connection_ids", err
+        err = await c2_only.err("subscribe", connection_ids=["c" * 129])
+        assert err["code"] == "invalid" and err["path"] == "$.connection_ids[0]", err
         # unsubscribe ends it; subscribing again replaces the filter
         assert await c2_only.ok("unsubscribe") == {"unsubscribed": True}
         await w.ok("connections.update", connection_id="c2", changes={"name": "z"})  # 8

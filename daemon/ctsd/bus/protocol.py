@@ -47,10 +47,16 @@ class NoArgs(Args):
     pass
 
 
+# A subscription's filter is held as long as it lasts: 40,000 ids in one frame held 7 MB per
+# connection. (A dashboard that wants more leaves the filter out.)
+MAX_FILTER_IDS = 1000
+FilterId = Annotated[str, msgspec.Meta(max_length=128)]
+
+
 class Subscribe(Args, kw_only=True):
     topics: list[Topic] | None = None
     since: NonNegative | None = None
-    connection_ids: list[str] | None = None
+    connection_ids: Annotated[list[FilterId], msgspec.Meta(max_length=MAX_FILTER_IDS)] | None = None
 
 
 class SyncLogGet(Args, kw_only=True):
