@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -458,6 +459,24 @@ def test_a_request_the_parser_refuses_gets_a_json_error(daemon: Daemon, request_
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
     assert b"\r\nx-revision: " in head  # as every answer
     assert body["error"]["code"] == "invalid" and "malformed HTTP request" in str(body)
+
+
+def test_requests_the_parser_refuses_are_logged_in_summary(daemon: Daemon) -> None:
+    """A client speaking TLS to the plain port (or a scan) in a loop made one uvicorn line
+    per request, naming neither peer nor reason: the log flooded."""
+    tls_hello = bytes.fromhex("160301012c010001280303") + b"\0" * 290
+    for _ in range(40):
+        assert refusal(daemon.port, tls_hello)[0].startswith(b"HTTP/1.1 400")
+    refusal(daemon.port, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n")
+
+    def lines() -> list[dict[str, Any]]:
+        return [e for e in daemon.log_events() if e.get("event") == "http_malformed"]
+
+    wait_until(lambda: len(lines()) == 2, what="one line per reason")
+    first, long_line = lines()
+    assert first["remote"] == "127.0.0.1" and first["reason"].startswith("malformed HTTP")
+    assert long_line["reason"].startswith("request line longer than")
+    assert not [e for e in daemon.log_events() if "Invalid HTTP" in str(e.get("event"))]
     assert httpx.get(daemon.url + "/health").status_code == 200
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import fcntl
 import http
 import json
+import logging
 import struct
 import termios
 from collections.abc import Callable
@@ -68,6 +69,24 @@ _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
 CLOSE_BEHIND_S = 60.0  # a cut subscriber's backlog and close, read out, or the socket closed
 _NOT_UTF8 = SummaryLog("bus_frame_not_utf8")  # (closed 1007; a line per peer a minute)
 _MALFORMED = "malformed HTTP request (its request line, headers or body framing)"
+# Requests the HTTP parser refused (a TLS hello on the plain port, a scan), by why: uvicorn's
+# own warning for each, which names neither peer nor reason, is left out (`quiet_uvicorn`).
+_REFUSED = SummaryLog("http_malformed")
+_UVICORN_PER_REQUEST = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+
+class _PerRequestWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Unsupported upgrade request.":
+            _REFUSED.note(record.msg, reason="an upgrade to another protocol than websocket")
+        return record.msg not in _UVICORN_PER_REQUEST
+
+
+def quiet_uvicorn(logger: logging.Logger) -> None:
+    """uvicorn's warning of every refused request, one line each: a client or a scan in a
+    loop would flood the log. They are summarised in `http_malformed` lines instead."""
+    if not any(isinstance(f, _PerRequestWarnings) for f in logger.filters):
+        logger.addFilter(_PerRequestWarnings())
 
 
 class HeadersTooLarge(Exception):
@@ -456,7 +475,10 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         def send_400_response(self, msg: str) -> None:
             """A request the parser refused (uvicorn answers it in plain text): the error
             every route documents, then the connection closes."""
-            error = {"code": "invalid", "message": self._refusal or _MALFORMED}
+            reason = self._refusal or _MALFORMED
+            peer = self.client[0] if self.client else "?"
+            _REFUSED.note(reason, reason=reason, remote=peer)  # (a few reasons: few keys)
+            error = {"code": "invalid", "message": reason}
             body = json.dumps({"error": error}).encode()
             head = [
                 _BAD % limits.revision(),

@@ -36,7 +36,7 @@ from ctsd.errors import CtsdError
 from ctsd.guard import Guard, allowed_origins, header, rate_key
 from ctsd.metrics import Metrics
 from ctsd.web import api
-from ctsd.web.protocols import ConnectionLimits, protocol_classes
+from ctsd.web.protocols import ConnectionLimits, protocol_classes, quiet_uvicorn
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -298,6 +298,7 @@ class Web:
             backlog=BACKLOG,
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        quiet_uvicorn(logging.getLogger("uvicorn.error"))
         self.server = _Uvicorn(config)
         self.bus.start()
         self._task = asyncio.get_running_loop().create_task(
