@@ -390,6 +390,7 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
         _deadline: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _refusal: str | None = None  # why the parser stopped, when a bound stopped it
+        _running: Any = None  # the request being answered (with pipelining, not the last read)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -487,8 +488,18 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             self.transport.write(b"".join([*head, b"content-length: %d\r\n\r\n" % len(body), body]))
             self.transport.close()
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            # uvicorn marks only the request parsed last as disconnected: with requests
+            # pipelined, the one answering is an earlier one, and its next write (once the
+            # drop let it resume) raised on the closed transport, logged as a crash.
+            running = self._running
+            if running is not None and not running.response_complete:
+                running.disconnected = True
             super().connection_lost(exc)
 
     class WiredWebSocket(Admitted, WriteStall, WebSocketsSansIOProtocol):
