@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -335,6 +336,34 @@ def test_a_client_that_stops_reading_is_dropped_once_its_answers_stall(data_dir:
         assert not [e for e in d.log_events() if e.get("level") == "error"]
     finally:
         d.close()
+
+
+def _rss_kb(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+
+def test_clients_that_reset_their_connections_leave_nothing_held(daemon: Daemon) -> None:
+    """A keep-alive connection its client reset (killed, a laptop asleep, a proxy) was held
+    by uvicorn's keep-alive timer, some 8 KB each, until it fired: a client reconnecting in
+    a loop grew the daemon by tens of MB."""
+    assert daemon.proc is not None
+    request = "GET /api/settings/connections HTTP/1.1\r\nHost: localhost\r\n"
+    request += f"Authorization: Bearer {daemon.token}\r\n\r\n"
+    linger_0 = struct.pack("ii", 1, 0)  # close() sends a reset
+
+    def resets(n: int) -> None:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            s.sendall(request.encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
+            s.close()
+
+    resets(300)  # (the allocator's first growth)
+    before = _rss_kb(daemon.proc.pid)
+    resets(2000)
+    grown = _rss_kb(daemon.proc.pid) - before
+    assert grown < 6_000, f"{grown} kB more after 2,000 reset connections"
 
 
 def test_a_large_answer_read_slowly_is_not_cut_at_keep_alive(data_dir: Path) -> None:

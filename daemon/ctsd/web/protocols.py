@@ -501,6 +501,9 @@ def protocol_classes(limits: ConnectionLimits) -> tuple[type[Any], type[Any]]:
             if running is not None and not running.response_complete:
                 running.disconnected = True
             super().connection_lost(exc)
+            # uvicorn cancels its keep-alive timer only on a clean close: a client's reset
+            # left the timer holding the connection (some 8 KB) until it fired.
+            self._unset_keepalive_if_required()
 
     class WiredWebSocket(Admitted, WriteStall, WebSocketsSansIOProtocol):
         wire: SocketWire | None = None
