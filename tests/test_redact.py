@@ -230,6 +230,27 @@ def test_placeholders_in_arrays_follow_the_record_id() -> None:
     assert restore_placeholders([{"token": MASK}], [{"token": "t"}]) == [{"token": "t"}]
 
 
+def test_placeholders_in_arrays_without_ids_follow_what_the_item_shows() -> None:
+    """An export of [a, b] imported after c was added in front: by position a took c's
+    password and b a's, silently (review)."""
+    stored = [
+        {"name": "c", "password": "pc"},
+        {"name": "a", "password": "pa"},
+        {"name": "b", "password": "pb"},
+    ]
+    sent = [{"name": "a", "password": MASK}, {"name": "b", "password": MASK}]
+    assert restore_placeholders(sent, stored) == stored[1:]
+    # an item edited in place (the same length): its own index; two that show the same: by
+    # position; one edited in a list whose length changed: nothing stored for it
+    renamed = [{"name": "c2", "password": MASK}, *sent]
+    assert restore_placeholders(renamed, stored)[0] == {"name": "c2", "password": "pc"}
+    twins = [{"name": "t", "password": "p1"}, {"name": "t", "password": "p2"}]
+    assert restore_placeholders([{"name": "t", "password": MASK}] * 2, twins) == twins
+    unset: list[str] = []
+    got = restore_placeholders([{"name": "z", "password": MASK}], stored, "$", unset=unset)
+    assert got == [{"name": "z", "password": None}] and unset == ["$[0].password"]
+
+
 def test_non_secret_fields_may_hold_anything() -> None:
     sent = {"name": MASK, "note": "…1234"}
     assert restore_placeholders(sent, None) is sent

@@ -253,7 +253,7 @@ def _id_of(item: Any) -> str | int | None:
 def _pairs(sent: list[Any], stored: Any) -> list[Any]:
     """The stored counterpart of each sent list item: by `id` when the items carry one and
     it names one item on each side (a record moved in an array is still that record), else
-    by position."""
+    by what the item shows (`_shown_items`), else by position."""
     if not isinstance(stored, list | tuple):
         return [None] * len(sent)
     ids = [_id_of(x) for x in sent]
@@ -261,7 +261,40 @@ def _pairs(sent: list[Any], stored: Any) -> list[Any]:
         by_id = {_id_of(x): x for x in stored}
         if len(by_id) == len(stored) and None not in by_id:
             return [by_id.get(i) for i in ids]
+    if any(isinstance(x, dict) for x in sent):
+        return _shown_items(sent, stored)
     return [stored[i] if i < len(stored) else None for i in range(len(sent))]
+
+
+def _shown_items(sent: list[Any], stored: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """Items without ids (`{"name": "a", "password": "********"}`), paired by what they show
+    (masked): the item at the same index when it shows the same, else the one stored item
+    that does (an export imported after an item was added before it: by position, each
+    account took the password of the one before). An item that shows what no stored item
+    does was edited: the same index when both lists are as long, else none (its placeholder
+    is then unset, or refused, never another item's secret)."""
+
+    def shown(x: Any) -> bytes:
+        return msgspec.json.encode(mask(x), order="sorted")
+
+    seen = [shown(x) for x in stored]
+    where: dict[bytes, list[int]] = {}
+    for i, key in enumerate(seen):
+        where.setdefault(key, []).append(i)
+    out: list[Any] = []
+    for i, item in enumerate(sent):
+        key = shown(item)
+        if i < len(stored) and seen[i] == key:
+            out.append(stored[i])
+            continue
+        found = where.get(key, [])
+        if len(found) == 1:
+            out.append(stored[found[0]])
+        elif not found and len(sent) == len(stored):
+            out.append(stored[i])
+        else:
+            out.append(None)
+    return out
 
 
 def _restore_settings_string(
