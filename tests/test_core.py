@@ -189,6 +189,24 @@ def test_every_event_on_a_connection_moves_its_last_sync_at_in_the_same_change(o
     assert c.state["conn_a"].last_sync_at == T3
 
 
+def test_an_import_keeps_the_last_sync_at_it_brings() -> None:
+    """An archive restored or an export imported had each state's `last_sync_at` replaced
+    by the time of the import (an offline restore kept it: the two disagreed)."""
+    c = seeded("conn_a")
+    run(c, ops.set_volume("conn_a", preset=3), now=T2)
+    exported = msgspec.to_builtins(c.state["conn_a"])
+    assert exported["last_sync_at"] == T2
+    run(c, ops.reset(), now=T3)
+    sent = {"connections.json": [msgspec.to_builtins(seeded("conn_a").connections["conn_a"])]}
+    sent["connection-state.json"] = [{**exported, "last_sync_at": T1}]
+    ok(run(c, ops.import_data({"files": sent}, "replace"), now=T3)[0])
+    assert c.state["conn_a"].last_sync_at == T1
+    # what an import leaves as it was moves as any event moves it
+    sent["connections.json"][0]["name"] = "renamed"
+    ok(run(c, ops.import_data({"files": sent}, "merge"), now=T3)[0])
+    assert c.state["conn_a"].last_sync_at == T3
+
+
 @pytest.mark.parametrize("local_status", [False, True], ids=["one host", "cluster"])
 def test_a_successful_test_recovers_a_stale_connection(local_status: bool) -> None:
     """In cluster mode the stale it recovers from was this host's own (its sweep's, with no

@@ -401,6 +401,9 @@ class Tx:
         # Keys of records created under an id made here: none had it before, so an If-Match
         # (however old) cannot find it changed (`_check_if_match`).
         self.made: set[str] = set()
+        # Connections whose `last_sync_at` the op took as given (an import, a restore, a
+        # hand edit that sets it): not stamped with now (`_note_sync`).
+        self.sync_given: set[str] = set()
 
     @property
     def takes_in(self) -> bool:
@@ -600,7 +603,7 @@ def _note_sync(tx: Tx) -> None:
     """A connection's state record carries the time of its latest event (`last_sync_at`),
     written with the change that moves it."""
     for cid, _action, _data in tx.events:
-        if cid is None:
+        if cid is None or cid in tx.sync_given:
             continue
         st = tx.state.get(cid)
         if st is not None and st.last_sync_at != tx.now:
