@@ -227,6 +227,28 @@ def test_odd_values_are_bad_rows_not_tracebacks(convert: Any, value: Any, says: 
     assert mig.settings_value("NaN") == "NaN"  # (a word: text that is not JSON stays text)
 
 
+def test_what_a_row_leaves_out_is_kept_and_the_dry_run_says_so() -> None:
+    """A settings row holding NULL wrote null over the stored value (connection rows keep
+    theirs); a dry run listed every column the database lacks as an update, which the
+    import (a merge) never made (review)."""
+    from ctsd.files import CONNECTIONS, SETTINGS
+    from ctsd.models import Connection
+
+    rows = [("theme", None), ("appVersion", "2.0")]
+    m = mig.Migration()
+    mig.convert_settings(mig.TableData("settings", ["key", "value"], rows), m)
+    assert m.settings == {"appVersion": 2.0} and not m.bad
+    assert m.notes == ["table settings: row 1 (key 'theme'): NULL, left as it is"]
+    stored = Connection(
+        id="c1", name="Orig", exchange="bybit", is_testnet=True, is_active=True, volume_factor=3
+    )
+    m.connections = [{"id": "c1", "name": "Renamed", "exchange": "bybit"}]
+    current = {CONNECTIONS: [stored], SETTINGS: {"theme": "dark", "appVersion": 1}}
+    planned = mig.plan(m, current, lambda *_: True)
+    assert [(c.action, c.fields) for c in planned[CONNECTIONS]] == [("update", ["name"])]
+    assert [(c.action, c.key) for c in planned[SETTINGS]] == [("update", "appVersion")]
+
+
 def test_migrate_errors_are_clear(tmp_path: Path) -> None:
     db = sqlite_db(tmp_path / "cts.db")
 

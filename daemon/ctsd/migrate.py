@@ -696,6 +696,10 @@ def convert_settings(table: TableData, m: Migration) -> None:
                 raise _Bad("`key`: expected non-empty text")
             if key in seen:
                 raise _Bad(f"duplicate key (first at row {seen[key]})")
+            if raw is None:  # NULL: not given, as in the other tables (the stored value stays)
+                seen[key] = i
+                m.notes.append(f"table {table.name}: {label}: NULL, left as it is")
+                continue
             value = settings_value(raw)
             try:
                 files.validate_document("settings", {key: value})
@@ -781,11 +785,9 @@ def _changes(
             continue
         changed = []
         for name in kind.__struct_fields__:
-            if name == "updated_at" or (name == "created_at" and "created_at" not in body):
-                continue  # the daemon stamps these
+            if name not in body or name == "updated_at":
+                continue  # left out (NULL, no column): the import keeps it; the daemon stamps
             if name in CONNECTION_SECRETS and kind is Connection:
-                if name not in body:
-                    continue  # left out: the stored secret is kept
                 same = same_secret(key, name, getattr(current, name), body[name])
                 if same is False or same is None:
                     changed.append(name)
