@@ -188,6 +188,15 @@ def test_an_output_in_the_data_dir_is_refused(tmp_path: Path) -> None:
             r = run(cmd, "--data-dir", str(data), "-o", str(data / out))
             assert r.returncode == 1 and "is in the data dir" in r.stderr, (cmd, out, r.stderr)
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    # Another daemon's data dir (`export --port P` with a token reaches a daemon whose dir
+    # this command does not name): known by its lock beside its connections.
+    other = tmp_path / "other"
+    full_dir(other, None)
+    (other / ".lock").touch()
+    kept = (other / "connections.json").read_bytes()
+    r = run("backup", "--data-dir", str(data), "-o", str(other / "connections.json"))
+    assert r.returncode == 1 and f"is in the data dir {other}" in r.stderr, r.stderr
+    assert (other / "connections.json").read_bytes() == kept
 
 
 def test_backup_refuses_a_data_dir_the_daemon_would_refuse(tmp_path: Path) -> None:

@@ -33,13 +33,17 @@ def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
     if output in STDOUT_NAMES:
         return "stdout", path
     try:
-        inside = resolved(path).is_relative_to(resolved(data_dir))
+        target = resolved(path)
+        inside = target.is_relative_to(resolved(data_dir))
+        # (The daemon reached by --port and a token may keep another data dir than the one
+        # this command names: any dir a daemon has marked as its own is refused too.)
+        other = next((d for d in target.parents if _is_data_dir(d)), None)
     except OSError as e:
         fail(f"cannot write {safe(output)}: {e.strerror or e} ({safe(e.filename or '')})")
-    if inside:
+    if inside or other is not None:
         fail(
-            f"{safe(output)} is in the data dir {safe(data_dir)}: write it elsewhere (it "
-            "could replace the daemon's own files)"
+            f"{safe(output)} is in the data dir {safe(data_dir if inside else other)}: write "
+            "it elsewhere (it could replace the daemon's own files)"
         )
     try:
         link = os.lstat(path)
@@ -59,6 +63,11 @@ def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
         return "file", resolved(path)
     what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
     fail(f"{safe(output)} is {what}: give a regular file, -, a pipe or a device")
+
+
+def _is_data_dir(d: Path) -> bool:
+    """Does `d` look like a ctsd data dir: its instance lock beside its connections?"""
+    return (d / ".lock").is_file() and (d / "connections.json").exists()
 
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
