@@ -380,6 +380,14 @@ def check_instance_ids(instances: Any, file: str, raw: bytes | None) -> None:
         seen[iid] = i
 
 
+def orphan_message(cid: str, ids: list[str]) -> str:
+    """Why a state record for no connection is invalid (a dangling reference)."""
+    hint = diagnose.nearest(cid, ids)
+    return f"connection_id {cid!r} names no connection in {CONNECTIONS}" + (
+        f"; did you mean {hint!r}?" if hint else ""
+    )
+
+
 def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
     """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid)."""
     for i, inst in enumerate(instances.get("instances") or []):

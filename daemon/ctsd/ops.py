@@ -570,13 +570,8 @@ def _orphan(tx: Tx, hand: list[ConnectionState], cid: str, where: str = "$") -> 
     be gone from the file at the next write: when state is saved before connections.json (`cp
     backup/*.json`: it sorts first), the file is judged again once connections.json is in."""
     at = next(i for i, s in enumerate(hand) if s.connection_id == cid)
-    hint = diagnose.nearest(cid, sorted(_flat(tx.connections)))
-    raise CtsdError(
-        "invalid",
-        f"connection_id {cid!r} names no connection in {CONNECTIONS}"
-        + (f"; did you mean {hint!r}?" if hint else ""),
-        path=f"{where}[{at}].connection_id",
-    )
+    message = files.orphan_message(cid, sorted(_flat(tx.connections)))
+    raise CtsdError("invalid", message, path=f"{where}[{at}].connection_id")
 
 
 def _take_in_state(

@@ -11,6 +11,7 @@ into the files) are not a problem: they are reported as a note, and replayed at 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -44,6 +45,8 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             except Invalid as e:
                 problems.append(e.problem)
             problems += _secret_forms(file, contents[file])
+    if files.CONNECTIONS in decoded and files.STATE in decoded:
+        problems += _orphans(decoded[files.CONNECTIONS], decoded[files.STATE], contents)
     instances = files.document_file("instances")
     if instances in decoded:
         prefix = f"{files.ALGORITHMS_DIR}/"
@@ -59,6 +62,18 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             except Invalid as e:
                 problems.append(e.problem)
     return problems
+
+
+def _orphans(conns: Any, states: Any, contents: dict[str, bytes]) -> list[FileProblem]:
+    """A state record for no connection: what a running daemon refuses in a hand edit (and a
+    start drops, logged): the first one, as the daemon names it."""
+    ids = sorted(c.id for c in conns)
+    known = set(ids)
+    for i, st in enumerate(states):
+        if st.connection_id not in known:
+            msg = files.orphan_message(st.connection_id, ids)
+            return [diagnose.at_path(files.STATE, contents[files.STATE], [i, "connection_id"], msg)]
+    return []
 
 
 def _secret_forms(file: str, raw: bytes) -> list[FileProblem]:
