@@ -199,6 +199,18 @@ def test_an_output_in_the_data_dir_is_refused(tmp_path: Path) -> None:
     assert (other / "connections.json").read_bytes() == kept
 
 
+def test_backup_names_the_algorithm_files_the_daemon_never_reads(tmp_path: Path) -> None:
+    """`algorithms/_draft.json` was left out of the archive without a word (a restore on
+    another host then lost it for good) (review)."""
+    data = tmp_path / "data"
+    full_dir(data, None)
+    (data / "algorithms" / "_draft.json").write_text('{"name": "draft"}')
+    out = tmp_path / "b.tar.gz"
+    r = run("backup", "--data-dir", str(data), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "left out algorithms/_draft.json: algorithm file name not allowed" in r.stderr
+
+
 def test_backup_refuses_a_data_dir_the_daemon_would_refuse(tmp_path: Path) -> None:
     data = tmp_path / "data"
     full_dir(data, None)

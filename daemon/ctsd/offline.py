@@ -90,6 +90,16 @@ def data_file_names(data_dir: Path) -> list[str]:
     return sorted(out)
 
 
+def ignored_files(data_dir: Path) -> list[str]:
+    """`algorithms/*.json` files whose names the daemon never reads (`_draft.json`, a name
+    with a character outside the rule): in no archive, named so the operator knows."""
+    algo_dir = data_dir / files.ALGORITHMS_DIR
+    if not algo_dir.is_dir():
+        return []
+    names = (f"{files.ALGORITHMS_DIR}/{p.name}" for p in algo_dir.glob("*.json"))
+    return sorted(n for n in names if not files.is_data_file(n))
+
+
 def read_data_files(data_dir: Path, names: list[str] | None = None) -> dict[str, bytes]:
     """The bytes of every data file present (or of `names` that exist), by relative path.
     Read as the daemon reads them: raises files.Invalid for a name holding no private regular

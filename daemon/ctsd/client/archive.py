@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import click
 import msgspec
 
-from ctsd import backup
+from ctsd import backup, files
 from ctsd.atomic import create_temp, fsync_dir
 from ctsd.backup import ArchiveError
 from ctsd.client.bus import run_call
@@ -32,7 +32,7 @@ from ctsd.client.secrets import DATA_DIR_HELP, current_key
 from ctsd.client.target import resolve_target
 from ctsd.config import resolve_data_dir
 from ctsd.livebackup import RESTORE_PREFIX, SUFFIX
-from ctsd.offline import DaemonRunning, NoDataDir, owner_for
+from ctsd.offline import DaemonRunning, NoDataDir, ignored_files, owner_for
 from ctsd.rekey import RekeyRefused
 from ctsd.secretbox import SecretBox
 
@@ -101,6 +101,9 @@ def register(main: click.Group) -> None:
             f"{where} ({keys})",
             err=True,
         )
+        with contextlib.suppress(OSError):
+            for name in ignored_files(directory):
+                click.echo(f"left out {safe(name)}: {files.ALGORITHM_NAME_RULE}", err=True)
 
     @main.command()
     @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
