@@ -749,16 +749,24 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         assert r.returncode == 1
         assert r.stderr.startswith("ctsd: invalid: ") and "is_enabeld" in r.stderr
         assert [c["id"] for c in jout(d, "conn", "list")] == ["only"]
-        # Too large for one bus message: a clear refusal, nothing sent.
+        # Too large for one bus message (an export of its own, say): over HTTP, with the
+        # same answers and exit codes (it was refused, so the CLI could not import it).
         big = {"version": 1, "files": {"connections.json": [
-            {"id": f"b{i}", "name": "n" * 150, "exchange": "fakex"} for i in range(8000)
+            {"id": f"b{i}", "name": "n" * 150, "exchange": "fakex"} for i in range(6000)
         ]}}  # fmt: skip
         bigfile = tmp_path / "big.json"
         bigfile.write_text(json.dumps(big))
-        r = cli(d, "import", str(bigfile))
-        assert r.returncode == 1
-        assert r.stderr.startswith("ctsd: too_large: the data.import command is")
-        assert ok(d, "status")  # the daemon is fine
+        assert bigfile.stat().st_size > 1 << 20
+        big["files"]["connections.json"][5999]["is_enabeld"] = True
+        badfile = tmp_path / "bad-big.json"
+        badfile.write_text(json.dumps(big))
+        r = cli(d, "import", str(badfile))
+        assert r.returncode == 1 and r.stderr.startswith("ctsd: invalid: "), r.stderr
+        assert "is_enabeld" in r.stderr and "[5999]" in r.stderr
+        assert [c["id"] for c in jout(d, "conn", "list")] == ["only"]
+        r = ok(d, "import", str(bigfile))
+        assert r.stdout.startswith(f"imported {bigfile} (replace)")
+        assert len(jout(d, "conn", "list")) == 6000
     finally:
         d.close()
 

@@ -8,16 +8,17 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ctsd.atomic import fsync_dir
-from ctsd.client.bus import run_call
-from ctsd.client.errors import fail
+from ctsd.client.bus import COMMAND_TIMEOUT_S, MAX_FRAME, run_call
+from ctsd.client.errors import EXIT_AUTH, EXIT_NO_DAEMON, BusError, CliError, fail
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.outfile import destination
 from ctsd.client.render import dump_json, echo_json, key_values, load_json, safe
-from ctsd.client.target import Target
+from ctsd.client.target import Target, read_token
 from ctsd.files import SYNC_LOG
 from ctsd.limits import MAX_FILE_BYTES
 
@@ -132,7 +133,12 @@ def register(main: click.Group) -> None:
         data["files"].pop(SYNC_LOG, None)
         # Secrets come back masked from an export: sent as they are, the daemon keeps the
         # stored secret for each one (and imports unset, naming it, one where none is).
-        result = run_call(target, "data.import", data=data, mode="merge" if merge else "replace")
+        mode = "merge" if merge else "replace"
+        body = dump_json(data).encode("utf-8", "surrogatepass")
+        if len(body) < MAX_FRAME - 1024:
+            result = run_call(target, "data.import", data=data, mode=mode)
+        else:  # (a bus message takes 1 MiB: a larger export goes the HTTP way, as its own)
+            result = _import_over_http(target, body, mode)
         if as_json:
             echo_json(result)
             return
@@ -169,3 +175,42 @@ def register(main: click.Group) -> None:
             "reset: every connection deleted, every document back to its default "
             "(the daemon's own settings kept)"
         )
+
+
+def _import_over_http(target: Target, body: bytes, mode: str) -> Any:
+    """`POST /api/data/import` of an export too large for one bus message, with the bus's
+    token; its error answered as the bus's would be (the same codes, the same exit codes)."""
+    import httpx
+
+    token = read_token(target)
+    try:
+        if not token:
+            raise CliError(
+                "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the "
+                "daemon's data dir",
+                EXIT_AUTH,
+            )
+        try:
+            r = httpx.post(
+                f"http://{target.where}/api/data/import",
+                params={"mode": mode},
+                content=body,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                timeout=COMMAND_TIMEOUT_S,
+                trust_env=False,  # (the token never goes through a proxy from the environment)
+            )
+        except httpx.HTTPError as e:
+            raise CliError(
+                f"no daemon answering on {target.where}: {safe(e)}", EXIT_NO_DAEMON
+            ) from None
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = None
+        if r.status_code != 200:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise BusError(error if isinstance(error, dict) else {"code": "internal"})
+        return answer
+    except CliError as e:
+        e.show()
+        sys.exit(e.exit_code)
