@@ -431,6 +431,9 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
     assert r.returncode == 2 and "NaN is not a JSON number" in r.stderr, r.stderr
 
 
+ADD = ["conn", "add", "--name", "a", "--exchange", "e"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -447,6 +450,10 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         (["conn", "add", "--name", "n", "--exchange", "e", "--settings", "[1]"], "JSON object"),
         (["conn", "add", "--name", "n", "--exchange", "e", "--volume-factor", "0"], "> 0"),
         (["conn", "add", "--name", "n", "--exchange", "e", "--api-key-env", "NOPE_X"], "not set"),
+        # An option and its FIELD=VALUE twin: one of them silently won
+        ([*ADD, "name=zzz"], "name given twice"),
+        ([*ADD, "--enabled", "is_enabled=false"], "is_enabled given twice: by --enabled/"),
+        ([*ADD, "--volume-factor", "2", "volume_factor=5"], "volume_factor given twice"),
         (["conn", "volume", "x", "--live", "-1"], "--live"),
         (["conn", "volume", "x", "--preset", "nan"], "--preset"),
         (["conn", "rm"], "Missing argument"),

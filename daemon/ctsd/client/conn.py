@@ -232,22 +232,23 @@ def register(main: click.Group) -> None:
         without echo (--ask-secrets), never from the command line.
         """
         record: dict[str, Any] = parse_assignments(assignments)
-        record.update({"name": name, "exchange": exchange})
-        if cid is not None:
-            record["id"] = cid
-        if api_type is not None:
-            record["api_type"] = api_type
-        if testnet is not None:
-            record["is_testnet"] = testnet
-        if enabled is not None:
-            record["is_enabled"] = enabled
-        if volume_factor is not None:
-            record["volume_factor"] = volume_factor
+        options = {
+            "name": ("--name", name),
+            "exchange": ("--exchange", exchange),
+            "id": ("--id", cid),
+            "api_type": ("--api-type", api_type),
+            "is_testnet": ("--testnet/--mainnet", testnet),
+            "is_enabled": ("--enabled/--disabled", enabled),
+            "volume_factor": ("--volume-factor", volume_factor),
+            "connection_settings": ("--settings", settings_json),
+        }
+        for field, (flag, value) in options.items():
+            if value is None:
+                continue
+            if field in record:  # (one of the two silently won)
+                raise click.UsageError(f"{field} given twice: by {flag} and as FIELD=VALUE")
+            record[field] = value
         if settings_json is not None:
-            if "connection_settings" in record:
-                raise click.UsageError(
-                    "connection_settings given twice: by --settings and as FIELD=VALUE"
-                )
             record["connection_settings"] = settings_object(settings_json, "'--settings'")
             refuse_argv_secret(settings_json, "'--settings'")
         record.update(read_secrets(pop_secret_envs(kw), ask_secrets, given=record))
