@@ -108,6 +108,10 @@ def test_no_token_anywhere(shared: Daemon, tmp_path: Path) -> None:
     assert r.returncode == 4
     assert "no bus token: set CTSD_TOKEN" in r.stderr
     assert str(tmp_path / ".token") in r.stderr
+    # an empty one is named as empty, not as a file that is not there
+    (tmp_path / ".token").write_text("\n")
+    r = ctsd("conn", "list", "--data-dir", str(tmp_path), env=env)
+    assert r.returncode == 4 and f"({tmp_path / '.token'} is empty)" in r.stderr, r.stderr
 
 
 def test_token_and_port_from_the_data_dir(tmp_path: Path) -> None:

@@ -130,6 +130,12 @@ def test_verify_reports_each_problem_with_its_location(
     assert "1 problem(s)" in r.stderr
 
 
+def test_an_empty_output_path_is_named_so(tmp_path: Path) -> None:
+    """`-o ""` (an unset shell variable) said "is a directory": Path("") is the current one."""
+    r = ctsd("export", "-o", "", "--data-dir", str(tmp_path), "--port", "1")
+    assert r.returncode == 1 and "the output path is empty" in r.stderr, r.stderr
+
+
 def test_verify_names_a_state_record_for_no_connection(tmp_path: Path) -> None:
     """What a running daemon refuses in a hand edit (and a restore through it refuses):
     `verify`, and so an offline restore, took it as valid (review)."""
@@ -425,6 +431,10 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         f.truncate(2 * limits.MAX_FILE_BYTES + 1)
     r = ctsd("import", str(huge), env=env)
     assert r.returncode == 2 and "is larger than" in r.stderr, r.stderr
+    utf16 = tmp_path / "utf16.json"  # (json takes UTF-16 by its byte-order mark)
+    utf16.write_bytes('{"files": {}}'.encode("utf-16"))
+    r = ctsd("import", str(utf16), env=env)
+    assert r.returncode == 2 and "is not UTF-8" in r.stderr, r.stderr
     nan = tmp_path / "nan.json"  # json takes it; the daemon would not
     nan.write_text('{"files": {"ui-config.json": {"zoom": NaN}}}')
     r = ctsd("import", str(nan), env=env)

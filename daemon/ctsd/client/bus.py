@@ -30,7 +30,7 @@ from ctsd.client.errors import (
     fail,
 )
 from ctsd.client.render import dump_json, safe, short
-from ctsd.client.target import SYSTEM_TOKEN, Target, read_token
+from ctsd.client.target import Target, no_token_message, read_token
 from ctsd.config import is_loopback
 
 # The server refuses frames over 1 MiB; checking before sending gives a clear
@@ -272,11 +272,7 @@ async def open_bus(
         first = await bus.recv(OPEN_TIMEOUT_S * 2)
         if first.get("type") == "auth_required":
             if not token:
-                fail(
-                    "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the "
-                    f"daemon's data dir (looked in {target.data_dir}/.token and {SYSTEM_TOKEN})",
-                    EXIT_AUTH,
-                )
+                fail(no_token_message(target), EXIT_AUTH)
             await ws.send(dump_json({"type": "auth", "token": token}))
             first = await bus.recv(OPEN_TIMEOUT_S * 2)
         if first.get("type") == "auth_invalid":

@@ -18,7 +18,7 @@ from ctsd.client.errors import EXIT_AUTH, EXIT_NO_DAEMON, BusError, CliError, fa
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.outfile import destination
 from ctsd.client.render import dump_json, echo_json, key_values, load_json, safe
-from ctsd.client.target import Target, read_token
+from ctsd.client.target import Target, no_token_message, read_token
 from ctsd.files import SYNC_LOG
 from ctsd.limits import MAX_FILE_BYTES
 
@@ -185,11 +185,7 @@ def _import_over_http(target: Target, body: bytes, mode: str) -> Any:
     token = read_token(target)
     try:
         if not token:
-            raise CliError(
-                "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the "
-                "daemon's data dir",
-                EXIT_AUTH,
-            )
+            raise CliError(no_token_message(target), EXIT_AUTH)
         try:
             r = httpx.post(
                 f"http://{target.where}/api/data/import",

@@ -29,6 +29,8 @@ STDOUT_NAMES = frozenset({"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
 def destination(output: str, data_dir: Path) -> tuple[Kind, Path]:
     """How to write `output`, and the path to write (for "file": the file a link names).
     Fails (exit 1) for what no output may replace."""
+    if not output:  # (Path("") is the current directory: "is a directory" misled)
+        fail("the output path is empty: give a file name, or - for stdout")
     path = Path(output)
     if output in STDOUT_NAMES:
         return "stdout", path

@@ -150,5 +150,8 @@ def _finite(text: str) -> float:
 def load_json(text: str | bytes) -> Any:
     """`json.loads` as strict as the daemon: NaN, Infinity and numbers past a double's range
     are refused (ValueError). json takes them, and `json.dumps` then sends them as text that
-    is no JSON, refused by the daemon with a byte offset in a frame the user never saw."""
+    is no JSON, refused by the daemon with a byte offset in a frame the user never saw.
+    Bytes are UTF-8 or refused (UnicodeDecodeError): json would take UTF-16 by its BOM."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
     return json.loads(text, parse_constant=_no_constant, parse_float=_finite)

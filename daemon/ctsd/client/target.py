@@ -128,6 +128,21 @@ def _settings_port(directory: Path, port: int | None) -> int:
 SYSTEM_TOKEN = Path("/etc/ctsd/token")
 
 
+def no_token_message(target: Target) -> str:
+    """Why no token was found, and where it was looked for (an empty DATA/.token named so:
+    it read as a file that is not there)."""
+    path = target.data_dir / ".token"
+    try:
+        empty = path.is_file() and not path.read_text(errors="replace").strip()
+    except OSError:
+        empty = False
+    why = f"{path} is empty" if empty else f"looked in {path} and {SYSTEM_TOKEN}"
+    return (
+        "no bus token: set CTSD_TOKEN, or point --data-dir (or CTSD_DATA_DIR) at the daemon's "
+        f"data dir ({why})"
+    )
+
+
 def read_token(target: Target, system_token: Path = SYSTEM_TOKEN) -> str | None:
     """CTSD_TOKEN, $CREDENTIALS_DIRECTORY/ctsd-token, DATA/.token, then the unit's token."""
     path = target.data_dir / ".token"
