@@ -211,6 +211,13 @@ def test_rekey_from_plain_text_then_to_a_new_key(plain_dir: Path, tmp_path: Path
     assert not (plain_dir / rekey.INTENT).exists()
     # The daemon-to-be reads it: `ctsd verify` is happy with the encrypted files.
     assert ctsd("verify", "--data-dir", str(plain_dir)).returncode == 0
+    # With no key configured, the new key was named as the configured one (review).
+    k3 = tmp_path / "k3"
+    key3 = make_key(k3)
+    r = run("secrets", "rekey", "--new-key", str(k3), "--data-dir", str(plain_dir))
+    assert r.returncode == 1 and f"is encrypted under key id {key2.id}" in r.stderr, r.stderr
+    assert f"no key is configured (only the new key, id {key3.id}, was given)" in r.stderr
+    assert "the configured key is" not in r.stderr
 
 
 def test_rekey_refuses_and_changes_nothing_when_a_value_fails(

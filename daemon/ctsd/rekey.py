@@ -188,7 +188,15 @@ def rekey_offline(data_dir: Path, current: Key | None, new: Key) -> Rekeyed:
             raise RekeyRefused([why])
         # Values already under the new key (a repeated run) decrypt too.
         old = SecretBox(current, also=[new])
-        result = rekey_contents(contents, old, new)
+        try:
+            result = rekey_contents(contents, old, new)
+        except RekeyRefused as e:
+            if current is not None:
+                raise
+            # (`old` holds only the new key: it is no configured key to name)
+            said = f"the configured key is {new.id}"
+            instead = f"no key is configured (only the new key, id {new.id}, was given)"
+            raise RekeyRefused([p.replace(said, instead) for p in e.problems]) from None
         if not result.files:
             return result
         paths = {data_dir / f: body for f, body in result.files.items()}
