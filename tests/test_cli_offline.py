@@ -130,6 +130,28 @@ def test_verify_reports_each_problem_with_its_location(
     assert "1 problem(s)" in r.stderr
 
 
+def test_verify_names_every_bad_record_of_a_table_in_one_run(tmp_path: Path) -> None:
+    """It named one problem a file per run: three runs to find three typos (review)."""
+    (tmp_path / "connections.json").write_text(
+        "[\n"
+        '  {"id": "a", "name": "A", "exchange": "x", "is_enabeld": true},\n'
+        '  {"id": "b", "name": "B", "exchange": "x", "volume_factr": 2},\n'
+        '  {"id": "a", "name": "C", "exchange": "x"},\n'
+        '  {"id": "d", "name": 5, "exchange": "x"},\n'
+        '  {"id": "e", "name": "E", "exchange": "x"}\n'
+        "]\n"
+    )
+    r = ctsd("verify", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "4 problem(s) in 1 file(s)" in r.stderr, r.stderr
+    where = f"{tmp_path}/connections.json"
+    assert r.stdout.splitlines() == [
+        f"{where}:2:45: unknown field `is_enabeld` at `$[0]`; did you mean `is_enabled`?",
+        f"{where}:3:45: unknown field `volume_factr` at `$[1]`; did you mean `volume_factor`?",
+        f"{where}:4:10: duplicate id 'a' (first at $[0]) (at $[2].id)",
+        f"{where}:5:23: expected `str`, got `int` (at $[3].name)",
+    ]
+
+
 def test_an_empty_output_path_is_named_so(tmp_path: Path) -> None:
     """`-o ""` (an unset shell variable) said "is a directory": Path("") is the current one."""
     r = ctsd("export", "-o", "", "--data-dir", str(tmp_path), "--port", "1")

@@ -289,6 +289,47 @@ def decode_table(file: str, raw: bytes) -> list[Any]:
     return records
 
 
+MAX_PROBLEMS = 100  # per file, for `ctsd verify`: enough to fix a file in one pass
+
+
+def table_problems(file: str, raw: bytes, first: FileProblem) -> list[FileProblem]:
+    """Every record's problem in a table file that `decode_table` refused with `first` (for
+    `ctsd verify`: one run names them all, not one per run). Each record is checked on its
+    own, then the ids across them; `[first]` when the file as a whole is what is wrong (not
+    JSON, not an array), or what is wrong is no record's own (a sync log out of order)."""
+    kind = TABLES[file]
+    try:
+        items = msgspec.json.decode(raw, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return [first]
+    key = "id" if kind is not ConnectionState else "connection_id"
+    problems: list[FileProblem] = []
+    ids: list[tuple[int, Any]] = []
+    for i, item in enumerate(items):
+        try:
+            record = msgspec.json.decode(item)
+            if isinstance(record, dict) and isinstance(record.get(key), str | int):
+                ids.append((i, record[key]))
+            msgspec.json.decode(item, type=kind)
+        except msgspec.ValidationError as e:
+            # (msgspec names the place inside the record: `$.name` is `$[i].name` here)
+            said = str(e) if " - at `$" in str(e) else f"{e} - at `$`"
+            said = said.replace(" - at `$", f" - at `$[{i}]", 1)
+            problems.append(diagnose.from_validation(file, raw, said, list[kind]))
+        except (msgspec.DecodeError, RecursionError):
+            return [first]
+        if len(problems) >= MAX_PROBLEMS:
+            return problems
+    seen: dict[Any, int] = {}
+    for i, rid in ids:
+        if rid in seen:
+            message = f"duplicate {key} {rid!r} (first at $[{seen[rid]}])"
+            problems.append(diagnose.at_path(file, raw, [i, key], message))
+        seen.setdefault(rid, i)
+    problems.sort(key=lambda p: (p.line, p.column))
+    return problems[:MAX_PROBLEMS] or [first]
+
+
 MAX_SETTINGS_CHARS = 64 * 1024  # a connection's settings as a door takes them
 
 

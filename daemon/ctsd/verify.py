@@ -37,7 +37,10 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
                 raise Invalid(FileProblem(file, 1, 1, "$", files.ALGORITHM_NAME_RULE))
             decoded[file] = files.decode_file(file, raw)
         except Invalid as e:
-            problems.append(e.problem)
+            if file in files.TABLES:
+                problems += files.table_problems(file, raw, e.problem)
+            else:
+                problems.append(e.problem)
     for file in (files.CONNECTIONS, CONNECTION_DOC):
         if file in decoded:
             try:  # (what the start refuses, though a running daemon takes it in a hand edit)
