@@ -883,6 +883,11 @@ def test_a_client_replacing_settings_keeps_the_daemons_own_keys_it_leaves_out() 
     # sent, they are replaced: `{}` is the defaults
     (doc,) = ok(run(c, ops.set_document("settings", {"server": {}, "stale_after_s": 60}))[0])
     assert doc == {"server": {}, "stale_after_s": 60}
+    # an import (replace) keeps them as well
+    ok(run(c, ops.set_document("settings", own))[0])
+    sent = {"files": {"settings.json": {"defaultLeverage": 5}}}
+    ok(run(c, ops.import_data(sent, "replace"))[0])
+    assert c.documents["settings"] == {**own, "defaultLeverage": 5}
 
 
 def test_instances_saved_by_a_client_are_stamped_when_they_change() -> None:

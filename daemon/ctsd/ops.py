@@ -868,7 +868,7 @@ def import_data(data: Any, mode: Any) -> Op:
                 path=where,
             )
         unset: list[str] = []
-        imported = _import_files(tx, content, mode, where, unset)
+        imported = _import_files(tx, content, mode, where, unset, by_client=True)
         tx.emit("import", None, {"mode": mode, "files": imported})
         # (the secrets an export held masked where nothing is stored: to be set again)
         return {"imported": imported, "mode": mode, "secrets_unset": unset}
@@ -880,9 +880,17 @@ _EXPORT_KEYS = {"version": int, "exported_at": str, "revision": int}  # beside `
 
 
 def _import_files(
-    tx: Tx, content: dict[str, Any], mode: str, where: str, unset: list[str] | None = None
+    tx: Tx,
+    content: dict[str, Any],
+    mode: str,
+    where: str,
+    unset: list[str] | None = None,
+    *,
+    by_client: bool = False,
 ) -> list[str]:
-    """`content`'s files into memory; `unset`: see `restore_placeholders` (None: refused)."""
+    """`content`'s files into memory; `unset`: see `restore_placeholders` (None: refused).
+    `by_client` (an import, not a restore of an archive): a settings.json without the
+    daemon's own keys keeps them, as `documents.set` does."""
     imported: list[str] = []
     algos = f"{files.ALGORITHMS_DIR}/"
 
@@ -909,6 +917,8 @@ def _import_files(
                 else {**(tx.docs.get(name) or {}), **value}
             )
             _file, doc = check_document(tx, name, doc, path, unset)
+            if name == "settings" and by_client:
+                doc = daemon_settings_kept(tx, doc)
             existed = name in tx.docs
             keys = put_document(tx, name, doc, path)
             if keys or not existed:
