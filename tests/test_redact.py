@@ -69,7 +69,9 @@ def test_mask_rules() -> None:
         "api_key", "apiKey", "API-KEY", "x-api-key", "apikey", "api_secret", "secretKey",
         "client_secret", "password", "db_password", "passwd", "passphrase", "api_passphrase",
         "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "token2",
-        "apiTokenValue", "AUTHTOKEN", "privateKey", "private_key",
+        "apiTokenValue", "AUTHTOKEN", "access_token_b64", "token_v2", "apiTokens",
+        "refresh_tokens", "accesstokenvalue", "id_token_hint", "tokenJson", "authTokenCookie",
+        "sessionTokenId", "tokenId", "privateKey", "private_key",
         "private_signing_key", "privkey", "credentials", "credential_id", "Authorization",
         "accessKey", "username", "userName", "user_name", "pwd",
     ],
@@ -83,8 +85,9 @@ def test_secret_names_by_pattern(name: str) -> None:
     "name",
     [
         "name", "exchange", "apiUrl", "auth", "user_id", "key", "keys", "public_key", "id",
-        # A trading app's coins and their figures: `token` is a secret only as the last word.
+        # A trading app's coins and what describes a token (not the token itself).
         "tokens", "maxTokens", "tokenLogoSize", "tokenAddress", "token_type", "TOKENS",
+        "refreshTokenExpiresAt", "favoriteTokens", "tokenDecimals",
     ],
 )  # fmt: skip
 def test_other_names_are_not_secrets(name: str) -> None:

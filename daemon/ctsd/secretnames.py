@@ -13,14 +13,28 @@ _SECRET_PARTS = (
     "secret", "password", "passwd", "passphrase", "apikey", "accesskey", "privkey",
     "credential", "authorization",
 )  # fmt: skip
-# `token` is a secret only as the name's last word (`accessToken`, `x-auth-token`, `token2`),
-# or before words that still name the value (`apiTokenValue`): in a trading app `tokens`,
-# `maxTokens`, `tokenLogoSize` and `tokenAddress` are coins and their figures, which a UI
-# must show and an export must carry back.
-_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # (digits split words, and drop)
-_VALUE_WORDS = frozenset(
-    {"value", "string", "str", "enc", "encrypted", "b64", "base", "hex", "raw", "plain", "text"}
-)
+# A name with `token` in it is a secret (fail-safe: `tokenB64`, `token_v2`, `idTokenHint`,
+# `apiTokens`, `accesstokenvalue`), but where it plainly names coins or a figure about one,
+# which a trading app's UI must show and an export must carry back: `tokens` alone or after a
+# word that is no credential's (`maxTokens`, `favoriteTokens`), and `token…` followed by a
+# word that describes it (`tokenLogoSize`, `tokenAddress`, `token_type`, `refreshTokenExpiresAt`).
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_ABOUT_A_TOKEN = frozenset({
+    "logo", "icon", "image", "img", "size", "symbol", "symbols", "address", "addresses",
+    "decimals", "decimal", "name", "names", "type", "kind", "count", "price",
+    "prices", "amount", "amounts", "balance", "balances", "list", "lists", "standard",
+    "network", "chain", "contract", "expiry", "expires", "expiration", "expired", "ttl",
+    "lifetime", "length", "limit", "limits", "max", "min", "usage", "used", "url", "uri",
+    "endpoint", "header", "prefix", "format", "scope", "scopes", "issued", "created",
+    "updated", "at", "time", "timestamp", "date", "age", "info", "metadata", "color",
+    "colour", "pair", "pairs", "supply", "rank", "category", "categories", "label",
+})  # fmt: skip
+# Words before `tokens` that make them credentials (`apiTokens`, `refresh_tokens`).
+_CREDENTIAL_WORDS = frozenset({
+    "access", "refresh", "api", "auth", "bearer", "session", "id", "jwt", "csrf", "xsrf",
+    "oauth", "bot", "client", "user", "device", "personal", "github", "gitlab", "slack",
+    "discord", "telegram", "app", "service", "login", "security", "sso", "saml", "push",
+})  # fmt: skip
 # Whole names only: `username` is the login half of the Project X credentials.
 _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
 # Query parameters only: names that carry a credential in a URL (`?key=` of many HTTP APIs,
@@ -41,9 +55,9 @@ def _norm(name: str) -> str:
 def is_secret_key(name: str) -> bool:
     """Is a value under this key a secret, wherever it sits? Case and separators do not
     matter. Secrets: names containing `secret`, `password`/`passwd`, `passphrase`, `apikey`,
-    `accesskey`, `private…key`/`privkey`, `credential` or `authorization`; names whose last
-    word is a `token` (`refresh_token`, `csrfToken`; not `tokens` nor `tokenLogoSize`); and
-    the names `username`, `pwd` and `pass`."""
+    `accesskey`, `private…key`/`privkey`, `credential`, `authorization` or `token` (but
+    `tokens` of coins and words about a token: see `_token_is_secret`); and the names
+    `username`, `pwd` and `pass`."""
     if not isinstance(name, str):
         return False
     judged = _JUDGED.get(name)  # (names repeat per record: this runs on every key masked)
@@ -68,10 +82,23 @@ def _judge(name: str) -> bool:
         return True
     if "token" not in n:
         return False
-    words = [w.lower() for w in _WORDS.findall(name)]
-    while words and words[-1] in _VALUE_WORDS:
-        words.pop()
-    return bool(words) and words[-1].endswith("token")
+    return _token_is_secret([w.lower() for w in _WORDS.findall(name)])
+
+
+def _token_is_secret(words: list[str]) -> bool:
+    found = [i for i, w in enumerate(words) if "token" in w]
+    if not found:  # (written so no word split finds it: `_t_o_k_e_n`) fail-safe
+        return True
+    for i in found:
+        word, after = words[i], words[i + 1 : i + 2]
+        if after and after[0] in _ABOUT_A_TOKEN:
+            continue  # `tokenLogoSize`, `accessTokenExpiresAt`: about one, not one
+        if word == "tokens":
+            if i and words[i - 1] in _CREDENTIAL_WORDS:
+                return True
+            continue  # `tokens`, `maxTokens`: coins
+        return True
+    return False
 
 
 def is_secret_param(name: str) -> bool:
