@@ -24,6 +24,7 @@ values back, or refuses with `invalid` where nothing is stored. A placeholder is
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import Any
 
@@ -267,34 +268,57 @@ def _pairs(sent: list[Any], stored: Any) -> list[Any]:
 
 
 def _shown_items(sent: list[Any], stored: list[Any] | tuple[Any, ...]) -> list[Any]:
-    """Items without ids (`{"name": "a", "password": "********"}`), paired by what they show
-    (masked): the item at the same index when it shows the same, else the one stored item
-    that does (an export imported after an item was added before it: by position, each
-    account took the password of the one before). An item that shows what no stored item
-    does was edited: the same index when both lists are as long, else none (its placeholder
-    is then unset, or refused, never another item's secret)."""
-
-    def shown(x: Any) -> bytes:
-        return msgspec.json.encode(mask(x), order="sorted")
-
-    seen = [shown(x) for x in stored]
-    where: dict[bytes, list[int]] = {}
-    for i, key in enumerate(seen):
-        where.setdefault(key, []).append(i)
-    out: list[Any] = []
+    """Items without ids (`{"name": "a", "password": "********"}`) paired by what they show
+    (`_signature`): first each with the stored item at its index that shows the same, then
+    each with the one unpaired stored item that shows the same (an export imported after an
+    item was added before it: by position each account took the password of the one before),
+    then each left with the unpaired item at its index (edited in place); else none (its
+    placeholder is unset, or refused), never an item another one took."""
+    signs = [_signature(x) for x in stored]
+    out: list[Any] = [None] * len(sent)
+    taken = [False] * len(stored)
+    left: list[int] = []
     for i, item in enumerate(sent):
-        key = shown(item)
-        if i < len(stored) and seen[i] == key:
-            out.append(stored[i])
-            continue
-        found = where.get(key, [])
-        if len(found) == 1:
-            out.append(stored[found[0]])
-        elif not found and len(sent) == len(stored):
-            out.append(stored[i])
+        if i < len(stored) and signs[i] == _signature(item):
+            out[i], taken[i] = stored[i], True
         else:
-            out.append(None)
+            left.append(i)
+    free: dict[Any, list[int]] = {}
+    for j, sign in enumerate(signs):
+        if not taken[j]:
+            free.setdefault(sign, []).append(j)
+    later = []
+    for i in left:
+        found = free.get(_signature(sent[i]), [])
+        if len(found) == 1 and not taken[found[0]]:
+            out[i], taken[found[0]] = stored[found[0]], True
+        else:
+            later.append(i)
+    for i in later:
+        if i < len(stored) and not taken[i]:
+            out[i], taken[i] = stored[i], True
     return out
+
+
+_SIGNED_KEYS = 64  # an item's first keys tell it apart; its thousandth rarely does
+
+
+def _signature(item: Any) -> Any:
+    """What an array item shows at its top level, cheaply (no walk of what it holds: a deep
+    document is paired level by level, each item looked at once): its scalar values under
+    names that are no secret's, a URL's password masked; its containers' keys only."""
+    if not isinstance(item, dict):
+        return None if _is_container(item) else (type(item).__name__, item)
+    shown = []
+    for key, value in itertools.islice(item.items(), _SIGNED_KEYS):
+        if not isinstance(key, str) or is_secret_key(key):
+            continue
+        if isinstance(value, str):
+            value = mask_url_secrets(value)
+        elif isinstance(value, dict | list | tuple):
+            value = len(value)  # (how many it holds: cheap, and enough to tell most apart)
+        shown.append((key, value))
+    return tuple(sorted(shown, key=lambda kv: kv[0]))
 
 
 def _restore_settings_string(
