@@ -201,8 +201,13 @@ def test_an_import_keeps_the_last_sync_at_it_brings() -> None:
     sent["connection-state.json"] = [{**exported, "last_sync_at": T1}]
     ok(run(c, ops.import_data({"files": sent}, "replace"), now=T3)[0])
     assert c.state["conn_a"].last_sync_at == T1
-    # what an import leaves as it was moves as any event moves it
+    # the same one sent back with its connection renamed: kept too
     sent["connections.json"][0]["name"] = "renamed"
+    ok(run(c, ops.import_data({"files": sent}, "merge"), now=T3)[0])
+    assert c.state["conn_a"].last_sync_at == T1
+    # an import that sends no state: the connection's change moves it, as any change does
+    sent.pop("connection-state.json")
+    sent["connections.json"][0]["name"] = "again"
     ok(run(c, ops.import_data({"files": sent}, "merge"), now=T3)[0])
     assert c.state["conn_a"].last_sync_at == T3
 

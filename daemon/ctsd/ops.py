@@ -836,6 +836,9 @@ def _import_table(
         _take_in_connections(tx, file, current, records)
     else:
         _take_in_state(tx, file, current, records)
+        # A state's last_sync_at sent is kept, changed or not, whatever else moves its
+        # connection in the same import (an archive restored, an export imported).
+        tx.sync_given.update(r.connection_id for r in records if r.last_sync_at is not None)
 
 
 def _laid_over(table: Table[Any], key: str, sent: Any) -> Any:
