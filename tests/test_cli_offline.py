@@ -159,17 +159,20 @@ def test_an_empty_output_path_is_named_so(tmp_path: Path) -> None:
 
 
 def test_verify_names_a_state_record_for_no_connection(tmp_path: Path) -> None:
-    """What a running daemon refuses in a hand edit (and a restore through it refuses):
-    `verify`, and so an offline restore, took it as valid (review)."""
+    """What a running daemon refuses in a hand edit (and a restore through it refuses), and
+    a start drops: `verify` said nothing of it (review)."""
     (tmp_path / "connections.json").write_text('[{"id": "ghost1", "name": "A", "exchange": "x"}]')
     state = '[\n  {"connection_id": "ghost1"},\n  {"connection_id": "ghost"}\n]\n'
     (tmp_path / "connection-state.json").write_text(state)
     r = ctsd("verify", "--data-dir", str(tmp_path))
-    assert r.returncode == 1, r.stdout
-    assert r.stdout == (
+    assert r.stdout.splitlines()[0] == (
         f"{tmp_path}/connection-state.json:3:21: connection_id 'ghost' names no connection in "
-        "connections.json; did you mean 'ghost1'? (at $[1].connection_id)\n"
+        "connections.json; did you mean 'ghost1'?; the daemon drops the record at its next "
+        "start (at $[1].connection_id)"
     )
+    # a note, not a problem: a stopped daemon's file may hold one it dropped, and its
+    # backup must still be made
+    assert r.returncode == 0, r.stderr
 
 
 def test_verify_reports_every_bad_file_not_just_the_first(tmp_path: Path) -> None:

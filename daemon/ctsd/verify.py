@@ -11,7 +11,6 @@ into the files) are not a problem: they are reported as a note, and replayed at 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -48,8 +47,6 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
             except Invalid as e:
                 problems.append(e.problem)
             problems += _secret_forms(file, contents[file])
-    if files.CONNECTIONS in decoded and files.STATE in decoded:
-        problems += _orphans(decoded[files.CONNECTIONS], decoded[files.STATE], contents)
     instances = files.document_file("instances")
     if instances in decoded:
         prefix = f"{files.ALGORITHMS_DIR}/"
@@ -67,16 +64,25 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
     return problems
 
 
-def _orphans(conns: Any, states: Any, contents: dict[str, bytes]) -> list[FileProblem]:
-    """A state record for no connection: what a running daemon refuses in a hand edit (and a
-    start drops, logged): the first one, as the daemon names it."""
+def orphan_notes(contents: dict[str, bytes]) -> list[str]:
+    """State records for no connection, each as a note: what a running daemon refuses in a
+    hand edit, and a start drops (logged). Not a problem: a stopped daemon's file may still
+    hold one it dropped, and its backup must not be refused for it."""
+    try:
+        conns = files.decode_file(files.CONNECTIONS, contents[files.CONNECTIONS])
+        states = files.decode_file(files.STATE, contents[files.STATE])
+    except (KeyError, Invalid):
+        return []
     ids = sorted(c.id for c in conns)
     known = set(ids)
+    notes = []
     for i, st in enumerate(states):
         if st.connection_id not in known:
             msg = files.orphan_message(st.connection_id, ids)
-            return [diagnose.at_path(files.STATE, contents[files.STATE], [i, "connection_id"], msg)]
-    return []
+            msg += "; the daemon drops the record at its next start"
+            raw = contents[files.STATE]
+            notes.append(diagnose.at_path(files.STATE, raw, [i, "connection_id"], msg).format())
+    return notes[: files.MAX_PROBLEMS]
 
 
 def _secret_forms(file: str, raw: bytes) -> list[FileProblem]:
@@ -192,7 +198,7 @@ def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem], list[str]]
         except OSError as e:
             problems.append(FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"))
     problems += check_contents(contents)
-    notes: list[str] = []
+    notes = orphan_notes(contents)
     note, problem = journal_note(data_dir, contents)
     if lstat(data_dir / journal.NAME) is not None:
         checked.append(journal.NAME)
