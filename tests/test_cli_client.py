@@ -771,6 +771,11 @@ def test_import_round_trip_and_errors(tmp_path: Path) -> None:
         r = ok(d, "import", str(bigfile))
         assert r.stdout.startswith(f"imported {bigfile} (replace)")
         assert len(jout(d, "conn", "list")) == 6000
+        # as the bus's import: in the file when answered, logged as the CLI's
+        assert len(json.loads((d.data_dir / "connections.json").read_text())) == 6000
+        since = str(jout(d, "status")["revision"] - 1)
+        last = jout(d, "watch", "--since", since, "--count", "1")
+        assert last["action"] == "import" and last["data"]["source"] == "cli", last
     finally:
         d.close()
 

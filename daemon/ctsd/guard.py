@@ -97,6 +97,12 @@ def well_formed_host(value: str) -> bool:
     return _HOST_HEADER.fullmatch(value) is not None
 
 
+# The header a request names its sender in for the sync log's `source`: `cli` (the CLI's
+# large imports), as the bus's frames may; anything else is `http`. Self-declared, as on the
+# bus: it says who asked, it grants nothing.
+SOURCE_HEADER = "X-Ctsd-Source"
+
+
 def bearer(values: list[str]) -> str | None:
     """The token of one `Authorization: Bearer` header, '' for a malformed one, None when no
     bearer token is presented (no header, or one of another scheme: a proxy's Basic login

@@ -201,6 +201,18 @@ def check_address(target: Target) -> None:
         raise bad_address(target, e) from None
 
 
+def warn_unencrypted(target: Target, token: str | None) -> None:
+    """ws:// and http:// are not encrypted: whoever sees the traffic sees the token. Said
+    once per daemon (`watch --retry` connects again and again)."""
+    if token and not is_loopback(target.host) and target.where not in _WARNED:
+        _WARNED.add(target.where)
+        click.echo(
+            f"ctsd: warning: the bus token goes unencrypted to {target.where}; "
+            "prefer an SSH tunnel to the daemon's loopback port",
+            err=True,
+        )
+
+
 @contextlib.asynccontextmanager
 async def open_bus(
     target: Target,
@@ -225,15 +237,7 @@ async def open_bus(
     check_address(target)
     token = token or read_token(target)
     headers = {"Authorization": f"Bearer {token}"} if token and auth_header else None
-    if token and not is_loopback(target.host) and target.where not in _WARNED:
-        # ws:// is not encrypted: whoever sees the traffic sees the token. (Once: `watch
-        # --retry` connects again and again.)
-        _WARNED.add(target.where)
-        click.echo(
-            f"ctsd: warning: the bus token goes unencrypted to {target.where}; "
-            "prefer an SSH tunnel to the daemon's loopback port",
-            err=True,
-        )
+    warn_unencrypted(target, token)
     options: dict[str, Any] = {
         "compression": None,
         # The token must never go through an HTTP proxy from the environment.

@@ -13,17 +13,18 @@ from typing import Any
 import click
 
 from ctsd.atomic import fsync_dir
-from ctsd.client.bus import COMMAND_TIMEOUT_S, MAX_FRAME, run_call
+from ctsd.client.bus import COMMAND_TIMEOUT_S, MAX_FRAME, run_call, warn_unencrypted
 from ctsd.client.errors import EXIT_AUTH, EXIT_NO_DAEMON, BusError, CliError, fail
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.outfile import destination
 from ctsd.client.render import dump_json, echo_json, key_values, load_json, safe
 from ctsd.client.target import Target, no_token_message, read_token
 from ctsd.files import SYNC_LOG
+from ctsd.guard import SOURCE_HEADER
 from ctsd.limits import MAX_FILE_BYTES
 
-# What an import can hold: the sync log (at most MAX_FILE_BYTES, not sent) and the rest,
-# which must go in one bus frame; a larger file is no export, never read whole.
+# What an import can hold: the sync log (at most MAX_FILE_BYTES, not sent) and the rest (in
+# one bus frame, or over HTTP past that); a larger file is no export, never read whole.
 MAX_IMPORT_BYTES = 2 * MAX_FILE_BYTES
 
 
@@ -134,7 +135,12 @@ def register(main: click.Group) -> None:
         # Secrets come back masked from an export: sent as they are, the daemon keeps the
         # stored secret for each one (and imports unset, naming it, one where none is).
         mode = "merge" if merge else "replace"
-        body = dump_json(data).encode("utf-8", "surrogatepass")
+        try:
+            body = dump_json(data).encode()
+        except UnicodeEncodeError:  # (a lone surrogate escape, `"\ud800"`)
+            raise click.BadParameter(
+                f"{safe(file)} holds text that is not valid UTF-8", param_hint="'FILE'"
+            ) from None
         if len(body) < MAX_FRAME - 1024:
             result = run_call(target, "data.import", data=data, mode=mode)
         else:  # (a bus message takes 1 MiB: a larger export goes the HTTP way, as its own)
@@ -178,20 +184,24 @@ def register(main: click.Group) -> None:
 
 
 def _import_over_http(target: Target, body: bytes, mode: str) -> Any:
-    """`POST /api/data/import` of an export too large for one bus message, with the bus's
-    token; its error answered as the bus's would be (the same codes, the same exit codes)."""
+    """`POST /api/data/import` of an export too large for one bus message: as the bus's
+    `data.import` goes (the token found the same way, or none where loopback needs none;
+    `sync=files`; the sync log's source `cli`), its answer and errors read the same (the same
+    codes, the same exit codes)."""
     import httpx
 
     token = read_token(target)
+    warn_unencrypted(target, token)
+    headers = {"Content-Type": "application/json", SOURCE_HEADER: "cli"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        if not token:
-            raise CliError(no_token_message(target), EXIT_AUTH)
         try:
             r = httpx.post(
                 f"http://{target.where}/api/data/import",
-                params={"mode": mode},
+                params={"mode": mode, "sync": "files"},
                 content=body,
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                headers=headers,
                 timeout=COMMAND_TIMEOUT_S,
                 trust_env=False,  # (the token never goes through a proxy from the environment)
             )
@@ -203,9 +213,16 @@ def _import_over_http(target: Target, body: bytes, mode: str) -> Any:
             answer = r.json()
         except ValueError:
             answer = None
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if r.status_code == 401 and not token:
+            raise CliError(no_token_message(target), EXIT_AUTH)
+        if r.status_code != 200 and not isinstance(error, dict):
+            raise CliError(
+                f"{target.where} answered HTTP {r.status_code}, not as ctsd does: is this ctsd?",
+                EXIT_NO_DAEMON,
+            )
         if r.status_code != 200:
-            error = answer.get("error") if isinstance(answer, dict) else None
-            raise BusError(error if isinstance(error, dict) else {"code": "internal"})
+            raise BusError(error)  # type: ignore[arg-type]
         return answer
     except CliError as e:
         e.show()

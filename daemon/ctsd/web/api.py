@@ -23,7 +23,7 @@ from ctsd.bus import protocol as p
 from ctsd.bus import views
 from ctsd.bus.commands import HANDLERS, Call
 from ctsd.errors import CtsdError
-from ctsd.guard import well_formed_host
+from ctsd.guard import SOURCE_HEADER, well_formed_host
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
@@ -625,7 +625,7 @@ def make_route(svc: Services, path: str, eps: list[Endpoint]) -> Route:
         try:
             call = Call(
                 svc,
-                "http",
+                "cli" if request.headers.get(SOURCE_HEADER) == "cli" else "http",
                 sync=_sync(ep, request),
                 if_match=_if_match(request) if ep.write else None,
             )
