@@ -90,6 +90,35 @@ def test_connection_json_secrets_at_any_depth() -> None:
     assert Sealer(b).document("ui-config", other, None) == (other, False)
 
 
+def test_a_secret_that_moved_with_its_array_item_is_sealed_for_its_new_place() -> None:
+    """An export of accounts [a, b] imported after c was added in front: each placeholder
+    paired back to its own account's ciphertext, bound to the index it had, was refused as
+    'does not decrypt' (review)."""
+    from ctsd.redact import MASK, restore_placeholders
+    from ctsd.secretfields import open_content
+
+    b = box()
+
+    def accounts(*items: tuple[str, str]) -> dict:
+        return {"projectX": {"accounts": [{"name": n, "password": p} for n, p in items]}}
+
+    stored, _ = Sealer(b).document(
+        "connection", accounts(("c", "pc"), ("a", "pa"), ("b", "pb")), None
+    )
+    sent = restore_placeholders(accounts(("a", MASK), ("b", MASK)), stored)
+    sealed, _ = Sealer(b).document("connection", sent, stored)
+    opened, problems = open_content(b, "connection.json", sealed)
+    assert not problems and opened == accounts(("a", "pa"), ("b", "pb"))
+    # a value moved to a place of another name is still refused
+    moved = {
+        "projectX": {
+            "accounts": [{"name": "a", "apiKey": sent["projectX"]["accounts"][0]["password"]}]
+        }
+    }
+    with pytest.raises(CtsdError, match="does not decrypt"):
+        Sealer(b).document("connection", moved, stored)
+
+
 def test_a_refused_rekey_leaves_the_rest_of_its_group_under_the_old_key() -> None:
     """A rekey refused (here: connections.json invalid on disk) rotated the group's sealer
     all the same: a document set after it in the same group was sealed under the new key,

@@ -30,6 +30,7 @@ from ctsd.secretbox import (
 from ctsd.secretfields import (
     CONNECTION_DOC,
     CONNECTION_SECRETS,
+    Place,
     open_connection,
     open_connections,
     open_content,
@@ -130,16 +131,41 @@ class Sealer:
             return new, False
         changes = []
         plain = False
+        moved = self._moved_from(old)
         for p in secret_places(CONNECTION_DOC, new):
             if not isinstance(p.value, str):
                 continue
             before = _get(old, p.path) if old is not None else None
             where = path + format_path(p.path)[1:]
-            stored = self._value(p.record_id, p.field, p.value, before, where)
+            origin = moved.get(p.value) if is_encrypted(p.value) else None
+            if (
+                origin is not None
+                and origin.path != p.path
+                and origin.path[-1:] == p.path[-1:]
+                and self.box.try_decrypt(associated_data(p.record_id, p.field), p.value) is None
+            ):
+                # A stored value that moved with its item (an account added before it, the
+                # export's placeholder paired back): bound to its old place, sealed anew.
+                opened = self.box.decrypt(origin.record_id, origin.field, p.value)
+                stored = self._encrypt(p.record_id, p.field, opened)
+            else:
+                stored = self._value(p.record_id, p.field, p.value, before, where)
             if stored is not p.value:
                 changes.append((p.path, stored))
                 plain |= not is_encrypted(p.value)
         return (set_paths(new, changes), plain) if changes else (new, False)
+
+    @staticmethod
+    def _moved_from(old: dict[str, Any] | None) -> dict[str, Place]:
+        """Each encrypted value of the stored document, by its text: where a value sent
+        verbatim came from."""
+        if old is None:
+            return {}
+        return {
+            p.value: p
+            for p in secret_places(CONNECTION_DOC, old)
+            if isinstance(p.value, str) and is_encrypted(p.value)
+        }
 
     def rotate(self, box: SecretBox) -> None:
         """From now on, seal under `box` (a rekey; it also reads the old key's values)."""
