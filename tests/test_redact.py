@@ -71,7 +71,8 @@ def test_mask_rules() -> None:
         "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "token2",
         "apiTokenValue", "AUTHTOKEN", "access_token_b64", "token_v2", "apiTokens",
         "refresh_tokens", "accesstokenvalue", "id_token_hint", "tokenJson", "authTokenCookie",
-        "sessionTokenId", "tokenId", "privateKey", "private_key",
+        "sessionTokenId", "refreshTokenExpiresAt", "apiTokenList", "GH_TOKENS", "tokensJson",
+        "fcmTokens", "apiTokensList", "token0", "privateKey", "private_key",
         "private_signing_key", "privkey", "credentials", "credential_id", "Authorization",
         "accessKey", "username", "userName", "user_name", "pwd",
     ],
@@ -87,7 +88,8 @@ def test_secret_names_by_pattern(name: str) -> None:
         "name", "exchange", "apiUrl", "auth", "user_id", "key", "keys", "public_key", "id",
         # A trading app's coins and what describes a token (not the token itself).
         "tokens", "maxTokens", "tokenLogoSize", "tokenAddress", "token_type", "TOKENS",
-        "refreshTokenExpiresAt", "favoriteTokens", "tokenDecimals",
+        "favoriteTokens", "tokenDecimals", "tokenId", "token_id", "tokenIn", "tokenMint",
+        "tokenMarketCap", "baseToken", "selectedToken", "tokensCount",
     ],
 )  # fmt: skip
 def test_other_names_are_not_secrets(name: str) -> None:

@@ -599,7 +599,7 @@ def _take_in_state(
             continue
         fields = changed_fields(old, st)
         if st.last_sync_at is not None and (old is None or old.last_sync_at != st.last_sync_at):
-            tx.sync_given.add(cid)  # (an archive's, an export's: not now)
+            tx.sync_given.add(cid)  # (one given, by hand or an import: kept, not now)
         put_state(tx, st, fields if old is not None else None)
         tx.emit(
             "update", cid, {"fields": fields, "values": public_values(st, fields), "file": file}

@@ -14,26 +14,36 @@ _SECRET_PARTS = (
     "credential", "authorization",
 )  # fmt: skip
 # A name with `token` in it is a secret (fail-safe: `tokenB64`, `token_v2`, `idTokenHint`,
-# `apiTokens`, `accesstokenvalue`), but where it plainly names coins or a figure about one,
-# which a trading app's UI must show and an export must carry back: `tokens` alone or after a
-# word that is no credential's (`maxTokens`, `favoriteTokens`), and `token…` followed by a
-# word that describes it (`tokenLogoSize`, `tokenAddress`, `token_type`, `refreshTokenExpiresAt`).
+# `apiTokens`, `GH_TOKENS`, `accesstokenvalue`), but where it plainly names coins or a
+# figure about one, which a trading app's UI must show and an export must carry back:
+# `tokens` alone or after a word of coins (`maxTokens`, `favoriteTokens`), `token` after one
+# (`baseToken`, `selectedToken`), and `token` followed by a word that describes it
+# (`tokenLogoSize`, `tokenAddress`, `token_type`, `tokenId`). After a credential's word
+# (`refreshTokenExpiresAt`, `apiTokenList`) it is a secret whatever follows.
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _ABOUT_A_TOKEN = frozenset({
     "logo", "icon", "image", "img", "size", "symbol", "symbols", "address", "addresses",
-    "decimals", "decimal", "name", "names", "type", "kind", "count", "price",
-    "prices", "amount", "amounts", "balance", "balances", "list", "lists", "standard",
-    "network", "chain", "contract", "expiry", "expires", "expiration", "expired", "ttl",
-    "lifetime", "length", "limit", "limits", "max", "min", "usage", "used", "url", "uri",
-    "endpoint", "header", "prefix", "format", "scope", "scopes", "issued", "created",
-    "updated", "at", "time", "timestamp", "date", "age", "info", "metadata", "color",
-    "colour", "pair", "pairs", "supply", "rank", "category", "categories", "label",
+    "decimals", "decimal", "name", "type", "kind", "id", "ids", "count", "price", "prices",
+    "amount", "amounts", "balance", "balances", "standard", "network", "chain", "contract",
+    "expiry", "expires", "expiration", "expired", "ttl", "lifetime", "length", "limit",
+    "limits", "max", "min", "usage", "used", "url", "uri", "endpoint", "prefix", "format",
+    "scope", "scopes", "issued", "created", "updated", "at", "time", "timestamp", "date",
+    "age", "color", "colour", "supply", "rank", "category", "label", "in", "out", "mint",
+    "ticker", "quantity", "qty", "market", "volume", "value", "usd",
 })  # fmt: skip
-# Words before `tokens` that make them credentials (`apiTokens`, `refresh_tokens`).
+# Words that make a `token` or `tokens` after them a credential (`apiTokens`, `x-auth-token`).
 _CREDENTIAL_WORDS = frozenset({
     "access", "refresh", "api", "auth", "bearer", "session", "id", "jwt", "csrf", "xsrf",
-    "oauth", "bot", "client", "user", "device", "personal", "github", "gitlab", "slack",
+    "oauth", "bot", "client", "user", "device", "personal", "github", "gh", "gitlab", "slack",
     "discord", "telegram", "app", "service", "login", "security", "sso", "saml", "push",
+})  # fmt: skip
+# Words of coins before `tokens` or `token` (`maxTokens`, `baseToken`).
+_COIN_WORDS = frozenset({
+    "max", "min", "favorite", "favourite", "fav", "favorites", "watched", "watch", "supported",
+    "listed", "top", "trending", "all", "my", "selected", "hidden", "pinned", "custom",
+    "default", "popular", "new", "base", "quote", "stable", "native", "wrapped", "known",
+    "tracked", "other", "allowed", "blocked", "excluded", "included", "available", "wallet",
+    "portfolio", "from", "to", "input", "output", "reward", "rewards", "fee", "gas", "held",
 })  # fmt: skip
 # Whole names only: `username` is the login half of the Project X credentials.
 _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
@@ -90,13 +100,21 @@ def _token_is_secret(words: list[str]) -> bool:
     if not found:  # (written so no word split finds it: `_t_o_k_e_n`) fail-safe
         return True
     for i in found:
-        word, after = words[i], words[i + 1 : i + 2]
-        if after and after[0] in _ABOUT_A_TOKEN:
-            continue  # `tokenLogoSize`, `accessTokenExpiresAt`: about one, not one
+        word = words[i]
+        before = words[i - 1] if i else None
+        after = words[i + 1] if i + 1 < len(words) else None
+        if before in _CREDENTIAL_WORDS:
+            return True
         if word == "tokens":
-            if i and words[i - 1] in _CREDENTIAL_WORDS:
-                return True
-            continue  # `tokens`, `maxTokens`: coins
+            if (before is None or before in _COIN_WORDS) and (
+                after is None or after in _ABOUT_A_TOKEN
+            ):
+                continue  # `tokens`, `maxTokens`, `tokensCount`: coins
+            return True
+        if word != "token":
+            return True  # run together (`accesstoken`, `tokenvalue`): no telling
+        if after in _ABOUT_A_TOKEN or (after is None and before in _COIN_WORDS):
+            continue  # `tokenLogoSize`, `baseToken`: about a coin
         return True
     return False
 
