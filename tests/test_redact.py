@@ -262,6 +262,30 @@ def test_placeholders_in_arrays_without_ids_follow_what_the_item_shows() -> None
     assert got == [{"name": "new", "password": None}, ab[0]] and unset == ["$[0].password"]
 
 
+def test_items_that_differ_only_deeper_or_lost_a_neighbour_never_get_its_secret() -> None:
+    """The first pairing looked at an item's top level only, and fell back to the index
+    after a removal: reversed or with one removed, an account took the other's secret
+    beside the other's URL (review)."""
+    a = {"name": "x", "endpoint": {"url": "https://a"}, "apiSecret": "SA"}
+    b = {"name": "x", "endpoint": {"url": "https://b"}, "apiSecret": "SB"}
+    shown = [{**item, "apiSecret": MASK} for item in (a, b)]
+    assert restore_placeholders(shown[::-1], [a, b]) == [b, a]
+    assert restore_placeholders(shown[1:], [a, b]) == [b]
+    # one removed and another edited: the edited one gets nothing stored, not the neighbour's
+    c = {"exchange": "bybit", "apiSecret": "SC"}
+    stored = [
+        {"exchange": "binance", "apiSecret": "S1"},
+        {"exchange": "kraken", "apiSecret": "S2"},
+        c,
+    ]
+    edited = [{**stored[0], "apiSecret": MASK}, {**c, "label": "new", "apiSecret": MASK}]
+    unset: list[str] = []
+    got = restore_placeholders(edited, stored, "$", unset=unset)
+    assert (
+        got[0]["apiSecret"] == "S1" and got[1]["apiSecret"] is None and unset == ["$[1].apiSecret"]
+    )
+
+
 def test_pairing_array_items_is_linear_however_deep() -> None:
     """Each list level masked and encoded whole subtrees: an 800 KB document nested 30 deep
     took 10 s on the event loop."""

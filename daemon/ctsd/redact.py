@@ -24,7 +24,6 @@ values back, or refuses with `invalid` where nothing is stored. A placeholder is
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from typing import Any
 
@@ -251,10 +250,10 @@ def _id_of(item: Any) -> str | int | None:
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 
-def _pairs(sent: list[Any], stored: Any) -> list[Any]:
+def _pairs(sent: list[Any], stored: Any, prints: dict[int, int]) -> list[Any]:
     """The stored counterpart of each sent list item: by `id` when the items carry one and
     it names one item on each side (a record moved in an array is still that record), else
-    by what the item shows (`_shown_items`), else by position."""
+    by what the items show (`_shown_items`; `prints`: the fingerprints known so far)."""
     if not isinstance(stored, list | tuple):
         return [None] * len(sent)
     ids = [_id_of(x) for x in sent]
@@ -262,63 +261,81 @@ def _pairs(sent: list[Any], stored: Any) -> list[Any]:
         by_id = {_id_of(x): x for x in stored}
         if len(by_id) == len(stored) and None not in by_id:
             return [by_id.get(i) for i in ids]
-    if any(isinstance(x, dict) for x in sent):
-        return _shown_items(sent, stored)
-    return [stored[i] if i < len(stored) else None for i in range(len(sent))]
+    return _shown_items(sent, stored, prints)
 
 
-def _shown_items(sent: list[Any], stored: list[Any] | tuple[Any, ...]) -> list[Any]:
+def _shown_items(
+    sent: list[Any], stored: list[Any] | tuple[Any, ...], prints: dict[int, int]
+) -> list[Any]:
     """Items without ids (`{"name": "a", "password": "********"}`) paired by what they show
-    (`_signature`): first each with the stored item at its index that shows the same, then
-    each with the one unpaired stored item that shows the same (an export imported after an
-    item was added before it: by position each account took the password of the one before),
-    then each left with the unpaired item at its index (edited in place); else none (its
-    placeholder is unset, or refused), never an item another one took."""
-    signs = [_signature(x) for x in stored]
+    (`_fingerprint`: all of it, masked), each stored item taken once: first the item at the
+    same index that shows the same, then the one untaken item that does (an export imported
+    after an item was added before it: by position each account took the password of the
+    one before). An item edited (it shows what none does) keeps the one at its index only
+    when nothing can have been removed before it: the list is no shorter, and every item
+    left untaken stands at an index left unpaired. Else none: its placeholder is unset, or
+    refused, never another item's secret."""
+    signs = [_fingerprint(x, prints) for x in stored]
     out: list[Any] = [None] * len(sent)
     taken = [False] * len(stored)
     left: list[int] = []
     for i, item in enumerate(sent):
-        if i < len(stored) and signs[i] == _signature(item):
+        if i < len(stored) and signs[i] == _fingerprint(item, prints):
             out[i], taken[i] = stored[i], True
         else:
             left.append(i)
-    free: dict[Any, list[int]] = {}
+    free: dict[int, list[int]] = {}
     for j, sign in enumerate(signs):
         if not taken[j]:
             free.setdefault(sign, []).append(j)
     later = []
     for i in left:
-        found = free.get(_signature(sent[i]), [])
+        found = free.get(_fingerprint(sent[i], prints), [])
         if len(found) == 1 and not taken[found[0]]:
             out[i], taken[found[0]] = stored[found[0]], True
         else:
             later.append(i)
-    for i in later:
-        if i < len(stored) and not taken[i]:
-            out[i], taken[i] = stored[i], True
+    untaken = {j for j in range(len(stored)) if not taken[j]}
+    if len(sent) >= len(stored) and untaken <= set(later):
+        for i in later:
+            if i in untaken:
+                out[i] = stored[i]
     return out
 
 
-_SIGNED_KEYS = 64  # an item's first keys tell it apart; its thousandth rarely does
-
-
-def _signature(item: Any) -> Any:
-    """What an array item shows at its top level, cheaply (no walk of what it holds: a deep
-    document is paired level by level, each item looked at once): its scalar values under
-    names that are no secret's, a URL's password masked; its containers' keys only."""
-    if not isinstance(item, dict):
-        return None if _is_container(item) else (type(item).__name__, item)
-    shown = []
-    for key, value in itertools.islice(item.items(), _SIGNED_KEYS):
-        if not isinstance(key, str) or is_secret_key(key):
+def _fingerprint(item: Any, prints: dict[int, int]) -> int:
+    """A hash of all an item shows (its secrets' values left out, URLs' passwords masked),
+    computed once per node for the whole walk (`prints`, by object id): a deep document is
+    paired level by level without walking any subtree twice. (Python's string hashes are
+    keyed per process: no client can make two items collide on purpose.)"""
+    stack: list[tuple[Any, bool]] = [(item, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in prints:
             continue
-        if isinstance(value, str):
-            value = mask_url_secrets(value)
-        elif isinstance(value, dict | list | tuple):
-            value = len(value)  # (how many it holds: cheap, and enough to tell most apart)
-        shown.append((key, value))
-    return tuple(sorted(shown, key=lambda kv: kv[0]))
+        if isinstance(node, dict):
+            if not ready:
+                stack.append((node, True))
+                stack.extend((v, False) for k, v in node.items() if not _hidden(k))
+                continue
+            parts = tuple(
+                sorted((str(k), 0 if _hidden(k) else prints[id(v)]) for k, v in node.items())
+            )
+            prints[id(node)] = hash(("{", parts))
+        elif isinstance(node, list | tuple):
+            if not ready:
+                stack.append((node, True))
+                stack.extend((v, False) for v in node)
+                continue
+            prints[id(node)] = hash(("[", tuple(prints[id(v)] for v in node)))
+        else:
+            shown = mask_url_secrets(node) if isinstance(node, str) else node
+            prints[id(node)] = hash((type(node).__name__, shown))
+    return prints[id(item)]
+
+
+def _hidden(key: Any) -> bool:
+    return isinstance(key, str) and is_secret_key(key)
 
 
 def _restore_settings_string(
@@ -403,6 +420,7 @@ def _restore_walk(
     # the key of a URL that moved in this object or one around it]
     root: list[Any] = [sent, stored, path, None, None, None, None]
     work = [root]
+    prints: dict[int, int] = {}  # (the fingerprints of array items: see `_shown_items`)
     while work:
         frame = work.pop()
         src, old, where, moved = frame[0], frame[1], frame[2], frame[6]
@@ -411,7 +429,7 @@ def _restore_walk(
             items = list(src.items())
             moved = moved or _moved_url(src, old)
         else:
-            olds = _pairs(list(src), old)
+            olds = _pairs(list(src), old, prints)
             items = list(enumerate(src))
         for (key, value), counterpart in zip(items, olds, strict=True):
             sub = _key_part(where, key) if isinstance(key, str) else f"{where}[{key}]"

@@ -138,6 +138,7 @@ class Sealer:
             before = _get(old, p.path) if old is not None else None
             where = path + format_path(p.path)[1:]
             origin = moved.get(p.value) if is_encrypted(p.value) else None
+            opened = None
             if (
                 origin is not None
                 and origin.path != p.path
@@ -146,9 +147,12 @@ class Sealer:
             ):
                 # A stored value that moved with its item (an account added before it, the
                 # export's placeholder paired back): bound to its old place, sealed anew.
-                opened = self.box.decrypt(origin.record_id, origin.field, p.value)
+                opened = self.box.try_decrypt(
+                    associated_data(origin.record_id, origin.field), p.value
+                )
+            if opened is not None:
                 stored = self._encrypt(p.record_id, p.field, opened)
-            else:
+            else:  # (one that does not open where it came from either: refused, named)
                 stored = self._value(p.record_id, p.field, p.value, before, where)
             if stored is not p.value:
                 changes.append((p.path, stored))
