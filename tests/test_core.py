@@ -40,6 +40,7 @@ T0 = "2024-01-01T00:00:00.000Z"
 T1 = "2024-01-01T00:00:01.000Z"
 T2 = "2024-01-01T00:00:02.000Z"
 T3 = "2024-01-01T00:00:03.000Z"
+T4 = "2024-01-01T00:00:04.000Z"
 
 
 def body(cid: str, name: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -210,6 +211,14 @@ def test_an_import_keeps_the_last_sync_at_it_brings() -> None:
     sent["connections.json"][0]["name"] = "again"
     ok(run(c, ops.import_data({"files": sent}, "merge"), now=T3)[0])
     assert c.state["conn_a"].last_sync_at == T3
+    # a merge that sends one connection's state: another's, only stored, moves as ever
+    run(c, ops.create({"id": "conn_b", "name": "b", "exchange": "x"}), now=T2)
+    only_a = {
+        "connections.json": [{"id": "conn_b", "name": "renamed b", "exchange": "x"}],
+        "connection-state.json": [{**exported, "last_sync_at": T1}],
+    }
+    ok(run(c, ops.import_data({"files": only_a}, "merge"), now=T4)[0])
+    assert c.state["conn_a"].last_sync_at == T1 and c.state["conn_b"].last_sync_at == T4
 
 
 @pytest.mark.parametrize("local_status", [False, True], ids=["one host", "cluster"])

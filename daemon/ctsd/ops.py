@@ -809,6 +809,13 @@ def _import_table(
         # named in the answer: the rest of the export still comes back.
         stored = [msgspec.to_builtins(c) for c in tx.connections.values()]
         value = restore_placeholders(value, stored, path, records=True, unset=unset)
+    # The states whose last_sync_at this import gives, as sent (before a merge fills in the
+    # stored ones): kept, changed or not, whatever else moves their connections.
+    given = (
+        {v[key] for v in value if isinstance(v, dict) and v.get("last_sync_at") is not None}
+        if file == STATE and isinstance(value, list)
+        else set()
+    )
     if mode == "merge" and isinstance(value, list):
         # A record sent for one stored is laid over it, as an update is: the fields it leaves
         # out (its secrets, `created_at`, test results) keep their stored values.
@@ -836,9 +843,7 @@ def _import_table(
         _take_in_connections(tx, file, current, records)
     else:
         _take_in_state(tx, file, current, records)
-        # A state's last_sync_at sent is kept, changed or not, whatever else moves its
-        # connection in the same import (an archive restored, an export imported).
-        tx.sync_given.update(r.connection_id for r in records if r.last_sync_at is not None)
+        tx.sync_given.update(given)
 
 
 def _laid_over(table: Table[Any], key: str, sent: Any) -> Any:
