@@ -941,6 +941,18 @@ def test_a_document_of_thousands_of_keys_makes_a_small_event() -> None:
     assert "keys_truncated" not in change.events[0].data
 
 
+def test_a_restore_drops_state_records_of_no_connection_and_names_them() -> None:
+    """A stopped daemon's file may hold one its start dropped, and its backup takes it: a
+    restore through the running daemon was refused for it (review)."""
+    c = seeded("conn_a")
+    conns = [msgspec.to_builtins(c.connections["conn_a"])]
+    states = [msgspec.to_builtins(c.state["conn_a"]), {"connection_id": "ghost"}]
+    content = {"connections.json": conns, "connection-state.json": states}
+    (out,), _ = run(c, ops.restore(content, 7))
+    assert out.error is None, out.error
+    assert out.result["state_dropped"] == ["ghost"] and set(c.state) == {"conn_a"}
+
+
 def test_reset_writes_every_file_even_unchanged_and_keeps_history() -> None:
     c = seeded("conn_a")
     (out,), change = run(c, ops.reset(), now=T2)

@@ -957,14 +957,37 @@ def restore(content: dict[str, Any], archive_revision: int) -> Op:
                 if keys:
                     _emit_document(tx, name, file, keys)
         tables = {f: content.get(f, []) for f in (CONNECTIONS, STATE)}
+        # A state record of no connection (a stopped daemon's file may hold one its start
+        # dropped; `ctsd verify` notes it): dropped as a start drops it, and named.
+        tables[STATE], orphans = _without_orphans(tables[CONNECTIONS], tables[STATE])
         docs = {f: value for f, value in content.items() if f not in tables}
         imported = _import_files(tx, {**tables, **docs}, "replace", "$.data.files")
         tx.touched.update(imported)
         data = {"mode": "restore", "files": imported, "archive_revision": archive_revision}
         tx.emit("import", None, data)
-        return {"restored": imported}
+        answer: dict[str, Any] = {"restored": imported}
+        if orphans:
+            answer["state_dropped"] = orphans
+        return answer
 
     return op
+
+
+def _without_orphans(conns: Any, states: Any) -> tuple[Any, list[str]]:
+    """An archive's state records (decoded) without those of no connection, and their ids."""
+    if not isinstance(conns, list) or not isinstance(states, list):
+        return states, []  # (what is not a table is refused as such by the import)
+    ids = {c.get("id") for c in conns if isinstance(c, dict)}
+
+    def orphan(st: Any) -> bool:
+        return (
+            isinstance(st, dict)
+            and isinstance(st.get("connection_id"), str)
+            and (st["connection_id"] not in ids)
+        )
+
+    orphans = [st["connection_id"] for st in states if orphan(st)]
+    return ([st for st in states if not orphan(st)], orphans) if orphans else (states, [])
 
 
 def reset() -> Op:
