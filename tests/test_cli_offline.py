@@ -167,8 +167,9 @@ def test_verify_names_a_state_record_for_no_connection(tmp_path: Path) -> None:
     r = ctsd("verify", "--data-dir", str(tmp_path))
     assert r.stdout.splitlines()[0] == (
         f"{tmp_path}/connection-state.json:3:21: connection_id 'ghost' names no connection in "
-        "connections.json; did you mean 'ghost1'?; the daemon drops the record at its next "
-        "start (at $[1].connection_id)"
+        "connections.json; did you mean 'ghost1'?; a daemon refuses it in an edit (one made "
+        "while it was stopped included) and drops it at its start only from a file it wrote "
+        "itself (at $[1].connection_id)"
     )
     # a note, not a problem: a stopped daemon's file may hold one it dropped, and its
     # backup must still be made

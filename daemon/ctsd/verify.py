@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from ctsd import diagnose, files, journal
+from ctsd import bases, diagnose, files, journal
 from ctsd.diagnose import FileProblem
 from ctsd.files import Invalid
 from ctsd.safefile import dir_problems, lstat, mode_problem, read_data_file, token_problem
@@ -65,9 +65,10 @@ def check_contents(contents: dict[str, bytes]) -> list[FileProblem]:
 
 
 def orphan_notes(contents: dict[str, bytes]) -> list[str]:
-    """State records for no connection, each as a note: what a running daemon refuses in a
-    hand edit, and a start drops (logged). Not a problem: a stopped daemon's file may still
-    hold one it dropped, and its backup must not be refused for it."""
+    """State records for no connection, each as a note: what a daemon refuses in a hand edit
+    (one made while it was stopped too), and drops at its start from a file it wrote itself
+    (logged). Not a problem: a stopped daemon's file may hold one it dropped, and its backup
+    must not be refused for it."""
     try:
         conns = files.decode_file(files.CONNECTIONS, contents[files.CONNECTIONS])
         states = files.decode_file(files.STATE, contents[files.STATE])
@@ -79,7 +80,10 @@ def orphan_notes(contents: dict[str, bytes]) -> list[str]:
     for i, st in enumerate(states):
         if st.connection_id not in known:
             msg = files.orphan_message(st.connection_id, ids)
-            msg += "; the daemon drops the record at its next start"
+            msg += (
+                "; a daemon refuses it in an edit (one made while it was stopped included) and "
+                "drops it at its start only from a file it wrote itself"
+            )
             raw = contents[files.STATE]
             notes.append(diagnose.at_path(files.STATE, raw, [i, "connection_id"], msg).format())
     return notes[: files.MAX_PROBLEMS]
@@ -149,13 +153,36 @@ def journal_note(
     return (f"{journal.NAME}: " + "; ".join(parts) if parts else None), problem
 
 
+def deleted_while_stopped(data_dir: Path) -> list[str]:
+    """The data files (tables, documents) missing beside a copy the daemon keeps of them
+    (`bases.DIR`): deleted while it was stopped, written back from the copy at its next
+    start."""
+    names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
+    return [
+        f
+        for f in names
+        if f != files.SYNC_LOG
+        and lstat(data_dir / f) is None
+        and lstat(data_dir / bases.DIR / f) is not None
+    ]
+
+
 def unwritten(data_dir: Path, contents: dict[str, bytes], what: str) -> str | None:
     """Why `what` (an offline command that reads the data files) cannot go on from them
     alone: acknowledged changes still only in the journal (a daemon stopped by a crash before
-    writing them), or a journal the daemon would not replay. None when it can."""
+    writing them), a journal the daemon would not replay, or a file deleted while it was
+    stopped that its start writes back. None when it can."""
     pending, _torn, problem = journal_state(data_dir, contents)
     if problem is not None:
         return f"{problem.format()}: fix it (ctsd verify) before {what}"
+    gone = deleted_while_stopped(data_dir)
+    if gone:
+        return (
+            f"{', '.join(gone)} deleted while the daemon was stopped: its next start writes "
+            f"{'it' if len(gone) == 1 else 'them'} back from its copy (in {bases.DIR}/), so "
+            f"{what} now would leave {'it' if len(gone) == 1 else 'them'} out; start the daemon "
+            f"once, then {what} again, or run {what} while it runs"
+        )
     if pending:
         return (
             f"{journal.NAME} holds {pending} acknowledged change group(s) not yet in the data "
@@ -199,6 +226,10 @@ def verify_dir(data_dir: Path) -> tuple[list[str], list[FileProblem], list[str]]
             problems.append(FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}"))
     problems += check_contents(contents)
     notes = orphan_notes(contents)
+    notes += [
+        f"{f}: deleted while the daemon was stopped; its next start writes it back from its copy"
+        for f in deleted_while_stopped(data_dir)
+    ]
     note, problem = journal_note(data_dir, contents)
     if lstat(data_dir / journal.NAME) is not None:
         checked.append(journal.NAME)
