@@ -145,6 +145,14 @@ def register(main: click.Group) -> None:
             result = run_call(target, "data.import", data=data, mode=mode)
         else:  # (a bus message takes 1 MiB: a larger export goes the HTTP way, as its own)
             result = _import_over_http(target, body, mode)
+        if isinstance(result, dict) and isinstance(result.get("secrets_unset"), list):
+            # Paths in the file given (`$.files...`), as HTTP says them, not in the bus
+            # command's arguments (`$.data.files...`)
+            result["secrets_unset"] = [
+                "$." + u.removeprefix("$.data.") if isinstance(u, str) and u.startswith("$.data.")
+                else u
+                for u in result["secrets_unset"]
+            ]  # fmt: skip
         if as_json:
             echo_json(result)
             return
