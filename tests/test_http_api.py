@@ -606,6 +606,8 @@ def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None
     r2 = httpx.options(daemon.url + "/api/data/ui-config", headers=extra)
     assert r2.status_code == 204, r2.text
     assert "x-requested-with" in r2.headers["access-control-allow-headers"].lower()
+    # a page that sends credentials (axios's withCredentials) is let through
+    assert r2.headers["access-control-allow-credentials"] == "true"
     head = {**ok, "Access-Control-Request-Method": "HEAD"}
     assert httpx.options(daemon.url + "/api/data/ui-config", headers=head).status_code == 204
     # a method no route has is refused as the method, not sent to the origins setting
@@ -636,6 +638,7 @@ def test_foreign_origin_and_preflight(daemon: Daemon, api: httpx.Client) -> None
     assert (
         r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
     )
+    assert r.headers["access-control-allow-credentials"] == "true"
     assert "X-Revision" in r.headers["access-control-expose-headers"]
 
 

@@ -175,6 +175,9 @@ class Web:
             allow_origins=LiveOrigins(store),
             allow_methods=METHODS,
             allow_headers=ALLOWED_HEADERS,
+            # (A page that sends `credentials: "include"`, as axios's withCredentials does:
+            # the daemon sets no cookie, the token guards every route.)
+            allow_credentials=True,
             expose_headers=EXPOSED,
             max_age=600,
         )
@@ -263,6 +266,7 @@ class Web:
             return {}
         return {
             "Access-Control-Allow-Origin": origins[0],
+            "Access-Control-Allow-Credentials": "true",
             "Access-Control-Expose-Headers": ", ".join(EXPOSED),
             "Vary": "Origin",
         }
