@@ -119,6 +119,21 @@ def test_a_secret_that_moved_with_its_array_item_is_sealed_for_its_new_place() -
         Sealer(b).document("connection", moved, stored)
 
 
+def test_a_value_sealed_under_a_name_no_longer_taken_for_a_secret_is_still_opened() -> None:
+    """An older version sealed `tokenId` (any name with `token` was a secret); now it is a
+    coin's id, shown: its stored ciphertext was neither opened nor rekeyed, and once the old
+    key was dropped it could never be read (review)."""
+    from ctsd.secretfields import document_field, open_content, seal_content
+
+    b = box()
+    sealed = b.encrypt("connection.json", document_field(("projectX", "tokenId")), "coin-7")
+    doc = {"projectX": {"tokenId": sealed, "note": "enc:not-a-value"}}
+    opened, problems = open_content(b, "connection.json", doc)
+    assert not problems and opened == {"projectX": {"tokenId": "coin-7", "note": "enc:not-a-value"}}
+    rekeyed, count = seal_content(box(), "connection.json", opened)
+    assert count == 0 and rekeyed == opened  # (no longer a secret: stored as it reads now)
+
+
 def test_a_refused_rekey_leaves_the_rest_of_its_group_under_the_old_key() -> None:
     """A rekey refused (here: connections.json invalid on disk) rotated the group's sealer
     all the same: a document set after it in the same group was sealed under the new key,

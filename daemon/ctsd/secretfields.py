@@ -168,7 +168,9 @@ def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False)
                 yield from _document_places(
                     file, value, sub, isinstance(value, list) and is_secret_field(key)
                 )
-            elif is_secret_field(key) and value not in (None, ""):
+            elif value not in (None, "") and (is_secret_field(key) or _sealed(value)):
+                # (stored encrypted under a name an older version took for a secret's: still
+                # opened and rekeyed, never left sealed under a key that may be dropped)
                 yield Place(file, sub, file, document_field(sub), value)
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
@@ -177,6 +179,11 @@ def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False)
                 yield from _document_places(file, value, sub)
             elif secret_list and value not in (None, ""):
                 yield Place(file, sub, file, document_field(path), value)
+
+
+def _sealed(value: Any) -> bool:
+    """A whole `enc:v1:KEYID:…` value (not any text that starts with `enc:`)."""
+    return isinstance(value, str) and stored_key_id(value) is not None
 
 
 def set_paths(obj: Any, changes: Sequence[tuple[Path, Any]]) -> Any:
