@@ -250,7 +250,18 @@ def _id_of(item: Any) -> str | int | None:
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 
-def _pairs(sent: list[Any], stored: Any, prints: dict[int, int]) -> list[Any]:
+class _Prints:
+    """The fingerprints of one walk's array items (`_fingerprint`): each node's, by object id
+    (the trees stay alive while the walk runs), and the classes they name."""
+
+    __slots__ = ("classes", "nodes")
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, tuple[int, bool]] = {}
+        self.classes: dict[Any, int] = {}
+
+
+def _pairs(sent: list[Any], stored: Any, prints: _Prints) -> list[Any]:
     """The stored counterpart of each sent list item: by `id` when the items carry one and
     it names one item on each side (a record moved in an array is still that record), else
     by what the items show (`_shown_items`; `prints`: the fingerprints known so far)."""
@@ -265,22 +276,21 @@ def _pairs(sent: list[Any], stored: Any, prints: dict[int, int]) -> list[Any]:
 
 
 def _shown_items(
-    sent: list[Any], stored: list[Any] | tuple[Any, ...], prints: dict[int, int]
+    sent: list[Any], stored: list[Any] | tuple[Any, ...], prints: _Prints
 ) -> list[Any]:
     """Items without ids (`{"name": "a", "password": "********"}`) paired by what they show
-    (`_fingerprint`: all of it, masked), each stored item taken once: first the item at the
-    same index that shows the same, then the one untaken item that does (an export imported
-    after an item was added before it: by position each account took the password of the
-    one before). An item edited (it shows what none does) keeps the one at its index only
-    when nothing can have been removed before it: the list is no shorter, and every item
-    left untaken stands at an index left unpaired. Else none: its placeholder is unset, or
-    refused, never another item's secret."""
-    signs = [_fingerprint(x, prints) for x in stored]
+    (`_fingerprint`: all of it, secrets aside), each stored item taken once: first the item
+    at the same index that shows the same, then the one untaken item that does (an export
+    imported after an item was added before it: by position each account took the password
+    of the one before). An item edited (it shows what none does) keeps the one at its index
+    only when it is the one item left holding a placeholder and that stored item the one
+    left untaken. Else none: its placeholder is unset, or refused, never another's secret."""
+    signs = [_fingerprint(x, prints)[0] for x in stored]
     out: list[Any] = [None] * len(sent)
     taken = [False] * len(stored)
     left: list[int] = []
     for i, item in enumerate(sent):
-        if i < len(stored) and signs[i] == _fingerprint(item, prints):
+        if i < len(stored) and signs[i] == _fingerprint(item, prints)[0]:
             out[i], taken[i] = stored[i], True
         else:
             left.append(i)
@@ -290,48 +300,54 @@ def _shown_items(
             free.setdefault(sign, []).append(j)
     later = []
     for i in left:
-        found = free.get(_fingerprint(sent[i], prints), [])
+        found = free.get(_fingerprint(sent[i], prints)[0], [])
         if len(found) == 1 and not taken[found[0]]:
             out[i], taken[found[0]] = stored[found[0]], True
-        else:
+        elif _fingerprint(sent[i], prints)[1]:  # (holds a placeholder: needs its secret)
             later.append(i)
-    untaken = {j for j in range(len(stored)) if not taken[j]}
-    if len(sent) >= len(stored) and untaken <= set(later):
-        for i in later:
-            if i in untaken:
-                out[i] = stored[i]
+    untaken = [j for j in range(len(stored)) if not taken[j]]
+    if len(later) == 1 and untaken == later:
+        out[later[0]] = stored[later[0]]
     return out
 
 
-def _fingerprint(item: Any, prints: dict[int, int]) -> int:
-    """A hash of all an item shows (its secrets' values left out, URLs' passwords masked),
-    computed once per node for the whole walk (`prints`, by object id): a deep document is
-    paired level by level without walking any subtree twice. (Python's string hashes are
-    keyed per process: no client can make two items collide on purpose.)"""
+def _fingerprint(item: Any, prints: _Prints) -> tuple[int, bool]:
+    """(the class of all an item shows, whether it holds a placeholder). Two items are of one
+    class exactly when they show the same: every name and value at any depth, its secrets'
+    values left out, URLs' passwords masked (no hash: nothing collides). Computed once per
+    node for the whole walk (`prints`, by object id; the trees stay alive while it runs): a
+    deep document is paired level by level without walking any subtree twice."""
+    nodes, classes = prints.nodes, prints.classes
     stack: list[tuple[Any, bool]] = [(item, False)]
     while stack:
         node, ready = stack.pop()
-        if id(node) in prints:
+        if id(node) in nodes:
+            continue
+        if isinstance(node, dict | list | tuple) and not ready:
+            stack.append((node, True))
+            stack.extend((v, False) for v in (node.values() if isinstance(node, dict) else node))
             continue
         if isinstance(node, dict):
-            if not ready:
-                stack.append((node, True))
-                stack.extend((v, False) for k, v in node.items() if not _hidden(k))
-                continue
-            parts = tuple(
-                sorted((str(k), 0 if _hidden(k) else prints[id(v)]) for k, v in node.items())
-            )
-            prints[id(node)] = hash(("{", parts))
+            shown = []
+            holds = False
+            for k, v in node.items():
+                cls, held = nodes[id(v)]
+                if k == SETTINGS_STRING_KEY and isinstance(v, str):
+                    # (shown re-serialized with its secrets masked: as shown, both sides)
+                    cls = classes.setdefault(("cs", _mask_settings_string(v)), len(classes))
+                    held = MASK in v
+                shown.append((str(k), -1 if _hidden(k) else cls))
+                holds = holds or held
+            key: Any = ("{", tuple(sorted(shown)))
         elif isinstance(node, list | tuple):
-            if not ready:
-                stack.append((node, True))
-                stack.extend((v, False) for v in node)
-                continue
-            prints[id(node)] = hash(("[", tuple(prints[id(v)] for v in node)))
+            key = ("[", tuple(nodes[id(v)][0] for v in node))
+            holds = any(nodes[id(v)][1] for v in node)
         else:
-            shown = mask_url_secrets(node) if isinstance(node, str) else node
-            prints[id(node)] = hash((type(node).__name__, shown))
-    return prints[id(item)]
+            value = mask_url_secrets(node) if isinstance(node, str) else node
+            key = (type(node).__name__, repr(value))
+            holds = is_placeholder(node) or (isinstance(node, str) and _holds_masked_url(node))
+        nodes[id(node)] = (classes.setdefault(key, len(classes)), holds)
+    return nodes[id(item)]
 
 
 def _hidden(key: Any) -> bool:
@@ -420,7 +436,7 @@ def _restore_walk(
     # the key of a URL that moved in this object or one around it]
     root: list[Any] = [sent, stored, path, None, None, None, None]
     work = [root]
-    prints: dict[int, int] = {}  # (the fingerprints of array items: see `_shown_items`)
+    prints = _Prints()  # (of array items: see `_shown_items`)
     while work:
         frame = work.pop()
         src, old, where, moved = frame[0], frame[1], frame[2], frame[6]
