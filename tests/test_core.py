@@ -219,6 +219,12 @@ def test_an_import_keeps_the_last_sync_at_it_brings() -> None:
     }
     ok(run(c, ops.import_data({"files": only_a}, "merge"), now=T4)[0])
     assert c.state["conn_a"].last_sync_at == T1 and c.state["conn_b"].last_sync_at == T4
+    # a state without an id (or with a list for one) is refused as invalid, not a crash of
+    # the whole group (KeyError, unhashable)
+    for bad in ({"last_sync_at": T1}, {"connection_id": ["x"], "last_sync_at": T1}):
+        for mode in ("merge", "replace"):
+            (out,), _ = run(c, ops.import_data({"files": {"connection-state.json": [bad]}}, mode))
+            assert out.error is not None and out.error.code == "invalid", (bad, mode, out.error)
 
 
 @pytest.mark.parametrize("local_status", [False, True], ids=["one host", "cluster"])

@@ -812,7 +812,13 @@ def _import_table(
     # The states whose last_sync_at this import gives, as sent (before a merge fills in the
     # stored ones): kept, changed or not, whatever else moves their connections.
     given = (
-        {v[key] for v in value if isinstance(v, dict) and v.get("last_sync_at") is not None}
+        {
+            v[key]
+            for v in value
+            if isinstance(v, dict)
+            and isinstance(v.get(key), str)  # (what is no id is refused below, by the model)
+            and v.get("last_sync_at") is not None
+        }
         if file == STATE and isinstance(value, list)
         else set()
     )
