@@ -68,11 +68,12 @@ def test_mask_rules() -> None:
     [
         "api_key", "apiKey", "API-KEY", "x-api-key", "apikey", "api_secret", "secretKey",
         "client_secret", "password", "db_password", "passwd", "passphrase", "api_passphrase",
-        "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "token2",
+        "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "tokenValue",
+        "new_token", "custom_token", "my_token",
         "apiTokenValue", "AUTHTOKEN", "access_token_b64", "token_v2", "apiTokens",
         "refresh_tokens", "accesstokenvalue", "id_token_hint", "tokenJson", "authTokenCookie",
         "sessionTokenId", "refreshTokenExpiresAt", "apiTokenList", "GH_TOKENS", "tokensJson",
-        "fcmTokens", "apiTokensList", "token0", "privateKey", "private_key",
+        "fcmTokens", "apiTokensList", "privateKey", "private_key",
         "private_signing_key", "privkey", "credentials", "credential_id", "Authorization",
         "accessKey", "username", "userName", "user_name", "pwd",
     ],
@@ -89,7 +90,8 @@ def test_secret_names_by_pattern(name: str) -> None:
         # A trading app's coins and what describes a token (not the token itself).
         "tokens", "maxTokens", "tokenLogoSize", "tokenAddress", "token_type", "TOKENS",
         "favoriteTokens", "tokenDecimals", "tokenId", "token_id", "tokenIn", "tokenMint",
-        "tokenMarketCap", "baseToken", "selectedToken", "tokensCount",
+        "tokenMarketCap", "baseToken", "selectedToken", "tokensCount", "token0", "tokenA",
+        "srcToken", "lpToken", "collateralToken", "tokenList", "tokenInfo",
     ],
 )  # fmt: skip
 def test_other_names_are_not_secrets(name: str) -> None:

@@ -17,8 +17,9 @@ _SECRET_PARTS = (
 # `apiTokens`, `GH_TOKENS`, `accesstokenvalue`), but where it plainly names coins or a
 # figure about one, which a trading app's UI must show and an export must carry back:
 # `tokens` alone or after a word of coins (`maxTokens`, `favoriteTokens`), `token` after one
-# (`baseToken`, `selectedToken`), and `token` followed by a word that describes it
-# (`tokenLogoSize`, `tokenAddress`, `token_type`, `tokenId`). After a credential's word
+# (`baseToken`, `selectedToken`), `token` followed by a word that describes it
+# (`tokenLogoSize`, `tokenAddress`, `token_type`, `tokenId`) or by one letter or digit at the
+# end (`token0`, `tokenA`: a pool's two coins). After a credential's word
 # (`refreshTokenExpiresAt`, `apiTokenList`) it is a secret whatever follows.
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _ABOUT_A_TOKEN = frozenset({
@@ -29,7 +30,8 @@ _ABOUT_A_TOKEN = frozenset({
     "limits", "max", "min", "usage", "used", "url", "uri", "endpoint", "prefix", "format",
     "scope", "scopes", "issued", "created", "updated", "at", "time", "timestamp", "date",
     "age", "color", "colour", "supply", "rank", "category", "label", "in", "out", "mint",
-    "ticker", "quantity", "qty", "market", "volume", "value", "usd",
+    "ticker", "quantity", "qty", "market", "volume", "usd", "info", "metadata", "list",
+    "lists", "pair", "pairs", "names",
 })  # fmt: skip
 # Words that make a `token` or `tokens` after them a credential (`apiTokens`, `x-auth-token`).
 _CREDENTIAL_WORDS = frozenset({
@@ -40,10 +42,11 @@ _CREDENTIAL_WORDS = frozenset({
 # Words of coins before `tokens` or `token` (`maxTokens`, `baseToken`).
 _COIN_WORDS = frozenset({
     "max", "min", "favorite", "favourite", "fav", "favorites", "watched", "watch", "supported",
-    "listed", "top", "trending", "all", "my", "selected", "hidden", "pinned", "custom",
-    "default", "popular", "new", "base", "quote", "stable", "native", "wrapped", "known",
-    "tracked", "other", "allowed", "blocked", "excluded", "included", "available", "wallet",
-    "portfolio", "from", "to", "input", "output", "reward", "rewards", "fee", "gas", "held",
+    "listed", "top", "trending", "all", "selected", "hidden", "pinned", "popular", "base",
+    "quote", "stable", "native", "wrapped", "known", "tracked", "allowed", "blocked",
+    "excluded", "included", "available", "portfolio", "from", "to", "reward", "rewards",
+    "fee", "gas", "held", "src", "dst", "sell", "buy", "lp", "staking", "collateral", "debt",
+    "underlying", "deposit", "pay", "receive",
 })  # fmt: skip
 # Whole names only: `username` is the login half of the Project X credentials.
 _SECRET_NAMES = frozenset({"username", "pwd", "pass"})
@@ -113,8 +116,12 @@ def _token_is_secret(words: list[str]) -> bool:
             return True
         if word != "token":
             return True  # run together (`accesstoken`, `tokenvalue`): no telling
-        if after in _ABOUT_A_TOKEN or (after is None and before in _COIN_WORDS):
-            continue  # `tokenLogoSize`, `baseToken`: about a coin
+        if (
+            after in _ABOUT_A_TOKEN
+            or (after is None and before in _COIN_WORDS)
+            or (after is not None and len(after) == 1 and i + 2 == len(words))
+        ):
+            continue  # `tokenLogoSize`, `baseToken`, `token0`, `tokenA`: about a coin
         return True
     return False
 
