@@ -217,6 +217,10 @@ def test_a_file_deleted_while_the_daemon_was_stopped_is_not_backed_up_as_gone(
     r = run("verify", "--data-dir", str(data))
     assert r.returncode == 0, r.stdout
     assert "instances.json: deleted while the daemon was stopped" in r.stdout
+    # the copies' dir of an older version (adopted at start) counts too
+    copies.rename(data / ".cluster-base")
+    r = run("backup", "--data-dir", str(data), "-o", str(tmp_path / "b.tar.gz"))
+    assert r.returncode == 1 and "instances.json deleted while" in r.stderr, r.stderr
 
 
 def test_backup_names_the_algorithm_files_the_daemon_never_reads(tmp_path: Path) -> None:

@@ -155,15 +155,15 @@ def journal_note(
 
 def deleted_while_stopped(data_dir: Path) -> list[str]:
     """The data files (tables, documents) missing beside a copy the daemon keeps of them
-    (`bases.DIR`): deleted while it was stopped, written back from the copy at its next
-    start."""
+    (`bases.DIR`, or the dir an older version kept them in): deleted while it was stopped,
+    written back from the copy at its next start."""
     names = [*files.TABLES, *(f for f, _ in files.DOCUMENTS.values())]
     return [
         f
         for f in names
         if f != files.SYNC_LOG
         and lstat(data_dir / f) is None
-        and lstat(data_dir / bases.DIR / f) is not None
+        and any(lstat(data_dir / d / f) is not None for d in (bases.DIR, bases.LEGACY_DIR))
     ]
 
 

@@ -244,3 +244,10 @@ def restore_online(directory: Path, file: Path) -> None:
         f"{m.created_at} by ctsd {safe(m.ctsd_version)}, revision {m.revision}) as one change, "
         f"now at revision {safe(result.get('revision'))}"
     )
+    dropped = result.get("state_dropped")
+    if dropped:
+        click.echo(
+            f"ctsd: the archive's state record(s) of no connection dropped, as a start drops "
+            f"them: {', '.join(safe(str(d)) for d in dropped)}",
+            err=True,
+        )
