@@ -69,7 +69,7 @@ def test_mask_rules() -> None:
         "api_key", "apiKey", "API-KEY", "x-api-key", "apikey", "api_secret", "secretKey",
         "client_secret", "password", "db_password", "passwd", "passphrase", "api_passphrase",
         "token", "apiToken", "accessToken", "refresh_token", "x-auth-token", "tokenValue",
-        "new_token", "custom_token", "my_token",
+        "new_token", "custom_token", "my_token", "token2", "TOKEN_2", "tokenX",
         "apiTokenValue", "AUTHTOKEN", "access_token_b64", "token_v2", "apiTokens",
         "refresh_tokens", "accesstokenvalue", "id_token_hint", "tokenJson", "authTokenCookie",
         "sessionTokenId", "refreshTokenExpiresAt", "apiTokenList", "GH_TOKENS", "tokensJson",
@@ -91,7 +91,7 @@ def test_secret_names_by_pattern(name: str) -> None:
         "tokens", "maxTokens", "tokenLogoSize", "tokenAddress", "token_type", "TOKENS",
         "favoriteTokens", "tokenDecimals", "tokenId", "token_id", "tokenIn", "tokenMint",
         "tokenMarketCap", "baseToken", "selectedToken", "tokensCount", "token0", "tokenA",
-        "srcToken", "lpToken", "collateralToken", "tokenList", "tokenInfo",
+        "srcToken", "lpToken", "collateralToken", "tokenList", "tokenInfo", "token1", "tokenB",
     ],
 )  # fmt: skip
 def test_other_names_are_not_secrets(name: str) -> None:
@@ -307,6 +307,24 @@ def test_an_insert_a_removal_and_an_edit_in_one_save_never_move_a_secret() -> No
     n2 = {"name": "a", "n": -2, "password": "s2"}
     masked = [{**n2, "password": MASK}, {**n1, "password": MASK}]
     assert restore_placeholders(masked, [n1, n2]) == [n2, n1]
+
+
+def test_items_told_apart_by_what_masking_shows_under_secret_names() -> None:
+    """Everything under a secret's name was left out of what tells items apart, though an
+    object there is shown walked and a switch as it is: reordered, alice took bob's password;
+    a copy of bob sent in alice's place took hers (review)."""
+    alice = {"credentials": {"login": "alice", "password": "PA"}}
+    bob = {"credentials": {"login": "bob", "password": "PB"}}
+    shown = [mask(bob), mask(alice)]
+    assert restore_placeholders(shown, [alice, bob]) == [bob, alice]
+    x1 = {"name": "x", "savePassword": True, "password": "P1"}
+    x2 = {"name": "x", "savePassword": False, "password": "P2"}
+    assert restore_placeholders([mask(x2), mask(x1)], [x1, x2]) == [x2, x1]
+    a = {"user": "alice", "host": "h1", "password": "PA"}
+    b = {"user": "bob", "host": "h2", "password": "PB"}
+    unset: list[str] = []
+    got = restore_placeholders([mask(b), mask(b)], [a, b], "$", unset=unset)
+    assert [x["password"] for x in got] == [None, "PB"] and unset == ["$[0].password"]
 
 
 def test_pairing_array_items_is_linear_however_deep(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -132,6 +132,10 @@ def test_a_value_sealed_under_a_name_no_longer_taken_for_a_secret_is_still_opene
     assert not problems and opened == {"projectX": {"tokenId": "coin-7", "note": "enc:not-a-value"}}
     rekeyed, count = seal_content(box(), "connection.json", opened)
     assert count == 0 and rekeyed == opened  # (no longer a secret: stored as it reads now)
+    # the items of a list sealed under a name once a secret's (`tokenList`)
+    item = b.encrypt("connection.json", document_field(("trading", "tokenList")), "BTC")
+    opened, problems = open_content(b, "connection.json", {"trading": {"tokenList": [item]}})
+    assert not problems and opened == {"trading": {"tokenList": ["BTC"]}}
 
 
 def test_a_refused_rekey_leaves_the_rest_of_its_group_under_the_old_key() -> None:

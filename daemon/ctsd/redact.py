@@ -286,6 +286,7 @@ def _shown_items(
     only when it is the one item left holding a placeholder and that stored item the one
     left untaken. Else none: its placeholder is unset, or refused, never another's secret."""
     signs = [_fingerprint(x, prints)[0] for x in stored]
+    shown_stored = set(signs)
     out: list[Any] = [None] * len(sent)
     taken = [False] * len(stored)
     left: list[int] = []
@@ -300,11 +301,12 @@ def _shown_items(
             free.setdefault(sign, []).append(j)
     later = []
     for i in left:
-        found = free.get(_fingerprint(sent[i], prints)[0], [])
+        sign, holds = _fingerprint(sent[i], prints)
+        found = free.get(sign, [])
         if len(found) == 1 and not taken[found[0]]:
             out[i], taken[found[0]] = stored[found[0]], True
-        elif _fingerprint(sent[i], prints)[1]:  # (holds a placeholder: needs its secret)
-            later.append(i)
+        elif holds and sign not in shown_stored:
+            later.append(i)  # (edited: it shows what no stored item does, and needs a secret)
     untaken = [j for j in range(len(stored)) if not taken[j]]
     if len(later) == 1 and untaken == later:
         out[later[0]] = stored[later[0]]
@@ -336,7 +338,12 @@ def _fingerprint(item: Any, prints: _Prints) -> tuple[int, bool]:
                     # (shown re-serialized with its secrets masked: as shown, both sides)
                     cls = classes.setdefault(("cs", _mask_settings_string(v)), len(classes))
                     held = MASK in v
-                shown.append((str(k), -1 if _hidden(k) else cls))
+                elif _hidden(k) and not isinstance(v, dict | bool):
+                    # (as masking shows it: an object walked, a switch as it is, a secret
+                    # set or unset)
+                    unset = v is None or v == ""
+                    cls = classes.setdefault(("unset",) if unset else ("set",), len(classes))
+                shown.append((str(k), cls))
                 holds = holds or held
             key: Any = ("{", tuple(sorted(shown)))
         elif isinstance(node, list | tuple):

@@ -177,7 +177,7 @@ def _document_places(file: str, obj: Any, path: Path, secret_list: bool = False)
             sub = (*path, i)
             if isinstance(value, dict | list):
                 yield from _document_places(file, value, sub)
-            elif secret_list and value not in (None, ""):
+            elif value not in (None, "") and (secret_list or _sealed(value)):
                 yield Place(file, sub, file, document_field(path), value)
 
 

@@ -18,9 +18,10 @@ _SECRET_PARTS = (
 # figure about one, which a trading app's UI must show and an export must carry back:
 # `tokens` alone or after a word of coins (`maxTokens`, `favoriteTokens`), `token` after one
 # (`baseToken`, `selectedToken`), `token` followed by a word that describes it
-# (`tokenLogoSize`, `tokenAddress`, `token_type`, `tokenId`) or by one letter or digit at the
-# end (`token0`, `tokenA`: a pool's two coins). After a credential's word
-# (`refreshTokenExpiresAt`, `apiTokenList`) it is a secret whatever follows.
+# (`tokenLogoSize`, `tokenAddress`, `token_type`, `tokenId`) or by a pool's two coins'
+# marks at the end (`token0`, `token1`, `tokenA`, `tokenB`; `token2` is a second credential).
+# After a credential's word (`refreshTokenExpiresAt`, `apiTokenList`) it is a secret whatever
+# follows.
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _ABOUT_A_TOKEN = frozenset({
     "logo", "icon", "image", "img", "size", "symbol", "symbols", "address", "addresses",
@@ -119,7 +120,7 @@ def _token_is_secret(words: list[str]) -> bool:
         if (
             after in _ABOUT_A_TOKEN
             or (after is None and before in _COIN_WORDS)
-            or (after is not None and len(after) == 1 and i + 2 == len(words))
+            or (after in ("0", "1", "a", "b") and i + 2 == len(words))
         ):
             continue  # `tokenLogoSize`, `baseToken`, `token0`, `tokenA`: about a coin
         return True
