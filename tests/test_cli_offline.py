@@ -152,6 +152,25 @@ def test_verify_names_every_bad_record_of_a_table_in_one_run(tmp_path: Path) -> 
     ]
 
 
+def test_a_large_import_to_a_port_that_is_no_ctsd_says_so(tmp_path: Path) -> None:
+    """An export over one bus message goes over HTTP: an answer no ctsd gives (here a plain
+    file server's 501) is named so, exit 3, not read as the daemon's refusal."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        big = tmp_path / "big.json"
+        conns = [{"id": f"b{i}", "name": "n" * 150, "exchange": "x"} for i in range(6000)]
+        big.write_text(json.dumps({"files": {"connections.json": conns}}))
+        env = clean_env(CTSD_PORT=str(server.server_address[1]), CTSD_TOKEN="t")
+        r = ctsd("import", str(big), "--data-dir", str(tmp_path), env=env)
+        assert r.returncode == 3 and "is this ctsd?" in r.stderr, r.stderr
+    finally:
+        server.shutdown()
+
+
 def test_an_empty_output_path_is_named_so(tmp_path: Path) -> None:
     """`-o ""` (an unset shell variable) said "is a directory": Path("") is the current one."""
     r = ctsd("export", "-o", "", "--data-dir", str(tmp_path), "--port", "1")
@@ -457,6 +476,10 @@ def test_import_missing_and_invalid_files_are_usage_errors(tmp_path: Path) -> No
         f.truncate(2 * limits.MAX_FILE_BYTES + 1)
     r = ctsd("import", str(huge), env=env)
     assert r.returncode == 2 and "is larger than" in r.stderr, r.stderr
+    half = tmp_path / "half.json"  # (half a surrogate pair: JSON, but no UTF-8 can say it)
+    half.write_text('{"files": {"ui-config.json": {"note": "\\ud800"}}}')
+    r = ctsd("import", str(half), env=env)
+    assert r.returncode == 2 and "holds text that is not valid UTF-8" in r.stderr, r.stderr
     utf16 = tmp_path / "utf16.json"  # (json takes UTF-16 by its byte-order mark)
     utf16.write_bytes('{"files": {}}'.encode("utf-16"))
     r = ctsd("import", str(utf16), env=env)
