@@ -794,6 +794,20 @@ def test_loopback_auth_is_opt_in(data_dir: Path) -> None:
                 assert reply["error"]["code"] == "unauthorized", reply
 
         anyio.run(bus_without_token)
+
+        # `ctsd import` of an export too large for one bus message goes over HTTP: with no
+        # token to be found, it sends none, as the bus needs none here
+        from tests.cli_helpers import clean_env, ctsd
+
+        big = d.data_dir.parent / "big-export.json"
+        conns = [{"id": f"b{i}", "name": "n" * 150, "exchange": "x"} for i in range(6000)]
+        big.write_text(json.dumps({"files": {"connections.json": conns}}))
+        elsewhere = d.data_dir.parent / "no-token-here"
+        elsewhere.mkdir()
+        env = clean_env(CTSD_PORT=str(d.port))
+        r = ctsd("import", str(big), "--data-dir", str(elsewhere), env=env)
+        assert r.returncode == 0 and "(replace)" in r.stdout, r.stderr
+        assert len(httpx.get(d.url + "/api/settings/connections").json()) == 6000
     finally:
         d.close()
 
