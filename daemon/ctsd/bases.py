@@ -6,10 +6,10 @@ the sync log and broadcast (a bot resuming with `since` must see it), and on a c
 published, or the other hosts never get it. Taking it in needs the version the operator
 started from. So the checkpointer writes each data file's bytes a second time, to
 `DATA/.bases/<file>`, and a hand edit taken in becomes the copy too: in cluster mode in the
-same durable group as the file; on one host so too, but for the tables (connections and
-their state, large and written change after change), whose copies follow once the table is
-left alone (`later`: the round removes the copy first, so no copy is ever older than its file; a
-table left without one for now is read as it is at start). At start (after the files are
+same durable group as the file; on one host so too, but for a table (connections and their
+state, large) written change after change, whose copy follows once the table is left alone
+(`later`: the round removes the copy first, so no copy is ever older than its file; a table
+left without one for now is read as it is at start). At start (after the files are
 read, before the journal replays onto them) a file whose bytes differ from its copy was
 edited meanwhile, however the daemon stopped (a clean stop, kill -9, a power cut): memory
 and the file's base go back to the copy, the journal replays on top, and once the store has
@@ -62,6 +62,9 @@ from ctsd.files import (
 
 log = structlog.get_logger("ctsd.store")
 
+# One host: a table written again within this long of its last write streams, and its copy
+# follows once it was left alone this long (`Bases.later_for`).
+COPY_IDLE_S = 1.0
 DIR = ".bases"
 LEGACY_DIR = ".cluster-base"  # its name while only cluster hosts kept copies: adopted at start
 CLEAN = "stopped-cleanly"  # in DIR: the daemon stopped with every file at its copy's version
@@ -129,14 +132,17 @@ class Bases:
         self.dir = data_dir / DIR
         self._digests: dict[str, bytes] = {}  # file → digest of its copy on disk
         self._marked = False  # judged after a clean stop: the mark is still there (`unmark`)
-        # On one host the tables' copies follow their files once these are left alone
-        # (`put_aside`, `catch_up`), not in each round: a second copy of every large file a
-        # round writes would double the disk's work while changes stream in. A cluster host
-        # keeps them in the round: a file read as it is at start (no copy) would differ from
-        # the cluster's.
+        # On one host a table written change after change (a round within COPY_IDLE_S of its
+        # last) has its copy follow once it is left alone (`put_aside`, `catch_up`), not in
+        # each round: a second copy of every large file a round writes would double the
+        # disk's work while changes stream in. Written after a pause (a heartbeat flush, an
+        # operator's change), it gets its copy in the round as every other file does, so a
+        # crash then never finds it without one. A cluster host keeps them in the round
+        # always: a file read as it is at start (no copy) would differ from the cluster's.
         self.later = False
         # file → (its path, what it holds, when it was written: monotonic), its copy not yet
         self.pending: dict[str, tuple[Path, Content, float]] = {}
+        self._table_written: dict[str, float] = {}  # table → when a round last wrote it
         self._unsynced: set[Path] = set()  # copies' dirs with a removal not yet made durable
         # (blocking: made at start, before the files load). Only a version that kept copies
         # under the old name writes there, and this one renames it away: it is the newer.
@@ -179,9 +185,22 @@ class Bases:
 
     def later_for(self, path: Path) -> bool:
         """Does the copy of the file at `path` follow once the file is idle? On one host, a
-        table's (the large files written change after change); the others' (small, and an
-        algorithm file without a copy reads as one added by hand) go with their files."""
-        return self.later and path.relative_to(self.data_dir).as_posix() in TABLES
+        table's (the large files) while it is written change after change: its copy still
+        left for later, or its last round less than COPY_IDLE_S ago. The others' (small, and
+        an algorithm file without a copy reads as one added by hand) go with their files."""
+        file = path.relative_to(self.data_dir).as_posix()
+        if not self.later or file not in TABLES:
+            return False
+        last = self._table_written.get(file)
+        return file in self.pending or (last is not None and time.monotonic() - last < COPY_IDLE_S)
+
+    def tables_written(self, paths: Sequence[Path]) -> None:
+        """A round wrote the files at `paths` (`later_for` tells a stream by it)."""
+        now = time.monotonic()
+        for path in paths:
+            file = path.relative_to(self.data_dir).as_posix()
+            if file in TABLES:
+                self._table_written[file] = now
 
     def put_aside(self, paths: Sequence[Path]) -> None:
         """Before a round writes the files at `paths` without their copies: the copies they

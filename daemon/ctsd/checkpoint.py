@@ -26,7 +26,7 @@ import structlog
 
 from ctsd import files
 from ctsd.atomic import ChangedOnDisk, Displaced, remove_file, stamp_of, write_files
-from ctsd.bases import Bases
+from ctsd.bases import COPY_IDLE_S, Bases
 from ctsd.core import Change, Committed, RecordChange, changed_fields, changed_keys
 from ctsd.disk import Disk, digest_of
 from ctsd.errors import CtsdError
@@ -50,10 +50,6 @@ RETRIES = 4  # hand edits a round takes in before it gives up for now (and tries
 # disk sooner (a bounded journal, `sync: files` answered sooner) is worth more than the few
 # ms pacing spares it. A writer alone is answered soonest with pacing.
 BATCHED = 8
-# One host: a table's copy is written once the table was not written for this long
-# (`Bases.later`): a steady stream of changes, or a client waiting for the files change after
-# change, never waits behind them.
-COPY_IDLE_S = 1.0
 COPY_RETRY_S = 10.0  # after a failed write of copies
 FAILED_RETRY_S = 0.5  # after a failed write (disk full, read-only): the journal keeps all
 FAILED_LOG_EVERY_S = 60.0  # a lasting write failure's log line, again
@@ -722,6 +718,7 @@ def _render_and_write(
         stamps = write_files(before + group + after, checks, kept, paced=paced)
         bases.written(digests)
         bases.left(later)
+        bases.tables_written([p for p, _ in group])
         return stamps
 
     stamps: dict[Path, Any] = {}
