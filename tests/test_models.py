@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ctsd import files, limits, ops, verify
+from ctsd import diagnose, files, limits, ops, verify
 from ctsd.core import Committed, Context, Request, apply_group
 from ctsd.files import Invalid
 from ctsd.guard import allowed_origins
@@ -123,6 +123,14 @@ BAD = [
         '[\n  {"id": "a", "name": "x", "exchange": "bybit", "API_KEY": "k"}\n]\n',
         2, 49, "$[0]",
         "unknown field `API_KEY` at `$[0]`; did you mean `api_key`?",
+    ),
+    (
+        "unknown-key-a-pasted-secret",  # goes to the log, /health and the bus: shown in part
+        "connections.json",
+        '[\n  {"id": "a", "name": "x", "exchange": "bybit", "Xq7Lm2Pz9Rt4Wv8N": "k"}\n]\n',
+        2, 49, "$[0]",
+        "unknown field `…Wv8N` (a name of 16 characters, shown in part: a pasted secret?) at "
+        "`$[0]`",
     ),
     (
         "enum-typo",  # which words are taken, and the one most likely meant
@@ -357,6 +365,38 @@ def test_invalid_file_is_located(
     assert message in p.message, p
     assert (p.file, p.line, p.column, p.path) == (file, line, column, path), p
     assert p.format().startswith(f"{file}:{line}:{column}: ")
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ("Xq7Lm2Pz9Rt4Wv8N", False),  # letters and digits mixed, 16 or more
+        ("3f2a9c1e-8b7d-4e6f-a5c4-1b2d3e4f5a6b", False),  # a UUID (an OKX key)
+        ("aGVsbG8gd29ybGQhIHNlY3JldA2==", False),  # base64
+        ("x" * 65, False),  # longer than any name
+        ("is_enabeld", True),
+        ("volume_factor_2", True),  # (one digit)
+        ("api_passphrase22", True),  # close to a field: a slip, shown
+        ("exchangeConnectionSettings", True),  # no digits
+    ],
+)
+def test_an_unknown_field_that_reads_like_a_pasted_secret_is_shown_in_part(
+    key: str, shown: bool
+) -> None:
+    """Answered on the bus and HTTP (`explain`) and in the file's problem (log, `/health`):
+    a name as typed, a pasted credential by its last 4 characters, its path the record's."""
+    raw = f'[{{"id": "a", "name": "x", "exchange": "bybit", "{key}": 1}}]'.encode()
+    with pytest.raises(Invalid) as exc:
+        files.decode_file("connections.json", raw)
+    try:
+        msgspec.json.decode(raw, type=list[Connection])
+    except msgspec.ValidationError as e:
+        message, path = diagnose.explain(str(e), list[Connection])
+    for said in (exc.value.problem.format(), message):
+        assert (key in said) is shown, said
+    assert path == ("$[0]." + key if shown else "$[0]")
+    if not shown:
+        assert f"`…{key[-4:]}`" in message
 
 
 def test_invalid_utf8_is_located() -> None:

@@ -305,13 +305,32 @@ def _parse(error: str, root: Any) -> tuple[str, str, str | None, str]:
     return msg, path, key, f"; did you mean `{hint}`?" if hint else ""
 
 
+_CREDENTIAL_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{16,}")
+
+
+def shown_name(key: str, hint: str) -> str:
+    """An unknown field's name as a message shows it: as typed, but for one that reads like
+    a credential pasted where a name goes (long, letters and digits mixed, no field it
+    could be a slip of), shown by its last 4 characters as `api_key` is: the message goes to
+    the log, `/health` and the bus."""
+    digits = sum(c.isdigit() for c in key)
+    pasted = len(key) > 64 or (
+        not hint and digits >= 2 and digits < len(key) and _CREDENTIAL_LIKE.fullmatch(key)
+    )
+    if not pasted:
+        return f"`{key}`"
+    return f"`…{key[-4:]}` (a name of {len(key)} characters, shown in part: a pasted secret?)"
+
+
 def explain(error: str, root: Any) -> tuple[str, str]:
     """(message, JSON path) of a msgspec ValidationError message, for replies: a missing or
     unknown field's path names that field (msgspec names the object holding it), and an
     unknown field or a value not among a field's words gets a did-you-mean."""
     msg, path, key, hint = _parse(error, root)
     if key is not None:
-        return f"unknown field `{key}`{hint}", format_path([*parse_path(path), key])
+        name = shown_name(key, hint)
+        parts = parse_path(path) + ([key] if name == f"`{key}`" else [])  # (the object's)
+        return f"unknown field {name}{hint}", format_path(parts)
     missing = _MISSING.search(msg)
     if missing:
         key = missing.group("key")
@@ -369,7 +388,7 @@ def from_validation(file: str, raw: bytes, error: str, root: Any) -> FileProblem
     parts = parse_path(path)
     if key is not None:
         offset = locate(text, parts, key=key)
-        msg = f"unknown field `{key}` at `{path}`{hint}"
+        msg = f"unknown field {shown_name(key, hint)} at `{path}`{hint}"
     else:
         offset = locate(text, parts)
         msg = (msg[0].lower() + msg[1:] if msg else msg) + hint
