@@ -414,6 +414,46 @@ def test_a_settings_file_broken_while_stopped_counts_as_its_copy_unless_it_names
     assert "not the one this host last ran with" in line and "settings.json:" in line, line
 
 
+def test_a_settings_file_invalid_at_its_first_start_still_names_the_address(
+    data_dir: Path,
+) -> None:
+    """settings.json invalid at a start with no valid version of it (no copy: a first start,
+    a data dir brought over): served with the defaults, but listening where the file says,
+    as it will once fixed (bots look for it there); an address that cannot be read from the
+    file stops the start, naming the file, unless the flags give one."""
+    data_dir.mkdir(mode=0o700)
+    path = data_dir / "settings.json"
+    port = free_port()
+    path.write_text(json.dumps({"server": {"port": port, "cors_origins": "http://a"}}) + "\n")
+    path.chmod(0o600)
+    env = {"CTSD_DATA_DIR": str(data_dir)}
+    d = Bare(data_dir, env=env)
+    try:
+        d.start()
+        assert ready_event(d)["port"] == port
+        d.port = port
+        health = d.http("/health", token=None)[1]
+        assert "settings.json" in health["checks"]["files"]["invalid"], health
+        assert d.stop() == 0
+        d.start()  # (again: still no copy of it)
+        assert [e["port"] for e in d.log_events() if e.get("event") == "ready"] == [port] * 2
+    finally:
+        d.close()
+    for server in ({"port": 99999}, {"port": "3600"}, {"host": "a b"}, 7):
+        path.write_text(json.dumps({"server": server}) + "\n")
+        line = refused_start(Bare(data_dir, env=env))
+        assert "settings.json:" in line and "address to listen on" in line, line
+    path.write_text('{"server": {"port": 3600,\n')
+    line = refused_start(Bare(data_dir, env=env))
+    assert "settings.json:2:" in line and "--host and --port" in line, line
+    d = Bare(data_dir, env=env, args=["--host", "127.0.0.1", "--port", str(port)])
+    try:
+        d.start()  # (the flags give the address)
+        assert ready_event(d)["port"] == port
+    finally:
+        d.close()
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from ctsd import __version__, livebackup, logs
@@ -165,7 +166,14 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         # is taken in before the bind (after the catch-up), so it counts already; a broken
         # file counts as its copy.
         valid_edit = settings_file in edited and settings_file not in store.problems
-        listen = resolve_listen(host, port, on_file if valid_edit else store.settings)
+        serves = on_file if valid_edit else store.settings
+        if problem is not None and not broken_set_back:  # (no valid version: defaults)
+            given = (host or os.environ.get("CTSD_HOST")) and (
+                port is not None or os.environ.get("CTSD_PORT")
+            )
+            if not given:
+                serves = _listen_as_written(store.disk.path(settings_file), problem)
+        listen = resolve_listen(host, port, serves)
         token = load_token(data_dir)
         assert token is not None
     except StartError:
@@ -223,6 +231,36 @@ def _cluster_as_written(
             "this host last ran with; fix the file"
         )
     return kept
+
+
+def _listen_as_written(path: Path, problem: FileProblem) -> Settings:
+    """settings.json is invalid at a start that has no valid version of it (no copy): the
+    daemon serves its defaults, but listens where the file says (`server.host`,
+    `server.port`), as it would once fixed; the bots and frontends look for it there. Raises
+    StartError when the file may name another address and it cannot be read."""
+    cannot = StartError(
+        f"{problem.format()}: the address to listen on (server.host, server.port) cannot be "
+        "read from it: fix the file, or give --host and --port"
+    )
+    try:
+        raw, _ = read_data_file(path, "settings.json", private=False)  # (its mode: no matter)
+        doc = json.loads(raw)
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, Invalid):  # no regular file, too large, unreadable: cannot tell
+        raise cannot from None
+    except (ValueError, RecursionError):  # (not JSON, or nested past what json can read)
+        if b'"server"' not in raw:
+            return Settings()  # (it names no address: the defaults are what it says)
+        raise cannot from None
+    server = doc.get("server") if isinstance(doc, dict) else None
+    if server is None:
+        return Settings()
+    address = {k: server[k] for k in ("host", "port") if k in server} if type(server) is dict else 0
+    try:
+        return msgspec.convert({"server": address}, type=Settings)
+    except (msgspec.ValidationError, ValueError):
+        raise cannot from None
 
 
 def _catch_up_s() -> float:
