@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -437,8 +438,16 @@ def test_a_settings_file_invalid_at_its_first_start_still_names_the_address(
         assert d.stop() == 0
         d.start()  # (again: still no copy of it)
         assert [e["port"] for e in d.log_events() if e.get("event") == "ready"] == [port] * 2
+        # Fixed with another port: taken in, and said to wait for a restart.
+        path.write_text(json.dumps({"server": {"port": port + 1}}) + "\n")
+        moved = wait_until(
+            lambda: [e for e in d.log_events() if e["event"] == "listen_address_not_applied"]
+        )
+        assert moved[0]["configured"] == f"127.0.0.1:{port + 1}", moved
+        assert moved[0]["listening"] == f"127.0.0.1:{port}", moved
     finally:
         d.close()
+    shutil.rmtree(data_dir / ".bases")  # (the fixed file's copy would stand for it now)
     for server in ({"port": 99999}, {"port": "3600"}, {"host": "a b"}, 7):
         path.write_text(json.dumps({"server": server}) + "\n")
         line = refused_start(Bare(data_dir, env=env))
@@ -446,10 +455,11 @@ def test_a_settings_file_invalid_at_its_first_start_still_names_the_address(
     path.write_text('{"server": {"port": 3600,\n')
     line = refused_start(Bare(data_dir, env=env))
     assert "settings.json:2:" in line and "--host and --port" in line, line
-    d = Bare(data_dir, env=env, args=["--host", "127.0.0.1", "--port", str(port)])
+    d = Bare(data_dir, env=env, args=["--host", "127.0.0.1", "--port", "0"])
     try:
-        d.start()  # (the flags give the address)
-        assert ready_event(d)["port"] == port
+        d.start()  # (the flags give the address; the ready line names the port it bound)
+        d.port = ready_event(d)["port"]
+        assert d.port != 0 and d.http("/health", token=None)[0] == 200
     finally:
         d.close()
 

@@ -21,7 +21,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from ctsd.cluster.config import (
     env_settings,
     load_cluster_settings,
 )
-from ctsd.config import is_loopback, resolve_listen
+from ctsd.config import Listen, is_loopback, resolve_listen
 from ctsd.diagnose import FileProblem
 from ctsd.errors import CtsdError
 from ctsd.files import Invalid, document_file
@@ -83,6 +83,8 @@ class Daemon:
     cluster: ClusterSettings | None = field(default=None)
     edited: list[str] = field(default_factory=list)  # files edited while it was down
     lock: InstanceLock | None = None
+    # The address the flags, the environment and these settings name (`resolve_listen`).
+    listen_of: Callable[[Settings], Listen] | None = None
     stopping: bool = False  # a stop signal was taken
 
     def status_line(self) -> str:
@@ -193,7 +195,8 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
     svc = Services(store, sweeper, prober, token, listen, data_dir)
     watcher = Watcher(store)
     svc.watch_status = watcher.status
-    return Daemon(svc, watcher, Notifier(), cluster, edited), lock
+    listen_of = functools.partial(resolve_listen, host, port)
+    return Daemon(svc, watcher, Notifier(), cluster, edited, listen_of=listen_of), lock
 
 
 def _cluster_as_written(
@@ -443,6 +446,8 @@ async def _serve(d: Daemon) -> None:
             host=svc.listen.host,
             message="the bus is reachable from other hosts; keep the token secret",
         )
+    if d.listen_of is not None:
+        store.settings_listeners.append(_listen_moved(d.listen_of, store, svc.listen))
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.watcher.run, name="ctsd-watch")
         tg.start_soon(svc.sweeper.run, name="ctsd-sweeps")
@@ -456,7 +461,7 @@ async def _serve(d: Daemon) -> None:
                 "ready",
                 version=__version__,
                 host=svc.listen.host,
-                port=svc.listen.port,
+                port=web.port,  # (the one bound: `--port 0` binds a free one)
                 data_dir=str(svc.data_dir),
                 revision=store.revision,
                 invalid_files=sorted(store.problems),
@@ -514,6 +519,33 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 async def _while_stopping(signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         log.info("already_stopping", signal=signal.Signals(signum).name)
+
+
+def _listen_moved(
+    listen_of: Callable[[Settings], Listen], store: Store, bound: Listen
+) -> Callable[[], None]:
+    """A settings listener: `server.host` or `server.port` changed (a hand edit, a client's
+    save) to an address the daemon does not listen at is bound only at the next start;
+    said once per address, so the admin does not take the change as made."""
+    said = [bound]
+
+    def check() -> None:
+        try:
+            want = listen_of(store.settings)
+        except ValueError:
+            return
+        if want == said[-1]:
+            return
+        said.append(want)
+        if want != bound:
+            log.warning(
+                "listen_address_not_applied",
+                listening=f"{bound.host}:{bound.port}",
+                configured=f"{want.host}:{want.port}",
+                message="server.host and server.port are bound at start: restart to move",
+            )
+
+    return check
 
 
 async def _reloads(d: Daemon, again: list[bool]) -> None:
