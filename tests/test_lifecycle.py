@@ -285,6 +285,43 @@ def test_second_instance_exits_naming_the_holder(daemon: Daemon) -> None:
     assert daemon.http("/health", token=None)[0] == 200
 
 
+def _journal_stream(d: Daemon, path: Path) -> None:
+    """`d` writes to `path` as to systemd's stream to the journal (JOURNAL_STREAM names it)."""
+    path.touch()
+    st = os.stat(path)
+    d.extra_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+
+
+def test_lines_to_the_journal_carry_their_priority(daemon: Daemon) -> None:
+    """Under systemd each line begins `<N>`, its syslog priority: `journalctl -p warning`
+    finds the warnings and errors (all came at info). A start that fails says why on
+    stderr at error priority, and in the log; off the journal, lines are as they were."""
+    assert not daemon.stdout().startswith("<")
+    d = Daemon(daemon.data_dir)  # (the lock is held: its start fails)
+    _journal_stream(d, d.stderr_path)
+    try:
+        assert run_to_exit(d) == 1
+        assert d.stderr().startswith("<3>ctsd: ") and "pid" in d.stderr(), d.stderr()
+        (failed,) = [e for e in d.log_events() if e["event"] == "start_failed"]
+        assert failed["level"] == "error" and "pid" in failed["reason"], failed
+    finally:
+        d.close()
+    daemon.stop()
+    d = Daemon(daemon.data_dir)
+    _journal_stream(d, d.stdout_path)
+    try:
+        d.start()
+        (d.data_dir / "connections.json").write_text("[{]\n")  # (logged as an error)
+        lines = wait_until(
+            lambda: [x for x in d.stdout().splitlines() if '"file_invalid"' in x] and d.stdout()
+        ).splitlines()
+        assert lines and all(re.match(r"<[2-7]>\{", x) for x in lines), lines[:3]
+        by_level = {json.loads(x[3:])["level"]: x[:3] for x in lines}
+        assert by_level["info"] == "<6>" and by_level["error"] == "<3>", by_level
+    finally:
+        d.close()
+
+
 def test_token_file_made_when_none_is_configured(data_dir: Path) -> None:
     d = Daemon(data_dir, token=None)
     try:

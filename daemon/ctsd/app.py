@@ -16,6 +16,7 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import resource
 import signal
@@ -603,6 +604,14 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def _start_failed(e: StartError) -> None:
+    """The one line on stderr (at error priority when it is the journal's), and in the log
+    (`logs/ctsd.log` when it was opened): an admin reading either finds why."""
+    log.error("start_failed", reason=str(e))
+    prefix = logs.priority_prefix(logging.ERROR) if logs.on_journald(sys.stderr) else ""
+    print(f"{prefix}ctsd: {e}", file=sys.stderr)
+
+
 def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     os.umask(0o077)  # files we create (logs, temp files) are the owner's alone
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
@@ -625,7 +634,7 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     try:
         d, lock = _prepare(data_dir, host, port)
     except StartError as e:
-        print(f"ctsd: {e}", file=sys.stderr)
+        _start_failed(e)
         return 1
     except KeyboardInterrupt:  # (Ctrl-C while the files are read and the journal replayed)
         print("ctsd: interrupted while starting", file=sys.stderr)
@@ -634,7 +643,7 @@ def serve(data_dir: Path, host: str | None, port: int | None) -> int:
     try:
         anyio.run(_serve, d, backend_options=_loop_options())
     except StartError as e:
-        print(f"ctsd: {e}", file=sys.stderr)
+        _start_failed(e)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C before READY: what was written is crash-safe as ever. After the stop began,

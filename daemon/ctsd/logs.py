@@ -3,12 +3,14 @@ rotated JSON files in DATA/logs/. Every line passes the one redaction processor.
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -58,6 +60,7 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = StdoutHandler(sys.stdout)
+    handler.journald = on_journald(sys.stdout)
     handler.setFormatter(_formatter(fmt))
     root.addHandler(handler)
     root.setLevel(numeric)
@@ -109,9 +112,39 @@ class _WarnsOnFailure(logging.Handler):
                 handler.handle(warning)
 
 
+# syslog(3) priorities of logging's levels, for journald's `<N>` line prefix.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+def on_journald(stream: Any) -> bool:
+    """Is `stream` systemd's connection to the journal? systemd names it in JOURNAL_STREAM
+    (`device:inode`); a stream it was redirected from elsewhere is not."""
+    try:
+        dev, ino = os.environ.get("JOURNAL_STREAM", "").split(":")
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError, AttributeError, io.UnsupportedOperation):
+        return False
+
+
+def priority_prefix(levelno: int) -> str:
+    """`<N>`: journald takes a line so begun at that priority (`journalctl -p warning`
+    shows the warnings and errors), not all at the unit's default, info."""
+    return f"<{_PRIORITY.get(levelno, 2 if levelno > logging.ERROR else 6)}>"
+
+
 class StdoutHandler(_WarnsOnFailure, logging.StreamHandler):
+    journald = False  # each line begun with its priority (`priority_prefix`)
+
     def destination(self) -> str:
         return "stdout"
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.journald:
+            return text
+        prefix = priority_prefix(record.levelno)
+        return prefix + text.replace("\n", "\n" + prefix)  # (a console traceback's lines)
 
 
 class PrivateRotatingFileHandler(_WarnsOnFailure, logging.handlers.RotatingFileHandler):
