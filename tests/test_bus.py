@@ -938,6 +938,11 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
                     # replies read as they come: an unread writer would stall its own changes
                     ids = []
                     for i in range(n):
+                        if i == 1200:  # behind by now (the cut comes ~1,000 frames later)
+                            for k in range(3):
+                                frame = {"id": 900 + k, "type": "connections.set_volume"}
+                                frame.update(connection_id="z1", live=10 + k)
+                                await slow.ws.send(json.dumps(frame))
                         cs = json.dumps({"pad": pad, "i": i})
                         ids.append(
                             await w.send(
@@ -963,8 +968,14 @@ async def test_slow_subscriber_cut_4008_fast_keeps_up(data_dir: Path) -> None:
                 # that unread is reset, backlog and close lost.
                 await slow.ws.send(json.dumps({"id": 10**9, "type": "ping"}))
                 await anyio.sleep(CLOSE_TIMEOUT_S + 0.5)
-                code, _ = await close_code(slow.ws, timeout=30)
+                code, frames = await close_code(slow.ws, timeout=30)
                 assert code == 4008
+                # Each of its commands carried out was answered before the close: those
+                # events do not say whose they were.
+                answered = [f["id"] for f in frames if f.get("id") in (900, 901, 902)]
+                assert answered and answered == [900, 901, 902][: len(answered)], frames[-5:]
+                state = json.loads((data_dir / "connection-state.json").read_text())
+                assert state[0]["volume_factor_live"] == 10 + len(answered) - 1
     finally:
         d.close()
 

@@ -16,6 +16,7 @@ memory at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -54,7 +55,7 @@ class Wire(Protocol):
 
     def abort(self) -> None: ...
 
-    def close_behind(self, code: int, reason: str) -> None: ...
+    def close_behind(self, code: int, reason: str, before: list[bytes]) -> None: ...
 
     # Set by the connection's session while it serves: called with each text frame read
     # while nothing waits for the session; True when it took the frame then and there.
@@ -96,6 +97,10 @@ class Outbox:
         self._drained = asyncio.Event()
         self._drained.set()
         self.on_cut: Callable[[Outbox], None] | None = None
+        # Cut (`cut`): no more events; the replies of commands still in flight are awaited
+        # (`settle`, the session's) and sent before the close.
+        self.cutting = False
+        self.settle: Callable[[], Awaitable[None]] | None = None
 
     @property
     def idle(self) -> bool:
@@ -103,7 +108,7 @@ class Outbox:
 
     def push(self, framed: bytes) -> None:
         """Queue (or write now) one framed frame; drop the client if it fell too far behind."""
-        if self.closed or self.sealed:
+        if self.closed or self.sealed or self.cutting:
             return
         if self.idle and self.wire.write(framed):
             self.last_sent = time.monotonic()
@@ -120,6 +125,9 @@ class Outbox:
     def push_reply(self, framed: bytes) -> None:
         """Queue (or write now) a reply to this client's command."""
         if self.closed or self.sealed:
+            return
+        if self.cutting:  # (sent with the close)
+            self.queue.append(_Reply(framed))
             return
         if self.idle and self.wire.write(framed):
             self.last_sent = time.monotonic()
@@ -151,6 +159,14 @@ class Outbox:
         wire = self.wire
         try:
             while self.queue and not self.closed:
+                # Waited for before an item is taken: a cut (which cancels this task) keeps
+                # every reply not yet written.
+                if not wire.writable.is_set():
+                    if not wire.open:
+                        self.stop()
+                        return
+                    await wire.writable.wait()
+                    continue
                 item = self.queue[0]
                 if isinstance(item, bytes):
                     framed: bytes | None = item
@@ -167,11 +183,9 @@ class Outbox:
                     if framed is None:
                         self.queue.popleft()
                         continue
-                while not wire.write(framed):
-                    if not wire.open:
-                        self.stop()
-                        return
-                    await wire.writable.wait()
+                if not wire.write(framed):  # (writable: so it is closed)
+                    self.stop()
+                    return
                 self.last_sent = time.monotonic()
                 self.sent += 1
         finally:
@@ -188,14 +202,39 @@ class Outbox:
             self.task.cancel()
 
     def cut(self, reason: str = "subscriber fell behind; resume with since") -> None:
-        """Fell behind (or the daemon's history was replaced): drop what is queued and close
-        with 4008 (resume with `since`)."""
-        self.stop()
+        """Fell behind (or the daemon's history was replaced): drop the events queued and
+        close with 4008 (resume with `since`). Every command of the client carried out is
+        answered before the close (the events do not say whose they were: a bot resending a
+        create would make it twice): the replies queued, and those of the commands still in
+        flight, awaited up to CLOSE_TIMEOUT_S (the session takes no new one meanwhile)."""
+        if self.cutting or self.closed or self.sealed:
+            return
         log.warning("subscriber_cut", remote=self.remote, code=CLOSE_LAGGING, reason=reason)
         if self.on_cut is not None:
             self.on_cut(self)
+        self.cutting = True
+        if self.task is not None:
+            self.task.cancel()
+        self.queue = deque(item for item in self.queue if isinstance(item, _Reply))
+        if self.settle is None:
+            self._close_cut(reason)
+            return
+        task = asyncio.get_running_loop().create_task(self._settled(self.settle, reason))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _settled(self, settle: Callable[[], Awaitable[None]], reason: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await settle()
+        self._close_cut(reason)
+
+    def _close_cut(self, reason: str) -> None:
+        replies = [item.framed for item in self.queue if isinstance(item, _Reply)]
+        self.stop()
         self.sealed = True
-        self.wire.close_behind(CLOSE_LAGGING, reason)  # (it is behind: never waits for it)
+        # (it is behind: never waits for it; the replies are few, the session paces them)
+        self.wire.close_behind(CLOSE_LAGGING, reason, replies)
 
     def close_soon(self, code: int, reason: str) -> None:
         """`close`, in a task of its own (from code that cannot wait for it)."""

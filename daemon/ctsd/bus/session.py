@@ -86,6 +86,7 @@ class Session:
         self._evicted = False  # closed while waiting to authenticate (`evict`)
         self.authenticated = False  # its auth_ok is on its way: no longer one that waits
         self.tokenless = False  # let in without the token (server.auth "loopback")
+        outbox.settle = self._settle  # (a cut answers the changes in flight first)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -104,6 +105,11 @@ class Session:
             text = msg.get("text")
             return text if text is not None else msg.get("bytes") or b""
         raise Closed(msg.get("code"))
+
+    async def _settle(self) -> None:
+        """Until every command in flight is answered (the outbox is being cut)."""
+        while pending := self.inflight | self.probes:
+            await asyncio.wait(pending)
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -194,6 +200,8 @@ class Session:
         this for each text frame it reads while nothing is queued for `serve`): True if it
         was. Only a well-formed change that need not wait qualifies; anything else is left,
         untouched, to `serve` (False). A pipelining client's changes mostly come this way."""
+        if self.outbox.cutting:
+            return True  # read after the cut: dropped, never carried out nor answered
         if self._busy or len(raw) > BIG_FRAME_BYTES or not raw.isascii():
             return False
         try:
@@ -232,6 +240,8 @@ class Session:
         return True
 
     async def on_frame(self, raw: str | bytes) -> None:
+        if self.outbox.cutting:
+            return  # (as in `take_now`)
         size = _frame_size(raw)
         if await self._too_large(size):
             raise Closed(CLOSE_TOO_BIG)
@@ -300,6 +310,8 @@ class Session:
             if not self.bus.accepting:  # the daemon began to stop while it waited
                 self.fail(msg_id, STOPPING)
                 return
+            if self.outbox.cutting or self.outbox.sealed:  # closed while it waited: its
+                return  # answer could not be sent, so it is not carried out
             self._change(msg_id, name, args)
             return
         if self.inflight:  # read-your-writes: this client's earlier changes answer first

@@ -221,7 +221,7 @@ class SocketWire:
         """Drop the connection now (its peer stopped reading: a close frame cannot reach it)."""
         self._p.transport.abort()
 
-    def close_behind(self, code: int, reason: str) -> None:
+    def close_behind(self, code: int, reason: str, before: list[bytes]) -> None:
         """Close with `code` now, behind what the transport holds: ASGI's close waits until
         that drained, so a peer that had stopped reading got no close frame at all, only an
         abort (1006) once the wait gave up, and a subscriber cut for falling behind could not
@@ -229,13 +229,14 @@ class SocketWire:
         is dropped by the write-stall check. Mirrors uvicorn's close, without the wait: the
         connection is read on (what comes is dropped) until the peer's close answers ours, as
         a socket closed with unread bytes in it is reset, its backlog and our close lost
-        (a lagging peer's keepalive ping would do), or until CLOSE_BEHIND_S."""
+        (a lagging peer's keepalive ping would do), or until CLOSE_BEHIND_S. `before`: frames
+        (framed) to send ahead of the close."""
         p = self._p
         if not self.open:
             return
         p.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         p.conn.send_close(code, reason)
-        p.transport.write(b"".join(p.conn.data_to_send()))
+        p.transport.write(b"".join([*before, *p.conn.data_to_send()]))
         p.transport.flush()  # (not held back for frames read ahead)
         p.close_sent = True
         if p.read_paused:
