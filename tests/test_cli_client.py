@@ -71,6 +71,27 @@ def test_status_readable_and_json(shared: Daemon) -> None:
     assert status["invalid_files"] == []
 
 
+def test_status_says_what_health_finds_and_exits_11(data_dir: Path) -> None:
+    """/health degraded for a reason of its own (here the data dir's mode: its file names
+    readable by other users) is on a line of its own and in the exit code: an admin's
+    `ctsd status` said all was well."""
+    d = Daemon(data_dir).start()
+    try:
+        assert "health       ok" in ok(d, "status").stdout
+        data_dir.chmod(0o755)
+        r = cli(d, "status")
+        assert r.returncode == 11, (r.returncode, r.stdout, r.stderr)
+        (line,) = [x for x in r.stdout.splitlines() if x.startswith("health")]
+        assert line.startswith("health       DEGRADED: ") and "755" in line, line
+        status = jout(d, "status")  # (with --json: 0, the JSON says it)
+        assert (
+            status["health"]["status"] == "degraded" and "data_dir" in status["health"]["failing"]
+        )
+    finally:
+        data_dir.chmod(0o700)
+        d.close()
+
+
 def test_wrong_token_is_refused(shared: Daemon) -> None:
     r = ctsd("status", env=env_for(shared, CTSD_TOKEN="wrong-token"))
     assert r.returncode == 4

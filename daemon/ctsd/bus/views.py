@@ -13,6 +13,7 @@ import msgspec
 
 from ctsd import __version__, files
 from ctsd.errors import CtsdError
+from ctsd.health import health
 from ctsd.models import Connection, SyncEvent
 from ctsd.redact import mask, mask_record
 from ctsd.timeutil import now_iso
@@ -197,4 +198,12 @@ def status(svc: Services) -> dict[str, Any]:
         "projectx": svc.prober.projectx_status(),
         "secrets": store.secrets_status(),
         **({"cluster": c} if (c := store.committer_status()) is not None else {}),
+        "health": _health_summary(svc),
     }
+
+
+def _health_summary(svc: Services) -> dict[str, Any]:
+    """`/health`'s verdict and its failing checks (`ctsd status` shows them)."""
+    report = health(svc)
+    failing = {name: check for name, check in report["checks"].items() if not check["ok"]}
+    return {"status": report["status"], "failing": failing}

@@ -20,6 +20,7 @@ EXIT_RATE_LIMITED = 7
 EXIT_COMPACTED = 8
 EXIT_TEST_FAILED = 9
 EXIT_UNAVAILABLE = 10  # cluster mode: the cluster cannot take changes now; retry later
+EXIT_DEGRADED = 11  # `status`: /health says degraded for another reason (the disk, the dir)
 
 ERROR_EXIT: dict[str, int] = {
     "unauthorized": EXIT_AUTH,

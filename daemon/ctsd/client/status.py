@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ctsd.client.bus import run_call
-from ctsd.client.errors import EXIT_CONFLICT, EXIT_UNAVAILABLE
+from ctsd.client.errors import EXIT_CONFLICT, EXIT_DEGRADED, EXIT_UNAVAILABLE
 from ctsd.client.options import CMD, bus_options, json_option
 from ctsd.client.render import cell, echo_json, key_values, safe
 from ctsd.client.target import Target
@@ -84,6 +84,15 @@ def render_status(result: Any, target: Target) -> str:
         lines.append(line)
         if cluster.get("snapshot_problem"):
             lines.append(f"snapshots    cannot put one: {safe(cluster['snapshot_problem'])}")
+    verdict = rest.pop("health", None)
+    if isinstance(verdict, dict):
+        failing = verdict.get("failing")
+        lines.append(
+            "health       ok"
+            if verdict.get("status") == "ok" or not isinstance(failing, dict)
+            else "health       DEGRADED: "
+            + "; ".join(_failing(str(k), v) for k, v in failing.items())
+        )
     px = rest.pop("projectx", None)
     if isinstance(px, dict):
         text = ", ".join(
@@ -95,6 +104,27 @@ def render_status(result: Any, target: Target) -> str:
     return "\n".join(lines)
 
 
+def _failing(name: str, check: Any) -> str:
+    """One failing check of /health, in words."""
+    c = check if isinstance(check, dict) else {}
+    if name == "data_dir_writable":
+        return "the data dir is not writable (changes stay in the journal)"
+    if name == "free_space":
+        return f"{cell(c.get('bytes'))} bytes free in the data dir's filesystem"
+    if name == "checkpoint":
+        return (
+            f"changes not reaching {', '.join(safe(f) for f in c.get('unwritten_files') or [])} "
+            f"for {cell(c.get('checkpoint_lag_s'))} s"
+        )
+    if name == "files":
+        return f"invalid: {', '.join(safe(f) for f in c.get('invalid') or {})}"
+    if name == "data_dir" and isinstance(c.get("problems"), dict):
+        where = {".": "the data dir"}
+        return "; ".join(f"{where.get(k, safe(k))} {safe(v)}" for k, v in c["problems"].items())
+    detail = c.get("problem") or c.get("reason") or c.get("state")
+    return f"{safe(name)}: {safe(detail)}" if detail else safe(name)
+
+
 def register(main: click.Group) -> None:
     @main.command(**CMD)
     @bus_options
@@ -104,7 +134,9 @@ def register(main: click.Group) -> None:
 
         Exits 6 when a data file is invalid on disk (the daemon serves its last valid
         content and refuses changes to it), else 10 in cluster mode while the cluster
-        cannot take changes (down, catching up, stalled).
+        cannot take changes (down, catching up, stalled), else 11 when /health says
+        degraded for another reason (the data dir not writable, little free space, changes
+        not reaching the files).
         """
 
         result = run_call(target, "status")
@@ -117,3 +149,6 @@ def register(main: click.Group) -> None:
         cluster = result.get("cluster") if isinstance(result, dict) else None
         if isinstance(cluster, dict) and cluster.get("ok") is False:
             sys.exit(EXIT_UNAVAILABLE)
+        verdict = result.get("health") if isinstance(result, dict) else None
+        if isinstance(verdict, dict) and verdict.get("status") == "degraded":
+            sys.exit(EXIT_DEGRADED)

@@ -103,3 +103,4 @@ class ServerStatus(msgspec.Struct, kw_only=True):
     bus: dict[str, Any]
     projectx: dict[str, Any]
     secrets: SecretsAtRest
+    health: dict[str, Any]  # /health's `status`, and its checks that fail (`failing`)
