@@ -51,7 +51,7 @@ def test_a_receiver_that_reads_nothing_never_blocks_a_send(tmp_path: Path) -> No
 
 def test_only_a_full_queue_is_worth_sending_again(tmp_path: Path) -> None:
     """`full` tells a dropped status line (sent again at the next look) from a socket that
-    is gone (logged each time it is tried: once per change, not every look)."""
+    is gone (not worth sending again)."""
     notifier = Notifier(str(tmp_path / "nobody.sock"))
     try:
         assert not notifier.send("STATUS=x") and not notifier.full
@@ -75,3 +75,30 @@ def test_only_a_full_queue_is_worth_sending_again(tmp_path: Path) -> None:
     finally:
         notifier.close()
         receiver.close()
+
+
+def test_a_socket_that_keeps_failing_is_said_once_not_at_each_ping(tmp_path: Path) -> None:
+    """A NOTIFY_SOCKET that is gone fails every WATCHDOG ping (one every few seconds): one
+    warning naming the socket and the error, not one a ping; said again once it recovers."""
+    path = tmp_path / "notify.sock"
+    notifier = Notifier(str(path))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(5):
+                assert not notifier.send("WATCHDOG=1")
+        failed = [e for e in logs if e["event"] == "sd_notify_failed"]
+        assert len(failed) == 1 and failed[0]["socket"] == str(path), logs
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(path))
+        try:
+            with structlog.testing.capture_logs() as logs:
+                assert notifier.send("WATCHDOG=1")
+            assert [e["event"] for e in logs] == ["sd_notify_sent_again"]
+        finally:
+            receiver.close()
+        path.unlink()
+        with structlog.testing.capture_logs() as logs:
+            assert not notifier.send("WATCHDOG=1")
+        assert [e["event"] for e in logs] == ["sd_notify_failed"]
+    finally:
+        notifier.close()

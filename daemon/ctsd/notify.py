@@ -19,6 +19,7 @@ class Notifier:
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
         self._full = False  # the last send found the receiver's queue full (said once)
+        self._failing: str | None = None  # the error sends fail with now (said once)
         if self.address:
             # Non-blocking: it is sent from the event loop, and a receiver that reads nothing
             # (its queue is 10 datagrams deep by default, net.unix.max_dgram_qlen) would
@@ -58,9 +59,16 @@ class Notifier:
                 self._full = True
                 return False
             except OSError as e:  # systemd gone or socket misconfigured: log, never crash
-                log.warning("sd_notify_failed", error=str(e))
+                error = e.strerror or str(e)
+                if error != self._failing:  # (a ping every few seconds: said once, not each)
+                    where = "@" + self.address[1:] if self.address[:1] == "\0" else self.address
+                    log.warning("sd_notify_failed", error=error, socket=where, fields=names)
+                self._failing = error
                 self._full = False  # (not worth sending again: it would fail the same way)
                 return False
+            if self._failing is not None:
+                log.info("sd_notify_sent_again", fields=names)
+                self._failing = None
             self._full = False
             return True
 
