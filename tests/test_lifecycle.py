@@ -792,6 +792,20 @@ def test_sighup_reloads_settings_and_files(daemon: Daemon) -> None:
     assert CANARY not in (data / files.SYNC_LOG).read_text()
 
 
+def test_sighup_opens_a_log_file_moved_away_again(daemon: Daemon) -> None:
+    """logrotate moves logs/ctsd.log away and signals: the lines after the reload go to a
+    new ctsd.log (0600), not on into the moved file."""
+    logs_dir = daemon.data_dir / "logs"
+    (logs_dir / "ctsd.log").rename(logs_dir / "ctsd.log.1")
+    after = len(daemon.notify.poll())
+    daemon.send_signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY=1", after=daemon.notify.wait_for("RELOADING=1", after=after))
+    new = wait_until(lambda: (logs_dir / "ctsd.log").exists() and (logs_dir / "ctsd.log"))
+    assert '"reloaded"' in wait_until(lambda: new.read_text()), new.read_text()
+    assert stat_mode(new) == 0o600
+    assert '"reloaded"' not in (logs_dir / "ctsd.log.1").read_text()
+
+
 # --- watchdog -------------------------------------------------------------------------------
 
 
@@ -1020,6 +1034,30 @@ def _seed_connections(data_dir: Path, n: int) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_stop_that_leaves_changes_in_the_journal_says_so(data_dir: Path) -> None:
+    """connections.json cannot be replaced (immutable: the disk refusing it): a change is
+    acknowledged from the journal, the stop cannot write it and says so, naming the file;
+    the next start writes it."""
+    d = Daemon(data_dir).start()
+    target = data_dir / "connections.json"
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        d.close()
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        async with bus(d) as b:
+            reply = await b.call("connections.create", connection=connection(id="kept"))
+            assert "saved (journal)" in reply["error"]["message"], reply  # (it waits for files)
+        assert d.stop() == 0
+        (said,) = [e for e in d.log_events() if e["event"] == "stopped_with_changes_in_the_journal"]
+        assert "connections.json" in said["files"], said
+        subprocess.run(["chattr", "-i", str(target)], check=True)
+        d.start()
+        assert wait_until(lambda: b'"kept"' in target.read_bytes())
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+        d.close()
+
+
 async def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
     _seed_connections(data_dir, 10)
     d = Daemon(data_dir).start()

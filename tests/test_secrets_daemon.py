@@ -407,6 +407,24 @@ async def test_without_a_key_health_and_status_say_not_encrypted(data_dir: Path)
     assert (data_dir / "connections.json").read_text().count(CANARY) == 2
 
 
+def test_a_key_file_others_may_read_is_said_at_start(data_dir: Path, tmp_path: Path) -> None:
+    """The key opens every secret: a key file readable by group or others is a warning in
+    the log, naming it and its mode (0600: none)."""
+    key_file = tmp_path / "secrets-key"
+    make_key(key_file)
+    for mode, warned in ((0o644, True), (0o600, False)):
+        key_file.chmod(mode)
+        d = keyed(data_dir, key_file)
+        try:
+            d.start()
+            said = [e for e in d.log_events() if e["event"] == "secrets_key_file_readable"]
+            assert bool(said) is warned, said
+            if warned:
+                assert said[0]["mode"] == "0644" and said[0]["path"] == str(key_file), said
+        finally:
+            d.close()
+
+
 # --- rekey through the door ----------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -51,7 +52,7 @@ from ctsd.notify import Notifier
 from ctsd.probes import Prober
 from ctsd.rekey import RekeyRefused, finish_pending
 from ctsd.safefile import read_data_file, subdir_problem
-from ctsd.secretbox import KeyFileError, SecretBox, configured_key
+from ctsd.secretbox import KeyFileError, SecretBox, configured_key, configured_key_path
 from ctsd.services import Services
 from ctsd.store import Store
 from ctsd.sweeps import Sweeper
@@ -387,7 +388,26 @@ def _secrets_box(data_dir: Path) -> SecretBox:
         log.info("secrets_plain_text", message="no secrets key configured")
     else:
         log.info("secrets_encrypted_at_rest", key_id=key.id)
+        _warn_key_readable()
     return SecretBox(key)
+
+
+def _warn_key_readable() -> None:
+    """The key file readable (or writable) by others: every secret is open to them. Said,
+    not refused: the secrets it opens must stay readable by this daemon."""
+    found = configured_key_path()
+    try:
+        mode = stat.S_IMODE(os.stat(found[0]).st_mode) if found is not None else 0
+    except OSError:
+        return
+    if found is not None and mode & 0o077:
+        log.warning(
+            "secrets_key_file_readable",
+            path=str(found[0]),
+            mode=f"{mode:04o}",
+            message="other users may read the secrets key: chmod 600 it, and consider a new "
+            "key (`ctsd secrets rekey`)",
+        )
 
 
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -504,6 +524,13 @@ async def _serve(d: Daemon) -> None:
                 # Finish in-flight changes, close the cluster engine, every change to the files.
                 await store.close()
                 await svc.prober.aclose()
+            if unwritten := sorted(store.checkpointer.dirty):  # (the grace ran out, the disk
+                log.warning(  # refused, a file invalid on disk): said, not left to guess
+                    "stopped_with_changes_in_the_journal",
+                    files=unwritten,
+                    message="acknowledged changes to these files are in the journal only; "
+                    "the next start writes them",
+                )
         # Leaving the receiver put the default actions back (the loop's way): ignored from
         # here, as the process ends. (A signal in the few statements between still acts.)
         for signum in (*_STOP_SIGNALS, *IGNORED_SIGNALS):
@@ -563,6 +590,7 @@ async def _reload(d: Daemon) -> None:
     d.notifier.send(
         "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
     )
+    logs.reopen_files()  # (a log file moved away by logrotate: a new one)
     log.info("reloading")
     store = d.svc.store
     try:

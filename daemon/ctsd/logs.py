@@ -182,3 +182,29 @@ def add_file(logs_dir: Path, max_bytes: int = 10 * 1024 * 1024, backups: int = 5
     )
     handler.setFormatter(_formatter("json"))
     logging.getLogger().addHandler(handler)
+
+
+def reopen_files() -> None:
+    """At a reload (SIGHUP): the log file opened again by its name, so a `logrotate` that
+    moved it away (its `create`, or `copytruncate`-less rules) gets a new file, not lines
+    going on into the moved one. One that cannot be opened now is said, the old one kept."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, PrivateRotatingFileHandler):
+            continue
+        handler.acquire()
+        try:
+            try:
+                stream = handler._open()
+            except (OSError, CtsdError) as e:
+                problem: str | None = getattr(e, "message", None) or str(e)
+            else:
+                problem = None
+                old, handler.stream = handler.stream, stream  # type: ignore[assignment]
+                if old is not None:
+                    old.close()
+        finally:
+            handler.release()
+        if problem is not None:
+            structlog.get_logger("ctsd.logs").warning(
+                "log_file_not_reopened", path=handler.baseFilename, error=problem
+            )
