@@ -1058,6 +1058,7 @@ async def test_a_stop_that_leaves_changes_in_the_journal_says_so(data_dir: Path)
         d.close()
 
 
+@pytest.mark.anyio
 async def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> None:
     _seed_connections(data_dir, 10)
     d = Daemon(data_dir).start()
