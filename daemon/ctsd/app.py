@@ -468,7 +468,8 @@ async def _serve(d: Daemon) -> None:
             message="the bus is reachable from other hosts; keep the token secret",
         )
     if d.listen_of is not None:
-        store.settings_listeners.append(_listen_moved(d.listen_of, store, svc.listen))
+        moved = _listen_moved(d.listen_of, store, svc.listen, web.port)
+        store.settings_listeners.append(moved)
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.watcher.run, name="ctsd-watch")
         tg.start_soon(svc.sweeper.run, name="ctsd-sweeps")
@@ -550,11 +551,12 @@ async def _while_stopping(signals: AsyncIterator[int]) -> None:
 
 
 def _listen_moved(
-    listen_of: Callable[[Settings], Listen], store: Store, bound: Listen
+    listen_of: Callable[[Settings], Listen], store: Store, bound: Listen, port: int
 ) -> Callable[[], None]:
     """A settings listener: `server.host` or `server.port` changed (a hand edit, a client's
-    save) to an address the daemon does not listen at is bound only at the next start;
-    said once per address, so the admin does not take the change as made."""
+    save) to an address other than the one bound at start (`bound`, as configured; `port`
+    the port it got) takes effect only at the next start; said once per address, so the
+    admin does not take the change as made."""
     said = [bound]
 
     def check() -> None:
@@ -568,7 +570,7 @@ def _listen_moved(
         if want != bound:
             log.warning(
                 "listen_address_not_applied",
-                listening=f"{bound.host}:{bound.port}",
+                listening=f"{bound.host}:{port}",
                 configured=f"{want.host}:{want.port}",
                 message="server.host and server.port are bound at start: restart to move",
             )

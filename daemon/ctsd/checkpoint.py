@@ -705,8 +705,9 @@ def _render_and_write(
             return write_files(group, {p: expected.get(p) for p, _ in group}, kept, paced=paced)
         # The tables' copies on one host follow once idle (`Bases.later`): put aside first.
         later = [(p, b) for p, b in group if bases.later_for(p)]
-        bases.put_aside([p for p, _ in later])
-        copies, digests = bases.copies([(p, b) for p, b in group if not bases.later_for(p)])
+        bases.put_aside([p for p, _ in later])  # (which changes what `later_for` says)
+        aside = {p for p, _ in later}
+        copies, digests = bases.copies([(p, b) for p, b in group if p not in aside])
         # A copy is renamed before its file (a file is never ahead of its copy), but after a
         # file new here (a copy with no file would read as a file deleted by hand); copies
         # are put back with the files when a hand save slipped in.

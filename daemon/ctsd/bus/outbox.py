@@ -31,6 +31,9 @@ MAX_QUEUE_FRAMES = 1000
 MAX_QUEUE_BYTES = 8 * 1024 * 1024
 CLOSE_LAGGING = 4008
 CLOSE_TIMEOUT_S = 3.0
+# A client cut (4008) is closed once its commands under way are answered, at most this long
+# (past what a change waits for the cluster's stream, `cluster.publish_timeout_s`).
+SETTLE_MAX_S = 30.0
 # The ASGI scope extension under which the HTTP server hands each websocket its `Wire`.
 WIRE = "ctsd.wire"
 
@@ -140,7 +143,7 @@ class Outbox:
 
     def push_lazy(self, frames: Iterator[bytes]) -> None:
         """Queue frames produced only when the client is ready for them (a replay)."""
-        if self.closed or self.sealed:
+        if self.closed or self.sealed or self.cutting:
             return
         self.queue.append(frames)
         self._start()
@@ -205,8 +208,8 @@ class Outbox:
         """Fell behind (or the daemon's history was replaced): drop the events queued and
         close with 4008 (resume with `since`). Every command of the client carried out is
         answered before the close (the events do not say whose they were: a bot resending a
-        create would make it twice): the replies queued, and those of the commands still in
-        flight, awaited up to CLOSE_TIMEOUT_S (the session takes no new one meanwhile)."""
+        create would make it twice): the replies queued, and those of the commands under
+        way, awaited (`settle`, up to SETTLE_MAX_S); the session takes no new one."""
         if self.cutting or self.closed or self.sealed:
             return
         log.warning("subscriber_cut", remote=self.remote, code=CLOSE_LAGGING, reason=reason)
@@ -214,10 +217,14 @@ class Outbox:
             self.on_cut(self)
         self.cutting = True
         if self.task is not None:
-            self.task.cancel()
+            self.task.cancel()  # (one not yet started never runs its `finally`: done here)
+            self.task = None
+        self._drained.set()
         self.queue = deque(item for item in self.queue if isinstance(item, _Reply))
+        self.qframes, self.qbytes = len(self.queue), 0
+        self.rbytes = sum(len(item.framed) for item in self.queue if isinstance(item, _Reply))
         if self.settle is None:
-            self._close_cut(reason)
+            self._close_cut(CLOSE_LAGGING, reason)
             return
         task = asyncio.get_running_loop().create_task(self._settled(self.settle, reason))
         _closing.add(task)
@@ -225,16 +232,18 @@ class Outbox:
 
     async def _settled(self, settle: Callable[[], Awaitable[None]], reason: str) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async with asyncio.timeout(SETTLE_MAX_S):
                 await settle()
-        self._close_cut(reason)
+        self._close_cut(CLOSE_LAGGING, reason)
 
-    def _close_cut(self, reason: str) -> None:
+    def _close_cut(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
         replies = [item.framed for item in self.queue if isinstance(item, _Reply)]
         self.stop()
         self.sealed = True
         # (it is behind: never waits for it; the replies are few, the session paces them)
-        self.wire.close_behind(CLOSE_LAGGING, reason, replies)
+        self.wire.close_behind(code, reason, replies)
 
     def close_soon(self, code: int, reason: str) -> None:
         """`close`, in a task of its own (from code that cannot wait for it)."""
@@ -246,7 +255,11 @@ class Outbox:
         """Close with `code` once what is queued went out: the answer or notice pushed just
         before it (`too_large`, `shutting_down`) reaches a client with a backlog too. Nothing
         pushed from now on is sent. A client that reads nothing cannot take it, nor a close
-        frame, so after CLOSE_TIMEOUT_S the connection is dropped."""
+        frame, so after CLOSE_TIMEOUT_S the connection is dropped. One being cut gets the
+        replies it was to get with this close instead (the daemon stopping)."""
+        if self.cutting:
+            self._close_cut(code, reason)
+            return
         self.sealed = True
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):

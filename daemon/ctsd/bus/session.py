@@ -83,6 +83,8 @@ class Session:
         self.probes: set[asyncio.Task[None]] = set()  # exchange tests in flight
         self._replay: Iterator[bytes] | None = None  # queued right after a subscribe result
         self._busy = False  # `serve` is handling a frame (a frame read now must wait for it)
+        self._idle = asyncio.Event()  # set while not `_busy`
+        self._idle.set()
         self._evicted = False  # closed while waiting to authenticate (`evict`)
         self.authenticated = False  # its auth_ok is on its way: no longer one that waits
         self.tokenless = False  # let in without the token (server.auth "loopback")
@@ -107,9 +109,16 @@ class Session:
         raise Closed(msg.get("code"))
 
     async def _settle(self) -> None:
-        """Until every command in flight is answered (the outbox is being cut)."""
-        while pending := self.inflight | self.probes:
-            await asyncio.wait(pending)
+        """Until every command under way is answered (the outbox is being cut): the changes
+        in flight, and the command `serve` is carrying out (a read, a backup, a restore). A
+        connection test is not waited for (asking again for one is harmless)."""
+        while True:
+            if self.inflight:
+                await asyncio.wait(self.inflight)
+            elif self._busy:
+                await self._idle.wait()
+            else:
+                return
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -188,10 +197,12 @@ class Session:
             while True:
                 raw = await self.recv()
                 self._busy = True
+                self._idle.clear()
                 try:
                     await self.on_frame(raw)
                 finally:
                     self._busy = False
+                    self._idle.set()
         finally:
             wire.fast = None
 
@@ -316,6 +327,8 @@ class Session:
             return
         if self.inflight:  # read-your-writes: this client's earlier changes answer first
             await asyncio.wait(self.inflight)
+        if self.outbox.cutting or self.outbox.sealed:  # (as for a change, above)
+            return
         await self.execute(msg_id, name, args)
 
     def _answers_wait(self) -> bool:
