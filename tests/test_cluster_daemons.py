@@ -359,6 +359,23 @@ async def test_a_host_with_data_of_its_own_does_not_join_a_running_cluster(
         assert json.loads((aside / CONNECTIONS).read_text()) == rows
     finally:
         d.close()
+    # A data file that does not load (here only its mode): what it holds is unknown, and
+    # once fixed it was taken in whole over the cluster's data (`[]`: every connection
+    # deleted on every host). Refused the same way.
+    data_dir = tmp_path / "host5"
+    write_settings(data_dir, {"cluster": {"publish_timeout_s": 5.0}})
+    (data_dir / CONNECTIONS).write_text("[]\n")
+    (data_dir / CONNECTIONS).chmod(0o644)
+    d = Daemon(data_dir, env={**a.extra_env, "CTSD_HOST_ID": "h5"})
+    try:
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(timeout=60) == 1, d.stdout()[-2000:]
+        err = d.stderr().strip().splitlines()[-1]
+        assert "connections.json:" in err and "cannot tell what its data dir holds" in err, err
+        assert (data_dir / CONNECTIONS).read_text() == "[]\n"
+    finally:
+        d.close()
+    assert [r["id"] for r in a.http("/api/settings/connections")[1]] == ["c1"]
 
 
 async def test_an_online_rekey_on_a_cluster_host_is_refused(hosts: Hosts, tmp_path: Path) -> None:

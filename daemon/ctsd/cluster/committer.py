@@ -630,12 +630,30 @@ class ClusterCommitter:
         ForeignData if the host holds data of its own that the stream does not have (the
         same data as the `founding` state is no loss)."""
         c = self.store.committed
+        cluster = self.engine.settings.name
+        if keyed.held_seq(c.log) is not None:
+            return  # the files hold the stream's changes (a journal moved aside)
+        bases = self.store.checkpointer.bases
+        unknown = [
+            p
+            for f, p in sorted(self.store.problems.items())
+            if bases is None or not bases.has_copy(f)
+        ]
+        if unknown:
+            # Invalid, with no copy to stand for it: what it holds is unknown, and once fixed
+            # it would be taken in whole, over the cluster's state (deleting on every host
+            # what it lacks). (One with a copy is taken in against it: the edit alone.)
+            problem = unknown[0]
+            raise ForeignData(
+                f"{problem.format()}: this host cannot tell what its data dir holds, and "
+                f"the file, once fixed, would be taken in whole over cluster {cluster!r}'s "
+                "data; fix it (or move it aside) before this host joins"
+            )
         held = shared.holds_data(c)
-        if held is None or keyed.held_seq(c.log) is not None:
-            return  # nothing, or the files hold the stream's changes (a journal moved aside)
+        if held is None:
+            return
         if founding is not None and shared.same_data(c, founding, self.store.box):
             return
-        cluster = self.engine.settings.name
         raise ForeignData(
             f"this data dir holds {held} of its own, but cluster {cluster!r} already has a "
             f"history{f' (founded by host {by})' if by else ''} that this host never applied: "
