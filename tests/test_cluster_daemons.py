@@ -24,7 +24,7 @@ from ctsd.files import CONNECTIONS, STATE, SYNC_LOG
 from tests.bus import bus, close_code
 from tests.cli_helpers import clean_env, ctsd
 from tests.daemon import Daemon, free_port, http_json, wait_until
-from tests.datadir import connection
+from tests.datadir import connection, write_connections
 from tests.nats_cluster import (  # the `nats` fixture
     NatsCluster,
     nats_module_cluster,  # noqa: F401
@@ -946,6 +946,45 @@ async def test_unreachable_cluster_at_start_serves_reads_and_refuses_writes(
         assert '\nctsd_cluster_state{state="disconnected"} 1.0\n' in metrics, metrics
     finally:
         d.close()
+
+
+def test_a_host_with_data_founds_its_cluster_once_the_servers_answer(
+    tmp_path: Path,
+) -> None:
+    """The founding host's start could not found the cluster (its server not up yet, as when
+    every host and server starts at once): it tries again by itself, /health degraded
+    meanwhile, and an empty host started after holds its data, no write made anywhere. (Left
+    to its first write, the empty host's first write founded an empty cluster, and this
+    host's data were foreign to it.)"""
+    server = NatsCluster(size=1)  # (its port chosen, not started yet)
+    try:
+        data_dir = tmp_path / "a"
+        write_settings(data_dir, {"cluster": {"replicas": 1, "publish_timeout_s": 2.0}})
+        write_connections(data_dir, [connection(id="c1")])
+        env = {
+            "CTSD_CLUSTER_NATS_URLS": server.urls[0],
+            "CTSD_CLUSTER_NAME": "late",
+            "CTSD_CLUSTER_CATCH_UP_S": "1",
+        }
+        a = Daemon(data_dir, env={**env, "CTSD_HOST_ID": "a"}).start(timeout=30)
+        b = Daemon(tmp_path / "b", env={**env, "CTSD_HOST_ID": "b"})
+        try:
+            cluster = a.http("/health")[1]["checks"]["cluster"]
+            assert cluster["ok"] is False and "not founded yet" in cluster["founding_problem"]
+            server.start()
+            wait_until(
+                lambda: a.http("/health")[1]["checks"]["cluster"]["ok"],
+                30,
+                what="the cluster founded by host a",
+            )
+            assert "founding_problem" not in a.http("/health")[1]["checks"]["cluster"]
+            b.start(timeout=30)
+            assert [r["id"] for r in b.http("/api/settings/connections")[1]] == ["c1"]
+        finally:
+            b.close()
+            a.close()
+    finally:
+        server.close()
 
 
 # --- snapshots -------------------------------------------------------------------------------

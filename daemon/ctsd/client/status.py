@@ -84,6 +84,8 @@ def render_status(result: Any, target: Target) -> str:
         lines.append(line)
         if cluster.get("snapshot_problem"):
             lines.append(f"snapshots    cannot put one: {safe(cluster['snapshot_problem'])}")
+        if cluster.get("founding_problem"):
+            lines.append(f"founding     {safe(cluster['founding_problem'])}")
     verdict = rest.pop("health", None)
     if isinstance(verdict, dict):
         failing = verdict.get("failing")

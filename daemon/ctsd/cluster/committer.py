@@ -132,6 +132,10 @@ class ClusterCommitter:
         # Has this host applied (or founded) the stream? Until then its first change must
         # found the cluster, or its data meet the join check (`found`, `_check_join`).
         self._joined = False
+        # Why a host with data has not founded its cluster yet (the start's try failed: the
+        # servers not ready, a timeout); tried again in the background (`_found_later`).
+        self.founding_problem: str | None = None
+        self._founding: asyncio.Task[None] | None = None
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -270,6 +274,35 @@ class ClusterCommitter:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="snapshots")
         if self._back is None:
             self._back = asyncio.create_task(self._take_in_when_back(), name="cluster-back")
+        if self._founding is None and self._unfounded():
+            self.founding_problem = f"cluster {self.engine.settings.name} not founded yet"
+            self._founding = asyncio.create_task(self._found_later(), name="cluster-founding")
+
+    def _unfounded(self) -> bool:
+        """A host with data that has not applied the stream (nor founded it)."""
+        return not self._joined and shared.holds_data(self.store.committed) is not None
+
+    async def _found_later(self) -> None:
+        """The start could not found the cluster (the servers not ready yet, a timeout):
+        tried again until the stream has its first message (this host's founding, or another
+        host's history, which the join check then meets), `/health` degraded meanwhile. Left
+        to this host's first write, an empty host's first write would found an empty
+        cluster first, and this host's data would be foreign to it."""
+        wait = FOUNDING_RETRY_S
+        name = self.engine.settings.name
+        while self._unfounded():
+            try:
+                await self.found()
+                if await self.engine.stream_last_seq() > 0:
+                    break
+            except ClusterError as e:
+                self.founding_problem = f"cluster {name} not founded yet: {e}"
+            except Exception as e:  # (the disk, say: tried again, never a task gone quiet)
+                log.exception("cluster.founding_failed")
+                self.founding_problem = f"cluster {name} not founded yet: {e}"
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, SNAPSHOT_RETRY_S)
+        self.founding_problem = None
 
     async def _take_in_when_back(self) -> None:
         """Hand edits refused while the cluster could not take changes are taken in once it
@@ -927,7 +960,7 @@ class ClusterCommitter:
                 await asyncio.sleep(SNAPSHOT_RETRY_S)
 
     async def close(self) -> None:
-        for task in (self._back, self._snapshot_task):
+        for task in (self._back, self._snapshot_task, self._founding):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -938,11 +971,13 @@ class ClusterCommitter:
 
     def status(self) -> dict[str, Any]:
         st = self.engine.status()
+        founding = self.founding_problem
         return {
-            "ok": st.ok,
+            "ok": st.ok and founding is None,
             **msgspec.structs.asdict(st),
             "conflicts": self.conflicts,
             **({"snapshot_problem": p} if (p := self.snapshot_problem) is not None else {}),
+            **({"founding_problem": founding} if founding is not None else {}),
         }
 
 
