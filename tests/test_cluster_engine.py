@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 import traceback
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -1387,6 +1388,42 @@ async def test_the_close_after_a_refusal_does_not_hide_it() -> None:
         ), engine.status()
     await engine._on_error(OSError(111, "Connect call failed"))  # another error: shown
     assert "Connect call failed" in (engine.status().reason or "")
+
+
+async def test_a_refusal_while_reconnecting_is_the_reason_shown() -> None:
+    """Connected once, then the servers stop taking the credentials (a rotation done in the
+    wrong order): each reconnect is refused, and the state says so, not the EOF that cut the
+    connection. (The engine is not started: the callbacks come as nats-py calls them.)"""
+    creds = Credentials(kind="user_password", source="/creds", user="ctsd", password="x")
+    settings = ClusterSettings(nats_urls=("nats://127.0.0.1:1",), name="t", host_id="a")
+    engine = ClusterEngine(msgspec.structs.replace(settings, credentials=creds))
+    engine._nc = types.SimpleNamespace(is_connected=False, connected_url=None)  # (once made)
+    await engine._on_error(nats.errors.UnexpectedEOF())
+    await engine._on_disconnected()
+    assert "unexpected EOF" in (engine.status().reason or ""), engine.status()
+    await engine._on_error(nats.errors.Error("nats: 'Authorization Violation'"))
+    reason = engine.status().reason or ""
+    assert "'Authorization Violation' (with the user/password from /creds)" in reason, reason
+
+
+async def test_a_consumer_that_keeps_failing_retries_less_often_and_says_it_once(
+    cluster: NatsCluster,
+) -> None:
+    """The stream deleted by hand (or the servers' storage lost): the consumer cannot be
+    made again; tried less and less often, one log line for the one reason (it was ten a
+    second)."""
+    s = make_settings(cluster)
+    async with running(s) as (a, _):
+        await a.catch_up(timeout=10)
+        nc = await nats.connect(cluster.urls)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                await nc.jetstream().delete_stream(a.stream)
+                await asyncio.sleep(3)  # (the retries over a window: what is measured)
+        finally:
+            await nc.close()
+    retries = [e for e in logs if e["event"] == "cluster.consumer_retry"]
+    assert 1 <= len(retries) <= 2, retries
 
 
 @pytest.mark.parametrize("binary", SERVERS)

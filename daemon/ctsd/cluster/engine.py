@@ -108,6 +108,10 @@ ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publ
 REPLICA_SILENT_S = 5.0
 # After a publish gave up, the stream's own description is not trusted for this long.
 FAILED_HOLD_S = 10.0
+# The consumer made again after a failure (a stream deleted by hand, storage lost): at once,
+# then less and less often.
+CONSUMER_RETRY_S = 0.1
+CONSUMER_RETRY_MAX_S = 5.0
 
 
 class _CannotCreate(Exception):
@@ -489,6 +493,10 @@ class ClusterEngine:
             self._last_error = self._refused  # the server's refusal, not the close after it
         if self._nc is None or self._connecting:  # being made (nats.connect retries forever)
             self._set_state("disconnected", f"cannot connect to NATS: {self._last_error}")
+        elif not self._connected.is_set() and not self._closing:
+            # Reconnecting: why it fails now (credentials the servers no longer take, say),
+            # not the error that cut the connection (an EOF).
+            self._set_state("disconnected", f"lost the NATS connection: {self._last_error}")
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("cluster.slow_consumer", reason=self._last_error)
 
@@ -982,11 +990,13 @@ class ClusterEngine:
         self.data_stream = sid
 
     async def _consume_loop(self) -> None:
+        wait, said = CONSUMER_RETRY_S, None  # (a failure that lasts: less often, said once)
         while not self._closing:
             await self._connected_and_ready()  # not a retry every 0.1 s while it is down
             if self._stalled is not None:
                 await self._resumed.wait()
                 continue
+            began = time.monotonic()
             try:
                 await self._consume()
             except Stalled as exc:
@@ -997,8 +1007,16 @@ class ClusterEngine:
                 log.info("cluster.consumer_restart", reason=str(exc), applied_seq=self._applied)
                 await asyncio.sleep(0.1)  # not a busy loop when every new consumer fails
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                log.info("cluster.consumer_retry", reason=_describe(exc))
-                await asyncio.sleep(0.1)
+                if time.monotonic() - began > CONSUMER_RETRY_MAX_S:
+                    wait, said = CONSUMER_RETRY_S, None  # (it consumed for a while first)
+                reason = _describe(exc)
+                if reason != said:  # (a stream deleted by hand: not 10 lines a second)
+                    log.info("cluster.consumer_retry", reason=reason, retry_in_s=wait)
+                said = reason
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, CONSUMER_RETRY_MAX_S)
+            else:
+                wait, said = CONSUMER_RETRY_S, None
 
     async def _consume(self) -> None:
         assert self._nc is not None and self._js is not None
