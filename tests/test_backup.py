@@ -286,18 +286,16 @@ def test_an_offline_restore_of_a_cluster_host_is_refused(setup: Setup, tmp_path:
     data, k1, _key, _plain = setup
     out = tmp_path / "b.tar.gz"
     assert run("backup", "--data-dir", str(data), "-o", str(out), key=k1).returncode == 0
+    # Its cluster settings in the unit's environment only (a systemd drop-in): the data dir
+    # tells it was a cluster host, not the shell the restore is run from.
     (data / ".cluster-boots").write_text("")
-    settings = data / "settings.json"
-    standalone = settings.read_bytes()
-    cluster = {"nats_urls": ["nats://127.0.0.1:4222"], "name": "desk", "host_id": "h1"}
-    settings.write_text(json.dumps({**json.loads(standalone), "cluster": cluster}))
     before = data_files(data)
     r = run("restore", str(out), "--data-dir", str(data), key=k1)
     assert r.returncode == 1 and "is a cluster host's" in r.stderr, r.stderr
     assert "nothing was changed" in r.stderr and data_files(data) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("data.")] == []
-    # A host taken out of its cluster (its settings say so) restores as any other.
-    settings.write_bytes(standalone)
+    # A host taken out of its cluster (its .cluster-boots removed) restores as any other.
+    (data / ".cluster-boots").unlink()
     assert run("restore", str(out), "--data-dir", str(data), key=k1).returncode == 0
 
 

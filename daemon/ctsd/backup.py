@@ -678,21 +678,6 @@ def _carried(real: Path, name: str) -> bytes | None:
         raise ArchiveError(f"{real / name}: {e.problem.message}; move it aside") from None
 
 
-def _in_cluster_mode(data_dir: Path) -> bool:
-    """Does this host start in cluster mode (NATS URLs in the environment or in its
-    settings.json)? An unreadable settings.json counts as yes: never a wrong restore."""
-    if os.environ.get("CTSD_CLUSTER_NATS_URLS", "").strip():
-        return True
-    try:
-        raw = read_data_file(data_dir / files.SETTINGS, files.SETTINGS, private=False)[0]
-        section = msgspec.json.decode(raw).get("cluster")
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, AttributeError, files.Invalid, msgspec.DecodeError):
-        return True
-    return isinstance(section, dict) and bool(section.get("nats_urls"))
-
-
 def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -> Restored:
     """`ctsd restore` with no daemon running (DaemonRunning if one runs): with the lock held
     throughout, read and verify the whole archive (ArchiveError; with `box`, its secrets must
@@ -714,14 +699,16 @@ def restore_offline(data_dir: Path, archive_path: Path, box: SecretBox | None) -
         real.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         real.mkdir(mode=DIR_MODE)
     with exclusive(real):
-        if (real / files.CLUSTER_BOOTS).exists() and _in_cluster_mode(real):
+        if (real / files.CLUSTER_BOOTS).exists():
             # Its files would be ones no other host has, its next start refused them as data
             # of its own the cluster lacks: the running daemon publishes a restore instead.
+            # (Told by the data dir alone: the cluster settings may be in the unit's
+            # environment only, which this shell does not have.)
             raise ArchiveError(
-                f"{data_dir} is a cluster host's (cluster mode is configured and it holds "
-                f"{files.CLUSTER_BOOTS}): restore through its running daemon (`ctsd restore` "
-                "with it running), which restores every host; a host taken out of its "
-                f"cluster: remove the cluster settings (and {files.CLUSTER_BOOTS}) first"
+                f"{data_dir} is a cluster host's (it holds {files.CLUSTER_BOOTS}): restore "
+                "through its running daemon (`ctsd restore` with it running), which restores "
+                "every host; a host taken out of its cluster: remove its cluster settings and "
+                f"{files.CLUSTER_BOOTS} first"
             )
         archive = early or verified()
         tidied = tidy_interrupted_restore(real)
