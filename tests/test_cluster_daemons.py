@@ -376,6 +376,17 @@ async def test_a_host_with_data_of_its_own_does_not_join_a_running_cluster(
     finally:
         d.close()
     assert [r["id"] for r in a.http("/api/settings/connections")[1]] == ["c1"]
+    # The same host as the first of a new cluster: it would found it (or start its stream
+    # with its first write) and the fixed file then go over what others added since.
+    env = {**a.extra_env, "CTSD_HOST_ID": "h5", "CTSD_CLUSTER_NAME": f"{hosts.name}-new"}
+    d = Daemon(data_dir, env=env)
+    try:
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(timeout=60) == 1, d.stdout()[-2000:]
+        err = d.stderr().strip().splitlines()[-1]
+        assert "cannot tell what its data dir holds" in err and "founds" in err, err
+    finally:
+        d.close()
 
 
 async def test_an_online_rekey_on_a_cluster_host_is_refused(hosts: Hosts, tmp_path: Path) -> None:

@@ -136,6 +136,7 @@ class ClusterCommitter:
         # servers not ready, a timeout); tried again in the background (`_found_later`).
         self.founding_problem: str | None = None
         self._founding: asyncio.Task[None] | None = None
+        self._founding_lock = asyncio.Lock()
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -210,7 +211,13 @@ class ClusterCommitter:
         before this host publishes anything. Raises Unavailable."""
         if self._joined:
             return
+        async with self._founding_lock:  # (the background try and a write's, one at a time)
+            if not self._joined:
+                await self._found()
+
+    async def _found(self) -> None:
         engine, store = self.engine, self.store
+        self._check_files_known()  # (a first own message would found or join the cluster)
         if await engine.stream_last_seq() > 0 or shared.holds_data(store.committed) is None:
             return
         local_id = engine.new_local_id()
@@ -658,14 +665,11 @@ class ClusterCommitter:
         and been applied here since?"""
         return self._asked.get(msg_id, False)
 
-    def _check_join(self, founding: shared.SharedState | None = None, by: str = "") -> None:
-        """Before the first change of a stream this host never applied (nor founded): raise
-        ForeignData if the host holds data of its own that the stream does not have (the
-        same data as the `founding` state is no loss)."""
-        c = self.store.committed
-        cluster = self.engine.settings.name
-        if keyed.held_seq(c.log) is not None:
-            return  # the files hold the stream's changes (a journal moved aside)
+    def _check_files_known(self) -> None:
+        """Before this host first joins, founds or publishes: raise ForeignData if a data file
+        of it is invalid with no copy to stand for it. What it holds is unknown, and once
+        fixed it would be taken in whole, over the cluster's state (deleting on every host
+        what it lacks). (One with a copy is taken in against it: the edit alone.)"""
         bases = self.store.checkpointer.bases
         unknown = [
             p
@@ -673,15 +677,22 @@ class ClusterCommitter:
             if bases is None or not bases.has_copy(f)
         ]
         if unknown:
-            # Invalid, with no copy to stand for it: what it holds is unknown, and once fixed
-            # it would be taken in whole, over the cluster's state (deleting on every host
-            # what it lacks). (One with a copy is taken in against it: the edit alone.)
-            problem = unknown[0]
             raise ForeignData(
-                f"{problem.format()}: this host cannot tell what its data dir holds, and "
-                f"the file, once fixed, would be taken in whole over cluster {cluster!r}'s "
-                "data; fix it (or move it aside) before this host joins"
+                f"{unknown[0].format()}: this host cannot tell what its data dir holds, and "
+                "the file, once fixed, would be taken in whole over the data of cluster "
+                f"{self.engine.settings.name!r}; fix it (or move it aside) before this host "
+                "joins or founds it"
             )
+
+    def _check_join(self, founding: shared.SharedState | None = None, by: str = "") -> None:
+        """Before the first change of a stream this host never applied (nor founded): raise
+        ForeignData if the host holds data of its own that the stream does not have (the
+        same data as the `founding` state is no loss)."""
+        c = self.store.committed
+        cluster = self.engine.settings.name
+        self._check_files_known()
+        if keyed.held_seq(c.log) is not None:
+            return  # the files hold the stream's changes (a journal moved aside)
         held = shared.holds_data(c)
         if held is None:
             return

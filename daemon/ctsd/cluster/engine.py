@@ -108,10 +108,12 @@ ATTEMPT_TIMEOUT_S = 1.0  # one publish request; retried (same msg id) until publ
 REPLICA_SILENT_S = 5.0
 # After a publish gave up, the stream's own description is not trusted for this long.
 FAILED_HOLD_S = 10.0
-# The consumer made again after a failure (a stream deleted by hand, storage lost): at once,
-# then less and less often.
+# The consumer made again after a failure (a stream deleted by hand, storage lost, a disk
+# refusing the journal): at once, then less often (but soon after it works again), the
+# reason said once and again every CONSUMER_SAY_AGAIN_S while it lasts.
 CONSUMER_RETRY_S = 0.1
-CONSUMER_RETRY_MAX_S = 5.0
+CONSUMER_RETRY_MAX_S = 1.0
+CONSUMER_SAY_AGAIN_S = 60.0
 
 
 class _CannotCreate(Exception):
@@ -990,7 +992,7 @@ class ClusterEngine:
         self.data_stream = sid
 
     async def _consume_loop(self) -> None:
-        wait, said = CONSUMER_RETRY_S, None  # (a failure that lasts: less often, said once)
+        wait, said, said_at = CONSUMER_RETRY_S, None, 0.0  # (a failure that lasts)
         while not self._closing:
             await self._connected_and_ready()  # not a retry every 0.1 s while it is down
             if self._stalled is not None:
@@ -1007,12 +1009,15 @@ class ClusterEngine:
                 log.info("cluster.consumer_restart", reason=str(exc), applied_seq=self._applied)
                 await asyncio.sleep(0.1)  # not a busy loop when every new consumer fails
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                if time.monotonic() - began > CONSUMER_RETRY_MAX_S:
+                now = time.monotonic()
+                if now - began > CONSUMER_RETRY_MAX_S:
                     wait, said = CONSUMER_RETRY_S, None  # (it consumed for a while first)
                 reason = _describe(exc)
-                if reason != said:  # (a stream deleted by hand: not 10 lines a second)
-                    log.info("cluster.consumer_retry", reason=reason, retry_in_s=wait)
-                said = reason
+                if reason != said or now - said_at > CONSUMER_SAY_AGAIN_S:
+                    # (a stream deleted by hand: not 10 lines a second, nor a full disk
+                    # said once and then never)
+                    log.warning("cluster.consumer_retry", reason=reason, retry_in_s=wait)
+                    said, said_at = reason, now
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, CONSUMER_RETRY_MAX_S)
             else:
