@@ -1419,7 +1419,7 @@ async def test_a_consumer_that_keeps_failing_retries_less_often_and_says_it_once
         try:
             with structlog.testing.capture_logs() as logs:
                 await nc.jetstream().delete_stream(a.stream)
-                await asyncio.sleep(3)  # (the retries over a window: what is measured)
+                await asyncio.sleep(2)  # (the retries over a window: what is measured)
         finally:
             await nc.close()
     retries = [e for e in logs if e["event"] == "cluster.consumer_retry"]

@@ -1100,9 +1100,9 @@ async def test_sigterm_during_a_burst_loses_no_acked_change(data_dir: Path) -> N
 
 # --- kill -9 in the middle of a change storm ------------------------------------------------
 
-# Kills per run: 25 in the normal run (tests/test_crash.py kills a storm of its own too);
+# Kills per run: 15 in the normal run (tests/test_crash.py kills a storm of its own too);
 # the long run is CTSD_CRASH_CYCLES=1000, as for that one.
-ROUNDS = int(os.environ.get("CTSD_CRASH_CYCLES") or 25)
+ROUNDS = int(os.environ.get("CTSD_CRASH_CYCLES") or 15)
 CLIENTS = 4
 PER_CLIENT = 40
 CONNS_PER_CLIENT = 5

@@ -7,7 +7,7 @@ as the document declares them, malformed input refused with a 4xx, auth enforced
 any answer. Afterwards every data file still decodes, the daemon still answers on HTTP and the
 bus, and a restart serves exactly what it served before.
 
-`CTSD_FUZZ_EXAMPLES` sets the examples per operation (default 80, under a minute); see
+`CTSD_FUZZ_EXAMPLES` sets the examples per operation (default 50, about half a minute); see
 README "Development" for the long run.
 """
 
@@ -47,7 +47,7 @@ from tests.bus import bus
 from tests.daemon import Daemon, free_port
 from tests.datadir import CANARY, connection
 
-FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 80)
+FUZZ_EXAMPLES = int(os.environ.get("CTSD_FUZZ_EXAMPLES") or 50)
 ANSWER_WITHIN_S = 15.0
 
 # The routes of the HTTP API as promised to its users, written out here by hand so the test
