@@ -326,8 +326,9 @@ async def test_projectx_auto_connect_at_start(tmp_path: Path, fake: FakeExchange
 
 
 async def test_a_heartbeat_stamped_later_than_now_does_not_hold_off_stale(tmp_path: Path):
-    """A stored heartbeat an hour ahead of the clock (it stepped back since, or a hand edit)
-    counts as now: the connection still goes stale after stale_after_s of silence."""
+    """A heartbeat an hour ahead of the clock (it stepped back since, or a hand edit) counts
+    as now: the connection still goes stale after stale_after_s of silence, and stays stale
+    (the write checked it against the clock again, and took it for a newer beat)."""
     app = await open_app(tmp_path / "d", [probe_connection("c1", None)], {"stale_after_s": 1})
     try:
         sw = app.sweeper
@@ -336,7 +337,12 @@ async def test_a_heartbeat_stamped_later_than_now_does_not_hold_off_stale(tmp_pa
         now = time.monotonic()
         assert sweeps.monotonic_of(format_ts(ahead)) <= time.monotonic()
         assert sw.tick(now) == {}  # learns c1
-        assert list(sw.tick(now + 2)) == ["c1"]
+        transitions = sw.tick(now + 2)
+        assert list(transitions) == ["c1"]
+        await sw._apply_stale(transitions)
+        assert status(app, "c1") == "stale"
+        assert actions(app, "c1")[-1:] == ["stale"]
+        assert "c1" not in sw.recovering
     finally:
         await app.store.close()
 

@@ -36,7 +36,7 @@ from ctsd.redact import (
 from ctsd.sealer import CONNECTION_DOC_NAME
 from ctsd.secretbox import SecretError
 from ctsd.table import Table
-from ctsd.timeutil import beat_after
+from ctsd.timeutil import beat_after, beat_since
 
 __all__ = ["Op"]
 
@@ -341,8 +341,10 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
     """Sweep transitions: {connection_id: (new status, last heartbeat)} → stale/recovered.
 
     Checked again when applied, since the sweep decided a moment earlier: only an active
-    connection goes stale, and not when a heartbeat newer than the one the sweep saw has
-    arrived since; only a stale one recovers.
+    connection goes stale, and not when a heartbeat other than the one the sweep saw has
+    arrived since (told by identity, not by the time in it: a beat from before the clock
+    stepped back reads as later than now, and would hold `stale` off until the clock got
+    there); only a stale one recovers.
     """
 
     def op(tx: Tx) -> int:
@@ -353,7 +355,7 @@ def set_status(changes: dict[str, tuple[str, str | None]]) -> Op:
                 continue
             if status == "stale":
                 latest = tx.ctx.heartbeats.get(cid)
-                if state.status != "active" or beat_after(latest, heartbeat, tx.now):
+                if state.status != "active" or beat_since(latest, heartbeat):
                     continue
             elif status != "active" or state.status != "stale":
                 continue

@@ -42,7 +42,7 @@ from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE
 from ctsd.models import SyncEvent
 from ctsd.probes import Prober
-from ctsd.timeutil import beat_after, now_iso
+from ctsd.timeutil import beat_after, beat_since, now_iso
 
 if TYPE_CHECKING:
     from ctsd.store import Store
@@ -294,7 +294,7 @@ class Sweeper:
             latest = self.store.heartbeats.get(cid)
             if st is None:
                 continue
-            if st.status == "stale" and beat_after(latest, hb, now_iso()):
+            if st.status == "stale" and beat_since(latest, hb):
                 self._recover(cid)  # a heartbeat landed while the write was in flight
             elif st.status != "stale":
                 self._watch(cid)

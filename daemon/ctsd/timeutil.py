@@ -40,3 +40,10 @@ def beat_after(ts: str | None, than: str | None, now: str) -> bool:
     hand edit) counts as the earliest, so a real heartbeat replaces it: else it held every
     later one off the file and `stale` off the connection until the clock got there."""
     return ts is not None and (than is None or ts > than or than > now)
+
+
+def beat_since(latest: str | None, seen: str | None) -> bool:
+    """Has a heartbeat come since the sweep saw `seen` (`latest`: the one held now)? By
+    identity: two beats never share a millisecond across a stale_after_s of silence, and a
+    beat from before the clock stepped back, later than now, is no newer beat."""
+    return latest is not None and latest != seen
