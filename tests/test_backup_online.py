@@ -348,3 +348,18 @@ async def test_backups_asked_for_in_a_loop_never_fill_the_disk(daemon: Daemon) -
             os.utime(daemon.data_dir / name, (old, old))
         assert (await b.ok("data.backup"))["file"]
         assert sorted(leftovers(daemon.data_dir))[1:] == [handed.name]
+
+
+def test_archives_from_before_the_clock_stepped_back_make_room(tmp_path: Path) -> None:
+    """Archives made before the clock stepped back an hour have mtimes ahead of it: their
+    age came out negative, so none was ever old enough to go, and MAX_WAITING of them held
+    every backup off (`rate_limited`) until the clock got there."""
+    ahead = time.time() + 3600
+    for i in range(MAX_WAITING):
+        made = tmp_path / f"{livebackup.BACKUP_PREFIX}{i}{SUFFIX}"
+        made.write_bytes(b"")
+        os.utime(made, (ahead, ahead))
+    just_made = tmp_path / f"{livebackup.BACKUP_PREFIX}now{SUFFIX}"
+    just_made.write_bytes(b"")  # (its CLI is about to take it: it stays)
+    assert livebackup.waiting_backups(tmp_path) == 1
+    assert just_made.exists()

@@ -47,6 +47,10 @@ STALE_S = 3600.0  # a handed-over archive the CLI never took (it was killed): re
 # so uncollected ones never hold the operator's backup off for long.
 MAX_WAITING = 4
 TAKEN_WITHIN_S = 60.0
+# An archive whose mtime is further ahead of the clock than this was made before the clock
+# stepped back: its age is unknown, and it counts as old (else it stayed, and held backups
+# off, until the clock got there).
+AHEAD_S = 5.0
 _locks: weakref.WeakKeyDictionary[Store, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
@@ -56,12 +60,13 @@ def tidy(
     prefixes: tuple[str, ...] = (BACKUP_PREFIX, RESTORE_PREFIX),
 ) -> None:
     """Remove handed-over archives older than `max_age` (at start: all of them, since no
-    hand-over survives a restart of the daemon that was part of it)."""
+    hand-over survives a restart of the daemon that was part of it; `AHEAD_S`)."""
     now = time.time()
     for p in data_dir.iterdir():
         if p.name.startswith(prefixes) and p.name.endswith(SUFFIX):
             with contextlib.suppress(OSError):
-                if now - p.lstat().st_mtime >= max_age:
+                age = now - p.lstat().st_mtime
+                if max_age <= 0 or age >= max_age or age < -AHEAD_S:
                     p.unlink()
 
 
