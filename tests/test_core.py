@@ -394,6 +394,21 @@ def test_a_sync_log_trimmed_by_hand_counts_the_entries_still_on_their_way_to_the
 # --- If-Match ----------------------------------------------------------------------------------
 
 
+def test_the_revisions_of_records_removed_go_once_their_events_leave_the_log() -> None:
+    """Bots that make and remove connections all day: each id's revision was kept for good,
+    the dict growing without end. A record still there keeps its exact revision."""
+    c = seeded("kept")
+    c.settings = msgspec.structs.replace(c.settings, sync_log_limit=5)
+    for i in range(50):
+        ok(run(c, ops.create(body(f"conn_{i}")))[0])
+        ok(run(c, ops.delete(f"conn_{i}"))[0])
+    assert len(c.log) == 5
+    retained = {record_key(e.connection_id) for e in c.log if e.connection_id}  # 47's delete on
+    assert set(c.record_revs) == {record_key("kept"), *retained} and len(retained) == 3
+    assert c.revision_of(record_key("kept")) == 1  # (its event long trimmed: still exact)
+    ok(run(c, Request(ops.update("kept", {"name": "K"}), "bus", if_match=1))[0])
+
+
 def test_if_match_refuses_a_change_to_a_record_changed_after_the_given_revision() -> None:
     c = seeded("conn_a", "conn_b")  # revisions 1 and 2
     ok(run(c, ops.update("conn_a", {"name": "A3"}))[0])  # revision 3

@@ -286,13 +286,23 @@ class Committed:
             self.refresh_settings()
         limit = self.settings.sync_log_limit
         while len(self.log) > limit or (self.log_bytes > LOG_MAX_BYTES and len(self.log) > 1):
-            self.log.popleft()
+            self._trimmed(self.log.popleft())
             self.log_bytes -= self._log_sizes.popleft()
         self.version += 1
 
     def _note_revision(self, e: SyncEvent) -> None:
         for key in event_keys(e):
             self.record_revs[key] = e.id
+
+    def _trimmed(self, e: SyncEvent) -> None:
+        """`e` left the log: the revisions it was the last event of, of records gone since,
+        are forgotten (a desk whose bots make and remove connections all day grew the dict
+        without end). A record still there keeps its exact revision (If-Match)."""
+        for key in event_keys(e):
+            if self.record_revs.get(key) == e.id:
+                kind, name = key.split(":", 1)
+                if name not in (self.connections if kind == "c" else self.documents):
+                    del self.record_revs[key]
 
 
 def event_keys(e: SyncEvent) -> list[str]:
