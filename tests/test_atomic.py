@@ -3,6 +3,7 @@ whatever their sizes (small records, empty ones, pieces larger than the write-ba
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import resource
 import signal
@@ -99,6 +100,29 @@ def test_a_paced_file_is_written_back_piece_after_piece(
     # Back to back from the start, each exactly one pace (what is left after the last is
     # written back with the file's fsync).
     assert ranges == [(k * pace, pace) for k in range(total // pace)]
+
+
+@pytest.mark.skipif(atomic._sync_file_range is None, reason="no sync_file_range here")
+def test_a_writeback_error_a_paced_write_waits_on_fails_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting sync_file_range reports a lost page (EIO) and the kernel counts it seen:
+    the fsync after it succeeded, and a file with lost pages was renamed in."""
+    real = atomic._sync_file_range
+
+    def failing(fd: int, offset: int, length: int, flags: int) -> int:
+        if flags == atomic._SYNC_FILE_RANGE_WAIT:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return int(real(fd, offset, length, flags))
+
+    monkeypatch.setattr(atomic, "_sync_file_range", failing)
+    path = tmp_path / "f.json"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError) as err:
+        atomic.write_files([(path, [b"x" * (4 * PACE)])], paced=True)
+    assert err.value.errno == errno.EIO
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
 def test_a_short_write_is_finished_or_fails_whole(tmp_path: Path) -> None:

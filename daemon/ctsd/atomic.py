@@ -262,8 +262,18 @@ def _write_all(fd: int, chunks: Sequence[Chunk] | Body, paced: bool) -> None:
             view = view[n:]
             written += n
             if written - flushed >= pace:
-                _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WAIT)
+                _wait_written_back(fd, flushed, written - flushed)
                 flushed = written
+
+
+def _wait_written_back(fd: int, offset: int, nbytes: int) -> None:
+    """A waiting sync_file_range reports a writeback error (EIO) and the kernel counts it as
+    seen by this open file: the fsync after it would then succeed on pages that were lost.
+    So its failure is raised (the write fails as a failing fsync's would)."""
+    assert _sync_file_range is not None
+    if _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WAIT) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def write_all(fd: int, data: Chunk) -> None:
