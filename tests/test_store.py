@@ -1313,6 +1313,39 @@ async def test_algorithms_swapped_for_a_link_is_neither_written_nor_read_through
     assert events == ["checkpoint_write_failed", "checkpoint_write_recovered"], events
 
 
+async def test_a_lasting_refusal_is_logged_once_though_each_try_names_another_temp_file(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data dir made read-only (chmod 500: root passes it, so the refusal is put at the
+    temp file's creation, as the kernel answers it): each retry's error named its own random
+    temp file, so every retry, twice a second for every file, logged the fault anew."""
+    from ctsd import atomic
+
+    real = atomic.create_temp
+    refusing = True
+
+    def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
+        if refusing:
+            name = f"{path.parent}/{TEMP_PREFIX}{path.name}.{os.urandom(4).hex()}"
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+        return real(path, readable)
+
+    with structlog.testing.capture_logs() as logs:
+        async with opened(data_dir) as store:
+            monkeypatch.setattr(atomic, "create_temp", create_temp)
+            await store.submit(ops.create(conn(1)), "bus")
+            failing = store.checkpointer.failing
+            with anyio.fail_after(10):
+                while failing.get(CONNECTIONS, ("", 0, 0))[2] < 3:  # three tries at least
+                    await anyio.sleep(0.05)
+            refusing = False
+            await store.checkpointer.flush()
+    failed = [e["file"] for e in logs if e["event"] == "checkpoint_write_failed"]
+    assert sorted(failed) == sorted(set(failed)) and CONNECTIONS in failed, failed
+    errors = {e["error"] for e in logs if e["event"] == "checkpoint_write_failed"}
+    assert errors == {"Permission denied"}  # (the file is named beside it)
+
+
 async def test_algorithms_replaced_by_a_file_deletes_no_algorithm(
     data_dir: Path, tmp_path: Path
 ) -> None:

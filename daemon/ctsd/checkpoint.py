@@ -508,7 +508,9 @@ class Checkpointer:
         if failed:
             for path, e in failed.items():
                 file = str(path.relative_to(self.disk.data_dir))
-                self._log_failed(file, str(e))
+                # By its reason, not its text: that names the round's temp file (random),
+                # so a lasting refusal (a read-only dir) was logged anew at every retry.
+                self._log_failed(file, e.strerror or str(e))
                 self.fail_waiters({file}, _cannot_write(e))
             await anyio.sleep(FAILED_RETRY_S)
             self.wake.set()
