@@ -623,6 +623,58 @@ def test_a_rewrite_and_a_failed_append_leave_no_room_counted_that_is_not_there(
     j.close()
 
 
+def test_a_failed_append_that_cannot_be_cut_back_makes_the_next_one_rebuild(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refused the append's fdatasync and then its cut-back: the refused frame may
+    be whole in the file, to be replayed at a start as a change its caller was told failed."""
+    chs = changes(3)
+    j = open_with(tmp_path, chs[:1])
+    real_sync, real_truncate = os.fdatasync, os.ftruncate
+
+    def failing(*_args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal.os, "fdatasync", failing)
+    monkeypatch.setattr(journal.os, "ftruncate", failing)
+    with pytest.raises(OSError) as refused:
+        j.append(chs[1])
+    assert not isinstance(refused.value, journal.JournalLost)
+    monkeypatch.setattr(journal.os, "fdatasync", real_sync)
+    monkeypatch.setattr(journal.os, "ftruncate", real_truncate)
+    with pytest.raises(journal.JournalLost, match="could not be cut back"):
+        j.append(chs[2])
+    j.rebuild(chs[0], base_revision=0)  # (what the store does: memory, as one record)
+    j.append(chs[2])
+    j.close()
+    again = Journal(tmp_path)
+    assert [c.events for c in again.open(0).changes] == [chs[0].events, chs[2].events]
+    again.close()
+
+
+def test_a_cut_back_to_the_header_whose_sync_fails_leaves_no_hole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncated to its header, then the fdatasync failed: the next append went past a hole
+    of zeros at the old end, and the start after a crash refused the journal as damaged."""
+    chs = changes(3)
+    j = open_with(tmp_path, chs[:2])
+    real_sync = os.fdatasync
+
+    def failing(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        j.compact(j.lsn, base_revision=2, carry=None)
+    monkeypatch.setattr(journal.os, "fdatasync", real_sync)
+    j.append(chs[2])
+    j.close()
+    again = Journal(tmp_path)
+    assert [c.events for c in again.open(2).changes] == [chs[2].events]
+    again.close()
+
+
 def test_a_rewrite_the_disk_cuts_short_keeps_the_whole_old_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -748,10 +748,47 @@ async def test_a_journal_that_cannot_take_the_change_refuses_it(
         try:
             await _assert_refused_and_intact(store, data_dir, "Input/output error")
             assert store.journal.lsn == lsn  # no record was added
+            # /health said ok meanwhile: the disk's free space and mode look fine on EIO
+            assert store.status()["journal_error"] == "Input/output error"
         finally:
             monkeypatch.setattr(journal.os, "fdatasync", real)
         assert no_temp_files(data_dir)
         await _assert_still_works(store, data_dir)
+        assert store.status()["journal_error"] is None
+
+
+@pytest.mark.parametrize(
+    "lose",
+    [
+        lambda p: p.unlink(),  # `rm .journal`: the appends went on into the deleted file
+        lambda p: p.rename(p.with_name("journal.old")),
+        lambda p: os.truncate(p, 0),  # the next start found it damaged and refused to start
+        lambda p: p.write_bytes(b""),  # (the same, through another open)
+    ],
+    ids=["deleted", "moved", "truncated", "emptied"],
+)
+async def test_a_journal_lost_by_hand_is_made_anew_before_the_next_ack(
+    data_dir: Path, lose: Any
+) -> None:
+    """The journal deleted, moved or cut short while the daemon runs: every change
+    acknowledged before and after it survives a crash that comes before the files hold them."""
+    with structlog.testing.capture_logs() as logs:
+        async with then_killed(data_dir) as store:
+            await store.submit(ops.create(conn(1)), "bus")
+            lose(data_dir / journal.NAME)
+            await store.submit(ops.create(conn(2)), "bus")
+            await store.submit(ops.update("c1", {"name": "renamed"}), "bus")
+    assert [e["event"] for e in logs if e["event"] == "journal_rebuilt"] == ["journal_rebuilt"]
+    store = Store(data_dir)
+    store.open()
+    try:
+        assert {c: r.name for c, r in store.connections.items()} == {
+            "c1": "renamed",
+            "c2": "conn 2",
+        }
+        assert [e.action for e in store.log] == ["create", "create", "update"]
+    finally:
+        store.journal.close()
 
 
 async def test_a_hand_edit_the_journal_could_not_take_is_taken_in_once_it_can(

@@ -590,10 +590,20 @@ class Checkpointer:
             return
         self.force_cut = False
         carry = self._carry(stuck) if stuck else None
-        sync_log = self.disk.files.get(SYNC_LOG)
-        base = sync_log.content[-1].id if sync_log is not None and sync_log.content else 0
-        await self.compact(upto, base, carry)
+        await self.compact(upto, self._files_revision(), carry)
         self.cut = upto
+
+    def _files_revision(self) -> int:
+        sync_log = self.disk.files.get(SYNC_LOG)
+        return sync_log.content[-1].id if sync_log is not None and sync_log.content else 0
+
+    def beyond_files(self) -> tuple[Change | None, int]:
+        """What memory holds beyond the data files, as one change, and the files' revision:
+        a journal made anew (`Journal.rebuild`) holds that instead of its records. Its next
+        cut leaves none of it: a round follows soon."""
+        self.force_cut = True
+        self.wake.set()
+        return (self._carry(sorted(self.dirty)) if self.dirty else None), self._files_revision()
 
     def _carry(self, stuck: list[str]) -> Change | None:
         """What memory holds beyond the files in `stuck` (invalid on disk), as one change."""

@@ -113,6 +113,17 @@ class JournalError(Exception):
     """The journal cannot be used as it is: the daemon must not start (one-line reason)."""
 
 
+class JournalLost(OSError):
+    """The file at the journal's path is no longer the whole journal the daemon writes:
+    deleted, moved, replaced or cut short by hand while it ran, or left unsure by a failed
+    cut-back. What was appended may be gone (or, deleted, never reach a start): the store
+    makes it anew from memory (`Journal.rebuild`), then appends again. An OSError, so a
+    caller that cannot rebuild refuses the change as for a failing disk."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EIO, why)
+
+
 @dataclass
 class Recovered:
     """What `Journal.open` found: the changes to replay, and what it dropped."""
@@ -384,6 +395,10 @@ class Journal:
         self.stream_seq = 0  # what the data files hold of the cluster stream (header, cuts)
         self.version = VERSION  # the header's (a version 1 journal is rewritten at its first cut)
         self.seqs: dict[int, int] = {}  # lsn → stream seq of the records kept (cluster mode)
+        # Set when a failed append could not be cut back (its unacknowledged frame may still
+        # be in the file, to be replayed at a start): the next append rebuilds first.
+        self.unsure: str | None = None
+        self.head = b""  # the file's first bytes (its header frame's length and checksum)
 
     @property
     def last_seq(self) -> int:
@@ -441,6 +456,7 @@ class Journal:
         self.version = scan.version
         self.seqs = dict(scan.seqs)
         self.header_end = scan.header_end
+        self.head = raw[: _FRAME.size]
         self.offsets.extend(scan.offsets)
         self.lsn = scan.last_lsn
         self.end = self.capacity = scan.good_end
@@ -492,12 +508,59 @@ class Journal:
         return lsn
 
     def _append(self, data: bytes, sync: bool) -> None:
+        if self.unsure is not None:
+            raise JournalLost(self.unsure)
+        self._check()  # (cut short, an append past its end would make it look whole)
         if self.end + len(data) <= self.capacity:
             self._write(data, sync)  # into the room ahead
-            return
-        with self._room:  # past it: never while `grow` writes there
-            self._write(data, sync)
-            self.capacity = max(self.capacity, self.end)
+        else:
+            with self._room:  # past it: never while `grow` writes there
+                self._write(data, sync)
+                self.capacity = max(self.capacity, self.end)
+        self._check()
+
+    def _check(self) -> None:
+        """Raise JournalLost unless the journal's path still names the file written, whole
+        (around each append: microseconds beside its fdatasync). An operator's `rm` left
+        the appends going to a file no start would read; a truncation, to one no start
+        would accept."""
+        st = os.fstat(self.fd)
+        why = None
+        if st.st_nlink == 0:
+            why = "was deleted"
+        elif (
+            st.st_size < max(self.end, self.capacity)
+            or os.pread(self.fd, _FRAME.size, 0) != self.head
+        ):
+            # (Cut short, then lengthened by an append or the room written past its old end:
+            # zeros where its header was.)
+            why = "was cut short"
+        else:
+            try:
+                at = os.lstat(self.path)
+            except FileNotFoundError:
+                why = "was moved away"
+            else:
+                if (at.st_dev, at.st_ino) != (st.st_dev, st.st_ino):
+                    why = "was replaced by another file"
+        if why is not None:
+            raise JournalLost(f"{NAME} {why} while the daemon ran")
+
+    def rebuild(self, carry: Change | None, base_revision: int) -> None:
+        """The journal made anew after `JournalLost` (blocking): its header at the files'
+        revision, then `carry`, what memory holds beyond the data files (every change
+        acknowledged so far, as one record). The next cut of everything leaves none of it."""
+        self.stream_seq = self.last_seq  # (the carry holds the records' changes)
+        self.seqs.clear()
+        self.offsets.clear()
+        self.base_revision = base_revision
+        header = frame(_encode(Header("ctsd", VERSION, base_revision, self.stream_seq)))
+        body = header + (frame(_encode(Record(0, carry))) if carry is not None else b"")
+        self._replace(body, len(header))
+        self.version = VERSION
+        self.unsure = None
+        self.written_unsynced = False
+        self.scrub_through = self.lsn
 
     def sync_written(self) -> None:
         """Make durable the records written without an fdatasync of their own (another
@@ -523,9 +586,12 @@ class Journal:
             if sync:
                 os.fdatasync(self.fd)
         except OSError:
-            with contextlib.suppress(OSError), self._room:
-                os.ftruncate(self.fd, self.end)
-                self.capacity = self.end
+            try:
+                with self._room:
+                    os.ftruncate(self.fd, self.end)
+                    self.capacity = self.end
+            except OSError as e:
+                self.unsure = f"a failed append could not be cut back ({e.strerror})"
             raise
         self.end += len(data)
         self.written_unsynced = not sync  # a synced write made everything before it durable
@@ -592,8 +658,9 @@ class Journal:
         ):
             with self._room:  # everything is written: back to the header
                 os.ftruncate(self.fd, self.header_end)
-                os.fdatasync(self.fd)
+                # (Before the sync: if it fails, the next append goes here, not past a hole.)
                 self.end = self.capacity = self.header_end
+                os.fdatasync(self.fd)
             if scrub:
                 self.scrub_through = None
             if self.version != VERSION:
@@ -651,6 +718,7 @@ class Journal:
             self.fd = fd
             self.end = self.capacity = len(data)
         self.header_end = header_end
+        self.head = data[: _FRAME.size]
         fsync_dir(self.path.parent)
 
     @property

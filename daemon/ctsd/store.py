@@ -51,7 +51,7 @@ from ctsd.disk import Disk
 from ctsd.errors import CtsdError
 from ctsd.files import ALGORITHMS_DIR, SYNC_LOG, Invalid
 from ctsd.intake import Intake, Late
-from ctsd.journal import Journal, JournalError
+from ctsd.journal import Journal, JournalError, JournalLost
 from ctsd.models import Connection, ConnectionState, Settings, SyncEvent
 from ctsd.redact import mask_if_needed
 from ctsd.sealer import Sealer, secure_loaded
@@ -121,6 +121,7 @@ class Store:
         self._io_jobs = 0  # journal jobs handed to that thread and not yet done
         self._disk_slow_until = 0.0  # appends go to the thread until then (see `append`)
         self._growing = False  # the journal's room ahead is being written (`_make_room`)
+        self.journal_error: str | None = None  # the last append's failure (`status`)
         self.checkpointer = Checkpointer(
             self.committed,
             self.disk,
@@ -237,6 +238,9 @@ class Store:
             "journal_records": self.journal.pending,
             "checkpoint_lag_s": round(cp.lag_s, 3),
             "unwritten_files": sorted(cp.dirty),
+            # The last append's failure (changes are refused while it lasts), None once one
+            # succeeds: /health shows it, as the disk's state alone may not (EIO).
+            "journal_error": self.journal_error,
         }
 
     def secrets_status(self) -> dict[str, Any]:
@@ -593,14 +597,36 @@ class Store:
         costs more than it, as the thread must win the GIL back from a busy loop before the
         group can be answered. After a slow one, on the thread (`INLINE_APPEND_MAX_S`); a
         large record always."""
+        try:
+            try:
+                lsn = await self._append(change, seq, sync)
+            except JournalLost as lost:  # (the change is not installed: appended again)
+                await self._rebuild_journal(lost)
+                lsn = await self._append(change, seq, sync)
+        except OSError as e:
+            self.journal_error = e.strerror or str(e)
+            raise
+        self.journal_error = None
+        self._make_room()
+        return lsn
+
+    async def _append(self, change: Change, seq: int | None, sync: bool) -> int:
         lsn, data = self.journal.record(change, seq, sync=sync)
         job = functools.partial(self.journal.append_record, lsn, data, seq, sync=sync)
         if len(data) > INLINE_APPEND_MAX_BYTES:
-            lsn = await self._on_io(job, judged=False)
-        else:
-            lsn = await self._journal(job)
-        self._make_room()
-        return lsn
+            return int(await self._on_io(job, judged=False))
+        return int(await self._journal(job))
+
+    async def _rebuild_journal(self, lost: JournalLost) -> None:
+        """The journal file lost (`JournalLost`): made anew from memory, before anything is
+        appended to it."""
+        carry, base = self.checkpointer.beyond_files()
+        await self._on_io(functools.partial(self.journal.rebuild, carry, base), judged=False)
+        log.error(
+            "journal_rebuilt",
+            reason=lost.strerror,
+            message="the journal was made anew from memory; never touch .journal",
+        )
 
     def _make_room(self) -> None:
         """The journal's room ahead written on a helper thread (`Journal.grow`), neither on
@@ -687,10 +713,13 @@ class Store:
 
     async def _compact(self, upto: int, base: int, carry: Change | None) -> None:
         job = functools.partial(self.journal.compact, upto, base, carry)
-        if self.journal.cut_is_cheap(carry) and self.journal.scrub_through is None:
-            await self._journal(job)
-        else:
-            await self._on_io(job, judged=False)  # a rewrite of the journal
+        try:
+            if self.journal.cut_is_cheap(carry) and self.journal.scrub_through is None:
+                await self._journal(job)
+            else:
+                await self._on_io(job, judged=False)  # a rewrite of the journal
+        except JournalLost as lost:
+            await self._rebuild_journal(lost)
         self._make_room()
 
     # --- publishing ------------------------------------------------------------------------------
