@@ -32,7 +32,9 @@ def health(svc: Services) -> dict[str, Any]:
     }
     journal = store.status()
     waiting = [f for f in journal["unwritten_files"] if f not in store.problems]
-    journal["ok"] = not waiting or journal["checkpoint_lag_s"] < MAX_CHECKPOINT_LAG_S
+    journal["ok"] = journal["journal_error"] is None and (
+        not waiting or journal["checkpoint_lag_s"] < MAX_CHECKPOINT_LAG_S
+    )
     # The dir's mode and its directories (a link, a file where algorithms/ should be):
     # writes into a broken one fail, and a wide mode shows file names to other users.
     layout = dir_problems(svc.data_dir)

@@ -113,6 +113,8 @@ def _failing(name: str, check: Any) -> str:
         return "the data dir is not writable (changes stay in the journal)"
     if name == "free_space":
         return f"{cell(c.get('bytes'))} bytes free in the data dir's filesystem"
+    if name == "checkpoint" and c.get("journal_error"):
+        return f"the journal refuses changes: {safe(c['journal_error'])}"
     if name == "checkpoint":
         return (
             f"changes not reaching {', '.join(safe(f) for f in c.get('unwritten_files') or [])} "
