@@ -63,6 +63,14 @@ async def test_routes_answer(daemon: Daemon) -> None:
     assert boot["bus_url"] == f"ws://127.0.0.1:{d.port}/ws"
     assert "connections.update" in boot["capabilities"]["commands"]
     assert boot["server"]["cors_origins"] == ["http://localhost:5173", "http://localhost:5174"]
+    # seed 003's client reads connection.json's settings here, never its credentials
+    assert boot["projectX"] == {
+        "apiUrl": "https://api.topstepx.com",
+        "websocketUrl": "wss://rtc.topstepx.com",
+        "autoConnect": False,
+        "credentialsSet": False,
+    }
+    assert boot["trading"] == {"defaultCommission": 0.0, "simulationMode": True}
 
     code, st = d.http("/api/trading/server-status")
     assert code == 200 and st["counts"]["connections"] == 2 and "projectx" in st
@@ -163,8 +171,27 @@ def test_method_not_allowed(daemon: Daemon) -> None:
 def test_foreign_origin_403(daemon: Daemon) -> None:
     code, body = daemon.http("/api/settings/connections", headers={"Origin": "http://evil.example"})
     assert code == 403 and body["error"]["code"] == "forbidden"
+    # named: its page's developer sees only "a CORS error" in the browser
+    assert "'http://evil.example'" in body["error"]["message"]
     code, _ = daemon.http("/api/settings/connections", headers={"Origin": "http://localhost:5173"})
     assert code == 200
+
+
+def test_a_desktop_shells_file_origin_is_let_in_once_listed(daemon: Daemon) -> None:
+    """The DayTradersPro client packaged in Electron sends `Origin: file://`: refused however
+    `server.cors_origins` listed it. Listed now, it is let in (requests and preflights)."""
+    shell = {"Origin": "file://"}
+    code, body = daemon.http("/api/data/ui-config", headers=shell)
+    assert code == 403 and "'file://'" in body["error"]["message"]
+    write_settings(daemon.data_dir, {"server": {"cors_origins": ["file://"]}})
+    wait_until(lambda: daemon.http("/api/data/ui-config", headers=shell)[0] == 200, 10)
+    pre = {
+        **shell,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    r = httpx.options(daemon.url + "/api/data/ui-config", headers=pre)
+    assert r.status_code == 204 and r.headers["Access-Control-Allow-Origin"] == "file://"
 
 
 def test_refusals_in_a_loop_are_logged_in_summary(daemon: Daemon) -> None:
@@ -314,6 +341,13 @@ def test_cors_for_listed_origins(daemon: Daemon) -> None:
     assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5174"
     assert "X-Revision" in r.headers["Access-Control-Expose-Headers"]
     assert r.headers["Vary"] == "Origin" and r.headers["WWW-Authenticate"] == "Bearer"
+    exposed = r.headers["Access-Control-Expose-Headers"].split(", ")
+    assert {"Retry-After", "WWW-Authenticate", "Allow"} <= set(exposed)  # (429, 401, 405)
+    # A page of the origin served from a public or LAN address (Chrome's Private Network
+    # Access preflight): refused, every call of that page failed.
+    pna = {**preflight, "Access-Control-Request-Private-Network": "true"}
+    r = httpx.options(daemon.url + "/api/settings/connections/c1", headers=pna)
+    assert r.status_code == 204 and r.headers["Access-Control-Allow-Private-Network"] == "true"
     r = httpx.get(daemon.url + "/api/connections/state", headers={"Authorization": "Bearer no"})
     assert r.status_code == 401 and "Access-Control-Allow-Origin" not in r.headers
 

@@ -622,3 +622,7 @@ def test_cors_origins_let_in_what_browsers_send_and_never_null() -> None:
     entries = ["http://localhost:5173/", "null", "*", "app://desk", "HTTP://Host:8080", "h/x"]
     server = msgspec.convert({"cors_origins": entries}, ServerSettings)
     assert allowed_origins(server) == {"http://localhost:5173", "app://desk", "http://host:8080"}
+    # A desktop shell's packaged pages (Electron) send `file://`: listed, it is let in.
+    for listed in ("file://", "FILE:///"):
+        server = msgspec.convert({"cors_origins": [listed]}, ServerSettings)
+        assert allowed_origins(server) == {"file://"}

@@ -40,26 +40,31 @@ def allowed_origins(server: ServerSettings) -> frozenset[str]:
     """The origins `server.cors_origins` lets in, as browsers send them: an entry with a
     trailing slash (`http://localhost:5173/`) or in capitals is the origin without it, in
     lower case. `*` and `null` let nothing in: `null` is what sandboxed pages of any site
-    send, no frontend's own. An entry that can never match (a path, no scheme) is logged."""
+    send, no frontend's own. `file://` is what a desktop shell's packaged pages send
+    (Electron, the DayTradersPro client): listed, it lets them in (browsers send `null` for
+    a local file, never it). An entry that can never match (a path, no scheme) is logged."""
     global _ORIGINS
     listed = server.cors_origins
     if _ORIGINS is None or _ORIGINS[0] is not listed:  # once per settings change
         usable = set()
         for entry in listed:
-            origin = entry.rstrip("/").lower()
-            if _ORIGIN.fullmatch(origin):
+            origin = entry.lower()
+            origin = FILE_ORIGIN if origin in (FILE_ORIGIN, "file:///") else origin.rstrip("/")
+            if origin == FILE_ORIGIN or _ORIGIN.fullmatch(origin):
                 usable.add(origin)
             else:
                 log.warning(
                     "cors_origin_never_matches",
                     origin=entry,
-                    message="an origin is scheme://host[:port], as a browser sends it",
+                    message="an origin is scheme://host[:port], as a browser sends it "
+                    "(or file://, as a desktop shell's packaged pages send it)",
                 )
         _ORIGINS = (listed, frozenset(usable))
     return _ORIGINS[1]
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
+FILE_ORIGIN = "file://"
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
@@ -184,7 +189,9 @@ class Guard:
     def check_origin(self, headers: list[tuple[bytes, bytes]], server: ServerSettings) -> None:
         origins = header(headers, b"origin")
         if origins and not (len(origins) == 1 and origins[0].lower() in allowed_origins(server)):
-            raise CtsdError("forbidden", "origin not allowed")
+            # Named (the browser shows its developer only "a CORS error"), as sent, cut short.
+            shown = ascii(", ".join(origins)[:120])
+            raise CtsdError("forbidden", f"origin {shown} not allowed (see server.cors_origins)")
 
     def token_state(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """None when no token is presented, True for the right one, False otherwise."""

@@ -27,6 +27,7 @@ from ctsd.guard import SOURCE_HEADER, well_formed_host
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
+from ctsd.probes import display_url
 from ctsd.redact import mask
 from ctsd.web import openapi
 from ctsd.web import schemas as s
@@ -122,6 +123,7 @@ async def bootstrap(ctx: Context) -> Any:
     if not well_formed_host(host):  # (echoed into a URL: only a host and a port)
         listen = svc.listen.host
         host = f"[{listen}]:{svc.listen.port}" if ":" in listen else f"{listen}:{svc.listen.port}"
+    px = svc.prober.projectx_config()  # (as stored: its secrets are not opened)
     # (settings as typed: a CORS origin written with a password shows it masked)
     return mask(
         {
@@ -143,6 +145,17 @@ async def bootstrap(ctx: Context) -> Any:
                 "max_import_body_bytes": MAX_IMPORT_BODY_BYTES,
                 "documents": sorted(svc.store.documents),
             },
+            # What seed 003's client bootstraps from `connection.json` ("without sensitive
+            # data"): its Project X endpoints and trading settings.
+            "projectX": msgspec.to_builtins(
+                s.BootstrapProjectX(
+                    apiUrl=display_url(px.projectX.apiUrl),
+                    websocketUrl=display_url(px.projectX.websocketUrl),
+                    autoConnect=px.projectX.autoConnect,
+                    credentialsSet=bool(px.projectX.username and px.projectX.apiKey),
+                )
+            ),
+            "trading": msgspec.to_builtins(px.trading),
         }
     )
 
@@ -305,7 +318,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET",
         "/api/trading/connection",
-        "Bootstrap: bus URL, server settings, capabilities",
+        "Bootstrap: bus URL, server settings, capabilities, Project X endpoints (no "
+        "credentials), trading settings",
         bootstrap,
         s.Bootstrap,
         tag="trading",
@@ -323,7 +337,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/api/trading/test-connection",
         "Test the Project X connection now",
         test_projectx,
-        dict[str, Any],
+        TestResult,
         tag="trading",
     ),
     Endpoint(

@@ -90,8 +90,12 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
                 "description": SYNC_QUERY.description
                 if ep.write or ep.stores
                 else "`files` is taken and changes nothing: this route writes nothing to the "
-                "data files at once (a heartbeat reaches connection-state.json every "
-                "`heartbeat_flush_s`)",
+                "data files at once"
+                + (
+                    " (a heartbeat reaches connection-state.json every `heartbeat_flush_s`)"
+                    if ep.path.endswith("/heartbeat")
+                    else ""
+                ),
                 "schema": {"type": "string", "enum": ["files"]},
             }
         )

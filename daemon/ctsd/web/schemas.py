@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ctsd.models import PositiveFactor, Timestamp
+from ctsd.models import PositiveFactor, Timestamp, TradingSection
 
 
 class ActiveBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -85,12 +85,24 @@ class Health(msgspec.Struct, kw_only=True):
     checks: dict[str, Any]
 
 
+class BootstrapProjectX(msgspec.Struct, kw_only=True):
+    """`connection.json`'s `projectX` without its credentials (seed 003: the client never
+    receives them): whether they are set instead."""
+
+    apiUrl: str
+    websocketUrl: str
+    autoConnect: bool
+    credentialsSet: bool
+
+
 class Bootstrap(msgspec.Struct, kw_only=True):
     version: str
     protocol_version: int
     bus_url: str
     server: dict[str, Any]
     capabilities: dict[str, Any]
+    projectX: BootstrapProjectX
+    trading: TradingSection  # `connection.json`'s `trading`, as the daemon reads it
 
 
 class ServerStatus(msgspec.Struct, kw_only=True):

@@ -72,7 +72,9 @@ def connection_budget() -> int:
 HEADER_TIMEOUT_S = float(os.environ.get("CTSD_HEADER_TIMEOUT_S") or 10.0)
 BODY_TIMEOUT_S = float(os.environ.get("CTSD_BODY_TIMEOUT_S") or 30.0)
 WRITE_STALL_S = float(os.environ.get("CTSD_WRITE_STALL_S") or 30.0)
-EXPOSED = ["X-Revision", "Location"]
+# Readable by an allowed origin's page: why it must wait (429), which methods a route has
+# (405), how to authenticate (401), besides the revision and a created record's place.
+EXPOSED = ["X-Revision", "Location", "Retry-After", "Allow", "WWW-Authenticate"]
 # Any header an allowed origin's page asks for (`X-Requested-With`, `Cache-Control`: what
 # HTTP libraries add): the token, not a header list, is what guards a route.
 ALLOWED_HEADERS = ["*"]
@@ -115,7 +117,7 @@ class JsonCORS(CORSMiddleware):
             return Response(status_code=204, headers=headers)
         said = response.body.decode()  # ("Disallowed CORS origin, method")
         if "origin" in said:
-            said += " (see server.cors_origins)"
+            said += f" {request_headers.get('origin', '')[:120]!a} (see server.cors_origins)"
         err = CtsdError("forbidden", said)
         return api.json_response(403, api.error_body(err), headers)
 
@@ -180,6 +182,10 @@ class Web:
             allow_credentials=True,
             expose_headers=EXPOSED,
             max_age=600,
+            # A page of an allowed origin served from a public or LAN address calling this
+            # daemon on localhost: Chrome's Private Network Access preflight asks for this;
+            # refused, every call of that page failed. The origin list decides, as always.
+            allow_private_network=True,
         )
         self.server: _Uvicorn | None = None
         self.port = svc.listen.port  # the port bound, once started
