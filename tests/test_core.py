@@ -900,6 +900,27 @@ def test_an_import_error_names_the_place_in_what_was_sent() -> None:
         assert out.error.path == f"$.data.files.{STATE}[1].connection_id", (mode, out.error)
 
 
+def test_a_state_record_for_no_connection_waits_while_connections_json_is_invalid() -> None:
+    """connections.json invalid (its new connection half typed) and its state record saved
+    meanwhile: the record was taken and broadcast for a connection no bot knew, before the
+    connection's own `create`. Now the state edit waits (re-judged once the fix is in);
+    records of known connections are still kept as the file says."""
+    c = seeded("conn_a")
+    base = dict(c.state)
+    hand = [
+        msgspec.structs.replace(base["conn_a"], volume_factor_live=2.0),
+        msgspec.convert({"connection_id": "conn_n", "volume_factor_live": 3.0}, ConnectionState),
+    ]
+    broken = {CONNECTIONS: "connections.json:3:5: trailing comma"}
+    (out,), change = run(c, Request(ops.take_in(STATE, hand, base), "file"), invalid=broken)
+    assert out.error is not None and out.error.path == "$[1].connection_id"
+    assert "'conn_n' names no connection" in out.error.message
+    assert "judged again once it is fixed" in out.error.message
+    assert change.empty and list(c.state) == ["conn_a"]
+    (out,), _ = run(c, Request(ops.take_in(STATE, hand[:1], base), "file"), invalid=broken)
+    assert out.error is None and c.state["conn_a"].volume_factor_live == 2.0
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

@@ -570,9 +570,15 @@ def _orphan(tx: Tx, hand: list[ConnectionState], cid: str, where: str = "$") -> 
     """A state record the hand edit added for no connection: a dangling reference, so the
     edit is invalid. Dropped, the record (an operator's volumes, say) would
     be gone from the file at the next write: when state is saved before connections.json (`cp
-    backup/*.json`: it sorts first), the file is judged again once connections.json is in."""
+    backup/*.json`: it sorts first), the file is judged again once connections.json is in.
+    So too while connections.json is invalid on disk (its connection may be in the fix):
+    taken, it was broadcast for a connection no bot knew, before the connection's `create`."""
     at = next(i for i, s in enumerate(hand) if s.connection_id == cid)
     message = files.orphan_message(cid, sorted(_flat(tx.connections)))
+    if CONNECTIONS in tx.ctx.invalid_files:
+        message += (
+            f" ({CONNECTIONS} is invalid on disk: this file is judged again once it is fixed)"
+        )
     raise CtsdError("invalid", message, path=f"{where}[{at}].connection_id")
 
 
@@ -581,14 +587,15 @@ def _take_in_state(
 ) -> list[tuple[str, list[str]]]:
     current = _flat(tx.state)
     merged = merge_table(base, {s.connection_id: s for s in hand}, current)
-    # While connections.json is invalid there is nothing to mirror: keep what the file says.
+    # While connections.json is invalid there is nothing to mirror: keep what the file says
+    # of the records memory has.
     mirror = CONNECTIONS not in tx.ctx.invalid_files
     new: dict[str, ConnectionState] = {}
     for cid, st in merged.records.items():
         conn = tx.connections.get(cid)
-        if conn is None and mirror:
-            if cid in base:  # its connection deleted meanwhile: the state goes with it
-                continue
+        if conn is None and mirror and cid in base:
+            continue  # its connection deleted meanwhile: the state goes with it
+        if conn is None and (mirror or cid not in current):
             _orphan(tx, hand, cid)
         new[cid] = mirror_state(conn, st, tx.now) if conn is not None else st
     for cid, conn in tx.connections.items():  # a connection always has its state record
