@@ -921,6 +921,25 @@ def test_a_state_record_for_no_connection_waits_while_connections_json_is_invali
     assert out.error is None and c.state["conn_a"].volume_factor_live == 2.0
 
 
+def test_a_live_connections_status_set_by_hand_is_put_back() -> None:
+    """`status` of an active, enabled connection is the sweep's (its heartbeats): one set by
+    hand was taken and broadcast, then undone by the next heartbeat or sweep."""
+    c = Committed()
+    ok(run(c, ops.create(body("conn_a", is_active=True, is_enabled=True)), now=T0)[0])
+    assert c.state["conn_a"].status == "active"
+    for was, typed in (("active", "stale"), ("stale", "active"), ("stale", "inactive")):
+        if c.state["conn_a"].status != was:
+            ok(run(c, ops.set_status({"conn_a": (was, None)}))[0])
+        base = dict(c.state)
+        hand = [msgspec.structs.replace(base["conn_a"], status=typed, volume_factor_live=2.5)]
+        (out,), change = run(c, Request(ops.take_in(STATE, hand, base), "file"))
+        assert out.error is None
+        assert c.state["conn_a"].status == was, (was, typed)
+        assert c.state["conn_a"].volume_factor_live == 2.5  # the rest of the edit is kept
+        assert all("status" not in e.data.get("fields", []) for e in change.events)
+        ok(run(c, ops.set_volume("conn_a", live=1.0))[0])
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

@@ -597,7 +597,7 @@ def _take_in_state(
             continue  # its connection deleted meanwhile: the state goes with it
         if conn is None and (mirror or cid not in current):
             _orphan(tx, hand, cid)
-        new[cid] = mirror_state(conn, st, tx.now) if conn is not None else st
+        new[cid] = _kept_status(mirror_state(conn, st, tx.now), current.get(cid)) if conn else st
     for cid, conn in tx.connections.items():  # a connection always has its state record
         if cid not in new:
             new[cid] = mirror_state(conn, current.get(cid), tx.now)
@@ -616,6 +616,15 @@ def _take_in_state(
     for cid in [c for c in current if c not in new]:
         tx.state.delete(cid)
     return merged.conflicts
+
+
+def _kept_status(st: ConnectionState, was: ConnectionState | None) -> ConnectionState:
+    """A live connection's `active` or `stale` is the sweep's, by its heartbeats: one set by
+    hand (or brought by an import) is put back (`state_status_not_kept`), not broadcast as
+    an update the next heartbeat or sweep undoes."""
+    if was is None or "inactive" in (was.status, st.status) or st.status == was.status:
+        return st
+    return msgspec.structs.replace(st, status=was.status)
 
 
 def _flat(table: Table[Any]) -> Mapping[str, Any]:
