@@ -635,3 +635,15 @@ def test_a_settings_key_close_to_one_of_the_daemons_is_named_in_the_log(
         ("server.prot", "server.port"),
     }
     assert json.loads(path.read_text())["theme"] == "dark"  # left as written
+    # connection.json too: `autoconnect` left Project X off without a word
+    path = d.data_dir / "connection.json"
+    doc = json.loads(path.read_text())
+    doc["projectX"]["autoconnect"] = True
+    doc["trading"]["simulationmode"] = False
+    doc["trading"]["riskProfile"] = "low"  # (the app's own: no typo)
+    atomic_save(path, dump(doc))
+    logged = wait_until(lambda: log_lines(d, "connection_key_unknown"), 10, what="the warning")
+    assert {(e["key"], e["did_you_mean"]) for e in logged} == {
+        ("projectX.autoconnect", "projectX.autoConnect"),
+        ("trading.simulationmode", "trading.simulationMode"),
+    }

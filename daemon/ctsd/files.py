@@ -27,9 +27,12 @@ from ctsd.models import (
     ConnectionDoc,
     ConnectionState,
     InstancesDoc,
+    ProjectX,
+    ServerSection,
     ServerSettings,
     Settings,
     SyncEvent,
+    TradingSection,
     WatchSettings,
 )
 
@@ -452,16 +455,27 @@ def decode_file(file: str, raw: bytes) -> Any:
     return decode_document(name, raw)
 
 
-def settings_typos(content: Any) -> list[tuple[str, str]]:
-    """Keys of settings.json close to one of the daemon's but not it (`server.prot`,
-    `stale_after`), as (key, the daemon's key): kept, as every key the daemon does not read
-    is (the trading app's own), but the daemon never reads them. Only close matches: the
-    app's keys are no typos."""
-    if not isinstance(content, dict):
+# The files whose typed keys sit beside keys of the app's own, each with its sections.
+_TYPED_KEYS: dict[str, tuple[Any, tuple[tuple[str, Any], ...]]] = {
+    SETTINGS: (Settings, (("server", ServerSettings), ("watch", WatchSettings))),
+    "connection.json": (
+        ConnectionDoc,
+        (("projectX", ProjectX), ("server", ServerSection), ("trading", TradingSection)),
+    ),
+}
+
+
+def key_typos(file: str, content: Any) -> list[tuple[str, str]]:
+    """Keys of settings.json or connection.json close to one the daemon reads but not it
+    (`server.prot`, `stale_after`, `projectX.autoconnect`), as (key, the daemon's key): kept,
+    as every key the daemon does not read is (the trading app's own), but the daemon never
+    reads them. Only close matches: the app's keys are no typos."""
+    if file not in _TYPED_KEYS or not isinstance(content, dict):
         return []
+    top, named = _TYPED_KEYS[file]
     out: list[tuple[str, str]] = []
-    sections: list[tuple[str, Any, Any]] = [("", content, Settings)]
-    for name, kind in (("server", ServerSettings), ("watch", WatchSettings)):
+    sections: list[tuple[str, Any, Any]] = [("", content, top)]
+    for name, kind in named:
         if isinstance(content.get(name), dict):
             sections.append((f"{name}.", content[name], kind))
     for prefix, table, kind in sections:

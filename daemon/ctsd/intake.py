@@ -232,8 +232,7 @@ class Intake:
             self.store.problems[file] = FileProblem(file, 1, 1, "$", f"cannot read: {e.strerror}")
             log.error("file_invalid", file=file, problem=self.store.problems[file].format())
             return False
-        if file == files.SETTINGS:
-            _warn_typos(decoded)
+        _warn_typos(file, decoded)
         self._remember(file, decoded, raw, stamp, ctime)
         _install(file, decoded, committed)
         return True
@@ -511,8 +510,7 @@ class Intake:
             log.info(
                 "hand_edit_taken_in", file=file, changes=len(out.events), revision=store.revision
             )
-            if file == files.SETTINGS:
-                _warn_typos(hand)
+            _warn_typos(file, hand)
             store.taken_in(file)
         if file == STATE:
             _warn_state_not_kept(hand, base, store.committed)
@@ -935,9 +933,10 @@ def _warn_state_not_kept(hand: list[Any], base: Any, committed: Committed) -> No
             log.warning(event, file=STATE, connections=cids[:20], why=f"{CONNECTIONS}: {why}")
 
 
-def _warn_typos(settings: Any) -> None:
-    for key, meant in files.settings_typos(settings):
-        log.warning("settings_key_unknown", file=files.SETTINGS, key=key, did_you_mean=meant)
+def _warn_typos(file: str, content: Any) -> None:
+    event = "settings_key_unknown" if file == files.SETTINGS else "connection_key_unknown"
+    for key, meant in files.key_typos(file, content):
+        log.warning(event, file=file, key=key, did_you_mean=meant)
 
 
 def as_base(file: str, decoded: Any) -> Any:
