@@ -299,6 +299,13 @@ BAD = [
         "(a comma before `]` is not allowed)",
     ),
     (
+        "syntax-trailing-comma-in-a-record",  # the record's path, not `$`
+        "connection-state.json",
+        '[\n  {"connection_id": "a"},\n  {"connection_id": "b",}\n]\n',
+        3, 25, "$[1]",
+        "invalid JSON: expected a key in double quotes (a comma before `}` is not allowed)",
+    ),
+    (
         "syntax-double-comma",  # not blamed on a `}` that is not there
         "settings.json",
         '{\n  "sync_log_limit": 5,,\n  "x": 1\n}\n',

@@ -358,7 +358,9 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
         if ch not in "\t\n\r":  # (a NUL, say: no tab nor line break to blame)
             code = ord(ch)
             msg = f"invalid JSON: control character U+{code:04X} in a string; write \\u{code:04x}"
-        return FileProblem(file, e.lineno, e.colno, "$", msg)
+        # Where in the document it broke (`$[0]` for a trailing comma in the first record):
+        # the path, as for every other problem, not `$` whatever the place.
+        return FileProblem(file, e.lineno, e.colno, format_path(path_at(text, e.pos)), msg)
     except RecursionError:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
     except ValueError:  # an integer past int()'s digit limit, which neither decoder holds
@@ -492,7 +494,7 @@ def structure_problem(
             m = _STRUCTURAL.search(text, i)
             i = m.start() if m is not None else n
             if 0 <= until < i:
-                return until, [f[2] for f in stack], ""
+                return until, _path_of(stack), ""
             if m is None:
                 return None
             c = text[i]
@@ -500,7 +502,7 @@ def structure_problem(
             if c == '"':
                 value, end = scanstring(text, i + 1)
                 if until >= 0 and until < end:  # (inside this string)
-                    return until, [f[2] for f in stack], ""
+                    return until, _path_of(stack), ""
                 if top is not None and top[0] and top[3]:
                     first = top[1].get(value)
                     if first is not None and until < 0:
@@ -528,6 +530,13 @@ def structure_problem(
                 return None
     except (ValueError, IndexError):  # not JSON after all: nothing more to say
         return None
+
+
+def _path_of(stack: list[list[Any]]) -> list[str | int]:
+    """The path where the walk stands: in an object waiting for its next key (after `{` or
+    a comma), the object's own (not its last key's, nor an index)."""
+    parts = [f[2] for f in stack]
+    return parts[:-1] if stack and stack[-1][0] and stack[-1][3] else parts
 
 
 def structure_file_problem(
