@@ -940,6 +940,19 @@ def test_a_live_connections_status_set_by_hand_is_put_back() -> None:
         ok(run(c, ops.set_volume("conn_a", live=1.0))[0])
 
 
+def test_an_instance_naming_an_algorithm_file_invalid_on_disk_says_so() -> None:
+    """`algorithms/Beta.json` is there (`ls` shows it) but invalid: the refusal said it
+    names no file."""
+    c = seeded()
+    doc = {"instances": [{"id": "i1", "name": "n", "symbol": "NQ", "algorithmName": "Beta"}]}
+    broken = {"algorithms/Beta.json": "algorithms/Beta.json:1:2: invalid JSON"}
+    (out,), _ = run(c, ops.set_document("instances", doc), invalid=broken)
+    assert out.error is not None and out.error.path == "$.content.instances[0].algorithmName"
+    assert "names algorithms/Beta.json, which is invalid on disk" in out.error.message
+    (out,), _ = run(c, ops.set_document("instances", doc))
+    assert out.error is not None and "names no file in algorithms/" in out.error.message
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

@@ -12,7 +12,7 @@ import difflib
 import functools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -432,14 +432,26 @@ def orphan_message(cid: str, ids: list[str]) -> str:
     )
 
 
-def check_instance_refs(instances: Any, algorithms: set[str], file: str, raw: bytes | None) -> None:
-    """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid)."""
+def check_instance_refs(
+    instances: Any,
+    algorithms: set[str],
+    file: str,
+    raw: bytes | None,
+    invalid: Collection[str] = (),
+) -> None:
+    """`algorithmName` must name a file in `algorithms/` (a dangling reference is invalid).
+    `invalid`: the data files invalid on disk: one named is there, but not usable yet."""
     for i, inst in enumerate(instances.get("instances") or []):
         algo = inst.get("algorithmName")
         if algo not in algorithms:
             hint = diagnose.nearest(str(algo), sorted(algorithms))
-            msg = f"algorithmName {algo!r} names no file in algorithms/" + (
-                f"; did you mean {hint!r}?" if hint else ""
+            named = f"{ALGORITHMS_DIR}/{algo}.json"
+            msg = (
+                f"algorithmName {algo!r} names {named}, which is invalid on disk (its own "
+                "error says why); this file is judged again once it is fixed"
+                if named in invalid
+                else f"algorithmName {algo!r} names no file in algorithms/"
+                + (f"; did you mean {hint!r}?" if hint else "")
             )
             raw = raw if raw is not None else encode_document(instances)
             raise Invalid(diagnose.at_path(file, raw, ["instances", i, "algorithmName"], msg))

@@ -219,7 +219,9 @@ class Intake:
                 return False
             decoded = self.decode(file, raw)
             if files.document_name(file) == "instances":
-                files.check_instance_refs(decoded, committed.algorithm_names(), file, raw)
+                files.check_instance_refs(
+                    decoded, committed.algorithm_names(), file, raw, self.store.problems
+                )
             if file in SECRET_FILES:
                 self._check_secrets(file, raw, decoded)
                 check_placeholders(file, raw, decoded)

@@ -419,7 +419,9 @@ def check_document(
     if name == "instances":
         try:
             files.check_instance_ids(content, file, None)
-            files.check_instance_refs(content, tx.algorithm_names(), file, None)
+            files.check_instance_refs(
+                content, tx.algorithm_names(), file, None, tx.ctx.invalid_files
+            )
         except Invalid as e:
             raise CtsdError("invalid", e.problem.message, path=path + e.problem.path[1:]) from None
     return file, content
@@ -773,7 +775,9 @@ def take_in(
         if name == "instances":
             try:
                 files.check_instance_ids(merged.records, file, raw)
-                files.check_instance_refs(merged.records, tx.algorithm_names(), file, raw)
+                files.check_instance_refs(
+                    merged.records, tx.algorithm_names(), file, raw, tx.ctx.invalid_files
+                )
             except Invalid as e:
                 raise CtsdError(
                     "invalid", e.problem.message, path=e.problem.path, extra={"problem": e.problem}
