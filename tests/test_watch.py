@@ -245,6 +245,11 @@ async def test_invalid_then_fixed(daemon10: Daemon) -> None:
         d.notify.wait_for("READY=1", after=d.notify.messages.index("RELOADING=1"))
         assert path.read_bytes() == bad
         assert revision(d) == rev
+        assert not log_lines(d, "file_still_invalid")  # (nothing was saved)
+        # Saved again with the same mistake: said in the log (at 3 a.m. the operator
+        # wonders whether the daemon saw the save), not as another notice.
+        atomic_save(path, bad)
+        wait_until(lambda: log_lines(d, "file_still_invalid"), 10, what="file_still_invalid")
         assert len([n for n in b.notices if n["notice"] == "file_invalid"]) == 1
 
         # Fixed (with one real change): cleared, taken in, writes work again.

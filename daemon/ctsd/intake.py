@@ -611,9 +611,13 @@ class Intake:
 
     def _mark_invalid(self, file: str, problem: FileProblem, stamp: Stamp | None) -> None:
         self.failed.pop(file, None)  # (judged: what the edit holds is the problem now)
+        od = self.disk.files.get(file)
+        saved_again = stamp is not None and od is not None and od.stamp != stamp
         if stamp is not None:
             self.disk.record(file, stamp)  # judged as it is now; a later edit changes the stamp
         if self.store.problems.get(file) == problem:
+            if saved_again:  # (the operator wonders whether the daemon saw the save)
+                log.info("file_still_invalid", file=file, problem=problem.format())
             return
         self.store.problems[file] = problem
         log.error("file_invalid", file=file, problem=problem.format())
