@@ -953,6 +953,15 @@ def test_an_instance_naming_an_algorithm_file_invalid_on_disk_says_so() -> None:
     assert out.error is not None and "names no file in algorithms/" in out.error.message
 
 
+def test_connection_settings_with_nan_says_so_where() -> None:
+    """Said as "JSON is malformed: invalid character (byte 13)" before."""
+    c = seeded("conn_a")
+    (out,), _ = run(c, ops.update("conn_a", {"connection_settings": '{"fee": NaN}'}))
+    assert out.error is not None and out.error.path == "$.changes.connection_settings"
+    assert "NaN is not a JSON value" in out.error.message
+    assert "(character 9 of its text)" in out.error.message
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

@@ -235,7 +235,14 @@ BAD = [
         "connections.json",
         f'[{CONN}, "connection_settings": "{{bad"}}]',
         1, 71, "$[0].connection_settings",
-        "JSON string holding an object",
+        "JSON string holding an object: expected a key in double quotes (character 2 of its text)",
+    ),
+    (
+        "connection-settings-duplicate-key",  # the key named, as in a file
+        "connections.json",
+        f'[{CONN}, "connection_settings": "{{\\"fee\\": 1, \\"fee\\": 2}}"}}]',
+        1, 71, "$[0].connection_settings",
+        "names a key twice in one object: duplicate key `fee` (first at line 1)",
     ),
     (
         "connection-settings-object-not-string",

@@ -346,7 +346,7 @@ def connection_settings_problem(text: str, strict: bool = False, sized: bool = T
     try:
         value = json.loads(text)
     except ValueError as e:
-        msg = getattr(e, "msg", None) or "not JSON"
+        msg = _inner_problem(text) or getattr(e, "msg", None) or "not JSON"
         return f"connection_settings must be a JSON string holding an object: {msg}"
     except RecursionError:
         value = None  # refused below for its depth
@@ -356,7 +356,9 @@ def connection_settings_problem(text: str, strict: bool = False, sized: bool = T
     if value is None or limits.check_depth(value) is not None:
         return f"connection_settings is {_TOO_DEEP}"
     if has_duplicate_keys(text):
-        return "connection_settings names a key twice in one object"
+        found = diagnose.structure_problem(text, MAX_DEPTH + 1, "")
+        said = f": {found[2]}, in its text" if found is not None and found[2] else ""
+        return f"connection_settings names a key twice in one object{said}"
     if strict:
         if sized and len(text) > MAX_SETTINGS_CHARS:
             return (
@@ -366,12 +368,24 @@ def connection_settings_problem(text: str, strict: bool = False, sized: bool = T
         try:
             msgspec.json.decode(text)
         except msgspec.DecodeError as e:
-            return f"connection_settings must be a JSON string holding an object: {e}"
+            msg = _inner_problem(text) or str(e)
+            return f"connection_settings must be a JSON string holding an object: {msg}"
     if "base_url" in value and not (
         isinstance(value["base_url"], str) and value["base_url"].startswith(("http://", "https://"))
     ):
         return "connection_settings.base_url must be an http:// or https:// URL"
     return None
+
+
+def _inner_problem(text: str) -> str | None:
+    """What is wrong in a `connection_settings` text, in the words a file's problem gets
+    (NaN, a trailing comma), placed in that text (it sits on one line of the file)."""
+    p = diagnose.syntax_problem("connection_settings", text.encode("utf-8", "replace"))
+    if p is None:
+        return None
+    message = p.message.removeprefix("invalid JSON: ")
+    where = f"line {p.line}, column {p.column}" if "\n" in text else f"character {p.column}"
+    return f"{message} ({where} of its text)"
 
 
 def validate_document(
