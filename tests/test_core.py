@@ -938,6 +938,12 @@ def test_a_live_connections_status_set_by_hand_is_put_back() -> None:
         assert c.state["conn_a"].volume_factor_live == 2.5  # the rest of the edit is kept
         assert all("status" not in e.data.get("fields", []) for e in change.events)
         ok(run(c, ops.set_volume("conn_a", live=1.0))[0])
+    # Only what is put back edited (`is_active`, `status`): no change, no event (it was an
+    # update of `updated_at`, the put-back's own stamp).
+    base = dict(c.state)
+    hand = [msgspec.structs.replace(base["conn_a"], is_active=False, status="inactive")]
+    (out,), change = run(c, Request(ops.take_in(STATE, hand, base), "file"), now=T4)
+    assert out.error is None and change.events == [] and c.state["conn_a"] == base["conn_a"]
 
 
 def test_an_instance_naming_an_algorithm_file_invalid_on_disk_says_so() -> None:

@@ -599,7 +599,7 @@ def _take_in_state(
             continue  # its connection deleted meanwhile: the state goes with it
         if conn is None and (mirror or cid not in current):
             _orphan(tx, hand, cid)
-        new[cid] = _kept_status(mirror_state(conn, st, tx.now), current.get(cid)) if conn else st
+        new[cid] = _hand_state(conn, st, current.get(cid), tx.now) if conn else st
     for cid, conn in tx.connections.items():  # a connection always has its state record
         if cid not in new:
             new[cid] = mirror_state(conn, current.get(cid), tx.now)
@@ -618,6 +618,19 @@ def _take_in_state(
     for cid in [c for c in current if c not in new]:
         tx.state.delete(cid)
     return merged.conflicts
+
+
+def _hand_state(
+    conn: Connection, st: ConnectionState, was: ConnectionState | None, now: str
+) -> ConnectionState:
+    """A state record edited by hand as kept: `is_active` mirrored, `status` consistent. An
+    edit of only what is put back changes nothing (it was broadcast as an update of
+    `updated_at`, the put-back's own stamp)."""
+    new = _kept_status(mirror_state(conn, st, now), was)
+    put_back = new is not st and was is not None and new.updated_at == now
+    if put_back and msgspec.structs.replace(new, updated_at=was.updated_at) == was:
+        return was
+    return new
 
 
 def _kept_status(st: ConnectionState, was: ConnectionState | None) -> ConnectionState:
