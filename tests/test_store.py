@@ -764,8 +764,9 @@ async def test_a_journal_that_cannot_take_the_change_refuses_it(
         lambda p: p.rename(p.with_name("journal.old")),
         lambda p: os.truncate(p, 0),  # the next start found it damaged and refused to start
         lambda p: p.write_bytes(b""),  # (the same, through another open)
+        lambda p: os.truncate(p, 80),  # its header kept, its records cut
     ],
-    ids=["deleted", "moved", "truncated", "emptied"],
+    ids=["deleted", "moved", "truncated", "emptied", "cut"],
 )
 async def test_a_journal_lost_by_hand_is_made_anew_before_the_next_ack(
     data_dir: Path, lose: Any

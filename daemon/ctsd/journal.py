@@ -398,7 +398,10 @@ class Journal:
         # Set when a failed append could not be cut back (its unacknowledged frame may still
         # be in the file, to be replayed at a start): the next append rebuilds first.
         self.unsure: str | None = None
-        self.head = b""  # the file's first bytes (its header frame's length and checksum)
+        # The file's last bytes before `end` (a frame's: never zeros), to tell it was cut
+        # short (`_append`): the room's zeros written past a cut, or the append itself,
+        # would make it as long again.
+        self.tail = b""
 
     @property
     def last_seq(self) -> int:
@@ -456,7 +459,7 @@ class Journal:
         self.version = scan.version
         self.seqs = dict(scan.seqs)
         self.header_end = scan.header_end
-        self.head = raw[: _FRAME.size]
+        self.tail = raw[max(0, scan.good_end - _FRAME.size) : scan.good_end]
         self.offsets.extend(scan.offsets)
         self.lsn = scan.last_lsn
         self.end = self.capacity = scan.good_end
@@ -510,7 +513,8 @@ class Journal:
     def _append(self, data: bytes, sync: bool) -> None:
         if self.unsure is not None:
             raise JournalLost(self.unsure)
-        self._check()  # (cut short, an append past its end would make it look whole)
+        if os.pread(self.fd, len(self.tail), self.end - len(self.tail)) != self.tail:
+            raise JournalLost(f"{NAME} was cut short while the daemon ran")
         if self.end + len(data) <= self.capacity:
             self._write(data, sync)  # into the room ahead
         else:
@@ -520,20 +524,15 @@ class Journal:
         self._check()
 
     def _check(self) -> None:
-        """Raise JournalLost unless the journal's path still names the file written, whole
-        (around each append: microseconds beside its fdatasync). An operator's `rm` left
-        the appends going to a file no start would read; a truncation, to one no start
-        would accept."""
+        """Raise JournalLost unless the journal's path still names the file written (after
+        each append: microseconds beside its fdatasync; `_append` checks its end before).
+        An operator's `rm` left the appends going to a file no start would read; a
+        truncation, to one no start would accept."""
         st = os.fstat(self.fd)
         why = None
         if st.st_nlink == 0:
             why = "was deleted"
-        elif (
-            st.st_size < max(self.end, self.capacity)
-            or os.pread(self.fd, _FRAME.size, 0) != self.head
-        ):
-            # (Cut short, then lengthened by an append or the room written past its old end:
-            # zeros where its header was.)
+        elif st.st_size < max(self.end, self.capacity):
             why = "was cut short"
         else:
             try:
@@ -594,6 +593,7 @@ class Journal:
                 self.unsure = f"a failed append could not be cut back ({e.strerror})"
             raise
         self.end += len(data)
+        self.tail = data[-_FRAME.size :]
         self.written_unsynced = not sync  # a synced write made everything before it durable
 
     def wants_room(self, short: int | None = None) -> bool:
@@ -660,6 +660,7 @@ class Journal:
                 os.ftruncate(self.fd, self.header_end)
                 # (Before the sync: if it fails, the next append goes here, not past a hole.)
                 self.end = self.capacity = self.header_end
+                self.tail = os.pread(self.fd, _FRAME.size, self.header_end - _FRAME.size)
                 os.fdatasync(self.fd)
             if scrub:
                 self.scrub_through = None
@@ -718,7 +719,7 @@ class Journal:
             self.fd = fd
             self.end = self.capacity = len(data)
         self.header_end = header_end
-        self.head = data[: _FRAME.size]
+        self.tail = data[-_FRAME.size :]
         fsync_dir(self.path.parent)
 
     @property
