@@ -67,6 +67,23 @@ def test_in_place_truncate_then_chunks_with_pauses(daemon10: Daemon) -> None:
     assert_one_name_update(d, rev, "conn_0005", "Chunked")
 
 
+def test_an_in_place_save_that_pauses_after_its_truncate_is_no_invalid_file(
+    daemon10: Daemon,
+) -> None:
+    """Truncated, then written a moment later (a large file, a slow disk, an editor that
+    renders first): the empty file was reported invalid ("file is empty", an error and a
+    notice to every bot), then restored. An empty file is judged after a longer quiet."""
+    d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)
+    body = edit_name(path.read_bytes(), "conn_0006", "Paused")
+    with open(path, "r+b") as fh:
+        fh.truncate(0)
+        fh.flush()
+        threading.Event().wait(0.5)  # the writer's pause (the scenario), ten settles long
+        fh.write(body)
+    assert_one_name_update(d, rev, "conn_0006", "Paused")
+    assert not log_lines(d, "file_invalid")
+
+
 def test_vim_style_save(daemon10: Daemon) -> None:
     """vim (writebackup, backupcopy=no): swap file, `4913` probe, rename to `~`, write new."""
     d, path, rev = daemon10, daemon10.data_dir / CONNS, revision(daemon10)

@@ -75,6 +75,9 @@ INOTIFY_RETRY_S = 60.0  # polling in its stead (inotify failed): try it again th
 UNDECODABLE_PER_MIN = 20
 SETTLE_S = 0.05  # quiet time before a file that does not parse is called invalid
 SETTLE_MAX_S = 2.0  # a file that never stops changing is judged anyway after this
+# An empty file waits for a longer quiet: an in-place save's truncate, with the write still
+# to come (a large file, a slow editor), is no mistake to tell every bot about.
+SETTLE_EMPTY_S = 1.0
 SETTLE_POLL_S = 0.005
 LOOK_AGAIN = 4  # immediate re-reads of a file that changed while being read
 # An in-place writer that opened a file before our rename replaced it writes into the old
@@ -479,13 +482,15 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
 
 
 async def _settle(path: Path) -> None:
-    """Return once `path` has not changed for SETTLE_S (or after SETTLE_MAX_S)."""
+    """Return once `path` has not changed for SETTLE_S (SETTLE_EMPTY_S while empty), or
+    after SETTLE_MAX_S."""
     start = time.monotonic()
     key = _stat_key(path)
     quiet_since = start
     while True:
         now = time.monotonic()
-        if now - quiet_since >= SETTLE_S or now - start >= SETTLE_MAX_S:
+        quiet = SETTLE_EMPTY_S if key is not None and key[0] == 0 else SETTLE_S
+        if now - quiet_since >= quiet or now - start >= SETTLE_MAX_S:
             return
         await anyio.sleep(SETTLE_POLL_S)
         current = _stat_key(path)
