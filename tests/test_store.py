@@ -2241,3 +2241,20 @@ async def test_a_hand_edit_put_back_while_down_is_taken_in_though_the_journal_to
     (crashed / file).write_bytes(saved)  # while down: the version saved then, put back
     async with restarted(crashed) as again:
         assert again.documents[name] == {"a": 2}
+
+
+async def test_the_connection_list_is_built_again_only_when_a_connection_changed(
+    data_dir: Path,
+) -> None:
+    """Kept by the store's version, the list was built again after every heartbeat flush,
+    test result or volume change: on a big desk nearly every read rebuilt it."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        first = views.connections(store)
+        await store.submit(ops.set_volume("c1", live=2.0), "bus")
+        assert views.connections(store) is first
+        await store.submit(ops.update("c1", {"name": "renamed"}), "bus")
+        again = views.connections(store)
+        assert again is not first and b'"renamed"' in bytes(again)
+        await store.submit(ops.create(conn(2)), "bus")
+        assert len(json.loads(bytes(views.connections(store)))) == 2

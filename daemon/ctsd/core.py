@@ -126,6 +126,9 @@ def document_key(name: str) -> str:
     return f"d:{name}"
 
 
+_TABLE_VERSIONS = itertools.count(1)
+
+
 # --- the committed state ---------------------------------------------------------------------
 
 
@@ -149,6 +152,10 @@ class Committed:
         self.record_revs: dict[str, int] = {}
         self.settings = Settings()
         self.version = 0  # moves on every applied change (read caches key on it)
+        # Moves on every change of a connection or their order only (the list's cache keys on
+        # it: a heartbeat flush, a test result, a volume change leave the list as it was).
+        # Unique in the process (`touch_connections`): no two stores' tables share one.
+        self.connections_version = next(_TABLE_VERSIONS)
         # Compact JSON size of each connection, and their sum, for the dict they were counted
         # in (`connections_bytes`): counted again whole when the dict was replaced (a load).
         self._sized: dict[str, Connection] | None = None
@@ -230,6 +237,10 @@ class Committed:
             self._note_revision(e)
         self.version += 1
 
+    def touch_connections(self) -> None:
+        """The connections changed (`connections_version`)."""
+        self.connections_version = next(_TABLE_VERSIONS)
+
     def refresh_settings(self) -> None:
         self.settings = msgspec.convert(self.documents.get("settings", {}), type=Settings)
 
@@ -240,6 +251,8 @@ class Committed:
         it was computed on this very state (nothing installed since), so no record moved and
         its records are taken as they are."""
         _apply_records(self.connections, change.connections, Connection, exact)
+        if change.connections or change.order is not None:
+            self.touch_connections()
         if self._sized is self.connections:
             for rc in change.connections:
                 size = _bytes_of(self.connections.get(rc.key))

@@ -877,6 +877,7 @@ GONE = Stamp(-1, -1, -1)  # the stamp of a file that was there: it matches no fi
 def _install(file: str, decoded: Any, committed: Committed) -> None:
     if file == CONNECTIONS:
         committed.connections = {c.id: c for c in decoded}
+        committed.touch_connections()
     elif file == STATE:
         committed.state = {s.connection_id: s for s in decoded}
     elif file == SYNC_LOG:

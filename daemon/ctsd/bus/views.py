@@ -45,8 +45,9 @@ def masked_raw(conn: Connection) -> msgspec.Raw:
     return raw
 
 
-# The whole list, kept while nothing changed (the store's version moves with every change):
-# repeated reads of an unchanged table cost a lookup.
+# The whole list, kept while no connection changed: repeated reads of an unchanged table cost
+# a lookup (keyed on the table and its version: state changes, heartbeat flushes and test
+# results every few seconds on a big desk, made every read build it again).
 _lists: dict[tuple[Any, ...], tuple[int, msgspec.Raw]] = {}
 
 
@@ -59,8 +60,9 @@ def connections(
     """The connections (masked) as one JSON array, in file order."""
     table = store.connections
     key = (id(store), exchange, enabled, active)
+    version = store.committed.connections_version
     hit = _lists.get(key)
-    if hit is not None and hit[0] == store.version:
+    if hit is not None and hit[0] == version:
         return hit[1]
     if len(_masked) > 2 * len(table) + 64:  # records deleted since: forget them
         for cid in [c for c in _masked if c not in table]:
@@ -78,7 +80,7 @@ def connections(
     raw = msgspec.Raw(_encode(out))
     if len(_lists) > 64:
         _lists.clear()
-    _lists[key] = (store.version, raw)
+    _lists[key] = (version, raw)
     return raw
 
 
