@@ -147,6 +147,28 @@ async def test_heartbeats_coalesced_one_write_per_flush(running: Any):
     assert app.store.revision == rev  # no sync-log entry per heartbeat
 
 
+async def test_a_flush_of_many_heartbeats_goes_in_slices(
+    running: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10,000 bots' heartbeats in one change held the event loop, and every bot's ack, for
+    about 100 ms each flush: written FLUSH_SLICE at a time, others' changes go in between."""
+    monkeypatch.setattr(sweeps, "FLUSH_SLICE", 4)
+    app = await running(
+        [probe_connection(f"c{i}", None) for i in range(10)],
+        {"heartbeat_flush_s": 60, "stale_after_s": 60},
+    )
+    await wait_for(lambda: len(app.sweeper.live) == 10, 2, "first sweep")
+    groups: list[int] = []
+    app.store.on_commit.append(lambda _s, n: groups.append(n))
+    for i in range(10):
+        app.sweeper.heartbeat(f"c{i}")
+    assert await app.sweeper.flush() == 10
+    assert len(groups) == 3  # 4 + 4 + 2
+    beats = app.store.heartbeats
+    assert all(app.store.state[f"c{i}"].last_heartbeat_at == beats[f"c{i}"] for i in range(10))
+    assert not app.sweeper.flush_plan()
+
+
 async def test_idle_sweeps_write_nothing(running: Any):
     app = await running([probe_connection(f"c{i}", None) for i in range(50)], {"stale_after_s": 60})
     sw = await wait_for(lambda: app.sweeper, 2, "sweeper")

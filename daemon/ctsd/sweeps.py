@@ -3,7 +3,7 @@
 Heartbeats are the hot path (every bot sends them): `heartbeat()` only sets the time in
 memory (`store.heartbeats`, which `store.state_view` overlays) and marks the connection for
 the next flush; `connection-state.json` gets the coalesced heartbeats every
-`heartbeat_flush_s` in one write through the one door (`ops.flush_heartbeats`), and never a
+`heartbeat_flush_s` through the one door (`ops.flush_heartbeats`, FLUSH_SLICE a write), and never a
 sync-log entry. Heartbeats lost in a crash are at most one flush interval old: they are
 runtime data, and the stale sweep gives every connection a full `stale_after_s` of grace from
 daemon start anyway.
@@ -51,6 +51,9 @@ log = structlog.get_logger("ctsd.sweeps")
 
 MAX_IDLE_WAIT_S = 0.5  # longest sleep, so a shortened interval in settings.json applies soon
 TICK_BUDGET = 1000  # due heap entries per slice of a tick: a few ms of work (bench/sweeps.py)
+# Heartbeats per write of a flush: 10,000 bots' in one change held the event loop (and every
+# bot's ack) for about 100 ms every heartbeat_flush_s; slices let the acks in between.
+FLUSH_SLICE = 1000
 RESCAN_SLICE = 1000  # connections learnt per slice (a few ms)
 PERIODIC_JITTER = 0.1  # each next periodic test lands at interval × [0.9, 1.1]
 # A connection's first periodic test (after a start, a create, a new interval) lands at
@@ -350,24 +353,26 @@ class Sweeper:
         return self._flush_lock.locked()
 
     async def flush(self) -> int:
-        """One write of every heartbeat and last_sync_at not yet on disk; none if none."""
+        """Every heartbeat and last_sync_at not yet on disk, in writes of FLUSH_SLICE; none if
+        none."""
         async with self._flush_lock:
             return await self._flush()
 
     async def _flush(self) -> int:
-        beats = self.flush_plan()
+        beats = list(self.flush_plan().items())
         self.beats_dirty = set()
-        if not beats:
-            return 0
-        try:
-            n = await self.store.submit(ops.flush_heartbeats(beats), "sweep")
-            self._warned.pop("heartbeat_flush_failed", None)
-            return int(n)
-        except CtsdError as e:
-            # e.g. connection-state.json invalid on disk: keep them for the next flush
-            self.beats_dirty.update(beats)
-            self._warn("heartbeat_flush_failed", e)
-            return 0
+        n = 0
+        for at in range(0, len(beats), FLUSH_SLICE):
+            part = dict(beats[at : at + FLUSH_SLICE])
+            try:
+                n += int(await self.store.submit(ops.flush_heartbeats(part), "sweep"))
+            except CtsdError as e:
+                # e.g. connection-state.json invalid on disk: keep them for the next flush
+                self.beats_dirty.update(cid for cid, _ in beats[at:])
+                self._warn("heartbeat_flush_failed", e)
+                return n
+        self._warned.pop("heartbeat_flush_failed", None)
+        return n
 
     # --- periodic connection tests ------------------------------------------------------------
 
