@@ -968,6 +968,26 @@ def test_connection_settings_with_nan_says_so_where() -> None:
     assert "(character 9 of its text)" in out.error.message
 
 
+def test_an_id_past_what_clients_hold_exactly_is_refused_at_the_doors() -> None:
+    """2**70 as user_id was taken from a hand edit and broadcast (past int64, past
+    JavaScript's exact numbers). Refused where it comes in; a value an earlier version
+    stored (in a file, in the journal) still loads and never blocks its record."""
+    huge = 2**70
+    c = seeded("conn_a")
+    (out,), _ = run(c, ops.update("conn_a", {"user_id": huge}))
+    assert out.error is not None and out.error.path == "$.changes.user_id", out.error
+    (out,), _ = run(c, ops.create(body("conn_b", exchange_id=-huge)))
+    assert out.error is not None and out.error.path == "$.connection.exchange_id", out.error
+    base = dict(c.connections)
+    hand = [msgspec.structs.replace(base["conn_a"], user_id=huge)]
+    (out,), _ = run(c, Request(ops.take_in(CONNECTIONS, hand, base), "file"))
+    assert out.error is not None and out.error.path == "$[0].user_id", out.error
+    # as an earlier version stored it: loaded as it is, and other changes of it go through
+    c.connections["conn_a"] = hand[0]
+    ok(run(c, ops.update("conn_a", {"name": "still"}))[0])
+    assert c.connections["conn_a"].user_id == huge
+
+
 @pytest.mark.parametrize("sent_id", [None, ""])
 def test_a_create_with_an_empty_id_gets_one_made(sent_id: str | None) -> None:
     c = seeded()

@@ -24,9 +24,9 @@ ConnectionId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 PositiveFactor = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 # An integer every client holds exactly (a bot in Go or Rust decoding int64, a dashboard's
-# JavaScript number): 2**70 was taken from a hand edit and broadcast as it was.
+# JavaScript number). Checked at the doors (`ops`), not in the type: a value an earlier
+# version took must still load from a file or replay from the journal.
 MAX_SAFE_INT = 2**53 - 1
-SafeInt = Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -38,10 +38,10 @@ class Connection(Record, kw_only=True):
     """One exchange connection (seed 000, `connections.json`)."""
 
     id: ConnectionId
-    user_id: SafeInt = 1
+    user_id: int = 1
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     exchange: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    exchange_id: SafeInt | None = None
+    exchange_id: int | None = None
     api_type: str = "perpetual_futures"
     connection_method: str = "rest"
     connection_library: str = "rest"

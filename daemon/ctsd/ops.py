@@ -26,7 +26,14 @@ from ctsd.core import (
 from ctsd.errors import CtsdError
 from ctsd.files import CONNECTIONS, STATE, SYNC_LOG, Invalid
 from ctsd.limits import require_depth
-from ctsd.models import Connection, ConnectionState, Settings, SyncEvent, TestResult
+from ctsd.models import (
+    MAX_SAFE_INT,
+    Connection,
+    ConnectionState,
+    Settings,
+    SyncEvent,
+    TestResult,
+)
 from ctsd.redact import (
     bytes_may_hold_placeholder,
     is_secret_key,
@@ -140,12 +147,20 @@ def own_settings_kept(tx: Tx, name: str, content: dict[str, Any]) -> dict[str, A
     return kept
 
 
-def _check_settings(
+def _check_fields(
     conn: Connection, path: str, before: Connection | None = None, *, by_hand: bool = False
 ) -> None:
-    """connection_settings as a door takes it: strictly when it is new or changed (a value
-    loaded from a file, which an earlier version may have stored, never blocks the record);
-    by hand whatever its size (the file was read)."""
+    """What a door checks beyond the types, when new or changed (a value loaded from a file,
+    which an earlier version may have stored, never blocks the record): connection_settings
+    (by hand whatever its size: the file was read), and integers every client holds exactly
+    (2**70 was taken from a hand edit and broadcast, past int64 and JavaScript numbers)."""
+    for name in ("user_id", "exchange_id"):
+        value = getattr(conn, name)
+        changed = before is None or getattr(before, name) != value
+        if changed and value is not None and abs(value) > MAX_SAFE_INT:
+            raise CtsdError(
+                "invalid", f"{name} must be within ±{MAX_SAFE_INT}", path=f"{path}.{name}"
+            )
     unchanged = before is not None and before.connection_settings == conn.connection_settings
     problem = files.connection_settings_problem(
         conn.connection_settings, strict=not unchanged, sized=not by_hand
@@ -169,7 +184,7 @@ def create(data: Any) -> Op:
             body["id"] = new_connection_id()
             tx.made.add(record_key(body["id"]))
         conn = _convert(body, Connection, "$.connection")
-        _check_settings(conn, "$.connection")
+        _check_fields(conn, "$.connection")
         conn = seal(tx, conn, None, "$.connection")
         if conn.id in tx.connections:
             raise CtsdError(
@@ -201,7 +216,7 @@ def _updated(tx: Tx, conn: Connection, changes: Any, path: str) -> tuple[Connect
     changes = {k: v for k, v in changes.items() if k not in SERVER_MANAGED}
     merged = {**msgspec.structs.asdict(conn), **changes}
     new = _convert(merged, Connection, path)
-    _check_settings(new, path, conn)
+    _check_fields(new, path, conn)
     new = seal(tx, new, conn, path)
     # Server-managed fields were dropped above: `updated_at` is never among these.
     fields = changed_fields(conn, new)
@@ -508,7 +523,7 @@ def _take_in_connections(
         path = f"$[{at.get(cid, 0)}]"
         edited = changed_fields(base.get(cid), conn) if cid in base else None
         conn = _hand_placeholders(tx, file, conn, old, edited, path)
-        _check_settings(conn, path, old, by_hand=True)  # (NaN: as the other doors refuse it)
+        _check_fields(conn, path, old, by_hand=True)  # (NaN: as the other doors refuse it)
         conn = seal(tx, conn, old, path)
         if old is not None and old == conn:  # edited back to what memory holds (in C)
             new[cid] = old
@@ -870,7 +885,7 @@ def _import_table(
             raise CtsdError("invalid", f"duplicate id {rid!r}", path=f"{path}[{i}]")
         seen.add(rid)
         if file == CONNECTIONS:
-            _check_settings(r, f"{path}[{i}]", tx.connections.get(rid))
+            _check_fields(r, f"{path}[{i}]", tx.connections.get(rid))
         elif rid not in tx.connections and CONNECTIONS not in tx.ctx.invalid_files:
             _orphan(tx, records, rid, path)  # (named where it was sent, not in the merge)
     current = dict(table.items())
