@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -673,6 +674,61 @@ def test_a_cut_back_to_the_header_whose_sync_fails_leaves_no_hole(
     again = Journal(tmp_path)
     assert [c.events for c in again.open(2).changes] == [chs[2].events]
     again.close()
+
+
+def test_a_journal_made_anew_whose_dir_sync_failed_is_made_anew_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In place, but its name maybe not durable: the next append was answered on it."""
+    chs = changes(3)
+    j = open_with(tmp_path, chs[:1])
+    real = journal.fsync_dir
+
+    def failing(_path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        j.rebuild(chs[0], base_revision=0)
+    monkeypatch.setattr(journal, "fsync_dir", real)
+    with pytest.raises(journal.JournalLost, match="may not be durable"):
+        j.append(chs[1])
+    j.rebuild(chs[0], base_revision=0)
+    j.append(chs[1])
+    j.close()
+    again = Journal(tmp_path)
+    assert [c.events for c in again.open(0).changes] == [chs[0].events, chs[1].events]
+    again.close()
+
+
+def test_room_written_during_the_loss_check_is_no_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`grow` finishing a chunk between the check's fstat and its read of the room: the
+    file looked shorter than its room, and the journal was made anew for no loss at all."""
+    monkeypatch.setattr(journal, "ROOM_FREE_MIN", 0)
+    chs = changes(3)
+    j = open_with(tmp_path, chs[:1])
+    monkeypatch.setattr(journal, "ROOM_STEP", 64 * 1024)
+    j.grow()  # some room, as the store keeps
+    monkeypatch.setattr(journal, "ROOM_STEP", 1024 * 1024)
+    assert j.wants_room() and j.capacity > j.end  # (running short: the store grows it)
+    real = os.fstat
+    fired: list[int] = []
+
+    def fstat(fd: int) -> os.stat_result:
+        st = real(fd)
+        if not fired and fd == j.fd:
+            fired.append(1)  # grow's thread finishing a chunk right here
+            grower = threading.Thread(target=j.grow)
+            grower.start()
+            grower.join()
+        return st
+
+    monkeypatch.setattr(journal.os, "fstat", fstat)
+    j.append(chs[1])  # (raised JournalLost: "cut short")
+    assert fired
+    j.close()
 
 
 def test_a_rewrite_the_disk_cuts_short_keeps_the_whole_old_journal(

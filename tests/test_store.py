@@ -31,6 +31,7 @@ from ctsd.metrics import Metrics
 from ctsd.models import SyncEvent, TestResult
 from ctsd.secretbox import SecretBox, new_key_text, parse_key
 from ctsd.store import Store
+from tests.daemon import wait_until_async
 from tests.datadir import CANARY, connection, small_tmpfs, write_settings
 from tests.inprocess import killed_after, loaded_with_copies, then_killed
 
@@ -2258,3 +2259,102 @@ async def test_the_connection_list_is_built_again_only_when_a_connection_changed
         assert again is not first and b'"renamed"' in bytes(again)
         await store.submit(ops.create(conn(2)), "bus")
         assert len(json.loads(bytes(views.connections(store)))) == 2
+
+
+def _crash(store: Store) -> None:
+    """The daemon gone at once, as at a kill -9: no further round, no stop."""
+    store.checkpointer.stop()
+    store.journal.close()
+    assert store._writer is not None
+    store._writer.cancel()
+    store._io.shutdown(wait=True)
+
+
+def _after_restart(data_dir: Path) -> tuple[list[str], list[tuple[str, str | None]]]:
+    again = Store(data_dir)
+    again.open()
+    try:
+        return sorted(again.connections), [(e.action, e.connection_id) for e in again.log]
+    finally:
+        again.journal.close()
+
+
+async def test_a_journal_made_anew_while_a_round_writes_covers_what_that_round_writes(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made anew from memory against the files as they were, while a round was writing c1
+    (deleted meanwhile) into them: the round landed, a crash came, and c1 was back."""
+    real = checkpoint._render_and_write
+    entered, gate = threading.Event(), threading.Event()
+    rounds = [0]
+
+    def render(*args: Any) -> Any:
+        rounds[0] += 1
+        if rounds[0] == 1:
+            entered.set()
+            gate.wait(10)
+            return real(*args)
+        raise OSError(errno.EIO, "Input/output error")  # (or the crash comes first)
+
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    monkeypatch.setattr(checkpoint, "_render_and_write", render)
+    await store.submit(ops.create(conn(1)), "bus")  # a round starts writing c1
+    await wait_until_async(entered.is_set, 5, what="the round writing")
+    await store.submit(ops.delete("c1"), "bus")
+    (data_dir / journal.NAME).unlink()
+    await store.submit(ops.create(conn(2)), "bus")  # the journal made anew
+    gate.set()
+    await wait_until_async(lambda: rounds[0] >= 2, 5, what="the round landed, the next failed")
+    _crash(store)
+    assert _after_restart(data_dir) == (
+        ["c2"],
+        [("create", "c1"), ("delete", "c1"), ("create", "c2")],
+    )
+
+
+def _refusing(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """The disk refuses writes of these files (their rounds fail; the others go on)."""
+    from ctsd import atomic
+
+    real = atomic.create_temp
+
+    def create_temp(path: Path, readable: bool = False) -> tuple[Path, int]:
+        if path.name in names:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, readable)
+
+    monkeypatch.setattr(atomic, "create_temp", create_temp)
+
+
+@pytest.mark.parametrize("lose", ["deleted", "cut"])
+async def test_a_journal_lost_by_hand_while_a_file_is_invalid_keeps_every_change(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, lose: str
+) -> None:
+    """connections.json invalid on disk (its changes carried in the journal) and the sync
+    log refused by the disk: a cut then rewrote the journal with the stuck file's carry, and
+    dropped the record a journal made anew holds; one cut short by hand was rewritten from
+    what was left of it. Either way an acknowledged event was gone after a crash."""
+    store = Store(data_dir)
+    store.open()
+    await store.start()
+    await store.submit(ops.create(conn(1)), "bus", sync="files")
+    _refusing(monkeypatch, CONNECTIONS, SYNC_LOG)
+    await store.submit(ops.create(conn(2)), "bus")
+    (data_dir / CONNECTIONS).write_text("[{,")  # invalid by hand
+    assert not await store.ingest(CONNECTIONS) and CONNECTIONS in store.problems
+    done = store.checkpointer.rounds
+    await wait_until_async(lambda: store.checkpointer.rounds >= done + 2, 10, what="2 rounds")
+    if lose == "deleted":
+        (data_dir / journal.NAME).unlink()
+        await store.submit(ops.set_document("ui-config", {"theme": "dark"}), "bus")
+    else:
+        os.truncate(data_dir / journal.NAME, 0)
+    done = store.checkpointer.rounds
+    await wait_until_async(lambda: store.checkpointer.rounds >= done + 3, 10, what="3 rounds")
+    _crash(store)
+    monkeypatch.undo()
+    (data_dir / CONNECTIONS).write_text("[]")  # (whatever it holds: the log tells)
+    _, log = _after_restart(data_dir)
+    assert log[:2] == [("create", "c1"), ("create", "c2")], log

@@ -129,6 +129,9 @@ class Checkpointer:
         # the daemon is down is told apart at its next start (None: a store with no copies).
         self.bases: Bases | None = None
         self._copies_retry_at = 0.0  # (monotonic) after a failed write of the tables' copies
+        # The views a round's thread is writing now (file → what its disk view becomes): a
+        # journal made anew meanwhile must cover them too (`beyond_files`).
+        self.writing: dict[str, Any] = {}
 
     # --- what changed ------------------------------------------------------------------------
 
@@ -439,6 +442,7 @@ class Checkpointer:
         paced = self.appended < BATCHED * max(1, self.appends)
         self.appends = self.appended = 0
         t0 = time.monotonic()
+        self.writing = {**views, **dict.fromkeys(gone)}
         try:
             removed = [self.disk.path(f) for f in gone]
             stamps, failed, digests = await anyio.to_thread.run_sync(
@@ -458,6 +462,8 @@ class Checkpointer:
         except ChangedOnDisk:
             self._restale(jobs)
             return None
+        finally:
+            self.writing = {}  # (the disk views take the round in at once, no await between)
         if kept:
             rel = self.disk.data_dir
             self.on_displaced(
@@ -599,23 +605,28 @@ class Checkpointer:
 
     def beyond_files(self) -> tuple[Change | None, int]:
         """What memory holds beyond the data files, as one change, and the files' revision:
-        a journal made anew (`Journal.rebuild`) holds that instead of its records. Its next
-        cut leaves none of it: a round follows soon."""
+        a journal made anew (`Journal.rebuild`) holds that instead of its records. Beyond
+        what a round writing now puts in them too (a record it writes that memory removed
+        since must go again), so whole records and documents. A round follows soon."""
         self.force_cut = True
         self.wake.set()
-        return (self._carry(sorted(self.dirty)) if self.dirty else None), self._files_revision()
+        files = sorted({*self.dirty, *self.writing})
+        return (self._carry(files, whole=True) if files else None), self._files_revision()
 
-    def _carry(self, stuck: list[str]) -> Change | None:
-        """What memory holds beyond the files in `stuck` (invalid on disk), as one change."""
+    def _carry(self, stuck: list[str], *, whole: bool = False) -> Change | None:
+        """What memory holds beyond the files in `stuck` (invalid on disk), as one change.
+        `whole`: beyond what a round writing now puts in them too (`beyond_files`)."""
         c = self.committed
         change = Change()
         for file in stuck:
             od = self.disk.files.get(file)
             on_disk = od.content if od is not None else None
+            writing = self.writing.get(file) if whole else None
             if file in (CONNECTIONS, STATE):
                 table = c.connections if file == CONNECTIONS else c.state
                 target = change.connections if file == CONNECTIONS else change.state
-                target.extend(_table_diff(on_disk or {}, table))
+                bases = [on_disk or {}, *([writing] if writing is not None else [])]
+                target.extend(_table_diff(bases, table))
                 if file == CONNECTIONS:
                     change.order = list(table)
             elif file == SYNC_LOG:
@@ -626,7 +637,8 @@ class Checkpointer:
             else:
                 name = files.document_name(file) or ""
                 new = c.documents.get(name)
-                keys = changed_keys(on_disk, new) if on_disk is not None and new else None
+                known = on_disk is not None and new and not whole
+                keys = changed_keys(on_disk, new) if known else None  # (None: whole)
                 change.documents.append(RecordChange(name, new, keys))
         return None if change.empty else change
 
@@ -789,14 +801,18 @@ def _cannot_write(e: OSError) -> CtsdError:
     )
 
 
-def _table_diff(on_disk: dict[str, Any], memory: dict[str, Any]) -> list[RecordChange]:
-    out = [RecordChange(k) for k in on_disk if k not in memory]
+def _table_diff(bases: list[dict[str, Any]], memory: dict[str, Any]) -> list[RecordChange]:
+    """The record changes that bring a table holding any of `bases` to `memory` (whole
+    records where there are several)."""
+    gone = dict.fromkeys(k for base in bases for k in base if k not in memory)
+    out = [RecordChange(k) for k in gone]
     for key, record in memory.items():
-        old = on_disk.get(key)
-        if old is None:
+        olds = [base.get(key) for base in bases]
+        if any(old is None for old in olds):
             out.append(RecordChange(key, record))
-        elif old is not record and old != record:
-            out.append(RecordChange(key, record, changed_fields(old, record)))
+        elif any(old is not record and old != record for old in olds):
+            fields = changed_fields(olds[0], record) if len(olds) == 1 else None
+            out.append(RecordChange(key, record, fields))
     return out
 
 

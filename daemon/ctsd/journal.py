@@ -513,8 +513,7 @@ class Journal:
     def _append(self, data: bytes, sync: bool) -> None:
         if self.unsure is not None:
             raise JournalLost(self.unsure)
-        if os.pread(self.fd, len(self.tail), self.end - len(self.tail)) != self.tail:
-            raise JournalLost(f"{NAME} was cut short while the daemon ran")
+        self._check_end()
         if self.end + len(data) <= self.capacity:
             self._write(data, sync)  # into the room ahead
         else:
@@ -523,16 +522,23 @@ class Journal:
                 self.capacity = max(self.capacity, self.end)
         self._check()
 
+    def _check_end(self) -> None:
+        """Raise JournalLost if the file no longer holds its last bytes (cut short: an append
+        there, or the room written past the cut, would make it as long again)."""
+        if os.pread(self.fd, len(self.tail), self.end - len(self.tail)) != self.tail:
+            raise JournalLost(f"{NAME} was cut short while the daemon ran")
+
     def _check(self) -> None:
         """Raise JournalLost unless the journal's path still names the file written (after
         each append: microseconds beside its fdatasync; `_append` checks its end before).
         An operator's `rm` left the appends going to a file no start would read; a
         truncation, to one no start would accept."""
+        need = max(self.end, self.capacity)  # (before the fstat: `grow` raises it after)
         st = os.fstat(self.fd)
         why = None
         if st.st_nlink == 0:
             why = "was deleted"
-        elif st.st_size < max(self.end, self.capacity):
+        elif st.st_size < need:
             why = "was cut short"
         else:
             try:
@@ -548,18 +554,32 @@ class Journal:
     def rebuild(self, carry: Change | None, base_revision: int) -> None:
         """The journal made anew after `JournalLost` (blocking): its header at the files'
         revision, then `carry`, what memory holds beyond the data files (every change
-        acknowledged so far, as one record). The next cut of everything leaves none of it."""
-        self.stream_seq = self.last_seq  # (the carry holds the records' changes)
+        acknowledged so far), as one record at the last lsn: kept, as a record is, until a
+        cut passes it. Nothing of this journal changes unless the new file is in place."""
+        stream_seq = self.last_seq  # (the carry holds the records' changes)
+        header = frame(_encode(Header("ctsd", VERSION, base_revision, stream_seq)))
+        body = header + (frame(_encode(Record(self.lsn, carry))) if carry is not None else b"")
+        fd = self.fd
+        try:
+            self._replace(body, len(header))
+        except OSError as e:
+            if self.fd == fd:
+                raise  # the old file stands (and is lost still: the next append says so)
+            # In place, its directory entry maybe not durable: made anew again before the
+            # next append is answered.
+            self.unsure = f"the journal made anew may not be durable ({e.strerror})"
+            self._made_anew(stream_seq, base_revision, len(body) if carry is not None else None)
+            raise
+        self._made_anew(stream_seq, base_revision, len(body) if carry is not None else None)
+        self.unsure = None
+
+    def _made_anew(self, stream_seq: int, base_revision: int, carry_end: int | None) -> None:
+        self.stream_seq, self.base_revision, self.version = stream_seq, base_revision, VERSION
         self.seqs.clear()
         self.offsets.clear()
-        self.base_revision = base_revision
-        header = frame(_encode(Header("ctsd", VERSION, base_revision, self.stream_seq)))
-        body = header + (frame(_encode(Record(0, carry))) if carry is not None else b"")
-        self._replace(body, len(header))
-        self.version = VERSION
-        self.unsure = None
+        if carry_end is not None:
+            self.offsets.append((self.lsn, carry_end))
         self.written_unsynced = False
-        self.scrub_through = self.lsn
 
     def sync_written(self) -> None:
         """Make durable the records written without an fdatasync of their own (another
@@ -637,7 +657,12 @@ class Journal:
         at `base_revision`). `carry` holds what those records changed in files the
         checkpointer could not write (invalid on disk): it is kept, as the new first record."""
         # (Only once everything up to it is in the files: a record still needed, or a carried
-        # one at the head, is never dropped by it.)
+        # one at the head, is never dropped by it.) A journal lost by hand is not rewritten
+        # from what is left of it: the store makes it anew from memory (`JournalLost`).
+        if self.unsure is not None:
+            raise JournalLost(self.unsure)
+        self._check_end()
+        self._check()
         scrub = self.scrub_through is not None and upto >= self.scrub_through
         dropped = False
         while self.offsets and self.offsets[0][0] <= upto:
@@ -696,6 +721,8 @@ class Journal:
                 body.append(frame(payload))
                 end += len(body[-1])
                 offsets.append((_decode_record(payload).lsn, end))
+        if len(offsets) != len(self.offsets):  # (never without a hand in it)
+            raise JournalLost(f"{NAME} no longer holds the records it had")
         self._replace(b"".join(body), len(header))
         self.offsets = offsets
         self.version = VERSION
