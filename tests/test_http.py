@@ -177,6 +177,18 @@ def test_foreign_origin_403(daemon: Daemon) -> None:
     assert code == 200
 
 
+def test_the_bootstrap_shows_no_url_for_an_empty_one(daemon: Daemon) -> None:
+    """connection.json with `"apiUrl": ""` (the daemon then uses the default) was handed to
+    the client as `://?`."""
+    path = daemon.data_dir / "connection.json"
+    doc = json.loads(path.read_text())
+    doc["projectX"].update(apiUrl="", websocketUrl="")
+    path.write_text(json.dumps(doc))
+    wait_until(lambda: daemon.http("/api/trading/connection")[1]["projectX"]["websocketUrl"] == "")
+    px = daemon.http("/api/trading/connection")[1]["projectX"]
+    assert px["apiUrl"] == "https://api.topstepx.com", px
+
+
 def test_a_desktop_shells_file_origin_is_let_in_once_listed(daemon: Daemon) -> None:
     """The DayTradersPro client packaged in Electron sends `Origin: file://`: refused however
     `server.cors_origins` listed it. Listed now, it is let in (requests and preflights)."""

@@ -27,7 +27,7 @@ from ctsd.guard import SOURCE_HEADER, well_formed_host
 from ctsd.health import health
 from ctsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ctsd.models import Connection, ConnectionState, SyncEvent, TestResult
-from ctsd.probes import display_url
+from ctsd.probes import PROJECTX_DEFAULT_URL, display_url
 from ctsd.redact import mask
 from ctsd.web import openapi
 from ctsd.web import schemas as s
@@ -149,8 +149,11 @@ async def bootstrap(ctx: Context) -> Any:
             # data"): its Project X endpoints and trading settings.
             "projectX": msgspec.to_builtins(
                 s.BootstrapProjectX(
-                    apiUrl=display_url(px.projectX.apiUrl),
-                    websocketUrl=display_url(px.projectX.websocketUrl),
+                    # (an empty one: the default the daemon uses; shown empty, not `://?`)
+                    apiUrl=display_url(px.projectX.apiUrl or PROJECTX_DEFAULT_URL),
+                    websocketUrl=display_url(px.projectX.websocketUrl)
+                    if px.projectX.websocketUrl
+                    else "",
                     autoConnect=px.projectX.autoConnect,
                     credentialsSet=bool(px.projectX.username and px.projectX.apiKey),
                 )
