@@ -2358,3 +2358,22 @@ async def test_a_journal_lost_by_hand_while_a_file_is_invalid_keeps_every_change
     (data_dir / CONNECTIONS).write_text("[]")  # (whatever it holds: the log tells)
     _, log = _after_restart(data_dir)
     assert log[:2] == [("create", "c1"), ("create", "c2")], log
+
+
+async def test_the_state_list_is_encoded_again_only_for_what_changed(data_dir: Path) -> None:
+    """Masked and encoded record by record on every read (a dashboard polling it held every
+    bot's ack on a big desk): now kept per record while it and its heartbeat are the same."""
+    async with opened(data_dir) as store:
+        for i in (1, 2):
+            await store.submit(ops.create(conn(i)), "bus")
+        first = json.loads(bytes(views.state(store)))
+        kept = dict(views._masked_state)
+        assert json.loads(bytes(views.state(store))) == first
+        assert all(views._masked_state[c] is kept[c] for c in kept)  # nothing made again
+        store.heartbeats["c1"] = "2099-01-01T00:00:00.000Z"  # a heartbeat held in memory
+        await store.submit(ops.set_volume("c2", live=3.0), "bus")
+        rows = {r["connection_id"]: r for r in json.loads(bytes(views.state(store)))}
+        assert rows["c1"]["last_heartbeat_at"] == "2099-01-01T00:00:00.000Z"
+        assert rows["c2"]["volume_factor_live"] == 3.0
+        await store.submit(ops.delete("c2"), "bus")
+        assert [r["connection_id"] for r in json.loads(bytes(views.state(store)))] == ["c1"]

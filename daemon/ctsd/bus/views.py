@@ -14,9 +14,9 @@ import msgspec
 from ctsd import __version__, files
 from ctsd.errors import CtsdError
 from ctsd.health import health
-from ctsd.models import Connection, SyncEvent
+from ctsd.models import Connection, ConnectionState, SyncEvent
 from ctsd.redact import mask, mask_record
-from ctsd.timeutil import now_iso
+from ctsd.timeutil import later, now_iso
 
 if TYPE_CHECKING:
     from ctsd.services import Services
@@ -91,8 +91,31 @@ def get_connection(store: Store, cid: str) -> dict[str, Any]:
     return connection(conn)
 
 
-def state(store: Store) -> list[dict[str, Any]]:
-    return [mask(to_builtins(s)) for s in store.state_views()]
+# Each state record's masked JSON, kept while the record and the heartbeat memory holds for
+# it are the same (`Store.state_view` lays that over it): the whole list, 10,000 records,
+# was masked and encoded again for every read (a dashboard polling it held every bot's ack).
+_masked_state: dict[str, tuple[ConnectionState, str | None, msgspec.Raw]] = {}
+
+
+def state(store: Store) -> msgspec.Raw:
+    """The state records (with the heartbeats held in memory), masked, as one JSON array."""
+    table, beats = store.state, store.heartbeats
+    if len(_masked_state) > 2 * len(table) + 64:  # records deleted since: forget them
+        for cid in [c for c in _masked_state if c not in table]:
+            del _masked_state[cid]
+    out = []
+    for cid, st in table.items():
+        beat = beats.get(cid)
+        hit = _masked_state.get(cid)
+        if hit is None or hit[0] is not st or hit[1] != beat:
+            view = store.state_view(cid)
+            hit = (st, beat, msgspec.Raw(_encode(mask(to_builtins(view)))))
+            # (A beat not later than the stored one is laid over it only while the stored
+            # one is ahead of the clock: a view that changes with time is not kept.)
+            if beat is None or later(beat, st.last_heartbeat_at):
+                _masked_state[cid] = hit
+        out.append(hit[2])
+    return msgspec.Raw(_encode(out))
 
 
 def state_of(store: Store, cid: str) -> dict[str, Any]:
