@@ -914,3 +914,14 @@ def test_an_ipv6_target_is_shown_bracketed() -> None:
     t = Target("::1", 3587, Path("."))
     assert (t.where, t.url) == ("[::1]:3587", "ws://[::1]:3587/ws")
     assert Target("127.0.0.1", 1, Path(".")).where == "127.0.0.1:1"
+
+
+def test_status_says_a_journal_refusing_changes_in_words() -> None:
+    from ctsd.client.status import _failing
+
+    check = {"ok": False, "journal_error": "Input/output error", "unwritten_files": []}
+    assert _failing("checkpoint", check) == "the journal refuses changes: Input/output error"
+    lagging = {"ok": False, "journal_error": None, "unwritten_files": ["connections.json"]}
+    assert _failing("checkpoint", {**lagging, "checkpoint_lag_s": 6.0}).startswith(
+        "changes not reaching connections.json"
+    )
