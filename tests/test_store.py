@@ -2377,3 +2377,40 @@ async def test_the_state_list_is_encoded_again_only_for_what_changed(data_dir: P
         assert rows["c2"]["volume_factor_live"] == 3.0
         await store.submit(ops.delete("c2"), "bus")
         assert [r["connection_id"] for r in json.loads(bytes(views.state(store)))] == ["c1"]
+
+
+async def test_an_append_refused_into_a_lost_journal_is_not_replayed(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room ahead cut by hand (the records kept): the append went into the file, the
+    loss was seen after it, and the journal could not be made anew (disk full). The
+    change was refused, yet its frame stayed in the file and came back at the next start."""
+    async with then_killed(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus")
+        j = store.journal
+        await wait_until_async(lambda: j.capacity > j.end + 10, 5, what="the room ahead")
+        os.truncate(data_dir / journal.NAME, j.end + 10)
+
+        def full(*_args: Any, **_kw: Any) -> Any:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(journal, "create_temp", full)
+        with pytest.raises(CtsdError) as refused:
+            await store.submit(ops.create(conn(2)), "bus")
+        assert refused.value.code == "io_error"
+    monkeypatch.undo()
+    assert _after_restart(data_dir)[0] == ["c1"]
+
+
+async def test_a_journal_lost_after_a_start_that_replayed_nothing_is_made_anew(
+    data_dir: Path,
+) -> None:
+    """Its last lsn a cut's (nothing to replay): memory was taken to hold less than the
+    journal, so the journal was never made anew and every change was refused."""
+    async with opened(data_dir) as store:
+        await store.submit(ops.create(conn(1)), "bus", sync="files")
+    async with opened(data_dir) as store:
+        assert store.journal.lsn >= 1
+        (data_dir / journal.NAME).unlink()
+        await store.submit(ops.create(conn(2)), "bus")
+        assert (data_dir / journal.NAME).exists()

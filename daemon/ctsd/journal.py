@@ -514,13 +514,26 @@ class Journal:
         if self.unsure is not None:
             raise JournalLost(self.unsure)
         self._check_end()
+        before = (self.end, self.capacity, self.tail, self.written_unsynced)
         if self.end + len(data) <= self.capacity:
             self._write(data, sync)  # into the room ahead
         else:
             with self._room:  # past it: never while `grow` writes there
                 self._write(data, sync)
                 self.capacity = max(self.capacity, self.end)
-        self._check()
+        try:
+            self._check()
+        except JournalLost:
+            # Not acknowledged: it must not be replayed from this file either (the journal
+            # made anew may fail, and this file then stands).
+            try:
+                with self._room:
+                    os.ftruncate(self.fd, before[0])
+                    self.end, _, self.tail, self.written_unsynced = before
+                    self.capacity = self.end
+            except OSError as e:
+                self.unsure = f"an append into a lost journal could not be cut back ({e.strerror})"
+            raise
 
     def _check_end(self) -> None:
         """Raise JournalLost if the file no longer holds its last bytes (cut short: an append
@@ -551,11 +564,16 @@ class Journal:
         if why is not None:
             raise JournalLost(f"{NAME} {why} while the daemon ran")
 
-    def rebuild(self, carry: Change | None, base_revision: int) -> None:
+    def rebuild(self, carry: Change | None, base_revision: int, upto: int) -> None:
         """The journal made anew after `JournalLost` (blocking): its header at the files'
         revision, then `carry`, what memory holds beyond the data files (every change
-        acknowledged so far), as one record at the last lsn: kept, as a record is, until a
-        cut passes it. Nothing of this journal changes unless the new file is in place."""
+        acknowledged so far, up to lsn `upto`), as one record at the last lsn: kept, as a
+        record is, until a cut passes it. Nothing of this journal changes unless the new
+        file is in place. A change appended since `carry` was made (not in it) leaves the
+        journal unsure: the next append makes it anew."""
+        if self.lsn != upto:
+            self.unsure = f"{NAME} was lost and a change was appended to it meanwhile"
+            raise JournalLost(self.unsure)
         stream_seq = self.last_seq  # (the carry holds the records' changes)
         header = frame(_encode(Header("ctsd", VERSION, base_revision, stream_seq)))
         body = header + (frame(_encode(Record(self.lsn, carry))) if carry is not None else b"")

@@ -393,6 +393,9 @@ class Store:
             self.checkpointer.note(touched, self.journal.offsets[0][0])
         if touched | sealed:
             self.checkpointer.note(touched | sealed, self.journal.lsn)
+        # Memory holds everything up to the journal's last lsn (a cut's too): a journal made
+        # anew from it is stamped so (`_rebuild_journal`).
+        self.checkpointer.installed = max(self.checkpointer.installed, self.journal.lsn)
         c = self.committed
         _warn_seed_origins(c)
         oldest = c.oldest_revision()
@@ -621,7 +624,8 @@ class Store:
         """The journal file lost (`JournalLost`): made anew from memory, before anything is
         appended to it."""
         carry, base = self.checkpointer.beyond_files()
-        await self._on_io(functools.partial(self.journal.rebuild, carry, base), judged=False)
+        upto = self.checkpointer.installed  # (what the carry holds)
+        await self._on_io(functools.partial(self.journal.rebuild, carry, base, upto), judged=False)
         log.error(
             "journal_rebuilt",
             reason=lost.strerror,
@@ -719,7 +723,10 @@ class Store:
             else:
                 await self._on_io(job, judged=False)  # a rewrite of the journal
         except JournalLost as lost:
-            await self._rebuild_journal(lost)
+            # (A change appended meanwhile, not yet in memory: its append, or the next one,
+            # makes it anew, the journal left unsure.)
+            with contextlib.suppress(JournalLost):
+                await self._rebuild_journal(lost)
         self._make_room()
 
     # --- publishing ------------------------------------------------------------------------------
