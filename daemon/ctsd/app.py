@@ -159,7 +159,12 @@ def _prepare(data_dir: Path, host: str | None, port: int | None) -> tuple[Daemon
         if problem is not None:
             # Whether, and as which host, this one is in a cluster must still be read: never
             # a start on its own (or under another host id) in its place.
-            if problem.path == "$.cluster" or problem.path.startswith(("$.cluster.", "$.cluster[")):
+            # (A value of the cluster section refused; a file that does not parse may break
+            # off there too, and is read as written or as its copy below.)
+            in_section = problem.path == "$.cluster" or problem.path.startswith(
+                ("$.cluster.", "$.cluster[")
+            )
+            if in_section and not problem.syntax:
                 raise StartError(f"cluster settings: {problem.format()}")
             kept = settings_doc if broken_set_back else None
             settings_doc = _cluster_as_written(store.disk.path(settings_file), problem, kept)

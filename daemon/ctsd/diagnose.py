@@ -33,14 +33,16 @@ _BYTE = re.compile(r"\(byte (\d+)\)")
 _STRUCTURAL = re.compile(r'["\[\]{},:]')
 
 
-class FileProblem(msgspec.Struct, frozen=True):
-    """Why a file is invalid, and exactly where."""
+class FileProblem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Why a file is invalid, and exactly where. `syntax`: it does not parse (its `path`
+    says where it broke off, not a value the file holds there)."""
 
     file: str
     line: int
     column: int
     path: str
     message: str
+    syntax: bool = False
 
     def __post_init__(self) -> None:
         # It may quote a value as typed (a host, a name that names nothing): a URL's
@@ -360,7 +362,8 @@ def syntax_problem(file: str, raw: bytes) -> FileProblem | None:
             msg = f"invalid JSON: control character U+{code:04X} in a string; write \\u{code:04x}"
         # Where in the document it broke (`$[0]` for a trailing comma in the first record):
         # the path, as for every other problem, not `$` whatever the place.
-        return FileProblem(file, e.lineno, e.colno, format_path(path_at(text, e.pos)), msg)
+        path = format_path(path_at(text, e.pos))
+        return FileProblem(file, e.lineno, e.colno, path, msg, syntax=True)
     except RecursionError:
         return FileProblem(file, 1, 1, "$", "invalid JSON: nested too deeply")
     except ValueError:  # an integer past int()'s digit limit, which neither decoder holds
