@@ -701,6 +701,57 @@ def test_a_journal_made_anew_whose_dir_sync_failed_is_made_anew_again(
     again.close()
 
 
+def test_a_rewrite_whose_dir_sync_failed_answers_nothing_until_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewritten journal in place but its name maybe not durable: appends were answered
+    on it (a power cut could bring the old file back), and its records' places were the old
+    file's, so the next rewrite took it for lost."""
+    chs = changes(6)
+    j = open_with(tmp_path, chs[:3])
+    real = journal.fsync_dir
+
+    def failing(_path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        j.compact(1, base_revision=0, carry=chs[5])
+    monkeypatch.setattr(journal, "fsync_dir", real)
+    assert [lsn for lsn, _ in j.offsets] == [2, 3]  # (the new file's)
+    with pytest.raises(journal.JournalLost, match="may not be durable"):
+        j.append(chs[3])
+    j.close()
+
+
+def test_damage_only_a_rewrite_sees_is_remembered_when_not_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record damaged in the middle (the per-append checks see only the ends): the rewrite
+    saw it, making the journal anew failed (disk full), and the next append was answered
+    into a file the next start refused."""
+    chs = changes(4)
+    j = open_with(tmp_path, chs[:3])
+    _end_of_first, end_of_second = j.offsets[0][1], j.offsets[1][1]
+    with open(tmp_path / journal.NAME, "r+b") as f:  # a byte of the second record flipped
+        f.seek(end_of_second - 3)
+        byte = f.read(1)
+        f.seek(end_of_second - 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(journal.JournalLost):
+        j.compact(1, base_revision=0, carry=chs[3])
+
+    def full(*_args: Any, **_kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal, "create_temp", full)
+    with pytest.raises(OSError):
+        j.rebuild(chs[2], base_revision=0, upto=j.lsn)
+    with pytest.raises(journal.JournalLost):
+        j.append(chs[3])
+    j.close()
+
+
 def test_room_written_during_the_loss_check_is_no_loss(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -531,6 +531,7 @@ class Journal:
                     os.ftruncate(self.fd, before[0])
                     self.end, _, self.tail, self.written_unsynced = before
                     self.capacity = self.end
+                    os.fdatasync(self.fd)  # (a power cut must not bring it back either)
             except OSError as e:
                 self.unsure = f"an append into a lost journal could not be cut back ({e.strerror})"
             raise
@@ -581,11 +582,11 @@ class Journal:
         try:
             self._replace(body, len(header))
         except OSError as e:
-            if self.fd == fd:
-                raise  # the old file stands (and is lost still: the next append says so)
-            # In place, its directory entry maybe not durable: made anew again before the
-            # next append is answered.
-            self.unsure = f"the journal made anew may not be durable ({e.strerror})"
+            if self.fd == fd:  # the old file stands, lost still: made anew at the next use
+                self.unsure = self.unsure or f"{NAME} was lost and not made anew ({e.strerror})"
+                raise
+            # In place, its directory entry maybe not durable (`_replace` left it unsure):
+            # made anew again before the next append is answered.
             self._made_anew(stream_seq, base_revision, len(body) if carry is not None else None)
             raise
         self._made_anew(stream_seq, base_revision, len(body) if carry is not None else None)
@@ -627,6 +628,7 @@ class Journal:
                 with self._room:
                     os.ftruncate(self.fd, self.end)
                     self.capacity = self.end
+                    os.fdatasync(self.fd)  # (a power cut must not bring it back either)
             except OSError as e:
                 self.unsure = f"a failed append could not be cut back ({e.strerror})"
             raise
@@ -740,10 +742,16 @@ class Journal:
                 end += len(body[-1])
                 offsets.append((_decode_record(payload).lsn, end))
         if len(offsets) != len(self.offsets):  # (never without a hand in it)
-            raise JournalLost(f"{NAME} no longer holds the records it had")
-        self._replace(b"".join(body), len(header))
-        self.offsets = offsets
-        self.version = VERSION
+            # (Damage the per-append checks do not see: remembered until made anew.)
+            self.unsure = f"{NAME} no longer holds the records it had"
+            raise JournalLost(self.unsure)
+        fd = self.fd
+        try:
+            self._replace(b"".join(body), len(header))
+        finally:
+            if self.fd != fd:  # (in place, even when its directory's sync failed)
+                self.offsets = offsets
+                self.version = VERSION
 
     def _replace(self, data: bytes, header_end: int) -> None:
         """Make `data` the journal, atomically (temp file, fsync, rename, fsync the dir)."""
@@ -765,7 +773,13 @@ class Journal:
             self.end = self.capacity = len(data)
         self.header_end = header_end
         self.tail = data[-_FRAME.size :]
-        fsync_dir(self.path.parent)
+        try:
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            # Its name maybe not durable: a power cut could bring the old file back, so
+            # nothing is answered on it until it is made anew (`JournalLost` at the next use).
+            self.unsure = f"the journal written anew may not be durable ({e.strerror})"
+            raise
 
     @property
     def pending(self) -> int:
