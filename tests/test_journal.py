@@ -11,12 +11,14 @@ any checkpoint, and is in the data files by the time the restarted daemon says R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -676,21 +678,26 @@ def test_a_cut_back_to_the_header_whose_sync_fails_leaves_no_hole(
     again.close()
 
 
+@contextlib.contextmanager
+def _dir_sync_failing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The directory's fsync answers EIO within the block."""
+
+    def failing(_path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(journal, "fsync_dir", failing)
+        yield
+
+
 def test_a_journal_made_anew_whose_dir_sync_failed_is_made_anew_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In place, but its name maybe not durable: the next append was answered on it."""
     chs = changes(3)
     j = open_with(tmp_path, chs[:1])
-    real = journal.fsync_dir
-
-    def failing(_path: Path) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(journal, "fsync_dir", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError), _dir_sync_failing(monkeypatch):
         j.rebuild(chs[0], base_revision=0, upto=j.lsn)
-    monkeypatch.setattr(journal, "fsync_dir", real)
     with pytest.raises(journal.JournalLost, match="may not be durable"):
         j.append(chs[1])
     j.rebuild(chs[0], base_revision=0, upto=j.lsn)
@@ -709,15 +716,8 @@ def test_a_rewrite_whose_dir_sync_failed_answers_nothing_until_made_anew(
     file's, so the next rewrite took it for lost."""
     chs = changes(6)
     j = open_with(tmp_path, chs[:3])
-    real = journal.fsync_dir
-
-    def failing(_path: Path) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(journal, "fsync_dir", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError), _dir_sync_failing(monkeypatch):
         j.compact(1, base_revision=0, carry=chs[5])
-    monkeypatch.setattr(journal, "fsync_dir", real)
     assert [lsn for lsn, _ in j.offsets] == [2, 3]  # (the new file's)
     with pytest.raises(journal.JournalLost, match="may not be durable"):
         j.append(chs[3])
